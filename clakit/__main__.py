@@ -1,0 +1,3 @@
+from clakit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""The `clakit` command: parse arguments, call one library function per command, turn ClakitError into one line."""
+
+import argparse
+import sys
+
+import clakit
+from clakit.errors import ClakitError
+
+
+def _add_convert(sub) -> None:
+    """`clakit convert SRC OUT` -> clakit.convert (issue 3)."""
+
+
+def _add_eval(sub) -> None:
+    """`clakit eval MODEL -o report.json` -> clakit.eval (issue 4)."""
+
+
+def _add_report(sub) -> None:
+    """`clakit report A.json B.json -o DIR` -> clakit.eval (issue 4)."""
+
+
+def _add_fetch_demo(sub) -> None:
+    """`clakit fetch-demo DIR` -> clakit.eval (issue 4)."""
+
+
+def _add_demo(sub) -> None:
+    """`clakit demo` -> clakit.eval (issue 4; grows with uptrain, issue 5)."""
+
+
+def _add_uptrain(sub) -> None:
+    """`clakit uptrain RECIPE.yaml [key=value ...]` -> clakit.uptrain (issue 5)."""
+
+
+COMMANDS = [_add_convert, _add_eval, _add_report, _add_fetch_demo, _add_demo, _add_uptrain]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clakit", description="Retrofit Cross-Layer Attention onto pretrained Llama/Mistral checkpoints."
+    )
+    parser.add_argument("--version", action="version", version=f"clakit {clakit.__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args) or 0)
+    except ClakitError as e:
+        print(f"clakit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clakit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

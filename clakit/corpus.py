@@ -1,0 +1,83 @@
+"""Text for calibration, evaluation and training: files, folders of .txt, or `datasets` specs.
+
+A spec is one of
+  * a path to a text file (`.txt`, `.md`, anything UTF-8; `.gz` is decompressed),
+  * a path to a folder: every `*.txt` / `*.txt.gz` below it, sorted by name,
+  * a `datasets` spec `NAME[:CONFIG[:SPLIT]]`, e.g. `wikitext:wikitext-2-raw-v1:test` (needs `pip install datasets`
+    and the Hub; the text column is `text`).
+"""
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+from clakit.errors import ClakitError
+
+DEFAULT_ONLINE_EVAL = "wikitext:wikitext-2-raw-v1:test"
+
+
+@dataclass(frozen=True)
+class Text:
+    name: str  # where it came from, recorded in reports
+    text: str
+
+
+def _read_file(path: Path) -> str:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError as e:
+        raise ClakitError(f"cannot read text file {path}: {e.strerror or e}") from None
+
+
+def _folder_files(path: Path) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and (p.name.endswith(".txt") or p.name.endswith(".txt.gz")))
+    if not files:
+        raise ClakitError(f"folder {path} holds no .txt files; give text files or a folder of .txt files")
+    return files
+
+
+def _load_datasets_spec(spec: str) -> Text:
+    parts = spec.split(":")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "test")
+    try:
+        import datasets
+    except ImportError:
+        raise ClakitError(
+            f"{spec!r} is not a file or folder, and reading it as a datasets spec needs `pip install datasets`"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, unknown split: all user-facing
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClakitError(f"cannot load dataset {spec!r} ({first}); give local text files when offline") from None
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return Text(spec, "\n".join(ds[column]))
+
+
+def load_texts(specs: list[str] | str) -> list[Text]:
+    """Read every spec; refuse missing paths and empty text with a message naming the spec."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise ClakitError("no text data given")
+    texts = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            texts.extend(Text(str(p), _read_file(p)) for p in _folder_files(path))
+        elif path.is_file():
+            texts.append(Text(str(path), _read_file(path)))
+        elif ":" in spec or ("/" not in spec and not path.suffix):
+            texts.append(_load_datasets_spec(spec))
+        else:
+            raise ClakitError(f"text data {spec!r} does not exist; give a text file, a folder of .txt or NAME:CONFIG:SPLIT")
+    for t in texts:
+        if not t.text.strip():
+            raise ClakitError(f"text data {t.name!r} is empty")
+    return texts
+
+
+def join_texts(texts: list[Text]) -> str:
+    """One string for tokenisation: documents separated by a blank line."""
+    return "\n\n".join(t.text for t in texts)

@@ -1,0 +1,81 @@
+"""CLA configs: Llama/Mistral configs plus one field, `kv_source_layers`.
+
+Layer i attends to the keys/values of layer `kv_source_layers[i]` (<= i). A layer that is its own source is a
+*producer* (has k_proj/v_proj, writes the KV cache); every other layer is a *consumer* (no k_proj/v_proj, no cache).
+CLA2 over 6 layers is [0, 0, 2, 2, 4, 4]. This file is copied next to saved checkpoints (remote code), so it imports
+nothing but transformers.
+"""
+
+import transformers
+from huggingface_hub.dataclasses import strict
+from packaging import version
+from transformers import LlamaConfig, MistralConfig
+
+MIN_TRANSFORMERS = "5.24.0"
+if version.parse(transformers.__version__) < version.parse(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"CLA models need transformers>={MIN_TRANSFORMERS} (found {transformers.__version__}): "
+        f'pip install "transformers>={MIN_TRANSFORMERS},<6"'
+    )
+
+
+def validate_kv_source_layers(kv_source_layers: list[int], num_hidden_layers: int) -> None:
+    """Raise ValueError naming the first problem: wrong length, layer 0 not a producer, forward or consumer source."""
+    if len(kv_source_layers) != num_hidden_layers:
+        raise ValueError(
+            f"kv_source_layers has {len(kv_source_layers)} entries but the model has {num_hidden_layers} layers"
+        )
+    if kv_source_layers and kv_source_layers[0] != 0:
+        raise ValueError(f"layer 0 must be a producer (kv_source_layers[0] == 0), got {kv_source_layers[0]}")
+    for layer, source in enumerate(kv_source_layers):
+        if not isinstance(source, int) or isinstance(source, bool) or source < 0:
+            raise ValueError(f"kv_source_layers[{layer}] must be a layer index >= 0, got {source!r}")
+        if source > layer:
+            raise ValueError(f"layer {layer} takes K/V from a later layer {source}; sources must be <= their layer")
+        if kv_source_layers[source] != source:
+            raise ValueError(
+                f"layer {layer} takes K/V from layer {source}, which is itself a consumer (of layer "
+                f"{kv_source_layers[source]}); point it at a producer"
+            )
+
+
+class CLAConfigMixin:
+    """What CLA adds to a config; the dataclass field `kv_source_layers` is declared on each concrete config."""
+
+    def _init_kv_source_layers(self) -> None:
+        if self.kv_source_layers is None:  # omitted: every layer is its own producer (the stock model)
+            self.kv_source_layers = list(range(self.num_hidden_layers))
+        self.kv_source_layers = list(self.kv_source_layers)
+        validate_kv_source_layers(self.kv_source_layers, self.num_hidden_layers)
+
+    @property
+    def producer_layers(self) -> list[int]:
+        return [i for i, s in enumerate(self.kv_source_layers) if s == i]
+
+    @property
+    def kv_sharing_modes(self) -> list[str | None]:
+        # Read by transformers' DynamicCache/StaticCache: "reuse" layers get a DummyLayer that holds no tensors.
+        return [None if s == i else "reuse" for i, s in enumerate(self.kv_source_layers)]
+
+
+@strict
+class LlamaCLAConfig(CLAConfigMixin, LlamaConfig):
+    model_type = "llama_cla"
+    kv_source_layers: list[int] | None = None  # CLA: the one new field
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._init_kv_source_layers()
+
+
+@strict
+class MistralCLAConfig(CLAConfigMixin, MistralConfig):
+    model_type = "mistral_cla"
+    kv_source_layers: list[int] | None = None  # CLA: the one new field
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._init_kv_source_layers()
+
+
+__all__ = ["LlamaCLAConfig", "MistralCLAConfig", "validate_kv_source_layers"]

@@ -1,0 +1,214 @@
+"""Cross-Layer Attention for Llama and Mistral: stock classes, subclassed, changing only what CLA changes.
+
+Each change is marked `# CLA:`. A producer layer computes K/V as usual, writes them to the cache, and publishes the
+full (past + current) K/V in a per-forward `KVSharingDict` keyed by its layer index; its consumers attend with their
+own queries (RoPE applied to the queries only: the producer's keys are already rotated) to those K/V. Keying by
+producer index, not by layer type, keeps non-reentrant gradient checkpointing correct with several producers: a
+consumer recomputed in the backward pass reads its own producer's K/V, not the last one written.
+
+This file is copied next to saved checkpoints (remote code): it imports only transformers, torch and its sibling.
+"""
+
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import KVSharingDict
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+    rotate_half,
+)
+from transformers.models.mistral.modeling_mistral import (
+    MistralAttention,
+    MistralDecoderLayer,
+    MistralForCausalLM,
+    MistralModel,
+    MistralPreTrainedModel,
+)
+
+from .configuration_cla import LlamaCLAConfig, MistralCLAConfig
+
+
+def _shared_key(layer_idx: int) -> str:
+    return str(layer_idx)
+
+
+class CLAAttentionMixin:
+    """Attention whose K/V come from `config.kv_source_layers[layer_idx]`; shared by the Llama and Mistral classes."""
+
+    def _init_cla(self, config, layer_idx: int) -> None:
+        self.kv_source = config.kv_source_layers[layer_idx]
+        self.is_producer = self.kv_source == layer_idx
+        if not self.is_producer:  # CLA: consumers hold no K/V projections (and no cache)
+            del self.k_proj
+            del self.v_proj
+
+    def _own_kv(self, hidden_states, query_states, position_embeddings, cache, kwargs):
+        """Producer: project, rotate, cache. Returns q, k, v; shapes (batch, heads|kv_heads, seq, head_dim)."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        return query_states, key_states, value_states
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        shared_kv_states: KVSharingDict | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs.pop("past_key_values", None)
+        input_shape = hidden_states.shape[:-1]
+        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if shared_kv_states is None:
+            raise ValueError("CLA attention needs `shared_kv_states`; call it through a CLA model, not alone")
+
+        if self.is_producer:
+            query_states, key_states, value_states = self._own_kv(
+                hidden_states, query_states, position_embeddings, cache, kwargs
+            )
+            shared_kv_states[_shared_key(self.layer_idx)] = (key_states, value_states)
+        else:
+            # CLA: rotate the queries only; the producer's keys were rotated (and cached) by the producer
+            cos, sin = position_embeddings
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            query_states = query_states * cos + rotate_half(query_states) * sin
+            key_states, value_states = shared_kv_states[_shared_key(self.kv_source)]
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=getattr(self.config, "sliding_window", None),  # Mistral; None for Llama
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class CLAModelMixin:
+    """Creates the per-forward K/V sharing dict; the stock forward passes it through **kwargs to every layer."""
+
+    def forward(self, *args, **kwargs):
+        # CLA: a fresh dict per forward: producers write, their consumers read
+        kwargs["shared_kv_states"] = KVSharingDict()
+        return super().forward(*args, **kwargs)
+
+
+class CLAPreTrainedMixin:
+    """Refuses re-entrant checkpointing, which silently drops the consumer -> producer gradient."""
+
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+        activation_checkpointing_kwargs = dict(activation_checkpointing_kwargs or {})
+        if activation_checkpointing_kwargs.get("use_reentrant", False):
+            raise ValueError(
+                "CLA models need non-reentrant gradient checkpointing (use_reentrant=False): re-entrant "
+                "checkpointing drops the gradient from consumer layers into their producer's K/V"
+            )
+        activation_checkpointing_kwargs["use_reentrant"] = False
+        return super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+
+
+# --- Llama -------------------------------------------------------------------------------------------------------
+
+
+class LlamaCLAAttention(CLAAttentionMixin, LlamaAttention):
+    def __init__(self, config: LlamaCLAConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self._init_cla(config, layer_idx)  # CLA
+
+
+class LlamaCLADecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: LlamaCLAConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = LlamaCLAAttention(config, layer_idx)  # CLA
+
+
+class LlamaCLAPreTrainedModel(CLAPreTrainedMixin, LlamaPreTrainedModel):
+    config_class = LlamaCLAConfig
+    config: LlamaCLAConfig
+    _no_split_modules = ["LlamaCLADecoderLayer"]
+    _can_record_outputs = {"hidden_states": LlamaCLADecoderLayer, "attentions": LlamaCLAAttention}
+
+
+class LlamaCLAModel(CLAModelMixin, LlamaCLAPreTrainedModel, LlamaModel):
+    def __init__(self, config: LlamaCLAConfig):
+        super().__init__(config)
+        self.layers = torch.nn.ModuleList(  # CLA: decoder layers with CLA attention
+            [LlamaCLADecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.post_init()
+
+
+class LlamaCLAForCausalLM(LlamaCLAPreTrainedModel, LlamaForCausalLM):
+    def __init__(self, config: LlamaCLAConfig):
+        super().__init__(config)
+        self.model = LlamaCLAModel(config)  # CLA
+        self.post_init()
+
+
+# --- Mistral -----------------------------------------------------------------------------------------------------
+
+
+class MistralCLAAttention(CLAAttentionMixin, MistralAttention):
+    def __init__(self, config: MistralCLAConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self._init_cla(config, layer_idx)  # CLA
+
+
+class MistralCLADecoderLayer(MistralDecoderLayer):
+    def __init__(self, config: MistralCLAConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = MistralCLAAttention(config, layer_idx)  # CLA
+
+
+class MistralCLAPreTrainedModel(CLAPreTrainedMixin, MistralPreTrainedModel):
+    config_class = MistralCLAConfig
+    config: MistralCLAConfig
+    _no_split_modules = ["MistralCLADecoderLayer"]
+    _can_record_outputs = {"hidden_states": MistralCLADecoderLayer, "attentions": MistralCLAAttention}
+
+
+class MistralCLAModel(CLAModelMixin, MistralCLAPreTrainedModel, MistralModel):
+    def __init__(self, config: MistralCLAConfig):
+        super().__init__(config)
+        self.layers = torch.nn.ModuleList(  # CLA: decoder layers with CLA attention
+            [MistralCLADecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.post_init()
+
+
+class MistralCLAForCausalLM(MistralCLAPreTrainedModel, MistralForCausalLM):
+    def __init__(self, config: MistralCLAConfig):
+        super().__init__(config)
+        self.model = MistralCLAModel(config)  # CLA
+        self.post_init()
+
+
+__all__ = [
+    "LlamaCLAModel",
+    "LlamaCLAForCausalLM",
+    "LlamaCLAPreTrainedModel",
+    "MistralCLAModel",
+    "MistralCLAForCausalLM",
+    "MistralCLAPreTrainedModel",
+]

@@ -1,0 +1,108 @@
+"""Where models come from: a local checkpoint folder, a Hub repo id, or a `.gguf` file.
+
+`resolve_source` turns the user's string into a `Source` (a local folder or GGUF path, downloading a Hub repo when
+online); `load_model` / `load_tokenizer` build the transformers objects from it. The converter reads tensors lazily
+through `clakit.convert`; everything that needs a whole model in memory (eval, teacher, calibration) comes here.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from clakit.errors import ClakitError
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
+
+
+@dataclass(frozen=True)
+class Source:
+    spec: str  # what the user wrote
+    kind: str  # "dir" | "gguf"
+    path: Path  # the folder, or the .gguf file
+    revision: str | None = None  # Hub revision (or commit) when downloaded
+
+    @property
+    def load_dir(self) -> str:
+        return str(self.path.parent if self.kind == "gguf" else self.path)
+
+    @property
+    def gguf_file(self) -> str | None:
+        return self.path.name if self.kind == "gguf" else None
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _download(spec: str, revision: str | None, allow_pickle: bool) -> Source:
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    try:
+        path = snapshot_download(spec, revision=revision, allow_patterns=patterns)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ClakitError(
+            f"{spec!r} is not a local path and could not be downloaded from the Hugging Face Hub ({first[:200]}); "
+            "check the id and your connection, or give a local checkpoint folder or .gguf file"
+        ) from None
+    return Source(spec, "dir", Path(path), revision or "main")
+
+
+def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = False) -> Source:
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return Source(spec, "gguf", path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ClakitError(f"{spec} is not a model checkpoint folder (no config.json)")
+        return Source(spec, "dir", path.resolve(), revision)
+    if path.exists():
+        raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file")
+    if _looks_like_hub_id(spec) and not os.environ.get("HF_HUB_OFFLINE"):
+        return _download(spec, revision, allow_pickle)
+    raise ClakitError(f"model {spec!r} does not exist: give a checkpoint folder, a .gguf file or a Hub id (org/name)")
+
+
+def load_config(source: Source, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    import clakit.modeling  # noqa: F401  (registers llama_cla / mistral_cla)
+
+    try:
+        return AutoConfig.from_pretrained(
+            source.load_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except ValueError as e:
+        raise ClakitError(f"cannot read the config of {source.spec}: {str(e).splitlines()[0][:300]}") from None
+
+
+def load_model(source: Source, dtype=None, trust_remote_code: bool = False, device: str | None = None):
+    """The whole model in memory (GGUF is dequantised); dtype None keeps the checkpoint's dtype (GGUF: fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import clakit.modeling  # noqa: F401
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.load_dir, dtype=dtype or ("auto" if not source.gguf_file else torch.float32),
+            trust_remote_code=trust_remote_code, **kwargs,
+        )
+    except (ValueError, OSError, KeyError) as e:
+        raise ClakitError(f"cannot load {source.spec} as a causal LM: {str(e).splitlines()[0][:300]}") from None
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(source: Source, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code, **kwargs)
+    except (ValueError, OSError) as e:
+        raise ClakitError(f"cannot load the tokenizer of {source.spec}: {str(e).splitlines()[0][:300]}") from None
