@@ -32,7 +32,7 @@ def _read_file(path: Path) -> str:
 
 
 def _folder_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and (p.name.endswith(".txt") or p.name.endswith(".txt.gz")))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".txt", ".txt.gz")))
     if not files:
         raise ClakitError(f"folder {path} holds no .txt files; give text files or a folder of .txt files")
     return files
@@ -71,7 +71,9 @@ def load_texts(specs: list[str] | str) -> list[Text]:
         elif ":" in spec or ("/" not in spec and not path.suffix):
             texts.append(_load_datasets_spec(spec))
         else:
-            raise ClakitError(f"text data {spec!r} does not exist; give a text file, a folder of .txt or NAME:CONFIG:SPLIT")
+            raise ClakitError(
+                f"text data {spec!r} does not exist; give a text file, a folder of .txt or NAME:CONFIG:SPLIT"
+            )
     for t in texts:
         if not t.text.strip():
             raise ClakitError(f"text data {t.name!r} is empty")

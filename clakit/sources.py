@@ -88,8 +88,10 @@ def load_model(source: Source, dtype=None, trust_remote_code: bool = False, devi
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.load_dir, dtype=dtype or ("auto" if not source.gguf_file else torch.float32),
-            trust_remote_code=trust_remote_code, **kwargs,
+            source.load_dir,
+            dtype=dtype or ("auto" if not source.gguf_file else torch.float32),
+            trust_remote_code=trust_remote_code,
+            **kwargs,
         )
     except (ValueError, OSError, KeyError) as e:
         raise ClakitError(f"cannot load {source.spec} as a causal LM: {str(e).splitlines()[0][:300]}") from None
