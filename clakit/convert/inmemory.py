@@ -1,0 +1,68 @@
+"""Build a CLA model from an in-memory source model: the reference the streaming converter must match, and the
+starting point for data-aware fitting (calibration, reconstruction, layout search)."""
+
+import torch
+
+from clakit.convert.layout import KEY_TEMPLATES, groups
+from clakit.errors import ClakitError
+from clakit.modeling import CLA_CLASSES
+
+
+def cla_family(config) -> str:
+    family = config.model_type.removesuffix("_cla")
+    if family not in CLA_CLASSES:
+        raise ClakitError(f"unsupported model type {config.model_type!r}; supported: {', '.join(CLA_CLASSES)}")
+    return family
+
+
+def cla_config(config, kv_source_layers: list[int]):
+    """The CLA config for a Llama/Mistral (or CLA) config with a new layout."""
+    family = cla_family(config)
+    fields = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "kv_source_layers", "transformers_version"):
+        fields.pop(key, None)
+    config_cls, _, lm_cls = CLA_CLASSES[family]
+    return config_cls(**fields, kv_source_layers=list(kv_source_layers), architectures=[lm_cls.__name__])
+
+
+def merge_kv(weights: list[torch.Tensor], init: str) -> torch.Tensor:
+    """One group's shared k_proj (or v_proj) from its layers' own, producer first; (kv_heads*head_dim, hidden)."""
+    if init == "producer":
+        return weights[0].clone()
+    if init == "mean":
+        # average in fp32, return in the source dtype
+        return torch.stack([w.float() for w in weights]).mean(0).to(weights[0].dtype)
+    raise ValueError(f"merge_kv handles 'producer' and 'mean', not {init!r}")
+
+
+def shared_kv_tensors(state: dict, layout: list[int], init: str) -> dict[str, torch.Tensor]:
+    """Producer K/V tensors (weights and biases, where present) merged over each group."""
+    out = {}
+    for members in groups(layout).values():
+        for kind in ("k_proj", "v_proj", "k_bias", "v_bias"):
+            names = [KEY_TEMPLATES[kind].format(i) for i in members]
+            if names[0] in state:
+                out[names[0]] = merge_kv([state[n] for n in names], init)
+    return out
+
+
+def cla_model_from(model, kv_source_layers: list[int], init: str = "mean", overrides: dict | None = None):
+    """A CLA model holding `model`'s weights: consumers' K/V dropped, producers' merged by `init`.
+
+    `overrides` (tensor name -> tensor) replaces any resulting tensor, e.g. fitted K/V from calibration.
+    """
+    config = cla_config(model.config, kv_source_layers)
+    config._attn_implementation = model.config._attn_implementation
+    _, _, lm_cls = CLA_CLASSES[cla_family(model.config)]
+    state = model.state_dict()
+    new_state = {k: v for k, v in state.items()}
+    new_state.update(shared_kv_tensors(state, kv_source_layers, init))
+    new_state.update(overrides or {})
+    # built on the source's device (not meta: RoPE's non-persistent buffers must be computed), then overwritten
+    with torch.device(next(model.parameters()).device):
+        cla = lm_cls(config)
+    expected = set(cla.state_dict())
+    cla.load_state_dict({k: v for k, v in new_state.items() if k in expected}, strict=True)
+    if config.tie_word_embeddings:
+        cla.tie_weights()
+    return cla.to(next(model.parameters()).dtype).eval()
