@@ -169,3 +169,40 @@ def test_reconstruct_never_increases_the_objective_and_is_deterministic(calib_id
     assert kl_to(model, fitted, calib_ids[:6]) < kl_to(
         model, cla_model_from(model, layout, overrides=closed), calib_ids[:6]
     )
+
+
+# --- auto layout ---------------------------------------------------------------------------------------------------
+
+
+def test_best_partition_avoids_expensive_groups():
+    from clakit.convert.autolayout import best_partition
+
+    costs = {(i, j): (0.0 if i == j else 1.0) for i in range(6) for j in range(i, min(6, i + 3))}
+    costs[(0, 1)] = costs[(0, 2)] = 50.0  # layer 0 must not share
+    costs[(3, 5)] = 0.5  # one cheap run of three
+    layout = best_partition(costs, 6, 3)
+    assert layout == [0, 1, 1, 3, 3, 3]
+
+
+@pytest.mark.parametrize("saving", [0.25, 0.5, 0.67])
+def test_auto_layout_meets_the_saving_and_is_valid(saving, calib_ids):
+    from clakit.convert.autolayout import auto_layout
+    from clakit.convert.layout import check_layout, kv_saving
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    layout, scores = auto_layout(model, calib_ids[:4], saving, progress=False)
+    check_layout(layout, 6)
+    assert kv_saving(layout) >= saving - 1e-9 and scores["kv_saving"] == kv_saving(layout)
+    measured = {name: c["calibration_nll"] for name, c in scores["candidates"].items()}
+    assert scores["candidates"][scores["chosen"]]["layout"] == layout
+    assert measured[scores["chosen"]] == min(measured.values())
+    again, scores_again = auto_layout(model, calib_ids[:4], saving, progress=False)
+    assert again == layout and scores_again == scores
+
+
+def test_auto_layout_refuses_impossible_savings(calib_ids):
+    from clakit.convert.autolayout import auto_layout
+
+    for saving in (1.0, -0.1):
+        with pytest.raises(ClakitError, match="kv-saving"):
+            auto_layout(tiny_model("llama"), calib_ids[:2], saving, progress=False)
