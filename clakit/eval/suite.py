@@ -37,16 +37,15 @@ def check_settings(seq_len: int, stride: int | None, max_tokens, batch_size: int
     return stride
 
 
-def _tokenizer_for(model, tokenizer, revision, trust_remote_code) -> tuple[object, object]:
-    """(source or None, tokenizer): a model spec resolves to a source whose tokenizer is loaded first (cheap)."""
-    from clakit.sources import load_tokenizer, resolve_source
+def _resolve(model, tokenizer, revision):
+    """The Source of a model spec (None for an in-memory model, which must come with its tokenizer)."""
+    from clakit.sources import resolve_source
 
     if not isinstance(model, str | Path):
         if tokenizer is None:
             raise ClakitError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
-        return None, tokenizer
-    source = resolve_source(str(model), revision)
-    return source, tokenizer or load_tokenizer(source, trust_remote_code)
+        return None
+    return resolve_source(str(model), revision)
 
 
 def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str | None) -> Loaded:
@@ -133,8 +132,12 @@ def evaluate(
     tasks = harness.parse_tasks(lm_eval_tasks)
     if tasks:
         harness.require_lm_eval()
+    source = _resolve(model, tokenizer, revision)
     texts = _texts(data, text)
-    source, tokenizer = _tokenizer_for(model, tokenizer, revision, trust_remote_code)
+    if tokenizer is None:  # loaded before the model: a too-short text is refused in seconds
+        from clakit.sources import load_tokenizer
+
+        tokenizer = load_tokenizer(source, trust_remote_code)
     tokens = perplexity.tokenize(tokenizer, join_texts(texts), max_tokens)
     if len(tokens.ids) - 1 < seq_len:
         raise ClakitError(
