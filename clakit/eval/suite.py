@@ -37,7 +37,7 @@ def check_settings(seq_len: int, stride: int | None, max_tokens, batch_size: int
     return stride
 
 
-def _resolve(model, tokenizer, revision):
+def _resolve(model, tokenizer, revision, trust_remote_code: bool):
     """The Source of a model spec (None for an in-memory model, which must come with its tokenizer)."""
     from clakit.sources import resolve_source
 
@@ -45,7 +45,24 @@ def _resolve(model, tokenizer, revision):
         if tokenizer is None:
             raise ClakitError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
         return None
-    return resolve_source(str(model), revision)
+    source = resolve_source(str(model), revision)
+    _check_causal_lm(source, trust_remote_code)
+    return source
+
+
+def _check_causal_lm(source, trust_remote_code: bool) -> None:
+    """Refuse a checkpoint transformers cannot load as a causal LM, before its tokenizer or weights are read."""
+    from transformers import AutoModelForCausalLM
+
+    from clakit.sources import load_config
+
+    config = load_config(source, trust_remote_code)
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and trust_remote_code
+    if type(config) not in AutoModelForCausalLM._model_mapping and not remote:
+        raise ClakitError(
+            f"{source.spec} is not a causal language model (model_type {config.model_type!r}); "
+            "give a Llama/Mistral (or other causal LM) checkpoint"
+        )
 
 
 def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str | None) -> Loaded:
@@ -132,7 +149,7 @@ def evaluate(
     tasks = harness.parse_tasks(lm_eval_tasks)
     if tasks:
         harness.require_lm_eval()
-    source = _resolve(model, tokenizer, revision)
+    source = _resolve(model, tokenizer, revision, trust_remote_code)
     texts = _texts(data, text)
     if tokenizer is None:  # loaded before the model: a too-short text is refused in seconds
         from clakit.sources import load_tokenizer
