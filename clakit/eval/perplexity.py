@@ -103,7 +103,7 @@ def count_bytes(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def _batches(wins: list[Window], batch_size: int) -> list[list[Window]]:
+def batches(wins: list[Window], batch_size: int) -> list[list[Window]]:
     """Consecutive windows of equal input length, `batch_size` at a time (only the last window is shorter)."""
     out: list[list[Window]] = []
     for w in wins:
@@ -135,7 +135,7 @@ def score(model, ids: torch.Tensor, seq_len: int, stride: int, batch_size: int =
     nll, n = 0.0, 0
     bar = tqdm(total=sum(w.scored for w in wins), unit="tok", unit_scale=True, desc="perplexity", disable=quiet)
     with torch.inference_mode(), bar:
-        for batch in _batches(wins, batch_size):
+        for batch in batches(wins, batch_size):
             nll += _batch_nll(model, ids, batch, device)
             scored = sum(w.scored for w in batch)
             n += scored
