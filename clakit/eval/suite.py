@@ -87,8 +87,7 @@ def _saving(config, dtype, model_dir, source_model, revision, trust_remote_code)
         src_config = load_config(resolve_source(str(source_model), revision), trust_remote_code)
         return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": str(source_model)}
     record = kvcache.convert_record(model_dir)
-    source = record.get("source")
-    label = source.get("spec") or source.get("path") if isinstance(source, dict) else source
+    label = (record.get("settings") or {}).get("source")  # the converter's record of what it started from
     stock = len(kvcache.producer_layers(config)) / config.num_hidden_layers
     return {"saving_factor": 1.0 / stock, "source": label or ("self" if stock == 1.0 else "stock layout")}
 
