@@ -29,6 +29,28 @@ def _add_demo(sub) -> None:
 
 def _add_uptrain(sub) -> None:
     """`clakit uptrain RECIPE.yaml [key=value ...]` -> clakit.uptrain (issue 5)."""
+    p = sub.add_parser(
+        "uptrain",
+        help="recover a converted model's quality with LoRA and self-distillation (YAML recipe)",
+        description="Train a CLA model as a YAML recipe says (see recipes/); the result is OUTPUT_DIR/model. "
+        "Multi-GPU: accelerate launch -m clakit uptrain RECIPE.yaml",
+    )
+    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2/135m_cla2_cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.max_steps=10")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, train nothing")
+    p.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in train.output_dir")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+
+    def run(args):
+        from clakit.uptrain import uptrain
+
+        flags = {"dry_run": args.dry_run, "resume": args.resume, "overwrite": args.overwrite, "quiet": args.quiet}
+        result = uptrain(args.recipe, args.overrides, **flags)
+        if not args.dry_run:
+            print(result)
+
+    p.set_defaults(run=run)
 
 
 COMMANDS = [_add_convert, _add_eval, _add_report, _add_fetch_demo, _add_demo, _add_uptrain]

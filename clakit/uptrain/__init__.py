@@ -1,0 +1,10 @@
+"""Uptraining: recover a converted CLA model's quality with LoRA and self-distillation, driven by YAML recipes.
+
+from clakit.uptrain import uptrain, load_recipe
+result_dir = uptrain("recipes/smollm2/135m_cla2_cpu.yaml", ["train.max_steps=10"])
+"""
+
+from clakit.uptrain.pipeline import uptrain
+from clakit.uptrain.recipe import Recipe, load_recipe
+
+__all__ = ["Recipe", "load_recipe", "uptrain"]

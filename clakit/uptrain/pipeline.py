@@ -1,0 +1,248 @@
+"""`clakit uptrain`: recipe -> checks -> (convert) -> LoRA/distillation training -> merged CLA checkpoint + card.
+
+Run folder (train.output_dir):
+  recipe.yaml, run.json   the resolved recipe and its fingerprint (resume refuses a different recipe)
+  converted/              the on-the-fly conversion of model.source (absent with model.path)
+  checkpoints/            resumable training state (see checkpoint.py)
+  metrics.jsonl           one line per logging step / evaluation
+  eval_start.json, eval_end.json, report/   held-out numbers before and after
+  model/                  the result: LoRA merged, a CLA checkpoint loadable with trust_remote_code
+A fresh run is prepared in a hidden `.NAME.partial` folder beside it and renamed into place only once conversion,
+data and models are ready, so bad input leaves nothing behind.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from clakit.errors import ClakitError
+from clakit.sources import load_model, load_tokenizer, resolve_source
+from clakit.uptrain import card, checkpoint, student
+from clakit.uptrain.distill import load_teacher
+from clakit.uptrain.packing import build_data
+from clakit.uptrain.recipe import Recipe, load_recipe
+from clakit.uptrain.trainer import Trainer, heldout_loss
+
+RESULT = "model"
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"clakit uptrain: {message}", file=sys.stderr, flush=True)
+
+
+# --- checks that run before anything is written -----------------------------------------------------------------
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_output_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    run_file = out / "run.json"
+    if resume and overwrite:
+        raise ClakitError("--resume and --overwrite contradict each other; give one")
+    if resume:
+        if not run_file.is_file():
+            raise ClakitError(f"--resume: {out} holds no clakit uptrain run; drop --resume to start one there")
+        run = json.loads(run_file.read_text())
+        if run.get("fingerprint") != recipe.fingerprint():
+            changes = _diff(run.get("recipe", {}), recipe.to_dict())
+            shown = "; ".join(c for c in changes if ".output_dir" not in c)[:300] or "unknown fields"
+            raise ClakitError(
+                f"--resume: the run in {out} was started with a different recipe ({shown}); "
+                "resume with the same recipe and overrides, or start over with --overwrite"
+            )
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ClakitError(
+            f"train.output_dir {out} already holds files (another run?); continue it with --resume, "
+            "replace it with --overwrite, or choose another train.output_dir"
+        )
+
+
+def check_tensorboard(train) -> None:
+    if "tensorboard" in train.report_to:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ClakitError(
+                "train.report_to asks for tensorboard, which is not installed: pip install tensorboard "
+                "(or clakit[tensorboard]), or set train.report_to=none"
+            )
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Cheap existence checks for --dry-run: local model/data paths (datasets specs and Hub ids are not fetched)."""
+    for spec in [recipe.model.path, recipe.model.source, recipe.model.original]:
+        if spec and (Path(spec).expanduser().exists() or "/" in spec and not spec.startswith((".", "/", "~"))):
+            continue
+        if spec:
+            raise ClakitError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id")
+    for spec in recipe.data.train + (recipe.data.eval or []):
+        looks_like_path = "/" in spec or Path(spec).suffix
+        if looks_like_path and ":" not in spec and not Path(spec).expanduser().exists():
+            raise ClakitError(f"text data {spec!r} does not exist; give text files, .txt folders or NAME:CONFIG:SPLIT")
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(train, project_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    log_with = ["tensorboard"] if "tensorboard" in train.report_to else None
+    acc = Accelerator(mixed_precision="bf16" if train.bf16 else "no", log_with=log_with, project_dir=str(project_dir))
+    set_seed(train.seed)
+    return acc
+
+
+def _model_spec(recipe: Recipe) -> str:
+    return recipe.model.path or recipe.model.source
+
+
+def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool) -> Path:
+    if recipe.model.path:
+        return resolve_source(recipe.model.path, recipe.model.revision).path
+    converted = work / "converted"
+    if acc.is_main_process and not (converted / "config.json").is_file():
+        _say(f"converting {recipe.model.source} into {converted}", quiet)
+        student.convert_source(recipe.model, converted, quiet=quiet)
+    acc.wait_for_everyone()
+    return converted
+
+
+def evaluate_original(recipe: Recipe, data, dtype, teacher, acc) -> dict | None:
+    """The stock model's held-out numbers (the teacher when there is one, else loaded just for this)."""
+    if teacher is not None:
+        return heldout_loss(teacher, data.eval, recipe.train.per_device_eval_batch_size, acc)
+    if not recipe.teacher_spec:
+        return None
+    source = resolve_source(recipe.teacher_spec, recipe.model.revision)
+    original = load_model(source, dtype=dtype, device=str(acc.device))
+    result = heldout_loss(original, data.eval, recipe.train.per_device_eval_batch_size, acc)
+    del original
+    return result
+
+
+def _fresh_work_dir(out: Path, acc) -> Path:
+    work = out.with_name(f".{out.name}.partial")
+    if acc.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    acc.wait_for_everyone()
+    return work
+
+
+def _publish(work: Path, out: Path, acc) -> None:
+    """Move the prepared run folder into place (replacing an old run only now, with --overwrite)."""
+    if acc.is_main_process:
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        work.rename(out)
+    acc.wait_for_everyone()
+
+
+def uptrain(
+    recipe_path: str | Path,
+    overrides: list[str] = (),
+    *,
+    dry_run: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
+    """Train a CLA model as the recipe says; returns the folder of the merged result (`OUTPUT_DIR/model`).
+
+    dry_run validates and prints the resolved recipe; resume continues `train.output_dir` from its last checkpoint;
+    overwrite replaces a previous run there.
+    """
+    recipe = load_recipe(recipe_path, overrides)
+    out = Path(recipe.train.output_dir).expanduser().resolve()
+    if dry_run:
+        check_paths(recipe)
+        print(recipe.to_yaml(), end="")
+        return out / RESULT
+    check_output_dir(out, recipe, resume, overwrite)
+    if resume and (out / RESULT / "config.json").is_file():
+        _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
+        return out / RESULT
+    check_tensorboard(recipe.train)
+    student.check_model_section(recipe.model)
+    tokenizer = load_tokenizer(resolve_source(_model_spec(recipe), recipe.model.revision))
+    data = build_data(recipe.data, tokenizer)
+    acc = make_accelerator(recipe.train, out)
+    work = out if resume else _fresh_work_dir(out, acc)
+    try:
+        session = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume)
+    except BaseException:
+        if not resume and acc.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if not resume:
+        _publish(work, out, acc)
+    return _train_and_save(recipe, out, session, acc, quiet)
+
+
+def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool) -> dict:
+    dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
+    start_path = prepare_student_checkpoint(recipe, work, acc, quiet)
+    model = student.load_cla(start_path, dtype)
+    model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
+    distill = recipe.distill
+    teacher = None
+    if distill.weight > 0 or distill.hidden_mse_weight > 0:
+        teacher = load_teacher(recipe.teacher_spec, recipe.model.revision, dtype, model).to(acc.device)
+    if acc.is_main_process and fresh:
+        (work / "recipe.yaml").write_text(recipe.to_yaml())
+        run = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start_path)}
+        (work / "run.json").write_text(json.dumps(run, indent=1))
+    start = None
+    if fresh:
+        _say(f"held-out numbers before training ({data.eval.numel()} tokens)", quiet)
+        start = {"original": evaluate_original(recipe, data, dtype, teacher, acc)}
+        bs = recipe.train.per_device_eval_batch_size
+        start["converted"] = heldout_loss(model.to(acc.device), data.eval, bs, acc)
+        if acc.is_main_process:
+            (work / "eval_start.json").write_text(json.dumps(start, indent=1))
+    return {"model": model, "teacher": teacher, "data": data, "tokenizer": tokenizer, "dtype": dtype, "start": start}
+
+
+def _train_and_save(recipe: Recipe, out: Path, s: dict, acc, quiet: bool) -> Path:
+    if "tensorboard" in recipe.train.report_to:
+        acc.init_trackers("tensorboard")
+    trainer = Trainer(recipe, s["model"], s["teacher"], s["data"], acc, out, quiet=quiet)
+    last = checkpoint.checkpoint_dirs(out)
+    if last:
+        _say(f"resuming from {last[-1]}", quiet)
+        trainer.resume(last[-1])
+    trainer.run()
+    end = {"uptrained": trainer.evaluate("end")}
+    start = s["start"] or json.loads((out / "eval_start.json").read_text())
+    result = out / RESULT
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = student.merged(acc.unwrap_model(trainer.model))
+        tmp = out / f".{RESULT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_cla(model, s["tokenizer"], tmp)
+        summary = card.summary(recipe, trainer, s["data"], start, end)
+        card.write(tmp, summary)
+        (out / "eval_end.json").write_text(json.dumps(end, indent=1))
+        shutil.rmtree(result, ignore_errors=True)
+        tmp.rename(result)
+        _say(card.one_line(summary), quiet)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
