@@ -36,18 +36,26 @@ def _add_uptrain(sub) -> None:
         "Multi-GPU: accelerate launch -m clakit uptrain RECIPE.yaml",
     )
     p.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2/135m_cla2_cpu.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.max_steps=10")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, train nothing")
-    p.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in train.output_dir")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+    # REMAINDER: overrides and flags may be mixed in any order after the recipe (`RECIPE k=v --resume k2=v2`)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help="e.g. train.max_steps=10")
+    flags = argparse.ArgumentParser(prog="clakit uptrain", add_help=False)
+    for parser in (p, flags):
+        parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe only")
+        parser.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
+        parser.add_argument("--overwrite", action="store_true", help="replace a previous run in train.output_dir")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
 
     def run(args):
+        from clakit.errors import ClakitError
         from clakit.uptrain import uptrain
 
-        flags = {"dry_run": args.dry_run, "resume": args.resume, "overwrite": args.overwrite, "quiet": args.quiet}
-        result = uptrain(args.recipe, args.overrides, **flags)
-        if not args.dry_run:
+        late, overrides = flags.parse_known_args(args.overrides)
+        unknown = [o for o in overrides if "=" not in o]
+        if unknown:
+            raise ClakitError(f"unrecognized argument {unknown[0]!r}; overrides look like train.max_steps=10")
+        opts = {k: getattr(args, k) or getattr(late, k) for k in ("dry_run", "resume", "overwrite", "quiet")}
+        result = uptrain(args.recipe, overrides, **opts)
+        if not opts["dry_run"]:
             print(result)
 
     p.set_defaults(run=run)

@@ -41,51 +41,54 @@ def one_line(s: dict) -> str:
     return f"held-out perplexity {before:.2f} -> {after:.2f}{orig} after {s['train_tokens']} tokens"
 
 
+def _training_lines(s: dict) -> list[str]:
+    r = s["recipe"]
+    t, lo, d = r["train"], r["lora"], r["distill"]
+    batch = f"{t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']} accumulation"
+    return [
+        f"- {s['steps']} steps, {s['train_tokens']} tokens, {s['train_seconds']} s on {s['processes']} process(es)",
+        f"- data: {', '.join(s['train_data'])}",
+        f"- learning_rate {t['learning_rate']}, {t['lr_scheduler_type']} schedule, warmup {t['warmup_steps']} "
+        f"steps / ratio {t['warmup_ratio']}, batch {batch}, bf16 {t['bf16']}, seed {t['seed']}",
+        f"- LoRA r={lo['r']} alpha={lo['lora_alpha']} dropout={lo['lora_dropout']} on {lo['target_modules']}"
+        f" (merged); trained in full: {lo['full_train'] or 'nothing'}; {s['trainable_parameters']:,} of"
+        f" {s['parameters']:,} parameters trained",
+        f"- distillation weight {d['weight']}, temperature {d['temperature']}, "
+        f"hidden-state MSE weight {d['hidden_mse_weight']}",
+    ]
+
+
 def markdown(s: dict) -> str:
     r, h = s["recipe"], s["heldout"]
-    m, t, lo, d = r["model"], r["train"], r["lora"], r["distill"]
-    rows = [
-        _row(n, h.get(k), h.get("original"))
-        for k, n in (
-            ("original", "original (full KV)"),
-            ("converted", "converted (before)"),
-            ("uptrained", "uptrained"),
-        )
+    m = r["model"]
+    names = (("original", "original (full KV)"), ("converted", "converted (before)"), ("uptrained", "uptrained"))
+    rows = [_row(n, h.get(k), h.get("original")) for k, n in names]
+    converted = f" (converted with {m['convert']})" if m["convert"] else ""
+    start = f"Started from `{m['path'] or m['source']}`{converted}"
+    data = f"{', '.join(s['eval_data'])}; {h['uptrained']['tokens']} tokens in sequences of {r['data']['seq_len']}"
+    lines = [
+        "---",
+        "tags: [clakit, cross-layer-attention, cla]",
+        "---",
+        "# CLA model, uptrained with clakit",
+        "",
+        start + ". Cross-Layer Attention: consumer layers reuse their producer's K/V, so the KV cache is smaller.",
+        "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or `import clakit`).",
+        "",
+        "## Held-out results",
+        f"Data: {data}.",
+        "",
+        "| model | loss | perplexity | vs original |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "## Training",
+        *_training_lines(s),
+        "",
+        f"Full settings and versions: `{PROVENANCE}`.",
+        "",
     ]
-    return "\n".join(
-        [
-            "---",
-            "tags: [clakit, cross-layer-attention, cla]",
-            "---",
-            "# CLA model, uptrained with clakit",
-            "",
-            f"Started from `{m['path'] or m['source']}`"
-            + (f" (converted with {m['convert']})" if m["convert"] else "")
-            + ". Cross-Layer Attention: consumer layers reuse their producer's K/V, so the KV cache is smaller.",
-            "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or `import clakit`).",
-            "",
-            "## Held-out results",
-            f"Data: {', '.join(s['eval_data'])}; {h['uptrained']['tokens']} tokens, sequences of {r['data']['seq_len']}.",
-            "",
-            "| model | loss | perplexity | vs original |",
-            "|---|---|---|---|",
-            *rows,
-            "",
-            "## Training",
-            f"- {s['steps']} steps, {s['train_tokens']} tokens, {s['train_seconds']} s on {s['processes']} process(es)",
-            f"- data: {', '.join(s['train_data'])}",
-            f"- learning_rate {t['learning_rate']}, {t['lr_scheduler_type']} schedule, warmup {t['warmup_steps']} steps"
-            f" / ratio {t['warmup_ratio']}, batch {t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']}"
-            f" accumulation, bf16 {t['bf16']}, seed {t['seed']}",
-            f"- LoRA r={lo['r']} alpha={lo['lora_alpha']} dropout={lo['lora_dropout']} on {lo['target_modules']}"
-            f" (merged); trained in full: {lo['full_train'] or 'nothing'}; {s['trainable_parameters']:,} of"
-            f" {s['parameters']:,} parameters trained",
-            f"- distillation weight {d['weight']}, temperature {d['temperature']}, hidden MSE {d['hidden_mse_weight']}",
-            "",
-            f"Full settings and versions: `{PROVENANCE}`.",
-            "",
-        ]
-    )
+    return "\n".join(lines)
 
 
 def write(out: Path, s: dict) -> None:

@@ -36,8 +36,10 @@ def check_model_section(model_section) -> None:
 
 def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
     """Run the converter on `model.source` into `out` (a folder that must not exist yet)."""
-    from clakit.convert import convert
-
+    try:
+        from clakit.convert import convert
+    except ImportError:  # converter not merged yet: the in-memory reference conversion (mean/producer init)
+        convert = _convert_in_memory
     c = model_section.convert
     return convert(
         model_section.source,
@@ -50,6 +52,19 @@ def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
         quiet=quiet,
         seed=c.seed,
     )
+
+
+def _convert_in_memory(src, out, *, factor, kv_source_layers, init, quiet, **_):
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.layout import uniform_layout
+    from clakit.sources import load_tokenizer
+
+    source = resolve_source(src)
+    model = load_model(source)
+    layout = kv_source_layers or uniform_layout(model.config.num_hidden_layers, factor)
+    cla_model_from(model, layout, init).save_pretrained(out)
+    load_tokenizer(source).save_pretrained(out)
+    return Path(out)
 
 
 def load_cla(path: Path, dtype: torch.dtype):
@@ -137,7 +152,7 @@ def merged(model):
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.requires_grad_(False)
-    if getattr(model, "is_gradient_checkpointing", False):
+    if getattr(model, "is_activation_checkpointing", False):
         model.gradient_checkpointing_disable()
     model.config.use_cache = True
     return model

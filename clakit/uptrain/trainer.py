@@ -212,10 +212,11 @@ class Trainer:
         quiet = self.quiet or not self.accelerator.is_main_process
         bar = tqdm(total=total, initial=start_step, desc="uptrain", unit="step", dynamic_ncols=True, disable=quiet)
         self.model.train()
-        window, t0, elapsed0 = Window(), time.perf_counter(), self.elapsed
+        window, elapsed0 = Window(), self.elapsed
         while self.step < total:
+            t0 = time.perf_counter()
             window.add(self.train_step())
-            self.elapsed = elapsed0 + time.perf_counter() - t0
+            self.elapsed += time.perf_counter() - t0  # training time only: evaluation and saving excluded
             tok_s = self.plan.tokens_per_step * (self.step - start_step) / max(self.elapsed - elapsed0, 1e-9)
             bar.update(1)
             if self.step % self.train.logging_steps == 0 or self.step == total:
