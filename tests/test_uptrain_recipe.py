@@ -76,13 +76,6 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
     assert "'lora.rank'" in str(e.value) and "lora_alpha" in str(e.value) and "full_train" in str(e.value)
 
 
-def test_distillation_without_an_original_model_is_refused(tmp_path):
-    with pytest.raises(ClakitError, match="teacher"):
-        load_recipe(write(tmp_path, MINIMAL), ["distill.weight=1.0"])
-    r = load_recipe(write(tmp_path, MINIMAL), ["distill.weight=1.0", "model.original=src"])
-    assert r.teacher_spec == "src"
-
-
 def test_fingerprint_ignores_logging_but_not_training_settings(tmp_path):
     path = write(tmp_path, MINIMAL)
     base = load_recipe(path).fingerprint()

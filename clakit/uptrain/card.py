@@ -8,7 +8,7 @@ from clakit.provenance import provenance
 PROVENANCE = "uptrain.json"
 
 
-def summary(recipe, trainer, data, start: dict, end: dict) -> dict:
+def summary(recipe, trainer, data, heldout: dict) -> dict:
     """Everything the card shows: settings, token counts, before/after held-out numbers."""
     from clakit.uptrain.student import count_parameters
 
@@ -23,7 +23,7 @@ def summary(recipe, trainer, data, start: dict, end: dict) -> dict:
         "processes": trainer.accelerator.num_processes,
         "train_data": data.train_sources,
         "eval_data": data.eval_sources,
-        "heldout": {**start, **end},
+        "heldout": heldout,
     }
 
 

@@ -5,7 +5,7 @@ Run folder (train.output_dir):
   converted/              the on-the-fly conversion of model.source (absent with model.path)
   checkpoints/            resumable training state (see checkpoint.py)
   metrics.jsonl           one line per logging step / evaluation
-  eval_start.json, eval_end.json, report/   held-out numbers before and after
+  eval/*.json, report/    `clakit eval` reports of the original, converted and uptrained models, and their page
   model/                  the result: LoRA merged, a CLA checkpoint loadable with trust_remote_code
 A fresh run is prepared in a hidden `.NAME.partial` folder beside it and renamed into place only once conversion,
 data and models are ready, so bad input leaves nothing behind.
@@ -24,9 +24,10 @@ from clakit.uptrain import card, checkpoint, student
 from clakit.uptrain.distill import load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import Recipe, load_recipe
-from clakit.uptrain.trainer import Trainer, heldout_loss
+from clakit.uptrain.trainer import Trainer
 
 RESULT = "model"
+EVAL = "eval"  # clakit eval reports: original.json, converted.json, uptrained.json
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -123,17 +124,31 @@ def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool) -> 
     return converted
 
 
-def evaluate_original(recipe: Recipe, data, dtype, teacher, acc) -> dict | None:
-    """The stock model's held-out numbers (the teacher when there is one, else loaded just for this)."""
-    if teacher is not None:
-        return heldout_loss(teacher, data.eval, recipe.train.per_device_eval_batch_size, acc)
-    if not recipe.teacher_spec:
+def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, acc, quiet: bool) -> dict:
+    """`clakit eval`'s report of an in-memory model on the held-out data (no speed test: CPU time is precious)."""
+    from clakit.eval import evaluate
+
+    source = {"data": recipe.data.eval} if recipe.data.eval else {"text": tokenizer.decode(data.eval.flatten())}
+    return evaluate(
+        model,
+        tokenizer=tokenizer,
+        seq_len=recipe.data.seq_len,
+        max_tokens=recipe.data.eval_max_tokens,
+        batch_size=recipe.train.per_device_eval_batch_size,
+        speed=False,
+        quiet=quiet,
+        device=acc.device,
+        name=name,
+        **source,
+    )
+
+
+def original_report(recipe: Recipe, spec: str | None, teacher, dtype, run: dict, acc) -> dict | None:
+    """The stock model's report: the teacher when there is one, else the original loaded just for this."""
+    if teacher is None and spec is None:
         return None
-    source = resolve_source(recipe.teacher_spec, recipe.model.revision)
-    original = load_model(source, dtype=dtype, device=str(acc.device))
-    result = heldout_loss(original, data.eval, recipe.train.per_device_eval_batch_size, acc)
-    del original
-    return result
+    model = teacher or load_model(resolve_source(spec, recipe.model.revision), dtype=dtype, device=str(acc.device))
+    return heldout_report(model, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
 
 
 def _fresh_work_dir(out: Path, acc) -> Path:
@@ -185,61 +200,84 @@ def uptrain(
     acc = make_accelerator(recipe.train, out)
     work = out if resume else _fresh_work_dir(out, acc)
     try:
-        session = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume)
+        run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume)
     except BaseException:
         if not resume and acc.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
         raise
     if not resume:
         _publish(work, out, acc)
-    return _train_and_save(recipe, out, session, acc, quiet)
+    return _train_and_save(recipe, out, run, acc, quiet)
 
 
 def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool) -> dict:
-    dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
+    run = {"data": data, "tokenizer": tokenizer, "quiet": quiet, "reports": {}}
+    run["dtype"] = dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
     start_path = prepare_student_checkpoint(recipe, work, acc, quiet)
-    model = student.load_cla(start_path, dtype)
+    model = student.load_cla(start_path, dtype).to(acc.device)
+    if fresh:
+        _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", quiet)
+        run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, acc, quiet)
     model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
-    distill = recipe.distill
+    spec = student.original_spec(recipe.model)
     teacher = None
-    if distill.weight > 0 or distill.hidden_mse_weight > 0:
-        teacher = load_teacher(recipe.teacher_spec, recipe.model.revision, dtype, model).to(acc.device)
+    if recipe.needs_teacher:
+        if spec is None:
+            raise ClakitError(
+                "distillation needs the original model as teacher: set model.original to the model that "
+                f"{recipe.model.path} was converted from"
+            )
+        teacher = load_teacher(spec, recipe.model.revision, dtype, model).to(acc.device)
+    if fresh:
+        _say("held-out numbers of the original model", quiet)
+        run["reports"]["original"] = original_report(recipe, spec, teacher, dtype, run, acc)
     if acc.is_main_process and fresh:
         (work / "recipe.yaml").write_text(recipe.to_yaml())
-        run = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start_path)}
-        (work / "run.json").write_text(json.dumps(run, indent=1))
-    start = None
-    if fresh:
-        _say(f"held-out numbers before training ({data.eval.numel()} tokens)", quiet)
-        start = {"original": evaluate_original(recipe, data, dtype, teacher, acc)}
-        bs = recipe.train.per_device_eval_batch_size
-        start["converted"] = heldout_loss(model.to(acc.device), data.eval, bs, acc)
-        if acc.is_main_process:
-            (work / "eval_start.json").write_text(json.dumps(start, indent=1))
-    return {"model": model, "teacher": teacher, "data": data, "tokenizer": tokenizer, "dtype": dtype, "start": start}
+        record = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start_path)}
+        (work / "run.json").write_text(json.dumps(record, indent=1))
+        _write_reports(work, run["reports"])
+    return run | {"model": model, "teacher": teacher}
 
 
-def _train_and_save(recipe: Recipe, out: Path, s: dict, acc, quiet: bool) -> Path:
+def _write_reports(run_dir: Path, reports: dict) -> None:
+    from clakit.eval import write_json
+
+    (run_dir / EVAL).mkdir(exist_ok=True)
+    for name, r in reports.items():
+        if r is not None:
+            write_json(r, run_dir / EVAL / f"{name}.json")
+
+
+def _numbers(r: dict | None) -> dict | None:
+    """The card's view of an eval report."""
+    return r and {"loss": r["nll_per_token"], "perplexity": r["perplexity"], "tokens": r["num_tokens"]}
+
+
+def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> Path:
+    from clakit.eval import read_report, report
+
     if "tensorboard" in recipe.train.report_to:
         acc.init_trackers("tensorboard")
-    trainer = Trainer(recipe, s["model"], s["teacher"], s["data"], acc, out, quiet=quiet)
+    trainer = Trainer(recipe, run["model"], run["teacher"], run["data"], acc, out, quiet=quiet)
     last = checkpoint.checkpoint_dirs(out)
     if last:
         _say(f"resuming from {last[-1]}", quiet)
         trainer.resume(last[-1])
     trainer.run()
-    end = {"uptrained": trainer.evaluate("end")}
-    start = s["start"] or json.loads((out / "eval_start.json").read_text())
-    result = out / RESULT
     acc.wait_for_everyone()
+    result = out / RESULT
+    model = student.merged(acc.unwrap_model(trainer.model))
+    end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], acc, quiet)
     if acc.is_main_process:
-        model = student.merged(acc.unwrap_model(trainer.model))
+        _write_reports(out, {"uptrained": end})
+        names = [n for n in ("original", "converted", "uptrained") if (out / EVAL / f"{n}.json").is_file()]
+        reports = {n: read_report(out / EVAL / f"{n}.json") for n in names}
+        report([out / EVAL / f"{n}.json" for n in names], out / "report")
         tmp = out / f".{RESULT}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        student.save_cla(model, s["tokenizer"], tmp)
-        summary = card.summary(recipe, trainer, s["data"], start, end)
+        student.save_cla(model, run["tokenizer"], tmp)
+        summary = card.summary(recipe, trainer, run["data"], {n: _numbers(r) for n, r in reports.items()})
         card.write(tmp, summary)
-        (out / "eval_end.json").write_text(json.dumps(end, indent=1))
         shutil.rmtree(result, ignore_errors=True)
         tmp.rename(result)
         _say(card.one_line(summary), quiet)

@@ -26,11 +26,14 @@ REPORTERS = ("none", "tensorboard")
 class ConvertSection:
     """Arguments of `clakit.convert.convert` for converting `model.source` on the fly."""
 
-    factor: int = 2
+    factor: int | None = 2
     kv_source_layers: list[int] | None = None
-    init: str = "mean"
+    layout: str | None = None  # "auto": the converter picks the layout for `kv_saving`
+    kv_saving: float | None = None
+    init: str | None = None  # None: "mean" without calib_data, "calibrated" with it (the converter's default)
     calib_data: list[str] | None = None
     calib_tokens: int = 32768
+    dtype: str | None = None
     seed: int = 0
 
 
@@ -40,7 +43,8 @@ class ModelSection:
     source: str | None = None  # a Llama/Mistral folder, .gguf file or Hub id, converted with `convert`
     revision: str | None = None
     convert: ConvertSection | None = None
-    # the stock model the converted one came from: the teacher and the "original" eval baseline (default: source)
+    # the stock model the converted one came from: the teacher and the "original" eval baseline (default:
+    # model.source, or the source recorded in model.path's clakit_convert.json)
     original: str | None = None
 
 
@@ -121,8 +125,8 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
-    def teacher_spec(self) -> str | None:
-        return self.model.original or self.model.source
+    def needs_teacher(self) -> bool:
+        return self.distill.weight > 0 or self.distill.hidden_mse_weight > 0
 
 
 # --- strict conversion of plain YAML data into the dataclasses ---------------------------------------------------
@@ -253,8 +257,3 @@ def validate(recipe: Recipe) -> None:
     _check(0 <= ds.weight <= 1, f"distill.weight must be between 0 and 1, got {ds.weight}")
     _check(ds.temperature > 0, f"distill.temperature must be > 0, got {ds.temperature}")
     _check(ds.hidden_mse_weight >= 0, f"distill.hidden_mse_weight must be >= 0, got {ds.hidden_mse_weight}")
-    needs_teacher = ds.weight > 0 or ds.hidden_mse_weight > 0
-    _check(
-        not needs_teacher or bool(recipe.teacher_spec),
-        "distillation needs the original model as teacher: set model.original (or use model.source)",
-    )

@@ -2,6 +2,7 @@
 unfrozen; at the end LoRA is merged back and the result saved as a plain CLA checkpoint."""
 
 import fnmatch
+import json
 from pathlib import Path
 
 import torch
@@ -36,35 +37,39 @@ def check_model_section(model_section) -> None:
 
 def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
     """Run the converter on `model.source` into `out` (a folder that must not exist yet)."""
-    try:
-        from clakit.convert import convert
-    except ImportError:  # converter not merged yet: the in-memory reference conversion (mean/producer init)
-        convert = _convert_in_memory
+    from clakit.convert import convert
+
     c = model_section.convert
     return convert(
         model_section.source,
         out,
         factor=c.factor,
         kv_source_layers=c.kv_source_layers,
+        layout=c.layout,
+        kv_saving=c.kv_saving,
         init=c.init,
         calib_data=c.calib_data,
         calib_tokens=c.calib_tokens,
+        revision=model_section.revision,
+        dtype=c.dtype,
         quiet=quiet,
         seed=c.seed,
     )
 
 
-def _convert_in_memory(src, out, *, factor, kv_source_layers, init, quiet, **_):
-    from clakit.convert.inmemory import cla_model_from
-    from clakit.convert.layout import uniform_layout
-    from clakit.sources import load_tokenizer
+def original_spec(model_section) -> str | None:
+    """The stock model a CLA student came from: model.original, model.source, or model.path's conversion record."""
+    if model_section.original or model_section.source:
+        return model_section.original or model_section.source
+    from clakit.convert.output_folder import RECORD_FILE
 
-    source = resolve_source(src)
-    model = load_model(source)
-    layout = kv_source_layers or uniform_layout(model.config.num_hidden_layers, factor)
-    cla_model_from(model, layout, init).save_pretrained(out)
-    load_tokenizer(source).save_pretrained(out)
-    return Path(out)
+    record = Path(model_section.path).expanduser() / RECORD_FILE
+    try:
+        source = json.loads(record.read_text()).get("source")
+    except (OSError, ValueError):
+        return None
+    spec = source.get("spec") or source.get("path") if isinstance(source, dict) else source
+    return spec if spec and (Path(spec).expanduser().exists() or "/" in spec) else None
 
 
 def load_cla(path: Path, dtype: torch.dtype):

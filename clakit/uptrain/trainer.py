@@ -213,6 +213,9 @@ class Trainer:
         bar = tqdm(total=total, initial=start_step, desc="uptrain", unit="step", dynamic_ncols=True, disable=quiet)
         self.model.train()
         window, elapsed0 = Window(), self.elapsed
+        curve = self.train.eval_steps > 0  # the held-out quality curve: step 0, every eval_steps, the last step
+        if curve and self.step == 0:
+            self.evaluate("eval")
         while self.step < total:
             t0 = time.perf_counter()
             window.add(self.train_step())
@@ -232,7 +235,7 @@ class Trainer:
                     }
                 )
                 bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tok_s:.0f}")
-            if self.train.eval_steps > 0 and self.step % self.train.eval_steps == 0 and self.step < total:
+            if curve and (self.step % self.train.eval_steps == 0 or self.step == total):
                 self.evaluate("eval")
             self.on_step_end()
         bar.close()
