@@ -33,15 +33,23 @@ def _pieces(text: str) -> list[str]:
     return out
 
 
-def tokenize(tokenizer, texts: list[Text]) -> torch.Tensor:
-    """One stream of token ids: each document followed by EOS (when the tokenizer has one); (n_tokens,)."""
-    ids: list[int] = []
+def tokenize(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Tensor:
+    """One stream of token ids, each document followed by EOS (when the tokenizer has one); (n_tokens,) int64.
+
+    Pieces are kept as int32 tensors (a Python list of ints costs ~9x more); `limit` stops once that many tokens
+    are read, so a token budget never tokenises a whole large dataset.
+    """
+    parts, n = [], 0
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for t in texts:
-        for piece in _pieces(t.text):
-            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+        pieces = _pieces(t.text)
+        for i, piece in enumerate(pieces):
+            ids = tokenizer(piece, add_special_tokens=False)["input_ids"] + (eos if i == len(pieces) - 1 else [])
+            parts.append(torch.tensor(ids, dtype=torch.int32))
+            n += len(ids)
+            if limit is not None and n >= limit:
+                return torch.cat(parts).long()
+    return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
 
 
 def blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -57,15 +65,17 @@ def _too_short(what: str, n_tokens: int, seq_len: int) -> ClakitError:
     )
 
 
-def build_data(data, tokenizer) -> PackedData:
-    """Tokenise and pack a recipe's `data` section; the held-out blocks are capped at `eval_max_tokens`."""
+def build_data(data, tokenizer, train_tokens: int | None = None) -> PackedData:
+    """Tokenise and pack a recipe's `data` section. `train_tokens` (the run's token budget, when known) bounds the
+    train text read; the held-out blocks are capped at `eval_max_tokens`."""
     train_texts = load_texts(data.train)
-    train_ids = tokenize(tokenizer, train_texts)
     if data.eval:
         eval_texts = load_texts(data.eval)
-        eval_ids = tokenize(tokenizer, eval_texts)
+        train_ids = tokenize(tokenizer, train_texts, train_tokens)
+        eval_ids = tokenize(tokenizer, eval_texts, data.eval_max_tokens + data.seq_len)
         eval_sources = [t.name for t in eval_texts]
     else:  # hold out the tail of the train stream: contiguous, so no block straddles train and eval
+        train_ids = tokenize(tokenizer, train_texts)
         cut = int(train_ids.numel() * (1 - data.eval_fraction))
         train_ids, eval_ids = train_ids[:cut], train_ids[cut:]
         eval_sources = [f"last {data.eval_fraction:g} of data.train"]

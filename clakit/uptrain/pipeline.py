@@ -109,6 +109,18 @@ def make_accelerator(train, project_dir: Path):
     return acc
 
 
+MIN_TOKENISED = 1 << 24  # below this the whole train text is read: the run samples from all of it
+
+
+def token_budget(train, seq_len: int, world: int) -> int | None:
+    """How much train text to tokenise: all of it, unless it is far more than the run will read (a large datasets
+    spec); then twice the run's token budget, so memory stays bounded. None: read everything."""
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world * seq_len
+    if train.max_steps > 0:
+        return max(MIN_TOKENISED, 2 * train.max_steps * per_step)
+    return max(MIN_TOKENISED, 2 * (train.max_tokens + per_step)) if train.max_tokens else None
+
+
 def _model_spec(recipe: Recipe) -> str:
     return recipe.model.path or recipe.model.source
 
@@ -196,8 +208,8 @@ def uptrain(
     check_tensorboard(recipe.train)
     student.check_model_section(recipe.model)
     tokenizer = load_tokenizer(resolve_source(_model_spec(recipe), recipe.model.revision))
-    data = build_data(recipe.data, tokenizer)
     acc = make_accelerator(recipe.train, out)
+    data = build_data(recipe.data, tokenizer, token_budget(recipe.train, recipe.data.seq_len, acc.num_processes))
     work = out if resume else _fresh_work_dir(out, acc)
     try:
         run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume)
