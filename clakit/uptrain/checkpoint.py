@@ -2,7 +2,8 @@
 
 checkpoints/step-000050/
   trainable.safetensors   the trainable tensors only (LoRA adapters, full_train modules), by parameter name
-  optimizer.pt            AdamW state        (torch.save of tensors and numbers; loaded with weights_only=True)
+  optimizer.pt            AdamW state        (torch.save of tensors and numbers; loaded with weights_only=True);
+                          optimizer-<rank>.pt under FSDP, where each process holds its shard of the state
   scheduler.pt            LR scheduler state
   rng-<rank>.pt           torch / CUDA / Python RNG states of each process (dropout draws continue unchanged)
   state.json              step, data position (micro-batches consumed), tokens, recipe fingerprint
@@ -45,6 +46,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer, scheduler, state: dict, accelerator):
     """Write checkpoint `step` (all processes call this; the main one writes the shared files)."""
     final = run_dir / CHECKPOINTS / f"step-{step:06d}"
@@ -53,9 +60,12 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer, schedu
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if not sharded(accelerator):
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     accelerator.wait_for_everyone()
+    if sharded(accelerator):
+        torch.save(optimizer.state_dict(), tmp / f"optimizer-{accelerator.process_index}.pt")
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -86,7 +96,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, process_index: int)
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optim = path / "optimizer.pt"
+    optim = optim if optim.is_file() else path / f"optimizer-{process_index}.pt"
+    optimizer.load_state_dict(torch.load(optim, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = path / f"rng-{process_index}.pt"
     if rng.is_file():  # absent when resuming on more processes than saved: data order still exact, dropout not

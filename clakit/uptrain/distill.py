@@ -39,12 +39,13 @@ def share_frozen_weights(teacher, student) -> int:
     return shared
 
 
-def load_teacher(spec: str, revision: str | None, dtype: torch.dtype, student):
-    """The original model, frozen, in eval mode, sharing the student's frozen tensors."""
+def load_teacher(spec: str, revision: str | None, dtype: torch.dtype, student, share: bool = True):
+    """The original model, frozen, in eval mode, sharing the student's frozen tensors (unless `share` is False)."""
     teacher = load_model(resolve_source(spec, revision), dtype=dtype)
     teacher.requires_grad_(False)
     teacher.config.use_cache = False
-    share_frozen_weights(teacher, student)
+    if share:
+        share_frozen_weights(teacher, student)
     return teacher.eval()
 
 

@@ -219,6 +219,8 @@ def uptrain(
         raise
     if not resume:
         _publish(work, out, acc)
+        if run["start_path"].is_relative_to(work):  # converted on the fly: now inside the published run folder
+            run["start_path"] = out / run["start_path"].relative_to(work)
     return _train_and_save(recipe, out, run, acc, quiet)
 
 
@@ -239,16 +241,19 @@ def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh:
                 "distillation needs the original model as teacher: set model.original to the model that "
                 f"{recipe.model.path} was converted from"
             )
-        teacher = load_teacher(spec, recipe.model.revision, dtype, model).to(acc.device)
+        # under FSDP the student's weights are flattened and freed between uses: the teacher keeps its own copy
+        teacher = load_teacher(spec, recipe.model.revision, dtype, model, share=not checkpoint.sharded(acc))
+        teacher.to(acc.device)
     if fresh:
         _say("held-out numbers of the original model", quiet)
         run["reports"]["original"] = original_report(recipe, spec, teacher, dtype, run, acc)
     if acc.is_main_process and fresh:
         (work / "recipe.yaml").write_text(recipe.to_yaml())
-        record = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start_path)}
+        start = start_path.relative_to(work) if start_path.is_relative_to(work) else start_path
+        record = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start)}
         (work / "run.json").write_text(json.dumps(record, indent=1))
         _write_reports(work, run["reports"])
-    return run | {"model": model, "teacher": teacher}
+    return run | {"model": model, "teacher": teacher, "start_path": start_path}
 
 
 def _write_reports(run_dir: Path, reports: dict) -> None:
@@ -265,6 +270,16 @@ def _numbers(r: dict | None) -> dict | None:
     return r and {"loss": r["nll_per_token"], "perplexity": r["perplexity"], "tokens": r["num_tokens"]}
 
 
+def _full_model(recipe: Recipe, trainer, run: dict, acc):
+    """The trained model, whole on every process: under FSDP its shards are gathered into a fresh CPU copy."""
+    if not checkpoint.sharded(acc):
+        return acc.unwrap_model(trainer.model)
+    state = acc.get_state_dict(trainer.model, unwrap=True)  # full state dict of the peft model, by parameter name
+    fresh = student.make_trainable(student.load_cla(run["start_path"], run["dtype"]), recipe.lora)
+    fresh.load_state_dict(state, strict=False)
+    return fresh
+
+
 def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> Path:
     from clakit.eval import read_report, report
 
@@ -278,7 +293,7 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
     trainer.run()
     acc.wait_for_everyone()
     result = out / RESULT
-    model = student.merged(acc.unwrap_model(trainer.model))
+    model = student.merged(_full_model(recipe, trainer, run, acc))
     end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], acc, quiet)
     if acc.is_main_process:
         _write_reports(out, {"uptrained": end})
