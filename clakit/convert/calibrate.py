@@ -1,0 +1,267 @@
+"""Data-aware initialisation of each CLA group's shared K/V projections.
+
+Under CLA a group's members all read the producer's K/V, computed from the *producer's* attention input x_p. The
+`calibrated` fit picks the shared W (per output channel c) minimising, over the calibration tokens,
+
+    sum_l  F[l, c] * || x_p w_c - x_l w^l_c ||^2   (+ ridge)
+
+where l runs over the group's members, w^l is layer l's own k_proj (or v_proj) and F[l, c] is a diagonal Fisher
+weight: the squared gradient of the LM loss with respect to layer l's K (or V) output channel c, summed over tokens.
+Channels the loss is sensitive to are matched first; the weighted error approximates the loss increase (to second
+order), so the same statistics also score candidate groups for `auto_layout`.
+
+Everything is computed from per-layer Gram matrices X_l^T X_m (hidden x hidden, fp64) accumulated over the data,
+so memory does not grow with the number of calibration tokens. Keys are fitted pre-RoPE, in k_proj output space:
+RoPE is the same rotation for every layer at a given position, so matching pre-RoPE keys matches rotated ones.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from clakit.convert.layout import KEY_TEMPLATES, check_layout, groups
+from clakit.corpus import Text, join_texts
+from clakit.errors import ClakitError
+
+METHODS = ("calibrated", "reconstruct")
+DEFAULT_RIDGE = 1e-2  # relative to the mean diagonal of the producer's Gram matrix
+CHARS_PER_TOKEN_CAP = 64  # read at most this many characters per wanted token: bounds tokenisation of huge corpora
+
+
+def calib_input_ids(tokenizer, texts: list[Text], calib_tokens: int, seq_len: int) -> torch.Tensor:
+    """(n_seq, seq_len) token ids: n_seq = calib_tokens // seq_len non-overlapping windows spread evenly over the text.
+
+    Spreading the windows (rather than taking the first tokens) samples more of a corpus made of several documents.
+    """
+    if seq_len <= 0 or calib_tokens < seq_len:
+        raise ClakitError(f"--calib-tokens ({calib_tokens}) must be at least the sequence length ({seq_len})")
+    text = join_texts(texts)[: CHARS_PER_TOKEN_CAP * calib_tokens]
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"] if text.strip() else []
+    available = len(ids) // seq_len
+    if available == 0:
+        raise ClakitError(
+            f"calibration text is too short: {len(ids)} tokens, need at least one sequence of {seq_len}; "
+            "give more text with --calib-data"
+        )
+    windows = torch.tensor(ids[: available * seq_len], dtype=torch.long).view(available, seq_len)
+    n_seq = min(calib_tokens // seq_len, available)
+    picks = torch.linspace(0, available - 1, n_seq).round().long()
+    return windows[picks].clone()
+
+
+# --- statistics --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVStats:
+    """Calibration statistics of a stock model.
+
+    gram[(l, m)]: X_l^T X_m over all tokens, (hidden[+1], hidden[+1]) fp64, X_l = layer l's attention input (after
+    input_layernorm; with a ones column when the projections have a bias). Kept for l <= m within `pairs`.
+    fisher[(kind, l)]: (out,) fp64, sum over tokens of d loss / d (layer l's `kind` output)^2, kind "k_proj"/"v_proj".
+    """
+
+    gram: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    fisher: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+    loss: float = 0.0  # mean LM loss of the model on the data (nats/token)
+
+    def cross(self, a: int, b: int) -> torch.Tensor:
+        return self.gram[(a, b)] if a <= b else self.gram[(b, a)].T
+
+
+def _attn(model, layer: int):
+    return model.model.layers[layer].self_attn
+
+
+def _has_bias(model) -> bool:
+    return _attn(model, 0).k_proj.bias is not None
+
+
+def _augment(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """(tokens, hidden) -> fp64, plus a ones column when the projection has a bias (fitted as an extra input)."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return torch.cat([x, torch.ones_like(x[:, :1])], 1) if bias else x
+
+
+def group_pairs(layout: list[int]) -> set[tuple[int, int]]:
+    """The (l, m) Gram pairs a layout's fit needs: each member with itself and with its producer."""
+    pairs = set()
+    for producer, members in groups(layout).items():
+        for m in members:
+            pairs |= {(producer, producer), (m, m), (min(producer, m), max(producer, m))}
+    return pairs
+
+
+def collect_stats(model, input_ids: torch.Tensor, pairs: Iterable[tuple[int, int]], progress: bool = True) -> KVStats:
+    """One forward + backward pass per calibration sequence over the stock model; Grams and Fisher accumulated."""
+    from tqdm.auto import tqdm
+
+    pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
+    layers_needed = sorted({i for p in pairs for i in p})
+    bias = _has_bias(model)
+    stats = KVStats()
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def capture(layer):
+        def hook(module, args, output):
+            inputs[layer] = args[0].detach()
+            if output.requires_grad:  # ensure gradients flow back here
+                output.register_hook(_fisher_hook(stats, module.clakit_kind, layer))
+
+        return hook
+
+    for i in range(model.config.num_hidden_layers):
+        for kind in ("k_proj", "v_proj"):
+            proj = getattr(_attn(model, i), kind)
+            proj.clakit_kind = kind
+            if kind == "k_proj" and i in layers_needed:
+                handles.append(proj.register_forward_hook(capture(i)))
+            else:
+                handles.append(proj.register_forward_hook(_grad_only_hook(stats, kind, i)))
+    embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_())
+    requires = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        for row in tqdm(input_ids, desc="calibration statistics", disable=not progress, leave=False):
+            inputs.clear()
+            out = model(row[None], labels=row[None], use_cache=False)
+            out.loss.backward()
+            stats.loss += out.loss.item() * (row.numel() - 1)
+            stats.tokens += row.numel()
+            xs = {i: _augment(inputs[i], bias) for i in layers_needed}
+            for a, b in pairs:
+                stats.gram[(a, b)] = stats.gram.get((a, b), 0) + xs[a].T @ xs[b]
+    finally:
+        for h in handles:
+            h.remove()
+        embed_hook.remove()
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+    stats.loss /= max(1, stats.tokens - len(input_ids))
+    return stats
+
+
+def _fisher_hook(stats: KVStats, kind: str, layer: int):
+    def hook(grad):
+        g2 = grad.detach().double().pow(2).reshape(-1, grad.shape[-1]).sum(0)  # (out,)
+        stats.fisher[(kind, layer)] = stats.fisher.get((kind, layer), 0) + g2
+
+    return hook
+
+
+def _grad_only_hook(stats: KVStats, kind: str, layer: int):
+    def hook(module, args, output):
+        if output.requires_grad:
+            output.register_hook(_fisher_hook(stats, kind, layer))
+
+    return hook
+
+
+# --- closed-form fit ---------------------------------------------------------------------------------------------
+
+
+def _own_weight(model, kind: str, layer: int) -> torch.Tensor:
+    """Layer's own projection as (hidden[+1], out) fp64: the transposed weight, with the bias as a last row."""
+    proj = getattr(_attn(model, layer), kind)
+    w = proj.weight.detach().double().T
+    return torch.cat([w, proj.bias.detach().double()[None]], 0) if proj.bias is not None else w
+
+
+def _weights(stats: KVStats, kind: str, members: list[int], out: int, fisher: bool) -> torch.Tensor:
+    """(members, out) per-channel weights, normalised to sum 1 over members (uniform when fisher is False)."""
+    if not fisher:
+        return torch.full((len(members), out), 1.0 / len(members), dtype=torch.float64)
+    f = torch.stack([stats.fisher[(kind, m)] for m in members]) + 1e-30
+    return f / f.sum(0, keepdim=True)
+
+
+def fit_group(
+    model, stats: KVStats, kind: str, members: list[int], ridge: float = DEFAULT_RIDGE, fisher: bool = True
+) -> torch.Tensor:
+    """Shared (hidden[+1], out) fp64 projection of one group (producer first) by weighted ridge least squares.
+
+    Per channel c: (G_pp + lam I) w_c = sum_l a[l, c] G_pl w^l_c with a the normalised Fisher weights: the scalar
+    weights per (layer, channel) factor out of the Gram, so one solve serves every channel.
+    """
+    p = members[0]
+    gpp = stats.cross(p, p)
+    lam = ridge * gpp.diagonal().mean().clamp_min(1e-12)
+    own = [_own_weight(model, kind, m) for m in members]
+    a = _weights(stats, kind, members, own[0].shape[1], fisher)
+    rhs = sum(stats.cross(p, m) @ (w * a[i]) for i, (m, w) in enumerate(zip(members, own, strict=True)))
+    eye = torch.eye(gpp.shape[0], dtype=gpp.dtype)
+    return torch.linalg.solve(gpp + lam * eye, rhs)
+
+
+def group_error(model, stats: KVStats, kind: str, members: list[int], shared: torch.Tensor) -> float:
+    """Fisher-weighted squared error sum_l sum_c F[l,c] ||X_p w_c - X_l w^l_c||^2 of a shared projection (fp64)."""
+    p = members[0]
+    total = 0.0
+    for m in members:
+        w_m = _own_weight(model, kind, m)
+        f = stats.fisher[(kind, m)]
+        # per channel: w^T G_pp w - 2 w^T G_pm w_m + w_m^T G_mm w_m
+        err = (
+            (shared * (stats.cross(p, p) @ shared)).sum(0)
+            - 2 * (shared * (stats.cross(p, m) @ w_m)).sum(0)
+            + (w_m * (stats.cross(m, m) @ w_m)).sum(0)
+        )
+        total += float((f * err.clamp_min(0)).sum())
+    return total
+
+
+def mean_shared(model, kind: str, members: list[int]) -> torch.Tensor:
+    return torch.stack([_own_weight(model, kind, m) for m in members]).mean(0)
+
+
+def shared_to_overrides(model, kind: str, producer: int, shared: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(hidden[+1], out) fp64 -> checkpoint tensors (weight (out, hidden), bias (out,)) in the model's dtype."""
+    dtype = _attn(model, producer).k_proj.weight.dtype
+    hidden = model.config.hidden_size
+    out = {KEY_TEMPLATES[kind].format(producer): shared[:hidden].T.contiguous().to(dtype)}
+    if shared.shape[0] > hidden:
+        out[KEY_TEMPLATES[kind.replace("proj", "bias")].format(producer)] = shared[hidden].contiguous().to(dtype)
+    return out
+
+
+def calibrated_overrides(
+    model, layout: list[int], stats: KVStats, ridge: float = DEFAULT_RIDGE, fisher: bool = True
+) -> dict[str, torch.Tensor]:
+    """Closed-form fitted K/V of every shared group (groups of one keep their own weights: nothing to fit)."""
+    out = {}
+    for producer, members in groups(layout).items():
+        if len(members) == 1:
+            continue
+        for kind in ("k_proj", "v_proj"):
+            shared = fit_group(model, stats, kind, members, ridge, fisher)
+            out.update(shared_to_overrides(model, kind, producer, shared))
+    return out
+
+
+# --- entry point -------------------------------------------------------------------------------------------------
+
+
+def fit_kv(
+    model, layout: list[int], input_ids: torch.Tensor, method: str, *, seed: int = 0, steps=None, progress=True
+) -> dict[str, torch.Tensor]:
+    """Tensor-name -> tensor overrides for `cla_model_from(model, layout, overrides=...)` / the streaming converter.
+
+    `model` is the stock (non-CLA) source model in memory; `input_ids` (n_seq, seq_len) from `calib_input_ids`.
+    """
+    check_layout(layout, model.config.num_hidden_layers)
+    if method not in METHODS:
+        raise ClakitError(f"unknown data-aware init {method!r}; choose one of {', '.join(METHODS)}")
+    if input_ids.numel() == 0:
+        raise ClakitError("no calibration tokens; give more text with --calib-data")
+    stats = collect_stats(model, input_ids, group_pairs(layout), progress=progress)
+    overrides = calibrated_overrides(model, layout, stats)
+    if method == "reconstruct":
+        from clakit.convert.reconstruct import reconstruct_overrides
+
+        overrides = reconstruct_overrides(
+            model, layout, input_ids, overrides, seed=seed, steps=steps, progress=progress
+        )
+    return overrides

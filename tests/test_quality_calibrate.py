@@ -1,0 +1,131 @@
+"""Calibration data and the closed-form `calibrated` K/V fit on tiny random models."""
+
+import pytest
+import torch
+from conftest import make_text, tiny_model
+
+from clakit.convert.calibrate import (
+    calib_input_ids,
+    collect_stats,
+    fit_group,
+    fit_kv,
+    group_error,
+    group_pairs,
+    mean_shared,
+)
+from clakit.convert.inmemory import cla_model_from
+from clakit.convert.layout import KEY_TEMPLATES, uniform_layout
+from clakit.corpus import Text
+from clakit.errors import ClakitError
+
+
+@pytest.fixture(scope="module")
+def calib_ids(tokenizer):
+    return calib_input_ids(tokenizer, [Text("calib", make_text(3000, seed=11))], 1024, 64)
+
+
+def kl_to(reference, model, input_ids) -> float:
+    """Mean per-token KL(reference || model): how far a converted model's predictions moved."""
+    with torch.no_grad():
+        ref = reference(input_ids).logits.log_softmax(-1)
+        new = model(input_ids).logits.log_softmax(-1)
+    return float((ref.exp() * (ref - new)).sum(-1).mean())
+
+
+def test_calib_input_ids_windows_come_from_the_text(tokenizer):
+    text = make_text(2000, seed=3)
+    ids = calib_input_ids(tokenizer, [Text("a", text)], 300, 32)
+    assert ids.shape == (9, 32) and ids.dtype == torch.long
+    stream = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # every row is a 32-aligned window of the token stream, and the rows are spread out (first and last differ a lot)
+    starts = [next(s for s in range(0, len(stream), 32) if stream[s : s + 32] == r.tolist()) for r in ids]
+    assert starts == sorted(starts) and starts[-1] - starts[0] > len(stream) // 2
+
+
+def test_calib_input_ids_refuses_too_little_text(tokenizer):
+    with pytest.raises(ClakitError, match="too short"):
+        calib_input_ids(tokenizer, [Text("a", "just a few words")], 512, 128)
+    with pytest.raises(ClakitError, match="calib-tokens"):
+        calib_input_ids(tokenizer, [Text("a", make_text(500, 1))], 16, 64)
+
+
+def test_gram_error_matches_direct_computation(calib_ids):
+    """The Gram-matrix form of the weighted error equals the error computed from the activations themselves."""
+    model = tiny_model("llama")
+    layout = uniform_layout(4, 2)
+    stats = collect_stats(model, calib_ids[:4], group_pairs(layout), progress=False)
+    xs = {}
+    hooks = [
+        model.model.layers[i].self_attn.k_proj.register_forward_hook(
+            lambda m, a, o, i=i: xs.setdefault(i, []).append(a[0][0].double())
+        )
+        for i in range(4)
+    ]
+    with torch.no_grad():
+        for r in calib_ids[:4]:
+            model(r[None])
+    for h in hooks:
+        h.remove()
+    x = {i: torch.cat(v) for i, v in xs.items()}
+    shared = mean_shared(model, "v_proj", [2, 3])
+    direct = 0.0
+    for m in (2, 3):
+        err = (x[2] @ shared - x[m] @ model.model.layers[m].self_attn.v_proj.weight.double().T).pow(2).sum(0)
+        direct += float((stats.fisher[("v_proj", m)] * err.detach()).sum())
+    assert group_error(model, stats, "v_proj", [2, 3], shared) == pytest.approx(direct, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_calibrated_beats_mean(kind, calib_ids):
+    model = tiny_model(kind)
+    layout = uniform_layout(4, 2)
+    stats = collect_stats(model, calib_ids, group_pairs(layout), progress=False)
+    for members in ([0, 1], [2, 3]):
+        for proj in ("k_proj", "v_proj"):
+            fitted = fit_group(model, stats, proj, members)
+            assert group_error(model, stats, proj, members, fitted) < group_error(
+                model, stats, proj, members, mean_shared(model, proj, members)
+            )
+    overrides = fit_kv(model, layout, calib_ids, "calibrated", progress=False)
+    assert set(overrides) == {KEY_TEMPLATES[p].format(i) for p in ("k_proj", "v_proj") for i in (0, 2)}
+    calibrated = cla_model_from(model, layout, init="mean", overrides=overrides)
+    assert kl_to(model, calibrated, calib_ids) < kl_to(model, cla_model_from(model, layout, init="mean"), calib_ids)
+
+
+def test_identical_members_are_recovered(calib_ids):
+    """If every member already has the same projection and input, the fit returns it (up to the small ridge)."""
+    model = tiny_model("llama")
+    stats = collect_stats(model, calib_ids[:4], group_pairs([0, 0, 2, 3]), progress=False)
+    stats.gram[(1, 1)] = stats.gram[(0, 1)] = stats.gram[(0, 0)]  # pretend layer 1 sees layer 0's input
+    layer1 = model.model.layers[1].self_attn.k_proj
+    with torch.no_grad():
+        layer1.weight.copy_(model.model.layers[0].self_attn.k_proj.weight)
+    fitted = fit_group(model, stats, "k_proj", [0, 1], ridge=1e-8)
+    torch.testing.assert_close(fitted.T.float(), layer1.weight, atol=1e-4, rtol=1e-3)
+
+
+def test_bias_is_fitted_and_unshared_layouts_need_nothing(calib_ids):
+    model = tiny_model("llama", attention_bias=True)
+    layout = [0, 0, 2, 3]
+    overrides = fit_kv(model, layout, calib_ids[:4], "calibrated", progress=False)
+    assert set(overrides) == {KEY_TEMPLATES[p].format(0) for p in ("k_proj", "v_proj", "k_bias", "v_bias")}
+    assert kl_to(model, cla_model_from(model, layout, overrides=overrides), calib_ids) < kl_to(
+        model, cla_model_from(model, layout), calib_ids
+    )
+    assert fit_kv(model, list(range(4)), calib_ids[:2], "calibrated", progress=False) == {}
+
+
+def test_fit_kv_refuses_bad_input(calib_ids):
+    model = tiny_model("llama")
+    with pytest.raises(ClakitError, match="unknown"):
+        fit_kv(model, uniform_layout(4, 2), calib_ids, "magic", progress=False)
+    with pytest.raises(ClakitError, match="kv_source_layers"):
+        fit_kv(model, [0, 0, 1, 2], calib_ids, "calibrated", progress=False)
+
+
+def test_model_is_left_as_it_was(calib_ids):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit_kv(model, uniform_layout(4, 2), calib_ids[:2], "calibrated", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
