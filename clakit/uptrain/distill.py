@@ -31,7 +31,8 @@ def share_frozen_weights(teacher, student) -> int:
     shared = 0
     for name, p in list(teacher.named_parameters(remove_duplicate=False)):
         s = base.get(name)
-        if s is None or s.shape != p.shape or s.dtype != p.dtype or s.device != p.device or not torch.equal(s, p):
+        # compared where the teacher was loaded (CPU); the student may already sit on the GPU
+        if s is None or s.shape != p.shape or s.dtype != p.dtype or not torch.equal(s.detach().to(p.device), p):
             continue
         module_name, _, leaf = name.rpartition(".")
         teacher.get_submodule(module_name)._parameters[leaf] = s
