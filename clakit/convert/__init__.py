@@ -1,0 +1,10 @@
+"""Checkpoint conversion to CLA: `convert` (streamed, the `clakit convert` command) and its building blocks.
+
+`layout` (sharing layouts), `inmemory` (CLA model from an in-memory model), `checkpoint` (lazy reader, sharded
+writer), `streaming` (which tensors are written and how), `output_folder` (config, tokenizer, card, record),
+`pipeline` (the command itself); `calibrate` fits K/V on data.
+"""
+
+from clakit.convert.pipeline import DATA_AWARE_INITS, DEFAULT_DATA_INIT, INITS, ConvertSettings, convert
+
+__all__ = ["DATA_AWARE_INITS", "DEFAULT_DATA_INIT", "INITS", "ConvertSettings", "convert"]

@@ -1,0 +1,191 @@
+"""Reading a source checkpoint one tensor at a time, and writing a sharded safetensors checkpoint.
+
+Readers give `names` and `get(name)`. safetensors and pickle tensors come back as memory-mapped views
+(`safe_open(...).get_tensor`, `torch.load(mmap=True)`): shape and dtype cost nothing, and the data is read, and
+held, only while something uses it.
+`ShardWriter` buffers tensors up to `max_shard_size` and writes each shard with `safetensors.torch.save_file`
+(which serialises straight from the tensors' memory), then names the shards and writes the index like
+`save_pretrained` does.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from clakit.errors import ClakitError
+
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Fixed header metadata: transformers wants format=pt; nothing time- or machine-dependent, so output is reproducible.
+SHARD_METADATA = {"format": "pt"}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: str | int) -> int:
+    """`"5GB"` -> 5_000_000_000 (decimal units like transformers; KiB/MiB/GiB binary); an int is bytes."""
+    if isinstance(size, int) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+    unit = match and match.group(2).upper()
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ClakitError(f"--max-shard-size must be a size like 5GB, 500MB or 2GiB, got {size!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting model.layers.2 before model.layers.10 (the order layers run in)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _load_index(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ClakitError(f"cannot read the checkpoint index {path} ({e}); re-download the checkpoint") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ClakitError(f"checkpoint index {path} has an empty or malformed weight_map; re-download the checkpoint")
+    return weight_map
+
+
+class SafetensorsCheckpoint:
+    """A folder of safetensors weights: `model.safetensors.index.json` + shards, or `*.safetensors` files."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / SAFE_INDEX
+        if index.is_file():
+            weight_map = _load_index(index)
+            files = sorted(set(weight_map.values()))
+        else:
+            weight_map, files = None, sorted(p.name for p in folder.glob("*.safetensors"))
+        self._keys = {file: self._read_keys(file) for file in files}
+        self._where = weight_map or {t: f for f, keys in self._keys.items() for t in keys}
+        for tensor, file in self._where.items():
+            if tensor not in self._keys[file]:
+                raise ClakitError(
+                    f"{SAFE_INDEX} puts tensor {tensor} in {file}, which does not hold it; re-download the checkpoint"
+                )
+        self.names = sorted(self._where, key=natural_key)
+
+    def _open(self, file: str):
+        path = self.folder / file
+        if not path.is_file():
+            raise ClakitError(f"the checkpoint index names shard {file}, which is missing from {self.folder}")
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise ClakitError(f"corrupt or truncated safetensors file {path} ({e}); re-download it") from None
+
+    def _read_keys(self, file: str) -> set[str]:
+        return set(self._open(file).keys())  # header only; checks the file is whole
+
+    def get(self, name: str) -> torch.Tensor:
+        """A memory-mapped view; a fresh handle per tensor, so its pages leave memory as soon as it is dropped
+        (tensors from one long-lived handle keep the whole file's touched pages resident)."""
+        try:
+            return self._open(self._where[name]).get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ClakitError(f"cannot read tensor {name} from {self.folder / self._where[name]} ({e})") from None
+
+
+class PickleCheckpoint:
+    """`pytorch_model*.bin` weights (only with --allow-pickle), memory-mapped with `torch.load(weights_only=True)`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._cache: dict[str, dict] = {}  # file -> its memory-mapped state dict
+        index = folder / PICKLE_INDEX
+        if index.is_file():
+            self._where = _load_index(index)
+        else:
+            self._where = {t: "pytorch_model.bin" for t in self._load("pytorch_model.bin")}
+        self.names = sorted(self._where, key=natural_key)
+
+    def _load(self, file: str) -> dict:
+        if file not in self._cache:
+            try:
+                self._cache[file] = torch.load(self.folder / file, map_location="cpu", mmap=True, weights_only=True)
+            except FileNotFoundError:
+                raise ClakitError(f"the checkpoint index names {file}, which is missing from {self.folder}") from None
+            except Exception as e:  # a damaged pickle raises anything from UnpicklingError to RuntimeError
+                raise ClakitError(f"cannot read {self.folder / file} ({str(e).splitlines()[0][:200]})") from None
+        return self._cache[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        state = self._load(self._where[name])
+        if name not in state:
+            raise ClakitError(f"{PICKLE_INDEX} puts tensor {name} in {self._where[name]}, which does not hold it")
+        return state[name]
+
+
+class StateDictCheckpoint:
+    """An in-memory model's tensors (GGUF sources, which transformers can only load whole and dequantised)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+        self.names = sorted(state, key=natural_key)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+
+def open_checkpoint(folder: Path, allow_pickle: bool):
+    """The safetensors weights of a checkpoint folder; `.bin` (pickle) weights only when allowed."""
+    if (folder / SAFE_INDEX).is_file() or any(folder.glob("*.safetensors")):
+        return SafetensorsCheckpoint(folder)
+    if (folder / PICKLE_INDEX).is_file() or (folder / "pytorch_model.bin").is_file():
+        if not allow_pickle:
+            raise ClakitError(
+                f"{folder} holds only pickle (.bin) weights, which can run code when loaded; pass --allow-pickle "
+                "if you trust the source"
+            )
+        return PickleCheckpoint(folder)
+    raise ClakitError(f"{folder} holds no model weights (no *.safetensors or pytorch_model.bin)")
+
+
+class ShardWriter:
+    """Writes tensors into `model-0000i-of-0000n.safetensors` shards of at most `max_shard_size` bytes + index.
+
+    Holds at most one shard's tensors. A tensor larger than the limit gets a shard of its own.
+    """
+
+    def __init__(self, folder: Path, max_shard_size: int):
+        self.folder, self.max_shard_size = folder, max_shard_size
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []  # tensor names of each written shard
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f"shard-{len(self._shards):05d}.tmp"
+        save_file(self._pending, path, metadata=SHARD_METADATA)
+        path.chmod(self.folder.stat().st_mode & 0o666)  # save_file creates 0600; match the folder's permissions
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Write the last shard, give the shards their final names and write the index; returns the file names."""
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, file in enumerate(files):
+            (self.folder / f"shard-{i:05d}.tmp").rename(self.folder / file)
+        if n > 1:
+            weight_map = {name: file for file, names in zip(files, self._shards, strict=True) for name in names}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return files

@@ -1,0 +1,150 @@
+"""The converted folder around the weights: config + modeling code, tokenizer, model card, clakit_convert.json.
+
+Everything is written into a hidden staging folder beside OUT (`.OUT.XXXX.partial`) and renamed into place at the
+end, so an interrupted or failed conversion never leaves a half-written OUT.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers.dynamic_module_utils import custom_object_save
+
+from clakit.errors import ClakitError
+
+RECORD_FILE = "clakit_convert.json"
+MODELING_FILES = ("configuration_cla.py", "modeling_cla.py")
+# Files that travel with the weights: tokenizer (fast, sentencepiece, BPE), chat template, generation defaults.
+TOKENIZER_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "*.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)  # fmt: skip
+
+
+def check_destination(source_path: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an existing OUT (without overwrite), OUT inside SRC, and SRC inside OUT (overwrite would delete it)."""
+    src, dest = source_path.resolve(), out.resolve()
+    if dest == src or src in dest.parents:
+        raise ClakitError(f"output folder {out} is inside the source {source_path}; choose a folder outside it")
+    if dest in src.parents:
+        raise ClakitError(f"output folder {out} contains the source {source_path}; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise ClakitError(f"output path {out} is an existing file; choose a folder name")
+    if out.exists() and not overwrite:
+        raise ClakitError(f"output folder {out} already exists; pass --overwrite to replace it, or choose another")
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path):
+    """A fresh folder beside `out`, removed unless `publish` renamed it; OSErrors become one-line errors."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
+    except OSError as e:
+        raise ClakitError(f"cannot create the output folder beside {out}: {e.strerror or e}") from None
+    try:
+        yield tmp
+    except OSError as e:
+        raise ClakitError(f"cannot write {out}: {e.strerror or e}; check free disk space and permissions") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once published
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished staging folder to `out` (replacing an old `out` only with overwrite)."""
+    if out.exists() and not overwrite:  # appeared while converting
+        raise ClakitError(f"output folder {out} appeared during the conversion; pass --overwrite to replace it")
+    if out.exists():
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def write_config(folder: Path, cla_config, lm_cls) -> None:
+    """config.json with `auto_map`, plus the modeling source files, as `save_pretrained` of the model writes them."""
+    with torch.device("meta"):  # shapes only: custom_object_save needs the model class instance, not weights
+        model = lm_cls(cla_config)
+    custom_object_save(model, folder, config=cla_config)
+    cla_config.save_pretrained(folder)
+    missing = [f for f in MODELING_FILES if not (folder / f).is_file()]
+    if missing or "AutoModelForCausalLM" not in json.loads((folder / "config.json").read_text()).get("auto_map", {}):
+        raise RuntimeError(f"saving the CLA config did not write the remote-code files {missing} / auto_map")
+
+
+def copy_tokenizer_files(source_dir: Path, folder: Path) -> list[str]:
+    """Copy tokenizer files and generation_config.json from a checkpoint folder; returns what was copied."""
+    copied = []
+    for pattern in TOKENIZER_PATTERNS:
+        for path in sorted(source_dir.glob(pattern)):
+            if path.is_file() and path.name not in copied:
+                shutil.copy2(path, folder / path.name)
+                copied.append(path.name)
+    return copied
+
+
+def write_record(folder: Path, record: dict) -> None:
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _perplexity_line(record: dict) -> str:
+    ppl = record.get("eval")
+    if not ppl:
+        return "not measured (pass `--eval-data` to `clakit convert`)"
+    return f"{ppl['perplexity_before']:.2f} before, {ppl['perplexity_after']:.2f} after ({', '.join(ppl['data'])})"
+
+
+def model_card(record: dict) -> str:
+    """README.md: what this checkpoint is, where it came from and how it was made."""
+    s, v = record["settings"], record["provenance"]
+    base = f"base_model: {s['source']}\n" if s["source_kind"] == "hub" else ""
+    producers = len(set(s["kv_source_layers"]))
+    calib = f" on {s['calib_tokens']} tokens of {', '.join(s['calib_data'])}" if s["calib_data"] else ""
+    rows = [
+        ("source", f"`{s['source']}` ({s['source_kind']}, revision `{s['revision'] or 'n/a'}`)"),
+        ("architecture", f"{s['architecture']} -> {record['cla_architecture']}"),
+        ("layout", f"{s['layout']}: `kv_source_layers` = {s['kv_source_layers']}"),
+        ("KV cache", f"{producers} of {len(s['kv_source_layers'])} layers keep K/V: saving {s['kv_saving']:.1%}"),
+        ("K/V init", s["init"] + calib),
+        ("dtype", s["dtype"]),
+        ("held-out perplexity", _perplexity_line(record)),
+        ("made with", f"clakit {v['clakit']}, transformers {v['transformers']}, torch {v['torch']}, {v['created']}"),
+        ("command", f"`{v['command']}`"),
+    ]  # fmt: skip
+    table = "\n".join(f"| {k} | {val} |" for k, val in rows)
+    return f"""---
+library_name: transformers
+tags: [clakit, cross-layer-attention]
+{base}---
+
+# Cross-Layer Attention version of `{s["source"]}`
+
+Converted by clakit (`clakit convert`): consumer layers attend to the keys/values of an earlier
+*producer* layer and keep no KV cache of their own. The conversion does no training; expect higher perplexity than
+the source until the model is uptrained (`clakit uptrain`).
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+```python
+import clakit  # registers the CLA classes; or pass trust_remote_code=True to load the bundled modeling code
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+```
+
+Settings and provenance in full: `{RECORD_FILE}`.
+"""

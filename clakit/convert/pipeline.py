@@ -1,0 +1,371 @@
+"""`clakit convert SRC OUT`: a Llama/Mistral checkpoint -> a CLA checkpoint folder, streamed tensor by tensor.
+
+`producer`/`mean` read each source tensor lazily (memory-mapped) and write it into the output shards, so memory
+stays near one output shard plus one group's K/V. The data-aware inits (`calibrated`, `reconstruct`),
+`--layout auto` and `--eval-data` run the source model, so they load it whole (fp32) first; GGUF sources are always
+loaded whole, because transformers can only read them by dequantising the entire file.
+"""
+
+import gc
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from clakit.convert.checkpoint import ShardWriter, StateDictCheckpoint, open_checkpoint, parse_size
+from clakit.convert.heldout import heldout_perplexity
+from clakit.convert.inmemory import cla_config, cla_family
+from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, parse_layout, uniform_layout
+from clakit.convert.output_folder import (
+    check_destination,
+    copy_tokenizer_files,
+    model_card,
+    publish,
+    staging_folder,
+    write_config,
+    write_record,
+)
+from clakit.convert.streaming import check_overrides, converted_tensors, output_nbytes, plan_tensors
+from clakit.corpus import load_texts
+from clakit.errors import ClakitError
+from clakit.modeling import CLA_CLASSES
+from clakit.provenance import provenance
+from clakit.sources import Source, load_config, load_model, load_tokenizer, resolve_source
+
+DATA_AWARE_INITS = ("calibrated", "reconstruct")
+INITS = ("producer", "mean", *DATA_AWARE_INITS)
+DEFAULT_DATA_INIT = "calibrated"  # the init used when calibration data is given and --init is not
+SEQ_LEN = 512  # tokens per calibration / evaluation sequence (capped by max_position_embeddings)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ARCH_OF_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # GGUF configs name no architecture
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    """The resolved settings of one conversion, as written to clakit_convert.json and the model card."""
+
+    source: str  # what the user gave: folder, .gguf file or Hub id
+    source_kind: str  # "dir" | "hub" | "gguf"
+    revision: str | None  # Hub revision (the snapshot commit when known)
+    architecture: str  # source architecture, e.g. LlamaForCausalLM
+    kv_source_layers: list[int]
+    layout: str  # how the layout was chosen: "factor K", "explicit" or "auto"
+    kv_saving: float  # fraction of the KV cache saved, 1 - producers / layers
+    init: str  # producer | mean | calibrated | reconstruct
+    calib_data: list[str] | None  # calibration text specs (data-aware init or auto layout)
+    calib_tokens: int | None  # calibration tokens actually used
+    dtype: str  # dtype of the written weights
+    max_shard_size: str
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def convert(
+    src,
+    out,
+    *,
+    factor: int | None = 2,
+    kv_source_layers: str | list[int] | None = None,
+    layout: str | None = None,
+    kv_saving: float | None = None,
+    init: str | None = None,
+    calib_data: str | list[str] | None = None,
+    calib_tokens: int = 32768,
+    eval_data: str | list[str] | None = None,
+    revision: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    quiet: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Convert checkpoint `src` (folder, Hub id or .gguf file) to a CLA checkpoint folder `out`; returns `out`.
+
+    Layout: `factor` (uniform CLA-K), `kv_source_layers` ("0,0,2,2" or a list) or `layout="auto"` with
+    `kv_saving`. `init` None means "mean" without `calib_data`, DEFAULT_DATA_INIT with it.
+    """
+    _check_arguments(factor, kv_source_layers, layout, kv_saving, init, calib_tokens, dtype)
+    job = _Conversion(
+        out=Path(out).expanduser().absolute(),
+        source=resolve_source(str(src), revision, allow_pickle),
+        init=_resolve_init(init, calib_data),
+        options=dict(
+            factor=factor, kv_source_layers=kv_source_layers, layout=layout, kv_saving=kv_saving,
+            calib_data=calib_data, calib_tokens=calib_tokens, eval_data=eval_data, dtype=dtype,
+            max_shard_size=max_shard_size, shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
+            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, quiet=quiet, seed=seed,
+        ),
+    )  # fmt: skip
+    return job.run()
+
+
+def _check_arguments(factor, kv_source_layers, layout, kv_saving_, init, calib_tokens, dtype) -> None:
+    """Refuse contradictory or out-of-range settings before touching any file."""
+    if layout not in (None, "auto"):
+        raise ClakitError(f"--layout takes only 'auto' (or give --factor / --kv-source-layers), got {layout!r}")
+    if layout == "auto" and kv_source_layers is not None:
+        raise ClakitError("give either --layout auto or --kv-source-layers, not both")
+    if (layout == "auto" or kv_source_layers is not None) and factor not in (None, 2):
+        raise ClakitError("--factor cannot be combined with --kv-source-layers or --layout auto; give one of them")
+    if layout == "auto" and not (isinstance(kv_saving_, float | int) and 0 < kv_saving_ < 1):
+        raise ClakitError(
+            f"--layout auto needs --kv-saving between 0 and 1 (0.5 halves the KV cache), got {kv_saving_}"
+        )
+    if layout != "auto" and kv_saving_ is not None:
+        raise ClakitError("--kv-saving chooses how much KV cache --layout auto saves; add --layout auto")
+    if init is not None and init not in INITS:
+        raise ClakitError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    if not isinstance(calib_tokens, int) or calib_tokens <= 0:
+        raise ClakitError(f"--calib-tokens must be a positive number of tokens, got {calib_tokens}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ClakitError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _resolve_init(init: str | None, calib_data) -> str:
+    if init is None:
+        return DEFAULT_DATA_INIT if calib_data else "mean"
+    if init in DATA_AWARE_INITS and not calib_data:
+        raise ClakitError(
+            f"--init {init} fits K/V on calibration text: pass --calib-data (a text file, folder or datasets spec)"
+        )
+    return init
+
+
+def _source_config(source: Source, trust_remote_code: bool):
+    """The source's config and architecture; anything but Llama/Mistral is refused before loading it."""
+    if source.kind == "dir":  # read the raw file first: an unknown model_type must not need its code to be refused
+        try:
+            raw = json.loads((source.path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ClakitError(
+                f"cannot read {source.path / 'config.json'} ({e}); is {source.spec} a checkpoint?"
+            ) from None
+        _check_architecture(source, raw.get("architectures"), raw.get("model_type"))
+    try:
+        config = load_config(source, trust_remote_code)
+    except ClakitError:
+        raise
+    except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
+        raise ClakitError(f"cannot read {source.spec}: corrupt or truncated ({type(e).__name__}: {e})") from None
+    return config, _check_architecture(source, config.architectures, config.model_type)
+
+
+def _load_source_model(source: Source, trust_remote_code: bool):
+    try:
+        return load_model(source, torch.float32, trust_remote_code)
+    except ClakitError:
+        raise
+    except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
+        raise ClakitError(f"cannot load {source.spec}: corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def _check_architecture(source: Source, architectures: list | None, model_type: str | None) -> str:
+    architecture = (architectures or [_ARCH_OF_TYPE.get(model_type, model_type)])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ClakitError(
+            f"{source.spec} is a {architecture} model; clakit convert supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return architecture
+
+
+class _Conversion:
+    """One run of `convert`: the in-memory phase (only when needed), then the streamed write."""
+
+    def __init__(self, out: Path, source: Source, init: str, options: dict):
+        self.out, self.source, self.init, self.opt = out, source, init, options
+        self.results: dict = {}  # measured along the way: eval perplexities, auto-layout scores
+        self.needs_calibration = init in DATA_AWARE_INITS or options["layout"] == "auto"
+
+    def say(self, message: str) -> None:
+        if not self.opt["quiet"]:
+            print(message, file=sys.stderr)
+
+    def run(self) -> Path:
+        hf_logging = transformers.utils.logging
+        bars_were_on = hf_logging.is_progress_bar_enabled()
+        if self.opt["quiet"]:
+            hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
+        try:
+            return self._run()
+        finally:
+            if bars_were_on:
+                hf_logging.enable_progress_bar()
+
+    def _run(self) -> Path:
+        check_destination(self.source.path, self.out, self.opt["overwrite"])
+        self.config, self.architecture = _source_config(self.source, self.opt["trust_remote_code"])
+        self.seq_len = min(SEQ_LEN, self.config.max_position_embeddings or SEQ_LEN)
+        self._load_texts()
+        self.checkpoint = None
+        if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
+            self.checkpoint = open_checkpoint(self.source.path, self.opt["allow_pickle"])
+            every_layer = list(range(self.config.num_hidden_layers))  # the stock model: needs every tensor
+            self._plan(cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2], every_layer)
+        overrides = self._in_memory_phase()
+        with staging_folder(self.out) as tmp:
+            self._write(tmp, overrides)
+            publish(tmp, self.out, self.opt["overwrite"])
+        self.say(
+            f"wrote {self.out}: layout {self.layout_name}, init {self.init}, KV cache -{kv_saving(self.layout):.0%}"
+        )
+        return self.out
+
+    def _load_texts(self) -> None:
+        calib_data, eval_data = self.opt["calib_data"], self.opt["eval_data"]
+        self.calib_texts = load_texts(calib_data) if self.needs_calibration else None
+        self.eval_texts = load_texts(eval_data) if eval_data else None
+        if calib_data and not self.needs_calibration:
+            self.say(f"note: --calib-data is not used by --init {self.init} (it serves calibrated/reconstruct/auto)")
+
+    def _in_memory_phase(self) -> dict:
+        """Everything that runs the source model: eval before, calibration, auto layout, K/V fitting."""
+        self.layout, self.layout_name = self._fixed_layout()
+        if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
+            return {}
+        self.say(f"loading {self.source.spec} in memory (fp32)...")
+        model = _load_source_model(self.source, self.opt["trust_remote_code"])
+        self.tokenizer = load_tokenizer(self.source, self.opt["trust_remote_code"])
+        if self.eval_texts:
+            self.say("measuring held-out perplexity of the source...")
+            self.results["perplexity_before"] = heldout_perplexity(
+                model, self.tokenizer, self.eval_texts, seq_len=self.seq_len
+            )
+        overrides = self._calibrate(model) if self.needs_calibration else {}
+        if self.source.kind == "gguf":  # the dequantised weights are the checkpoint we stream from
+            self.checkpoint = StateDictCheckpoint(model.state_dict())
+            self.generation_config = model.generation_config
+        del model
+        gc.collect()
+        return overrides
+
+    def _fixed_layout(self) -> tuple[list[int] | None, str]:
+        n, spec = self.config.num_hidden_layers, self.opt["kv_source_layers"]
+        if self.opt["layout"] == "auto":
+            return None, "auto"  # chosen by _calibrate
+        if isinstance(spec, str):
+            return parse_layout(spec, n), "explicit"
+        if spec is not None:
+            check_layout(list(spec), n)
+            return list(spec), "explicit"
+        factor = 2 if self.opt["factor"] is None else self.opt["factor"]
+        return uniform_layout(n, factor), f"factor {factor}"
+
+    def _calibrate(self, model) -> dict:
+        """Calibration tokens -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
+        from clakit.convert import calibrate
+
+        ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.opt["calib_tokens"], self.seq_len)
+        self.calib_tokens = ids.numel()
+        if self.layout is None:
+            self.say(
+                f"choosing a layout saving {self.opt['kv_saving']:.0%} of the KV cache on {ids.numel()} tokens..."
+            )
+            self.layout, self.results["auto_layout"] = calibrate.auto_layout(
+                model, ids, self.opt["kv_saving"], seed=self.opt["seed"]
+            )
+            check_layout(self.layout, self.config.num_hidden_layers)
+        if self.init not in DATA_AWARE_INITS:
+            return {}
+        self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens...")
+        return calibrate.fit_kv(
+            model, self.layout, ids, self.init, seed=self.opt["seed"], progress=not self.opt["quiet"]
+        )
+
+    def _write(self, tmp: Path, overrides: dict) -> None:
+        cla_cfg = cla_config(self.config, self.layout)
+        lm_cls = CLA_CLASSES[cla_family(self.config)][2]
+        cast = DTYPES.get(self.opt["dtype"])  # None: every tensor keeps its dtype
+        plan = self._plan(cla_cfg, lm_cls, self.layout)
+        check_overrides(self.checkpoint, plan, overrides)
+        _check_free_space(tmp, output_nbytes(self.checkpoint, plan, cast))
+        writer = ShardWriter(tmp, self.opt["shard_bytes"])
+        base_init = "mean" if self.init in DATA_AWARE_INITS else self.init  # what the fitted overrides start from
+        tensors = converted_tensors(self.checkpoint, plan, base_init, overrides, cast)
+        progress = tqdm(tensors, total=len(plan.names), desc="writing", unit="tensor", disable=self.opt["quiet"])
+        for name, tensor in progress:
+            writer.add(name, tensor)
+        writer.finish()
+        self.checkpoint = None  # release the source's memory maps before loading anything else
+        cla_cfg.dtype = cast or self.source_dtype
+        write_config(tmp, cla_cfg, lm_cls)
+        self._write_tokenizer(tmp)
+        if self.eval_texts:
+            self._eval_after(tmp)
+        record = {"settings": self._settings(cla_cfg.dtype).to_dict(), "cla_architecture": lm_cls.__name__}
+        record |= {
+            "provenance": provenance(),
+            "eval": self._eval_record(),
+            "auto_layout": self.results.get("auto_layout"),
+        }
+        record |= {"dropped_tensors": plan.dropped, "shard_size_bytes": self.opt["shard_bytes"]}
+        write_record(tmp, record)
+        (tmp / "README.md").write_text(model_card(record))
+
+    def _plan(self, cla_cfg, lm_cls, layout: list[int]):
+        """Raises naming the first tensor the checkpoint lacks."""
+        with torch.device("meta"):  # tensor names only
+            expected = set(lm_cls(cla_cfg).state_dict())
+        tied = set(lm_cls._tied_weights_keys or {}) if cla_cfg.tie_word_embeddings else set()
+        plan = plan_tensors(self.checkpoint.names, expected, tied, layout)
+        floating = (t.dtype for t in map(self.checkpoint.get, plan.names) if t.is_floating_point())  # lazy reads
+        self.source_dtype = next(floating, torch.float32)
+        return plan
+
+    def _write_tokenizer(self, tmp: Path) -> None:
+        if self.source.kind == "dir":
+            copied = copy_tokenizer_files(self.source.path, tmp)
+            if not any(name.startswith("tokenizer") or name.endswith(".model") for name in copied):
+                self.say(f"note: {self.source.spec} has no tokenizer files; none copied")
+        else:  # GGUF: the tokenizer and generation defaults live inside the file
+            self.tokenizer.save_pretrained(tmp)
+            self.generation_config.save_pretrained(tmp)
+
+    def _eval_after(self, tmp: Path) -> None:
+        self.say("measuring held-out perplexity of the CLA model...")
+        model = load_model(Source(str(tmp), "dir", tmp), torch.float32)
+        self.results["perplexity_after"] = heldout_perplexity(
+            model, self.tokenizer, self.eval_texts, seq_len=self.seq_len
+        )
+        before, after = self.results["perplexity_before"], self.results["perplexity_after"]
+        print(f"held-out perplexity: {before:.2f} -> {after:.2f} ({after / before:.2f}x)")
+
+    def _eval_record(self) -> dict | None:
+        if not self.eval_texts:
+            return None
+        return {
+            "data": [t.name for t in self.eval_texts],
+            "perplexity_before": self.results["perplexity_before"],
+            "perplexity_after": self.results["perplexity_after"],
+        }
+
+    def _settings(self, dtype: torch.dtype) -> ConvertSettings:
+        source, revision = self.source, self.source.revision
+        if source.kind == "dir" and source.path.parent.name == "snapshots":  # Hub cache: the folder is the commit
+            revision = source.path.name
+        local = source.kind == "gguf" or Path(source.spec).expanduser().exists()
+        kind = source.kind if local else "hub"
+        return ConvertSettings(
+            source=source.spec, source_kind=kind, revision=revision, architecture=self.architecture,
+            kv_source_layers=self.layout, layout=self.layout_name, kv_saving=kv_saving(self.layout), init=self.init,
+            calib_data=[t.name for t in self.calib_texts] if self.calib_texts else None,
+            calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
+            max_shard_size=str(self.opt["max_shard_size"]), seed=self.opt["seed"],
+        )  # fmt: skip
+
+
+def _check_free_space(folder: Path, nbytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise ClakitError(
+            f"not enough disk space in {folder.parent}: the output needs {nbytes / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB is free; free some space or choose another output folder"
+        )

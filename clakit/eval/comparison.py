@@ -1,0 +1,162 @@
+"""`clakit report`: compare eval reports in a table (report.md), a plot of perplexity against KV-cache bytes per
+token (ppl_vs_kv.png) and one page with both (report.html). Runs on different data or settings are refused."""
+
+import base64
+import html
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from clakit.errors import ClakitError
+from clakit.eval.records import read_report
+
+# Fields that must agree for perplexities (and speeds) to be comparable.
+MUST_MATCH = (
+    ("data", "sha256"),
+    ("num_tokens",),
+    ("settings", "seq_len"),
+    ("settings", "stride"),
+    ("settings", "max_tokens"),
+    ("settings", "batch_size"),
+)
+COLUMNS = [
+    "model",
+    "perplexity",
+    "Δ% vs first",
+    "bits/byte",
+    "KV bytes/token",
+    "saving ×",
+    "prefill tok/s",
+    "decode tok/s",
+]
+
+
+def _field(report: dict, keys: tuple) -> object:
+    for k in keys:
+        report = report.get(k) if isinstance(report, dict) else None
+    return report
+
+
+def check_comparable(reports: list[dict], paths: list) -> None:
+    """Refuse, naming the first differing field, runs that were not made on the same data with the same settings."""
+    for report, path in zip(reports[1:], paths[1:], strict=True):
+        for keys in MUST_MATCH:
+            a, b = _field(reports[0], keys), _field(report, keys)
+            if a != b:
+                name = ".".join(keys)
+                raise ClakitError(
+                    f"cannot compare {path} with {paths[0]}: {name} differs ({b!r} vs {a!r}); "
+                    "evaluate every model on the same data with the same settings"
+                )
+
+
+def labels(reports: list[dict]) -> list[str]:
+    """Short unique model names: the last path component, numbered when two are equal."""
+    names = [Path(str(r["model"]).rstrip("/")).name or str(r["model"]) for r in reports]
+    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def rows(reports: list[dict]) -> list[list[str]]:
+    base = reports[0]["perplexity"]
+    out = []
+    for label, r in zip(labels(reports), reports, strict=True):
+        kv, sp = r["kv_cache"], r.get("speed") or {}
+        out.append(
+            [
+                label,
+                f"{r['perplexity']:.3f}",
+                f"{100 * (r['perplexity'] / base - 1):+.1f}%",
+                f"{r['bits_per_byte']:.4f}",
+                f"{kv['bytes_per_token']:,}",
+                f"{kv.get('saving_factor') or 0:.2f}",
+                f"{sp['prefill_tokens_per_s']:.0f}" if sp else "–",
+                f"{sp['decode_tokens_per_s']:.1f}" if sp else "–",
+            ]
+        )
+    return out
+
+
+def markdown(reports: list[dict]) -> str:
+    s, d = reports[0]["settings"], reports[0]["data"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(reports)]
+    note = (
+        f"\nData: {', '.join(d['sources'])} ({reports[0]['num_tokens']:,} tokens scored, sha256 "
+        f"{d['sha256'][:12]}); seq_len {s['seq_len']}, stride {s['stride']}, batch size {s['batch_size']}.\n"
+    )
+    return "# clakit eval report\n\n" + "\n".join(lines) + "\n" + note
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    """Perplexity (log scale when it spans 10x) against KV-cache bytes per token, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["kv_cache"]["bytes_per_token"] for r in reports]
+    ys = [r["perplexity"] for r in reports]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    ax.scatter(xs, ys, s=60, zorder=3)
+    for x, y, label in zip(xs, ys, labels(reports), strict=True):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    if max(ys) / min(ys) > 10:
+        ax.set_yscale("log")
+    ax.set_xlim(0, max(xs) * 1.25)
+    ax.set_xlabel("KV-cache bytes per token")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("Perplexity vs KV-cache size")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def page(reports: list[dict], png: Path) -> str:
+    image = base64.b64encode(png.read_bytes()).decode()
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows(reports))
+    prov = reports[0]["provenance"]
+    note = markdown(reports).split("\n\n")[-1].strip()
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>clakit eval report</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}</style>"
+        f"</head><body><h1>clakit eval report</h1><table><tr>{head}</tr>{body}</table><p>{html.escape(note)}</p>"
+        f"<img alt='perplexity vs KV-cache bytes per token' src='data:image/png;base64,{image}'>"
+        f"<p><small>clakit {html.escape(str(prov.get('clakit')))}, transformers "
+        f"{html.escape(str(prov.get('transformers')))}, torch {html.escape(str(prov.get('torch')))}</small></p>"
+        "</body></html>\n"
+    )
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move the finished files into `out_dir` (renamed whole when it does not exist yet)."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    if not out_dir.is_dir():
+        raise ClakitError(f"output {out_dir} exists and is not a folder")
+    for f in tmp.iterdir():
+        os.replace(f, out_dir / f.name)
+    tmp.rmdir()
+
+
+def report(paths: list, out_dir) -> Path:
+    """report.md, ppl_vs_kv.png and report.html comparing `paths` (the first is the baseline); returns out_dir."""
+    if not paths:
+        raise ClakitError("give at least one eval report (.json written by `clakit eval -o`)")
+    paths, out_dir = [Path(p) for p in paths], Path(out_dir)
+    reports = [read_report(p) for p in paths]
+    check_comparable(reports, paths)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "report.md").write_text(markdown(reports) + "\n![perplexity vs KV bytes](ppl_vs_kv.png)\n")
+        plot(reports, tmp / "ppl_vs_kv.png")
+        (tmp / "report.html").write_text(page(reports, tmp / "ppl_vs_kv.png"))
+        _publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

