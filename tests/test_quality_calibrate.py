@@ -206,3 +206,17 @@ def test_auto_layout_refuses_impossible_savings(calib_ids):
     for saving in (1.0, -0.1):
         with pytest.raises(ClakitError, match="kv-saving"):
             auto_layout(tiny_model("llama"), calib_ids[:2], saving, progress=False)
+
+
+def test_auto_layout_statistics_serve_the_following_fit(calib_ids, monkeypatch):
+    from clakit.convert import calibrate
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    layout, _ = calibrate.auto_layout(model, calib_ids[:4], 0.5, progress=False)
+    expected = fit_kv(model, layout, calib_ids[:4], "calibrated", progress=False)
+    monkeypatch.setattr(calibrate, "collect_stats", lambda *a, **k: pytest.fail("statistics recomputed"))
+    reused = fit_kv(model, layout, calib_ids[:4], "calibrated", progress=False)
+    assert all(torch.equal(expected[k], reused[k]) for k in expected)
+    other = calib_ids[4:8]  # other data: not served from the memo
+    with pytest.raises(pytest.fail.Exception):
+        fit_kv(model, layout, other, "calibrated", progress=False)

@@ -13,7 +13,14 @@ import math
 
 import torch
 
-from clakit.convert.calibrate import KVStats, calibrated_overrides, collect_stats, fit_group, group_error
+from clakit.convert.calibrate import (
+    KVStats,
+    calibrated_overrides,
+    collect_stats,
+    fit_group,
+    group_error,
+    remember_stats,
+)
 from clakit.convert.inmemory import cla_model_from
 from clakit.convert.layout import kv_saving as layout_saving
 from clakit.convert.layout import uniform_layout
@@ -92,6 +99,7 @@ def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int =
     max_group = min(n, max(3, factor + 1))
     pairs = [(i, j) for i in range(n) for j in range(i, min(n, i + max_group))]
     stats = collect_stats(model, input_ids, pairs, progress=progress)
+    remember_stats(model, input_ids, stats)
     seq_len = input_ids.shape[1]
     costs = {
         (i, j): group_cost(model, stats, list(range(i, j + 1)), seq_len)

@@ -26,6 +26,7 @@ from clakit.errors import ClakitError
 
 METHODS = ("calibrated", "reconstruct")
 DEFAULT_RIDGE = 1e-3  # relative to the mean Fisher weight times the mean diagonal of the producer's Gram
+RECONSTRUCT_SEQS = 16  # sequences whose activations reconstruct caches (16 x 512 tokens x 30 layers: ~1 GB fp32)
 CHARS_PER_TOKEN_CAP = 64  # read at most this many characters per wanted token: bounds tokenisation of huge corpora
 
 
@@ -99,12 +100,19 @@ def group_pairs(layout: list[int]) -> set[tuple[int, int]]:
 
 
 def collect_stats(
-    model, input_ids: torch.Tensor, pairs: Iterable[tuple[int, int]], keep: Iterable[int] = (), progress: bool = True
+    model,
+    input_ids: torch.Tensor,
+    pairs: Iterable[tuple[int, int]],
+    keep: Iterable[int] = (),
+    progress: bool = True,
+    keep_seqs: int | None = None,
 ) -> KVStats:
     """One forward + backward pass per calibration sequence over the stock model; Grams and Fisher accumulated.
 
-    `keep`: layers whose attention inputs/outputs (and the Fisher of the outputs) are also kept, for `reconstruct`.
+    `keep`: layers whose attention inputs/outputs (and the Fisher of the outputs) are also kept, for `reconstruct`,
+    for the first `keep_seqs` sequences (default RECONSTRUCT_SEQS; the rows are already spread over the text).
     """
+    keep_seqs = RECONSTRUCT_SEQS if keep_seqs is None else keep_seqs
     from tqdm.auto import tqdm
 
     pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
@@ -134,8 +142,9 @@ def collect_stats(
             xs = {i: _augment(inputs[i], bias) for i in layers_needed}
             for a, b in pairs:
                 stats.gram[(a, b)] = stats.gram.get((a, b), 0) + xs[a].T @ xs[b]
-            for i in keep:
-                stats.acts[i].append((inputs[i][0].float(), inputs[("y", i)][0].float()))
+            if keep and len(stats.acts[keep[0]]) < keep_seqs:
+                for i in keep:
+                    stats.acts[i].append((inputs[i][0].float(), inputs[("y", i)][0].float()))
     finally:
         for h in handles:
             h.remove()
@@ -272,6 +281,8 @@ def fit_kv(
     """Tensor-name -> tensor overrides for `cla_model_from(model, layout, overrides=...)` / the streaming converter.
 
     `model` is the stock (non-CLA) source model in memory; `input_ids` (n_seq, seq_len) from `calib_input_ids`.
+    `reconstruct` caches activations of at most `RECONSTRUCT_SEQS` sequences (spread over the data) and runs
+    `steps` Adam steps per group (default `reconstruct.DEFAULT_STEPS`).
     """
     check_layout(layout, model.config.num_hidden_layers)
     if method not in METHODS:
@@ -280,10 +291,38 @@ def fit_kv(
         raise ClakitError("no calibration tokens; give more text with --calib-data")
     shared = [i for members in groups(layout).values() if len(members) > 1 for i in members]
     keep = shared if method == "reconstruct" else ()
-    stats = collect_stats(model, input_ids, group_pairs(layout), keep=keep, progress=progress)
+    stats = _memo_stats(model, input_ids, group_pairs(layout)) if not keep else None
+    if stats is None:
+        stats = collect_stats(model, input_ids, group_pairs(layout), keep=keep, progress=progress)
     overrides = calibrated_overrides(model, layout, stats)
     if method == "reconstruct":
         from clakit.convert.reconstruct import reconstruct_overrides
 
         overrides = reconstruct_overrides(model, layout, stats, overrides, seed=seed, steps=steps, progress=progress)
     return overrides
+
+
+def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int = 0, progress: bool = True):
+    """`clakit.convert.autolayout.auto_layout`; its statistics serve a following `fit_kv` on the same data."""
+    from clakit.convert.autolayout import auto_layout as choose
+
+    return choose(model, input_ids, kv_saving, seed=seed, progress=progress)
+
+
+# One statistics pass serves both auto_layout and the fit that follows it (same model, same tokens).
+_MEMO: dict = {}
+
+
+def _fingerprint(model, input_ids: torch.Tensor) -> tuple:
+    first = _attn(model, 0).k_proj.weight
+    return (id(model), tuple(input_ids.shape), hash(input_ids.cpu().numpy().tobytes()), float(first.double().sum()))
+
+
+def remember_stats(model, input_ids: torch.Tensor, stats: KVStats) -> None:
+    _MEMO.clear()
+    _MEMO[_fingerprint(model, input_ids)] = stats
+
+
+def _memo_stats(model, input_ids: torch.Tensor, pairs) -> KVStats | None:
+    stats = _MEMO.get(_fingerprint(model, input_ids))
+    return stats if stats is not None and all(p in stats.gram for p in pairs) else None

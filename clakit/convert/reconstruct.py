@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from clakit.convert.calibrate import KVStats
+from clakit.convert.calibrate import KVStats, mean_shared, shared_to_overrides
 from clakit.convert.layout import KEY_TEMPLATES, groups
 
 DEFAULT_STEPS = 60
@@ -95,17 +95,30 @@ def _full_objective(model, stats, members, params, cos, sin) -> float:
         return sum(float(_objective(model, stats, members, params, [i], cos, sin)) for i in range(n))
 
 
+def _best_start(model, stats: KVStats, members: list[int], overrides: dict, cos, sin):
+    """The closed-form fit or the plain group mean, whichever reproduces the attention outputs better."""
+    mean = {}
+    for kind in ("k_proj", "v_proj"):
+        mean.update(shared_to_overrides(model, kind, members[0], mean_shared(model, kind, members)))
+    starts = [_start_params(model, members, candidate) for candidate in (overrides, mean)]
+    values = [_full_objective(model, stats, members, params, cos, sin) for params in starts]
+    best = min(range(len(starts)), key=values.__getitem__)
+    return starts[best], values[best], ("calibrated", "mean")[best]
+
+
 def reconstruct_group(model, stats: KVStats, members: list[int], overrides: dict, steps: int, seed: int):
-    """Optimised params of one group and (start, best) full calibration objectives."""
-    params = _start_params(model, members, overrides)
-    leaves = list({id(t): t for group in params.values() for t in group.values()}.values())
+    """Optimised params of one group and its record: start and best full calibration objectives, start_from.
+
+    The start is the better of the closed-form overrides and the group mean; the result is never worse than it.
+    """
     seq = stats.acts[members[0]][0][0].shape[0]
-    position_ids = torch.arange(seq)[None]
     with torch.no_grad():
-        cos, sin = model.model.rotary_emb(stats.acts[members[0]][0][0][None], position_ids)
+        cos, sin = model.model.rotary_emb(stats.acts[members[0]][0][0][None], torch.arange(seq)[None])
+    params, start, origin = _best_start(model, stats, members, overrides, cos, sin)
+    leaves = list({id(t): t for group in params.values() for t in group.values()}.values())
     gen = torch.Generator().manual_seed(seed + members[0])
     n = len(stats.acts[members[0]])
-    start = best = _full_objective(model, stats, members, params, cos, sin)
+    best = start
     best_state = [t.detach().clone() for t in leaves]
     opt = torch.optim.Adam(leaves, lr=LEARNING_RATE)
     for step in range(1, steps + 1):
@@ -120,7 +133,7 @@ def reconstruct_group(model, stats: KVStats, members: list[int], overrides: dict
     with torch.no_grad():
         for t, b in zip(leaves, best_state, strict=True):
             t.copy_(b)
-    return params, start, best
+    return params, {"start": start, "start_from": origin, "best": best}
 
 
 def _to_overrides(model, members: list[int], params: dict) -> dict[str, torch.Tensor]:
@@ -147,9 +160,8 @@ def reconstruct_overrides(
     out = dict(overrides)
     shared = [members for members in groups(layout).values() if len(members) > 1]
     for members in tqdm(shared, desc="reconstruct", disable=not progress, leave=False):
-        params, start, best = reconstruct_group(model, stats, members, overrides, steps, seed)
+        params, record = reconstruct_group(model, stats, members, overrides, steps, seed)
         if report is not None:
-            report[f"{members[0]}-{members[-1]}"] = {"members": members, "start": start, "best": best}
-        if best < start:
-            out.update(_to_overrides(model, members, params))
+            report[f"{members[0]}-{members[-1]}"] = {"members": members, **record}
+        out.update(_to_overrides(model, members, params))  # the best seen: never worse than either start
     return out
