@@ -52,13 +52,13 @@ def _resolve(model, tokenizer, revision, trust_remote_code: bool):
 
 def _check_causal_lm(source, trust_remote_code: bool) -> None:
     """Refuse a checkpoint transformers cannot load as a causal LM, before its tokenizer or weights are read."""
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from clakit.sources import load_config
 
     config = load_config(source, trust_remote_code)
     remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and trust_remote_code
-    if type(config) not in AutoModelForCausalLM._model_mapping and not remote:
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:  # CLA configs are registered there
         raise ClakitError(
             f"{source.spec} is not a causal language model (model_type {config.model_type!r}); "
             "give a Llama/Mistral (or other causal LM) checkpoint"
@@ -150,41 +150,51 @@ def evaluate(
         harness.require_lm_eval()
     source = _resolve(model, tokenizer, revision, trust_remote_code)
     texts = _texts(data, text)
-    if tokenizer is None:  # loaded before the model: a too-short text is refused in seconds
-        from clakit.sources import load_tokenizer
-
-        tokenizer = load_tokenizer(source, trust_remote_code)
-    tokens = perplexity.tokenize(tokenizer, join_texts(texts), max_tokens)
-    if len(tokens.ids) - 1 < seq_len:
-        raise ClakitError(
-            f"the text has {len(tokens.ids) - 1} tokens, fewer than one window of --seq-len "
-            f"{seq_len}; give more text or a smaller --seq-len"
-        )
+    if tokenizer is None:  # before the model: a text too short is refused in seconds
+        tokenizer = _tokenizer(source, trust_remote_code)
+    tokens = _tokens(tokenizer, texts, seq_len, max_tokens)
     loaded = _load(model, source, tokenizer, trust_remote_code, device, name)
-    scored = perplexity.score(loaded.model, tokens.ids, seq_len, stride, batch_size, quiet)
-    measured = perplexity.metrics(scored["nll_sum"], scored["num_scored"], tokens.text)
     settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
-    data_info = {
-        "sources": [t.name for t in texts],
-        "sha256": hashlib.sha256(tokens.text.encode()).hexdigest(),
-        "num_words": measured.pop("num_words"),
-        "num_bytes": measured.pop("num_bytes"),
-    }
-    report = {
-        "format": FORMAT,
-        "model": loaded.name,
-        **measured,
-        "num_tokens": scored["num_scored"],
-        "num_windows": scored["num_windows"],
-        "data": data_info,
-        "settings": settings,
-        "kv_cache": _kv_cache(loaded, tokens.ids, seq_len, kv_budget_gb, source_model, revision, trust_remote_code),
-    }
+    report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}
+    report["settings"] = settings
+    report["kv_cache"] = _kv_cache(
+        loaded, tokens.ids, seq_len, kv_budget_gb, source_model, revision, trust_remote_code
+    )
     report["speed"] = throughput(loaded.model, tokens.ids[:seq_len], batch_size, decode_steps) if speed else None
     if tasks:
         report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size)
-    report["provenance"] = _provenance(loaded, data_info, settings)
+    report["provenance"] = _provenance(loaded, report["data"], settings)
     return report
+
+
+def _tokenizer(source, trust_remote_code: bool):
+    from clakit.sources import load_tokenizer
+
+    return load_tokenizer(source, trust_remote_code)
+
+
+def _tokens(tokenizer, texts: list[Text], seq_len: int, max_tokens: int | None) -> perplexity.TokenizedText:
+    tokens = perplexity.tokenize(tokenizer, join_texts(texts), max_tokens)
+    if len(tokens.ids) - 1 < seq_len:
+        raise ClakitError(
+            f"the text has {len(tokens.ids) - 1} tokens, fewer than one window of --seq-len {seq_len}; "
+            "give more text or a smaller --seq-len"
+        )
+    return tokens
+
+
+def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -> dict:
+    """Perplexity, word perplexity, bits per byte, token counts and what data they were measured on."""
+    s = settings
+    scored = perplexity.score(model, tokens.ids, s["seq_len"], s["stride"], s["batch_size"], quiet)
+    measured = perplexity.metrics(scored["nll_sum"], scored["num_scored"], tokens.text)
+    data = {
+        "sources": [t.name for t in texts],
+        "sha256": hashlib.sha256(tokens.text.encode()).hexdigest(),  # of the exact text scored
+        "num_words": measured.pop("num_words"),
+        "num_bytes": measured.pop("num_bytes"),
+    }
+    return {**measured, "num_tokens": scored["num_scored"], "num_windows": scored["num_windows"], "data": data}
 
 
 def _provenance(loaded: Loaded, data_info: dict, settings: dict) -> dict:
