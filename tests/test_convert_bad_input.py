@@ -227,3 +227,17 @@ def test_hub_id_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
     assert_refused(capsys, "some-org/some-model", tmp_path / "out", match="'some-org/some-model' does not exist")
+
+
+def test_interrupted_conversion_leaves_nothing(src, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while shards are being written: exit 130, no OUT, no staging folder, the source untouched."""
+
+    def interrupted(tensors, path, metadata=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clakit.convert.checkpoint, "save_file", interrupted)
+    before, out = fingerprint(src), tmp_path / "out"
+    assert run_cli(src, out, "-q") == 130
+    assert capsys.readouterr().err.strip() == "clakit: interrupted"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert fingerprint(src) == before

@@ -155,7 +155,7 @@ def _source_config(source: Source, trust_remote_code: bool):
     except ClakitError:
         raise
     except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
-        raise ClakitError(f"cannot read {source.spec}: corrupt or truncated ({type(e).__name__}: {e})") from None
+        raise ClakitError(f"cannot read the config of {source.spec}; is it damaged? ({_first_line(e)})") from None
     return config, _check_architecture(source, config.architectures, config.model_type)
 
 
@@ -165,7 +165,11 @@ def _load_source_model(source: Source, trust_remote_code: bool):
     except ClakitError:
         raise
     except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
-        raise ClakitError(f"cannot load {source.spec}: corrupt or truncated ({type(e).__name__}: {e})") from None
+        raise ClakitError(f"cannot load the weights of {source.spec}; is it damaged? ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
 
 def _check_architecture(source: Source, architectures: list | None, model_type: str | None) -> str:
@@ -264,8 +268,6 @@ class _Conversion:
         from clakit.convert import calibrate
 
         ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.opt["calib_tokens"], self.seq_len)
-        if ids.numel() == 0:
-            raise ClakitError(f"the --calib-data text is shorter than one sequence of {self.seq_len} tokens")
         self.calib_tokens = ids.numel()
         if self.layout is None:
             self.say(
