@@ -167,6 +167,36 @@ def _add_demo(sub) -> None:
 
 def _add_uptrain(sub) -> None:
     """`clakit uptrain RECIPE.yaml [key=value ...]` -> clakit.uptrain (issue 5)."""
+    p = sub.add_parser(
+        "uptrain",
+        help="recover a converted model's quality with LoRA and self-distillation (YAML recipe)",
+        description="Train a CLA model as a YAML recipe says (see recipes/); the result is OUTPUT_DIR/model. "
+        "Multi-GPU: accelerate launch -m clakit uptrain RECIPE.yaml",
+    )
+    p.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2/135m_cla2_cpu.yaml")
+    # REMAINDER: overrides and flags may be mixed in any order after the recipe (`RECIPE k=v --resume k2=v2`)
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help="e.g. train.max_steps=10")
+    flags = argparse.ArgumentParser(prog="clakit uptrain", add_help=False)
+    for parser in (p, flags):
+        parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe only")
+        parser.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
+        parser.add_argument("--overwrite", action="store_true", help="replace a previous run in train.output_dir")
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+
+    def run(args):
+        from clakit.errors import ClakitError
+        from clakit.uptrain import uptrain
+
+        late, overrides = flags.parse_known_args(args.overrides)
+        unknown = [o for o in overrides if "=" not in o]
+        if unknown:
+            raise ClakitError(f"unrecognized argument {unknown[0]!r}; overrides look like train.max_steps=10")
+        opts = {k: getattr(args, k) or getattr(late, k) for k in ("dry_run", "resume", "overwrite", "quiet")}
+        result = uptrain(args.recipe, overrides, **opts)
+        if not opts["dry_run"]:
+            print(result)
+
+    p.set_defaults(run=run)
 
 
 COMMANDS = [_add_convert, _add_eval, _add_report, _add_fetch_demo, _add_demo, _add_uptrain]

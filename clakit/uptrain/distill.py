@@ -1,0 +1,110 @@
+"""Self-distillation: the original model (full KV, frozen) teaches the CLA student.
+
+Memory: the teacher is loaded once, then every teacher tensor equal to a frozen student tensor is replaced by the
+student's own Parameter object. With LoRA the student's base weights are frozen copies of the original, so the
+teacher ends up owning only what CLA changed (its per-layer k_proj/v_proj) and whatever `full_train` trains:
+for SmolLM2-135M that is ~7M of 135M parameters. LoRA never modifies the base weights in place while training,
+so the shared tensors stay the original's until the final merge (after the teacher's last use).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from clakit.sources import load_model, resolve_source
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _student_base_params(student) -> dict[str, torch.nn.Parameter]:
+    """Frozen student tensors by their name in a stock checkpoint (peft's prefixes and `.base_layer` removed)."""
+    out = {}
+    for name, p in student.named_parameters(remove_duplicate=False):
+        if p.requires_grad or "lora_" in name:
+            continue
+        out[name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")] = p
+    return out
+
+
+def share_frozen_weights(teacher, student) -> int:
+    """Point the teacher's parameters at identical frozen student parameters; returns how many were shared."""
+    base = _student_base_params(student)
+    shared = 0
+    for name, p in list(teacher.named_parameters(remove_duplicate=False)):
+        s = base.get(name)
+        # compared where the teacher was loaded (CPU); the student may already sit on the GPU
+        if s is None or s.shape != p.shape or s.dtype != p.dtype or not torch.equal(s.detach().to(p.device), p):
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        teacher.get_submodule(module_name)._parameters[leaf] = s
+        shared += 1
+    return shared
+
+
+def load_teacher(spec: str, revision: str | None, dtype: torch.dtype, student, share: bool = True):
+    """The original model, frozen, in eval mode, sharing the student's frozen tensors (unless `share` is False)."""
+    teacher = load_model(resolve_source(spec, revision), dtype=dtype)
+    teacher.requires_grad_(False)
+    teacher.config.use_cache = False
+    if share:
+        share_frozen_weights(teacher, student)
+    return teacher.eval()
+
+
+def unique_bytes(*models) -> int:
+    """Bytes of distinct parameter storage over the models (shared tensors counted once)."""
+    seen, total = set(), 0
+    for m in models:
+        for p in m.parameters():
+            key = p.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += p.untyped_storage().nbytes()
+    return total
+
+
+# --- losses ---------------------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits (batch, seq, vocab), input_ids (batch, seq)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the softened distributions, per token, times T^2 (Hinton et al.) so gradients keep
+    their scale across temperatures; logits (batch, seq, vocab)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean() * temperature**2
+
+
+def hidden_mse(student_hidden, teacher_hidden) -> torch.Tensor:
+    """Mean over layers of ||h_s - h_t||^2 / ||h_t||^2 (relative, so layers with large activations do not dominate);
+    each hidden state (batch, seq, hidden); index 0 (the embeddings, identical) is skipped."""
+    terms = [
+        (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+        for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True)
+    ]
+    return torch.stack(terms).mean()
+
+
+def uptrain_loss(student, teacher, input_ids: torch.Tensor, distill) -> tuple[torch.Tensor, dict[str, float]]:
+    """weight * KL * T^2 + (1 - weight) * CE + hidden_mse_weight * MSE, and its parts for logging."""
+    want_hidden = distill.hidden_mse_weight > 0
+    out = student(input_ids=input_ids, output_hidden_states=want_hidden)
+    ce = causal_lm_loss(out.logits, input_ids)
+    parts = {"ce": ce.detach().item()}
+    if teacher is None:
+        return ce, parts
+    with torch.no_grad():
+        t_out = teacher(input_ids=input_ids, output_hidden_states=want_hidden)
+    loss = (1 - distill.weight) * ce
+    if distill.weight > 0:
+        kl = kl_loss(out.logits, t_out.logits, distill.temperature)
+        loss = loss + distill.weight * kl
+        parts["kl"] = kl.detach().item()
+    if want_hidden:
+        mse = hidden_mse(out.hidden_states, t_out.hidden_states)
+        loss = loss + distill.hidden_mse_weight * mse
+        parts["hidden_mse"] = mse.detach().item()
+    return loss, parts

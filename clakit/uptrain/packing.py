@@ -1,0 +1,111 @@
+"""Training data: texts tokenised, packed into `seq_len` blocks, split into train and held-out, served in a
+deterministic order that a resumed run can continue from any step."""
+
+from dataclasses import dataclass
+
+import torch
+
+from clakit.corpus import Text, load_texts
+from clakit.errors import ClakitError
+
+_PIECE_CHARS = 1 << 20  # tokenise long texts in ~1 MB pieces (cut at line ends) to bound tokenizer memory
+
+
+@dataclass
+class PackedData:
+    train: torch.Tensor  # (n_train_blocks, seq_len) int64 token ids
+    eval: torch.Tensor  # (n_eval_blocks, seq_len) int64 token ids, never trained on
+    train_sources: list[str]
+    eval_sources: list[str]
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.shape[1]
+
+
+def _pieces(text: str) -> list[str]:
+    out, start = [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= _PIECE_CHARS else text.rfind("\n", start, start + _PIECE_CHARS) + 1
+        end = end if end > start else start + _PIECE_CHARS
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def tokenize(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Tensor:
+    """One stream of token ids, each document followed by EOS (when the tokenizer has one); (n_tokens,) int64.
+
+    Pieces are kept as int32 tensors (a Python list of ints costs ~9x more); `limit` stops once that many tokens
+    are read, so a token budget never tokenises a whole large dataset.
+    """
+    parts, n = [], 0
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for t in texts:
+        pieces = _pieces(t.text)
+        for i, piece in enumerate(pieces):
+            ids = tokenizer(piece, add_special_tokens=False)["input_ids"] + (eos if i == len(pieces) - 1 else [])
+            parts.append(torch.tensor(ids, dtype=torch.int32))
+            n += len(ids)
+            if limit is not None and n >= limit:
+                return torch.cat(parts).long()
+    return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
+
+
+def blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(n_tokens,) -> (n_tokens // seq_len, seq_len); the ragged tail is dropped."""
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def _too_short(what: str, n_tokens: int, seq_len: int) -> ClakitError:
+    return ClakitError(
+        f"{what} has {n_tokens} tokens, fewer than one sequence of data.seq_len={seq_len}; "
+        "give more text or lower data.seq_len"
+    )
+
+
+def build_data(data, tokenizer, train_tokens: int | None = None) -> PackedData:
+    """Tokenise and pack a recipe's `data` section. `train_tokens` (the run's token budget, when known) bounds the
+    train text read; the held-out blocks are capped at `eval_max_tokens`."""
+    train_texts = load_texts(data.train)
+    if data.eval:
+        eval_texts = load_texts(data.eval)
+        train_ids = tokenize(tokenizer, train_texts, train_tokens)
+        eval_ids = tokenize(tokenizer, eval_texts, data.eval_max_tokens + data.seq_len)
+        eval_sources = [t.name for t in eval_texts]
+    else:  # hold out the tail of the train stream: contiguous, so no block straddles train and eval
+        train_ids = tokenize(tokenizer, train_texts)
+        cut = int(train_ids.numel() * (1 - data.eval_fraction))
+        train_ids, eval_ids = train_ids[:cut], train_ids[cut:]
+        eval_sources = [f"last {data.eval_fraction:g} of data.train"]
+    train, held = blocks(train_ids, data.seq_len), blocks(eval_ids, data.seq_len)
+    if len(train) == 0:
+        raise _too_short("data.train", train_ids.numel(), data.seq_len)
+    if len(held) == 0:
+        what = "the held-out data (data.eval, or data.eval_fraction of data.train)"
+        raise _too_short(what, eval_ids.numel(), data.seq_len)
+    held = held[: max(1, data.eval_max_tokens // data.seq_len)]
+    return PackedData(train, held, [t.name for t in train_texts], eval_sources)
+
+
+class BatchOrder:
+    """Which train blocks micro-batch `g` of process `rank` reads: a fresh seeded shuffle per epoch.
+
+    The order is a pure function of (seed, position), so resuming needs only the step counter, and every process
+    of a multi-GPU run reads disjoint blocks without a DistributedSampler.
+    """
+
+    def __init__(self, n_blocks: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n_blocks, batch_size, seed, rank, world
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}  # keep one epoch's permutation
+        return self._perms[epoch]
+
+    def indices(self, micro_batch: int) -> list[int]:
+        start = (micro_batch * self.world + self.rank) * self.batch_size
+        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.batch_size)]

@@ -1,0 +1,313 @@
+"""`clakit uptrain`: recipe -> checks -> (convert) -> LoRA/distillation training -> merged CLA checkpoint + card.
+
+Run folder (train.output_dir):
+  recipe.yaml, run.json   the resolved recipe and its fingerprint (resume refuses a different recipe)
+  converted/              the on-the-fly conversion of model.source (absent with model.path)
+  checkpoints/            resumable training state (see checkpoint.py)
+  metrics.jsonl           one line per logging step / evaluation
+  eval/*.json, report/    `clakit eval` reports of the original, converted and uptrained models, and their page
+  model/                  the result: LoRA merged, a CLA checkpoint loadable with trust_remote_code
+A fresh run is prepared in a hidden `.NAME.partial` folder beside it and renamed into place only once conversion,
+data and models are ready, so bad input leaves nothing behind.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from clakit.errors import ClakitError
+from clakit.sources import load_model, load_tokenizer, resolve_source
+from clakit.uptrain import card, checkpoint, student
+from clakit.uptrain.distill import load_teacher
+from clakit.uptrain.packing import build_data
+from clakit.uptrain.recipe import Recipe, load_recipe
+from clakit.uptrain.trainer import Trainer
+
+RESULT = "model"
+EVAL = "eval"  # clakit eval reports: original.json, converted.json, uptrained.json
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"clakit uptrain: {message}", file=sys.stderr, flush=True)
+
+
+# --- checks that run before anything is written -----------------------------------------------------------------
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_output_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    run_file = out / "run.json"
+    if resume and overwrite:
+        raise ClakitError("--resume and --overwrite contradict each other; give one")
+    if resume:
+        if not run_file.is_file():
+            raise ClakitError(f"--resume: {out} holds no clakit uptrain run; drop --resume to start one there")
+        run = json.loads(run_file.read_text())
+        if run.get("fingerprint") != recipe.fingerprint():
+            changes = _diff(run.get("recipe", {}), recipe.to_dict())
+            shown = "; ".join(c for c in changes if ".output_dir" not in c)[:300] or "unknown fields"
+            raise ClakitError(
+                f"--resume: the run in {out} was started with a different recipe ({shown}); "
+                "resume with the same recipe and overrides, or start over with --overwrite"
+            )
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ClakitError(
+            f"train.output_dir {out} already holds files (another run?); continue it with --resume, "
+            "replace it with --overwrite, or choose another train.output_dir"
+        )
+
+
+def check_tensorboard(train) -> None:
+    if "tensorboard" in train.report_to:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ClakitError(
+                "train.report_to asks for tensorboard, which is not installed: pip install tensorboard "
+                "(or clakit[tensorboard]), or set train.report_to=none"
+            )
+
+
+def check_paths(recipe: Recipe) -> None:
+    """Cheap existence checks for --dry-run: local model/data paths (datasets specs and Hub ids are not fetched)."""
+    for spec in [recipe.model.path, recipe.model.source, recipe.model.original]:
+        if spec and (Path(spec).expanduser().exists() or "/" in spec and not spec.startswith((".", "/", "~"))):
+            continue
+        if spec:
+            raise ClakitError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id")
+    for spec in recipe.data.train + (recipe.data.eval or []):
+        looks_like_path = "/" in spec or Path(spec).suffix
+        if looks_like_path and ":" not in spec and not Path(spec).expanduser().exists():
+            raise ClakitError(f"text data {spec!r} does not exist; give text files, .txt folders or NAME:CONFIG:SPLIT")
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(train, project_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    log_with = ["tensorboard"] if "tensorboard" in train.report_to else None
+    acc = Accelerator(mixed_precision="bf16" if train.bf16 else "no", log_with=log_with, project_dir=str(project_dir))
+    set_seed(train.seed)
+    return acc
+
+
+MIN_TOKENISED = 1 << 24  # below this the whole train text is read: the run samples from all of it
+
+
+def token_budget(train, seq_len: int, world: int) -> int | None:
+    """How much train text to tokenise: all of it, unless it is far more than the run will read (a large datasets
+    spec); then twice the run's token budget, so memory stays bounded. None: read everything."""
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world * seq_len
+    if train.max_steps > 0:
+        return max(MIN_TOKENISED, 2 * train.max_steps * per_step)
+    return max(MIN_TOKENISED, 2 * (train.max_tokens + per_step)) if train.max_tokens else None
+
+
+def _model_spec(recipe: Recipe) -> str:
+    return recipe.model.path or recipe.model.source
+
+
+def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool) -> Path:
+    if recipe.model.path:
+        return resolve_source(recipe.model.path, recipe.model.revision).path
+    converted = work / "converted"
+    if acc.is_main_process and not (converted / "config.json").is_file():
+        _say(f"converting {recipe.model.source} into {converted}", quiet)
+        student.convert_source(recipe.model, converted, quiet=quiet)
+    acc.wait_for_everyone()
+    return converted
+
+
+def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, acc, quiet: bool) -> dict:
+    """`clakit eval`'s report of an in-memory model on the held-out data (no speed test: CPU time is precious)."""
+    from clakit.eval import evaluate
+
+    source = {"data": recipe.data.eval} if recipe.data.eval else {"text": tokenizer.decode(data.eval.flatten())}
+    return evaluate(
+        model,
+        tokenizer=tokenizer,
+        seq_len=recipe.data.seq_len,
+        max_tokens=recipe.data.eval_max_tokens,
+        batch_size=recipe.train.per_device_eval_batch_size,
+        speed=False,
+        quiet=quiet,
+        device=acc.device,
+        name=name,
+        **source,
+    )
+
+
+def original_report(recipe: Recipe, spec: str | None, teacher, dtype, run: dict, acc) -> dict | None:
+    """The stock model's report: the teacher when there is one, else the original loaded just for this."""
+    if teacher is None and spec is None:
+        return None
+    model = teacher or load_model(resolve_source(spec, recipe.model.revision), dtype=dtype, device=str(acc.device))
+    return heldout_report(model, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+
+
+def _fresh_work_dir(out: Path, acc) -> Path:
+    work = out.with_name(f".{out.name}.partial")
+    if acc.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    acc.wait_for_everyone()
+    return work
+
+
+def _publish(work: Path, out: Path, acc) -> None:
+    """Move the prepared run folder into place (replacing an old run only now, with --overwrite)."""
+    if acc.is_main_process:
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        work.rename(out)
+    acc.wait_for_everyone()
+
+
+def uptrain(
+    recipe_path: str | Path,
+    overrides: list[str] = (),
+    *,
+    dry_run: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
+    """Train a CLA model as the recipe says; returns the folder of the merged result (`OUTPUT_DIR/model`).
+
+    dry_run validates and prints the resolved recipe; resume continues `train.output_dir` from its last checkpoint;
+    overwrite replaces a previous run there.
+    """
+    recipe = load_recipe(recipe_path, overrides)
+    out = Path(recipe.train.output_dir).expanduser().resolve()
+    if dry_run:
+        check_paths(recipe)
+        print(recipe.to_yaml(), end="")
+        return out / RESULT
+    check_output_dir(out, recipe, resume, overwrite)
+    if resume and (out / RESULT / "config.json").is_file():
+        _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
+        return out / RESULT
+    check_tensorboard(recipe.train)
+    student.check_model_section(recipe.model)
+    tokenizer = load_tokenizer(resolve_source(_model_spec(recipe), recipe.model.revision))
+    acc = make_accelerator(recipe.train, out)
+    data = build_data(recipe.data, tokenizer, token_budget(recipe.train, recipe.data.seq_len, acc.num_processes))
+    work = out if resume else _fresh_work_dir(out, acc)
+    try:
+        run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume)
+    except BaseException:
+        if not resume and acc.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if not resume:
+        _publish(work, out, acc)
+        if run["start_path"].is_relative_to(work):  # converted on the fly: now inside the published run folder
+            run["start_path"] = out / run["start_path"].relative_to(work)
+    return _train_and_save(recipe, out, run, acc, quiet)
+
+
+def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool) -> dict:
+    run = {"data": data, "tokenizer": tokenizer, "quiet": quiet, "reports": {}}
+    run["dtype"] = dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
+    start_path = prepare_student_checkpoint(recipe, work, acc, quiet)
+    model = student.load_cla(start_path, dtype).to(acc.device)
+    if fresh:
+        _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", quiet)
+        run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, acc, quiet)
+    model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
+    spec = student.original_spec(recipe.model)
+    teacher = None
+    if recipe.needs_teacher:
+        if spec is None:
+            raise ClakitError(
+                "distillation needs the original model as teacher: set model.original to the model that "
+                f"{recipe.model.path} was converted from"
+            )
+        # under FSDP the student's weights are flattened and freed between uses: the teacher keeps its own copy
+        teacher = load_teacher(spec, recipe.model.revision, dtype, model, share=not checkpoint.sharded(acc))
+        teacher.to(acc.device)
+    if fresh:
+        _say("held-out numbers of the original model", quiet)
+        run["reports"]["original"] = original_report(recipe, spec, teacher, dtype, run, acc)
+    if acc.is_main_process and fresh:
+        (work / "recipe.yaml").write_text(recipe.to_yaml())
+        start = start_path.relative_to(work) if start_path.is_relative_to(work) else start_path
+        record = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start)}
+        (work / "run.json").write_text(json.dumps(record, indent=1))
+        _write_reports(work, run["reports"])
+    return run | {"model": model, "teacher": teacher, "start_path": start_path}
+
+
+def _write_reports(run_dir: Path, reports: dict) -> None:
+    from clakit.eval import write_json
+
+    (run_dir / EVAL).mkdir(exist_ok=True)
+    for name, r in reports.items():
+        if r is not None:
+            write_json(r, run_dir / EVAL / f"{name}.json")
+
+
+def _numbers(r: dict | None) -> dict | None:
+    """The card's view of an eval report."""
+    return r and {"loss": r["nll_per_token"], "perplexity": r["perplexity"], "tokens": r["num_tokens"]}
+
+
+def _full_model(recipe: Recipe, trainer, run: dict, acc):
+    """The trained model, whole on every process: under FSDP its shards are gathered into a fresh CPU copy."""
+    if not checkpoint.sharded(acc):
+        return acc.unwrap_model(trainer.model)
+    state = acc.get_state_dict(trainer.model, unwrap=True)  # full state dict of the peft model, by parameter name
+    fresh = student.make_trainable(student.load_cla(run["start_path"], run["dtype"]), recipe.lora)
+    fresh.load_state_dict(state, strict=False)
+    return fresh
+
+
+def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> Path:
+    from clakit.eval import read_report, report
+
+    if "tensorboard" in recipe.train.report_to:
+        acc.init_trackers("tensorboard")
+    trainer = Trainer(recipe, run["model"], run["teacher"], run["data"], acc, out, quiet=quiet)
+    last = checkpoint.checkpoint_dirs(out)
+    if last:
+        _say(f"resuming from {last[-1]}", quiet)
+        trainer.resume(last[-1])
+    trainer.run()
+    acc.wait_for_everyone()
+    result = out / RESULT
+    model = student.merged(_full_model(recipe, trainer, run, acc))
+    end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], acc, quiet)
+    if acc.is_main_process:
+        _write_reports(out, {"uptrained": end})
+        names = [n for n in ("original", "converted", "uptrained") if (out / EVAL / f"{n}.json").is_file()]
+        reports = {n: read_report(out / EVAL / f"{n}.json") for n in names}
+        report([out / EVAL / f"{n}.json" for n in names], out / "report")
+        tmp = out / f".{RESULT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_cla(model, run["tokenizer"], tmp)
+        summary = card.summary(recipe, trainer, run["data"], {n: _numbers(r) for n, r in reports.items()})
+        card.write(tmp, summary)
+        shutil.rmtree(result, ignore_errors=True)
+        tmp.rename(result)
+        _say(card.one_line(summary), quiet)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result

@@ -1,0 +1,259 @@
+"""Uptraining recipes: strict YAML -> dataclasses, with dotted `key=value` overrides from the command line.
+
+Strict means: an unknown key is an error naming it and the valid keys; a value of the wrong type is an error naming
+the key and the type wanted. Numbers written `3e-4` (which YAML 1.1 reads as a string) are accepted for float
+fields. Section and field names follow upstream: `train` uses transformers' `TrainingArguments` names, `lora` uses
+peft's `LoraConfig` names.
+"""
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from clakit.errors import ClakitError
+
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
+REPORTERS = ("none", "tensorboard")
+
+
+@dataclass
+class ConvertSection:
+    """Arguments of `clakit.convert.convert` for converting `model.source` on the fly."""
+
+    factor: int | None = 2
+    kv_source_layers: list[int] | None = None
+    layout: str | None = None  # "auto": the converter picks the layout for `kv_saving`
+    kv_saving: float | None = None
+    init: str | None = None  # None: "mean" without calib_data, "calibrated" with it (the converter's default)
+    calib_data: list[str] | None = None
+    calib_tokens: int = 32768
+    dtype: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None  # an already converted CLA checkpoint
+    source: str | None = None  # a Llama/Mistral folder, .gguf file or Hub id, converted with `convert`
+    revision: str | None = None
+    convert: ConvertSection | None = None
+    # the stock model the converted one came from: the teacher and the "original" eval baseline (default:
+    # model.source, or the source recorded in model.path's clakit_convert.json)
+    original: str | None = None
+
+
+@dataclass
+class DataSection:
+    train: list[str] = field(default_factory=list)  # files, folders of .txt, or datasets specs NAME:CONFIG:SPLIT
+    eval: list[str] | None = None  # held-out text; default: the last `eval_fraction` of the train text
+    seq_len: int = 512
+    eval_fraction: float = 0.05
+    eval_max_tokens: int = 16384  # held-out tokens scored at start, every eval_steps and at the end
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = ""
+    max_steps: int = -1  # > 0 wins over max_tokens and num_train_epochs
+    max_tokens: int | None = None  # a token budget: steps = ceil(max_tokens / tokens per step)
+    num_train_epochs: float = 1.0
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_steps: int = 100
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    eval_steps: int = 0  # 0: held-out loss at start and end only
+    report_to: list[str] = field(default_factory=list)  # [] / ["none"] / ["tensorboard"]
+
+
+@dataclass
+class LoraSection:
+    r: int = 16  # 0: no LoRA (only the `full_train` modules learn)
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # modules trained in full: glob on module names, optionally prefixed `producers.` / `consumers.`,
+    # e.g. ["k_proj", "v_proj", "consumers.q_proj"] (only producers have k_proj/v_proj)
+    full_train: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DistillSection:
+    weight: float = 0.0  # loss = weight * KL * T^2 + (1 - weight) * CE + hidden_mse_weight * MSE; 0: no teacher
+    temperature: float = 1.0
+    hidden_mse_weight: float = 0.0  # relative MSE of every layer's output hidden states
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights (not logging/saving/output settings)."""
+        d = self.to_dict()
+        for key in ("output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_steps"):
+            d["train"].pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.distill.weight > 0 or self.distill.hidden_mse_weight > 0
+
+
+# --- strict conversion of plain YAML data into the dataclasses ---------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return "a mapping"
+
+
+def _coerce(value, tp, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        items = [value] if isinstance(value, str | int | float) and not isinstance(value, bool) else value
+        if not isinstance(items, list):
+            raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items)]
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # "3e-4": YAML 1.1 reads exponents without a dot as strings
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, data, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ClakitError(f"recipe section {where or 'top level'} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            place = f"{where}.{key}" if where else str(key)
+            raise ClakitError(f"unknown recipe key {place!r}; valid keys here: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+# --- overrides and loading --------------------------------------------------------------------------------------
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`train.max_steps=10` -> raw["train"]["max_steps"] = 10 (the value is read as YAML: 1e-3, [a, b], null)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ClakitError(f"override {override!r} must look like section.key=value, e.g. train.max_steps=10")
+    value = yaml.safe_load(text) if text.strip() else None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ClakitError(f"recipe {path} does not exist; give the path of a recipe YAML file (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ClakitError(f"recipe {path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ClakitError(f"recipe {path} must be a YAML mapping with sections model, data, train, lora, distill")
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; ClakitError names the first problem."""
+    raw = _read_yaml(Path(path).expanduser())
+    for override in overrides:
+        apply_override(raw, override)
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ClakitError(message)
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks the types alone do not catch."""
+    m, d, t, lo, ds = recipe.model, recipe.data, recipe.train, recipe.lora, recipe.distill
+    _check(bool(m.path) != bool(m.source), "recipe needs exactly one of model.path (a CLA checkpoint) or model.source")
+    _check(not (m.path and m.convert), "model.convert applies to model.source, not to an already converted model.path")
+    _check(bool(d.train), "recipe needs data.train: text files, folders of .txt or datasets specs")
+    _check(d.seq_len >= 8, f"data.seq_len must be at least 8, got {d.seq_len}")
+    _check(0 < d.eval_fraction < 1, f"data.eval_fraction must be between 0 and 1, got {d.eval_fraction}")
+    _check(d.eval_max_tokens >= d.seq_len, "data.eval_max_tokens must be at least data.seq_len")
+    _check(bool(t.output_dir), "recipe needs train.output_dir (where checkpoints and the result go)")
+    _check(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        _check(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
+    _check(
+        t.lr_scheduler_type in LR_SCHEDULERS,
+        f"train.lr_scheduler_type {t.lr_scheduler_type!r} is not one of {', '.join(LR_SCHEDULERS)}",
+    )
+    for r in t.report_to:
+        _check(r in REPORTERS, f"train.report_to {r!r} is not one of {', '.join(REPORTERS)}")
+    _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    _check(lo.r >= 0, f"lora.r must be >= 0, got {lo.r}")
+    _check(lo.r > 0 or bool(lo.full_train), "nothing to train: set lora.r > 0 or list modules in lora.full_train")
+    _check(0 <= ds.weight <= 1, f"distill.weight must be between 0 and 1, got {ds.weight}")
+    _check(ds.temperature > 0, f"distill.temperature must be > 0, got {ds.temperature}")
+    _check(ds.hidden_mse_weight >= 0, f"distill.hidden_mse_weight must be >= 0, got {ds.hidden_mse_weight}")

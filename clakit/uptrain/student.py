@@ -1,0 +1,174 @@
+"""The student: a CLA checkpoint (given, or converted on the fly), LoRA adapters from peft, `full_train` modules
+unfrozen; at the end LoRA is merged back and the result saved as a plain CLA checkpoint."""
+
+import fnmatch
+import json
+from pathlib import Path
+
+import torch
+
+from clakit.errors import ClakitError
+from clakit.sources import load_config, load_model, resolve_source
+
+LAYER_PREFIX = "model.layers."
+
+
+# --- the CLA checkpoint to start from ---------------------------------------------------------------------------
+
+
+def check_model_section(model_section) -> None:
+    """Refuse a model that is not a CLA checkpoint (model.path) or not convertible (model.source), before any work."""
+    spec = model_section.path or model_section.source
+    config = load_config(resolve_source(spec, model_section.revision))
+    is_cla = config.model_type.endswith("_cla")
+    if model_section.path and not is_cla:
+        raise ClakitError(
+            f"model.path {spec} is not a CLA checkpoint (model_type {config.model_type!r}); convert it first with "
+            "`clakit convert`, or give it as model.source with model.convert settings"
+        )
+    if model_section.source and is_cla:
+        raise ClakitError(f"model.source {spec} is already a CLA checkpoint; give it as model.path instead")
+    if model_section.source and model_section.convert is None:
+        raise ClakitError(
+            f"model.source {spec} is not a CLA checkpoint and the recipe has no model.convert settings; "
+            "add e.g. `convert: {factor: 2, init: mean}` or give a converted checkpoint as model.path"
+        )
+
+
+def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
+    """Run the converter on `model.source` into `out` (a folder that must not exist yet)."""
+    from clakit.convert import convert
+
+    c = model_section.convert
+    return convert(
+        model_section.source,
+        out,
+        factor=c.factor,
+        kv_source_layers=c.kv_source_layers,
+        layout=c.layout,
+        kv_saving=c.kv_saving,
+        init=c.init,
+        calib_data=c.calib_data,
+        calib_tokens=c.calib_tokens,
+        revision=model_section.revision,
+        dtype=c.dtype,
+        quiet=quiet,
+        seed=c.seed,
+    )
+
+
+def original_spec(model_section) -> str | None:
+    """The stock model a CLA student came from: model.original, model.source, or model.path's conversion record."""
+    if model_section.original or model_section.source:
+        return model_section.original or model_section.source
+    from clakit.convert.output_folder import RECORD_FILE
+
+    record = Path(model_section.path).expanduser() / RECORD_FILE
+    try:
+        source = json.loads(record.read_text()).get("source")
+    except (OSError, ValueError):
+        return None
+    spec = source.get("spec") or source.get("path") if isinstance(source, dict) else source
+    return spec if spec and (Path(spec).expanduser().exists() or "/" in spec) else None
+
+
+def load_cla(path: Path, dtype: torch.dtype):
+    model = load_model(resolve_source(str(path)), dtype=dtype)
+    model.config.use_cache = False  # training: no KV cache
+    return model
+
+
+# --- what trains ----------------------------------------------------------------------------------------------------
+
+
+def _layer_of(name: str) -> int | None:
+    if not name.startswith(LAYER_PREFIX):
+        return None
+    return int(name[len(LAYER_PREFIX) :].split(".", 1)[0])
+
+
+def matches(pattern: str, name: str, layout: list[int]) -> bool:
+    """`k_proj` (a name's last parts, as peft matches), a glob `model.layers.1*.mlp.*`, optionally prefixed
+    `producers.` / `consumers.` to restrict to the layers that compute / borrow K/V."""
+    for role in ("producers.", "consumers."):
+        if pattern.startswith(role):
+            layer = _layer_of(name)
+            if layer is None or (layout[layer] == layer) != (role == "producers."):
+                return False
+            pattern = pattern[len(role) :]
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def select_linear(model, patterns: list[str], what: str) -> list[str]:
+    """Names of the nn.Linear modules matching any pattern; a pattern matching nothing is an error."""
+    layout = model.config.kv_source_layers
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    chosen = []
+    for pattern in patterns:
+        hits = [n for n in linear if matches(pattern, n, layout)]
+        if not hits:
+            raise ClakitError(
+                f"{what} pattern {pattern!r} matches no linear module; names look like "
+                f"model.layers.0.self_attn.k_proj (a suffix such as k_proj, a glob, or consumers.q_proj)"
+            )
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def make_trainable(model, lora, gradient_checkpointing: bool = False):
+    """Wrap `model` with LoRA on `target_modules` (minus the fully trained ones) and unfreeze `full_train`.
+
+    Returns the model to train (a peft model when lora.r > 0). Trainable tensors are kept in fp32 so AdamW updates
+    are not lost to bf16 rounding; frozen weights keep the load dtype.
+    """
+    full = select_linear(model, lora.full_train, "lora.full_train")
+    full_modules = [model.get_submodule(n) for n in full]  # the same objects after peft wraps its targets
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.requires_grad_(False)
+    if lora.r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [n for n in select_linear(model, lora.target_modules, "lora.target_modules") if n not in full]
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=targets, bias="none"
+        )
+        model = get_peft_model(model, config) if targets else model
+    for module in full_modules:
+        module.to(torch.float32).requires_grad_(True)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def trainable_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def merged(model):
+    """The plain CLA model with LoRA folded into the weights (in place: the adapters are gone afterwards)."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.requires_grad_(False)
+    if getattr(model, "is_activation_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = True
+    return model
+
+
+def save_cla(model, tokenizer, out: Path, dtype: torch.dtype | None = None) -> None:
+    """save_pretrained into `out` (safetensors, auto_map + modeling sources for trust_remote_code)."""
+    if dtype is not None:
+        model.to(dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    missing = [f for f in ("configuration_cla.py", "modeling_cla.py") if not (out / f).is_file()]
+    if missing:  # a checkpoint without them would not load with trust_remote_code alone
+        raise ClakitError(f"saving the CLA checkpoint did not copy {', '.join(missing)} to {out}")

@@ -1,0 +1,241 @@
+"""The training loop: a plain torch loop on an `accelerate.Accelerator`, so the same code runs on CPU, one GPU, and
+several GPUs under `accelerate launch` (DDP or FSDP), and resumes exactly from any checkpoint."""
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from clakit.uptrain import checkpoint
+from clakit.uptrain.distill import causal_lm_loss, uptrain_loss
+from clakit.uptrain.packing import BatchOrder, PackedData
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Plan:
+    """How many steps, and how many tokens each consumes (over all processes)."""
+
+    total_steps: int
+    tokens_per_step: int
+    warmup_steps: int
+
+
+def make_plan(train, n_blocks: int, seq_len: int, world: int) -> Plan:
+    blocks_per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world
+    tokens_per_step = blocks_per_step * seq_len
+    if train.max_steps > 0:
+        total = train.max_steps
+    elif train.max_tokens:
+        total = math.ceil(train.max_tokens / tokens_per_step)
+    else:
+        total = max(1, math.ceil(train.num_train_epochs * n_blocks / blocks_per_step))
+    warmup = train.warmup_steps or math.ceil(train.warmup_ratio * total)
+    return Plan(total, tokens_per_step, warmup)
+
+
+def make_optimizer(model, train):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params,
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_epsilon,
+        weight_decay=train.weight_decay,
+    )
+
+
+def make_scheduler(optimizer, train, plan: Plan):
+    from transformers import get_scheduler
+
+    extra = {"min_lr_rate": 0.1} if train.lr_scheduler_type == "cosine_with_min_lr" else None
+    return get_scheduler(
+        train.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=plan.warmup_steps,
+        num_training_steps=plan.total_steps,
+        scheduler_specific_kwargs=extra,
+    )
+
+
+@torch.no_grad()
+def heldout_loss(model, blocks: torch.Tensor, batch_size: int, accelerator=None) -> dict:
+    """Mean next-token loss and perplexity over the held-out blocks (each process scores its share)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
+    mine = blocks[rank::world]
+    for i in range(0, len(mine), batch_size):
+        ids = mine[i : i + batch_size].to(device)
+        loss = causal_lm_loss(model(input_ids=ids).logits, ids)
+        n = ids[:, 1:].numel()
+        total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
+    if accelerator and world > 1:
+        total = accelerator.reduce(total, "sum")
+    model.train(was_training)
+    mean = (total[0] / total[1]).item()
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700)), "tokens": int(total[1].item())}
+
+
+@dataclass
+class Window:
+    """Loss parts averaged over the steps since the last log line."""
+
+    sums: dict = field(default_factory=dict)
+    steps: int = 0
+
+    def add(self, parts: dict) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def pop(self) -> dict:
+        out = {k: v / max(1, self.steps) for k, v in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return out
+
+
+class Trainer:
+    def __init__(self, recipe, model, teacher, data: PackedData, accelerator, run_dir: Path, quiet: bool = False):
+        self.recipe, self.train, self.accelerator, self.run_dir = recipe, recipe.train, accelerator, run_dir
+        self.teacher, self.data, self.quiet = teacher, data, quiet
+        self.plan = make_plan(self.train, len(data.train), data.seq_len, accelerator.num_processes)
+        optimizer = make_optimizer(model, self.train)
+        self.scheduler = make_scheduler(optimizer, self.train, self.plan)  # stepped by us: once per optimizer step
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.order = BatchOrder(
+            len(data.train),
+            self.train.per_device_train_batch_size,
+            self.train.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        self.step, self.elapsed = 0, 0.0
+
+    # --- state ----------------------------------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict:
+        model = self.accelerator.unwrap_model(self.model)
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        full = self.accelerator.get_state_dict(self.model) if self.accelerator.num_processes > 1 else None
+        if full is not None:
+            return {k: v for k, v in full.items() if k in names}
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "micro_batches": self.step * self.train.gradient_accumulation_steps,
+            "tokens": self.step * self.plan.tokens_per_step,
+            "total_steps": self.plan.total_steps,
+            "elapsed_s": self.elapsed,
+            "fingerprint": self.recipe.fingerprint(),
+        }
+        acc, weights = self.accelerator, self.trainable_state()
+        checkpoint.save_checkpoint(self.run_dir, self.step, weights, self.optimizer, self.scheduler, state, acc)
+        if acc.is_main_process:
+            checkpoint.prune(self.run_dir, self.train.save_total_limit)
+
+    def resume(self, path: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        state = checkpoint.load_checkpoint(path, model, self.optimizer, self.scheduler, self.accelerator.process_index)
+        self.step, self.elapsed = state["step"], state.get("elapsed_s", 0.0)
+
+    # --- logging --------------------------------------------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.train.report_to and "tensorboard" in self.train.report_to:
+            scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
+            self.accelerator.log(scalars, step=record["step"])
+
+    def evaluate(self, tag: str) -> dict:
+        bs = self.train.per_device_eval_batch_size
+        result = heldout_loss(self.model, self.data.eval, bs, self.accelerator)
+        self.log(
+            {
+                "step": self.step,
+                "tokens": self.step * self.plan.tokens_per_step,
+                "event": tag,
+                "eval_loss": result["loss"],
+                "eval_perplexity": result["perplexity"],
+            }
+        )
+        return result
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the loss parts."""
+        ga, acc = self.train.gradient_accumulation_steps, self.accelerator
+        window = Window()
+        for micro in range(ga):
+            ids = self.data.train[self.order.indices(self.step * ga + micro)].to(acc.device)
+            sync = micro == ga - 1
+            with nullcontext() if sync else acc.no_sync(self.model), acc.autocast():
+                loss, parts = uptrain_loss(self.model, self.teacher, ids, self.recipe.distill)
+                acc.backward(loss / ga)
+            window.add({"loss": loss.detach().item(), **parts})
+        if self.train.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return window.pop()
+
+    def on_step_end(self) -> None:
+        """Checkpoint when due (a hook: tests stop a run here to simulate a kill)."""
+        if self.train.save_steps > 0 and self.step % self.train.save_steps == 0 and self.step < self.plan.total_steps:
+            self.save()
+
+    def mean_over_processes(self, parts: dict) -> dict:
+        if self.accelerator.num_processes == 1:
+            return parts
+        values = self.accelerator.reduce(torch.tensor(list(parts.values()), device=self.accelerator.device), "mean")
+        return dict(zip(parts, values.tolist(), strict=True))
+
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        total, start_step = self.plan.total_steps, self.step
+        quiet = self.quiet or not self.accelerator.is_main_process
+        bar = tqdm(total=total, initial=start_step, desc="uptrain", unit="step", dynamic_ncols=True, disable=quiet)
+        self.model.train()
+        window, elapsed0 = Window(), self.elapsed
+        curve = self.train.eval_steps > 0  # the held-out quality curve: step 0, every eval_steps, the last step
+        if curve and self.step == 0:
+            self.evaluate("eval")
+        while self.step < total:
+            t0 = time.perf_counter()
+            window.add(self.train_step())
+            self.elapsed += time.perf_counter() - t0  # training time only: evaluation and saving excluded
+            tok_s = self.plan.tokens_per_step * (self.step - start_step) / max(self.elapsed - elapsed0, 1e-9)
+            bar.update(1)
+            if self.step % self.train.logging_steps == 0 or self.step == total:
+                parts = self.mean_over_processes(window.pop())
+                self.log(
+                    {
+                        "step": self.step,
+                        "tokens": self.step * self.plan.tokens_per_step,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": round(tok_s, 1),
+                        "elapsed_s": round(self.elapsed, 2),
+                        **parts,
+                    }
+                )
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tok_s:.0f}")
+            if curve and (self.step % self.train.eval_steps == 0 or self.step == total):
+                self.evaluate("eval")
+            self.on_step_end()
+        bar.close()

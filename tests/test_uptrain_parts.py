@@ -1,0 +1,106 @@
+"""Building blocks of uptraining: module selection, LoRA merge, teacher weight sharing, losses, batch order."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from uptrain_fixtures import tiny_cla_checkpoint  # noqa: F401
+
+from clakit.convert.inmemory import cla_model_from
+from clakit.convert.layout import uniform_layout
+from clakit.errors import ClakitError
+from clakit.uptrain.distill import hidden_mse, kl_loss, share_frozen_weights, unique_bytes
+from clakit.uptrain.packing import BatchOrder, blocks
+from clakit.uptrain.recipe import LoraSection
+from clakit.uptrain.student import make_trainable, merged, select_linear, trainable_names
+
+
+def cla2(seed: int = 0):
+    return cla_model_from(tiny_model("llama", seed=seed), uniform_layout(4, 2), "mean")
+
+
+def test_role_prefixes_select_producer_and_consumer_layers():
+    model = cla2()
+    assert select_linear(model, ["k_proj"], "x") == [
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.2.self_attn.k_proj",
+    ]
+    assert select_linear(model, ["consumers.q_proj"], "x") == [
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.3.self_attn.q_proj",
+    ]
+    assert select_linear(model, ["model.layers.[23].mlp.*_proj"], "x")[0] == "model.layers.2.mlp.gate_proj"
+    with pytest.raises(ClakitError, match="'consumers.k_proj' matches no linear module"):
+        select_linear(model, ["consumers.k_proj"], "lora.full_train")
+
+
+def test_lora_and_full_train_make_exactly_the_chosen_tensors_trainable():
+    lora = LoraSection(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], full_train=["k_proj", "consumers.q_proj"]
+    )
+    names = trainable_names(make_trainable(cla2(), lora))
+    full = [n for n in names if "lora_" not in n]
+    assert sorted(full) == sorted(
+        [f"base_model.model.model.layers.{i}.self_attn.k_proj.weight" for i in (0, 2)]
+        + [f"base_model.model.model.layers.{i}.self_attn.q_proj.weight" for i in (1, 3)]
+    )
+    # LoRA on every o_proj and on the producers' q_proj only (the consumers' q_proj train in full instead)
+    lora_layers = sorted({n.split(".self_attn.")[1][:6] + n.split(".layers.")[1][0] for n in names if "lora_A" in n})
+    assert lora_layers == ["o_proj0", "o_proj1", "o_proj2", "o_proj3", "q_proj0", "q_proj2"]
+
+
+def test_merged_model_computes_what_the_adapted_model_computed():
+    model = make_trainable(cla2(), LoraSection(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: make the adapters do something
+                p.normal_(0, 0.5)
+    ids = torch.randint(0, 300, (2, 16))
+    model.eval()
+    before = model(input_ids=ids).logits
+    plain = merged(model)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(plain(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_shares_every_frozen_tensor_the_student_did_not_change():
+    source = tiny_model("llama")
+    student = make_trainable(
+        cla_model_from(source, uniform_layout(4, 2), "mean"),
+        LoraSection(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], full_train=["consumers.q_proj"]),
+    )
+    alone = unique_bytes(student)
+    teacher = tiny_model("llama")  # a fresh copy of the original, as loaded from disk
+    ids = torch.randint(0, 300, (1, 12))
+    expected = teacher(input_ids=ids).logits
+    shared = share_frozen_weights(teacher, student)
+    # the teacher keeps its own: every layer's K/V (the student's are merged or absent), the trained q_proj
+    own = {n for n, p in teacher.named_parameters() if all(p is not s for s in student.parameters())}
+    kv = {f"model.layers.{i}.self_attn.{k}.weight" for i in range(4) for k in ("k_proj", "v_proj")}
+    assert own == kv | {f"model.layers.{i}.self_attn.q_proj.weight" for i in (1, 3)}
+    assert shared == len(list(teacher.named_parameters(remove_duplicate=False))) - len(own)
+    extra = unique_bytes(student, teacher) - alone
+    assert extra == sum(p.numel() * p.element_size() for n, p in teacher.named_parameters() if n in own)
+    torch.testing.assert_close(teacher(input_ids=ids).logits, expected)  # still the original model
+
+
+def test_kl_loss_is_zero_for_equal_logits_and_matches_the_definition():
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    assert kl_loss(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    temp = 2.0
+    p = torch.softmax(t / temp, -1)
+    manual = (p * (p.log() - torch.log_softmax(s / temp, -1))).sum(-1).mean() * temp**2
+    assert kl_loss(s, t, temp).item() == pytest.approx(manual.item(), rel=1e-5)
+    assert hidden_mse([s, s], [s, s]).item() == 0.0 and hidden_mse([s, s], [s, t]).item() > 0
+
+
+def test_batch_order_is_deterministic_disjoint_over_processes_and_covers_an_epoch():
+    n, bs = 10, 2
+    assert [BatchOrder(n, bs, 3).indices(g) for g in range(7)] == [BatchOrder(n, bs, 3).indices(g) for g in range(7)]
+    epoch = sum((BatchOrder(n, bs, 3).indices(g) for g in range(5)), [])
+    assert sorted(epoch) == list(range(n))
+    ranks = [BatchOrder(n, 1, 3, rank=r, world=2) for r in (0, 1)]
+    two = sum(([ranks[0].indices(g)[0], ranks[1].indices(g)[0]] for g in range(5)), [])
+    assert sorted(two) == list(range(n)) and two == epoch  # 2 processes x batch 1 == 1 process x batch 2
+    second = sum((BatchOrder(n, bs, 3).indices(g) for g in range(5, 10)), [])
+    assert sorted(second) == list(range(n)) and second != epoch  # the next epoch: all blocks again, reshuffled
+    assert blocks(torch.arange(10), 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]

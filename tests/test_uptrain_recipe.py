@@ -1,0 +1,105 @@
+"""Recipe schema: strict keys and types, floats like 3e-4, dotted overrides; every shipped recipe validates."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clakit.errors import ClakitError
+from clakit.uptrain import load_recipe
+from clakit.uptrain.recipe import Recipe
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
+
+MINIMAL = {
+    "model": {"path": "some/cla"},
+    "data": {"train": ["train.txt"]},
+    "train": {"output_dir": "runs/x", "learning_rate": "3e-4"},
+}
+
+
+def write(tmp_path, recipe: dict) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_exponent_strings_are_floats_and_defaults_fill_in(tmp_path):
+    r = load_recipe(write(tmp_path, MINIMAL))
+    assert isinstance(r, Recipe)
+    assert r.train.learning_rate == pytest.approx(3e-4) and isinstance(r.train.learning_rate, float)
+    assert r.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert r.data.train == ["train.txt"]
+
+
+def test_dotted_overrides_parse_values_as_yaml(tmp_path):
+    r = load_recipe(
+        write(tmp_path, MINIMAL),
+        [
+            "train.max_steps=10",
+            "lora.full_train=[k_proj, consumers.q_proj]",
+            "distill.weight=0.5",
+            "data.seq_len=64",
+            "model.original=src",
+        ],
+    )
+    assert r.train.max_steps == 10
+    assert r.lora.full_train == ["k_proj", "consumers.q_proj"]
+    assert r.distill.weight == 0.5 and r.data.seq_len == 64
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"train": {"output_dir": "x", "learning_rat": 1e-3}}, "'train.learning_rat'"),
+        ({"trian": {}}, "'trian'"),
+        ({"train": {"output_dir": "x", "max_steps": "ten"}}, "train.max_steps must be an integer"),
+        ({"train": {"output_dir": "x", "bf16": "yes"}}, "train.bf16 must be true/false"),
+        ({"lora": {"r": 1.5}}, "lora.r must be an integer"),
+        ({"data": {"train": ["a.txt"], "seq_len": 2}}, "data.seq_len must be at least 8"),
+        ({"model": {"path": "a", "source": "b"}}, "exactly one of model.path"),
+        ({"distill": {"weight": 2.0}}, "distill.weight must be between 0 and 1"),
+        ({"train": {"output_dir": "x", "lr_scheduler_type": "cosin"}}, "lr_scheduler_type 'cosin'"),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path, change, message):
+    recipe = {**MINIMAL, **change}
+    with pytest.raises(ClakitError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
+        load_recipe(write(tmp_path, recipe))
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    with pytest.raises(ClakitError) as e:
+        load_recipe(write(tmp_path, MINIMAL), ["lora.rank=8"])
+    assert "'lora.rank'" in str(e.value) and "lora_alpha" in str(e.value) and "full_train" in str(e.value)
+
+
+def test_fingerprint_ignores_logging_but_not_training_settings(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    base = load_recipe(path).fingerprint()
+    assert load_recipe(path, ["train.logging_steps=3", "train.save_steps=7"]).fingerprint() == base
+    assert load_recipe(path, ["train.learning_rate=1e-3"]).fingerprint() != base
+
+
+def test_recipes_are_shipped_and_each_starts_with_its_command():
+    names = {p.relative_to(p.parents[1]).as_posix() for p in RECIPES}
+    for wanted in [
+        "smollm2/135m_cla2_cpu.yaml",
+        "llama3_2/1b_cla2_lora.yaml",
+        "llama3_1/8b_cla2_lora.yaml",
+        "mistral/7b_cla2_lora.yaml",
+    ]:
+        assert wanted in names
+    for path in RECIPES:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith(f"# clakit uptrain recipes/{path.parent.name}/{path.name}"), path
+        assert re.search(r"~[\d.]+ (min|h) ", first) and re.search(r"~[\d.]+ GB", first), path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_shipped_recipe_validates(path):
+    r = load_recipe(path)
+    assert r.train.output_dir and r.data.train
+    assert r.model.convert is not None or r.model.path

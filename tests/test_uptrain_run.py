@@ -1,0 +1,228 @@
+"""End-to-end uptraining on tiny models: the result, resume after a kill, and every bad input of the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+
+from clakit.cli import main
+from clakit.uptrain import trainer as trainer_module
+from clakit.uptrain import uptrain
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpoint, corpus_dir, tmp_path):
+    """LoRA + full-trained producer K/V and consumer q_proj + distillation; the result is a CLA checkpoint that
+    loads with trust_remote_code alone, with card, provenance, metrics and before/after numbers."""
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        corpus_dir,
+        out,
+        model={"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "mean"}},
+        lora={"full_train": ["k_proj", "v_proj", "consumers.q_proj"]},
+        distill={"weight": 0.5, "temperature": 2.0, "hidden_mse_weight": 0.1},
+        train={"eval_steps": 3},
+    )
+    result = uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert result == out / "model"
+    for name in ("configuration_cla.py", "modeling_cla.py", "README.md", "uptrain.json", "tokenizer.json"):
+        assert (result / name).is_file(), name
+    reports = {n: json.loads((out / "eval" / f"{n}.json").read_text()) for n in ("original", "converted", "uptrained")}
+    assert reports["uptrained"]["perplexity"] < reports["converted"]["perplexity"]  # 6 steps, lr 3e-3, easy text
+    assert (
+        reports["uptrained"]["kv_cache"]["producer_layers"] == 2
+        and reports["original"]["kv_cache"]["producer_layers"] == 4
+    )
+    assert (out / "report" / "report.md").is_file()
+    card = (result / "README.md").read_text()
+    for name in reports:
+        assert f"{reports[name]['perplexity']:.2f}" in card
+    assert json.loads((result / "uptrain.json").read_text())["train_tokens"] == 6 * 2 * 32
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
+    assert all({"ce", "kl", "hidden_mse", "tokens_per_s", "lr"} <= set(x) for x in steps)
+    assert [(x["event"], x["step"]) for x in lines if "event" in x] == [("eval", 0), ("eval", 3), ("eval", 6)]
+
+    # trained tensors changed, frozen ones did not (merged LoRA changes q/o/gate; full_train changes k/v)
+    start_w = load_file(out / "converted" / "model.safetensors")
+    final = weights(out)
+    assert set(final) == set(start_w)
+
+    def same(name):
+        return torch.equal(final[f"model.layers.{name}.weight"], start_w[f"model.layers.{name}.weight"])
+
+    assert not same("0.self_attn.k_proj") and not same("1.self_attn.q_proj") and not same("1.mlp.gate_proj")
+    assert same("1.mlp.up_proj") and same("0.input_layernorm")
+
+    # loads without clakit, through the copied remote code, and gives the logits the in-process classes give
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM;"
+        f"m = AutoModelForCausalLM.from_pretrained({str(result)!r}, trust_remote_code=True);"
+        "assert 'clakit' not in sys.modules, 'loaded through clakit';"
+        "print(type(m).__module__, m(torch.arange(12)[None]).logits.sum().item())"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    module, logit_sum = proc.stdout.split()
+    assert module.startswith("transformers_modules")
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(result)
+    assert float(logit_sum) == pytest.approx(local(torch.arange(12)[None]).logits.sum().item(), rel=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_cla_checkpoint, corpus_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Uninterrupted 6 steps == killed at step 5 (last checkpoint: step 4), then --resume. Dropout is on, so the
+    RNG state must be restored too, and the data position must continue where the checkpoint left it."""
+    base = {"model": {"path": str(tiny_cla_checkpoint)}, "lora": {"full_train": ["k_proj"]}}
+    full = tiny_recipe(corpus_dir, tmp_path / "full", **base)
+    uptrain(write_recipe(tmp_path / "full.yaml", full), quiet=True)
+
+    killed = tiny_recipe(corpus_dir, tmp_path / "killed", **base)
+    path = write_recipe(tmp_path / "killed.yaml", killed)
+    original_hook = trainer_module.Trainer.on_step_end
+
+    def kill_at_step_5(self):
+        original_hook(self)
+        if self.step == 5:
+            raise KeyboardInterrupt  # what a kill looks like from inside: no cleanup, no final save
+
+    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", kill_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        uptrain(path, quiet=True)
+    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", original_hook)
+    assert not (tmp_path / "killed" / "model").exists()
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+    assert main(["uptrain", str(path), "--resume", "-q"]) == 0
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "killed")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [5, 6]  # steps 5 and 6 redone after the resume
+
+
+# --- bad input: exit 2, one line, nothing written ----------------------------------------------------------------
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main(["uptrain", *map(str, args), "-q"])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_refused(capsys, out: Path, args, message: str, before: set | None = None) -> None:
+    code, err = run_cli(capsys, *args)
+    assert code == 2
+    assert err.startswith("clakit: error: ") and "\n" not in err and "Traceback" not in err
+    assert message in err, err
+    siblings = {p.name for p in out.parent.iterdir()}
+    assert not any(n.endswith(".partial") for n in siblings)
+    if before is None:
+        assert not out.exists()
+    else:
+        assert {p.name for p in out.rglob("*")} == before
+
+
+def test_missing_recipe(capsys, tmp_path):
+    assert_refused(capsys, tmp_path / "run", [tmp_path / "nope.yaml"], "nope.yaml does not exist")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_step=3", "unknown recipe key 'train.max_step'; valid keys here: output_dir, max_steps"),
+        ("train.max_steps=three", "train.max_steps must be an integer"),
+    ],
+)
+def test_unknown_key_and_wrong_type(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint, override, message):  # noqa: F811
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    assert_refused(capsys, out, [path, override], message)
+
+
+def test_data_missing_or_too_short(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint):  # noqa: F811
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    assert_refused(capsys, out, [path, f"data.train=[{tmp_path / 'missing.txt'}]"], "missing.txt' does not exist")
+    (tmp_path / "short.txt").write_text("Too short to fill one sequence.")
+    assert_refused(capsys, out, [path, f"data.train=[{tmp_path / 'short.txt'}]"], "fewer than one sequence")
+    assert_refused(capsys, out, [path, f"data.eval=[{tmp_path / 'short.txt'}]"], "held-out data")
+
+
+def test_model_not_cla_and_no_convert_settings(capsys, tmp_path, corpus_dir, tiny_llama_checkpoint):
+    out = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_llama_checkpoint)})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert_refused(capsys, out, [path], "is not a CLA checkpoint (model_type 'llama')")
+    recipe["model"] = {"source": str(tiny_llama_checkpoint)}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert_refused(capsys, out, [path], "no model.convert settings")
+
+
+def test_output_dir_of_another_run_and_resume_of_a_different_recipe(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint):  # noqa: F811
+    out = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, train={"max_steps": 2})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert run_cli(capsys, path)[0] == 0
+    before = {p.name for p in out.rglob("*")}
+    assert_refused(capsys, out, [path], "already holds files", before)
+    changed = [path, "train.learning_rate=1e-2", "--resume"]
+    assert_refused(capsys, out, changed, "train.learning_rate: 0.003 -> 0.01", before)
+    assert_refused(capsys, out, [path, "--resume", "--overwrite"], "contradict", before)
+    # --overwrite replaces the old run; a recipe-compatible --resume of a finished run just returns its result
+    assert run_cli(capsys, path, "--overwrite", "train.max_steps=3")[0] == 0
+    assert json.loads((out / "model" / "uptrain.json").read_text())["steps"] == 3
+
+
+def test_tensorboard_requested_but_missing(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint, monkeypatch):  # noqa: F811
+    import importlib.util
+
+    real = importlib.util.find_spec
+    hide = lambda name, *a: None if name == "tensorboard" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hide)
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    assert_refused(capsys, out, [path, "train.report_to=[tensorboard]"], "pip install tensorboard")
+
+
+def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint):  # noqa: F811
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    assert main(["uptrain", str(path), "train.max_steps=9", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "max_steps: 9" in printed and "learning_rate: 0.003" in printed
+    assert not out.exists()
+
+
+def test_smollm2_cpu_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, corpus_dir, tiny_llama_checkpoint):
+    """The shipped default recipe, with only its model/data/size overridden: its own settings must train."""
+    out = tmp_path / "smol"
+    overrides = [
+        f"model.source={tiny_llama_checkpoint}",
+        "model.convert.init=mean",
+        "model.convert.calib_data=null",
+        f"model.original={tiny_llama_checkpoint}",
+        f"data.train=[{corpus_dir / 'train.txt'}]",
+        f"data.eval=[{corpus_dir / 'heldout.txt'}]",
+        "data.seq_len=32",
+        "data.eval_max_tokens=64",
+        "train.max_steps=3",
+        "train.max_tokens=null",
+        "train.per_device_train_batch_size=2",
+        f"train.output_dir={out}",
+    ]
+    result = uptrain(RECIPES / "smollm2" / "135m_cla2_cpu.yaml", overrides, quiet=True)
+    assert (result / "model.safetensors").is_file()
+    assert json.loads((result / "uptrain.json").read_text())["steps"] == 3
