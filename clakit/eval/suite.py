@@ -78,18 +78,23 @@ def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str |
 
 
 def _saving(config, dtype, model_dir, source_model, revision, trust_remote_code) -> dict:
-    """Saving factor vs the source: `source_model` when given, else the same config with every layer a producer
-    (exactly what the converter started from: it changes the layout only)."""
+    """Saving factor vs the source model: `source_model` when given, else the converter's recorded source when it is
+    still on this disk, else the same config with every layer a producer (what the converter changes is the layout
+    only, so this is exact for a stock source; a stock model is its own reference, 1.0)."""
+    mine = kvcache.bytes_per_token(config, dtype)
+    recorded = (kvcache.convert_record(model_dir).get("settings") or {}).get("source")
+    spec = source_model or (recorded if recorded and Path(recorded).expanduser().exists() else None)
+    if spec:
+        src_config = _source_config(spec, revision if source_model else None, trust_remote_code)
+        return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": str(spec)}
+    stock = len(kvcache.producer_layers(config)) / config.num_hidden_layers
+    return {"saving_factor": 1.0 / stock, "source": recorded or ("self" if stock == 1.0 else "stock layout")}
+
+
+def _source_config(spec: str, revision: str | None, trust_remote_code: bool):
     from clakit.sources import load_config, resolve_source
 
-    mine = kvcache.bytes_per_token(config, dtype)
-    if source_model:
-        src_config = load_config(resolve_source(str(source_model), revision), trust_remote_code)
-        return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": str(source_model)}
-    record = kvcache.convert_record(model_dir)
-    label = (record.get("settings") or {}).get("source")  # the converter's record of what it started from
-    stock = len(kvcache.producer_layers(config)) / config.num_hidden_layers
-    return {"saving_factor": 1.0 / stock, "source": label or ("self" if stock == 1.0 else "stock layout")}
+    return load_config(resolve_source(str(spec), revision), trust_remote_code)
 
 
 def _texts(data, text: str | None) -> list[Text]:
