@@ -65,9 +65,10 @@ def original_spec(model_section) -> str | None:
 
     record = Path(model_section.path).expanduser() / RECORD_FILE
     try:
-        source = json.loads(record.read_text()).get("source")
+        data = json.loads(record.read_text())
     except (OSError, ValueError):
         return None
+    source = (data.get("settings") or {}).get("source") or data.get("source")
     spec = source.get("spec") or source.get("path") if isinstance(source, dict) else source
     return spec if spec and (Path(spec).expanduser().exists() or "/" in spec) else None
 
