@@ -47,7 +47,9 @@ def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpo
     card = (result / "README.md").read_text()
     for name in reports:
         assert f"{reports[name]['perplexity']:.2f}" in card
-    assert json.loads((result / "uptrain.json").read_text())["train_tokens"] == 6 * 2 * 32
+    record = json.loads((result / "uptrain.json").read_text())
+    assert record["train_tokens"] == 6 * 2 * 32
+    assert 0 < record["trainable_parameters"] < record["parameters"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
