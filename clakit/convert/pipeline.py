@@ -208,6 +208,7 @@ class _Conversion:
         check_destination(self.source.path, self.out, self.opt["overwrite"])
         self.config, self.architecture = _source_config(self.source, self.opt["trust_remote_code"])
         self.seq_len = min(SEQ_LEN, self.config.max_position_embeddings or SEQ_LEN)
+        self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
         self._load_texts()
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
@@ -232,7 +233,6 @@ class _Conversion:
 
     def _in_memory_phase(self) -> dict:
         """Everything that runs the source model: eval before, calibration, auto layout, K/V fitting."""
-        self.layout, self.layout_name = self._fixed_layout()
         if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
             return {}
         self.say(f"loading {self.source.spec} in memory (fp32)...")
