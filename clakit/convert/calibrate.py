@@ -314,7 +314,7 @@ _MEMO: dict = {}
 
 
 def _fingerprint(model, input_ids: torch.Tensor) -> tuple:
-    first = _attn(model, 0).k_proj.weight
+    first = _attn(model, 0).k_proj.weight.detach()
     return (id(model), tuple(input_ids.shape), hash(input_ids.cpu().numpy().tobytes()), float(first.double().sum()))
 
 
