@@ -83,7 +83,7 @@ def test_output_folder_contents(tiny_llama_checkpoint, tmp_path):
     assert record["settings"]["source"] == str(tiny_llama_checkpoint) and record["settings"]["init"] == "mean"
     assert record["provenance"]["transformers"] and record["provenance"]["clakit"]
     card = (out / "README.md").read_text()
-    assert str(tiny_llama_checkpoint) in card and "[0, 0, 2, 2]" in card and "50.0%" in card
+    assert str(tiny_llama_checkpoint) in card and "[0, 0, 2, 2]" in card and "2.00x smaller, saving 50.0%" in card
     assert not [p for p in tmp_path.iterdir() if p.name != "cla"]  # no staging folder left behind
 
 
