@@ -203,7 +203,6 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
 
     The real fitting functions run; wrappers keep what they returned, to rebuild the model in memory from it.
     """
-    import clakit.convert.autolayout
     import clakit.convert.calibrate
     from clakit.convert.layout import kv_saving
 
@@ -213,7 +212,7 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, **k: seen.setdefault(name, real(*a, **k)))
 
-    keep(clakit.convert.autolayout, "auto_layout")
+    keep(clakit.convert.calibrate, "auto_layout")
     keep(clakit.convert.calibrate, "fit_kv")
     out = tmp_path / "auto"
     args = ("--layout", "auto", "--kv-saving", "0.5", "--init", "calibrated", "--calib-tokens", "512", "-q")
