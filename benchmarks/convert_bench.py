@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=2.1, help="checkpoint size (default 2.1)")
     parser.add_argument("--shard-size", default="500MB", help="source and output shard size (default 500MB)")
     parser.add_argument("--inits", default="producer,mean")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per init; medians reported (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per init; medians reported (default 5)")
     parser.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp folder)")
     args = parser.parse_args()
     from clakit.convert.checkpoint import parse_size
@@ -161,12 +161,14 @@ def main() -> None:
         largest = make_checkpoint(src, args.size_gb, parse_size(args.shard_size))
         warm(src)
         report = {"checkpoint_bytes": folder_bytes(src), "largest_shard_bytes": largest, "shard_size": args.shard_size}
-        for init in args.inits.split(","):
-            copies, runs = [], []
-            for _ in range(args.repeats):  # interleaved, medians: writeback makes single timings noisy
-                copies.append(timed_copy(src, work / "copy"))
-                runs.append(timed_convert(src, work / f"cla_{init}", init, args.shard_size))
-            report[init] = summarise(copies, runs, largest)
+        inits = args.inits.split(",")
+        copies, runs = {i: [] for i in inits}, {i: [] for i in inits}
+        for _ in range(args.repeats):  # interleaved (copy, convert) pairs, medians: writeback makes timings noisy
+            for init in inits:
+                copies[init].append(timed_copy(src, work / "copy"))
+                runs[init].append(timed_convert(src, work / f"cla_{init}", init, args.shard_size))
+        for init in inits:
+            report[init] = summarise(copies[init], runs[init], largest)
         print(json.dumps(report, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

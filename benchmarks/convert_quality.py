@@ -1,7 +1,7 @@
 """Held-out perplexity of `clakit convert` outputs per --init, on text the calibration never saw.
 
 Converts SRC (e.g. the SmolLM2-135M GGUF) once per init with `clakit.convert.convert`, then scores the source and
-every output with the converter's own `heldout_perplexity` on each held-out file. Prints JSON.
+every output with the eval suite's perplexity (disjoint windows) on each held-out file. Prints JSON.
 
     python benchmarks/convert_quality.py SmolLM2-135M-Instruct.Q4_1.gguf --calib-data calib.txt \\
         --eval-data heldout_a.txt heldout_b.txt --inits producer,mean,calibrated
@@ -17,14 +17,17 @@ from pathlib import Path
 import torch
 
 from clakit.convert import convert
-from clakit.convert.heldout import heldout_perplexity
-from clakit.corpus import load_texts
+from clakit.corpus import join_texts, load_texts
+from clakit.eval.perplexity import perplexity
 from clakit.sources import Source, load_model, load_tokenizer, resolve_source
 
 
 def scores(model, tokenizer, eval_data: list[str], max_tokens: int, seq_len: int) -> dict[str, float]:
     return {
-        spec: round(heldout_perplexity(model, tokenizer, load_texts([spec]), max_tokens, seq_len), 2)
+        spec: round(
+            perplexity(model, tokenizer, join_texts(load_texts([spec])), seq_len, max_tokens=max_tokens)["perplexity"],
+            2,
+        )
         for spec in eval_data
     }
 

@@ -83,7 +83,7 @@ def test_output_folder_contents(tiny_llama_checkpoint, tmp_path):
     assert record["settings"]["source"] == str(tiny_llama_checkpoint) and record["settings"]["init"] == "mean"
     assert record["provenance"]["transformers"] and record["provenance"]["clakit"]
     card = (out / "README.md").read_text()
-    assert str(tiny_llama_checkpoint) in card and "[0, 0, 2, 2]" in card and "50.0%" in card
+    assert str(tiny_llama_checkpoint) in card and "[0, 0, 2, 2]" in card and "2.00x smaller, saving 50.0%" in card
     assert not [p for p in tmp_path.iterdir() if p.name != "cla"]  # no staging folder left behind
 
 
@@ -131,8 +131,7 @@ def test_pickle_source_needs_allow_pickle(tiny_llama_checkpoint, tmp_path, capsy
 
 
 def test_eval_data_prints_perplexity_before_and_after(tiny_llama_checkpoint, corpus_dir, tmp_path, capsys, tokenizer):
-    from clakit.convert.heldout import heldout_perplexity
-    from clakit.corpus import load_texts
+    from clakit.eval.perplexity import perplexity
 
     heldout = tmp_path / "heldout.txt"  # ~1,000 tokens keeps the four evaluations quick
     heldout.write_text((corpus_dir / "heldout.txt").read_text()[:4000])
@@ -140,13 +139,13 @@ def test_eval_data_prints_perplexity_before_and_after(tiny_llama_checkpoint, cor
     assert run_cli(tiny_llama_checkpoint, out, "--eval-data", heldout, "-q") == 0
     printed = capsys.readouterr().out
     record = read_json(out / "clakit_convert.json")["eval"]
-    texts = load_texts([str(heldout)])
-    seq_len = 256  # the tiny models' max_position_embeddings caps the window
-    before = heldout_perplexity(load(tiny_llama_checkpoint), tokenizer, texts, seq_len=seq_len)
-    assert record["perplexity_before"] == pytest.approx(before, rel=1e-5)
-    assert record["perplexity_after"] == pytest.approx(
-        heldout_perplexity(load(out), tokenizer, texts, seq_len=seq_len)
-    )
+    assert record["data"] == [str(heldout)] and record["seq_len"] == 256  # the tiny models' context caps it
+
+    def ppl(model):
+        return perplexity(model, tokenizer, heldout.read_text(), seq_len=256, max_tokens=8192)["perplexity"]
+
+    assert record["perplexity_before"] == pytest.approx(ppl(load(tiny_llama_checkpoint)), rel=1e-5)
+    assert record["perplexity_after"] == pytest.approx(ppl(load(out)), rel=1e-5)
     assert record["perplexity_before"] != pytest.approx(record["perplexity_after"])
     assert f"{record['perplexity_before']:.2f} -> {record['perplexity_after']:.2f}" in printed
 
@@ -204,7 +203,6 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
 
     The real fitting functions run; wrappers keep what they returned, to rebuild the model in memory from it.
     """
-    import clakit.convert.autolayout
     import clakit.convert.calibrate
     from clakit.convert.layout import kv_saving
 
@@ -214,7 +212,7 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, **k: seen.setdefault(name, real(*a, **k)))
 
-    keep(clakit.convert.autolayout, "auto_layout")
+    keep(clakit.convert.calibrate, "auto_layout")
     keep(clakit.convert.calibrate, "fit_kv")
     out = tmp_path / "auto"
     args = ("--layout", "auto", "--kv-saving", "0.5", "--init", "calibrated", "--calib-tokens", "512", "-q")
@@ -227,3 +225,16 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
     assert any(name.endswith("k_proj.weight") for name in seen["fit_kv"])
     reference = cla_model_from(load(tiny_llama_checkpoint), layout, "mean", overrides=seen["fit_kv"])
     torch.testing.assert_close(logits(load(out)), logits(reference), rtol=0, atol=0)
+
+
+def test_record_names_the_source_for_uptrain_and_eval(tiny_llama_checkpoint, tmp_path):
+    """uptrain finds the stock model through the record's `source`; eval labels reports with settings.source."""
+    from types import SimpleNamespace
+
+    from clakit.uptrain.student import original_spec
+
+    out = convert(tiny_llama_checkpoint, tmp_path / "cla", quiet=True)
+    record = read_json(out / "clakit_convert.json")
+    assert record["source"]["path"] == str(tiny_llama_checkpoint.resolve())
+    section = SimpleNamespace(original=None, source=None, path=str(out))
+    assert original_spec(section) == str(tiny_llama_checkpoint)

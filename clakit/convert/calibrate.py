@@ -291,9 +291,7 @@ def fit_kv(
         raise ClakitError("no calibration tokens; give more text with --calib-data")
     shared = [i for members in groups(layout).values() if len(members) > 1 for i in members]
     keep = shared if method == "reconstruct" else ()
-    stats = _memo_stats(model, input_ids, group_pairs(layout)) if not keep else None
-    if stats is None:
-        stats = collect_stats(model, input_ids, group_pairs(layout), keep=keep, progress=progress)
+    stats = collect_stats(model, input_ids, group_pairs(layout), keep=keep, progress=progress)
     overrides = calibrated_overrides(model, layout, stats)
     if method == "reconstruct":
         from clakit.convert.reconstruct import reconstruct_overrides
@@ -303,26 +301,7 @@ def fit_kv(
 
 
 def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int = 0, progress: bool = True):
-    """`clakit.convert.autolayout.auto_layout`; its statistics serve a following `fit_kv` on the same data."""
+    """`clakit.convert.autolayout.auto_layout` (the converter's entry point)."""
     from clakit.convert.autolayout import auto_layout as choose
 
     return choose(model, input_ids, kv_saving, seed=seed, progress=progress)
-
-
-# One statistics pass serves both auto_layout and the fit that follows it (same model, same tokens).
-_MEMO: dict = {}
-
-
-def _fingerprint(model, input_ids: torch.Tensor) -> tuple:
-    first = _attn(model, 0).k_proj.weight
-    return (id(model), tuple(input_ids.shape), hash(input_ids.cpu().numpy().tobytes()), float(first.double().sum()))
-
-
-def remember_stats(model, input_ids: torch.Tensor, stats: KVStats) -> None:
-    _MEMO.clear()
-    _MEMO[_fingerprint(model, input_ids)] = stats
-
-
-def _memo_stats(model, input_ids: torch.Tensor, pairs) -> KVStats | None:
-    stats = _MEMO.get(_fingerprint(model, input_ids))
-    return stats if stats is not None and all(p in stats.gram for p in pairs) else None

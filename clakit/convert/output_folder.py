@@ -107,13 +107,14 @@ def model_card(record: dict) -> str:
     """README.md: what this checkpoint is, where it came from and how it was made."""
     s, v = record["settings"], record["provenance"]
     base = f"base_model: {s['source']}\n" if s["source_kind"] == "hub" else ""
-    producers = len(set(s["kv_source_layers"]))
+    producers, layers = len(set(s["kv_source_layers"])), len(s["kv_source_layers"])
+    kv_factor = f"{layers / producers:.2f}x smaller"
     calib = f" on {s['calib_tokens']} tokens of {', '.join(s['calib_data'])}" if s["calib_data"] else ""
     rows = [
         ("source", f"`{s['source']}` ({s['source_kind']}, revision `{s['revision'] or 'n/a'}`)"),
         ("architecture", f"{s['architecture']} -> {record['cla_architecture']}"),
         ("layout", f"{s['layout']}: `kv_source_layers` = {s['kv_source_layers']}"),
-        ("KV cache", f"{producers} of {len(s['kv_source_layers'])} layers keep K/V: saving {s['kv_saving']:.1%}"),
+        ("KV cache", f"{producers} of {layers} layers keep K/V: {kv_factor}, saving {s['kv_saving']:.1%}"),
         ("K/V init", s["init"] + calib),
         ("dtype", s["dtype"]),
         ("held-out perplexity", _perplexity_line(record)),

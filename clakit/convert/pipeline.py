@@ -18,7 +18,6 @@ import transformers
 from tqdm.auto import tqdm
 
 from clakit.convert.checkpoint import ShardWriter, StateDictCheckpoint, open_checkpoint, parse_size
-from clakit.convert.heldout import heldout_perplexity
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, parse_layout, uniform_layout
 from clakit.convert.output_folder import (
@@ -31,7 +30,7 @@ from clakit.convert.output_folder import (
     write_record,
 )
 from clakit.convert.streaming import check_overrides, converted_tensors, output_nbytes, plan_tensors
-from clakit.corpus import load_texts
+from clakit.corpus import join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.provenance import provenance
@@ -41,6 +40,7 @@ DATA_AWARE_INITS = ("calibrated", "reconstruct")
 INITS = ("producer", "mean", *DATA_AWARE_INITS)
 DEFAULT_DATA_INIT = "calibrated"  # the init used when calibration data is given and --init is not
 SEQ_LEN = 512  # tokens per calibration / evaluation sequence (capped by max_position_embeddings)
+EVAL_TOKENS = 8192  # --eval-data tokens scored before and after (a quick check; `clakit eval` for the full suite)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ARCH_OF_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # GGUF configs name no architecture
 
@@ -208,6 +208,7 @@ class _Conversion:
         check_destination(self.source.path, self.out, self.opt["overwrite"])
         self.config, self.architecture = _source_config(self.source, self.opt["trust_remote_code"])
         self.seq_len = min(SEQ_LEN, self.config.max_position_embeddings or SEQ_LEN)
+        self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
         self._load_texts()
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
@@ -232,7 +233,6 @@ class _Conversion:
 
     def _in_memory_phase(self) -> dict:
         """Everything that runs the source model: eval before, calibration, auto layout, K/V fitting."""
-        self.layout, self.layout_name = self._fixed_layout()
         if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
             return {}
         self.say(f"loading {self.source.spec} in memory (fp32)...")
@@ -240,9 +240,7 @@ class _Conversion:
         self.tokenizer = load_tokenizer(self.source, self.opt["trust_remote_code"])
         if self.eval_texts:
             self.say("measuring held-out perplexity of the source...")
-            self.results["perplexity_before"] = heldout_perplexity(
-                model, self.tokenizer, self.eval_texts, seq_len=self.seq_len
-            )
+            self.results["perplexity_before"] = self._perplexity(model)
         overrides = self._calibrate(model) if self.needs_calibration else {}
         if self.source.kind == "gguf":  # the dequantised weights are the checkpoint we stream from
             self.checkpoint = StateDictCheckpoint(model.state_dict())
@@ -266,7 +264,6 @@ class _Conversion:
     def _calibrate(self, model) -> dict:
         """Calibration tokens -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
         from clakit.convert import calibrate
-        from clakit.convert.autolayout import auto_layout
 
         ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.opt["calib_tokens"], self.seq_len)
         self.calib_tokens = ids.numel()
@@ -274,7 +271,7 @@ class _Conversion:
             self.say(
                 f"choosing a layout saving {self.opt['kv_saving']:.0%} of the KV cache on {ids.numel()} tokens..."
             )
-            self.layout, self.results["auto_layout"] = auto_layout(
+            self.layout, self.results["auto_layout"] = calibrate.auto_layout(
                 model, ids, self.opt["kv_saving"], seed=self.opt["seed"], progress=not self.opt["quiet"]
             )
             check_layout(self.layout, self.config.num_hidden_layers)
@@ -305,15 +302,26 @@ class _Conversion:
         self._write_tokenizer(tmp)
         if self.eval_texts:
             self._eval_after(tmp)
-        record = {"settings": self._settings(cla_cfg.dtype).to_dict(), "cla_architecture": lm_cls.__name__}
-        record |= {
+        record = self._record(plan, lm_cls.__name__, cla_cfg.dtype)
+        write_record(tmp, record)
+        (tmp / "README.md").write_text(model_card(record))
+
+    def _record(self, plan, cla_architecture: str, dtype: torch.dtype) -> dict:
+        """clakit_convert.json: settings, source, provenance and what was measured."""
+        settings = self._settings(dtype)
+        return {
+            "settings": settings.to_dict(),
+            "source": {  # where the weights came from, resolved (a Hub id's local snapshot, a .gguf file)
+                "spec": settings.source, "kind": settings.source_kind, "revision": settings.revision,
+                "path": str(self.source.path),
+            },
+            "cla_architecture": cla_architecture,
             "provenance": provenance(),
             "eval": self._eval_record(),
             "auto_layout": self.results.get("auto_layout"),
-        }
-        record |= {"dropped_tensors": plan.dropped, "shard_size_bytes": self.opt["shard_bytes"]}
-        write_record(tmp, record)
-        (tmp / "README.md").write_text(model_card(record))
+            "dropped_tensors": plan.dropped,
+            "shard_size_bytes": self.opt["shard_bytes"],
+        }  # fmt: skip
 
     def _plan(self, cla_cfg, lm_cls, layout: list[int]):
         """Raises naming the first tensor the checkpoint lacks."""
@@ -337,17 +345,30 @@ class _Conversion:
     def _eval_after(self, tmp: Path) -> None:
         self.say("measuring held-out perplexity of the CLA model...")
         model = load_model(Source(str(tmp), "dir", tmp), torch.float32)
-        self.results["perplexity_after"] = heldout_perplexity(
-            model, self.tokenizer, self.eval_texts, seq_len=self.seq_len
-        )
+        self.results["perplexity_after"] = self._perplexity(model)
         before, after = self.results["perplexity_before"], self.results["perplexity_after"]
         print(f"held-out perplexity: {before:.2f} -> {after:.2f} ({after / before:.2f}x)")
+
+    def _perplexity(self, model) -> float:
+        """The eval suite's perplexity (disjoint windows) on the first EVAL_TOKENS tokens of the --eval-data text."""
+        from clakit.eval import perplexity
+
+        text = join_texts(self.eval_texts)
+        available = len(perplexity.tokenize(self.tokenizer, text, EVAL_TOKENS).ids) - 1
+        if available < 2:
+            raise ClakitError("the --eval-data text is shorter than two tokens; give more held-out text")
+        seq_len = min(self.seq_len, available)  # a short text still gets one window
+        return perplexity.perplexity(
+            model, self.tokenizer, text, seq_len=seq_len, max_tokens=EVAL_TOKENS, quiet=self.opt["quiet"]
+        )["perplexity"]
 
     def _eval_record(self) -> dict | None:
         if not self.eval_texts:
             return None
         return {
             "data": [t.name for t in self.eval_texts],
+            "tokens": EVAL_TOKENS,
+            "seq_len": self.seq_len,
             "perplexity_before": self.results["perplexity_before"],
             "perplexity_after": self.results["perplexity_after"],
         }
