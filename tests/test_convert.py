@@ -1,6 +1,7 @@
 """`clakit convert` on tiny sharded checkpoints: the written folder is the in-memory CLA model, loads everywhere,
 and is reproducible."""
 
+import json
 import os
 import subprocess
 import sys
@@ -196,3 +197,33 @@ def test_fitted_kv_keep_the_checkpoint_dtype(tiny_llama_checkpoint, corpus_dir, 
     with safe_open(str(safetensors_files(out)[0]), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert read_json(out / "config.json")["dtype"] == "bfloat16"
+
+
+def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch):
+    """--layout auto picks a layout meeting --kv-saving (scores recorded) and writes fit_kv's tensors for it.
+
+    The real fitting functions run; wrappers keep what they returned, to rebuild the model in memory from it.
+    """
+    import clakit.convert.autolayout
+    import clakit.convert.calibrate
+    from clakit.convert.layout import kv_saving
+
+    seen = {}
+
+    def keep(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: seen.setdefault(name, real(*a, **k)))
+
+    keep(clakit.convert.autolayout, "auto_layout")
+    keep(clakit.convert.calibrate, "fit_kv")
+    out = tmp_path / "auto"
+    args = ("--layout", "auto", "--kv-saving", "0.5", "--init", "calibrated", "--calib-tokens", "512", "-q")
+    assert run_cli(tiny_llama_checkpoint, out, "--calib-data", corpus_dir / "calib.txt", *args) == 0
+    record = read_json(out / "clakit_convert.json")
+    layout = record["settings"]["kv_source_layers"]
+    assert record["settings"]["layout"] == "auto" and kv_saving(layout) >= 0.5
+    assert read_json(out / "config.json")["kv_source_layers"] == layout == seen["auto_layout"][0]
+    assert record["auto_layout"] == json.loads(json.dumps(seen["auto_layout"][1]))
+    assert any(name.endswith("k_proj.weight") for name in seen["fit_kv"])
+    reference = cla_model_from(load(tiny_llama_checkpoint), layout, "mean", overrides=seen["fit_kv"])
+    torch.testing.assert_close(logits(load(out)), logits(reference), rtol=0, atol=0)

@@ -104,3 +104,15 @@ def test_batch_order_is_deterministic_disjoint_over_processes_and_covers_an_epoc
     second = sum((BatchOrder(n, bs, 3).indices(g) for g in range(5, 10)), [])
     assert sorted(second) == list(range(n)) and second != epoch  # the next epoch: all blocks again, reshuffled
     assert blocks(torch.arange(10), 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_the_original_of_a_converted_checkpoint_is_read_from_its_conversion_record(tiny_llama_checkpoint, tmp_path):
+    from clakit.convert import convert
+    from clakit.uptrain.recipe import ModelSection
+    from clakit.uptrain.student import original_spec
+
+    out = convert(str(tiny_llama_checkpoint), tmp_path / "cla", factor=2, quiet=True)
+    assert original_spec(ModelSection(path=str(out))) == str(tiny_llama_checkpoint)
+    assert original_spec(ModelSection(path=str(out), original="elsewhere")) == "elsewhere"
+    (out / "clakit_convert.json").unlink()
+    assert original_spec(ModelSection(path=str(out))) is None

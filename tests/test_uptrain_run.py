@@ -47,7 +47,9 @@ def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpo
     card = (result / "README.md").read_text()
     for name in reports:
         assert f"{reports[name]['perplexity']:.2f}" in card
-    assert json.loads((result / "uptrain.json").read_text())["train_tokens"] == 6 * 2 * 32
+    record = json.loads((result / "uptrain.json").read_text())
+    assert record["train_tokens"] == 6 * 2 * 32
+    assert 0 < record["trainable_parameters"] < record["parameters"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
@@ -226,3 +228,11 @@ def test_smollm2_cpu_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, corpus_dir
     result = uptrain(RECIPES / "smollm2" / "135m_cla2_cpu.yaml", overrides, quiet=True)
     assert (result / "model.safetensors").is_file()
     assert json.loads((result / "uptrain.json").read_text())["steps"] == 3
+
+
+def test_distillation_without_a_known_original_model(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint):  # noqa: F811
+    out = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, distill={"weight": 1.0})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert_refused(capsys, out, [path], "distillation needs the original model as teacher: set model.original")
+    assert_refused(capsys, out, [path, f"model.original={tmp_path / 'gone'}"], "does not exist")

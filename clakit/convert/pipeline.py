@@ -266,6 +266,7 @@ class _Conversion:
     def _calibrate(self, model) -> dict:
         """Calibration tokens -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
         from clakit.convert import calibrate
+        from clakit.convert.autolayout import auto_layout
 
         ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.opt["calib_tokens"], self.seq_len)
         self.calib_tokens = ids.numel()
@@ -273,8 +274,8 @@ class _Conversion:
             self.say(
                 f"choosing a layout saving {self.opt['kv_saving']:.0%} of the KV cache on {ids.numel()} tokens..."
             )
-            self.layout, self.results["auto_layout"] = calibrate.auto_layout(
-                model, ids, self.opt["kv_saving"], seed=self.opt["seed"]
+            self.layout, self.results["auto_layout"] = auto_layout(
+                model, ids, self.opt["kv_saving"], seed=self.opt["seed"], progress=not self.opt["quiet"]
             )
             check_layout(self.layout, self.config.num_hidden_layers)
         if self.init not in DATA_AWARE_INITS:

@@ -10,9 +10,7 @@ PROVENANCE = "uptrain.json"
 
 def summary(recipe, trainer, data, heldout: dict) -> dict:
     """Everything the card shows: settings, token counts, before/after held-out numbers."""
-    from clakit.uptrain.student import count_parameters
-
-    trainable, total = count_parameters(trainer.accelerator.unwrap_model(trainer.model))
+    trainable, total = trainer.counts
     return {
         "recipe": recipe.to_dict(),
         "steps": trainer.step,

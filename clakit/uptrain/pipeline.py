@@ -83,6 +83,18 @@ def check_tensorboard(train) -> None:
             )
 
 
+def check_teacher(recipe: Recipe) -> None:
+    """Distillation needs the original model: known (model.original/source/conversion record) and resolvable."""
+    spec = student.original_spec(recipe.model)
+    if recipe.needs_teacher and spec is None:
+        raise ClakitError(
+            "distillation needs the original model as teacher: set model.original to the model that "
+            f"{recipe.model.path} was converted from"
+        )
+    if recipe.needs_teacher:
+        resolve_source(spec, recipe.model.revision)
+
+
 def check_paths(recipe: Recipe) -> None:
     """Cheap existence checks for --dry-run: local model/data paths (datasets specs and Hub ids are not fetched)."""
     for spec in [recipe.model.path, recipe.model.source, recipe.model.original]:
@@ -207,6 +219,7 @@ def uptrain(
         return out / RESULT
     check_tensorboard(recipe.train)
     student.check_model_section(recipe.model)
+    check_teacher(recipe)
     tokenizer = load_tokenizer(resolve_source(_model_spec(recipe), recipe.model.revision))
     acc = make_accelerator(recipe.train, out)
     data = build_data(recipe.data, tokenizer, token_budget(recipe.train, recipe.data.seq_len, acc.num_processes))
@@ -236,11 +249,6 @@ def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh:
     spec = student.original_spec(recipe.model)
     teacher = None
     if recipe.needs_teacher:
-        if spec is None:
-            raise ClakitError(
-                "distillation needs the original model as teacher: set model.original to the model that "
-                f"{recipe.model.path} was converted from"
-            )
         # under FSDP the student's weights are flattened and freed between uses: the teacher keeps its own copy
         teacher = load_teacher(spec, recipe.model.revision, dtype, model, share=not checkpoint.sharded(acc))
         teacher.to(acc.device)

@@ -65,9 +65,10 @@ def original_spec(model_section) -> str | None:
 
     record = Path(model_section.path).expanduser() / RECORD_FILE
     try:
-        source = json.loads(record.read_text()).get("source")
+        data = json.loads(record.read_text())
     except (OSError, ValueError):
         return None
+    source = (data.get("settings") or {}).get("source") or data.get("source")
     spec = source.get("spec") or source.get("path") if isinstance(source, dict) else source
     return spec if spec and (Path(spec).expanduser().exists() or "/" in spec) else None
 
@@ -163,10 +164,23 @@ def merged(model):
     return model
 
 
+def drop_gguf_quantizer(model) -> None:
+    """A model loaded from GGUF (or from a folder whose config kept GGUF's `quantization_config`) holds dequantised
+    fp32 weights but still carries transformers' gguf quantizer, which refuses `save_pretrained`: drop both."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and getattr(method, "value", method) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
 def save_cla(model, tokenizer, out: Path, dtype: torch.dtype | None = None) -> None:
     """save_pretrained into `out` (safetensors, auto_map + modeling sources for trust_remote_code)."""
     if dtype is not None:
         model.to(dtype)
+    drop_gguf_quantizer(model)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     missing = [f for f in ("configuration_cla.py", "modeling_cla.py") if not (out / f).is_file()]

@@ -13,6 +13,7 @@ import torch
 from clakit.uptrain import checkpoint
 from clakit.uptrain.distill import causal_lm_loss, uptrain_loss
 from clakit.uptrain.packing import BatchOrder, PackedData
+from clakit.uptrain.student import count_parameters
 
 METRICS = "metrics.jsonl"
 
@@ -107,6 +108,7 @@ class Trainer:
         self.recipe, self.train, self.accelerator, self.run_dir = recipe, recipe.train, accelerator, run_dir
         self.teacher, self.data, self.quiet = teacher, data, quiet
         self.plan = make_plan(self.train, len(data.train), data.seq_len, accelerator.num_processes)
+        self.counts = count_parameters(model)  # (trainable, total), before any wrapping or merging
         optimizer = make_optimizer(model, self.train)
         self.scheduler = make_scheduler(optimizer, self.train, self.plan)  # stepped by us: once per optimizer step
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
