@@ -1,6 +1,7 @@
 """The eval suite on tiny models: perplexity against a hand-written reference, window coverage, bits per byte,
 KV-cache bytes, the `evaluate` module, reports, and every bad input through the CLI."""
 
+import json
 import math
 
 import pytest
@@ -149,3 +150,13 @@ def test_saving_factor_against_an_explicit_source_model(model, tokenizer, text, 
         source_model=str(tiny_llama_checkpoint),
     )
     assert r["kv_cache"]["saving_factor"] == 4.0 and r["kv_cache"]["source"] == str(tiny_llama_checkpoint)
+
+
+def test_recorded_source_prefers_the_resolved_local_path(tmp_path, tiny_llama_checkpoint):
+    from clakit.eval.suite import _recorded_source
+
+    record = {"settings": {"source": "org/name"}, "source": {"spec": "org/name", "path": str(tiny_llama_checkpoint)}}
+    (tmp_path / "clakit_convert.json").write_text(json.dumps(record))
+    assert _recorded_source(tmp_path) == ("org/name", str(tiny_llama_checkpoint))
+    (tmp_path / "clakit_convert.json").write_text(json.dumps({"settings": {"source": "org/gone"}}))
+    assert _recorded_source(tmp_path) == ("org/gone", None)  # not on disk: no download, stock-layout reference

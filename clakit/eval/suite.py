@@ -82,13 +82,22 @@ def _saving(config, dtype, model_dir, source_model, revision, trust_remote_code)
     still on this disk, else the same config with every layer a producer (what the converter changes is the layout
     only, so this is exact for a stock source; a stock model is its own reference, 1.0)."""
     mine = kvcache.bytes_per_token(config, dtype)
-    recorded = (kvcache.convert_record(model_dir).get("settings") or {}).get("source")
-    spec = source_model or (recorded if recorded and Path(recorded).expanduser().exists() else None)
-    if spec:
-        src_config = _source_config(spec, revision if source_model else None, trust_remote_code)
-        return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": str(spec)}
+    recorded, local = _recorded_source(model_dir)
+    if source_model or local:
+        src_config = _source_config(source_model or local, revision if source_model else None, trust_remote_code)
+        label = str(source_model) if source_model else recorded
+        return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": label}
     stock = len(kvcache.producer_layers(config)) / config.num_hidden_layers
     return {"saving_factor": 1.0 / stock, "source": recorded or ("self" if stock == 1.0 else "stock layout")}
+
+
+def _recorded_source(model_dir) -> tuple[str | None, str | None]:
+    """(what the converter was given, a local path to it if one still exists) from clakit_convert.json."""
+    record = kvcache.convert_record(model_dir)
+    source = record.get("source") if isinstance(record.get("source"), dict) else {}
+    spec = source.get("spec") or (record.get("settings") or {}).get("source")
+    local = [p for p in (source.get("path"), spec) if p and Path(p).expanduser().exists()]
+    return spec, (local[0] if local else None)
 
 
 def _source_config(spec: str, revision: str | None, trust_remote_code: bool):
