@@ -144,10 +144,15 @@ def _add_fetch_demo(sub) -> None:
 
 def _add_demo(sub) -> None:
     """`clakit demo` -> clakit.eval (issue 4; grows with uptrain, issue 5)."""
-    p = sub.add_parser("demo", help="fetch SmolLM2, convert it to CLA2, evaluate before/after, write the report")
+    p = sub.add_parser(
+        "demo", help="fetch SmolLM2, convert it to CLA2, uptrain it, evaluate all three, write the report"
+    )
     p.add_argument("--work-dir", default="clakit-demo", help="where models and reports go (default ./clakit-demo)")
     p.add_argument("--cache-dir", help="fetch-demo cache (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)")
     p.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored per model (default 4096)")
+    p.add_argument(
+        "--uptrain-steps", type=int, default=60, help="steps of the shortened CPU recipe (default 60; 0 skips it)"
+    )
     p.add_argument("--quiet", action="store_true")
 
     def run(args):
@@ -155,11 +160,10 @@ def _add_demo(sub) -> None:
 
         if args.max_tokens <= 0:
             raise ClakitError(f"--max-tokens must be positive, got {args.max_tokens}")
-        out = run_demo(
-            args.work_dir,
-            cache_dir=args.cache_dir,
-            settings=DemoSettings(max_tokens=args.max_tokens, quiet=args.quiet),
-        )
+        if args.uptrain_steps < 0:
+            raise ClakitError(f"--uptrain-steps must be 0 (skip) or positive, got {args.uptrain_steps}")
+        settings = DemoSettings(max_tokens=args.max_tokens, uptrain_steps=args.uptrain_steps, quiet=args.quiet)
+        out = run_demo(args.work_dir, cache_dir=args.cache_dir, settings=settings)
         print(f"report: {(out / 'report.html').resolve()}")
 
     p.set_defaults(run=run)

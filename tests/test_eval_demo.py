@@ -20,7 +20,7 @@ def tiny_assets(tiny_llama_checkpoint, corpus_dir):
     )
 
 
-TINY = dict(calib_tokens=512, seq_len=32, max_tokens=400, batch_size=2, decode_steps=2, quiet=True)
+TINY = dict(calib_tokens=512, seq_len=32, max_tokens=400, batch_size=2, decode_steps=2, uptrain_steps=0, quiet=True)
 
 
 def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_assets):
@@ -35,7 +35,17 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_assets):
     md = (out / "report.md").read_text()
     assert "| original |" in md and "| cla2 |" in md
     summary = json.loads((tmp_path / "work" / "demo.json").read_text())
-    assert list(summary["timings_s"]) == ["fetch", "convert", "eval", "report"]
+    assert list(summary["timings_s"]) == ["fetch", "convert", "uptrain", "eval", "report"]
+
+
+def test_demo_with_recovery_reports_original_converted_and_uptrained(tmp_path, tiny_assets):
+    settings = demo.DemoSettings(**{**TINY, "uptrain_steps": 4, "uptrain_seq_len": 32})
+    out = demo.run_demo(tmp_path / "work", assets=tiny_assets, settings=settings)
+    rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", "cla2", "uptrained"]
+    up = json.loads((tmp_path / "work" / "reports" / "uptrained.json").read_text())
+    assert up["kv_cache"]["saving_factor"] == 2.0  # the uptrained model keeps the CLA2 cache
+    assert (tmp_path / "work" / "uptrain" / "model" / "modeling_cla.py").is_file()
 
 
 def test_demo_stages_extend(tmp_path, tiny_assets):

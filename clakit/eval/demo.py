@@ -1,6 +1,7 @@
 """`clakit demo`: the main job end to end on a real model: fetch SmolLM2 and public-domain text, convert to CLA2
-with the best initialisation the converter has (calibrated on the calib text), evaluate the original and the
-converted model on held-out text, write the report with its plot.
+with the best initialisation the converter has (calibrated on the calib text), recover quality with a shortened
+run of the CPU uptraining recipe, evaluate the original, the converted and the uptrained model on held-out text,
+write the report with its plot.
 
 The demo is a list of stages sharing one `DemoContext`; a stage adds models to `ctx.models` (label -> model spec)
 and the eval stage evaluates every model not evaluated yet, so a later step (uptraining) is one more stage:
@@ -29,6 +30,8 @@ class DemoSettings:
     max_tokens: int = 4096  # held-out tokens scored per model
     batch_size: int = 1
     decode_steps: int = 8
+    uptrain_steps: int = 60  # a shortened recipes/smollm2/135m_cla2_cpu.yaml; 0 skips the recovery step
+    uptrain_seq_len: int = 256
     quiet: bool = False
 
 
@@ -79,6 +82,31 @@ def convert_stage(ctx: DemoContext) -> None:
     ctx.models[f"cla{s.factor}"] = str(out)
 
 
+def uptrain_stage(ctx: DemoContext) -> None:
+    """The shipped CPU recipe (LoRA + trainable shared K/V + distillation), shortened, from the converted model."""
+    from clakit.uptrain import DEFAULT_RECIPE, uptrain
+
+    s = ctx.settings
+    if s.uptrain_steps <= 0:
+        return
+    run_dir = ctx.work_dir / "uptrain"
+    overrides = [
+        f"model.path={ctx.models[f'cla{s.factor}']}",
+        "model.source=null",
+        "model.convert=null",
+        f"model.original={ctx.assets.model}",
+        f"data.train=[{ctx.assets.train}]",
+        f"data.eval=[{ctx.assets.heldout}]",
+        f"data.seq_len={s.uptrain_seq_len}",
+        f"data.eval_max_tokens={max(s.max_tokens, s.uptrain_seq_len)}",
+        f"train.output_dir={run_dir}",
+        f"train.max_steps={s.uptrain_steps}",
+        f"train.save_steps={s.uptrain_steps}",
+        f"train.eval_steps={s.uptrain_steps}",
+    ]
+    ctx.models["uptrained"] = str(uptrain(DEFAULT_RECIPE, overrides, overwrite=True, quiet=s.quiet))
+
+
 def eval_stage(ctx: DemoContext) -> None:
     """Every model not evaluated yet, on the held-out text with the same settings."""
     from clakit.eval.records import write_json
@@ -114,6 +142,7 @@ def report_stage(ctx: DemoContext) -> None:
 STAGES: list[Stage] = [
     Stage("fetch", fetch_stage),
     Stage("convert", convert_stage),
+    Stage("uptrain", uptrain_stage),
     Stage("eval", eval_stage),
     Stage("report", report_stage),
 ]
