@@ -79,7 +79,7 @@ def test_uniform_model_has_perplexity_equal_to_vocab_size(tokenizer, text):
 
 def test_same_inputs_give_the_same_numbers(model, tokenizer, text):
     a, b = (
-        evaluate(model, tokenizer=tokenizer, text=text, seq_len=32, stride=8, speed=False, quiet=True)
+        evaluate(model, tokenizer=tokenizer, text=text, seq_len=32, stride=8, max_tokens=300, speed=False, quiet=True)
         for _ in range(2)
     )
     assert (a["perplexity"], a["bits_per_byte"]) == (b["perplexity"], b["bits_per_byte"])
@@ -134,3 +134,18 @@ def test_lm_eval_missing_gives_install_message(model, tokenizer, text, monkeypat
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # import lm_eval -> ImportError
     with pytest.raises(ClakitError, match=r'pip install "clakit\[lm-eval\]"'):
         evaluate(model, tokenizer=tokenizer, text=text, seq_len=32, lm_eval_tasks="hellaswag", quiet=True)
+
+
+def test_saving_factor_against_an_explicit_source_model(model, tokenizer, text, tiny_llama_checkpoint):
+    cla4 = cla_model_from(model, [0, 0, 0, 0])  # one producer of 4 layers
+    r = evaluate(
+        cla4,
+        tokenizer=tokenizer,
+        text=text,
+        seq_len=32,
+        max_tokens=64,
+        speed=False,
+        quiet=True,
+        source_model=str(tiny_llama_checkpoint),
+    )
+    assert r["kv_cache"]["saving_factor"] == 4.0 and r["kv_cache"]["source"] == str(tiny_llama_checkpoint)

@@ -120,6 +120,8 @@ def not_a_causal_lm(tmp_path_factory):
         ("seq-len negative", "--seq-len must be a positive"),
         ("stride 0", "--stride must be a positive"),
         ("stride > seq-len", "must not exceed --seq-len"),
+        ("max-tokens 0", "--max-tokens must be a positive"),
+        ("batch-size 0", "--batch-size must be a positive"),
     ],
 )
 def test_eval_bad_input(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir, not_a_causal_lm, case, needle):
@@ -142,6 +144,8 @@ def test_eval_bad_input(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir, not
             "seq-len negative": ["--seq-len", -5],
             "stride 0": ["--stride", 0],
             "stride > seq-len": ["--seq-len", 16, "--stride", 17],
+            "max-tokens 0": ["--max-tokens", 0],
+            "batch-size 0": ["--batch-size", 0],
         }[case]
     out = tmp_path / "r.json"
     assert_refused(capsys, ["eval", model, "-o", out, "--data", data, "--quiet", *extra], needle, out)

@@ -31,7 +31,7 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_assets):
     assert cla2["kv_cache"]["measured_bytes"] * 2 == orig["kv_cache"]["measured_bytes"]
     assert cla2["kv_cache"]["saving_factor"] == 2.0 and cla2["kv_cache"]["source"] == str(tiny_assets.model)
     record = json.loads((tmp_path / "work" / "cla2" / "clakit_convert.json").read_text())
-    assert record["init"] == "calibrated"  # the best init the converter has when given data
+    assert record["settings"]["init"] == "calibrated"  # the best init the converter has when given data
     md = (out / "report.md").read_text()
     assert "| original |" in md and "| cla2 |" in md
     summary = json.loads((tmp_path / "work" / "demo.json").read_text())

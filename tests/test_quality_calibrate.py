@@ -6,6 +6,7 @@ from conftest import make_text, tiny_model
 
 from clakit.convert.calibrate import (
     calib_input_ids,
+    calibrated_overrides,
     collect_stats,
     fit_group,
     fit_kv,
@@ -129,3 +130,93 @@ def test_model_is_left_as_it_was(calib_ids):
     fit_kv(model, uniform_layout(4, 2), calib_ids[:2], "calibrated", progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+
+
+# --- reconstruct ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_attention_output_matches_the_stock_layer(kind, calib_ids):
+    from clakit.convert.reconstruct import attention_output
+
+    model = tiny_model(kind)
+    stats = collect_stats(model, calib_ids[:2], [], keep=[1], progress=False)
+    x, y = stats.acts[1][0]
+    attn = model.model.layers[1].self_attn
+    params = {"q": attn.q_proj.weight, "k": attn.k_proj.weight, "v": attn.v_proj.weight}
+    cos, sin = model.model.rotary_emb(x[None], torch.arange(x.shape[0])[None])
+    with torch.no_grad():
+        torch.testing.assert_close(attention_output(model, 1, x[None], x[None], params, cos, sin)[0], y)
+
+
+def test_reconstruct_never_increases_the_objective_and_is_deterministic(calib_ids):
+    from clakit.convert.reconstruct import reconstruct_overrides
+
+    model = tiny_model("llama")
+    layout = uniform_layout(4, 2)
+    stats = collect_stats(model, calib_ids[:6], group_pairs(layout), keep=range(4), progress=False)
+    closed = calibrated_overrides(model, layout, stats)
+    runs = []
+    for _ in range(2):
+        report = {}
+        runs.append(reconstruct_overrides(model, layout, stats, closed, steps=30, progress=False, report=report))
+        assert set(report) == {"0-1", "2-3"}
+        assert all(r["best"] <= r["start"] for r in report.values())
+        assert any(r["best"] < 0.99 * r["start"] for r in report.values())  # it does optimise
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert KEY_TEMPLATES["q_proj"].format(1) in runs[0]
+    fitted = cla_model_from(model, layout, overrides=runs[0])
+    assert kl_to(model, fitted, calib_ids[:6]) < kl_to(
+        model, cla_model_from(model, layout, overrides=closed), calib_ids[:6]
+    )
+
+
+# --- auto layout ---------------------------------------------------------------------------------------------------
+
+
+def test_best_partition_avoids_expensive_groups():
+    from clakit.convert.autolayout import best_partition
+
+    costs = {(i, j): (0.0 if i == j else 1.0) for i in range(6) for j in range(i, min(6, i + 3))}
+    costs[(0, 1)] = costs[(0, 2)] = 50.0  # layer 0 must not share
+    costs[(3, 5)] = 0.5  # one cheap run of three
+    layout = best_partition(costs, 6, 3)
+    assert layout == [0, 1, 1, 3, 3, 3]
+
+
+@pytest.mark.parametrize("saving", [0.25, 0.5, 0.67])
+def test_auto_layout_meets_the_saving_and_is_valid(saving, calib_ids):
+    from clakit.convert.autolayout import auto_layout
+    from clakit.convert.layout import check_layout, kv_saving
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    layout, scores = auto_layout(model, calib_ids[:4], saving, progress=False)
+    check_layout(layout, 6)
+    assert kv_saving(layout) >= saving - 1e-9 and scores["kv_saving"] == kv_saving(layout)
+    measured = {name: c["calibration_nll"] for name, c in scores["candidates"].items()}
+    assert scores["candidates"][scores["chosen"]]["layout"] == layout
+    assert measured[scores["chosen"]] == min(measured.values())
+    again, scores_again = auto_layout(model, calib_ids[:4], saving, progress=False)
+    assert again == layout and scores_again == scores
+
+
+def test_auto_layout_refuses_impossible_savings(calib_ids):
+    from clakit.convert.autolayout import auto_layout
+
+    for saving in (1.0, -0.1):
+        with pytest.raises(ClakitError, match="kv-saving"):
+            auto_layout(tiny_model("llama"), calib_ids[:2], saving, progress=False)
+
+
+def test_auto_layout_statistics_serve_the_following_fit(calib_ids, monkeypatch):
+    from clakit.convert import calibrate
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    layout, _ = calibrate.auto_layout(model, calib_ids[:4], 0.5, progress=False)
+    expected = fit_kv(model, layout, calib_ids[:4], "calibrated", progress=False)
+    monkeypatch.setattr(calibrate, "collect_stats", lambda *a, **k: pytest.fail("statistics recomputed"))
+    reused = fit_kv(model, layout, calib_ids[:4], "calibrated", progress=False)
+    assert all(torch.equal(expected[k], reused[k]) for k in expected)
+    other = calib_ids[4:8]  # other data: not served from the memo
+    with pytest.raises(pytest.fail.Exception):
+        fit_kv(model, layout, other, "calibrated", progress=False)

@@ -25,7 +25,8 @@ from clakit.corpus import Text, join_texts
 from clakit.errors import ClakitError
 
 METHODS = ("calibrated", "reconstruct")
-DEFAULT_RIDGE = 1e-2  # relative to the mean diagonal of the producer's Gram matrix
+DEFAULT_RIDGE = 1e-3  # relative to the mean Fisher weight times the mean diagonal of the producer's Gram
+RECONSTRUCT_SEQS = 16  # sequences whose activations reconstruct caches (16 x 512 tokens x 30 layers: ~1 GB fp32)
 CHARS_PER_TOKEN_CAP = 64  # read at most this many characters per wanted token: bounds tokenisation of huge corpora
 
 
@@ -59,13 +60,17 @@ class KVStats:
 
     gram[(l, m)]: X_l^T X_m over all tokens, (hidden[+1], hidden[+1]) fp64, X_l = layer l's attention input (after
     input_layernorm; with a ones column when the projections have a bias). Kept for l <= m within `pairs`.
-    fisher[(kind, l)]: (out,) fp64, sum over tokens of d loss / d (layer l's `kind` output)^2, kind "k_proj"/"v_proj".
+    fisher[(kind, l)]: (out,) fp64, sum over tokens of d loss / d (layer l's `kind` output)^2, kind "k_proj"/"v_proj"
+    (and "o_proj", the attention-block output, for kept layers).
+    acts[l]: per sequence, (attention input (seq, hidden), attention output (seq, hidden)) in fp32, for kept layers.
     """
 
     gram: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     fisher: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     loss: float = 0.0  # mean LM loss of the model on the data (nats/token)
+    acts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # see collect_stats
+    eig: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # cache of eigh(gram[(l, l)])
 
     def cross(self, a: int, b: int) -> torch.Tensor:
         return self.gram[(a, b)] if a <= b else self.gram[(b, a)].T
@@ -94,34 +99,37 @@ def group_pairs(layout: list[int]) -> set[tuple[int, int]]:
     return pairs
 
 
-def collect_stats(model, input_ids: torch.Tensor, pairs: Iterable[tuple[int, int]], progress: bool = True) -> KVStats:
-    """One forward + backward pass per calibration sequence over the stock model; Grams and Fisher accumulated."""
+def collect_stats(
+    model,
+    input_ids: torch.Tensor,
+    pairs: Iterable[tuple[int, int]],
+    keep: Iterable[int] = (),
+    progress: bool = True,
+    keep_seqs: int | None = None,
+) -> KVStats:
+    """One forward + backward pass per calibration sequence over the stock model; Grams and Fisher accumulated.
+
+    `keep`: layers whose attention inputs/outputs (and the Fisher of the outputs) are also kept, for `reconstruct`,
+    for the first `keep_seqs` sequences (default RECONSTRUCT_SEQS; the rows are already spread over the text).
+    """
+    keep_seqs = RECONSTRUCT_SEQS if keep_seqs is None else keep_seqs
     from tqdm.auto import tqdm
 
     pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
-    layers_needed = sorted({i for p in pairs for i in p})
+    keep = sorted(set(keep))
+    layers_needed = sorted({i for p in pairs for i in p} | set(keep))
     bias = _has_bias(model)
-    stats = KVStats()
+    stats = KVStats(acts={i: [] for i in keep})
     inputs: dict[int, torch.Tensor] = {}
     handles = []
-
-    def capture(layer):
-        def hook(module, args, output):
-            inputs[layer] = args[0].detach()
-            if output.requires_grad:  # ensure gradients flow back here
-                output.register_hook(_fisher_hook(stats, module.clakit_kind, layer))
-
-        return hook
-
     for i in range(model.config.num_hidden_layers):
-        for kind in ("k_proj", "v_proj"):
-            proj = getattr(_attn(model, i), kind)
-            proj.clakit_kind = kind
-            if kind == "k_proj" and i in layers_needed:
-                handles.append(proj.register_forward_hook(capture(i)))
-            else:
-                handles.append(proj.register_forward_hook(_grad_only_hook(stats, kind, i)))
-    embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_())
+        attn = _attn(model, i)
+        handles.append(attn.k_proj.register_forward_hook(_kv_hook(stats, inputs, "k_proj", i, i in layers_needed)))
+        handles.append(attn.v_proj.register_forward_hook(_kv_hook(stats, inputs, "v_proj", i, False)))
+        if i in keep:
+            handles.append(attn.o_proj.register_forward_hook(_output_hook(stats, inputs, i)))
+    # gradients are wanted w.r.t. activations only: params frozen, the embedding output made a graph leaf
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_()))
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:
@@ -134,28 +142,43 @@ def collect_stats(model, input_ids: torch.Tensor, pairs: Iterable[tuple[int, int
             xs = {i: _augment(inputs[i], bias) for i in layers_needed}
             for a, b in pairs:
                 stats.gram[(a, b)] = stats.gram.get((a, b), 0) + xs[a].T @ xs[b]
+            if keep and len(stats.acts[keep[0]]) < keep_seqs:
+                for i in keep:
+                    stats.acts[i].append((inputs[i][0].float(), inputs[("y", i)][0].float()))
     finally:
         for h in handles:
             h.remove()
-        embed_hook.remove()
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
     stats.loss /= max(1, stats.tokens - len(input_ids))
     return stats
 
 
-def _fisher_hook(stats: KVStats, kind: str, layer: int):
-    def hook(grad):
-        g2 = grad.detach().double().pow(2).reshape(-1, grad.shape[-1]).sum(0)  # (out,)
-        stats.fisher[(kind, layer)] = stats.fisher.get((kind, layer), 0) + g2
+def _kv_hook(stats: KVStats, inputs: dict, kind: str, layer: int, capture: bool):
+    """Forward hook on k_proj/v_proj: keep the input (shared by q/k/v) and register the output's Fisher hook."""
+
+    def hook(module, args, output):
+        if capture:
+            inputs[layer] = args[0].detach()
+        if output.requires_grad:
+            output.register_hook(_fisher_hook(stats, kind, layer))
 
     return hook
 
 
-def _grad_only_hook(stats: KVStats, kind: str, layer: int):
+def _output_hook(stats: KVStats, inputs: dict, layer: int):
     def hook(module, args, output):
+        inputs[("y", layer)] = output.detach()
         if output.requires_grad:
-            output.register_hook(_fisher_hook(stats, kind, layer))
+            output.register_hook(_fisher_hook(stats, "o_proj", layer))
+
+    return hook
+
+
+def _fisher_hook(stats: KVStats, kind: str, layer: int):
+    def hook(grad):
+        g2 = grad.detach().double().pow(2).reshape(-1, grad.shape[-1]).sum(0)  # (out,)
+        stats.fisher[(kind, layer)] = stats.fisher.get((kind, layer), 0) + g2
 
     return hook
 
@@ -170,12 +193,18 @@ def _own_weight(model, kind: str, layer: int) -> torch.Tensor:
     return torch.cat([w, proj.bias.detach().double()[None]], 0) if proj.bias is not None else w
 
 
-def _weights(stats: KVStats, kind: str, members: list[int], out: int, fisher: bool) -> torch.Tensor:
-    """(members, out) per-channel weights, normalised to sum 1 over members (uniform when fisher is False)."""
+def _member_weights(stats: KVStats, kind: str, members: list[int], out: int, fisher: bool) -> torch.Tensor:
+    """(members, out) per-(layer, channel) error weights: Fisher, or ones when `fisher` is False."""
     if not fisher:
-        return torch.full((len(members), out), 1.0 / len(members), dtype=torch.float64)
-    f = torch.stack([stats.fisher[(kind, m)] for m in members]) + 1e-30
-    return f / f.sum(0, keepdim=True)
+        return torch.ones(len(members), out, dtype=torch.float64)
+    return torch.stack([stats.fisher[(kind, m)] for m in members])
+
+
+def _eigh(stats: KVStats, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a layer's input Gram, cached: every candidate group led by it reuses it."""
+    if layer not in stats.eig:
+        stats.eig[layer] = torch.linalg.eigh(stats.cross(layer, layer))
+    return stats.eig[layer]
 
 
 def fit_group(
@@ -183,17 +212,19 @@ def fit_group(
 ) -> torch.Tensor:
     """Shared (hidden[+1], out) fp64 projection of one group (producer first) by weighted ridge least squares.
 
-    Per channel c: (G_pp + lam I) w_c = sum_l a[l, c] G_pl w^l_c with a the normalised Fisher weights: the scalar
-    weights per (layer, channel) factor out of the Gram, so one solve serves every channel.
+    Per channel c, with F[l, c] the error weights and F_c = sum_l F[l, c]:
+        (F_c G_pp + lam I) w_c = sum_l F[l, c] G_pl w^l_c,   lam = ridge * mean_c(F_c) * mean(diag G_pp).
+    The ridge is absolute, not per channel: channels the loss hardly sees are shrunk towards zero (less noise in the
+    attention logits/values) while the important ones are fitted closely. One eigh of G_pp serves every channel.
     """
     p = members[0]
-    gpp = stats.cross(p, p)
-    lam = ridge * gpp.diagonal().mean().clamp_min(1e-12)
+    s, u = _eigh(stats, p)
     own = [_own_weight(model, kind, m) for m in members]
-    a = _weights(stats, kind, members, own[0].shape[1], fisher)
-    rhs = sum(stats.cross(p, m) @ (w * a[i]) for i, (m, w) in enumerate(zip(members, own, strict=True)))
-    eye = torch.eye(gpp.shape[0], dtype=gpp.dtype)
-    return torch.linalg.solve(gpp + lam * eye, rhs)
+    f = _member_weights(stats, kind, members, own[0].shape[1], fisher)  # (members, out)
+    rhs = sum(stats.cross(p, m) @ (w * f[i]) for i, (m, w) in enumerate(zip(members, own, strict=True)))
+    f_c = f.sum(0)  # (out,)
+    lam = ridge * f_c.mean() * s.mean().clamp_min(1e-12)  # mean eigenvalue = mean diagonal
+    return u @ ((u.T @ rhs) / (s[:, None] * f_c[None] + lam).clamp_min(1e-300))
 
 
 def group_error(model, stats: KVStats, kind: str, members: list[int], shared: torch.Tensor) -> float:
@@ -250,18 +281,48 @@ def fit_kv(
     """Tensor-name -> tensor overrides for `cla_model_from(model, layout, overrides=...)` / the streaming converter.
 
     `model` is the stock (non-CLA) source model in memory; `input_ids` (n_seq, seq_len) from `calib_input_ids`.
+    `reconstruct` caches activations of at most `RECONSTRUCT_SEQS` sequences (spread over the data) and runs
+    `steps` Adam steps per group (default `reconstruct.DEFAULT_STEPS`).
     """
     check_layout(layout, model.config.num_hidden_layers)
     if method not in METHODS:
         raise ClakitError(f"unknown data-aware init {method!r}; choose one of {', '.join(METHODS)}")
     if input_ids.numel() == 0:
         raise ClakitError("no calibration tokens; give more text with --calib-data")
-    stats = collect_stats(model, input_ids, group_pairs(layout), progress=progress)
+    shared = [i for members in groups(layout).values() if len(members) > 1 for i in members]
+    keep = shared if method == "reconstruct" else ()
+    stats = _memo_stats(model, input_ids, group_pairs(layout)) if not keep else None
+    if stats is None:
+        stats = collect_stats(model, input_ids, group_pairs(layout), keep=keep, progress=progress)
     overrides = calibrated_overrides(model, layout, stats)
     if method == "reconstruct":
         from clakit.convert.reconstruct import reconstruct_overrides
 
-        overrides = reconstruct_overrides(
-            model, layout, input_ids, overrides, seed=seed, steps=steps, progress=progress
-        )
+        overrides = reconstruct_overrides(model, layout, stats, overrides, seed=seed, steps=steps, progress=progress)
     return overrides
+
+
+def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int = 0, progress: bool = True):
+    """`clakit.convert.autolayout.auto_layout`; its statistics serve a following `fit_kv` on the same data."""
+    from clakit.convert.autolayout import auto_layout as choose
+
+    return choose(model, input_ids, kv_saving, seed=seed, progress=progress)
+
+
+# One statistics pass serves both auto_layout and the fit that follows it (same model, same tokens).
+_MEMO: dict = {}
+
+
+def _fingerprint(model, input_ids: torch.Tensor) -> tuple:
+    first = _attn(model, 0).k_proj.weight
+    return (id(model), tuple(input_ids.shape), hash(input_ids.cpu().numpy().tobytes()), float(first.double().sum()))
+
+
+def remember_stats(model, input_ids: torch.Tensor, stats: KVStats) -> None:
+    _MEMO.clear()
+    _MEMO[_fingerprint(model, input_ids)] = stats
+
+
+def _memo_stats(model, input_ids: torch.Tensor, pairs) -> KVStats | None:
+    stats = _MEMO.get(_fingerprint(model, input_ids))
+    return stats if stats is not None and all(p in stats.gram for p in pairs) else None

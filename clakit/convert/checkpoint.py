@@ -63,8 +63,7 @@ class SafetensorsCheckpoint:
             files = sorted(set(weight_map.values()))
         else:
             weight_map, files = None, sorted(p.name for p in folder.glob("*.safetensors"))
-        self._handles = {name: self._open(name) for name in files}
-        self._keys = {file: set(handle.keys()) for file, handle in self._handles.items()}
+        self._keys = {file: self._read_keys(file) for file in files}
         self._where = weight_map or {t: f for f, keys in self._keys.items() for t in keys}
         for tensor, file in self._where.items():
             if tensor not in self._keys[file]:
@@ -78,14 +77,18 @@ class SafetensorsCheckpoint:
         if not path.is_file():
             raise ClakitError(f"the checkpoint index names shard {file}, which is missing from {self.folder}")
         try:
-            handle = safe_open(str(path), framework="pt")
+            return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as e:
             raise ClakitError(f"corrupt or truncated safetensors file {path} ({e}); re-download it") from None
-        return handle
+
+    def _read_keys(self, file: str) -> set[str]:
+        return set(self._open(file).keys())  # header only; checks the file is whole
 
     def get(self, name: str) -> torch.Tensor:
+        """A memory-mapped view; a fresh handle per tensor, so its pages leave memory as soon as it is dropped
+        (tensors from one long-lived handle keep the whole file's touched pages resident)."""
         try:
-            return self._handles[self._where[name]].get_tensor(name)
+            return self._open(self._where[name]).get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ClakitError(f"cannot read tensor {name} from {self.folder / self._where[name]} ({e})") from None
 

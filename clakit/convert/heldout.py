@@ -7,7 +7,7 @@ from clakit.errors import ClakitError
 
 
 @torch.no_grad()
-def heldout_perplexity(model, tokenizer, texts: list[Text], max_tokens: int = 16384, seq_len: int = 512) -> float:
+def heldout_perplexity(model, tokenizer, texts: list[Text], max_tokens: int = 8192, seq_len: int = 512) -> float:
     """exp(mean next-token loss) over the first `max_tokens` tokens of `texts`, cut into windows of `seq_len`.
 
     Windows do not overlap (each starts without context): cheap, and the same for both models being compared.

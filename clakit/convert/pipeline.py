@@ -7,6 +7,7 @@ loaded whole, because transformers can only read them by dequantising the entire
 """
 
 import gc
+import json
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -139,8 +140,40 @@ def _resolve_init(init: str | None, calib_data) -> str:
     return init
 
 
-def _source_architecture(source: Source, config) -> str:
-    architecture = (config.architectures or [_ARCH_OF_TYPE.get(config.model_type, config.model_type)])[0]
+def _source_config(source: Source, trust_remote_code: bool):
+    """The source's config and architecture; anything but Llama/Mistral is refused before loading it."""
+    if source.kind == "dir":  # read the raw file first: an unknown model_type must not need its code to be refused
+        try:
+            raw = json.loads((source.path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ClakitError(
+                f"cannot read {source.path / 'config.json'} ({e}); is {source.spec} a checkpoint?"
+            ) from None
+        _check_architecture(source, raw.get("architectures"), raw.get("model_type"))
+    try:
+        config = load_config(source, trust_remote_code)
+    except ClakitError:
+        raise
+    except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
+        raise ClakitError(f"cannot read the config of {source.spec}; is it damaged? ({_first_line(e)})") from None
+    return config, _check_architecture(source, config.architectures, config.model_type)
+
+
+def _load_source_model(source: Source, trust_remote_code: bool):
+    try:
+        return load_model(source, torch.float32, trust_remote_code)
+    except ClakitError:
+        raise
+    except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
+        raise ClakitError(f"cannot load the weights of {source.spec}; is it damaged? ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def _check_architecture(source: Source, architectures: list | None, model_type: str | None) -> str:
+    architecture = (architectures or [_ARCH_OF_TYPE.get(model_type, model_type)])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ClakitError(
             f"{source.spec} is a {architecture} model; clakit convert supports {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -173,13 +206,14 @@ class _Conversion:
 
     def _run(self) -> Path:
         check_destination(self.source.path, self.out, self.opt["overwrite"])
-        self.config = load_config(self.source, self.opt["trust_remote_code"])
-        self.architecture = _source_architecture(self.source, self.config)
+        self.config, self.architecture = _source_config(self.source, self.opt["trust_remote_code"])
         self.seq_len = min(SEQ_LEN, self.config.max_position_embeddings or SEQ_LEN)
         self._load_texts()
         self.checkpoint = None
-        if self.source.kind == "dir":  # validates every shard header before any slow work
+        if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
             self.checkpoint = open_checkpoint(self.source.path, self.opt["allow_pickle"])
+            every_layer = list(range(self.config.num_hidden_layers))  # the stock model: needs every tensor
+            self._plan(cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2], every_layer)
         overrides = self._in_memory_phase()
         with staging_folder(self.out) as tmp:
             self._write(tmp, overrides)
@@ -202,7 +236,7 @@ class _Conversion:
         if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
             return {}
         self.say(f"loading {self.source.spec} in memory (fp32)...")
-        model = load_model(self.source, torch.float32, self.opt["trust_remote_code"])
+        model = _load_source_model(self.source, self.opt["trust_remote_code"])
         self.tokenizer = load_tokenizer(self.source, self.opt["trust_remote_code"])
         if self.eval_texts:
             self.say("measuring held-out perplexity of the source...")
@@ -226,23 +260,22 @@ class _Conversion:
         if spec is not None:
             check_layout(list(spec), n)
             return list(spec), "explicit"
-        factor = self.opt["factor"] or 2
+        factor = 2 if self.opt["factor"] is None else self.opt["factor"]
         return uniform_layout(n, factor), f"factor {factor}"
 
     def _calibrate(self, model) -> dict:
         """Calibration tokens -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
         from clakit.convert import calibrate
+        from clakit.convert.autolayout import auto_layout
 
         ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.opt["calib_tokens"], self.seq_len)
-        if ids.numel() == 0:
-            raise ClakitError(f"the --calib-data text is shorter than one sequence of {self.seq_len} tokens")
         self.calib_tokens = ids.numel()
         if self.layout is None:
             self.say(
                 f"choosing a layout saving {self.opt['kv_saving']:.0%} of the KV cache on {ids.numel()} tokens..."
             )
-            self.layout, self.results["auto_layout"] = calibrate.auto_layout(
-                model, ids, self.opt["kv_saving"], seed=self.opt["seed"]
+            self.layout, self.results["auto_layout"] = auto_layout(
+                model, ids, self.opt["kv_saving"], seed=self.opt["seed"], progress=not self.opt["quiet"]
             )
             check_layout(self.layout, self.config.num_hidden_layers)
         if self.init not in DATA_AWARE_INITS:
@@ -256,7 +289,7 @@ class _Conversion:
         cla_cfg = cla_config(self.config, self.layout)
         lm_cls = CLA_CLASSES[cla_family(self.config)][2]
         cast = DTYPES.get(self.opt["dtype"])  # None: every tensor keeps its dtype
-        plan = self._plan(cla_cfg, lm_cls)
+        plan = self._plan(cla_cfg, lm_cls, self.layout)
         check_overrides(self.checkpoint, plan, overrides)
         _check_free_space(tmp, output_nbytes(self.checkpoint, plan, cast))
         writer = ShardWriter(tmp, self.opt["shard_bytes"])
@@ -282,11 +315,12 @@ class _Conversion:
         write_record(tmp, record)
         (tmp / "README.md").write_text(model_card(record))
 
-    def _plan(self, cla_cfg, lm_cls):
+    def _plan(self, cla_cfg, lm_cls, layout: list[int]):
+        """Raises naming the first tensor the checkpoint lacks."""
         with torch.device("meta"):  # tensor names only
             expected = set(lm_cls(cla_cfg).state_dict())
         tied = set(lm_cls._tied_weights_keys or {}) if cla_cfg.tie_word_embeddings else set()
-        plan = plan_tensors(self.checkpoint.names, expected, tied, self.layout)
+        plan = plan_tensors(self.checkpoint.names, expected, tied, layout)
         floating = (t.dtype for t in map(self.checkpoint.get, plan.names) if t.is_floating_point())  # lazy reads
         self.source_dtype = next(floating, torch.float32)
         return plan

@@ -101,11 +101,12 @@ def plot(reports: list[dict], path: Path) -> None:
     ax.scatter(xs, ys, s=60, zorder=3)
     for x, y, label in zip(xs, ys, labels(reports), strict=True):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
-    if max(ys) / min(ys) > 10:
+    log = max(ys) / min(ys) > 10
+    if log:
         ax.set_yscale("log")
     ax.set_xlim(0, max(xs) * 1.25)
     ax.set_xlabel("KV-cache bytes per token")
-    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_ylabel("perplexity, lower is better" + (" (log scale)" if log else ""))
     ax.set_title("Perplexity vs KV-cache size")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

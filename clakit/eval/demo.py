@@ -28,7 +28,7 @@ class DemoSettings:
     seq_len: int = 512
     max_tokens: int = 4096  # held-out tokens scored per model
     batch_size: int = 1
-    decode_steps: int = 16
+    decode_steps: int = 8
     quiet: bool = False
 
 

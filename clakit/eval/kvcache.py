@@ -41,7 +41,7 @@ def _layer_bytes(layer) -> int:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of tensors a transformers cache holds (layer 0, always a producer, tells the length if needed)."""
+    """Bytes of the tensors a transformers cache holds (never asks a DummyLayer for its length: it has none)."""
     return sum(_layer_bytes(layer) for layer in cache.layers)
 
 

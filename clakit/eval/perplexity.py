@@ -103,7 +103,7 @@ def count_bytes(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
-def _batches(wins: list[Window], batch_size: int) -> list[list[Window]]:
+def batches(wins: list[Window], batch_size: int) -> list[list[Window]]:
     """Consecutive windows of equal input length, `batch_size` at a time (only the last window is shorter)."""
     out: list[list[Window]] = []
     for w in wins:
@@ -120,10 +120,19 @@ def _batch_nll(model, ids: torch.Tensor, batch: list[Window], device) -> float:
     keep = max(w.scored for w in batch)
     logits = model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
     total = 0.0
-    for row, w in enumerate(batch):  # one row at a time: fp32 log-softmax of (keep, V) only
+    for row, w in enumerate(batch):
         targets = ids[w.end - w.scored + 1 : w.end + 1].to(device)  # (scored,)
-        total += F.cross_entropy(logits[row, keep - w.scored :].float(), targets, reduction="sum").item()
+        total += _nll_sum(logits[row, keep - w.scored :], targets)
     return total
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> float:
+    """Sum of NLL of (n, V) logits in fp32, `chunk` rows at a time: a (64, V) log-softmax stays in cache, which
+    measured ~3x faster on CPU than one (512, 49152) pass (and bounds the fp32 copy of bf16 logits)."""
+    return sum(
+        F.cross_entropy(logits[i : i + chunk].float(), targets[i : i + chunk], reduction="sum").item()
+        for i in range(0, len(targets), chunk)
+    )
 
 
 def score(model, ids: torch.Tensor, seq_len: int, stride: int, batch_size: int = 4, quiet: bool = False) -> dict:
@@ -135,7 +144,7 @@ def score(model, ids: torch.Tensor, seq_len: int, stride: int, batch_size: int =
     nll, n = 0.0, 0
     bar = tqdm(total=sum(w.scored for w in wins), unit="tok", unit_scale=True, desc="perplexity", disable=quiet)
     with torch.inference_mode(), bar:
-        for batch in _batches(wins, batch_size):
+        for batch in batches(wins, batch_size):
             nll += _batch_nll(model, ids, batch, device)
             scored = sum(w.scored for w in batch)
             n += scored

@@ -19,6 +19,7 @@ def throughput(model, ids: torch.Tensor, batch_size: int, decode_steps: int = 16
     inputs = ids.to(device).unsqueeze(0).expand(batch_size, -1).contiguous()  # (B, L)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
+        model(input_ids=inputs[:, :8], use_cache=False)  # warm-up: first-call allocations are not throughput
         _sync(device)
         start = time.perf_counter()
         out = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)

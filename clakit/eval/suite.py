@@ -52,13 +52,13 @@ def _resolve(model, tokenizer, revision, trust_remote_code: bool):
 
 def _check_causal_lm(source, trust_remote_code: bool) -> None:
     """Refuse a checkpoint transformers cannot load as a causal LM, before its tokenizer or weights are read."""
-    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from clakit.sources import load_config
 
     config = load_config(source, trust_remote_code)
     remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}) and trust_remote_code
-    if type(config) not in AutoModelForCausalLM._model_mapping and not remote:
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote:  # CLA configs are registered there
         raise ClakitError(
             f"{source.spec} is not a causal language model (model_type {config.model_type!r}); "
             "give a Llama/Mistral (or other causal LM) checkpoint"
@@ -78,19 +78,23 @@ def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str |
 
 
 def _saving(config, dtype, model_dir, source_model, revision, trust_remote_code) -> dict:
-    """Saving factor vs the source: `source_model` when given, else the same config with every layer a producer
-    (exactly what the converter started from: it changes the layout only)."""
+    """Saving factor vs the source model: `source_model` when given, else the converter's recorded source when it is
+    still on this disk, else the same config with every layer a producer (what the converter changes is the layout
+    only, so this is exact for a stock source; a stock model is its own reference, 1.0)."""
+    mine = kvcache.bytes_per_token(config, dtype)
+    recorded = (kvcache.convert_record(model_dir).get("settings") or {}).get("source")
+    spec = source_model or (recorded if recorded and Path(recorded).expanduser().exists() else None)
+    if spec:
+        src_config = _source_config(spec, revision if source_model else None, trust_remote_code)
+        return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": str(spec)}
+    stock = len(kvcache.producer_layers(config)) / config.num_hidden_layers
+    return {"saving_factor": 1.0 / stock, "source": recorded or ("self" if stock == 1.0 else "stock layout")}
+
+
+def _source_config(spec: str, revision: str | None, trust_remote_code: bool):
     from clakit.sources import load_config, resolve_source
 
-    mine = kvcache.bytes_per_token(config, dtype)
-    if source_model:
-        src_config = load_config(resolve_source(str(source_model), revision), trust_remote_code)
-        return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": str(source_model)}
-    record = kvcache.convert_record(model_dir)
-    source = record.get("source")
-    label = source.get("spec") or source.get("path") if isinstance(source, dict) else source
-    stock = len(kvcache.producer_layers(config)) / config.num_hidden_layers
-    return {"saving_factor": 1.0 / stock, "source": label or ("self" if stock == 1.0 else "stock layout")}
+    return load_config(resolve_source(str(spec), revision), trust_remote_code)
 
 
 def _texts(data, text: str | None) -> list[Text]:
@@ -151,41 +155,51 @@ def evaluate(
         harness.require_lm_eval()
     source = _resolve(model, tokenizer, revision, trust_remote_code)
     texts = _texts(data, text)
-    if tokenizer is None:  # loaded before the model: a too-short text is refused in seconds
-        from clakit.sources import load_tokenizer
-
-        tokenizer = load_tokenizer(source, trust_remote_code)
-    tokens = perplexity.tokenize(tokenizer, join_texts(texts), max_tokens)
-    if len(tokens.ids) - 1 < seq_len:
-        raise ClakitError(
-            f"the text has {len(tokens.ids) - 1} tokens, fewer than one window of --seq-len "
-            f"{seq_len}; give more text or a smaller --seq-len"
-        )
+    if tokenizer is None:  # before the model: a text too short is refused in seconds
+        tokenizer = _tokenizer(source, trust_remote_code)
+    tokens = _tokens(tokenizer, texts, seq_len, max_tokens)
     loaded = _load(model, source, tokenizer, trust_remote_code, device, name)
-    scored = perplexity.score(loaded.model, tokens.ids, seq_len, stride, batch_size, quiet)
-    measured = perplexity.metrics(scored["nll_sum"], scored["num_scored"], tokens.text)
     settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
-    data_info = {
-        "sources": [t.name for t in texts],
-        "sha256": hashlib.sha256(tokens.text.encode()).hexdigest(),
-        "num_words": measured.pop("num_words"),
-        "num_bytes": measured.pop("num_bytes"),
-    }
-    report = {
-        "format": FORMAT,
-        "model": loaded.name,
-        **measured,
-        "num_tokens": scored["num_scored"],
-        "num_windows": scored["num_windows"],
-        "data": data_info,
-        "settings": settings,
-        "kv_cache": _kv_cache(loaded, tokens.ids, seq_len, kv_budget_gb, source_model, revision, trust_remote_code),
-    }
+    report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}
+    report["settings"] = settings
+    report["kv_cache"] = _kv_cache(
+        loaded, tokens.ids, seq_len, kv_budget_gb, source_model, revision, trust_remote_code
+    )
     report["speed"] = throughput(loaded.model, tokens.ids[:seq_len], batch_size, decode_steps) if speed else None
     if tasks:
         report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size)
-    report["provenance"] = _provenance(loaded, data_info, settings)
+    report["provenance"] = _provenance(loaded, report["data"], settings)
     return report
+
+
+def _tokenizer(source, trust_remote_code: bool):
+    from clakit.sources import load_tokenizer
+
+    return load_tokenizer(source, trust_remote_code)
+
+
+def _tokens(tokenizer, texts: list[Text], seq_len: int, max_tokens: int | None) -> perplexity.TokenizedText:
+    tokens = perplexity.tokenize(tokenizer, join_texts(texts), max_tokens)
+    if len(tokens.ids) - 1 < seq_len:
+        raise ClakitError(
+            f"the text has {len(tokens.ids) - 1} tokens, fewer than one window of --seq-len {seq_len}; "
+            "give more text or a smaller --seq-len"
+        )
+    return tokens
+
+
+def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -> dict:
+    """Perplexity, word perplexity, bits per byte, token counts and what data they were measured on."""
+    s = settings
+    scored = perplexity.score(model, tokens.ids, s["seq_len"], s["stride"], s["batch_size"], quiet)
+    measured = perplexity.metrics(scored["nll_sum"], scored["num_scored"], tokens.text)
+    data = {
+        "sources": [t.name for t in texts],
+        "sha256": hashlib.sha256(tokens.text.encode()).hexdigest(),  # of the exact text scored
+        "num_words": measured.pop("num_words"),
+        "num_bytes": measured.pop("num_bytes"),
+    }
+    return {**measured, "num_tokens": scored["num_scored"], "num_windows": scored["num_windows"], "data": data}
 
 
 def _provenance(loaded: Loaded, data_info: dict, settings: dict) -> dict:

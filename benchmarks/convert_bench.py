@@ -1,0 +1,176 @@
+"""Benchmark `clakit convert` on a synthetic sharded Llama checkpoint (random bf16 weights, >= 2 GB by default).
+
+Prints JSON: conversion wall time vs `shutil.copytree` of the same files in the same run (ratio; target <= 1.3 for
+producer/mean), and peak RSS of the converting process above what it held right after importing clakit, vs the
+largest source shard (target <= largest shard + 300 MB). Each conversion runs in a fresh subprocess so its peak
+RSS is its own.
+
+    python benchmarks/convert_bench.py                      # ~2.1 GB, shards of 500 MB
+    python benchmarks/convert_bench.py --size-gb 0.3        # quick look
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
+
+# Runs in the child: import, note RSS, convert, report wall time and peak RSS. Peak is VmHWM, not ru_maxrss:
+# Linux carries ru_maxrss across exec, so a child would inherit this (large) parent's peak.
+CHILD = """
+import json, sys, time
+import clakit.convert
+def status(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+base = status("VmRSS:")
+start = time.perf_counter()
+clakit.convert.convert(sys.argv[1], sys.argv[2], init=sys.argv[3], max_shard_size=sys.argv[4], quiet=True)
+wall = time.perf_counter() - start
+print(json.dumps({"wall_s": wall, "rss_after_import": base, "peak_rss": status("VmHWM:")}))
+"""
+
+
+def layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
+    head_dim = HIDDEN // HEADS
+    p = f"model.layers.{i}."
+    return {
+        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+        p + "self_attn.k_proj.weight": (KV_HEADS * head_dim, HIDDEN),
+        p + "self_attn.v_proj.weight": (KV_HEADS * head_dim, HIDDEN),
+        p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+        p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+        p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+        p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+        p + "input_layernorm.weight": (HIDDEN,),
+        p + "post_attention_layernorm.weight": (HIDDEN,),
+    }
+
+
+def make_checkpoint(folder: Path, size_gb: float, shard_bytes: int) -> int:
+    """Write a random bf16 Llama of about `size_gb` over shards of <= shard_bytes; returns the largest shard."""
+    per_layer = sum(torch.Size(s).numel() for s in layer_tensors(0).values()) * 2
+    fixed = 2 * VOCAB * HIDDEN * 2
+    layers = max(2, round((size_gb * 1e9 - fixed) / per_layer))
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        shapes |= layer_tensors(i)
+    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    shards, current, size = [], {}, 0
+    for name, shape in shapes.items():
+        nbytes = torch.Size(shape).numel() * 2
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        size += nbytes
+    shards.append(current)
+    weight_map, largest = {}, 0
+    for i, tensors in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, file)
+        largest = max(largest, (folder / file).stat().st_size)
+    total = sum(t.numel() * 2 for s in shards for t in s.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(json.dumps(config(layers)))
+    return largest
+
+
+def config(layers: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16",
+    }  # fmt: skip
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def warm(folder: Path) -> None:
+    """Read every file once so copy and conversion both start from the page cache."""
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def timed_copy(src: Path, dest: Path) -> float:
+    os.sync()  # both timings start with no dirty pages queued for writeback
+    start = time.perf_counter()
+    shutil.copytree(src, dest)
+    wall = time.perf_counter() - start
+    shutil.rmtree(dest)
+    return wall
+
+
+def timed_convert(src: Path, dest: Path, init: str, shard_size: str) -> dict:
+    os.sync()
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), str(dest), init, shard_size],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["output_bytes"] = folder_bytes(dest)
+    shutil.rmtree(dest)
+    return result
+
+
+def summarise(copies: list[float], runs: list[dict], largest: int) -> dict:
+    copy_s, convert_s = statistics.median(copies), statistics.median(r["wall_s"] for r in runs)
+    extra = max(r["peak_rss"] - r["rss_after_import"] for r in runs)
+    return {
+        "convert_s": round(convert_s, 2), "copytree_s": round(copy_s, 2), "ratio": round(convert_s / copy_s, 2),
+        "convert_runs_s": [round(r["wall_s"], 2) for r in runs], "copytree_runs_s": [round(c, 2) for c in copies],
+        "output_bytes": runs[0]["output_bytes"], "peak_rss_above_import_mb": round(extra / 1e6),
+        "largest_shard_mb": round(largest / 1e6), "rss_margin_mb": round((extra - largest) / 1e6),
+        "targets_met": convert_s / copy_s <= 1.3 and extra <= largest + 300e6,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=2.1, help="checkpoint size (default 2.1)")
+    parser.add_argument("--shard-size", default="500MB", help="source and output shard size (default 500MB)")
+    parser.add_argument("--inits", default="producer,mean")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per init; medians reported (default 3)")
+    parser.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp folder)")
+    args = parser.parse_args()
+    from clakit.convert.checkpoint import parse_size
+
+    work = Path(tempfile.mkdtemp(prefix="clakit_bench_", dir=args.workdir))
+    try:
+        src = work / "src"
+        largest = make_checkpoint(src, args.size_gb, parse_size(args.shard_size))
+        warm(src)
+        report = {"checkpoint_bytes": folder_bytes(src), "largest_shard_bytes": largest, "shard_size": args.shard_size}
+        for init in args.inits.split(","):
+            copies, runs = [], []
+            for _ in range(args.repeats):  # interleaved, medians: writeback makes single timings noisy
+                copies.append(timed_copy(src, work / "copy"))
+                runs.append(timed_convert(src, work / f"cla_{init}", init, args.shard_size))
+            report[init] = summarise(copies, runs, largest)
+        print(json.dumps(report, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The `clakit` entry points: console script, `python -m clakit`, --help and --version."""
+
+import subprocess
+import sys
+
+import clakit
+from clakit.cli import main
+from clakit.errors import ClakitError
+
+
+def test_version_and_help_via_python_m():
+    out = subprocess.run([sys.executable, "-m", "clakit", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"clakit {clakit.__version__}"
+    out = subprocess.run([sys.executable, "-m", "clakit", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: clakit" in out.stdout
+
+
+def test_clakit_error_becomes_one_line_and_exit_2(capsys, monkeypatch):
+    def boom(_args):
+        raise ClakitError("something is wrong; do this instead")
+
+    monkeypatch.setattr("clakit.cli.COMMANDS", [lambda sub: sub.add_parser("boom").set_defaults(run=boom)])
+    assert main(["boom"]) == 2
+    err = capsys.readouterr().err
+    assert err == "clakit: error: something is wrong; do this instead\n"

@@ -1,0 +1,243 @@
+"""Every bad input to `clakit convert`: exit 2, one line on stderr naming the problem, no OUT, the source untouched."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+from convert_fixtures import copy_checkpoint, fingerprint, run_cli
+from safetensors.torch import load_file, save_file
+
+import clakit.convert.checkpoint
+import clakit.convert.pipeline
+
+
+def assert_refused(capsys, src: Path, out: Path, *args, match: str) -> None:
+    """Exit 2, one stderr line containing `match`; OUT as it was (absent, or the user's own); SRC unchanged."""
+    before = fingerprint(src) if Path(src).is_dir() else None
+    out_before = fingerprint(out) if out.is_dir() else out.exists()
+    code = run_cli(src, out, *args, "--quiet")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("clakit: error: "), lines
+    assert match in lines[0], lines[0]
+    assert (fingerprint(out) if out.is_dir() else out.exists()) == out_before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "staging folder left"
+    if before is not None:
+        assert fingerprint(src) == before
+
+
+def shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("model-*.safetensors"))
+
+
+def drop_tensor(folder: Path, name: str) -> None:
+    """Remove one tensor from its shard and from the index, as a broken export would."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = folder / index["weight_map"].pop(name)
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+
+
+@pytest.fixture
+def src(tiny_llama_checkpoint, tmp_path) -> Path:
+    """A private copy: some tests damage it."""
+    return copy_checkpoint(tiny_llama_checkpoint, tmp_path / "src")
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--factor", "0"], "--factor must be between 1 and the number of layers (4), got 0"),
+        (["--factor", "-2"], "--factor must be between 1 and the number of layers (4), got -2"),
+        (["--factor", "5"], "--factor must be between 1 and the number of layers (4), got 5"),
+        (["--kv-source-layers", "0,0,2"], "has 3 entries but the model has 4 layers"),
+        (["--kv-source-layers", "0,2,2,2"], "layer 1 takes K/V from a later layer 2"),
+        (["--kv-source-layers", "0,0,1,1"], "which is itself a consumer"),
+        (["--kv-source-layers", "1,1,2,2"], "layer 0 must be a producer"),
+        (["--kv-source-layers", "0,a,2,2"], "must be comma-separated integers"),
+        (["--kv-source-layers", "0;0;2;2"], "must be comma-separated integers"),
+        (["--init", "calibrated"], "--init calibrated fits K/V on calibration text: pass --calib-data"),
+        (["--init", "reconstruct"], "--init reconstruct fits K/V on calibration text"),
+        (["--layout", "auto"], "--layout auto needs --kv-saving between 0 and 1"),
+        (["--layout", "auto", "--kv-saving", "1.5"], "--layout auto needs --kv-saving between 0 and 1"),
+        (["--kv-saving", "0.5"], "--kv-saving chooses how much KV cache --layout auto saves"),
+        (["--max-shard-size", "lots"], "--max-shard-size must be a size like 5GB"),
+        (["--calib-tokens", "0"], "--calib-tokens must be a positive number"),
+    ],
+)
+def test_bad_settings(src, tmp_path, capsys, args, match):
+    assert_refused(capsys, src, tmp_path / "out", *args, match=match)
+
+
+def test_empty_calibration_data(src, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert_refused(capsys, src, tmp_path / "out", "--init", "calibrated", "--calib-data", empty, match="is empty")
+
+
+def test_missing_calibration_file(src, tmp_path, capsys):
+    missing = tmp_path / "no" / "calib.txt"
+    assert_refused(capsys, src, tmp_path / "out", "--calib-data", missing, match="does not exist")
+
+
+def test_missing_source(tmp_path, capsys):
+    assert_refused(capsys, tmp_path / "nowhere", tmp_path / "out", match="does not exist")
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello")
+    assert_refused(capsys, folder, tmp_path / "out", match="not a model checkpoint folder (no config.json)")
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "weights.txt").write_text("hello")
+    assert_refused(capsys, tmp_path / "weights.txt", tmp_path / "out", match="neither a checkpoint folder nor")
+
+
+@pytest.mark.parametrize("content", [b"not a gguf file at all", b"GGUF\x03\x00\x00\x00short"])
+def test_damaged_gguf(tmp_path, capsys, content):
+    (tmp_path / "m.gguf").write_bytes(content)
+    assert_refused(capsys, tmp_path / "m.gguf", tmp_path / "out", match="m.gguf")
+
+
+@pytest.mark.parametrize(
+    "architecture, model_type", [("GPT2LMHeadModel", "gpt2"), ("LlamaCLAForCausalLM", "llama_cla"), (None, "foo")]
+)
+def test_unsupported_architecture(src, tmp_path, capsys, architecture, model_type):
+    config = json.loads((src / "config.json").read_text())
+    config.update(architectures=[architecture] if architecture else None, model_type=model_type)
+    (src / "config.json").write_text(json.dumps(config))
+    match = "clakit convert supports LlamaForCausalLM, MistralForCausalLM"
+    assert_refused(capsys, src, tmp_path / "out", match=match)
+
+
+def test_truncated_shard(src, tmp_path, capsys):
+    shard = shards(src)[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_refused(capsys, src, tmp_path / "out", match=f"corrupt or truncated safetensors file {shard}")
+
+
+def test_corrupt_shard(src, tmp_path, capsys):
+    shard = shards(src)[0]
+    shard.write_bytes(b"\x00\x01garbage" * 50)
+    assert_refused(capsys, src, tmp_path / "out", match=f"corrupt or truncated safetensors file {shard}")
+
+
+def test_index_naming_a_missing_shard(src, tmp_path, capsys):
+    shard = shards(src)[-1]
+    shard.unlink()
+    assert_refused(capsys, src, tmp_path / "out", match=f"names shard {shard.name}, which is missing")
+
+
+def test_corrupt_index(src, tmp_path, capsys):
+    (src / "model.safetensors.index.json").write_text("{not json")
+    assert_refused(capsys, src, tmp_path / "out", match="cannot read the checkpoint index")
+
+
+@pytest.mark.parametrize(
+    "name", ["model.layers.1.mlp.up_proj.weight", "model.layers.3.self_attn.k_proj.weight", "lm_head.weight"]
+)
+def test_tensor_missing_from_checkpoint(src, tmp_path, capsys, name):
+    """A consumer's k_proj is needed too: its group's shared K/V is made from it."""
+    drop_tensor(src, name)
+    assert_refused(capsys, src, tmp_path / "out", match=f"tensor {name} is missing from the checkpoint")
+
+
+def test_index_lists_tensor_its_shard_lacks(src, tmp_path, capsys):
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.layers.0.mlp.extra.weight"] = shards(src)[0].name
+    index_path.write_text(json.dumps(index))
+    assert_refused(capsys, src, tmp_path / "out", match="puts tensor model.layers.0.mlp.extra.weight in")
+
+
+def test_existing_output(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(capsys, src, out, match="already exists; pass --overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_output_is_a_file(src, tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    assert_refused(capsys, src, tmp_path / "out", "--overwrite", match="is an existing file")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_output_inside_source(src, capsys):
+    assert_refused(capsys, src, src / "cla", match="is inside the source")
+
+
+def test_output_containing_source_even_with_overwrite(src, tmp_path, capsys):
+    before = fingerprint(src)
+    code = run_cli(src, tmp_path, "--overwrite", "-q")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "contains the source" in err[0]
+    assert fingerprint(src) == before
+
+
+def test_pickle_only_source_refused_without_allow_pickle(tmp_path, capsys, tiny_llama_checkpoint):
+    import torch
+
+    src = tmp_path / "bin"
+    src.mkdir()
+    (src / "config.json").write_bytes((tiny_llama_checkpoint / "config.json").read_bytes())
+    torch.save({"x": torch.zeros(2)}, src / "pytorch_model.bin")
+    assert_refused(capsys, src, tmp_path / "out", match="holds only pickle (.bin) weights")
+
+
+def test_write_failure_leaves_nothing(src, tmp_path, capsys, monkeypatch):
+    """Disk full in the middle of writing shards: no OUT, no staging folder, the source untouched."""
+    calls = []
+
+    def failing_save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(clakit.convert.checkpoint, "save_file", failing_save_file)
+    out = tmp_path / "out"
+    assert_refused(capsys, src, out, "--max-shard-size", "50KB", match=f"cannot write {out}: No space left on device")
+    assert len(calls) == 2
+
+
+def test_not_enough_disk_space(src, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(clakit.convert.pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    assert_refused(capsys, src, tmp_path / "out", match="not enough disk space")
+
+
+def test_rename_failure_leaves_nothing(src, tmp_path, capsys, monkeypatch):
+    def failing_publish(tmp, out, overwrite):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(clakit.convert.pipeline, "publish", failing_publish)
+    out = tmp_path / "out"
+    assert_refused(capsys, src, out, match=f"cannot write {out}: Permission denied")
+
+
+def test_hub_id_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert_refused(capsys, "some-org/some-model", tmp_path / "out", match="'some-org/some-model' does not exist")
+
+
+def test_interrupted_conversion_leaves_nothing(src, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while shards are being written: exit 130, no OUT, no staging folder, the source untouched."""
+
+    def interrupted(tensors, path, metadata=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clakit.convert.checkpoint, "save_file", interrupted)
+    before, out = fingerprint(src), tmp_path / "out"
+    assert run_cli(src, out, "-q") == 130
+    assert capsys.readouterr().err.strip() == "clakit: interrupted"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert fingerprint(src) == before
