@@ -7,8 +7,8 @@ Under CLA a group's members all read the producer's K/V, computed from the *prod
 
 where l runs over the group's members, w^l is layer l's own k_proj (or v_proj) and F[l, c] is a diagonal Fisher
 weight: the squared gradient of the LM loss with respect to layer l's K (or V) output channel c, summed over tokens.
-Channels the loss is sensitive to are matched first; the weighted error approximates the loss increase (to second
-order), so the same statistics also score candidate groups for `auto_layout`.
+Channels the loss is sensitive to are matched first. The ridge is absolute (scaled by the mean Fisher weight), so
+channels the loss hardly sees are shrunk towards zero rather than fitted to noise.
 
 Everything is computed from per-layer Gram matrices X_l^T X_m (hidden x hidden, fp64) accumulated over the data,
 so memory does not grow with the number of calibration tokens. Keys are fitted pre-RoPE, in k_proj output space:
@@ -26,7 +26,7 @@ from clakit.errors import ClakitError
 
 METHODS = ("calibrated", "reconstruct")
 DEFAULT_RIDGE = 1e-3  # relative to the mean Fisher weight times the mean diagonal of the producer's Gram
-RECONSTRUCT_SEQS = 16  # sequences whose activations reconstruct caches (16 x 512 tokens x 30 layers: ~1 GB fp32)
+RECONSTRUCT_SEQS = 8  # sequences whose activations reconstruct caches (8 x 512 tokens x 30 layers x 2: ~0.5 GB fp32)
 CHARS_PER_TOKEN_CAP = 64  # read at most this many characters per wanted token: bounds tokenisation of huge corpora
 
 

@@ -17,8 +17,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from clakit.convert.calibrate import KVStats, mean_shared, shared_to_overrides
 from clakit.convert.layout import KEY_TEMPLATES, groups
 
-DEFAULT_STEPS = 60
-LEARNING_RATE = 3e-4  # Adam, on weights whose entries are ~1e-2..1e-1
+DEFAULT_STEPS = 200  # SmolLM2, auto layout: 200 steps at lr 3e-3 gave held-out ppl 389 (20 steps at 3e-4: 641)
+LEARNING_RATE = 3e-3  # Adam; measured better than 1e-3 and 3e-4 on SmolLM2
 BATCH_SEQS = 2  # calibration sequences per Adam step
 EVAL_EVERY = 20
 
