@@ -17,6 +17,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from clakit.convert.inmemory import cla_model_from
 from clakit.convert.layout import uniform_layout
+from clakit.eval.kvcache import cache_bytes
 
 SMOLLM2_135M = dict(
     vocab_size=49152,
@@ -34,10 +35,7 @@ def cache_bytes_per_token(model, prompt: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (1, prompt))
     with torch.inference_mode():
         cache = model(ids, use_cache=True).cache
-    held = sum(
-        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
-    )
-    return held / prompt
+    return cache_bytes(cache) / prompt
 
 
 def decode_tokens_per_s(model, batch: int, prompt: int, new_tokens: int) -> float:

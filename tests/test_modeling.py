@@ -11,6 +11,7 @@ from conftest import tiny_kwargs, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from clakit.convert.inmemory import cla_model_from
+from clakit.eval.kvcache import cache_bytes
 from clakit.modeling import LlamaCLAConfig, LlamaCLAForCausalLM, MistralCLAConfig, MistralCLAForCausalLM
 
 LAYOUTS = {
@@ -109,19 +110,13 @@ def test_left_padded_batch_generates_like_unpadded(kind):
     assert torch.equal(padded[0, 4:], alone[0])
 
 
-def cache_tensor_bytes(cache) -> int:
-    return sum(
-        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
-    )
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_cache_holds_only_producers(layout):
     model, cla = cla_pair("llama", LAYOUTS[layout])
     x = ids(length=32)
     with torch.no_grad():
-        ref = cache_tensor_bytes(model(x, use_cache=True).cache)
-        got = cache_tensor_bytes(cla(x, use_cache=True).cache)
+        ref = cache_bytes(model(x, use_cache=True).cache)
+        got = cache_bytes(cla(x, use_cache=True).cache)
         static = StaticCache(config=cla.config, max_cache_len=32)
         cla(x, cache=static, use_cache=True)
     producers = len(set(LAYOUTS[layout]))
@@ -129,7 +124,7 @@ def test_cache_holds_only_producers(layout):
     static_ref = StaticCache(config=model.config, max_cache_len=32)
     with torch.no_grad():
         model(x, cache=static_ref, use_cache=True)
-    assert cache_tensor_bytes(static) * len(LAYOUTS[layout]) == cache_tensor_bytes(static_ref) * producers
+    assert cache_bytes(static) * len(LAYOUTS[layout]) == cache_bytes(static_ref) * producers
 
 
 def grads(model, x, checkpointing: bool) -> dict:
