@@ -18,14 +18,20 @@ def _add_convert(sub) -> None:
     p.add_argument("src", metavar="SRC", help="checkpoint folder, Hugging Face Hub id (org/name) or .gguf file")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
     layout = p.add_argument_group("layout (one of)").add_mutually_exclusive_group()
-    layout.add_argument("--factor", type=int, help="uniform CLA-K: groups of K adjacent layers (default 2)")
+    layout.add_argument(
+        "--factor", type=int, help="uniform CLA-K: groups of K adjacent layers (default without --calib-data: 2)"
+    )
     layout.add_argument("--kv-source-layers", metavar="LIST", help="explicit layout, e.g. 0,0,2,2 (one per layer)")
-    layout.add_argument("--layout", choices=["auto"], help="choose the layout on calibration data (--kv-saving)")
-    p.add_argument("--kv-saving", type=float, help="with --layout auto: fraction of the KV cache to save, e.g. 0.5")
+    layout.add_argument(
+        "--layout", choices=["auto"], help="choose the layout on calibration data (default with --calib-data)"
+    )
+    p.add_argument(
+        "--kv-saving", type=float, help="with --layout auto: fraction of the KV cache to save (default 0.5)"
+    )
     p.add_argument(
         "--init",
         choices=["producer", "mean", "calibrated", "reconstruct"],
-        help="shared K/V initialisation (default: mean; calibrated when --calib-data is given)",
+        help="shared K/V initialisation (default: mean; reconstruct when --calib-data is given)",
     )
     p.add_argument(
         "--calib-data", nargs="+", metavar="TEXT", help="calibration text: files, folders, NAME:CONFIG:SPLIT"
@@ -145,7 +151,7 @@ def _add_fetch_demo(sub) -> None:
 def _add_demo(sub) -> None:
     """`clakit demo` -> clakit.eval (issue 4; grows with uptrain, issue 5)."""
     p = sub.add_parser(
-        "demo", help="fetch SmolLM2, convert it to CLA2, uptrain it, evaluate all three, write the report"
+        "demo", help="fetch SmolLM2, convert it to CLA (half the KV cache), uptrain it, evaluate all three, report"
     )
     p.add_argument("--work-dir", default="clakit-demo", help="where models and reports go (default ./clakit-demo)")
     p.add_argument("--cache-dir", help="fetch-demo cache (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)")

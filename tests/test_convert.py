@@ -172,9 +172,10 @@ def test_calibrated_init_is_the_fitted_model_and_beats_mean(tiny_llama_checkpoin
 
     calib = corpus_dir / "calib.txt"
     out = tmp_path / "cal"
-    assert run_cli(tiny_llama_checkpoint, out, "--calib-data", calib, "--calib-tokens", "2048", "-q") == 0
+    args = ("--factor", "2", "--init", "calibrated", "--calib-data", calib, "--calib-tokens", "2048", "-q")
+    assert run_cli(tiny_llama_checkpoint, out, *args) == 0
     record = read_json(out / "clakit_convert.json")["settings"]
-    assert record["init"] == "calibrated" and record["calib_tokens"] == 2048  # the default init once data is given
+    assert record["init"] == "calibrated" and record["calib_tokens"] == 2048
     source = load(tiny_llama_checkpoint)
     ids = calib_input_ids(tokenizer, load_texts([str(calib)]), 2048, 256)  # 256: the tiny model's context
     overrides = fit_kv(source, [0, 0, 2, 2], ids, "calibrated", progress=False)
@@ -182,6 +183,22 @@ def test_calibrated_init_is_the_fitted_model_and_beats_mean(tiny_llama_checkpoin
     torch.testing.assert_close(logits(load(out)), logits(reference), rtol=1e-5, atol=1e-5)
     mean = cla_model_from(source, [0, 0, 2, 2], "mean")
     assert kl_from(source, load(out), ids) < 0.9 * kl_from(source, mean, ids)  # measured: 0.28 vs 0.35
+
+
+def test_calibration_data_alone_chooses_the_layout_and_reconstructs(tiny_llama_checkpoint, corpus_dir, tmp_path):
+    """With --calib-data alone: the best measured combination (auto layout at half the cache + reconstruct)."""
+    out = tmp_path / "default"
+    args = ("--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "1024", "-q")
+    assert run_cli(tiny_llama_checkpoint, out, *args) == 0
+    record = read_json(out / "clakit_convert.json")
+    settings = record["settings"]
+    assert (settings["init"], settings["layout"]) == ("reconstruct", "auto")
+    assert settings["kv_saving"] >= 0.5 and record["auto_layout"]["kv_saving_requested"] == 0.5
+    assert read_json(out / "config.json")["kv_source_layers"] == settings["kv_source_layers"]
+    # an explicit --factor still means uniform CLA-K, with the data-aware init
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "f2", "--factor", "2", *args) == 0
+    settings = read_json(tmp_path / "f2" / "clakit_convert.json")["settings"]
+    assert settings["kv_source_layers"] == [0, 0, 2, 2] and settings["init"] == "reconstruct"
 
 
 def test_fitted_kv_keep_the_checkpoint_dtype(tiny_llama_checkpoint, corpus_dir, tmp_path):

@@ -26,14 +26,16 @@ TINY = dict(calib_tokens=512, seq_len=32, max_tokens=400, batch_size=2, decode_s
 def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_assets):
     out = demo.run_demo(tmp_path / "work", assets=tiny_assets, settings=demo.DemoSettings(**TINY))
     assert {p.name for p in out.iterdir()} == {"report.md", "ppl_vs_kv.png", "report.html"}
-    orig, cla2 = (json.loads((tmp_path / "work" / "reports" / f"{n}.json").read_text()) for n in ("original", "cla2"))
+    orig, cla2 = (
+        json.loads((tmp_path / "work" / "reports" / f"{n}.json").read_text()) for n in ("original", "converted")
+    )
     assert orig["data"] == cla2["data"] and orig["num_tokens"] == cla2["num_tokens"] == 400
     assert cla2["kv_cache"]["measured_bytes"] * 2 == orig["kv_cache"]["measured_bytes"]
     assert cla2["kv_cache"]["saving_factor"] == 2.0 and cla2["kv_cache"]["source"] == str(tiny_assets.model)
-    record = json.loads((tmp_path / "work" / "cla2" / "clakit_convert.json").read_text())
-    assert record["settings"]["init"] == "calibrated"  # the best init the converter has when given data
+    record = json.loads((tmp_path / "work" / "converted" / "clakit_convert.json").read_text())
+    assert (record["settings"]["init"], record["settings"]["layout"]) == ("reconstruct", "auto")  # the data default
     md = (out / "report.md").read_text()
-    assert "| original |" in md and "| cla2 |" in md
+    assert "| original |" in md and "| converted |" in md
     summary = json.loads((tmp_path / "work" / "demo.json").read_text())
     assert list(summary["timings_s"]) == ["fetch", "convert", "uptrain", "eval", "report"]
 
@@ -42,7 +44,7 @@ def test_demo_with_recovery_reports_original_converted_and_uptrained(tmp_path, t
     settings = demo.DemoSettings(**{**TINY, "uptrain_steps": 4, "uptrain_seq_len": 32})
     out = demo.run_demo(tmp_path / "work", assets=tiny_assets, settings=settings)
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")][1:]
-    assert [r.split("|")[1].strip() for r in rows] == ["original", "cla2", "uptrained"]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", "converted", "uptrained"]
     up = json.loads((tmp_path / "work" / "reports" / "uptrained.json").read_text())
     assert up["kv_cache"]["saving_factor"] == 2.0  # the uptrained model keeps the CLA2 cache
     assert (tmp_path / "work" / "uptrain" / "model" / "modeling_cla.py").is_file()

@@ -224,3 +224,23 @@ def test_scoring_hooks_match_the_cla_model(kind, calib_ids):
             h.remove()
     with torch.no_grad():  # and the hooks are gone
         assert not torch.allclose(model(calib_ids[:2]).logits, expected(calib_ids[:2]).logits)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_scoring_from_cached_layer_inputs_matches_the_full_forward(kind, calib_ids):
+    """Candidates are scored from the producer's cached input: the same NLL as a forward from the start."""
+    from clakit.convert.autolayout import _nll, _share_hooks, _tail_nll, layer_inputs
+
+    model = tiny_model(kind, num_hidden_layers=6)
+    ids = calib_ids[:2]
+    base, hidden = _nll(model, ids), layer_inputs(model, ids)
+    for members in ([1, 2], [3, 4, 5], [0, 1]):
+        handles = _share_hooks(model, members)
+        try:
+            full = _nll(model, ids)
+            assert full != pytest.approx(base, rel=1e-4)  # the candidate does change the model
+            assert _tail_nll(model, members[0], hidden[members[0]], ids) == pytest.approx(full, rel=1e-5)
+        finally:
+            for h in handles:
+                h.remove()
+    assert len(model.model.layers) == 6  # the stack is restored

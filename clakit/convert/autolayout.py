@@ -66,13 +66,53 @@ def _share_hooks(model, members: list[int]) -> list:
     return handles
 
 
-def group_cost(model, members: list[int], input_ids: torch.Tensor, base_nll: float) -> float:
-    """Measured NLL increase per token when only `members` share K/V (mean init); 0 for a single layer."""
+@torch.no_grad()
+def layer_inputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per decoder layer, the (n_seq, seq, hidden) residual stream entering it on `input_ids` (the stock model)."""
+    layers = model.model.layers
+    captured = [[] for _ in layers]
+    hooks = [layer.register_forward_pre_hook(_keeper(captured[i])) for i, layer in enumerate(layers)]
+    try:
+        for row in input_ids:
+            model.model(row[None], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(c) for c in captured]
+
+
+def _keeper(store: list):
+    return lambda module, args: store.append(args[0].detach())
+
+
+@torch.no_grad()
+def _tail_nll(model, start: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Mean NLL of a forward that starts at decoder layer `start` from its cached inputs `hidden` (n_seq, seq,
+    hidden): the layers before a candidate group compute what the stock model does, so they are not rerun."""
+    body = model.model
+    full = body.layers
+    body.layers = full[start:]
+    try:
+        losses = [
+            model(inputs_embeds=h[None], labels=row[None], use_cache=False).loss.item()
+            for h, row in zip(hidden, input_ids, strict=True)
+        ]
+    finally:
+        body.layers = full
+    return sum(losses) / len(losses)
+
+
+def group_cost(model, members: list[int], input_ids: torch.Tensor, base_nll: float, hidden=None) -> float:
+    """Measured NLL increase per token when only `members` share K/V (mean init); 0 for a single layer.
+
+    `hidden`: `layer_inputs(model, input_ids)`, to start the forward at the group's producer (about twice faster).
+    """
     if len(members) == 1:
         return 0.0
     handles = _share_hooks(model, members)
     try:
-        return max(0.0, _nll(model, input_ids) - base_nll)
+        nll = _nll(model, input_ids) if hidden is None else _tail_nll(model, members[0], hidden[members[0]], input_ids)
+        return max(0.0, nll - base_nll)
     finally:
         for h in handles:
             h.remove()
@@ -116,10 +156,11 @@ def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int =
     max_group = min(n, max(3, factor + 1))
     ids = input_ids[: max(1, SCORE_TOKENS // input_ids.shape[1])]
     base = _nll(model, ids)
+    hidden = layer_inputs(model, ids)
     runs = [(i, j) for i in range(n) for j in range(i, min(n, i + max_group))]
     costs = {}
     for i, j in tqdm(runs, desc="scoring groups", disable=not progress, leave=False):
-        costs[(i, j)] = group_cost(model, list(range(i, j + 1)), ids, base)
+        costs[(i, j)] = group_cost(model, list(range(i, j + 1)), ids, base, hidden)
     candidates = {"dp": best_partition(costs, n, producers), f"uniform_cla{factor}": uniform_layout(n, factor)}
     measured = {name: _nll(cla_model_from(model, lay, init="mean"), ids) - base for name, lay in candidates.items()}
     chosen = min(measured, key=measured.get)

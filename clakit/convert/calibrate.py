@@ -71,6 +71,7 @@ class KVStats:
     loss: float = 0.0  # mean LM loss of the model on the data (nats/token)
     acts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # see collect_stats
     eig: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # cache of eigh(gram[(l, l)])
+    ids: torch.Tensor | None = None  # (kept sequences, seq) token ids of the sequences whose `acts` are kept
 
     def cross(self, a: int, b: int) -> torch.Tensor:
         return self.gram[(a, b)] if a <= b else self.gram[(b, a)].T
@@ -143,6 +144,7 @@ def collect_stats(
             for a, b in pairs:
                 stats.gram[(a, b)] = stats.gram.get((a, b), 0) + xs[a].T @ xs[b]
             if keep and len(stats.acts[keep[0]]) < keep_seqs:
+                stats.ids = row[None] if stats.ids is None else torch.cat([stats.ids, row[None]])
                 for i in keep:
                     stats.acts[i].append((inputs[i][0].float(), inputs[("y", i)][0].float()))
     finally:

@@ -26,11 +26,11 @@ REPORTERS = ("none", "tensorboard")
 class ConvertSection:
     """Arguments of `clakit.convert.convert` for converting `model.source` on the fly."""
 
-    factor: int | None = 2
+    factor: int | None = None  # None: the converter decides (auto layout with calib_data, else CLA2)
     kv_source_layers: list[int] | None = None
     layout: str | None = None  # "auto": the converter picks the layout for `kv_saving`
     kv_saving: float | None = None
-    init: str | None = None  # None: "mean" without calib_data, "calibrated" with it (the converter's default)
+    init: str | None = None  # None: "mean" without calib_data, "reconstruct" with it (the converter's default)
     calib_data: list[str] | None = None
     calib_tokens: int = 32768
     dtype: str | None = None
