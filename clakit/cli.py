@@ -86,7 +86,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--revision", help="Hub revision of MODEL")
     p.add_argument("--source-model", help="the model MODEL was converted from, for the KV saving factor")
     p.add_argument("--trust-remote-code", action="store_true", help="allow MODEL's own modeling code")
-    p.add_argument("--lm-eval-tasks", help="comma-separated lm-eval tasks (needs clakit[lm-eval])")
+    p.add_argument(
+        "--lm-eval-tasks",
+        help="comma-separated lm-eval task names or task YAML files (needs clakit[lm-eval]; stock tasks need the Hub)",
+    )
+    p.add_argument("--lm-eval-include", nargs="+", metavar="DIR", help="folders of extra lm-eval task YAML files")
+    p.add_argument("--lm-eval-limit", type=int, help="score at most N documents per lm-eval task")
+    p.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per lm-eval prompt (default: the task's)")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -105,6 +111,9 @@ def _add_eval(sub) -> None:
             trust_remote_code=args.trust_remote_code,
             source_model=args.source_model,
             lm_eval_tasks=args.lm_eval_tasks,
+            lm_eval_include=args.lm_eval_include,
+            lm_eval_limit=args.lm_eval_limit,
+            lm_eval_fewshot=args.lm_eval_fewshot,
             speed=not args.no_speed,
             quiet=args.quiet,
         )
@@ -112,6 +121,10 @@ def _add_eval(sub) -> None:
             f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
             f"KV {report['kv_cache']['bytes_per_token']:,} bytes/token -> {write_json(report, args.output)}"
         )
+        if report.get("lm_eval"):
+            from clakit.eval.harness import summary
+
+            print(summary(report["lm_eval"]))
 
     p.set_defaults(run=run)
 

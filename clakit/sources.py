@@ -6,12 +6,15 @@ through `clakit.convert`; everything that needs a whole model in memory (eval, t
 """
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from clakit.errors import ClakitError
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
+# What transformers' and gguf's GGUF readers raise on a cut or garbled file (unpacking past the end, numpy reshapes).
+GGUF_READ_ERRORS = (ValueError, OSError, KeyError, IndexError, EOFError, struct.error)
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,8 @@ def load_config(source: Source, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(
             source.load_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
-    except ValueError as e:
-        raise ClakitError(f"cannot read the config of {source.spec}: {str(e).splitlines()[0][:300]}") from None
+    except _errors(source, ValueError) as e:
+        raise _read_error(source, "read the config of", e) from None
 
 
 def load_model(source: Source, dtype=None, trust_remote_code: bool = False, device: str | None = None):
@@ -93,8 +96,8 @@ def load_model(source: Source, dtype=None, trust_remote_code: bool = False, devi
             trust_remote_code=trust_remote_code,
             **kwargs,
         )
-    except (ValueError, OSError, KeyError) as e:
-        raise ClakitError(f"cannot load {source.spec} as a causal LM: {str(e).splitlines()[0][:300]}") from None
+    except _errors(source, ValueError, OSError, KeyError) as e:
+        raise _read_error(source, "load as a causal LM", e) from None
     if device:
         model.to(device)
     return model.eval()
@@ -106,5 +109,39 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         return AutoTokenizer.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code, **kwargs)
-    except (ValueError, OSError) as e:
-        raise ClakitError(f"cannot load the tokenizer of {source.spec}: {str(e).splitlines()[0][:300]}") from None
+    except _errors(source, ValueError, OSError) as e:
+        raise _read_error(source, "load the tokenizer of", e) from None
+
+
+def _errors(source: Source, *errors: type) -> tuple:
+    """The exceptions that mean "this source cannot be read" (a GGUF file's reader fails in more ways)."""
+    return GGUF_READ_ERRORS if source.kind == "gguf" else errors
+
+
+def _read_error(source: Source, doing: str, e: Exception) -> ClakitError:
+    """One line: what failed, and for a .gguf file whether it is empty, not GGUF, truncated or damaged."""
+    problem = gguf_problem(source.path) if source.kind == "gguf" else None
+    if problem:
+        return ClakitError(f"cannot read {source.spec}: {problem}; download or convert the .gguf file again")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return ClakitError(f"cannot {doing} {source.spec}: {first}")
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why a .gguf file is unreadable (empty, not GGUF, truncated, damaged), or None when its structure is sound.
+
+    Only called after a read failed: the gguf package's reader parses the whole header (~2 s for SmolLM2-135M)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return "it does not start with the GGUF magic bytes, so it is not a GGUF file"
+    try:
+        from gguf import GGUFReader
+
+        tensors = GGUFReader(path).tensors
+    except Exception:  # header, tensor table or data cut short: struct / numpy reshape errors
+        return f"the GGUF file is truncated or damaged ({size:,} bytes that the gguf reader cannot parse)"
+    need = max((t.data_offset + t.n_bytes for t in tensors), default=0)
+    return f"the GGUF file is truncated ({size:,} bytes; its tensors need {need:,})" if need > size else None

@@ -20,6 +20,9 @@ MUST_MATCH = (
     ("settings", "max_tokens"),
     ("settings", "batch_size"),
 )
+# lm-eval scores are comparable when both runs scored the same documents with the same prompts.
+LM_EVAL_MUST_MATCH = (("lm_eval", "settings", "limit"), ("lm_eval", "settings", "num_fewshot"))
+LM_EVAL_SKIP = ("num_samples", "num_fewshot")
 COLUMNS = [
     "model",
     "perplexity",
@@ -41,7 +44,8 @@ def _field(report: dict, keys: tuple) -> object:
 def check_comparable(reports: list[dict], paths: list) -> None:
     """Refuse, naming the first differing field, runs that were not made on the same data with the same settings."""
     for report, path in zip(reports[1:], paths[1:], strict=True):
-        for keys in MUST_MATCH:
+        both_lm_eval = bool(reports[0].get("lm_eval")) and bool(report.get("lm_eval"))
+        for keys in MUST_MATCH + (LM_EVAL_MUST_MATCH if both_lm_eval else ()):
             a, b = _field(reports[0], keys), _field(report, keys)
             if a != b:
                 name = ".".join(keys)
@@ -77,15 +81,59 @@ def rows(reports: list[dict]) -> list[list[str]]:
     return out
 
 
-def markdown(reports: list[dict]) -> str:
+def lm_eval_table(reports: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """(columns, rows) of the lm-eval scores, one column per task metric (`value ± stderr`), "–" where a run lacks
+    it; None when no report has lm-eval scores."""
+    scored = [r.get("lm_eval") or {} for r in reports]
+    metrics = {}  # (task, metric) in first-seen order
+    for lm in scored:
+        for task, row in (lm.get("tasks") or {}).items():
+            metrics.update({(task, k): None for k in row if not k.endswith("_stderr") and k not in LM_EVAL_SKIP})
+    if not metrics:
+        return None
+    columns = ["model"] + [f"{task} {metric}" for task, metric in metrics]
+    out = []
+    for label, lm in zip(labels(reports), scored, strict=True):
+        tasks = lm.get("tasks") or {}
+        out.append([label] + [_score(tasks.get(task, {}), metric) for task, metric in metrics])
+    return columns, out
+
+
+def _score(row: dict, metric: str) -> str:
+    if metric not in row:
+        return "–"
+    stderr = row.get(f"{metric}_stderr")
+    return f"{row[metric]:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, int | float) else "")
+
+
+def _lm_eval_note(reports: list[dict]) -> str:
+    lm = next(r["lm_eval"] for r in reports if r.get("lm_eval"))
+    s = lm.get("settings") or {}
+    shots = "each task's default" if s.get("num_fewshot") is None else s["num_fewshot"]
+    docs = s.get("limit") or "all"
+    return f"lm-evaluation-harness {lm.get('version')}; documents per task: {docs}; few-shot: {shots}."
+
+
+def _md_table(columns: list[str], body: list[list[str]]) -> list[str]:
+    rule = "|" + "---|" * len(columns)
+    return ["| " + " | ".join(columns) + " |", rule] + ["| " + " | ".join(cells) + " |" for cells in body]
+
+
+def _data_note(reports: list[dict]) -> str:
     s, d = reports[0]["settings"], reports[0]["data"]
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows(reports)]
-    note = (
-        f"\nData: {', '.join(d['sources'])} ({reports[0]['num_tokens']:,} tokens scored, sha256 "
-        f"{d['sha256'][:12]}); seq_len {s['seq_len']}, stride {s['stride']}, batch size {s['batch_size']}.\n"
+    return (
+        f"Data: {', '.join(d['sources'])} ({reports[0]['num_tokens']:,} tokens scored, sha256 "
+        f"{d['sha256'][:12]}); seq_len {s['seq_len']}, stride {s['stride']}, batch size {s['batch_size']}."
     )
-    return "# clakit eval report\n\n" + "\n".join(lines) + "\n" + note
+
+
+def markdown(reports: list[dict]) -> str:
+    table = "\n".join(_md_table(COLUMNS, rows(reports)))
+    text = f"# clakit eval report\n\n{table}\n\n{_data_note(reports)}\n"
+    table = lm_eval_table(reports)
+    if table:
+        text += "\n## lm-eval tasks\n\n" + "\n".join(_md_table(*table)) + "\n\n" + _lm_eval_note(reports) + "\n"
+    return text
 
 
 def plot(reports: list[dict], path: Path) -> None:
@@ -114,18 +162,30 @@ def plot(reports: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _html_table(columns: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><tr>{head}</tr>{cells}</table>"
+
+
+def _html_lm_eval(reports: list[dict]) -> str:
+    table = lm_eval_table(reports)
+    if not table:
+        return ""
+    return f"<h2>lm-eval tasks</h2>{_html_table(*table)}<p>{html.escape(_lm_eval_note(reports))}</p>"
+
+
 def page(reports: list[dict], png: Path) -> str:
     image = base64.b64encode(png.read_bytes()).decode()
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows(reports))
     prov = reports[0]["provenance"]
-    note = markdown(reports).split("\n\n")[-1].strip()
+    note = _data_note(reports)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>clakit eval report</title><style>"
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}</style>"
-        f"</head><body><h1>clakit eval report</h1><table><tr>{head}</tr>{body}</table><p>{html.escape(note)}</p>"
+        f"</head><body><h1>clakit eval report</h1>{_html_table(COLUMNS, rows(reports))}<p>{html.escape(note)}</p>"
         f"<img alt='perplexity vs KV-cache bytes per token' src='data:image/png;base64,{image}'>"
+        f"{_html_lm_eval(reports)}"
         f"<p><small>clakit {html.escape(str(prov.get('clakit')))}, transformers "
         f"{html.escape(str(prov.get('transformers')))}, torch {html.escape(str(prov.get('torch')))}</small></p>"
         "</body></html>\n"

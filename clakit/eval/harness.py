@@ -1,8 +1,45 @@
-"""Optional lm-evaluation-harness tasks (`pip install "clakit[lm-eval]"`) run on the already-loaded model."""
+"""Optional lm-evaluation-harness tasks (`pip install "clakit[lm-eval]"`) run on the already-loaded model.
+
+Tasks are lm-eval task names (`hellaswag`, `arc_easy`: their datasets come from the Hugging Face Hub) or paths to
+task YAML files, which can read local data (`dataset_path: json` + `dataset_kwargs: {data_files: ...}`), so a task
+runs offline. `include` folders are scanned for more task YAMLs (lm-eval's `--include_path`).
+
+The scores land in the report as
+    {"tasks": {task: {"acc": 0.61, "acc_stderr": 0.02, ..., "num_samples": 500, "num_fewshot": 0}},
+     "settings": {"tasks": [...], "include": [...], "limit": ..., "num_fewshot": ..., "batch_size": ...},
+     "version": "0.4.x"}
+Metric keys are lm-eval's `metric,filter` keys with the default filter `,none` dropped (`acc,none` -> `acc`).
+"""
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from clakit.errors import ClakitError
 
 INSTALL_HINT = 'pip install "clakit[lm-eval]"'
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class Tasks:
+    """What to run, checked (names known, files present, datasets loadable) before any model is loaded."""
+
+    specs: list[str]  # task / group / tag names, or absolute paths of task YAML files
+    include: list[str] = field(default_factory=list)  # extra folders of task YAMLs
+    limit: int | None = None  # at most this many documents per task (lm-eval's --limit)
+    num_fewshot: int | None = None  # None: each task's own default
+    manager: object = None  # the lm_eval TaskManager that resolved the specs
+
+    def settings(self, batch_size: int) -> dict:
+        return {
+            "tasks": self.specs,
+            "include": self.include,
+            "limit": self.limit,
+            "num_fewshot": self.num_fewshot,
+            "batch_size": batch_size,
+        }
 
 
 def parse_tasks(tasks: str | list[str] | None) -> list[str]:
@@ -20,18 +57,149 @@ def require_lm_eval() -> None:
         raise ClakitError(f"--lm-eval-tasks needs lm-evaluation-harness (not installed): {INSTALL_HINT}") from None
 
 
-def run_tasks(model, tokenizer, tasks: list[str], batch_size: int) -> dict:
-    """lm-eval's HF wrapper around the in-memory model (CLA classes are registered by `import clakit`)."""
+def _is_path(spec: str) -> bool:
+    return spec.endswith(YAML_SUFFIXES) or "/" in spec
+
+
+def _spec(spec: str) -> str:
+    """A task name as given; a task file as an absolute path (lm-eval resolves names before paths)."""
+    if not _is_path(spec):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ClakitError(f"lm-eval task file {spec} does not exist; give a task YAML file or a task name")
+    return str(path.resolve())
+
+
+def _folders(include) -> list[str]:
+    folders = [include] if isinstance(include, str | Path) else list(include or [])
+    for f in folders:
+        if not Path(f).expanduser().is_dir():
+            raise ClakitError(f"--lm-eval-include {f} is not a folder; give a folder of lm-eval task YAML files")
+    return [str(Path(f).expanduser().resolve()) for f in folders]
+
+
+def _check_count(name: str, value, allow_zero: bool) -> None:
+    if value is not None and (not isinstance(value, int) or value < (0 if allow_zero else 1)):
+        raise ClakitError(f"--{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value}")
+
+
+def prepare(tasks, include=None, limit: int | None = None, num_fewshot: int | None = None) -> Tasks | None:
+    """Check the lm-eval settings and load each task once (names, files, datasets): None when no task is asked for.
+
+    Loading here, before the model, makes an unknown name or an unreachable dataset fail in seconds.
+    """
+    specs = parse_tasks(tasks)
+    if not specs:
+        if include or limit is not None or num_fewshot is not None:
+            raise ClakitError("--lm-eval-include/--lm-eval-limit/--lm-eval-fewshot need --lm-eval-tasks")
+        return None
     require_lm_eval()
+    _check_count("lm-eval-limit", limit, allow_zero=False)
+    _check_count("lm-eval-fewshot", num_fewshot, allow_zero=True)
+    specs, folders = [_spec(s) for s in specs], _folders(include)
+    # lm-eval's own index (~15k task files) takes seconds to build: skip it when every task is a local file.
+    builtin = any(not _is_path(s) for s in specs)
+    manager = _load(specs, folders, builtin)
+    return Tasks(specs, folders, limit, num_fewshot, manager)
+
+
+def _load(specs: list[str], folders: list[str], builtin: bool):
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=folders or None, include_defaults=builtin)
+    try:
+        with _lm_eval_errors_only():
+            manager.load(specs)
+    except KeyError as e:
+        if not builtin:  # a local group file may name built-in tasks
+            return _load(specs, folders, True)
+        raise ClakitError(f"unknown lm-eval task: {_first_line(e)}; see `lm-eval ls tasks`") from None
+    except Exception as e:  # datasets offline or missing, bad YAML
+        where = (
+            "stock tasks download their data from the Hugging Face Hub (run once online, datasets caches it) "
+            "or give a task YAML reading local files"
+            if builtin
+            else "check the task file's dataset_path / dataset_kwargs"
+        )
+        raise ClakitError(f"lm-eval could not load {','.join(specs)}: {_first_line(e)}; {where}") from None
+    return manager
+
+
+@contextmanager
+def _lm_eval_errors_only():
+    """lm-eval logs much at INFO/WARNING that does not apply to a model handed over in memory (e.g. "do not launch
+    via accelerate"); keep its errors only, for the duration of the call."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def run_tasks(model, tokenizer, tasks: Tasks | str | list[str], batch_size: int) -> dict:
+    """lm-eval's HF wrapper (HFLM) around the in-memory model; CLA classes are registered by `import clakit`."""
+    if not isinstance(tasks, Tasks):
+        tasks = prepare(tasks)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        results = simple_evaluate(model=lm, tasks=tasks)
-    except Exception as e:  # unknown task names, datasets offline: user-facing
-        raise ClakitError(f"lm-eval could not run {','.join(tasks)}: {str(e).strip().splitlines()[0][:300]}") from None
-    return {
-        task: {k: v for k, v in scores.items() if isinstance(v, int | float)}
-        for task, scores in results["results"].items()
-    }
+        with _lm_eval_errors_only():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            results = simple_evaluate(
+                model=lm,
+                tasks=tasks.specs,
+                task_manager=tasks.manager,
+                limit=tasks.limit,
+                num_fewshot=tasks.num_fewshot,
+                log_samples=False,
+            )
+    except Exception as e:  # a task that loads but cannot run on this model (e.g. longer than its context)
+        raise ClakitError(f"lm-eval could not run {','.join(tasks.specs)}: {_first_line(e)}") from None
+    return {"tasks": scores(results), "settings": tasks.settings(batch_size), "version": _version()}
+
+
+def scores(results: dict) -> dict:
+    """{task: {metric: value, num_samples, num_fewshot}} from simple_evaluate's results (numbers only)."""
+    out = {}
+    for task, metrics in results["results"].items():
+        row = {_metric(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and "," in k}
+        samples = results.get("n-samples", {}).get(task, {})
+        if "effective" in samples:
+            row["num_samples"] = samples["effective"]
+        if task in results.get("n-shot", {}):
+            row["num_fewshot"] = results["n-shot"][task]
+        out[task] = row
+    return out
+
+
+def _metric(key: str) -> str:
+    name, _, filt = key.partition(",")
+    return name if filt == "none" else key
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def summary(lm_eval: dict) -> str:
+    """`task: acc 0.612 ± 0.022, acc_norm ...` per task, one line each, for the CLI."""
+    lines = []
+    for task, row in lm_eval["tasks"].items():
+        shown = [
+            f"{k} {v:.4f}" + (f" ± {row[k + '_stderr']:.4f}" if k + "_stderr" in row else "")
+            for k, v in row.items()
+            if not k.endswith("_stderr") and k not in ("num_samples", "num_fewshot")
+        ]
+        lines.append(f"  lm-eval {task} ({row.get('num_samples', '?')} docs): {', '.join(shown)}")
+    return "\n".join(lines)

@@ -146,6 +146,9 @@ def evaluate(
     trust_remote_code: bool = False,
     source_model: str | None = None,
     lm_eval_tasks=None,
+    lm_eval_include=None,
+    lm_eval_limit: int | None = None,
+    lm_eval_fewshot: int | None = None,
     speed: bool = True,
     quiet: bool = False,
     text: str | None = None,
@@ -156,17 +159,19 @@ def evaluate(
     """Evaluate `model` (checkpoint folder, Hub id, .gguf path, or an in-memory causal LM with `tokenizer`).
 
     `data`: text files, folders of .txt or datasets specs (default wikitext-2 test; needs the Hub); `text`: raw
-    text instead. Returns the report dict (see docs/eval.md); every input is checked before the model is loaded.
+    text instead. `lm_eval_tasks`: lm-eval task names or task YAML paths (see clakit.eval.harness), scored under
+    the report's `lm_eval`. Returns the report dict (see docs/eval.md); every input is checked before the model is
+    loaded.
     """
     stride = check_settings(seq_len, stride, max_tokens, batch_size, kv_budget_gb)
-    tasks = harness.parse_tasks(lm_eval_tasks)
-    if tasks:
-        harness.require_lm_eval()
+    if harness.parse_tasks(lm_eval_tasks):
+        harness.require_lm_eval()  # before anything slow; the tasks themselves are loaded just before the model
     source = _resolve(model, tokenizer, revision, trust_remote_code)
     texts = _texts(data, text)
     if tokenizer is None:  # before the model: a text too short is refused in seconds
         tokenizer = _tokenizer(source, trust_remote_code)
     tokens = _tokens(tokenizer, texts, seq_len, max_tokens)
+    tasks = harness.prepare(lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot)
     loaded = _load(model, source, tokenizer, trust_remote_code, device, name)
     settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
     report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}

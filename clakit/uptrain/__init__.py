@@ -4,12 +4,10 @@ from clakit.uptrain import uptrain, load_recipe
 result_dir = uptrain("recipes/smollm2/135m_cla2_cpu.yaml", ["train.max_steps=10"])
 """
 
-from pathlib import Path
-
 from clakit.uptrain.pipeline import uptrain
-from clakit.uptrain.recipe import Recipe, load_recipe
+from clakit.uptrain.recipe import Recipe, load_recipe, resolve_recipe, shipped_recipes
 
-# the CPU recipe on the demo assets of `clakit fetch-demo` (in a source checkout: recipes/ beside the package)
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2" / "135m_cla2_cpu.yaml"
+# the CPU recipe on the demo assets of `clakit fetch-demo`: recipes/ in a checkout, package data when installed
+DEFAULT_RECIPE = shipped_recipes() / "smollm2" / "135m_cla2_cpu.yaml"
 
-__all__ = ["DEFAULT_RECIPE", "Recipe", "load_recipe", "uptrain"]
+__all__ = ["DEFAULT_RECIPE", "Recipe", "load_recipe", "resolve_recipe", "shipped_recipes", "uptrain"]

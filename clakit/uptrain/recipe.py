@@ -8,6 +8,7 @@ peft's `LoraConfig` names.
 
 import dataclasses
 import hashlib
+import importlib.resources
 import json
 import types
 import typing
@@ -203,9 +204,33 @@ def apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def shipped_recipes() -> Path:
+    """The recipes that come with clakit: the repo's recipes/ when running from a source checkout, else the same
+    files installed as package data `clakit.recipes` (pyproject maps recipes/ onto that package; no copy)."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "recipes").is_dir() and (root / "pyproject.toml").is_file():
+        return root / "recipes"
+    return Path(str(importlib.resources.files("clakit.recipes")))  # a regular package: a real folder
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """`path` when it exists; else the shipped recipe it names, written as in the docs (`recipes/smollm2/x.yaml`)
+    or short (`smollm2/x`), so the documented commands work from any folder after `pip install clakit`."""
+    given = Path(path).expanduser()
+    if given.is_file() or given.is_absolute():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("recipes",) else given.parts
+    if not parts:
+        return given
+    shipped = shipped_recipes().joinpath(*parts)
+    shipped = shipped if shipped.suffix in (".yaml", ".yml") else shipped.with_name(shipped.name + ".yaml")
+    return shipped if shipped.is_file() else given
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ClakitError(f"recipe {path} does not exist; give the path of a recipe YAML file (see recipes/)")
+        names = ", ".join(sorted(str(p.relative_to(shipped_recipes())) for p in shipped_recipes().rglob("*.yaml")))
+        raise ClakitError(f"recipe {path} does not exist; give a recipe YAML file or a shipped recipe ({names})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -219,7 +244,7 @@ def _read_yaml(path: Path) -> dict:
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe; ClakitError names the first problem."""
-    raw = _read_yaml(Path(path).expanduser())
+    raw = _read_yaml(resolve_recipe(path))
     for override in overrides:
         apply_override(raw, override)
     recipe = _build(Recipe, raw, "")

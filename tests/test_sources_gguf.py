@@ -1,0 +1,78 @@
+"""A damaged .gguf (empty, not GGUF, header or tensor data cut short) is one line naming the problem, from the
+library and from `clakit eval`, with no traceback and no output; a sound file is not called damaged."""
+
+import numpy as np
+import pytest
+from conftest import make_text
+
+from clakit.cli import main
+from clakit.errors import ClakitError
+from clakit.sources import gguf_problem, load_config, resolve_source
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A small, sound GGUF file (llama metadata, two fp32 tensors) written with the gguf package."""
+    import gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(64)
+    writer.add_embedding_length(16)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((8, 16), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def broken(tiny_gguf, tmp_path, kind: str):
+    data = tiny_gguf.read_bytes()
+    content = {
+        "empty": b"",
+        "garbage": bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)),
+        "header_cut": data[:60],  # inside the metadata
+        "data_cut": data[:-100],  # inside the last tensor
+    }[kind]
+    path = tmp_path / f"{kind}.gguf"
+    path.write_bytes(content)
+    return path
+
+
+CASES = [
+    ("empty", "the file is empty"),
+    ("garbage", "not a GGUF file"),
+    ("header_cut", "the GGUF file is truncated or damaged (60 bytes"),
+    ("data_cut", "the GGUF file is truncated or damaged"),
+]
+
+
+def test_sound_gguf_reads_and_is_not_called_damaged(tiny_gguf):
+    assert gguf_problem(tiny_gguf) is None
+    assert load_config(resolve_source(str(tiny_gguf))).hidden_size == 16
+
+
+@pytest.mark.parametrize(("kind", "needle"), CASES)
+def test_damaged_gguf_is_one_clakit_error(tiny_gguf, tmp_path, kind, needle):
+    path = broken(tiny_gguf, tmp_path, kind)
+    with pytest.raises(ClakitError) as e:
+        load_config(resolve_source(str(path)))
+    assert needle in str(e.value) and "\n" not in str(e.value) and path.name in str(e.value)
+
+
+@pytest.mark.parametrize(("kind", "needle"), CASES[1:3])
+def test_clakit_eval_on_a_damaged_gguf_exits_2_with_one_line(capsys, tiny_gguf, tmp_path, kind, needle):
+    path, report = broken(tiny_gguf, tmp_path, kind), tmp_path / "r.json"
+    (tmp_path / "text.txt").write_text(make_text(300, 3))
+    code = main(["eval", str(path), "-o", str(report), "--data", str(tmp_path / "text.txt"), "--seq-len", "16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("clakit: error: cannot read") and err.count("\n") == 1 and needle in err
+    assert not report.exists() and path.stat().st_size in (60, 4096)  # the source untouched
