@@ -14,6 +14,7 @@ and measures held-out perplexity (text never used for calibration). Prints a JSO
 
     python benchmarks/quality_bench.py --savings 0.5 --out quality.json --plot quality.png
     python benchmarks/quality_bench.py --calib-tokens 2048 --eval-tokens 4096 --savings 0.5   # quick look
+    python benchmarks/quality_bench.py --savings "" --model uptrained=runs/x/model    # a saved checkpoint only
 """
 
 import argparse
@@ -67,17 +68,37 @@ def uniform_for(num_layers: int, saving: float) -> list[int]:
     return uniform_layout(num_layers, factor)
 
 
-def convert(model, method: str, saving: float, calib_ids: torch.Tensor, steps: int | None) -> tuple:
-    """(CLA model, layout, extra record) for one method at one saving; timed by the caller."""
+def convert(model, method: str, saving: float, calib_ids: torch.Tensor, steps: int | None, layouts: dict) -> tuple:
+    """(CLA model, layout, extra record) for one method at one saving; timed by the caller.
+
+    `layouts` caches the auto layout per saving (the first auto method of a saving pays for choosing it)."""
     n = model.config.num_hidden_layers
     extra = {}
     if method.startswith("auto+"):
-        layout, extra["auto_layout"] = auto_layout(model, calib_ids, saving, progress=False)
+        if saving not in layouts:
+            layouts[saving] = auto_layout(model, calib_ids, saving, progress=False)
+        layout, extra["auto_layout"] = layouts[saving]
     else:
         layout = uniform_for(n, saving)
     init = method.removeprefix("auto+")
     overrides = {} if init == "mean" else fit_kv(model, layout, calib_ids, init, steps=steps, progress=False)
     return cla_model_from(model, layout, init="mean", overrides=overrides), layout, extra
+
+
+def checkpoint_row(label: str, folder: str, config, heldout: torch.Tensor, original: dict) -> dict:
+    """A saved CLA checkpoint (e.g. after uptraining) measured on the same held-out windows."""
+    from transformers import AutoModelForCausalLM
+
+    import clakit  # noqa: F401  (registers the CLA classes)
+
+    cla = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    layout = list(cla.config.kv_source_layers)
+    ppl = perplexity(cla, heldout)
+    return {
+        "method": label, "kv_saving": kv_saving(layout), "layout": layout, "checkpoint": folder,
+        "kv_bytes_per_token": kv_bytes_per_token(config, layout), "perplexity": ppl,
+        "ratio_to_original": ppl / original["perplexity"],
+    }  # fmt: skip
 
 
 def plot(rows: list[dict], original: dict, path: str) -> None:
@@ -87,16 +108,15 @@ def plot(rows: list[dict], original: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
+    for method in dict.fromkeys(r["method"] for r in rows):  # the methods in order, then any checkpoints
         pts = sorted((r["kv_bytes_per_token"], r["perplexity"]) for r in rows if r["method"] == method)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        ax.plot(*zip(*pts, strict=True), marker="o" if method in METHODS else "*", markersize=8, label=method)
     ax.scatter([original["kv_bytes_per_token"]], [original["perplexity"]], color="black", zorder=5, label="original")
     ax.set_xlabel("KV cache bytes per token (16-bit)")
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title("SmolLM2-135M retrofitted to CLA: conversion only")
+    ax.set_title("SmolLM2-135M retrofitted to CLA (held-out perplexity)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -112,6 +132,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument(
+        "--model", action="append", default=[], metavar="LABEL=DIR",
+        help="also measure a converted/uptrained CLA checkpoint (e.g. the uptraining recipe's output)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,11 +147,11 @@ def main() -> None:
         "perplexity": perplexity(model, heldout),
         "kv_bytes_per_token": kv_bytes_per_token(model.config, list(range(n))),
     }
-    rows = []
-    for saving in [float(s) for s in args.savings.split(",")]:
+    rows, layouts = [], {}
+    for saving in [float(s) for s in args.savings.split(",") if s]:
         for method in args.methods.split(","):
             start = time.perf_counter()
-            cla, layout, extra = convert(model, method, saving, calib, args.steps)
+            cla, layout, extra = convert(model, method, saving, calib, args.steps, layouts)
             wall = time.perf_counter() - start
             ppl = perplexity(cla, heldout)
             rows.append({
@@ -137,6 +161,9 @@ def main() -> None:
                 **({"auto_choice": extra["auto_layout"]["chosen"]} if extra else {}),
             })  # fmt: skip
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for label, folder in (spec.split("=", 1) for spec in args.model):
+        rows.append(checkpoint_row(label, folder, model.config, heldout, original))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     result = {
         "model": str(assets.model), "calib_text": str(assets.calib), "heldout_text": str(assets.heldout),
         "calib_tokens": calib.numel(), "eval_tokens": heldout.numel(), "seq_len": args.seq_len,

@@ -171,6 +171,32 @@ def test_reconstruct_never_increases_the_objective_and_is_deterministic(calib_id
     )
 
 
+def test_reconstruct_trains_o_proj_and_fits_later_groups_on_propagated_inputs(calib_ids):
+    from clakit.convert.reconstruct import _attention_inputs, _partially_converted, reconstruct_overrides
+
+    model = tiny_model("llama")
+    layout = uniform_layout(4, 2)
+    stats = collect_stats(model, calib_ids[:4], group_pairs(layout), keep=range(4), progress=False)
+    closed = calibrated_overrides(model, layout, stats)
+    run = {seq: reconstruct_overrides(model, layout, stats, closed, steps=10, progress=False, sequential=seq)
+           for seq in (False, True)}  # fmt: skip
+    assert {KEY_TEMPLATES["o_proj"].format(i) for i in range(4)} <= set(run[True])
+    first = [k for k in run[True] if ".layers.0." in k or ".layers.1." in k]
+    assert all(torch.equal(run[True][k], run[False][k]) for k in first)  # nothing before the first group
+    assert not torch.equal(run[True][KEY_TEMPLATES["q_proj"].format(3)], run[False][KEY_TEMPLATES["q_proj"].format(3)])
+    # the second group's inputs are those of the model in which only the first group is converted
+    expected = []
+    partial = cla_model_from(model, [0, 0, 2, 3], overrides={k: run[True][k] for k in first})
+    hook = partial.model.layers[3].self_attn.q_proj.register_forward_pre_hook(lambda m, a: expected.append(a[0][0]))
+    with torch.no_grad():
+        for row in stats.ids:
+            partial(row[None])
+    hook.remove()
+    got = _attention_inputs(_partially_converted(model, layout, {0, 1}, run[True], 3), stats.ids, [3])[3]
+    assert len(got) == len(stats.ids) and all(torch.allclose(g, e) for g, e in zip(got, expected, strict=True))
+    assert not torch.allclose(got[0], stats.acts[3][0][0])  # and they differ from the stock model's
+
+
 # --- auto layout ---------------------------------------------------------------------------------------------------
 
 
