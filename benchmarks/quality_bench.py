@@ -150,6 +150,9 @@ def main() -> None:
     rows, layouts = [], {}
     for saving in [float(s) for s in args.savings.split(",") if s]:
         for method in args.methods.split(","):
+            done = [(r["method"], r["layout"]) for r in rows]
+            if not method.startswith("auto+") and (method, uniform_for(n, saving)) in done:
+                continue  # the same uniform layout as a smaller saving (e.g. CLA2 for 0.25 and 0.5): measured once
             start = time.perf_counter()
             cla, layout, extra = convert(model, method, saving, calib, args.steps, layouts)
             wall = time.perf_counter() - start

@@ -213,8 +213,8 @@ def test_smollm2_cpu_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, corpus_dir
     out = tmp_path / "smol"
     overrides = [
         f"model.source={tiny_llama_checkpoint}",
-        "model.convert.init=mean",
-        "model.convert.calib_data=null",
+        f"model.convert.calib_data=[{corpus_dir / 'calib.txt'}]",  # the recipe's own layout/init settings
+        "model.convert.calib_tokens=1024",
         f"model.original={tiny_llama_checkpoint}",
         f"data.train=[{corpus_dir / 'train.txt'}]",
         f"data.eval=[{corpus_dir / 'heldout.txt'}]",
@@ -228,6 +228,8 @@ def test_smollm2_cpu_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, corpus_dir
     result = uptrain(RECIPES / "smollm2" / "135m_cla2_cpu.yaml", overrides, quiet=True)
     assert (result / "model.safetensors").is_file()
     assert json.loads((result / "uptrain.json").read_text())["steps"] == 3
+    converted = json.loads((out / "converted" / "clakit_convert.json").read_text())["settings"]
+    assert (converted["layout"], converted["init"], converted["kv_saving"]) == ("auto", "reconstruct", 0.5)
 
 
 def test_distillation_without_a_known_original_model(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint):  # noqa: F811

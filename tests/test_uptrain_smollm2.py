@@ -14,7 +14,11 @@ def test_real_smollm2_recipe_few_steps_improves_the_converted_model(tmp_path):
     out = tmp_path / "run"
     overrides = [
         f"model.source={assets.gguf}",
-        "model.convert.init=mean",  # the calibrated fit costs minutes on 2 cores; mean shows recovery sooner
+        # uniform CLA2 with mean init: the recipe's data-chosen layout + reconstruct costs minutes on 2 cores
+        "model.convert.layout=null",
+        "model.convert.kv_saving=null",
+        "model.convert.factor=2",
+        "model.convert.init=mean",
         "model.convert.calib_data=null",
         f"data.train=[{assets.train}]",
         f"data.eval=[{assets.heldout}]",
