@@ -62,8 +62,7 @@ def src(tiny_llama_checkpoint, tmp_path) -> Path:
         (["--kv-source-layers", "0;0;2;2"], "must be comma-separated integers"),
         (["--init", "calibrated"], "--init calibrated fits K/V on calibration text: pass --calib-data"),
         (["--init", "reconstruct"], "--init reconstruct fits K/V on calibration text"),
-        (["--layout", "auto"], "--layout auto needs --kv-saving between 0 and 1"),
-        (["--layout", "auto", "--kv-saving", "1.5"], "--layout auto needs --kv-saving between 0 and 1"),
+        (["--layout", "auto"], "--layout auto chooses the layout on calibration text: pass --calib-data"),
         (["--kv-saving", "0.5"], "--kv-saving chooses how much KV cache --layout auto saves"),
         (["--max-shard-size", "lots"], "--max-shard-size must be a size like 5GB"),
         (["--calib-tokens", "0"], "--calib-tokens must be a positive number"),
@@ -241,3 +240,11 @@ def test_interrupted_conversion_leaves_nothing(src, tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err.strip() == "clakit: interrupted"
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert fingerprint(src) == before
+
+
+@pytest.mark.parametrize("saving", ["1.5", "0", "-0.2"])
+def test_kv_saving_out_of_range_with_calibration_data(src, tmp_path, capsys, saving):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text " * 50)
+    args = ("--kv-saving", saving, "--calib-data", calib)
+    assert_refused(capsys, src, tmp_path / "out", *args, match="--layout auto needs --kv-saving between 0 and 1")

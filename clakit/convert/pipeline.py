@@ -118,6 +118,8 @@ def _resolve_layout(factor, kv_source_layers, layout, kv_saving_, calib_data) ->
     """(layout, kv_saving): with calibration data and no layout asked for, choose it from the data."""
     if factor is None and kv_source_layers is None and layout is None and calib_data:
         layout = "auto"
+    if layout == "auto" and not calib_data:
+        raise ClakitError("--layout auto chooses the layout on calibration text: pass --calib-data (a file or folder)")
     if layout == "auto" and kv_saving_ is None:
         kv_saving_ = DEFAULT_KV_SAVING
     return layout, kv_saving_
