@@ -60,7 +60,7 @@ def test_demo_stages_extend(tmp_path, tiny_assets):
     stages.insert(stages.index(next(s for s in stages if s.name == "convert")) + 1, demo.Stage("recover", recover))
     out = demo.run_demo(tmp_path / "w", assets=tiny_assets, stages=stages, settings=demo.DemoSettings(**TINY))
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")][1:]
-    assert [r.split("|")[1].strip() for r in rows] == ["original", "cla2", "recovered"]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", "converted", "recovered"]
 
 
 def test_split_texts_are_disjoint_and_cover_everything():
