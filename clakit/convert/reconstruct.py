@@ -9,7 +9,7 @@ fp32). Sequential (as GPTQ): each group's inputs are recomputed by the model wit
 converted, so a group also learns to absorb what the earlier ones lost; the targets stay the original outputs.
 
 Measured on SmolLM2-135M (auto layout at half the KV cache, 4096 calibration tokens, held-out 8192 tokens, original
-43.99; /tmp/q/exp8.py in docs/quality.md): 100 steps of K/V + q_proj 163; + o_proj 113; + sequential inputs 107.5.
+43.99; benchmarks/reconstruct_variants.py): 100 steps of K/V + q_proj 163; + o_proj 113; + sequential inputs 107.5.
 
 Never worse than its start on the calibration objective: the full-data objective is evaluated at the start and every
 `EVAL_EVERY` steps, and the best weights seen are returned.
