@@ -50,6 +50,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code")
     p.add_argument("--trust-remote-code", action="store_true", help="allow SRC's own code (config/tokenizer)")
     p.add_argument("--seed", type=int, default=0, help="seed for data-aware fitting (default 0)")
+    p.add_argument("--reconstruct-steps", type=int, help="--init reconstruct: Adam steps per group (default 100)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(run=_run_convert)
 
@@ -62,7 +63,7 @@ def _run_convert(args) -> int:
         kv_saving=args.kv_saving, init=args.init, calib_data=args.calib_data, calib_tokens=args.calib_tokens,
         eval_data=args.eval_data, revision=args.revision, dtype=args.dtype, max_shard_size=args.max_shard_size,
         overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-        quiet=args.quiet, seed=args.seed,
+        quiet=args.quiet, seed=args.seed, reconstruct_steps=args.reconstruct_steps,
     )  # fmt: skip
     return 0
 

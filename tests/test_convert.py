@@ -196,9 +196,11 @@ def test_calibration_data_alone_chooses_the_layout_and_reconstructs(tiny_llama_c
     assert settings["kv_saving"] >= 0.5 and record["auto_layout"]["kv_saving_requested"] == 0.5
     assert read_json(out / "config.json")["kv_source_layers"] == settings["kv_source_layers"]
     # an explicit --factor still means uniform CLA-K, with the data-aware init
-    assert run_cli(tiny_llama_checkpoint, tmp_path / "f2", "--factor", "2", *args) == 0
+    assert settings["reconstruct_steps"] == 100  # the default, recorded
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "f2", "--factor", "2", "--reconstruct-steps", "5", *args) == 0
     settings = read_json(tmp_path / "f2" / "clakit_convert.json")["settings"]
     assert settings["kv_source_layers"] == [0, 0, 2, 2] and settings["init"] == "reconstruct"
+    assert settings["reconstruct_steps"] == 5
 
 
 def test_fitted_kv_keep_the_checkpoint_dtype(tiny_llama_checkpoint, corpus_dir, tmp_path):

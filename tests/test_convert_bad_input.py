@@ -66,6 +66,7 @@ def src(tiny_llama_checkpoint, tmp_path) -> Path:
         (["--kv-saving", "0.5"], "--kv-saving chooses how much KV cache --layout auto saves"),
         (["--max-shard-size", "lots"], "--max-shard-size must be a size like 5GB"),
         (["--calib-tokens", "0"], "--calib-tokens must be a positive number"),
+        (["--reconstruct-steps", "0"], "--reconstruct-steps must be a positive number of steps"),
     ],
 )
 def test_bad_settings(src, tmp_path, capsys, args, match):

@@ -66,6 +66,7 @@ class ConvertSettings:
     dtype: str  # dtype of the written weights
     max_shard_size: str
     seed: int
+    reconstruct_steps: int | None = None  # Adam steps per group (init reconstruct)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +92,7 @@ def convert(
     trust_remote_code: bool = False,
     quiet: bool = False,
     seed: int = 0,
+    reconstruct_steps: int | None = None,
 ) -> Path:
     """Convert checkpoint `src` (folder, Hub id or .gguf file) to a CLA checkpoint folder `out`; returns `out`.
 
@@ -100,6 +102,8 @@ def convert(
     """
     layout, kv_saving = _resolve_layout(factor, kv_source_layers, layout, kv_saving, calib_data)
     _check_arguments(factor, kv_source_layers, layout, kv_saving, init, calib_tokens, dtype)
+    if reconstruct_steps is not None and (not isinstance(reconstruct_steps, int) or reconstruct_steps <= 0):
+        raise ClakitError(f"--reconstruct-steps must be a positive number of steps, got {reconstruct_steps}")
     job = _Conversion(
         out=Path(out).expanduser().absolute(),
         source=resolve_source(str(src), revision, allow_pickle),
@@ -109,6 +113,7 @@ def convert(
             calib_data=calib_data, calib_tokens=calib_tokens, eval_data=eval_data, dtype=dtype,
             max_shard_size=max_shard_size, shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
             allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, quiet=quiet, seed=seed,
+            reconstruct_steps=reconstruct_steps,
         ),
     )  # fmt: skip
     return job.run()
@@ -296,7 +301,13 @@ class _Conversion:
             return {}
         self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens...")
         return calibrate.fit_kv(
-            model, self.layout, ids, self.init, seed=self.opt["seed"], progress=not self.opt["quiet"]
+            model,
+            self.layout,
+            ids,
+            self.init,
+            seed=self.opt["seed"],
+            steps=self._reconstruct_steps(),
+            progress=not self.opt["quiet"],
         )
 
     def _write(self, tmp: Path, overrides: dict) -> None:
@@ -402,7 +413,15 @@ class _Conversion:
             calib_data=[t.name for t in self.calib_texts] if self.calib_texts else None,
             calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
             max_shard_size=str(self.opt["max_shard_size"]), seed=self.opt["seed"],
+            reconstruct_steps=self._reconstruct_steps(),
         )  # fmt: skip
+
+    def _reconstruct_steps(self) -> int | None:
+        from clakit.convert.reconstruct import DEFAULT_STEPS
+
+        if self.init != "reconstruct":
+            return None
+        return self.opt["reconstruct_steps"] or DEFAULT_STEPS
 
 
 def _check_free_space(folder: Path, nbytes: int) -> None:

@@ -36,6 +36,7 @@ class ConvertSection:
     calib_tokens: int = 32768
     dtype: str | None = None
     seed: int = 0
+    reconstruct_steps: int | None = None  # init reconstruct: Adam steps per group (None: the converter's default)
 
 
 @dataclass

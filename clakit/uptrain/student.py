@@ -54,6 +54,7 @@ def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
         dtype=c.dtype,
         quiet=quiet,
         seed=c.seed,
+        reconstruct_steps=c.reconstruct_steps,
     )
 
 
