@@ -12,6 +12,7 @@ data and models are ready, so bad input leaves nothing behind.
 """
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -117,6 +118,14 @@ def make_accelerator(train, project_dir: Path):
 
     log_with = ["tensorboard"] if "tensorboard" in train.report_to else None
     acc = Accelerator(mixed_precision="bf16" if train.bf16 else "no", log_with=log_with, project_dir=str(project_dir))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > acc.num_processes:
+        # torchrun on CPU without ACCELERATE_USE_CPU: every process would run the whole job alone, in one folder
+        raise ClakitError(
+            f"launched as {launched} processes but accelerate sees {acc.num_processes}; on CPU run "
+            f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} -m clakit uptrain ...`, "
+            "on GPUs `accelerate launch ...`"
+        )
     set_seed(train.seed)
     return acc
 

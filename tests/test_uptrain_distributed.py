@@ -1,0 +1,85 @@
+"""Several processes (DDP over gloo on CPU, the same code path `accelerate launch` takes on GPUs): two processes of
+batch 1 train to the weights of one process of batch 2, resume after a kill, and a launch accelerate cannot see is
+refused before anything is written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+
+from clakit.uptrain import uptrain
+
+
+def launch(args: list[str], cwd: Path, use_cpu: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m clakit ...`; ACCELERATE_USE_CPU makes accelerate join the processes (gloo)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        command + ["-m", "clakit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def weights(folder: Path) -> dict:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def two_process_recipe(corpus_dir: Path, out: Path, checkpoint: Path, original: Path, batch: int) -> dict:
+    # no dropout: the two runs draw different random numbers; distillation on, so the teacher path is covered too
+    return tiny_recipe(
+        corpus_dir,
+        out,
+        model={"path": str(checkpoint), "original": str(original)},
+        train={"per_device_train_batch_size": batch, "max_steps": 4, "save_steps": 2},
+        lora={"lora_dropout": 0.0, "full_train": ["k_proj", "consumers.q_proj"]},
+        distill={"weight": 0.5, "temperature": 2.0},
+    )
+
+
+def test_two_processes_train_like_one_process_of_twice_the_batch(
+    tiny_cla_checkpoint,  # noqa: F811
+    tiny_llama_checkpoint,
+    corpus_dir,
+    tmp_path,
+):
+    one = two_process_recipe(corpus_dir, tmp_path / "one", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=2)
+    uptrain(write_recipe(tmp_path / "one.yaml", one), quiet=True)
+    two = two_process_recipe(corpus_dir, tmp_path / "two", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=1)
+    proc = launch(["uptrain", str(write_recipe(tmp_path / "two.yaml", two)), "-q"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    record = json.loads((tmp_path / "two" / "model" / "uptrain.json").read_text())
+    assert record["processes"] == 2 and record["train_tokens"] == 4 * 2 * 32
+    a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
+    assert set(a) == set(b)
+    for name in a:  # same blocks per step, gradients averaged by DDP: equal up to the all-reduce's float rounding
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert not torch.allclose(a[k], weights(tiny_cla_checkpoint)[k], atol=1e-4)  # equal because trained alike
+    one_ppl = json.loads((tmp_path / "one" / "eval" / "uptrained.json").read_text())["perplexity"]
+    two_ppl = json.loads((tmp_path / "two" / "eval" / "uptrained.json").read_text())["perplexity"]
+    assert two_ppl == pytest.approx(one_ppl, rel=1e-4)  # the held-out score is split over the processes and reduced
+
+
+def test_launch_that_accelerate_does_not_join_is_refused(
+    tiny_cla_checkpoint,  # noqa: F811
+    tiny_llama_checkpoint,
+    corpus_dir,
+    tmp_path,
+):
+    """torchrun on CPU without ACCELERATE_USE_CPU: each process would run the whole job alone in the same folder."""
+    recipe = two_process_recipe(corpus_dir, tmp_path / "run", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=1)
+    proc = launch(["uptrain", str(write_recipe(tmp_path / "r.yaml", recipe)), "-q"], tmp_path, use_cpu=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clakit: error:")]
+    assert errors and all("launched as 2 processes but accelerate sees 1" in line for line in errors)
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File") and "/clakit/" in line]
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
