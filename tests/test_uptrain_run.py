@@ -1,6 +1,7 @@
 """End-to-end uptraining on tiny models: the result, resume after a kill, and every bad input of the CLI."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,27 @@ def test_distillation_without_a_known_original_model(capsys, tmp_path, corpus_di
     path = write_recipe(tmp_path / "r.yaml", recipe)
     assert_refused(capsys, out, [path], "distillation needs the original model as teacher: set model.original")
     assert_refused(capsys, out, [path, f"model.original={tmp_path / 'gone'}"], "does not exist")
+
+
+def test_bf16_run_with_gradient_checkpointing_saves_one_dtype(tmp_path, corpus_dir, tiny_llama_checkpoint):
+    """The GPU recipes' settings (bf16 autocast, gradient checkpointing), on CPU: the fully trained tensors are kept
+    in fp32 while training and the result goes back to one dtype, so its forward runs outside autocast."""
+    out = tmp_path / "bf16"
+    recipe = tiny_recipe(
+        corpus_dir,
+        out,
+        model={"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "mean"}},
+        train={"bf16": True, "gradient_checkpointing": True, "max_steps": 3, "eval_steps": 2},
+        lora={"full_train": ["k_proj", "v_proj", "consumers.q_proj"]},
+        distill={"weight": 0.5, "temperature": 2.0},
+    )
+    result = uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    final = weights(out)
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    assert not torch.equal(
+        final["model.layers.0.self_attn.k_proj.weight"],
+        load_file(out / "converted" / "model.safetensors")["model.layers.0.self_attn.k_proj.weight"].bfloat16(),
+    )
+    uptrained = json.loads((out / "eval" / "uptrained.json").read_text())
+    assert math.isfinite(uptrained["perplexity"]) and uptrained["kv_cache"]["dtype"] == "bfloat16"
+    assert json.loads((result / "config.json").read_text())["dtype"] == "bfloat16"

@@ -310,7 +310,7 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
     trainer.run()
     acc.wait_for_everyone()
     result = out / RESULT
-    model = student.merged(_full_model(recipe, trainer, run, acc))
+    model = student.merged(_full_model(recipe, trainer, run, acc), run["dtype"])
     end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], acc, quiet)
     if acc.is_main_process:
         _write_reports(out, {"uptrained": end})

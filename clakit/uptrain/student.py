@@ -154,10 +154,14 @@ def count_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def merged(model):
-    """The plain CLA model with LoRA folded into the weights (in place: the adapters are gone afterwards)."""
+def merged(model, dtype: torch.dtype | None = None):
+    """The plain CLA model with LoRA folded into the weights (in place: the adapters are gone afterwards), in
+    `dtype`: the fp32 trainable tensors of a bf16 run go back to bf16, or the model would mix both (its forward
+    fails outside autocast, and the checkpoint would hold two dtypes)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    if dtype is not None:
+        model.to(dtype)
     model.requires_grad_(False)
     if getattr(model, "is_activation_checkpointing", False):
         model.gradient_checkpointing_disable()
