@@ -16,6 +16,7 @@ its error instead of stopping the rest. Parts:
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -108,19 +109,30 @@ def greedy_consistency(shape: dict, device) -> dict:
     return out
 
 
-def decode_speed(model, cla2, batch: int, seq_len: int, steps: int) -> dict:
-    """Decode tokens/s and peak GPU memory: original at `batch`, CLA2 at `batch` and at 2x (same cache bytes)."""
+def decode_speed(model, cla2, batch: int, seq_len: int, steps: int, repeats: int = 3) -> dict:
+    """Decode tokens/s (median of `repeats`, the configurations alternated after one warm-up each) and peak GPU
+    memory: original at `batch`, CLA2 at `batch` and at 2x (where its cache holds the original's bytes)."""
     from clakit.eval.speed import throughput
 
     ids = torch.randint(0, model.config.vocab_size, (seq_len,))
-    out = {}
-    for name, m, b in (("original", model, batch), ("cla2", cla2, batch), ("cla2_2x_batch", cla2, 2 * batch)):
+    runs = {"original": (model, batch), "cla2": (cla2, batch), "cla2_2x_batch": (cla2, 2 * batch)}
+    out = {name: {"batch_size": b, "decode": [], "prefill": []} for name, (_, b) in runs.items()}
+    for name, (m, b) in runs.items():  # warm-up, and the peak memory of one prefill + decode
         if m.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        t = throughput(m, ids, b, decode_steps=steps)
-        t["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if m.device.type == "cuda" else None
-        out[name] = t
+        throughput(m, ids, b, decode_steps=steps)
+        out[name]["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if m.device.type == "cuda" else None
+    for _ in range(repeats):
+        for name, (m, b) in runs.items():
+            t = throughput(m, ids, b, decode_steps=steps)
+            out[name]["decode"].append(t["decode_tokens_per_s"])
+            out[name]["prefill"].append(t["prefill_tokens_per_s"])
+    for r in out.values():
+        r["decode_tokens_per_s"], r["prefill_tokens_per_s"] = (
+            statistics.median(r["decode"]),
+            statistics.median(r["prefill"]),
+        )
     return out
 
 

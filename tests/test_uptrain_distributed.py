@@ -19,7 +19,8 @@ from clakit.uptrain import uptrain
 def launch(args: list[str], cwd: Path, use_cpu: bool = True) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m clakit ...`; ACCELERATE_USE_CPU makes accelerate join the processes (gloo)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    path = [str(Path(__file__).parent.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
     if use_cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -116,6 +116,11 @@ def make_accelerator(train, project_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps its settings in a process-wide singleton: a second run in one process (a notebook, the
+    # tests) with another mixed precision would be refused. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     log_with = ["tensorboard"] if "tensorboard" in train.report_to else None
     acc = Accelerator(mixed_precision="bf16" if train.bf16 else "no", log_with=log_with, project_dir=str(project_dir))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -248,9 +253,13 @@ def uptrain(
 
 def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool) -> dict:
     run = {"data": data, "tokenizer": tokenizer, "quiet": quiet, "reports": {}}
+    # dtype: the result's and the teacher's; student_dtype: the student's while training. FSDP flattens each wrapped
+    # layer into one tensor of one dtype, so there the student stays fp32 (the trainable tensors are fp32) and
+    # FSDP's mixed precision computes in bf16.
     run["dtype"] = dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
+    run["student_dtype"] = torch.float32 if checkpoint.sharded(acc) else dtype
     start_path = prepare_student_checkpoint(recipe, work, acc, quiet)
-    model = student.load_cla(start_path, dtype).to(acc.device)
+    model = student.load_cla(start_path, run["student_dtype"]).to(acc.device)
     if fresh:
         _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", quiet)
         run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, acc, quiet)
@@ -292,9 +301,9 @@ def _full_model(recipe: Recipe, trainer, run: dict, acc):
     if not checkpoint.sharded(acc):
         return acc.unwrap_model(trainer.model)
     state = acc.get_state_dict(trainer.model, unwrap=True)  # full state dict of the peft model, by parameter name
-    fresh = student.make_trainable(student.load_cla(run["start_path"], run["dtype"]), recipe.lora)
+    fresh = student.make_trainable(student.load_cla(run["start_path"], run["student_dtype"]), recipe.lora)
     fresh.load_state_dict(state, strict=False)
-    return fresh
+    return fresh.to(acc.device)  # the held-out report of the result runs where training ran
 
 
 def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> Path:
