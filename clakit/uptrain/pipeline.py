@@ -114,9 +114,8 @@ def check_paths(recipe: Recipe) -> None:
 
 def make_accelerator(train, project_dir: Path):
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
 
     # accelerate keeps its settings in a process-wide singleton: a second run in one process (a notebook, the
     # tests) with another mixed precision would be refused. The process group (PartialState) is kept.
