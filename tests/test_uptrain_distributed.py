@@ -13,20 +13,20 @@ import torch
 from safetensors.torch import load_file
 from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
-from clakit.uptrain import uptrain
 
-
-def launch(args: list[str], cwd: Path, use_cpu: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 -m clakit ...`; ACCELERATE_USE_CPU makes accelerate join the processes (gloo)."""
+def launch(args: list[str], cwd: Path, processes: int = 2, use_cpu: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m clakit ...` (N=1: plain `python -m clakit`), on the CPU even where a GPU is
+    visible, so both runs compute alike; ACCELERATE_USE_CPU makes accelerate join the processes (gloo)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
     path = [str(Path(__file__).parent.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), "CUDA_VISIBLE_DEVICES": ""}
     if use_cpu:
         env["ACCELERATE_USE_CPU"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.run(
-        command + ["-m", "clakit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    command = [sys.executable]
+    if processes > 1:
+        command += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command += ["-m", "clakit", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def weights(folder: Path) -> dict:
@@ -52,10 +52,10 @@ def test_two_processes_train_like_one_process_of_twice_the_batch(
     tmp_path,
 ):
     one = two_process_recipe(corpus_dir, tmp_path / "one", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=2)
-    uptrain(write_recipe(tmp_path / "one.yaml", one), quiet=True)
     two = two_process_recipe(corpus_dir, tmp_path / "two", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=1)
-    proc = launch(["uptrain", str(write_recipe(tmp_path / "two.yaml", two)), "-q"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, recipe, processes in (("one", one, 1), ("two", two, 2)):
+        proc = launch(["uptrain", str(write_recipe(tmp_path / f"{name}.yaml", recipe)), "-q"], tmp_path, processes)
+        assert proc.returncode == 0, proc.stderr[-3000:]
 
     record = json.loads((tmp_path / "two" / "model" / "uptrain.json").read_text())
     assert record["processes"] == 2 and record["train_tokens"] == 4 * 2 * 32
