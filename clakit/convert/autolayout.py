@@ -5,7 +5,10 @@ calibration NLL per token when that group alone shares its K/V (group mean init)
 pass per candidate over at most `SCORE_TOKENS` calibration tokens, the sharing emulated with hooks on the stock
 model (no model copy). Dynamic programming then picks the partition of the layers into at most `producers` groups
 with the least total increase. Per-group damage does not add up exactly, so the chosen layout is re-measured against
-uniform CLA-k with the same saving and the better one is returned, with every score.
+uniform CLA-k with the same saving, and the better one is refined beyond adjacent runs: each consumer may move to
+one of the 3 nearest other producers before it when that lowers the whole layout's measured NLL (no group growing
+past `max_group`; without that cap the search formed a 6-layer group that reconstruction fitted worse: held-out
+107.5 -> 112.2, against 104.2 with it). The best measured layout is returned, with every score and move.
 
 (A Fisher-weighted estimate of each group's K/V error, free from the calibration statistics, was tried first and
 ranked groups badly: it scored sharing layers 0-1 among the cheapest, while it is by far the most damaging.)
@@ -18,11 +21,15 @@ import torch.nn.functional as F
 
 from clakit.convert.calibrate import mean_shared
 from clakit.convert.inmemory import cla_model_from
+from clakit.convert.layout import groups as layout_groups
 from clakit.convert.layout import kv_saving as layout_saving
 from clakit.convert.layout import uniform_layout
 from clakit.errors import ClakitError
 
 SCORE_TOKENS = 1024  # calibration tokens each candidate is scored on
+REFINE = True  # the local search beyond adjacent runs (refine_layout) after the DP, groups capped at max_group
+REFINE_WINDOW = 3  # producers before a consumer that the refinement tries (the nearest ones)
+REFINE_MIN_GAIN = 1e-3  # nats per token: smaller gains are noise on SCORE_TOKENS tokens
 
 
 def producers_for(num_layers: int, saving: float) -> int:
@@ -118,6 +125,44 @@ def group_cost(model, members: list[int], input_ids: torch.Tensor, base_nll: flo
             h.remove()
 
 
+@torch.no_grad()
+def layout_nll(model, layout: list[int], input_ids: torch.Tensor) -> float:
+    """Calibration NLL of `layout` (mean init), emulated with hooks on the stock model: no copy per candidate."""
+    handles = [
+        h for members in layout_groups(layout).values() if len(members) > 1 for h in _share_hooks(model, members)
+    ]
+    try:
+        return _nll(model, input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def refine_layout(
+    model, layout: list[int], input_ids: torch.Tensor, window: int = REFINE_WINDOW, max_group: int = 0, progress=True
+):
+    """Greedy local search beyond runs of adjacent layers: each consumer in turn tries reading the K/V of each of the
+    `window` nearest other producers before it (the producers and so the saving stay the same; with `max_group`,
+    no group grows beyond it); a move is kept when it lowers the measured calibration NLL of the whole layout.
+    Returns (layout, accepted moves)."""
+    from tqdm.auto import tqdm
+
+    layout, moves = list(layout), []
+    best = layout_nll(model, layout, input_ids)
+    consumers = [c for c, p in enumerate(layout) if p != c]
+    for c in tqdm(consumers, desc="refining layout", disable=not progress, leave=False):
+        sizes = {p: layout.count(p) for p in set(layout)}
+        options = [p for p in range(c) if layout[p] == p and p != layout[c]][-window:]
+        options = [p for p in options if not max_group or sizes[p] < max_group]
+        for p in options:
+            trial = layout[:c] + [p] + layout[c + 1 :]
+            nll = layout_nll(model, trial, input_ids)
+            if nll < best - REFINE_MIN_GAIN:
+                moves.append({"layer": c, "from": layout[c], "to": p, "nll_gain": round(best - nll, 6)})
+                layout, best = trial, nll
+    return layout, moves
+
+
 def best_partition(costs: dict[tuple[int, int], float], num_layers: int, producers: int) -> list[int]:
     """Layout from the cheapest split of 0..n-1 into <= `producers` runs; costs[(first, last)] of each allowed run."""
     inf = float("inf")
@@ -164,6 +209,13 @@ def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int =
     candidates = {"dp": best_partition(costs, n, producers), f"uniform_cla{factor}": uniform_layout(n, factor)}
     measured = {name: _nll(cla_model_from(model, lay, init="mean"), ids) - base for name, lay in candidates.items()}
     chosen = min(measured, key=measured.get)
+    moves = []
+    if REFINE:
+        refined, moves = refine_layout(model, candidates[chosen], ids, max_group=max_group, progress=progress)
+        if moves:
+            candidates["refined"] = refined
+            measured["refined"] = _nll(cla_model_from(model, refined, init="mean"), ids) - base
+            chosen = min(measured, key=measured.get)
     scores = {
         "method": "measured-dp",
         "kv_saving_requested": kv_saving,
@@ -177,5 +229,6 @@ def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int =
             for name, lay in candidates.items()
         },
         "chosen": chosen,
+        "refine_moves": moves,
     }
     return candidates[chosen], scores
