@@ -22,15 +22,12 @@ from clakit.convert.pipeline import convert  # noqa: E402
 from clakit.eval import evaluate  # noqa: E402
 from clakit.eval.fetch import fetch_demo  # noqa: E402
 
-VARIANTS = {"dp": (False, None), "capped": (True, None), "uncapped": (True, 10**6)}
+VARIANTS = {"dp": (False, None), "capped": (True, None), "uncapped": (True, 10**6)}  # (REFINE, REFINE_MAX_GROUP)
 
 
 def run_variant(name: str, assets, out: Path, calib_tokens: int) -> dict:
-    refine, cap = VARIANTS[name]
-    autolayout.REFINE = refine
-    original_refine = autolayout.refine_layout
-    if cap is not None:  # lift the cap: the DP's max_group is passed in by auto_layout
-        autolayout.refine_layout = lambda *a, max_group=0, **k: original_refine(*a, max_group=cap, **k)
+    saved = autolayout.REFINE, autolayout.REFINE_MAX_GROUP
+    autolayout.REFINE, autolayout.REFINE_MAX_GROUP = VARIANTS[name]
     start = time.perf_counter()
     try:
         convert(
@@ -43,7 +40,7 @@ def run_variant(name: str, assets, out: Path, calib_tokens: int) -> dict:
             quiet=True,
         )
     finally:
-        autolayout.REFINE, autolayout.refine_layout = True, original_refine
+        autolayout.REFINE, autolayout.REFINE_MAX_GROUP = saved
     record = json.loads((out / "clakit_convert.json").read_text())
     chosen = record["auto_layout"]["chosen"]
     return {

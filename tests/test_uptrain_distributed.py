@@ -1,6 +1,6 @@
 """Several processes (DDP over gloo on CPU, the same code path `accelerate launch` takes on GPUs): two processes of
-batch 1 train to the weights of one process of batch 2, resume after a kill, and a launch accelerate cannot see is
-refused before anything is written."""
+batch 1 train to the weights of one process of batch 2, and a launch accelerate cannot see is refused before anything
+is written."""
 
 import json
 import os
@@ -64,7 +64,7 @@ def test_two_processes_train_like_one_process_of_twice_the_batch(
     for name in a:  # same blocks per step, gradients averaged by DDP: equal up to the all-reduce's float rounding
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
     k = "model.layers.0.self_attn.k_proj.weight"
-    assert not torch.allclose(a[k], weights(tiny_cla_checkpoint)[k], atol=1e-4)  # equal because trained alike
+    assert not torch.allclose(a[k], weights(tiny_cla_checkpoint)[k], atol=1e-4)  # equal as trained, not as untouched
     one_ppl = json.loads((tmp_path / "one" / "eval" / "uptrained.json").read_text())["perplexity"]
     two_ppl = json.loads((tmp_path / "two" / "eval" / "uptrained.json").read_text())["perplexity"]
     assert two_ppl == pytest.approx(one_ppl, rel=1e-4)  # the held-out score is split over the processes and reduced

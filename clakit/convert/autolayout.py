@@ -27,7 +27,8 @@ from clakit.convert.layout import uniform_layout
 from clakit.errors import ClakitError
 
 SCORE_TOKENS = 1024  # calibration tokens each candidate is scored on
-REFINE = True  # the local search beyond adjacent runs (refine_layout) after the DP, groups capped at max_group
+REFINE = True  # the local search beyond adjacent runs (refine_layout) after the DP
+REFINE_MAX_GROUP = None  # the largest group the refinement may create; None: the DP's max_group
 REFINE_WINDOW = 3  # producers before a consumer that the refinement tries (the nearest ones)
 REFINE_MIN_GAIN = 1e-3  # nats per token: smaller gains are noise on SCORE_TOKENS tokens
 
@@ -211,7 +212,8 @@ def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int =
     chosen = min(measured, key=measured.get)
     moves = []
     if REFINE:
-        refined, moves = refine_layout(model, candidates[chosen], ids, max_group=max_group, progress=progress)
+        cap = REFINE_MAX_GROUP or max_group
+        refined, moves = refine_layout(model, candidates[chosen], ids, max_group=cap, progress=progress)
         if moves:
             candidates["refined"] = refined
             measured["refined"] = _nll(cla_model_from(model, refined, init="mean"), ids) - base
