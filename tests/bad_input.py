@@ -1,6 +1,6 @@
 """Table machinery for the `tests/test_bad_input_*.py` files: run `clakit ...`, assert a clean refusal.
 
-A clean refusal is: exit code 2, exactly one stderr line `clakit[ COMMAND]: error: ...` containing the expected text, no
+A clean refusal is: exit code 2, one stderr line `clakit[ COMMAND]: error: ...` containing the expected text, no
 traceback anywhere, and nothing written, moved or deleted under the watched folders (a staging folder left behind
 counts as written). A case is one line of a table:
 
