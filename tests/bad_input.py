@@ -115,9 +115,7 @@ def assert_clean_refusal(run: Run, match: str) -> None:
     assert match in lines[0], lines[0]
 
 
-def assert_refused(
-    args: Iterable, match: str, *, watch: Iterable = (), protect: Iterable = (), **run_options
-) -> Run:
+def assert_refused(args: Iterable, match: str, *, watch: Iterable = (), protect: Iterable = (), **run_options) -> Run:
     """Run `clakit ARGS`; assert a clean refusal, that nothing under `watch` changed and `protect` still exists."""
     watch, protect = list(watch), [Path(p) for p in protect]
     before = snapshot(*watch)
