@@ -99,7 +99,9 @@ def _add_eval(sub) -> None:
 
     def run(args):
         from clakit.eval import evaluate, write_json
+        from clakit.eval.records import check_output
 
+        check_output(args.output)  # before the evaluation: a bad -o must not cost a whole run
         report = evaluate(
             args.model,
             data=args.data,

@@ -17,15 +17,13 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from clakit import outputs
 from clakit.convert.checkpoint import ShardWriter, StateDictCheckpoint, open_checkpoint, parse_size
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, parse_layout, uniform_layout
 from clakit.convert.output_folder import (
-    check_destination,
     copy_tokenizer_files,
     model_card,
-    publish,
-    staging_folder,
     write_config,
     write_record,
 )
@@ -227,7 +225,7 @@ class _Conversion:
                 hf_logging.enable_progress_bar()
 
     def _run(self) -> Path:
-        check_destination(self.source.path, self.out, self.opt["overwrite"])
+        outputs.check_folder(self.out, "convert", overwrite=self.opt["overwrite"], inputs=self._inputs())
         self.config, self.architecture = _source_config(self.source, self.opt["trust_remote_code"])
         self.seq_len = min(SEQ_LEN, self.config.max_position_embeddings or SEQ_LEN)
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
@@ -238,13 +236,20 @@ class _Conversion:
             every_layer = list(range(self.config.num_hidden_layers))  # the stock model: needs every tensor
             self._plan(cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2], every_layer)
         overrides = self._in_memory_phase()
-        with staging_folder(self.out) as tmp:
+        with outputs.staged(self.out, "convert", overwrite=self.opt["overwrite"]) as tmp:
             self._write(tmp, overrides)
-            publish(tmp, self.out, self.opt["overwrite"])
         self.say(
             f"wrote {self.out}: layout {self.layout_name}, init {self.init}, KV cache -{kv_saving(self.layout):.0%}"
         )
         return self.out
+
+    def _inputs(self) -> list[tuple[str, object]]:
+        """What OUT must neither contain nor be inside (--overwrite would delete it)."""
+        return [
+            ("source", self.source.path),
+            ("calibration data", self.opt["calib_data"]),
+            ("eval data", self.opt["eval_data"]),
+        ]
 
     def _load_texts(self) -> None:
         calib_data, eval_data = self.opt["calib_data"], self.opt["eval_data"]

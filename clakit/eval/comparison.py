@@ -3,11 +3,9 @@ token (ppl_vs_kv.png) and one page with both (report.html). Runs on different da
 
 import base64
 import html
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.eval.records import read_report
 
@@ -192,32 +190,17 @@ def page(reports: list[dict], png: Path) -> str:
     )
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished files into `out_dir` (renamed whole when it does not exist yet)."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    if not out_dir.is_dir():
-        raise ClakitError(f"output {out_dir} exists and is not a folder")
-    for f in tmp.iterdir():
-        os.replace(f, out_dir / f.name)
-    tmp.rmdir()
-
-
 def report(paths: list, out_dir) -> Path:
     """report.md, ppl_vs_kv.png and report.html comparing `paths` (the first is the baseline); returns out_dir."""
     if not paths:
         raise ClakitError("give at least one eval report (.json written by `clakit eval -o`)")
-    paths, out_dir = [Path(p) for p in paths], Path(out_dir)
+    paths = [Path(p) for p in paths]
+    # a report folder clakit wrote is replaced without a flag (as `clakit eval -o` replaces its report file)
+    out_dir = outputs.check_folder(out_dir, "report", overwrite=True, inputs=[("report", paths)])
     reports = [read_report(p) for p in paths]
     check_comparable(reports, paths)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with outputs.staged(out_dir, "report", overwrite=True) as tmp:
         (tmp / "report.md").write_text(markdown(reports) + "\n![perplexity vs KV bytes](ppl_vs_kv.png)\n")
         plot(reports, tmp / "ppl_vs_kv.png")
         (tmp / "report.html").write_text(page(reports, tmp / "ppl_vs_kv.png"))
-        _publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
