@@ -69,6 +69,8 @@ def original_spec(model_section) -> str | None:
         data = json.loads(record.read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(data, dict):
+        return None
     source = (data.get("settings") or {}).get("source") or data.get("source")
     spec = source.get("spec") or source.get("path") if isinstance(source, dict) else source
     return spec if spec and (Path(spec).expanduser().exists() or "/" in spec) else None
