@@ -262,7 +262,7 @@ def _json_format(path: Path) -> str | None:
     return None
 
 
-def check_file(path, fmt: str, *, label: str = "output") -> Path:
+def check_file(path, fmt: str, *, noun: str = "output file", label: str = "output") -> Path:
     """Before any work: `path` may be written when it does not exist yet, or is a clakit JSON file of `fmt` (a
     report clakit wrote, which it replaces); its folder must be a folder we can write in. Returns it absolute."""
     path = Path(path).expanduser().absolute()
@@ -272,17 +272,17 @@ def check_file(path, fmt: str, *, label: str = "output") -> Path:
         raise ClakitError(f"{label} {path} is a link to {os.readlink(path)}; give a new file name")
     if path.exists() and _json_format(path) != fmt:
         raise ClakitError(
-            f"{label} {path} exists and is not a clakit {fmt.split('/')[0]} file; clakit replaces only its own "
-            "files: choose another name"
+            f"{label} {path} exists and is not a clakit {noun}; clakit replaces only its own files: "
+            "choose another name"
         )
     check_writable(path.parent)
     return path
 
 
-def write_file(path, text: str, fmt: str, *, label: str = "output") -> Path:
+def write_file(path, text: str, fmt: str, *, noun: str = "output file", label: str = "output") -> Path:
     """Write `text` (JSON of `fmt`) to `path` by the file rule: a unique temp file beside it, then an atomic rename;
     a crash or a full disk never leaves a half-written or a lost file."""
-    path = check_file(path, fmt, label=label)
+    path = check_file(path, fmt, noun=noun, label=label)
     with os_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)

@@ -141,6 +141,7 @@ class Case:
     env: dict = field(default_factory=dict)
     subprocess_run: bool = False
     id: str = ""
+    forbid: str = ""  # text the error line must not contain (e.g. "--overwrite" where overwriting is not allowed)
 
     def __str__(self) -> str:
         return self.id or self.argv
@@ -156,7 +157,7 @@ def check(case: Case, paths: dict, *, watch: Iterable = (), cwd=None) -> Run:
         case.setup(paths)
     env = {k: v.format(**paths) for k, v in case.env.items()}
     protect = [paths[name] for name in case.protect]
-    return assert_refused(
+    run = assert_refused(
         case.args(paths),
         case.match,
         watch=watch,
@@ -165,6 +166,8 @@ def check(case: Case, paths: dict, *, watch: Iterable = (), cwd=None) -> Run:
         env=env,
         subprocess_run=case.subprocess_run,
     )
+    assert not case.forbid or case.forbid not in run.err, run.err
+    return run
 
 
 # --- setup helpers for table cases -----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ and the eval stage evaluates every model not evaluated yet, so a later step (upt
     STAGES.insert(STAGES.index(convert_stage) + 1, Stage("uptrain", my_uptrain))  # ctx.models["uptrained"] = ...
 """
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,13 +69,13 @@ def convert_stage(ctx: DemoContext) -> None:
 
     s = ctx.settings
     out = ctx.work_dir / "converted"
-    shutil.rmtree(out, ignore_errors=True)  # our own output from an earlier run
     convert(
         str(ctx.assets.model),
         str(out),
         kv_saving=s.kv_saving,
         calib_data=[str(ctx.assets.calib)],
         calib_tokens=s.calib_tokens,
+        overwrite=True,  # replaces only a clakit convert output (an earlier demo's), never a folder of the user's
         quiet=s.quiet,
     )
     ctx.models["converted"] = str(out)

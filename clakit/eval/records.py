@@ -13,13 +13,13 @@ REQUIRED = ("perplexity", "word_perplexity", "bits_per_byte", "num_tokens", "kv_
 
 def check_output(path) -> Path:
     """Before evaluating: `path` may receive a report (new, or a clakit report it replaces; its folder writable)."""
-    return outputs.check_file(path, FORMAT)
+    return outputs.check_file(path, FORMAT, noun="eval report")
 
 
 def write_json(report: dict, path) -> Path:
     """Write by clakit's file rule (clakit.outputs): a temp file beside `path`, then an atomic rename; only a new
     file or an earlier clakit report is replaced."""
-    return outputs.write_file(path, json.dumps(report, indent=2, sort_keys=False) + "\n", FORMAT)
+    return outputs.write_file(path, json.dumps(report, indent=2, sort_keys=False) + "\n", FORMAT, noun="eval report")
 
 
 def read_report(path) -> dict:
