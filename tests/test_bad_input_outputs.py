@@ -161,6 +161,13 @@ CASES = [
          both(clakit_output("rep", "report", ["report.md"]), add_file("rep", "notes.md")), id="report-user-file"),
     Case("report {report} -o {f}/r", "is a file, not a folder", make_file("f"), id="report-parent-is-file"),
     Case("report {report} -o {ro}/r", "cannot write into", unwritable, id="report-unwritable"),
+    # --- demo: its work folder's outputs, all checked before the first stage (nothing fetched)
+    Case("demo --work-dir {w} --cache-dir {tmp}/cache --quiet", "converted already exists and is not a clakit convert",
+         make_folder("w", {"converted/keep.txt": "mine"}), protect=("w",), id="demo-user-converted"),
+    Case("demo --work-dir {w} --cache-dir {tmp}/cache --quiet", "demo.json exists and is not a clakit demo summary",
+         make_folder("w", {"demo.json": "{}"}), protect=("w",), id="demo-user-summary"),
+    Case("demo --work-dir . --cache-dir {tmp}/cache --quiet", "reports/original.json exists and is not a clakit eval",
+         make_folder("work", {"reports/original.json": "[]"}), id="demo-user-report"),
 ]  # fmt: skip
 
 
