@@ -16,6 +16,7 @@ once the new one is in place. Any OSError becomes a one-line ClakitError, and a 
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from clakit.errors import ClakitError
 
@@ -101,7 +104,9 @@ def _check_place(out: Path, label: str, inputs: Iterable[tuple[str, object]]) ->
             what = name if dest == place else f"an ancestor of {name} ({place})"
             raise ClakitError(f"{label} {out} is {what}; clakit never replaces it: choose a new folder")
     for role, path in _input_paths(inputs):
-        if dest == path or dest in path.parents:
+        if dest == path:
+            raise ClakitError(f"{label} {out} is the {role}; choose another folder")
+        if dest in path.parents:
             raise ClakitError(f"{label} {out} contains the {role} {path}; choose another folder")
         if path in dest.parents:
             raise ClakitError(f"{label} {out} is inside the {role} {path}; choose a folder outside it")
@@ -141,9 +146,47 @@ def _refusal(out: Path, kind: str, overwrite: bool, label: str, replace_hint: st
     if extra:
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
         return f"{label} {out} holds files clakit did not write ({shown}); move them out or choose another folder"
+    if in_use(out):
+        return f"{label} {out} is in use by a running clakit process; wait for it to end or choose another folder"
     if not overwrite:
         return f"{label} {out} already exists; {replace_hint}, or choose another"
     return None
+
+
+def in_use(folder: Path) -> bool:
+    """Whether a running clakit process holds `folder` (see `hold`)."""
+    try:
+        fd = os.open(folder / MARKER, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
+@contextlib.contextmanager
+def hold(folder: Path, label: str = "output folder") -> Iterator[None]:
+    """Hold `folder` while a run keeps writing into it (an uptrain run trains in place): another clakit process
+    then refuses to replace or resume it. An advisory lock on the marker, released when the process ends."""
+    try:
+        fd = os.open(folder / MARKER, os.O_RDONLY)
+    except OSError:  # an older clakit's output: no marker to lock
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClakitError(
+                f"{label} {folder} is in use by a running clakit process; wait for it to end or choose another folder"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_folder(
@@ -172,14 +215,18 @@ def check_folder(
 # --- staging and publishing ----------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def make_staging(out: Path) -> Path:
     """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any folder
     except OSError as e:
         raise ClakitError(f"cannot create the output folder beside {out}: {e.strerror or e}") from None
     return tmp
@@ -229,11 +276,17 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
 
 @contextlib.contextmanager
 def os_errors(out: Path) -> Iterator[None]:
-    """OSError (disk full, permissions, read-only file system) -> one line naming `out`."""
+    """OSError (disk full, permissions, read-only file system) -> one line naming `out`; so is safetensors' own
+    error for a failed write (it raises no OSError: "Error while serializing: I/O error: No space left ...")."""
     try:
         yield
     except OSError as e:
         raise ClakitError(f"cannot write {out}: {e.strerror or e}; check free disk space and permissions") from None
+    except SafetensorError as e:
+        if "I/O error" not in str(e):
+            raise
+        reason = str(e).split("I/O error:", 1)[1].strip()
+        raise ClakitError(f"cannot write {out}: {reason}; check free disk space and permissions") from None
 
 
 @contextlib.contextmanager
@@ -287,6 +340,7 @@ def write_file(path, text: str, fmt: str, *, noun: str = "output file", label: s
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any file
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.replace(tmp, path)

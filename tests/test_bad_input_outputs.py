@@ -87,6 +87,7 @@ CASES = [
          both(make_folder("mine"), lambda p: shutil.copytree(p["model"], Path(p["mine"], "model"))),
          protect=("mine",), id="convert-contains-source"),
     Case("convert {model} {model}/cla -q", "is inside the source", id="convert-inside-source"),
+    Case("convert {model} {model} --overwrite -q", "is the source", protect=("model",), id="convert-is-source"),
     Case("convert {model} {data} --overwrite --calib-data {data}/train.txt -q", "contains the calibration data",
          protect=("data",), id="convert-contains-calib"),
     Case("convert {model} {data} --overwrite --init mean --eval-data {data}/heldout.txt -q",
@@ -113,6 +114,8 @@ CASES = [
          both(make_folder("mine"), lambda p: shutil.copytree(p["cla"], Path(p["mine"], "cla"))),
          protect=("mine",), id="uptrain-contains-model-path"),
     Case(UP + "{cla}/run", "is inside the model", id="uptrain-inside-model"),
+    Case(UP + "{cla}" + " --overwrite", "is the model", protect=("cla",), id="uptrain-is-model"),
+    Case(UP + "{data}/train.txt" + " --overwrite", "is the training data", protect=("data",), id="uptrain-is-data"),
     Case(UP + "{data}" + " --overwrite", "contains the training data", protect=("data",),
          id="uptrain-contains-train-data"),
     Case(UP + "{mine}" + " --overwrite data.eval=[{mine}/h.txt]", "contains the held-out data",
@@ -357,3 +360,28 @@ def test_uptrain_overwrite_of_an_older_clakits_run(paths, tmp_path):
     r = run_clakit(*uptrain_args(paths, "train.max_steps=2", "--overwrite"))
     assert r.code == 0, r.err
     assert json.loads((tmp_path / "run" / MARKER).read_text())["kind"] == "uptrain"
+
+
+def test_a_running_uptrain_is_neither_replaced_nor_resumed(paths, tmp_path):
+    """While a run trains, its process holds the run folder: --overwrite and --resume from another are refused."""
+    assert run_clakit(*uptrain_args(paths, "train.max_steps=2")).code == 0
+    run = tmp_path / "run"
+    with clakit.outputs.hold(run):  # stands in for the training process
+        busy = "is in use by a running clakit process"
+        assert_refused(uptrain_args(paths, "train.max_steps=2", "--overwrite"), busy, watch=[tmp_path])
+        running = "is still running in another process"
+        assert_refused(uptrain_args(paths, "train.max_steps=3", "--resume"), running, watch=[tmp_path])
+    assert run_clakit(*uptrain_args(paths, "train.max_steps=2", "--overwrite")).code == 0  # released at its end
+
+
+def test_a_full_disk_inside_safetensors_is_one_line(tmp_path):
+    """safetensors reports a failed write as its own error, not an OSError: still one line naming the output."""
+    from safetensors import SafetensorError
+
+    from clakit.errors import ClakitError
+
+    message = "Error while serializing: I/O error: No space left on device (os error 28)"
+    with pytest.raises(ClakitError, match=r"^cannot write \S+/out: No space left on device \(os error 28\); check"):
+        with clakit.outputs.staged(tmp_path / "out", "convert"):
+            raise SafetensorError(message)
+    assert list(tmp_path.iterdir()) == []

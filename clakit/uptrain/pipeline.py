@@ -12,6 +12,7 @@ conversion, data and models are ready, so bad input leaves nothing behind; a run
 checkpoint is removed again. --overwrite replaces only a clakit uptrain run (clakit.outputs: the ownership rule).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -63,6 +64,8 @@ def check_output_dir(
     if resume:
         if not run_file.is_file():
             raise ClakitError(f"--resume: {out} holds no clakit uptrain run; drop --resume to start one there")
+        if outputs.in_use(out):
+            raise ClakitError(f"--resume: the run in {out} is still running in another process; wait for it to end")
         run = json.loads(run_file.read_text())
         if run.get("fingerprint") != recipe.fingerprint():
             changes = _diff(run.get("recipe", {}), recipe.to_dict())
@@ -282,7 +285,9 @@ def uptrain(
     if run["start_path"].is_relative_to(work) and not resume:  # converted on the fly: now in the published run
         run["start_path"] = out / run["start_path"].relative_to(work)
     try:
-        return _train_and_save(recipe, out, run, acc, quiet)
+        # another clakit process refuses to replace or resume this run while it trains
+        with outputs.hold(out, "train.output_dir") if acc.is_main_process else contextlib.nullcontext():
+            return _train_and_save(recipe, out, run, acc, quiet)
     except BaseException as e:
         if not resume:
             _abandon(out, acc, e)
