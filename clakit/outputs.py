@@ -52,7 +52,8 @@ def read_marker(folder: Path) -> dict | None:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) and marker.get("kind") in NOUNS else None
+    ok = isinstance(marker, dict) and marker.get("kind") in NOUNS and isinstance(marker.get("files", []), list)
+    return marker if ok else None
 
 
 def owner(folder: Path) -> str | None:
@@ -79,7 +80,9 @@ def _is_staging(name: str) -> bool:
 
 
 def _protected() -> dict[Path, str]:
-    places = {Path("/"): "the root folder", Path.cwd().resolve(): "the working directory"}
+    places = {Path("/"): "the root folder"}
+    with contextlib.suppress(OSError):  # a working directory that was deleted meanwhile
+        places[Path.cwd().resolve()] = "the working directory"
     with contextlib.suppress(RuntimeError, KeyError):
         places[Path.home().resolve()] = "your home folder"
     return places
@@ -147,10 +150,14 @@ def _refusal(out: Path, kind: str, overwrite: bool, label: str, replace_hint: st
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
         return f"{label} {out} holds files clakit did not write ({shown}); move them out or choose another folder"
     if in_use(out):
-        return f"{label} {out} is in use by a running clakit process; wait for it to end or choose another folder"
+        return _busy(label, out)
     if not overwrite:
         return f"{label} {out} already exists; {replace_hint}, or choose another"
     return None
+
+
+def _busy(label: str, folder: Path) -> str:
+    return f"{label} {folder} is in use by a running clakit process; wait for it to end or choose another folder"
 
 
 def in_use(folder: Path) -> bool:
@@ -181,9 +188,7 @@ def hold(folder: Path, label: str = "output folder") -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ClakitError(
-                f"{label} {folder} is in use by a running clakit process; wait for it to end or choose another folder"
-            ) from None
+            raise ClakitError(_busy(label, folder)) from None
         yield
     finally:
         os.close(fd)
@@ -205,7 +210,10 @@ def check_folder(
     out = Path(out).expanduser().absolute()
     _check_place(out, label, inputs)
     if out.exists():
-        reason = _refusal(out, kind, overwrite, label, replace_hint)
+        try:
+            reason = _refusal(out, kind, overwrite, label, replace_hint)
+        except OSError as e:  # a folder we may not even list is not ours to replace
+            raise ClakitError(f"{label} {out} cannot be read ({e.strerror or e}); choose another folder") from None
         if reason:
             raise ClakitError(reason)
     check_writable(out.parent)
