@@ -64,7 +64,10 @@ def run_vllm(python: Path, model: Path, prompts: list[list[int]], tmp_path: Path
     cmd = [str(python), "-m", "clakit_vllm.run", str(model), "--prompts-json", str(prompts_file)]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=tmp_path)
+    env = vllm_env()
+    if "kv_cache_bytes" in options:  # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override the engine argument
+        del env["VLLM_CPU_KVCACHE_SPACE"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=tmp_path)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     assert proc.returncode == 0 and lines, f"vLLM failed on {model} (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][len(RESULT_PREFIX) :])

@@ -5,7 +5,7 @@
 prompts.json holds a list of token-id lists (the caller tokenizes, so every engine sees the same ids). Each prompt
 is submitted `--repeat` times at once (greedy); the output has vLLM's KV capacity in tokens and its maximum
 concurrency at max_model_len (as vLLM logs them), the tokens of the first copy of each prompt, and the wall time and
-generated tokens/s of the whole batch. On CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB).
+generated tokens/s of the whole batch. The KV cache size is --kv-cache-bytes, else (on CPU) VLLM_CPU_KVCACHE_SPACE GiB.
 """
 
 import argparse
@@ -21,6 +21,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="submit each prompt this many times at once")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        default=None,
+        help="KV cache size (default: vLLM's; on CPU from VLLM_CPU_KVCACHE_SPACE)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's batch limit (default: vLLM's)")
     p.add_argument("--compile", action="store_true", help="let vLLM compile the model (default: eager)")
     return p.parse_args(argv)
@@ -34,12 +40,15 @@ def run(args: argparse.Namespace) -> dict:
     engine_args = dict(model=args.model, dtype=args.dtype, enforce_eager=not args.compile, seed=0)
     if args.max_model_len:
         engine_args["max_model_len"] = args.max_model_len
+    if args.kv_cache_bytes:
+        engine_args["kv_cache_memory_bytes"] = args.kv_cache_bytes
     if args.max_num_seqs:
         engine_args["max_num_seqs"] = args.max_num_seqs
     llm = LLM(**engine_args)
     cache = llm.llm_engine.vllm_config.cache_config
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts for _ in range(args.repeat)]
+    llm.generate(batch[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up, not timed
     start = time.perf_counter()
     outputs = llm.generate(batch, params, use_tqdm=False)
     seconds = time.perf_counter() - start
