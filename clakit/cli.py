@@ -1,10 +1,25 @@
 """The `clakit` command: parse arguments, call one library function per command, turn ClakitError into one line."""
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
+import warnings
 
 import clakit
 from clakit.errors import ClakitError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line naming the fix instead of the usage block (exit 2, as argparse)."""
+
+    def error(self, message: str):
+        self.exit(2, f"clakit: error: {message}; see `{self.prog} --help`\n")
+
+
+def add_quiet(parser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, messages or library warnings")
 
 
 def _add_convert(sub) -> None:
@@ -51,7 +66,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow SRC's own code (config/tokenizer)")
     p.add_argument("--seed", type=int, default=0, help="seed for data-aware fitting (default 0)")
     p.add_argument("--reconstruct-steps", type=int, help="--init reconstruct: Adam steps per group (default 100)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    add_quiet(p)
     p.set_defaults(run=_run_convert)
 
 
@@ -95,7 +110,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--lm-eval-limit", type=int, help="score at most N documents per lm-eval task")
     p.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per lm-eval prompt (default: the task's)")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code")
+    add_quiet(p)
 
     def run(args):
         from clakit.eval import evaluate, write_json
@@ -119,6 +135,7 @@ def _add_eval(sub) -> None:
             lm_eval_fewshot=args.lm_eval_fewshot,
             speed=not args.no_speed,
             quiet=args.quiet,
+            allow_pickle=args.allow_pickle,
         )
         print(
             f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
@@ -137,6 +154,7 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="compare eval reports: report.md, ppl_vs_kv.png, report.html")
     p.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports from `clakit eval` (first = baseline)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the report")
+    add_quiet(p)
 
     def run(args):
         from clakit.eval import report
@@ -152,7 +170,7 @@ def _add_fetch_demo(sub) -> None:
     p.add_argument(
         "dir", nargs="?", metavar="DIR", help="cache folder (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)"
     )
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p)
 
     def run(args):
         from clakit.eval.demo import fetch_demo
@@ -175,7 +193,7 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--uptrain-steps", type=int, default=60, help="steps of the shortened CPU recipe (default 60; 0 skips it)"
     )
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p)
 
     def run(args):
         from clakit.eval.demo import DemoSettings, run_demo
@@ -201,35 +219,51 @@ def _add_uptrain(sub) -> None:
     )
     p.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2/135m_cla2_cpu.yaml")
     # REMAINDER: overrides and flags may be mixed in any order after the recipe (`RECIPE k=v --resume k2=v2`)
-    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help="e.g. train.max_steps=10")
-    flags = argparse.ArgumentParser(prog="clakit uptrain", add_help=False)
+    flags = Parser(prog="clakit uptrain", add_help=False)
+    p.add_argument(
+        "overrides", nargs=argparse.REMAINDER, action=_LateFlags, flags=flags, metavar="key=value",
+        help="e.g. train.max_steps=10",
+    )  # fmt: skip
     for parser in (p, flags):
         parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe only")
         parser.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
         parser.add_argument("--overwrite", action="store_true", help="replace a previous run in train.output_dir")
-        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+        add_quiet(parser)
 
     def run(args):
-        from clakit.errors import ClakitError
         from clakit.uptrain import uptrain
 
-        late, overrides = flags.parse_known_args(args.overrides)
-        unknown = [o for o in overrides if "=" not in o]
-        if unknown:
-            raise ClakitError(f"unrecognized argument {unknown[0]!r}; overrides look like train.max_steps=10")
-        opts = {k: getattr(args, k) or getattr(late, k) for k in ("dry_run", "resume", "overwrite", "quiet")}
-        result = uptrain(args.recipe, overrides, **opts)
+        opts = {k: getattr(args, k) for k in ("dry_run", "resume", "overwrite", "quiet")}
+        result = uptrain(args.recipe, args.overrides, **opts)
         if not opts["dry_run"]:
             print(result)
 
     p.set_defaults(run=run)
 
 
+class _LateFlags(argparse.Action):
+    """`RECIPE k=v --resume -q`: REMAINDER keeps the flags given after the recipe; parse them out of the overrides
+    here, at parse time, so `-q` anywhere silences the whole run and a stray word is refused before anything runs."""
+
+    def __init__(self, *args, flags: argparse.ArgumentParser, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flags = flags
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        late, overrides = self.flags.parse_known_args(values)
+        unknown = [o for o in overrides if "=" not in o]
+        if unknown:
+            parser.error(f"unrecognized argument {unknown[0]!r}; overrides look like train.max_steps=10")
+        for name, value in vars(late).items():
+            setattr(namespace, name, getattr(namespace, name, False) or value)
+        setattr(namespace, self.dest, overrides)
+
+
 COMMANDS = [_add_convert, _add_eval, _add_report, _add_fetch_demo, _add_demo, _add_uptrain]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="clakit", description="Retrofit Cross-Layer Attention onto pretrained Llama/Mistral checkpoints."
     )
     parser.add_argument("--version", action="version", version=f"clakit {clakit.__version__}")
@@ -239,14 +273,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def silenced(quiet: bool):
+    """`-q`: no progress bars, warnings or log lines from clakit's libraries either (transformers' "Loading weights",
+    the GGUF reader's bar, FutureWarnings). Libraries write those to sys.stderr, some through tqdm bars no setting
+    reaches, so stderr itself goes to /dev/null for the run; main prints the one-line error after it is restored."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on, log_level = hf_logging.is_progress_bar_enabled(), logging.root.manager.disable
+    hf_logging.disable_progress_bar()
+    logging.disable(logging.WARNING)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(log_level)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed in one line
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     if not hasattr(args, "run"):
         parser.print_help()
         return 0
     try:
-        return int(args.run(args) or 0)
+        with silenced(getattr(args, "quiet", False)):
+            return int(args.run(args) or 0)
     except ClakitError as e:
         print(f"clakit: error: {e}", file=sys.stderr)
         return 2

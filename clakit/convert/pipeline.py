@@ -7,7 +7,6 @@ loaded whole, because transformers can only read them by dequantising the entire
 """
 
 import gc
-import json
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from clakit import outputs
 from clakit.convert.checkpoint import ShardWriter, StateDictCheckpoint, open_checkpoint, parse_size
+from clakit.convert.checks import check_shapes
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, parse_layout, uniform_layout
 from clakit.convert.output_folder import (
@@ -32,7 +32,7 @@ from clakit.corpus import join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.provenance import provenance
-from clakit.sources import Source, load_config, load_model, load_tokenizer, resolve_source
+from clakit.sources import Source, load_config, load_model, load_tokenizer, read_config_json, resolve_source
 
 DATA_AWARE_INITS = ("calibrated", "reconstruct")
 INITS = ("producer", "mean", *DATA_AWARE_INITS)
@@ -163,12 +163,7 @@ def _resolve_init(init: str | None, calib_data) -> str:
 def _source_config(source: Source, trust_remote_code: bool):
     """The source's config and architecture; anything but Llama/Mistral is refused before loading it."""
     if source.kind == "dir":  # read the raw file first: an unknown model_type must not need its code to be refused
-        try:
-            raw = json.loads((source.path / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise ClakitError(
-                f"cannot read {source.path / 'config.json'} ({e}); is {source.spec} a checkpoint?"
-            ) from None
+        raw = read_config_json(source.path)
         _check_architecture(source, raw.get("architectures"), raw.get("model_type"))
     try:
         config = load_config(source, trust_remote_code)
@@ -179,9 +174,9 @@ def _source_config(source: Source, trust_remote_code: bool):
     return config, _check_architecture(source, config.architectures, config.model_type)
 
 
-def _load_source_model(source: Source, trust_remote_code: bool):
+def _load_source_model(source: Source, trust_remote_code: bool, allow_pickle: bool):
     try:
-        return load_model(source, torch.float32, trust_remote_code)
+        return load_model(source, torch.float32, trust_remote_code, allow_pickle=allow_pickle)
     except ClakitError:
         raise
     except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
@@ -263,7 +258,7 @@ class _Conversion:
         if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
             return {}
         self.say(f"loading {self.source.spec} in memory (fp32)...")
-        model = _load_source_model(self.source, self.opt["trust_remote_code"])
+        model = _load_source_model(self.source, self.opt["trust_remote_code"], self.opt["allow_pickle"])
         self.tokenizer = load_tokenizer(self.source, self.opt["trust_remote_code"])
         if self.eval_texts:
             self.say("measuring held-out perplexity of the source...")
@@ -358,10 +353,11 @@ class _Conversion:
 
     def _plan(self, cla_cfg, lm_cls, layout: list[int]):
         """Raises naming the first tensor the checkpoint lacks."""
-        with torch.device("meta"):  # tensor names only
-            expected = set(lm_cls(cla_cfg).state_dict())
+        with torch.device("meta"):  # tensor names and shapes only
+            expected = {name: t.shape for name, t in lm_cls(cla_cfg).state_dict().items()}
         tied = set(lm_cls._tied_weights_keys or {}) if cla_cfg.tie_word_embeddings else set()
-        plan = plan_tensors(self.checkpoint.names, expected, tied, layout)
+        plan = plan_tensors(self.checkpoint.names, set(expected), tied, layout)
+        check_shapes(self.checkpoint, plan, expected, self.source.spec)
         floating = (t.dtype for t in map(self.checkpoint.get, plan.names) if t.is_floating_point())  # lazy reads
         self.source_dtype = next(floating, torch.float32)
         return plan

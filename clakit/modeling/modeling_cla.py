@@ -39,6 +39,38 @@ def _shared_key(layer_idx: int) -> str:
     return str(layer_idx)
 
 
+class WeightsMismatch(ValueError):
+    """A checkpoint's weights do not match its config (see loading_problem)."""
+
+
+def loading_problem(info: dict) -> str | None:
+    """What is wrong with a load, from `from_pretrained(..., output_loading_info=True)`'s info, or None.
+
+    transformers initialises a tensor the checkpoint lacks (or holds in another shape) at random and only logs a
+    table; a K/V tensor the model has no place for is dropped. Both mean config.json does not describe these
+    weights (e.g. kv_source_layers edited): the model would run, with random K/V."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())  # (name, checkpoint shape, model shape)
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if k.endswith(("k_proj.weight", "v_proj.weight")))
+    if mismatched:
+        name, theirs, ours = mismatched[0]
+        return (
+            f"config.json does not match the weights: {name} is {list(theirs)} in the checkpoint but the config "
+            f"makes it {list(ours)} ({len(mismatched)} tensors differ); restore the config.json written with them"
+        )
+    if missing:
+        return (
+            f"the checkpoint lacks {len(missing)} tensors its config.json needs (e.g. {missing[0]}), which would be "
+            "randomly initialised; restore the config.json written with these weights, or convert again"
+        )
+    if unexpected:
+        return (
+            f"the checkpoint holds K/V tensors its config.json has no place for (e.g. {unexpected[0]}): its "
+            "kv_source_layers do not match the weights; restore the config.json written with them, or convert again"
+        )
+    return None
+
+
 class CLAAttentionMixin:
     """Attention whose K/V come from `config.kv_source_layers[layer_idx]`; shared by the Llama and Mistral classes."""
 
@@ -115,7 +147,20 @@ class CLAModelMixin:
 
 
 class CLAPreTrainedMixin:
-    """Refuses re-entrant checkpointing, which silently drops the consumer -> producer gradient."""
+    """Refuses re-entrant checkpointing, which silently drops the consumer -> producer gradient, and weights that do
+    not match the config's layout."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # CLA: never run with randomly initialised K/V (a config whose kv_source_layers were edited); mismatched
+        # shapes are let through only when the caller asked for that (ignore_mismatched_sizes=True)
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        checked = {**info, "mismatched_keys": ()} if kwargs.get("ignore_mismatched_sizes") else info
+        problem = loading_problem(checked)
+        if problem:
+            raise WeightsMismatch(problem)
+        return (model, info) if return_info else model
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
         activation_checkpointing_kwargs = dict(activation_checkpointing_kwargs or {})
