@@ -103,11 +103,26 @@ def check_teacher(recipe: Recipe, out: Path, resume: bool):
     return resolve_source(*found)
 
 
-def _recorded_original(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "run.json").read_text()).get("original")
-    except (OSError, ValueError, AttributeError):
+def run_record(out: Path) -> dict | None:
+    """The run folder's run.json, None when absent; unreadable or not a clakit record is one line naming it."""
+    path = out / "run.json"
+    if not path.is_file():
         return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        record = e
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+        raise ClakitError(
+            f"--resume: {path} is unreadable or not a clakit run record; the run cannot be continued, start it "
+            "over with --overwrite or in another train.output_dir"
+        )
+    return record
+
+
+def _recorded_original(out: Path) -> dict | None:
+    original = (run_record(out) or {}).get("original")
+    return original if isinstance(original, dict) and original.get("path") else None
 
 
 def _source_record(source) -> dict | None:
@@ -294,6 +309,8 @@ def uptrain(
         check_paths(recipe)
         print(recipe.to_yaml(), end="")
         return out / RESULT
+    if resume:
+        run_record(out)
     check_output_dir(out, recipe, resume, overwrite)
     if resume and (out / RESULT / "config.json").is_file():
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
