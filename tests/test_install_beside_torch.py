@@ -1,6 +1,6 @@
-"""clakit installs beside the torch an environment already has: pip's real resolver, on a fresh venv holding a torch
-newer than the CPU pin (a CUDA user's 2.14, say, as vLLM pins it), must not plan to replace that torch; and the README's
-CPU-first install (torch==2.13.0, then clakit) must not pull another torch either.
+"""clakit installs beside the torch an environment already has: pip's real resolver, on a fresh venv holding a
+torch newer than the CPU pin (a CUDA user's 2.14, say, as vLLM pins it), must not plan to replace that torch; and the
+README's CPU-first install (torch==2.13.0, then clakit) must not pull another torch either.
 
 The distributions are stand-ins (metadata-only wheels: a real CUDA torch is GBs): clakit's carries the
 Requires-Dist of this checkout's pyproject.toml, every other dependency one version meeting its range. Offline
@@ -11,13 +11,14 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (CI's); clakit itself supports 3.10
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 TORCH_RELEASES = ["2.13.0", "2.14.1", "3.0.0"]
