@@ -85,22 +85,27 @@ def check_tensorboard(train) -> None:
 
 
 def check_teacher(recipe: Recipe, out: Path, resume: bool):
-    """Distillation needs the original model: known (model.original/source/conversion record) and resolvable.
+    """The original model, resolved once: the teacher (required with distillation: known from model.original,
+    model.source or the conversion record, and resolvable) and the "original" eval baseline (best effort).
 
-    Returns its resolved Source (absolute local path, or the Hub id's snapshot and revision), or None without
-    distillation. A resumed run uses the one its run.json recorded, whatever the working directory is now."""
-    if not recipe.needs_teacher:
-        return None
-    recorded = _recorded_original(out) if resume else None
-    if recorded:
-        return resolve_source(recorded["path"])
+    Returns its Source (absolute local path, or the Hub id's snapshot and revision) or None. A resumed run uses the
+    teacher its run.json recorded, whatever the working directory is now."""
+    if resume:
+        recorded = _recorded_original(out) if recipe.needs_teacher else None
+        if recorded or not recipe.needs_teacher:  # a resumed run has its baseline report already
+            return recorded and resolve_source(recorded["path"])
     found = student.original_source(recipe.model)
-    if found is None:
+    if found is None and recipe.needs_teacher:
         raise ClakitError(
             "distillation needs the original model as teacher: set model.original to the model that "
             f"{recipe.model.path} was converted from"
         )
-    return resolve_source(*found)
+    if found is None or recipe.needs_teacher:
+        return found and resolve_source(*found)
+    try:
+        return resolve_source(*found)
+    except ClakitError:  # without distillation it is only the baseline report: a moved original costs just that
+        return None
 
 
 def run_record(out: Path) -> dict | None:
@@ -352,9 +357,6 @@ def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh:
         _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", quiet)
         run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, acc, quiet)
     model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
-    if original is None and fresh:  # no distillation: the original is only the eval baseline, when known
-        found = student.original_source(recipe.model)
-        original = resolve_source(*found) if found else None
     teacher = None
     if recipe.needs_teacher:
         # under FSDP the student's weights are flattened and freed between uses: the teacher keeps its own copy
