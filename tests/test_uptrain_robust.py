@@ -110,6 +110,21 @@ def test_a_corrupt_run_record_is_one_line(killed_run, tmp_path, capsys):
     assert f"{run / 'run.json'}" in err and "unreadable" in err, err
 
 
+def test_trained_tensors_load_strictly(tiny_cla_checkpoint):  # noqa: F811
+    from fsdp_worker import student_model
+
+    from clakit.uptrain import checkpoint
+
+    model = student_model(tiny_cla_checkpoint)
+    state = checkpoint.trainable_state(model)
+    checkpoint.load_trainable(model, state, "ok")
+    wrong = next(k for k in state if "lora_A" in k)
+    with pytest.raises(ClakitError, match="size mismatch|shape"):
+        checkpoint.load_trainable(model, state | {wrong: torch.zeros(3, 3)}, "a bad state")
+    with pytest.raises(ClakitError, match=r"a bad state does not hold .*\(19 saved, 18 trainable; e.g. extra\)"):
+        checkpoint.load_trainable(model, state | {"extra": torch.zeros(1)}, "a bad state")
+
+
 # --- the original model: resolved once, wherever the run starts ----------------------------------------------------
 
 

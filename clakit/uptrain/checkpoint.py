@@ -103,8 +103,8 @@ def load_trainable(model, tensors: dict[str, torch.Tensor], where: str) -> None:
             f"{where} does not hold this recipe's trainable tensors ({len(tensors)} saved, {len(expected)} "
             f"trainable; e.g. {odd[0]}); resume with the recipe that wrote it, or start over with --overwrite"
         )
-    try:
-        result = set_model_state_dict(model, tensors, options=_options(model, strict=False))
+    try:  # strict=False only because the frozen tensors are absent by design: the names were matched exactly above
+        result = set_model_state_dict(model, dict(tensors), options=_options(model, strict=False))  # it adds keys
     except RuntimeError as e:  # a shape that differs
         raise ClakitError(f"{where}: {str(e).strip().splitlines()[-1][:300]}") from None
     if result.unexpected_keys or set(result.missing_keys) & expected:
