@@ -63,12 +63,14 @@ def trainable_names(model) -> list[str]:
     return [clean_name(n, ddp) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _options(model, **kw):
+def _options(model, loading: bool = False, **kw):
+    """Full (unsharded) state dicts. Saving from an accelerator offloads to rank 0's host (rank0_only); never from
+    the CPU: FSDP1's offload_to_cpu of CPU parameters crashes (SIGSEGV, torch 2.13). Loading: every process passes
+    the whole tensors, as tested under FSDP1 and FSDP2."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # offload only from an accelerator: FSDP1's offload_to_cpu of CPU parameters crashes (SIGSEGV, torch 2.13)
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    return StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu, **kw)
+    return StateDictOptions(full_state_dict=True, cpu_offload=not (on_cpu or loading), **kw)
 
 
 def trainable_state(model, everywhere: bool = False) -> dict[str, torch.Tensor]:
@@ -103,8 +105,10 @@ def load_trainable(model, tensors: dict[str, torch.Tensor], where: str) -> None:
             f"{where} does not hold this recipe's trainable tensors ({len(tensors)} saved, {len(expected)} "
             f"trainable; e.g. {odd[0]}); resume with the recipe that wrote it, or start over with --overwrite"
         )
-    try:  # strict=False only because the frozen tensors are absent by design: the names were matched exactly above
-        result = set_model_state_dict(model, dict(tensors), options=_options(model, strict=False))  # it adds keys
+    # strict=False only because the frozen tensors are absent by design (the names were matched exactly above);
+    # a copy, since torch fills the dict it is given with the missing keys
+    try:
+        result = set_model_state_dict(model, dict(tensors), options=_options(model, True, strict=False))
     except RuntimeError as e:  # a shape that differs
         raise ClakitError(f"{where}: {str(e).strip().splitlines()[-1][:300]}") from None
     if result.unexpected_keys or set(result.missing_keys) & expected:
@@ -228,7 +232,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     load_trainable(model, saved["trainable"], f"checkpoint {path}")
     try:
         set_optimizer_state_dict(
-            model, getattr(optimizer, "optimizer", optimizer), saved["optimizer"], options=_options(model)
+            model, getattr(optimizer, "optimizer", optimizer), saved["optimizer"], options=_options(model, True)
         )
         scheduler.load_state_dict(saved["scheduler"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
