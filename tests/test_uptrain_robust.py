@@ -70,6 +70,16 @@ def test_a_torn_checkpoint_folder_is_ignored(killed_run, tmp_path):
     assert steps[-2:] == [5, 6]
 
 
+def test_the_next_save_removes_torn_folders(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("step-000002", "step-000004", "step-000006.tmp", "notes.tmp"):
+        (root / name).mkdir(parents=True)
+    for name in ("step-000002", "step-000004"):
+        (root / name / "state.json").write_text("{}")
+    pipeline.checkpoint.prune(tmp_path, 1)
+    assert sorted(p.name for p in root.iterdir()) == ["notes.tmp", "step-000004"]
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

@@ -174,10 +174,12 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
 
 
 def prune(run_dir: Path, keep: int | None) -> None:
-    if keep is None or keep <= 0:
-        return
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Drop all but the last `keep` checkpoints, and the `step-N.tmp` folders a killed save left (called by the main
+    process right after a save completed, so no save is in progress)."""
+    torn = [p for p in (run_dir / CHECKPOINTS).glob("step-*.tmp") if STEP_DIR.fullmatch(p.name.removesuffix(".tmp"))]
+    old = checkpoint_dirs(run_dir)[:-keep] if keep is not None and keep > 0 else []
+    for folder in torn + old:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _corrupt(path: Path, what: str, run_dir: Path) -> ClakitError:
