@@ -40,7 +40,7 @@ METHODS = ("mean", "calibrated", "reconstruct", "auto+calibrated", "auto+reconst
 def load_demo():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clakit.eval.fetch import fetch_demo
+    from clakit.demo import fetch_demo
 
     assets = fetch_demo(quiet=True)
     kwargs = {"gguf_file": assets.model.name}

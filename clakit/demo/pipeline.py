@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clakit.eval.fetch import DemoAssets, default_cache_dir, fetch_demo
+from clakit.demo.fetch import DemoAssets, default_cache_dir, fetch_demo
 
 DEFAULT_WORK_DIR = "clakit-demo"
 
