@@ -181,7 +181,8 @@ def evaluate(
     )
     report["speed"] = throughput(loaded.model, tokens.ids[:seq_len], batch_size, decode_steps) if speed else None
     if tasks:
-        report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size)
+        # lm-eval sees the same windows as clakit's perplexity (HFLM's max_length = seq_len): one number per text
+        report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size, max_length=seq_len)
     report["provenance"] = _provenance(loaded, report["data"], settings)
     return report
 
