@@ -94,6 +94,16 @@ def _add_eval(sub) -> None:
     p.add_argument("--lm-eval-include", nargs="+", metavar="DIR", help="folders of extra lm-eval task YAML files")
     p.add_argument("--lm-eval-limit", type=int, help="score at most N documents per lm-eval task")
     p.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per lm-eval prompt (default: the task's)")
+    p.add_argument(
+        "--task", action="append", choices=["passkey"], help="add a task to the report (perplexity is always scored): "
+        "passkey = synthetic passkey retrieval, its filler the --data text",
+    )  # fmt: skip
+    p.add_argument(
+        "--passkey-lengths", metavar="N,N,...", help="prompt lengths in tokens (default 1024, 2048, ... window)"
+    )
+    p.add_argument("--passkey-depths", metavar="F,F,...", help="needle depths, 0-1 (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--passkey-samples", type=int, help="prompts per length and depth (default 2)")
+    p.add_argument("--passkey-seed", type=int, help="seed of the keys and filler offsets (default 0)")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -115,6 +125,7 @@ def _add_eval(sub) -> None:
             lm_eval_include=args.lm_eval_include,
             lm_eval_limit=args.lm_eval_limit,
             lm_eval_fewshot=args.lm_eval_fewshot,
+            passkey=_passkey_settings(args),
             speed=not args.no_speed,
             quiet=args.quiet,
         )
@@ -122,12 +133,41 @@ def _add_eval(sub) -> None:
             f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
             f"KV {report['kv_cache']['bytes_per_token']:,} bytes/token -> {write_json(report, args.output)}"
         )
+        if report.get("passkey"):
+            print(f"  passkey retrieval: accuracy {report['passkey']['accuracy']:.3f}")
         if report.get("lm_eval"):
             from clakit.eval.harness import summary
 
             print(summary(report["lm_eval"]))
 
     p.set_defaults(run=run)
+
+
+def _number_list(flag: str, text: str | None, kind: type) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ClakitError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def _passkey_settings(args):
+    """PasskeySettings from the --passkey-* flags (None without --task passkey, which they then need)."""
+    from clakit.eval.passkey import PasskeySettings
+
+    given = {
+        "lengths": _number_list("--passkey-lengths", args.passkey_lengths, int),
+        "depths": _number_list("--passkey-depths", args.passkey_depths, float),
+        "samples": args.passkey_samples,
+        "seed": args.passkey_seed,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if "passkey" not in (args.task or []):
+        if given:
+            raise ClakitError("--passkey-* options need --task passkey")
+        return None
+    return PasskeySettings(**given)
 
 
 def _add_report(sub) -> None:
