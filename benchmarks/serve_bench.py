@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def smollm2_pair(work: Path) -> tuple[Path, Path]:
     from clakit.convert import convert
-    from clakit.eval.fetch import fetch_demo
+    from clakit.demo.fetch import fetch_demo
     from clakit.sources import load_model, load_tokenizer, resolve_source
     from clakit.uptrain.student import drop_gguf_quantizer
 
@@ -62,7 +62,7 @@ def prompts(folder: Path, n: int, length: int) -> list[list[int]]:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     try:
-        from clakit.eval.fetch import fetch_demo
+        from clakit.demo.fetch import fetch_demo
 
         text = fetch_demo(quiet=True).heldout.read_text()
     except Exception:  # a user's own checkpoints without the demo assets: any text of enough tokens will do

