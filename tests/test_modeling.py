@@ -261,8 +261,9 @@ def test_cla_model_is_built_once_with_no_throwaway_modules(kind, monkeypatch):
             _original(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "__init__", record)
-    config_cls, lm_cls = (LlamaCLAConfig, LlamaCLAForCausalLM) if kind == "llama" else (MistralCLAConfig,
-                                                                                       MistralCLAForCausalLM)
+    config_cls, lm_cls = (
+        (LlamaCLAConfig, LlamaCLAForCausalLM) if kind == "llama" else (MistralCLAConfig, MistralCLAForCausalLM)
+    )
     model = lm_cls(config_cls(**tiny_kwargs(6), kv_source_layers=LAYOUTS["cla2"]))
     kept = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
     assert len(built) == len(kept) and {id(m) for m in built} == {id(m) for m in kept}
@@ -273,8 +274,9 @@ def test_cla_model_is_built_once_with_no_throwaway_modules(kind, monkeypatch):
 def test_legacy_gradient_checkpointing_config_reaches_the_cla_layers(kind):
     """transformers' test_gradient_checkpointing_backward_compatibility: `config.gradient_checkpointing = True`
     turns checkpointing on at construction, in every (CLA) decoder layer."""
-    config_cls, lm_cls = (LlamaCLAConfig, LlamaCLAForCausalLM) if kind == "llama" else (MistralCLAConfig,
-                                                                                       MistralCLAForCausalLM)
+    config_cls, lm_cls = (
+        (LlamaCLAConfig, LlamaCLAForCausalLM) if kind == "llama" else (MistralCLAConfig, MistralCLAForCausalLM)
+    )
     config = config_cls(**tiny_kwargs(4), kv_source_layers=[0, 0, 2, 2])
     config.gradient_checkpointing = True
     model = lm_cls(config)

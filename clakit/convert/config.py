@@ -27,46 +27,75 @@ class ConvertConfig:
     """Settings of one conversion. None means "the converter decides" as the help says."""
 
     # layout
-    factor: int | None = field(default=None, metadata=_opt(
-        "uniform CLA-K: groups of K adjacent layers (default without --calib-data: 2)", group=LAYOUT_GROUP))
-    kv_source_layers: list[int] | None = field(default=None, metadata=_opt(
-        "explicit layout, e.g. 0,0,2,2 (one entry per layer)", group=LAYOUT_GROUP, metavar="LIST"))
-    layout: str | None = field(default=None, metadata=_opt(
-        "choose the layout on calibration data (default with --calib-data)", group=LAYOUT_GROUP, choices=["auto"]))
-    kv_saving: float | None = field(default=None, metadata=_opt(
-        "with --layout auto: fraction of the KV cache to save (default 0.5)"))
-    refine: bool = field(default=True, metadata=_opt(
-        "--layout auto: refine the chosen layout beyond runs of adjacent layers"))
-    refine_max_group: int | None = field(default=None, metadata=_opt(
-        "--layout auto: largest group the refinement may create (default: the scoring's largest group)"))
+    factor: int | None = field(
+        default=None,
+        metadata=_opt(
+            "uniform CLA-K: groups of K adjacent layers (default without --calib-data: 2)", group=LAYOUT_GROUP
+        ),
+    )
+    kv_source_layers: list[int] | None = field(
+        default=None,
+        metadata=_opt("explicit layout, e.g. 0,0,2,2 (one entry per layer)", group=LAYOUT_GROUP, metavar="LIST"),
+    )
+    layout: str | None = field(
+        default=None,
+        metadata=_opt(
+            "choose the layout on calibration data (default with --calib-data)", group=LAYOUT_GROUP, choices=["auto"]
+        ),
+    )
+    kv_saving: float | None = field(
+        default=None, metadata=_opt("with --layout auto: fraction of the KV cache to save (default 0.5)")
+    )
+    refine: bool = field(
+        default=True, metadata=_opt("--layout auto: refine the chosen layout beyond runs of adjacent layers")
+    )
+    refine_max_group: int | None = field(
+        default=None,
+        metadata=_opt("--layout auto: largest group the refinement may create (default: the scoring's largest group)"),
+    )
     # K/V initialisation and fitting
-    init: str | None = field(default=None, metadata=_opt(
-        "shared K/V initialisation (default: mean; reconstruct when --calib-data is given)", choices=list(INITS)))
-    calib_data: list[str] | None = field(default=None, metadata=_opt(
-        "calibration text: files, folders, NAME:CONFIG:SPLIT (several: all are used)", metavar="TEXT"))
+    init: str | None = field(
+        default=None,
+        metadata=_opt(
+            "shared K/V initialisation (default: mean; reconstruct when --calib-data is given)", choices=list(INITS)
+        ),
+    )
+    calib_data: list[str] | None = field(
+        default=None,
+        metadata=_opt("calibration text: files, folders, NAME:CONFIG:SPLIT (several: all are used)", metavar="TEXT"),
+    )
     calib_tokens: int = field(default=32768, metadata=_opt("calibration tokens to use"))
-    seq_len: int = field(default=512, metadata=_opt(
-        "tokens per calibration/evaluation sequence (capped by the model's context)"))
+    seq_len: int = field(
+        default=512, metadata=_opt("tokens per calibration/evaluation sequence (capped by the model's context)")
+    )
     ridge: float = field(default=1e-3, metadata=_opt("calibrated fit: ridge, relative to the mean Fisher weight"))
     reconstruct_steps: int = field(default=100, metadata=_opt("--init reconstruct: Adam steps per group"))
     reconstruct_lr: float = field(default=3e-3, metadata=_opt("--init reconstruct: Adam learning rate"))
     train_o_proj: bool = field(default=True, metadata=_opt("--init reconstruct: also fit each member's o_proj"))
-    sequential: bool = field(default=True, metadata=_opt(
-        "--init reconstruct: fit each group on inputs with the earlier groups already converted"))
+    sequential: bool = field(
+        default=True,
+        metadata=_opt("--init reconstruct: fit each group on inputs with the earlier groups already converted"),
+    )
     seed: int = field(default=0, metadata=_opt("seed for data-aware fitting"))
     device: str = field(default="auto", metadata=_opt(f"where the fits run: {DEVICES_HELP}"))
-    dtype: str = field(default="float32", metadata=_opt(
-        "dtype of the weights during the fits (bfloat16 only on a GPU)", choices=list(FIT_DTYPES)))
+    dtype: str = field(
+        default="float32",
+        metadata=_opt("dtype of the weights during the fits (bfloat16 only on a GPU)", choices=list(FIT_DTYPES)),
+    )
     # quick check
-    eval_data: list[str] | None = field(default=None, metadata=_opt(
-        "held-out text (several: all are used): print perplexity before/after", metavar="TEXT"))
+    eval_data: list[str] | None = field(
+        default=None,
+        metadata=_opt("held-out text (several: all are used): print perplexity before/after", metavar="TEXT"),
+    )
     eval_tokens: int = field(default=8192, metadata=_opt("--eval-data tokens scored before and after"))
     # source and output
     revision: str | None = field(default=None, metadata=_opt("Hub revision (branch, tag or commit) of SRC"))
     allow_pickle: bool = field(default=False, metadata=_opt("accept pickle (.bin) weights; they can run code"))
     trust_remote_code: bool = field(default=False, metadata=_opt("allow SRC's own code (config/tokenizer)"))
-    output_dtype: str | None = field(default=None, metadata=_opt(
-        "dtype of the written weights (default: the source's)", choices=list(OUTPUT_DTYPES)))
+    output_dtype: str | None = field(
+        default=None,
+        metadata=_opt("dtype of the written weights (default: the source's)", choices=list(OUTPUT_DTYPES)),
+    )
     max_shard_size: str = field(default="5GB", metadata=_opt("largest output shard"))
 
     def __post_init__(self) -> None:
