@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clakit import outputs
-from clakit.eval.fetch import DemoAssets, default_cache_dir, fetch_demo
+from clakit.demo.fetch import DemoAssets, default_cache_dir, fetch_demo
 from clakit.eval.records import check_output
 
 DEFAULT_WORK_DIR = "clakit-demo"

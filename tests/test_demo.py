@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+from clakit.demo import fetch
+from clakit.demo import pipeline as demo
 from clakit.errors import ClakitError
-from clakit.eval import demo, fetch
 from clakit.outputs import MARKER
 
 
