@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -68,12 +69,14 @@ def foreign_files(folder: Path) -> list[str]:
     if marker is None:
         return []  # an older clakit's output: its file list was not recorded
     known = set(marker.get("files", [])) | {MARKER}
-    return sorted(p.name for p in folder.iterdir() if p.name not in known and not _is_staging(p.name))
+    return sorted(p.name for p in folder.iterdir() if p.name not in known and _staged_name(p.name) not in known)
 
 
-def _is_staging(name: str) -> bool:
-    """clakit's own leftovers beside or inside an output: staging folders and outputs moved aside."""
-    return name.startswith(".") and name.endswith((".partial", ".old"))
+def _staged_name(name: str) -> str | None:
+    """The output a leftover of clakit's own belongs to (`.NAME.XXXXXXXX.partial` staging folders, `.NAME.XXXXXXXX.old`
+    outputs moved aside, left by a killed process), or None for any other name."""
+    m = re.fullmatch(r"\.(.+)\.[\w]{8}\.(partial|old)", name)
+    return m and m.group(1)
 
 
 # --- checks, before any work ---------------------------------------------------------------------------------------

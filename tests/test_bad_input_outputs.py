@@ -138,6 +138,8 @@ CASES = [
          clakit_output("run", "uptrain"), id="uptrain-own-run-no-flag"),
     Case(UP + "{run}" + " --overwrite", "holds files clakit did not write (my-eval.py)",
          both(clakit_output("run", "uptrain"), add_file("run", "my-eval.py")), id="uptrain-own-run-user-file"),
+    Case(UP + "{run}" + " --overwrite", "holds files clakit did not write (.notes.old)",
+         both(clakit_output("run", "uptrain"), add_file("run", ".notes.old")), id="uptrain-own-run-user-dotfile"),
     Case(UP + "{f}/run", "is a file, not a folder", make_file("f"), id="uptrain-parent-is-file"),
     Case(UP + "{ro}/run", "cannot write into", unwritable, id="uptrain-unwritable"),
     # --- eval -o: a new file or a clakit report, in a writable folder; checked before the model is even loaded
@@ -361,6 +363,8 @@ def test_uptrain_overwrite_of_an_older_clakits_run(paths, tmp_path):
     r = run_clakit(*uptrain_args(paths, "train.max_steps=2", "--overwrite"))
     assert r.code == 0, r.err
     assert json.loads((tmp_path / "run" / MARKER).read_text())["kind"] == "uptrain"
+    (tmp_path / "run" / ".model.k1ll3d_x.partial").mkdir()  # a result save killed midway: clakit's own leftover
+    assert run_clakit(*uptrain_args(paths, "train.max_steps=2", "--overwrite")).code == 0
 
 
 def test_a_running_uptrain_is_neither_replaced_nor_resumed(paths, tmp_path):
