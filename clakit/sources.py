@@ -87,7 +87,7 @@ def read_config_json(folder: Path) -> dict:
     if not isinstance(raw, dict):
         raise ClakitError(f"{path} must be a JSON object of settings, got a {type(raw).__name__}; restore it")
     if not isinstance(raw.get("model_type"), str) and not raw.get("auto_map"):
-        raise ClakitError(f"{path} has no model_type (e.g. \"llama\"); restore the checkpoint's config.json")
+        raise ClakitError(f"{path} has no model_type (e.g. 'llama'); restore the checkpoint's config.json")
     missing = [k for k in CONFIG_KEYS if k not in raw] if raw.get("model_type") in CONFIG_KEYS_OF else []
     if missing:
         raise ClakitError(f"{path} lacks {', '.join(missing)}; restore the checkpoint's config.json")

@@ -121,10 +121,19 @@ CASES = [
          damaged("cla", ALL_PRODUCERS), id="eval-cla-missing-kv"),
     Case(UPTRAIN, "the checkpoint lacks 4 tensors its config.json needs", damaged("cla", ALL_PRODUCERS),
          id="uptrain-cla-missing-kv"),
-    Case(EVAL, f"the checkpoint holds K/V tensors its config.json has no place for (e.g. {K2})",
-         damaged("cla", ONE_PRODUCER), id="eval-cla-unexpected-kv"),
-    Case(UPTRAIN, "the checkpoint holds K/V tensors its config.json has no place for", damaged("cla", ONE_PRODUCER),
+    Case(EVAL, f"the checkpoint holds 2 tensors its config.json has no place for (e.g. {K2}), which would be "
+         "dropped: its kv_source_layers do not match", damaged("cla", ONE_PRODUCER), id="eval-cla-unexpected-kv"),
+    Case(UPTRAIN, "its kv_source_layers do not match the weights", damaged("cla", ONE_PRODUCER),
          id="uptrain-cla-unexpected-kv"),
+    Case(EVAL, "holds 9 tensors its config.json has no place for (e.g. model.layers.3.input_layernorm.weight), which "
+         "would be dropped: its num_hidden_layers do not match", damaged("model", updated(num_hidden_layers=3)),
+         id="eval-fewer-layers"),
+    Case(EVAL, "the checkpoint lacks 9 tensors its config.json needs (e.g. model.layers.4.input_layernorm.weight)",
+         damaged("model", updated(num_hidden_layers=5)), id="eval-more-layers"),
+    Case(CONVERT, "holds 9 decoder tensors its config.json has no place for (e.g. model.layers.3.input_layernorm."
+         "weight)", damaged("model", updated(num_hidden_layers=3)), id="convert-fewer-layers"),
+    Case(CONVERT, "tensor model.layers.4.input_layernorm.weight is missing from the checkpoint",
+         damaged("model", updated(num_hidden_layers=5)), id="convert-more-layers"),
     Case(EVAL, "config.json does not match the weights: model.layers.0.self_attn.k_proj.weight is [24, 40]",
          damaged("cla", tensor("model.layers.0.self_attn.k_proj.weight", lambda t: t[:, :40])),
          id="eval-cla-k-proj-shape"),

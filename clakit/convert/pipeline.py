@@ -17,7 +17,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from clakit.convert.checkpoint import ShardWriter, StateDictCheckpoint, open_checkpoint, parse_size
-from clakit.convert.checks import check_shapes
+from clakit.convert.checks import check_shapes, check_unused
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, parse_layout, uniform_layout
 from clakit.convert.output_folder import (
@@ -353,6 +353,7 @@ class _Conversion:
         tied = set(lm_cls._tied_weights_keys or {}) if cla_cfg.tie_word_embeddings else set()
         plan = plan_tensors(self.checkpoint.names, set(expected), tied, layout)
         check_shapes(self.checkpoint, plan, expected, self.source.spec)
+        check_unused(plan, self.source.spec)
         floating = (t.dtype for t in map(self.checkpoint.get, plan.names) if t.is_floating_point())  # lazy reads
         self.source_dtype = next(floating, torch.float32)
         return plan
