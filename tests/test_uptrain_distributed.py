@@ -1,6 +1,7 @@
 """Several processes (DDP over gloo on CPU, the same code path `accelerate launch` takes on GPUs): two processes of
-batch 1 train to the weights of one process of batch 2, and a launch accelerate cannot see is refused before anything
-is written."""
+batch 1 (converting model.source first: the second process polls for the result) train to the weights of one process
+of batch 2; a launch accelerate cannot see, or with more processes than held-out blocks, is refused before anything
+is written. FSDP: test_uptrain_fsdp.py."""
 
 import json
 import os
@@ -53,10 +54,13 @@ def test_two_processes_train_like_one_process_of_twice_the_batch(
 ):
     one = two_process_recipe(corpus_dir, tmp_path / "one", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=2)
     two = two_process_recipe(corpus_dir, tmp_path / "two", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=1)
+    # the same CLA2 start, converted on the fly by the main process while the other one waits for it
+    two["model"] = {"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "mean"}}
     for name, recipe, processes in (("one", one, 1), ("two", two, 2)):
         proc = launch(["uptrain", str(write_recipe(tmp_path / f"{name}.yaml", recipe)), "-q"], tmp_path, processes)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
+    assert (tmp_path / "two" / "converted" / "config.json").is_file() and not list(tmp_path.glob("two/*.failed"))
     record = json.loads((tmp_path / "two" / "model" / "uptrain.json").read_text())
     assert record["processes"] == 2 and record["train_tokens"] == 4 * 2 * 32
     a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
@@ -82,5 +86,21 @@ def test_launch_that_accelerate_does_not_join_is_refused(
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("clakit: error:")]
     assert errors and all("launched as 2 processes but accelerate sees 1" in line for line in errors)
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File") and "/clakit/" in line]
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
+
+
+def test_more_processes_than_held_out_blocks_is_refused(
+    tiny_cla_checkpoint,  # noqa: F811
+    tiny_llama_checkpoint,
+    corpus_dir,
+    tmp_path,
+):
+    recipe = two_process_recipe(corpus_dir, tmp_path / "run", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=1)
+    recipe["data"]["eval_max_tokens"] = 32  # one held-out block of seq_len 32 for two processes
+    proc = launch(["uptrain", str(write_recipe(tmp_path / "r.yaml", recipe)), "-q"], tmp_path)
+    assert proc.returncode != 0, proc.stderr[-2000:]  # torchrun exits 1 when its processes exit 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clakit: error:")]
+    assert errors and all("launched on 2 processes but the held-out data has only 1 blocks" in e for e in errors)
     assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File") and "/clakit/" in line]
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()

@@ -1,11 +1,11 @@
-"""Eval report files: written atomically, read back with a check that they are clakit reports."""
+"""Eval report files: written atomically by the file rule of clakit.outputs, read back with a check that they are
+clakit reports."""
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
+from clakit import outputs
 from clakit.errors import ClakitError
 
 FORMAT = "clakit-eval-report/1"
@@ -69,22 +69,15 @@ FIELDS = (
 )
 
 
+def check_output(path) -> Path:
+    """Before evaluating: `path` may receive a report (new, or a clakit report it replaces; its folder writable)."""
+    return outputs.check_file(path, FORMAT, noun="eval report")
+
+
 def write_json(report: dict, path) -> Path:
-    """Write into a temp file beside `path`, then rename: a crash never leaves a half-written report."""
-    path = Path(path)
-    if path.is_dir():
-        raise ClakitError(f"output {path} is a folder; give a file name such as {path / 'report.json'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write by clakit's file rule (clakit.outputs): a temp file beside `path`, then an atomic rename; only a new
+    file or an earlier clakit report is replaced."""
+    return outputs.write_file(path, json.dumps(report, indent=2, sort_keys=False) + "\n", FORMAT, noun="eval report")
 
 
 def read_report(path) -> dict:

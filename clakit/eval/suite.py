@@ -10,6 +10,7 @@ import torch
 from clakit.corpus import DEFAULT_ONLINE_EVAL, Text, join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.eval import harness, kvcache, perplexity
+from clakit.eval import passkey as passkey_task
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.provenance import provenance
@@ -162,6 +163,7 @@ def evaluate(
     lm_eval_include=None,
     lm_eval_limit: int | None = None,
     lm_eval_fewshot: int | None = None,
+    passkey=None,
     speed: bool = True,
     quiet: bool = False,
     text: str | None = None,
@@ -173,11 +175,14 @@ def evaluate(
     """Evaluate `model` (checkpoint folder, Hub id, .gguf path, or an in-memory causal LM with `tokenizer`).
 
     `data`: text files, folders of .txt or datasets specs (default wikitext-2 test; needs the Hub); `text`: raw
-    text instead. `lm_eval_tasks`: lm-eval task names or task YAML paths (see clakit.eval.harness), scored under
-    the report's `lm_eval`. `allow_pickle`: accept a folder whose weights are pickle files (they can run code).
+    text instead. `passkey`: a `clakit.eval.passkey.PasskeySettings` adds passkey retrieval (its filler: that
+    text). `lm_eval_tasks`: lm-eval task names or task YAML paths (see clakit.eval.harness), scored under the
+    report's `lm_eval`. `allow_pickle`: accept a folder whose weights are pickle files (they can run code).
     Returns the report dict (see docs/eval.md); every input is checked before the model is loaded.
     """
     stride = check_settings(seq_len, stride, max_tokens, batch_size, kv_budget_gb)
+    if passkey is not None:
+        passkey.check()
     if harness.parse_tasks(lm_eval_tasks):
         harness.require_lm_eval()  # before anything slow; the tasks themselves are loaded just before the model
     source = _resolve(model, tokenizer, revision, trust_remote_code, allow_pickle)
@@ -188,16 +193,30 @@ def evaluate(
         tokenizer = _tokenizer(source, trust_remote_code)
     tokens = _tokens(tokenizer, texts, seq_len, max_tokens)
     tasks = harness.prepare(lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot)
+    prompts = _passkey_prompts(passkey, model, source, tokenizer, texts, trust_remote_code)
     loaded = _load(model, source, tokenizer, trust_remote_code, device, name, allow_pickle)
     settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
     report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}
     report["settings"] = settings
     report["kv_cache"] = _kv_cache(loaded, tokens.ids, seq_len, kv_budget_gb, reference)
     report["speed"] = throughput(loaded.model, tokens.ids[:seq_len], batch_size, decode_steps) if speed else None
+    if prompts:
+        report["passkey"] = passkey_task.run(loaded.model, loaded.tokenizer, prompts, quiet)
     if tasks:
-        report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size)
+        # lm-eval sees the same windows as clakit's perplexity (HFLM's max_length = seq_len): one number per text
+        report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size, max_length=seq_len)
     report["provenance"] = _provenance(loaded, report["data"], settings)
     return report
+
+
+def _passkey_prompts(settings, model, source, tokenizer, texts: list[Text], trust_remote_code: bool):
+    """Every passkey prompt, built before the model is loaded (the window comes from the config)."""
+    if settings is None:
+        return None
+    from clakit.sources import load_config
+
+    config = model.config if source is None else load_config(source, trust_remote_code)
+    return passkey_task.prepare(tokenizer, join_texts(texts), settings, passkey_task.window(config))
 
 
 def _tokenizer(source, trust_remote_code: bool):

@@ -10,7 +10,7 @@ so the shared tensors stay the original's until the final merge (after the teach
 import torch
 import torch.nn.functional as F
 
-from clakit.sources import load_model, resolve_source
+from clakit.sources import Source, load_model
 
 PEFT_PREFIX = "base_model.model."
 
@@ -40,9 +40,10 @@ def share_frozen_weights(teacher, student) -> int:
     return shared
 
 
-def load_teacher(spec: str, revision: str | None, dtype: torch.dtype, student, share: bool = True):
-    """The original model, frozen, in eval mode, sharing the student's frozen tensors (unless `share` is False)."""
-    teacher = load_model(resolve_source(spec, revision), dtype=dtype)
+def load_teacher(source: Source, dtype: torch.dtype, student, share: bool = True):
+    """The original model (a resolved Source), frozen, in eval mode, sharing the student's frozen tensors (unless
+    `share` is False)."""
+    teacher = load_model(source, dtype=dtype)
     teacher.requires_grad_(False)
     teacher.config.use_cache = False
     if share:
@@ -65,9 +66,11 @@ def unique_bytes(*models) -> int:
 # --- losses ---------------------------------------------------------------------------------------------------------
 
 
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits (batch, seq, vocab), input_ids (batch, seq)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy; logits (batch, seq, vocab), input_ids (batch, seq). reduction "none": per token,
+    (batch, seq - 1)."""
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction=reduction)
+    return loss.view(input_ids.shape[0], -1) if reduction == "none" else loss
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -23,14 +23,15 @@ class PackedData:
         return self.train.shape[1]
 
 
-def _pieces(text: str) -> list[str]:
-    out, start = [], 0
+def _pieces(text: str, size: int = _PIECE_CHARS):
+    """`text` in pieces of about `size` characters cut at line ends, lazily (a budget stops early); yields
+    (piece, is_last)."""
+    start = 0
     while start < len(text):
-        end = len(text) if len(text) - start <= _PIECE_CHARS else text.rfind("\n", start, start + _PIECE_CHARS) + 1
-        end = end if end > start else start + _PIECE_CHARS
-        out.append(text[start:end])
+        end = len(text) if len(text) - start <= size else text.rfind("\n", start, start + size) + 1
+        end = end if end > start else start + size
+        yield text[start:end], end >= len(text)
         start = end
-    return out
 
 
 def tokenize(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Tensor:
@@ -41,10 +42,10 @@ def tokenize(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Te
     """
     parts, n = [], 0
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    size = _PIECE_CHARS if limit is None else min(_PIECE_CHARS, max(4096, 8 * limit))  # ~4 chars a token
     for t in texts:
-        pieces = _pieces(t.text)
-        for i, piece in enumerate(pieces):
-            ids = tokenizer(piece, add_special_tokens=False)["input_ids"] + (eos if i == len(pieces) - 1 else [])
+        for piece, last in _pieces(t.text, size):
+            ids = tokenizer(piece, add_special_tokens=False)["input_ids"] + (eos if last else [])
             parts.append(torch.tensor(ids, dtype=torch.int32))
             n += len(ids)
             if limit is not None and n >= limit:
@@ -71,14 +72,13 @@ def build_data(data, tokenizer, train_tokens: int | None = None) -> PackedData:
     train_texts = load_texts(data.train)
     if data.eval:
         eval_texts = load_texts(data.eval)
-        train_ids = tokenize(tokenizer, train_texts, train_tokens)
-        eval_ids = tokenize(tokenizer, eval_texts, data.eval_max_tokens + data.seq_len)
         eval_sources = [t.name for t in eval_texts]
-    else:  # hold out the tail of the train stream: contiguous, so no block straddles train and eval
-        train_ids = tokenize(tokenizer, train_texts)
-        cut = int(train_ids.numel() * (1 - data.eval_fraction))
-        train_ids, eval_ids = train_ids[:cut], train_ids[cut:]
+    else:  # hold out the tail of the train text: contiguous, so no block straddles train and eval
+        train_texts, eval_texts = split_tail(train_texts, data.eval_fraction)
         eval_sources = [f"last {data.eval_fraction:g} of data.train"]
+    # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
+    train_ids = tokenize(tokenizer, train_texts, train_tokens)
+    eval_ids = tokenize(tokenizer, eval_texts, data.eval_max_tokens + data.seq_len)
     train, held = blocks(train_ids, data.seq_len), blocks(eval_ids, data.seq_len)
     if len(train) == 0:
         raise _too_short("data.train", train_ids.numel(), data.seq_len)
@@ -87,6 +87,22 @@ def build_data(data, tokenizer, train_tokens: int | None = None) -> PackedData:
         raise _too_short(what, eval_ids.numel(), data.seq_len)
     held = held[: max(1, data.eval_max_tokens // data.seq_len)]
     return PackedData(train, held, [t.name for t in train_texts], eval_sources)
+
+
+def split_tail(texts: list[Text], fraction: float) -> tuple[list[Text], list[Text]]:
+    """(head, tail) of the texts' concatenation, cut at (1 - fraction) of its characters (at the next line end
+    when one is near), without tokenising anything."""
+    cut, seen = int(sum(len(t.text) for t in texts) * (1 - fraction)), 0
+    head, tail = [], []
+    for t in texts:
+        at = min(max(cut - seen, 0), len(t.text))
+        if 0 < at < len(t.text):
+            line_end = t.text.find("\n", at, at + 4096)
+            at = line_end + 1 if line_end >= 0 else at
+        head += [Text(t.name, t.text[:at])] if at > 0 else []
+        tail += [Text(t.name, t.text[at:])] if at < len(t.text) else []
+        seen += len(t.text)
+    return head, tail
 
 
 class BatchOrder:

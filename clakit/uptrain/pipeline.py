@@ -7,8 +7,9 @@ Run folder (train.output_dir):
   metrics.jsonl           one line per logging step / evaluation
   eval/*.json, report/    `clakit eval` reports of the original, converted and uptrained models, and their page
   model/                  the result: LoRA merged, a CLA checkpoint loadable with trust_remote_code
-A fresh run is prepared in a hidden `.NAME.partial` folder beside it and renamed into place only once conversion,
-data and models are ready, so bad input leaves nothing behind.
+A fresh run is prepared in a unique hidden `.NAME.XXXXXXXX.partial` folder beside it and renamed into place only once
+conversion, data and models are ready, so bad input leaves nothing behind; a run that fails before its first
+checkpoint is removed again. --overwrite replaces only a clakit uptrain run (clakit.outputs: the ownership rule).
 """
 
 import json
@@ -19,16 +20,19 @@ from pathlib import Path
 
 import torch
 
+from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.sources import load_model, load_tokenizer, resolve_source
 from clakit.uptrain import card, checkpoint, student
 from clakit.uptrain.distill import load_teacher
 from clakit.uptrain.packing import build_data
-from clakit.uptrain.recipe import Recipe, load_recipe
+from clakit.uptrain.recipe import Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import Trainer
 
 RESULT = "model"
 EVAL = "eval"  # clakit eval reports: original.json, converted.json, uptrained.json
+# what a run adds to its folder after it is published (its marker lists them: see clakit.outputs)
+RUN_FILES = ("checkpoints", "metrics.jsonl", RESULT, "report", EVAL, "tensorboard")
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -50,7 +54,9 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_output_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+def check_output_dir(
+    out: Path, recipe: Recipe, resume: bool, overwrite: bool, recipe_path: Path | None = None
+) -> None:
     run_file = out / "run.json"
     if resume and overwrite:
         raise ClakitError("--resume and --overwrite contradict each other; give one")
@@ -66,11 +72,27 @@ def check_output_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -
                 "resume with the same recipe and overrides, or start over with --overwrite"
             )
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ClakitError(
-            f"train.output_dir {out} already holds files (another run?); continue it with --resume, "
-            "replace it with --overwrite, or choose another train.output_dir"
-        )
+    outputs.check_folder(
+        out,
+        "uptrain",
+        overwrite=overwrite,
+        inputs=run_inputs(recipe, recipe_path),
+        label="train.output_dir",
+        replace_hint="continue it with --resume or replace it with --overwrite",
+    )
+
+
+def run_inputs(recipe: Recipe, recipe_path: Path | None) -> list[tuple[str, object]]:
+    """What train.output_dir must neither contain nor be inside: --overwrite would delete it."""
+    m = recipe.model
+    return [
+        ("model", [m.path, m.source]),
+        ("teacher", student.original_spec(m) if m.path or m.source else None),
+        ("training data", recipe.data.train),
+        ("held-out data", recipe.data.eval),
+        ("calibration data", m.convert.calib_data if m.convert else None),
+        ("recipe", recipe_path),
+    ]
 
 
 def check_tensorboard(train) -> None:
@@ -84,16 +106,54 @@ def check_tensorboard(train) -> None:
             )
 
 
-def check_teacher(recipe: Recipe) -> None:
-    """Distillation needs the original model: known (model.original/source/conversion record) and resolvable."""
-    spec = student.original_spec(recipe.model)
-    if recipe.needs_teacher and spec is None:
+def check_teacher(recipe: Recipe, out: Path, resume: bool):
+    """The original model, resolved once: the teacher (required with distillation: known from model.original,
+    model.source or the conversion record, and resolvable) and the "original" eval baseline (best effort).
+
+    Returns its Source (absolute local path, or the Hub id's snapshot and revision) or None. A resumed run uses the
+    teacher its run.json recorded, whatever the working directory is now."""
+    if resume:
+        recorded = _recorded_original(out) if recipe.needs_teacher else None
+        if recorded or not recipe.needs_teacher:  # a resumed run has its baseline report already
+            return recorded and resolve_source(recorded["path"])
+    found = student.original_source(recipe.model)
+    if found is None and recipe.needs_teacher:
         raise ClakitError(
             "distillation needs the original model as teacher: set model.original to the model that "
             f"{recipe.model.path} was converted from"
         )
-    if recipe.needs_teacher:
-        resolve_source(spec, recipe.model.revision)
+    if found is None or recipe.needs_teacher:
+        return found and resolve_source(*found)
+    try:
+        return resolve_source(*found)
+    except ClakitError:  # without distillation it is only the baseline report: a moved original costs just that
+        return None
+
+
+def run_record(out: Path) -> dict | None:
+    """The run folder's run.json, None when absent; unreadable or not a clakit record is one line naming it."""
+    path = out / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        record = e
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+        raise ClakitError(
+            f"--resume: {path} is unreadable or not a clakit run record; the run cannot be continued, start it "
+            "over with --overwrite or in another train.output_dir"
+        )
+    return record
+
+
+def _recorded_original(out: Path) -> dict | None:
+    original = (run_record(out) or {}).get("original")
+    return original if isinstance(original, dict) and original.get("path") else None
+
+
+def _source_record(source) -> dict | None:
+    return source and {"spec": source.spec, "path": str(source.path), "revision": source.revision}
 
 
 def check_paths(recipe: Recipe) -> None:
@@ -130,8 +190,34 @@ def make_accelerator(train, project_dir: Path):
             f"`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {launched} -m clakit uptrain ...`, "
             "on GPUs `accelerate launch ...`"
         )
+    check_fsdp(acc)
     set_seed(train.seed)
     return acc
+
+
+def check_fsdp(acc) -> None:
+    """FSDP1 flattens each wrapped layer into one tensor, which cannot mix frozen and trainable parameters (LoRA's
+    are always mixed) unless it keeps the original parameters."""
+    plugin = getattr(acc.state, "fsdp_plugin", None) if checkpoint.sharded(acc) else None
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
+        raise ClakitError(
+            "FSDP (version 1) without use_orig_params cannot train LoRA (each layer mixes frozen and trained "
+            "tensors); set fsdp_use_orig_params: true in the accelerate config (FSDP_USE_ORIG_PARAMS=true), "
+            "or use fsdp_version: 2"
+        )
+
+
+def check_launch(data, world: int) -> None:
+    """Every process needs at least one train block per step and one held-out block to score."""
+    for what, n, fix in (
+        ("train", len(data.train), "give more data.train text"),
+        ("held-out", len(data.eval), "raise data.eval_max_tokens or give more held-out text"),
+    ):
+        if world > n:
+            raise ClakitError(
+                f"launched on {world} processes but the {what} data has only {n} blocks of data.seq_len="
+                f"{data.seq_len}; launch at most {n} processes, {fix}, or lower data.seq_len"
+            )
 
 
 MIN_TOKENISED = 1 << 24  # below this the whole train text is read: the run samples from all of it
@@ -150,15 +236,39 @@ def _model_spec(recipe: Recipe) -> str:
     return recipe.model.path or recipe.model.source
 
 
+CONVERT_POLL_S = 10.0  # how often the other processes look for the converted checkpoint
+
+
 def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool) -> Path:
+    """The CLA checkpoint to train: model.path, or model.source converted by the main process into work/converted.
+
+    The other processes do not wait in a collective (whose timeout, 30 min by default, a big conversion outlasts):
+    they poll the file system for the published folder, or for the failure note the main process leaves."""
     if recipe.model.path:
         return resolve_source(recipe.model.path, recipe.model.revision).path
-    converted = work / "converted"
+    converted, failed = work / "converted", work / "converted.failed"
     if acc.is_main_process and not (converted / "config.json").is_file():
         _say(f"converting {recipe.model.source} into {converted}", quiet)
-        student.convert_source(recipe.model, converted, quiet=quiet)
-    acc.wait_for_everyone()
+        try:
+            student.convert_source(recipe.model, converted, quiet=quiet)
+        except BaseException as e:
+            failed.write_text(f"{type(e).__name__}: {e}"[:500])
+            raise
+    elif not acc.is_main_process:
+        wait_for_conversion(converted, failed)
+    acc.wait_for_everyone()  # everyone is here already: no long wait
     return converted
+
+
+def wait_for_conversion(converted: Path, failed: Path, poll_s: float | None = None) -> None:
+    """Block until the main process publishes `converted` (its config.json appears with the atomic rename) or
+    writes `failed`; the conversion's duration does not matter."""
+    import time
+
+    while not (converted / "config.json").is_file():
+        if failed.is_file():
+            raise ClakitError(f"the main process failed converting model.source ({failed.read_text()[:300]})")
+        time.sleep(CONVERT_POLL_S if poll_s is None else poll_s)
 
 
 def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, acc, quiet: bool) -> dict:
@@ -180,30 +290,42 @@ def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, acc, quiet
     )
 
 
-def original_report(recipe: Recipe, spec: str | None, teacher, dtype, run: dict, acc) -> dict | None:
+def original_report(recipe: Recipe, source, teacher, dtype, run: dict, acc) -> dict | None:
     """The stock model's report: the teacher when there is one, else the original loaded just for this."""
-    if teacher is None and spec is None:
+    if teacher is None and source is None:
         return None
-    model = teacher or load_model(resolve_source(spec, recipe.model.revision), dtype=dtype, device=str(acc.device))
+    model = teacher or load_model(source, dtype=dtype, device=str(acc.device))
     return heldout_report(model, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
 
 
-def _fresh_work_dir(out: Path, acc) -> Path:
-    work = out.with_name(f".{out.name}.partial")
-    if acc.is_main_process:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-    acc.wait_for_everyone()
-    return work
+def _staging_dir(out: Path, acc) -> Path:
+    """One unique hidden staging folder per run (never shared with another run on the same output_dir), made by
+    the main process and shared with the others."""
+    name = [outputs.make_staging(out).name if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(name)
+    return out.parent / name[0]
 
 
-def _publish(work: Path, out: Path, acc) -> None:
-    """Move the prepared run folder into place (replacing an old run only now, with --overwrite)."""
+def _publish(work: Path, out: Path, acc, overwrite: bool) -> None:
+    """Move the prepared run folder into place (an old run, with --overwrite, is moved aside and removed after)."""
     if acc.is_main_process:
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        work.rename(out)
+        with outputs.os_errors(out):
+            outputs.publish(work, out, "uptrain", overwrite=overwrite, later=RUN_FILES, label="train.output_dir")
     acc.wait_for_everyone()
+
+
+def _abandon(out: Path, acc, error: BaseException) -> None:
+    """A fresh run failed after its folder was published: before its first checkpoint nothing in it is worth
+    keeping (remove it: nothing half-written stays); after, keep it for --resume and say so."""
+    if checkpoint.checkpoint_dirs(out):
+        if isinstance(error, ClakitError):
+            raise ClakitError(f"{error}; the run is kept in {out}: continue it with --resume") from None
+        return
+    if acc.is_main_process and outputs.owner(out) == "uptrain":
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def uptrain(
@@ -221,36 +343,47 @@ def uptrain(
     overwrite replaces a previous run there.
     """
     recipe = load_recipe(recipe_path, overrides)
+    recipe_file = resolve_recipe(recipe_path)
     out = Path(recipe.train.output_dir).expanduser().resolve()
     if dry_run:
         check_paths(recipe)
         print(recipe.to_yaml(), end="")
         return out / RESULT
-    check_output_dir(out, recipe, resume, overwrite)
+    if resume:
+        run_record(out)  # a corrupt run.json is one line, before anything else reads it
+    check_output_dir(out, recipe, resume, overwrite, recipe_file)
     if resume and (out / RESULT / "config.json").is_file():
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
         return out / RESULT
     check_tensorboard(recipe.train)
     student.check_model_section(recipe.model)
-    check_teacher(recipe)
+    original = check_teacher(recipe, out, resume)
+    last = checkpoint.checkpoint_dirs(out) if resume else []
+    if last:  # a corrupt checkpoint is refused before any model is loaded
+        checkpoint.read_checkpoint(last[-1])
     tokenizer = load_tokenizer(resolve_source(_model_spec(recipe), recipe.model.revision))
     acc = make_accelerator(recipe.train, out)
     data = build_data(recipe.data, tokenizer, token_budget(recipe.train, recipe.data.seq_len, acc.num_processes))
-    work = out if resume else _fresh_work_dir(out, acc)
+    check_launch(data, acc.num_processes)
+    work = out if resume else _staging_dir(out, acc)
     try:
-        run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume)
-    except BaseException:
+        run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume, original=original)
+        if not resume:
+            _publish(work, out, acc, overwrite)
+    finally:
         if not resume and acc.is_main_process:
-            shutil.rmtree(work, ignore_errors=True)
+            outputs.discard(work)  # a no-op once published
+    if run["start_path"].is_relative_to(work) and not resume:  # converted on the fly: now in the published run
+        run["start_path"] = out / run["start_path"].relative_to(work)
+    try:
+        return _train_and_save(recipe, out, run, acc, quiet)
+    except BaseException as e:
+        if not resume:
+            _abandon(out, acc, e)
         raise
-    if not resume:
-        _publish(work, out, acc)
-        if run["start_path"].is_relative_to(work):  # converted on the fly: now inside the published run folder
-            run["start_path"] = out / run["start_path"].relative_to(work)
-    return _train_and_save(recipe, out, run, acc, quiet)
 
 
-def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool) -> dict:
+def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool, original=None) -> dict:
     run = {"data": data, "tokenizer": tokenizer, "quiet": quiet, "reports": {}}
     # dtype: the result's and the teacher's; student_dtype: the student's while training. FSDP flattens each wrapped
     # layer into one tensor of one dtype, so there the student stays fp32 (the trainable tensors are fp32) and
@@ -263,19 +396,19 @@ def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh:
         _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", quiet)
         run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, acc, quiet)
     model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
-    spec = student.original_spec(recipe.model)
     teacher = None
     if recipe.needs_teacher:
         # under FSDP the student's weights are flattened and freed between uses: the teacher keeps its own copy
-        teacher = load_teacher(spec, recipe.model.revision, dtype, model, share=not checkpoint.sharded(acc))
+        teacher = load_teacher(original, dtype, model, share=not checkpoint.sharded(acc))
         teacher.to(acc.device)
     if fresh:
         _say("held-out numbers of the original model", quiet)
-        run["reports"]["original"] = original_report(recipe, spec, teacher, dtype, run, acc)
+        run["reports"]["original"] = original_report(recipe, original, teacher, dtype, run, acc)
     if acc.is_main_process and fresh:
         (work / "recipe.yaml").write_text(recipe.to_yaml())
         start = start_path.relative_to(work) if start_path.is_relative_to(work) else start_path
         record = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start)}
+        record["original"] = _source_record(original)  # resolved: the teacher a resume uses, wherever it runs
         (work / "run.json").write_text(json.dumps(record, indent=1))
         _write_reports(work, run["reports"])
     return run | {"model": model, "teacher": teacher, "start_path": start_path}
@@ -296,12 +429,12 @@ def _numbers(r: dict | None) -> dict | None:
 
 
 def _full_model(recipe: Recipe, trainer, run: dict, acc):
-    """The trained model, whole on every process: under FSDP its shards are gathered into a fresh CPU copy."""
+    """The trained model, whole on every process: under FSDP the trained tensors are gathered from the shards and
+    loaded strictly into a fresh copy of the student."""
     if not checkpoint.sharded(acc):
         return acc.unwrap_model(trainer.model)
-    state = acc.get_state_dict(trainer.model, unwrap=True)  # full state dict of the peft model, by parameter name
-    fresh = student.make_trainable(student.load_cla(run["start_path"], run["student_dtype"]), recipe.lora)
-    fresh.load_state_dict(state, strict=False)
+    trained = checkpoint.trainable_state(trainer.model, everywhere=True)
+    fresh = student.rebuilt(run["start_path"], recipe.lora, run["student_dtype"], trained)
     return fresh.to(acc.device)  # the held-out report of the result runs where training ran
 
 
@@ -325,13 +458,10 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
         names = [n for n in ("original", "converted", "uptrained") if (out / EVAL / f"{n}.json").is_file()]
         reports = {n: read_report(out / EVAL / f"{n}.json") for n in names}
         report([out / EVAL / f"{n}.json" for n in names], out / "report")
-        tmp = out / f".{RESULT}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.save_cla(model, run["tokenizer"], tmp)
         summary = card.summary(recipe, trainer, run["data"], {n: _numbers(r) for n, r in reports.items()})
-        card.write(tmp, summary)
-        shutil.rmtree(result, ignore_errors=True)
-        tmp.rename(result)
+        with outputs.staged(result, "model", overwrite=True) as tmp:  # a full disk leaves no half-written model/
+            student.save_cla(model, run["tokenizer"], tmp)
+            card.write(tmp, summary)
         _say(card.one_line(summary), quiet)
     acc.wait_for_everyone()
     acc.end_training()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from clakit.convert.config import ConvertConfig
 from clakit.errors import ClakitError
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
@@ -25,27 +26,11 @@ REPORTERS = ("none", "tensorboard")
 
 
 @dataclass
-class ConvertSection:
-    """Arguments of `clakit.convert.convert` for converting `model.source` on the fly."""
-
-    factor: int | None = None  # None: the converter decides (auto layout with calib_data, else CLA2)
-    kv_source_layers: list[int] | None = None
-    layout: str | None = None  # "auto": the converter picks the layout for `kv_saving`
-    kv_saving: float | None = None
-    init: str | None = None  # None: "mean" without calib_data, "reconstruct" with it (the converter's default)
-    calib_data: list[str] | None = None
-    calib_tokens: int = 32768
-    dtype: str | None = None
-    seed: int = 0  # 0 <= seed < 2**32
-    reconstruct_steps: int | None = None  # init reconstruct: Adam steps per group (None: the converter's default)
-
-
-@dataclass
 class ModelSection:
     path: str | None = None  # an already converted CLA checkpoint
     source: str | None = None  # a Llama/Mistral folder, .gguf file or Hub id, converted with `convert`
     revision: str | None = None
-    convert: ConvertSection | None = None
+    convert: ConvertConfig | None = None  # clakit.convert's settings, strict (unknown keys refused)
     # the stock model the converted one came from: the teacher and the "original" eval baseline (default:
     # model.source, or the source recorded in model.path's clakit_convert.json)
     original: str | None = None

@@ -1,6 +1,7 @@
 """The student: a CLA checkpoint (given, or converted on the fly), LoRA adapters from peft, `full_train` modules
 unfrozen; at the end LoRA is merged back and the result saved as a plain CLA checkpoint."""
 
+import dataclasses
 import fnmatch
 import json
 from pathlib import Path
@@ -36,32 +37,22 @@ def check_model_section(model_section) -> None:
 
 
 def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
-    """Run the converter on `model.source` into `out` (a folder that must not exist yet)."""
+    """Run the converter on `model.source` into `out` (a folder that must not exist yet) with `model.convert`."""
     from clakit.convert import convert
 
-    c = model_section.convert
-    return convert(
-        model_section.source,
-        out,
-        factor=c.factor,
-        kv_source_layers=c.kv_source_layers,
-        layout=c.layout,
-        kv_saving=c.kv_saving,
-        init=c.init,
-        calib_data=c.calib_data,
-        calib_tokens=c.calib_tokens,
-        revision=model_section.revision,
-        dtype=c.dtype,
-        quiet=quiet,
-        seed=c.seed,
-        reconstruct_steps=c.reconstruct_steps,
-    )
+    config = model_section.convert
+    if config.revision is None and model_section.revision is not None:
+        config = dataclasses.replace(config, revision=model_section.revision)
+    return convert(model_section.source, out, config, quiet=quiet)
 
 
-def original_spec(model_section) -> str | None:
-    """The stock model a CLA student came from: model.original, model.source, or model.path's conversion record."""
+def original_source(model_section) -> tuple[str, str | None] | None:
+    """The stock model a CLA student came from, as (spec, revision): model.original or model.source (with
+    model.revision), else model.path's conversion record, resolved as convert resolved it: the absolute local path
+    it read (never the spec as typed, which was relative to wherever convert ran), or the Hub id and the commit it
+    downloaded. None when unknown."""
     if model_section.original or model_section.source:
-        return model_section.original or model_section.source
+        return model_section.original or model_section.source, model_section.revision
     from clakit.convert.output_folder import RECORD_FILE
 
     record = Path(model_section.path).expanduser() / RECORD_FILE
@@ -69,9 +60,32 @@ def original_spec(model_section) -> str | None:
         data = json.loads(record.read_text())
     except (OSError, ValueError):
         return None
-    source = (data.get("settings") or {}).get("source") or data.get("source")
-    spec = source.get("spec") or source.get("path") if isinstance(source, dict) else source
-    return spec if spec and (Path(spec).expanduser().exists() or "/" in spec) else None
+    if not isinstance(data, dict):
+        return None
+    source = data.get("source")
+    if not isinstance(source, dict):  # an older record: a bare spec, usable only when it is absolute or a Hub id
+        settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+        spec = settings.get("source") or source
+        absolute = isinstance(spec, str) and (Path(spec).expanduser().is_absolute() or spec.count("/") == 1)
+        return (spec, None) if absolute and not spec.startswith(".") else None
+    if source.get("kind") == "hub":
+        return source.get("spec"), source.get("revision")
+    return (source["path"], None) if source.get("path") else None
+
+
+def original_spec(model_section) -> str | None:
+    found = original_source(model_section)
+    return found[0] if found else None
+
+
+def rebuilt(start_path: Path, lora, dtype: torch.dtype, trainable: dict):
+    """A fresh whole copy of the student with the trained tensors `trainable` (clean names) loaded strictly: what
+    an FSDP run merges and saves, since its own model is sharded over the processes."""
+    from clakit.uptrain.checkpoint import load_trainable
+
+    fresh = make_trainable(load_cla(start_path, dtype), lora)
+    load_trainable(fresh, trainable, "the trained tensors gathered from the processes")
+    return fresh
 
 
 def load_cla(path: Path, dtype: torch.dtype):

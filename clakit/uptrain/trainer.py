@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from clakit.errors import ClakitError
 from clakit.uptrain import checkpoint
@@ -65,22 +66,36 @@ def make_scheduler(optimizer, train, plan: Plan):
     )
 
 
+def padded_share(n_blocks: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which held-out blocks process `rank` scores: its share `rank::world`, padded by repeating block 0 up to the
+    same number of full batches on every process (FSDP gathers each layer's weights in every forward, so all
+    processes must run the same number of them, e.g. 9 blocks on 2 processes at batch 4: 2 batches each).
+
+    Returns (block indices, weights): weight 0 marks a padding block, left out of the sums."""
+    batches = math.ceil(math.ceil(n_blocks / world) / batch_size)
+    mine = torch.arange(rank, n_blocks, world)
+    pad = batches * batch_size - len(mine)
+    index = torch.cat([mine, torch.zeros(pad, dtype=torch.long)])
+    return index, torch.cat([torch.ones(len(mine)), torch.zeros(pad)]).double()
+
+
 @torch.no_grad()
-def heldout_loss(model, blocks: torch.Tensor, batch_size: int, accelerator=None) -> dict:
-    """Mean next-token loss and perplexity over the held-out blocks (each process scores its share)."""
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    device = accelerator.device if accelerator else next(model.parameters()).device
+def heldout_loss(model, blocks: torch.Tensor, batch_size: int, device=None) -> dict:
+    """Mean next-token loss and perplexity over the held-out blocks (collective: each process scores its share,
+    the sums are all-reduced over torch.distributed when it is initialised)."""
+    rank, world = checkpoint.rank_and_world()
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, tokens)
-    mine = blocks[rank::world]
-    for i in range(0, len(mine), batch_size):
-        ids = mine[i : i + batch_size].to(device)
-        loss = causal_lm_loss(model(input_ids=ids).logits, ids)
-        n = ids[:, 1:].numel()
-        total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
-    if accelerator and world > 1:
-        total = accelerator.reduce(total, "sum")
+    index, weight = padded_share(len(blocks), batch_size, rank, world)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for i in range(0, len(index), batch_size):
+        ids = blocks[index[i : i + batch_size]].to(device)
+        per_block = causal_lm_loss(model(input_ids=ids).logits, ids, reduction="none").sum(1).double().cpu()
+        loss_sum += (per_block * weight[i : i + batch_size]).sum()
+    total = torch.stack([loss_sum, weight.sum() * (blocks.shape[1] - 1)]).to(device)  # (sum of losses, tokens)
+    if world > 1:
+        dist.all_reduce(total)
     model.train(was_training)
     mean = (total[0] / total[1]).item()
     return {"loss": mean, "perplexity": math.exp(min(mean, 700)), "tokens": int(total[1].item())}
@@ -138,14 +153,6 @@ class Trainer:
 
     # --- state ----------------------------------------------------------------------------------------------------
 
-    def trainable_state(self) -> dict:
-        model = self.accelerator.unwrap_model(self.model)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        full = self.accelerator.get_state_dict(self.model) if self.accelerator.num_processes > 1 else None
-        if full is not None:
-            return {k: v for k, v in full.items() if k in names}
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
     def save(self) -> None:
         state = {
             "step": self.step,
@@ -155,14 +162,12 @@ class Trainer:
             "elapsed_s": self.elapsed,
             "fingerprint": self.recipe.fingerprint(),
         }
-        acc, weights = self.accelerator, self.trainable_state()
-        checkpoint.save_checkpoint(self.run_dir, self.step, weights, self.optimizer, self.scheduler, state, acc)
-        if acc.is_main_process:
+        checkpoint.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state)
+        if self.accelerator.is_main_process:
             checkpoint.prune(self.run_dir, self.train.save_total_limit)
 
     def resume(self, path: Path) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        state = checkpoint.load_checkpoint(path, model, self.optimizer, self.scheduler, self.accelerator.process_index)
+        state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step, self.elapsed = state["step"], state.get("elapsed_s", 0.0)
 
     # --- logging --------------------------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ class Trainer:
 
     def evaluate(self, tag: str) -> dict:
         bs = self.train.per_device_eval_batch_size
-        result = heldout_loss(self.model, self.data.eval, bs, self.accelerator)
+        result = heldout_loss(self.model, self.data.eval, bs, self.accelerator.device)
         self.log(
             {
                 "step": self.step,

@@ -1,0 +1,117 @@
+"""Run clakit's save / resume / merge / held-out-eval code under torch's own FSDP on 2 CPU processes (gloo).
+
+accelerate refuses FSDP on CPU, so the test wraps the student the way accelerate would (each decoder layer its own
+unit, then the root), with FSDP1 (`use_orig_params=True`, `device_id=cpu`) or FSDP2 (`fully_shard`), and calls the
+same functions the trainer calls. Usage: python fsdp_worker.py CLA_CHECKPOINT OUT_DIR (port in FSDP_TEST_PORT)
+Both modes run in one pair of processes; rank 0 writes OUT_DIR/MODE/result.json; any failure exits non-zero (a hang
+ends at the process group's 60 s timeout).
+"""
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+from clakit.errors import ClakitError
+from clakit.uptrain import checkpoint, student
+from clakit.uptrain.distill import causal_lm_loss
+from clakit.uptrain.trainer import heldout_loss
+
+LORA = SimpleNamespace(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "o_proj"], full_train=["k_proj"])
+HELDOUT_BLOCKS, EVAL_BATCH, SEQ = 9, 4, 16  # 9 blocks on 2 processes at batch 4: 5 and 4 blocks, 2 batches each
+
+
+def blocks(n: int, seed: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def student_model(path: Path):
+    torch.manual_seed(0)  # LoRA's A matrices: the same on every process and in the parent test
+    return student.make_trainable(student.load_cla(path, torch.float32), LORA)
+
+
+def wrap(model, mode: str):
+    layer_cls = type(model.base_model.model.model.layers[0])
+    if mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        policy = ModuleWrapPolicy({layer_cls})
+        return FullyShardedDataParallel(
+            model, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True
+        )
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def trainer_parts(model):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    return optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler, ids: torch.Tensor) -> None:
+    causal_lm_loss(model(input_ids=ids).logits, ids).backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run(rank: int, mode: str, path: Path, out: Path) -> None:
+    vocab = student.load_cla(path, torch.float32).config.vocab_size
+    train = blocks(8, 1, vocab)[rank::2]  # each process its own micro-batch of 4
+    result = {}
+    model = wrap(student_model(path), mode)
+    optimizer, scheduler = trainer_parts(model)
+    result["heldout_before"] = heldout_loss(model, blocks(HELDOUT_BLOCKS, 2, vocab), EVAL_BATCH)
+    train_step(model, optimizer, scheduler, train)
+    saved = checkpoint.save_checkpoint(out / "run", 1, model, optimizer, scheduler, {"step": 1})
+    result["names"] = checkpoint.trainable_names(model)
+    # resume: a fresh wrapped student loads the checkpoint, then both take the same second step
+    resumed = wrap(student_model(path), mode)
+    r_optimizer, r_scheduler = trainer_parts(resumed)
+    checkpoint.load_checkpoint(saved, resumed, r_optimizer, r_scheduler)
+    train_step(model, optimizer, scheduler, train)
+    train_step(resumed, r_optimizer, r_scheduler, train)
+    a, b = checkpoint.trainable_state(model), checkpoint.trainable_state(resumed)
+    result["resume_max_diff"] = max((a[k] - b[k]).abs().max().item() for k in a)
+    # strict loading: one tensor short is refused on every process, before any collective
+    try:
+        checkpoint.load_trainable(resumed, dict(list(a.items())[1:]), "a short state")
+        result["short_state"] = "loaded"
+    except ClakitError as e:
+        result["short_state"] = str(e)
+    # merge: the gathered trained tensors in a fresh whole copy, LoRA folded in, compute what the sharded model does
+    merged = student.merged(student.rebuilt(path, LORA, torch.float32, checkpoint.trainable_state(model, True)))
+    ids = blocks(2, 3, vocab)
+    with torch.no_grad():
+        sharded_logits, merged_logits = model(input_ids=ids).logits, merged(input_ids=ids).logits
+    result["merge_max_diff"] = (sharded_logits - merged_logits).abs().max().item()
+    if rank == 0:
+        (out / "result.json").write_text(json.dumps(result))
+
+
+def main(rank: int, path: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("FSDP_TEST_PORT", "29541"))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        for mode in ("fsdp1", "fsdp2"):
+            (Path(out) / mode).mkdir(parents=True, exist_ok=True)
+            run(rank, mode, Path(path), Path(out) / mode)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(1)
+    mp.spawn(main, args=tuple(sys.argv[1:3]), nprocs=2)

@@ -1,0 +1,252 @@
+"""Resume after torn and corrupt checkpoints, the original model found from any working directory, conversion
+before training without a collective wait, launches that cannot work, and the token budget read lazily."""
+
+import argparse
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import save_checkpoint, tiny_model
+from test_uptrain_run import run_cli
+from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+
+from clakit.corpus import Text
+from clakit.errors import ClakitError
+from clakit.uptrain import pipeline, uptrain
+from clakit.uptrain import trainer as trainer_module
+from clakit.uptrain.packing import PackedData, build_data, split_tail
+from clakit.uptrain.recipe import DataSection, ModelSection
+from clakit.uptrain.student import original_source
+
+# --- resume: torn and corrupt checkpoints --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def killed_run(tiny_cla_checkpoint, corpus_dir, tmp_path_factory):  # noqa: F811
+    """A run killed after step 5 of 6: checkpoints step-000002 and step-000004, no result."""
+    root = tmp_path_factory.mktemp("killed")
+    recipe = tiny_recipe(corpus_dir, root / "run", model={"path": str(tiny_cla_checkpoint)})
+    path = write_recipe(root / "r.yaml", recipe)
+    hook = trainer_module.Trainer.on_step_end
+
+    def kill_at_step_5(self):
+        hook(self)
+        if self.step == 5:
+            raise KeyboardInterrupt
+
+    trainer_module.Trainer.on_step_end = kill_at_step_5
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            uptrain(path, quiet=True)
+    finally:
+        trainer_module.Trainer.on_step_end = hook
+    return root
+
+
+def copy_run(killed_run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the killed run whose recipe points at the copy."""
+    run = tmp_path / "run"
+    shutil.copytree(killed_run / "run", run)
+    recipe = (killed_run / "r.yaml").read_text().replace(str(killed_run / "run"), str(run))
+    (tmp_path / "r.yaml").write_text(recipe)
+    return run, tmp_path / "r.yaml"
+
+
+def test_a_torn_checkpoint_folder_is_ignored(killed_run, tmp_path):
+    """kill -9 while saving step 6 leaves step-000006.tmp, even with its state.json: resume starts at step 4."""
+    run, recipe = copy_run(killed_run, tmp_path)
+    torn = run / "checkpoints" / "step-000006.tmp"
+    shutil.copytree(run / "checkpoints" / "step-000004", torn)
+    (torn / "state.json").write_text(json.dumps({"step": 6}))
+    (torn / "trainable.safetensors").write_bytes(b"\0" * 10)
+    assert pipeline.checkpoint.checkpoint_dirs(run)[-1].name == "step-000004"
+    assert uptrain(recipe, resume=True, quiet=True) == run / "model"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [5, 6]
+
+
+def test_the_next_save_removes_torn_folders(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("step-000002", "step-000004", "step-000006.tmp", "notes.tmp"):
+        (root / name).mkdir(parents=True)
+    for name in ("step-000002", "step-000004"):
+        (root / name / "state.json").write_text("{}")
+    pipeline.checkpoint.prune(tmp_path, 1)
+    assert sorted(p.name for p in root.iterdir()) == ["notes.tmp", "step-000004"]
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def pickle_optimizer(path: Path) -> None:
+    torch.save({"state": {}, "param_groups": [], "extra": argparse.Namespace(x=1)}, path)  # refused by weights_only
+
+
+CORRUPTIONS = [
+    ("trainable.safetensors", truncate, "trainable.safetensors is unreadable"),
+    ("trainable.safetensors", Path.unlink, "trainable.safetensors is missing"),
+    ("state.json", lambda p: p.write_text("{not json"), "state.json is unreadable"),
+    ("state.json", lambda p: p.write_text("[1, 2]"), "state.json is unreadable: no step number"),
+    ("optimizer.pt", pickle_optimizer, "optimizer.pt is unreadable"),
+    ("optimizer.pt", truncate, "optimizer.pt is unreadable"),
+    ("scheduler.pt", truncate, "scheduler.pt is unreadable"),
+]
+
+
+@pytest.mark.parametrize(("name", "damage", "message"), CORRUPTIONS)
+def test_a_corrupt_checkpoint_is_one_line_naming_it(killed_run, tmp_path, capsys, name, damage, message):
+    run, recipe = copy_run(killed_run, tmp_path)
+    last = run / "checkpoints" / "step-000004"
+    damage(last / name)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    code, err = run_cli(capsys, recipe, "--resume")
+    assert code == 2 and err.startswith("clakit: error: ") and "\n" not in err and "Traceback" not in err
+    assert f"checkpoint {last} is corrupt" in err and message in err, err
+    assert "--resume continues from step-000002" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written or removed
+
+
+def test_a_corrupt_run_record_is_one_line(killed_run, tmp_path, capsys):
+    run, recipe = copy_run(killed_run, tmp_path)
+    (run / "run.json").write_text('{"fingerprint": ')
+    code, err = run_cli(capsys, recipe, "--resume")
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert f"{run / 'run.json'}" in err and "unreadable" in err, err
+
+
+def test_trained_tensors_load_strictly(tiny_cla_checkpoint):  # noqa: F811
+    from fsdp_worker import student_model
+
+    from clakit.uptrain import checkpoint
+
+    model = student_model(tiny_cla_checkpoint)
+    state = checkpoint.trainable_state(model)
+    checkpoint.load_trainable(model, state, "ok")
+    wrong = next(k for k in state if "lora_A" in k)
+    with pytest.raises(ClakitError, match="size mismatch|shape"):
+        checkpoint.load_trainable(model, state | {wrong: torch.zeros(3, 3)}, "a bad state")
+    with pytest.raises(ClakitError, match=r"a bad state does not hold .*\(19 saved, 18 trainable; e.g. extra\)"):
+        checkpoint.load_trainable(model, state | {"extra": torch.zeros(1)}, "a bad state")
+
+
+# --- the original model: resolved once, wherever the run starts ----------------------------------------------------
+
+
+def test_the_teacher_is_the_converted_models_source_not_a_same_named_folder_here(
+    tokenizer, corpus_dir, tmp_path, monkeypatch
+):
+    from clakit.convert import convert
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    save_checkpoint(tiny_model("llama", seed=0), tokenizer, first / "orig")
+    save_checkpoint(tiny_model("llama", seed=1), tokenizer, other / "orig")  # same name, another model
+    monkeypatch.chdir(first)
+    converted = convert("orig", first / "cla", factor=2, quiet=True)  # the source given relative to `first`
+    monkeypatch.chdir(other)
+    assert original_source(ModelSection(path=str(converted))) == (str(first / "orig"), None)
+    recipe = tiny_recipe(
+        corpus_dir, tmp_path / "run", model={"path": str(converted)}, distill={"weight": 0.5}, train={"max_steps": 1}
+    )
+    uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["original"]["path"] == str(first / "orig")
+    monkeypatch.chdir(tmp_path)  # the eval baseline is that same model too: its perplexity, not the other's
+    ppl = json.loads((tmp_path / "run" / "eval" / "original.json").read_text())["perplexity"]
+    from clakit.eval import evaluate
+    from clakit.sources import load_model, resolve_source
+
+    kwargs = {"tokenizer": tokenizer, "seq_len": 32, "max_tokens": 128, "batch_size": 4, "speed": False}
+    kwargs |= {"quiet": True, "data": [str(corpus_dir / "heldout.txt")]}
+    first_ppl = evaluate(load_model(resolve_source(str(first / "orig"))), **kwargs)["perplexity"]
+    assert ppl == pytest.approx(first_ppl, rel=1e-5)
+
+
+# --- conversion before training: the other processes poll, they do not wait in a collective --------------------
+
+
+def test_other_processes_wait_for_a_long_conversion_without_a_collective(tmp_path):
+    converted, failed = tmp_path / "converted", tmp_path / "converted.failed"
+
+    def publish():
+        time.sleep(0.5)
+        staging = tmp_path / ".staging"
+        staging.mkdir()
+        (staging / "config.json").write_text("{}")
+        staging.rename(converted)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    start = time.perf_counter()
+    pipeline.wait_for_conversion(converted, failed, poll_s=0.05)
+    thread.join()
+    assert time.perf_counter() - start >= 0.45
+    failed.write_text("ClakitError: out of memory")
+    with pytest.raises(ClakitError, match="main process failed converting model.source .*out of memory"):
+        pipeline.wait_for_conversion(tmp_path / "never", failed, poll_s=0.05)
+
+
+# --- launches that cannot work --------------------------------------------------------------------------------------
+
+
+def test_fsdp1_without_use_orig_params_is_refused():
+    from accelerate.utils import DistributedType
+
+    def acc(version, orig):
+        plugin = SimpleNamespace(fsdp_version=version, use_orig_params=orig)
+        return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+
+    with pytest.raises(ClakitError, match="fsdp_use_orig_params: true"):
+        pipeline.check_fsdp(acc(1, False))
+    pipeline.check_fsdp(acc(1, True))
+    pipeline.check_fsdp(acc(2, None))  # FSDP2 keeps the original parameters
+    pipeline.check_fsdp(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, state=SimpleNamespace()))
+
+
+def test_more_processes_than_blocks_is_refused():
+    data = PackedData(torch.zeros(3, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long), [], [])
+    pipeline.check_launch(data, 2)
+    with pytest.raises(ClakitError, match="held-out data has only 2 blocks"):
+        pipeline.check_launch(data, 3)
+    with pytest.raises(ClakitError, match="train data has only 3 blocks of data.seq_len=8; launch at most 3"):
+        pipeline.check_launch(data, 4)
+
+
+# --- the token budget reads only what it needs ---------------------------------------------------------------------
+
+
+class CountingTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.chars = tokenizer, 0
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.tokenizer(text, **kwargs)
+
+
+def test_a_token_budget_without_held_out_data_does_not_tokenise_the_whole_text(tokenizer, tmp_path):
+    from conftest import make_text
+
+    text = make_text(400_000, 5)  # ~2.3 MB
+    (tmp_path / "big.txt").write_text(text)
+    counting = CountingTokenizer(tokenizer)
+    data = build_data(DataSection(train=[str(tmp_path / "big.txt")], seq_len=32, eval_max_tokens=256), counting, 2048)
+    assert counting.chars < 0.05 * len(text)  # the budget's share of the head and the held-out cap of the tail
+    assert data.train.numel() >= 2048 and data.eval.shape == (8, 32)
+    assert data.eval_sources == ["last 0.05 of data.train"]
+    held = tokenizer.decode(data.eval[0])
+    assert held in text and text.index(held) > 0.9 * len(text)  # the held-out blocks come from the tail
+
+
+def test_split_tail_cuts_at_a_line_end_and_keeps_every_character():
+    texts = [Text("a", "one\ntwo\n"), Text("b", "three\nfour\nfive\n")]
+    head, tail = split_tail(texts, 0.5)
+    assert "".join(t.text for t in head + tail) == "one\ntwo\nthree\nfour\nfive\n"
+    assert [t.name for t in head] == ["a", "b"] and head[-1].text == "three\n" and tail[0].text == "four\nfive\n"
+    assert split_tail([Text("a", "x" * 100)], 0.1) == ([Text("a", "x" * 90)], [Text("a", "x" * 10)])
