@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from bad_input import Case, assert_clean_refusal, check, run_clakit
+from conftest import build_tokenizer, save_checkpoint, tiny_model
 from safetensors.torch import load_file, save_file
 from test_bad_input_values import eval_report, paths  # noqa: F401  (the same folders as the values table)
 from transformers import AutoModelForCausalLM
@@ -26,6 +27,7 @@ from clakit.uptrain import trainer
 EVAL = "eval {bad} -o {tmp}/r.json --data {data}/heldout.txt --seq-len 32 --max-tokens 64 --no-speed -q"
 CONVERT = "convert {bad} {tmp}/out -q"
 UPTRAIN = "uptrain {recipe} -q model.path={bad}"
+TEACHER = "uptrain {recipe} -q model.original={bad} distill.weight=0.5"
 
 
 def damaged(src: str, edit) -> callable:
@@ -70,6 +72,15 @@ def tensor(name: str, change) -> callable:
         save_file(tensors, shard, metadata={"format": "pt"})
 
     return edit
+
+
+def other_model(**config) -> callable:
+    """setup: {bad}, a tiny Llama with `config` changed (a teacher that is not the student's original)."""
+
+    def setup(p: dict) -> None:
+        p["bad"] = str(save_checkpoint(tiny_model("llama", **config), build_tokenizer(), Path(p["tmp"], "bad")))
+
+    return setup
 
 
 def pickle_weights(folder: Path) -> None:
@@ -139,6 +150,11 @@ CASES = [
          id="eval-cla-k-proj-shape"),
     Case(EVAL, "layer 2 takes K/V from layer 1, which is itself a consumer",
          damaged("cla", updated(kv_source_layers=[0, 0, 1, 1])), id="eval-cla-bad-layout"),
+    # --- a teacher that cannot teach this student: refused from the configs, not at the first step's KL
+    Case(TEACHER, "bad has vocab_size 400 but the student 320: distillation needs the model", other_model(vocab_size=400),
+         id="teacher-vocab"),
+    Case(TEACHER + " distill.hidden_mse_weight=1", "bad has num_hidden_layers 2 but the student 4",
+         other_model(num_hidden_layers=2), id="teacher-layers-hidden-mse"),
     # --- weights: pickle only with the flag (they can run code), NaN weights never make a report
     Case(EVAL, "holds only pickle weights (pytorch_model.bin), which can run code when loaded; pass --allow-pickle",
          damaged("model", pickle_weights), id="eval-pickle"),
@@ -188,6 +204,23 @@ def test_a_nan_loss_stops_training_and_publishes_nothing(paths, monkeypatch):  #
     out = Path(yaml.safe_load(Path(paths["recipe"]).read_text())["train"]["output_dir"])
     assert not (out / "model").exists()
     assert not list(out.glob("checkpoints/step-000003*"))
+
+
+def test_lora_patterns_are_checked_before_any_model_is_loaded(paths, monkeypatch):  # noqa: F811
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the recipe's patterns were checked")
+
+    monkeypatch.setattr("clakit.uptrain.student.load_model", no_load)
+    monkeypatch.setattr("clakit.convert.pipeline.load_model", no_load)
+    base = ["uptrain", paths["recipe"], "-q"]
+    source = [f"model.source={paths['model']}", "model.path=null", "model.convert.factor=2"]
+    for overrides, match in (
+        (["lora.target_modules=[nope]"], "lora.target_modules pattern 'nope' matches no linear module"),
+        (["lora.full_train=[consumers.k_proj]"], "lora.full_train pattern 'consumers.k_proj' matches no linear"),
+        ([*source, "lora.full_train=[model.layers.9.*]"], "pattern 'model.layers.9.*' matches no linear module"),
+    ):
+        assert_clean_refusal(run_clakit(*base, *overrides), match)
+    assert not Path(paths["tmp"], "run").exists()
 
 
 def test_stop_if_not_finite():
