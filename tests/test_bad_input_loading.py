@@ -83,6 +83,11 @@ def other_model(**config) -> callable:
     return setup
 
 
+def truncate(folder: Path, shard: str) -> None:
+    path = folder / f"{shard}.safetensors"
+    path.write_bytes(path.read_bytes()[:20000])
+
+
 def pickle_weights(folder: Path) -> None:
     """edit: the safetensors weights replaced by one pickle file, as older exports hold."""
     state = {}
@@ -114,6 +119,23 @@ CASES = [
     Case(CONVERT, "config.json lacks hidden_size, vocab_size", damaged("model", without("hidden_size", "vocab_size")),
          id="convert-no-hidden-size"),
     Case(EVAL, "config.json has no model_type", damaged("model", without("model_type")), id="eval-no-model-type"),
+    *[Case(EVAL, f"config.json: {key} must be a positive integer, got {value!r}",
+           damaged("model", updated(**{key: value})), id=f"eval-config-{key}-{value}")
+      for key, value in (("num_hidden_layers", "4"), ("hidden_size", -48), ("num_attention_heads", 0),
+                         ("intermediate_size", True))],
+    Case(CONVERT, "config.json: hidden_size must be a positive integer, got -48",
+         damaged("model", updated(hidden_size=-48)), id="convert-config-negative"),
+    Case(EVAL, "cannot read the config of", damaged("model", updated(dtype="float99")), id="eval-config-dtype"),
+    Case(EVAL, "cannot read the config of", damaged("cla", updated(kv_source_layers="abc")), id="eval-cla-layout-str"),
+    Case(EVAL, "kv_source_layers has 3 entries but the model has 4 layers",
+         damaged("cla", updated(kv_source_layers=[0, 0, 2])), id="eval-cla-layout-short"),
+    # --- weights or tokenizer files damaged
+    Case(EVAL, "Error while deserializing header", damaged("model", lambda f: truncate(f, "model-00002-of-00004")),
+         id="eval-truncated-shard"),
+    Case(EVAL, "no file named model.safetensors", damaged("model", lambda f: [p.unlink() for p in f.glob("model*")]),
+         id="eval-no-weights"),
+    Case(EVAL, "cannot load the tokenizer of", damaged("model", lambda f: (f / "tokenizer.json").write_text("{x")),
+         id="eval-bad-tokenizer"),
     # --- config.json that disagrees with the weights' shapes
     Case(CONVERT, "has shape [320, 48] but its config.json makes it [320, 64]",
          damaged("model", updated(hidden_size=64, head_dim=16)), id="convert-hidden-size"),
@@ -151,8 +173,8 @@ CASES = [
     Case(EVAL, "layer 2 takes K/V from layer 1, which is itself a consumer",
          damaged("cla", updated(kv_source_layers=[0, 0, 1, 1])), id="eval-cla-bad-layout"),
     # --- a teacher that cannot teach this student: refused from the configs, not at the first step's KL
-    Case(TEACHER, "bad has vocab_size 400 but the student 320: distillation needs the model", other_model(vocab_size=400),
-         id="teacher-vocab"),
+    Case(TEACHER, "bad has vocab_size 400 but the student 320: distillation needs the model",
+         other_model(vocab_size=400), id="teacher-vocab"),
     Case(TEACHER + " distill.hidden_mse_weight=1", "bad has num_hidden_layers 2 but the student 4",
          other_model(num_hidden_layers=2), id="teacher-layers-hidden-mse"),
     # --- weights: pickle only with the flag (they can run code), NaN weights never make a report
