@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clakit.convert import convert
 from clakit.convert.inmemory import cla_model_from
-from clakit.eval import fetch
+from clakit.demo import fetch
 from clakit.sources import load_model, resolve_source
 
 
