@@ -26,7 +26,7 @@ from clakit.convert.checkpoint import (
     open_checkpoint,
     parse_size,
 )
-from clakit.convert.checks import check_shapes
+from clakit.convert.checks import check_shapes, check_unused
 from clakit.convert.config import ConvertConfig
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layerwise import LayerwiseModel, resolve_device
@@ -348,6 +348,7 @@ class _Conversion:
         tied = set(lm_cls._tied_weights_keys or {}) if cla_cfg.tie_word_embeddings else set()
         plan = plan_tensors(self.checkpoint.names, set(expected), tied, layout)
         check_shapes(self.checkpoint, plan, expected, self.source.spec)
+        check_unused(plan, self.source.spec)
         floating = (t.dtype for t in map(self.checkpoint.get, plan.names) if t.is_floating_point())  # lazy reads
         self.source_dtype = next(floating, torch.float32)
         return plan

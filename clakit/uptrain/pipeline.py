@@ -25,7 +25,7 @@ from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.sources import load_model, load_tokenizer, resolve_source
 from clakit.uptrain import card, checkpoint, student
-from clakit.uptrain.distill import load_teacher
+from clakit.uptrain.distill import check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import Trainer
@@ -359,8 +359,11 @@ def uptrain(
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
         return out / RESULT
     check_tensorboard(recipe.train)
-    student.check_model_section(recipe.model)
+    student_config = student.check_model_section(recipe.model)
+    student.check_patterns(student_config, recipe.lora)
     original = check_teacher(recipe, out, resume)
+    if recipe.needs_teacher:
+        check_teacher_fits(original, student_config, recipe.distill)
     last = checkpoint.checkpoint_dirs(out) if resume else []
     if last:  # a corrupt checkpoint is refused before any model is loaded
         checkpoint.read_checkpoint(last[-1])
