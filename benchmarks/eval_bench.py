@@ -14,8 +14,8 @@ import time
 
 import torch
 
+from clakit.demo import fetch_demo
 from clakit.eval import perplexity as ppl
-from clakit.eval.fetch import fetch_demo
 from clakit.sources import load_model, load_tokenizer, resolve_source
 
 

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clakit.convert import autolayout  # noqa: E402
 from clakit.convert.pipeline import convert  # noqa: E402
+from clakit.demo import fetch_demo  # noqa: E402
 from clakit.eval import evaluate  # noqa: E402
-from clakit.eval.fetch import fetch_demo  # noqa: E402
 
 VARIANTS = {"dp": (False, None), "capped": (True, None), "uncapped": (True, 10**6)}  # (REFINE, REFINE_MAX_GROUP)
 

@@ -1,25 +1,38 @@
-"""The quality frontier: held-out perplexity of SmolLM2-135M converted to CLA by each init and layout, per KV saving.
+"""The quality frontier at equal KV bytes: held-out perplexity of SmolLM2-135M against KV-cache bytes per token for
+CLA conversions and the cheap alternatives (KV-cache quantisation, KV-head merging), alone and combined.
 
 Uses the demo assets (`clakit fetch-demo`: SmolLM2-135M-Instruct GGUF, the Jargon File and the KJV Bible, split into
-disjoint calibration / held-out text). For every KV saving it converts in memory with
+disjoint calibration / held-out text). Every perplexity is `clakit eval`'s (clakit.eval.perplexity: BOS first,
+disjoint windows of `--seq-len`, the first `--eval-tokens` tokens of the held-out text), so the original here is the
+number `clakit eval GGUF --data heldout.txt --max-tokens N --seq-len 512` prints. KV bytes are at 16-bit (bf16),
+computed from the config (clakit.eval.kvcache / kvquant; tests check both equal what the caches hold).
+
+CLA conversions, in memory, per KV saving (`--savings`, `--methods`):
 
     mean              uniform layout, group mean of k_proj/v_proj (no data)
     calibrated        uniform layout, Fisher-weighted closed-form fit
     reconstruct       uniform layout, calibrated + per-group attention-output reconstruction
     auto+calibrated   layout chosen from data (`auto_layout`), calibrated fit
-    auto+reconstruct  layout chosen from data, reconstruct
+    auto+reconstruct  layout chosen from data, reconstruct (the converter's default)
 
-and measures held-out perplexity (text never used for calibration). Prints a JSON table (and writes it with
-`--out`), and plots perplexity vs KV bytes per token (`--plot`), the original model as a point.
+Baselines on the original model (`--baselines`):
 
-    python benchmarks/quality_bench.py --savings 0.5 --out quality.json --plot quality.png
-    python benchmarks/quality_bench.py --calib-tokens 2048 --eval-tokens 4096 --savings 0.5   # quick look
-    python benchmarks/quality_bench.py --savings "" --model uptrained=runs/x/model    # a saved checkpoint only
+    kv8, kv4          transformers' QuantizedCache (HQQ, per-token groups of 64, scale + zero per group) at 8/4 bits
+    heads-mean        KV heads merged to `--kv-heads` (mean-pool, GQA uptraining's start)
+    heads-fitted      KV heads merged, values fitted on the calibration text (clakit.convert.kvheads)
+
+and every auto+reconstruct CLA model (and `--model` checkpoint) again with a quantised cache (`--cla-kv-bits 8`):
+CLA + 8-bit KV. Quantised caches are scored chunk by chunk (`--chunk` tokens per forward, each chunk folded into the
+quantised store before the next reads it; `perplexity.score_cached`). Prints JSON lines, writes the table (`--out`)
+and the plot of perplexity against KV bytes per token (`--plot`).
+
+    python benchmarks/quality_bench.py --savings 0.5 --methods auto+reconstruct --baselines kv8,kv4 --out q.json
+    python benchmarks/quality_bench.py --savings "" --baselines "" --model uptrained=runs/x/model   # a checkpoint
 """
 
 import argparse
 import json
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,37 +41,55 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clakit.convert import kvheads  # noqa: E402
 from clakit.convert.autolayout import auto_layout  # noqa: E402
 from clakit.convert.calibrate import calib_input_ids, fit_kv  # noqa: E402
 from clakit.convert.inmemory import cla_model_from  # noqa: E402
-from clakit.convert.layout import groups, kv_saving, uniform_layout  # noqa: E402
-from clakit.corpus import Text  # noqa: E402
+from clakit.convert.layout import kv_saving, uniform_layout  # noqa: E402
+from clakit.corpus import Text, join_texts, load_texts  # noqa: E402
+from clakit.eval import kvcache, kvquant, perplexity  # noqa: E402
 
 METHODS = ("mean", "calibrated", "reconstruct", "auto+calibrated", "auto+reconstruct")
+BASELINES = ("kv8", "kv4", "heads-mean", "heads-fitted")
+SIXTEEN_BIT = torch.bfloat16  # the dtype KV bytes are counted in (the models run in fp32 on CPU)
 
 
 def load_demo():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from clakit.eval.fetch import fetch_demo
+    from clakit.demo import fetch_demo
+    from clakit.sources import load_model, load_tokenizer, resolve_source
 
     assets = fetch_demo(quiet=True)
-    kwargs = {"gguf_file": assets.model.name}
-    model = AutoModelForCausalLM.from_pretrained(assets.model.parent, dtype=torch.float32, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(assets.model.parent, **kwargs)
-    return model, tokenizer, assets
+    source = resolve_source(str(assets.model))  # what `clakit eval GGUF` loads: fp32
+    return load_model(source), load_tokenizer(source), assets
 
 
-@torch.no_grad()
-def perplexity(model, input_ids: torch.Tensor) -> float:
-    losses = [model(row[None], labels=row[None], use_cache=False).loss.item() for row in input_ids]
-    return math.exp(sum(losses) / len(losses))
+class Heldout:
+    """The held-out tokens and how every model is scored on them: clakit.eval's perplexity, one number per model."""
+
+    def __init__(self, tokenizer, path: Path, max_tokens: int, seq_len: int, chunk: int):
+        self.tokens = perplexity.tokenize(tokenizer, join_texts(load_texts([str(path)])), max_tokens)
+        self.seq_len, self.chunk = seq_len, chunk
+
+    def ppl(self, model, nbits: int | None = None, group: int = kvquant.DEFAULT_GROUP) -> float:
+        """`clakit eval`'s perplexity; with `nbits`, through a quantised cache, `chunk` tokens per forward."""
+        ids, n = self.tokens.ids, self.seq_len
+        if nbits is None:
+            scored = perplexity.score(model, ids, n, n, batch_size=4, quiet=True)
+        else:
+            chunk = self.chunk
+
+            def new_cache():
+                return kvquant.QuantizedKVCache(model.config, nbits, q_group_size=group, residual_length=chunk)
+
+            scored = perplexity.score_cached(model, ids, n, n, new_cache, chunk, quiet=True)
+        return perplexity.metrics(scored["nll_sum"], scored["num_scored"], self.tokens.text)["perplexity"]
 
 
-def kv_bytes_per_token(config, layout: list[int], bytes_per_value: int = 2) -> int:
-    """K and V of every producer for one token, at 16-bit."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * len(groups(layout)) * config.num_key_value_heads * head_dim * bytes_per_value
+def kv_bytes(config, nbits: int | None = None) -> float:
+    """KV-cache bytes per token at 16-bit: plain (producers only, for CLA) or quantised to `nbits`."""
+    if nbits is None:
+        return kvcache.bytes_per_token(config, SIXTEEN_BIT)
+    return kvquant.bytes_per_token(config, nbits, SIXTEEN_BIT)
 
 
 def uniform_for(num_layers: int, saving: float) -> list[int]:
@@ -85,38 +116,97 @@ def convert(model, method: str, saving: float, calib_ids: torch.Tensor, steps: i
     return cla_model_from(model, layout, init="mean", overrides=overrides), layout, extra
 
 
-def checkpoint_row(label: str, folder: str, config, heldout: torch.Tensor, original: dict) -> dict:
-    """A saved CLA checkpoint (e.g. after uptraining) measured on the same held-out windows."""
-    from transformers import AutoModelForCausalLM
+class Sweep:
+    """Rows of the table: each measured model, its KV bytes per token, perplexity, ratio to the original."""
 
-    import clakit  # noqa: F401  (registers the CLA classes)
+    def __init__(self, heldout: Heldout, original_bytes: float):
+        self.heldout, self.original_bytes = heldout, original_bytes
+        self.rows: list[dict] = []
+        self.original_ppl = None
 
-    cla = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    layout = list(cla.config.kv_source_layers)
-    ppl = perplexity(cla, heldout)
-    return {
-        "method": label, "kv_saving": kv_saving(layout), "layout": layout, "checkpoint": folder,
-        "kv_bytes_per_token": kv_bytes_per_token(config, layout), "perplexity": ppl,
-        "ratio_to_original": ppl / original["perplexity"],
-    }  # fmt: skip
+    def add(self, method: str, model, nbits: int | None = None, **extra) -> dict:
+        start = time.perf_counter()
+        ppl = self.heldout.ppl(model, nbits)
+        self.original_ppl = self.original_ppl or ppl  # the first row is the original
+        kv = kv_bytes(model.config, nbits)
+        row = {
+            "method": method, "kv_bits": nbits or 16, "kv_bytes_per_token": kv,
+            "kv_saving_factor": self.original_bytes / kv, "perplexity": ppl,
+            "ratio_to_original": ppl / self.original_ppl, "eval_wall_s": round(time.perf_counter() - start, 1),
+            **extra,
+        }  # fmt: skip
+        self.rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        return row
 
 
-def plot(rows: list[dict], original: dict, path: str) -> None:
+def run_cla(sweep: Sweep, model, calib, args) -> None:
+    """CLA conversions per saving; auto+reconstruct models also with a quantised cache (`--cla-kv-bits`)."""
+    n, layouts, done = model.config.num_hidden_layers, {}, set()
+    for saving in [float(s) for s in args.savings.split(",") if s]:
+        for method in [m for m in args.methods.split(",") if m]:
+            key = (method, tuple(uniform_for(n, saving))) if not method.startswith("auto+") else (method, saving)
+            if key in done:
+                continue  # the same uniform layout as a smaller saving (e.g. CLA2 for 0.25 and 0.5): measured once
+            done.add(key)
+            start = time.perf_counter()
+            cla, layout, extra = convert(model, method, saving, calib, args.steps, layouts)
+            info = {"kv_saving_requested": saving, "layout": layout, "convert_wall_s": time.perf_counter() - start}
+            info |= {"auto_choice": extra["auto_layout"]["chosen"]} if extra else {}
+            sweep.add(method, cla, **info)
+            if method == "auto+reconstruct":
+                for bits in args.cla_kv_bits:
+                    sweep.add(f"{method}+kv{bits}", cla, bits, kv_saving_requested=saving, layout=layout)
+
+
+def run_baselines(sweep: Sweep, model, calib, args) -> None:
+    for name in [b for b in args.baselines.split(",") if b]:
+        if name.startswith("kv"):
+            sweep.add(name, model, int(name[2:]))
+            continue
+        start = time.perf_counter()
+        merged = kvheads.merge_kv_heads(model, args.kv_heads, name.removeprefix("heads-"), calib_ids=calib)
+        sweep.add(name, merged, kv_heads=args.kv_heads, convert_wall_s=time.perf_counter() - start)
+        for bits in args.cla_kv_bits if name == "heads-fitted" else ():
+            sweep.add(f"{name}+kv{bits}", merged, bits, kv_heads=args.kv_heads)
+
+
+def run_checkpoints(sweep: Sweep, specs: list[str], args) -> None:
+    """Saved checkpoints (e.g. the uptraining recipe's output), plain and with a quantised cache."""
+    from clakit.sources import load_model, resolve_source
+
+    for label, folder in (spec.split("=", 1) for spec in specs):
+        model = load_model(resolve_source(folder), dtype=torch.float32)
+        layout = list(getattr(model.config, "kv_source_layers", None) or range(model.config.num_hidden_layers))
+        sweep.add(label, model, checkpoint=folder, layout=layout)
+        for bits in args.cla_kv_bits:
+            sweep.add(f"{label}+kv{bits}", model, bits, checkpoint=folder, layout=layout)
+
+
+def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):  # the methods in order, then any checkpoints
-        pts = sorted((r["kv_bytes_per_token"], r["perplexity"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*pts, strict=True), marker="o" if method in METHODS else "*", markersize=8, label=method)
-    ax.scatter([original["kv_bytes_per_token"]], [original["perplexity"]], color="black", zorder=5, label="original")
-    ax.set_xlabel("KV cache bytes per token (16-bit)")
-    ax.set_ylabel("held-out perplexity")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    families = dict.fromkeys(r["method"].split("+kv")[0] if "+kv" in r["method"] else r["method"] for r in rows)
+    for family in families:
+        for quantised in (False, True):
+            pts = sorted(
+                (r["kv_bytes_per_token"], r["perplexity"]) for r in rows
+                if (r["method"].startswith(family + "+kv") if quantised else r["method"] == family)
+            )  # fmt: skip
+            if pts:
+                label = f"{family} + 8/4-bit KV" if quantised else family
+                style = dict(marker="s" if quantised else "o", linestyle="--" if quantised else "-")
+                ax.plot(*zip(*pts, strict=True), markersize=7, label=label, **style)
+    ax.set_xlabel("KV cache bytes per token (16-bit; quantised: integers + scales)")
+    ax.set_ylabel("held-out perplexity (clakit eval)")
     ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("SmolLM2-135M retrofitted to CLA (held-out perplexity)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("SmolLM2-135M: held-out perplexity vs KV bytes per token")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -125,8 +215,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--savings", default="0.25,0.5,0.67")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--calib-tokens", type=int, default=8192)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--baselines", default=",".join(BASELINES))
+    ap.add_argument("--kv-heads", type=int, default=1, help="KV heads after merging (SmolLM2: 3 -> 1)")
+    ap.add_argument("--cla-kv-bits", default="8", help="bits of the quantised cache on CLA models ('' for none)")
+    ap.add_argument("--chunk", type=int, default=16, help="tokens per forward through a quantised cache")
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="reconstruct Adam steps per group")
     ap.add_argument("--threads", type=int, default=None)
@@ -137,46 +231,31 @@ def main() -> None:
         help="also measure a converted/uptrained CLA checkpoint (e.g. the uptraining recipe's output)",
     )  # fmt: skip
     args = ap.parse_args()
+    args.cla_kv_bits = [int(b) for b in args.cla_kv_bits.split(",") if b]
     if args.threads:
         torch.set_num_threads(args.threads)
+    start, load = time.perf_counter(), os.getloadavg()
     model, tokenizer, assets = load_demo()
     calib = calib_input_ids(tokenizer, [Text("calib", assets.calib.read_text())], args.calib_tokens, args.seq_len)
-    heldout = calib_input_ids(tokenizer, [Text("heldout", assets.heldout.read_text())], args.eval_tokens, args.seq_len)
-    n = model.config.num_hidden_layers
-    original = {
-        "perplexity": perplexity(model, heldout),
-        "kv_bytes_per_token": kv_bytes_per_token(model.config, list(range(n))),
-    }
-    rows, layouts = [], {}
-    for saving in [float(s) for s in args.savings.split(",") if s]:
-        for method in args.methods.split(","):
-            done = [(r["method"], r["layout"]) for r in rows]
-            if not method.startswith("auto+") and (method, uniform_for(n, saving)) in done:
-                continue  # the same uniform layout as a smaller saving (e.g. CLA2 for 0.25 and 0.5): measured once
-            start = time.perf_counter()
-            cla, layout, extra = convert(model, method, saving, calib, args.steps, layouts)
-            wall = time.perf_counter() - start
-            ppl = perplexity(cla, heldout)
-            rows.append({
-                "method": method, "kv_saving_requested": saving, "kv_saving": kv_saving(layout), "layout": layout,
-                "kv_bytes_per_token": kv_bytes_per_token(model.config, layout), "perplexity": ppl,
-                "ratio_to_original": ppl / original["perplexity"], "convert_wall_s": wall,
-                **({"auto_choice": extra["auto_layout"]["chosen"]} if extra else {}),
-            })  # fmt: skip
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    for label, folder in (spec.split("=", 1) for spec in args.model):
-        rows.append(checkpoint_row(label, folder, model.config, heldout, original))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    heldout = Heldout(tokenizer, assets.heldout, args.eval_tokens, args.seq_len, args.chunk)
+    sweep = Sweep(heldout, kv_bytes(model.config))
+    sweep.add("original", model)
+    run_baselines(sweep, model, calib, args)
+    run_cla(sweep, model, calib, args)
+    run_checkpoints(sweep, args.model, args)
     result = {
         "model": str(assets.model), "calib_text": str(assets.calib), "heldout_text": str(assets.heldout),
-        "calib_tokens": calib.numel(), "eval_tokens": heldout.numel(), "seq_len": args.seq_len,
-        "threads": torch.get_num_threads(), "original": original, "rows": rows,
+        "calib_tokens": calib.numel(), "eval_tokens": len(heldout.tokens.ids) - 1, "seq_len": args.seq_len,
+        "kv_quant": {"backend": "hqq", "axis": kvquant.AXIS, "group": kvquant.DEFAULT_GROUP, "chunk": args.chunk},
+        "kv_bytes_dtype": "bfloat16", "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+        "load_average_start": load, "load_average_end": os.getloadavg(),
+        "wall_s": round(time.perf_counter() - start, 1), "rows": sweep.rows,
     }  # fmt: skip
     print(json.dumps(result, indent=1))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
-        plot(rows, original, args.plot)
+        plot(sweep.rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clakit.eval.fetch import fetch_demo
+    from clakit.demo import fetch_demo
 
     assets = fetch_demo(quiet=True)
     kwargs = {"gguf_file": assets.model.name}

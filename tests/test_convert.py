@@ -104,7 +104,7 @@ def test_remote_code_loads_without_clakit(tiny_llama_checkpoint, tmp_path):
 
 
 def test_dtype_cast_and_library_call(tiny_llama_checkpoint, tmp_path):
-    out = convert(tiny_llama_checkpoint, tmp_path / "bf16", dtype="bfloat16", factor=4, quiet=True)
+    out = convert(tiny_llama_checkpoint, tmp_path / "bf16", output_dtype="bfloat16", factor=4, quiet=True)
     with safe_open(str(safetensors_files(out)[0]), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert read_json(out / "config.json")["dtype"] == "bfloat16"

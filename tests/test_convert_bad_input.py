@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import clakit.convert.checkpoint
 import clakit.convert.pipeline
+import clakit.outputs
 
 
 def assert_refused(capsys, src: Path, out: Path, *args, match: str) -> None:
@@ -161,7 +162,8 @@ def test_existing_output(src, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_refused(capsys, src, out, match="already exists; pass --overwrite")
+    assert_refused(capsys, src, out, match="already exists and is not a clakit convert output (not written by clakit)")
+    assert_refused(capsys, src, out, "--overwrite", match="is not a clakit convert output")
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -215,10 +217,10 @@ def test_not_enough_disk_space(src, tmp_path, capsys, monkeypatch):
 
 
 def test_rename_failure_leaves_nothing(src, tmp_path, capsys, monkeypatch):
-    def failing_publish(tmp, out, overwrite):
+    def failing_publish(*args, **kwargs):
         raise OSError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(clakit.convert.pipeline, "publish", failing_publish)
+    monkeypatch.setattr(clakit.outputs, "publish", failing_publish)
     out = tmp_path / "out"
     assert_refused(capsys, src, out, match=f"cannot write {out}: Permission denied")
 

@@ -155,3 +155,17 @@ def test_bad_lm_eval_settings_fail_before_the_model_is_loaded(
     with pytest.raises(ClakitError) as e:
         evaluate(stock, tokenizer=tokenizer, text=make_text(200, 1), seq_len=16, quiet=True, **kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_report_runs_lm_eval_on_clakits_windows(stock, tokenizer, tasks_dir):
+    """`--seq-len` shorter than the model's context: lm-eval gets max_length = seq_len, so its rolling word perplexity
+    and bits per byte equal clakit's in the same report (not lm-eval's one window of the whole context)."""
+    text = json.loads((tasks_dir / "doc.jsonl").read_text())["text"]
+    roll = str(tasks_dir / "tiny_roll.yaml")
+    r = evaluate(stock, tokenizer=tokenizer, text=text, seq_len=40, speed=False, quiet=True, lm_eval_tasks=roll)
+    lm = r["lm_eval"]["tasks"]["tiny_roll"]
+    assert r["lm_eval"]["settings"]["max_length"] == 40 and r["num_windows"] > 8
+    assert r["bits_per_byte"] == pytest.approx(lm["bits_per_byte"], rel=1e-5)
+    assert r["word_perplexity"] == pytest.approx(lm["word_perplexity"], rel=1e-4)
+    whole = harness.run_tasks(stock, tokenizer, roll, batch_size=4)["tasks"]["tiny_roll"]  # the model's context
+    assert abs(whole["bits_per_byte"] / lm["bits_per_byte"] - 1) > 1e-3  # other windows: another number

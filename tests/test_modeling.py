@@ -243,3 +243,59 @@ def test_auto_classes_load_with_clakit_imported(tmp_path):
     x = ids(1, 20)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, cla(x).logits, rtol=0, atol=0)
+
+
+# --- construction (built once), legacy checkpointing flag, visible forward signature ------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cla_model_is_built_once_with_no_throwaway_modules(kind, monkeypatch):
+    """Every nn.Linear/Embedding constructed while building the CLA model is one the model keeps (the stock
+    constructors would build a whole stock decoder stack first, then replace it)."""
+    built = []
+    for cls in (torch.nn.Linear, torch.nn.Embedding):
+        original = cls.__init__
+
+        def record(self, *args, _original=original, **kwargs):
+            built.append(self)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", record)
+    config_cls, lm_cls = (
+        (LlamaCLAConfig, LlamaCLAForCausalLM) if kind == "llama" else (MistralCLAConfig, MistralCLAForCausalLM)
+    )
+    model = lm_cls(config_cls(**tiny_kwargs(6), kv_source_layers=LAYOUTS["cla2"]))
+    kept = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
+    assert len(built) == len(kept) and {id(m) for m in built} == {id(m) for m in kept}
+    assert sum(hasattr(layer.self_attn, "k_proj") for layer in model.model.layers) == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_legacy_gradient_checkpointing_config_reaches_the_cla_layers(kind):
+    """transformers' test_gradient_checkpointing_backward_compatibility: `config.gradient_checkpointing = True`
+    turns checkpointing on at construction, in every (CLA) decoder layer."""
+    config_cls, lm_cls = (
+        (LlamaCLAConfig, LlamaCLAForCausalLM) if kind == "llama" else (MistralCLAConfig, MistralCLAForCausalLM)
+    )
+    config = config_cls(**tiny_kwargs(4), kv_source_layers=[0, 0, 2, 2])
+    config.gradient_checkpointing = True
+    model = lm_cls(config)
+    assert model.is_gradient_checkpointing
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_signature_is_the_stock_one_and_inputs_embeds_work(kind):
+    """transformers' test_model_main_input_name: the first forward argument is `input_ids` (Trainer's
+    remove_unused_columns inspects it); inputs_embeds gives the same logits as input_ids."""
+    import inspect
+
+    model, cla = cla_pair(kind, LAYOUTS["cla2"])
+    for module in (cla, cla.model):
+        params = list(inspect.signature(module.forward).parameters)
+        assert params[0] == module.main_input_name == "input_ids" and "inputs_embeds" in params
+    x = ids()
+    with torch.no_grad():
+        by_ids = cla(input_ids=x).logits
+        by_embeds = cla(inputs_embeds=cla.get_input_embeddings()(x)).logits
+    torch.testing.assert_close(by_embeds, by_ids)

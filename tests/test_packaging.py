@@ -71,3 +71,34 @@ def test_recipe_names_resolve_from_any_folder_and_local_files_win(tmp_path, monk
     local.write_text("model: {}\n")
     assert resolve_recipe("recipes/smollm2/135m_cla2_cpu.yaml").resolve() == local
     assert resolve_recipe("recipes/none/missing.yaml") == Path("recipes/none/missing.yaml")
+
+
+# Dependencies point one way: modeling <- convert/eval <- uptrain <- demo/cli. A package may import those below it
+# (and convert its peer eval's perplexity), never those above: the rank of each package, and what it must not import.
+RANK = {"modeling": 0, "convert": 1, "eval": 1, "uptrain": 2, "demo": 3, "cli": 3}
+ALSO_FORBIDDEN = {"eval": {"convert"}}  # eval measures any model; it must not depend on how CLA models are made
+
+
+def clakit_imports(path: Path) -> set[str]:
+    """The clakit subpackages a module imports anywhere in it (function-local imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module == "clakit":
+            names += [f"clakit.{a.name}" for a in node.names]
+        found |= {n.split(".")[1] for n in names if n.startswith("clakit.")}
+    return found & set(RANK)
+
+
+def test_dependencies_point_one_way():
+    bad = []
+    for package, rank in RANK.items():
+        files = [REPO / "clakit" / f"{package}.py"] if package == "cli" else (REPO / "clakit" / package).rglob("*.py")
+        for f in files:
+            imported = clakit_imports(f)
+            above = {p for p in imported if RANK[p] > rank} | (imported & ALSO_FORBIDDEN.get(package, set()))
+            bad += [f"{f.relative_to(REPO)} imports clakit.{p}" for p in sorted(above)]
+    assert not bad, bad

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clakit.eval import fetch
+from clakit.demo import fetch
 from clakit.uptrain import DEFAULT_RECIPE, uptrain
 
 

@@ -20,15 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from clakit.convert.calibrate import mean_shared
-from clakit.convert.inmemory import cla_model_from
+from clakit.convert.layerwise import materialized
 from clakit.convert.layout import groups as layout_groups
 from clakit.convert.layout import kv_saving as layout_saving
 from clakit.convert.layout import uniform_layout
 from clakit.errors import ClakitError
 
 SCORE_TOKENS = 1024  # calibration tokens each candidate is scored on
-REFINE = True  # the local search beyond adjacent runs (refine_layout) after the DP
-REFINE_MAX_GROUP = None  # the largest group the refinement may create; None: the DP's max_group
 REFINE_WINDOW = 3  # producers before a consumer that the refinement tries (the nearest ones)
 REFINE_MIN_GAIN = 1e-3  # nats per token: smaller gains are noise on SCORE_TOKENS tokens
 
@@ -52,8 +50,9 @@ def _nll(model, input_ids: torch.Tensor) -> float:
 def _share_hooks(model, members: list[int]) -> list:
     """Hooks making the stock model behave as if `members` shared the producer's K/V (mean init)."""
     attn = [model.model.layers[i].self_attn for i in members]
-    dtype = attn[0].k_proj.weight.dtype
-    shared = {kind: mean_shared(model, kind, members).T.to(dtype) for kind in ("k_proj", "v_proj")}
+    with materialized(model, members):  # a LayerwiseModel's layers are read for the mean, then released
+        dtype = attn[0].k_proj.weight.dtype
+        shared = {kind: mean_shared(model, kind, members).T.to(dtype) for kind in ("k_proj", "v_proj")}
     producer_input = {}
 
     def keep_input(module, args):
@@ -187,10 +186,20 @@ def best_partition(costs: dict[tuple[int, int], float], num_layers: int, produce
     return layout
 
 
-def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int = 0, progress: bool = True):
+def auto_layout(
+    model,
+    input_ids: torch.Tensor,
+    kv_saving: float,
+    *,
+    refine: bool = True,
+    refine_max_group: int | None = None,
+    progress: bool = True,
+):
     """(layout, scores): a valid layout saving at least `kv_saving` of the KV cache, chosen from calibration data.
 
-    Deterministic: no sampling is involved (`seed` is accepted for a uniform interface with `fit_kv`).
+    `refine`: the local search beyond adjacent runs (`refine_layout`) after the DP, creating no group larger than
+    `refine_max_group` (None: the scoring's largest group). Deterministic: no sampling is involved. `model` may be
+    a `LayerwiseModel`'s inside its `offloaded()` block: every pass is a forward, one layer in memory at a time.
     """
     from tqdm.auto import tqdm
 
@@ -208,15 +217,15 @@ def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int =
     for i, j in tqdm(runs, desc="scoring groups", disable=not progress, leave=False):
         costs[(i, j)] = group_cost(model, list(range(i, j + 1)), ids, base, hidden)
     candidates = {"dp": best_partition(costs, n, producers), f"uniform_cla{factor}": uniform_layout(n, factor)}
-    measured = {name: _nll(cla_model_from(model, lay, init="mean"), ids) - base for name, lay in candidates.items()}
+    measured = {name: layout_nll(model, lay, ids) - base for name, lay in candidates.items()}
     chosen = min(measured, key=measured.get)
     moves = []
-    if REFINE:
-        cap = REFINE_MAX_GROUP or max_group
+    if refine:
+        cap = refine_max_group or max_group
         refined, moves = refine_layout(model, candidates[chosen], ids, max_group=cap, progress=progress)
         if moves:
             candidates["refined"] = refined
-            measured["refined"] = _nll(cla_model_from(model, refined, init="mean"), ids) - base
+            measured["refined"] = layout_nll(model, refined, ids) - base
             chosen = min(measured, key=measured.get)
     scores = {
         "method": "measured-dp",

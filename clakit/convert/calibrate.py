@@ -15,11 +15,14 @@ so memory does not grow with the number of calibration tokens. Keys are fitted p
 RoPE is the same rotation for every layer at a given position, so matching pre-RoPE keys matches rotated ones.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from clakit.convert.layerwise import LayerwiseModel, materialized, run_layers
 from clakit.convert.layout import KEY_TEMPLATES, check_layout, groups
 from clakit.corpus import Text, join_texts
 from clakit.errors import ClakitError
@@ -185,6 +188,142 @@ def _fisher_hook(stats: KVStats, kind: str, layer: int):
     return hook
 
 
+class SpilledActs(Mapping):
+    """`KVStats.acts` written to disk by `layer_stats`, one file per layer, read back when a group needs them."""
+
+    def __init__(self, folder: Path, layers: list[int], device: torch.device):
+        self.folder, self.layers, self.device = folder, layers, device
+
+    def path(self, layer: int) -> Path:
+        return self.folder / f"acts-{layer}.pt"
+
+    def __getitem__(self, layer: int):
+        if layer not in self.layers:
+            raise KeyError(layer)
+        return torch.load(self.path(layer), map_location=self.device, weights_only=True)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def layer_stats(
+    runner: LayerwiseModel,
+    input_ids: torch.Tensor,
+    pairs: Iterable[tuple[int, int]],
+    scratch: Path,
+    keep: Iterable[int] = (),
+    progress: bool = True,
+    keep_seqs: int | None = None,
+) -> KVStats:
+    """`collect_stats`, one decoder layer at a time: the same Grams, Fisher weights, loss and kept activations.
+
+    A forward sweep carries every calibration row's residual stream (n_seq, seq, hidden) from layer to layer,
+    accumulating the Grams and writing each layer's input stream to `scratch` (and the kept activations); the loss
+    gradient w.r.t. the last stream is then carried back down, layer by layer, each layer recomputed from its saved
+    input, and the squared gradients of k/v (and o) outputs accumulated: exactly the full-model backward's.
+    """
+    from tqdm.auto import tqdm
+
+    keep_seqs = RECONSTRUCT_SEQS if keep_seqs is None else keep_seqs
+    pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
+    keep = sorted(set(keep))
+    stats = KVStats(acts=SpilledActs(scratch, keep, runner.device))
+    ids = input_ids.to(runner.device)
+    n_keep = min(keep_seqs, len(ids)) if keep else 0
+    stats.ids = ids[:n_keep] if keep else None
+    model, layers = runner.model, range(runner.model.config.num_hidden_layers)
+    requires = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)  # gradients w.r.t. activations only
+    try:
+        with torch.no_grad():
+            streams = [model.get_input_embeddings()(row[None]) for row in ids]  # per row (1, seq, hidden)
+        xs: dict[int, list[torch.Tensor]] = {}
+        for i in tqdm(layers, desc="statistics: forward", disable=not progress, leave=False):
+            torch.save(streams, scratch / f"stream-{i}.pt")
+            with runner.loaded(i):
+                streams = _forward_layer(stats, model, i, streams, xs, i in keep, n_keep)
+            _add_grams(stats, pairs, xs, i, _has_bias(model))
+        grads = _loss_grads(stats, model, streams, ids)
+        for i in tqdm(reversed(layers), desc="statistics: backward", disable=not progress, leave=False):
+            streams = torch.load(scratch / f"stream-{i}.pt", map_location=runner.device, weights_only=True)
+            (scratch / f"stream-{i}.pt").unlink()
+            with runner.loaded(i):
+                grads = _backward_layer(stats, model, i, streams, grads, i in keep)
+    finally:
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+    return stats
+
+
+@torch.no_grad()
+def _forward_layer(stats, model, i: int, streams: list, xs: dict, keep: bool, n_keep: int) -> list:
+    """Layer i over every row; its attention inputs go to `xs[i]`, kept rows' (input, output) to disk."""
+    captured: dict = {"x": [], "y": []}
+    attn = _attn(model, i)
+    handles = [attn.q_proj.register_forward_pre_hook(lambda m, a: captured["x"].append(a[0]))]
+    if keep:
+        handles.append(attn.o_proj.register_forward_hook(lambda m, a, out: captured["y"].append(out)))
+    try:
+        streams = [run_layers(model, h, i, i + 1) for h in streams]
+    finally:
+        for h in handles:
+            h.remove()
+    xs[i] = captured["x"]
+    if keep:
+        acts = [(x[0].float(), y[0].float()) for x, y in zip(captured["x"][:n_keep], captured["y"], strict=False)]
+        torch.save(acts, stats.acts.path(i))
+    return streams
+
+
+def _add_grams(stats: KVStats, pairs: list, xs: dict, i: int, bias: bool) -> None:
+    """Grams of the pairs (a, i) ending at layer i, summed over rows in order; inputs no later pair needs go."""
+    for a, b in pairs:
+        if b == i:
+            for xa, xb in zip(xs[a], xs[b], strict=True):
+                stats.gram[(a, b)] = stats.gram.get((a, b), 0) + _augment(xa, bias).T @ _augment(xb, bias)
+    for a in [a for a in xs if not any(p == a and q > i for p, q in pairs)]:
+        del xs[a]
+
+
+def _loss_grads(stats: KVStats, model, streams: list, ids: torch.Tensor) -> list[torch.Tensor]:
+    """d (each row's mean LM loss) / d (its last residual stream), (1, seq, hidden) per row; the loss recorded."""
+    grads = []
+    for h, row in zip(streams, ids, strict=True):
+        h = h.detach().requires_grad_()
+        logits = model.lm_head(model.model.norm(h))  # (1, seq, vocab)
+        loss = F.cross_entropy(logits[0, :-1].float(), row[1:])
+        loss.backward()
+        grads.append(h.grad)
+        stats.loss += loss.item() * (row.numel() - 1)
+        stats.tokens += row.numel()
+    stats.loss /= max(1, stats.tokens - len(ids))
+    return grads
+
+
+def _backward_layer(stats: KVStats, model, i: int, streams: list, grads: list, keep: bool) -> list:
+    """Layer i recomputed from its saved inputs and back-propagated; Fisher weights accumulated by the hooks."""
+    attn = _attn(model, i)
+    handles = [
+        attn.k_proj.register_forward_hook(_kv_hook(stats, {}, "k_proj", i, False)),
+        attn.v_proj.register_forward_hook(_kv_hook(stats, {}, "v_proj", i, False)),
+    ]
+    if keep:
+        handles.append(attn.o_proj.register_forward_hook(_output_hook(stats, {}, i)))
+    below = []
+    try:
+        for h, grad in zip(streams, grads, strict=True):
+            h = h.detach().requires_grad_()
+            run_layers(model, h, i, i + 1).backward(grad)
+            below.append(h.grad)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return below
+
+
 # --- closed-form fit ---------------------------------------------------------------------------------------------
 
 
@@ -198,7 +337,7 @@ def _own_weight(model, kind: str, layer: int) -> torch.Tensor:
 def _member_weights(stats: KVStats, kind: str, members: list[int], out: int, fisher: bool) -> torch.Tensor:
     """(members, out) per-(layer, channel) error weights: Fisher, or ones when `fisher` is False."""
     if not fisher:
-        return torch.ones(len(members), out, dtype=torch.float64)
+        return torch.ones(len(members), out, dtype=torch.float64, device=stats.gram[(members[0], members[0])].device)
     return torch.stack([stats.fisher[(kind, m)] for m in members])
 
 
@@ -268,9 +407,10 @@ def calibrated_overrides(
     for producer, members in groups(layout).items():
         if len(members) == 1:
             continue
-        for kind in ("k_proj", "v_proj"):
-            shared = fit_group(model, stats, kind, members, ridge, fisher)
-            out.update(shared_to_overrides(model, kind, producer, shared))
+        with materialized(model, members):  # a LayerwiseModel's layers: one group at a time
+            for kind in ("k_proj", "v_proj"):
+                shared = fit_group(model, stats, kind, members, ridge, fisher)
+                out.update(shared_to_overrides(model, kind, producer, shared))
     return out
 
 
@@ -278,14 +418,29 @@ def calibrated_overrides(
 
 
 def fit_kv(
-    model, layout: list[int], input_ids: torch.Tensor, method: str, *, seed: int = 0, steps=None, progress=True
+    model,
+    layout: list[int],
+    input_ids: torch.Tensor,
+    method: str,
+    *,
+    seed: int = 0,
+    steps=None,
+    progress=True,
+    ridge: float = DEFAULT_RIDGE,
+    scratch: Path | None = None,
+    **reconstruct_options,
 ) -> dict[str, torch.Tensor]:
     """Tensor-name -> tensor overrides for `cla_model_from(model, layout, overrides=...)` / the streaming converter.
 
-    `model` is the stock (non-CLA) source model in memory; `input_ids` (n_seq, seq_len) from `calib_input_ids`.
-    `reconstruct` caches activations of at most `RECONSTRUCT_SEQS` sequences (spread over the data) and runs
-    `steps` Adam steps per group (default `reconstruct.DEFAULT_STEPS`).
+    `model` is the stock (non-CLA) source model, whole in memory or a `LayerwiseModel`'s (decoder layers read from
+    the checkpoint on demand); the statistics are collected layer by layer either way (`layer_stats`), the
+    per-layer streams written to `scratch` (default: a temporary folder). `input_ids` (n_seq, seq_len) from
+    `calib_input_ids`. `reconstruct` caches activations of at most `RECONSTRUCT_SEQS` sequences and runs `steps`
+    Adam steps per group (default `reconstruct.DEFAULT_STEPS`); `reconstruct_options`: `lr`, `train_o`,
+    `sequential` of `reconstruct_overrides`.
     """
+    import tempfile
+
     check_layout(layout, model.config.num_hidden_layers)
     if method not in METHODS:
         raise ClakitError(f"unknown data-aware init {method!r}; choose one of {', '.join(METHODS)}")
@@ -293,17 +448,21 @@ def fit_kv(
         raise ClakitError("no calibration tokens; give more text with --calib-data")
     shared = [i for members in groups(layout).values() if len(members) > 1 for i in members]
     keep = shared if method == "reconstruct" else ()
-    stats = collect_stats(model, input_ids, group_pairs(layout), keep=keep, progress=progress)
-    overrides = calibrated_overrides(model, layout, stats)
-    if method == "reconstruct":
-        from clakit.convert.reconstruct import reconstruct_overrides
+    with tempfile.TemporaryDirectory(prefix=".clakit-calib.", dir=scratch) as folder:
+        stats = layer_stats(LayerwiseModel.in_memory(model), input_ids, group_pairs(layout), Path(folder), keep,
+                            progress=progress)  # fmt: skip
+        overrides = calibrated_overrides(model, layout, stats, ridge)
+        if method == "reconstruct":
+            from clakit.convert.reconstruct import reconstruct_overrides
 
-        overrides = reconstruct_overrides(model, layout, stats, overrides, seed=seed, steps=steps, progress=progress)
+            overrides = reconstruct_overrides(
+                model, layout, stats, overrides, seed=seed, steps=steps, progress=progress, **reconstruct_options
+            )
     return overrides
 
 
-def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, *, seed: int = 0, progress: bool = True):
+def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, **options):
     """`clakit.convert.autolayout.auto_layout` (the converter's entry point)."""
     from clakit.convert.autolayout import auto_layout as choose
 
-    return choose(model, input_ids, kv_saving, seed=seed, progress=progress)
+    return choose(model, input_ids, kv_saving, **options)

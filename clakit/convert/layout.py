@@ -25,16 +25,6 @@ def uniform_layout(num_layers: int, factor: int) -> list[int]:
     return [i - i % factor for i in range(num_layers)]
 
 
-def parse_layout(text: str, num_layers: int) -> list[int]:
-    """`"0,0,2,2"` -> [0, 0, 2, 2], validated against the model's layer count."""
-    try:
-        layout = [int(x) for x in text.replace(" ", "").split(",")]
-    except ValueError:
-        raise ClakitError(f"--kv-source-layers must be comma-separated integers like 0,0,2,2; got {text!r}") from None
-    check_layout(layout, num_layers)
-    return layout
-
-
 def check_layout(layout: list[int], num_layers: int) -> None:
     try:
         validate_kv_source_layers(layout, num_layers)

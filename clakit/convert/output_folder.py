@@ -1,20 +1,15 @@
 """The converted folder around the weights: config + modeling code, tokenizer, model card, clakit_convert.json.
 
-Everything is written into a hidden staging folder beside OUT (`.OUT.XXXX.partial`) and renamed into place at the
-end, so an interrupted or failed conversion never leaves a half-written OUT.
+Everything is written into a hidden staging folder beside OUT and renamed into place at the end (clakit.outputs:
+the ownership rule, staging and publishing), so an interrupted or failed conversion never leaves a half-written OUT.
 """
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers.dynamic_module_utils import custom_object_save
-
-from clakit.errors import ClakitError
 
 RECORD_FILE = "clakit_convert.json"
 MODELING_FILES = ("configuration_cla.py", "modeling_cla.py")
@@ -23,51 +18,6 @@ TOKENIZER_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
     "*.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )  # fmt: skip
-
-
-def check_destination(source_path: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an existing OUT (without overwrite), OUT inside SRC, and SRC inside OUT (overwrite would delete it)."""
-    src, dest = source_path.resolve(), out.resolve()
-    if dest == src or src in dest.parents:
-        raise ClakitError(f"output folder {out} is inside the source {source_path}; choose a folder outside it")
-    if dest in src.parents:
-        raise ClakitError(f"output folder {out} contains the source {source_path}; choose another output folder")
-    if out.exists() and not out.is_dir():
-        raise ClakitError(f"output path {out} is an existing file; choose a folder name")
-    if out.exists() and not overwrite:
-        raise ClakitError(f"output folder {out} already exists; pass --overwrite to replace it, or choose another")
-
-
-@contextlib.contextmanager
-def staging_folder(out: Path):
-    """A fresh folder beside `out`, removed unless `publish` renamed it; OSErrors become one-line errors."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
-    except OSError as e:
-        raise ClakitError(f"cannot create the output folder beside {out}: {e.strerror or e}") from None
-    try:
-        yield tmp
-    except OSError as e:
-        raise ClakitError(f"cannot write {out}: {e.strerror or e}; check free disk space and permissions") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once published
-
-
-def publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished staging folder to `out` (replacing an old `out` only with overwrite)."""
-    if out.exists() and not overwrite:  # appeared while converting
-        raise ClakitError(f"output folder {out} appeared during the conversion; pass --overwrite to replace it")
-    if out.exists():
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def write_config(folder: Path, cla_config, lm_cls) -> None:

@@ -2,30 +2,38 @@
 
 `producer`/`mean` read each source tensor lazily (memory-mapped) and write it into the output shards, so memory
 stays near one output shard plus one group's K/V. The data-aware inits (`calibrated`, `reconstruct`),
-`--layout auto` and `--eval-data` run the source model, so they load it whole (fp32) first; GGUF sources are always
-loaded whole, because transformers can only read them by dequantising the entire file.
+`--layout auto` and `--eval-data` run the source model layer by layer (`layerwise.LayerwiseModel`): each decoder
+layer is read from the checkpoint onto `--device` when a pass needs it and released after, so host and device
+memory stay near one layer (plus the calibration activations) whatever the depth. GGUF sources are the exception:
+transformers can only read them by dequantising the entire file, so they are held whole (fp32) in memory.
 """
 
 import gc
-import json
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import transformers
 from tqdm.auto import tqdm
 
-from clakit.convert.checkpoint import ShardWriter, StateDictCheckpoint, open_checkpoint, parse_size
+from clakit import outputs
+from clakit.convert.checkpoint import (
+    SafetensorsCheckpoint,
+    ShardWriter,
+    StateDictCheckpoint,
+    open_checkpoint,
+    parse_size,
+)
+from clakit.convert.checks import check_shapes
+from clakit.convert.config import ConvertConfig
 from clakit.convert.inmemory import cla_config, cla_family
-from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, parse_layout, uniform_layout
+from clakit.convert.layerwise import LayerwiseModel, resolve_device
+from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, uniform_layout
 from clakit.convert.output_folder import (
-    check_destination,
     copy_tokenizer_files,
     model_card,
-    publish,
-    staging_folder,
     write_config,
     write_record,
 )
@@ -34,17 +42,14 @@ from clakit.corpus import join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.provenance import provenance
-from clakit.sources import Source, load_config, load_model, load_tokenizer, resolve_source
+from clakit.sources import Source, load_config, load_model, load_tokenizer, read_config_json, resolve_source
 
 DATA_AWARE_INITS = ("calibrated", "reconstruct")
-INITS = ("producer", "mean", *DATA_AWARE_INITS)
 # With calibration data and no explicit choice, the converter uses its best measured combination (docs/quality.md):
 # a layout chosen from the data at half the KV cache, then per-group reconstruction. SmolLM2-135M, in-domain held-out
 # text: 43.99 -> 140.4 perplexity (3.2x), against ~18,500 for uniform CLA2 with the closed-form fit.
 DEFAULT_DATA_INIT = "reconstruct"  # the init used when calibration data is given and --init is not
 DEFAULT_KV_SAVING = 0.5  # --layout auto's saving when --kv-saving is not given (CLA2's)
-SEQ_LEN = 512  # tokens per calibration / evaluation sequence (capped by max_position_embeddings)
-EVAL_TOKENS = 8192  # --eval-data tokens scored before and after (a quick check; `clakit eval` for the full suite)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ARCH_OF_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # GGUF configs name no architecture
 
@@ -73,83 +78,60 @@ class ConvertSettings:
 
 
 def convert(
-    src,
-    out,
-    *,
-    factor: int | None = None,
-    kv_source_layers: str | list[int] | None = None,
-    layout: str | None = None,
-    kv_saving: float | None = None,
-    init: str | None = None,
-    calib_data: str | list[str] | None = None,
-    calib_tokens: int = 32768,
-    eval_data: str | list[str] | None = None,
-    revision: str | None = None,
-    dtype: str | None = None,
-    max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    quiet: bool = False,
-    seed: int = 0,
-    reconstruct_steps: int | None = None,
+    src, out, config: ConvertConfig | None = None, *, overwrite: bool = False, quiet: bool = False, **settings
 ) -> Path:
     """Convert checkpoint `src` (folder, Hub id or .gguf file) to a CLA checkpoint folder `out`; returns `out`.
 
-    Layout: `factor` (uniform CLA-K), `kv_source_layers` ("0,0,2,2" or a list) or `layout="auto"` with
-    `kv_saving`; none of them means "auto" at `kv_saving` (default 0.5) with `calib_data`, uniform CLA2 without.
-    `init` None means "mean" without `calib_data`, DEFAULT_DATA_INIT with it.
+    `config` holds every setting (`ConvertConfig`); keyword `settings` build one instead (`factor=2, init="mean"`).
+    Layout: `factor` (uniform CLA-K), `kv_source_layers` (a list) or `layout="auto"` with `kv_saving`; none of them
+    means "auto" at `kv_saving` (default 0.5) with `calib_data`, uniform CLA2 without. `init` None means "mean"
+    without `calib_data`, DEFAULT_DATA_INIT with it. Everything is checked before any file is read or written.
     """
-    layout, kv_saving = _resolve_layout(factor, kv_source_layers, layout, kv_saving, calib_data)
-    _check_arguments(factor, kv_source_layers, layout, kv_saving, init, calib_tokens, dtype)
-    if reconstruct_steps is not None and (not isinstance(reconstruct_steps, int) or reconstruct_steps <= 0):
-        raise ClakitError(f"--reconstruct-steps must be a positive number of steps, got {reconstruct_steps}")
+    if config is not None and settings:
+        raise TypeError("give convert() a ConvertConfig or keyword settings, not both")
+    config = config if config is not None else ConvertConfig(**settings)
+    layout, kv_saving_ = _resolve_layout(config)
+    _check_arguments(config, layout, kv_saving_)
+    device = resolve_device(config.device, config.dtype)
+    parse_size(config.max_shard_size)
+    resolved = replace(config, layout=layout, kv_saving=kv_saving_, init=_resolve_init(config.init, config.calib_data))
     job = _Conversion(
         out=Path(out).expanduser().absolute(),
-        source=resolve_source(str(src), revision, allow_pickle),
-        init=_resolve_init(init, calib_data),
-        options=dict(
-            factor=factor, kv_source_layers=kv_source_layers, layout=layout, kv_saving=kv_saving,
-            calib_data=calib_data, calib_tokens=calib_tokens, eval_data=eval_data, dtype=dtype,
-            max_shard_size=max_shard_size, shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
-            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, quiet=quiet, seed=seed,
-            reconstruct_steps=reconstruct_steps,
-        ),
-    )  # fmt: skip
+        source=resolve_source(str(src), config.revision, config.allow_pickle),
+        config=resolved,
+        device=device,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
     return job.run()
 
 
-def _resolve_layout(factor, kv_source_layers, layout, kv_saving_, calib_data) -> tuple[str | None, float | None]:
+def _resolve_layout(c: ConvertConfig) -> tuple[str | None, float | None]:
     """(layout, kv_saving): with calibration data and no layout asked for, choose it from the data."""
-    if factor is None and kv_source_layers is None and layout is None and calib_data:
+    layout, kv_saving_ = c.layout, c.kv_saving
+    if c.factor is None and c.kv_source_layers is None and layout is None and c.calib_data:
         layout = "auto"
-    if layout == "auto" and not calib_data:
+    if layout == "auto" and not c.calib_data:
         raise ClakitError("--layout auto chooses the layout on calibration text: pass --calib-data (a file or folder)")
     if layout == "auto" and kv_saving_ is None:
         kv_saving_ = DEFAULT_KV_SAVING
     return layout, kv_saving_
 
 
-def _check_arguments(factor, kv_source_layers, layout, kv_saving_, init, calib_tokens, dtype) -> None:
+def _check_arguments(c: ConvertConfig, layout: str | None, kv_saving_: float | None) -> None:
     """Refuse contradictory or out-of-range settings before touching any file."""
     if layout not in (None, "auto"):
         raise ClakitError(f"--layout takes only 'auto' (or give --factor / --kv-source-layers), got {layout!r}")
-    if layout == "auto" and kv_source_layers is not None:
+    if layout == "auto" and c.kv_source_layers is not None:
         raise ClakitError("give either --layout auto or --kv-source-layers, not both")
-    if (layout == "auto" or kv_source_layers is not None) and factor not in (None, 2):
+    if (layout == "auto" or c.kv_source_layers is not None) and c.factor not in (None, 2):
         raise ClakitError("--factor cannot be combined with --kv-source-layers or --layout auto; give one of them")
-    if layout == "auto" and not (isinstance(kv_saving_, float | int) and 0 < kv_saving_ < 1):
+    if layout == "auto" and not 0 < kv_saving_ < 1:
         raise ClakitError(
             f"--layout auto needs --kv-saving between 0 and 1 (0.5 halves the KV cache), got {kv_saving_}"
         )
     if layout != "auto" and kv_saving_ is not None:
         raise ClakitError("--kv-saving chooses how much KV cache --layout auto saves; add --layout auto")
-    if init is not None and init not in INITS:
-        raise ClakitError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
-    if not isinstance(calib_tokens, int) or calib_tokens <= 0:
-        raise ClakitError(f"--calib-tokens must be a positive number of tokens, got {calib_tokens}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ClakitError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def _resolve_init(init: str | None, calib_data) -> str:
@@ -165,12 +147,7 @@ def _resolve_init(init: str | None, calib_data) -> str:
 def _source_config(source: Source, trust_remote_code: bool):
     """The source's config and architecture; anything but Llama/Mistral is refused before loading it."""
     if source.kind == "dir":  # read the raw file first: an unknown model_type must not need its code to be refused
-        try:
-            raw = json.loads((source.path / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise ClakitError(
-                f"cannot read {source.path / 'config.json'} ({e}); is {source.spec} a checkpoint?"
-            ) from None
+        raw = read_config_json(source.path)
         _check_architecture(source, raw.get("architectures"), raw.get("model_type"))
     try:
         config = load_config(source, trust_remote_code)
@@ -181,9 +158,9 @@ def _source_config(source: Source, trust_remote_code: bool):
     return config, _check_architecture(source, config.architectures, config.model_type)
 
 
-def _load_source_model(source: Source, trust_remote_code: bool):
+def _load_source_model(source: Source, trust_remote_code: bool, allow_pickle: bool):
     try:
-        return load_model(source, torch.float32, trust_remote_code)
+        return load_model(source, torch.float32, trust_remote_code, allow_pickle=allow_pickle)
     except ClakitError:
         raise
     except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
@@ -204,21 +181,24 @@ def _check_architecture(source: Source, architectures: list | None, model_type: 
 
 
 class _Conversion:
-    """One run of `convert`: the in-memory phase (only when needed), then the streamed write."""
+    """One run of `convert`: the data phase (only when needed, layer by layer), then the streamed write."""
 
-    def __init__(self, out: Path, source: Source, init: str, options: dict):
-        self.out, self.source, self.init, self.opt = out, source, init, options
+    def __init__(self, out: Path, source: Source, config: ConvertConfig, device, overwrite: bool, quiet: bool):
+        self.out, self.source, self.cfg, self.device = out, source, config, device
+        self.overwrite, self.quiet = overwrite, quiet
+        self.init = config.init
+        self.fit_dtype = DTYPES[config.dtype]
         self.results: dict = {}  # measured along the way: eval perplexities, auto-layout scores
-        self.needs_calibration = init in DATA_AWARE_INITS or options["layout"] == "auto"
+        self.needs_calibration = self.init in DATA_AWARE_INITS or config.layout == "auto"
 
     def say(self, message: str) -> None:
-        if not self.opt["quiet"]:
+        if not self.quiet:
             print(message, file=sys.stderr)
 
     def run(self) -> Path:
         hf_logging = transformers.utils.logging
         bars_were_on = hf_logging.is_progress_bar_enabled()
-        if self.opt["quiet"]:
+        if self.quiet:
             hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
         try:
             return self._run()
@@ -227,100 +207,109 @@ class _Conversion:
                 hf_logging.enable_progress_bar()
 
     def _run(self) -> Path:
-        check_destination(self.source.path, self.out, self.opt["overwrite"])
-        self.config, self.architecture = _source_config(self.source, self.opt["trust_remote_code"])
-        self.seq_len = min(SEQ_LEN, self.config.max_position_embeddings or SEQ_LEN)
+        outputs.check_folder(self.out, "convert", overwrite=self.overwrite, inputs=self._inputs())
+        self.config, self.architecture = _source_config(self.source, self.cfg.trust_remote_code)
+        self.seq_len = min(self.cfg.seq_len, self.config.max_position_embeddings or self.cfg.seq_len)
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
         self._load_texts()
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
-            self.checkpoint = open_checkpoint(self.source.path, self.opt["allow_pickle"])
+            self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
             every_layer = list(range(self.config.num_hidden_layers))  # the stock model: needs every tensor
             self._plan(cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2], every_layer)
-        overrides = self._in_memory_phase()
-        with staging_folder(self.out) as tmp:
+        overrides = self._data_phase()
+        with outputs.staged(self.out, "convert", overwrite=self.overwrite) as tmp:
             self._write(tmp, overrides)
-            publish(tmp, self.out, self.opt["overwrite"])
         self.say(
             f"wrote {self.out}: layout {self.layout_name}, init {self.init}, KV cache -{kv_saving(self.layout):.0%}"
         )
         return self.out
 
+    def _inputs(self) -> list[tuple[str, object]]:
+        """What OUT must neither contain nor be inside (--overwrite would delete it)."""
+        return [
+            ("source", self.source.path),
+            ("calibration data", self.cfg.calib_data),
+            ("eval data", self.cfg.eval_data),
+        ]
+
     def _load_texts(self) -> None:
-        calib_data, eval_data = self.opt["calib_data"], self.opt["eval_data"]
+        calib_data, eval_data = self.cfg.calib_data, self.cfg.eval_data
         self.calib_texts = load_texts(calib_data) if self.needs_calibration else None
         self.eval_texts = load_texts(eval_data) if eval_data else None
         if calib_data and not self.needs_calibration:
             self.say(f"note: --calib-data is not used by --init {self.init} (it serves calibrated/reconstruct/auto)")
 
-    def _in_memory_phase(self) -> dict:
+    def _data_phase(self) -> dict:
         """Everything that runs the source model: eval before, calibration, auto layout, K/V fitting."""
         if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
             return {}
-        self.say(f"loading {self.source.spec} in memory (fp32)...")
-        model = _load_source_model(self.source, self.opt["trust_remote_code"])
-        self.tokenizer = load_tokenizer(self.source, self.opt["trust_remote_code"])
-        if self.eval_texts:
-            self.say("measuring held-out perplexity of the source...")
-            self.results["perplexity_before"] = self._perplexity(model)
-        overrides = self._calibrate(model) if self.needs_calibration else {}
+        self.tokenizer = load_tokenizer(self.source, self.cfg.trust_remote_code)
         if self.source.kind == "gguf":  # the dequantised weights are the checkpoint we stream from
+            self.say(f"loading {self.source.spec} in memory (GGUF: dequantised whole, fp32)...")
+            model = _load_source_model(self.source, self.cfg.trust_remote_code, self.cfg.allow_pickle)
             self.checkpoint = StateDictCheckpoint(model.state_dict())
             self.generation_config = model.generation_config
-        del model
+            del model
+        if not (self.needs_calibration or self.eval_texts):
+            return {}
+        runner = LayerwiseModel.from_checkpoint(self.config, self.checkpoint, self.device, self.fit_dtype)
+        if self.eval_texts:
+            self.say("measuring held-out perplexity of the source...")
+            with runner.offloaded() as model:
+                self.results["perplexity_before"] = self._perplexity(model)
+        overrides = self._calibrate(runner) if self.needs_calibration else {}
+        del runner
         gc.collect()
         return overrides
 
     def _fixed_layout(self) -> tuple[list[int] | None, str]:
-        n, spec = self.config.num_hidden_layers, self.opt["kv_source_layers"]
-        if self.opt["layout"] == "auto":
+        n, spec = self.config.num_hidden_layers, self.cfg.kv_source_layers
+        if self.cfg.layout == "auto":
             return None, "auto"  # chosen by _calibrate
-        if isinstance(spec, str):
-            return parse_layout(spec, n), "explicit"
         if spec is not None:
             check_layout(list(spec), n)
             return list(spec), "explicit"
-        factor = 2 if self.opt["factor"] is None else self.opt["factor"]
+        factor = 2 if self.cfg.factor is None else self.cfg.factor
         return uniform_layout(n, factor), f"factor {factor}"
 
-    def _calibrate(self, model) -> dict:
+    def _calibrate(self, runner: LayerwiseModel) -> dict:
         """Calibration tokens -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
         from clakit.convert import calibrate
 
-        ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.opt["calib_tokens"], self.seq_len)
+        c = self.cfg
+        ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, c.calib_tokens, self.seq_len)
         self.calib_tokens = ids.numel()
+        ids = ids.to(self.device)
         if self.layout is None:
-            self.say(
-                f"choosing a layout saving {self.opt['kv_saving']:.0%} of the KV cache on {ids.numel()} tokens..."
-            )
-            self.layout, self.results["auto_layout"] = calibrate.auto_layout(
-                model, ids, self.opt["kv_saving"], seed=self.opt["seed"], progress=not self.opt["quiet"]
-            )
+            self.say(f"choosing a layout saving {c.kv_saving:.0%} of the KV cache on {ids.numel()} tokens...")
+            with runner.offloaded() as model:
+                self.layout, self.results["auto_layout"] = calibrate.auto_layout(
+                    model, ids, c.kv_saving, refine=c.refine, refine_max_group=c.refine_max_group,
+                    progress=not self.quiet,
+                )  # fmt: skip
             check_layout(self.layout, self.config.num_hidden_layers)
         if self.init not in DATA_AWARE_INITS:
             return {}
-        self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens...")
+        self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens, layer by layer...")
+        self.out.parent.mkdir(parents=True, exist_ok=True)  # the per-layer streams go beside the output
         return calibrate.fit_kv(
-            model,
-            self.layout,
-            ids,
-            self.init,
-            seed=self.opt["seed"],
-            steps=self._reconstruct_steps(),
-            progress=not self.opt["quiet"],
-        )
+            runner.model, self.layout, ids, self.init, seed=c.seed, steps=c.reconstruct_steps,
+            progress=not self.quiet, ridge=c.ridge, scratch=self.out.parent, lr=c.reconstruct_lr,
+            train_o=c.train_o_proj, sequential=c.sequential,
+        )  # fmt: skip
 
     def _write(self, tmp: Path, overrides: dict) -> None:
         cla_cfg = cla_config(self.config, self.layout)
         lm_cls = CLA_CLASSES[cla_family(self.config)][2]
-        cast = DTYPES.get(self.opt["dtype"])  # None: every tensor keeps its dtype
+        cast = DTYPES.get(self.cfg.output_dtype)  # None: every tensor keeps its dtype
         plan = self._plan(cla_cfg, lm_cls, self.layout)
         check_overrides(self.checkpoint, plan, overrides)
         _check_free_space(tmp, output_nbytes(self.checkpoint, plan, cast))
-        writer = ShardWriter(tmp, self.opt["shard_bytes"])
+        writer = ShardWriter(tmp, parse_size(self.cfg.max_shard_size))
         base_init = "mean" if self.init in DATA_AWARE_INITS else self.init  # what the fitted overrides start from
         tensors = converted_tensors(self.checkpoint, plan, base_init, overrides, cast)
-        progress = tqdm(tensors, total=len(plan.names), desc="writing", unit="tensor", disable=self.opt["quiet"])
+        progress = tqdm(tensors, total=len(plan.names), desc="writing", unit="tensor", disable=self.quiet)
         for name, tensor in progress:
             writer.add(name, tensor)
         writer.finish()
@@ -329,16 +318,17 @@ class _Conversion:
         write_config(tmp, cla_cfg, lm_cls)
         self._write_tokenizer(tmp)
         if self.eval_texts:
-            self._eval_after(tmp)
+            self._eval_after(tmp, cla_cfg)
         record = self._record(plan, lm_cls.__name__, cla_cfg.dtype)
         write_record(tmp, record)
         (tmp / "README.md").write_text(model_card(record))
 
     def _record(self, plan, cla_architecture: str, dtype: torch.dtype) -> dict:
-        """clakit_convert.json: settings, source, provenance and what was measured."""
+        """clakit_convert.json: settings, the whole ConvertConfig, source, provenance and what was measured."""
         settings = self._settings(dtype)
         return {
             "settings": settings.to_dict(),
+            "config": {**self.cfg.to_dict(), "device_used": str(self.device)},
             "source": {  # where the weights came from, resolved (a Hub id's local snapshot, a .gguf file)
                 "spec": settings.source, "kind": settings.source_kind, "revision": settings.revision,
                 "path": str(self.source.path),
@@ -348,15 +338,16 @@ class _Conversion:
             "eval": self._eval_record(),
             "auto_layout": self.results.get("auto_layout"),
             "dropped_tensors": plan.dropped,
-            "shard_size_bytes": self.opt["shard_bytes"],
+            "shard_size_bytes": parse_size(self.cfg.max_shard_size),
         }  # fmt: skip
 
     def _plan(self, cla_cfg, lm_cls, layout: list[int]):
         """Raises naming the first tensor the checkpoint lacks."""
-        with torch.device("meta"):  # tensor names only
-            expected = set(lm_cls(cla_cfg).state_dict())
+        with torch.device("meta"):  # tensor names and shapes only
+            expected = {name: t.shape for name, t in lm_cls(cla_cfg).state_dict().items()}
         tied = set(lm_cls._tied_weights_keys or {}) if cla_cfg.tie_word_embeddings else set()
-        plan = plan_tensors(self.checkpoint.names, expected, tied, layout)
+        plan = plan_tensors(self.checkpoint.names, set(expected), tied, layout)
+        check_shapes(self.checkpoint, plan, expected, self.source.spec)
         floating = (t.dtype for t in map(self.checkpoint.get, plan.names) if t.is_floating_point())  # lazy reads
         self.source_dtype = next(floating, torch.float32)
         return plan
@@ -370,24 +361,26 @@ class _Conversion:
             self.tokenizer.save_pretrained(tmp)
             self.generation_config.save_pretrained(tmp)
 
-    def _eval_after(self, tmp: Path) -> None:
+    def _eval_after(self, tmp: Path, cla_cfg) -> None:
+        """The written CLA model, read layer by layer like the source."""
         self.say("measuring held-out perplexity of the CLA model...")
-        model = load_model(Source(str(tmp), "dir", tmp), torch.float32)
-        self.results["perplexity_after"] = self._perplexity(model)
+        runner = LayerwiseModel.from_checkpoint(cla_cfg, SafetensorsCheckpoint(tmp), self.device, self.fit_dtype)
+        with runner.offloaded() as model:
+            self.results["perplexity_after"] = self._perplexity(model)
         before, after = self.results["perplexity_before"], self.results["perplexity_after"]
         print(f"held-out perplexity: {before:.2f} -> {after:.2f} ({after / before:.2f}x)")
 
     def _perplexity(self, model) -> float:
-        """The eval suite's perplexity (disjoint windows) on the first EVAL_TOKENS tokens of the --eval-data text."""
+        """The eval suite's perplexity (disjoint windows) on the first eval_tokens tokens of the --eval-data text."""
         from clakit.eval import perplexity
 
-        text = join_texts(self.eval_texts)
-        available = len(perplexity.tokenize(self.tokenizer, text, EVAL_TOKENS).ids) - 1
+        text, max_tokens = join_texts(self.eval_texts), self.cfg.eval_tokens
+        available = len(perplexity.tokenize(self.tokenizer, text, max_tokens).ids) - 1
         if available < 2:
             raise ClakitError("the --eval-data text is shorter than two tokens; give more held-out text")
         seq_len = min(self.seq_len, available)  # a short text still gets one window
         return perplexity.perplexity(
-            model, self.tokenizer, text, seq_len=seq_len, max_tokens=EVAL_TOKENS, quiet=self.opt["quiet"]
+            model, self.tokenizer, text, seq_len=seq_len, max_tokens=max_tokens, quiet=self.quiet
         )["perplexity"]
 
     def _eval_record(self) -> dict | None:
@@ -395,7 +388,7 @@ class _Conversion:
             return None
         return {
             "data": [t.name for t in self.eval_texts],
-            "tokens": EVAL_TOKENS,
+            "tokens": self.cfg.eval_tokens,
             "seq_len": self.seq_len,
             "perplexity_before": self.results["perplexity_before"],
             "perplexity_after": self.results["perplexity_after"],
@@ -412,16 +405,9 @@ class _Conversion:
             kv_source_layers=self.layout, layout=self.layout_name, kv_saving=kv_saving(self.layout), init=self.init,
             calib_data=[t.name for t in self.calib_texts] if self.calib_texts else None,
             calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
-            max_shard_size=str(self.opt["max_shard_size"]), seed=self.opt["seed"],
-            reconstruct_steps=self._reconstruct_steps(),
+            max_shard_size=str(self.cfg.max_shard_size), seed=self.cfg.seed,
+            reconstruct_steps=self.cfg.reconstruct_steps if self.init == "reconstruct" else None,
         )  # fmt: skip
-
-    def _reconstruct_steps(self) -> int | None:
-        from clakit.convert.reconstruct import DEFAULT_STEPS
-
-        if self.init != "reconstruct":
-            return None
-        return self.opt["reconstruct_steps"] or DEFAULT_STEPS
 
 
 def _check_free_space(folder: Path, nbytes: int) -> None:

@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from clakit.convert.calibrate import KVStats, mean_shared, shared_to_overrides
+from clakit.convert.config import ConvertConfig
+from clakit.convert.layerwise import LayerwiseModel, materialized, run_layers
 from clakit.convert.layout import KEY_TEMPLATES, groups
 
-DEFAULT_STEPS = 100  # per group; SmolLM2 K/V + q only: 100 steps 163, 200 steps 140 (see above)
-LEARNING_RATE = 3e-3  # Adam; measured better than 1e-3 and 3e-4 on SmolLM2
+# the defaults live in ConvertConfig: steps per group (SmolLM2 K/V + q only: 100 steps 163, 200 steps 140), Adam's
+# learning rate (3e-3 measured better than 1e-3 and 3e-4 on SmolLM2), o_proj trained, sequential inputs
+DEFAULT_STEPS, LEARNING_RATE = ConvertConfig.reconstruct_steps, ConvertConfig.reconstruct_lr
 BATCH_SEQS = 2  # calibration sequences per Adam step
 EVAL_EVERY = 20
-TRAIN_O_PROJ = True  # also train every member's o_proj
-SEQUENTIAL = True  # fit each group on inputs from the model with the earlier groups already converted
 
 
 def _attn(model, layer: int):
@@ -62,8 +63,9 @@ def attention_output(model, layer: int, x_own, x_kv, params: dict, cos, sin) -> 
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
-    o_weight = params.get("o", attn.o_proj.weight.detach())  # the member's own o_proj unless it is trained
-    o_bias = params.get("o_bias", attn.o_proj.bias.detach() if attn.o_proj.bias is not None else None)
+    own_o = attn.o_proj  # the member's own o_proj unless it is trained (in the fitting dtype: to fp32)
+    o_weight = params.get("o", own_o.weight.detach().to(x_own.dtype))
+    o_bias = params.get("o_bias", own_o.bias.detach().to(x_own.dtype) if own_o.bias is not None else None)
     return F.linear(out.transpose(1, 2).reshape(*x_own.shape[:2], -1), o_weight, o_bias)
 
 
@@ -122,22 +124,30 @@ def _best_start(model, stats: KVStats, members: list[int], overrides: dict, cos,
 
 
 def reconstruct_group(
-    model, stats: KVStats, members: list[int], overrides: dict, steps: int, seed: int, train_o: bool = TRAIN_O_PROJ
+    model,
+    stats: KVStats,
+    members: list[int],
+    overrides: dict,
+    steps: int,
+    seed: int,
+    train_o: bool = ConvertConfig.train_o_proj,
+    lr: float = LEARNING_RATE,
 ):
     """Optimised params of one group and its record: start and best full calibration objectives, start_from.
 
     The start is the better of the closed-form overrides and the group mean; the result is never worse than it.
+    The members' layers must be in memory (`materialized`).
     """
-    seq = stats.acts[members[0]][0][0].shape[0]
+    x0 = stats.acts[members[0]][0][0]  # (seq, hidden)
     with torch.no_grad():
-        cos, sin = model.model.rotary_emb(stats.acts[members[0]][0][0][None], torch.arange(seq)[None])
+        cos, sin = model.model.rotary_emb(x0[None], torch.arange(x0.shape[0], device=x0.device)[None])
     params, start, origin = _best_start(model, stats, members, overrides, cos, sin, train_o)
     leaves = list({id(t): t for group in params.values() for t in group.values()}.values())
     gen = torch.Generator().manual_seed(seed + members[0])
     n = len(stats.acts[members[0]])
     best = start
     best_state = [t.detach().clone() for t in leaves]
-    opt = torch.optim.Adam(leaves, lr=LEARNING_RATE)
+    opt = torch.optim.Adam(leaves, lr=lr)
     for step in range(1, steps + 1):
         seqs = torch.randperm(n, generator=gen)[: min(BATCH_SEQS, n)].tolist()
         opt.zero_grad()
@@ -169,39 +179,84 @@ def _to_overrides(model, members: list[int], params: dict) -> dict[str, torch.Te
     return out
 
 
-def _layer_of(name: str) -> int:
-    return int(name.split("layers.")[1].split(".")[0])
+class _ConvertedStream:
+    """The kept calibration rows run through the model as converted so far, one decoder layer at a time.
+
+    Groups are fitted in producer order. When group G (producer p) is fitted, every layer before p belongs to an
+    earlier group, so the stream entering p is the final converted model's (`self.streams`, at `self.at`). From p to
+    G's last member, layers of earlier groups are converted (fitted q/o; shared K/V computed from their producer's
+    attention input in this stream, `self.sources`) and all others are stock: the inputs G is fitted on.
+    """
+
+    def __init__(self, model, layout: list[int], ids: torch.Tensor):
+        self.model, self.layout, self.at = model, layout, 0
+        self.runner = LayerwiseModel.in_memory(model)
+        with torch.no_grad():
+            self.streams = [model.get_input_embeddings()(row[None]) for row in ids]  # (1, seq, hidden) per row
+        self.sources: dict[int, list[torch.Tensor]] = {}  # producer -> its attention input per row
+
+    def member_inputs(self, members: list[int], fitted: dict, done: set[int]) -> dict[int, list[torch.Tensor]]:
+        """Per member, per row: its (seq, hidden) fp32 attention input with the groups in `done` converted."""
+        self._advance(members[0], fitted, done)
+        streams, out = self.streams, {}
+        for layer in range(self.at, members[-1] + 1):
+            streams, x = self._layer(layer, streams, fitted if layer in done else None)
+            if layer in members:
+                out[layer] = [row[0].float() for row in x]
+        return out
+
+    def _advance(self, to: int, fitted: dict, done: set[int]) -> None:
+        for layer in range(self.at, to):
+            self.streams, x = self._layer(layer, self.streams, fitted if layer in done else None)
+            if self.layout[layer] == layer:
+                self.sources[layer] = x
+        self.at = to
+        for p in [p for p in self.sources if all(m < to for m, s in enumerate(self.layout) if s == p)]:
+            del self.sources[p]  # no member of its group is left ahead
+
+    @torch.no_grad()
+    def _layer(self, layer: int, streams: list, fitted: dict | None) -> tuple[list, list]:
+        """One layer over every row, converted (with `fitted`) or stock (None); returns (outputs, attention inputs)."""
+        xs = []
+        with self.runner.loaded(layer):
+            attn = self.model.model.layers[layer].self_attn
+            handles = [attn.q_proj.register_forward_pre_hook(lambda m, a: xs.append(a[0]))]
+            if fitted is not None:
+                handles += _converted_hooks(attn, layer, self.layout[layer], fitted, xs, self.sources)
+            try:
+                streams = [run_layers(self.model, h, layer, layer + 1) for h in streams]
+            finally:
+                for h in handles:
+                    h.remove()
+        return streams, xs
 
 
-@torch.no_grad()
-def _attention_inputs(body, ids: torch.Tensor, layers: list[int]) -> dict[int, list[torch.Tensor]]:
-    """Per layer, per row of `ids`: the (seq, hidden) fp32 attention input (after input_layernorm) computed by the
-    decoder stack `body` (a model's .model)."""
-    captured = {i: [] for i in layers}
-    hooks = [body.layers[i].self_attn.q_proj.register_forward_pre_hook(_keeper(captured[i])) for i in layers]
-    try:
-        for row in ids:
-            body(row[None], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
+def _converted_hooks(attn, layer: int, producer: int, fitted: dict, xs: list, sources: dict) -> list:
+    """Forward hooks giving `attn` its fitted q/o and its group's shared K/V, computed from the producer's attention
+    input (`xs[-1]`, the current row's, for the producer itself; `sources[producer][row]` for a consumer)."""
+
+    def weights(name: str):
+        return fitted.get(name), fitted.get(name.replace(".weight", ".bias"))
+
+    def replace_output(name: str, source):
+        w, b = weights(name)
+        return lambda module, args, out: F.linear(source(args[0]), w, b) if w is not None else out
+
+    def from_producer(x):
+        return xs[-1] if producer == layer else sources[producer][len(xs) - 1]
+
+    own = lambda x: x  # noqa: E731
+    return [
+        attn.q_proj.register_forward_hook(replace_output(KEY_TEMPLATES["q_proj"].format(layer), own)),
+        attn.o_proj.register_forward_hook(replace_output(KEY_TEMPLATES["o_proj"].format(layer), own)),
+        attn.k_proj.register_forward_hook(replace_output(KEY_TEMPLATES["k_proj"].format(producer), from_producer)),
+        attn.v_proj.register_forward_hook(replace_output(KEY_TEMPLATES["v_proj"].format(producer), from_producer)),
+    ]
 
 
-def _keeper(store: list):
-    return lambda module, args: store.append(args[0][0].float())
-
-
-def _partially_converted(model, layout: list[int], done: set[int], overrides: dict, last: int):
-    """model.model of the CLA model in which only the groups already reconstructed (layers `done`) share K/V, with
-    their fitted weights; layers after `last` are dropped (nothing after them is needed)."""
-    from clakit.convert.inmemory import cla_model_from
-
-    partial = [layout[i] if i in done else i for i in range(len(layout))]
-    fitted = {k: v for k, v in overrides.items() if _layer_of(k) in done}  # later groups' fits would replace own K/V
-    body = cla_model_from(model, partial, "producer", overrides=fitted).model
-    body.layers = body.layers[: last + 1]
-    return body
+def _group_view(stats: KVStats, members: list[int]) -> KVStats:
+    """`stats` with only the group's activations, in memory (they may be read from disk)."""
+    return replace(stats, acts={m: stats.acts[m] for m in members})
 
 
 def _with_inputs(stats: KVStats, members: list[int], converted: dict) -> KVStats:
@@ -224,8 +279,9 @@ def reconstruct_overrides(
     steps=None,
     progress=True,
     report=None,
-    train_o: bool = TRAIN_O_PROJ,
-    sequential: bool = SEQUENTIAL,
+    train_o: bool = ConvertConfig.train_o_proj,
+    sequential: bool = ConvertConfig.sequential,
+    lr: float = LEARNING_RATE,
 ) -> dict[str, torch.Tensor]:
     """Closed-form `overrides` refined group by group; `report` (a dict), when given, gets each group's objectives.
 
@@ -238,12 +294,13 @@ def reconstruct_overrides(
     out = dict(overrides)
     shared = [members for members in groups(layout).values() if len(members) > 1]
     done: set[int] = set()
+    stream = _ConvertedStream(model, layout, stats.ids) if sequential else None
     for members in tqdm(shared, desc="reconstruct", disable=not progress, leave=False):
-        view = stats
-        if sequential and done:
-            body = _partially_converted(model, layout, done, out, members[-1])
-            view = _with_inputs(stats, members, _attention_inputs(body, stats.ids, members))
-        params, record = reconstruct_group(model, view, members, overrides, steps, seed, train_o)
+        view = _group_view(stats, members)
+        if stream is not None and done:
+            view = _with_inputs(view, members, stream.member_inputs(members, out, done))
+        with materialized(model, members):
+            params, record = reconstruct_group(model, view, members, overrides, steps, seed, train_o, lr)
         if report is not None:
             report[f"{members[0]}-{members[-1]}"] = {"members": members, **record}
         out.update(_to_overrides(model, members, params))  # the best seen: never worse than either start

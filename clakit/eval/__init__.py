@@ -1,4 +1,5 @@
-"""The eval suite: perplexity (token, word, bits per byte), KV-cache bytes, speed, reports and the demo.
+"""The eval suite: perplexity (token, word, bits per byte), KV-cache bytes, speed and reports (the demo, which
+orchestrates convert, uptrain and eval, is `clakit.demo`).
 
 from clakit.eval import evaluate, write_json, report
 r = evaluate("out/cla2", data=["heldout.txt"], seq_len=512, max_tokens=8192)

@@ -1,13 +1,12 @@
 """`clakit report`: compare eval reports in a table (report.md), a plot of perplexity against KV-cache bytes per
-token (ppl_vs_kv.png) and one page with both (report.html). Runs on different data or settings are refused."""
+token (ppl_vs_kv.png), passkey accuracy per length and depth as heat maps (passkey.png, when reports have it) and one
+page with all (report.html). Runs on different data or settings are refused."""
 
 import base64
 import html
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.eval.records import read_report
 
@@ -23,6 +22,8 @@ MUST_MATCH = (
 # lm-eval scores are comparable when both runs scored the same documents with the same prompts.
 LM_EVAL_MUST_MATCH = (("lm_eval", "settings", "limit"), ("lm_eval", "settings", "num_fewshot"))
 LM_EVAL_SKIP = ("num_samples", "num_fewshot")
+# passkey accuracies are comparable when both runs asked the same prompts (lengths, depths, samples, seed).
+PASSKEY_MUST_MATCH = (("passkey", "settings"),)
 COLUMNS = [
     "model",
     "perplexity",
@@ -45,7 +46,9 @@ def check_comparable(reports: list[dict], paths: list) -> None:
     """Refuse, naming the first differing field, runs that were not made on the same data with the same settings."""
     for report, path in zip(reports[1:], paths[1:], strict=True):
         both_lm_eval = bool(reports[0].get("lm_eval")) and bool(report.get("lm_eval"))
-        for keys in MUST_MATCH + (LM_EVAL_MUST_MATCH if both_lm_eval else ()):
+        both_passkey = bool(reports[0].get("passkey")) and bool(report.get("passkey"))
+        extra = (LM_EVAL_MUST_MATCH if both_lm_eval else ()) + (PASSKEY_MUST_MATCH if both_passkey else ())
+        for keys in MUST_MATCH + extra:
             a, b = _field(reports[0], keys), _field(report, keys)
             if a != b:
                 name = ".".join(keys)
@@ -114,6 +117,51 @@ def _lm_eval_note(reports: list[dict]) -> str:
     return f"lm-evaluation-harness {lm.get('version')}; documents per task: {docs}; few-shot: {shots}."
 
 
+def passkey_table(reports: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """(columns, rows): overall passkey accuracy and per prompt length (mean over depths); "–" for runs without."""
+    runs = [r.get("passkey") for r in reports]
+    first = next((p for p in runs if p), None)
+    if first is None:
+        return None
+    lengths = first["settings"]["lengths"]
+    columns = ["model", "passkey accuracy"] + [f"{n:,} tokens" for n in lengths]
+    out = []
+    for label, p in zip(labels(reports), runs, strict=True):
+        if not p:
+            out.append([label] + ["–"] * (len(columns) - 1))
+            continue
+        per_length = [[c["accuracy"] for c in p["cells"] if c["length"] == n] for n in lengths]
+        out.append([label, f"{p['accuracy']:.3f}"] + [f"{sum(a) / len(a):.3f}" for a in per_length])
+    return columns, out
+
+
+def heat_map(reports: list[dict], path: Path) -> None:
+    """Passkey accuracy per (prompt length, needle depth), one panel per model that ran it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(label, r["passkey"]) for label, r in zip(labels(reports), reports, strict=True) if r.get("passkey")]
+    fig, axes = plt.subplots(1, len(runs), figsize=(1.2 + 3.6 * len(runs), 3.6), dpi=120, squeeze=False)
+    for ax, (label, p) in zip(axes[0], runs, strict=True):
+        lengths, depths = p["settings"]["lengths"], p["settings"]["depths"]
+        grid = [[next(c["accuracy"] for c in p["cells"] if c["length"] == n and c["depth"] == d) for n in lengths]
+                for d in depths]  # fmt: skip
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], rotation=45, fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(f"{label}: {p['accuracy']:.2f}", fontsize=9)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _md_table(columns: list[str], body: list[list[str]]) -> list[str]:
     rule = "|" + "---|" * len(columns)
     return ["| " + " | ".join(columns) + " |", rule] + ["| " + " | ".join(cells) + " |" for cells in body]
@@ -130,6 +178,9 @@ def _data_note(reports: list[dict]) -> str:
 def markdown(reports: list[dict]) -> str:
     table = "\n".join(_md_table(COLUMNS, rows(reports)))
     text = f"# clakit eval report\n\n{table}\n\n{_data_note(reports)}\n"
+    table = passkey_table(reports)
+    if table:
+        text += "\n## Passkey retrieval\n\n" + "\n".join(_md_table(*table)) + "\n\n![passkey](passkey.png)\n"
     table = lm_eval_table(reports)
     if table:
         text += "\n## lm-eval tasks\n\n" + "\n".join(_md_table(*table)) + "\n\n" + _lm_eval_note(reports) + "\n"
@@ -175,6 +226,17 @@ def _html_lm_eval(reports: list[dict]) -> str:
     return f"<h2>lm-eval tasks</h2>{_html_table(*table)}<p>{html.escape(_lm_eval_note(reports))}</p>"
 
 
+def _html_passkey(reports: list[dict], png: Path) -> str:
+    table = passkey_table(reports)
+    if not table:
+        return ""
+    image = base64.b64encode(png.read_bytes()).decode()
+    return (
+        f"<h2>Passkey retrieval</h2>{_html_table(*table)}"
+        f"<img alt='passkey accuracy per length and depth' src='data:image/png;base64,{image}'>"
+    )
+
+
 def page(reports: list[dict], png: Path) -> str:
     image = base64.b64encode(png.read_bytes()).decode()
     prov = reports[0]["provenance"]
@@ -185,39 +247,26 @@ def page(reports: list[dict], png: Path) -> str:
         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}</style>"
         f"</head><body><h1>clakit eval report</h1>{_html_table(COLUMNS, rows(reports))}<p>{html.escape(note)}</p>"
         f"<img alt='perplexity vs KV-cache bytes per token' src='data:image/png;base64,{image}'>"
-        f"{_html_lm_eval(reports)}"
+        f"{_html_passkey(reports, png.parent / 'passkey.png')}{_html_lm_eval(reports)}"
         f"<p><small>clakit {html.escape(str(prov.get('clakit')))}, transformers "
         f"{html.escape(str(prov.get('transformers')))}, torch {html.escape(str(prov.get('torch')))}</small></p>"
         "</body></html>\n"
     )
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished files into `out_dir` (renamed whole when it does not exist yet)."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    if not out_dir.is_dir():
-        raise ClakitError(f"output {out_dir} exists and is not a folder")
-    for f in tmp.iterdir():
-        os.replace(f, out_dir / f.name)
-    tmp.rmdir()
-
-
 def report(paths: list, out_dir) -> Path:
     """report.md, ppl_vs_kv.png and report.html comparing `paths` (the first is the baseline); returns out_dir."""
     if not paths:
         raise ClakitError("give at least one eval report (.json written by `clakit eval -o`)")
-    paths, out_dir = [Path(p) for p in paths], Path(out_dir)
+    paths = [Path(p) for p in paths]
+    # a report folder clakit wrote is replaced without a flag (as `clakit eval -o` replaces its report file)
+    out_dir = outputs.check_folder(out_dir, "report", overwrite=True, inputs=[("report", paths)])
     reports = [read_report(p) for p in paths]
     check_comparable(reports, paths)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with outputs.staged(out_dir, "report", overwrite=True) as tmp:
         (tmp / "report.md").write_text(markdown(reports) + "\n![perplexity vs KV bytes](ppl_vs_kv.png)\n")
         plot(reports, tmp / "ppl_vs_kv.png")
+        if any(r.get("passkey") for r in reports):
+            heat_map(reports, tmp / "passkey.png")
         (tmp / "report.html").write_text(page(reports, tmp / "ppl_vs_kv.png"))
-        _publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -6,7 +6,8 @@ runs offline. `include` folders are scanned for more task YAMLs (lm-eval's `--in
 
 The scores land in the report as
     {"tasks": {task: {"acc": 0.61, "acc_stderr": 0.02, ..., "num_samples": 500, "num_fewshot": 0}},
-     "settings": {"tasks": [...], "include": [...], "limit": ..., "num_fewshot": ..., "batch_size": ...},
+     "settings": {"tasks": [...], "include": [...], "limit": ..., "num_fewshot": ..., "batch_size": ...,
+                  "max_length": ...},
      "version": "0.4.x"}
 Metric keys are lm-eval's `metric,filter` keys with the default filter `,none` dropped (`acc,none` -> `acc`).
 """
@@ -32,13 +33,14 @@ class Tasks:
     num_fewshot: int | None = None  # None: each task's own default
     manager: object = None  # the lm_eval TaskManager that resolved the specs
 
-    def settings(self, batch_size: int) -> dict:
+    def settings(self, batch_size: int, max_length: int | None = None) -> dict:
         return {
             "tasks": self.specs,
             "include": self.include,
             "limit": self.limit,
             "num_fewshot": self.num_fewshot,
             "batch_size": batch_size,
+            "max_length": max_length,
         }
 
 
@@ -144,8 +146,12 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:300]
 
 
-def run_tasks(model, tokenizer, tasks: Tasks | str | list[str], batch_size: int) -> dict:
-    """lm-eval's HF wrapper (HFLM) around the in-memory model; CLA classes are registered by `import clakit`."""
+def run_tasks(model, tokenizer, tasks: Tasks | str | list[str], batch_size: int, max_length: int | None = None):
+    """lm-eval's HF wrapper (HFLM) around the in-memory model; CLA classes are registered by `import clakit`.
+
+    `max_length`: the longest input HFLM gives the model (its rolling-loglikelihood windows, the left-truncation of
+    long prompts); `clakit eval` passes its `--seq-len`, so lm-eval's word perplexity and bits per byte are measured
+    on the same windows as clakit's own (None: lm-eval's default, the model's whole context)."""
     if not isinstance(tasks, Tasks):
         tasks = prepare(tasks)
     from lm_eval import simple_evaluate
@@ -153,7 +159,7 @@ def run_tasks(model, tokenizer, tasks: Tasks | str | list[str], batch_size: int)
 
     try:
         with _lm_eval_errors_only():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
             results = simple_evaluate(
                 model=lm,
                 tasks=tasks.specs,
@@ -164,7 +170,7 @@ def run_tasks(model, tokenizer, tasks: Tasks | str | list[str], batch_size: int)
             )
     except Exception as e:  # a task that loads but cannot run on this model (e.g. longer than its context)
         raise ClakitError(f"lm-eval could not run {','.join(tasks.specs)}: {_first_line(e)}") from None
-    return {"tasks": scores(results), "settings": tasks.settings(batch_size), "version": _version()}
+    return {"tasks": scores(results), "settings": tasks.settings(batch_size, max_length), "version": _version()}
 
 
 def scores(results: dict) -> dict:

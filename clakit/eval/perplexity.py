@@ -152,6 +152,42 @@ def score(model, ids: torch.Tensor, seq_len: int, stride: int, batch_size: int =
     return {"nll_sum": nll, "num_scored": n, "num_windows": len(wins)}
 
 
+def _window_nll_cached(model, ids: torch.Tensor, w: Window, cache, chunk: int, device) -> float:
+    """One window fed `chunk` inputs at a time into `cache`: (chunk, V) logits per step, NLL of the scored ones."""
+    total = 0.0
+    first_scored = w.end - w.scored  # input position whose logits predict the first scored target
+    for start in range(w.start, w.end, chunk):
+        stop = min(start + chunk, w.end)
+        logits = model(input_ids=ids[start:stop].unsqueeze(0).to(device), cache=cache, use_cache=True).logits
+        lo = max(start, first_scored)
+        if lo < stop:
+            total += _nll_sum(logits[0, lo - start :], ids[lo + 1 : stop + 1].to(device))
+    return total
+
+
+def score_cached(
+    model, ids: torch.Tensor, seq_len: int, stride: int, new_cache, chunk: int = 16, quiet: bool = False
+) -> dict:
+    """`score` with each window run through a fresh cache from `new_cache()`, `chunk` inputs per forward (as in
+    decoding, chunk 1, or chunked prefill): every prediction attends to what the cache *stores* for the earlier
+    chunks (a quantised cache's dequantised K/V) and to its own chunk as computed. Same windows, same targets, so
+    with a `DynamicCache` it gives `score`'s number (tested)."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(chunk, int) or chunk <= 0:
+        raise ClakitError(f"the chunk length must be a positive number of tokens, got {chunk}")
+    wins = windows(len(ids), seq_len, stride)
+    device = next(model.parameters()).device
+    nll, n = 0.0, 0
+    bar = tqdm(total=sum(w.scored for w in wins), unit="tok", unit_scale=True, desc="perplexity", disable=quiet)
+    with torch.inference_mode(), bar:
+        for w in wins:
+            nll += _window_nll_cached(model, ids, w, new_cache(), chunk, device)
+            n += w.scored
+            bar.update(w.scored)
+    return {"nll_sum": nll, "num_scored": n, "num_windows": len(wins)}
+
+
 def metrics(nll_sum: float, num_scored: int, text: str) -> dict:
     """Token perplexity, word perplexity and bits per byte (lm-eval definitions) from a summed NLL in nats."""
     return {

@@ -1,32 +1,83 @@
-"""Eval report files: written atomically, read back with a check that they are clakit reports."""
+"""Eval report files: written atomically by the file rule of clakit.outputs, read back with a check that they are
+clakit reports."""
 
 import json
-import os
-import tempfile
+import math
 from pathlib import Path
 
+from clakit import outputs
 from clakit.errors import ClakitError
 
 FORMAT = "clakit-eval-report/1"
-REQUIRED = ("perplexity", "word_perplexity", "bits_per_byte", "num_tokens", "kv_cache", "settings", "provenance")
+REQUIRED = (
+    "model", "perplexity", "word_perplexity", "bits_per_byte", "num_tokens", "kv_cache", "settings", "data",
+    "provenance",
+)  # fmt: skip
+
+
+def _number(minimum: float, strict: bool = False):
+    """A finite int/float (not a bool) >= minimum (> minimum when strict)."""
+
+    def check(v) -> bool:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        return ok and (v > minimum if strict else v >= minimum)
+
+    return check
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _scores(v) -> bool:
+    """lm_eval.tasks: {task: {metric: number}}."""
+    return isinstance(v, dict) and all(
+        isinstance(row, dict) and all(_number(-math.inf)(x) for x in row.values()) for row in v.values()
+    )
+
+
+# (keys, what it must be, check): what `clakit report` reads from a report. A field under an optional parent
+# (speed, lm_eval) is checked only when the parent is there.
+FIELDS = (
+    (("model",), "a string", lambda v: isinstance(v, str)),
+    (("perplexity",), "a number >= 1", _number(1)),
+    (("word_perplexity",), "a number >= 1", _number(1)),
+    (("bits_per_byte",), "a number >= 0", _number(0)),
+    (("num_tokens",), "a positive integer", _count),
+    (("kv_cache",), "a mapping", lambda v: isinstance(v, dict)),
+    (("kv_cache", "bytes_per_token"), "a positive number", _number(0, strict=True)),
+    (("kv_cache", "saving_factor"), "a positive number or null", _optional(_number(0, strict=True))),
+    (("settings",), "a mapping", lambda v: isinstance(v, dict)),
+    (("settings", "seq_len"), "a positive integer", _count),
+    (("settings", "stride"), "a positive integer", _count),
+    (("settings", "batch_size"), "a positive integer", _count),
+    (("settings", "max_tokens"), "a positive integer or null", _optional(_count)),
+    (("data",), "a mapping", lambda v: isinstance(v, dict)),
+    (("data", "sources"), "a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    (("data", "sha256"), "a string", lambda v: isinstance(v, str)),
+    (("provenance",), "a mapping", lambda v: isinstance(v, dict)),
+    (("speed",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
+    (("speed", "prefill_tokens_per_s"), "a positive number", _number(0, strict=True)),
+    (("speed", "decode_tokens_per_s"), "a positive number", _number(0, strict=True)),
+    (("lm_eval",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
+    (("lm_eval", "tasks"), "a mapping of task -> {metric: number}", _optional(_scores)),
+    (("lm_eval", "settings"), "a mapping", _optional(lambda v: isinstance(v, dict))),
+)
+
+
+def check_output(path) -> Path:
+    """Before evaluating: `path` may receive a report (new, or a clakit report it replaces; its folder writable)."""
+    return outputs.check_file(path, FORMAT, noun="eval report")
 
 
 def write_json(report: dict, path) -> Path:
-    """Write into a temp file beside `path`, then rename: a crash never leaves a half-written report."""
-    path = Path(path)
-    if path.is_dir():
-        raise ClakitError(f"output {path} is a folder; give a file name such as {path / 'report.json'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write by clakit's file rule (clakit.outputs): a temp file beside `path`, then an atomic rename; only a new
+    file or an earlier clakit report is replaced."""
+    return outputs.write_file(path, json.dumps(report, indent=2, sort_keys=False) + "\n", FORMAT, noun="eval report")
 
 
 def read_report(path) -> dict:
@@ -48,4 +99,22 @@ def read_report(path) -> dict:
     missing = [k for k in REQUIRED if k not in report]
     if missing:
         raise ClakitError(f"{path} is not a complete clakit eval report (missing {', '.join(missing)})")
+    _check_fields(report, path)
     return report
+
+
+def _check_fields(report: dict, path: Path) -> None:
+    """Every field `clakit report` reads has the type and range `clakit eval` writes (a hand-edited or foreign file
+    would otherwise fail deep in the table or the plot)."""
+    for keys, what, check in FIELDS:
+        parent = report
+        for k in keys[:-1]:
+            parent = parent.get(k)
+        if parent is None:  # an optional parent (speed, lm_eval) that is not there
+            continue
+        value = parent.get(keys[-1])
+        if not check(value):
+            raise ClakitError(
+                f"{path} is not a valid clakit eval report: {'.'.join(keys)} must be {what}, got {value!r:.80}; "
+                "give files written by `clakit eval -o`"
+            )

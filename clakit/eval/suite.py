@@ -1,6 +1,7 @@
 """`evaluate`: every metric of the eval suite on one model, returned as the report dict `clakit eval` writes."""
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,11 +10,13 @@ import torch
 from clakit.corpus import DEFAULT_ONLINE_EVAL, Text, join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.eval import harness, kvcache, perplexity
+from clakit.eval import passkey as passkey_task
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.provenance import provenance
 
 DEFAULT_KV_BUDGET_GB = 16.0
+MAX_LOSS = 700.0  # nats per token: exp() of more overflows a float; a uniform guess over 10^300 tokens scores less
 
 
 @dataclass
@@ -32,20 +35,21 @@ def check_settings(seq_len: int, stride: int | None, max_tokens, batch_size: int
         raise ClakitError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ClakitError(f"--batch-size must be a positive integer, got {batch_size}")
-    if not kv_budget_gb > 0:
-        raise ClakitError(f"--kv-budget-gb must be positive, got {kv_budget_gb}")
+    if not (isinstance(kv_budget_gb, int | float) and math.isfinite(kv_budget_gb) and kv_budget_gb > 0):
+        raise ClakitError(f"--kv-budget-gb must be a positive number of GB, e.g. 16, got {kv_budget_gb}")
     return stride
 
 
-def _resolve(model, tokenizer, revision, trust_remote_code: bool):
+def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool):
     """The Source of a model spec (None for an in-memory model, which must come with its tokenizer)."""
-    from clakit.sources import resolve_source
+    from clakit.sources import check_weights, resolve_source
 
     if not isinstance(model, str | Path):
         if tokenizer is None:
             raise ClakitError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
         return None
-    source = resolve_source(str(model), revision)
+    source = resolve_source(str(model), revision, allow_pickle)
+    check_weights(source, allow_pickle)
     _check_causal_lm(source, trust_remote_code)
     return source
 
@@ -65,27 +69,37 @@ def _check_causal_lm(source, trust_remote_code: bool) -> None:
         )
 
 
-def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str | None) -> Loaded:
+def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str | None, allow_pickle: bool) -> Loaded:
     from clakit.sources import load_model
 
     if source is None:
         label = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         return Loaded(model.eval(), tokenizer, label)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(source, trust_remote_code=trust_remote_code, device=device)
+    loaded = load_model(source, trust_remote_code=trust_remote_code, device=device, allow_pickle=allow_pickle)
     model_dir = source.path if source.kind == "dir" else None
     return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir)
 
 
-def _saving(config, dtype, model_dir, source_model, revision, trust_remote_code) -> dict:
-    """Saving factor vs the source model: `source_model` when given, else the converter's recorded source when it is
-    still on this disk, else the same config with every layer a producer (what the converter changes is the layout
-    only, so this is exact for a stock source; a stock model is its own reference, 1.0)."""
-    mine = kvcache.bytes_per_token(config, dtype)
+def _reference(source_model, model_dir, revision, trust_remote_code) -> tuple[str, object] | None:
+    """(label, config) of the model the KV saving is measured against: `source_model` when given, else the
+    converter's recorded source when it is still on this disk; read before the model is loaded, so a bad
+    --source-model fails in seconds."""
     recorded, local = _recorded_source(model_dir)
-    if source_model or local:
-        src_config = _source_config(source_model or local, revision if source_model else None, trust_remote_code)
-        label = str(source_model) if source_model else recorded
+    if not (source_model or local):
+        return None
+    config = _source_config(source_model or local, revision if source_model else None, trust_remote_code)
+    return (str(source_model) if source_model else recorded), config
+
+
+def _saving(config, dtype, model_dir, reference) -> dict:
+    """Saving factor vs the reference model (see _reference), else vs the same config with every layer a producer
+    (what the converter changes is the layout only, so this is exact for a stock source; a stock model is its own
+    reference, 1.0)."""
+    mine = kvcache.bytes_per_token(config, dtype)
+    recorded, _ = _recorded_source(model_dir)
+    if reference:
+        label, src_config = reference
         return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": label}
     stock = len(kvcache.producer_layers(config)) / config.num_hidden_layers
     return {"saving_factor": 1.0 / stock, "source": recorded or ("self" if stock == 1.0 else "stock layout")}
@@ -114,7 +128,7 @@ def _texts(data, text: str | None) -> list[Text]:
     return load_texts(data or [DEFAULT_ONLINE_EVAL])
 
 
-def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, source_model, revision, trust_remote_code) -> dict:
+def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, reference) -> dict:
     config, dtype = loaded.model.config, next(loaded.model.parameters()).dtype
     per_token = kvcache.bytes_per_token(config, dtype)
     measured = kvcache.measured_bytes(loaded.model, ids[:seq_len].unsqueeze(0))
@@ -123,7 +137,7 @@ def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, source_model, revision
         "measured_bytes": measured,
         "measured_bytes_per_token": measured / seq_len,
         "measured_seq_len": seq_len,
-        **_saving(config, dtype, loaded.model_dir, source_model, revision, trust_remote_code),
+        **_saving(config, dtype, loaded.model_dir, reference),
         "producer_layers": len(kvcache.producer_layers(config)),
         "num_layers": config.num_hidden_layers,
         "dtype": str(dtype).removeprefix("torch."),
@@ -149,41 +163,60 @@ def evaluate(
     lm_eval_include=None,
     lm_eval_limit: int | None = None,
     lm_eval_fewshot: int | None = None,
+    passkey=None,
     speed: bool = True,
     quiet: bool = False,
     text: str | None = None,
     device=None,
     decode_steps: int = 16,
     name: str | None = None,
+    allow_pickle: bool = False,
 ) -> dict:
     """Evaluate `model` (checkpoint folder, Hub id, .gguf path, or an in-memory causal LM with `tokenizer`).
 
     `data`: text files, folders of .txt or datasets specs (default wikitext-2 test; needs the Hub); `text`: raw
-    text instead. `lm_eval_tasks`: lm-eval task names or task YAML paths (see clakit.eval.harness), scored under
-    the report's `lm_eval`. Returns the report dict (see docs/eval.md); every input is checked before the model is
-    loaded.
+    text instead. `passkey`: a `clakit.eval.passkey.PasskeySettings` adds passkey retrieval (its filler: that
+    text). `lm_eval_tasks`: lm-eval task names or task YAML paths (see clakit.eval.harness), scored under the
+    report's `lm_eval`. `allow_pickle`: accept a folder whose weights are pickle files (they can run code).
+    Returns the report dict (see docs/eval.md); every input is checked before the model is loaded.
     """
     stride = check_settings(seq_len, stride, max_tokens, batch_size, kv_budget_gb)
+    if passkey is not None:
+        passkey.check()
     if harness.parse_tasks(lm_eval_tasks):
         harness.require_lm_eval()  # before anything slow; the tasks themselves are loaded just before the model
-    source = _resolve(model, tokenizer, revision, trust_remote_code)
+    source = _resolve(model, tokenizer, revision, trust_remote_code, allow_pickle)
+    model_dir = source.path if source is not None and source.kind == "dir" else None
+    reference = _reference(source_model, model_dir, revision, trust_remote_code)
     texts = _texts(data, text)
     if tokenizer is None:  # before the model: a text too short is refused in seconds
         tokenizer = _tokenizer(source, trust_remote_code)
     tokens = _tokens(tokenizer, texts, seq_len, max_tokens)
     tasks = harness.prepare(lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot)
-    loaded = _load(model, source, tokenizer, trust_remote_code, device, name)
+    prompts = _passkey_prompts(passkey, model, source, tokenizer, texts, trust_remote_code)
+    loaded = _load(model, source, tokenizer, trust_remote_code, device, name, allow_pickle)
     settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
     report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}
     report["settings"] = settings
-    report["kv_cache"] = _kv_cache(
-        loaded, tokens.ids, seq_len, kv_budget_gb, source_model, revision, trust_remote_code
-    )
+    report["kv_cache"] = _kv_cache(loaded, tokens.ids, seq_len, kv_budget_gb, reference)
     report["speed"] = throughput(loaded.model, tokens.ids[:seq_len], batch_size, decode_steps) if speed else None
+    if prompts:
+        report["passkey"] = passkey_task.run(loaded.model, loaded.tokenizer, prompts, quiet)
     if tasks:
-        report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size)
+        # lm-eval sees the same windows as clakit's perplexity (HFLM's max_length = seq_len): one number per text
+        report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size, max_length=seq_len)
     report["provenance"] = _provenance(loaded, report["data"], settings)
     return report
+
+
+def _passkey_prompts(settings, model, source, tokenizer, texts: list[Text], trust_remote_code: bool):
+    """Every passkey prompt, built before the model is loaded (the window comes from the config)."""
+    if settings is None:
+        return None
+    from clakit.sources import load_config
+
+    config = model.config if source is None else load_config(source, trust_remote_code)
+    return passkey_task.prepare(tokenizer, join_texts(texts), settings, passkey_task.window(config))
 
 
 def _tokenizer(source, trust_remote_code: bool):
@@ -206,6 +239,12 @@ def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -
     """Perplexity, word perplexity, bits per byte, token counts and what data they were measured on."""
     s = settings
     scored = perplexity.score(model, tokens.ids, s["seq_len"], s["stride"], s["batch_size"], quiet)
+    loss = scored["nll_sum"] / scored["num_scored"]
+    if not (math.isfinite(loss) and loss < MAX_LOSS):
+        raise ClakitError(
+            f"the model's loss on the data is {loss:.4g} nats per token: its weights hold NaN/inf or absurd values "
+            "(a diverged training run, or a damaged checkpoint); no report written"
+        )
     measured = perplexity.metrics(scored["nll_sum"], scored["num_scored"], tokens.text)
     data = {
         "sources": [t.name for t in texts],

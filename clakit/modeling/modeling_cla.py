@@ -6,20 +6,30 @@ own queries (RoPE applied to the queries only: the producer's keys are already r
 producer index, not by layer type, keeps non-reentrant gradient checkpointing correct with several producers: a
 consumer recomputed in the backward pass reads its own producer's K/V, not the last one written.
 
+Each CLA model is built once: the constructors below are the stock ones (as transformers' modular files copy them)
+with CLA's modules in place of the stock ones, so no stock decoder stack is built and thrown away, and the one
+`post_init` sees the final modules (the legacy `config.gradient_checkpointing` then reaches the CLA layers).
+
 This file is copied next to saved checkpoints (remote code): it imports only transformers, torch and its sibling.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from transformers.cache_utils import KVSharingDict
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
+    LlamaMLP,
     LlamaModel,
     LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
     rotate_half,
@@ -28,8 +38,11 @@ from transformers.models.mistral.modeling_mistral import (
     MistralAttention,
     MistralDecoderLayer,
     MistralForCausalLM,
+    MistralMLP,
     MistralModel,
     MistralPreTrainedModel,
+    MistralRMSNorm,
+    MistralRotaryEmbedding,
 )
 
 from .configuration_cla import LlamaCLAConfig, MistralCLAConfig
@@ -39,15 +52,59 @@ def _shared_key(layer_idx: int) -> str:
     return str(layer_idx)
 
 
+class WeightsMismatch(ValueError):
+    """A checkpoint's weights do not match its config (see loading_problem)."""
+
+
+def loading_problem(info: dict) -> str | None:
+    """What is wrong with a load, from `from_pretrained(..., output_loading_info=True)`'s info, or None.
+
+    transformers initialises a tensor the checkpoint lacks (or holds in another shape) at random and only logs a
+    table; a K/V tensor the model has no place for is dropped. Both mean config.json does not describe these
+    weights (e.g. kv_source_layers edited): the model would run, with random K/V."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())  # (name, checkpoint shape, model shape)
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if k.endswith(("k_proj.weight", "v_proj.weight")))
+    if mismatched:
+        name, theirs, ours = mismatched[0]
+        return (
+            f"config.json does not match the weights: {name} is {list(theirs)} in the checkpoint but the config "
+            f"makes it {list(ours)} ({len(mismatched)} tensors differ); restore the config.json written with them"
+        )
+    if missing:
+        return (
+            f"the checkpoint lacks {len(missing)} tensors its config.json needs (e.g. {missing[0]}), which would be "
+            "randomly initialised; restore the config.json written with these weights, or convert again"
+        )
+    if unexpected:
+        return (
+            f"the checkpoint holds K/V tensors its config.json has no place for (e.g. {unexpected[0]}): its "
+            "kv_source_layers do not match the weights; restore the config.json written with them, or convert again"
+        )
+    return None
+
+
 class CLAAttentionMixin:
     """Attention whose K/V come from `config.kv_source_layers[layer_idx]`; shared by the Llama and Mistral classes."""
 
-    def _init_cla(self, config, layer_idx: int) -> None:
-        self.kv_source = config.kv_source_layers[layer_idx]
-        self.is_producer = self.kv_source == layer_idx
-        if not self.is_producer:  # CLA: consumers hold no K/V projections (and no cache)
-            del self.k_proj
-            del self.v_proj
+    def __init__(self, config, layer_idx: int):
+        nn.Module.__init__(self)  # the stock attention's fields, as its __init__ sets them
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.kv_source = config.kv_source_layers[layer_idx]  # CLA
+        self.is_producer = self.kv_source == layer_idx  # CLA
+        bias = getattr(config, "attention_bias", False)  # Mistral has none
+        hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
+        if self.is_producer:  # CLA: consumers hold no K/V projections (and no cache)
+            self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=bias)
 
     def _own_kv(self, hidden_states, query_states, position_embeddings, cache, kwargs):
         """Producer: project, rotate, cache. Returns q, k, v; shapes (batch, heads|kv_heads, seq, head_dim)."""
@@ -105,17 +162,75 @@ class CLAAttentionMixin:
         return self.o_proj(attn_output), attn_weights
 
 
-class CLAModelMixin:
-    """Creates the per-forward K/V sharing dict; the stock forward passes it through **kwargs to every layer."""
+class CLADecoderLayerMixin:
+    """The stock decoder layer's constructor with the CLA attention; `_parts` = (attention, MLP, RMSNorm) classes."""
 
+    _parts: tuple = ()
+
+    def __init__(self, config, layer_idx: int):
+        GradientCheckpointingLayer.__init__(self)
+        attention_cls, mlp_cls, norm_cls = self._parts
+        self.hidden_size = config.hidden_size
+        self.self_attn = attention_cls(config=config, layer_idx=layer_idx)  # CLA
+        self.mlp = mlp_cls(config)
+        self.input_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class CLAModelMixin:
+    """The stock decoder model's constructor with CLA decoder layers; `_parts` = (layer, RMSNorm, rotary) classes."""
+
+    _parts: tuple = ()
+
+    def _init_model(self, config, stock_cls) -> None:
+        super(stock_cls, self).__init__(config)  # CLA: skip the stock constructor, which builds a stock stack
+        layer_cls, norm_cls, rotary_cls = self._parts
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([layer_cls(config, i) for i in range(config.num_hidden_layers)])  # CLA
+        self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = rotary_cls(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+def _sharing_forward(stock_forward):
+    """The stock model forward, given a fresh K/V sharing dict per call (producers write, their consumers read);
+    `functools.wraps` keeps its signature visible (`inspect.signature(model.forward)` shows input_ids, ...)."""
+
+    @functools.wraps(stock_forward)
     def forward(self, *args, **kwargs):
-        # CLA: a fresh dict per forward: producers write, their consumers read
-        kwargs["shared_kv_states"] = KVSharingDict()
-        return super().forward(*args, **kwargs)
+        kwargs["shared_kv_states"] = KVSharingDict()  # CLA
+        return stock_forward(self, *args, **kwargs)
+
+    return forward
+
+
+def _init_causal_lm(self, config, stock_cls, model_cls) -> None:
+    """The stock causal-LM constructor around the CLA model (the stock one would build a stock model first)."""
+    super(stock_cls, self).__init__(config)  # CLA: skip the stock constructor
+    self.model = model_cls(config)  # CLA
+    self.vocab_size = config.vocab_size
+    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    self.post_init()
 
 
 class CLAPreTrainedMixin:
-    """Refuses re-entrant checkpointing, which silently drops the consumer -> producer gradient."""
+    """Refuses re-entrant checkpointing, which silently drops the consumer -> producer gradient, and weights that do
+    not match the config's layout."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # CLA: never run with randomly initialised K/V (a config whose kv_source_layers were edited); mismatched
+        # shapes are let through only when the caller asked for that (ignore_mismatched_sizes=True)
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        checked = {**info, "mismatched_keys": ()} if kwargs.get("ignore_mismatched_sizes") else info
+        problem = loading_problem(checked)
+        if problem:
+            raise WeightsMismatch(problem)
+        return (model, info) if return_info else model
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
         activation_checkpointing_kwargs = dict(activation_checkpointing_kwargs or {})
@@ -128,19 +243,15 @@ class CLAPreTrainedMixin:
         return super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
 
 
-# --- Llama -------------------------------------------------------------------------------------------------------
+# --- Llama ---------------------------------------------------------------------------------------------------
 
 
 class LlamaCLAAttention(CLAAttentionMixin, LlamaAttention):
-    def __init__(self, config: LlamaCLAConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self._init_cla(config, layer_idx)  # CLA
+    pass
 
 
-class LlamaCLADecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config: LlamaCLAConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.self_attn = LlamaCLAAttention(config, layer_idx)  # CLA
+class LlamaCLADecoderLayer(CLADecoderLayerMixin, LlamaDecoderLayer):
+    _parts = (LlamaCLAAttention, LlamaMLP, LlamaRMSNorm)
 
 
 class LlamaCLAPreTrainedModel(CLAPreTrainedMixin, LlamaPreTrainedModel):
@@ -151,34 +262,27 @@ class LlamaCLAPreTrainedModel(CLAPreTrainedMixin, LlamaPreTrainedModel):
 
 
 class LlamaCLAModel(CLAModelMixin, LlamaCLAPreTrainedModel, LlamaModel):
+    _parts = (LlamaCLADecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding)
+    forward = _sharing_forward(LlamaModel.forward)
+
     def __init__(self, config: LlamaCLAConfig):
-        super().__init__(config)
-        self.layers = torch.nn.ModuleList(  # CLA: decoder layers with CLA attention
-            [LlamaCLADecoderLayer(config, i) for i in range(config.num_hidden_layers)]
-        )
-        self.post_init()
+        self._init_model(config, LlamaModel)
 
 
 class LlamaCLAForCausalLM(LlamaCLAPreTrainedModel, LlamaForCausalLM):
     def __init__(self, config: LlamaCLAConfig):
-        super().__init__(config)
-        self.model = LlamaCLAModel(config)  # CLA
-        self.post_init()
+        _init_causal_lm(self, config, LlamaForCausalLM, LlamaCLAModel)
 
 
 # --- Mistral -----------------------------------------------------------------------------------------------------
 
 
 class MistralCLAAttention(CLAAttentionMixin, MistralAttention):
-    def __init__(self, config: MistralCLAConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self._init_cla(config, layer_idx)  # CLA
+    pass
 
 
-class MistralCLADecoderLayer(MistralDecoderLayer):
-    def __init__(self, config: MistralCLAConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.self_attn = MistralCLAAttention(config, layer_idx)  # CLA
+class MistralCLADecoderLayer(CLADecoderLayerMixin, MistralDecoderLayer):
+    _parts = (MistralCLAAttention, MistralMLP, MistralRMSNorm)
 
 
 class MistralCLAPreTrainedModel(CLAPreTrainedMixin, MistralPreTrainedModel):
@@ -189,19 +293,16 @@ class MistralCLAPreTrainedModel(CLAPreTrainedMixin, MistralPreTrainedModel):
 
 
 class MistralCLAModel(CLAModelMixin, MistralCLAPreTrainedModel, MistralModel):
+    _parts = (MistralCLADecoderLayer, MistralRMSNorm, MistralRotaryEmbedding)
+    forward = _sharing_forward(MistralModel.forward)
+
     def __init__(self, config: MistralCLAConfig):
-        super().__init__(config)
-        self.layers = torch.nn.ModuleList(  # CLA: decoder layers with CLA attention
-            [MistralCLADecoderLayer(config, i) for i in range(config.num_hidden_layers)]
-        )
-        self.post_init()
+        self._init_model(config, MistralModel)
 
 
 class MistralCLAForCausalLM(MistralCLAPreTrainedModel, MistralForCausalLM):
     def __init__(self, config: MistralCLAConfig):
-        super().__init__(config)
-        self.model = MistralCLAModel(config)  # CLA
-        self.post_init()
+        _init_causal_lm(self, config, MistralForCausalLM, MistralCLAModel)
 
 
 __all__ = [

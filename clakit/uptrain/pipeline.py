@@ -7,8 +7,9 @@ Run folder (train.output_dir):
   metrics.jsonl           one line per logging step / evaluation
   eval/*.json, report/    `clakit eval` reports of the original, converted and uptrained models, and their page
   model/                  the result: LoRA merged, a CLA checkpoint loadable with trust_remote_code
-A fresh run is prepared in a hidden `.NAME.partial` folder beside it and renamed into place only once conversion,
-data and models are ready, so bad input leaves nothing behind.
+A fresh run is prepared in a unique hidden `.NAME.XXXXXXXX.partial` folder beside it and renamed into place only once
+conversion, data and models are ready, so bad input leaves nothing behind; a run that fails before its first
+checkpoint is removed again. --overwrite replaces only a clakit uptrain run (clakit.outputs: the ownership rule).
 """
 
 import json
@@ -19,16 +20,19 @@ from pathlib import Path
 
 import torch
 
+from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.sources import load_model, load_tokenizer, resolve_source
 from clakit.uptrain import card, checkpoint, student
 from clakit.uptrain.distill import load_teacher
 from clakit.uptrain.packing import build_data
-from clakit.uptrain.recipe import Recipe, load_recipe
+from clakit.uptrain.recipe import Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import Trainer
 
 RESULT = "model"
 EVAL = "eval"  # clakit eval reports: original.json, converted.json, uptrained.json
+# what a run adds to its folder after it is published (its marker lists them: see clakit.outputs)
+RUN_FILES = ("checkpoints", "metrics.jsonl", RESULT, "report", EVAL, "tensorboard")
 
 
 def _say(message: str, quiet: bool) -> None:
@@ -50,7 +54,9 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_output_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+def check_output_dir(
+    out: Path, recipe: Recipe, resume: bool, overwrite: bool, recipe_path: Path | None = None
+) -> None:
     run_file = out / "run.json"
     if resume and overwrite:
         raise ClakitError("--resume and --overwrite contradict each other; give one")
@@ -66,11 +72,27 @@ def check_output_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -
                 "resume with the same recipe and overrides, or start over with --overwrite"
             )
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ClakitError(
-            f"train.output_dir {out} already holds files (another run?); continue it with --resume, "
-            "replace it with --overwrite, or choose another train.output_dir"
-        )
+    outputs.check_folder(
+        out,
+        "uptrain",
+        overwrite=overwrite,
+        inputs=run_inputs(recipe, recipe_path),
+        label="train.output_dir",
+        replace_hint="continue it with --resume or replace it with --overwrite",
+    )
+
+
+def run_inputs(recipe: Recipe, recipe_path: Path | None) -> list[tuple[str, object]]:
+    """What train.output_dir must neither contain nor be inside: --overwrite would delete it."""
+    m = recipe.model
+    return [
+        ("model", [m.path, m.source]),
+        ("teacher", student.original_spec(m) if m.path or m.source else None),
+        ("training data", recipe.data.train),
+        ("held-out data", recipe.data.eval),
+        ("calibration data", m.convert.calib_data if m.convert else None),
+        ("recipe", recipe_path),
+    ]
 
 
 def check_tensorboard(train) -> None:
@@ -277,22 +299,34 @@ def original_report(recipe: Recipe, source, teacher, dtype, run: dict, acc) -> d
     return heldout_report(model, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
 
 
-def _fresh_work_dir(out: Path, acc) -> Path:
-    work = out.with_name(f".{out.name}.partial")
-    if acc.is_main_process:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-    acc.wait_for_everyone()
-    return work
+def _staging_dir(out: Path, acc) -> Path:
+    """One unique hidden staging folder per run (never shared with another run on the same output_dir), made by
+    the main process and shared with the others."""
+    name = [outputs.make_staging(out).name if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(name)
+    return out.parent / name[0]
 
 
-def _publish(work: Path, out: Path, acc) -> None:
-    """Move the prepared run folder into place (replacing an old run only now, with --overwrite)."""
+def _publish(work: Path, out: Path, acc, overwrite: bool) -> None:
+    """Move the prepared run folder into place (an old run, with --overwrite, is moved aside and removed after)."""
     if acc.is_main_process:
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        work.rename(out)
+        with outputs.os_errors(out):
+            outputs.publish(work, out, "uptrain", overwrite=overwrite, later=RUN_FILES, label="train.output_dir")
     acc.wait_for_everyone()
+
+
+def _abandon(out: Path, acc, error: BaseException) -> None:
+    """A fresh run failed after its folder was published: before its first checkpoint nothing in it is worth
+    keeping (remove it: nothing half-written stays); after, keep it for --resume and say so."""
+    if checkpoint.checkpoint_dirs(out):
+        if isinstance(error, ClakitError):
+            raise ClakitError(f"{error}; the run is kept in {out}: continue it with --resume") from None
+        return
+    if acc.is_main_process and outputs.owner(out) == "uptrain":
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def uptrain(
@@ -310,14 +344,15 @@ def uptrain(
     overwrite replaces a previous run there.
     """
     recipe = load_recipe(recipe_path, overrides)
+    recipe_file = resolve_recipe(recipe_path)
     out = Path(recipe.train.output_dir).expanduser().resolve()
     if dry_run:
         check_paths(recipe)
         print(recipe.to_yaml(), end="")
         return out / RESULT
     if resume:
-        run_record(out)
-    check_output_dir(out, recipe, resume, overwrite)
+        run_record(out)  # a corrupt run.json is one line, before anything else reads it
+    check_output_dir(out, recipe, resume, overwrite, recipe_file)
     if resume and (out / RESULT / "config.json").is_file():
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
         return out / RESULT
@@ -331,18 +366,22 @@ def uptrain(
     acc = make_accelerator(recipe.train, out)
     data = build_data(recipe.data, tokenizer, token_budget(recipe.train, recipe.data.seq_len, acc.num_processes))
     check_launch(data, acc.num_processes)
-    work = out if resume else _fresh_work_dir(out, acc)
+    work = out if resume else _staging_dir(out, acc)
     try:
         run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume, original=original)
-    except BaseException:
+        if not resume:
+            _publish(work, out, acc, overwrite)
+    finally:
         if not resume and acc.is_main_process:
-            shutil.rmtree(work, ignore_errors=True)
+            outputs.discard(work)  # a no-op once published
+    if run["start_path"].is_relative_to(work) and not resume:  # converted on the fly: now in the published run
+        run["start_path"] = out / run["start_path"].relative_to(work)
+    try:
+        return _train_and_save(recipe, out, run, acc, quiet)
+    except BaseException as e:
+        if not resume:
+            _abandon(out, acc, e)
         raise
-    if not resume:
-        _publish(work, out, acc)
-        if run["start_path"].is_relative_to(work):  # converted on the fly: now inside the published run folder
-            run["start_path"] = out / run["start_path"].relative_to(work)
-    return _train_and_save(recipe, out, run, acc, quiet)
 
 
 def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool, original=None) -> dict:
@@ -420,13 +459,10 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
         names = [n for n in ("original", "converted", "uptrained") if (out / EVAL / f"{n}.json").is_file()]
         reports = {n: read_report(out / EVAL / f"{n}.json") for n in names}
         report([out / EVAL / f"{n}.json" for n in names], out / "report")
-        tmp = out / f".{RESULT}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.save_cla(model, run["tokenizer"], tmp)
         summary = card.summary(recipe, trainer, run["data"], {n: _numbers(r) for n, r in reports.items()})
-        card.write(tmp, summary)
-        shutil.rmtree(result, ignore_errors=True)
-        tmp.rename(result)
+        with outputs.staged(result, "model", overwrite=True) as tmp:  # a full disk leaves no half-written model/
+            student.save_cla(model, run["tokenizer"], tmp)
+            card.write(tmp, summary)
         _say(card.one_line(summary), quiet)
     acc.wait_for_everyone()
     acc.end_training()

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import importlib.resources
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from clakit.convert.config import ConvertConfig
 from clakit.errors import ClakitError
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
@@ -24,27 +26,11 @@ REPORTERS = ("none", "tensorboard")
 
 
 @dataclass
-class ConvertSection:
-    """Arguments of `clakit.convert.convert` for converting `model.source` on the fly."""
-
-    factor: int | None = None  # None: the converter decides (auto layout with calib_data, else CLA2)
-    kv_source_layers: list[int] | None = None
-    layout: str | None = None  # "auto": the converter picks the layout for `kv_saving`
-    kv_saving: float | None = None
-    init: str | None = None  # None: "mean" without calib_data, "reconstruct" with it (the converter's default)
-    calib_data: list[str] | None = None
-    calib_tokens: int = 32768
-    dtype: str | None = None
-    seed: int = 0
-    reconstruct_steps: int | None = None  # init reconstruct: Adam steps per group (None: the converter's default)
-
-
-@dataclass
 class ModelSection:
     path: str | None = None  # an already converted CLA checkpoint
     source: str | None = None  # a Llama/Mistral folder, .gguf file or Hub id, converted with `convert`
     revision: str | None = None
-    convert: ConvertSection | None = None
+    convert: ConvertConfig | None = None  # clakit.convert's settings, strict (unknown keys refused)
     # the stock model the converted one came from: the teacher and the "original" eval baseline (default:
     # model.source, or the source recorded in model.path's clakit_convert.json)
     original: str | None = None
@@ -62,15 +48,15 @@ class DataSection:
 @dataclass
 class TrainSection:
     output_dir: str = ""
-    max_steps: int = -1  # > 0 wins over max_tokens and num_train_epochs
-    max_tokens: int | None = None  # a token budget: steps = ceil(max_tokens / tokens per step)
+    max_steps: int = -1  # > 0 wins over max_tokens and num_train_epochs; -1: not set
+    max_tokens: int | None = None  # a token budget (> 0): steps = ceil(max_tokens / tokens per step)
     num_train_epochs: float = 1.0
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -79,9 +65,9 @@ class TrainSection:
     lr_scheduler_type: str = "cosine"
     bf16: bool = False
     gradient_checkpointing: bool = False
-    seed: int = 0
-    save_steps: int = 100
-    save_total_limit: int | None = 2
+    seed: int = 0  # 0 <= seed < 2**32 (numpy's range; accelerate seeds python, numpy and torch)
+    save_steps: int = 100  # 0: no intermediate checkpoints
+    save_total_limit: int | None = 2  # null: keep every checkpoint
     logging_steps: int = 10
     eval_steps: int = 0  # 0: held-out loss at start and end only
     report_to: list[str] = field(default_factory=list)  # [] / ["none"] / ["tensorboard"]
@@ -160,16 +146,25 @@ def _coerce(value, tp, where: str):
         if not isinstance(items, list):
             raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items)]
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)  # "3e-4": YAML 1.1 reads exponents without a dot as strings
-        except ValueError:
-            pass
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, str | int) and not isinstance(value, bool):
+        return _finite(value, where)
+    if tp is float and isinstance(value, float):
+        return _finite(value, where)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}")
+
+
+def _finite(value, where: str) -> float:
+    """A float from YAML: "3e-4" (YAML 1.1 reads exponents without a dot as strings) and ints too; `.inf`/`.nan`
+    are valid YAML but no setting means anything with them."""
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ClakitError(f"recipe key {where} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ClakitError(f"recipe key {where} must be a finite number, got {value!r}")
+    return number
 
 
 def _build(cls, data, where: str):
@@ -195,7 +190,13 @@ def apply_override(raw: dict, override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise ClakitError(f"override {override!r} must look like section.key=value, e.g. train.max_steps=10")
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.load(text, StrictLoader) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ClakitError(
+            f"override {override!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+            "write e.g. train.max_steps=10, data.train=[a.txt, b.txt], or quote a string: key='[text'"
+        ) from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -228,12 +229,34 @@ def resolve_recipe(path: str | Path) -> Path:
     return shipped if shipped.is_file() else given
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         names = ", ".join(sorted(str(p.relative_to(shipped_recipes())) for p in shipped_recipes().rglob("*.yaml")))
-        raise ClakitError(f"recipe {path} does not exist; give a recipe YAML file or a shipped recipe ({names})")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ClakitError(f"recipe {path} {what}; give a recipe YAML file or a shipped recipe ({names})")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), StrictLoader)
+    except UnicodeDecodeError as e:
+        raise ClakitError(
+            f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ClakitError(f"cannot read recipe {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -258,28 +281,88 @@ def _check(condition: bool, message: str) -> None:
         raise ClakitError(message)
 
 
+SEED_LIMIT = 2**32  # numpy's seeds are 32-bit; accelerate's set_seed seeds numpy too
+
+
 def validate(recipe: Recipe) -> None:
-    """Cross-field checks the types alone do not catch."""
-    m, d, t, lo, ds = recipe.model, recipe.data, recipe.train, recipe.lora, recipe.distill
+    """Cross-field and range checks the types alone do not catch (every float is already finite)."""
+    _validate_model(recipe.model)
+    _validate_data(recipe.data)
+    _validate_train(recipe.train)
+    _validate_lora(recipe.lora)
+    ds = recipe.distill
+    _check(0 <= ds.weight <= 1, f"distill.weight must be between 0 and 1, got {ds.weight}")
+    _check(ds.temperature > 0, f"distill.temperature must be > 0, got {ds.temperature}")
+    _check(ds.hidden_mse_weight >= 0, f"distill.hidden_mse_weight must be >= 0, got {ds.hidden_mse_weight}")
+
+
+def _validate_model(m: ModelSection) -> None:
     _check(bool(m.path) != bool(m.source), "recipe needs exactly one of model.path (a CLA checkpoint) or model.source")
     _check(not (m.path and m.convert), "model.convert applies to model.source, not to an already converted model.path")
+    c = m.convert
+    if c is None:
+        return
+    _check(0 <= c.seed < SEED_LIMIT, f"model.convert.seed must be between 0 and 2**32 - 1, got {c.seed}")
+    _check(c.calib_tokens > 0, f"model.convert.calib_tokens must be a positive number of tokens, got {c.calib_tokens}")
+    for name in ("factor", "reconstruct_steps"):
+        value = getattr(c, name)
+        _check(value is None or value > 0, f"model.convert.{name} must be positive (or null), got {value}")
+    _check(
+        c.kv_saving is None or 0 < c.kv_saving < 1,
+        f"model.convert.kv_saving must be between 0 and 1 (0.5 halves the KV cache), got {c.kv_saving}",
+    )
+
+
+def _validate_data(d: DataSection) -> None:
     _check(bool(d.train), "recipe needs data.train: text files, folders of .txt or datasets specs")
     _check(d.seq_len >= 8, f"data.seq_len must be at least 8, got {d.seq_len}")
     _check(0 < d.eval_fraction < 1, f"data.eval_fraction must be between 0 and 1, got {d.eval_fraction}")
     _check(d.eval_max_tokens >= d.seq_len, "data.eval_max_tokens must be at least data.seq_len")
+
+
+def _validate_train(t: TrainSection) -> None:
     _check(bool(t.output_dir), "recipe needs train.output_dir (where checkpoints and the result go)")
+    _check(
+        t.max_steps == -1 or t.max_steps > 0,
+        f"train.max_steps must be a positive number of steps, or -1 to use max_tokens / num_train_epochs; "
+        f"got {t.max_steps}",
+    )
+    _check(
+        t.max_tokens is None or t.max_tokens > 0,
+        f"train.max_tokens must be a positive number of tokens (or null), got {t.max_tokens}",
+    )
+    _check(t.num_train_epochs > 0, f"train.num_train_epochs must be > 0, got {t.num_train_epochs}")
     _check(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(t, name) < 1, f"train.{name} must be in [0, 1), e.g. 0.9, got {getattr(t, name)}")
+    _check(t.adam_epsilon > 0, f"train.adam_epsilon must be > 0, e.g. 1e-8, got {t.adam_epsilon}")
+    _check(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0: no clipping), got {t.max_grad_norm}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    _check(0 <= t.seed < SEED_LIMIT, f"train.seed must be between 0 and 2**32 - 1, got {t.seed}")
+    _check(t.logging_steps >= 1, f"train.logging_steps must be >= 1 (log every N steps), got {t.logging_steps}")
+    _check(t.save_steps >= 0, f"train.save_steps must be >= 0 (0: no intermediate checkpoints), got {t.save_steps}")
+    _check(
+        t.save_total_limit is None or t.save_total_limit >= 1,
+        f"train.save_total_limit must be >= 1, or null to keep every checkpoint; got {t.save_total_limit}",
+    )
+    _check(t.eval_steps >= 0, f"train.eval_steps must be >= 0 (0: held-out loss at start and end), got {t.eval_steps}")
     _check(
         t.lr_scheduler_type in LR_SCHEDULERS,
         f"train.lr_scheduler_type {t.lr_scheduler_type!r} is not one of {', '.join(LR_SCHEDULERS)}",
     )
     for r in t.report_to:
         _check(r in REPORTERS, f"train.report_to {r!r} is not one of {', '.join(REPORTERS)}")
-    _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    _check(lo.r >= 0, f"lora.r must be >= 0, got {lo.r}")
-    _check(lo.r > 0 or bool(lo.full_train), "nothing to train: set lora.r > 0 or list modules in lora.full_train")
-    _check(0 <= ds.weight <= 1, f"distill.weight must be between 0 and 1, got {ds.weight}")
-    _check(ds.temperature > 0, f"distill.temperature must be > 0, got {ds.temperature}")
-    _check(ds.hidden_mse_weight >= 0, f"distill.hidden_mse_weight must be >= 0, got {ds.hidden_mse_weight}")
+
+
+def _validate_lora(lo: LoraSection) -> None:
+    _check(lo.r >= 0, f"lora.r must be >= 0 (0: no LoRA), got {lo.r}")
+    _check(
+        bool(lo.full_train) or (lo.r > 0 and bool(lo.target_modules)),
+        "nothing to train: set lora.r > 0 with lora.target_modules, or list modules in lora.full_train",
+    )
+    _check(lo.r == 0 or lo.lora_alpha > 0, f"lora.lora_alpha must be > 0, got {lo.lora_alpha}")
+    _check(0 <= lo.lora_dropout < 1, f"lora.lora_dropout must be in [0, 1), got {lo.lora_dropout}")

@@ -1,6 +1,7 @@
 """The student: a CLA checkpoint (given, or converted on the fly), LoRA adapters from peft, `full_train` modules
 unfrozen; at the end LoRA is merged back and the result saved as a plain CLA checkpoint."""
 
+import dataclasses
 import fnmatch
 import json
 from pathlib import Path
@@ -36,26 +37,13 @@ def check_model_section(model_section) -> None:
 
 
 def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
-    """Run the converter on `model.source` into `out` (a folder that must not exist yet)."""
+    """Run the converter on `model.source` into `out` (a folder that must not exist yet) with `model.convert`."""
     from clakit.convert import convert
 
-    c = model_section.convert
-    return convert(
-        model_section.source,
-        out,
-        factor=c.factor,
-        kv_source_layers=c.kv_source_layers,
-        layout=c.layout,
-        kv_saving=c.kv_saving,
-        init=c.init,
-        calib_data=c.calib_data,
-        calib_tokens=c.calib_tokens,
-        revision=model_section.revision,
-        dtype=c.dtype,
-        quiet=quiet,
-        seed=c.seed,
-        reconstruct_steps=c.reconstruct_steps,
-    )
+    config = model_section.convert
+    if config.revision is None and model_section.revision is not None:
+        config = dataclasses.replace(config, revision=model_section.revision)
+    return convert(model_section.source, out, config, quiet=quiet)
 
 
 def original_source(model_section) -> tuple[str, str | None] | None:
@@ -72,9 +60,12 @@ def original_source(model_section) -> tuple[str, str | None] | None:
         data = json.loads(record.read_text())
     except (OSError, ValueError):
         return None
-    source = data.get("source") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    source = data.get("source")
     if not isinstance(source, dict):  # an older record: a bare spec, usable only when it is absolute or a Hub id
-        spec = ((data.get("settings") or {}).get("source") if isinstance(data, dict) else None) or source
+        settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+        spec = settings.get("source") or source
         absolute = isinstance(spec, str) and (Path(spec).expanduser().is_absolute() or spec.count("/") == 1)
         return (spec, None) if absolute and not spec.startswith(".") else None
     if source.get("kind") == "hub":

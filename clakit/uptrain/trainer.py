@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from clakit.errors import ClakitError
 from clakit.uptrain import checkpoint
 from clakit.uptrain.distill import causal_lm_loss, uptrain_loss
 from clakit.uptrain.packing import BatchOrder, PackedData
@@ -98,6 +99,20 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int, device=None) -> d
     model.train(was_training)
     mean = (total[0] / total[1]).item()
     return {"loss": mean, "perplexity": math.exp(min(mean, 700)), "tokens": int(total[1].item())}
+
+
+def stop_if_not_finite(loss_sum: float, step: int, accelerator) -> None:
+    """A NaN/inf loss (a learning rate too high, a bf16 overflow, broken data) would poison the weights: stop before
+    the optimizer step, so no checkpoint and no result holds them. Every process stops together (or the others
+    would wait forever in the next collective)."""
+    bad = not math.isfinite(loss_sum)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), "sum").item() > 0
+    if bad:
+        raise ClakitError(
+            f"the training loss is not finite (nan or inf) at step {step}; nothing was saved from this step on. Lower "
+            "train.learning_rate (or set train.max_grad_norm), check the data, then --resume or --overwrite"
+        )
 
 
 @dataclass
@@ -193,6 +208,7 @@ class Trainer:
                 loss, parts = uptrain_loss(self.model, self.teacher, ids, self.recipe.distill)
                 acc.backward(loss / ga)
             window.add({"loss": loss.detach().item(), **parts})
+        stop_if_not_finite(window.sums["loss"], self.step + 1, acc)
         if self.train.max_grad_norm > 0:
             acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
         self.optimizer.step()

@@ -10,15 +10,21 @@ and the eval stage evaluates every model not evaluated yet, so a later step (upt
     STAGES.insert(STAGES.index(convert_stage) + 1, Stage("uptrain", my_uptrain))  # ctx.models["uptrained"] = ...
 """
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clakit.eval.fetch import DemoAssets, default_cache_dir, fetch_demo
+from clakit import outputs
+from clakit.demo.fetch import DemoAssets, default_cache_dir, fetch_demo
+from clakit.eval.records import check_output
 
 DEFAULT_WORK_DIR = "clakit-demo"
+DEMO_FORMAT = "clakit-demo/1"
+# what the demo writes in its work folder, by the ownership rule (clakit.outputs): an earlier demo's outputs are
+# replaced, anything else there is refused before the first stage runs
+DEMO_FOLDERS = {"converted": "convert", "uptrain": "uptrain", "report": "report"}
+DEMO_REPORTS = ("original", "converted", "uptrained")
 
 
 @dataclass
@@ -70,13 +76,13 @@ def convert_stage(ctx: DemoContext) -> None:
 
     s = ctx.settings
     out = ctx.work_dir / "converted"
-    shutil.rmtree(out, ignore_errors=True)  # our own output from an earlier run
     convert(
         str(ctx.assets.model),
         str(out),
         kv_saving=s.kv_saving,
         calib_data=[str(ctx.assets.calib)],
         calib_tokens=s.calib_tokens,
+        overwrite=True,  # replaces only a clakit convert output (an earlier demo's), never a folder of the user's
         quiet=s.quiet,
     )
     ctx.models["converted"] = str(out)
@@ -148,6 +154,15 @@ STAGES: list[Stage] = [
 ]
 
 
+def check_work_dir(work_dir: Path) -> None:
+    """Before the first stage: every output the demo writes may be written (an earlier demo's, or new)."""
+    for name, kind in DEMO_FOLDERS.items():
+        outputs.check_folder(work_dir / name, kind, overwrite=True, label="demo output folder")
+    for label in DEMO_REPORTS:
+        check_output(work_dir / "reports" / f"{label}.json")
+    outputs.check_file(work_dir / "demo.json", DEMO_FORMAT, noun="demo summary")
+
+
 def run_demo(
     work_dir=None,
     *,
@@ -167,6 +182,7 @@ def run_demo(
         settings or DemoSettings(),
         assets,
     )
+    check_work_dir(ctx.work_dir)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     for stage in stages or STAGES:
         ctx.say(f"stage {stage.name}")
@@ -174,13 +190,14 @@ def run_demo(
         stage.run(ctx)
         ctx.timings[stage.name] = round(time.perf_counter() - start, 1)
     summary = {
+        "format": DEMO_FORMAT,
         "timings_s": ctx.timings,
         "total_s": round(sum(ctx.timings.values()), 1),
         "models": ctx.models,
         "settings": vars(ctx.settings),
         "provenance": provenance(cache_dir=str(ctx.cache_dir or default_cache_dir())),
     }
-    (ctx.work_dir / "demo.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    outputs.write_file(ctx.work_dir / "demo.json", json.dumps(summary, indent=2, default=str) + "\n", DEMO_FORMAT)
     if ctx.report_dir:
         ctx.say(f"done in {summary['total_s']:.0f} s")
         ctx.say((ctx.report_dir / "report.md").read_text().split("\n\n")[1])

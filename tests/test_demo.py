@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
+from clakit.demo import fetch
+from clakit.demo import pipeline as demo
 from clakit.errors import ClakitError
-from clakit.eval import demo, fetch
+from clakit.outputs import MARKER
 
 
 @pytest.fixture
@@ -25,7 +27,7 @@ TINY = dict(calib_tokens=512, seq_len=32, max_tokens=400, batch_size=2, decode_s
 
 def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_assets):
     out = demo.run_demo(tmp_path / "work", assets=tiny_assets, settings=demo.DemoSettings(**TINY))
-    assert {p.name for p in out.iterdir()} == {"report.md", "ppl_vs_kv.png", "report.html"}
+    assert {p.name for p in out.iterdir()} == {"report.md", "ppl_vs_kv.png", "report.html", MARKER}
     orig, cla2 = (
         json.loads((tmp_path / "work" / "reports" / f"{n}.json").read_text()) for n in ("original", "converted")
     )

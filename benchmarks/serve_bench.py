@@ -1,0 +1,138 @@
+"""vLLM serving, original vs CLA at the same KV cache bytes: capacity, maximum concurrency, throughput (JSON).
+
+    flock /work/bench.lock .venv/bin/python benchmarks/serve_bench.py [-o docs/figures/serve_bench_cpu.json]
+        [--original DIR --cla DIR] [--kv-cache-mib 64] [--prompt-tokens 32] [--max-tokens 32]
+
+Defaults: SmolLM2-135M from the demo GGUF (`clakit fetch-demo`), saved as a plain HF folder, and its CLA2
+conversion (`--factor 2 --init mean`); both fp32. Both run in the CPU vLLM venv (.venv-vllm, made by
+serving/vllm/install-cpu.sh when absent; CLAKIT_VLLM_VENV overrides) with the same KV cache bytes. vLLM reports each
+model's KV capacity in tokens and its maximum concurrency at max_model_len. Throughput: one fixed batch of
+concurrent greedy requests (prompt + max_tokens tokens each, EOS ignored) sized to hold twice the original's cache,
+so the original must queue or preempt while CLA2 can hold the whole batch; generated tokens / wall seconds.
+Ratios are CLA / original, measured in one run (the machine is shared: compare ratios, not absolute figures).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the vLLM-venv helpers the serving tests use
+
+from serving_vllm_fixtures import ensure_vllm_venv, run_vllm  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-o", "--output", default="docs/figures/serve_bench_cpu.json")
+    p.add_argument("--original", help="original checkpoint folder (default: SmolLM2 from the demo GGUF)")
+    p.add_argument("--cla", help="CLA checkpoint folder (default: SmolLM2 converted to CLA2, mean init)")
+    p.add_argument("--kv-cache-mib", type=int, default=64, help="the same KV cache size for both models")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    return p.parse_args(argv)
+
+
+def smollm2_pair(work: Path) -> tuple[Path, Path]:
+    from clakit.convert import convert
+    from clakit.demo.fetch import fetch_demo
+    from clakit.sources import load_model, load_tokenizer, resolve_source
+    from clakit.uptrain.student import drop_gguf_quantizer
+
+    gguf = fetch_demo(quiet=True).gguf
+    source = resolve_source(str(gguf))
+    model = load_model(source)
+    drop_gguf_quantizer(model)
+    model.save_pretrained(work / "original")
+    load_tokenizer(source).save_pretrained(work / "original")
+    return work / "original", convert(gguf, work / "cla2", factor=2, init="mean", quiet=True)
+
+
+def prompts(folder: Path, n: int, length: int) -> list[list[int]]:
+    """n different prompts of exactly `length` tokens, cut from the demo's held-out text (or repeated words)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        from clakit.demo.fetch import fetch_demo
+
+        text = fetch_demo(quiet=True).heldout.read_text()
+    except Exception:  # a user's own checkpoints without the demo assets: any text of enough tokens will do
+        text = "The quick brown fox jumps over the lazy dog. " * 50 * n
+    ids = tokenizer(text).input_ids
+    return [ids[i * length : (i + 1) * length] for i in range(n)]
+
+
+def measure(python: Path, folder: Path, batch: list[list[int]], args, work: Path) -> dict:
+    options = dict(max_tokens=args.max_tokens, kv_cache_bytes=args.kv_cache_mib << 20)
+    options.update(max_model_len=args.max_model_len, max_num_seqs=len(batch))
+    result = run_vllm(python, folder, batch, work, **options)
+    result.pop("tokens")
+    return result
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    python = ensure_vllm_venv()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        original, cla = (Path(args.original), Path(args.cla)) if args.original else smollm2_pair(work)
+        probe = measure(python, original, prompts(original, 1, args.prompt_tokens), args, work)
+        per_request = args.prompt_tokens + args.max_tokens
+        n = 2 * math.ceil(probe["kv_cache_tokens"] / per_request)  # twice what the original's cache holds
+        batch = prompts(original, n, args.prompt_tokens)
+        results = {
+            "original": measure(python, original, batch, args, work),
+            "cla": measure(python, cla, batch, args, work),
+        }
+    o, c = results["original"], results["cla"]
+    report = {
+        "benchmark": "serve_bench",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": vars(args) | {"requests": n, "tokens_per_request": per_request},
+        **results,
+        "ratios_cla_over_original": {
+            "kv_cache_tokens": c["kv_cache_tokens"] / o["kv_cache_tokens"],
+            "max_concurrency": c["max_concurrency"] / o["max_concurrency"],
+            "tokens_per_s": c["tokens_per_s"] / o["tokens_per_s"],
+        },
+        "environment": environment(python),
+        "wall_s": time.perf_counter() - start,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["ratios_cla_over_original"], indent=2))
+    print(f"wrote {out}")
+
+
+def environment(python: Path) -> dict:
+    versions = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import vllm, torch, transformers; print(vllm.__version__, torch.__version__, transformers.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return {
+        "vllm": versions[0] if versions else None,
+        "torch": versions[1] if len(versions) > 1 else None,
+        "transformers": versions[2] if len(versions) > 2 else None,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average_at_end": os.getloadavg(),
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Checks of a source checkpoint's tensors against its config, run before anything is written."""
+
+from clakit.errors import ClakitError
+
+
+def check_shapes(checkpoint, plan, expected: dict, spec: str) -> None:
+    """Every source tensor the plan reads has the shape the config gives the tensor it becomes.
+
+    `expected`: output tensor name -> shape, from the model built on the meta device from the config. A config
+    that disagrees with the weights (hidden_size edited) would otherwise convert into a checkpoint nothing loads;
+    a consumer's k_proj shaped unlike its producer's would fail deep in the K/V merge. Reads headers only."""
+    for name in plan.names:
+        want = tuple(expected[name])
+        for source_name in plan.sources[name]:
+            got = tuple(checkpoint.get(source_name).shape)
+            if got != want:
+                raise ClakitError(
+                    f"{spec}: tensor {source_name} has shape {list(got)} but its config.json makes it {list(want)}; "
+                    "the config does not describe these weights: restore the checkpoint's own config.json"
+                )

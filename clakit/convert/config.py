@@ -1,0 +1,204 @@
+"""`ConvertConfig`: every setting of a conversion, defined once.
+
+The `clakit convert` flags are built from these fields (`add_arguments`), a recipe's `model.convert` section is
+parsed into it, and `clakit_convert.json` records it whole. Each field's `metadata["help"]` is its flag's help;
+`metadata["flag"]` holds extra argparse options (choices, metavar, a mutually exclusive group).
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from clakit.errors import ClakitError
+
+INITS = ("producer", "mean", "calibrated", "reconstruct")
+DEVICES_HELP = "cpu, cuda, cuda:N or auto (the first GPU, else the CPU)"
+FIT_DTYPES = ("float32", "bfloat16")  # bf16 fits only on a GPU; statistics always accumulate in fp64
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+LAYOUT_GROUP = "layout (one of)"
+
+
+def _opt(help_: str, **flag) -> dict:
+    return {"help": help_, "flag": flag}
+
+
+@dataclass
+class ConvertConfig:
+    """Settings of one conversion. None means "the converter decides" as the help says."""
+
+    # layout
+    factor: int | None = field(
+        default=None,
+        metadata=_opt(
+            "uniform CLA-K: groups of K adjacent layers (default without --calib-data: 2)", group=LAYOUT_GROUP
+        ),
+    )
+    kv_source_layers: list[int] | None = field(
+        default=None,
+        metadata=_opt("explicit layout, e.g. 0,0,2,2 (one entry per layer)", group=LAYOUT_GROUP, metavar="LIST"),
+    )
+    layout: str | None = field(
+        default=None,
+        metadata=_opt(
+            "choose the layout on calibration data (default with --calib-data)", group=LAYOUT_GROUP, choices=["auto"]
+        ),
+    )
+    kv_saving: float | None = field(
+        default=None, metadata=_opt("with --layout auto: fraction of the KV cache to save (default 0.5)")
+    )
+    refine: bool = field(
+        default=True, metadata=_opt("--layout auto: refine the chosen layout beyond runs of adjacent layers")
+    )
+    refine_max_group: int | None = field(
+        default=None,
+        metadata=_opt("--layout auto: largest group the refinement may create (default: the scoring's largest group)"),
+    )
+    # K/V initialisation and fitting
+    init: str | None = field(
+        default=None,
+        metadata=_opt(
+            "shared K/V initialisation (default: mean; reconstruct when --calib-data is given)", choices=list(INITS)
+        ),
+    )
+    calib_data: list[str] | None = field(
+        default=None,
+        metadata=_opt("calibration text: files, folders, NAME:CONFIG:SPLIT (several: all are used)", metavar="TEXT"),
+    )
+    calib_tokens: int = field(default=32768, metadata=_opt("calibration tokens to use"))
+    seq_len: int = field(
+        default=512, metadata=_opt("tokens per calibration/evaluation sequence (capped by the model's context)")
+    )
+    ridge: float = field(default=1e-3, metadata=_opt("calibrated fit: ridge, relative to the mean Fisher weight"))
+    reconstruct_steps: int = field(default=100, metadata=_opt("--init reconstruct: Adam steps per group"))
+    reconstruct_lr: float = field(default=3e-3, metadata=_opt("--init reconstruct: Adam learning rate"))
+    train_o_proj: bool = field(default=True, metadata=_opt("--init reconstruct: also fit each member's o_proj"))
+    sequential: bool = field(
+        default=True,
+        metadata=_opt("--init reconstruct: fit each group on inputs with the earlier groups already converted"),
+    )
+    seed: int = field(default=0, metadata=_opt("seed for data-aware fitting"))
+    device: str = field(default="auto", metadata=_opt(f"where the fits run: {DEVICES_HELP}"))
+    dtype: str = field(
+        default="float32",
+        metadata=_opt("dtype of the weights during the fits (bfloat16 only on a GPU)", choices=list(FIT_DTYPES)),
+    )
+    # quick check
+    eval_data: list[str] | None = field(
+        default=None,
+        metadata=_opt("held-out text (several: all are used): print perplexity before/after", metavar="TEXT"),
+    )
+    eval_tokens: int = field(default=8192, metadata=_opt("--eval-data tokens scored before and after"))
+    # source and output
+    revision: str | None = field(default=None, metadata=_opt("Hub revision (branch, tag or commit) of SRC"))
+    allow_pickle: bool = field(default=False, metadata=_opt("accept pickle (.bin) weights; they can run code"))
+    trust_remote_code: bool = field(default=False, metadata=_opt("allow SRC's own code (config/tokenizer)"))
+    output_dtype: str | None = field(
+        default=None,
+        metadata=_opt("dtype of the written weights (default: the source's)", choices=list(OUTPUT_DTYPES)),
+    )
+    max_shard_size: str = field(default="5GB", metadata=_opt("largest output shard"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), typing.get_type_hints(ConvertConfig)[f.name])
+        if self.init is not None and self.init not in INITS:
+            raise ClakitError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        for name in ("calib_tokens", "seq_len", "reconstruct_steps", "eval_tokens"):
+            if getattr(self, name) <= 0:
+                raise ClakitError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("ridge", "reconstruct_lr"):
+            if not getattr(self, name) > 0:
+                raise ClakitError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if self.refine_max_group is not None and self.refine_max_group < 2:
+            raise ClakitError(f"--refine-max-group must be at least 2, got {self.refine_max_group}")
+        if self.dtype not in FIT_DTYPES:
+            raise ClakitError(f"--dtype (of the fits) must be one of {', '.join(FIT_DTYPES)}, got {self.dtype!r}")
+        if self.output_dtype is not None and self.output_dtype not in OUTPUT_DTYPES:
+            raise ClakitError(f"--output-dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.output_dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_type(name: str, value, tp) -> None:
+    """Strict types (a recipe or a library call may pass anything); ints are accepted where floats are."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return
+    base = next((a for a in args if a is not type(None)), tp)
+    origin, inner = typing.get_origin(base), typing.get_args(base)
+    if origin is list:
+        ok = isinstance(value, list | tuple) and all(_is(v, inner[0]) for v in value)
+    else:
+        ok = _is(value, base)
+    if not ok:
+        raise ClakitError(f"convert setting {name} must be {_describe(tp)}, got {value!r}")
+
+
+def _is(value, tp) -> bool:
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+
+
+def _describe(tp) -> str:
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def parse_layers(text: str) -> list[int]:
+    """`"0,0,2,2"` -> [0, 0, 2, 2] (checked against the model's layer count later)."""
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise ClakitError(f"--kv-source-layers must be comma-separated integers like 0,0,2,2; got {text!r}") from None
+
+
+def add_arguments(parser) -> None:
+    """One flag per ConvertConfig field, `--field-name`; defaults stay the dataclass's (argparse.SUPPRESS)."""
+    import argparse
+
+    groups: dict[str, object] = {}
+    hints = typing.get_type_hints(ConvertConfig)
+    for f in dataclasses.fields(ConvertConfig):
+        extra = dict(f.metadata["flag"])
+        group = extra.pop("group", None)
+        target = parser
+        if group:
+            if group not in groups:
+                groups[group] = parser.add_argument_group(group).add_mutually_exclusive_group()
+            target = groups[group]
+        default = "" if f.default is None else f" (default {f.default})"
+        kwargs = {"help": f.metadata["help"] + default, "default": argparse.SUPPRESS, **extra}
+        target.add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs, **_argparse_type(hints[f.name]))
+
+
+def _argparse_type(tp) -> dict:
+    import argparse
+
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if base == list[int]:
+        return {"type": _layers_flag}
+    if typing.get_origin(base) is list:
+        return {"nargs": "+", "action": "extend"}  # `--calib-data a b --calib-data c`: all three
+    return {"type": base}
+
+
+def _layers_flag(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return parse_layers(text)
+    except ClakitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def config_from_args(args) -> ConvertConfig:
+    """The ConvertConfig of parsed `clakit convert` arguments (flags not given keep the field defaults)."""
+    names = {f.name for f in dataclasses.fields(ConvertConfig)}
+    return ConvertConfig(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,196 @@
+"""Synthetic passkey retrieval (the long-context literature's test, e.g. Mohtashami & Jaggi 2023): a number hidden at
+a depth in filler text, asked for at the end, scored by exact match of the greedy answer.
+
+Built offline from local text: the filler is the evaluation text itself (`clakit eval --data`). A prompt of exactly
+`length` tokens is
+
+    [BOS] INSTRUCTION  filler[:a]  NEEDLE(key)  filler[a:]  QUESTION          (token ids, concatenated)
+
+where the filler fills the prompt to `length` tokens and `a = round(depth * filler tokens)` of it come before the
+needle: depth 0 puts the key right after the instruction, depth 1 right before the question. Each (length, depth)
+cell has `samples` prompts; sample s of a cell draws its 5-digit key and the start of its filler from
+`random.Random(f"{seed}:{length}:{depth}:{s}")`, so prompts are the same on every run and machine. The model
+decodes `len(key) + 3` tokens greedily (prefill into a `DynamicCache`, then one token per step: CLA models decode
+through their shared cache); the answer is the first run of digits in the decoded text, correct when it equals the
+key.
+"""
+
+import random
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from clakit.errors import ClakitError
+
+INSTRUCTION = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about it.\n"
+)
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_SAMPLES = 2
+EXTRA_TOKENS = 3  # decoded beyond the key's digits (a leading space, punctuation)
+
+
+@dataclass
+class PasskeySettings:
+    lengths: list[int] | None = None  # prompt lengths in tokens; None: 1024, 2048, ... up to the model's window
+    depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
+    samples: int = DEFAULT_SAMPLES
+    seed: int = 0
+
+    def check(self) -> None:
+        """Everything but what needs the model (its window), before anything is loaded."""
+        if self.lengths is not None and (
+            not self.lengths or any(not isinstance(n, int) or n <= 0 for n in self.lengths)
+        ):
+            raise ClakitError(f"--passkey-lengths must be positive token counts, got {self.lengths}")
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ClakitError(f"--passkey-depths must be fractions between 0 and 1, got {self.depths}")
+        if not isinstance(self.samples, int) or self.samples <= 0:
+            raise ClakitError(f"--passkey-samples must be a positive integer, got {self.samples}")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    length: int
+    depth: float
+    sample: int
+    key: str
+    ids: torch.Tensor  # (length,)
+
+
+def window(config) -> int:
+    """The model's context window in tokens (0 when the config does not say)."""
+    return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def default_lengths(max_len: int, smallest: int = 1024) -> list[int]:
+    """1024, 2048, ... and the largest prompt that fits the window (the answer's tokens included)."""
+    top = max_len - (5 + EXTRA_TOKENS)
+    out = [n for n in (smallest << i for i in range(16)) if n < top]
+    return out + [top]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+class PromptBuilder:
+    """Token ids of the fixed parts, and the filler, from the evaluation text."""
+
+    def __init__(self, tokenizer, filler_text: str, max_length: int):
+        from clakit.eval.perplexity import prefix_token_id
+
+        prefix = prefix_token_id(tokenizer)
+        self.tokenizer = tokenizer
+        self.head = ([prefix] if prefix is not None else []) + _ids(tokenizer, INSTRUCTION)
+        self.question = _ids(tokenizer, QUESTION)
+        self.filler = _ids(tokenizer, filler_text[: 16 * max_length + 4096])  # enough text, not a whole corpus
+
+    def fixed(self, key: str) -> int:
+        return len(self.head) + len(_ids(self.tokenizer, NEEDLE.format(key=key))) + len(self.question)
+
+    def build(self, length: int, depth: float, sample: int, seed: int) -> Prompt:
+        rng = random.Random(f"{seed}:{length}:{depth}:{sample}")
+        key = str(rng.randint(10000, 99999))
+        needle = _ids(self.tokenizer, NEEDLE.format(key=key))
+        n_fill = length - len(self.head) - len(needle) - len(self.question)
+        if n_fill < 0:
+            raise ClakitError(f"--passkey-lengths {length} is shorter than the prompt without filler; use >= 256")
+        if n_fill > len(self.filler):
+            raise ClakitError(
+                f"the evaluation text has {len(self.filler)} tokens, too few to fill a {length}-token passkey "
+                "prompt; give more text (--data) or shorter --passkey-lengths"
+            )
+        start = rng.randint(0, len(self.filler) - n_fill)
+        filler = self.filler[start : start + n_fill]
+        a = round(depth * n_fill)
+        ids = self.head + filler[:a] + needle + filler[a:] + self.question
+        return Prompt(length, depth, sample, key, torch.tensor(ids, dtype=torch.long))
+
+
+def answer(text: str) -> str | None:
+    """The first run of digits in the model's continuation (None when it wrote none)."""
+    found = re.search(r"\d+", text)
+    return found.group(0) if found else None
+
+
+@torch.inference_mode()
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """(B, L) prompts -> (B, new_tokens) greedy continuations: one prefill into a DynamicCache, then a token a step."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids.to(device), cache=cache, use_cache=True, logits_to_keep=1)
+    tokens = [out.logits[:, -1].argmax(-1)]
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=tokens[-1][:, None], cache=cache, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, 1).cpu()
+
+
+def resolve_lengths(settings: PasskeySettings, max_len: int) -> list[int]:
+    """The prompt lengths to test: as given (each must leave room for the answer in the window) or the default."""
+    if settings.lengths is None and not max_len:
+        raise ClakitError("the model's config has no max_position_embeddings; give --passkey-lengths")
+    lengths = settings.lengths or default_lengths(max_len)
+    too_long = [n for n in lengths if max_len and n + 5 + EXTRA_TOKENS > max_len]
+    if too_long:
+        raise ClakitError(
+            f"--passkey-lengths {too_long[0]} plus the answer ({5 + EXTRA_TOKENS} tokens) exceeds the model's "
+            f"window of {max_len} tokens; use lengths up to {max_len - 5 - EXTRA_TOKENS}"
+        )
+    return sorted(set(lengths))
+
+
+@dataclass
+class Prepared:
+    settings: PasskeySettings
+    lengths: list[int]
+    cells: list[list[Prompt]]  # one list of `samples` prompts per (length, depth), lengths outer
+
+
+def prepare(tokenizer, filler_text: str, settings: PasskeySettings, max_len: int) -> Prepared:
+    """Check the settings and build every prompt (before any model is loaded: bad settings fail in seconds)."""
+    settings.check()
+    lengths = resolve_lengths(settings, max_len)
+    builder = PromptBuilder(tokenizer, filler_text, max(lengths))
+    cells = [
+        [builder.build(length, depth, s, settings.seed) for s in range(settings.samples)]
+        for length in lengths
+        for depth in settings.depths
+    ]
+    return Prepared(settings, lengths, cells)
+
+
+def run(model, tokenizer, prepared: Prepared, quiet: bool = True) -> dict:
+    """Accuracy per (length, depth) cell and overall, with every prompt's key and answer; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    cells, records = [], []
+    for prompts in tqdm(prepared.cells, desc="passkey", disable=quiet):
+        out = greedy(model, torch.stack([p.ids for p in prompts]), 5 + EXTRA_TOKENS)
+        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        correct = [answer(t) == p.key for t, p in zip(texts, prompts, strict=True)]
+        length, depth = prompts[0].length, prompts[0].depth
+        cells.append({"length": length, "depth": depth, "accuracy": sum(correct) / len(correct),
+                      "correct": sum(correct), "samples": len(correct)})  # fmt: skip
+        records += [{"length": length, "depth": depth, "sample": p.sample, "key": p.key, "output": t, "correct": c}
+                    for p, t, c in zip(prompts, texts, correct, strict=True)]  # fmt: skip
+    s = prepared.settings
+    return {
+        "accuracy": sum(c["correct"] for c in cells) / sum(c["samples"] for c in cells),
+        "cells": cells,
+        "settings": {
+            "lengths": prepared.lengths,
+            "depths": list(s.depths),
+            "samples": s.samples,
+            "seed": s.seed,
+            "new_tokens": 5 + EXTRA_TOKENS,
+        },  # fmt: skip
+        "prompts": records,
+    }

@@ -1,0 +1,295 @@
+"""Every folder and file clakit writes for the user goes through here: check (before any work), stage, publish.
+
+The ownership rule. clakit replaces only what it wrote:
+- an output folder carries a marker, MARKER: {"kind", "run_id", "files", "clakit", "created"}; a folder is replaced
+  (with --overwrite, or always for a report folder) only when it is a clakit output of the same kind and holds
+  nothing beyond the files the marker lists (so files a user added are never deleted). Outputs of older clakit
+  (no marker) are recognised by their records (LEGACY);
+- never `/`, HOME, the working directory or an ancestor of them; never a folder that contains, or is inside, an
+  input of the run (model, teacher, data, recipe); never a plain file or a link where a folder is wanted;
+- a file (an eval report) is replaced only when it is a clakit JSON file of the same format;
+- the refusal suggests --overwrite only when overwriting would be allowed.
+
+Writing: `staged()` makes a unique hidden folder beside the destination (`.NAME.XXXXXXXX.partial`, one per run, so
+two runs never share one), `publish()` renames it into place; an old output is moved aside first and removed only
+once the new one is in place. Any OSError becomes a one-line ClakitError, and a failed run leaves nothing behind.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from clakit.errors import ClakitError
+
+MARKER = ".clakit_output.json"
+NOUNS = {"convert": "convert output", "uptrain": "uptrain run", "model": "uptrained model", "report": "report folder"}
+REPORT_FILES = {"report.md", "report.html", "ppl_vs_kv.png"}
+
+
+def _legacy_kind(folder: Path) -> str | None:
+    """Outputs of clakit versions that wrote no marker, recognised by their own records."""
+    if (folder / "clakit_convert.json").is_file():
+        return "convert"
+    with contextlib.suppress(OSError, ValueError):
+        run = json.loads((folder / "run.json").read_text())
+        if isinstance(run, dict) and {"fingerprint", "recipe"} <= set(run):
+            return "uptrain"
+    names = {p.name for p in folder.iterdir()}
+    return "report" if "report.html" in names and names <= REPORT_FILES else None
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("kind") in NOUNS else None
+
+
+def owner(folder: Path) -> str | None:
+    """The kind of clakit output `folder` is ("convert", "uptrain", ...), or None when clakit did not write it."""
+    marker = read_marker(folder)
+    return marker["kind"] if marker else _legacy_kind(folder)
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Names in a marked clakit output that its marker does not list (files a user put there)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return []  # an older clakit's output: its file list was not recorded
+    known = set(marker.get("files", [])) | {MARKER}
+    return sorted(p.name for p in folder.iterdir() if p.name not in known and not _is_staging(p.name))
+
+
+def _is_staging(name: str) -> bool:
+    """clakit's own leftovers beside or inside an output: staging folders and outputs moved aside."""
+    return name.startswith(".") and name.endswith((".partial", ".old"))
+
+
+# --- checks, before any work ---------------------------------------------------------------------------------------
+
+
+def _protected() -> dict[Path, str]:
+    places = {Path("/"): "the root folder", Path.cwd().resolve(): "the working directory"}
+    with contextlib.suppress(RuntimeError, KeyError):
+        places[Path.home().resolve()] = "your home folder"
+    return places
+
+
+def _input_paths(inputs: Iterable[tuple[str, object]]) -> list[tuple[str, Path]]:
+    """(role, resolved path) of every input that is a local path (Hub ids and NAME:CONFIG:SPLIT specs are not)."""
+    out = []
+    for role, specs in inputs:
+        for spec in [specs] if isinstance(specs, str | Path) else specs or []:
+            path = Path(str(spec)).expanduser()
+            if str(spec) and path.exists():
+                out.append((role, path.resolve()))
+    return out
+
+
+def _check_place(out: Path, label: str, inputs: Iterable[tuple[str, object]]) -> None:
+    """Refuse `out` where replacing it could destroy something: a protected folder, an input, a link."""
+    dest = out.resolve()
+    for place, name in _protected().items():
+        if dest == place or dest in place.parents:
+            what = name if dest == place else f"an ancestor of {name} ({place})"
+            raise ClakitError(f"{label} {out} is {what}; clakit never replaces it: choose a new folder")
+    for role, path in _input_paths(inputs):
+        if dest == path or dest in path.parents:
+            raise ClakitError(f"{label} {out} contains the {role} {path}; choose another folder")
+        if path in dest.parents:
+            raise ClakitError(f"{label} {out} is inside the {role} {path}; choose a folder outside it")
+    if out.is_symlink():
+        raise ClakitError(f"{label} {out} is a link to {os.readlink(out)}; give a real folder or a new name")
+
+
+def check_writable(folder: Path) -> None:
+    """The nearest existing folder at or above `folder` must be a folder we can create files in (probed: the
+    permission bits say nothing for root or on a read-only file system)."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ClakitError(f"{existing} is a file, not a folder; choose an output path whose folders are folders")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".clakit-write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ClakitError(f"cannot write into {existing}: {e.strerror or e}; choose a writable location") from None
+
+
+def _refusal(out: Path, kind: str, overwrite: bool, label: str, replace_hint: str) -> str | None:
+    """Why an existing `out` may not be replaced now, or None when it may."""
+    if not out.is_dir():
+        return f"{label} {out} is an existing file; choose a folder name (clakit never replaces a file with a folder)"
+    if not any(out.iterdir()):
+        return None  # an empty folder: nothing to lose
+    found = owner(out)
+    if found != kind:
+        what = f"a clakit {NOUNS[found]}" if found else "not written by clakit"
+        return (
+            f"{label} {out} already exists and is not a clakit {NOUNS[kind]} ({what}); clakit replaces only its "
+            "own outputs: choose another folder"
+        )
+    extra = foreign_files(out)
+    if extra:
+        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+        return f"{label} {out} holds files clakit did not write ({shown}); move them out or choose another folder"
+    if not overwrite:
+        return f"{label} {out} already exists; {replace_hint}, or choose another"
+    return None
+
+
+def check_folder(
+    out,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[tuple[str, object]] = (),
+    label: str = "output folder",
+    replace_hint: str = "pass --overwrite to replace it",
+) -> Path:
+    """Before any work: raise a one-line ClakitError unless `out` may become this run's `kind` output.
+
+    inputs: (role, path or spec or a list of them) of the run's inputs, e.g. ("source", model_dir), ("data", [..]);
+    only local paths count. Returns `out` made absolute."""
+    out = Path(out).expanduser().absolute()
+    _check_place(out, label, inputs)
+    if out.exists():
+        reason = _refusal(out, kind, overwrite, label, replace_hint)
+        if reason:
+            raise ClakitError(reason)
+    check_writable(out.parent)
+    return out
+
+
+# --- staging and publishing ----------------------------------------------------------------------------------------
+
+
+def make_staging(out: Path) -> Path:
+    """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
+    except OSError as e:
+        raise ClakitError(f"cannot create the output folder beside {out}: {e.strerror or e}") from None
+    return tmp
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_marker(folder: Path, kind: str, run_id: str | None = None, later: Iterable[str] = ()) -> dict:
+    """The marker: what kind of output this is, which run made it, and every top-level name clakit writes there
+    (`later`: names a run adds after publishing, such as an uptrain run's checkpoints/)."""
+    from clakit import __version__
+
+    files = sorted({p.name for p in folder.iterdir()} | set(later) - {MARKER})
+    marker = {
+        "kind": kind,
+        "run_id": run_id or uuid.uuid4().hex,
+        "files": files,
+        "clakit": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    return marker
+
+
+def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: Iterable[str] = (), **labels) -> None:
+    """Mark the finished staging folder and rename it to `out`. An `out` that appeared meanwhile is checked by the
+    same rule; an old output is moved aside, and removed only once the new one is in place."""
+    write_marker(tmp, kind, later=later)
+    if out.exists() or out.is_symlink():
+        _check_place(out, labels.get("label", "output folder"), ())
+        reason = _refusal(out, kind, overwrite, labels.get("label", "output folder"), "pass --overwrite to replace it")
+        if reason:
+            raise ClakitError(reason.replace("already exists", "appeared while this run was working", 1))
+        old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            old.rename(out)  # put the old output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+@contextlib.contextmanager
+def os_errors(out: Path) -> Iterator[None]:
+    """OSError (disk full, permissions, read-only file system) -> one line naming `out`."""
+    try:
+        yield
+    except OSError as e:
+        raise ClakitError(f"cannot write {out}: {e.strerror or e}; check free disk space and permissions") from None
+
+
+@contextlib.contextmanager
+def staged(out, kind: str, *, overwrite: bool = False, later: Iterable[str] = ()) -> Iterator[Path]:
+    """`with staged(out, "convert", overwrite=...) as tmp:` write into tmp; on a clean exit tmp is published as
+    `out`; on any error (one line for OSErrors) or interrupt it is removed and `out` is as it was."""
+    out = Path(out).expanduser().absolute()
+    tmp = make_staging(out)
+    try:
+        with os_errors(out):
+            yield tmp
+            publish(tmp, out, kind, overwrite=overwrite, later=later)
+    finally:
+        discard(tmp)  # a no-op once published
+
+
+# --- single files (eval reports) -----------------------------------------------------------------------------------
+
+
+def _json_format(path: Path) -> str | None:
+    """The "format" field of a small JSON file, or None when it is not one."""
+    with contextlib.suppress(OSError, ValueError):
+        if path.stat().st_size < 64 << 20:
+            data = json.loads(path.read_bytes())
+            return data.get("format") if isinstance(data, dict) else None
+    return None
+
+
+def check_file(path, fmt: str, *, noun: str = "output file", label: str = "output") -> Path:
+    """Before any work: `path` may be written when it does not exist yet, or is a clakit JSON file of `fmt` (a
+    report clakit wrote, which it replaces); its folder must be a folder we can write in. Returns it absolute."""
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise ClakitError(f"{label} {path} is a folder; give a file name such as {path / 'report.json'}")
+    if path.is_symlink():
+        raise ClakitError(f"{label} {path} is a link to {os.readlink(path)}; give a new file name")
+    if path.exists() and _json_format(path) != fmt:
+        raise ClakitError(
+            f"{label} {path} exists and is not a clakit {noun}; clakit replaces only its own files: "
+            "choose another name"
+        )
+    check_writable(path.parent)
+    return path
+
+
+def write_file(path, text: str, fmt: str, *, noun: str = "output file", label: str = "output") -> Path:
+    """Write `text` (JSON of `fmt`) to `path` by the file rule: a unique temp file beside it, then an atomic rename;
+    a crash or a full disk never leaves a half-written or a lost file."""
+    path = check_file(path, fmt, noun=noun, label=label)
+    with os_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,29 @@
+"""vLLM plugin serving clakit Cross-Layer Attention (CLA) checkpoints with the KV-cache saving.
+
+vLLM calls `register()` in every process through the `vllm.general_plugins` entry point. It registers the config
+types `llama_cla` / `mistral_cla` and the architectures `LlamaCLAForCausalLM` / `MistralCLAForCausalLM`, so
+`LLM(model=CLA_DIR)` and `python -m vllm.entrypoints.openai.api_server --model CLA_DIR` load what `clakit convert`
+writes. This package imports only transformers here (vLLM's model classes load lazily, on first use) and never
+imports clakit: vLLM's transformers range and clakit's do not overlap.
+"""
+
+__version__ = "0.1.0"
+
+# architecture -> "module:class", loaded lazily by vLLM's ModelRegistry
+ARCHITECTURES = {
+    "LlamaCLAForCausalLM": "clakit_vllm.models:LlamaCLAForCausalLM",
+    "MistralCLAForCausalLM": "clakit_vllm.models:MistralCLAForCausalLM",
+}
+
+
+def register() -> None:
+    """Entry point: make the CLA config types and model classes known to transformers and vLLM (idempotent)."""
+    from vllm import ModelRegistry
+
+    from .configs import register_configs
+
+    register_configs()
+    supported = set(ModelRegistry.get_supported_archs())
+    for arch, target in ARCHITECTURES.items():
+        if arch not in supported:
+            ModelRegistry.register_model(arch, target)

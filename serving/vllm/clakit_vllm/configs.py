@@ -1,0 +1,79 @@
+"""The config types clakit writes (`llama_cla`, `mistral_cla`): stock Llama/Mistral configs plus `kv_source_layers`.
+
+Layer i reads the keys/values of layer `kv_source_layers[i]` (<= i). A layer that is its own source is a *producer*
+(K/V projections, a KV cache); every other layer is a *consumer* (queries only, no cache). CLA2 over 6 layers is
+[0, 0, 2, 2, 4, 4]. A checkpoint's own configuration_cla.py (remote code) needs a newer transformers than vLLM
+pins, so these classes replace it: they are registered with transformers' AutoConfig and with vLLM's config registry,
+which vLLM consults before remote code.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, LlamaConfig, MistralConfig
+
+CLA_MODEL_TYPES = ("llama_cla", "mistral_cla")
+
+
+def layout_problem(kv_source_layers, num_hidden_layers: int) -> str | None:
+    """The first reason vLLM cannot serve this layout, as one line; None when it can.
+
+    vLLM shares a cache only with an earlier layer that owns one (its model runner maps
+    kv_caches[consumer] = kv_caches[target]), so every source must be a producer at or before its layer.
+    """
+    if not isinstance(kv_source_layers, list | tuple):
+        return f"kv_source_layers must be a list of layer indices, got {kv_source_layers!r}"
+    if len(kv_source_layers) != num_hidden_layers:
+        return f"kv_source_layers has {len(kv_source_layers)} entries but the model has {num_hidden_layers} layers"
+    for layer, source in enumerate(kv_source_layers):
+        if not isinstance(source, int) or isinstance(source, bool) or source < 0:
+            return f"kv_source_layers[{layer}] must be a layer index >= 0, got {source!r}"
+        if source > layer:
+            return f"layer {layer} reads K/V from the later layer {source}; a source must come at or before its layer"
+        if kv_source_layers[source] != source:
+            return (
+                f"layer {layer} reads K/V from layer {source}, which is itself a consumer (of layer "
+                f"{kv_source_layers[source]}); a source must be a producer"
+            )
+    return None
+
+
+class CLAConfigMixin:
+    """Fills in and checks `kv_source_layers` (None: every layer is its own producer, i.e. the stock model)."""
+
+    def _init_kv_source_layers(self) -> None:
+        if self.kv_source_layers is None:
+            self.kv_source_layers = list(range(self.num_hidden_layers))
+        if problem := layout_problem(self.kv_source_layers, self.num_hidden_layers):
+            raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
+        self.kv_source_layers = list(self.kv_source_layers)
+
+
+@strict
+class LlamaCLAConfig(CLAConfigMixin, LlamaConfig):
+    model_type = "llama_cla"
+    kv_source_layers: list[int] | None = None  # CLA: the one new field
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._init_kv_source_layers()  # CLA
+
+
+@strict
+class MistralCLAConfig(CLAConfigMixin, MistralConfig):
+    model_type = "mistral_cla"
+    kv_source_layers: list[int] | None = None  # CLA: the one new field
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._init_kv_source_layers()  # CLA
+
+
+def register_configs() -> None:
+    """Register with AutoConfig, and with vLLM's registry so `--trust-remote-code` still uses these classes."""
+    for config_class in (LlamaCLAConfig, MistralCLAConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    try:  # a private table: absent in other vLLM versions, where AutoConfig alone serves (without remote code)
+        from vllm.transformers_utils.config import _CONFIG_REGISTRY
+    except ImportError:
+        return
+    _CONFIG_REGISTRY.setdefault("llama_cla", LlamaCLAConfig)
+    _CONFIG_REGISTRY.setdefault("mistral_cla", MistralCLAConfig)

@@ -1,0 +1,155 @@
+"""vLLM's Llama and Mistral, subclassed, changing only what Cross-Layer Attention changes (marked `# CLA:`).
+
+A producer layer is the stock layer. A consumer layer (config.kv_source_layers[i] != i) projects queries only
+(`q_proj`, no `qkv_proj`), rotates them, and attends through an `Attention` built with
+`kv_sharing_target_layer_name` = its producer's attention: vLLM allocates it no cache and hands it the producer's
+(as vLLM's gemma3n.py does for its shared layers). So the KV cache, and vLLM's reported capacity, shrink by the
+fraction of consumers. Tensor parallelism follows the stock layers (the consumer's `q_proj` is column-parallel over
+heads like the q part of `qkv_proj`); pipeline parallelism needs stage boundaries between CLA groups, since a
+consumer must find its producer's attention on its own rank.
+"""
+
+import dataclasses
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.linear import ColumnParallelLinear
+from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.mistral import MistralAttention, MistralDecoderLayer, MistralForCausalLM
+from vllm.model_executor.models.utils import WeightsMapper, extract_layer_index
+
+from .configs import CLA_MODEL_TYPES, layout_problem
+
+
+def kv_sharing_target(config, prefix: str) -> str | None:
+    """`model.layers.3.self_attn` -> `model.layers.2.self_attn.attn` when layer 3 reads layer 2's K/V; None for
+    a producer."""
+    layer = extract_layer_index(prefix)
+    source = config.kv_source_layers[layer]
+    if source == layer:
+        return None
+    return f"{prefix.rsplit('.layers.', 1)[0]}.layers.{source}.self_attn.attn"
+
+
+def check_config(config) -> None:
+    """Fail at load with one line when the config is not a servable clakit CLA config."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in CLA_MODEL_TYPES:
+        raise ValueError(
+            f"clakit_vllm: model_type {model_type!r} is not a CLA type ({', '.join(CLA_MODEL_TYPES)}); "
+            "serve CLA checkpoints written by `clakit convert`"
+        )
+    if problem := layout_problem(getattr(config, "kv_source_layers", None), config.num_hidden_layers):
+        raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
+
+
+def cla_weights_mapper(stock: WeightsMapper, kv_source_layers: list[int]) -> WeightsMapper:
+    """The stock mapper, with q/k/v stacked into `qkv_proj` on producers only; a consumer's `q_proj` keeps its name."""
+    stacked = {k: v for k, v in stock.orig_to_new_stacked.items() if k not in (".q_proj", ".k_proj", ".v_proj")}
+    for layer, source in enumerate(kv_source_layers):
+        if source == layer:
+            for shard in ("q", "k", "v"):
+                stacked[f"layers.{layer}.self_attn.{shard}_proj."] = (f"layers.{layer}.self_attn.qkv_proj.", shard)
+    return dataclasses.replace(stock, orig_to_new_stacked=stacked)
+
+
+class CLAAttentionMixin:
+    """Turns the stock attention of a consumer layer into a query-only layer reading its producer's cache."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        target = kv_sharing_target(kwargs["config"], kwargs["prefix"])
+        self.is_producer = target is None
+        if not self.is_producer:
+            self._become_consumer(target, **kwargs)
+
+    def _become_consumer(self, target: str, *, hidden_size, prefix, quant_config=None, bias=False, **kwargs):
+        # CLA: queries only: (tokens, hidden) -> (tokens, heads_per_rank * head_dim), split over heads as in qkv_proj
+        del self.qkv_proj
+        self.q_proj = ColumnParallelLinear(
+            hidden_size,
+            self.total_num_heads * self.head_dim,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.q_proj",
+        )
+        # CLA: rebuild the stock Attention with the same settings plus the sharing target: vLLM gives it no cache.
+        # The stock one registered its name in the forward context; drop it so the name can be reused.
+        stock = self.attn
+        del get_current_vllm_config().compilation_config.static_forward_context[stock.layer_name]
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.scaling,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=kwargs.get("cache_config"),
+            quant_config=quant_config,
+            per_layer_sliding_window=stock.sliding_window,
+            attn_type=stock.attn_type,
+            prefix=stock.layer_name,
+            kv_sharing_target_layer_name=target,
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.is_producer:
+            return super().forward(positions, hidden_states)
+        q, _ = self.q_proj(hidden_states)
+        q, _ = self.rotary_emb(positions, q, None)  # CLA: rotate queries only; the producer cached rotated keys
+        if getattr(self, "do_llama_4_scaling", False):  # Mistral's optional query scaling, as its stock forward
+            q = (q * self._get_llama_4_attn_scale(positions)).to(q.dtype)
+        attn_output = self.attn(q, None, None)  # CLA: K/V come from the producer's cache
+        output, _ = self.o_proj(attn_output)
+        return output
+
+
+class LlamaCLAAttention(CLAAttentionMixin, LlamaAttention):
+    pass
+
+
+class MistralCLAAttention(CLAAttentionMixin, MistralAttention):
+    pass
+
+
+CLA_ATTENTION = {LlamaAttention: LlamaCLAAttention, MistralAttention: MistralCLAAttention}
+
+
+class CLADecoderLayerMixin:
+    """Swaps the attention class a stock decoder layer asks for for its CLA subclass.
+
+    Sits between MistralDecoderLayer and LlamaDecoderLayer in the MRO, so Mistral's layer (which names its attention
+    class itself) keeps its own __init__ unchanged.
+    """
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None, attn_layer_type=LlamaAttention):
+        super().__init__(
+            vllm_config=vllm_config, prefix=prefix, config=config, attn_layer_type=CLA_ATTENTION[attn_layer_type]
+        )  # CLA
+
+
+class LlamaCLADecoderLayer(CLADecoderLayerMixin, LlamaDecoderLayer):
+    pass
+
+
+class MistralCLADecoderLayer(MistralDecoderLayer, CLADecoderLayerMixin, LlamaDecoderLayer):
+    pass
+
+
+class CLAForCausalLMMixin:
+    """Checks the config before building, and loads consumers' `q_proj` unstacked."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
+        check_config(vllm_config.model_config.hf_config)  # CLA: one line naming the problem, before any work
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        model: LlamaModel = self.model
+        model.hf_to_vllm_mapper = cla_weights_mapper(model.hf_to_vllm_mapper, self.config.kv_source_layers)  # CLA
+
+
+class LlamaCLAForCausalLM(CLAForCausalLMMixin, LlamaForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=LlamaCLADecoderLayer)  # CLA
+
+
+class MistralCLAForCausalLM(CLAForCausalLMMixin, MistralForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=MistralCLADecoderLayer)  # CLA

@@ -1,0 +1,98 @@
+"""Helpers for the vLLM serving tests: the CPU vLLM venv, running a checkpoint in it, transformers' reference tokens.
+
+vLLM pins a transformers range that excludes clakit's, so vLLM runs in its own venv (`.venv-vllm`, made by
+serving/vllm/install-cpu.sh when absent) in a subprocess; checkpoints and reference tokens come from this venv.
+The subprocess puts serving/vllm first on PYTHONPATH, so it serves this checkout's plugin, not a stale install.
+"""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = ROOT / "serving" / "vllm"
+VLLM_VENV = Path(os.environ.get("CLAKIT_VLLM_VENV", ROOT / ".venv-vllm"))
+INSTALL_TIMEOUT_S = 1800
+RUN_TIMEOUT_S = 900
+RESULT_PREFIX = "CLAKIT_VLLM_RESULT "
+KV_CACHE_GIB = "1"
+
+
+def vllm_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(
+        PYTHONPATH=str(PLUGIN_DIR),
+        VLLM_CPU_KVCACHE_SPACE=KV_CACHE_GIB,  # the same KV cache bytes for every run: capacities compare
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        HF_HUB_OFFLINE="1",
+        **extra,
+    )
+    return env
+
+
+def _venv_works(python: Path) -> bool:
+    if not python.is_file():
+        return False
+    probe = [str(python), "-c", "import vllm, clakit_vllm"]
+    return subprocess.run(probe, env=vllm_env(), capture_output=True, timeout=600).returncode == 0
+
+
+def ensure_vllm_venv() -> Path:
+    """The venv's python, installing it with install-cpu.sh when absent; fails (never skips) when that fails."""
+    python = VLLM_VENV / "bin" / "python"
+    if _venv_works(python):
+        return python
+    cmd = ["bash", str(PLUGIN_DIR / "install-cpu.sh"), str(VLLM_VENV)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    if proc.returncode != 0 or not _venv_works(python):
+        pytest.fail(
+            f"could not build the CPU vLLM venv at {VLLM_VENV} with `{' '.join(cmd)}` (exit {proc.returncode}); "
+            f"the vLLM serving tests need it. Last output:\n{(proc.stdout + proc.stderr)[-3000:]}",
+            pytrace=False,
+        )
+    return python
+
+
+def run_vllm(python: Path, model: Path, prompts: list[list[int]], tmp_path: Path, **options) -> dict:
+    """`python -m clakit_vllm.run MODEL` in the vLLM venv; its JSON result (serving/vllm/clakit_vllm/run.py)."""
+    prompts_file = tmp_path / f"prompts_{model.name}.json"
+    prompts_file.write_text(json.dumps(prompts))
+    cmd = [str(python), "-m", "clakit_vllm.run", str(model), "--prompts-json", str(prompts_file)]
+    for key, value in options.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = vllm_env()
+    if "kv_cache_bytes" in options:  # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override the engine argument
+        del env["VLLM_CPU_KVCACHE_SPACE"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    assert proc.returncode == 0 and lines, f"vLLM failed on {model} (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (fp32, exactly `max_new_tokens` tokens, EOS ignored)."""
+    from transformers import AutoModelForCausalLM
+
+    import clakit.modeling  # noqa: F401  registers the CLA classes with transformers' Auto* classes
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokens = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
+            tokens.append(out[0, len(ids) :].tolist())
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    return ensure_vllm_venv()

@@ -1,0 +1,213 @@
+"""Loading never guesses: a checkpoint whose config.json and weights disagree, or whose weights are pickle files, is
+refused in one line by `clakit eval`, `convert` and `uptrain` (never run with randomly initialised tensors); a
+NaN/inf loss stops training and publishes nothing; `-q` silences the libraries too.
+
+Placeholders as in test_bad_input_values.py; setup helpers add {bad}, a damaged copy of {model} or {cla}.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from bad_input import Case, assert_clean_refusal, check, run_clakit
+from safetensors.torch import load_file, save_file
+from test_bad_input_values import eval_report, paths  # noqa: F401  (the same folders as the values table)
+from transformers import AutoModelForCausalLM
+from uptrain_fixtures import tiny_cla_checkpoint  # noqa: F401
+
+from clakit.modeling.modeling_cla import WeightsMismatch
+from clakit.uptrain import trainer
+
+EVAL = "eval {bad} -o {tmp}/r.json --data {data}/heldout.txt --seq-len 32 --max-tokens 64 --no-speed -q"
+CONVERT = "convert {bad} {tmp}/out -q"
+UPTRAIN = "uptrain {recipe} -q model.path={bad}"
+
+
+def damaged(src: str, edit) -> callable:
+    """setup: {bad}, a copy of {src} (model or cla) changed by `edit(folder)`."""
+
+    def setup(p: dict) -> None:
+        folder = Path(p["tmp"], "bad")
+        shutil.copytree(p[src], folder)
+        edit(folder)
+        p["bad"] = str(folder)
+
+    return setup
+
+
+def config(change) -> callable:
+    """edit: config.json replaced by `change(dict)` (a dict, or anything JSON, or bytes written as they are)."""
+
+    def edit(folder: Path) -> None:
+        new = change(json.loads((folder / "config.json").read_text()))
+        path = folder / "config.json"
+        path.write_bytes(new) if isinstance(new, bytes) else path.write_text(json.dumps(new))
+
+    return edit
+
+
+def updated(**values) -> callable:
+    return config(lambda c: {**c, **values})
+
+
+def without(*keys) -> callable:
+    return config(lambda c: {k: v for k, v in c.items() if k not in keys})
+
+
+def tensor(name: str, change) -> callable:
+    """edit: the tensor `name` in its shard replaced by `change(tensor)`."""
+
+    def edit(folder: Path) -> None:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shard = folder / index["weight_map"][name]
+        tensors = load_file(shard)
+        tensors[name] = change(tensors[name]).contiguous()
+        save_file(tensors, shard, metadata={"format": "pt"})
+
+    return edit
+
+
+def pickle_weights(folder: Path) -> None:
+    """edit: the safetensors weights replaced by one pickle file, as older exports hold."""
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state |= load_file(shard)
+        shard.unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+ALL_PRODUCERS = updated(kv_source_layers=[0, 1, 2, 3])  # the CLA2 weights have no K/V for layers 1 and 3
+ONE_PRODUCER = updated(kv_source_layers=[0, 0, 0, 0])  # layer 2's K/V have no place
+K1 = "model.layers.1.self_attn.k_proj.weight"
+K2 = "model.layers.2.self_attn.k_proj.weight"
+
+CASES = [
+    # --- config.json that is not a config (AttributeError in transformers for a list)
+    *[Case(cmd, "config.json must be a JSON object of settings, got a list", damaged("model", config(lambda c: [c])),
+           id=f"{cmd.split()[0]}-config-list") for cmd in (EVAL, CONVERT)],
+    Case(UPTRAIN, "config.json must be a JSON object of settings, got a list", damaged("cla", config(lambda c: [c])),
+         id="uptrain-config-list"),
+    Case(EVAL, "config.json (Expecting property name", damaged("model", config(lambda c: b"{oops")),
+         id="eval-config-not-json"),
+    Case(CONVERT, "config.json (Expecting property name", damaged("model", config(lambda c: b"{oops")),
+         id="convert-config-not-json"),
+    Case(EVAL, "config.json ('utf-8' codec can't decode", damaged("model", config(lambda c: b'{"a": "\xff"}')),
+         id="eval-config-not-utf8"),
+    Case(EVAL, "config.json lacks hidden_size", damaged("model", without("hidden_size")), id="eval-no-hidden-size"),
+    Case(CONVERT, "config.json lacks hidden_size, vocab_size", damaged("model", without("hidden_size", "vocab_size")),
+         id="convert-no-hidden-size"),
+    Case(EVAL, "config.json has no model_type", damaged("model", without("model_type")), id="eval-no-model-type"),
+    # --- config.json that disagrees with the weights' shapes
+    Case(CONVERT, "has shape [320, 48] but its config.json makes it [320, 64]",
+         damaged("model", updated(hidden_size=64, head_dim=16)), id="convert-hidden-size"),
+    Case(EVAL, "config.json does not match the weights: lm_head.weight is [320, 48] in the checkpoint but the "
+         "config makes it [320, 64]", damaged("model", updated(hidden_size=64, head_dim=16)), id="eval-hidden-size"),
+    Case(CONVERT, "self_attn.o_proj.weight has shape [48, 48] but its config.json makes it [48, 96]",
+         damaged("model", updated(num_attention_heads=8)), id="convert-heads"),
+    Case(CONVERT, f"tensor {K1} has shape [12, 48] but its config.json makes it [24, 48]",
+         damaged("model", tensor(K1, lambda t: t[:12])), id="convert-consumer-k-proj-shape"),
+    Case(CONVERT + " --kv-source-layers 0,0,2,2", f"tensor {K1} has shape [24, 40]",
+         damaged("model", tensor(K1, lambda t: t[:, :40])), id="convert-consumer-k-proj-columns"),
+    Case(EVAL, f"config.json does not match the weights: {K2} is [12, 48]",
+         damaged("model", tensor(K2, lambda t: t[:12])), id="eval-k-proj-shape"),
+    # --- CLA checkpoints whose layout (kv_source_layers) does not match their K/V tensors
+    Case(EVAL, "the checkpoint lacks 4 tensors its config.json needs (e.g. model.layers.1.self_attn.k_proj.weight)",
+         damaged("cla", ALL_PRODUCERS), id="eval-cla-missing-kv"),
+    Case(UPTRAIN, "the checkpoint lacks 4 tensors its config.json needs", damaged("cla", ALL_PRODUCERS),
+         id="uptrain-cla-missing-kv"),
+    Case(EVAL, f"the checkpoint holds K/V tensors its config.json has no place for (e.g. {K2})",
+         damaged("cla", ONE_PRODUCER), id="eval-cla-unexpected-kv"),
+    Case(UPTRAIN, "the checkpoint holds K/V tensors its config.json has no place for", damaged("cla", ONE_PRODUCER),
+         id="uptrain-cla-unexpected-kv"),
+    Case(EVAL, "config.json does not match the weights: model.layers.0.self_attn.k_proj.weight is [24, 40]",
+         damaged("cla", tensor("model.layers.0.self_attn.k_proj.weight", lambda t: t[:, :40])),
+         id="eval-cla-k-proj-shape"),
+    Case(EVAL, "layer 2 takes K/V from layer 1, which is itself a consumer",
+         damaged("cla", updated(kv_source_layers=[0, 0, 1, 1])), id="eval-cla-bad-layout"),
+    # --- weights: pickle only with the flag (they can run code), NaN weights never make a report
+    Case(EVAL, "holds only pickle weights (pytorch_model.bin), which can run code when loaded; pass --allow-pickle",
+         damaged("model", pickle_weights), id="eval-pickle"),
+    Case(UPTRAIN, "holds only pickle weights (pytorch_model.bin)", damaged("cla", pickle_weights),
+         id="uptrain-pickle"),
+    Case(EVAL, "its weights hold NaN/inf or absurd values",
+         damaged("model", tensor("model.norm.weight", lambda t: torch.full_like(t, float("nan")))), id="eval-nan"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_refused(case, paths, tmp_path, tiny_cla_checkpoint):  # noqa: F811
+    check(case, paths, watch=[tmp_path, tiny_cla_checkpoint])
+
+
+def test_cla_from_pretrained_refuses_weights_its_layout_does_not_match(paths):  # noqa: F811
+    """`from_pretrained` through clakit's CLA classes (registered, or as remote code) never initialises K/V at
+    random; what the caller explicitly allows (ignore_mismatched_sizes) is let through."""
+    damaged("cla", ALL_PRODUCERS)(paths)
+    for kwargs in ({}, {"trust_remote_code": True}):
+        with pytest.raises(WeightsMismatch, match="lacks 4 tensors its config.json needs"):
+            AutoModelForCausalLM.from_pretrained(paths["bad"], **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(paths["cla"], output_loading_info=True)
+    assert not info["missing_keys"] and model.config.kv_source_layers == [0, 0, 2, 2]
+
+
+def test_eval_reads_pickle_weights_with_the_flag(paths):  # noqa: F811
+    damaged("model", pickle_weights)(paths)
+    run = run_clakit(*EVAL.format(**paths).split(), "--allow-pickle")
+    assert run.code == 0, run.err
+    assert json.loads(Path(paths["tmp"], "r.json").read_text())["perplexity"] > 1
+
+
+def test_a_nan_loss_stops_training_and_publishes_nothing(paths, monkeypatch):  # noqa: F811
+    """The loss turns NaN at step 3 (after the checkpoint at step 2): one line, no result, and the checkpoint
+    written before it (finite weights) is all that stays."""
+    real_loss, calls = trainer.uptrain_loss, []
+
+    def diverging(*args):  # one call per step (no gradient accumulation in the tiny recipe)
+        loss, parts = real_loss(*args)
+        calls.append(len(calls) + 1)
+        return (loss * float("nan") if len(calls) >= 3 else loss), parts
+
+    monkeypatch.setattr(trainer, "uptrain_loss", diverging)
+    run = run_clakit("uptrain", paths["recipe"], "-q", f"model.path={paths['cla']}")
+    assert_clean_refusal(run, "the training loss is not finite (nan or inf) at step 3")
+    out = Path(yaml.safe_load(Path(paths["recipe"]).read_text())["train"]["output_dir"])
+    assert not (out / "model").exists()
+    assert not list(out.glob("checkpoints/step-000003*"))
+
+
+def test_stop_if_not_finite():
+    class One:
+        num_processes = 1
+
+    trainer.stop_if_not_finite(3.5, 1, One())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(Exception, match="at step 7"):
+            trainer.stop_if_not_finite(bad, 7, One())
+
+
+def _clakit(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clakit", *map(str, args)], capture_output=True, text=True)
+
+
+def test_quiet_means_quiet(paths):  # noqa: F811
+    """-q: no progress bar, "Loading weights", load report or library warning on stderr, for every command; the
+    same eval without -q shows transformers' bar (so the check can fail)."""
+    p = paths
+    eval_args = ["eval", p["model"], "-o", p["tmp"] / "r.json", "--data", p["data"] / "heldout.txt", "--seq-len", 32,
+                 "--max-tokens", 64, "--batch-size", 2]  # fmt: skip
+    loud = _clakit(*eval_args)
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr, loud.stderr[-2000:]
+    runs = [
+        _clakit(*eval_args, "-q"),
+        _clakit("convert", p["model"], p["tmp"] / "cla", "--init", "mean", "-q"),
+        _clakit("report", p["tmp"] / "r.json", p["tmp"] / "r.json", "-o", p["tmp"] / "rep", "-q"),
+        _clakit("uptrain", p["recipe"], "-q", "train.max_steps=1", f"model.path={p['cla']}"),
+    ]
+    for run in runs:
+        assert run.returncode == 0 and run.stderr == "", (run.args, run.stderr[-2000:])

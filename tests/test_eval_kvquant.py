@@ -1,0 +1,86 @@
+"""KV-cache quantisation baseline: perplexity through a real cache, chunk by chunk, and the bytes the quantised cache
+holds (transformers' QuantizedCache, HQQ backend) against the computed figure, for stock and CLA models."""
+
+import pytest
+import torch
+from conftest import make_text, tiny_model
+from transformers import DynamicCache
+
+from clakit.convert.inmemory import cla_model_from
+from clakit.errors import ClakitError
+from clakit.eval import kvquant, perplexity
+
+GROUP = 8  # divides the tiny model's kv_heads x head_dim = 2 x 12
+
+
+@pytest.fixture(scope="module")
+def stock():
+    return tiny_model("llama", max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer):
+    return perplexity.tokenize(tokenizer, make_text(400, 41), max_tokens=300).ids
+
+
+def quantized(model, nbits, chunk=16):
+    return lambda: kvquant.QuantizedKVCache(model.config, nbits, q_group_size=GROUP, residual_length=chunk)
+
+
+@pytest.mark.parametrize(("seq_len", "stride", "chunk"), [(64, 64, 16), (64, 40, 7), (300, 300, 1)])
+def test_chunked_scoring_through_a_dynamic_cache_equals_the_one_pass_score(stock, ids, seq_len, stride, chunk):
+    ref = perplexity.score(stock, ids, seq_len, stride, batch_size=2, quiet=True)
+    got = perplexity.score_cached(stock, ids, seq_len, stride, lambda: DynamicCache(config=stock.config), chunk, True)
+    assert (
+        (got["num_scored"], got["num_windows"])
+        == (ref["num_scored"], ref["num_windows"])
+        == (len(ids) - 1,) + (ref["num_windows"],)
+    )
+    assert got["nll_sum"] == pytest.approx(ref["nll_sum"], rel=1e-5)
+
+
+def test_quantised_cache_changes_the_score_more_at_fewer_bits(stock, ids):
+    full = perplexity.score(stock, ids, 64, 64, quiet=True)["nll_sum"]
+    nll = {b: perplexity.score_cached(stock, ids, 64, 64, quantized(stock, b), 16, True)["nll_sum"] for b in (8, 4)}
+    assert nll[8] != full  # the cache really stores quantised K/V
+    assert abs(nll[8] - full) < abs(nll[4] - full) < 0.2 * full
+
+
+@pytest.mark.parametrize("nbits", [8, 4])
+@pytest.mark.parametrize("layout", [None, [0, 0, 2, 2], [0, 1, 1, 1]])
+def test_bytes_held_equal_the_computed_bytes_per_token(stock, ids, nbits, layout):
+    model = cla_model_from(stock, layout) if layout else stock
+    cache = quantized(model, nbits)()
+    with torch.inference_mode():
+        for start in range(0, 96, 16):  # 96 tokens, every chunk folded into the quantised store
+            model(input_ids=ids[None, start : start + 16], cache=cache, use_cache=True)
+    per_token = kvquant.bytes_per_token(model.config, nbits, torch.float32, GROUP)
+    assert kvquant.held_bytes(cache) == per_token * 96
+    producers = len(set(layout)) if layout else 4
+    # integers (nbits per value) + fp32 scale and zero per group of 8, for K and V of 2 heads x 12 dims per producer
+    assert per_token == producers * 2 * (24 * nbits / 8 + 2 * (24 // GROUP) * 4)
+
+
+def test_a_residual_not_yet_folded_in_is_counted_at_full_precision(stock, ids):
+    cache = kvquant.QuantizedKVCache(stock.config, 8, q_group_size=GROUP, residual_length=64)
+    with torch.inference_mode():
+        stock(input_ids=ids[None, :32], cache=cache, use_cache=True)  # the first update quantises all
+        stock(input_ids=ids[None, 32:40], cache=cache, use_cache=True)  # 8 tokens kept in fp32
+    residual = 4 * 2 * 24 * 8 * 4  # layers x (K, V) x width x tokens x fp32
+    assert kvquant.held_bytes(cache) == kvquant.bytes_per_token(stock.config, 8, torch.float32, GROUP) * 32 + residual
+
+
+@pytest.mark.parametrize(
+    ("nbits", "group", "needle"),
+    [(3, GROUP, "bits must be one of 8, 4"), (8, 7, "group size must divide"), (4, 0, "group size must divide")],
+)
+def test_bad_quantisation_settings_are_refused_in_one_line(stock, nbits, group, needle):
+    with pytest.raises(ClakitError, match=needle) as e:
+        kvquant.QuantizedKVCache(stock.config, nbits, q_group_size=group)
+    assert "\n" not in str(e.value)
+
+
+def test_sliding_window_models_are_refused(tokenizer):
+    mistral = tiny_model("mistral")
+    with pytest.raises(ClakitError, match="full attention only"):
+        kvquant.QuantizedKVCache(mistral.config, 8, q_group_size=GROUP)

@@ -1,0 +1,153 @@
+"""Passkey retrieval: deterministic prompts of exact lengths with the key at the asked depth, exact-match scoring (a
+model that copies scores 100%, a random one ~0%), the report's grid, `clakit report`'s heat map, bad settings."""
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_text, tiny_model
+
+from clakit.cli import main
+from clakit.convert.inmemory import cla_model_from
+from clakit.errors import ClakitError
+from clakit.eval import evaluate, passkey
+
+FILLER = make_text(6000, 51)
+LENGTHS = [300, 480]
+WINDOW = 512
+
+
+class Copier(torch.nn.Module):
+    """A scripted model that provably retrieves: it reads the key from the needle in its own input and writes it."""
+
+    def __init__(self, tokenizer, config):
+        super().__init__()
+        self.tokenizer, self.config = tokenizer, config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a device and dtype for the caller
+        self.history = None
+
+    def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep=0):
+        self.history = input_ids if input_ids.shape[1] > 1 else torch.cat([self.history, input_ids], 1)
+        logits = torch.full((input_ids.shape[0], 1, len(self.tokenizer)), -1e4)
+        for row, ids in enumerate(self.history):
+            text = self.tokenizer.decode(ids)
+            key = re.search(r"The pass key is (\d+)\.", text).group(1)
+            written = self.tokenizer.decode(ids[self.prompt_len :]) if input_ids.shape[1] == 1 else ""
+            target = self.tokenizer(" " + key + ".", add_special_tokens=False)["input_ids"]
+            step = len(self.tokenizer(written, add_special_tokens=False)["input_ids"]) if written else 0
+            logits[row, 0, target[min(step, len(target) - 1)]] = 0.0
+        if input_ids.shape[1] > 1:
+            self.prompt_len = input_ids.shape[1]
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def stock():
+    return tiny_model("llama", max_position_embeddings=WINDOW)
+
+
+def settings(**kw):
+    return passkey.PasskeySettings(**{"lengths": LENGTHS, "depths": [0.0, 0.5, 1.0], "samples": 3, **kw})
+
+
+def test_prompts_are_deterministic_exact_length_with_the_key_at_its_depth(tokenizer):
+    a = passkey.prepare(tokenizer, FILLER, settings(), WINDOW)
+    b = passkey.prepare(tokenizer, FILLER, settings(), WINDOW)
+    pairs = [(p, q) for c, d in zip(a.cells, b.cells, strict=True) for p, q in zip(c, d, strict=True)]
+    assert len(pairs) == 18 and all(torch.equal(p.ids, q.ids) and p.key == q.key for p, q in pairs)
+    keys = {p.key for cell in a.cells for p in cell}
+    assert len(keys) > len(a.cells)  # keys differ across samples and cells
+    for cell in a.cells:
+        for p in cell:
+            assert len(p.ids) == p.length and p.ids[0] == tokenizer.bos_token_id
+            text = tokenizer.decode(p.ids[1:])
+            assert text.startswith(passkey.INSTRUCTION) and text.endswith(passkey.QUESTION)
+            assert text.count(p.key) == 2
+            needle = tokenizer(passkey.NEEDLE.format(key=p.key), add_special_tokens=False)["input_ids"]
+            head = 1 + len(tokenizer(passkey.INSTRUCTION, add_special_tokens=False)["input_ids"])
+            n_fill = p.length - head - len(needle) - len(tokenizer(passkey.QUESTION)["input_ids"])
+            at = next(i for i in range(len(p.ids)) if p.ids[i : i + len(needle)].tolist() == needle)
+            assert at - head == round(p.depth * n_fill)  # the needle after exactly depth x filler tokens
+    other = passkey.prepare(tokenizer, FILLER, settings(seed=1), WINDOW)
+    assert [p.key for p in other.cells[0]] != [p.key for p in a.cells[0]]
+
+
+def test_a_model_that_copies_scores_every_prompt(tokenizer, stock):
+    prepared = passkey.prepare(tokenizer, FILLER, settings(), WINDOW)
+    result = passkey.run(Copier(tokenizer, stock.config), tokenizer, prepared)
+    assert result["accuracy"] == 1.0 and len(result["cells"]) == len(LENGTHS) * 3
+    assert all(c["samples"] == 3 and c["correct"] == 3 for c in result["cells"])
+    assert len(result["prompts"]) == 18 and all(r["output"].strip().startswith(r["key"]) for r in result["prompts"])
+
+
+def test_a_random_model_scores_about_nothing_and_cla1_decodes_like_it(tokenizer, stock):
+    prepared = passkey.prepare(tokenizer, FILLER, settings(), WINDOW)
+    result = passkey.run(stock, tokenizer, prepared)
+    assert result["accuracy"] <= 0.1
+    cla1 = passkey.run(cla_model_from(stock, list(range(4))), tokenizer, prepared)  # every layer its own producer
+    assert [r["output"] for r in cla1["prompts"]] == [r["output"] for r in result["prompts"]]
+
+
+def test_answer_takes_the_first_number():
+    assert passkey.answer(" 12345. Remember") == "12345"
+    assert passkey.answer(" is 1234 5") == "1234" and passkey.answer(" none") is None
+
+
+def test_report_holds_the_grid_and_report_draws_the_heat_map(tmp_path, capsys, tiny_llama_checkpoint):
+    """`clakit eval --task passkey` on a checkpoint and its CLA2, then `clakit report`."""
+    data = tmp_path / "filler.txt"
+    data.write_text(FILLER)
+    cla = tmp_path / "cla2"
+    assert main(["convert", str(tiny_llama_checkpoint), str(cla), "--factor", "2", "--init", "mean", "-q"]) == 0
+    for name, model in [("orig", tiny_llama_checkpoint), ("cla2", cla)]:
+        argv = ["eval", model, "-o", tmp_path / f"{name}.json", "--data", data, "--seq-len", 64, "--max-tokens", 256]
+        argv += ["--no-speed", "--quiet", "--task", "passkey", "--passkey-lengths", "200", "--passkey-depths", "0,1"]
+        assert main([str(a) for a in argv]) == 0
+    assert "passkey retrieval: accuracy" in capsys.readouterr().out
+    r = json.loads((tmp_path / "orig.json").read_text())["passkey"]
+    assert r["settings"] == {"lengths": [200], "depths": [0.0, 1.0], "samples": 2, "seed": 0, "new_tokens": 8}
+    assert [(c["length"], c["depth"], c["samples"]) for c in r["cells"]] == [(200, 0.0, 2), (200, 1.0, 2)]
+    out = tmp_path / "rep"
+    assert main(["report", str(tmp_path / "orig.json"), str(tmp_path / "cla2.json"), "-o", str(out)]) == 0
+    assert (out / "passkey.png").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "## Passkey retrieval" in md and "| model | passkey accuracy | 200 tokens |" in md
+    assert "<h2>Passkey retrieval</h2>" in (out / "report.html").read_text()
+
+    other = json.loads((tmp_path / "cla2.json").read_text())
+    other["passkey"]["settings"]["samples"] = 5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["report", str(tmp_path / "orig.json"), str(tmp_path / "other.json"), "-o", str(tmp_path / "r2")]) == 2
+    assert "passkey.settings differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"lengths": [600]}, "exceeds the model's window of 512 tokens"),
+        ({"lengths": [20]}, "shorter than the prompt without filler"),
+        ({"depths": [1.5]}, "between 0 and 1"),
+        ({"samples": 0}, "positive integer"),
+        ({"lengths": [0]}, "positive token counts"),
+    ],
+)
+def test_bad_passkey_settings_fail_before_the_model_is_loaded(tokenizer, stock, monkeypatch, kw, needle):
+    monkeypatch.setattr("clakit.eval.suite._load", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ClakitError, match=needle) as e:
+        evaluate(stock, tokenizer=tokenizer, text=FILLER, seq_len=64, quiet=True, passkey=settings(**kw))
+    assert "\n" not in str(e.value)
+
+
+def test_too_little_filler_text_is_named(tokenizer, stock):
+    with pytest.raises(ClakitError, match="too few to fill"):
+        passkey.prepare(tokenizer, make_text(100, 1), settings(), WINDOW)
+
+
+def test_passkey_flags_need_the_task(capsys, tiny_llama_checkpoint, tmp_path):
+    argv = ["eval", str(tiny_llama_checkpoint), "-o", str(tmp_path / "r.json"), "--passkey-samples", "3"]
+    assert main(argv) == 2 and "need --task passkey" in capsys.readouterr().err
+    argv = ["eval", str(tiny_llama_checkpoint), "-o", str(tmp_path / "r.json"), "--task", "passkey"]
+    assert main(argv + ["--passkey-depths", "half"]) == 2 and "comma-separated numbers" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
