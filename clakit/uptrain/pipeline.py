@@ -269,8 +269,9 @@ def wait_for_conversion(converted: Path, failed: Path, poll_s: float | None = No
     import time
 
     while not (converted / "config.json").is_file():
-        if failed.is_file():
-            raise ClakitError(f"the main process failed converting model.source ({failed.read_text()[:300]})")
+        if failed.is_file() or not converted.parent.is_dir():  # the note, or the run folder already cleaned up
+            why = failed.read_text()[:300] if failed.is_file() else "its run folder is gone"
+            raise ClakitError(f"the main process failed converting model.source ({why})")
         time.sleep(CONVERT_POLL_S if poll_s is None else poll_s)
 
 
