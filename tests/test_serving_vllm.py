@@ -52,6 +52,18 @@ def test_tiny_mistral_cla_tokens_and_capacity(vllm_python, tiny_mistral_pair, to
     assert ratio >= 0.95 * len(LAYOUT) / len(set(LAYOUT)), (served, baseline)
 
 
+@pytest.mark.slow
+def test_tiny_llama_bf16_tied_cla3(vllm_python, tokenizer, tmp_path):  # noqa: F811
+    """A bf16 checkpoint with tied embeddings and uniform CLA3, served in fp32: the tokens of transformers in fp32."""
+    stock = save_checkpoint(tiny_model("llama", **TINY, tie_word_embeddings=True), tokenizer, tmp_path / "stock")
+    cla = convert(stock, tmp_path / "cla3", factor=3, init="mean", dtype="bfloat16", quiet=True)
+    assert json.loads((cla / "config.json").read_text())["kv_source_layers"] == [0, 0, 0, 3, 3, 3]
+    ids = prompts(tokenizer)
+    served = run_vllm(vllm_python, cla, ids, tmp_path, max_tokens=MAX_TOKENS)
+    assert served["architecture"] == "LlamaCLAForCausalLM"
+    assert served["tokens"] == hf_greedy(cla, ids, MAX_TOKENS)
+
+
 def bad_checkpoint(cla: Path, dest: Path, **config_changes) -> Path:
     """A copy of `cla` (weights linked, not copied) with config.json fields replaced."""
     dest.mkdir()
