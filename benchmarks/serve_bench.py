@@ -1,7 +1,7 @@
 """vLLM serving, original vs CLA at the same KV cache bytes: capacity, maximum concurrency, throughput (JSON).
 
     flock /work/bench.lock .venv/bin/python benchmarks/serve_bench.py [-o docs/figures/serve_bench_cpu.json]
-        [--original DIR --cla DIR] [--kv-cache-mib 64] [--prompt-tokens 32] [--max-tokens 96]
+        [--original DIR --cla DIR] [--kv-cache-mib 64] [--prompt-tokens 32] [--max-tokens 32]
 
 Defaults: SmolLM2-135M from the demo GGUF (`clakit fetch-demo`), saved as a plain HF folder, and its CLA2
 conversion (`--factor 2 --init mean`); both fp32. Both run in the CPU vLLM venv (.venv-vllm, made by
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cla", help="CLA checkpoint folder (default: SmolLM2 converted to CLA2, mean init)")
     p.add_argument("--kv-cache-mib", type=int, default=64, help="the same KV cache size for both models")
     p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=1024, help="<= the cache's capacity: vLLM refuses less")
     return p.parse_args(argv)
 
