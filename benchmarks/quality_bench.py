@@ -119,8 +119,8 @@ def convert(model, method: str, saving: float, calib_ids: torch.Tensor, steps: i
 class Sweep:
     """Rows of the table: each measured model, its KV bytes per token, perplexity, ratio to the original."""
 
-    def __init__(self, heldout: Heldout, original_bytes: float):
-        self.heldout, self.original_bytes = heldout, original_bytes
+    def __init__(self, heldout: Heldout, original_bytes: float, partial: str | None = None):
+        self.heldout, self.original_bytes, self.partial = heldout, original_bytes, partial
         self.rows: list[dict] = []
         self.original_ppl = None
 
@@ -137,6 +137,8 @@ class Sweep:
         }  # fmt: skip
         self.rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+        if self.partial:  # a long sweep keeps what it measured if it is stopped
+            Path(self.partial).write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         return row
 
 
@@ -167,8 +169,6 @@ def run_baselines(sweep: Sweep, model, calib, args) -> None:
         start = time.perf_counter()
         merged = kvheads.merge_kv_heads(model, args.kv_heads, name.removeprefix("heads-"), calib_ids=calib)
         sweep.add(name, merged, kv_heads=args.kv_heads, convert_wall_s=time.perf_counter() - start)
-        for bits in args.cla_kv_bits if name == "heads-fitted" else ():
-            sweep.add(f"{name}+kv{bits}", merged, bits, kv_heads=args.kv_heads)
 
 
 def run_checkpoints(sweep: Sweep, specs: list[str], args) -> None:
@@ -218,9 +218,9 @@ def main() -> None:
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--kv-heads", type=int, default=1, help="KV heads after merging (SmolLM2: 3 -> 1)")
     ap.add_argument("--cla-kv-bits", default="8", help="bits of the quantised cache on CLA models ('' for none)")
-    ap.add_argument("--chunk", type=int, default=16, help="tokens per forward through a quantised cache")
+    ap.add_argument("--chunk", type=int, default=32, help="tokens per forward through a quantised cache")
     ap.add_argument("--calib-tokens", type=int, default=4096)
-    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="reconstruct Adam steps per group")
     ap.add_argument("--threads", type=int, default=None)
@@ -238,7 +238,7 @@ def main() -> None:
     model, tokenizer, assets = load_demo()
     calib = calib_input_ids(tokenizer, [Text("calib", assets.calib.read_text())], args.calib_tokens, args.seq_len)
     heldout = Heldout(tokenizer, assets.heldout, args.eval_tokens, args.seq_len, args.chunk)
-    sweep = Sweep(heldout, kv_bytes(model.config))
+    sweep = Sweep(heldout, kv_bytes(model.config), args.out and args.out + ".partial.jsonl")
     sweep.add("original", model)
     run_baselines(sweep, model, calib, args)
     run_cla(sweep, model, calib, args)
