@@ -158,7 +158,8 @@ def run_cla(sweep: Sweep, model, calib, args) -> None:
             cla, layout, extra = convert(model, method, saving, calib, args.steps, layouts)
             info = {"kv_saving_requested": saving, "layout": layout, "convert_wall_s": time.perf_counter() - start}
             info |= {"auto_choice": extra["auto_layout"]["chosen"]} if extra else {}
-            sweep.add(method, cla, passkey_of=args.passkey if method == "auto+reconstruct" else None, **info)
+            retrieval = method == "auto+reconstruct" and saving in args.passkey_savings
+            sweep.add(method, cla, passkey_of=args.passkey if retrieval else None, **info)
             if method == "auto+reconstruct":
                 for bits in args.cla_kv_bits:
                     sweep.add(f"{method}+kv{bits}", cla, bits, kv_saving_requested=saving, layout=layout)
@@ -223,6 +224,7 @@ def main() -> None:
     ap.add_argument("--cla-kv-bits", default="8", help="bits of the quantised cache on CLA models ('' for none)")
     ap.add_argument("--chunk", type=int, default=32, help="tokens per forward through a quantised cache")
     ap.add_argument("--passkey-lengths", default="", help="e.g. 512,1024,2048: passkey accuracy (depths 0/0.5/1)")
+    ap.add_argument("--passkey-savings", default="0.5", help="auto+reconstruct savings that also run the passkey")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -236,6 +238,7 @@ def main() -> None:
     )  # fmt: skip
     args = ap.parse_args()
     args.cla_kv_bits = [int(b) for b in args.cla_kv_bits.split(",") if b]
+    args.passkey_savings = [float(x) for x in args.passkey_savings.split(",") if x]
     if args.threads:
         torch.set_num_threads(args.threads)
     start, load = time.perf_counter(), os.getloadavg()
@@ -244,7 +247,7 @@ def main() -> None:
     heldout = Heldout(tokenizer, assets.heldout, args.eval_tokens, args.seq_len, args.chunk)
     sweep = Sweep(heldout, kv_bytes(model.config), args.out and args.out + ".partial.jsonl")
     args.passkey = None
-    if args.passkey_lengths:  # passkey retrieval on the original and every auto+reconstruct model (and checkpoints)
+    if args.passkey_lengths:  # passkey retrieval on the original, auto+reconstruct at --passkey-savings, checkpoints
         lengths = [int(n) for n in args.passkey_lengths.split(",")]
         settings = passkey.PasskeySettings(lengths, [0.0, 0.5, 1.0], samples=2)
         filler = join_texts(load_texts([str(assets.heldout)]))
