@@ -235,3 +235,19 @@ def test_sequential_inputs_of_interleaved_groups_are_the_partially_converted_mod
         for g, e in zip(got[i], expected[i], strict=True):
             torch.testing.assert_close(g, e)
     assert not torch.allclose(got[4][0], stats.acts[4][0][0])  # not the stock model's
+
+
+def test_bf16_fits_run_and_track_the_fp32_ones(tiny_checkpoint, calib_ids):
+    """The GPU's `--dtype bfloat16` path (here on the CPU, below the device check): layers, streams and fitted
+    tensors in bf16, statistics in fp64; the fit lands near the fp32 one."""
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    ckpt = SafetensorsCheckpoint(tiny_checkpoint)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = LayerwiseModel.from_checkpoint(config, ckpt, torch.device("cpu"), dtype)
+        runs[dtype] = fit_kv(runner.model, LAYOUT, calib_ids[:4], "reconstruct", steps=3, progress=False)
+    assert runs[torch.float32].keys() == runs[torch.bfloat16].keys()
+    for name, ref in runs[torch.float32].items():
+        got = runs[torch.bfloat16][name]
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        assert (got.float() - ref).norm() <= 0.1 * ref.norm(), name
