@@ -40,18 +40,9 @@ print(json.dumps({"rc": rc, "wall_s": wall, "rss_after_import": base, "peak_rss"
 
 
 def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
-    head_dim, p = HIDDEN // HEADS, f"model.layers.{i}."
-    return {
-        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-        p + "self_attn.k_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-        p + "self_attn.v_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-        p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-        p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-        p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-        p + "input_layernorm.weight": (HIDDEN,),
-        p + "post_attention_layernorm.weight": (HIDDEN,),
-    }
+    from convert_bench import layer_tensors  # this folder is on sys.path when the script runs
+
+    return layer_tensors(i, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS)
 
 
 def make_checkpoint(folder: Path, layers: int, tokenizer) -> int:
