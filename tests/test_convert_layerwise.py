@@ -182,7 +182,7 @@ def test_record_holds_the_whole_config_and_every_calibration_file(tiny_llama_che
 
 
 def test_bad_config_values_are_refused_with_the_flag_name():
-    with pytest.raises(ClakitError, match="--reconstruct-steps must be positive"):
+    with pytest.raises(ClakitError, match="--reconstruct-steps must be a positive number of steps"):
         ConvertConfig(reconstruct_steps=0)
     with pytest.raises(ClakitError, match="calib_tokens must be"):
         ConvertConfig(calib_tokens="many")
