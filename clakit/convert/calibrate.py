@@ -223,43 +223,58 @@ def layer_stats(
     A forward sweep carries every calibration row's residual stream (n_seq, seq, hidden) from layer to layer,
     accumulating the Grams and writing each layer's input stream to `scratch` (and the kept activations); the loss
     gradient w.r.t. the last stream is then carried back down, layer by layer, each layer recomputed from its saved
-    input, and the squared gradients of k/v (and o) outputs accumulated: exactly the full-model backward's.
+    input, and the squared gradients of k/v (and o) outputs accumulated: the full-model backward's, to rounding.
     """
-    from tqdm.auto import tqdm
-
     keep_seqs = RECONSTRUCT_SEQS if keep_seqs is None else keep_seqs
     pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
     keep = sorted(set(keep))
     stats = KVStats(acts=SpilledActs(scratch, keep, runner.device))
     ids = input_ids.to(runner.device)
-    n_keep = min(keep_seqs, len(ids)) if keep else 0
-    stats.ids = ids[:n_keep] if keep else None
-    model, layers = runner.model, range(runner.model.config.num_hidden_layers)
-    requires = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)  # gradients w.r.t. activations only
+    stats.ids = ids[: min(keep_seqs, len(ids))] if keep else None
+    requires = [p.requires_grad for p in runner.model.parameters()]
+    runner.model.requires_grad_(False)  # gradients w.r.t. activations only
     try:
-        with torch.no_grad():
-            streams = [model.get_input_embeddings()(row[None]) for row in ids]  # per row (1, seq, hidden)
-        xs: dict[int, list[torch.Tensor]] = {}
-        for i in tqdm(layers, desc="statistics: forward", disable=not progress, leave=False):
-            torch.save(streams, scratch / f"stream-{i}.pt")
-            with runner.loaded(i):
-                streams = _forward_layer(stats, model, i, streams, xs, i in keep, n_keep)
-            _add_grams(stats, pairs, xs, i, _has_bias(model))
-        grads = _loss_grads(stats, model, streams, ids)
-        for i in tqdm(reversed(layers), desc="statistics: backward", disable=not progress, leave=False):
-            streams = torch.load(scratch / f"stream-{i}.pt", map_location=runner.device, weights_only=True)
-            (scratch / f"stream-{i}.pt").unlink()
-            with runner.loaded(i):
-                grads = _backward_layer(stats, model, i, streams, grads, i in keep)
+        streams = _forward_sweep(stats, runner, ids, pairs, keep, scratch, progress)
+        grads = _loss_grads(stats, runner.model, streams, ids)
+        _backward_sweep(stats, runner, grads, keep, scratch, progress)
     finally:
-        for p, r in zip(model.parameters(), requires, strict=True):
+        for p, r in zip(runner.model.parameters(), requires, strict=True):
             p.requires_grad_(r)
     return stats
 
 
+def _forward_sweep(stats: KVStats, runner, ids, pairs: list, keep: list, scratch: Path, progress: bool) -> list:
+    """Every row's residual stream carried through the layers, each layer's input stream saved to `scratch`;
+    returns the last streams, per row (1, seq, hidden)."""
+    from tqdm.auto import tqdm
+
+    model = runner.model
+    with torch.no_grad():
+        streams = [model.get_input_embeddings()(row[None]) for row in ids]
+    xs: dict[int, list[torch.Tensor]] = {}  # attention inputs of the layers later pairs still need
+    layers = range(model.config.num_hidden_layers)
+    for i in tqdm(layers, desc="statistics: forward", disable=not progress, leave=False):
+        torch.save(streams, scratch / f"stream-{i}.pt")
+        with runner.loaded(i):
+            streams = _forward_layer(stats, model, i, streams, xs, i in keep)
+        _add_grams(stats, pairs, xs, i, _has_bias(model))
+    return streams
+
+
+def _backward_sweep(stats: KVStats, runner, grads: list, keep: list, scratch: Path, progress: bool) -> None:
+    """The loss gradient carried from the last layer to the first; each saved stream is removed once used."""
+    from tqdm.auto import tqdm
+
+    layers = reversed(range(runner.model.config.num_hidden_layers))
+    for i in tqdm(layers, desc="statistics: backward", disable=not progress, leave=False):
+        streams = torch.load(scratch / f"stream-{i}.pt", map_location=runner.device, weights_only=True)
+        (scratch / f"stream-{i}.pt").unlink()
+        with runner.loaded(i):
+            grads = _backward_layer(stats, runner.model, i, streams, grads, i in keep)
+
+
 @torch.no_grad()
-def _forward_layer(stats, model, i: int, streams: list, xs: dict, keep: bool, n_keep: int) -> list:
+def _forward_layer(stats, model, i: int, streams: list, xs: dict, keep: bool) -> list:
     """Layer i over every row; its attention inputs go to `xs[i]`, kept rows' (input, output) to disk."""
     captured: dict = {"x": [], "y": []}
     attn = _attn(model, i)
@@ -273,6 +288,7 @@ def _forward_layer(stats, model, i: int, streams: list, xs: dict, keep: bool, n_
             h.remove()
     xs[i] = captured["x"]
     if keep:
+        n_keep = len(stats.ids)  # the first rows: (seq, hidden) fp32 attention input and o_proj output
         acts = [(x[0].float(), y[0].float()) for x, y in zip(captured["x"][:n_keep], captured["y"], strict=False)]
         torch.save(acts, stats.acts.path(i))
     return streams

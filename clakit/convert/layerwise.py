@@ -76,7 +76,10 @@ class LayerwiseModel:
         stack = contextlib.ExitStack()
 
         def pre(i):
-            return lambda module, args: stack.enter_context(self.loaded(i)) and None
+            def hook(module, args):
+                stack.enter_context(self.loaded(i))
+
+            return hook
 
         def post(module, args, output):
             stack.close()
