@@ -188,6 +188,35 @@ def _fisher_hook(stats: KVStats, kind: str, layer: int):
     return hook
 
 
+class SpilledGrams(dict):
+    """`KVStats.gram` whose finished entries live on disk (`spill`), read back when a fit asks for them: the Grams
+    of a deep model ((hidden+1)^2 fp64 per pair, ~3 pairs per CLA2 group: 6 GB for an 8B model) never sit in memory
+    together."""
+
+    def __init__(self, folder: Path, device: torch.device):
+        super().__init__()
+        self.folder, self.device, self.on_disk = folder, device, set()
+
+    def _path(self, key: tuple[int, int]) -> Path:
+        return self.folder / f"gram-{key[0]}-{key[1]}.pt"
+
+    def spill(self, keys) -> None:
+        for key in keys:
+            torch.save(super().pop(key), self._path(key))
+            self.on_disk.add(key)
+
+    def __getitem__(self, key):
+        if key in self.on_disk:
+            return torch.load(self._path(key), map_location=self.device, weights_only=True)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.on_disk or super().__contains__(key)
+
+    def keys(self):
+        return set(super().keys()) | self.on_disk
+
+
 class SpilledActs(Mapping):
     """`KVStats.acts` written to disk by `layer_stats`, one file per layer, read back when a group needs them."""
 
@@ -228,7 +257,7 @@ def layer_stats(
     keep_seqs = RECONSTRUCT_SEQS if keep_seqs is None else keep_seqs
     pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
     keep = sorted(set(keep))
-    stats = KVStats(acts=SpilledActs(scratch, keep, runner.device))
+    stats = KVStats(gram=SpilledGrams(scratch, runner.device), acts=SpilledActs(scratch, keep, runner.device))
     ids = input_ids.to(runner.device)
     stats.ids = ids[: min(keep_seqs, len(ids))] if keep else None
     requires = [p.requires_grad for p in runner.model.parameters()]
@@ -295,11 +324,13 @@ def _forward_layer(stats, model, i: int, streams: list, xs: dict, keep: bool) ->
 
 
 def _add_grams(stats: KVStats, pairs: list, xs: dict, i: int, bias: bool) -> None:
-    """Grams of the pairs (a, i) ending at layer i, summed over rows in order; inputs no later pair needs go."""
-    for a, b in pairs:
-        if b == i:
-            for xa, xb in zip(xs[a], xs[b], strict=True):
-                stats.gram[(a, b)] = stats.gram.get((a, b), 0) + _augment(xa, bias).T @ _augment(xb, bias)
+    """Grams of the pairs (a, i) ending at layer i, summed over rows in order, then written to disk; inputs no later
+    pair needs go."""
+    finished = [(a, b) for a, b in pairs if b == i]
+    for a, b in finished:
+        for xa, xb in zip(xs[a], xs[b], strict=True):
+            stats.gram[(a, b)] = stats.gram.get((a, b), 0) + _augment(xa, bias).T @ _augment(xb, bias)
+    stats.gram.spill(finished)
     for a in [a for a in xs if not any(p == a and q > i for p, q in pairs)]:
         del xs[a]
 
@@ -350,10 +381,10 @@ def _own_weight(model, kind: str, layer: int) -> torch.Tensor:
     return torch.cat([w, proj.bias.detach().double()[None]], 0) if proj.bias is not None else w
 
 
-def _member_weights(stats: KVStats, kind: str, members: list[int], out: int, fisher: bool) -> torch.Tensor:
+def _member_weights(stats: KVStats, kind: str, members: list[int], out: int, fisher: bool, device) -> torch.Tensor:
     """(members, out) per-(layer, channel) error weights: Fisher, or ones when `fisher` is False."""
     if not fisher:
-        return torch.ones(len(members), out, dtype=torch.float64, device=stats.gram[(members[0], members[0])].device)
+        return torch.ones(len(members), out, dtype=torch.float64, device=device)
     return torch.stack([stats.fisher[(kind, m)] for m in members])
 
 
@@ -377,7 +408,7 @@ def fit_group(
     p = members[0]
     s, u = _eigh(stats, p)
     own = [_own_weight(model, kind, m) for m in members]
-    f = _member_weights(stats, kind, members, own[0].shape[1], fisher)  # (members, out)
+    f = _member_weights(stats, kind, members, own[0].shape[1], fisher, s.device)  # (members, out)
     rhs = sum(stats.cross(p, m) @ (w * f[i]) for i, (m, w) in enumerate(zip(members, own, strict=True)))
     f_c = f.sum(0)  # (out,)
     lam = ridge * f_c.mean() * s.mean().clamp_min(1e-12)  # mean eigenvalue = mean diagonal
@@ -427,6 +458,7 @@ def calibrated_overrides(
             for kind in ("k_proj", "v_proj"):
                 shared = fit_group(model, stats, kind, members, ridge, fisher)
                 out.update(shared_to_overrides(model, kind, producer, shared))
+        stats.eig.pop(producer, None)  # each producer leads one group here: its decomposition is not needed again
     return out
 
 
