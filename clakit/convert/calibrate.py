@@ -15,7 +15,7 @@ so memory does not grow with the number of calibration tokens. Keys are fitted p
 RoPE is the same rotation for every layer at a given position, so matching pre-RoPE keys matches rotated ones.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +215,38 @@ class SpilledGrams(dict):
 
     def keys(self):
         return set(super().keys()) | self.on_disk
+
+
+class SpilledTensors(MutableMapping):
+    """Tensor name -> tensor, each kept in its own file under `folder` and read back when asked for: the fitted
+    tensors of a deep model wait for the writer on disk, not in memory."""
+
+    def __init__(self, folder: Path, device: torch.device):
+        self.folder, self.device, self.names = folder, device, []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.pt"
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        torch.save(tensor.detach().clone(), self._path(name))  # clone: a view would save its whole base
+        if name not in self.names:
+            self.names.append(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return torch.load(self._path(name), map_location=self.device, weights_only=True)
+
+    def __delitem__(self, name: str) -> None:
+        self.names.remove(name)
+        self._path(name).unlink()
+
+    def __iter__(self):
+        return iter(list(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class SpilledActs(Mapping):
@@ -447,10 +479,11 @@ def shared_to_overrides(model, kind: str, producer: int, shared: torch.Tensor) -
 
 
 def calibrated_overrides(
-    model, layout: list[int], stats: KVStats, ridge: float = DEFAULT_RIDGE, fisher: bool = True
-) -> dict[str, torch.Tensor]:
-    """Closed-form fitted K/V of every shared group (groups of one keep their own weights: nothing to fit)."""
-    out = {}
+    model, layout: list[int], stats: KVStats, ridge: float = DEFAULT_RIDGE, fisher: bool = True, out=None
+) -> MutableMapping[str, torch.Tensor]:
+    """Closed-form fitted K/V of every shared group (groups of one keep their own weights: nothing to fit), added to
+    `out` (default a new dict; the converter's `SpilledTensors` keeps them on disk)."""
+    out = {} if out is None else out
     for producer, members in groups(layout).items():
         if len(members) == 1:
             continue
@@ -476,8 +509,9 @@ def fit_kv(
     progress=True,
     ridge: float = DEFAULT_RIDGE,
     scratch: Path | None = None,
+    store: MutableMapping | None = None,
     **reconstruct_options,
-) -> dict[str, torch.Tensor]:
+) -> MutableMapping[str, torch.Tensor]:
     """Tensor-name -> tensor overrides for `cla_model_from(model, layout, overrides=...)` / the streaming converter.
 
     `model` is the stock (non-CLA) source model, whole in memory or a `LayerwiseModel`'s (decoder layers read from
@@ -485,7 +519,7 @@ def fit_kv(
     per-layer streams written to `scratch` (default: a temporary folder). `input_ids` (n_seq, seq_len) from
     `calib_input_ids`. `reconstruct` caches activations of at most `RECONSTRUCT_SEQS` sequences and runs `steps`
     Adam steps per group (default `reconstruct.DEFAULT_STEPS`); `reconstruct_options`: `lr`, `train_o`,
-    `sequential` of `reconstruct_overrides`.
+    `sequential` of `reconstruct_overrides`. `store`: where the fitted tensors go (default a new dict).
     """
     import tempfile
 
@@ -499,13 +533,14 @@ def fit_kv(
     with tempfile.TemporaryDirectory(prefix=".clakit-calib.", dir=scratch) as folder:
         stats = layer_stats(LayerwiseModel.in_memory(model), input_ids, group_pairs(layout), Path(folder), keep,
                             progress=progress)  # fmt: skip
-        overrides = calibrated_overrides(model, layout, stats, ridge)
+        overrides = calibrated_overrides(model, layout, stats, ridge, out=store)
         if method == "reconstruct":
             from clakit.convert.reconstruct import reconstruct_overrides
 
             overrides = reconstruct_overrides(
-                model, layout, stats, overrides, seed=seed, steps=steps, progress=progress, **reconstruct_options
-            )
+                model, layout, stats, overrides, seed=seed, steps=steps, progress=progress, out=overrides,
+                **reconstruct_options,
+            )  # fmt: skip
     return overrides
 
 
