@@ -40,19 +40,20 @@ print(json.dumps({"wall_s": wall, "rss_after_import": base, "peak_rss": status("
 """
 
 
-def layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
-    head_dim = HIDDEN // HEADS
+def layer_tensors(i: int, hidden=HIDDEN, intermediate=INTERMEDIATE, heads=HEADS, kv_heads=KV_HEADS) -> dict:
+    """Llama decoder layer i's tensor names -> shapes (also used by convert_scale.py)."""
+    head_dim = hidden // heads
     p = f"model.layers.{i}."
     return {
-        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-        p + "self_attn.k_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-        p + "self_attn.v_proj.weight": (KV_HEADS * head_dim, HIDDEN),
-        p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-        p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-        p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-        p + "input_layernorm.weight": (HIDDEN,),
-        p + "post_attention_layernorm.weight": (HIDDEN,),
+        p + "self_attn.q_proj.weight": (hidden, hidden),
+        p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+        p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+        p + "self_attn.o_proj.weight": (hidden, hidden),
+        p + "mlp.gate_proj.weight": (intermediate, hidden),
+        p + "mlp.up_proj.weight": (intermediate, hidden),
+        p + "mlp.down_proj.weight": (hidden, intermediate),
+        p + "input_layernorm.weight": (hidden,),
+        p + "post_attention_layernorm.weight": (hidden,),
     }
 
 

@@ -17,30 +17,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clakit.convert import autolayout  # noqa: E402
-from clakit.convert.pipeline import convert  # noqa: E402
+from clakit.convert import ConvertConfig, convert  # noqa: E402
 from clakit.demo import fetch_demo  # noqa: E402
 from clakit.eval import evaluate  # noqa: E402
 
-VARIANTS = {"dp": (False, None), "capped": (True, None), "uncapped": (True, 10**6)}  # (REFINE, REFINE_MAX_GROUP)
+VARIANTS = {"dp": {"refine": False}, "capped": {}, "uncapped": {"refine_max_group": 10**6}}  # ConvertConfig fields
 
 
 def run_variant(name: str, assets, out: Path, calib_tokens: int) -> dict:
-    saved = autolayout.REFINE, autolayout.REFINE_MAX_GROUP
-    autolayout.REFINE, autolayout.REFINE_MAX_GROUP = VARIANTS[name]
+    config = ConvertConfig(
+        calib_data=[str(assets.calib)], calib_tokens=calib_tokens, eval_data=[str(assets.heldout)], **VARIANTS[name]
+    )
     start = time.perf_counter()
-    try:
-        convert(
-            assets.model,
-            out,
-            calib_data=str(assets.calib),
-            calib_tokens=calib_tokens,
-            eval_data=str(assets.heldout),
-            overwrite=True,
-            quiet=True,
-        )
-    finally:
-        autolayout.REFINE, autolayout.REFINE_MAX_GROUP = saved
+    convert(assets.model, out, config, overwrite=True, quiet=True)
     record = json.loads((out / "clakit_convert.json").read_text())
     chosen = record["auto_layout"]["chosen"]
     return {

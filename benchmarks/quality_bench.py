@@ -47,7 +47,7 @@ from clakit.convert.calibrate import calib_input_ids, fit_kv  # noqa: E402
 from clakit.convert.inmemory import cla_model_from  # noqa: E402
 from clakit.convert.layout import kv_saving, uniform_layout  # noqa: E402
 from clakit.corpus import Text, join_texts, load_texts  # noqa: E402
-from clakit.eval import kvcache, kvquant, perplexity  # noqa: E402
+from clakit.eval import kvcache, kvquant, passkey, perplexity  # noqa: E402
 
 METHODS = ("mean", "calibrated", "reconstruct", "auto+calibrated", "auto+reconstruct")
 BASELINES = ("kv8", "kv4", "heads-mean", "heads-fitted")
@@ -119,14 +119,17 @@ def convert(model, method: str, saving: float, calib_ids: torch.Tensor, steps: i
 class Sweep:
     """Rows of the table: each measured model, its KV bytes per token, perplexity, ratio to the original."""
 
-    def __init__(self, heldout: Heldout, original_bytes: float):
-        self.heldout, self.original_bytes = heldout, original_bytes
+    def __init__(self, heldout: Heldout, original_bytes: float, partial: str | None = None):
+        self.heldout, self.original_bytes, self.partial = heldout, original_bytes, partial
         self.rows: list[dict] = []
         self.original_ppl = None
 
-    def add(self, method: str, model, nbits: int | None = None, **extra) -> dict:
+    def add(self, method: str, model, nbits: int | None = None, passkey_of=None, **extra) -> dict:
         start = time.perf_counter()
         ppl = self.heldout.ppl(model, nbits)
+        if passkey_of is not None:  # (tokenizer, prepared prompts): retrieval through the model's own cache
+            found = passkey.run(model, passkey_of[0], passkey_of[1])
+            extra["passkey"] = {k: found[k] for k in ("accuracy", "cells", "settings")}
         self.original_ppl = self.original_ppl or ppl  # the first row is the original
         kv = kv_bytes(model.config, nbits)
         row = {
@@ -137,6 +140,8 @@ class Sweep:
         }  # fmt: skip
         self.rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+        if self.partial:  # a long sweep keeps what it measured if it is stopped
+            Path(self.partial).write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         return row
 
 
@@ -153,7 +158,8 @@ def run_cla(sweep: Sweep, model, calib, args) -> None:
             cla, layout, extra = convert(model, method, saving, calib, args.steps, layouts)
             info = {"kv_saving_requested": saving, "layout": layout, "convert_wall_s": time.perf_counter() - start}
             info |= {"auto_choice": extra["auto_layout"]["chosen"]} if extra else {}
-            sweep.add(method, cla, **info)
+            retrieval = method == "auto+reconstruct" and saving in args.passkey_savings
+            sweep.add(method, cla, passkey_of=args.passkey if retrieval else None, **info)
             if method == "auto+reconstruct":
                 for bits in args.cla_kv_bits:
                     sweep.add(f"{method}+kv{bits}", cla, bits, kv_saving_requested=saving, layout=layout)
@@ -167,8 +173,6 @@ def run_baselines(sweep: Sweep, model, calib, args) -> None:
         start = time.perf_counter()
         merged = kvheads.merge_kv_heads(model, args.kv_heads, name.removeprefix("heads-"), calib_ids=calib)
         sweep.add(name, merged, kv_heads=args.kv_heads, convert_wall_s=time.perf_counter() - start)
-        for bits in args.cla_kv_bits if name == "heads-fitted" else ():
-            sweep.add(f"{name}+kv{bits}", merged, bits, kv_heads=args.kv_heads)
 
 
 def run_checkpoints(sweep: Sweep, specs: list[str], args) -> None:
@@ -178,7 +182,7 @@ def run_checkpoints(sweep: Sweep, specs: list[str], args) -> None:
     for label, folder in (spec.split("=", 1) for spec in specs):
         model = load_model(resolve_source(folder), dtype=torch.float32)
         layout = list(getattr(model.config, "kv_source_layers", None) or range(model.config.num_hidden_layers))
-        sweep.add(label, model, checkpoint=folder, layout=layout)
+        sweep.add(label, model, passkey_of=args.passkey, checkpoint=folder, layout=layout)
         for bits in args.cla_kv_bits:
             sweep.add(f"{label}+kv{bits}", model, bits, checkpoint=folder, layout=layout)
 
@@ -218,9 +222,11 @@ def main() -> None:
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--kv-heads", type=int, default=1, help="KV heads after merging (SmolLM2: 3 -> 1)")
     ap.add_argument("--cla-kv-bits", default="8", help="bits of the quantised cache on CLA models ('' for none)")
-    ap.add_argument("--chunk", type=int, default=16, help="tokens per forward through a quantised cache")
+    ap.add_argument("--chunk", type=int, default=32, help="tokens per forward through a quantised cache")
+    ap.add_argument("--passkey-lengths", default="", help="e.g. 512,1024,2048: passkey accuracy (depths 0/0.5/1)")
+    ap.add_argument("--passkey-savings", default="0.5", help="auto+reconstruct savings that also run the passkey")
     ap.add_argument("--calib-tokens", type=int, default=4096)
-    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="reconstruct Adam steps per group")
     ap.add_argument("--threads", type=int, default=None)
@@ -232,14 +238,21 @@ def main() -> None:
     )  # fmt: skip
     args = ap.parse_args()
     args.cla_kv_bits = [int(b) for b in args.cla_kv_bits.split(",") if b]
+    args.passkey_savings = [float(x) for x in args.passkey_savings.split(",") if x]
     if args.threads:
         torch.set_num_threads(args.threads)
     start, load = time.perf_counter(), os.getloadavg()
     model, tokenizer, assets = load_demo()
     calib = calib_input_ids(tokenizer, [Text("calib", assets.calib.read_text())], args.calib_tokens, args.seq_len)
     heldout = Heldout(tokenizer, assets.heldout, args.eval_tokens, args.seq_len, args.chunk)
-    sweep = Sweep(heldout, kv_bytes(model.config))
-    sweep.add("original", model)
+    sweep = Sweep(heldout, kv_bytes(model.config), args.out and args.out + ".partial.jsonl")
+    args.passkey = None
+    if args.passkey_lengths:  # passkey retrieval on the original, auto+reconstruct at --passkey-savings, checkpoints
+        lengths = [int(n) for n in args.passkey_lengths.split(",")]
+        settings = passkey.PasskeySettings(lengths, [0.0, 0.5, 1.0], samples=2)
+        filler = join_texts(load_texts([str(assets.heldout)]))
+        args.passkey = (tokenizer, passkey.prepare(tokenizer, filler, settings, passkey.window(model.config)))
+    sweep.add("original", model, passkey_of=args.passkey)
     run_baselines(sweep, model, calib, args)
     run_cla(sweep, model, calib, args)
     run_checkpoints(sweep, args.model, args)

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clakit.convert import ConvertConfig  # noqa: E402
 from clakit.convert.calibrate import calib_input_ids, calibrated_overrides, collect_stats, group_pairs  # noqa: E402
 from clakit.convert.inmemory import cla_model_from  # noqa: E402
 from clakit.convert.layout import check_layout, groups  # noqa: E402
@@ -58,10 +59,11 @@ def main() -> None:
     for variant in args.variants:
         parts, report = variant.split("+"), {}
         start = time.perf_counter()
-        options = {"train_o": "o" in parts, "sequential": "seq" in parts}
+        config = ConvertConfig(train_o_proj="o" in parts, sequential="seq" in parts, reconstruct_steps=args.steps)
         fitted = reconstruct_overrides(
-            model, layout, stats, closed, steps=args.steps, progress=False, report=report, **options
-        )
+            model, layout, stats, closed, steps=config.reconstruct_steps, progress=False, report=report,
+            train_o=config.train_o_proj, sequential=config.sequential, lr=config.reconstruct_lr,
+        )  # fmt: skip
         row = {
             "variant": variant, "steps": args.steps, "wall_s": round(time.perf_counter() - start, 1),
             "perplexity": ppl(cla_model_from(model, layout, overrides=fitted)),

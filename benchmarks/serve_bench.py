@@ -7,8 +7,9 @@ Defaults: SmolLM2-135M from the demo GGUF (`clakit fetch-demo`), saved as a plai
 conversion (`--factor 2 --init mean`); both fp32. Both run in the CPU vLLM venv (.venv-vllm, made by
 serving/vllm/install-cpu.sh when absent; CLAKIT_VLLM_VENV overrides) with the same KV cache bytes. vLLM reports each
 model's KV capacity in tokens and its maximum concurrency at max_model_len. Throughput: one fixed batch of
-concurrent greedy requests (prompt + max_tokens tokens each, EOS ignored) sized to hold twice the original's cache,
-so the original must queue or preempt while CLA2 can hold the whole batch; generated tokens / wall seconds.
+concurrent greedy requests (prompt + max_tokens tokens each, EOS ignored), twice as many as the original's cache
+holds at once (requests take whole cache blocks), so the original must queue or preempt while a CLA2 model holds the
+whole batch; generated tokens / wall seconds.
 Ratios are CLA / original, measured in one run (the machine is shared: compare ratios, not absolute figures).
 """
 
@@ -37,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-mib", type=int, default=64, help="the same KV cache size for both models")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=1024, help="<= the cache's capacity: vLLM refuses less")
     return p.parse_args(argv)
 
 
@@ -88,7 +89,8 @@ def main(argv=None) -> None:
         original, cla = (Path(args.original), Path(args.cla)) if args.original else smollm2_pair(work)
         probe = measure(python, original, prompts(original, 1, args.prompt_tokens), args, work)
         per_request = args.prompt_tokens + args.max_tokens
-        n = 2 * math.ceil(probe["kv_cache_tokens"] / per_request)  # twice what the original's cache holds
+        # twice the requests the original's cache holds at once (each takes whole blocks)
+        n = 2 * (probe["kv_cache_blocks"] // math.ceil(per_request / probe["block_size"]))
         batch = prompts(original, n, args.prompt_tokens)
         results = {
             "original": measure(python, original, batch, args, work),

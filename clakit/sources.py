@@ -87,10 +87,18 @@ def read_config_json(folder: Path) -> dict:
     if not isinstance(raw, dict):
         raise ClakitError(f"{path} must be a JSON object of settings, got a {type(raw).__name__}; restore it")
     if not isinstance(raw.get("model_type"), str) and not raw.get("auto_map"):
-        raise ClakitError(f"{path} has no model_type (e.g. \"llama\"); restore the checkpoint's config.json")
-    missing = [k for k in CONFIG_KEYS if k not in raw] if raw.get("model_type") in CONFIG_KEYS_OF else []
+        raise ClakitError(f"{path} has no model_type (e.g. 'llama'); restore the checkpoint's config.json")
+    if raw.get("model_type") not in CONFIG_KEYS_OF:
+        return raw
+    missing = [k for k in CONFIG_KEYS if k not in raw]
     if missing:
         raise ClakitError(f"{path} lacks {', '.join(missing)}; restore the checkpoint's config.json")
+    for key in (*CONFIG_KEYS, "num_key_value_heads", "intermediate_size", "head_dim"):
+        value = raw.get(key)
+        if key in raw and value is not None and not (type(value) is int and value > 0):
+            raise ClakitError(
+                f"{path}: {key} must be a positive integer, got {value!r}; restore the checkpoint's config"
+            )
     return raw
 
 
@@ -105,7 +113,7 @@ def load_config(source: Source, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(
             source.load_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
-    except _errors(source, ValueError) as e:
+    except Exception as e:  # a config transformers refuses: validation, TypeError, ZeroDivisionError, AttributeError
         raise _read_error(source, "read the config of", e) from None
 
 
@@ -129,6 +137,7 @@ def load_model(
     Weights that do not match the config (missing, unexpected K/V, other shapes) are refused, never initialised at
     random; pickle weights need `allow_pickle`."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from clakit.modeling.modeling_cla import WeightsMismatch, loading_problem
@@ -147,7 +156,7 @@ def load_model(
             )
     except WeightsMismatch as e:  # a CLA model's own check (clakit/modeling)
         raise ClakitError(f"cannot load {source.spec}: {e}") from None
-    except _errors(source, ValueError, OSError, KeyError) as e:
+    except _errors(source, ValueError, OSError, KeyError, RuntimeError, SafetensorError) as e:  # torch: RuntimeError
         raise _read_error(source, "load as a causal LM", e) from None
     problem = loading_problem(info)
     if problem:
@@ -182,7 +191,7 @@ def _no_load_report():
 
 def _errors(source: Source, *errors: type) -> tuple:
     """The exceptions that mean "this source cannot be read" (a GGUF file's reader fails in more ways)."""
-    return GGUF_READ_ERRORS if source.kind == "gguf" else errors
+    return GGUF_READ_ERRORS + errors if source.kind == "gguf" else errors
 
 
 def _read_error(source: Source, doing: str, e: Exception) -> ClakitError:
@@ -190,8 +199,8 @@ def _read_error(source: Source, doing: str, e: Exception) -> ClakitError:
     problem = gguf_problem(source.path) if source.kind == "gguf" else None
     if problem:
         return ClakitError(f"cannot read {source.spec}: {problem}; download or convert the .gguf file again")
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    return ClakitError(f"cannot {doing} {source.spec}: {first}")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300].rstrip(" :")
+    return ClakitError(f"cannot {doing} {source.spec}: {first}; check that its files are complete (download it again)")
 
 
 def gguf_problem(path: Path) -> str | None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from bad_input import Case, assert_clean_refusal, check, run_clakit
+from conftest import build_tokenizer, save_checkpoint, tiny_model
 from safetensors.torch import load_file, save_file
 from test_bad_input_values import eval_report, paths  # noqa: F401  (the same folders as the values table)
 from transformers import AutoModelForCausalLM
@@ -26,6 +27,7 @@ from clakit.uptrain import trainer
 EVAL = "eval {bad} -o {tmp}/r.json --data {data}/heldout.txt --seq-len 32 --max-tokens 64 --no-speed -q"
 CONVERT = "convert {bad} {tmp}/out -q"
 UPTRAIN = "uptrain {recipe} -q model.path={bad}"
+TEACHER = "uptrain {recipe} -q model.original={bad} distill.weight=0.5"
 
 
 def damaged(src: str, edit) -> callable:
@@ -72,6 +74,20 @@ def tensor(name: str, change) -> callable:
     return edit
 
 
+def other_model(**config) -> callable:
+    """setup: {bad}, a tiny Llama with `config` changed (a teacher that is not the student's original)."""
+
+    def setup(p: dict) -> None:
+        p["bad"] = str(save_checkpoint(tiny_model("llama", **config), build_tokenizer(), Path(p["tmp"], "bad")))
+
+    return setup
+
+
+def truncate(folder: Path, shard: str) -> None:
+    path = folder / f"{shard}.safetensors"
+    path.write_bytes(path.read_bytes()[:20000])
+
+
 def pickle_weights(folder: Path) -> None:
     """edit: the safetensors weights replaced by one pickle file, as older exports hold."""
     state = {}
@@ -103,6 +119,23 @@ CASES = [
     Case(CONVERT, "config.json lacks hidden_size, vocab_size", damaged("model", without("hidden_size", "vocab_size")),
          id="convert-no-hidden-size"),
     Case(EVAL, "config.json has no model_type", damaged("model", without("model_type")), id="eval-no-model-type"),
+    *[Case(EVAL, f"config.json: {key} must be a positive integer, got {value!r}",
+           damaged("model", updated(**{key: value})), id=f"eval-config-{key}-{value}")
+      for key, value in (("num_hidden_layers", "4"), ("hidden_size", -48), ("num_attention_heads", 0),
+                         ("intermediate_size", True))],
+    Case(CONVERT, "config.json: hidden_size must be a positive integer, got -48",
+         damaged("model", updated(hidden_size=-48)), id="convert-config-negative"),
+    Case(EVAL, "cannot read the config of", damaged("model", updated(dtype="float99")), id="eval-config-dtype"),
+    Case(EVAL, "cannot read the config of", damaged("cla", updated(kv_source_layers="abc")), id="eval-cla-layout-str"),
+    Case(EVAL, "kv_source_layers has 3 entries but the model has 4 layers",
+         damaged("cla", updated(kv_source_layers=[0, 0, 2])), id="eval-cla-layout-short"),
+    # --- weights or tokenizer files damaged
+    Case(EVAL, "Error while deserializing header", damaged("model", lambda f: truncate(f, "model-00002-of-00004")),
+         id="eval-truncated-shard"),
+    Case(EVAL, "no file named model.safetensors", damaged("model", lambda f: [p.unlink() for p in f.glob("model*")]),
+         id="eval-no-weights"),
+    Case(EVAL, "cannot load the tokenizer of", damaged("model", lambda f: (f / "tokenizer.json").write_text("{x")),
+         id="eval-bad-tokenizer"),
     # --- config.json that disagrees with the weights' shapes
     Case(CONVERT, "has shape [320, 48] but its config.json makes it [320, 64]",
          damaged("model", updated(hidden_size=64, head_dim=16)), id="convert-hidden-size"),
@@ -121,15 +154,29 @@ CASES = [
          damaged("cla", ALL_PRODUCERS), id="eval-cla-missing-kv"),
     Case(UPTRAIN, "the checkpoint lacks 4 tensors its config.json needs", damaged("cla", ALL_PRODUCERS),
          id="uptrain-cla-missing-kv"),
-    Case(EVAL, f"the checkpoint holds K/V tensors its config.json has no place for (e.g. {K2})",
-         damaged("cla", ONE_PRODUCER), id="eval-cla-unexpected-kv"),
-    Case(UPTRAIN, "the checkpoint holds K/V tensors its config.json has no place for", damaged("cla", ONE_PRODUCER),
+    Case(EVAL, f"the checkpoint holds 2 tensors its config.json has no place for (e.g. {K2}), which would be "
+         "dropped: its kv_source_layers do not match", damaged("cla", ONE_PRODUCER), id="eval-cla-unexpected-kv"),
+    Case(UPTRAIN, "its kv_source_layers do not match the weights", damaged("cla", ONE_PRODUCER),
          id="uptrain-cla-unexpected-kv"),
+    Case(EVAL, "holds 9 tensors its config.json has no place for (e.g. model.layers.3.input_layernorm.weight), which "
+         "would be dropped: its num_hidden_layers do not match", damaged("model", updated(num_hidden_layers=3)),
+         id="eval-fewer-layers"),
+    Case(EVAL, "the checkpoint lacks 9 tensors its config.json needs (e.g. model.layers.4.input_layernorm.weight)",
+         damaged("model", updated(num_hidden_layers=5)), id="eval-more-layers"),
+    Case(CONVERT, "holds 9 decoder tensors its config.json has no place for (e.g. model.layers.3.input_layernorm."
+         "weight)", damaged("model", updated(num_hidden_layers=3)), id="convert-fewer-layers"),
+    Case(CONVERT, "tensor model.layers.4.input_layernorm.weight is missing from the checkpoint",
+         damaged("model", updated(num_hidden_layers=5)), id="convert-more-layers"),
     Case(EVAL, "config.json does not match the weights: model.layers.0.self_attn.k_proj.weight is [24, 40]",
          damaged("cla", tensor("model.layers.0.self_attn.k_proj.weight", lambda t: t[:, :40])),
          id="eval-cla-k-proj-shape"),
     Case(EVAL, "layer 2 takes K/V from layer 1, which is itself a consumer",
          damaged("cla", updated(kv_source_layers=[0, 0, 1, 1])), id="eval-cla-bad-layout"),
+    # --- a teacher that cannot teach this student: refused from the configs, not at the first step's KL
+    Case(TEACHER, "bad has vocab_size 400 but the student 320: distillation needs the model",
+         other_model(vocab_size=400), id="teacher-vocab"),
+    Case(TEACHER + " distill.hidden_mse_weight=1", "bad has num_hidden_layers 2 but the student 4",
+         other_model(num_hidden_layers=2), id="teacher-layers-hidden-mse"),
     # --- weights: pickle only with the flag (they can run code), NaN weights never make a report
     Case(EVAL, "holds only pickle weights (pytorch_model.bin), which can run code when loaded; pass --allow-pickle",
          damaged("model", pickle_weights), id="eval-pickle"),
@@ -179,6 +226,23 @@ def test_a_nan_loss_stops_training_and_publishes_nothing(paths, monkeypatch):  #
     out = Path(yaml.safe_load(Path(paths["recipe"]).read_text())["train"]["output_dir"])
     assert not (out / "model").exists()
     assert not list(out.glob("checkpoints/step-000003*"))
+
+
+def test_lora_patterns_are_checked_before_any_model_is_loaded(paths, monkeypatch):  # noqa: F811
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the recipe's patterns were checked")
+
+    monkeypatch.setattr("clakit.uptrain.student.load_model", no_load)
+    monkeypatch.setattr("clakit.convert.pipeline.load_model", no_load)
+    base = ["uptrain", paths["recipe"], "-q"]
+    source = [f"model.source={paths['model']}", "model.path=null", "model.convert.factor=2"]
+    for overrides, match in (
+        (["lora.target_modules=[nope]"], "lora.target_modules pattern 'nope' matches no linear module"),
+        (["lora.full_train=[consumers.k_proj]"], "lora.full_train pattern 'consumers.k_proj' matches no linear"),
+        ([*source, "lora.full_train=[model.layers.9.*]"], "pattern 'model.layers.9.*' matches no linear module"),
+    ):
+        assert_clean_refusal(run_clakit(*base, *overrides), match)
+    assert not Path(paths["tmp"], "run").exists()
 
 
 def test_stop_if_not_finite():

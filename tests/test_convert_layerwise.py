@@ -182,7 +182,7 @@ def test_record_holds_the_whole_config_and_every_calibration_file(tiny_llama_che
 
 
 def test_bad_config_values_are_refused_with_the_flag_name():
-    with pytest.raises(ClakitError, match="--reconstruct-steps must be positive"):
+    with pytest.raises(ClakitError, match="--reconstruct-steps must be a positive number of steps"):
         ConvertConfig(reconstruct_steps=0)
     with pytest.raises(ClakitError, match="calib_tokens must be"):
         ConvertConfig(calib_tokens="many")
@@ -206,3 +206,48 @@ def test_recipe_convert_section_is_parsed_into_a_convert_config(tmp_path):
     recipe.write_text(json.dumps(body))
     with pytest.raises(ClakitError, match="refine_max"):
         load_recipe(recipe)
+
+
+def test_sequential_inputs_of_interleaved_groups_are_the_partially_converted_models(calib_ids):
+    """Group (2, 4) runs between members of group (0, 1, 3): its inputs are those of the CLA model in which only
+    group (0, 1, 3) is converted, with its fitted q/k/v/o (a real CLA model built for the check)."""
+    from conftest import tiny_model
+
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.reconstruct import _ConvertedStream
+
+    model, layout = tiny_model("llama", num_hidden_layers=6), [0, 0, 2, 0, 2, 5]
+    stats = collect_stats(model, calib_ids[:3], group_pairs(layout), keep=[0, 1, 2, 3, 4], progress=False)
+    fitted = reconstruct_overrides(model, layout, stats, calibrated_overrides(model, layout, stats), steps=3,
+                                   progress=False, sequential=False)  # fmt: skip
+    first = {k: v for k, v in fitted.items() if any(f".layers.{i}." in k for i in (0, 1, 3))}
+    partial = cla_model_from(model, [0, 0, 2, 0, 4, 5], overrides=first)
+    expected = {2: [], 4: []}
+    for i in expected:
+        partial.model.layers[i].self_attn.q_proj.register_forward_pre_hook(
+            lambda m, a, i=i: expected[i].append(a[0][0])
+        )
+    with torch.no_grad():
+        for row in stats.ids:
+            partial(row[None])
+    got = _ConvertedStream(model, layout, stats.ids).member_inputs([2, 4], fitted, {0, 1, 3})
+    for i in expected:
+        for g, e in zip(got[i], expected[i], strict=True):
+            torch.testing.assert_close(g, e)
+    assert not torch.allclose(got[4][0], stats.acts[4][0][0])  # not the stock model's
+
+
+def test_bf16_fits_run_and_track_the_fp32_ones(tiny_checkpoint, calib_ids):
+    """The GPU's `--dtype bfloat16` path (here on the CPU, below the device check): layers, streams and fitted
+    tensors in bf16, statistics in fp64; the fit lands near the fp32 one."""
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    ckpt = SafetensorsCheckpoint(tiny_checkpoint)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = LayerwiseModel.from_checkpoint(config, ckpt, torch.device("cpu"), dtype)
+        runs[dtype] = fit_kv(runner.model, LAYOUT, calib_ids[:4], "reconstruct", steps=3, progress=False)
+    assert runs[torch.float32].keys() == runs[torch.bfloat16].keys()
+    for name, ref in runs[torch.float32].items():
+        got = runs[torch.bfloat16][name]
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        assert (got.float() - ref).norm() <= 0.1 * ref.norm(), name

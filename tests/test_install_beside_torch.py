@@ -65,7 +65,9 @@ def wheelhouse(tmp_path_factory) -> Path:
 
 def pip(venv: Path, wheelhouse: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
-    env = {k: v for k, v in env.items() if k not in ("PIP_CONSTRAINT", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")}
+    # PYTHONPATH off too: a checkout on it (with a clakit.egg-info from a build) would count as installed
+    drop = ("PIP_CONSTRAINT", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PYTHONPATH")
+    env = {k: v for k, v in env.items() if k not in drop}
     command = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), *args]
     command += ["--no-index", "--find-links", str(wheelhouse), "--disable-pip-version-check"]
     return subprocess.run(command, env=env, capture_output=True, text=True)

@@ -172,7 +172,7 @@ def test_reconstruct_never_increases_the_objective_and_is_deterministic(calib_id
 
 
 def test_reconstruct_trains_o_proj_and_fits_later_groups_on_propagated_inputs(calib_ids):
-    from clakit.convert.reconstruct import _attention_inputs, _partially_converted, reconstruct_overrides
+    from clakit.convert.reconstruct import _ConvertedStream, reconstruct_overrides
 
     model = tiny_model("llama")
     layout = uniform_layout(4, 2)
@@ -192,7 +192,7 @@ def test_reconstruct_trains_o_proj_and_fits_later_groups_on_propagated_inputs(ca
         for row in stats.ids:
             partial(row[None])
     hook.remove()
-    got = _attention_inputs(_partially_converted(model, layout, {0, 1}, run[True], 3), stats.ids, [3])[3]
+    got = _ConvertedStream(model, layout, stats.ids).member_inputs([2, 3], run[True], {0, 1})[3]
     assert len(got) == len(stats.ids) and all(torch.allclose(g, e) for g, e in zip(got, expected, strict=True))
     assert not torch.allclose(got[0], stats.acts[3][0][0])  # and they differ from the stock model's
 

@@ -189,6 +189,8 @@ def test_other_processes_wait_for_a_long_conversion_without_a_collective(tmp_pat
     failed.write_text("ClakitError: out of memory")
     with pytest.raises(ClakitError, match="main process failed converting model.source .*out of memory"):
         pipeline.wait_for_conversion(tmp_path / "never", failed, poll_s=0.05)
+    with pytest.raises(ClakitError, match="its run folder is gone"):
+        pipeline.wait_for_conversion(tmp_path / "removed" / "converted", tmp_path / "removed" / "x.failed", 0.05)
 
 
 # --- launches that cannot work --------------------------------------------------------------------------------------

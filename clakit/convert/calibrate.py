@@ -15,7 +15,7 @@ so memory does not grow with the number of calibration tokens. Keys are fitted p
 RoPE is the same rotation for every layer at a given position, so matching pre-RoPE keys matches rotated ones.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,6 +188,67 @@ def _fisher_hook(stats: KVStats, kind: str, layer: int):
     return hook
 
 
+class SpilledGrams(dict):
+    """`KVStats.gram` whose finished entries live on disk (`spill`), read back when a fit asks for them: the Grams
+    of a deep model ((hidden+1)^2 fp64 per pair, ~3 pairs per CLA2 group: 6 GB for an 8B model) never sit in memory
+    together."""
+
+    def __init__(self, folder: Path, device: torch.device):
+        super().__init__()
+        self.folder, self.device, self.on_disk = folder, device, set()
+
+    def _path(self, key: tuple[int, int]) -> Path:
+        return self.folder / f"gram-{key[0]}-{key[1]}.pt"
+
+    def spill(self, keys) -> None:
+        for key in keys:
+            torch.save(super().pop(key), self._path(key))
+            self.on_disk.add(key)
+
+    def __getitem__(self, key):
+        if key in self.on_disk:
+            return torch.load(self._path(key), map_location=self.device, weights_only=True)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.on_disk or super().__contains__(key)
+
+    def keys(self):
+        return set(super().keys()) | self.on_disk
+
+
+class SpilledTensors(MutableMapping):
+    """Tensor name -> tensor, each kept in its own file under `folder` and read back when asked for: the fitted
+    tensors of a deep model wait for the writer on disk, not in memory."""
+
+    def __init__(self, folder: Path, device: torch.device):
+        self.folder, self.device, self.names = folder, device, []
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.pt"
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        torch.save(tensor.detach().clone(), self._path(name))  # clone: a view would save its whole base
+        if name not in self.names:
+            self.names.append(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return torch.load(self._path(name), map_location=self.device, weights_only=True)
+
+    def __delitem__(self, name: str) -> None:
+        self.names.remove(name)
+        self._path(name).unlink()
+
+    def __iter__(self):
+        return iter(list(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 class SpilledActs(Mapping):
     """`KVStats.acts` written to disk by `layer_stats`, one file per layer, read back when a group needs them."""
 
@@ -223,43 +284,58 @@ def layer_stats(
     A forward sweep carries every calibration row's residual stream (n_seq, seq, hidden) from layer to layer,
     accumulating the Grams and writing each layer's input stream to `scratch` (and the kept activations); the loss
     gradient w.r.t. the last stream is then carried back down, layer by layer, each layer recomputed from its saved
-    input, and the squared gradients of k/v (and o) outputs accumulated: exactly the full-model backward's.
+    input, and the squared gradients of k/v (and o) outputs accumulated: the full-model backward's, to rounding.
     """
-    from tqdm.auto import tqdm
-
     keep_seqs = RECONSTRUCT_SEQS if keep_seqs is None else keep_seqs
     pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
     keep = sorted(set(keep))
-    stats = KVStats(acts=SpilledActs(scratch, keep, runner.device))
+    stats = KVStats(gram=SpilledGrams(scratch, runner.device), acts=SpilledActs(scratch, keep, runner.device))
     ids = input_ids.to(runner.device)
-    n_keep = min(keep_seqs, len(ids)) if keep else 0
-    stats.ids = ids[:n_keep] if keep else None
-    model, layers = runner.model, range(runner.model.config.num_hidden_layers)
-    requires = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)  # gradients w.r.t. activations only
+    stats.ids = ids[: min(keep_seqs, len(ids))] if keep else None
+    requires = [p.requires_grad for p in runner.model.parameters()]
+    runner.model.requires_grad_(False)  # gradients w.r.t. activations only
     try:
-        with torch.no_grad():
-            streams = [model.get_input_embeddings()(row[None]) for row in ids]  # per row (1, seq, hidden)
-        xs: dict[int, list[torch.Tensor]] = {}
-        for i in tqdm(layers, desc="statistics: forward", disable=not progress, leave=False):
-            torch.save(streams, scratch / f"stream-{i}.pt")
-            with runner.loaded(i):
-                streams = _forward_layer(stats, model, i, streams, xs, i in keep, n_keep)
-            _add_grams(stats, pairs, xs, i, _has_bias(model))
-        grads = _loss_grads(stats, model, streams, ids)
-        for i in tqdm(reversed(layers), desc="statistics: backward", disable=not progress, leave=False):
-            streams = torch.load(scratch / f"stream-{i}.pt", map_location=runner.device, weights_only=True)
-            (scratch / f"stream-{i}.pt").unlink()
-            with runner.loaded(i):
-                grads = _backward_layer(stats, model, i, streams, grads, i in keep)
+        streams = _forward_sweep(stats, runner, ids, pairs, keep, scratch, progress)
+        grads = _loss_grads(stats, runner.model, streams, ids)
+        _backward_sweep(stats, runner, grads, keep, scratch, progress)
     finally:
-        for p, r in zip(model.parameters(), requires, strict=True):
+        for p, r in zip(runner.model.parameters(), requires, strict=True):
             p.requires_grad_(r)
     return stats
 
 
+def _forward_sweep(stats: KVStats, runner, ids, pairs: list, keep: list, scratch: Path, progress: bool) -> list:
+    """Every row's residual stream carried through the layers, each layer's input stream saved to `scratch`;
+    returns the last streams, per row (1, seq, hidden)."""
+    from tqdm.auto import tqdm
+
+    model = runner.model
+    with torch.no_grad():
+        streams = [model.get_input_embeddings()(row[None]) for row in ids]
+    xs: dict[int, list[torch.Tensor]] = {}  # attention inputs of the layers later pairs still need
+    layers = range(model.config.num_hidden_layers)
+    for i in tqdm(layers, desc="statistics: forward", disable=not progress, leave=False):
+        torch.save(streams, scratch / f"stream-{i}.pt")
+        with runner.loaded(i):
+            streams = _forward_layer(stats, model, i, streams, xs, i in keep)
+        _add_grams(stats, pairs, xs, i, _has_bias(model))
+    return streams
+
+
+def _backward_sweep(stats: KVStats, runner, grads: list, keep: list, scratch: Path, progress: bool) -> None:
+    """The loss gradient carried from the last layer to the first; each saved stream is removed once used."""
+    from tqdm.auto import tqdm
+
+    layers = reversed(range(runner.model.config.num_hidden_layers))
+    for i in tqdm(layers, desc="statistics: backward", disable=not progress, leave=False):
+        streams = torch.load(scratch / f"stream-{i}.pt", map_location=runner.device, weights_only=True)
+        (scratch / f"stream-{i}.pt").unlink()
+        with runner.loaded(i):
+            grads = _backward_layer(stats, runner.model, i, streams, grads, i in keep)
+
+
 @torch.no_grad()
-def _forward_layer(stats, model, i: int, streams: list, xs: dict, keep: bool, n_keep: int) -> list:
+def _forward_layer(stats, model, i: int, streams: list, xs: dict, keep: bool) -> list:
     """Layer i over every row; its attention inputs go to `xs[i]`, kept rows' (input, output) to disk."""
     captured: dict = {"x": [], "y": []}
     attn = _attn(model, i)
@@ -273,17 +349,20 @@ def _forward_layer(stats, model, i: int, streams: list, xs: dict, keep: bool, n_
             h.remove()
     xs[i] = captured["x"]
     if keep:
+        n_keep = len(stats.ids)  # the first rows: (seq, hidden) fp32 attention input and o_proj output
         acts = [(x[0].float(), y[0].float()) for x, y in zip(captured["x"][:n_keep], captured["y"], strict=False)]
         torch.save(acts, stats.acts.path(i))
     return streams
 
 
 def _add_grams(stats: KVStats, pairs: list, xs: dict, i: int, bias: bool) -> None:
-    """Grams of the pairs (a, i) ending at layer i, summed over rows in order; inputs no later pair needs go."""
-    for a, b in pairs:
-        if b == i:
-            for xa, xb in zip(xs[a], xs[b], strict=True):
-                stats.gram[(a, b)] = stats.gram.get((a, b), 0) + _augment(xa, bias).T @ _augment(xb, bias)
+    """Grams of the pairs (a, i) ending at layer i, summed over rows in order, then written to disk; inputs no later
+    pair needs go."""
+    finished = [(a, b) for a, b in pairs if b == i]
+    for a, b in finished:
+        for xa, xb in zip(xs[a], xs[b], strict=True):
+            stats.gram[(a, b)] = stats.gram.get((a, b), 0) + _augment(xa, bias).T @ _augment(xb, bias)
+    stats.gram.spill(finished)
     for a in [a for a in xs if not any(p == a and q > i for p, q in pairs)]:
         del xs[a]
 
@@ -334,10 +413,10 @@ def _own_weight(model, kind: str, layer: int) -> torch.Tensor:
     return torch.cat([w, proj.bias.detach().double()[None]], 0) if proj.bias is not None else w
 
 
-def _member_weights(stats: KVStats, kind: str, members: list[int], out: int, fisher: bool) -> torch.Tensor:
+def _member_weights(stats: KVStats, kind: str, members: list[int], out: int, fisher: bool, device) -> torch.Tensor:
     """(members, out) per-(layer, channel) error weights: Fisher, or ones when `fisher` is False."""
     if not fisher:
-        return torch.ones(len(members), out, dtype=torch.float64, device=stats.gram[(members[0], members[0])].device)
+        return torch.ones(len(members), out, dtype=torch.float64, device=device)
     return torch.stack([stats.fisher[(kind, m)] for m in members])
 
 
@@ -361,7 +440,7 @@ def fit_group(
     p = members[0]
     s, u = _eigh(stats, p)
     own = [_own_weight(model, kind, m) for m in members]
-    f = _member_weights(stats, kind, members, own[0].shape[1], fisher)  # (members, out)
+    f = _member_weights(stats, kind, members, own[0].shape[1], fisher, s.device)  # (members, out)
     rhs = sum(stats.cross(p, m) @ (w * f[i]) for i, (m, w) in enumerate(zip(members, own, strict=True)))
     f_c = f.sum(0)  # (out,)
     lam = ridge * f_c.mean() * s.mean().clamp_min(1e-12)  # mean eigenvalue = mean diagonal
@@ -400,10 +479,11 @@ def shared_to_overrides(model, kind: str, producer: int, shared: torch.Tensor) -
 
 
 def calibrated_overrides(
-    model, layout: list[int], stats: KVStats, ridge: float = DEFAULT_RIDGE, fisher: bool = True
-) -> dict[str, torch.Tensor]:
-    """Closed-form fitted K/V of every shared group (groups of one keep their own weights: nothing to fit)."""
-    out = {}
+    model, layout: list[int], stats: KVStats, ridge: float = DEFAULT_RIDGE, fisher: bool = True, out=None
+) -> MutableMapping[str, torch.Tensor]:
+    """Closed-form fitted K/V of every shared group (groups of one keep their own weights: nothing to fit), added to
+    `out` (default a new dict; the converter's `SpilledTensors` keeps them on disk)."""
+    out = {} if out is None else out
     for producer, members in groups(layout).items():
         if len(members) == 1:
             continue
@@ -411,6 +491,7 @@ def calibrated_overrides(
             for kind in ("k_proj", "v_proj"):
                 shared = fit_group(model, stats, kind, members, ridge, fisher)
                 out.update(shared_to_overrides(model, kind, producer, shared))
+        stats.eig.pop(producer, None)  # each producer leads one group here: its decomposition is not needed again
     return out
 
 
@@ -428,8 +509,9 @@ def fit_kv(
     progress=True,
     ridge: float = DEFAULT_RIDGE,
     scratch: Path | None = None,
+    store: MutableMapping | None = None,
     **reconstruct_options,
-) -> dict[str, torch.Tensor]:
+) -> MutableMapping[str, torch.Tensor]:
     """Tensor-name -> tensor overrides for `cla_model_from(model, layout, overrides=...)` / the streaming converter.
 
     `model` is the stock (non-CLA) source model, whole in memory or a `LayerwiseModel`'s (decoder layers read from
@@ -437,7 +519,7 @@ def fit_kv(
     per-layer streams written to `scratch` (default: a temporary folder). `input_ids` (n_seq, seq_len) from
     `calib_input_ids`. `reconstruct` caches activations of at most `RECONSTRUCT_SEQS` sequences and runs `steps`
     Adam steps per group (default `reconstruct.DEFAULT_STEPS`); `reconstruct_options`: `lr`, `train_o`,
-    `sequential` of `reconstruct_overrides`.
+    `sequential` of `reconstruct_overrides`. `store`: where the fitted tensors go (default a new dict).
     """
     import tempfile
 
@@ -451,13 +533,14 @@ def fit_kv(
     with tempfile.TemporaryDirectory(prefix=".clakit-calib.", dir=scratch) as folder:
         stats = layer_stats(LayerwiseModel.in_memory(model), input_ids, group_pairs(layout), Path(folder), keep,
                             progress=progress)  # fmt: skip
-        overrides = calibrated_overrides(model, layout, stats, ridge)
+        overrides = calibrated_overrides(model, layout, stats, ridge, out=store)
         if method == "reconstruct":
             from clakit.convert.reconstruct import reconstruct_overrides
 
             overrides = reconstruct_overrides(
-                model, layout, stats, overrides, seed=seed, steps=steps, progress=progress, **reconstruct_options
-            )
+                model, layout, stats, overrides, seed=seed, steps=steps, progress=progress, out=overrides,
+                **reconstruct_options,
+            )  # fmt: skip
     return overrides
 
 

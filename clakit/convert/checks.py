@@ -18,3 +18,15 @@ def check_shapes(checkpoint, plan, expected: dict, spec: str) -> None:
                     f"{spec}: tensor {source_name} has shape {list(got)} but its config.json makes it {list(want)}; "
                     "the config does not describe these weights: restore the checkpoint's own config.json"
                 )
+
+
+def check_unused(plan, spec: str) -> None:
+    """No decoder tensor of the checkpoint is left out: one would be when config.json has fewer layers than the
+    weights (num_hidden_layers edited), and the conversion would silently drop them. (The tied lm_head and rotary
+    buffers, which the model rebuilds, are the tensors legitimately left out.)"""
+    layers = [n for n in plan.dropped if n.startswith("model.layers.") and not n.endswith("rotary_emb.inv_freq")]
+    if layers:
+        raise ClakitError(
+            f"{spec} holds {len(layers)} decoder tensors its config.json has no place for (e.g. {layers[0]}); "
+            "the config does not describe these weights: restore the checkpoint's own config.json"
+        )

@@ -103,9 +103,10 @@ class ConvertConfig:
             _check_type(f.name, getattr(self, f.name), typing.get_type_hints(ConvertConfig)[f.name])
         if self.init is not None and self.init not in INITS:
             raise ClakitError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
-        for name in ("calib_tokens", "seq_len", "reconstruct_steps", "eval_tokens"):
+        for name, unit in (("calib_tokens", "tokens"), ("seq_len", "tokens"), ("reconstruct_steps", "steps"),
+                           ("eval_tokens", "tokens")):  # fmt: skip
             if getattr(self, name) <= 0:
-                raise ClakitError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+                raise ClakitError(f"--{_flag(name)} must be a positive number of {unit}, got {getattr(self, name)}")
         for name in ("ridge", "reconstruct_lr"):
             if not getattr(self, name) > 0:
                 raise ClakitError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
@@ -183,22 +184,16 @@ def _argparse_type(tp) -> dict:
     if base is bool:
         return {"action": argparse.BooleanOptionalAction}
     if base == list[int]:
-        return {"type": _layers_flag}
+        return {}  # a string, parsed by config_from_args: a bad list is one `clakit: error:` line
     if typing.get_origin(base) is list:
         return {"nargs": "+", "action": "extend"}  # `--calib-data a b --calib-data c`: all three
     return {"type": base}
 
 
-def _layers_flag(text: str) -> list[int]:
-    import argparse
-
-    try:
-        return parse_layers(text)
-    except ClakitError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def config_from_args(args) -> ConvertConfig:
     """The ConvertConfig of parsed `clakit convert` arguments (flags not given keep the field defaults)."""
     names = {f.name for f in dataclasses.fields(ConvertConfig)}
-    return ConvertConfig(**{k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if isinstance(given.get("kv_source_layers"), str):
+        given["kv_source_layers"] = parse_layers(given["kv_source_layers"])
+    return ConvertConfig(**given)

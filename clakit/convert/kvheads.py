@@ -6,10 +6,13 @@ A model with `n` KV heads becomes one with `m` (m divides n): KV heads `j*r .. j
 query head i -> KV head i // (heads/m)).
 
 * `mean` (no data): K and V projections (and biases) are the mean over the merged heads, as in GQA uptraining.
-* `fitted` (calibration data, closed form): K as `mean` (RoPE rotates keys after the projection, so no linear map
-  on the query side can undo a change of the key basis); V is the rank-`head_dim` principal subspace of the merged
-  heads' values on the calibration inputs, and each query head's block of `o_proj` absorbs the map back to the value
-  of the head it read. For the stacked values `y = W_s x` ((r*head_dim) per token) with input second moment
+* `fitted` (calibration data, closed forms). K: RoPE rotates each pair of key dimensions (f, f + head_dim/2) by an
+  angle, i.e. multiplies the complex number k_f + i k_{f+d/2} by e^{i w_f t}; the only maps of the key basis the query
+  side can undo through RoPE are complex scalars per frequency, so per frequency the merged key is the top principal
+  component of the merged heads' complex keys on the calibration inputs and each query head's q_proj rows absorb
+  its complex coefficient (`_fit_keys`; HF's rotate_half layout). V: the rank-`head_dim` principal subspace of the
+  merged heads' values on the calibration inputs, and each query head's block of `o_proj` absorbs the map back to
+  the value of the head it read. For the stacked values `y = W_s x` ((r*head_dim) per token) with input second moment
   `S = E[x x^T]`, `U` = top-`head_dim` eigenvectors of `W_s S W_s^T`: merged `W_v = U^T W_s`, and query head i that
   read old head p of the group gets `o_proj[:, i] @ U_p` (U_p: rows p*head_dim.. of U), so its output is
   `W_o,i U_p U^T y ~= W_o,i y_p`: the best rank-`head_dim` reconstruction of the group's values (Eckart-Young),
@@ -95,6 +98,40 @@ def _fit_values(wv, bv, wo, moment, r: int, d: int, heads_per_kv: int):
     return torch.cat(new_v).to(wv.dtype), bias, new_o.to(wo.dtype)
 
 
+def _fit_keys(wk, bk, wq, bq, moment, r: int, d: int, heads_per_kv: int):
+    """Merged k_proj and the new q_proj (see the module docstring): per group and RoPE frequency f, the complex keys
+    z_p = k[p, f] + i k[p, f + d/2] of the r merged heads are replaced by z' = sum_p conj(u_p) z_p, u the top
+    eigenvector of their (Hermitian) covariance, and a query head that read head p is multiplied by conj(u_p), so
+    its logit Re(q conj(z_p)) ~= Re(q conj(u_p z')). A complex scalar per frequency commutes with the rotation."""
+    half, groups = d // 2, wk.shape[0] // (r * d)
+    cov = wk.double() @ moment @ wk.double().T  # (n*d, n*d): second moment of the pre-RoPE keys
+    new_k, new_q = wk.double().clone()[: groups * d], wq.double().clone()
+    new_bk = bk.double().clone()[: groups * d] if bk is not None else None
+    new_bq = bq.double().clone() if bq is not None else None
+    for j in range(groups):
+        for f in range(half):
+            xs = [(j * r + p) * d + f for p in range(r)]  # real parts of the r heads' frequency-f keys
+            ys = [x + half for x in xs]
+            c = torch.complex(cov[xs][:, xs] + cov[ys][:, ys], cov[ys][:, xs] - cov[xs][:, ys])  # E[z z^H], (r, r)
+            u = torch.linalg.eigh(c)[1][:, -1]  # (r,) complex, the top eigenvector
+            a, b = u.real, u.imag
+            x_out, y_out = j * d + f, j * d + f + half
+            new_k[x_out] = a @ wk.double()[xs] + b @ wk.double()[ys]
+            new_k[y_out] = a @ wk.double()[ys] - b @ wk.double()[xs]
+            if bk is not None:
+                new_bk[x_out] = a @ bk.double()[xs] + b @ bk.double()[ys]
+                new_bk[y_out] = a @ bk.double()[ys] - b @ bk.double()[xs]
+            for p in range(r):
+                for i in range((j * r + p) * heads_per_kv, (j * r + p + 1) * heads_per_kv):
+                    qx, qy = i * d + f, i * d + f + half
+                    for w in (new_q, new_bq) if new_bq is not None else (new_q,):
+                        src = (wq if w is new_q else bq).double()
+                        w[qx], w[qy] = a[p] * src[qx] + b[p] * src[qy], a[p] * src[qy] - b[p] * src[qx]
+    bias_k = new_bk.to(wk.dtype) if new_bk is not None else None
+    bias_q = new_bq.to(wq.dtype) if new_bq is not None else None
+    return new_k.to(wk.dtype), bias_k, new_q.to(wq.dtype), bias_q
+
+
 def merged_state(model, num_kv_heads: int, moments: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """Tensor name -> merged tensor for every k_proj/v_proj (and o_proj when fitted); other tensors are unchanged."""
     config = model.config
@@ -115,6 +152,11 @@ def merged_state(model, num_kv_heads: int, moments: list[torch.Tensor] | None) -
             out[f"{prefix}v_proj.weight"], out[f"{prefix}o_proj.weight"] = wv, wo
             if bv is not None:
                 out[f"{prefix}v_proj.bias"] = bv
+            bk, bq = (p.bias.detach() if p.bias is not None else None for p in (attn.k_proj, attn.q_proj))
+            wk, bk, wq, bq = _fit_keys(attn.k_proj.weight.detach(), bk, attn.q_proj.weight.detach(), bq, moments[i],
+                                       r, d, heads_per_kv)  # fmt: skip
+            out[f"{prefix}k_proj.weight"], out[f"{prefix}q_proj.weight"] = wk, wq
+            out |= {f"{prefix}k_proj.bias": bk, f"{prefix}q_proj.bias": bq} if bk is not None else {}
     return out
 
 

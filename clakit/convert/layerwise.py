@@ -65,9 +65,11 @@ class LayerwiseModel:
         finally:
             for i in dict.fromkeys(layers):
                 self._depth[i] -= 1
-            for i in fresh:
-                if not self._depth[i]:
-                    self.layers[i].to("meta")  # releases the weights (the module and its hooks stay)
+            released = [i for i in fresh if not self._depth[i]]
+            for i in released:
+                self.layers[i].to("meta")  # releases the weights (the module and its hooks stay)
+            if released:
+                _return_freed_memory()
 
     @contextlib.contextmanager
     def offloaded(self):
@@ -76,7 +78,10 @@ class LayerwiseModel:
         stack = contextlib.ExitStack()
 
         def pre(i):
-            return lambda module, args: stack.enter_context(self.loaded(i)) and None
+            def hook(module, args):
+                stack.enter_context(self.loaded(i))
+
+            return hook
 
         def post(module, args, output):
             stack.close()
@@ -90,6 +95,27 @@ class LayerwiseModel:
             stack.close()
             for h in handles:
                 h.remove()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them by default: a layer's freed weights would stay in the
+    process's RSS, and the next layer's could be placed elsewhere, so RSS would grow with depth)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _outside_layers(model) -> list[str]:

@@ -8,9 +8,11 @@ memory stay near one layer (plus the calibration activations) whatever the depth
 transformers can only read them by dequantising the entire file, so they are held whole (fp32) in memory.
 """
 
+import contextlib
 import gc
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from clakit.convert.checkpoint import (
     open_checkpoint,
     parse_size,
 )
-from clakit.convert.checks import check_shapes
+from clakit.convert.checks import check_shapes, check_unused
 from clakit.convert.config import ConvertConfig
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layerwise import LayerwiseModel, resolve_device
@@ -217,9 +219,10 @@ class _Conversion:
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
             every_layer = list(range(self.config.num_hidden_layers))  # the stock model: needs every tensor
             self._plan(cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2], every_layer)
-        overrides = self._data_phase()
-        with outputs.staged(self.out, "convert", overwrite=self.overwrite) as tmp:
-            self._write(tmp, overrides)
+        with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
+            overrides = self._data_phase(scratch)
+            with outputs.staged(self.out, "convert", overwrite=self.overwrite) as tmp:
+                self._write(tmp, overrides)
         self.say(
             f"wrote {self.out}: layout {self.layout_name}, init {self.init}, KV cache -{kv_saving(self.layout):.0%}"
         )
@@ -240,7 +243,23 @@ class _Conversion:
         if calib_data and not self.needs_calibration:
             self.say(f"note: --calib-data is not used by --init {self.init} (it serves calibrated/reconstruct/auto)")
 
-    def _data_phase(self) -> dict:
+    @contextlib.contextmanager
+    def _scratch(self):
+        """A hidden folder beside OUT, removed at the end (also on failure), only when the data phase needs one."""
+        if not self.needs_calibration:
+            yield None
+            return
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            folder = tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".scratch", dir=self.out.parent)
+        except OSError as e:
+            raise ClakitError(f"cannot create a scratch folder beside {self.out}: {e.strerror or e}") from None
+        try:
+            yield Path(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _data_phase(self, scratch: Path | None) -> dict:
         """Everything that runs the source model: eval before, calibration, auto layout, K/V fitting."""
         if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
             return {}
@@ -258,7 +277,7 @@ class _Conversion:
             self.say("measuring held-out perplexity of the source...")
             with runner.offloaded() as model:
                 self.results["perplexity_before"] = self._perplexity(model)
-        overrides = self._calibrate(runner) if self.needs_calibration else {}
+        overrides = self._calibrate(runner, scratch) if self.needs_calibration else {}
         del runner
         gc.collect()
         return overrides
@@ -273,7 +292,7 @@ class _Conversion:
         factor = 2 if self.cfg.factor is None else self.cfg.factor
         return uniform_layout(n, factor), f"factor {factor}"
 
-    def _calibrate(self, runner: LayerwiseModel) -> dict:
+    def _calibrate(self, runner: LayerwiseModel, scratch: Path):
         """Calibration tokens -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
         from clakit.convert import calibrate
 
@@ -292,11 +311,11 @@ class _Conversion:
         if self.init not in DATA_AWARE_INITS:
             return {}
         self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens, layer by layer...")
-        self.out.parent.mkdir(parents=True, exist_ok=True)  # the per-layer streams go beside the output
         return calibrate.fit_kv(
             runner.model, self.layout, ids, self.init, seed=c.seed, steps=c.reconstruct_steps,
-            progress=not self.quiet, ridge=c.ridge, scratch=self.out.parent, lr=c.reconstruct_lr,
+            progress=not self.quiet, ridge=c.ridge, scratch=scratch, lr=c.reconstruct_lr,
             train_o=c.train_o_proj, sequential=c.sequential,
+            store=calibrate.SpilledTensors(scratch / "fitted", self.device),
         )  # fmt: skip
 
     def _write(self, tmp: Path, overrides: dict) -> None:
@@ -348,6 +367,7 @@ class _Conversion:
         tied = set(lm_cls._tied_weights_keys or {}) if cla_cfg.tie_word_embeddings else set()
         plan = plan_tensors(self.checkpoint.names, set(expected), tied, layout)
         check_shapes(self.checkpoint, plan, expected, self.source.spec)
+        check_unused(plan, self.source.spec)
         floating = (t.dtype for t in map(self.checkpoint.get, plan.names) if t.is_floating_point())  # lazy reads
         self.source_dtype = next(floating, torch.float32)
         return plan

@@ -282,8 +282,12 @@ def reconstruct_overrides(
     train_o: bool = ConvertConfig.train_o_proj,
     sequential: bool = ConvertConfig.sequential,
     lr: float = LEARNING_RATE,
+    out=None,
 ) -> dict[str, torch.Tensor]:
     """Closed-form `overrides` refined group by group; `report` (a dict), when given, gets each group's objectives.
+
+    `out`: the mapping the results go into (default a copy of `overrides`); it may be `overrides` itself: a group's
+    closed-form start is read before the group's own tensors are replaced.
 
     `sequential`: groups are fitted in layer order, each on the inputs the model computes once the earlier groups
     are converted (GPTQ-style), against the original model's outputs, so each group also absorbs upstream error.
@@ -291,7 +295,7 @@ def reconstruct_overrides(
     from tqdm.auto import tqdm
 
     steps = DEFAULT_STEPS if steps is None else steps
-    out = dict(overrides)
+    out = dict(overrides) if out is None else out
     shared = [members for members in groups(layout).values() if len(members) > 1]
     done: set[int] = set()
     stream = _ConvertedStream(model, layout, stats.ids) if sequential else None

@@ -64,8 +64,8 @@ def converted_tensors(
     """
     overrides = overrides or {}
     for name in plan.names:
-        if name in overrides:  # fitted in the in-memory model's dtype (fp32): back to the checkpoint's
-            tensor = overrides[name].detach().to(checkpoint.get(plan.sources[name][0]).dtype)
+        if name in overrides:  # fitted in the fits' dtype, maybe on a GPU: back to the checkpoint's, on the CPU
+            tensor = overrides[name].detach().to("cpu", checkpoint.get(plan.sources[name][0]).dtype)
         elif len(plan.sources[name]) == 1 or init == "producer":
             tensor = checkpoint.get(plan.sources[name][0])
         else:  # the group's (kv_heads*head_dim, hidden) weights, or (kv_heads*head_dim,) biases, averaged

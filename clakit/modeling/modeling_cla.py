@@ -59,27 +59,31 @@ class WeightsMismatch(ValueError):
 def loading_problem(info: dict) -> str | None:
     """What is wrong with a load, from `from_pretrained(..., output_loading_info=True)`'s info, or None.
 
-    transformers initialises a tensor the checkpoint lacks (or holds in another shape) at random and only logs a
-    table; a K/V tensor the model has no place for is dropped. Both mean config.json does not describe these
-    weights (e.g. kv_source_layers edited): the model would run, with random K/V."""
+    transformers initialises a tensor the checkpoint lacks (or holds in another shape) at random and drops a decoder
+    tensor the model has no place for, with only a log table. Either means config.json does not describe these
+    weights (kv_source_layers or num_hidden_layers edited): the model would run, wrongly. (Known leftovers such as
+    rotary inv_freq buffers are not in `unexpected_keys`.)"""
     missing = sorted(info.get("missing_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())  # (name, checkpoint shape, model shape)
-    unexpected = sorted(k for k in info.get("unexpected_keys") or () if k.endswith(("k_proj.weight", "v_proj.weight")))
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if k.startswith("model.layers."))
+    fix = "restore the config.json written with these weights, or convert again"
     if mismatched:
         name, theirs, ours = mismatched[0]
         return (
             f"config.json does not match the weights: {name} is {list(theirs)} in the checkpoint but the config "
-            f"makes it {list(ours)} ({len(mismatched)} tensors differ); restore the config.json written with them"
+            f"makes it {list(ours)} ({len(mismatched)} tensors differ); {fix}"
         )
     if missing:
         return (
             f"the checkpoint lacks {len(missing)} tensors its config.json needs (e.g. {missing[0]}), which would be "
-            "randomly initialised; restore the config.json written with these weights, or convert again"
+            f"randomly initialised; {fix}"
         )
     if unexpected:
+        kv = all(k.endswith(("k_proj.weight", "v_proj.weight")) for k in unexpected)
+        what = "kv_source_layers" if kv else "num_hidden_layers"
         return (
-            f"the checkpoint holds K/V tensors its config.json has no place for (e.g. {unexpected[0]}): its "
-            "kv_source_layers do not match the weights; restore the config.json written with them, or convert again"
+            f"the checkpoint holds {len(unexpected)} tensors its config.json has no place for (e.g. {unexpected[0]}), "
+            f"which would be dropped: its {what} do not match the weights; {fix}"
         )
     return None
 

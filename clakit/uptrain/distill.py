@@ -10,7 +10,8 @@ so the shared tensors stay the original's until the final merge (after the teach
 import torch
 import torch.nn.functional as F
 
-from clakit.sources import Source, load_model
+from clakit.errors import ClakitError
+from clakit.sources import Source, load_config, load_model
 
 PEFT_PREFIX = "base_model.model."
 
@@ -38,6 +39,21 @@ def share_frozen_weights(teacher, student) -> int:
         teacher.get_submodule(module_name)._parameters[leaf] = s
         shared += 1
     return shared
+
+
+def check_teacher_fits(teacher, student_config, distill) -> None:
+    """The teacher scores the student's tokens (the same vocabulary) and, with hidden_mse_weight, matches its hidden
+    states layer by layer (the same layers and width): refused from the configs, before any model is loaded, instead
+    of a shape error at the first step. `teacher` is the resolved Source of the original model."""
+    config = load_config(teacher)
+    keys = ["vocab_size"] + (["num_hidden_layers", "hidden_size"] if distill.hidden_mse_weight > 0 else [])
+    for key in keys:
+        theirs, ours = getattr(config, key, None), getattr(student_config, key, None)
+        if theirs != ours:
+            raise ClakitError(
+                f"the teacher {teacher.spec} has {key} {theirs} but the student {ours}: distillation needs the model "
+                "the student was converted from; set model.original to it"
+            )
 
 
 def load_teacher(source: Source, dtype: torch.dtype, student, share: bool = True):

@@ -25,7 +25,7 @@ from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.sources import load_model, load_tokenizer, resolve_source
 from clakit.uptrain import card, checkpoint, student
-from clakit.uptrain.distill import load_teacher
+from clakit.uptrain.distill import check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import Trainer
@@ -269,8 +269,9 @@ def wait_for_conversion(converted: Path, failed: Path, poll_s: float | None = No
     import time
 
     while not (converted / "config.json").is_file():
-        if failed.is_file():
-            raise ClakitError(f"the main process failed converting model.source ({failed.read_text()[:300]})")
+        if failed.is_file() or not converted.parent.is_dir():  # the note, or the run folder already cleaned up
+            why = failed.read_text()[:300] if failed.is_file() else "its run folder is gone"
+            raise ClakitError(f"the main process failed converting model.source ({why})")
         time.sleep(CONVERT_POLL_S if poll_s is None else poll_s)
 
 
@@ -359,8 +360,11 @@ def uptrain(
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
         return out / RESULT
     check_tensorboard(recipe.train)
-    student.check_model_section(recipe.model)
+    student_config = student.check_model_section(recipe.model)
+    student.check_patterns(student_config, recipe.lora)
     original = check_teacher(recipe, out, resume)
+    if recipe.needs_teacher:
+        check_teacher_fits(original, student_config, recipe.distill)
     last = checkpoint.checkpoint_dirs(out) if resume else []
     if last:  # a corrupt checkpoint is refused before any model is loaded
         checkpoint.read_checkpoint(last[-1])

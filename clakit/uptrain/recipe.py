@@ -315,6 +315,18 @@ def _validate_model(m: ModelSection) -> None:
 
 def _validate_data(d: DataSection) -> None:
     _check(bool(d.train), "recipe needs data.train: text files, folders of .txt or datasets specs")
+    for spec in d.eval or []:
+        held_out = Path(spec).expanduser().resolve()
+        for train in d.train:
+            path = Path(train).expanduser().resolve()
+            _check(
+                not (
+                    path.exists()
+                    and (held_out == path or held_out.is_relative_to(path) or path.is_relative_to(held_out))
+                ),
+                f"data.eval {spec} is (or holds) training text {train}: its numbers would not be held out; give text "
+                "that is not in data.train, or drop data.eval to hold out the end of the train text",
+            )
     _check(d.seq_len >= 8, f"data.seq_len must be at least 8, got {d.seq_len}")
     _check(0 < d.eval_fraction < 1, f"data.eval_fraction must be between 0 and 1, got {d.eval_fraction}")
     _check(d.eval_max_tokens >= d.seq_len, "data.eval_max_tokens must be at least data.seq_len")

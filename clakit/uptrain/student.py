@@ -17,8 +17,9 @@ LAYER_PREFIX = "model.layers."
 # --- the CLA checkpoint to start from ---------------------------------------------------------------------------
 
 
-def check_model_section(model_section) -> None:
-    """Refuse a model that is not a CLA checkpoint (model.path) or not convertible (model.source), before any work."""
+def check_model_section(model_section):
+    """Refuse a model that is not a CLA checkpoint (model.path) or not convertible (model.source), before any work;
+    returns its config."""
     spec = model_section.path or model_section.source
     config = load_config(resolve_source(spec, model_section.revision))
     is_cla = config.model_type.endswith("_cla")
@@ -34,6 +35,7 @@ def check_model_section(model_section) -> None:
             f"model.source {spec} is not a CLA checkpoint and the recipe has no model.convert settings; "
             "add e.g. `convert: {factor: 2, init: mean}` or give a converted checkpoint as model.path"
         )
+    return config
 
 
 def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
@@ -129,6 +131,22 @@ def select_linear(model, patterns: list[str], what: str) -> list[str]:
             )
         chosen += [n for n in hits if n not in chosen]
     return chosen
+
+
+def check_patterns(config, lora) -> None:
+    """Every lora.full_train / target_modules pattern matches a linear module of the student, checked on the model
+    built on the meta device from `config` (no weights, seconds even at 70B) before anything slow runs, instead of
+    after the conversion and the first evaluation. A stock config (model.source, layout chosen by the converter) is
+    checked with every layer a producer, skipping the `producers.`/`consumers.` patterns that depend on the layout."""
+    from clakit.convert.inmemory import cla_config, cla_family
+    from clakit.modeling import CLA_CLASSES
+
+    layout = getattr(config, "kv_source_layers", None)
+    with torch.device("meta"):
+        model = CLA_CLASSES[cla_family(config)][2](cla_config(config, layout or range(config.num_hidden_layers)))
+    for patterns, what in ((lora.full_train, "lora.full_train"), (lora.target_modules if lora.r > 0 else [], "")):
+        known = [p for p in patterns if layout or not p.startswith(("producers.", "consumers."))]
+        select_linear(model, known, what or "lora.target_modules")
 
 
 def make_trainable(model, lora, gradient_checkpointing: bool = False):

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> dict:
         "architecture": llm.llm_engine.vllm_config.model_config.architectures[0],
         "kv_cache_tokens": cache.kv_cache_size_tokens,
         "max_concurrency": cache.kv_cache_max_concurrency,
+        "kv_cache_blocks": cache.num_gpu_blocks,
+        "block_size": cache.block_size,
         "max_model_len": llm.llm_engine.vllm_config.model_config.max_model_len,
         "tokens": [list(outputs[i * args.repeat].outputs[0].token_ids) for i in range(len(prompts))],
         "requests": len(batch),

@@ -1,0 +1,165 @@
+"""How `clakit convert`'s data-aware fits scale with depth: peak host RSS and wall time per layer.
+
+A random Llama of fixed width (hidden 768, intermediate 2048, 12 heads, 4 KV heads, vocab 4096, bf16 safetensors,
+its own BPE tokenizer) at 8/16/24/32 layers, converted in a fresh subprocess each (so its peak RSS is its own) with
+  reconstruct: --factor 2 --init reconstruct   (statistics sweep + closed form + sequential reconstruction)
+  auto:        --layout auto --init calibrated (the layout search, then the closed-form fit)
+Targets (issue 11): peak RSS above the import footprint at 24 layers <= 1.5x that at 8 layers and <= 0.6x the
+24-layer model's fp32 bytes; wall time linear in depth (reported: seconds per layer at each depth).
+
+    python benchmarks/convert_scale.py --out docs/figures/convert_scale.json      # ~10-15 min on 2 loaded cores
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 768, 2048, 12, 4, 4096
+MODES = {
+    "reconstruct": ["--factor", "2", "--init", "reconstruct"],
+    "auto": ["--layout", "auto", "--init", "calibrated"],
+}
+# Runs in the child: import, note RSS, convert, report wall time and peak RSS (VmHWM: ru_maxrss survives exec).
+CHILD = """
+import json, sys, time
+from clakit.cli import main
+def status(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+base = status("VmRSS:")
+start = time.perf_counter()
+rc = main(["convert", *sys.argv[1:]])
+wall = time.perf_counter() - start
+print(json.dumps({"rc": rc, "wall_s": wall, "rss_after_import": base, "peak_rss": status("VmHWM:")}))
+"""
+
+
+def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
+    from convert_bench import layer_tensors  # this folder is on sys.path when the script runs
+
+    return layer_tensors(i, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS)
+
+
+def make_checkpoint(folder: Path, layers: int, tokenizer) -> int:
+    """Random bf16 checkpoint, one shard per layer (+ embeddings); returns the model's fp32 bytes."""
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(layers)
+
+    def rand(shape):
+        return torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.05
+
+    shards = [{"model.embed_tokens.weight": rand((VOCAB, HIDDEN)), "lm_head.weight": rand((VOCAB, HIDDEN)),
+               "model.norm.weight": rand((HIDDEN,))}]  # fmt: skip
+    shards += [{name: rand(shape) for name, shape in layer_shapes(i).items()} for i in range(layers)]
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: t.to(torch.bfloat16) for n, t in shard.items()}, folder / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, file)
+        total += sum(t.numel() * 4 for t in shard.values())
+    index = {"metadata": {"total_size": total // 2}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                         num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                         max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16")  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return total
+
+
+def train_tokenizer(text: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def run(src: Path, out: Path, mode: str, args) -> dict:
+    flags = [*MODES[mode], "--calib-data", args.calib, "--calib-tokens", str(args.calib_tokens), "--seq-len",
+             str(args.seq_len), "--reconstruct-steps", str(args.steps), "--device", "cpu", "-q"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), *flags], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, rows in result["runs"].items():
+        depth = [r["layers"] for r in rows]
+        ax1.plot(depth, [r["peak_rss_above_import_mb"] for r in rows], "o-", label=mode)
+        ax2.plot(depth, [r["wall_s"] for r in rows], "o-", label=mode)
+    ax1.plot(depth, [r["model_fp32_mb"] for r in rows], "k--", label="model fp32 bytes")
+    ax1.set(xlabel="decoder layers", ylabel="MB", title="peak RSS above imports")
+    ax2.set(xlabel="decoder layers", ylabel="s", title="wall time")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, nargs="+", default=[8, 16, 24, 32])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--calib", default=str(Path("~/.cache/clakit/demo/text/calib.txt").expanduser()))
+    p.add_argument("--calib-tokens", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--out", help="write the JSON here (and a .png beside it)")
+    args = p.parse_args()
+    tokenizer = train_tokenizer(Path(args.calib).read_text()[:2_000_000])
+    result = {"settings": vars(args), "runs": {m: [] for m in args.modes}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for layers in args.layers:
+            src = Path(tmp) / f"src{layers}"
+            fp32 = make_checkpoint(src, layers, tokenizer)
+            for mode in args.modes:
+                r = run(src, Path(tmp) / f"out{layers}-{mode}", mode, args)
+                row = {"layers": layers, "model_fp32_mb": fp32 / 1e6, "wall_s": r["wall_s"],
+                       "wall_s_per_layer": r["wall_s"] / layers,
+                       "peak_rss_above_import_mb": (r["peak_rss"] - r["rss_after_import"]) / 1e6}  # fmt: skip
+                result["runs"][mode].append(row)
+                print(json.dumps({"mode": mode, **row}), flush=True)
+    result["targets"] = targets(result)
+    print(json.dumps(result["targets"], indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, Path(args.out).with_suffix(".png"))
+
+
+def targets(result: dict) -> dict:
+    """RSS at 24 vs 8 layers (<= 1.5x) and vs the 24-layer fp32 model (<= 0.6x), per mode, where measured."""
+    out = {}
+    for mode, rows in result["runs"].items():
+        by = {r["layers"]: r for r in rows}
+        if 8 in by and 24 in by:
+            ratio = by[24]["peak_rss_above_import_mb"] / by[8]["peak_rss_above_import_mb"]
+            vs_model = by[24]["peak_rss_above_import_mb"] / by[24]["model_fp32_mb"]
+            out[mode] = {"rss_24_over_8": round(ratio, 3), "rss_24_over_fp32_model": round(vs_model, 3),
+                         "met": ratio <= 1.5 and vs_model <= 0.6}  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    main()
