@@ -35,7 +35,9 @@ def check_settings(seq_len: int, stride: int | None, max_tokens, batch_size: int
         raise ClakitError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ClakitError(f"--batch-size must be a positive integer, got {batch_size}")
-    if not (isinstance(kv_budget_gb, int | float) and math.isfinite(kv_budget_gb) and kv_budget_gb > 0):
+    if isinstance(kv_budget_gb, bool) or not (
+        isinstance(kv_budget_gb, int | float) and math.isfinite(kv_budget_gb) and kv_budget_gb > 0
+    ):
         raise ClakitError(f"--kv-budget-gb must be a positive number of GB, e.g. 16, got {kv_budget_gb}")
     return stride
 
