@@ -197,10 +197,10 @@ def test_other_processes_wait_for_a_long_conversion_without_a_collective(tmp_pat
 
 
 def test_fsdp1_without_use_orig_params_is_refused():
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    def acc(version, orig):
-        plugin = SimpleNamespace(fsdp_version=version, use_orig_params=orig)
+    def acc(version, orig):  # accelerate's own plugin, as `accelerate launch --use_fsdp` builds it from its flags
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=version, use_orig_params=orig)
         return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
 
     with pytest.raises(ClakitError, match="fsdp_use_orig_params: true"):
