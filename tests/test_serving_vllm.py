@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_checkpoint, tiny_model
 from serving_vllm_fixtures import hf_greedy, run_vllm, vllm_env, vllm_python  # noqa: F401  (fixture)
 
@@ -55,9 +56,11 @@ def test_tiny_mistral_cla_tokens_and_capacity(vllm_python, tiny_mistral_pair, to
 @pytest.mark.slow
 def test_tiny_llama_bf16_tied_cla3(vllm_python, tokenizer, tmp_path):  # noqa: F811
     """A bf16 checkpoint with tied embeddings and uniform CLA3, served in fp32: the tokens of transformers in fp32."""
-    stock = save_checkpoint(tiny_model("llama", **TINY, tie_word_embeddings=True), tokenizer, tmp_path / "stock")
-    cla = convert(stock, tmp_path / "cla3", factor=3, init="mean", dtype="bfloat16", quiet=True)
-    assert json.loads((cla / "config.json").read_text())["kv_source_layers"] == [0, 0, 0, 3, 3, 3]
+    model = tiny_model("llama", **TINY, tie_word_embeddings=True).to(torch.bfloat16)
+    stock = save_checkpoint(model, tokenizer, tmp_path / "stock")
+    cla = convert(stock, tmp_path / "cla3", factor=3, init="mean", quiet=True)  # keeps the source's bf16
+    config = json.loads((cla / "config.json").read_text())
+    assert config["kv_source_layers"] == [0, 0, 0, 3, 3, 3] and config["dtype"] == "bfloat16"
     ids = prompts(tokenizer)
     served = run_vllm(vllm_python, cla, ids, tmp_path, max_tokens=MAX_TOKENS)
     assert served["architecture"] == "LlamaCLAForCausalLM"
