@@ -43,8 +43,9 @@ def producers_for(num_layers: int, saving: float) -> int:
 
 @torch.no_grad()
 def _nll(model, input_ids: torch.Tensor) -> float:
-    losses = [model(row[None], labels=row[None], use_cache=False).loss.item() for row in input_ids]
-    return sum(losses) / len(losses)
+    """Mean NLL per token of (n_seq, seq) ids, all sequences in one batch: with a LayerwiseModel each layer is
+    then read once per pass, not once per sequence."""
+    return model(input_ids, labels=input_ids, use_cache=False).loss.item()
 
 
 def _share_hooks(model, members: list[int]) -> list:
@@ -80,8 +81,7 @@ def layer_inputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     captured = [[] for _ in layers]
     hooks = [layer.register_forward_pre_hook(_keeper(captured[i])) for i, layer in enumerate(layers)]
     try:
-        for row in input_ids:
-            model.model(row[None], use_cache=False)
+        model.model(input_ids, use_cache=False)  # one batch: each layer read once
     finally:
         for h in hooks:
             h.remove()
@@ -100,13 +100,9 @@ def _tail_nll(model, start: int, hidden: torch.Tensor, input_ids: torch.Tensor) 
     full = body.layers
     body.layers = full[start:]
     try:
-        losses = [
-            model(inputs_embeds=h[None], labels=row[None], use_cache=False).loss.item()
-            for h, row in zip(hidden, input_ids, strict=True)
-        ]
+        return model(inputs_embeds=hidden, labels=input_ids, use_cache=False).loss.item()
     finally:
         body.layers = full
-    return sum(losses) / len(losses)
 
 
 def group_cost(model, members: list[int], input_ids: torch.Tensor, base_nll: float, hidden=None) -> float:

@@ -264,15 +264,11 @@ class _Conversion:
         if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
             return {}
         self.tokenizer = load_tokenizer(self.source, self.cfg.trust_remote_code)
-        if self.source.kind == "gguf":  # the dequantised weights are the checkpoint we stream from
-            self.say(f"loading {self.source.spec} in memory (GGUF: dequantised whole, fp32)...")
-            model = _load_source_model(self.source, self.cfg.trust_remote_code, self.cfg.allow_pickle)
-            self.checkpoint = StateDictCheckpoint(model.state_dict())
-            self.generation_config = model.generation_config
-            del model
+        runner = self._gguf_runner() if self.source.kind == "gguf" else None
         if not (self.needs_calibration or self.eval_texts):
             return {}
-        runner = LayerwiseModel.from_checkpoint(self.config, self.checkpoint, self.device, self.fit_dtype)
+        if runner is None:
+            runner = LayerwiseModel.from_checkpoint(self.config, self.checkpoint, self.device, self.fit_dtype)
         if self.eval_texts:
             self.say("measuring held-out perplexity of the source...")
             with runner.offloaded() as model:
@@ -281,6 +277,15 @@ class _Conversion:
         del runner
         gc.collect()
         return overrides
+
+    def _gguf_runner(self) -> LayerwiseModel:
+        """GGUF: transformers dequantises the whole file, so the model is whole in memory anyway; it is the checkpoint
+        the writer streams from, and the fits use it whole (on the device, in the fits' dtype): no per-layer reads."""
+        self.say(f"loading {self.source.spec} in memory (GGUF: dequantised whole, fp32)...")
+        model = _load_source_model(self.source, self.cfg.trust_remote_code)
+        self.checkpoint = StateDictCheckpoint(model.state_dict())  # CPU fp32 tensors, kept for the writer
+        self.generation_config = model.generation_config
+        return LayerwiseModel.in_memory(model.to(self.device, self.fit_dtype).eval())
 
     def _fixed_layout(self) -> tuple[list[int] | None, str]:
         n, spec = self.config.num_hidden_layers, self.cfg.kv_source_layers
