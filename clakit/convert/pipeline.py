@@ -282,7 +282,7 @@ class _Conversion:
         """GGUF: transformers dequantises the whole file, so the model is whole in memory anyway; it is the checkpoint
         the writer streams from, and the fits use it whole (on the device, in the fits' dtype): no per-layer reads."""
         self.say(f"loading {self.source.spec} in memory (GGUF: dequantised whole, fp32)...")
-        model = _load_source_model(self.source, self.cfg.trust_remote_code)
+        model = _load_source_model(self.source, self.cfg.trust_remote_code, self.cfg.allow_pickle)
         self.checkpoint = StateDictCheckpoint(model.state_dict())  # CPU fp32 tensors, kept for the writer
         self.generation_config = model.generation_config
         return LayerwiseModel.in_memory(model.to(self.device, self.fit_dtype).eval())
