@@ -383,9 +383,11 @@ def uptrain(
     if run["start_path"].is_relative_to(work) and not resume:  # converted on the fly: now in the published run
         run["start_path"] = out / run["start_path"].relative_to(work)
     try:
-        # another clakit process refuses to replace or resume this run while it trains
+        # another clakit process refuses to replace or resume this run while it trains; a failed write (a full disk
+        # while saving a checkpoint, metrics or the result) is one line
         with outputs.hold(out, "train.output_dir") if acc.is_main_process else contextlib.nullcontext():
-            return _train_and_save(recipe, out, run, acc, quiet)
+            with outputs.os_errors(out):
+                return _train_and_save(recipe, out, run, acc, quiet)
     except BaseException as e:
         if not resume:
             _abandon(out, acc, e)
