@@ -227,12 +227,18 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
 
     seen = {}
 
-    def keep(module, name):
+    def keep(module, name, copy=lambda result: result):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, **k: seen.setdefault(name, real(*a, **k)))
+
+        def spy(*a, **k):
+            result = real(*a, **k)
+            seen.setdefault(name, copy(result))  # fit_kv's tensors wait on disk, in a folder removed at the end
+            return result
+
+        monkeypatch.setattr(module, name, spy)
 
     keep(clakit.convert.calibrate, "auto_layout")
-    keep(clakit.convert.calibrate, "fit_kv")
+    keep(clakit.convert.calibrate, "fit_kv", copy=dict)
     out = tmp_path / "auto"
     args = ("--layout", "auto", "--kv-saving", "0.5", "--init", "calibrated", "--calib-tokens", "512", "-q")
     assert run_cli(tiny_llama_checkpoint, out, "--calib-data", corpus_dir / "calib.txt", *args) == 0
