@@ -6,6 +6,7 @@ parsed into it, and `clakit_convert.json` records it whole. Each field's `metada
 """
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ DEVICES_HELP = "cpu, cuda, cuda:N or auto (the first GPU, else the CPU)"
 FIT_DTYPES = ("float32", "bfloat16")  # bf16 fits only on a GPU; statistics always accumulate in fp64
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 LAYOUT_GROUP = "layout (one of)"
+SEED_LIMIT = 2**32  # torch.Generator().manual_seed takes 64-bit seeds; recipes use the same range
 
 
 def _opt(help_: str, **flag) -> dict:
@@ -101,6 +103,12 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), typing.get_type_hints(ConvertConfig)[f.name])
+        for f in dataclasses.fields(self):  # inf/nan pass the type check; no setting means anything by them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ClakitError(f"--{_flag(f.name)} must be a finite number, got {value}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ClakitError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.init is not None and self.init not in INITS:
             raise ClakitError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         for name, unit in (("calib_tokens", "tokens"), ("seq_len", "tokens"), ("reconstruct_steps", "steps"),

@@ -179,7 +179,10 @@ def _build(cls, data, where: str):
             place = f"{where}.{key}" if where else str(key)
             raise ClakitError(f"unknown recipe key {place!r}; valid keys here: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ClakitError as e:  # a section that checks itself (ConvertConfig) names its CLI flags: say where it is
+        raise ClakitError(f"recipe section {where}: {e}") from None
 
 
 # --- overrides and loading --------------------------------------------------------------------------------------
