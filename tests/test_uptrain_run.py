@@ -48,6 +48,8 @@ def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpo
     card = (result / "README.md").read_text()
     for name in reports:
         assert f"{reports[name]['perplexity']:.2f}" in card
+    # how to serve it: CLA2 on 4 layers keeps 2 producers, so vLLM holds 2.00x the source's tokens per cache byte
+    assert "## Serve with vLLM" in card and "K/V for the 2 producer layers only" in card and "2.00x" in card
     record = json.loads((result / "uptrain.json").read_text())
     assert record["train_tokens"] == 6 * 2 * 32
     assert 0 < record["trainable_parameters"] < record["parameters"]

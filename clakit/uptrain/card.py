@@ -3,13 +3,14 @@
 import json
 from pathlib import Path
 
+from clakit.convert.output_folder import serving_section
 from clakit.provenance import provenance
 
 PROVENANCE = "uptrain.json"
 
 
-def summary(recipe, trainer, data, heldout: dict) -> dict:
-    """Everything the card shows: settings, token counts, before/after held-out numbers."""
+def summary(recipe, trainer, data, heldout: dict, kv_source_layers: list[int] | None = None) -> dict:
+    """Everything the card shows: settings, token counts, before/after held-out numbers, the sharing layout."""
     trainable, total = trainer.counts
     return {
         "recipe": recipe.to_dict(),
@@ -22,6 +23,7 @@ def summary(recipe, trainer, data, heldout: dict) -> dict:
         "train_data": data.train_sources,
         "eval_data": data.eval_sources,
         "heldout": heldout,
+        "kv_source_layers": kv_source_layers,
     }
 
 
@@ -86,6 +88,9 @@ def markdown(s: dict) -> str:
         f"Full settings and versions: `{PROVENANCE}`.",
         "",
     ]
+    layout = s.get("kv_source_layers")
+    if layout:  # how to serve it, and the cache capacity to expect (the converted checkpoint's card says the same)
+        lines += [serving_section(len(set(layout)), len(layout))]
     return "\n".join(lines)
 
 

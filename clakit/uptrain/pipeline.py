@@ -469,7 +469,8 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
         names = [n for n in ("original", "converted", "uptrained") if (out / EVAL / f"{n}.json").is_file()]
         reports = {n: read_report(out / EVAL / f"{n}.json") for n in names}
         report([out / EVAL / f"{n}.json" for n in names], out / "report")
-        summary = card.summary(recipe, trainer, run["data"], {n: _numbers(r) for n, r in reports.items()})
+        numbers = {n: _numbers(r) for n, r in reports.items()}
+        summary = card.summary(recipe, trainer, run["data"], numbers, model.config.kv_source_layers)
         with outputs.staged(result, "model", overwrite=True) as tmp:  # a full disk leaves no half-written model/
             student.save_cla(model, run["tokenizer"], tmp)
             card.write(tmp, summary)
