@@ -305,11 +305,8 @@ def _validate_model(m: ModelSection) -> None:
     c = m.convert
     if c is None:
         return
-    _check(0 <= c.seed < SEED_LIMIT, f"model.convert.seed must be between 0 and 2**32 - 1, got {c.seed}")
-    _check(c.calib_tokens > 0, f"model.convert.calib_tokens must be a positive number of tokens, got {c.calib_tokens}")
-    for name in ("factor", "reconstruct_steps"):
-        value = getattr(c, name)
-        _check(value is None or value > 0, f"model.convert.{name} must be positive (or null), got {value}")
+    # seed, calib_tokens and reconstruct_steps are ConvertConfig's own checks (refused while the section is parsed)
+    _check(c.factor is None or c.factor > 0, f"model.convert.factor must be positive (or null), got {c.factor}")
     _check(
         c.kv_saving is None or 0 < c.kv_saving < 1,
         f"model.convert.kv_saving must be between 0 and 1 (0.5 halves the KV cache), got {c.kv_saving}",
