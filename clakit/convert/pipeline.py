@@ -29,7 +29,7 @@ from clakit.convert.checkpoint import (
     parse_size,
 )
 from clakit.convert.checks import check_shapes, check_unused
-from clakit.convert.config import ConvertConfig
+from clakit.convert.config import DEFAULT_DISTILL_STEPS, ConvertConfig
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layerwise import LayerwiseModel, resolve_device
 from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, uniform_layout
@@ -74,6 +74,7 @@ class ConvertSettings:
     max_shard_size: str
     seed: int
     reconstruct_steps: int | None = None  # Adam steps per group (init reconstruct)
+    distill_steps: int = 0  # end-to-end distillation steps after the fits (0: none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,6 +214,7 @@ class _Conversion:
         self.config, self.architecture = _source_config(self.source, self.cfg.trust_remote_code)
         self.seq_len = min(self.cfg.seq_len, self.config.max_position_embeddings or self.cfg.seq_len)
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
+        self.distill_steps = self._resolve_distill()
         self._load_texts()
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
@@ -227,6 +229,36 @@ class _Conversion:
             f"wrote {self.out}: layout {self.layout_name}, init {self.init}, KV cache -{kv_saving(self.layout):.0%}"
         )
         return self.out
+
+    def _resolve_distill(self) -> int:
+        """--distill-steps: the default when the whole student fits the device, else 0 (said); an explicit number
+        that cannot fit, or without a data-aware init, is refused before any work."""
+        from clakit.convert.distill import distill_bytes
+
+        asked = self.cfg.distill_steps
+        if self.init not in DATA_AWARE_INITS:
+            if asked:
+                raise ClakitError(
+                    f"--distill-steps trains what --init calibrated/reconstruct fit; --init {self.init} fits nothing"
+                )
+            return 0
+        steps = DEFAULT_DISTILL_STEPS if asked is None else asked
+        if not steps:
+            return 0
+        every_layer = list(range(self.config.num_hidden_layers))  # the worst case: every layer's K/V trained
+        seqs = self.cfg.calib_tokens // self.seq_len
+        need = distill_bytes(self.config, every_layer, self.fit_dtype, self.seq_len, seqs)
+        free = _free_memory(self.device)
+        if free is None or need <= free:
+            return steps
+        if asked is not None:
+            raise ClakitError(
+                f"--distill-steps needs the whole model on {self.device} (~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB "
+                "free): use a bigger device, or --distill-steps 0 (layer-by-layer fits only; uptrain afterwards)"
+            )
+        self.say(f"note: the end-to-end distillation needs ~{need / 1e9:.1f} GB on {self.device} "
+                 f"({free / 1e9:.1f} GB free): skipped (layer-by-layer fits only); uptrain the result")  # fmt: skip
+        return 0
 
     def _inputs(self) -> list[tuple[str, object]]:
         """What OUT must neither contain nor be inside (--overwrite would delete it)."""
@@ -316,12 +348,32 @@ class _Conversion:
         if self.init not in DATA_AWARE_INITS:
             return {}
         self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens, layer by layer...")
-        return calibrate.fit_kv(
+        overrides = calibrate.fit_kv(
             runner.model, self.layout, ids, self.init, seed=c.seed, steps=c.reconstruct_steps,
             progress=not self.quiet, ridge=c.ridge, scratch=scratch, lr=c.reconstruct_lr,
             train_o=c.train_o_proj, sequential=c.sequential,
             store=calibrate.SpilledTensors(scratch / "fitted", self.device),
         )  # fmt: skip
+        if self.distill_steps:
+            self._distill(runner, ids, overrides)
+        return overrides
+
+    def _distill(self, runner: LayerwiseModel, ids: torch.Tensor, overrides) -> None:
+        """The whole student on the device, its attention projections trained against the source's logits; the
+        trained tensors join `overrides`."""
+        from clakit.convert import distill
+
+        self.say(f"distilling the converted model end to end ({self.distill_steps} steps on {ids.numel()} tokens)...")
+        with runner.loaded(*range(self.config.num_hidden_layers)):
+            logits = distill.teacher_logits(runner.model, ids)
+            student = distill.cla_student(runner.model, self.layout, overrides)
+            trained, record = distill.distill(
+                student, ids, logits, steps=self.distill_steps, lr=self.cfg.distill_lr, seed=self.cfg.seed,
+                progress=not self.quiet,
+            )  # fmt: skip
+            del student, logits
+        overrides.update(trained)
+        self.results["distill"] = {"steps": self.distill_steps, **record}
 
     def _write(self, tmp: Path, overrides: dict) -> None:
         cla_cfg = cla_config(self.config, self.layout)
@@ -361,6 +413,7 @@ class _Conversion:
             "provenance": provenance(),
             "eval": self._eval_record(),
             "auto_layout": self.results.get("auto_layout"),
+            "distill": self.results.get("distill"),
             "dropped_tensors": plan.dropped,
             "shard_size_bytes": parse_size(self.cfg.max_shard_size),
         }  # fmt: skip
@@ -432,7 +485,20 @@ class _Conversion:
             calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
             max_shard_size=str(self.cfg.max_shard_size), seed=self.cfg.seed,
             reconstruct_steps=self.cfg.reconstruct_steps if self.init == "reconstruct" else None,
+            distill_steps=self.distill_steps,
         )  # fmt: skip
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (CUDA: the driver's count; CPU: MemAvailable), None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _check_free_space(folder: Path, nbytes: int) -> None:

@@ -1,0 +1,122 @@
+"""The end-to-end distillation stage of `clakit convert` (`--distill-steps`): the student it trains is the CLA model,
+it trains only attention projections, lowers the KL to the source on the calibration tokens, and what it trains is
+what gets written."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from convert_fixtures import load, logits, read_json, run_cli
+
+from clakit.convert import distill, pipeline
+from clakit.convert.inmemory import cla_model_from
+
+LAYOUT = [0, 0, 2, 2]
+
+
+@pytest.fixture(params=["llama", "mistral"])
+def source(request):
+    return tiny_model(request.param)
+
+
+def _ids(n: int = 4, seq: int = 32) -> torch.Tensor:
+    return torch.randint(0, 320, (n, seq), generator=torch.Generator().manual_seed(1))
+
+
+def test_student_is_the_cla_model_sharing_the_source_weights(source):
+    fitted = {
+        "model.layers.0.self_attn.k_proj.weight": torch.randn_like(source.model.layers[0].self_attn.k_proj.weight)
+    }
+    student = distill.cla_student(source, LAYOUT, fitted)
+    reference = cla_model_from(source, LAYOUT, "mean", overrides=fitted)
+    torch.testing.assert_close(logits(student), logits(reference), rtol=0, atol=0)
+    mlp = source.model.layers[1].mlp.up_proj.weight
+    assert student.model.layers[1].mlp.up_proj.weight.data_ptr() == mlp.data_ptr()  # shared, not copied
+
+
+def test_distill_lowers_kl_trains_only_attention_and_leaves_the_source_alone(source):
+    ids = _ids()
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    student = distill.cla_student(source, LAYOUT, {})
+    teacher = distill.teacher_logits(source, ids)
+    assert len(teacher) == 2 and teacher[0].dtype == torch.bfloat16 and teacher[0].shape == (2, 32, 320)
+    trained, record = distill.distill(student, ids, teacher, steps=30, lr=3e-3, seed=0, progress=False)
+    assert record["kl_after"] < 0.8 * record["kl_before"] and len(record["losses"]) == 30
+    assert set(trained) == set(distill.trained_names(student.state_dict()))
+    assert all(".self_attn." in n and n.rsplit(".", 2)[-2] in distill.TRAINED for n in trained)
+    # consumers hold no K/V: the trained set is q/o everywhere plus the producers' k/v
+    assert (
+        "model.layers.1.self_attn.k_proj.weight" not in trained and "model.layers.2.self_attn.k_proj.weight" in trained
+    )
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+    changed = [n for n in trained if not torch.equal(trained[n], before.get(n, trained[n] * 0))]
+    assert changed  # it really trained
+
+
+def test_distill_is_deterministic(source):
+    ids = _ids()
+    runs = []
+    for _ in range(2):
+        student = distill.cla_student(source, LAYOUT, {})
+        runs.append(distill.distill(student, ids, distill.teacher_logits(source, ids), steps=5, lr=1e-3, seed=3,
+                                    progress=False)[0])  # fmt: skip
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=0, atol=0)
+
+
+def test_convert_writes_the_distilled_tensors_and_records_the_stage(tiny_llama_checkpoint, corpus_dir, tmp_path):
+    args = ("--factor", "2", "--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "512", "--seq-len", "64")
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "off", *args, "--distill-steps", "0", "-q") == 0
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "on", *args, "--distill-steps", "20", "-q") == 0
+    on, off = read_json(tmp_path / "on" / "clakit_convert.json"), read_json(tmp_path / "off" / "clakit_convert.json")
+    assert on["settings"]["distill_steps"] == 20 and off["settings"]["distill_steps"] == 0 and off["distill"] is None
+    assert on["distill"]["kl_after"] < on["distill"]["kl_before"] and len(on["distill"]["losses"]) == 20
+    assert on["config"]["distill_lr"] == 3e-4
+    # the written model is the distilled one: it differs from the undistilled in attention only
+    a, b = load(tmp_path / "on").state_dict(), load(tmp_path / "off").state_dict()
+    differ = {n for n in a if not torch.equal(a[n], b[n])}
+    assert differ and all(".self_attn." in n for n in differ)
+    assert not torch.equal(logits(load(tmp_path / "on")), logits(load(tmp_path / "off")))
+
+
+def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(
+    tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch, capsys
+):
+    args = ("--factor", "2", "--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "512", "--seq-len", "64")
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "fits", *args, "--reconstruct-steps", "2", "-q") == 0
+    assert read_json(tmp_path / "fits" / "clakit_convert.json")["settings"]["distill_steps"] == 100
+    monkeypatch.setattr(pipeline, "_free_memory", lambda device: 1000)  # a device far too small
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "small", *args, "--reconstruct-steps", "2") == 0
+    assert "end-to-end distillation needs" in capsys.readouterr().err
+    assert read_json(tmp_path / "small" / "clakit_convert.json")["settings"]["distill_steps"] == 0
+    # asked for explicitly, it is refused before anything is written
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "asked", *args, "--distill-steps", "10") == 2
+    assert "--distill-steps needs the whole model" in capsys.readouterr().err
+    assert not (tmp_path / "asked").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--init", "mean", "--distill-steps", "5"), "fits nothing"),
+        (("--init", "reconstruct", "--distill-steps", "-1"), "--distill-steps must be 0"),
+        (("--init", "reconstruct", "--distill-lr", "0"), "--distill-lr must be > 0"),
+    ],
+)
+def test_bad_distill_settings_are_one_line_exit_2(tiny_llama_checkpoint, corpus_dir, tmp_path, capsys, extra, message):
+    args = ("--factor", "2", "--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "512", *extra)
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_memory_estimate_grows_with_the_model():
+    from transformers import LlamaConfig
+
+    small = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=320)  # fmt: skip
+    big = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, vocab_size=128256)  # fmt: skip
+    assert distill.distill_bytes(small, [0, 0, 2, 2], torch.float32, 64, 8) < 10**7
+    assert distill.distill_bytes(big, list(range(80)), torch.bfloat16, 512, 64) > 140 * 10**9  # a 70B: its weights
