@@ -13,7 +13,8 @@ CLA conversions, in memory, per KV saving (`--savings`, `--methods`):
     calibrated        uniform layout, Fisher-weighted closed-form fit
     reconstruct       uniform layout, calibrated + per-group attention-output reconstruction
     auto+calibrated   layout chosen from data (`auto_layout`), calibrated fit
-    auto+reconstruct  layout chosen from data, reconstruct (the converter's default)
+    auto+reconstruct  layout chosen from data, reconstruct
+    auto+reconstruct+distill  the same, then end-to-end distillation (`--distill-steps`): the converter's default
 
 Baselines on the original model (`--baselines`):
 
@@ -21,7 +22,8 @@ Baselines on the original model (`--baselines`):
     heads-mean        KV heads merged to `--kv-heads` (mean-pool, GQA uptraining's start)
     heads-fitted      KV heads merged, values fitted on the calibration text (clakit.convert.kvheads)
 
-and every auto+reconstruct CLA model (and `--model` checkpoint) again with a quantised cache (`--cla-kv-bits 8`):
+and every CLA model of the best method asked for (auto+reconstruct+distill, else auto+reconstruct) and every `--model`
+checkpoint again with a quantised cache (`--cla-kv-bits 8`):
 CLA + 8-bit KV. Quantised caches are scored chunk by chunk (`--chunk` tokens per forward, each chunk folded into the
 quantised store before the next reads it; `perplexity.score_cached`). Prints JSON lines, writes the table (`--out`)
 and the plot of perplexity against KV bytes per token (`--plot`).
@@ -41,15 +43,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clakit.convert import kvheads  # noqa: E402
+from clakit.convert import distill, kvheads  # noqa: E402
 from clakit.convert.autolayout import auto_layout  # noqa: E402
 from clakit.convert.calibrate import calib_input_ids, fit_kv  # noqa: E402
+from clakit.convert.config import DEFAULT_DISTILL_STEPS, ConvertConfig  # noqa: E402
 from clakit.convert.inmemory import cla_model_from  # noqa: E402
 from clakit.convert.layout import kv_saving, uniform_layout  # noqa: E402
 from clakit.corpus import Text, join_texts, load_texts  # noqa: E402
 from clakit.eval import kvcache, kvquant, passkey, perplexity  # noqa: E402
 
-METHODS = ("mean", "calibrated", "reconstruct", "auto+calibrated", "auto+reconstruct")
+METHODS = ("mean", "calibrated", "reconstruct", "auto+calibrated", "auto+reconstruct", "auto+reconstruct+distill")
 BASELINES = ("kv8", "kv4", "heads-mean", "heads-fitted")
 SIXTEEN_BIT = torch.bfloat16  # the dtype KV bytes are counted in (the models run in fp32 on CPU)
 
@@ -99,10 +102,11 @@ def uniform_for(num_layers: int, saving: float) -> list[int]:
     return uniform_layout(num_layers, factor)
 
 
-def convert(model, method: str, saving: float, calib_ids: torch.Tensor, steps: int | None, layouts: dict) -> tuple:
+def convert(model, method: str, saving: float, calib_ids: torch.Tensor, args, layouts: dict) -> tuple:
     """(CLA model, layout, extra record) for one method at one saving; timed by the caller.
 
     `layouts` caches the auto layout per saving (the first auto method of a saving pays for choosing it)."""
+    steps = args.steps
     n = model.config.num_hidden_layers
     extra = {}
     if method.startswith("auto+"):
@@ -111,8 +115,16 @@ def convert(model, method: str, saving: float, calib_ids: torch.Tensor, steps: i
         layout, extra["auto_layout"] = layouts[saving]
     else:
         layout = uniform_for(n, saving)
-    init = method.removeprefix("auto+")
+    init = method.removeprefix("auto+").removesuffix("+distill")
     overrides = {} if init == "mean" else fit_kv(model, layout, calib_ids, init, steps=steps, progress=False)
+    if method.endswith("+distill"):  # what the converter does next (clakit.convert.distill)
+        student = distill.cla_student(model, layout, overrides)
+        logits = distill.teacher_logits(model, calib_ids)
+        trained, extra["distill"] = distill.distill(
+            student, calib_ids, logits, steps=args.distill_steps, lr=ConvertConfig.distill_lr, seed=0, progress=False
+        )
+        del extra["distill"]["losses"]
+        overrides = {**overrides, **trained}
     return cla_model_from(model, layout, init="mean", overrides=overrides), layout, extra
 
 
@@ -155,12 +167,13 @@ def run_cla(sweep: Sweep, model, calib, args) -> None:
                 continue  # the same uniform layout as a smaller saving (e.g. CLA2 for 0.25 and 0.5): measured once
             done.add(key)
             start = time.perf_counter()
-            cla, layout, extra = convert(model, method, saving, calib, args.steps, layouts)
+            cla, layout, extra = convert(model, method, saving, calib, args, layouts)
             info = {"kv_saving_requested": saving, "layout": layout, "convert_wall_s": time.perf_counter() - start}
-            info |= {"auto_choice": extra["auto_layout"]["chosen"]} if extra else {}
-            retrieval = method == "auto+reconstruct" and saving in args.passkey_savings
+            info |= {"auto_choice": extra["auto_layout"]["chosen"]} if "auto_layout" in extra else {}
+            info |= {"distill": extra["distill"]} if "distill" in extra else {}
+            retrieval = method == args.best and saving in args.passkey_savings
             sweep.add(method, cla, passkey_of=args.passkey if retrieval else None, **info)
-            if method == "auto+reconstruct":
+            if method == args.best:
                 for bits in args.cla_kv_bits:
                     sweep.add(f"{method}+kv{bits}", cla, bits, kv_saving_requested=saving, layout=layout)
 
@@ -229,6 +242,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None, help="reconstruct Adam steps per group")
+    ap.add_argument("--distill-steps", type=int, default=DEFAULT_DISTILL_STEPS, help="+distill: Adam steps")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
@@ -238,6 +252,8 @@ def main() -> None:
     )  # fmt: skip
     args = ap.parse_args()
     args.cla_kv_bits = [int(b) for b in args.cla_kv_bits.split(",") if b]
+    methods = [m for m in args.methods.split(",") if m]  # the best asked for also runs quantised and the passkey
+    args.best = next((m for m in ("auto+reconstruct+distill", "auto+reconstruct") if m in methods), None)
     args.passkey_savings = [float(x) for x in args.passkey_savings.split(",") if x]
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -173,7 +173,7 @@ def test_calibrated_init_is_the_fitted_model_and_beats_mean(tiny_llama_checkpoin
     calib = corpus_dir / "calib.txt"
     out = tmp_path / "cal"
     args = ("--factor", "2", "--init", "calibrated", "--calib-data", calib, "--calib-tokens", "2048", "-q")
-    assert run_cli(tiny_llama_checkpoint, out, *args) == 0
+    assert run_cli(tiny_llama_checkpoint, out, *args, "--distill-steps", "0") == 0  # the fit alone
     record = read_json(out / "clakit_convert.json")["settings"]
     assert record["init"] == "calibrated" and record["calib_tokens"] == 2048
     source = load(tiny_llama_checkpoint)
@@ -240,7 +240,19 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
     keep(clakit.convert.calibrate, "auto_layout")
     keep(clakit.convert.calibrate, "fit_kv", copy=dict)
     out = tmp_path / "auto"
-    args = ("--layout", "auto", "--kv-saving", "0.5", "--init", "calibrated", "--calib-tokens", "512", "-q")
+    args = (
+        "--layout",
+        "auto",
+        "--kv-saving",
+        "0.5",
+        "--init",
+        "calibrated",
+        "--calib-tokens",
+        "512",
+        "-q",
+        "--distill-steps",
+        "0",
+    )
     assert run_cli(tiny_llama_checkpoint, out, "--calib-data", corpus_dir / "calib.txt", *args) == 0
     record = read_json(out / "clakit_convert.json")
     layout = record["settings"]["kv_source_layers"]
