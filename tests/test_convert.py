@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from clakit.convert import convert
 from clakit.convert.checkpoint import parse_size
+from clakit.convert.config import ConvertConfig
 from clakit.convert.inmemory import cla_model_from
 from clakit.convert.layout import KEY_TEMPLATES
 
@@ -196,7 +197,7 @@ def test_calibration_data_alone_chooses_the_layout_and_reconstructs(tiny_llama_c
     assert settings["kv_saving"] >= 0.5 and record["auto_layout"]["kv_saving_requested"] == 0.5
     assert read_json(out / "config.json")["kv_source_layers"] == settings["kv_source_layers"]
     # an explicit --factor still means uniform CLA-K, with the data-aware init
-    assert settings["reconstruct_steps"] == 100  # the default, recorded
+    assert settings["reconstruct_steps"] == ConvertConfig.reconstruct_steps  # the default, recorded
     assert run_cli(tiny_llama_checkpoint, tmp_path / "f2", "--factor", "2", "--reconstruct-steps", "5", *args) == 0
     settings = read_json(tmp_path / "f2" / "clakit_convert.json")["settings"]
     assert settings["kv_source_layers"] == [0, 0, 2, 2] and settings["init"] == "reconstruct"

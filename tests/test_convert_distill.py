@@ -8,6 +8,7 @@ from conftest import tiny_model
 from convert_fixtures import load, logits, read_json, run_cli
 
 from clakit.convert import distill, pipeline
+from clakit.convert.config import DEFAULT_DISTILL_STEPS, ConvertConfig
 from clakit.convert.inmemory import cla_model_from
 
 LAYOUT = [0, 0, 2, 2]
@@ -71,7 +72,7 @@ def test_convert_writes_the_distilled_tensors_and_records_the_stage(tiny_llama_c
     on, off = read_json(tmp_path / "on" / "clakit_convert.json"), read_json(tmp_path / "off" / "clakit_convert.json")
     assert on["settings"]["distill_steps"] == 20 and off["settings"]["distill_steps"] == 0 and off["distill"] is None
     assert on["distill"]["kl_after"] < on["distill"]["kl_before"] and len(on["distill"]["losses"]) == 20
-    assert on["config"]["distill_lr"] == 3e-4
+    assert on["config"]["distill_lr"] == ConvertConfig.distill_lr
     # the written model is the distilled one: it differs from the undistilled in attention only
     a, b = load(tmp_path / "on").state_dict(), load(tmp_path / "off").state_dict()
     differ = {n for n in a if not torch.equal(a[n], b[n])}
@@ -84,7 +85,7 @@ def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(
 ):
     args = ("--factor", "2", "--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "512", "--seq-len", "64")
     assert run_cli(tiny_llama_checkpoint, tmp_path / "fits", *args, "--reconstruct-steps", "2", "-q") == 0
-    assert read_json(tmp_path / "fits" / "clakit_convert.json")["settings"]["distill_steps"] == 100
+    assert read_json(tmp_path / "fits" / "clakit_convert.json")["settings"]["distill_steps"] == DEFAULT_DISTILL_STEPS
     monkeypatch.setattr(pipeline, "_free_memory", lambda device: 1000)  # a device far too small
     assert run_cli(tiny_llama_checkpoint, tmp_path / "small", *args, "--reconstruct-steps", "2") == 0
     assert "end-to-end distillation needs" in capsys.readouterr().err
