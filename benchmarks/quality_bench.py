@@ -173,7 +173,7 @@ def run_cla(sweep: Sweep, model, calib, args) -> None:
             info |= {"distill": extra["distill"]} if "distill" in extra else {}
             retrieval = method == args.best and saving in args.passkey_savings
             sweep.add(method, cla, passkey_of=args.passkey if retrieval else None, **info)
-            if method == args.best:
+            if method == args.best and (args.cla_kv_savings is None or saving in args.cla_kv_savings):
                 for bits in args.cla_kv_bits:
                     sweep.add(f"{method}+kv{bits}", cla, bits, kv_saving_requested=saving, layout=layout)
 
@@ -235,6 +235,7 @@ def main() -> None:
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--kv-heads", type=int, default=1, help="KV heads after merging (SmolLM2: 3 -> 1)")
     ap.add_argument("--cla-kv-bits", default="8", help="bits of the quantised cache on CLA models ('' for none)")
+    ap.add_argument("--cla-kv-savings", default=None, help="savings whose CLA model also runs quantised (default all)")
     ap.add_argument("--chunk", type=int, default=32, help="tokens per forward through a quantised cache")
     ap.add_argument("--passkey-lengths", default="", help="e.g. 512,1024,2048: passkey accuracy (depths 0/0.5/1)")
     ap.add_argument("--passkey-savings", default="0.5", help="auto+reconstruct savings that also run the passkey")
@@ -255,6 +256,8 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]  # the best asked for also runs quantised and the passkey
     args.best = next((m for m in ("auto+reconstruct+distill", "auto+reconstruct") if m in methods), None)
     args.passkey_savings = [float(x) for x in args.passkey_savings.split(",") if x]
+    if args.cla_kv_savings is not None:
+        args.cla_kv_savings = [float(x) for x in args.cla_kv_savings.split(",") if x]
     if args.threads:
         torch.set_num_threads(args.threads)
     start, load = time.perf_counter(), os.getloadavg()

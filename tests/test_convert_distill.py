@@ -68,11 +68,20 @@ def test_distill_is_deterministic(source):
 def test_convert_writes_the_distilled_tensors_and_records_the_stage(tiny_llama_checkpoint, corpus_dir, tmp_path):
     args = ("--factor", "2", "--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "512", "--seq-len", "64")
     assert run_cli(tiny_llama_checkpoint, tmp_path / "off", *args, "--distill-steps", "0", "-q") == 0
-    assert run_cli(tiny_llama_checkpoint, tmp_path / "on", *args, "--distill-steps", "20", "-q") == 0
+    assert (
+        run_cli(
+            tiny_llama_checkpoint, tmp_path / "on", *args, "--distill-steps", "20", "--distill-tokens", "1024", "-q"
+        )
+        == 0
+    )
     on, off = read_json(tmp_path / "on" / "clakit_convert.json"), read_json(tmp_path / "off" / "clakit_convert.json")
     assert on["settings"]["distill_steps"] == 20 and off["settings"]["distill_steps"] == 0 and off["distill"] is None
     assert on["distill"]["kl_after"] < on["distill"]["kl_before"] and len(on["distill"]["losses"]) == 20
+    assert on["distill"]["tokens"] == 1024 and on["config"]["distill_tokens"] == 1024  # its own tokens, not 512
     assert on["config"]["distill_lr"] == ConvertConfig.distill_lr
+    card = (tmp_path / "on" / "README.md").read_text()
+    assert "| end-to-end distillation | 20 steps on the calibration tokens" in card
+    assert "| end-to-end distillation | none |" in (tmp_path / "off" / "README.md").read_text()
     # the written model is the distilled one: it differs from the undistilled in attention only
     a, b = load(tmp_path / "on").state_dict(), load(tmp_path / "off").state_dict()
     differ = {n for n in a if not torch.equal(a[n], b[n])}
@@ -102,6 +111,7 @@ def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(
         (("--init", "mean", "--distill-steps", "5"), "fits nothing"),
         (("--init", "reconstruct", "--distill-steps", "-1"), "--distill-steps must be 0"),
         (("--init", "reconstruct", "--distill-lr", "0"), "--distill-lr must be > 0"),
+        (("--init", "reconstruct", "--distill-tokens", "0"), "--distill-tokens must be a positive number"),
     ],
 )
 def test_bad_distill_settings_are_one_line_exit_2(tiny_llama_checkpoint, corpus_dir, tmp_path, capsys, extra, message):

@@ -87,6 +87,12 @@ class ConvertConfig:
             f"{DEFAULT_DISTILL_STEPS} when the model fits the device, else off)"
         ),
     )
+    distill_tokens: int = field(
+        default=16384,
+        metadata=_opt(
+            "--distill-steps: calibration tokens it trains on (from --calib-data, spread like --calib-tokens)"
+        ),
+    )
     distill_lr: float = field(default=5e-4, metadata=_opt("--distill-steps: Adam's peak learning rate (cosine decay)"))
     seed: int = field(default=0, metadata=_opt("seed for data-aware fitting"))
     device: str = field(default="auto", metadata=_opt(f"where the fits run: {DEVICES_HELP}"))
@@ -122,7 +128,7 @@ class ConvertConfig:
         if self.init is not None and self.init not in INITS:
             raise ClakitError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         for name, unit in (("calib_tokens", "tokens"), ("seq_len", "tokens"), ("reconstruct_steps", "steps"),
-                           ("eval_tokens", "tokens")):  # fmt: skip
+                           ("eval_tokens", "tokens"), ("distill_tokens", "tokens")):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ClakitError(f"--{_flag(name)} must be a positive number of {unit}, got {getattr(self, name)}")
         if self.distill_steps is not None and self.distill_steps < 0:

@@ -7,9 +7,9 @@ logits computed once by the stock model before the student is built. Trained: ev
 (`TRAINED`: the producers' shared K/V, every layer's q_proj/o_proj, the unshared layers' K/V too); everything else
 stays the source's. Adam, cosine decay from `lr` over `steps` steps of `BATCH_SEQS` sequences.
 
-Measured on SmolLM2-135M (the default auto layout at half the cache, 8,192 calibration tokens, held-out 8,192 tokens;
-docs/quality.md): after `reconstruct` 104.22; + 100 steps of this training only the fitted tensors 77.33, every
-attention projection 75.70 (lr 3e-4, cosine).
+Measured on SmolLM2-135M (the default auto layout at half the cache, held-out 8,192 tokens, original 43.99;
+docs/quality.md): after 100 reconstruct steps per group 104.22; + 100 steps of this training the fitted layers'
+projections only 77.33, every layer's 75.70; after 200 reconstruct steps 90.09 -> 70.70.
 
 Memory: unlike the fits, this stage needs the whole student on the device (its weights shared with the stock model,
 not copied) plus fp32 copies, gradients and Adam state of the trained tensors, and the teacher's logits (bf16, on

@@ -53,6 +53,14 @@ def _perplexity_line(record: dict) -> str:
     return f"{ppl['perplexity_before']:.2f} before, {ppl['perplexity_after']:.2f} after ({', '.join(ppl['data'])})"
 
 
+def _distill_line(settings: dict, record: dict) -> str:
+    steps, found = settings.get("distill_steps") or 0, record.get("distill")
+    if not steps or not found:
+        return "none"
+    return (f"{steps} steps on the calibration tokens, KL to the source {found['kl_before']:.4f} -> "
+            f"{found['kl_after']:.4f} nats/token")  # fmt: skip
+
+
 def model_card(record: dict) -> str:
     """README.md: what this checkpoint is, where it came from and how it was made."""
     s, v = record["settings"], record["provenance"]
@@ -66,6 +74,7 @@ def model_card(record: dict) -> str:
         ("layout", f"{s['layout']}: `kv_source_layers` = {s['kv_source_layers']}"),
         ("KV cache", f"{producers} of {layers} layers keep K/V: {kv_factor}, saving {s['kv_saving']:.1%}"),
         ("K/V init", s["init"] + calib),
+        ("end-to-end distillation", _distill_line(s, record)),
         ("dtype", s["dtype"]),
         ("held-out perplexity", _perplexity_line(record)),
         ("made with", f"clakit {v['clakit']}, transformers {v['transformers']}, torch {v['torch']}, {v['created']}"),
@@ -80,8 +89,9 @@ tags: [clakit, cross-layer-attention]
 # Cross-Layer Attention version of `{s["source"]}`
 
 Converted by clakit (`clakit convert`): consumer layers attend to the keys/values of an earlier
-*producer* layer and keep no KV cache of their own. The conversion does no training; expect higher perplexity than
-the source until the model is uptrained (`clakit uptrain`).
+*producer* layer and keep no KV cache of their own. The conversion fits the changed attention tensors on
+calibration text at most (per group, then a short end-to-end distillation); expect higher perplexity than the
+source until the model is uptrained (`clakit uptrain`).
 
 | | |
 |---|---|

@@ -246,7 +246,7 @@ class _Conversion:
         if not steps:
             return 0
         every_layer = list(range(self.config.num_hidden_layers))  # the worst case: every layer's K/V trained
-        seqs = self.cfg.calib_tokens // self.seq_len
+        seqs = self.cfg.distill_tokens // self.seq_len
         need = distill_bytes(self.config, every_layer, self.fit_dtype, self.seq_len, seqs)
         free = _free_memory(self.device)
         if free is None or need <= free:
@@ -354,8 +354,9 @@ class _Conversion:
             train_o=c.train_o_proj, sequential=c.sequential,
             store=calibrate.SpilledTensors(scratch / "fitted", self.device),
         )  # fmt: skip
-        if self.distill_steps:
-            self._distill(runner, ids, overrides)
+        if self.distill_steps:  # its own, usually more, tokens: the layout and the fits keep --calib-tokens
+            tokens = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, c.distill_tokens, self.seq_len)
+            self._distill(runner, tokens.to(self.device), overrides)
         return overrides
 
     def _distill(self, runner: LayerwiseModel, ids: torch.Tensor, overrides) -> None:
@@ -373,7 +374,7 @@ class _Conversion:
             )  # fmt: skip
             del student, logits
         overrides.update(trained)
-        self.results["distill"] = {"steps": self.distill_steps, **record}
+        self.results["distill"] = {"steps": self.distill_steps, "tokens": ids.numel(), **record}
 
     def _write(self, tmp: Path, overrides: dict) -> None:
         cla_cfg = cla_config(self.config, self.layout)

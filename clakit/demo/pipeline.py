@@ -32,7 +32,7 @@ class DemoSettings:
     """Bounded so the whole demo fits in ~20 minutes on 2 CPU cores."""
 
     kv_saving: float = 0.5  # CLA2's: half the KV cache
-    calib_tokens: int = 16384  # also the end-to-end distillation's tokens
+    calib_tokens: int = 4096  # also the end-to-end distillation's tokens
     seq_len: int = 512
     max_tokens: int = 4096  # held-out tokens scored per model
     batch_size: int = 1
