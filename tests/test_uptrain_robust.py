@@ -252,3 +252,20 @@ def test_split_tail_cuts_at_a_line_end_and_keeps_every_character():
     assert "".join(t.text for t in head + tail) == "one\ntwo\nthree\nfour\nfive\n"
     assert [t.name for t in head] == ["a", "b"] and head[-1].text == "three\n" and tail[0].text == "four\nfive\n"
     assert split_tail([Text("a", "x" * 100)], 0.1) == ([Text("a", "x" * 90)], [Text("a", "x" * 10)])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainable_state_of_a_model_with_tied_embeddings(tied):
+    """SmolLM2 ties lm_head to the embedding: the frozen alias is not a trainable tensor (the CPU recipe's first
+    checkpoint failed on it)."""
+    from conftest import tiny_model
+
+    from clakit.uptrain import checkpoint
+
+    model = tiny_model(tie_word_embeddings=tied).requires_grad_(False)
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    state = checkpoint.trainable_state(model)
+    assert sorted(state) == ["model.layers.0.self_attn.q_proj.weight"]
+    checkpoint.load_trainable(model, state, "ok")
+    model.model.embed_tokens.weight.requires_grad_(True)  # a trainable tied embedding: both names stay one tensor
+    assert "model.embed_tokens.weight" in checkpoint.trainable_state(model)

@@ -73,6 +73,15 @@ def _options(model, loading: bool = False, **kw):
     return StateDictOptions(full_state_dict=True, cpu_offload=not (on_cpu or loading), **kw)
 
 
+def _frozen_aliases(model) -> set[str]:
+    """Clean names that are no trainable tensor of their own: frozen parameters and every tied alias (a second name
+    of a parameter, which `named_parameters()` deduplicates), from `named_parameters(remove_duplicate=False)`."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    first = {n for n, _ in model.named_parameters()}
+    named = model.named_parameters(remove_duplicate=False)
+    return {clean_name(n, ddp) for n, p in named if not p.requires_grad or n not in first}
+
+
 def trainable_state(model, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The whole trainable tensors by clean name, on CPU (collective; under FSDP gathered from the shards).
 
@@ -86,6 +95,9 @@ def trainable_state(model, everywhere: bool = False) -> dict[str, torch.Tensor]:
         box = [state if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         state = box[0]
+    # torch drops frozen parameters by their deduplicated name only: a tied alias of a frozen tensor (lm_head.weight
+    # of a model with tie_word_embeddings, SmolLM2's) would come back as if it were trainable
+    state = {k: v for k, v in state.items() if k not in _frozen_aliases(model)}
     expected = set(trainable_names(model))
     if state and set(state) != expected or not state and rank == 0:
         odd = sorted(set(state) ^ expected) or ["(none gathered)"]
