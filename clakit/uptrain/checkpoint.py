@@ -97,7 +97,8 @@ def trainable_state(model, everywhere: bool = False) -> dict[str, torch.Tensor]:
         state = box[0]
     # torch drops frozen parameters by their deduplicated name only: a tied alias of a frozen tensor (lm_head.weight
     # of a model with tie_word_embeddings, SmolLM2's) would come back as if it were trainable
-    state = {k: v for k, v in state.items() if k not in _frozen_aliases(model)}
+    aliases = _frozen_aliases(model)
+    state = {k: v for k, v in state.items() if k not in aliases}
     expected = set(trainable_names(model))
     if state and set(state) != expected or not state and rank == 0:
         odd = sorted(set(state) ^ expected) or ["(none gathered)"]
