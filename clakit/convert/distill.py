@@ -21,8 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clakit.convert.inmemory import cla_config, cla_family, shared_kv_tensors
-from clakit.modeling import CLA_CLASSES
+from clakit.convert.inmemory import cla_parts
 
 TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections, in every layer that has them
 TRAINED_PATHS = [["self_attn", t] for t in TRAINED]  # model.layers.<i>.self_attn.<t>.(weight|bias)
@@ -64,12 +63,7 @@ def teacher_logits(model, ids: torch.Tensor) -> list[torch.Tensor]:
 def cla_student(model, layout: list[int], overrides) -> torch.nn.Module:
     """The CLA model of `layout` whose weights are `model`'s own tensors (no copy; built on meta, then assigned),
     with the fitted `overrides` and, for groups without them, the group mean. `model` must be whole in memory."""
-    config = cla_config(model.config, layout)
-    config._attn_implementation = model.config._attn_implementation
-    lm_cls = CLA_CLASSES[cla_family(model.config)][2]
-    state = dict(model.state_dict())
-    state.update(shared_kv_tensors(state, layout, "mean"))
-    state.update({name: overrides[name] for name in overrides})
+    config, lm_cls, state = cla_parts(model, layout, "mean", overrides)
     with torch.device("meta"):
         student = lm_cls(config)
     expected = student.state_dict()

@@ -46,18 +46,24 @@ def shared_kv_tensors(state: dict, layout: list[int], init: str) -> dict[str, to
     return out
 
 
+def cla_parts(model, kv_source_layers: list[int], init: str, overrides=None) -> tuple:
+    """(CLA config, CLA causal-LM class, state dict) of `model` under a layout: the source's tensors (not copied),
+    each group's K/V merged by `init`, then `overrides` (tensor name -> tensor) on top."""
+    config = cla_config(model.config, kv_source_layers)
+    config._attn_implementation = model.config._attn_implementation
+    _, _, lm_cls = CLA_CLASSES[cla_family(model.config)]
+    state = dict(model.state_dict())
+    state.update(shared_kv_tensors(state, kv_source_layers, init))
+    state.update({name: overrides[name] for name in overrides or {}})
+    return config, lm_cls, state
+
+
 def cla_model_from(model, kv_source_layers: list[int], init: str = "mean", overrides: dict | None = None):
     """A CLA model holding `model`'s weights: consumers' K/V dropped, producers' merged by `init`.
 
     `overrides` (tensor name -> tensor) replaces any resulting tensor, e.g. fitted K/V from calibration.
     """
-    config = cla_config(model.config, kv_source_layers)
-    config._attn_implementation = model.config._attn_implementation
-    _, _, lm_cls = CLA_CLASSES[cla_family(model.config)]
-    state = model.state_dict()
-    new_state = {k: v for k, v in state.items()}
-    new_state.update(shared_kv_tensors(state, kv_source_layers, init))
-    new_state.update(overrides or {})
+    config, lm_cls, new_state = cla_parts(model, kv_source_layers, init, overrides)
     # built on the source's device (not meta: RoPE's non-persistent buffers must be computed), then overwritten
     with torch.device(next(model.parameters()).device):
         cla = lm_cls(config)
