@@ -19,9 +19,9 @@ the CPU). `distill_bytes` estimates it; the converter checks it against the devi
 import math
 
 import torch
-import torch.nn.functional as F
 
 from clakit.convert.inmemory import cla_parts
+from clakit.losses import token_kl
 
 TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections, in every layer that has them
 TRAINED_PATHS = [["self_attn", t] for t in TRAINED]  # model.layers.<i>.self_attn.<t>.(weight|bias)
@@ -76,13 +76,6 @@ def cla_student(model, layout: list[int], overrides) -> torch.nn.Module:
     return student.requires_grad_(False)
 
 
-def _kl(student_logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student); (batch, seq, vocab) each."""
-    s = F.log_softmax(student_logits.float(), -1).flatten(0, 1)
-    t = F.log_softmax(teacher.float(), -1).flatten(0, 1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
 def distill(student, ids: torch.Tensor, logits: list[torch.Tensor], *, steps: int, lr: float, seed: int,
             progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:  # fmt: skip
     """Train the student's `trained_names` tensors (fp32 leaves) for `steps` Adam steps; returns the trained tensors
@@ -100,7 +93,7 @@ def distill(student, ids: torch.Tensor, logits: list[torch.Tensor], *, steps: in
     for _ in tqdm(range(steps), desc="distilling", disable=not progress, leave=False):
         b = int(torch.randint(len(logits), (1,), generator=gen))
         with _autocast(student, dtype):
-            loss = _kl(student(ids[b * BATCH_SEQS : (b + 1) * BATCH_SEQS], use_cache=False).logits, logits[b])
+            loss = token_kl(student(ids[b * BATCH_SEQS : (b + 1) * BATCH_SEQS], use_cache=False).logits, logits[b])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -131,6 +124,6 @@ def _autocast(student, dtype: torch.dtype):
 def _full_kl(student, ids, logits) -> float:
     dtype = student.model.embed_tokens.weight.dtype
     with torch.no_grad(), _autocast(student, dtype):
-        values = [float(_kl(student(ids[i * BATCH_SEQS : (i + 1) * BATCH_SEQS], use_cache=False).logits, t))
+        values = [float(token_kl(student(ids[i * BATCH_SEQS : (i + 1) * BATCH_SEQS], use_cache=False).logits, t))
                   for i, t in enumerate(logits)]  # fmt: skip
     return sum(values) / len(values)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from clakit.errors import ClakitError
+from clakit.losses import token_kl
 from clakit.sources import Source, load_config, load_model
 
 PEFT_PREFIX = "base_model.model."
@@ -92,9 +93,7 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) of the softened distributions, per token, times T^2 (Hinton et al.) so gradients keep
     their scale across temperatures; logits (batch, seq, vocab)."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean() * temperature**2
+    return token_kl(student_logits, teacher_logits, temperature)  # chunked: no full-size fp32 temporaries
 
 
 def hidden_mse(student_hidden, teacher_hidden) -> torch.Tensor:
