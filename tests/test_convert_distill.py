@@ -79,6 +79,8 @@ def test_convert_writes_the_distilled_tensors_and_records_the_stage(tiny_llama_c
     assert on["distill"]["kl_after"] < on["distill"]["kl_before"] and len(on["distill"]["losses"]) == 20
     assert on["distill"]["tokens"] == 1024 and on["config"]["distill_tokens"] == 1024  # its own tokens, not 512
     assert on["config"]["distill_lr"] == ConvertConfig.distill_lr
+    assert set(on["stage_seconds"]) == {"fit", "distill", "write", "total"} and "distill" not in off["stage_seconds"]
+    assert 0 < on["stage_seconds"]["distill"] < on["stage_seconds"]["total"]
     card = (tmp_path / "on" / "README.md").read_text()
     assert "| end-to-end distillation | 20 steps on the calibration tokens" in card
     assert "| end-to-end distillation | none |" in (tmp_path / "off" / "README.md").read_text()

@@ -13,6 +13,7 @@ import gc
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -198,6 +199,15 @@ class _Conversion:
         if not self.quiet:
             print(message, file=sys.stderr)
 
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        """Wall seconds of one stage, into clakit_convert.json's `stage_seconds` (where a conversion's time goes)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + time.perf_counter() - start, 1)
+
     def run(self) -> Path:
         hf_logging = transformers.utils.logging
         bars_were_on = hf_logging.is_progress_bar_enabled()
@@ -211,6 +221,8 @@ class _Conversion:
 
     def _run(self) -> Path:
         outputs.check_folder(self.out, "convert", overwrite=self.overwrite, inputs=self._inputs())
+        self.stage_seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
         self.config, self.architecture = _source_config(self.source, self.cfg.trust_remote_code)
         self.seq_len = min(self.cfg.seq_len, self.config.max_position_embeddings or self.cfg.seq_len)
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
@@ -303,7 +315,7 @@ class _Conversion:
             runner = LayerwiseModel.from_checkpoint(self.config, self.checkpoint, self.device, self.fit_dtype)
         if self.eval_texts:
             self.say("measuring held-out perplexity of the source...")
-            with runner.offloaded() as model:
+            with runner.offloaded() as model, self._timed("eval_before"):
                 self.results["perplexity_before"] = self._perplexity(model)
         overrides = self._calibrate(runner, scratch) if self.needs_calibration else {}
         del runner
@@ -339,7 +351,7 @@ class _Conversion:
         ids = ids.to(self.device)
         if self.layout is None:
             self.say(f"choosing a layout saving {c.kv_saving:.0%} of the KV cache on {ids.numel()} tokens...")
-            with runner.offloaded() as model:
+            with runner.offloaded() as model, self._timed("layout"):
                 self.layout, self.results["auto_layout"] = calibrate.auto_layout(
                     model, ids, c.kv_saving, refine=c.refine, refine_max_group=c.refine_max_group,
                     progress=not self.quiet,
@@ -348,12 +360,13 @@ class _Conversion:
         if self.init not in DATA_AWARE_INITS:
             return {}
         self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens, layer by layer...")
-        overrides = calibrate.fit_kv(
-            runner.model, self.layout, ids, self.init, seed=c.seed, steps=c.reconstruct_steps,
-            progress=not self.quiet, ridge=c.ridge, scratch=scratch, lr=c.reconstruct_lr,
-            train_o=c.train_o_proj, sequential=c.sequential,
-            store=calibrate.SpilledTensors(scratch / "fitted", self.device),
-        )  # fmt: skip
+        with self._timed("fit"):
+            overrides = calibrate.fit_kv(
+                runner.model, self.layout, ids, self.init, seed=c.seed, steps=c.reconstruct_steps,
+                progress=not self.quiet, ridge=c.ridge, scratch=scratch, lr=c.reconstruct_lr,
+                train_o=c.train_o_proj, sequential=c.sequential,
+                store=calibrate.SpilledTensors(scratch / "fitted", self.device),
+            )  # fmt: skip
         if self.distill_steps:  # its own, usually more, tokens: the layout and the fits keep --calib-tokens
             tokens = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, c.distill_tokens, self.seq_len)
             self._distill(runner, tokens.to(self.device), overrides)
@@ -365,7 +378,7 @@ class _Conversion:
         from clakit.convert import distill
 
         self.say(f"distilling the converted model end to end ({self.distill_steps} steps on {ids.numel()} tokens)...")
-        with runner.loaded(*range(self.config.num_hidden_layers)):
+        with runner.loaded(*range(self.config.num_hidden_layers)), self._timed("distill"):
             logits = distill.teacher_logits(runner.model, ids)
             student = distill.cla_student(runner.model, self.layout, overrides)
             trained, record = distill.distill(
@@ -387,9 +400,10 @@ class _Conversion:
         base_init = "mean" if self.init in DATA_AWARE_INITS else self.init  # what the fitted overrides start from
         tensors = converted_tensors(self.checkpoint, plan, base_init, overrides, cast)
         progress = tqdm(tensors, total=len(plan.names), desc="writing", unit="tensor", disable=self.quiet)
-        for name, tensor in progress:
-            writer.add(name, tensor)
-        writer.finish()
+        with self._timed("write"):
+            for name, tensor in progress:
+                writer.add(name, tensor)
+            writer.finish()
         self.checkpoint = None  # release the source's memory maps before loading anything else
         cla_cfg.dtype = cast or self.source_dtype
         write_config(tmp, cla_cfg, lm_cls)
@@ -417,6 +431,7 @@ class _Conversion:
             "distill": self.results.get("distill"),
             "dropped_tensors": plan.dropped,
             "shard_size_bytes": parse_size(self.cfg.max_shard_size),
+            "stage_seconds": {**self.stage_seconds, "total": round(time.perf_counter() - self.started, 1)},
         }  # fmt: skip
 
     def _plan(self, cla_cfg, lm_cls, layout: list[int]):
@@ -444,7 +459,7 @@ class _Conversion:
         """The written CLA model, read layer by layer like the source."""
         self.say("measuring held-out perplexity of the CLA model...")
         runner = LayerwiseModel.from_checkpoint(cla_cfg, SafetensorsCheckpoint(tmp), self.device, self.fit_dtype)
-        with runner.offloaded() as model:
+        with runner.offloaded() as model, self._timed("eval_after"):
             self.results["perplexity_after"] = self._perplexity(model)
         before, after = self.results["perplexity_before"], self.results["perplexity_after"]
         print(f"held-out perplexity: {before:.2f} -> {after:.2f} ({after / before:.2f}x)")
