@@ -10,6 +10,7 @@ from convert_fixtures import load, logits, read_json, run_cli
 from clakit.convert import distill, pipeline
 from clakit.convert.config import DEFAULT_DISTILL_STEPS, ConvertConfig
 from clakit.convert.inmemory import cla_model_from
+from clakit.losses import token_kl
 
 LAYOUT = [0, 0, 2, 2]
 
@@ -133,3 +134,16 @@ def test_memory_estimate_grows_with_the_model():
                       num_key_value_heads=8, vocab_size=128256)  # fmt: skip
     assert distill.distill_bytes(small, [0, 0, 2, 2], torch.float32, 64, 8) < 10**7
     assert distill.distill_bytes(big, list(range(80)), torch.bfloat16, 512, 64) > 140 * 10**9  # a 70B: its weights
+
+
+def test_recorded_kl_is_the_mean_over_batches_spread_over_the_set(source, monkeypatch):
+    ids = _ids(n=10)  # 5 batches of BATCH_SEQS=2
+    student = distill.cla_student(source, LAYOUT, {})
+    teacher = distill.teacher_logits(source, ids)
+    with torch.no_grad():
+        per_batch = [float(token_kl(student(ids[2 * i : 2 * i + 2]).logits, t)) for i, t in enumerate(teacher)]
+    monkeypatch.setattr(distill, "KL_BATCHES", 3)  # batches 0, 2, 4
+    want = (per_batch[0] + per_batch[2] + per_batch[4]) / 3
+    assert distill._measured_kl(student, ids, teacher) == pytest.approx(want, rel=1e-6)
+    monkeypatch.setattr(distill, "KL_BATCHES", 99)  # more than there are: every batch once
+    assert distill._measured_kl(student, ids, teacher) == pytest.approx(sum(per_batch) / 5, rel=1e-6)
