@@ -274,6 +274,28 @@ def test_scoring_from_cached_layer_inputs_matches_the_full_forward(kind, calib_i
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_refinement_trials_from_cached_inputs_match_the_full_forward(kind, calib_ids):
+    """A trial (one consumer moved) reruns only the layers from `_tail_start`: the same NLL as the whole model, also
+    when a group of the trial reaches back past the changed producers (layer 5 reading layer 0's K/V)."""
+    from clakit.convert.autolayout import _nll, _tail_start, layer_inputs, layout_nll
+
+    model = tiny_model(kind, num_hidden_layers=8)
+    ids = calib_ids[:2]
+    cases = {  # layout: [(consumer, new producer, expected start), ...]
+        (0, 1, 1, 3, 3, 5, 6, 6): [(7, 5, 5), (4, 1, 1), (2, 0, 0), (7, 3, 3)],
+        (0, 1, 1, 3, 3, 0, 6, 6): [(4, 1, 0), (7, 3, 0)],  # layer 5 reads layer 0: every tail starts at 0
+    }
+    for layout, trials in cases.items():
+        layout = list(layout)
+        hidden = layer_inputs(model, ids, layout)
+        for c, p, start in trials:
+            trial = layout[:c] + [p] + layout[c + 1 :]
+            assert _tail_start(layout, trial) == start
+            want = _nll(cla_model_from(model, trial, init="mean"), ids)
+            assert layout_nll(model, trial, ids, start, hidden) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_layout_nll_emulates_any_layout_including_non_adjacent_groups(kind, calib_ids):
     from clakit.convert.autolayout import _nll, layout_nll
 

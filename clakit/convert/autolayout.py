@@ -75,11 +75,13 @@ def _share_hooks(model, members: list[int]) -> list:
 
 
 @torch.no_grad()
-def layer_inputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Per decoder layer, the (n_seq, seq, hidden) residual stream entering it on `input_ids` (the stock model)."""
+def layer_inputs(model, input_ids: torch.Tensor, layout: list[int] | None = None) -> list[torch.Tensor]:
+    """Per decoder layer, the (n_seq, seq, hidden) residual stream entering it on `input_ids`: the stock model's, or
+    with `layout`'s sharing (mean init)."""
     layers = model.model.layers
     captured = [[] for _ in layers]
     hooks = [layer.register_forward_pre_hook(_keeper(captured[i])) for i, layer in enumerate(layers)]
+    hooks += _layout_hooks(model, layout) if layout is not None else []
     try:
         model.model(input_ids, use_cache=False)  # one batch: each layer read once
     finally:
@@ -92,6 +94,7 @@ def _keeper(store: list):
     return lambda module, args: store.append(args[0].detach())
 
 
+@torch.no_grad()
 @torch.no_grad()
 def _tail_nll(model, start: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> float:
     """Mean NLL of a forward that starts at decoder layer `start` from its cached inputs `hidden` (n_seq, seq,
@@ -121,17 +124,32 @@ def group_cost(model, members: list[int], input_ids: torch.Tensor, base_nll: flo
             h.remove()
 
 
+def _layout_hooks(model, layout: list[int], start: int = 0) -> list:
+    """Sharing hooks for `layout`'s groups that have a member at or after layer `start`."""
+    groups = [m for m in layout_groups(layout).values() if len(m) > 1 and m[-1] >= start]
+    return [h for members in groups for h in _share_hooks(model, members)]
+
+
 @torch.no_grad()
-def layout_nll(model, layout: list[int], input_ids: torch.Tensor) -> float:
-    """Calibration NLL of `layout` (mean init), emulated with hooks on the stock model: no copy per candidate."""
-    handles = [
-        h for members in layout_groups(layout).values() if len(members) > 1 for h in _share_hooks(model, members)
-    ]
+def layout_nll(model, layout: list[int], input_ids: torch.Tensor, start: int = 0, hidden=None) -> float:
+    """Calibration NLL of `layout` (mean init), emulated with hooks on the stock model: no copy per candidate.
+
+    With `hidden` (`layer_inputs` under a layout equal to this one before layer `start`), the forward starts at
+    `start`; every group reaching `start` or later must then have its producer there or later (`_tail_start`)."""
+    handles = _layout_hooks(model, layout, start)
     try:
-        return _nll(model, input_ids)
+        return _nll(model, input_ids) if hidden is None else _tail_nll(model, start, hidden[start], input_ids)
     finally:
         for h in handles:
             h.remove()
+
+
+def _tail_start(layout: list[int], trial: list[int]) -> int:
+    """First layer whose input may differ between two layouts: the producers of every group that changed (their
+    mean K/V change), moved back to the producer of any group of `trial` reaching past it (its members need it)."""
+    changed = [i for i, (a, b) in enumerate(zip(layout, trial, strict=True)) if a != b]
+    start = min(min(layout[i], trial[i]) for i in changed)
+    return min([start, *trial[start:]])
 
 
 def refine_layout(
@@ -145,6 +163,7 @@ def refine_layout(
 
     layout, moves = list(layout), []
     best = layout_nll(model, layout, input_ids)
+    hidden = layer_inputs(model, input_ids, layout)  # each trial reruns only the layers it can change
     consumers = [c for c, p in enumerate(layout) if p != c]
     for c in tqdm(consumers, desc="refining layout", disable=not progress, leave=False):
         sizes = {p: layout.count(p) for p in set(layout)}
@@ -152,10 +171,12 @@ def refine_layout(
         options = [p for p in options if not max_group or sizes[p] < max_group]
         for p in options:
             trial = layout[:c] + [p] + layout[c + 1 :]
-            nll = layout_nll(model, trial, input_ids)
+            start = _tail_start(layout, trial)
+            nll = layout_nll(model, trial, input_ids, start, hidden)
             if nll < best - REFINE_MIN_GAIN:
                 moves.append({"layer": c, "from": layout[c], "to": p, "nll_gain": round(best - nll, 6)})
                 layout, best = trial, nll
+                hidden = layer_inputs(model, input_ids, layout)
     return layout, moves
 
 
