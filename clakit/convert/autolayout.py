@@ -95,7 +95,6 @@ def _keeper(store: list):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _tail_nll(model, start: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> float:
     """Mean NLL of a forward that starts at decoder layer `start` from its cached inputs `hidden` (n_seq, seq,
     hidden): the layers before a candidate group compute what the stock model does, so they are not rerun."""
@@ -233,6 +232,7 @@ def auto_layout(
     costs = {}
     for i, j in tqdm(runs, desc="scoring groups", disable=not progress, leave=False):
         costs[(i, j)] = group_cost(model, list(range(i, j + 1)), ids, base, hidden)
+    del hidden  # layers x score tokens x hidden: the refinement caches its own (2.7 GB at 70B)
     candidates = {"dp": best_partition(costs, n, producers), f"uniform_cla{factor}": uniform_layout(n, factor)}
     measured = {name: layout_nll(model, lay, ids) - base for name, lay in candidates.items()}
     chosen = min(measured, key=measured.get)
