@@ -89,7 +89,8 @@ def convert_stage(ctx: DemoContext) -> None:
 
 
 def uptrain_stage(ctx: DemoContext) -> None:
-    """The shipped CPU recipe (LoRA + trainable shared K/V + distillation), shortened, from the converted model."""
+    """The shipped CPU recipe (attention projections in full, LoRA on the MLPs, distillation), shortened, from the
+    converted model."""
     from clakit.uptrain import DEFAULT_RECIPE, uptrain
 
     s = ctx.settings
