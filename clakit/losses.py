@@ -14,8 +14,10 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 2**22  # floats per chunk (16 MB): below glibc's largest mmap threshold, so buffers are reused
 
 
-def _rows(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // vocab)
+def _row_slices(x: torch.Tensor):
+    """Slices of at most CHUNK_ELEMENTS elements over the rows of x (N, vocab)."""
+    rows = max(1, CHUNK_ELEMENTS // x.shape[-1])
+    return (slice(a, a + rows) for a in range(0, len(x), rows))
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -23,10 +25,9 @@ class _ChunkedKL(torch.autograd.Function):
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
         s, t = student.flatten(0, -2), teacher.flatten(0, -2)  # (N, vocab) each
         total = torch.zeros((), dtype=torch.float64, device=s.device)
-        for a in range(0, len(s), _rows(s.shape[-1])):
-            b = a + _rows(s.shape[-1])
-            ls = F.log_softmax(s[a:b].float() / temperature, -1)
-            lt = F.log_softmax(t[a:b].float() / temperature, -1)
+        for rows in _row_slices(s):
+            ls = F.log_softmax(s[rows].float() / temperature, -1)
+            lt = F.log_softmax(t[rows].float() / temperature, -1)
             total += (lt.exp() * (lt - ls)).sum(dtype=torch.float64)
         ctx.save_for_backward(student, teacher)
         ctx.temperature = temperature
@@ -39,10 +40,8 @@ class _ChunkedKL(torch.autograd.Function):
         s, t = student.flatten(0, -2), teacher.flatten(0, -2)
         grad = torch.empty_like(s)
         scale = grad_out * temp / max(len(s), 1)
-        for a in range(0, len(s), _rows(s.shape[-1])):
-            b = a + _rows(s.shape[-1])
-            diff = F.softmax(s[a:b].float() / temp, -1) - F.softmax(t[a:b].float() / temp, -1)
-            grad[a:b] = diff * scale
+        for rows in _row_slices(s):
+            grad[rows] = (F.softmax(s[rows].float() / temp, -1) - F.softmax(t[rows].float() / temp, -1)) * scale
         return grad.view_as(student), None, None
 
 
