@@ -260,7 +260,8 @@ def test_scoring_from_cached_layer_inputs_matches_the_full_forward(kind, calib_i
 
     model = tiny_model(kind, num_hidden_layers=6)
     ids = calib_ids[:2]
-    base, hidden = _nll(model, ids), layer_inputs(model, ids)
+    hidden, base = layer_inputs(model, ids)
+    assert base == pytest.approx(_nll(model, ids), rel=1e-6)  # the same forward's NLL
     for members in ([1, 2], [3, 4, 5], [0, 1]):
         handles = _share_hooks(model, members)
         try:
@@ -287,7 +288,8 @@ def test_refinement_trials_from_cached_inputs_match_the_full_forward(kind, calib
     }
     for layout, trials in cases.items():
         layout = list(layout)
-        hidden = layer_inputs(model, ids, layout)
+        hidden, nll = layer_inputs(model, ids, layout)
+        assert nll == pytest.approx(_nll(cla_model_from(model, layout, init="mean"), ids), rel=1e-5)
         for c, p, start in trials:
             trial = layout[:c] + [p] + layout[c + 1 :]
             assert _tail_start(layout, trial) == start

@@ -75,19 +75,19 @@ def _share_hooks(model, members: list[int]) -> list:
 
 
 @torch.no_grad()
-def layer_inputs(model, input_ids: torch.Tensor, layout: list[int] | None = None) -> list[torch.Tensor]:
-    """Per decoder layer, the (n_seq, seq, hidden) residual stream entering it on `input_ids`: the stock model's, or
-    with `layout`'s sharing (mean init)."""
+def layer_inputs(model, input_ids: torch.Tensor, layout: list[int] | None = None) -> tuple[list[torch.Tensor], float]:
+    """Per decoder layer, the (n_seq, seq, hidden) residual stream entering it on `input_ids`, and the mean NLL of the
+    same forward: the stock model's, or with `layout`'s sharing (mean init)."""
     layers = model.model.layers
     captured = [[] for _ in layers]
     hooks = [layer.register_forward_pre_hook(_keeper(captured[i])) for i, layer in enumerate(layers)]
     hooks += _layout_hooks(model, layout) if layout is not None else []
     try:
-        model.model(input_ids, use_cache=False)  # one batch: each layer read once
+        nll = _nll(model, input_ids)  # one batch: each layer read once
     finally:
         for h in hooks:
             h.remove()
-    return [torch.cat(c) for c in captured]
+    return [torch.cat(c) for c in captured], nll
 
 
 def _keeper(store: list):
@@ -110,7 +110,7 @@ def _tail_nll(model, start: int, hidden: torch.Tensor, input_ids: torch.Tensor) 
 def group_cost(model, members: list[int], input_ids: torch.Tensor, base_nll: float, hidden=None) -> float:
     """Measured NLL increase per token when only `members` share K/V (mean init); 0 for a single layer.
 
-    `hidden`: `layer_inputs(model, input_ids)`, to start the forward at the group's producer (about twice faster).
+    `hidden`: `layer_inputs(model, input_ids)[0]`, to start the forward at the group's producer (about twice faster).
     """
     if len(members) == 1:
         return 0.0
@@ -161,8 +161,7 @@ def refine_layout(
     from tqdm.auto import tqdm
 
     layout, moves = list(layout), []
-    best = layout_nll(model, layout, input_ids)
-    hidden = layer_inputs(model, input_ids, layout)  # each trial reruns only the layers it can change
+    hidden, best = layer_inputs(model, input_ids, layout)  # each trial reruns only the layers it can change
     consumers = [c for c, p in enumerate(layout) if p != c]
     for c in tqdm(consumers, desc="refining layout", disable=not progress, leave=False):
         sizes = {p: layout.count(p) for p in set(layout)}
@@ -175,7 +174,7 @@ def refine_layout(
             if nll < best - REFINE_MIN_GAIN:
                 moves.append({"layer": c, "from": layout[c], "to": p, "nll_gain": round(best - nll, 6)})
                 layout, best = trial, nll
-                hidden = layer_inputs(model, input_ids, layout)
+                hidden, _ = layer_inputs(model, input_ids, layout)
     return layout, moves
 
 
@@ -226,8 +225,7 @@ def auto_layout(
         factor += 1
     max_group = min(n, max(3, factor + 1))
     ids = input_ids[: max(1, SCORE_TOKENS // input_ids.shape[1])]
-    base = _nll(model, ids)
-    hidden = layer_inputs(model, ids)
+    hidden, base = layer_inputs(model, ids)
     runs = [(i, j) for i in range(n) for j in range(i, min(n, i + max_group))]
     costs = {}
     for i, j in tqdm(runs, desc="scoring groups", disable=not progress, leave=False):
