@@ -246,6 +246,27 @@ def test_a_token_budget_without_held_out_data_does_not_tokenise_the_whole_text(t
     assert held in text and text.index(held) > 0.9 * len(text)  # the held-out blocks come from the tail
 
 
+def test_a_token_budget_reads_every_train_file_in_proportion(tokenizer, tmp_path):
+    """Two train files, a budget far below either: both are trained on, ~1:3 like their sizes (a head-read stream
+    would fill the budget from the first file alone)."""
+    from conftest import make_text
+
+    small, big = make_text(100_000, 7), make_text(300_000, 8)
+    (tmp_path / "a.txt").write_text(small)
+    (tmp_path / "b.txt").write_text(big)
+    (tmp_path / "held.txt").write_text(make_text(2_000, 9))
+    counting = CountingTokenizer(tokenizer)
+    section = DataSection(train=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], eval=[str(tmp_path / "held.txt")],
+                          seq_len=32, eval_max_tokens=256)
+    data = build_data(section, counting, 4096)
+    assert counting.chars < 0.1 * (len(small) + len(big))  # still lazy
+    decoded = [tokenizer.decode(b[4:-4]).strip() for b in data.train]  # inner tokens: no cross-file block edges
+    from_a = sum(d in small for d in decoded)
+    from_b = sum(d in big for d in decoded)
+    assert from_a + from_b >= len(decoded) - 2  # every block (but those spanning the join) is in one file
+    assert from_a > 0 and 2 <= from_b / from_a <= 4.5
+
+
 def test_split_tail_cuts_at_a_line_end_and_keeps_every_character():
     texts = [Text("a", "one\ntwo\n"), Text("b", "three\nfour\nfive\n")]
     head, tail = split_tail(texts, 0.5)

@@ -53,6 +53,17 @@ def tokenize(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Te
     return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
 
 
+def tokenize_shares(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Tensor:
+    """`tokenize`, but a `limit` is shared among the texts in proportion to their characters, so a budget smaller
+    than the data reads the same mix as the whole data would (with one head-read stream, the first large file
+    would fill the budget and the others would never be trained on); (n_tokens,) int64."""
+    if limit is None or len(texts) < 2:
+        return tokenize(tokenizer, texts, limit)
+    total = sum(len(t.text) for t in texts)
+    shares = [tokenize(tokenizer, [t], max(1, -(-limit * len(t.text) // total))) for t in texts]
+    return torch.cat(shares)
+
+
 def blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n_tokens,) -> (n_tokens // seq_len, seq_len); the ragged tail is dropped."""
     n = ids.numel() // seq_len
@@ -77,7 +88,7 @@ def build_data(data, tokenizer, train_tokens: int | None = None) -> PackedData:
         train_texts, eval_texts = split_tail(train_texts, data.eval_fraction)
         eval_sources = [f"last {data.eval_fraction:g} of data.train"]
     # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
-    train_ids = tokenize(tokenizer, train_texts, train_tokens)
+    train_ids = tokenize_shares(tokenizer, train_texts, train_tokens)
     eval_ids = tokenize(tokenizer, eval_texts, data.eval_max_tokens + data.seq_len)
     train, held = blocks(train_ids, data.seq_len), blocks(eval_ids, data.seq_len)
     if len(train) == 0:
