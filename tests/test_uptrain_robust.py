@@ -267,6 +267,21 @@ def test_a_token_budget_reads_every_train_file_in_proportion(tokenizer, tmp_path
     assert from_a > 0 and 2 <= from_b / from_a <= 4.5
 
 
+def test_each_budget_share_ends_with_eos(tokenizer):
+    """A file cut short by its share of the budget still ends with EOS, so its text never runs straight into the
+    next file's start inside one training block."""
+    from conftest import make_text
+
+    from clakit.uptrain.packing import tokenize_shares
+
+    texts = [Text("a", make_text(50_000, 3)), Text("b", make_text(50_000, 4)), Text("c", "short tail\n")]
+    ids = tokenize_shares(tokenizer, texts, 600)
+    ends = (ids == tokenizer.eos_token_id).nonzero().flatten().tolist()
+    assert len(ends) == 3 and ends[-1] == ids.numel() - 1  # one per file: two cut short, one read whole
+    first = tokenizer.decode(ids[: ends[0]]).strip()
+    assert texts[0].text.startswith(first[:200]) and len(first) < len(texts[0].text) / 2
+
+
 def test_split_tail_cuts_at_a_line_end_and_keeps_every_character():
     texts = [Text("a", "one\ntwo\n"), Text("b", "three\nfour\nfive\n")]
     head, tail = split_tail(texts, 0.5)

@@ -60,7 +60,13 @@ def tokenize_shares(tokenizer, texts: list[Text], limit: int | None = None) -> t
     if limit is None or len(texts) < 2:
         return tokenize(tokenizer, texts, limit)
     total = sum(len(t.text) for t in texts)
-    shares = [tokenize(tokenizer, [t], max(1, -(-limit * len(t.text) // total))) for t in texts]
+    eos = tokenizer.eos_token_id
+    shares = []
+    for t in texts:
+        ids = tokenize(tokenizer, [t], max(1, -(-limit * len(t.text) // total)))
+        if eos is not None and ids.numel() and ids[-1] != eos:  # a share cut short still ends its document
+            ids = torch.cat([ids, torch.tensor([eos])])
+        shares.append(ids)
     return torch.cat(shares)
 
 
