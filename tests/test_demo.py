@@ -71,10 +71,31 @@ def test_split_texts_are_disjoint_and_cover_everything():
     parts = fetch.split_texts(jargon, bible)
     paragraphs = {name: {p.strip() for p in text.split("\n\n") if p.strip()} for name, text in parts.items()}
     assert not paragraphs["calib"] & paragraphs["train"]
-    assert not paragraphs["heldout"] & (paragraphs["calib"] | paragraphs["train"])
+    assert not paragraphs["heldout"] & (paragraphs["calib"] | paragraphs["train"] | paragraphs["train_bible"])
+    assert not paragraphs["calib"] & paragraphs["train_bible"]
     everything = {p.strip() for p in (jargon + "\n\n" + bible).split("\n\n") if p.strip()}
-    assert paragraphs["calib"] | paragraphs["train"] | paragraphs["heldout"] == everything
+    assert set().union(*paragraphs.values()) == everything
     assert all(p.startswith("jargon") for p in paragraphs["heldout"])  # held out: the Jargon File's last part
+    assert all(p.startswith("jargon") for p in paragraphs["train"])  # trained on: the held-out text's domain only
+    assert paragraphs["train_bible"] and all(p.startswith("Genesis") for p in paragraphs["train_bible"])
+
+
+def test_a_cache_of_an_earlier_split_is_fetched_again(tmp_path):
+    """A cache written by an earlier fetch-demo (train.txt = Jargon + Bible, no split version) is not taken as
+    current: the recipe's train.txt would silently be the old mix."""
+    files = {n: f"text/{n}.txt" for n in ("calib", "train", "train_bible", "heldout")} | {"model": "model/m.gguf"}
+    for rel in files.values():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    manifest = tmp_path / fetch.MANIFEST
+    manifest.write_text(json.dumps({"files": files, "split": fetch.SPLIT}))
+    assert fetch._cached(tmp_path).train_bible == tmp_path / "text/train_bible.txt"
+    manifest.write_text(json.dumps({"files": files}))  # no split version: an earlier fetch-demo's
+    assert fetch._cached(tmp_path) is None
+    old = {k: v for k, v in files.items() if k != "train_bible"}
+    manifest.write_text(json.dumps({"files": old, "split": fetch.SPLIT}))
+    (tmp_path / "text/train_bible.txt").unlink()
+    assert fetch._cached(tmp_path) is None
 
 
 def test_clean_bible_drops_verse_numbers_and_joins_wrapped_lines():
