@@ -38,7 +38,7 @@ class DemoSettings:
     batch_size: int = 1
     decode_steps: int = 8
     uptrain_steps: int = 60  # a shortened recipes/smollm2/135m_cla2_cpu.yaml; 0 skips the recovery step
-    uptrain_seq_len: int = 256
+    uptrain_seq_len: int = 512  # the recipe's windows (batch 2: 1,024 tokens a step)
     quiet: bool = False
 
 
