@@ -102,7 +102,7 @@ def uptrain_stage(ctx: DemoContext) -> None:
         "model.source=null",
         "model.convert=null",
         f"model.original={ctx.assets.model}",
-        f"data.train=[{ctx.assets.train}]",
+        f"data.train=[{','.join(str(p) for p in (ctx.assets.train, ctx.assets.train_bible) if p)}]",
         f"data.eval=[{ctx.assets.heldout}]",
         f"data.seq_len={s.uptrain_seq_len}",
         f"data.eval_max_tokens={max(s.max_tokens, s.uptrain_seq_len)}",
