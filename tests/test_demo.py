@@ -46,7 +46,7 @@ def test_demo_with_recovery_reports_original_converted_and_uptrained(tmp_path, t
     import dataclasses
 
     settings = demo.DemoSettings(**{**TINY, "uptrain_steps": 4, "uptrain_seq_len": 32})
-    bible = tmp_path / "train_bible.txt"
+    bible = tmp_path / "train, bible.txt"  # a comma and a space: still one path
     bible.write_text(tiny_assets.calib.read_text())  # a second training text, as fetch-demo's Bible part
     assets = dataclasses.replace(tiny_assets, train_bible=bible)
     out = demo.run_demo(tmp_path / "work", assets=assets, settings=settings)

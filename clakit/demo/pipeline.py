@@ -10,6 +10,7 @@ and the eval stage evaluates every model not evaluated yet, so a later step (upt
     STAGES.insert(STAGES.index(convert_stage) + 1, Stage("uptrain", my_uptrain))  # ctx.models["uptrained"] = ...
 """
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,8 +103,9 @@ def uptrain_stage(ctx: DemoContext) -> None:
         "model.source=null",
         "model.convert=null",
         f"model.original={ctx.assets.model}",
-        f"data.train=[{','.join(str(p) for p in (ctx.assets.train, ctx.assets.train_bible) if p)}]",
-        f"data.eval=[{ctx.assets.heldout}]",
+        # JSON lists (YAML reads them): a path with a comma or a space stays one path
+        f"data.train={json.dumps([str(p) for p in (ctx.assets.train, ctx.assets.train_bible) if p])}",
+        f"data.eval={json.dumps([str(ctx.assets.heldout)])}",
         f"data.seq_len={s.uptrain_seq_len}",
         f"data.eval_max_tokens={max(s.max_tokens, s.uptrain_seq_len)}",
         f"train.output_dir={run_dir}",
