@@ -105,6 +105,19 @@ def test_a_cache_of_an_earlier_split_is_fetched_again(tmp_path):
     assert fetch._cached(tmp_path) is None
 
 
+def test_fetch_demo_never_replaces_folders_it_did_not_write(tmp_path, monkeypatch):
+    """A DIR holding the user's own text/ (e.g. HOME) is refused before any download, and the folder is kept; an
+    earlier fetch-demo's cache (its manifest) may be rebuilt."""
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "mine.txt").write_text("keep me")
+    monkeypatch.setattr(fetch, "_build", lambda *a: pytest.fail("built into a folder fetch-demo did not write"))
+    with pytest.raises(ClakitError, match="not written by fetch-demo"):
+        fetch.fetch_demo(tmp_path, quiet=True)
+    assert (tmp_path / "text" / "mine.txt").read_text() == "keep me"
+    (tmp_path / fetch.MANIFEST).write_text(json.dumps({"files": {"train": "text/train.txt"}}))  # an old cache
+    fetch._check_ours(tmp_path)  # ours: no error
+
+
 def test_clean_bible_drops_verse_numbers_and_joins_wrapped_lines():
     raw = (
         "\nGenesis 1\n\n  1 In the beginning God created the heaven and the earth.\n"

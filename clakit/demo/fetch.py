@@ -66,6 +66,21 @@ def _cached(root: Path) -> DemoAssets | None:
     return assets if current and all(Path(p).is_file() for p in vars(assets).values()) else None
 
 
+def _check_ours(root: Path) -> None:
+    """Refuse, before any download, a DIR whose model/, text/ or assets.json fetch-demo did not write: the build
+    replaces them, and a user's folders there must not be lost (an earlier fetch-demo's manifest proves ownership)."""
+    try:
+        files = json.loads((root / MANIFEST).read_text())["files"]
+        ours = all(str(v).split("/")[0] in ("model", "text") for v in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        ours = False
+    taken = [name for name in ("model", "text", MANIFEST) if (root / name).exists()]
+    if taken and not ours:
+        raise ClakitError(
+            f"{root} already holds {', '.join(taken)}, not written by fetch-demo; give fetch-demo an empty or new DIR"
+        )
+
+
 def _run(cmd: list[str], cwd: Path, quiet: bool) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
@@ -207,6 +222,7 @@ def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
     cached = _cached(root)
     if cached:
         return cached
+    _check_ours(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
