@@ -49,14 +49,15 @@ def test_demo_with_recovery_reports_original_converted_and_uptrained(tmp_path, t
     bible = tmp_path / "train, bible.txt"  # a comma and a space: still one path
     bible.write_text(tiny_assets.calib.read_text())  # a second training text, as fetch-demo's Bible part
     assets = dataclasses.replace(tiny_assets, train_bible=bible)
-    out = demo.run_demo(tmp_path / "work", assets=assets, settings=settings)
-    recipe = (tmp_path / "work" / "uptrain" / "recipe.yaml").read_text()
+    work = tmp_path / "[work #1]"  # YAML would read a plain `[...` as a list and cut ` #1` off as a comment
+    out = demo.run_demo(work, assets=assets, settings=settings)
+    recipe = (work / "uptrain" / "recipe.yaml").read_text()
     assert str(tiny_assets.train) in recipe and str(bible) in recipe  # the recipe's mix: both training texts
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert [r.split("|")[1].strip() for r in rows] == ["original", "converted", "uptrained"]
-    up = json.loads((tmp_path / "work" / "reports" / "uptrained.json").read_text())
+    up = json.loads((work / "reports" / "uptrained.json").read_text())
     assert up["kv_cache"]["saving_factor"] == 2.0  # the uptrained model keeps the CLA2 cache
-    assert (tmp_path / "work" / "uptrain" / "model" / "modeling_cla.py").is_file()
+    assert (work / "uptrain" / "model" / "modeling_cla.py").is_file()
 
 
 def test_demo_stages_extend(tmp_path, tiny_assets):

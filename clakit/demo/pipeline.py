@@ -99,16 +99,17 @@ def uptrain_stage(ctx: DemoContext) -> None:
         return
     run_dir = ctx.work_dir / "uptrain"
     overrides = [
-        f"model.path={ctx.models['converted']}",
+        # paths as JSON strings (YAML reads them): a " #", ": " or a leading "[" stays part of the path
+        f"model.path={json.dumps(str(ctx.models['converted']))}",
         "model.source=null",
         "model.convert=null",
-        f"model.original={ctx.assets.model}",
+        f"model.original={json.dumps(str(ctx.assets.model))}",
         # JSON lists (YAML reads them): a path with a comma or a space stays one path
         f"data.train={json.dumps([str(p) for p in (ctx.assets.train, ctx.assets.train_bible) if p])}",
         f"data.eval={json.dumps([str(ctx.assets.heldout)])}",
         f"data.seq_len={s.uptrain_seq_len}",
         f"data.eval_max_tokens={max(s.max_tokens, s.uptrain_seq_len)}",
-        f"train.output_dir={run_dir}",
+        f"train.output_dir={json.dumps(str(run_dir))}",
         f"train.max_steps={s.uptrain_steps}",
         f"train.save_steps={s.uptrain_steps}",
         f"train.eval_steps={s.uptrain_steps}",
