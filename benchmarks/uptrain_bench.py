@@ -90,7 +90,7 @@ def speed(source: str, recipe, steps: int, batch: int, seq_len: int) -> dict:
 def curve(recipe_path: Path, out: Path, eval_steps: int, overrides: list[str]) -> dict:
     """Run the recipe; held-out perplexity over training from metrics.jsonl, the original's from eval/."""
     start = time.perf_counter()
-    settings = [f"train.output_dir={out}", f"train.eval_steps={eval_steps}", *overrides]
+    settings = [f"train.output_dir={json.dumps(str(out))}", f"train.eval_steps={eval_steps}", *overrides]
     result = uptrain(recipe_path, settings, overwrite=True)
     wall = time.perf_counter() - start
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
