@@ -2,6 +2,7 @@
 before training without a collective wait, launches that cannot work, and the token budget read lazily."""
 
 import argparse
+import dataclasses
 import json
 import shutil
 import threading
@@ -17,7 +18,7 @@ from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # n
 
 from clakit.corpus import Text
 from clakit.errors import ClakitError
-from clakit.uptrain import pipeline, uptrain
+from clakit.uptrain import DEFAULT_RECIPE, pipeline, uptrain
 from clakit.uptrain import trainer as trainer_module
 from clakit.uptrain.packing import PackedData, build_data, split_tail
 from clakit.uptrain.recipe import DataSection, ModelSection
@@ -305,3 +306,47 @@ def test_trainable_state_of_a_model_with_tied_embeddings(tied):
     checkpoint.load_trainable(model, state, "ok")
     model.model.embed_tokens.weight.requires_grad_(True)  # a trainable tied embedding: both names stay one tensor
     assert "model.embed_tokens.weight" in checkpoint.trainable_state(model)
+
+
+def test_copies_repeat_an_earlier_span_of_the_same_window():
+    from clakit.uptrain.packing import add_copies
+
+    n, length, span = 40, 64, 8
+    base = torch.arange(n * length).view(n, length)  # every token unique: a repeat can only be a copy
+    out = add_copies(base.clone(), 0.25, span, seed=3)
+    changed = [i for i in range(n) if not torch.equal(out[i], base[i])]
+    assert len(changed) == 10  # round(0.25 * 40) rows, the others untouched
+    for i in changed:
+        assert torch.equal(out[i, : length - span], base[i, : length - span])  # only the tail is rewritten
+        tail = out[i, length - span :]
+        start = int(tail[0] - base[i, 0])
+        assert 0 <= start <= length - 2 * span  # the source lies before the copy, not overlapping it
+        assert torch.equal(tail, base[i, start : start + span])
+    assert torch.equal(add_copies(base.clone(), 0.25, span, seed=3), out)  # a resumed run rebuilds the same data
+    assert not torch.equal(add_copies(base.clone(), 0.25, span, seed=4), out)
+    assert torch.equal(add_copies(base.clone(), 0.0, span), base)
+
+
+def test_copies_reach_training_blocks_only(tokenizer, tmp_path):
+    from conftest import make_text
+
+    (tmp_path / "a.txt").write_text(make_text(40_000, 7))
+    (tmp_path / "held.txt").write_text(make_text(4_000, 9))
+    section = DataSection(train=[str(tmp_path / "a.txt")], eval=[str(tmp_path / "held.txt")], seq_len=64,
+                          eval_max_tokens=512)
+    plain = build_data(section, tokenizer, 4096)
+    copied = build_data(dataclasses.replace(section, copy_fraction=1.0, copy_span=16), tokenizer, 4096, seed=1)
+    assert torch.equal(copied.eval, plain.eval)
+    assert torch.equal(copied.train[:, :48], plain.train[:, :48])
+    for tail, row in zip(copied.train[:, 48:], plain.train, strict=True):  # each tail repeats its own window
+        assert any(torch.equal(tail, row[s : s + 16]) for s in range(33))
+
+
+@pytest.mark.parametrize("override", ["data.copy_fraction=1.5", "data.copy_fraction=0.5 data.copy_span=300",
+                                      "data.copy_fraction=0.5 data.copy_span=0"])
+def test_bad_copy_settings_are_refused_by_name(override, tmp_path):
+    from clakit.uptrain.recipe import load_recipe
+
+    (tmp_path / "t.txt").write_text("text\n")
+    with pytest.raises(ClakitError, match="data.copy_"):
+        load_recipe(DEFAULT_RECIPE, [f"data.train=[{tmp_path / 't.txt'}]", *override.split()])

@@ -83,9 +83,27 @@ def _too_short(what: str, n_tokens: int, seq_len: int) -> ClakitError:
     )
 
 
-def build_data(data, tokenizer, train_tokens: int | None = None) -> PackedData:
+def add_copies(train: torch.Tensor, fraction: float, span: int, seed: int = 0) -> torch.Tensor:
+    """(n, L) train blocks, changed in place (a large budget is not held twice): round(fraction * n) seeded rows
+    end with a repeat of `span` tokens taken from an earlier, non-overlapping place in the same row (distance
+    span..L - span). The teacher copies there (induction), so distillation teaches the student to find and copy
+    across the window."""
+    n, length = train.shape
+    k = round(fraction * n)
+    if k == 0:
+        return train
+    g = torch.Generator().manual_seed(seed * 7_919 + 17)
+    rows = torch.randperm(n, generator=g)[:k]
+    starts = torch.randint(0, length - 2 * span + 1, (k,), generator=g)  # the source ends before the copy begins
+    cols, rows = torch.arange(span), rows.unsqueeze(1)
+    source = train[rows, starts.unsqueeze(1) + cols]  # (k, span), gathered before the write; ends before the tail
+    train[rows, length - span + cols] = source
+    return train
+
+
+def build_data(data, tokenizer, train_tokens: int | None = None, seed: int = 0) -> PackedData:
     """Tokenise and pack a recipe's `data` section. `train_tokens` (the run's token budget, when known) bounds the
-    train text read; the held-out blocks are capped at `eval_max_tokens`."""
+    train text read; the held-out blocks are capped at `eval_max_tokens` and never get copies."""
     train_texts = load_texts(data.train)
     if data.eval:
         eval_texts = load_texts(data.eval)
@@ -103,6 +121,7 @@ def build_data(data, tokenizer, train_tokens: int | None = None) -> PackedData:
         what = "the held-out data (data.eval, or data.eval_fraction of data.train)"
         raise _too_short(what, eval_ids.numel(), data.seq_len)
     held = held[: max(1, data.eval_max_tokens // data.seq_len)]
+    train = add_copies(train, data.copy_fraction, data.copy_span, seed)
     return PackedData(train, held, [t.name for t in train_texts], eval_sources)
 
 

@@ -370,7 +370,8 @@ def uptrain(
         checkpoint.read_checkpoint(last[-1])
     tokenizer = load_tokenizer(resolve_source(_model_spec(recipe), recipe.model.revision))
     acc = make_accelerator(recipe.train, out)
-    data = build_data(recipe.data, tokenizer, token_budget(recipe.train, recipe.data.seq_len, acc.num_processes))
+    budget = token_budget(recipe.train, recipe.data.seq_len, acc.num_processes)
+    data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed)
     check_launch(data, acc.num_processes)
     work = out if resume else _staging_dir(out, acc)
     try:

@@ -43,6 +43,10 @@ class DataSection:
     seq_len: int = 512
     eval_fraction: float = 0.05
     eval_max_tokens: int = 16384  # held-out tokens scored at start, every eval_steps and at the end
+    # long-range copying is what shared K/V loses first (passkey retrieval) and plain prose rarely asks for:
+    # this share of the train windows end with a repeat of `copy_span` tokens from earlier in the same window
+    copy_fraction: float = 0.0
+    copy_span: int = 32
 
 
 @dataclass
@@ -330,6 +334,12 @@ def _validate_data(d: DataSection) -> None:
     _check(d.seq_len >= 8, f"data.seq_len must be at least 8, got {d.seq_len}")
     _check(0 < d.eval_fraction < 1, f"data.eval_fraction must be between 0 and 1, got {d.eval_fraction}")
     _check(d.eval_max_tokens >= d.seq_len, "data.eval_max_tokens must be at least data.seq_len")
+    _check(0 <= d.copy_fraction <= 1, f"data.copy_fraction must be between 0 and 1, got {d.copy_fraction}")
+    _check(
+        d.copy_fraction == 0 or 1 <= d.copy_span <= d.seq_len // 2,
+        f"data.copy_span must be between 1 and data.seq_len / 2 = {d.seq_len // 2} (the copy and its source share "
+        f"one window), got {d.copy_span}",
+    )
 
 
 def _validate_train(t: TrainSection) -> None:
