@@ -126,6 +126,8 @@ CASES = [
     Case(UP + "distill.weight=1.5", "distill.weight must be between 0 and 1"),
     Case(UP + "data.eval_fraction=.nan", "data.eval_fraction must be a finite number"),
     Case(UP + "data.seq_len=4", "data.seq_len must be at least 8"),
+    Case(UP + "data.copy_fraction=-0.1", "data.copy_fraction must be between 0 and 1"),
+    Case(UP + "data.copy_fraction=0.5 data.copy_span=9999", "data.copy_span must be between 1 and data.seq_len / 2"),
     Case(UP + "data.eval=[{data}/train.txt]", "is (or holds) training text", id="eval-data-is-train-data"),
     Case(UP + "data.eval=[{data}]", "is (or holds) training text", id="eval-folder-holds-train-data"),
     Case(UP + "data.train=[{data}] data.eval=[{data}/heldout.txt]", "is (or holds) training text",
