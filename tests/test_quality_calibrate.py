@@ -285,6 +285,8 @@ def test_refinement_trials_from_cached_inputs_match_the_full_forward(kind, calib
     cases = {  # layout: [(consumer, new producer, expected start), ...]
         (0, 1, 1, 3, 3, 5, 6, 6): [(7, 5, 5), (4, 1, 1), (2, 0, 0), (7, 3, 3)],
         (0, 1, 1, 3, 3, 0, 6, 6): [(4, 1, 0), (7, 3, 0)],  # layer 5 reads layer 0: every tail starts at 0
+        # interleaved groups: moving back to layer 2 (5 reads it) brings in layer 3, which reads layer 1
+        (0, 1, 2, 1, 4, 2, 6, 4): [(7, 6, 1)],
     }
     for layout, trials in cases.items():
         layout = list(layout)
@@ -295,6 +297,33 @@ def test_refinement_trials_from_cached_inputs_match_the_full_forward(kind, calib
             assert _tail_start(layout, trial) == start
             want = _nll(cla_model_from(model, trial, init="mean"), ids)
             assert layout_nll(model, trial, ids, start, hidden) == pytest.approx(want, rel=1e-5)
+
+
+def test_tail_start_leaves_no_group_reaching_back_before_it():
+    """On random interleaved layouts and moves: every layer from the start reads a producer from the start on, and
+    no layer before it changes (else the trial's forward would need a producer input it never computes)."""
+    import random
+
+    from clakit.convert.autolayout import _tail_start
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randint(3, 24)
+        layout = [0]
+        for i in range(1, n):
+            producers = [p for p in range(i) if layout[p] == p]
+            layout.append(i if rng.random() < 0.4 else rng.choice(producers))
+        consumers = [c for c in range(n) if layout[c] != c]
+        if not consumers:
+            continue
+        c = rng.choice(consumers)
+        options = [p for p in range(c) if layout[p] == p and p != layout[c]]
+        if not options:
+            continue
+        trial = layout[:c] + [rng.choice(options)] + layout[c + 1 :]
+        start = _tail_start(layout, trial)
+        assert all(trial[i] >= start for i in range(start, n)), (layout, trial, start)
+        assert layout[:start] == trial[:start] and layout[c] >= start  # the old producer's mean K/V changes too
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])

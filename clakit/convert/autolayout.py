@@ -145,10 +145,13 @@ def layout_nll(model, layout: list[int], input_ids: torch.Tensor, start: int = 0
 
 def _tail_start(layout: list[int], trial: list[int]) -> int:
     """First layer whose input may differ between two layouts: the producers of every group that changed (their
-    mean K/V change), moved back to the producer of any group of `trial` reaching past it (its members need it)."""
+    mean K/V change), moved back to the producer of any group of `trial` reaching past it (its members need it),
+    until none does: with interleaved groups a step back can bring in a layer that reads an earlier producer."""
     changed = [i for i, (a, b) in enumerate(zip(layout, trial, strict=True)) if a != b]
     start = min(min(layout[i], trial[i]) for i in changed)
-    return min([start, *trial[start:]])
+    while (earliest := min(trial[start:])) < start:
+        start = earliest
+    return start
 
 
 def refine_layout(
