@@ -45,7 +45,7 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_assets):
 def test_demo_with_recovery_reports_original_converted_and_uptrained(tmp_path, tiny_assets):
     import dataclasses
 
-    settings = demo.DemoSettings(**{**TINY, "uptrain_steps": 4, "uptrain_seq_len": 32})
+    settings = demo.DemoSettings(**{**TINY, "uptrain_steps": 4, "uptrain_seq_len": 64})
     bible = tmp_path / "train, bible.txt"  # a comma and a space: still one path
     bible.write_text(tiny_assets.calib.read_text())  # a second training text, as fetch-demo's Bible part
     assets = dataclasses.replace(tiny_assets, train_bible=bible)
@@ -53,6 +53,7 @@ def test_demo_with_recovery_reports_original_converted_and_uptrained(tmp_path, t
     out = demo.run_demo(work, assets=assets, settings=settings)
     recipe = (work / "uptrain" / "recipe.yaml").read_text()
     assert str(tiny_assets.train) in recipe and str(bible) in recipe  # the recipe's mix: both training texts
+    assert "copy_fraction: 0.5" in recipe  # and its copies
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")][1:]
     assert [r.split("|")[1].strip() for r in rows] == ["original", "converted", "uptrained"]
     up = json.loads((work / "reports" / "uptrained.json").read_text())

@@ -222,6 +222,7 @@ def test_smollm2_cpu_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, corpus_dir
         f"data.train=[{corpus_dir / 'train.txt'}]",
         f"data.eval=[{corpus_dir / 'heldout.txt'}]",
         "data.seq_len=32",
+        "data.copy_span=8",  # the recipe's 32-token copies need windows of 64 or more
         "data.eval_max_tokens=64",
         "train.max_steps=3",
         "train.max_tokens=null",

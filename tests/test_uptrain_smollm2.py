@@ -23,6 +23,7 @@ def test_real_smollm2_recipe_few_steps_improves_the_converted_model(tmp_path):
         f"data.train=[{assets.train}]",
         f"data.eval=[{assets.heldout}]",
         "data.seq_len=64",
+        "data.copy_span=4",  # the recipe's copies at their share of its windows (32 of 512)
         "data.eval_max_tokens=512",
         "train.max_steps=3",
         "train.warmup_steps=0",
