@@ -43,11 +43,13 @@ def one_line(s: dict) -> str:
 
 def _training_lines(s: dict) -> list[str]:
     r = s["recipe"]
-    t, lo, d = r["train"], r["lora"], r["distill"]
+    t, lo, d, data = r["train"], r["lora"], r["distill"], r["data"]
     batch = f"{t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']} accumulation"
+    share = data.get("copy_fraction") or 0  # records from before data.copy_fraction have none
+    copies = f"; {share:g} of them end with a {data['copy_span']}-token copy of an earlier span" if share else ""
     return [
         f"- {s['steps']} steps, {s['train_tokens']} tokens, {s['train_seconds']} s on {s['processes']} process(es)",
-        f"- data: {', '.join(s['train_data'])}",
+        f"- data: {', '.join(s['train_data'])}, windows of {data['seq_len']}{copies}",
         f"- learning_rate {t['learning_rate']}, {t['lr_scheduler_type']} schedule, warmup {t['warmup_steps']} "
         f"steps / ratio {t['warmup_ratio']}, batch {batch}, bf16 {t['bf16']}, seed {t['seed']}",
         f"- LoRA r={lo['r']} alpha={lo['lora_alpha']} dropout={lo['lora_dropout']} on {lo['target_modules']}"
