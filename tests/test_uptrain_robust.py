@@ -18,7 +18,7 @@ from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # n
 
 from clakit.corpus import Text
 from clakit.errors import ClakitError
-from clakit.uptrain import DEFAULT_RECIPE, pipeline, uptrain
+from clakit.uptrain import pipeline, uptrain
 from clakit.uptrain import trainer as trainer_module
 from clakit.uptrain.packing import PackedData, build_data, split_tail
 from clakit.uptrain.recipe import DataSection, ModelSection
@@ -341,12 +341,3 @@ def test_copies_reach_training_blocks_only(tokenizer, tmp_path):
     for tail, row in zip(copied.train[:, 48:], plain.train, strict=True):  # each tail repeats its own window
         assert any(torch.equal(tail, row[s : s + 16]) for s in range(33))
 
-
-@pytest.mark.parametrize("override", ["data.copy_fraction=1.5", "data.copy_fraction=0.5 data.copy_span=300",
-                                      "data.copy_fraction=0.5 data.copy_span=0"])
-def test_bad_copy_settings_are_refused_by_name(override, tmp_path):
-    from clakit.uptrain.recipe import load_recipe
-
-    (tmp_path / "t.txt").write_text("text\n")
-    with pytest.raises(ClakitError, match="data.copy_"):
-        load_recipe(DEFAULT_RECIPE, [f"data.train=[{tmp_path / 't.txt'}]", *override.split()])

@@ -56,11 +56,23 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "demo" if root else Path.home() / ".cache" / "clakit" / "demo"
 
 
-def _cached(root: Path) -> DemoAssets | None:
+def _manifest(root: Path) -> dict | None:
+    """fetch-demo's manifest in `root` ({"files": {name: relative path}, "split": N}); None when there is none or
+    it is unreadable or malformed."""
     try:
         manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+
+
+def _cached(root: Path) -> DemoAssets | None:
+    manifest = _manifest(root)
+    if manifest is None:
+        return None
+    try:
         assets = DemoAssets(**{k: root / v for k, v in manifest["files"].items()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except TypeError:  # unknown names, paths that are not strings
         return None
     current = manifest.get("split") == SPLIT and assets.train_bible is not None
     return assets if current and all(Path(p).is_file() for p in vars(assets).values()) else None
@@ -69,11 +81,8 @@ def _cached(root: Path) -> DemoAssets | None:
 def _check_ours(root: Path) -> None:
     """Refuse, before any download, a DIR whose model/, text/ or assets.json fetch-demo did not write: the build
     replaces them, and a user's folders there must not be lost (an earlier fetch-demo's manifest proves ownership)."""
-    try:
-        files = json.loads((root / MANIFEST).read_text())["files"]
-        ours = all(str(v).split("/")[0] in ("model", "text") for v in files.values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        ours = False
+    manifest = _manifest(root)
+    ours = manifest is not None and all(str(v).split("/")[0] in ("model", "text") for v in manifest["files"].values())
     taken = [name for name in ("model", "text", MANIFEST) if (root / name).exists()]
     if taken and not ours:
         raise ClakitError(
