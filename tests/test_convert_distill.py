@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from convert_fixtures import load, logits, read_json, run_cli
 
-from clakit.convert import distill, pipeline
+from clakit.convert import calibrate, distill, pipeline
 from clakit.convert.config import DEFAULT_DISTILL_STEPS, ConvertConfig
 from clakit.convert.inmemory import cla_model_from
 from clakit.losses import token_kl
@@ -77,19 +77,62 @@ def test_convert_writes_the_distilled_tensors_and_records_the_stage(tiny_llama_c
     )
     on, off = read_json(tmp_path / "on" / "clakit_convert.json"), read_json(tmp_path / "off" / "clakit_convert.json")
     assert on["settings"]["distill_steps"] == 20 and off["settings"]["distill_steps"] == 0 and off["distill"] is None
+    assert (on["settings"]["distill_copy_fraction"], on["settings"]["distill_copy_span"]) == (0.5, 32)  # defaults
+    assert (off["settings"]["distill_copy_fraction"], off["settings"]["distill_copy_span"]) == (0, 0)  # no windows
     assert on["distill"]["kl_after"] < on["distill"]["kl_before"] and len(on["distill"]["losses"]) == 20
     assert on["distill"]["tokens"] == 1024 and on["config"]["distill_tokens"] == 1024  # its own tokens, not 512
     assert on["config"]["distill_lr"] == ConvertConfig.distill_lr
     assert set(on["stage_seconds"]) == {"fit", "distill", "write", "total"} and "distill" not in off["stage_seconds"]
     assert 0 < on["stage_seconds"]["distill"] < on["stage_seconds"]["total"]
     card = (tmp_path / "on" / "README.md").read_text()
-    assert "| end-to-end distillation | 20 steps on the calibration tokens" in card
+    assert "| end-to-end distillation | 20 steps on the calibration tokens (0.5 of its windows end with a 32-" in card
     assert "| end-to-end distillation | none |" in (tmp_path / "off" / "README.md").read_text()
     # the written model is the distilled one: it differs from the undistilled in attention only
     a, b = load(tmp_path / "on").state_dict(), load(tmp_path / "off").state_dict()
     differ = {n for n in a if not torch.equal(a[n], b[n])}
     assert differ and all(".self_attn." in n for n in differ)
     assert not torch.equal(logits(load(tmp_path / "on")), logits(load(tmp_path / "off")))
+
+
+def test_copies_reach_the_distillation_windows_only(tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch):
+    """--distill-copy-fraction 1: every window the teacher and student see ends with a repeat of an earlier span of
+    itself; the layout/fit windows are the text as read."""
+    seen, real_logits, real_fit = {}, distill.teacher_logits, calibrate.fit_kv
+
+    def teacher_logits(model, ids):
+        seen["distill"] = ids.clone()
+        return real_logits(model, ids)
+
+    def fit_kv(model, layout, ids, *args, **kwargs):
+        seen["fit"] = ids.clone()
+        return real_fit(model, layout, ids, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "teacher_logits", teacher_logits)
+    monkeypatch.setattr(calibrate, "fit_kv", fit_kv)
+    args = ("--factor", "2", "--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "512", "--seq-len", "64",
+            "--distill-steps", "2", "--distill-tokens", "1024", "--reconstruct-steps", "2", "-q")  # fmt: skip
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "out", *args, "--distill-copy-fraction", "1",
+                   "--distill-copy-span", "8") == 0  # fmt: skip
+    tok = pipeline.load_tokenizer(pipeline.resolve_source(str(tiny_llama_checkpoint), None, False), False)
+    texts = pipeline.load_texts([str(corpus_dir / "calib.txt")])
+    clean = calibrate.calib_input_ids(tok, texts, 1024, 64)
+    torch.testing.assert_close(seen["fit"], calibrate.calib_input_ids(tok, texts, 512, 64), rtol=0, atol=0)
+    got = seen["distill"]
+    assert got.shape == clean.shape and torch.equal(got[:, :-8], clean[:, :-8]) and not torch.equal(got, clean)
+    for row in got:  # the tail repeats a span that ends before it
+        assert any(torch.equal(row[s : s + 8], row[-8:]) for s in range(0, 64 - 16 + 1))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "(1 of its windows end with a 8-token copy of an earlier span)" in card
+    record = read_json(tmp_path / "out" / "clakit_convert.json")
+    assert record["config"]["distill_copy_fraction"] == 1 and record["settings"]["distill_copy_span"] == 8
+
+
+def test_default_copy_span_fits_short_windows(tiny_llama_checkpoint, corpus_dir, tmp_path):
+    args = ("--factor", "2", "--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "256", "--seq-len", "16",
+            "--distill-steps", "2", "--distill-tokens", "256", "--reconstruct-steps", "2", "-q")  # fmt: skip
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "out", *args) == 0
+    settings = read_json(tmp_path / "out" / "clakit_convert.json")["settings"]
+    assert (settings["distill_copy_fraction"], settings["distill_copy_span"]) == (0.5, 8)  # half of a 16-token window
 
 
 def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(
@@ -115,6 +158,14 @@ def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(
         (("--init", "reconstruct", "--distill-steps", "-1"), "--distill-steps must be 0"),
         (("--init", "reconstruct", "--distill-lr", "0"), "--distill-lr must be > 0"),
         (("--init", "reconstruct", "--distill-tokens", "0"), "--distill-tokens must be a positive number"),
+        (("--init", "reconstruct", "--distill-copy-fraction", "1.5"), "--distill-copy-fraction must be between 0"),
+        (("--init", "reconstruct", "--distill-copy-fraction", "-0.1"), "--distill-copy-fraction must be between 0"),
+        (("--init", "reconstruct", "--distill-copy-fraction", "nan"), "--distill-copy-fraction must be a finite"),
+        (("--init", "reconstruct", "--distill-copy-span", "0"), "--distill-copy-span must be a positive number"),
+        (("--seq-len", "64", "--distill-copy-fraction", "0.5", "--distill-copy-span", "33"),
+         "--distill-copy-span (33) must be at most half the window (64 tokens)"),
+        (("--distill-steps", "0", "--distill-copy-fraction", "0.5"), "which this conversion does not run"),
+        (("--init", "mean", "--distill-copy-fraction", "0.5"), "which this conversion does not run"),
     ],
 )
 def test_bad_distill_settings_are_one_line_exit_2(tiny_llama_checkpoint, corpus_dir, tmp_path, capsys, extra, message):

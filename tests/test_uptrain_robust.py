@@ -309,7 +309,7 @@ def test_trainable_state_of_a_model_with_tied_embeddings(tied):
 
 
 def test_copies_repeat_an_earlier_span_of_the_same_window():
-    from clakit.uptrain.packing import add_copies
+    from clakit.copies import add_copies
 
     n, length, span = 40, 64, 8
     base = torch.arange(n * length).view(n, length)  # every token unique: a repeat can only be a copy

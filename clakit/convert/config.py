@@ -18,6 +18,8 @@ FIT_DTYPES = ("float32", "bfloat16")  # bf16 fits only on a GPU; statistics alwa
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 LAYOUT_GROUP = "layout (one of)"
 DEFAULT_DISTILL_STEPS = 50  # SmolLM2 at half the cache, measured in docs/quality.md
+DEFAULT_DISTILL_COPY_FRACTION = 0.5  # SmolLM2: better held-out perplexity and passkeys than none (docs/quality.md)
+DEFAULT_DISTILL_COPY_SPAN = 32
 SEED_LIMIT = 2**32  # torch.Generator().manual_seed takes 64-bit seeds; recipes use the same range
 
 
@@ -94,6 +96,20 @@ class ConvertConfig:
         ),
     )
     distill_lr: float = field(default=5e-4, metadata=_opt("--distill-steps: Adam's peak learning rate (cosine decay)"))
+    distill_copy_fraction: float | None = field(
+        default=None,
+        metadata=_opt(
+            "--distill-steps: share (0-1) of its windows that end with a repeat of an earlier span of the same "
+            f"window, which keeps in-context retrieval (passkeys) (default: {DEFAULT_DISTILL_COPY_FRACTION})"
+        ),
+    )
+    distill_copy_span: int | None = field(
+        default=None,
+        metadata=_opt(
+            f"--distill-copy-fraction: tokens per repeat, 1 to half of --seq-len (default: {DEFAULT_DISTILL_COPY_SPAN}"
+            ", at most half of --seq-len)"
+        ),
+    )
     seed: int = field(default=0, metadata=_opt("seed for data-aware fitting"))
     device: str = field(default="auto", metadata=_opt(f"where the fits run: {DEVICES_HELP}"))
     dtype: str = field(
@@ -136,6 +152,10 @@ class ConvertConfig:
         for name in ("ridge", "reconstruct_lr", "distill_lr"):
             if not getattr(self, name) > 0:
                 raise ClakitError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if self.distill_copy_fraction is not None and not 0 <= self.distill_copy_fraction <= 1:
+            raise ClakitError(f"--distill-copy-fraction must be between 0 and 1, got {self.distill_copy_fraction}")
+        if self.distill_copy_span is not None and self.distill_copy_span < 1:
+            raise ClakitError(f"--distill-copy-span must be a positive number of tokens, got {self.distill_copy_span}")
         if self.refine_max_group is not None and self.refine_max_group < 2:
             raise ClakitError(f"--refine-max-group must be at least 2, got {self.refine_max_group}")
         if self.dtype not in FIT_DTYPES:

@@ -57,8 +57,12 @@ def _distill_line(settings: dict, record: dict) -> str:
     steps, found = settings.get("distill_steps") or 0, record.get("distill")
     if not steps or not found:
         return "none"
-    return (f"{steps} steps on the calibration tokens, KL to the source {found['kl_before']:.4f} -> "
-            f"{found['kl_after']:.4f} nats/token")  # fmt: skip
+    windows = ""
+    if settings.get("distill_copy_fraction"):  # records of older versions have no copy settings
+        windows = (f" ({settings['distill_copy_fraction']:g} of its windows end with a {settings['distill_copy_span']}"
+                   "-token copy of an earlier span)")  # fmt: skip
+    return (f"{steps} steps on the calibration tokens{windows}, KL to the source "
+            f"{found['kl_before']:.4f} -> {found['kl_after']:.4f} nats/token")  # fmt: skip
 
 
 def model_card(record: dict) -> str:

@@ -30,7 +30,12 @@ from clakit.convert.checkpoint import (
     parse_size,
 )
 from clakit.convert.checks import check_shapes, check_unused
-from clakit.convert.config import DEFAULT_DISTILL_STEPS, ConvertConfig
+from clakit.convert.config import (
+    DEFAULT_DISTILL_COPY_FRACTION,
+    DEFAULT_DISTILL_COPY_SPAN,
+    DEFAULT_DISTILL_STEPS,
+    ConvertConfig,
+)
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layerwise import LayerwiseModel, resolve_device
 from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, uniform_layout
@@ -41,6 +46,7 @@ from clakit.convert.output_folder import (
     write_record,
 )
 from clakit.convert.streaming import check_overrides, converted_tensors, output_nbytes, plan_tensors
+from clakit.copies import add_copies
 from clakit.corpus import join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
@@ -76,6 +82,8 @@ class ConvertSettings:
     seed: int
     reconstruct_steps: int | None = None  # Adam steps per group (init reconstruct)
     distill_steps: int = 0  # end-to-end distillation steps after the fits (0: none)
+    distill_copy_fraction: float = 0.0  # share of the distillation's windows ending with a copy (`add_copies`)
+    distill_copy_span: int = 0  # tokens per copy (0: no copies)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,6 +235,7 @@ class _Conversion:
         self.seq_len = min(self.cfg.seq_len, self.config.max_position_embeddings or self.cfg.seq_len)
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
         self.distill_steps = self._resolve_distill()
+        self.copies = self._resolve_copies()
         self._load_texts()
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
@@ -271,6 +280,27 @@ class _Conversion:
         self.say(f"note: the end-to-end distillation needs ~{need / 1e9:.1f} GB on {self.device} "
                  f"({free / 1e9:.1f} GB free): skipped (layer-by-layer fits only); uptrain the result")  # fmt: skip
         return 0
+
+    def _resolve_copies(self) -> tuple[float, int]:
+        """(fraction, span) of the distillation windows that end with a copy (`add_copies`); (0, 0) without one.
+        Copies asked for where nothing distils, or a span that cannot fit twice in a window, are refused before any
+        work; the default span shrinks to half of a short window."""
+        c = self.cfg
+        if c.distill_copy_fraction and (c.distill_steps == 0 or self.init not in DATA_AWARE_INITS):
+            raise ClakitError(
+                "--distill-copy-fraction puts copies in the end-to-end distillation's windows, which this conversion "
+                "does not run (--distill-steps 0, or an --init that fits nothing): drop it, or distill"
+            )
+        fraction = DEFAULT_DISTILL_COPY_FRACTION if c.distill_copy_fraction is None else c.distill_copy_fraction
+        if not self.distill_steps or not fraction:
+            return 0.0, 0
+        if c.distill_copy_span is not None and c.distill_copy_span > self.seq_len // 2:
+            raise ClakitError(
+                f"--distill-copy-span ({c.distill_copy_span}) must be at most half the window ({self.seq_len} "
+                f"tokens): give a span up to {self.seq_len // 2}, or a longer --seq-len"
+            )
+        span = c.distill_copy_span or min(DEFAULT_DISTILL_COPY_SPAN, self.seq_len // 2)
+        return (fraction, span) if span else (0.0, 0)
 
     def _inputs(self) -> list[tuple[str, object]]:
         """What OUT must neither contain nor be inside (--overwrite would delete it)."""
@@ -369,6 +399,7 @@ class _Conversion:
             )  # fmt: skip
         if self.distill_steps:  # its own, usually more, tokens: the layout and the fits keep --calib-tokens
             tokens = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, c.distill_tokens, self.seq_len)
+            add_copies(tokens, *self.copies, seed=c.seed)  # the layout's and the fits' windows stay as read
             self._distill(runner, tokens.to(self.device), overrides)
         return overrides
 
@@ -501,7 +532,7 @@ class _Conversion:
             calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
             max_shard_size=str(self.cfg.max_shard_size), seed=self.cfg.seed,
             reconstruct_steps=self.cfg.reconstruct_steps if self.init == "reconstruct" else None,
-            distill_steps=self.distill_steps,
+            distill_steps=self.distill_steps, distill_copy_fraction=self.copies[0], distill_copy_span=self.copies[1],
         )  # fmt: skip
 
 

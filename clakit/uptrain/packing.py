@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clakit.copies import add_copies
 from clakit.corpus import Text, load_texts
 from clakit.errors import ClakitError
 
@@ -81,24 +82,6 @@ def _too_short(what: str, n_tokens: int, seq_len: int) -> ClakitError:
         f"{what} has {n_tokens} tokens, fewer than one sequence of data.seq_len={seq_len}; "
         "give more text or lower data.seq_len"
     )
-
-
-def add_copies(train: torch.Tensor, fraction: float, span: int, seed: int = 0) -> torch.Tensor:
-    """(n, L) train blocks, changed in place (a large budget is not held twice): round(fraction * n) seeded rows
-    end with a repeat of `span` tokens taken from an earlier, non-overlapping place in the same row (distance
-    span..L - span). The teacher copies there (induction), so distillation teaches the student to find and copy
-    across the window."""
-    n, length = train.shape
-    k = round(fraction * n)
-    if k == 0:
-        return train
-    g = torch.Generator().manual_seed(seed * 7_919 + 17)
-    rows = torch.randperm(n, generator=g)[:k]
-    starts = torch.randint(0, length - 2 * span + 1, (k,), generator=g)  # the source ends before the copy begins
-    cols, rows = torch.arange(span), rows.unsqueeze(1)
-    source = train[rows, starts.unsqueeze(1) + cols]  # (k, span), gathered before the write; ends before the tail
-    train[rows, length - span + cols] = source
-    return train
 
 
 def build_data(data, tokenizer, train_tokens: int | None = None, seed: int = 0) -> PackedData:
