@@ -77,7 +77,7 @@ def test_convert_writes_the_distilled_tensors_and_records_the_stage(tiny_llama_c
     )
     on, off = read_json(tmp_path / "on" / "clakit_convert.json"), read_json(tmp_path / "off" / "clakit_convert.json")
     assert on["settings"]["distill_steps"] == 20 and off["settings"]["distill_steps"] == 0 and off["distill"] is None
-    assert (on["settings"]["distill_copy_fraction"], on["settings"]["distill_copy_span"]) == (0.5, 32)  # defaults
+    assert (on["settings"]["distill_copy_fraction"], on["settings"]["distill_copy_span"]) == (1.0, 32)  # defaults
     assert (off["settings"]["distill_copy_fraction"], off["settings"]["distill_copy_span"]) == (0, 0)  # no windows
     assert on["distill"]["kl_after"] < on["distill"]["kl_before"] and len(on["distill"]["losses"]) == 20
     assert on["distill"]["tokens"] == 1024 and on["config"]["distill_tokens"] == 1024  # its own tokens, not 512
@@ -85,7 +85,7 @@ def test_convert_writes_the_distilled_tensors_and_records_the_stage(tiny_llama_c
     assert set(on["stage_seconds"]) == {"fit", "distill", "write", "total"} and "distill" not in off["stage_seconds"]
     assert 0 < on["stage_seconds"]["distill"] < on["stage_seconds"]["total"]
     card = (tmp_path / "on" / "README.md").read_text()
-    assert "| end-to-end distillation | 20 steps on the calibration tokens (0.5 of its windows end with a 32-" in card
+    assert "| end-to-end distillation | 20 steps on the calibration tokens (all of its windows end with a 32-" in card
     assert "| end-to-end distillation | none |" in (tmp_path / "off" / "README.md").read_text()
     # the written model is the distilled one: it differs from the undistilled in attention only
     a, b = load(tmp_path / "on").state_dict(), load(tmp_path / "off").state_dict()
@@ -122,7 +122,7 @@ def test_copies_reach_the_distillation_windows_only(tiny_llama_checkpoint, corpu
     for row in got:  # the tail repeats a span that ends before it
         assert any(torch.equal(row[s : s + 8], row[-8:]) for s in range(0, 64 - 16 + 1))
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "(1 of its windows end with a 8-token copy of an earlier span)" in card
+    assert "(all of its windows end with a 8-token copy of an earlier span)" in card
     record = read_json(tmp_path / "out" / "clakit_convert.json")
     assert record["config"]["distill_copy_fraction"] == 1 and record["settings"]["distill_copy_span"] == 8
 
@@ -132,7 +132,7 @@ def test_default_copy_span_fits_short_windows(tiny_llama_checkpoint, corpus_dir,
             "--distill-steps", "2", "--distill-tokens", "256", "--reconstruct-steps", "2", "-q")  # fmt: skip
     assert run_cli(tiny_llama_checkpoint, tmp_path / "out", *args) == 0
     settings = read_json(tmp_path / "out" / "clakit_convert.json")["settings"]
-    assert (settings["distill_copy_fraction"], settings["distill_copy_span"]) == (0.5, 8)  # half of a 16-token window
+    assert (settings["distill_copy_fraction"], settings["distill_copy_span"]) == (1.0, 8)  # half of a 16-token window
 
 
 def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(
@@ -198,3 +198,12 @@ def test_recorded_kl_is_the_mean_over_batches_spread_over_the_set(source, monkey
     assert distill._measured_kl(student, ids, teacher) == pytest.approx(want, rel=1e-6)
     monkeypatch.setattr(distill, "KL_BATCHES", 99)  # more than there are: every batch once
     assert distill._measured_kl(student, ids, teacher) == pytest.approx(sum(per_batch) / 5, rel=1e-6)
+
+
+def test_card_names_the_share_of_windows_with_copies():
+    from clakit.convert.output_folder import _distill_line
+
+    record = {"distill": {"kl_before": 1.0, "kl_after": 0.5}}
+    line = _distill_line({"distill_steps": 5, "distill_copy_fraction": 0.25, "distill_copy_span": 16}, record)
+    assert "5 steps on the calibration tokens (0.25 of its windows end with a 16-token copy" in line
+    assert "copy" not in _distill_line({"distill_steps": 5}, record)  # a record written before the copies existed

@@ -58,9 +58,10 @@ def _distill_line(settings: dict, record: dict) -> str:
     if not steps or not found:
         return "none"
     windows = ""
-    if settings.get("distill_copy_fraction"):  # records of older versions have no copy settings
-        windows = (f" ({settings['distill_copy_fraction']:g} of its windows end with a {settings['distill_copy_span']}"
-                   "-token copy of an earlier span)")  # fmt: skip
+    share = settings.get("distill_copy_fraction")  # records of older versions have no copy settings
+    if share:
+        share = "all" if share == 1 else f"{share:g}"
+        windows = f" ({share} of its windows end with a {settings['distill_copy_span']}-token copy of an earlier span)"
     return (f"{steps} steps on the calibration tokens{windows}, KL to the source "
             f"{found['kl_before']:.4f} -> {found['kl_after']:.4f} nats/token")  # fmt: skip
 
