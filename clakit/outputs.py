@@ -232,6 +232,18 @@ def _umask() -> int:
     return umask
 
 
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0666 less the umask)."""
+    return 0o666 & ~_umask()
+
+
+def usual_mode(*files: Path) -> None:
+    """safetensors' writer (save_file, and save_pretrained through it) creates files 0600, unlike every other file
+    clakit writes: give clakit's own new files the usual mode, so whoever can read the folder can read the weights."""
+    for file in files:
+        file.chmod(file_mode())
+
+
 def make_staging(out: Path) -> Path:
     """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`)."""
     try:
@@ -351,7 +363,7 @@ def write_file(path, text: str, fmt: str, *, noun: str = "output file", label: s
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result should look like any file
+            os.fchmod(fd, file_mode())  # mkstemp makes it private; the result should look like any file
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.replace(tmp, path)

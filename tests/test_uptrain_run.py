@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,12 @@ def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpo
     assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
     assert all({"ce", "kl", "hidden_mse", "tokens_per_s", "lr"} <= set(x) for x in steps)
     assert [(x["event"], x["step"]) for x in lines if "event" in x] == [("eval", 0), ("eval", 3), ("eval", 6)]
+    # safetensors' writer makes its files 0600: the weights must be as readable as the rest of the folder
+    umask = os.umask(0)
+    os.umask(umask)
+    written = sorted(out.rglob("*.safetensors"))
+    assert result / "model.safetensors" in written and any("checkpoints" in p.parts for p in written)
+    assert {p: p.stat().st_mode & 0o777 for p in written} == dict.fromkeys(written, 0o666 & ~umask)
 
     # trained tensors changed, frozen ones did not (merged LoRA changes q/o/gate; full_train changes k/v)
     start_w = load_file(out / "converted" / "model.safetensors")

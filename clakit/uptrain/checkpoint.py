@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clakit import outputs
 from clakit.errors import ClakitError
 
 CHECKPOINTS = "checkpoints"
@@ -173,6 +174,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(trainable, tmp / "trainable.safetensors")
+        outputs.usual_mode(tmp / "trainable.safetensors")
         torch.save(optim, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     barrier()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.sources import load_config, load_model, resolve_source
 
@@ -219,6 +220,7 @@ def save_cla(model, tokenizer, out: Path, dtype: torch.dtype | None = None) -> N
         model.to(dtype)
     drop_gguf_quantizer(model)
     model.save_pretrained(out, safe_serialization=True)
+    outputs.usual_mode(*out.glob("*.safetensors"))
     tokenizer.save_pretrained(out)
     missing = [f for f in ("configuration_cla.py", "modeling_cla.py") if not (out / f).is_file()]
     if missing:  # a checkpoint without them would not load with trust_remote_code alone
