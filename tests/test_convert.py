@@ -88,6 +88,22 @@ def test_output_folder_contents(tiny_llama_checkpoint, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "cla"]  # no staging folder left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_files_get_the_umask_mode(tiny_llama_checkpoint, tmp_path, umask):
+    """Every file, weight shards included (safetensors creates them 0600), reads like any new file: 0666 less the
+    umask; the folder 0777 less the umask, so a team sharing the output folder can read the model."""
+    out = tmp_path / "cla"
+    old = os.umask(umask)
+    try:
+        assert run_cli(tiny_llama_checkpoint, out, "--max-shard-size", "60KB", "-q") == 0
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(safetensors_files(out)) > 1
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o666 & ~umask for p in files}
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_remote_code_loads_without_clakit(tiny_llama_checkpoint, tmp_path):
     """The copied modeling files alone load the folder (trust_remote_code), in a process that never imports clakit."""
     out = tmp_path / "cla"

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from clakit import outputs
 from clakit.errors import ClakitError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -172,7 +173,7 @@ class ShardWriter:
     def _flush(self) -> None:
         path = self.folder / f"shard-{len(self._shards):05d}.tmp"
         save_file(self._pending, path, metadata=SHARD_METADATA)
-        path.chmod(self.folder.stat().st_mode & 0o666)  # save_file creates 0600; match the folder's permissions
+        outputs.usual_mode(path)  # save_file creates 0600; give it the mode any new file gets
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 

@@ -37,7 +37,8 @@ def copy_tokenizer_files(source_dir: Path, folder: Path) -> list[str]:
     for pattern in TOKENIZER_PATTERNS:
         for path in sorted(source_dir.glob(pattern)):
             if path.is_file() and path.name not in copied:
-                shutil.copy2(path, folder / path.name)
+                # copyfile, not copy2: the copy is a new file of OUT and gets the user's umask, not the source's mode
+                shutil.copyfile(path, folder / path.name)
                 copied.append(path.name)
     return copied
 
