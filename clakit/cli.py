@@ -4,11 +4,13 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 import clakit
-from clakit.errors import ClakitError
+from clakit.errors import ClakitError, Terminated
 
 
 class Parser(argparse.ArgumentParser):
@@ -302,6 +304,25 @@ def silenced(quiet: bool):
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def terminate_cleanly():
+    """SIGTERM's default action kills the process at once, leaving a conversion's hidden scratch folder (per-layer
+    streams: tens of GB at 70B) and staging folder behind; raised as an exception instead, they are removed as on
+    Ctrl-C. Only the main thread may set a handler; the previous one comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -312,11 +333,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        with silenced(getattr(args, "quiet", False)):
+        with silenced(getattr(args, "quiet", False)), terminate_cleanly():
             return int(args.run(args) or 0)
     except ClakitError as e:
         print(f"clakit: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("clakit: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("clakit: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,10 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The one exception type the CLI turns into a one-line message and a non-zero exit, and the one a SIGTERM raises."""
 
 
 class ClakitError(Exception):
     """A user-facing problem: the message names what is wrong and what to do about it (one line, no traceback)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`, a container stopping) raised in the main thread: a KeyboardInterrupt,
+    so every `finally` that removes a staging or scratch folder runs as it does for Ctrl-C."""

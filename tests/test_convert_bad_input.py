@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,34 @@ def test_interrupted_conversion_leaves_nothing(src, tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err.strip() == "clakit: interrupted"
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert fingerprint(src) == before
+
+
+@pytest.mark.parametrize("stage", ["calibrating", "writing"])
+def test_sigterm_leaves_nothing(src, tmp_path, capsys, monkeypatch, stage):
+    """A real SIGTERM (a scheduler's time limit) while the scratch folder holds calibration streams, or while shards
+    are staged: exit 143, one line, no OUT, no scratch or staging folder, the source untouched, the handler back."""
+    import signal
+
+    import clakit.convert.calibrate
+
+    calibrating = stage == "calibrating"
+    module = clakit.convert.calibrate if calibrating else clakit.convert.checkpoint
+    name = "calib_input_ids" if calibrating else "save_file"
+    real = getattr(module, name)
+
+    def killed(*args, **kwargs):
+        assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], "nothing staged yet to clean up"
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode, here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, killed)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text for the fit " * 400)
+    before, out, handler = fingerprint(src), tmp_path / "out", signal.getsignal(signal.SIGTERM)
+    assert run_cli(src, out, "--calib-data", calib, "--calib-tokens", "512", "--distill-steps", "0", "-q") == 143
+    assert capsys.readouterr().err.strip() == "clakit: terminated (SIGTERM)"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert fingerprint(src) == before and signal.getsignal(signal.SIGTERM) is handler
 
 
 @pytest.mark.parametrize("saving", ["1.5", "0", "-0.2"])
