@@ -246,6 +246,29 @@ def test_interrupted_conversion_leaves_nothing(src, tmp_path, capsys, monkeypatc
     assert fingerprint(src) == before
 
 
+@pytest.mark.parametrize(
+    "words, args, match",
+    [
+        (2000, ["--distill-tokens", "100"], "--distill-tokens (100) must be at least the sequence length (256)"),
+        (2000, ["--calib-tokens", "100", "--distill-steps", "0"], "--calib-tokens (100) must be at least"),
+        (2000, ["--calib-tokens", "100", "--init", "mean"], "--calib-tokens (100) must be at least"),
+        (20, [], "calibration text is too short"),
+    ],
+)
+def test_token_budgets_refused_before_any_model_runs(src, tmp_path, capsys, monkeypatch, words, args, match):
+    """Budgets below one window of the model's 256 tokens, or text too short for one, are refused before the source's
+    evaluation, the layout and the fits: at 70B those take hours, and the distillation's budget used to be read only
+    after all of them (and was named --calib-tokens)."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr(clakit.convert.pipeline.LayerwiseModel, "from_checkpoint", no_model)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["word"] * words))
+    assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", calib, *args, match=match)
+
+
 @pytest.mark.parametrize("stage", ["calibrating", "writing"])
 def test_sigterm_leaves_nothing(src, tmp_path, capsys, monkeypatch, stage):
     """A real SIGTERM (a scheduler's time limit) while the scratch folder holds calibration streams, or while shards

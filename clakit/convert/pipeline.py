@@ -236,6 +236,7 @@ class _Conversion:
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
         self.distill_steps = self._resolve_distill()
         self.copies = self._resolve_copies()
+        self._check_token_budgets()
         self._load_texts()
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
@@ -280,6 +281,20 @@ class _Conversion:
         self.say(f"note: the end-to-end distillation needs ~{need / 1e9:.1f} GB on {self.device} "
                  f"({free / 1e9:.1f} GB free): skipped (layer-by-layer fits only); uptrain the result")  # fmt: skip
         return 0
+
+    def _check_token_budgets(self) -> None:
+        """--calib-tokens and --distill-tokens are read in windows of `self.seq_len` (known from the config): a budget
+        below one window is refused here, before the source's evaluation, the layout and the fits, rather than when
+        its stage starts (for the distillation, after all of them)."""
+        budgets = [("--calib-tokens", self.cfg.calib_tokens)] if self.needs_calibration else []
+        if self.distill_steps:
+            budgets.append(("--distill-tokens", self.cfg.distill_tokens))
+        for flag, tokens in budgets:
+            if tokens < self.seq_len:
+                raise ClakitError(
+                    f"{flag} ({tokens}) must be at least the sequence length ({self.seq_len}): give {flag} "
+                    f"{self.seq_len} or more, or a shorter --seq-len"
+                )
 
     def _resolve_copies(self) -> tuple[float, int]:
         """(fraction, span) of the distillation windows that end with a copy (`add_copies`); (0, 0) without one.
@@ -338,6 +353,8 @@ class _Conversion:
         if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
             return {}
         self.tokenizer = load_tokenizer(self.source, self.cfg.trust_remote_code)
+        # tokenized before any model runs, so too little calibration text is refused before the slow stages
+        ids = self._calib_ids() if self.needs_calibration else None
         runner = self._gguf_runner() if self.source.kind == "gguf" else None
         if not (self.needs_calibration or self.eval_texts):
             return {}
@@ -347,7 +364,7 @@ class _Conversion:
             self.say("measuring held-out perplexity of the source...")
             with runner.offloaded() as model, self._timed("eval_before"):
                 self.results["perplexity_before"] = self._perplexity(model)
-        overrides = self._calibrate(runner, scratch) if self.needs_calibration else {}
+        overrides = self._calibrate(runner, scratch, ids) if self.needs_calibration else {}
         del runner
         gc.collect()
         return overrides
@@ -371,12 +388,17 @@ class _Conversion:
         factor = 2 if self.cfg.factor is None else self.cfg.factor
         return uniform_layout(n, factor), f"factor {factor}"
 
-    def _calibrate(self, runner: LayerwiseModel, scratch: Path):
-        """Calibration tokens -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
+    def _calib_ids(self) -> torch.Tensor:
+        """(n_seq, seq_len) calibration windows; too little text is a ClakitError."""
+        from clakit.convert import calibrate
+
+        return calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.cfg.calib_tokens, self.seq_len)
+
+    def _calibrate(self, runner: LayerwiseModel, scratch: Path, ids: torch.Tensor):
+        """Calibration tokens `ids` -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
         from clakit.convert import calibrate
 
         c = self.cfg
-        ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, c.calib_tokens, self.seq_len)
         self.calib_tokens = ids.numel()
         ids = ids.to(self.device)
         if self.layout is None:
