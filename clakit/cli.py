@@ -95,7 +95,7 @@ def _add_eval(sub) -> None:
         from clakit.eval import evaluate, write_json
         from clakit.eval.records import check_output
 
-        check_output(args.output)  # before the evaluation: a bad -o must not cost a whole run
+        check_output(args.output, args.data)  # before the evaluation: a bad -o must not cost a whole run
         report = evaluate(
             args.model,
             data=args.data,

@@ -153,6 +153,8 @@ CASES = [
     Case("eval {model} -o {mine} --quiet", "is a folder; give a file name", make_folder("mine"), id="eval-folder"),
     Case("eval {model} -o {ro}/r.json --quiet", "cannot write into", unwritable, id="eval-unwritable"),
     Case("eval {model} -o {l} --quiet", "is a link to", link("l", "report"), id="eval-symlink"),
+    Case("eval {model} -o {report} --data {report} --seq-len 32 --no-speed --quiet", "is also given as --data",
+         protect=("report",), id="eval-output-is-data"),
     # --- report -o: a new folder or a clakit report folder (replaced without a flag)
     Case("report {report} -o {mine}", "is not a clakit report folder (not written by clakit)", make_folder("mine"),
          protect=("mine",), id="report-user-folder"),

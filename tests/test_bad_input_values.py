@@ -81,6 +81,13 @@ def set_field(*keys, value) -> callable:
     return change
 
 
+# a passkey section as `clakit eval --task passkey` writes it (one length, one depth), for the damaged reports below
+PASSKEY = {
+    "accuracy": 0.5,
+    "cells": [{"length": 200, "depth": 0.5, "accuracy": 0.5, "correct": 1, "samples": 2}],
+    "settings": {"lengths": [200], "depths": [0.5], "samples": 2, "seed": 0, "new_tokens": 8},
+}
+
 CASES = [
     # --- recipe values out of range (issue 14's list first)
     Case(UP + "train.logging_steps=0", "train.logging_steps must be >= 1"),
@@ -201,6 +208,13 @@ CASES = [
          bad_report(set_field("speed", value={"prefill_tokens_per_s": 10.0})), id="report-speed-incomplete"),
     Case("report {report} {bad} -o {tmp}/rep", "lm_eval.tasks must be a mapping of task -> {metric: number}",
          bad_report(set_field("lm_eval", value={"tasks": {"arc": {"acc": "high"}}})), id="report-lm-eval-string"),
+    Case("report {bad} -o {tmp}/rep", "passkey.accuracy must be a number between 0 and 1, got 'high'",
+         bad_report(set_field("passkey", value={**PASSKEY, "accuracy": "high"})), id="report-passkey-accuracy"),
+    Case("report {bad} -o {tmp}/rep", "passkey.settings.lengths must be a list of positive integers, got []",
+         bad_report(set_field("passkey", value={**PASSKEY, "settings": {"lengths": [], "depths": [0.5]}})),
+         id="report-passkey-no-lengths"),
+    Case("report {bad} -o {tmp}/rep", "passkey must be a mapping whose cells hold an accuracy for every length",
+         bad_report(set_field("passkey", value={**PASSKEY, "cells": []})), id="report-passkey-no-cells"),
     Case("report {report} {bad} -o {tmp}/rep", "model must be a string, got 3",
          bad_report(set_field("model", value=3)), id="report-model-number"),
     Case("report {report} {bad} -o {tmp}/rep", "missing data", bad_report(lambda r: r.pop("data")),

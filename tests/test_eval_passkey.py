@@ -140,6 +140,14 @@ def test_bad_passkey_settings_fail_before_the_model_is_loaded(tokenizer, stock, 
     assert "\n" not in str(e.value)
 
 
+def test_a_length_too_short_for_the_prompt_names_the_prompts_real_size(tokenizer):
+    builder = passkey.PromptBuilder(tokenizer, FILLER, 300)
+    fixed = builder.fixed("12345")  # this tokenizer's instruction + needle + question: under 256 tokens
+    with pytest.raises(ClakitError, match=f"without filler \\({fixed} tokens with this tokenizer\\)"):
+        builder.build(fixed - 1, 0.5, 0, seed=0)
+    assert len(builder.build(fixed + 20, 0.5, 0, seed=0).ids) == fixed + 20  # the size named is the real limit
+
+
 def test_too_little_filler_text_is_named(tokenizer, stock):
     with pytest.raises(ClakitError, match="too few to fill"):
         passkey.prepare(tokenizer, make_text(100, 1), settings(), WINDOW)

@@ -198,6 +198,32 @@ def test_output_dir_of_another_run_and_resume_of_a_different_recipe(capsys, tmp_
     assert json.loads((out / "model" / "uptrain.json").read_text())["steps"] == 3
 
 
+def test_resume_after_the_text_changed_is_refused(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint, monkeypatch):  # noqa: F811
+    """The batch order is a function of the step and the blocks: a resume on edited text would not continue the run
+    it claims to continue. Killed at step 3 (checkpoint step 2), the train text edited, --resume is one line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.txt", "heldout.txt"):
+        (data / name).write_text((corpus_dir / name).read_text())
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, out, model={"path": str(tiny_cla_checkpoint)}))
+    original_hook = trainer_module.Trainer.on_step_end
+
+    def kill_at_step_3(self):
+        original_hook(self)
+        if self.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", kill_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        uptrain(path, quiet=True)
+    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", original_hook)
+    (data / "train.txt").write_text("Edited. " + (data / "train.txt").read_text())
+    before = {p.name for p in out.rglob("*")}
+    capsys.readouterr()  # the killed run's output
+    assert_refused(capsys, out, [path, "--resume"], "the training or held-out text changed since the run", before)
+
+
 def test_tensorboard_requested_but_missing(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint, monkeypatch):  # noqa: F811
     import importlib.util
 

@@ -98,8 +98,11 @@ class PromptBuilder:
         key = str(rng.randint(10000, 99999))
         needle = _ids(self.tokenizer, NEEDLE.format(key=key))
         n_fill = length - len(self.head) - len(needle) - len(self.question)
-        if n_fill < 0:
-            raise ClakitError(f"--passkey-lengths {length} is shorter than the prompt without filler; use >= 256")
+        if n_fill < 0:  # the fixed parts' size depends on the tokenizer: name it, not a guess that may not fit
+            raise ClakitError(
+                f"--passkey-lengths {length} is shorter than the prompt without filler ({length - n_fill} tokens "
+                "with this tokenizer); use lengths well above that"
+            )
         if n_fill > len(self.filler):
             raise ClakitError(
                 f"the evaluation text has {len(self.filler)} tokens, too few to fill a {length}-token passkey "

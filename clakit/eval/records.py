@@ -40,8 +40,25 @@ def _scores(v) -> bool:
     )
 
 
+def _fraction(v) -> bool:
+    return _number(0)(v) and v <= 1
+
+
+def _list_of(check):
+    return lambda v: isinstance(v, list) and bool(v) and all(check(x) for x in v)
+
+
+def _passkey_grid(v) -> bool:
+    """passkey.cells: one {length, depth, accuracy} per (length, depth) of passkey.settings (the heat map's grid)."""
+    cells = v.get("cells")
+    if not (isinstance(cells, list) and all(isinstance(c, dict) and _fraction(c.get("accuracy")) for c in cells)):
+        return False
+    s = v["settings"]
+    return {(c.get("length"), c.get("depth")) for c in cells} >= {(n, d) for n in s["lengths"] for d in s["depths"]}
+
+
 # (keys, what it must be, check): what `clakit report` reads from a report. A field under an optional parent
-# (speed, lm_eval) is checked only when the parent is there.
+# (speed, lm_eval, passkey) is checked only when the parent is there.
 FIELDS = (
     (("model",), "a string", lambda v: isinstance(v, str)),
     (("perplexity",), "a number >= 1", _number(1)),
@@ -66,12 +83,24 @@ FIELDS = (
     (("lm_eval",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
     (("lm_eval", "tasks"), "a mapping of task -> {metric: number}", _optional(_scores)),
     (("lm_eval", "settings"), "a mapping", _optional(lambda v: isinstance(v, dict))),
+    (("passkey",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
+    (("passkey", "accuracy"), "a number between 0 and 1", _fraction),
+    (("passkey", "settings"), "a mapping", lambda v: isinstance(v, dict)),
+    (("passkey", "settings", "lengths"), "a list of positive integers", _list_of(_count)),
+    (("passkey", "settings", "depths"), "a list of numbers between 0 and 1", _list_of(_fraction)),
+    (("passkey",), "a mapping whose cells hold an accuracy for every length and depth", _optional(_passkey_grid)),
 )
 
 
-def check_output(path) -> Path:
-    """Before evaluating: `path` may receive a report (new, or a clakit report it replaces; its folder writable)."""
-    return outputs.check_file(path, FORMAT, noun="eval report")
+def check_output(path, data=None) -> Path:
+    """Before evaluating: `path` may receive a report (new, or a clakit report it replaces; its folder writable).
+    `data`: the --data specs; a report read as text data passes the format check, but replacing it would destroy
+    the input of the very run that writes it."""
+    out = outputs.check_file(path, FORMAT, noun="eval report")
+    for spec in [data] if isinstance(data, str | Path) else data or []:
+        if Path(spec).expanduser().exists() and Path(spec).expanduser().resolve() == out.resolve():
+            raise ClakitError(f"output {out} is also given as --data; write the report to another file")
+    return out
 
 
 def write_json(report: dict, path) -> Path:
@@ -109,8 +138,8 @@ def _check_fields(report: dict, path: Path) -> None:
     for keys, what, check in FIELDS:
         parent = report
         for k in keys[:-1]:
-            parent = parent.get(k)
-        if parent is None:  # an optional parent (speed, lm_eval) that is not there
+            parent = parent.get(k) if parent is not None else None
+        if parent is None:  # an optional parent (speed, lm_eval, passkey) that is not there
             continue
         value = parent.get(keys[-1])
         if not check(value):

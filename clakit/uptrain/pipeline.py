@@ -150,6 +150,30 @@ def run_record(out: Path) -> dict | None:
     return record
 
 
+def data_digest(data) -> str:
+    """sha256 of the packed train and held-out blocks: what a resumed run must read again to continue exactly."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for blocks in (data.train, data.eval):
+        digest.update(blocks.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_data(out: Path, data, processes: int) -> None:
+    """--resume: the batch order is a function of the step and the blocks, so text edited (or a tokenizer changed)
+    since the run started would silently train on other data; refused (runs recorded before the digest pass). On
+    another number of processes a train text above MIN_TOKENISED is read to another budget (`token_budget`), so
+    the blocks differ by design: compared only on the recorded number."""
+    record = run_record(out) or {}
+    recorded = record.get("data_sha256")
+    if recorded and record.get("data_processes") == processes and recorded != data_digest(data):
+        raise ClakitError(
+            f"--resume: the training or held-out text changed since the run in {out} started (its tokens differ), "
+            "so it cannot continue exactly; restore the text, or start over with --overwrite"
+        )
+
+
 def _recorded_original(out: Path) -> dict | None:
     original = (run_record(out) or {}).get("original")
     return original if isinstance(original, dict) and original.get("path") else None
@@ -373,6 +397,8 @@ def uptrain(
     budget = token_budget(recipe.train, recipe.data.seq_len, acc.num_processes)
     data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed)
     check_launch(data, acc.num_processes)
+    if resume:
+        check_same_data(out, data, acc.num_processes)
     work = out if resume else _staging_dir(out, acc)
     try:
         run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume, original=original)
@@ -421,6 +447,8 @@ def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh:
         start = start_path.relative_to(work) if start_path.is_relative_to(work) else start_path
         record = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start)}
         record["original"] = _source_record(original)  # resolved: the teacher a resume uses, wherever it runs
+        record["data_sha256"] = data_digest(data)  # a resume must read the same blocks
+        record["data_processes"] = acc.num_processes  # ... on the same number of processes (check_same_data)
         (work / "run.json").write_text(json.dumps(record, indent=1))
         _write_reports(work, run["reports"])
     return run | {"model": model, "teacher": teacher, "start_path": start_path}
