@@ -34,6 +34,7 @@ from clakit.errors import ClakitError
 MARKER = ".clakit_output.json"
 NOUNS = {"convert": "convert output", "uptrain": "uptrain run", "model": "uptrained model", "report": "report folder"}
 REPORT_FILES = {"report.md", "report.html", "ppl_vs_kv.png"}
+NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, APFS)
 
 
 def _legacy_kind(folder: Path) -> str | None:
@@ -118,6 +119,17 @@ def _check_place(out: Path, label: str, inputs: Iterable[tuple[str, object]]) ->
             raise ClakitError(f"{label} {out} is inside the {role} {path}; choose a folder outside it")
     if out.is_symlink():
         raise ClakitError(f"{label} {out} is a link to {os.readlink(out)}; give a real folder or a new name")
+
+
+def _check_name(out: Path, label: str) -> None:
+    """The staging folder beside `out` is named `.NAME.XXXXXXXX.partial`: a name without room for that would fail
+    only once the work is done (or, past the file system's limit, as an OSError at the first look at `out`)."""
+    longest = NAME_MAX - len(".XXXXXXXX.partial") - 1
+    if len(os.fsencode(out.name)) > longest:
+        raise ClakitError(
+            f"{label} name {out.name[:40]}... is too long ({len(os.fsencode(out.name))} bytes; clakit needs it at "
+            f"most {longest} to stage the output beside it): choose a shorter name"
+        )
 
 
 def check_writable(folder: Path) -> None:
@@ -211,7 +223,11 @@ def check_folder(
     inputs: (role, path or spec or a list of them) of the run's inputs, e.g. ("source", model_dir), ("data", [..]);
     only local paths count. Returns `out` made absolute."""
     out = Path(out).expanduser().absolute()
-    _check_place(out, label, inputs)
+    _check_name(out, label)
+    try:
+        _check_place(out, label, inputs)
+    except OSError as e:  # a path the file system refuses outright (a parent's name too long, a loop of links)
+        raise ClakitError(f"{label} {out} cannot be used ({e.strerror or e}); choose another folder") from None
     if out.exists():
         try:
             reason = _refusal(out, kind, overwrite, label, replace_hint)

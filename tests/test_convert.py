@@ -57,6 +57,17 @@ def test_factor_1_reproduces_the_source_exactly(tiny_checkpoint, tmp_path):
     assert torch.equal(logits(converted), logits(load(tiny_checkpoint)))
 
 
+def test_mistral_config_with_attention_bias_converts_as_stock_mistral_runs(tokenizer, tmp_path):
+    """Stock Mistral has no attention biases whatever its config says; a stray `attention_bias: true` must not make
+    the CLA model expect (and the converter demand) bias tensors."""
+    from conftest import save_checkpoint, tiny_model
+
+    src = save_checkpoint(tiny_model("mistral", attention_bias=True), tokenizer, tmp_path / "src")
+    assert json.loads((src / "config.json").read_text())["attention_bias"] is True
+    assert run_cli(src, tmp_path / "cla1", "--factor", "1", "-q") == 0
+    assert torch.equal(logits(load(tmp_path / "cla1")), logits(load(src)))
+
+
 def test_converting_twice_gives_byte_identical_weights(tiny_llama_checkpoint, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):

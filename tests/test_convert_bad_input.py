@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 import clakit.convert.checkpoint
 import clakit.convert.pipeline
 import clakit.outputs
+from clakit.convert import convert
+from clakit.errors import ClakitError
 
 
 def assert_refused(capsys, src: Path, out: Path, *args, match: str) -> None:
@@ -69,10 +71,19 @@ def src(tiny_llama_checkpoint, tmp_path) -> Path:
         (["--max-shard-size", "lots"], "--max-shard-size must be a size like 5GB"),
         (["--calib-tokens", "0"], "--calib-tokens must be a positive number"),
         (["--reconstruct-steps", "0"], "--reconstruct-steps must be a positive number of steps"),
+        (["--revision", "v1.0"], "--revision v1.0 selects a Hub revision, but"),  # else recorded as the provenance
     ],
 )
 def test_bad_settings(src, tmp_path, capsys, args, match):
     assert_refused(capsys, src, tmp_path / "out", *args, match=match)
+
+
+@pytest.mark.parametrize("layout", [{"kv_source_layers": [0, 0, 0, 3]}, {"layout": "auto"}])
+def test_factor_2_with_another_layout_in_a_library_call_or_recipe(src, corpus_dir, tmp_path, layout):
+    """The CLI makes the layout flags exclusive; convert() and a recipe's model.convert must not drop factor 2."""
+    with pytest.raises(ClakitError, match="--factor cannot be combined with --kv-source-layers or --layout auto"):
+        convert(src, tmp_path / "out", factor=2, calib_data=[str(corpus_dir / "calib.txt")], **layout)
+    assert not (tmp_path / "out").exists()
 
 
 def test_empty_calibration_data(src, tmp_path, capsys):
@@ -140,6 +151,15 @@ def test_index_naming_a_missing_shard(src, tmp_path, capsys):
 def test_corrupt_index(src, tmp_path, capsys):
     (src / "model.safetensors.index.json").write_text("{not json")
     assert_refused(capsys, src, tmp_path / "out", match="cannot read the checkpoint index")
+
+
+@pytest.mark.parametrize("shard", [3, None, {"file": "x"}])
+def test_index_naming_a_shard_by_something_else_than_a_file_name(src, tmp_path, capsys, shard):
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    index_path.write_text(json.dumps(index))
+    assert_refused(capsys, src, tmp_path / "out", match="has an empty or malformed weight_map")
 
 
 @pytest.mark.parametrize(
@@ -215,6 +235,42 @@ def test_write_failure_leaves_nothing(src, tmp_path, capsys, monkeypatch):
 def test_not_enough_disk_space(src, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(clakit.convert.pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     assert_refused(capsys, src, tmp_path / "out", match="not enough disk space")
+
+
+def test_not_enough_disk_space_is_refused_before_the_fits(src, corpus_dir, tmp_path, capsys, monkeypatch):
+    """A fixed layout's output size is known from the headers: a full disk is refused before hours of fitting."""
+    monkeypatch.setattr(clakit.convert.pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("fits ran"))
+    args = ["--factor", "2", "--init", "calibrated", "--calib-data", corpus_dir / "calib.txt", "--distill-steps", "0"]
+    assert_refused(capsys, src, tmp_path / "out", *args, match="not enough disk space")
+
+
+def test_output_name_too_long_for_the_staging_folder(src, tmp_path, capsys):
+    """`.NAME.XXXXXXXX.partial` must fit the file system's 255 bytes: refused up front, not after the work (and
+    past 255 bytes, not as an OSError traceback)."""
+    for length in (240, 300):
+        assert run_cli(src, tmp_path / ("x" * length), "-q") == 2
+        message = f"clakit: error: output folder name {'x' * 40}... is too long ({length} bytes; clakit needs it"
+        assert capsys.readouterr().err.startswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing staged
+    assert run_cli(src, tmp_path / ("x" * 237), "-q") == 0
+
+
+def test_tied_config_with_a_different_lm_head(src, tmp_path, capsys):
+    """tie_word_embeddings with an lm_head.weight of its own: transformers computes with that lm_head (untied), so
+    dropping it as the tied twin would change every logit."""
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    assert_refused(capsys, src, tmp_path / "out", match="ties lm_head.weight to model.embed_tokens.weight")
+
+
+def test_quantized_checkpoint(src, tmp_path, capsys):
+    """Its tensors are codes and scales (same-shaped ones for FP8): refused as quantized, not converted or called a
+    damaged download."""
+    config = json.loads((src / "config.json").read_text())
+    quantization = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    assert_refused(capsys, src, tmp_path / "out", match="is a quantized checkpoint (quantization_config: fp8)")
 
 
 def test_rename_failure_leaves_nothing(src, tmp_path, capsys, monkeypatch):

@@ -48,7 +48,8 @@ def _load_index(path: Path) -> dict[str, str]:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ClakitError(f"cannot read the checkpoint index {path} ({e}); re-download the checkpoint") from None
-    if not isinstance(weight_map, dict) or not weight_map:
+    # every shard name a string: a damaged index's numbers or nulls would fail later as a TypeError traceback
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
         raise ClakitError(f"checkpoint index {path} has an empty or malformed weight_map; re-download the checkpoint")
     return weight_map
 

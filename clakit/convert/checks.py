@@ -1,5 +1,7 @@
 """Checks of a source checkpoint's tensors against its config, run before anything is written."""
 
+import torch
+
 from clakit.errors import ClakitError
 
 
@@ -30,3 +32,17 @@ def check_unused(plan, spec: str) -> None:
             f"{spec} holds {len(layers)} decoder tensors its config.json has no place for (e.g. {layers[0]}); "
             "the config does not describe these weights: restore the checkpoint's own config.json"
         )
+
+
+def check_tied(checkpoint, tied: dict[str, str], spec: str) -> None:
+    """A tensor the config ties to another (lm_head to the embeddings) is not written, the model rebuilds it from
+    its twin: a checkpoint that stores its own, different copy computes with that copy in transformers (which then
+    unties them), so dropping it would silently change every logit."""
+    for name, twin in tied.items():
+        if name in checkpoint.names and twin in checkpoint.names:
+            if not torch.equal(checkpoint.get(name), checkpoint.get(twin)):
+                raise ClakitError(
+                    f"{spec}: its config.json ties {name} to {twin} (tie_word_embeddings) but the checkpoint holds a "
+                    f"different {name}, which transformers loads untied: set tie_word_embeddings to false in its "
+                    "config.json"
+                )

@@ -29,7 +29,7 @@ from clakit.convert.checkpoint import (
     open_checkpoint,
     parse_size,
 )
-from clakit.convert.checks import check_shapes, check_unused
+from clakit.convert.checks import check_shapes, check_tied, check_unused
 from clakit.convert.config import (
     DEFAULT_DISTILL_COPY_FRACTION,
     DEFAULT_DISTILL_COPY_SPAN,
@@ -106,6 +106,7 @@ def convert(
     _check_arguments(config, layout, kv_saving_)
     device = resolve_device(config.device, config.dtype)
     parse_size(config.max_shard_size)
+    _check_revision(src, config.revision)
     resolved = replace(config, layout=layout, kv_saving=kv_saving_, init=_resolve_init(config.init, config.calib_data))
     job = _Conversion(
         out=Path(out).expanduser().absolute(),
@@ -136,7 +137,7 @@ def _check_arguments(c: ConvertConfig, layout: str | None, kv_saving_: float | N
         raise ClakitError(f"--layout takes only 'auto' (or give --factor / --kv-source-layers), got {layout!r}")
     if layout == "auto" and c.kv_source_layers is not None:
         raise ClakitError("give either --layout auto or --kv-source-layers, not both")
-    if (layout == "auto" or c.kv_source_layers is not None) and c.factor not in (None, 2):
+    if (layout == "auto" or c.kv_source_layers is not None) and c.factor is not None:  # even 2, the CLI's default
         raise ClakitError("--factor cannot be combined with --kv-source-layers or --layout auto; give one of them")
     if layout == "auto" and not 0 < kv_saving_ < 1:
         raise ClakitError(
@@ -144,6 +145,16 @@ def _check_arguments(c: ConvertConfig, layout: str | None, kv_saving_: float | N
         )
     if layout != "auto" and kv_saving_ is not None:
         raise ClakitError("--kv-saving chooses how much KV cache --layout auto saves; add --layout auto")
+
+
+def _check_revision(src, revision: str | None) -> None:
+    """--revision picks what to download from the Hub; a local folder or .gguf file is read as it is, and recording
+    the revision in clakit_convert.json and the model card would claim a provenance the output does not have."""
+    if revision is not None and Path(str(src)).expanduser().exists():
+        raise ClakitError(
+            f"--revision {revision} selects a Hub revision, but {src} is a local path read as it is: drop --revision, "
+            "or give the Hub id"
+        )
 
 
 def _resolve_init(init: str | None, calib_data) -> str:
@@ -161,6 +172,7 @@ def _source_config(source: Source, trust_remote_code: bool):
     if source.kind == "dir":  # read the raw file first: an unknown model_type must not need its code to be refused
         raw = read_config_json(source.path)
         _check_architecture(source, raw.get("architectures"), raw.get("model_type"))
+        _check_not_quantized(source, raw.get("quantization_config"))
     try:
         config = load_config(source, trust_remote_code)
     except ClakitError:
@@ -181,6 +193,18 @@ def _load_source_model(source: Source, trust_remote_code: bool, allow_pickle: bo
 
 def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def _check_not_quantized(source: Source, quantization) -> None:
+    """Quantized weights (GPTQ, AWQ, bitsandbytes, FP8...) are packed codes and scales, not the matrices the K/V
+    merge averages, and the written config would carry their quantization_config over plain tensors: the checks
+    would otherwise refuse them as a damaged download, or a same-shaped FP8 checkpoint could convert into nonsense."""
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        raise ClakitError(
+            f"{source.spec} is a quantized checkpoint (quantization_config: {method}); clakit convert reads "
+            "full-precision weights: convert the original, unquantized model"
+        )
 
 
 def _check_architecture(source: Source, architectures: list | None, model_type: str | None) -> str:
@@ -242,7 +266,12 @@ class _Conversion:
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
             every_layer = list(range(self.config.num_hidden_layers))  # the stock model: needs every tensor
-            self._plan(cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2], every_layer)
+            stock, lm_cls = cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2]
+            self._plan(stock, lm_cls, every_layer)
+            check_tied(self.checkpoint, _tied(stock, lm_cls), self.source.spec)
+            if self.layout is not None:  # the output's size is known: a full disk is refused before the slow work
+                plan = self._plan(cla_config(self.config, self.layout), lm_cls, self.layout)
+                _check_free_space(self.out, output_nbytes(self.checkpoint, plan, DTYPES.get(self.cfg.output_dtype)))
         with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
             overrides = self._data_phase(scratch)
             with outputs.staged(self.out, "convert", overwrite=self.overwrite) as tmp:
@@ -448,7 +477,7 @@ class _Conversion:
         cast = DTYPES.get(self.cfg.output_dtype)  # None: every tensor keeps its dtype
         plan = self._plan(cla_cfg, lm_cls, self.layout)
         check_overrides(self.checkpoint, plan, overrides)
-        _check_free_space(tmp, output_nbytes(self.checkpoint, plan, cast))
+        _check_free_space(tmp.parent, output_nbytes(self.checkpoint, plan, cast))
         writer = ShardWriter(tmp, parse_size(self.cfg.max_shard_size))
         base_init = "mean" if self.init in DATA_AWARE_INITS else self.init  # what the fitted overrides start from
         tensors = converted_tensors(self.checkpoint, plan, base_init, overrides, cast)
@@ -491,8 +520,7 @@ class _Conversion:
         """Raises naming the first tensor the checkpoint lacks."""
         with torch.device("meta"):  # tensor names and shapes only
             expected = {name: t.shape for name, t in lm_cls(cla_cfg).state_dict().items()}
-        tied = set(lm_cls._tied_weights_keys or {}) if cla_cfg.tie_word_embeddings else set()
-        plan = plan_tensors(self.checkpoint.names, set(expected), tied, layout)
+        plan = plan_tensors(self.checkpoint.names, set(expected), set(_tied(cla_cfg, lm_cls)), layout)
         check_shapes(self.checkpoint, plan, expected, self.source.spec)
         check_unused(plan, self.source.spec)
         floating = (t.dtype for t in map(self.checkpoint.get, plan.names) if t.is_floating_point())  # lazy reads
@@ -558,6 +586,11 @@ class _Conversion:
         )  # fmt: skip
 
 
+def _tied(cla_cfg, lm_cls) -> dict[str, str]:
+    """Tensor name -> the twin it is tied to (lm_head -> the embeddings), when the config ties them."""
+    return dict(lm_cls._tied_weights_keys or {}) if cla_cfg.tie_word_embeddings else {}
+
+
 def _free_memory(device: torch.device) -> int | None:
     """Bytes free on `device` (CUDA: the driver's count; CPU: MemAvailable), None when it cannot be told."""
     if device.type == "cuda":
@@ -570,10 +603,12 @@ def _free_memory(device: torch.device) -> int | None:
         return None
 
 
-def _check_free_space(folder: Path, nbytes: int) -> None:
+def _check_free_space(out: Path, nbytes: int) -> None:
+    """Room for `nbytes` where `out` goes (its nearest existing folder: OUT and its parents may not exist yet)."""
+    folder = next(p for p in [out, *out.parents] if p.is_dir())
     free = shutil.disk_usage(folder).free
     if free < nbytes:
         raise ClakitError(
-            f"not enough disk space in {folder.parent}: the output needs {nbytes / 1e9:.2f} GB, "
+            f"not enough disk space in {folder}: the output needs {nbytes / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB is free; free some space or choose another output folder"
         )
