@@ -354,9 +354,13 @@ def _json_format(path: Path) -> str | None:
     return None
 
 
-def check_file(path, fmt: str, *, noun: str = "output file", label: str = "output") -> Path:
+def check_file(
+    path, fmt: str, *, noun: str = "output file", label: str = "output", inputs: Iterable[tuple[str, object]] = ()
+) -> Path:
     """Before any work: `path` may be written when it does not exist yet, or is a clakit JSON file of `fmt` (a
-    report clakit wrote, which it replaces); its folder must be a folder we can write in. Returns it absolute."""
+    report clakit wrote, which it replaces); its folder must be a folder we can write in; it must not be one of the
+    run's `inputs` ((role, path or specs), as check_folder's): a report read as data passes the format check, but
+    replacing it would destroy the input of the very run that writes it. Returns it absolute."""
     path = Path(path).expanduser().absolute()
     if path.is_dir():
         raise ClakitError(f"{label} {path} is a folder; give a file name such as {path / 'report.json'}")
@@ -368,6 +372,9 @@ def check_file(path, fmt: str, *, noun: str = "output file", label: str = "outpu
             "choose another name"
         )
     check_writable(path.parent)
+    for role, source in _input_paths(inputs):
+        if path.resolve() == source:
+            raise ClakitError(f"{label} {path} is also given as {role}; write the {noun} to another file")
     return path
 
 

@@ -96,11 +96,7 @@ def check_output(path, data=None) -> Path:
     """Before evaluating: `path` may receive a report (new, or a clakit report it replaces; its folder writable).
     `data`: the --data specs; a report read as text data passes the format check, but replacing it would destroy
     the input of the very run that writes it."""
-    out = outputs.check_file(path, FORMAT, noun="eval report")
-    for spec in [data] if isinstance(data, str | Path) else data or []:
-        if Path(spec).expanduser().exists() and Path(spec).expanduser().resolve() == out.resolve():
-            raise ClakitError(f"output {out} is also given as --data; write the report to another file")
-    return out
+    return outputs.check_file(path, FORMAT, noun="eval report", inputs=[("--data", data)])
 
 
 def write_json(report: dict, path) -> Path:
