@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import tiny_model
 from convert_fixtures import copy_checkpoint, fingerprint, run_cli
 from safetensors.torch import load_file, save_file
 
@@ -177,6 +178,45 @@ def test_index_lists_tensor_its_shard_lacks(src, tmp_path, capsys):
     index["weight_map"]["model.layers.0.mlp.extra.weight"] = shards(src)[0].name
     index_path.write_text(json.dumps(index))
     assert_refused(capsys, src, tmp_path / "out", match="puts tensor model.layers.0.mlp.extra.weight in")
+
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+def copy_tensor_into(folder: Path, name: str, file: str) -> str:
+    """Add a zeroed copy of tensor `name` to `file` (made, or added to); returns the file that held it."""
+    home = next(p for p in sorted(folder.glob("*.safetensors")) if name in load_file(p))
+    tensors = load_file(folder / file) if (folder / file).is_file() else {}
+    save_file({**tensors, name: 0 * load_file(home)[name]}, folder / file, metadata={"format": "pt"})
+    return home.name
+
+
+def test_unindexed_shards_holding_the_same_tensor(src, tmp_path, capsys):
+    """Without an index every *.safetensors file is read: a stray file's copy would silently win over the shard's."""
+    (src / "model.safetensors.index.json").unlink()
+    home = copy_tensor_into(src, Q0, "z-stray.safetensors")
+    match = f"holds {Q0} in both {home} and z-stray.safetensors; remove the stray file or add the model.safetensors"
+    assert_refused(capsys, src, tmp_path / "out", match=match)
+
+
+def test_indexed_shards_holding_the_same_tensor(src, tmp_path, capsys):
+    """The index names one shard, but transformers loads every tensor of every listed shard (the later file's copy
+    wins): the converter and `clakit eval` of the source would compute with different weights."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    other = max(set(index.values()) - {index[Q0]})
+    home = copy_tensor_into(src, Q0, other)
+    assert_refused(capsys, src, tmp_path / "out", match=f"holds {Q0} in both {home} and {other}; transformers loads")
+
+
+def test_the_same_check_for_the_commands_that_load_through_transformers(tmp_path, tiny_llama_checkpoint):
+    """transformers loads model.safetensors and ignores a stray file holding the same tensor; convert would read
+    both: one check for every command (for clakit.sources to call), and a sound folder passes."""
+    tiny_model("llama").save_pretrained(tmp_path)
+    clakit.convert.checkpoint.check_safetensors_folder(tmp_path)
+    clakit.convert.checkpoint.check_safetensors_folder(tiny_llama_checkpoint)
+    copy_tensor_into(tmp_path, Q0, "stray.safetensors")
+    with pytest.raises(ClakitError, match=f"holds {Q0} in both model.safetensors and stray.safetensors"):
+        clakit.convert.checkpoint.check_safetensors_folder(tmp_path)
 
 
 def test_existing_output(src, tmp_path, capsys):

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clakit import outputs
+from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -66,6 +67,10 @@ class SafetensorsCheckpoint:
         else:
             weight_map, files = None, sorted(p.name for p in folder.glob("*.safetensors"))
         self._keys = {file: self._read_keys(file) for file in files}
+        fix = f"remove the stray file or add the {SAFE_INDEX}"
+        if weight_map:  # both files are shards it lists: which copy loads depends on the reader
+            fix = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
+        check_unique_tensors(self._keys, folder, fix)
         self._where = weight_map or {t: f for f, keys in self._keys.items() for t in keys}
         for tensor, file in self._where.items():
             if tensor not in self._keys[file]:
@@ -93,6 +98,13 @@ class SafetensorsCheckpoint:
             return self._open(self._where[name]).get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ClakitError(f"cannot read tensor {name} from {self.folder / self._where[name]} ({e})") from None
+
+
+def check_safetensors_folder(folder: Path) -> None:
+    """The header checks `clakit convert` makes (each file whole, the index true to its shards, no tensor in two
+    files), for the commands that load a folder through transformers, which picks one copy of a duplicate silently."""
+    if (folder / SAFE_INDEX).is_file() or any(folder.glob("*.safetensors")):
+        SafetensorsCheckpoint(folder)
 
 
 class PickleCheckpoint:
