@@ -133,6 +133,11 @@ CASES = [
     Case(UP + "distill.weight=1.5", "distill.weight must be between 0 and 1"),
     Case(UP + "data.eval_fraction=.nan", "data.eval_fraction must be a finite number"),
     Case(UP + "data.seq_len=4", "data.seq_len must be at least 8"),
+    Case(UP + "data.seq_len=300 data.eval_max_tokens=600", "data.seq_len 300 exceeds the context window of",
+         id="seq-len-above-max-position-embeddings"),
+    Case(UP + "model.path=null 'model.source={model}' 'model.convert={{factor: 2}}' data.seq_len=257 "
+         "data.eval_max_tokens=600", "(max_position_embeddings 256); use at most 256",
+         id="seq-len-above-source-window"),
     Case(UP + "data.copy_fraction=-0.1", "data.copy_fraction must be between 0 and 1"),
     Case(UP + "data.copy_fraction=1.5", "data.copy_fraction must be between 0 and 1"),
     Case(UP + "data.copy_fraction=0.5 data.copy_span=9999", "data.copy_span must be between 1 and data.seq_len / 2"),

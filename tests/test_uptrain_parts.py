@@ -1,5 +1,7 @@
 """Building blocks of uptraining: module selection, LoRA merge, teacher weight sharing, losses, batch order."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -116,3 +118,18 @@ def test_the_original_of_a_converted_checkpoint_is_read_from_its_conversion_reco
     assert original_spec(ModelSection(path=str(out), original="elsewhere")) == "elsewhere"
     (out / "clakit_convert.json").unlink()
     assert original_spec(ModelSection(path=str(out))) is None
+
+
+def test_seq_len_is_checked_against_the_context_window_the_config_states(tiny_cla_checkpoint, tmp_path):  # noqa: F811
+    """Up to max_position_embeddings (256) is accepted; a config.json without it gets transformers' class default
+    (2048), which says nothing about the model: no check."""
+    from clakit.uptrain.recipe import ModelSection
+    from clakit.uptrain.student import check_model_section
+
+    check_model_section(ModelSection(path=str(tiny_cla_checkpoint)), 256)
+    with pytest.raises(ClakitError, match=r"data.seq_len 257 exceeds .* \(max_position_embeddings 256\); use at most"):
+        check_model_section(ModelSection(path=str(tiny_cla_checkpoint)), 257)
+    config = json.loads((tiny_cla_checkpoint / "config.json").read_text())
+    del config["max_position_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    check_model_section(ModelSection(path=str(tmp_path)), 4096)

@@ -384,7 +384,7 @@ def uptrain(
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
         return out / RESULT
     check_tensorboard(recipe.train)
-    student_config = student.check_model_section(recipe.model)
+    student_config = student.check_model_section(recipe.model, recipe.data.seq_len)
     student.check_patterns(student_config, recipe.lora)
     original = check_teacher(recipe, out, resume)
     if recipe.needs_teacher:

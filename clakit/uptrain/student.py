@@ -10,7 +10,7 @@ import torch
 
 from clakit import outputs
 from clakit.errors import ClakitError
-from clakit.sources import load_config, load_model, resolve_source
+from clakit.sources import load_config, load_model, read_config_json, resolve_source
 
 LAYER_PREFIX = "model.layers."
 
@@ -18,11 +18,14 @@ LAYER_PREFIX = "model.layers."
 # --- the CLA checkpoint to start from ---------------------------------------------------------------------------
 
 
-def check_model_section(model_section):
-    """Refuse a model that is not a CLA checkpoint (model.path) or not convertible (model.source), before any work;
-    returns its config."""
+def check_model_section(model_section, seq_len: int | None = None):
+    """Refuse a model that is not a CLA checkpoint (model.path) or not convertible (model.source), or whose context
+    window is shorter than data.seq_len (`seq_len`), before any work; returns its config."""
     spec = model_section.path or model_section.source
-    config = load_config(resolve_source(spec, model_section.revision))
+    source = resolve_source(spec, model_section.revision)
+    config = load_config(source)
+    if seq_len is not None:
+        check_seq_len(seq_len, context_window(source, config), spec)
     is_cla = config.model_type.endswith("_cla")
     if model_section.path and not is_cla:
         raise ClakitError(
@@ -37,6 +40,24 @@ def check_model_section(model_section):
             "add e.g. `convert: {factor: 2, init: mean}` or give a converted checkpoint as model.path"
         )
     return config
+
+
+def context_window(source, config) -> int | None:
+    """max_position_embeddings as the checkpoint gives it; None when its config.json has none (transformers fills in
+    its class default, 2048 for Llama, which says nothing about this model)."""
+    if source.kind == "dir" and "max_position_embeddings" not in read_config_json(source.path):
+        return None
+    return getattr(config, "max_position_embeddings", None) or None
+
+
+def check_seq_len(seq_len: int, window: int | None, spec: str) -> None:
+    """Training windows longer than the positions the model was trained on would run silently: rotary positions
+    past the window are ones it never saw (the converter caps its calibration windows at it too)."""
+    if window is not None and seq_len > window:
+        raise ClakitError(
+            f"data.seq_len {seq_len} exceeds the context window of {spec} (max_position_embeddings {window}); "
+            f"use at most {window}"
+        )
 
 
 def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
