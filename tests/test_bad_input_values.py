@@ -150,6 +150,11 @@ CASES = [
          "recipe section model.convert: --seed must be between 0 and 2**32 - 1", id="convert-seed"),
     Case(UP + "model.path=null 'model.source={model}' 'model.convert={{layout: auto, kv_saving: 1.5}}'",
          "model.convert.kv_saving must be between 0 and 1", id="convert-kv-saving"),
+    # model.original without distillation: still the "original" baseline report and run.json's provenance
+    Case(UP + "model.original={tmp}/gone", "/gone does not exist; give the checkpoint folder or .gguf file the model",
+         id="original-missing-without-distillation"),
+    Case(UP + "model.original=smol-typo", "model.original smol-typo does not exist", id="original-name-typo"),
+    Case(UP + "model.original={data}", "is not a model checkpoint folder (no config.json)", id="original-not-a-model"),
     # --- recipe files and overrides that are not valid YAML
     Case(UP + "train.max_steps=[", "override 'train.max_steps=[': the value is not valid YAML"),
     Case(UP + "'train.output_dir={{'", "the value is not valid YAML", id="override-brace"),

@@ -168,6 +168,25 @@ def test_the_teacher_is_the_converted_models_source_not_a_same_named_folder_here
     assert ppl == pytest.approx(first_ppl, rel=1e-5)
 
 
+def test_without_distillation_a_hub_id_or_a_moved_recorded_original_is_best_effort(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    monkeypatch,
+):
+    """Only a local model.original that is not there is refused (tests/test_bad_input_values.py): a Hub id stays
+    accepted offline, and a conversion record naming a moved source just loses the "original" report."""
+    from clakit.uptrain.recipe import load_recipe
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = {"path": str(tiny_cla_checkpoint), "original": "some-org/some-model"}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model)))
+    assert pipeline.check_teacher(recipe, tmp_path / "run", resume=False) is None
+    moved = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, original=None))
+    monkeypatch.setattr(pipeline.student, "original_source", lambda section: (str(tmp_path / "moved"), None))
+    assert pipeline.check_teacher(moved, tmp_path / "run", resume=False) is None
+
+
 # --- conversion before training: the other processes poll, they do not wait in a collective --------------------
 
 

@@ -111,7 +111,8 @@ def check_tensorboard(train) -> None:
 
 def check_teacher(recipe: Recipe, out: Path, resume: bool):
     """The original model, resolved once: the teacher (required with distillation: known from model.original,
-    model.source or the conversion record, and resolvable) and the "original" eval baseline (best effort).
+    model.source or the conversion record, and resolvable) and the "original" eval baseline (best effort, except
+    for a local model.original, which must be a model: check_original).
 
     Returns its Source (absolute local path, or the Hub id's snapshot and revision) or None. A resumed run uses the
     teacher its run.json recorded, whatever the working directory is now."""
@@ -119,18 +120,33 @@ def check_teacher(recipe: Recipe, out: Path, resume: bool):
         recorded = _recorded_original(out) if recipe.needs_teacher else None
         if recorded or not recipe.needs_teacher:  # a resumed run has its baseline report already
             return recorded and resolve_source(recorded["path"])
+    check_original(recipe.model.original)
     found = student.original_source(recipe.model)
     if found is None and recipe.needs_teacher:
         raise ClakitError(
             "distillation needs the original model as teacher: set model.original to the model that "
             f"{recipe.model.path} was converted from"
         )
-    if found is None or recipe.needs_teacher:
+    given_here = recipe.model.original and Path(recipe.model.original).expanduser().exists()
+    if found is None or recipe.needs_teacher or given_here:  # a local model.original that is no model: refused
         return found and resolve_source(*found)
     try:
         return resolve_source(*found)
     except ClakitError:  # without distillation it is only the baseline report: a moved original costs just that
         return None
+
+
+def check_original(spec: str | None) -> None:
+    """model.original as a local path must exist even when nothing distils: it is also the "original" baseline
+    report and the provenance in run.json, which a typo'd path silently lost. A Hub id (org/name, as resolve_source
+    reads it) is not looked up here: without distillation it stays best effort (offline: no baseline)."""
+    parts = (spec or "").split("/")
+    hub_id = len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+    if spec and not hub_id and not Path(spec).expanduser().exists():
+        raise ClakitError(
+            f"model.original {spec} does not exist; give the checkpoint folder or .gguf file the model was "
+            "converted from, or a Hub id (org/name), or drop model.original"
+        )
 
 
 def run_record(out: Path) -> dict | None:
