@@ -62,7 +62,9 @@ def _add_eval(sub) -> None:
         help="text files, folders of .txt, or NAME:CONFIG:SPLIT "
         "(default wikitext:wikitext-2-raw-v1:test, needs the Hub)",
     )
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument(
+        "--seq-len", type=int, help="tokens per window (default 1024, or the model's context window if shorter)"
+    )
     p.add_argument("--stride", type=int, help="tokens between window starts (default: --seq-len, disjoint)")
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens of the data")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward, and the speed batch (default 4)")

@@ -15,6 +15,7 @@ from pathlib import Path
 from clakit.errors import ClakitError
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
+SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load / pickle files: loading them can run code
 # config.json keys a Llama/Mistral (and CLA) model needs to be built at its weights' shapes: transformers fills a
 # missing one with a default (hidden_size 4096) that does not match them
@@ -45,33 +46,83 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def _download(spec: str, revision: str | None, allow_pickle: bool) -> Source:
+def _download(spec: str, revision: str | None, allow_pickle: bool, check_config) -> Source:
+    """A Hub repo's snapshot: config.json first (one small file), checked by `check_config(source)` before the
+    weights (GBs to 100s of GB) are fetched, then the rest at the same commit."""
+    config_only = Path(_snapshot(spec, revision, ["config.json", SAFE_INDEX]))
+    if not (config_only / "config.json").is_file():
+        raise ClakitError(
+            f"Hub repo {spec} has no config.json, so it is not a transformers checkpoint (a GGUF-only repo?); "
+            "download its .gguf file and give that path"
+        )
+    if check_config is not None:
+        check_config(Source(spec, "dir", config_only, revision or "main"))
+    commit = config_only.name if config_only.parent.name == "snapshots" else revision  # the same files' commit
+    patterns = _weight_patterns(config_only / SAFE_INDEX) + (["*.bin"] if allow_pickle else [])
+    return Source(spec, "dir", Path(_snapshot(spec, commit, patterns)), revision or "main")
+
+
+def _weight_patterns(index: Path) -> list[str]:
+    """What to download: the shards the index lists, not every *.safetensors (Mistral's repos also hold a
+    consolidated.safetensors of the same weights, which would double a 14 GB download); all of them without one."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or malformed: convert says which
+        return HUB_PATTERNS
+    if not shards or not all(isinstance(f, str) for f in shards):
+        return HUB_PATTERNS
+    return [p for p in HUB_PATTERNS if p != "*.safetensors"] + shards
+
+
+def _snapshot(spec: str, revision: str | None, patterns: list[str]) -> str:
     from huggingface_hub import snapshot_download
 
-    patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
-        path = snapshot_download(spec, revision=revision, allow_patterns=patterns)
+        return snapshot_download(spec, revision=revision, allow_patterns=patterns)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ClakitError(
             f"{spec!r} is not a local path and could not be downloaded from the Hugging Face Hub ({first[:200]}); "
             "check the id and your connection, or give a local checkpoint folder or .gguf file"
         ) from None
-    return Source(spec, "dir", Path(path), revision or "main")
 
 
-def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = False) -> Source:
+def _is_gguf(path: Path) -> bool:
+    """A .gguf file in any case (`Model.GGUF`), or any file starting with the GGUF magic bytes."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def check_revision(revision: str | None, *specs, option: str = "--revision") -> None:
+    """A Hub revision picks what to download; when every model it could apply to is a local path (read as it is),
+    it would only be recorded as a provenance that was never read: refused."""
+    local = [str(s) for s in specs if s is not None and Path(str(s)).expanduser().exists()]
+    if revision is not None and local and len(local) == len([s for s in specs if s is not None]):
+        raise ClakitError(
+            f"{option} {revision} selects a Hub revision, but {local[0]} is a local path read as it is: drop "
+            f"{option}, or give the Hub id"
+        )
+
+
+def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = False, check_config=None) -> Source:
+    """The Source of `spec`; a local path never carries `revision` (it was not what was read). A Hub id is downloaded;
+    `check_config(source)`, given, sees its config.json before the weights are fetched (and may refuse it)."""
     path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and _is_gguf(path):
         return Source(spec, "gguf", path.resolve())
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ClakitError(f"{spec} is not a model checkpoint folder (no config.json)")
-        return Source(spec, "dir", path.resolve(), revision)
+        return Source(spec, "dir", path.resolve())
     if path.exists():
         raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file")
     if _looks_like_hub_id(spec) and not os.environ.get("HF_HUB_OFFLINE"):
-        return _download(spec, revision, allow_pickle)
+        return _download(spec, revision, allow_pickle, check_config)
     raise ClakitError(f"model {spec!r} does not exist: give a checkpoint folder, a .gguf file or a Hub id (org/name)")
 
 

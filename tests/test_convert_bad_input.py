@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
 from convert_fixtures import copy_checkpoint, fingerprint, run_cli
 from safetensors.torch import load_file, save_file
 
@@ -206,17 +205,6 @@ def test_indexed_shards_holding_the_same_tensor(src, tmp_path, capsys):
     other = max(set(index.values()) - {index[Q0]})
     home = copy_tensor_into(src, Q0, other)
     assert_refused(capsys, src, tmp_path / "out", match=f"holds {Q0} in both {home} and {other}; transformers loads")
-
-
-def test_the_same_check_for_the_commands_that_load_through_transformers(tmp_path, tiny_llama_checkpoint):
-    """transformers loads model.safetensors and ignores a stray file holding the same tensor; convert would read
-    both: one check for every command (for clakit.sources to call), and a sound folder passes."""
-    tiny_model("llama").save_pretrained(tmp_path)
-    clakit.convert.checkpoint.check_safetensors_folder(tmp_path)
-    clakit.convert.checkpoint.check_safetensors_folder(tiny_llama_checkpoint)
-    copy_tensor_into(tmp_path, Q0, "stray.safetensors")
-    with pytest.raises(ClakitError, match=f"holds {Q0} in both model.safetensors and stray.safetensors"):
-        clakit.convert.checkpoint.check_safetensors_folder(tmp_path)
 
 
 def test_existing_output(src, tmp_path, capsys):

@@ -97,6 +97,23 @@ def test_cla2_measured_cache_is_half_the_original(kind):
     assert half == kvcache.bytes_per_token(cla2.config, torch.float32) * 40
 
 
+@pytest.mark.parametrize("seq_len", [10, 40])
+@pytest.mark.parametrize("layout", [None, [0, 0, 2, 2]])
+def test_sliding_window_cache_bytes_match_what_the_cache_holds(tokenizer, text, seq_len, layout):
+    """Mistral's sliding window (16 here) keeps the last 15 tokens per layer: past it, bytes_per_token * seq_len
+    overstates the cache, and so understates the batch a KV budget holds."""
+    model = tiny_model("mistral", sliding_window=16)
+    model = cla_model_from(model, layout) if layout else model
+    ids = torch.arange(seq_len).unsqueeze(0)
+    computed = kvcache.bytes_per_sequence(model.config, torch.float32, seq_len)
+    assert computed == kvcache.measured_bytes(model, ids)
+    per_token = kvcache.bytes_per_token(model.config, torch.float32)
+    assert computed == per_token * min(seq_len, 15)
+    r = evaluate(model, tokenizer=tokenizer, text=text, seq_len=seq_len, speed=False, quiet=True, max_tokens=200)
+    assert r["kv_cache"]["bytes_per_sequence"] == computed == r["kv_cache"]["measured_bytes"]
+    assert r["kv_cache"]["max_batch_size"] == int(16 * 2**30 // computed)
+
+
 def test_report_dict_keys_and_saving_factor(model, tokenizer, text):
     layout = [0, 1, 1, 3]  # non-uniform: 3 producers of 4
     r = evaluate(
@@ -114,7 +131,10 @@ def test_report_dict_keys_and_saving_factor(model, tokenizer, text):
     kv = r["kv_cache"]
     assert kv["measured_bytes"] == kv["bytes_per_token"] * 32
     assert kv["saving_factor"] == pytest.approx(4 / 3)
-    assert kv["max_batch_size"] == int(16 * 2**30 // (kv["bytes_per_token"] * 32))
+    assert (
+        kv["max_batch_size"] == int(16 * 2**30 // (kv["bytes_per_token"] * 32))
+        and kv["bytes_per_sequence"] == 32 * kv["bytes_per_token"]
+    )
     assert r["speed"]["prefill_tokens_per_s"] > 0 and r["speed"]["decode_tokens_per_s"] > 0
     assert r["provenance"]["transformers"] and r["provenance"]["device"] == "cpu"
 

@@ -122,6 +122,9 @@ def not_a_causal_lm(tmp_path_factory):
         ("stride > seq-len", "must not exceed --seq-len"),
         ("max-tokens 0", "--max-tokens must be a positive"),
         ("batch-size 0", "--batch-size must be a positive"),
+        ("seq-len past the window", "--seq-len 300 exceeds the model's context window (max_position_embeddings 256)"),
+        ("revision of a local model", "--revision v1 selects a Hub revision, but"),
+        ("lm-eval tasks naming none", "--lm-eval-tasks ',' names no task"),
     ],
 )
 def test_eval_bad_input(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir, not_a_causal_lm, case, needle):
@@ -146,6 +149,9 @@ def test_eval_bad_input(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir, not
             "stride > seq-len": ["--seq-len", 16, "--stride", 17],
             "max-tokens 0": ["--max-tokens", 0],
             "batch-size 0": ["--batch-size", 0],
+            "seq-len past the window": ["--seq-len", 300],  # positions never trained: extrapolation, not the model
+            "revision of a local model": ["--revision", "v1"],  # it would be recorded, never read
+            "lm-eval tasks naming none": ["--lm-eval-tasks", ","],  # it scored nothing and said nothing
         }[case]
     out = tmp_path / "r.json"
     assert_refused(capsys, ["eval", model, "-o", out, "--data", data, "--quiet", *extra], needle, out)

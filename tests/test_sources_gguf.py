@@ -76,3 +76,21 @@ def test_clakit_eval_on_a_damaged_gguf_exits_2_with_one_line(capsys, tiny_gguf, 
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("clakit: error: cannot read") and err.count("\n") == 1 and needle in err
     assert not report.exists() and path.stat().st_size in (60, 4096)  # the source untouched
+
+
+@pytest.mark.parametrize("name", ["Tiny.GGUF", "tiny.Gguf", "tiny-q4"])
+def test_gguf_in_any_case_or_without_the_suffix_is_read(tiny_gguf, tmp_path, name):
+    """`Model.GGUF` (as some hosts name it) was refused as "neither a checkpoint folder nor a .gguf file"; a file
+    with the GGUF magic bytes is GGUF whatever its name."""
+    path = tmp_path / name
+    path.write_bytes(tiny_gguf.read_bytes())
+    source = resolve_source(str(path))
+    assert source.kind == "gguf" and source.gguf_file == name
+    assert load_config(source).hidden_size == 16
+
+
+def test_a_file_that_is_not_gguf_is_still_refused(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ClakitError, match="neither a checkpoint folder nor a .gguf file"):
+        resolve_source(str(path))

@@ -100,13 +100,6 @@ class SafetensorsCheckpoint:
             raise ClakitError(f"cannot read tensor {name} from {self.folder / self._where[name]} ({e})") from None
 
 
-def check_safetensors_folder(folder: Path) -> None:
-    """The header checks `clakit convert` makes (each file whole, the index true to its shards, no tensor in two
-    files), for the commands that load a folder through transformers, which picks one copy of a duplicate silently."""
-    if (folder / SAFE_INDEX).is_file() or any(folder.glob("*.safetensors")):
-        SafetensorsCheckpoint(folder)
-
-
 class PickleCheckpoint:
     """`pytorch_model*.bin` weights (only with --allow-pickle), memory-mapped with `torch.load(weights_only=True)`."""
 

@@ -51,7 +51,15 @@ from clakit.corpus import join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.provenance import provenance
-from clakit.sources import Source, load_config, load_model, load_tokenizer, read_config_json, resolve_source
+from clakit.sources import (
+    Source,
+    check_revision,
+    load_config,
+    load_model,
+    load_tokenizer,
+    read_config_json,
+    resolve_source,
+)
 
 DATA_AWARE_INITS = ("calibrated", "reconstruct")
 # With calibration data and no explicit choice, the converter uses its best measured combination (docs/quality.md):
@@ -106,11 +114,14 @@ def convert(
     _check_arguments(config, layout, kv_saving_)
     device = resolve_device(config.device, config.dtype)
     parse_size(config.max_shard_size)
-    _check_revision(src, config.revision)
+    check_revision(config.revision, src)
+    # OUT before a Hub download (GBs): checked again with the downloaded snapshot's path once it is known
+    inputs = [("source", src), ("calibration data", config.calib_data), ("eval data", config.eval_data)]
+    outputs.check_folder(out, "convert", overwrite=overwrite, inputs=inputs)
     resolved = replace(config, layout=layout, kv_saving=kv_saving_, init=_resolve_init(config.init, config.calib_data))
     job = _Conversion(
         out=Path(out).expanduser().absolute(),
-        source=resolve_source(str(src), config.revision, config.allow_pickle),
+        source=resolve_source(str(src), config.revision, config.allow_pickle, check_config=_check_raw_config),
         config=resolved,
         device=device,
         overwrite=overwrite,
@@ -147,16 +158,6 @@ def _check_arguments(c: ConvertConfig, layout: str | None, kv_saving_: float | N
         raise ClakitError("--kv-saving chooses how much KV cache --layout auto saves; add --layout auto")
 
 
-def _check_revision(src, revision: str | None) -> None:
-    """--revision picks what to download from the Hub; a local folder or .gguf file is read as it is, and recording
-    the revision in clakit_convert.json and the model card would claim a provenance the output does not have."""
-    if revision is not None and Path(str(src)).expanduser().exists():
-        raise ClakitError(
-            f"--revision {revision} selects a Hub revision, but {src} is a local path read as it is: drop --revision, "
-            "or give the Hub id"
-        )
-
-
 def _resolve_init(init: str | None, calib_data) -> str:
     if init is None:
         return DEFAULT_DATA_INIT if calib_data else "mean"
@@ -170,9 +171,7 @@ def _resolve_init(init: str | None, calib_data) -> str:
 def _source_config(source: Source, trust_remote_code: bool):
     """The source's config and architecture; anything but Llama/Mistral is refused before loading it."""
     if source.kind == "dir":  # read the raw file first: an unknown model_type must not need its code to be refused
-        raw = read_config_json(source.path)
-        _check_architecture(source, raw.get("architectures"), raw.get("model_type"))
-        _check_not_quantized(source, raw.get("quantization_config"))
+        _check_raw_config(source)
     try:
         config = load_config(source, trust_remote_code)
     except ClakitError:
@@ -180,6 +179,14 @@ def _source_config(source: Source, trust_remote_code: bool):
     except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
         raise ClakitError(f"cannot read the config of {source.spec}; is it damaged? ({_first_line(e)})") from None
     return config, _check_architecture(source, config.architectures, config.model_type)
+
+
+def _check_raw_config(source: Source) -> None:
+    """Architecture and quantization from config.json alone: also run on a Hub repo's config before its weights
+    are downloaded (`resolve_source`'s check_config)."""
+    raw = read_config_json(source.path)
+    _check_architecture(source, raw.get("architectures"), raw.get("model_type"))
+    _check_not_quantized(source, raw.get("quantization_config"))
 
 
 def _load_source_model(source: Source, trust_remote_code: bool, allow_pickle: bool):

@@ -45,10 +45,13 @@ class Tasks:
 
 
 def parse_tasks(tasks: str | list[str] | None) -> list[str]:
-    if not tasks:
+    if tasks is None or (not isinstance(tasks, str) and not tasks):  # an empty list: no tasks asked for
         return []
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    return [t.strip() for t in names if t.strip()]
+    parsed = [t.strip() for t in names if t.strip()]
+    if not parsed:  # "," or " ": asked for tasks and named none; silently scoring nothing would look like a run
+        raise ClakitError(f"--lm-eval-tasks {tasks!r} names no task; give comma-separated names, e.g. wikitext,piqa")
+    return parsed
 
 
 def require_lm_eval() -> None:

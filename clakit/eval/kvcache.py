@@ -30,9 +30,26 @@ def bytes_per_token(config, dtype: torch.dtype) -> int:
     return len(producer_layers(config)) * 2 * kv_heads * head_dim(config) * element
 
 
-def max_batch(bytes_per_tok: int, seq_len: int, budget_gb: float) -> int:
-    """Largest batch whose cache at `seq_len` fits `budget_gb` GiB (computed, not measured)."""
-    return int(budget_gb * 2**30 // (bytes_per_tok * seq_len))
+def cached_tokens(config, layer: int, seq_len: int) -> int:
+    """Tokens layer `layer` keeps after `seq_len` tokens: all of them, or for a sliding-window layer (Mistral's
+    `sliding_window`, or `layer_types`) the last window - 1, as transformers' DynamicSlidingWindowLayer does (the
+    current token is the window's last)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    sliding = bool(window) and (types is None or types[layer] == "sliding_attention")
+    return min(seq_len, window - 1) if sliding else seq_len
+
+
+def bytes_per_sequence(config, dtype: torch.dtype, seq_len: int) -> int:
+    """KV-cache bytes one sequence of `seq_len` tokens holds: bytes_per_token's sum, layer by layer, over the tokens
+    each producer keeps (fewer than `seq_len` beyond a sliding window)."""
+    per_layer_token = bytes_per_token(config, dtype) // len(producer_layers(config))
+    return sum(per_layer_token * cached_tokens(config, i, seq_len) for i in producer_layers(config))
+
+
+def max_batch(bytes_per_seq: int, budget_gb: float) -> int:
+    """Largest batch whose cache (`bytes_per_seq` per sequence) fits `budget_gb` GiB (computed, not measured)."""
+    return int(budget_gb * 2**30 // bytes_per_seq)
 
 
 def _layer_bytes(layer) -> int:

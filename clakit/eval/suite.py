@@ -14,8 +14,10 @@ from clakit.eval import passkey as passkey_task
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.provenance import provenance
+from clakit.sources import check_revision
 
 DEFAULT_KV_BUDGET_GB = 16.0
+DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
 MAX_LOSS = 700.0  # nats per token: exp() of more overflows a float; a uniform guess over 10^300 tokens scores less
 
 
@@ -43,21 +45,22 @@ def check_settings(seq_len: int, stride: int | None, max_tokens, batch_size: int
 
 
 def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool):
-    """The Source of a model spec (None for an in-memory model, which must come with its tokenizer)."""
+    """(Source, config) of a model spec; (None, its config) for an in-memory model, which must come with its
+    tokenizer."""
     from clakit.sources import check_weights, resolve_source
 
     if not isinstance(model, str | Path):
         if tokenizer is None:
             raise ClakitError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
-        return None
+        return None, model.config
     source = resolve_source(str(model), revision, allow_pickle)
     check_weights(source, allow_pickle)
-    _check_causal_lm(source, trust_remote_code)
-    return source
+    return source, _check_causal_lm(source, trust_remote_code)
 
 
-def _check_causal_lm(source, trust_remote_code: bool) -> None:
-    """Refuse a checkpoint transformers cannot load as a causal LM, before its tokenizer or weights are read."""
+def _check_causal_lm(source, trust_remote_code: bool):
+    """Refuse a checkpoint transformers cannot load as a causal LM, before its tokenizer or weights are read;
+    returns its config."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from clakit.sources import load_config
@@ -69,6 +72,21 @@ def _check_causal_lm(source, trust_remote_code: bool) -> None:
             f"{source.spec} is not a causal language model (model_type {config.model_type!r}); "
             "give a Llama/Mistral (or other causal LM) checkpoint"
         )
+    return config
+
+
+def _window_seq_len(config, seq_len: int | None) -> int:
+    """--seq-len, default DEFAULT_SEQ_LEN or the model's context window if smaller; windows longer than the
+    positions the model was trained on would score extrapolation, not the model, and are refused."""
+    window = passkey_task.window(config)
+    if seq_len is None:
+        return min(DEFAULT_SEQ_LEN, window) if window else DEFAULT_SEQ_LEN
+    if window and seq_len > window:
+        raise ClakitError(
+            f"--seq-len {seq_len} exceeds the model's context window (max_position_embeddings {window}); "
+            f"use at most {window}"
+        )
+    return seq_len
 
 
 def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str | None, allow_pickle: bool) -> Loaded:
@@ -133,9 +151,11 @@ def _texts(data, text: str | None) -> list[Text]:
 def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, reference) -> dict:
     config, dtype = loaded.model.config, next(loaded.model.parameters()).dtype
     per_token = kvcache.bytes_per_token(config, dtype)
+    per_sequence = kvcache.bytes_per_sequence(config, dtype, seq_len)  # below per_token * seq_len past a window
     measured = kvcache.measured_bytes(loaded.model, ids[:seq_len].unsqueeze(0))
     return {
         "bytes_per_token": per_token,
+        "bytes_per_sequence": per_sequence,
         "measured_bytes": measured,
         "measured_bytes_per_token": measured / seq_len,
         "measured_seq_len": seq_len,
@@ -144,7 +164,7 @@ def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, reference) -> dict:
         "num_layers": config.num_hidden_layers,
         "dtype": str(dtype).removeprefix("torch."),
         "kv_budget_gb": kv_budget_gb,
-        "max_batch_size": kvcache.max_batch(per_token, seq_len, kv_budget_gb),
+        "max_batch_size": kvcache.max_batch(per_sequence, kv_budget_gb),
     }
 
 
@@ -153,7 +173,7 @@ def evaluate(
     *,
     tokenizer=None,
     data: list[str] | None = None,
-    seq_len: int = 1024,
+    seq_len: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 4,
@@ -182,12 +202,16 @@ def evaluate(
     report's `lm_eval`. `allow_pickle`: accept a folder whose weights are pickle files (they can run code).
     Returns the report dict (see docs/eval.md); every input is checked before the model is loaded.
     """
-    stride = check_settings(seq_len, stride, max_tokens, batch_size, kv_budget_gb)
+    check_settings(DEFAULT_SEQ_LEN if seq_len is None else seq_len, stride, max_tokens, batch_size, kv_budget_gb)
     if passkey is not None:
         passkey.check()
     if harness.parse_tasks(lm_eval_tasks):
         harness.require_lm_eval()  # before anything slow; the tasks themselves are loaded just before the model
-    source = _resolve(model, tokenizer, revision, trust_remote_code, allow_pickle)
+    if isinstance(model, str | Path):  # a revision read for nothing would be recorded as provenance
+        check_revision(revision, model, source_model)
+    source, config = _resolve(model, tokenizer, revision, trust_remote_code, allow_pickle)
+    seq_len = _window_seq_len(config, seq_len)
+    stride = perplexity.check_window(seq_len, stride)
     model_dir = source.path if source is not None and source.kind == "dir" else None
     reference = _reference(source_model, model_dir, revision, trust_remote_code)
     texts = _texts(data, text)
@@ -195,7 +219,7 @@ def evaluate(
         tokenizer = _tokenizer(source, trust_remote_code)
     tokens = _tokens(tokenizer, texts, seq_len, max_tokens)
     tasks = harness.prepare(lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot)
-    prompts = _passkey_prompts(passkey, model, source, tokenizer, texts, trust_remote_code)
+    prompts = _passkey_prompts(passkey, config, tokenizer, texts)
     loaded = _load(model, source, tokenizer, trust_remote_code, device, name, allow_pickle)
     settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
     report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}
@@ -211,13 +235,10 @@ def evaluate(
     return report
 
 
-def _passkey_prompts(settings, model, source, tokenizer, texts: list[Text], trust_remote_code: bool):
+def _passkey_prompts(settings, config, tokenizer, texts: list[Text]):
     """Every passkey prompt, built before the model is loaded (the window comes from the config)."""
     if settings is None:
         return None
-    from clakit.sources import load_config
-
-    config = model.config if source is None else load_config(source, trust_remote_code)
     return passkey_task.prepare(tokenizer, join_texts(texts), settings, passkey_task.window(config))
 
 

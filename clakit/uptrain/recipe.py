@@ -20,6 +20,7 @@ import yaml
 
 from clakit.convert.config import ConvertConfig
 from clakit.errors import ClakitError
+from clakit.sources import check_revision
 
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
 REPORTERS = ("none", "tensorboard")
@@ -306,6 +307,7 @@ def validate(recipe: Recipe) -> None:
 def _validate_model(m: ModelSection) -> None:
     _check(bool(m.path) != bool(m.source), "recipe needs exactly one of model.path (a CLA checkpoint) or model.source")
     _check(not (m.path and m.convert), "model.convert applies to model.source, not to an already converted model.path")
+    check_revision(m.revision, m.path or m.source, m.original, option="model.revision")
     c = m.convert
     if c is None:
         return

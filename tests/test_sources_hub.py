@@ -1,0 +1,131 @@
+"""Hub ids without the Hub: `huggingface_hub.snapshot_download` replaced by a local repo that records what was
+asked. A Hub checkpoint's config.json is fetched and checked before its weights (a quantized or unsupported 70B
+repo is refused after one small file, not after 140 GB), the weights come from the config's commit, and a Hub
+revision given with a local path (read as it is) is refused rather than recorded."""
+
+import fnmatch
+import json
+import shutil
+
+import pytest
+import yaml
+from conftest import save_checkpoint, tiny_model
+
+from clakit.convert import convert
+from clakit.errors import ClakitError
+from clakit.sources import check_revision, resolve_source
+from clakit.uptrain import load_recipe
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+FIRST = ["config.json", "model.safetensors.index.json"]  # what is fetched before anything is checked
+
+
+class FakeHub:
+    """snapshot_download over one local folder: copies the files the patterns allow into snapshots/COMMIT."""
+
+    def __init__(self, repo, cache):
+        self.repo, self.cache, self.calls = repo, cache, []
+
+    def __call__(self, repo_id, revision=None, allow_patterns=None, **_):
+        self.calls.append((repo_id, revision, list(allow_patterns)))
+        snapshot = self.cache / "snapshots" / COMMIT
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for f in self.repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, snapshot / f.name)
+        return str(snapshot)
+
+    def weights_fetched(self) -> bool:
+        return len(self.calls) > 1
+
+
+@pytest.fixture
+def hub(tmp_path, tokenizer, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    repo = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "repo")
+    fake = FakeHub(repo, tmp_path / "cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return fake
+
+
+def edit_config(repo, **changes):
+    path = repo / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"quantization_config": {"quant_method": "fp8"}}, "is a quantized checkpoint (quantization_config: fp8)"),
+        ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "is a Qwen2ForCausalLM model"),
+    ],
+)
+def test_a_refused_hub_config_is_refused_before_the_weights_download(hub, tmp_path, changes, needle):
+    edit_config(hub.repo, **changes)
+    with pytest.raises(ClakitError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        convert("org/model", tmp_path / "out", factor=2, quiet=True)
+    assert hub.calls == [("org/model", None, FIRST)] and not hub.weights_fetched()
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unindexed_hub_repo_fetches_every_safetensors_file(hub, tmp_path, tokenizer):
+    shutil.rmtree(hub.repo)
+    tiny_model("llama").save_pretrained(hub.repo)  # one model.safetensors, no index
+    tokenizer.save_pretrained(hub.repo)
+    convert("org/model", tmp_path / "out", factor=2, quiet=True)
+    assert "*.safetensors" in hub.calls[1][2] and (hub.cache / "snapshots" / COMMIT / "model.safetensors").is_file()
+
+
+def test_a_hub_repo_without_config_is_refused_after_one_request(hub, tmp_path):
+    (hub.repo / "config.json").unlink()
+    with pytest.raises(ClakitError, match="has no config.json, so it is not a transformers checkpoint"):
+        convert("org/model", tmp_path / "out", factor=2, quiet=True)
+    assert len(hub.calls) == 1 and not hub.weights_fetched()
+
+
+def test_a_bad_output_folder_is_refused_before_any_download(hub, tmp_path):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(ClakitError, match="out"):
+        convert("org/model", tmp_path / "out", factor=2, quiet=True)
+    assert hub.calls == [] and (tmp_path / "out").read_text() == "mine"
+
+
+def test_a_hub_checkpoint_converts_from_the_commit_its_config_came_from(hub, tmp_path):
+    """Only the shards the index lists are fetched: a stray consolidated.safetensors (Mistral's repos hold one
+    beside the shards, the same weights again) is not downloaded."""
+    first_shard = min(hub.repo.glob("model-*.safetensors"))
+    (hub.repo / "consolidated.safetensors").write_bytes(first_shard.read_bytes())
+    out = convert("org/model", tmp_path / "out", factor=2, revision="v1", quiet=True)
+    (_, first_rev, first), (_, second_rev, second) = hub.calls
+    assert (first_rev, first) == ("v1", FIRST)
+    assert second_rev == COMMIT  # the weights of the same commit, not v1's tip
+    shards = sorted(f.name for f in hub.repo.glob("model-*.safetensors"))
+    snapshot = hub.cache / "snapshots" / COMMIT
+    assert sorted(f.name for f in snapshot.glob("*.safetensors")) == shards and "*.safetensors" not in second
+    record = json.loads((out / "clakit_convert.json").read_text())
+    assert record["source"]["kind"] == "hub" and record["source"]["revision"] == COMMIT
+
+
+def test_a_local_path_never_carries_a_revision(tmp_path, tiny_llama_checkpoint):
+    assert resolve_source(str(tiny_llama_checkpoint)).revision is None
+    check_revision("v1", tiny_llama_checkpoint, "org/model")  # the Hub id may be what it is for
+    check_revision(None, tiny_llama_checkpoint)
+    with pytest.raises(ClakitError, match="--revision v1 selects a Hub revision, but"):
+        check_revision("v1", tiny_llama_checkpoint, None)
+
+
+def test_uptrain_model_revision_with_only_local_models_is_refused(tmp_path, tiny_llama_checkpoint):
+    recipe = {
+        "model": {"path": str(tiny_llama_checkpoint), "revision": "v1"},
+        "data": {"train": ["train.txt"]},
+        "train": {"output_dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ClakitError, match="model.revision v1 selects a Hub revision, but"):
+        load_recipe(path)
+    assert load_recipe(path, ["model.original=org/model"]).model.revision == "v1"  # the revision of the original
