@@ -41,7 +41,7 @@ class Source:
         return self.path.name if self.kind == "gguf" else None
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
@@ -121,7 +121,7 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
         return Source(spec, "dir", path.resolve())
     if path.exists():
         raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file")
-    if _looks_like_hub_id(spec) and not os.environ.get("HF_HUB_OFFLINE"):
+    if looks_like_hub_id(spec) and not os.environ.get("HF_HUB_OFFLINE"):
         return _download(spec, revision, allow_pickle, check_config)
     raise ClakitError(f"model {spec!r} does not exist: give a checkpoint folder, a .gguf file or a Hub id (org/name)")
 

@@ -244,6 +244,13 @@ def test_dry_run_prints_the_resolved_recipe_and_writes_nothing(capsys, tmp_path,
     assert not out.exists()
 
 
+def test_dry_run_refuses_a_missing_path_that_is_no_hub_id(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint):  # noqa: F811
+    """`runs/a/b` has a slash but is no org/name: --dry-run passed it as a Hub id, the real run refused it."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model={"path": "runs/a/b"}))
+    assert main(["uptrain", str(path), "--dry-run"]) == 2
+    assert "model 'runs/a/b' does not exist" in capsys.readouterr().err
+
+
 def test_smollm2_cpu_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, corpus_dir, tiny_llama_checkpoint):
     """The shipped default recipe, with only its model/data/size overridden: its own settings must train."""
     out = tmp_path / "smol"

@@ -23,7 +23,7 @@ import torch
 
 from clakit import outputs
 from clakit.errors import ClakitError
-from clakit.sources import load_model, load_tokenizer, resolve_source
+from clakit.sources import load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, student
 from clakit.uptrain.distill import check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
@@ -202,7 +202,7 @@ def _source_record(source) -> dict | None:
 def check_paths(recipe: Recipe) -> None:
     """Cheap existence checks for --dry-run: local model/data paths (datasets specs and Hub ids are not fetched)."""
     for spec in [recipe.model.path, recipe.model.source, recipe.model.original]:
-        if spec and (Path(spec).expanduser().exists() or "/" in spec and not spec.startswith((".", "/", "~"))):
+        if spec and (Path(spec).expanduser().exists() or looks_like_hub_id(spec)):  # as resolve_source judges it
             continue
         if spec:
             raise ClakitError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id")
