@@ -11,10 +11,12 @@ import pytest
 import yaml
 from conftest import save_checkpoint, tiny_model
 
-from clakit.convert import convert
+from clakit.convert import ConvertConfig, convert
 from clakit.errors import ClakitError
 from clakit.sources import check_revision, resolve_source
 from clakit.uptrain import load_recipe
+from clakit.uptrain.recipe import ModelSection
+from clakit.uptrain.student import check_model_section
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 FIRST = ["config.json", "model.safetensors.index.json"]  # what is fetched before anything is checked
@@ -129,3 +131,22 @@ def test_uptrain_model_revision_with_only_local_models_is_refused(tmp_path, tiny
     with pytest.raises(ClakitError, match="model.revision v1 selects a Hub revision, but"):
         load_recipe(path)
     assert load_recipe(path, ["model.original=org/model"]).model.revision == "v1"  # the revision of the original
+
+
+@pytest.mark.parametrize(
+    ("section", "changes", "needle"),
+    [
+        ({"path": "org/model"}, {}, "model.path org/model is not a CLA checkpoint"),
+        (
+            {"source": "org/model", "convert": ConvertConfig(factor=2)},
+            {"quantization_config": {"quant_method": "awq"}},
+            "is a quantized checkpoint",
+        ),
+    ],
+)
+def test_uptrain_checks_a_hub_model_before_its_weights_download(hub, section, changes, needle):
+    """A 70B stock repo given as model.path (or a quantized one as model.source) was refused after its download."""
+    edit_config(hub.repo, **changes)
+    with pytest.raises(ClakitError, match=needle):
+        check_model_section(ModelSection(**section), seq_len=32)
+    assert not hub.weights_fetched()

@@ -121,7 +121,7 @@ def convert(
     resolved = replace(config, layout=layout, kv_saving=kv_saving_, init=_resolve_init(config.init, config.calib_data))
     job = _Conversion(
         out=Path(out).expanduser().absolute(),
-        source=resolve_source(str(src), config.revision, config.allow_pickle, check_config=_check_raw_config),
+        source=resolve_source(str(src), config.revision, config.allow_pickle, check_config=check_source_config),
         config=resolved,
         device=device,
         overwrite=overwrite,
@@ -170,8 +170,7 @@ def _resolve_init(init: str | None, calib_data) -> str:
 
 def _source_config(source: Source, trust_remote_code: bool):
     """The source's config and architecture; anything but Llama/Mistral is refused before loading it."""
-    if source.kind == "dir":  # read the raw file first: an unknown model_type must not need its code to be refused
-        _check_raw_config(source)
+    check_source_config(source)  # the raw file first: an unknown model_type must not need its code to be refused
     try:
         config = load_config(source, trust_remote_code)
     except ClakitError:
@@ -181,9 +180,11 @@ def _source_config(source: Source, trust_remote_code: bool):
     return config, _check_architecture(source, config.architectures, config.model_type)
 
 
-def _check_raw_config(source: Source) -> None:
+def check_source_config(source: Source) -> None:
     """Architecture and quantization from config.json alone: also run on a Hub repo's config before its weights
     are downloaded (`resolve_source`'s check_config)."""
+    if source.kind != "dir":  # a .gguf file's metadata is read by transformers (load_config)
+        return
     raw = read_config_json(source.path)
     _check_architecture(source, raw.get("architectures"), raw.get("model_type"))
     _check_not_quantized(source, raw.get("quantization_config"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from clakit import outputs
+from clakit.convert.pipeline import check_source_config
 from clakit.errors import ClakitError
 from clakit.sources import load_config, load_model, read_config_json, resolve_source
 
@@ -22,10 +23,19 @@ def check_model_section(model_section, seq_len: int | None = None):
     """Refuse a model that is not a CLA checkpoint (model.path) or not convertible (model.source), or whose context
     window is shorter than data.seq_len (`seq_len`), before any work; returns its config."""
     spec = model_section.path or model_section.source
-    source = resolve_source(spec, model_section.revision)
-    config = load_config(source)
+    # a Hub repo's config.json is checked before its weights are downloaded (GBs for the wrong kind of model)
+    source = resolve_source(spec, model_section.revision, check_config=lambda s: _check_kind(model_section, s))
+    config = _check_kind(model_section, source)
     if seq_len is not None:
         check_seq_len(seq_len, context_window(source, config), spec)
+    return config
+
+
+def _check_kind(model_section, source):
+    """model.path must be a CLA checkpoint, model.source a convertible stock one (with model.convert settings);
+    returns the config."""
+    spec = model_section.path or model_section.source
+    config = load_config(source)
     is_cla = config.model_type.endswith("_cla")
     if model_section.path and not is_cla:
         raise ClakitError(
@@ -39,6 +49,8 @@ def check_model_section(model_section, seq_len: int | None = None):
             f"model.source {spec} is not a CLA checkpoint and the recipe has no model.convert settings; "
             "add e.g. `convert: {factor: 2, init: mean}` or give a converted checkpoint as model.path"
         )
+    if model_section.source:  # an architecture or quantized weights convert refuses
+        check_source_config(source)
     return config
 
 
