@@ -46,7 +46,19 @@ def _legacy_kind(folder: Path) -> str | None:
         if isinstance(run, dict) and {"fingerprint", "recipe"} <= set(run):
             return "uptrain"
     names = {p.name for p in folder.iterdir()}
-    return "report" if "report.html" in names and names <= REPORT_FILES else None
+    return "report" if names <= REPORT_FILES and _clakit_page(folder / "report.html") else None
+
+
+REPORT_PAGE_HEAD = b"<title>clakit eval report</title>"  # in the <head> of every report.html clakit has written
+
+
+def _clakit_page(page: Path) -> bool:
+    """Whether `page` is a report.html that clakit wrote: a user's own report.html (with report.md beside it) is
+    not an older clakit report folder, and replacing it would delete the user's files."""
+    with contextlib.suppress(OSError):
+        with page.open("rb") as f:
+            return REPORT_PAGE_HEAD in f.read(512)
+    return False
 
 
 def read_marker(folder: Path) -> dict | None:

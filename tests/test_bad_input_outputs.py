@@ -166,6 +166,9 @@ CASES = [
          id="report-contains-input"),
     Case("report {report} -o {rep}", "holds files clakit did not write (notes.md)",
          both(clakit_output("rep", "report", ["report.md"]), add_file("rep", "notes.md")), id="report-user-file"),
+    Case("report {report} -o {mine}", "is not a clakit report folder (not written by clakit)",
+         make_folder("mine", {"report.html": "<html>my own report</html>", "report.md": "# mine"}), protect=("mine",),
+         id="report-user-folder-named-like-a-report"),
     Case("report {report} -o {f}/r", "is a file, not a folder", make_file("f"), id="report-parent-is-file"),
     Case("report {report} -o {ro}/r", "cannot write into", unwritable, id="report-unwritable"),
     # --- demo: its work folder's outputs, all checked before the first stage (nothing fetched)
