@@ -321,6 +321,7 @@ def _validate_model(m: ModelSection) -> None:
 
 def _validate_data(d: DataSection) -> None:
     _check(bool(d.train), "recipe needs data.train: text files, folders of .txt or datasets specs")
+    _check_each_once(d.train)
     for spec in d.eval or []:
         held_out = Path(spec).expanduser().resolve()
         for train in d.train:
@@ -342,6 +343,27 @@ def _validate_data(d: DataSection) -> None:
         f"data.copy_span must be between 1 and data.seq_len / 2 = {d.seq_len // 2} (the copy and its source share "
         f"one window), got {d.copy_span}",
     )
+
+
+def _same_text(a: str, b: str) -> bool:
+    """Whether data.train specs `a` and `b` read the same text: equal specs, or local paths that are the same file or
+    folder, or one inside the other (a folder and one of its .txt)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if not (pa.exists() and pb.exists()):
+        return a == b
+    pa, pb = pa.resolve(), pb.resolve()
+    return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
+
+
+def _check_each_once(train: list[str]) -> None:
+    """A text listed twice is trained on twice as often, and with eval_fraction the held-out tail (cut from the
+    last copy) is text the first copy trains on: its numbers would not be held out."""
+    for i, spec in enumerate(train):
+        for earlier in train[:i]:
+            _check(
+                not _same_text(earlier, spec),
+                f"data.train names the same text twice ({earlier} and {spec}); list each file or folder once",
+            )
 
 
 def _validate_train(t: TrainSection) -> None:
