@@ -49,6 +49,16 @@ def test_dotted_overrides_parse_values_as_yaml(tmp_path):
     assert r.distill.weight == 0.5 and r.data.seq_len == 64
 
 
+def test_a_mapping_override_sets_only_the_keys_it_names(tmp_path):
+    """`lora={r: 8}` replaced the whole section: alpha, dropout and target_modules silently went back to defaults."""
+    recipe = {**MINIMAL, "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["gate_proj"]}}
+    r = load_recipe(write(tmp_path, recipe), ["lora={r: 8}", "train={max_steps: 3}"])
+    assert (r.lora.r, r.lora.lora_alpha, r.lora.target_modules) == (8, 8, ["gate_proj"])
+    assert r.train.max_steps == 3 and r.train.output_dir == "runs/x"
+    reset = load_recipe(write(tmp_path, recipe), ["lora=null", "lora={r: 8}"])  # null first: the defaults
+    assert (reset.lora.r, reset.lora.lora_alpha, reset.lora.target_modules[0]) == (8, 32, "q_proj")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

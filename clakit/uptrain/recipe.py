@@ -194,7 +194,8 @@ def _build(cls, data, where: str):
 
 
 def apply_override(raw: dict, override: str) -> None:
-    """`train.max_steps=10` -> raw["train"]["max_steps"] = 10 (the value is read as YAML: 1e-3, [a, b], null)."""
+    """`train.max_steps=10` -> raw["train"]["max_steps"] = 10 (the value is read as YAML: 1e-3, [a, b], null; a
+    mapping is merged into the section it names)."""
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise ClakitError(f"override {override!r} must look like section.key=value, e.g. train.max_steps=10")
@@ -211,7 +212,16 @@ def apply_override(raw: dict, override: str) -> None:
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
-    node[parts[-1]] = value
+    node[parts[-1]] = _merged(node.get(parts[-1]), value)
+
+
+def _merged(old, new):
+    """A mapping given for a section (`lora={r: 8}`) sets the keys it names, as `lora.r=8` would; the others keep
+    the recipe's values (replacing the section would silently reset them to the defaults). `section=null` resets
+    it; any other value replaces."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{k: _merged(old.get(k), v) for k, v in new.items()}}
 
 
 def shipped_recipes() -> Path:
