@@ -271,7 +271,7 @@ def test_quiet_means_quiet(paths):  # noqa: F811
         _clakit(*eval_args, "-q"),
         _clakit("convert", p["model"], p["tmp"] / "cla", "--init", "mean", "-q"),
         _clakit("report", p["tmp"] / "r.json", p["tmp"] / "r.json", "-o", p["tmp"] / "rep", "-q"),
-        _clakit("uptrain", p["recipe"], "-q", "train.max_steps=1", f"model.path={p['cla']}"),
+        _clakit("uptrain", p["recipe"], "-q", "train.max_steps=1", "train.warmup_steps=0", f"model.path={p['cla']}"),
     ]
     for run in runs:
         assert run.returncode == 0 and run.stderr == "", (run.args, run.stderr[-2000:])

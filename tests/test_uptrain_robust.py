@@ -152,7 +152,11 @@ def test_the_teacher_is_the_converted_models_source_not_a_same_named_folder_here
     monkeypatch.chdir(other)
     assert original_source(ModelSection(path=str(converted))) == (str(first / "orig"), None)
     recipe = tiny_recipe(
-        corpus_dir, tmp_path / "run", model={"path": str(converted)}, distill={"weight": 0.5}, train={"max_steps": 1}
+        corpus_dir,
+        tmp_path / "run",
+        model={"path": str(converted)},
+        distill={"weight": 0.5},
+        train={"max_steps": 1, "warmup_steps": 0},
     )
     uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
     record = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -113,6 +113,8 @@ def uptrain_stage(ctx: DemoContext) -> None:
         f"train.max_steps={s.uptrain_steps}",
         f"train.save_steps={s.uptrain_steps}",
         f"train.eval_steps={s.uptrain_steps}",
+        # one step inside the recipe's warmup would train at learning rate 0 (uptrain refuses it): no warmup then
+        *(["train.warmup_steps=0"] if s.uptrain_steps == 1 else []),
     ]
     ctx.models["uptrained"] = str(uptrain(DEFAULT_RECIPE, overrides, overwrite=True, quiet=s.quiet))
 

@@ -28,7 +28,7 @@ from clakit.uptrain import card, checkpoint, student
 from clakit.uptrain.distill import check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import Recipe, load_recipe, resolve_recipe
-from clakit.uptrain.trainer import Trainer
+from clakit.uptrain.trainer import Trainer, check_plan, make_plan
 
 RESULT = "model"
 EVAL = "eval"  # clakit eval reports: original.json, converted.json, uptrained.json
@@ -413,6 +413,7 @@ def uptrain(
     budget = token_budget(recipe.train, recipe.data.seq_len, acc.num_processes)
     data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed)
     check_launch(data, acc.num_processes)
+    check_plan(recipe.train, make_plan(recipe.train, len(data.train), data.seq_len, acc.num_processes))
     if resume:
         check_same_data(out, data, acc.num_processes)
     work = out if resume else _staging_dir(out, acc)

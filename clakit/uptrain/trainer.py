@@ -42,6 +42,16 @@ def make_plan(train, n_blocks: int, seq_len: int, world: int) -> Plan:
     return Plan(total, tokens_per_step, warmup)
 
 
+def check_plan(train, plan: Plan) -> None:
+    """A warmup starts at learning rate 0 (transformers' schedulers, all but `constant`): a run of one step with any
+    warmup trains at 0 and returns the converted model unchanged while its card counts a step of training."""
+    if plan.total_steps == 1 and plan.warmup_steps > 0 and train.lr_scheduler_type != "constant":
+        raise ClakitError(
+            "the run has 1 step and a warmup, whose first step trains at learning rate 0: nothing would be learned; "
+            "set train.warmup_steps=0 train.warmup_ratio=0, or train more steps"
+        )
+
+
 def make_optimizer(model, train):
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(
