@@ -120,6 +120,8 @@ CASES = [
     Case(UP + "train.eval_steps=-1", "train.eval_steps must be >= 0"),
     Case(UP + "train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
     Case(UP + "train.warmup_ratio=1", "train.warmup_ratio must be in [0, 1)"),
+    Case(UP + "train.lr_scheduler_type=constant", "train.lr_scheduler_type constant has no warmup",
+         id="constant-schedule-with-warmup"),
     Case(UP + "train.max_steps=1", "the run has 1 step and a warmup, whose first step trains at learning rate 0",
          id="one-step-with-warmup"),
     Case(UP + "train.max_steps=-1 train.max_tokens=10 train.warmup_steps=0 train.warmup_ratio=0.5",

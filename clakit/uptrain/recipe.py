@@ -412,6 +412,11 @@ def _validate_train(t: TrainSection) -> None:
     )
     for r in t.report_to:
         _check(r in REPORTERS, f"train.report_to {r!r} is not one of {', '.join(REPORTERS)}")
+    _check(
+        t.lr_scheduler_type != "constant" or (t.warmup_steps == 0 and t.warmup_ratio == 0),
+        "train.lr_scheduler_type constant has no warmup (transformers ignores warmup_steps / warmup_ratio there); "
+        "use constant_with_warmup, or set train.warmup_steps=0 train.warmup_ratio=0",
+    )
 
 
 def _validate_lora(lo: LoraSection) -> None:
