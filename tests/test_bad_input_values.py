@@ -152,6 +152,8 @@ CASES = [
          "data.train names the same text twice", id="train-file-twice"),
     Case(UP + "data.train=[{data},{data}/train.txt]", "data.train names the same text twice",
          id="train-folder-and-its-file"),
+    Case(UP + "model.path=null 'model.source={model}' 'model.convert={{init: calibrated, calib_data: [{data}]}}'",
+         "heldout.txt is (or holds) calibration text", id="eval-data-is-calibration-data"),
     Case(UP + "data.eval=[{data}/train.txt]", "is (or holds) training text", id="eval-data-is-train-data"),
     Case(UP + "data.eval=[{data}]", "is (or holds) training text", id="eval-folder-holds-train-data"),
     Case(UP + "data.train=[{data}] data.eval=[{data}/heldout.txt]", "is (or holds) training text",

@@ -306,6 +306,7 @@ def validate(recipe: Recipe) -> None:
     """Cross-field and range checks the types alone do not catch (every float is already finite)."""
     _validate_model(recipe.model)
     _validate_data(recipe.data)
+    _check_calibration_held_out(recipe)
     _validate_train(recipe.train)
     _validate_lora(recipe.lora)
     ds = recipe.distill
@@ -363,6 +364,19 @@ def _same_text(a: str, b: str) -> bool:
         return a == b
     pa, pb = pa.resolve(), pb.resolve()
     return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
+
+
+def _check_calibration_held_out(recipe: Recipe) -> None:
+    """The conversion fits the model on its calibration text: held-out numbers on that text would not be held out
+    (the converted model's would look better than it is, and so would the uptrained one's)."""
+    calib = recipe.model.convert.calib_data if recipe.model.convert else None
+    for spec in recipe.data.eval or []:
+        for text in calib or []:
+            _check(
+                not _same_text(text, spec),
+                f"data.eval {spec} is (or holds) calibration text {text} of model.convert.calib_data: the conversion"
+                " is fitted on it, so its numbers would not be held out; give held-out text it never reads",
+            )
 
 
 def _check_each_once(train: list[str]) -> None:
