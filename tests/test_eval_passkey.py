@@ -123,6 +123,19 @@ def test_report_holds_the_grid_and_report_draws_the_heat_map(tmp_path, capsys, t
     assert "passkey.settings differs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("section", ["passkey", "lm_eval"])
+def test_report_compares_the_sections_among_the_reports_that_have_them(section):
+    """The first report without passkey (or lm-eval) results, two later ones with different settings: they were
+    compared with the first only, so passed, and the passkey table divided by zero (a traceback)."""
+    from clakit.eval.comparison import check_comparable
+
+    base = {"data": {"sha256": "x"}, "num_tokens": 64, "settings": {"seq_len": 32, "stride": 32, "batch_size": 2}}
+    settings = {"passkey": lambda n: {"lengths": [n]}, "lm_eval": lambda n: {"limit": n}}[section]
+    runs = [base] + [{**base, section: {"settings": settings(n), "tasks": {}}} for n in (200, 240)]
+    with pytest.raises(ClakitError, match=rf"cannot compare c.json with b.json: {section}\.settings"):
+        check_comparable(runs, ["a.json", "b.json", "c.json"])
+
+
 @pytest.mark.parametrize(
     ("kw", "needle"),
     [

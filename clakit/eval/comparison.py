@@ -43,19 +43,19 @@ def _field(report: dict, keys: tuple) -> object:
 
 
 def check_comparable(reports: list[dict], paths: list) -> None:
-    """Refuse, naming the first differing field, runs that were not made on the same data with the same settings."""
-    for report, path in zip(reports[1:], paths[1:], strict=True):
-        both_lm_eval = bool(reports[0].get("lm_eval")) and bool(report.get("lm_eval"))
-        both_passkey = bool(reports[0].get("passkey")) and bool(report.get("passkey"))
-        extra = (LM_EVAL_MUST_MATCH if both_lm_eval else ()) + (PASSKEY_MUST_MATCH if both_passkey else ())
-        for keys in MUST_MATCH + extra:
-            a, b = _field(reports[0], keys), _field(report, keys)
-            if a != b:
-                name = ".".join(keys)
-                raise ClakitError(
-                    f"cannot compare {path} with {paths[0]}: {name} differs ({b!r} vs {a!r}); "
-                    "evaluate every model on the same data with the same settings"
-                )
+    """Refuse, naming the first differing field, runs that were not made on the same data with the same settings.
+    lm-eval and passkey settings are compared among the reports that have those sections (the first report may
+    lack them while two later ones differ)."""
+    for fields, section in ((MUST_MATCH, None), (LM_EVAL_MUST_MATCH, "lm_eval"), (PASSKEY_MUST_MATCH, "passkey")):
+        having = [(r, p) for r, p in zip(reports, paths, strict=True) if section is None or r.get(section)]
+        for report, path in having[1:]:
+            for keys in fields:
+                a, b = _field(having[0][0], keys), _field(report, keys)
+                if a != b:
+                    raise ClakitError(
+                        f"cannot compare {path} with {having[0][1]}: {'.'.join(keys)} differs ({b!r} vs {a!r}); "
+                        "evaluate every model on the same data with the same settings"
+                    )
 
 
 def labels(reports: list[dict]) -> list[str]:
