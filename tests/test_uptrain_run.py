@@ -192,6 +192,7 @@ def test_output_dir_of_another_run_and_resume_of_a_different_recipe(capsys, tmp_
     assert_refused(capsys, out, [path], "already exists; continue it with --resume or replace it", before)
     changed = [path, "train.learning_rate=1e-2", "--resume"]
     assert_refused(capsys, out, changed, "train.learning_rate: 0.003 -> 0.01", before)
+    assert "save_steps" not in run_cli(capsys, *changed, "train.save_steps=7")[1]  # may change: not named
     assert_refused(capsys, out, [path, "--resume", "--overwrite"], "contradict", before)
     # --overwrite replaces the old run; a recipe-compatible --resume of a finished run just returns its result
     assert run_cli(capsys, path, "--overwrite", "train.max_steps=3")[0] == 0

@@ -27,7 +27,7 @@ from clakit.sources import load_model, load_tokenizer, looks_like_hub_id, resolv
 from clakit.uptrain import card, checkpoint, student
 from clakit.uptrain.distill import check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
-from clakit.uptrain.recipe import Recipe, load_recipe, resolve_recipe
+from clakit.uptrain.recipe import RUN_ONLY, Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import Trainer, check_plan, make_plan
 
 RESULT = "model"
@@ -69,7 +69,8 @@ def check_output_dir(
         run = json.loads(run_file.read_text())
         if run.get("fingerprint") != recipe.fingerprint():
             changes = _diff(run.get("recipe", {}), recipe.to_dict())
-            shown = "; ".join(c for c in changes if ".output_dir" not in c)[:300] or "unknown fields"
+            ignored = tuple(f"train.{key}:" for key in RUN_ONLY)  # may change: not part of the fingerprint
+            shown = "; ".join(c for c in changes if not c.startswith(ignored))[:300] or "unknown fields"
             raise ClakitError(
                 f"--resume: the run in {out} was started with a different recipe ({shown}); "
                 "resume with the same recipe and overrides, or start over with --overwrite"

@@ -22,6 +22,8 @@ from clakit.convert.config import ConvertConfig
 from clakit.errors import ClakitError
 from clakit.sources import check_revision
 
+# train keys that do not change the trained weights: outside the fingerprint, so --resume may change them
+RUN_ONLY = ("output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_steps")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
 REPORTERS = ("none", "tensorboard")
 
@@ -113,7 +115,7 @@ class Recipe:
     def fingerprint(self) -> str:
         """Hash of everything that changes the trained weights (not logging/saving/output settings)."""
         d = self.to_dict()
-        for key in ("output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_steps"):
+        for key in RUN_ONLY:
             d["train"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
