@@ -387,3 +387,12 @@ def test_kv_saving_out_of_range_with_calibration_data(src, tmp_path, capsys, sav
     calib.write_text("some calibration text " * 50)
     args = ("--kv-saving", saving, "--calib-data", calib)
     assert_refused(capsys, src, tmp_path / "out", *args, match="--layout auto needs --kv-saving between 0 and 1")
+
+
+def test_unknown_rope_type(src, tmp_path, capsys):
+    """transformers accepts a rope_type it does not implement (with a warning) and fails with a KeyError when the
+    model is built: one line naming it, not a traceback."""
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "foo", "rope_theta": 10000.0}
+    (src / "config.json").write_text(json.dumps(config))
+    assert_refused(capsys, src, tmp_path / "out", "--factor", "2", match="rope_type 'foo' is not one this")
