@@ -167,6 +167,8 @@ CASES = [
          id="original-missing-without-distillation"),
     Case(UP + "model.original=smol-typo", "model.original smol-typo does not exist", id="original-name-typo"),
     Case(UP + "model.original={data}", "is not a model checkpoint folder (no config.json)", id="original-not-a-model"),
+    Case(UP + "model.original={cla} distill.weight=1", "is a CLA checkpoint (its layers share K/V), not the original",
+         id="teacher-is-the-student"),
     # --- recipe files and overrides that are not valid YAML
     Case(UP + "train.max_steps=[", "override 'train.max_steps=[': the value is not valid YAML"),
     Case(UP + "'train.output_dir={{'", "the value is not valid YAML", id="override-brace"),

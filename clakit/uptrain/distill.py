@@ -47,6 +47,12 @@ def check_teacher_fits(teacher, student_config, distill) -> None:
     states layer by layer (the same layers and width): refused from the configs, before any model is loaded, instead
     of a shape error at the first step. `teacher` is the resolved Source of the original model."""
     config = load_config(teacher)
+    layout = getattr(config, "kv_source_layers", None) or []
+    if any(source != i for i, source in enumerate(layout)):  # a CLA checkpoint: the student itself, or another
+        raise ClakitError(
+            f"the teacher {teacher.spec} is a CLA checkpoint (its layers share K/V), not the original model: "
+            "distillation needs the stock model the student was converted from; set model.original to it"
+        )
     keys = ["vocab_size"] + (["num_hidden_layers", "hidden_size"] if distill.hidden_mse_weight > 0 else [])
     for key in keys:
         theirs, ours = getattr(config, key, None), getattr(student_config, key, None)
