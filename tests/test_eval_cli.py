@@ -2,6 +2,7 @@
 line on stderr, no output written)."""
 
 import json
+import shutil
 
 import pytest
 from conftest import make_text, tiny_model
@@ -74,6 +75,15 @@ def test_report_writes_table_plot_and_page(capsys, tmp_path, reports):
     assert "| 2.00 |" in md  # CLA2 saving factor
     assert (out / "ppl_vs_kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_report_shows_an_unknown_saving_factor_as_unknown():
+    """kv_cache.saving_factor null is a valid report (records.FIELDS) and was shown as a saving of 0.00x."""
+    from clakit.eval.comparison import rows
+
+    run = {"model": "m", "perplexity": 10.0, "bits_per_byte": 1.0, "kv_cache": {"bytes_per_token": 8}}
+    assert rows([{**run, "kv_cache": {"bytes_per_token": 8, "saving_factor": None}}])[0][5] == "–"
+    assert rows([{**run, "kv_cache": {"bytes_per_token": 8, "saving_factor": 2.0}}])[0][5] == "2.00"
 
 
 @pytest.mark.parametrize(("other", "field"), [("short", "settings.seq_len"), ("other", "data.sha256")])
@@ -155,3 +165,15 @@ def test_eval_bad_input(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir, not
         }[case]
     out = tmp_path / "r.json"
     assert_refused(capsys, ["eval", model, "-o", out, "--data", data, "--quiet", *extra], needle, out)
+
+
+def test_eval_refuses_a_rope_type_this_transformers_lacks(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir):
+    """transformers accepts an unknown rope_type with a warning and fails with KeyError('foo') building the model:
+    eval said "check that its files are complete (download it again)"; the same line as convert's now."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_checkpoint, model)
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "foo", "rope_theta": 10000.0}
+    (model / "config.json").write_text(json.dumps(config))
+    argv = ["eval", model, "-o", tmp_path / "r.json", "--data", corpus_dir / "heldout.txt", "--seq-len", 32, "-q"]
+    assert_refused(capsys, argv, "rope_type 'foo' is not one this transformers", tmp_path / "r.json")

@@ -76,7 +76,7 @@ def rows(reports: list[dict]) -> list[list[str]]:
                 f"{100 * (r['perplexity'] / base - 1):+.1f}%",
                 f"{r['bits_per_byte']:.4f}",
                 f"{kv['bytes_per_token']:,}",
-                f"{kv.get('saving_factor') or 0:.2f}",
+                f"{kv['saving_factor']:.2f}" if kv.get("saving_factor") else "–",  # null: unknown, not 0×
                 f"{sp['prefill_tokens_per_s']:.0f}" if sp else "–",
                 f"{sp['decode_tokens_per_s']:.1f}" if sp else "–",
             ]
