@@ -161,11 +161,29 @@ def load_config(source: Source, trust_remote_code: bool = False):
     if source.kind == "dir":
         read_config_json(source.path)
     try:
-        return AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             source.load_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
     except Exception as e:  # a config transformers refuses: validation, TypeError, ZeroDivisionError, AttributeError
         raise _read_error(source, "read the config of", e) from None
+    _check_rope_type(source, config)
+    return config
+
+
+def _check_rope_type(source: Source, config) -> None:
+    """A rope_type this transformers does not implement (a newer one, or a typo) passes its config validation with a
+    warning, then fails with a KeyError when the model is built: refused here in one line."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+        known = ", ".join(["default", *ROPE_INIT_FUNCTIONS])
+        raise ClakitError(
+            f"{source.spec}: its config's rope_type {rope_type!r} is not one this transformers "
+            f"({transformers.__version__}) implements ({known}); upgrade transformers or fix its config.json"
+        )
 
 
 def check_weights(source: Source, allow_pickle: bool = False) -> None:

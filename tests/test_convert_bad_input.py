@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import save_checkpoint, tiny_model
 from convert_fixtures import copy_checkpoint, fingerprint, run_cli
 from safetensors.torch import load_file, save_file
 
@@ -396,3 +397,27 @@ def test_unknown_rope_type(src, tmp_path, capsys):
     config["rope_parameters"] = {"rope_type": "foo", "rope_theta": 10000.0}
     (src / "config.json").write_text(json.dumps(config))
     assert_refused(capsys, src, tmp_path / "out", "--factor", "2", match="rope_type 'foo' is not one this")
+
+
+@pytest.mark.parametrize(
+    ("layers", "args", "match"),
+    [
+        (1, [], "a 1-layer model has no other layer to share its K/V with"),  # --calib-data alone asks for 0.5
+        (4, ["--kv-saving", "0.9"], "--kv-saving 0.9 leaves no producer layer in a 4-layer model"),
+    ],
+)
+def test_a_saving_no_layout_reaches_is_refused_before_any_model_runs(
+    tokenizer, tmp_path, capsys, monkeypatch, layers, args, match
+):
+    """A 1-layer model given only --calib-data was refused naming --kv-saving 0.5, a flag the user never gave; both
+    were refused only after the source's evaluation and calibration streams."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    src = save_checkpoint(tiny_model("llama", num_hidden_layers=layers), tokenizer, tmp_path / "src")
+    capsys.readouterr()  # save_pretrained's progress bar
+    monkeypatch.setattr(clakit.convert.pipeline.LayerwiseModel, "from_checkpoint", no_model)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(["word"] * 2000))
+    assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", calib, *args, match=match)

@@ -36,6 +36,8 @@ def producers_for(num_layers: int, saving: float) -> int:
     if not 0.0 <= saving < 1.0:
         raise ClakitError(f"--kv-saving must be in [0, 1) (e.g. 0.5 for half the KV cache), got {saving}")
     producers = math.floor(num_layers * (1.0 - saving) + 1e-9)
+    if num_layers < 2:  # --kv-saving 0.5 is also what --calib-data alone asks for: name the real problem
+        raise ClakitError(f"a {num_layers}-layer model has no other layer to share its K/V with: CLA needs 2 or more")
     if producers < 1:
         raise ClakitError(f"--kv-saving {saving} leaves no producer layer in a {num_layers}-layer model; ask for less")
     return producers

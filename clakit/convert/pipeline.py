@@ -177,23 +177,7 @@ def _source_config(source: Source, trust_remote_code: bool):
         raise
     except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
         raise ClakitError(f"cannot read the config of {source.spec}; is it damaged? ({_first_line(e)})") from None
-    _check_rope_type(source, config)
     return config, _check_architecture(source, config.architectures, config.model_type)
-
-
-def _check_rope_type(source: Source, config) -> None:
-    """A rope_type this transformers does not implement (a newer one, or a typo) passes its config validation with a
-    warning, then fails with a KeyError when the model is built: refused here in one line."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
-        known = ", ".join(["default", *ROPE_INIT_FUNCTIONS])
-        raise ClakitError(
-            f"{source.spec}: its config's rope_type {rope_type!r} is not one this transformers "
-            f"({transformers.__version__}) implements ({known}); upgrade transformers or fix its config.json"
-        )
 
 
 def check_source_config(source: Source) -> None:
@@ -434,6 +418,9 @@ class _Conversion:
     def _fixed_layout(self) -> tuple[list[int] | None, str]:
         n, spec = self.config.num_hidden_layers, self.cfg.kv_source_layers
         if self.cfg.layout == "auto":
+            from clakit.convert.autolayout import producers_for
+
+            producers_for(n, self.cfg.kv_saving)  # a saving no layout can reach, refused before any work
             return None, "auto"  # chosen by _calibrate
         if spec is not None:
             check_layout(list(spec), n)
