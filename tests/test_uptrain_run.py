@@ -58,6 +58,7 @@ def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpo
     steps = [x for x in lines if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]
     assert all({"ce", "kl", "hidden_mse", "tokens_per_s", "lr"} <= set(x) for x in steps)
+    assert steps[0]["lr"] == 0.0 < steps[-1]["lr"]  # the rate each step trained at: warmup's first step is at 0
     assert [(x["event"], x["step"]) for x in lines if "event" in x] == [("eval", 0), ("eval", 3), ("eval", 6)]
     # safetensors' writer makes its files 0600: the weights must be as readable as the rest of the folder
     umask = os.umask(0)

@@ -159,7 +159,7 @@ class Trainer:
             accelerator.process_index,
             accelerator.num_processes,
         )
-        self.step, self.elapsed = 0, 0.0
+        self.step, self.elapsed, self.lr = 0, 0.0, 0.0
 
     # --- state ----------------------------------------------------------------------------------------------------
 
@@ -222,6 +222,7 @@ class Trainer:
         if self.train.max_grad_norm > 0:
             acc.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm)
         self.optimizer.step()
+        self.lr = self.scheduler.get_last_lr()[0]  # this step's learning rate (logged), before the scheduler moves on
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -261,7 +262,7 @@ class Trainer:
                     {
                         "step": self.step,
                         "tokens": self.step * self.plan.tokens_per_step,
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "lr": self.lr,
                         "tokens_per_s": round(tok_s, 1),
                         "elapsed_s": round(self.elapsed, 2),
                         **parts,
