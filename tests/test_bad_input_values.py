@@ -169,6 +169,8 @@ CASES = [
     Case(UP + "model.original={data}", "is not a model checkpoint folder (no config.json)", id="original-not-a-model"),
     Case(UP + "model.original={cla} distill.weight=1", "is a CLA checkpoint (its layers share K/V), not the original",
          id="teacher-is-the-student"),
+    Case(UP + "model.original={cla}", "is a CLA checkpoint (its layers share K/V), not the original model: give as",
+         id="original-baseline-is-a-cla-model"),  # without distillation: the "original" report compared CLA to CLA
     # --- recipe files and overrides that are not valid YAML
     Case(UP + "train.max_steps=[", "override 'train.max_steps=[': the value is not valid YAML"),
     Case(UP + "'train.output_dir={{'", "the value is not valid YAML", id="override-brace"),

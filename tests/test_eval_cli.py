@@ -86,6 +86,17 @@ def test_report_shows_an_unknown_saving_factor_as_unknown():
     assert rows([{**run, "kv_cache": {"bytes_per_token": 8, "saving_factor": 2.0}}])[0][5] == "2.00"
 
 
+def test_report_markdown_keeps_a_model_name_with_a_pipe_in_one_cell(capsys, tmp_path, reports):
+    """A model labelled `runs/a|b` split its row into one more column than the header."""
+    report = json.loads((reports / "cla2.json").read_text())
+    write_json({**report, "model": "runs/a|b\nc"}, tmp_path / "pipe.json")
+    assert main(["report", str(reports / "orig.json"), str(tmp_path / "pipe.json"), "-o", str(tmp_path / "rep")]) == 0
+    lines = (tmp_path / "rep" / "report.md").read_text().splitlines()
+    table = [line for line in lines if line.startswith("| ")][:3]  # header and both rows of the first table
+    assert table[2].startswith("| a\\|b c | ")  # the label: the name's last part, its pipe escaped
+    assert len({line.replace("\\|", "").count("|") for line in table}) == 1  # every row as wide as the header
+
+
 @pytest.mark.parametrize(("other", "field"), [("short", "settings.seq_len"), ("other", "data.sha256")])
 def test_report_refuses_runs_on_different_data_or_settings(capsys, tmp_path, reports, other, field):
     assert_refused(

@@ -164,7 +164,13 @@ def heat_map(reports: list[dict], path: Path) -> None:
 
 def _md_table(columns: list[str], body: list[list[str]]) -> list[str]:
     rule = "|" + "---|" * len(columns)
-    return ["| " + " | ".join(columns) + " |", rule] + ["| " + " | ".join(cells) + " |" for cells in body]
+    rows = ["| " + " | ".join(map(_md_cell, cells)) + " |" for cells in body]
+    return ["| " + " | ".join(columns) + " |", rule, *rows]
+
+
+def _md_cell(cell: str) -> str:
+    """A model name or path may hold `|` (a column break) or a newline (the row's end): escaped, one cell."""
+    return str(cell).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
 def _data_note(reports: list[dict]) -> str:

@@ -42,17 +42,24 @@ def share_frozen_weights(teacher, student) -> int:
     return shared
 
 
+def check_stock(original, role: str):
+    """The original model's config; a CLA checkpoint (the student itself, or another) is refused: as the teacher it
+    would teach the student its own loss, as the "original" baseline it would compare CLA against CLA."""
+    config = load_config(original)
+    layout = getattr(config, "kv_source_layers", None) or []
+    if any(source != i for i, source in enumerate(layout)):
+        raise ClakitError(
+            f"{role} {original.spec} is a CLA checkpoint (its layers share K/V), not the original model: "
+            "give as model.original the stock model the student was converted from"
+        )
+    return config
+
+
 def check_teacher_fits(teacher, student_config, distill) -> None:
     """The teacher scores the student's tokens (the same vocabulary) and, with hidden_mse_weight, matches its hidden
     states layer by layer (the same layers and width): refused from the configs, before any model is loaded, instead
     of a shape error at the first step. `teacher` is the resolved Source of the original model."""
-    config = load_config(teacher)
-    layout = getattr(config, "kv_source_layers", None) or []
-    if any(source != i for i, source in enumerate(layout)):  # a CLA checkpoint: the student itself, or another
-        raise ClakitError(
-            f"the teacher {teacher.spec} is a CLA checkpoint (its layers share K/V), not the original model: "
-            "distillation needs the stock model the student was converted from; set model.original to it"
-        )
+    config = check_stock(teacher, "the teacher")
     keys = ["vocab_size"] + (["num_hidden_layers", "hidden_size"] if distill.hidden_mse_weight > 0 else [])
     for key in keys:
         theirs, ours = getattr(config, key, None), getattr(student_config, key, None)

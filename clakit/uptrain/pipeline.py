@@ -25,7 +25,7 @@ from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.sources import load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, student
-from clakit.uptrain.distill import check_teacher_fits, load_teacher
+from clakit.uptrain.distill import check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import RUN_ONLY, Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import Trainer, check_plan, make_plan
@@ -129,7 +129,11 @@ def check_teacher(recipe: Recipe, out: Path, resume: bool):
             f"{recipe.model.path} was converted from"
         )
     given_here = recipe.model.original and Path(recipe.model.original).expanduser().exists()
-    if found is None or recipe.needs_teacher or given_here:  # a local model.original that is no model: refused
+    if given_here and not recipe.needs_teacher:  # the baseline report: a local model.original must be a stock model
+        source = resolve_source(*found)
+        check_stock(source, "model.original")  # as the baseline, a CLA model would compare CLA against CLA
+        return source
+    if found is None or recipe.needs_teacher:
         return found and resolve_source(*found)
     try:
         return resolve_source(*found)
@@ -141,9 +145,7 @@ def check_original(spec: str | None) -> None:
     """model.original as a local path must exist even when nothing distils: it is also the "original" baseline
     report and the provenance in run.json, which a typo'd path silently lost. A Hub id (org/name, as resolve_source
     reads it) is not looked up here: without distillation it stays best effort (offline: no baseline)."""
-    parts = (spec or "").split("/")
-    hub_id = len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
-    if spec and not hub_id and not Path(spec).expanduser().exists():
+    if spec and not looks_like_hub_id(spec) and not Path(spec).expanduser().exists():
         raise ClakitError(
             f"model.original {spec} does not exist; give the checkpoint folder or .gguf file the model was "
             "converted from, or a Hub id (org/name), or drop model.original"
