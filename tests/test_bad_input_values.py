@@ -178,6 +178,8 @@ CASES = [
          id="override-python-tag"),
     Case(UP + "=5", "must look like section.key=value"),
     Case(UP + "train.bogus=1", "unknown recipe key 'train.bogus'"),
+    Case(UP + "lora.target_modules=q_proj,v_proj", "recipe key lora.target_modules is a list: write [q_proj, v_proj]",
+         id="list-written-with-commas"),  # it became one pattern 'q_proj,v_proj' that matches nothing
     Case("uptrain {latin1} -q", "is not UTF-8 text (byte 0xe9", write_file("latin1.yaml", "model: {path: caf\xe9}"
          .encode("latin-1")), id="recipe-not-utf8"),
     Case("uptrain {dup} -q", "key 'learning_rate' is given twice",

@@ -149,6 +149,9 @@ def _coerce(value, tp, where: str):
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     if origin is list:
+        if isinstance(value, str) and "," in value:  # `key=a,b` on the command line is one string, not two items
+            items = ", ".join(v.strip() for v in value.split(","))
+            raise ClakitError(f"recipe key {where} is a list: write [{items}] (one item holding a comma: [{value!r}])")
         items = [value] if isinstance(value, str | int | float) and not isinstance(value, bool) else value
         if not isinstance(items, list):
             raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}")
