@@ -121,9 +121,20 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
         return Source(spec, "dir", path.resolve())
     if path.exists():
         raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file")
-    if looks_like_hub_id(spec) and not os.environ.get("HF_HUB_OFFLINE"):
-        return _download(spec, revision, allow_pickle, check_config)
+    if looks_like_hub_id(spec) and (not os.environ.get("HF_HUB_OFFLINE") or _in_hub_cache(spec, revision)):
+        return _download(spec, revision, allow_pickle, check_config)  # offline: huggingface_hub reads its cache
     raise ClakitError(f"model {spec!r} does not exist: give a checkpoint folder, a .gguf file or a Hub id (org/name)")
+
+
+def _in_hub_cache(spec: str, revision: str | None) -> bool:
+    """Whether the local Hub cache holds this repo's config.json at `revision` (HF_HUB_OFFLINE clusters download
+    ahead and read the cache; no network is touched)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(spec, "config.json", revision=revision), str)
+    except Exception:  # a malformed id or cache: treated as not cached
+        return False
 
 
 def read_config_json(folder: Path) -> dict:

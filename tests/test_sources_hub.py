@@ -150,3 +150,28 @@ def test_uptrain_checks_a_hub_model_before_its_weights_download(hub, section, ch
     with pytest.raises(ClakitError, match=needle):
         check_model_section(ModelSection(**section), seq_len=32)
     assert not hub.weights_fetched()
+
+
+def test_an_offline_hub_cache_is_read(tmp_path, tiny_llama_checkpoint, corpus_dir):
+    """HF_HUB_OFFLINE=1 with the model in the Hub cache (air-gapped clusters download ahead): the id was refused as
+    "does not exist"; huggingface_hub reads it from the cache. An id the cache lacks is still one line."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--org--model"
+    shutil.copytree(tiny_llama_checkpoint, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    data = ["--data", str(corpus_dir / "heldout.txt"), "--seq-len", "32", "--max-tokens", "64", "--no-speed", "-q"]
+
+    def clakit_eval(spec):
+        argv = [sys.executable, "-m", "clakit", "eval", spec, "-o", str(tmp_path / f"{spec[:3]}.json"), *data]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+    done = clakit_eval("org/model")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "org.json").read_text())["provenance"]["revision"] == "main"
+    missing = clakit_eval("org/other")
+    assert missing.returncode == 2 and "'org/other' does not exist" in missing.stderr.strip().splitlines()[-1]
