@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from clakit import outputs
 from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
+from clakit.sources import SAFE_INDEX  # the one name, also what a Hub download fetches first
 
-SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Fixed header metadata: transformers wants format=pt; nothing time- or machine-dependent, so output is reproducible.
 SHARD_METADATA = {"format": "pt"}
