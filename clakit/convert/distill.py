@@ -94,7 +94,8 @@ def distill(student, ids: torch.Tensor, logits: list[torch.Tensor], *, steps: in
     for _ in tqdm(range(steps), desc="distilling", disable=not progress, leave=False):
         b = int(torch.randint(len(logits), (1,), generator=gen))
         with _autocast(student, dtype):
-            loss = token_kl(student(ids[b * BATCH_SEQS : (b + 1) * BATCH_SEQS], use_cache=False).logits, logits[b])
+            out = student(ids[b * BATCH_SEQS : (b + 1) * BATCH_SEQS], use_cache=False).logits
+            loss = token_kl(out, logits[b].to(out.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -122,12 +123,17 @@ def _autocast(student, dtype: torch.dtype):
     return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def _batch_kl(student, ids: torch.Tensor, logits: list[torch.Tensor], b: int) -> float:
+    """KL on batch b; the teacher's logits wait on the CPU (teacher_logits) and move to the student's device here."""
+    out = student(ids[b * BATCH_SEQS : (b + 1) * BATCH_SEQS], use_cache=False).logits
+    return float(token_kl(out, logits[b].to(out.device)))
+
+
 def _measured_kl(student, ids, logits) -> float:
     """Mean KL over at most KL_BATCHES batches spread evenly over the calibration set (the record, not the training:
     every batch would cost two extra passes over all of them, ~45 s of a ~10 min SmolLM2 conversion on 2 cores)."""
     dtype = student.model.embed_tokens.weight.dtype
     picks = torch.linspace(0, len(logits) - 1, min(KL_BATCHES, len(logits))).round().long().tolist()
     with torch.no_grad(), _autocast(student, dtype):
-        values = [float(token_kl(student(ids[i * BATCH_SEQS : (i + 1) * BATCH_SEQS], use_cache=False).logits,
-                                 logits[i])) for i in picks]  # fmt: skip
+        values = [_batch_kl(student, ids, logits, i) for i in picks]
     return sum(values) / len(values)
