@@ -232,6 +232,10 @@ def load_model(
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported by loading_problem below, in one line
+                # transformers >= 5 kernelizes on load and again on model.train(): on a GPU that fetches compiled
+                # kernels (liger's RMSNorm) from the Hub: code we did not ask for, numbers the CPU does not give, and
+                # on an offline GPU machine `clakit uptrain` died ("not available in the local cache", H200)
+                use_kernels=False,
                 **kwargs,
             )
     except WeightsMismatch as e:  # a CLA model's own check (clakit/modeling)

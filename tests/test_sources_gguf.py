@@ -94,3 +94,13 @@ def test_a_file_that_is_not_gguf_is_still_refused(tmp_path):
     path.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(ClakitError, match="neither a checkpoint folder nor a .gguf file"):
         resolve_source(str(path))
+
+
+def test_loaded_models_are_never_kernelized_from_the_hub(tiny_llama_checkpoint):
+    """transformers kernelizes on load and on train() unless told not to; on a GPU that downloads liger's RMSNorm
+    (or fails offline). Checked here on the flag: a loaded model, put in training mode, must not use hub kernels."""
+    from clakit.sources import load_model
+
+    model = load_model(resolve_source(str(tiny_llama_checkpoint)))
+    model.train()
+    assert model.use_kernels is False
