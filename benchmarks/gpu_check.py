@@ -5,6 +5,8 @@ its error instead of stopping the rest. Parts:
 - modeling: a Llama-3.2-1B-shaped model with random weights (bf16): factor-1 CLA logits vs stock, CLA2 cache bytes
   measured vs computed, greedy decoding with a dynamic and a static cache vs no cache (fp32, SmolLM2 shape), and
   decode tokens/s and peak memory of the original at batch B vs CLA2 at B and 2B (CLA2's cache at 2B = original's);
+- convert: the default data-aware conversion (auto layout, reconstruct, end-to-end distillation) of a tiny model
+  on the GPU and on the CPU;
 - eval: `clakit eval` of a tiny CLA2 checkpoint on the GPU vs on the CPU (same tokens, fp32);
 - uptrain: the tiny recipe in bf16 with gradient checkpointing and distillation; a run killed at step 5 and resumed
   vs an uninterrupted one; the same recipe under `accelerate launch --use_fsdp` (one process: FSDP's wrapping,
@@ -185,6 +187,24 @@ def part_eval(work: Path, assets: dict) -> dict:
     return out
 
 
+def part_convert(work: Path, assets: dict) -> dict:
+    """The default data-aware conversion (layout, reconstruct, end-to-end distillation) on each device: its
+    distillation stage keeps the teacher's logits on the CPU, so the GPU run checks that they meet the student."""
+    out = {}
+    for dev in ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",):
+        dest = work / f"convert_{dev}"
+        cmd = [sys.executable, "-m", "clakit", "convert", str(assets["src"]), str(dest), "--device", dev, "-q"]
+        cmd += ["--calib-data", str(work / "train.txt"), "--calib-tokens", "512", "--seq-len", "64"]
+        proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=python_path()), capture_output=True, text=True)
+        if proc.returncode:
+            out[dev] = {"error": proc.stderr[-1500:]}
+            continue
+        record = json.loads((dest / "clakit_convert.json").read_text())
+        distill = {k: v for k, v in (record.get("distill") or {}).items() if k != "losses"}
+        out[dev] = {"layout": record["settings"]["kv_source_layers"], "distill": distill}
+    return out
+
+
 def tiny_recipe_file(work: Path, assets: dict, name: str, **train) -> Path:
     from uptrain_fixtures import tiny_recipe, write_recipe
 
@@ -280,7 +300,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--parts", default="modeling,eval,uptrain")
+    parser.add_argument("--parts", default="modeling,eval,uptrain,convert")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -288,6 +308,7 @@ def main() -> None:
     assets = tiny_assets(args.work)
     parts = {"modeling": lambda: part_modeling(args, device), "eval": lambda: part_eval(args.work, assets)}
     parts["uptrain"] = lambda: part_uptrain(args.work, assets)
+    parts["convert"] = lambda: part_convert(args.work, assets)
     for name in args.parts.split(","):
         start = time.perf_counter()
         try:
