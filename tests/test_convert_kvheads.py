@@ -4,6 +4,7 @@ merge ratio, the fitted values reconstruct better than the mean on the calibrati
 import pytest
 import torch
 from conftest import tiny_model
+from device_mix import DeviceMix
 
 from clakit.convert import kvheads
 from clakit.convert.inmemory import cla_model_from
@@ -107,3 +108,14 @@ def test_bad_requests_are_refused_in_one_line(heads, method, needle):
 def test_cla_models_are_refused():
     with pytest.raises(ClakitError, match="merge KV heads on the stock model, then convert"):
         kvheads.merge_kv_heads(cla_model_from(tiny_model("llama"), [0, 0, 2, 2]), 1)
+
+
+
+def test_the_fit_follows_the_weights_device(ids):
+    """The fit runs where the weights are (a GPU in practice; `meta` stands here for any device other than the
+    CPU's moments): the old code multiplied the weights by the CPU moments (same-device error on a GPU)."""
+    moments = kvheads.input_moments(tiny_model("llama"), ids)  # on the CPU, where this model ran
+    on_device = tiny_model("llama").to("meta")
+    with DeviceMix():
+        state = kvheads.merged_state(on_device, 1, moments)
+    assert {t.device.type for t in state.values()} == {"meta"}

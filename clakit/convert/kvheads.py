@@ -56,21 +56,21 @@ def _mean_heads(weight: torch.Tensor, r: int, d: int) -> torch.Tensor:
 def input_moments(model, calib_ids: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, E[x x^T] (hidden x hidden, fp64) of the attention inputs (after input_layernorm) over `calib_ids`
     (n, L): one forward of the stock model with hooks, memory independent of the number of tokens."""
-    layers = model.model.layers
-    sums = [torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) for _ in layers]
+    layers, device, h = model.model.layers, next(model.parameters()).device, model.config.hidden_size
+    # on the model's device: the attention inputs arrive there (a GPU), and x.T @ x is the heavy part
+    sums = [torch.zeros(h, h, dtype=torch.float64, device=device) for _ in layers]
     count = [0]
 
     def hook(i):
         def accumulate(_module, args, kwargs):
             x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, model.config.hidden_size).double()
-            sums[i].add_(x.T @ x.cpu())
+            sums[i].add_(x.T @ x)
             count[0] += x.shape[0] if i == 0 else 0
 
         return accumulate
 
     handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        device = next(model.parameters()).device
         for row in calib_ids:
             model(input_ids=row[None].to(device), use_cache=False, logits_to_keep=1)
     finally:
@@ -81,7 +81,7 @@ def input_moments(model, calib_ids: torch.Tensor) -> list[torch.Tensor]:
 
 def _fit_values(wv, bv, wo, moment, r: int, d: int, heads_per_kv: int):
     """Merged v_proj weight/bias and the new o_proj (see the module docstring); shapes: wv (n*d, h), wo (h, H*d)."""
-    wv64, groups = wv.double(), wv.shape[0] // (r * d)
+    wv64, groups, moment = wv.double(), wv.shape[0] // (r * d), moment.to(wv.device)
     new_v, new_b, new_o = [], [], wo.double().clone()
     for j in range(groups):
         ws = wv64[j * r * d : (j + 1) * r * d]  # (r*d, h): the group's stacked value projections
@@ -103,7 +103,7 @@ def _fit_keys(wk, bk, wq, bq, moment, r: int, d: int, heads_per_kv: int):
     z_p = k[p, f] + i k[p, f + d/2] of the r merged heads are replaced by z' = sum_p conj(u_p) z_p, u the top
     eigenvector of their (Hermitian) covariance, and a query head that read head p is multiplied by conj(u_p), so
     its logit Re(q conj(z_p)) ~= Re(q conj(u_p z')). A complex scalar per frequency commutes with the rotation."""
-    half, groups = d // 2, wk.shape[0] // (r * d)
+    half, groups, moment = d // 2, wk.shape[0] // (r * d), moment.to(wk.device)
     cov = wk.double() @ moment @ wk.double().T  # (n*d, n*d): second moment of the pre-RoPE keys
     new_k, new_q = wk.double().clone()[: groups * d], wq.double().clone()
     new_bk = bk.double().clone()[: groups * d] if bk is not None else None

@@ -141,15 +141,21 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_v": random.getstate()[0]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's GPU only (accelerate set it current): every visible GPU's state, restored by index, broke a
+        # resume that sees fewer GPUs (IndexError), and the others are other processes' to save
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_v"], tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list | tuple):  # written before: one state per visible GPU, this process's at its index
+        index = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def sharded(accelerator) -> bool:
