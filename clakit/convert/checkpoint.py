@@ -21,7 +21,9 @@ from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
 from clakit.sources import SAFE_INDEX  # the one name, also what a Hub download fetches first
 
+SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
 # Fixed header metadata: transformers wants format=pt; nothing time- or machine-dependent, so output is reproducible.
 SHARD_METADATA = {"format": "pt"}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -56,22 +58,19 @@ def _load_index(path: Path) -> dict[str, str]:
 
 
 class SafetensorsCheckpoint:
-    """A folder of safetensors weights: `model.safetensors.index.json` + shards, or `*.safetensors` files."""
+    """The safetensors weights transformers loads from a folder: `model.safetensors`, else the index's shards."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        index = folder / SAFE_INDEX
-        if index.is_file():
-            weight_map = _load_index(index)
-            files = sorted(set(weight_map.values()))
+        if (folder / SAFE_SINGLE).is_file():  # transformers takes it even beside an index, which it then ignores
+            weight_map, files = None, [SAFE_SINGLE]
         else:
-            weight_map, files = None, sorted(p.name for p in folder.glob("*.safetensors"))
+            weight_map = _load_index(folder / SAFE_INDEX)
+            files = sorted(set(weight_map.values()))
         self._keys = {file: self._read_keys(file) for file in files}
-        fix = f"remove the stray file or add the {SAFE_INDEX}"
-        if weight_map:  # both files are shards it lists: which copy loads depends on the reader
-            fix = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
-        check_unique_tensors(self._keys, folder, fix)
-        self._where = weight_map or {t: f for f, keys in self._keys.items() for t in keys}
+        fix = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
+        check_unique_tensors(self._keys, folder, fix)  # shards an index lists; one model.safetensors passes
+        self._where = weight_map or {t: SAFE_SINGLE for t in self._keys[SAFE_SINGLE]}
         for tensor, file in self._where.items():
             if tensor not in self._keys[file]:
                 raise ClakitError(
@@ -106,11 +105,10 @@ class PickleCheckpoint:
     def __init__(self, folder: Path):
         self.folder = folder
         self._cache: dict[str, dict] = {}  # file -> its memory-mapped state dict
-        index = folder / PICKLE_INDEX
-        if index.is_file():
-            self._where = _load_index(index)
+        if (folder / PICKLE_SINGLE).is_file():  # before the index, as transformers takes them
+            self._where = {t: PICKLE_SINGLE for t in self._load(PICKLE_SINGLE)}
         else:
-            self._where = {t: "pytorch_model.bin" for t in self._load("pytorch_model.bin")}
+            self._where = _load_index(folder / PICKLE_INDEX)
         self.names = sorted(self._where, key=natural_key)
 
     def _load(self, file: str) -> dict:
@@ -142,17 +140,39 @@ class StateDictCheckpoint:
 
 
 def open_checkpoint(folder: Path, allow_pickle: bool):
-    """The safetensors weights of a checkpoint folder; `.bin` (pickle) weights only when allowed."""
-    if (folder / SAFE_INDEX).is_file() or any(folder.glob("*.safetensors")):
+    """The weights transformers' from_pretrained loads from `folder`, found in its order: model.safetensors, its
+    index, pytorch_model.bin, its index (`.bin` only when allowed). No other file is opened: a Mistral repo's
+    consolidated.safetensors holds the same weights again (14 GB for a 7B), under names no converter reads."""
+    if (folder / SAFE_SINGLE).is_file() or (folder / SAFE_INDEX).is_file():
         return SafetensorsCheckpoint(folder)
-    if (folder / PICKLE_INDEX).is_file() or (folder / "pytorch_model.bin").is_file():
+    if (folder / PICKLE_SINGLE).is_file() or (folder / PICKLE_INDEX).is_file():
         if not allow_pickle:
             raise ClakitError(
-                f"{folder} holds only pickle (.bin) weights, which can run code when loaded; pass --allow-pickle "
-                "if you trust the source"
+                f"{folder} holds only pickle (.bin) weights that transformers can load, and those can run code when "
+                "loaded; pass --allow-pickle if you trust the source"
             )
         return PickleCheckpoint(folder)
-    raise ClakitError(f"{folder} holds no model weights (no *.safetensors or pytorch_model.bin)")
+    raise _unloadable(folder)
+
+
+def _unloadable(folder: Path) -> ClakitError:
+    """Safetensors files under other names would convert, but transformers loads none of them: `clakit eval` of the
+    source, or the uptrain teacher, would fail only later. Refused, as transformers refuses them."""
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    others = [f for f in files if not f.startswith("consolidated")]
+    if others:
+        return ClakitError(
+            f"{folder} has {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} but no {SAFE_SINGLE} or "
+            f"{SAFE_INDEX}, so transformers loads none of it: write a {SAFE_INDEX} mapping each tensor to its file, "
+            f"or name a single file {SAFE_SINGLE} (shards model-0000X-of-0000N.safetensors, with an index)"
+        )
+    if files:
+        return ClakitError(
+            f"{folder}'s only weights are {files[0]}, Mistral's native format (names like layers.0.attention.wq"
+            ".weight), which transformers does not load: download the repo's HF-format model*.safetensors files "
+            "too, or convert it with transformers' models/mistral/convert_mistral_weights_to_hf.py"
+        )
+    return ClakitError(f"{folder} holds no model weights (no {SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE})")
 
 
 class ShardWriter:

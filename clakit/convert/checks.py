@@ -49,9 +49,9 @@ def check_tied(checkpoint, tied: dict[str, str], spec: str) -> None:
 
 
 def check_unique_tensors(keys: dict[str, set[str]], where, fix: str) -> None:
-    """No tensor name is in two of the safetensors files read (`keys`: file -> its tensor names). Without an index
-    the converter would take the last file's copy and transformers only model.safetensors'; with one, the converter
-    takes the copy the index names and transformers the last listed shard's: each silently, and not the same one."""
+    """No tensor name is in two of the safetensors files read (`keys`: file -> its tensor names; the shards an index
+    lists, or model.safetensors alone). The converter would take the copy the index names and transformers the last
+    listed shard's: each silently, and not the same one."""
     seen: dict[str, str] = {}
     for file in sorted(keys):
         for name in sorted(keys[file] & seen.keys()):
