@@ -190,7 +190,7 @@ def test_output_dir_of_another_run_and_resume_of_a_different_recipe(capsys, tmp_
     path = write_recipe(tmp_path / "r.yaml", recipe)
     assert run_cli(capsys, path)[0] == 0
     before = {p.name for p in out.rglob("*")}
-    assert_refused(capsys, out, [path], "already exists; continue it with --resume or replace it", before)
+    assert_refused(capsys, out, [path], "already exists; its run has finished (its model is", before)
     changed = [path, "train.learning_rate=1e-2", "--resume"]
     assert_refused(capsys, out, changed, "train.learning_rate: 0.003 -> 0.01", before)
     assert "save_steps" not in run_cli(capsys, *changed, "train.save_steps=7")[1]  # may change: not named

@@ -58,23 +58,10 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 def check_output_dir(
     out: Path, recipe: Recipe, resume: bool, overwrite: bool, recipe_path: Path | None = None
 ) -> None:
-    run_file = out / "run.json"
     if resume and overwrite:
         raise ClakitError("--resume and --overwrite contradict each other; give one")
     if resume:
-        if not run_file.is_file():
-            raise ClakitError(f"--resume: {out} holds no clakit uptrain run; drop --resume to start one there")
-        if outputs.in_use(out):
-            raise ClakitError(f"--resume: the run in {out} is still running in another process; wait for it to end")
-        run = json.loads(run_file.read_text())
-        if run.get("fingerprint") != recipe.fingerprint():
-            changes = _diff(run.get("recipe", {}), recipe.to_dict())
-            ignored = tuple(f"train.{key}:" for key in RUN_ONLY)  # may change: not part of the fingerprint
-            shown = "; ".join(c for c in changes if not c.startswith(ignored))[:300] or "unknown fields"
-            raise ClakitError(
-                f"--resume: the run in {out} was started with a different recipe ({shown}); "
-                "resume with the same recipe and overrides, or start over with --overwrite"
-            )
+        _check_resumable(out, recipe)
         return
     outputs.check_folder(
         out,
@@ -82,7 +69,45 @@ def check_output_dir(
         overwrite=overwrite,
         inputs=run_inputs(recipe, recipe_path),
         label="train.output_dir",
-        replace_hint="continue it with --resume or replace it with --overwrite",
+        replace_hint=_replace_hint(out),
+    )
+
+
+def finished(out: Path) -> bool:
+    """Whether the run in `out` has written its result (nothing is left for --resume to do)."""
+    return (out / RESULT / "config.json").is_file()
+
+
+def _replace_hint(out: Path) -> str:
+    """The fix for an existing run folder: a finished run cannot be continued, only kept (another folder) or
+    replaced; an unfinished one continues with --resume."""
+    if finished(out):
+        return (
+            f"its run has finished (its model is {out / RESULT}), so --resume has nothing left to do: "
+            "replace it with --overwrite"
+        )
+    return "continue it with --resume or replace it with --overwrite"
+
+
+def _check_resumable(out: Path, recipe: Recipe) -> None:
+    if not (out / "run.json").is_file():
+        raise ClakitError(f"--resume: {out} holds no clakit uptrain run; drop --resume to start one there")
+    if outputs.in_use(out):
+        raise ClakitError(f"--resume: the run in {out} is still running in another process; wait for it to end")
+    run = json.loads((out / "run.json").read_text())
+    if run.get("fingerprint") == recipe.fingerprint():
+        return
+    changes = _diff(run.get("recipe", {}), recipe.to_dict())
+    ignored = tuple(f"train.{key}:" for key in RUN_ONLY)  # may change: not part of the fingerprint
+    shown = "; ".join(c for c in changes if not c.startswith(ignored))[:300] or "unknown fields"
+    if finished(out):  # a finished run is not continued with any recipe
+        raise ClakitError(
+            f"--resume: the run in {out} has finished (its model is {out / RESULT}) with a different recipe "
+            f"({shown}); choose another train.output_dir for the new recipe, or replace the run with --overwrite"
+        )
+    raise ClakitError(
+        f"--resume: the run in {out} was started with a different recipe ({shown}); "
+        "resume with the same recipe and overrides, or start over with --overwrite"
     )
 
 
@@ -366,7 +391,10 @@ def _publish(work: Path, out: Path, acc, overwrite: bool) -> None:
 
 def _abandon(out: Path, acc, error: BaseException) -> None:
     """A fresh run failed after its folder was published: before its first checkpoint nothing in it is worth
-    keeping (remove it: nothing half-written stays); after, keep it for --resume and say so."""
+    keeping (remove it: nothing half-written stays); after, keep it for --resume and say so. A run whose model is
+    saved has finished: kept as it is (its error says so)."""
+    if finished(out):
+        return
     if checkpoint.checkpoint_dirs(out):
         if isinstance(error, ClakitError):
             raise ClakitError(f"{error}; the run is kept in {out}: continue it with --resume") from None
@@ -399,7 +427,7 @@ def uptrain(
     if resume:
         run_record(out)  # a corrupt run.json is one line, before anything else reads it
     check_output_dir(out, recipe, resume, overwrite, recipe_file)
-    if resume and (out / RESULT / "config.json").is_file():
+    if resume and finished(out):
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
         return out / RESULT
     check_tensorboard(recipe.train)
@@ -499,8 +527,6 @@ def _full_model(recipe: Recipe, trainer, run: dict, acc):
 
 
 def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> Path:
-    from clakit.eval import read_report, report
-
     if "tensorboard" in recipe.train.report_to:
         acc.init_trackers("tensorboard")
     trainer = Trainer(recipe, run["model"], run["teacher"], run["data"], acc, out, quiet=quiet)
@@ -513,17 +539,41 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
     result = out / RESULT
     model = student.merged(_full_model(recipe, trainer, run, acc), run["dtype"])
     end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], acc, quiet)
+    failed = None
     if acc.is_main_process:
-        _write_reports(out, {"uptrained": end})
-        names = [n for n in ("original", "converted", "uptrained") if (out / EVAL / f"{n}.json").is_file()]
-        reports = {n: read_report(out / EVAL / f"{n}.json") for n in names}
-        report([out / EVAL / f"{n}.json" for n in names], out / "report")
-        numbers = {n: _numbers(r) for n, r in reports.items()}
+        numbers = {n: _numbers(r) for n, r in _start_reports(out).items()} | {"uptrained": _numbers(end)}
         summary = card.summary(recipe, trainer, run["data"], numbers, model.config.kv_source_layers)
         with outputs.staged(result, "model", overwrite=True) as tmp:  # a full disk leaves no half-written model/
             student.save_cla(model, run["tokenizer"], tmp)
             card.write(tmp, summary)
         _say(card.one_line(summary), quiet)
+        failed = _write_end_report(out, end)
     acc.wait_for_everyone()
     acc.end_training()
+    if failed:  # after the others are released: they would wait for it otherwise
+        raise failed
     return result
+
+
+def _start_reports(out: Path) -> dict:
+    """The held-out reports written when the run started (eval/original.json, converted.json)."""
+    from clakit.eval import read_report
+
+    names = [n for n in ("original", "converted") if (out / EVAL / f"{n}.json").is_file()]
+    return {n: read_report(out / EVAL / f"{n}.json") for n in names}
+
+
+def _write_end_report(out: Path, end: dict) -> ClakitError | None:
+    """eval/uptrained.json and the report page, after the model is in place: they can fail where a user put files
+    of their own (clakit replaces only what it wrote), and hours of training must not be lost over a report.
+    Returns the failure as one line naming the saved model (the run has finished: --resume has nothing to do)."""
+    from clakit.eval import report
+
+    try:
+        _write_reports(out, {"uptrained": end})
+        names = [n for n in ("original", "converted", "uptrained") if (out / EVAL / f"{n}.json").is_file()]
+        report([out / EVAL / f"{n}.json" for n in names], out / "report")
+    except ClakitError as e:
+        why = f"the model is saved in {out / RESULT}, but its report could not be written ({e})"
+        return ClakitError(f"{why}; write it with `clakit report {out / EVAL}/*.json -o FOLDER`")
+    return None

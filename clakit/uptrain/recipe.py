@@ -339,19 +339,18 @@ def _validate_data(d: DataSection) -> None:
     _check(bool(d.train), "recipe needs data.train: text files, folders of .txt or datasets specs")
     _check_each_once(d.train)
     for spec in d.eval or []:
-        held_out = Path(spec).expanduser().resolve()
         for train in d.train:
-            path = Path(train).expanduser().resolve()
             _check(
-                not (
-                    path.exists()
-                    and (held_out == path or held_out.is_relative_to(path) or path.is_relative_to(held_out))
-                ),
+                not _same_text(train, spec),
                 f"data.eval {spec} is (or holds) training text {train}: its numbers would not be held out; give text "
                 "that is not in data.train, or drop data.eval to hold out the end of the train text",
             )
     _check(d.seq_len >= 8, f"data.seq_len must be at least 8, got {d.seq_len}")
-    _check(0 < d.eval_fraction < 1, f"data.eval_fraction must be between 0 and 1, got {d.eval_fraction}")
+    # like copy_span without copies: a value that does nothing (data.eval is held out instead) is not checked
+    _check(
+        d.eval is not None or 0 < d.eval_fraction < 1,
+        f"data.eval_fraction must be between 0 and 1, got {d.eval_fraction}",
+    )
     _check(d.eval_max_tokens >= d.seq_len, "data.eval_max_tokens must be at least data.seq_len")
     _check(0 <= d.copy_fraction <= 1, f"data.copy_fraction must be between 0 and 1, got {d.copy_fraction}")
     _check(
@@ -361,13 +360,24 @@ def _validate_data(d: DataSection) -> None:
     )
 
 
+def _local_path(spec: str) -> Path | None:
+    """The local file or folder a data spec names, or None for a datasets spec (NAME:CONFIG:SPLIT), as
+    corpus.load_texts reads them: a spec that exists is a path; one that does not is a datasets spec when it has a
+    `:` or neither a `/` nor a suffix, else a missing path (refused when the text is read)."""
+    path = Path(spec).expanduser()
+    if path.exists() or not (":" in spec or ("/" not in spec and not path.suffix)):
+        return path.resolve()
+    return None
+
+
 def _same_text(a: str, b: str) -> bool:
-    """Whether data.train specs `a` and `b` read the same text: equal specs, or local paths that are the same file or
-    folder, or one inside the other (a folder and one of its .txt)."""
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if not (pa.exists() and pb.exists()):
-        return a == b
-    pa, pb = pa.resolve(), pb.resolve()
+    """Whether data specs `a` and `b` read the same text: equal specs (a datasets spec too), or local paths that are
+    the same file or folder or one inside the other (a folder and one of its .txt, which it reads recursively)."""
+    if a == b:
+        return True
+    pa, pb = _local_path(a), _local_path(b)
+    if pa is None or pb is None:
+        return False
     return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
 
 

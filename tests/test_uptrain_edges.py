@@ -1,0 +1,124 @@
+"""Edge cases of `clakit uptrain`: unused recipe values, the fix a refusal names for a finished run, a user's file in
+the report folder at the end of a run, and one rule for "the same text"."""
+
+import json
+from pathlib import Path
+
+import pytest
+from test_uptrain_run import assert_refused, run_cli
+from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+
+from clakit.errors import ClakitError
+from clakit.uptrain import trainer as trainer_module
+from clakit.uptrain.recipe import load_recipe
+
+WIKI = "wikitext:wikitext-2-raw-v1:train"  # a datasets spec: never fetched by the recipe checks
+
+
+def recipe_file(tmp_path: Path, corpus_dir: Path, **sections) -> Path:
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(tmp_path)}, **sections)
+    return write_recipe(tmp_path / "r.yaml", recipe)
+
+
+# --- 1. data.eval_fraction does nothing when data.eval is given: not range-checked then ---------------------------
+
+
+def test_eval_fraction_is_not_checked_when_data_eval_is_given(tmp_path, corpus_dir):
+    path = recipe_file(tmp_path, corpus_dir, data={"eval_fraction": 1.5})
+    assert load_recipe(path).data.eval_fraction == 1.5  # unused, like copy_span without copies
+    with pytest.raises(ClakitError, match="data.eval_fraction must be between 0 and 1, got 1.5"):
+        load_recipe(path, ["data.eval=null"])  # held out from the train text: now it counts
+
+
+# --- 2. an existing run folder: the fix depends on whether its run has finished ------------------------------------
+
+
+def test_existing_run_folder_names_the_fix_for_a_finished_and_an_unfinished_run(
+    capsys,
+    tmp_path,
+    corpus_dir,
+    tiny_cla_checkpoint,  # noqa: F811
+):
+    out = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, train={"max_steps": 2})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert run_cli(capsys, path)[0] == 0
+    before = {p.name for p in out.rglob("*")}
+    assert_refused(capsys, out, [path], f"its run has finished (its model is {out / 'model'})", before)
+    assert "continue it with --resume" not in run_cli(capsys, path)[1]
+    changed = [path, "train.learning_rate=1e-2", "--resume"]  # a finished run is not continued with a new recipe
+    assert_refused(capsys, out, changed, "has finished (its model is", before)
+    assert_refused(capsys, out, changed, "choose another train.output_dir for the new recipe", before)
+    (out / "model" / "config.json").unlink()  # as if killed before the result was saved: it can be continued
+    before.discard("config.json")
+    assert_refused(capsys, out, [path], "already exists; continue it with --resume or replace it", before)
+
+
+# --- 4. a file of the user's in OUTPUT_DIR/report/ while the run trains: the trained model is kept ----------------
+
+
+def test_a_user_file_in_the_report_folder_does_not_lose_the_trained_model(
+    capsys,
+    tmp_path,
+    corpus_dir,
+    tiny_cla_checkpoint,  # noqa: F811
+    monkeypatch,
+):
+    out = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, train={"max_steps": 2})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    train = trainer_module.Trainer.run
+
+    def run_and_meddle(self):  # the user saves notes into the report folder while the run trains
+        train(self)
+        (out / "report").mkdir(exist_ok=True)
+        (out / "report" / "notes.txt").write_text("mine")
+
+    monkeypatch.setattr(trainer_module.Trainer, "run", run_and_meddle)
+    code, err = run_cli(capsys, path)
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert (out / "report" / "notes.txt").read_text() == "mine"  # never deleted or overwritten
+    assert code == 2 and err.startswith("clakit: error: ") and "\n" not in err and "Traceback" not in err
+    assert f"the model is saved in {out / 'model'}, but its report could not be written (" in err, err
+    assert f"{out / 'report'} already exists and is not a clakit report folder" in err and "clakit report" in err
+    assert json.loads((out / "eval" / "uptrained.json").read_text())["perplexity"] > 0
+    assert "continue it with --resume" not in err  # the run has finished: kept as it is, nothing to resume
+    assert run_cli(capsys, path, "--resume") == (0, "")  # returns the finished run's result
+
+
+# --- 5. one rule for "the same text": train twice, held-out vs train, held-out vs calibration ----------------------
+
+
+def refusal(tmp_path, corpus_dir, *overrides) -> str | None:
+    try:
+        load_recipe(recipe_file(tmp_path, corpus_dir), list(overrides))
+    except ClakitError as e:
+        return str(e)
+    return None
+
+
+def test_a_datasets_spec_in_train_and_eval_is_refused(tmp_path, corpus_dir):
+    """The old held-out check compared only local paths that exist: the same datasets split passed as both."""
+    message = refusal(tmp_path, corpus_dir, f"data.train=[{WIKI}]", f"data.eval=[{WIKI}]")
+    assert message and f"data.eval {WIKI} is (or holds) training text {WIKI}" in message
+
+
+def test_the_refusals_of_the_old_checks_stay(tmp_path, corpus_dir):
+    missing = corpus_dir / "new.txt"  # not there yet, but inside the train folder: read by it once written
+    assert "is (or holds) training text" in refusal(
+        tmp_path, corpus_dir, f"data.train=[{corpus_dir}]", f"data.eval=[{missing}]"
+    )
+    assert "is (or holds) training text" in refusal(tmp_path, corpus_dir, f"data.eval=[{corpus_dir}]")
+    assert "names the same text twice" in refusal(
+        tmp_path, corpus_dir, f"data.train=[{corpus_dir}, {corpus_dir / 'train.txt'}]", "data.eval=null"
+    )
+    assert "names the same text twice" in refusal(tmp_path, corpus_dir, f"data.train=[{WIKI}, {WIKI}]")
+    calib = ["model.path=null", f"model.source={tmp_path}", f"model.convert={{calib_data: [{corpus_dir}]}}"]
+    assert "is (or holds) calibration text" in refusal(tmp_path, corpus_dir, *calib)
+
+
+def test_a_datasets_spec_is_not_inside_the_working_directory(tmp_path, corpus_dir, monkeypatch):
+    """`data.train=[.]` (the .txt here) with a datasets split as held-out text: the spec resolved as a path inside
+    the working directory, and the old held-out check refused it as training text."""
+    monkeypatch.chdir(corpus_dir)
+    assert refusal(tmp_path, corpus_dir, "data.train=[.]", f"data.eval=[{WIKI}]") is None
