@@ -223,6 +223,7 @@ def auto_layout(
     """
     from tqdm.auto import tqdm
 
+    input_ids = input_ids.to(model.get_input_embeddings().weight.device)  # a GPU model given CPU ids (library use)
     n = model.config.num_hidden_layers
     producers = producers_for(n, kv_saving)
     factor = math.ceil(n / producers)  # the uniform CLA-k meeting the saving

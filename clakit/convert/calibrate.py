@@ -117,6 +117,7 @@ def collect_stats(
     for the first `keep_seqs` sequences (default RECONSTRUCT_SEQS; the rows are already spread over the text).
     """
     keep_seqs = RECONSTRUCT_SEQS if keep_seqs is None else keep_seqs
+    input_ids = input_ids.to(model.get_input_embeddings().weight.device)  # a GPU model given CPU ids (library use)
     from tqdm.auto import tqdm
 
     pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
