@@ -155,13 +155,35 @@ def read_config_json(folder: Path) -> dict:
     missing = [k for k in CONFIG_KEYS if k not in raw]
     if missing:
         raise ClakitError(f"{path} lacks {', '.join(missing)}; restore the checkpoint's config.json")
-    for key in (*CONFIG_KEYS, "num_key_value_heads", "intermediate_size", "head_dim"):
+    for key in (*CONFIG_KEYS, "num_key_value_heads", "intermediate_size", "head_dim", "max_position_embeddings"):
         value = raw.get(key)
         if key in raw and value is not None and not (type(value) is int and value > 0):
             raise ClakitError(
                 f"{path}: {key} must be a positive integer, got {value!r}; restore the checkpoint's config"
             )
     return raw
+
+
+def context_window(config) -> int | None:
+    """The model's context window in tokens: its config's max_position_embeddings, the one rule convert, eval and
+    uptrain check sequence lengths against; None when its config has no such setting (another architecture's).
+
+    A config.json without the key is read with transformers' class default (2048 for Llama, 131072 for Mistral), and
+    that is the window the model then runs with: its rope scaling reads it, and save_pretrained writes it into every
+    converted or uptrained checkpoint's config.json, so eval of the result holds it to that number. Mistral's
+    sliding_window is not it: it limits how far back each token attends, not which positions the model knows."""
+    window = getattr(config, "max_position_embeddings", None)
+    return window if type(window) is int and window > 0 else None
+
+
+def check_seq_len(seq_len: int, config, flag: str, model: str | None = None) -> None:
+    """Windows longer than the positions the model was trained on are refused in one line (`flag` names the setting,
+    `model` the checkpoint): rotary positions past the window are ones it never saw, so they would measure or train
+    extrapolation silently."""
+    window = context_window(config)
+    if window is not None and seq_len > window:
+        where = f"the context window of {model}" if model else "the model's context window"
+        raise ClakitError(f"{flag} {seq_len} exceeds {where} (max_position_embeddings {window}); use at most {window}")
 
 
 def load_config(source: Source, trust_remote_code: bool = False):

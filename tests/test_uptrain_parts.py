@@ -122,7 +122,7 @@ def test_the_original_of_a_converted_checkpoint_is_read_from_its_conversion_reco
 
 def test_seq_len_is_checked_against_the_context_window_the_config_states(tiny_cla_checkpoint, tmp_path):  # noqa: F811
     """Up to max_position_embeddings (256) is accepted; a config.json without it gets transformers' class default
-    (2048), which says nothing about the model: no check."""
+    (2048), as in convert and eval (tests/test_context_window.py)."""
     from clakit.uptrain.recipe import ModelSection
     from clakit.uptrain.student import check_model_section
 
@@ -132,4 +132,4 @@ def test_seq_len_is_checked_against_the_context_window_the_config_states(tiny_cl
     config = json.loads((tiny_cla_checkpoint / "config.json").read_text())
     del config["max_position_embeddings"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    check_model_section(ModelSection(path=str(tmp_path)), 4096)
+    check_model_section(ModelSection(path=str(tmp_path)), 2048)

@@ -20,6 +20,7 @@ LAYOUT_GROUP = "layout (one of)"
 DEFAULT_DISTILL_STEPS = 50  # SmolLM2 at half the cache, measured in docs/quality.md
 DEFAULT_DISTILL_COPY_FRACTION = 1.0  # SmolLM2: passkeys 0.52 -> 0.87 (0.5: 0.61), perplexity -0.2% (docs/quality.md)
 DEFAULT_DISTILL_COPY_SPAN = 32
+DEFAULT_SEQ_LEN = 512  # tokens per calibration/distillation/eval window, unless the model's context is shorter
 SEED_LIMIT = 2**32  # torch.Generator().manual_seed takes 64-bit seeds; recipes use the same range
 
 
@@ -70,8 +71,12 @@ class ConvertConfig:
         metadata=_opt("calibration text: files, folders, NAME:CONFIG:SPLIT (several: all are used)", metavar="TEXT"),
     )
     calib_tokens: int = field(default=32768, metadata=_opt("calibration tokens to use"))
-    seq_len: int = field(
-        default=512, metadata=_opt("tokens per calibration/evaluation sequence (capped by the model's context)")
+    seq_len: int | None = field(
+        default=None,
+        metadata=_opt(
+            f"tokens per calibration/evaluation sequence (default {DEFAULT_SEQ_LEN}, or the model's context window "
+            "if shorter; a longer one is refused)"
+        ),
     )
     ridge: float = field(default=1e-3, metadata=_opt("calibrated fit: ridge, relative to the mean Fisher weight"))
     reconstruct_steps: int = field(default=200, metadata=_opt("--init reconstruct: Adam steps per group"))
@@ -145,7 +150,7 @@ class ConvertConfig:
             raise ClakitError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
         for name, unit in (("calib_tokens", "tokens"), ("seq_len", "tokens"), ("reconstruct_steps", "steps"),
                            ("eval_tokens", "tokens"), ("distill_tokens", "tokens")):  # fmt: skip
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:  # seq_len None: the default
                 raise ClakitError(f"--{_flag(name)} must be a positive number of {unit}, got {getattr(self, name)}")
         if self.distill_steps is not None and self.distill_steps < 0:
             raise ClakitError(f"--distill-steps must be 0 (off) or a number of steps, got {self.distill_steps}")

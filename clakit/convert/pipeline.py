@@ -34,6 +34,7 @@ from clakit.convert.config import (
     DEFAULT_DISTILL_COPY_FRACTION,
     DEFAULT_DISTILL_COPY_SPAN,
     DEFAULT_DISTILL_STEPS,
+    DEFAULT_SEQ_LEN,
     ConvertConfig,
 )
 from clakit.convert.inmemory import cla_config, cla_family
@@ -54,6 +55,8 @@ from clakit.provenance import provenance
 from clakit.sources import (
     Source,
     check_revision,
+    check_seq_len,
+    context_window,
     load_config,
     load_model,
     load_tokenizer,
@@ -92,6 +95,7 @@ class ConvertSettings:
     distill_steps: int = 0  # end-to-end distillation steps after the fits (0: none)
     distill_copy_fraction: float = 0.0  # share of the distillation's windows ending with a copy (`add_copies`)
     distill_copy_span: int = 0  # tokens per copy (0: no copies)
+    seq_len: int | None = None  # tokens per calibration/distillation/eval window (--seq-len, or its default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -264,7 +268,7 @@ class _Conversion:
         self.stage_seconds: dict[str, float] = {}
         self.started = time.perf_counter()
         self.config, self.architecture = _source_config(self.source, self.cfg.trust_remote_code)
-        self.seq_len = min(self.cfg.seq_len, self.config.max_position_embeddings or self.cfg.seq_len)
+        self.seq_len = self._seq_len()
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
         self.distill_steps = self._resolve_distill()
         self.copies = self._resolve_copies()
@@ -288,6 +292,14 @@ class _Conversion:
             f"wrote {self.out}: layout {self.layout_name}, init {self.init}, KV cache -{kv_saving(self.layout):.0%}"
         )
         return self.out
+
+    def _seq_len(self) -> int:
+        """--seq-len, default DEFAULT_SEQ_LEN or the model's context window if shorter; a longer one given is refused
+        before any weights are read (calibrating on positions the model never saw would fit extrapolation)."""
+        if self.cfg.seq_len is None:
+            return min(DEFAULT_SEQ_LEN, context_window(self.config) or DEFAULT_SEQ_LEN)
+        check_seq_len(self.cfg.seq_len, self.config, "--seq-len", self.source.spec)
+        return self.cfg.seq_len
 
     def _resolve_distill(self) -> int:
         """--distill-steps: the default when the whole student fits the device, else 0 (said); an explicit number
@@ -594,6 +606,7 @@ class _Conversion:
             max_shard_size=str(self.cfg.max_shard_size), seed=self.cfg.seed,
             reconstruct_steps=self.cfg.reconstruct_steps if self.init == "reconstruct" else None,
             distill_steps=self.distill_steps, distill_copy_fraction=self.copies[0], distill_copy_span=self.copies[1],
+            seq_len=self.seq_len,
         )  # fmt: skip
 
 

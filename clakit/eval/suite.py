@@ -14,7 +14,7 @@ from clakit.eval import passkey as passkey_task
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.provenance import provenance
-from clakit.sources import check_revision
+from clakit.sources import check_revision, check_seq_len, context_window
 
 DEFAULT_KV_BUDGET_GB = 16.0
 DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
@@ -30,9 +30,14 @@ class Loaded:
     model_dir: Path | None = None  # local checkpoint folder, for clakit_convert.json
 
 
-def check_settings(seq_len: int, stride: int | None, max_tokens, batch_size: int, kv_budget_gb: float) -> int:
-    """Every numeric setting, checked before anything is loaded; returns the effective stride."""
-    stride = perplexity.check_window(seq_len, stride)
+def check_settings(seq_len: int | None, stride: int | None, max_tokens, batch_size: int, kv_budget_gb: float) -> None:
+    """Every numeric setting, checked before anything is loaded. --stride is checked against the windows it steps
+    through once: here when --seq-len is given, else against the model's default window (`_windows`), since a
+    guessed DEFAULT_SEQ_LEN is not the window a shorter-context model gets."""
+    if seq_len is not None:
+        perplexity.check_window(seq_len, stride)
+    elif stride is not None and not (isinstance(stride, int) and stride > 0):
+        raise ClakitError(f"--stride must be a positive number of tokens, got {stride}")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
         raise ClakitError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
     if not isinstance(batch_size, int) or batch_size <= 0:
@@ -41,7 +46,6 @@ def check_settings(seq_len: int, stride: int | None, max_tokens, batch_size: int
         isinstance(kv_budget_gb, int | float) and math.isfinite(kv_budget_gb) and kv_budget_gb > 0
     ):
         raise ClakitError(f"--kv-budget-gb must be a positive number of GB, e.g. 16, got {kv_budget_gb}")
-    return stride
 
 
 def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool):
@@ -75,18 +79,15 @@ def _check_causal_lm(source, trust_remote_code: bool):
     return config
 
 
-def _window_seq_len(config, seq_len: int | None) -> int:
-    """--seq-len, default DEFAULT_SEQ_LEN or the model's context window if smaller; windows longer than the
-    positions the model was trained on would score extrapolation, not the model, and are refused."""
-    window = passkey_task.window(config)
-    if seq_len is None:
-        return min(DEFAULT_SEQ_LEN, window) if window else DEFAULT_SEQ_LEN
-    if window and seq_len > window:
-        raise ClakitError(
-            f"--seq-len {seq_len} exceeds the model's context window (max_position_embeddings {window}); "
-            f"use at most {window}"
-        )
-    return seq_len
+def _windows(config, seq_len: int | None, stride: int | None) -> tuple[int, int]:
+    """(seq_len, stride): --seq-len, default DEFAULT_SEQ_LEN or the model's context window if smaller; windows
+    longer than the positions the model was trained on would score extrapolation, not the model, and are refused.
+    A given --seq-len had its --stride checked by check_settings; the default's is checked here."""
+    if seq_len is not None:
+        check_seq_len(seq_len, config, "--seq-len")
+        return seq_len, seq_len if stride is None else stride
+    seq_len = min(DEFAULT_SEQ_LEN, context_window(config) or DEFAULT_SEQ_LEN)
+    return seq_len, perplexity.check_window(seq_len, stride)
 
 
 def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str | None, allow_pickle: bool) -> Loaded:
@@ -202,7 +203,7 @@ def evaluate(
     report's `lm_eval`. `allow_pickle`: accept a folder whose weights are pickle files (they can run code).
     Returns the report dict (see docs/eval.md); every input is checked before the model is loaded.
     """
-    check_settings(DEFAULT_SEQ_LEN if seq_len is None else seq_len, stride, max_tokens, batch_size, kv_budget_gb)
+    check_settings(seq_len, stride, max_tokens, batch_size, kv_budget_gb)
     if passkey is not None:
         passkey.check()
     if harness.parse_tasks(lm_eval_tasks):
@@ -210,8 +211,7 @@ def evaluate(
     if isinstance(model, str | Path):  # a revision read for nothing would be recorded as provenance
         check_revision(revision, model, source_model)
     source, config = _resolve(model, tokenizer, revision, trust_remote_code, allow_pickle)
-    seq_len = _window_seq_len(config, seq_len)
-    stride = perplexity.check_window(seq_len, stride)
+    seq_len, stride = _windows(config, seq_len, stride)
     model_dir = source.path if source is not None and source.kind == "dir" else None
     reference = _reference(source_model, model_dir, revision, trust_remote_code)
     texts = _texts(data, text)
@@ -239,7 +239,7 @@ def _passkey_prompts(settings, config, tokenizer, texts: list[Text]):
     """Every passkey prompt, built before the model is loaded (the window comes from the config)."""
     if settings is None:
         return None
-    return passkey_task.prepare(tokenizer, join_texts(texts), settings, passkey_task.window(config))
+    return passkey_task.prepare(tokenizer, join_texts(texts), settings, context_window(config) or 0)
 
 
 def _tokenizer(source, trust_remote_code: bool):

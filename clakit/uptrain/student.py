@@ -11,7 +11,7 @@ import torch
 from clakit import outputs
 from clakit.convert.pipeline import check_source_config
 from clakit.errors import ClakitError
-from clakit.sources import load_config, load_model, read_config_json, resolve_source
+from clakit.sources import check_seq_len, load_config, load_model, resolve_source
 
 LAYER_PREFIX = "model.layers."
 
@@ -21,13 +21,17 @@ LAYER_PREFIX = "model.layers."
 
 def check_model_section(model_section, seq_len: int | None = None):
     """Refuse a model that is not a CLA checkpoint (model.path) or not convertible (model.source), or whose context
-    window is shorter than data.seq_len (`seq_len`), before any work; returns its config."""
+    window is shorter than data.seq_len (`seq_len`) or model.convert.seq_len, before any work; returns its config."""
     spec = model_section.path or model_section.source
     # a Hub repo's config.json is checked before its weights are downloaded (GBs for the wrong kind of model)
     source = resolve_source(spec, model_section.revision, check_config=lambda s: _check_kind(model_section, s))
     config = _check_kind(model_section, source)
+    # the same window rule as convert's and eval's (clakit.sources.context_window); convert would refuse its own
+    # seq_len too, but only once the pipeline reaches it
     if seq_len is not None:
-        check_seq_len(seq_len, context_window(source, config), spec)
+        check_seq_len(seq_len, config, "data.seq_len", spec)
+    if model_section.source and model_section.convert.seq_len is not None:
+        check_seq_len(model_section.convert.seq_len, config, "model.convert.seq_len", spec)
     return config
 
 
@@ -52,24 +56,6 @@ def _check_kind(model_section, source):
     if model_section.source:  # an architecture or quantized weights convert refuses
         check_source_config(source)
     return config
-
-
-def context_window(source, config) -> int | None:
-    """max_position_embeddings as the checkpoint gives it; None when its config.json has none (transformers fills in
-    its class default, 2048 for Llama, which says nothing about this model)."""
-    if source.kind == "dir" and "max_position_embeddings" not in read_config_json(source.path):
-        return None
-    return getattr(config, "max_position_embeddings", None) or None
-
-
-def check_seq_len(seq_len: int, window: int | None, spec: str) -> None:
-    """Training windows longer than the positions the model was trained on would run silently: rotary positions
-    past the window are ones it never saw (the converter caps its calibration windows at it too)."""
-    if window is not None and seq_len > window:
-        raise ClakitError(
-            f"data.seq_len {seq_len} exceeds the context window of {spec} (max_position_embeddings {window}); "
-            f"use at most {window}"
-        )
 
 
 def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
