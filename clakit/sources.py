@@ -16,6 +16,7 @@ from clakit.errors import ClakitError
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
 SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"  # without an index, the one safetensors file transformers loads (no other name)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load / pickle files: loading them can run code
 # config.json keys a Llama/Mistral (and CLA) model needs to be built at its weights' shapes: transformers fills a
 # missing one with a default (hidden_size 4096) that does not match them
@@ -63,15 +64,16 @@ def _download(spec: str, revision: str | None, allow_pickle: bool, check_config)
 
 
 def _weight_patterns(index: Path) -> list[str]:
-    """What to download: the shards the index lists, not every *.safetensors (Mistral's repos also hold a
-    consolidated.safetensors of the same weights, which would double a 14 GB download); all of them without one."""
+    """What to download: what transformers loads, the shards the index lists or else model.safetensors; never every
+    *.safetensors (Mistral's repos also hold a consolidated.safetensors of the same weights: 14 GB more for a 7B)."""
+    others = [p for p in HUB_PATTERNS if p != "*.safetensors"]
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or malformed: convert says which
-        return HUB_PATTERNS
+        return others + [SAFE_SINGLE]
     if not shards or not all(isinstance(f, str) for f in shards):
-        return HUB_PATTERNS
-    return [p for p in HUB_PATTERNS if p != "*.safetensors"] + shards
+        return others + [SAFE_SINGLE]
+    return others + shards
 
 
 def _snapshot(spec: str, revision: str | None, patterns: list[str]) -> str:
@@ -220,14 +222,17 @@ def _check_rope_type(source: Source, config) -> None:
 
 
 def check_weights(source: Source, allow_pickle: bool = False) -> None:
-    """Safetensors by default: a folder whose weights are only pickle files is refused unless `allow_pickle`."""
-    if source.kind != "dir" or allow_pickle or any(source.path.glob("*.safetensors")):
+    """Safetensors by default: a folder whose loadable weights are pickle files is refused unless `allow_pickle`.
+    Only model.safetensors or its index count as safetensors: transformers ignores other *.safetensors names (a
+    Mistral consolidated.safetensors) and would load the pickle beside them."""
+    path = source.path
+    if source.kind != "dir" or allow_pickle or (path / SAFE_SINGLE).is_file() or (path / SAFE_INDEX).is_file():
         return
-    pickled = sorted(p.name for p in source.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
         raise ClakitError(
-            f"{source.spec} holds only pickle weights ({pickled[0]}), which can run code when loaded; pass "
-            "--allow-pickle if you trust the source, or re-save it as safetensors"
+            f"{source.spec}'s loadable weights are pickle ({pickled[0]}; no {SAFE_SINGLE} or {SAFE_INDEX}), which "
+            "can run code when loaded; pass --allow-pickle if you trust the source, or re-save it as safetensors"
         )
 
 

@@ -98,6 +98,12 @@ def pickle_weights(folder: Path) -> None:
     torch.save(state, folder / "pytorch_model.bin")
 
 
+def pickle_beside_consolidated(folder: Path) -> None:
+    """edit: pickle weights, plus a consolidated.safetensors (Mistral's native names), which transformers ignores."""
+    pickle_weights(folder)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, folder / "consolidated.safetensors")
+
+
 ALL_PRODUCERS = updated(kv_source_layers=[0, 1, 2, 3])  # the CLA2 weights have no K/V for layers 1 and 3
 ONE_PRODUCER = updated(kv_source_layers=[0, 0, 0, 0])  # layer 2's K/V have no place
 K1 = "model.layers.1.self_attn.k_proj.weight"
@@ -178,10 +184,13 @@ CASES = [
     Case(TEACHER + " distill.hidden_mse_weight=1", "bad has num_hidden_layers 2 but the student 4",
          other_model(num_hidden_layers=2), id="teacher-layers-hidden-mse"),
     # --- weights: pickle only with the flag (they can run code), NaN weights never make a report
-    Case(EVAL, "holds only pickle weights (pytorch_model.bin), which can run code when loaded; pass --allow-pickle",
-         damaged("model", pickle_weights), id="eval-pickle"),
-    Case(UPTRAIN, "holds only pickle weights (pytorch_model.bin)", damaged("cla", pickle_weights),
+    Case(EVAL, "loadable weights are pickle (pytorch_model.bin; no model.safetensors or model.safetensors.index.json"
+         "), which can run code when loaded; pass --allow-pickle", damaged("model", pickle_weights), id="eval-pickle"),
+    Case(UPTRAIN, "loadable weights are pickle (pytorch_model.bin;", damaged("cla", pickle_weights),
          id="uptrain-pickle"),
+    # a stray safetensors file transformers does not load (Mistral's consolidated.safetensors) is no safe copy
+    Case(EVAL, "loadable weights are pickle (pytorch_model.bin;", damaged("model", pickle_beside_consolidated),
+         id="eval-pickle-beside-consolidated-safetensors"),
     Case(EVAL, "its weights hold NaN/inf or absurd values",
          damaged("model", tensor("model.norm.weight", lambda t: torch.full_like(t, float("nan")))), id="eval-nan"),
 ]  # fmt: skip

@@ -74,12 +74,16 @@ def test_a_refused_hub_config_is_refused_before_the_weights_download(hub, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unindexed_hub_repo_fetches_every_safetensors_file(hub, tmp_path, tokenizer):
+def test_an_unindexed_hub_repo_fetches_model_safetensors_and_no_other_safetensors(hub, tmp_path, tokenizer):
     shutil.rmtree(hub.repo)
     tiny_model("llama").save_pretrained(hub.repo)  # one model.safetensors, no index
     tokenizer.save_pretrained(hub.repo)
+    shutil.copy(hub.repo / "model.safetensors", hub.repo / "consolidated.safetensors")  # Mistral's second copy
     convert("org/model", tmp_path / "out", factor=2, quiet=True)
-    assert "*.safetensors" in hub.calls[1][2] and (hub.cache / "snapshots" / COMMIT / "model.safetensors").is_file()
+    snapshot = hub.cache / "snapshots" / COMMIT
+    assert "*.safetensors" not in hub.calls[1][2] and [f.name for f in snapshot.glob("*.safetensors")] == [
+        "model.safetensors"
+    ]
 
 
 def test_a_hub_repo_without_config_is_refused_after_one_request(hub, tmp_path):

@@ -19,9 +19,8 @@ from safetensors.torch import save_file
 from clakit import outputs
 from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
-from clakit.sources import SAFE_INDEX  # the one name, also what a Hub download fetches first
+from clakit.sources import SAFE_INDEX, SAFE_SINGLE  # the one name of each, also what a Hub download fetches
 
-SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 # Fixed header metadata: transformers wants format=pt; nothing time- or machine-dependent, so output is reproducible.
