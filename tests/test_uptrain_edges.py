@@ -1,5 +1,5 @@
-"""Edge cases of `clakit uptrain`: unused recipe values, the fix a refusal names for a finished run, a user's file in
-the report folder at the end of a run, and one rule for "the same text"."""
+"""Edge cases of `clakit uptrain`: unused recipe values, the fix a refusal names for a finished run, a warmup as long
+as the run, a user's file in the report folder at the end of a run, and one rule for "the same text"."""
 
 import json
 from pathlib import Path
@@ -52,6 +52,50 @@ def test_existing_run_folder_names_the_fix_for_a_finished_and_an_unfinished_run(
     (out / "model" / "config.json").unlink()  # as if killed before the result was saved: it can be continued
     before.discard("config.json")
     assert_refused(capsys, out, [path], "already exists; continue it with --resume or replace it", before)
+
+
+# --- 3. a warmup at least as long as the run: the learning rate would never reach its peak -------------------------
+
+
+def test_warmup_as_long_as_max_steps_is_refused_naming_both(tmp_path, corpus_dir):
+    path = recipe_file(tmp_path, corpus_dir)
+    with pytest.raises(ClakitError, match=r"train.warmup_steps=4 is not shorter than train.max_steps=4") as e:
+        load_recipe(path, ["train.max_steps=4", "train.warmup_steps=4"])
+    assert "\n" not in str(e.value)
+    assert load_recipe(path, ["train.max_steps=4", "train.warmup_steps=3"]).train.warmup_steps == 3
+    # 1 step with a warmup learns nothing at all: trainer.check_plan's refusal, which says so (one-step-with-warmup)
+    assert load_recipe(path, ["train.max_steps=1", "train.warmup_steps=1"]).train.max_steps == 1
+    # constant has no warmup at all: its own refusal comes first
+    with pytest.raises(ClakitError, match="train.lr_scheduler_type constant has no warmup"):
+        load_recipe(path, ["train.max_steps=2", "train.warmup_steps=5", "train.lr_scheduler_type=constant"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # 64 tokens a step (batch 2 x seq_len 32): 3 steps
+        (
+            ["train.max_steps=-1", "train.max_tokens=192", "train.warmup_steps=3"],
+            "the warmup (train.warmup_steps=3) is not shorter than the run (3 steps from train.max_tokens=192)",
+        ),
+        (
+            ["train.max_steps=4", "train.warmup_steps=0", "train.warmup_ratio=0.8"],
+            "the warmup (4 steps from train.warmup_ratio=0.8) is not shorter than the run (4 steps)",
+        ),
+    ],
+    ids=["steps-from-max-tokens", "warmup-from-ratio"],
+)
+def test_warmup_as_long_as_the_planned_run_is_refused_before_any_work(
+    capsys,
+    tmp_path,
+    corpus_dir,
+    tiny_cla_checkpoint,  # noqa: F811
+    overrides,
+    message,
+):
+    out = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    assert_refused(capsys, out, [path, *overrides], message)
 
 
 # --- 4. a file of the user's in OUTPUT_DIR/report/ while the run trains: the trained model is kept ----------------

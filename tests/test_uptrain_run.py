@@ -267,6 +267,7 @@ def test_smollm2_cpu_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, corpus_dir
         "data.copy_span=8",  # the recipe's 32-token copies need windows of 64 or more
         "data.eval_max_tokens=64",
         "train.max_steps=3",
+        "train.warmup_steps=2",  # the recipe's 5 would outlast the 3 steps (refused)
         "train.max_tokens=null",
         "train.per_device_train_batch_size=2",
         f"train.output_dir={out}",

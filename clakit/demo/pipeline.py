@@ -92,7 +92,7 @@ def convert_stage(ctx: DemoContext) -> None:
 def uptrain_stage(ctx: DemoContext) -> None:
     """The shipped CPU recipe (attention projections in full, LoRA on the MLPs, distillation), shortened, from the
     converted model."""
-    from clakit.uptrain import DEFAULT_RECIPE, uptrain
+    from clakit.uptrain import DEFAULT_RECIPE, load_recipe, uptrain
 
     s = ctx.settings
     if s.uptrain_steps <= 0:
@@ -113,8 +113,9 @@ def uptrain_stage(ctx: DemoContext) -> None:
         f"train.max_steps={s.uptrain_steps}",
         f"train.save_steps={s.uptrain_steps}",
         f"train.eval_steps={s.uptrain_steps}",
-        # one step inside the recipe's warmup would train at learning rate 0 (uptrain refuses it): no warmup then
-        *(["train.warmup_steps=0"] if s.uptrain_steps == 1 else []),
+        # a warmup as long as the run never reaches the peak rate (uptrain refuses it): the recipe's, shortened to
+        # end before the last step (0 at 1 step, whose only step would train at learning rate 0)
+        f"train.warmup_steps={min(load_recipe(DEFAULT_RECIPE).train.warmup_steps, s.uptrain_steps - 1)}",
     ]
     ctx.models["uptrained"] = str(uptrain(DEFAULT_RECIPE, overrides, overwrite=True, quiet=s.quiet))
 
