@@ -51,6 +51,7 @@ from clakit.convert.inmemory import cla_model_from  # noqa: E402
 from clakit.convert.layout import kv_saving, uniform_layout  # noqa: E402
 from clakit.corpus import Text, join_texts, load_texts  # noqa: E402
 from clakit.eval import kvcache, kvquant, passkey, perplexity  # noqa: E402
+from clakit.sources import context_window  # noqa: E402
 
 METHODS = ("mean", "calibrated", "reconstruct", "auto+calibrated", "auto+reconstruct", "auto+reconstruct+distill")
 BASELINES = ("kv8", "kv4", "heads-mean", "heads-fitted")
@@ -270,7 +271,7 @@ def main() -> None:
         lengths = [int(n) for n in args.passkey_lengths.split(",")]
         settings = passkey.PasskeySettings(lengths, [0.0, 0.5, 1.0], samples=2)
         filler = join_texts(load_texts([str(assets.heldout)]))
-        args.passkey = (tokenizer, passkey.prepare(tokenizer, filler, settings, passkey.window(model.config)))
+        args.passkey = (tokenizer, passkey.prepare(tokenizer, filler, settings, context_window(model.config) or 0))
     sweep.add("original", model, passkey_of=args.passkey)
     run_baselines(sweep, model, calib, args)
     run_cla(sweep, model, calib, args)

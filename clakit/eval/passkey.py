@@ -62,11 +62,6 @@ class Prompt:
     ids: torch.Tensor  # (length,)
 
 
-def window(config) -> int:
-    """The model's context window in tokens (0 when the config does not say)."""
-    return int(getattr(config, "max_position_embeddings", 0) or 0)
-
-
 def default_lengths(max_len: int, smallest: int = 1024) -> list[int]:
     """1024, 2048, ... and the largest prompt that fits the window (the answer's tokens included)."""
     top = max_len - (5 + EXTRA_TOKENS)
