@@ -179,3 +179,21 @@ def test_an_offline_hub_cache_is_read(tmp_path, tiny_llama_checkpoint, corpus_di
     assert json.loads((tmp_path / "org.json").read_text())["provenance"]["revision"] == "main"
     missing = clakit_eval("org/other")
     assert missing.returncode == 2 and "'org/other' does not exist" in missing.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("changes", "flags", "needle"),
+    [
+        ({"max_position_embeddings": 64}, ["--seq-len", "128"], "--seq-len 128 exceeds the model's context window"),
+        ({"architectures": ["T5ForConditionalGeneration"], "model_type": "t5"}, [], "is not a causal language model"),
+    ],
+    ids=["seq-len-past-the-window", "not-a-causal-lm"],
+)
+def test_eval_checks_a_hub_config_before_the_weights_download(hub, tmp_path, corpus_dir, changes, flags, needle):
+    from clakit.eval import evaluate
+
+    edit_config(hub.repo, **changes)
+    with pytest.raises(ClakitError, match=needle):
+        seq_len = int(flags[1]) if flags else None
+        evaluate("org/model", data=[str(corpus_dir)], seq_len=seq_len, speed=False, quiet=True)
+    assert hub.calls == [("org/model", None, FIRST)] and not hub.weights_fetched()

@@ -48,16 +48,21 @@ def check_settings(seq_len: int | None, stride: int | None, max_tokens, batch_si
         raise ClakitError(f"--kv-budget-gb must be a positive number of GB, e.g. 16, got {kv_budget_gb}")
 
 
-def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool):
+def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool, windows=(None, None)):
     """(Source, config) of a model spec; (None, its config) for an in-memory model, which must come with its
-    tokenizer."""
+    tokenizer. A Hub model's config.json is checked (a causal LM, `windows` = (seq_len, stride) within its context)
+    before its weights are downloaded; with remote code, whose configuration code comes with the weights, after."""
     from clakit.sources import check_weights, resolve_source
 
     if not isinstance(model, str | Path):
         if tokenizer is None:
             raise ClakitError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
         return None, model.config
-    source = resolve_source(str(model), revision, allow_pickle)
+
+    def check_config(source):
+        _windows(_check_causal_lm(source, trust_remote_code), *windows)
+
+    source = resolve_source(str(model), revision, allow_pickle, None if trust_remote_code else check_config)
     check_weights(source, allow_pickle)
     return source, _check_causal_lm(source, trust_remote_code)
 
@@ -210,7 +215,7 @@ def evaluate(
         harness.require_lm_eval()  # before anything slow; the tasks themselves are loaded just before the model
     if isinstance(model, str | Path):  # a revision read for nothing would be recorded as provenance
         check_revision(revision, model, source_model)
-    source, config = _resolve(model, tokenizer, revision, trust_remote_code, allow_pickle)
+    source, config = _resolve(model, tokenizer, revision, trust_remote_code, allow_pickle, (seq_len, stride))
     seq_len, stride = _windows(config, seq_len, stride)
     model_dir = source.path if source is not None and source.kind == "dir" else None
     reference = _reference(source_model, model_dir, revision, trust_remote_code)
