@@ -147,3 +147,19 @@ def test_duplicate_tensor_across_indexed_shards_is_still_refused(tmp_path, token
     other = next(p for p in reversed(shards) if p != home)
     save_file({**load_file(other), Q0: torch.zeros_like(load_file(home)[Q0])}, other, metadata={"format": "pt"})
     assert_refused(capsys, src, tmp_path / "out", f"holds {Q0} in both", "transformers loads the later file's copy")
+
+
+def test_unloadable_weights_are_refused_before_the_calibration_text_is_read(tmp_path, tokenizer, capsys, monkeypatch):
+    """The weights' checks come before the calibration text, which may be a datasets download (GBs, minutes)."""
+    import clakit.convert.pipeline
+
+    src = single_file_checkpoint(tmp_path / "src", tokenizer)
+    stray_mistral_native(src)
+    (src / "model.safetensors").unlink()
+
+    def no_download(*_args, **_kwargs):
+        raise AssertionError("the calibration text was read before the weights were checked")
+
+    monkeypatch.setattr(clakit.convert.pipeline, "load_texts", no_download)
+    code = run_cli(src, tmp_path / "out", "--calib-data", "wikitext:wikitext-2-raw-v1:train", "--factor", "2")
+    assert code == 2 and "Mistral's native format" in capsys.readouterr().err

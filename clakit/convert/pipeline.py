@@ -273,7 +273,6 @@ class _Conversion:
         self.distill_steps = self._resolve_distill()
         self.copies = self._resolve_copies()
         self._check_token_budgets()
-        self._load_texts()
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
@@ -284,6 +283,7 @@ class _Conversion:
             if self.layout is not None:  # the output's size is known: a full disk is refused before the slow work
                 plan = self._plan(cla_config(self.config, self.layout), lm_cls, self.layout)
                 _check_free_space(self.out, output_nbytes(self.checkpoint, plan, DTYPES.get(self.cfg.output_dtype)))
+        self._load_texts()  # after the weights' checks: a datasets spec can mean a download
         with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
             overrides = self._data_phase(scratch)
             with outputs.staged(self.out, "convert", overwrite=self.overwrite) as tmp:
