@@ -33,7 +33,7 @@ from clakit.errors import ClakitError
 
 MARKER = ".clakit_output.json"
 NOUNS = {"convert": "convert output", "uptrain": "uptrain run", "model": "uptrained model", "report": "report folder"}
-REPORT_FILES = {"report.md", "report.html", "ppl_vs_kv.png"}
+REPORT_FILES = {"report.md", "report.html", "ppl_vs_kv.png", "passkey.png"}  # passkey.png: reports with passkeys
 NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, APFS)
 
 

@@ -251,6 +251,9 @@ def test_report_and_eval_replace_their_own_outputs(paths, tmp_path):
     shutil.copytree(rep, legacy)
     (legacy / MARKER).unlink()  # an older clakit's report folder: just the three files
     assert run_clakit("report", paths["report"], "-o", legacy).code == 0
+    (legacy / MARKER).unlink()
+    (legacy / "passkey.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # one whose reports had passkey scores
+    assert run_clakit("report", paths["report"], "-o", legacy).code == 0
     again = tmp_path / "again.json"
     shutil.copy(paths["report"], again)
     run = run_clakit("eval", paths["model"], "-o", again, "--data", f"{paths['data']}/heldout.txt", "--seq-len", "32",
