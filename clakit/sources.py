@@ -119,6 +119,12 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
         return Source(spec, "gguf", path.resolve())
     if path.is_dir():
         if not (path / "config.json").is_file():
+            if (path / "params.json").is_file():  # Mistral's own release format: params.json + consolidated.*
+                raise ClakitError(
+                    f"{spec} is in Mistral's native format (params.json, no config.json), which transformers does not "
+                    "load: download the repo's HF-format files, or convert it with transformers' "
+                    "models/mistral/convert_mistral_weights_to_hf.py"
+                )
             raise ClakitError(f"{spec} is not a model checkpoint folder (no config.json)")
         return Source(spec, "dir", path.resolve())
     if path.exists():

@@ -109,6 +109,14 @@ def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     assert_refused(capsys, folder, tmp_path / "out", match="not a model checkpoint folder (no config.json)")
 
 
+def test_mistral_native_release_folder_is_named(tmp_path, capsys):
+    folder = tmp_path / "mistral"
+    folder.mkdir()
+    (folder / "params.json").write_text('{"dim": 4096, "n_layers": 32}')
+    (folder / "consolidated.safetensors").write_bytes(b"")
+    assert_refused(capsys, folder, tmp_path / "out", match="is in Mistral's native format (params.json, no config")
+
+
 def test_file_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "weights.txt").write_text("hello")
     assert_refused(capsys, tmp_path / "weights.txt", tmp_path / "out", match="neither a checkpoint folder nor")
