@@ -197,3 +197,10 @@ def test_eval_checks_a_hub_config_before_the_weights_download(hub, tmp_path, cor
         seq_len = int(flags[1]) if flags else None
         evaluate("org/model", data=[str(corpus_dir)], seq_len=seq_len, speed=False, quiet=True)
     assert hub.calls == [("org/model", None, FIRST)] and not hub.weights_fetched()
+
+
+def test_convert_checks_a_given_seq_len_against_a_hub_config_before_the_weights_download(hub, tmp_path):
+    edit_config(hub.repo, max_position_embeddings=64)
+    with pytest.raises(ClakitError, match="--seq-len 128 exceeds the context window of org/model"):
+        convert("org/model", tmp_path / "out", factor=2, seq_len=128, quiet=True)
+    assert hub.calls == [("org/model", None, FIRST)] and not hub.weights_fetched()

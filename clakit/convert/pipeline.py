@@ -125,7 +125,7 @@ def convert(
     resolved = replace(config, layout=layout, kv_saving=kv_saving_, init=_resolve_init(config.init, config.calib_data))
     job = _Conversion(
         out=Path(out).expanduser().absolute(),
-        source=resolve_source(str(src), config.revision, config.allow_pickle, check_config=check_source_config),
+        source=resolve_source(str(src), config.revision, config.allow_pickle, check_config=_hub_check(config.seq_len)),
         config=resolved,
         device=device,
         overwrite=overwrite,
@@ -192,6 +192,18 @@ def check_source_config(source: Source) -> None:
     raw = read_config_json(source.path)
     _check_architecture(source, raw.get("architectures"), raw.get("model_type"))
     _check_not_quantized(source, raw.get("quantization_config"))
+
+
+def _hub_check(seq_len: int | None):
+    """A Hub repo's config.json, before its weights: check_source_config, and a given --seq-len against its window
+    (the architecture checked first is Llama/Mistral, whose configs need no remote code)."""
+
+    def check(source: Source) -> None:
+        check_source_config(source)
+        if seq_len is not None:
+            check_seq_len(seq_len, load_config(source), "--seq-len", source.spec)
+
+    return check
 
 
 def _load_source_model(source: Source, trust_remote_code: bool, allow_pickle: bool):
