@@ -69,6 +69,12 @@ def _load_datasets_spec(spec: str) -> Text:
     return Text(spec, "\n".join(ds[column]))
 
 
+def is_datasets_spec(spec: str) -> bool:
+    """Whether a spec that names no existing file or folder is read as a datasets spec (NAME:CONFIG:SPLIT, or a bare
+    name) rather than refused as a missing path (one with a `/` or a suffix and no `:`)."""
+    return ":" in spec or ("/" not in spec and not Path(spec).suffix)
+
+
 def load_texts(specs: list[str] | str) -> list[Text]:
     """Read every spec; refuse missing paths and empty text with a message naming the spec."""
     specs = [specs] if isinstance(specs, str) else list(specs)
@@ -81,7 +87,7 @@ def load_texts(specs: list[str] | str) -> list[Text]:
             texts.extend(Text(str(p), _read_file(p)) for p in _folder_files(path))
         elif path.is_file():
             texts.append(Text(str(path), _read_file(path)))
-        elif ":" in spec or ("/" not in spec and not path.suffix):
+        elif is_datasets_spec(spec):
             texts.append(_load_datasets_spec(spec))
         else:
             raise ClakitError(

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from clakit import outputs
+from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.sources import load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, student
@@ -235,8 +236,7 @@ def check_paths(recipe: Recipe) -> None:
         if spec:
             raise ClakitError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id")
     for spec in recipe.data.train + (recipe.data.eval or []):
-        looks_like_path = "/" in spec or Path(spec).suffix
-        if looks_like_path and ":" not in spec and not Path(spec).expanduser().exists():
+        if not Path(spec).expanduser().exists() and not is_datasets_spec(spec):
             raise ClakitError(f"text data {spec!r} does not exist; give text files, .txt folders or NAME:CONFIG:SPLIT")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from clakit.convert.config import ConvertConfig
+from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.sources import check_revision
 
@@ -362,10 +363,10 @@ def _validate_data(d: DataSection) -> None:
 
 def _local_path(spec: str) -> Path | None:
     """The local file or folder a data spec names, or None for a datasets spec (NAME:CONFIG:SPLIT), as
-    corpus.load_texts reads them: a spec that exists is a path; one that does not is a datasets spec when it has a
-    `:` or neither a `/` nor a suffix, else a missing path (refused when the text is read)."""
+    corpus.load_texts reads them: a spec that exists is a path, else corpus.is_datasets_spec decides (a missing
+    path is refused when the text is read)."""
     path = Path(spec).expanduser()
-    if path.exists() or not (":" in spec or ("/" not in spec and not path.suffix)):
+    if path.exists() or not is_datasets_spec(spec):
         return path.resolve()
     return None
 
