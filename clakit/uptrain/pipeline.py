@@ -240,30 +240,6 @@ def check_paths(recipe: Recipe) -> None:
             raise ClakitError(f"text data {spec!r} does not exist; give text files, .txt folders or NAME:CONFIG:SPLIT")
 
 
-def check_warmup(train, plan) -> None:
-    """The learning rate climbs from 0 over the warmup: one as long as the run never reaches train.learning_rate.
-    The recipe refuses it for train.max_steps; here the steps from max_tokens or epochs and the warmup from
-    warmup_ratio are known too. A 1-step run is check_plan's (nothing at all is learned there)."""
-    if plan.total_steps == 1 or plan.warmup_steps < plan.total_steps:
-        return
-    warmup = (
-        f"train.warmup_steps={train.warmup_steps}"
-        if train.warmup_steps
-        else f"{plan.warmup_steps} steps from train.warmup_ratio={train.warmup_ratio}"
-    )
-    steps = f"{plan.total_steps} steps"
-    if train.max_steps <= 0:  # the run's length comes from the token budget or the epochs
-        steps += (
-            f" from train.max_tokens={train.max_tokens}"
-            if train.max_tokens
-            else f" from train.num_train_epochs={train.num_train_epochs}"
-        )
-    raise ClakitError(
-        f"the warmup ({warmup}) is not shorter than the run ({steps}): the learning rate would never reach its "
-        "peak; lower train.warmup_steps / train.warmup_ratio, or train more steps"
-    )
-
-
 # --- the run --------------------------------------------------------------------------------------------------------
 
 
@@ -470,7 +446,6 @@ def uptrain(
     check_launch(data, acc.num_processes)
     plan = make_plan(recipe.train, len(data.train), data.seq_len, acc.num_processes)
     check_plan(recipe.train, plan)
-    check_warmup(recipe.train, plan)
     if resume:
         check_same_data(out, data, acc.num_processes)
     work = out if resume else _staging_dir(out, acc)

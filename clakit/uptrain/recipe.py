@@ -448,8 +448,8 @@ def _validate_train(t: TrainSection) -> None:
         "use constant_with_warmup, or set train.warmup_steps=0 train.warmup_ratio=0",
     )
     # the rate climbs from 0 over the warmup: a warmup as long as the run never reaches train.learning_rate. Steps
-    # from max_tokens or epochs and a warmup from warmup_ratio are known only with the data (pipeline.check_warmup);
-    # a 1-step run with any warmup is trainer.check_plan's (it learns nothing at all)
+    # from max_tokens or epochs and a warmup from warmup_ratio are known only with the data (trainer.check_plan,
+    # which also refuses a 1-step run with any warmup: it learns nothing at all)
     _check(
         t.max_steps <= 1 or t.warmup_steps < t.max_steps,
         f"train.warmup_steps={t.warmup_steps} is not shorter than train.max_steps={t.max_steps}: the learning rate "

@@ -43,13 +43,40 @@ def make_plan(train, n_blocks: int, seq_len: int, world: int) -> Plan:
 
 
 def check_plan(train, plan: Plan) -> None:
-    """A warmup starts at learning rate 0 (transformers' schedulers, all but `constant`): a run of one step with any
-    warmup trains at 0 and returns the converted model unchanged while its card counts a step of training."""
+    """The warmup against the planned run (its steps from max_steps, max_tokens or epochs; the warmup from
+    warmup_steps or warmup_ratio). A warmup starts at learning rate 0 (transformers' schedulers, all but `constant`):
+    a run of one step with any warmup trains at 0 and returns the converted model unchanged while its card counts a
+    step of training; a longer run whose warmup lasts it never reaches train.learning_rate."""
     if plan.total_steps == 1 and plan.warmup_steps > 0 and train.lr_scheduler_type != "constant":
         raise ClakitError(
             "the run has 1 step and a warmup, whose first step trains at learning rate 0: nothing would be learned; "
             "set train.warmup_steps=0 train.warmup_ratio=0, or train more steps"
         )
+    if plan.total_steps > 1 and plan.warmup_steps >= plan.total_steps:
+        raise ClakitError(
+            f"the warmup ({_warmup_source(train, plan)}) is not shorter than the run ({_steps_source(train, plan)}): "
+            "the learning rate would never reach its peak; lower train.warmup_steps / train.warmup_ratio, or train "
+            "more steps"
+        )
+
+
+def _warmup_source(train, plan: Plan) -> str:
+    return (
+        f"train.warmup_steps={train.warmup_steps}"
+        if train.warmup_steps
+        else f"{plan.warmup_steps} steps from train.warmup_ratio={train.warmup_ratio}"
+    )
+
+
+def _steps_source(train, plan: Plan) -> str:
+    if train.max_steps > 0:
+        return f"{plan.total_steps} steps"
+    budget = (
+        f"train.max_tokens={train.max_tokens}"
+        if train.max_tokens
+        else f"train.num_train_epochs={train.num_train_epochs}"
+    )
+    return f"{plan.total_steps} steps from {budget}"
 
 
 def make_optimizer(model, train):
