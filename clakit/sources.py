@@ -184,6 +184,11 @@ def context_window(config) -> int | None:
     return window if type(window) is int and window > 0 else None
 
 
+def default_seq_len(config, default: int) -> int:
+    """A command's default window (`default` tokens), shrunk to the model's context window when that is shorter."""
+    return min(default, context_window(config) or default)
+
+
 def check_seq_len(seq_len: int, config, flag: str, model: str | None = None) -> None:
     """Windows longer than the positions the model was trained on are refused in one line (`flag` names the setting,
     `model` the checkpoint): rotary positions past the window are ones it never saw, so they would measure or train

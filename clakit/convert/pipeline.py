@@ -56,7 +56,7 @@ from clakit.sources import (
     Source,
     check_revision,
     check_seq_len,
-    context_window,
+    default_seq_len,
     load_config,
     load_model,
     load_tokenizer,
@@ -309,7 +309,7 @@ class _Conversion:
         """--seq-len, default DEFAULT_SEQ_LEN or the model's context window if shorter; a longer one given is refused
         before any weights are read (calibrating on positions the model never saw would fit extrapolation)."""
         if self.cfg.seq_len is None:
-            return min(DEFAULT_SEQ_LEN, context_window(self.config) or DEFAULT_SEQ_LEN)
+            return default_seq_len(self.config, DEFAULT_SEQ_LEN)
         check_seq_len(self.cfg.seq_len, self.config, "--seq-len", self.source.spec)
         return self.cfg.seq_len
 

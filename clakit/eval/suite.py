@@ -14,7 +14,7 @@ from clakit.eval import passkey as passkey_task
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.provenance import provenance
-from clakit.sources import check_revision, check_seq_len, context_window
+from clakit.sources import check_revision, check_seq_len, context_window, default_seq_len
 
 DEFAULT_KV_BUDGET_GB = 16.0
 DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
@@ -91,7 +91,7 @@ def _windows(config, seq_len: int | None, stride: int | None) -> tuple[int, int]
     if seq_len is not None:
         check_seq_len(seq_len, config, "--seq-len")
         return seq_len, seq_len if stride is None else stride
-    seq_len = min(DEFAULT_SEQ_LEN, context_window(config) or DEFAULT_SEQ_LEN)
+    seq_len = default_seq_len(config, DEFAULT_SEQ_LEN)
     return seq_len, perplexity.check_window(seq_len, stride)
 
 
