@@ -4,6 +4,7 @@ unfrozen; at the end LoRA is merged back and the result saved as a plain CLA che
 import dataclasses
 import fnmatch
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -244,3 +245,145 @@ def save_cla(model, tokenizer, out: Path, dtype: torch.dtype | None = None) -> N
     missing = [f for f in ("configuration_cla.py", "modeling_cla.py") if not (out / f).is_file()]
     if missing:  # a checkpoint without them would not load with trust_remote_code alone
         raise ClakitError(f"saving the CLA checkpoint did not copy {', '.join(missing)} to {out}")
+
+
+# --- the merged checkpoint, written one tensor at a time ----------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."  # clean names of a peft-wrapped student (lora.r > 0 and some LoRA target left)
+LORA_NAME = re.compile(r"(.+)\.lora_([AB])\.default\.weight")  # peft's one adapter, "default"
+MERGED_SHARD_SIZE = "5GB"  # convert's default; the writer holds one shard's tensors at a time
+
+
+def save_merged(
+    start_path: Path,
+    trained: dict[str, torch.Tensor],
+    lora,
+    dtype: torch.dtype,
+    out: Path,
+    max_shard_size: str | int = MERGED_SHARD_SIZE,
+) -> None:
+    """Write into `out` (an existing empty folder) what `save_cla(merged(rebuilt(start_path, lora, torch.float32,
+    trained), dtype), ...)` writes, less the tokenizer, without the whole model in memory: the start checkpoint's
+    tensors are read one at a time (lazily), the trained ones (clean names, `trainable_state`) replace or merge into
+    them, and each is cast to `dtype` and written to shards. A trained tensor the checkpoint has no place for, or of
+    another shape, is refused before anything is written."""
+    from clakit.convert.checkpoint import ShardWriter, open_checkpoint, parse_size
+
+    model = _meta_student(start_path)  # names, config and modeling sources; no weights
+    names = _saved_names(model)
+    checkpoint = open_checkpoint(Path(start_path), allow_pickle=False)
+    full, adapters = _split_trained(trained)
+    _check_trained(checkpoint, names, full, adapters, lora)
+    writer = ShardWriter(out, parse_size(max_shard_size))
+    for name in names:  # one source tensor alive at a time (plus the shard being filled, in `dtype`)
+        writer.add(name, _merged_tensor(name, checkpoint.get(name), full, adapters, lora, dtype))
+    writer.finish()
+    outputs.usual_mode(*out.glob("*.safetensors"))
+    _save_config_files(model, Path(start_path), dtype, out)
+
+
+def _meta_student(start_path: Path):
+    """The start checkpoint's CLA model built on the meta device from its config (seconds even at 70B)."""
+    from clakit.convert.inmemory import cla_family
+    from clakit.modeling import CLA_CLASSES
+
+    config = load_config(resolve_source(str(start_path)))
+    with torch.device("meta"):
+        return CLA_CLASSES[cla_family(config)][2](config)
+
+
+def _saved_names(model) -> list[str]:
+    """The tensors save_pretrained writes for `model`, by transformers' own rule: its state dict less the tied
+    aliases (lm_head.weight under tie_word_embeddings; only the embedding is written), in layer order."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from clakit.convert.checkpoint import natural_key
+
+    return sorted(remove_tied_weights_from_state_dict(model.state_dict(), model), key=natural_key)
+
+
+def _split_trained(trained: dict) -> tuple[dict, dict]:
+    """The trained tensors by checkpoint name: ({name: whole tensor} of the full_train modules, {weight name: {"A":
+    (r, in), "B": (out, r)}} of the LoRA targets)."""
+    full, adapters = {}, {}
+    for name, tensor in trained.items():
+        name = name.removeprefix(PEFT_PREFIX)
+        lora_part = LORA_NAME.fullmatch(name)
+        if lora_part:
+            adapters.setdefault(f"{lora_part[1]}.weight", {})[lora_part[2]] = tensor
+        else:
+            full[name] = tensor
+    return full, adapters
+
+
+def _check_trained(checkpoint, names: list[str], full: dict, adapters: dict, lora) -> None:
+    """Every tensor to write is in the start checkpoint, and every trained tensor has its place there, shape for
+    shape: LoRA's A (r, in) and B (out, r) around the (out, in) weight it merges into."""
+    present = set(checkpoint.names)
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ClakitError(f"the start checkpoint {checkpoint.folder} lacks tensor {missing[0]}; nothing merged")
+    for name, tensor in full.items():
+        if tuple(tensor.shape) != (shape := _start_shape(checkpoint, names, name, f"trained tensor {name}")):
+            raise ClakitError(f"trained tensor {name} has shape {tuple(tensor.shape)}, the start checkpoint {shape}")
+    for name, pair in adapters.items():
+        out_features, in_features = _start_shape(checkpoint, names, name, f"the LoRA of {name}")
+        for part, shape in (("A", (lora.r, in_features)), ("B", (out_features, lora.r))):
+            got = tuple(pair[part].shape) if part in pair else "missing"
+            if got != shape:
+                raise ClakitError(f"trained lora_{part} of {name}: shape {got}, expected {shape} (r={lora.r})")
+
+
+def _start_shape(checkpoint, names: list[str], name: str, what: str) -> tuple:
+    if name not in names:  # e.g. a tied lm_head.weight (only the embedding is saved), or another recipe's module
+        raise ClakitError(f"{what} matches no tensor of the start checkpoint {checkpoint.folder}; nothing merged")
+    return tuple(checkpoint.get(name).shape)  # a lazy view: the header only
+
+
+def _merged_tensor(name: str, start: torch.Tensor, full: dict, adapters: dict, lora, dtype) -> torch.Tensor:
+    """One tensor of the merged model in `dtype`: the trained whole tensor, the start's with LoRA merged in, or the
+    start's as it is. LoRA as peft merges it into the fp32 student: W (out, in) + (B (out, r) @ A (r, in)) *
+    (lora_alpha / r), in fp32 and in peft's order of operations (no fan_in_fan_out, rslora or DoRA here)."""
+    tensor = full.get(name, start)
+    if name in adapters:
+        pair = adapters[name]
+        tensor = tensor.float() + (pair["B"].float() @ pair["A"].float()) * (lora.lora_alpha / lora.r)
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor  # from_pretrained casts floating ones only
+
+
+def _save_config_files(model, start_path: Path, dtype: torch.dtype, out: Path) -> None:
+    """config.json, generation_config.json and the modeling sources, as save_pretrained writes them for the merged
+    model: the start's config with use_cache on (`merged`), the weights' dtype and the model's architecture."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    config = model.config
+    config.use_cache = True
+    config.dtype = str(dtype).split(".")[1]  # save_pretrained's spelling: "bfloat16"
+    config.architectures = [type(model).__name__]
+    _drop_gguf_quantization(config)
+    custom_object_save(model, out, config=config)
+    config.save_pretrained(out)
+    if model.can_generate():
+        _generation_config(start_path).save_pretrained(out)
+    missing = [f for f in ("configuration_cla.py", "modeling_cla.py") if not (out / f).is_file()]
+    if missing:  # a checkpoint without them would not load with trust_remote_code alone
+        raise ClakitError(f"saving the CLA checkpoint did not copy {', '.join(missing)} to {out}")
+
+
+def _drop_gguf_quantization(config) -> None:
+    """save_cla's drop_gguf_quantizer, on the config alone: the weights written here are never quantized."""
+    quantization = getattr(config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if getattr(method, "value", method) == "gguf":
+        del config.quantization_config
+
+
+def _generation_config(start_path: Path):
+    """What from_pretrained gives the loaded start model (transformers' adjust_generation_fn): its
+    generation_config.json, else one made from its config.json."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(start_path)
+    except OSError:
+        return GenerationConfig.from_pretrained(start_path, config_file_name="config.json", _from_model_config=True)
