@@ -213,8 +213,9 @@ def merged(model, dtype: torch.dtype | None = None):
     fails outside autocast, and the checkpoint would hold two dtypes)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    if dtype is not None:
-        model.to(dtype)
+    if dtype is not None:  # parameters only: model.to(bf16) would round RoPE's fp32 inv_freq buffer too, and the
+        for p in model.parameters():  # run's "uptrained" score would come from a model unlike the saved one
+            p.data = p.data.to(dtype) if p.is_floating_point() else p.data
     model.requires_grad_(False)
     if getattr(model, "is_activation_checkpointing", False):
         model.gradient_checkpointing_disable()
