@@ -5,6 +5,8 @@ processes as accelerate does for `ACCELERATE_USE_CPU=1 torchrun ...` (MULTI_CPU)
 with a plugin built from the environment, exactly as `accelerate launch --use_fsdp` would have configured it:
 FSDP_VERSION (1 or 2), FSDP_CPU_RAM_EFFICIENT_LOADING, FSDP_USE_ORIG_PARAMS. Everything after that (prepare, the
 wrapping of each decoder layer, the rank-0 loading and broadcast, state dicts) is accelerate's and torch's code.
+With FSDP_TEST_MAIN_LOADS_ONLY=true every process but the main one fails on any `from_pretrained` of a model (the
+test that they never read a checkpoint).
 Usage: torchrun --nproc_per_node 2 tests/accelerate_fsdp_cpu.py uptrain RECIPE [-q]
 """
 
@@ -45,9 +47,17 @@ def _fsdp_init(self, *args, **kwargs):
         self.state.device = PartialState._shared_state["device"] = torch.device("cpu")
 
 
+def _refuse_loading(cls, *args, **kwargs):
+    raise RuntimeError(f"process {os.environ.get('RANK')} loaded a checkpoint ({cls.__name__}.from_pretrained)")
+
+
 if __name__ == "__main__":
     os.environ["ACCELERATE_USE_FSDP"] = "true"  # what accelerate launch exports: transformers reads it
     accelerate.Accelerator.__init__ = _fsdp_init
+    if os.environ.get("FSDP_TEST_MAIN_LOADS_ONLY") == "true" and os.environ.get("RANK", "0") != "0":
+        from transformers import PreTrainedModel
+
+        PreTrainedModel.from_pretrained = classmethod(_refuse_loading)
     from clakit.cli import main
 
     sys.exit(main(sys.argv[1:]))

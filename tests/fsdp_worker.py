@@ -89,14 +89,39 @@ def run(rank: int, mode: str, path: Path, out: Path) -> None:
         result["short_state"] = "loaded"
     except ClakitError as e:
         result["short_state"] = str(e)
-    # merge: the gathered trained tensors in a fresh whole copy, LoRA folded in, compute what the sharded model does
-    merged = student.merged(student.rebuilt(path, LORA, torch.float32, checkpoint.trainable_state(model, True)))
+    # merge: the trained tensors gathered to rank 0, which streams them into the start checkpoint (what uptrain
+    # saves under FSDP); the saved model computes what the sharded one does
+    trained = checkpoint.trainable_state(model)
     ids = blocks(2, 3, vocab)
     with torch.no_grad():
-        sharded_logits, merged_logits = model(input_ids=ids).logits, merged(input_ids=ids).logits
-    result["merge_max_diff"] = (sharded_logits - merged_logits).abs().max().item()
+        sharded_logits = model(input_ids=ids).logits  # every process: FSDP gathers in step
     if rank == 0:
+        (out / "merged").mkdir()
+        student.save_merged(path, trained, LORA, torch.float32, out / "merged")
+        with torch.no_grad():
+            merged_logits = student.load_cla(out / "merged", torch.float32)(input_ids=ids).logits
+        result["merge_max_diff"] = (sharded_logits - merged_logits).abs().max().item()
         (out / "result.json").write_text(json.dumps(result))
+
+
+def teacher_run(rank: int, path: Path, out: Path) -> None:
+    """The teacher as uptrain shards it: read by rank 0 only (rank 1 builds it empty from the config), FSDP2 over
+    both processes, weights broadcast from rank 0."""
+    from clakit.sources import load_model, resolve_source
+    from clakit.uptrain import sharding
+
+    acc = SimpleNamespace(is_main_process=rank == 0, device=torch.device("cpu"), num_processes=2)
+    source = resolve_source(str(path))
+    model = sharding.load_on_main(source, torch.float32, acc)
+    sharding.shard_frozen(model, acc)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    ids = blocks(2, 4, model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        whole = load_model(source, dtype=torch.float32)(input_ids=ids).logits
+    result = {"max_diff": (logits - whole).abs().max().item(), "local": local}
+    result["total"] = sum(p.numel() for p in load_model(source).parameters())
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def main(rank: int, path: str, out: str) -> None:
@@ -106,6 +131,8 @@ def main(rank: int, path: str, out: str) -> None:
         for mode in ("fsdp1", "fsdp2"):
             (Path(out) / mode).mkdir(parents=True, exist_ok=True)
             run(rank, mode, Path(path), Path(out) / mode)
+        (Path(out) / "teacher").mkdir(parents=True, exist_ok=True)
+        teacher_run(rank, Path(path), Path(out) / "teacher")
     finally:
         dist.destroy_process_group()
 

@@ -90,3 +90,13 @@ def test_padded_shares_give_every_process_the_same_forward_passes():
         real = sorted(int(i) for index, w in shares for i, keep in zip(index, w, strict=True) if keep)
         assert real == list(range(n))  # every block scored once, padding weighted 0
 
+
+
+def test_the_teacher_is_read_by_rank_0_and_sharded_over_both(fsdp_run):
+    """sharding.load_on_main + shard_frozen (uptrain's teacher under FSDP): rank 1 reads no weights, yet after the
+    broadcast both compute the whole model's logits, each holding half of it."""
+    ranks = [json.loads((fsdp_run / "teacher" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["max_diff"] == 0.0
+        assert 0.4 * r["total"] < r["local"] < 0.6 * r["total"]
+    assert sum(r["local"] for r in ranks) == ranks[0]["total"]

@@ -1,7 +1,8 @@
 """`clakit uptrain` end to end under accelerate's FSDP (FSDP2, and FSDP1 with use_orig_params), 2 CPU processes:
 tests/accelerate_fsdp_cpu.py runs clakit's CLI with accelerate's own FSDP preparation on gloo. Two processes of
 batch 1 train to the weights of one process of batch 2 (the teacher, the held-out reports and the merged result
-included), with and without rank-0-only loading (`fsdp_cpu_ram_efficient_loading`)."""
+included), with and without rank-0-only loading (`fsdp_cpu_ram_efficient_loading`), where the other process
+never reads a checkpoint (it builds empty models from the config and receives the main process's weights)."""
 
 import json
 import os
@@ -33,13 +34,26 @@ def one_process(tiny_cla_checkpoint, tiny_llama_checkpoint, corpus_dir, tmp_path
     return tmp / "run"
 
 
+# rank-0 loading; every other process fails if it reads a checkpoint (accelerate_fsdp_cpu.py)
+MAIN_LOADS = {"FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_TEST_MAIN_LOADS_ONLY": "true"}
+
+
 @pytest.mark.parametrize(
     "mode",
-    [{"FSDP_VERSION": "2"}, {"FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, {"FSDP_VERSION": "1"}],
-    ids=["fsdp2", "fsdp2-rank0-loading", "fsdp1"],
+    [
+        {"FSDP_VERSION": "2"},
+        {"FSDP_VERSION": "2"} | MAIN_LOADS,
+        {"FSDP_VERSION": "1"},  # with rank-0 loading FSDP1 needs sync_module_states, which accelerate refuses on CPU
+    ],
+    ids=["fsdp2", "fsdp2-main-loads", "fsdp1"],
 )
 def test_fsdp_trains_like_one_process_of_twice_the_batch(
-    one_process, tiny_cla_checkpoint, tiny_llama_checkpoint, corpus_dir, tmp_path, mode  # noqa: F811
+    one_process,
+    tiny_cla_checkpoint,  # noqa: F811
+    tiny_llama_checkpoint,
+    corpus_dir,
+    tmp_path,
+    mode,
 ):
     recipe = two_process_recipe(corpus_dir, tmp_path / "run", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=1)
     proc = launch_fsdp(["uptrain", str(write_recipe(tmp_path / "r.yaml", recipe)), "-q"], tmp_path, **mode)

@@ -1,5 +1,6 @@
 """student.save_merged: the merged checkpoint an FSDP run saves, streamed from the start checkpoint one tensor at a
-time, equals what the in-memory path (rebuilt -> merged -> save_cla) writes: tensors, dtypes, config files, logits."""
+time, equals what the in-memory path (a whole student with the trained tensors -> merged -> save_cla) writes:
+tensors, dtypes, config files, logits."""
 
 import json
 import re
@@ -19,7 +20,7 @@ from clakit.convert.layout import uniform_layout
 from clakit.errors import ClakitError
 from clakit.sources import load_model, resolve_source
 from clakit.uptrain import student
-from clakit.uptrain.checkpoint import trainable_state
+from clakit.uptrain.checkpoint import load_trainable, trainable_state
 from clakit.uptrain.recipe import LoraSection
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
@@ -69,8 +70,11 @@ def trained_tensors(start: Path, lora, seed: int = 0) -> dict[str, torch.Tensor]
 
 
 def in_memory(start: Path, trained: dict, lora, dtype: torch.dtype, tokenizer, out: Path):
-    """The current FSDP end: a whole fresh student, merged, saved with save_cla."""
-    model = student.merged(student.rebuilt(start, lora, torch.float32, trained), dtype)
+    """The reference (FSDP's end before save_merged; one process's end today): a whole fresh student with the
+    trained tensors loaded strictly, merged, saved with save_cla."""
+    model = student.make_trainable(student.load_cla(start, torch.float32), lora)
+    load_trainable(model, trained, "the trained tensors")
+    model = student.merged(model, dtype)
     out.mkdir()
     student.save_cla(model, tokenizer, out)
     return model

@@ -135,6 +135,15 @@ def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> fl
     )
 
 
+def _no_grad(model):
+    """inference_mode, except for a model sharded by FSDP (uptrain's reports): FSDP2 would keep the layers'
+    gathered weights as inference tensors, which training then cannot write ("Inplace update to inference tensor")."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    sharded = any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules())
+    return torch.no_grad() if sharded else torch.inference_mode()
+
+
 def score(model, ids: torch.Tensor, seq_len: int, stride: int, batch_size: int = 4, quiet: bool = False) -> dict:
     """Sum of NLL (nats) over every target of `ids` (N,), sliding windows batched; deterministic on CPU."""
     from tqdm.auto import tqdm
@@ -143,7 +152,7 @@ def score(model, ids: torch.Tensor, seq_len: int, stride: int, batch_size: int =
     device = next(model.parameters()).device
     nll, n = 0.0, 0
     bar = tqdm(total=sum(w.scored for w in wins), unit="tok", unit_scale=True, desc="perplexity", disable=quiet)
-    with torch.inference_mode(), bar:
+    with _no_grad(model), bar:
         for batch in batches(wins, batch_size):
             nll += _batch_nll(model, ids, batch, device)
             scored = sum(w.scored for w in batch)

@@ -70,14 +70,13 @@ def check_teacher_fits(teacher, student_config, distill) -> None:
             )
 
 
-def load_teacher(source: Source, dtype: torch.dtype, student, share: bool = True):
-    """The original model (a resolved Source), frozen, in eval mode, sharing the student's frozen tensors (unless
-    `share` is False)."""
+def load_teacher(source: Source, dtype: torch.dtype, student):
+    """The original model (a resolved Source), frozen, in eval mode, sharing the student's frozen tensors (under
+    FSDP the teacher is sharded instead: clakit.uptrain.sharding)."""
     teacher = load_model(source, dtype=dtype)
     teacher.requires_grad_(False)
     teacher.config.use_cache = False
-    if share:
-        share_frozen_weights(teacher, student)
+    share_frozen_weights(teacher, student)
     return teacher.eval()
 
 

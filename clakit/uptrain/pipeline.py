@@ -25,7 +25,7 @@ from clakit import outputs
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.sources import load_model, load_tokenizer, looks_like_hub_id, resolve_source
-from clakit.uptrain import card, checkpoint, student
+from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import RUN_ONLY, Recipe, load_recipe, resolve_recipe
@@ -366,7 +366,12 @@ def original_report(recipe: Recipe, source, teacher, dtype, run: dict, acc) -> d
     """The stock model's report: the teacher when there is one, else the original loaded just for this."""
     if teacher is None and source is None:
         return None
-    model = teacher or load_model(source, dtype=dtype, device=str(acc.device))
+    if teacher is not None:
+        model = teacher
+    elif checkpoint.sharded(acc):  # every process scores it in step: read by the main one, sharded over all
+        model = sharding.shard_frozen(sharding.load_on_main(source, dtype, acc), acc)
+    else:
+        model = load_model(source, dtype=dtype, device=str(acc.device))
     return heldout_report(model, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
 
 
@@ -478,16 +483,15 @@ def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh:
     run["dtype"] = dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
     run["student_dtype"] = torch.float32 if checkpoint.sharded(acc) else dtype
     start_path = prepare_student_checkpoint(recipe, work, acc, quiet)
-    model = student.load_cla(start_path, run["student_dtype"]).to(acc.device)
-    if fresh:
+    model = _load_student(start_path, run["student_dtype"], acc)
+    # under FSDP the converted model is scored once accelerate has sharded it (_score_converted): whole, it would
+    # not fit one device at the sizes FSDP is for
+    run["score_converted"] = fresh and checkpoint.sharded(acc)
+    if fresh and not checkpoint.sharded(acc):
         _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", quiet)
         run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, acc, quiet)
     model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
-    teacher = None
-    if recipe.needs_teacher:
-        # under FSDP the student's weights are flattened and freed between uses: the teacher keeps its own copy
-        teacher = load_teacher(original, dtype, model, share=not checkpoint.sharded(acc))
-        teacher.to(acc.device)
+    teacher = _load_teacher(original, dtype, model, acc) if recipe.needs_teacher else None
     if fresh:
         _say("held-out numbers of the original model", quiet)
         run["reports"]["original"] = original_report(recipe, original, teacher, dtype, run, acc)
@@ -501,6 +505,24 @@ def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh:
         (work / "run.json").write_text(json.dumps(record, indent=1))
         _write_reports(work, run["reports"])
     return run | {"model": model, "teacher": teacher, "start_path": start_path}
+
+
+def _load_student(start_path: Path, dtype: torch.dtype, acc):
+    """The student on acc's device; under FSDP left on the CPU for accelerate to shard layer by layer onto the
+    device, and with `fsdp_cpu_ram_efficient_loading` read by the main process only (accelerate broadcasts it)."""
+    if not checkpoint.sharded(acc):
+        return student.load_cla(start_path, dtype).to(acc.device)
+    if sharding.ram_efficient(acc) and not acc.is_main_process:
+        return sharding.empty_model(resolve_source(str(start_path)), dtype)
+    return student.load_cla(start_path, dtype)
+
+
+def _load_teacher(original, dtype: torch.dtype, model, acc):
+    """The teacher on acc's device, sharing the student's frozen tensors; under FSDP its own copy (the student's is
+    flattened and freed between uses), read by the main process only and sharded over the processes."""
+    if checkpoint.sharded(acc):
+        return sharding.shard_frozen(sharding.load_on_main(original, dtype, acc), acc)
+    return load_teacher(original, dtype, model).to(acc.device)
 
 
 def _write_reports(run_dir: Path, reports: dict) -> None:
@@ -517,43 +539,76 @@ def _numbers(r: dict | None) -> dict | None:
     return r and {"loss": r["nll_per_token"], "perplexity": r["perplexity"], "tokens": r["num_tokens"]}
 
 
-def _full_model(recipe: Recipe, trainer, run: dict, acc):
-    """The trained model, whole on every process: under FSDP the trained tensors are gathered from the shards and
-    loaded strictly into a fresh copy of the student."""
-    if not checkpoint.sharded(acc):
-        return acc.unwrap_model(trainer.model)
-    trained = checkpoint.trainable_state(trainer.model, everywhere=True)
-    fresh = student.rebuilt(run["start_path"], recipe.lora, run["student_dtype"], trained)
-    return fresh.to(acc.device)  # the held-out report of the result runs where training ran
-
-
 def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> Path:
     if "tensorboard" in recipe.train.report_to:
         acc.init_trackers("tensorboard")
     trainer = Trainer(recipe, run["model"], run["teacher"], run["data"], acc, out, quiet=quiet)
+    if run.get("score_converted"):
+        _score_converted(recipe, out, trainer, run, acc)
     last = checkpoint.checkpoint_dirs(out)
     if last:
         _say(f"resuming from {last[-1]}", quiet)
         trainer.resume(last[-1])
     trainer.run()
     acc.wait_for_everyone()
-    result = out / RESULT
-    model = student.merged(_full_model(recipe, trainer, run, acc), run["dtype"])
-    end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], acc, quiet)
-    failed = None
-    if acc.is_main_process:
-        numbers = {n: _numbers(r) for n, r in _start_reports(out).items()} | {"uptrained": _numbers(end)}
-        summary = card.summary(recipe, trainer, run["data"], numbers, model.config.kv_source_layers)
-        with outputs.staged(result, "model", overwrite=True) as tmp:  # a full disk leaves no half-written model/
-            student.save_cla(model, run["tokenizer"], tmp)
-            card.write(tmp, summary)
-        _say(card.one_line(summary), quiet)
-        failed = _write_end_report(out, end)
+    if checkpoint.sharded(acc):
+        failed = _save_sharded(recipe, out, trainer, run, acc)
+    else:
+        failed = _save_whole(recipe, out, trainer, run, acc)
     acc.wait_for_everyone()
     acc.end_training()
     if failed:  # after the others are released: they would wait for it otherwise
         raise failed
-    return result
+    return out / RESULT
+
+
+def _score_converted(recipe: Recipe, out: Path, trainer, run: dict, acc) -> None:
+    """Under FSDP: the converted model's held-out report from the sharded student before its first step (LoRA's B
+    is zero, the fully trained tensors untouched: the converted model's function), every process in step."""
+    _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", run["quiet"])
+    r = heldout_report(trainer.model, "converted", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    if acc.is_main_process:
+        _write_reports(out, {"converted": r})
+
+
+def _save_whole(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitError | None:
+    """One process (or DDP, each holding the whole model): merge LoRA in memory, score, save."""
+    model = student.merged(acc.unwrap_model(trainer.model), run["dtype"])
+    end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    if not acc.is_main_process:
+        return None
+    with outputs.staged(out / RESULT, "model", overwrite=True) as tmp:  # a full disk leaves no half-written model/
+        student.save_cla(model, run["tokenizer"], tmp)
+        summary = _card(recipe, out, trainer, run, end, tmp, model.config.kv_source_layers)
+    return _finish(out, summary, end, run["quiet"])
+
+
+def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitError | None:
+    """FSDP: every process scores the sharded trained model in step; the trained tensors are gathered to the main
+    process, which merges them into the start checkpoint tensor by tensor as it writes (no process ever holds the
+    whole model)."""
+    end = heldout_report(trainer.model, "uptrained", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    trained = checkpoint.trainable_state(trainer.model)  # collective: whole tensors on the main process
+    if not acc.is_main_process:
+        return None
+    with outputs.staged(out / RESULT, "model", overwrite=True) as tmp:
+        student.save_merged(run["start_path"], trained, recipe.lora, run["dtype"], tmp)
+        run["tokenizer"].save_pretrained(tmp)
+        layout = json.loads((tmp / "config.json").read_text())["kv_source_layers"]
+        summary = _card(recipe, out, trainer, run, end, tmp, layout)
+    return _finish(out, summary, end, run["quiet"])
+
+
+def _card(recipe: Recipe, out: Path, trainer, run: dict, end: dict, folder: Path, layout: list[int]) -> dict:
+    numbers = {n: _numbers(r) for n, r in _start_reports(out).items()} | {"uptrained": _numbers(end)}
+    summary = card.summary(recipe, trainer, run["data"], numbers, layout)
+    card.write(folder, summary)
+    return summary
+
+
+def _finish(out: Path, summary: dict, end: dict, quiet: bool) -> ClakitError | None:
+    _say(card.one_line(summary), quiet)
+    return _write_end_report(out, end)
 
 
 def _start_reports(out: Path) -> dict:

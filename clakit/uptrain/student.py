@@ -101,16 +101,6 @@ def original_spec(model_section) -> str | None:
     return found[0] if found else None
 
 
-def rebuilt(start_path: Path, lora, dtype: torch.dtype, trainable: dict):
-    """A fresh whole copy of the student with the trained tensors `trainable` (clean names) loaded strictly: what
-    an FSDP run merges and saves, since its own model is sharded over the processes."""
-    from clakit.uptrain.checkpoint import load_trainable
-
-    fresh = make_trainable(load_cla(start_path, dtype), lora)
-    load_trainable(fresh, trainable, "the trained tensors gathered from the processes")
-    return fresh
-
-
 def load_cla(path: Path, dtype: torch.dtype):
     model = load_model(resolve_source(str(path)), dtype=dtype)
     model.config.use_cache = False  # training: no KV cache
@@ -263,8 +253,9 @@ def save_merged(
     out: Path,
     max_shard_size: str | int = MERGED_SHARD_SIZE,
 ) -> None:
-    """Write into `out` (an existing empty folder) what `save_cla(merged(rebuilt(start_path, lora, torch.float32,
-    trained), dtype), ...)` writes, less the tokenizer, without the whole model in memory: the start checkpoint's
+    """Write into `out` (an existing empty folder) what `save_cla(merged(student, dtype), ...)` writes for the
+    fp32 student of `start_path` holding the trained tensors, less the tokenizer, without the whole model in
+    memory (uptrain's end under FSDP, on the main process): the start checkpoint's
     tensors are read one at a time (lazily), the trained ones (clean names, `trainable_state`) replace or merge into
     them, and each is cast to `dtype` and written to shards. A trained tensor the checkpoint has no place for, or of
     another shape, is refused before anything is written."""
