@@ -59,8 +59,22 @@ def _download(spec: str, revision: str | None, allow_pickle: bool, check_config)
     if check_config is not None:
         check_config(Source(spec, "dir", config_only, revision or "main"))
     commit = config_only.name if config_only.parent.name == "snapshots" else revision  # the same files' commit
+    named = named_weights(config_only)
+    if named is not None:  # what transformers loads first: that file (and its index's shards), nothing else
+        return _download_named(spec, revision, commit, named, allow_pickle)
     patterns = _weight_patterns(config_only / SAFE_INDEX) + (["*.bin"] if allow_pickle else [])
     return Source(spec, "dir", Path(_snapshot(spec, commit, patterns)), revision or "main")
+
+
+def _download_named(spec: str, revision: str | None, commit: str | None, named: str, allow_pickle: bool) -> Source:
+    """A Hub repo whose config.json names its weights file (`transformers_weights`): that file, and an index's
+    shards (the index fetched first for their names); pickle is refused before any weight is fetched."""
+    check_named_kind(f"Hub repo {spec}'s config.json", named, allow_pickle)  # before anything else is fetched
+    if named.endswith(".index.json"):
+        patterns = _weight_patterns(Path(_snapshot(spec, commit, [named])) / named)
+    else:
+        patterns = [p for p in HUB_PATTERNS if p != "*.safetensors"]
+    return Source(spec, "dir", Path(_snapshot(spec, commit, patterns + [named])), revision or "main")
 
 
 def _weight_patterns(index: Path) -> list[str]:
@@ -232,11 +246,71 @@ def _check_rope_type(source: Source, config) -> None:
         )
 
 
+NAMED_WEIGHTS = "transformers_weights"  # config.json's key naming the weights file transformers loads before any other
+
+
+def named_weights(folder: Path) -> str | None:
+    """The weights file a checkpoint's config.json names (`transformers_weights`: transformers loads it first,
+    whatever model.safetensors holds), refused in one line unless it is a relative path inside the folder; None
+    when there is no such key (or no readable config: read_config_json says why elsewhere)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = raw.get(NAMED_WEIGHTS) if isinstance(raw, dict) else None
+    if name is None:
+        return None
+    inside = isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts
+    if not inside:
+        raise ClakitError(
+            f"{folder}/config.json names its weights file {NAMED_WEIGHTS}={name!r}, which is not a file inside the "
+            f"checkpoint folder; correct the key, or remove it to load {SAFE_SINGLE}"
+        )
+    return name
+
+
+PICKLE_NAMED = "adapter_model.bin"  # the one pickle name transformers accepts as `transformers_weights`
+
+
+def is_safetensors_name(name: str) -> bool:
+    return name.endswith((".safetensors", ".safetensors.index.json"))
+
+
+def check_named_kind(where: str, name: str, allow_pickle: bool) -> None:
+    """A weights name transformers accepts (safetensors, an index, or adapter_model.bin), pickle only when allowed;
+    `where` names the config.json (a folder's, or a Hub repo's before its weights are fetched)."""
+    if not is_safetensors_name(name) and name != PICKLE_NAMED:
+        raise ClakitError(
+            f"{where} names its weights file {NAMED_WEIGHTS}={name!r}, neither *.safetensors nor "
+            f"*.safetensors.index.json, which transformers refuses to load; correct the key, or remove it to load "
+            f"{SAFE_SINGLE}"
+        )
+    if not is_safetensors_name(name) and not allow_pickle:
+        raise ClakitError(
+            f"{where} names pickle weights ({NAMED_WEIGHTS}={name!r}), which transformers would load and which can "
+            "run code when loaded; pass --allow-pickle if you trust the source, or re-save it as safetensors"
+        )
+
+
+def check_named_weights(path: Path, name: str, allow_pickle: bool) -> None:
+    """The file a folder's config.json names is what transformers loads: an accepted kind, and present."""
+    check_named_kind(f"{path}/config.json", name, allow_pickle)
+    if not (path / name).is_file():
+        raise ClakitError(
+            f"{path}/config.json names its weights file {NAMED_WEIGHTS}={name!r}, which is missing; restore it, or "
+            f"remove the key to load {SAFE_SINGLE}"
+        )
+
+
 def check_weights(source: Source, allow_pickle: bool = False) -> None:
     """Safetensors by default: a folder whose loadable weights are pickle files is refused unless `allow_pickle`.
     Only model.safetensors or its index count as safetensors: transformers ignores other *.safetensors names (a
-    Mistral consolidated.safetensors) and would load the pickle beside them."""
+    Mistral consolidated.safetensors) and would load the pickle beside them. A file config.json names
+    (`transformers_weights`) comes first, as in transformers."""
     path = source.path
+    named = named_weights(path) if source.kind == "dir" else None
+    if named is not None:
+        return check_named_weights(path, named, allow_pickle)
     if source.kind != "dir" or allow_pickle or (path / SAFE_SINGLE).is_file() or (path / SAFE_INDEX).is_file():
         return
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)

@@ -19,7 +19,13 @@ from safetensors.torch import save_file
 from clakit import outputs
 from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
-from clakit.sources import SAFE_INDEX, SAFE_SINGLE  # the one name of each, also what a Hub download fetches
+from clakit.sources import (  # the one name of each, also what a Hub download fetches
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    check_named_weights,
+    is_safetensors_name,
+    named_weights,
+)
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
@@ -56,24 +62,31 @@ def _load_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
-class SafetensorsCheckpoint:
-    """The safetensors weights transformers loads from a folder: `model.safetensors`, else the index's shards."""
+def _single_or_index(folder: Path, named: str | None, single: str, index: str) -> tuple[str | None, str | None]:
+    """(single file, index) to read, in transformers' order: the file config.json names (`transformers_weights`),
+    else `single`, which it takes even beside an index (ignored then), else `index`."""
+    if named is not None:
+        return (None, named) if named.endswith(".index.json") else (named, None)
+    return (single, None) if (folder / single).is_file() else (None, index)
 
-    def __init__(self, folder: Path):
+
+class SafetensorsCheckpoint:
+    """The safetensors weights transformers loads from a folder: the file config.json names, else
+    `model.safetensors`, else the index's shards."""
+
+    def __init__(self, folder: Path, named: str | None = None):
         self.folder = folder
-        if (folder / SAFE_SINGLE).is_file():  # transformers takes it even beside an index, which it then ignores
-            weight_map, files = None, [SAFE_SINGLE]
-        else:
-            weight_map = _load_index(folder / SAFE_INDEX)
-            files = sorted(set(weight_map.values()))
+        single, index = _single_or_index(folder, named, SAFE_SINGLE, SAFE_INDEX)
+        weight_map = _load_index(folder / index) if index else None
+        files = sorted(set(weight_map.values())) if weight_map else [single]
         self._keys = {file: self._read_keys(file) for file in files}
         fix = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
-        check_unique_tensors(self._keys, folder, fix)  # shards an index lists; one model.safetensors passes
-        self._where = weight_map or {t: SAFE_SINGLE for t in self._keys[SAFE_SINGLE]}
+        check_unique_tensors(self._keys, folder, fix)  # shards an index lists; one single file passes
+        self._where = weight_map or {t: single for t in self._keys[single]}
         for tensor, file in self._where.items():
             if tensor not in self._keys[file]:
                 raise ClakitError(
-                    f"{SAFE_INDEX} puts tensor {tensor} in {file}, which does not hold it; re-download the checkpoint"
+                    f"{index} puts tensor {tensor} in {file}, which does not hold it; re-download the checkpoint"
                 )
         self.names = sorted(self._where, key=natural_key)
 
@@ -101,13 +114,12 @@ class SafetensorsCheckpoint:
 class PickleCheckpoint:
     """`pytorch_model*.bin` weights (only with --allow-pickle), memory-mapped with `torch.load(weights_only=True)`."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, named: str | None = None):
         self.folder = folder
         self._cache: dict[str, dict] = {}  # file -> its memory-mapped state dict
-        if (folder / PICKLE_SINGLE).is_file():  # before the index, as transformers takes them
-            self._where = {t: PICKLE_SINGLE for t in self._load(PICKLE_SINGLE)}
-        else:
-            self._where = _load_index(folder / PICKLE_INDEX)
+        single, index = _single_or_index(folder, named, PICKLE_SINGLE, PICKLE_INDEX)
+        self._index = index or PICKLE_INDEX
+        self._where = _load_index(folder / index) if index else {t: single for t in self._load(single)}
         self.names = sorted(self._where, key=natural_key)
 
     def _load(self, file: str) -> dict:
@@ -123,7 +135,7 @@ class PickleCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         state = self._load(self._where[name])
         if name not in state:
-            raise ClakitError(f"{PICKLE_INDEX} puts tensor {name} in {self._where[name]}, which does not hold it")
+            raise ClakitError(f"{self._index} puts tensor {name} in {self._where[name]}, which does not hold it")
         return state[name]
 
 
@@ -141,7 +153,12 @@ class StateDictCheckpoint:
 def open_checkpoint(folder: Path, allow_pickle: bool):
     """The weights transformers' from_pretrained loads from `folder`, found in its order: model.safetensors, its
     index, pytorch_model.bin, its index (`.bin` only when allowed). No other file is opened: a Mistral repo's
-    consolidated.safetensors holds the same weights again (14 GB for a 7B), under names no converter reads."""
+    consolidated.safetensors holds the same weights again (14 GB for a 7B), under names no converter reads. A file
+    config.json names (`transformers_weights`) comes first, as in transformers."""
+    named = named_weights(folder)
+    if named is not None:
+        check_named_weights(folder, named, allow_pickle)
+        return (SafetensorsCheckpoint if is_safetensors_name(named) else PickleCheckpoint)(folder, named)
     if (folder / SAFE_SINGLE).is_file() or (folder / SAFE_INDEX).is_file():
         return SafetensorsCheckpoint(folder)
     if (folder / PICKLE_SINGLE).is_file() or (folder / PICKLE_INDEX).is_file():
