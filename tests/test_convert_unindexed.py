@@ -163,3 +163,31 @@ def test_unloadable_weights_are_refused_before_the_calibration_text_is_read(tmp_
     monkeypatch.setattr(clakit.convert.pipeline, "load_texts", no_download)
     code = run_cli(src, tmp_path / "out", "--calib-data", "wikitext:wikitext-2-raw-v1:train", "--factor", "2")
     assert code == 2 and "Mistral's native format" in capsys.readouterr().err
+
+
+def pickle_shards(src: Path, state: dict[str, torch.Tensor]) -> None:
+    """`state` as two pytorch_model-0000X-of-00002.bin shards and their index, in place of the safetensors."""
+    for f in list(src.glob("model*.safetensors*")):
+        f.unlink()
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, part in halves.items():
+        torch.save({n: state[n].clone() for n in part}, src / file)
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_indexed_pickle_shards_convert_and_a_duplicate_tensor_is_refused(tmp_path, tokenizer, capsys):
+    """The shards an index lists were not checked for a tensor held twice when they are pickle (safetensors were):
+    the converter took the index's copy, transformers the later shard's."""
+    src = single_file_checkpoint(tmp_path / "src", tokenizer)
+    state = load_file(src / "model.safetensors")
+    pickle_shards(src, state)
+    converts_what_transformers_loads(src, tmp_path / "out", "--factor", "2", "--init", "mean", "--allow-pickle")
+    home = json.loads((src / "pytorch_model.bin.index.json").read_text())["weight_map"][Q0]
+    other = next(f.name for f in src.glob("pytorch_model-*.bin") if f.name != home)
+    torch.save({**torch.load(src / other), Q0: torch.zeros_like(state[Q0])}, src / other)
+    capsys.readouterr()
+    code = run_cli(src, tmp_path / "out2", "--allow-pickle", "--quiet")
+    line = capsys.readouterr().err.strip()
+    assert code == 2 and len(line.splitlines()) == 1 and f"holds {Q0} in both" in line, line

@@ -120,6 +120,10 @@ class PickleCheckpoint:
         single, index = _single_or_index(folder, named, PICKLE_SINGLE, PICKLE_INDEX)
         self._index = index or PICKLE_INDEX
         self._where = _load_index(folder / index) if index else {t: single for t in self._load(single)}
+        if index:  # the shards' names (memory-mapped: no tensor read), checked as the safetensors shards are
+            keys = {file: set(self._load(file)) for file in set(self._where.values())}
+            fix = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
+            check_unique_tensors(keys, folder, fix)
         self.names = sorted(self._where, key=natural_key)
 
     def _load(self, file: str) -> dict:
