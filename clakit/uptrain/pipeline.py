@@ -33,6 +33,7 @@ from clakit.uptrain.trainer import Trainer, check_plan, make_plan
 
 RESULT = "model"
 EVAL = "eval"  # clakit eval reports: original.json, converted.json, uptrained.json
+REPORTS = ("original", "converted", "uptrained")  # in the report page's order; the first two written at the start
 # what a run adds to its folder after it is published (its marker lists them: see clakit.outputs)
 RUN_FILES = ("checkpoints", "metrics.jsonl", RESULT, "report", EVAL, "tensorboard")
 
@@ -615,8 +616,12 @@ def _start_reports(out: Path) -> dict:
     """The held-out reports written when the run started (eval/original.json, converted.json)."""
     from clakit.eval import read_report
 
-    names = [n for n in ("original", "converted") if (out / EVAL / f"{n}.json").is_file()]
-    return {n: read_report(out / EVAL / f"{n}.json") for n in names}
+    return {n: read_report(p) for n, p in _report_files(out, REPORTS[:2]).items()}
+
+
+def _report_files(out: Path, names) -> dict[str, Path]:
+    """The eval reports among `names` the run has written, by name."""
+    return {n: out / EVAL / f"{n}.json" for n in names if (out / EVAL / f"{n}.json").is_file()}
 
 
 def _write_end_report(out: Path, end: dict) -> ClakitError | None:
@@ -627,8 +632,7 @@ def _write_end_report(out: Path, end: dict) -> ClakitError | None:
 
     try:
         _write_reports(out, {"uptrained": end})
-        names = [n for n in ("original", "converted", "uptrained") if (out / EVAL / f"{n}.json").is_file()]
-        report([out / EVAL / f"{n}.json" for n in names], out / "report")
+        report(list(_report_files(out, REPORTS).values()), out / "report")
     except ClakitError as e:
         why = f"the model is saved in {out / RESULT}, but its report could not be written ({e})"
         return ClakitError(f"{why}; write it with `clakit report {out / EVAL}/*.json -o FOLDER`")
