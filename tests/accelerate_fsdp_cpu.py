@@ -3,7 +3,8 @@
 accelerate only switches to FSDP on accelerators ("no available devices" on CPU); this launcher joins the CPU
 processes as accelerate does for `ACCELERATE_USE_CPU=1 torchrun ...` (MULTI_CPU), then turns that state into FSDP
 with a plugin built from the environment, exactly as `accelerate launch --use_fsdp` would have configured it:
-FSDP_VERSION (1 or 2), FSDP_CPU_RAM_EFFICIENT_LOADING, FSDP_USE_ORIG_PARAMS. Everything after that (prepare, the
+FSDP_VERSION (1 or 2), FSDP_CPU_RAM_EFFICIENT_LOADING, FSDP_USE_ORIG_PARAMS,
+FSDP_TRANSFORMER_CLS_TO_WRAP. Everything after that (prepare, the
 wrapping of each decoder layer, the rank-0 loading and broadcast, state dicts) is accelerate's and torch's code.
 With FSDP_TEST_MAIN_LOADS_ONLY=true every process but the main one fails on any `from_pretrained` of a model (the
 test that they never read a checkpoint).
@@ -18,6 +19,8 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+LAYER = "LlamaCLADecoderLayer"
+
 
 def _fsdp_plugin() -> FullyShardedDataParallelPlugin:
     version = int(os.environ.get("FSDP_VERSION", "2"))
@@ -25,7 +28,7 @@ def _fsdp_plugin() -> FullyShardedDataParallelPlugin:
     return FullyShardedDataParallelPlugin(
         fsdp_version=version,
         auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["LlamaCLADecoderLayer"],
+        transformer_cls_names_to_wrap=os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", LAYER).split(","),
         cpu_ram_efficient_loading=ram_efficient,
         sync_module_states=ram_efficient or None,
         use_orig_params=os.environ.get("FSDP_USE_ORIG_PARAMS", "true") == "true" if version == 1 else None,

@@ -68,3 +68,22 @@ def test_fsdp_trains_like_one_process_of_twice_the_batch(
         one = json.loads((one_process / "eval" / f"{report}.json").read_text())["perplexity"]
         two = json.loads((tmp_path / "run" / "eval" / f"{report}.json").read_text())["perplexity"]
         assert two == pytest.approx(one, rel=1e-4), report
+
+
+def test_fsdp_naming_the_stock_layer_class_is_refused_before_anything_is_written(
+    tiny_cla_checkpoint,  # noqa: F811
+    tiny_llama_checkpoint,
+    corpus_dir,
+    tmp_path,
+):
+    """An accelerate config written for stock Llama wraps LlamaDecoderLayer, which the CLA student does not have:
+    accelerate failed with a traceback once the models were loaded."""
+    recipe = two_process_recipe(corpus_dir, tmp_path / "run", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=1)
+    args = ["uptrain", str(write_recipe(tmp_path / "r.yaml", recipe)), "-q"]
+    proc = launch_fsdp(args, tmp_path, FSDP_VERSION="2", FSDP_TRANSFORMER_CLS_TO_WRAP="LlamaDecoderLayer")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("clakit: error:")]
+    assert proc.returncode != 0 and errors, proc.stderr[-3000:]
+    assert all("names LlamaDecoderLayer, which the CLA student does not have" in e for e in errors)
+    assert all("--fsdp_transformer_layer_cls_to_wrap LlamaCLADecoderLayer" in e for e in errors)
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File") and "/clakit/" in line]
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.*"))

@@ -279,6 +279,29 @@ def check_fsdp(acc) -> None:
         )
 
 
+def check_fsdp_wrap(acc, config) -> None:
+    """FSDP's transformer-based wrap shards the classes it names one by one; the student's decoder layers are the CLA
+    classes (LlamaCLADecoderLayer), not the stock ones an accelerate config written for Llama names, and accelerate
+    would fail on that only after the models are loaded."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = getattr(acc.state, "fsdp_plugin", None) if checkpoint.sharded(acc) else None
+    policy = getattr(plugin, "auto_wrap_policy", None)
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None) or []
+    if getattr(policy, "func", policy) is not transformer_auto_wrap_policy or not names:
+        return
+    model = student.meta_student(config)
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        layer = type(model.get_decoder().layers[0]).__name__
+        raise ClakitError(
+            f"FSDP's transformer_cls_to_wrap names {missing[0]}, which the CLA student does not have (its decoder "
+            f"layers are {layer}); set --fsdp_transformer_layer_cls_to_wrap {layer} (in the accelerate config: "
+            "fsdp_transformer_layer_cls_to_wrap), or leave it unset"
+        )
+
+
 def check_launch(data, world: int) -> None:
     """Every process needs at least one train block per step and one held-out block to score."""
     for what, n, fix in (
@@ -447,6 +470,7 @@ def uptrain(
         checkpoint.read_checkpoint(last[-1])
     tokenizer = load_tokenizer(resolve_source(_model_spec(recipe), recipe.model.revision))
     acc = make_accelerator(recipe.train, out)
+    check_fsdp_wrap(acc, student_config)
     budget = token_budget(recipe.train, recipe.data.seq_len, acc.num_processes)
     data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed)
     check_launch(data, acc.num_processes)

@@ -144,17 +144,25 @@ def select_linear(model, patterns: list[str], what: str) -> list[str]:
     return chosen
 
 
+def meta_student(config):
+    """The CLA model of `config` (a CLA config, or a stock one with every layer a producer) built on the meta device:
+    its module names and classes without weights, in seconds even at 70B."""
+    from clakit.convert.inmemory import cla_config, cla_family
+    from clakit.modeling import CLA_CLASSES
+
+    if not config.model_type.endswith("_cla"):  # the config as given otherwise: save_merged writes it
+        config = cla_config(config, range(config.num_hidden_layers))
+    with torch.device("meta"):
+        return CLA_CLASSES[cla_family(config)][2](config)
+
+
 def check_patterns(config, lora) -> None:
     """Every lora.full_train / target_modules pattern matches a linear module of the student, checked on the model
     built on the meta device from `config` (no weights, seconds even at 70B) before anything slow runs, instead of
     after the conversion and the first evaluation. A stock config (model.source, layout chosen by the converter) is
     checked with every layer a producer, skipping the `producers.`/`consumers.` patterns that depend on the layout."""
-    from clakit.convert.inmemory import cla_config, cla_family
-    from clakit.modeling import CLA_CLASSES
-
+    model = meta_student(config)
     layout = getattr(config, "kv_source_layers", None)
-    with torch.device("meta"):
-        model = CLA_CLASSES[cla_family(config)][2](cla_config(config, layout or range(config.num_hidden_layers)))
     for patterns, what in ((lora.full_train, "lora.full_train"), (lora.target_modules if lora.r > 0 else [], "")):
         known = [p for p in patterns if layout or not p.startswith(("producers.", "consumers."))]
         select_linear(model, known, what or "lora.target_modules")
@@ -261,7 +269,7 @@ def save_merged(
     another shape, is refused before anything is written."""
     from clakit.convert.checkpoint import ShardWriter, open_checkpoint, parse_size
 
-    model = _meta_student(start_path)  # names, config and modeling sources; no weights
+    model = meta_student(load_config(resolve_source(str(start_path))))  # names, config, modeling sources; no weights
     names = _saved_names(model)
     checkpoint = open_checkpoint(Path(start_path), allow_pickle=False)
     full, adapters = _split_trained(trained)
@@ -272,16 +280,6 @@ def save_merged(
     writer.finish()
     outputs.usual_mode(*out.glob("*.safetensors"))
     _save_config_files(model, Path(start_path), dtype, out)
-
-
-def _meta_student(start_path: Path):
-    """The start checkpoint's CLA model built on the meta device from its config (seconds even at 70B)."""
-    from clakit.convert.inmemory import cla_family
-    from clakit.modeling import CLA_CLASSES
-
-    config = load_config(resolve_source(str(start_path)))
-    with torch.device("meta"):
-        return CLA_CLASSES[cla_family(config)][2](config)
 
 
 def _saved_names(model) -> list[str]:
