@@ -117,9 +117,13 @@ def teacher_run(rank: int, path: Path, out: Path) -> None:
     local = sum(p.to_local().numel() for p in model.parameters())
     ids = blocks(2, 4, model.config.vocab_size)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
+        for _ in range(3):
+            logits = model(input_ids=ids).logits
         whole = load_model(source, dtype=torch.float32)(input_ids=ids).logits
     result = {"max_diff": (logits - whole).abs().max().item(), "local": local}
+    # after its forwards a frozen model is sharded again, root included, and FSDP2 keeps no record of them
+    result["root_sharded"] = type(model.get_input_embeddings().weight).__name__ == "DTensor"
+    result["forward_records"] = len(model._get_fsdp_state()._comm_ctx.post_forward_order)
     result["total"] = sum(p.numel() for p in load_model(source).parameters())
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 

@@ -1,6 +1,7 @@
 """The eval suite on tiny models: perplexity against a hand-written reference, window coverage, bits per byte,
 KV-cache bytes, the `evaluate` module, reports, and every bad input through the CLI."""
 
+import copy
 import json
 import math
 
@@ -180,3 +181,26 @@ def test_recorded_source_prefers_the_resolved_local_path(tmp_path, tiny_llama_ch
     assert _recorded_source(tmp_path) == ("org/name", str(tiny_llama_checkpoint))
     (tmp_path / "clakit_convert.json").write_text(json.dumps({"settings": {"source": "org/gone"}}))
     assert _recorded_source(tmp_path) == ("org/gone", None)  # not on disk: no download, stock-layout reference
+
+
+class MixedPrecision(torch.nn.Module):
+    """fp32 parameters computing in bf16, as under FSDP's mixed precision (uptrain's reports of a sharded student)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.master, self.config = model, model.config
+        self.compute = [copy.deepcopy(model).to(torch.bfloat16)]  # a list: not a submodule, so not a parameter
+
+    def forward(self, **kwargs):
+        return self.compute[0](**kwargs)
+
+
+def test_computed_cache_bytes_use_the_dtype_the_cache_holds(tokenizer, text):
+    """fp32 weights computing in bf16 keep a bf16 cache: the report computed fp32 bytes beside the measured bf16
+    ones, twice the real cache and half the batch a KV budget holds."""
+    model = MixedPrecision(cla_model_from(tiny_model("llama"), [0, 0, 2, 2]))
+    assert next(model.parameters()).dtype == torch.float32
+    r = evaluate(model, tokenizer=tokenizer, text=text, seq_len=32, speed=False, quiet=True, max_tokens=200)
+    kv = r["kv_cache"]
+    assert kv["dtype"] == "bfloat16" and kv["bytes_per_sequence"] == kv["measured_bytes"]
+    assert kv["bytes_per_token"] == kvcache.bytes_per_token(model.config, torch.bfloat16)

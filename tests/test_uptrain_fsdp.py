@@ -94,9 +94,12 @@ def test_padded_shares_give_every_process_the_same_forward_passes():
 
 def test_the_teacher_is_read_by_rank_0_and_sharded_over_both(fsdp_run):
     """sharding.load_on_main + shard_frozen (uptrain's teacher under FSDP): rank 1 reads no weights, yet after the
-    broadcast both compute the whole model's logits, each holding half of it."""
+    broadcast both compute the whole model's logits, each holding half of it, before and after forwards."""
     ranks = [json.loads((fsdp_run / "teacher" / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["max_diff"] == 0.0
         assert 0.4 * r["total"] < r["local"] < 0.6 * r["total"]
+        # the root (embeddings, lm_head) resharded after no-grad forwards (it stayed whole), no forward records kept
+        # (they grew with every forward: FSDP2 clears them in the backward a frozen model never runs)
+        assert r["root_sharded"] and r["forward_records"] == 0
     assert sum(r["local"] for r in ranks) == ranks[0]["total"]

@@ -133,3 +133,34 @@ def test_seq_len_is_checked_against_the_context_window_the_config_states(tiny_cl
     del config["max_position_embeddings"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     check_model_section(ModelSection(path=str(tmp_path)), 2048)
+
+
+def test_fsdp1_mixed_precision_keeps_buffers_in_fp32():
+    """accelerate's FSDP1 bf16 policy casts buffers too: RoPE's inv_freq was rounded in the student (not in the
+    teacher or the saved checkpoint). fp32_buffers keeps them fp32 and leaves parameters and reductions bf16."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from clakit.uptrain.pipeline import fp32_buffers
+
+    for version in (1, 2):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=version)
+        plugin.set_mixed_precision("bf16")
+        acc = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+        fp32_buffers(acc)
+        policy = plugin.mixed_precision_policy
+        assert policy.param_dtype == policy.reduce_dtype == torch.bfloat16
+        assert getattr(policy, "buffer_dtype", torch.float32) == torch.float32
+
+
+def test_processes_wait_in_collectives_longer_than_the_main_process_works_alone(tmp_path):
+    """accelerate's NCCL default is 10 minutes, shorter than the main process reading a 70B alone (rank-0 loading)
+    or writing the merged result while the others wait: the run died at the first big checkpoint."""
+    import datetime
+
+    from clakit.uptrain.pipeline import make_accelerator
+    from clakit.uptrain.recipe import TrainSection
+
+    acc = make_accelerator(TrainSection(output_dir=str(tmp_path / "run")), tmp_path)
+    assert acc.init_handler.timeout >= datetime.timedelta(hours=2)

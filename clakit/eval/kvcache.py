@@ -64,12 +64,21 @@ def cache_bytes(cache) -> int:
 
 def measured_bytes(model, ids: torch.Tensor) -> int:
     """Bytes held by a DynamicCache after prefilling `ids` (1, L): what the model really keeps per sequence."""
+    return measured_cache(model, ids)[0]
+
+
+def measured_cache(model, ids: torch.Tensor) -> tuple[int, torch.dtype]:
+    """(bytes, dtype) of what a DynamicCache holds after prefilling `ids` (1, L). The dtype is the cache's own: a
+    model under FSDP's mixed precision keeps fp32 weights and a bf16 cache."""
     from transformers import DynamicCache
 
+    from clakit.eval.perplexity import no_grad_for
+
     cache = DynamicCache(config=model.config)  # consumer layers of a CLA config get a DummyLayer
-    with torch.inference_mode():
+    with no_grad_for(model):
         model(input_ids=ids.to(next(model.parameters()).device), cache=cache, use_cache=True, logits_to_keep=1)
-    return cache_bytes(cache)
+    dtypes = [layer.keys.dtype for layer in cache.layers if isinstance(layer.keys, torch.Tensor)]
+    return cache_bytes(cache), dtypes[0] if dtypes else next(model.parameters()).dtype
 
 
 def convert_record(model_dir: Path | None) -> dict:

@@ -135,7 +135,7 @@ def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> fl
     )
 
 
-def _no_grad(model):
+def no_grad_for(model):
     """inference_mode, except for a model sharded by FSDP (uptrain's reports): FSDP2 would keep the layers'
     gathered weights as inference tensors, which training then cannot write ("Inplace update to inference tensor")."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
@@ -152,7 +152,7 @@ def score(model, ids: torch.Tensor, seq_len: int, stride: int, batch_size: int =
     device = next(model.parameters()).device
     nll, n = 0.0, 0
     bar = tqdm(total=sum(w.scored for w in wins), unit="tok", unit_scale=True, desc="perplexity", disable=quiet)
-    with _no_grad(model), bar:
+    with no_grad_for(model), bar:
         for batch in batches(wins, batch_size):
             nll += _batch_nll(model, ids, batch, device)
             scored = sum(w.scored for w in batch)

@@ -155,10 +155,11 @@ def _texts(data, text: str | None) -> list[Text]:
 
 
 def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, reference) -> dict:
-    config, dtype = loaded.model.config, next(loaded.model.parameters()).dtype
+    # the dtype the cache really holds (under FSDP's mixed precision: bf16 beside fp32 weights)
+    measured, dtype = kvcache.measured_cache(loaded.model, ids[:seq_len].unsqueeze(0))
+    config = loaded.model.config
     per_token = kvcache.bytes_per_token(config, dtype)
     per_sequence = kvcache.bytes_per_sequence(config, dtype, seq_len)  # below per_token * seq_len past a window
-    measured = kvcache.measured_bytes(loaded.model, ids[:seq_len].unsqueeze(0))
     return {
         "bytes_per_token": per_token,
         "bytes_per_sequence": per_sequence,

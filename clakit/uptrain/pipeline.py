@@ -13,6 +13,9 @@ checkpoint is removed again. --overwrite replaces only a clakit uptrain run (cla
 """
 
 import contextlib
+import dataclasses
+import datetime
+import gc
 import json
 import os
 import shutil
@@ -32,6 +35,9 @@ from clakit.uptrain.recipe import RUN_ONLY, Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import Trainer, check_plan, make_plan
 
 RESULT = "model"
+# how long a process waits in a collective while the main one works alone: reading a 70B checkpoint before the
+# weights are broadcast, writing the merged result at the end (accelerate's default is 10 minutes on NCCL)
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 EVAL = "eval"  # clakit eval reports: original.json, converted.json, uptrained.json
 REPORTS = ("original", "converted", "uptrained")  # in the report page's order; the first two written at the start
 # what a run adds to its folder after it is published (its marker lists them: see clakit.outputs)
@@ -247,13 +253,18 @@ def check_paths(recipe: Recipe) -> None:
 def make_accelerator(train, project_dir: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     # accelerate keeps its settings in a process-wide singleton: a second run in one process (a notebook, the
     # tests) with another mixed precision would be refused. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     log_with = ["tensorboard"] if "tensorboard" in train.report_to else None
-    acc = Accelerator(mixed_precision="bf16" if train.bf16 else "no", log_with=log_with, project_dir=str(project_dir))
+    acc = Accelerator(
+        mixed_precision="bf16" if train.bf16 else "no",
+        log_with=log_with,
+        project_dir=str(project_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+    )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > acc.num_processes:
         # torchrun on CPU without ACCELERATE_USE_CPU: every process would run the whole job alone, in one folder
@@ -263,8 +274,19 @@ def make_accelerator(train, project_dir: Path):
             "on GPUs `accelerate launch ...`"
         )
     check_fsdp(acc)
+    fp32_buffers(acc)
     set_seed(train.seed)
     return acc
+
+
+def fp32_buffers(acc) -> None:
+    """FSDP1's mixed precision as accelerate sets it casts buffers to bf16 too: RoPE's inv_freq (fp32 in the teacher
+    and in the saved checkpoint) would be rounded (2e-3 relative: radians of phase at positions in the thousands)
+    in the student it trains and scores. Buffers stay fp32; parameters and reductions keep the user's settings."""
+    plugin = getattr(acc.state, "fsdp_plugin", None) if checkpoint.sharded(acc) else None
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if getattr(plugin, "fsdp_version", 1) == 1 and getattr(policy, "buffer_dtype", None) not in (None, torch.float32):
+        plugin.mixed_precision_policy = dataclasses.replace(policy, buffer_dtype=torch.float32)
 
 
 def check_fsdp(acc) -> None:
@@ -337,7 +359,7 @@ CONVERT_POLL_S = 10.0  # how often the other processes look for the converted ch
 def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool) -> Path:
     """The CLA checkpoint to train: model.path, or model.source converted by the main process into work/converted.
 
-    The other processes do not wait in a collective (whose timeout, 30 min by default, a big conversion outlasts):
+    The other processes do not wait in a collective (whose timeout, COLLECTIVE_TIMEOUT, a big conversion outlasts):
     they poll the file system for the published folder, or for the failure note the main process leaves."""
     if recipe.model.path:
         return resolve_source(recipe.model.path, recipe.model.revision).path
@@ -391,12 +413,15 @@ def original_report(recipe: Recipe, source, teacher, dtype, run: dict, acc) -> d
     if teacher is None and source is None:
         return None
     if teacher is not None:
-        model = teacher
-    elif checkpoint.sharded(acc):  # every process scores it in step: read by the main one, sharded over all
+        return heldout_report(teacher, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    if checkpoint.sharded(acc):  # every process scores it in step: read by the main one, sharded over all
         model = sharding.shard_frozen(sharding.load_on_main(source, dtype, acc), acc)
     else:
         model = load_model(source, dtype=dtype, device=str(acc.device))
-    return heldout_report(model, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    report = heldout_report(model, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    del model
+    gc.collect()  # FSDP2's modules hold reference cycles: its shards would stay on the device into training
+    return report
 
 
 def _staging_dir(out: Path, acc) -> Path:
