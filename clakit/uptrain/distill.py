@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from clakit.errors import ClakitError
 from clakit.losses import token_kl
 from clakit.sources import Source, load_config, load_model
-
-PEFT_PREFIX = "base_model.model."
+from clakit.uptrain.student import PEFT_PREFIX
 
 
 def _student_base_params(student) -> dict[str, torch.nn.Parameter]:

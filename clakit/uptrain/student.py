@@ -15,6 +15,7 @@ from clakit.errors import ClakitError
 from clakit.sources import check_seq_len, load_config, load_model, resolve_source
 
 LAYER_PREFIX = "model.layers."
+PEFT_PREFIX = "base_model.model."  # clean names of a peft-wrapped student (lora.r > 0 and some LoRA target left)
 
 
 # --- the CLA checkpoint to start from ---------------------------------------------------------------------------
@@ -225,12 +226,27 @@ def drop_gguf_quantizer(model) -> None:
     """A model loaded from GGUF (or from a folder whose config kept GGUF's `quantization_config`) holds dequantised
     fp32 weights but still carries transformers' gguf quantizer, which refuses `save_pretrained`: drop both."""
     quantizer = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if quantizer is not None and getattr(method, "value", method) == "gguf":
+    if quantizer is not None and _is_gguf(getattr(quantizer, "quantization_config", None)):
         model.hf_quantizer = None
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+
+
+def _is_gguf(quantization) -> bool:
+    """A quantization config (transformers' object, or the dict a config.json holds) of GGUF's dequantised weights."""
+    method = (
+        quantization.get("quant_method")
+        if isinstance(quantization, dict)
+        else getattr(quantization, "quant_method", None)
+    )
+    return getattr(method, "value", method) == "gguf"
+
+
+def _check_modeling_files(out: Path) -> None:
+    missing = [f for f in ("configuration_cla.py", "modeling_cla.py") if not (out / f).is_file()]
+    if missing:  # a checkpoint without them would not load with trust_remote_code alone
+        raise ClakitError(f"saving the CLA checkpoint did not copy {', '.join(missing)} to {out}")
 
 
 def save_cla(model, tokenizer, out: Path, dtype: torch.dtype | None = None) -> None:
@@ -241,14 +257,11 @@ def save_cla(model, tokenizer, out: Path, dtype: torch.dtype | None = None) -> N
     model.save_pretrained(out, safe_serialization=True)
     outputs.usual_mode(*out.glob("*.safetensors"))
     tokenizer.save_pretrained(out)
-    missing = [f for f in ("configuration_cla.py", "modeling_cla.py") if not (out / f).is_file()]
-    if missing:  # a checkpoint without them would not load with trust_remote_code alone
-        raise ClakitError(f"saving the CLA checkpoint did not copy {', '.join(missing)} to {out}")
+    _check_modeling_files(out)
 
 
 # --- the merged checkpoint, written one tensor at a time ----------------------------------------------------------
 
-PEFT_PREFIX = "base_model.model."  # clean names of a peft-wrapped student (lora.r > 0 and some LoRA target left)
 LORA_NAME = re.compile(r"(.+)\.lora_([AB])\.default\.weight")  # peft's one adapter, "default"
 MERGED_SHARD_SIZE = "5GB"  # convert's default; the writer holds one shard's tensors at a time
 
@@ -355,16 +368,12 @@ def _save_config_files(model, start_path: Path, dtype: torch.dtype, out: Path) -
     config.save_pretrained(out)
     if model.can_generate():
         _generation_config(start_path).save_pretrained(out)
-    missing = [f for f in ("configuration_cla.py", "modeling_cla.py") if not (out / f).is_file()]
-    if missing:  # a checkpoint without them would not load with trust_remote_code alone
-        raise ClakitError(f"saving the CLA checkpoint did not copy {', '.join(missing)} to {out}")
+    _check_modeling_files(out)
 
 
 def _drop_gguf_quantization(config) -> None:
     """save_cla's drop_gguf_quantizer, on the config alone: the weights written here are never quantized."""
-    quantization = getattr(config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-    if getattr(method, "value", method) == "gguf":
+    if _is_gguf(getattr(config, "quantization_config", None)):
         del config.quantization_config
 
 
