@@ -164,6 +164,11 @@ def sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def fsdp_plugin(accelerator):
+    """accelerate's FSDP settings (FullyShardedDataParallelPlugin) of a sharded run; None otherwise."""
+    return getattr(accelerator.state, "fsdp_plugin", None) if sharded(accelerator) else None
+
+
 def _optimizer_state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 

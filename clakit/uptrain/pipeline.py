@@ -283,7 +283,7 @@ def fp32_buffers(acc) -> None:
     """FSDP1's mixed precision as accelerate sets it casts buffers to bf16 too: RoPE's inv_freq (fp32 in the teacher
     and in the saved checkpoint) would be rounded (2e-3 relative: radians of phase at positions in the thousands)
     in the student it trains and scores. Buffers stay fp32; parameters and reductions keep the user's settings."""
-    plugin = getattr(acc.state, "fsdp_plugin", None) if checkpoint.sharded(acc) else None
+    plugin = checkpoint.fsdp_plugin(acc)
     policy = getattr(plugin, "mixed_precision_policy", None)
     if getattr(plugin, "fsdp_version", 1) == 1 and getattr(policy, "buffer_dtype", None) not in (None, torch.float32):
         plugin.mixed_precision_policy = dataclasses.replace(policy, buffer_dtype=torch.float32)
@@ -292,7 +292,7 @@ def fp32_buffers(acc) -> None:
 def check_fsdp(acc) -> None:
     """FSDP1 flattens each wrapped layer into one tensor, which cannot mix frozen and trainable parameters (LoRA's
     are always mixed) unless it keeps the original parameters."""
-    plugin = getattr(acc.state, "fsdp_plugin", None) if checkpoint.sharded(acc) else None
+    plugin = checkpoint.fsdp_plugin(acc)
     if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
         raise ClakitError(
             "FSDP (version 1) without use_orig_params cannot train LoRA (each layer mixes frozen and trained "
@@ -307,7 +307,7 @@ def check_fsdp_wrap(acc, config) -> None:
     would fail on that only after the models are loaded."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    plugin = getattr(acc.state, "fsdp_plugin", None) if checkpoint.sharded(acc) else None
+    plugin = checkpoint.fsdp_plugin(acc)
     policy = getattr(plugin, "auto_wrap_policy", None)
     names = getattr(plugin, "transformer_cls_names_to_wrap", None) or []
     if getattr(policy, "func", policy) is not transformer_auto_wrap_policy or not names:

@@ -19,10 +19,9 @@ from clakit.sources import Source, load_config, load_model
 def ram_efficient(acc) -> bool:
     """Whether accelerate broadcasts the student's weights from the main process (`fsdp_cpu_ram_efficient_loading`,
     which implies sync_module_states): only then may the other processes skip reading it."""
-    from clakit.uptrain.checkpoint import sharded
+    from clakit.uptrain.checkpoint import fsdp_plugin
 
-    plugin = getattr(acc.state, "fsdp_plugin", None) if sharded(acc) else None
-    return bool(plugin is not None and getattr(plugin, "cpu_ram_efficient_loading", False))
+    return bool(getattr(fsdp_plugin(acc), "cpu_ram_efficient_loading", False))  # None: not sharded
 
 
 def load_on_main(source: Source, dtype: torch.dtype, acc, trust_remote_code: bool = False):
