@@ -14,7 +14,9 @@ from pathlib import Path
 
 from clakit.errors import ClakitError
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"]
+# what a Hub download fetches besides the weights, which are named file by file (never "*.safetensors": Mistral's
+# repos hold a consolidated.safetensors of the same weights too)
+HUB_NON_WEIGHTS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.py"]
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"  # without an index, the one safetensors file transformers loads (no other name)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load / pickle files: loading them can run code
@@ -73,21 +75,20 @@ def _download_named(spec: str, revision: str | None, commit: str | None, named: 
     if named.endswith(".index.json"):
         patterns = _weight_patterns(Path(_snapshot(spec, commit, [named])) / named)
     else:
-        patterns = [p for p in HUB_PATTERNS if p != "*.safetensors"]
+        patterns = HUB_NON_WEIGHTS
     return Source(spec, "dir", Path(_snapshot(spec, commit, patterns + [named])), revision or "main")
 
 
 def _weight_patterns(index: Path) -> list[str]:
     """What to download: what transformers loads, the shards the index lists or else model.safetensors; never every
     *.safetensors (Mistral's repos also hold a consolidated.safetensors of the same weights: 14 GB more for a 7B)."""
-    others = [p for p in HUB_PATTERNS if p != "*.safetensors"]
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or malformed: convert says which
-        return others + [SAFE_SINGLE]
+        return HUB_NON_WEIGHTS + [SAFE_SINGLE]
     if not shards or not all(isinstance(f, str) for f in shards):
-        return others + [SAFE_SINGLE]
-    return others + shards
+        return HUB_NON_WEIGHTS + [SAFE_SINGLE]
+    return HUB_NON_WEIGHTS + shards
 
 
 def _snapshot(spec: str, revision: str | None, patterns: list[str]) -> str:

@@ -29,6 +29,8 @@ from clakit.sources import (  # the one name of each, also what a Hub download f
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+# a tensor in two of the shards an index lists: the converter would take the index's copy, transformers the later one
+DUPLICATE_FIX = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
 # Fixed header metadata: transformers wants format=pt; nothing time- or machine-dependent, so output is reproducible.
 SHARD_METADATA = {"format": "pt"}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -80,8 +82,7 @@ class SafetensorsCheckpoint:
         weight_map = _load_index(folder / index) if index else None
         files = sorted(set(weight_map.values())) if weight_map else [single]
         self._keys = {file: self._read_keys(file) for file in files}
-        fix = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
-        check_unique_tensors(self._keys, folder, fix)  # shards an index lists; one single file passes
+        check_unique_tensors(self._keys, folder, DUPLICATE_FIX)  # shards an index lists; one single file passes
         self._where = weight_map or {t: single for t in self._keys[single]}
         for tensor, file in self._where.items():
             if tensor not in self._keys[file]:
@@ -122,8 +123,7 @@ class PickleCheckpoint:
         self._where = _load_index(folder / index) if index else {t: single for t in self._load(single)}
         if index:  # the shards' names (memory-mapped: no tensor read), checked as the safetensors shards are
             keys = {file: set(self._load(file)) for file in set(self._where.values())}
-            fix = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
-            check_unique_tensors(keys, folder, fix)
+            check_unique_tensors(keys, folder, DUPLICATE_FIX)
         self.names = sorted(self._where, key=natural_key)
 
     def _load(self, file: str) -> dict:
