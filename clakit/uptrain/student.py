@@ -178,7 +178,7 @@ def make_trainable(model, lora, gradient_checkpointing: bool = False):
     full = select_linear(model, lora.full_train, "lora.full_train")
     full_modules = [model.get_submodule(n) for n in full]  # the same objects after peft wraps its targets
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.requires_grad_(False)
     if lora.r > 0:
         from peft import LoraConfig, get_peft_model
@@ -217,7 +217,7 @@ def merged(model, dtype: torch.dtype | None = None):
             p.data = p.data.to(dtype) if p.is_floating_point() else p.data
     model.requires_grad_(False)
     if getattr(model, "is_activation_checkpointing", False):
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     model.config.use_cache = True
     return model
 
