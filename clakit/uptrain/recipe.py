@@ -254,11 +254,14 @@ def resolve_recipe(path: str | Path) -> Path:
 
 
 class StrictLoader(yaml.SafeLoader):
-    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last one silently). Merge keys
+    (`<<: *defaults`) work as in safe_load: the keys written beside them override the merged ones, by design."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # no value of its own: SafeLoader flattens it below
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
