@@ -1,6 +1,7 @@
 """Training data: texts tokenised, packed into `seq_len` blocks, split into train and held-out, served in a
 deterministic order that a resumed run can continue from any step."""
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,7 @@ def build_data(data, tokenizer, train_tokens: int | None = None, seed: int = 0) 
     train_texts = load_texts(data.train)
     if data.eval:
         eval_texts = load_texts(data.eval)
+        check_held_out(train_texts, eval_texts)
         eval_sources = [t.name for t in eval_texts]
     else:  # hold out the tail of the train text: contiguous, so no block straddles train and eval
         train_texts, eval_texts = split_tail(train_texts, data.eval_fraction)
@@ -106,6 +108,23 @@ def build_data(data, tokenizer, train_tokens: int | None = None, seed: int = 0) 
     held = held[: max(1, data.eval_max_tokens // data.seq_len)]
     train = add_copies(train, data.copy_fraction, data.copy_span, seed)
     return PackedData(train, held, [t.name for t in train_texts], eval_sources)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.strip().encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_held_out(train: list[Text], held: list[Text]) -> None:
+    """A held-out file with the same text as a training file (a copy under another name, which the recipe's path
+    rule cannot see) is no held-out text: its numbers would measure memorisation. Refused by content."""
+    trained = {_digest(t.text): t.name for t in train}
+    for t in held:
+        same = trained.get(_digest(t.text))
+        if same is not None:
+            raise ClakitError(
+                f"data.eval {t.name} holds the same text as data.train {same}: its numbers would not be held out; "
+                "give text that is not trained on, or drop data.eval to hold out the end of the train text"
+            )
 
 
 def split_tail(texts: list[Text], fraction: float) -> tuple[list[Text], list[Text]]:
