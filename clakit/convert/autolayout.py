@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from clakit.convert.calibrate import mean_shared
 from clakit.convert.layerwise import materialized
+from clakit.convert.layout import check_shareable, uniform_layout
 from clakit.convert.layout import groups as layout_groups
 from clakit.convert.layout import kv_saving as layout_saving
-from clakit.convert.layout import uniform_layout
 from clakit.errors import ClakitError
 
 SCORE_TOKENS = 1024  # calibration tokens each candidate is scored on
@@ -36,8 +36,7 @@ def producers_for(num_layers: int, saving: float) -> int:
     if not 0.0 <= saving < 1.0:
         raise ClakitError(f"--kv-saving must be in [0, 1) (e.g. 0.5 for half the KV cache), got {saving}")
     producers = math.floor(num_layers * (1.0 - saving) + 1e-9)
-    if num_layers < 2:  # --kv-saving 0.5 is also what --calib-data alone asks for: name the real problem
-        raise ClakitError(f"a {num_layers}-layer model has no other layer to share its K/V with: CLA needs 2 or more")
+    check_shareable(num_layers)
     if producers < 1:
         raise ClakitError(f"--kv-saving {saving} leaves no producer layer in a {num_layers}-layer model; ask for less")
     return producers

@@ -25,6 +25,13 @@ def uniform_layout(num_layers: int, factor: int) -> list[int]:
     return [i - i % factor for i in range(num_layers)]
 
 
+def check_shareable(num_layers: int) -> None:
+    """CLA needs a second layer to read the first's K/V; named as the model's problem, not a flag's: the defaults
+    (--factor 2, --kv-saving 0.5) ask for sharing without the user naming either."""
+    if num_layers < 2:
+        raise ClakitError(f"a {num_layers}-layer model has no other layer to share its K/V with: CLA needs 2 or more")
+
+
 def check_layout(layout: list[int], num_layers: int) -> None:
     try:
         validate_kv_source_layers(layout, num_layers)

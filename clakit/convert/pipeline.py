@@ -39,7 +39,7 @@ from clakit.convert.config import (
 )
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layerwise import LayerwiseModel, resolve_device
-from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, kv_saving, uniform_layout
+from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, check_shareable, kv_saving, uniform_layout
 from clakit.convert.output_folder import (
     copy_tokenizer_files,
     model_card,
@@ -449,6 +449,8 @@ class _Conversion:
         if spec is not None:
             check_layout(list(spec), n)
             return list(spec), "explicit"
+        if self.cfg.factor is None:  # the default --factor 2
+            check_shareable(n)
         factor = 2 if self.cfg.factor is None else self.cfg.factor
         return uniform_layout(n, factor), f"factor {factor}"
 
