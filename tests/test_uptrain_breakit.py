@@ -4,6 +4,8 @@ import shutil
 
 import pytest
 import yaml
+from conftest import VOCAB, save_checkpoint, tiny_model
+from transformers import PreTrainedTokenizerFast
 from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
 from clakit.errors import ClakitError
@@ -34,9 +36,9 @@ def test_yaml_merge_keys_work_and_a_key_twice_beside_them_is_still_refused(tmp_p
 
 
 def test_held_out_text_that_is_a_copy_of_training_text_is_refused_before_any_work(
-    tiny_cla_checkpoint,
+    tiny_cla_checkpoint,  # noqa: F811
     corpus_dir,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ):
     """The path rule saw two names; the run trained on its own held-out text and reported memorisation."""
     copy = tmp_path / "heldout_copy.txt"
@@ -46,3 +48,36 @@ def test_held_out_text_that_is_a_copy_of_training_text_is_refused_before_any_wor
     with pytest.raises(ClakitError, match=r"data.eval .*heldout.txt holds the same text as data.train .*heldout_copy"):
         uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout_copy.txt", "r.yaml"]  # nothing half-written
+
+
+# --- the original model (teacher and baseline) -------------------------------------------------------------------
+
+
+def other_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer of the tiny models' size (VOCAB) trained on other text: the same vocab_size, other token ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+    tok.train_from_iterator(["zyx wvq qvw xyz " * 500], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("weight", [0.5, 0.0])  # the teacher; without distillation the "original" baseline
+def test_an_original_with_another_tokenizer_of_the_same_size_is_refused_before_any_work(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    weight,
+):
+    """vocab_size alone matched, so its logits were read by the student's token ids: noise taught, no error."""
+    original = save_checkpoint(tiny_model("llama"), other_tokenizer(), tmp_path / "original")
+    out = tmp_path / "run"
+    model = {"path": str(tiny_cla_checkpoint), "original": str(original)}
+    recipe = tiny_recipe(corpus_dir, out, model=model, distill={"weight": weight})
+    with pytest.raises(ClakitError, match=r"original model .*original has another tokenizer than the student"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert not out.exists()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from clakit.errors import ClakitError
 from clakit.losses import token_kl
-from clakit.sources import Source, load_config, load_model
+from clakit.sources import Source, load_config, load_model, load_tokenizer
 from clakit.uptrain.student import PEFT_PREFIX
 
 
@@ -67,6 +67,24 @@ def check_teacher_fits(teacher, student_config, distill) -> None:
                 f"the teacher {teacher.spec} has {key} {theirs} but the student {ours}: distillation needs the model "
                 "the student was converted from; set model.original to it"
             )
+
+
+def check_same_tokenizer(original: Source, tokenizer) -> None:
+    """The original's logits (the teacher's KL targets, the baseline's score) are read by the student's token ids: a
+    tokenizer of the same size that maps tokens to other ids (Mistral's and Llama 2's: 32000 each) passes the
+    vocab_size check and would teach noise silently. An original without tokenizer files cannot be compared."""
+    try:
+        theirs = load_tokenizer(original).get_vocab()
+    except ClakitError:
+        return
+    ours = tokenizer.get_vocab()
+    odd = sorted(t for t in set(ours) | set(theirs) if ours.get(t) != theirs.get(t))
+    if odd:
+        raise ClakitError(
+            f"the original model {original.spec} has another tokenizer than the student (token {odd[0]!r}: id "
+            f"{theirs.get(odd[0])} there, {ours.get(odd[0])} in the student; {len(odd)} tokens differ): its logits "
+            "would be read by the wrong token ids; set model.original to the model the student was converted from"
+        )
 
 
 def load_teacher(source: Source, dtype: torch.dtype, student):

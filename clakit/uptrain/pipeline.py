@@ -29,7 +29,7 @@ from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.sources import load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, sharding, student
-from clakit.uptrain.distill import check_stock, check_teacher_fits, load_teacher
+from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import RUN_ONLY, Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import Trainer, check_plan, make_plan
@@ -494,6 +494,8 @@ def uptrain(
     if last:  # a corrupt checkpoint is refused before any model is loaded
         checkpoint.read_checkpoint(last[-1])
     tokenizer = load_tokenizer(resolve_source(_model_spec(recipe), recipe.model.revision))
+    if original is not None:  # the teacher and the baseline are read with the student's token ids
+        check_same_tokenizer(original, tokenizer)
     acc = make_accelerator(recipe.train, out)
     check_fsdp_wrap(acc, student_config)
     budget = token_budget(recipe.train, recipe.data.seq_len, acc.num_processes)
