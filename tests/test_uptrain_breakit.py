@@ -1,5 +1,6 @@
 """Inputs a reviewer tried in order to break `clakit uptrain`: each test here failed before its fix."""
 
+import json
 import shutil
 
 import pytest
@@ -81,3 +82,26 @@ def test_an_original_with_another_tokenizer_of_the_same_size_is_refused_before_a
     with pytest.raises(ClakitError, match=r"original model .*original has another tokenizer than the student"):
         uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
     assert not out.exists()
+
+
+# --- provenance ---------------------------------------------------------------------------------------------------
+
+
+def test_the_result_records_the_start_checkpoint_its_conversion_and_the_resolved_original(
+    tiny_llama_checkpoint, corpus_dir, tmp_path
+):
+    """uptrain.json held the recipe as typed only: not which original (path / Hub commit) taught and scored the
+    model, nor the conversion record of the checkpoint it started from; the card dropped the converter's card."""
+    out = tmp_path / "run"
+    model = {"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "mean"}}
+    recipe = tiny_recipe(corpus_dir, out, model=model, train={"max_steps": 2, "save_steps": 0}, distill={"weight": 1})
+    result = uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    record = json.loads((result / "uptrain.json").read_text())
+    assert record["original"] == json.loads((out / "run.json").read_text())["original"]
+    assert record["original"]["path"] == str(tiny_llama_checkpoint)
+    assert record["start_checkpoint"] == str(out / "converted")
+    assert record["conversion"] == json.loads((out / "converted" / "clakit_convert.json").read_text())
+    card = (result / "README.md").read_text()
+    assert f"original model (teacher / baseline) `{tiny_llama_checkpoint}`" in card
+    assert "## Conversion" in card and "# Cross-Layer Attention version of" in card and card.count("\n---\n") == 1
+    assert "clakit_convert.json" not in card  # not beside the result: its record is uptrain.json's "conversion"

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from clakit.convert.output_folder import serving_section
+from clakit.convert.output_folder import RECORD_FILE, serving_section
 from clakit.provenance import provenance
 
 PROVENANCE = "uptrain.json"
@@ -60,13 +60,20 @@ def _training_lines(s: dict) -> list[str]:
     ]
 
 
+def _original_text(original: dict | None) -> str:
+    if not original:
+        return ""
+    at = f" at revision {original['revision']}" if original.get("revision") else ""
+    return f"; original model (teacher / baseline) `{original.get('spec') or original.get('path')}`{at}"
+
+
 def markdown(s: dict) -> str:
     r, h = s["recipe"], s["heldout"]
     m = r["model"]
     names = (("original", "original (full KV)"), ("converted", "converted (before)"), ("uptrained", "uptrained"))
     rows = [_row(n, h.get(k), h.get("original")) for k, n in names]
     converted = f" (converted with {m['convert']})" if m["convert"] else ""
-    start = f"Started from `{m['path'] or m['source']}`{converted}"
+    start = f"Started from `{m['path'] or m['source']}`{converted}{_original_text(s.get('original'))}"
     data = f"{', '.join(s['eval_data'])}; {h['uptrained']['tokens']} tokens in sequences of {r['data']['seq_len']}"
     lines = [
         "---",
@@ -96,9 +103,32 @@ def markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def write(out: Path, s: dict) -> None:
-    """README.md (the converter's card, if any, is kept below ours) and uptrain.json."""
-    readme = out / "README.md"
-    previous = readme.read_text() if readme.is_file() else ""
-    readme.write_text(markdown(s) + ("\n## Conversion\n" + previous if previous else ""))
+def origins(start: Path, original: dict | None) -> dict:
+    """Where the trained weights came from, for uptrain.json: the CLA checkpoint training started from, its
+    conversion record (the source it was converted from, at which revision, with which settings) and the original
+    model (teacher / baseline) as resolved when the run started (run.json: the path or Hub commit it read)."""
+    record = start / RECORD_FILE
+    try:
+        conversion = json.loads(record.read_text()) if record.is_file() else None
+    except (OSError, ValueError):  # a damaged record of someone else's: the card still names the start checkpoint
+        conversion = None
+    return {"start_checkpoint": str(start), "conversion": conversion, "original": original}
+
+
+def _front_matter_dropped(text: str) -> str:
+    """A card without its leading `---` YAML block (one card has one, at its top)."""
+    if text.startswith("---\n"):
+        end = text.find("\n---\n", 4)
+        return text[end + 5 :].lstrip("\n") if end >= 0 else text
+    return text
+
+
+def write(out: Path, s: dict, start: Path | None = None) -> None:
+    """README.md (the start checkpoint's card, the converter's, kept below ours) and uptrain.json."""
+    previous = start / "README.md" if start is not None else None
+    conversion = _front_matter_dropped(previous.read_text()) if previous and previous.is_file() else ""
+    # the conversion record is not copied beside the result (it would make model/ look like a convert output):
+    # uptrain.json holds it, under "conversion"
+    conversion = conversion.replace(f"`{RECORD_FILE}`", f"`{PROVENANCE}` (its `conversion`)")
+    (out / "README.md").write_text(markdown(s) + ("\n## Conversion\n\n" + conversion if conversion else ""))
     (out / PROVENANCE).write_text(json.dumps(provenance(**s), indent=1))
