@@ -3,11 +3,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_text, save_checkpoint, tiny_model
-from convert_fixtures import copy_checkpoint, run_cli
+from convert_fixtures import copy_checkpoint, load, logits, run_cli
 from test_convert_bad_input import assert_refused
 
+import clakit.convert.checkpoint
 import clakit.convert.pipeline
+from clakit.convert.autolayout import producers_for
 
 
 @pytest.fixture
@@ -43,3 +46,42 @@ def test_seq_len_1_is_refused_before_any_model_runs(src, tmp_path, capsys, no_mo
     calib.write_text(make_text(2000, 1))
     args = [a.format(calib=calib) for a in extra] or ["--calib-data", calib, "--calib-tokens", "64"]
     assert_refused(capsys, src, tmp_path / "out", *args, "--seq-len", "1", match="--seq-len 1 leaves no next token")
+
+
+@pytest.mark.parametrize("problem", ["text", "write"])
+def test_a_failed_conversion_leaves_no_folders_it_created_above_out(src, tmp_path, capsys, monkeypatch, problem):
+    """OUT in folders that do not exist yet (runs/a/b/out): a refusal after the scratch or staging folder was made
+    beside OUT left the new runs/a/b behind, empty."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("too short" if problem == "text" else make_text(2000, 1))
+    if problem == "write":
+
+        def disk_full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(clakit.convert.checkpoint, "save_file", disk_full)
+    args = ["--calib-data", calib, "--calib-tokens", "64", "--seq-len", "64", "--reconstruct-steps", "1"]
+    match = "calibration text is too short" if problem == "text" else "No space left on device"
+    (tmp_path / "runs").mkdir()
+    assert run_cli(src, tmp_path / "runs" / "a" / "b" / "out", *args, "--distill-steps", "0", "-q") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clakit: error: ") and match in lines[0], lines
+    assert list((tmp_path / "runs").iterdir()) == []  # runs/ was the user's: kept
+
+
+def test_reconstruct_on_a_layout_sharing_nothing_writes_the_source(src, tmp_path):
+    """--init reconstruct with --kv-source-layers 0,1,2,3 (no group to fit) crashed with a TypeError traceback."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(make_text(2000, 1))
+    out = tmp_path / "out"
+    args = ["--calib-data", calib, "--calib-tokens", "64", "--seq-len", "64", "--distill-steps", "0", "-q"]
+    assert run_cli(src, out, "--kv-source-layers", "0,1,2,3", "--init", "reconstruct", *args) == 0
+    torch.testing.assert_close(logits(load(out)), logits(load(src)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("saving", [1e-10, 1e-12])
+def test_a_tiny_kv_saving_still_shares_a_layer(saving):
+    """--kv-saving 1e-10 kept every layer a producer (the rounding epsilon swallowed it): the auto layout shared
+    nothing, saved 0% where a saving was asked for, and reconstruct then crashed with a traceback."""
+    assert producers_for(4, saving) == 3
+    assert producers_for(4, 0.0) == 4 and producers_for(4, 0.75) == 1 and producers_for(3, 0.5) == 1

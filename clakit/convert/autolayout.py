@@ -35,7 +35,9 @@ def producers_for(num_layers: int, saving: float) -> int:
     """Most producers a layout may keep and still save at least `saving` of the KV cache."""
     if not 0.0 <= saving < 1.0:
         raise ClakitError(f"--kv-saving must be in [0, 1) (e.g. 0.5 for half the KV cache), got {saving}")
-    producers = math.floor(num_layers * (1.0 - saving) + 1e-9)
+    producers = math.floor(num_layers * (1.0 - saving) + 1e-9)  # the epsilon keeps 4 * (1 - 0.75) at 1
+    if saving > 0:  # a saving below the epsilon (1e-10) still asks for one shared layer, not none
+        producers = min(producers, num_layers - 1)
     check_shareable(num_layers)
     if producers < 1:
         raise ClakitError(f"--kv-saving {saving} leaves no producer layer in a {num_layers}-layer model; ask for less")

@@ -297,6 +297,8 @@ def reconstruct_overrides(
     steps = DEFAULT_STEPS if steps is None else steps
     out = dict(overrides) if out is None else out
     shared = [members for members in groups(layout).values() if len(members) > 1]
+    if not shared:  # a layout sharing nothing (0,1,2,3) keeps no calibration rows (stats.ids): nothing to fit
+        return out
     done: set[int] = set()
     stream = _ConvertedStream(model, layout, stats.ids) if sequential else None
     for members in tqdm(shared, desc="reconstruct", disable=not progress, leave=False):
