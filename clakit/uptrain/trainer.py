@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from clakit.errors import ClakitError
+from clakit.provenance import provenance
 from clakit.uptrain import checkpoint
 from clakit.uptrain.distill import causal_lm_loss, uptrain_loss
 from clakit.uptrain.packing import BatchOrder, PackedData
@@ -198,6 +199,8 @@ class Trainer:
             "total_steps": self.plan.total_steps,
             "elapsed_s": self.elapsed,
             "fingerprint": self.recipe.fingerprint(),
+            # what wrote it (versions, command, time): a checkpoint is an output too, and may outlive its run.json
+            "provenance": provenance(),
         }
         checkpoint.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state)
         if self.accelerator.is_main_process:
