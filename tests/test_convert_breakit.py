@@ -11,6 +11,10 @@ from test_convert_bad_input import assert_refused
 import clakit.convert.checkpoint
 import clakit.convert.pipeline
 from clakit.convert.autolayout import producers_for
+from clakit.convert.checkpoint import StateDictCheckpoint
+from clakit.convert.layout import KEY_TEMPLATES
+from clakit.convert.streaming import converted_tensors, plan_tensors
+from clakit.errors import ClakitError
 
 
 @pytest.fixture
@@ -85,3 +89,33 @@ def test_a_tiny_kv_saving_still_shares_a_layer(saving):
     nothing, saved 0% where a saving was asked for, and reconstruct then crashed with a traceback."""
     assert producers_for(4, saving) == 3
     assert producers_for(4, 0.0) == 4 and producers_for(4, 0.75) == 1 and producers_for(3, 0.5) == 1
+
+
+def test_output_dtype_float16_refuses_weights_beyond_its_range(tokenizer, tmp_path, capsys, no_model):
+    """A bf16 checkpoint with a weight above float16's 65504, converted with --output-dtype float16, was written with
+    that weight as inf (exit 0; every logit NaN). Refused before any model runs or anything is written."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 1e5
+    src = save_checkpoint(model, tokenizer, tmp_path / "src")
+    capsys.readouterr()
+    match = "tensor model.layers.1.mlp.down_proj.weight holds values up to 9.984e+04, beyond float16's range"
+    calib = tmp_path / "calib.txt"
+    calib.write_text(make_text(2000, 1))
+    args = ["--output-dtype", "float16", "--calib-data", calib, "--eval-data", calib]
+    assert_refused(capsys, src, tmp_path / "out", *args, match=match)
+    assert run_cli(src, tmp_path / "out", "--output-dtype", "bfloat16", "-q") == 0
+
+
+def test_the_writer_refuses_a_fitted_tensor_beyond_float16s_range():
+    """The writer's own check: fitted K/V (known only after the fits) out of float16's range are not written as inf."""
+    name = KEY_TEMPLATES["k_proj"].format(0)
+    checkpoint = StateDictCheckpoint({name: torch.zeros(2, 2), "model.norm.weight": torch.ones(2)})
+    plan = plan_tensors(checkpoint.names, set(checkpoint.names), set(), [0])
+    written = dict(converted_tensors(checkpoint, plan, "mean", {}, torch.float16))
+    assert written[name].dtype == torch.float16
+    with pytest.raises(ClakitError, match=f"tensor {name} holds values up to 7e\\+04, beyond float16's range"):
+        list(converted_tensors(checkpoint, plan, "mean", {name: torch.full((2, 2), 7e4)}, torch.float16))
+    fp16 = StateDictCheckpoint({k: v.half() for k, v in checkpoint._state.items()})  # fitted, back to the source's
+    with pytest.raises(ClakitError, match="beyond float16's range"):
+        list(converted_tensors(fp16, plan, "mean", {name: torch.full((2, 2), 7e4)}))

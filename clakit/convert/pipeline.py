@@ -46,7 +46,13 @@ from clakit.convert.output_folder import (
     write_config,
     write_record,
 )
-from clakit.convert.streaming import check_overrides, converted_tensors, output_nbytes, plan_tensors
+from clakit.convert.streaming import (
+    check_castable,
+    check_overrides,
+    converted_tensors,
+    output_nbytes,
+    plan_tensors,
+)
 from clakit.copies import add_copies
 from clakit.corpus import join_texts, load_texts
 from clakit.errors import ClakitError
@@ -291,8 +297,9 @@ class _Conversion:
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
             every_layer = list(range(self.config.num_hidden_layers))  # the stock model: needs every tensor
             stock, lm_cls = cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2]
-            self._plan(stock, lm_cls, every_layer)
+            stock_plan = self._plan(stock, lm_cls, every_layer)
             check_tied(self.checkpoint, _tied(stock, lm_cls), self.source.spec)
+            check_castable(self.checkpoint, stock_plan, DTYPES.get(self.cfg.output_dtype))
             if self.layout is not None:  # the output's size is known: a full disk is refused before the slow work
                 plan = self._plan(cla_config(self.config, self.layout), lm_cls, self.layout)
                 _check_free_space(self.out, output_nbytes(self.checkpoint, plan, DTYPES.get(self.cfg.output_dtype)))

@@ -65,14 +65,39 @@ def converted_tensors(
     overrides = overrides or {}
     for name in plan.names:
         if name in overrides:  # fitted in the fits' dtype, maybe on a GPU: back to the checkpoint's, on the CPU
-            tensor = overrides[name].detach().to("cpu", checkpoint.get(plan.sources[name][0]).dtype)
+            tensor = _cast(name, overrides[name].detach().cpu(), checkpoint.get(plan.sources[name][0]).dtype)
         elif len(plan.sources[name]) == 1 or init == "producer":
             tensor = checkpoint.get(plan.sources[name][0])
         else:  # the group's (kv_heads*head_dim, hidden) weights, or (kv_heads*head_dim,) biases, averaged
             tensor = merge_kv([checkpoint.get(s) for s in plan.sources[name]], init)
         if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+            tensor = _cast(name, tensor, dtype)
         yield name, tensor
+
+
+def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`; a finite value beyond its range (a bf16/fp32 weight over float16's 65504) is refused:
+    the cast would silently write it as inf, and the model's logits turn to NaN."""
+    cast = tensor.to(dtype)
+    if cast.dtype != tensor.dtype and torch.isinf(cast).any() and not torch.isinf(tensor).any():
+        largest = tensor.abs().max().item()
+        raise ClakitError(
+            f"tensor {name} holds values up to {largest:.4g}, beyond {str(dtype).removeprefix('torch.')}'s range "
+            "(they would be written as inf): use --output-dtype bfloat16 or float32"
+        )
+    return cast
+
+
+def check_castable(checkpoint, plan: TensorPlan, dtype: torch.dtype | None) -> None:
+    """Before any work, every source tensor the output is made from fits `dtype` (float16's range is narrower than
+    bf16's and fp32's): one read of the weights, done only for such a narrowing cast. The writer checks again
+    (`_cast`): fitted tensors are known only then."""
+    if dtype != torch.float16:
+        return
+    for name in {source for sources in plan.sources.values() for source in sources}:
+        tensor = checkpoint.get(name)
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            _cast(name, tensor, dtype)
 
 
 def output_nbytes(checkpoint, plan: TensorPlan, dtype: torch.dtype | None) -> int:
