@@ -114,3 +114,36 @@ def test_a_checkpoint_records_what_wrote_it(tiny_cla_checkpoint, corpus_dir, tmp
     uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
     state = json.loads((out / "checkpoints" / "step-000002" / "state.json").read_text())
     assert {"clakit", "transformers", "torch", "command", "created"} <= set(state["provenance"])
+
+
+# --- what trains --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tied_cla_checkpoint(tokenizer, tmp_path_factory):
+    """The tiny CLA2 model with lm_head tied to the input embeddings (as SmolLM2's)."""
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.layout import uniform_layout
+
+    model = cla_model_from(tiny_model("llama", tie_word_embeddings=True), uniform_layout(4, 2), "mean")
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("tied_cla"))
+
+
+def test_lora_on_a_tied_lm_head_is_refused_before_any_work(tied_cla_checkpoint, corpus_dir, tmp_path):
+    """The merge added LoRA's delta to the shared tensor: the saved embeddings changed too (not the trained model)."""
+    out = tmp_path / "run"
+    lora = {"target_modules": ["q_proj", "lm_head"]}
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tied_cla_checkpoint)}, lora=lora)
+    with pytest.raises(ClakitError, match=r"matches lm_head, which this model ties .*lora.full_train=\[lm_head\]"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert not out.exists()
+
+
+def test_a_tied_lm_head_trained_in_full_is_allowed(tied_cla_checkpoint):
+    from clakit.sources import load_config, resolve_source
+    from clakit.uptrain.recipe import LoraSection
+    from clakit.uptrain.student import check_patterns
+
+    config = load_config(resolve_source(str(tied_cla_checkpoint)))
+    check_patterns(config, LoraSection(target_modules=["q_proj", "lm_head"], full_train=["lm_head"]))
+    check_patterns(config, LoraSection(r=0, target_modules=["lm_head"], full_train=["q_proj"]))

@@ -164,9 +164,28 @@ def check_patterns(config, lora) -> None:
     checked with every layer a producer, skipping the `producers.`/`consumers.` patterns that depend on the layout."""
     model = meta_student(config)
     layout = getattr(config, "kv_source_layers", None)
-    for patterns, what in ((lora.full_train, "lora.full_train"), (lora.target_modules if lora.r > 0 else [], "")):
-        known = [p for p in patterns if layout or not p.startswith(("producers.", "consumers."))]
-        select_linear(model, known, what or "lora.target_modules")
+
+    def known(patterns: list[str]) -> list[str]:
+        return [p for p in patterns if layout or not p.startswith(("producers.", "consumers."))]
+
+    full = select_linear(model, known(lora.full_train), "lora.full_train")
+    targets = select_linear(model, known(lora.target_modules), "lora.target_modules") if lora.r > 0 else []
+    _check_tied_head(model, [n for n in targets if n not in full])
+
+
+def _check_tied_head(model, targets: list[str]) -> None:
+    """LoRA on an lm_head tied to the input embeddings (SmolLM2's) trains a head apart from the embeddings, but the
+    merge adds it to the one shared tensor: the saved model's embeddings change too, so it is not the model that
+    was trained (and the streamed FSDP merge, which writes the embedding alone, refuses it after training)."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight is not embeddings.weight:
+        return
+    name = next(n for n, m in model.named_modules() if m is head)
+    if name in targets:
+        raise ClakitError(
+            f"lora.target_modules matches {name}, which this model ties to its input embeddings: merging LoRA into "
+            f"it would change the embeddings too; train it in full (lora.full_train=[{name}]) or leave it out"
+        )
 
 
 def make_trainable(model, lora, gradient_checkpointing: bool = False):
