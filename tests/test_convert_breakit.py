@@ -52,6 +52,15 @@ def test_seq_len_1_is_refused_before_any_model_runs(src, tmp_path, capsys, no_mo
     assert_refused(capsys, src, tmp_path / "out", *args, "--seq-len", "1", match="--seq-len 1 leaves no next token")
 
 
+def test_eval_tokens_1_names_the_flag_not_the_text(src, tmp_path, capsys):
+    """--eval-tokens 1 over plenty of held-out text was refused as 'the --eval-data text is shorter than two tokens;
+    give more held-out text': the text was not the problem."""
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(make_text(2000, 1))
+    args = ["--eval-data", heldout, "--eval-tokens", "1"]
+    assert_refused(capsys, src, tmp_path / "out", *args, match="--eval-tokens 1 leaves no next token to predict")
+
+
 @pytest.mark.parametrize("problem", ["text", "write"])
 def test_a_failed_conversion_leaves_no_folders_it_created_above_out(src, tmp_path, capsys, monkeypatch, problem):
     """OUT in folders that do not exist yet (runs/a/b/out): a refusal after the scratch or staging folder was made

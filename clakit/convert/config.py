@@ -152,8 +152,9 @@ class ConvertConfig:
                            ("eval_tokens", "tokens"), ("distill_tokens", "tokens")):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) <= 0:  # seq_len None: the default
                 raise ClakitError(f"--{_flag(name)} must be a positive number of {unit}, got {getattr(self, name)}")
-        if self.seq_len == 1:  # a window of one token has no next token: every NLL, Fisher and KL is 0/0
-            raise ClakitError("--seq-len 1 leaves no next token to predict in a window; use 2 or more (default 512)")
+        for name in ("seq_len", "eval_tokens"):  # one token has no next token: every NLL, Fisher and KL is 0/0
+            if getattr(self, name) == 1:
+                raise ClakitError(f"--{_flag(name)} 1 leaves no next token to predict; use 2 or more")
         if self.distill_steps is not None and self.distill_steps < 0:
             raise ClakitError(f"--distill-steps must be 0 (off) or a number of steps, got {self.distill_steps}")
         for name in ("ridge", "reconstruct_lr", "distill_lr"):
