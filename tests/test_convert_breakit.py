@@ -128,3 +128,9 @@ def test_the_writer_refuses_a_fitted_tensor_beyond_float16s_range():
     fp16 = StateDictCheckpoint({k: v.half() for k, v in checkpoint._state.items()})  # fitted, back to the source's
     with pytest.raises(ClakitError, match="beyond float16's range"):
         list(converted_tensors(fp16, plan, "mean", {name: torch.full((2, 2), 7e4)}))
+
+
+@pytest.mark.parametrize("size", ["0.4", "0.0001KB", "0.5B"])
+def test_a_max_shard_size_rounding_to_0_bytes_is_refused(src, tmp_path, capsys, size):
+    """'--max-shard-size 0.4' passed the > 0 check and became a limit of 0 bytes (exit 0, recorded as 0)."""
+    assert_refused(capsys, src, tmp_path / "out", "--max-shard-size", size, match="--max-shard-size must be a size")

@@ -43,9 +43,10 @@ def parse_size(size: str | int) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
     unit = match and match.group(2).upper()
-    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+    nbytes = int(float(match.group(1)) * _SIZE_UNITS[unit]) if match and unit in _SIZE_UNITS else 0
+    if nbytes < 1:  # "0.4" or "0.0001KB" round to 0 bytes
         raise ClakitError(f"--max-shard-size must be a size like 5GB, 500MB or 2GiB, got {size!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return nbytes
 
 
 def natural_key(name: str) -> list:
