@@ -155,7 +155,7 @@ def heat_map(reports: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths], rotation=45, fontsize=8)
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_title(f"{label}: {p['accuracy']:.2f}", fontsize=9)
+        ax.set_title(f"{label}: {p['accuracy']:.2f}", fontsize=9, parse_math=False)  # a name, not mathtext
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
     fig.savefig(path)
@@ -205,7 +205,8 @@ def plot(reports: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.scatter(xs, ys, s=60, zorder=3)
     for x, y, label in zip(xs, ys, labels(reports), strict=True):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        # parse_math=False: a name holding `$...$` is a name, not mathtext (`m$\x$` raised, aborting the report)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9, parse_math=False)
     log = max(ys) / min(ys) > 10
     if log:
         ax.set_yscale("log")

@@ -17,7 +17,7 @@ key.
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -145,6 +145,12 @@ def resolve_lengths(settings: PasskeySettings, max_len: int) -> list[int]:
     return sorted(set(lengths))
 
 
+def unique_depths(depths: list[float]) -> list[float]:
+    """Each depth once, as a float, in order: "0.5,0.5" would run the same prompts twice and count them twice, and
+    the depth 0 vs 0.0 would seed different prompts (the seed string holds the depth) under equal settings."""
+    return sorted({float(d) for d in depths})
+
+
 @dataclass
 class Prepared:
     settings: PasskeySettings
@@ -155,6 +161,7 @@ class Prepared:
 def prepare(tokenizer, filler_text: str, settings: PasskeySettings, max_len: int) -> Prepared:
     """Check the settings and build every prompt (before any model is loaded: bad settings fail in seconds)."""
     settings.check()
+    settings = replace(settings, depths=unique_depths(settings.depths))
     lengths = resolve_lengths(settings, max_len)
     builder = PromptBuilder(tokenizer, filler_text, max(lengths))
     cells = [

@@ -2,7 +2,8 @@
 
 Definition (transformers' "Perplexity of fixed-length models", stated on (input, target) pairs):
 the token sequence is x_0 .. x_{N-1}, where x_0 is a prefix token (BOS, else EOS, as lm-evaluation-harness
-prepends) when the tokenizer has one, so every token of the text is predicted. Target x_i (i >= 1) is predicted from
+prepends) when the tokenizer has one, so every token of the text is predicted (without one, x_0 is the text's first
+token, context only, and the word and byte counts below leave its text out). Target x_i (i >= 1) is predicted from
 the tokens before it inside a window of at most `seq_len` model inputs. Windows start every `stride` tokens; each
 window scores only the targets no earlier window scored (its last `stride` targets; the first window scores all of
 its `seq_len`), so every token after the first is scored exactly once, with at least `seq_len - stride` tokens of
@@ -36,7 +37,7 @@ class Window:
 @dataclass(frozen=True)
 class TokenizedText:
     ids: torch.Tensor  # (N,) int64: prefix token (if any) + the text's tokens
-    text: str  # exactly the text those tokens cover (for word and byte counts)
+    text: str  # exactly the text the scored targets cover (for word and byte counts)
 
 
 def check_window(seq_len: int, stride: int | None) -> int:
@@ -91,8 +92,20 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> TokenizedTe
         ids = ids[:max_tokens]
         text = text[: offsets[max_tokens - 1][1]] if offsets else tokenizer.decode(ids)
     prefix = prefix_token_id(tokenizer)
+    if prefix is None:  # nothing predicts the first token: its bytes and words are not the scored text's
+        text = _after_first_token(tokenizer, text, ids, offsets)
     ids = ([prefix] if prefix is not None else []) + list(ids)
     return TokenizedText(torch.tensor(ids, dtype=torch.long), text)
+
+
+def _after_first_token(tokenizer, text: str, ids: list[int], offsets) -> str:
+    """The text the targets cover when the first token is only context (a tokenizer without BOS and EOS)."""
+    if not ids:
+        return text
+    if offsets:
+        return text[offsets[0][1] :]
+    first = tokenizer.decode(ids[:1])
+    return text[len(first) :] if text.startswith(first) else text
 
 
 def count_words(text: str) -> int:

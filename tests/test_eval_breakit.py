@@ -1,0 +1,62 @@
+"""Inputs the other eval tests never tried: repeated passkey depths, model names that matplotlib reads as mathtext,
+a tokenizer with neither BOS nor EOS (its first token is context only, so its bytes are not scored)."""
+
+import pytest
+from conftest import build_tokenizer, make_text, tiny_model
+
+from clakit.eval import evaluate, passkey, report, write_json
+from clakit.eval.perplexity import count_bytes, tokenize
+
+FILLER = make_text(3000, 61)
+
+
+def test_repeated_passkey_depths_are_run_once():
+    settings = passkey.PasskeySettings(lengths=[300], depths=[0.5, 0, 0.5], samples=1)
+    prepared = passkey.prepare(build_tokenizer(), FILLER, settings, 512)
+    # before: three cells (0.5 twice, counted twice in the accuracy) and settings [0.5, 0, 0.5]
+    assert prepared.settings.depths == [0.0, 0.5]
+    assert [cell[0].depth for cell in prepared.cells] == [0.0, 0.5]
+
+
+def test_integer_and_float_depths_give_the_same_prompts():
+    tokenizer = build_tokenizer()
+    as_int = passkey.prepare(tokenizer, FILLER, passkey.PasskeySettings(lengths=[300], depths=[0, 1]), 512)
+    as_float = passkey.prepare(tokenizer, FILLER, passkey.PasskeySettings(lengths=[300], depths=[0.0, 1.0]), 512)
+    # before: the seed string held "0" vs "0.0", so equal settings drew other keys
+    assert [p.key for c in as_int.cells for p in c] == [p.key for c in as_float.cells for p in c]
+
+
+def _passkey_section() -> dict:
+    cells = [{"length": 300, "depth": 0.0, "accuracy": 0.5, "correct": 1, "samples": 2}]
+    return {"accuracy": 0.5, "cells": cells, "prompts": [],
+            "settings": {"lengths": [300], "depths": [0.0], "samples": 2, "seed": 0, "new_tokens": 8}}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["runs/m$\\foo{$", "runs/lr$1e-4$"])
+def test_report_takes_model_names_holding_dollars(tmp_path, name):
+    r = evaluate(tiny_model(), tokenizer=build_tokenizer(), text=make_text(300, 62), seq_len=32, speed=False)
+    paths = []
+    for i, model in enumerate(["base", name]):
+        path = tmp_path / f"{i}.json"
+        write_json({**r, "model": model, "passkey": _passkey_section()}, path)
+        paths.append(path)
+    out = report(paths, tmp_path / "report")  # before: matplotlib's mathtext parser raised on `$\foo{$`
+    assert {"report.md", "ppl_vs_kv.png", "passkey.png", "report.html"} <= {p.name for p in out.iterdir()}
+    assert name.split("/")[-1] in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("max_tokens", [None, 20])
+def test_without_bos_or_eos_only_the_scored_tokens_bytes_count(max_tokens):
+    tokenizer = build_tokenizer()
+    tokenizer.bos_token, tokenizer.eos_token = None, None
+    text = make_text(60, 63)
+    tokens = tokenize(tokenizer, text, max_tokens)
+    # nothing predicts the first token; before, its bytes were counted and bits/byte came out too low
+    scored = tokenizer.decode(tokens.ids[1:].tolist())
+    assert count_bytes(tokens.text) == count_bytes(scored)
+    assert tokens.text == text[len(tokenizer.decode(tokens.ids[:1].tolist())) :][: len(scored)]
+
+
+def test_a_tokenizer_with_bos_still_counts_the_whole_text():
+    text = make_text(60, 63)
+    assert tokenize(build_tokenizer(), text).text == text
