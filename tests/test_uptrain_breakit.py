@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # n
 
 from clakit.errors import ClakitError
 from clakit.uptrain import load_recipe, uptrain
+from clakit.uptrain import trainer as trainer_module
 
 MINIMAL = {
     "model": {"path": "some/cla"},
@@ -147,3 +149,65 @@ def test_a_tied_lm_head_trained_in_full_is_allowed(tied_cla_checkpoint):
     config = load_config(resolve_source(str(tied_cla_checkpoint)))
     check_patterns(config, LoraSection(target_modules=["q_proj", "lm_head"], full_train=["lm_head"]))
     check_patterns(config, LoraSection(r=0, target_modules=["lm_head"], full_train=["q_proj"]))
+
+
+# --- resume -------------------------------------------------------------------------------------------------------
+
+
+def killed_at_step_3(recipe: Path, monkeypatch) -> None:
+    hook = trainer_module.Trainer.on_step_end
+
+    def kill(self):
+        hook(self)
+        if self.step == 3:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module.Trainer, "on_step_end", kill)
+        with pytest.raises(KeyboardInterrupt):
+            uptrain(recipe, quiet=True)
+
+
+def test_resume_from_another_folder_trains_the_checkpoint_the_run_started_from(
+    tiny_cla_checkpoint,  # noqa: F811
+    tokenizer,
+    corpus_dir,
+    tmp_path,
+    monkeypatch,
+):
+    """A relative model.path resumed from another working directory named another CLA checkpoint of the same
+    shapes: the saved LoRA went on training over, and was merged into, weights it was never trained on."""
+    from safetensors.torch import load_file
+
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.layout import uniform_layout
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(tiny_cla_checkpoint, first / "cla")
+    other = cla_model_from(tiny_model("llama", seed=1), uniform_layout(4, 2), "mean")
+    save_checkpoint(other, tokenizer, second / "cla")
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": "cla"}))
+    monkeypatch.chdir(first)
+    killed_at_step_3(recipe, monkeypatch)
+    monkeypatch.chdir(second)
+    result = uptrain(recipe, resume=True, quiet=True)
+    frozen = "model.layers.0.mlp.up_proj.weight"  # no LoRA, not trained: the start checkpoint's own
+    start = {k: v for f in (first / "cla").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert load_file(result / "model.safetensors")[frozen].equal(start[frozen])
+    assert json.loads((result / "uptrain.json").read_text())["start_checkpoint"] == str(first / "cla")
+
+
+def test_resume_refuses_when_the_checkpoint_the_run_started_from_is_gone(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    monkeypatch,
+):
+    shutil.copytree(tiny_cla_checkpoint, tmp_path / "cla")
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tmp_path / "cla")}))
+    killed_at_step_3(recipe, monkeypatch)
+    shutil.rmtree(tmp_path / "cla")
+    with pytest.raises(ClakitError, match=r"--resume: the run in .* started from .*cla, which is gone; put the"):
+        uptrain(recipe, resume=True, quiet=True)

@@ -349,20 +349,39 @@ def token_budget(train, seq_len: int, world: int) -> int | None:
     return max(MIN_TOKENISED, 2 * (train.max_tokens + per_step)) if train.max_tokens else None
 
 
-def _model_spec(recipe: Recipe) -> str:
-    return recipe.model.path or recipe.model.source
+def _model_spec(model) -> str:
+    return model.path or model.source
+
+
+def resumed_model(recipe: Recipe, out: Path):
+    """--resume: the model section to load the student from. model.path as the recipe spells it may now name another
+    checkpoint (a relative path from another working directory, a Hub id whose branch moved) and the saved LoRA
+    would be merged into weights it was never trained on: the checkpoint run.json recorded is used, as for the
+    teacher. model.source needs nothing: its conversion lives in the run folder."""
+    recorded = (run_record(out) or {}).get("start_checkpoint")
+    if not recipe.model.path or not isinstance(recorded, str):  # runs recorded before start_checkpoint: as typed
+        return recipe.model
+    start = out / recorded  # an absolute record stays itself
+    if not (start / "config.json").is_file():
+        raise ClakitError(
+            f"--resume: the run in {out} started from {start}, which is gone; put the checkpoint back there, or "
+            "start over with --overwrite"
+        )
+    return dataclasses.replace(recipe.model, path=str(start), revision=None)  # resolved already: no revision
 
 
 CONVERT_POLL_S = 10.0  # how often the other processes look for the converted checkpoint
 
 
-def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool) -> Path:
+def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool, model=None) -> Path:
     """The CLA checkpoint to train: model.path, or model.source converted by the main process into work/converted.
 
     The other processes do not wait in a collective (whose timeout, COLLECTIVE_TIMEOUT, a big conversion outlasts):
-    they poll the file system for the published folder, or for the failure note the main process leaves."""
-    if recipe.model.path:
-        return resolve_source(recipe.model.path, recipe.model.revision).path
+    they poll the file system for the published folder, or for the failure note the main process leaves. `model`:
+    the model section to read (resumed_model), default recipe.model."""
+    model = model or recipe.model
+    if model.path:
+        return resolve_source(model.path, model.revision).path
     converted, failed = work / "converted", work / "converted.failed"
     if acc.is_main_process and not (converted / "config.json").is_file():
         _say(f"converting {recipe.model.source} into {converted}", quiet)
@@ -485,7 +504,8 @@ def uptrain(
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
         return out / RESULT
     check_tensorboard(recipe.train)
-    student_config = student.check_model_section(recipe.model, recipe.data.seq_len)
+    model = resumed_model(recipe, out) if resume else recipe.model
+    student_config = student.check_model_section(model, recipe.data.seq_len)
     student.check_patterns(student_config, recipe.lora)
     original = check_teacher(recipe, out, resume)
     if recipe.needs_teacher:
@@ -493,7 +513,7 @@ def uptrain(
     last = checkpoint.checkpoint_dirs(out) if resume else []
     if last:  # a corrupt checkpoint is refused before any model is loaded
         checkpoint.read_checkpoint(last[-1])
-    tokenizer = load_tokenizer(resolve_source(_model_spec(recipe), recipe.model.revision))
+    tokenizer = load_tokenizer(resolve_source(_model_spec(model), model.revision))
     if original is not None:  # the teacher and the baseline are read with the student's token ids
         check_same_tokenizer(original, tokenizer)
     acc = make_accelerator(recipe.train, out)
@@ -507,7 +527,7 @@ def uptrain(
         check_same_data(out, data, acc.num_processes)
     work = out if resume else _staging_dir(out, acc)
     try:
-        run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume, original=original)
+        run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume, original=original, section=model)
         if not resume:
             _publish(work, out, acc, overwrite)
     finally:
@@ -527,14 +547,16 @@ def uptrain(
         raise
 
 
-def _setup(recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool, original=None) -> dict:
+def _setup(
+    recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool, original=None, section=None
+) -> dict:
     run = {"data": data, "tokenizer": tokenizer, "quiet": quiet, "reports": {}}
     # dtype: the result's and the teacher's; student_dtype: the student's while training. FSDP flattens each wrapped
     # layer into one tensor of one dtype, so there the student stays fp32 (the trainable tensors are fp32) and
     # FSDP's mixed precision computes in bf16.
     run["dtype"] = dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
     run["student_dtype"] = torch.float32 if checkpoint.sharded(acc) else dtype
-    start_path = prepare_student_checkpoint(recipe, work, acc, quiet)
+    start_path = prepare_student_checkpoint(recipe, work, acc, quiet, section)
     model = _load_student(start_path, run["student_dtype"], acc)
     # under FSDP the converted model is scored once accelerate has sharded it (_score_converted): whole, it would
     # not fit one device at the sizes FSDP is for
