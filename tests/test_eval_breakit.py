@@ -60,3 +60,13 @@ def test_without_bos_or_eos_only_the_scored_tokens_bytes_count(max_tokens):
 def test_a_tokenizer_with_bos_still_counts_the_whole_text():
     text = make_text(60, 63)
     assert tokenize(build_tokenizer(), text).text == text
+
+
+def test_text_without_whitespace_reports_word_perplexity_as_null(tmp_path):
+    # 300 CJK characters are one "word" of ~900 tokens: exp(NLL / 1 word) is beyond a float
+    text = "".join(chr(0x4E00 + (i * 37) % 200) for i in range(300))
+    r = evaluate(tiny_model(), tokenizer=build_tokenizer(), text=text, seq_len=64, max_tokens=256, speed=False)
+    assert r["word_perplexity"] is None and r["data"]["num_words"] == 1  # before: OverflowError, no report
+    assert 1 < r["perplexity"] < float("inf") and r["bits_per_byte"] > 0
+    write_json(r, tmp_path / "zh.json")
+    assert (report([tmp_path / "zh.json"], tmp_path / "out") / "report.md").is_file()

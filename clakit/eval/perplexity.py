@@ -210,11 +210,20 @@ def score_cached(
     return {"nll_sum": nll, "num_scored": n, "num_windows": len(wins)}
 
 
+def _exp_or_none(x: float) -> float | None:
+    """exp(x), or None past a float's range: text without whitespace (Chinese, code) has a handful of "words" for
+    thousands of tokens, so its word perplexity exceeds 1.8e308 (exp of more than 709.78)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return None
+
+
 def metrics(nll_sum: float, num_scored: int, text: str) -> dict:
     """Token perplexity, word perplexity and bits per byte (lm-eval definitions) from a summed NLL in nats."""
     return {
         "perplexity": math.exp(nll_sum / num_scored),
-        "word_perplexity": math.exp(nll_sum / count_words(text)),
+        "word_perplexity": _exp_or_none(nll_sum / count_words(text)),
         "bits_per_byte": nll_sum / (count_bytes(text) * math.log(2)),
         "nll_per_token": nll_sum / num_scored,
         "num_words": count_words(text),

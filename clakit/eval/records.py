@@ -62,7 +62,7 @@ def _passkey_grid(v) -> bool:
 FIELDS = (
     (("model",), "a string", lambda v: isinstance(v, str)),
     (("perplexity",), "a number >= 1", _number(1)),
-    (("word_perplexity",), "a number >= 1", _number(1)),
+    (("word_perplexity",), "a number >= 1 or null", _optional(_number(1))),  # null: beyond a float (few words)
     (("bits_per_byte",), "a number >= 0", _number(0)),
     (("num_tokens",), "a positive integer", _count),
     (("kv_cache",), "a mapping", lambda v: isinstance(v, dict)),
