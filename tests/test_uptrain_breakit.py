@@ -53,6 +53,20 @@ def test_held_out_text_that_is_a_copy_of_training_text_is_refused_before_any_wor
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout_copy.txt", "r.yaml"]  # nothing half-written
 
 
+def test_held_out_text_that_is_a_copy_of_calibration_text_is_refused_before_any_work(
+    tiny_llama_checkpoint, corpus_dir, tmp_path
+):
+    """The conversion is fitted on its calibration text: a copy of it as data.eval is not held out either."""
+    copy = tmp_path / "calib_copy.txt"
+    shutil.copy(corpus_dir / "heldout.txt", copy)
+    out = tmp_path / "run"
+    convert = {"factor": 2, "init": "calibrated", "calib_data": [str(copy)]}
+    recipe = tiny_recipe(corpus_dir, out, model={"source": str(tiny_llama_checkpoint), "convert": convert})
+    with pytest.raises(ClakitError, match=r"data.eval .*heldout.txt holds the same text as calibration text .*copy"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert not out.exists()
+
+
 # --- the original model (teacher and baseline) -------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ deterministic order that a resumed run can continue from any step."""
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -85,13 +86,18 @@ def _too_short(what: str, n_tokens: int, seq_len: int) -> ClakitError:
     )
 
 
-def build_data(data, tokenizer, train_tokens: int | None = None, seed: int = 0) -> PackedData:
+def build_data(
+    data, tokenizer, train_tokens: int | None = None, seed: int = 0, calib: list[str] | None = None
+) -> PackedData:
     """Tokenise and pack a recipe's `data` section. `train_tokens` (the run's token budget, when known) bounds the
-    train text read; the held-out blocks are capped at `eval_max_tokens` and never get copies."""
+    train text read; the held-out blocks are capped at `eval_max_tokens` and never get copies. `calib`: the
+    conversion's calibration specs (model.convert.calib_data), which data.eval must not hold either."""
     train_texts = load_texts(data.train)
     if data.eval:
         eval_texts = load_texts(data.eval)
-        check_held_out(train_texts, eval_texts)
+        local_calib = [c for c in calib or [] if Path(c).expanduser().exists()]  # a datasets spec: the path rule
+        fitted = {"data.train": train_texts, "calibration text": load_texts(local_calib) if local_calib else []}
+        check_held_out(eval_texts, fitted)
         eval_sources = [t.name for t in eval_texts]
     else:  # hold out the tail of the train text: contiguous, so no block straddles train and eval
         train_texts, eval_texts = split_tail(train_texts, data.eval_fraction)
@@ -114,17 +120,19 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.strip().encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def check_held_out(train: list[Text], held: list[Text]) -> None:
-    """A held-out file with the same text as a training file (a copy under another name, which the recipe's path
-    rule cannot see) is no held-out text: its numbers would measure memorisation. Refused by content."""
-    trained = {_digest(t.text): t.name for t in train}
-    for t in held:
-        same = trained.get(_digest(t.text))
-        if same is not None:
-            raise ClakitError(
-                f"data.eval {t.name} holds the same text as data.train {same}: its numbers would not be held out; "
-                "give text that is not trained on, or drop data.eval to hold out the end of the train text"
-            )
+def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
+    """A held-out file with the same text as a file the model is fitted on (`fitted`: training, calibration), a copy
+    under another name that the recipe's path rule cannot see, is no held-out text: its numbers would measure
+    memorisation. Refused by content."""
+    for what, texts in fitted.items():
+        seen = {_digest(t.text): t.name for t in texts}
+        for t in held:
+            same = seen.get(_digest(t.text))
+            if same is not None:
+                raise ClakitError(
+                    f"data.eval {t.name} holds the same text as {what} {same}: its numbers would not be held out; "
+                    "give text the model is not fitted on, or drop data.eval to hold out the end of the train text"
+                )
 
 
 def split_tail(texts: list[Text], fraction: float) -> tuple[list[Text], list[Text]]:

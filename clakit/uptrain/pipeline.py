@@ -519,7 +519,8 @@ def uptrain(
     acc = make_accelerator(recipe.train, out)
     check_fsdp_wrap(acc, student_config)
     budget = token_budget(recipe.train, recipe.data.seq_len, acc.num_processes)
-    data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed)
+    calib = recipe.model.convert.calib_data if recipe.model.convert else None
+    data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed, calib=calib)
     check_launch(data, acc.num_processes)
     plan = make_plan(recipe.train, len(data.train), data.seq_len, acc.num_processes)
     check_plan(recipe.train, plan)
