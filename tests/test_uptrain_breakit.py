@@ -123,13 +123,15 @@ def test_the_result_records_the_start_checkpoint_its_conversion_and_the_resolved
     assert "clakit_convert.json" not in card  # not beside the result: its record is uptrain.json's "conversion"
 
 
-def test_a_checkpoint_records_what_wrote_it(tiny_cla_checkpoint, corpus_dir, tmp_path):  # noqa: F811
-    """state.json held the step and the recipe's fingerprint only: no versions, command or time."""
+def test_a_checkpoint_and_the_run_record_what_wrote_them(tiny_cla_checkpoint, corpus_dir, tmp_path):  # noqa: F811
+    """state.json and run.json held the step / recipe and its fingerprint only: no versions, command or time."""
     out = tmp_path / "run"
     recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, train={"max_steps": 3})
     uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
     state = json.loads((out / "checkpoints" / "step-000002" / "state.json").read_text())
     assert {"clakit", "transformers", "torch", "command", "created"} <= set(state["provenance"])
+    run = json.loads((out / "run.json").read_text())  # the run's own record too
+    assert {"clakit", "transformers", "torch", "command", "created"} <= set(run["provenance"])
 
 
 # --- what trains --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 from clakit import outputs
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
+from clakit.provenance import provenance
 from clakit.sources import load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
@@ -513,8 +514,9 @@ def uptrain(
     last = checkpoint.checkpoint_dirs(out) if resume else []
     if last:  # a corrupt checkpoint is refused before any model is loaded
         checkpoint.read_checkpoint(last[-1])
-    tokenizer = load_tokenizer(resolve_source(_model_spec(model), model.revision))
-    if original is not None:  # the teacher and the baseline are read with the student's token ids
+    student_source = resolve_source(_model_spec(model), model.revision)
+    tokenizer = load_tokenizer(student_source)
+    if original is not None and original.path != student_source.path:  # read with the student's token ids
         check_same_tokenizer(original, tokenizer)
     acc = make_accelerator(recipe.train, out)
     check_fsdp_wrap(acc, student_config)
@@ -577,6 +579,7 @@ def _setup(
         record["original"] = _source_record(original)  # resolved: the teacher a resume uses, wherever it runs
         record["data_sha256"] = data_digest(data)  # a resume must read the same blocks
         record["data_processes"] = acc.num_processes  # ... on the same number of processes (check_same_data)
+        record["provenance"] = provenance()  # versions, command line and time of the run's start
         (work / "run.json").write_text(json.dumps(record, indent=1))
         _write_reports(work, run["reports"])
     return run | {"model": model, "teacher": teacher, "start_path": start_path}
