@@ -4,6 +4,7 @@ a tokenizer with neither BOS nor EOS (its first token is context only, so its by
 import pytest
 from conftest import build_tokenizer, make_text, tiny_model
 
+from clakit.cli import main
 from clakit.eval import evaluate, passkey, report, write_json
 from clakit.eval.perplexity import count_bytes, tokenize
 
@@ -70,3 +71,13 @@ def test_text_without_whitespace_reports_word_perplexity_as_null(tmp_path):
     assert 1 < r["perplexity"] < float("inf") and r["bits_per_byte"] > 0
     write_json(r, tmp_path / "zh.json")
     assert (report([tmp_path / "zh.json"], tmp_path / "out") / "report.md").is_file()
+
+
+def test_max_tokens_below_one_window_is_named_as_the_problem(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir):
+    out = tmp_path / "r.json"
+    argv = ["eval", tiny_llama_checkpoint, "-o", out, "--data", corpus_dir / "heldout.txt", "--max-tokens", 100, "-q"]
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    # before: "the text has 100 tokens ...; give more text", though the file holds thousands
+    assert err.count("\n") == 1 and "--max-tokens 100 is less than one window of --seq-len 256" in err, err
+    assert not out.exists()

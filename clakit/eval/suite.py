@@ -255,6 +255,11 @@ def _tokenizer(source, trust_remote_code: bool):
 
 
 def _tokens(tokenizer, texts: list[Text], seq_len: int, max_tokens: int | None) -> perplexity.TokenizedText:
+    if max_tokens is not None and max_tokens < seq_len:  # the text may be long: --max-tokens is what falls short
+        raise ClakitError(
+            f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}; "
+            f"give --max-tokens of at least {seq_len} or a smaller --seq-len"
+        )
     tokens = perplexity.tokenize(tokenizer, join_texts(texts), max_tokens)
     if len(tokens.ids) - 1 < seq_len:
         raise ClakitError(
