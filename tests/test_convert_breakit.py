@@ -134,3 +134,19 @@ def test_the_writer_refuses_a_fitted_tensor_beyond_float16s_range():
 def test_a_max_shard_size_rounding_to_0_bytes_is_refused(src, tmp_path, capsys, size):
     """'--max-shard-size 0.4' passed the > 0 check and became a limit of 0 bytes (exit 0, recorded as 0)."""
     assert_refused(capsys, src, tmp_path / "out", "--max-shard-size", size, match="--max-shard-size must be a size")
+
+
+@pytest.mark.parametrize("data", ["--calib-data", "--eval-data"])
+def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused_before_any_model_runs(
+    tokenizer, tmp_path, capsys, no_model, data
+):
+    """Another model's tokenizer (320 tokens) beside weights of vocab_size 200: the first forward failed with
+    'IndexError: index out of range in self' and a traceback."""
+    src = save_checkpoint(tiny_model("llama", vocab_size=200), tokenizer, tmp_path / "src")
+    capsys.readouterr()
+    text = tmp_path / "text.txt"
+    text.write_text(make_text(2000, 1))
+    layout = ["--factor", "2"] if data == "--eval-data" else []
+    args = [data, text, "--calib-tokens", "64", "--seq-len", "64", *layout]
+    match = f"turns the {data} text into token id"
+    assert_refused(capsys, src, tmp_path / "out", *args, match=match)

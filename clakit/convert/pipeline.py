@@ -424,6 +424,8 @@ class _Conversion:
         self.tokenizer = load_tokenizer(self.source, self.cfg.trust_remote_code)
         # tokenized before any model runs, so too little calibration text is refused before the slow stages
         ids = self._calib_ids() if self.needs_calibration else None
+        if self.eval_texts:
+            self._check_vocab(self._eval_ids(), "--eval-data")
         runner = self._gguf_runner() if self.source.kind == "gguf" else None
         if not (self.needs_calibration or self.eval_texts):
             return {}
@@ -463,10 +465,33 @@ class _Conversion:
         return uniform_layout(n, factor), f"factor {factor}"
 
     def _calib_ids(self) -> torch.Tensor:
-        """(n_seq, seq_len) calibration windows; too little text is a ClakitError."""
+        """(n_seq, seq_len) calibration windows; too little text is a ClakitError. The distillation's windows (more
+        tokens of the same text) are made here too: checked before any model runs, not after the fits."""
         from clakit.convert import calibrate
 
-        return calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.cfg.calib_tokens, self.seq_len)
+        ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.cfg.calib_tokens, self.seq_len)
+        self._check_vocab(ids, "--calib-data")
+        if self.distill_steps:
+            texts, tokens = self.calib_texts, self.cfg.distill_tokens
+            self.distill_ids = calibrate.calib_input_ids(self.tokenizer, texts, tokens, self.seq_len)
+            self._check_vocab(self.distill_ids, "--calib-data")
+        return ids
+
+    def _eval_ids(self) -> torch.Tensor:
+        """The --eval-data tokens `_perplexity` scores (the same tokenization)."""
+        from clakit.eval import perplexity
+
+        return perplexity.tokenize(self.tokenizer, join_texts(self.eval_texts), self.cfg.eval_tokens).ids
+
+    def _check_vocab(self, ids: torch.Tensor, flag: str) -> None:
+        """Token ids the embeddings hold: a tokenizer bigger than the model's vocabulary (another model's, copied in)
+        failed deep in the first forward with an IndexError traceback."""
+        vocab = self.config.vocab_size
+        if ids.numel() and int(ids.max()) >= vocab:
+            raise ClakitError(
+                f"the tokenizer of {self.source.spec} turns the {flag} text into token id {int(ids.max())}, but the "
+                f"model's vocab_size is {vocab}: the tokenizer files do not belong to these weights; restore them"
+            )
 
     def _calibrate(self, runner: LayerwiseModel, scratch: Path, ids: torch.Tensor):
         """Calibration tokens `ids` -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
@@ -494,7 +519,7 @@ class _Conversion:
                 store=calibrate.SpilledTensors(scratch / "fitted", self.device),
             )  # fmt: skip
         if self.distill_steps:  # its own, usually more, tokens: the layout and the fits keep --calib-tokens
-            tokens = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, c.distill_tokens, self.seq_len)
+            tokens = self.distill_ids
             add_copies(tokens, *self.copies, seed=c.seed)  # the layout's and the fits' windows stay as read
             self._distill(runner, tokens.to(self.device), overrides)
         return overrides
