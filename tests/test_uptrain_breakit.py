@@ -35,6 +35,27 @@ def test_yaml_merge_keys_work_and_a_key_twice_beside_them_is_still_refused(tmp_p
         load_recipe(recipe)
 
 
+@pytest.mark.parametrize(
+    "override, fix",
+    [
+        ("model.revision=0123", "got 83 (YAML read the unquoted value as int); quote it, e.g. model.revision='VALUE'"),
+        ("data.train=[2024]", "data.train[0] must be a string, got 2024 (YAML read the unquoted value as int)"),
+        ("model.revision=yes", "got True (YAML read the unquoted value as bool); quote it"),
+        (
+            "train.max_tokens=1e8",
+            "must be an integer, got '1e8'; write it as a whole number: train.max_tokens=100000000",
+        ),
+    ],
+)
+def test_a_value_yaml_read_otherwise_names_how_to_write_it(tmp_path, override, fix):
+    """The line named the value YAML made of the input (83 for 0123) but not how to write what was meant."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(ClakitError) as e:
+        load_recipe(recipe, [override])
+    assert fix in str(e.value) and "\n" not in str(e.value)
+
+
 # --- data -----------------------------------------------------------------------------------------------------------
 
 

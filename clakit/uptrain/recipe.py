@@ -163,7 +163,22 @@ def _coerce(value, tp, where: str):
         return _finite(value, where)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}")
+    raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}{_fix(value, tp, where)}")
+
+
+def _fix(value, tp, where: str) -> str:
+    """How to write what was probably meant: YAML reads an unquoted 0123 as the octal 83, 1234567 as a number and
+    yes/no/on/off as booleans (a revision, a file name), and 1e6 as a string (a token count)."""
+    if tp is str and isinstance(value, int | float | bool):
+        return f" (YAML read the unquoted value as {type(value).__name__}); quote it, e.g. {where}='VALUE'"
+    if tp is int and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        if math.isfinite(number) and number.is_integer():
+            return f"; write it as a whole number: {where}={int(number)}"
+    return ""
 
 
 def _finite(value, where: str) -> float:
