@@ -54,6 +54,25 @@ def test_tiny_mistral_cla_tokens_and_capacity(vllm_python, tiny_mistral_pair, to
 
 
 @pytest.mark.slow
+def test_cla_composes_with_an_fp8_kv_cache(vllm_python, tiny_mistral_pair, tokenizer, tmp_path):  # noqa: F811
+    """KV quantisation and CLA multiply: with vLLM's fp8 cache the consumers still hold no cache, so the capacity is
+    layers / producers times the stock model's fp8 capacity (each fp8 capacity twice the bf16 one)."""
+    stock, cla = tiny_mistral_pair
+    ids = prompts(tokenizer)
+    runs = {
+        (name, kv): run_vllm(vllm_python, folder, ids, tmp_path, max_tokens=4, dtype="bfloat16", kv_cache_dtype=kv)
+        for name, folder, kv in (("stock", stock, "auto"), ("stock", stock, "fp8"), ("cla", cla, "fp8"))
+    }
+    served = runs["cla", "fp8"]
+    assert (served["kv_cache_dtype"], served["architecture"]) == ("fp8", "MistralCLAForCausalLM")
+    assert all(len(t) == 4 for run in runs.values() for t in run["tokens"])
+    tokens = {key: run["kv_cache_tokens"] for key, run in runs.items()}
+    assert tokens["cla", "fp8"] / tokens["stock", "fp8"] >= 0.95 * len(LAYOUT) / len(set(LAYOUT)), tokens
+    assert tokens["stock", "fp8"] / tokens["stock", "auto"] >= 1.9, tokens
+    assert tokens["cla", "fp8"] / tokens["stock", "auto"] >= 0.95 * 2 * len(LAYOUT) / len(set(LAYOUT)), tokens
+
+
+@pytest.mark.slow
 def test_tiny_llama_bf16_tied_cla3(vllm_python, tokenizer, tmp_path):  # noqa: F811
     """A bf16 checkpoint with tied embeddings and uniform CLA3, served in fp32: the tokens of transformers in fp32."""
     model = tiny_model("llama", **TINY, tie_word_embeddings=True).to(torch.bfloat16)

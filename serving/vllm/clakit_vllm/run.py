@@ -1,6 +1,7 @@
 """Run a checkpoint in vLLM offline and print one JSON object: KV capacity, greedy tokens, throughput.
 
     python -m clakit_vllm.run MODEL --prompts-json prompts.json [--max-tokens 16] [--repeat N] [--dtype float32]
+        [--kv-cache-dtype fp8]
 
 prompts.json holds a list of token-id lists (the caller tokenizes, so every engine sees the same ids). Each prompt
 is submitted `--repeat` times at once (greedy); the output has vLLM's KV capacity in tokens and its maximum
@@ -20,6 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--repeat", type=int, default=1, help="submit each prompt this many times at once")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-cache-dtype", default="auto", help="vLLM's cache dtype: auto (the model's), fp8, ...")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
         "--kv-cache-bytes",
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> dict:
 
     prompts = json.loads(open(args.prompts_json).read())
     engine_args = dict(model=args.model, dtype=args.dtype, enforce_eager=not args.compile, seed=0)
+    engine_args["kv_cache_dtype"] = args.kv_cache_dtype
     if args.max_model_len:
         engine_args["max_model_len"] = args.max_model_len
     if args.kv_cache_bytes:
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": args.model,
         "architecture": llm.llm_engine.vllm_config.model_config.architectures[0],
+        "kv_cache_dtype": cache.cache_dtype,
         "kv_cache_tokens": cache.kv_cache_size_tokens,
         "max_concurrency": cache.kv_cache_max_concurrency,
         "kv_cache_blocks": cache.num_gpu_blocks,
