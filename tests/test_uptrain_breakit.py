@@ -248,3 +248,15 @@ def test_resume_refuses_when_the_checkpoint_the_run_started_from_is_gone(
     shutil.rmtree(tmp_path / "cla")
     with pytest.raises(ClakitError, match=r"--resume: the run in .* started from .*cla, which is gone; put the"):
         uptrain(recipe, resume=True, quiet=True)
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_cla_checkpoint, corpus_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Killed at step 3 (checkpoint 2): metrics.jsonl held step 3 of the lost run and step 3 of the resumed one."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    killed_at_step_3(recipe, monkeypatch)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "tok')  # a line torn by the kill
+    uptrain(recipe, resume=True, quiet=True)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -209,6 +209,8 @@ class Trainer:
     def resume(self, path: Path) -> None:
         state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step, self.elapsed = state["step"], state.get("elapsed_s", 0.0)
+        if self.accelerator.is_main_process:
+            drop_metrics_after(self.run_dir / METRICS, self.step)
 
     # --- logging --------------------------------------------------------------------------------------------------
 
@@ -303,3 +305,26 @@ class Trainer:
                 self.evaluate("eval")
             self.on_step_end()
         bar.close()
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """A run killed after its last checkpoint had logged steps it now trains again: without this, metrics.jsonl
+    would hold those steps twice (the lost run's and the resumed run's). A torn last line (killed while writing)
+    goes too. Rewritten and renamed into place (a kill now loses nothing); the copy is written in checkpoints/, one
+    of the run's own folders, so a kill leaves no stray file in the run folder (whose --overwrite it would block)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) != len(lines):
+        tmp = path.parent / checkpoint.CHECKPOINTS / (path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
+def _logged_step(line: str) -> float:
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
