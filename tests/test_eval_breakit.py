@@ -7,6 +7,7 @@ from conftest import build_tokenizer, make_text, tiny_model
 from clakit.cli import main
 from clakit.eval import evaluate, passkey, report, write_json
 from clakit.eval.perplexity import count_bytes, tokenize
+from clakit.eval.speed import fit_window
 
 FILLER = make_text(3000, 61)
 
@@ -81,3 +82,22 @@ def test_max_tokens_below_one_window_is_named_as_the_problem(capsys, tmp_path, t
     # before: "the text has 100 tokens ...; give more text", though the file holds thousands
     assert err.count("\n") == 1 and "--max-tokens 100 is less than one window of --seq-len 256" in err, err
     assert not out.exists()
+
+
+def test_speed_at_the_full_window_of_a_learned_position_model_stays_inside_it():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=320, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    # --seq-len = the window, then 4 decode steps: before, position 32 of a 32-row table raised IndexError
+    r = evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=4, batch_size=2)
+    assert r["speed"]["prefill_length"] == 28 and r["speed"]["decode_steps"] == 4
+    assert r["speed"]["prefill_tokens"] == 2 * 28 and r["speed"]["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("length", "steps", "window", "fitted"),
+    [(64, 16, 256, (64, 16)), (256, 16, 256, (240, 16)), (10, 16, 12, (1, 11)), (64, 16, None, (64, 16))],
+)
+def test_fit_window(length, steps, window, fitted):
+    assert fit_window(length, steps, window) == fitted

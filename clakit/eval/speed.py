@@ -11,10 +11,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def throughput(model, ids: torch.Tensor, batch_size: int, decode_steps: int = 16) -> dict:
-    """Tokens/s of prefill and decode; `ids` (L,) is repeated over the batch (the cost does not depend on content)."""
+def fit_window(length: int, decode_steps: int, window: int | None) -> tuple[int, int]:
+    """(prefill length, decode steps) whose positions stay inside the model's `window`: decoding past it indexes a
+    learned position table out of range (GPT-2 at --seq-len = its window: IndexError) or times positions the model
+    never saw; the prefill gives up the last tokens first."""
+    if not window or length + decode_steps <= window:
+        return length, decode_steps
+    steps = min(decode_steps, window - 1)
+    return min(length, window - steps), steps
+
+
+def throughput(model, ids: torch.Tensor, batch_size: int, decode_steps: int = 16, window: int | None = None) -> dict:
+    """Tokens/s of prefill and decode; `ids` (L,) is repeated over the batch (the cost does not depend on content).
+    `window`: the model's context window, which prefill + decode stay inside (`fit_window`)."""
     from transformers import DynamicCache
 
+    length, decode_steps = fit_window(len(ids), decode_steps, window)
+    ids = ids[:length]
     device = next(model.parameters()).device
     inputs = ids.to(device).unsqueeze(0).expand(batch_size, -1).contiguous()  # (B, L)
     cache = DynamicCache(config=model.config)
@@ -35,6 +48,7 @@ def throughput(model, ids: torch.Tensor, batch_size: int, decode_steps: int = 16
     return {
         "batch_size": batch_size,
         "prefill_tokens": inputs.numel(),
+        "prefill_length": length,
         "prefill_tokens_per_s": inputs.numel() / prefill_s,
         "decode_steps": decode_steps,
         "decode_tokens_per_s": batch_size * decode_steps / decode_s,

@@ -231,7 +231,7 @@ def evaluate(
     report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}
     report["settings"] = settings
     report["kv_cache"] = _kv_cache(loaded, tokens.ids, seq_len, kv_budget_gb, reference)
-    report["speed"] = throughput(loaded.model, tokens.ids[:seq_len], batch_size, decode_steps) if speed else None
+    report["speed"] = _speed(loaded.model, tokens.ids[:seq_len], batch_size, decode_steps) if speed else None
     if prompts:
         report["passkey"] = passkey_task.run(loaded.model, loaded.tokenizer, prompts, quiet)
     if tasks:
@@ -239,6 +239,12 @@ def evaluate(
         report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size, max_length=seq_len)
     report["provenance"] = _provenance(loaded, report["data"], settings)
     return report
+
+
+def _speed(model, ids: torch.Tensor, batch_size: int, decode_steps: int) -> dict:
+    """Prefill and decode tokens/s, inside the model's context window (at --seq-len = the window, the prefill is
+    shortened by the decode steps: `speed.fit_window`)."""
+    return throughput(model, ids, batch_size, decode_steps, window=context_window(model.config))
 
 
 def _passkey_prompts(settings, config, tokenizer, texts: list[Text]):
