@@ -260,3 +260,23 @@ def test_a_resumed_run_logs_each_step_once(tiny_cla_checkpoint, corpus_dir, tmp_
     uptrain(recipe, resume=True, quiet=True)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    monkeypatch,
+):
+    """kill -9 at step 3 (no checkpoint; nothing cleans up): --resume starts over and logged steps 1-3 twice."""
+    from clakit.uptrain import pipeline
+
+    out = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, train={"save_steps": 0})
+    recipe = write_recipe(tmp_path / "r.yaml", recipe)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_abandon", lambda *args: None)  # a kill -9 runs no cleanup
+        killed_at_step_3(recipe, monkeypatch)
+    uptrain(recipe, resume=True, quiet=True)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

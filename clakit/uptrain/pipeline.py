@@ -33,7 +33,7 @@ from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import RUN_ONLY, Recipe, load_recipe, resolve_recipe
-from clakit.uptrain.trainer import Trainer, check_plan, make_plan
+from clakit.uptrain.trainer import METRICS, Trainer, check_plan, drop_metrics_after, make_plan
 
 RESULT = "model"
 # how long a process waits in a collective while the main one works alone: reading a 70B checkpoint before the
@@ -627,6 +627,8 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
     if last:
         _say(f"resuming from {last[-1]}", quiet)
         trainer.resume(last[-1])
+    elif acc.is_main_process:  # killed (-9) before its first checkpoint: the steps it logged are trained again
+        drop_metrics_after(out / METRICS, -1)
     trainer.run()
     acc.wait_for_everyone()
     if checkpoint.sharded(acc):

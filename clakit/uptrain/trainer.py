@@ -318,6 +318,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
     kept = [line for line in lines if _logged_step(line) <= step]
     if len(kept) != len(lines):
         tmp = path.parent / checkpoint.CHECKPOINTS / (path.name + ".tmp")
+        tmp.parent.mkdir(exist_ok=True)
         tmp.write_text("".join(kept))
         tmp.replace(path)
 
