@@ -5,6 +5,7 @@ import pytest
 from conftest import build_tokenizer, make_text, tiny_model
 
 from clakit.cli import main
+from clakit.errors import ClakitError
 from clakit.eval import evaluate, passkey, report, write_json
 from clakit.eval.perplexity import count_bytes, tokenize
 from clakit.eval.speed import fit_window
@@ -101,3 +102,10 @@ def test_speed_at_the_full_window_of_a_learned_position_model_stays_inside_it():
 )
 def test_fit_window(length, steps, window, fitted):
     assert fit_window(length, steps, window) == fitted
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_refused_before_the_forward():
+    model = tiny_model(vocab_size=300)  # the tokenizer has 320 tokens: not this model's
+    with pytest.raises(ClakitError, match=r"gives token id 3\d\d but the model has 300 embeddings"):
+        # before: IndexError (index out of range in self) from the embedding, a traceback after loading
+        evaluate(model, tokenizer=build_tokenizer(), text=make_text(2000, 65), seq_len=32, speed=False)

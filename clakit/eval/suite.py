@@ -226,6 +226,7 @@ def evaluate(
     tokens = _tokens(tokenizer, texts, seq_len, max_tokens)
     tasks = harness.prepare(lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot)
     prompts = _passkey_prompts(passkey, config, tokenizer, texts)
+    _check_vocab(config, tokens, prompts)
     loaded = _load(model, source, tokenizer, trust_remote_code, device, name, allow_pickle)
     settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
     report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}
@@ -245,6 +246,19 @@ def _speed(model, ids: torch.Tensor, batch_size: int, decode_steps: int) -> dict
     """Prefill and decode tokens/s, inside the model's context window (at --seq-len = the window, the prefill is
     shortened by the decode steps: `speed.fit_window`)."""
     return throughput(model, ids, batch_size, decode_steps, window=context_window(model.config))
+
+
+def _check_vocab(config, tokens: perplexity.TokenizedText, prompts) -> None:
+    """Refuse, before the model is loaded, token ids the model has no embedding for (a tokenizer from another model,
+    or one with added tokens the embeddings were never resized for): the forward would fail with an IndexError."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    ids = [tokens.ids] + ([p.ids for cell in prompts.cells for p in cell] if prompts else [])
+    top = max(int(t.max()) for t in ids)
+    if isinstance(vocab, int) and top >= vocab:
+        raise ClakitError(
+            f"the tokenizer gives token id {top} but the model has {vocab} embeddings (vocab_size): the tokenizer "
+            "is not this model's; give the model's own tokenizer"
+        )
 
 
 def _passkey_prompts(settings, config, tokenizer, texts: list[Text]):
