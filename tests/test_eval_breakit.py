@@ -109,3 +109,11 @@ def test_a_tokenizer_beyond_the_models_vocabulary_is_refused_before_the_forward(
     with pytest.raises(ClakitError, match=r"gives token id 3\d\d but the model has 300 embeddings"):
         # before: IndexError (index out of range in self) from the embedding, a traceback after loading
         evaluate(model, tokenizer=build_tokenizer(), text=make_text(2000, 65), seq_len=32, speed=False)
+
+
+def test_report_refuses_json_nested_too_deep_in_one_line(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)  # before: RecursionError traceback from json.loads
+    with pytest.raises(ClakitError, match="is not a clakit eval report .not readable JSON"):
+        report([deep], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -112,7 +112,7 @@ def read_report(path) -> dict:
         report = json.loads(path.read_text())
     except FileNotFoundError:
         raise ClakitError(f"report {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise ClakitError(
             f"{path} is not a clakit eval report (not readable JSON: {str(e)[:120]}); "
             "give files written by `clakit eval -o`"
