@@ -150,3 +150,24 @@ def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused_before_any_mod
     args = [data, text, "--calib-tokens", "64", "--seq-len", "64", *layout]
     match = f"turns the {data} text into token id"
     assert_refused(capsys, src, tmp_path / "out", *args, match=match)
+
+
+def test_a_full_disk_under_the_calibration_streams_is_one_line(src, tmp_path, capsys, monkeypatch):
+    """The calibration streams (tokens x hidden x 4 B per layer) go to a scratch folder beside OUT; on a full disk
+    torch.save raises 'RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos ...' (seen on a 1 MB
+    tmpfs), which escaped as a traceback (exit 1). The fixed layout's output fits: only the streams do not."""
+    real_save, saved = torch.save, []
+
+    def full_disk(obj, path, *args, **kwargs):
+        if saved:  # the first stream file fits, the second does not
+            Path(path).write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5056 vs 4950")
+        saved.append(path)
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(make_text(2000, 1))
+    args = ["--calib-data", calib, "--calib-tokens", "128", "--seq-len", "64", "--kv-source-layers", "0,0,2,2"]
+    match = "cannot write the calibration scratch file"
+    assert_refused(capsys, src, tmp_path / "out", *args, "--distill-steps", "0", match=match)

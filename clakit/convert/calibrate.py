@@ -15,6 +15,7 @@ so memory does not grow with the number of calibration tokens. Keys are fitted p
 RoPE is the same rotation for every layer at a given position, so matching pre-RoPE keys matches rotated ones.
 """
 
+import shutil
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,22 @@ def _fisher_hook(stats: KVStats, kind: str, layer: int):
     return hook
 
 
+def save_scratch(obj, path: Path) -> None:
+    """torch.save into the scratch folder beside OUT. A failed write is one line: on a full disk torch raises a
+    RuntimeError ('[enforce fail at inline_container.cc] . unexpected pos ...'), otherwise an OSError; either was a
+    traceback after the calibration had run for a while (the streams take tokens x hidden x 4 B per layer)."""
+    try:
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as e:
+        path.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ClakitError(
+            f"cannot write the calibration scratch file {path} ({free / 1e6:.0f} MB free there; {reason}): free disk "
+            "space beside the output folder, or put OUT on a disk with room for the calibration streams"
+        ) from None
+
+
 class SpilledGrams(dict):
     """`KVStats.gram` whose finished entries live on disk (`spill`), read back when a fit asks for them: the Grams
     of a deep model ((hidden+1)^2 fp64 per pair, ~3 pairs per CLA2 group: 6 GB for an 8B model) never sit in memory
@@ -203,7 +220,7 @@ class SpilledGrams(dict):
 
     def spill(self, keys) -> None:
         for key in keys:
-            torch.save(super().pop(key), self._path(key))
+            save_scratch(super().pop(key), self._path(key))
             self.on_disk.add(key)
 
     def __getitem__(self, key):
@@ -230,7 +247,7 @@ class SpilledTensors(MutableMapping):
         return self.folder / f"{name}.pt"
 
     def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
-        torch.save(tensor.detach().clone(), self._path(name))  # clone: a view would save its whole base
+        save_scratch(tensor.detach().clone(), self._path(name))  # clone: a view would save its whole base
         if name not in self.names:
             self.names.append(name)
 
@@ -316,7 +333,7 @@ def _forward_sweep(stats: KVStats, runner, ids, pairs: list, keep: list, scratch
     xs: dict[int, list[torch.Tensor]] = {}  # attention inputs of the layers later pairs still need
     layers = range(model.config.num_hidden_layers)
     for i in tqdm(layers, desc="statistics: forward", disable=not progress, leave=False):
-        torch.save(streams, scratch / f"stream-{i}.pt")
+        save_scratch(streams, scratch / f"stream-{i}.pt")
         with runner.loaded(i):
             streams = _forward_layer(stats, model, i, streams, xs, i in keep)
         _add_grams(stats, pairs, xs, i, _has_bias(model))
@@ -352,7 +369,7 @@ def _forward_layer(stats, model, i: int, streams: list, xs: dict, keep: bool) ->
     if keep:
         n_keep = len(stats.ids)  # the first rows: (seq, hidden) fp32 attention input and o_proj output
         acts = [(x[0].float(), y[0].float()) for x, y in zip(captured["x"][:n_keep], captured["y"], strict=False)]
-        torch.save(acts, stats.acts.path(i))
+        save_scratch(acts, stats.acts.path(i))
     return streams
 
 
