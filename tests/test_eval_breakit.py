@@ -2,7 +2,7 @@
 a tokenizer with neither BOS nor EOS (its first token is context only, so its bytes are not scored)."""
 
 import pytest
-from conftest import build_tokenizer, make_text, tiny_model
+from conftest import build_tokenizer, make_text, save_checkpoint, tiny_model
 
 from clakit.cli import main
 from clakit.errors import ClakitError
@@ -117,3 +117,25 @@ def test_report_refuses_json_nested_too_deep_in_one_line(tmp_path):
     with pytest.raises(ClakitError, match="is not a clakit eval report .not readable JSON"):
         report([deep], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def cla_checkpoint(tmp_path_factory):
+    from clakit.convert.inmemory import cla_model_from
+
+    path = tmp_path_factory.mktemp("cla")
+    return save_checkpoint(cla_model_from(tiny_model(), [0, 0, 2, 2]), build_tokenizer(), path)
+
+
+@pytest.mark.parametrize(
+    ("record", "refused"),
+    [("[1]", True), ('{"settings": [1]}', False), ('{"source": {"path": 5, "spec": ["x"]}}', False)],
+)
+def test_a_damaged_conversion_record_is_named_or_ignored(cla_checkpoint, tmp_path, record, refused):
+    (cla_checkpoint / "clakit_convert.json").write_text(record)
+    kwargs = dict(text=make_text(400, 66), seq_len=32, speed=False)
+    if refused:  # before: AttributeError ('list' object has no attribute 'get')
+        with pytest.raises(ClakitError, match="clakit_convert.json is not a conversion record"):
+            evaluate(cla_checkpoint, **kwargs)
+    else:  # before: AttributeError, or TypeError from Path(5); fields of the wrong type are no source
+        assert evaluate(cla_checkpoint, **kwargs)["kv_cache"]["source"] == "stock layout"

@@ -87,6 +87,11 @@ def convert_record(model_dir: Path | None) -> dict:
     if not path or not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ClakitError(f"cannot read {path}: {e}") from None
+    if not isinstance(record, dict):  # hand-edited or damaged: its fields are read with .get
+        raise ClakitError(
+            f"{path} is not a conversion record (not a JSON object); restore it from the conversion or move it aside"
+        )
+    return record

@@ -134,9 +134,10 @@ def _saving(config, dtype, model_dir, reference) -> dict:
 def _recorded_source(model_dir) -> tuple[str | None, str | None]:
     """(what the converter was given, a local path to it if one still exists) from clakit_convert.json."""
     record = kvcache.convert_record(model_dir)
-    source = record.get("source") if isinstance(record.get("source"), dict) else {}
-    spec = source.get("spec") or (record.get("settings") or {}).get("source")
-    local = [p for p in (source.get("path"), spec) if p and Path(p).expanduser().exists()]
+    source, settings = (record.get(k) if isinstance(record.get(k), dict) else {} for k in ("source", "settings"))
+    spec = next((s for s in (source.get("spec"), settings.get("source")) if isinstance(s, str) and s), None)
+    # only strings are paths: a hand-edited record's number or list would raise in Path()
+    local = [p for p in (source.get("path"), spec) if isinstance(p, str) and p and Path(p).expanduser().exists()]
     return spec, (local[0] if local else None)
 
 
