@@ -139,3 +139,9 @@ def test_a_damaged_conversion_record_is_named_or_ignored(cla_checkpoint, tmp_pat
             evaluate(cla_checkpoint, **kwargs)
     else:  # before: AttributeError, or TypeError from Path(5); fields of the wrong type are no source
         assert evaluate(cla_checkpoint, **kwargs)["kv_cache"]["source"] == "stock layout"
+
+
+def test_default_passkey_lengths_in_a_window_too_short_blame_the_window():
+    # before: "--passkey-lengths 120 is shorter than the prompt without filler", a flag the user never gave
+    with pytest.raises(ClakitError, match="the model's window of 128 tokens is too short for a passkey prompt"):
+        passkey.prepare(build_tokenizer(), FILLER, passkey.PasskeySettings(), 128)

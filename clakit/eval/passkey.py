@@ -158,12 +158,23 @@ class Prepared:
     cells: list[list[Prompt]]  # one list of `samples` prompts per (length, depth), lengths outer
 
 
+def _check_window_fits(builder: PromptBuilder, longest: int, max_len: int) -> None:
+    fixed = builder.fixed("0" * 5)
+    if longest < fixed:
+        raise ClakitError(
+            f"the model's window of {max_len} tokens is too short for a passkey prompt ({fixed} tokens without "
+            f"filler with this tokenizer, plus {5 + EXTRA_TOKENS} for the answer); drop --task passkey"
+        )
+
+
 def prepare(tokenizer, filler_text: str, settings: PasskeySettings, max_len: int) -> Prepared:
     """Check the settings and build every prompt (before any model is loaded: bad settings fail in seconds)."""
     settings.check()
     settings = replace(settings, depths=unique_depths(settings.depths))
     lengths = resolve_lengths(settings, max_len)
     builder = PromptBuilder(tokenizer, filler_text, max(lengths))
+    if settings.lengths is None:  # defaulted: a too-short prompt is the window's fault, not a flag never given
+        _check_window_fits(builder, max(lengths), max_len)
     cells = [
         [builder.build(length, depth, s, settings.seed) for s in range(settings.samples)]
         for length in lengths
