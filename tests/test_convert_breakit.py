@@ -1,11 +1,13 @@
 """Inputs a reviewer tried in order to break `clakit convert`: each was mishandled once (see the test's docstring)."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_text, save_checkpoint, tiny_model
 from convert_fixtures import copy_checkpoint, load, logits, run_cli
+from safetensors.torch import load_file, save_file
 from test_convert_bad_input import assert_refused
 
 import clakit.convert.checkpoint
@@ -171,3 +173,17 @@ def test_a_full_disk_under_the_calibration_streams_is_one_line(src, tmp_path, ca
     args = ["--calib-data", calib, "--calib-tokens", "128", "--seq-len", "64", "--kv-source-layers", "0,0,2,2"]
     match = "cannot write the calibration scratch file"
     assert_refused(capsys, src, tmp_path / "out", *args, "--distill-steps", "0", match=match)
+
+
+def test_a_checkpoint_saved_without_the_model_prefix_is_named_as_such(src, tmp_path, capsys):
+    """Tensors named layers.0... (no 'model.' prefix: a bare LlamaModel's save, which transformers maps on loading)
+    were refused as 'missing from the checkpoint; it is incomplete, re-download it': a download would not help."""
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(src.glob("model-*.safetensors")):
+        tensors = load_file(shard)
+        save_file({k.removeprefix("model."): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    index["weight_map"] = {k.removeprefix("model."): v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    match = "holds embed_tokens.weight instead (saved without the 'model.' prefix)"
+    assert_refused(capsys, src, tmp_path / "out", match=match)

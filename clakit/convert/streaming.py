@@ -40,9 +40,20 @@ def plan_tensors(source_names: list[str], expected: set[str], tied: set[str], la
     for name in names:
         for needed in sources[name]:
             if needed not in present:
-                raise ClakitError(f"tensor {needed} is missing from the checkpoint; it is incomplete, re-download it")
+                raise ClakitError(f"tensor {needed} is missing from the checkpoint; {_missing_fix(needed, present)}")
     used = {s for group in sources.values() for s in group}
     return TensorPlan(names, sources, [n for n in source_names if n not in used])
+
+
+def _missing_fix(needed: str, present: set[str]) -> str:
+    """What to do about a missing tensor: a checkpoint saved from the bare decoder (LlamaModel: `layers.0...`, no
+    `model.` prefix) holds it under another name, which transformers maps on loading; re-downloading would not help."""
+    if needed.startswith("model.") and needed.removeprefix("model.") in present:
+        return (
+            f"it holds {needed.removeprefix('model.')} instead (saved without the 'model.' prefix): load it with "
+            "transformers' AutoModelForCausalLM and save_pretrained it again, then convert that folder"
+        )
+    return "it is incomplete, re-download it"
 
 
 def check_overrides(checkpoint, plan: TensorPlan, overrides: dict[str, torch.Tensor]) -> None:
