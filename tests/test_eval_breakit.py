@@ -145,3 +145,15 @@ def test_default_passkey_lengths_in_a_window_too_short_blame_the_window():
     # before: "--passkey-lengths 120 is shorter than the prompt without filler", a flag the user never gave
     with pytest.raises(ClakitError, match="the model's window of 128 tokens is too short for a passkey prompt"):
         passkey.prepare(build_tokenizer(), FILLER, passkey.PasskeySettings(), 128)
+
+
+def test_report_says_when_speeds_come_from_different_machines(tmp_path):
+    r = evaluate(tiny_model(), tokenizer=build_tokenizer(), text=make_text(300, 67), seq_len=32, decode_steps=2)
+    gpu = {**r, "model": "gpu", "provenance": {**r["provenance"], "device": "cuda:0", "device_name": "NVIDIA H200"}}
+    for name, rep in [("a", r), ("b", r), ("c", gpu)]:
+        write_json(rep, tmp_path / f"{name}.json")
+    same = (report([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "same") / "report.md").read_text()
+    assert "different machines" not in same
+    # before: CPU and GPU tokens/s side by side with nothing said
+    mixed = (report([tmp_path / "a.json", tmp_path / "c.json"], tmp_path / "mixed") / "report.md").read_text()
+    assert "Speeds were timed on different machines (cpu (" in mixed and "; NVIDIA H200)" in mixed

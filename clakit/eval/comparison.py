@@ -178,7 +178,22 @@ def _data_note(reports: list[dict]) -> str:
     return (
         f"Data: {', '.join(d['sources'])} ({reports[0]['num_tokens']:,} tokens scored, sha256 "
         f"{d['sha256'][:12]}); seq_len {s['seq_len']}, stride {s['stride']}, batch size {s['batch_size']}."
-    )
+    ) + _speed_note(reports)
+
+
+def _machine(report: dict) -> str:
+    prov = report["provenance"]
+    name = str(prov.get("device_name") or prov.get("device") or "unknown device")
+    threads = prov.get("torch_threads")
+    return f"{name} ({threads} threads)" if name == "cpu" and threads else name
+
+
+def _speed_note(reports: list[dict]) -> str:
+    """Perplexities compare across machines, tokens/s do not: say so when the speeds were timed on different ones."""
+    machines = list(dict.fromkeys(_machine(r) for r in reports if r.get("speed")))
+    if len(machines) < 2:
+        return ""
+    return f" Speeds were timed on different machines ({'; '.join(machines)}): compare tok/s only within one."
 
 
 def markdown(reports: list[dict]) -> str:
