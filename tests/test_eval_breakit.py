@@ -157,3 +157,14 @@ def test_report_says_when_speeds_come_from_different_machines(tmp_path):
     # before: CPU and GPU tokens/s side by side with nothing said
     mixed = (report([tmp_path / "a.json", tmp_path / "c.json"], tmp_path / "mixed") / "report.md").read_text()
     assert "Speeds were timed on different machines (cpu (" in mixed and "; NVIDIA H200)" in mixed
+
+
+def test_report_says_when_kv_bytes_come_from_different_cache_dtypes(tmp_path):
+    import torch
+
+    kwargs = dict(tokenizer=build_tokenizer(), text=make_text(300, 68), seq_len=32, speed=False)
+    write_json(evaluate(tiny_model(), **kwargs), tmp_path / "fp32.json")
+    write_json(evaluate(tiny_model().to(torch.bfloat16), **kwargs), tmp_path / "bf16.json")
+    text = (report([tmp_path / "fp32.json", tmp_path / "bf16.json"], tmp_path / "out") / "report.md").read_text()
+    # before: 768 vs 384 bytes/token, read as a 2x saving, with nothing said
+    assert "KV caches of different dtypes (float32, bfloat16)" in text

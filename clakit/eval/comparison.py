@@ -176,9 +176,21 @@ def _md_cell(cell: str) -> str:
 def _data_note(reports: list[dict]) -> str:
     s, d = reports[0]["settings"], reports[0]["data"]
     return (
-        f"Data: {', '.join(d['sources'])} ({reports[0]['num_tokens']:,} tokens scored, sha256 "
-        f"{d['sha256'][:12]}); seq_len {s['seq_len']}, stride {s['stride']}, batch size {s['batch_size']}."
-    ) + _speed_note(reports)
+        (
+            f"Data: {', '.join(d['sources'])} ({reports[0]['num_tokens']:,} tokens scored, sha256 "
+            f"{d['sha256'][:12]}); seq_len {s['seq_len']}, stride {s['stride']}, batch size {s['batch_size']}."
+        )
+        + _speed_note(reports)
+        + _dtype_note(reports)
+    )
+
+
+def _dtype_note(reports: list[dict]) -> str:
+    """KV bytes/token of an fp32 and a bf16 cache differ 2x with the same layout: say so when dtypes differ."""
+    dtypes = list(dict.fromkeys(str(r["kv_cache"].get("dtype")) for r in reports))
+    if len(dtypes) < 2:
+        return ""
+    return f" KV caches of different dtypes ({', '.join(dtypes)}): part of the bytes/token difference is precision."
 
 
 def _machine(report: dict) -> str:
