@@ -280,3 +280,23 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(
     uptrain(recipe, resume=True, quiet=True)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# --- the run folder -----------------------------------------------------------------------------------------------
+
+
+def test_a_run_inside_another_clakit_output_is_refused_before_any_work(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+):
+    """train.output_dir inside a finished run (or its model/) was accepted: the nested run polluted the model folder
+    and blocked the outer run's --overwrite ('holds files clakit did not write')."""
+    first = tmp_path / "first"
+    recipe = tiny_recipe(corpus_dir, first, model={"path": str(tiny_cla_checkpoint)}, train={"max_steps": 2})
+    uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    for nested, noun in ((first / "model" / "run", "uptrained model"), (first / "deeper" / "run", "uptrain run")):
+        recipe["train"]["output_dir"] = str(nested)
+        with pytest.raises(ClakitError, match=f"is inside .*, a clakit {noun}; clakit does not write into another"):
+            uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+        assert not nested.exists() and not (first / "deeper").exists()
