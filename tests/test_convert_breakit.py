@@ -187,3 +187,17 @@ def test_a_checkpoint_saved_without_the_model_prefix_is_named_as_such(src, tmp_p
     index_path.write_text(json.dumps(index))
     match = "holds embed_tokens.weight instead (saved without the 'model.' prefix)"
     assert_refused(capsys, src, tmp_path / "out", match=match)
+
+
+@pytest.mark.parametrize("args", [[], ["--output-dtype", "float16"]])
+def test_the_record_names_the_written_dtype_when_the_output_is_evaluated(tokenizer, tmp_path, args):
+    """With --eval-data the written model is read back in the fits' dtype (float32), and clakit_convert.json and the
+    model card then recorded float32 for bf16 (or --output-dtype float16) weights."""
+    src = save_checkpoint(tiny_model("llama").to(torch.bfloat16), tokenizer, tmp_path / "src")
+    heldout, out = tmp_path / "heldout.txt", tmp_path / "out"
+    heldout.write_text(make_text(2000, 1))
+    assert run_cli(src, out, "--eval-data", heldout, "--eval-tokens", "256", *args, "-q") == 0
+    written = "float16" if args else "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == written
+    assert json.loads((out / "clakit_convert.json").read_text())["settings"]["dtype"] == written
+    assert f"| dtype | {written} |" in (out / "README.md").read_text()

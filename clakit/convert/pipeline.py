@@ -557,12 +557,12 @@ class _Conversion:
                 writer.add(name, tensor)
             writer.finish()
         self.checkpoint = None  # release the source's memory maps before loading anything else
-        cla_cfg.dtype = cast or self.source_dtype
+        written = cla_cfg.dtype = cast or self.source_dtype
         write_config(tmp, cla_cfg, lm_cls)
         self._write_tokenizer(tmp)
-        if self.eval_texts:
+        if self.eval_texts:  # reads the output in the fits' dtype: sets cla_cfg.dtype to it
             self._eval_after(tmp, cla_cfg)
-        record = self._record(plan, lm_cls.__name__, cla_cfg.dtype)
+        record = self._record(plan, lm_cls.__name__, written)
         write_record(tmp, record)
         (tmp / "README.md").write_text(model_card(record))
 
