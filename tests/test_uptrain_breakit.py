@@ -300,3 +300,21 @@ def test_a_run_inside_another_clakit_output_is_refused_before_any_work(
         with pytest.raises(ClakitError, match=f"is inside .*, a clakit {noun}; clakit does not write into another"):
             uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
         assert not nested.exists() and not (first / "deeper").exists()
+
+
+def test_a_resumed_run_whose_converted_report_is_missing_still_saves_and_reports(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    monkeypatch,
+):
+    """The last line read eval/converted.json's numbers unconditionally: without it (a resumed FSDP run killed before
+    it scored the converted model; the file removed) the run failed with a KeyError after all its training."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    killed_at_step_3(recipe, monkeypatch)
+    (out / "eval" / "converted.json").unlink()
+    result = uptrain(recipe, resume=True, quiet=True)
+    assert (result / "model.safetensors").is_file() and "| converted (before) | n/a |" in (
+        result / "README.md"
+    ).read_text()

@@ -35,10 +35,12 @@ def _row(name: str, r: dict | None, base: dict | None) -> str:
 
 
 def one_line(s: dict) -> str:
+    """The run's last line. The converted model's report can be missing (a resumed FSDP run killed before it scored
+    the converted model, or eval/converted.json removed): the line says so instead of failing after training."""
     h = s["heldout"]
-    before, after = h["converted"]["perplexity"], h["uptrained"]["perplexity"]
+    before = f"{h['converted']['perplexity']:.2f}" if h.get("converted") else "n/a"
     orig = f", original {h['original']['perplexity']:.2f}" if h.get("original") else ""
-    return f"held-out perplexity {before:.2f} -> {after:.2f}{orig} after {s['train_tokens']} tokens"
+    return f"held-out perplexity {before} -> {h['uptrained']['perplexity']:.2f}{orig} after {s['train_tokens']} tokens"
 
 
 def _training_lines(s: dict) -> list[str]:
