@@ -318,3 +318,21 @@ def test_a_resumed_run_whose_converted_report_is_missing_still_saves_and_reports
     assert (result / "model.safetensors").is_file() and "| converted (before) | n/a |" in (
         result / "README.md"
     ).read_text()
+
+
+def test_a_start_report_damaged_during_the_run_does_not_discard_the_trained_model(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    monkeypatch,
+):
+    """eval/original.json was read while model/ was staged: a damaged one discarded the trained model, and each
+    --resume trained the last steps again only to fail the same way. Now the model is saved, the card says n/a and
+    the error names the report (the run has finished)."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    killed_at_step_3(recipe, monkeypatch)
+    (out / "eval" / "converted.json").write_text("{")
+    with pytest.raises(ClakitError, match=r"the model is saved in .*model, but its report could not be written"):
+        uptrain(recipe, resume=True, quiet=True)
+    assert "| converted (before) | n/a |" in (out / "model" / "README.md").read_text()

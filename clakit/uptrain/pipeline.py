@@ -706,10 +706,17 @@ def _finish(out: Path, summary: dict, end: dict, quiet: bool) -> ClakitError | N
 
 
 def _start_reports(out: Path) -> dict:
-    """The held-out reports written when the run started (eval/original.json, converted.json)."""
+    """The held-out reports written when the run started (eval/original.json, converted.json). One that cannot be
+    read (damaged since) is left out of the card (n/a): read while the result is being saved, its error would
+    discard the trained model, and every --resume would train the last steps again to fail the same way. The report
+    page, written after the model is in place, names the damaged file."""
     from clakit.eval import read_report
 
-    return {n: read_report(p) for n, p in _report_files(out, REPORTS[:2]).items()}
+    reports = {}
+    for name, path in _report_files(out, REPORTS[:2]).items():
+        with contextlib.suppress(ClakitError):
+            reports[name] = read_report(path)
+    return reports
 
 
 def _report_files(out: Path, names) -> dict[str, Path]:
