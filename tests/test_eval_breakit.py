@@ -168,3 +168,13 @@ def test_report_says_when_kv_bytes_come_from_different_cache_dtypes(tmp_path):
     text = (report([tmp_path / "fp32.json", tmp_path / "bf16.json"], tmp_path / "out") / "report.md").read_text()
     # before: 768 vs 384 bytes/token, read as a 2x saving, with nothing said
     assert "KV caches of different dtypes (float32, bfloat16)" in text
+
+
+def test_an_output_written_as_a_folder_is_refused(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir):
+    out = tmp_path / "reports"
+    argv = ["eval", tiny_llama_checkpoint, "-o", f"{out}/", "--data", corpus_dir / "heldout.txt", "--seq-len", 32]
+    assert main([str(a) for a in [*argv, "-q", "--no-speed"]]) == 2
+    err = capsys.readouterr().err
+    # before: exit 0 and the report written as a file named `reports`
+    assert err.count("\n") == 1 and f"output {out}/ names a folder" in err, err
+    assert not out.exists()

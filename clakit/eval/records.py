@@ -3,6 +3,7 @@ clakit reports."""
 
 import json
 import math
+import os
 from pathlib import Path
 
 from clakit import outputs
@@ -96,12 +97,21 @@ def check_output(path, data=None) -> Path:
     """Before evaluating: `path` may receive a report (new, or a clakit report it replaces; its folder writable).
     `data`: the --data specs; a report read as text data passes the format check, but replacing it would destroy
     the input of the very run that writes it."""
+    _file_name(path)
     return outputs.check_file(path, FORMAT, noun="eval report", inputs=[("--data", data)])
+
+
+def _file_name(path) -> None:
+    """Refuse a path written as a folder (`-o out/`): Path() drops the trailing slash, so the report became a file
+    named `out` where a folder was asked for."""
+    if str(path).endswith(("/", os.sep)) and str(path).strip("/" + os.sep):
+        raise ClakitError(f"output {path} names a folder; give a file name such as {path}report.json")
 
 
 def write_json(report: dict, path) -> Path:
     """Write by clakit's file rule (clakit.outputs): a temp file beside `path`, then an atomic rename; only a new
     file or an earlier clakit report is replaced."""
+    _file_name(path)
     return outputs.write_file(path, json.dumps(report, indent=2, sort_keys=False) + "\n", FORMAT, noun="eval report")
 
 
