@@ -694,7 +694,9 @@ def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitE
 
 def _card(recipe: Recipe, out: Path, trainer, run: dict, end: dict, folder: Path, layout: list[int]) -> dict:
     numbers = {n: _numbers(r) for n, r in _start_reports(out).items()} | {"uptrained": _numbers(end)}
-    original = (run_record(out) or {}).get("original")  # resolved when the run started (a resume too)
+    original = None  # as resolved when the run started (a resume too); a damaged run.json must not cost the model
+    with contextlib.suppress(ClakitError):
+        original = (run_record(out) or {}).get("original")
     summary = card.summary(recipe, trainer, run["data"], numbers, layout) | card.origins(run["start_path"], original)
     card.write(folder, summary, run["start_path"])
     return summary
