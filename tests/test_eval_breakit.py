@@ -178,3 +178,16 @@ def test_an_output_written_as_a_folder_is_refused(capsys, tmp_path, tiny_llama_c
     # before: exit 0 and the report written as a file named `reports`
     assert err.count("\n") == 1 and f"output {out}/ names a folder" in err, err
     assert not out.exists()
+
+
+def test_a_nan_lm_eval_score_is_dropped_so_clakit_report_reads_the_report(tmp_path):
+    from clakit.eval.harness import scores
+
+    results = {"results": {"t": {"alias": "t", "acc,none": 1.0, "acc_stderr,none": float("nan"), "f1,none": "N/A"}}}
+    row = scores(results)["t"]
+    assert row == {"acc": 1.0}  # before: acc_stderr NaN, written as JSON NaN
+    r = evaluate(tiny_model(), tokenizer=build_tokenizer(), text=make_text(300, 69), seq_len=32, speed=False)
+    write_json(
+        {**r, "lm_eval": {"tasks": {"t": row}, "settings": {"limit": 1, "num_fewshot": None}}}, tmp_path / "a.json"
+    )
+    assert (report([tmp_path / "a.json"], tmp_path / "out") / "report.md").is_file()

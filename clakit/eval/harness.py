@@ -13,6 +13,7 @@ Metric keys are lm-eval's `metric,filter` keys with the default filter `,none` d
 """
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,7 +181,9 @@ def scores(results: dict) -> dict:
     """{task: {metric: value, num_samples, num_fewshot}} from simple_evaluate's results (numbers only)."""
     out = {}
     for task, metrics in results["results"].items():
-        row = {_metric(k): float(v) for k, v in metrics.items() if isinstance(v, int | float) and "," in k}
+        # finite numbers only: lm-eval's "N/A" stderr is a string, and a NaN one (a stderr of one document) would
+        # make a report clakit report refuses (JSON NaN); both are "no value"
+        row = {_metric(k): float(v) for k, v in metrics.items() if _finite(v) and "," in k}
         samples = results.get("n-samples", {}).get(task, {})
         if "effective" in samples:
             row["num_samples"] = samples["effective"]
@@ -188,6 +191,10 @@ def scores(results: dict) -> dict:
             row["num_fewshot"] = results["n-shot"][task]
         out[task] = row
     return out
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _metric(key: str) -> str:
