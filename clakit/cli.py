@@ -91,6 +91,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--passkey-seed", type=int, help="seed of the keys and filler offsets (default 0)")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code")
+    _add_placement(p)
     add_quiet(p)
 
     def run(args):
@@ -117,6 +118,9 @@ def _add_eval(sub) -> None:
             speed=not args.no_speed,
             quiet=args.quiet,
             allow_pickle=args.allow_pickle,
+            device=args.device,
+            dtype=args.dtype,
+            device_map=args.device_map,
         )
         print(
             f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
@@ -130,6 +134,22 @@ def _add_eval(sub) -> None:
             print(summary(report["lm_eval"]))
 
     p.set_defaults(run=run)
+
+
+def _add_placement(p) -> None:
+    """Where `clakit eval` runs the model: one device, or layers spread by transformers' device map."""
+    from clakit.devices import DEVICES_HELP
+    from clakit.eval.suite import DEVICE_MAPS, EVAL_DTYPES
+
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device", help=f"where the model runs: {DEVICES_HELP} (default auto)")
+    where.add_argument(
+        "--device-map",
+        choices=DEVICE_MAPS,
+        help="spread the layers over every visible GPU (then CPU memory) with transformers' device map, for a model "
+        "no single GPU holds",
+    )
+    p.add_argument("--dtype", choices=EVAL_DTYPES, help="weights' dtype (default: the checkpoint's; GGUF: float32)")
 
 
 def _number_list(flag: str, text: str | None, kind: type) -> list | None:

@@ -323,10 +323,17 @@ def check_weights(source: Source, allow_pickle: bool = False) -> None:
 
 
 def load_model(
-    source: Source, dtype=None, trust_remote_code: bool = False, device: str | None = None, allow_pickle: bool = False
+    source: Source,
+    dtype=None,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    allow_pickle: bool = False,
+    device_map: str | None = None,
 ):
     """The whole model in memory (GGUF is dequantised); dtype None keeps the checkpoint's dtype (GGUF: fp32).
 
+    `device_map` (instead of `device`): transformers' placement, e.g. "auto" spreads the layers over every visible
+    GPU (then CPU memory) as it reads them, for a model no single device holds (a 70B in bf16 is 140 GB).
     Weights that do not match the config (missing, unexpected K/V, other shapes) are refused, never initialised at
     random; pickle weights need `allow_pickle`."""
     import torch
@@ -337,6 +344,8 @@ def load_model(
 
     check_weights(source, allow_pickle)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         with _no_load_report():
             model, info = AutoModelForCausalLM.from_pretrained(

@@ -134,7 +134,7 @@ def _batch_nll(model, ids: torch.Tensor, batch: list[Window], device) -> float:
     logits = model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
     total = 0.0
     for row, w in enumerate(batch):
-        targets = ids[w.end - w.scored + 1 : w.end + 1].to(device)  # (scored,)
+        targets = ids[w.end - w.scored + 1 : w.end + 1].to(logits.device)  # (scored,); a device map may end elsewhere
         total += _nll_sum(logits[row, keep - w.scored :], targets)
     return total
 
@@ -183,7 +183,7 @@ def _window_nll_cached(model, ids: torch.Tensor, w: Window, cache, chunk: int, d
         logits = model(input_ids=ids[start:stop].unsqueeze(0).to(device), cache=cache, use_cache=True).logits
         lo = max(start, first_scored)
         if lo < stop:
-            total += _nll_sum(logits[0, lo - start :], ids[lo + 1 : stop + 1].to(device))
+            total += _nll_sum(logits[0, lo - start :], ids[lo + 1 : stop + 1].to(logits.device))
     return total
 
 

@@ -5,10 +5,7 @@ import time
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from clakit import devices
 
 
 def fit_window(length: int, decode_steps: int, window: int | None) -> tuple[int, int]:
@@ -33,17 +30,17 @@ def throughput(model, ids: torch.Tensor, batch_size: int, decode_steps: int = 16
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=inputs[:, :8], use_cache=False)  # warm-up: first-call allocations are not throughput
-        _sync(device)
+        devices.synchronize(model)
         start = time.perf_counter()
         out = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
-        _sync(device)
+        devices.synchronize(model)
         prefill_s = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)  # (B, 1)
         start = time.perf_counter()
         for _ in range(decode_steps):
             out = model(input_ids=token, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        devices.synchronize(model)
         decode_s = time.perf_counter() - start
     return {
         "batch_size": batch_size,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from clakit import devices
 from clakit.corpus import DEFAULT_ONLINE_EVAL, Text, join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.eval import harness, kvcache, perplexity
@@ -17,6 +18,8 @@ from clakit.provenance import provenance
 from clakit.sources import check_revision, check_seq_len, context_window, default_seq_len
 
 DEFAULT_KV_BUDGET_GB = 16.0
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' placement strategies
 DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
 MAX_LOSS = 700.0  # nats per token: exp() of more overflows a float; a uniform guess over 10^300 tokens scores less
 
@@ -95,14 +98,30 @@ def _windows(config, seq_len: int | None, stride: int | None) -> tuple[int, int]
     return seq_len, perplexity.check_window(seq_len, stride)
 
 
-def _load(model, source, tokenizer, trust_remote_code: bool, device, name: str | None, allow_pickle: bool) -> Loaded:
+def _placement(model, device, dtype: str | None, device_map: str | None) -> dict:
+    """load_model's device/dtype/device_map for a checkpoint, checked before anything is read ({} for an in-memory
+    model, which stays where it is). --dtype None keeps the checkpoint's (GGUF: float32)."""
+    if dtype is not None and dtype not in EVAL_DTYPES:
+        raise ClakitError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
+    if device_map is not None and device is not None:
+        raise ClakitError("give --device or --device-map, not both: --device-map places the layers itself")
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ClakitError(f"--device-map must be one of {', '.join(DEVICE_MAPS)} (transformers'), got {device_map!r}")
+    if not isinstance(model, str | Path):
+        return {}
+    dtype = getattr(torch, dtype) if dtype else None
+    if device_map is not None:
+        return {"dtype": dtype, "device_map": device_map}
+    return {"dtype": dtype, "device": str(devices.resolve(device or "auto"))}
+
+
+def _load(model, source, tokenizer, trust_remote_code: bool, placement: dict, name, allow_pickle: bool) -> Loaded:
     from clakit.sources import load_model
 
     if source is None:
         label = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         return Loaded(model.eval(), tokenizer, label)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(source, trust_remote_code=trust_remote_code, device=device, allow_pickle=allow_pickle)
+    loaded = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **placement)
     model_dir = source.path if source.kind == "dir" else None
     return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir)
 
@@ -198,6 +217,8 @@ def evaluate(
     quiet: bool = False,
     text: str | None = None,
     device=None,
+    dtype: str | None = None,
+    device_map: str | None = None,
     decode_steps: int = 16,
     name: str | None = None,
     allow_pickle: bool = False,
@@ -211,6 +232,7 @@ def evaluate(
     Returns the report dict (see docs/eval.md); every input is checked before the model is loaded.
     """
     check_settings(seq_len, stride, max_tokens, batch_size, kv_budget_gb)
+    placement = _placement(model, device, dtype, device_map)
     if passkey is not None:
         passkey.check()
     if harness.parse_tasks(lm_eval_tasks):
@@ -228,7 +250,7 @@ def evaluate(
     tasks = harness.prepare(lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot)
     prompts = _passkey_prompts(passkey, config, tokenizer, texts)
     _check_vocab(config, tokens, prompts)
-    loaded = _load(model, source, tokenizer, trust_remote_code, device, name, allow_pickle)
+    loaded = _load(model, source, tokenizer, trust_remote_code, placement, name, allow_pickle)
     settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
     report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}
     report["settings"] = settings
@@ -239,7 +261,7 @@ def evaluate(
     if tasks:
         # lm-eval sees the same windows as clakit's perplexity (HFLM's max_length = seq_len): one number per text
         report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size, max_length=seq_len)
-    report["provenance"] = _provenance(loaded, report["data"], settings)
+    report["provenance"] = _provenance(loaded, report["data"], settings, placement.get("device_map"))
     return report
 
 
@@ -310,16 +332,19 @@ def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -
     return {**measured, "num_tokens": scored["num_scored"], "num_windows": scored["num_windows"], "data": data}
 
 
-def _provenance(loaded: Loaded, data_info: dict, settings: dict) -> dict:
-    device = next(loaded.model.parameters()).device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+def _provenance(loaded: Loaded, data_info: dict, settings: dict, device_map: str | None) -> dict:
+    spanned = devices.spanned(loaded.model)  # several when a device map spread the layers
+    names = [torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu" for d in spanned]
     return provenance(
         model=loaded.name,
         revision=loaded.revision,
         data=data_info["sources"],
         data_sha256=data_info["sha256"],
         settings=settings,
-        device=str(device),
-        device_name=device_name,
+        device=", ".join(map(str, spanned)),
+        device_name=", ".join(dict.fromkeys(names)),
+        device_map=device_map,  # as asked; where transformers put each module (none when all on one device):
+        layer_devices=getattr(loaded.model, "hf_device_map", None),
+        dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         torch_threads=torch.get_num_threads(),
     )
