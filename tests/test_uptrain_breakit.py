@@ -336,3 +336,23 @@ def test_a_start_report_damaged_during_the_run_does_not_discard_the_trained_mode
     with pytest.raises(ClakitError, match=r"the model is saved in .*model, but its report could not be written"):
         uptrain(recipe, resume=True, quiet=True)
     assert "| converted (before) | n/a |" in (out / "model" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("weight, role", [(0.5, "the teacher"), (0.0, "the original model")])
+def test_an_original_with_other_layers_is_refused_without_hidden_mse_too(
+    tokenizer,
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    weight,
+    role,
+):
+    """Layers and width were compared only with hidden_mse_weight: a 6-layer 'original' of the 4-layer student
+    taught it and stood in the card as 'original (full KV)', though no conversion changes the layer count."""
+    original = save_checkpoint(tiny_model("llama", num_hidden_layers=6), tokenizer, tmp_path / "original")
+    out = tmp_path / "run"
+    model = {"path": str(tiny_cla_checkpoint), "original": str(original)}
+    recipe = tiny_recipe(corpus_dir, out, model=model, distill={"weight": weight})
+    with pytest.raises(ClakitError, match=f"{role} .*original has num_hidden_layers 6 but the student 4"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert not out.exists()

@@ -54,18 +54,21 @@ def check_stock(original, role: str):
     return config
 
 
-def check_teacher_fits(teacher, student_config, distill) -> None:
-    """The teacher scores the student's tokens (the same vocabulary) and, with hidden_mse_weight, matches its hidden
-    states layer by layer (the same layers and width): refused from the configs, before any model is loaded, instead
-    of a shape error at the first step. `teacher` is the resolved Source of the original model."""
-    config = check_stock(teacher, "the teacher")
-    keys = ["vocab_size"] + (["num_hidden_layers", "hidden_size"] if distill.hidden_mse_weight > 0 else [])
-    for key in keys:
+def check_teacher_fits(original, student_config, teacher: bool = True) -> None:
+    """The original model is the one the student was converted from (conversion keeps the vocabulary, the layers
+    and the width): the teacher scores the student's tokens and, with hidden_mse_weight, matches its hidden states
+    layer by layer; the "original" baseline is the card's "vs original". Another model (a deeper or wider one) is
+    refused from the configs, before any model is loaded, instead of a shape error at the first step or a baseline
+    that is not the original. `original` is its resolved Source; `teacher`: whether it teaches (else baseline only)."""
+    role = "the teacher" if teacher else "the original model"
+    config = check_stock(original, role)
+    why = "distillation needs" if teacher else "the 'original' baseline is"
+    for key in ("vocab_size", "num_hidden_layers", "hidden_size"):
         theirs, ours = getattr(config, key, None), getattr(student_config, key, None)
         if theirs != ours:
             raise ClakitError(
-                f"the teacher {teacher.spec} has {key} {theirs} but the student {ours}: distillation needs the model "
-                "the student was converted from; set model.original to it"
+                f"{role} {original.spec} has {key} {theirs} but the student {ours}: {why} the model the student was "
+                "converted from; set model.original to it"
             )
 
 

@@ -522,8 +522,8 @@ def uptrain(
     student_config = student.check_model_section(model, recipe.data.seq_len)
     student.check_patterns(student_config, recipe.lora)
     original = check_teacher(recipe, out, resume)
-    if recipe.needs_teacher:
-        check_teacher_fits(original, student_config, recipe.distill)
+    if original is not None:  # the teacher, or only the "original" baseline
+        check_teacher_fits(original, student_config, teacher=recipe.needs_teacher)
     last = checkpoint.checkpoint_dirs(out) if resume else []
     if last:  # a corrupt checkpoint is refused before any model is loaded
         checkpoint.read_checkpoint(last[-1])
