@@ -31,7 +31,9 @@ MAX_UNDECODABLE = 0.01
 def _read_file(path: Path) -> str:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is no text; scored, it would make the same text
+        # read as another (3 more bytes, other tokens, another sha256)
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
             text = f.read()
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a cut or damaged .gz: EOFError is no OSError
         raise ClakitError(
