@@ -1,7 +1,9 @@
 """Where an output came from: versions of the tools, the command line, the time."""
 
 import datetime
+import os
 import platform
+import shlex
 import sys
 
 
@@ -20,10 +22,21 @@ def versions() -> dict:
 
 
 def provenance(**extra) -> dict:
-    """Versions + command line + UTC time, merged with the caller's own fields (source, revision, settings...)."""
+    """Versions + command line + UTC time, merged with the caller's own fields (source, revision, settings...).
+
+    The command is shell-quoted (a path with a space reads back as one argument) and the working directory is kept:
+    relative paths in the command and the records are relative to it."""
     return {
         **versions(),
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),
+        "cwd": _cwd(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # the working directory was deleted under the process
+        return None

@@ -188,3 +188,42 @@ def test_eval_refuses_a_rope_type_this_transformers_lacks(capsys, tmp_path, tiny
     (model / "config.json").write_text(json.dumps(config))
     argv = ["eval", model, "-o", tmp_path / "r.json", "--data", corpus_dir / "heldout.txt", "--seq-len", 32, "-q"]
     assert_refused(capsys, argv, "rope_type 'foo' is not one this transformers", tmp_path / "r.json")
+
+
+def test_a_byte_order_mark_is_not_scored(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir):
+    """A UTF-8 file saved with a BOM (Windows editors) is the same text: the same tokens, sha256 and numbers."""
+    plain = corpus_dir / "heldout.txt"
+    marked = tmp_path / "bom.txt"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    reports = {}
+    for name, text in (("plain", plain), ("bom", marked)):
+        out = tmp_path / f"{name}.json"
+        argv = ["eval", tiny_llama_checkpoint, "-o", out, "--data", text, "--seq-len", 32, "--max-tokens", 200]
+        code, _, err = run_cli(capsys, *argv, "--no-speed", "-q")
+        assert code == 0, err
+        reports[name] = json.loads(out.read_text())
+    for key in ("perplexity", "num_tokens", "bits_per_byte"):
+        assert reports["bom"][key] == reports["plain"][key], key
+    assert reports["bom"]["data"]["sha256"] == reports["plain"]["data"]["sha256"]
+
+
+def test_provenance_keeps_the_command_quoted_and_the_working_directory(
+    capsys, tmp_path, tiny_llama_checkpoint, corpus_dir, monkeypatch
+):
+    """Relative paths in a record are found again from the recorded working directory; a path with a space reads
+    back as one argument."""
+    import shlex
+    import sys
+
+    spaced = tmp_path / "my texts"
+    spaced.mkdir()
+    shutil.copy(corpus_dir / "heldout.txt", spaced / "held out.txt")
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", tiny_llama_checkpoint, "-o", "r.json", "--data", "my texts/held out.txt", "--seq-len", "32",
+            "--max-tokens", "200", "--no-speed", "-q"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["clakit", *map(str, argv)])
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    provenance = json.loads((tmp_path / "r.json").read_text())["provenance"]
+    assert shlex.split(provenance["command"])[1:] == [str(a) for a in argv]
+    assert provenance["cwd"] == str(tmp_path)
