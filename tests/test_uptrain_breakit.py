@@ -142,6 +142,7 @@ def test_the_result_records_the_start_checkpoint_its_conversion_and_the_resolved
     assert f"original model (teacher / baseline) `{tiny_llama_checkpoint}`" in card
     assert "## Conversion" in card and "# Cross-Layer Attention version of" in card and card.count("\n---\n") == 1
     assert "clakit_convert.json" not in card  # not beside the result: its record is uptrain.json's "conversion"
+    assert card.count("## Serve with vLLM") == 1  # the converter's, for the same layout, is not repeated
 
 
 def test_a_checkpoint_and_the_run_record_what_wrote_them(tiny_cla_checkpoint, corpus_dir, tmp_path):  # noqa: F811

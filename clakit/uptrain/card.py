@@ -132,5 +132,8 @@ def write(out: Path, s: dict, start: Path | None = None) -> None:
     # the conversion record is not copied beside the result (it would make model/ look like a convert output):
     # uptrain.json holds it, under "conversion"
     conversion = conversion.replace(f"`{RECORD_FILE}`", f"`{PROVENANCE}` (its `conversion`)")
+    layout = s.get("kv_source_layers")
+    if layout:  # the same layout's serving section is in our part already
+        conversion = conversion.replace(serving_section(len(set(layout)), len(layout)), "")
     (out / "README.md").write_text(markdown(s) + ("\n## Conversion\n\n" + conversion if conversion else ""))
     (out / PROVENANCE).write_text(json.dumps(provenance(**s), indent=1))
