@@ -173,6 +173,18 @@ def test_saving_factor_against_an_explicit_source_model(model, tokenizer, text, 
     assert r["kv_cache"]["saving_factor"] == 4.0 and r["kv_cache"]["source"] == str(tiny_llama_checkpoint)
 
 
+@pytest.mark.parametrize("other", [dict(num_hidden_layers=6), dict(hidden_size=96, head_dim=12)])
+def test_a_source_model_of_another_shape_is_refused_before_loading(tokenizer, text, tiny_llama_checkpoint, other):
+    """A KV saving against a model this one cannot have been converted from (other layers or width) means nothing."""
+    from conftest import tiny_model
+
+    cla = cla_model_from(tiny_model("llama", **other), [0, 0, 2, 2, 4, 4][: other.get("num_hidden_layers", 4)])
+    key = next(iter(other))
+    with pytest.raises(ClakitError, match=f"has {key} .* but the evaluated model has {other[key]}"):
+        evaluate(cla, tokenizer=tokenizer, text=text, seq_len=32, speed=False, quiet=True,
+                 source_model=str(tiny_llama_checkpoint))  # fmt: skip
+
+
 def test_recorded_source_prefers_the_resolved_local_path(tmp_path, tiny_llama_checkpoint):
     from clakit.eval.suite import _recorded_source
 

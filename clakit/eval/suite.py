@@ -137,6 +137,24 @@ def _reference(source_model, model_dir, revision, trust_remote_code) -> tuple[st
     return (str(source_model) if source_model else recorded), config
 
 
+SAME_SHAPE = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")  # what a conversion keeps
+
+
+def _check_reference(config, reference) -> None:
+    """The model the saving is measured against must be one MODEL could have been converted from: a conversion
+    changes which layers hold K/V (and, with --kv-heads, how many), never these."""
+    if reference is None:
+        return
+    label, ref_config = reference
+    for key in SAME_SHAPE:
+        mine, theirs = getattr(config, key, None), getattr(ref_config, key, None)
+        if mine != theirs:
+            raise ClakitError(
+                f"the source model {label} has {key} {theirs} but the evaluated model has {mine}: it is not the model "
+                "this one was converted from, so no KV saving against it means anything; give the right --source-model"
+            )
+
+
 def _saving(config, dtype, model_dir, reference) -> dict:
     """Saving factor vs the reference model (see _reference), else vs the same config with every layer a producer
     (what the converter changes is the layout only, so this is exact for a stock source; a stock model is its own
@@ -243,6 +261,7 @@ def evaluate(
     seq_len, stride = _windows(config, seq_len, stride)
     model_dir = source.path if source is not None and source.kind == "dir" else None
     reference = _reference(source_model, model_dir, revision, trust_remote_code)
+    _check_reference(config, reference)
     texts = _texts(data, text)
     if tokenizer is None:  # before the model: a text too short is refused in seconds
         tokenizer = _tokenizer(source, trust_remote_code)
