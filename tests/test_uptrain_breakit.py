@@ -357,3 +357,24 @@ def test_an_original_with_other_layers_is_refused_without_hidden_mse_too(
     with pytest.raises(ClakitError, match=f"{role} .*original has num_hidden_layers 6 but the student 4"):
         uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
     assert not out.exists()
+
+
+def test_held_out_loss_on_one_process_scores_each_block_once():
+    """Padded to full batches for FSDP's sake, one process scored block 0 again up to per_device_eval_batch_size
+    times: 3 held-out blocks at batch 64 cost 64 forwards of a block instead of 3."""
+    import torch
+
+    from clakit.uptrain.trainer import heldout_loss
+
+    model = tiny_model("llama")
+    rows = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    blocks = torch.randint(0, VOCAB, (3, 16))
+    result = heldout_loss(model, blocks, batch_size=64)
+    assert rows == [3] and result["tokens"] == 3 * 15
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), blocks[:, 1:].flatten())
+    assert abs(result["loss"] - expected.item()) < 1e-5

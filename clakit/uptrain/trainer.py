@@ -125,7 +125,10 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int, device=None) -> d
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    index, weight = padded_share(len(blocks), batch_size, rank, world)
+    if world == 1:  # the padding only keeps processes in step: alone, it would score block 0 up to batch_size times
+        index, weight = torch.arange(len(blocks)), torch.ones(len(blocks), dtype=torch.float64)
+    else:
+        index, weight = padded_share(len(blocks), batch_size, rank, world)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i in range(0, len(index), batch_size):
         ids = blocks[index[i : i + batch_size]].to(device)
