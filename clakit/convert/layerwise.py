@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 
+from clakit import devices
 from clakit.errors import ClakitError
 
 LAYER_PREFIX = "model.layers.{}."
@@ -161,19 +162,9 @@ def run_layers(model, hidden: torch.Tensor, start: int, stop: int) -> torch.Tens
 
 
 def resolve_device(name: str, dtype: str) -> torch.device:
-    """`--device` / `--dtype` -> torch.device; one line naming the problem when the machine cannot do it."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ClakitError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ClakitError(f"--device {name} is not supported; use cpu, cuda, cuda:N or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ClakitError(f"--device {name}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ClakitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    """`--device` / `--dtype` -> torch.device; one line naming the problem when the machine cannot do it. The device
+    rule is clakit eval's too (`clakit.devices.resolve`); bfloat16 fits are convert's own rule."""
+    device = devices.resolve(name)
     if dtype == "bfloat16" and device.type == "cpu":
         raise ClakitError("--dtype bfloat16 fits need a GPU (--device cuda); on the CPU use --dtype float32")
     return device
