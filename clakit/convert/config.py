@@ -7,13 +7,14 @@ parsed into it, and `clakit_convert.json` records it whole. Each field's `metada
 
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 
+from clakit import settings
+from clakit.devices import DEVICES_HELP
 from clakit.errors import ClakitError
+from clakit.settings import flag, opt
 
 INITS = ("producer", "mean", "calibrated", "reconstruct")
-DEVICES_HELP = "cpu, cuda, cuda:N or auto (the first GPU, else the CPU)"
 FIT_DTYPES = ("float32", "bfloat16")  # bf16 fits only on a GPU; statistics always accumulate in fp64
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 LAYOUT_GROUP = "layout (one of)"
@@ -24,10 +25,6 @@ DEFAULT_SEQ_LEN = 512  # tokens per calibration/distillation/eval window, unless
 SEED_LIMIT = 2**32  # torch.Generator().manual_seed takes 64-bit seeds; recipes use the same range
 
 
-def _opt(help_: str, **flag) -> dict:
-    return {"help": help_, "flag": flag}
-
-
 @dataclass
 class ConvertConfig:
     """Settings of one conversion. None means "the converter decides" as the help says."""
@@ -35,60 +32,60 @@ class ConvertConfig:
     # layout
     factor: int | None = field(
         default=None,
-        metadata=_opt(
+        metadata=opt(
             "uniform CLA-K: groups of K adjacent layers (default without --calib-data: 2)", group=LAYOUT_GROUP
         ),
     )
     kv_source_layers: list[int] | None = field(
         default=None,
-        metadata=_opt("explicit layout, e.g. 0,0,2,2 (one entry per layer)", group=LAYOUT_GROUP, metavar="LIST"),
+        metadata=opt("explicit layout, e.g. 0,0,2,2 (one entry per layer)", group=LAYOUT_GROUP, metavar="LIST"),
     )
     layout: str | None = field(
         default=None,
-        metadata=_opt(
+        metadata=opt(
             "choose the layout on calibration data (default with --calib-data)", group=LAYOUT_GROUP, choices=["auto"]
         ),
     )
     kv_saving: float | None = field(
-        default=None, metadata=_opt("with --layout auto: fraction of the KV cache to save (default 0.5)")
+        default=None, metadata=opt("with --layout auto: fraction of the KV cache to save (default 0.5)")
     )
     refine: bool = field(
-        default=True, metadata=_opt("--layout auto: refine the chosen layout beyond runs of adjacent layers")
+        default=True, metadata=opt("--layout auto: refine the chosen layout beyond runs of adjacent layers")
     )
     refine_max_group: int | None = field(
         default=None,
-        metadata=_opt("--layout auto: largest group the refinement may create (default: the scoring's largest group)"),
+        metadata=opt("--layout auto: largest group the refinement may create (default: the scoring's largest group)"),
     )
     # K/V initialisation and fitting
     init: str | None = field(
         default=None,
-        metadata=_opt(
+        metadata=opt(
             "shared K/V initialisation (default: mean; reconstruct when --calib-data is given)", choices=list(INITS)
         ),
     )
     calib_data: list[str] | None = field(
         default=None,
-        metadata=_opt("calibration text: files, folders, NAME:CONFIG:SPLIT (several: all are used)", metavar="TEXT"),
+        metadata=opt("calibration text: files, folders, NAME:CONFIG:SPLIT (several: all are used)", metavar="TEXT"),
     )
-    calib_tokens: int = field(default=32768, metadata=_opt("calibration tokens to use"))
+    calib_tokens: int = field(default=32768, metadata=opt("calibration tokens to use"))
     seq_len: int | None = field(
         default=None,
-        metadata=_opt(
+        metadata=opt(
             f"tokens per calibration/evaluation sequence (default {DEFAULT_SEQ_LEN}, or the model's context window "
             "if shorter; a longer one is refused)"
         ),
     )
-    ridge: float = field(default=1e-3, metadata=_opt("calibrated fit: ridge, relative to the mean Fisher weight"))
-    reconstruct_steps: int = field(default=200, metadata=_opt("--init reconstruct: Adam steps per group"))
-    reconstruct_lr: float = field(default=3e-3, metadata=_opt("--init reconstruct: Adam learning rate"))
-    train_o_proj: bool = field(default=True, metadata=_opt("--init reconstruct: also fit each member's o_proj"))
+    ridge: float = field(default=1e-3, metadata=opt("calibrated fit: ridge, relative to the mean Fisher weight"))
+    reconstruct_steps: int = field(default=200, metadata=opt("--init reconstruct: Adam steps per group"))
+    reconstruct_lr: float = field(default=3e-3, metadata=opt("--init reconstruct: Adam learning rate"))
+    train_o_proj: bool = field(default=True, metadata=opt("--init reconstruct: also fit each member's o_proj"))
     sequential: bool = field(
         default=True,
-        metadata=_opt("--init reconstruct: fit each group on inputs with the earlier groups already converted"),
+        metadata=opt("--init reconstruct: fit each group on inputs with the earlier groups already converted"),
     )
     distill_steps: int | None = field(
         default=None,
-        metadata=_opt(
+        metadata=opt(
             "data-aware inits: Adam steps training the whole converted model's attention projections to match the "
             "original's next-token distributions on the calibration tokens (0: off; default: "
             f"{DEFAULT_DISTILL_STEPS} when the model fits the device, else off)"
@@ -96,54 +93,53 @@ class ConvertConfig:
     )
     distill_tokens: int = field(
         default=16384,
-        metadata=_opt(
+        metadata=opt(
             "--distill-steps: calibration tokens it trains on (from --calib-data, spread like --calib-tokens)"
         ),
     )
-    distill_lr: float = field(default=5e-4, metadata=_opt("--distill-steps: Adam's peak learning rate (cosine decay)"))
+    distill_lr: float = field(default=5e-4, metadata=opt("--distill-steps: Adam's peak learning rate (cosine decay)"))
     distill_copy_fraction: float | None = field(
         default=None,
-        metadata=_opt(
+        metadata=opt(
             "--distill-steps: share (0-1) of its windows that end with a repeat of an earlier span of the same "
             f"window, which keeps in-context retrieval (passkeys) (default: {DEFAULT_DISTILL_COPY_FRACTION})"
         ),
     )
     distill_copy_span: int | None = field(
         default=None,
-        metadata=_opt(
+        metadata=opt(
             f"--distill-copy-fraction: tokens per repeat, 1 to half of --seq-len (default: {DEFAULT_DISTILL_COPY_SPAN}"
             ", at most half of --seq-len)"
         ),
     )
-    seed: int = field(default=0, metadata=_opt("seed for data-aware fitting"))
-    device: str = field(default="auto", metadata=_opt(f"where the fits run: {DEVICES_HELP}"))
+    seed: int = field(default=0, metadata=opt("seed for data-aware fitting"))
+    device: str = field(default="auto", metadata=opt(f"where the fits run: {DEVICES_HELP}"))
     dtype: str = field(
         default="float32",
-        metadata=_opt("dtype of the weights during the fits (bfloat16 only on a GPU)", choices=list(FIT_DTYPES)),
+        metadata=opt("dtype of the weights during the fits (bfloat16 only on a GPU)", choices=list(FIT_DTYPES)),
     )
     # quick check
     eval_data: list[str] | None = field(
         default=None,
-        metadata=_opt("held-out text (several: all are used): print perplexity before/after", metavar="TEXT"),
+        metadata=opt("held-out text (several: all are used): print perplexity before/after", metavar="TEXT"),
     )
-    eval_tokens: int = field(default=8192, metadata=_opt("--eval-data tokens scored before and after"))
+    eval_tokens: int = field(default=8192, metadata=opt("--eval-data tokens scored before and after"))
     # source and output
-    revision: str | None = field(default=None, metadata=_opt("Hub revision (branch, tag or commit) of SRC"))
-    allow_pickle: bool = field(default=False, metadata=_opt("accept pickle (.bin) weights; they can run code"))
-    trust_remote_code: bool = field(default=False, metadata=_opt("allow SRC's own code (config/tokenizer)"))
+    revision: str | None = field(default=None, metadata=opt("Hub revision (branch, tag or commit) of SRC"))
+    allow_pickle: bool = field(default=False, metadata=opt("accept pickle (.bin) weights; they can run code"))
+    trust_remote_code: bool = field(default=False, metadata=opt("allow SRC's own code (config/tokenizer)"))
     output_dtype: str | None = field(
         default=None,
-        metadata=_opt("dtype of the written weights (default: the source's)", choices=list(OUTPUT_DTYPES)),
+        metadata=opt("dtype of the written weights (default: the source's)", choices=list(OUTPUT_DTYPES)),
     )
-    max_shard_size: str = field(default="5GB", metadata=_opt("largest output shard"))
+    max_shard_size: str = field(default="5GB", metadata=opt("largest output shard"))
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), typing.get_type_hints(ConvertConfig)[f.name])
+        settings.check_types(self, "convert")
         for f in dataclasses.fields(self):  # inf/nan pass the type check; no setting means anything by them
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ClakitError(f"--{_flag(f.name)} must be a finite number, got {value}")
+                raise ClakitError(f"--{flag(f.name)} must be a finite number, got {value}")
         if not 0 <= self.seed < SEED_LIMIT:
             raise ClakitError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.init is not None and self.init not in INITS:
@@ -151,15 +147,15 @@ class ConvertConfig:
         for name, unit in (("calib_tokens", "tokens"), ("seq_len", "tokens"), ("reconstruct_steps", "steps"),
                            ("eval_tokens", "tokens"), ("distill_tokens", "tokens")):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) <= 0:  # seq_len None: the default
-                raise ClakitError(f"--{_flag(name)} must be a positive number of {unit}, got {getattr(self, name)}")
+                raise ClakitError(f"--{flag(name)} must be a positive number of {unit}, got {getattr(self, name)}")
         for name in ("seq_len", "eval_tokens"):  # one token has no next token: every NLL, Fisher and KL is 0/0
             if getattr(self, name) == 1:
-                raise ClakitError(f"--{_flag(name)} 1 leaves no next token to predict; use 2 or more")
+                raise ClakitError(f"--{flag(name)} 1 leaves no next token to predict; use 2 or more")
         if self.distill_steps is not None and self.distill_steps < 0:
             raise ClakitError(f"--distill-steps must be 0 (off) or a number of steps, got {self.distill_steps}")
         for name in ("ridge", "reconstruct_lr", "distill_lr"):
             if not getattr(self, name) > 0:
-                raise ClakitError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
+                raise ClakitError(f"--{flag(name)} must be > 0, got {getattr(self, name)}")
         if self.distill_copy_fraction is not None and not 0 <= self.distill_copy_fraction <= 1:
             raise ClakitError(f"--distill-copy-fraction must be between 0 and 1, got {self.distill_copy_fraction}")
         if self.distill_copy_span is not None and self.distill_copy_span < 1:
@@ -175,35 +171,6 @@ class ConvertConfig:
         return dataclasses.asdict(self)
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _check_type(name: str, value, tp) -> None:
-    """Strict types (a recipe or a library call may pass anything); ints are accepted where floats are."""
-    args = typing.get_args(tp)
-    if value is None and type(None) in args:
-        return
-    base = next((a for a in args if a is not type(None)), tp)
-    origin, inner = typing.get_origin(base), typing.get_args(base)
-    if origin is list:
-        ok = isinstance(value, list | tuple) and all(_is(v, inner[0]) for v in value)
-    else:
-        ok = _is(value, base)
-    if not ok:
-        raise ClakitError(f"convert setting {name} must be {_describe(tp)}, got {value!r}")
-
-
-def _is(value, tp) -> bool:
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-
-
-def _describe(tp) -> str:
-    return str(tp).replace("typing.", "").replace("NoneType", "None")
-
-
 def parse_layers(text: str) -> list[int]:
     """`"0,0,2,2"` -> [0, 0, 2, 2] (checked against the model's layer count later)."""
     try:
@@ -213,41 +180,13 @@ def parse_layers(text: str) -> list[int]:
 
 
 def add_arguments(parser) -> None:
-    """One flag per ConvertConfig field, `--field-name`; defaults stay the dataclass's (argparse.SUPPRESS)."""
-    import argparse
-
-    groups: dict[str, object] = {}
-    hints = typing.get_type_hints(ConvertConfig)
-    for f in dataclasses.fields(ConvertConfig):
-        extra = dict(f.metadata["flag"])
-        group = extra.pop("group", None)
-        target = parser
-        if group:
-            if group not in groups:
-                groups[group] = parser.add_argument_group(group).add_mutually_exclusive_group()
-            target = groups[group]
-        default = "" if f.default is None else f" (default {f.default})"
-        kwargs = {"help": f.metadata["help"] + default, "default": argparse.SUPPRESS, **extra}
-        target.add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs, **_argparse_type(hints[f.name]))
-
-
-def _argparse_type(tp) -> dict:
-    import argparse
-
-    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
-    if base is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if base == list[int]:
-        return {}  # a string, parsed by config_from_args: a bad list is one `clakit: error:` line
-    if typing.get_origin(base) is list:
-        return {"nargs": "+", "action": "extend"}  # `--calib-data a b --calib-data c`: all three
-    return {"type": base}
+    """One flag per ConvertConfig field (clakit.settings.add_arguments)."""
+    settings.add_arguments(parser, ConvertConfig)
 
 
 def config_from_args(args) -> ConvertConfig:
     """The ConvertConfig of parsed `clakit convert` arguments (flags not given keep the field defaults)."""
-    names = {f.name for f in dataclasses.fields(ConvertConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
+    given = settings.given(args, ConvertConfig)
     if isinstance(given.get("kv_source_layers"), str):
         given["kv_source_layers"] = parse_layers(given["kv_source_layers"])
     return ConvertConfig(**given)

@@ -1,0 +1,90 @@
+"""Settings dataclasses as the single source of truth: their flags, their strict types.
+
+A stage's settings are one dataclass (`ConvertConfig`, `EvalConfig`); each field's `metadata` holds its flag's help
+and extra argparse options (`opt`). `add_arguments` makes one `--field-name` flag per field, `from_args` builds the
+dataclass back from the parsed flags (flags not given keep the field defaults), and `check_types` refuses a value
+of the wrong type in one line, whether it came from a flag, a recipe or a library call.
+"""
+
+import argparse
+import dataclasses
+import types
+import typing
+
+from clakit.errors import ClakitError
+
+
+def opt(help_: str, **flag) -> dict:
+    """A field's metadata: its flag's help and extra argparse options (choices, metavar, group = a mutually
+    exclusive group's title)."""
+    return {"help": help_, "flag": flag}
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def check_types(settings, noun: str) -> None:
+    """Strict types for every field of the dataclass instance `settings`; ints are accepted where floats are."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        value, tp = getattr(settings, f.name), hints[f.name]
+        if not _fits(value, tp):
+            raise ClakitError(f"{noun} setting {f.name} must be {_describe(tp)}, got {value!r}")
+
+
+def _fits(value, tp) -> bool:
+    """Whether `value` is of type `tp`: a plain type, list[T], or a union of them (`int | None`)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_fits(value, member) for member in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if typing.get_origin(tp) is list:
+        inner = typing.get_args(tp)[0]
+        return isinstance(value, list | tuple) and all(_is(v, inner) for v in value)
+    return _is(value, tp)
+
+
+def _is(value, tp) -> bool:
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+
+
+def _describe(tp) -> str:
+    """`int`, `list[str] | None`: the type as written in the dataclass."""
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def add_arguments(parser, cls) -> None:
+    """One flag per field of the dataclass `cls`, `--field-name`; defaults stay the dataclass's (argparse.SUPPRESS)."""
+    groups: dict[str, object] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        extra = dict(f.metadata["flag"])
+        group = extra.pop("group", None)
+        target = parser
+        if group:
+            if group not in groups:
+                groups[group] = parser.add_argument_group(group).add_mutually_exclusive_group()
+            target = groups[group]
+        default = "" if f.default is None else f" (default {f.default})"
+        kwargs = {"help": f.metadata["help"] + default, "default": argparse.SUPPRESS, **extra}
+        target.add_argument(f"--{flag(f.name)}", dest=f.name, **kwargs, **_argparse_type(hints[f.name]))
+
+
+def _argparse_type(tp) -> dict:
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if base == list[int]:
+        return {}  # a string, parsed by the stage's from_args: a bad list is one `clakit: error:` line
+    if typing.get_origin(base) is list:
+        return {"nargs": "+", "action": "extend"}  # `--calib-data a b --calib-data c`: all three
+    return {"type": base}
+
+
+def given(args, cls) -> dict:
+    """The fields of `cls` that parsed flags set (the others were suppressed: they keep the field defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
