@@ -56,29 +56,10 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, KV-cache bytes and speed of a model, as a JSON report")
     p.add_argument("model", metavar="MODEL", help="checkpoint folder (CLA or plain), Hub id, or .gguf file")
     p.add_argument("-o", "--output", required=True, help="report file to write (JSON)")
-    p.add_argument(
-        "--data",
-        nargs="+",
-        help="text files, folders of .txt, or NAME:CONFIG:SPLIT "
-        "(default wikitext:wikitext-2-raw-v1:test, needs the Hub)",
-    )
-    p.add_argument(
-        "--seq-len", type=int, help="tokens per window (default 1024, or the model's context window if shorter)"
-    )
-    p.add_argument("--stride", type=int, help="tokens between window starts (default: --seq-len, disjoint)")
-    p.add_argument("--max-tokens", type=int, help="score at most this many tokens of the data")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward, and the speed batch (default 4)")
-    p.add_argument("--kv-budget-gb", type=float, default=16.0, help="KV-cache budget for the max-batch figure")
-    p.add_argument("--revision", help="Hub revision of MODEL")
-    p.add_argument("--source-model", help="the model MODEL was converted from, for the KV saving factor")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow MODEL's own modeling code")
-    p.add_argument(
-        "--lm-eval-tasks",
-        help="comma-separated lm-eval task names or task YAML files (needs clakit[lm-eval]; stock tasks need the Hub)",
-    )
-    p.add_argument("--lm-eval-include", nargs="+", metavar="DIR", help="folders of extra lm-eval task YAML files")
-    p.add_argument("--lm-eval-limit", type=int, help="score at most N documents per lm-eval task")
-    p.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples per lm-eval prompt (default: the task's)")
+    from clakit.eval.config import EvalConfig
+    from clakit.settings import add_arguments
+
+    add_arguments(p, EvalConfig)  # one flag per EvalConfig field
     p.add_argument(
         "--task", action="append", choices=["passkey"], help="add a task to the report (perplexity is always scored): "
         "passkey = synthetic passkey retrieval, its filler the --data text",
@@ -89,39 +70,17 @@ def _add_eval(sub) -> None:
     p.add_argument("--passkey-depths", metavar="F,F,...", help="needle depths, 0-1 (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--passkey-samples", type=int, help="prompts per length and depth (default 2)")
     p.add_argument("--passkey-seed", type=int, help="seed of the keys and filler offsets (default 0)")
-    p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights; they can run code")
-    _add_placement(p)
     add_quiet(p)
 
     def run(args):
         from clakit.eval import evaluate, write_json
+        from clakit.eval.config import config_from_args
         from clakit.eval.records import check_output
 
-        check_output(args.output, args.data)  # before the evaluation: a bad -o must not cost a whole run
-        report = evaluate(
-            args.model,
-            data=args.data,
-            seq_len=args.seq_len,
-            stride=args.stride,
-            max_tokens=args.max_tokens,
-            batch_size=args.batch_size,
-            kv_budget_gb=args.kv_budget_gb,
-            revision=args.revision,
-            trust_remote_code=args.trust_remote_code,
-            source_model=args.source_model,
-            lm_eval_tasks=args.lm_eval_tasks,
-            lm_eval_include=args.lm_eval_include,
-            lm_eval_limit=args.lm_eval_limit,
-            lm_eval_fewshot=args.lm_eval_fewshot,
-            passkey=_passkey_settings(args),
-            speed=not args.no_speed,
-            quiet=args.quiet,
-            allow_pickle=args.allow_pickle,
-            device=args.device,
-            dtype=args.dtype,
-            device_map=args.device_map,
-        )
+        # before the evaluation: a bad -o must not cost a whole run
+        check_output(args.output, getattr(args, "data", None))
+        config = config_from_args(args)
+        report = evaluate(args.model, config, passkey=_passkey_settings(args), quiet=args.quiet)
         print(
             f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
             f"KV {report['kv_cache']['bytes_per_token']:,} bytes/token -> {write_json(report, args.output)}"
@@ -134,22 +93,6 @@ def _add_eval(sub) -> None:
             print(summary(report["lm_eval"]))
 
     p.set_defaults(run=run)
-
-
-def _add_placement(p) -> None:
-    """Where `clakit eval` runs the model: one device, or layers spread by transformers' device map."""
-    from clakit.devices import DEVICES_HELP
-    from clakit.eval.suite import DEVICE_MAPS, EVAL_DTYPES
-
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--device", help=f"where the model runs: {DEVICES_HELP} (default auto)")
-    where.add_argument(
-        "--device-map",
-        choices=DEVICE_MAPS,
-        help="spread the layers over every visible GPU (then CPU memory) with transformers' device map, for a model "
-        "no single GPU holds",
-    )
-    p.add_argument("--dtype", choices=EVAL_DTYPES, help="weights' dtype (default: the checkpoint's; GGUF: float32)")
 
 
 def _number_list(flag: str, text: str | None, kind: type) -> list | None:

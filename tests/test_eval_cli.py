@@ -227,3 +227,31 @@ def test_provenance_keeps_the_command_quoted_and_the_working_directory(
     provenance = json.loads((tmp_path / "r.json").read_text())["provenance"]
     assert shlex.split(provenance["command"])[1:] == [str(a) for a in argv]
     assert provenance["cwd"] == str(tmp_path)
+
+
+def test_every_eval_setting_is_one_flag_and_recorded_whole(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir):
+    """EvalConfig is the single source of truth: one `clakit eval` flag per field, the report's provenance holds
+    the whole config, and a library call with a value of the wrong type is one ClakitError naming the field."""
+    import dataclasses
+
+    from clakit.cli import build_parser
+    from clakit.errors import ClakitError
+    from clakit.eval.config import EvalConfig
+
+    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
+    flags = {s for action in eval_parser._actions for s in action.option_strings}
+    fields = [f.name for f in dataclasses.fields(EvalConfig)]
+    assert all(f"--{name.replace('_', '-')}" in flags for name in fields)
+    out = tmp_path / "r.json"
+    argv = ["eval", tiny_llama_checkpoint, "-o", out, "--data", corpus_dir / "heldout.txt", "--seq-len", 32,
+            "--max-tokens", 200, "--batch-size", 3, "--no-speed", "-q"]  # fmt: skip
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    recorded = json.loads(out.read_text())["provenance"]["config"]
+    assert recorded == {**EvalConfig().to_dict(), "data": [str(corpus_dir / "heldout.txt")], "seq_len": 32,
+                        "max_tokens": 200, "batch_size": 3, "speed": False}  # fmt: skip
+    for bad, needle in [({"batch_size": "4"}, "eval setting batch_size must be int"),
+                        ({"speed": 1}, "eval setting speed must be bool"),
+                        ({"data": "a.txt"}, "eval setting data must be list")]:  # fmt: skip
+        with pytest.raises(ClakitError, match=needle):
+            evaluate(tiny_llama_checkpoint, **bad)

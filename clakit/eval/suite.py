@@ -1,5 +1,6 @@
 """`evaluate`: every metric of the eval suite on one model, returned as the report dict `clakit eval` writes."""
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -12,14 +13,12 @@ from clakit.corpus import DEFAULT_ONLINE_EVAL, Text, join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.eval import harness, kvcache, perplexity
 from clakit.eval import passkey as passkey_task
+from clakit.eval.config import EvalConfig
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.provenance import provenance
 from clakit.sources import check_revision, check_seq_len, context_window, default_seq_len
 
-DEFAULT_KV_BUDGET_GB = 16.0
-EVAL_DTYPES = ("float32", "bfloat16", "float16")
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' placement strategies
 DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
 MAX_LOSS = 700.0  # nats per token: exp() of more overflows a float; a uniform guess over 10^300 tokens scores less
 
@@ -31,24 +30,6 @@ class Loaded:
     name: str  # what the user gave (path, Hub id, .gguf) or the in-memory model's name
     revision: str | None = None
     model_dir: Path | None = None  # local checkpoint folder, for clakit_convert.json
-
-
-def check_settings(seq_len: int | None, stride: int | None, max_tokens, batch_size: int, kv_budget_gb: float) -> None:
-    """Every numeric setting, checked before anything is loaded. --stride is checked against the windows it steps
-    through once: here when --seq-len is given, else against the model's default window (`_windows`), since a
-    guessed DEFAULT_SEQ_LEN is not the window a shorter-context model gets."""
-    if seq_len is not None:
-        perplexity.check_window(seq_len, stride)
-    elif stride is not None and not (isinstance(stride, int) and stride > 0):
-        raise ClakitError(f"--stride must be a positive number of tokens, got {stride}")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
-        raise ClakitError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ClakitError(f"--batch-size must be a positive integer, got {batch_size}")
-    if isinstance(kv_budget_gb, bool) or not (
-        isinstance(kv_budget_gb, int | float) and math.isfinite(kv_budget_gb) and kv_budget_gb > 0
-    ):
-        raise ClakitError(f"--kv-budget-gb must be a positive number of GB, e.g. 16, got {kv_budget_gb}")
 
 
 def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool, windows=(None, None)):
@@ -90,7 +71,7 @@ def _check_causal_lm(source, trust_remote_code: bool):
 def _windows(config, seq_len: int | None, stride: int | None) -> tuple[int, int]:
     """(seq_len, stride): --seq-len, default DEFAULT_SEQ_LEN or the model's context window if smaller; windows
     longer than the positions the model was trained on would score extrapolation, not the model, and are refused.
-    A given --seq-len had its --stride checked by check_settings; the default's is checked here."""
+    A given --seq-len had its --stride checked by EvalConfig; the default's is checked here."""
     if seq_len is not None:
         check_seq_len(seq_len, config, "--seq-len")
         return seq_len, seq_len if stride is None else stride
@@ -98,30 +79,24 @@ def _windows(config, seq_len: int | None, stride: int | None) -> tuple[int, int]
     return seq_len, perplexity.check_window(seq_len, stride)
 
 
-def _placement(model, device, dtype: str | None, device_map: str | None) -> dict:
+def _placement(model, cfg: EvalConfig) -> dict:
     """load_model's device/dtype/device_map for a checkpoint, checked before anything is read ({} for an in-memory
     model, which stays where it is). --dtype None keeps the checkpoint's (GGUF: float32)."""
-    if dtype is not None and dtype not in EVAL_DTYPES:
-        raise ClakitError(f"--dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
-    if device_map is not None and device is not None:
-        raise ClakitError("give --device or --device-map, not both: --device-map places the layers itself")
-    if device_map is not None and device_map not in DEVICE_MAPS:
-        raise ClakitError(f"--device-map must be one of {', '.join(DEVICE_MAPS)} (transformers'), got {device_map!r}")
     if not isinstance(model, str | Path):
         return {}
-    dtype = getattr(torch, dtype) if dtype else None
-    if device_map is not None:
-        return {"dtype": dtype, "device_map": device_map}
-    return {"dtype": dtype, "device": str(devices.resolve(device or "auto"))}
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    if cfg.device_map is not None:
+        return {"dtype": dtype, "device_map": cfg.device_map}
+    return {"dtype": dtype, "device": str(devices.resolve(cfg.device or "auto"))}
 
 
-def _load(model, source, tokenizer, trust_remote_code: bool, placement: dict, name, allow_pickle: bool) -> Loaded:
+def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name) -> Loaded:
     from clakit.sources import load_model
 
     if source is None:
         label = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         return Loaded(model.eval(), tokenizer, label)
-    loaded = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **placement)
+    loaded = load_model(source, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, **placement)
     model_dir = source.path if source.kind == "dir" else None
     return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir)
 
@@ -215,72 +190,88 @@ def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, reference) -> dict:
 
 def evaluate(
     model,
+    config: EvalConfig | None = None,
     *,
     tokenizer=None,
-    data: list[str] | None = None,
-    seq_len: int | None = None,
-    stride: int | None = None,
-    max_tokens: int | None = None,
-    batch_size: int = 4,
-    kv_budget_gb: float = DEFAULT_KV_BUDGET_GB,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    source_model: str | None = None,
-    lm_eval_tasks=None,
-    lm_eval_include=None,
-    lm_eval_limit: int | None = None,
-    lm_eval_fewshot: int | None = None,
-    passkey=None,
-    speed: bool = True,
-    quiet: bool = False,
     text: str | None = None,
-    device=None,
-    dtype: str | None = None,
-    device_map: str | None = None,
-    decode_steps: int = 16,
+    passkey=None,
     name: str | None = None,
-    allow_pickle: bool = False,
+    quiet: bool = False,
+    decode_steps: int = 16,
+    **settings,
 ) -> dict:
     """Evaluate `model` (checkpoint folder, Hub id, .gguf path, or an in-memory causal LM with `tokenizer`).
 
-    `data`: text files, folders of .txt or datasets specs (default wikitext-2 test; needs the Hub); `text`: raw
-    text instead. `passkey`: a `clakit.eval.passkey.PasskeySettings` adds passkey retrieval (its filler: that
-    text). `lm_eval_tasks`: lm-eval task names or task YAML paths (see clakit.eval.harness), scored under the
-    report's `lm_eval`. `allow_pickle`: accept a folder whose weights are pickle files (they can run code).
-    Returns the report dict (see docs/eval.md); every input is checked before the model is loaded.
+    `config` and/or `settings` (EvalConfig's fields as keywords, which win): `data` = text files, folders of .txt or
+    datasets specs (default wikitext-2 test; needs the Hub); `text`: raw text instead. `passkey`: a
+    `clakit.eval.passkey.PasskeySettings` adds passkey retrieval (its filler: that text). Returns the report dict
+    (see docs/eval.md); every input is checked before the model is loaded.
     """
-    check_settings(seq_len, stride, max_tokens, batch_size, kv_budget_gb)
-    placement = _placement(model, device, dtype, device_map)
+    cfg = dataclasses.replace(config or EvalConfig(), **settings)  # every value checked here
     if passkey is not None:
         passkey.check()
-    if harness.parse_tasks(lm_eval_tasks):
+    run = _prepare(model, cfg, tokenizer, text, passkey)
+    loaded = _load(model, run.source, run.tokenizer, cfg, run.placement, name)
+    return _measure(loaded, cfg, run, decode_steps, quiet)
+
+
+@dataclass
+class Prepared:
+    """Everything checked and built before the model is loaded."""
+
+    source: object  # clakit.sources.Source, None for an in-memory model
+    model_config: object
+    seq_len: int
+    stride: int
+    placement: dict
+    reference: tuple | None
+    texts: list
+    tokenizer: object
+    tokens: perplexity.TokenizedText
+    tasks: list
+    prompts: object
+
+
+def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
+    """Resolve the model and its config, the windows, the reference, the texts, tokens, tasks and prompts: every
+    input is refused here, in seconds, before any weights are read."""
+    placement = _placement(model, cfg)
+    if harness.parse_tasks(cfg.lm_eval_tasks):
         harness.require_lm_eval()  # before anything slow; the tasks themselves are loaded just before the model
     if isinstance(model, str | Path):  # a revision read for nothing would be recorded as provenance
-        check_revision(revision, model, source_model)
-    source, config = _resolve(model, tokenizer, revision, trust_remote_code, allow_pickle, (seq_len, stride))
-    seq_len, stride = _windows(config, seq_len, stride)
+        check_revision(cfg.revision, model, cfg.source_model)
+    source, config = _resolve(model, tokenizer, cfg.revision, cfg.trust_remote_code, cfg.allow_pickle,
+                              (cfg.seq_len, cfg.stride))  # fmt: skip
+    seq_len, stride = _windows(config, cfg.seq_len, cfg.stride)
     model_dir = source.path if source is not None and source.kind == "dir" else None
-    reference = _reference(source_model, model_dir, revision, trust_remote_code)
+    reference = _reference(cfg.source_model, model_dir, cfg.revision, cfg.trust_remote_code)
     _check_reference(config, reference)
-    texts = _texts(data, text)
+    texts = _texts(cfg.data, text)
     if tokenizer is None:  # before the model: a text too short is refused in seconds
-        tokenizer = _tokenizer(source, trust_remote_code)
-    tokens = _tokens(tokenizer, texts, seq_len, max_tokens)
-    tasks = harness.prepare(lm_eval_tasks, lm_eval_include, lm_eval_limit, lm_eval_fewshot)
+        tokenizer = _tokenizer(source, cfg.trust_remote_code)
+    tokens = _tokens(tokenizer, texts, seq_len, cfg.max_tokens)
+    tasks = harness.prepare(cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit, cfg.lm_eval_fewshot)
     prompts = _passkey_prompts(passkey, config, tokenizer, texts)
     _check_vocab(config, tokens, prompts)
-    loaded = _load(model, source, tokenizer, trust_remote_code, placement, name, allow_pickle)
-    settings = {"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size}
-    report = {"format": FORMAT, "model": loaded.name, **_perplexity(loaded.model, tokens, texts, settings, quiet)}
+    return Prepared(source, config, seq_len, stride, placement, reference, texts, tokenizer, tokens, tasks, prompts)
+
+
+def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, decode_steps: int, quiet: bool) -> dict:
+    """The report: perplexity, KV cache, speed, passkeys and lm-eval tasks as asked, and the provenance."""
+    settings = dict(seq_len=run.seq_len, stride=run.stride, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+    report = {"format": FORMAT, "model": loaded.name}
+    report.update(_perplexity(loaded.model, run.tokens, run.texts, settings, quiet))
     report["settings"] = settings
-    report["kv_cache"] = _kv_cache(loaded, tokens.ids, seq_len, kv_budget_gb, reference)
-    report["speed"] = _speed(loaded.model, tokens.ids[:seq_len], batch_size, decode_steps) if speed else None
-    if prompts:
-        report["passkey"] = passkey_task.run(loaded.model, loaded.tokenizer, prompts, quiet)
-    if tasks:
+    report["kv_cache"] = _kv_cache(loaded, run.tokens.ids, run.seq_len, cfg.kv_budget_gb, run.reference)
+    speed_ids = run.tokens.ids[: run.seq_len]
+    report["speed"] = _speed(loaded.model, speed_ids, cfg.batch_size, decode_steps) if cfg.speed else None
+    if run.prompts:
+        report["passkey"] = passkey_task.run(loaded.model, loaded.tokenizer, run.prompts, quiet)
+    if run.tasks:
         # lm-eval sees the same windows as clakit's perplexity (HFLM's max_length = seq_len): one number per text
-        report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, tasks, batch_size, max_length=seq_len)
-    report["provenance"] = _provenance(loaded, report["data"], settings, placement.get("device_map"))
+        report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, run.tasks, cfg.batch_size,
+                                              max_length=run.seq_len)  # fmt: skip
+    report["provenance"] = _provenance(loaded, report["data"], settings, cfg)
     return report
 
 
@@ -351,7 +342,7 @@ def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -
     return {**measured, "num_tokens": scored["num_scored"], "num_windows": scored["num_windows"], "data": data}
 
 
-def _provenance(loaded: Loaded, data_info: dict, settings: dict, device_map: str | None) -> dict:
+def _provenance(loaded: Loaded, data_info: dict, settings: dict, cfg: EvalConfig) -> dict:
     spanned = devices.spanned(loaded.model)  # several when a device map spread the layers
     names = [torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu" for d in spanned]
     return provenance(
@@ -360,9 +351,10 @@ def _provenance(loaded: Loaded, data_info: dict, settings: dict, device_map: str
         data=data_info["sources"],
         data_sha256=data_info["sha256"],
         settings=settings,
+        config=cfg.to_dict(),  # every setting as given (settings: the windows used)
         device=", ".join(map(str, spanned)),
         device_name=", ".join(dict.fromkeys(names)),
-        device_map=device_map,  # as asked; where transformers put each module (none when all on one device):
+        device_map=cfg.device_map,  # as asked; where transformers put each module (none when all on one device):
         layer_devices=getattr(loaded.model, "hf_device_map", None),
         dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         torch_threads=torch.get_num_threads(),

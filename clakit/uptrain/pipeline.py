@@ -422,7 +422,7 @@ def wait_for_conversion(converted: Path, failed: Path, poll_s: float | None = No
         time.sleep(CONVERT_POLL_S if poll_s is None else poll_s)
 
 
-def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, acc, quiet: bool) -> dict:
+def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, quiet: bool) -> dict:
     """`clakit eval`'s report of an in-memory model on the held-out data (no speed test: CPU time is precious)."""
     from clakit.eval import evaluate
 
@@ -435,7 +435,6 @@ def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, acc, quiet
         batch_size=recipe.train.per_device_eval_batch_size,
         speed=False,
         quiet=quiet,
-        device=acc.device,
         name=name,
         **source,
     )
@@ -446,12 +445,12 @@ def original_report(recipe: Recipe, source, teacher, dtype, run: dict, acc) -> d
     if teacher is None and source is None:
         return None
     if teacher is not None:
-        return heldout_report(teacher, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+        return heldout_report(teacher, "original", recipe, run["data"], run["tokenizer"], run["quiet"])
     if checkpoint.sharded(acc):  # every process scores it in step: read by the main one, sharded over all
         model = sharding.shard_frozen(sharding.load_on_main(source, dtype, acc), acc)
     else:
         model = load_model(source, dtype=dtype, device=str(acc.device))
-    report = heldout_report(model, "original", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    report = heldout_report(model, "original", recipe, run["data"], run["tokenizer"], run["quiet"])
     del model
     gc.collect()  # FSDP2's modules hold reference cycles: its shards would stay on the device into training
     return report
@@ -579,7 +578,7 @@ def _setup(
     run["score_converted"] = fresh and checkpoint.sharded(acc)
     if fresh and not checkpoint.sharded(acc):
         _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", quiet)
-        run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, acc, quiet)
+        run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, quiet)
     model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
     teacher = _load_teacher(original, dtype, model, acc) if recipe.needs_teacher else None
     if fresh:
@@ -659,7 +658,7 @@ def _score_converted(recipe: Recipe, out: Path, trainer, run: dict, acc) -> None
     """Under FSDP: the converted model's held-out report from the sharded student before its first step (LoRA's B
     is zero, the fully trained tensors untouched: the converted model's function), every process in step."""
     _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", run["quiet"])
-    r = heldout_report(trainer.model, "converted", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    r = heldout_report(trainer.model, "converted", recipe, run["data"], run["tokenizer"], run["quiet"])
     if acc.is_main_process:
         _write_reports(out, {"converted": r})
 
@@ -667,7 +666,7 @@ def _score_converted(recipe: Recipe, out: Path, trainer, run: dict, acc) -> None
 def _save_whole(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitError | None:
     """One process (or DDP, each holding the whole model): merge LoRA in memory, score, save."""
     model = student.merged(acc.unwrap_model(trainer.model), run["dtype"])
-    end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], run["quiet"])
     if not acc.is_main_process:
         return None
     with outputs.staged(out / RESULT, "model", overwrite=True) as tmp:  # a full disk leaves no half-written model/
@@ -680,7 +679,7 @@ def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitE
     """FSDP: every process scores the sharded trained model in step; the trained tensors are gathered to the main
     process, which merges them into the start checkpoint tensor by tensor as it writes (no process ever holds the
     whole model)."""
-    end = heldout_report(trainer.model, "uptrained", recipe, run["data"], run["tokenizer"], acc, run["quiet"])
+    end = heldout_report(trainer.model, "uptrained", recipe, run["data"], run["tokenizer"], run["quiet"])
     trained = checkpoint.trainable_state(trainer.model)  # collective: whole tensors on the main process
     if not acc.is_main_process:
         return None
