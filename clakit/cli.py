@@ -14,7 +14,12 @@ from clakit.errors import ClakitError, Terminated
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line naming the fix instead of the usage block (exit 2, as argparse)."""
+    """argparse, with a usage error as one line naming the fix instead of the usage block (exit 2, as argparse), and
+    no abbreviated flags: `--ov` taken as --overwrite (or `--resum` as --resume) is a typo acted upon."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # the subcommands' parsers are made by this class too
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"clakit: error: {message}; see `{self.prog} --help`\n")

@@ -23,3 +23,12 @@ def test_clakit_error_becomes_one_line_and_exit_2(capsys, monkeypatch):
     assert main(["boom"]) == 2
     err = capsys.readouterr().err
     assert err == "clakit: error: something is wrong; do this instead\n"
+
+
+def test_abbreviated_flags_are_refused_not_guessed(capsys, tmp_path):
+    """`--ov` taken as --overwrite, `--resum` as --resume: a typo acted upon; each command wants its full flags."""
+    for argv, flag in [(["convert", "a", "b", "--ov"], "--ov"), (["uptrain", "r.yaml", "--resum"], "--resum"),
+                       (["eval", "m", "-o", "r.json", "--seq", "32"], "--seq")]:  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("clakit: error: unrecognized argument") and flag in err and err.count("\n") == 1, err
