@@ -37,6 +37,7 @@ def base_args(checkpoint, corpus_dir, out):
         (["--device", "cuda:3"], "--device cuda:3: this machine has no CUDA GPU"),
         (["--device", "nonsense"], "unknown --device 'nonsense'"),
         (["--device", "mps"], "--device mps is not supported"),
+        (["--device", "cpu:3"], "--device cpu:3: the CPU has no index"),
     ],
 )
 def test_a_device_this_machine_lacks_is_refused_before_loading(
