@@ -372,10 +372,18 @@ def load_model(
     return model.eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
+
+
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if source.kind == "dir" and not any((source.path / name).is_file() for name in TOKENIZER_FILES):
+        raise ClakitError(  # transformers' own words: "Couldn't instantiate the backend tokenizer from one of ..."
+            f"{source.spec} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); text is tokenized with "
+            "the model's own tokenizer: copy its tokenizer files from the original release into that folder"
+        )
     try:
         return AutoTokenizer.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code, **kwargs)
     except _errors(source, ValueError, OSError) as e:

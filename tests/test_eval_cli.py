@@ -255,3 +255,15 @@ def test_every_eval_setting_is_one_flag_and_recorded_whole(capsys, tmp_path, tin
                         ({"data": "a.txt"}, "eval setting data must be list")]:  # fmt: skip
         with pytest.raises(ClakitError, match=needle):
             evaluate(tiny_llama_checkpoint, **bad)
+
+
+def test_a_checkpoint_without_tokenizer_files_is_named_as_such(capsys, tmp_path, tiny_llama_checkpoint, corpus_dir):
+    """transformers says "Couldn't instantiate the backend tokenizer from one of"; the fix: the tokenizer files."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_llama_checkpoint.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            (bare / f.name).symlink_to(f)
+    out = tmp_path / "r.json"
+    argv = ["eval", bare, "-o", out, "--data", corpus_dir / "heldout.txt", "--seq-len", 32, "--no-speed", "-q"]
+    assert_refused(capsys, argv, "has no tokenizer files (tokenizer.json, tokenizer.model, ...)", out)
