@@ -378,3 +378,16 @@ def test_held_out_loss_on_one_process_scores_each_block_once():
         logits = model(input_ids=blocks).logits
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), blocks[:, 1:].flatten())
     assert abs(result["loss"] - expected.item()) < 1e-5
+
+
+def test_a_conversion_inside_uptrain_names_the_recipe_settings_of_its_calibration_text(
+    tokenizer, corpus_dir, tmp_path
+):
+    """model.source + model.convert with too little calibration text: the fix named only convert's --calib-data,
+    a flag an uptrain user never typed."""
+    stock = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "stock")
+    (tmp_path / "short.txt").write_text("a few words")
+    convert = {"factor": 2, "init": "calibrated", "calib_data": [str(tmp_path / "short.txt")], "seq_len": 32}
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"source": str(stock), "convert": convert})
+    with pytest.raises(ClakitError, match=r"calibration text is too short.*model\.convert\.calib_data"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)

@@ -33,6 +33,8 @@ DEFAULT_RIDGE = 1e-3  # relative to the mean Fisher weight times the mean diagon
 RECONSTRUCT_SEQS = 8  # sequences whose activations reconstruct caches (8 x 512 tokens x 30 layers x 2: ~0.5 GB fp32)
 CHARS_PER_TOKEN_CAP = 64  # read at most this many characters per wanted token: bounds tokenisation of huge corpora
 
+RECIPE_NAMES = " (in an uptrain recipe: model.convert.calib_data / calib_tokens)"  # the same settings there
+
 
 def calib_input_ids(tokenizer, texts: list[Text], calib_tokens: int, seq_len: int) -> torch.Tensor:
     """(n_seq, seq_len) token ids: n_seq = calib_tokens // seq_len non-overlapping windows spread evenly over the text.
@@ -40,14 +42,16 @@ def calib_input_ids(tokenizer, texts: list[Text], calib_tokens: int, seq_len: in
     Spreading the windows (rather than taking the first tokens) samples more of a corpus made of several documents.
     """
     if seq_len <= 0 or calib_tokens < seq_len:
-        raise ClakitError(f"--calib-tokens ({calib_tokens}) must be at least the sequence length ({seq_len})")
+        raise ClakitError(
+            f"--calib-tokens ({calib_tokens}) must be at least the sequence length ({seq_len}){RECIPE_NAMES}"
+        )
     text = join_texts(texts)[: CHARS_PER_TOKEN_CAP * calib_tokens]
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"] if text.strip() else []
     available = len(ids) // seq_len
     if available == 0:
         raise ClakitError(
             f"calibration text is too short: {len(ids)} tokens, need at least one sequence of {seq_len}; "
-            "give more text with --calib-data"
+            f"give more text with --calib-data{RECIPE_NAMES}"
         )
     windows = torch.tensor(ids[: available * seq_len], dtype=torch.long).view(available, seq_len)
     n_seq = min(calib_tokens // seq_len, available)
@@ -545,7 +549,7 @@ def fit_kv(
     if method not in METHODS:
         raise ClakitError(f"unknown data-aware init {method!r}; choose one of {', '.join(METHODS)}")
     if input_ids.numel() == 0:
-        raise ClakitError("no calibration tokens; give more text with --calib-data")
+        raise ClakitError(f"no calibration tokens; give more text with --calib-data{RECIPE_NAMES}")
     shared = [i for members in groups(layout).values() if len(members) > 1 for i in members]
     keep = shared if method == "reconstruct" else ()
     with tempfile.TemporaryDirectory(prefix=".clakit-calib.", dir=scratch) as folder:
