@@ -283,6 +283,21 @@ def make_staging(out: Path) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def new_parents_removed_on_failure(out: Path) -> Iterator[None]:
+    """The folders above `out` that a run creates (its staging and scratch folders go beside `out`) are removed again
+    when it fails, so a refusal or a crash leaves nothing behind. rmdir removes only empty folders: nothing else is
+    touched."""
+    missing = [p for p in Path(out).absolute().parents if not p.exists()]  # innermost first
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
 def discard(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 

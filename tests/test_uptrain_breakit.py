@@ -391,3 +391,27 @@ def test_a_conversion_inside_uptrain_names_the_recipe_settings_of_its_calibratio
     recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"source": str(stock), "convert": convert})
     with pytest.raises(ClakitError, match=r"calibration text is too short.*model\.convert\.calib_data"):
         uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+
+
+def test_a_failed_run_leaves_no_folders_it_created_above_its_output(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    monkeypatch,
+):
+    """train.output_dir runs/a/b/run: the staging folder beside it creates runs/a/b; a run that fails before its
+    first checkpoint is removed, and so are the folders it made (convert does the same)."""
+    out = tmp_path / "runs" / "a" / "b" / "run"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, train={"save_steps": 0})
+
+    def crash(self):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trainer_module.Trainer, "run", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs").mkdir()  # a folder that was there before the run stays
+    with pytest.raises(RuntimeError, match="simulated"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert (tmp_path / "runs").is_dir() and not (tmp_path / "runs" / "a").exists()

@@ -276,7 +276,7 @@ class _Conversion:
         if self.quiet:
             hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
         try:
-            with _new_parents_removed_on_failure(self.out):
+            with outputs.new_parents_removed_on_failure(self.out):
                 return self._run()
         finally:
             if bars_were_on:
@@ -655,20 +655,6 @@ class _Conversion:
             distill_steps=self.distill_steps, distill_copy_fraction=self.copies[0], distill_copy_span=self.copies[1],
             seq_len=self.seq_len,
         )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _new_parents_removed_on_failure(out: Path):
-    """The folders above OUT that the run creates (the scratch and staging folders go beside OUT) are removed again
-    when it fails, so a refusal leaves nothing behind. rmdir removes only empty folders: nothing else is touched."""
-    missing = [p for p in out.parents if not p.exists()]  # innermost first
-    try:
-        yield
-    except BaseException:
-        for folder in missing:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
 
 
 def _tied(cla_cfg, lm_cls) -> dict[str, str]:

@@ -540,6 +540,12 @@ def uptrain(
     check_plan(recipe.train, plan)
     if resume:
         check_same_data(out, data, acc.num_processes)
+    with outputs.new_parents_removed_on_failure(out):  # runs/a/b/out: a failed run leaves no empty runs/a/b
+        return _stage_and_train(recipe, out, data, tokenizer, acc, quiet, resume, overwrite, original, model)
+
+
+def _stage_and_train(recipe: Recipe, out: Path, data, tokenizer, acc, quiet, resume, overwrite, original, model):
+    """Set the run up in a staging folder (a fresh run) or in `out` (--resume), publish it, train, save."""
     work = out if resume else _staging_dir(out, acc)
     try:
         run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume, original=original, section=model)
