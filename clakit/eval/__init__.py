@@ -7,7 +7,8 @@ write_json(r, "cla2.json"); report(["orig.json", "cla2.json"], "report/")
 """
 
 from clakit.eval.comparison import report
+from clakit.eval.config import EvalConfig
 from clakit.eval.records import read_report, write_json
 from clakit.eval.suite import evaluate
 
-__all__ = ["evaluate", "read_report", "report", "write_json"]
+__all__ = ["EvalConfig", "evaluate", "read_report", "report", "write_json"]
