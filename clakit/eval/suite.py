@@ -220,7 +220,6 @@ class Prepared:
     """Everything checked and built before the model is loaded."""
 
     source: object  # clakit.sources.Source, None for an in-memory model
-    model_config: object
     seq_len: int
     stride: int
     placement: dict
@@ -253,7 +252,7 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
     tasks = harness.prepare(cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit, cfg.lm_eval_fewshot)
     prompts = _passkey_prompts(passkey, config, tokenizer, texts)
     _check_vocab(config, tokens, prompts)
-    return Prepared(source, config, seq_len, stride, placement, reference, texts, tokenizer, tokens, tasks, prompts)
+    return Prepared(source, seq_len, stride, placement, reference, texts, tokenizer, tokens, tasks, prompts)
 
 
 def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, decode_steps: int, quiet: bool) -> dict:
