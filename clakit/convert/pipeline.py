@@ -9,6 +9,7 @@ transformers can only read them by dequantising the entire file, so they are hel
 """
 
 import contextlib
+import functools
 import gc
 import shutil
 import sys
@@ -425,7 +426,7 @@ class _Conversion:
         # tokenized before any model runs, so too little calibration text is refused before the slow stages
         ids = self._calib_ids() if self.needs_calibration else None
         if self.eval_texts:
-            self._check_vocab(self._eval_ids(), "--eval-data")
+            self._check_vocab(self._eval_ids, "--eval-data")
         runner = self._gguf_runner() if self.source.kind == "gguf" else None
         if not (self.needs_calibration or self.eval_texts):
             return {}
@@ -477,8 +478,10 @@ class _Conversion:
             self._check_vocab(self.distill_ids, "--calib-data")
         return ids
 
+    @functools.cached_property
     def _eval_ids(self) -> torch.Tensor:
-        """The --eval-data tokens `_perplexity` scores (the same tokenization)."""
+        """The --eval-data tokens `_perplexity` scores (the same tokenization), tokenized once for the vocabulary
+        check and both evaluations."""
         from clakit.eval import perplexity
 
         return perplexity.tokenize(self.tokenizer, join_texts(self.eval_texts), self.cfg.eval_tokens).ids
@@ -620,7 +623,7 @@ class _Conversion:
         from clakit.eval import perplexity
 
         text, max_tokens = join_texts(self.eval_texts), self.cfg.eval_tokens
-        available = len(perplexity.tokenize(self.tokenizer, text, max_tokens).ids) - 1
+        available = len(self._eval_ids) - 1
         if available < 2:
             raise ClakitError("the --eval-data text is shorter than two tokens; give more held-out text")
         seq_len = min(self.seq_len, available)  # a short text still gets one window
