@@ -144,9 +144,19 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
         return Source(spec, "dir", path.resolve())
     if path.exists():
         raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file")
-    if looks_like_hub_id(spec) and (not os.environ.get("HF_HUB_OFFLINE") or _in_hub_cache(spec, revision)):
+    if looks_like_hub_id(spec) and (not hub_offline() or _in_hub_cache(spec, revision)):
         return _download(spec, revision, allow_pickle, check_config)  # offline: huggingface_hub reads its cache
     raise ClakitError(f"model {spec!r} does not exist: give a checkpoint folder, a .gguf file or a Hub id (org/name)")
+
+
+def hub_offline() -> bool:
+    """huggingface_hub's offline rule, read from the environment now (not at its import): HF_HUB_OFFLINE, else
+    TRANSFORMERS_OFFLINE, set to 1/ON/YES/TRUE in any case. "0" or "false" means online, as huggingface_hub reads it
+    (any non-empty value was taken as offline, and an id missing from the cache refused as "does not exist")."""
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    return value is not None and value.upper() in ENV_VARS_TRUE_VALUES
 
 
 def _in_hub_cache(spec: str, revision: str | None) -> bool:
