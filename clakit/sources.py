@@ -231,6 +231,7 @@ def load_config(source: Source, trust_remote_code: bool = False):
 
     if source.kind == "dir":
         read_config_json(source.path)
+    check_remote_code(source, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(
             source.load_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
@@ -239,6 +240,30 @@ def load_config(source: Source, trust_remote_code: bool = False):
         raise _read_error(source, "read the config of", e) from None
     _check_rope_type(source, config)
     return config
+
+
+def check_remote_code(source: Source, trust_remote_code: bool) -> None:
+    """A config.json whose model_type transformers does not know, with an auto_map naming code shipped beside it, is
+    read only by running that code: transformers refuses it ("contains custom code which must be executed") without
+    naming clakit's flag, and _read_error's advice (download it again) was wrong. Refused here naming the flag."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    import clakit.modeling  # noqa: F401  (llama_cla / mistral_cla are known types: their auto_map is not needed)
+
+    if trust_remote_code or source.kind != "dir":
+        return
+    raw = _raw_config(source.path)
+    auto_map = raw.get("auto_map")
+    if not isinstance(auto_map, dict) or "AutoConfig" not in auto_map:
+        return
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:  # transformers' own class: no code is run
+        return
+    raise ClakitError(
+        f"{source.spec} is a model transformers does not know (model_type {model_type!r}) whose config.json loads "
+        f"code shipped with it (auto_map AutoConfig: {auto_map['AutoConfig']}), which runs when loaded; pass "
+        "--trust-remote-code if you trust the source"
+    )
 
 
 def _check_rope_type(source: Source, config) -> None:
@@ -260,15 +285,20 @@ def _check_rope_type(source: Source, config) -> None:
 NAMED_WEIGHTS = "transformers_weights"  # config.json's key naming the weights file transformers loads before any other
 
 
+def _raw_config(folder: Path) -> dict:
+    """config.json as a dict, {} when it is missing or not a JSON object (read_config_json says why elsewhere)."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
 def named_weights(folder: Path) -> str | None:
     """The weights file a checkpoint's config.json names (`transformers_weights`: transformers loads it first,
     whatever model.safetensors holds), refused in one line unless it is a relative path inside the folder; None
     when there is no such key (or no readable config: read_config_json says why elsewhere)."""
-    try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    name = raw.get(NAMED_WEIGHTS) if isinstance(raw, dict) else None
+    name = _raw_config(folder).get(NAMED_WEIGHTS)
     if name is None:
         return None
     inside = isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts
@@ -353,6 +383,7 @@ def load_model(
     from clakit.modeling.modeling_cla import WeightsMismatch, loading_problem
 
     check_weights(source, allow_pickle)
+    check_remote_code(source, trust_remote_code)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if device_map is not None:
         kwargs["device_map"] = device_map

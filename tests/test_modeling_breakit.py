@@ -1,11 +1,16 @@
 """Break-it probes of the CLA model classes and of model loading (clakit/modeling, clakit/sources.py): each test
 is a case that once went wrong, checked against what huggingface_hub, transformers or the stock model do."""
 
+import json
+from pathlib import Path
+
 import pytest
+from conftest import save_checkpoint, tiny_model
 from test_sources_hub import hub  # noqa: F401
 
+from clakit.convert.inmemory import cla_model_from
 from clakit.errors import ClakitError
-from clakit.sources import resolve_source
+from clakit.sources import load_config, load_model, resolve_source
 
 # --- sources: Hub ids ----------------------------------------------------------------------------------------------
 
@@ -26,3 +31,44 @@ def test_hub_offline_set_to_a_true_value_never_downloads(hub, monkeypatch, varia
     with pytest.raises(ClakitError, match="'org/model' does not exist"):
         resolve_source("org/model")
     assert hub.calls == []
+
+
+# --- sources: remote code -------------------------------------------------------------------------------------------
+
+REMOTE_CONFIG = "from transformers import LlamaConfig\n\n\nclass MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
+REMOTE_MODEL = (
+    "from transformers import LlamaForCausalLM\nfrom .configuration_my import MyConfig\n\n\n"
+    "class MyLM(LlamaForCausalLM):\n    config_class = MyConfig\n"
+)
+
+
+def remote_code_checkpoint(folder: Path, tokenizer) -> Path:
+    """A tiny Llama whose config.json names code shipped beside it (model_type unknown to transformers)."""
+    save_checkpoint(tiny_model("llama"), tokenizer, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {
+        "model_type": "my_llama",
+        "auto_map": {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyLM"},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_my.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_my.py").write_text(REMOTE_MODEL)
+    return folder
+
+
+@pytest.mark.parametrize("load", [load_config, load_model], ids=["config", "model"])
+def test_remote_code_without_the_flag_names_the_flag(tmp_path, tokenizer, load):
+    """transformers' refusal ("contains custom code which must be executed") came out with the advice to download
+    the files again; the fix is --trust-remote-code."""
+    source = resolve_source(str(remote_code_checkpoint(tmp_path / "rc", tokenizer)))
+    with pytest.raises(ClakitError, match="--trust-remote-code") as e:
+        load(source)
+    assert "my_llama" in str(e.value) and "download it again" not in str(e.value)
+    assert type(load(source, trust_remote_code=True)).__name__ in ("MyConfig", "MyLM")
+
+
+def test_a_cla_checkpoint_needs_no_remote_code_flag(tmp_path):
+    """Its auto_map names clakit's own classes, registered on import: loaded without --trust-remote-code."""
+    cla = cla_model_from(tiny_model("llama", num_hidden_layers=4), [0, 0, 2, 2], init="mean")
+    cla.save_pretrained(tmp_path / "cla")
+    assert type(load_model(resolve_source(str(tmp_path / "cla")))) is type(cla)
