@@ -415,3 +415,21 @@ def test_a_failed_run_leaves_no_folders_it_created_above_its_output(
     with pytest.raises(RuntimeError, match="simulated"):
         uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
     assert (tmp_path / "runs").is_dir() and not (tmp_path / "runs" / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "train", [{"gradient_accumulation_steps": 10**12}, {"per_device_train_batch_size": 10**9}], ids=["ga", "batch"]
+)
+def test_a_step_that_reads_more_blocks_than_the_data_holds_is_refused_before_any_work(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    train,
+):
+    """gradient_accumulation_steps=1e12 was accepted and the first step ran practically forever (1e12 micro-batches
+    over a few dozen blocks); a batch larger than the data read every block many times in one step."""
+    out = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, train=train)
+    with pytest.raises(ClakitError, match=r"one optimizer step reads .* blocks of data.seq_len=32, but data.train"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert not out.exists()

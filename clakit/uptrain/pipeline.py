@@ -351,6 +351,19 @@ def check_launch(data, world: int) -> None:
             )
 
 
+def check_step_fits_data(data, world: int, train) -> None:
+    """One optimizer step may not read more blocks than the training data holds: it would count blocks twice in one
+    gradient, and a huge gradient_accumulation_steps would run its first step practically forever."""
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world
+    if per_step > len(data.train):
+        raise ClakitError(
+            f"one optimizer step reads train.per_device_train_batch_size x train.gradient_accumulation_steps x "
+            f"{world} process(es) = {per_step} blocks of data.seq_len={data.seq_len}, but data.train has only "
+            f"{len(data.train)}: each step would read blocks twice; lower train.gradient_accumulation_steps or "
+            "train.per_device_train_batch_size, give more data.train text, or lower data.seq_len"
+        )
+
+
 MIN_TOKENISED = 1 << 24  # below this the whole train text is read: the run samples from all of it
 
 
@@ -536,6 +549,7 @@ def uptrain(
     calib = recipe.model.convert.calib_data if recipe.model.convert else None
     data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed, calib=calib)
     check_launch(data, acc.num_processes)
+    check_step_fits_data(data, acc.num_processes, recipe.train)
     plan = make_plan(recipe.train, len(data.train), data.seq_len, acc.num_processes)
     check_plan(recipe.train, plan)
     if resume:
