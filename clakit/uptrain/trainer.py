@@ -104,15 +104,14 @@ def make_scheduler(optimizer, train, plan: Plan):
     )
 
 
-def padded_share(n_blocks: int, batch_size: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_share(n_blocks: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which held-out blocks process `rank` scores: its share `rank::world`, padded by repeating block 0 up to the
-    same number of full batches on every process (FSDP gathers each layer's weights in every forward, so all
-    processes must run the same number of them, e.g. 9 blocks on 2 processes at batch 4: 2 batches each).
+    largest share (FSDP gathers each layer's weights in every forward, so all processes must run the same number of
+    forwards: with equal shares at one batch size they do, e.g. 9 blocks on 2 processes: 5 each, 1 of them padding).
 
     Returns (block indices, weights): weight 0 marks a padding block, left out of the sums."""
-    batches = math.ceil(math.ceil(n_blocks / world) / batch_size)
     mine = torch.arange(rank, n_blocks, world)
-    pad = batches * batch_size - len(mine)
+    pad = math.ceil(n_blocks / world) - len(mine)
     index = torch.cat([mine, torch.zeros(pad, dtype=torch.long)])
     return index, torch.cat([torch.ones(len(mine)), torch.zeros(pad)]).double()
 
@@ -125,10 +124,7 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int, device=None) -> d
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    if world == 1:  # the padding only keeps processes in step: alone, it would score block 0 up to batch_size times
-        index, weight = torch.arange(len(blocks)), torch.ones(len(blocks), dtype=torch.float64)
-    else:
-        index, weight = padded_share(len(blocks), batch_size, rank, world)
+    index, weight = padded_share(len(blocks), rank, world)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i in range(0, len(index), batch_size):
         ids = blocks[index[i : i + batch_size]].to(device)
