@@ -176,10 +176,7 @@ def _add_demo(sub) -> None:
     def run(args):
         from clakit.demo import DemoSettings, run_demo
 
-        if args.max_tokens <= 0:
-            raise ClakitError(f"--max-tokens must be positive, got {args.max_tokens}")
-        if args.uptrain_steps < 0:
-            raise ClakitError(f"--uptrain-steps must be 0 (skip) or positive, got {args.uptrain_steps}")
+        # DemoSettings checks its values (the library's rule) before any stage
         settings = DemoSettings(max_tokens=args.max_tokens, uptrain_steps=args.uptrain_steps, quiet=args.quiet)
         out = run_demo(args.work_dir, cache_dir=args.cache_dir, settings=settings)
         print(f"report: {(out / 'report.html').resolve()}")

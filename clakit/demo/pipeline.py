@@ -18,6 +18,7 @@ from pathlib import Path
 
 from clakit import outputs
 from clakit.demo.fetch import DemoAssets, default_cache_dir, fetch_demo
+from clakit.errors import ClakitError
 from clakit.eval.records import check_output
 
 DEFAULT_WORK_DIR = "clakit-demo"
@@ -41,6 +42,19 @@ class DemoSettings:
     uptrain_steps: int = 60  # a shortened recipes/smollm2/135m_cla2_cpu.yaml; 0 skips the recovery step
     uptrain_seq_len: int = 512  # the recipe's windows (batch 2: 1,024 tokens a step)
     quiet: bool = False
+
+    def __post_init__(self):
+        """Refused when made, before any stage: the eval stage comes after fetching, converting and uptraining, so a
+        --max-tokens below one window failed there, minutes in, naming a --seq-len `clakit demo` has no flag for."""
+        if self.max_tokens <= 0:
+            raise ClakitError(f"--max-tokens must be positive, got {self.max_tokens}")
+        if self.max_tokens < self.seq_len:
+            raise ClakitError(
+                f"--max-tokens {self.max_tokens} is less than one window of the demo's evaluation ({self.seq_len} "
+                f"tokens); give --max-tokens {self.seq_len} or more"
+            )
+        if self.uptrain_steps < 0:
+            raise ClakitError(f"--uptrain-steps must be 0 (skip) or positive, got {self.uptrain_steps}")
 
 
 @dataclass
