@@ -7,6 +7,8 @@ pins, so these classes replace it: they are registered with transformers' AutoCo
 which vLLM consults before remote code.
 """
 
+import re
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, LlamaConfig, MistralConfig
 
@@ -34,6 +36,48 @@ def layout_problem(kv_source_layers, num_hidden_layers: int) -> str | None:
                 f"{kv_source_layers[source]}); a source must be a producer"
             )
     return None
+
+
+# "model.layers.3.self_attn.k_proj.weight" -> layer "3", projection "k"; any tensor of the module (weight, bias, ...)
+ATTENTION_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([qkv])_proj\.")
+# what to do when the weights and kv_source_layers disagree: a hand-edited config.json or a damaged folder
+FIX_WEIGHTS = "give vLLM the folder `clakit convert` wrote, unedited (or convert the stock checkpoint again)"
+
+
+def unexpected_kv_tensor(name: str, kv_source_layers: list[int]) -> str | None:
+    """Why checkpoint tensor `name` does not fit the layout (a K/V projection of a consumer), as one line; else None.
+
+    Such a checkpoint is usually a stock one given a kv_source_layers by hand: the consumer would attend to another
+    layer's K/V while its own trained ones are dropped.
+    """
+    match = ATTENTION_TENSOR.search(name)
+    if match is None or match[2] == "q" or int(match[1]) >= len(kv_source_layers):
+        return None
+    layer = int(match[1])
+    if kv_source_layers[layer] == layer:
+        return None
+    return (
+        f"the checkpoint has {name}, but kv_source_layers makes layer {layer} a consumer of layer "
+        f"{kv_source_layers[layer]}, with no K/V projections: config.json does not match the weights; {FIX_WEIGHTS}"
+    )
+
+
+def missing_attention_tensors(names, kv_source_layers: list[int], layers) -> str | None:
+    """The attention projections of `layers` that no tensor in `names` provides, as one line; else None.
+
+    A producer needs q/k/v_proj, a consumer q_proj. vLLM checks for absent weights only in quantized models: an
+    unquantized one would serve uninitialised memory in place of a missing projection.
+    """
+    present = {(int(m[1]), m[2]) for m in map(ATTENTION_TENSOR.search, names) if m}
+    needed = [(layer, p) for layer in layers for p in ("q", "k", "v") if p == "q" or kv_source_layers[layer] == layer]
+    missing = [f"model.layers.{layer}.self_attn.{p}_proj" for layer, p in needed if (layer, p) not in present]
+    if not missing:
+        return None
+    more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+    return (
+        f"the checkpoint has no {', '.join(missing[:3])}{more}, which kv_source_layers {kv_source_layers} needs "
+        f"(a producer has q/k/v_proj, a consumer q_proj); {FIX_WEIGHTS}"
+    )
 
 
 class CLAConfigMixin:

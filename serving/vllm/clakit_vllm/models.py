@@ -10,6 +10,7 @@ consumer must find its producer's attention on its own rank.
 """
 
 import dataclasses
+from collections.abc import Iterable, Iterator
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
@@ -19,7 +20,7 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.mistral import MistralAttention, MistralDecoderLayer, MistralForCausalLM
 from vllm.model_executor.models.utils import WeightsMapper, extract_layer_index
 
-from .configs import CLA_MODEL_TYPES, layout_problem
+from .configs import CLA_MODEL_TYPES, layout_problem, missing_attention_tensors, unexpected_kv_tensor
 
 
 def kv_sharing_target(config, prefix: str) -> str | None:
@@ -143,6 +144,25 @@ class CLAForCausalLMMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         model: LlamaModel = self.model
         model.hf_to_vllm_mapper = cla_weights_mapper(model.hf_to_vllm_mapper, self.config.kv_source_layers)  # CLA
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # CLA: the checkpoint's attention tensors must match kv_source_layers; vLLM would drop a consumer's K/V
+        # with a long message and serve uninitialised memory for a missing projection (its own missing-weight check
+        # exempts unquantized layers).
+        names: list[str] = []
+        loaded = super().load_weights(self._checked(weights, names))
+        layers = range(self.model.start_layer, self.model.end_layer)  # this pipeline stage's layers
+        if problem := missing_attention_tensors(names, self.config.kv_source_layers, layers):
+            raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
+        return loaded
+
+    def _checked(self, weights: Iterable[tuple[str, torch.Tensor]], names: list[str]) -> Iterator:
+        """The (name, tensor) pairs unchanged, recording names; stops at a consumer's K/V projection."""
+        for name, tensor in weights:
+            if problem := unexpected_kv_tensor(name, self.config.kv_source_layers):
+                raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
+            names.append(name)
+            yield name, tensor
 
 
 class LlamaCLAForCausalLM(CLAForCausalLMMixin, LlamaForCausalLM):

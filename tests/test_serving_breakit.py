@@ -1,0 +1,111 @@
+"""Break-it tests of the vLLM plugin (serving/vllm/clakit_vllm): damaged CLA checkpoints and bad input.
+
+Each damaged checkpoint is a tiny CLA conversion (or its stock source) with config.json or weights changed; vLLM
+(the CPU build, in its own venv, see serving_vllm_fixtures) must refuse it with one line naming the problem, where
+it used to serve uninitialised weights or fail with a long message.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import save_checkpoint, tiny_model
+from safetensors.torch import load_file, save_file
+from serving_vllm_fixtures import vllm_env, vllm_python  # noqa: F401  (fixture)
+
+from clakit.convert import convert
+
+# 6 layers, head_dim 32 (vLLM's CPU attention supports 32, 64, 80, ...); layer 3 reads layer 0, several layers back
+TINY = dict(num_hidden_layers=6, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+LAYOUT = [0, 1, 2, 0, 0, 5]
+ATTN = "model.layers.{}.self_attn"
+CLA_CONFIG = dict(model_type="llama_cla", architectures=["LlamaCLAForCausalLM"], kv_source_layers=LAYOUT)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_pair(tokenizer, tmp_path_factory) -> tuple[Path, Path]:
+    """(stock tiny Llama folder, its CLA conversion with LAYOUT)."""
+    root = tmp_path_factory.mktemp("vllm_breakit")
+    stock = save_checkpoint(tiny_model("llama", **TINY), tokenizer, root / "stock")
+    return stock, convert(stock, root / "cla", kv_source_layers=LAYOUT, init="mean", quiet=True)
+
+
+def damaged(source: Path, dest: Path, drop: tuple[str, ...] = (), **config_changes) -> Path:
+    """A copy of checkpoint `source` with config.json fields replaced (None removes one) and tensors `drop`ped."""
+    dest.mkdir()
+    for f in source.iterdir():
+        if f.suffix != ".py":  # the remote code is not needed: the plugin's config classes serve
+            (dest / f.name).write_bytes(f.read_bytes())
+    config = {**json.loads((source / "config.json").read_text()), **config_changes}
+    (dest / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    for shard in dest.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if any(name in tensors for name in drop):
+            save_file({k: v for k, v in tensors.items() if k not in drop}, shard, metadata={"format": "pt"})
+    index = dest / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if k not in drop}
+        index.write_text(json.dumps(data))
+    return dest
+
+
+LOAD_ALL = """
+import json, sys
+from vllm import LLM
+for folder in json.loads(sys.argv[1]):
+    try:
+        LLM(model=folder, enforce_eager=True, dtype="float32")
+        print("LOADED", folder)
+    except Exception as e:
+        print("FAILED", folder, "|", str(e).replace("\\n", " / "))
+"""
+
+
+def load_all(python: Path, folders: dict[str, Path], cwd: Path) -> dict[str, str]:
+    """name -> `LOADED FOLDER` or `FAILED FOLDER | message` from `LLM(model=folder)`, all in one vLLM process."""
+    cmd = [str(python), "-c", LOAD_ALL, json.dumps([str(f) for f in folders.values()])]
+    proc = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=900, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith(("LOADED", "FAILED"))}
+    return {name: lines.get(str(folder), f"NO RESULT {folder}") for name, folder in folders.items()}
+
+
+def assert_refused(results: dict[str, str], expected: dict[str, str]) -> None:
+    """Each checkpoint failed with a message holding the expected text, on one line (vLLM's wrapping aside)."""
+    for name, text in expected.items():
+        line = results[name]
+        assert line.startswith("FAILED") and text in line, (name, line)
+        message = line.split(" | ", 1)[1]
+        assert "clakit_vllm: cannot serve this CLA checkpoint" in message and " / " not in message, (name, line)
+
+
+@pytest.mark.slow
+def test_attention_weights_that_do_not_match_the_layout_fail_at_load(
+    vllm_python,  # noqa: F811
+    tiny_llama_pair,
+    tmp_path,
+):
+    """vLLM checks for missing weights only in quantized models, so a producer without k_proj or a consumer without
+    q_proj used to load and serve uninitialised memory; a consumer still holding k_proj (stock weights given a CLA
+    config) failed with vLLM's message listing every parameter. Each now fails naming the tensor."""
+    stock, cla = tiny_llama_pair
+    folders = {
+        "consumer_has_kv": damaged(stock, tmp_path / "consumer_has_kv", **CLA_CONFIG),
+        "producer_lacks_k": damaged(cla, tmp_path / "producer_lacks_k", drop=(f"{ATTN.format(1)}.k_proj.weight",)),
+        "consumer_lacks_q": damaged(cla, tmp_path / "consumer_lacks_q", drop=(f"{ATTN.format(4)}.q_proj.weight",)),
+        # no kv_source_layers: every layer a producer, but layers 3 and 4 of the weights have no K/V
+        "layout_dropped": damaged(cla, tmp_path / "layout_dropped", kv_source_layers=None),
+    }
+    assert_refused(
+        load_all(vllm_python, folders, tmp_path),
+        {
+            "consumer_has_kv": "has model.layers.3.self_attn.k_proj.weight, but kv_source_layers makes layer 3 a "
+            "consumer of layer 0",
+            "producer_lacks_k": "has no model.layers.1.self_attn.k_proj,",
+            "consumer_lacks_q": "has no model.layers.4.self_attn.q_proj,",
+            "layout_dropped": "has no model.layers.3.self_attn.k_proj, model.layers.3.self_attn.v_proj, "
+            "model.layers.4.self_attn.k_proj (and 1 more)",
+        },
+    )
