@@ -59,9 +59,24 @@ def check_comparable(reports: list[dict], paths: list) -> None:
 
 
 def labels(reports: list[dict]) -> list[str]:
-    """Short unique model names: the last path component, numbered when two are equal."""
-    names = [Path(str(r["model"]).rstrip("/")).name or str(r["model"]) for r in reports]
+    """Short unique model names: the last path component, or as many trailing components as tell apart models whose
+    paths end alike (every uptrain result is RUN/model: two runs were "model (1)" and "model (2)", nothing saying
+    which is which); numbered only when the same model is given twice."""
+    paths = [_path_parts(r["model"]) for r in reports]
+    names = ["/".join(p[-_distinct_tail(p, paths) :]) or str(r["model"]) for p, r in zip(paths, reports, strict=True)]
     return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def _path_parts(model) -> tuple[str, ...]:
+    return tuple(part for part in str(model).split("/") if part)
+
+
+def _distinct_tail(parts: tuple[str, ...], every: list[tuple[str, ...]]) -> int:
+    """How many trailing components of `parts` no other (different) model path ends with."""
+    k = 1
+    while k < len(parts) and any(other != parts and other[-k:] == parts[-k:] for other in every):
+        k += 1
+    return k
 
 
 def rows(reports: list[dict]) -> list[list[str]]:
