@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_checkpoint, tiny_model
 from test_sources_hub import hub  # noqa: F401
 
 from clakit.convert.inmemory import cla_model_from
 from clakit.errors import ClakitError
+from clakit.eval.kvquant import QuantizedKVCache
 from clakit.sources import load_config, load_model, resolve_source
 
 # --- sources: Hub ids ----------------------------------------------------------------------------------------------
@@ -72,3 +74,41 @@ def test_a_cla_checkpoint_needs_no_remote_code_flag(tmp_path):
     cla = cla_model_from(tiny_model("llama", num_hidden_layers=4), [0, 0, 2, 2], init="mean")
     cla.save_pretrained(tmp_path / "cla")
     assert type(load_model(resolve_source(str(tmp_path / "cla")))) is type(cla)
+
+
+# --- generate's cache implementations -------------------------------------------------------------------------------
+
+HQQ_4BIT = {"backend": "hqq", "nbits": 4, "residual_length": 4, "q_group_size": 8, "axis_key": 1, "axis_value": 1}
+
+
+def prompt(batch: int = 2, length: int = 20, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, x, **kwargs):
+    return model.generate(x, max_new_tokens=12, do_sample=False, pad_token_id=0, **kwargs)
+
+
+def test_quantized_cache_generate_on_the_all_producer_layout_is_the_stock_models():
+    """generate(cache_implementation="quantized") raised on every CLA model (QuantizedCache refuses the "dummy" type
+    of consumer layers, even when there are none in the cache's view). With every layer a producer it is the stock
+    model: the same tokens with the quantisation active (4 bits, residual of 4 tokens)."""
+    stock = tiny_model("llama", num_hidden_layers=4)
+    cla = cla_model_from(stock, [0, 1, 2, 3], init="mean").eval()
+    x = prompt()
+    expected = greedy(stock, x, cache_implementation="quantized", cache_config=HQQ_4BIT)
+    assert not torch.equal(expected, greedy(stock, x))  # the quantisation changes the tokens: it is at work
+    assert torch.equal(greedy(cla, x, cache_implementation="quantized", cache_config=HQQ_4BIT), expected)
+
+
+def test_quantized_cache_generate_holds_only_producers():
+    """CLA2: consumers hold no cache (DummyLayer), producers quantise, and the tokens are those of clakit eval's
+    quantised cache (built layer by layer, passed as `cache`) at the same settings."""
+    cla = cla_model_from(tiny_model("llama", num_hidden_layers=4), [0, 0, 2, 2], init="mean").eval()
+    x = prompt()
+    out = greedy(cla, x, cache_implementation="quantized", cache_config=HQQ_4BIT, return_dict_in_generate=True)
+    assert [type(layer).__name__ for layer in out.cache.layers] == ["HQQQuantizedLayer", "DummyLayer"] * 2
+    assert all(out.cache.layers[i]._quantized_keys is not None for i in (0, 2))
+    reference = QuantizedKVCache(cla.config, nbits=4, q_group_size=8, residual_length=4)
+    assert torch.equal(out.sequences, greedy(cla, x, cache=reference))
+    assert not torch.equal(out.sequences, greedy(cla, x))  # the quantisation is at work

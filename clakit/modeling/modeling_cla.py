@@ -13,12 +13,13 @@ with CLA's modules in place of the stock ones, so no stock decoder stack is buil
 This file is copied next to saved checkpoints (remote code): it imports only transformers, torch and its sibling.
 """
 
+import copy
 import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import KVSharingDict
+from transformers.cache_utils import DummyLayer, KVSharingDict, QuantizedCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
@@ -220,9 +221,39 @@ def _init_causal_lm(self, config, stock_cls, model_cls) -> None:
     self.post_init()
 
 
+class CLAQuantizedCache(QuantizedCache):
+    """transformers' QuantizedCache (its backends and settings) for a CLA model: producer layers quantise, consumer
+    layers get a DummyLayer (no tensors) as in DynamicCache. The stock class refuses the consumers' "dummy" layer
+    type ("only supported for models with only full attention layers"), so generate(cache_implementation=
+    "quantized") failed on every CLA model; it is built here for the all-producer layout, consumers then emptied."""
+
+    def __init__(self, backend: str, config, **kwargs):
+        config = config.get_text_config(decoder=True)
+        all_producers = copy.deepcopy(config)
+        all_producers.kv_source_layers = list(range(config.num_hidden_layers))  # kv_sharing_modes: all None
+        super().__init__(backend, all_producers, **kwargs)
+        self.layers = [
+            DummyLayer() if mode == "reuse" else layer
+            for layer, mode in zip(self.layers, config.kv_sharing_modes, strict=True)
+        ]
+
+
 class CLAPreTrainedMixin:
     """Refuses re-entrant checkpointing, which silently drops the consumer -> producer gradient, and weights that do
-    not match the config's layout."""
+    not match the config's layout; builds generate's quantized cache with no cache for consumers."""
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        quantized = generation_config.cache_implementation == "quantized" and generation_config.use_cache is not False
+        if not quantized or model_kwargs.get("cache") is not None:  # the stock rules (and its refusal of both)
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        # CLA: as the stock "quantized" branch, with CLAQuantizedCache; a copy, as generate may reuse cache_config
+        cache_config = copy.deepcopy(generation_config.cache_config or {})
+        cache_config.setdefault("config", self.config.get_text_config(decoder=True))
+        model_kwargs["cache"] = CLAQuantizedCache(cache_config.pop("backend", "quanto"), **cache_config)
+        if generation_config.is_assistant:  # as the stock method: an assistant's cache is rolled back
+            model_kwargs["cache"].activate_past_recording(
+                recurrent_states_to_keep=generation_config.num_assistant_tokens
+            )
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
