@@ -12,7 +12,10 @@ import re
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, LlamaConfig, MistralConfig
 
+from . import ARCHITECTURES
+
 CLA_MODEL_TYPES = ("llama_cla", "mistral_cla")
+CLA_ARCHITECTURE = {"llama_cla": "LlamaCLAForCausalLM", "mistral_cla": "MistralCLAForCausalLM"}
 
 
 def layout_problem(kv_source_layers, num_hidden_layers: int) -> str | None:
@@ -86,9 +89,21 @@ class CLAConfigMixin:
     def _init_kv_source_layers(self) -> None:
         if self.kv_source_layers is None:
             self.kv_source_layers = list(range(self.num_hidden_layers))
-        if problem := layout_problem(self.kv_source_layers, self.num_hidden_layers):
+        problem = layout_problem(self.kv_source_layers, self.num_hidden_layers) or self._architecture_problem()
+        if problem:
             raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
         self.kv_source_layers = list(self.kv_source_layers)
+
+    def _architecture_problem(self) -> str | None:
+        """vLLM picks the model class by `architectures`: a stock class would give every layer a cache and leave the
+        consumers' K/V projections uninitialised, silently."""
+        stock = [a for a in self.architectures or [] if a not in ARCHITECTURES]
+        if not stock or all(source == layer for layer, source in enumerate(self.kv_source_layers)):
+            return None
+        return (
+            f"architectures {stock} is a stock model class, which ignores kv_source_layers; set architectures to "
+            f'["{CLA_ARCHITECTURE[self.model_type]}"] in config.json'
+        )
 
 
 @strict
