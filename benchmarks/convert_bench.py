@@ -1,9 +1,9 @@
 """Benchmark `clakit convert` on a synthetic sharded Llama checkpoint (random bf16 weights, >= 2 GB by default).
 
-Prints JSON: conversion wall time vs `shutil.copytree` of the same files in the same run (ratio; target <= 1.3 for
-producer/mean), and peak RSS of the converting process above what it held right after importing clakit, vs the
-largest source shard (target <= largest shard + 300 MB). Each conversion runs in a fresh subprocess so its peak
-RSS is its own.
+Prints JSON: conversion wall time vs `shutil.copytree` of the same files in the same run (ratio), and peak RSS of
+the converting process above what it held right after importing clakit, vs the largest source shard; checked against
+targets.json ("convert_bench": ratio <= 1.3 for producer/mean, RSS <= largest shard + 300 MB). Each conversion runs
+in a fresh subprocess so its peak RSS is its own.
 
     python benchmarks/convert_bench.py                      # ~2.1 GB, shards of 500 MB
     python benchmarks/convert_bench.py --size-gb 0.3        # quick look
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from targets import check
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
 
@@ -142,7 +143,8 @@ def summarise(copies: list[float], runs: list[dict], largest: int) -> dict:
         "convert_runs_s": [round(r["wall_s"], 2) for r in runs], "copytree_runs_s": [round(c, 2) for c in copies],
         "output_bytes": runs[0]["output_bytes"], "peak_rss_above_import_mb": round(extra / 1e6),
         "largest_shard_mb": round(largest / 1e6), "rss_margin_mb": round((extra - largest) / 1e6),
-        "targets_met": convert_s / copy_s <= 1.3 and extra <= largest + 300e6,
+        "targets": check("convert_bench", {"convert_over_copytree": convert_s / copy_s,
+                                           "rss_margin_mb": (extra - largest) / 1e6}),
     }  # fmt: skip
 
 

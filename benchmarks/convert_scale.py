@@ -6,11 +6,12 @@ its own BPE tokenizer) at 8/16/24/32 layers, converted in a fresh subprocess eac
   auto:        --layout auto --init calibrated --distill-steps 0 (the layout search, then the closed-form fit)
 (`--distill-steps 0`: the end-to-end distillation that follows by default needs the whole model; it is measured
 in docs/quality.md, not here.)
-Targets (issue 11): peak RSS above the import footprint at 24 layers <= 1.5x that at 8 layers and <= 0.6x the
-24-layer model's fp32 bytes; wall time linear in depth (reported: seconds per layer at each depth). Output shards
-of at most 100 MB (`--max-shard-size`): the writer holds one shard, so a shard larger than the model would make
-the write phase hold the whole output and hide what the fits hold. `--layout auto` scores every candidate group
-with a forward to the last layer, so its cost is quadratic in depth by design; it runs up to `--max-auto-layers`.
+Targets (targets.json, "convert_scale"; issue 11): peak RSS above the import footprint at 24 layers <= 1.5x that at
+8 layers and <= 0.6x the 24-layer model's fp32 bytes; wall time linear in depth (reported: seconds per layer at each
+depth). Output shards of at most 100 MB (`--max-shard-size`): the writer holds one shard, so a shard larger than the
+model would make the write phase hold the whole output and hide what the fits hold. `--layout auto` scores every
+candidate group with a forward to the last layer, so its cost is quadratic in depth by design; it runs up to
+`--max-auto-layers`.
 
     python benchmarks/convert_scale.py --out docs/figures/convert_scale.json      # ~10-15 min on 2 loaded cores
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from targets import check
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 768, 2048, 12, 4, 4096
 MODES = {
@@ -161,15 +163,15 @@ def main() -> None:
 
 
 def targets(result: dict) -> dict:
-    """RSS at 24 vs 8 layers (<= 1.5x) and vs the 24-layer fp32 model (<= 0.6x), per mode, where measured."""
+    """RSS at 24 vs 8 layers and vs the 24-layer fp32 model, per mode, against targets.json where measured."""
     out = {}
     for mode, rows in result["runs"].items():
         by = {r["layers"]: r for r in rows}
         if 8 in by and 24 in by:
             ratio = by[24]["peak_rss_above_import_mb"] / by[8]["peak_rss_above_import_mb"]
             vs_model = by[24]["peak_rss_above_import_mb"] / by[24]["model_fp32_mb"]
-            out[mode] = {"rss_24_over_8": round(ratio, 3), "rss_24_over_fp32_model": round(vs_model, 3),
-                         "met": ratio <= 1.5 and vs_model <= 0.6}  # fmt: skip
+            out[mode] = check("convert_scale", {"rss_24_over_8": round(ratio, 3),
+                                                "rss_24_over_fp32_model": round(vs_model, 3)})  # fmt: skip
     return out
 
 
