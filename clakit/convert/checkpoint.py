@@ -114,11 +114,15 @@ class SafetensorsCheckpoint:
 
 
 class PickleCheckpoint:
-    """`pytorch_model*.bin` weights (only with --allow-pickle), memory-mapped with `torch.load(weights_only=True)`."""
+    """`pytorch_model*.bin` weights (only with --allow-pickle), memory-mapped with `torch.load(weights_only=True)`.
+
+    Nothing is cached: every `get` maps its file afresh and keeps only the one tensor, so the mapping, and the pages
+    read through it, go when the tensor is dropped. A cached state dict per file kept every page ever read resident:
+    a whole-checkpoint RSS (measured: 2.18 GB against 0.69 GB for the same 1.76 GB checkpoint as safetensors). The
+    price is one unpickling per `get` (~3 ms for a 17-tensor shard, ~16 ms for 288 tensors)."""
 
     def __init__(self, folder: Path, named: str | None = None):
         self.folder = folder
-        self._cache: dict[str, dict] = {}  # file -> its memory-mapped state dict
         single, index = _single_or_index(folder, named, PICKLE_SINGLE, PICKLE_INDEX)
         self._index = index or PICKLE_INDEX
         self._where = _load_index(folder / index) if index else {t: single for t in self._load(single)}
@@ -128,20 +132,18 @@ class PickleCheckpoint:
         self.names = sorted(self._where, key=natural_key)
 
     def _load(self, file: str) -> dict:
-        if file not in self._cache:
-            try:
-                self._cache[file] = torch.load(self.folder / file, map_location="cpu", mmap=True, weights_only=True)
-            except FileNotFoundError:
-                raise ClakitError(f"the checkpoint index names {file}, which is missing from {self.folder}") from None
-            except Exception as e:  # a damaged pickle raises anything from UnpicklingError to RuntimeError
-                raise ClakitError(f"cannot read {self.folder / file} ({str(e).splitlines()[0][:200]})") from None
-        return self._cache[file]
+        try:
+            return torch.load(self.folder / file, map_location="cpu", mmap=True, weights_only=True)
+        except FileNotFoundError:
+            raise ClakitError(f"the checkpoint index names {file}, which is missing from {self.folder}") from None
+        except Exception as e:  # a damaged pickle raises anything from UnpicklingError to RuntimeError
+            raise ClakitError(f"cannot read {self.folder / file} ({str(e).splitlines()[0][:200]})") from None
 
     def get(self, name: str) -> torch.Tensor:
         state = self._load(self._where[name])
         if name not in state:
             raise ClakitError(f"{self._index} puts tensor {name} in {self._where[name]}, which does not hold it")
-        return state[name]
+        return state.pop(name)  # the rest of the state dict (its views of the mapping) is dropped on return
 
 
 class StateDictCheckpoint:

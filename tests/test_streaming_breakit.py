@@ -1,0 +1,41 @@
+"""Break-it tests of the streaming reader and writer (clakit/convert/checkpoint.py and the code that uses them):
+what stays mapped or resident after a tensor is used, and what reaches the output folder."""
+
+import gc
+import json
+from pathlib import Path
+
+import torch
+
+from clakit.convert.checkpoint import PickleCheckpoint
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process has `path` memory-mapped (its pages can stay resident while it is)."""
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+def _pickle_shards(folder: Path, state: dict[str, torch.Tensor]) -> list[Path]:
+    """`state` saved as two pytorch_model-0000i-of-00002.bin shards with their index."""
+    names, files, where = sorted(state), [], {}
+    for i in range(2):
+        file = folder / f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({n: state[n] for n in names[i::2]}, file)
+        where |= dict.fromkeys(names[i::2], file.name)
+        files.append(file)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": where}))
+    return files
+
+
+def test_a_pickle_checkpoint_keeps_no_shard_mapped_once_its_tensors_are_dropped(tmp_path):
+    # old: a cached state dict per file kept every shard mapped, and every page read stayed in RSS (the whole
+    # checkpoint by the end of a conversion); each tensor must own the only reference to its mapping
+    state = {f"model.layers.{i}.w": torch.randn(64, 32) for i in range(4)}
+    files = _pickle_shards(tmp_path, state)
+    checkpoint = PickleCheckpoint(tmp_path)
+    for name in checkpoint.names:
+        tensor = checkpoint.get(name)
+        assert torch.equal(tensor, state[name])
+        del tensor
+    gc.collect()
+    assert [f.name for f in files if _mapped(f)] == []
