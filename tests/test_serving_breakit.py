@@ -148,3 +148,21 @@ def test_a_cla_config_naming_a_stock_architecture_is_refused(vllm_python, tiny_l
     results = model_configs(vllm_python, folders, tmp_path)
     assert results["stock_arch_no_consumers"].startswith("LOADED"), results
     assert_refused(results, {"stock_arch": 'ignores kv_source_layers; set architectures to ["LlamaCLAForCausalLM"]'})
+
+
+@pytest.mark.slow
+def test_a_kv_source_layers_of_the_wrong_type_is_refused_in_one_line(vllm_python, tiny_llama_pair, tmp_path):  # noqa: F811
+    """The config field's type annotation (list[int] | None) made huggingface_hub's strict check fail first, in
+    several lines naming neither the layer nor a layer index; the plugin's own check now answers, in one line."""
+    _, cla = tiny_llama_pair
+    layouts = {"text": "0,1,2,0,0,5", "float": [0, 1, 2, 0.0, 0, 5], "bool": [0, 1, 2, False, 0, 5], "number": 0}
+    folders = {name: damaged(cla, tmp_path / name, kv_source_layers=layout) for name, layout in layouts.items()}
+    assert_refused(
+        model_configs(vllm_python, folders, tmp_path),
+        {
+            "text": "kv_source_layers must be a list of layer indices, got '0,1,2,0,0,5'",
+            "float": "kv_source_layers[3] must be a layer index >= 0, got 0.0",
+            "bool": "kv_source_layers[3] must be a layer index >= 0, got False",
+            "number": "kv_source_layers must be a list of layer indices, got 0",
+        },
+    )

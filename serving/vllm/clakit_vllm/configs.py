@@ -8,6 +8,7 @@ which vLLM consults before remote code.
 """
 
 import re
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, LlamaConfig, MistralConfig
@@ -109,7 +110,7 @@ class CLAConfigMixin:
 @strict
 class LlamaCLAConfig(CLAConfigMixin, LlamaConfig):
     model_type = "llama_cla"
-    kv_source_layers: list[int] | None = None  # CLA: the one new field
+    kv_source_layers: Any = None  # CLA: the one new field (list[int] | None), checked by layout_problem in one line
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -119,7 +120,7 @@ class LlamaCLAConfig(CLAConfigMixin, LlamaConfig):
 @strict
 class MistralCLAConfig(CLAConfigMixin, MistralConfig):
     model_type = "mistral_cla"
-    kv_source_layers: list[int] | None = None  # CLA: the one new field
+    kv_source_layers: Any = None  # CLA: the one new field (list[int] | None), checked by layout_problem in one line
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
