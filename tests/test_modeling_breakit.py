@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_checkpoint, tiny_model
+from conftest import save_checkpoint, tiny_kwargs, tiny_model
 from test_sources_hub import hub  # noqa: F401
+from transformers import AutoModelForCausalLM
 
 from clakit.convert.inmemory import cla_model_from
 from clakit.errors import ClakitError
 from clakit.eval.kvquant import QuantizedKVCache
+from clakit.modeling import LlamaCLAConfig, MistralCLAConfig
 from clakit.sources import load_config, load_model, resolve_source
 
 # --- sources: Hub ids ----------------------------------------------------------------------------------------------
@@ -112,3 +114,44 @@ def test_quantized_cache_generate_holds_only_producers():
     reference = QuantizedKVCache(cla.config, nbits=4, q_group_size=8, residual_length=4)
     assert torch.equal(out.sequences, greedy(cla, x, cache=reference))
     assert not torch.equal(out.sequences, greedy(cla, x))  # the quantisation is at work
+
+
+# --- the layout, checked whenever it can have changed ---------------------------------------------------------------
+
+MUTATIONS = {  # an attribute set after the config was made -> the refusal
+    "fewer-layers": ("num_hidden_layers", 2, "kv_source_layers has 4 entries but the model has 2 layers"),
+    "more-layers": ("num_hidden_layers", 6, "kv_source_layers has 4 entries but the model has 6 layers"),
+    "forward-source": ("kv_source_layers", [0, 2, 2, 2], "layer 1 takes K/V from a later layer 2"),
+    "consumer-source": (
+        "kv_source_layers",
+        [0, 0, 1, 1],
+        "layer 2 takes K/V from layer 1, which is itself a consumer",
+    ),
+    "layer-0-consumer": ("kv_source_layers", [1, 1, 2, 2], "layer 0 must be a producer"),
+}
+
+
+def mutated_config(kind: str, case: str):
+    config_cls = LlamaCLAConfig if kind == "llama" else MistralCLAConfig
+    config = config_cls(**tiny_kwargs(4), kv_source_layers=[0, 0, 2, 2])
+    name, value, _ = MUTATIONS[case]
+    setattr(config, name, value)
+    return config
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("case", list(MUTATIONS))
+def test_a_layout_changed_after_the_config_was_made_is_refused_when_the_model_is_built(kind, case):
+    """Only the config's constructor checked kv_source_layers: a model was built from a config whose layers no longer
+    matched it (2 layers of a 4-entry layout; a forward source), then failed at its first forward with KeyError '2',
+    or at construction with IndexError, or saved a config.json that cannot be loaded."""
+    with pytest.raises(ValueError, match=MUTATIONS[case][2]):
+        AutoModelForCausalLM.from_config(mutated_config(kind, case))
+
+
+@pytest.mark.parametrize("case", ["fewer-layers", "forward-source"])
+def test_a_config_whose_layout_no_longer_matches_is_not_saved(tmp_path, case):
+    config = mutated_config("llama", case)
+    with pytest.raises(Exception, match=MUTATIONS[case][2]):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()

@@ -48,6 +48,11 @@ class CLAConfigMixin:
         self.kv_source_layers = list(self.kv_source_layers)
         validate_kv_source_layers(self.kv_source_layers, self.num_hidden_layers)
 
+    def validate_layout(self) -> None:
+        """A strict-dataclass class validator (run by `config.validate()`, hence by save_pretrained before it writes
+        config.json): kv_source_layers assigned, or num_hidden_layers changed, after the config was made."""
+        validate_kv_source_layers(self.kv_source_layers, self.num_hidden_layers)
+
     @property
     def producer_layers(self) -> list[int]:
         return [i for i, s in enumerate(self.kv_source_layers) if s == i]

@@ -46,7 +46,7 @@ from transformers.models.mistral.modeling_mistral import (
     MistralRotaryEmbedding,
 )
 
-from .configuration_cla import LlamaCLAConfig, MistralCLAConfig
+from .configuration_cla import LlamaCLAConfig, MistralCLAConfig, validate_kv_source_layers
 
 
 def _shared_key(layer_idx: int) -> str:
@@ -188,6 +188,9 @@ class CLAModelMixin:
     _parts: tuple = ()
 
     def _init_model(self, config, stock_cls) -> None:
+        # CLA: a layout assigned (or num_hidden_layers changed) after the config was made was never checked: the
+        # model was built anyway, then failed at its first forward (KeyError) or saved a config that cannot load
+        validate_kv_source_layers(config.kv_source_layers, config.num_hidden_layers)
         super(stock_cls, self).__init__(config)  # CLA: skip the stock constructor, which builds a stock stack
         layer_cls, norm_cls, rotary_cls = self._parts
         self.padding_idx = config.pad_token_id
