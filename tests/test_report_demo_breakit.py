@@ -164,3 +164,27 @@ def test_the_home_folder_of_an_unknown_user_is_one_line():
     # before: RuntimeError("Could not determine home directory.") from Path.expanduser
     with pytest.raises(ClakitError, match="names the home folder of an unknown user"):
         corpus.load_texts(["~no_such_user_of_clakit/text.txt"])
+
+
+def _error_of(call, *args) -> str:
+    try:
+        call(*args)
+    except ClakitError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_pipe_given_as_a_report_is_refused_not_waited_on(tmp_path):
+    from clakit.eval.records import read_report
+
+    fifo = tmp_path / "r.json"
+    os.mkfifo(fifo)
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(_error_of(read_report, fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # before: blocked in open() until a writer came; release it
+        with open(fifo, "w"):
+            pass
+        reader.join()
+    assert outcome and "is not a clakit eval report (not a regular file)" in outcome[0], outcome

@@ -118,6 +118,11 @@ def write_json(report: dict, path) -> Path:
 def read_report(path) -> dict:
     """A clakit eval report, or a one-line error saying why the file is not one."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # a pipe (or `-` made one by the shell, <(...)) was opened and waited on forever; a folder was "not JSON"
+        raise ClakitError(
+            f"{path} is not a clakit eval report (not a regular file); give files written by `clakit eval -o`"
+        )
     try:
         report = json.loads(path.read_text())
     except FileNotFoundError:
