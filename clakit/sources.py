@@ -237,9 +237,18 @@ def load_config(source: Source, trust_remote_code: bool = False):
             source.load_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
     except Exception as e:  # a config transformers refuses: validation, TypeError, ZeroDivisionError, AttributeError
-        raise _read_error(source, "read the config of", e) from None
+        raise _read_error(source, "read the config of", e, _config_fix(e)) from None
     _check_rope_type(source, config)
     return config
+
+
+def _config_fix(e: Exception) -> str:
+    """What to do about a config transformers refuses: a value of the wrong type (huggingface_hub's strict
+    validation) or one its checks refuse (a kv_source_layers of 3 entries for 4 layers) is config.json's own fault,
+    not a download's (a config.json that is not JSON was refused by read_config_json before)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return FIX_CONFIG if isinstance(e, StrictDataclassError | ValueError | TypeError) else DOWNLOAD_AGAIN
 
 
 def check_remote_code(source: Source, trust_remote_code: bool) -> None:
@@ -377,6 +386,7 @@ def load_model(
     Weights that do not match the config (missing, unexpected K/V, other shapes) are refused, never initialised at
     random; pickle weights need `allow_pickle`."""
     import torch
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -403,6 +413,8 @@ def load_model(
             )
     except WeightsMismatch as e:  # a CLA model's own check (clakit/modeling)
         raise ClakitError(f"cannot load {source.spec}: {e}") from None
+    except StrictDataclassError as e:  # a config.json value of the wrong type (load_config says the same)
+        raise _read_error(source, "load as a causal LM", e, FIX_CONFIG) from None
     except _errors(source, ValueError, OSError, KeyError, RuntimeError, SafetensorError) as e:  # torch: RuntimeError
         raise _read_error(source, "load as a causal LM", e) from None
     problem = loading_problem(info)
@@ -449,13 +461,24 @@ def _errors(source: Source, *errors: type) -> tuple:
     return GGUF_READ_ERRORS + errors if source.kind == "gguf" else errors
 
 
-def _read_error(source: Source, doing: str, e: Exception) -> ClakitError:
+DOWNLOAD_AGAIN = "check that its files are complete (download it again)"
+FIX_CONFIG = "correct or restore its config.json"
+
+
+def _read_error(source: Source, doing: str, e: Exception, fix: str = DOWNLOAD_AGAIN) -> ClakitError:
     """One line: what failed, and for a .gguf file whether it is empty, not GGUF, truncated or damaged."""
     problem = gguf_problem(source.path) if source.kind == "gguf" else None
     if problem:
         return ClakitError(f"cannot read {source.spec}: {problem}; download or convert the .gguf file again")
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300].rstrip(" :")
-    return ClakitError(f"cannot {doing} {source.spec}: {first}; check that its files are complete (download it again)")
+    return ClakitError(f"cannot {doing} {source.spec}: {_first_line(e)}; {fix}")
+
+
+def _first_line(e: Exception) -> str:
+    """The message's first line; with the next one when it ends in ':' (huggingface_hub's strict configs give the
+    field there and the problem, e.g. "expected float, got str (value: '1e-05')", only on the line after)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    first = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return first[:300].rstrip(" :")
 
 
 def gguf_problem(path: Path) -> str | None:

@@ -2,6 +2,7 @@
 is a case that once went wrong, checked against what huggingface_hub, transformers or the stock model do."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,35 @@ def test_a_config_whose_layout_no_longer_matches_is_not_saved(tmp_path, case):
     with pytest.raises(Exception, match=MUTATIONS[case][2]):
         config.save_pretrained(tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+# --- sources: config.json values of the wrong type ------------------------------------------------------------------
+
+WRONG_VALUES = {  # key: (value, what the refusal must say)
+    "rms_norm_eps": ("1e-05", "'rms_norm_eps' expected float, got str (value: '1e-05')"),
+    "attention_bias": (1, "'attention_bias' expected bool, got int"),
+    "kv_source_layers": ([0, 0, 2, 2.0], "'kv_source_layers' with value [0, 0, 2, 2.0]"),
+}
+
+
+@pytest.fixture(scope="module")
+def cla_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("cla")
+    cla_model_from(tiny_model("llama", num_hidden_layers=4), [0, 0, 2, 2], init="mean").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("load", [load_config, load_model], ids=["config", "model"])
+@pytest.mark.parametrize("key", list(WRONG_VALUES))
+def test_a_config_value_of_the_wrong_type_is_named_with_its_problem(cla_checkpoint, tmp_path, load, key):
+    """huggingface_hub's strict config validation puts the field on its first line and the problem on the next:
+    clakit kept the first line only ("Validation error for field 'rms_norm_eps'", then "download it again"), and
+    load_model let the StrictDataclassFieldValidationError out as a traceback."""
+    value, needle = WRONG_VALUES[key]
+    folder = shutil.copytree(cla_checkpoint, tmp_path / "bad")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {key: value}))
+    with pytest.raises(ClakitError) as e:
+        load(resolve_source(str(folder)))
+    assert needle in str(e.value) and "config.json" in str(e.value) and "download it again" not in str(e.value)
