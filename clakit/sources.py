@@ -64,8 +64,13 @@ def _download(spec: str, revision: str | None, allow_pickle: bool, check_config)
     named = named_weights(config_only)
     if named is not None:  # what transformers loads first: that file (and its index's shards), nothing else
         return _download_named(spec, revision, commit, named, allow_pickle)
-    patterns = _weight_patterns(config_only / SAFE_INDEX) + (["*.bin"] if allow_pickle else [])
-    return Source(spec, "dir", Path(_snapshot(spec, commit, patterns)), revision or "main")
+    patterns = _weight_patterns(config_only / SAFE_INDEX)
+    folder = Path(_snapshot(spec, commit, patterns))
+    if allow_pickle and not any((folder / name).is_file() for name in (SAFE_INDEX, SAFE_SINGLE)):
+        # pickle only where there are no safetensors (transformers loads those first): --allow-pickle on a repo with
+        # both fetched both, a 7B's pytorch_model*.bin being 14 GB more that nothing reads
+        folder = Path(_snapshot(spec, commit, patterns + ["*.bin"]))
+    return Source(spec, "dir", folder, revision or "main")
 
 
 def _download_named(spec: str, revision: str | None, commit: str | None, named: str, allow_pickle: bool) -> Source:

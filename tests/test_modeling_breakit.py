@@ -188,3 +188,26 @@ def test_a_config_value_of_the_wrong_type_is_named_with_its_problem(cla_checkpoi
     with pytest.raises(ClakitError) as e:
         load(resolve_source(str(folder)))
     assert needle in str(e.value) and "config.json" in str(e.value) and "download it again" not in str(e.value)
+
+
+# --- sources: what a Hub download fetches with --allow-pickle -------------------------------------------------------
+
+
+def test_allow_pickle_fetches_no_pickle_beside_safetensors(hub):  # noqa: F811
+    """A repo holding both formats (many older ones: model*.safetensors and pytorch_model.bin): transformers loads the
+    safetensors, but --allow-pickle made the download fetch every *.bin too (for a 7B, 14 GB nothing reads)."""
+    torch.save({"unread": torch.zeros(2)}, hub.repo / "pytorch_model.bin")
+    source = resolve_source("org/model", allow_pickle=True)
+    assert (source.path / "model.safetensors.index.json").is_file()
+    assert not list(source.path.glob("*.bin")) and not any("*.bin" in call[2] for call in hub.calls)
+
+
+def test_allow_pickle_fetches_pickle_where_it_is_the_only_weights(hub):  # noqa: F811
+    state = load_model(resolve_source(str(hub.repo))).state_dict()
+    for path in [*hub.repo.glob("model*.safetensors"), hub.repo / "model.safetensors.index.json"]:
+        path.unlink()
+    torch.save(state, hub.repo / "pytorch_model.bin")
+    source = resolve_source("org/model", allow_pickle=True)
+    assert (source.path / "pytorch_model.bin").is_file()
+    loaded = load_model(source, allow_pickle=True).state_dict()
+    assert all(torch.equal(loaded[name], state[name]) for name in state)
