@@ -2,6 +2,7 @@
 models whose paths end alike, concurrent or interrupted fetch-demo runs, odd files given as text or reports."""
 
 import contextlib
+import json
 import os
 import threading
 import zipfile
@@ -188,3 +189,27 @@ def test_a_pipe_given_as_a_report_is_refused_not_waited_on(tmp_path):
             pass
         reader.join()
     assert outcome and "is not a clakit eval report (not a regular file)" in outcome[0], outcome
+
+
+def test_the_report_records_its_sources_and_the_command_that_wrote_it(tmp_path, monkeypatch, base_report):
+    import html
+    import shlex
+    import sys
+
+    models = ["runs/a b/model", "runs/<c>/model"]
+    paths = _write_reports(tmp_path, base_report, models)
+    for i, (path, model) in enumerate(zip(paths, models, strict=True)):  # the model as given, and its revision
+        data = json.loads(path.read_text())
+        data["provenance"] = {**data["provenance"], "model": model, "revision": f"rev{i}"}
+        path.write_text(json.dumps(data))
+    argv = ["clakit", "report", *map(str, paths), "-o", str(tmp_path / "rep")]
+    monkeypatch.setattr(sys, "argv", argv)
+    out = report(paths, tmp_path / "rep")
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    # before: neither file named the report files, the models' full paths or revisions, nor the command
+    for i, (path, model) in enumerate(zip(paths, models, strict=True)):
+        assert f"| {model} | rev{i} | {path} |" in md
+        assert f"<td>{html.escape(model)}</td><td>rev{i}</td><td>{path}</td>" in page
+    command = shlex.join(argv)
+    assert command.replace("_", "\\_") in md and html.escape(command) in page
+    assert page.count("<c>") == 0  # a name is text, not markup

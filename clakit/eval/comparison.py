@@ -223,7 +223,39 @@ def _speed_note(reports: list[dict]) -> str:
     return f" Speeds were timed on different machines ({'; '.join(machines)}): compare tok/s only within one."
 
 
-def markdown(reports: list[dict]) -> str:
+def sources_table(reports: list[dict], paths: list) -> tuple[list[str], list[list[str]]]:
+    """Where each row came from: its report file, the model as it was evaluated (path or Hub id, revision) and the
+    versions that evaluated it. A label is the end of a path: alone, it does not find the model or the run again."""
+    columns = ["model", "evaluated", "revision", "report file", "clakit / transformers / torch"]
+    body = []
+    for label, r, path in zip(labels(reports), reports, paths, strict=True):
+        prov = r["provenance"]
+        versions = " / ".join(str(prov.get(k)) for k in ("clakit", "transformers", "torch"))
+        evaluated = str(prov.get("model") or r["model"])
+        body.append([label, evaluated, str(prov.get("revision") or "–"), str(Path(path).absolute()), versions])
+    return columns, body
+
+
+def _made_by() -> str:
+    """This report's own provenance: the command, where and when it ran, the versions that wrote it."""
+    from clakit.provenance import provenance
+
+    p = provenance()
+    return (
+        f"Written by {p['command']} in {p['cwd']} at {p['created']} "
+        f"(clakit {p['clakit']}, transformers {p['transformers']}, torch {p['torch']})."
+    )
+
+
+def _md_sources(reports: list[dict], paths: list | None) -> str:
+    if paths is None:
+        return ""
+    note = _md_cell(_made_by()).replace("*", "\\*").replace("_", "\\_").replace("`", "\\`")
+    return "\n## Sources\n\n" + "\n".join(_md_table(*sources_table(reports, paths))) + f"\n\n{note}\n"
+
+
+def markdown(reports: list[dict], paths: list | None = None) -> str:
+    """The report's text; `paths` (the report files, in order) adds the Sources section."""
     table = "\n".join(_md_table(COLUMNS, rows(reports)))
     text = f"# clakit eval report\n\n{table}\n\n{_data_note(reports)}\n"
     table = passkey_table(reports)
@@ -232,7 +264,7 @@ def markdown(reports: list[dict]) -> str:
     table = lm_eval_table(reports)
     if table:
         text += "\n## lm-eval tasks\n\n" + "\n".join(_md_table(*table)) + "\n\n" + _lm_eval_note(reports) + "\n"
-    return text
+    return text + "\n![perplexity vs KV bytes](ppl_vs_kv.png)\n" + _md_sources(reports, paths)
 
 
 def plot(reports: list[dict], path: Path) -> None:
@@ -286,9 +318,16 @@ def _html_passkey(reports: list[dict], png: Path) -> str:
     )
 
 
-def page(reports: list[dict], png: Path) -> str:
+def _html_sources(reports: list[dict], paths: list | None) -> str:
+    if paths is None:
+        return ""
+    table = _html_table(*sources_table(reports, paths))
+    return f"<h2>Sources</h2>{table}<p><small>{html.escape(_made_by())}</small></p>"
+
+
+def page(reports: list[dict], png: Path, paths: list | None = None) -> str:
+    """report.html; `paths` (the report files, in order) adds the Sources section."""
     image = base64.b64encode(png.read_bytes()).decode()
-    prov = reports[0]["provenance"]
     note = _data_note(reports)
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>clakit eval report</title><style>"
@@ -296,9 +335,7 @@ def page(reports: list[dict], png: Path) -> str:
         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}</style>"
         f"</head><body><h1>clakit eval report</h1>{_html_table(COLUMNS, rows(reports))}<p>{html.escape(note)}</p>"
         f"<img alt='perplexity vs KV-cache bytes per token' src='data:image/png;base64,{image}'>"
-        f"{_html_passkey(reports, png.parent / 'passkey.png')}{_html_lm_eval(reports)}"
-        f"<p><small>clakit {html.escape(str(prov.get('clakit')))}, transformers "
-        f"{html.escape(str(prov.get('transformers')))}, torch {html.escape(str(prov.get('torch')))}</small></p>"
+        f"{_html_passkey(reports, png.parent / 'passkey.png')}{_html_lm_eval(reports)}{_html_sources(reports, paths)}"
         "</body></html>\n"
     )
 
@@ -313,9 +350,9 @@ def report(paths: list, out_dir) -> Path:
     reports = [read_report(p) for p in paths]
     check_comparable(reports, paths)
     with outputs.staged(out_dir, "report", overwrite=True) as tmp:
-        (tmp / "report.md").write_text(markdown(reports) + "\n![perplexity vs KV bytes](ppl_vs_kv.png)\n")
+        (tmp / "report.md").write_text(markdown(reports, paths))
         plot(reports, tmp / "ppl_vs_kv.png")
         if any(r.get("passkey") for r in reports):
             heat_map(reports, tmp / "passkey.png")
-        (tmp / "report.html").write_text(page(reports, tmp / "ppl_vs_kv.png"))
+        (tmp / "report.html").write_text(page(reports, tmp / "ppl_vs_kv.png", paths))
     return out_dir
