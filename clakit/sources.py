@@ -139,13 +139,7 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
         return Source(spec, "gguf", path.resolve())
     if path.is_dir():
         if not (path / "config.json").is_file():
-            if (path / "params.json").is_file():  # Mistral's own release format: params.json + consolidated.*
-                raise ClakitError(
-                    f"{spec} is in Mistral's native format (params.json, no config.json), which transformers does not "
-                    "load: download the repo's HF-format files, or convert it with transformers' "
-                    "models/mistral/convert_mistral_weights_to_hf.py"
-                )
-            raise ClakitError(f"{spec} is not a model checkpoint folder (no config.json)")
+            raise _not_a_checkpoint(spec, path)
         return Source(spec, "dir", path.resolve())
     if path.exists():
         raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file")
@@ -162,6 +156,40 @@ def hub_offline() -> bool:
 
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
     return value is not None and value.upper() in ENV_VARS_TRUE_VALUES
+
+
+def _not_a_checkpoint(spec: str, path: Path) -> ClakitError:
+    """A folder without config.json, named with what it holds instead and what to give: a .gguf file inside it, a
+    PEFT adapter, or a Hub cache entry (models--org--name, whose snapshots hold the files)."""
+    if (path / "params.json").is_file():  # Meta's or Mistral's own release format: params.json + consolidated.*
+        return _native_release(spec, path)
+    ggufs = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
+    snapshots = sorted(p for p in (path / "snapshots").glob("*/config.json")) if (path / "snapshots").is_dir() else []
+    if ggufs:
+        fix = f"it holds {ggufs[0]}: give that file's path ({path / ggufs[0]})"
+    elif (path / "adapter_config.json").is_file():
+        base = _raw_config_file(path / "adapter_config.json").get("base_model_name_or_path")
+        fix = f"it is a PEFT adapter (adapter_config.json): merge it into its base model ({base}) and give that"
+    elif snapshots:
+        fix = f"it is a Hub cache entry: give a snapshot folder ({snapshots[-1].parent}) or the Hub id"
+    else:
+        fix = "give the folder that holds the checkpoint's config.json and weights"
+    return ClakitError(f"{spec} is not a model checkpoint folder (no config.json); {fix}")
+
+
+def _native_release(spec: str, path: Path) -> ClakitError:
+    """params.json + consolidated.*: Meta's original Llama release (its params.json has `multiple_of`) or Mistral's,
+    each with its own transformers converter (the Mistral one was named for both)."""
+    meta = "multiple_of" in _raw_config_file(path / "params.json")
+    who, script = (
+        ("Meta's original Llama", "llama/convert_llama_weights_to_hf.py")
+        if meta
+        else ("Mistral's native", "mistral/convert_mistral_weights_to_hf.py")
+    )
+    return ClakitError(
+        f"{spec} is in {who} format (params.json, no config.json), which transformers does not load: download the "
+        f"repo's HF-format files, or convert it with transformers' models/{script}"
+    )
 
 
 def _in_hub_cache(spec: str, revision: str | None) -> bool:
@@ -301,8 +329,12 @@ NAMED_WEIGHTS = "transformers_weights"  # config.json's key naming the weights f
 
 def _raw_config(folder: Path) -> dict:
     """config.json as a dict, {} when it is missing or not a JSON object (read_config_json says why elsewhere)."""
+    return _raw_config_file(folder / "config.json")
+
+
+def _raw_config_file(path: Path) -> dict:
     try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return raw if isinstance(raw, dict) else {}

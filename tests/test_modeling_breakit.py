@@ -2,6 +2,7 @@
 is a case that once went wrong, checked against what huggingface_hub, transformers or the stock model do."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -211,3 +212,39 @@ def test_allow_pickle_fetches_pickle_where_it_is_the_only_weights(hub):  # noqa:
     assert (source.path / "pytorch_model.bin").is_file()
     loaded = load_model(source, allow_pickle=True).state_dict()
     assert all(torch.equal(loaded[name], state[name]) for name in state)
+
+
+# --- sources: folders without config.json ---------------------------------------------------------------------------
+
+NOT_CHECKPOINTS = {  # files written into the folder -> what the refusal must name
+    "gguf-inside": ({"model-Q8_0.gguf": b"GGUF"}, "it holds model-Q8_0.gguf: give that file's path ("),
+    "peft-adapter": (
+        {"adapter_config.json": json.dumps({"base_model_name_or_path": "org/base"}).encode()},
+        "it is a PEFT adapter (adapter_config.json): merge it into its base model (org/base)",
+    ),
+    "hub-cache-entry": ({"snapshots/abc123/config.json": b"{}"}, "it is a Hub cache entry: give a snapshot folder ("),
+    "meta-release": (
+        {"params.json": json.dumps({"dim": 4096, "multiple_of": 256}).encode(), "consolidated.00.pth": b""},
+        "Meta's original Llama format (params.json, no config.json)",
+    ),
+    "mistral-release": (
+        {"params.json": json.dumps({"dim": 4096, "hidden_dim": 14336}).encode(), "consolidated.safetensors": b""},
+        "Mistral's native format (params.json, no config.json)",
+    ),
+    "empty": ({}, "give the folder that holds the checkpoint's config.json and weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_CHECKPOINTS))
+def test_a_folder_without_config_json_is_named_with_what_to_give(tmp_path, case):
+    """'X is not a model checkpoint folder (no config.json)' named no fix, and Meta's original Llama release was
+    called Mistral's native format with the Mistral converter to run."""
+    files, needle = NOT_CHECKPOINTS[case]
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(ClakitError, match=re.escape(needle)) as e:
+        resolve_source(str(tmp_path))
+    assert len(str(e.value).splitlines()) == 1
+    if case == "meta-release":
+        assert "llama/convert_llama_weights_to_hf.py" in str(e.value) and "mistral" not in str(e.value).lower()
