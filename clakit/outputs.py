@@ -144,6 +144,21 @@ def _check_name(out: Path, label: str) -> None:
         )
 
 
+def _is_mount_point(path: Path) -> bool:
+    """Whether a file system is mounted at `path` (a disk or volume given as OUT): another device than its parent's
+    (os.path.ismount), or a bind mount of a folder of the same device, which only /proc/self/mountinfo shows (its
+    5th field, spaces and such written as octal escapes like \\040)."""
+    if os.path.ismount(path):
+        return True
+    with contextlib.suppress(OSError):
+        resolved = str(path.resolve())
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split(" ")
+            if len(fields) > 4 and re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]) == resolved:
+                return True
+    return False
+
+
 def check_writable(folder: Path) -> None:
     """The nearest existing folder at or above `folder` must be a folder we can create files in (probed: the
     permission bits say nothing for root or on a read-only file system)."""
@@ -240,6 +255,12 @@ def check_folder(
         _check_place(out, label, inputs)
     except OSError as e:  # a path the file system refuses outright (a parent's name too long, a loop of links)
         raise ClakitError(f"{label} {out} cannot be used ({e.strerror or e}); choose another folder") from None
+    if out.exists() and _is_mount_point(out):
+        raise ClakitError(
+            f"{label} {out} is a mount point: clakit writes beside it and renames the result into place, which a "
+            f"mount point cannot take (only at the end, after all the work); give a new folder inside it, such as "
+            f"{out / 'out'}"
+        )
     if out.exists():
         try:
             reason = _refusal(out, kind, overwrite, label, replace_hint)

@@ -3,11 +3,15 @@ what stays mapped or resident after a tensor is used, and what reaches the outpu
 
 import gc
 import json
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
+from clakit import outputs
 from clakit.convert.checkpoint import PickleCheckpoint
+from clakit.errors import ClakitError
 
 
 def _mapped(path: Path) -> bool:
@@ -39,3 +43,21 @@ def test_a_pickle_checkpoint_keeps_no_shard_mapped_once_its_tensors_are_dropped(
         del tensor
     gc.collect()
     assert [f.name for f in files if _mapped(f)] == []
+
+
+def test_an_empty_mount_point_as_the_output_is_refused_before_any_work(tmp_path, monkeypatch):
+    # old: accepted (empty); all the work was staged beside it, on the parent's disk, and the final rename onto the
+    # mount point failed ("Device or resource busy", read as a disk or permission problem), losing the output
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == volume or real_ismount(p))  # mounting needs root
+    with pytest.raises(ClakitError, match="is a mount point.*inside it"):
+        outputs.check_folder(volume, "convert")
+    assert outputs.check_folder(volume / "out", "convert") == volume / "out"
+
+
+def test_mount_points_are_told_from_folders():
+    # /proc is mounted on every Linux (its own device); a plain folder is not a mount point
+    assert outputs._is_mount_point(Path("/proc"))
+    assert not outputs._is_mount_point(Path(__file__).parent)
