@@ -213,3 +213,37 @@ def test_the_report_records_its_sources_and_the_command_that_wrote_it(tmp_path, 
     command = shlex.join(argv)
     assert command.replace("_", "\\_") in md and html.escape(command) in page
     assert page.count("<c>") == 0  # a name is text, not markup
+
+
+def _no_home():
+    raise RuntimeError("Could not determine home directory.")
+
+
+@pytest.mark.parametrize("command", [["fetch-demo"], ["demo", "--work-dir", "w"]])
+def test_no_home_folder_for_the_default_cache_is_one_line_naming_the_fix(capsys, tmp_path, monkeypatch, command):
+    monkeypatch.setattr(demo, "fetch_demo", _no_fetch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CLAKIT_CACHE", raising=False)
+    monkeypatch.delenv("HOME", raising=False)  # HOME unset, and a user id the system does not know
+    monkeypatch.setattr(fetch.Path, "home", staticmethod(_no_home))
+    code, _, err = run_cli(capsys, *command, "-q")
+    # before: RuntimeError traceback
+    assert code == 2 and err.count("\n") == 1 and "set CLAKIT_CACHE or give the cache folder" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_home_is_no_place_for_the_default_cache(monkeypatch):
+    monkeypatch.delenv("CLAKIT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", "")
+    # before: /.cache/clakit/demo, a cache below the root folder
+    with pytest.raises(ClakitError, match="HOME is unset or empty.*set CLAKIT_CACHE"):
+        fetch.default_cache_dir()
+
+
+@pytest.mark.parametrize(
+    "command", [["fetch-demo", "~no_such_user_of_clakit/c"], ["demo", "--work-dir", "~no_such_user_of_clakit/w"]]
+)
+def test_the_home_of_an_unknown_user_in_demo_paths_is_one_line(capsys, monkeypatch, command):
+    monkeypatch.setattr(demo, "fetch_demo", _no_fetch)
+    code, _, err = run_cli(capsys, *command, "-q")
+    assert code == 2 and err.count("\n") == 1 and "names the home folder of an unknown user" in err, err

@@ -56,7 +56,30 @@ class DemoAssets:
 
 def default_cache_dir() -> Path:
     root = os.environ.get("CLAKIT_CACHE")
-    return Path(root).expanduser() / "demo" if root else Path.home() / ".cache" / "clakit" / "demo"
+    return expanded(root, "CLAKIT_CACHE") / "demo" if root else _home() / ".cache" / "clakit" / "demo"
+
+
+def _home() -> Path:
+    """HOME unset for a user the system does not know (a container under an arbitrary uid) raised RuntimeError; HOME
+    set empty put the cache in /.cache, below the root folder. Both refused, naming the fix."""
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):
+        home = Path()
+    if os.environ.get("HOME") == "" or not home.is_absolute():
+        raise ClakitError(
+            "cannot find your home folder for the demo cache (HOME is unset or empty); set CLAKIT_CACHE or give the "
+            "cache folder (clakit fetch-demo DIR, clakit demo --cache-dir DIR)"
+        )
+    return home
+
+
+def expanded(path, what: str) -> Path:
+    """`path` with `~` expanded; `~name/...` of a user this system does not know is one line, not RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise ClakitError(f"{what} {path} names the home folder of an unknown user; check the path") from None
 
 
 def _manifest(root: Path) -> dict | None:
@@ -279,7 +302,7 @@ def _os_errors(root: Path):
 
 def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
     """The demo's model and texts in `cache_dir` (default: `default_cache_dir()`), fetched once."""
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    root = expanded(cache_dir, "demo cache") if cache_dir else default_cache_dir()
     cached = _cached(root)
     if cached:
         return cached

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clakit import outputs
-from clakit.demo.fetch import DemoAssets, default_cache_dir, fetch_demo
+from clakit.demo.fetch import DemoAssets, default_cache_dir, expanded, fetch_demo
 from clakit.errors import ClakitError
 from clakit.eval.records import check_output
 
@@ -198,8 +198,9 @@ def run_demo(
     from clakit.provenance import provenance
 
     ctx = DemoContext(
-        Path(work_dir or DEFAULT_WORK_DIR).expanduser(),
-        Path(cache_dir) if cache_dir else None,
+        expanded(work_dir or DEFAULT_WORK_DIR, "--work-dir"),
+        # resolved before any stage: a missing HOME is refused before the work, not when demo.json is written
+        expanded(cache_dir, "demo cache") if cache_dir else (None if assets else default_cache_dir()),
         settings or DemoSettings(),
         assets,
     )
@@ -216,7 +217,7 @@ def run_demo(
         "total_s": round(sum(ctx.timings.values()), 1),
         "models": ctx.models,
         "settings": vars(ctx.settings),
-        "provenance": provenance(cache_dir=str(ctx.cache_dir or default_cache_dir())),
+        "provenance": provenance(cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None),
     }
     outputs.write_file(ctx.work_dir / "demo.json", json.dumps(summary, indent=2, default=str) + "\n", DEMO_FORMAT)
     if ctx.report_dir:
