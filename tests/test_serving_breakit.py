@@ -166,3 +166,64 @@ def test_a_kv_source_layers_of_the_wrong_type_is_refused_in_one_line(vllm_python
             "number": "kv_source_layers must be a list of layer indices, got 0",
         },
     )
+
+
+# clakit_vllm.run's bad input: (its arguments, with {placeholders}, and what its one stderr line must say)
+RUN_BAD = {
+    "no_folder": ("{tmp}/absent --prompts-json {prompts}", "absent is not a checkpoint folder (it has no config.json"),
+    "no_prompts": ("{cla} --prompts-json {tmp}/absent.json", "cannot read --prompts-json"),
+    "not_json": ("{cla} --prompts-json {not_json}", "is not JSON"),
+    "no_prompt": ("{cla} --prompts-json {empty}", "holds [], not a non-empty list"),
+    "empty_prompt": ("{cla} --prompts-json {empty_prompt}", "prompt 1 of"),
+    "out_of_vocab": ("{cla} --prompts-json {out_of_vocab}", "has 320, not a token id of this model (0 to 319)"),
+    "not_an_id": ("{cla} --prompts-json {not_an_id}", "has 1.5, not a token id"),
+    "too_long": ("{cla} --prompts-json {too_long}", "250 + --max-tokens 16 exceeds the context of 256 tokens"),
+    "short_context": ("{cla} --prompts-json {prompts} --max-model-len 8", "exceeds the context of 8 tokens"),
+    # 0 was taken as "not given": vLLM's default cache size instead of the one asked for
+    "zero_cache": ("{cla} --prompts-json {prompts} --kv-cache-bytes 0", "--kv-cache-bytes: must be at least 1, got 0"),
+    "zero_tokens": ("{cla} --prompts-json {prompts} --max-tokens 0", "--max-tokens: must be at least 1, got 0"),
+    "zero_repeat": ("{cla} --prompts-json {prompts} --repeat 0", "--repeat: must be at least 1, got 0"),
+    "cache_dtype": ("{cla} --prompts-json {prompts} --kv-cache-dtype int3", "--kv-cache-dtype 'int3' is not one of"),
+    "dtype": ("{cla} --prompts-json {prompts} --dtype float8", "argument --dtype: invalid choice: 'float8'"),
+    "abbreviated": ("{cla} --prompts-json {prompts} --max-tok 4", "unrecognized arguments: --max-tok 4"),
+    "weights": ("{no_k} --prompts-json {prompts}", "has no model.layers.1.self_attn.k_proj"),
+    "architecture": ("{stock_arch} --prompts-json {prompts}", "architectures ['LlamaForCausalLM'] is a stock model"),
+}
+
+
+def run_inputs(cla: Path, tmp: Path) -> dict[str, Path]:
+    """The files and folders RUN_BAD's placeholders name."""
+    files = {
+        "prompts": [[1, 2, 3], [4, 5]],
+        "empty": [],
+        "empty_prompt": [[1, 2], []],
+        "out_of_vocab": [[1, 320]],
+        "not_an_id": [[1, 1.5]],
+        "too_long": [[1] * 250],  # + 16 new tokens > max_position_embeddings 256
+    }
+    paths = {"tmp": tmp, "cla": cla}
+    for name, content in files.items():
+        paths[name] = tmp / f"{name}.json"
+        paths[name].write_text(json.dumps(content))
+    paths["not_json"] = tmp / "not.json"
+    paths["not_json"].write_text("[[1, 2")
+    paths["no_k"] = damaged(cla, tmp / "no_k", drop=(f"{ATTN.format(1)}.k_proj.weight",))
+    paths["stock_arch"] = damaged(cla, tmp / "stock_arch", architectures=["LlamaForCausalLM"])
+    return paths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", RUN_BAD)
+def test_clakit_vllm_run_refuses_bad_input_in_one_line(case, vllm_python, tiny_llama_pair, tmp_path):  # noqa: F811
+    """`python -m clakit_vllm.run` used to start vLLM on any input and fail with its traceback (or take
+    --kv-cache-bytes 0 as not given, and run); now bad input is one stderr line naming the fix, exit 2, before vLLM
+    starts (the timeout is far below a vLLM start-up here)."""
+    _, cla = tiny_llama_pair
+    args, text = RUN_BAD[case]
+    argv = args.format(**run_inputs(cla, tmp_path)).split()
+    cmd = [str(vllm_python), "-m", "clakit_vllm.run", *argv]
+    proc = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    assert lines[0].startswith("python -m clakit_vllm.run: error: ") and text in lines[0], lines
+    assert "CLAKIT_VLLM_RESULT" not in proc.stdout

@@ -7,38 +7,191 @@ prompts.json holds a list of token-id lists (the caller tokenizes, so every engi
 is submitted `--repeat` times at once (greedy); the output has vLLM's KV capacity in tokens and its maximum
 concurrency at max_model_len (as vLLM logs them), the tokens of the first copy of each prompt, and the wall time and
 generated tokens/s of the whole batch. The KV cache size is --kv-cache-bytes, else (on CPU) VLLM_CPU_KVCACHE_SPACE GiB.
+
+Bad input (a folder that is not a checkpoint, a layout or weights the plugin cannot serve, prompts that are not
+token ids of the model, a count below 1) is refused before vLLM starts: one line naming it and the fix, exit 2.
 """
 
 import argparse
+import contextlib
+import io
 import json
+import sys
 import time
+from pathlib import Path
+from typing import get_args
+
+PROG = "python -m clakit_vllm.run"
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float", "half")
+FIX_PROMPTS = "give a JSON list of token-id lists made with the model's tokenizer, e.g. [[1, 2, 3], [4, 5]]"
+CLA_MODEL_TYPES = ("llama_cla", "mistral_cla")  # configs.CLA_MODEL_TYPES, without importing transformers
+
+
+class InputError(Exception):
+    """Bad input, found before vLLM starts: printed as one line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error as one line (exit 2, as argparse) and no abbreviated flags."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message}; see `{PROG} --help`\n")
+
+
+def positive_int(text: str) -> int:
+    """A count or size: 0 used to be taken as "not given" (vLLM's default) and a negative one reached vLLM."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m clakit_vllm.run", description=__doc__.split("\n\n")[0])
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="checkpoint folder")
     p.add_argument("--prompts-json", required=True, help="file with a JSON list of token-id lists")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=1, help="submit each prompt this many times at once")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-tokens", type=positive_int, default=16)
+    p.add_argument("--repeat", type=positive_int, default=1, help="submit each prompt this many times at once")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--kv-cache-dtype", default="auto", help="vLLM's cache dtype: auto (the model's), fp8, ...")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=positive_int, default=None)
     p.add_argument(
         "--kv-cache-bytes",
-        type=int,
+        type=positive_int,
         default=None,
         help="KV cache size (default: vLLM's; on CPU from VLLM_CPU_KVCACHE_SPACE)",
     )
-    p.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's batch limit (default: vLLM's)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=None, help="vLLM's batch limit (default: vLLM's)")
     p.add_argument("--compile", action="store_true", help="let vLLM compile the model (default: eager)")
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def read_json(path: Path, what: str, fix: str):
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}; {fix}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"{what} {path} is not JSON ({e}); {fix}") from None
+
+
+def read_config(folder: str) -> dict:
+    """The checkpoint's config.json."""
+    fix = "give the folder `clakit convert` wrote (or a stock Llama/Mistral folder)"
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{folder} is not a checkpoint folder (it has no config.json); {fix}")
+    config = read_json(path / "config.json", "the checkpoint's config", fix)
+    if not isinstance(config, dict):
+        raise InputError(f"{path / 'config.json'} holds no JSON object; {fix}")
+    return config
+
+
+def check_cla_checkpoint(path: Path, model_type: str) -> None:
+    """The checks vLLM would make after its start-up (or not at all, for the weights): the plugin's config class
+    reads config.json (layout, architecture), then the tensor names, from the safetensors headers, must fit."""
+    from .configs import LlamaCLAConfig, MistralCLAConfig, missing_attention_tensors, unexpected_kv_tensor
+
+    config_class = {"llama_cla": LlamaCLAConfig, "mistral_cla": MistralCLAConfig}[model_type]
+    try:
+        config = config_class.from_pretrained(path)
+    except (ValueError, TypeError) as e:  # the plugin's own one-line message, or transformers' on other fields
+        raise InputError(str(e).strip().splitlines()[0]) from None
+    names = tensor_names(path)
+    if not names:  # no safetensors (e.g. .bin): vLLM's load checks them
+        return
+    layout = config.kv_source_layers
+    problem = next(filter(None, (unexpected_kv_tensor(n, layout) for n in names)), None)
+    problem = problem or missing_attention_tensors(names, layout, range(config.num_hidden_layers))
+    if problem:
+        raise InputError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The names of the tensors in the folder's *.safetensors files (headers read, no tensor data)."""
+    from safetensors import safe_open
+
+    names = []
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            names += list(f.keys())
+    return names
+
+
+def check_prompts(path: Path, config: dict, args: argparse.Namespace) -> list[list[int]]:
+    """The prompts: a non-empty JSON list of non-empty token-id lists, ids in the model's vocabulary, each with
+    room for --max-tokens in the context (vLLM would fail on it after its start-up, or stop short silently)."""
+    prompts = read_json(path, "--prompts-json", FIX_PROMPTS)
+    if not isinstance(prompts, list) or not prompts:
+        raise InputError(
+            f"--prompts-json {path} holds {json.dumps(prompts)[:40]}, not a non-empty list; {FIX_PROMPTS}"
+        )
+    vocab, context = config.get("vocab_size"), context_length(config, args)
+    for i, ids in enumerate(prompts):
+        if problem := prompt_problem(ids, vocab, context, args.max_tokens):
+            raise InputError(f"prompt {i} of {path} {problem}")
+    return prompts
+
+
+def prompt_problem(ids, vocab: int | None, context: int | None, max_tokens: int) -> str | None:
+    """What is wrong with one prompt and the fix, as the end of a sentence; None when nothing is."""
+    if not isinstance(ids, list) or not ids:
+        return f"is {json.dumps(ids)[:40]}, not a non-empty list of token ids; {FIX_PROMPTS}"
+    for token in ids:
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0 or (vocab and token >= vocab):
+            ids_range = f"0 to {vocab - 1}" if vocab else ">= 0"
+            return f"has {token!r}, not a token id of this model ({ids_range}); {FIX_PROMPTS}"
+    if context and len(ids) + max_tokens > context:
+        return (
+            f"has {len(ids)} tokens, and {len(ids)} + --max-tokens {max_tokens} exceeds the context of {context} "
+            "tokens; shorten the prompt or lower --max-tokens"
+        )
+    return None
+
+
+def context_length(config: dict, args: argparse.Namespace) -> int | None:
+    """--max-model-len, else max_position_embeddings where vLLM takes it as it is (no RoPE scaling that stretches
+    it); None when unknown."""
+    if args.max_model_len:
+        return args.max_model_len
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "llama3"):
+        return None
+    return config.get("max_position_embeddings")
+
+
+def check_kv_cache_dtype(name: str) -> None:
+    try:  # vLLM's own list (a Literal); absent in other vLLM versions, where vLLM checks it
+        with contextlib.redirect_stderr(io.StringIO()):  # vLLM's import notes (e.g. "Triton is installed, but...")
+            from vllm.config.cache import CacheDType
+    except ImportError:
+        return
+    if get_args(CacheDType) and name not in get_args(CacheDType):  # ("auto", "float16", "fp8", ...)
+        raise InputError(f"--kv-cache-dtype {name!r} is not one of vLLM's: {', '.join(get_args(CacheDType))}")
+
+
+def check_inputs(args: argparse.Namespace) -> list[list[int]]:
+    """Everything checkable before vLLM starts (tens of seconds to minutes), cheapest first; the prompts. A stock
+    checkpoint (the baseline of a comparison) gets the same checks but the CLA ones."""
+    config = read_config(args.model)
+    prompts = check_prompts(Path(args.prompts_json), config, args)
+    check_kv_cache_dtype(args.kv_cache_dtype)
+    if config.get("model_type") in CLA_MODEL_TYPES:
+        check_cla_checkpoint(Path(args.model), config["model_type"])
+    return prompts
+
+
+def run(args: argparse.Namespace, prompts: list[list[int]] | None = None) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    prompts = json.loads(open(args.prompts_json).read())
+    prompts = prompts if prompts is not None else check_inputs(args)
     engine_args = dict(model=args.model, dtype=args.dtype, enforce_eager=not args.compile, seed=0)
     engine_args["kv_cache_dtype"] = args.kv_cache_dtype
     if args.max_model_len:
@@ -74,7 +227,13 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
-    print("CLAKIT_VLLM_RESULT " + json.dumps(run(parse_args(argv))), flush=True)
+    args = parse_args(argv)
+    try:
+        prompts = check_inputs(args)
+    except InputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("CLAKIT_VLLM_RESULT " + json.dumps(run(args, prompts)), flush=True)
 
 
 if __name__ == "__main__":  # vLLM may start worker processes that re-import this module
