@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from clakit.convert.inmemory import cla_model_from
 from clakit.errors import ClakitError
 from clakit.eval.kvquant import QuantizedKVCache
-from clakit.modeling import LlamaCLAConfig, MistralCLAConfig
+from clakit.modeling import LlamaCLAConfig, MistralCLAConfig, MistralCLAForCausalLM
 from clakit.sources import load_config, load_model, resolve_source
 
 # --- sources: Hub ids ----------------------------------------------------------------------------------------------
@@ -248,3 +248,21 @@ def test_a_folder_without_config_json_is_named_with_what_to_give(tmp_path, case)
     assert len(str(e.value).splitlines()) == 1
     if case == "meta-release":
         assert "llama/convert_llama_weights_to_hf.py" in str(e.value) and "mistral" not in str(e.value).lower()
+
+
+# --- the CLA classes are the stock ones but for CLA -----------------------------------------------------------------
+
+
+def test_mistral_has_no_attention_biases_whatever_its_config_says(tmp_path, tokenizer):
+    """Stock Mistral ignores `attention_bias` (some mistral-type config.json files carry it); the CLA attention read
+    it, so the stock checkpoint loaded into the CLA class (every layer a producer: the stock model) was refused for
+    lacking biases, and a CLA Mistral built from such a config had random ones."""
+    stock = tiny_model("mistral", attention_bias=True)
+    assert stock.model.layers[0].self_attn.q_proj.bias is None
+    save_checkpoint(stock, tokenizer, tmp_path / "stock")
+    assert json.loads((tmp_path / "stock" / "config.json").read_text())["attention_bias"] is True
+    cla = MistralCLAForCausalLM.from_pretrained(tmp_path / "stock").eval()
+    assert not any(name.endswith("bias") for name, _ in cla.named_parameters())
+    x = prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(cla(x).logits, stock(x).logits, rtol=0, atol=0)

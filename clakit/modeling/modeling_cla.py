@@ -90,7 +90,10 @@ def loading_problem(info: dict) -> str | None:
 
 
 class CLAAttentionMixin:
-    """Attention whose K/V come from `config.kv_source_layers[layer_idx]`; shared by the Llama and Mistral classes."""
+    """Attention whose K/V come from `config.kv_source_layers[layer_idx]`; shared by the Llama and Mistral classes.
+    `_bias_key`: the config key that gives the projections biases, as the stock attention reads it (None: never)."""
+
+    _bias_key: str | None = "attention_bias"
 
     def __init__(self, config, layer_idx: int):
         nn.Module.__init__(self)  # the stock attention's fields, as its __init__ sets them
@@ -103,7 +106,7 @@ class CLAAttentionMixin:
         self.is_causal = True
         self.kv_source = config.kv_source_layers[layer_idx]  # CLA
         self.is_producer = self.kv_source == layer_idx  # CLA
-        bias = getattr(config, "attention_bias", False)  # Mistral has none
+        bias = bool(getattr(config, self._bias_key, False)) if self._bias_key else False
         hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=bias)
         if self.is_producer:  # CLA: consumers hold no K/V projections (and no cache)
@@ -316,7 +319,9 @@ class LlamaCLAForCausalLM(LlamaCLAPreTrainedModel, LlamaForCausalLM):
 
 
 class MistralCLAAttention(CLAAttentionMixin, MistralAttention):
-    pass
+    # CLA: as the stock Mistral, no attention biases whatever the config says (a stock Mistral checkpoint whose
+    # config.json carries attention_bias: true was refused for lacking biases the stock class never reads)
+    _bias_key = None
 
 
 class MistralCLADecoderLayer(CLADecoderLayerMixin, MistralDecoderLayer):
