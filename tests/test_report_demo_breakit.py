@@ -247,3 +247,16 @@ def test_the_home_of_an_unknown_user_in_demo_paths_is_one_line(capsys, monkeypat
     monkeypatch.setattr(demo, "fetch_demo", _no_fetch)
     code, _, err = run_cli(capsys, *command, "-q")
     assert code == 2 and err.count("\n") == 1 and "names the home folder of an unknown user" in err, err
+
+
+def test_names_and_paths_are_text_not_markup_in_report_md(tmp_path, base_report):
+    data = {**base_report["data"], "sources": ["texts/<script>alert(1)</script>.txt"]}
+    lm_eval = {"tasks": {"<i>task|x": {"acc": 0.5}}, "settings": {"limit": 1, "num_fewshot": None}, "version": "0"}
+    models = ["base", "runs/<img src=x onerror=alert(1)>"]
+    out = report(_write_reports(tmp_path, base_report, models, data=data, lm_eval=lm_eval), tmp_path / "rep")
+    md = (out / "report.md").read_text()
+    # before: the name, the data path and the task name went into report.md as raw HTML (a viewer renders it)
+    assert "<img" not in md and "<script" not in md and "<i>" not in md
+    assert "&lt;img src=x onerror=alert(1)&gt;" in md and "&lt;script&gt;alert(1)&lt;/script&gt;.txt" in md
+    lm_table = md.split("## lm-eval tasks\n\n")[1].split("\n\n")[0].splitlines()
+    assert len({line.replace("\\|", "").count("|") for line in lm_table}) == 1  # a `|` in a task name: one column

@@ -180,12 +180,19 @@ def heat_map(reports: list[dict], path: Path) -> None:
 def _md_table(columns: list[str], body: list[list[str]]) -> list[str]:
     rule = "|" + "---|" * len(columns)
     rows = ["| " + " | ".join(map(_md_cell, cells)) + " |" for cells in body]
-    return ["| " + " | ".join(columns) + " |", rule, *rows]
+    return ["| " + " | ".join(map(_md_cell, columns)) + " |", rule, *rows]  # lm-eval's columns are task names
 
 
 def _md_cell(cell: str) -> str:
     """A model name or path may hold `|` (a column break) or a newline (the row's end): escaped, one cell."""
-    return str(cell).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+    return _md_text(str(cell).replace("\\", "\\\\").replace("|", "\\|"))
+
+
+def _md_text(text: str) -> str:
+    """Names and paths as text: markdown renders raw HTML (a model named `<img src=x onerror=...>` became markup in
+    a viewer of report.md), so <, > and & become entities; a newline would end the line (or the table row)."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("\n", " ").replace("\r", " ")
 
 
 def _data_note(reports: list[dict]) -> str:
@@ -257,13 +264,14 @@ def _md_sources(reports: list[dict], paths: list | None) -> str:
 def markdown(reports: list[dict], paths: list | None = None) -> str:
     """The report's text; `paths` (the report files, in order) adds the Sources section."""
     table = "\n".join(_md_table(COLUMNS, rows(reports)))
-    text = f"# clakit eval report\n\n{table}\n\n{_data_note(reports)}\n"
+    text = f"# clakit eval report\n\n{table}\n\n{_md_text(_data_note(reports))}\n"
     table = passkey_table(reports)
     if table:
         text += "\n## Passkey retrieval\n\n" + "\n".join(_md_table(*table)) + "\n\n![passkey](passkey.png)\n"
     table = lm_eval_table(reports)
     if table:
-        text += "\n## lm-eval tasks\n\n" + "\n".join(_md_table(*table)) + "\n\n" + _lm_eval_note(reports) + "\n"
+        note = _md_text(_lm_eval_note(reports))
+        text += "\n## lm-eval tasks\n\n" + "\n".join(_md_table(*table)) + "\n\n" + note + "\n"
     return text + "\n![perplexity vs KV bytes](ppl_vs_kv.png)\n" + _md_sources(reports, paths)
 
 
