@@ -10,7 +10,10 @@ import pytest
 import torch
 from conftest import save_checkpoint, tiny_kwargs, tiny_model
 from test_sources_hub import hub  # noqa: F401
-from transformers import AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.cache_utils import KVSharingDict
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from clakit.convert.inmemory import cla_model_from
 from clakit.errors import ClakitError
@@ -266,3 +269,32 @@ def test_mistral_has_no_attention_biases_whatever_its_config_says(tmp_path, toke
     x = prompt()
     with torch.no_grad():
         torch.testing.assert_close(cla(x).logits, stock(x).logits, rtol=0, atol=0)
+
+
+RECORDED: list[dict] = []  # the keyword arguments each attention call received, in call order
+
+
+def recording_attention(module, query, key, value, attention_mask, **kwargs):
+    RECORDED.append({k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor | KVSharingDict)})
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("layout", [[0, 1, 2, 3], [0, 0, 2, 2]], ids=["all-producers", "cla2"])
+def test_the_attention_function_gets_the_stock_models_arguments(kind, layout):
+    """The CLA attention passed config.sliding_window to the attention function for Llama too (stock Llama never
+    does; a Llama config.json may carry the key): with flash attention a CLA Llama attended within a window the stock
+    model does not have. Recorded through a registered attention function (sdpa underneath), layer by layer."""
+    AttentionInterface.register("clakit_recording", recording_attention)
+    AttentionMaskInterface.register("clakit_recording", sdpa_mask)
+    stock = tiny_model(kind, sliding_window=8, attn_implementation="clakit_recording")
+    cla = cla_model_from(stock, layout, init="mean").eval()
+    assert cla.config._attn_implementation == "clakit_recording"
+    calls = []
+    for model in (stock, cla):
+        RECORDED.clear()
+        with torch.no_grad():
+            model(prompt(1))
+        calls.append(list(RECORDED))
+    assert len(calls[1]) == 4 and calls[1] == calls[0]
+    assert all(call.get("sliding_window") == (8 if kind == "mistral" else None) for call in calls[1])

@@ -91,9 +91,11 @@ def loading_problem(info: dict) -> str | None:
 
 class CLAAttentionMixin:
     """Attention whose K/V come from `config.kv_source_layers[layer_idx]`; shared by the Llama and Mistral classes.
-    `_bias_key`: the config key that gives the projections biases, as the stock attention reads it (None: never)."""
+    `_bias_key`: the config key that gives the projections biases, as the stock attention reads it (None: never);
+    `_sliding`: whether the stock attention passes config.sliding_window to the attention function (Mistral)."""
 
     _bias_key: str | None = "attention_bias"
+    _sliding: bool = False
 
     def __init__(self, config, layer_idx: int):
         nn.Module.__init__(self)  # the stock attention's fields, as its __init__ sets them
@@ -155,6 +157,8 @@ class CLAAttentionMixin:
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if self._sliding:  # Mistral, as its stock attention; stock Llama never passes a window, whatever its config
+            kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -163,7 +167,6 @@ class CLAAttentionMixin:
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
-            sliding_window=getattr(self.config, "sliding_window", None),  # Mistral; None for Llama
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -322,6 +325,7 @@ class MistralCLAAttention(CLAAttentionMixin, MistralAttention):
     # CLA: as the stock Mistral, no attention biases whatever the config says (a stock Mistral checkpoint whose
     # config.json carries attention_bias: true was refused for lacking biases the stock class never reads)
     _bias_key = None
+    _sliding = True
 
 
 class MistralCLADecoderLayer(CLADecoderLayerMixin, MistralDecoderLayer):
