@@ -43,6 +43,13 @@ class Source:
     def gguf_file(self) -> str | None:
         return self.path.name if self.kind == "gguf" else None
 
+    @property
+    def commit(self) -> str | None:
+        """The Hub commit the files were read at (huggingface_hub names each snapshot folder by it), for provenance:
+        `revision` is what was asked ("main" moves); None for a local path."""
+        downloaded = self.kind == "dir" and self.revision is not None and self.path.parent.name == "snapshots"
+        return self.path.name if downloaded else None
+
 
 def looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")

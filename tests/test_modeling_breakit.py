@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_checkpoint, tiny_kwargs, tiny_model
-from test_sources_hub import hub  # noqa: F401
+from test_sources_hub import COMMIT, hub  # noqa: F401
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.cache_utils import KVSharingDict
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -298,3 +298,11 @@ def test_the_attention_function_gets_the_stock_models_arguments(kind, layout):
         calls.append(list(RECORDED))
     assert len(calls[1]) == 4 and calls[1] == calls[0]
     assert all(call.get("sliding_window") == (8 if kind == "mistral" else None) for call in calls[1])
+
+
+def test_a_hub_source_names_the_commit_its_files_came_from(hub, tiny_llama_checkpoint):  # noqa: F811
+    """Source.revision is what was asked ("main", which moves): eval's provenance recorded only that. The commit
+    (the snapshot folder's name) is now a property every output can record; a local path has none."""
+    source = resolve_source("org/model")
+    assert source.revision == "main" and source.commit == COMMIT
+    assert resolve_source(str(tiny_llama_checkpoint)).commit is None
