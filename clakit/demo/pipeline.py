@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clakit import outputs
-from clakit.demo.fetch import DemoAssets, default_cache_dir, expanded, fetch_demo
+from clakit.demo.fetch import DemoAssets, default_cache_dir, expanded, fetch_demo, recorded_sources
 from clakit.errors import ClakitError
 from clakit.eval.records import check_output
 
@@ -67,6 +67,7 @@ class DemoContext:
     reports: dict[str, Path] = field(default_factory=dict)  # label -> eval report
     report_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    sources: dict | None = None  # where fetch-demo's assets came from (its manifest's record)
 
     def say(self, message: str) -> None:
         if not self.settings.quiet:
@@ -82,6 +83,7 @@ class Stage:
 def fetch_stage(ctx: DemoContext) -> None:
     if ctx.assets is None:
         ctx.assets = fetch_demo(ctx.cache_dir, quiet=ctx.settings.quiet)
+        ctx.sources = recorded_sources(ctx.cache_dir or default_cache_dir())
     ctx.models.setdefault("original", str(ctx.assets.model))
 
 
@@ -217,7 +219,9 @@ def run_demo(
         "total_s": round(sum(ctx.timings.values()), 1),
         "models": ctx.models,
         "settings": vars(ctx.settings),
-        "provenance": provenance(cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None),
+        # the texts each stage read and where they came from: the reports name only the held-out one
+        "assets": {name: str(path) for name, path in vars(ctx.assets).items() if path} if ctx.assets else None,
+        "provenance": provenance(cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None, sources=ctx.sources),
     }
     outputs.write_file(ctx.work_dir / "demo.json", json.dumps(summary, indent=2, default=str) + "\n", DEMO_FORMAT)
     if ctx.report_dir:
