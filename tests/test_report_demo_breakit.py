@@ -283,3 +283,13 @@ def test_demo_json_records_the_texts_and_the_package_versions_they_came_from(tmp
     assets = summary["assets"]
     assert set(assets) == {"model", "calib", "train", "train_bible", "heldout"}
     assert assets["calib"] == str(tmp_path / "cache" / "text" / "calib.txt")
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_report_paths_in_the_home_of_an_unknown_user_are_one_line(capsys, tmp_path, base_report, where):
+    good = write_json(base_report, tmp_path / "a.json")
+    unknown = "~no_such_user_of_clakit/x"
+    argv = ["report", unknown, "-o", tmp_path / "rep"] if where == "input" else ["report", good, "-o", unknown]
+    code, _, err = run_cli(capsys, *argv)
+    # before: RuntimeError("Could not determine home directory.") from the output rule's path checks
+    assert code == 2 and err.count("\n") == 1 and "names the home folder of an unknown user" in err, err
