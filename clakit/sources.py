@@ -109,11 +109,33 @@ def _snapshot(spec: str, revision: str | None, patterns: list[str]) -> str:
     try:
         return snapshot_download(spec, revision=revision, allow_patterns=patterns)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ClakitError(
-            f"{spec!r} is not a local path and could not be downloaded from the Hugging Face Hub ({first[:200]}); "
-            "check the id and your connection, or give a local checkpoint folder or .gguf file"
-        ) from None
+        raise _hub_error(spec, revision, e) from None
+
+
+def _hub_error(spec: str, revision: str | None, e: Exception) -> ClakitError:
+    """One line for a failed download. A gated repo (every meta-llama one), a missing revision or a missing/private
+    repo each have their own fix; huggingface_hub's first line is only '401 Client Error. (Request ID: ...)', which
+    was all the message said, with 'check the id and your connection'."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    login = "log in (`hf auth login`, or set HF_TOKEN)"
+    if isinstance(e, GatedRepoError):  # a RepositoryNotFoundError too: first
+        return ClakitError(
+            f"Hub repo {spec} is gated: accept its terms at https://huggingface.co/{spec} with your account and "
+            f"{login}, or give a local checkpoint folder"
+        )
+    if isinstance(e, RevisionNotFoundError):
+        return ClakitError(f"Hub repo {spec} has no revision {revision!r}; give a branch, tag or commit it has")
+    if isinstance(e, RepositoryNotFoundError):
+        return ClakitError(
+            f"Hub repo {spec} does not exist, or is private (then {login}); check the id, or give a local checkpoint "
+            "folder or .gguf file"
+        )
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    return ClakitError(
+        f"{spec!r} is not a local path and could not be downloaded from the Hugging Face Hub ({lines[0][:200]}); "
+        "check the id and your connection, or give a local checkpoint folder or .gguf file"
+    )
 
 
 def _is_gguf(path: Path) -> bool:

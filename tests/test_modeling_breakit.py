@@ -6,9 +6,11 @@ import re
 import shutil
 from pathlib import Path
 
+import httpx2
 import pytest
 import torch
 from conftest import save_checkpoint, tiny_kwargs, tiny_model
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from test_sources_hub import COMMIT, hub  # noqa: F401
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.cache_utils import KVSharingDict
@@ -306,3 +308,35 @@ def test_a_hub_source_names_the_commit_its_files_came_from(hub, tiny_llama_check
     source = resolve_source("org/model")
     assert source.revision == "main" and source.commit == COMMIT
     assert resolve_source(str(tiny_llama_checkpoint)).commit is None
+
+
+def hub_refusal(error_cls, status: int, message: str):
+    """snapshot_download raising what huggingface_hub raises for a refused request."""
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/org/model")
+
+    def refuse(*_, **__):
+        raise error_cls(message, response=httpx2.Response(status, request=request))
+
+    return refuse
+
+
+HUB_REFUSALS = {  # huggingface_hub's error (its real first line is the status only) -> what the line must say
+    "gated": (GatedRepoError, 401, "is gated: accept its terms at https://huggingface.co/org/model"),
+    "no-revision": (RevisionNotFoundError, 404, "has no revision 'v9'; give a branch, tag or commit it has"),
+    "no-repo": (RepositoryNotFoundError, 401, "does not exist, or is private (then log in"),
+}
+
+
+@pytest.mark.parametrize("case", list(HUB_REFUSALS))
+def test_a_refused_hub_download_names_why_and_the_fix(monkeypatch, case):
+    """A gated repo (every meta-llama one) said '(401 Client Error. (Request ID: ...)); check the id and your
+    connection': neither the reason nor the fix (accept the terms, log in)."""
+    import huggingface_hub
+
+    error_cls, status, needle = HUB_REFUSALS[case]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    refusal = hub_refusal(error_cls, status, f"{status} Client Error. (Request ID: abc)\n\nRefused for url ...")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refusal)
+    with pytest.raises(ClakitError, match=re.escape(needle)) as e:
+        resolve_source("org/model", revision="v9")
+    assert "Request ID" not in str(e.value) and len(str(e.value).splitlines()) == 1
