@@ -293,3 +293,17 @@ def test_report_paths_in_the_home_of_an_unknown_user_are_one_line(capsys, tmp_pa
     code, _, err = run_cli(capsys, *argv)
     # before: RuntimeError("Could not determine home directory.") from the output rule's path checks
     assert code == 2 and err.count("\n") == 1 and "names the home folder of an unknown user" in err, err
+
+
+def test_report_says_when_speeds_were_timed_with_other_decode_steps(tmp_path, base_report):
+    other = {**base_report["speed"], "decode_steps": 2 * base_report["speed"]["decode_steps"]}
+    same = report(_write_reports(tmp_path, base_report, ["a", "b"]), tmp_path / "same")
+    assert "timed differently" not in (same / "report.md").read_text()
+    paths = [
+        write_json(base_report, tmp_path / "x.json"),
+        write_json({**base_report, "speed": other}, tmp_path / "y.json"),
+    ]
+    text = (report(paths, tmp_path / "mixed") / "report.md").read_text()
+    # before: decode tok/s over 2 and 4 steps side by side with nothing said
+    steps = [f"{s['decode_steps']} decode steps" for s in (base_report["speed"], other)]
+    assert "Speeds were timed differently" in text and all(s in text for s in steps), text

@@ -223,11 +223,24 @@ def _machine(report: dict) -> str:
 
 
 def _speed_note(reports: list[dict]) -> str:
-    """Perplexities compare across machines, tokens/s do not: say so when the speeds were timed on different ones."""
+    """Perplexities compare across machines, tokens/s do not: say so when the speeds were timed on different ones,
+    or with different prefill lengths, batches or decode steps."""
     machines = list(dict.fromkeys(_machine(r) for r in reports if r.get("speed")))
-    if len(machines) < 2:
-        return ""
-    return f" Speeds were timed on different machines ({'; '.join(machines)}): compare tok/s only within one."
+    timings = list(dict.fromkeys(_timing(r["speed"]) for r in reports if r.get("speed")))
+    note = ""
+    if len(machines) > 1:
+        note += f" Speeds were timed on different machines ({'; '.join(machines)}): compare tok/s only within one."
+    if len(timings) > 1:
+        # clakit eval decodes 16 steps, the demo 8; a model with a shorter window prefills fewer tokens
+        note += f" Speeds were timed differently ({'; '.join(timings)}): tok/s are not comparable across them."
+    return note
+
+
+def _timing(speed: dict) -> str:
+    return (
+        f"prefill {speed.get('prefill_length')} tokens x {speed.get('batch_size')}, "
+        f"{speed.get('decode_steps')} decode steps"
+    )
 
 
 def sources_table(reports: list[dict], paths: list) -> tuple[list[str], list[list[str]]]:
