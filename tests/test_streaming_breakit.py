@@ -61,3 +61,22 @@ def test_mount_points_are_told_from_folders():
     # /proc is mounted on every Linux (its own device); a plain folder is not a mount point
     assert outputs._is_mount_point(Path("/proc"))
     assert not outputs._is_mount_point(Path(__file__).parent)
+
+
+def test_a_resume_maps_the_optimizer_state_instead_of_copying_it_into_each_process(tmp_path):
+    # old: optimizer.pt (whole: AdamW's moments of every trained tensor) read into private memory by every process
+    # of a resume, N copies on a node at once; mapped, the processes share the page cache's one
+    from safetensors.torch import save_file
+
+    from clakit.uptrain.checkpoint import read_checkpoint
+
+    step = tmp_path / "checkpoints" / "step-000001"
+    step.mkdir(parents=True)
+    moments = {"exp_avg": torch.randn(256, 64), "exp_avg_sq": torch.rand(256, 64), "step": torch.tensor(1.0)}
+    torch.save({"state": {"w": moments}, "param_groups": [{"lr": 1e-3, "params": ["w"]}]}, step / "optimizer.pt")
+    torch.save({"last_epoch": 1}, step / "scheduler.pt")
+    save_file({"w": torch.zeros(256, 64)}, step / "trainable.safetensors")
+    (step / "state.json").write_text(json.dumps({"step": 1}))
+    saved = read_checkpoint(step)
+    assert torch.equal(saved["optimizer"]["state"]["w"]["exp_avg"], moments["exp_avg"])
+    assert _mapped(step / "optimizer.pt")
