@@ -307,3 +307,17 @@ def test_report_says_when_speeds_were_timed_with_other_decode_steps(tmp_path, ba
     # before: decode tok/s over 2 and 4 steps side by side with nothing said
     steps = [f"{s['decode_steps']} decode steps" for s in (base_report["speed"], other)]
     assert "Speeds were timed differently" in text and all(s in text for s in steps), text
+
+
+def test_a_rebuild_never_removes_the_users_files_beside_the_demo_texts(tmp_path, monkeypatch):
+    _fake_downloads(monkeypatch)
+    root = tmp_path / "cache"
+    assets = fetch.fetch_demo(root, quiet=True)
+    (root / "text" / "mine.txt").write_text("keep me")
+    assets.heldout.unlink()  # a missing file: the cache is fetched again
+    # before: the rebuild replaced text/ whole, mine.txt with it
+    with pytest.raises(ClakitError, match=r"holds files fetch-demo did not write \(text/mine.txt\)"):
+        fetch.fetch_demo(root, quiet=True)
+    assert (root / "text" / "mine.txt").read_text() == "keep me"
+    (root / "text" / "mine.txt").unlink()
+    assert fetch.fetch_demo(root, quiet=True).heldout.is_file()  # its own files alone: rebuilt

