@@ -121,7 +121,12 @@ def _check_ours(root: Path) -> None:
         raise ClakitError(
             f"{root} already holds {', '.join(taken)}, not written by fetch-demo; give fetch-demo an empty or new DIR"
         )
-    foreign = _foreign_files(root, manifest) if ours else []
+
+
+def _check_no_foreign_files(root: Path) -> None:
+    """Refuse, before any download, a cache of fetch-demo's whose model/ or text/ holds files it did not write."""
+    manifest = _manifest(root)
+    foreign = _foreign_files(root, manifest) if manifest is not None else []
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ClakitError(
@@ -339,6 +344,7 @@ def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
     if cached:
         return cached
     _check_ours(root)
+    _check_no_foreign_files(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -349,6 +355,7 @@ def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
 
 def _fill(root: Path, quiet: bool) -> DemoAssets:
     _check_ours(root)
+    _check_no_foreign_files(root)
     with _os_errors(root):
         # a manifest listing nothing yet claims the folders before the first is replaced: a run killed between the
         # moves and the full manifest left model/ and text/ that the next run refused as a user's
