@@ -299,18 +299,26 @@ def load_config(source: Source, trust_remote_code: bool = False):
             source.load_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
     except Exception as e:  # a config transformers refuses: validation, TypeError, ZeroDivisionError, AttributeError
-        raise _read_error(source, "read the config of", e, _config_fix(e)) from None
+        raise _read_error(source, "read the config of", e, _config_fix(source, e)) from None
     _check_rope_type(source, config)
     return config
 
 
-def _config_fix(e: Exception) -> str:
-    """What to do about a config transformers refuses: a value of the wrong type (huggingface_hub's strict
-    validation) or one its checks refuse (a kv_source_layers of 3 entries for 4 layers) is config.json's own fault,
-    not a download's (a config.json that is not JSON was refused by read_config_json before)."""
+def _config_fix(source: Source, e: Exception) -> str:
+    """What to do about a config transformers refuses. A folder's: a value of the wrong type (huggingface_hub's
+    strict validation) or one its checks refuse (a kv_source_layers of 3 entries for 4 layers) is config.json's own
+    fault, not a download's (a config.json that is not JSON was refused by read_config_json before). A GGUF file's:
+    an architecture transformers' GGUF reader lacks, or a damaged file (_read_error says which)."""
     from huggingface_hub.errors import StrictDataclassError
 
+    if source.kind == "gguf":
+        return _gguf_fix(e)
     return FIX_CONFIG if isinstance(e, StrictDataclassError | ValueError | TypeError) else DOWNLOAD_AGAIN
+
+
+def _gguf_fix(e: Exception) -> str:
+    """transformers' GGUF reader raises ValueError("GGUF model with architecture gemma is not supported yet.")."""
+    return GGUF_UNSUPPORTED if isinstance(e, ValueError) and "not supported" in str(e) else DOWNLOAD_AGAIN
 
 
 def check_remote_code(source: Source, trust_remote_code: bool) -> None:
@@ -482,7 +490,8 @@ def load_model(
     except StrictDataclassError as e:  # a config.json value of the wrong type (load_config says the same)
         raise _read_error(source, "load as a causal LM", e, FIX_CONFIG) from None
     except _errors(source, ValueError, OSError, KeyError, RuntimeError, SafetensorError) as e:  # torch: RuntimeError
-        raise _read_error(source, "load as a causal LM", e) from None
+        fix = _gguf_fix(e) if source.kind == "gguf" else DOWNLOAD_AGAIN
+        raise _read_error(source, "load as a causal LM", e, fix) from None
     problem = loading_problem(info)
     if problem:
         raise ClakitError(f"cannot load {source.spec}: {problem}")
@@ -529,6 +538,7 @@ def _errors(source: Source, *errors: type) -> tuple:
 
 DOWNLOAD_AGAIN = "check that its files are complete (download it again)"
 FIX_CONFIG = "correct or restore its config.json"
+GGUF_UNSUPPORTED = "transformers cannot read GGUF files of this architecture: give the model's transformers checkpoint"
 
 
 def _read_error(source: Source, doing: str, e: Exception, fix: str = DOWNLOAD_AGAIN) -> ClakitError:

@@ -340,3 +340,34 @@ def test_a_refused_hub_download_names_why_and_the_fix(monkeypatch, case):
     with pytest.raises(ClakitError, match=re.escape(needle)) as e:
         resolve_source("org/model", revision="v9")
     assert "Request ID" not in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def gguf_of(arch: str, path: Path) -> Path:
+    """A small, sound GGUF file of `arch` (as test_sources_gguf's tiny_gguf)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for add, value in [("block_count", 2), ("context_length", 64), ("embedding_length", 16)]:
+        getattr(writer, f"add_{add}")(value)
+    writer.add_feed_forward_length(32)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(1)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((8, 16), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("load", [load_config, load_model], ids=["config", "model"])
+def test_a_gguf_of_an_architecture_transformers_cannot_read_says_so(tmp_path, load):
+    """'GGUF model with architecture gemma is not supported yet.; check that its files are complete (download it
+    again)': the file is sound, downloading it again changes nothing."""
+    with pytest.raises(ClakitError, match="architecture gemma is not supported") as e:
+        load(resolve_source(str(gguf_of("gemma", tmp_path / "g.gguf"))))
+    message = str(e.value)
+    assert "cannot read GGUF files of this architecture" in message
+    assert "download it again" not in message and "config.json" not in message
