@@ -538,6 +538,7 @@ def _errors(source: Source, *errors: type) -> tuple:
 
 DOWNLOAD_AGAIN = "check that its files are complete (download it again)"
 FIX_CONFIG = "correct or restore its config.json"
+CUSTOM_CODE = "contains custom code which must be executed"  # transformers' words (dynamic_module_utils)
 GGUF_UNSUPPORTED = "transformers cannot read GGUF files of this architecture: give the model's transformers checkpoint"
 
 
@@ -546,6 +547,8 @@ def _read_error(source: Source, doing: str, e: Exception, fix: str = DOWNLOAD_AG
     problem = gguf_problem(source.path) if source.kind == "gguf" else None
     if problem:
         return ClakitError(f"cannot read {source.spec}: {problem}; download or convert the .gguf file again")
+    if CUSTOM_CODE in str(e):  # transformers' refusal without trust_remote_code (a tokenizer's auto_map, too)
+        fix = "it loads code shipped with it, which runs when loaded: pass --trust-remote-code if you trust the source"
     return ClakitError(f"cannot {doing} {source.spec}: {_first_line(e)}; {fix}")
 
 

@@ -21,7 +21,7 @@ from clakit.convert.inmemory import cla_model_from
 from clakit.errors import ClakitError
 from clakit.eval.kvquant import QuantizedKVCache
 from clakit.modeling import LlamaCLAConfig, MistralCLAConfig, MistralCLAForCausalLM
-from clakit.sources import load_config, load_model, resolve_source
+from clakit.sources import load_config, load_model, load_tokenizer, resolve_source
 
 # --- sources: Hub ids ----------------------------------------------------------------------------------------------
 
@@ -371,3 +371,20 @@ def test_a_gguf_of_an_architecture_transformers_cannot_read_says_so(tmp_path, lo
     message = str(e.value)
     assert "cannot read GGUF files of this architecture" in message
     assert "download it again" not in message and "config.json" not in message
+
+
+def test_a_tokenizer_with_its_own_code_names_the_flag(tmp_path, tokenizer):
+    """tokenizer_config.json naming a tokenizer class shipped with the checkpoint (auto_map): transformers' refusal
+    came out with 'check that its files are complete (download it again)'."""
+    folder = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "m")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings |= {"auto_map": {"AutoTokenizer": ["tokenization_my.MyTok", None]}, "tokenizer_class": "MyTok"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    (folder / "tokenization_my.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass MyTok(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    source = resolve_source(str(folder))
+    with pytest.raises(ClakitError, match="pass --trust-remote-code if you trust the source") as e:
+        load_tokenizer(source)
+    assert "download it again" not in str(e.value)
+    assert type(load_tokenizer(source, trust_remote_code=True)).__name__ == "MyTok"
