@@ -171,7 +171,7 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
             raise _not_a_checkpoint(spec, path)
         return Source(spec, "dir", path.resolve())
     if path.exists():
-        raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file")
+        raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file; {_file_fix(path)}")
     if looks_like_hub_id(spec) and (not hub_offline() or _in_hub_cache(spec, revision)):
         return _download(spec, revision, allow_pickle, check_config)  # offline: huggingface_hub reads its cache
     raise ClakitError(f"model {spec!r} does not exist: give a checkpoint folder, a .gguf file or a Hub id (org/name)")
@@ -185,6 +185,13 @@ def hub_offline() -> bool:
 
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
     return value is not None and value.upper() in ENV_VARS_TRUE_VALUES
+
+
+def _file_fix(path: Path) -> str:
+    """A file given for a model: one of a checkpoint folder's (config.json, a weights shard) names its folder."""
+    if (path.parent / "config.json").is_file():
+        return f"it is one of a checkpoint's files: give its folder ({path.parent.resolve()})"
+    return "give a checkpoint folder (config.json and weights), a .gguf file or a Hub id (org/name)"
 
 
 def _not_a_checkpoint(spec: str, path: Path) -> ClakitError:

@@ -388,3 +388,12 @@ def test_a_tokenizer_with_its_own_code_names_the_flag(tmp_path, tokenizer):
         load_tokenizer(source)
     assert "download it again" not in str(e.value)
     assert type(load_tokenizer(source, trust_remote_code=True)).__name__ == "MyTok"
+
+
+@pytest.mark.parametrize("name", ["config.json", "model-00001-of-00004.safetensors"])
+def test_a_file_of_a_checkpoint_folder_names_the_folder(tiny_llama_checkpoint, name):
+    """The checkpoint's config.json or a weights shard given for the model: 'is neither a checkpoint folder nor a
+    .gguf file', with no fix; the folder that holds it is what to give."""
+    with pytest.raises(ClakitError, match="neither a checkpoint folder nor a .gguf file") as e:
+        resolve_source(str(tiny_llama_checkpoint / name))
+    assert f"give its folder ({tiny_llama_checkpoint.resolve()})" in str(e.value)
