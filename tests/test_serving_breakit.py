@@ -227,3 +227,44 @@ def test_clakit_vllm_run_refuses_bad_input_in_one_line(case, vllm_python, tiny_l
     assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
     assert lines[0].startswith("python -m clakit_vllm.run: error: ") and text in lines[0], lines
     assert "CLAKIT_VLLM_RESULT" not in proc.stdout
+
+
+PIPELINE = """
+import sys
+from vllm import LLM
+if __name__ == "__main__":  # the pipeline stages are worker processes
+    try:
+        LLM(model=sys.argv[1], enforce_eager=True, dtype="float32", pipeline_parallel_size=2,
+            distributed_executor_backend="mp")
+        print("LOADED")
+    except Exception as e:
+        print("FAILED", type(e).__name__)
+"""
+
+
+@pytest.mark.slow
+def test_a_pipeline_split_inside_a_cla_group_names_a_partition_that_works(
+    vllm_python,  # noqa: F811
+    tiny_llama_pair,
+    tmp_path,
+):
+    """vLLM splits 6 layers over 2 stages as [0, 3) and [3, 6): layer 3 reads layer 0's K/V on the other stage. The
+    stage failed in vLLM's KV-sharing check naming neither the split nor a fix; the plugin now refuses it naming a
+    VLLM_PP_LAYER_PARTITION whose stages start at CLA groups ([0, 5) and [5, 6) for LAYOUT)."""
+    _, cla = tiny_llama_pair
+    script = tmp_path / "pipeline.py"
+    script.write_text(PIPELINE)
+    # one CPU per stage: vLLM's CPU workers bind threads to NUMA nodes, and a single node refuses two workers
+    env = {**vllm_env(), "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    del env["VLLM_ENABLE_V1_MULTIPROCESSING"]
+    proc = subprocess.run(
+        [str(vllm_python), str(script), str(cla)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    output = proc.stdout + proc.stderr  # the workers' errors come through vLLM's log, on stdout
+    assert "FAILED RuntimeError" in proc.stdout.splitlines(), output[-4000:]
+    expected = (
+        "clakit_vllm: cannot serve this CLA checkpoint: pipeline_parallel_size 2 splits the layers as [0, 3), [3, 6), "
+        "and a stage that starts inside a CLA group cannot reach its producer; stages may start at layers [0, 5]: "
+        "set VLLM_PP_LAYER_PARTITION=5,1"
+    )
+    assert expected in output, output[-4000:]

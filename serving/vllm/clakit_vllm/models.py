@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.distributed.utils import get_pp_indices
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import ColumnParallelLinear
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
@@ -43,6 +44,47 @@ def check_config(config) -> None:
         )
     if problem := layout_problem(getattr(config, "kv_source_layers", None), config.num_hidden_layers):
         raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
+
+
+def group_starts(kv_source_layers: list[int]) -> list[int]:
+    """The layers where a pipeline stage may start: none at or after them reads K/V from before them.
+    [0, 1, 2, 0, 0, 5] -> [0, 5]; CLA2 over 6 layers -> [0, 2, 4]."""
+    layers = range(len(kv_source_layers))
+    return [start for start in layers if all(source >= start for source in kv_source_layers[start:])]
+
+
+def pipeline_problem(kv_source_layers: list[int], pp_size: int) -> str | None:
+    """Why vLLM's split of the layers over `pp_size` pipeline stages cannot serve the layout, as one line; else None.
+
+    A consumer must find its producer's attention on its own stage (vLLM builds only the stage's layers), so every
+    stage must start at a group start. vLLM's own check fails in the worker naming neither the split nor the fix.
+    """
+    stages = [get_pp_indices(len(kv_source_layers), rank, pp_size) for rank in range(pp_size)]
+    starts = group_starts(kv_source_layers)
+    if all(start in starts for start, _ in stages):
+        return None
+    split = ", ".join(f"[{start}, {end})" for start, end in stages)
+    problem = (
+        f"pipeline_parallel_size {pp_size} splits the layers as {split}, and a stage that starts inside a CLA group "
+        f"cannot reach its producer; stages may start at layers {starts}"
+    )
+    if len(starts) < pp_size:
+        return f"{problem}: use no more pipeline stages than that ({len(starts)})"
+    partition = balanced_partition(starts, pp_size, len(kv_source_layers))
+    return f"{problem}: set VLLM_PP_LAYER_PARTITION={','.join(map(str, partition))}"
+
+
+def balanced_partition(starts: list[int], pp_size: int, num_layers: int) -> list[int]:
+    """Layers per stage (VLLM_PP_LAYER_PARTITION), stages starting at `starts` and as even as they allow.
+    ([0, 5], 2, 6) -> [5, 1]; ([0, 2, 4], 2, 6) -> [2, 4]. Needs len(starts) >= pp_size."""
+    cuts: list[int] = []
+    for stage in range(1, pp_size):
+        # the start after the previous cut nearest the even split, leaving a start for each later cut
+        later, even = pp_size - 1 - stage, stage * num_layers / pp_size
+        options = [s for s in starts if s > (cuts[-1] if cuts else 0) and sum(o > s for o in starts) >= later]
+        cuts.append(min(options, key=lambda s, even=even: abs(s - even)))
+    bounds = [0, *cuts, num_layers]
+    return [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def cla_weights_mapper(stock: WeightsMapper, kv_source_layers: list[int]) -> WeightsMapper:
@@ -140,7 +182,11 @@ class CLAForCausalLMMixin:
     """Checks the config before building, and loads consumers' `q_proj` unstacked."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
-        check_config(vllm_config.model_config.hf_config)  # CLA: one line naming the problem, before any work
+        config = vllm_config.model_config.hf_config
+        check_config(config)  # CLA: one line naming the problem, before any work
+        pp_size = vllm_config.parallel_config.pipeline_parallel_size
+        if pp_size > 1 and (problem := pipeline_problem(config.kv_source_layers, pp_size)):  # CLA
+            raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         model: LlamaModel = self.model
         model.hf_to_vllm_mapper = cla_weights_mapper(model.hf_to_vllm_mapper, self.config.kv_source_layers)  # CLA
