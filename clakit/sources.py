@@ -174,6 +174,12 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
         raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file; {_file_fix(path)}")
     if looks_like_hub_id(spec) and (not hub_offline() or _in_hub_cache(spec, revision)):
         return _download(spec, revision, allow_pickle, check_config)  # offline: huggingface_hub reads its cache
+    if looks_like_hub_id(spec):  # a Hub id, offline and not in the cache: the Hub was not asked
+        at = f" at revision {revision}" if revision else ""
+        raise ClakitError(
+            f"model {spec!r} does not exist locally nor in the Hub cache{at}, and the Hub is not asked (offline: "
+            "HF_HUB_OFFLINE): download it where the Hub is reachable, or give a local checkpoint folder or .gguf file"
+        )
     raise ClakitError(f"model {spec!r} does not exist: give a checkpoint folder, a .gguf file or a Hub id (org/name)")
 
 

@@ -44,6 +44,18 @@ def test_hub_offline_set_to_a_true_value_never_downloads(hub, monkeypatch, varia
     assert hub.calls == []
 
 
+def test_an_id_missing_from_the_offline_cache_is_named_as_such(hub, monkeypatch, tmp_path):  # noqa: F811
+    """Offline, a Hub id the cache lacks was refused as "does not exist: give a checkpoint folder, a .gguf file or
+    a Hub id (org/name)", which is what was given: the line now says the Hub was not asked, and why."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(
+        ClakitError, match="'org/model' does not exist locally nor in the Hub cache at revision v2"
+    ) as e:
+        resolve_source("org/model", revision="v2")
+    assert "the Hub is not asked (offline: HF_HUB_OFFLINE)" in str(e.value) and "or a Hub id" not in str(e.value)
+
+
 # --- sources: remote code -------------------------------------------------------------------------------------------
 
 REMOTE_CONFIG = "from transformers import LlamaConfig\n\n\nclass MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n"
