@@ -197,8 +197,10 @@ class CLAForCausalLMMixin:
         # exempts unquantized layers).
         names: list[str] = []
         loaded = super().load_weights(self._checked(weights, names))
+        # only the first call loads the whole checkpoint; later ones (weight syncs, reload_weights) may pass a subset
+        first_load, self._cla_weights_loaded = not getattr(self, "_cla_weights_loaded", False), True
         layers = range(self.model.start_layer, self.model.end_layer)  # this pipeline stage's layers
-        if problem := missing_attention_tensors(names, self.config.kv_source_layers, layers):
+        if first_load and (problem := missing_attention_tensors(names, self.config.kv_source_layers, layers)):
             raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
         return loaded
 
