@@ -215,7 +215,8 @@ def test_the_report_records_its_sources_and_the_command_that_wrote_it(tmp_path, 
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     # before: neither file named the report files, the models' full paths or revisions, nor the command
     for i, (path, model) in enumerate(zip(paths, models, strict=True)):
-        assert f"| {html.escape(model, quote=False)} | rev{i} | {path} |" in md  # <c>: text, not markup
+        as_md = html.escape(model, quote=False), str(path).replace("_", "\\_")  # <c>: text, not markup
+        assert f"evaluated: {as_md[0]}; revision: rev{i}; report file: {as_md[1]};" in md
         assert f"<td>{html.escape(model)}</td><td>rev{i}</td><td>{path}</td>" in page
     command = shlex.join(argv)
     assert command.replace("_", "\\_") in md and html.escape(command) in page

@@ -270,8 +270,18 @@ def _made_by() -> str:
 def _md_sources(reports: list[dict], paths: list | None) -> str:
     if paths is None:
         return ""
-    note = _md_cell(_made_by()).replace("*", "\\*").replace("_", "\\_").replace("`", "\\`")
-    return "\n## Sources\n\n" + "\n".join(_md_table(*sources_table(reports, paths))) + f"\n\n{note}\n"
+    columns, body = sources_table(reports, paths)
+    # a list, not a table: report.md's tables are its results (readers take every `| ` line of it for a model)
+    items = ["- " + "; ".join(f"{c}: {_md_escape(v)}" for c, v in zip(columns, row, strict=True)) for row in body]
+    return "\n## Sources\n\n" + "\n".join(items) + f"\n\n{_md_escape(_made_by())}\n"
+
+
+def _md_escape(text: str) -> str:
+    """Paths and commands as plain markdown text: `_`, `*`, backticks and brackets would format or link them."""
+    text = str(text).replace("\\", "\\\\")
+    for c in "*_`[]":
+        text = text.replace(c, "\\" + c)
+    return _md_text(text)
 
 
 def markdown(reports: list[dict], paths: list | None = None) -> str:
