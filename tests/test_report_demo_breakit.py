@@ -322,3 +322,15 @@ def test_a_rebuild_never_removes_the_users_files_beside_the_demo_texts(tmp_path,
     assert (root / "text" / "mine.txt").read_text() == "keep me"
     (root / "text" / "mine.txt").unlink()
     assert fetch.fetch_demo(root, quiet=True).heldout.is_file()  # its own files alone: rebuilt
+
+
+def test_a_failed_demo_leaves_no_work_folder_it_created(tmp_path):
+    def refused(ctx):
+        raise ClakitError("a stage refused its input")
+
+    work = tmp_path / "new" / "work"
+    assets = fetch.DemoAssets(*(tmp_path / name for name in ("m", "calib.txt", "train.txt", "heldout.txt")))
+    with pytest.raises(ClakitError, match="a stage refused"):
+        demo.run_demo(work, assets=assets, stages=[demo.Stage("refused", refused)], settings=demo.DemoSettings())
+    # before: new/work was left behind, empty
+    assert list(tmp_path.iterdir()) == []

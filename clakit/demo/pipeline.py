@@ -186,6 +186,14 @@ def check_work_dir(work_dir: Path) -> None:
     outputs.check_file(work_dir / "demo.json", DEMO_FORMAT, noun="demo summary")
 
 
+def _run_stages(ctx: DemoContext, stages: list[Stage]) -> None:
+    for stage in stages:
+        ctx.say(f"stage {stage.name}")
+        start = time.perf_counter()
+        stage.run(ctx)
+        ctx.timings[stage.name] = round(time.perf_counter() - start, 1)
+
+
 def run_demo(
     work_dir=None,
     *,
@@ -207,12 +215,10 @@ def run_demo(
         assets,
     )
     check_work_dir(ctx.work_dir)
-    ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    for stage in stages or STAGES:
-        ctx.say(f"stage {stage.name}")
-        start = time.perf_counter()
-        stage.run(ctx)
-        ctx.timings[stage.name] = round(time.perf_counter() - start, 1)
+    # a failed stage (a refused input, Ctrl-C) left the work folder it had just created, empty
+    with outputs.new_parents_removed_on_failure(ctx.work_dir / "demo.json"):
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        _run_stages(ctx, stages or STAGES)
     summary = {
         "format": DEMO_FORMAT,
         "timings_s": ctx.timings,
