@@ -163,6 +163,10 @@ def check_revision(revision: str | None, *specs, option: str = "--revision") -> 
 def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = False, check_config=None) -> Source:
     """The Source of `spec`; a local path never carries `revision` (it was not what was read). A Hub id is downloaded;
     `check_config(source)`, given, sees its config.json before the weights are fetched (and may refuse it)."""
+    if not str(spec).strip():  # Path("") is ".": an unset $MODEL would read whatever checkpoint the shell is in
+        raise ClakitError(
+            f"the model is an empty string ({spec!r}): give a checkpoint folder, a .gguf file or a Hub id"
+        )
     path = Path(spec).expanduser()
     if path.is_file() and _is_gguf(path):
         return Source(spec, "gguf", path.resolve())

@@ -409,3 +409,12 @@ def test_a_file_of_a_checkpoint_folder_names_the_folder(tiny_llama_checkpoint, n
     with pytest.raises(ClakitError, match="neither a checkpoint folder nor a .gguf file") as e:
         resolve_source(str(tiny_llama_checkpoint / name))
     assert f"give its folder ({tiny_llama_checkpoint.resolve()})" in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_an_empty_model_string_is_refused_not_read_as_the_working_folder(tiny_llama_checkpoint, monkeypatch, spec):
+    """Path("") is ".": `clakit eval "$MODEL" ...` with MODEL unset, run inside a checkpoint folder, read that
+    checkpoint as the model without a word."""
+    monkeypatch.chdir(tiny_llama_checkpoint)
+    with pytest.raises(ClakitError, match="the model is an empty string"):
+        resolve_source(spec)
