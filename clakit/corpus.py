@@ -42,8 +42,20 @@ def _read_file(path: Path) -> str:
     except OSError as e:
         raise ClakitError(f"cannot read text file {path}: {e.strerror or e}") from None
     if "\x00" in text or text.count("\ufffd") > MAX_UNDECODABLE * len(text):
+        if _utf16(path, opener):
+            raise ClakitError(f"{path} is UTF-16 text, not UTF-8; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
         raise ClakitError(f"{path} is not UTF-8 text (binary data?); give text files (.txt, .md, .txt.gz)")
     return text
+
+
+def _utf16(path: Path, opener) -> bool:
+    """Whether a refused file starts with a UTF-16 byte-order mark: Windows tools write text so (PowerShell's `>`,
+    Notepad's "Unicode"), and "binary data?" sent its owner looking for a problem the file does not have."""
+    try:
+        with opener(path, "rb") as f:
+            return f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    except (OSError, EOFError, zlib.error):
+        return False
 
 
 def _folder_files(path: Path) -> list[Path]:

@@ -334,3 +334,18 @@ def test_a_failed_demo_leaves_no_work_folder_it_created(tmp_path):
         demo.run_demo(work, assets=assets, stages=[demo.Stage("refused", refused)], settings=demo.DemoSettings())
     # before: new/work was left behind, empty
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_text_is_named_as_utf16_not_as_binary(tmp_path, encoding):
+    from clakit import corpus
+
+    path = tmp_path / "notes.txt"
+    bom = {"utf-16": b"", "utf-16-be": b"\xfe\xff"}[encoding]  # Python's utf-16 writes its own BOM
+    path.write_bytes(bom + "Plain English text, saved by a Windows tool.\n".encode(encoding))
+    # before: "is not UTF-8 text (binary data?)" for a text file
+    with pytest.raises(ClakitError, match="is UTF-16 text, not UTF-8; save it as UTF-8"):
+        corpus.load_texts([str(path)])
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ClakitError, match=r"is not UTF-8 text \(binary data\?\)"):
+        corpus.load_texts([str(tmp_path / "blob.txt")])
