@@ -12,7 +12,7 @@ import torch
 from conftest import save_checkpoint, tiny_kwargs, tiny_model
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from test_sources_hub import COMMIT, hub  # noqa: F401
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModel, AutoModelForCausalLM
 from transformers.cache_utils import KVSharingDict
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -21,6 +21,7 @@ from clakit.convert.inmemory import cla_model_from
 from clakit.errors import ClakitError
 from clakit.eval.kvquant import QuantizedKVCache
 from clakit.modeling import LlamaCLAConfig, MistralCLAConfig, MistralCLAForCausalLM
+from clakit.modeling.modeling_cla import WeightsMismatch
 from clakit.sources import load_config, load_model, load_tokenizer, resolve_source
 
 # --- sources: Hub ids ----------------------------------------------------------------------------------------------
@@ -418,3 +419,20 @@ def test_an_empty_model_string_is_refused_not_read_as_the_working_folder(tiny_ll
     monkeypatch.chdir(tiny_llama_checkpoint)
     with pytest.raises(ClakitError, match="the model is an empty string"):
         resolve_source(spec)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"kv_source_layers": [0, 0, 0, 0]}, {"kv_source_layers": [0, 0, 2], "num_hidden_layers": 3}],
+    ids=["kv-without-a-place", "fewer-layers"],
+)
+def test_a_base_model_checkpoint_whose_layout_does_not_match_is_refused(tmp_path, changes):
+    """A CLA base model saved alone (LlamaCLAModel: tensor names 'layers.N...', no 'model.' prefix) with a config
+    whose kv_source_layers (or layer count) do not match: AutoModel loaded it, dropping the tensors it had no place
+    for, while the causal-LM checkpoint of the same edit was refused."""
+    cla = cla_model_from(tiny_model("llama", num_hidden_layers=4), [0, 0, 2, 2], init="mean")
+    cla.model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | changes))
+    with pytest.raises(WeightsMismatch, match=r"tensors its config.json has no place for \(e.g. layers\."):
+        AutoModel.from_pretrained(tmp_path)

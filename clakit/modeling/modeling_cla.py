@@ -66,7 +66,9 @@ def loading_problem(info: dict) -> str | None:
     rotary inv_freq buffers are not in `unexpected_keys`.)"""
     missing = sorted(info.get("missing_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())  # (name, checkpoint shape, model shape)
-    unexpected = sorted(k for k in info.get("unexpected_keys") or () if k.startswith("model.layers."))
+    # decoder tensors: "model.layers.N..." in a causal LM's checkpoint, "layers.N..." in a base model's (saved from
+    # LlamaCLAModel), whose dropped K/V went unnoticed
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if k.removeprefix("model.").startswith("layers."))
     fix = "restore the config.json written with these weights, or convert again"
     if mismatched:
         name, theirs, ours = mismatched[0]
