@@ -436,3 +436,15 @@ def test_a_base_model_checkpoint_whose_layout_does_not_match_is_refused(tmp_path
     (tmp_path / "config.json").write_text(json.dumps(config | changes))
     with pytest.raises(WeightsMismatch, match=r"tensors its config.json has no place for \(e.g. layers\."):
         AutoModel.from_pretrained(tmp_path)
+
+
+def test_kv_tensors_without_a_place_are_named_as_a_layout_mismatch_with_biases_too(tmp_path):
+    """With attention biases (attention_bias: true) the K/V tensors without a place include k_proj.bias: the
+    message blamed num_hidden_layers, not kv_source_layers."""
+    cla = cla_model_from(tiny_model("llama", attention_bias=True), [0, 0, 2, 2], init="mean")
+    cla.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"kv_source_layers": [0, 0, 0, 0]}))
+    with pytest.raises(WeightsMismatch, match="holds 4 tensors its config.json has no place for") as e:
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "its kv_source_layers do not match the weights" in str(e.value)

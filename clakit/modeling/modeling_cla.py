@@ -82,7 +82,7 @@ def loading_problem(info: dict) -> str | None:
             f"randomly initialised; {fix}"
         )
     if unexpected:
-        kv = all(k.endswith(("k_proj.weight", "v_proj.weight")) for k in unexpected)
+        kv = all(k.rsplit(".", 2)[-2] in ("k_proj", "v_proj") for k in unexpected)  # weights and biases
         what = "kv_source_layers" if kv else "num_hidden_layers"
         return (
             f"the checkpoint holds {len(unexpected)} tensors its config.json has no place for (e.g. {unexpected[0]}), "
