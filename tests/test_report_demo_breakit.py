@@ -349,3 +349,19 @@ def test_utf16_text_is_named_as_utf16_not_as_binary(tmp_path, encoding):
     (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ClakitError, match=r"is not UTF-8 text \(binary data\?\)"):
         corpus.load_texts([str(tmp_path / "blob.txt")])
+
+
+@pytest.mark.parametrize("command", ["eval", "report"])
+def test_a_dash_as_output_is_refused_not_written_as_a_file_named_dash(
+    capsys, tmp_path, monkeypatch, base_report, tiny_llama_checkpoint, corpus_dir, command
+):
+    monkeypatch.chdir(tmp_path)
+    if command == "eval":
+        data = corpus_dir / "heldout.txt"
+        argv = ["eval", tiny_llama_checkpoint, "-o", "-", "--data", data, "--seq-len", 32, "--no-speed", "-q"]
+    else:
+        argv = ["report", write_json(base_report, tmp_path / "a.json"), "-o", "-"]
+    code, _, err = run_cli(capsys, *argv)
+    # before: the report written to a file (eval, after the whole run) or a folder (report) named `-`
+    assert code == 2 and err.count("\n") == 1 and "output - (standard output) is not supported" in err, err
+    assert not (tmp_path / "-").exists()
