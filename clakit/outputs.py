@@ -236,6 +236,20 @@ def hold(folder: Path, label: str = "output folder") -> Iterator[None]:
         os.close(fd)
 
 
+def check_not_inside_an_output(out: Path | str, label: str = "OUT") -> None:
+    """An output inside another clakit output (a run folder, its model/, a converted checkpoint) is a file that
+    output did not write: it blocks that output's --overwrite, and a model folder holding a run or a checkpoint is
+    no plain checkpoint. (uptrain's own converted/ is written in its staging folder, before it is marked.)"""
+    out = Path(out).expanduser().absolute()
+    for parent in out.parents:
+        kind = owner(parent) if parent.is_dir() else None
+        if kind is not None:
+            raise ClakitError(
+                f"{label} {out} is inside {parent}, a clakit {NOUNS.get(kind, kind)}; clakit does not write into "
+                "another output: choose a folder outside it"
+            )
+
+
 def check_folder(
     out,
     kind: str,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_text, save_checkpoint, tiny_model
-from convert_fixtures import copy_checkpoint, load, logits, run_cli
+from convert_fixtures import copy_checkpoint, fingerprint, load, logits, run_cli
 from safetensors.torch import load_file, save_file
 from test_convert_bad_input import assert_refused
 
@@ -201,3 +201,15 @@ def test_the_record_names_the_written_dtype_when_the_output_is_evaluated(tokeniz
     assert json.loads((out / "config.json").read_text())["dtype"] == written
     assert json.loads((out / "clakit_convert.json").read_text())["settings"]["dtype"] == written
     assert f"| dtype | {written} |" in (out / "README.md").read_text()
+
+
+def test_a_conversion_inside_another_clakit_output_is_refused_before_any_work(src, tmp_path, capsys, no_model):
+    """`clakit convert SRC first/inner` wrote a checkpoint into a finished conversion (or a run's model/): files that
+    output did not write, which then blocked its --overwrite (uptrain already refused this; convert did not)."""
+    first = tmp_path / "first"
+    assert run_cli(src, first, "--factor", "2", "--quiet") == 0
+    before = fingerprint(first)
+    assert_refused(capsys, src, first / "inner", "--factor", "2", match=f"is inside {first}, a clakit convert output")
+    assert run_cli(src, first / "deeper" / "inner", "--factor", "2", "--quiet") == 2
+    assert "clakit does not write into another output" in capsys.readouterr().err
+    assert fingerprint(first) == before and not (first / "deeper").exists()

@@ -128,6 +128,7 @@ def convert(
     check_revision(config.revision, src)
     # OUT before a Hub download (GBs): checked again with the downloaded snapshot's path once it is known
     inputs = [("source", src), ("calibration data", config.calib_data), ("eval data", config.eval_data)]
+    outputs.check_not_inside_an_output(out)
     outputs.check_folder(out, "convert", overwrite=overwrite, inputs=inputs)
     resolved = replace(config, layout=layout, kv_saving=kv_saving_, init=_resolve_init(config.init, config.calib_data))
     job = _Conversion(

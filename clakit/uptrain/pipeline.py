@@ -72,7 +72,7 @@ def check_output_dir(
     if resume:
         _check_resumable(out, recipe)
         return
-    check_not_inside_an_output(out)
+    outputs.check_not_inside_an_output(out, "train.output_dir")
     outputs.check_folder(
         out,
         "uptrain",
@@ -81,18 +81,6 @@ def check_output_dir(
         label="train.output_dir",
         replace_hint=_replace_hint(out),
     )
-
-
-def check_not_inside_an_output(out: Path) -> None:
-    """A run inside another clakit output (a run folder, its model/, a converted checkpoint) is a file that output
-    did not write: it blocks that output's --overwrite, and a model folder holding a run is no plain checkpoint."""
-    for parent in out.parents:
-        kind = outputs.owner(parent) if parent.is_dir() else None
-        if kind is not None:
-            raise ClakitError(
-                f"train.output_dir {out} is inside {parent}, a clakit {outputs.NOUNS.get(kind, kind)}; clakit does "
-                "not write into another output: choose a folder outside it"
-            )
 
 
 def finished(out: Path) -> bool:
