@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clakit.errors import ClakitError
+from clakit.paths import expand
 
 DEFAULT_ONLINE_EVAL = "wikitext:wikitext-2-raw-v1:test"
 
@@ -96,7 +97,7 @@ def load_texts(specs: list[str] | str) -> list[Text]:
         raise ClakitError("no text data given")
     texts = []
     for spec in specs:
-        path = _expanded(spec)
+        path = expand(spec, "text data")
         if path.is_dir():
             texts.extend(Text(str(p), _read_file(p)) for p in _folder_files(path))
         elif path.is_file():
@@ -113,13 +114,6 @@ def load_texts(specs: list[str] | str) -> list[Text]:
         if not t.text.strip():
             raise ClakitError(f"text data {t.name!r} is empty")
     return texts
-
-
-def _expanded(spec: str) -> Path:
-    try:
-        return Path(spec).expanduser()
-    except RuntimeError:  # `~name/...` of a user this system does not know: Python's "Could not determine home"
-        raise ClakitError(f"text data {spec!r} names the home folder of an unknown user; check the path") from None
 
 
 def _not_a_file(spec: str) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from clakit.errors import ClakitError
+from clakit.paths import expand
 
 MARKER = ".clakit_output.json"
 NOUNS = {"convert": "convert output", "uptrain": "uptrain run", "model": "uptrained model", "report": "report folder"}
@@ -109,7 +110,7 @@ def _input_paths(inputs: Iterable[tuple[str, object]]) -> list[tuple[str, Path]]
     out = []
     for role, specs in inputs:
         for spec in [specs] if isinstance(specs, str | Path) else specs or []:
-            path = Path(str(spec)).expanduser()
+            path = expand(str(spec), role)
             if str(spec) and path.exists():
                 out.append((role, path.resolve()))
     return out
@@ -240,7 +241,7 @@ def check_not_inside_an_output(out: Path | str, label: str = "OUT") -> None:
     """An output inside another clakit output (a run folder, its model/, a converted checkpoint) is a file that
     output did not write: it blocks that output's --overwrite, and a model folder holding a run or a checkpoint is
     no plain checkpoint. (uptrain's own converted/ is written in its staging folder, before it is marked.)"""
-    out = Path(out).expanduser().absolute()
+    out = expand(out, "output").absolute()
     for parent in out.parents:
         kind = owner(parent) if parent.is_dir() else None
         if kind is not None:
@@ -263,7 +264,7 @@ def check_folder(
 
     inputs: (role, path or spec or a list of them) of the run's inputs, e.g. ("source", model_dir), ("data", [..]);
     only local paths count. Returns `out` made absolute."""
-    out = Path(out).expanduser().absolute()
+    out = expand(out, "output").absolute()
     _check_name(out, label)
     try:
         _check_place(out, label, inputs)
@@ -394,7 +395,7 @@ def os_errors(out: Path) -> Iterator[None]:
 def staged(out, kind: str, *, overwrite: bool = False, later: Iterable[str] = ()) -> Iterator[Path]:
     """`with staged(out, "convert", overwrite=...) as tmp:` write into tmp; on a clean exit tmp is published as
     `out`; on any error (one line for OSErrors) or interrupt it is removed and `out` is as it was."""
-    out = Path(out).expanduser().absolute()
+    out = expand(out, "output").absolute()
     tmp = make_staging(out)
     try:
         with os_errors(out):
@@ -423,7 +424,7 @@ def check_file(
     report clakit wrote, which it replaces); its folder must be a folder we can write in; it must not be one of the
     run's `inputs` ((role, path or specs), as check_folder's): a report read as data passes the format check, but
     replacing it would destroy the input of the very run that writes it. Returns it absolute."""
-    path = Path(path).expanduser().absolute()
+    path = expand(path, "output").absolute()
     if path.is_dir():
         raise ClakitError(f"{label} {path} is a folder; give a file name such as {path / 'report.json'}")
     if path.is_symlink():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clakit.errors import ClakitError
+from clakit.paths import expand
 
 # what a Hub download fetches besides the weights, which are named file by file (never "*.safetensors": Mistral's
 # repos hold a consolidated.safetensors of the same weights too)
@@ -152,7 +153,7 @@ def _is_gguf(path: Path) -> bool:
 def check_revision(revision: str | None, *specs, option: str = "--revision") -> None:
     """A Hub revision picks what to download; when every model it could apply to is a local path (read as it is),
     it would only be recorded as a provenance that was never read: refused."""
-    local = [str(s) for s in specs if s is not None and Path(str(s)).expanduser().exists()]
+    local = [str(s) for s in specs if s is not None and expand(str(s), "model").exists()]
     if revision is not None and local and len(local) == len([s for s in specs if s is not None]):
         raise ClakitError(
             f"{option} {revision} selects a Hub revision, but {local[0]} is a local path read as it is: drop "
@@ -167,7 +168,7 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
         raise ClakitError(
             f"the model is an empty string ({spec!r}): give a checkpoint folder, a .gguf file or a Hub id"
         )
-    path = Path(spec).expanduser()
+    path = expand(spec, "model")
     if path.is_file() and _is_gguf(path):
         return Source(spec, "gguf", path.resolve())
     if path.is_dir():

@@ -178,6 +178,16 @@ CASES = [
          make_folder("w", {"demo.json": "{}"}), protect=("w",), id="demo-user-summary"),
     Case("demo --work-dir . --cache-dir {tmp}/cache --quiet", "reports/original.json exists and is not a clakit eval",
          make_folder("work", {"reports/original.json": "[]"}), id="demo-user-report"),
+    # --- `~name/...` of a user this system does not know: pathlib's RuntimeError was a traceback from every command
+    Case("convert {model} ~nosuchuser-clakit/out -q", "names the home folder of an unknown user",
+         id="convert-tilde-user"),
+    Case("convert ~nosuchuser-clakit/m {tmp}/out -q", "names the home folder of an unknown user",
+         id="convert-tilde-src"),
+    Case("eval {model} -o ~nosuchuser-clakit/r.json --quiet", "names the home folder of an unknown user",
+         id="eval-tilde-output"),
+    Case("eval {model} -o {tmp}/r.json --data ~nosuchuser-clakit/a.txt --quiet",
+         "names the home folder of an unknown user", id="eval-tilde-data"),
+    Case(UP + "~nosuchuser-clakit/run", "names the home folder of an unknown user", id="uptrain-tilde-output"),
 ]  # fmt: skip
 
 

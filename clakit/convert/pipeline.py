@@ -58,6 +58,7 @@ from clakit.copies import add_copies
 from clakit.corpus import join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
+from clakit.paths import expand
 from clakit.provenance import provenance
 from clakit.sources import (
     Source,
@@ -132,7 +133,7 @@ def convert(
     outputs.check_folder(out, "convert", overwrite=overwrite, inputs=inputs)
     resolved = replace(config, layout=layout, kv_saving=kv_saving_, init=_resolve_init(config.init, config.calib_data))
     job = _Conversion(
-        out=Path(out).expanduser().absolute(),
+        out=expand(out, "OUT").absolute(),
         source=resolve_source(str(src), config.revision, config.allow_pickle, check_config=_hub_check(config.seq_len)),
         config=resolved,
         device=device,
@@ -647,7 +648,7 @@ class _Conversion:
         source, revision = self.source, self.source.revision
         if source.kind == "dir" and source.path.parent.name == "snapshots":  # Hub cache: the folder is the commit
             revision = source.path.name
-        local = source.kind == "gguf" or Path(source.spec).expanduser().exists()
+        local = source.kind == "gguf" or expand(source.spec, "model").exists()
         kind = source.kind if local else "hub"
         return ConvertSettings(
             source=source.spec, source_kind=kind, revision=revision, architecture=self.architecture,

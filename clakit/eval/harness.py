@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clakit.errors import ClakitError
+from clakit.paths import expand
 
 INSTALL_HINT = 'pip install "clakit[lm-eval]"'
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -71,7 +72,7 @@ def _spec(spec: str) -> str:
     """A task name as given; a task file as an absolute path (lm-eval resolves names before paths)."""
     if not _is_path(spec):
         return spec
-    path = Path(spec).expanduser()
+    path = expand(spec, "lm-eval tasks")
     if not path.is_file():
         raise ClakitError(f"lm-eval task file {spec} does not exist; give a task YAML file or a task name")
     return str(path.resolve())
@@ -80,9 +81,9 @@ def _spec(spec: str) -> str:
 def _folders(include) -> list[str]:
     folders = [include] if isinstance(include, str | Path) else list(include or [])
     for f in folders:
-        if not Path(f).expanduser().is_dir():
+        if not expand(f, "--lm-eval-include").is_dir():
             raise ClakitError(f"--lm-eval-include {f} is not a folder; give a folder of lm-eval task YAML files")
-    return [str(Path(f).expanduser().resolve()) for f in folders]
+    return [str(expand(f, "--lm-eval-include").resolve()) for f in folders]
 
 
 def _check_count(name: str, value, allow_zero: bool) -> None:

@@ -16,6 +16,7 @@ from clakit.eval import passkey as passkey_task
 from clakit.eval.config import EvalConfig
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
+from clakit.paths import expand
 from clakit.provenance import provenance
 from clakit.sources import check_revision, check_seq_len, context_window, default_seq_len
 
@@ -149,7 +150,7 @@ def _recorded_source(model_dir) -> tuple[str | None, str | None]:
     source, settings = (record.get(k) if isinstance(record.get(k), dict) else {} for k in ("source", "settings"))
     spec = next((s for s in (source.get("spec"), settings.get("source")) if isinstance(s, str) and s), None)
     # only strings are paths: a hand-edited record's number or list would raise in Path()
-    local = [p for p in (source.get("path"), spec) if isinstance(p, str) and p and Path(p).expanduser().exists()]
+    local = [p for p in (source.get("path"), spec) if isinstance(p, str) and p and expand(p, "model").exists()]
     return spec, (local[0] if local else None)
 
 

@@ -3,13 +3,13 @@ deterministic order that a resumed run can continue from any step."""
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from clakit.copies import add_copies
 from clakit.corpus import Text, load_texts
 from clakit.errors import ClakitError
+from clakit.paths import expand
 
 _PIECE_CHARS = 1 << 20  # tokenise long texts in ~1 MB pieces (cut at line ends) to bound tokenizer memory
 
@@ -95,7 +95,8 @@ def build_data(
     train_texts = load_texts(data.train)
     if data.eval:
         eval_texts = load_texts(data.eval)
-        local_calib = [c for c in calib or [] if Path(c).expanduser().exists()]  # a datasets spec: the path rule
+        # a datasets spec: the path rule
+        local_calib = [c for c in calib or [] if expand(c, "model.convert.calib_data").exists()]
         fitted = {"data.train": train_texts, "calibration text": load_texts(local_calib) if local_calib else []}
         check_held_out(eval_texts, fitted)
         eval_sources = [t.name for t in eval_texts]

@@ -27,6 +27,7 @@ import torch
 from clakit import outputs
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
+from clakit.paths import expand
 from clakit.provenance import provenance
 from clakit.sources import load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, sharding, student
@@ -163,7 +164,7 @@ def check_teacher(recipe: Recipe, out: Path, resume: bool):
             "distillation needs the original model as teacher: set model.original to the model that "
             f"{recipe.model.path} was converted from"
         )
-    given_here = recipe.model.original and Path(recipe.model.original).expanduser().exists()
+    given_here = recipe.model.original and expand(recipe.model.original, "model.original").exists()
     if given_here and not recipe.needs_teacher:  # the baseline report: a local model.original must be a stock model
         source = resolve_source(*found)
         check_stock(source, "model.original")  # as the baseline, a CLA model would compare CLA against CLA
@@ -180,7 +181,7 @@ def check_original(spec: str | None) -> None:
     """model.original as a local path must exist even when nothing distils: it is also the "original" baseline
     report and the provenance in run.json, which a typo'd path silently lost. A Hub id (org/name, as resolve_source
     reads it) is not looked up here: without distillation it stays best effort (offline: no baseline)."""
-    if spec and not looks_like_hub_id(spec) and not Path(spec).expanduser().exists():
+    if spec and not looks_like_hub_id(spec) and not expand(spec, "model").exists():
         raise ClakitError(
             f"model.original {spec} does not exist; give the checkpoint folder or .gguf file the model was "
             "converted from, or a Hub id (org/name), or drop model.original"
@@ -240,12 +241,12 @@ def _source_record(source) -> dict | None:
 def check_paths(recipe: Recipe) -> None:
     """Cheap existence checks for --dry-run: local model/data paths (datasets specs and Hub ids are not fetched)."""
     for spec in [recipe.model.path, recipe.model.source, recipe.model.original]:
-        if spec and (Path(spec).expanduser().exists() or looks_like_hub_id(spec)):  # as resolve_source judges it
+        if spec and (expand(spec, "model").exists() or looks_like_hub_id(spec)):  # as resolve_source judges it
             continue
         if spec:
             raise ClakitError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id")
     for spec in recipe.data.train + (recipe.data.eval or []):
-        if not Path(spec).expanduser().exists() and not is_datasets_spec(spec):
+        if not expand(spec, "data").exists() and not is_datasets_spec(spec):
             raise ClakitError(f"text data {spec!r} does not exist; give text files, .txt folders or NAME:CONFIG:SPLIT")
 
 
@@ -506,7 +507,7 @@ def uptrain(
     """
     recipe = load_recipe(recipe_path, overrides)
     recipe_file = resolve_recipe(recipe_path)
-    out = Path(recipe.train.output_dir).expanduser().resolve()
+    out = expand(recipe.train.output_dir, "train.output_dir").resolve()
     if dry_run:
         check_paths(recipe)
         print(recipe.to_yaml(), end="")

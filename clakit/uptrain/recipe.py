@@ -21,6 +21,7 @@ import yaml
 from clakit.convert.config import ConvertConfig
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
+from clakit.paths import expand
 from clakit.sources import check_revision
 
 # train keys that do not change the trained weights: outside the fingerprint, so --resume may change them
@@ -257,7 +258,7 @@ def shipped_recipes() -> Path:
 def resolve_recipe(path: str | Path) -> Path:
     """`path` when it exists; else the shipped recipe it names, written as in the docs (`recipes/smollm2/x.yaml`)
     or short (`smollm2/x`), so the documented commands work from any folder after `pip install clakit`."""
-    given = Path(path).expanduser()
+    given = expand(path, "recipe")
     if given.is_file() or given.is_absolute():
         return given
     parts = given.parts[1:] if given.parts[:1] == ("recipes",) else given.parts
@@ -383,7 +384,7 @@ def _local_path(spec: str) -> Path | None:
     """The local file or folder a data spec names, or None for a datasets spec (NAME:CONFIG:SPLIT), as
     corpus.load_texts reads them: a spec that exists is a path, else corpus.is_datasets_spec decides (a missing
     path is refused when the text is read)."""
-    path = Path(spec).expanduser()
+    path = expand(spec, "data")
     if path.exists() or not is_datasets_spec(spec):
         return path.resolve()
     return None

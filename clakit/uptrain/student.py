@@ -12,6 +12,7 @@ import torch
 from clakit import outputs
 from clakit.convert.pipeline import check_source_config
 from clakit.errors import ClakitError
+from clakit.paths import expand
 from clakit.sources import check_seq_len, load_config, load_model, resolve_source
 
 LAYER_PREFIX = "model.layers."
@@ -79,7 +80,7 @@ def original_source(model_section) -> tuple[str, str | None] | None:
         return model_section.original or model_section.source, model_section.revision
     from clakit.convert.output_folder import RECORD_FILE
 
-    record = Path(model_section.path).expanduser() / RECORD_FILE
+    record = expand(model_section.path, "model.path") / RECORD_FILE
     try:
         data = json.loads(record.read_text())
     except (OSError, ValueError):
@@ -90,7 +91,7 @@ def original_source(model_section) -> tuple[str, str | None] | None:
     if not isinstance(source, dict):  # an older record: a bare spec, usable only when it is absolute or a Hub id
         settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
         spec = settings.get("source") or source
-        absolute = isinstance(spec, str) and (Path(spec).expanduser().is_absolute() or spec.count("/") == 1)
+        absolute = isinstance(spec, str) and (expand(spec, "model").is_absolute() or spec.count("/") == 1)
         return (spec, None) if absolute and not spec.startswith(".") else None
     if source.get("kind") == "hub":
         return source.get("spec"), source.get("revision")

@@ -1,0 +1,20 @@
+"""Paths as users type them: `~` and `~name` expanded, and a home folder that cannot be found named in one line.
+
+pathlib's expanduser raises RuntimeError ("Could not determine home directory") for `~name/...` of a user this
+system does not know, and for `~` with HOME unset and no entry for the current user: a traceback from every
+command that takes a path. Every path clakit reads or writes goes through `expand`.
+"""
+
+from pathlib import Path
+
+from clakit.errors import ClakitError
+
+
+def expand(path, what: str = "path") -> Path:
+    """`path` with `~` / `~name` expanded; `what` names it in the message (e.g. "--work-dir", "text data")."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise ClakitError(
+            f"{what} {path} names the home folder of an unknown user (or HOME is not set); check the path"
+        ) from None
