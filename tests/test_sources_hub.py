@@ -176,7 +176,8 @@ def test_an_offline_hub_cache_is_read(tmp_path, tiny_llama_checkpoint, corpus_di
 
     done = clakit_eval("org/model")
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "org.json").read_text())["provenance"]["revision"] == "main"
+    provenance_ = json.loads((tmp_path / "org.json").read_text())["provenance"]
+    assert (provenance_["revision"], provenance_["commit"]) == ("main", COMMIT)  # what was asked, what was read
     missing = clakit_eval("org/other")
     assert missing.returncode == 2 and "'org/other' does not exist" in missing.stderr.strip().splitlines()[-1]
 

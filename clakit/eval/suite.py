@@ -31,6 +31,7 @@ class Loaded:
     name: str  # what the user gave (path, Hub id, .gguf) or the in-memory model's name
     revision: str | None = None
     model_dir: Path | None = None  # local checkpoint folder, for clakit_convert.json
+    commit: str | None = None  # the Hub commit the files were read at (revision "main" moves), else None
 
 
 def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool, windows=(None, None)):
@@ -99,7 +100,7 @@ def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name) -> L
         return Loaded(model.eval(), tokenizer, label)
     loaded = load_model(source, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, **placement)
     model_dir = source.path if source.kind == "dir" else None
-    return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir)
+    return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir, source.commit)
 
 
 def _reference(source_model, model_dir, revision, trust_remote_code) -> tuple[str, object] | None:
@@ -348,6 +349,7 @@ def _provenance(loaded: Loaded, data_info: dict, settings: dict, cfg: EvalConfig
     return provenance(
         model=loaded.name,
         revision=loaded.revision,
+        commit=loaded.commit,
         data=data_info["sources"],
         data_sha256=data_info["sha256"],
         settings=settings,
