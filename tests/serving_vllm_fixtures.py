@@ -74,7 +74,10 @@ def run_vllm(python: Path, model: Path, prompts: list[list[int]], tmp_path: Path
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' greedy continuation of each prompt (fp32, exactly `max_new_tokens` tokens, EOS ignored)."""
+    """transformers' greedy continuation of each prompt (fp32, exactly `max_new_tokens` tokens, EOS ignored).
+
+    As vLLM's `ignore_eos`: EOS may be chosen and decoding goes on. (`min_new_tokens` would instead forbid EOS, and
+    a model whose greedy token is EOS would continue differently from vLLM.)"""
     from transformers import AutoModelForCausalLM
 
     import clakit.modeling  # noqa: F401  registers the CLA classes with transformers' Auto* classes
@@ -82,14 +85,11 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokens = []
     with torch.no_grad():
-        for ids in prompts:
-            out = model.generate(
-                torch.tensor([ids]),
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
-                do_sample=False,
-            )
-            tokens.append(out[0, len(ids) :].tolist())
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(max_new_tokens):  # a full forward per token: tiny models, a few tokens
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            tokens.append(ids[len(prompt) :])
     return tokens
 
 
