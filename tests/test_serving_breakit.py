@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import save_checkpoint, tiny_model
 from safetensors.torch import load_file, save_file
-from serving_vllm_fixtures import vllm_env, vllm_python  # noqa: F401  (fixture)
+from serving_vllm_fixtures import hf_greedy, vllm_env, vllm_python  # noqa: F401  (fixture)
 
 from clakit.convert import convert
 
@@ -51,22 +51,27 @@ def damaged(source: Path, dest: Path, drop: tuple[str, ...] = (), **config_chang
     return dest
 
 
-LOAD_ALL = """
+# One vLLM process tries each folder with STEP (FOLDER bound) and prints `LOADED FOLDER` or `FAILED FOLDER | message`.
+TRY_EACH = """
 import json, sys
-from vllm import LLM
+{imports}
 for folder in json.loads(sys.argv[1]):
     try:
-        LLM(model=folder, enforce_eager=True, dtype="float32")
+        {step}
         print("LOADED", folder)
     except Exception as e:
         print("FAILED", folder, "|", str(e).replace("\\n", " / "))
 """
+LOAD = ("from vllm import LLM", 'LLM(model=folder, enforce_eager=True, dtype="float32")')
+READ_CONFIG = ("from vllm.engine.arg_utils import EngineArgs", "EngineArgs(model=folder).create_model_config()")
 
 
-def load_all(python: Path, folders: dict[str, Path], cwd: Path) -> dict[str, str]:
-    """name -> `LOADED FOLDER` or `FAILED FOLDER | message` from `LLM(model=folder)`, all in one vLLM process."""
-    cmd = [str(python), "-c", LOAD_ALL, json.dumps([str(f) for f in folders.values()])]
-    proc = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=900, cwd=cwd)
+def try_each(python: Path, folders: dict[str, Path], cwd: Path, how=LOAD, timeout: int = 900) -> dict[str, str]:
+    """name -> `LOADED FOLDER` or `FAILED FOLDER | message`, all in one vLLM process: `how` = LOAD builds the whole
+    engine (weights, cache), READ_CONFIG only vLLM's reading of config.json (its ModelConfig): seconds."""
+    script = TRY_EACH.format(imports=how[0], step=how[1])
+    cmd = [str(python), "-c", script, json.dumps([str(f) for f in folders.values()])]
+    proc = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith(("LOADED", "FAILED"))}
     return {name: lines.get(str(folder), f"NO RESULT {folder}") for name, folder in folders.items()}
@@ -100,7 +105,7 @@ def test_attention_weights_that_do_not_match_the_layout_fail_at_load(
         "layout_dropped": damaged(cla, tmp_path / "layout_dropped", kv_source_layers=None),
     }
     assert_refused(
-        load_all(vllm_python, folders, tmp_path),
+        try_each(vllm_python, folders, tmp_path),
         {
             "consumer_has_kv": "has model.layers.3.self_attn.k_proj.weight, but kv_source_layers makes layer 3 a "
             "consumer of layer 0",
@@ -110,27 +115,6 @@ def test_attention_weights_that_do_not_match_the_layout_fail_at_load(
             "model.layers.4.self_attn.k_proj (and 1 more)",
         },
     )
-
-
-MODEL_CONFIGS = """
-import json, sys
-from vllm.engine.arg_utils import EngineArgs
-for folder in json.loads(sys.argv[1]):
-    try:
-        EngineArgs(model=folder).create_model_config()
-        print("LOADED", folder)
-    except Exception as e:
-        print("FAILED", folder, "|", str(e).replace("\\n", " / "))
-"""
-
-
-def model_configs(python: Path, folders: dict[str, Path], cwd: Path) -> dict[str, str]:
-    """As load_all, but only vLLM's reading of config.json (its ModelConfig; no weights, no cache): seconds."""
-    cmd = [str(python), "-c", MODEL_CONFIGS, json.dumps([str(f) for f in folders.values()])]
-    proc = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=600, cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith(("LOADED", "FAILED"))}
-    return {name: lines.get(str(folder), f"NO RESULT {folder}") for name, folder in folders.items()}
 
 
 @pytest.mark.slow
@@ -145,7 +129,7 @@ def test_a_cla_config_naming_a_stock_architecture_is_refused(vllm_python, tiny_l
             cla, tmp_path / "all_producers", architectures=["LlamaForCausalLM"], kv_source_layers=[*range(6)]
         ),
     }
-    results = model_configs(vllm_python, folders, tmp_path)
+    results = try_each(vllm_python, folders, tmp_path, READ_CONFIG, timeout=600)
     assert results["stock_arch_no_consumers"].startswith("LOADED"), results
     assert_refused(results, {"stock_arch": 'ignores kv_source_layers; set architectures to ["LlamaCLAForCausalLM"]'})
 
@@ -158,7 +142,7 @@ def test_a_kv_source_layers_of_the_wrong_type_is_refused_in_one_line(vllm_python
     layouts = {"text": "0,1,2,0,0,5", "float": [0, 1, 2, 0.0, 0, 5], "bool": [0, 1, 2, False, 0, 5], "number": 0}
     folders = {name: damaged(cla, tmp_path / name, kv_source_layers=layout) for name, layout in layouts.items()}
     assert_refused(
-        model_configs(vllm_python, folders, tmp_path),
+        try_each(vllm_python, folders, tmp_path, READ_CONFIG, timeout=600),
         {
             "text": "kv_source_layers must be a list of layer indices, got '0,1,2,0,0,5'",
             "float": "kv_source_layers[3] must be a layer index >= 0, got 0.0",
@@ -305,3 +289,25 @@ def test_a_weight_update_after_loading_may_pass_a_subset(vllm_python, tiny_llama
     result = json.loads(lines[-1][len("RESULT ") :])
     assert result["error"] is None, result
     assert result["after"] == result["before"] and len(result["before"]) == 8, result
+
+
+def test_the_transformers_reference_may_pick_eos_as_vllm_with_ignore_eos_does(tmp_path, tokenizer):
+    """hf_greedy (every vLLM comparison's reference) used min_new_tokens, which forbids EOS, while clakit_vllm.run
+    ignores EOS and may pick it: a model whose greedy token is EOS continued differently in the two (the serving
+    helper's find on an MQA model). Here EOS is made the greedy token after the prompt: the reference must pick it
+    and go on, as a plain argmax loop does."""
+    import torch
+
+    model = tiny_model("llama")
+    eos = model.config.eos_token_id
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        first = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+        model.lm_head.weight[eos] = 3 * model.lm_head.weight[first]  # EOS now wins wherever `first` would
+    path = save_checkpoint(model, tokenizer, tmp_path / "m")
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert ids[len(prompt)] == eos
+    assert hf_greedy(path, [prompt], 5) == [ids[len(prompt) :]]
