@@ -132,10 +132,9 @@ def _hub_error(spec: str, revision: str | None, e: Exception) -> ClakitError:
             f"Hub repo {spec} does not exist, or is private (then {login}); check the id, or give a local checkpoint "
             "folder or .gguf file"
         )
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
     return ClakitError(
-        f"{spec!r} is not a local path and could not be downloaded from the Hugging Face Hub ({lines[0][:200]}); "
-        "check the id and your connection, or give a local checkpoint folder or .gguf file"
+        f"{spec!r} is not a local path and could not be downloaded from the Hugging Face Hub "
+        f"({_first_line(e)[:200]}); check the id and your connection, or give a local checkpoint folder or .gguf file"
     )
 
 
