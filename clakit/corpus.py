@@ -102,7 +102,7 @@ def load_texts(specs: list[str] | str) -> list[Text]:
             texts.extend(Text(str(p), _read_file(p)) for p in _folder_files(path))
         elif path.is_file():
             texts.append(Text(str(path), _read_file(path)))
-        elif path.exists() or spec == "-":
+        elif path.exists():
             raise ClakitError(_not_a_file(spec))
         elif is_datasets_spec(spec):
             texts.append(_load_datasets_spec(spec))
@@ -117,10 +117,12 @@ def load_texts(specs: list[str] | str) -> list[Text]:
 
 
 def _not_a_file(spec: str) -> str:
-    """A pipe, device or `-` was called missing ("does not exist"), or, named without a `/`, looked up on the Hub
-    as a dataset: clakit reads text from files (a stream could be read only once, and is not recorded)."""
-    what = "means standard input" if spec == "-" else "is not a regular file (a pipe, device or socket)"
-    return f"text data {spec!r} {what}; clakit reads no streams: save the text to a file and give its path"
+    """A pipe or device was called missing ("does not exist"): clakit reads text from files (a stream could be read
+    only once, and is not recorded). `-` is refused by paths.expand."""
+    return (
+        f"text data {spec!r} is not a regular file (a pipe, device or socket); clakit reads no streams: save the "
+        "text to a file and give its path"
+    )
 
 
 def join_texts(texts: list[Text]) -> str:

@@ -11,7 +11,15 @@ from clakit.errors import ClakitError
 
 
 def expand(path, what: str = "path") -> Path:
-    """`path` with `~` / `~name` expanded; `what` names it in the message (e.g. "--work-dir", "text data")."""
+    """`path` with `~` / `~name` expanded; `what` names it in the message (e.g. "--work-dir", "text data").
+
+    `-`, the usual "standard input/output", is refused: it became a file or folder named `-` in the working
+    directory (eval -o -, report -o -, fetch-demo -, demo --work-dir -), or, as text data, was looked up on the Hub."""
+    if str(path) == "-":
+        raise ClakitError(
+            f"{what} - (standard input or output) is not supported: clakit reads and writes files, not streams; "
+            "give a file or folder path (save the text to a file first)"
+        )
     try:
         return Path(path).expanduser()
     except RuntimeError:

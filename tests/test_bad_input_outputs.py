@@ -188,6 +188,11 @@ CASES = [
     Case("eval {model} -o {tmp}/r.json --data ~nosuchuser-clakit/a.txt --quiet",
          "names the home folder of an unknown user", id="eval-tilde-data"),
     Case(UP + "~nosuchuser-clakit/run", "names the home folder of an unknown user", id="uptrain-tilde-output"),
+    # --- `-`, the usual standard input/output, became a file or folder named `-` in the working directory
+    Case("convert {model} - -q", "- (standard input or output) is not supported", id="convert-dash-output"),
+    Case("fetch-demo - --quiet", "- (standard input or output) is not supported", id="fetch-demo-dash"),
+    Case("demo --work-dir - --cache-dir {tmp}/cache --quiet", "- (standard input or output) is not supported",
+         id="demo-dash-work-dir"),
 ]  # fmt: skip
 
 

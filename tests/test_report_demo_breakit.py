@@ -162,7 +162,7 @@ def test_a_pipe_a_device_or_a_dash_given_as_text_is_named_as_such(tmp_path, monk
     monkeypatch.setattr(corpus, "_load_datasets_spec", lambda s: pytest.fail(f"{s!r} looked up on the Hub"))
     spec = spec.format(tmp=tmp_path)
     # before: "does not exist" for a path that exists, or a bare name looked up on the Hub as a dataset
-    with pytest.raises(ClakitError, match="(is not a regular file|means standard input).*save the text to a file"):
+    with pytest.raises(ClakitError, match="(is not a regular file|standard input or output).*save the text to a file"):
         corpus.load_texts([spec])
 
 
@@ -363,7 +363,7 @@ def test_a_dash_as_output_is_refused_not_written_as_a_file_named_dash(
         argv = ["report", write_json(base_report, tmp_path / "a.json"), "-o", "-"]
     code, _, err = run_cli(capsys, *argv)
     # before: the report written to a file (eval, after the whole run) or a folder (report) named `-`
-    assert code == 2 and err.count("\n") == 1 and "output - (standard output) is not supported" in err, err
+    assert code == 2 and err.count("\n") == 1 and "- (standard input or output) is not supported" in err, err
     assert not (tmp_path / "-").exists()
 
 

@@ -376,8 +376,6 @@ def report(paths: list, out_dir) -> Path:
     """report.md, ppl_vs_kv.png and report.html comparing `paths` (the first is the baseline); returns out_dir."""
     if not paths:
         raise ClakitError("give at least one eval report (.json written by `clakit eval -o`)")
-    if str(out_dir) == "-":  # the usual "standard output" became a folder named `-` in the working directory
-        raise ClakitError("output - (standard output) is not supported: give a folder name such as report/")
     paths = [expand(p, "report") for p in paths]
     out_dir = expand(out_dir, "output folder")
     # a report folder clakit wrote is replaced without a flag (as `clakit eval -o` replaces its report file)

@@ -106,8 +106,6 @@ def _file_name(path) -> None:
     named `out` where a folder was asked for."""
     if str(path).endswith(("/", os.sep)) and str(path).strip("/" + os.sep):
         raise ClakitError(f"output {path} names a folder; give a file name such as {path}report.json")
-    if str(path) == "-":  # the usual "standard output" became a file named `-` in the working directory
-        raise ClakitError("output - (standard output) is not supported: give a file name such as report.json")
 
 
 def write_json(report: dict, path) -> Path:
