@@ -2,7 +2,8 @@
 
 A spec is one of
   * a path to a text file (`.txt`, `.md`, anything UTF-8; `.gz` is decompressed),
-  * a path to a folder: every `*.txt` / `*.txt.gz` below it, sorted by name,
+  * a path to a folder: every `*.txt` / `*.txt.gz` below it, sorted by name, except hidden files and folders
+    (`.ipynb_checkpoints/`, `.git/`: editors' and tools' copies would count the same text twice),
   * a `datasets` spec `NAME[:CONFIG[:SPLIT]]`, e.g. `wikitext:wikitext-2-raw-v1:test` (needs `pip install datasets`
     and the Hub; the text column is `text`).
 """
@@ -60,10 +61,20 @@ def _utf16(path: Path, opener) -> bool:
 
 
 def _folder_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".txt", ".txt.gz")))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and p.name.endswith((".txt", ".txt.gz")) and not _hidden(p.relative_to(path))
+    )
     if not files:
         raise ClakitError(f"folder {path} holds no .txt files; give text files or a folder of .txt files")
     return files
+
+
+def _hidden(relative: Path) -> bool:
+    """A hidden file, or one below a hidden folder (a notebook's `.ipynb_checkpoints/x-checkpoint.txt` is a copy of
+    x.txt): left out, as text tools do."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _load_datasets_spec(spec: str) -> Text:

