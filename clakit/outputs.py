@@ -365,11 +365,12 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
         if reason:
             raise ClakitError(reason.replace("already exists", "appeared while this run was working", 1))
         old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-        out.rename(old)
-        try:
+        try:  # both renames inside: Ctrl-C or SIGTERM (Terminated) between them left OUT absent, the old one hidden
+            out.rename(old)
             tmp.rename(out)
-        except OSError:
-            old.rename(out)  # put the old output back
+        except BaseException:
+            if old.exists() and not out.exists():
+                old.rename(out)  # put the old output back
             raise
         shutil.rmtree(old, ignore_errors=True)
     else:

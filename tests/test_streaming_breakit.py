@@ -80,3 +80,26 @@ def test_a_resume_maps_the_optimizer_state_instead_of_copying_it_into_each_proce
     saved = read_checkpoint(step)
     assert torch.equal(saved["optimizer"]["state"]["w"]["exp_avg"], moments["exp_avg"])
     assert _mapped(step / "optimizer.pt")
+
+
+def test_an_interrupt_while_an_output_is_replaced_puts_the_old_one_back(tmp_path, monkeypatch):
+    """publish moves the old OUT aside, then renames the new one in; only an OSError put the old one back, so a
+    Ctrl-C or SIGTERM (a KeyboardInterrupt) between the two renames left no OUT and the old output hidden in
+    .OUT.XXXXXXXX.old."""
+    out, tmp = tmp_path / "out", tmp_path / ".out.new.partial"
+    for folder, text in ((out, "old"), (tmp, "new")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    outputs.write_marker(out, "convert")
+    real_rename = Path.rename
+
+    def interrupted(self, target):
+        if self == tmp:
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.publish(tmp, out, "convert", overwrite=True)
+    assert (out / "config.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".old")] == []
