@@ -395,3 +395,20 @@ def test_a_text_folder_leaves_out_hidden_files_and_folders(tmp_path):
     (tmp_path / "data" / ".notes.txt").write_text("private\n")
     texts = corpus.load_texts([str(tmp_path / "data")])
     assert [os.path.relpath(t.name, tmp_path / "data") for t in texts] == ["a.txt", "sub/b.txt"]
+
+
+def test_a_manifest_another_run_writes_during_the_ownership_check_is_not_taken_for_a_users_file(tmp_path, monkeypatch):
+    """_check_ours (run before the lock) read the manifest, then listed what the folder holds: another fetch-demo
+    writing its first manifest in between made its assets.json look like a user's file, and the run was refused
+    ("already holds assets.json, not written by fetch-demo"; CI, test_two_fetch_demo_runs_at_once_share_one_cache)."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    real = fetch._manifest
+
+    def racing(folder):
+        found = real(folder)
+        fetch._write_manifest(folder, {"files": {}, "split": fetch.SPLIT})  # the other run claims the folders now
+        return found
+
+    monkeypatch.setattr(fetch, "_manifest", racing)
+    fetch._check_ours(root)

@@ -108,10 +108,14 @@ def recorded_sources(root: Path) -> dict | None:
 def _check_ours(root: Path) -> None:
     """Refuse, before any download, a DIR whose model/, text/ or assets.json fetch-demo did not write: the build
     replaces them, and a user's folders there must not be lost (an earlier fetch-demo's manifest proves ownership)."""
+    # what is there first, then the manifest: another fetch-demo (outside the lock here) may write its manifest in
+    # between, and read the other way round its new assets.json looked like a file of the user's
+    taken = [name for name in ("model", "text", MANIFEST) if (root / name).exists()]
+    if not taken:
+        return
     manifest = _manifest(root)
     ours = manifest is not None and all(str(v).split("/")[0] in ("model", "text") for v in manifest["files"].values())
-    taken = [name for name in ("model", "text", MANIFEST) if (root / name).exists()]
-    if taken and not ours:
+    if not ours:
         raise ClakitError(
             f"{root} already holds {', '.join(taken)}, not written by fetch-demo; give fetch-demo an empty or new DIR"
         )
