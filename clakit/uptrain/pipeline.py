@@ -34,7 +34,7 @@ from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import RUN_ONLY, Recipe, load_recipe, resolve_recipe
-from clakit.uptrain.trainer import METRICS, Trainer, check_plan, drop_metrics_after, make_plan
+from clakit.uptrain.trainer import METRICS, Trainer, blocks_per_step, check_plan, drop_metrics_after, make_plan
 
 RESULT = "model"
 # how long a process waits in a collective while the main one works alone: reading a 70B checkpoint before the
@@ -343,7 +343,7 @@ def check_launch(data, world: int) -> None:
 def check_step_fits_data(data, world: int, train) -> None:
     """One optimizer step may not read more blocks than the training data holds: it would count blocks twice in one
     gradient, and a huge gradient_accumulation_steps would run its first step practically forever."""
-    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world
+    per_step = blocks_per_step(train, world)
     if per_step > len(data.train):
         raise ClakitError(
             f"one optimizer step reads train.per_device_train_batch_size x train.gradient_accumulation_steps x "
@@ -359,7 +359,7 @@ MIN_TOKENISED = 1 << 24  # below this the whole train text is read: the run samp
 def token_budget(train, seq_len: int, world: int) -> int | None:
     """How much train text to tokenise: all of it, unless it is far more than the run will read (a large datasets
     spec); then twice the run's token budget, so memory stays bounded. None: read everything."""
-    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world * seq_len
+    per_step = blocks_per_step(train, world) * seq_len
     if train.max_steps > 0:
         return max(MIN_TOKENISED, 2 * train.max_steps * per_step)
     return max(MIN_TOKENISED, 2 * (train.max_tokens + per_step)) if train.max_tokens else None

@@ -30,15 +30,20 @@ class Plan:
     warmup_steps: int
 
 
+def blocks_per_step(train, world: int) -> int:
+    """Training blocks one optimizer step reads over all processes (batch x accumulation x processes)."""
+    return train.per_device_train_batch_size * train.gradient_accumulation_steps * world
+
+
 def make_plan(train, n_blocks: int, seq_len: int, world: int) -> Plan:
-    blocks_per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps * world
-    tokens_per_step = blocks_per_step * seq_len
+    per_step = blocks_per_step(train, world)
+    tokens_per_step = per_step * seq_len
     if train.max_steps > 0:
         total = train.max_steps
     elif train.max_tokens:
         total = math.ceil(train.max_tokens / tokens_per_step)
     else:
-        total = max(1, math.ceil(train.num_train_epochs * n_blocks / blocks_per_step))
+        total = max(1, math.ceil(train.num_train_epochs * n_blocks / per_step))
     warmup = train.warmup_steps or math.ceil(train.warmup_ratio * total)
     return Plan(total, tokens_per_step, warmup)
 
