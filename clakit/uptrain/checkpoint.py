@@ -18,6 +18,7 @@ gathers and scatters the same way for a plain module, DDP, FSDP1 (`use_orig_para
 tells the rank; no accelerate object is needed, so tests run it under torch's own FSDP).
 """
 
+import functools
 import json
 import pickle
 import random
@@ -229,16 +230,13 @@ def _read(path: Path, name: str, reader):
         raise _corrupt(path, f"{name} is unreadable: {first}", path.parent.parent) from None
 
 
-def _load_pt(file: Path):
-    return torch.load(file, weights_only=True, map_location="cpu")
-
-
-def _load_mapped_pt(file: Path):
-    """optimizer.pt memory-mapped (torch.save's zip format allows it): every process of a resume reads the whole
-    state (AdamW's two fp32 moments of every trained tensor: ~9 GB for an 8B's attention trained in full), and read
-    whole, N processes of a node held N private copies at once; mapped, they share the one in the page cache, and
-    each keeps only what `set_optimizer_state_dict` copies out of it."""
-    return torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+def _load_pt(file: Path, mmap: bool = False):
+    """A checkpoint's .pt file. `mmap` for optimizer.pt (torch.save's zip format allows it): every process of a
+    resume reads the whole state (AdamW's two fp32 moments of every trained tensor: ~10 GB for a CLA2 Llama-3.1-8B
+    with every attention projection trained in full), and read whole, N processes of a node held N private copies at
+    once; mapped, they share the one in the page cache, and each keeps only what `set_optimizer_state_dict` copies
+    out of it."""
+    return torch.load(file, weights_only=True, map_location="cpu", mmap=mmap)
 
 
 def _state_json(file: Path) -> dict:
@@ -255,7 +253,7 @@ def read_checkpoint(path: Path) -> dict:
     return {
         "state": _read(path, "state.json", _state_json),
         "trainable": _read(path, "trainable.safetensors", load_file),
-        "optimizer": _read(path, "optimizer.pt", _load_mapped_pt),
+        "optimizer": _read(path, "optimizer.pt", functools.partial(_load_pt, mmap=True)),
         "scheduler": _read(path, "scheduler.pt", _load_pt),
     }
 
