@@ -9,6 +9,8 @@ imports clakit: vLLM's transformers range and clakit's do not overlap.
 
 __version__ = "0.1.0"
 
+# the config types this package serves (here, not in configs.py: run.py reads them without importing transformers)
+CLA_MODEL_TYPES = ("llama_cla", "mistral_cla")
 # architecture -> "module:class", loaded lazily by vLLM's ModelRegistry
 ARCHITECTURES = {
     "LlamaCLAForCausalLM": "clakit_vllm.models:LlamaCLAForCausalLM",

@@ -15,7 +15,6 @@ from transformers import AutoConfig, LlamaConfig, MistralConfig
 
 from . import ARCHITECTURES
 
-CLA_MODEL_TYPES = ("llama_cla", "mistral_cla")
 CLA_ARCHITECTURE = {"llama_cla": "LlamaCLAForCausalLM", "mistral_cla": "MistralCLAForCausalLM"}
 
 

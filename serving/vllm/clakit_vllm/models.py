@@ -21,7 +21,8 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.mistral import MistralAttention, MistralDecoderLayer, MistralForCausalLM
 from vllm.model_executor.models.utils import WeightsMapper, extract_layer_index
 
-from .configs import CLA_MODEL_TYPES, layout_problem, missing_attention_tensors, unexpected_kv_tensor
+from . import CLA_MODEL_TYPES
+from .configs import layout_problem, missing_attention_tensors, unexpected_kv_tensor
 
 
 def kv_sharing_target(config, prefix: str) -> str | None:

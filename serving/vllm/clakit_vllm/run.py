@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 from typing import get_args
 
+from . import CLA_MODEL_TYPES
+
 PROG = "python -m clakit_vllm.run"
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float", "half")
 FIX_PROMPTS = "give a JSON list of token-id lists made with the model's tokenizer, e.g. [[1, 2, 3], [4, 5]]"
-CLA_MODEL_TYPES = ("llama_cla", "mistral_cla")  # configs.CLA_MODEL_TYPES, without importing transformers
 
 
 class InputError(Exception):
