@@ -241,7 +241,7 @@ def check_not_inside_an_output(out: Path | str, label: str = "OUT") -> None:
     """An output inside another clakit output (a run folder, its model/, a converted checkpoint) is a file that
     output did not write: it blocks that output's --overwrite, and a model folder holding a run or a checkpoint is
     no plain checkpoint. (uptrain's own converted/ is written in its staging folder, before it is marked.)"""
-    out = expand(out, "output").absolute()
+    out = expand(out, label).absolute()
     for parent in out.parents:
         kind = owner(parent) if parent.is_dir() else None
         if kind is not None:
@@ -264,7 +264,7 @@ def check_folder(
 
     inputs: (role, path or spec or a list of them) of the run's inputs, e.g. ("source", model_dir), ("data", [..]);
     only local paths count. Returns `out` made absolute."""
-    out = expand(out, "output").absolute()
+    out = expand(out, label).absolute()
     _check_name(out, label)
     try:
         _check_place(out, label, inputs)
@@ -425,7 +425,7 @@ def check_file(
     report clakit wrote, which it replaces); its folder must be a folder we can write in; it must not be one of the
     run's `inputs` ((role, path or specs), as check_folder's): a report read as data passes the format check, but
     replacing it would destroy the input of the very run that writes it. Returns it absolute."""
-    path = expand(path, "output").absolute()
+    path = expand(path, label).absolute()
     if path.is_dir():
         raise ClakitError(f"{label} {path} is a folder; give a file name such as {path / 'report.json'}")
     if path.is_symlink():
