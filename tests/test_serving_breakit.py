@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_checkpoint, tiny_model
 from safetensors.torch import load_file, save_file
 from serving_vllm_fixtures import hf_greedy, vllm_env, vllm_python  # noqa: F401  (fixture)
@@ -311,3 +312,70 @@ def test_the_transformers_reference_may_pick_eos_as_vllm_with_ignore_eos_does(tm
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert ids[len(prompt)] == eos
     assert hf_greedy(path, [prompt], 5) == [ids[len(prompt) :]]
+
+
+# an fp8 KV cache with calibrated scales, as llm-compressor writes it: compressed-tensors with a kv_cache_scheme only
+KV_FP8_SCHEME = {
+    "quant_method": "compressed-tensors",
+    "format": "dense",
+    "config_groups": {},
+    "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True},
+    "ignore": ["lm_head"],
+    "quantization_status": "compressed",
+}
+# per producer of LAYOUT: (k_scale, v_scale), powers of two (fp8 is floating point: the stored values only shift
+# exponent, so the dequantised cache is the unscaled one's up to subnormals); layer 3, a consumer, carries a wrong
+# scale of its own, as a checkpoint calibrated per layer might
+SCALES = {0: (0.25, 0.5), 1: (0.5, 0.25), 2: (2.0, 4.0), 5: (0.125, 1.0), 3: (8.0, 8.0)}
+FP8_RUN = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+out = {}
+for folder in sys.argv[1:]:
+    llm = LLM(model=folder, enforce_eager=True, dtype="float32", kv_cache_dtype="fp8", max_model_len=256)
+    scales = llm.apply_model(lambda m: [[l.self_attn.attn._k_scale_float, l.self_attn.attn._v_scale_float]
+                                        for l in m.model.layers])[0]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ([5, 9, 13, 2, 7, 40, 41], [3] * 9)], params)
+    out[folder] = dict(scales=scales, tokens=[o.outputs[0].token_ids for o in outputs])
+    del llm
+print("RESULT " + json.dumps(out))
+"""
+
+
+def with_kv_scales(source: Path, dest: Path, scales: dict[int, tuple[float, float]]) -> Path:
+    """A copy of CLA checkpoint `source` declaring an fp8 KV cache, with `self_attn.{k,v}_scale` per layer given."""
+    folder = damaged(source, dest, quantization_config=KV_FP8_SCHEME)
+    shard = next(folder.glob("*.safetensors"))
+    tensors = load_file(shard)
+    for layer, (k, v) in scales.items():
+        tensors[f"{ATTN.format(layer)}.k_scale"] = torch.tensor(k)
+        tensors[f"{ATTN.format(layer)}.v_scale"] = torch.tensor(v)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"].update({name: shard.name for name in tensors if name.endswith("_scale")})
+        index.write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.slow
+def test_consumers_read_an_fp8_cache_with_their_producers_calibrated_scales(vllm_python, tiny_llama_pair, tmp_path):  # noqa: F811
+    """A producer writes its fp8 cache with its own k/v scales; a consumer reading that cache must dequantise it with
+    the same ones. Consumers used to keep vLLM's default 1.0 (or a scale of their own from the checkpoint): with a
+    producer scale of 0.25 they read 4x the keys. Now each consumer takes its producer's scales, and its own are
+    dropped: the scaled checkpoint decodes as the unscaled one (power-of-two scales are neutral for fp8)."""
+    _, cla = tiny_llama_pair
+    plain = with_kv_scales(cla, tmp_path / "plain", {})
+    scaled = with_kv_scales(cla, tmp_path / "scaled", SCALES)
+    cmd = [str(vllm_python), "-c", FP8_RUN, str(plain), str(scaled)]
+    proc = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    want = [list(SCALES[source]) for source in LAYOUT]
+    assert result[str(scaled)]["scales"] == want, result
+    assert result[str(plain)]["scales"] == [[1.0, 1.0]] * len(LAYOUT), result
+    assert result[str(scaled)]["tokens"] == result[str(plain)]["tokens"], result

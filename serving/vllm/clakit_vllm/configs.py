@@ -83,6 +83,30 @@ def missing_attention_tensors(names, kv_source_layers: list[int], layers) -> str
     )
 
 
+# a KV-cache quantisation scale (fp8 `k_scale`/`v_scale`, the fused `kv_scale`) as checkpoints name it:
+# "model.layers.3.self_attn.k_scale", "...self_attn.attn.v_scale", ModelOpt's "...self_attn.k_proj.k_scale"
+KV_CACHE_SCALE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(?:attn\.|[kv]_proj\.)?(?:k|v|kv)_scale$")
+
+
+def shared_kv_scales(name: str, kv_source_layers: list[int]) -> list[str]:
+    """The names under which a checkpoint tensor is loaded: [] drops a consumer's own KV-cache scale, a producer's
+    is also given to each of its consumers, anything else loads as itself.
+
+    A consumer reads the cache its producer wrote, quantised with the producer's scale; with a scale of its own
+    (vLLM's default 1.0 where the checkpoint has none) it would dequantise that cache wrongly.
+    "layers.0.self_attn.k_scale", [0, 0, 2, 0] -> [it, "layers.1.self_attn.k_scale", "layers.3.self_attn.k_scale"]
+    """
+    match = KV_CACHE_SCALE.search(name)
+    if match is None or int(match[1]) >= len(kv_source_layers):
+        return [name]
+    layer = int(match[1])
+    if kv_source_layers[layer] != layer:
+        return []
+    start, end = match.span(1)  # the layer index in the name
+    consumers = [c for c, source in enumerate(kv_source_layers) if source == layer and c != layer]
+    return [name, *(f"{name[:start]}{c}{name[end:]}" for c in consumers)]
+
+
 class CLAConfigMixin:
     """Fills in and checks `kv_source_layers` (None: every layer is its own producer, i.e. the stock model)."""
 

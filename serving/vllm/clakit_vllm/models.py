@@ -22,7 +22,7 @@ from vllm.model_executor.models.mistral import MistralAttention, MistralDecoderL
 from vllm.model_executor.models.utils import WeightsMapper, extract_layer_index
 
 from . import CLA_MODEL_TYPES
-from .configs import layout_problem, missing_attention_tensors, unexpected_kv_tensor
+from .configs import layout_problem, missing_attention_tensors, shared_kv_scales, unexpected_kv_tensor
 
 
 def kv_sharing_target(config, prefix: str) -> str | None:
@@ -206,12 +206,14 @@ class CLAForCausalLMMixin:
         return loaded
 
     def _checked(self, weights: Iterable[tuple[str, torch.Tensor]], names: list[str]) -> Iterator:
-        """The (name, tensor) pairs unchanged, recording names; stops at a consumer's K/V projection."""
+        """The (name, tensor) pairs, recording names; stops at a consumer's K/V projection. A producer's KV-cache
+        scale also goes to its consumers, in place of theirs (shared_kv_scales)."""
         for name, tensor in weights:
             if problem := unexpected_kv_tensor(name, self.config.kv_source_layers):
                 raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
             names.append(name)
-            yield name, tensor
+            for loaded_as in shared_kv_scales(name, self.config.kv_source_layers):  # CLA
+                yield loaded_as, tensor
 
 
 class LlamaCLAForCausalLM(CLAForCausalLMMixin, LlamaForCausalLM):
