@@ -41,10 +41,10 @@ def share_frozen_weights(teacher, student) -> int:
     return shared
 
 
-def check_stock(original, role: str):
+def check_stock(original, role: str, trust_remote_code: bool = False):
     """The original model's config; a CLA checkpoint (the student itself, or another) is refused: as the teacher it
     would teach the student its own loss, as the "original" baseline it would compare CLA against CLA."""
-    config = load_config(original)
+    config = load_config(original, trust_remote_code)
     layout = getattr(config, "kv_source_layers", None) or []
     if any(source != i for i, source in enumerate(layout)):
         raise ClakitError(
@@ -54,14 +54,14 @@ def check_stock(original, role: str):
     return config
 
 
-def check_teacher_fits(original, student_config, teacher: bool = True) -> None:
+def check_teacher_fits(original, student_config, teacher: bool = True, trust_remote_code: bool = False) -> None:
     """The original model is the one the student was converted from (conversion keeps the vocabulary, the layers
     and the width): the teacher scores the student's tokens and, with hidden_mse_weight, matches its hidden states
     layer by layer; the "original" baseline is the card's "vs original". Another model (a deeper or wider one) is
     refused from the configs, before any model is loaded, instead of a shape error at the first step or a baseline
     that is not the original. `original` is its resolved Source; `teacher`: whether it teaches (else baseline only)."""
     role = "the teacher" if teacher else "the original model"
-    config = check_stock(original, role)
+    config = check_stock(original, role, trust_remote_code)
     why = "distillation needs" if teacher else "the 'original' baseline is"
     for key in ("vocab_size", "num_hidden_layers", "hidden_size"):
         theirs, ours = getattr(config, key, None), getattr(student_config, key, None)
@@ -72,12 +72,12 @@ def check_teacher_fits(original, student_config, teacher: bool = True) -> None:
             )
 
 
-def check_same_tokenizer(original: Source, tokenizer) -> None:
+def check_same_tokenizer(original: Source, tokenizer, trust_remote_code: bool = False) -> None:
     """The original's logits (the teacher's KL targets, the baseline's score) are read by the student's token ids: a
     tokenizer of the same size that maps tokens to other ids (Mistral's and Llama 2's: 32000 each) passes the
     vocab_size check and would teach noise silently. An original without tokenizer files cannot be compared."""
     try:
-        theirs = load_tokenizer(original).get_vocab()
+        theirs = load_tokenizer(original, trust_remote_code).get_vocab()
     except ClakitError:
         return
     ours = tokenizer.get_vocab()
@@ -90,10 +90,11 @@ def check_same_tokenizer(original: Source, tokenizer) -> None:
         )
 
 
-def load_teacher(source: Source, dtype: torch.dtype, student):
+def load_teacher(source: Source, dtype: torch.dtype, student, **load):
     """The original model (a resolved Source), frozen, in eval mode, sharing the student's frozen tensors (under
-    FSDP the teacher is sharded instead: clakit.uptrain.sharding)."""
-    teacher = load_model(source, dtype=dtype)
+    FSDP the teacher is sharded instead: clakit.uptrain.sharding); `load`: load_model's trust_remote_code and
+    allow_pickle."""
+    teacher = load_model(source, dtype=dtype, **load)
     teacher.requires_grad_(False)
     teacher.config.use_cache = False
     share_frozen_weights(teacher, student)

@@ -29,7 +29,7 @@ from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.provenance import provenance
-from clakit.sources import load_model, load_tokenizer, looks_like_hub_id, resolve_source
+from clakit.sources import check_weights, load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
@@ -166,13 +166,14 @@ def check_teacher(recipe: Recipe, out: Path, resume: bool):
         )
     given_here = recipe.model.original and expand(recipe.model.original, "model.original").exists()
     if given_here and not recipe.needs_teacher:  # the baseline report: a local model.original must be a stock model
-        source = resolve_source(*found)
-        check_stock(source, "model.original")  # as the baseline, a CLA model would compare CLA against CLA
+        source = resolve_source(*found, recipe.model.allow_pickle)
+        # as the baseline, a CLA model would compare CLA against CLA
+        check_stock(source, "model.original", recipe.model.trust_remote_code)
         return source
     if found is None or recipe.needs_teacher:
-        return found and resolve_source(*found)
+        return found and resolve_source(*found, recipe.model.allow_pickle)
     try:
-        return resolve_source(*found)
+        return resolve_source(*found, recipe.model.allow_pickle)
     except ClakitError:  # without distillation it is only the baseline report: a moved original costs just that
         return None
 
@@ -448,10 +449,11 @@ def original_report(recipe: Recipe, source, teacher, dtype, run: dict, acc) -> d
         return None
     if teacher is not None:
         return heldout_report(teacher, "original", recipe, run["data"], run["tokenizer"], run["quiet"])
+    load = student.code_settings(recipe.model)
     if checkpoint.sharded(acc):  # every process scores it in step: read by the main one, sharded over all
-        model = sharding.shard_frozen(sharding.load_on_main(source, dtype, acc), acc)
+        model = sharding.shard_frozen(sharding.load_on_main(source, dtype, acc, **load), acc)
     else:
-        model = load_model(source, dtype=dtype, device=str(acc.device))
+        model = load_model(source, dtype=dtype, device=str(acc.device), **load)
     report = heldout_report(model, "original", recipe, run["data"], run["tokenizer"], run["quiet"])
     del model
     gc.collect()  # FSDP2's modules hold reference cycles: its shards would stay on the device into training
@@ -505,6 +507,33 @@ def uptrain(
     dry_run validates and prints the resolved recipe; resume continues `train.output_dir` from its last checkpoint;
     overwrite replaces a previous run there.
     """
+    with _settings_named():
+        return _uptrain(recipe_path, overrides, dry_run, resume, overwrite, quiet)
+
+
+# clakit.sources refuses a model that runs its own code, or pickle weights, naming `clakit convert`'s and `eval`'s
+# flags; uptrain's settings are recipe keys (overrides on its command line)
+SOURCE_FLAGS = {
+    "pass --trust-remote-code": "set model.trust_remote_code=true",
+    "pass --allow-pickle": "set model.allow_pickle=true",
+}
+
+
+@contextlib.contextmanager
+def _settings_named():
+    """A refusal naming another command's flag names the recipe key instead (the message is otherwise kept)."""
+    try:
+        yield
+    except ClakitError as e:
+        message = str(e)
+        for flag, key in SOURCE_FLAGS.items():
+            message = message.replace(flag, key)
+        if message == str(e):
+            raise
+        raise ClakitError(message) from None
+
+
+def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: bool, quiet: bool) -> Path:
     recipe = load_recipe(recipe_path, overrides)
     recipe_file = resolve_recipe(recipe_path)
     out = expand(recipe.train.output_dir, "train.output_dir").resolve()
@@ -524,14 +553,15 @@ def uptrain(
     student.check_patterns(student_config, recipe.lora)
     original = check_teacher(recipe, out, resume)
     if original is not None:  # the teacher, or only the "original" baseline
-        check_teacher_fits(original, student_config, teacher=recipe.needs_teacher)
+        check_teacher_fits(original, student_config, recipe.needs_teacher, model.trust_remote_code)
+        check_weights(original, model.allow_pickle)  # pickle refused now, not once the conversion has run
     last = checkpoint.checkpoint_dirs(out) if resume else []
     if last:  # a corrupt checkpoint is refused before any model is loaded
         checkpoint.read_checkpoint(last[-1])
     student_source = resolve_source(_model_spec(model), model.revision)
-    tokenizer = load_tokenizer(student_source)
+    tokenizer = load_tokenizer(student_source, model.trust_remote_code)  # model.source's, or the CLA checkpoint's
     if original is not None and original.path != student_source.path:  # read with the student's token ids
-        check_same_tokenizer(original, tokenizer)
+        check_same_tokenizer(original, tokenizer, model.trust_remote_code)
     acc = make_accelerator(recipe.train, out)
     check_fsdp_wrap(acc, student_config)
     budget = token_budget(recipe.train, recipe.data.seq_len, acc.num_processes)
@@ -589,7 +619,7 @@ def _setup(
         _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", quiet)
         run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, quiet)
     model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
-    teacher = _load_teacher(original, dtype, model, acc) if recipe.needs_teacher else None
+    teacher = _load_teacher(original, dtype, model, acc, recipe.model) if recipe.needs_teacher else None
     if fresh:
         _say("held-out numbers of the original model", quiet)
         run["reports"]["original"] = original_report(recipe, original, teacher, dtype, run, acc)
@@ -616,12 +646,14 @@ def _load_student(start_path: Path, dtype: torch.dtype, acc):
     return student.load_cla(start_path, dtype)
 
 
-def _load_teacher(original, dtype: torch.dtype, model, acc):
+def _load_teacher(original, dtype: torch.dtype, model, acc, section):
     """The teacher on acc's device, sharing the student's frozen tensors; under FSDP its own copy (the student's is
-    flattened and freed between uses), read by the main process only and sharded over the processes."""
+    flattened and freed between uses), read by the main process only and sharded over the processes. `section`: the
+    model section (what it may execute: student.code_settings)."""
     if checkpoint.sharded(acc):
-        return sharding.shard_frozen(sharding.load_on_main(original, dtype, acc), acc)
-    return load_teacher(original, dtype, model).to(acc.device)
+        load = student.code_settings(section)
+        return sharding.shard_frozen(sharding.load_on_main(original, dtype, acc, **load), acc)
+    return load_teacher(original, dtype, model, **student.code_settings(section)).to(acc.device)
 
 
 def _write_reports(run_dir: Path, reports: dict) -> None:

@@ -39,6 +39,11 @@ class ModelSection:
     # the stock model the converted one came from: the teacher and the "original" eval baseline (default:
     # model.source, or the source recorded in model.path's clakit_convert.json)
     original: str | None = None
+    # run code shipped with a model (a config or tokenizer with an auto_map, e.g. a custom tokenizer class) when any
+    # model of the run is read: the source and its conversion, the student's tokenizer, the original/teacher. Off:
+    # such a model is refused naming this key. The CLA student itself always loads clakit's own classes.
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # read pickle (.bin) weights of the source / original, which can run code when loaded
 
 
 @dataclass
@@ -347,6 +352,13 @@ def _validate_model(m: ModelSection) -> None:
     c = m.convert
     if c is None:
         return
+    # one setting for every load: the conversion's alone would convert, then fail reading the source's tokenizer
+    for key in ("trust_remote_code", "allow_pickle"):
+        _check(
+            getattr(m, key) or not getattr(c, key),
+            f"model.convert.{key} applies to the conversion only, but the run reads the source again (its "
+            f"tokenizer, the teacher): set model.{key}=true instead, which the conversion uses too",
+        )
     # seed, calib_tokens and reconstruct_steps are ConvertConfig's own checks (refused while the section is parsed)
     _check(c.factor is None or c.factor > 0, f"model.convert.factor must be positive (or null), got {c.factor}")
     _check(

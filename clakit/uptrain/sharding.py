@@ -24,11 +24,11 @@ def ram_efficient(acc) -> bool:
     return bool(getattr(fsdp_plugin(acc), "cpu_ram_efficient_loading", False))  # None: not sharded
 
 
-def load_on_main(source: Source, dtype: torch.dtype, acc, trust_remote_code: bool = False):
+def load_on_main(source: Source, dtype: torch.dtype, acc, trust_remote_code: bool = False, allow_pickle: bool = False):
     """The model on the main process; on the others an empty one of the same structure (no file read), whose
     values the caller's FSDP broadcast from the main process provides."""
     if acc.is_main_process:
-        return load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_model(source, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     return empty_model(source, dtype, trust_remote_code)
 
 

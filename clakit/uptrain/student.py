@@ -42,7 +42,7 @@ def _check_kind(model_section, source):
     """model.path must be a CLA checkpoint, model.source a convertible stock one (with model.convert settings);
     returns the config."""
     spec = model_section.path or model_section.source
-    config = load_config(source)
+    config = load_config(source, model_section.trust_remote_code)
     is_cla = config.model_type.endswith("_cla")
     if model_section.path and not is_cla:
         raise ClakitError(
@@ -68,6 +68,8 @@ def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
     config = model_section.convert
     if config.revision is None and model_section.revision is not None:
         config = dataclasses.replace(config, revision=model_section.revision)
+    # the run's settings (recipe.py refuses the conversion's alone)
+    config = dataclasses.replace(config, **{k: True for k, v in code_settings(model_section).items() if v})
     return convert(model_section.source, out, config, quiet=quiet)
 
 
@@ -96,6 +98,11 @@ def original_source(model_section) -> tuple[str, str | None] | None:
     if source.get("kind") == "hub":
         return source.get("spec"), source.get("revision")
     return (source["path"], None) if source.get("path") else None
+
+
+def code_settings(model_section) -> dict[str, bool]:
+    """What the run may execute when it reads a model other than its CLA student (load_model's keywords)."""
+    return {"trust_remote_code": model_section.trust_remote_code, "allow_pickle": model_section.allow_pickle}
 
 
 def original_spec(model_section) -> str | None:
