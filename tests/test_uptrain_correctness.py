@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_checkpoint, tiny_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from uptrain_fixtures import tiny_recipe, write_recipe
 
 from clakit.cli import main
@@ -20,7 +20,9 @@ def run_cli(capsys, *args) -> tuple[int, str]:
 
 # --- what a run may execute: model.trust_remote_code / model.allow_pickle -----------------------------------------
 
-CUSTOM_TOKENIZER = "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+CUSTOM_TOKENIZER = (
+    "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +62,177 @@ def test_a_source_that_runs_its_own_code_needs_the_recipes_keys_and_then_trains(
     record = json.loads((out / "model" / "uptrain.json").read_text())
     assert record["recipe"]["model"]["trust_remote_code"] and record["recipe"]["model"]["allow_pickle"]
     assert (out / "eval" / "original.json").is_file()  # the teacher (pickle, custom tokenizer) was read
+
+
+# --- the saved model is the trained one ----------------------------------------------------------------------------
+
+# attention and MLP biases, a head_dim that is not hidden / heads, tied embeddings: each changes what a merge writes
+ODD_SHAPES = {"attention_bias": True, "mlp_bias": True, "head_dim": 16, "tie_word_embeddings": True}
+ODD_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["o_proj", "gate_proj", "down_proj"]}
+ODD_FULL = ["k_proj", "v_proj", "consumers.q_proj", "lm_head"]
+
+
+@pytest.fixture(scope="module")
+def odd_source(tokenizer, tmp_path_factory) -> Path:
+    return save_checkpoint(
+        tiny_model("llama", seed=5, **ODD_SHAPES), tokenizer, tmp_path_factory.mktemp("odd"), "10MB"
+    )
+
+
+@pytest.fixture(scope="module")
+def odd_cla_checkpoint(odd_source, tokenizer, tmp_path_factory) -> Path:
+    """odd_source converted to CLA2 (mean init), saved as the converter does."""
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.layout import uniform_layout
+
+    cla = cla_model_from(tiny_model("llama", seed=5, **ODD_SHAPES), uniform_layout(4, 2), "mean")
+    return save_checkpoint(cla, tokenizer, tmp_path_factory.mktemp("odd_cla2"), "10MB")
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_saved_model_computes_what_the_trained_model_computed(
+    odd_cla_checkpoint, corpus_dir, tmp_path, monkeypatch, bf16
+):
+    """The trained (LoRA unmerged) student's logits, captured as the run merges it, against the saved model/ read
+    back with the Auto classes; every tensor nothing trained is bitwise the start checkpoint's (cast to the run's
+    dtype), and no LoRA name is left."""
+    from transformers import AutoModelForCausalLM
+
+    from clakit.uptrain import pipeline, student
+    from clakit.uptrain import uptrain as run_uptrain
+
+    ids, seen, merge = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)), {}, student.merged
+
+    def capture(model, dtype=None):
+        was = model.training
+        with torch.no_grad():
+            seen["logits"] = model.eval()(input_ids=ids).logits.float()
+        model.train(was)
+        return merge(model, dtype)
+
+    monkeypatch.setattr(pipeline.student, "merged", capture)
+    lora = {**ODD_LORA, "full_train": ODD_FULL, "lora_dropout": 0.0}
+    train = {"bf16": bf16, "max_steps": 3, "save_steps": 0, "learning_rate": "2e-2"}
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(odd_cla_checkpoint)}, lora=lora, train=train)
+    out = run_uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    saved = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        got = saved(input_ids=ids).logits.float()
+    tol = 2e-2 if bf16 else 1e-5  # bf16: the merged weight is rounded once more than the LoRA sum was
+    torch.testing.assert_close(got, seen["logits"], rtol=tol, atol=tol * seen["logits"].abs().max().item())
+    start, end = tensors_of(odd_cla_checkpoint), tensors_of(out)
+    assert set(end) == set(start) and not any("lora" in k for k in end)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    trained = ("o_proj.weight", "gate_proj.weight", "down_proj.weight", "k_proj.", "v_proj.", "embed_tokens.")
+    trained_q = {f"model.layers.{i}.self_attn.q_proj.{w}" for i in (1, 3) for w in ("weight", "bias")}
+    for name, tensor in end.items():
+        assert tensor.dtype == dtype, name
+        if any(part in name for part in trained) or name in trained_q:
+            assert not torch.equal(tensor, start[name].to(dtype)), f"{name} did not train"
+        else:
+            assert torch.equal(tensor, start[name].to(dtype)), f"{name} changed though nothing trains it"
+
+
+# --- resume ---------------------------------------------------------------------------------------------------------
+
+
+def train_lines(run: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in x.items() if k not in ("tokens_per_s", "elapsed_s")} for x in lines if "loss" in x]
+
+
+def test_a_killed_run_with_accumulation_copies_and_distillation_resumes_to_the_same_curve_and_weights(
+    odd_source, odd_cla_checkpoint, corpus_dir, tmp_path, monkeypatch
+):
+    """Accumulated micro-batches, windows with copies, dropout, the teacher's KL and hidden-state MSE: killed after
+    step 3 (last checkpoint step 2), resumed, the loss curve and the weights equal an uninterrupted run's."""
+    from clakit.uptrain import trainer as trainer_module
+    from clakit.uptrain import uptrain as run_uptrain
+
+    sections = {
+        "model": {"path": str(odd_cla_checkpoint), "original": str(odd_source)},
+        "data": {"copy_fraction": 0.5, "copy_span": 8},
+        "train": {"gradient_accumulation_steps": 2, "max_steps": 5, "save_steps": 2},
+        "lora": {**ODD_LORA, "full_train": ["k_proj"], "lora_dropout": 0.2},
+        "distill": {"weight": 0.6, "temperature": 2.0, "hidden_mse_weight": 0.3},
+    }
+    runs = {
+        name: write_recipe(tmp_path / f"{name}.yaml", tiny_recipe(corpus_dir, tmp_path / name, **sections))
+        for name in ("full", "killed")
+    }
+    run_uptrain(runs["full"], quiet=True)
+    hook = trainer_module.Trainer.on_step_end
+
+    def kill_after_step_3(self):
+        hook(self)
+        if self.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", kill_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_uptrain(runs["killed"], quiet=True)
+    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", hook)
+    run_uptrain(runs["killed"], resume=True, quiet=True)
+    full, killed = train_lines(tmp_path / "full"), train_lines(tmp_path / "killed")
+    assert [x["step"] for x in full] == [1, 2, 3, 4, 5] and {"kl", "hidden_mse"} <= set(full[0])
+    assert killed == full
+    a, b = tensors_of(tmp_path / "full" / "model"), tensors_of(tmp_path / "killed" / "model")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the loss -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_token_kl_and_its_gradient_equal_torch_kl_div(temperature):
+    """The chunked KL (rows split over several chunks here: a 4,099-word vocabulary) against F.kl_div at T, x T^2,
+    value and gradient, for a student of non-contiguous logits (a slice, as a caller may pass)."""
+    import torch.nn.functional as F
+
+    from clakit import losses
+
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(3, 1200, 4099, generator=g) * 3).requires_grad_(True)
+    student, teacher = base[:, 1:], torch.randn(3, 1199, 4099, generator=g) * 3
+    assert 3 * 1199 * 4099 > 2 * losses.CHUNK_ELEMENTS  # several chunks
+    (0.7 * losses.token_kl(student, teacher, temperature)).backward()
+    ours, base.grad = base.grad, None
+    log_s, log_t = (F.log_softmax(x / temperature, -1).flatten(0, 1) for x in (student, teacher))
+    reference = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+    (0.7 * reference).backward()
+    torch.testing.assert_close(losses.token_kl(student, teacher, temperature), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, base.grad, rtol=1e-4, atol=1e-9)
+
+
+def test_the_uptrain_loss_equals_its_definition_computed_independently(odd_source, odd_cla_checkpoint):
+    """weight x KL(teacher || student) at T x T^2 + (1 - weight) x next-token CE + hidden_mse_weight x the mean
+    over layers of |h_s - h_t|^2 / |h_t|^2, on every position of the window, value and gradient."""
+    import torch.nn.functional as F
+
+    from clakit.sources import load_model, resolve_source
+    from clakit.uptrain.distill import uptrain_loss
+    from clakit.uptrain.recipe import DistillSection
+
+    student, teacher = (load_model(resolve_source(str(p))) for p in (odd_cla_checkpoint, odd_source))
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(2))
+    distill = DistillSection(weight=0.6, temperature=2.0, hidden_mse_weight=0.3)
+    loss, parts = uptrain_loss(student, teacher, ids, distill)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    s, t = student(input_ids=ids, output_hidden_states=True), teacher(input_ids=ids, output_hidden_states=True)
+    ce = F.cross_entropy(s.logits[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
+    log_s, log_t = F.log_softmax(s.logits / 2.0, -1), F.log_softmax(t.logits.detach() / 2.0, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * 4.0
+    layers = zip(s.hidden_states[1:], t.hidden_states[1:], strict=True)
+    mse = torch.stack([(a - b.detach()).pow(2).sum() / b.detach().pow(2).sum() for a, b in layers]).mean()
+    reference = 0.6 * kl + 0.4 * ce + 0.3 * mse
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    assert parts["ce"] == pytest.approx(ce.item(), rel=1e-5) and parts["kl"] == pytest.approx(kl.item(), rel=1e-5)
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
