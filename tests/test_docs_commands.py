@@ -1,0 +1,438 @@
+"""The documentation says what the code does: README.md and docs/*.md, checked against the parsers, settings and files.
+
+Reviewers read the docs and then type what they say, so what is cheap to check is checked here (no model runs):
+
+* every `--flag` written after `clakit COMMAND` (code blocks, `\\`-continued lines, inline code spanning lines) is one
+  that command's parser accepts; the same for `python benchmarks/X.py` and `python -m clakit_vllm.run` (flags read
+  from the script's source), and every `--flag` named anywhere belongs to some command of ours or to a listed
+  outside tool (accelerate, pip, vLLM, torchrun);
+* a default the docs state for a flag ("`--calib-tokens N` (default 32768") is the default its `--help` states;
+* every recipe key the docs name (`train.max_steps=10`, `model.convert.init`, ...) is a field of the recipe, every
+  shipped recipe loads, and every `key=value` written after `clakit uptrain RECIPE` loads onto the CPU recipe;
+* every repository path the docs name exists, every `tests/test_x.py::name` names a test there;
+* every import in a ```python block imports, every keyword a snippet passes to a clakit function or settings class is
+  one it takes, every `clakit.module.name` the docs name resolves, and every signature written as
+  `clakit.mod.func(a, b=..., *, c=...)` names that function's parameters;
+* the README's install and test commands are what `.ci/run` runs.
+
+Each check collects every problem and fails naming the file and line, so a wrong doc reads as its own fix.
+"""
+
+import argparse
+import ast
+import dataclasses
+import importlib
+import inspect
+import re
+import shlex
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+COMMANDS = ("convert", "eval", "report", "fetch-demo", "demo", "uptrain")
+FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.M | re.S)
+# flags of other programs the docs show (accelerate launch, torchrun, pip, vLLM's server) and flags the docs name as
+# not built; anything else that looks like a flag must be one of clakit's, a benchmark's or clakit_vllm.run's
+OUTSIDE_FLAGS = {  # accelerate launch:
+    "--multi_gpu", "--num_processes", "--use_fsdp", "--fsdp_version", "--fsdp_reshard_after_forward",
+    "--fsdp_auto_wrap_policy", "--fsdp_transformer_layer_cls_to_wrap", "--fsdp_cpu_ram_efficient_loading",
+    "--fsdp_sync_module_states", "--fsdp_sharding_strategy", "--fsdp_use_orig_params", "--mixed_precision",
+    "--standalone", "--nproc_per_node",  # torchrun
+    "--no-deps", "--dry-run", "--report",  # pip
+    "--model", "--kv-cache-dtype", "--kv-cache-memory-bytes", "--dtype", "--trust-remote-code",  # vLLM's server
+    "--resum",  # uptrain.md: the abbreviation clakit refuses
+    "--kv-heads",  # quality.md: "`clakit convert --kv-heads` ... was not built"
+}  # fmt: skip
+RECIPE_SECTIONS = ("model", "data", "train", "lora", "distill")
+# dotted names in docs/uptrain.md that are not recipe keys (module names, a method)
+NOT_RECIPE_KEYS = {"model.layers", "model.train", "model.config"}
+FILE_NAME = re.compile(r"\.(?:txt|json|jsonl|yaml|safetensors|py|md|gz|bin|gguf)$")
+
+
+# ----------------------------------------------------------------------------------------------------- extraction
+
+
+def doc_id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def code_pieces(text: str) -> list[tuple[int, str]]:
+    """(line, code) for every line of a fenced block (`\\`-continued lines joined) and every inline code span (one
+    that wraps over lines joined into one)."""
+    pieces = []
+    for m in FENCE.finditer(text):
+        start = line_of(text, m.start(2))
+        lines = m.group(2).split("\n")
+        i = 0
+        while i < len(lines):
+            j, joined = i, lines[i]
+            while joined.rstrip().endswith("\\") and j + 1 < len(lines):
+                j += 1
+                joined = joined.rstrip()[:-1] + " " + lines[j].strip()
+            pieces.append((start + i, joined))
+            i = j + 1
+    outside = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)  # keep line numbers
+    for m in re.finditer(r"`([^`]+)`", outside):
+        pieces.append((line_of(outside, m.start()), m.group(1).replace("\n", " ")))
+    return pieces
+
+
+PROGRAM = re.compile(
+    r"(?:^|[\s(=;&|])(?:"
+    rf"(?:python3? -m )?clakit (?P<cmd>{'|'.join(COMMANDS)})(?![\w-])"
+    r"|python3? (?P<bench>benchmarks/[\w/]+\.py)"
+    r"|python3? -m (?P<vllm>clakit_vllm\.run)"
+    r")(?P<rest>.*)"
+)
+
+
+def invocations() -> list[tuple[str, int, str, str, str]]:
+    """(doc, line, program, its arguments, the code) for every command line of ours the docs write."""
+    found = []
+    for path in DOCS:
+        for line, code in code_pieces(path.read_text()):
+            for m in PROGRAM.finditer(code):
+                program = m.group("cmd") or m.group("bench") or "clakit_vllm.run"
+                rest = re.split(r"\s(?:#|\|\|?|&&|;|>)", m.group("rest"))[0]  # up to a comment or the next command
+                found.append((doc_id(path), line, program, rest, code.strip()))
+    return found
+
+
+def flags_in(arguments: str) -> list[str]:
+    try:
+        words = shlex.split(arguments)
+    except ValueError:
+        words = arguments.split()
+    return [w.split("=")[0] for w in words if re.match(r"--?[A-Za-z]", w)]
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    from clakit.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def clakit_flags() -> dict[str, set[str]]:
+    """Every option string each command accepts (uptrain's flags after the recipe are the same four)."""
+    return {name: set(p._option_string_actions) for name, p in subparsers().items()}
+
+
+def script_flags(script: str) -> set[str]:
+    """The flags a script defines: string literals starting with '-' in its source (its add_argument calls)."""
+    source = (ROOT / script).read_text()
+    return set(re.findall(r"""["'](--?[A-Za-z][\w-]*)["']""", source)) | {"-h", "--help"}
+
+
+def known_flags(program: str, clakit: dict[str, set[str]]) -> set[str] | None:
+    if program in clakit:
+        return clakit[program]
+    path = "serving/vllm/clakit_vllm/run.py" if program == "clakit_vllm.run" else program
+    return script_flags(path) if (ROOT / path).is_file() else None
+
+
+# ------------------------------------------------------------------------------------------------------ the tests
+
+
+def test_extraction_finds_the_documented_commands():
+    """The extraction itself: it must see the commands the docs are about, or every check below passes vacuously."""
+    programs = {(doc, program) for doc, _, program, _, _ in invocations()}
+    for doc, program in [
+        ("README.md", "demo"),
+        ("docs/convert.md", "convert"),
+        ("docs/eval.md", "eval"),
+        ("docs/eval.md", "report"),
+        ("docs/uptrain.md", "uptrain"),
+        ("docs/uptrain.md", "benchmarks/uptrain_bench.py"),
+        ("docs/serving.md", "clakit_vllm.run"),
+    ]:
+        assert (doc, program) in programs, f"no `{program}` command found in {doc}"
+    continued = [r for d, _, p, r, _ in invocations() if d == "docs/uptrain.md" and "model.path=runs/l8b-cla2" in r]
+    assert continued, "a `\\`-continued command line was not joined"
+
+
+def test_every_flag_after_a_command_is_one_it_accepts():
+    clakit = clakit_flags()
+    problems = []
+    for doc, line, program, rest, code in invocations():
+        known = known_flags(program, clakit)
+        if known is None:
+            problems.append(f"{doc}:{line}: {program} does not exist ({code})")
+            continue
+        bad = [f for f in flags_in(rest) if f not in known and f not in OUTSIDE_FLAGS]
+        if bad:
+            problems.append(f"{doc}:{line}: {program} has no {', '.join(bad)} ({code[:120]})")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_flag_the_docs_name_exists_somewhere():
+    """A flag in prose ("`--distill-lr`, default 5e-4") is checked too: it must be one of clakit's commands', a
+    benchmark's or clakit_vllm.run's flags (or an outside tool's, listed above). Catches a renamed flag."""
+    clakit = clakit_flags()
+    ours = set().union(*clakit.values(), script_flags("serving/vllm/clakit_vllm/run.py"))
+    for script in (ROOT / "benchmarks").glob("*.py"):
+        ours |= script_flags(str(script.relative_to(ROOT)))
+    problems = []
+    for path in DOCS:
+        text = path.read_text()
+        for line, code in code_pieces(text):
+            for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", code):
+                if flag not in ours and flag not in OUTSIDE_FLAGS:
+                    problems.append(f"{doc_id(path)}:{line}: {flag} is no flag of clakit's ({code[:100]})")
+    assert not problems, "\n".join(problems)
+
+
+def _same_value(doc: str, help_value: str) -> bool:
+    try:
+        return float(doc) == float(help_value)
+    except ValueError:
+        return doc.strip("`.,;:") == help_value.strip("`.,;:")
+
+
+def test_documented_defaults_are_the_ones_help_states():
+    """The docs' "`--flag ...` (default V" / "`--flag`, default V" / "`--flag` defaults to V" in the docs against the
+    `(default ...)` of that flag's --help (every command that has the flag; one must agree)."""
+    parsers = subparsers()
+    helps: dict[str, list[str]] = {}
+    for parser in parsers.values():
+        for action in parser._actions:
+            for option in action.option_strings:
+                helps.setdefault(option, []).append(action.help or "")
+    claim = re.compile(r"`(--[a-z][\w-]*)(?: [^` ]+)?`[^`()]{0,40}?\(?(?<!the )\bdefaults? (?:to )?`?([\w.:+-]+)`?")
+    checked, problems = 0, []
+    for path in DOCS:
+        text = re.sub(r"\s+", " ", path.read_text())
+        for m in claim.finditer(text):
+            flag, value = m.group(1), m.group(2).rstrip(".,;:")
+            if flag not in helps or value in ("when", "the", "is", "of"):
+                continue
+            stated = [v for h in helps[flag] for v in re.findall(r"default:? (?:without [^:]*: )?`?([\w.:+-]+)", h)]
+            checked += 1
+            if not any(_same_value(value, s.rstrip(".,;:")) for s in stated):
+                problems.append(f"{doc_id(path)}: {flag} documented default {value!r}, --help says {stated or 'none'}")
+    assert checked >= 10, f"only {checked} documented defaults found: the pattern no longer matches the docs"
+    assert not problems, "\n".join(problems)
+
+
+def _recipe_key_problem(dotted: str) -> str | None:
+    from clakit.convert.config import ConvertConfig
+    from clakit.uptrain.recipe import Recipe
+
+    def names(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+
+    section, *keys = dotted.split(".")
+    cls = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}[section]
+    if not keys:
+        return None
+    if keys[0] not in names(cls):
+        return f"{section} has no key {keys[0]!r}"
+    if len(keys) > 1:
+        if (section, keys[0]) != ("model", "convert"):
+            return f"{section}.{keys[0]} has no keys"
+        if keys[1] not in names(ConvertConfig):
+            return f"model.convert (ConvertConfig) has no key {keys[1]!r}"
+    return None
+
+
+def test_every_recipe_key_the_docs_name_is_a_recipe_field():
+    sections = "|".join(RECIPE_SECTIONS)
+    override = re.compile(rf"(?<![\w./-])((?:{sections})(?:\.[a-z_][a-z0-9_]*)*)=")
+    named = re.compile(rf"(?<![\w./-])((?:{sections})\.[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)?)(?![\w.])")
+    checked, problems = 0, []
+    for path in DOCS:
+        for line, code in code_pieces(path.read_text()):
+            keys = set(override.findall(code))
+            if path.name == "uptrain.md":  # the recipe's own doc: every dotted section name is a key
+                keys |= {k for k in named.findall(code) if k not in NOT_RECIPE_KEYS and not FILE_NAME.search(k)}
+            for key in sorted(keys):
+                checked += 1
+                if (problem := _recipe_key_problem(key)) is not None:
+                    problems.append(f"{doc_id(path)}:{line}: `{key}`: {problem}")
+    assert checked >= 30, f"only {checked} recipe keys found: the pattern no longer matches the docs"
+    assert not problems, "\n".join(problems)
+
+
+def test_shipped_recipes_load_and_documented_overrides_apply():
+    from clakit.uptrain import load_recipe
+
+    recipes = sorted((ROOT / "recipes").glob("*/*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        load_recipe(recipe)
+    problems = []
+    for doc, line, program, rest, code in invocations():
+        if program != "uptrain":
+            continue
+        words = shlex.split(rest.replace("...", ""))
+        overrides = [w for w in words if "=" in w and not w.startswith("-")]
+        if not words or not overrides or not words[0].startswith("recipes/"):
+            continue  # a recipe of the doc's own (base.yaml, RECIPE): its keys are checked above
+        try:
+            load_recipe(ROOT / words[0], overrides)
+        except Exception as e:  # ClakitError: the message names the key
+            problems.append(f"{doc}:{line}: {e} ({code[:120]})")
+    assert not problems, "\n".join(problems)
+
+
+PATH = re.compile(r"(?<![\w/.~$-])((?:clakit|tests|benchmarks|recipes|docs|serving|\.ci)/[\w./-]*\w)(?:::(\w+))?")
+
+
+def test_every_repository_path_and_test_name_the_docs_give_exists():
+    checked, problems = 0, []
+    for path in DOCS:
+        text = path.read_text()
+        for m in PATH.finditer(text):
+            target, name = m.groups()
+            if target == "clakit/transformers/torch":  # "clakit/transformers/torch versions"
+                continue
+            checked += 1
+            where = f"{doc_id(path)}:{line_of(text, m.start())}"
+            if not (ROOT / target).exists():
+                problems.append(f"{where}: {target} does not exist")
+            elif name:
+                tree = ast.parse((ROOT / target).read_text())
+                defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+                if name not in defined:
+                    problems.append(f"{where}: {target} has no {name}")
+    assert checked >= 40, f"only {checked} paths found: the pattern no longer matches the docs"
+    assert not problems, "\n".join(problems)
+
+
+def python_blocks() -> list[tuple[str, int, str]]:
+    blocks = []
+    for path in DOCS:
+        text = path.read_text()
+        for m in FENCE.finditer(text):
+            if m.group(1).strip() in ("python", "py"):
+                blocks.append((doc_id(path), line_of(text, m.start(2)), m.group(2)))
+    return blocks
+
+
+def _resolve(dotted: str):
+    """The object a dotted name `a.b.c` names: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for part in parts[i:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def _accepted_keywords(obj) -> set[str] | None:
+    """Keyword names obj takes; None: any. `convert(**settings)` and `evaluate(**settings)` take their config's
+    fields, a dataclass its fields."""
+    from clakit.convert import ConvertConfig, convert
+    from clakit.eval import EvalConfig, evaluate
+
+    if dataclasses.is_dataclass(obj) and isinstance(obj, type):
+        return {f.name for f in dataclasses.fields(obj)}
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return None
+    names = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        config = {convert: ConvertConfig, evaluate: EvalConfig}.get(obj)
+        if config is None:
+            return None
+        names |= {f.name for f in dataclasses.fields(config)}
+    return names
+
+
+def test_python_snippets_import_and_call_what_exists():
+    """Every import in a ```python block imports (vLLM's only where vLLM is installed: it lives in its own venv),
+    and every keyword a snippet passes to a name it imported from clakit is one that name takes."""
+    checked, problems = 0, []
+    for doc, start, source in python_blocks():
+        tree = ast.parse(source)
+        imported: dict[str, str] = {}  # local name -> dotted name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                pairs = [(a.asname or a.name.split(".")[0], a.name.split(".")[0] if not a.asname else a.name)
+                         for a in node.names]  # fmt: skip
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                pairs = [(a.asname or a.name, f"{node.module}.{a.name}") for a in node.names]
+                modules = [node.module]
+            else:
+                continue
+            if modules[0].split(".")[0] == "vllm" and importlib.util.find_spec("vllm") is None:
+                continue
+            for local, dotted in pairs:
+                checked += 1
+                try:
+                    _resolve(dotted)
+                    imported[local] = dotted
+                except (ImportError, AttributeError) as e:
+                    problems.append(f"{doc}:{start + node.lineno - 1}: {dotted}: {e}")
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            head, _, tail = name.partition(".")
+            if head not in imported or not imported[head].startswith("clakit"):
+                continue
+            where = f"{doc}:{start + node.lineno - 1}"
+            try:
+                obj = _resolve(imported[head] + ("." + tail if tail else ""))
+            except (ImportError, AttributeError) as e:
+                problems.append(f"{where}: {name}: {e}")
+                continue
+            accepted = _accepted_keywords(obj)
+            for kw in node.keywords:
+                checked += 1
+                if kw.arg is not None and accepted is not None and kw.arg not in accepted:
+                    problems.append(f"{where}: {name}() takes no keyword {kw.arg!r}")
+    assert checked >= 20, f"only {checked} imports and keywords found in the docs' Python blocks"
+    assert not problems, "\n".join(problems)
+
+
+DOTTED = re.compile(r"`(clakit(?:\.\w+)+)(\([^`]*\))?")
+
+
+def test_every_clakit_name_and_signature_the_docs_give_resolves():
+    """`clakit.losses.token_kl`, `clakit.eval.records.FIELDS`, and signatures written out in full, e.g.
+    `clakit.uptrain.uptrain(recipe_path, overrides=(), *, dry_run=False, ...)`: the parameters it names exist."""
+    checked, problems = 0, []
+    for path in DOCS:
+        text = path.read_text()
+        for m in DOTTED.finditer(text):
+            dotted, args = m.groups()
+            where = f"{doc_id(path)}:{line_of(text, m.start())}"
+            checked += 1
+            try:
+                obj = _resolve(dotted)
+            except (ImportError, AttributeError) as e:
+                problems.append(f"{where}: {dotted} does not resolve ({e})")
+                continue
+            if args and args != "()":
+                params = [p.split("=")[0].strip() for p in re.sub(r"\[[^\]]*\]|\([^)]*\)", "", args[1:-1]).split(",")]
+                params = [p for p in params if p.isidentifier()]
+                accepted = _accepted_keywords(obj) or set()
+                missing = [p for p in params if p not in accepted]
+                if missing:
+                    problems.append(f"{where}: {dotted} has no parameter {', '.join(missing)}")
+    assert checked >= 10, f"only {checked} clakit names found in the docs"
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_install_and_test_commands_are_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    blocks = [b for lang, b in FENCE.findall(readme) if lang.strip() == "bash"]
+    install = next(b for b in blocks if "pip install" in b and "clakit demo" in b).strip()
+    test_command = next(b for b in blocks if "pytest" in b).strip()
+    ci_lines = [line.split("#")[0].strip() for line in ci.splitlines()]
+    assert test_command in ci_lines, f"README's test command {test_command!r} is not a line of .ci/run"
+    for step in ("python3 -m venv .venv", "pip install torch==2.13.0", 'pip install -e ".[dev]"'):
+        assert step in install, f"README's install line lacks {step!r}"
+        assert step.replace("pip install", "pip install -q") in ci or step in ci, f".ci/run lacks {step!r}"
