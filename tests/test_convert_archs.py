@@ -2,15 +2,11 @@
 explicit head_dim, MHA/GQA/MQA, biases, tied embeddings, RoPE scaling, odd depths, 16-bit checkpoints, a Llama
 config carrying `sliding_window`, and the same weights given as safetensors, .bin or GGUF (F32/F16/Q8_0)."""
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from conftest import make_text, save_checkpoint, tiny_model
-from convert_fixtures import TOKENS, load, run_cli, safetensors_files
+from conftest import save_checkpoint, tiny_model
+from convert_fixtures import load, run_cli
 
-from clakit.convert.inmemory import cla_model_from
 from clakit.convert.reconstruct import attention_output
 
 torch.set_num_threads(1)
@@ -49,3 +45,21 @@ def test_reconstructs_attention_is_the_models_with_a_sliding_window_key(kind):
     cos, sin = model.model.rotary_emb(seen["x"], torch.arange(24)[None])
     params = {"q": attn.q_proj.weight, "k": attn.k_proj.weight, "v": attn.v_proj.weight}
     torch.testing.assert_close(attention_output(model, 1, seen["x"], seen["x"], params, cos, sin), seen["y"])
+
+
+@pytest.mark.parametrize("layout", ["0,1,2,3", "0,0,2,2"])
+def test_a_converted_llama_with_a_sliding_window_key_decodes_through_its_cache_as_its_full_forward(
+    tokenizer, tmp_path, layout
+):
+    """The CLA Llama kept config.sliding_window: transformers' caches then held only the last 8 tokens' K/V while
+    the full forward (and stock Llama's) attends to all of them, so generate() read another model than the one
+    evaluated (logits off by ~3 past the window). Now its caches hold everything; the full forward is unchanged."""
+    src = save_checkpoint(tiny_model("llama", sliding_window=8), tokenizer, tmp_path / "src")
+    assert run_cli(src, tmp_path / "cla", "--kv-source-layers", layout, "-q") == 0
+    cla, stock, x = load(tmp_path / "cla"), load(src), ids(24)
+    with torch.no_grad():
+        full = cla(x).logits
+    torch.testing.assert_close(cached_logits(cla, x, prefill=4), full, rtol=1e-4, atol=1e-4)
+    if layout == "0,1,2,3":
+        with torch.no_grad():
+            torch.testing.assert_close(full, stock(x).logits, rtol=0, atol=0)

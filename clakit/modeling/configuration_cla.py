@@ -71,6 +71,11 @@ class LlamaCLAConfig(CLAConfigMixin, LlamaConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._init_kv_source_layers()
+        # CLA: stock Llama attends to the whole past whatever a `sliding_window` key says (a llamafied Qwen2's: its
+        # attention passes no window, its mask is full causal), but transformers' caches read the key and kept only
+        # the last window of K/V, so cached decoding past it differed from a full forward. A Llama has no window.
+        if getattr(self, "sliding_window", None) is not None:
+            self.sliding_window = None
 
 
 @strict
