@@ -60,13 +60,25 @@ def line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
+INDENTED = re.compile(r"(?:^|\n)\n((?: {4}[^\n]*\n)+)")  # a Markdown code block by indentation
+
+
+def blocks(text: str) -> list[tuple[str, int, str]]:
+    """(language, first line, body) of every fenced block and every indented one (language "", its indent removed)."""
+    found = [(m.group(1).strip(), line_of(text, m.start(2)), m.group(2)) for m in FENCE.finditer(text)]
+    outside = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)  # keep line numbers
+    for m in INDENTED.finditer(outside):
+        body = "\n".join(line[4:] for line in m.group(1).split("\n"))
+        found.append(("", line_of(outside, m.start(1)), body))
+    return found
+
+
 def code_pieces(text: str) -> list[tuple[int, str]]:
-    """(line, code) for every line of a fenced block (`\\`-continued lines joined) and every inline code span (one
+    """(line, code) for every line of a code block (`\\`-continued lines joined) and every inline code span (one
     that wraps over lines joined into one)."""
     pieces = []
-    for m in FENCE.finditer(text):
-        start = line_of(text, m.start(2))
-        lines = m.group(2).split("\n")
+    for _, start, body in blocks(text):
+        lines = body.split("\n")
         i = 0
         while i < len(lines):
             j, joined = i, lines[i]
@@ -75,7 +87,9 @@ def code_pieces(text: str) -> list[tuple[int, str]]:
                 joined = joined.rstrip()[:-1] + " " + lines[j].strip()
             pieces.append((start + i, joined))
             i = j + 1
-    outside = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)  # keep line numbers
+    outside = INDENTED.sub(
+        lambda m: "\n" * m.group(0).count("\n"), FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    )
     for m in re.finditer(r"`([^`]+)`", outside):
         pieces.append((line_of(outside, m.start()), m.group(1).replace("\n", " ")))
     return pieces
@@ -304,13 +318,13 @@ def test_every_repository_path_and_test_name_the_docs_give_exists():
 
 
 def python_blocks() -> list[tuple[str, int, str]]:
-    blocks = []
+    """```python blocks, and indented blocks that start with an import."""
+    found = []
     for path in DOCS:
-        text = path.read_text()
-        for m in FENCE.finditer(text):
-            if m.group(1).strip() in ("python", "py"):
-                blocks.append((doc_id(path), line_of(text, m.start(2)), m.group(2)))
-    return blocks
+        for language, start, body in blocks(path.read_text()):
+            if language in ("python", "py") or (not language and re.match(r"(from \S+ )?import ", body)):
+                found.append((doc_id(path), start, body))
+    return found
 
 
 def _resolve(dotted: str):
