@@ -64,6 +64,25 @@ def test_a_source_that_runs_its_own_code_needs_the_recipes_keys_and_then_trains(
     assert (out / "eval" / "original.json").is_file()  # the teacher (pickle, custom tokenizer) was read
 
 
+def test_what_a_run_may_read_is_outside_its_fingerprint(tmp_path, corpus_dir, monkeypatch):
+    """model.trust_remote_code / allow_pickle say what may be read, not what is trained: a run recorded before the
+    keys existed (its recipe dict without them) resumes, and a resume may add them."""
+    from clakit.uptrain import load_recipe
+    from clakit.uptrain.recipe import Recipe
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model={"path": "some/cla"}))
+    plain, given = load_recipe(path), load_recipe(path, ["model.trust_remote_code=true", "model.allow_pickle=true"])
+    assert plain.fingerprint() == given.fingerprint() != load_recipe(path, ["lora.r=2"]).fingerprint()
+    to_dict = Recipe.to_dict
+
+    def before_the_keys(self):
+        d = to_dict(self)
+        return d | {"model": {k: v for k, v in d["model"].items() if k not in ("trust_remote_code", "allow_pickle")}}
+
+    monkeypatch.setattr(Recipe, "to_dict", before_the_keys)
+    assert given.fingerprint() == plain.fingerprint()
+
+
 # --- the saved model is the trained one ----------------------------------------------------------------------------
 
 # attention and MLP biases, a head_dim that is not hidden / heads, tied embeddings: each changes what a merge writes

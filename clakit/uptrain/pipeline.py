@@ -33,7 +33,7 @@ from clakit.sources import check_weights, load_model, load_tokenizer, looks_like
 from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
-from clakit.uptrain.recipe import RUN_ONLY, Recipe, load_recipe, resolve_recipe
+from clakit.uptrain.recipe import MODEL_RUN_ONLY, RUN_ONLY, Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import METRICS, Trainer, blocks_per_step, check_plan, drop_metrics_after, make_plan
 
 RESULT = "model"
@@ -109,7 +109,8 @@ def _check_resumable(out: Path, recipe: Recipe) -> None:
     if run.get("fingerprint") == recipe.fingerprint():
         return
     changes = _diff(run.get("recipe", {}), recipe.to_dict())
-    ignored = tuple(f"train.{key}:" for key in RUN_ONLY)  # may change: not part of the fingerprint
+    # may change: not part of the fingerprint
+    ignored = tuple(f"train.{key}:" for key in RUN_ONLY) + tuple(f"model.{key}:" for key in MODEL_RUN_ONLY)
     shown = "; ".join(c for c in changes if not c.startswith(ignored))[:300] or "unknown fields"
     if finished(out):  # a finished run is not continued with any recipe
         raise ClakitError(

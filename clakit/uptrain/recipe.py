@@ -26,6 +26,9 @@ from clakit.sources import check_revision
 
 # train keys that do not change the trained weights: outside the fingerprint, so --resume may change them
 RUN_ONLY = ("output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_steps")
+# model keys that say what may be read, not what is trained: outside the fingerprint too (a run recorded before
+# they existed resumes, and a resume may add them)
+MODEL_RUN_ONLY = ("trust_remote_code", "allow_pickle")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
 REPORTERS = ("none", "tensorboard")
 
@@ -124,6 +127,8 @@ class Recipe:
         d = self.to_dict()
         for key in RUN_ONLY:
             d["train"].pop(key)
+        for key in MODEL_RUN_ONLY:
+            d["model"].pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
