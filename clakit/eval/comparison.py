@@ -21,7 +21,9 @@ MUST_MATCH = (
     ("settings", "batch_size"),
 )
 # lm-eval scores are comparable when both runs scored the same documents with the same prompts.
-LM_EVAL_MUST_MATCH = (("lm_eval", "settings", "limit"), ("lm_eval", "settings", "num_fewshot"))
+# max_length: the windows of rolling loglikelihood and the truncation of long prompts; reports before it was recorded
+# (null) ran lm-eval on the model's whole context, not on --seq-len windows (51.45 against 36.15 on one text).
+LM_EVAL_MUST_MATCH = tuple(("lm_eval", "settings", k) for k in ("limit", "num_fewshot", "max_length"))
 LM_EVAL_SKIP = ("num_samples", "num_fewshot")
 # passkey accuracies are comparable when both runs asked the same prompts (lengths, depths, samples, seed).
 PASSKEY_MUST_MATCH = (("passkey", "settings"),)
@@ -151,19 +153,48 @@ def passkey_table(reports: list[dict]) -> tuple[list[str], list[list[str]]] | No
     return columns, out
 
 
+PANELS_MAX = 12  # more models than this: one matrix, a row per model (a panel each was 432 px per model wide:
+# 69,264 px at 160 models, a 1.2 MB image in report.html)
+PANELS_PER_ROW = 4
+MATRIX_ROW_IN = 0.18  # inches per model row: 9-point labels stay readable
+MATRIX_MAX_IN = (16.0, 60.0)  # (width, height) bound: past it cells shrink, the image does not grow
+
+
+def _accuracy(p: dict) -> dict:
+    """{(length, depth): accuracy} of one report's passkey section."""
+    return {(c["length"], c["depth"]): c["accuracy"] for c in p["cells"]}
+
+
+def accuracy_grid(p: dict, lengths: list, depths: list) -> list[list[float]]:
+    """(depths, lengths) passkey accuracies of one report's passkey section, one row per depth."""
+    cell = _accuracy(p)
+    return [[cell[(n, d)] for n in lengths] for d in depths]
+
+
 def heat_map(reports: list[dict], path: Path) -> None:
-    """Passkey accuracy per (prompt length, needle depth), one panel per model that ran it."""
+    """Passkey accuracy per (prompt length, needle depth): a panel per model, PANELS_PER_ROW to a row, up to
+    PANELS_MAX models; more, one matrix with a row per model and a column per (length, depth), so the image's size
+    stays bounded (check_comparable made every run's lengths and depths the same)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [(label, r["passkey"]) for label, r in zip(labels(reports), reports, strict=True) if r.get("passkey")]
-    fig, axes = plt.subplots(1, len(runs), figsize=(1.2 + 3.6 * len(runs), 3.6), dpi=120, squeeze=False)
-    for ax, (label, p) in zip(axes[0], runs, strict=True):
+    fig = _heat_panels(plt, runs) if len(runs) <= PANELS_MAX else _heat_matrix(plt, runs)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _heat_panels(plt, runs: list[tuple[str, dict]]):
+    cols = min(len(runs), PANELS_PER_ROW)
+    nrows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(1.2 + 3.6 * cols, 3.6 * nrows), dpi=120, squeeze=False, layout="constrained"
+    )
+    for ax, (label, p) in zip(axes.flat[: len(runs)], runs, strict=True):
         lengths, depths = p["settings"]["lengths"], p["settings"]["depths"]
-        grid = [[next(c["accuracy"] for c in p["cells"] if c["length"] == n and c["depth"] == d) for n in lengths]
-                for d in depths]  # fmt: skip
+        grid = accuracy_grid(p, lengths, depths)
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
@@ -172,10 +203,32 @@ def heat_map(reports: list[dict], path: Path) -> None:
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_title(f"{label}: {p['accuracy']:.2f}", fontsize=9, parse_math=False)  # a name, not mathtext
-    axes[0][0].set_ylabel("needle depth")
-    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
-    fig.savefig(path)
-    plt.close(fig)
+    for ax in axes.flat[len(runs) :]:  # the last row's empty places
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="passkey accuracy")
+    return fig
+
+
+def _heat_matrix(plt, runs: list[tuple[str, dict]]):
+    """(models, lengths x depths) accuracies, one image: columns grouped by length, depths within."""
+    lengths, depths = runs[0][1]["settings"]["lengths"], runs[0][1]["settings"]["depths"]
+    matrix = [[cell[(n, d)] for n in lengths for d in depths] for cell in (_accuracy(p) for _, p in runs)]
+    width = min(4.0 + 0.3 * len(lengths) * len(depths), MATRIX_MAX_IN[0])
+    height = min(1.8 + MATRIX_ROW_IN * len(runs), MATRIX_MAX_IN[1])
+    font = min(9.0, 72 * (height - 1.8) / len(runs) * 0.8)  # points per row, less a margin
+    fig, ax = plt.subplots(figsize=(width, height), dpi=100, layout="constrained")
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", interpolation="nearest")
+    ticks = [f"{n:,} / {d:.0%}" for n in lengths for d in depths]
+    ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=7)
+    names = [f"{label}: {p['accuracy']:.2f}" for label, p in runs]
+    ax.set_yticks(range(len(runs)), names, fontsize=font)
+    for tick in ax.get_yticklabels():
+        tick.set_parse_math(False)  # a name, not mathtext
+    ax.set_xlabel("prompt length (tokens) / needle depth")
+    fig.colorbar(image, ax=ax, label="passkey accuracy")
+    return fig
 
 
 def _md_table(columns: list[str], body: list[list[str]]) -> list[str]:
@@ -210,7 +263,8 @@ def _data_note(reports: list[dict]) -> str:
 
 def _dtype_note(reports: list[dict]) -> str:
     """KV bytes/token of an fp32 and a bf16 cache differ 2x with the same layout: say so when dtypes differ."""
-    dtypes = list(dict.fromkeys(str(r["kv_cache"].get("dtype")) for r in reports))
+    # a report without kv_cache.dtype (not one records.FIELDS requires) is unknown, not a dtype named "None"
+    dtypes = list(dict.fromkeys(str(r["kv_cache"]["dtype"]) for r in reports if r["kv_cache"].get("dtype")))
     if len(dtypes) < 2:
         return ""
     return f" KV caches of different dtypes ({', '.join(dtypes)}): part of the bytes/token difference is precision."
@@ -239,9 +293,18 @@ def _speed_note(reports: list[dict]) -> str:
 
 def _timing(speed: dict) -> str:
     return (
-        f"prefill {speed.get('prefill_length')} tokens x {speed.get('batch_size')}, "
+        f"prefill {_prefill_length(speed)} tokens x {speed.get('batch_size')}, "
         f"{speed.get('decode_steps')} decode steps"
     )
+
+
+def _prefill_length(speed: dict):
+    """Tokens per sequence prefilled. Reports written before speed.prefill_length (clakit before 2026-12-04)
+    prefilled the whole batch of prefill_tokens = batch x length: the length is their quotient, not unknown."""
+    length, tokens, batch = (speed.get(k) for k in ("prefill_length", "prefill_tokens", "batch_size"))
+    if length is None and isinstance(tokens, int) and isinstance(batch, int) and batch > 0:
+        return tokens // batch
+    return length
 
 
 def sources_table(reports: list[dict], paths: list) -> tuple[list[str], list[list[str]]]:

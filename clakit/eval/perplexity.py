@@ -80,18 +80,20 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] | No
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> TokenizedText:
-    """The text's tokens (at most `max_tokens`, prefix not counted) and the exact text they cover."""
-    if max_tokens is not None and len(text) > 16 * max_tokens + 1024:
+    """The text's tokens and the exact text they cover: at most `max_tokens` scored ones, so without a prefix token
+    one more (the first, context only: `--max-tokens` = `--seq-len` was refused as a text too short for a window)."""
+    prefix = prefix_token_id(tokenizer)
+    keep = None if max_tokens is None else max_tokens + (prefix is None)
+    if keep is not None and len(text) > 16 * keep + 1024:
         # tokenising a multi-MB corpus to keep 2k tokens is slow: cut generously first, fall back to all of it
-        ids, offsets = _encode(tokenizer, text[: 16 * max_tokens + 1024])
-        if len(ids) <= max_tokens + 1:
+        ids, offsets = _encode(tokenizer, text[: 16 * keep + 1024])
+        if len(ids) <= keep + 1:
             ids, offsets = _encode(tokenizer, text)
     else:
         ids, offsets = _encode(tokenizer, text)
-    if max_tokens is not None and len(ids) > max_tokens:
-        ids = ids[:max_tokens]
-        text = text[: offsets[max_tokens - 1][1]] if offsets else tokenizer.decode(ids)
-    prefix = prefix_token_id(tokenizer)
+    if keep is not None and len(ids) > keep:
+        ids = ids[:keep]
+        text = text[: offsets[keep - 1][1]] if offsets else tokenizer.decode(ids)
     if prefix is None:  # nothing predicts the first token: its bytes and words are not the scored text's
         text = _after_first_token(tokenizer, text, ids, offsets)
     ids = ([prefix] if prefix is not None else []) + list(ids)
