@@ -255,3 +255,57 @@ def test_the_uptrain_loss_equals_its_definition_computed_independently(odd_sourc
     assert parts["ce"] == pytest.approx(ce.item(), rel=1e-5) and parts["kl"] == pytest.approx(kl.item(), rel=1e-5)
     for name, p in student.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_accumulating_two_micro_batches_trains_like_one_batch_of_twice_the_size(
+    odd_source, odd_cla_checkpoint, corpus_dir, tmp_path
+):
+    """batch 1 x 2 accumulation reads the blocks batch 2 x 1 reads, step for step, and each micro-batch's mean loss
+    is halved: the same gradients, so the same weights and logged losses (to float error), distillation included."""
+    from clakit.uptrain import uptrain as run_uptrain
+
+    runs = {}
+    for name, batch, accumulation in (("one", 2, 1), ("two", 1, 2)):
+        train = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation, "max_steps": 4}
+        sections = {"model": {"path": str(odd_cla_checkpoint), "original": str(odd_source)}, "train": train}
+        lora = {**ODD_LORA, "full_train": ["k_proj"], "lora_dropout": 0.0}
+        recipe = tiny_recipe(corpus_dir, tmp_path / name, lora=lora, distill={"weight": 0.5}, **sections)
+        runs[name] = run_uptrain(write_recipe(tmp_path / f"{name}.yaml", recipe), quiet=True)
+    a, b = tensors_of(runs["one"]), tensors_of(runs["two"])
+    start = tensors_of(odd_cla_checkpoint)
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    losses = [[x["loss"] for x in train_lines(r.parent)] for r in runs.values()]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kind,shapes,bf16", [("mistral", {}, False), ("llama", ODD_SHAPES, True)], ids=["mistral-window", "odd-llama-bf16"]
+)
+def test_a_student_that_shares_nothing_starts_equal_to_its_teacher(
+    tokenizer, corpus_dir, tmp_path, kind, shapes, bf16
+):
+    """CLA with every layer its own producer is the stock model: the first step's KL and hidden-state MSE are 0 and
+    the converted model scores the original's perplexity. Mistral with a sliding window (16) shorter than the
+    windows trained (64), every window ending with a copy; the odd Llama shapes in bf16."""
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.uptrain import uptrain as run_uptrain
+
+    source = save_checkpoint(tiny_model(kind, seed=7, **shapes), tokenizer, tmp_path / "src", "10MB")
+    cla = cla_model_from(tiny_model(kind, seed=7, **shapes), list(range(4)), "mean")
+    start = save_checkpoint(cla, tokenizer, tmp_path / "cla", "10MB")
+    sections = {
+        "model": {"path": str(start), "original": str(source)},
+        "data": {"seq_len": 64, "copy_fraction": 1.0, "copy_span": 16},
+        "train": {"bf16": bf16, "max_steps": 1, "warmup_steps": 0, "save_steps": 0},
+        "lora": {**ODD_LORA, "full_train": ["k_proj"]},
+        "distill": {"weight": 1.0, "temperature": 2.0, "hidden_mse_weight": 1.0},
+    }
+    out = run_uptrain(
+        write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", **sections)), quiet=True
+    )
+    first = train_lines(out.parent)[0]
+    assert first["kl"] == 0 and first["hidden_mse"] == 0 and first["ce"] > 1
+    scores = {n: json.loads((out.parent / "eval" / f"{n}.json").read_text()) for n in ("original", "converted")}
+    assert scores["original"]["perplexity"] == scores["converted"]["perplexity"]
