@@ -309,3 +309,19 @@ def test_a_student_that_shares_nothing_starts_equal_to_its_teacher(
     assert first["kl"] == 0 and first["hidden_mse"] == 0 and first["ce"] > 1
     scores = {n: json.loads((out.parent / "eval" / f"{n}.json").read_text()) for n in ("original", "converted")}
     assert scores["original"]["perplexity"] == scores["converted"]["perplexity"]
+
+
+# --- the card -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lora", [{"r": 0}, {"r": 8, "target_modules": []}])
+def test_the_card_of_a_run_without_adapters_names_no_lora(lora):
+    """lora.r 0 (or no target) trains only lora.full_train: the card said "LoRA r=0 ... on [q_proj, ...] (merged)"."""
+    from clakit.uptrain import card
+    from clakit.uptrain.recipe import LoraSection, Recipe
+
+    recipe = Recipe(lora=LoraSection(**lora, full_train=["k_proj"]))
+    summary = {"recipe": recipe.to_dict(), "steps": 2, "train_tokens": 64, "train_seconds": 1.0, "processes": 1}
+    summary |= {"train_data": ["t.txt"], "trainable_parameters": 10, "parameters": 100}
+    line = next(x for x in card._training_lines(summary) if "trained in full" in x)
+    assert line.startswith("- no LoRA; trained in full: ['k_proj']") and "q_proj" not in line

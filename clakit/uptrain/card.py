@@ -54,12 +54,18 @@ def _training_lines(s: dict) -> list[str]:
         f"- data: {', '.join(s['train_data'])}, windows of {data['seq_len']}{copies}",
         f"- learning_rate {t['learning_rate']}, {t['lr_scheduler_type']} schedule, warmup {t['warmup_steps']} "
         f"steps / ratio {t['warmup_ratio']}, batch {batch}, bf16 {t['bf16']}, seed {t['seed']}",
-        f"- LoRA r={lo['r']} alpha={lo['lora_alpha']} dropout={lo['lora_dropout']} on {lo['target_modules']}"
-        f" (merged); trained in full: {lo['full_train'] or 'nothing'}; {s['trainable_parameters']:,} of"
+        f"- {_lora_text(lo)}; trained in full: {lo['full_train'] or 'nothing'}; {s['trainable_parameters']:,} of"
         f" {s['parameters']:,} parameters trained",
         f"- distillation weight {d['weight']}, temperature {d['temperature']}, "
         f"hidden-state MSE weight {d['hidden_mse_weight']}",
     ]
+
+
+def _lora_text(lo: dict) -> str:
+    """r 0 trains no adapter (only full_train learns): the card must not name LoRA targets then."""
+    if not lo["r"] or not lo["target_modules"]:
+        return "no LoRA"
+    return f"LoRA r={lo['r']} alpha={lo['lora_alpha']} dropout={lo['lora_dropout']} on {lo['target_modules']} (merged)"
 
 
 def _original_text(original: dict | None) -> str:
