@@ -450,3 +450,17 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     for step in ("python3 -m venv .venv", "pip install torch==2.13.0", 'pip install -e ".[dev]"'):
         assert step in install, f"README's install line lacks {step!r}"
         assert step.replace("pip install", "pip install -q") in ci or step in ci, f".ci/run lacks {step!r}"
+
+
+def test_every_flag_in_help_is_documented():
+    """Each option of each command is named somewhere in README.md or docs/*.md (one of its spellings: `-o` for
+    `-o/--output`, `--no-allow-pickle` for `--allow-pickle/--no-allow-pickle`)."""
+    text = "\n".join(path.read_text() for path in DOCS)
+    problems = []
+    for command, parser in subparsers().items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or not action.option_strings:
+                continue
+            if not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text) for o in action.option_strings):
+                problems.append(f"clakit {command} {'/'.join(action.option_strings)}: in no doc")
+    assert not problems, "\n".join(problems)
