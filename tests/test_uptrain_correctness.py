@@ -2,13 +2,14 @@
 independent computations on tiny models. Each fix's test failed before it."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import save_checkpoint, tiny_model
 from safetensors.torch import load_file
-from uptrain_fixtures import tiny_recipe, write_recipe
+from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
 from clakit.cli import main
 
@@ -62,6 +63,24 @@ def test_a_source_that_runs_its_own_code_needs_the_recipes_keys_and_then_trains(
     record = json.loads((out / "model" / "uptrain.json").read_text())
     assert record["recipe"]["model"]["trust_remote_code"] and record["recipe"]["model"]["allow_pickle"]
     assert (out / "eval" / "original.json").is_file()  # the teacher (pickle, custom tokenizer) was read
+
+
+def test_pickle_cla_weights_train_with_model_allow_pickle(tiny_cla_checkpoint, corpus_dir, tmp_path, capsys):  # noqa: F811
+    """model.path's own weights as pytorch_model.bin: the refusal named model.allow_pickle=true, which the student's
+    load then ignored (refused again, after the data was read). Now checked first and honoured."""
+    start = tmp_path / "cla"
+    shutil.copytree(tiny_cla_checkpoint, start)
+    weights = {k: v for f in sorted(start.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for f in [*start.glob("*.safetensors"), *start.glob("*.safetensors.index.json")]:
+        f.unlink()
+    torch.save(weights, start / "pytorch_model.bin")
+    out = tmp_path / "run"
+    train = {"max_steps": 2, "save_steps": 0}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(start)}, train=train))
+    code, err = run_cli(capsys, path)
+    assert code == 2 and "set model.allow_pickle=true" in err and not out.exists()
+    assert run_cli(capsys, path, "model.allow_pickle=true") == (0, "")
+    assert sorted(weights) == sorted(tensors_of(out / "model"))
 
 
 def test_what_a_run_may_read_is_outside_its_fingerprint(tmp_path, corpus_dir, monkeypatch):

@@ -157,7 +157,7 @@ def check_teacher(recipe: Recipe, out: Path, resume: bool):
     if resume:
         recorded = _recorded_original(out) if recipe.needs_teacher else None
         if recorded or not recipe.needs_teacher:  # a resumed run has its baseline report already
-            return recorded and resolve_source(recorded["path"])
+            return recorded and resolve_source(recorded["path"], None, recipe.model.allow_pickle)
     check_original(recipe.model.original)
     found = student.original_source(recipe.model)
     if found is None and recipe.needs_teacher:
@@ -399,7 +399,7 @@ def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool, mod
     the model section to read (resumed_model), default recipe.model."""
     model = model or recipe.model
     if model.path:
-        return resolve_source(model.path, model.revision).path
+        return resolve_source(model.path, model.revision, model.allow_pickle).path
     converted, failed = work / "converted", work / "converted.failed"
     if acc.is_main_process and not (converted / "config.json").is_file():
         _say(f"converting {recipe.model.source} into {converted}", quiet)
@@ -559,7 +559,8 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
     last = checkpoint.checkpoint_dirs(out) if resume else []
     if last:  # a corrupt checkpoint is refused before any model is loaded
         checkpoint.read_checkpoint(last[-1])
-    student_source = resolve_source(_model_spec(model), model.revision)
+    student_source = resolve_source(_model_spec(model), model.revision, model.allow_pickle)
+    check_weights(student_source, model.allow_pickle)  # model.path's own weights too, before any work
     tokenizer = load_tokenizer(student_source, model.trust_remote_code)  # model.source's, or the CLA checkpoint's
     if original is not None and original.path != student_source.path:  # read with the student's token ids
         check_same_tokenizer(original, tokenizer, model.trust_remote_code)
@@ -612,7 +613,7 @@ def _setup(
     run["dtype"] = dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
     run["student_dtype"] = torch.float32 if checkpoint.sharded(acc) else dtype
     start_path = prepare_student_checkpoint(recipe, work, acc, quiet, section)
-    model = _load_student(start_path, run["student_dtype"], acc)
+    model = _load_student(start_path, run["student_dtype"], acc, recipe.model.allow_pickle)
     # under FSDP the converted model is scored once accelerate has sharded it (_score_converted): whole, it would
     # not fit one device at the sizes FSDP is for
     run["score_converted"] = fresh and checkpoint.sharded(acc)
@@ -637,14 +638,14 @@ def _setup(
     return run | {"model": model, "teacher": teacher, "start_path": start_path}
 
 
-def _load_student(start_path: Path, dtype: torch.dtype, acc):
+def _load_student(start_path: Path, dtype: torch.dtype, acc, allow_pickle: bool):
     """The student on acc's device; under FSDP left on the CPU for accelerate to shard layer by layer onto the
     device, and with `fsdp_cpu_ram_efficient_loading` read by the main process only (accelerate broadcasts it)."""
     if not checkpoint.sharded(acc):
-        return student.load_cla(start_path, dtype).to(acc.device)
+        return student.load_cla(start_path, dtype, allow_pickle).to(acc.device)
     if sharding.ram_efficient(acc) and not acc.is_main_process:
         return sharding.empty_model(resolve_source(str(start_path)), dtype)
-    return student.load_cla(start_path, dtype)
+    return student.load_cla(start_path, dtype, allow_pickle)
 
 
 def _load_teacher(original, dtype: torch.dtype, model, acc, section):
@@ -726,7 +727,7 @@ def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitE
     if not acc.is_main_process:
         return None
     with outputs.staged(out / RESULT, "model", overwrite=True) as tmp:
-        student.save_merged(run["start_path"], trained, recipe.lora, run["dtype"], tmp)
+        student.save_merged(run["start_path"], trained, recipe.lora, run["dtype"], tmp, recipe.model.allow_pickle)
         run["tokenizer"].save_pretrained(tmp)
         layout = json.loads((tmp / "config.json").read_text())["kv_source_layers"]
         summary = _card(recipe, out, trainer, run, end, tmp, layout)

@@ -3,6 +3,7 @@ unfrozen; at the end LoRA is merged back and the result saved as a plain CLA che
 
 import dataclasses
 import fnmatch
+import functools
 import json
 import re
 from pathlib import Path
@@ -27,7 +28,8 @@ def check_model_section(model_section, seq_len: int | None = None):
     window is shorter than data.seq_len (`seq_len`) or model.convert.seq_len, before any work; returns its config."""
     spec = model_section.path or model_section.source
     # a Hub repo's config.json is checked before its weights are downloaded (GBs for the wrong kind of model)
-    source = resolve_source(spec, model_section.revision, check_config=lambda s: _check_kind(model_section, s))
+    check = functools.partial(_check_kind, model_section)
+    source = resolve_source(spec, model_section.revision, model_section.allow_pickle, check_config=check)
     config = _check_kind(model_section, source)
     # the same window rule as convert's and eval's (clakit.sources.context_window); convert would refuse its own
     # seq_len too, but only once the pipeline reaches it
@@ -110,8 +112,8 @@ def original_spec(model_section) -> str | None:
     return found[0] if found else None
 
 
-def load_cla(path: Path, dtype: torch.dtype):
-    model = load_model(resolve_source(str(path)), dtype=dtype)
+def load_cla(path: Path, dtype: torch.dtype, allow_pickle: bool = False):
+    model = load_model(resolve_source(str(path)), dtype=dtype, allow_pickle=allow_pickle)
     model.config.use_cache = False  # training: no KV cache
     return model
 
@@ -299,6 +301,7 @@ def save_merged(
     lora,
     dtype: torch.dtype,
     out: Path,
+    allow_pickle: bool = False,
     max_shard_size: str | int = MERGED_SHARD_SIZE,
 ) -> None:
     """Write into `out` (an existing empty folder) what `save_cla(merged(student, dtype), ...)` writes for the
@@ -311,7 +314,7 @@ def save_merged(
 
     model = meta_student(load_config(resolve_source(str(start_path))))  # names, config, modeling sources; no weights
     names = _saved_names(model)
-    checkpoint = open_checkpoint(Path(start_path), allow_pickle=False)
+    checkpoint = open_checkpoint(Path(start_path), allow_pickle)
     full, adapters = _split_trained(trained)
     _check_trained(checkpoint, names, full, adapters, lora)
     writer = ShardWriter(out, parse_size(max_shard_size))
