@@ -73,4 +73,9 @@ def cla_model_from(model, kv_source_layers: list[int], init: str = "mean", overr
     cla.load_state_dict({k: v for k, v in new_state.items() if k in expected}, strict=True)
     if config.tie_word_embeddings:
         cla.tie_weights()
-    return cla.to(next(model.parameters()).dtype).eval()
+    cla = cla.to(next(model.parameters()).dtype)
+    # RoPE's non-persistent buffers as the source holds them: from_pretrained keeps inv_freq fp32 in a 16-bit model,
+    # and `.to(bf16)` above rounded it (the identity layout of a bf16 model was 0.03 off its logits)
+    for name, buffer in model.model.rotary_emb.named_buffers():
+        setattr(cla.model.rotary_emb, name, buffer.clone())
+    return cla.eval()
