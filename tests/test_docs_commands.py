@@ -464,3 +464,79 @@ def test_every_flag_in_help_is_documented():
             if not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text) for o in action.option_strings):
                 problems.append(f"clakit {command} {'/'.join(action.option_strings)}: in no doc")
     assert not problems, "\n".join(problems)
+
+
+# ------------------------------------------------------------------------------- outputs: the fields the docs name
+
+
+def _has_path(record: dict, dotted: str) -> bool:
+    node = record
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _keys_anywhere(node) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {k for v in node.values() for k in _keys_anywhere(v)}
+    if isinstance(node, list):
+        return {k for v in node for k in _keys_anywhere(v)}
+    return set()
+
+
+def test_clakit_convert_json_holds_the_fields_docs_convert_md_names(tiny_llama_checkpoint, corpus_dir, tmp_path):
+    """A tiny conversion with every stage (auto layout, reconstruct, distillation, held-out evaluation): its
+    clakit_convert.json has every `settings.X`, `stage_seconds.X` and top-level record the docs name."""
+    import json
+
+    from clakit.convert import convert
+
+    heldout, calib = str(corpus_dir / "heldout.txt"), str(corpus_dir / "calib.txt")
+    out = convert(
+        str(tiny_llama_checkpoint), str(tmp_path / "out"), calib_data=[calib], calib_tokens=256, seq_len=32,
+        reconstruct_steps=2, distill_steps=2, distill_tokens=256, eval_data=[heldout], eval_tokens=128, device="cpu",
+        quiet=True,
+    )  # fmt: skip
+    record = json.loads((out / "clakit_convert.json").read_text())
+    docs = {name: (ROOT / "docs" / name).read_text() for name in ("convert.md", "quality.md")}
+    named = {f"settings.{k}" for k in re.findall(r"`settings\.(\w+)`", docs["convert.md"])}
+    named |= {f"stage_seconds.{k}" for k in re.findall(r"`stage_seconds\.(\w+)`", docs["quality.md"])}
+    stages = re.search(r"`stage_seconds` in `clakit_convert.json` \(([^)]*)\)", docs["convert.md"]).group(1)
+    named |= {f"stage_seconds.{k.strip()}" for k in stages.split(",")}
+    sketch = re.search(r"`clakit_convert.json` \(the same, machine-readable: ([^)]*)\)", docs["convert.md"]).group(1)
+    named |= set(re.findall(r"`(\w+)`", sketch)) | {"config.device_used", "distill.kl_before", "distill.losses"}
+    assert len(named) >= 15, named
+    missing = sorted(k for k in named if not _has_path(record, k))
+    assert not missing, f"clakit_convert.json lacks what docs/convert.md names: {missing}"
+    for file in ("README.md", "config.json", "configuration_cla.py", "modeling_cla.py", ".clakit_output.json"):
+        assert (out / file).is_file(), f"docs/convert.md: OUT holds {file}"
+
+
+def test_eval_report_holds_the_fields_docs_eval_md_names(tiny_llama_checkpoint, corpus_dir):
+    """The report table's keys, the dotted fields in the text, and every key of the passkey JSON sketch."""
+    from clakit.eval import evaluate
+    from clakit.eval.passkey import PasskeySettings
+
+    report = evaluate(
+        str(tiny_llama_checkpoint), data=[str(corpus_dir / "heldout.txt")], seq_len=64, max_tokens=256, batch_size=1,
+        decode_steps=2, passkey=PasskeySettings(lengths=[220], depths=[0], samples=1), quiet=True,
+    )  # fmt: skip
+    doc = (ROOT / "docs" / "eval.md").read_text()
+    table = doc[doc.index("The report (JSON) holds:") : doc.index("**Perplexity definition.**")]
+    named = set()
+    for row in re.findall(r"^\| ([^|]+) \|", table, re.M):
+        named |= {k for k in re.findall(r"`([\w.]+)`", row)}
+    speed_row = next(r for r in table.splitlines() if r.startswith("| `speed`"))
+    named |= {f"speed.{k}" for k in re.findall(r"`(\w+_per_s|prefill_length)`", speed_row)}
+    named |= set(re.findall(r"`((?:provenance|kv_cache)\.\w+)`", doc)) - {"provenance.sources"}  # demo.json's
+    named |= {"data.sources", "data.sha256"}
+    assert len(named) >= 15, named
+    missing = sorted(k for k in named if not _has_path(report, k))
+    assert not missing, f"clakit eval's report lacks what docs/eval.md names: {missing}"
+    sketch = re.search(r'`"passkey": \{.*?\}`', doc, re.S).group(0)
+    quoted = set(re.findall(r'"(\w+)"', sketch))
+    assert len(quoted) >= 10, quoted
+    missing = sorted(quoted - _keys_anywhere({"passkey": report["passkey"]}))
+    assert not missing, f"the report's passkey record lacks what docs/eval.md sketches: {missing}"
