@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_checkpoint, tiny_model
+from conftest import save_checkpoint, tiny_kwargs, tiny_model
 from safetensors.torch import load_file
 from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
@@ -173,6 +173,22 @@ def test_the_saved_model_computes_what_the_trained_model_computed(
             assert not torch.equal(tensor, start[name].to(dtype)), f"{name} did not train"
         else:
             assert torch.equal(tensor, start[name].to(dtype)), f"{name} changed though nothing trains it"
+    check_card_numbers(out, recipe)
+
+
+def check_card_numbers(out: Path, recipe: dict) -> None:
+    """The card's and uptrain.json's "uptrained" numbers are `clakit eval` of the saved folder itself."""
+    from clakit.eval import evaluate
+
+    data, batch = recipe["data"], recipe["train"].get("per_device_eval_batch_size", 4)
+    measured = evaluate(str(out), data=data["eval"], seq_len=data["seq_len"], max_tokens=data["eval_max_tokens"],
+                        batch_size=batch, speed=False, quiet=True)  # fmt: skip
+    recorded = json.loads((out / "uptrain.json").read_text())["heldout"]["uptrained"]
+    assert recorded["perplexity"] == pytest.approx(measured["perplexity"], rel=1e-6)
+    assert (
+        f"| uptrained | {measured['nll_per_token']:.4f} | {measured['perplexity']:.2f} |"
+        in (out / "README.md").read_text()
+    )
 
 
 # --- resume ---------------------------------------------------------------------------------------------------------
@@ -344,3 +360,28 @@ def test_the_card_of_a_run_without_adapters_names_no_lora(lora):
     summary |= {"train_data": ["t.txt"], "trainable_parameters": 10, "parameters": 100}
     line = next(x for x in card._training_lines(summary) if "trained in full" in x)
     assert line.startswith("- no LoRA; trained in full: ['k_proj']") and "q_proj" not in line
+
+
+# --- shipped recipes ------------------------------------------------------------------------------------------------
+
+SHIPPED = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_a_shipped_recipe_is_named_for_its_model_and_its_modules_exist_in_that_family(path):
+    """recipes/<model>/<size>_<method>.yaml; its lora patterns (producers./consumers. included) each match a linear
+    module of a CLA2 model of its family, with tied embeddings where the model ties them (SmolLM2, Llama 3.2)."""
+    import re
+
+    from transformers import LlamaConfig, MistralConfig
+
+    from clakit.convert.inmemory import cla_config
+    from clakit.convert.layout import uniform_layout
+    from clakit.uptrain import load_recipe
+    from clakit.uptrain.student import check_patterns
+
+    assert re.fullmatch(r"[a-z0-9_]+/\d+(\.\d+)?[mb]_[a-z0-9_]+\.yaml", f"{path.parent.name}/{path.name}")
+    family = MistralConfig if path.parent.name == "mistral" else LlamaConfig
+    tied = path.parent.name in ("smollm2", "llama3_2")
+    config = family(**{**tiny_kwargs(), "tie_word_embeddings": tied})
+    check_patterns(cla_config(config, uniform_layout(4, 2)), load_recipe(path).lora)
