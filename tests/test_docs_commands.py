@@ -540,3 +540,36 @@ def test_eval_report_holds_the_fields_docs_eval_md_names(tiny_llama_checkpoint, 
     assert len(quoted) >= 10, quoted
     missing = sorted(quoted - _keys_anywhere({"passkey": report["passkey"]}))
     assert not missing, f"the report's passkey record lacks what docs/eval.md sketches: {missing}"
+
+
+def test_a_yaml_block_that_names_a_shipped_recipe_shows_its_values():
+    """A ```yaml block headed `# clakit uptrain recipes/X.yaml` shows that recipe: every value it writes (the
+    placeholders `...` aside) is the shipped file's."""
+    import yaml
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+
+    checked, problems = 0, []
+    for path in DOCS:
+        for language, start, body in blocks(path.read_text()):
+            m = re.match(r"# clakit uptrain (recipes/\S+\.yaml)", body)
+            if language != "yaml" or not m:
+                continue
+            shown = yaml.safe_load(re.sub(r",? \.\.\.(?=[,}\]])|\[\.\.\.\]", "", body))
+            shipped = dict(leaves(yaml.safe_load((ROOT / m.group(1)).read_text())))
+            for key, value in leaves(shown):
+                if value is None or value == []:  # a placeholder emptied above
+                    continue
+                checked += 1
+                if shipped.get(key, "(absent)") != value:
+                    where = f"{doc_id(path)}:{start}"
+                    problems.append(
+                        f"{where}: {key} is {value!r} here, {shipped.get(key, '(absent)')!r} in {m.group(1)}"
+                    )
+    assert checked >= 10, f"only {checked} recipe values compared"
+    assert not problems, "\n".join(problems)
