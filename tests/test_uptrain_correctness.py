@@ -199,18 +199,21 @@ def train_lines(run: Path) -> list[dict]:
     return [{k: v for k, v in x.items() if k not in ("tokens_per_s", "elapsed_s")} for x in lines if "loss" in x]
 
 
+@pytest.mark.parametrize("logging_steps", [1, 3])
 def test_a_killed_run_with_accumulation_copies_and_distillation_resumes_to_the_same_curve_and_weights(
-    odd_source, odd_cla_checkpoint, corpus_dir, tmp_path, monkeypatch
+    odd_source, odd_cla_checkpoint, corpus_dir, tmp_path, monkeypatch, logging_steps
 ):
     """Accumulated micro-batches, windows with copies, dropout, the teacher's KL and hidden-state MSE: killed after
-    step 3 (last checkpoint step 2), resumed, the loss curve and the weights equal an uninterrupted run's."""
+    step 3 (last checkpoint step 2), resumed, the loss curve and the weights equal an uninterrupted run's. Logging
+    every 3 steps, the resumed run's step-3 line averaged step 3 alone (steps 1-2 were lost with the kill); the
+    checkpoint now keeps them."""
     from clakit.uptrain import trainer as trainer_module
     from clakit.uptrain import uptrain as run_uptrain
 
     sections = {
         "model": {"path": str(odd_cla_checkpoint), "original": str(odd_source)},
         "data": {"copy_fraction": 0.5, "copy_span": 8},
-        "train": {"gradient_accumulation_steps": 2, "max_steps": 5, "save_steps": 2},
+        "train": {"gradient_accumulation_steps": 2, "max_steps": 5, "save_steps": 2, "logging_steps": logging_steps},
         "lora": {**ODD_LORA, "full_train": ["k_proj"], "lora_dropout": 0.2},
         "distill": {"weight": 0.6, "temperature": 2.0, "hidden_mse_weight": 0.3},
     }
@@ -232,7 +235,8 @@ def test_a_killed_run_with_accumulation_copies_and_distillation_resumes_to_the_s
     monkeypatch.setattr(trainer_module.Trainer, "on_step_end", hook)
     run_uptrain(runs["killed"], resume=True, quiet=True)
     full, killed = train_lines(tmp_path / "full"), train_lines(tmp_path / "killed")
-    assert [x["step"] for x in full] == [1, 2, 3, 4, 5] and {"kl", "hidden_mse"} <= set(full[0])
+    assert [x["step"] for x in full] == [1, 2, 3, 4, 5][logging_steps - 1 :: logging_steps] + [5] * (logging_steps > 1)
+    assert {"kl", "hidden_mse"} <= set(full[0])
     assert killed == full
     a, b = tensors_of(tmp_path / "full" / "model"), tensors_of(tmp_path / "killed" / "model")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

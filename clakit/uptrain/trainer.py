@@ -192,6 +192,7 @@ class Trainer:
             accelerator.num_processes,
         )
         self.step, self.elapsed, self.lr = 0, 0.0, 0.0
+        self.window = Window()  # the loss parts of the steps since the last log line (saved with each checkpoint)
 
     # --- state ----------------------------------------------------------------------------------------------------
 
@@ -203,6 +204,7 @@ class Trainer:
             "total_steps": self.plan.total_steps,
             "elapsed_s": self.elapsed,
             "fingerprint": self.recipe.fingerprint(),
+            "log_window": self.saved_window(),  # collective
             # what wrote it (versions, command, time): a checkpoint is an output too, and may outlive its run.json
             "provenance": provenance(),
         }
@@ -210,9 +212,19 @@ class Trainer:
         if self.accelerator.is_main_process:
             checkpoint.prune(self.run_dir, self.train.save_total_limit)
 
+    def saved_window(self) -> dict:
+        """The steps logged since the last log line, for a resume to log the line an uninterrupted run would (with
+        logging_steps not dividing save_steps, it averaged only the steps after the checkpoint). The process mean of
+        the sums: a log line is the process mean of sums / steps, which is linear, so every process may restart from
+        that mean (collective)."""
+        sums = dict(self.mean_over_processes(self.window.sums)) if self.window.steps else {}
+        return {"sums": sums, "steps": self.window.steps}
+
     def resume(self, path: Path) -> None:
         state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step, self.elapsed = state["step"], state.get("elapsed_s", 0.0)
+        saved = state.get("log_window") or {}  # absent in checkpoints written before it was kept
+        self.window = Window(dict(saved.get("sums", {})), saved.get("steps", 0))
         if self.accelerator.is_main_process:
             drop_metrics_after(self.run_dir / METRICS, self.step)
 
@@ -282,7 +294,7 @@ class Trainer:
         quiet = self.quiet or not self.accelerator.is_main_process
         bar = tqdm(total=total, initial=start_step, desc="uptrain", unit="step", dynamic_ncols=True, disable=quiet)
         self.model.train()
-        window, elapsed0 = Window(), self.elapsed
+        window, elapsed0 = self.window, self.elapsed
         curve = self.train.eval_steps > 0  # the held-out quality curve: step 0, every eval_steps, the last step
         if curve and self.step == 0:
             self.evaluate("eval")
