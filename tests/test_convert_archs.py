@@ -4,6 +4,7 @@ config carrying `sliding_window`, and the same weights given as safetensors, .bi
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_checkpoint, tiny_model
@@ -135,3 +136,150 @@ def test_the_in_memory_cla_model_of_a_16_bit_model_is_the_model(tmp_path, kind):
     tiny_model(kind).to(torch.bfloat16).save_pretrained(tmp_path)
     model, x = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto"), ids(40)
     torch.testing.assert_close(cla_model_from(model, [0, 1, 2, 3])(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+# --- sources: the same weights as safetensors, sharded safetensors, .bin, sharded .bin and GGUF ---------------------
+
+GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+
+
+def gguf_permuted(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's row order for q_proj/k_proj (rotary pairs interleaved), as convert_hf_to_gguf.py writes them."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_tensor_name(name: str) -> str:
+    """HF name -> llama.cpp's: model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}  # fmt: skip
+    if name in fixed:
+        return fixed[name]
+    parts = name.split(".")
+    return f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
+def write_gguf_metadata(writer, config, tokenizer) -> None:
+    c = config
+    for key, value in [("block_count", c.num_hidden_layers), ("context_length", c.max_position_embeddings),
+                       ("embedding_length", c.hidden_size), ("feed_forward_length", c.intermediate_size),
+                       ("head_count", c.num_attention_heads), ("head_count_kv", c.num_key_value_heads),
+                       ("rope_dimension_count", c.head_dim), ("layer_norm_rms_eps", c.rms_norm_eps),
+                       ("rope_freq_base", c.rope_parameters["rope_theta"]), ("vocab_size", c.vocab_size)]:  # fmt: skip
+        getattr(writer, f"add_{key}")(value)
+    tokens = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([" ".join(m) for m in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+
+
+def write_gguf(model, tokenizer, path, qtype):
+    """`model` as llama.cpp writes a Llama: its names, Q/K rows permuted, 2-D weights in `qtype` (F32, F16, Q8_0)."""
+    import gguf
+
+    writer, c = gguf.GGUFWriter(str(path), "llama"), model.config
+    write_gguf_metadata(writer, c, tokenizer)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        array = tensor.float().numpy()
+        if ".q_proj." in name or ".k_proj." in name:
+            array = gguf_permuted(array, c.num_attention_heads if ".q_proj." in name else c.num_key_value_heads)
+        if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_tensor_name(name), array)
+        else:
+            data = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(gguf_tensor_name(name), data, raw_shape=data.shape, raw_dtype=qtype)
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        step()
+    writer.close()
+    return path
+
+
+def source_model(**overrides):
+    """A 4-layer Llama of hidden 64 (Q8_0 blocks are 32 values wide: 48 would not quantise)."""
+    return tiny_model("llama", hidden_size=64, intermediate_size=96, **overrides)
+
+
+def pickle_checkpoint(model, tokenizer, folder, shards: int):
+    """`pytorch_model.bin` (shards 1) or `pytorch_model-0000i-of-0000n.bin` with their index, plus config/tokenizer."""
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(state, folder / "pytorch_model.bin")
+        return folder
+    names, weight_map = list(state), {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save({n: state[n] for n in names[i::shards]}, folder / file)
+        weight_map |= dict.fromkeys(names[i::shards], file)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def weights_of(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in safetensors_files(folder)}
+
+
+def test_the_same_weights_from_every_source_convert_to_the_same_bytes(tokenizer, tmp_path):
+    """Sharded safetensors, one model.safetensors, pytorch_model.bin, sharded .bin (--allow-pickle) and an F32 GGUF
+    of one tied-embedding MQA Llama: the converted safetensors are byte-identical (the GGUF's Q/K rows un-permuted)."""
+    import gguf
+
+    model = source_model(num_key_value_heads=1, tie_word_embeddings=True)
+    sources = {
+        "sharded": save_checkpoint(model, tokenizer, tmp_path / "sharded", max_shard_size="60KB"),
+        "single": save_checkpoint(model, tokenizer, tmp_path / "single", max_shard_size="1GB"),
+        "bin": pickle_checkpoint(model, tokenizer, tmp_path / "bin", shards=1),
+        "bin_sharded": pickle_checkpoint(model, tokenizer, tmp_path / "bin_sharded", shards=3),
+        "gguf": write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32),
+    }
+    assert len(safetensors_files(sources["sharded"])) > 1
+    written = {}
+    for name, src in sources.items():
+        assert run_cli(src, tmp_path / f"out_{name}", "--factor", "2", "--allow-pickle", "-q") == 0
+        written[name] = weights_of(tmp_path / f"out_{name}")
+    assert all(files == written["sharded"] for files in written.values())
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
+def test_a_quantised_gguf_converts_as_its_dequantised_weights(tokenizer, tmp_path, qtype):
+    """An F16/Q8_0 GGUF is dequantised whole: its conversion is that of a checkpoint of the dequantised weights."""
+    import gguf
+
+    from clakit.sources import load_model, resolve_source
+
+    model = source_model(head_dim=32)  # 4 heads x 32 != hidden 64, as Mistral-Nemo's
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType[qtype])
+    dequantised = load_model(resolve_source(str(path)), torch.float32).state_dict()
+    assert not torch.equal(dequantised["model.layers.0.mlp.up_proj.weight"], model.model.layers[0].mlp.up_proj.weight)
+    model.load_state_dict(dequantised)
+    folder = save_checkpoint(model, tokenizer, tmp_path / "dequantised")
+    for name, src in (("gguf", path), ("safetensors", folder)):
+        assert run_cli(src, tmp_path / name, "--kv-source-layers", "0,0,2,0", "-q") == 0
+    assert weights_of(tmp_path / "gguf") == weights_of(tmp_path / "safetensors")
+
+
+def test_a_gguf_source_fits_in_bfloat16_as_its_safetensors_copy(tokenizer, corpus_dir, tmp_path, monkeypatch):
+    """GGUF sources are held whole and were cast whole to the fits' dtype, RoPE's tables included; the same weights
+    read layer by layer keep them fp32. With --dtype bfloat16 (a GPU's; let through on the CPU here) the fitted,
+    reconstructed and distilled tensors then differed (by 0.014 on this model); now they are the same bytes."""
+    import gguf
+
+    from clakit.convert import pipeline
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device, dtype: torch.device("cpu"))
+    model = source_model()
+    sources = {"gguf": write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32),
+               "safetensors": save_checkpoint(model, tokenizer, tmp_path / "st")}  # fmt: skip
+    args = ["--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "128", "--seq-len", "64", "--dtype",
+            "bfloat16", "--kv-source-layers", "0,0,2,2", "--reconstruct-steps", "2", "--distill-steps", "1",
+            "--distill-tokens", "128", "-q"]  # fmt: skip
+    for name, src in sources.items():
+        assert run_cli(src, tmp_path / name, *args) == 0
+    assert weights_of(tmp_path / "gguf") == weights_of(tmp_path / "safetensors")

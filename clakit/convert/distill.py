@@ -21,6 +21,7 @@ import math
 import torch
 
 from clakit.convert.inmemory import cla_parts
+from clakit.convert.layerwise import fresh_rotary
 from clakit.losses import token_kl
 
 TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections, in every layer that has them
@@ -71,9 +72,7 @@ def cla_student(model, layout: list[int], overrides) -> torch.nn.Module:
     student.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
     if config.tie_word_embeddings:
         student.tie_weights()
-    rotary = student.model.rotary_emb  # non-persistent buffers: computed, not loaded
-    with torch.device(next(model.parameters()).device):
-        student.model.rotary_emb = type(rotary)(config=config)
+    fresh_rotary(student, next(model.parameters()).device)  # non-persistent buffers: computed, not loaded
     return student.requires_grad_(False)
 
 

@@ -47,9 +47,7 @@ class LayerwiseModel:
         _assign(model, "", checkpoint, _outside_layers(model), device, dtype)
         if config.tie_word_embeddings:  # as from_pretrained does: the lm_head is the embedding
             model.lm_head.weight = model.get_input_embeddings().weight
-        rotary = model.model.rotary_emb  # non-persistent buffers: computed, not read
-        with torch.device(device):
-            model.model.rotary_emb = type(rotary)(config=config)
+        fresh_rotary(model, device)
         return cls(model, checkpoint, device, dtype)
 
     @contextlib.contextmanager
@@ -96,6 +94,15 @@ class LayerwiseModel:
             stack.close()
             for h in handles:
                 h.remove()
+
+
+def fresh_rotary(model, device: torch.device) -> None:
+    """RoPE's tables (non-persistent buffers, never read from a checkpoint) computed afresh on `device`, in fp32 as
+    from_pretrained leaves them in a 16-bit model: a skeleton built on meta holds none, and a model cast whole to
+    bfloat16 has them rounded (its fits then saw other positions than the layer-by-layer model's)."""
+    rotary = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rotary)(config=model.config)
 
 
 def _return_freed_memory() -> None:

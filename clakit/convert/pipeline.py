@@ -39,7 +39,7 @@ from clakit.convert.config import (
     ConvertConfig,
 )
 from clakit.convert.inmemory import cla_config, cla_family
-from clakit.convert.layerwise import LayerwiseModel, resolve_device
+from clakit.convert.layerwise import LayerwiseModel, fresh_rotary, resolve_device
 from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, check_shareable, kv_saving, uniform_layout
 from clakit.convert.output_folder import (
     copy_tokenizer_files,
@@ -450,7 +450,9 @@ class _Conversion:
         model = _load_source_model(self.source, self.cfg.trust_remote_code, self.cfg.allow_pickle)
         self.checkpoint = StateDictCheckpoint(model.state_dict())  # CPU fp32 tensors, kept for the writer
         self.generation_config = model.generation_config
-        return LayerwiseModel.in_memory(model.to(self.device, self.fit_dtype).eval())
+        model = model.to(self.device, self.fit_dtype).eval()
+        fresh_rotary(model, self.device)  # `.to` cast RoPE's tables too; the layer-by-layer model's are fp32
+        return LayerwiseModel.in_memory(model)
 
     def _fixed_layout(self) -> tuple[list[int] | None, str]:
         n, spec = self.config.num_hidden_layers, self.cfg.kv_source_layers
