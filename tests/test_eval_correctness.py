@@ -182,3 +182,19 @@ def test_lm_eval_scores_on_other_windows_are_refused(tmp_path):
     with pytest.raises(ClakitError, match=r"lm_eval\.settings\.max_length differs \(None vs 32\)"):
         comparison.check_comparable([new, old], ["new.json", "old.json"])
     comparison.check_comparable([new, copy.deepcopy(new)], ["new.json", "again.json"])  # same windows: fine
+
+
+def test_the_evaluate_module_holds_seq_len_to_the_models_window(tokenizer):
+    """`evaluate.load(METRIC_PATH).compute(...)` defaulted to seq_len 1024: on a 64-token-window model it scored
+    positions 64-1023 the model never saw (a number, no warning), and a learned-position model raised IndexError.
+    It now defaults as `clakit eval` does (the window, when shorter) and refuses a longer one in one line."""
+    import evaluate as hf_evaluate
+
+    from clakit.eval.metric import METRIC_PATH
+    from clakit.eval.perplexity import perplexity
+
+    model, text = tiny_model("llama", max_position_embeddings=64), make_text(3000, 2)
+    scores = hf_evaluate.load(METRIC_PATH).compute(predictions=[text], model=model, tokenizer=tokenizer)
+    assert scores == perplexity(model, tokenizer, text, seq_len=64)  # the window, not 1024
+    with pytest.raises(ClakitError, match="seq_len 128 exceeds the model's context window .*64.*; use at most 64"):
+        perplexity(model, tokenizer, text, seq_len=128)

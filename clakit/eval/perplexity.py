@@ -237,14 +237,22 @@ def perplexity(
     model,
     tokenizer,
     text: str,
-    seq_len: int = 1024,
+    seq_len: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 4,
     quiet: bool = True,
 ) -> dict:
-    """Perplexity, word perplexity and bits per byte of an already-loaded causal LM on `text`."""
+    """Perplexity, word perplexity and bits per byte of an already-loaded causal LM on `text`. `seq_len` defaults to
+    1024, or the model's context window when shorter; above the window it is refused, as by `clakit eval` (the
+    `evaluate` module's default 1024 scored a 64-token-window model at positions it never saw, and a learned-position
+    model raised IndexError)."""
+    from clakit.sources import check_seq_len, default_seq_len
+
+    config = getattr(model, "config", None)  # a wrapper without one has no window to hold seq_len to
+    seq_len = default_seq_len(config, 1024) if seq_len is None else seq_len
     stride = check_window(seq_len, stride)
+    check_seq_len(seq_len, config, "seq_len")
     tokens = tokenize(tokenizer, text, max_tokens)
     if len(tokens.ids) - 1 < seq_len:
         raise ClakitError(

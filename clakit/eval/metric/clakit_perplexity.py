@@ -10,7 +10,8 @@ offline); this one scores the model object you pass:
     ppl.compute(predictions=[text_a, text_b], model=model, tokenizer=tokenizer, seq_len=1024, stride=512)
     # {'perplexity': ..., 'word_perplexity': ..., 'bits_per_byte': ..., 'num_tokens': ..., ...}
 
-The predictions are scored as one text (joined by blank lines), exactly as `clakit eval` scores its data.
+The predictions are scored as one text (joined by blank lines), exactly as `clakit eval` scores its data; `seq_len`
+defaults as there (1024, or the model's context window when shorter) and above the window is refused.
 """
 
 import datasets
@@ -32,7 +33,7 @@ class ClakitPerplexity(evaluate.Metric):
         )
 
     def _compute(
-        self, predictions, model=None, tokenizer=None, seq_len=1024, stride=None, max_tokens=None, batch_size=4
+        self, predictions, model=None, tokenizer=None, seq_len=None, stride=None, max_tokens=None, batch_size=4
     ):
         if model is None or tokenizer is None:
             raise ValueError("clakit_perplexity needs model= and tokenizer= (already loaded objects)")
