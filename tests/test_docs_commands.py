@@ -573,3 +573,13 @@ def test_a_yaml_block_that_names_a_shipped_recipe_shows_its_values():
                     )
     assert checked >= 10, f"only {checked} recipe values compared"
     assert not problems, "\n".join(problems)
+
+
+def test_every_clakit_environment_variable_the_docs_name_is_read_somewhere():
+    code = "\n".join(
+        p.read_text() for folder in ("clakit", "tests", "benchmarks", "serving") for p in (ROOT / folder).rglob("*.py")
+    )
+    named = {v for path in DOCS for v in re.findall(r"\bCLAKIT_[A-Z_]+\b", path.read_text())}
+    assert named, "no CLAKIT_ variable found in the docs"
+    unread = sorted(v for v in named if v not in code)
+    assert not unread, f"environment variables the docs name that no code reads: {unread}"
