@@ -334,8 +334,12 @@ def _config_fix(source: Source, e: Exception) -> str:
 
 
 def _gguf_fix(e: Exception) -> str:
-    """transformers' GGUF reader raises ValueError("GGUF model with architecture gemma is not supported yet.")."""
-    return GGUF_UNSUPPORTED if isinstance(e, ValueError) and "not supported" in str(e) else DOWNLOAD_AGAIN
+    """transformers' GGUF reader raises ValueError("GGUF model with architecture gemma is not supported yet."), and
+    NotImplementedError("Unknown gguf model_type: mistral in gguf-py...") for a llama GGUF whose general.name is
+    "mistral": it reads that as a Mistral, whose tensors it cannot map. Neither is a damaged download."""
+    unsupported = isinstance(e, ValueError) and "not supported" in str(e)
+    unmapped = isinstance(e, NotImplementedError) and "Unknown gguf model_type" in str(e)
+    return GGUF_UNSUPPORTED if unsupported or unmapped else DOWNLOAD_AGAIN
 
 
 def check_remote_code(source: Source, trust_remote_code: bool) -> None:

@@ -177,11 +177,12 @@ def write_gguf_metadata(writer, config, tokenizer) -> None:
     writer.add_eos_token_id(0)
 
 
-def write_gguf(model, tokenizer, path, qtype):
+def write_gguf(model, tokenizer, path, qtype, name: str = "tiny"):
     """`model` as llama.cpp writes a Llama: its names, Q/K rows permuted, 2-D weights in `qtype` (F32, F16, Q8_0)."""
     import gguf
 
     writer, c = gguf.GGUFWriter(str(path), "llama"), model.config
+    writer.add_name(name)
     write_gguf_metadata(writer, c, tokenizer)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -283,3 +284,15 @@ def test_a_gguf_source_fits_in_bfloat16_as_its_safetensors_copy(tokenizer, corpu
     for name, src in sources.items():
         assert run_cli(src, tmp_path / name, *args) == 0
     assert weights_of(tmp_path / "gguf") == weights_of(tmp_path / "safetensors")
+
+
+def test_a_llama_gguf_named_mistral_is_refused_as_unreadable_not_as_damaged(tokenizer, tmp_path, capsys):
+    """transformers reads a llama GGUF whose general.name is "mistral" as a Mistral and cannot map its tensors
+    (NotImplementedError); the refusal said "check that its files are complete (download it again)"."""
+    import gguf
+
+    path = write_gguf(source_model(), tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32, name="mistral")
+    assert run_cli(path, tmp_path / "out", "-q") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read GGUF files of this architecture" in err
+    assert "download it again" not in err and not (tmp_path / "out").exists()
