@@ -58,7 +58,9 @@ def _run_convert(args) -> int:
 
 def _add_eval(sub) -> None:
     """`clakit eval MODEL -o report.json` -> clakit.eval (issue 4)."""
-    p = sub.add_parser("eval", help="perplexity, KV-cache bytes and speed of a model, as a JSON report")
+    p = sub.add_parser(
+        "eval", help="perplexity, KV-cache bytes, speed (and passkeys, lm-eval tasks) of a model, as a JSON report"
+    )
     p.add_argument("model", metavar="MODEL", help="checkpoint folder (CLA or plain), Hub id, or .gguf file")
     p.add_argument("-o", "--output", required=True, help="report file to write (JSON)")
     from clakit.eval.config import EvalConfig
@@ -129,7 +131,9 @@ def _passkey_settings(args):
 
 def _add_report(sub) -> None:
     """`clakit report A.json B.json -o DIR` -> clakit.eval (issue 4)."""
-    p = sub.add_parser("report", help="compare eval reports: report.md, ppl_vs_kv.png, report.html")
+    p = sub.add_parser(
+        "report", help="compare eval reports: report.md, ppl_vs_kv.png (passkey.png with passkeys), report.html"
+    )
     p.add_argument("reports", nargs="+", metavar="REPORT.json", help="reports from `clakit eval` (first = baseline)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the report")
     add_quiet(p)
