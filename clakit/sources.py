@@ -6,6 +6,7 @@ through `clakit.convert`; everything that needs a whole model in memory (eval, t
 """
 
 import contextlib
+import functools
 import json
 import os
 import struct
@@ -318,7 +319,40 @@ def load_config(source: Source, trust_remote_code: bool = False):
     except Exception as e:  # a config transformers refuses: validation, TypeError, ZeroDivisionError, AttributeError
         raise _read_error(source, "read the config of", e, _config_fix(source, e)) from None
     _check_rope_type(source, config)
+    if source.kind == "gguf" and config.model_type in ("llama", "mistral"):
+        check_gguf_rope(source)
     return config
+
+
+def check_gguf_rope(source: Source) -> None:
+    """transformers' GGUF reader drops a llama GGUF's RoPE scaling (`llama.rope.scaling.type` linear/yarn, or the
+    `rope_freqs.weight` factors llama.cpp writes for Llama 3.1+'s llama3 scaling): the model then runs with plain
+    RoPE, silently another model than the one released (and a conversion writes that into its config)."""
+    try:
+        scaling = _gguf_rope_scaling(str(source.path), source.path.stat().st_mtime_ns)
+    except Exception:  # a damaged file: transformers' read of it fails next, and _read_error names the damage
+        return
+    if scaling:
+        raise ClakitError(
+            f"{source.spec} uses RoPE scaling ({scaling}) that transformers' GGUF reader ignores: read from this "
+            "file the model would run with plain RoPE, not the released model; give its transformers checkpoint"
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_rope_scaling(path: str, mtime_ns: int) -> str | None:
+    """What RoPE scaling a GGUF file declares, or None; read once per file version (the reader parses the header)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    arch = reader.get_field("general.architecture")
+    key = f"{arch.contents() if arch else 'llama'}.rope.scaling.type"
+    kind = reader.get_field(key)
+    if kind is not None and kind.contents() not in ("", "none"):
+        return f"{key} {kind.contents()}"
+    if any(tensor.name == "rope_freqs.weight" for tensor in reader.tensors):
+        return "rope_freqs.weight, Llama 3.1+'s frequency factors"
+    return None
 
 
 def _config_fix(source: Source, e: Exception) -> str:
@@ -488,6 +522,8 @@ def load_model(
     from clakit.modeling.modeling_cla import WeightsMismatch, loading_problem
 
     check_weights(source, allow_pickle)
+    if source.kind == "gguf":
+        check_gguf_rope(source)
     check_remote_code(source, trust_remote_code)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if device_map is not None:

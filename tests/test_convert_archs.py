@@ -12,6 +12,7 @@ from convert_fixtures import load, run_cli, safetensors_files
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from clakit.cli import main
 from clakit.convert.inmemory import cla_model_from
 from clakit.convert.reconstruct import attention_output
 
@@ -177,13 +178,16 @@ def write_gguf_metadata(writer, config, tokenizer) -> None:
     writer.add_eos_token_id(0)
 
 
-def write_gguf(model, tokenizer, path, qtype, name: str = "tiny"):
-    """`model` as llama.cpp writes a Llama: its names, Q/K rows permuted, 2-D weights in `qtype` (F32, F16, Q8_0)."""
+def write_gguf(model, tokenizer, path, qtype, name: str = "tiny", extra=None):
+    """`model` as llama.cpp writes a Llama: its names, Q/K rows permuted, 2-D weights in `qtype` (F32, F16, Q8_0);
+    `extra(writer)` adds more metadata or tensors."""
     import gguf
 
     writer, c = gguf.GGUFWriter(str(path), "llama"), model.config
     writer.add_name(name)
     write_gguf_metadata(writer, c, tokenizer)
+    if extra is not None:
+        extra(writer)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -296,3 +300,34 @@ def test_a_llama_gguf_named_mistral_is_refused_as_unreadable_not_as_damaged(toke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read GGUF files of this architecture" in err
     assert "download it again" not in err and not (tmp_path / "out").exists()
+
+
+def linear_rope(writer) -> None:
+    writer.add_rope_scaling_type(gguf_module().RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(4.0)
+
+
+def llama3_rope(writer) -> None:  # llama.cpp's per-frequency factors for head_dim 16: 8 of them
+    writer.add_tensor("rope_freqs.weight", np.linspace(1.0, 8.0, 8, dtype=np.float32))
+
+
+def gguf_module():
+    import gguf
+
+    return gguf
+
+
+@pytest.mark.parametrize("scaling", [linear_rope, llama3_rope], ids=["linear", "llama3"])
+@pytest.mark.parametrize("command", ["convert", "eval"])
+def test_a_gguf_whose_rope_scaling_transformers_drops_is_refused(tokenizer, corpus_dir, tmp_path, capsys, scaling,
+                                                                  command):  # fmt: skip
+    """llama.cpp writes a Llama's linear/yarn RoPE scaling as `llama.rope.scaling.*` and Llama 3.1+'s llama3 scaling
+    as a `rope_freqs.weight` tensor; transformers' GGUF reader reads neither, so a Llama 3.2 GGUF was converted (or
+    evaluated) with plain RoPE: another model than the one released, its RoPE written into the CLA config."""
+    gguf = gguf_module()
+    path = write_gguf(source_model(), tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32, extra=scaling)
+    out = tmp_path / "out"
+    args = [path, out, "-q"] if command == "convert" else [path, "-o", out, "--data", corpus_dir / "heldout.txt"]
+    assert main([command, *map(str, args)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "uses RoPE scaling" in err and "ignores" in err and not out.exists()
