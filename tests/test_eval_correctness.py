@@ -198,3 +198,33 @@ def test_the_evaluate_module_holds_seq_len_to_the_models_window(tokenizer):
     assert scores == perplexity(model, tokenizer, text, seq_len=64)  # the window, not 1024
     with pytest.raises(ClakitError, match="seq_len 128 exceeds the model's context window .*64.*; use at most 64"):
         perplexity(model, tokenizer, text, seq_len=128)
+
+
+def drawn_names(monkeypatch, reports, path) -> list[str]:
+    names = []
+
+    def save(fig, *args, **kwargs):
+        names.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        return original(fig, *args, **kwargs)
+
+    original = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save)
+    comparison.plot(reports, path)
+    return names
+
+
+@pytest.mark.parametrize("models", [5, 160])
+def test_the_perplexity_plot_of_many_models_names_the_frontier_not_every_point(tmp_path, monkeypatch, models):
+    """160 names at 4 KV sizes were one unreadable block of overlapping text; past 20 models only the models no other
+    beats on both KV bytes and perplexity are named (the table names them all)."""
+    reports = [{"model": f"runs/lr{i % 8}/seed{i // 8}/model", "perplexity": 400.0 + (i * 37) % 160,
+                "kv_cache": {"bytes_per_token": 768 - (i % 4) * 96}} for i in range(models)]  # fmt: skip
+    # perplexities all differ (37 is prime to 160): the frontier has one model per KV size at most
+    names = drawn_names(monkeypatch, reports, tmp_path / "ppl_vs_kv.png")
+    points = [(r["kv_cache"]["bytes_per_token"], r["perplexity"]) for r in reports]
+    best = [  # written out: the lowest perplexity at each KV size, where no smaller cache does as well
+        i for i, (x, y) in enumerate(points) if y == min(b for a, b in points if a <= x)
+    ]
+    expected = range(models) if models <= comparison.LABELS_MAX else best
+    assert sorted(names) == sorted(comparison.labels(reports)[i] for i in expected)
+    assert 0 < len(names) <= comparison.LABELS_MAX

@@ -362,6 +362,20 @@ def markdown(reports: list[dict], paths: list | None = None) -> str:
     return text + "\n![perplexity vs KV bytes](ppl_vs_kv.png)\n" + _md_sources(reports, paths)
 
 
+LABELS_MAX = 20  # more models than this: only the frontier is named (160 names were one unreadable block of text)
+
+
+def labelled(xs: list, ys: list) -> list[int]:
+    """Indices of the points plot() names: every one up to LABELS_MAX; beyond, the Pareto front (no other model has
+    at most the KV bytes and a lower perplexity, or fewer bytes and at most the perplexity), its LABELS_MAX lowest
+    perplexities. The table names every model."""
+    if len(xs) <= LABELS_MAX:
+        return list(range(len(xs)))
+    pairs = list(zip(xs, ys, strict=True))
+    front = [i for i, (x, y) in enumerate(pairs) if not any(a <= x and b <= y and (a, b) != (x, y) for a, b in pairs)]
+    return sorted(sorted(front, key=lambda i: ys[i])[:LABELS_MAX])
+
+
 def plot(reports: list[dict], path: Path) -> None:
     """Perplexity (log scale when it spans 10x) against KV-cache bytes per token, one labelled point per model."""
     import matplotlib
@@ -372,17 +386,19 @@ def plot(reports: list[dict], path: Path) -> None:
     xs = [r["kv_cache"]["bytes_per_token"] for r in reports]
     ys = [r["perplexity"] for r in reports]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    ax.scatter(xs, ys, s=60, zorder=3)
-    for x, y, label in zip(xs, ys, labels(reports), strict=True):
+    ax.scatter(xs, ys, s=60 if len(xs) <= LABELS_MAX else 20, zorder=3)
+    names, shown = labels(reports), labelled(xs, ys)
+    for i in shown:
         # parse_math=False: a name holding `$...$` is a name, not mathtext (`m$\x$` raised, aborting the report)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9, parse_math=False)
+        ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=(6, 6), fontsize=9, parse_math=False)
     log = max(ys) / min(ys) > 10
     if log:
         ax.set_yscale("log")
     ax.set_xlim(0, max(xs) * 1.25)
     ax.set_xlabel("KV-cache bytes per token")
     ax.set_ylabel("perplexity, lower is better" + (" (log scale)" if log else ""))
-    ax.set_title("Perplexity vs KV-cache size")
+    front = "" if len(shown) == len(xs) else f" (named: {len(shown)} of {len(xs)}, the best at their size)"
+    ax.set_title("Perplexity vs KV-cache size" + front, fontsize=12 if not front else 10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
