@@ -13,6 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from clakit.cli import main
+from clakit.convert.autolayout import layout_nll
 from clakit.convert.inmemory import cla_model_from
 from clakit.convert.reconstruct import attention_output
 
@@ -33,6 +34,18 @@ def cached_logits(model, x: torch.Tensor, prefill: int) -> torch.Tensor:
     return torch.cat(steps, 1)
 
 
+def attention_io(model) -> dict[int, tuple]:
+    """Hooks recording each layer's attention input and output: layer -> (x, y), (batch, seq, hidden) each."""
+    seen = {}
+
+    def recorder(i: int):
+        return lambda module, args, kwargs, out: seen.update({i: (kwargs["hidden_states"], out[0])})
+
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(recorder(i), with_kwargs=True)
+    return seen
+
+
 # --- a Llama config carrying sliding_window (llamafied Qwen2 and others) ----------------------------------------
 
 
@@ -44,14 +57,11 @@ def test_reconstructs_attention_is_the_models_with_a_sliding_window_key(kind):
     and o_proj to an attention the model does not compute (the producer's own weights did not reproduce its output).
     Mistral's window still applies (24 tokens > 8)."""
     model = tiny_model(kind, sliding_window=8)
-    attn, seen = model.model.layers[1].self_attn, {}
-    hook = attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(x=kwargs["hidden_states"], y=out[0]),
-                                      with_kwargs=True)  # fmt: skip
+    seen, attn = attention_io(model), model.model.layers[1].self_attn
     model(ids(24))
-    hook.remove()
-    cos, sin = model.model.rotary_emb(seen["x"], torch.arange(24)[None])
+    (x, y), cos_sin = seen[1], model.model.rotary_emb(seen[1][0], torch.arange(24)[None])
     params = {"q": attn.q_proj.weight, "k": attn.k_proj.weight, "v": attn.v_proj.weight}
-    torch.testing.assert_close(attention_output(model, 1, seen["x"], seen["x"], params, cos, sin), seen["y"])
+    torch.testing.assert_close(attention_output(model, 1, x, x, params, *cos_sin), y)
 
 
 @pytest.mark.parametrize("layout", ["0,1,2,3", "0,0,2,2"])
@@ -70,6 +80,40 @@ def test_a_converted_llama_with_a_sliding_window_key_decodes_through_its_cache_a
     if layout == "0,1,2,3":
         with torch.no_grad():
             torch.testing.assert_close(full, stock(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@torch.no_grad()
+def test_reconstructs_attention_of_consumers_is_the_cla_models(kind):
+    """What reconstruct fits (its own attention of a consumer: queries of the layer, K/V of its producer's input) is
+    what the CLA model computes, with a window (Mistral's applies, a Llama's key does not), biases, MQA and a
+    head_dim other than hidden / heads."""
+    model = tiny_model(kind, sliding_window=8, head_dim=16, num_key_value_heads=1, attention_bias=True)
+    cla = cla_model_from(model, [0, 0, 2, 0], "mean")
+    seen = attention_io(cla)
+    cla(ids(24, batch=2))
+    cos, sin = cla.model.rotary_emb(seen[0][0], torch.arange(24)[None])
+    producer = cla.model.layers[0].self_attn
+    for layer in (1, 3):
+        attn = cla.model.layers[layer].self_attn
+        params = {"q": attn.q_proj.weight, "k": producer.k_proj.weight, "v": producer.v_proj.weight}
+        if kind == "llama":  # stock Mistral has no attention biases
+            params |= {"q_bias": attn.q_proj.bias, "k_bias": producer.k_proj.bias, "v_bias": producer.v_proj.bias}
+        out = attention_output(model, layer, seen[layer][0], seen[0][0], params, cos, sin)
+        torch.testing.assert_close(out, seen[layer][1])
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_the_auto_layouts_scores_are_the_cla_models_losses(kind):
+    """--layout auto scores a layout with hooks on the stock model (no copy per candidate); the score is the loss
+    of the CLA model of that layout (mean init), for non-adjacent groups, a window, biases, tied embeddings, MQA."""
+    model = tiny_model(kind, num_hidden_layers=5, sliding_window=8, head_dim=16, num_key_value_heads=1,
+                       attention_bias=True, tie_word_embeddings=True)  # fmt: skip
+    x = ids(40, batch=2)
+    for layout in ([0, 0, 2, 0, 4], [0, 1, 1, 1, 0]):
+        with torch.no_grad():
+            loss = cla_model_from(model, layout, "mean")(x, labels=x).loss.item()
+        assert layout_nll(model, layout, x) == pytest.approx(loss, abs=1e-5)
 
 
 # --- variants: the identity layout is the stock model, a sharing layout the in-memory CLA model --------------------
