@@ -589,3 +589,48 @@ def test_every_clakit_environment_variable_the_docs_name_is_read_somewhere():
     assert named, "no CLAKIT_ variable found in the docs"
     unread = sorted(v for v in named if v not in code)
     assert not unread, f"environment variables the docs name that no code reads: {unread}"
+
+
+def test_an_uptrain_run_folder_holds_what_docs_uptrain_md_lists(tiny_llama_checkpoint, corpus_dir, tmp_path):
+    """A 2-step run from a conversion on the fly: every path of uptrain.md's run-folder table, the records it names in
+    run.json, model/uptrain.json and a checkpoint's state.json, and the metrics.jsonl fields."""
+    import json
+
+    import yaml
+
+    from clakit.uptrain import uptrain
+
+    recipe = {
+        "model": {"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "mean"}},
+        "data": {"train": [str(corpus_dir / "train.txt")], "eval": [str(corpus_dir / "heldout.txt")], "seq_len": 32,
+                 "eval_max_tokens": 64},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_train_batch_size": 2,
+                  "save_steps": 1, "logging_steps": 1, "eval_steps": 1},
+        "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["gate_proj"], "full_train": ["k_proj"]},
+        "distill": {"weight": 1.0},
+    }  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run = uptrain(tmp_path / "r.yaml", quiet=True).parent
+    doc = (ROOT / "docs" / "uptrain.md").read_text()
+    table = doc[doc.index("| path | what |") : doc.index("TensorBoard logs go to")]
+    paths = {p for row in re.findall(r"^\| ([^|]+) \|", table, re.M) for p in re.findall(r"`([\w./-]+/?)`", row)}
+    paths -= {"path"}
+    assert len(paths) >= 8, paths
+    missing = sorted(p for p in paths if not list(run.glob(p.replace("NNNNNN", "*").rstrip("/"))))
+    assert not missing, f"the run folder lacks what docs/uptrain.md lists: {missing}"
+    records = {
+        "model/uptrain.json": ["start_checkpoint", "conversion", "original", "recipe", "command"],
+        "run.json": ["fingerprint", "start_checkpoint", "original", "provenance", "data_sha256"],
+        sorted(run.glob("checkpoints/step-*/state.json"))[-1].relative_to(run): ["step", "fingerprint", "provenance"],
+    }
+    for file, keys in records.items():
+        record = json.loads((run / file).read_text())
+        assert not [k for k in keys if k not in record], f"{file} lacks {[k for k in keys if k not in record]}"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    row = table[table.index("`metrics.jsonl`") :].splitlines()[0]
+    train_fields = re.search(r"\(([^)]*)\)", row).group(1).replace(": the rate that step trained at", "")
+    named = {f.strip() for f in train_fields.split(",")} - {"hidden_mse"}  # only with distill.hidden_mse_weight > 0
+    logged = set().union(*(set(line) for line in lines if "event" not in line))
+    assert not named - logged, f"metrics.jsonl training lines lack {sorted(named - logged)}"
+    evals = [line for line in lines if line.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [0, 1, 2] and all("eval_perplexity" in e for e in evals)
