@@ -375,3 +375,19 @@ def test_a_gguf_whose_rope_scaling_transformers_drops_is_refused(tokenizer, corp
     assert main([command, *map(str, args)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "uses RoPE scaling" in err and "ignores" in err and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_greedy_generate_of_a_converted_model_is_its_full_forward_argmax(tokenizer, tmp_path, kind, cache):
+    """generate() (dynamic or static cache) of a conversion with a non-adjacent layout: every step's logits are the
+    no-cache forward's over the generated sequence and every token their argmax, past Mistral's window of 16."""
+    src = save_checkpoint(tiny_model(kind, num_hidden_layers=5, head_dim=16), tokenizer, tmp_path / "src")
+    assert run_cli(src, tmp_path / "cla", "--kv-source-layers", "0,1,0,1,4", "-q") == 0
+    model, prompt = load(tmp_path / "cla"), ids(12, batch=2)
+    with torch.no_grad():
+        settings = dict(do_sample=False, cache_implementation=cache, pad_token_id=0, eos_token_id=None)
+        out = model.generate(prompt, max_new_tokens=14, output_logits=True, return_dict_in_generate=True, **settings)
+        full = model(out.sequences, use_cache=False).logits[:, prompt.shape[1] - 1 : -1]  # (2, 14, vocab)
+    torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.sequences[:, prompt.shape[1] :], full.argmax(-1))
