@@ -64,6 +64,22 @@ def test_reconstructs_attention_is_the_models_with_a_sliding_window_key(kind):
     torch.testing.assert_close(attention_output(model, 1, x, x, params, *cos_sin), y)
 
 
+def test_attention_window_is_mistrals_sliding_window_only():
+    """The one rule for what a config's sliding_window means (reconstruct reads it; eval's cache figures can)."""
+    from transformers import LlamaConfig, MistralConfig
+
+    from clakit.modeling import LlamaCLAConfig, MistralCLAConfig, attention_window
+
+    assert (
+        attention_window(MistralConfig(sliding_window=8)) == attention_window(MistralCLAConfig(sliding_window=8)) == 8
+    )
+    assert attention_window(MistralConfig(sliding_window=None)) is None
+    assert (
+        attention_window(LlamaConfig(sliding_window=8)) is attention_window(LlamaCLAConfig(sliding_window=8)) is None
+    )
+    assert LlamaCLAConfig(sliding_window=8).sliding_window is None  # nor do its caches keep a window
+
+
 @pytest.mark.parametrize("layout", ["0,1,2,3", "0,0,2,2"])
 def test_a_converted_llama_with_a_sliding_window_key_decodes_through_its_cache_as_its_full_forward(
     tokenizer, tmp_path, layout

@@ -23,9 +23,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from clakit.convert.calibrate import KVStats, mean_shared, shared_to_overrides
 from clakit.convert.config import ConvertConfig
-from clakit.convert.inmemory import cla_family
 from clakit.convert.layerwise import LayerwiseModel, materialized, run_layers
 from clakit.convert.layout import KEY_TEMPLATES, groups
+from clakit.modeling import attention_window
 
 # the defaults live in ConvertConfig: steps per group (SmolLM2 K/V + q only: 100 steps 163, 200 steps 140), Adam's
 # learning rate (3e-3 measured better than 1e-3 and 3e-4 on SmolLM2), o_proj trained, sequential inputs
@@ -36,12 +36,6 @@ EVAL_EVERY = 20
 
 def _attn(model, layer: int):
     return model.model.layers[layer].self_attn
-
-
-def _window(config) -> int | None:
-    """The window the stock attention applies: Mistral's `sliding_window`. Stock Llama attends to the whole past
-    whatever its config carries (a llamafied Qwen2's `sliding_window`): fitting it windowed fitted another model."""
-    return getattr(config, "sliding_window", None) if cla_family(config) == "mistral" else None
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -63,7 +57,7 @@ def attention_output(model, layer: int, x_own, x_kv, params: dict, cos, sin) -> 
     v = _heads(F.linear(x_kv, params["v"], params.get("v_bias")), d)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     seq = x_own.shape[1]
-    window = _window(model.config)
+    window = attention_window(model.config)  # a Llama's sliding_window key is no window: fitting one fit another model
     if window and window < seq:  # Mistral: causal and within the window (an explicit mask: the slower kernel)
         mask = torch.ones(seq, seq, dtype=torch.bool, device=x_own.device).tril()
         mask &= ~torch.ones_like(mask).tril(-window)

@@ -18,6 +18,15 @@ CLA_CLASSES = {  # source architecture -> (config, model, causal LM)
 }
 
 
+def attention_window(config) -> int | None:
+    """How many past tokens (itself included) each token's attention reaches, or None for all of them: Mistral's
+    (and a CLA Mistral's) `sliding_window`. Stock Llama's attention applies no window whatever its config carries (a
+    llamafied Qwen2's `sliding_window`), though transformers' caches read the key for it (stock Llama only: the CLA
+    Llama config drops it)."""
+    mistral = getattr(config, "model_type", "").removesuffix("_cla") == "mistral"
+    return getattr(config, "sliding_window", None) if mistral else None
+
+
 def _register() -> None:
     for config_cls, model_cls, lm_cls in CLA_CLASSES.values():
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
@@ -41,5 +50,6 @@ __all__ = [
     "MistralCLAForCausalLM",
     "MistralCLAModel",
     "MistralCLAPreTrainedModel",
+    "attention_window",
     "validate_kv_source_layers",
 ]
