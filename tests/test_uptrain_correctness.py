@@ -242,6 +242,30 @@ def test_a_killed_run_with_accumulation_copies_and_distillation_resumes_to_the_s
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# --- what trains ---------------------------------------------------------------------------------------------------
+
+
+def test_peft_all_linear_shorthand_adapts_every_linear_module_but_the_output_layer():
+    """lora.target_modules uses peft's LoraConfig names, and peft users write `all-linear` (every linear layer but
+    lm_head): it was refused as a pattern matching no module. Now the same trainable tensors as naming all seven
+    projections, on a tied model too (whose lm_head takes no adapter)."""
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.layout import uniform_layout
+    from clakit.uptrain.recipe import LoraSection
+    from clakit.uptrain.student import check_patterns, make_trainable, trainable_names
+
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for tied in (False, True):
+        models = [cla_model_from(tiny_model("llama", tie_word_embeddings=tied), uniform_layout(4, 2)) for _ in "ab"]
+        shorthand = LoraSection(r=2, target_modules=["all-linear"], full_train=["consumers.q_proj"])
+        check_patterns(models[0].config, shorthand)
+        got = trainable_names(make_trainable(models[0], shorthand))
+        want = trainable_names(
+            make_trainable(models[1], LoraSection(r=2, target_modules=every, full_train=["consumers.q_proj"]))
+        )
+        assert got == want and not any("lm_head" in n for n in got)
+
+
 # --- the loss -------------------------------------------------------------------------------------------------------
 
 

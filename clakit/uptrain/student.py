@@ -139,13 +139,20 @@ def matches(pattern: str, name: str, layout: list[int]) -> bool:
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
+ALL_LINEAR = "all-linear"  # peft's shorthand: every linear module but the output layer (lm_head)
+
+
 def select_linear(model, patterns: list[str], what: str) -> list[str]:
     """Names of the nn.Linear modules matching any pattern; a pattern matching nothing is an error."""
     layout = model.config.kv_source_layers
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings()
     chosen = []
     for pattern in patterns:
-        hits = [n for n in linear if matches(pattern, n, layout)]
+        if pattern == ALL_LINEAR:
+            hits = [n for n in linear if model.get_submodule(n) is not head]
+        else:
+            hits = [n for n in linear if matches(pattern, n, layout)]
         if not hits:
             raise ClakitError(
                 f"{what} pattern {pattern!r} matches no linear module; names look like "
