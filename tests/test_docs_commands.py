@@ -634,3 +634,24 @@ def test_an_uptrain_run_folder_holds_what_docs_uptrain_md_lists(tiny_llama_check
     assert not named - logged, f"metrics.jsonl training lines lack {sorted(named - logged)}"
     evals = [line for line in lines if line.get("event") == "eval"]
     assert [e["step"] for e in evals] == [0, 1, 2] and all("eval_perplexity" in e for e in evals)
+
+
+def test_every_recipe_key_is_documented_in_docs_uptrain_md():
+    """Each field of each recipe section is named in docs/uptrain.md: `model.X` for the model section (its names are
+    common words), the bare key for the others, where a written pattern (`adam_*`) covers the keys it matches."""
+    from clakit.uptrain.recipe import Recipe
+
+    doc = (ROOT / "docs" / "uptrain.md").read_text()
+    patterns = [p.replace("*", r"\w+") for p in re.findall(r"\b(\w+_\*)", doc)]
+    problems = []
+    for section in dataclasses.fields(Recipe):
+        for field in dataclasses.fields(section.default_factory):
+            if section.name == "model":
+                found = re.search(rf"`model\.{field.name}\b", doc)
+            else:
+                found = re.search(rf"(?<![\w-]){field.name}(?![\w-])", doc) or any(
+                    re.fullmatch(p, field.name) for p in patterns
+                )
+            if not found:
+                problems.append(f"{section.name}.{field.name}")
+    assert not problems, f"recipe keys docs/uptrain.md never names: {problems}"
