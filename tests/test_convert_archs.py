@@ -2,6 +2,7 @@
 explicit head_dim, MHA/GQA/MQA, biases, tied embeddings, RoPE scaling, odd depths, 16-bit checkpoints, a Llama
 config carrying `sliding_window`, and the same weights given as safetensors, .bin or GGUF (F32/F16/Q8_0)."""
 
+import copy
 import json
 
 import numpy as np
@@ -407,3 +408,21 @@ def test_greedy_generate_of_a_converted_model_is_its_full_forward_argmax(tokeniz
         full = model(out.sequences, use_cache=False).logits[:, prompt.shape[1] - 1 : -1]  # (2, 14, vocab)
     torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=1e-4, atol=1e-4)
     assert torch.equal(out.sequences[:, prompt.shape[1] :], full.argmax(-1))
+
+
+def test_named_chat_templates_travel_with_the_conversion(tokenizer, tmp_path):
+    """transformers saves chat templates beyond the default as additional_chat_templates/NAME.jinja; the converter
+    copied only chat_template.jinja, so a converted instruct model lost its tool_use (or rag) template. An overwrite
+    of that output is still an overwrite of clakit's own folder."""
+    from transformers import AutoTokenizer
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = {
+        "default": "{{ messages[0]['content'] }}",
+        "tool_use": "TOOLS {{ messages[0]['content'] }}",
+    }
+    src = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "src")
+    assert (src / "additional_chat_templates" / "tool_use.jinja").is_file()
+    for _ in range(2):
+        assert run_cli(src, tmp_path / "out", "--factor", "2", "--overwrite", "-q") == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == tokenizer.chat_template

@@ -18,6 +18,8 @@ TOKENIZER_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
     "*.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )  # fmt: skip
+# transformers' folder of named chat templates beyond the default (tool_use.jinja, rag.jinja, ...)
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 
 def write_config(folder: Path, cla_config, lm_cls) -> None:
@@ -32,14 +34,17 @@ def write_config(folder: Path, cla_config, lm_cls) -> None:
 
 
 def copy_tokenizer_files(source_dir: Path, folder: Path) -> list[str]:
-    """Copy tokenizer files and generation_config.json from a checkpoint folder; returns what was copied."""
+    """Copy tokenizer files and generation_config.json from a checkpoint folder; returns what was copied (paths
+    relative to the folder)."""
     copied = []
-    for pattern in TOKENIZER_PATTERNS:
+    for pattern in (*TOKENIZER_PATTERNS, f"{CHAT_TEMPLATE_DIR}/*.jinja"):
         for path in sorted(source_dir.glob(pattern)):
-            if path.is_file() and path.name not in copied:
+            name = str(path.relative_to(source_dir))
+            if path.is_file() and name not in copied:
+                (folder / name).parent.mkdir(exist_ok=True)
                 # copyfile, not copy2: the copy is a new file of OUT and gets the user's umask, not the source's mode
-                shutil.copyfile(path, folder / path.name)
-                copied.append(path.name)
+                shutil.copyfile(path, folder / name)
+                copied.append(name)
     return copied
 
 
