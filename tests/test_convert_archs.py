@@ -426,3 +426,23 @@ def test_named_chat_templates_travel_with_the_conversion(tokenizer, tmp_path):
     for _ in range(2):
         assert run_cli(src, tmp_path / "out", "--factor", "2", "--overwrite", "-q") == 0
     assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == tokenizer.chat_template
+
+
+@pytest.mark.parametrize(("layers", "saving"), [(7, 0.3), (7, 0.8), (3, 0.34)])
+def test_auto_layout_at_odd_savings_writes_the_cla_model_of_the_layout_it_records(
+    tokenizer, corpus_dir, tmp_path, layers, saving
+):
+    """--layout auto at savings no uniform layout hits, on odd depths: the fewest producers that save at least the
+    saving asked, a valid (possibly non-adjacent) layout, and the written model is that layout's CLA model."""
+    from clakit.convert.autolayout import producers_for
+
+    src = save_checkpoint(tiny_model("mistral", num_hidden_layers=layers, head_dim=16), tokenizer, tmp_path / "src")
+    args = ["--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "64", "--seq-len", "32", "--init", "mean"]
+    assert run_cli(src, tmp_path / "cla", "--kv-saving", saving, *args, "-q") == 0
+    settings = json.loads((tmp_path / "cla" / "clakit_convert.json").read_text())["settings"]
+    layout = settings["kv_source_layers"]
+    assert settings["layout"] == "auto" and len(set(layout)) == producers_for(layers, saving)
+    assert settings["kv_saving"] >= saving and all(layout[source] == source <= i for i, source in enumerate(layout))
+    with torch.no_grad():
+        x = ids(40)
+        torch.testing.assert_close(load(tmp_path / "cla")(x).logits, cla_model_from(load(src), layout)(x).logits)
