@@ -19,6 +19,8 @@ def resolve(name: str) -> torch.device:
         raise ClakitError(f"--device {name} is not supported; use {DEVICES_HELP}")
     if device.type == "cpu" and device.index not in (None, 0):  # torch accepts cpu:3 and runs on the one CPU
         raise ClakitError(f"--device {name}: the CPU has no index; use --device cpu")
+    if device.type == "cpu":  # cpu:0 is the CPU, but torch.load(map_location=cpu:0) cannot restore tensors there
+        return torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ClakitError(f"--device {name}: this machine has no CUDA GPU (or torch is a CPU build); use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

@@ -127,3 +127,18 @@ def test_a_cla_model_under_per_layer_device_hooks_gives_the_same_logits_and_toke
         torch.testing.assert_close(hooked(ids).logits, plain(ids).logits, rtol=0, atol=0)
         greedy = dict(max_new_tokens=8, do_sample=False)
         assert torch.equal(hooked.generate(ids, **greedy), plain.generate(ids, **greedy))
+
+
+def test_cpu_0_is_the_cpu_everywhere_a_device_is_used():
+    """torch accepts cpu:0, but torch.load(map_location=cpu:0) cannot restore tensors there: a calibrated conversion
+    with --device cpu:0 died in its backward sweep with a traceback (`don't know how to restore data location`)."""
+    import io
+
+    from clakit.devices import resolve
+
+    device = resolve("cpu:0")
+    assert device == torch.device("cpu")
+    buffer = io.BytesIO()
+    torch.save(torch.arange(3.0), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, map_location=device).tolist() == [0.0, 1.0, 2.0]
