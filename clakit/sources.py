@@ -319,7 +319,7 @@ def load_config(source: Source, trust_remote_code: bool = False):
     except Exception as e:  # a config transformers refuses: validation, TypeError, ZeroDivisionError, AttributeError
         raise _read_error(source, "read the config of", e, _config_fix(source, e)) from None
     _check_rope_type(source, config)
-    if source.kind == "gguf" and config.model_type in ("llama", "mistral"):
+    if source.kind == "gguf":
         check_gguf_rope(source)
     return config
 
@@ -346,7 +346,9 @@ def _gguf_rope_scaling(path: str, mtime_ns: int) -> str | None:
 
     reader = GGUFReader(path)
     arch = reader.get_field("general.architecture")
-    key = f"{arch.contents() if arch else 'llama'}.rope.scaling.type"
+    if arch is None or arch.contents() not in ("llama", "mistral"):  # others' scaling is transformers' own matter
+        return None
+    key = f"{arch.contents()}.rope.scaling.type"
     kind = reader.get_field(key)
     if kind is not None and kind.contents() not in ("", "none"):
         return f"{key} {kind.contents()}"

@@ -17,6 +17,7 @@ from clakit.cli import main
 from clakit.convert.autolayout import layout_nll
 from clakit.convert.inmemory import cla_model_from
 from clakit.convert.reconstruct import attention_output
+from clakit.sources import load_config, load_model, resolve_source
 
 torch.set_num_threads(1)
 
@@ -318,8 +319,6 @@ def test_a_quantised_gguf_converts_as_its_dequantised_weights(tokenizer, tmp_pat
     """An F16/Q8_0 GGUF is dequantised whole: its conversion is that of a checkpoint of the dequantised weights."""
     import gguf
 
-    from clakit.sources import load_model, resolve_source
-
     model = source_model(head_dim=32)  # 4 heads x 32 != hidden 64, as Mistral-Nemo's
     path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType[qtype])
     dequantised = load_model(resolve_source(str(path)), torch.float32).state_dict()
@@ -376,6 +375,17 @@ def gguf_module():
     import gguf
 
     return gguf
+
+
+def test_a_gguf_that_declares_no_rope_scaling_is_read(tokenizer, tmp_path):
+    """`llama.rope.scaling.type none` (as llama.cpp may write for a plain-RoPE model) is plain RoPE: read as such."""
+    gguf = gguf_module()
+
+    def no_scaling(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+    path = write_gguf(source_model(), tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32, extra=no_scaling)
+    assert load_config(resolve_source(str(path))).rope_parameters["rope_type"] == "default"
 
 
 @pytest.mark.parametrize("scaling", [linear_rope, llama3_rope], ids=["linear", "llama3"])
