@@ -188,6 +188,10 @@ def _add_demo(sub) -> None:
     p.set_defaults(run=run)
 
 
+# what a run may read, as explicit flags (as `clakit convert` has them) -> the recipe keys they set
+UPTRAIN_KEY_FLAGS = {"--trust-remote-code": "model.trust_remote_code", "--allow-pickle": "model.allow_pickle"}
+
+
 def _add_uptrain(sub) -> None:
     """`clakit uptrain RECIPE.yaml [key=value ...]` -> clakit.uptrain (issue 5)."""
     p = sub.add_parser(
@@ -207,13 +211,16 @@ def _add_uptrain(sub) -> None:
         parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe only")
         parser.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
         parser.add_argument("--overwrite", action="store_true", help="replace a previous run in train.output_dir")
+        for flag, key in UPTRAIN_KEY_FLAGS.items():  # convert's flags, as the recipe keys they stand for
+            parser.add_argument(flag, action="store_true", help=f"the same as {key}=true")
         add_quiet(parser)
 
     def run(args):
         from clakit.uptrain import uptrain
 
         opts = {k: getattr(args, k) for k in ("dry_run", "resume", "overwrite", "quiet")}
-        result = uptrain(args.recipe, args.overrides, **opts)
+        keys = [f"{key}=true" for flag, key in UPTRAIN_KEY_FLAGS.items() if getattr(args, flag[2:].replace("-", "_"))]
+        result = uptrain(args.recipe, [*args.overrides, *keys], **opts)
         if not opts["dry_run"]:
             print(result)
 

@@ -317,3 +317,17 @@ def test_bf16_run_with_gradient_checkpointing_saves_one_dtype(tmp_path, corpus_d
     uptrained = json.loads((out / "eval" / "uptrained.json").read_text())
     assert math.isfinite(uptrained["perplexity"]) and uptrained["kv_cache"]["dtype"] == "bfloat16"
     assert json.loads((result / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_the_remote_code_and_pickle_flags_set_their_recipe_keys(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint):  # noqa: F811
+    """`clakit convert` takes --trust-remote-code / --allow-pickle; `clakit uptrain` took only the recipe keys, so
+    the flag its users knew was refused as an unknown argument. Both flags now set model.trust_remote_code /
+    model.allow_pickle, anywhere after the recipe, and the keys stay false without them."""
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(tiny_cla_checkpoint)})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["uptrain", str(path), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "trust_remote_code: false" in printed and "allow_pickle: false" in printed
+    assert main(["uptrain", str(path), "--trust-remote-code", "--dry-run", "train.max_steps=9", "--allow-pickle"]) == 0
+    printed = capsys.readouterr().out
+    assert "trust_remote_code: true" in printed and "allow_pickle: true" in printed and "max_steps: 9" in printed
