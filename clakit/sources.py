@@ -320,41 +320,50 @@ def load_config(source: Source, trust_remote_code: bool = False):
         raise _read_error(source, "read the config of", e, _config_fix(source, e)) from None
     _check_rope_type(source, config)
     if source.kind == "gguf":
-        check_gguf_rope(source)
+        check_gguf_unread(source)
     return config
 
 
-def check_gguf_rope(source: Source) -> None:
-    """transformers' GGUF reader drops a llama GGUF's RoPE scaling (`llama.rope.scaling.type` linear/yarn, or the
-    `rope_freqs.weight` factors llama.cpp writes for Llama 3.1+'s llama3 scaling): the model then runs with plain
-    RoPE, silently another model than the one released (and a conversion writes that into its config)."""
+def check_gguf_unread(source: Source) -> None:
+    """What transformers' GGUF reader silently drops from a llama GGUF, refused in one line: RoPE scaling
+    (`llama.rope.scaling.type` linear/yarn, or the `rope_freqs.weight` factors llama.cpp writes for Llama 3.1+'s
+    llama3 scaling: the model would run with plain RoPE, another model than the one released, and a conversion writes
+    that into its config), or experts (a Mixtral GGUF: `llama.expert_count`, read as a dense Llama without MLPs)."""
     try:
-        scaling = _gguf_rope_scaling(str(source.path), source.path.stat().st_mtime_ns)
+        problem = _gguf_unread(str(source.path), source.path.stat().st_mtime_ns)
     except Exception:  # a damaged file: transformers' read of it fails next, and _read_error names the damage
         return
-    if scaling:
-        raise ClakitError(
-            f"{source.spec} uses RoPE scaling ({scaling}) that transformers' GGUF reader ignores: read from this "
-            "file the model would run with plain RoPE, not the released model; give its transformers checkpoint"
-        )
+    if problem:
+        raise ClakitError(f"{source.spec} {problem}; give the model's transformers checkpoint")
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_rope_scaling(path: str, mtime_ns: int) -> str | None:
-    """What RoPE scaling a GGUF file declares, or None; read once per file version (the reader parses the header)."""
+def _gguf_unread(path: str, mtime_ns: int) -> str | None:
+    """What of a llama GGUF transformers' reader ignores, or None; read once per file version (the reader parses
+    the whole header)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     arch = reader.get_field("general.architecture")
-    if arch is None or arch.contents() not in ("llama", "mistral"):  # others' scaling is transformers' own matter
+    if arch is None or arch.contents() not in ("llama", "mistral"):  # others' metadata is transformers' own matter
         return None
-    key = f"{arch.contents()}.rope.scaling.type"
-    kind = reader.get_field(key)
+    arch = arch.contents()
+    experts, kind = reader.get_field(f"{arch}.expert_count"), reader.get_field(f"{arch}.rope.scaling.type")
+    if experts is not None and experts.contents() > 0:
+        return (
+            f"is a mixture of experts ({arch}.expert_count {experts.contents()}, Mixtral's layout), which "
+            "transformers' GGUF reader reads as a dense Llama without its MLPs; clakit converts Llama and Mistral"
+        )
     if kind is not None and kind.contents() not in ("", "none"):
-        return f"{key} {kind.contents()}"
-    if any(tensor.name == "rope_freqs.weight" for tensor in reader.tensors):
-        return "rope_freqs.weight, Llama 3.1+'s frequency factors"
-    return None
+        scaling = f"{arch}.rope.scaling.type {kind.contents()}"
+    elif any(tensor.name == "rope_freqs.weight" for tensor in reader.tensors):
+        scaling = "rope_freqs.weight, Llama 3.1+'s frequency factors"
+    else:
+        return None
+    return (
+        f"uses RoPE scaling ({scaling}) that transformers' GGUF reader ignores: read from this file the model would "
+        "run with plain RoPE, not the released model"
+    )
 
 
 def _config_fix(source: Source, e: Exception) -> str:
@@ -525,7 +534,7 @@ def load_model(
 
     check_weights(source, allow_pickle)
     if source.kind == "gguf":
-        check_gguf_rope(source)
+        check_gguf_unread(source)
     check_remote_code(source, trust_remote_code)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if device_map is not None:

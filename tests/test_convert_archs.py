@@ -456,3 +456,34 @@ def test_auto_layout_at_odd_savings_writes_the_cla_model_of_the_layout_it_record
     with torch.no_grad():
         x = ids(40)
         torch.testing.assert_close(load(tmp_path / "cla")(x).logits, cla_model_from(load(src), layout)(x).logits)
+
+
+def write_moe_gguf(tokenizer, path, experts: int = 2):
+    """A Mixtral-style llama GGUF (as older llama.cpp wrote Mixtral): expert_count, a router and stacked experts."""
+    gguf, model = gguf_module(), source_model(num_hidden_layers=2)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    write_gguf_metadata(writer, model.config, tokenizer)
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(1)
+    for name, tensor in model.state_dict().items():
+        array, target = tensor.float().numpy(), gguf_tensor_name(name)
+        if ".mlp." in name:  # blk.N.ffn_up.weight -> blk.N.ffn_up_exps.weight, one copy per expert
+            array, target = np.stack([array] * experts), target.replace(".weight", "_exps.weight")
+        elif ".q_proj." in name or ".k_proj." in name:
+            array = gguf_permuted(array, 4 if ".q_proj." in name else 2)
+        writer.add_tensor(target, array)
+    for layer in range(2):
+        writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", np.zeros((experts, 64), np.float32))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        step()
+    writer.close()
+    return path
+
+
+def test_a_mixtral_gguf_is_named_as_one_not_as_a_config_to_restore(tokenizer, tmp_path, capsys):
+    """transformers reads a llama GGUF with experts as a dense Llama whose MLPs are missing; the refusal said to
+    'restore the config.json written with these weights' (a GGUF has none). Now it names the experts."""
+    path = write_moe_gguf(tokenizer, tmp_path / "moe.gguf")
+    assert run_cli(path, tmp_path / "out", "-q") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mixture of experts (llama.expert_count 2" in err and "config.json" not in err
