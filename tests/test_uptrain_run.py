@@ -331,3 +331,14 @@ def test_the_remote_code_and_pickle_flags_set_their_recipe_keys(capsys, tmp_path
     assert main(["uptrain", str(path), "--trust-remote-code", "--dry-run", "train.max_steps=9", "--allow-pickle"]) == 0
     printed = capsys.readouterr().out
     assert "trust_remote_code: true" in printed and "allow_pickle: true" in printed and "max_steps: 9" in printed
+
+
+def test_dry_run_refuses_a_one_step_warmup_as_the_run_does(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint):  # noqa: F811
+    """The check lived only in trainer.check_plan (after the data is read), so --dry-run passed a recipe the real run
+    then refused. Known from the recipe alone (max_steps 1), it is now refused by both."""
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(tiny_cla_checkpoint)})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["uptrain", str(path), "train.max_steps=1", "train.warmup_steps=1", "--dry-run"]) == 2
+    assert "the run has 1 step and a warmup" in capsys.readouterr().err
+    no_warmup = ["train.warmup_steps=0", "train.warmup_ratio=0"]
+    assert main(["uptrain", str(path), "train.max_steps=1", *no_warmup, "--dry-run"]) == 0

@@ -491,6 +491,11 @@ def _validate_train(t: TrainSection) -> None:
         f"train.warmup_steps={t.warmup_steps} is not shorter than train.max_steps={t.max_steps}: the learning rate "
         f"would never reach its peak; set train.warmup_steps below {t.max_steps} (0: no warmup), or train more steps",
     )
+    _check(  # as trainer.check_plan, here so that --dry-run refuses it too
+        t.max_steps != 1 or (t.warmup_steps == 0 and t.warmup_ratio == 0) or t.lr_scheduler_type == "constant",
+        "the run has 1 step and a warmup, whose first step trains at learning rate 0: nothing would be learned; "
+        "set train.warmup_steps=0 train.warmup_ratio=0, or train more steps",
+    )
 
 
 def _validate_lora(lo: LoraSection) -> None:
