@@ -2,13 +2,12 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 from conftest import VOCAB, save_checkpoint, tiny_model
 from transformers import PreTrainedTokenizerFast
-from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+from uptrain_fixtures import killed_at_step, tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
 from clakit.errors import ClakitError
 from clakit.uptrain import load_recipe, uptrain
@@ -192,20 +191,6 @@ def test_a_tied_lm_head_trained_in_full_is_allowed(tied_cla_checkpoint):
 # --- resume -------------------------------------------------------------------------------------------------------
 
 
-def killed_at_step_3(recipe: Path, monkeypatch) -> None:
-    hook = trainer_module.Trainer.on_step_end
-
-    def kill(self):
-        hook(self)
-        if self.step == 3:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(trainer_module.Trainer, "on_step_end", kill)
-        with pytest.raises(KeyboardInterrupt):
-            uptrain(recipe, quiet=True)
-
-
 def test_resume_from_another_folder_trains_the_checkpoint_the_run_started_from(
     tiny_cla_checkpoint,  # noqa: F811
     tokenizer,
@@ -227,7 +212,7 @@ def test_resume_from_another_folder_trains_the_checkpoint_the_run_started_from(
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": "cla"}))
     monkeypatch.chdir(first)
-    killed_at_step_3(recipe, monkeypatch)
+    killed_at_step(3, recipe)
     monkeypatch.chdir(second)
     result = uptrain(recipe, resume=True, quiet=True)
     frozen = "model.layers.0.mlp.up_proj.weight"  # no LoRA, not trained: the start checkpoint's own
@@ -245,7 +230,7 @@ def test_resume_refuses_when_the_checkpoint_the_run_started_from_is_gone(
     shutil.copytree(tiny_cla_checkpoint, tmp_path / "cla")
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tmp_path / "cla")}))
-    killed_at_step_3(recipe, monkeypatch)
+    killed_at_step(3, recipe)
     shutil.rmtree(tmp_path / "cla")
     with pytest.raises(ClakitError, match=r"--resume: the run in .* started from .*cla, which is gone; put the"):
         uptrain(recipe, resume=True, quiet=True)
@@ -255,7 +240,7 @@ def test_a_resumed_run_logs_each_step_once(tiny_cla_checkpoint, corpus_dir, tmp_
     """Killed at step 3 (checkpoint 2): metrics.jsonl held step 3 of the lost run and step 3 of the resumed one."""
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
-    killed_at_step_3(recipe, monkeypatch)
+    killed_at_step(3, recipe)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "tok')  # a line torn by the kill
     uptrain(recipe, resume=True, quiet=True)
@@ -277,7 +262,7 @@ def test_a_run_killed_before_its_first_checkpoint_logs_each_step_once(
     recipe = write_recipe(tmp_path / "r.yaml", recipe)
     with monkeypatch.context() as m:
         m.setattr(pipeline, "_abandon", lambda *args: None)  # a kill -9 runs no cleanup
-        killed_at_step_3(recipe, monkeypatch)
+        killed_at_step(3, recipe)
     uptrain(recipe, resume=True, quiet=True)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -313,7 +298,7 @@ def test_a_resumed_run_whose_converted_report_is_missing_still_saves_and_reports
     it scored the converted model; the file removed) the run failed with a KeyError after all its training."""
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
-    killed_at_step_3(recipe, monkeypatch)
+    killed_at_step(3, recipe)
     (out / "eval" / "converted.json").unlink()
     result = uptrain(recipe, resume=True, quiet=True)
     assert (result / "model.safetensors").is_file() and "| converted (before) | n/a |" in (
@@ -332,7 +317,7 @@ def test_a_start_report_damaged_during_the_run_does_not_discard_the_trained_mode
     the error names the report (the run has finished)."""
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
-    killed_at_step_3(recipe, monkeypatch)
+    killed_at_step(3, recipe)
     (out / "eval" / "converted.json").write_text("{")
     with pytest.raises(ClakitError, match=r"the model is saved in .*model, but its report could not be written"):
         uptrain(recipe, resume=True, quiet=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import save_checkpoint, tiny_kwargs, tiny_model
 from safetensors.torch import load_file
-from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+from uptrain_fixtures import killed_at_step, tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
 from clakit.cli import main
 
@@ -207,7 +207,6 @@ def test_a_killed_run_with_accumulation_copies_and_distillation_resumes_to_the_s
     step 3 (last checkpoint step 2), resumed, the loss curve and the weights equal an uninterrupted run's. Logging
     every 3 steps, the resumed run's step-3 line averaged step 3 alone (steps 1-2 were lost with the kill); the
     checkpoint now keeps them."""
-    from clakit.uptrain import trainer as trainer_module
     from clakit.uptrain import uptrain as run_uptrain
 
     sections = {
@@ -222,17 +221,7 @@ def test_a_killed_run_with_accumulation_copies_and_distillation_resumes_to_the_s
         for name in ("full", "killed")
     }
     run_uptrain(runs["full"], quiet=True)
-    hook = trainer_module.Trainer.on_step_end
-
-    def kill_after_step_3(self):
-        hook(self)
-        if self.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", kill_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_uptrain(runs["killed"], quiet=True)
-    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", hook)
+    killed_at_step(3, runs["killed"])
     run_uptrain(runs["killed"], resume=True, quiet=True)
     full, killed = train_lines(tmp_path / "full"), train_lines(tmp_path / "killed")
     assert [x["step"] for x in full] == [1, 2, 3, 4, 5][logging_steps - 1 :: logging_steps] + [5] * (logging_steps > 1)

@@ -14,12 +14,11 @@ import pytest
 import torch
 from conftest import save_checkpoint, tiny_model
 from test_uptrain_run import run_cli
-from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+from uptrain_fixtures import killed_at_step, tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
 from clakit.corpus import Text
 from clakit.errors import ClakitError
 from clakit.uptrain import pipeline, uptrain
-from clakit.uptrain import trainer as trainer_module
 from clakit.uptrain.packing import PackedData, build_data, split_tail
 from clakit.uptrain.recipe import DataSection, ModelSection
 from clakit.uptrain.student import original_source
@@ -33,19 +32,7 @@ def killed_run(tiny_cla_checkpoint, corpus_dir, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("killed")
     recipe = tiny_recipe(corpus_dir, root / "run", model={"path": str(tiny_cla_checkpoint)})
     path = write_recipe(root / "r.yaml", recipe)
-    hook = trainer_module.Trainer.on_step_end
-
-    def kill_at_step_5(self):
-        hook(self)
-        if self.step == 5:
-            raise KeyboardInterrupt
-
-    trainer_module.Trainer.on_step_end = kill_at_step_5
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            uptrain(path, quiet=True)
-    finally:
-        trainer_module.Trainer.on_step_end = hook
+    killed_at_step(5, path)
     return root
 
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+from uptrain_fixtures import killed_at_step, tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
 from clakit.cli import main
-from clakit.uptrain import trainer as trainer_module
 from clakit.uptrain import uptrain
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -104,17 +103,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cla_checkpoint, corpus_dir,
 
     killed = tiny_recipe(corpus_dir, tmp_path / "killed", **base)
     path = write_recipe(tmp_path / "killed.yaml", killed)
-    original_hook = trainer_module.Trainer.on_step_end
-
-    def kill_at_step_5(self):
-        original_hook(self)
-        if self.step == 5:
-            raise KeyboardInterrupt  # what a kill looks like from inside: no cleanup, no final save
-
-    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", kill_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        uptrain(path, quiet=True)
-    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", original_hook)
+    killed_at_step(5, path)
     assert not (tmp_path / "killed" / "model").exists()
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
@@ -210,17 +199,7 @@ def test_resume_after_the_text_changed_is_refused(capsys, tmp_path, corpus_dir, 
         (data / name).write_text((corpus_dir / name).read_text())
     out = tmp_path / "run"
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(data, out, model={"path": str(tiny_cla_checkpoint)}))
-    original_hook = trainer_module.Trainer.on_step_end
-
-    def kill_at_step_3(self):
-        original_hook(self)
-        if self.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", kill_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        uptrain(path, quiet=True)
-    monkeypatch.setattr(trainer_module.Trainer, "on_step_end", original_hook)
+    killed_at_step(3, path)
     (data / "train.txt").write_text("Edited. " + (data / "train.txt").read_text())
     before = {p.name for p in out.rglob("*")}
     capsys.readouterr()  # the killed run's output

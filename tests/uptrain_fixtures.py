@@ -46,3 +46,24 @@ def tiny_recipe(corpus_dir: Path, output_dir: Path, **sections) -> dict:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def killed_at_step(step: int, recipe: Path) -> None:
+    """Run `recipe` and kill it after optimizer step `step`: a KeyboardInterrupt from inside the trainer, which is
+    what a kill looks like from inside (no cleanup, no final save). The trainer is restored afterwards."""
+    from clakit.uptrain import trainer as trainer_module
+    from clakit.uptrain import uptrain
+
+    hook = trainer_module.Trainer.on_step_end
+
+    def kill(self):
+        hook(self)
+        if self.step == step:
+            raise KeyboardInterrupt
+
+    trainer_module.Trainer.on_step_end = kill
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            uptrain(recipe, quiet=True)
+    finally:
+        trainer_module.Trainer.on_step_end = hook
