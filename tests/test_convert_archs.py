@@ -19,8 +19,6 @@ from clakit.convert.inmemory import cla_model_from
 from clakit.convert.reconstruct import attention_output
 from clakit.sources import load_config, load_model, resolve_source
 
-torch.set_num_threads(1)
-
 
 def ids(length: int = 24, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
