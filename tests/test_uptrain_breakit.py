@@ -225,7 +225,6 @@ def test_resume_refuses_when_the_checkpoint_the_run_started_from_is_gone(
     tiny_cla_checkpoint,  # noqa: F811
     corpus_dir,
     tmp_path,
-    monkeypatch,
 ):
     shutil.copytree(tiny_cla_checkpoint, tmp_path / "cla")
     out = tmp_path / "run"
@@ -236,7 +235,7 @@ def test_resume_refuses_when_the_checkpoint_the_run_started_from_is_gone(
         uptrain(recipe, resume=True, quiet=True)
 
 
-def test_a_resumed_run_logs_each_step_once(tiny_cla_checkpoint, corpus_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_resumed_run_logs_each_step_once(tiny_cla_checkpoint, corpus_dir, tmp_path):  # noqa: F811
     """Killed at step 3 (checkpoint 2): metrics.jsonl held step 3 of the lost run and step 3 of the resumed one."""
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
@@ -292,7 +291,6 @@ def test_a_resumed_run_whose_converted_report_is_missing_still_saves_and_reports
     tiny_cla_checkpoint,  # noqa: F811
     corpus_dir,
     tmp_path,
-    monkeypatch,
 ):
     """The last line read eval/converted.json's numbers unconditionally: without it (a resumed FSDP run killed before
     it scored the converted model; the file removed) the run failed with a KeyError after all its training."""
@@ -310,7 +308,6 @@ def test_a_start_report_damaged_during_the_run_does_not_discard_the_trained_mode
     tiny_cla_checkpoint,  # noqa: F811
     corpus_dir,
     tmp_path,
-    monkeypatch,
 ):
     """eval/original.json was read while model/ was staged: a damaged one discarded the trained model, and each
     --resume trained the last steps again only to fail the same way. Now the model is saved, the card says n/a and

@@ -201,7 +201,7 @@ def train_lines(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("logging_steps", [1, 3])
 def test_a_killed_run_with_accumulation_copies_and_distillation_resumes_to_the_same_curve_and_weights(
-    odd_source, odd_cla_checkpoint, corpus_dir, tmp_path, monkeypatch, logging_steps
+    odd_source, odd_cla_checkpoint, corpus_dir, tmp_path, logging_steps
 ):
     """Accumulated micro-batches, windows with copies, dropout, the teacher's KL and hidden-state MSE: killed after
     step 3 (last checkpoint step 2), resumed, the loss curve and the weights equal an uninterrupted run's. Logging

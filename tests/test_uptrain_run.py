@@ -94,7 +94,7 @@ def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpo
     assert float(logit_sum) == pytest.approx(local(torch.arange(12)[None]).logits.sum().item(), rel=1e-5)
 
 
-def test_killed_run_resumes_to_the_same_weights(tiny_cla_checkpoint, corpus_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_killed_run_resumes_to_the_same_weights(tiny_cla_checkpoint, corpus_dir, tmp_path):  # noqa: F811
     """Uninterrupted 6 steps == killed at step 5 (last checkpoint: step 4), then --resume. Dropout is on, so the
     RNG state must be restored too, and the data position must continue where the checkpoint left it."""
     base = {"model": {"path": str(tiny_cla_checkpoint)}, "lora": {"full_train": ["k_proj"]}}
@@ -190,7 +190,7 @@ def test_output_dir_of_another_run_and_resume_of_a_different_recipe(capsys, tmp_
     assert json.loads((out / "model" / "uptrain.json").read_text())["steps"] == 3
 
 
-def test_resume_after_the_text_changed_is_refused(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint, monkeypatch):  # noqa: F811
+def test_resume_after_the_text_changed_is_refused(capsys, tmp_path, corpus_dir, tiny_cla_checkpoint):  # noqa: F811
     """The batch order is a function of the step and the blocks: a resume on edited text would not continue the run
     it claims to continue. Killed at step 3 (checkpoint step 2), the train text edited, --resume is one line."""
     data = tmp_path / "data"
