@@ -228,3 +228,34 @@ def test_the_perplexity_plot_of_many_models_names_the_frontier_not_every_point(t
     expected = range(models) if models <= comparison.LABELS_MAX else best
     assert sorted(names) == sorted(comparison.labels(reports)[i] for i in expected)
     assert 0 < len(names) <= comparison.LABELS_MAX
+
+
+def test_a_stock_llama_with_a_sliding_window_key_is_evaluated_as_the_model_it_is(tmp_path, tokenizer):
+    """Stock Llama's attention ignores a `sliding_window` key (a llamafied Qwen2's), but transformers' caches read it
+    and kept only the last window: the original was reported at 5,376 KV bytes per sequence against 49,152 for its
+    own all-producer conversion (the same model), and its cached decoding (passkeys, speed) read another model than
+    its forward. Loaded by clakit, its cache now holds every token, as its attention reads them."""
+    from clakit.convert import convert
+    from clakit.sources import load_model, resolve_source
+
+    model = tiny_model("llama", sliding_window=8)
+    stock = save_checkpoint(model, tokenizer, tmp_path / "stock")
+    cla = convert(stock, tmp_path / "cla", kv_source_layers=[0, 1, 2, 3], init="mean", quiet=True)
+    (tmp_path / "t.txt").write_text(make_text(600, 3))
+    reports = {}
+    for name, folder in (("stock", stock), ("cla", cla)):
+        argv = ["eval", folder, "-o", tmp_path / f"{name}.json", "--data", tmp_path / "t.txt", "--seq-len", "64",
+                "--max-tokens", "256", "--no-speed", "-q"]  # fmt: skip
+        assert main([str(a) for a in argv]) == 0
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["kv_cache"]
+    c = model.config  # every layer keeps K and V of (kv_heads, head_dim) in fp32 for all 64 tokens
+    full = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * 64
+    assert reports["stock"]["measured_bytes"] == reports["stock"]["bytes_per_sequence"] == full, reports
+    assert reports["cla"]["bytes_per_sequence"] == full, reports
+    model = load_model(resolve_source(str(stock)))
+    prompt = torch.randint(1, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, 12:]
+    ids = prompt
+    for _ in range(12):  # no cache: the model's forward alone
+        ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert cached.tolist() == ids[0, 12:].tolist()

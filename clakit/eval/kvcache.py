@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from clakit.errors import ClakitError
+from clakit.modeling import attention_window
 
 
 def producer_layers(config) -> list[int]:
@@ -34,7 +35,7 @@ def cached_tokens(config, layer: int, seq_len: int) -> int:
     """Tokens layer `layer` keeps after `seq_len` tokens: all of them, or for a sliding-window layer (Mistral's
     `sliding_window`, or `layer_types`) the last window - 1, as transformers' DynamicSlidingWindowLayer does (the
     current token is the window's last)."""
-    window = getattr(config, "sliding_window", None)
+    window = attention_window(config)  # a stock Llama's sliding_window key is no window: its attention ignores it
     types = getattr(config, "layer_types", None)
     sliding = bool(window) and (types is None or types[layer] == "sliding_attention")
     return min(seq_len, window - 1) if sliding else seq_len

@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, DummyLayer, HQQQuantizedLayer, get_l
 
 from clakit.errors import ClakitError
 from clakit.eval import kvcache
+from clakit.modeling import attention_window
 
 INSTALL_HINT = 'pip install "clakit[kv-quant]"'
 NBITS = (8, 4)
@@ -39,7 +40,7 @@ def check(config, nbits: int, group_size: int) -> None:
     width = config.num_key_value_heads * kvcache.head_dim(config)  # values of one token's K (or V)
     if not isinstance(group_size, int) or group_size <= 0 or width % group_size:
         raise ClakitError(f"the quantisation group size must divide kv_heads x head_dim = {width}, got {group_size}")
-    if getattr(config, "sliding_window", None) is not None:
+    if attention_window(config) is not None:  # Mistral's; a stock Llama's sliding_window key is no window
         raise ClakitError("transformers' quantised cache serves full attention only; this model has a sliding window")
 
 
