@@ -485,3 +485,20 @@ def test_a_mixtral_gguf_is_named_as_one_not_as_a_config_to_restore(tokenizer, tm
     assert run_cli(path, tmp_path / "out", "-q") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "mixture of experts (llama.expert_count 2" in err and "config.json" not in err
+
+
+def test_a_layout_that_shares_nothing_writes_the_sources_tensors_without_distilling(tokenizer, corpus_dir, tmp_path):
+    """With every layer its own producer nothing is fitted, but the default end-to-end distillation still trained
+    every attention projection (KL to the source 9.4e-7 -> 1.2e-3) while docs/convert.md says the source's tensors
+    are written. It is now skipped, said, and recorded as 0 steps."""
+    model = source_model()
+    src = save_checkpoint(model, tokenizer, tmp_path / "src")
+    args = ["--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "128", "--seq-len", "64",
+            "--kv-source-layers", "0,1,2,3", "--init", "reconstruct", "--reconstruct-steps", "2",
+            "--distill-tokens", "128"]  # fmt: skip
+    assert run_cli(src, tmp_path / "out", *args, "-q") == 0
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).state_dict()
+    source = model.state_dict()
+    assert all(torch.equal(written[name], source[name]) for name in source if "rotary" not in name)
+    record = json.loads((tmp_path / "out" / "clakit_convert.json").read_text())
+    assert record["settings"]["distill_steps"] == 0 and record["distill"] is None

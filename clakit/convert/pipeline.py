@@ -525,6 +525,10 @@ class _Conversion:
                 train_o=c.train_o_proj, sequential=c.sequential,
                 store=calibrate.SpilledTensors(scratch / "fitted", self.device),
             )  # fmt: skip
+        if self.distill_steps and all(source == layer for layer, source in enumerate(self.layout)):
+            # nothing is shared, so nothing was fitted: training would only move the source's exact tensors
+            self.say("note: no layer shares K/V in this layout: the source's tensors are written, not distilled")
+            self.distill_steps = 0
         if self.distill_steps:  # its own, usually more, tokens: the layout and the fits keep --calib-tokens
             tokens = self.distill_ids
             add_copies(tokens, *self.copies, seed=c.seed)  # the layout's and the fits' windows stay as read
