@@ -512,11 +512,11 @@ def uptrain(
         return _uptrain(recipe_path, overrides, dry_run, resume, overwrite, quiet)
 
 
-# clakit.sources refuses a model that runs its own code, or pickle weights, naming `clakit convert`'s and `eval`'s
-# flags; uptrain's settings are recipe keys (overrides on its command line)
+# clakit.sources refuses a model that runs its own code, or pickle weights, naming the flags; `clakit uptrain` has
+# them too, but they stand for recipe keys, which a recipe or a library call sets
 SOURCE_FLAGS = {
-    "pass --trust-remote-code": "set model.trust_remote_code=true",
-    "pass --allow-pickle": "set model.allow_pickle=true",
+    "pass --trust-remote-code": "set model.trust_remote_code=true (--trust-remote-code)",
+    "pass --allow-pickle": "set model.allow_pickle=true (--allow-pickle)",
 }
 
 
