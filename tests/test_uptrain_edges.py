@@ -63,8 +63,10 @@ def test_warmup_as_long_as_max_steps_is_refused_naming_both(tmp_path, corpus_dir
         load_recipe(path, ["train.max_steps=4", "train.warmup_steps=4"])
     assert "\n" not in str(e.value)
     assert load_recipe(path, ["train.max_steps=4", "train.warmup_steps=3"]).train.warmup_steps == 3
-    # 1 step with a warmup learns nothing at all: trainer.check_plan's refusal, which says so (one-step-with-warmup)
-    assert load_recipe(path, ["train.max_steps=1", "train.warmup_steps=1"]).train.max_steps == 1
+    # 1 step with a warmup learns nothing at all: refused by the recipe when max_steps says 1 (so --dry-run refuses
+    # it too), by trainer.check_plan when the steps come from max_tokens or epochs
+    with pytest.raises(ClakitError, match="the run has 1 step and a warmup"):
+        load_recipe(path, ["train.max_steps=1", "train.warmup_steps=1"])
     # constant has no warmup at all: its own refusal comes first
     with pytest.raises(ClakitError, match="train.lr_scheduler_type constant has no warmup"):
         load_recipe(path, ["train.max_steps=2", "train.warmup_steps=5", "train.lr_scheduler_type=constant"])
