@@ -572,8 +572,8 @@ def load_model(
 def drop_unused_window(config) -> None:
     """Stock Llama's attention applies no window whatever its config carries (a llamafied Qwen2's `sliding_window`),
     but transformers' caches read the key and keep only the last window - 1 tokens: generate() and every cached
-    decode of the loaded model would compute another model than its forward. Mistral's window is real and kept (the
-    CLA Llama's config drops the key itself)."""
+    decode of the loaded model would compute another model than its forward. Any other model's window (Mistral's,
+    Qwen2's, Gemma's: their masks read it) is real and kept (the CLA Llama's config drops the key itself)."""
     from clakit.modeling import attention_window
 
     if getattr(config, "sliding_window", None) is not None and attention_window(config) is None:

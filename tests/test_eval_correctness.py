@@ -13,7 +13,7 @@ import matplotlib.image
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tokenizer, make_text, save_checkpoint, tiny_model
+from conftest import build_tokenizer, make_text, save_checkpoint, tiny_kwargs, tiny_model
 
 from clakit.cli import main
 from clakit.convert.inmemory import cla_model_from
@@ -259,3 +259,38 @@ def test_a_stock_llama_with_a_sliding_window_key_is_evaluated_as_the_model_it_is
     for _ in range(12):  # no cache: the model's forward alone
         ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     assert cached.tolist() == ids[0, 12:].tolist()
+
+
+def test_a_sliding_window_model_other_than_llama_keeps_its_window(tmp_path, tokenizer):
+    """`clakit eval` reads other causal LMs too, and their `sliding_window` is real (Qwen2's masks and layer_types
+    apply it). e836313's rule was "Mistral's window only": load_model dropped a Qwen2's window (its forward then
+    raised ValueError, and clakit eval died in a traceback) and the cache figures counted every token. Now only a
+    Llama's key is no window: the Qwen2 loads with its window, computes its own logits, and eval counts window - 1
+    tokens per layer, as transformers' cache holds them; the quantised cache refuses it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from clakit.eval import kvquant
+    from clakit.modeling import attention_window
+    from clakit.sources import load_model, resolve_source
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**tiny_kwargs(), use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    model = Qwen2ForCausalLM(config).eval()
+    assert set(config.layer_types) == {"sliding_attention"}
+    folder = save_checkpoint(model, tokenizer, tmp_path / "qwen2")
+    loaded = load_model(resolve_source(str(folder)))
+    assert loaded.config.sliding_window == 8
+    ids = torch.randint(1, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(ClakitError, match="full attention only"):
+        kvquant.check(config, 8, 24)
+    (tmp_path / "t.txt").write_text(make_text(600, 3))
+    argv = ["eval", folder, "-o", tmp_path / "r.json", "--data", tmp_path / "t.txt", "--seq-len", "64",
+            "--max-tokens", "256", "--no-speed", "-q"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    kv = json.loads((tmp_path / "r.json").read_text())["kv_cache"]
+    c = config  # every layer keeps K and V of the last window - 1 = 7 tokens, in fp32
+    windowed = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * 7
+    assert kv["measured_bytes"] == kv["bytes_per_sequence"] == windowed, kv
+    assert attention_window(config) == 8

@@ -19,12 +19,13 @@ CLA_CLASSES = {  # source architecture -> (config, model, causal LM)
 
 
 def attention_window(config) -> int | None:
-    """How many past tokens (itself included) each token's attention reaches, or None for all of them: Mistral's
-    (and a CLA Mistral's) `sliding_window`. Stock Llama's attention applies no window whatever its config carries (a
-    llamafied Qwen2's `sliding_window`), though transformers' caches read the key for it (stock Llama only: the CLA
-    Llama config drops it)."""
-    mistral = getattr(config, "model_type", "").removesuffix("_cla") == "mistral"
-    return getattr(config, "sliding_window", None) if mistral else None
+    """How many past tokens (itself included) each token's attention reaches, or None for all of them: the config's
+    `sliding_window` (Mistral's, a CLA Mistral's, and that of the other causal LMs `clakit eval` reads: Qwen2,
+    Gemma, ... whose masks and `layer_types` apply it), except a Llama's. Stock Llama's attention applies no window
+    whatever its config carries (a llamafied Qwen2's `sliding_window`), though transformers' caches read the key for
+    it (stock Llama only: the CLA Llama config drops it)."""
+    llama = getattr(config, "model_type", "").removesuffix("_cla") == "llama"
+    return None if llama else getattr(config, "sliding_window", None)
 
 
 def _register() -> None:
