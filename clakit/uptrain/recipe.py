@@ -31,6 +31,12 @@ RUN_ONLY = ("output_dir", "save_steps", "save_total_limit", "logging_steps", "re
 MODEL_RUN_ONLY = ("trust_remote_code", "allow_pickle")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
 REPORTERS = ("none", "tensorboard")
+# a warmup starts at learning rate 0: refused here when max_steps says 1, by trainer.check_plan when the steps come
+# from max_tokens or epochs
+ONE_STEP_WARMUP = (
+    "the run has 1 step and a warmup, whose first step trains at learning rate 0: nothing would be learned; "
+    "set train.warmup_steps=0 train.warmup_ratio=0, or train more steps"
+)
 
 
 @dataclass
@@ -484,18 +490,14 @@ def _validate_train(t: TrainSection) -> None:
         "use constant_with_warmup, or set train.warmup_steps=0 train.warmup_ratio=0",
     )
     # the rate climbs from 0 over the warmup: a warmup as long as the run never reaches train.learning_rate. Steps
-    # from max_tokens or epochs and a warmup from warmup_ratio are known only with the data (trainer.check_plan,
-    # which also refuses a 1-step run with any warmup: it learns nothing at all)
+    # from max_tokens or epochs and a warmup from warmup_ratio are known only with the data (trainer.check_plan)
     _check(
         t.max_steps <= 1 or t.warmup_steps < t.max_steps,
         f"train.warmup_steps={t.warmup_steps} is not shorter than train.max_steps={t.max_steps}: the learning rate "
         f"would never reach its peak; set train.warmup_steps below {t.max_steps} (0: no warmup), or train more steps",
     )
-    _check(  # as trainer.check_plan, here so that --dry-run refuses it too
-        t.max_steps != 1 or (t.warmup_steps == 0 and t.warmup_ratio == 0) or t.lr_scheduler_type == "constant",
-        "the run has 1 step and a warmup, whose first step trains at learning rate 0: nothing would be learned; "
-        "set train.warmup_steps=0 train.warmup_ratio=0, or train more steps",
-    )
+    # as trainer.check_plan, here so that --dry-run refuses it too (constant, whose warmup is refused above, has none)
+    _check(t.max_steps != 1 or (t.warmup_steps == 0 and t.warmup_ratio == 0), ONE_STEP_WARMUP)
 
 
 def _validate_lora(lo: LoraSection) -> None:

@@ -16,6 +16,7 @@ from clakit.provenance import provenance
 from clakit.uptrain import checkpoint
 from clakit.uptrain.distill import causal_lm_loss, uptrain_loss
 from clakit.uptrain.packing import BatchOrder, PackedData
+from clakit.uptrain.recipe import ONE_STEP_WARMUP
 from clakit.uptrain.student import count_parameters
 
 METRICS = "metrics.jsonl"
@@ -54,10 +55,7 @@ def check_plan(train, plan: Plan) -> None:
     a run of one step with any warmup trains at 0 and returns the converted model unchanged while its card counts a
     step of training; a longer run whose warmup lasts it never reaches train.learning_rate."""
     if plan.total_steps == 1 and plan.warmup_steps > 0 and train.lr_scheduler_type != "constant":
-        raise ClakitError(
-            "the run has 1 step and a warmup, whose first step trains at learning rate 0: nothing would be learned; "
-            "set train.warmup_steps=0 train.warmup_ratio=0, or train more steps"
-        )
+        raise ClakitError(ONE_STEP_WARMUP)
     if plan.total_steps > 1 and plan.warmup_steps >= plan.total_steps:
         raise ClakitError(
             f"the warmup ({_warmup_source(train, plan)}) is not shorter than the run ({_steps_source(train, plan)}): "
