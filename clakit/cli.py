@@ -188,7 +188,8 @@ def _add_demo(sub) -> None:
     p.set_defaults(run=run)
 
 
-# what a run may read, as explicit flags (as `clakit convert` has them) -> the recipe keys they set
+# what a run may read, as explicit flags (as `clakit convert` has them) -> the recipe keys they set: the inverse of
+# clakit.uptrain.recipe.MODEL_READ_FLAGS, written out so that building the parser does not import torch
 UPTRAIN_KEY_FLAGS = {"--trust-remote-code": "model.trust_remote_code", "--allow-pickle": "model.allow_pickle"}
 
 

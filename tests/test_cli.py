@@ -32,3 +32,11 @@ def test_abbreviated_flags_are_refused_not_guessed(capsys, tmp_path):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("clakit: error: unrecognized argument") and flag in err and err.count("\n") == 1, err
+
+
+def test_uptrains_flags_are_the_recipe_keys_that_say_what_a_run_may_read():
+    """cli writes the flag -> key mapping out (the parser must not import torch); it must stay the recipe's."""
+    from clakit.cli import UPTRAIN_KEY_FLAGS
+    from clakit.uptrain.recipe import MODEL_READ_FLAGS
+
+    assert UPTRAIN_KEY_FLAGS == {flag: f"model.{key}" for key, flag in MODEL_READ_FLAGS.items()}

@@ -33,7 +33,7 @@ from clakit.sources import check_weights, load_model, load_tokenizer, looks_like
 from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
-from clakit.uptrain.recipe import MODEL_RUN_ONLY, RUN_ONLY, Recipe, load_recipe, resolve_recipe
+from clakit.uptrain.recipe import MODEL_READ_FLAGS, MODEL_RUN_ONLY, RUN_ONLY, Recipe, load_recipe, resolve_recipe
 from clakit.uptrain.trainer import METRICS, Trainer, blocks_per_step, check_plan, drop_metrics_after, make_plan
 
 RESULT = "model"
@@ -514,10 +514,7 @@ def uptrain(
 
 # clakit.sources refuses a model that runs its own code, or pickle weights, naming the flags; `clakit uptrain` has
 # them too, but they stand for recipe keys, which a recipe or a library call sets
-SOURCE_FLAGS = {
-    "pass --trust-remote-code": "set model.trust_remote_code=true (--trust-remote-code)",
-    "pass --allow-pickle": "set model.allow_pickle=true (--allow-pickle)",
-}
+SOURCE_FLAGS = {f"pass {flag}": f"set model.{key}=true ({flag})" for key, flag in MODEL_READ_FLAGS.items()}
 
 
 @contextlib.contextmanager

@@ -26,9 +26,11 @@ from clakit.sources import check_revision
 
 # train keys that do not change the trained weights: outside the fingerprint, so --resume may change them
 RUN_ONLY = ("output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_steps")
-# model keys that say what may be read, not what is trained: outside the fingerprint too (a run recorded before
-# they existed resumes, and a resume may add them)
-MODEL_RUN_ONLY = ("trust_remote_code", "allow_pickle")
+# model keys that say what may be read, not what is trained, and the flag that sets each (convert's, which `clakit
+# uptrain` takes too: clakit.cli.UPTRAIN_KEY_FLAGS): outside the fingerprint too (a run recorded before they existed
+# resumes, and a resume may add them)
+MODEL_READ_FLAGS = {"trust_remote_code": "--trust-remote-code", "allow_pickle": "--allow-pickle"}
+MODEL_RUN_ONLY = tuple(MODEL_READ_FLAGS)
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
 REPORTERS = ("none", "tensorboard")
 # a warmup starts at learning rate 0: refused here when max_steps says 1, by trainer.check_plan when the steps come
@@ -52,7 +54,8 @@ class ModelSection:
     # model of the run is read: the source and its conversion, the student's tokenizer, the original/teacher. Off:
     # such a model is refused naming this key. The CLA student itself always loads clakit's own classes.
     trust_remote_code: bool = False
-    allow_pickle: bool = False  # read pickle (.bin) weights of the source / original, which can run code when loaded
+    # read pickle (.bin) weights, which can run code when loaded: of the source / original, and of model.path (f1186ab)
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -364,7 +367,7 @@ def _validate_model(m: ModelSection) -> None:
     if c is None:
         return
     # one setting for every load: the conversion's alone would convert, then fail reading the source's tokenizer
-    for key in ("trust_remote_code", "allow_pickle"):
+    for key in MODEL_RUN_ONLY:
         _check(
             getattr(m, key) or not getattr(c, key),
             f"model.convert.{key} applies to the conversion only, but the run reads the source again (its "

@@ -15,6 +15,7 @@ from clakit.convert.pipeline import check_source_config
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.sources import check_seq_len, load_config, load_model, resolve_source
+from clakit.uptrain.recipe import MODEL_RUN_ONLY
 
 LAYER_PREFIX = "model.layers."
 PEFT_PREFIX = "base_model.model."  # clean names of a peft-wrapped student (lora.r > 0 and some LoRA target left)
@@ -104,7 +105,7 @@ def original_source(model_section) -> tuple[str, str | None] | None:
 
 def code_settings(model_section) -> dict[str, bool]:
     """What the run may execute when it reads a model other than its CLA student (load_model's keywords)."""
-    return {"trust_remote_code": model_section.trust_remote_code, "allow_pickle": model_section.allow_pickle}
+    return {key: getattr(model_section, key) for key in MODEL_RUN_ONLY}
 
 
 def original_spec(model_section) -> str | None:
