@@ -525,15 +525,20 @@ class _Conversion:
                 train_o=c.train_o_proj, sequential=c.sequential,
                 store=calibrate.SpilledTensors(scratch / "fitted", self.device),
             )  # fmt: skip
+        self._distill_if_shared(runner, overrides)
+        return overrides
+
+    def _distill_if_shared(self, runner: LayerwiseModel, overrides) -> None:
+        """The end-to-end distillation, on its own (usually more) tokens: the layout and the fits keep --calib-tokens.
+        Skipped (recorded as 0 steps) where no layer shares K/V: nothing was fitted, and training would only move the
+        source's exact tensors."""
         if self.distill_steps and all(source == layer for layer, source in enumerate(self.layout)):
-            # nothing is shared, so nothing was fitted: training would only move the source's exact tensors
             self.say("note: no layer shares K/V in this layout: the source's tensors are written, not distilled")
             self.distill_steps = 0
-        if self.distill_steps:  # its own, usually more, tokens: the layout and the fits keep --calib-tokens
+        if self.distill_steps:
             tokens = self.distill_ids
-            add_copies(tokens, *self.copies, seed=c.seed)  # the layout's and the fits' windows stay as read
+            add_copies(tokens, *self.copies, seed=self.cfg.seed)  # the layout's and the fits' windows stay as read
             self._distill(runner, tokens.to(self.device), overrides)
-        return overrides
 
     def _distill(self, runner: LayerwiseModel, ids: torch.Tensor, overrides) -> None:
         """The whole student on the device, its attention projections trained against the source's logits; the
