@@ -64,9 +64,10 @@ def test_reconstructs_attention_is_the_models_with_a_sliding_window_key(kind):
     torch.testing.assert_close(attention_output(model, 1, x, x, params, *cos_sin), y)
 
 
-def test_attention_window_is_mistrals_sliding_window_only():
-    """The one rule for what a config's sliding_window means (reconstruct reads it; eval's cache figures can)."""
-    from transformers import LlamaConfig, MistralConfig
+def test_attention_window_is_the_sliding_window_of_every_model_but_llama():
+    """The one rule for what a config's sliding_window means (reconstruct, load_model and eval's cache figures read
+    it): Mistral's and other models' (Qwen2's) are windows, a Llama's key is none."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     from clakit.modeling import LlamaCLAConfig, MistralCLAConfig, attention_window
 
@@ -74,6 +75,7 @@ def test_attention_window_is_mistrals_sliding_window_only():
         attention_window(MistralConfig(sliding_window=8)) == attention_window(MistralCLAConfig(sliding_window=8)) == 8
     )
     assert attention_window(MistralConfig(sliding_window=None)) is None
+    assert attention_window(Qwen2Config(use_sliding_window=True, sliding_window=8)) == 8
     assert (
         attention_window(LlamaConfig(sliding_window=8)) is attention_window(LlamaCLAConfig(sliding_window=8)) is None
     )

@@ -40,7 +40,7 @@ def check(config, nbits: int, group_size: int) -> None:
     width = config.num_key_value_heads * kvcache.head_dim(config)  # values of one token's K (or V)
     if not isinstance(group_size, int) or group_size <= 0 or width % group_size:
         raise ClakitError(f"the quantisation group size must divide kv_heads x head_dim = {width}, got {group_size}")
-    if attention_window(config) is not None:  # Mistral's; a stock Llama's sliding_window key is no window
+    if attention_window(config) is not None:  # Mistral's, Qwen2's...; a stock Llama's sliding_window key is none
         raise ClakitError("transformers' quantised cache serves full attention only; this model has a sliding window")
 
 
