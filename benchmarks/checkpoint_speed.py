@@ -6,14 +6,16 @@ counted (a trained weight that underflows can slow CPU kernels).
 
     python benchmarks/checkpoint_speed.py CONVERTED UPTRAINED [--prompt 512] [--repeats 3]
 
-Prints JSON: per model, the subnormal count and the median prefill/decode tokens/s with and without flush-denormal.
+Prints JSON (and writes it to --out at the end): the settings and provenance (versions, command), per model the
+subnormal count and the median prefill/decode tokens/s (clakit.eval.speed) with and without flush-denormal, and each
+model's speeds as ratios to the first model's, measured in this run (compare ratios, not absolute figures).
 """
 
-import argparse
-import json
 import statistics
+from pathlib import Path
 
 import torch
+from common import FORCE_HELP, OUT_HELP, Parser, check_output, emit, main_guard, positive, provenance, refuse
 
 from clakit.eval.speed import throughput
 from clakit.sources import load_model, resolve_source
@@ -40,19 +42,31 @@ def timings(models: dict, ids: torch.Tensor, repeats: int, flush: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = Parser(__doc__)
+    parser.add_argument("models", nargs="+", help="model specs (folders, GGUF files...); ratios are to the first")
+    parser.add_argument("--prompt", type=positive, default=512, help="prompt tokens per prefill (default 512)")
+    parser.add_argument("--repeats", type=positive, default=3, help="runs per model and setting; medians (default 3)")
+    parser.add_argument("--out", type=Path, help=OUT_HELP)
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
     args = parser.parse_args()
+    if len(set(args.models)) != len(args.models):
+        refuse("a model is named twice: pass each model once")
+    check_output(args.out, args.force)
     models = {m: load_model(resolve_source(m), dtype=torch.float32) for m in args.models}
-    ids = torch.randint(100, 40_000, (args.prompt,), generator=torch.Generator().manual_seed(0))  # (L,)
+    vocab = min(m.config.vocab_size for m in models.values())
+    ids = torch.randint(0, vocab, (args.prompt,), generator=torch.Generator().manual_seed(0))  # (L,)
     result = {m: {"subnormal_weights": subnormals(model)} for m, model in models.items()}
     for flush in (False, True):
         for m, speed in timings(models, ids, args.repeats, flush).items():
             result[m]["flush_denormal" if flush else "default"] = speed
-    print(json.dumps(result, indent=2))
+    first = result[args.models[0]]
+    for m in args.models:
+        result[m]["ratio_to_first"] = {
+            setting: {k: result[m][setting][k] / first[setting][k] for k in first[setting]}
+            for setting in ("default", "flush_denormal")
+        }
+    emit({"benchmark": "checkpoint_speed", "provenance": provenance(args), "models": result}, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

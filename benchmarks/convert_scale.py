@@ -13,10 +13,14 @@ model would make the write phase hold the whole output and hide what the fits ho
 candidate group with a forward to the last layer, so its cost is quadratic in depth by design; it runs up to
 `--max-auto-layers`.
 
+Prints JSON (each run as a line on stderr while it goes; on stdout the report: settings, provenance (versions,
+command), the runs and the targets' check per mode, null where 8 or 24 layers were not run); --out also writes the
+report (once, at the end) and a .png plot beside it.
+
     python benchmarks/convert_scale.py --out docs/figures/convert_scale.json      # ~10-15 min on 2 loaded cores
+    python benchmarks/convert_scale.py --layers 2 --modes reconstruct --steps 1 --calib-tokens 64 --seq-len 32
 """
 
-import argparse
 import json
 import subprocess
 import sys
@@ -24,6 +28,19 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import (
+    FORCE_HELP,
+    OUT_HELP,
+    Parser,
+    check_output,
+    emit,
+    existing_file,
+    main_guard,
+    non_negative,
+    positive,
+    provenance,
+    refuse,
+)
 from safetensors.torch import save_file
 from targets import check
 
@@ -129,21 +146,32 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, nargs="+", default=[8, 16, 24, 32])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--calib", default=str(Path("~/.cache/clakit/demo/text/calib.txt").expanduser()))
-    p.add_argument("--calib-tokens", type=int, default=512)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--max-auto-layers", type=int, default=24, help="skip --layout auto above this depth (quadratic)")
+    p = Parser(__doc__)
+    p.add_argument("--layers", type=positive, nargs="+", default=[8, 16, 24, 32], help="depths to convert (default "
+                   "8 16 24 32; the targets need 8 and 24)")  # fmt: skip
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="conversions (default: both)")
+    p.add_argument("--calib", type=existing_file, default=Path("~/.cache/clakit/demo/text/calib.txt").expanduser(),
+                   help="calibration text, also the tokenizer's training text (default: the demo's calib.txt, from "
+                   "`clakit fetch-demo`)")  # fmt: skip
+    p.add_argument("--calib-tokens", type=positive, default=512, help="calibration tokens (default 512)")
+    p.add_argument("--seq-len", type=positive, default=128, help="calibration sequence length (default 128)")
+    p.add_argument("--steps", type=non_negative, default=4, help="--reconstruct-steps per group (default 4)")
+    p.add_argument("--max-auto-layers", type=positive, default=24, help="skip --layout auto above this depth "
+                   "(its cost is quadratic; default 24)")  # fmt: skip
     p.add_argument(
         "--max-shard-size", default="100MB", help="output shards: the writer holds one, so it bounds the write's RSS"
     )
-    p.add_argument("--out", help="write the JSON here (and a .png beside it)")
+    p.add_argument("--out", type=Path, help=OUT_HELP)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     args = p.parse_args()
-    tokenizer = train_tokenizer(Path(args.calib).read_text()[:2_000_000])
-    result = {"settings": vars(args), "runs": {m: [] for m in args.modes}}
+    check_output(args.out, args.force)
+    if args.out is not None and args.out.with_suffix(".png").exists() and not args.force:
+        refuse(f"{args.out.with_suffix('.png')} (the plot beside --out) exists: pass --force to replace it")
+    text = args.calib.read_text(errors="replace")[:2_000_000]
+    if len(text.split()) < 100:
+        refuse(f"--calib {args.calib} holds fewer than 100 words: pass a longer text")
+    tokenizer = train_tokenizer(text)
+    result = {"benchmark": "convert_scale", "provenance": provenance(args), "runs": {m: [] for m in args.modes}}
     with tempfile.TemporaryDirectory() as tmp:
         for layers in args.layers:
             src = Path(tmp) / f"src{layers}"
@@ -154,26 +182,27 @@ def main() -> None:
                        "wall_s_per_layer": r["wall_s"] / layers,
                        "peak_rss_above_import_mb": (r["peak_rss"] - r["rss_after_import"]) / 1e6}  # fmt: skip
                 result["runs"][mode].append(row)
-                print(json.dumps({"mode": mode, **row}), flush=True)
+                print(json.dumps({"mode": mode, **row}), file=sys.stderr, flush=True)
     result["targets"] = targets(result)
-    print(json.dumps(result["targets"], indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, Path(args.out).with_suffix(".png"))
+        plot(result, args.out.with_suffix(".png"))
+    emit(result, args.out)
 
 
 def targets(result: dict) -> dict:
-    """RSS at 24 vs 8 layers and vs the 24-layer fp32 model, per mode, against targets.json where measured."""
+    """RSS at 24 vs 8 layers and vs the 24-layer fp32 model, per mode, against targets.json (null: not measured,
+    when this run did not convert 24 layers, or 8 layers for the first ratio)."""
     out = {}
     for mode, rows in result["runs"].items():
         by = {r["layers"]: r for r in rows}
-        if 8 in by and 24 in by:
-            ratio = by[24]["peak_rss_above_import_mb"] / by[8]["peak_rss_above_import_mb"]
-            vs_model = by[24]["peak_rss_above_import_mb"] / by[24]["model_fp32_mb"]
-            out[mode] = check("convert_scale", {"rss_24_over_8": round(ratio, 3),
-                                                "rss_24_over_fp32_model": round(vs_model, 3)})  # fmt: skip
+        ratio = vs_model = None
+        if 24 in by:
+            vs_model = round(by[24]["peak_rss_above_import_mb"] / by[24]["model_fp32_mb"], 3)
+            if 8 in by:
+                ratio = round(by[24]["peak_rss_above_import_mb"] / by[8]["peak_rss_above_import_mb"], 3)
+        out[mode] = check("convert_scale", {"rss_24_over_8": ratio, "rss_24_over_fp32_model": vs_model})
     return out
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -3,16 +3,28 @@
     python benchmarks/eval_bench.py                      # SmolLM2 + held-out text from the demo cache (fetched once)
     python benchmarks/eval_bench.py --model DIR --data heldout.txt --seq-len 1024 --max-tokens 8192
 
-Prints JSON: both wall times (best of --repeats, interleaved so load on the machine hits both alike), the overhead
+Prints JSON (and writes it to --out at the end): the settings and provenance (versions, command), both wall
+times (best of --repeats, interleaved so load on the machine hits both alike), the overhead
 in percent (target in targets.json, "eval_bench": <= 5%) and tokens/s. The bare loop runs the identical batches and
 `logits_to_keep`, without the loss, the window bookkeeping or the progress bar.
 """
 
-import argparse
-import json
 import time
+from pathlib import Path
 
 import torch
+from common import (
+    FORCE_HELP,
+    OUT_HELP,
+    Parser,
+    check_output,
+    emit,
+    existing_file,
+    main_guard,
+    positive,
+    provenance,
+    refuse,
+)
 from targets import check
 
 from clakit.demo import fetch_demo
@@ -34,52 +46,63 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="model spec (default: the demo's SmolLM2 GGUF)")
-    p.add_argument("--data", help="text file (default: the demo's held-out text)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--stride", type=int)
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is steadier on a busy machine)")
+    p = Parser(__doc__)
+    p.add_argument("--model", help="model spec: a folder, a GGUF file, ... (default: the demo's SmolLM2 GGUF)")
+    p.add_argument("--data", type=existing_file, help="UTF-8 text file (default: the demo's held-out text)")
+    p.add_argument("--seq-len", type=positive, default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=positive, help="tokens between window starts (default: --seq-len, disjoint)")
+    p.add_argument("--max-tokens", type=positive, default=2048, help="tokens of --data scored (default 2048)")
+    p.add_argument("--batch-size", type=positive, default=2, help="windows per forward (default 2)")
+    p.add_argument("--repeats", type=positive, default=3, help="timings of each loop, interleaved; best (default 3)")
+    p.add_argument(
+        "--threads", type=positive, help="torch threads (default: torch's; 1 is steadier on a busy machine)"
+    )
+    p.add_argument("--out", type=Path, help=OUT_HELP)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     args = p.parse_args()
+    check_output(args.out, args.force)
+    stride = ppl.check_window(args.seq_len, args.stride)
     if args.threads:
         torch.set_num_threads(args.threads)
     assets = None if args.model and args.data else fetch_demo(quiet=True)
     source = resolve_source(args.model or str(assets.model))
     model, tokenizer = load_model(source), load_tokenizer(source)
-    text = open(args.data or assets.heldout, encoding="utf-8").read()
-    stride = ppl.check_window(args.seq_len, args.stride)
+    try:
+        text = (args.data or assets.heldout).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        refuse(f"--data {args.data} is not UTF-8 text: pass a text file")
     ids = ppl.tokenize(tokenizer, text, args.max_tokens).ids
+    if len(ids) < args.seq_len + 1:
+        refuse(f"--data holds {len(ids)} tokens (of --max-tokens {args.max_tokens}), too few for one window of "
+               f"--seq-len {args.seq_len}: pass more text or a smaller --seq-len")  # fmt: skip
     wins = ppl.windows(len(ids), args.seq_len, stride)
     bare, ours = [], []
     for _ in range(args.repeats):
         bare.append(timed(lambda: bare_loop(model, ids, wins, args.batch_size)))
         ours.append(timed(lambda: ppl.score(model, ids, args.seq_len, stride, args.batch_size, quiet=True)))
     n = len(ids) - 1
-    print(
-        json.dumps(
-            {
-                "model": source.spec,
-                "tokens": n,
-                "seq_len": args.seq_len,
-                "stride": stride,
-                "batch_size": args.batch_size,
-                "torch_threads": torch.get_num_threads(),
-                "bare_forward_s": min(bare),
-                "perplexity_loop_s": min(ours),
-                "overhead_pct": 100 * (min(ours) / min(bare) - 1),
-                "targets": check("eval_bench", {"overhead_pct": 100 * (min(ours) / min(bare) - 1)}),
-                "perplexity_tokens_per_s": n / min(ours),
-                "bare_tokens_per_s": n / min(bare),
-                "all_bare_s": bare,
-                "all_perplexity_s": ours,
-            },
-            indent=2,
-        )
+    emit(
+        {
+            "benchmark": "eval_bench",
+            "provenance": provenance(args),
+            "model": source.spec,
+            "tokens": n,
+            "seq_len": args.seq_len,
+            "stride": stride,
+            "batch_size": args.batch_size,
+            "torch_threads": torch.get_num_threads(),
+            "bare_forward_s": min(bare),
+            "perplexity_loop_s": min(ours),
+            "overhead_pct": 100 * (min(ours) / min(bare) - 1),
+            "targets": check("eval_bench", {"overhead_pct": 100 * (min(ours) / min(bare) - 1)}),
+            "perplexity_tokens_per_s": n / min(ours),
+            "bare_tokens_per_s": n / min(bare),
+            "all_bare_s": bare,
+            "all_perplexity_s": ours,
+        },
+        args.out,
     )
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

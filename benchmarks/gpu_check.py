@@ -1,7 +1,9 @@
 """What CPU CI cannot run: the model, eval and uptraining paths on a GPU, in bf16, under accelerate's launchers.
 
-Prints JSON (and writes it to --out as each part finishes, so a run cut short still reports). Each part records
-its error instead of stopping the rest. Parts:
+Prints JSON (settings, provenance: versions and command, then each part's figures; speeds also as CLA2 / original
+ratios measured in this run) and writes it to --out at the end (staged, then renamed; an existing file is replaced
+only with --force). While it runs, OUT.partial holds the parts finished so far, so a run cut short still reports.
+Each part records its error instead of stopping the rest. Parts:
 - modeling: a Llama-3.2-1B-shaped model with random weights (bf16): factor-1 CLA logits vs stock, CLA2 cache bytes
   measured vs computed, greedy decoding with a dynamic and a static cache vs no cache (fp32, SmolLM2 shape), and
   decode tokens/s and peak memory of the original at batch B vs CLA2 at B and 2B (CLA2's cache at 2B = original's);
@@ -15,12 +17,13 @@ its error instead of stopping the rest. Parts:
     python benchmarks/gpu_check.py --out gpu_check.json [--small]   # --small: tiny shapes, for a CPU dry run
 """
 
-import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -30,6 +33,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+from common import Parser, check_output, main_guard, positive, provenance, refuse, write_json  # noqa: E402
+
+PARTS = ("modeling", "eval", "uptrain", "convert")
 
 LLAMA_1B = dict(
     vocab_size=128256,
@@ -135,6 +142,11 @@ def decode_speed(model, cla2, batch: int, seq_len: int, steps: int, repeats: int
             statistics.median(r["decode"]),
             statistics.median(r["prefill"]),
         )
+    base = out["original"]
+    out["ratios_to_original"] = {
+        name: {k: out[name][k] / base[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
+        for name in ("cla2", "cla2_2x_batch")
+    }
     return out
 
 
@@ -293,32 +305,48 @@ def part_uptrain(work: Path, assets: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/clakit_gpu_check"))
+    parser = Parser(__doc__)
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON report (default "
+                        "gpu_check.json); an existing file needs --force")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--work", type=Path, default=None, help="an existing folder for this run's scratch folder "
+                        "(default: the system's temp folder); the scratch folder is removed at the end")  # fmt: skip
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU dry run of the script)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--parts", default="modeling,eval,uptrain,convert")
+    parser.add_argument("--batch", type=positive, default=32, help="modeling: decode batch of the original (default "
+                        "32; CLA2 also at twice it)")  # fmt: skip
+    parser.add_argument("--seq-len", type=positive, default=2048, help="modeling: prompt tokens (default 2048)")
+    parser.add_argument("--decode-steps", type=positive, default=32, help="modeling: decoded tokens (default 32)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts (default {','.join(PARTS)})")
     args = parser.parse_args()
+    names = [n for n in args.parts.split(",") if n]
+    if not names or any(n not in PARTS for n in names):
+        refuse(f"--parts {args.parts!r}: pass a comma-separated list of {', '.join(PARTS)}")
+    if args.work is not None and not args.work.is_dir():
+        refuse(f"--work {args.work} is not a folder: create it or pass an existing one")
+    check_output(args.out, args.force)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.work.mkdir(parents=True, exist_ok=True)
-    result = {"env": device_info(device)}
-    assets = tiny_assets(args.work)
-    parts = {"modeling": lambda: part_modeling(args, device), "eval": lambda: part_eval(args.work, assets)}
-    parts["uptrain"] = lambda: part_uptrain(args.work, assets)
-    parts["convert"] = lambda: part_convert(args.work, assets)
-    for name in args.parts.split(","):
-        start = time.perf_counter()
-        try:
-            result[name] = parts[name]()
-        except Exception:  # noqa: BLE001 - one broken part must not hide the others' numbers
-            result[name] = {"error": traceback.format_exc()[-3000:]}
-        result[name + "_s"] = round(time.perf_counter() - start, 1)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
+    work = Path(tempfile.mkdtemp(prefix="clakit_gpu_check_", dir=args.work))  # fresh: no earlier run's outputs
+    partial = args.out.with_name(args.out.name + ".partial")
+    result = {"benchmark": "gpu_check", "provenance": provenance(args), "env": device_info(device)}
+    try:
+        assets = tiny_assets(work)
+        parts = {"modeling": lambda: part_modeling(args, device), "eval": lambda: part_eval(work, assets)}
+        parts["uptrain"] = lambda: part_uptrain(work, assets)
+        parts["convert"] = lambda: part_convert(work, assets)
+        for name in names:
+            start = time.perf_counter()
+            try:
+                result[name] = parts[name]()
+            except Exception:  # noqa: BLE001 - one broken part must not hide the others' numbers
+                result[name] = {"error": traceback.format_exc()[-3000:]}
+            result[name + "_s"] = round(time.perf_counter() - start, 1)
+            write_json(partial, result)  # the parts so far, if the run is cut short
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=1, default=str))
+    write_json(args.out, result)
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

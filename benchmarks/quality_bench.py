@@ -26,13 +26,16 @@ and every CLA model of the best method asked for (auto+reconstruct+distill, else
 checkpoint again with a quantised cache (`--cla-kv-bits 8`):
 CLA + 8-bit KV. Quantised caches are scored chunk by chunk (`--chunk` tokens per forward, each chunk folded into the
 quantised store before the next reads it; `perplexity.score_cached`). Prints JSON lines, writes the table (`--out`)
-and the plot of perplexity against KV bytes per token (`--plot`).
+and the plot of perplexity against KV bytes per token (`--plot`), both once, at the end (an existing file is replaced
+only with --force); the table holds the settings, provenance (versions, command), the load average and the rows.
+While the sweep runs, each row is also appended to OUT.partial.jsonl (removed once OUT is written).
 
     python benchmarks/quality_bench.py --savings 0.5 --methods auto+reconstruct --baselines kv8,kv4 --out q.json
     python benchmarks/quality_bench.py --savings "" --baselines "" --model uptrained=runs/x/model   # a checkpoint
+    python benchmarks/quality_bench.py --savings "" --methods "" --baselines "" --cla-kv-bits "" --eval-tokens 64 \
+        --calib-tokens 64 --seq-len 32                                      # the original only: a smoke test
 """
 
-import argparse
 import json
 import os
 import sys
@@ -42,6 +45,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import Parser, check_output, main_guard, non_negative, positive, provenance, refuse, write_json  # noqa: E402
 
 from clakit.convert import distill, kvheads  # noqa: E402
 from clakit.convert.autolayout import auto_layout  # noqa: E402
@@ -230,29 +235,36 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--savings", default="0.25,0.5,0.67")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--baselines", default=",".join(BASELINES))
-    ap.add_argument("--kv-heads", type=int, default=1, help="KV heads after merging (SmolLM2: 3 -> 1)")
+    ap = Parser(__doc__)
+    ap.add_argument("--savings", default="0.25,0.5,0.67", help="comma-separated KV savings in (0, 1) for the CLA "
+                    "conversions ('' for none; default 0.25,0.5,0.67)")  # fmt: skip
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated CLA methods (see above; '' for none)"
+    )
+    ap.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated baselines (see above; '' for "
+                    "none)")  # fmt: skip
+    ap.add_argument("--kv-heads", type=positive, default=1, help="KV heads after merging (SmolLM2: 3 -> 1)")
     ap.add_argument("--cla-kv-bits", default="8", help="bits of the quantised cache on CLA models ('' for none)")
     ap.add_argument("--cla-kv-savings", default=None, help="savings whose CLA model also runs quantised (default all)")
     ap.add_argument("--chunk", type=int, default=32, help="tokens per forward through a quantised cache")
     ap.add_argument("--passkey-lengths", default="", help="e.g. 512,1024,2048: passkey accuracy (depths 0/0.5/1)")
     ap.add_argument("--passkey-savings", default="0.5", help="auto+reconstruct savings that also run the passkey")
-    ap.add_argument("--calib-tokens", type=int, default=4096)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=None, help="reconstruct Adam steps per group")
-    ap.add_argument("--distill-steps", type=int, default=DEFAULT_DISTILL_STEPS, help="+distill: Adam steps")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--plot", default=None)
+    ap.add_argument("--calib-tokens", type=positive, default=4096, help="calibration tokens (default 4096)")
+    ap.add_argument("--eval-tokens", type=positive, default=4096, help="held-out tokens scored (default 4096)")
+    ap.add_argument("--seq-len", type=positive, default=512, help="tokens per window (default 512)")
+    ap.add_argument("--steps", type=non_negative, default=None, help="reconstruct Adam steps per group")
+    ap.add_argument("--distill-steps", type=non_negative, default=DEFAULT_DISTILL_STEPS, help="+distill: Adam steps")
+    ap.add_argument("--threads", type=positive, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", type=Path, default=None, help="write the table (JSON) here, at the end")
+    ap.add_argument("--plot", type=Path, default=None, help="write the plot (PNG) here, at the end")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out / --plot file")
     ap.add_argument(
         "--model", action="append", default=[], metavar="LABEL=DIR",
         help="also measure a converted/uptrained CLA checkpoint (e.g. the uptraining recipe's output)",
     )  # fmt: skip
     args = ap.parse_args()
+    validate(args)
+    settings = provenance(args)  # the settings as given, before parsing the lists
     args.cla_kv_bits = [int(b) for b in args.cla_kv_bits.split(",") if b]
     methods = [m for m in args.methods.split(",") if m]  # the best asked for also runs quantised and the passkey
     args.best = next((m for m in ("auto+reconstruct+distill", "auto+reconstruct") if m in methods), None)
@@ -265,7 +277,8 @@ def main() -> None:
     model, tokenizer, assets = load_demo()
     calib = calib_input_ids(tokenizer, [Text("calib", assets.calib.read_text())], args.calib_tokens, args.seq_len)
     heldout = Heldout(tokenizer, assets.heldout, args.eval_tokens, args.seq_len, args.chunk)
-    sweep = Sweep(heldout, kv_bytes(model.config), args.out and args.out + ".partial.jsonl")
+    partial = args.out and args.out.with_name(args.out.name + ".partial.jsonl")
+    sweep = Sweep(heldout, kv_bytes(model.config), partial)
     args.passkey = None
     if args.passkey_lengths:  # passkey retrieval on the original, auto+reconstruct at --passkey-savings, checkpoints
         lengths = [int(n) for n in args.passkey_lengths.split(",")]
@@ -277,6 +290,7 @@ def main() -> None:
     run_cla(sweep, model, calib, args)
     run_checkpoints(sweep, args.model, args)
     result = {
+        "benchmark": "quality_bench", "provenance": settings,
         "model": str(assets.model), "calib_text": str(assets.calib), "heldout_text": str(assets.heldout),
         "calib_tokens": calib.numel(), "eval_tokens": len(heldout.tokens.ids) - 1, "seq_len": args.seq_len,
         "kv_quant": {"backend": "hqq", "axis": kvquant.AXIS, "group": kvquant.DEFAULT_GROUP, "chunk": args.chunk},
@@ -284,12 +298,47 @@ def main() -> None:
         "load_average_start": load, "load_average_end": os.getloadavg(),
         "wall_s": round(time.perf_counter() - start, 1), "rows": sweep.rows,
     }  # fmt: skip
-    print(json.dumps(result, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
         plot(sweep.rows, args.plot)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        write_json(args.out, result)
+        partial.unlink(missing_ok=True)
+
+
+def validate(args) -> None:
+    """Refuse bad lists before any model is loaded: one line naming the flag and what it takes."""
+
+    def numbers(flag: str, text: str, kind=float, low=0.0, high=1.0) -> None:
+        for item in [x for x in text.split(",") if x]:
+            try:
+                value = kind(item)
+            except ValueError:
+                refuse(f"{flag} {text!r}: {item!r} is not a number; pass comma-separated numbers")
+            if not low < value < high:
+                refuse(f"{flag} {text!r}: {item} is outside ({low:g}, {high:g}); pass values inside it")
+
+    numbers("--savings", args.savings)
+    numbers("--passkey-savings", args.passkey_savings)
+    if args.cla_kv_savings is not None:
+        numbers("--cla-kv-savings", args.cla_kv_savings)
+    numbers("--passkey-lengths", args.passkey_lengths, int, 0, float("inf"))
+    for flag, text, known in (("--methods", args.methods, METHODS), ("--baselines", args.baselines, BASELINES)):
+        unknown = [x for x in text.split(",") if x and x not in known]
+        if unknown:
+            refuse(f"{flag}: unknown {', '.join(unknown)}; pass a comma-separated list of {', '.join(known)}")
+    bits = [b for b in args.cla_kv_bits.split(",") if b]
+    if any(b not in {str(n) for n in kvquant.NBITS} for b in bits):
+        refuse(f"--cla-kv-bits {args.cla_kv_bits!r}: pass comma-separated bits among {kvquant.NBITS}")
+    for spec in args.model:
+        label, _, folder = spec.partition("=")
+        if not label or not folder:
+            refuse(f"--model {spec!r}: pass LABEL=DIR, e.g. uptrained=runs/x/model")
+        if not Path(folder).exists():
+            refuse(f"--model {spec!r}: {folder} does not exist; pass a saved checkpoint")
+    check_output(args.out, args.force)
+    check_output(args.plot, args.force, "--plot")
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -11,9 +11,11 @@ concurrent greedy requests (prompt + max_tokens tokens each, EOS ignored), twice
 holds at once (requests take whole cache blocks), so the original must queue or preempt while a CLA2 model holds the
 whole batch; generated tokens / wall seconds.
 Ratios are CLA / original, measured in one run (the machine is shared: compare ratios, not absolute figures).
+
+Writes the JSON (settings, provenance: versions of both venvs and the command, both models' figures, the ratios) to
+-o once, at the end (staged, then renamed; an existing file is replaced only with --force) and prints the ratios.
 """
 
-import argparse
 import json
 import math
 import os
@@ -27,19 +29,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the vLLM-venv helpers the serving tests use
 
+from common import Parser, check_output, main_guard, positive, provenance, refuse, write_json  # noqa: E402
 from serving_vllm_fixtures import ensure_vllm_venv, run_vllm  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-o", "--output", default="docs/figures/serve_bench_cpu.json")
-    p.add_argument("--original", help="original checkpoint folder (default: SmolLM2 from the demo GGUF)")
-    p.add_argument("--cla", help="CLA checkpoint folder (default: SmolLM2 converted to CLA2, mean init)")
-    p.add_argument("--kv-cache-mib", type=int, default=64, help="the same KV cache size for both models")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=1024, help="<= the cache's capacity: vLLM refuses less")
-    return p.parse_args(argv)
+def parse_args(argv=None):
+    p = Parser(__doc__)
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("docs/figures/serve_bench_cpu.json"),
+        help="the JSON report (default docs/figures/serve_bench_cpu.json); an existing file needs --force",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing -o file")
+    p.add_argument("--original", type=Path, help="original checkpoint folder, with --cla (default: SmolLM2 from the "
+                   "demo GGUF)")  # fmt: skip
+    p.add_argument("--cla", type=Path, help="CLA checkpoint folder, with --original (default: SmolLM2 converted to "
+                   "CLA2, mean init)")  # fmt: skip
+    p.add_argument("--kv-cache-mib", type=positive, default=64, help="the same KV cache size for both models (MiB)")
+    p.add_argument("--prompt-tokens", type=positive, default=32, help="prompt tokens per request (default 32)")
+    p.add_argument("--max-tokens", type=positive, default=32, help="generated tokens per request (default 32)")
+    p.add_argument("--max-model-len", type=positive, default=1024, help="<= the cache's capacity: vLLM refuses "
+                   "less (default 1024)")  # fmt: skip
+    args = p.parse_args(argv)
+    if (args.original is None) != (args.cla is None):
+        given = "--original" if args.original else "--cla"
+        refuse(f"{given} without {'--cla' if args.original else '--original'}: pass both folders, or neither for "
+               "the SmolLM2 pair")  # fmt: skip
+    for flag, folder in (("--original", args.original), ("--cla", args.cla)):
+        if folder is not None and not (folder / "config.json").is_file():
+            refuse(f"{flag} {folder} is not a checkpoint folder (no config.json): pass a saved model folder")
+    check_output(args.output, args.force, "-o")
+    return args
 
 
 def smollm2_pair(work: Path) -> tuple[Path, Path]:
@@ -81,12 +103,12 @@ def measure(python: Path, folder: Path, batch: list[list[int]], args, work: Path
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args = parse_args(argv)  # bad input is refused before the vLLM venv is made or any model is loaded
     python = ensure_vllm_venv()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        original, cla = (Path(args.original), Path(args.cla)) if args.original else smollm2_pair(work)
+        original, cla = (args.original, args.cla) if args.original else smollm2_pair(work)
         probe = measure(python, original, prompts(original, 1, args.prompt_tokens), args, work)
         per_request = args.prompt_tokens + args.max_tokens
         # twice the requests the original's cache holds at once (each takes whole blocks)
@@ -99,8 +121,8 @@ def main(argv=None) -> None:
     o, c = results["original"], results["cla"]
     report = {
         "benchmark": "serve_bench",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "settings": vars(args) | {"requests": n, "tokens_per_request": per_request},
+        "provenance": provenance(args),
+        "settings": {"requests": n, "tokens_per_request": per_request},
         **results,
         "ratios_cla_over_original": {
             "kv_cache_tokens": c["kv_cache_tokens"] / o["kv_cache_tokens"],
@@ -110,11 +132,9 @@ def main(argv=None) -> None:
         "environment": environment(python),
         "wall_s": time.perf_counter() - start,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     print(json.dumps(report["ratios_cla_over_original"], indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {args.output}")
 
 
 def environment(python: Path) -> dict:
@@ -137,4 +157,4 @@ def environment(python: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -1,4 +1,5 @@
-"""Uptraining benchmark (prints JSON).
+"""Uptraining benchmark: prints JSON (and writes it to --json at the end) with the settings, provenance (versions,
+command), the measured values and the targets' check (null: the part not run).
 
 1. speed: CPU training tokens/s of the CLA2 model vs the original model under the same LoRA settings (forward +
    backward + AdamW step, cross-entropy, no teacher), steps of the two interleaved so machine load hits both
@@ -8,10 +9,10 @@
    <= 1.15x the original's within 20 minutes on 2 cores.
 
     python benchmarks/uptrain_bench.py                       # speed only, SmolLM2 from `clakit fetch-demo`
-    python benchmarks/uptrain_bench.py --curve --out runs/bench_curve
+    python benchmarks/uptrain_bench.py --curve --out runs/bench_curve   # --force replaces an earlier run folder
+    python benchmarks/uptrain_bench.py --source TINY_DIR --steps 1 --batch 1 --seq-len 8   # seconds: a smoke test
 """
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -23,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import Parser, check_output, emit, main_guard, positive, provenance, refuse  # noqa: E402
 from targets import check  # noqa: E402
 
 from clakit.convert.inmemory import cla_model_from  # noqa: E402
@@ -88,11 +90,12 @@ def speed(source: str, recipe, steps: int, batch: int, seq_len: int) -> dict:
     }
 
 
-def curve(recipe_path: Path, out: Path, eval_steps: int, overrides: list[str]) -> dict:
-    """Run the recipe; held-out perplexity over training from metrics.jsonl, the original's from eval/."""
+def curve(recipe_path: Path, out: Path, eval_steps: int, overrides: list[str], overwrite: bool = False) -> dict:
+    """Run the recipe; held-out perplexity over training from metrics.jsonl, the original's from eval/. An earlier
+    run in `out` is replaced only with `overwrite` (--force), and only when clakit wrote it."""
     start = time.perf_counter()
     settings = [f"train.output_dir={json.dumps(str(out))}", f"train.eval_steps={eval_steps}", *overrides]
-    result = uptrain(recipe_path, settings, overwrite=True)
+    result = uptrain(recipe_path, settings, overwrite=overwrite)
     wall = time.perf_counter() - start
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     points = [{"step": x["step"], "tokens": x["tokens"], "perplexity": round(x["eval_perplexity"], 2)} for x in lines
@@ -113,32 +116,41 @@ def curve(recipe_path: Path, out: Path, eval_steps: int, overrides: list[str]) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", type=Path, default=RECIPE)
+    parser = Parser(__doc__)
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help=f"uptraining recipe (default {RECIPE.name})")
     parser.add_argument("--source", help="model for the speed test (default: the recipe's model.source)")
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps per model")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--steps", type=positive, default=6, help="timed training steps per model (default 6)")
+    parser.add_argument("--batch", type=positive, default=4, help="sequences per speed-test step (default 4)")
+    parser.add_argument("--seq-len", type=positive, default=256, help="tokens per speed-test sequence (default 256)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed test")
     parser.add_argument("--curve", action="store_true", help="also run the recipe and report the quality curve")
-    parser.add_argument("--eval-steps", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=Path("runs/uptrain_bench_curve"))
+    parser.add_argument("--eval-steps", type=positive, default=40, help="curve: held-out eval every N steps")
+    parser.add_argument("--out", type=Path, default=Path("runs/uptrain_bench_curve"), help="curve: the recipe's run "
+                        "folder (default runs/uptrain_bench_curve); an existing one needs --force")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the JSON report here, once, at the end")
+    parser.add_argument("--force", action="store_true", help="replace an existing --json file and --out run folder "
+                        "(a run folder only when clakit wrote it)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="recipe overrides for the curve run, e.g. train.max_steps=80")
     args = parser.parse_args()
+    if args.no_speed and not args.curve:
+        refuse("--no-speed without --curve measures nothing: drop --no-speed or add --curve")
+    check_output(args.json, args.force, "--json")
+    if args.curve and args.out.exists() and not args.force:
+        refuse(f"--out {args.out} exists: pass --force to replace an earlier run there, or choose another --out")
     recipe = load_recipe(args.recipe, args.overrides)
-    report = {"recipe": str(args.recipe)}
+    report = {"benchmark": "uptrain_bench", "provenance": provenance(args), "recipe": str(args.recipe)}
     if not args.no_speed:
         source = args.source or recipe.model.source or recipe.model.path
         report["speed"] = speed(source, recipe, args.steps, args.batch, args.seq_len)
     if args.curve:
-        report["quality"] = curve(args.recipe, args.out.resolve(), args.eval_steps, args.overrides)
+        report["quality"] = curve(args.recipe, args.out.resolve(), args.eval_steps, args.overrides, args.force)
     measured = {
         "ratio_cla2_vs_original": report.get("speed", {}).get("ratio_cla2_vs_original"),
         **{k: report.get("quality", {}).get(k) for k in ("uptrained_vs_original", "wall_minutes")},
     }
     report["targets"] = check("uptrain_bench", measured)  # the parts not run this time: "met": null
-    print(json.dumps(report, indent=1))
+    emit(report, args.json)
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -18,9 +18,12 @@ weights get no weight gradients), 2 N for the teacher's forward, attention inclu
 counted) against --peak-tflops (989: H100/H200 dense bf16). Budget ~6 device-minutes:
   python benchmarks/uptrain_scale.py --gpu --out gpu_uptrain.json
 Smoke test of the GPU path on CPU: python benchmarks/uptrain_scale.py --gpu --device cpu --shape tiny --steps 2
+Smoke test of the CPU mode: python benchmarks/uptrain_scale.py --shape tiny --depths 2 --launches single --steps 1
+
+Prints JSON (and writes it to --out once, at the end): settings and provenance (versions, command), the runs and, in
+CPU mode, CLA2 / original ratios measured in this run.
 """
 
-import argparse
 import json
 import os
 import resource
@@ -33,6 +36,19 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import (  # noqa: E402
+    FORCE_HELP,
+    OUT_HELP,
+    Parser,
+    check_output,
+    emit,
+    main_guard,
+    non_negative,
+    positive,
+    positive_float,
+    provenance,
+)
 
 SHAPES = {
     "cpu": dict(
@@ -260,32 +276,35 @@ def gpu_bench(opts) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         return worker_main(sys.argv[2], sys.argv[3])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--gpu", action="store_true", help="the GPU mode (bf16, checkpointing, distillation, MFU)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--shape", default=None, help="cpu | llama3_2_1b | tiny (default: cpu, or llama3_2_1b with --gpu)")
-    p.add_argument("--depths", type=int, nargs="+", default=[4, 8], help="CPU mode: decoder layers")
-    p.add_argument("--layers", type=int, default=16, help="GPU mode: decoder layers")
-    p.add_argument("--launches", nargs="+", default=["single", "ddp", "fsdp"], choices=["single", "ddp", "fsdp"])
-    p.add_argument("--batch", type=int, default=None, help="per process (default: 2 on CPU, 8 on GPU)")
-    p.add_argument("--seq-len", type=int, default=None, help="default: 128 on CPU, 2048 on GPU")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--peak-tflops", type=float, default=989.0)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--device", default="cuda", help="GPU mode: torch device (default cuda; cpu for a smoke test)")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="model width (default: cpu, or "
+                   "llama3_2_1b with --gpu; tiny for a smoke test)")  # fmt: skip
+    p.add_argument("--depths", type=positive, nargs="+", default=[4, 8], help="CPU mode: decoder layers (default 4 8)")
+    p.add_argument("--layers", type=positive, default=16, help="GPU mode: decoder layers (default 16)")
+    p.add_argument("--launches", nargs="+", default=["single", "ddp", "fsdp"], choices=["single", "ddp", "fsdp"],
+                   help="CPU mode: how the processes train (default: all three)")  # fmt: skip
+    p.add_argument("--batch", type=positive, default=None, help="per process (default: 2 on CPU, 8 on GPU)")
+    p.add_argument("--seq-len", type=positive, default=None, help="default: 128 on CPU, 2048 on GPU")
+    p.add_argument("--steps", type=positive, default=3, help="timed training steps (default 3)")
+    p.add_argument("--warmup", type=non_negative, default=1, help="untimed steps before them (default 1)")
+    p.add_argument("--peak-tflops", type=positive_float, default=989.0, help="GPU mode: the device's peak dense "
+                   "bf16 TFLOP/s for MFU (default 989: H100/H200)")  # fmt: skip
+    p.add_argument("--out", type=Path, help=OUT_HELP)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     opts = p.parse_args()
+    check_output(opts.out, opts.force)
     opts.batch = opts.batch or (8 if opts.gpu else 2)
     opts.seq_len = opts.seq_len or (2048 if opts.gpu else 128)
     opts.shape = opts.shape or ("llama3_2_1b" if opts.gpu else "cpu")
     start = time.perf_counter()
-    result = {"benchmark": "uptrain_scale", "load_before": os.getloadavg()[0], "cpus": os.cpu_count()}
+    result = {"benchmark": "uptrain_scale", "provenance": provenance(opts)}
+    result |= {"load_before": os.getloadavg()[0], "cpus": os.cpu_count()}
     result |= {"gpu": gpu_bench(opts)} if opts.gpu else cpu_bench(opts)
     result |= {"load_after": os.getloadavg()[0], "wall_s": round(time.perf_counter() - start, 1)}
-    text = json.dumps(result, indent=1)
-    if opts.out:
-        opts.out.write_text(text + "\n")
-    print(text)
+    emit(result, opts.out)
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

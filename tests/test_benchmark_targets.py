@@ -51,10 +51,10 @@ def test_a_value_under_a_name_without_a_target_is_an_error():
 
 
 def test_model_bench_reports_its_targets_from_the_json(tmp_path):
-    """End to end on a 2-layer SmolLM2-shaped model: the cache ratio is exact, so its target must be met."""
+    """End to end on a 2-layer tiny model: the cache ratio is exact, so its target must be met."""
     out = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "model_bench.py"), "--layers", "2", "--prompt", "8", "--new-tokens", "2",
-         "--repeats", "1"],
+        [sys.executable, str(BENCHMARKS / "model_bench.py"), "--shape", "tiny", "--layers", "2", "--prompt", "8",
+         "--new-tokens", "2", "--train-seq", "8", "--repeats", "1"],
         capture_output=True, text=True, check=True, timeout=300,
     )  # fmt: skip
     result = json.loads(out.stdout)
