@@ -31,6 +31,7 @@ from common import (
 )
 
 from clakit.convert import convert
+from clakit.convert.config import DEFAULT_SEQ_LEN
 from clakit.corpus import join_texts, load_texts
 from clakit.eval.perplexity import perplexity
 from clakit.sources import Source, load_model, load_tokenizer, resolve_source
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=positive, default=8192, help="calibration tokens (default 8192)")
     parser.add_argument("--eval-data", type=existing_file, nargs="+", required=True, help="held-out text files")
     parser.add_argument("--eval-tokens", type=positive, default=8192, help="tokens scored per file (default 8192)")
-    parser.add_argument("--seq-len", type=positive, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--seq-len", type=positive, default=512, help="tokens per held-out window (default 512)")
+    parser.add_argument("--calib-seq-len", type=positive, help="tokens per calibration sequence (default: the "
+                        f"converter's, {DEFAULT_SEQ_LEN})")  # fmt: skip
     parser.add_argument("--factor", type=positive, default=2, help="layers per KV group (default 2)")
     parser.add_argument("--inits", default="producer,mean,calibrated", help="comma-separated inits to convert with "
                         f"({', '.join(INITS)}; default producer,mean,calibrated)")  # fmt: skip
@@ -65,6 +68,10 @@ def main() -> None:
     inits = [i for i in args.inits.split(",") if i]
     if not inits or any(i not in INITS for i in inits):
         refuse(f"--inits {args.inits!r}: pass a comma-separated list of {', '.join(INITS)}")
+    calib_seq_len = args.calib_seq_len or DEFAULT_SEQ_LEN
+    if args.calib_tokens < calib_seq_len and any(i in ("calibrated", "reconstruct") for i in inits):
+        refuse(f"--calib-tokens {args.calib_tokens} is less than one calibration sequence ({calib_seq_len} tokens): "
+               "pass more --calib-tokens or a smaller --calib-seq-len")  # fmt: skip
     check_output(args.out, args.force)
     args.calib_data, args.eval_data = str(args.calib_data), [str(f) for f in args.eval_data]
     source = resolve_source(args.src)
@@ -87,7 +94,7 @@ def main() -> None:
             start = time.perf_counter()
             out = convert(
                 args.src, work / init, factor=args.factor, init=init, calib_data=[args.calib_data],
-                calib_tokens=args.calib_tokens, quiet=True,
+                calib_tokens=args.calib_tokens, seq_len=args.calib_seq_len, quiet=True,
             )  # fmt: skip
             convert_s = time.perf_counter() - start
             cla = load_model(Source(str(out), "dir", out), torch.float32)

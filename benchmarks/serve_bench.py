@@ -97,7 +97,13 @@ def prompts(folder: Path, n: int, length: int) -> list[list[int]]:
 def measure(python: Path, folder: Path, batch: list[list[int]], args, work: Path) -> dict:
     options = dict(max_tokens=args.max_tokens, kv_cache_bytes=args.kv_cache_mib << 20)
     options.update(max_model_len=args.max_model_len, max_num_seqs=len(batch))
-    result = run_vllm(python, folder, batch, work, **options)
+    try:
+        result = run_vllm(python, folder, batch, work, **options)
+    except AssertionError as e:  # the helper's report of a failed vLLM run: its last line names the cause
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        cause = lines[-1].removeprefix("[rank0]:").strip() if lines else "no output"
+        refuse(f"vLLM could not serve {folder}: {cause}; check the model against vLLM's CPU backend (e.g. head_dim "
+               "32, 64, 80, ...)")  # fmt: skip
     result.pop("tokens")
     return result
 

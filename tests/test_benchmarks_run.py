@@ -134,6 +134,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path):
         ("layout_refine.py", ["dp", "--out-dir", tmp_path, "--out", existing]),
         ("convert_quality.py", [tmp_path, "--calib-data", missing, "--eval-data", existing]),
         ("convert_quality.py", [tmp_path, "--calib-data", existing, "--eval-data", existing, "--inits", "x"]),
+        ("convert_quality.py", [tmp_path, "--calib-data", existing, "--eval-data", existing, "--calib-tokens", "64"]),
         ("distill_variants.py", [missing]),
         ("distill_variants.py", [tmp_path, "--train", "everything"]),
     ]
@@ -166,13 +167,17 @@ def test_the_benchmarks_run_end_to_end_on_tiny_models_and_report_settings_proven
         ("convert_bench.py", ["--shape", "tiny", "--size-gb", "0.001", "--shard-size", "100KB", "--inits", "producer",
                               "--repeats", "1"]),
         ("uptrain_bench.py", ["--source", tiny["src"], "--steps", "1", "--batch", "1", "--seq-len", "8"]),
+        # the calibration sequence was the converter's default: a short --calib-tokens failed after the first inits
+        ("convert_quality.py", [tiny["src"], "--calib-data", tiny["heldout"], "--eval-data", tiny["heldout"],
+                                "--inits", "mean,calibrated", "--eval-tokens", "96", "--seq-len", "32",
+                                "--calib-tokens", "128", "--calib-seq-len", "32"]),
     ]  # fmt: skip
     results = run_cases([(s, [str(a) for a in argv], False) for s, argv in cases], work)
     reports = []
     for (script, _), r in zip(cases, results, strict=True):
         assert r["code"] == 0 and r["traceback"] is None, f"{script}: {r['stderr'][-2000:]}{r['traceback']}"
         reports.append(json.loads(r["stdout"][r["stdout"].index("{") :]))
-    first, forced, evaluated, speed, converted, up = reports
+    first, forced, evaluated, speed, converted, up, quality = reports
 
     assert_provenance(first, {"shape": "tiny", "layers": 2, "prompt": 8, "new_tokens": 2, "repeats": 1})
     assert first["targets"]["cache_ratio"]["met"] is True  # measured by clakit.eval.kvcache: exactly half
@@ -198,6 +203,10 @@ def test_the_benchmarks_run_end_to_end_on_tiny_models_and_report_settings_proven
     ratio = up["targets"]["ratio_cla2_vs_original"]
     assert ratio["value"] == up["speed"]["ratio_cla2_vs_original"] and ratio["met"] is not None
     assert up["targets"]["wall_minutes"]["met"] is None  # the curve was not run
+
+    assert_provenance(quality, {"inits": "mean,calibrated", "calib_seq_len": 32, "seq_len": 32})
+    held = str(tiny["heldout"])
+    assert quality["original"][held] > 0 and quality["mean"][held] > 0 and quality["calibrated"][held] > 0
 
 
 def test_convert_scale_reports_its_targets_as_not_measured_when_24_layers_were_not_run():
