@@ -39,6 +39,8 @@ from clakit.convert.reconstruct import reconstruct_overrides  # noqa: E402
 from clakit.corpus import Text  # noqa: E402
 from clakit.eval.perplexity import perplexity  # noqa: E402
 
+WINDOW = 512  # tokens per calibration sequence and per held-out window, as `clakit convert --eval-data` scores
+
 
 def main() -> None:
     ap = Parser(__doc__)
@@ -59,6 +61,9 @@ def main() -> None:
         refuse(f"--layout {args.layout!r} is not JSON: pass a list like [0,0,2,2]")
     if not isinstance(layout, list) or not all(isinstance(x, int) for x in layout):
         refuse(f"--layout {args.layout!r}: pass a JSON list of layer indices like [0,0,2,2]")
+    for flag, tokens in (("--calib-tokens", args.calib_tokens), ("--eval-tokens", args.eval_tokens)):
+        if tokens < WINDOW:
+            refuse(f"{flag} {tokens} is less than one window of {WINDOW} tokens: pass {WINDOW} or more")
     check_output(args.out, args.force)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,9 +77,9 @@ def main() -> None:
     held = assets.heldout.read_text()
 
     def ppl(m) -> float:
-        return perplexity(m, tokenizer, held, seq_len=512, max_tokens=args.eval_tokens, quiet=True)["perplexity"]
+        return perplexity(m, tokenizer, held, seq_len=WINDOW, max_tokens=args.eval_tokens, quiet=True)["perplexity"]
 
-    ids = calib_input_ids(tokenizer, [Text("calib", assets.calib.read_text())], args.calib_tokens, 512)
+    ids = calib_input_ids(tokenizer, [Text("calib", assets.calib.read_text())], args.calib_tokens, WINDOW)
     shared = [i for members in groups(layout).values() if len(members) > 1 for i in members]
     stats = collect_stats(model, ids, group_pairs(layout), keep=shared, progress=False)
     closed = calibrated_overrides(model, layout, stats)
@@ -87,17 +92,17 @@ def main() -> None:
     row({"variant": "original", "perplexity": ppl(model)})
     row({"variant": "calibrated", "perplexity": ppl(cla_model_from(model, layout, overrides=closed))})
     for variant in args.variants:
-        parts, report = variant.split("+"), {}
+        parts, objective = variant.split("+"), {}
         start = time.perf_counter()
         config = ConvertConfig(train_o_proj="o" in parts, sequential="seq" in parts, reconstruct_steps=args.steps)
         fitted = reconstruct_overrides(
-            model, layout, stats, closed, steps=config.reconstruct_steps, progress=False, report=report,
+            model, layout, stats, closed, steps=config.reconstruct_steps, progress=False, report=objective,
             train_o=config.train_o_proj, sequential=config.sequential, lr=config.reconstruct_lr,
         )  # fmt: skip
         fitted_row = {
             "variant": variant, "steps": args.steps, "wall_s": round(time.perf_counter() - start, 1),
             "perplexity": ppl(cla_model_from(model, layout, overrides=fitted)),
-            "objective_best_over_start": {k: round(r["best"] / r["start"], 3) for k, r in report.items()},
+            "objective_best_over_start": {k: round(r["best"] / r["start"], 3) for k, r in objective.items()},
         }  # fmt: skip
         row(fitted_row)
     emit(report, args.out)
