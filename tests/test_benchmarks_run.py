@@ -130,6 +130,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path):
         ("gpu_check.py", ["--out", existing]),
         ("reconstruct_variants.py", ["base", "--layout", "[0,0,"]),
         ("reconstruct_variants.py", ["bsae", "--layout", "[0,0]"]),
+        ("reconstruct_variants.py", ["base", "--layout", "[0,0]", "--eval-tokens", "256"]),  # < one 512 window
         ("layout_refine.py", ["dp", "--out-dir", tmp_path, "--extra-eval", missing]),
         ("layout_refine.py", ["dp", "--out-dir", tmp_path, "--out", existing]),
         ("convert_quality.py", [tmp_path, "--calib-data", missing, "--eval-data", existing]),
