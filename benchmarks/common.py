@@ -33,26 +33,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def whole_number(text: str, least: int) -> int:
+    """`text` as an integer >= `least`, or argparse's one-line error saying what to pass."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: pass a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1: pass a whole number >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: pass a whole number >= {least}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is below {least}: pass a whole number >= {least}")
     return value
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return whole_number(text, 1)
 
 
 def non_negative(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: pass a whole number >= 0") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative: pass a whole number >= 0")
-    return value
+    return whole_number(text, 0)
 
 
 def positive_float(text: str) -> float:
