@@ -321,3 +321,12 @@ def test_dry_run_refuses_a_one_step_warmup_as_the_run_does(capsys, tmp_path, cor
     assert "the run has 1 step and a warmup" in capsys.readouterr().err
     no_warmup = ["train.warmup_steps=0", "train.warmup_ratio=0"]
     assert main(["uptrain", str(path), "train.max_steps=1", *no_warmup, "--dry-run"]) == 0
+
+
+def test_dry_run_refuses_a_conversion_shard_size_that_is_no_size(capsys, tmp_path, corpus_dir, tiny_llama_checkpoint):
+    """model.convert.max_shard_size was checked by convert() only, once the run had read its data and started the
+    conversion; --dry-run passed it. ConvertConfig now checks it with its other settings."""
+    model = {"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "mean", "max_shard_size": "abc"}}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model))
+    assert main(["uptrain", str(path), "--dry-run"]) == 2
+    assert "--max-shard-size must be a size like 5GB" in capsys.readouterr().err

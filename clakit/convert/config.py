@@ -166,6 +166,9 @@ class ConvertConfig:
             raise ClakitError(f"--dtype (of the fits) must be one of {', '.join(FIT_DTYPES)}, got {self.dtype!r}")
         if self.output_dtype is not None and self.output_dtype not in OUTPUT_DTYPES:
             raise ClakitError(f"--output-dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.output_dtype!r}")
+        from clakit.convert.checkpoint import parse_size  # here (torch) so that a recipe's --dry-run checks it too
+
+        parse_size(self.max_shard_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
