@@ -330,3 +330,22 @@ def test_dry_run_refuses_a_conversion_shard_size_that_is_no_size(capsys, tmp_pat
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model))
     assert main(["uptrain", str(path), "--dry-run"]) == 2
     assert "--max-shard-size must be a size like 5GB" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU this machine lacks")
+@pytest.mark.parametrize(
+    "convert, needle",
+    [
+        ({"calib_data": ["missing.txt"]}, "text data 'missing.txt' does not exist"),
+        ({"eval_data": ["missing.txt"]}, "text data 'missing.txt' does not exist"),
+        ({"device": "cuda"}, "recipe section model.convert: --device cuda: this machine has no CUDA GPU"),
+        ({"dtype": "bfloat16", "device": "cpu"}, "recipe section model.convert: --dtype bfloat16 fits need a GPU"),
+    ],
+)
+def test_dry_run_checks_the_conversions_text_and_device(capsys, tmp_path, corpus_dir, tiny_llama_checkpoint, convert, needle):  # noqa: E501
+    """--dry-run checked the run's own text files and models but not the conversion's: a missing calibration file or
+    a GPU this machine lacks passed it, to be refused by the run."""
+    model = {"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "mean", **convert}}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model))
+    assert main(["uptrain", str(path), "--dry-run"]) == 2
+    assert needle in capsys.readouterr().err

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from clakit import outputs
+from clakit.convert.layerwise import resolve_device
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
@@ -247,9 +248,16 @@ def check_paths(recipe: Recipe) -> None:
             continue
         if spec:
             raise ClakitError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id")
-    for spec in recipe.data.train + (recipe.data.eval or []):
+    convert = recipe.model.convert
+    texts = [*(convert.calib_data or []), *(convert.eval_data or [])] if convert else []  # the conversion's text too
+    for spec in recipe.data.train + (recipe.data.eval or []) + texts:
         if not expand(spec, "data").exists() and not is_datasets_spec(spec):
             raise ClakitError(f"text data {spec!r} does not exist; give text files, .txt folders or NAME:CONFIG:SPLIT")
+    try:  # a GPU this machine lacks, or bf16 fits on the CPU, as the conversion would refuse them
+        if convert:
+            resolve_device(convert.device, convert.dtype)
+    except ClakitError as e:
+        raise ClakitError(f"recipe section model.convert: {e}") from None
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
