@@ -11,6 +11,7 @@ import warnings
 
 import clakit
 from clakit.errors import ClakitError, Terminated
+from clakit.uptrain.recipe import MODEL_READ_FLAGS
 
 
 class Parser(argparse.ArgumentParser):
@@ -188,9 +189,8 @@ def _add_demo(sub) -> None:
     p.set_defaults(run=run)
 
 
-# what a run may read, as explicit flags (as `clakit convert` has them) -> the recipe keys they set: the inverse of
-# clakit.uptrain.recipe.MODEL_READ_FLAGS, written out so that building the parser does not import torch
-UPTRAIN_KEY_FLAGS = {"--trust-remote-code": "model.trust_remote_code", "--allow-pickle": "model.allow_pickle"}
+# what a run may read, as explicit flags (as `clakit convert` has them) -> the recipe keys they set
+UPTRAIN_KEY_FLAGS = {flag: f"model.{key}" for key, flag in MODEL_READ_FLAGS.items()}
 
 
 def _add_uptrain(sub) -> None:

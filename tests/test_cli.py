@@ -35,7 +35,7 @@ def test_abbreviated_flags_are_refused_not_guessed(capsys, tmp_path):
 
 
 def test_uptrains_flags_are_the_recipe_keys_that_say_what_a_run_may_read():
-    """cli writes the flag -> key mapping out (the parser must not import torch); it must stay the recipe's."""
+    """cli's flag -> key mapping for `clakit uptrain` is the recipe's table, inverted."""
     from clakit.cli import UPTRAIN_KEY_FLAGS
     from clakit.uptrain.recipe import MODEL_READ_FLAGS
 

@@ -27,8 +27,8 @@ from clakit.sources import check_revision
 # train keys that do not change the trained weights: outside the fingerprint, so --resume may change them
 RUN_ONLY = ("output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_steps")
 # model keys that say what may be read, not what is trained, and the flag that sets each (convert's, which `clakit
-# uptrain` takes too: clakit.cli.UPTRAIN_KEY_FLAGS): outside the fingerprint too (a run recorded before they existed
-# resumes, and a resume may add them)
+# uptrain` takes too: clakit.cli builds its flags from this table): outside the fingerprint too (a run recorded
+# before they existed resumes, and a resume may add them)
 MODEL_READ_FLAGS = {"trust_remote_code": "--trust-remote-code", "allow_pickle": "--allow-pickle"}
 MODEL_RUN_ONLY = tuple(MODEL_READ_FLAGS)
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
