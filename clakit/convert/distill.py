@@ -73,13 +73,17 @@ def cla_student(model, layout: list[int], overrides) -> torch.nn.Module:
     if config.tie_word_embeddings:
         student.tie_weights()
     fresh_rotary(student, next(model.parameters()).device)  # non-persistent buffers: computed, not loaded
-    return student.requires_grad_(False)
+    # CLA: eval mode, also while training (`distill`): a module is built in train mode, and a source config's
+    # attention_dropout would then drop attention weights drawn from the global RNG, which --seed does not set
+    return student.requires_grad_(False).eval()
 
 
 def distill(student, ids: torch.Tensor, logits: list[torch.Tensor], *, steps: int, lr: float, seed: int,
             progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:  # fmt: skip
     """Train the student's `trained_names` tensors (fp32 leaves) for `steps` Adam steps; returns the trained tensors
-    (in the student's dtype) and a record: the KL before and after (on KL_BATCHES batches), the losses seen."""
+    (in the student's dtype) and a record: the KL before and after (on KL_BATCHES batches), the losses seen.
+    The student stays in eval mode (no dropout): the teacher's logits have none, and the batches are the only
+    randomness, drawn from `seed`."""
     from tqdm.auto import tqdm
 
     dtype = next(student.parameters()).dtype
@@ -89,7 +93,6 @@ def distill(student, ids: torch.Tensor, logits: list[torch.Tensor], *, steps: in
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
     record = {"kl_before": _measured_kl(student, ids, logits), "losses": []}
-    student.train()
     for _ in tqdm(range(steps), desc="distilling", disable=not progress, leave=False):
         b = int(torch.randint(len(logits), (1,), generator=gen))
         with _autocast(student, dtype):
@@ -100,7 +103,6 @@ def distill(student, ids: torch.Tensor, logits: list[torch.Tensor], *, steps: in
         opt.step()
         decay.step()
         record["losses"].append(round(loss.item(), 5))
-    student.eval()
     record["kl_after"] = _measured_kl(student, ids, logits)
     return {n: p.detach().to(dtype) for n, p in params.items()}, record
 
