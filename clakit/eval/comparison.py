@@ -308,16 +308,36 @@ def _prefill_length(speed: dict):
 
 
 def sources_table(reports: list[dict], paths: list) -> tuple[list[str], list[list[str]]]:
-    """Where each row came from: its report file, the model as it was evaluated (path or Hub id, revision) and the
-    versions that evaluated it. A label is the end of a path: alone, it does not find the model or the run again."""
-    columns = ["model", "evaluated", "revision", "report file", "clakit / transformers / torch"]
+    """Where each row came from: its report file, the model as it was evaluated (Hub id, else the absolute path read;
+    reports before provenance.model_path give the path as typed), its revision, the clakit run that made it
+    (`made_from`) and the versions that evaluated it. A label is the end of a path: alone, it finds nothing again."""
+    columns = ["model", "evaluated", "revision", "report file", "clakit / transformers / torch", "made from"]
     body = []
     for label, r, path in zip(labels(reports), reports, paths, strict=True):
         prov = r["provenance"]
         versions = " / ".join(str(prov.get(k)) for k in ("clakit", "transformers", "torch"))
-        evaluated = str(prov.get("model") or r["model"])
-        body.append([label, evaluated, str(prov.get("revision") or "–"), str(Path(path).absolute()), versions])
+        hub = prov.get("revision") or prov.get("commit")  # a Hub id names it better than its cache snapshot folder
+        evaluated = str((None if hub else prov.get("model_path")) or prov.get("model") or r["model"])
+        revision = str(prov.get("revision") or "–")
+        body.append([label, evaluated, revision, str(Path(path).absolute()), versions, made_from(prov.get("origin"))])
     return columns, body
+
+
+def made_from(origin) -> str:
+    """One line of a report's provenance.origin (clakit.eval.lineage): the conversion, or the uptraining and the
+    conversion it started from; "–" for a model no clakit run made (or a report from before origin was recorded)."""
+    if not isinstance(origin, dict):
+        return "–"
+    if origin.get("made_by") != "clakit uptrain":
+        return _converted(origin)
+    conversion = origin.get("conversion")
+    text = f"clakit uptrain ({origin.get('steps')} steps) of {origin.get('start_checkpoint')}"
+    return text + (f", {_converted(conversion)}" if isinstance(conversion, dict) else "")
+
+
+def _converted(conversion: dict) -> str:
+    at = f" at revision {conversion['revision']}" if conversion.get("revision") else ""
+    return f"clakit convert of {conversion.get('source_path') or conversion.get('source')}{at}"
 
 
 def _made_by() -> str:

@@ -82,9 +82,25 @@ def measured_cache(model, ids: torch.Tensor) -> tuple[int, torch.dtype]:
     return cache_bytes(cache), dtypes[0] if dtypes else next(model.parameters()).dtype
 
 
+CONVERT_RECORD = "clakit_convert.json"  # clakit convert's record beside its checkpoint (convert.output_folder)
+UPTRAIN_RECORD = "uptrain.json"  # clakit uptrain's beside its model (uptrain.card); its `conversion`: the start's
+
+
 def convert_record(model_dir: Path | None) -> dict:
-    """The converter's `clakit_convert.json` beside a CLA checkpoint ({} when absent)."""
-    path = Path(model_dir) / "clakit_convert.json" if model_dir else None
+    """The conversion record of a CLA checkpoint ({} when it has none): the converter's `clakit_convert.json` beside
+    it, or, for an uptrained model (whose folder has no convert record: it would look like a convert output), the
+    conversion record its `uptrain.json` holds."""
+    record = read_record(model_dir, CONVERT_RECORD, "a conversion record")
+    if record:
+        return record
+    # uptrain.json holds the start's record under `conversion` (none in those written before 2026-12)
+    conversion = read_record(model_dir, UPTRAIN_RECORD, "an uptrain record").get("conversion")
+    return conversion if isinstance(conversion, dict) else {}
+
+
+def read_record(model_dir: Path | None, name: str, what: str) -> dict:
+    """The JSON object `name` beside a checkpoint ({} when absent); a damaged one is refused in one line."""
+    path = Path(model_dir) / name if model_dir else None
     if not path or not path.is_file():
         return {}
     try:
@@ -93,6 +109,6 @@ def convert_record(model_dir: Path | None) -> dict:
         raise ClakitError(f"cannot read {path}: {e}") from None
     if not isinstance(record, dict):  # hand-edited or damaged: its fields are read with .get
         raise ClakitError(
-            f"{path} is not a conversion record (not a JSON object); restore it from the conversion or move it aside"
+            f"{path} is not {what} (not a JSON object); restore it from the run that wrote it or move it aside"
         )
     return record

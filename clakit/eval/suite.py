@@ -11,7 +11,7 @@ import torch
 from clakit import devices
 from clakit.corpus import DEFAULT_ONLINE_EVAL, Text, join_texts, load_texts
 from clakit.errors import ClakitError
-from clakit.eval import harness, kvcache, perplexity
+from clakit.eval import harness, kvcache, lineage, perplexity
 from clakit.eval import passkey as passkey_task
 from clakit.eval.config import EvalConfig
 from clakit.eval.records import FORMAT
@@ -32,6 +32,7 @@ class Loaded:
     revision: str | None = None
     model_dir: Path | None = None  # local checkpoint folder, for clakit_convert.json
     commit: str | None = None  # the Hub commit the files were read at (revision "main" moves), else None
+    path: Path | None = None  # the folder or .gguf file read, absolute (`name` may be relative to the cwd)
 
 
 def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool, windows=(None, None)):
@@ -100,7 +101,7 @@ def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name) -> L
         return Loaded(model.eval(), tokenizer, label)
     loaded = load_model(source, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, **placement)
     model_dir = source.path if source.kind == "dir" else None
-    return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir, source.commit)
+    return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir, source.commit, source.path)
 
 
 def _reference(source_model, model_dir, revision, trust_remote_code) -> tuple[str, object] | None:
@@ -350,6 +351,8 @@ def _provenance(loaded: Loaded, data_info: dict, settings: dict, cfg: EvalConfig
         model=loaded.name,
         revision=loaded.revision,
         commit=loaded.commit,
+        model_path=str(loaded.path) if loaded.path else None,
+        origin=lineage.origin(loaded.model_dir),  # CLA: the conversion / uptraining that made it, from its record
         data=data_info["sources"],
         data_sha256=data_info["sha256"],
         settings=settings,

@@ -1,0 +1,166 @@
+"""Break-it round 4, eval and report: provenance, replay and composed features.
+
+A report must say where each number came from (every setting, the model's absolute path, the clakit run that made
+the model), the recorded settings must give the same numbers again, and `clakit report` must label a mix of stock,
+CLA, merged-KV-head, uptrained and older reports correctly."""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from convert_fixtures import run_cli
+
+from clakit.eval import EvalConfig, evaluate, report, write_json
+from clakit.eval.passkey import PasskeySettings
+from clakit.provenance import provenance
+
+SETTINGS = dict(seq_len=32, max_tokens=256, batch_size=2, speed=False)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tiny_llama_checkpoint) -> Path:
+    """An interleaved (non-adjacent) CLA layout, written by `clakit convert`."""
+    out = tmp_path_factory.mktemp("conv") / "cla"
+    assert run_cli(tiny_llama_checkpoint, out, "--kv-source-layers", "0,1,0,1", "--init", "mean", "-q") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def uptrained(tmp_path_factory, converted, tiny_llama_checkpoint) -> Path:
+    """A model folder as `clakit uptrain` leaves it: the weights, no clakit_convert.json (it would look like a
+    convert output), and uptrain.json holding the start checkpoint's conversion record (clakit.uptrain.card)."""
+    from clakit.uptrain import card
+
+    out = tmp_path_factory.mktemp("up") / "run" / "model"
+    shutil.copytree(converted, out)
+    (out / "clakit_convert.json").unlink()
+    original = {"spec": str(tiny_llama_checkpoint), "path": str(tiny_llama_checkpoint), "revision": None}
+    record = {"steps": 3, "kv_source_layers": [0, 1, 0, 1], **card.origins(converted, original)}
+    (out / card.PROVENANCE).write_text(json.dumps(provenance(**record), indent=1))
+    return out
+
+
+def test_the_record_file_names_are_the_ones_convert_and_uptrain_write():
+    """eval may not import convert or uptrain (tests/test_packaging.py), so it names their records itself."""
+    from clakit.convert.output_folder import RECORD_FILE
+    from clakit.eval.kvcache import CONVERT_RECORD, UPTRAIN_RECORD
+    from clakit.uptrain.card import PROVENANCE
+
+    assert (CONVERT_RECORD, UPTRAIN_RECORD) == (RECORD_FILE, PROVENANCE)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_report_names_the_run_that_made_each_model(corpus_dir, tiny_llama_checkpoint, converted, uptrained):
+    """provenance.origin: the conversion (source, its path, layout, command) of a converted model, the uptraining
+    and the conversion it started from of an uptrained one, nothing for a stock one; model_path is absolute.
+    Before: no origin at all, and an uptrained model's saving was measured against "stock layout"."""
+    data = [str(corpus_dir / "heldout.txt")]
+    stock, conv, up = (evaluate(m, data=data, quiet=True, **SETTINGS) for m in (tiny_llama_checkpoint, converted,
+                                                                               uptrained))  # fmt: skip
+    assert stock["provenance"]["origin"] is None
+    assert stock["provenance"]["model_path"] == str(tiny_llama_checkpoint.absolute())
+    origin = conv["provenance"]["origin"]
+    assert origin["made_by"] == "clakit convert" and origin["source_path"] == str(tiny_llama_checkpoint)
+    assert origin["kv_source_layers"] == [0, 1, 0, 1] and origin["init"] == "mean"
+    assert origin["record_sha256"] == _sha256(converted / "clakit_convert.json")
+    assert origin["command"] == json.loads((converted / "clakit_convert.json").read_text())["provenance"]["command"]
+    origin = up["provenance"]["origin"]
+    assert origin.get("made_by") == "clakit uptrain", up["provenance"].get("origin")
+    assert origin["start_checkpoint"] == str(converted) and origin["steps"] == 3
+    assert origin["conversion"]["source_path"] == str(tiny_llama_checkpoint)
+    assert origin["record_sha256"] == _sha256(uptrained / "uptrain.json")
+    # the saving is measured against the source the uptrained model's conversion read, as for the converted one
+    assert up["kv_cache"]["source"] == conv["kv_cache"]["source"] == str(tiny_llama_checkpoint)
+    assert up["kv_cache"]["saving_factor"] == conv["kv_cache"]["saving_factor"] == 2.0
+
+
+def test_a_damaged_uptrain_record_is_refused_in_one_line(tmp_path, corpus_dir, uptrained):
+    from clakit.errors import ClakitError
+
+    damaged = shutil.copytree(uptrained, tmp_path / "model")
+    (damaged / "uptrain.json").write_text("[1, 2]")
+    with pytest.raises(ClakitError, match=r"uptrain.json is not an uptrain record \(not a JSON object\)"):
+        evaluate(damaged, data=[str(corpus_dir / "heldout.txt")], quiet=True, **SETTINGS)
+
+
+def test_the_recorded_settings_replay_the_same_numbers(tmp_path, monkeypatch, corpus_dir, converted):
+    """Every EvalConfig field is recorded (against dataclasses.fields: a new one cannot be forgotten) with relative
+    paths relative to the recorded cwd; evaluating again from there with the recorded config and passkey settings
+    gives the same perplexity, KV bytes and passkey answers, bit for bit (CPU)."""
+    shutil.copy(corpus_dir / "heldout.txt", tmp_path / "held.txt")
+    monkeypatch.chdir(tmp_path)
+    passkey = PasskeySettings(lengths=[200, 240], depths=[0, 1], samples=1, seed=3)
+    first = evaluate(converted, data=["held.txt"], passkey=passkey, quiet=True, **SETTINGS)
+    prov = first["provenance"]
+    assert set(prov["config"]) == {f.name for f in dataclasses.fields(EvalConfig)}
+    monkeypatch.chdir(prov["cwd"])
+    config = EvalConfig(**prov["config"])
+    fields = {f.name for f in dataclasses.fields(PasskeySettings)}
+    recorded = first["passkey"]["settings"]
+    assert set(recorded) - fields == {"new_tokens"}  # derived (5 digits + EXTRA_TOKENS), not a setting
+    passkey = PasskeySettings(**{k: v for k, v in recorded.items() if k in fields})
+    again = evaluate(prov["model_path"], config, passkey=passkey, quiet=True)
+    for key in ("perplexity", "bits_per_byte", "num_tokens", "data", "settings", "kv_cache"):
+        assert again[key] == first[key], key
+    assert again["passkey"]["prompts"] == first["passkey"]["prompts"]
+
+
+def _merged_kv_heads(tiny_llama_checkpoint, tokenizer, path: Path) -> Path:
+    """The tiny Llama with its 2 KV heads merged into 1 (clakit.convert.kvheads), saved as a stock checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from clakit.convert.kvheads import merge_kv_heads
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_checkpoint, dtype=torch.float32)
+    merge_kv_heads(model, 1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _old_format(report_dict: dict) -> dict:
+    """A report as clakit wrote it before kv_cache.dtype, speed.prefill_length, torch_threads, model_path and
+    origin were recorded."""
+    old = json.loads(json.dumps(report_dict))
+    old["kv_cache"].pop("dtype")
+    for key in ("torch_threads", "model_path", "origin"):
+        old["provenance"].pop(key)
+    return old
+
+
+def test_a_report_of_every_kind_of_model_is_labelled(tmp_path, corpus_dir, tokenizer, tiny_llama_checkpoint,
+                                                     converted, uptrained):  # fmt: skip
+    """Stock, an interleaved CLA, a uniform CLA2, a merged-KV-head model (with --source-model), an uptrained one and
+    a report in an older format, in one report: each row's KV bytes and saving, and its Sources line naming the run
+    that made it."""
+    uniform = tmp_path / "cla2"
+    assert run_cli(tiny_llama_checkpoint, uniform, "--factor", "2", "--init", "mean", "-q") == 0
+    merged = _merged_kv_heads(tiny_llama_checkpoint, tokenizer, tmp_path / "kv1")
+    data = [str(corpus_dir / "heldout.txt")]
+    models = [(tiny_llama_checkpoint, {}), (converted, {}), (uniform, {}),
+              (merged, {"source_model": str(tiny_llama_checkpoint)}), (uptrained, {})]  # fmt: skip
+    paths = []
+    for i, (model, extra) in enumerate(models):
+        r = evaluate(model, data=data, quiet=True, **SETTINGS, **extra)
+        paths.append(write_json(_old_format(r) if i == 2 else r, tmp_path / f"r{i}.json"))
+    md = (report(paths, tmp_path / "rep") / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ") and "perplexity" not in line]
+    per_token = {line.split(" | ")[0][2:]: line.split(" | ")[4:6] for line in table}
+    full = 4 * 2 * 2 * 12 * 4  # layers x K,V x KV heads x head_dim x fp32 bytes
+    assert per_token == {tiny_llama_checkpoint.name: [f"{full:,}", "1.00"], "cla": [f"{full // 2:,}", "2.00"],
+                         "cla2": [f"{full // 2:,}", "2.00"], "kv1": [f"{full // 2:,}", "2.00"],
+                         "model": [f"{full // 2:,}", "2.00"]}  # fmt: skip
+    sources = md.split("## Sources")[1]
+    lines = {line.split(";")[0][len("- model: ") :]: line for line in sources.splitlines() if line.startswith("- ")}
+    assert lines[tiny_llama_checkpoint.name.replace("_", "\\_")].endswith("made from: –")
+    assert lines["cla"].endswith(f"made from: clakit convert of {tiny_llama_checkpoint}".replace("_", "\\_"))
+    assert lines["cla2"].endswith("made from: –")  # the older report: not recorded, not guessed
+    assert f"made from: clakit uptrain (3 steps) of {converted}".replace("_", "\\_") in lines["model"]
+    assert lines["model"].endswith(f"clakit convert of {tiny_llama_checkpoint}".replace("_", "\\_"))
+    assert f"evaluated: {str(uptrained)}".replace("_", "\\_") in lines["model"]
