@@ -7,9 +7,11 @@ import json
 
 import torch
 from conftest import save_checkpoint, tiny_model
-from convert_fixtures import safetensors_files
+from convert_fixtures import load, safetensors_files
+from transformers import AutoTokenizer
 
 from clakit.convert import ConvertConfig, convert
+from clakit.eval.perplexity import perplexity
 
 FAST = dict(calib_tokens=256, seq_len=64, reconstruct_steps=2, distill_tokens=256, device="cpu")  # tiny, seconds
 
@@ -36,3 +38,22 @@ def test_the_distillation_is_the_same_whatever_the_sources_attention_dropout(tok
         written.append(weights(tmp_path / name))
     assert written[0] == written[1] == written[2]
     assert record(tmp_path / "a")["distill"]["steps"] == 3
+
+
+def test_the_eval_record_names_the_tokens_and_window_scored_not_the_budget(tiny_llama_checkpoint, corpus_dir,
+                                                                           tmp_path):  # fmt: skip
+    """--eval-data on a text shorter than --eval-tokens (8192 by default) and than one window: the record said
+    tokens 8192 and seq_len 256 (the budget and the model's window) where 146 tokens were scored in one window of
+    146. It now records what `clakit eval`'s perplexity scores on the written model, and the budget apart."""
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text((corpus_dir / "heldout.txt").read_text()[:300])
+    out = tmp_path / "cla"
+    convert(tiny_llama_checkpoint, out, ConvertConfig(factor=2, eval_data=[str(heldout)], device="cpu"), quiet=True)
+    evaluated = record(out)["eval"]
+    assert evaluated["seq_len"] < 256 and evaluated["tokens"] < evaluated.get("max_tokens", 8192)
+    text, tokenizer = heldout.read_text(), AutoTokenizer.from_pretrained(out)
+    scored = perplexity(load(out), tokenizer, text, seq_len=evaluated["seq_len"])
+    assert evaluated["tokens"] == scored["num_tokens"] < evaluated["max_tokens"] == 8192
+    assert scored["num_windows"] == 1
+    assert evaluated["perplexity_after"] == scored["perplexity"]
+    assert f"({scored['num_tokens']} tokens of {heldout})" in (out / "README.md").read_text()

@@ -56,7 +56,9 @@ def _perplexity_line(record: dict) -> str:
     ppl = record.get("eval")
     if not ppl:
         return "not measured (pass `--eval-data` to `clakit convert`)"
-    return f"{ppl['perplexity_before']:.2f} before, {ppl['perplexity_after']:.2f} after ({', '.join(ppl['data'])})"
+    scored = f"{ppl['tokens']} tokens of " if "max_tokens" in ppl else ""  # older records: "tokens" was the budget
+    return (f"{ppl['perplexity_before']:.2f} before, {ppl['perplexity_after']:.2f} after "
+            f"({scored}{', '.join(ppl['data'])})")  # fmt: skip
 
 
 def _distill_line(settings: dict, record: dict) -> str:

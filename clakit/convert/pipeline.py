@@ -640,17 +640,19 @@ class _Conversion:
         if available < 2:
             raise ClakitError("the --eval-data text is shorter than two tokens; give more held-out text")
         seq_len = min(self.seq_len, available)  # a short text still gets one window
-        return perplexity.perplexity(
+        result = perplexity.perplexity(
             model, self.tokenizer, text, seq_len=seq_len, max_tokens=max_tokens, quiet=self.quiet
-        )["perplexity"]
+        )
+        self.results["eval_scored"] = {"tokens": result["num_tokens"], "seq_len": seq_len}  # the same before/after
+        return result["perplexity"]
 
     def _eval_record(self) -> dict | None:
         if not self.eval_texts:
             return None
         return {
             "data": [t.name for t in self.eval_texts],
-            "tokens": self.cfg.eval_tokens,
-            "seq_len": self.seq_len,
+            **self.results["eval_scored"],  # tokens scored and their window: less than asked of a short text
+            "max_tokens": self.cfg.eval_tokens,
             "perplexity_before": self.results["perplexity_before"],
             "perplexity_after": self.results["perplexity_after"],
         }
