@@ -96,3 +96,43 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
     return ensure_vllm_venv()
+
+
+# One vLLM process runs each engine of a list in turn (a start-up costs seconds, not a fresh interpreter's import):
+# each run is {"model", "prompts" (token-id lists), "max_tokens", "dtype", "engine" (LLM keyword arguments), "passes"
+# (generate the batch this many times: later passes hit the prefix cache)}; one RESULT line each, an error as text.
+RUN_ENGINES = """
+import gc, json, sys
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+for run in json.loads(sys.argv[1]):
+    try:
+        llm = LLM(model=run["model"], dtype=run.get("dtype", "float32"), enforce_eager=True, seed=0, **run["engine"])
+        cache = llm.llm_engine.vllm_config.cache_config
+        params = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"], ignore_eos=True)
+        batch = [TokensPrompt(prompt_token_ids=ids) for ids in run["prompts"]]
+        passes = [llm.generate(batch, params, use_tqdm=False) for _ in range(run.get("passes", 1))]
+        result = dict(tokens=[[list(o.outputs[0].token_ids) for o in outs] for outs in passes],
+                      kv_cache_tokens=cache.kv_cache_size_tokens, kv_cache_blocks=cache.num_gpu_blocks,
+                      block_size=cache.block_size, max_concurrency=cache.kv_cache_max_concurrency)
+        del llm
+    except Exception as e:
+        result = dict(error=f"{type(e).__name__}: {e}".replace("\\n", " / "))
+    gc.collect()
+    print("CLAKIT_VLLM_RESULT " + json.dumps(result), flush=True)
+"""
+
+
+def run_engines(python: Path, runs: list[dict], cwd: Path) -> list[dict]:
+    """Each run of `runs` (see RUN_ENGINES) in one vLLM process: its greedy tokens per pass and the KV cache vLLM
+    allocated, or {"error": one line} when vLLM failed on it. The KV cache size is each run's own
+    `kv_cache_memory_bytes` (VLLM_CPU_KVCACHE_SPACE would override it)."""
+    env = vllm_env()
+    del env["VLLM_CPU_KVCACHE_SPACE"]
+    cmd = [str(python), "-c", RUN_ENGINES, json.dumps(runs, default=str)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=cwd)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    results = [json.loads(line[len(RESULT_PREFIX) :]) for line in lines]
+    assert proc.returncode == 0 and len(results) == len(runs), f"vLLM exit {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return results

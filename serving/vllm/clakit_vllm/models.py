@@ -9,11 +9,12 @@ heads like the q part of `qkv_proj`); pipeline parallelism needs stage boundarie
 consumer must find its producer's attention on its own rank.
 """
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Iterator
 
 import torch
-from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.config import CacheConfig, VllmConfig, get_current_vllm_config
 from vllm.distributed.utils import get_pp_indices
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import ColumnParallelLinear
@@ -98,6 +99,22 @@ def cla_weights_mapper(stock: WeightsMapper, kv_source_layers: list[int]) -> Wei
     return dataclasses.replace(stock, orig_to_new_stacked=stacked)
 
 
+def producers_cache_config(cache_config: CacheConfig | None, producer: Attention, prefix: str) -> CacheConfig | None:
+    """The cache settings of consumer `prefix`'s Attention: `cache_config`, with the layer skipped from KV-cache
+    quantisation exactly when its producer is. vLLM picks a layer's cache dtype by the layer's own index
+    (--kv-cache-dtype-skip-layers), but a consumer reads its producer's cache: listed apart from its producer it
+    would read an fp8 cache as bf16 or a bf16 one as fp8."""
+    if cache_config is None or not cache_config.kv_cache_dtype_skip_layers:
+        return cache_config
+    layer = str(extract_layer_index(prefix))
+    skip = [entry for entry in cache_config.kv_cache_dtype_skip_layers if entry != layer]
+    if producer.kv_cache_dtype == "auto":  # skipped (or no quantised cache at all: skipping changes nothing)
+        skip.append(layer)
+    shared = copy.copy(cache_config)  # CLA: vLLM's own config is left as it is
+    shared.kv_cache_dtype_skip_layers = skip
+    return shared
+
+
 class CLAAttentionMixin:
     """Turns the stock attention of a consumer layer into a query-only layer reading its producer's cache."""
 
@@ -121,13 +138,14 @@ class CLAAttentionMixin:
         # CLA: rebuild the stock Attention with the same settings plus the sharing target: vLLM gives it no cache.
         # The stock one registered its name in the forward context; drop it so the name can be reused.
         stock = self.attn
-        del get_current_vllm_config().compilation_config.static_forward_context[stock.layer_name]
+        layers = get_current_vllm_config().compilation_config.static_forward_context
+        del layers[stock.layer_name]
         self.attn = Attention(
             self.num_heads,
             self.head_dim,
             self.scaling,
             num_kv_heads=self.num_kv_heads,
-            cache_config=kwargs.get("cache_config"),
+            cache_config=producers_cache_config(kwargs.get("cache_config"), layers[target], prefix),
             quant_config=quant_config,
             per_layer_sliding_window=stock.sliding_window,
             attn_type=stock.attn_type,
