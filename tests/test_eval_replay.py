@@ -164,3 +164,20 @@ def test_a_report_of_every_kind_of_model_is_labelled(tmp_path, corpus_dir, token
     assert f"made from: clakit uptrain (3 steps) of {converted}".replace("_", "\\_") in lines["model"]
     assert lines["model"].endswith(f"clakit convert of {tiny_llama_checkpoint}".replace("_", "\\_"))
     assert f"evaluated: {str(uptrained)}".replace("_", "\\_") in lines["model"]
+
+
+def test_models_evaluated_by_the_same_relative_path_from_different_folders_are_told_apart(
+    tmp_path, monkeypatch, corpus_dir, tiny_llama_checkpoint, converted
+):
+    """`cd lr1 && clakit eval model ...`, `cd lr2 && clakit eval model ...`: two models, both recorded as "model".
+    The labels read the recorded cwd. Before: "model (1)" and "model (2)", the numbering of one model given twice."""
+    paths = []
+    for run, source in (("lr1", converted), ("lr2", tiny_llama_checkpoint)):
+        shutil.copytree(source, tmp_path / run / "model")
+        monkeypatch.chdir(tmp_path / run)
+        r = evaluate("model", data=[str(corpus_dir / "heldout.txt")], quiet=True, **SETTINGS)
+        paths.append(write_json(r, tmp_path / f"{run}.json"))
+    paths.append(paths[0])  # the same report twice is the same model twice: numbered
+    md = (report(paths, tmp_path / "rep") / "report.md").read_text()
+    table = [line for line in md.split("\n\n")[1].splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0][2:] for row in table] == ["lr1/model (1)", "lr2/model", "lr1/model (3)"]

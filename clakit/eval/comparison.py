@@ -4,6 +4,7 @@ page with all (report.html). Runs on different data or settings are refused."""
 
 import base64
 import html
+import os
 from pathlib import Path
 
 from clakit import outputs
@@ -65,9 +66,21 @@ def labels(reports: list[dict]) -> list[str]:
     """Short unique model names: the last path component, or as many trailing components as tell apart models whose
     paths end alike (every uptrain result is RUN/model: two runs were "model (1)" and "model (2)", nothing saying
     which is which); numbered only when the same model is given twice."""
-    paths = [_path_parts(r["model"]) for r in reports]
+    paths = [_path_parts(_location(r)) for r in reports]
     names = ["/".join(p[-_distinct_tail(p, paths) :]) or str(r["model"]) for p, r in zip(paths, reports, strict=True)]
     return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def _location(report: dict) -> str:
+    """The model's path as typed, made absolute with the working directory its eval recorded: `clakit eval model`
+    run in lr1e-4/ and in lr3e-4/ are two models, not one given twice (they were "model (1)" and "model (2)").
+    A Hub id (it has a revision) and a path already absolute or under ~ stay as they are."""
+    model, prov = str(report["model"]), report.get("provenance")
+    prov = prov if isinstance(prov, dict) else {}
+    cwd, hub = prov.get("cwd"), prov.get("revision") or prov.get("commit")
+    if hub or not isinstance(cwd, str) or model.startswith(("/", "~")):
+        return model
+    return os.path.normpath(os.path.join(cwd, model))  # runs/../x is x
 
 
 def _path_parts(model) -> tuple[str, ...]:
