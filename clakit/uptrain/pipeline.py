@@ -556,7 +556,7 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
     check_tensorboard(recipe.train)
     model = resumed_model(recipe, out) if resume else recipe.model
     student_config = student.check_model_section(model, recipe.data.seq_len)
-    student.check_patterns(student_config, recipe.lora)
+    student.check_patterns(student_config, recipe.lora, student.planned_layout(model, student_config))
     original = check_teacher(recipe, out, resume)
     if original is not None:  # the teacher, or only the "original" baseline
         check_teacher_fits(original, student_config, recipe.needs_teacher, model.trust_remote_code)

@@ -155,33 +155,36 @@ def select_linear(model, patterns: list[str], what: str) -> list[str]:
         else:
             hits = [n for n in linear if matches(pattern, n, layout)]
         if not hits:
+            # CLA: a consumer reads its producer's K/V and holds no k_proj/v_proj of its own
+            why = " (only producers hold k_proj/v_proj)" if pattern.startswith("consumers.") else ""
             raise ClakitError(
-                f"{what} pattern {pattern!r} matches no linear module; names look like "
+                f"{what} pattern {pattern!r} matches no linear module{why}; names look like "
                 f"model.layers.0.self_attn.k_proj (a suffix such as k_proj, a glob, or consumers.q_proj)"
             )
         chosen += [n for n in hits if n not in chosen]
     return chosen
 
 
-def meta_student(config):
-    """The CLA model of `config` (a CLA config, or a stock one with every layer a producer) built on the meta device:
-    its module names and classes without weights, in seconds even at 70B."""
+def meta_student(config, layout: list[int] | None = None):
+    """The CLA model of `config` (a CLA config, or a stock one with `layout`, default every layer a producer) built
+    on the meta device: its module names and classes without weights, in seconds even at 70B."""
     from clakit.convert.inmemory import cla_config, cla_family
     from clakit.modeling import CLA_CLASSES
 
     if not config.model_type.endswith("_cla"):  # the config as given otherwise: save_merged writes it
-        config = cla_config(config, range(config.num_hidden_layers))
+        config = cla_config(config, layout or range(config.num_hidden_layers))
     with torch.device("meta"):
         return CLA_CLASSES[cla_family(config)][2](config)
 
 
-def check_patterns(config, lora) -> None:
+def check_patterns(config, lora, planned: list[int] | None = None) -> None:
     """Every lora.full_train / target_modules pattern matches a linear module of the student, checked on the model
     built on the meta device from `config` (no weights, seconds even at 70B) before anything slow runs, instead of
-    after the conversion and the first evaluation. A stock config (model.source, layout chosen by the converter) is
-    checked with every layer a producer, skipping the `producers.`/`consumers.` patterns that depend on the layout."""
-    model = meta_student(config)
-    layout = getattr(config, "kv_source_layers", None)
+    after the conversion and the first evaluation. A stock config (model.source) is checked with the layout the
+    conversion will write when its settings fix it (`planned`: planned_layout); when the converter chooses it on
+    data, with every layer a producer, skipping the `producers.`/`consumers.` patterns that depend on the layout."""
+    model = meta_student(config, planned)
+    layout = getattr(model.config, "kv_source_layers", None) if planned or config.model_type.endswith("_cla") else None
 
     def known(patterns: list[str]) -> list[str]:
         return [p for p in patterns if layout or not p.startswith(("producers.", "consumers."))]
@@ -189,6 +192,25 @@ def check_patterns(config, lora) -> None:
     full = select_linear(model, known(lora.full_train), "lora.full_train")
     targets = select_linear(model, known(lora.target_modules), "lora.target_modules") if lora.r > 0 else []
     _check_tied_head(model, [n for n in targets if n not in full])
+
+
+def planned_layout(model_section, config) -> list[int] | None:
+    """The layout model.convert will write for the stock `config`, when its settings fix one without data: its
+    kv_source_layers, or uniform CLA-`factor` (2 when no layout is named and no calibration text makes it `auto`).
+    None for a layout chosen on data, for a CLA model.path (its config holds the layout), and for settings the
+    converter refuses (it names them itself, before any work)."""
+    from clakit.convert.layout import check_layout, uniform_layout
+
+    c, n = model_section.convert, config.num_hidden_layers
+    if c is None or c.layout is not None or (c.factor is None and c.kv_source_layers is None and c.calib_data):
+        return None
+    try:
+        if c.kv_source_layers is not None:
+            check_layout(list(c.kv_source_layers), n)
+            return list(c.kv_source_layers)
+        return uniform_layout(n, 2 if c.factor is None else c.factor)  # CLA-1 (no sharing) too
+    except ClakitError:
+        return None
 
 
 def _check_tied_head(model, targets: list[str]) -> None:
