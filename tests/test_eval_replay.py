@@ -181,3 +181,19 @@ def test_models_evaluated_by_the_same_relative_path_from_different_folders_are_t
     md = (report(paths, tmp_path / "rep") / "report.md").read_text()
     table = [line for line in md.split("\n\n")[1].splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0][2:] for row in table] == ["lr1/model (1)", "lr2/model", "lr1/model (3)"]
+
+
+def test_the_evaluate_module_says_which_windows_it_scored(tokenizer):
+    """A default seq_len resolves to the model's window when that is shorter (1024 otherwise): the result must say
+    which, or the number cannot be reproduced or compared. Before: no seq_len or stride in the result."""
+    import evaluate as hf_evaluate
+    from conftest import make_text, tiny_model
+
+    from clakit.eval.metric import METRIC_PATH
+    from clakit.eval.perplexity import perplexity
+
+    model, text = tiny_model("llama", max_position_embeddings=64), make_text(1500, 2)
+    scores = hf_evaluate.load(METRIC_PATH).compute(predictions=[text], model=model, tokenizer=tokenizer)
+    assert (scores.get("seq_len"), scores.get("stride")) == (64, 64)
+    again = perplexity(model, tokenizer, text, seq_len=scores["seq_len"], stride=scores["stride"])
+    assert again == scores and perplexity(model, tokenizer, text, seq_len=64, stride=16)["stride"] == 16

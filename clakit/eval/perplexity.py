@@ -264,4 +264,6 @@ def perplexity(
         **metrics(scored["nll_sum"], scored["num_scored"], tokens.text),
         "num_tokens": scored["num_scored"],
         "num_windows": scored["num_windows"],
+        "seq_len": seq_len,  # the windows used, defaults resolved: the number means nothing without them
+        "stride": stride,
     }

@@ -8,7 +8,8 @@ offline); this one scores the model object you pass:
 
     ppl = evaluate.load(METRIC_PATH)
     ppl.compute(predictions=[text_a, text_b], model=model, tokenizer=tokenizer, seq_len=1024, stride=512)
-    # {'perplexity': ..., 'word_perplexity': ..., 'bits_per_byte': ..., 'num_tokens': ..., ...}
+    # {'perplexity': ..., 'word_perplexity': ..., 'bits_per_byte': ..., 'num_tokens': ..., 'seq_len': 1024,
+    #  'stride': 512 (the windows used, defaults resolved), ...}
 
 The predictions are scored as one text (joined by blank lines), exactly as `clakit eval` scores its data; `seq_len`
 defaults as there (1024, or the model's context window when shorter) and above the window is refused.
