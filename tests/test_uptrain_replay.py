@@ -1,20 +1,25 @@
-"""Round 4 of uptrain: reproducibility, provenance and composed features. Layout-dependent LoRA patterns are
-checked before the conversion."""
+"""Round 4 of uptrain: reproducibility, provenance and composed features. A run's records (run.json, the model's
+uptrain.json and card) hold every recipe key, the device and libraries it ran on; the recipe as recorded reruns to
+the same weights; resume equals a straight run with everything composed; layout-dependent LoRA patterns are checked
+before the conversion; and the starts nobody trained from (fewer KV heads, interleaved layouts under FSDP) train."""
 
 import dataclasses
 import json
 import re
+import shutil
 import typing
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_model
-from uptrain_fixtures import tiny_recipe, write_recipe
+from conftest import save_checkpoint, tiny_model
+from uptrain_fixtures import killed_at_step, tiny_recipe, write_recipe
 
 from clakit.errors import ClakitError
 from clakit.uptrain import uptrain
+from clakit.uptrain.recipe import Recipe, load_recipe
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -63,6 +68,99 @@ def card_recipe(model_dir: Path) -> dict:
     return yaml.safe_load(found[1])
 
 
+# --- one composed run, from relative paths, with overrides -----------------------------------------------------------
+
+OVERRIDES = ["train.max_steps=4", "lora.lora_dropout=0.2", "data.copy_fraction=0.5", "data.copy_span=8"]
+
+
+@pytest.fixture(scope="module")
+def composed(tiny_llama_checkpoint, corpus_dir, tmp_path_factory):
+    """A run converting model.source (an interleaved layout) in bf16 with gradient checkpointing, copies, dropout
+    and distillation, started from a working folder with relative paths and overrides."""
+    work = tmp_path_factory.mktemp("work")
+    shutil.copytree(tiny_llama_checkpoint, work / "src")
+    for name in ("train.txt", "heldout.txt"):
+        shutil.copy(corpus_dir / name, work / name)
+    recipe = tiny_recipe(
+        Path("."),
+        Path("runs/a"),
+        model={"source": "src", "convert": {"kv_source_layers": [0, 1, 0, 1], "init": "mean"}},
+        data={"train": ["train.txt"], "eval": ["heldout.txt"]},
+        train={"bf16": True, "gradient_checkpointing": True, "max_steps": 6},
+        lora={"full_train": ["k_proj", "consumers.q_proj"]},
+        distill={"weight": 0.5, "hidden_mse_weight": 0.1},
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        uptrain(write_recipe(work / "r.yaml", recipe), OVERRIDES, quiet=True)
+    return work
+
+
+def test_every_recipe_key_is_in_run_json_uptrain_json_and_the_card(composed):
+    """The card showed a few settings in prose (and model.convert as a Python dict): a reader of the model alone
+    could not tell e.g. max_grad_norm, adam_beta2, eval_max_tokens or copy_span. Now it holds the recipe as run, every
+    key of every settings class, the overrides applied, equal to run.json's and uptrain.json's."""
+    run = composed / "runs" / "a"
+    expected = load_recipe(composed / "r.yaml", OVERRIDES).to_dict()
+    records = {
+        "run.json": json.loads((run / "run.json").read_text())["recipe"],
+        "uptrain.json": json.loads((run / "model" / "uptrain.json").read_text())["recipe"],
+        "recipe.yaml": yaml.safe_load((run / "recipe.yaml").read_text()),
+        "the card": card_recipe(run / "model"),
+    }
+    paths = key_paths(Recipe)
+    assert "model.convert.kv_source_layers" in paths and "train.max_grad_norm" in paths and len(paths) > 60
+    for where, recorded in records.items():
+        for path in paths:
+            assert lookup(recorded, path) == lookup(expected, path), f"{where}: {path}"
+    assert records["the card"]["train"]["max_steps"] == 4 and records["the card"]["data"]["copy_span"] == 8
+
+
+def test_the_result_records_where_and_with_what_it_trained(composed):
+    """uptrain.json named neither the device nor the mixed precision the run used (the recipe's bf16 is a wish: FSDP
+    keeps an fp32 student), nor peft and accelerate, which build the adapters and run the loop, nor the fingerprint
+    and data digest a rerun is checked against (run.json had them, but it is not part of the saved model)."""
+    run = composed / "runs" / "a"
+    record = json.loads((run / "model" / "uptrain.json").read_text())
+    started = json.loads((run / "run.json").read_text())
+    assert (record["device"], record["mixed_precision"], record["distributed_type"]) == ("cpu", "bf16", "NO")
+    assert record["fingerprint"] == started["fingerprint"] and record["data_sha256"] == started["data_sha256"]
+    state = json.loads(next((run / "checkpoints").glob("step-*/state.json")).read_text())
+    for where in (record, started["provenance"], state["provenance"]):
+        assert (where["peft"], where["accelerate"]) == (version("peft"), version("accelerate"))
+    assert "(cpu, mixed precision bf16)" in (run / "model" / "README.md").read_text()
+    assert record["conversion"]["settings"]["kv_source_layers"] == [0, 1, 0, 1]
+    assert record["cwd"] == str(composed) and record["start_checkpoint"] == str(run / "converted")
+
+
+def test_the_recipe_on_the_card_reruns_to_the_same_weights(composed, monkeypatch):
+    """Replay as docs/uptrain.md says: the card's recipe block saved as a file, run from the recorded working folder
+    with another output_dir: the same fingerprint, loss curve and weights, bit for bit."""
+    run = composed / "runs" / "a"
+    record = json.loads((run / "model" / "uptrain.json").read_text())
+    replay = composed / "replay.yaml"
+    replay.write_text(yaml.safe_dump(card_recipe(run / "model"), sort_keys=False))
+    monkeypatch.chdir(record["cwd"])
+    again = uptrain(replay, ["train.output_dir=runs/b"], quiet=True)
+    assert json.loads((again / "uptrain.json").read_text())["fingerprint"] == record["fingerprint"]
+    assert train_lines(composed / "runs" / "b") == train_lines(run)
+    assert same_tensors(run / "model", again)
+
+
+def test_a_killed_composed_run_resumes_to_the_straight_runs_weights(composed, monkeypatch):
+    """bf16 on the CPU, gradient checkpointing, an interleaved layout converted inside the run, copies, dropout,
+    the teacher's KL and hidden MSE: killed after step 3 (its last checkpoint at 2), resumed, it logs and saves what
+    the uninterrupted run did."""
+    monkeypatch.chdir(composed)
+    recipe = load_recipe(composed / "r.yaml", OVERRIDES).to_dict()
+    recipe["train"]["output_dir"] = "runs/killed"
+    path = write_recipe(composed / "killed.yaml", recipe)
+    killed_at_step(3, path)
+    result = uptrain(path, resume=True, quiet=True)
+    assert train_lines(composed / "runs" / "killed") == train_lines(composed / "runs" / "a")
+    assert same_tensors(composed / "runs" / "a" / "model", result)
+
+
 # --- layout-dependent patterns, before the conversion ----------------------------------------------------------------
 
 
@@ -106,3 +204,74 @@ def test_a_layout_chosen_on_data_still_checks_its_producer_patterns_after_the_co
     assert planned_layout(auto, config) is None
     assert planned_layout(ModelSection(source="s", convert=ConvertConfig(factor=3)), config) == [0, 0, 0, 3]
     assert planned_layout(ModelSection(source="s", convert=ConvertConfig(factor=9)), config) is None  # convert refuses
+
+
+# --- starts nobody trained from --------------------------------------------------------------------------------------
+
+
+def test_a_start_with_fewer_kv_heads_than_its_teacher_trains_and_saves_what_it_trained(
+    tokenizer, corpus_dir, tmp_path, monkeypatch
+):
+    """KV heads merged (2 -> 1, clakit.convert.kvheads) then CLA2, distilled from the original with 2 KV heads: the
+    teacher shares no K/V tensor with the student (other shapes) but every frozen one it can; the saved model read
+    back with the Auto classes computes what the trained (unmerged) student computed."""
+    from transformers import AutoModelForCausalLM
+
+    from clakit.convert.kvheads import merge_kv_heads
+    from clakit.uptrain import pipeline, student
+
+    original = save_checkpoint(tiny_model("llama", seed=3), tokenizer, tmp_path / "orig")
+    merged = save_checkpoint(merge_kv_heads(tiny_model("llama", seed=3), 1), tokenizer, tmp_path / "kv1")
+    ids, seen, merge = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0)), {}, student.merged
+
+    def capture(model, dtype=None):
+        with torch.no_grad():
+            seen["logits"] = model.eval()(input_ids=ids).logits
+        return merge(model, dtype)
+
+    monkeypatch.setattr(pipeline.student, "merged", capture)
+    sections = {
+        "model": {"source": str(merged), "original": str(original), "convert": {"factor": 2, "init": "mean"}},
+        "train": {"max_steps": 3, "save_steps": 0, "warmup_steps": 0},
+        "lora": {"full_train": ["q_proj", "k_proj", "v_proj"], "lora_dropout": 0.0},
+        "distill": {"weight": 1.0, "hidden_mse_weight": 0.1},
+    }
+    out = uptrain(write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", **sections)), quiet=True)
+    first = train_lines(out.parent)[0]
+    assert first["kl"] > 0 and first["hidden_mse"] > 0  # the teacher (2 KV heads) differs from the student (1)
+    saved = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert saved.config.num_key_value_heads == 1 and saved.config.kv_source_layers == [0, 0, 2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, seen["logits"], rtol=1e-5, atol=1e-5)
+    record = json.loads((out / "uptrain.json").read_text())
+    assert record["original"]["path"] == str(original) and record["conversion"]["source"]["path"] == str(merged)
+
+
+def test_fsdp_with_an_interleaved_layout_trains_like_one_process(tokenizer, corpus_dir, tmp_path):
+    """FSDP2 on 2 gloo processes (accelerate's own preparation, tests/accelerate_fsdp_cpu.py) with the layout
+    [0, 0, 2, 0] (layer 3 reads layer 0's K/V across a producer of its own) and a tied lm_head trained in full:
+    the weights and reports of one process of twice the batch."""
+    from test_uptrain_distributed import launch, two_process_recipe, weights
+    from test_uptrain_fsdp_pipeline import launch_fsdp
+
+    from clakit.convert.inmemory import cla_model_from
+
+    original = save_checkpoint(tiny_model("llama", tie_word_embeddings=True), tokenizer, tmp_path / "orig")
+    cla = cla_model_from(tiny_model("llama", tie_word_embeddings=True), [0, 0, 2, 0], "mean")
+    start = save_checkpoint(cla, tokenizer, tmp_path / "cla")
+    for name, batch in (("one", 2), ("two", 1)):
+        recipe = two_process_recipe(corpus_dir, tmp_path / name, start, original, batch)
+        recipe["lora"]["full_train"] = ["k_proj", "v_proj", "consumers.q_proj", "lm_head"]
+        args = ["uptrain", str(write_recipe(tmp_path / f"{name}.yaml", recipe)), "-q"]
+        proc = launch(args, tmp_path, 1) if name == "one" else launch_fsdp(args, tmp_path, FSDP_VERSION="2")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b, s = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model"), weights(start)
+    assert set(a) == set(b) == set(s)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.equal(b["model.embed_tokens.weight"], s["model.embed_tokens.weight"])  # the tied head trained
+    for report in ("original", "converted", "uptrained"):
+        one, two = (json.loads((tmp_path / n / "eval" / f"{report}.json").read_text()) for n in ("one", "two"))
+        assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-4), report
+    record = json.loads((tmp_path / "two" / "model" / "uptrain.json").read_text())
+    assert (record["processes"], record["distributed_type"], record["kv_source_layers"]) == (2, "FSDP", [0, 0, 2, 0])

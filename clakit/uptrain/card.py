@@ -1,19 +1,48 @@
 """The uptrained checkpoint's model card (README.md) and provenance (uptrain.json)."""
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import yaml
 
 from clakit.convert.output_folder import RECORD_FILE, serving_section
 from clakit.provenance import provenance
 
 PROVENANCE = "uptrain.json"
+# what builds the adapters (peft: LoRA's initialisation, dropout and merge) and runs the loop (accelerate: seeding,
+# mixed precision, the processes): a rerun under other versions of either may train other weights
+TRAINING_LIBRARIES = ("peft", "accelerate")
+
+
+def library_versions() -> dict:
+    """The training libraries' versions, beside the ones every clakit record holds (clakit.provenance)."""
+    found = {}
+    for name in TRAINING_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:  # accelerate and peft are dependencies; a broken install still records
+            found[name] = None
+    return found
+
+
+def run_provenance(**extra) -> dict:
+    """clakit.provenance plus the training libraries' versions: what uptrain's records (run.json, state.json,
+    uptrain.json) say about the software that wrote them."""
+    return provenance(**library_versions(), **extra)
 
 
 def summary(recipe, trainer, data, heldout: dict, kv_source_layers: list[int] | None = None) -> dict:
-    """Everything the card shows: settings, token counts, before/after held-out numbers, the sharing layout."""
+    """Everything the card shows: settings, token counts, before/after held-out numbers, the sharing layout, and
+    where it trained (the device, mixed precision and launch accelerate actually used, not the recipe's wish)."""
     trainable, total = trainer.counts
+    acc = trainer.accelerator
     return {
         "recipe": recipe.to_dict(),
+        "fingerprint": recipe.fingerprint(),
+        "device": str(acc.device),
+        "mixed_precision": str(acc.mixed_precision),
+        "distributed_type": str(getattr(acc.distributed_type, "value", acc.distributed_type)),
         "steps": trainer.step,
         "train_tokens": trainer.step * trainer.plan.tokens_per_step,
         "train_seconds": round(trainer.elapsed, 1),
@@ -49,8 +78,10 @@ def _training_lines(s: dict) -> list[str]:
     batch = f"{t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']} accumulation"
     share = data.get("copy_fraction") or 0  # records from before data.copy_fraction have none
     copies = f"; {share:g} of them end with a {data['copy_span']}-token copy of an earlier span" if share else ""
+    device = f" ({s['device']}, mixed precision {s['mixed_precision']})" if s.get("device") else ""
     return [
-        f"- {s['steps']} steps, {s['train_tokens']} tokens, {s['train_seconds']} s on {s['processes']} process(es)",
+        f"- {s['steps']} steps, {s['train_tokens']} tokens, {s['train_seconds']} s on {s['processes']} "
+        f"process(es){device}",
         f"- data: {', '.join(s['train_data'])}, windows of {data['seq_len']}{copies}",
         f"- learning_rate {t['learning_rate']}, {t['lr_scheduler_type']} schedule, warmup {t['warmup_steps']} "
         f"steps / ratio {t['warmup_ratio']}, batch {batch}, bf16 {t['bf16']}, seed {t['seed']}",
@@ -80,7 +111,7 @@ def markdown(s: dict) -> str:
     m = r["model"]
     names = (("original", "original (full KV)"), ("converted", "converted (before)"), ("uptrained", "uptrained"))
     rows = [_row(n, h.get(k), h.get("original")) for k, n in names]
-    converted = f" (converted with {m['convert']})" if m["convert"] else ""
+    converted = " (converted with the `model.convert` settings of the recipe below)" if m["convert"] else ""
     start = f"Started from `{m['path'] or m['source']}`{converted}{_original_text(s.get('original'))}"
     data = f"{', '.join(s['eval_data'])}; {h['uptrained']['tokens']} tokens in sequences of {r['data']['seq_len']}"
     lines = [
@@ -104,11 +135,30 @@ def markdown(s: dict) -> str:
         "",
         f"Full settings and versions: `{PROVENANCE}`.",
         "",
+        *_recipe_lines(s),
     ]
     layout = s.get("kv_source_layers")
     if layout:  # how to serve it, and the cache capacity to expect (the converted checkpoint's card says the same)
         lines += [serving_section(len(set(layout)), len(layout))]
     return "\n".join(lines)
+
+
+def _recipe_lines(s: dict) -> list[str]:
+    """The recipe as the run resolved it (every key, the overrides applied) and how to rerun it. Relative paths in
+    it are relative to the folder the run was started in (`cwd`, when the record knows it)."""
+    where = f" in `{s['cwd']}`" if s.get("cwd") else ""
+    return [
+        "## Recipe",
+        "",
+        f"The recipe as run, every key resolved (fingerprint `{s.get('fingerprint')}`). To rerun it, save this block"
+        f" as `recipe.yaml` and run `clakit uptrain recipe.yaml train.output_dir=NEW_FOLDER`{where} (its relative"
+        " paths are relative to that folder); with the same data, versions and device it trains the same weights.",
+        "",
+        "```yaml",
+        yaml.safe_dump(s["recipe"], sort_keys=False).rstrip("\n"),
+        "```",
+        "",
+    ]
 
 
 def origins(start: Path, original: dict | None) -> dict:
@@ -141,5 +191,6 @@ def write(out: Path, s: dict, start: Path | None = None) -> None:
     layout = s.get("kv_source_layers")
     if layout:  # the same layout's serving section is in our part already
         conversion = conversion.replace(serving_section(len(set(layout)), len(layout)), "")
-    (out / "README.md").write_text(markdown(s) + ("\n## Conversion\n\n" + conversion if conversion else ""))
-    (out / PROVENANCE).write_text(json.dumps(provenance(**s), indent=1))
+    record = run_provenance(**s)  # the card names the working directory the recipe's relative paths start from
+    (out / "README.md").write_text(markdown(record) + ("\n## Conversion\n\n" + conversion if conversion else ""))
+    (out / PROVENANCE).write_text(json.dumps(record, indent=1))

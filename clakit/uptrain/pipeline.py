@@ -29,7 +29,6 @@ from clakit.convert.layerwise import resolve_device
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
-from clakit.provenance import provenance
 from clakit.sources import check_weights, load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
@@ -637,7 +636,7 @@ def _setup(
         record["original"] = _source_record(original)  # resolved: the teacher a resume uses, wherever it runs
         record["data_sha256"] = data_digest(data)  # a resume must read the same blocks
         record["data_processes"] = acc.num_processes  # ... on the same number of processes (check_same_data)
-        record["provenance"] = provenance()  # versions, command line and time of the run's start
+        record["provenance"] = card.run_provenance()  # versions, command line and time of the run's start
         (work / "run.json").write_text(json.dumps(record, indent=1))
         _write_reports(work, run["reports"])
     return run | {"model": model, "teacher": teacher, "start_path": start_path}
@@ -745,6 +744,7 @@ def _card(recipe: Recipe, out: Path, trainer, run: dict, end: dict, folder: Path
     with contextlib.suppress(ClakitError):
         original = (run_record(out) or {}).get("original")
     summary = card.summary(recipe, trainer, run["data"], numbers, layout) | card.origins(run["start_path"], original)
+    summary["data_sha256"] = data_digest(run["data"])  # the tokens it trained and was scored on (run.json's too)
     card.write(folder, summary, run["start_path"])
     return summary
 

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from clakit.errors import ClakitError
-from clakit.provenance import provenance
 from clakit.uptrain import checkpoint
+from clakit.uptrain.card import run_provenance
 from clakit.uptrain.distill import causal_lm_loss, uptrain_loss
 from clakit.uptrain.packing import BatchOrder, PackedData
 from clakit.uptrain.recipe import ONE_STEP_WARMUP
@@ -204,7 +204,7 @@ class Trainer:
             "fingerprint": self.recipe.fingerprint(),
             "log_window": self.saved_window(),  # collective
             # what wrote it (versions, command, time): a checkpoint is an output too, and may outlive its run.json
-            "provenance": provenance(),
+            "provenance": run_provenance(),
         }
         checkpoint.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state)
         if self.accelerator.is_main_process:
