@@ -7,11 +7,13 @@ compares vLLM's greedy tokens with transformers' (fp32) on the same checkpoint, 
 feature has no transformers counterpart.
 """
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import make_text, save_checkpoint, tiny_model
-from serving_vllm_fixtures import hf_greedy, run_engines, vllm_python  # noqa: F401  (fixture)
+from serving_vllm_fixtures import hf_greedy, run_engines, vllm_env, vllm_python  # noqa: F401  (fixture)
 
 from clakit.convert import convert
 
@@ -64,3 +66,23 @@ def test_a_consumer_reads_its_producers_cache_dtype_when_layers_skip_kv_quantisa
     tokens = {name: r["tokens"][0] for name, r in results.items()}
     assert tokens["fp8, producers skipped"] == tokens["auto"], tokens
     assert tokens["fp8, consumers skipped"] == tokens["fp8"], tokens
+
+
+@pytest.mark.slow
+def test_clakit_vllm_run_refuses_a_max_model_len_beyond_the_models_context(
+    vllm_python,  # noqa: F811
+    nonadjacent_llama,
+    tmp_path,
+):
+    """vLLM refuses a max_model_len above max_position_embeddings (1024 here) in a pydantic traceback after its
+    start-up; clakit_vllm.run now says so in one line before it (before: exit 1, `1 validation error for
+    ModelConfig`)."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([[5, 6, 7]]))
+    base = [str(vllm_python), "-m", "clakit_vllm.run", str(nonadjacent_llama), "--prompts-json", str(prompts)]
+    proc = subprocess.run(
+        [*base, "--max-model-len", "1025"], env=vllm_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "--max-model-len 1025 exceeds the model's context of 1024 tokens" in lines[0], lines

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -157,14 +158,31 @@ def prompt_problem(ids, vocab: int | None, context: int | None, max_tokens: int)
 
 
 def context_length(config: dict, args: argparse.Namespace) -> int | None:
-    """--max-model-len, else max_position_embeddings where vLLM takes it as it is (no RoPE scaling that stretches
-    it); None when unknown."""
-    if args.max_model_len:
-        return args.max_model_len
+    """--max-model-len, else the model's context (model_context); None when unknown."""
+    return args.max_model_len or model_context(config)
+
+
+def model_context(config: dict) -> int | None:
+    """max_position_embeddings where vLLM takes it as it is (no RoPE scaling that stretches it); None when unknown."""
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "llama3"):
         return None
     return config.get("max_position_embeddings")
+
+
+def check_max_model_len(config: dict, args: argparse.Namespace) -> None:
+    """vLLM refuses a --max-model-len above the model's context (a traceback after its start-up) unless the config
+    has a larger model_max_length or VLLM_ALLOW_LONG_MAX_MODEL_LEN is set."""
+    context = model_context(config)
+    extra = config.get("model_max_length")  # vLLM lets a config's own model_max_length raise the limit
+    longest = max(context or 0, extra) if isinstance(extra, int) else context
+    allowed = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true")  # as vLLM reads it
+    if args.max_model_len and context and args.max_model_len > longest and not allowed:
+        raise InputError(
+            f"--max-model-len {args.max_model_len} exceeds the model's context of {context} tokens "
+            "(max_position_embeddings); lower it, or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to make vLLM take it "
+            "(positions past the context were never trained)"
+        )
 
 
 def check_kv_cache_dtype(name: str) -> None:
@@ -181,6 +199,7 @@ def check_inputs(args: argparse.Namespace) -> list[list[int]]:
     """Everything checkable before vLLM starts (tens of seconds to minutes), cheapest first; the prompts. A stock
     checkpoint (the baseline of a comparison) gets the same checks but the CLA ones."""
     config = read_config(args.model)
+    check_max_model_len(config, args)
     prompts = check_prompts(Path(args.prompts_json), config, args)
     check_kv_cache_dtype(args.kv_cache_dtype)
     if config.get("model_type") in CLA_MODEL_TYPES:
