@@ -147,6 +147,30 @@ def test_the_recipe_on_the_card_reruns_to_the_same_weights(composed, monkeypatch
     assert same_tensors(run / "model", again)
 
 
+def test_an_uptrained_model_uptrains_again_with_its_records_and_teacher(composed, corpus_dir, tmp_path):
+    """model.path an earlier run's model/: it has uptrain.json, no clakit_convert.json. The second run found no
+    teacher ("distillation needs the original model as teacher: set model.original") and, without distillation,
+    recorded conversion None and original None (no baseline report) and filed the earlier card under
+    "## Conversion". Now the earlier run's resolved original teaches and scores, its conversion record is carried
+    on, its uptrain.json is kept as start_uptrain, and its card sits under its own heading."""
+    first = composed / "runs" / "a" / "model"
+    earlier = json.loads((first / "uptrain.json").read_text())
+    sections = {
+        "model": {"path": str(first)},
+        "train": {"max_steps": 2, "save_steps": 0, "warmup_steps": 0},
+        "lora": {"full_train": ["k_proj"]},
+        "distill": {"weight": 0.5},
+    }
+    out = uptrain(write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", **sections)), quiet=True)
+    record = json.loads((out / "uptrain.json").read_text())
+    assert record["original"]["path"] == earlier["original"]["path"] == str(composed / "src")
+    assert record["conversion"] == earlier["conversion"] and record["conversion"]["settings"]["init"] == "mean"
+    assert record["start_uptrain"]["fingerprint"] == earlier["fingerprint"]
+    assert (tmp_path / "run" / "eval" / "original.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "## Start checkpoint (uptrained before)" in card and card.index("## Recipe") < card.index("## Start")
+
+
 def test_a_killed_composed_run_resumes_to_the_straight_runs_weights(composed, monkeypatch):
     """bf16 on the CPU, gradient checkpointing, an interleaved layout converted inside the run, copies, dropout,
     the teacher's KL and hidden MSE: killed after step 3 (its last checkpoint at 2), resumed, it logs and saves what

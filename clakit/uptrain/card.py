@@ -161,16 +161,26 @@ def _recipe_lines(s: dict) -> list[str]:
     ]
 
 
+def read_record(path: Path) -> dict | None:
+    """A JSON record beside a checkpoint, None when absent or damaged (someone else's: the card still names the
+    start checkpoint)."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def origins(start: Path, original: dict | None) -> dict:
     """Where the trained weights came from, for uptrain.json: the CLA checkpoint training started from, its
     conversion record (the source it was converted from, at which revision, with which settings) and the original
-    model (teacher / baseline) as resolved when the run started (run.json: the path or Hub commit it read)."""
-    record = start / RECORD_FILE
-    try:
-        conversion = json.loads(record.read_text()) if record.is_file() else None
-    except (OSError, ValueError):  # a damaged record of someone else's: the card still names the start checkpoint
-        conversion = None
-    return {"start_checkpoint": str(start), "conversion": conversion, "original": original}
+    model (teacher / baseline) as resolved when the run started (run.json: the path or Hub commit it read). A start
+    uptrained by clakit before (its model/ as model.path) holds no conversion record of its own: its uptrain.json is
+    kept as `start_uptrain`, and the conversion it descends from is taken from there."""
+    conversion, earlier = read_record(start / RECORD_FILE), read_record(start / PROVENANCE)
+    if conversion is None and earlier is not None:
+        conversion = earlier.get("conversion")
+    return {"start_checkpoint": str(start), "conversion": conversion, "start_uptrain": earlier, "original": original}
 
 
 def _front_matter_dropped(text: str) -> str:
@@ -182,9 +192,14 @@ def _front_matter_dropped(text: str) -> str:
 
 
 def write(out: Path, s: dict, start: Path | None = None) -> None:
-    """README.md (the start checkpoint's card, the converter's, kept below ours) and uptrain.json."""
+    """README.md (the start checkpoint's card, the converter's or an earlier uptraining's, kept below ours) and
+    uptrain.json."""
     previous = start / "README.md" if start is not None else None
     conversion = _front_matter_dropped(previous.read_text()) if previous and previous.is_file() else ""
+    heading = "Conversion"
+    if s.get("start_uptrain") is not None:  # an earlier uptraining's card: its records are our start_uptrain
+        heading = "Start checkpoint (uptrained before)"
+        conversion = conversion.replace(f"`{PROVENANCE}`", f"`{PROVENANCE}` (its `start_uptrain`)")
     # the conversion record is not copied beside the result (it would make model/ look like a convert output):
     # uptrain.json holds it, under "conversion"
     conversion = conversion.replace(f"`{RECORD_FILE}`", f"`{PROVENANCE}` (its `conversion`)")
@@ -192,5 +207,5 @@ def write(out: Path, s: dict, start: Path | None = None) -> None:
     if layout:  # the same layout's serving section is in our part already
         conversion = conversion.replace(serving_section(len(set(layout)), len(layout)), "")
     record = run_provenance(**s)  # the card names the working directory the recipe's relative paths start from
-    (out / "README.md").write_text(markdown(record) + ("\n## Conversion\n\n" + conversion if conversion else ""))
+    (out / "README.md").write_text(markdown(record) + (f"\n## {heading}\n\n" + conversion if conversion else ""))
     (out / PROVENANCE).write_text(json.dumps(record, indent=1))

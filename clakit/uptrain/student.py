@@ -80,7 +80,7 @@ def original_source(model_section) -> tuple[str, str | None] | None:
     """The stock model a CLA student came from, as (spec, revision): model.original or model.source (with
     model.revision), else model.path's conversion record, resolved as convert resolved it: the absolute local path
     it read (never the spec as typed, which was relative to wherever convert ran), or the Hub id and the commit it
-    downloaded. None when unknown."""
+    downloaded; for a model.path uptrained by clakit before, the original its run resolved. None when unknown."""
     if model_section.original or model_section.source:
         return model_section.original or model_section.source, model_section.revision
     from clakit.convert.output_folder import RECORD_FILE
@@ -89,7 +89,7 @@ def original_source(model_section) -> tuple[str, str | None] | None:
     try:
         data = json.loads(record.read_text())
     except (OSError, ValueError):
-        return None
+        return _uptrained_original(expand(model_section.path, "model.path"))
     if not isinstance(data, dict):
         return None
     source = data.get("source")
@@ -101,6 +101,19 @@ def original_source(model_section) -> tuple[str, str | None] | None:
     if source.get("kind") == "hub":
         return source.get("spec"), source.get("revision")
     return (source["path"], None) if source.get("path") else None
+
+
+def _uptrained_original(path: Path) -> tuple[str, str | None] | None:
+    """The original an earlier `clakit uptrain` of the model in `path` resolved (its uptrain.json's `original`: the
+    absolute path it read, or a Hub id's snapshot and commit), as (spec, revision); None when it recorded none."""
+    from clakit.uptrain.card import PROVENANCE, read_record
+
+    original = (read_record(path / PROVENANCE) or {}).get("original")
+    if not isinstance(original, dict) or not isinstance(original.get("path"), str):
+        return None
+    if not expand(original["path"], "model.original").exists() and original.get("revision"):
+        return original.get("spec"), original["revision"]  # a Hub snapshot no longer in this cache: download it
+    return original["path"], None
 
 
 def code_settings(model_section) -> dict[str, bool]:
