@@ -197,3 +197,40 @@ def test_the_evaluate_module_says_which_windows_it_scored(tokenizer):
     assert (scores.get("seq_len"), scores.get("stride")) == (64, 64)
     again = perplexity(model, tokenizer, text, seq_len=scores["seq_len"], stride=scores["stride"])
     assert again == scores and perplexity(model, tokenizer, text, seq_len=64, stride=16)["stride"] == 16
+
+
+def _cloze_task(folder: Path, rows: list[dict], name: str = "tiny_cloze") -> Path:
+    """A local lm-eval multiple-choice task: a YAML reading the JSON-lines file beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    body = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'rows.jsonl'}\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\n"
+            "doc_to_target: label\nmetric_list:\n  - metric: acc\n")  # fmt: skip
+    (folder / f"{name}.yaml").write_text(body)
+    return folder / f"{name}.yaml"
+
+
+def test_one_lm_eval_task_name_with_other_documents_is_not_one_column(tmp_path, tokenizer):
+    """The same task name scored on other documents (its local data edited between two runs) was put in one column
+    of the lm-eval table, as if both models had answered the same questions. Its documents and prompts are now
+    hashed into the report, and clakit report refuses to compare them; the same task read from another folder
+    still compares."""
+    from conftest import make_text, tiny_model
+
+    from clakit.errors import ClakitError
+
+    model, text = tiny_model("llama", max_position_embeddings=128), make_text(400, 5)
+    words = text.split()
+    rows = [{"question": " ".join(words[i : i + 6]), "choices": ["the of", "unto him", "hack mode", "a b"],
+             "label": i % 4} for i in range(0, 48, 6)]  # fmt: skip
+    run = dict(tokenizer=tokenizer, text=text, seq_len=32, speed=False, quiet=True)
+    first = evaluate(model, lm_eval_tasks=str(_cloze_task(tmp_path / "a", rows)), **run)
+    moved = evaluate(model, lm_eval_tasks=str(_cloze_task(tmp_path / "b", rows)), **run)
+    assert first["lm_eval"]["task_hashes"] == moved["lm_eval"]["task_hashes"]  # same documents, same prompts
+    edited = [{**r, "label": (r["label"] + 1) % 4} for r in rows]
+    other = evaluate(model, lm_eval_tasks=str(_cloze_task(tmp_path / "c", edited)), **run)
+    paths = [write_json(r, tmp_path / f"{n}.json") for n, r in (("a", first), ("b", moved), ("c", other))]
+    assert (report(paths[:2], tmp_path / "same") / "report.md").is_file()
+    with pytest.raises(ClakitError, match=r"lm-eval task tiny_cloze scored other documents \(lm_eval.task_hashes"):
+        report(paths, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()

@@ -60,6 +60,24 @@ def check_comparable(reports: list[dict], paths: list) -> None:
                         f"cannot compare {path} with {having[0][1]}: {'.'.join(keys)} differs ({b!r} vs {a!r}); "
                         "evaluate every model on the same data with the same settings"
                     )
+    _check_lm_eval_tasks(reports, paths)
+
+
+def _check_lm_eval_tasks(reports: list[dict], paths: list) -> None:
+    """One lm-eval task name is one column of the table: every report that has it must have scored the same
+    documents with the same prompts (lm_eval.task_hashes; reports from before it are not checked)."""
+    seen = {}  # task -> (its hashes, the first report that has them)
+    for report, path in zip(reports, paths, strict=True):
+        hashes = (report.get("lm_eval") or {}).get("task_hashes") or {}
+        for task, mine in hashes.items():
+            first, where = seen.setdefault(task, (mine, path))
+            differ = [k for k in sorted(set(first) | set(mine)) if first.get(k) != mine.get(k)]
+            if differ:
+                raise ClakitError(
+                    f"cannot compare {path} with {where}: lm-eval task {task} scored other {' and '.join(differ)} "
+                    f"(lm_eval.task_hashes.{task}.{differ[0]} differs); score every model on the same task files "
+                    "and data"
+                )
 
 
 def labels(reports: list[dict]) -> list[str]:

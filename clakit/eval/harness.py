@@ -8,10 +8,13 @@ The scores land in the report as
     {"tasks": {task: {"acc": 0.61, "acc_stderr": 0.02, ..., "num_samples": 500, "num_fewshot": 0}},
      "settings": {"tasks": [...], "include": [...], "limit": ..., "num_fewshot": ..., "batch_size": ...,
                   "max_length": ...},
-     "version": "0.4.x"}
+     "version": "0.4.x", "task_hashes": {task: {"documents": sha256, "prompts": sha256}}}
 Metric keys are lm-eval's `metric,filter` keys with the default filter `,none` dropped (`acc,none` -> `acc`).
 """
 
+import hashlib
+import itertools
+import json
 import logging
 import math
 from contextlib import contextmanager
@@ -34,6 +37,7 @@ class Tasks:
     limit: int | None = None  # at most this many documents per task (lm-eval's --limit)
     num_fewshot: int | None = None  # None: each task's own default
     manager: object = None  # the lm_eval TaskManager that resolved the specs
+    hashes: dict = field(default_factory=dict)  # task -> sha256 of its documents and prompts (task_hashes)
 
     def settings(self, batch_size: int, max_length: int | None = None) -> dict:
         return {
@@ -107,17 +111,18 @@ def prepare(tasks, include=None, limit: int | None = None, num_fewshot: int | No
     specs, folders = [_spec(s) for s in specs], _folders(include)
     # lm-eval's own index (~15k task files) takes seconds to build: skip it when every task is a local file.
     builtin = any(not _is_path(s) for s in specs)
-    manager = _load(specs, folders, builtin)
-    return Tasks(specs, folders, limit, num_fewshot, manager)
+    manager, loaded = _load(specs, folders, builtin)
+    return Tasks(specs, folders, limit, num_fewshot, manager, task_hashes(loaded, limit))
 
 
 def _load(specs: list[str], folders: list[str], builtin: bool):
+    """(the TaskManager, what it loaded: {"tasks": {name: Task}, ...})."""
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=folders or None, include_defaults=builtin)
     try:
         with _lm_eval_errors_only():
-            manager.load(specs)
+            loaded = manager.load(specs)
     except KeyError as e:
         if not builtin:  # a local group file may name built-in tasks
             return _load(specs, folders, True)
@@ -130,7 +135,33 @@ def _load(specs: list[str], folders: list[str], builtin: bool):
             else "check the task file's dataset_path / dataset_kwargs"
         )
         raise ClakitError(f"lm-eval could not load {','.join(specs)}: {_first_line(e)}; {where}") from None
-    return manager
+    return manager, loaded
+
+
+# where a task's data lies and where its YAML was read: the documents' own hash covers the data, so the same task
+# read from another folder (another machine) still compares
+NOT_PROMPTS = ("dataset_path", "dataset_name", "dataset_kwargs", "metadata")
+
+
+def task_hashes(loaded: dict, limit: int | None) -> dict:
+    """{task: {"documents": sha256 of the documents it scores (the first `limit`, as lm-eval's --limit),
+    "prompts": sha256 of its prompt, choice, target and metric settings}}. A task name alone does not say what was
+    scored: a task YAML's local data edited between two runs, or two YAMLs of one name, gave one report column."""
+    out = {}
+    for name, task in (loaded.get("tasks") or {}).items():
+        config = {k: v for k, v in task.dump_config().items() if k not in NOT_PROMPTS}
+        out[name] = {"documents": _sha256(list(itertools.islice(task.eval_docs, limit))), "prompts": _sha256(config)}
+    return out
+
+
+def _sha256(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=_name_of).encode()).hexdigest()
+
+
+def _name_of(obj) -> str:
+    """A function in a task config (process_docs, a filter) by its name: str() would hold its memory address, and
+    the hash would differ on every run."""
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
 @contextmanager
@@ -175,7 +206,8 @@ def run_tasks(model, tokenizer, tasks: Tasks | str | list[str], batch_size: int,
             )
     except Exception as e:  # a task that loads but cannot run on this model (e.g. longer than its context)
         raise ClakitError(f"lm-eval could not run {','.join(tasks.specs)}: {_first_line(e)}") from None
-    return {"tasks": scores(results), "settings": tasks.settings(batch_size, max_length), "version": _version()}
+    return {"tasks": scores(results), "settings": tasks.settings(batch_size, max_length), "version": _version(),
+            "task_hashes": tasks.hashes}  # fmt: skip
 
 
 def scores(results: dict) -> dict:

@@ -41,6 +41,13 @@ def _scores(v) -> bool:
     )
 
 
+def _task_hashes(v) -> bool:
+    """lm_eval.task_hashes: {task: {"documents": sha256, "prompts": sha256}}."""
+    return isinstance(v, dict) and all(
+        isinstance(h, dict) and all(isinstance(x, str) for x in h.values()) for h in v.values()
+    )
+
+
 def _fraction(v) -> bool:
     return _number(0)(v) and v <= 1
 
@@ -84,6 +91,7 @@ FIELDS = (
     (("lm_eval",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
     (("lm_eval", "tasks"), "a mapping of task -> {metric: number}", _optional(_scores)),
     (("lm_eval", "settings"), "a mapping", _optional(lambda v: isinstance(v, dict))),
+    (("lm_eval", "task_hashes"), "a mapping of task -> {documents, prompts}", _optional(_task_hashes)),
     (("passkey",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
     (("passkey", "accuracy"), "a number between 0 and 1", _fraction),
     (("passkey", "settings"), "a mapping", lambda v: isinstance(v, dict)),
