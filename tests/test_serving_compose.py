@@ -86,3 +86,32 @@ def test_clakit_vllm_run_refuses_a_max_model_len_beyond_the_models_context(
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
     assert "--max-model-len 1025 exceeds the model's context of 1024 tokens" in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def cla2_llama(nonadjacent_llama) -> Path:
+    """CLA2 of the same stock model: [0, 0, 2, 2, 4, 4], whose last layer is a consumer."""
+    root = nonadjacent_llama.parent
+    return convert(root / "stock", root / "cla2", factor=2, init="mean", quiet=True)
+
+
+@pytest.mark.slow
+def test_kv_sharing_fast_prefill_is_refused_where_the_last_layers_are_consumers(
+    vllm_python,  # noqa: F811
+    nonadjacent_llama,
+    cla2_llama,
+    tokenizer,
+    tmp_path,
+):
+    """vLLM's kv_sharing_fast_prefill (for YOCO-style models such as Gemma-3n) gives the trailing KV-sharing layers
+    attention metadata for the sampled tokens only, while a CLA model runs every prompt token through them. Where
+    the last layer is a consumer (every CLA2) it is refused in one line at load (before: served, greedy tokens
+    unlike transformers' from the first); where it is a producer nothing is skipped and the tokens are right."""
+    prompts = text_prompts(tokenizer, [5, 40, 150])
+    engine = dict(kv_cache_memory_bytes=16 * MIB, kv_sharing_fast_prefill=True)
+    runs = [dict(model=str(m), prompts=prompts, max_tokens=6, engine=engine) for m in (nonadjacent_llama, cla2_llama)]
+    producer_last, consumer_last = run_engines(vllm_python, runs, tmp_path)
+    assert producer_last.get("tokens") == [hf_greedy(nonadjacent_llama, prompts, 6)], producer_last
+    refusal = "clakit_vllm: cannot serve this CLA checkpoint: kv_sharing_fast_prefill"
+    assert refusal in consumer_last.get("error", ""), (consumer_last, hf_greedy(cla2_llama, prompts, 6))
+    assert "trailing consumer layers [5]" in consumer_last["error"], consumer_last

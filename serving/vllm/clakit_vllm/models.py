@@ -89,6 +89,26 @@ def balanced_partition(starts: list[int], pp_size: int, num_layers: int) -> list
     return [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def fast_prefill_problem(config, model: LlamaModel) -> str | None:
+    """Why vLLM's kv_sharing_fast_prefill would give wrong tokens here, as one line; else None.
+
+    vLLM gives the trailing run of KV-sharing layers (of this pipeline stage) attention metadata for the sampled
+    tokens only, as for a YOCO/Gemma-3n model that skips its other prefill tokens there; a CLA model runs every token
+    through every layer, so those layers would attend with the wrong queries.
+    """
+    layout, trailing = config.kv_source_layers, []
+    for layer in reversed(range(model.start_layer, model.end_layer)):
+        if layout[layer] == layer:
+            break
+        trailing.insert(0, layer)
+    if not trailing:
+        return None
+    return (
+        f"kv_sharing_fast_prefill (--kv-sharing-fast-prefill) skips the prefill tokens of the trailing consumer "
+        f"layers {trailing}, which a CLA model computes: its tokens would be wrong; serve without it"
+    )
+
+
 def cla_weights_mapper(stock: WeightsMapper, kv_source_layers: list[int]) -> WeightsMapper:
     """The stock mapper, with q/k/v stacked into `qkv_proj` on producers only; a consumer's `q_proj` keeps its name."""
     stacked = {k: v for k, v in stock.orig_to_new_stacked.items() if k not in (".q_proj", ".k_proj", ".v_proj")}
@@ -208,6 +228,8 @@ class CLAForCausalLMMixin:
             raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         model: LlamaModel = self.model
+        if vllm_config.cache_config.kv_sharing_fast_prefill and (problem := fast_prefill_problem(config, model)):
+            raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")  # CLA
         model.hf_to_vllm_mapper = cla_weights_mapper(model.hf_to_vllm_mapper, self.config.kv_source_layers)  # CLA
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
