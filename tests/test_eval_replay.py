@@ -234,3 +234,38 @@ def test_one_lm_eval_task_name_with_other_documents_is_not_one_column(tmp_path, 
     with pytest.raises(ClakitError, match=r"lm-eval task tiny_cloze scored other documents \(lm_eval.task_hashes"):
         report(paths, tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, layout, dtype, kv_heads",
+    [("llama", [0, 1, 0, 1], torch.float32, None),  # interleaved: a consumer before its group's second producer
+     ("mistral", [0, 0, 2, 2], torch.float32, None),  # sliding window 16, windows of 48: past it
+     ("mistral", [0, 1, 1, 1], torch.bfloat16, None),
+     ("llama", None, torch.float32, 1)],  # 2 KV heads merged into 1 (clakit.convert.kvheads), --source-model given
+)  # fmt: skip
+def test_kv_bytes_computed_equal_what_the_cache_holds_in_every_composition(tmp_path, tokenizer, kind, layout, dtype,
+                                                                           kv_heads):  # fmt: skip
+    """The KV bytes a report gives per sequence are the bytes a DynamicCache holds after --seq-len tokens, and the
+    saving is the stock model's bytes over this one's, whatever composes: layouts, a sliding window passed, bf16, and
+    merged KV heads; the passkey test decodes through the same cache."""
+    from conftest import make_text, save_checkpoint, tiny_model
+
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.kvheads import merge_kv_heads
+
+    stock = tiny_model(kind)
+    model = cla_model_from(stock, layout) if layout else merge_kv_heads(stock, kv_heads)
+    folder = save_checkpoint(model.to(dtype), tokenizer, tmp_path / "model")
+    source = save_checkpoint(tiny_model(kind), tokenizer, tmp_path / "stock")
+    (tmp_path / "text.txt").write_text(make_text(3000, 9))
+    passkey = PasskeySettings(lengths=[200], depths=[0.5], samples=1)
+    r = evaluate(folder, data=[str(tmp_path / "text.txt")], seq_len=48, max_tokens=256, batch_size=2, speed=False,
+                 quiet=True, source_model=str(source), passkey=passkey)  # fmt: skip
+    kv, element = r["kv_cache"], torch.empty((), dtype=dtype).element_size()
+    producers = len(set(layout)) if layout else 4
+    heads = kv_heads or 2
+    window = 15 if kind == "mistral" else 48  # transformers keeps the last sliding_window - 1 tokens
+    assert kv["bytes_per_token"] == producers * 2 * heads * 12 * element
+    assert kv["measured_bytes"] == kv["bytes_per_sequence"] == kv["bytes_per_token"] * window
+    assert kv["saving_factor"] == 4 * 2 / (producers * heads) and kv["dtype"] == str(dtype).removeprefix("torch.")
+    assert r["passkey"]["cells"][0]["samples"] == 1
