@@ -269,3 +269,17 @@ def test_kv_bytes_computed_equal_what_the_cache_holds_in_every_composition(tmp_p
     assert kv["measured_bytes"] == kv["bytes_per_sequence"] == kv["bytes_per_token"] * window
     assert kv["saving_factor"] == 4 * 2 / (producers * heads) and kv["dtype"] == str(dtype).removeprefix("torch.")
     assert r["passkey"]["cells"][0]["samples"] == 1
+
+
+@pytest.mark.parametrize("asked", [{"dtype": "bfloat16"}, {"device": "cpu"}, {"device_map": "auto"}])
+def test_placement_asked_for_an_in_memory_model_is_refused_not_recorded(tokenizer, asked):
+    """evaluate(model, dtype="bfloat16") scored the fp32 model as it was while provenance.config said bfloat16
+    (kv_cache.dtype float32 beside it). Now one line, before any work."""
+    from conftest import make_text, tiny_model
+
+    from clakit.errors import ClakitError
+
+    name = next(iter(asked))
+    with pytest.raises(ClakitError, match=f"{name}=.* applies to a checkpoint clakit loads; an in-memory model runs"):
+        evaluate(tiny_model("llama"), tokenizer=tokenizer, text=make_text(300, 4), seq_len=32, speed=False,
+                 quiet=True, **asked)  # fmt: skip

@@ -86,11 +86,24 @@ def _placement(model, cfg: EvalConfig) -> dict:
     """load_model's device/dtype/device_map for a checkpoint, checked before anything is read ({} for an in-memory
     model, which stays where it is). --dtype None keeps the checkpoint's (GGUF: float32)."""
     if not isinstance(model, str | Path):
+        _check_in_memory_placement(cfg)
         return {}
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     if cfg.device_map is not None:
         return {"dtype": dtype, "device_map": cfg.device_map}
     return {"dtype": dtype, "device": str(devices.resolve(cfg.device or "auto"))}
+
+
+def _check_in_memory_placement(cfg: EvalConfig) -> None:
+    """An in-memory model is scored where and as it is: a device, device map or dtype asked for it was ignored while
+    the report's provenance.config recorded it (dtype="bfloat16" beside an fp32 cache and fp32 numbers)."""
+    asked = {k: v for k, v in (("device", cfg.device), ("device_map", cfg.device_map), ("dtype", cfg.dtype)) if v}
+    if asked:
+        wants = ", ".join(f"{k}={v!r}" for k, v in asked.items())
+        raise ClakitError(
+            f"{wants} applies to a checkpoint clakit loads; an in-memory model runs where and as it is: move or cast "
+            "it first (model.to(...)) and leave these out, or give its checkpoint path"
+        )
 
 
 def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name) -> Loaded:
