@@ -86,7 +86,7 @@ def composed(tiny_llama_checkpoint, corpus_dir, tmp_path_factory):
         Path("runs/a"),
         model={"source": "src", "convert": {"kv_source_layers": [0, 1, 0, 1], "init": "mean"}},
         data={"train": ["train.txt"], "eval": ["heldout.txt"]},
-        train={"bf16": True, "gradient_checkpointing": True, "max_steps": 6},
+        train={"bf16": True, "gradient_checkpointing": True, "max_steps": 6, "warmup_steps": 0, "warmup_ratio": 0.3},
         lora={"full_train": ["k_proj", "consumers.q_proj"]},
         distill={"weight": 0.5, "hidden_mse_weight": 0.1},
     )
@@ -119,7 +119,8 @@ def test_every_recipe_key_is_in_run_json_uptrain_json_and_the_card(composed):
 def test_the_result_records_where_and_with_what_it_trained(composed):
     """uptrain.json named neither the device nor the mixed precision the run used (the recipe's bf16 is a wish: FSDP
     keeps an fp32 student), nor peft and accelerate, which build the adapters and run the loop, nor the fingerprint
-    and data digest a rerun is checked against (run.json had them, but it is not part of the saved model)."""
+    and data digest a rerun is checked against (run.json had them, but it is not part of the saved model), nor the
+    schedule resolved from the recipe (the card said "warmup 0 steps / ratio 0.3")."""
     run = composed / "runs" / "a"
     record = json.loads((run / "model" / "uptrain.json").read_text())
     started = json.loads((run / "run.json").read_text())
@@ -128,7 +129,11 @@ def test_the_result_records_where_and_with_what_it_trained(composed):
     state = json.loads(next((run / "checkpoints").glob("step-*/state.json")).read_text())
     for where in (record, started["provenance"], state["provenance"]):
         assert (where["peft"], where["accelerate"]) == (version("peft"), version("accelerate"))
-    assert "(cpu, mixed precision bf16)" in (run / "model" / "README.md").read_text()
+    card = (run / "model" / "README.md").read_text()
+    assert "(cpu, mixed precision bf16)" in card
+    # the schedule as run: 4 steps (an override), a warmup of ceil(0.3 x 4) = 2 steps from warmup_ratio
+    assert record["plan"] == {"total_steps": 4, "tokens_per_step": 2 * 32, "warmup_steps": 2}
+    assert "warmup 2 of 4 steps (warmup_ratio 0.3)" in card
     assert record["conversion"]["settings"]["kv_source_layers"] == [0, 1, 0, 1]
     assert record["cwd"] == str(composed) and record["start_checkpoint"] == str(run / "converted")
 

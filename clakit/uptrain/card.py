@@ -1,5 +1,6 @@
 """The uptrained checkpoint's model card (README.md) and provenance (uptrain.json)."""
 
+import dataclasses
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,6 +45,8 @@ def summary(recipe, trainer, data, heldout: dict, kv_source_layers: list[int] | 
         "mixed_precision": str(acc.mixed_precision),
         "distributed_type": str(getattr(acc.distributed_type, "value", acc.distributed_type)),
         "steps": trainer.step,
+        # the schedule as resolved from the recipe (steps from max_tokens or epochs, warmup from warmup_ratio)
+        "plan": dataclasses.asdict(trainer.plan),
         "train_tokens": trainer.step * trainer.plan.tokens_per_step,
         "train_seconds": round(trainer.elapsed, 1),
         "trainable_parameters": trainable,
@@ -83,13 +86,23 @@ def _training_lines(s: dict) -> list[str]:
         f"- {s['steps']} steps, {s['train_tokens']} tokens, {s['train_seconds']} s on {s['processes']} "
         f"process(es){device}",
         f"- data: {', '.join(s['train_data'])}, windows of {data['seq_len']}{copies}",
-        f"- learning_rate {t['learning_rate']}, {t['lr_scheduler_type']} schedule, warmup {t['warmup_steps']} "
-        f"steps / ratio {t['warmup_ratio']}, batch {batch}, bf16 {t['bf16']}, seed {t['seed']}",
+        f"- learning_rate {t['learning_rate']}, {t['lr_scheduler_type']} schedule, {_warmup_text(s)}, batch {batch}, "
+        f"bf16 {t['bf16']}, seed {t['seed']}",
         f"- {_lora_text(lo)}; trained in full: {lo['full_train'] or 'nothing'}; {s['trainable_parameters']:,} of"
         f" {s['parameters']:,} parameters trained",
         f"- distillation weight {d['weight']}, temperature {d['temperature']}, "
         f"hidden-state MSE weight {d['hidden_mse_weight']}",
     ]
+
+
+def _warmup_text(s: dict) -> str:
+    """The warmup the run had: train.warmup_steps, or the steps train.warmup_ratio came to (records from before the
+    plan was kept name the settings only)."""
+    t, plan = s["recipe"]["train"], s.get("plan")
+    if plan is None:
+        return f"warmup {t['warmup_steps']} steps / ratio {t['warmup_ratio']}"
+    ratio = f" (warmup_ratio {t['warmup_ratio']:g})" if not t["warmup_steps"] and t["warmup_ratio"] else ""
+    return f"warmup {plan['warmup_steps']} of {plan['total_steps']} steps{ratio}"
 
 
 def _lora_text(lo: dict) -> str:
