@@ -235,6 +235,46 @@ def test_a_layout_chosen_on_data_still_checks_its_producer_patterns_after_the_co
     assert planned_layout(ModelSection(source="s", convert=ConvertConfig(factor=9)), config) is None  # convert refuses
 
 
+# --- held-out text and calibration, composed ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("calib", ["train.txt", "."], ids=["the-train-file", "a-folder-holding-it"])
+def test_calibration_on_the_train_text_whose_tail_is_held_out_is_refused_before_any_work(
+    tiny_llama_checkpoint, corpus_dir, tmp_path, calib
+):
+    """Without data.eval the held-out text is the last data.eval_fraction of data.train, and the conversion's
+    calibration windows are spread over its whole calib_data: calib_data naming data.train fitted the conversion on
+    the held-out text (the data.eval rule compared data.eval only; --dry-run and the run passed). With data.eval
+    the same calibration text is allowed."""
+    model = {"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "calibrated"}}
+    model["convert"]["calib_data"] = [str(corpus_dir / calib)]
+    data = {"train": [str(corpus_dir / "train.txt")], "eval": None, "eval_fraction": 0.2}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model, data=data))
+    with pytest.raises(ClakitError, match=r"is \(or holds\) training text .*train.txt, whose last data.eval_fraction"):
+        uptrain(path, dry_run=True, quiet=True)
+    if calib == "train.txt":  # (the folder holds heldout.txt too: as data.eval it is refused by the data.eval rule)
+        assert uptrain(path, ["data.eval=[" + str(corpus_dir / "heldout.txt") + "]"], dry_run=True, quiet=True)
+
+
+def test_calibration_on_a_copy_of_the_train_text_whose_tail_is_held_out_is_refused_before_the_conversion(
+    tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch
+):
+    """The same text under another name: refused by content once the text is read, before the conversion."""
+    from clakit.uptrain import student
+
+    monkeypatch.setattr(student, "convert_source", lambda *a, **k: pytest.fail("the conversion ran"))
+    copy = tmp_path / "text" / "calib.txt"
+    copy.parent.mkdir()
+    copy.write_text((corpus_dir / "train.txt").read_text())
+    model = {"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "calibrated"}}
+    model["convert"]["calib_data"] = [str(copy)]
+    data = {"train": [str(corpus_dir / "train.txt")], "eval": None, "eval_fraction": 0.2}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model, data=data))
+    with pytest.raises(ClakitError, match=r"calib_data .*calib.txt is \(or holds\) training text .*train.txt"):
+        uptrain(path, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "text"]
+
+
 # --- starts nobody trained from --------------------------------------------------------------------------------------
 
 

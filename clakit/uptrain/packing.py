@@ -10,6 +10,7 @@ from clakit.copies import add_copies
 from clakit.corpus import Text, load_texts
 from clakit.errors import ClakitError
 from clakit.paths import expand
+from clakit.uptrain.recipe import calibrated_tail
 
 _PIECE_CHARS = 1 << 20  # tokenise long texts in ~1 MB pieces (cut at line ends) to bound tokenizer memory
 
@@ -93,14 +94,15 @@ def build_data(
     train text read; the held-out blocks are capped at `eval_max_tokens` and never get copies. `calib`: the
     conversion's calibration specs (model.convert.calib_data), which data.eval must not hold either."""
     train_texts = load_texts(data.train)
+    # a datasets spec: the path rule (recipe._check_calibration_held_out)
+    local_calib = [c for c in calib or [] if expand(c, "model.convert.calib_data").exists()]
+    calib_texts = load_texts(local_calib) if local_calib else []
     if data.eval:
         eval_texts = load_texts(data.eval)
-        # a datasets spec: the path rule
-        local_calib = [c for c in calib or [] if expand(c, "model.convert.calib_data").exists()]
-        fitted = {"data.train": train_texts, "calibration text": load_texts(local_calib) if local_calib else []}
-        check_held_out(eval_texts, fitted)
+        check_held_out(eval_texts, {"data.train": train_texts, "calibration text": calib_texts})
         eval_sources = [t.name for t in eval_texts]
     else:  # hold out the tail of the train text: contiguous, so no block straddles train and eval
+        check_tail_not_calibrated(train_texts, calib_texts, data.eval_fraction)
         train_texts, eval_texts = split_tail(train_texts, data.eval_fraction)
         eval_sources = [f"last {data.eval_fraction:g} of data.train"]
     # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
@@ -134,6 +136,17 @@ def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
                     f"data.eval {t.name} holds the same text as {what} {same}: its numbers would not be held out; "
                     "give text the model is not fitted on, or drop data.eval to hold out the end of the train text"
                 )
+
+
+def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: float) -> None:
+    """With data.eval_fraction the held-out text is the tail of data.train: a calibration file holding the same text
+    as a train file (a copy under another name, which the recipe's path rule cannot see) fits the conversion on
+    it. Refused by content, as check_held_out refuses a copied data.eval."""
+    seen = {_digest(t.text): t.name for t in train}
+    for t in calib:
+        same = seen.get(_digest(t.text))
+        if same is not None:
+            raise ClakitError(calibrated_tail(t.name, same, fraction))
 
 
 def split_tail(texts: list[Text], fraction: float) -> tuple[list[Text], list[Text]]:

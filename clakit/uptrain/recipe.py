@@ -438,6 +438,20 @@ def _check_calibration_held_out(recipe: Recipe) -> None:
                 f"data.eval {spec} is (or holds) calibration text {text} of model.convert.calib_data: the conversion"
                 " is fitted on it, so its numbers would not be held out; give held-out text it never reads",
             )
+    if recipe.data.eval is None:  # the held-out text is the tail of data.train: no calibration on data.train then
+        for text in calib or []:
+            for train in recipe.data.train:
+                _check(not _same_text(text, train), calibrated_tail(text, train, recipe.data.eval_fraction))
+
+
+def calibrated_tail(calib: str, train: str, fraction: float) -> str:
+    """The refusal of calibration text that holds the held-out tail of data.train (the calibration windows are
+    spread over the whole text, its tail included)."""
+    return (
+        f"model.convert.calib_data {calib} is (or holds) training text {train}, whose last data.eval_fraction="
+        f"{fraction:g} is the held-out text: the conversion would be fitted on it, so its numbers would not be held "
+        "out; give held-out text as data.eval, or calibration text that is not in data.train"
+    )
 
 
 def _check_each_once(train: list[str]) -> None:
