@@ -100,7 +100,8 @@ def vllm_python() -> Path:
 
 # One vLLM process runs each engine of a list in turn (a start-up costs seconds, not a fresh interpreter's import):
 # each run is {"model", "prompts" (token-id lists), "max_tokens", "dtype", "engine" (LLM keyword arguments), "passes"
-# (generate the batch this many times: later passes hit the prefix cache)}; one RESULT line each, an error as text.
+# (generate the batch this many times: later passes hit the prefix cache)}; one RESULT line each, an error as text;
+# with engine disable_log_stats=False it has vLLM's counters too.
 RUN_ENGINES = """
 import gc, json, sys
 from vllm import LLM, SamplingParams
@@ -116,6 +117,8 @@ for run in json.loads(sys.argv[1]):
         result = dict(tokens=[[list(o.outputs[0].token_ids) for o in outs] for outs in passes],
                       kv_cache_tokens=cache.kv_cache_size_tokens, kv_cache_blocks=cache.num_gpu_blocks,
                       block_size=cache.block_size, max_concurrency=cache.kv_cache_max_concurrency)
+        if run["engine"].get("disable_log_stats") is False:  # vLLM's counters, e.g. vllm:num_preemptions
+            result["metrics"] = {m.name: m.value for m in llm.get_metrics() if hasattr(m, "value")}
         del llm
     except Exception as e:
         result = dict(error=f"{type(e).__name__}: {e}".replace("\\n", " / "))

@@ -115,3 +115,93 @@ def test_kv_sharing_fast_prefill_is_refused_where_the_last_layers_are_consumers(
     refusal = "clakit_vllm: cannot serve this CLA checkpoint: kv_sharing_fast_prefill"
     assert refusal in consumer_last.get("error", ""), (consumer_last, hf_greedy(cla2_llama, prompts, 6))
     assert "trailing consumer layers [5]" in consumer_last["error"], consumer_last
+
+
+@pytest.fixture(scope="module")
+def windowed_mistral(tokenizer, tmp_path_factory) -> Path:
+    """A tiny Mistral with tied embeddings and a sliding window of 8 (far shorter than the prompts), converted to a
+    layout whose consumers are not next to their producers: layer 5 reads layer 1, layer 3 reads layer 0."""
+    root = tmp_path_factory.mktemp("vllm_compose_mistral")
+    model = tiny_model("mistral", **TINY, sliding_window=8, tie_word_embeddings=True, max_position_embeddings=1024)
+    stock = save_checkpoint(model, tokenizer, root / "stock")
+    return convert(stock, root / "cla", kv_source_layers=[0, 1, 1, 0, 4, 1], init="mean", quiet=True)
+
+
+@pytest.mark.slow
+def test_engine_features_serve_transformers_tokens(
+    vllm_python,  # noqa: F811
+    nonadjacent_llama,
+    windowed_mistral,
+    tokenizer,
+    tmp_path,
+):
+    """Greedy tokens equal transformers' (fp32) under vLLM's engine features that move K/V around: prompts of 1-3
+    cache blocks (128 tokens) batched with short ones, prefix caching off and on (every run's second pass hits it),
+    chunked prefill in 32-token
+    steps, Mistral's window of 8 shorter than every prompt but one, a cache so small that requests are preempted and
+    recomputed (vllm:num_preemptions > 0), and a prompt filling the context to its last token."""
+    mixed = text_prompts(tokenizer, [5, 40, 150, 300])
+    crossing = text_prompts(tokenizer, [120 + i for i in range(8)])  # each needs a second block while decoding
+    edge = text_prompts(tokenizer, [1024 - 4])  # + 4 new tokens = max_position_embeddings
+    small = dict(kv_cache_memory_bytes=16 * MIB)
+    cases = {
+        "mistral": (windowed_mistral, mixed, 8, dict(**small, enable_prefix_caching=False)),
+        "mistral, prefix cache": (windowed_mistral, mixed, 8, dict(**small, enable_prefix_caching=True)),
+        "mistral, chunked": (
+            windowed_mistral,
+            mixed,
+            8,
+            dict(**small, max_num_batched_tokens=32, enable_chunked_prefill=True, max_model_len=512),
+        ),
+        "llama, chunked": (
+            nonadjacent_llama,
+            mixed,
+            8,
+            dict(**small, max_num_batched_tokens=32, enable_chunked_prefill=True, max_model_len=512),
+        ),
+        # 8 blocks of 128 tokens (4 producers x 2 KV heads x 32 x 2 x fp32 = 2 KiB per token)
+        "llama, preempted": (
+            nonadjacent_llama,
+            crossing,
+            12,
+            dict(kv_cache_memory_bytes=8 * 128 * 2048, max_model_len=256, disable_log_stats=False),
+        ),
+        "llama, full context": (nonadjacent_llama, edge, 4, dict(**small)),
+    }
+    runs = [dict(model=str(m), prompts=p, max_tokens=n, engine=e, passes=2) for m, p, n, e in cases.values()]
+    results = dict(zip(cases, run_engines(vllm_python, runs, tmp_path), strict=True))
+    errors = {name: r["error"] for name, r in results.items() if "error" in r}
+    assert not errors, errors
+    assert results["llama, preempted"]["kv_cache_blocks"] == 8, results["llama, preempted"]
+    assert results["llama, preempted"]["metrics"]["vllm:num_preemptions"] > 0, results["llama, preempted"]
+    references = {}
+    for name, (model, prompts, max_tokens, _) in cases.items():
+        key = (model, id(prompts), max_tokens)
+        references[key] = references.get(key) or hf_greedy(model, prompts, max_tokens)
+        assert results[name]["tokens"] == [references[key]] * 2, name
+
+
+@pytest.mark.slow
+def test_kv_capacity_scales_with_producers_and_kv_heads(vllm_python, tokenizer, tmp_path):  # noqa: F811
+    """At the same cache bytes vLLM's block count is the stock model's times layers / producers for a non-uniform
+    layout (6 / 4 = 1.5 for [0, 1, 2, 0, 0, 5]; 6 for one producer), and KV heads merged 2 -> 1 double it again;
+    clakit_vllm's report (kv_cache_tokens) is blocks x block_size for these full-attention models."""
+    from clakit.convert import kvheads
+
+    stock = tiny_model("llama", **TINY)
+    folders = {"stock": save_checkpoint(stock, tokenizer, tmp_path / "stock")}
+    folders["merged"] = save_checkpoint(kvheads.merge_kv_heads(stock, 1), tokenizer, tmp_path / "merged")
+    conversions = {"stock cla": ("stock", LAYOUT), "one producer cla": ("stock", [0] * 6)}
+    conversions["merged cla"] = ("merged", LAYOUT)
+    for name, (source, layout) in conversions.items():
+        dest = tmp_path / name.replace(" ", "_")
+        folders[name] = convert(folders[source], dest, kv_source_layers=layout, init="mean", quiet=True)
+    engine = dict(kv_cache_memory_bytes=48 * MIB, max_model_len=256)
+    runs = [dict(model=str(f), prompts=[[5, 6, 7]], max_tokens=1, engine=engine) for f in folders.values()]
+    blocks = {}
+    for name, result in zip(folders, run_engines(vllm_python, runs, tmp_path), strict=True):
+        assert result["kv_cache_tokens"] == result["kv_cache_blocks"] * result["block_size"], (name, result)
+        blocks[name] = result["kv_cache_blocks"]
+    expected = {"stock cla": 1.5, "one producer cla": 6, "merged": 2, "merged cla": 3}
+    ratios = {name: blocks[name] / blocks["stock"] for name in expected}
+    assert all(abs(ratios[n] - expected[n]) < 0.02 for n in expected), (ratios, blocks)
