@@ -283,3 +283,25 @@ def test_placement_asked_for_an_in_memory_model_is_refused_not_recorded(tokenize
     with pytest.raises(ClakitError, match=f"{name}=.* applies to a checkpoint clakit loads; an in-memory model runs"):
         evaluate(tiny_model("llama"), tokenizer=tokenizer, text=make_text(300, 4), seq_len=32, speed=False,
                  quiet=True, **asked)  # fmt: skip
+
+
+def test_lm_eval_scores_in_the_first_report_format_are_shown(tmp_path, tokenizer):
+    """The first reports with lm-eval scores (before local tasks and their settings) held {task: {metric: value}}
+    as the lm_eval section itself. clakit report read them as valid and dropped every score: no lm-eval table, no
+    word. They are now shown, the version noted as not recorded; a damaged one is still refused by field."""
+    from conftest import make_text, tiny_model
+
+    from clakit.errors import ClakitError
+
+    base = evaluate(tiny_model("llama"), tokenizer=tokenizer, text=make_text(300, 4), seq_len=32, speed=False,
+                    quiet=True)  # fmt: skip
+    paths = []
+    for i, acc in enumerate((0.5, 0.25)):
+        first_format = {**base, "model": f"m{i}", "lm_eval": {"hellaswag": {"acc": acc, "acc_stderr": 0.1}}}
+        paths.append(write_json(first_format, tmp_path / f"{i}.json"))
+    md = (report(paths, tmp_path / "rep") / "report.md").read_text()
+    assert "| m0 | 0.5000 ± 0.1000 |" in md and "| m1 | 0.2500 ± 0.1000 |" in md, md
+    assert "lm-evaluation-harness (version not recorded)" in md
+    damaged = {**base, "lm_eval": {"hellaswag": {"acc": "high"}}}
+    with pytest.raises(ClakitError, match="lm_eval must be a mapping of task -> {metric: number}"):
+        report([write_json(damaged, tmp_path / "bad.json")], tmp_path / "rep2")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from clakit import outputs
 from clakit.errors import ClakitError
-from clakit.eval.records import read_report
+from clakit.eval.records import LM_EVAL_KEYS, read_report
 from clakit.paths import expand
 
 # Fields that must agree for perplexities (and speeds) to be comparable.
@@ -136,19 +136,27 @@ def rows(reports: list[dict]) -> list[list[str]]:
 def lm_eval_table(reports: list[dict]) -> tuple[list[str], list[list[str]]] | None:
     """(columns, rows) of the lm-eval scores, one column per task metric (`value ± stderr`), "–" where a run lacks
     it; None when no report has lm-eval scores."""
-    scored = [r.get("lm_eval") or {} for r in reports]
+    scored = [task_scores(r.get("lm_eval") or {}) for r in reports]
     metrics = {}  # (task, metric) in first-seen order
-    for lm in scored:
-        for task, row in (lm.get("tasks") or {}).items():
+    for tasks in scored:
+        for task, row in tasks.items():
             metrics.update({(task, k): None for k in row if not k.endswith("_stderr") and k not in LM_EVAL_SKIP})
     if not metrics:
         return None
     columns = ["model"] + [f"{task} {metric}" for task, metric in metrics]
     out = []
-    for label, lm in zip(labels(reports), scored, strict=True):
-        tasks = lm.get("tasks") or {}
+    for label, tasks in zip(labels(reports), scored, strict=True):
         out.append([label] + [_score(tasks.get(task, {}), metric) for task, metric in metrics])
     return columns, out
+
+
+def task_scores(lm_eval: dict) -> dict:
+    """{task: {metric: value}} of a report's lm_eval section. The first reports with lm-eval scores (clakit of
+    2026-11-25, before local tasks and their settings) held that mapping itself, no `tasks` key: their scores were
+    dropped from the table without a word."""
+    if any(k in lm_eval for k in LM_EVAL_KEYS):
+        return lm_eval.get("tasks") or {}
+    return {task: row for task, row in lm_eval.items() if isinstance(row, dict)}
 
 
 def _score(row: dict, metric: str) -> str:
@@ -163,7 +171,8 @@ def _lm_eval_note(reports: list[dict]) -> str:
     s = lm.get("settings") or {}
     shots = "each task's default" if s.get("num_fewshot") is None else s["num_fewshot"]
     docs = s.get("limit") or "all"
-    return f"lm-evaluation-harness {lm.get('version')}; documents per task: {docs}; few-shot: {shots}."
+    version = lm.get("version") or "(version not recorded)"
+    return f"lm-evaluation-harness {version}; documents per task: {docs}; few-shot: {shots}."
 
 
 def passkey_table(reports: list[dict]) -> tuple[list[str], list[list[str]]] | None:

@@ -16,6 +16,9 @@ REQUIRED = (
 )  # fmt: skip
 
 
+LM_EVAL_KEYS = ("tasks", "settings", "version", "task_hashes")  # an lm_eval section's own keys (eval.harness)
+
+
 def _number(minimum: float, strict: bool = False):
     """A finite int/float (not a bool) >= minimum (> minimum when strict)."""
 
@@ -46,6 +49,11 @@ def _task_hashes(v) -> bool:
     return isinstance(v, dict) and all(
         isinstance(h, dict) and all(isinstance(x, str) for x in h.values()) for h in v.values()
     )
+
+
+def _first_lm_eval(v) -> bool:
+    """An lm_eval section without `tasks` or `settings` is the first format, {task: {metric: number}} itself."""
+    return any(k in v for k in LM_EVAL_KEYS) or _scores(v)
 
 
 def _fraction(v) -> bool:
@@ -90,6 +98,7 @@ FIELDS = (
     (("speed", "decode_tokens_per_s"), "a positive number", _number(0, strict=True)),
     (("lm_eval",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
     (("lm_eval", "tasks"), "a mapping of task -> {metric: number}", _optional(_scores)),
+    (("lm_eval",), "a mapping of task -> {metric: number} (its first format)", _optional(_first_lm_eval)),
     (("lm_eval", "settings"), "a mapping", _optional(lambda v: isinstance(v, dict))),
     (("lm_eval", "task_hashes"), "a mapping of task -> {documents, prompts}", _optional(_task_hashes)),
     (("passkey",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
