@@ -205,3 +205,24 @@ def test_kv_capacity_scales_with_producers_and_kv_heads(vllm_python, tokenizer, 
     expected = {"stock cla": 1.5, "one producer cla": 6, "merged": 2, "merged cla": 3}
     ratios = {name: blocks[name] / blocks["stock"] for name in expected}
     assert all(abs(ratios[n] - expected[n]) < 0.02 for n in expected), (ratios, blocks)
+
+
+@pytest.mark.slow
+def test_clakit_vllm_runs_kv_cache_bytes_wins_over_the_environment(
+    vllm_python,  # noqa: F811
+    nonadjacent_llama,
+    tmp_path,
+):
+    """--kv-cache-bytes is the cache size even where VLLM_CPU_KVCACHE_SPACE is set (vLLM's CPU platform lets the
+    variable override the engine argument: before, 1 GiB, 4,096 blocks, was allocated and reported for 16 MiB)."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([[5, 6, 7]]))
+    cmd = [str(vllm_python), "-m", "clakit_vllm.run", str(nonadjacent_llama), "--prompts-json", str(prompts)]
+    cmd += ["--max-tokens", "2", "--kv-cache-bytes", str(16 * MIB), "--max-model-len", "256"]
+    proc = subprocess.run(cmd, env=vllm_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert vllm_env()["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("CLAKIT_VLLM_RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1].split(" ", 1)[1])
+    # 4 producers x 2 KV heads x 32 x (K and V) x 4 bytes = 2 KiB per token, 128 tokens per block
+    assert (result["kv_cache_blocks"], result["kv_cache_bytes"]) == (16 * MIB // (2048 * 128), 16 * MIB), result

@@ -218,6 +218,8 @@ def run(args: argparse.Namespace, prompts: list[list[int]] | None = None) -> dic
         engine_args["max_model_len"] = args.max_model_len
     if args.kv_cache_bytes:
         engine_args["kv_cache_memory_bytes"] = args.kv_cache_bytes
+        # vLLM's CPU platform lets this (legacy) variable override the engine argument; the flag must win
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     if args.max_num_seqs:
         engine_args["max_num_seqs"] = args.max_num_seqs
     llm = LLM(**engine_args)
@@ -233,6 +235,7 @@ def run(args: argparse.Namespace, prompts: list[list[int]] | None = None) -> dic
         "model": args.model,
         "architecture": llm.llm_engine.vllm_config.model_config.architectures[0],
         "kv_cache_dtype": cache.cache_dtype,
+        "kv_cache_bytes": cache.kv_cache_memory_bytes,
         "kv_cache_tokens": cache.kv_cache_size_tokens,
         "max_concurrency": cache.kv_cache_max_concurrency,
         "kv_cache_blocks": cache.num_gpu_blocks,
