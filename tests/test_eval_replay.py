@@ -305,3 +305,17 @@ def test_lm_eval_scores_in_the_first_report_format_are_shown(tmp_path, tokenizer
     damaged = {**base, "lm_eval": {"hellaswag": {"acc": "high"}}}
     with pytest.raises(ClakitError, match="lm_eval must be a mapping of task -> {metric: number}"):
         report([write_json(damaged, tmp_path / "bad.json")], tmp_path / "rep2")
+
+
+def test_perplexities_scored_in_different_dtypes_are_labelled_so(tmp_path, tokenizer):
+    """One model scored in fp32 and in bf16: its perplexities differ by precision alone. The note named the cache's
+    bytes only; it now says the perplexities were scored at different precisions, and says nothing for one dtype."""
+    from conftest import make_text, tiny_model
+
+    run = dict(tokenizer=tokenizer, text=make_text(300, 68), seq_len=32, speed=False, quiet=True)
+    fp32 = write_json(evaluate(tiny_model(), name="fp32", **run), tmp_path / "fp32.json")
+    bf16 = write_json(evaluate(tiny_model().to(torch.bfloat16), name="bf16", **run), tmp_path / "bf16.json")
+    mixed = (report([fp32, bf16], tmp_path / "mixed") / "report.md").read_text()
+    assert "The models ran in different dtypes (float32, bfloat16): their perplexities differ by precision" in mixed
+    same = (report([fp32, fp32], tmp_path / "same") / "report.md").read_text()
+    assert "different dtypes" not in same
