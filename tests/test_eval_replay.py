@@ -319,3 +319,16 @@ def test_perplexities_scored_in_different_dtypes_are_labelled_so(tmp_path, token
     assert "The models ran in different dtypes (float32, bfloat16): their perplexities differ by precision" in mixed
     same = (report([fp32, fp32], tmp_path / "same") / "report.md").read_text()
     assert "different dtypes" not in same
+
+
+def test_the_origin_names_a_gguf_source_by_its_content(tmp_path, converted):
+    """A .gguf file has no revision: the converter records its sha256, and the eval report's origin carries it
+    (before: the origin named the file's path only, which another file can take)."""
+    from clakit.eval.lineage import origin
+
+    folder = shutil.copytree(converted, tmp_path / "cla")
+    record = json.loads((folder / "clakit_convert.json").read_text())
+    record["source"] = {**record["source"], "kind": "gguf", "path": "/models/m.gguf", "sha256": "ab" * 32}
+    (folder / "clakit_convert.json").write_text(json.dumps(record))
+    found = origin(folder)
+    assert (found["source_path"], found.get("source_sha256")) == ("/models/m.gguf", "ab" * 32)

@@ -37,7 +37,8 @@ def _conversion(record: dict) -> dict:
     return {
         "source": source.get("spec") or settings.get("source"),
         "source_path": source.get("path"),
-        "revision": source.get("revision") or settings.get("revision"),
+        "revision": source.get("revision") or settings.get("revision"),  # a Hub source's: the commit read
+        "source_sha256": source.get("sha256"),  # of the .gguf file, when the converter hashed one
         "kv_source_layers": settings.get("kv_source_layers"),
         "init": settings.get("init"),
         "command": prov.get("command"),
