@@ -150,12 +150,16 @@ def task_hashes(loaded: dict, limit: int | None) -> dict:
     out = {}
     for name, task in (loaded.get("tasks") or {}).items():
         config = {k: v for k, v in task.dump_config().items() if k not in NOT_PROMPTS}
-        out[name] = {"documents": _sha256(list(itertools.islice(task.eval_docs, limit))), "prompts": _sha256(config)}
+        out[name] = {"documents": _sha256(itertools.islice(task.eval_docs, limit)), "prompts": _sha256([config])}
     return out
 
 
-def _sha256(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=_name_of).encode()).hexdigest()
+def _sha256(values) -> str:
+    """Of canonical JSON, a line per value: a task's documents are hashed one by one as they are read."""
+    digest = hashlib.sha256()
+    for value in values:
+        digest.update(json.dumps(value, sort_keys=True, default=_name_of).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def _name_of(obj) -> str:
