@@ -100,12 +100,14 @@ def vllm_python() -> Path:
 
 # One vLLM process runs each engine of a list in turn (a start-up costs seconds, not a fresh interpreter's import):
 # each run is {"model", "prompts" (token-id lists), "max_tokens", "dtype", "engine" (LLM keyword arguments), "passes"
-# (generate the batch this many times: later passes hit the prefix cache)}; one RESULT line each, an error as text;
+# (generate the batch this many times: later passes hit the prefix cache), "lora" (a PEFT adapter folder to apply;
+# the engine needs enable_lora)}; one RESULT line each, an error as text;
 # with engine disable_log_stats=False it has vLLM's counters too.
 RUN_ENGINES = """
 import gc, json, sys
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
 
 for run in json.loads(sys.argv[1]):
     try:
@@ -113,7 +115,8 @@ for run in json.loads(sys.argv[1]):
         cache = llm.llm_engine.vllm_config.cache_config
         params = SamplingParams(temperature=0.0, max_tokens=run["max_tokens"], ignore_eos=True)
         batch = [TokensPrompt(prompt_token_ids=ids) for ids in run["prompts"]]
-        passes = [llm.generate(batch, params, use_tqdm=False) for _ in range(run.get("passes", 1))]
+        lora = LoRARequest("adapter", 1, run["lora"]) if run.get("lora") else None
+        passes = [llm.generate(batch, params, lora_request=lora, use_tqdm=False) for _ in range(run.get("passes", 1))]
         result = dict(tokens=[[list(o.outputs[0].token_ids) for o in outs] for outs in passes],
                       kv_cache_tokens=cache.kv_cache_size_tokens, kv_cache_blocks=cache.num_gpu_blocks,
                       block_size=cache.block_size, max_concurrency=cache.kv_cache_max_concurrency)

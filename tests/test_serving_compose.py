@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_text, save_checkpoint, tiny_model
 from serving_vllm_fixtures import hf_greedy, run_engines, vllm_env, vllm_python  # noqa: F401  (fixture)
 
@@ -226,3 +227,34 @@ def test_clakit_vllm_runs_kv_cache_bytes_wins_over_the_environment(
     result = json.loads(lines[-1].split(" ", 1)[1])
     # 4 producers x 2 KV heads x 32 x (K and V) x 4 bytes = 2 KiB per token, 128 tokens per block
     assert (result["kv_cache_blocks"], result["kv_cache_bytes"]) == (16 * MIB // (2048 * 128), 16 * MIB), result
+
+
+@pytest.mark.slow
+def test_a_peft_lora_adapter_on_a_cla_model_serves_peft_tokens(
+    vllm_python,  # noqa: F811
+    nonadjacent_llama,
+    tokenizer,
+    tmp_path,
+):
+    """vLLM's LoRA on a CLA model: an adapter on q/k/v/o_proj (PEFT gives consumers q/o only: they have no k/v_proj)
+    serves the tokens of the adapter merged into the model in transformers, and the base model's without it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(nonadjacent_llama, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():  # PEFT starts B at 0, a no-op adapter
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = save_checkpoint(peft_model.merge_and_unload(), tokenizer, tmp_path / "merged")
+    prompts = text_prompts(tokenizer, [5, 40, 150])
+    engine = dict(kv_cache_memory_bytes=16 * MIB, enable_lora=True, max_lora_rank=8, max_loras=1)
+    base = dict(model=str(nonadjacent_llama), prompts=prompts, max_tokens=8, engine=engine)
+    with_adapter, without = run_engines(vllm_python, [{**base, "lora": str(tmp_path / "adapter")}, base], tmp_path)
+    assert with_adapter.get("tokens") == [hf_greedy(merged, prompts, 8)], with_adapter
+    assert without.get("tokens") == [hf_greedy(nonadjacent_llama, prompts, 8)], without
+    assert with_adapter["tokens"] != without["tokens"]
