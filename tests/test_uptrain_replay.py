@@ -60,6 +60,13 @@ def lookup(d: dict, path: str):
     return d
 
 
+def load_recipe_from(raw: dict) -> Recipe:
+    """A Recipe from plain data, as load_recipe builds it from YAML (types coerced), without validating it."""
+    from clakit.uptrain.recipe import _build
+
+    return _build(Recipe, raw, "")
+
+
 def card_recipe(model_dir: Path) -> dict:
     """The YAML block of the card's `## Recipe` section."""
     card = (model_dir / "README.md").read_text()
@@ -254,6 +261,28 @@ def test_calibration_on_the_train_text_whose_tail_is_held_out_is_refused_before_
         uptrain(path, dry_run=True, quiet=True)
     if calib == "train.txt":  # (the folder holds heldout.txt too: as data.eval it is refused by the data.eval rule)
         assert uptrain(path, ["data.eval=[" + str(corpus_dir / "heldout.txt") + "]"], dry_run=True, quiet=True)
+
+
+@pytest.mark.parametrize("calib,refused", [("train.txt", True), ("calib.txt", False)], ids=["tail-file", "earlier"])
+def test_calibration_on_a_file_of_a_train_folder_is_refused_only_where_the_tail_was_cut(
+    tokenizer, corpus_dir, calib, refused
+):
+    """data.train a folder (calib.txt, heldout.txt, train.txt, read in that order): the held-out tail is the end of
+    train.txt. Calibrating on train.txt fits the held-out text; on calib.txt, which the tail never reaches, it is
+    allowed (the recipe's rule compares the last train spec only: a file inside it is judged here, by content)."""
+    from clakit.uptrain.packing import build_data
+    from clakit.uptrain.recipe import DataSection, validate
+
+    data = DataSection(train=[str(corpus_dir)], eval=None, eval_fraction=0.05, seq_len=32, eval_max_tokens=128)
+    specs = [str(corpus_dir / calib)]
+    recipe = tiny_recipe(corpus_dir, Path("unused"), data=dataclasses.asdict(data))
+    recipe["model"] = {"source": "src", "convert": {"factor": 2, "calib_data": specs}}
+    validate(load_recipe_from(recipe))  # the recipe's path rule lets both through: train.txt is inside the folder
+    if refused:
+        with pytest.raises(ClakitError, match=r"calib_data .*train.txt is \(or holds\) training text .*train.txt"):
+            build_data(data, tokenizer, None, calib=specs)
+    else:
+        assert len(build_data(data, tokenizer, None, calib=specs).eval) == 4
 
 
 def test_calibration_on_a_copy_of_the_train_text_whose_tail_is_held_out_is_refused_before_the_conversion(

@@ -102,8 +102,9 @@ def build_data(
         check_held_out(eval_texts, {"data.train": train_texts, "calibration text": calib_texts})
         eval_sources = [t.name for t in eval_texts]
     else:  # hold out the tail of the train text: contiguous, so no block straddles train and eval
-        check_tail_not_calibrated(train_texts, calib_texts, data.eval_fraction)
-        train_texts, eval_texts = split_tail(train_texts, data.eval_fraction)
+        texts, (train_texts, eval_texts) = train_texts, split_tail(train_texts, data.eval_fraction)
+        tail = {t.name for t in eval_texts}  # the files the held-out tail was cut from, whole
+        check_tail_not_calibrated([t for t in texts if t.name in tail], calib_texts, data.eval_fraction)
         eval_sources = [f"last {data.eval_fraction:g} of data.train"]
     # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
     train_ids = tokenize_shares(tokenizer, train_texts, train_tokens)
@@ -140,8 +141,9 @@ def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
 
 def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: float) -> None:
     """With data.eval_fraction the held-out text is the tail of data.train: a calibration file holding the same text
-    as a train file (a copy under another name, which the recipe's path rule cannot see) fits the conversion on
-    it. Refused by content, as check_held_out refuses a copied data.eval."""
+    as a train file the tail was cut from (`train`: those files, whole; the same file inside a folder, or a copy
+    under another name, which the recipe's path rule cannot see) fits the conversion on it. Refused by content, as
+    check_held_out refuses a copied data.eval; calibration on the train files before the tail is allowed."""
     seen = {_digest(t.text): t.name for t in train}
     for t in calib:
         same = seen.get(_digest(t.text))

@@ -438,10 +438,19 @@ def _check_calibration_held_out(recipe: Recipe) -> None:
                 f"data.eval {spec} is (or holds) calibration text {text} of model.convert.calib_data: the conversion"
                 " is fitted on it, so its numbers would not be held out; give held-out text it never reads",
             )
-    if recipe.data.eval is None:  # the held-out text is the tail of data.train: no calibration on data.train then
-        for text in calib or []:
-            for train in recipe.data.train:
-                _check(not _same_text(text, train), calibrated_tail(text, train, recipe.data.eval_fraction))
+    if recipe.data.eval is None:  # the held-out text is the tail of data.train, always in its last text
+        last = recipe.data.train[-1]
+        for text in calib or []:  # (a calibration file inside that last folder: packing, once the tail is known)
+            _check(not _holds(text, last), calibrated_tail(text, last, recipe.data.eval_fraction))
+
+
+def _holds(outer: str, inner: str) -> bool:
+    """Whether data spec `outer` reads all of `inner`'s text: the same spec, or local paths that are the same or
+    `inner` inside `outer`."""
+    if outer == inner:
+        return True
+    po, pi = _local_path(outer), _local_path(inner)
+    return po is not None and pi is not None and (po == pi or pi.is_relative_to(po))
 
 
 def calibrated_tail(calib: str, train: str, fraction: float) -> str:
