@@ -109,6 +109,27 @@ def fast_prefill_problem(config, model: LlamaModel) -> str | None:
     )
 
 
+def mixed_cache_dtypes_problem(model: LlamaModel) -> str | None:
+    """Why the producers' caches cannot be shared, as one line, when --kv-cache-dtype-skip-layers gives them
+    different dtypes; else None.
+
+    vLLM then keeps per-layer cache specs (UniformTypeKVCacheSpecs) that list no KV-sharing layer, and its model
+    runner fails on the first consumer (KeyError: 'model.layers.3.self_attn.attn') after the weights have loaded.
+    """
+    producers: dict[str, list[int]] = {}
+    for layer in range(model.start_layer, model.end_layer):
+        attention = model.layers[layer].self_attn
+        if attention.is_producer:
+            producers.setdefault(attention.attn.kv_cache_dtype, []).append(layer)
+    if len(producers) < 2:
+        return None
+    dtypes = "; ".join(f"{dtype} for layers {layers}" for dtype, layers in producers.items())
+    return (
+        f"--kv-cache-dtype-skip-layers gives the producers' caches different dtypes ({dtypes}), which vLLM cannot "
+        "combine with shared caches; skip every producer's layer or none (a consumer follows its producer)"
+    )
+
+
 def cla_weights_mapper(stock: WeightsMapper, kv_source_layers: list[int]) -> WeightsMapper:
     """The stock mapper, with q/k/v stacked into `qkv_proj` on producers only; a consumer's `q_proj` keeps its name."""
     stacked = {k: v for k, v in stock.orig_to_new_stacked.items() if k not in (".q_proj", ".k_proj", ".v_proj")}
@@ -229,6 +250,8 @@ class CLAForCausalLMMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         model: LlamaModel = self.model
         if vllm_config.cache_config.kv_sharing_fast_prefill and (problem := fast_prefill_problem(config, model)):
+            raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")  # CLA
+        if vllm_config.cache_config.kv_cache_dtype_skip_layers and (problem := mixed_cache_dtypes_problem(model)):
             raise ValueError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")  # CLA
         model.hf_to_vllm_mapper = cla_weights_mapper(model.hf_to_vllm_mapper, self.config.kv_source_layers)  # CLA
 
