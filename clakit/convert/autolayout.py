@@ -90,7 +90,8 @@ def layer_inputs(model, input_ids: torch.Tensor, layout: list[int] | None = None
     finally:
         for h in hooks:
             h.remove()
-    return [torch.cat(c) for c in captured], nll
+    # one batch: one tensor per layer, kept as is (a cat would copy every layer's: twice the cache at its peak)
+    return [c[0] if len(c) == 1 else torch.cat(c) for c in captured], nll
 
 
 def _keeper(store: list):
@@ -180,6 +181,7 @@ def refine_layout(
             if nll < best - REFINE_MIN_GAIN:
                 moves.append({"layer": c, "from": layout[c], "to": p, "nll_gain": round(best - nll, 6)})
                 layout, best = trial, nll
+                del hidden  # the old layout's cache (layers x tokens x hidden) goes before the new one is built
                 hidden, _ = layer_inputs(model, input_ids, layout)
     return layout, moves
 
