@@ -3,6 +3,7 @@
 Each test names what it guards; those written for a fix say what the code before it did.
 """
 
+import hashlib
 import json
 
 import torch
@@ -92,3 +93,40 @@ def test_the_layout_refinement_holds_one_cache_of_layer_inputs(monkeypatch):
     assert len(moves) >= 2 and len(calls) == len(moves) + 1
     assert calls == [0] * len(calls)
 
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_conversion_replays_from_its_record_and_names_its_inputs_by_content(tokenizer, corpus_dir, tmp_path):
+    """The data-aware default (auto layout, reconstruct, distillation) from a GGUF file, replayed from nothing but its
+    clakit_convert.json (`config` less `device_used`, `source.path`): the same tensors, and a record equal to the
+    first but for times and the command. A GGUF file has no revision: the record names it by its sha256 (it was
+    null), the calibration text by its sha256 and the held-out text by the sha256 `clakit eval` records (neither was
+    recorded, so a replay could not tell it read the same files)."""
+    import gguf
+    from test_convert_archs import source_model, write_gguf
+
+    from clakit.eval import evaluate
+
+    path = write_gguf(source_model(), tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text((corpus_dir / "heldout.txt").read_text()[:2000])
+    settings = dict(calib_data=[str(corpus_dir / "calib.txt")], eval_data=[str(heldout)], distill_steps=2, **FAST)
+    convert(path, tmp_path / "a", ConvertConfig(**settings), quiet=True)
+    first = record(tmp_path / "a")
+    config = ConvertConfig(**{k: v for k, v in first["config"].items() if k != "device_used"})
+    convert(first["source"]["path"], tmp_path / "b", config, quiet=True)
+    again = record(tmp_path / "b")
+    assert weights(tmp_path / "a") == weights(tmp_path / "b")
+    for r in (first, again):
+        del r["provenance"]["created"], r["provenance"]["command"], r["stage_seconds"]
+    assert first == again
+    assert first["settings"]["layout"] == "auto" and first["distill"]["steps"] == 2
+    assert first["source"].get("sha256") == sha256_of(path.read_bytes())
+    assert f"sha256 `{first['source']['sha256']}`" in (tmp_path / "a" / "README.md").read_text()
+    assert first["settings"].get("calib_sha256") == sha256_of((corpus_dir / "calib.txt").read_bytes())
+    report = evaluate(str(tmp_path / "a"), data=[str(heldout)], seq_len=first["eval"]["seq_len"],
+                      max_tokens=first["eval"]["max_tokens"], device="cpu", speed=False, quiet=True)  # fmt: skip
+    assert first["eval"].get("sha256") == report["data"]["sha256"]
+    assert first["eval"]["tokens"] == report["num_tokens"]

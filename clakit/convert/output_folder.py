@@ -74,6 +74,12 @@ def _distill_line(settings: dict, record: dict) -> str:
             f"{found['kl_before']:.4f} -> {found['kl_after']:.4f} nats/token")  # fmt: skip
 
 
+def _source_id(settings: dict, record: dict) -> str:
+    """The source's revision, or a GGUF file's sha256 (a file has no revision)."""
+    digest = (record.get("source") or {}).get("sha256")  # older records: no sha256
+    return f"sha256 `{digest}`" if digest else f"revision `{settings['revision'] or 'n/a'}`"
+
+
 def model_card(record: dict) -> str:
     """README.md: what this checkpoint is, where it came from and how it was made."""
     s, v = record["settings"], record["provenance"]
@@ -82,7 +88,7 @@ def model_card(record: dict) -> str:
     kv_factor = f"{layers / producers:.2f}x smaller"
     calib = f" on {s['calib_tokens']} tokens of {', '.join(s['calib_data'])}" if s["calib_data"] else ""
     rows = [
-        ("source", f"`{s['source']}` ({s['source_kind']}, revision `{s['revision'] or 'n/a'}`)"),
+        ("source", f"`{s['source']}` ({s['source_kind']}, {_source_id(s, record)})"),
         ("architecture", f"{s['architecture']} -> {record['cla_architecture']}"),
         ("layout", f"{s['layout']}: `kv_source_layers` = {s['kv_source_layers']}"),
         ("KV cache", f"{producers} of {layers} layers keep K/V: {kv_factor}, saving {s['kv_saving']:.1%}"),

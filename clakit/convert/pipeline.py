@@ -11,6 +11,7 @@ transformers can only read them by dequantising the entire file, so they are hel
 import contextlib
 import functools
 import gc
+import hashlib
 import shutil
 import sys
 import tempfile
@@ -95,6 +96,7 @@ class ConvertSettings:
     kv_saving: float  # fraction of the KV cache saved, 1 - producers / layers
     init: str  # producer | mean | calibrated | reconstruct
     calib_data: list[str] | None  # calibration text specs (data-aware init or auto layout)
+    calib_sha256: str | None  # of the calibration text as read (its files joined): the same files on a replay
     calib_tokens: int | None  # calibration tokens actually used
     dtype: str  # dtype of the written weights
     max_shard_size: str
@@ -447,6 +449,7 @@ class _Conversion:
         """GGUF: transformers dequantises the whole file, so the model is whole in memory anyway; it is the checkpoint
         the writer streams from, and the fits use it whole (on the device, in the fits' dtype): no per-layer reads."""
         self.say(f"loading {self.source.spec} in memory (GGUF: dequantised whole, fp32)...")
+        self.source_sha256 = _file_sha256(self.source.path)  # a file has no revision: its content names it
         model = _load_source_model(self.source, self.cfg.trust_remote_code, self.cfg.allow_pickle)
         self.checkpoint = StateDictCheckpoint(model.state_dict())  # CPU fp32 tensors, kept for the writer
         self.generation_config = model.generation_config
@@ -483,12 +486,16 @@ class _Conversion:
         return ids
 
     @functools.cached_property
-    def _eval_ids(self) -> torch.Tensor:
-        """The --eval-data tokens `_perplexity` scores (the same tokenization), tokenized once for the vocabulary
-        check and both evaluations."""
+    def _eval_tokens(self):
+        """The --eval-data tokens `_perplexity` scores (the same tokenization) and the text they cover, tokenized once
+        for the vocabulary check, both evaluations and the record's sha256."""
         from clakit.eval import perplexity
 
-        return perplexity.tokenize(self.tokenizer, join_texts(self.eval_texts), self.cfg.eval_tokens).ids
+        return perplexity.tokenize(self.tokenizer, join_texts(self.eval_texts), self.cfg.eval_tokens)
+
+    @property
+    def _eval_ids(self) -> torch.Tensor:
+        return self._eval_tokens.ids
 
     def _check_vocab(self, ids: torch.Tensor, flag: str) -> None:
         """Token ids the embeddings hold: a tokenizer bigger than the model's vocabulary (another model's, copied in)
@@ -590,7 +597,7 @@ class _Conversion:
             "config": {**self.cfg.to_dict(), "device_used": str(self.device)},
             "source": {  # where the weights came from, resolved (a Hub id's local snapshot, a .gguf file)
                 "spec": settings.source, "kind": settings.source_kind, "revision": settings.revision,
-                "path": str(self.source.path),
+                "path": str(self.source.path), "sha256": getattr(self, "source_sha256", None),
             },
             "cla_architecture": cla_architecture,
             "provenance": provenance(),
@@ -653,6 +660,7 @@ class _Conversion:
             "data": [t.name for t in self.eval_texts],
             **self.results["eval_scored"],  # tokens scored and their window: less than asked of a short text
             "max_tokens": self.cfg.eval_tokens,
+            "sha256": _sha256(self._eval_tokens.text),  # of the text scored, as `clakit eval` records it
             "perplexity_before": self.results["perplexity_before"],
             "perplexity_after": self.results["perplexity_after"],
         }
@@ -667,12 +675,27 @@ class _Conversion:
             source=source.spec, source_kind=kind, revision=revision, architecture=self.architecture,
             kv_source_layers=self.layout, layout=self.layout_name, kv_saving=kv_saving(self.layout), init=self.init,
             calib_data=[t.name for t in self.calib_texts] if self.calib_texts else None,
+            calib_sha256=_sha256(join_texts(self.calib_texts)) if self.calib_texts else None,
             calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
             max_shard_size=str(self.cfg.max_shard_size), seed=self.cfg.seed,
             reconstruct_steps=self.cfg.reconstruct_steps if self.init == "reconstruct" else None,
             distill_steps=self.distill_steps, distill_copy_fraction=self.copies[0], distill_copy_span=self.copies[1],
             seq_len=self.seq_len,
         )  # fmt: skip
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 16 MiB blocks (a GGUF is dequantised whole anyway; SmolLM2-135M's 98 MB Q4_1 file:
+    0.75-1.2 s on 2 shared cores)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _tied(cla_cfg, lm_cls) -> dict[str, str]:
