@@ -6,6 +6,7 @@ Each test names what it guards; those written for a fix say what the code before
 import hashlib
 import json
 
+import pytest
 import torch
 from conftest import save_checkpoint, tiny_model
 from convert_fixtures import load, safetensors_files
@@ -130,3 +131,34 @@ def test_a_conversion_replays_from_its_record_and_names_its_inputs_by_content(to
                       max_tokens=first["eval"]["max_tokens"], device="cpu", speed=False, quiet=True)  # fmt: skip
     assert first["eval"].get("sha256") == report["data"]["sha256"]
     assert first["eval"]["tokens"] == report["num_tokens"]
+
+
+def test_kv_head_merging_composes_with_a_non_adjacent_layout_and_a_cla_source_is_refused(tokenizer, tmp_path, capsys):
+    """KV-head merging (`kvheads`, not a convert flag: merge the stock model, then convert it): to the current count
+    it is the model (mean: exactly); merged to 1 head (fitted) and converted with a non-adjacent layout, the written
+    Mistral (window 16, 40 tokens) loads through the Auto classes as the in-memory CLA model of the merged weights.
+    The converted folder given back to convert, or to the merge, is refused in one line and nothing is written."""
+    from transformers import AutoModelForCausalLM
+
+    from clakit.cli import main
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.kvheads import merge_kv_heads
+    from clakit.errors import ClakitError
+
+    model, x = tiny_model("mistral", head_dim=16), torch.randint(0, 320, (2, 40))
+    merged = merge_kv_heads(model, 1, "fitted", calib_ids=x)
+    with torch.no_grad():
+        assert torch.equal(merge_kv_heads(model, 2, "mean")(x).logits, model(x).logits)
+        torch.testing.assert_close(merge_kv_heads(model, 2, "fitted", calib_ids=x)(x).logits, model(x).logits)
+    src = save_checkpoint(merged, tokenizer, tmp_path / "merged")
+    convert(src, tmp_path / "cla", kv_source_layers=[0, 1, 0, 1], quiet=True)
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "cla").eval()
+    assert written.config.num_key_value_heads == 1 and written.config.sliding_window == 16
+    with torch.no_grad():
+        assert torch.equal(written(x).logits, cla_model_from(merged, [0, 1, 0, 1])(x).logits)
+    capsys.readouterr()  # save_pretrained's progress bars
+    assert main(["convert", str(tmp_path / "cla"), str(tmp_path / "again"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MistralCLAForCausalLM model" in err and not (tmp_path / "again").exists()
+    with pytest.raises(ClakitError, match="merge KV heads on the stock model, then convert"):
+        merge_kv_heads(written, 1)
