@@ -45,6 +45,30 @@ def copy_run(killed_run: Path, tmp_path: Path) -> tuple[Path, Path]:
     return run, tmp_path / "r.yaml"
 
 
+def test_resume_of_a_run_killed_after_publishing_its_model_writes_the_missing_report(
+    tiny_cla_checkpoint, corpus_dir, tmp_path, monkeypatch  # noqa: F811
+):
+    """Killed right after model/ was published (before: eval/uptrained.json and the report came after it, so
+    --resume found the run finished and both were never written; only the trained model in memory had the numbers)."""
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(tiny_cla_checkpoint)}, train={"max_steps": 2})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+
+    def killed(summary):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.card, "one_line", killed)
+    with pytest.raises(KeyboardInterrupt):
+        uptrain(path, quiet=True)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert pipeline.finished(run) and not (run / "report").exists()
+    uptrain(path, resume=True, quiet=True)
+    saved = json.loads((run / "model" / "uptrain.json").read_text())["heldout"]["uptrained"]
+    scored = json.loads((run / "eval" / "uptrained.json").read_text())
+    assert scored["perplexity"] == saved["perplexity"]
+    assert (run / "report" / "report.md").is_file() and "uptrained" in (run / "report" / "report.md").read_text()
+
+
 def test_a_torn_checkpoint_folder_is_ignored(killed_run, tmp_path):
     """kill -9 while saving step 6 leaves step-000006.tmp, even with its state.json: resume starts at step 4."""
     run, recipe = copy_run(killed_run, tmp_path)

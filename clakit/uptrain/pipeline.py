@@ -550,6 +550,7 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
         run_record(out)  # a corrupt run.json is one line, before anything else reads it
     check_output_dir(out, recipe, resume, overwrite, recipe_file)
     if resume and finished(out):
+        _complete_report(out)
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
         return out / RESULT
     check_tensorboard(recipe.train)
@@ -716,10 +717,11 @@ def _save_whole(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitErr
     end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], run["quiet"])
     if not acc.is_main_process:
         return None
+    failed = _write_end_eval(out, end)
     with outputs.staged(out / RESULT, "model", overwrite=True) as tmp:  # a full disk leaves no half-written model/
         student.save_cla(model, run["tokenizer"], tmp)
         summary = _card(recipe, out, trainer, run, end, tmp, model.config.kv_source_layers)
-    return _finish(out, summary, end, run["quiet"])
+    return _finish(out, summary, failed, run["quiet"])
 
 
 def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitError | None:
@@ -730,12 +732,13 @@ def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitE
     trained = checkpoint.trainable_state(trainer.model)  # collective: whole tensors on the main process
     if not acc.is_main_process:
         return None
+    failed = _write_end_eval(out, end)
     with outputs.staged(out / RESULT, "model", overwrite=True) as tmp:
         student.save_merged(run["start_path"], trained, recipe.lora, run["dtype"], tmp, recipe.model.allow_pickle)
         run["tokenizer"].save_pretrained(tmp)
         layout = json.loads((tmp / "config.json").read_text())["kv_source_layers"]
         summary = _card(recipe, out, trainer, run, end, tmp, layout)
-    return _finish(out, summary, end, run["quiet"])
+    return _finish(out, summary, failed, run["quiet"])
 
 
 def _card(recipe: Recipe, out: Path, trainer, run: dict, end: dict, folder: Path, layout: list[int]) -> dict:
@@ -749,9 +752,9 @@ def _card(recipe: Recipe, out: Path, trainer, run: dict, end: dict, folder: Path
     return summary
 
 
-def _finish(out: Path, summary: dict, end: dict, quiet: bool) -> ClakitError | None:
+def _finish(out: Path, summary: dict, failed: ClakitError | None, quiet: bool) -> ClakitError | None:
     _say(card.one_line(summary), quiet)
-    return _write_end_report(out, end)
+    return _report_failure(out, failed or _write_report_page(out))
 
 
 def _start_reports(out: Path) -> dict:
@@ -773,16 +776,42 @@ def _report_files(out: Path, names) -> dict[str, Path]:
     return {n: out / EVAL / f"{n}.json" for n in names if (out / EVAL / f"{n}.json").is_file()}
 
 
-def _write_end_report(out: Path, end: dict) -> ClakitError | None:
-    """eval/uptrained.json and the report page, after the model is in place: they can fail where a user put files
-    of their own (clakit replaces only what it wrote), and hours of training must not be lost over a report.
-    Returns the failure as one line naming the saved model (the run has finished: --resume has nothing to do)."""
+def _write_end_eval(out: Path, end: dict) -> ClakitError | None:
+    """eval/uptrained.json, written before the model is published: a run killed between the two would have
+    --resume find it finished with no held-out numbers, which only the trained model in memory had. It can fail where
+    a user put files of their own (clakit replaces only what it wrote): hours of training must not be lost over a
+    report, so the failure is returned, to be raised once the model is saved."""
+    try:
+        _write_reports(out, {"uptrained": end})
+    except ClakitError as e:
+        return e
+    return None
+
+
+def _write_report_page(out: Path) -> ClakitError | None:
+    """The report page from the run's eval/*.json, after the model is in place (and by --resume, where a run was
+    killed before it was written)."""
     from clakit.eval import report
 
     try:
-        _write_reports(out, {"uptrained": end})
         report(list(_report_files(out, REPORTS).values()), out / "report")
     except ClakitError as e:
-        why = f"the model is saved in {out / RESULT}, but its report could not be written ({e})"
-        return ClakitError(f"{why}; write it with `clakit report {out / EVAL}/*.json -o FOLDER`")
+        return e
     return None
+
+
+def _complete_report(out: Path) -> None:
+    """--resume of a finished run: the report page, where the run was killed after publishing its model (which
+    comes after eval/uptrained.json) and before the page. Anything else there is left as it is."""
+    if (out / EVAL / "uptrained.json").is_file() and not (out / "report").exists():
+        failed = _report_failure(out, _write_report_page(out))
+        if failed:
+            raise failed
+
+
+def _report_failure(out: Path, e: ClakitError | None) -> ClakitError | None:
+    """A failed report as one line naming the saved model (the run has finished: --resume has nothing to do)."""
+    if e is None:
+        return None
+    why = f"the model is saved in {out / RESULT}, but its report could not be written ({e})"
+    return ClakitError(f"{why}; write it with `clakit report {out / EVAL}/*.json -o FOLDER`")
