@@ -162,3 +162,20 @@ def test_kv_head_merging_composes_with_a_non_adjacent_layout_and_a_cla_source_is
     assert err.count("\n") == 1 and "MistralCLAForCausalLM model" in err and not (tmp_path / "again").exists()
     with pytest.raises(ClakitError, match="merge KV heads on the stock model, then convert"):
         merge_kv_heads(written, 1)
+
+
+def test_the_record_names_the_libraries_a_gguf_conversion_depends_on(tokenizer, tmp_path):
+    """A GGUF source is dequantised by the `gguf` package and its tokenizer rebuilt by `tokenizers`; the written
+    tensors and tokenizer.json depend on both (and on safetensors, the writer), but the record named only clakit,
+    transformers, torch and python."""
+    from importlib.metadata import version
+
+    import gguf
+    from test_convert_archs import source_model, write_gguf
+
+    path = write_gguf(source_model(), tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.Q8_0)
+    convert(path, tmp_path / "cla", factor=2, quiet=True)
+    recorded = record(tmp_path / "cla")["provenance"]
+    assert {name: recorded.get(name) for name in ("gguf", "tokenizers", "safetensors")} == {
+        name: version(name) for name in ("gguf", "tokenizers", "safetensors")
+    }

@@ -600,7 +600,7 @@ class _Conversion:
                 "path": str(self.source.path), "sha256": getattr(self, "source_sha256", None),
             },
             "cla_architecture": cla_architecture,
-            "provenance": provenance(),
+            "provenance": provenance(**_library_versions()),
             "eval": self._eval_record(),
             "auto_layout": self.results.get("auto_layout"),
             "distill": self.results.get("distill"),
@@ -682,6 +682,23 @@ class _Conversion:
             distill_steps=self.distill_steps, distill_copy_fraction=self.copies[0], distill_copy_span=self.copies[1],
             seq_len=self.seq_len,
         )  # fmt: skip
+
+
+# CLA: what the written tensors also depend on, beside clakit.provenance's clakit/transformers/torch: the reader of a
+# GGUF file's (de)quantised blocks, the tokenizer library (calibration tokens, a GGUF's tokenizer), the writer
+CONVERT_LIBRARIES = ("gguf", "tokenizers", "safetensors")
+
+
+def _library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in CONVERT_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:  # gguf is needed for GGUF sources only
+            found[name] = None
+    return found
 
 
 def _sha256(text: str) -> str:
