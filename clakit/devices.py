@@ -37,6 +37,16 @@ def spanned(model) -> list[torch.device]:
     return list(seen)
 
 
+def placement(model) -> list[str]:
+    """Where `model`'s weights are, in the order the forward reaches them, for the record: `spanned`, except that
+    a device map beyond the GPUs' memory leaves the layers accelerate offloads ("cpu", "disk") holding meta tensors,
+    which hf_device_map names and `spanned` would call "meta"."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return [str(d) for d in spanned(model)]
+    return list(dict.fromkeys(f"cuda:{v}" if isinstance(v, int) else str(v) for v in device_map.values()))
+
+
 def synchronize(model) -> None:
     """Wait for every GPU the model spans (timing a model spread over several GPUs must wait for the last)."""
     for device in spanned(model):

@@ -129,6 +129,28 @@ def test_a_cla_model_under_per_layer_device_hooks_gives_the_same_logits_and_toke
         assert torch.equal(hooked.generate(ids, **greedy), plain.generate(ids, **greedy))
 
 
+def test_layers_offloaded_by_a_device_map_are_recorded_where_they_are(tokenizer, corpus_dir, tmp_path):
+    """A device map beyond the GPUs' memory offloads layers to "cpu" or "disk", where accelerate leaves meta tensors
+    in the model: the report's device read "cpu, meta" (and device_name "cpu, cpu" for a meta device)."""
+    from accelerate import dispatch_model
+    from conftest import save_checkpoint, tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from clakit.convert import convert
+    from clakit.eval import evaluate
+
+    stock = save_checkpoint(tiny_model("llama", num_hidden_layers=4), tokenizer, tmp_path / "stock")
+    cla = AutoModelForCausalLM.from_pretrained(convert(stock, tmp_path / "cla", factor=2, quiet=True)).eval()
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": "disk" if i in (1, 2) else "cpu" for i in range(4)}
+    cla = dispatch_model(cla, device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    assert {p.device.type for p in cla.parameters()} == {"cpu", "meta"}
+    report = evaluate(cla, tokenizer=tokenizer, data=[str(corpus_dir / "heldout.txt")], seq_len=32, max_tokens=64,
+                      speed=False, quiet=True)
+    assert report["provenance"]["device"] == "cpu, disk"
+    assert report["provenance"]["device_name"] == "cpu"
+
+
 def test_cpu_0_is_the_cpu_everywhere_a_device_is_used():
     """torch accepts cpu:0, but torch.load(map_location=cpu:0) cannot restore tensors there: a calibrated conversion
     with --device cpu:0 died in its backward sweep with a traceback (`don't know how to restore data location`)."""

@@ -359,7 +359,7 @@ def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -
 
 def _provenance(loaded: Loaded, data_info: dict, settings: dict, cfg: EvalConfig) -> dict:
     spanned = devices.spanned(loaded.model)  # several when a device map spread the layers
-    names = [torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu" for d in spanned]
+    names = [torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu" for d in spanned if d.type != "meta"]
     return provenance(
         model=loaded.name,
         revision=loaded.revision,
@@ -370,7 +370,7 @@ def _provenance(loaded: Loaded, data_info: dict, settings: dict, cfg: EvalConfig
         data_sha256=data_info["sha256"],
         settings=settings,
         config=cfg.to_dict(),  # every setting as given (settings: the windows used)
-        device=", ".join(map(str, spanned)),
+        device=", ".join(devices.placement(loaded.model)),
         device_name=", ".join(dict.fromkeys(names)),
         device_map=cfg.device_map,  # as asked; where transformers put each module (none when all on one device):
         layer_devices=getattr(loaded.model, "hf_device_map", None),
