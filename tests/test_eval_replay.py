@@ -332,3 +332,19 @@ def test_the_origin_names_a_gguf_source_by_its_content(tmp_path, converted):
     (folder / "clakit_convert.json").write_text(json.dumps(record))
     found = origin(folder)
     assert (found["source_path"], found.get("source_sha256")) == ("/models/m.gguf", "ab" * 32)
+
+
+def test_reports_at_other_batch_sizes_compare_and_say_so(tmp_path, tokenizer):
+    """A CLA model is evaluated at the larger batch its smaller cache allows; windows score alike at any batch (the
+    perplexities below are equal), yet `clakit report` refused the pair as made with other settings."""
+    from conftest import make_text, tiny_model
+
+    run = dict(tokenizer=tokenizer, text=make_text(300, 68), seq_len=32, speed=False, quiet=True)
+    small = evaluate(tiny_model(), name="b1", batch_size=1, **run)
+    large = evaluate(tiny_model(), name="b8", batch_size=8, **run)
+    assert small["perplexity"] == large["perplexity"]
+    paths = [write_json(small, tmp_path / "b1.json"), write_json(large, tmp_path / "b8.json")]
+    md = (report(paths, tmp_path / "rep") / "report.md").read_text()
+    assert "batch size 1 (b1), 8 (b8)." in md, md
+    same = (report([paths[0], paths[0]], tmp_path / "same") / "report.md").read_text()
+    assert "batch size 1." in same

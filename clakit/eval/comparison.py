@@ -12,14 +12,15 @@ from clakit.errors import ClakitError
 from clakit.eval.records import LM_EVAL_KEYS, read_report
 from clakit.paths import expand
 
-# Fields that must agree for perplexities (and speeds) to be comparable.
+# Fields that must agree for perplexities to be comparable. Not batch_size: the windows are scored alike at any
+# batch (the same perplexity to the last digit at 1, 3 and 8), and a CLA model is evaluated at the larger batch its
+# smaller cache allows; the speed note names differing batches, and the data note every batch size.
 MUST_MATCH = (
     ("data", "sha256"),
     ("num_tokens",),
     ("settings", "seq_len"),
     ("settings", "stride"),
     ("settings", "max_tokens"),
-    ("settings", "batch_size"),
 )
 # lm-eval scores are comparable when both runs scored the same documents with the same prompts.
 # max_length: the windows of rolling loglikelihood and the truncation of long prompts; reports before it was recorded
@@ -294,11 +295,19 @@ def _data_note(reports: list[dict]) -> str:
     return (
         (
             f"Data: {', '.join(d['sources'])} ({reports[0]['num_tokens']:,} tokens scored, sha256 "
-            f"{d['sha256'][:12]}); seq_len {s['seq_len']}, stride {s['stride']}, batch size {s['batch_size']}."
+            f"{d['sha256'][:12]}); seq_len {s['seq_len']}, stride {s['stride']}, batch size {_batch_sizes(reports)}."
         )
         + _speed_note(reports)
         + _dtype_note(reports)
     )
+
+
+def _batch_sizes(reports: list[dict]) -> str:
+    """The windows' batch size, or each model's where they differ (they do not change the perplexity)."""
+    sizes = [r["settings"]["batch_size"] for r in reports]
+    if len(set(sizes)) == 1:
+        return str(sizes[0])
+    return ", ".join(f"{size} ({label})" for label, size in zip(labels(reports), sizes, strict=True))
 
 
 def _dtype_note(reports: list[dict]) -> str:
