@@ -28,11 +28,20 @@ def provenance(**extra) -> dict:
     relative paths in the command and the records are relative to it."""
     return {
         **versions(),
-        "command": shlex.join(sys.argv),
+        "command": _command(),
         "cwd": _cwd(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def _command() -> str:
+    """The command line as typed. Under `python -m clakit`, sys.argv[0] is the path of clakit/__main__.py, which
+    does not run as a command (`/x/clakit/__main__.py convert ...`: permission denied): the interpreter's own
+    arguments (`python -m clakit convert ...`) are recorded instead."""
+    if sys.argv and sys.argv[0].endswith("__main__.py") and getattr(sys, "orig_argv", None):
+        return shlex.join(sys.orig_argv)
+    return shlex.join(sys.argv)
 
 
 def _cwd() -> str | None:

@@ -179,3 +179,21 @@ def test_the_record_names_the_libraries_a_gguf_conversion_depends_on(tokenizer, 
     assert {name: recorded.get(name) for name in ("gguf", "tokenizers", "safetensors")} == {
         name: version(name) for name in ("gguf", "tokenizers", "safetensors")
     }
+
+
+def test_the_recorded_command_of_python_m_clakit_runs_again(tiny_llama_checkpoint, tmp_path):
+    """`python -m clakit convert ...` recorded its command as `/…/clakit/__main__.py convert ...` (sys.argv[0] is the
+    module's file), which does not run: the card's and the record's command could not be replayed. It is now the
+    command as typed, and running it again (with --overwrite) writes the same tensors."""
+    import shlex
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "clakit", "convert", str(tiny_llama_checkpoint), "out", "--factor", "2", "-q"]
+    subprocess.run(args, cwd=tmp_path, check=True)
+    first = weights(tmp_path / "out")
+    command = record(tmp_path / "out")["provenance"]["command"]
+    assert shlex.split(command)[1:3] == ["-m", "clakit"]
+    assert f"`{command}`" in (tmp_path / "out" / "README.md").read_text()
+    subprocess.run([*shlex.split(command), "--overwrite"], cwd=tmp_path, check=True)
+    assert weights(tmp_path / "out") == first
