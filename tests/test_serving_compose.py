@@ -73,6 +73,10 @@ def test_a_consumer_reads_its_producers_cache_dtype_when_layers_skip_kv_quantisa
     tokens = {name: r["tokens"][0] for name, r in results.items()}
     assert tokens["fp8, producers skipped"] == tokens["auto"], tokens
     assert tokens["fp8, consumers skipped"] == tokens["fp8"], tokens
+    # and the capacity follows the producers' caches: an fp8 cache holds twice the blocks of a bf16 one
+    blocks = {name: r["kv_cache_blocks"] for name, r in results.items()}
+    assert blocks["fp8, producers skipped"] == blocks["auto"], blocks
+    assert blocks["fp8, consumers skipped"] == blocks["fp8"] == 2 * blocks["auto"], blocks
 
 
 @pytest.mark.slow
