@@ -50,7 +50,8 @@ def test_resume_of_a_run_killed_after_publishing_its_model_writes_the_missing_re
 ):
     """Killed right after model/ was published (before: eval/uptrained.json and the report came after it, so
     --resume found the run finished and both were never written; only the trained model in memory had the numbers)."""
-    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(tiny_cla_checkpoint)}, train={"max_steps": 2})
+    model = {"path": str(tiny_cla_checkpoint)}
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model=model, train={"max_steps": 2})
     path = write_recipe(tmp_path / "r.yaml", recipe)
 
     def killed(summary):

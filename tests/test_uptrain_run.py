@@ -349,3 +349,20 @@ def test_dry_run_checks_the_conversions_text_and_device(capsys, tmp_path, corpus
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model))
     assert main(["uptrain", str(path), "--dry-run"]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_dry_run_checks_a_local_models_config_as_the_run_does(
+    capsys, tmp_path, corpus_dir, tiny_cla_checkpoint, tiny_llama_checkpoint  # noqa: F811
+):
+    """--dry-run read no config, so a pattern naming the consumers' k_proj (which they do not hold), a data.seq_len
+    beyond the model's window, or a stock model given as model.path passed it and were refused by the run."""
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(tiny_cla_checkpoint)})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["uptrain", str(path), "lora.full_train=[consumers.k_proj]", "--dry-run"]) == 2
+    assert "pattern 'consumers.k_proj' matches no linear module" in capsys.readouterr().err
+    assert main(["uptrain", str(path), "data.seq_len=100000", "--dry-run"]) == 2
+    assert "data.seq_len" in capsys.readouterr().err
+    assert main(["uptrain", str(path), "lora.full_train=[producers.k_proj]", "--dry-run"]) == 0
+    assert not (tmp_path / "run").exists()
+    assert main(["uptrain", str(path), f"model.path={tiny_llama_checkpoint}", "--dry-run"]) == 2
+    assert "is not a CLA checkpoint" in capsys.readouterr().err

@@ -259,6 +259,17 @@ def check_paths(recipe: Recipe) -> None:
         raise ClakitError(f"recipe section model.convert: {e}") from None
 
 
+def check_local_model(recipe: Recipe) -> None:
+    """--dry-run: what the run checks first from a local model's config (its kind, its window against data.seq_len,
+    the LoRA patterns against its layout or the one model.convert will write); reads config.json or a GGUF's
+    metadata, no weights. A Hub id is not fetched."""
+    model = recipe.model
+    if not expand(model.path or model.source, "model").exists():
+        return
+    config = student.check_model_section(model, recipe.data.seq_len)
+    student.check_patterns(config, recipe.lora, student.planned_layout(model, config))
+
+
 # --- the run --------------------------------------------------------------------------------------------------------
 
 
@@ -544,6 +555,7 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
     out = expand(recipe.train.output_dir, "train.output_dir").resolve()
     if dry_run:
         check_paths(recipe)
+        check_local_model(recipe)
         print(recipe.to_yaml(), end="")
         return out / RESULT
     if resume:
