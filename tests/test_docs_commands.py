@@ -46,6 +46,7 @@ OUTSIDE_FLAGS = {  # accelerate launch:
     "--standalone", "--nproc_per_node",  # torchrun
     "--no-deps", "--dry-run", "--report",  # pip
     "--model", "--kv-cache-dtype", "--kv-cache-memory-bytes",  # vLLM's server
+    "--kv-cache-dtype-skip-layers", "--kv-sharing-fast-prefill",  # vLLM's engine arguments (vllm 0.32 arg_utils)
     "--resum",  # uptrain.md: the abbreviation clakit refuses
 }  # fmt: skip
 NOT_BUILT = {("convert", "--kv-heads")}  # quality.md: "`clakit convert --kv-heads` ... was not built"
