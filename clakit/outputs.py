@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 
 from clakit.errors import ClakitError
 from clakit.paths import expand
+from clakit.provenance import CONVERT_RECORD
 
 MARKER = ".clakit_output.json"
 NOUNS = {"convert": "convert output", "uptrain": "uptrain run", "model": "uptrained model", "report": "report folder"}
@@ -40,7 +41,7 @@ NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, b
 
 def _legacy_kind(folder: Path) -> str | None:
     """Outputs of clakit versions that wrote no marker, recognised by their own records."""
-    if (folder / "clakit_convert.json").is_file():
+    if (folder / CONVERT_RECORD).is_file():
         return "convert"
     with contextlib.suppress(OSError, ValueError):
         run = json.loads((folder / "run.json").read_text())

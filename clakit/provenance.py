@@ -1,10 +1,17 @@
 """Where an output came from: versions of the tools, the command line, the time."""
 
 import datetime
+import hashlib
 import os
 import platform
 import shlex
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+# the records clakit writes beside a checkpoint, read by eval's lineage and uptrain's origins: one name each
+CONVERT_RECORD = "clakit_convert.json"  # clakit convert's (convert.output_folder)
+UPTRAIN_RECORD = "uptrain.json"  # clakit uptrain's beside its model (uptrain.card); its `conversion`: the start's
 
 
 def versions() -> dict:
@@ -49,3 +56,32 @@ def _cwd() -> str | None:
         return os.getcwd()
     except OSError:  # the working directory was deleted under the process
         return None
+
+
+def library_versions(names) -> dict[str, str | None]:
+    """Installed versions of the libraries an output also depends on beside `versions()`' (None where one is absent:
+    gguf is needed for GGUF sources only, and a broken install must still be recorded as such)."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def text_sha256(text: str) -> str:
+    """sha256 of a text as read, as every record names data by content (eval's data.sha256, convert's calib_sha256
+    and eval.sha256): one encoding, so the same text has the same hash in each. surrogatepass: a datasets text with
+    a lone surrogate is hashed, not refused with a traceback."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 16 MiB blocks: a GGUF source is hundreds of MB (SmolLM2-135M's 98 MB Q4_1 file:
+    0.75-1.2 s on 2 shared cores)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()

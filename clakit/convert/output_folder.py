@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from transformers.dynamic_module_utils import custom_object_save
 
-RECORD_FILE = "clakit_convert.json"
+from clakit.provenance import CONVERT_RECORD
+
+RECORD_FILE = CONVERT_RECORD
 MODELING_FILES = ("configuration_cla.py", "modeling_cla.py")
 # Files that travel with the weights: tokenizer (fast, sentencepiece, BPE), chat template, generation defaults.
 TOKENIZER_PATTERNS = (

@@ -11,7 +11,6 @@ transformers can only read them by dequantising the entire file, so they are hel
 import contextlib
 import functools
 import gc
-import hashlib
 import shutil
 import sys
 import tempfile
@@ -60,7 +59,7 @@ from clakit.corpus import join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.paths import expand
-from clakit.provenance import provenance
+from clakit.provenance import file_sha256, library_versions, provenance, text_sha256
 from clakit.sources import (
     Source,
     check_revision,
@@ -449,7 +448,7 @@ class _Conversion:
         """GGUF: transformers dequantises the whole file, so the model is whole in memory anyway; it is the checkpoint
         the writer streams from, and the fits use it whole (on the device, in the fits' dtype): no per-layer reads."""
         self.say(f"loading {self.source.spec} in memory (GGUF: dequantised whole, fp32)...")
-        self.source_sha256 = _file_sha256(self.source.path)  # a file has no revision: its content names it
+        self.source_sha256 = file_sha256(self.source.path)  # a file has no revision: its content names it
         model = _load_source_model(self.source, self.cfg.trust_remote_code, self.cfg.allow_pickle)
         self.checkpoint = StateDictCheckpoint(model.state_dict())  # CPU fp32 tensors, kept for the writer
         self.generation_config = model.generation_config
@@ -600,7 +599,7 @@ class _Conversion:
                 "path": str(self.source.path), "sha256": getattr(self, "source_sha256", None),
             },
             "cla_architecture": cla_architecture,
-            "provenance": provenance(**_library_versions()),
+            "provenance": provenance(**library_versions(CONVERT_LIBRARIES)),
             "eval": self._eval_record(),
             "auto_layout": self.results.get("auto_layout"),
             "distill": self.results.get("distill"),
@@ -660,7 +659,7 @@ class _Conversion:
             "data": [t.name for t in self.eval_texts],
             **self.results["eval_scored"],  # tokens scored and their window: less than asked of a short text
             "max_tokens": self.cfg.eval_tokens,
-            "sha256": _sha256(self._eval_tokens.text),  # of the text scored, as `clakit eval` records it
+            "sha256": text_sha256(self._eval_tokens.text),  # of the text scored, as `clakit eval` records it
             "perplexity_before": self.results["perplexity_before"],
             "perplexity_after": self.results["perplexity_after"],
         }
@@ -675,7 +674,7 @@ class _Conversion:
             source=source.spec, source_kind=kind, revision=revision, architecture=self.architecture,
             kv_source_layers=self.layout, layout=self.layout_name, kv_saving=kv_saving(self.layout), init=self.init,
             calib_data=[t.name for t in self.calib_texts] if self.calib_texts else None,
-            calib_sha256=_sha256(join_texts(self.calib_texts)) if self.calib_texts else None,
+            calib_sha256=text_sha256(join_texts(self.calib_texts)) if self.calib_texts else None,
             calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
             max_shard_size=str(self.cfg.max_shard_size), seed=self.cfg.seed,
             reconstruct_steps=self.cfg.reconstruct_steps if self.init == "reconstruct" else None,
@@ -687,32 +686,6 @@ class _Conversion:
 # CLA: what the written tensors also depend on, beside clakit.provenance's clakit/transformers/torch: the reader of a
 # GGUF file's (de)quantised blocks, the tokenizer library (calibration tokens, a GGUF's tokenizer), the writer
 CONVERT_LIBRARIES = ("gguf", "tokenizers", "safetensors")
-
-
-def _library_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in CONVERT_LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:  # gguf is needed for GGUF sources only
-            found[name] = None
-    return found
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 16 MiB blocks (a GGUF is dequantised whole anyway; SmolLM2-135M's 98 MB Q4_1 file:
-    0.75-1.2 s on 2 shared cores)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tied(cla_cfg, lm_cls) -> dict[str, str]:

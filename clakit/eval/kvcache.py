@@ -12,6 +12,7 @@ import torch
 
 from clakit.errors import ClakitError
 from clakit.modeling import attention_window
+from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD
 
 
 def producer_layers(config) -> list[int]:
@@ -80,10 +81,6 @@ def measured_cache(model, ids: torch.Tensor) -> tuple[int, torch.dtype]:
         model(input_ids=ids.to(next(model.parameters()).device), cache=cache, use_cache=True, logits_to_keep=1)
     dtypes = [layer.keys.dtype for layer in cache.layers if isinstance(layer.keys, torch.Tensor)]
     return cache_bytes(cache), dtypes[0] if dtypes else next(model.parameters()).dtype
-
-
-CONVERT_RECORD = "clakit_convert.json"  # clakit convert's record beside its checkpoint (convert.output_folder)
-UPTRAIN_RECORD = "uptrain.json"  # clakit uptrain's beside its model (uptrain.card); its `conversion`: the start's
 
 
 def convert_record(model_dir: Path | None) -> dict:

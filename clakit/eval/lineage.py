@@ -3,10 +3,10 @@
 and sha256 so the whole record can be found again. A report then names, per model, the source it was converted
 from, at which revision, and the run that made it; none of this is in a label or a path."""
 
-import hashlib
 from pathlib import Path
 
-from clakit.eval.kvcache import CONVERT_RECORD, UPTRAIN_RECORD, read_record
+from clakit.eval.kvcache import read_record
+from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD, file_sha256
 
 
 def origin(model_dir: Path | None) -> dict | None:
@@ -20,8 +20,7 @@ def origin(model_dir: Path | None) -> dict | None:
         record = read_record(model_dir, name, what)
         if record:
             path = Path(model_dir, name).absolute()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            return {"made_by": made_by, "record": str(path), "record_sha256": digest, **summarise(record)}
+            return {"made_by": made_by, "record": str(path), "record_sha256": file_sha256(path), **summarise(record)}
     return None
 
 

@@ -1,7 +1,6 @@
 """`evaluate`: every metric of the eval suite on one model, returned as the report dict `clakit eval` writes."""
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from clakit.eval.config import EvalConfig
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.paths import expand
-from clakit.provenance import provenance
+from clakit.provenance import provenance, text_sha256
 from clakit.sources import check_revision, check_seq_len, context_window, default_seq_len
 
 DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
@@ -350,7 +349,7 @@ def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -
     measured = perplexity.metrics(scored["nll_sum"], scored["num_scored"], tokens.text)
     data = {
         "sources": [t.name for t in texts],
-        "sha256": hashlib.sha256(tokens.text.encode()).hexdigest(),  # of the exact text scored
+        "sha256": text_sha256(tokens.text),  # of the exact text scored
         "num_words": measured.pop("num_words"),
         "num_bytes": measured.pop("num_bytes"),
     }

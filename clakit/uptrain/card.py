@@ -2,35 +2,23 @@
 
 import dataclasses
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
 
 from clakit.convert.output_folder import RECORD_FILE, serving_section
-from clakit.provenance import provenance
+from clakit.provenance import UPTRAIN_RECORD, library_versions, provenance
 
-PROVENANCE = "uptrain.json"
+PROVENANCE = UPTRAIN_RECORD
 # what builds the adapters (peft: LoRA's initialisation, dropout and merge) and runs the loop (accelerate: seeding,
 # mixed precision, the processes): a rerun under other versions of either may train other weights
 TRAINING_LIBRARIES = ("peft", "accelerate")
 
 
-def library_versions() -> dict:
-    """The training libraries' versions, beside the ones every clakit record holds (clakit.provenance)."""
-    found = {}
-    for name in TRAINING_LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:  # accelerate and peft are dependencies; a broken install still records
-            found[name] = None
-    return found
-
-
 def run_provenance(**extra) -> dict:
     """clakit.provenance plus the training libraries' versions: what uptrain's records (run.json, state.json,
     uptrain.json) say about the software that wrote them."""
-    return provenance(**library_versions(), **extra)
+    return provenance(**library_versions(TRAINING_LIBRARIES), **extra)
 
 
 def summary(recipe, trainer, data, heldout: dict, kv_source_layers: list[int] | None = None) -> dict:
