@@ -307,6 +307,22 @@ def test_lm_eval_scores_in_the_first_report_format_are_shown(tmp_path, tokenizer
         report([write_json(damaged, tmp_path / "bad.json")], tmp_path / "rep2")
 
 
+def test_a_first_format_lm_eval_score_of_nan_is_left_out_not_the_report_refused(tmp_path, tokenizer):
+    """Review of round 4: the first lm-eval format kept every int/float lm-eval gave, NaN included (a stderr over one
+    document; 83851cb drops them from then on), and clakit report read such a report (its scores unshown). eadc500's
+    check of that format refused the whole report: 'lm_eval must be a mapping of task -> {metric: number} (its first
+    format)'. A non-finite score is now left out of the table, as eval leaves it out of new reports."""
+    from conftest import make_text, tiny_model
+
+    base = evaluate(tiny_model("llama"), tokenizer=tokenizer, text=make_text(300, 4), seq_len=32, speed=False,
+                    quiet=True)  # fmt: skip
+    old = {**base, "model": "m0", "lm_eval": {"hellaswag": {"acc": 0.5, "acc_stderr": float("nan")}}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))  # as clakit of 2026-11-25 wrote it: JSON NaN
+    md = (report([path], tmp_path / "rep") / "report.md").read_text()
+    assert "| m0 | 0.5000 |" in md, md
+
+
 def test_perplexities_scored_in_different_dtypes_are_labelled_so(tmp_path, tokenizer):
     """One model scored in fp32 and in bf16: its perplexities differ by precision alone. The note named the cache's
     bytes only; it now says the perplexities were scored at different precisions, and says nothing for one dtype."""

@@ -4,6 +4,7 @@ page with all (report.html). Runs on different data or settings are refused."""
 
 import base64
 import html
+import math
 import os
 from pathlib import Path
 
@@ -157,7 +158,8 @@ def task_scores(lm_eval: dict) -> dict:
     dropped from the table without a word."""
     if any(k in lm_eval for k in LM_EVAL_KEYS):
         return lm_eval.get("tasks") or {}
-    return {task: row for task, row in lm_eval.items() if isinstance(row, dict)}
+    # its NaN scores are left out, as eval.harness leaves them out of new reports
+    return {task: {k: x for k, x in row.items() if math.isfinite(x)} for task, row in lm_eval.items()}
 
 
 def _score(row: dict, metric: str) -> str:

@@ -52,8 +52,13 @@ def _task_hashes(v) -> bool:
 
 
 def _first_lm_eval(v) -> bool:
-    """An lm_eval section without `tasks` or `settings` is the first format, {task: {metric: number}} itself."""
-    return any(k in v for k in LM_EVAL_KEYS) or _scores(v)
+    """An lm_eval section without `tasks` or `settings` is the first format, {task: {metric: number}} itself. That
+    format kept lm-eval's NaN (a stderr over one document): the table leaves it out (comparison.task_scores) rather
+    than refuse a report clakit wrote."""
+    return any(k in v for k in LM_EVAL_KEYS) or all(
+        isinstance(row, dict) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in row.values())
+        for row in v.values()
+    )
 
 
 def _fraction(v) -> bool:
