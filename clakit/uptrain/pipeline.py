@@ -264,10 +264,16 @@ def check_local_model(recipe: Recipe) -> None:
     the LoRA patterns against its layout or the one model.convert will write); reads config.json or a GGUF's
     metadata, no weights. A Hub id is not fetched."""
     model = recipe.model
-    if not expand(model.path or model.source, "model").exists():
-        return
+    if expand(model.path or model.source, "model").exists():
+        check_student(model, recipe)
+
+
+def check_student(model, recipe: Recipe):
+    """The model section's config, checked (its kind, its window against data.seq_len, the LoRA patterns against its
+    layout or the one model.convert will write): one rule for the run and --dry-run (check_local_model)."""
     config = student.check_model_section(model, recipe.data.seq_len)
     student.check_patterns(config, recipe.lora, student.planned_layout(model, config))
+    return config
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
@@ -567,8 +573,7 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
         return out / RESULT
     check_tensorboard(recipe.train)
     model = resumed_model(recipe, out) if resume else recipe.model
-    student_config = student.check_model_section(model, recipe.data.seq_len)
-    student.check_patterns(student_config, recipe.lora, student.planned_layout(model, student_config))
+    student_config = check_student(model, recipe)
     original = check_teacher(recipe, out, resume)
     if original is not None:  # the teacher, or only the "original" baseline
         check_teacher_fits(original, student_config, recipe.needs_teacher, model.trust_remote_code)
