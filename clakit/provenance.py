@@ -72,8 +72,8 @@ def library_versions(names) -> dict[str, str | None]:
 
 def text_sha256(text: str) -> str:
     """sha256 of a text as read, as every record names data by content (eval's data.sha256, convert's calib_sha256
-    and eval.sha256): one encoding, so the same text has the same hash in each. surrogatepass: a datasets text with
-    a lone surrogate is hashed, not refused with a traceback."""
+    and eval.sha256): one encoding, so the same text has the same hash in each. surrogatepass only matters for a
+    str given in code with a lone surrogate; files are read with errors="replace" and hold none."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
