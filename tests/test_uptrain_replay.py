@@ -239,7 +239,8 @@ def test_a_layout_chosen_on_data_still_checks_its_producer_patterns_after_the_co
     auto = ModelSection(source="s", convert=ConvertConfig(calib_data=["c.txt"]))
     assert planned_layout(auto, config) is None
     assert planned_layout(ModelSection(source="s", convert=ConvertConfig(factor=3)), config) == [0, 0, 0, 3]
-    assert planned_layout(ModelSection(source="s", convert=ConvertConfig(factor=9)), config) is None  # convert refuses
+    with pytest.raises(ClakitError, match="model.convert: --factor must be between"):  # as the conversion would
+        planned_layout(ModelSection(source="s", convert=ConvertConfig(factor=9)), config)
 
 
 # --- held-out text and calibration, composed ------------------------------------------------------------------------

@@ -366,3 +366,21 @@ def test_dry_run_checks_a_local_models_config_as_the_run_does(
     assert not (tmp_path / "run").exists()
     assert main(["uptrain", str(path), f"model.path={tiny_llama_checkpoint}", "--dry-run"]) == 2
     assert "is not a CLA checkpoint" in capsys.readouterr().err
+
+
+def test_dry_run_refuses_a_conversion_layout_the_model_cannot_take(
+    capsys, tmp_path, corpus_dir, tiny_llama_checkpoint  # noqa: F811
+):
+    """Review of round 4: --dry-run checked the LoRA patterns on the layout model.convert will write
+    (student.planned_layout), but a layout the conversion refuses (3 entries for 4 layers, a factor beyond the
+    layers) was taken as 'chosen later' and passed it (exit 0); the run then refused it. planned_layout is now the
+    conversion's own rule (convert.pipeline.planned_layout), refusals included."""
+    model = {"source": str(tiny_llama_checkpoint), "convert": {"kv_source_layers": [0, 0, 2], "init": "mean"}}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model))
+    assert main(["uptrain", str(path), "--dry-run"]) == 2
+    assert "model.convert: invalid kv_source_layers: kv_source_layers has 3 entries" in capsys.readouterr().err
+    factor = ["model.convert.kv_source_layers=null", "model.convert.factor=9"]
+    assert main(["uptrain", str(path), *factor, "--dry-run"]) == 2
+    assert "--factor must be between 1 and the number of layers (4), got 9" in capsys.readouterr().err
+    assert main(["uptrain", str(path), "model.convert.kv_source_layers=[0,0,2,2]", "--dry-run"]) == 0
+    assert not (tmp_path / "run").exists()

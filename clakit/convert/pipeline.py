@@ -156,6 +156,26 @@ def _resolve_layout(c: ConvertConfig) -> tuple[str | None, float | None]:
     return layout, kv_saving_
 
 
+def planned_layout(c: ConvertConfig, num_layers: int) -> tuple[list[int] | None, str]:
+    """The layout a conversion with settings `c` writes for a model of `num_layers` layers and its record's name
+    ("factor K", "explicit"), or (None, "auto") when it is chosen on calibration data later. One rule for the
+    conversion and for uptrain, which checks a recipe's LoRA patterns on it before converting; a layout the model
+    cannot take is refused here, before any work."""
+    layout, kv_saving_ = _resolve_layout(c)
+    if layout == "auto":
+        from clakit.convert.autolayout import producers_for
+
+        producers_for(num_layers, kv_saving_)  # a saving no layout can reach, refused before any work
+        return None, "auto"
+    if c.kv_source_layers is not None:
+        check_layout(list(c.kv_source_layers), num_layers)
+        return list(c.kv_source_layers), "explicit"
+    if c.factor is None:  # the default --factor 2
+        check_shareable(num_layers)
+    factor = 2 if c.factor is None else c.factor
+    return uniform_layout(num_layers, factor), f"factor {factor}"
+
+
 def _check_arguments(c: ConvertConfig, layout: str | None, kv_saving_: float | None) -> None:
     """Refuse contradictory or out-of-range settings before touching any file."""
     if layout not in (None, "auto"):
@@ -457,19 +477,7 @@ class _Conversion:
         return LayerwiseModel.in_memory(model)
 
     def _fixed_layout(self) -> tuple[list[int] | None, str]:
-        n, spec = self.config.num_hidden_layers, self.cfg.kv_source_layers
-        if self.cfg.layout == "auto":
-            from clakit.convert.autolayout import producers_for
-
-            producers_for(n, self.cfg.kv_saving)  # a saving no layout can reach, refused before any work
-            return None, "auto"  # chosen by _calibrate
-        if spec is not None:
-            check_layout(list(spec), n)
-            return list(spec), "explicit"
-        if self.cfg.factor is None:  # the default --factor 2
-            check_shareable(n)
-        factor = 2 if self.cfg.factor is None else self.cfg.factor
-        return uniform_layout(n, factor), f"factor {factor}"
+        return planned_layout(self.cfg, self.config.num_hidden_layers)
 
     def _calib_ids(self) -> torch.Tensor:
         """(n_seq, seq_len) calibration windows; too little text is a ClakitError. The distillation's windows (more

@@ -208,22 +208,19 @@ def check_patterns(config, lora, planned: list[int] | None = None) -> None:
 
 
 def planned_layout(model_section, config) -> list[int] | None:
-    """The layout model.convert will write for the stock `config`, when its settings fix one without data: its
-    kv_source_layers, or uniform CLA-`factor` (2 when no layout is named and no calibration text makes it `auto`).
-    None for a layout chosen on data, for a CLA model.path (its config holds the layout), and for settings the
-    converter refuses (it names them itself, before any work)."""
-    from clakit.convert.layout import check_layout, uniform_layout
+    """The layout model.convert will write for the stock `config` (convert's own rule: its kv_source_layers, uniform
+    CLA-`factor`, 2 when no layout is named and no calibration text makes it `auto`); None for a layout chosen on
+    data and for a CLA model.path (its config holds the layout). Settings the model cannot take are refused now, as
+    the conversion would refuse them (--dry-run passed them)."""
+    from clakit.convert.pipeline import planned_layout as conversion_layout
 
-    c, n = model_section.convert, config.num_hidden_layers
-    if c is None or c.layout is not None or (c.factor is None and c.kv_source_layers is None and c.calib_data):
+    c = model_section.convert
+    if c is None or config.model_type.endswith("_cla"):
         return None
     try:
-        if c.kv_source_layers is not None:
-            check_layout(list(c.kv_source_layers), n)
-            return list(c.kv_source_layers)
-        return uniform_layout(n, 2 if c.factor is None else c.factor)  # CLA-1 (no sharing) too
-    except ClakitError:
-        return None
+        return conversion_layout(c, config.num_hidden_layers)[0]
+    except ClakitError as e:
+        raise ClakitError(f"recipe section model.convert: {e}") from None
 
 
 def _check_tied_head(model, targets: list[str]) -> None:
