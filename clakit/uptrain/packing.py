@@ -1,7 +1,6 @@
 """Training data: texts tokenised, packed into `seq_len` blocks, split into train and held-out, served in a
 deterministic order that a resumed run can continue from any step."""
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +9,7 @@ from clakit.copies import add_copies
 from clakit.corpus import Text, load_texts
 from clakit.errors import ClakitError
 from clakit.paths import expand
+from clakit.provenance import text_sha256
 from clakit.uptrain.recipe import calibrated_tail
 
 _PIECE_CHARS = 1 << 20  # tokenise long texts in ~1 MB pieces (cut at line ends) to bound tokenizer memory
@@ -121,7 +121,7 @@ def build_data(
 
 
 def _digest(text: str) -> str:
-    return hashlib.sha256(text.strip().encode("utf-8", "surrogatepass")).hexdigest()
+    return text_sha256(text.strip())  # a copy with other leading/trailing blank lines is the same text
 
 
 def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
