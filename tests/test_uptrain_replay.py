@@ -374,3 +374,17 @@ def test_fsdp_with_an_interleaved_layout_trains_like_one_process(tokenizer, corp
         assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-4), report
     record = json.loads((tmp_path / "two" / "model" / "uptrain.json").read_text())
     assert (record["processes"], record["distributed_type"], record["kv_source_layers"]) == (2, "FSDP", [0, 0, 2, 0])
+
+
+def test_a_consumer_pattern_on_a_layout_without_consumers_is_refused_for_that_reason():
+    """Review of round 4: 7feef4d's refusal of a `consumers.` pattern said '(only producers hold k_proj/v_proj)'
+    for any such pattern, also consumers.q_proj on a CLA-1 layout (no consumers at all), where it sent the user to
+    look for a k_proj that was never asked for."""
+    from clakit.errors import ClakitError
+    from clakit.uptrain.student import meta_student, select_linear
+
+    config = tiny_model("llama").config
+    with pytest.raises(ClakitError, match=r"'consumers\.q_proj' matches no linear module \(the layout has no cons"):
+        select_linear(meta_student(config, [0, 1, 2, 3]), ["consumers.q_proj"], "lora.full_train")
+    with pytest.raises(ClakitError, match=r"'consumers\.\*\.\[kv\]_proj' matches no linear module \(only producers"):
+        select_linear(meta_student(config, [0, 0, 2, 2]), ["consumers.*.[kv]_proj"], "lora.full_train")

@@ -168,14 +168,26 @@ def select_linear(model, patterns: list[str], what: str) -> list[str]:
         else:
             hits = [n for n in linear if matches(pattern, n, layout)]
         if not hits:
-            # CLA: a consumer reads its producer's K/V and holds no k_proj/v_proj of its own
-            why = " (only producers hold k_proj/v_proj)" if pattern.startswith("consumers.") else ""
+            why = _no_consumer_match(pattern, linear, layout)
             raise ClakitError(
                 f"{what} pattern {pattern!r} matches no linear module{why}; names look like "
-                f"model.layers.0.self_attn.k_proj (a suffix such as k_proj, a glob, or consumers.q_proj)"
+                "model.layers.0.self_attn.k_proj (a suffix such as k_proj, a glob, or consumers.q_proj)"
             )
         chosen += [n for n in hits if n not in chosen]
     return chosen
+
+
+def _no_consumer_match(pattern: str, linear: list[str], layout: list[int]) -> str:
+    """CLA: why a `consumers.` pattern matched nothing, for the refusal: a consumer reads its producer's K/V and
+    holds no k_proj/v_proj of its own, or the layout has no consumer at all (CLA-1: that reason would mislead)."""
+    if not pattern.startswith("consumers.") or not layout:
+        return ""
+    if all(source == layer for layer, source in enumerate(layout)):
+        return " (the layout has no consumers)"
+    bare = pattern.removeprefix("consumers.")
+    if any(matches(bare, n, layout) for n in linear if n.endswith(("k_proj", "v_proj"))):
+        return " (only producers hold k_proj/v_proj)"
+    return ""
 
 
 def meta_student(config, layout: list[int] | None = None):
