@@ -60,6 +60,8 @@ def test_a_consumer_reads_its_producers_cache_dtype_when_layers_skip_kv_quantisa
         "fp8, consumers skipped": dict(kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=consumers),
         "fp8, producers skipped": dict(kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=producers),
         "fp8, one producer skipped": dict(kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=["0"]),
+        # a bf16 cache with a producer "skipped" (auto: the model's bf16) is one cache dtype, not a mixed one
+        "bfloat16, one producer skipped": dict(kv_cache_dtype="bfloat16", kv_cache_dtype_skip_layers=["0"]),
     }
     runs = [{**base, "engine": dict(kv_cache_memory_bytes=16 * MIB, **e)} for e in engines.values()]
     results = dict(zip(engines, run_engines(vllm_python, runs, tmp_path), strict=True))
@@ -73,6 +75,7 @@ def test_a_consumer_reads_its_producers_cache_dtype_when_layers_skip_kv_quantisa
     tokens = {name: r["tokens"][0] for name, r in results.items()}
     assert tokens["fp8, producers skipped"] == tokens["auto"], tokens
     assert tokens["fp8, consumers skipped"] == tokens["fp8"], tokens
+    assert tokens["bfloat16, one producer skipped"] == tokens["auto"], tokens
     # and the capacity follows the producers' caches: an fp8 cache holds twice the blocks of a bf16 one
     blocks = {name: r["kv_cache_blocks"] for name, r in results.items()}
     assert blocks["fp8, producers skipped"] == blocks["auto"], blocks

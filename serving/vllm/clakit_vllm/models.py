@@ -116,14 +116,15 @@ def mixed_cache_dtypes_problem(model: LlamaModel) -> str | None:
     vLLM then keeps per-layer cache specs (UniformTypeKVCacheSpecs) that list no KV-sharing layer, and its model
     runner fails on the first consumer (KeyError: 'model.layers.3.self_attn.attn') after the weights have loaded.
     """
-    producers: dict[str, list[int]] = {}
+    producers: dict[tuple, list[int]] = {}
     for layer in range(model.start_layer, model.end_layer):
-        attention = model.layers[layer].self_attn
-        if attention.is_producer:
-            producers.setdefault(attention.attn.kv_cache_dtype, []).append(layer)
-    if len(producers) < 2:
+        attn = model.layers[layer].self_attn.attn
+        if model.layers[layer].self_attn.is_producer:
+            # by what the cache holds: "auto" (skipped) on a bf16 model and --kv-cache-dtype bfloat16 are one cache
+            producers.setdefault((attn.kv_cache_torch_dtype, attn.kv_cache_dtype), []).append(layer)
+    if len({torch_dtype for torch_dtype, _ in producers}) < 2:
         return None
-    dtypes = "; ".join(f"{dtype} for layers {layers}" for dtype, layers in producers.items())
+    dtypes = "; ".join(f"{dtype} for layers {layers}" for (_, dtype), layers in producers.items())
     return (
         f"--kv-cache-dtype-skip-layers gives the producers' caches different dtypes ({dtypes}), which vLLM cannot "
         "combine with shared caches; skip every producer's layer or none (a consumer follows its producer)"
