@@ -419,12 +419,7 @@ def _local_path(spec: str) -> Path | None:
 def _same_text(a: str, b: str) -> bool:
     """Whether data specs `a` and `b` read the same text: equal specs (a datasets spec too), or local paths that are
     the same file or folder or one inside the other (a folder and one of its .txt, which it reads recursively)."""
-    if a == b:
-        return True
-    pa, pb = _local_path(a), _local_path(b)
-    if pa is None or pb is None:
-        return False
-    return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
+    return _holds(a, b) or _holds(b, a)
 
 
 def _check_calibration_held_out(recipe: Recipe) -> None:
