@@ -207,11 +207,8 @@ def check_inputs(args: argparse.Namespace) -> list[list[int]]:
     return prompts
 
 
-def run(args: argparse.Namespace, prompts: list[list[int]] | None = None) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    prompts = prompts if prompts is not None else check_inputs(args)
+def engine_arguments(args: argparse.Namespace) -> dict:
+    """The `LLM(...)` keyword arguments the flags ask for (only those given, so vLLM's defaults hold otherwise)."""
     engine_args = dict(model=args.model, dtype=args.dtype, enforce_eager=not args.compile, seed=0)
     engine_args["kv_cache_dtype"] = args.kv_cache_dtype
     if args.max_model_len:
@@ -222,27 +219,51 @@ def run(args: argparse.Namespace, prompts: list[list[int]] | None = None) -> dic
         os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     if args.max_num_seqs:
         engine_args["max_num_seqs"] = args.max_num_seqs
-    llm = LLM(**engine_args)
-    cache = llm.llm_engine.vllm_config.cache_config
+    return engine_args
+
+
+def timed_generate(llm, prompts: list[list[int]], args: argparse.Namespace) -> tuple[list, float]:
+    """Greedy outputs for each prompt `args.repeat` times, and the seconds they took after an untimed warm-up."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts for _ in range(args.repeat)]
     llm.generate(batch[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up, not timed
     start = time.perf_counter()
     outputs = llm.generate(batch, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return outputs, time.perf_counter() - start
+
+
+def cache_facts(llm) -> dict:
+    """What the engine made of the KV cache (its dtype, bytes, tokens, blocks): the numbers the CLA saving shows in."""
+    config = llm.llm_engine.vllm_config
+    cache = config.cache_config
     return {
-        "model": args.model,
-        "architecture": llm.llm_engine.vllm_config.model_config.architectures[0],
+        "architecture": config.model_config.architectures[0],
         "kv_cache_dtype": cache.cache_dtype,
         "kv_cache_bytes": cache.kv_cache_memory_bytes,
         "kv_cache_tokens": cache.kv_cache_size_tokens,
         "max_concurrency": cache.kv_cache_max_concurrency,
         "kv_cache_blocks": cache.num_gpu_blocks,
         "block_size": cache.block_size,
-        "max_model_len": llm.llm_engine.vllm_config.model_config.max_model_len,
+        "max_model_len": config.model_config.max_model_len,
+    }
+
+
+def run(args: argparse.Namespace, prompts: list[list[int]] | None = None) -> dict:
+    from vllm import LLM
+
+    prompts = prompts if prompts is not None else check_inputs(args)
+    llm = LLM(**engine_arguments(args))
+    outputs, seconds = timed_generate(llm, prompts, args)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {
+        "model": args.model,
+        **cache_facts(llm),
+        # outputs hold each prompt `repeat` times in a row: its first copy stands for it
         "tokens": [list(outputs[i * args.repeat].outputs[0].token_ids) for i in range(len(prompts))],
-        "requests": len(batch),
+        "requests": len(outputs),
         "generated_tokens": generated,
         "seconds": seconds,
         "tokens_per_s": generated / seconds,
