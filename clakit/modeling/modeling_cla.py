@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.cache_utils import DummyLayer, KVSharingDict, QuantizedCache
+from transformers.generation.continuous_batching import PagedAttentionCache
+from transformers.generation.continuous_batching import cache as paged_cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
@@ -51,6 +53,39 @@ from .configuration_cla import LlamaCLAConfig, MistralCLAConfig, validate_kv_sou
 
 def _shared_key(layer_idx: int) -> str:
     return str(layer_idx)
+
+
+class CLASharingDict(KVSharingDict):
+    """The per-forward K/V sharing dict, plus `cache_kwargs`: producer index -> the attention kwargs its cache's
+    `update` set. Continuous batching's PagedAttentionCache.update picks, in the kwargs, the producer's pages and its
+    group's key lengths (`cu_seq_lens_k`, `max_length_k`: dicts by layer type until then; with a block table also
+    `k_cache`, `v_cache`); a consumer calls no update, so it attends with its producer's."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache_kwargs: dict[int, dict] = {}
+
+
+def _producers_only(group_layers: Callable) -> Callable:
+    """transformers' continuous batching sizes its paged cache from `group_layers_by_attn_type(config)`: one page per
+    layer of each group, every layer. CLA: a consumer writes no K/V, so for a CLA config (one with kv_source_layers)
+    the groups hold its producers only; a CLA2 paged cache was the stock model's size, half of it never written."""
+    if getattr(group_layers, "_cla_producers_only", False):  # clakit's copy and a remote-code copy both imported
+        return group_layers
+
+    @functools.wraps(group_layers)
+    def grouped(config) -> dict[str, list[int]]:
+        groups = group_layers(config)
+        sources = getattr(config, "kv_source_layers", None)
+        if sources is None:
+            return groups
+        return {kind: [i for i in layers if sources[i] == i] for kind, layers in groups.items()}
+
+    grouped._cla_producers_only = True
+    return grouped
+
+
+paged_cache.group_layers_by_attn_type = _producers_only(paged_cache.group_layers_by_attn_type)
 
 
 class WeightsMismatch(ValueError):
@@ -118,14 +153,19 @@ class CLAAttentionMixin:
             self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=bias)
 
-    def _own_kv(self, hidden_states, query_states, position_embeddings, cache, kwargs):
+    def _own_kv(self, hidden_states, query_states, position_embeddings, cache, kwargs, shared_kv_states):
         """Producer: project, rotate, cache. Returns q, k, v; shapes (batch, heads|kv_heads, seq, head_dim)."""
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if cache is not None:
+        if isinstance(cache, PagedAttentionCache):  # CLA: keep what its update sets in kwargs for the consumers
+            before = dict(kwargs)
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+            changed = {k: v for k, v in kwargs.items() if k not in before or before[k] is not v}
+            shared_kv_states.cache_kwargs[self.layer_idx] = changed
+        elif cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         return query_states, key_states, value_states
 
@@ -146,7 +186,7 @@ class CLAAttentionMixin:
 
         if self.is_producer:
             query_states, key_states, value_states = self._own_kv(
-                hidden_states, query_states, position_embeddings, cache, kwargs
+                hidden_states, query_states, position_embeddings, cache, kwargs, shared_kv_states
             )
             shared_kv_states[_shared_key(self.layer_idx)] = (key_states, value_states)
         else:
@@ -155,6 +195,7 @@ class CLAAttentionMixin:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             query_states = query_states * cos + rotate_half(query_states) * sin
             key_states, value_states = shared_kv_states[_shared_key(self.kv_source)]
+            kwargs.update(getattr(shared_kv_states, "cache_kwargs", {}).get(self.kv_source, {}))  # CLA: paged cache
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -217,7 +258,7 @@ def _sharing_forward(stock_forward):
 
     @functools.wraps(stock_forward)
     def forward(self, *args, **kwargs):
-        kwargs["shared_kv_states"] = KVSharingDict()  # CLA
+        kwargs["shared_kv_states"] = CLASharingDict()  # CLA
         return stock_forward(self, *args, **kwargs)
 
     return forward
