@@ -85,3 +85,24 @@ def file_sha256(path: Path) -> str:
         while block := f.read(16 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def settings_from_record(cls, record, what: str, derived: tuple[str, ...] = ()):
+    """The settings dataclass `cls` rebuilt from the mapping a record holds (report.json's provenance.config and
+    passkey.settings, run.json's recipe): the keys `derived` names were written for the reader, computed from the
+    settings (passkey's new_tokens), and are dropped; a field the record lacks (written before the field existed)
+    takes its default, the value it had then; a key no field has (a newer clakit's, or hand-edited) is one line."""
+    import dataclasses
+
+    from clakit.errors import ClakitError
+
+    if not isinstance(record, dict):
+        raise ClakitError(f"{what} is not a mapping of settings ({type(record).__name__}); it cannot be rebuilt")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(record) - names - set(derived))
+    if unknown:
+        raise ClakitError(
+            f"{what} holds {unknown[0]!r}, which {cls.__name__} has no field for (written by another clakit "
+            f"version?); valid keys: {', '.join(sorted(names))}"
+        )
+    return cls(**{k: v for k, v in record.items() if k in names})

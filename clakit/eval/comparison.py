@@ -4,6 +4,7 @@ page with all (report.html). Runs on different data or settings are refused."""
 
 import base64
 import html
+import json
 import math
 import os
 from pathlib import Path
@@ -56,13 +57,31 @@ def check_comparable(reports: list[dict], paths: list) -> None:
         having = [(r, p) for r, p in zip(reports, paths, strict=True) if section is None or r.get(section)]
         for report, path in having[1:]:
             for keys in fields:
-                a, b = _field(having[0][0], keys), _field(report, keys)
-                if a != b:
-                    raise ClakitError(
-                        f"cannot compare {path} with {having[0][1]}: {'.'.join(keys)} differs ({b!r} vs {a!r}); "
-                        "evaluate every model on the same data with the same settings"
-                    )
+                _check_field(having[0], (report, path), keys)
     _check_lm_eval_tasks(reports, paths)
+
+
+def _check_field(first: tuple[dict, object], other: tuple[dict, object], keys: tuple) -> None:
+    """One field of two (report, path) pairs, compared as recorded: JSON's 0 and 0.0 are equal numbers in Python but
+    not the same setting. A passkey depth is part of its prompts' seed string (`seed:length:depth:sample`): reports
+    of clakit before passkey.unique_depths recorded depths as given, and [0, 1] asked other keys and filler than
+    [0.0, 1.0] (lm-eval's limit 1 is a document count, 1.0 a fraction)."""
+    a, b = _field(first[0], keys), _field(other[0], keys)
+    if _as_recorded(a) == _as_recorded(b):
+        return
+    why = (
+        " (equal numbers written differently, e.g. a passkey depth 0 vs 0.0, which seed other prompts)"
+        if a == b
+        else ""
+    )
+    raise ClakitError(
+        f"cannot compare {other[1]} with {first[1]}: {'.'.join(keys)} differs ({b!r} vs {a!r}){why}; "
+        "evaluate every model on the same data with the same settings"
+    )
+
+
+def _as_recorded(value) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _check_lm_eval_tasks(reports: list[dict], paths: list) -> None:
@@ -176,6 +195,18 @@ def _lm_eval_note(reports: list[dict]) -> str:
     docs = s.get("limit") or "all"
     version = lm.get("version") or "(version not recorded)"
     return f"lm-evaluation-harness {version}; documents per task: {docs}; few-shot: {shots}."
+
+
+def passkey_note(reports: list[dict]) -> str:
+    """What the passkey accuracies compare: the same prompts in every report that has them (check_comparable
+    compared passkey.settings as recorded)."""
+    s = next(r["passkey"] for r in reports if r.get("passkey"))["settings"]
+    depths = ", ".join(map(str, s.get("depths") or []))
+    return (
+        f"Passkey prompts: lengths {', '.join(f'{n:,}' for n in s.get('lengths') or [])} tokens, depths {depths}, "
+        f"{s.get('samples')} samples per cell, seed {s.get('seed')}: the same prompts for every model above "
+        "(passkey.settings compared as recorded, depth 0 is not 0.0)."
+    )
 
 
 def passkey_table(reports: list[dict]) -> tuple[list[str], list[list[str]]] | None:
@@ -433,7 +464,10 @@ def markdown(reports: list[dict], paths: list | None = None) -> str:
     text = f"# clakit eval report\n\n{table}\n\n{_md_text(_data_note(reports))}\n"
     table = passkey_table(reports)
     if table:
-        text += "\n## Passkey retrieval\n\n" + "\n".join(_md_table(*table)) + "\n\n![passkey](passkey.png)\n"
+        note = _md_text(passkey_note(reports))
+        text += (
+            "\n## Passkey retrieval\n\n" + "\n".join(_md_table(*table)) + f"\n\n{note}\n\n![passkey](passkey.png)\n"
+        )
     table = lm_eval_table(reports)
     if table:
         note = _md_text(_lm_eval_note(reports))
@@ -503,7 +537,7 @@ def _html_passkey(reports: list[dict], png: Path) -> str:
         return ""
     image = base64.b64encode(png.read_bytes()).decode()
     return (
-        f"<h2>Passkey retrieval</h2>{_html_table(*table)}"
+        f"<h2>Passkey retrieval</h2>{_html_table(*table)}<p>{html.escape(passkey_note(reports))}</p>"
         f"<img alt='passkey accuracy per length and depth' src='data:image/png;base64,{image}'>"
     )
 

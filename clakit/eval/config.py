@@ -14,6 +14,7 @@ from clakit import settings
 from clakit.devices import DEVICES_HELP
 from clakit.errors import ClakitError
 from clakit.eval.perplexity import check_window
+from clakit.provenance import settings_from_record
 from clakit.settings import opt
 
 DEFAULT_KV_BUDGET_GB = 16.0
@@ -104,6 +105,11 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "EvalConfig":
+        """The config a report's provenance.config recorded (to_dict's), every value checked again."""
+        return settings_from_record(cls, record, "provenance.config")
 
 
 def config_from_args(args) -> EvalConfig:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from clakit.errors import ClakitError
+from clakit.provenance import settings_from_record
 
 INSTRUCTION = (
     "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -32,6 +33,8 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_SAMPLES = 2
 EXTRA_TOKENS = 3  # decoded beyond the key's digits (a leading space, punctuation)
+# what a report's passkey.settings holds beside the settings: derived from them, for the reader (5 digits + EXTRA)
+DERIVED = ("new_tokens",)
 
 
 @dataclass
@@ -40,6 +43,12 @@ class PasskeySettings:
     depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
     samples: int = DEFAULT_SAMPLES
     seed: int = 0
+
+    @classmethod
+    def from_record(cls, record: dict) -> "PasskeySettings":
+        """The settings a report's passkey.settings recorded (lengths and depths as resolved: they ask the same
+        prompts again); its derived keys are dropped."""
+        return settings_from_record(cls, record, "passkey.settings", DERIVED)
 
     def check(self) -> None:
         """Everything but what needs the model (its window), before anything is loaded."""

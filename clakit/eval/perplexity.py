@@ -233,6 +233,26 @@ def metrics(nll_sum: float, num_scored: int, text: str) -> dict:
     }
 
 
+def _model_windows(model, seq_len: int | None, stride: int | None) -> tuple[int, int]:
+    """(seq_len, stride) resolved and checked against `model`'s context window."""
+    from clakit.sources import check_seq_len, default_seq_len
+
+    config = getattr(model, "config", None)  # a wrapper without one has no window to hold seq_len to
+    seq_len = default_seq_len(config, 1024) if seq_len is None else seq_len
+    stride = check_window(seq_len, stride)
+    check_seq_len(seq_len, config, "seq_len")
+    return seq_len, stride
+
+
+def _check_one_window(tokens, seq_len: int) -> None:
+    """The text must fill one window of model inputs (its ids hold the prefix token: one more than the inputs)."""
+    if len(tokens.ids) - 1 < seq_len:
+        raise ClakitError(
+            f"the text has {len(tokens.ids) - 1} tokens, fewer than one window of --seq-len {seq_len}; "
+            "give more text or a smaller --seq-len"
+        )
+
+
 def perplexity(
     model,
     tokenizer,
@@ -247,18 +267,9 @@ def perplexity(
     1024, or the model's context window when shorter; above the window it is refused, as by `clakit eval` (the
     `evaluate` module's default 1024 scored a 64-token-window model at positions it never saw, and a learned-position
     model raised IndexError)."""
-    from clakit.sources import check_seq_len, default_seq_len
-
-    config = getattr(model, "config", None)  # a wrapper without one has no window to hold seq_len to
-    seq_len = default_seq_len(config, 1024) if seq_len is None else seq_len
-    stride = check_window(seq_len, stride)
-    check_seq_len(seq_len, config, "seq_len")
+    seq_len, stride = _model_windows(model, seq_len, stride)
     tokens = tokenize(tokenizer, text, max_tokens)
-    if len(tokens.ids) - 1 < seq_len:
-        raise ClakitError(
-            f"the text has {len(tokens.ids) - 1} tokens, fewer than one window of --seq-len {seq_len}; "
-            "give more text or a smaller --seq-len"
-        )
+    _check_one_window(tokens, seq_len)
     scored = score(model, tokens.ids, seq_len, stride, batch_size, quiet)
     return {
         **metrics(scored["nll_sum"], scored["num_scored"], tokens.text),

@@ -108,14 +108,20 @@ def _original_text(original: dict | None) -> str:
 
 
 def markdown(s: dict) -> str:
-    r, h = s["recipe"], s["heldout"]
-    m = r["model"]
-    names = (("original", "original (full KV)"), ("converted", "converted (before)"), ("uptrained", "uptrained"))
-    rows = [_row(n, h.get(k), h.get("original")) for k, n in names]
+    lines = [*_title_lines(s), *_heldout_lines(s), "## Training", *_training_lines(s), *_resolved_lines(s), ""]
+    lines += [f"Full settings and versions: `{PROVENANCE}`.", "", *_recipe_lines(s)]
+    layout = s.get("kv_source_layers")
+    if layout:  # how to serve it, and the cache capacity to expect (the converted checkpoint's card says the same)
+        lines += [serving_section(len(set(layout)), len(layout))]
+    return "\n".join(lines)
+
+
+def _title_lines(s: dict) -> list[str]:
+    """Front matter, title, where training started and how to load the result."""
+    m = s["recipe"]["model"]
     converted = " (converted with the `model.convert` settings of the recipe below)" if m["convert"] else ""
     start = f"Started from `{m['path'] or m['source']}`{converted}{_original_text(s.get('original'))}"
-    data = f"{', '.join(s['eval_data'])}; {h['uptrained']['tokens']} tokens in sequences of {r['data']['seq_len']}"
-    lines = [
+    return [
         "---",
         "tags: [clakit, cross-layer-attention, cla]",
         "---",
@@ -124,24 +130,29 @@ def markdown(s: dict) -> str:
         start + ". Cross-Layer Attention: consumer layers reuse their producer's K/V, so the KV cache is smaller.",
         "Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or `import clakit`).",
         "",
+    ]
+
+
+def _heldout_lines(s: dict) -> list[str]:
+    """The held-out table: original, converted (before) and uptrained, each against the original."""
+    h = s["heldout"]
+    names = (("original", "original (full KV)"), ("converted", "converted (before)"), ("uptrained", "uptrained"))
+    data = f"{', '.join(s['eval_data'])}; {h['uptrained']['tokens']} tokens in sequences of "
+    return [
         "## Held-out results",
-        f"Data: {data}.",
+        f"Data: {data}{s['recipe']['data']['seq_len']}.",
         "",
         "| model | loss | perplexity | vs original |",
         "|---|---|---|---|",
-        *rows,
+        *(_row(n, h.get(k), h.get("original")) for k, n in names),
         "",
-        "## Training",
-        *_training_lines(s),
-        "",
-        f"Full settings and versions: `{PROVENANCE}`.",
-        "",
-        *_recipe_lines(s),
     ]
-    layout = s.get("kv_source_layers")
-    if layout:  # how to serve it, and the cache capacity to expect (the converted checkpoint's card says the same)
-        lines += [serving_section(len(set(layout)), len(layout))]
-    return "\n".join(lines)
+
+
+def _resolved_lines(s: dict) -> list[str]:
+    """Recipe keys left null whose value the machine chose (resolved_defaults; records before it have none)."""
+    resolved = s.get("resolved") or {}
+    return [f"- {key}: {r.get('value')} ({r.get('why')})" for key, r in resolved.items() if isinstance(r, dict)]
 
 
 def _recipe_lines(s: dict) -> list[str]:
@@ -184,6 +195,35 @@ def origins(start: Path, original: dict | None) -> dict:
     return {"start_checkpoint": str(start), "conversion": conversion, "start_uptrain": earlier, "original": original}
 
 
+def resolved_defaults(recipe, start: Path) -> dict:
+    """{recipe key: {"value", "why"}} for the keys the recipe left null whose value the machine decided: with
+    model.convert.distill_steps null the conversion distils its default DEFAULT_DISTILL_STEPS where the whole
+    student fits the device's free memory (CUDA: the driver's count, CPU: MemAvailable) and skips it (0) where not,
+    so the same recipe converts differently on another machine (or the same one, busier). The value is the one the
+    conversion record (`start`'s clakit_convert.json) says it ran; pin it with model.convert.distill_steps=N."""
+    from clakit.convert.config import DEFAULT_DISTILL_STEPS
+    from clakit.convert.pipeline import DATA_AWARE_INITS
+
+    c = recipe.model.convert
+    settings = (read_record(start / RECORD_FILE) or {}).get("settings")
+    if c is None or c.distill_steps is not None or not isinstance(settings, dict):
+        return {}
+    steps = settings.get("distill_steps")
+    if steps:
+        why = f"the default ({DEFAULT_DISTILL_STEPS}): the whole student fitted the device's free memory"
+    elif settings.get("init") not in DATA_AWARE_INITS:
+        why = f"0: init {settings.get('init')} fits nothing to distil"
+    elif len(set(settings.get("kv_source_layers") or [])) == len(settings.get("kv_source_layers") or []):
+        why = "0: every layer is a producer, nothing shares K/V"
+    else:
+        why = (
+            f"0: the default ({DEFAULT_DISTILL_STEPS}) was skipped, the whole student did not fit the device's free "
+            "memory (CPU: MemAvailable) when the conversion ran"
+        )
+    pin = "pin it with model.convert.distill_steps=N (then a device too small is refused, not skipped)"
+    return {"model.convert.distill_steps": {"value": steps, "why": f"{why}; {pin}"}}
+
+
 def _front_matter_dropped(text: str) -> str:
     """A card without its leading `---` YAML block (one card has one, at its top)."""
     if text.startswith("---\n"):
@@ -192,21 +232,48 @@ def _front_matter_dropped(text: str) -> str:
     return text
 
 
+NESTED_DEPTH = 2  # the start's card sits under our `## ` heading: its `# ` title becomes `### `
+
+
+def demoted(text: str, levels: int = NESTED_DEPTH) -> str:
+    """A card nested under a heading of ours, every ATX heading `levels` deeper (at most `######`, markdown's
+    deepest): kept as they were, an earlier uptraining's `# CLA model, uptrained with clakit` and `## Recipe` stood
+    beside ours as the card's own title and sections. Lines inside ``` fences (YAML, shell comments) are not
+    headings and stay as they are."""
+    lines, fenced = [], False
+    for line in text.split("\n"):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            marks = len(line) - len(line.lstrip("#"))
+            if marks <= 6 and line[marks : marks + 1] in (" ", ""):  # `#tag` or `####### x` is text, not a heading
+                line = "#" * min(6, marks + levels) + line[marks:]
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def write(out: Path, s: dict, start: Path | None = None) -> None:
     """README.md (the start checkpoint's card, the converter's or an earlier uptraining's, kept below ours) and
     uptrain.json."""
+    heading, nested = _nested_card(s, start)
+    record = run_provenance(**s)  # the card names the working directory the recipe's relative paths start from
+    (out / "README.md").write_text(markdown(record) + (f"\n## {heading}\n\n" + nested if nested else ""))
+    (out / PROVENANCE).write_text(json.dumps(record, indent=1))
+
+
+def _nested_card(s: dict, start: Path | None) -> tuple[str, str]:
+    """(our heading for it, the start checkpoint's card): its file names pointed at where uptrain.json keeps those
+    records, the serving section ours repeats dropped, its headings demoted below ours."""
     previous = start / "README.md" if start is not None else None
-    conversion = _front_matter_dropped(previous.read_text()) if previous and previous.is_file() else ""
+    text = _front_matter_dropped(previous.read_text()) if previous and previous.is_file() else ""
     heading = "Conversion"
     if s.get("start_uptrain") is not None:  # an earlier uptraining's card: its records are our start_uptrain
         heading = "Start checkpoint (uptrained before)"
-        conversion = conversion.replace(f"`{PROVENANCE}`", f"`{PROVENANCE}` (its `start_uptrain`)")
+        text = text.replace(f"`{PROVENANCE}`", f"`{PROVENANCE}` (its `start_uptrain`)")
     # the conversion record is not copied beside the result (it would make model/ look like a convert output):
     # uptrain.json holds it, under "conversion"
-    conversion = conversion.replace(f"`{RECORD_FILE}`", f"`{PROVENANCE}` (its `conversion`)")
+    text = text.replace(f"`{RECORD_FILE}`", f"`{PROVENANCE}` (its `conversion`)")
     layout = s.get("kv_source_layers")
-    if layout:  # the same layout's serving section is in our part already
-        conversion = conversion.replace(serving_section(len(set(layout)), len(layout)), "")
-    record = run_provenance(**s)  # the card names the working directory the recipe's relative paths start from
-    (out / "README.md").write_text(markdown(record) + (f"\n## {heading}\n\n" + conversion if conversion else ""))
-    (out / PROVENANCE).write_text(json.dumps(record, indent=1))
+    if layout:  # the same layout's serving section is in our part already (matched before it is demoted)
+        text = text.replace(serving_section(len(set(layout)), len(layout)), "")
+    return heading, demoted(text)

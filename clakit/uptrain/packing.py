@@ -93,6 +93,19 @@ def build_data(
     """Tokenise and pack a recipe's `data` section. `train_tokens` (the run's token budget, when known) bounds the
     train text read; the held-out blocks are capped at `eval_max_tokens` and never get copies. `calib`: the
     conversion's calibration specs (model.convert.calib_data), which data.eval must not hold either."""
+    train_texts, eval_texts, eval_sources = _split_texts(data, calib)
+    # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
+    train_ids = tokenize_shares(tokenizer, train_texts, train_tokens)
+    eval_ids = tokenize(tokenizer, eval_texts, data.eval_max_tokens + data.seq_len)
+    train, held = _packed(train_ids, eval_ids, data.seq_len)
+    held = held[: max(1, data.eval_max_tokens // data.seq_len)]
+    train = add_copies(train, data.copy_fraction, data.copy_span, seed)
+    return PackedData(train, held, [t.name for t in train_texts], eval_sources)
+
+
+def _split_texts(data, calib: list[str] | None) -> tuple[list, list, list[str]]:
+    """(train texts, held-out texts, the held-out sources as the card names them): data.eval, or the tail of the
+    train text, checked against the train and calibration text it must not hold."""
     train_texts = load_texts(data.train)
     # a datasets spec: the path rule (recipe._check_calibration_held_out)
     local_calib = [c for c in calib or [] if expand(c, "model.convert.calib_data").exists()]
@@ -100,24 +113,23 @@ def build_data(
     if data.eval:
         eval_texts = load_texts(data.eval)
         check_held_out(eval_texts, {"data.train": train_texts, "calibration text": calib_texts})
-        eval_sources = [t.name for t in eval_texts]
-    else:  # hold out the tail of the train text: contiguous, so no block straddles train and eval
-        texts, (train_texts, eval_texts) = train_texts, split_tail(train_texts, data.eval_fraction)
-        tail = {t.name for t in eval_texts}  # the files the held-out tail was cut from, whole
-        check_tail_not_calibrated([t for t in texts if t.name in tail], calib_texts, data.eval_fraction)
-        eval_sources = [f"last {data.eval_fraction:g} of data.train"]
-    # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
-    train_ids = tokenize_shares(tokenizer, train_texts, train_tokens)
-    eval_ids = tokenize(tokenizer, eval_texts, data.eval_max_tokens + data.seq_len)
-    train, held = blocks(train_ids, data.seq_len), blocks(eval_ids, data.seq_len)
+        return train_texts, eval_texts, [t.name for t in eval_texts]
+    # hold out the tail of the train text: contiguous, so no block straddles train and eval
+    texts, (train_texts, eval_texts) = train_texts, split_tail(train_texts, data.eval_fraction)
+    tail = {t.name for t in eval_texts}  # the files the held-out tail was cut from, whole
+    check_tail_not_calibrated([t for t in texts if t.name in tail], calib_texts, data.eval_fraction)
+    return train_texts, eval_texts, [f"last {data.eval_fraction:g} of data.train"]
+
+
+def _packed(train_ids, eval_ids, seq_len: int) -> tuple:
+    """(train blocks, held-out blocks) of seq_len tokens; a text too short for one block is refused naming it."""
+    train, held = blocks(train_ids, seq_len), blocks(eval_ids, seq_len)
     if len(train) == 0:
-        raise _too_short("data.train", train_ids.numel(), data.seq_len)
+        raise _too_short("data.train", train_ids.numel(), seq_len)
     if len(held) == 0:
         what = "the held-out data (data.eval, or data.eval_fraction of data.train)"
-        raise _too_short(what, eval_ids.numel(), data.seq_len)
-    held = held[: max(1, data.eval_max_tokens // data.seq_len)]
-    train = add_copies(train, data.copy_fraction, data.copy_span, seed)
-    return PackedData(train, held, [t.name for t in train_texts], eval_sources)
+        raise _too_short(what, eval_ids.numel(), seq_len)
+    return train, held
 
 
 def _digest(text: str) -> str:

@@ -33,7 +33,16 @@ from clakit.sources import check_weights, load_model, load_tokenizer, looks_like
 from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
-from clakit.uptrain.recipe import MODEL_READ_FLAGS, MODEL_RUN_ONLY, RUN_ONLY, Recipe, load_recipe, resolve_recipe
+from clakit.uptrain.recipe import (
+    MODEL_PATH_KEYS,
+    MODEL_READ_FLAGS,
+    MODEL_RUN_ONLY,
+    RUN_ONLY,
+    Recipe,
+    identity,
+    load_recipe,
+    resolve_recipe,
+)
 from clakit.uptrain.trainer import METRICS, Trainer, blocks_per_step, check_plan, drop_metrics_after, make_plan
 
 RESULT = "model"
@@ -108,7 +117,10 @@ def _check_resumable(out: Path, recipe: Recipe) -> None:
     run = json.loads((out / "run.json").read_text())
     if run.get("fingerprint") == recipe.fingerprint():
         return
-    changes = _diff(run.get("recipe", {}), recipe.to_dict())
+    started, now = _compared(run, recipe)
+    if started == now:  # the same run typed another way (a path relative there, absolute here), or an older record
+        return
+    changes = _diff(started or run.get("recipe", {}), now)
     # may change: not part of the fingerprint
     ignored = tuple(f"train.{key}:" for key in RUN_ONLY) + tuple(f"model.{key}:" for key in MODEL_RUN_ONLY)
     shown = "; ".join(c for c in changes if not c.startswith(ignored))[:300] or "unknown fields"
@@ -121,6 +133,32 @@ def _check_resumable(out: Path, recipe: Recipe) -> None:
         f"--resume: the run in {out} was started with a different recipe ({shown}); "
         "resume with the same recipe and overrides, or start over with --overwrite"
     )
+
+
+def _compared(run: dict, recipe: Recipe) -> tuple[dict | None, dict]:
+    """(the recorded run's identity, the given recipe's): recipe.identity of each, from the folder each was typed in.
+    A model key (model.path, source, original) typed as the run recorded it is the run's own whatever folder it is
+    typed in now: a resume reads the start checkpoint and the original the run resolved (resumed_model,
+    check_teacher), not what the relative path names here."""
+    started, now = _recorded_identity(run), identity(recipe.to_dict(), os.getcwd())
+    typed = (run.get("recipe") or {}).get("model") or {}
+    for _, key in MODEL_PATH_KEYS:
+        if started is not None and typed.get(key) == getattr(recipe.model, key):
+            started["model"][key] = now["model"][key]
+    return started, now
+
+
+def _recorded_identity(run: dict) -> dict | None:
+    """The recipe run.json recorded, as identity() keeps it: its relative paths from the folder the run started in
+    (provenance.cwd), its keys through Recipe.from_record (a key added since takes its default, as the recorded run
+    had it). None for a record without them (a run.json before provenance)."""
+    cwd = (run.get("provenance") or {}).get("cwd")
+    if not isinstance(cwd, str) or not isinstance(run.get("recipe"), dict):
+        return None
+    try:
+        return identity(Recipe.from_record(run["recipe"]).to_dict(), cwd)
+    except ClakitError:  # a key this clakit does not know: compared as recorded
+        return identity(run["recipe"], cwd)
 
 
 def run_inputs(recipe: Recipe, recipe_path: Path | None) -> list[tuple[str, object]]:
@@ -217,14 +255,14 @@ def data_digest(data) -> str:
     return digest.hexdigest()
 
 
-def check_same_data(out: Path, data, processes: int) -> None:
+def check_same_data(out: Path, digest: str, processes: int) -> None:
     """--resume: the batch order is a function of the step and the blocks, so text edited (or a tokenizer changed)
     since the run started would silently train on other data; refused (runs recorded before the digest pass). On
     another number of processes a train text above MIN_TOKENISED is read to another budget (`token_budget`), so
-    the blocks differ by design: compared only on the recorded number."""
+    the blocks differ by design: compared only on the recorded number. `digest`: data_digest of the blocks read now."""
     record = run_record(out) or {}
     recorded = record.get("data_sha256")
-    if recorded and record.get("data_processes") == processes and recorded != data_digest(data):
+    if recorded and record.get("data_processes") == processes and recorded != digest:
         raise ClakitError(
             f"--resume: the training or held-out text changed since the run in {out} started (its tokens differ), "
             "so it cannot continue exactly; restore the text, or start over with --overwrite"
@@ -468,6 +506,26 @@ def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, quiet: boo
     )
 
 
+def with_origin(report: dict, model_dir: Path, published: Path | None = None) -> dict:
+    """`report` (of an in-memory model: evaluate cannot tell where its weights came from, its origin is null) with
+    the provenance.origin of the checkpoint folder the model was read from or written to (the conversion's, an
+    earlier uptraining's, this run's uptrain.json), as `clakit eval` of that folder records it; the report page's
+    "made from" reads it. `published`: where that folder will be once the run or the model is renamed into place
+    (the record's path as it will be found; its sha256 is of the same bytes)."""
+    from clakit.eval.lineage import origin
+
+    found = origin(model_dir)
+    if found is not None and published is not None:
+        found["record"] = str(published / Path(found["record"]).name)
+    report["provenance"]["origin"] = found
+    return report
+
+
+def _published(path: Path, work: Path, out: Path | None) -> Path | None:
+    """Where `path` inside the staging folder `work` will be once the run is published in `out` (None: it stays)."""
+    return out / path.relative_to(work) if out is not None and path.is_relative_to(work) and work != out else None
+
+
 def original_report(recipe: Recipe, source, teacher, dtype, run: dict, acc) -> dict | None:
     """The stock model's report: the teacher when there is one, else the original loaded just for this."""
     if teacher is None and source is None:
@@ -560,10 +618,7 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
     recipe_file = resolve_recipe(recipe_path)
     out = expand(recipe.train.output_dir, "train.output_dir").resolve()
     if dry_run:
-        check_paths(recipe)
-        check_local_model(recipe)
-        print(recipe.to_yaml(), end="")
-        return out / RESULT
+        return _dry_run(recipe, out)
     if resume:
         run_record(out)  # a corrupt run.json is one line, before anything else reads it
     check_output_dir(out, recipe, resume, overwrite, recipe_file)
@@ -572,6 +627,27 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
         return out / RESULT
     check_tensorboard(recipe.train)
+    model, student_config, original = _check_models(recipe, out, resume)
+    tokenizer = _student_tokenizer(model, original)
+    acc = make_accelerator(recipe.train, out)
+    check_fsdp_wrap(acc, student_config)
+    data = _read_data(recipe, tokenizer, acc, out, resume)
+    with outputs.new_parents_removed_on_failure(out):  # runs/a/b/out: a failed run leaves no empty runs/a/b
+        return _stage_and_train(recipe, out, data, tokenizer, acc, quiet, resume, overwrite, original, model)
+
+
+def _dry_run(recipe: Recipe, out: Path) -> Path:
+    """--dry-run: the cheap checks (paths, a local model's config), then the resolved recipe on stdout."""
+    check_paths(recipe)
+    check_local_model(recipe)
+    print(recipe.to_yaml(), end="")
+    return out / RESULT
+
+
+def _check_models(recipe: Recipe, out: Path, resume: bool):
+    """(the model section to load the student from, its config, the original's Source or None): the student's
+    config, the teacher or baseline (it fits, its weights may be read) and a resumed run's last checkpoint, all
+    checked before any model is loaded."""
     model = resumed_model(recipe, out) if resume else recipe.model
     student_config = check_student(model, recipe)
     original = check_teacher(recipe, out, resume)
@@ -581,31 +657,43 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
     last = checkpoint.checkpoint_dirs(out) if resume else []
     if last:  # a corrupt checkpoint is refused before any model is loaded
         checkpoint.read_checkpoint(last[-1])
+    return model, student_config, original
+
+
+def _student_tokenizer(model, original):
+    """The student's tokenizer (model.source's, or the CLA checkpoint's), its weights checked first; the original
+    must read text as the same token ids."""
     student_source = resolve_source(_model_spec(model), model.revision, model.allow_pickle)
     check_weights(student_source, model.allow_pickle)  # model.path's own weights too, before any work
-    tokenizer = load_tokenizer(student_source, model.trust_remote_code)  # model.source's, or the CLA checkpoint's
+    tokenizer = load_tokenizer(student_source, model.trust_remote_code)
     if original is not None and original.path != student_source.path:  # read with the student's token ids
         check_same_tokenizer(original, tokenizer, model.trust_remote_code)
-    acc = make_accelerator(recipe.train, out)
-    check_fsdp_wrap(acc, student_config)
+    return tokenizer
+
+
+def _read_data(recipe: Recipe, tokenizer, acc, out: Path, resume: bool) -> tuple:
+    """(the packed blocks, their data_digest): read to the run's token budget, checked against the processes and the
+    plan, and on --resume against the blocks the run started with. The digest is computed once: run.json's, the
+    resume check's and the result's (uptrain.json)."""
     budget = token_budget(recipe.train, recipe.data.seq_len, acc.num_processes)
     calib = recipe.model.convert.calib_data if recipe.model.convert else None
     data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed, calib=calib)
     check_launch(data, acc.num_processes)
     check_step_fits_data(data, acc.num_processes, recipe.train)
-    plan = make_plan(recipe.train, len(data.train), data.seq_len, acc.num_processes)
-    check_plan(recipe.train, plan)
+    check_plan(recipe.train, make_plan(recipe.train, len(data.train), data.seq_len, acc.num_processes))
+    digest = data_digest(data)
     if resume:
-        check_same_data(out, data, acc.num_processes)
-    with outputs.new_parents_removed_on_failure(out):  # runs/a/b/out: a failed run leaves no empty runs/a/b
-        return _stage_and_train(recipe, out, data, tokenizer, acc, quiet, resume, overwrite, original, model)
+        check_same_data(out, digest, acc.num_processes)
+    return data, digest
 
 
 def _stage_and_train(recipe: Recipe, out: Path, data, tokenizer, acc, quiet, resume, overwrite, original, model):
-    """Set the run up in a staging folder (a fresh run) or in `out` (--resume), publish it, train, save."""
+    """Set the run up in a staging folder (a fresh run) or in `out` (--resume), publish it, train, save. `data`:
+    (the packed blocks, their data_digest)."""
     work = out if resume else _staging_dir(out, acc)
     try:
-        run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=not resume, original=original, section=model)
+        fresh = not resume
+        run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=fresh, original=original, section=model, out=out)
         if not resume:
             _publish(work, out, acc, overwrite)
     finally:
@@ -626,9 +714,10 @@ def _stage_and_train(recipe: Recipe, out: Path, data, tokenizer, acc, quiet, res
 
 
 def _setup(
-    recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool, original=None, section=None
+    recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool, original=None, section=None, out=None
 ) -> dict:
-    run = {"data": data, "tokenizer": tokenizer, "quiet": quiet, "reports": {}}
+    data, digest = data
+    run = {"data": data, "data_sha256": digest, "tokenizer": tokenizer, "quiet": quiet, "reports": {}}
     # dtype: the result's and the teacher's; student_dtype: the student's while training. FSDP flattens each wrapped
     # layer into one tensor of one dtype, so there the student stays fp32 (the trainable tensors are fp32) and
     # FSDP's mixed precision computes in bf16.
@@ -641,7 +730,8 @@ def _setup(
     run["score_converted"] = fresh and checkpoint.sharded(acc)
     if fresh and not checkpoint.sharded(acc):
         _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", quiet)
-        run["reports"]["converted"] = heldout_report(model, "converted", recipe, data, tokenizer, quiet)
+        converted = heldout_report(model, "converted", recipe, data, tokenizer, quiet)
+        run["reports"]["converted"] = with_origin(converted, start_path, _published(start_path, work, out))
     model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
     teacher = _load_teacher(original, dtype, model, acc, recipe.model) if recipe.needs_teacher else None
     if fresh:
@@ -652,8 +742,9 @@ def _setup(
         start = start_path.relative_to(work) if start_path.is_relative_to(work) else start_path
         record = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start)}
         record["original"] = _source_record(original)  # resolved: the teacher a resume uses, wherever it runs
-        record["data_sha256"] = data_digest(data)  # a resume must read the same blocks
+        record["data_sha256"] = digest  # a resume must read the same blocks
         record["data_processes"] = acc.num_processes  # ... on the same number of processes (check_same_data)
+        record["resolved"] = card.resolved_defaults(recipe, start_path)  # what the machine chose for null keys
         record["provenance"] = card.run_provenance()  # versions, command line and time of the run's start
         (work / "run.json").write_text(json.dumps(record, indent=1))
         _write_reports(work, run["reports"])
@@ -725,6 +816,7 @@ def _score_converted(recipe: Recipe, out: Path, trainer, run: dict, acc) -> None
     _say(f"held-out numbers of the converted model ({recipe.data.eval_max_tokens} tokens at most)", run["quiet"])
     r = heldout_report(trainer.model, "converted", recipe, run["data"], run["tokenizer"], run["quiet"])
     if acc.is_main_process:
+        with_origin(r, run["start_path"])
         _write_reports(out, {"converted": r})
 
 
@@ -734,10 +826,10 @@ def _save_whole(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitErr
     end = heldout_report(model, "uptrained", recipe, run["data"], run["tokenizer"], run["quiet"])
     if not acc.is_main_process:
         return None
-    failed = _write_end_eval(out, end)
     with outputs.staged(out / RESULT, "model", overwrite=True) as tmp:  # a full disk leaves no half-written model/
         student.save_cla(model, run["tokenizer"], tmp)
         summary = _card(recipe, out, trainer, run, end, tmp, model.config.kv_source_layers)
+        failed = _write_end_eval(out, with_origin(end, tmp, out / RESULT))  # before the model is published
     return _finish(out, summary, failed, run["quiet"])
 
 
@@ -749,12 +841,12 @@ def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitE
     trained = checkpoint.trainable_state(trainer.model)  # collective: whole tensors on the main process
     if not acc.is_main_process:
         return None
-    failed = _write_end_eval(out, end)
     with outputs.staged(out / RESULT, "model", overwrite=True) as tmp:
         student.save_merged(run["start_path"], trained, recipe.lora, run["dtype"], tmp, recipe.model.allow_pickle)
         run["tokenizer"].save_pretrained(tmp)
         layout = json.loads((tmp / "config.json").read_text())["kv_source_layers"]
         summary = _card(recipe, out, trainer, run, end, tmp, layout)
+        failed = _write_end_eval(out, with_origin(end, tmp, out / RESULT))  # before the model is published
     return _finish(out, summary, failed, run["quiet"])
 
 
@@ -764,7 +856,8 @@ def _card(recipe: Recipe, out: Path, trainer, run: dict, end: dict, folder: Path
     with contextlib.suppress(ClakitError):
         original = (run_record(out) or {}).get("original")
     summary = card.summary(recipe, trainer, run["data"], numbers, layout) | card.origins(run["start_path"], original)
-    summary["data_sha256"] = data_digest(run["data"])  # the tokens it trained and was scored on (run.json's too)
+    summary["data_sha256"] = run["data_sha256"]  # the tokens it trained and was scored on (run.json's too)
+    summary["resolved"] = card.resolved_defaults(recipe, run["start_path"])
     card.write(folder, summary, run["start_path"])
     return summary
 

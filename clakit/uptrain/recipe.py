@@ -11,6 +11,7 @@ import hashlib
 import importlib.resources
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from clakit.convert.config import ConvertConfig
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
-from clakit.sources import check_revision
+from clakit.sources import check_revision, looks_like_hub_id
 
 # train keys that do not change the trained weights: outside the fingerprint, so --resume may change them
 RUN_ONLY = ("output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_steps")
@@ -128,21 +129,72 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_record(cls, record: dict) -> "Recipe":
+        """The recipe a run recorded (run.json's and uptrain.json's `recipe`: to_dict's), built as strictly as a
+        recipe file: a section or key the record lacks (written before it existed) takes its default, an unknown one
+        is refused naming it. Not validated again: a later clakit's cross-field checks are not the recorded run's."""
+        return _build(cls, record, "")
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the trained weights (not logging/saving/output settings)."""
-        d = self.to_dict()
-        for key in RUN_ONLY:
-            d["train"].pop(key)
-        for key in MODEL_RUN_ONLY:
-            d["model"].pop(key, None)
+    def fingerprint(self, cwd: str | None = None) -> str:
+        """Hash of everything that changes the trained weights (not logging/saving/output settings), with local paths
+        as the files they name from `cwd` (default: the working directory): see identity()."""
+        d = identity(self.to_dict(), cwd or os.getcwd())
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def needs_teacher(self) -> bool:
         return self.distill.weight > 0 or self.distill.hidden_mse_weight > 0
+
+
+# --- what makes two recipes the same run --------------------------------------------------------------------------
+
+# the recipe keys that name local files or folders: (section, ..., key), and how a spec that names none is read
+MODEL_PATH_KEYS = (("model", "path"), ("model", "source"), ("model", "original"))
+DATA_PATH_KEYS = (
+    ("data", "train"),
+    ("data", "eval"),
+    ("model", "convert", "calib_data"),
+    ("model", "convert", "eval_data"),
+)
+
+
+def identity(recipe: dict, cwd: str) -> dict:
+    """A recipe dict (to_dict's, or as run.json recorded it) as the run it names: the keys that do not change the
+    trained weights left out (RUN_ONLY, MODEL_RUN_ONLY), every local path as the file or folder it names, absolute
+    from `cwd`, the working directory the paths were typed in. `data/a.txt` typed in /w and `/w/data/a.txt` are one
+    run (--resume with either, from any folder, continues it); `data/a.txt` typed in another folder names other
+    text. A Hub id or a datasets spec (one that names no local path) stays as typed."""
+    d = json.loads(json.dumps(recipe))  # a copy
+    for key in RUN_ONLY:
+        (d.get("train") or {}).pop(key, None)
+    for key in MODEL_RUN_ONLY:
+        (d.get("model") or {}).pop(key, None)
+    for keys in MODEL_PATH_KEYS + DATA_PATH_KEYS:
+        section = d
+        for part in keys[:-1]:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and section.get(keys[-1]) is not None:
+            section[keys[-1]] = _located(section[keys[-1]], cwd, keys in MODEL_PATH_KEYS)
+    return d
+
+
+def _located(spec, cwd: str, model: bool):
+    """A spec (or a list of them) as identity() keeps it: the resolved absolute path it names from `cwd`; a Hub id
+    (model keys) or datasets spec (data keys) naming no local path, as typed; a missing path, absolute."""
+    if isinstance(spec, list):
+        return [_located(s, cwd, model) for s in spec]
+    if not isinstance(spec, str):
+        return spec
+    path = Path(cwd, expand(spec, "model" if model else "data"))  # an absolute spec stays itself
+    if path.exists():
+        return str(path.resolve())
+    if looks_like_hub_id(spec) if model else is_datasets_spec(spec):
+        return spec
+    return os.path.normpath(path)
 
 
 # --- strict conversion of plain YAML data into the dataclasses ---------------------------------------------------
