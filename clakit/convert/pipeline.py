@@ -324,9 +324,10 @@ class _Conversion:
             stock_plan = self._plan(stock, lm_cls, every_layer)
             check_tied(self.checkpoint, _tied(stock, lm_cls), self.source.spec)
             check_castable(self.checkpoint, stock_plan, DTYPES.get(self.cfg.output_dtype))
-            if self.layout is not None:  # the output's size is known: a full disk is refused before the slow work
-                plan = self._plan(cla_config(self.config, self.layout), lm_cls, self.layout)
-                _check_free_space(self.out, output_nbytes(self.checkpoint, plan, DTYPES.get(self.cfg.output_dtype)))
+            # the output's size is known (auto: at most): a full disk is refused before the slow work
+            largest = self.layout if self.layout is not None else self._largest_auto_layout()
+            plan = self._plan(cla_config(self.config, largest), lm_cls, largest)
+            _check_free_space(self.out, output_nbytes(self.checkpoint, plan, DTYPES.get(self.cfg.output_dtype)))
         self._load_texts()  # after the weights' checks: a datasets spec can mean a download
         with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
             overrides = self._data_phase(scratch)
@@ -478,6 +479,16 @@ class _Conversion:
 
     def _fixed_layout(self) -> tuple[list[int] | None, str]:
         return planned_layout(self.cfg, self.config.num_hidden_layers)
+
+    def _largest_auto_layout(self) -> list[int]:
+        """A layout with the most producers `--layout auto` may keep at this saving: every layer's K/V has one shape,
+        so its output is as large as any the search can choose (it may keep fewer producers, never more). Layers
+        0..p-2 produce their own, the rest read layer p-1's: (num_layers,) kv_source_layers."""
+        from clakit.convert.autolayout import producers_for
+
+        n = self.config.num_hidden_layers
+        producers = producers_for(n, self.cfg.kv_saving)
+        return [min(layer, producers - 1) for layer in range(n)]
 
     def _calib_ids(self) -> torch.Tensor:
         """(n_seq, seq_len) calibration windows; too little text is a ClakitError. The distillation's windows (more
