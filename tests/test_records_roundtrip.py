@@ -240,26 +240,43 @@ def test_a_run_started_with_relative_paths_resumes_with_absolute_ones_from_elsew
     monkeypatch,
 ):
     """The fingerprint hashed the paths as typed: `data.train=[train.txt]` started in work/ refused --resume given
-    `[work/train.txt]` absolute, from another folder ("was started with a different recipe"). A run is now the files
-    its paths name from the folder they were typed in; the same relative path typed in another folder names other
-    text and is refused, naming the resolved paths."""
+    `[work/train.txt]` absolute, from another folder ("was started with a different recipe"). A run's identity is
+    now its settings and what it read: the text by its tokens (data_sha256), wherever its files are."""
     monkeypatch.chdir(tmp_path)
     work, recipe = _killed_run(tmp_path, corpus_dir, tiny_cla_checkpoint)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    for name in ("train.txt", "heldout.txt"):
-        shutil.copy(corpus_dir / name, elsewhere / name)  # the same names, other files
     data = {**recipe["data"], "train": [str(work / "train.txt")], "eval": [str(work / "heldout.txt")]}
     absolute = {**recipe, "data": data, "train": {**recipe["train"], "output_dir": str(work / "runs/r")}}
     out = uptrain(write_recipe(elsewhere / "abs.yaml", absolute), resume=True, quiet=True)
     assert (out / "config.json").is_file()
     assert _read(out / "uptrain.json")["fingerprint"] == _read(work / "runs/r/run.json")["fingerprint"]
-    relative = write_recipe(
-        elsewhere / "rel.yaml", {**recipe, "train": {**recipe["train"], "output_dir": str(work / "runs/r")}}
-    )
-    with pytest.raises(ClakitError, match=r"different recipe \(data\.eval: .*work/heldout\.txt.*elsewhere/heldout"):
-        uptrain(relative, resume=True, quiet=True)
+
+
+def test_a_moved_run_resumes_and_other_text_under_the_same_names_is_refused(
+    tmp_path,
+    corpus_dir,
+    tiny_cla_checkpoint,  # noqa: F811
+    monkeypatch,
+):
+    """The project (run folder and its text) moved elsewhere resumes with its relative recipe; the same names
+    holding other text are refused by their tokens, and where tokens cannot be compared (another number of
+    processes) by the files, resolved from the folder each recipe was typed in."""
+    monkeypatch.chdir(tmp_path)
+    work, _ = _killed_run(tmp_path, corpus_dir, tiny_cla_checkpoint)
+    moved = shutil.copytree(work, tmp_path / "moved")
+    monkeypatch.chdir(moved)
+    assert (uptrain(moved / "r.yaml", resume=True, quiet=True) / "config.json").is_file()
+    other = shutil.copytree(work, tmp_path / "other")
+    (other / "train.txt").write_text((corpus_dir / "calib.txt").read_text())  # the same name, other text
+    monkeypatch.chdir(other)
+    with pytest.raises(ClakitError, match="training or held-out text changed"):
+        uptrain(other / "r.yaml", resume=True, quiet=True)
+    record = _read(other / "runs/r/run.json")
+    (other / "runs/r/run.json").write_text(json.dumps(record | {"data_processes": 2}))  # tokens not comparable
+    with pytest.raises(ClakitError, match=r"read other files \(data\.train: \[.*/work/train\.txt'\] -> \[.*/other/"):
+        uptrain(other / "r.yaml", resume=True, quiet=True)
 
 
 def test_a_run_recorded_with_the_typed_fingerprint_still_resumes(

@@ -34,13 +34,13 @@ from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
 from clakit.uptrain.recipe import (
-    MODEL_PATH_KEYS,
     MODEL_READ_FLAGS,
     MODEL_RUN_ONLY,
     RUN_ONLY,
     Recipe,
     identity,
     load_recipe,
+    located_text,
     resolve_recipe,
 )
 from clakit.uptrain.trainer import METRICS, Trainer, blocks_per_step, check_plan, drop_metrics_after, make_plan
@@ -117,8 +117,8 @@ def _check_resumable(out: Path, recipe: Recipe) -> None:
     run = json.loads((out / "run.json").read_text())
     if run.get("fingerprint") == recipe.fingerprint():
         return
-    started, now = _compared(run, recipe)
-    if started == now:  # the same run typed another way (a path relative there, absolute here), or an older record
+    started, now = _recorded_identity(run), identity(recipe.to_dict())
+    if started == now:  # an older record: its fingerprint hashed the paths as typed, or lacks a key added since
         return
     changes = _diff(started or run.get("recipe", {}), now)
     # may change: not part of the fingerprint
@@ -135,30 +135,15 @@ def _check_resumable(out: Path, recipe: Recipe) -> None:
     )
 
 
-def _compared(run: dict, recipe: Recipe) -> tuple[dict | None, dict]:
-    """(the recorded run's identity, the given recipe's): recipe.identity of each, from the folder each was typed in.
-    A model key (model.path, source, original) typed as the run recorded it is the run's own whatever folder it is
-    typed in now: a resume reads the start checkpoint and the original the run resolved (resumed_model,
-    check_teacher), not what the relative path names here."""
-    started, now = _recorded_identity(run), identity(recipe.to_dict(), os.getcwd())
-    typed = (run.get("recipe") or {}).get("model") or {}
-    for _, key in MODEL_PATH_KEYS:
-        if started is not None and typed.get(key) == getattr(recipe.model, key):
-            started["model"][key] = now["model"][key]
-    return started, now
-
-
 def _recorded_identity(run: dict) -> dict | None:
-    """The recipe run.json recorded, as identity() keeps it: its relative paths from the folder the run started in
-    (provenance.cwd), its keys through Recipe.from_record (a key added since takes its default, as the recorded run
-    had it). None for a record without them (a run.json before provenance)."""
-    cwd = (run.get("provenance") or {}).get("cwd")
-    if not isinstance(cwd, str) or not isinstance(run.get("recipe"), dict):
+    """The recipe run.json recorded, as identity() keeps it, its keys through Recipe.from_record (a key added since
+    takes its default, as the recorded run had it); None for a record without one."""
+    if not isinstance(run.get("recipe"), dict):
         return None
     try:
-        return identity(Recipe.from_record(run["recipe"]).to_dict(), cwd)
+        return identity(Recipe.from_record(run["recipe"]).to_dict())
     except ClakitError:  # a key this clakit does not know: compared as recorded
-        return identity(run["recipe"], cwd)
+        return identity(run["recipe"])
 
 
 def run_inputs(recipe: Recipe, recipe_path: Path | None) -> list[tuple[str, object]]:
@@ -255,18 +240,42 @@ def data_digest(data) -> str:
     return digest.hexdigest()
 
 
-def check_same_data(out: Path, digest: str, processes: int) -> None:
+def check_same_data(out: Path, digest: str, processes: int, recipe: Recipe) -> None:
     """--resume: the batch order is a function of the step and the blocks, so text edited (or a tokenizer changed)
-    since the run started would silently train on other data; refused (runs recorded before the digest pass). On
-    another number of processes a train text above MIN_TOKENISED is read to another budget (`token_budget`), so
-    the blocks differ by design: compared only on the recorded number. `digest`: data_digest of the blocks read now."""
+    since the run started would silently train on other data; refused. The text is its tokens, wherever its files
+    are now (data paths are outside the fingerprint: recipe.identity). On another number of processes a train text
+    above MIN_TOKENISED is read to another budget (`token_budget`), so the blocks differ by design, and a run.json
+    before the digest has none: there the files are compared instead, as resolved from the folder each recipe was
+    typed in. `digest`: data_digest of the blocks read now."""
     record = run_record(out) or {}
     recorded = record.get("data_sha256")
-    if recorded and record.get("data_processes") == processes and recorded != digest:
+    if recorded and record.get("data_processes") == processes:
+        if recorded != digest:
+            raise ClakitError(
+                f"--resume: the training or held-out text changed since the run in {out} started (its tokens "
+                "differ), so it cannot continue exactly; restore the text, or start over with --overwrite"
+            )
+        return
+    _check_same_files(out, record, recipe)
+
+
+def _check_same_files(out: Path, record: dict, recipe: Recipe) -> None:
+    """The data files of the recorded recipe (from its provenance.cwd; as typed without one) against the given."""
+    cwd = (record.get("provenance") or {}).get("cwd")
+    started = located_text(record.get("recipe") or {}, cwd if isinstance(cwd, str) else None)
+    now = located_text(recipe.to_dict(), os.getcwd() if isinstance(cwd, str) else None)
+    changed = [f"{key}: {started[key]!r} -> {now[key]!r}" for key in started if started[key] != now[key]]
+    if changed:
         raise ClakitError(
-            f"--resume: the training or held-out text changed since the run in {out} started (its tokens differ), "
-            "so it cannot continue exactly; restore the text, or start over with --overwrite"
+            f"--resume: the run in {out} read other files ({'; '.join(changed)[:300]}), and their tokens cannot be "
+            f"compared here (run.json has no data_sha256 for {_processes(record)}); give the files it read, or start "
+            "over with --overwrite"
         )
+
+
+def _processes(record: dict) -> str:
+    n = record.get("data_processes")
+    return f"this number of processes (it started on {n})" if n else "the run"
 
 
 def _recorded_original(out: Path) -> dict | None:
@@ -683,7 +692,7 @@ def _read_data(recipe: Recipe, tokenizer, acc, out: Path, resume: bool) -> tuple
     check_plan(recipe.train, make_plan(recipe.train, len(data.train), data.seq_len, acc.num_processes))
     digest = data_digest(data)
     if resume:
-        check_same_data(out, digest, acc.num_processes)
+        check_same_data(out, digest, acc.num_processes, recipe)
     return data, digest
 
 

@@ -23,7 +23,7 @@ from clakit.convert.config import ConvertConfig
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
-from clakit.sources import check_revision, looks_like_hub_id
+from clakit.sources import check_revision
 
 # train keys that do not change the trained weights: outside the fingerprint, so --resume may change them
 RUN_ONLY = ("output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_steps")
@@ -139,10 +139,10 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def fingerprint(self, cwd: str | None = None) -> str:
-        """Hash of everything that changes the trained weights (not logging/saving/output settings), with local paths
-        as the files they name from `cwd` (default: the working directory): see identity()."""
-        d = identity(self.to_dict(), cwd or os.getcwd())
+    def fingerprint(self) -> str:
+        """Hash of the settings that change the trained weights (not logging/saving/output settings, not where the
+        files are: identity())."""
+        d = identity(self.to_dict())
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -152,7 +152,7 @@ class Recipe:
 
 # --- what makes two recipes the same run --------------------------------------------------------------------------
 
-# the recipe keys that name local files or folders: (section, ..., key), and how a spec that names none is read
+# the recipe keys that name files or folders: (section, ..., key)
 MODEL_PATH_KEYS = (("model", "path"), ("model", "source"), ("model", "original"))
 DATA_PATH_KEYS = (
     ("data", "train"),
@@ -162,12 +162,13 @@ DATA_PATH_KEYS = (
 )
 
 
-def identity(recipe: dict, cwd: str) -> dict:
-    """A recipe dict (to_dict's, or as run.json recorded it) as the run it names: the keys that do not change the
-    trained weights left out (RUN_ONLY, MODEL_RUN_ONLY), every local path as the file or folder it names, absolute
-    from `cwd`, the working directory the paths were typed in. `data/a.txt` typed in /w and `/w/data/a.txt` are one
-    run (--resume with either, from any folder, continues it); `data/a.txt` typed in another folder names other
-    text. A Hub id or a datasets spec (one that names no local path) stays as typed."""
+def identity(recipe: dict) -> dict:
+    """A recipe dict (to_dict's, or as run.json recorded it) as the settings that change the trained weights: the
+    keys RUN_ONLY and MODEL_RUN_ONLY name left out, and the keys naming files too, for where a file is is not what it
+    holds (`data/a.txt` typed in /w, `/w/data/a.txt`, or the project moved to /v: one run). What was read is
+    recorded by content or by the path it resolved to, and --resume reads or checks that instead: the text by
+    run.json's data_sha256 (the packed blocks), the start checkpoint and the original by the folders run.json
+    recorded, the calibration text by the conversion record's calib_sha256 (the conversion is in the run folder)."""
     d = json.loads(json.dumps(recipe))  # a copy
     for key in RUN_ONLY:
         (d.get("train") or {}).pop(key, None)
@@ -177,24 +178,28 @@ def identity(recipe: dict, cwd: str) -> dict:
         section = d
         for part in keys[:-1]:
             section = section.get(part) if isinstance(section, dict) else None
-        if isinstance(section, dict) and section.get(keys[-1]) is not None:
-            section[keys[-1]] = _located(section[keys[-1]], cwd, keys in MODEL_PATH_KEYS)
+        if isinstance(section, dict):
+            section.pop(keys[-1], None)
     return d
 
 
-def _located(spec, cwd: str, model: bool):
-    """A spec (or a list of them) as identity() keeps it: the resolved absolute path it names from `cwd`; a Hub id
-    (model keys) or datasets spec (data keys) naming no local path, as typed; a missing path, absolute."""
+def located_text(recipe: dict, cwd: str | None) -> dict[str, object]:
+    """{"data.train": [...], "data.eval": [...]} of a recipe dict, each local path as the file or folder it names from
+    `cwd` (the folder it was typed in; None: as typed), a datasets spec as typed: what --resume compares where the
+    tokens cannot be (pipeline.check_same_data)."""
+    data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    return {f"data.{key}": _located(data.get(key), cwd) for key in ("train", "eval")}
+
+
+def _located(spec, cwd: str | None):
     if isinstance(spec, list):
-        return [_located(s, cwd, model) for s in spec]
-    if not isinstance(spec, str):
+        return [_located(s, cwd) for s in spec]
+    if not isinstance(spec, str) or cwd is None:
         return spec
-    path = Path(cwd, expand(spec, "model" if model else "data"))  # an absolute spec stays itself
+    path = Path(cwd, expand(spec, "data"))  # an absolute spec stays itself
     if path.exists():
         return str(path.resolve())
-    if looks_like_hub_id(spec) if model else is_datasets_spec(spec):
-        return spec
-    return os.path.normpath(path)
+    return spec if is_datasets_spec(spec) else os.path.normpath(path)
 
 
 # --- strict conversion of plain YAML data into the dataclasses ---------------------------------------------------
