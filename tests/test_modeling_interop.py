@@ -2,10 +2,26 @@
 attention functions, Trainer, peft, lm-eval), against the stock model on the all-producer layout and against the CLA
 model's own no-cache forward on CLA2 and a non-adjacent layout. docs/modeling.md says what works with which."""
 
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import tiny_model
-from transformers import ContinuousBatchingConfig, GenerationConfig
+from conftest import make_text, tiny_model
+from datasets import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    ContinuousBatchingConfig,
+    DataCollatorWithFlattening,
+    DynamicCache,
+    GenerationConfig,
+    Trainer,
+    TrainingArguments,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from clakit.convert.inmemory import cla_model_from
@@ -83,3 +99,139 @@ def test_consumers_attend_with_their_producers_paged_kwargs(monkeypatch):
         for (lengths, longest), (want_lengths, want_longest) in zip(seen[layer], seen[source], strict=True):
             assert isinstance(lengths, torch.Tensor), f"layer {layer} got {type(lengths).__name__}"
             assert torch.equal(lengths, want_lengths) and longest == want_longest
+
+
+REMOTE_BATCH = """
+import json, sys
+from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=-1, pad_token_id=0)
+model.generate_batch(json.loads(sys.argv[2]), config, ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=64),
+                     warmup=False, persistent_manager=True, progress_bar=False)
+cache = model._cached_continuous_batching_manager.batch_processor.cache.cache_tensor
+print(json.dumps({"cls": type(model).__module__, "bytes": cache.numel() * cache.itemsize}))
+"""
+
+
+def test_remote_code_continuous_batching_pages_producers_only(tmp_path):
+    """A CLA checkpoint loaded with trust_remote_code and no clakit (its copied modeling_cla.py patches the paged
+    cache's layer groups as clakit's does) pages its producers only: CLA2 half the all-producer layout's bytes."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    sizes = {}
+    for name in ("all-producers", "cla2"):
+        folder = tmp_path / name
+        cla("llama", LAYOUTS[name]).save_pretrained(folder)
+        script = "import sys; sys.modules['clakit'] = None\n" + REMOTE_BATCH
+        out = subprocess.run([sys.executable, "-c", script, str(folder), json.dumps(prompts())], capture_output=True,
+                             text=True, env=env, cwd=tmp_path, check=True)  # fmt: skip
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["cls"].startswith("transformers_modules"), result  # the remote code, not clakit's
+        sizes[name] = result["bytes"]
+    assert sizes["cla2"] * 2 == sizes["all-producers"]
+
+
+@pytest.mark.parametrize(  # flex_attention compiles (~15 s on CPU): Mistral's only, the one with a window
+    ("kind", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("mistral", "flex_attention")]
+)
+def test_flattened_packed_sequences_attend_within_their_own_sequence(kind, attn):
+    """HF's DataCollatorWithFlattening (one row, position_ids restarting per sequence, no attention mask): with no
+    cache transformers builds a block-diagonal mask from the position ids; consumers get the same mask as their
+    producers, so each packed sequence's logits are its logits alone."""
+    model = cla_model_from(tiny_model(kind, num_hidden_layers=4, attn_implementation=attn), [0, 1, 0, 1]).eval()
+    first, second = prompts()[1], prompts()[2]  # 12 and 30 tokens
+    batch = DataCollatorWithFlattening(return_position_ids=True)([{"input_ids": first}, {"input_ids": second}])
+    with torch.no_grad():
+        packed = model(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        alone = [model(torch.tensor([ids])).logits for ids in (first, second)]
+    torch.testing.assert_close(packed, torch.cat(alone, 1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["cla2", "non-adjacent"])
+def test_a_deep_copied_prompt_cache_continues_two_suffixes_like_no_cache(layout):
+    """Prefix reuse: the prompt's DynamicCache computed once, deep-copied, and each copy continued with another
+    suffix through generate gives the no-cache tokens (consumers hold nothing to copy; producers' K/V are cloned)."""
+    model = cla("mistral", LAYOUTS[layout])
+    prefix = torch.tensor([prompts()[2]])  # 30 tokens, past the window of 16
+    cache = DynamicCache(config=model.config)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model(prefix, cache=cache, use_cache=True)
+        for suffix in ([11, 12, 13], [40, 41]):
+            full = torch.cat([prefix, torch.tensor([suffix])], 1)
+            reused = model.generate(full, cache=copy.deepcopy(cache), **kwargs)
+            assert torch.equal(reused, model.generate(full, use_cache=False, **kwargs))
+    assert cache.get_seq_length() == prefix.shape[1]  # the copies' continuations left the original as it was
+
+
+def train_one_step(model, folder: Path) -> int:
+    """HF Trainer, one step on CPU; how many trainable tensors it changed."""
+    ids = torch.tensor(prompts()[2][:24]).repeat(4, 1).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(str(folder), max_steps=1, per_device_train_batch_size=2, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    Trainer(model=model, args=args, train_dataset=data).train()
+    return sum(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_trainer_with_peft_lora_saves_an_adapter_that_reloads_and_merges(tmp_path):
+    """A CLA model trained outside clakit: peft LoRA on every attention projection (consumers have no k/v_proj, so
+    only producers get those adapters), one HF Trainer step, the adapter reloaded onto the saved base with
+    PeftModel.from_pretrained, then merge_and_unload, saved and reloaded through the Auto class: the same logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    layout = LAYOUTS["non-adjacent"]
+    cla("llama", layout).save_pretrained(tmp_path / "base")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)  # B != 0: A moves too
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), lora)
+    assert train_one_step(model, tmp_path / "run") == 2 * (2 * len(layout) + 2 * len(set(layout)))  # A and B
+    model.eval().save_pretrained(tmp_path / "adapter")
+    x = torch.tensor([prompts()[1]])
+    with torch.no_grad():
+        want = model(x).logits
+        reloaded = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+        )
+        torch.testing.assert_close(reloaded.eval()(x).logits, want, rtol=0, atol=0)
+        reloaded.merge_and_unload().save_pretrained(tmp_path / "merged")
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert type(merged).__name__ == "LlamaCLAForCausalLM"
+        torch.testing.assert_close(merged(x).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_lm_evals_own_hf_model_loads_the_cla_checkpoint_and_scores_as_clakits_bridge(tmp_path, tokenizer):
+    """lm_eval.simple_evaluate(model="hf", model_args="pretrained=DIR") with clakit imported loads the CLA class (not
+    a stock Llama re-initialising consumers' K/V) and gives clakit's bridge's scores, a loglikelihood task and a
+    rolling one (local task YAMLs, no Hub)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from clakit.eval import harness
+
+    model = cla("llama", LAYOUTS["non-adjacent"])
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    specs = lm_eval_tasks(tmp_path)
+    bridge = harness.run_tasks(model, tokenizer, harness.prepare([str(tmp_path / f"{s}.yaml") for s in specs]), 4)
+    results = simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'ckpt'}", tasks=specs, device="cpu",
+                              task_manager=TaskManager(include_path=str(tmp_path)), batch_size=4)  # fmt: skip
+    assert harness.scores(results) == bridge["tasks"]
+    assert results["config"]["model_args"] == f"pretrained={tmp_path / 'ckpt'}"
+
+
+def lm_eval_tasks(folder: Path) -> list[str]:
+    """tiny_mc (8 questions, 4 choices: loglikelihood) and tiny_roll (one document: rolling loglikelihood)."""
+    prompts_ = [" ".join(s.split()[:5]) for s in make_text(400, 31).split(". ")[:8]]
+    rows = [{"question": q, "choices": ["unto him", "kludge hack", "the of", "wizard mode"], "label": i % 4}
+            for i, q in enumerate(prompts_)]  # fmt: skip
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "doc.jsonl").write_text(json.dumps({"text": make_text(300, 32)}) + "\n")
+    mc = "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\ndoc_to_target: label\n"
+    mc += "metric_list:\n  - metric: acc\n"
+    roll = "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+    roll += "metric_list:\n  - metric: word_perplexity\n"
+    for name, data, body in [("tiny_mc", "rows", mc), ("tiny_roll", "doc", roll)]:
+        head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / data}.jsonl\n"
+        (folder / f"{name}.yaml").write_text(head + f"test_split: test\n{body}")
+    return ["tiny_mc", "tiny_roll"]
