@@ -4,15 +4,24 @@ and measured at 135M-scale here. Each test names what it guards; the measurement
 from pathlib import Path
 
 import pytest
+from conftest import save_checkpoint, tiny_model
 from convert_fixtures import copy_checkpoint, run_cli
 
 import clakit.convert.pipeline
+from clakit.convert import calibrate, checkpoint, pipeline
 from clakit.convert.checkpoint import SafetensorsCheckpoint
 
 
 @pytest.fixture
 def src(tiny_llama_checkpoint, tmp_path) -> Path:
     return copy_checkpoint(tiny_llama_checkpoint, tmp_path / "src")
+
+
+@pytest.fixture(scope="module")
+def wide(tokenizer, tmp_path_factory) -> Path:
+    """4 layers of hidden 256 (~8 MB fp32): wide enough that file headers are small beside the tensors."""
+    model = tiny_model(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("wide") / "src", max_shard_size="2MB")
 
 
 def weight_bytes(folder: Path) -> int:
@@ -39,16 +48,37 @@ def test_a_full_disk_is_refused_before_the_layout_search(src, corpus_dir, tmp_pa
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
-def test_the_space_checked_before_the_layout_search_bounds_the_output(src, corpus_dir, tmp_path, monkeypatch):
-    """The bound checked up front is the largest output the search can choose: at least what it writes, and no
-    more than its K/V with one producer more than the saving allows (so it never refuses a disk that would do)."""
-    checked = []
-    real = clakit.convert.pipeline._check_free_space
-    monkeypatch.setattr(clakit.convert.pipeline, "_check_free_space", lambda out, n: checked.append(n) or real(out, n))
+def disk_used(folder: Path, skip: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and skip not in f.parents)
+
+
+@pytest.mark.parametrize("init, distill", [("calibrated", "0"), ("reconstruct", "0"), ("reconstruct", "2")])
+def test_the_space_checked_before_the_work_bounds_what_the_conversion_writes(
+    wide, corpus_dir, tmp_path, monkeypatch, init, distill
+):
+    """The fits write their calibration streams, Grams and kept activations beside OUT, then the fitted tensors,
+    which stay there while the output is written: at 70B ~170 GB of scratch files (`scratch_bytes`), more than the
+    bf16 output, and only the output was checked, so a disk with room for the output failed in the fits. The peak
+    on disk (sampled at every scratch file and shard written) must be within what was checked before the work, and
+    the check not far above it."""
+    checked, peak = [], [0]
+    real_check, real_scratch, real_shard = pipeline._check_free_space, calibrate.save_scratch, checkpoint.save_file
+
+    def sampled(write):
+        def wrapped(*args, **kwargs):
+            write(*args, **kwargs)
+            peak[0] = max(peak[0], disk_used(tmp_path, wide))
+
+        return wrapped
+
+    monkeypatch.setattr(pipeline, "_check_free_space", lambda out, n, *a: checked.append(n) or real_check(out, n, *a))
+    monkeypatch.setattr(calibrate, "save_scratch", sampled(real_scratch))
+    monkeypatch.setattr(checkpoint, "save_file", sampled(real_shard))
     out = tmp_path / "out"
-    assert run_cli(src, out, *auto_args(corpus_dir), "--quiet") == 0
-    written = weight_bytes(out)
-    assert len(checked) == 2 and checked[1] == written  # before the search, then at the write (the exact size)
-    source = SafetensorsCheckpoint(src)
-    kv = sum(source.get(f"model.layers.0.self_attn.{k}_proj.weight").numel() * 4 for k in "kv")
-    assert written <= checked[0] <= written + kv * 4  # 4 layers: at most the uniform CLA2's 2 producers vs 1
+    args = auto_args(corpus_dir)
+    args[args.index("calibrated")] = init
+    args[-1] = distill
+    assert run_cli(wide, out, *args, "--reconstruct-steps", "1", "--distill-tokens", "128", "--quiet") == 0
+    before_work, at_write = checked[:-1], checked[-1]  # before the search and before the fits; the write's
+    assert before_work and peak[0] <= min(before_work) <= 2 * peak[0], (peak[0], checked)
+    assert len(checked) == 3 and at_write == weight_bytes(out) < peak[0]  # the scratch files add to the output

@@ -31,6 +31,7 @@ from clakit.errors import ClakitError
 METHODS = ("calibrated", "reconstruct")
 DEFAULT_RIDGE = 1e-3  # relative to the mean Fisher weight times the mean diagonal of the producer's Gram
 RECONSTRUCT_SEQS = 8  # sequences whose activations reconstruct caches (8 x 512 tokens x 30 layers x 2: ~0.5 GB fp32)
+SCRATCH_FILE_BYTES = 4096  # torch.save's zip headers and alignment, per scratch file (measured: 1-2 KB)
 CHARS_PER_TOKEN_CAP = 64  # read at most this many characters per wanted token: bounds tokenisation of huge corpora
 
 RECIPE_NAMES = " (in an uptrain recipe: model.convert.calib_data / calib_tokens)"  # the same settings there
@@ -57,6 +58,29 @@ def calib_input_ids(tokenizer, texts: list[Text], calib_tokens: int, seq_len: in
     n_seq = min(calib_tokens // seq_len, available)
     picks = torch.linspace(0, available - 1, n_seq).round().long()
     return windows[picks].clone()
+
+
+def scratch_bytes(config, layout: list[int], tokens: int, seq_len: int, method: str, dtype, distill: bool):
+    """(peak of the fits' scratch files, of which the fitted tensors) in bytes, from shapes alone: what `fit_kv`
+    writes beside OUT. At the end of the forward sweep every layer's input stream (tokens x hidden, `dtype`), every
+    Gram ((hidden+1)^2 fp64 per `group_pairs` pair) and the kept activations (`reconstruct`: RECONSTRUCT_SEQS rows
+    of each shared layer, input and output, fp32) are on disk; the streams go during the backward sweep while the
+    fitted tensors come (`dtype`: shared producers' K/V, `reconstruct` its members' q/o, `distill` every layer's
+    attention projections), which then wait for the writer beside the output. At 70B (hidden 8192, 80 layers,
+    CLA2, the default 32,768 tokens of 512, fp32): streams 86 GB, Grams 64 GB, activations 21 GB, fitted 48 GB."""
+    hidden, n = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv, q = 2 * config.num_key_value_heads * head_dim * hidden, config.num_attention_heads * head_dim * hidden
+    shared = [i for members in groups(layout).values() if len(members) > 1 for i in members]
+    producers = len([m for m in groups(layout).values() if len(m) > 1])
+    rows = min(RECONSTRUCT_SEQS, tokens // seq_len) if method == "reconstruct" else 0
+    streams = n * tokens * hidden * dtype.itemsize
+    grams = len(group_pairs(layout)) * (hidden + 1) ** 2 * 8
+    acts = len(shared) * rows * seq_len * hidden * 2 * 4
+    fits = (producers * kv + (len(shared) * 2 * q if method == "reconstruct" else 0)) * dtype.itemsize
+    fitted = n * (kv + 2 * q) * dtype.itemsize if distill else fits  # the distillation's come after fit_kv's files
+    files = (n + len(group_pairs(layout)) + 5 * n) * SCRATCH_FILE_BYTES  # streams, Grams, acts + <= 4 fitted a layer
+    return grams + acts + max(streams, fits) + files, fitted + 4 * n * SCRATCH_FILE_BYTES
 
 
 # --- statistics --------------------------------------------------------------------------------------------------

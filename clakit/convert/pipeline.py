@@ -78,6 +78,7 @@ DATA_AWARE_INITS = ("calibrated", "reconstruct")
 # text: 43.99 -> 140.4 perplexity (3.2x), against ~18,500 for uniform CLA2 with the closed-form fit.
 DEFAULT_DATA_INIT = "reconstruct"  # the init used when calibration data is given and --init is not
 DEFAULT_KV_SAVING = 0.5  # --layout auto's saving when --kv-saving is not given (CLA2's)
+SHARD_HEADER = 256  # bytes per tensor in a shard's header (its name, dtype, shape and offsets as JSON), at most
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ARCH_OF_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # GGUF configs name no architecture
 
@@ -325,9 +326,7 @@ class _Conversion:
             check_tied(self.checkpoint, _tied(stock, lm_cls), self.source.spec)
             check_castable(self.checkpoint, stock_plan, DTYPES.get(self.cfg.output_dtype))
             # the output's size is known (auto: at most): a full disk is refused before the slow work
-            largest = self.layout if self.layout is not None else self._largest_auto_layout()
-            plan = self._plan(cla_config(self.config, largest), lm_cls, largest)
-            _check_free_space(self.out, output_nbytes(self.checkpoint, plan, DTYPES.get(self.cfg.output_dtype)))
+            self._check_disk(self.layout if self.layout is not None else self._largest_auto_layout())
         self._load_texts()  # after the weights' checks: a datasets spec can mean a download
         with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
             overrides = self._data_phase(scratch)
@@ -480,15 +479,36 @@ class _Conversion:
     def _fixed_layout(self) -> tuple[list[int] | None, str]:
         return planned_layout(self.cfg, self.config.num_hidden_layers)
 
+    def _check_disk(self, layout: list[int], tokens: int | None = None) -> None:
+        """Room beside OUT for the output of `layout`, and for the data-aware fits' scratch files (`scratch_bytes`:
+        the calibration streams and Grams, then the fitted tensors, which stay until the output is written), before
+        the work that writes them. `tokens`: calibration tokens (default: as many as --calib-tokens may give)."""
+        from clakit.convert.calibrate import scratch_bytes
+
+        lm_cls = CLA_CLASSES[cla_family(self.config)][2]
+        plan = self._plan(cla_config(self.config, layout), lm_cls, layout)
+        output = output_nbytes(self.checkpoint, plan, DTYPES.get(self.cfg.output_dtype))
+        output += SHARD_HEADER * len(plan.names)
+        if self.init not in DATA_AWARE_INITS:
+            return _check_free_space(self.out, output)
+        tokens = tokens or self.cfg.calib_tokens // self.seq_len * self.seq_len
+        distill = bool(self.distill_steps)
+        fits, fitted = scratch_bytes(self.config, layout, tokens, self.seq_len, self.init, self.fit_dtype, distill)
+        what = (f"the output ({output / 1e9:.2f} GB) and the calibration's scratch files beside it (up to "
+                f"{max(fits, fitted) / 1e9:.2f} GB)")  # fmt: skip
+        _check_free_space(self.out, max(fits, output + fitted), what)
+
     def _largest_auto_layout(self) -> list[int]:
         """A layout with the most producers `--layout auto` may keep at this saving: every layer's K/V has one shape,
-        so its output is as large as any the search can choose (it may keep fewer producers, never more). Layers
-        0..p-2 produce their own, the rest read layer p-1's: (num_layers,) kv_source_layers."""
+        so its output is as large as any the search can choose (it may keep fewer producers, never more). Its p
+        groups are runs as even as can be, so that as many layers as may be share (the fits' scratch files grow with
+        them): (num_layers,) kv_source_layers. The search's own layout is checked again before the fits."""
         from clakit.convert.autolayout import producers_for
 
         n = self.config.num_hidden_layers
         producers = producers_for(n, self.cfg.kv_saving)
-        return [min(layer, producers - 1) for layer in range(n)]
+        starts = sorted({round(k * n / producers) for k in range(producers)})  # p distinct starts: n / p >= 1
+        return [max(s for s in starts if s <= layer) for layer in range(n)]
 
     def _calib_ids(self) -> torch.Tensor:
         """(n_seq, seq_len) calibration windows; too little text is a ClakitError. The distillation's windows (more
@@ -542,6 +562,7 @@ class _Conversion:
             check_layout(self.layout, self.config.num_hidden_layers)
         if self.init not in DATA_AWARE_INITS:
             return {}
+        self._check_disk(self.layout, ids.numel())  # the chosen layout's Grams, the tokens the text gave
         self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens, layer by layer...")
         with self._timed("fit"):
             overrides = calibrate.fit_kv(
@@ -724,12 +745,12 @@ def _free_memory(device: torch.device) -> int | None:
         return None
 
 
-def _check_free_space(out: Path, nbytes: int) -> None:
+def _check_free_space(out: Path, nbytes: int, what: str = "the output weights") -> None:
     """Room for `nbytes` where `out` goes (its nearest existing folder: OUT and its parents may not exist yet)."""
     folder = next(p for p in [out, *out.parents] if p.is_dir())
     free = shutil.disk_usage(folder).free
     if free < nbytes:
         raise ClakitError(
-            f"not enough disk space in {folder}: the output needs {nbytes / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB is free; free some space or choose another output folder"
+            f"not enough disk space in {folder}: {what} take {nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB is free; "
+            "free some space or choose another output folder"
         )
