@@ -334,3 +334,20 @@ def test_the_distillation_steps_the_machine_chose_are_recorded_with_why(run_dir)
         "- model.convert.distill_steps: 0 (0: the default (50) was skipped"
         in (run / "model" / "README.md").read_text()
     )
+
+
+def test_two_uptrain_runs_reports_are_told_apart_by_the_run_that_made_them(run_dir):
+    """uptrain scores its models in memory: every run's eval/uptrained.json has model "uptrained" and, started from
+    one folder, one cwd, so `clakit report runs/a/eval/uptrained.json runs/b/eval/uptrained.json` labelled them
+    "uptrained (1)" and "uptrained (2)". The origin now recorded places each in its run: a/uptrained, b/uptrained;
+    one run's own page keeps original, converted, uptrained."""
+    from clakit.eval import read_report
+    from clakit.eval.comparison import labels
+
+    _, run = run_dir
+    first = read_report(run / "eval" / "uptrained.json")
+    second = json.loads(json.dumps(first))
+    second["provenance"]["origin"]["record"] = str(run.parent / "b" / "model" / "uptrain.json")
+    assert labels([first, second]) == ["a/uptrained", "b/uptrained"]
+    own = [read_report(run / "eval" / f"{n}.json") for n in ("original", "converted", "uptrained")]
+    assert labels(own) == ["original", "converted", "uptrained"]

@@ -116,10 +116,21 @@ def _location(report: dict) -> str:
     A Hub id (it has a revision) and a path already absolute or under ~ stay as they are."""
     model, prov = str(report["model"]), report.get("provenance")
     prov = prov if isinstance(prov, dict) else {}
+    record = (prov.get("origin") or {}).get("record") if isinstance(prov.get("origin"), dict) else None
+    if not prov.get("model_path") and isinstance(record, str):  # an in-memory model: see _run_location
+        return _run_location(model, record)
     cwd, hub = prov.get("cwd"), prov.get("revision") or prov.get("commit")
     if hub or not isinstance(cwd, str) or model.startswith(("/", "~")):
         return model
     return os.path.normpath(os.path.join(cwd, model))  # runs/../x is x
+
+
+def _run_location(name: str, record: str) -> str:
+    """An in-memory model's report (uptrain's eval/converted.json and uptrained.json: "model" is a name, the same in
+    every run) placed in the run whose record names it (provenance.origin.record: RUN/model/uptrain.json,
+    RUN/converted/clakit_convert.json): RUN/NAME. Two runs' uptrained.json were "uptrained (1)" and "uptrained (2)",
+    nothing saying which run; now runs/a/uptrained and runs/b/uptrained, each label as short as tells them apart."""
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.dirname(record)), name))
 
 
 def _path_parts(model) -> tuple[str, ...]:
