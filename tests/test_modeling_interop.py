@@ -235,3 +235,14 @@ def lm_eval_tasks(folder: Path) -> list[str]:
         head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / data}.jsonl\n"
         (folder / f"{name}.yaml").write_text(head + f"test_split: test\n{body}")
     return ["tiny_mc", "tiny_roll"]
+
+
+def test_the_sharing_dict_keeps_the_mapping_constructor_kvsharingdict_has():
+    """CLASharingDict (74f585c) took no arguments, so UserDict operations that rebuild by type (`|`, or a helper
+    calling type(d)(items), as mapping-walking device movers can) raised TypeError where KVSharingDict works."""
+    from clakit.modeling.modeling_cla import CLASharingDict
+
+    kv = (torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
+    merged = CLASharingDict() | {"0": kv}
+    assert isinstance(merged, CLASharingDict) and merged["0"] is kv and merged.cache_kwargs == {}
+    assert type(merged)(merged)["0"] is kv

@@ -61,8 +61,8 @@ class CLASharingDict(KVSharingDict):
     group's key lengths (`cu_seq_lens_k`, `max_length_k`: dicts by layer type until then; with a block table also
     `k_cache`, `v_cache`); a consumer calls no update, so it attends with its producer's."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, *args, **kwargs):  # UserDict's signature, as code that rebuilds a mapping by type calls it
+        super().__init__(*args, **kwargs)
         self.cache_kwargs: dict[int, dict] = {}
 
 
