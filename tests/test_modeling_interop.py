@@ -14,6 +14,7 @@ import torch
 from conftest import make_text, tiny_model
 from datasets import Dataset
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     ContinuousBatchingConfig,
     DataCollatorWithFlattening,
@@ -22,7 +23,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from clakit.convert.inmemory import cla_model_from
 
@@ -79,26 +80,35 @@ def test_continuous_batching_pages_producers_only_and_generates_the_no_cache_tok
         assert paged_cache_bytes(models[name]) * len(layout) == stock_bytes * producers, name
 
 
-def test_consumers_attend_with_their_producers_paged_kwargs(monkeypatch):
-    """PagedAttentionCache.update picks, in the attention kwargs, the producer's group's key lengths
-    (`cu_seq_lens_k`, `max_length_k`: dicts by layer type until then) and, for flash's block-table decode, its pages.
-    A consumer calls no update: it got the dicts, which flash attention (continuous batching's choice on a GPU in
-    half precision) cannot take. Recorded layer by layer under sdpa, which ignores them."""
-    seen = {}
-    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+def varlen_attention(module, query, key, value, attention_mask, cu_seq_lens_q, cu_seq_lens_k, scaling, **kwargs):
+    """Flash-style variable-length attention on CPU, as continuous batching calls flash: the batch's sequences packed
+    along the length (batch 1), their bounds in cu_seq_lens_q/_k, each query seeing its own sequence's keys up to
+    its position (bottom-right causal); no mask. Returns (1, queries, heads, head_dim), as flash does."""
+    repeat = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    out = []
+    for b in range(len(cu_seq_lens_q) - 1):
+        q = query[:, :, cu_seq_lens_q[b] : cu_seq_lens_q[b + 1]]
+        k, v = (t[:, :, cu_seq_lens_k[b] : cu_seq_lens_k[b + 1]] for t in (key, value))
+        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+        out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling))
+    return torch.cat(out, 2).transpose(1, 2), None
 
-    def recording(module, query, key, value, attention_mask, **kwargs):
-        seen.setdefault(module.layer_idx, []).append((kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_k")))
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
 
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording)
-    model = cla("llama", LAYOUTS["non-adjacent"])
-    batch_generate(model)
-    for layer, source in enumerate(LAYOUTS["non-adjacent"]):
-        assert len(seen[layer]) == len(seen[source]) > 0
-        for (lengths, longest), (want_lengths, want_longest) in zip(seen[layer], seen[source], strict=True):
-            assert isinstance(lengths, torch.Tensor), f"layer {layer} got {type(lengths).__name__}"
-            assert torch.equal(lengths, want_lengths) and longest == want_longest
+@pytest.mark.parametrize("layout", ["cla2", "non-adjacent"])
+def test_consumers_attend_with_their_producers_paged_kwargs_under_flash_style_attention(layout):
+    """PagedAttentionCache.update picks, in the attention kwargs, the producer's group's key bounds (`cu_seq_lens_k`,
+    `max_length_k`: dicts by layer type until then) and, for flash's block-table decode, its pages. A consumer calls
+    no update: under flash attention (continuous batching's choice on a GPU in half precision) it got the dicts and
+    every request failed (KeyError: 0, logged; generate_batch returned them empty). Here a CPU attention that reads
+    the bounds as flash does (registered under a name with "flash", so continuous batching treats it as flash):
+    the consumers now attend with their producer's bounds and give the no-cache greedy tokens."""
+    AttentionInterface.register("flash_varlen_cpu", varlen_attention)
+    AttentionMaskInterface.register("flash_varlen_cpu", flash_attention_mask)
+    model = cla("llama", LAYOUTS[layout])
+    want = no_cache_tokens(model)
+    model.config._attn_implementation = "flash_varlen_cpu"  # set_attn_implementation would look for a flash kernel
+    assert batch_generate(model) == want
 
 
 REMOTE_BATCH = """
