@@ -351,3 +351,22 @@ def test_two_uptrain_runs_reports_are_told_apart_by_the_run_that_made_them(run_d
     assert labels([first, second]) == ["a/uptrained", "b/uptrained"]
     own = [read_report(run / "eval" / f"{n}.json") for n in ("original", "converted", "uptrained")]
     assert labels(own) == ["original", "converted", "uptrained"]
+
+
+def test_the_demo_records_the_distillation_steps_its_machine_chose(tmp_path, tiny_llama_checkpoint, corpus_dir):
+    """The demo converts at the converter's default distillation, skipped where the student does not fit free
+    memory (a note on stderr only): demo.json did not say which the run got. It records the value and why."""
+    from clakit.convert import pipeline as convert_pipeline
+    from clakit.demo import pipeline as demo
+
+    assets = demo.DemoAssets(tiny_llama_checkpoint, corpus_dir / "calib.txt", corpus_dir / "train.txt",
+                             corpus_dir / "heldout.txt")  # fmt: skip
+    settings = demo.DemoSettings(calib_tokens=512, seq_len=32, max_tokens=400, batch_size=2, decode_steps=2,
+                                 uptrain_steps=0, quiet=True)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(convert_pipeline, "_free_memory", lambda device: 1)
+        demo.run_demo(tmp_path / "work", assets=assets, settings=settings)
+    resolved = _read(tmp_path / "work" / "demo.json")["resolved"]["convert.distill_steps"]
+    converted = _read(tmp_path / "work" / "converted" / "clakit_convert.json")
+    assert resolved["value"] == converted["settings"]["distill_steps"] == 0
+    assert "did not fit the device's free memory" in resolved["why"] and "--distill-steps N" in resolved["why"]

@@ -21,6 +21,7 @@ from clakit.demo.fetch import DemoAssets, default_cache_dir, fetch_demo, recorde
 from clakit.errors import ClakitError
 from clakit.eval.records import check_output
 from clakit.paths import expand
+from clakit.provenance import CONVERT_RECORD
 
 DEFAULT_WORK_DIR = "clakit-demo"
 DEMO_FORMAT = "clakit-demo/1"
@@ -195,6 +196,18 @@ def _run_stages(ctx: DemoContext, stages: list[Stage]) -> None:
         ctx.timings[stage.name] = round(time.perf_counter() - start, 1)
 
 
+def _resolved(ctx: DemoContext) -> dict:
+    """What the machine chose for the demo: the conversion's end-to-end distillation (its default, or skipped where
+    the student does not fit free memory), as its record says it ran; {} without a conversion."""
+    from clakit.uptrain.card import distill_resolution, read_record
+
+    record = read_record(ctx.work_dir / "converted" / CONVERT_RECORD) if "converted" in ctx.models else None
+    if not isinstance((record or {}).get("settings"), dict):
+        return {}
+    pin = "`clakit demo` converts at the converter's default; `clakit convert --distill-steps N` pins it"
+    return {"convert.distill_steps": distill_resolution(record["settings"], pin)}
+
+
 def run_demo(
     work_dir=None,
     *,
@@ -226,6 +239,7 @@ def run_demo(
         "total_s": round(sum(ctx.timings.values()), 1),
         "models": ctx.models,
         "settings": vars(ctx.settings),
+        "resolved": _resolved(ctx),
         # the texts each stage read and where they came from: the reports name only the held-out one
         "assets": {name: str(path) for name, path in vars(ctx.assets).items() if path} if ctx.assets else None,
         "provenance": provenance(cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None, sources=ctx.sources),

@@ -196,32 +196,38 @@ def origins(start: Path, original: dict | None) -> dict:
 
 
 def resolved_defaults(recipe, start: Path) -> dict:
-    """{recipe key: {"value", "why"}} for the keys the recipe left null whose value the machine decided: with
-    model.convert.distill_steps null the conversion distils its default DEFAULT_DISTILL_STEPS where the whole
-    student fits the device's free memory (CUDA: the driver's count, CPU: MemAvailable) and skips it (0) where not,
-    so the same recipe converts differently on another machine (or the same one, busier). The value is the one the
-    conversion record (`start`'s clakit_convert.json) says it ran; pin it with model.convert.distill_steps=N."""
-    from clakit.convert.config import DEFAULT_DISTILL_STEPS
-    from clakit.convert.pipeline import DATA_AWARE_INITS
-
+    """{recipe key: {"value", "why"}} for the keys the recipe left null whose value the machine decided:
+    model.convert.distill_steps (distill_resolution), as the conversion record (`start`'s clakit_convert.json) says
+    it ran."""
     c = recipe.model.convert
     settings = (read_record(start / RECORD_FILE) or {}).get("settings")
     if c is None or c.distill_steps is not None or not isinstance(settings, dict):
         return {}
-    steps = settings.get("distill_steps")
+    pin = "pin it with model.convert.distill_steps=N (then a device too small is refused, not skipped)"
+    return {"model.convert.distill_steps": distill_resolution(settings, pin)}
+
+
+def distill_resolution(settings: dict, pin: str) -> dict:
+    """{"value", "why"} of a conversion's distill_steps left to its default (`settings`: its record's): the default
+    DEFAULT_DISTILL_STEPS where the whole student fits the device's free memory (CUDA: the driver's count, CPU:
+    MemAvailable), 0 where not, so the same command converts differently on another machine (or the same one,
+    busier); `pin` says how to fix it."""
+    from clakit.convert.config import DEFAULT_DISTILL_STEPS
+    from clakit.convert.pipeline import DATA_AWARE_INITS
+
+    steps, layout = settings.get("distill_steps"), settings.get("kv_source_layers") or []
     if steps:
         why = f"the default ({DEFAULT_DISTILL_STEPS}): the whole student fitted the device's free memory"
     elif settings.get("init") not in DATA_AWARE_INITS:
         why = f"0: init {settings.get('init')} fits nothing to distil"
-    elif len(set(settings.get("kv_source_layers") or [])) == len(settings.get("kv_source_layers") or []):
+    elif len(set(layout)) == len(layout):
         why = "0: every layer is a producer, nothing shares K/V"
     else:
         why = (
             f"0: the default ({DEFAULT_DISTILL_STEPS}) was skipped, the whole student did not fit the device's free "
             "memory (CPU: MemAvailable) when the conversion ran"
         )
-    pin = "pin it with model.convert.distill_steps=N (then a device too small is refused, not skipped)"
-    return {"model.convert.distill_steps": {"value": steps, "why": f"{why}; {pin}"}}
+    return {"value": steps, "why": f"{why}; {pin}"}
 
 
 def _front_matter_dropped(text: str) -> str:
