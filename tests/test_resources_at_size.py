@@ -82,3 +82,45 @@ def test_the_space_checked_before_the_work_bounds_what_the_conversion_writes(
     before_work, at_write = checked[:-1], checked[-1]  # before the search and before the fits; the write's
     assert before_work and peak[0] <= min(before_work) <= 2 * peak[0], (peak[0], checked)
     assert len(checked) == 3 and at_write == weight_bytes(out) < peak[0]  # the scratch files add to the output
+
+
+def test_a_70b_output_is_sharded_and_indexed_as_transformers_reads_it(tmp_path, monkeypatch):
+    """The writer's plan at Llama-3-70B shapes (bf16, CLA2, 5 GB shards), tensors on the meta device and the shard
+    files stubbed: shards of at most 5 GB in layer order, consecutive names, an index listing every tensor once, in
+    sorted order, whose total_size is the sum of the tensors' bytes (what transformers reports as the model size)."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig
+
+    from clakit.convert.checkpoint import ShardWriter, natural_key, parse_size
+    from clakit.convert.inmemory import cla_config
+    from clakit.convert.layout import uniform_layout
+    from clakit.modeling import CLA_CLASSES
+
+    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)  # fmt: skip
+    with torch.device("meta"):
+        model = CLA_CLASSES["llama"][2](cla_config(config, uniform_layout(80, 2))).to(torch.bfloat16)
+    written = {}
+    monkeypatch.setattr(checkpoint, "save_file", lambda t, path, metadata=None: written.update({path.name: dict(t)}))
+    monkeypatch.setattr(checkpoint.outputs, "usual_mode", lambda *files: None)
+    monkeypatch.setattr(Path, "rename", lambda self, to: written.update({to.name: written.pop(self.name)}))
+    writer, limit = ShardWriter(tmp_path, parse_size("5GB")), parse_size("5GB")
+    state = model.state_dict()
+    for name in sorted(state, key=natural_key):
+        writer.add(name, state[name])
+    files = writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    assert 130e9 < total < 141e9 and index["metadata"]["total_size"] == total
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    assert set(written) == set(files)
+    sizes = [sum(t.numel() * t.element_size() for t in written[file].values()) for file in files]
+    firsts = [next(iter(written[file].values())) for file in files[1:]]
+    assert max(sizes) <= limit  # no tensor of a 70B is over 5 GB (the embeddings: 2.1 GB)
+    for size, first in zip(sizes, firsts, strict=False):  # a shard closes only when its next tensor would not fit
+        assert size + first.numel() * first.element_size() > limit
+    assert list(index["weight_map"]) == sorted(state) and set(index["weight_map"].values()) == set(files)
+    order = [name for file in files for name in written[file]]
+    assert order == sorted(state, key=natural_key)  # layer by layer: a shard holds neighbouring layers
