@@ -256,3 +256,29 @@ def test_the_sharing_dict_keeps_the_mapping_constructor_kvsharingdict_has():
     merged = CLASharingDict() | {"0": kv}
     assert isinstance(merged, CLASharingDict) and merged["0"] is kv and merged.cache_kwargs == {}
     assert type(merged)(merged)["0"] is kv
+
+
+def test_torch_export_decodes_the_no_cache_tokens_with_a_cache_of_producers_only():
+    """transformers' executorch recipe (TorchExportableModuleForDecoderOnlyLM: a StaticCache of buffers, then
+    torch.export): the exported program, fed one token at a time, gives the no-cache greedy tokens, and its cache
+    buffers hold the producers' K/V only (half the all-producer layout's at [0, 1, 0, 1])."""
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    def recipe(model):
+        model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static", max_length=64,
+                                                   cache_config={"batch_size": 1, "max_cache_len": 64})  # fmt: skip
+        return TorchExportableModuleForDecoderOnlyLM(model)
+
+    def cache_numel(module) -> int:
+        return sum(b.numel() for n, b in module.named_buffers() if "cache" in n)
+
+    model, prompt = cla("llama", LAYOUTS["non-adjacent"]), prompts()[1]
+    want = no_cache_tokens(model)[1]
+    exported = recipe(model)
+    assert cache_numel(exported) * 2 == cache_numel(recipe(cla("llama", LAYOUTS["all-producers"])))
+    with torch.no_grad():
+        step = exported.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0])).module()
+        for position, token in enumerate(prompt + want[:-1]):
+            logits = step(input_ids=torch.tensor([[token]]), cache_position=torch.tensor([position]))
+            if position >= len(prompt) - 1:
+                assert int(logits[0, -1].argmax()) == want[position - len(prompt) + 1]
