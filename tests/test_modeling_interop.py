@@ -282,3 +282,18 @@ def test_torch_export_decodes_the_no_cache_tokens_with_a_cache_of_producers_only
             logits = step(input_ids=torch.tensor([[token]]), cache_position=torch.tensor([position]))
             if position >= len(prompt) - 1:
                 assert int(logits[0, -1].argmax()) == want[position - len(prompt) + 1]
+
+
+@pytest.mark.parametrize("layout", ["cla2", "non-adjacent"])
+def test_a_cropped_cache_continues_like_the_full_forward(layout):
+    """cache.crop(-n) (transformers 5.25 takes the tokens to remove as a negative count) drops the producers' last n
+    positions; re-feeding them gives the full forward's logits (consumers hold nothing to crop)."""
+    model = cla("llama", LAYOUTS[layout])
+    x = torch.tensor([prompts()[2]])
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(x[:, :24], cache=cache, use_cache=True)
+        cache.crop(-6)
+        assert cache.get_seq_length() == 18
+        again = model(x[:, 18:24], cache=cache, use_cache=True).logits
+        torch.testing.assert_close(again, model(x[:, :24]).logits[:, 18:], rtol=1e-4, atol=1e-5)
