@@ -7,7 +7,6 @@ import pytest
 from conftest import save_checkpoint, tiny_model
 from convert_fixtures import copy_checkpoint, run_cli
 
-import clakit.convert.pipeline
 from clakit.convert import calibrate, checkpoint, pipeline
 from clakit.convert.checkpoint import SafetensorsCheckpoint
 
@@ -26,8 +25,8 @@ def wide(tokenizer, tmp_path_factory) -> Path:
 
 def weight_bytes(folder: Path) -> int:
     """Bytes of every tensor in a checkpoint folder (its shards' headers aside)."""
-    checkpoint = SafetensorsCheckpoint(folder)
-    return sum(t.numel() * t.element_size() for t in map(checkpoint.get, checkpoint.names))
+    weights = SafetensorsCheckpoint(folder)
+    return sum(t.numel() * t.element_size() for t in map(weights.get, weights.names))
 
 
 def auto_args(corpus_dir: Path) -> list:
@@ -39,8 +38,8 @@ def test_a_full_disk_is_refused_before_the_layout_search(src, corpus_dir, tmp_pa
     """--layout auto (the default with calibration text) chooses which layers produce K/V on the data, but not how
     many: the output's size is known before the search (every layer's K/V has one shape). A full disk was refused
     only at the write, after the search and the fits (hours at 70B)."""
-    monkeypatch.setattr(clakit.convert.pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
-    monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("search ran"))
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("search ran"))
     out = tmp_path / "out"
     assert run_cli(src, out, *auto_args(corpus_dir), "--quiet") == 2
     lines = capsys.readouterr().err.strip().splitlines()
