@@ -297,3 +297,33 @@ def test_a_cropped_cache_continues_like_the_full_forward(layout):
         assert cache.get_seq_length() == 18
         again = model(x[:, 18:24], cache=cache, use_cache=True).logits
         torch.testing.assert_close(again, model(x[:, :24]).logits[:, 18:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "moved",
+    [
+        "import transformers.generation.continuous_batching as m; del m.PagedAttentionCache",  # ImportError
+        "import transformers.generation.continuous_batching.cache as m; del m.group_layers_by_attn_type",
+    ],
+    ids=["class-moved", "function-moved"],
+)
+def test_clakit_imports_and_runs_where_a_later_transformers_moved_continuous_batching(moved):
+    """The paged-cache fix patches transformers' continuous batching internals (5.24-5.25); clakit allows any later
+    5.x. Where they have moved, `import clakit` must still work and the CLA model still generate (before: the
+    module-level import made `import clakit` itself fail, ImportError / AttributeError)."""
+    script = (
+        f"{moved}\n"
+        "import torch, clakit\n"
+        "from conftest import tiny_model\n"
+        "from clakit.convert.inmemory import cla_model_from\n"
+        "model = cla_model_from(tiny_model('llama', num_hidden_layers=4), [0, 0, 2, 2], init='mean').eval()\n"
+        "ids = torch.tensor([[5, 6, 7, 8]])\n"
+        "with torch.no_grad():\n"
+        "    full = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=0)\n"
+        "    cached = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)\n"
+        "print(full.tolist() == cached.tolist())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -20,8 +20,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.cache_utils import DummyLayer, KVSharingDict, QuantizedCache
-from transformers.generation.continuous_batching import PagedAttentionCache
-from transformers.generation.continuous_batching import cache as paged_cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
@@ -85,7 +83,15 @@ def _producers_only(group_layers: Callable) -> Callable:
     return grouped
 
 
-paged_cache.group_layers_by_attn_type = _producers_only(paged_cache.group_layers_by_attn_type)
+try:  # continuous batching's internals, as in transformers 5.24-5.25 (transformers>=5.24,<6 allows later ones)
+    from transformers.generation.continuous_batching import PagedAttentionCache
+    from transformers.generation.continuous_batching import cache as paged_cache
+
+    paged_cache.group_layers_by_attn_type = _producers_only(paged_cache.group_layers_by_attn_type)
+except (ImportError, AttributeError):  # moved in a later 5.x: the CLA model still loads and runs everything else
+
+    class PagedAttentionCache:  # no cache is an instance of it: no paged kwargs to keep for consumers
+        pass
 
 
 class WeightsMismatch(ValueError):
