@@ -1,5 +1,60 @@
 """clakit: retrofit Cross-Layer Attention (CLA) onto pretrained Llama and Mistral checkpoints."""
 
+import importlib.metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
 __version__ = "0.1.0"
+
+
+def _requirements() -> list[str]:
+    """The one table of floors: this checkout's pyproject.toml, else the installed clakit's metadata (built from it).
+    The checkout first, since an editable install's metadata is as old as its last `pip install -e`."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+        if project.get("name") == "clakit":
+            return project.get("dependencies", [])
+    try:
+        return importlib.metadata.requires("clakit") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+
+
+def _too_old(requirement: Requirement) -> tuple[str, str] | None:
+    """(floor, installed version) where the installed version is below the requirement's `>=` bound, else None. A
+    missing package is left to its import's own error, upper bounds to pip. Pre-releases and local builds
+    (2.14.0.dev20260101, 2.13.0+cpu) count as the version they carry."""
+    try:
+        found = importlib.metadata.version(requirement.name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for spec in requirement.specifier:
+        if spec.operator == ">=" and Version(found) < Version(spec.version):
+            return spec.version, found
+    return None
+
+
+def check_floors() -> None:
+    """Raise ImportError, one line naming the package, the version found and the fix, where an installed dependency
+    is older than clakit's floor. pip enforces them, but an environment built with --no-deps, conda or a later
+    downgrade does not, and then e.g. transformers silently disables a torch < 2.6 or an accelerate < 1.1 and
+    clakit fails far from the cause (docs/install.md)."""
+    for line in _requirements():
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an extra's, or another platform's
+        old = _too_old(requirement)
+        if old is not None:
+            floor, found = old
+            fix = f'pip install "{requirement}"'
+            raise ImportError(f"clakit needs {requirement.name}>={floor} (found {found}): {fix}")
+
+
+check_floors()
 
 from clakit import modeling  # noqa: E402,F401  (registers the CLA classes with the Auto* factories)

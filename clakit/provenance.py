@@ -37,7 +37,7 @@ def provenance(**extra) -> dict:
         **versions(),
         "command": _command(),
         "cwd": _cwd(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **extra,
     }
 
