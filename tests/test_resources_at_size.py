@@ -123,3 +123,33 @@ def test_a_70b_output_is_sharded_and_indexed_as_transformers_reads_it(tmp_path, 
     assert list(index["weight_map"]) == sorted(state) and set(index["weight_map"].values()) == set(files)
     order = [name for file in files for name in written[file]]
     assert order == sorted(state, key=natural_key)  # layer by layer: a shard holds neighbouring layers
+
+
+@pytest.mark.parametrize("error", ["os", "safetensors"])
+def test_a_disk_filling_up_during_the_write_says_how_much_the_output_takes(src, tmp_path, capsys, monkeypatch, error):
+    """The space is checked before the work; another process may take it before the write. The one line said only
+    "No space left on device; check free disk space and permissions", not how much the output needs."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    real, calls = checkpoint.save_file, []
+
+    def full_at_the_second(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            if error == "os":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_at_the_second)
+    out = tmp_path / "out"
+    assert run_cli(src, out, "--max-shard-size", "50KB", "--quiet") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    need = weight_bytes(src)  # the output (--init mean, CLA2) takes less than the source
+    assert len(lines) == 1 and lines[0].startswith(f"clakit: error: cannot write {out}: No space left on device")
+    assert "its weights take " in lines[0], lines[0]
+    number, unit = lines[0].split("its weights take ")[1].split(":")[0].split()
+    assert unit == "MB" and 0 < float(number) * 1e6 <= need
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]

@@ -9,6 +9,7 @@ transformers can only read them by dequantising the entire file, so they are hel
 """
 
 import contextlib
+import errno
 import functools
 import gc
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from clakit import outputs
@@ -609,12 +611,13 @@ class _Conversion:
         cast = DTYPES.get(self.cfg.output_dtype)  # None: every tensor keeps its dtype
         plan = self._plan(cla_cfg, lm_cls, self.layout)
         check_overrides(self.checkpoint, plan, overrides)
-        _check_free_space(tmp.parent, output_nbytes(self.checkpoint, plan, cast))
+        need = output_nbytes(self.checkpoint, plan, cast)
+        _check_free_space(tmp.parent, need)
         writer = ShardWriter(tmp, parse_size(self.cfg.max_shard_size))
         base_init = "mean" if self.init in DATA_AWARE_INITS else self.init  # what the fitted overrides start from
         tensors = converted_tensors(self.checkpoint, plan, base_init, overrides, cast)
         progress = tqdm(tensors, total=len(plan.names), desc="writing", unit="tensor", disable=self.quiet)
-        with self._timed("write"):
+        with self._timed("write"), _space_named(self.out, need):
             for name, tensor in progress:
                 writer.add(name, tensor)
             writer.finish()
@@ -743,6 +746,26 @@ def _free_memory(device: torch.device) -> int | None:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+
+
+@contextlib.contextmanager
+def _space_named(out: Path, need: int):
+    """The disk filling up during the write (space checked before, then taken by another process): the one line
+    says how much the weights take, which the writer's own error ("No space left on device") does not."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        if getattr(e, "errno", None) != errno.ENOSPC and "os error 28" not in str(e):
+            raise
+        reason = e.strerror if isinstance(e, OSError) else str(e).split("I/O error:", 1)[-1].strip()
+        raise ClakitError(
+            f"cannot write {out}: {reason}; its weights take {_size(need)}: free that much beside it, or "
+            "choose another output folder"
+        ) from None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
 
 
 def _check_free_space(out: Path, nbytes: int, what: str = "the output weights") -> None:
