@@ -12,13 +12,15 @@ __version__ = "0.1.0"
 def _requirements() -> list[str]:
     """The one table of floors: this checkout's pyproject.toml, else the installed clakit's metadata (built from it).
     The checkout first, since an editable install's metadata is as old as its last `pip install -e`."""
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    if pyproject.is_file():
-        import tomllib
+    import tomllib
 
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:  # beside an installed clakit (site-packages/) any project's file, or none
         project = tomllib.loads(pyproject.read_text()).get("project", {})
-        if project.get("name") == "clakit":
-            return project.get("dependencies", [])
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        project = {}
+    if project.get("name") == "clakit":
+        return project.get("dependencies", [])
     try:
         return importlib.metadata.requires("clakit") or []
     except importlib.metadata.PackageNotFoundError:

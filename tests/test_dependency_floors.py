@@ -292,3 +292,15 @@ def test_the_vllm_plugin_admits_no_python_that_its_tested_vllm_refuses():
     for minor in range(8, 15):  # the lower bound; vLLM's upper cap (<3.15) is vLLM's to enforce
         python = f"3.{minor}"
         assert not plugin.contains(python) or vllm.contains(python), (python, plugin, vllm)
+
+
+@pytest.mark.parametrize("content", ["[project]\nname = 'other'\n", "not toml = = =\n", b"\xff\xfe"])
+def test_an_installed_clakit_beside_another_projects_pyproject_reads_its_own_metadata(wheel, tmp_path, content):
+    """site-packages/pyproject.toml of some other distribution (or a broken one) is not clakit's table."""
+    site = tmp_path / "site"
+    done = pip("install", "-q", "--no-deps", "--target", str(site), str(wheel[0]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (site / "pyproject.toml").write_bytes(content if isinstance(content, bytes) else content.encode())
+    fake_version(site, "accelerate", "1.0.0")
+    out = import_clakit(site, checkout=False, cwd=tmp_path)
+    assert out.stderr.strip().splitlines()[-1].startswith("ImportError: clakit needs accelerate>="), out.stderr[-2000:]
