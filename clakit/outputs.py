@@ -458,3 +458,21 @@ def write_file(path, text: str, fmt: str, *, noun: str = "output file", label: s
         finally:
             Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def size_text(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
+
+
+def check_free_space(
+    out: Path, nbytes: int, what: str = "the output weights", fix: str = "choose another output folder"
+) -> None:
+    """Room for `nbytes` where `out` goes (its nearest existing folder: OUT and its parents may not exist yet),
+    checked before the work that writes them, which at 70B takes hours."""
+    folder = next(p for p in [out, *out.parents] if p.is_dir())
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise ClakitError(
+            f"not enough disk space in {folder}: {what} take {nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB is free; "
+            f"free some space or {fix}"
+        )

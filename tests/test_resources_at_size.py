@@ -7,6 +7,7 @@ import pytest
 from conftest import save_checkpoint, tiny_model
 from convert_fixtures import copy_checkpoint, run_cli
 
+from clakit import outputs
 from clakit.convert import calibrate, checkpoint, pipeline
 from clakit.convert.checkpoint import SafetensorsCheckpoint
 
@@ -61,7 +62,7 @@ def test_the_space_checked_before_the_work_bounds_what_the_conversion_writes(
     on disk (sampled at every scratch file and shard written) must be within what was checked before the work, and
     the check not far above it."""
     checked, peak = [], [0]
-    real_check, real_scratch, real_shard = pipeline._check_free_space, calibrate.save_scratch, checkpoint.save_file
+    real_check, real_scratch, real_shard = outputs.check_free_space, calibrate.save_scratch, checkpoint.save_file
 
     def sampled(write):
         def wrapped(*args, **kwargs):
@@ -70,7 +71,7 @@ def test_the_space_checked_before_the_work_bounds_what_the_conversion_writes(
 
         return wrapped
 
-    monkeypatch.setattr(pipeline, "_check_free_space", lambda out, n, *a: checked.append(n) or real_check(out, n, *a))
+    monkeypatch.setattr(outputs, "check_free_space", lambda out, n, *a: checked.append(n) or real_check(out, n, *a))
     monkeypatch.setattr(calibrate, "save_scratch", sampled(real_scratch))
     monkeypatch.setattr(checkpoint, "save_file", sampled(real_shard))
     out = tmp_path / "out"

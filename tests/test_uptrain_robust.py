@@ -376,3 +376,29 @@ def test_copies_reach_training_blocks_only(tokenizer, tmp_path):
     for tail, row in zip(copied.train[:, 48:], plain.train, strict=True):  # each tail repeats its own window
         assert any(torch.equal(tail, row[s : s + 16]) for s in range(33))
 
+
+
+def test_a_disk_without_room_for_the_result_and_its_checkpoints_is_refused_before_training(
+    tiny_cla_checkpoint, corpus_dir, tmp_path, capsys, monkeypatch  # noqa: F811
+):
+    """Uptrain checked no free space: a disk too small for the merged model failed at its save, after the whole
+    training (at 70B ~140 GB, hours in). The need (`run_bytes`: the result, the checkpoints kept) is checked before
+    training, and bounds what a run writes: a real run's model/ and checkpoints are within it."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    asked, check = [], pipeline.outputs.check_free_space
+    monkeypatch.setattr(pipeline.outputs, "check_free_space", lambda o, n, *a: asked.append(n) or check(o, n, *a))
+    assert run_cli(capsys, recipe) == (0, "")
+    weights = sum(f.stat().st_size for f in (out / "model").glob("*.safetensors"))
+    kept = [sum(f.stat().st_size for f in d.iterdir()) for d in (out / "checkpoints").iterdir()]
+    assert weights + sum(kept) <= asked[-1] <= 1.5 * (weights + sum(kept)), (asked, weights, kept)
+
+    fresh = tmp_path / "fresh"
+    small = type("Usage", (), {"free": asked[-1] - 1})()
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: small)
+    monkeypatch.setattr(pipeline.Trainer, "run", lambda self: pytest.fail("trained on a disk without room"))
+    model = {"path": str(tiny_cla_checkpoint)}
+    recipe = write_recipe(tmp_path / "r2.yaml", tiny_recipe(corpus_dir, fresh, model=model))
+    code, err = run_cli(capsys, recipe)
+    assert code == 2 and err.count("\n") == 0 and "not enough disk space" in err and "train.output_dir" in err, err
+    assert not fresh.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

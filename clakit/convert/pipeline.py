@@ -492,13 +492,13 @@ class _Conversion:
         output = output_nbytes(self.checkpoint, plan, DTYPES.get(self.cfg.output_dtype))
         output += SHARD_HEADER * len(plan.names)
         if self.init not in DATA_AWARE_INITS:
-            return _check_free_space(self.out, output)
+            return outputs.check_free_space(self.out, output)
         tokens = tokens or self.cfg.calib_tokens // self.seq_len * self.seq_len
         distill = bool(self.distill_steps)
         fits, fitted = scratch_bytes(self.config, layout, tokens, self.seq_len, self.init, self.fit_dtype, distill)
         what = (f"the output ({output / 1e9:.2f} GB) and the calibration's scratch files beside it (up to "
                 f"{max(fits, fitted) / 1e9:.2f} GB)")  # fmt: skip
-        _check_free_space(self.out, max(fits, output + fitted), what)
+        outputs.check_free_space(self.out, max(fits, output + fitted), what)
 
     def _largest_auto_layout(self) -> list[int]:
         """A layout with the most producers `--layout auto` may keep at this saving: every layer's K/V has one shape,
@@ -612,7 +612,7 @@ class _Conversion:
         plan = self._plan(cla_cfg, lm_cls, self.layout)
         check_overrides(self.checkpoint, plan, overrides)
         need = output_nbytes(self.checkpoint, plan, cast)
-        _check_free_space(tmp.parent, need)
+        outputs.check_free_space(tmp.parent, need)
         writer = ShardWriter(tmp, parse_size(self.cfg.max_shard_size))
         base_init = "mean" if self.init in DATA_AWARE_INITS else self.init  # what the fitted overrides start from
         tensors = converted_tensors(self.checkpoint, plan, base_init, overrides, cast)
@@ -759,21 +759,8 @@ def _space_named(out: Path, need: int):
             raise
         reason = e.strerror if isinstance(e, OSError) else str(e).split("I/O error:", 1)[-1].strip()
         raise ClakitError(
-            f"cannot write {out}: {reason}; its weights take {_size(need)}: free that much beside it, or "
+            f"cannot write {out}: {reason}; its weights take {outputs.size_text(need)}: free that much beside it, or "
             "choose another output folder"
         ) from None
 
 
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
-
-
-def _check_free_space(out: Path, nbytes: int, what: str = "the output weights") -> None:
-    """Room for `nbytes` where `out` goes (its nearest existing folder: OUT and its parents may not exist yet)."""
-    folder = next(p for p in [out, *out.parents] if p.is_dir())
-    free = shutil.disk_usage(folder).free
-    if free < nbytes:
-        raise ClakitError(
-            f"not enough disk space in {folder}: {what} take {nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB is free; "
-            "free some space or choose another output folder"
-        )

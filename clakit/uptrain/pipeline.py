@@ -743,6 +743,7 @@ def _setup(
         run["reports"]["converted"] = with_origin(converted, start_path, _published(start_path, work, out))
     model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
     teacher = _load_teacher(original, dtype, model, acc, recipe.model) if recipe.needs_teacher else None
+    check_run_space(out or work, model, recipe, data, acc, fresh)  # every process: they stop together
     if fresh:
         _say("held-out numbers of the original model", quiet)
         run["reports"]["original"] = original_report(recipe, original, teacher, dtype, run, acc)
@@ -758,6 +759,31 @@ def _setup(
         (work / "run.json").write_text(json.dumps(record, indent=1))
         _write_reports(work, run["reports"])
     return run | {"model": model, "teacher": teacher, "start_path": start_path}
+
+
+def run_bytes(model, dtype: torch.dtype) -> tuple[int, int]:
+    """(the merged result's bytes, one checkpoint's bytes) for the trainable student `model` (peft-wrapped, before
+    accelerate shards it; meta tensors count too): the result is every non-LoRA weight in `dtype` (LoRA merges into
+    them; tied weights once); a checkpoint is each trainable tensor and AdamW's two moments of it, in its dtype,
+    plus what its files add beside the tensors (measured on a tiny run: ~10 KB of RNG states, ~1 KB of scheduler,
+    under 1 KB of pickle per optimizer tensor), bounded above by 64 KB and 1 KB per trainable tensor."""
+    result = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name) * dtype.itemsize
+    trainable = [p.numel() * p.element_size() for p in model.parameters() if p.requires_grad]
+    return result, 3 * sum(trainable) + (64 << 10) + (1 << 10) * len(trainable)
+
+
+def check_run_space(out: Path, model, recipe: Recipe, data, acc, fresh: bool) -> None:
+    """Refuse before training where the disk cannot hold the result and the checkpoints the run keeps (at most
+    save_total_limit, one more while the newest is written before the oldest goes; a resume: one more): at 70B the
+    result alone is ~140 GB, and a full disk found at the save comes after the whole training."""
+    train = recipe.train
+    result, one = run_bytes(model, torch.bfloat16 if train.bf16 else torch.float32)
+    steps = make_plan(train, len(data.train), data.seq_len, acc.num_processes).total_steps
+    saves = (steps - 1) // train.save_steps if train.save_steps > 0 else 0  # none at the last step: the result
+    kept = min(saves, train.save_total_limit + 1 if train.save_total_limit else saves, 1 if not fresh else saves)
+    what = f"the trained model ({outputs.size_text(result)}) and {kept} checkpoint(s) of {outputs.size_text(one)}"
+    fix = "set train.output_dir on a disk with room (or a smaller train.save_total_limit)"
+    outputs.check_free_space(out, result + kept * one, what, fix)
 
 
 def _load_student(start_path: Path, dtype: torch.dtype, acc, allow_pickle: bool):
