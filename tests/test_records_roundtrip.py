@@ -336,6 +336,18 @@ def test_the_distillation_steps_the_machine_chose_are_recorded_with_why(run_dir)
     )
 
 
+def test_the_conversion_records_why_it_skipped_its_default_distillation(run_dir):
+    """The converter skipped its default distillation where the student did not fit free memory, and where no
+    layer shares K/V, saying so on stderr only: its clakit_convert.json had distill null, so readers (uptrain's
+    resolved keys, the demo) guessed the reason from the settings. The record now says why, with the bytes."""
+    _, run = run_dir
+    distill = _read(run / "converted" / "clakit_convert.json")["distill"]
+    assert distill["steps"] == 0 and distill["need_bytes"] > distill["free_bytes"], distill
+    assert distill["skipped"].startswith("the whole student did not fit the device's free memory (~"), distill
+    why = _read(run / "run.json")["resolved"]["model.convert.distill_steps"]["why"]
+    assert distill["skipped"] in why
+
+
 def test_two_uptrain_runs_reports_are_told_apart_by_the_run_that_made_them(run_dir):
     """uptrain scores its models in memory: every run's eval/uptrained.json has model "uptrained" and, started from
     one folder, one cwd, so `clakit report runs/a/eval/uptrained.json runs/b/eval/uptrained.json` labelled them

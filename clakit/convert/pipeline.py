@@ -373,8 +373,12 @@ class _Conversion:
                 f"--distill-steps needs the whole model on {self.device} (~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB "
                 "free): use a bigger device, or --distill-steps 0 (layer-by-layer fits only; uptrain afterwards)"
             )
+        why = (f"the whole student did not fit the device's free memory (~{need / 1e9:.1f} GB needed on "
+               f"{self.device}, {free / 1e9:.1f} GB free)")  # fmt: skip
         self.say(f"note: the end-to-end distillation needs ~{need / 1e9:.1f} GB on {self.device} "
                  f"({free / 1e9:.1f} GB free): skipped (layer-by-layer fits only); uptrain the result")  # fmt: skip
+        # recorded, not only said: the same command distils on a machine with more free memory
+        self.results["distill"] = {"steps": 0, "skipped": why, "need_bytes": need, "free_bytes": free}
         return 0
 
     def _check_token_budgets(self) -> None:
@@ -583,6 +587,7 @@ class _Conversion:
         if self.distill_steps and all(source == layer for layer, source in enumerate(self.layout)):
             self.say("note: no layer shares K/V in this layout: the source's tensors are written, not distilled")
             self.distill_steps = 0
+            self.results["distill"] = {"steps": 0, "skipped": "no layer shares K/V in this layout"}
         if self.distill_steps:
             tokens = self.distill_ids
             add_copies(tokens, *self.copies, seed=self.cfg.seed)  # the layout's and the fits' windows stay as read

@@ -205,7 +205,7 @@ def _resolved(ctx: DemoContext) -> dict:
     if not isinstance((record or {}).get("settings"), dict):
         return {}
     pin = "`clakit demo` converts at the converter's default; `clakit convert --distill-steps N` pins it"
-    return {"convert.distill_steps": distill_resolution(record["settings"], pin)}
+    return {"convert.distill_steps": distill_resolution(record, pin)}
 
 
 def run_demo(

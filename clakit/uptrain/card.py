@@ -200,23 +200,27 @@ def resolved_defaults(recipe, start: Path) -> dict:
     model.convert.distill_steps (distill_resolution), as the conversion record (`start`'s clakit_convert.json) says
     it ran."""
     c = recipe.model.convert
-    settings = (read_record(start / RECORD_FILE) or {}).get("settings")
-    if c is None or c.distill_steps is not None or not isinstance(settings, dict):
+    record = read_record(start / RECORD_FILE) or {}
+    if c is None or c.distill_steps is not None or not isinstance(record.get("settings"), dict):
         return {}
     pin = "pin it with model.convert.distill_steps=N (then a device too small is refused, not skipped)"
-    return {"model.convert.distill_steps": distill_resolution(settings, pin)}
+    return {"model.convert.distill_steps": distill_resolution(record, pin)}
 
 
-def distill_resolution(settings: dict, pin: str) -> dict:
-    """{"value", "why"} of a conversion's distill_steps left to its default (`settings`: its record's): the default
-    DEFAULT_DISTILL_STEPS where the whole student fits the device's free memory (CUDA: the driver's count, CPU:
-    MemAvailable), 0 where not, so the same command converts differently on another machine (or the same one,
-    busier); `pin` says how to fix it."""
+def distill_resolution(record: dict, pin: str) -> dict:
+    """{"value", "why"} of a conversion's distill_steps left to its default (`record`: its clakit_convert.json): the
+    default DEFAULT_DISTILL_STEPS where the whole student fits the device's free memory (CUDA: the driver's count,
+    CPU: MemAvailable), 0 where not, so the same command converts differently on another machine (or the same one,
+    busier); `pin` says how to fix it. The record's distill.skipped says why where it has one; an older record's
+    reason is read from its settings."""
     from clakit.convert.config import DEFAULT_DISTILL_STEPS
     from clakit.convert.pipeline import DATA_AWARE_INITS
 
+    settings, skipped = record["settings"], (record.get("distill") or {}).get("skipped")
     steps, layout = settings.get("distill_steps"), settings.get("kv_source_layers") or []
-    if steps:
+    if skipped and not steps:
+        why = f"0: the default ({DEFAULT_DISTILL_STEPS}) was skipped: {skipped}"
+    elif steps:
         why = f"the default ({DEFAULT_DISTILL_STEPS}): the whole student fitted the device's free memory"
     elif settings.get("init") not in DATA_AWARE_INITS:
         why = f"0: init {settings.get('init')} fits nothing to distil"
