@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 REQUIREMENTS = {canonicalize_name(Requirement(r).name): Requirement(r) for r in PYPROJECT["dependencies"]}
 # pure-Python wheels, small enough to install per run (measured: docs/install.md)
-PURE_PYTHON = ["peft", "accelerate", "gguf", "evaluate", "tqdm"]
+PURE_PYTHON = ["peft", "accelerate", "gguf", "evaluate", "tqdm", "datasets"]
+# what a floor needs that this environment's newer releases dropped (datasets 2.18 imports pyarrow_hotfix)
+THEIR_DEPENDENCIES = ["pyarrow-hotfix"]
 
 
 def floor(name: str) -> str:
@@ -185,7 +187,7 @@ from clakit.sources import load_model, resolve_source
 
 work = Path(sys.argv[1])
 versions = {n: md.version(n) for n in json.loads(sys.argv[3])}
-files = {n: sys.modules[n].__file__ for n in ("gguf", "peft", "accelerate", "evaluate", "tqdm") if __import__(n)}
+files = {n: sys.modules[n].__file__ for n in json.loads(sys.argv[3]) if __import__(n)}
 tok = build_tokenizer()
 for i, name in enumerate(["train", "heldout"]):
     (work / f"{name}.txt").write_text(make_text(2500, seed=i + 1))
@@ -223,8 +225,16 @@ record = json.loads((work / "up" / "model" / "uptrain.json").read_text())
 # eval (+ passkeys) and report; the `evaluate` module scores the same windows
 data = ["--data", work / "heldout.txt", "--seq-len", "32", "--max-tokens", "256", "--no-speed", "-q"]
 cli("eval", src, "-o", work / "src.json", *data)
+# lm-eval through datasets: one local multiple-choice task over a JSON file (no Hub)
+rows = [{"q": make_text(6, 40 + i), "choices": ["unto him", "kludge", "the of"], "label": i % 3} for i in range(3)]
+(work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+(work / "tiny_mc.yaml").write_text(
+    f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {work / 'rows.jsonl'}\n"
+    "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: choices\n"
+    "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
 cli("eval", work / "up" / "model", "-o", work / "up.json", "--source-model", src, "--task", "passkey",
-    "--passkey-lengths", "240", "--passkey-depths", "0.5", "--passkey-samples", "1", *data)
+    "--passkey-lengths", "240", "--passkey-depths", "0.5", "--passkey-samples", "1",
+    "--lm-eval-tasks", work / "tiny_mc.yaml", *data)
 cli("report", work / "src.json", work / "up.json", "-o", work / "report", "-q")
 import evaluate
 from clakit.eval.metric import METRIC_PATH
@@ -237,7 +247,7 @@ print(json.dumps({"versions": versions, "files": files, "same_conversion": same_
                   "record": {k: record.get(k) for k in ("peft", "accelerate")},
                   "ppl": {n: r["perplexity"] for n, r in reports.items()}, "metric_ppl": metric["perplexity"],
                   "kv": {n: r["kv_cache"]["bytes_per_token"] for n, r in reports.items()},
-                  "passkey": reports["up"]["passkey"]["accuracy"],
+                  "passkey": reports["up"]["passkey"]["accuracy"], "lm_eval": reports["up"]["lm_eval"]["tasks"],
                   "report": sorted(p.name for p in (work / "report").iterdir())}))
 """
 
@@ -246,7 +256,8 @@ print(json.dumps({"versions": versions, "files": files, "same_conversion": same_
 def floors(tmp_path_factory) -> Path:
     """The pure-Python floors, --no-deps (their dependencies are this environment's), in a folder of their own."""
     folder = tmp_path_factory.mktemp("floors")
-    done = pip("install", "-q", "--no-deps", "--target", str(folder), *(f"{n}=={floor(n)}" for n in PURE_PYTHON))
+    pins = [f"{n}=={floor(n)}" for n in PURE_PYTHON] + THEIR_DEPENDENCIES
+    done = pip("install", "-q", "--no-deps", "--target", str(folder), *pins)
     assert done.returncode == 0, done.stderr[-2000:]
     return folder
 
@@ -267,6 +278,7 @@ def test_the_pure_python_floors_convert_uptrain_and_evaluate(floors, tmp_path, m
     assert result["kv"]["up"] * 2 == result["kv"]["src"]  # CLA2: half the cache
     assert result["ppl"]["src"] == pytest.approx(result["metric_ppl"], rel=1e-6)
     assert 0 <= result["passkey"] <= 1 and result["ppl"]["up"] > 1
+    assert result["lm_eval"]["tiny_mc"]["num_samples"] == 3 and 0 <= result["lm_eval"]["tiny_mc"]["acc"] <= 1
     assert {"report.md", "report.html", "ppl_vs_kv.png", "passkey.png"} <= set(result["report"])
 
     # FSDP2 with rank-0 loading, 2 CPU processes: accelerate < 1.6 has no fsdp_version, < 1.8 moves the main
