@@ -3,13 +3,15 @@ ranges. Here (docs/install.md has the measurements behind each floor):
 
 * the floors are no lower than what transformers at its own floor needs at run time (it disables a torch < 2.6 and
   an accelerate < 1.1.0 without an error) and requires-python admits no Python it refuses: read from the wheel of
-  transformers at our floor, downloaded from PyPI;
-* `import clakit` refuses an installed dependency below its floor in one line, reading the same table;
-* the pure-Python floors (peft, accelerate, gguf, evaluate, tqdm) installed with --no-deps in front of this
-  environment run a real smoke in a subprocess: a Q8_0 GGUF converted (gguf's dequantisation, transformers' GGUF
-  loading, which needs accelerate) to the same bytes as its safetensors copy, uptrained with LoRA (peft) and
-  distillation under accelerate, evaluated with passkeys and reported, its perplexity equal to the `evaluate`
-  module's. torch, transformers and the compiled floors are too big to install here: docs/install.md.
+  transformers at our floor, downloaded from PyPI; the vLLM plugin's requires-python against its tested vLLM's;
+* `import clakit` refuses an installed dependency below its floor in one line, reading the same table (the
+  checkout's pyproject.toml, or an installed wheel's metadata), and the wheel builds without deprecated metadata;
+* the pure-Python floors (peft, accelerate, gguf, evaluate, tqdm, datasets) installed with --no-deps in front of
+  this environment run a real smoke in a subprocess: a Q8_0 GGUF converted (gguf's dequantisation, transformers'
+  GGUF loading, which needs accelerate) to the same bytes as its safetensors copy, uptrained with LoRA (peft) and
+  distillation in one process and under FSDP2 with rank-0 loading on 2 CPU processes, evaluated with passkeys and
+  a local lm-eval task (datasets) and reported, its perplexity equal to the `evaluate` module's. torch,
+  transformers and the compiled floors are too big to install here: docs/install.md.
 """
 
 import json
