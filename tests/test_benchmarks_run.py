@@ -188,7 +188,8 @@ def test_the_benchmarks_run_end_to_end_on_tiny_models_and_report_settings_proven
 
     assert_provenance(evaluated, {"seq_len": 32, "max_tokens": 160, "repeats": 1})
     assert evaluated["targets"]["overhead_pct"]["value"] == evaluated["overhead_pct"]
-    assert set(evaluated["targets"]) == {"overhead_pct", "all_met"}
+    assert evaluated["targets"]["rss_over_weights"]["value"] == evaluated["rss_over_weights"] > 0
+    assert set(evaluated["targets"]) == {"overhead_pct", "rss_over_weights", "all_met"}
 
     assert_provenance(speed, {"prompt": 16, "repeats": 1})
     models = speed["models"]
