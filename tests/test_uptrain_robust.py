@@ -4,6 +4,7 @@ before training without a collective wait, launches that cannot work, and the to
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import threading
 import time
@@ -244,6 +245,27 @@ def test_fsdp1_without_use_orig_params_is_refused():
     pipeline.check_fsdp(acc(1, True))
     pipeline.check_fsdp(acc(2, None))  # FSDP2 keeps the original parameters
     pipeline.check_fsdp(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, state=SimpleNamespace()))
+
+
+@pytest.mark.parametrize(
+    ("fsdp", "version", "refused"), [(2, "2.8.0", True), (1, "2.6.0+cu124", True), (1, "2.8.0", False)]
+)
+def test_fsdp_on_a_torch_that_failed_or_trained_other_weights_is_refused(fsdp, version, refused, monkeypatch):
+    """torch 2.6 (clakit's floor) failed under FSDP, and 2.7-2.8 trained other weights under FSDP2 on 2 processes
+    than on one (helper A's measurement, docs/install.md): refused in one line before any work (before: trained);
+    FSDP1 on 2.7-2.8 and any FSDP on a 2.9 nightly run."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp, use_orig_params=True)
+    acc = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+    monkeypatch.setattr(torch, "__version__", version)
+    if refused:
+        with pytest.raises(ClakitError, match=rf"FSDP{fsdp} needs torch>=2\.\d \(found {re.escape(version)}"):
+            pipeline.check_fsdp(acc)
+    else:
+        pipeline.check_fsdp(acc)
+    monkeypatch.setattr(torch, "__version__", "2.9.0.dev20250901+cpu")
+    pipeline.check_fsdp(acc)
 
 
 def test_more_processes_than_blocks_is_refused():

@@ -365,10 +365,24 @@ def fp32_buffers(acc) -> None:
         plugin.mixed_precision_policy = dataclasses.replace(policy, buffer_dtype=torch.float32)
 
 
+FSDP_MIN_TORCH = {1: "2.7", 2: "2.9"}  # by fsdp_version, measured on 2 CPU processes with gloo (docs/install.md)
+
+
 def check_fsdp(acc) -> None:
     """FSDP1 flattens each wrapped layer into one tensor, which cannot mix frozen and trainable parameters (LoRA's
-    are always mixed) unless it keeps the original parameters."""
+    are always mixed) unless it keeps the original parameters. Below the torch of FSDP_MIN_TORCH (clakit's floor is
+    2.6) FSDP failed (2.6: Stream.record_event) or FSDP2 trained other weights than one process (2.7, 2.8: 3.6e-4
+    off, where training moved them ~5e-3): refused there, not trained wrongly."""
+    from packaging.version import Version
+
     plugin = checkpoint.fsdp_plugin(acc)
+    version = getattr(plugin, "fsdp_version", 1) or 1
+    if plugin is not None and Version(torch.__version__).release < Version(FSDP_MIN_TORCH[version]).release:
+        need = FSDP_MIN_TORCH[version]
+        raise ClakitError(
+            f"FSDP{version} needs torch>={need} (found {torch.__version__}; older ones failed or trained other "
+            f"weights than one process): pip install \"torch>={need}\", or train without FSDP"
+        )
     if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
         raise ClakitError(
             "FSDP (version 1) without use_orig_params cannot train LoRA (each layer mixes frozen and trained "
