@@ -379,3 +379,30 @@ def test_consumers_read_an_fp8_cache_with_their_producers_calibrated_scales(vllm
     assert result[str(scaled)]["scales"] == want, result
     assert result[str(plain)]["scales"] == [[1.0, 1.0]] * len(LAYOUT), result
     assert result[str(scaled)]["tokens"] == result[str(plain)]["tokens"], result
+
+
+def test_an_untested_vllm_release_is_named_when_the_plugin_loads_and_when_its_classes_cannot(vllm_python):  # noqa: F811
+    """The plugin declared no vLLM version and checked none: on another release its private imports failed as a raw
+    ImportError deep inside vLLM's model loading, never naming the release it was tested on (0.32). vLLM's plugin
+    hook now logs one line naming the tested releases, and a moved vLLM class names them in the ImportError."""
+    script = (
+        "import logging, sys, vllm\n"
+        "vllm.__version__ = '0.40.1'\n"
+        "import clakit_vllm\n"
+        "clakit_vllm.register()\n"
+        "sys.modules['vllm.model_executor.layers.attention'] = None  # moved in that release\n"
+        "try:\n"
+        "    import clakit_vllm.models\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT-ERROR', e)\n"
+    )
+    out = subprocess.run([str(vllm_python), "-c", script], capture_output=True, text=True, env=vllm_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    note = "was tested with vLLM 0.32 and found vLLM 0.40.1"
+    assert note in out.stderr, out.stderr[-2000:]
+    error = [line for line in out.stdout.splitlines() if line.startswith("IMPORT-ERROR")]
+    assert len(error) == 1 and note in error[0] and "vllm.model_executor.layers.attention" in error[0], out.stdout
+
+    tested = "import logging, vllm, clakit_vllm; clakit_vllm.register(); import clakit_vllm.models; print('OK')"
+    out = subprocess.run([str(vllm_python), "-c", tested], capture_output=True, text=True, env=vllm_env(), timeout=600)
+    assert out.stdout.strip().endswith("OK") and "was tested with" not in out.stderr, out.stderr[-2000:]

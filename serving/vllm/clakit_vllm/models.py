@@ -14,15 +14,21 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 
 import torch
-from vllm.config import CacheConfig, VllmConfig, get_current_vllm_config
-from vllm.distributed.utils import get_pp_indices
-from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.linear import ColumnParallelLinear
-from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from vllm.model_executor.models.mistral import MistralAttention, MistralDecoderLayer, MistralForCausalLM
-from vllm.model_executor.models.utils import WeightsMapper, extract_layer_index
+import vllm
 
-from . import CLA_MODEL_TYPES
+from . import CLA_MODEL_TYPES, untested_vllm
+
+try:  # vLLM internals this module subclasses: where a release moved them, the error names the tested releases
+    from vllm.config import CacheConfig, VllmConfig, get_current_vllm_config
+    from vllm.distributed.utils import get_pp_indices
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.linear import ColumnParallelLinear
+    from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+    from vllm.model_executor.models.mistral import MistralAttention, MistralDecoderLayer, MistralForCausalLM
+    from vllm.model_executor.models.utils import WeightsMapper, extract_layer_index
+except ImportError as e:
+    raise ImportError(f"{untested_vllm(vllm.__version__) or 'clakit_vllm cannot load its vLLM classes'}: {e}") from e
+
 from .configs import layout_problem, missing_attention_tensors, shared_kv_scales, unexpected_kv_tensor
 
 
