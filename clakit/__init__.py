@@ -54,7 +54,20 @@ def check_floors() -> None:
         if old is not None:
             floor, found = old
             fix = f'pip install "{requirement}"'
-            raise ImportError(f"clakit needs {requirement.name}>={floor} (found {found}): {fix}")
+            _refuse(f"clakit needs {requirement.name}>={floor} (found {found}): {fix}")
+
+
+def _refuse(message: str) -> None:
+    """ImportError for a library import; for the `clakit` command (its console script, or `python -m clakit`, which
+    imports this package before cli.main can catch anything) the CLI's one line and exit 2, not a traceback."""
+    import sys
+
+    argv = getattr(sys, "orig_argv", [])
+    module = any(a == "-m" and b == "clakit" for a, b in zip(argv, argv[1:], strict=False))
+    if Path(sys.argv[0]).name == "clakit" or module:
+        print(f"clakit: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    raise ImportError(message)
 
 
 check_floors()

@@ -114,6 +114,18 @@ def test_import_refuses_a_dependency_below_its_floor_in_one_line(tmp_path):
     assert last == f'ImportError: clakit needs {need} (found 1.0.0): pip install "{need}"', out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("command", [["-m", "clakit"], ["-c", "import sys; sys.argv[0] = 'clakit'; import clakit"]])
+def test_the_clakit_command_refuses_a_dependency_below_its_floor_in_one_line(tmp_path, command):
+    """The console script (and `python -m clakit`) imports the package before cli.main can catch anything: a too-old
+    dependency was a traceback ending in the ImportError. It is the CLI's one line, exit 2."""
+    path = fake_version(tmp_path, "accelerate", "1.0.0")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(ROOT)])}
+    out = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, env=env)
+    need = f"accelerate>={floor('accelerate')}"
+    line = f'clakit: error: clakit needs {need} (found 1.0.0): pip install "{need}"\n'
+    assert (out.returncode, out.stderr) == (2, line)
+
+
 @pytest.mark.parametrize("version", ["2.14.0.dev20260101", "2.13.0+cpu", "3.0.0"])
 def test_import_takes_nightly_local_and_newer_builds_at_their_version(monkeypatch, version):
     import importlib.metadata

@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (CI's); clakit itself supports 3.10
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 TORCH_RELEASES = ["2.13.0", "2.14.1", "3.0.0"]
