@@ -1,14 +1,16 @@
 """`--layout auto`: choose which layers share K/V from calibration data, meeting a requested KV-cache saving.
 
 Every candidate group (a run of 2..`max_group` adjacent layers led by its first) is scored by the increase of the
-calibration NLL per token when that group alone shares its K/V (group mean init), measured directly: one forward
-pass per candidate over at most `SCORE_TOKENS` calibration tokens, the sharing emulated with hooks on the stock
-model (no model copy). Dynamic programming then picks the partition of the layers into at most `producers` groups
-with the least total increase. Per-group damage does not add up exactly, so the chosen layout is re-measured against
-uniform CLA-k with the same saving, and the better one is refined beyond adjacent runs: each consumer may move to
-one of the 3 nearest other producers before it when that lowers the whole layout's measured NLL (no group growing
-past `max_group`; without that cap the search formed a 6-layer group that reconstruction fitted worse: held-out
-107.5 -> 112.2, against 104.2 with it). The best measured layout is returned, with every score and move.
+calibration NLL per token when that group alone shares its K/V (group mean init), measured directly over at most
+`SCORE_TOKENS` calibration tokens, the sharing emulated with hooks on the stock model (no model copy): one sweep
+carries every candidate's residual stream through the layers together (`sweep_costs`), each layer read once per chunk
+of candidates, where a forward per candidate read layers quadratically in depth. Dynamic programming then picks the
+partition of the layers into at most `producers` groups with the least total increase. Per-group damage does not add up
+exactly, so the chosen layout is re-measured against uniform CLA-k with the same saving, and the better one is refined
+beyond adjacent runs: each consumer may move to one of the 3 nearest other producers before it when that lowers the
+whole layout's measured NLL (no group growing past `max_group`; without that cap the search formed a 6-layer group that
+reconstruction fitted worse: held-out 107.5 -> 112.2, against 104.2 with it). The best measured layout is returned,
+with every score and move.
 
 (A Fisher-weighted estimate of each group's K/V error, free from the calibration statistics, was tried first and
 ranked groups badly: it scored sharing layers 0-1 among the cheapest, while it is by far the most damaging.)
@@ -19,8 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clakit.convert.calibrate import mean_shared
-from clakit.convert.layerwise import materialized
+from clakit.convert.calibrate import _own_weight, mean_shared
+from clakit.convert.layerwise import LAYER_PREFIX, materialized, run_layers
 from clakit.convert.layout import check_shareable, uniform_layout
 from clakit.convert.layout import groups as layout_groups
 from clakit.convert.layout import kv_saving as layout_saving
@@ -29,6 +31,10 @@ from clakit.errors import ClakitError
 SCORE_TOKENS = 1024  # calibration tokens each candidate is scored on
 REFINE_WINDOW = 3  # producers before a consumer that the refinement tries (the nearest ones)
 REFINE_MIN_GAIN = 1e-3  # nats per token: smaller gains are noise on SCORE_TOKENS tokens
+KINDS = ("k_proj", "v_proj")
+# runs past their group that the sweep passes through a layer in one forward: the forward's overhead is shared, while
+# its activations (at 70B the MLP's 28,672-wide intermediate, ~0.1 GB per 1,024 tokens) stay under ~1 GB
+SWEEP_BATCH = 8
 
 
 def producers_for(num_layers: int, saving: float) -> int:
@@ -56,8 +62,14 @@ def _share_hooks(model, members: list[int]) -> list:
     attn = [model.model.layers[i].self_attn for i in members]
     with materialized(model, members):  # a LayerwiseModel's layers are read for the mean, then released
         dtype = attn[0].k_proj.weight.dtype
-        shared = {kind: mean_shared(model, kind, members).T.to(dtype) for kind in ("k_proj", "v_proj")}
+        shared = {kind: mean_shared(model, kind, members).T.to(dtype) for kind in KINDS}
     producer_input = {}
+    return [h for k, a in enumerate(attn) for h in _member_hooks(a, shared, producer_input, producer=k == 0)]
+
+
+def _member_hooks(attn, shared: dict, producer_input: dict, producer: bool) -> list:
+    """Hooks on one group member's attention: the producer keeps its k_proj input (n_seq, seq, hidden: after its
+    input norm) in `producer_input`; every member's k_proj/v_proj output becomes `shared`'s projection of it."""
 
     def keep_input(module, args):
         producer_input["x"] = args[0]
@@ -70,10 +82,9 @@ def _share_hooks(model, members: list[int]) -> list:
 
         return hook
 
-    handles = [attn[0].k_proj.register_forward_pre_hook(keep_input)]
-    for a in attn:
-        handles.append(a.k_proj.register_forward_hook(replace("k_proj")))
-        handles.append(a.v_proj.register_forward_hook(replace("v_proj")))
+    handles = [attn.k_proj.register_forward_pre_hook(keep_input)] if producer else []
+    handles.append(attn.k_proj.register_forward_hook(replace("k_proj")))
+    handles.append(attn.v_proj.register_forward_hook(replace("v_proj")))
     return handles
 
 
@@ -125,6 +136,88 @@ def group_cost(model, members: list[int], input_ids: torch.Tensor, base_nll: flo
     finally:
         for h in handles:
             h.remove()
+
+
+def sweep_costs(
+    model, runs: list[tuple[int, int]], input_ids, base_nll: float, hidden, chunk: int = 0, progress=False
+) -> dict:
+    """`group_cost` of every run (first, last) of adjacent layers, reading each decoder layer once per chunk of runs
+    instead of once per run from its producer on (n_layers^2 * max_group / 2 reads -> about 2 * n_layers).
+
+    Each run's residual stream is carried through the layers together with the others', so a chunk holds `chunk`
+    streams of (n_seq, seq, hidden). Default chunk: as many runs as there are layers, so the streams take no more
+    than the cache of layer inputs `hidden` held beside them (at 70B, 80 x 1,024 tokens x 8,192 x 2 bytes ~ 1.3 GB,
+    not ~4 GB for all ~240 runs at once): the scoring's peak stays within about twice the per-run scoring's, and its
+    reads stay linear (70B, max group 3: 159 runs in 2 chunks, 80 + 40 layer reads, not ~6,900)."""
+    costs = {(i, j): 0.0 for i, j in runs if j == i}  # a single layer shares nothing
+    shared = [r for r in runs if r[1] > r[0]]  # in producer order: a later chunk's sweep starts later
+    chunk = chunk or len(hidden)
+    for start in range(0, len(shared), chunk):
+        costs.update(_sweep(model, shared[start : start + chunk], input_ids, base_nll, hidden, progress))
+    return {r: costs[r] for r in runs}
+
+
+@torch.no_grad()
+def _sweep(model, runs: list[tuple[int, int]], input_ids, base_nll: float, hidden, progress=False) -> dict:
+    """One pass over the layers from the chunk's first producer: at each layer, loaded once (as a LayerwiseModel's
+    `offloaded()` forward loads it), every started run's stream goes through it; `group_cost` of each run."""
+    from tqdm.auto import tqdm
+
+    runs = sorted(runs, key=lambda r: (r[1], r[0]))  # by last member: the runs past their group are a prefix
+    n = len(model.model.layers)
+    streams = hidden[0].new_empty((len(runs), *hidden[0].shape))  # (runs, n_seq, seq, hidden)
+    own, states = {}, {}  # layer -> its own K/V weights (lookahead); run -> (shared K/V, producer input)
+    layers = range(min(i for i, _ in runs), n)
+    for layer in tqdm(layers, desc="scoring groups", disable=not progress, leave=False):
+        with materialized(model, [layer]):  # the one read of this layer in this sweep; the forwards below reuse it
+            past = sum(j < layer for _, j in runs)
+            for s in range(0, past, SWEEP_BATCH):  # the stock layer for them all, SWEEP_BATCH runs a forward
+                part = streams[s : min(past, s + SWEEP_BATCH)]  # (runs, n_seq, seq, hidden)
+                part.copy_(run_layers(model, part.flatten(0, 1), layer, layer + 1).view_as(part))
+            for k in range(past, len(runs)):
+                if runs[k][0] <= layer:
+                    streams[k] = _group_layer(model, layer, runs[k], streams[k], hidden, own, states)
+        own.pop(layer, None)
+    return {r: max(0.0, _tail_nll(model, n, streams[k], input_ids) - base_nll) for k, r in enumerate(runs)}
+
+
+def _group_layer(model, layer: int, run: tuple[int, int], stream, hidden, own: dict, states: dict):
+    """`run`'s (n_seq, seq, hidden) stream through `layer`, one of its members, with `_share_hooks`' emulation:
+    the producer keeps its k_proj input, every member's K/V is the group-mean projection of it."""
+    first, last = run
+    if layer == first:  # the run starts: the stock stream entering its producer, and its group means
+        stream = hidden[first]
+        for m in range(first, last + 1):
+            own.setdefault(m, _own_kv(model, m))
+        dtype = model.model.layers[first].self_attn.k_proj.weight.dtype
+        means = {kind: torch.stack([own[m][kind] for m in range(first, last + 1)]).mean(0) for kind in KINDS}
+        states[run] = ({kind: w.T.to(dtype) for kind, w in means.items()}, {})  # as `mean_shared` does
+    shared, producer_input = states[run] if layer < last else states.pop(run)
+    handles = _member_hooks(model.model.layers[layer].self_attn, shared, producer_input, producer=layer == first)
+    try:
+        return run_layers(model, stream, layer, layer + 1)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _own_kv(model, layer: int) -> dict:
+    """{kind: `layer`'s own (hidden[+1], out) fp64 projection}, as `mean_shared` stacks them. A group's means are
+    needed at its producer, before its later members' turn in the sweep: a LayerwiseModel's layer not in memory
+    gives just its k/v tensors from the checkpoint (cast as `loaded` casts them; ~2% of a 70B layer's bytes), so
+    the sweep still reads each whole layer once."""
+    loader = getattr(model, "_layerwise", None)
+    attn = model.model.layers[layer].self_attn
+    if loader is None or not attn.k_proj.weight.is_meta:
+        return {kind: _own_weight(model, kind, layer) for kind in KINDS}
+    out = {}
+    for kind in KINDS:
+        key = LAYER_PREFIX.format(layer) + f"self_attn.{kind}."
+        parts = [loader.checkpoint.get(key + "weight").to(loader.device, loader.dtype).double().T]
+        if getattr(attn, kind).bias is not None:
+            parts.append(loader.checkpoint.get(key + "bias").to(loader.device, loader.dtype).double()[None])
+        out[kind] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    return out
 
 
 def _layout_hooks(model, layout: list[int], start: int = 0) -> list:
@@ -224,8 +317,6 @@ def auto_layout(
     `refine_max_group` (None: the scoring's largest group). Deterministic: no sampling is involved. `model` may be
     a `LayerwiseModel`'s inside its `offloaded()` block: every pass is a forward, one layer in memory at a time.
     """
-    from tqdm.auto import tqdm
-
     input_ids = input_ids.to(model.get_input_embeddings().weight.device)  # a GPU model given CPU ids (library use)
     n = model.config.num_hidden_layers
     producers = producers_for(n, kv_saving)
@@ -236,9 +327,7 @@ def auto_layout(
     ids = input_ids[: max(1, SCORE_TOKENS // input_ids.shape[1])]
     hidden, base = layer_inputs(model, ids)
     runs = [(i, j) for i in range(n) for j in range(i, min(n, i + max_group))]
-    costs = {}
-    for i, j in tqdm(runs, desc="scoring groups", disable=not progress, leave=False):
-        costs[(i, j)] = group_cost(model, list(range(i, j + 1)), ids, base, hidden)
+    costs = sweep_costs(model, runs, ids, base, hidden, progress=progress)  # group_cost's, in a few layer passes
     del hidden  # layers x score tokens x hidden: the refinement caches its own (2.7 GB at 70B)
     candidates = {"dp": best_partition(costs, n, producers), f"uniform_cla{factor}": uniform_layout(n, factor)}
     measured = {name: layout_nll(model, lay, ids) - base for name, lay in candidates.items()}

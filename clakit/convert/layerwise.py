@@ -26,6 +26,7 @@ class LayerwiseModel:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype or first.dtype
         self._depth: dict[int, int] = {}  # layer -> how many open `loaded` blocks hold it
+        self.reads = 0  # decoder layers read from the checkpoint so far (what the scoring's I/O is counted in)
         self.layers = list(model.model.layers)  # the modules themselves: code may slice model.model.layers
         if checkpoint is not None:
             model._layerwise = self  # lets `materialized(model, ...)` find its loader
@@ -60,6 +61,7 @@ class LayerwiseModel:
             for i in fresh:
                 names = [n for n, _ in self.layers[i].named_parameters()]
                 _assign(self.layers[i], LAYER_PREFIX.format(i), self.checkpoint, names, self.device, self.dtype)
+                self.reads += 1
             yield
         finally:
             for i in dict.fromkeys(layers):
