@@ -382,3 +382,28 @@ def test_the_demo_records_the_distillation_steps_its_machine_chose(tmp_path, tin
     converted = _read(tmp_path / "work" / "converted" / "clakit_convert.json")
     assert resolved["value"] == converted["settings"]["distill_steps"] == 0
     assert "did not fit the device's free memory" in resolved["why"] and "--distill-steps N" in resolved["why"]
+
+
+def test_a_resume_naming_another_start_checkpoint_is_refused(
+    tmp_path,
+    corpus_dir,
+    tiny_cla_checkpoint,  # noqa: F811
+    monkeypatch,
+):
+    """639f522 left model.path out of the fingerprint (a moved project must resume), so --resume with a recipe naming
+    another checkpoint silently trained on (and merged the saved LoRA into) the recorded one. A model.path naming a
+    checkpoint whose weights differ from the recorded start (a fine-tune of the same shapes) is refused; the same
+    checkpoint copied elsewhere resumes."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.chdir(tmp_path)
+    work, recipe = _killed_run(tmp_path, corpus_dir, tiny_cla_checkpoint)
+    copy = shutil.copytree(tiny_cla_checkpoint, tmp_path / "copy")
+    other = shutil.copytree(tiny_cla_checkpoint, tmp_path / "other")
+    shard = next(other.glob("model-*.safetensors"))
+    save_file({k: v + 1 for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    write_recipe(work / "r.yaml", recipe | {"model": {"path": str(other)}})
+    with pytest.raises(ClakitError, match=r"--resume: .* started from .*; model\.path now names .*other"):
+        uptrain(work / "r.yaml", resume=True, quiet=True)
+    write_recipe(work / "r.yaml", recipe | {"model": {"path": str(copy)}})
+    assert (uptrain(work / "r.yaml", resume=True, quiet=True) / "config.json").is_file()

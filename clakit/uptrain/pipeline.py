@@ -461,7 +461,8 @@ def resumed_model(recipe: Recipe, out: Path):
     checkpoint (a relative path from another working directory, a Hub id whose branch moved) and the saved LoRA
     would be merged into weights it was never trained on: the checkpoint run.json recorded is used, as for the
     teacher. model.source needs nothing: its conversion lives in the run folder."""
-    recorded = (run_record(out) or {}).get("start_checkpoint")
+    record = run_record(out) or {}
+    recorded = record.get("start_checkpoint")
     if not recipe.model.path or not isinstance(recorded, str):  # runs recorded before start_checkpoint: as typed
         return recipe.model
     start = out / recorded  # an absolute record stays itself
@@ -470,7 +471,43 @@ def resumed_model(recipe: Recipe, out: Path):
             f"--resume: the run in {out} started from {start}, which is gone; put the checkpoint back there, or "
             "start over with --overwrite"
         )
+    typed = ((record.get("recipe") or {}).get("model") or {}).get("path")
+    if recipe.model.path != typed:  # typed as recorded: the run's own, from whatever folder (the docstring)
+        _check_same_start(out, start, expand(recipe.model.path, "model.path"))
     return dataclasses.replace(recipe.model, path=str(start), revision=None)  # resolved already: no revision
+
+
+def _check_same_start(out: Path, start: Path, given: Path) -> None:
+    """model.path is outside the fingerprint (a moved project resumes: recipe.identity), so a local model.path typed
+    otherwise than the run recorded it and naming another checkpoint than the one it started from is refused here:
+    the saved LoRA belongs to the recorded one. A copy or a moved folder is the same checkpoint (checkpoint_summary).
+    A Hub id is not looked up (offline)."""
+    if not (given / "config.json").is_file() or given.resolve() == start.resolve():
+        return
+    if checkpoint_summary(given) != checkpoint_summary(start):
+        raise ClakitError(
+            f"--resume: the run in {out} started from {start}; model.path now names {given}, another checkpoint "
+            "(its config or weights differ): give the checkpoint it started from, or start over with --overwrite"
+        )
+
+
+SUMMARY_BYTES = 1 << 20  # of each weight file's start and end: a fine-tune with the same shapes differs there
+
+
+def checkpoint_summary(folder: Path) -> str:
+    """sha256 of a checkpoint's config.json (as parsed) and, per weight file, its name, size and first and last MiB:
+    equal for a copy, unequal for another model or fine-tune, without reading 140 GB of a 70B's weights."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(json.loads((folder / "config.json").read_text()), sort_keys=True).encode())
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(SUMMARY_BYTES))
+            f.seek(max(size - SUMMARY_BYTES, 0))
+            digest.update(f.read(SUMMARY_BYTES))
+    return digest.hexdigest()
 
 
 CONVERT_POLL_S = 10.0  # how often the other processes look for the converted checkpoint
