@@ -4,7 +4,7 @@ import importlib.metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 __version__ = "0.1.0"
 
@@ -33,10 +33,11 @@ def _too_old(requirement: Requirement) -> tuple[str, str] | None:
     (2.14.0.dev20260101, 2.13.0+cpu) count as the version they carry."""
     try:
         found = importlib.metadata.version(requirement.name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+        version = Version(found)
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion, TypeError):
+        return None  # not installed, or a version no floor compares with ('unknown', none in its METADATA): unchecked
     for spec in requirement.specifier:
-        if spec.operator == ">=" and Version(found) < Version(spec.version):
+        if spec.operator == ">=" and version < Version(spec.version):
             return spec.version, found
     return None
 

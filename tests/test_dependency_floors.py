@@ -137,6 +137,23 @@ def test_import_takes_nightly_local_and_newer_builds_at_their_version(monkeypatc
     clakit.check_floors()
 
 
+@pytest.mark.parametrize("version", ["unknown", "1.0-custom", None])
+def test_import_takes_a_dependency_whose_version_no_floor_compares_with(monkeypatch, version):
+    """A source build or a broken dist-info can carry a version that is not PEP 440 ('unknown') or none at all
+    (METADATA without Version: importlib.metadata gives None): `import clakit` failed on it (InvalidVersion,
+    TypeError) though clakit may run on it; such a version is left unchecked, as a package without metadata is."""
+    import importlib.metadata
+
+    import clakit
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: version if n == "accelerate" else real(n))
+    clakit.check_floors()
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "1.0.0" if n == "accelerate" else real(n))
+    with pytest.raises(ImportError, match="clakit needs accelerate>="):  # the check itself still runs
+        clakit.check_floors()
+
+
 @pytest.mark.parametrize("name", sorted(REQUIREMENTS))
 def test_every_floor_of_the_table_is_checked_at_import(monkeypatch, name):
     """Each dependency just below its floor (the floor's .dev0) is refused, naming it; at the floor it passes."""
