@@ -505,3 +505,5 @@ def test_a_layout_that_shares_nothing_writes_the_sources_tensors_without_distill
     record = json.loads((tmp_path / "out" / "clakit_convert.json").read_text())
     assert record["settings"]["distill_steps"] == 0
     assert record["distill"] == {"steps": 0, "skipped": "no layer shares K/V in this layout"}  # why, not null
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "none (the default was skipped: no layer shares K/V in this layout)" in card

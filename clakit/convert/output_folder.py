@@ -65,6 +65,8 @@ def _perplexity_line(record: dict) -> str:
 
 def _distill_line(settings: dict, record: dict) -> str:
     steps, found = settings.get("distill_steps") or 0, record.get("distill")
+    if found and found.get("skipped"):  # the default, skipped on this machine: the card says why, as the record does
+        return f"none (the default was skipped: {found['skipped']})"
     if not steps or not found:
         return "none"
     windows = ""
