@@ -29,8 +29,8 @@ def _requirements() -> list[str]:
 
 def _too_old(requirement: Requirement) -> tuple[str, str] | None:
     """(floor, installed version) where the installed version is below the requirement's `>=` bound, else None. A
-    missing package is left to its import's own error, upper bounds to pip. Pre-releases and local builds
-    (2.14.0.dev20260101, 2.13.0+cpu) count as the version they carry."""
+    missing package is left to its import's own error, upper bounds to pip. A local build (2.13.0+cpu) counts as its
+    release; a pre-release sorts before it (2.14.0.dev20260101 passes a 2.6 floor, 2.6.0.dev0 does not)."""
     try:
         found = importlib.metadata.version(requirement.name)
         version = Version(found)
