@@ -407,3 +407,23 @@ def test_a_resume_naming_another_start_checkpoint_is_refused(
         uptrain(work / "r.yaml", resume=True, quiet=True)
     write_recipe(work / "r.yaml", recipe | {"model": {"path": str(copy)}})
     assert (uptrain(work / "r.yaml", resume=True, quiet=True) / "config.json").is_file()
+
+
+def test_a_resume_naming_another_source_model_is_refused(tmp_path, corpus_dir, tokenizer, monkeypatch):
+    """model.source is outside the fingerprint too (639f522): --resume with a recipe naming another stock model
+    silently continued on the run's conversion of the first. Refused where the given source is another checkpoint
+    than the one the conversion recorded; a copy of it resumes."""
+    from conftest import save_checkpoint, tiny_model
+    from uptrain_fixtures import killed_at_step
+
+    first = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "first")
+    other = save_checkpoint(tiny_model("llama", seed=1), tokenizer, tmp_path / "other")
+    copy = shutil.copytree(first, tmp_path / "copy")
+    model = {"source": str(first), "convert": {"factor": 2, "init": "mean"}}
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model=model)
+    killed_at_step(2, write_recipe(tmp_path / "r.yaml", recipe))
+    write_recipe(tmp_path / "r.yaml", recipe | {"model": model | {"source": str(other)}})
+    with pytest.raises(ClakitError, match=r"--resume: .* started from .*first; model\.source now names .*other"):
+        uptrain(tmp_path / "r.yaml", resume=True, quiet=True)
+    write_recipe(tmp_path / "r.yaml", recipe | {"model": model | {"source": str(copy)}})
+    assert (uptrain(tmp_path / "r.yaml", resume=True, quiet=True) / "config.json").is_file()

@@ -469,6 +469,7 @@ def resumed_model(recipe: Recipe, out: Path):
     would be merged into weights it was never trained on: the checkpoint run.json recorded is used, as for the
     teacher. model.source needs nothing: its conversion lives in the run folder."""
     record = run_record(out) or {}
+    _check_same_original(out, record, recipe.model)
     recorded = record.get("start_checkpoint")
     if not recipe.model.path or not isinstance(recorded, str):  # runs recorded before start_checkpoint: as typed
         return recipe.model
@@ -480,21 +481,31 @@ def resumed_model(recipe: Recipe, out: Path):
         )
     typed = ((record.get("recipe") or {}).get("model") or {}).get("path")
     if recipe.model.path != typed:  # typed as recorded: the run's own, from whatever folder (the docstring)
-        _check_same_start(out, start, expand(recipe.model.path, "model.path"))
+        _check_same_checkpoint(out, start, expand(recipe.model.path, "model.path"), "model.path")
     return dataclasses.replace(recipe.model, path=str(start), revision=None)  # resolved already: no revision
 
 
-def _check_same_start(out: Path, start: Path, given: Path) -> None:
-    """model.path is outside the fingerprint (a moved project resumes: recipe.identity), so a local model.path typed
-    otherwise than the run recorded it and naming another checkpoint than the one it started from is refused here:
-    the saved LoRA belongs to the recorded one. A copy or a moved folder is the same checkpoint (checkpoint_summary).
-    A Hub id is not looked up (offline)."""
-    if not (given / "config.json").is_file() or given.resolve() == start.resolve():
+def _check_same_original(out: Path, record: dict, model) -> None:
+    """model.source / model.original typed otherwise than run.json recorded them, against the original the run
+    resolved (the conversion in the run folder and the teacher come from it, whatever the recipe names now)."""
+    typed = (record.get("recipe") or {}).get("model") or {}
+    given, key = (model.original, "model.original") if model.original else (model.source, "model.source")
+    recorded = (record.get("original") or {}).get("path")
+    if given and given != (typed.get("original") or typed.get("source")) and isinstance(recorded, str):
+        _check_same_checkpoint(out, Path(recorded), expand(given, key), key)
+
+
+def _check_same_checkpoint(out: Path, recorded: Path, given: Path, key: str) -> None:
+    """The model keys are outside the fingerprint (a moved project resumes: recipe.identity), so a local `key`
+    naming another checkpoint than the one the run read is refused here: the saved LoRA (and the run's conversion)
+    belong to the recorded one. A copy or a moved folder is the same checkpoint (checkpoint_summary); a Hub id, or
+    a recorded folder that is gone, is not compared (offline; the run reads its own)."""
+    if not (given / "config.json").is_file() or not (recorded / "config.json").is_file():
         return
-    if checkpoint_summary(given) != checkpoint_summary(start):
+    if given.resolve() != recorded.resolve() and checkpoint_summary(given) != checkpoint_summary(recorded):
         raise ClakitError(
-            f"--resume: the run in {out} started from {start}; model.path now names {given}, another checkpoint "
-            "(its config or weights differ): give the checkpoint it started from, or start over with --overwrite"
+            f"--resume: the run in {out} started from {recorded}; {key} now names {given}, another checkpoint "
+            "(its config or weights differ): give the one it started from, or start over with --overwrite"
         )
 
 
