@@ -427,3 +427,25 @@ def test_a_resume_naming_another_source_model_is_refused(tmp_path, corpus_dir, t
         uptrain(tmp_path / "r.yaml", resume=True, quiet=True)
     write_recipe(tmp_path / "r.yaml", recipe | {"model": model | {"source": str(copy)}})
     assert (uptrain(tmp_path / "r.yaml", resume=True, quiet=True) / "config.json").is_file()
+
+
+def test_a_resume_naming_other_calibration_text_is_refused(tmp_path, corpus_dir, tokenizer):
+    """model.convert.calib_data is outside the fingerprint (639f522): --resume with a recipe naming other calibration
+    text silently continued on the run's conversion calibrated on the first. Refused where the text read now is not
+    the conversion's (its calib_sha256); the same text under another name resumes."""
+    from conftest import save_checkpoint, tiny_model
+    from uptrain_fixtures import killed_at_step
+
+    stock = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "stock")
+    copy = shutil.copy(corpus_dir / "calib.txt", tmp_path / "same.txt")
+    convert = {"factor": 2, "init": "calibrated", "calib_data": [str(corpus_dir / "calib.txt")], "seq_len": 32}
+    model = {"source": str(stock), "convert": convert}
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model=model)
+    killed_at_step(2, write_recipe(tmp_path / "r.yaml", recipe))
+    other = model | {"convert": convert | {"calib_data": [str(corpus_dir / "train.txt")]}}
+    write_recipe(tmp_path / "r.yaml", recipe | {"model": other})
+    with pytest.raises(ClakitError, match=r"--resume: .* calibrated on other text than model\.convert\.calib_data"):
+        uptrain(tmp_path / "r.yaml", resume=True, quiet=True)
+    same = model | {"convert": convert | {"calib_data": [str(copy)]}}
+    write_recipe(tmp_path / "r.yaml", recipe | {"model": same})
+    assert (uptrain(tmp_path / "r.yaml", resume=True, quiet=True) / "config.json").is_file()

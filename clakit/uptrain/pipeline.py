@@ -470,6 +470,7 @@ def resumed_model(recipe: Recipe, out: Path):
     teacher. model.source needs nothing: its conversion lives in the run folder."""
     record = run_record(out) or {}
     _check_same_original(out, record, recipe.model)
+    _check_same_calibration(out, record, recipe.model)
     recorded = record.get("start_checkpoint")
     if not recipe.model.path or not isinstance(recorded, str):  # runs recorded before start_checkpoint: as typed
         return recipe.model
@@ -493,6 +494,29 @@ def _check_same_original(out: Path, record: dict, model) -> None:
     recorded = (record.get("original") or {}).get("path")
     if given and given != (typed.get("original") or typed.get("source")) and isinstance(recorded, str):
         _check_same_checkpoint(out, Path(recorded), expand(given, key), key)
+
+
+def _check_same_calibration(out: Path, record: dict, model) -> None:
+    """model.convert.calib_data typed otherwise than run.json recorded it, against the text the run's conversion read
+    (its calib_sha256; the conversion in the run folder is used, whatever the recipe names now). A datasets spec is
+    not read again (offline)."""
+    from clakit.convert.output_folder import RECORD_FILE
+    from clakit.corpus import join_texts, load_texts
+    from clakit.provenance import text_sha256
+
+    typed = (((record.get("recipe") or {}).get("model") or {}).get("convert") or {}).get("calib_data")
+    given = model.convert.calib_data if model.source and model.convert else None
+    try:
+        recorded = json.loads((out / "converted" / RECORD_FILE).read_text())["settings"]["calib_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not given or given == typed or not recorded or any(is_datasets_spec(spec) for spec in given):
+        return
+    if text_sha256(join_texts(load_texts(given))) != recorded:
+        raise ClakitError(
+            f"--resume: the run in {out} converted its model calibrated on other text than model.convert.calib_data "
+            f"now names ({', '.join(given)}); give the text it read, or start over with --overwrite"
+        )
 
 
 def _check_same_checkpoint(out: Path, recorded: Path, given: Path, key: str) -> None:

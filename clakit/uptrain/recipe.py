@@ -168,7 +168,8 @@ def identity(recipe: dict) -> dict:
     holds (`data/a.txt` typed in /w, `/w/data/a.txt`, or the project moved to /v: one run). What was read is
     recorded by content or by the path it resolved to, and --resume reads or checks that instead: the text by
     run.json's data_sha256 (the packed blocks), the start checkpoint and the original by the folders run.json
-    recorded, the calibration text by the conversion record's calib_sha256 (the conversion is in the run folder)."""
+    recorded, the calibration text by the conversion record's calib_sha256 (the conversion is in the run folder);
+    a model key or calib_data typed otherwise is compared with those (pipeline.resumed_model)."""
     d = json.loads(json.dumps(recipe))  # a copy
     for key in RUN_ONLY:
         (d.get("train") or {}).pop(key, None)
