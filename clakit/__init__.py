@@ -65,7 +65,7 @@ def _refuse(message: str) -> None:
 
     argv = getattr(sys, "orig_argv", [])
     module = any(a == "-m" and b == "clakit" for a, b in zip(argv, argv[1:], strict=False))
-    if Path(sys.argv[0]).name == "clakit" or module:
+    if Path(sys.argv[0]).stem == "clakit" or module:  # clakit.exe: pip's console script on Windows
         print(f"clakit: error: {message}", file=sys.stderr)
         raise SystemExit(2)
     raise ImportError(message)

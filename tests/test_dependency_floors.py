@@ -114,7 +114,14 @@ def test_import_refuses_a_dependency_below_its_floor_in_one_line(tmp_path):
     assert last == f'ImportError: clakit needs {need} (found 1.0.0): pip install "{need}"', out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("command", [["-m", "clakit"], ["-c", "import sys; sys.argv[0] = 'clakit'; import clakit"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "clakit"],
+        ["-c", "import sys; sys.argv[0] = 'clakit'; import clakit"],
+        ["-c", "import sys; sys.argv[0] = '/venv/Scripts/clakit.exe'; import clakit"],  # pip's script on Windows
+    ],
+)
 def test_the_clakit_command_refuses_a_dependency_below_its_floor_in_one_line(tmp_path, command):
     """The console script (and `python -m clakit`) imports the package before cli.main can catch anything: a too-old
     dependency was a traceback ending in the ImportError. It is the CLI's one line, exit 2."""
