@@ -467,7 +467,9 @@ def resumed_model(recipe: Recipe, out: Path):
     """--resume: the model section to load the student from. model.path as the recipe spells it may now name another
     checkpoint (a relative path from another working directory, a Hub id whose branch moved) and the saved LoRA
     would be merged into weights it was never trained on: the checkpoint run.json recorded is used, as for the
-    teacher. model.source needs nothing: its conversion lives in the run folder."""
+    teacher; with model.source the conversion in the run folder is. A model key or calib_data typed otherwise than
+    run.json recorded it is refused where it names other weights or text than the run read (outside the fingerprint,
+    so that a moved project resumes)."""
     record = run_record(out) or {}
     _check_same_original(out, record, recipe.model)
     _check_same_calibration(out, record, recipe.model)
