@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clakit.convert.calibrate import _own_weight, mean_shared
+from clakit.convert.calibrate import _own_weight, as_projection, mean_shared
 from clakit.convert.layerwise import LAYER_PREFIX, materialized, run_layers
 from clakit.convert.layout import check_shareable, uniform_layout
 from clakit.convert.layout import groups as layout_groups
@@ -210,14 +210,13 @@ def _own_kv(model, layer: int) -> dict:
     attn = model.model.layers[layer].self_attn
     if loader is None or not attn.k_proj.weight.is_meta:
         return {kind: _own_weight(model, kind, layer) for kind in KINDS}
-    out = {}
-    for kind in KINDS:
-        key = LAYER_PREFIX.format(layer) + f"self_attn.{kind}."
-        parts = [loader.checkpoint.get(key + "weight").to(loader.device, loader.dtype).double().T]
-        if getattr(attn, kind).bias is not None:
-            parts.append(loader.checkpoint.get(key + "bias").to(loader.device, loader.dtype).double()[None])
-        out[kind] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
-    return out
+
+    def read(kind: str, name: str) -> torch.Tensor:
+        tensor = loader.checkpoint.get(LAYER_PREFIX.format(layer) + f"self_attn.{kind}.{name}")
+        return tensor.to(loader.device, loader.dtype)  # as `loaded` casts it
+
+    biased = {kind: getattr(attn, kind).bias is not None for kind in KINDS}
+    return {kind: as_projection(read(kind, "weight"), read(kind, "bias") if biased[kind] else None) for kind in KINDS}
 
 
 def _layout_hooks(model, layout: list[int], start: int = 0) -> list:

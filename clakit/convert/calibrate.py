@@ -453,10 +453,16 @@ def _backward_layer(stats: KVStats, model, i: int, streams: list, grads: list, k
 
 
 def _own_weight(model, kind: str, layer: int) -> torch.Tensor:
-    """Layer's own projection as (hidden[+1], out) fp64: the transposed weight, with the bias as a last row."""
+    """Layer's own projection as (hidden[+1], out) fp64 (as_projection)."""
     proj = getattr(_attn(model, layer), kind)
-    w = proj.weight.detach().double().T
-    return torch.cat([w, proj.bias.detach().double()[None]], 0) if proj.bias is not None else w
+    return as_projection(proj.weight, proj.bias)
+
+
+def as_projection(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A projection's (out, hidden) weight and (out,) bias (or None) as the (hidden[+1], out) fp64 the fits solve
+    for: the transposed weight, the bias as a last row (a ones column on the input carries it)."""
+    w = weight.detach().double().T
+    return torch.cat([w, bias.detach().double()[None]], 0) if bias is not None else w
 
 
 def _member_weights(stats: KVStats, kind: str, members: list[int], out: int, fisher: bool, device) -> torch.Tensor:
