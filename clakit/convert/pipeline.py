@@ -767,5 +767,3 @@ def _space_named(out: Path, need: int):
             f"cannot write {out}: {reason}; its weights take {outputs.size_text(need)}: free that much beside it, or "
             "choose another output folder"
         ) from None
-
-

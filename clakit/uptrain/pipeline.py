@@ -373,9 +373,11 @@ def check_fsdp(acc) -> None:
     are always mixed) unless it keeps the original parameters. FSDP on CPU processes below the torch of
     FSDP_MIN_TORCH: check_fsdp_torch."""
     plugin = checkpoint.fsdp_plugin(acc)
-    if plugin is not None:
-        check_fsdp_torch(acc, getattr(plugin, "fsdp_version", 1) or 1)
-    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1 and not plugin.use_orig_params:
+    if plugin is None:
+        return
+    version = getattr(plugin, "fsdp_version", 1)
+    check_fsdp_torch(acc, version or 1)
+    if version == 1 and not plugin.use_orig_params:
         raise ClakitError(
             "FSDP (version 1) without use_orig_params cannot train LoRA (each layer mixes frozen and trained "
             "tensors); set fsdp_use_orig_params: true in the accelerate config (FSDP_USE_ORIG_PARAMS=true), "
@@ -502,16 +504,13 @@ def _check_same_calibration(out: Path, record: dict, model) -> None:
     """model.convert.calib_data typed otherwise than run.json recorded it, against the text the run's conversion read
     (its calib_sha256; the conversion in the run folder is used, whatever the recipe names now). A datasets spec is
     not read again (offline)."""
-    from clakit.convert.output_folder import RECORD_FILE
     from clakit.corpus import join_texts, load_texts
-    from clakit.provenance import text_sha256
+    from clakit.provenance import CONVERT_RECORD, text_sha256
 
     typed = (((record.get("recipe") or {}).get("model") or {}).get("convert") or {}).get("calib_data")
     given = model.convert.calib_data if model.source and model.convert else None
-    try:
-        recorded = json.loads((out / "converted" / RECORD_FILE).read_text())["settings"]["calib_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
+    settings = (card.read_record(out / "converted" / CONVERT_RECORD) or {}).get("settings")
+    recorded = settings.get("calib_sha256") if isinstance(settings, dict) else None  # none: nothing to compare
     if not given or given == typed or not recorded or any(is_datasets_spec(spec) for spec in given):
         return
     if text_sha256(join_texts(load_texts(given))) != recorded:
