@@ -21,10 +21,24 @@ def pip(*args, cwd=None) -> None:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def built(tmp_path_factory) -> tuple[Path, str]:
+    """The wheel and the build's verbose log (setuptools' warnings are only shown with -v)."""
     out = tmp_path_factory.mktemp("wheel")
-    pip("wheel", "--no-deps", str(REPO), "-w", str(out))
-    return next(out.glob("clakit-*.whl"))
+    cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", str(REPO), "-w", str(out)]
+    run = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return next(out.glob("clakit-*.whl")), run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(built) -> Path:
+    return built[0]
+
+
+def test_the_build_lists_every_recipe_folder_as_a_package(built):
+    """A recipe folder missing from pyproject's packages list still shipped (package-data's `**`), but setuptools
+    warned of each one ("Package 'clakit.recipes.smollm2' is absent from the `packages` configuration"), and
+    warns it will stop shipping them."""
+    assert "is absent from the `packages` configuration" not in built[1], built[1][-3000:]
 
 
 def test_wheel_holds_every_module_and_the_recipes_unduplicated(wheel):
