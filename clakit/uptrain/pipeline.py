@@ -827,6 +827,8 @@ def _setup(
     run["dtype"] = dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
     run["student_dtype"] = torch.float32 if checkpoint.sharded(acc) else dtype
     start_path = prepare_student_checkpoint(recipe, work, acc, quiet, section)
+    # before any model loads (at 70B minutes of reading per model): every process, so they stop together
+    check_run_space(out or work, start_path, recipe, data, acc, fresh)
     model = _load_student(start_path, run["student_dtype"], acc, recipe.model.allow_pickle)
     # under FSDP the converted model is scored once accelerate has sharded it (_score_converted): whole, it would
     # not fit one device at the sizes FSDP is for
@@ -837,7 +839,6 @@ def _setup(
         run["reports"]["converted"] = with_origin(converted, start_path, _published(start_path, work, out))
     model = student.make_trainable(model, recipe.lora, recipe.train.gradient_checkpointing)
     teacher = _load_teacher(original, dtype, model, acc, recipe.model) if recipe.needs_teacher else None
-    check_run_space(out or work, model, recipe, data, acc, fresh)  # every process: they stop together
     if fresh:
         _say("held-out numbers of the original model", quiet)
         run["reports"]["original"] = original_report(recipe, original, teacher, dtype, run, acc)
@@ -866,18 +867,35 @@ def run_bytes(model, dtype: torch.dtype) -> tuple[int, int]:
     return result, 3 * sum(trainable) + (64 << 10) + (1 << 10) * len(trainable)
 
 
-def check_run_space(out: Path, model, recipe: Recipe, data, acc, fresh: bool) -> None:
+def check_run_space(out: Path, start_path: Path, recipe: Recipe, data, acc, fresh: bool) -> None:
     """Refuse before training where the disk cannot hold the result and the checkpoints the run keeps (at most
     save_total_limit, one more while the newest is written before the oldest goes; a resume: one more): at 70B the
-    result alone is ~140 GB, and a full disk found at the save comes after the whole training."""
+    result alone is ~140 GB, and a full disk found at the save comes after the whole training. Counted on the
+    student's skeleton (`trainable_skeleton`), so it runs before any model is loaded."""
     train = recipe.train
-    result, one = run_bytes(model, torch.bfloat16 if train.bf16 else torch.float32)
+    result, one = run_bytes(trainable_skeleton(start_path, recipe), torch.bfloat16 if train.bf16 else torch.float32)
     steps = make_plan(train, len(data.train), data.seq_len, acc.num_processes).total_steps
     saves = (steps - 1) // train.save_steps if train.save_steps > 0 else 0  # none at the last step: the result
     kept = min(saves, train.save_total_limit + 1 if train.save_total_limit else saves, 1 if not fresh else saves)
     what = f"the trained model ({outputs.size_text(result)}) and {kept} checkpoint(s) of {outputs.size_text(one)}"
     fix = "set train.output_dir on a disk with room (or a smaller train.save_total_limit)"
     outputs.check_free_space(out, result + kept * one, what, fix)
+
+
+def trainable_skeleton(start_path: Path, recipe: Recipe):
+    """The student of `start_path` made trainable (recipe.lora) on the meta device: every shape `run_bytes` counts,
+    no weight read (the config only)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from clakit.sources import load_config
+
+    section = recipe.model
+    config = load_config(resolve_source(str(start_path)), section.trust_remote_code)
+    with init_empty_weights():  # parameters on meta
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=section.trust_remote_code)
+    model.tie_weights()  # from_config leaves lm_head untied where the config ties it: counted once, as loaded
+    return student.make_trainable(model, recipe.lora)
 
 
 def _load_student(start_path: Path, dtype: torch.dtype, acc, allow_pickle: bool):

@@ -1,0 +1,48 @@
+"""At size (break-it round 6): what a 70B run costs in time, memory and disk, before and during. Each test counts
+the work done (reads, loads, bytes held) where a timing would be noise; the timings are in benchmarks/."""
+
+import pytest
+import torch
+from test_uptrain_run import run_cli
+from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+
+from clakit.uptrain import pipeline, student
+from clakit.uptrain.recipe import load_recipe
+
+# --- uptrain: the run's disk space, checked before any model loads ---------------------------------------------
+
+
+def test_the_run_space_is_checked_before_any_model_loads(tiny_cla_checkpoint, corpus_dir, tmp_path, capsys,  # noqa: F811
+                                                         monkeypatch):  # fmt: skip
+    """check_run_space counted the loaded, trainable student, so a disk without room for the result and its
+    checkpoints was refused only after the student and the teacher had loaded (at 70B each read is minutes; under
+    FSDP the teacher's broadcast too). It counts the student's meta skeleton now, before either loads."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(pipeline, "_load_student", lambda *a: pytest.fail("the student loaded before the check"))
+    monkeypatch.setattr(pipeline, "_load_teacher", lambda *a: pytest.fail("the teacher loaded before the check"))
+    code, err = run_cli(capsys, recipe)
+    assert code == 2 and err.count("\n") == 0 and "not enough disk space" in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("lora", [{}, {"r": 0, "full_train": ["q_proj", "o_proj"]}, {"full_train": ["q_proj"]}])
+def test_the_skeleton_counts_the_bytes_of_the_loaded_student(tokenizer, corpus_dir, tmp_path, tied, lora):
+    """The meta skeleton's (result, checkpoint) bytes equal the loaded trainable student's: tied embeddings counted
+    once, LoRA adapters and fully trained tensors (fp32) in the checkpoint, the result without the adapters."""
+    from conftest import save_checkpoint, tiny_model
+
+    from clakit.convert.inmemory import cla_model_from
+    from clakit.convert.layout import uniform_layout
+
+    cla = cla_model_from(tiny_model("llama", tie_word_embeddings=tied), uniform_layout(4, 2), "mean")
+    path = save_checkpoint(cla, tokenizer, tmp_path / "cla")
+    raw = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(path)}, lora=lora)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", raw))
+    loaded = student.make_trainable(student.load_cla(path, torch.float32), recipe.lora)
+    skeleton = pipeline.trainable_skeleton(path, recipe)
+    assert all(p.is_meta for p in skeleton.parameters())
+    for dtype in (torch.bfloat16, torch.float32):
+        assert pipeline.run_bytes(skeleton, dtype) == pipeline.run_bytes(loaded, dtype)
