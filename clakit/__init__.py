@@ -21,10 +21,20 @@ def _requirements() -> list[str]:
         project = {}
     if project.get("name") == "clakit":
         return project.get("dependencies", [])
+    return _installed_requirements()
+
+
+def _installed_requirements() -> list[str]:
+    """The floors in the metadata of the clakit installation that holds this very file; none (unchecked) for a copy
+    that no metadata describes (a zip on sys.path, a vendored folder), which read whichever clakit was installed
+    elsewhere in the environment, however old, and refused or passed by its table."""
     try:
-        return importlib.metadata.requires("clakit") or []
+        dist = importlib.metadata.distribution("clakit")
     except importlib.metadata.PackageNotFoundError:
         return []
+    if Path(dist.locate_file("clakit/__init__.py")).resolve() != Path(__file__).resolve():
+        return []
+    return dist.requires or []
 
 
 def _too_old(requirement: Requirement) -> tuple[str, str] | None:

@@ -16,6 +16,7 @@ ranges. Here (docs/install.md has the measurements behind each floor):
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -354,3 +355,25 @@ def test_an_installed_clakit_beside_another_projects_pyproject_reads_its_own_met
     fake_version(site, "accelerate", "1.0.0")
     out = import_clakit(site, checkout=False, cwd=tmp_path)
     assert out.stderr.strip().splitlines()[-1].startswith("ImportError: clakit needs accelerate>="), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("packed", ["folder", "zip"])
+def test_a_vendored_or_zipped_clakit_does_not_read_another_installations_floors(tmp_path, packed):
+    """A copy of clakit that no metadata describes (vendored into a project, or a zip on sys.path) read the metadata
+    of whichever clakit the environment had installed: here one whose table asks accelerate>=99, which refused the
+    import. It checks nothing now, as a copy without pyproject.toml or metadata of its own did before."""
+    other = tmp_path / "other"
+    info = other / "clakit-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    metadata = "Metadata-Version: 2.1\nName: clakit\nVersion: 0.0.1\nRequires-Dist: accelerate>=99\n"
+    (info / "METADATA").write_text(metadata)
+    copy = tmp_path / "vendor"
+    shutil.copytree(ROOT / "clakit", copy / "clakit", ignore=shutil.ignore_patterns("__pycache__"))
+    if packed == "zip":
+        shutil.make_archive(str(tmp_path / "clakit"), "zip", copy)
+        copy = tmp_path / "clakit.zip"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), str(other)])}
+    probe = "import clakit; print(clakit.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith(str(copy)), out.stdout  # the copy ran, not the checkout
