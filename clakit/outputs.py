@@ -271,6 +271,7 @@ def check_folder(
         _check_place(out, label, inputs)
     except OSError as e:  # a path the file system refuses outright (a parent's name too long, a loop of links)
         raise ClakitError(f"{label} {out} cannot be used ({e.strerror or e}); choose another folder") from None
+    reclaim_leftovers(out)  # a killed run's staging (or the output it had moved aside) first: then the checks
     if out.exists() and _is_mount_point(out):
         raise ClakitError(
             f"{label} {out} is a mount point: clakit writes beside it and renames the result into place, which a "
@@ -310,14 +311,100 @@ def usual_mode(*files: Path) -> None:
 
 
 def make_staging(out: Path) -> Path:
-    """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`)."""
+    """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`), locked by this process until
+    it is published or discarded; what killed runs left beside `out` is reclaimed first (`reclaim_leftovers`)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        reclaim_leftovers(out)
+        for _ in range(3):  # a folder a concurrent reclaim took between its creation and its lock: make another
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+            if _lock_staging(tmp):
+                break
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any folder
     except OSError as e:
         raise ClakitError(f"cannot create the output folder beside {out}: {e.strerror or e}") from None
     return tmp
+
+
+# staging folders this process holds, path -> the descriptor of its shared lock on the folder
+_STAGING_LOCKS: dict[str, int] = {}
+
+
+def _lock_staging(tmp: Path) -> bool:
+    """Hold a shared flock on the staging folder `tmp` while this process writes it: a kill -9 releases it, so a
+    later run tells a dead run's leftover (unlocked) from a live one's. False when a concurrent reclaim removed `tmp`
+    before the lock was taken (its inode is no longer at `tmp`). Where the file system has no locks, the folder is
+    kept unlocked, and then never reclaimed (`_lock_free` fails the same way there)."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        same = os.stat(tmp).st_ino == os.fstat(fd).st_ino
+    except OSError as e:
+        os.close(fd)
+        return not isinstance(e, BlockingIOError | FileNotFoundError)
+    if not same:
+        os.close(fd)
+        return False
+    _STAGING_LOCKS[str(tmp)] = fd
+    return True
+
+
+def _release(tmp: Path) -> None:
+    fd = _STAGING_LOCKS.pop(str(tmp), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _lock_free(folder: Path) -> int | None:
+    """An exclusive flock on `folder` when no live process holds it (its descriptor: keep it while removing the
+    folder), else None: held by a running clakit, or a file system without locks (then nothing is reclaimed)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def reclaim_leftovers(out: Path) -> list[str]:
+    """Remove what a killed run (kill -9, a node lost, out of memory) left beside `out`: staging folders
+    `.NAME.XXXXXXXX.partial` no live process holds, and `.NAME.XXXXXXXX.old` (an earlier output moved aside by a
+    run killed while publishing: put back when `out` is missing, else removed). Without this every killed run kept
+    its staged output (the whole checkpoint) on the disk for good. Returns the names reclaimed."""
+    out = Path(out).absolute()
+    with contextlib.suppress(OSError):
+        found = [p for p in out.parent.iterdir() if _staged_name(p.name) == out.name and not p.is_symlink()]
+        done, live = [], False
+        for folder in sorted(p for p in found if p.name.endswith(".partial") and p.is_dir()):
+            fd = _lock_free(folder)
+            if fd is None:
+                live = True  # a run writing this output now (or no locks here): its .old may be mid-publish
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            os.close(fd)
+            done.append(folder.name)
+        if not live:
+            done += _reclaim_old(out, sorted(p for p in found if p.name.endswith(".old") and p.is_dir()))
+        return done
+    return []
+
+
+def _reclaim_old(out: Path, olds: list[Path]) -> list[str]:
+    """An output moved aside by a run killed between its two renames (publish): back into place when `out` is
+    missing, as the interrupted run itself does on Ctrl-C; removed once `out` holds the new output."""
+    for old in olds:
+        if not (out.exists() or out.is_symlink()):
+            old.rename(out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    return [old.name for old in olds]
 
 
 @contextlib.contextmanager
@@ -337,6 +424,7 @@ def new_parents_removed_on_failure(out: Path) -> Iterator[None]:
 
 def discard(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+    _release(tmp)
 
 
 def write_marker(folder: Path, kind: str, run_id: str | None = None, later: Iterable[str] = ()) -> dict:
@@ -376,6 +464,7 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+    _release(tmp)
 
 
 @contextlib.contextmanager

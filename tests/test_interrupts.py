@@ -1,0 +1,166 @@
+"""Time: runs killed (SIGKILL, SIGTERM, Ctrl-C) at their stages, two runs at once on one output, resumes, clocks.
+
+Real processes: each run here is a `python` child that stops itself at a chosen point (it touches a file, then
+sleeps) and is killed there by the test with a real signal; nothing after the kill runs in it.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from convert_fixtures import fingerprint
+
+from clakit import outputs
+
+# a child process: `python -c STOP_AT READY ARGV...` runs `clakit ARGV...`, and once `stop` (set by the prelude a
+# test adds) has run, touches READY and sleeps until it is killed
+RUN_CLI = """
+import sys, time
+from pathlib import Path
+from clakit.cli import main
+def stop():
+    Path(sys.argv[1]).touch()
+    time.sleep(600)
+{prelude}
+sys.exit(main(sys.argv[2:]))
+"""
+# stops once the first shard of the output is written into the staging folder
+AFTER_FIRST_SHARD = """
+import clakit.convert.checkpoint as ck
+real_save = ck.save_file
+def save_file(*args, **kwargs):
+    real_save(*args, **kwargs)
+    stop()
+ck.save_file = save_file
+"""
+# stops between publishing's two renames: the old output moved aside, the new one not yet in its place
+BETWEEN_RENAMES = """
+real_rename = Path.rename
+def rename(self, target):
+    moved = real_rename(self, target)
+    if str(target).endswith(".old"):
+        stop()
+    return moved
+Path.rename = rename
+"""
+
+
+def start(tmp_path: Path, prelude: str, *argv) -> tuple[subprocess.Popen, Path]:
+    ready = tmp_path / f"ready-{time.monotonic_ns()}"
+    code = RUN_CLI.format(prelude=prelude)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(ready), *map(str, argv)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return proc, ready
+
+
+def stopped(proc: subprocess.Popen, ready: Path, timeout: float = 300) -> None:
+    """Wait until the child reached its stop (fail with its stderr when it ended first)."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before its stop: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run did not reach its stop in time")
+        time.sleep(0.2)
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def clakit(*argv, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "clakit", *map(str, argv)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# --- kill -9, then the next run -------------------------------------------------------------------------------------
+
+
+def test_the_next_convert_reclaims_the_staging_folder_of_one_killed_by_sigkill(tiny_llama_checkpoint, tmp_path):
+    """A convert killed (-9) while writing its shards left `.out.XXXXXXXX.partial` beside OUT for good (a whole
+    checkpoint: ~140 GB at 70B) and the next conversion wrote another beside it; now the next run removes it."""
+    src, work = tiny_llama_checkpoint, tmp_path / "work"
+    work.mkdir()
+    before = fingerprint(src)
+    proc, ready = start(tmp_path, AFTER_FIRST_SHARD, "convert", src, work / "out", "--init", "mean", "-q")
+    stopped(proc, ready)
+    kill9(proc)
+    left = hidden(work)
+    assert len(left) == 1 and left[0].startswith(".out.") and left[0].endswith(".partial"), left
+    assert not (work / "out").exists()
+    done = clakit("convert", src, work / "out", "--init", "mean", "-q")
+    assert done.returncode == 0, done.stderr
+    # before: ['.out.XXXXXXXX.partial'] (the killed run's shards) stayed beside the new OUT
+    assert hidden(work) == [] and (work / "out" / "config.json").is_file()
+    assert fingerprint(src) == before
+
+
+def test_a_running_converts_staging_is_not_taken_by_a_second_run_on_the_same_out(tiny_llama_checkpoint, tmp_path):
+    """Two conversions into one OUT at once: the second must not reclaim the first's staging folder (it is alive:
+    locked); the first, resumed from its stop, finds OUT written meanwhile and refuses in one line, leaving it."""
+    src, work = tiny_llama_checkpoint, tmp_path / "work"
+    work.mkdir()
+    first, ready = start(tmp_path, AFTER_FIRST_SHARD, "convert", src, work / "out", "--init", "mean", "-q")
+    stopped(first, ready)
+    staging = hidden(work)
+    second = clakit("convert", src, work / "out", "--init", "mean", "-q")
+    assert second.returncode == 0, second.stderr
+    assert hidden(work) == staging, "the live run's staging folder was removed"
+    kill9(first)
+    assert clakit("convert", src, work / "out2", "--init", "mean", "-q").returncode == 0  # another OUT: not touched
+    assert hidden(work) == staging
+    third = clakit("convert", src, work / "out", "--init", "mean", "-q", "--overwrite")
+    assert third.returncode == 0, third.stderr
+    assert hidden(work) == []
+
+
+def test_an_output_moved_aside_by_a_run_killed_while_publishing_is_put_back(tiny_llama_checkpoint, tmp_path):
+    """--overwrite moves the old OUT aside, renames the new one into place, then removes the old. Killed (-9)
+    between the renames, OUT was gone and the old output hidden as `.out.XXXXXXXX.old` for good; the next run now
+    puts it back (as the interrupted run does on Ctrl-C), so a run without --overwrite refuses to replace it."""
+    src, work = tiny_llama_checkpoint, tmp_path / "work"
+    work.mkdir()
+    assert clakit("convert", src, work / "out", "--init", "mean", "-q").returncode == 0
+    old = fingerprint(work / "out")
+    proc, ready = start(tmp_path, BETWEEN_RENAMES, "convert", src, work / "out", "--init", "mean", "--overwrite", "-q")
+    stopped(proc, ready)
+    kill9(proc)
+    assert not (work / "out").exists()
+    again = clakit("convert", src, work / "out", "--init", "mean", "-q")
+    # before: exit 0, a new OUT written and the old output left hidden beside it (['.out.XXXXXXXX.old', ...])
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr, again.stderr
+    assert fingerprint(work / "out") == old and hidden(work) == []
+
+
+def test_reclaiming_leaves_what_is_not_a_killed_runs_staging(tmp_path):
+    """Only hidden folders named after OUT as clakit names its staging, and not held by a live process, go: a file or
+    a link of that name, another output's staging, a folder held by this process are kept."""
+    out = tmp_path / "out"
+    live = outputs.make_staging(out)
+    other = tmp_path / ".other.abcdefgh.partial"
+    other.mkdir()
+    named_file = tmp_path / ".out.abcdefgh.partial"
+    named_file.write_text("a file, not a staging folder")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    (tmp_path / ".out.linkedxx.partial").symlink_to(target)
+    assert outputs.reclaim_leftovers(out) == []
+    assert live.is_dir() and other.is_dir() and named_file.is_file() and (target / "keep.txt").is_file()
+    outputs.discard(live)
+    dead = tmp_path / ".out.deadxxxx.partial"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x" * 10)
+    assert outputs.reclaim_leftovers(out) == [dead.name] and not dead.exists()
