@@ -1,6 +1,9 @@
 """At size (break-it round 6): what a 70B run costs in time, memory and disk, before and during. Each test counts
 the work done (reads, loads, bytes held) where a timing would be noise; the timings are in benchmarks/."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from test_uptrain_run import run_cli
@@ -46,3 +49,22 @@ def test_the_skeleton_counts_the_bytes_of_the_loaded_student(tokenizer, corpus_d
     assert all(p.is_meta for p in skeleton.parameters())
     for dtype in (torch.bfloat16, torch.float32):
         assert pipeline.run_bytes(skeleton, dtype) == pipeline.run_bytes(loaded, dtype)
+
+
+def test_the_end_of_a_run_reads_the_conversion_record_once(tiny_cla_checkpoint, corpus_dir, tmp_path, capsys,  # noqa: F811
+                                                           monkeypatch):  # fmt: skip
+    """uptrain.json's origins and its resolved defaults each read the start checkpoint's clakit_convert.json (at
+    70B it holds every candidate group's score): twice at the end, and they could disagree if it changed between.
+    Once at the start (run.json), once at the end now, both taken from that one read."""
+    from clakit.uptrain import card
+
+    start = tmp_path / "start"
+    shutil.copytree(tiny_cla_checkpoint, start)
+    (start / card.RECORD_FILE).write_text('{"settings": {"init": "mean"}}')  # read by both, whatever it holds
+    reads, real = [], card.read_record
+    monkeypatch.setattr(card, "read_record", lambda path: reads.append(path) or real(path))
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(start)}))
+    assert run_cli(capsys, recipe) == (0, "")
+    assert [p for p in reads if p.name == card.RECORD_FILE] == [start / card.RECORD_FILE] * 2
+    assert json.loads((out / "model" / card.PROVENANCE).read_text())["conversion"] == {"settings": {"init": "mean"}}

@@ -183,24 +183,34 @@ def read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def origins(start: Path, original: dict | None) -> dict:
+_UNREAD = object()  # origins' conversion record not read by the caller
+
+
+def origins(start: Path, original: dict | None, conversion=_UNREAD) -> dict:
     """Where the trained weights came from, for uptrain.json: the CLA checkpoint training started from, its
     conversion record (the source it was converted from, at which revision, with which settings) and the original
     model (teacher / baseline) as resolved when the run started (run.json: the path or Hub commit it read). A start
     uptrained by clakit before (its model/ as model.path) holds no conversion record of its own: its uptrain.json is
-    kept as `start_uptrain`, and the conversion it descends from is taken from there."""
-    conversion, earlier = read_record(start / RECORD_FILE), read_record(start / PROVENANCE)
+    kept as `start_uptrain`, and the conversion it descends from is taken from there. `conversion`: `start`'s
+    conversion record as the caller read it (`conversion_record`: None when absent or damaged), else it is read
+    here."""
+    conversion = conversion_record(start) if conversion is _UNREAD else conversion
+    earlier = read_record(start / PROVENANCE)
     if conversion is None and earlier is not None:
         conversion = earlier.get("conversion")
     return {"start_checkpoint": str(start), "conversion": conversion, "start_uptrain": earlier, "original": original}
 
 
-def resolved_defaults(recipe, start: Path) -> dict:
+def conversion_record(start: Path) -> dict | None:
+    """`start`'s clakit_convert.json (read_record: None when absent or damaged)."""
+    return read_record(start / RECORD_FILE)
+
+
+def resolved_defaults(recipe, record: dict | None) -> dict:
     """{recipe key: {"value", "why"}} for the keys the recipe left null whose value the machine decided:
-    model.convert.distill_steps (distill_resolution), as the conversion record (`start`'s clakit_convert.json) says
-    it ran."""
-    c = recipe.model.convert
-    record = read_record(start / RECORD_FILE) or {}
+    model.convert.distill_steps (distill_resolution), as the conversion record (`record`: the start checkpoint's
+    clakit_convert.json, `conversion_record`; the caller reads it once for this and `origins`) says it ran."""
+    c, record = recipe.model.convert, record or {}
     if c is None or c.distill_steps is not None or not isinstance(record.get("settings"), dict):
         return {}
     pin = "pin it with model.convert.distill_steps=N (then a device too small is refused, not skipped)"

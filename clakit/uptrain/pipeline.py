@@ -849,7 +849,7 @@ def _setup(
         record["original"] = _source_record(original)  # resolved: the teacher a resume uses, wherever it runs
         record["data_sha256"] = digest  # a resume must read the same blocks
         record["data_processes"] = acc.num_processes  # ... on the same number of processes (check_same_data)
-        record["resolved"] = card.resolved_defaults(recipe, start_path)  # what the machine chose for null keys
+        record["resolved"] = card.resolved_defaults(recipe, card.conversion_record(start_path))  # null keys
         record["provenance"] = card.run_provenance()  # versions, command line and time of the run's start
         (work / "run.json").write_text(json.dumps(record, indent=1))
         _write_reports(work, run["reports"])
@@ -1002,9 +1002,11 @@ def _card(recipe: Recipe, out: Path, trainer, run: dict, end: dict, folder: Path
     original = None  # as resolved when the run started (a resume too); a damaged run.json must not cost the model
     with contextlib.suppress(ClakitError):
         original = (run_record(out) or {}).get("original")
-    summary = card.summary(recipe, trainer, run["data"], numbers, layout) | card.origins(run["start_path"], original)
+    conversion = card.conversion_record(run["start_path"])  # read once: the origins' and the resolved defaults'
+    summary = card.summary(recipe, trainer, run["data"], numbers, layout)
+    summary |= card.origins(run["start_path"], original, conversion)
     summary["data_sha256"] = run["data_sha256"]  # the tokens it trained and was scored on (run.json's too)
-    summary["resolved"] = card.resolved_defaults(recipe, run["start_path"])
+    summary["resolved"] = card.resolved_defaults(recipe, conversion)
     card.write(folder, summary, run["start_path"])
     return summary
 
