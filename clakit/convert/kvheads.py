@@ -26,6 +26,7 @@ import copy
 
 import torch
 
+from clakit.convert.inmemory import keep_rotary_buffers
 from clakit.errors import ClakitError
 
 METHODS = ("mean", "fitted")
@@ -175,4 +176,5 @@ def merge_kv_heads(model, num_kv_heads: int, method: str = "mean", calib_ids: to
     new = type(model)(config).to(dtype)
     state = {**model.state_dict(), **merged}
     new.load_state_dict(state, strict=True)
+    keep_rotary_buffers(model, new)  # `.to(dtype)` rounded a 16-bit model's fp32 inv_freq
     return new.to(next(model.parameters()).device).eval()
