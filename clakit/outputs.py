@@ -206,26 +206,37 @@ def _busy(label: str, folder: Path) -> str:
 
 def in_use(folder: Path) -> bool:
     """Whether a running clakit process holds `folder` (see `hold`)."""
-    try:
-        fd = os.open(folder / MARKER, os.O_RDONLY)
-    except OSError:
+    fd = _open_marker(folder)
+    if fd is None:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
     except BlockingIOError:
         return True
+    except OSError:  # a file system without locks: nothing can be known held
+        return False
     finally:
         os.close(fd)  # releases the probe's lock
+
+
+def _open_marker(folder: Path) -> int | None:
+    """The marker, opened for writing where it may be (nothing is written): NFS emulates flock as a whole-file
+    fcntl lock, whose exclusive kind needs a descriptor open for writing (EBADF on a read-only one); read-only
+    otherwise (a marker or a file system we may not write). None without a marker (an older clakit's output)."""
+    for flags in (os.O_RDWR, os.O_RDONLY):
+        with contextlib.suppress(OSError):
+            return os.open(folder / MARKER, flags)
+    return None
 
 
 @contextlib.contextmanager
 def hold(folder: Path, label: str = "output folder") -> Iterator[None]:
     """Hold `folder` while a run keeps writing into it (an uptrain run trains in place): another clakit process
-    then refuses to replace or resume it. An advisory lock on the marker, released when the process ends."""
-    try:
-        fd = os.open(folder / MARKER, os.O_RDONLY)
-    except OSError:  # an older clakit's output: no marker to lock
+    then refuses to replace or resume it. An advisory lock on the marker, released when the process ends (also on
+    kill -9). On a file system without locks (flock fails with ENOLCK, ENOSYS, ...) the run goes on unheld."""
+    fd = _open_marker(folder)
+    if fd is None:  # an older clakit's output: no marker to lock
         yield
         return
     try:
@@ -233,6 +244,8 @@ def hold(folder: Path, label: str = "output folder") -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ClakitError(_busy(label, folder)) from None
+        except OSError:
+            pass  # no locks here: as for an output without a marker
         yield
     finally:
         os.close(fd)

@@ -4,6 +4,7 @@ Real processes: each run here is a `python` child that stops itself at a chosen 
 sleeps) and is killed there by the test with a real signal; nothing after the kill runs in it.
 """
 
+import os
 import signal
 import subprocess
 import sys
@@ -164,3 +165,66 @@ def test_reclaiming_leaves_what_is_not_a_killed_runs_staging(tmp_path):
     dead.mkdir()
     (dead / "model.safetensors").write_bytes(b"x" * 10)
     assert outputs.reclaim_leftovers(out) == [dead.name] and not dead.exists()
+
+
+# --- two processes, one run folder: the hold on file systems without flock ------------------------------------------
+
+# the Linux NFS client's flock(): emulated as a whole-file fcntl (POSIX) lock (flock(2), NOTES), so an exclusive
+# lock needs a descriptor open for writing (EBADF on a read-only one) and locks belong to processes
+NFS_FLOCK = """
+import fcntl
+def nfs_flock(fd, operation):
+    fcntl.lockf(fd, operation)
+fcntl.flock = nfs_flock
+"""
+HOLD = """
+import sys, time
+from pathlib import Path
+{prelude}
+from clakit import outputs
+with outputs.hold(Path(sys.argv[2])):
+    Path(sys.argv[1]).touch()
+    time.sleep(600)
+"""
+
+
+def run_folder(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    outputs.write_marker(run, "uptrain")
+    return run
+
+
+def test_a_run_held_on_nfs_is_seen_held_by_another_process(tmp_path, monkeypatch):
+    """On NFS, hold() failed with OSError EBADF (flock on the marker opened read-only): a fresh uptrain run there
+    (measured with this emulation) exited 1 with a traceback once published, its run folder removed. Now the marker is
+    opened for writing and the hold works across processes."""
+    run = run_folder(tmp_path)
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(prelude=NFS_FLOCK), str(ready), str(run)], stderr=subprocess.PIPE, text=True
+    )
+    stopped(proc, ready)  # before: the child ended at once, OSError: [Errno 9] Bad file descriptor
+    import fcntl
+
+    monkeypatch.setattr(fcntl, "flock", lambda fd, operation: fcntl.lockf(fd, operation))
+    assert outputs.in_use(run)
+    kill9(proc)
+    assert not outputs.in_use(run)  # a kill -9 leaves no stale lock
+
+
+@pytest.mark.parametrize("errno_name", ["ENOLCK", "ENOSYS", "EOPNOTSUPP"])
+def test_a_file_system_without_locks_runs_unheld(tmp_path, monkeypatch, errno_name):
+    """flock absent (Lustre without -o flock: ENOSYS; some FUSE and NFS setups: ENOLCK, EOPNOTSUPP): before, hold()
+    and in_use() raised the OSError (a traceback, and a fresh uptrain run removed once published)."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    run = run_folder(tmp_path)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with outputs.hold(run, "train.output_dir"):
+        assert not outputs.in_use(run)
