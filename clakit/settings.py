@@ -8,6 +8,7 @@ of the wrong type in one line, whether it came from a flag, a recipe or a librar
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 
@@ -88,3 +89,15 @@ def given(args, cls) -> dict:
     """The fields of `cls` that parsed flags set (the others were suppressed: they keep the field defaults)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def recipe_keys(message: str, cls, where: str) -> str:
+    """`message` (a refusal of the dataclass `cls`, naming its CLI flags) as read in a recipe section `where`:
+    `clakit uptrain` has no `--dtype`, so each flag the message names that is a field of `cls` is given its key,
+    e.g. " (in the recipe: --dtype is model.convert.dtype)"."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    flags = dict.fromkeys(m for m in re.findall(r"--([a-z][a-z0-9-]*)", message) if m.replace("-", "_") in names)
+    if not flags:
+        return message
+    keys = ", ".join(f"--{f} is {where}.{f.replace('-', '_')}" for f in flags)
+    return f"{message} (in the recipe: {keys})"

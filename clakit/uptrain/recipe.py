@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from clakit import settings
 from clakit.convert.config import ConvertConfig
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
@@ -229,8 +230,7 @@ def _coerce(value, tp, where: str):
         return _build(tp, value, where)
     if origin is list:
         if isinstance(value, str) and "," in value:  # `key=a,b` on the command line is one string, not two items
-            items = ", ".join(v.strip() for v in value.split(","))
-            raise ClakitError(f"recipe key {where} is a list: write [{items}] (one item holding a comma: [{value!r}])")
+            raise ClakitError(_list_fix(value, where))
         items = [value] if isinstance(value, str | int | float) and not isinstance(value, bool) else value
         if not isinstance(items, list):
             raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}")
@@ -246,17 +246,50 @@ def _coerce(value, tp, where: str):
 
 def _fix(value, tp, where: str) -> str:
     """How to write what was probably meant: YAML reads an unquoted 0123 as the octal 83, 1234567 as a number and
-    yes/no/on/off as booleans (a revision, a file name), and 1e6 as a string (a token count)."""
+    yes/no/on/off as booleans (a revision, a file name), and 1e6 as a string (a token count). The advice is written
+    for both places a value comes from: a `key=value` override typed in a shell (which removes one pair of quotes
+    before YAML sees the value) and the recipe file; an item of a list (`where` = `data.train[0]`) is written in the
+    list's own key, as `data.train[0]=...` is no key."""
     if tp is str and isinstance(value, int | float | bool):
-        return f" (YAML read the unquoted value as {type(value).__name__}); quote it, e.g. {where}='VALUE'"
+        return f" (YAML read the unquoted value as {type(value).__name__}); quote it, e.g. {_both(where, 'VALUE')}"
     if tp is int and isinstance(value, str):
         try:
             number = float(value)
         except ValueError:
             return ""
         if math.isfinite(number) and number.is_integer():
-            return f"; write it as a whole number: {where}={int(number)}"
+            return f"; write it as a whole number: {_whole(where, int(number))}"
     return ""
+
+
+def _both(where: str, text: str) -> str:
+    """`model.revision='VALUE' (in a shell: "model.revision='VALUE'"; in the recipe file: revision: 'VALUE')`: a
+    quoted string as an override and as a recipe line; a list item as a one-item list of its key."""
+    key, item = where.rpartition("[")[0], where.endswith("]")
+    if item:
+        return f"\"{key}=['{text}']\" in a shell (each such item quoted), {_leaf(key)}: ['{text}'] in the recipe file"
+    return f"{where}='{text}' (in a shell: \"{where}='{text}'\"; in the recipe file: {_leaf(where)}: '{text}')"
+
+
+def _whole(where: str, number: int) -> str:
+    """`train.max_tokens=100000000 (in the recipe file: max_tokens: 100000000)`; a list item named in its list."""
+    if where.endswith("]"):
+        return f"{number}, as item {where.rpartition('[')[2][:-1]} of {where.rpartition('[')[0]}"
+    return f"{where}={number} (in the recipe file: {_leaf(where)}: {number})"
+
+
+def _leaf(where: str) -> str:
+    return where.rpartition(".")[2]
+
+
+def _list_fix(value: str, where: str) -> str:
+    """The refusal of `key=a,b` (one string): the list written in the recipe file, as a shell override (quoted, or
+    the shell splits `[a, b]` at the space) and as one item holding the comma."""
+    items = ", ".join(v.strip() for v in value.split(","))
+    return (
+        f"recipe key {where} is a list: write [{items}] (in a shell: '{where}=[{items}]'; one item holding a comma: "
+        f"\"{where}=['{value}']\")"
+    )
 
 
 def _finite(value, where: str) -> float:
@@ -286,7 +319,7 @@ def _build(cls, data, where: str):
     try:
         return cls(**kwargs)
     except ClakitError as e:  # a section that checks itself (ConvertConfig) names its CLI flags: say where it is
-        raise ClakitError(f"recipe section {where}: {e}") from None
+        raise ClakitError(f"recipe section {where}: {settings.recipe_keys(str(e), cls, where)}") from None
 
 
 # --- overrides and loading --------------------------------------------------------------------------------------
@@ -303,7 +336,8 @@ def apply_override(raw: dict, override: str) -> None:
     except yaml.YAMLError as e:
         raise ClakitError(
             f"override {override!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
-            "write e.g. train.max_steps=10, data.train=[a.txt, b.txt], or quote a string: key='[text'"
+            "write e.g. train.max_steps=10, 'data.train=[a.txt, b.txt]', or quote a string (in a shell: "
+            "\"key='[text'\")"
         ) from None
     node = raw
     parts = key.strip().split(".")

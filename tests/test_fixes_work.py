@@ -1,0 +1,286 @@
+"""Does the fix work: a refusal names the problem and the fix; here the fix is followed as a reader would, and the
+command then runs (or stops for a next, different reason).
+
+Each case is (the bad input, how a reader follows the message's advice): the advice is read from the refusal's own
+text (a regex on it, never a hard-coded fix), applied to the command line, and the command run again. An override
+typed in a shell loses one pair of quotes before clakit sees it, so advice meant for a shell is split with
+`shlex.split`, as the shell would. `clakit uptrain` runs with `--dry-run` (validation, no training).
+"""
+
+import difflib
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from bad_input import run_clakit
+from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
+
+from clakit import settings
+from clakit.convert.config import ConvertConfig
+from clakit.uptrain.recipe import resolve_recipe
+
+
+def error_line(run) -> str:
+    """The one `clakit: error: ...` line of a refusal (exit 2, no traceback)."""
+    assert "Traceback" not in run.err and run.code == 2, (run.code, run.err[-2000:])
+    lines = run.err.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0], lines
+    return lines[0].split("error: ", 1)[1]
+
+
+def found(pattern: str, text: str) -> re.Match:
+    m = re.search(pattern, text)
+    assert m, f"the refusal gives no advice matching {pattern!r}: {text}"
+    return m
+
+
+def typed_in_a_shell(message: str, fallback: str, **values) -> list[str]:
+    """The arguments a reader types after reading `message`: the form it gives for a shell (`in a shell: "..."` or
+    `"..." in a shell`), else the first one `fallback` finds (the message's only example); VALUE and the other
+    placeholders replaced by what the reader meant; split as a POSIX shell splits it."""
+    shell = re.search(r"""in a shell: ("[^"]*"|'[^']*')|("[^"]*"|'[^']*') in a shell""", message)
+    text = (shell.group(1) or shell.group(2)) if shell else found(fallback, message).group(1)
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return shlex.split(text)
+
+
+@dataclass(frozen=True)
+class Advice:
+    """A bad `clakit uptrain RECIPE` command (its overrides) and how a reader follows the refusal: `follow(message,
+    overrides)` returns the overrides of the next try."""
+
+    id: str
+    overrides: tuple[str, ...]
+    follow: object
+
+    def __str__(self) -> str:
+        return self.id
+
+
+def _set(*pairs):
+    """follow: drop the overrides of the keys the advice sets, add the advice's."""
+
+    def follow(message, overrides):
+        new = [p.format(*found(pattern, message).groups()) for pattern, p in pairs]
+        keys = {n.split("=")[0] for n in new}
+        return [o for o in overrides if o.split("=")[0] not in keys] + new
+
+    return follow
+
+
+def _shell(fallback: str, **values):
+    def follow(message, overrides):
+        return [o for o in overrides if not o.startswith(_key(overrides[-1]))] + typed_in_a_shell(
+            message, fallback, **values
+        )
+
+    return follow
+
+
+def _key(override: str) -> str:
+    return override.split("=")[0]
+
+
+def _whole_item(message, overrides):
+    """`write it as a whole number: 2, as item 3 of KEY` -> KEY=[..., 2, ...]; the old advice
+    `KEY[3]=2` is typed as written."""
+    m = re.search(r"whole number: (\d+), as item (\d+) of (\S+)", message)
+    if not m:
+        return overrides[:-1] + [found(r"whole number: (\S+=\d+)", message).group(1)]
+    items = re.search(r"=\[(.*)\]", overrides[-1]).group(1).split(",")
+    items[int(m.group(2))] = m.group(1)
+    return overrides[:-1] + [f"{m.group(3)}=[{','.join(items)}]"]
+
+
+def _convert_key(message, overrides):
+    """`--calib-tokens must be ... (in the recipe: --calib-tokens is model.convert.calib_tokens)`: the key set to a
+    valid value; without that key named, the flag the message names typed as a flag."""
+    m = re.search(r"in the recipe: --[\w-]+ is (model\.convert\.\w+)", message)
+    flag = found(r"(--[\w-]+)", message).group(1)
+    return overrides[:-1] + ([f"{m.group(1)}=4096"] if m else [flag, "4096"])
+
+
+def _closest_key(message, overrides):
+    wrong = found(r"unknown recipe key '([\w.]+)'", message).group(1)
+    valid = found(r"valid keys here: (.*)$", message).group(1).split(", ")
+    section, _, key = wrong.rpartition(".")
+    best = difflib.get_close_matches(key, valid, n=1)[0]
+    return [o.replace(f"{wrong}=", f"{section}.{best}=") for o in overrides]
+
+
+SOURCE = ("model.path=null", "model.source={llama}", "model.convert={{factor: 2}}")
+RECIPE_ADVICE = [
+    # a string YAML reads as a number or a boolean: the advice quoted for a shell (HEAD: the same refusal again)
+    Advice("octal-string", ("train.output_dir=0123",), _shell(r"quote it, e.g. (\S+)", VALUE="0123")),
+    Advice("bool-string", ("train.output_dir=yes",), _shell(r"quote it, e.g. (\S+)", VALUE="yes")),
+    # a list item: `data.train[0]=...` is no key (HEAD: unknown recipe key 'data.train[0]')
+    Advice("int-list-item", ("data.train=[2024]",), _shell(r"quote it, e.g. (\S+)", VALUE="2024")),
+    # `key=a,b`: the list advice typed in a shell (HEAD: `data.train=[a, b]` split in two, unrecognized 'b]')
+    Advice("comma-list", ("data.train={train},{more}",), _shell(r"recipe key (\S+ is a list: write \[[^]]*\])",
+                                                                **{" is a list: write ": "="})),
+    Advice("not-yaml", ("train.output_dir=[runs",),
+           _shell(r"quote a string: (\S+)", key="train.output_dir", **{"[text": "[runs"})),
+    Advice("whole-number", ("train.max_tokens=1e5",), _set((r"whole number: (\S+=\d+)", "{}"))),
+    Advice("whole-number-item", (*SOURCE, "model.convert.kv_source_layers=[0,0,2,2e0]"), _whole_item),
+    # a ConvertConfig refusal in a recipe names the key of the flag it names (HEAD: `--calib-tokens 4096`,
+    # unrecognized by clakit uptrain)
+    Advice("convert-flag", (*SOURCE, "model.convert.calib_tokens=0"), _convert_key),
+    Advice("constant-warmup", ("train.lr_scheduler_type=constant", "train.warmup_steps=2"),
+           _set((r"set (train\.\w+=\d+) train", "{}"), (r"set train\.\w+=\d+ (train\.\w+=\d+)", "{}"))),
+    Advice("warmup-too-long", ("train.warmup_steps=6",), _set((r"set (train\.warmup_steps) below (\d+)", "{}=1"))),
+    Advice("one-step-warmup", ("train.max_steps=1", "train.warmup_ratio=0.5"),
+           _set((r"set (train\.\w+=\d+) train", "{}"), (r"set train\.\w+=\d+ (train\.\w+=\d+)", "{}"))),
+    Advice("nothing-to-train", ("lora.r=0",), _set((r"list modules in (lora\.full_train)", "{}=[q_proj]"))),
+    Advice("convert-read-key", (*SOURCE, "model.convert.trust_remote_code=true"),
+           _set((r"set (model\.\w+=true) instead", "{}"))),
+    Advice("copy-span", ("data.copy_fraction=0.5", "data.copy_span=20"),
+           _set((r"between 1 and (data\.seq_len) / 2 = (\d+)", "data.copy_span={1}"))),
+    Advice("eval-is-train", ("data.eval=[{train}]",), _set((r"drop (data\.eval)", "{}=null"))),
+    Advice("local-revision", ("model.revision=main",), _set((r"drop (model\.revision)", "{}=null"))),
+    Advice("eval-tokens", ("data.eval_max_tokens=8",), _set((r"at least (data\.seq_len)", "data.eval_max_tokens=32"))),
+    Advice("keep-limit", ("train.save_total_limit=0",), _set((r"or (null) to keep", "train.save_total_limit={}"))),
+    Advice("unknown-key", ("train.max_step=3",), _closest_key),
+    Advice("reporter", ("train.report_to=[wandb]",), _set((r"not one of (\w+)", "train.report_to={}"))),
+]  # fmt: skip
+
+
+@pytest.fixture
+def uptrain_paths(tmp_path, corpus_dir, tiny_cla_checkpoint, tiny_llama_checkpoint) -> dict:  # noqa: F811
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run")
+    recipe["model"] = {"path": str(tiny_cla_checkpoint)}
+    (tmp_path / "2024").write_text((corpus_dir / "train.txt").read_text()[:20000])
+    (tmp_path / "more.txt").write_text((corpus_dir / "calib.txt").read_text())
+    return {
+        "recipe": str(write_recipe(tmp_path / "r.yaml", recipe)),
+        "llama": str(tiny_llama_checkpoint),
+        "train": str(corpus_dir / "train.txt"),
+        "more": str(tmp_path / "more.txt"),
+        "tmp": tmp_path,
+    }
+
+
+def dry_run(paths: dict, overrides) -> object:
+    return run_clakit("uptrain", paths["recipe"], *overrides, "--dry-run", cwd=paths["tmp"])
+
+
+@pytest.mark.parametrize("case", RECIPE_ADVICE, ids=str)
+def test_following_a_recipe_refusal_makes_the_recipe_pass(case, uptrain_paths):
+    overrides = [o.format(**uptrain_paths) for o in case.overrides]
+    message = error_line(dry_run(uptrain_paths, overrides))
+    fixed = case.follow(message, overrides)
+    run = dry_run(uptrain_paths, fixed)
+    assert run.code == 0, f"refused: {message}\nfollowed as {fixed}\nthen: {run.err.strip()[-600:]}"
+
+
+def test_a_shipped_recipe_named_in_the_refusal_of_a_missing_one_is_found(tmp_path):
+    """`recipe X does not exist; give a recipe YAML file or a shipped recipe (llama3_1/8b_cla2_lora.yaml, ...)`:
+    each name it lists resolves to the shipped file, from any folder."""
+    message = error_line(run_clakit("uptrain", "no/such.yaml", "--dry-run", cwd=tmp_path))
+    names = found(r"shipped recipe \(([^)]*)\)", message).group(1).split(", ")
+    assert len(names) >= 4, names
+    for name in names:
+        assert resolve_recipe(name).is_file(), name
+
+
+def test_every_flag_a_convert_setting_refusal_names_in_a_recipe_is_given_its_key():
+    """recipe_keys: the flags of ConvertConfig fields in a message get their `model.convert.` key."""
+    message = "--dtype bfloat16 fits need a GPU (--device cuda); on the CPU use --dtype float32 (see --help)"
+    said = settings.recipe_keys(message, ConvertConfig, "model.convert")
+    assert said.endswith("(in the recipe: --dtype is model.convert.dtype, --device is model.convert.device)"), said
+    assert settings.recipe_keys("no flag here", ConvertConfig, "model.convert") == "no flag here"
+
+
+# --- convert and eval: the advice names a flag; give it as the message says ---------------------------------------
+
+
+def _flag_value(pattern: str):
+    """follow: set the flag the advice names to the value it gives (replacing the flag if given)."""
+
+    def follow(message, args):
+        flag, value = found(pattern, message).groups()
+        drop = {i for i, a in enumerate(args) if a == flag} | {i + 1 for i, a in enumerate(args) if a == flag}
+        return [a for i, a in enumerate(args) if i not in drop] + [flag, value]
+
+    return follow
+
+
+def _drop(pattern: str):
+    def follow(message, args):
+        flag = found(pattern, message).group(1)
+        i = args.index(flag)
+        return args[:i] + args[i + 2 :]
+
+    return follow
+
+
+def _add(pattern: str, value: str):
+    def follow(message, args):
+        return [*args, found(pattern, message).group(1), *([value] if value else [])]
+
+    return follow
+
+
+FAST = ("--reconstruct-steps", "2", "--distill-steps", "2", "--calib-tokens", "128", "--seq-len", "64")
+CONVERT_ADVICE = [
+    # a chain: --kv-saving alone -> add --layout auto -> pass --calib-data -> converts
+    Advice("kv-saving", ("--kv-saving", "0.25", "--reconstruct-steps", "2", "--distill-steps", "2", "--seq-len", "64",
+                         "--calib-tokens", "128"),
+           [_add(r"add (--layout) auto", "auto"), _add(r"pass (--calib-data)", "{calib}")]),
+    Advice("init-without-text", ("--init", "reconstruct", "--factor", "2", *FAST[:4]),
+           [_add(r"pass (--calib-data)", "{calib}")]),
+    Advice("calib-tokens", ("--calib-data", "{calib}", *FAST[:4], "--seq-len", "64", "--calib-tokens", "10"),
+           [_flag_value(r"give (--calib-tokens) (\d+) or more")]),
+    Advice("copy-span", ("--calib-data", "{calib}", *FAST, "--distill-copy-span", "40"),
+           [_flag_value(r"^(--distill-copy-span) .* give a span up to (\d+)")]),
+    Advice("copies-without-distill", ("--factor", "2", "--distill-copy-fraction", "0.5", "--distill-steps", "0"),
+           [_drop(r"^(--distill-copy-fraction)")]),
+    Advice("seq-len-beyond-window", ("--factor", "2", "--eval-data", "{heldout}", "--seq-len", "1000"),
+           [_flag_value(r"^(--seq-len) \d+ .* use at most (\d+)")]),
+    Advice("fits-bf16-on-cpu", ("--factor", "2", "--device", "cpu", "--dtype", "bfloat16"),
+           [_flag_value(r"on the CPU use (--dtype) (\w+)")]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CONVERT_ADVICE, ids=str)
+def test_following_a_convert_refusal_converts(case, tmp_path, tiny_llama_checkpoint, corpus_dir):
+    paths = {"calib": str(corpus_dir / "calib.txt"), "heldout": str(corpus_dir / "heldout.txt")}
+    args = [a.format(**paths) for a in case.overrides]
+    seen = []
+    for follow in case.follow:
+        message = error_line(run_clakit("convert", tiny_llama_checkpoint, tmp_path / "out", "-q", *args))
+        assert message not in seen, f"the same refusal again after following it: {message}"
+        seen.append(message)
+        args = [a.format(**paths) for a in follow(message, args)]
+    run = run_clakit("convert", tiny_llama_checkpoint, tmp_path / "out", "-q", *args)
+    assert run.code == 0, f"refused: {seen}\nfollowed as {args}\nthen: {run.err.strip()[-600:]}"
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+EVAL_ADVICE = [
+    Advice("max-tokens", ("--seq-len", "64", "--max-tokens", "10"),
+           [_flag_value(r"give (--max-tokens) of at least (\d+)")]),
+    Advice("device-and-map", ("--seq-len", "64", "--max-tokens", "128", "--device", "cpu", "--device-map", "auto"),
+           [_drop(r"argument (--device-map): not allowed with argument --device")]),
+    Advice("window", ("--seq-len", "1000", "--max-tokens", "512"),
+           [_flag_value(r"^(--seq-len) .* use at most (\d+)")]),
+]  # fmt: skip
+if not torch.cuda.is_available():  # the advice for a GPU this machine lacks
+    EVAL_ADVICE.append(
+        Advice("no-gpu", ("--seq-len", "64", "--max-tokens", "128", "--device", "cuda"),
+               [_flag_value(r"use (--device) (cpu)")])
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", EVAL_ADVICE, ids=str)
+def test_following_an_eval_refusal_evaluates(case, tmp_path, tiny_llama_checkpoint, corpus_dir):
+    base = ["eval", tiny_llama_checkpoint, "--data", str(corpus_dir / "heldout.txt"), "--no-speed", "-q"]
+    args = list(case.overrides)
+    for follow in case.follow:
+        args = follow(error_line(run_clakit(*base, *args, "-o", tmp_path / "r.json")), args)
+    run = run_clakit(*base, *args, "-o", tmp_path / "r.json")
+    assert run.code == 0, f"followed as {args}, then: {run.err.strip()[-600:]}"
+    assert Path(tmp_path / "r.json").is_file()
