@@ -10,6 +10,8 @@ typed in a shell loses one pair of quotes before clakit sees it, so advice meant
 import difflib
 import re
 import shlex
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,3 +286,53 @@ def test_following_an_eval_refusal_evaluates(case, tmp_path, tiny_llama_checkpoi
     run = run_clakit(*base, *args, "-o", tmp_path / "r.json")
     assert run.code == 0, f"followed as {args}, then: {run.err.strip()[-600:]}"
     assert Path(tmp_path / "r.json").is_file()
+
+
+# --- the shipped recipes' comments: the commands they say to run exist, their figures are the docs' ---------------
+
+RECIPES = sorted(resolve_recipe("smollm2/135m_cla2_cpu.yaml").parents[1].rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def comments(recipe: Path) -> str:
+    """A recipe's comments as one line of text (a comment wrapped over lines joined)."""
+    return " ".join(line.split("#", 1)[1].strip() for line in recipe.read_text().splitlines() if "#" in line)
+
+
+def core_dependencies() -> set[str]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {re.split(r"[<>=!~\[ ;]", d)[0].lower() for d in project["dependencies"]}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_the_commands_a_recipe_comment_names_exist(recipe):
+    """`huggingface-cli login` (gone from huggingface_hub 1.x; `hf auth login`), `pip install datasets` (a clakit
+    dependency already): every command in backticks names a program installed beside clakit, a pip install of
+    something clakit does not already bring, or a clakit command whose flags exist."""
+    from test_docs_commands import clakit_flags, flags_in
+
+    flags, problems = clakit_flags(), []
+    for code in re.findall(r"`([^`]+)`", comments(recipe)):
+        words = code.split()
+        if words[0] == "clakit" and words[1] in flags:
+            problems += [f"{code}: no {f}" for f in flags_in(" ".join(words[2:])) if f not in flags[words[1]]]
+        elif words[:2] == ["pip", "install"]:
+            problems += [f"{code}: {w} comes with clakit" for w in words[2:] if w.lower() in core_dependencies()]
+        elif re.fullmatch(r"[a-z][\w-]*", words[0]) and len(words) > 1 and not re.search(r"[=:]", words[0]):
+            found_it = (Path(sys.executable).parent / words[0]).exists() or shutil.which(words[0])
+            problems += [] if found_it else [f"{code}: no program {words[0]}"]
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_the_figures_in_a_recipe_comment_are_the_docs_figures(recipe):
+    """A measured figure a recipe's comment quotes (a perplexity, a ratio, passkeys N/90, a duration) is one the docs
+    record (README.md, docs/*.md): the conversion of the CPU recipe's measured day took 892 s = 14 min 52 s
+    (docs/quality.md), not 14 min 58 s. Estimates (GPU hours, GB) are not figures the docs measured."""
+    docs = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    figures = re.findall(r"\d+ min \d+ s|\b\d+/\d+\b|\b\d+\.\d+x?\b|\b\d+x\b", comments(recipe))
+    assert len(figures) >= 5, figures  # the extraction sees the comment's figures
+    missing = sorted({f for f in figures if f not in docs and f.replace("x", "×") not in docs})
+    assert not missing, f"{recipe.name} quotes figures the docs do not hold: {missing}"
