@@ -68,3 +68,38 @@ def test_the_end_of_a_run_reads_the_conversion_record_once(tiny_cla_checkpoint, 
     assert run_cli(capsys, recipe) == (0, "")
     assert [p for p in reads if p.name == card.RECORD_FILE] == [start / card.RECORD_FILE] * 2
     assert json.loads((out / "model" / card.PROVENANCE).read_text())["conversion"] == {"settings": {"init": "mean"}}
+
+
+# --- convert: the first free-space check counts the calibration tokens the text gives ---------------------------
+
+
+@pytest.fixture
+def convert_src(tiny_llama_checkpoint, tmp_path):
+    from convert_fixtures import copy_checkpoint
+
+    return copy_checkpoint(tiny_llama_checkpoint, tmp_path / "src")
+
+
+@pytest.mark.parametrize("layout", [["--layout", "auto"], ["--factor", "2"]])
+def test_the_first_disk_check_counts_the_calibration_tokens_the_text_gives(convert_src, corpus_dir, tmp_path,
+                                                                           capsys, monkeypatch, layout):  # fmt: skip
+    """The check before the layout search and the fits priced the fits' scratch files (which grow with the
+    calibration tokens) at the full --calib-tokens, though a text that holds fewer gives fewer: asked for far more
+    tokens than the text holds, a disk with room for the conversion was refused before it started. It counts the
+    tokens the text gave now: the same need as asking for exactly those tokens, and the conversion runs."""
+    from convert_fixtures import run_cli as convert_cli
+
+    from clakit import outputs
+
+    checked, real = [], outputs.check_free_space
+    monkeypatch.setattr(outputs, "check_free_space", lambda out, n, *a: checked.append(n) or real(out, n, *a))
+    common = [*layout, "--init", "calibrated", "--calib-data", corpus_dir / "calib.txt", "--seq-len", "64",
+              "--distill-steps", "0", "--quiet"]  # fmt: skip
+    assert convert_cli(convert_src, tmp_path / "asked", *common, "--calib-tokens", "100000000") == 0
+    record = json.loads((tmp_path / "asked" / "clakit_convert.json").read_text())
+    given = record["settings"]["calib_tokens"]  # what the text held
+    assert given < 100_000_000
+    first_asked, checked[:] = checked[0], []
+    assert convert_cli(convert_src, tmp_path / "exact", *common, "--calib-tokens", str(given)) == 0
+    assert first_asked == checked[0], (first_asked, checked[0])
+    assert capsys.readouterr().err == ""  # nothing refused, nothing said (--quiet)

@@ -327,11 +327,13 @@ class _Conversion:
             stock_plan = self._plan(stock, lm_cls, every_layer)
             check_tied(self.checkpoint, _tied(stock, lm_cls), self.source.spec)
             check_castable(self.checkpoint, stock_plan, DTYPES.get(self.cfg.output_dtype))
-            # the output's size is known (auto: at most): a full disk is refused before the slow work
-            self._check_disk(self.layout if self.layout is not None else self._largest_auto_layout())
         self._load_texts()  # after the weights' checks: a datasets spec can mean a download
         with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
-            overrides = self._data_phase(scratch)
+            ids = self._tokenize()  # the calibration tokens the text gives: the fits' scratch files grow with them
+            if self.checkpoint is not None:  # the output's size is known (auto: at most): refused before the work
+                tokens = ids.numel() if ids is not None else None
+                self._check_disk(self.layout if self.layout is not None else self._largest_auto_layout(), tokens)
+            overrides = self._data_phase(scratch, ids)
             with outputs.staged(self.out, "convert", overwrite=self.overwrite) as tmp:
                 self._write(tmp, overrides)
         self.say(
@@ -447,15 +449,23 @@ class _Conversion:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _data_phase(self, scratch: Path | None) -> dict:
-        """Everything that runs the source model: eval before, calibration, auto layout, K/V fitting."""
+    def _tokenize(self) -> torch.Tensor | None:
+        """The calibration windows (None without calibration), the held-out text's ids checked against the
+        vocabulary: before any model runs, so too little text is refused before the slow stages, and the first disk
+        check counts the tokens the text gives (it may hold fewer than --calib-tokens)."""
         if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
-            return {}
+            return None
         self.tokenizer = load_tokenizer(self.source, self.cfg.trust_remote_code)
-        # tokenized before any model runs, so too little calibration text is refused before the slow stages
         ids = self._calib_ids() if self.needs_calibration else None
         if self.eval_texts:
             self._check_vocab(self._eval_ids, "--eval-data")
+        return ids
+
+    def _data_phase(self, scratch: Path | None, ids: torch.Tensor | None) -> dict:
+        """Everything that runs the source model: eval before, calibration, auto layout, K/V fitting. `ids`: the
+        calibration windows (`_tokenize`)."""
+        if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
+            return {}
         runner = self._gguf_runner() if self.source.kind == "gguf" else None
         if not (self.needs_calibration or self.eval_texts):
             return {}
