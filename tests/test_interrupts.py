@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from convert_fixtures import fingerprint
+from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
 from clakit import outputs
 
@@ -143,6 +144,37 @@ def test_an_output_moved_aside_by_a_run_killed_while_publishing_is_put_back(tiny
     # before: exit 0, a new OUT written and the old output left hidden beside it (['.out.XXXXXXXX.old', ...])
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr, again.stderr
     assert fingerprint(work / "out") == old and hidden(work) == []
+
+
+# stops when the finished run's model/ is about to be renamed into place
+BEFORE_MODEL_PUBLISHED = """
+import clakit.outputs as o
+real_publish = o.publish
+def publish(tmp, out, kind, **kwargs):
+    if kind == "model":
+        stop()
+    return real_publish(tmp, out, kind, **kwargs)
+o.publish = publish
+"""
+
+
+def test_resuming_an_uptrain_killed_while_saving_its_model_reclaims_the_staged_model(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+):
+    """Killed (-9) with its merged model staged in RUN/.model.XXXXXXXX.partial: --resume finished the run and left
+    that folder (a whole model) in the run folder for good; now it is reclaimed, and the result is unchanged."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, run, model={"path": str(tiny_cla_checkpoint)}))
+    proc, ready = start(tmp_path, BEFORE_MODEL_PUBLISHED, "uptrain", recipe, "-q")
+    stopped(proc, ready)
+    kill9(proc)
+    assert [p.name for p in run.glob(".model.*.partial")] != [] and not (run / "model").exists()
+    resumed = clakit("uptrain", recipe, "--resume", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    # before: ['.model.XXXXXXXX.partial'] stayed beside the new model/
+    assert hidden(run) == [outputs.MARKER] and (run / "model" / "model.safetensors").is_file()
 
 
 def test_reclaiming_leaves_what_is_not_a_killed_runs_staging(tmp_path):
