@@ -7,10 +7,12 @@ typed in a shell loses one pair of quotes before clakit sees it, so advice meant
 `shlex.split`, as the shell would. `clakit uptrain` runs with `--dry-run` (validation, no training).
 """
 
+import dataclasses
 import difflib
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,3 +338,77 @@ def test_the_figures_in_a_recipe_comment_are_the_docs_figures(recipe):
     assert len(figures) >= 5, figures  # the extraction sees the comment's figures
     missing = sorted({f for f in figures if f not in docs and f.replace("x", "×") not in docs})
     assert not missing, f"{recipe.name} quotes figures the docs do not hold: {missing}"
+
+
+# --- documented defaults are the code's --------------------------------------------------------------------------
+
+
+def test_the_recipe_defaults_docs_uptrain_md_states_are_the_dataclass_defaults():
+    """The docs' "`model.allow_pickle` (default false)", "`data.copy_fraction` / `data.copy_span` (default 0 / 32;
+    ...)": each value read as YAML equals the recipe dataclass's default for that key."""
+    import yaml
+
+    from clakit.uptrain.recipe import Recipe
+
+    doc = (ROOT / "docs" / "uptrain.md").read_text()
+    stated = [(m[1].split(" / "), m[2].split(" / ")) for m in re.finditer(
+        r"((?:`\w+\.\w+`(?: / )?)+) \(default ([^;)]+)[;)]", doc)]  # fmt: skip
+    assert len(stated) >= 3, stated
+    defaults = Recipe().to_dict()
+    problems = []
+    for keys, values in stated:
+        for key, value in zip(keys, values, strict=True):
+            section, name = key.strip("`").split(".")
+            if yaml.safe_load(value) != defaults[section][name]:
+                problems.append(f"{key}: docs say {value}, the dataclass {defaults[section][name]!r}")
+    assert not problems, problems
+
+
+def test_the_demo_flags_defaults_are_the_demo_settings_defaults():
+    """`clakit demo --max-tokens/--uptrain-steps` hold their own argparse defaults beside DemoSettings'; the help's
+    "(default N)" must be both."""
+    from test_docs_commands import subparsers
+
+    from clakit.demo import DemoSettings
+
+    parser = subparsers()["demo"]
+    for name in ("max_tokens", "uptrain_steps"):
+        action = next(a for a in parser._actions if a.dest == name)
+        want = getattr(DemoSettings(), name)
+        assert action.default == want and f"(default {want}" in action.help, (name, action.default, action.help)
+
+
+def test_the_eval_seq_len_help_states_the_default_the_suite_uses():
+    from clakit.eval.config import EvalConfig
+    from clakit.eval.suite import DEFAULT_SEQ_LEN
+
+    help_ = next(f for f in dataclasses.fields(EvalConfig) if f.name == "seq_len").metadata["help"]
+    assert f"default {DEFAULT_SEQ_LEN}," in help_, help_
+
+
+# --- the report command docs/uptrain.md gives for a run whose report could not be written ---------------------------
+
+
+def test_the_documented_report_command_rebuilds_the_runs_own_report(
+    tmp_path,
+    corpus_dir,
+    tiny_cla_checkpoint,  # noqa: F811
+    tiny_llama_checkpoint,
+):
+    """docs/uptrain.md: "`clakit report OUTPUT_DIR/eval/....json -o FOLDER` writes the report". Typed in a shell, the
+    report it writes has the run's rows in the run's order: the first is the baseline (HEAD: `eval/*.json` sorted
+    `converted` first, and every Δ% was against the converted model)."""
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", train={"max_steps": 2, "warmup_steps": 0, "save_steps": 0})
+    recipe["model"] = {"path": str(tiny_cla_checkpoint), "original": str(tiny_llama_checkpoint)}
+    assert run_clakit("uptrain", write_recipe(tmp_path / "r.yaml", recipe), "-q").code == 0
+    doc = (ROOT / "docs" / "uptrain.md").read_text()
+    command = found(r"`clakit report (OUTPUT_DIR/eval/\S+) -o FOLDER`", re.sub(r"\s+", " ", doc)).group(1)
+    typed = subprocess.run(["bash", "-c", f"printf '%s\\n' {command.replace('OUTPUT_DIR', str(tmp_path / 'run'))}"],
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert run_clakit("report", *typed, "-o", tmp_path / "again", "-q").code == 0
+
+    def rows(folder: Path) -> list[str]:
+        return re.findall(r"^\| (\w+) \| [\d.]+ \| ([+-][\d.]+%)", (folder / "report.md").read_text(), re.M)
+
+    assert rows(tmp_path / "again") == rows(tmp_path / "run" / "report"), (typed, rows(tmp_path / "again"))
+    assert rows(tmp_path / "again")[0] == ("original", "+0.0%")
