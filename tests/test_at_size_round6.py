@@ -103,3 +103,55 @@ def test_the_first_disk_check_counts_the_calibration_tokens_the_text_gives(conve
     assert convert_cli(convert_src, tmp_path / "exact", *common, "--calib-tokens", str(given)) == 0
     assert first_asked == checked[0], (first_asked, checked[0])
     assert capsys.readouterr().err == ""  # nothing refused, nothing said (--quiet)
+
+
+# --- convert: the layout refinement's layer reads ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def refine_case(tokenizer, tmp_path_factory):
+    """An 8-layer Llama on which the refinement moves consumers (test_quality_calibrate's), saved, and score ids."""
+    from conftest import make_text, save_checkpoint, tiny_model
+
+    from clakit.convert.calibrate import calib_input_ids
+    from clakit.corpus import Text
+
+    path = save_checkpoint(tiny_model("llama", num_hidden_layers=8, seed=3), tokenizer, tmp_path_factory.mktemp("r"))
+    ids = calib_input_ids(tokenizer, [Text("calib", make_text(3000, seed=11))], 1024, 64)[:4]
+    return path, ids
+
+
+def layerwise(folder):
+    from transformers import AutoConfig
+
+    from clakit.convert.checkpoint import SafetensorsCheckpoint
+    from clakit.convert.layerwise import LayerwiseModel
+
+    config = AutoConfig.from_pretrained(folder)
+    return LayerwiseModel.from_checkpoint(config, SafetensorsCheckpoint(folder), torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("start", [[0, 0, 0, 3, 3, 5, 5, 5], [0, 0, 2, 2, 4, 4, 6, 6]])
+def test_the_refinement_reads_each_layer_once_per_consumer_and_move(refine_case, start):
+    """refine_layout ran one whole-model forward per trial (every layer from the trial's start, plus every shared
+    group's layers again for its means) and rebuilt its cache with another after each move: ~6 reads of each layer
+    per consumer, ~15,000 reads of a 70B's 1.7 GB layers. Through a LayerwiseModel a consumer's trials now share one
+    pass (each layer read once, the group means cached) and a move rebuilds the cache in one more; the layout and
+    the moves are the in-memory search's (the per-trial forwards, unchanged)."""
+    from transformers import AutoModelForCausalLM
+
+    from clakit.convert import autolayout
+
+    folder, ids = refine_case
+    in_memory = AutoModelForCausalLM.from_pretrained(folder).eval()
+    expected, expected_moves = autolayout.refine_layout(in_memory, start, ids, progress=False)
+    runner = layerwise(folder)
+    with runner.offloaded() as model:
+        autolayout.layer_inputs(model, ids, start)
+        first, runner.reads = runner.reads, 0  # the refinement's own cache of layer inputs: these reads again
+        layout, moves = autolayout.refine_layout(model, start, ids, progress=False)
+    assert expected_moves and layout == expected
+    assert [m | {"nll_gain": 0} for m in moves] == [m | {"nll_gain": 0} for m in expected_moves]
+    assert [m["nll_gain"] for m in moves] == pytest.approx([m["nll_gain"] for m in expected_moves], abs=2e-6)
+    consumers, moved = sum(p != c for c, p in enumerate(start)), len({m["layer"] for m in moves})
+    assert runner.reads <= first + len(start) * (consumers + moved), (runner.reads, first, consumers, moved)
