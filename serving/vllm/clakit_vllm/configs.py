@@ -138,6 +138,11 @@ class LlamaCLAConfig(CLAConfigMixin, LlamaConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._init_kv_source_layers()  # CLA
+        # CLA: as clakit's LlamaCLAConfig, a Llama has no window whatever a `sliding_window` key says (a llamafied
+        # Qwen2's; config.json written before clakit wrote it as null): vLLM read the key as the model's window and
+        # attended to the last 8 tokens where the transformers model attends to the whole past
+        if getattr(self, "sliding_window", None) is not None:
+            self.sliding_window = None
 
 
 @strict
