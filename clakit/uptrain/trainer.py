@@ -84,14 +84,18 @@ def _steps_source(train, plan: Plan) -> str:
 
 
 def make_optimizer(model, train):
+    """AdamW, fused (transformers' default `adamw_torch_fused`): torch's default on CPU tensors is its per-tensor
+    loop, 5.9x slower over the CPU recipe's 26M trained parameters (fused 370 ms a step against 2,184 ms, 10% of a
+    step), the same update to ~3e-8 after 20 steps. A device torch has no fused kernel for gets its default."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        params,
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        eps=train.adam_epsilon,
+    settings = dict(
+        lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
         weight_decay=train.weight_decay,
     )
+    try:
+        return torch.optim.AdamW(params, fused=True, **settings)
+    except RuntimeError:  # "`fused=True` requires all the params to be floating point Tensors of supported devices"
+        return torch.optim.AdamW(params, **settings)
 
 
 def make_scheduler(optimizer, train, plan: Plan):
