@@ -157,3 +157,31 @@ def test_vllm_serves_edge_shapes_with_transformers_tokens_and_the_layouts_capaci
         assert cla["tokens"][0] == hf_greedy(folders[2 * i], prompts, 12), name
         ratio = cla["kv_cache_tokens"] / stock["kv_cache_tokens"]
         assert ratio == pytest.approx(len(layout) / len(set(layout)), rel=0.02), (name, cla, stock)
+
+
+# --- Mistral's stray bias keys -------------------------------------------------------------------------------------
+
+
+def test_a_mistral_with_stray_bias_keys_converts_to_a_config_without_them(tokenizer, tmp_path):
+    """transformers' Mistral has no attention or MLP biases whatever its config says; the converter dropped a stray
+    attention_bias but wrote mlp_bias: true into the mistral_cla config.json, which vLLM's Mistral reads."""
+    model = tiny_model("mistral", **SERVED, mlp_bias=True, attention_bias=True)
+    stock = save_checkpoint(model, tokenizer, tmp_path / "stock")
+    assert json.loads((stock / "config.json").read_text())["mlp_bias"] is True
+    cla = convert(stock, tmp_path / "cla", kv_source_layers=[0, 0, 2, 2, 4, 4], init="mean", quiet=True)
+    config = json.loads((cla / "config.json").read_text())
+    assert "mlp_bias" not in config and "attention_bias" not in config, config
+
+
+@pytest.mark.slow
+def test_vllm_serves_a_mistral_cla_whose_config_has_bias_keys_without_biases(vllm_python, tokenizer, tmp_path):  # noqa: F811
+    """A mistral_cla config.json with mlp_bias / attention_bias true (as clakit wrote mlp_bias before, or edited):
+    vLLM's Mistral layers built biases the checkpoint lacks and served every greedy token as 0; the plugin's config
+    now drops them as transformers' Mistral ignores them."""
+    stock = save_checkpoint(tiny_model("mistral", **SERVED), tokenizer, tmp_path / "stock")
+    cla = convert(stock, tmp_path / "cla", kv_source_layers=[0, 0, 2, 2, 4, 4], init="mean", quiet=True)
+    config = json.loads((cla / "config.json").read_text())
+    (cla / "config.json").write_text(json.dumps({**config, "mlp_bias": True, "attention_bias": True}))
+    prompts = [tokenizer("He shall hack the system and the user file").input_ids]
+    (result,) = served(vllm_python, [cla], prompts, 12, tmp_path)
+    assert result["tokens"][0] == hf_greedy(cla, prompts, 12)

@@ -21,9 +21,11 @@ def cla_config(config, kv_source_layers: list[int]):
     fields = config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "kv_source_layers", "transformers_version"):
         fields.pop(key, None)
-    if family == "mistral":  # Mistral (stock and CLA) has no attention biases whatever its config says: a key
-        # that means nothing is not written into the CLA config, where a reader could take it for biases
+    if family == "mistral":  # Mistral (stock and CLA) has no attention or MLP biases whatever its config says: a
+        # key that means nothing is not written into the CLA config, where a reader could take it for biases (vLLM's
+        # Mistral reads both, and served zeros from the biases no checkpoint holds)
         fields.pop("attention_bias", None)
+        fields.pop("mlp_bias", None)
     config_cls, _, lm_cls = CLA_CLASSES[family]
     return config_cls(**fields, kv_source_layers=list(kv_source_layers), architectures=[lm_cls.__name__])
 

@@ -153,6 +153,12 @@ class MistralCLAConfig(CLAConfigMixin, MistralConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._init_kv_source_layers()  # CLA
+        # CLA: as clakit's Mistral (and transformers'), no attention or MLP biases whatever the config says (a stray
+        # key, which clakit wrote into mistral_cla configs): vLLM's Mistral layers read both keys and served the
+        # biases no checkpoint holds, every greedy token 0
+        for key in ("attention_bias", "mlp_bias"):
+            if getattr(self, key, False):
+                setattr(self, key, False)
 
 
 def register_configs() -> None:
