@@ -319,9 +319,25 @@ def load_config(source: Source, trust_remote_code: bool = False):
     except Exception as e:  # a config transformers refuses: validation, TypeError, ZeroDivisionError, AttributeError
         raise _read_error(source, "read the config of", e, _config_fix(source, e)) from None
     _check_rope_type(source, config)
+    _check_kv_heads(source, config)
     if source.kind == "gguf":
         check_gguf_unread(source)
     return config
+
+
+def _check_kv_heads(source: Source, config) -> None:
+    """Query heads that KV heads do not divide (6 over 4) pass transformers' config validation and build a model,
+    whose every forward then fails (repeat_kv gives 4 x (6 // 4) heads for 6 queries): convert wrote a checkpoint of
+    it and eval ended in a traceback. Refused here in one line, for the families clakit converts."""
+    if config.model_type.removesuffix("_cla") not in ("llama", "mistral"):
+        return
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    if kv_heads and heads % kv_heads:
+        raise ClakitError(
+            f"{source.spec}: its config's num_attention_heads {heads} is not a multiple of num_key_value_heads "
+            f"{kv_heads} (each KV head serves an equal group of query heads), so the model cannot run; restore the "
+            "checkpoint's config.json"
+        )
 
 
 def check_gguf_unread(source: Source) -> None:

@@ -185,3 +185,25 @@ def test_vllm_serves_a_mistral_cla_whose_config_has_bias_keys_without_biases(vll
     prompts = [tokenizer("He shall hack the system and the user file").input_ids]
     (result,) = served(vllm_python, [cla], prompts, 12, tmp_path)
     assert result["tokens"][0] == hf_greedy(cla, prompts, 12)
+
+
+# --- heads that KV heads do not divide ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["convert", "eval"])
+def test_query_heads_that_kv_heads_do_not_divide_are_refused_in_one_line(tokenizer, corpus_dir, tmp_path, capsys,
+                                                                         command):  # fmt: skip
+    """6 query heads over 4 KV heads: transformers builds the model, whose every forward fails. convert wrote a
+    CLA checkpoint of it (exit 0) and eval ended in a RuntimeError traceback; both now refuse it before any work."""
+    from clakit.cli import main
+
+    src = save_checkpoint(tiny_model("llama", num_attention_heads=6, num_key_value_heads=4), tokenizer, tmp_path / "s")
+    out = tmp_path / "out"
+    args = {"convert": ["convert", src, out, "-q"],
+            "eval": ["eval", src, "-o", out, "--data", corpus_dir / "heldout.txt", "--seq-len", "32", "--no-speed",
+                     "-q"]}[command]  # fmt: skip
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "num_attention_heads 6 is not a multiple of num_key_value_heads 4" in err and "\n" not in err, err
+    assert not out.exists()
