@@ -17,7 +17,7 @@ from clakit.errors import ClakitError
 
 def opt(help_: str, **flag) -> dict:
     """A field's metadata: its flag's help and extra argparse options (choices, metavar, group = a mutually
-    exclusive group's title)."""
+    exclusive group's title, section = the title of the --help section this field and the ones after it are in)."""
     return {"help": help_, "flag": flag}
 
 
@@ -57,21 +57,30 @@ def _describe(tp) -> str:
     return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "").replace("NoneType", "None")
 
 
+METAVARS = {int: "N", float: "F"}  # `--calib-tokens N`, as the docs write it (and `--passkey-depths F,F,...`)
+
+
 def add_arguments(parser, cls) -> None:
-    """One flag per field of the dataclass `cls`, `--field-name`; defaults stay the dataclass's (argparse.SUPPRESS)."""
+    """One flag per field of the dataclass `cls`, `--field-name`; defaults stay the dataclass's (argparse.SUPPRESS).
+    A field's `section` titles the --help section it and the fields after it are listed in (`group` is a mutually
+    exclusive group's title: a section of its own)."""
     groups: dict[str, object] = {}
     hints = typing.get_type_hints(cls)
+    section = parser
     for f in dataclasses.fields(cls):
         extra = dict(f.metadata["flag"])
         group = extra.pop("group", None)
-        target = parser
+        if "section" in extra:
+            section = parser.add_argument_group(extra.pop("section"))
+        target = section
         if group:
             if group not in groups:
                 groups[group] = parser.add_argument_group(group).add_mutually_exclusive_group()
             target = groups[group]
         default = "" if f.default is None else f" (default {f.default})"
-        kwargs = {"help": f.metadata["help"] + default, "default": argparse.SUPPRESS, **extra}
-        target.add_argument(f"--{flag(f.name)}", dest=f.name, **kwargs, **_argparse_type(hints[f.name]))
+        kwargs = {"help": f.metadata["help"] + default, "default": argparse.SUPPRESS}
+        kwargs |= _argparse_type(hints[f.name]) | extra  # a field's own metavar or choices win
+        target.add_argument(f"--{flag(f.name)}", dest=f.name, **kwargs)
 
 
 def _argparse_type(tp) -> dict:
@@ -82,7 +91,7 @@ def _argparse_type(tp) -> dict:
         return {}  # a string, parsed by the stage's from_args: a bad list is one `clakit: error:` line
     if typing.get_origin(base) is list:
         return {"nargs": "+", "action": "extend"}  # `--calib-data a b --calib-data c`: all three
-    return {"type": base}
+    return {"type": base, **({"metavar": METAVARS[base]} if base in METAVARS else {})}
 
 
 def given(args, cls) -> dict:

@@ -412,3 +412,38 @@ def test_the_documented_report_command_rebuilds_the_runs_own_report(
 
     assert rows(tmp_path / "again") == rows(tmp_path / "run" / "report"), (typed, rows(tmp_path / "again"))
     assert rows(tmp_path / "again")[0] == ("original", "+0.0%")
+
+
+def test_the_convert_help_states_the_defaults_the_pipeline_applies():
+    """`--kv-saving` "(default 0.5)" and `--init` "reconstruct when --calib-data is given" are the pipeline's
+    DEFAULT_KV_SAVING and DEFAULT_DATA_INIT, which the help text restates by hand."""
+    from clakit.convert import pipeline
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(ConvertConfig)}
+    assert f"(default {pipeline.DEFAULT_KV_SAVING})" in helps["kv_saving"], helps["kv_saving"]
+    assert f"{pipeline.DEFAULT_DATA_INIT} when --calib-data is given" in helps["init"], helps["init"]
+
+
+# --- --help ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, cls", [("convert", ConvertConfig), ("eval", "EvalConfig")])
+def test_help_lists_each_setting_in_a_titled_section_with_a_short_metavar(command, cls):
+    """`clakit convert --help` listed its 30 settings in one "options" list with metavars like
+    RECONSTRUCT_STEPS; each now sits in a section named for its stage, and numbers read N / F (as the docs write
+    `--calib-tokens N`)."""
+    from test_docs_commands import subparsers
+
+    from clakit.eval.config import EvalConfig
+
+    cls = EvalConfig if cls == "EvalConfig" else cls
+    parser, problems = subparsers()[command], []
+    titled = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
+    for f in dataclasses.fields(cls):
+        action = next(a for a in parser._actions if a.dest == f.name)
+        if titled.get(f.name) in (None, "options"):
+            problems.append(f"--{settings.flag(f.name)} is in no titled section")
+        if action.type in (int, float) and not action.choices and action.metavar not in ("N", "F"):
+            problems.append(f"--{settings.flag(f.name)} {action.metavar}")
+    assert not problems, problems
+    assert len(set(titled.values()) - {"options", "positional arguments"}) >= 4, set(titled.values())

@@ -18,6 +18,7 @@ INITS = ("producer", "mean", "calibrated", "reconstruct")
 FIT_DTYPES = ("float32", "bfloat16")  # bf16 fits only on a GPU; statistics always accumulate in fp64
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 LAYOUT_GROUP = "layout (one of)"
+LAYOUT_SECTION = "layout chosen on data (--layout auto)"
 DEFAULT_DISTILL_STEPS = 50  # SmolLM2 at half the cache, measured in docs/quality.md
 DEFAULT_DISTILL_COPY_FRACTION = 1.0  # SmolLM2: passkeys 0.52 -> 0.87 (0.5: 0.61), perplexity -0.2% (docs/quality.md)
 DEFAULT_DISTILL_COPY_SPAN = 32
@@ -47,7 +48,8 @@ class ConvertConfig:
         ),
     )
     kv_saving: float | None = field(
-        default=None, metadata=opt("with --layout auto: fraction of the KV cache to save (default 0.5)")
+        default=None,
+        metadata=opt("with --layout auto: fraction of the KV cache to save (default 0.5)", section=LAYOUT_SECTION),
     )
     refine: bool = field(
         default=True, metadata=opt("--layout auto: refine the chosen layout beyond runs of adjacent layers")
@@ -60,7 +62,9 @@ class ConvertConfig:
     init: str | None = field(
         default=None,
         metadata=opt(
-            "shared K/V initialisation (default: mean; reconstruct when --calib-data is given)", choices=list(INITS)
+            "shared K/V initialisation (default: mean; reconstruct when --calib-data is given)",
+            choices=list(INITS),
+            section="K/V initialisation and fitting",
         ),
     )
     calib_data: list[str] | None = field(
@@ -121,11 +125,17 @@ class ConvertConfig:
     # quick check
     eval_data: list[str] | None = field(
         default=None,
-        metadata=opt("held-out text (several: all are used): print perplexity before/after", metavar="TEXT"),
+        metadata=opt(
+            "held-out text (several: all are used): print perplexity before/after",
+            metavar="TEXT",
+            section="quick check",
+        ),
     )
     eval_tokens: int = field(default=8192, metadata=opt("--eval-data tokens scored before and after"))
     # source and output
-    revision: str | None = field(default=None, metadata=opt("Hub revision (branch, tag or commit) of SRC"))
+    revision: str | None = field(
+        default=None, metadata=opt("Hub revision (branch, tag or commit) of SRC", section="source and output")
+    )
     allow_pickle: bool = field(default=False, metadata=opt("accept pickle (.bin) weights; they can run code"))
     trust_remote_code: bool = field(default=False, metadata=opt("allow SRC's own code (config/tokenizer)"))
     output_dtype: str | None = field(

@@ -30,7 +30,7 @@ class EvalConfig:
     data: list[str] | None = field(
         default=None,
         metadata=opt("text files, folders of .txt, or NAME:CONFIG:SPLIT (default wikitext:wikitext-2-raw-v1:test, "
-                     "needs the Hub)", metavar="DATA"),
+                     "needs the Hub)", metavar="DATA", section="text and windows"),
     )  # fmt: skip
     seq_len: int | None = field(
         default=None, metadata=opt("tokens per window (default 1024, or the model's context window if shorter)")
@@ -41,7 +41,7 @@ class EvalConfig:
     max_tokens: int | None = field(default=None, metadata=opt("score at most this many tokens of the data"))
     batch_size: int = field(default=4, metadata=opt("windows per forward, and the speed batch"))
     kv_budget_gb: float = field(default=DEFAULT_KV_BUDGET_GB, metadata=opt("KV-cache budget for the max-batch figure"))
-    revision: str | None = field(default=None, metadata=opt("Hub revision of MODEL"))
+    revision: str | None = field(default=None, metadata=opt("Hub revision of MODEL", section="model"))
     source_model: str | None = field(
         default=None, metadata=opt("the model MODEL was converted from, for the KV saving factor")
     )
@@ -50,7 +50,7 @@ class EvalConfig:
     lm_eval_tasks: str | list[str] | None = field(
         default=None,
         metadata=opt("comma-separated lm-eval task names or task YAML files (needs clakit[lm-eval]; stock tasks need "
-                     "the Hub)"),
+                     "the Hub)", section="lm-eval tasks"),
     )  # fmt: skip
     lm_eval_include: list[str] | str | None = field(
         default=None, metadata=opt("folders of extra lm-eval task YAML files", metavar="DIR")
@@ -59,7 +59,7 @@ class EvalConfig:
     lm_eval_fewshot: int | None = field(
         default=None, metadata=opt("few-shot examples per lm-eval prompt (default: the task's)")
     )
-    speed: bool = field(default=True, metadata=opt("time prefill and decode"))
+    speed: bool = field(default=True, metadata=opt("time prefill and decode", section="speed and weights"))
     device: str | None = field(
         default=None, metadata=opt(f"where the model runs: {DEVICES_HELP} (default auto)", group=PLACEMENT_GROUP)
     )
