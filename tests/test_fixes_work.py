@@ -69,7 +69,7 @@ def _set(*pairs):
     """follow: drop the overrides of the keys the advice sets, add the advice's."""
 
     def follow(message, overrides):
-        new = [p.format(*found(pattern, message).groups()) for pattern, p in pairs]
+        new = [p.format(*found(pattern, message).groups()).format(**PATHS) for pattern, p in pairs]
         keys = {n.split("=")[0] for n in new}
         return [o for o in overrides if o.split("=")[0] not in keys] + new
 
@@ -149,6 +149,12 @@ RECIPE_ADVICE = [
     Advice("keep-limit", ("train.save_total_limit=0",), _set((r"or (null) to keep", "train.save_total_limit={}"))),
     Advice("unknown-key", ("train.max_step=3",), _closest_key),
     Advice("reporter", ("train.report_to=[wandb]",), _set((r"not one of (\w+)", "train.report_to={}"))),
+    Advice("convert-on-a-cla-path", ("model.convert={{factor: 2}}",),
+           _set((r"(model\.convert) applies to model\.source", "{}=null"))),
+    Advice("calibrated-tail", ("model.path=null", "model.source={llama}", "model.convert={{calib_data: [{train}]}}",
+                               "data.eval=null"), _set((r"give held-out text as (data\.eval)", "{}=[{{heldout}}]"))),
+    Advice("eval-is-calibration", (*SOURCE[:2], "model.convert={{calib_data: [{heldout}]}}"),
+           _set((r"data\.eval (\S+) is \(or holds\) calibration text", "data.eval=[{{more}}]"))),
 ]  # fmt: skip
 
 
@@ -163,8 +169,12 @@ def uptrain_paths(tmp_path, corpus_dir, tiny_cla_checkpoint, tiny_llama_checkpoi
         "llama": str(tiny_llama_checkpoint),
         "train": str(corpus_dir / "train.txt"),
         "more": str(tmp_path / "more.txt"),
+        "heldout": str(corpus_dir / "heldout.txt"),
         "tmp": tmp_path,
     }
+
+
+PATHS: dict = {}  # the test's paths, for a follow that names one (`{heldout}`)
 
 
 def dry_run(paths: dict, overrides) -> object:
@@ -173,6 +183,8 @@ def dry_run(paths: dict, overrides) -> object:
 
 @pytest.mark.parametrize("case", RECIPE_ADVICE, ids=str)
 def test_following_a_recipe_refusal_makes_the_recipe_pass(case, uptrain_paths):
+    PATHS.clear()
+    PATHS.update(uptrain_paths)
     overrides = [o.format(**uptrain_paths) for o in case.overrides]
     message = error_line(dry_run(uptrain_paths, overrides))
     fixed = case.follow(message, overrides)
