@@ -320,6 +320,7 @@ def load_config(source: Source, trust_remote_code: bool = False):
         raise _read_error(source, "read the config of", e, _config_fix(source, e)) from None
     _check_rope_type(source, config)
     _check_kv_heads(source, config)
+    _check_pad_id(source, config)
     if source.kind == "gguf":
         check_gguf_unread(source)
     return config
@@ -337,6 +338,21 @@ def _check_kv_heads(source: Source, config) -> None:
             f"{source.spec}: its config's num_attention_heads {heads} is not a multiple of num_key_value_heads "
             f"{kv_heads} (each KV head serves an equal group of query heads), so the model cannot run; restore the "
             "checkpoint's config.json"
+        )
+
+
+def _check_pad_id(source: Source, config) -> None:
+    """A pad_token_id outside the embeddings (32000 with vocab_size 32000: a pad token added to a tokenizer whose
+    model was never resized) is the embedding's padding_idx, which torch asserts on when the model is built: convert
+    and eval ended in an AssertionError's traceback. Refused in one line, for the families clakit converts."""
+    if config.model_type.removesuffix("_cla") not in ("llama", "mistral"):
+        return
+    pad, vocab = getattr(config, "pad_token_id", None), config.vocab_size
+    if type(pad) is int and not -vocab <= pad < vocab:
+        raise ClakitError(
+            f"{source.spec}: its config's pad_token_id {pad} is not a token of its {vocab}-token vocabulary "
+            "(vocab_size), so transformers cannot build the model; set pad_token_id to null (or an id below "
+            f"{vocab}) in its config.json"
         )
 
 

@@ -187,17 +187,30 @@ def test_vllm_serves_a_mistral_cla_whose_config_has_bias_keys_without_biases(vll
     assert result["tokens"][0] == hf_greedy(cla, prompts, 12)
 
 
-# --- heads that KV heads do not divide ------------------------------------------------------------------------------
+# --- configs transformers builds no runnable model of ---------------------------------------------------------------
+
+# case -> (tiny_model overrides, config.json changes, the one line's words)
+UNRUNNABLE = {
+    # transformers builds the model; its every forward fails (repeat_kv: 4 x (6 // 4) heads for 6 queries)
+    "6-heads-over-4-kv": (dict(num_attention_heads=6, num_key_value_heads=4), {},
+                          "num_attention_heads 6 is not a multiple of num_key_value_heads 4"),
+    # a pad token added to the tokenizer, the embeddings never resized: torch asserts building the embedding
+    "pad-id-past-the-vocab": ({}, dict(pad_token_id=320), "pad_token_id 320 is not a token of its 320-token"),
+}  # fmt: skip
 
 
+@pytest.mark.parametrize("case", list(UNRUNNABLE))
 @pytest.mark.parametrize("command", ["convert", "eval"])
-def test_query_heads_that_kv_heads_do_not_divide_are_refused_in_one_line(tokenizer, corpus_dir, tmp_path, capsys,
-                                                                         command):  # fmt: skip
-    """6 query heads over 4 KV heads: transformers builds the model, whose every forward fails. convert wrote a
-    CLA checkpoint of it (exit 0) and eval ended in a RuntimeError traceback; both now refuse it before any work."""
+def test_a_config_no_model_can_run_is_refused_in_one_line(tokenizer, corpus_dir, tmp_path, capsys, command, case):
+    """convert wrote a CLA checkpoint of 6 heads over 4 KV heads (exit 0) and eval ended in a RuntimeError's
+    traceback; a pad_token_id past the vocabulary ended both in an AssertionError's. Now one line, exit 2, before any
+    work, nothing written."""
     from clakit.cli import main
 
-    src = save_checkpoint(tiny_model("llama", num_attention_heads=6, num_key_value_heads=4), tokenizer, tmp_path / "s")
+    overrides, changes, words = UNRUNNABLE[case]
+    src = save_checkpoint(tiny_model("llama", **overrides), tokenizer, tmp_path / "s")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **changes}))
     out = tmp_path / "out"
     args = {"convert": ["convert", src, out, "-q"],
             "eval": ["eval", src, "-o", out, "--data", corpus_dir / "heldout.txt", "--seq-len", "32", "--no-speed",
@@ -205,5 +218,5 @@ def test_query_heads_that_kv_heads_do_not_divide_are_refused_in_one_line(tokeniz
     capsys.readouterr()  # save_pretrained's progress bar
     assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err.strip()
-    assert "num_attention_heads 6 is not a multiple of num_key_value_heads 4" in err and "\n" not in err, err
+    assert words in err and "\n" not in err, err
     assert not out.exists()
