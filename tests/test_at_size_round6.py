@@ -154,7 +154,7 @@ def test_the_refinement_reads_each_layer_once_per_consumer_and_move(refine_case,
     assert [m | {"nll_gain": 0} for m in moves] == [m | {"nll_gain": 0} for m in expected_moves]
     assert [m["nll_gain"] for m in moves] == pytest.approx([m["nll_gain"] for m in expected_moves], abs=2e-6)
     consumers, moved = sum(p != c for c, p in enumerate(start)), len({m["layer"] for m in moves})
-    assert runner.reads <= first + len(start) * (consumers + moved), (runner.reads, first, consumers, moved)
+    assert runner.reads <= len(start) * consumers, (runner.reads, first, consumers, moved)  # HEAD: 138, 147
 
 
 # --- uptrain: what a checkpoint save holds at once ----------------------------------------------------------------
