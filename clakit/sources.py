@@ -321,6 +321,7 @@ def load_config(source: Source, trust_remote_code: bool = False):
     _check_rope_type(source, config)
     _check_kv_heads(source, config)
     _check_pad_id(source, config)
+    _check_values(source, config)
     if source.kind == "gguf":
         check_gguf_unread(source)
     return config
@@ -339,6 +340,27 @@ def _check_kv_heads(source: Source, config) -> None:
             f"{kv_heads} (each KV head serves an equal group of query heads), so the model cannot run; restore the "
             "checkpoint's config.json"
         )
+
+
+def _check_values(source: Source, config) -> None:
+    """An activation transformers lacks ("swiglu") passes its config validation and fails building the MLP with a
+    KeyError: convert ended in a traceback and eval blamed the download. A rope_theta or rms_norm_eps below zero
+    builds a model of NaN logits, which convert wrote (its held-out perplexity "nan -> nan", exit 0). Each refused
+    in one line, for the families clakit converts."""
+    from transformers.activations import ACT2FN
+
+    if config.model_type.removesuffix("_cla") not in ("llama", "mistral"):
+        return
+    fix = "restore the checkpoint's config.json"
+    act = getattr(config, "hidden_act", None)
+    if act not in ACT2FN:
+        raise ClakitError(f"{source.spec}: its config's hidden_act {act!r} is no activation transformers has; {fix}")
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    eps = getattr(config, "rms_norm_eps", None)
+    for key, value, least in (("rope_theta", theta, "above 0"), ("rms_norm_eps", eps, "0 or more")):
+        if isinstance(value, int | float) and (value < 0 or (value == 0 and key == "rope_theta")):
+            raise ClakitError(f"{source.spec}: its config's {key} {value} (not {least}) makes NaN outputs; {fix}")
 
 
 def _check_pad_id(source: Source, config) -> None:

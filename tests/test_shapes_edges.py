@@ -196,15 +196,21 @@ UNRUNNABLE = {
                           "num_attention_heads 6 is not a multiple of num_key_value_heads 4"),
     # a pad token added to the tokenizer, the embeddings never resized: torch asserts building the embedding
     "pad-id-past-the-vocab": ({}, dict(pad_token_id=320), "pad_token_id 320 is not a token of its 320-token"),
+    # no such activation in transformers: a KeyError building the MLP (convert: traceback; eval: "download it again")
+    "unknown-activation": ({}, dict(hidden_act="swiglu"), "hidden_act 'swiglu' is no activation transformers has"),
+    # NaN logits: convert wrote the model, its held-out perplexity "nan -> nan", exit 0
+    "negative-rope-theta": ({}, dict(rope_parameters={"rope_type": "default", "rope_theta": -5.0}),
+                            "rope_theta -5.0 (not above 0) makes NaN outputs"),
+    "negative-eps": ({}, dict(rms_norm_eps=-1.0), "rms_norm_eps -1.0 (not 0 or more) makes NaN outputs"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(UNRUNNABLE))
 @pytest.mark.parametrize("command", ["convert", "eval"])
 def test_a_config_no_model_can_run_is_refused_in_one_line(tokenizer, corpus_dir, tmp_path, capsys, command, case):
-    """convert wrote a CLA checkpoint of 6 heads over 4 KV heads (exit 0) and eval ended in a RuntimeError's
-    traceback; a pad_token_id past the vocabulary ended both in an AssertionError's. Now one line, exit 2, before any
-    work, nothing written."""
+    """Configs transformers accepts and builds no runnable model of (see UNRUNNABLE): convert wrote a checkpoint or
+    ended in a traceback, eval ended in one or blamed the download. Now one line, exit 2, before any work, nothing
+    written."""
     from clakit.cli import main
 
     overrides, changes, words = UNRUNNABLE[case]
@@ -212,7 +218,8 @@ def test_a_config_no_model_can_run_is_refused_in_one_line(tokenizer, corpus_dir,
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, **changes}))
     out = tmp_path / "out"
-    args = {"convert": ["convert", src, out, "-q"],
+    args = {"convert": ["convert", src, out, "-q", "--eval-data", corpus_dir / "heldout.txt", "--seq-len", "32",
+                        "--eval-tokens", "128"],
             "eval": ["eval", src, "-o", out, "--data", corpus_dir / "heldout.txt", "--seq-len", "32", "--no-speed",
                      "-q"]}[command]  # fmt: skip
     capsys.readouterr()  # save_pretrained's progress bar
