@@ -16,6 +16,7 @@ once the new one is in place. Any OSError becomes a one-line ClakitError, and a 
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -461,23 +462,36 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
     """Mark the finished staging folder and rename it to `out`. An `out` that appeared meanwhile is checked by the
     same rule; an old output is moved aside, and removed only once the new one is in place."""
     write_marker(tmp, kind, later=later)
-    if out.exists() or out.is_symlink():
-        _check_place(out, labels.get("label", "output folder"), ())
-        reason = _refusal(out, kind, overwrite, labels.get("label", "output folder"), "pass --overwrite to replace it")
-        if reason:
-            raise ClakitError(reason.replace("already exists", "appeared while this run was working", 1))
-        old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-        try:  # both renames inside: Ctrl-C or SIGTERM (Terminated) between them left OUT absent, the old one hidden
-            out.rename(old)
-            tmp.rename(out)
-        except BaseException:
-            if old.exists() and not out.exists():
-                old.rename(out)  # put the old output back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+    if not (out.exists() or out.is_symlink()) and _renamed_into_place(tmp, out):
+        _release(tmp)
+        return
+    _check_place(out, labels.get("label", "output folder"), ())
+    reason = _refusal(out, kind, overwrite, labels.get("label", "output folder"), "pass --overwrite to replace it")
+    if reason:
+        raise ClakitError(reason.replace("already exists", "appeared while this run was working", 1))
+    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+    try:  # both renames inside: Ctrl-C or SIGTERM (Terminated) between them left OUT absent, the old one hidden
+        out.rename(old)
         tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)  # put the old output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     _release(tmp)
+
+
+def _renamed_into_place(tmp: Path, out: Path) -> bool:
+    """rename(2) onto a missing `out`; False when another run published `out` since it was looked at (the rename
+    then fails with ENOTEMPTY or EEXIST, which read "cannot write OUT: Directory not empty; check free disk space"):
+    that output is then judged by the rule like one found there."""
+    try:
+        tmp.rename(out)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        return False
+    return True
 
 
 @contextlib.contextmanager

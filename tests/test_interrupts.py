@@ -380,3 +380,42 @@ def test_sighup_under_nohup_is_still_ignored(tiny_llama_checkpoint, tmp_path):
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 0, err
     assert (work / "out" / "config.json").is_file() and hidden(work) == []
+
+
+# --- two runs publishing one output at once --------------------------------------------------------------------------
+
+# stops (once) right before the staging folder is renamed onto an OUT that is not there (yet)
+BEFORE_RENAME_ONTO_NOTHING = """
+real_rename, stops = Path.rename, []
+def rename(self, target):
+    if self.name.endswith(".partial") and not Path(target).exists() and not stops:
+        stops.append(stop())
+    return real_rename(self, target)
+Path.rename = rename
+"""
+
+
+@pytest.fixture(scope="module")
+def two_reports(tmp_path_factory) -> list[Path]:
+    from conftest import build_tokenizer, make_text, tiny_model
+
+    from clakit.eval import evaluate, write_json
+
+    base = evaluate(tiny_model(), tokenizer=build_tokenizer(), text=make_text(300, 71), seq_len=32, decode_steps=2)
+    folder = tmp_path_factory.mktemp("reports")
+    return [write_json({**base, "model": f"runs/{name}/model"}, folder / f"{name}.json") for name in ("a", "b")]
+
+
+def test_a_report_published_by_another_run_meanwhile_is_replaced_not_a_disk_error(two_reports, tmp_path):
+    """Two `clakit report -o DIR` at once, both finding DIR missing: the later rename failed with ENOTEMPTY, reported
+    as "cannot write DIR: Directory not empty; check free disk space and permissions" (exit 2). A report folder is
+    always replaced: the later run now replaces the other's, as it would have a moment later."""
+    rep = tmp_path / "rep"
+    proc, ready = start(tmp_path, BEFORE_RENAME_ONTO_NOTHING, "report", *two_reports, "-o", rep, "-q")
+    stopped(proc, ready)
+    other = clakit("report", two_reports[0], "-o", rep, "-q")
+    assert other.returncode == 0, other.stderr
+    ready.unlink()  # the first run goes on: its rename now meets the other's report
+    err = proc.communicate(timeout=120)[1]
+    assert (proc.returncode, err) == (0, ""), err  # before: 2, "... Directory not empty; check free disk space ..."
+    assert "| b/model |" in (rep / "report.md").read_text() and hidden(tmp_path) == []
