@@ -376,6 +376,27 @@ def test_the_recipe_defaults_docs_uptrain_md_states_are_the_dataclass_defaults()
     assert not problems, problems
 
 
+def test_recipe_defaults_docs_uptrain_md_lists_as_key_value_are_the_dataclass_defaults():
+    """HEAD's "The recipe's defaults are therefore `full_train: [k_proj, v_proj, consumers.q_proj]`, `distill.weight:
+    1.0`" (a past stop's CPU recipe; the dataclass's are [] and 0): each `key: value` a "defaults ... are" sentence
+    lists is the dataclass default."""
+    import yaml
+
+    from clakit.uptrain.recipe import Recipe
+
+    defaults = Recipe().to_dict()
+    by_name = {name: value for section in defaults.values() for name, value in section.items()}
+    doc = re.sub(r"\s+", " ", (ROOT / "docs" / "uptrain.md").read_text())
+    problems = []
+    for listing in re.findall(r"defaults(?: \([^)]*\))? are(?: therefore)? ((?:`[\w.]+: [^`]+`(?:, | and )?)+)", doc):
+        for key, value in re.findall(r"`([\w.]+): ([^`]+)`", listing):
+            section, _, name = key.rpartition(".")
+            want = defaults[section][name] if section else by_name[name]
+            if yaml.safe_load(value) != want:
+                problems.append(f"{key}: docs say {value}, the dataclass {want!r}")
+    assert not problems, problems
+
+
 def test_the_demo_flags_defaults_are_the_demo_settings_defaults():
     """`clakit demo --max-tokens/--uptrain-steps` hold their own argparse defaults beside DemoSettings'; the help's
     "(default N)" must be both."""
