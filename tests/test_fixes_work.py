@@ -69,11 +69,16 @@ def _set(*pairs):
     """follow: drop the overrides of the keys the advice sets, add the advice's."""
 
     def follow(message, overrides):
-        new = [p.format(*found(pattern, message).groups()).format(**PATHS) for pattern, p in pairs]
+        new = [_paths(p.format(*found(pattern, message).groups())) for pattern, p in pairs]
         keys = {n.split("=")[0] for n in new}
         return [o for o in overrides if o.split("=")[0] not in keys] + new
 
     return follow
+
+
+def _paths(text: str) -> str:
+    """`<heldout>` -> the test's path of that name (PATHS)."""
+    return re.sub(r"<(\w+)>", lambda m: PATHS[m.group(1)], text)
 
 
 def _shell(fallback: str, **values):
@@ -149,12 +154,18 @@ RECIPE_ADVICE = [
     Advice("keep-limit", ("train.save_total_limit=0",), _set((r"or (null) to keep", "train.save_total_limit={}"))),
     Advice("unknown-key", ("train.max_step=3",), _closest_key),
     Advice("reporter", ("train.report_to=[wandb]",), _set((r"not one of (\w+)", "train.report_to={}"))),
+    # a stock model as model.path -> give it as model.source -> add a convert section as the example says -> passes
+    Advice("stock-model-path", ("model.path={llama}",), [
+        _set((r"give it as (model\.source) with model\.convert", "{}=<llama>"),
+             (r"(model\.path) \S+ is not", "{}=null")),
+        _set((r"add e\.g\. `convert: (\{[^}]*\})`", "model.convert={}")),
+    ]),
     Advice("convert-on-a-cla-path", ("model.convert={{factor: 2}}",),
            _set((r"(model\.convert) applies to model\.source", "{}=null"))),
     Advice("calibrated-tail", ("model.path=null", "model.source={llama}", "model.convert={{calib_data: [{train}]}}",
-                               "data.eval=null"), _set((r"give held-out text as (data\.eval)", "{}=[{{heldout}}]"))),
+                               "data.eval=null"), _set((r"give held-out text as (data\.eval)", "{}=[<heldout>]"))),
     Advice("eval-is-calibration", (*SOURCE[:2], "model.convert={{calib_data: [{heldout}]}}"),
-           _set((r"data\.eval (\S+) is \(or holds\) calibration text", "data.eval=[{{more}}]"))),
+           _set((r"data\.eval (\S+) is \(or holds\) calibration text", "data.eval=[<more>]"))),
 ]  # fmt: skip
 
 
@@ -174,7 +185,7 @@ def uptrain_paths(tmp_path, corpus_dir, tiny_cla_checkpoint, tiny_llama_checkpoi
     }
 
 
-PATHS: dict = {}  # the test's paths, for a follow that names one (`{heldout}`)
+PATHS: dict = {}  # the test's paths, for a follow that names one (`<heldout>`)
 
 
 def dry_run(paths: dict, overrides) -> object:
@@ -185,11 +196,14 @@ def dry_run(paths: dict, overrides) -> object:
 def test_following_a_recipe_refusal_makes_the_recipe_pass(case, uptrain_paths):
     PATHS.clear()
     PATHS.update(uptrain_paths)
-    overrides = [o.format(**uptrain_paths) for o in case.overrides]
-    message = error_line(dry_run(uptrain_paths, overrides))
-    fixed = case.follow(message, overrides)
+    fixed, seen = [o.format(**uptrain_paths) for o in case.overrides], []
+    for follow in case.follow if isinstance(case.follow, list) else [case.follow]:  # a chain: one refusal each
+        message = error_line(dry_run(uptrain_paths, fixed))
+        assert message not in seen, f"the same refusal again after following it: {message}"
+        seen.append(message)
+        fixed = follow(message, fixed)
     run = dry_run(uptrain_paths, fixed)
-    assert run.code == 0, f"refused: {message}\nfollowed as {fixed}\nthen: {run.err.strip()[-600:]}"
+    assert run.code == 0, f"refused: {seen}\nfollowed as {fixed}\nthen: {run.err.strip()[-600:]}"
 
 
 def test_a_shipped_recipe_named_in_the_refusal_of_a_missing_one_is_found(tmp_path):
