@@ -401,8 +401,10 @@ def reclaim_leftovers(out: Path) -> list[str]:
             if fd is None:
                 live = True  # a run writing this output now (or no locks here): its .old may be mid-publish
                 continue
-            shutil.rmtree(folder, ignore_errors=True)
-            os.close(fd)
+            try:  # removed under the lock: a run starting now cannot take the folder meanwhile
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                os.close(fd)
             done.append(folder.name)
         if not live:
             done += _reclaim_old(out, sorted(p for p in found if p.name.endswith(".old") and p.is_dir()))
