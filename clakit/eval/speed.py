@@ -1,6 +1,7 @@
 """Throughput at a batch size: prefill (one forward over batch x seq_len tokens into a fresh cache) and decode
-(one new token per sequence per step, greedy, reading that cache)."""
+(one new token per sequence per step, greedy, reading that cache), each the median of a few passes."""
 
+import statistics
 import time
 
 import torch
@@ -18,30 +19,40 @@ def fit_window(length: int, decode_steps: int, window: int | None) -> tuple[int,
     return min(length, window - steps), steps
 
 
-def throughput(model, ids: torch.Tensor, batch_size: int, decode_steps: int = 16, window: int | None = None) -> dict:
-    """Tokens/s of prefill and decode; `ids` (L,) is repeated over the batch (the cost does not depend on content).
-    `window`: the model's context window, which prefill + decode stay inside (`fit_window`)."""
+def _one_pass(model, inputs: torch.Tensor, decode_steps: int) -> tuple[float, float]:
+    """Seconds of one prefill of `inputs` (B, L) into a fresh cache and of `decode_steps` greedy steps after it."""
     from transformers import DynamicCache
 
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    out = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
+    devices.synchronize(model)
+    prefill_s = time.perf_counter() - start
+    token = out.logits[:, -1:].argmax(-1)  # (B, 1)
+    start = time.perf_counter()
+    for _ in range(decode_steps):
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    devices.synchronize(model)
+    return prefill_s, time.perf_counter() - start
+
+
+def throughput(
+    model, ids: torch.Tensor, batch_size: int, decode_steps: int = 16, window: int | None = None, repeats: int = 3
+) -> dict:
+    """Tokens/s of prefill and decode, each the median of `repeats` passes: one pass on a busy machine could read a
+    pause of the OS as the model's speed (a tiny model's prefill: 426 tok/s in one report, 103,003 in the next row).
+    `ids` (L,) is repeated over the batch (the cost does not depend on content). `window`: the model's context
+    window, which prefill + decode stay inside (`fit_window`)."""
     length, decode_steps = fit_window(len(ids), decode_steps, window)
     ids = ids[:length]
     device = next(model.parameters()).device
     inputs = ids.to(device).unsqueeze(0).expand(batch_size, -1).contiguous()  # (B, L)
-    cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=inputs[:, :8], use_cache=False)  # warm-up: first-call allocations are not throughput
         devices.synchronize(model)
-        start = time.perf_counter()
-        out = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
-        devices.synchronize(model)
-        prefill_s = time.perf_counter() - start
-        token = out.logits[:, -1:].argmax(-1)  # (B, 1)
-        start = time.perf_counter()
-        for _ in range(decode_steps):
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-        devices.synchronize(model)
-        decode_s = time.perf_counter() - start
+        passes = [_one_pass(model, inputs, decode_steps) for _ in range(repeats)]
+    prefill_s, decode_s = (statistics.median(times) for times in zip(*passes, strict=True))
     return {
         "batch_size": batch_size,
         "prefill_tokens": inputs.numel(),
@@ -49,4 +60,5 @@ def throughput(model, ids: torch.Tensor, batch_size: int, decode_steps: int = 16
         "prefill_tokens_per_s": inputs.numel() / prefill_s,
         "decode_steps": decode_steps,
         "decode_tokens_per_s": batch_size * decode_steps / decode_s,
+        "repeats": repeats,
     }
