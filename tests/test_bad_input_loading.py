@@ -232,7 +232,11 @@ def test_a_nan_loss_stops_training_and_publishes_nothing(paths, monkeypatch):  #
     monkeypatch.setattr(trainer, "uptrain_loss", diverging)
     run = run_clakit("uptrain", paths["recipe"], "-q", f"model.path={paths['cla']}")
     assert_clean_refusal(run, "the training loss is not finite (nan or inf) at step 3")
+    # the advice was "Lower train.learning_rate ... then --resume", and the run kept "continue it with --resume":
+    # a resume with another learning rate is refused as another recipe, with the same one it repeats the same loss
+    assert "start over with --overwrite" in run.err and "continue it with --resume" not in run.err, run.err
     out = Path(yaml.safe_load(Path(paths["recipe"]).read_text())["train"]["output_dir"])
+    assert f"its earlier checkpoints are kept in {out}" in run.err, run.err
     assert not (out / "model").exists()
     assert not list(out.glob("checkpoints/step-000003*"))
 

@@ -127,6 +127,11 @@ def test_a_user_file_in_the_report_folder_does_not_lose_the_trained_model(
     assert code == 2 and err.startswith("clakit: error: ") and "\n" not in err and "Traceback" not in err
     assert f"the model is saved in {out / 'model'}, but its report could not be written (" in err, err
     assert f"{out / 'report'} already exists and is not a clakit report folder" in err and "clakit report" in err
+    # the command names the reports in the page's order (a shell's `eval/*.json` put converted.json first, the
+    # baseline every row is compared with)
+    reports = [out / "eval" / f"{n}.json" for n in ("original", "converted", "uptrained")]
+    command = " ".join(str(r) for r in reports if r.is_file())
+    assert f"`clakit report {command} -o FOLDER`" in err, err
     assert json.loads((out / "eval" / "uptrained.json").read_text())["perplexity"] > 0
     assert "continue it with --resume" not in err  # the run has finished: kept as it is, nothing to resume
     assert run_cli(capsys, path, "--resume") == (0, "")  # returns the finished run's result
@@ -168,3 +173,34 @@ def test_a_datasets_spec_is_not_inside_the_working_directory(tmp_path, corpus_di
     the working directory, and the old held-out check refused it as training text."""
     monkeypatch.chdir(corpus_dir)
     assert refusal(tmp_path, corpus_dir, "data.train=[.]", f"data.eval=[{WIKI}]") is None
+
+
+@pytest.mark.parametrize(
+    "held, fix",
+    [
+        ("mine", "choose another train.output_dir"),
+        ("uptrain", "start it over with --overwrite"),  # a run folder that lost its run.json
+        (None, "drop --resume to start one there"),
+    ],
+    ids=["folder-of-mine", "run-without-run-json", "empty-folder"],
+)
+def test_resume_into_a_folder_holding_no_run_gives_advice_that_works(capsys, tmp_path, corpus_dir, held, fix):
+    """--resume into a folder holding no run said "drop --resume to start one there"; dropping it was refused in
+    turn where the folder holds the user's files ("already exists and is not a clakit uptrain run ... choose another
+    folder") or is a run folder without its run.json ("continue it with --resume"). For an empty folder dropping
+    --resume works (dry run)."""
+    from clakit import outputs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    if held == "mine":
+        (out / "notes.txt").write_text("mine")
+    elif held == "uptrain":
+        outputs.write_marker(out, "uptrain")
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tmp_path / "m")}))
+    before = {p.name for p in out.rglob("*")}
+    assert_refused(capsys, out, [path, "--resume"], f"--resume: {out} holds no clakit uptrain run; {fix}", before)
+    if held is None:
+        (tmp_path / "m").mkdir()
+        code, err = run_cli(capsys, path, "--dry-run")
+        assert "already exists" not in err, err

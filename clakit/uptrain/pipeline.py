@@ -43,7 +43,15 @@ from clakit.uptrain.recipe import (
     located_text,
     resolve_recipe,
 )
-from clakit.uptrain.trainer import METRICS, Trainer, blocks_per_step, check_plan, drop_metrics_after, make_plan
+from clakit.uptrain.trainer import (
+    METRICS,
+    LossNotFinite,
+    Trainer,
+    blocks_per_step,
+    check_plan,
+    drop_metrics_after,
+    make_plan,
+)
 
 RESULT = "model"
 # how long a process waits in a collective while the main one works alone: reading a 70B checkpoint before the
@@ -109,9 +117,19 @@ def _replace_hint(out: Path) -> str:
     return "continue it with --resume or replace it with --overwrite"
 
 
+def _no_run_fix(out: Path) -> str:
+    """What starts a run in `out`, which holds none: dropping --resume only where it is missing or empty (a folder of
+    other files is refused then, and an uptrain folder without its run.json asks for --resume again)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return "drop --resume to start one there"
+    if outputs.owner(out) == "uptrain":
+        return "start it over with --overwrite"
+    return "choose another train.output_dir"
+
+
 def _check_resumable(out: Path, recipe: Recipe) -> None:
     if not (out / "run.json").is_file():
-        raise ClakitError(f"--resume: {out} holds no clakit uptrain run; drop --resume to start one there")
+        raise ClakitError(f"--resume: {out} holds no clakit uptrain run; {_no_run_fix(out)}")
     if outputs.in_use(out):
         raise ClakitError(f"--resume: the run in {out} is still running in another process; wait for it to end")
     run = json.loads((out / "run.json").read_text())
@@ -672,6 +690,8 @@ def _abandon(out: Path, acc, error: BaseException) -> None:
     if finished(out):
         return
     if checkpoint.checkpoint_dirs(out):
+        if isinstance(error, LossNotFinite):  # --resume would repeat the same steps into the same loss
+            raise ClakitError(f"{error}; its earlier checkpoints are kept in {out}") from None
         if isinstance(error, ClakitError):
             raise ClakitError(f"{error}; the run is kept in {out}: continue it with --resume") from None
         return
@@ -1073,4 +1093,6 @@ def _report_failure(out: Path, e: ClakitError | None) -> ClakitError | None:
     if e is None:
         return None
     why = f"the model is saved in {out / RESULT}, but its report could not be written ({e})"
-    return ClakitError(f"{why}; write it with `clakit report {out / EVAL}/*.json -o FOLDER`")
+    # in the page's order, not a glob's: the first report is the baseline (the shell sorts converted.json first)
+    files = " ".join(str(path) for path in _report_files(out, REPORTS).values())
+    return ClakitError(f"{why}; write it with `clakit report {files} -o FOLDER`")

@@ -145,6 +145,11 @@ def heldout_loss(model, blocks: torch.Tensor, batch_size: int, device=None) -> d
     return {"loss": mean, "perplexity": math.exp(min(mean, 700)), "tokens": int(total[1].item())}
 
 
+class LossNotFinite(ClakitError):
+    """The training loss turned NaN/inf: a resume continues the same recipe bit for bit into the same loss, so the
+    fix is another recipe, started over."""
+
+
 def stop_if_not_finite(loss_sum: float, step: int, accelerator) -> None:
     """A NaN/inf loss (a learning rate too high, a bf16 overflow, broken data) would poison the weights: stop before
     the optimizer step, so no checkpoint and no result holds them. Every process stops together (or the others
@@ -153,9 +158,10 @@ def stop_if_not_finite(loss_sum: float, step: int, accelerator) -> None:
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), "sum").item() > 0
     if bad:
-        raise ClakitError(
+        raise LossNotFinite(
             f"the training loss is not finite (nan or inf) at step {step}; nothing was saved from this step on. Lower "
-            "train.learning_rate (or set train.max_grad_norm), check the data, then --resume or --overwrite"
+            "train.learning_rate (or set train.max_grad_norm) or check the data, and start over with --overwrite "
+            "(--resume continues the same recipe into the same loss)"
         )
 
 
