@@ -128,15 +128,57 @@ def test_damaged_gguf(tmp_path, capsys, content):
     assert_refused(capsys, tmp_path / "m.gguf", tmp_path / "out", match="m.gguf")
 
 
+SUPPORTS = "clakit convert supports LlamaForCausalLM, MistralForCausalLM"
+ALREADY_CLA = "is already a CLA checkpoint (model_type llama_cla); clakit convert reads the stock model: convert the"
+
+
 @pytest.mark.parametrize(
-    "architecture, model_type", [("GPT2LMHeadModel", "gpt2"), ("LlamaCLAForCausalLM", "llama_cla"), (None, "foo")]
+    "architecture, model_type, match",
+    [
+        ("GPT2LMHeadModel", "gpt2", SUPPORTS),
+        (None, "foo", SUPPORTS),
+        # a CLA checkpoint: the refusal said only which architectures convert reads, and with `architectures`
+        # edited to the stock class, "tensor model.layers.1.self_attn.k_proj.weight is missing ... re-download it"
+        ("LlamaCLAForCausalLM", "llama_cla", ALREADY_CLA),
+        ("LlamaForCausalLM", "llama_cla", ALREADY_CLA),
+    ],
 )
-def test_unsupported_architecture(src, tmp_path, capsys, architecture, model_type):
+def test_unsupported_architecture(src, tmp_path, capsys, architecture, model_type, match):
     config = json.loads((src / "config.json").read_text())
     config.update(architectures=[architecture] if architecture else None, model_type=model_type)
     (src / "config.json").write_text(json.dumps(config))
-    match = "clakit convert supports LlamaForCausalLM, MistralForCausalLM"
     assert_refused(capsys, src, tmp_path / "out", match=match)
+
+
+def test_a_converted_checkpoint_given_again_is_refused_naming_its_original(src, tmp_path, capsys):
+    assert run_cli(src, tmp_path / "cla", "--factor", "2", "--quiet") == 0
+    assert_refused(capsys, tmp_path / "cla", tmp_path / "out", "--factor", "2", match=ALREADY_CLA)
+
+
+def _with_a_nan(src: Path, name: str = "model.layers.2.mlp.down_proj.weight") -> None:
+    for shard in shards(src) or [src / "model.safetensors"]:
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name][0, 0] = float("nan")
+            save_file(tensors, shard, metadata={"format": "pt"})
+            return
+    raise AssertionError(f"{name} not found")
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        # both exited 0 and wrote a model whose every logit is NaN ("held-out perplexity: nan -> nan (nanx)")
+        (["--factor", "2"], "tensor model.layers.2.mlp.down_proj.weight holds NaN or inf: the source checkpoint is"),
+        (["--factor", "2", "--eval-data", "{heldout}", "--eval-tokens", "128", "--seq-len", "32"],
+         "scores a held-out perplexity of nan on --eval-data: its weights hold NaN or inf"),
+    ],
+    ids=["written", "evaluated"],
+)
+def test_a_source_holding_a_nan_weight_is_refused(src, tmp_path, capsys, corpus_dir, args, match):
+    _with_a_nan(src)
+    args = [a.format(heldout=corpus_dir / "heldout.txt") for a in args]
+    assert_refused(capsys, src, tmp_path / "out", *args, match=match)
 
 
 def test_truncated_shard(src, tmp_path, capsys):

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import functools
 import gc
+import math
 import shutil
 import sys
 import tempfile
@@ -126,8 +127,7 @@ def convert(
     if config is not None and settings:
         raise TypeError("give convert() a ConvertConfig or keyword settings, not both")
     config = config if config is not None else ConvertConfig(**settings)
-    layout, kv_saving_ = _resolve_layout(config)
-    _check_arguments(config, layout, kv_saving_)
+    resolved = check_settings(config)
     device = resolve_device(config.device, config.dtype)
     parse_size(config.max_shard_size)
     check_revision(config.revision, src)
@@ -135,7 +135,6 @@ def convert(
     inputs = [("source", src), ("calibration data", config.calib_data), ("eval data", config.eval_data)]
     outputs.check_not_inside_an_output(out)
     outputs.check_folder(out, "convert", overwrite=overwrite, inputs=inputs)
-    resolved = replace(config, layout=layout, kv_saving=kv_saving_, init=_resolve_init(config.init, config.calib_data))
     job = _Conversion(
         out=expand(out, "OUT").absolute(),
         source=resolve_source(str(src), config.revision, config.allow_pickle, check_config=_hub_check(config.seq_len)),
@@ -145,6 +144,14 @@ def convert(
         quiet=quiet,
     )
     return job.run()
+
+
+def check_settings(c: ConvertConfig) -> ConvertConfig:
+    """The settings alone, before any file is read (convert, and uptrain's --dry-run of a recipe's model.convert):
+    contradictions refused, and `c` with the layout, kv_saving and init it resolves to."""
+    layout, kv_saving_ = _resolve_layout(c)
+    _check_arguments(c, layout, kv_saving_)
+    return replace(c, layout=layout, kv_saving=kv_saving_, init=_resolve_init(c.init, c.calib_data))
 
 
 def _resolve_layout(c: ConvertConfig) -> tuple[str | None, float | None]:
@@ -265,12 +272,27 @@ def _check_not_quantized(source: Source, quantization) -> None:
 
 
 def _check_architecture(source: Source, architectures: list | None, model_type: str | None) -> str:
+    if str(model_type).endswith("_cla"):  # whatever `architectures` says (edited by hand: a missing-k_proj error)
+        raise ClakitError(
+            f"{source.spec} is already a CLA checkpoint (model_type {model_type}); clakit convert reads the stock "
+            "model: convert the original it was made from (its clakit_convert.json names it as source)"
+        )
     architecture = (architectures or [_ARCH_OF_TYPE.get(model_type, model_type)])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ClakitError(
             f"{source.spec} is a {architecture} model; clakit convert supports {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return architecture
+
+
+def _check_source_loss(source: Source, perplexity: float) -> None:
+    """A source whose held-out perplexity is NaN or inf (a NaN weight: a damaged file, a diverged run) is refused
+    before the fits, which would only spread it (the writer's check would refuse it later, `_check_finite`)."""
+    if not math.isfinite(perplexity):
+        raise ClakitError(
+            f"{source.spec} scores a held-out perplexity of {perplexity} on --eval-data: its weights hold NaN or inf "
+            "(a damaged checkpoint or a diverged run); convert a healthy checkpoint"
+        )
 
 
 class _Conversion:
@@ -475,6 +497,7 @@ class _Conversion:
             self.say("measuring held-out perplexity of the source...")
             with runner.offloaded() as model, self._timed("eval_before"):
                 self.results["perplexity_before"] = self._perplexity(model)
+            _check_source_loss(self.source, self.results["perplexity_before"])
         overrides = self._calibrate(runner, scratch, ids) if self.needs_calibration else {}
         del runner
         gc.collect()

@@ -81,9 +81,28 @@ def converted_tensors(
             tensor = checkpoint.get(plan.sources[name][0])
         else:  # the group's (kv_heads*head_dim, hidden) weights, or (kv_heads*head_dim,) biases, averaged
             tensor = merge_kv([checkpoint.get(s) for s in plan.sources[name]], init)
+        if tensor.is_floating_point():
+            _check_finite(name, tensor, fitted=name in overrides)
         if dtype is not None and tensor.is_floating_point():
             tensor = _cast(name, tensor, dtype)
         yield name, tensor
+
+
+def _check_finite(name: str, tensor: torch.Tensor, fitted: bool, chunk: int = 1 << 24) -> None:
+    """A NaN or inf in a written tensor is refused: a source with one (a damaged file, a diverged run) converted
+    into a model whose every logit is NaN, exit 0. Checked in chunks of `chunk` elements, so the flags tensor stays
+    16 MB beside a 70B's 1e9-element embedding."""
+    flat = tensor.reshape(-1)
+    if all(torch.isfinite(flat[i : i + chunk]).all() for i in range(0, flat.numel(), chunk)):
+        return
+    if fitted:  # fitted from finite weights: the fit overflowed its dtype
+        raise ClakitError(
+            f"the fitted tensor {name} holds NaN or inf: fit in float32 (--dtype float32) or use --init mean"
+        )
+    raise ClakitError(
+        f"tensor {name} holds NaN or inf: the source checkpoint is damaged or comes from a diverged run; "
+        "convert a healthy checkpoint"
+    )
 
 
 def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
