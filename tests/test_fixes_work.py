@@ -134,7 +134,9 @@ RECIPE_ADVICE = [
     Advice("not-yaml", ("train.output_dir=[runs",),
            _shell(r"quote a string: (\S+)", key="train.output_dir", **{"[text": "[runs"})),
     Advice("whole-number", ("train.max_tokens=1e5",), _set((r"whole number: (\S+=\d+)", "{}"))),
-    Advice("whole-number-item", (*SOURCE, "model.convert.kv_source_layers=[0,0,2,2e0]"), _whole_item),
+    # not beside SOURCE's factor 2: both together are refused (--factor cannot be combined with ...)
+    Advice("whole-number-item",
+           (*SOURCE[:2], "model.convert={{init: mean}}", "model.convert.kv_source_layers=[0,0,2,2e0]"), _whole_item),
     # a ConvertConfig refusal in a recipe names the key of the flag it names (HEAD: `--calib-tokens 4096`,
     # unrecognized by clakit uptrain)
     Advice("convert-flag", (*SOURCE, "model.convert.calib_tokens=0"), _convert_key),
@@ -166,6 +168,14 @@ RECIPE_ADVICE = [
                                "data.eval=null"), _set((r"give held-out text as (data\.eval)", "{}=[<heldout>]"))),
     Advice("eval-is-calibration", (*SOURCE[:2], "model.convert={{calib_data: [{heldout}]}}"),
            _set((r"data\.eval (\S+) is \(or holds\) calibration text", "data.eval=[<more>]"))),
+    # --dry-run passed both (the run refused them at once), and the run's refusals named flags uptrain lacks:
+    # "add --layout auto" (then "unrecognized argument '--layout'"), "pass --calib-data"
+    Advice("kv-saving-without-layout", (*SOURCE[:2], "model.convert={{kv_saving: 0.25}}"), [
+        _set((r"add --layout (auto) .*--layout is (model\.convert\.layout)", "{1}={0}")),
+        _set((r"pass --calib-data .*--calib-data is (model\.convert\.calib_data)", "{}=[<more>]")),
+    ]),
+    Advice("reconstruct-without-text", (*SOURCE[:2], "model.convert={{init: reconstruct, factor: 2}}"),
+           _set((r"pass --calib-data .*--calib-data is (model\.convert\.calib_data)", "{}=[<more>]"))),
 ]  # fmt: skip
 
 

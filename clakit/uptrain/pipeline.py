@@ -321,7 +321,7 @@ def check_paths(recipe: Recipe) -> None:
         if convert:
             resolve_device(convert.device, convert.dtype)
     except ClakitError as e:
-        raise ClakitError(f"recipe section model.convert: {e}") from None
+        raise student.in_recipe(e, "recipe section model.convert: ") from None
 
 
 def check_local_model(recipe: Recipe) -> None:

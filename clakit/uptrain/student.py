@@ -73,7 +73,10 @@ def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
         config = dataclasses.replace(config, revision=model_section.revision)
     # the run's settings (recipe.py refuses the conversion's alone)
     config = dataclasses.replace(config, **{k: True for k, v in code_settings(model_section).items() if v})
-    return convert(model_section.source, out, config, quiet=quiet)
+    try:
+        return convert(model_section.source, out, config, quiet=quiet)
+    except ClakitError as e:
+        raise in_recipe(e) from None
 
 
 def original_source(model_section) -> tuple[str, str | None] | None:
@@ -224,15 +227,26 @@ def planned_layout(model_section, config) -> list[int] | None:
     CLA-`factor`, 2 when no layout is named and no calibration text makes it `auto`); None for a layout chosen on
     data and for a CLA model.path (its config holds the layout). Settings the model cannot take are refused now, as
     the conversion would refuse them (--dry-run passed them)."""
+    from clakit.convert.pipeline import check_settings
     from clakit.convert.pipeline import planned_layout as conversion_layout
 
     c = model_section.convert
     if c is None or config.model_type.endswith("_cla"):
         return None
     try:
+        check_settings(c)  # what the conversion refuses at once (kv_saving without layout auto), --dry-run too
         return conversion_layout(c, config.num_hidden_layers)[0]
     except ClakitError as e:
-        raise ClakitError(f"recipe section model.convert: {e}") from None
+        raise in_recipe(e, "recipe section model.convert: ") from None
+
+
+def in_recipe(error: ClakitError, prefix: str = "") -> ClakitError:
+    """A conversion's refusal as a recipe reads it: `clakit uptrain` has no --layout, so each convert flag it names
+    is given its model.convert key ("add --layout auto (in the recipe: --layout is model.convert.layout)")."""
+    from clakit.convert.config import ConvertConfig
+    from clakit.settings import recipe_keys
+
+    return ClakitError(prefix + recipe_keys(str(error), ConvertConfig, "model.convert"))
 
 
 def _check_tied_head(model, targets: list[str]) -> None:
