@@ -46,3 +46,13 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+@torch.no_grad()
+def cached_logits(model, x: torch.Tensor, prefill: int) -> torch.Tensor:
+    """(batch, seq, vocab) logits from a prefill of `prefill` tokens, then one token at a time through the cache."""
+    out = model(x[:, :prefill], use_cache=True)
+    steps = [out.logits]
+    for t in range(prefill, x.shape[1]):
+        steps.append(model(x[:, t : t + 1], cache=out.cache, use_cache=True).logits)
+    return torch.cat(steps, 1)

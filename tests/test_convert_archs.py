@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_checkpoint, tiny_model
-from convert_fixtures import load, run_cli, safetensors_files
+from convert_fixtures import cached_logits, load, run_cli, safetensors_files
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -22,16 +22,6 @@ from clakit.sources import load_config, load_model, resolve_source
 
 def ids(length: int = 24, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def cached_logits(model, x: torch.Tensor, prefill: int) -> torch.Tensor:
-    """(batch, seq, vocab) logits from a prefill of `prefill` tokens, then one token at a time through the cache."""
-    out = model(x[:, :prefill], use_cache=True)
-    steps = [out.logits]
-    for t in range(prefill, x.shape[1]):
-        steps.append(model(x[:, t : t + 1], cache=out.cache, use_cache=True).logits)
-    return torch.cat(steps, 1)
 
 
 def attention_io(model) -> dict[int, tuple]:

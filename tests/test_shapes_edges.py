@@ -9,6 +9,7 @@ import tempfile
 import pytest
 import torch
 from conftest import save_checkpoint, tiny_model
+from convert_fixtures import cached_logits
 from serving_vllm_fixtures import hf_greedy, run_engines, vllm_python  # noqa: F401  (fixture)
 from transformers import AutoModelForCausalLM
 
@@ -49,16 +50,6 @@ EDGES = {
     "window-4-mlp-bias": ("mistral", dict(sliding_window=4, mlp_bias=True)),
     "biases-eps-pad": ("llama", dict(attention_bias=True, mlp_bias=True, rms_norm_eps=0.5, pad_token_id=311)),
 }
-
-
-@torch.no_grad()
-def cached_logits(model, x: torch.Tensor, prefill: int) -> torch.Tensor:
-    """(batch, seq, vocab): a prefill of `prefill` tokens, then one token at a time through the cache."""
-    out = model(x[:, :prefill], use_cache=True)
-    steps = [out.logits]
-    for t in range(prefill, x.shape[1]):
-        steps.append(model(x[:, t : t + 1], cache=out.cache, use_cache=True).logits)
-    return torch.cat(steps, 1)
 
 
 @pytest.mark.parametrize("edge", list(EDGES))
@@ -105,7 +96,9 @@ def served(python, folders: list, prompts: list[list[int]], max_tokens: int, cwd
 
 @pytest.mark.slow
 def test_vllm_serves_a_cla_llama_whose_config_keeps_a_sliding_window_without_the_window(
-    vllm_python, tokenizer, tmp_path  # noqa: F811
+    vllm_python,  # noqa: F811
+    tokenizer,
+    tmp_path,
 ):
     """A llama_cla config.json carrying `sliding_window` (clakit wrote the source's key before 9a9d236: a llamafied
     Qwen2's) is a Llama, which attends to the whole past in transformers. The plugin's config kept the key and vLLM
@@ -134,14 +127,19 @@ SERVED_EDGES = {
     "nemo-head-dim": ("mistral", dict(hidden_size=64, head_dim=32, sliding_window=8), [0, 1, 0, 1, 4, 4]),
     "2-layer-biases": ("llama", dict(num_hidden_layers=2, attention_bias=True, mlp_bias=True), [0, 0]),
     # 5 heads of 32 over hidden 64, MHA; the last producer (3) shares with two consumers, layer 2 with none
-    "5-heads-mha": ("mistral", dict(hidden_size=64, num_attention_heads=5, num_key_value_heads=5, head_dim=32,
-                                    sliding_window=8), [0, 0, 2, 3, 3, 3]),  # fmt: skip
+    "5-heads-mha": (
+        "mistral",
+        dict(hidden_size=64, num_attention_heads=5, num_key_value_heads=5, head_dim=32, sliding_window=8),
+        [0, 0, 2, 3, 3, 3],
+    ),  # fmt: skip
 }
 
 
 @pytest.mark.slow
 def test_vllm_serves_edge_shapes_with_transformers_tokens_and_the_layouts_capacity(
-    vllm_python, tokenizer, tmp_path  # noqa: F811
+    vllm_python,  # noqa: F811
+    tokenizer,
+    tmp_path,
 ):
     """Each shape's CLA checkpoint: vLLM's greedy tokens are transformers', and its KV capacity is the stock
     checkpoint's times layers / producers (within 2%: block rounding, a window's blocks)."""
