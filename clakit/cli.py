@@ -9,7 +9,6 @@ import sys
 import threading
 import warnings
 
-import clakit
 from clakit.errors import ClakitError, Terminated
 from clakit.uptrain.recipe import MODEL_READ_FLAGS
 
@@ -204,10 +203,11 @@ def _add_uptrain(sub) -> None:
     p.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2/135m_cla2_cpu.yaml")
     # REMAINDER: overrides and flags may be mixed in any order after the recipe (`RECIPE k=v --resume k2=v2`)
     flags = Parser(prog="clakit uptrain", add_help=False)
-    p.add_argument(
+    overrides = p.add_argument(
         "overrides", nargs=argparse.REMAINDER, action=_LateFlags, flags=flags, metavar="key=value",
         help="e.g. train.max_steps=10",
     )  # fmt: skip
+    overrides.required = False  # argparse counts a REMAINDER positional required: "required: recipe, key=value"
     for parser in (p, flags):
         parser.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe only")
         parser.add_argument("--resume", action="store_true", help="continue train.output_dir from its last checkpoint")
@@ -249,11 +249,20 @@ class _LateFlags(argparse.Action):
 COMMANDS = [_add_convert, _add_eval, _add_report, _add_fetch_demo, _add_demo, _add_uptrain]
 
 
+def _version() -> str:
+    """`clakit 0.1.0 (transformers 5.25.0, torch 2.13.0+cpu, python 3.11.7)`: what a bug report needs; the
+    libraries are imported already (clakit's package imports its modeling)."""
+    from clakit.provenance import versions
+
+    found = versions()
+    return f"clakit {found.pop('clakit')} ({', '.join(f'{name} {v}' for name, v in found.items())})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="clakit", description="Retrofit Cross-Layer Attention onto pretrained Llama/Mistral checkpoints."
     )
-    parser.add_argument("--version", action="version", version=f"clakit {clakit.__version__}")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

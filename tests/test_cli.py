@@ -10,7 +10,15 @@ from clakit.errors import ClakitError
 
 def test_version_and_help_via_python_m():
     out = subprocess.run([sys.executable, "-m", "clakit", "--version"], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == f"clakit {clakit.__version__}"
+    # was `clakit 0.1.0` alone: a bug report needs the libraries it ran on too
+    import platform
+
+    import torch
+    import transformers
+
+    python = platform.python_version()
+    libraries = f"transformers {transformers.__version__}, torch {torch.__version__}, python {python}"
+    assert out.stdout.strip() == f"clakit {clakit.__version__} ({libraries})"
     out = subprocess.run([sys.executable, "-m", "clakit", "--help"], capture_output=True, text=True, check=True)
     assert "usage: clakit" in out.stdout
 
@@ -40,3 +48,11 @@ def test_uptrains_flags_are_the_recipe_keys_that_say_what_a_run_may_read():
     from clakit.uptrain.recipe import MODEL_READ_FLAGS
 
     assert UPTRAIN_KEY_FLAGS == {flag: f"model.{key}" for key, flag in MODEL_READ_FLAGS.items()}
+
+
+def test_uptrain_without_a_recipe_names_only_the_recipe_as_required(capsys):
+    """The overrides are optional, but argparse listed them: "the following arguments are required: recipe,
+    key=value"."""
+    assert main(["uptrain"]) == 2
+    err = capsys.readouterr().err
+    assert "the following arguments are required: recipe;" in err and "key=value" not in err, err
