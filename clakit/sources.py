@@ -304,6 +304,9 @@ def check_seq_len(seq_len: int, config, flag: str, model: str | None = None) -> 
         raise ClakitError(f"{flag} {seq_len} exceeds {where} (max_position_embeddings {window}); use at most {window}")
 
 
+FAMILIES = ("llama", "mistral")  # model types (less "_cla") whose configs load_config checks for a runnable model
+
+
 def load_config(source: Source, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
@@ -319,9 +322,9 @@ def load_config(source: Source, trust_remote_code: bool = False):
     except Exception as e:  # a config transformers refuses: validation, TypeError, ZeroDivisionError, AttributeError
         raise _read_error(source, "read the config of", e, _config_fix(source, e)) from None
     _check_rope_type(source, config)
-    _check_kv_heads(source, config)
-    _check_pad_id(source, config)
-    _check_values(source, config)
+    if config.model_type.removesuffix("_cla") in FAMILIES:  # the families clakit converts; others: transformers' own
+        for check in (_check_kv_heads, _check_pad_id, _check_values):
+            check(source, config)
     if source.kind == "gguf":
         check_gguf_unread(source)
     return config
@@ -330,9 +333,7 @@ def load_config(source: Source, trust_remote_code: bool = False):
 def _check_kv_heads(source: Source, config) -> None:
     """Query heads that KV heads do not divide (6 over 4) pass transformers' config validation and build a model,
     whose every forward then fails (repeat_kv gives 4 x (6 // 4) heads for 6 queries): convert wrote a checkpoint of
-    it and eval ended in a traceback. Refused here in one line, for the families clakit converts."""
-    if config.model_type.removesuffix("_cla") not in ("llama", "mistral"):
-        return
+    it and eval ended in a traceback. Refused here in one line."""
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     if kv_heads and heads % kv_heads:
         raise ClakitError(
@@ -346,11 +347,9 @@ def _check_values(source: Source, config) -> None:
     """An activation transformers lacks ("swiglu") passes its config validation and fails building the MLP with a
     KeyError: convert ended in a traceback and eval blamed the download. A rope_theta or rms_norm_eps below zero
     builds a model of NaN logits, which convert wrote (its held-out perplexity "nan -> nan", exit 0). Each refused
-    in one line, for the families clakit converts."""
+    in one line."""
     from transformers.activations import ACT2FN
 
-    if config.model_type.removesuffix("_cla") not in ("llama", "mistral"):
-        return
     fix = "restore the checkpoint's config.json"
     act = getattr(config, "hidden_act", None)
     if act not in ACT2FN:
@@ -366,9 +365,7 @@ def _check_values(source: Source, config) -> None:
 def _check_pad_id(source: Source, config) -> None:
     """A pad_token_id outside the embeddings (32000 with vocab_size 32000: a pad token added to a tokenizer whose
     model was never resized) is the embedding's padding_idx, which torch asserts on when the model is built: convert
-    and eval ended in an AssertionError's traceback. Refused in one line, for the families clakit converts."""
-    if config.model_type.removesuffix("_cla") not in ("llama", "mistral"):
-        return
+    and eval ended in an AssertionError's traceback. Refused in one line."""
     pad, vocab = getattr(config, "pad_token_id", None), config.vocab_size
     if type(pad) is int and not -vocab <= pad < vocab:
         raise ClakitError(
