@@ -1,6 +1,8 @@
 """Inputs the other eval tests never tried: repeated passkey depths, model names that matplotlib reads as mathtext,
 a tokenizer with neither BOS nor EOS (its first token is context only, so its bytes are not scored)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import build_tokenizer, make_text, save_checkpoint, tiny_model
@@ -12,6 +14,7 @@ from clakit.eval.perplexity import count_bytes, tokenize
 from clakit.eval.speed import fit_window
 
 FILLER = make_text(3000, 61)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_repeated_passkey_depths_are_run_once():
@@ -214,3 +217,15 @@ def test_speed_reads_the_median_pass_not_one_pause_of_the_machine(monkeypatch):
     r = speed.throughput(model, torch.arange(16), batch_size=2, decode_steps=4)
     assert (r["repeats"], len(calls)) == (3, 1 + 3 * (1 + 4))
     assert r["prefill_tokens_per_s"] == 2 * 16 / 1.0 and r["decode_tokens_per_s"] == 2 * 4 / 4.0, r
+
+
+def test_the_speed_row_of_docs_eval_md_states_every_key_and_the_median():
+    """docs/eval.md's record table said speed is prefill and decode tokens/s of one timed pass (no `repeats`, no
+    median) after the figures became the median of 3 passes: every key throughput() records is named there, and how
+    the figure is taken."""
+    from clakit.eval import speed
+
+    row = next(line for line in (ROOT / "docs" / "eval.md").read_text().splitlines() if line.startswith("| `speed` |"))
+    keys = speed.throughput(tiny_model().eval(), torch.arange(16), batch_size=2, decode_steps=2)
+    assert [key for key in keys if f"`{key}`" not in row] == []
+    assert "median" in row
