@@ -1,6 +1,7 @@
 """clakit: retrofit Cross-Layer Attention (CLA) onto pretrained Llama and Mistral checkpoints."""
 
 import importlib.metadata
+import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -68,14 +69,17 @@ def check_floors() -> None:
             _refuse(f"clakit needs {requirement.name}>={floor} (found {found}): {fix}")
 
 
-def _refuse(message: str) -> None:
-    """ImportError for a library import; for the `clakit` command (its console script, or `python -m clakit`, which
-    imports this package before cli.main can catch anything) the CLI's one line and exit 2, not a traceback."""
-    import sys
-
+def _is_command() -> bool:
+    """Whether this process is the `clakit` command (its console script, or `python -m clakit`), which imports this
+    package before cli.main can catch anything."""
     argv = getattr(sys, "orig_argv", [])
     module = any(a == "-m" and b == "clakit" for a, b in zip(argv, argv[1:], strict=False))
-    if Path(sys.argv[0]).stem == "clakit" or module:  # clakit.exe: pip's console script on Windows
+    return Path(sys.argv[0]).stem == "clakit" or module  # clakit.exe: pip's console script on Windows
+
+
+def _refuse(message: str) -> None:
+    """ImportError for a library import; for the `clakit` command the CLI's one line and exit 2, not a traceback."""
+    if _is_command():
         print(f"clakit: error: {message}", file=sys.stderr)
         raise SystemExit(2)
     raise ImportError(message)
@@ -83,4 +87,10 @@ def _refuse(message: str) -> None:
 
 check_floors()
 
-from clakit import modeling  # noqa: E402,F401  (registers the CLA classes with the Auto* factories)
+try:
+    from clakit import modeling  # noqa: E402,F401  (registers the CLA classes with the Auto* factories)
+except KeyboardInterrupt:  # Ctrl-C in the ~10 s torch and transformers take to import: the CLI's line, not 60 lines
+    if not _is_command():
+        raise
+    print("clakit: interrupted", file=sys.stderr)
+    raise SystemExit(130) from None

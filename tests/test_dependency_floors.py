@@ -377,3 +377,30 @@ def test_a_vendored_or_zipped_clakit_does_not_read_another_installations_floors(
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(str(copy)), out.stdout  # the copy ran, not the checkout
+
+
+INTERRUPTED_IMPORT = """
+import builtins, sys
+real = builtins.__import__
+def ctrl_c(name, *args, **kwargs):  # Ctrl-C while torch and transformers import (~10 s of a CLI start)
+    if name == "transformers":
+        raise KeyboardInterrupt
+    return real(name, *args, **kwargs)
+builtins.__import__ = ctrl_c
+sys.argv[0] = sys.argv[1]
+import clakit
+"""
+
+
+@pytest.mark.parametrize(("argv0", "command"), [("/venv/bin/clakit", True), ("myscript.py", False)])
+def test_ctrl_c_while_the_clakit_command_imports_its_libraries_is_one_line(argv0, command):
+    """A Ctrl-C in the seconds the `clakit` command spends importing torch and transformers (before cli.main can catch
+    anything) printed a 50-75 line traceback ending in KeyboardInterrupt (killed by SIGINT, -2); it is the CLI's one
+    line, exit 130.
+    A library import (not the command) still gets the KeyboardInterrupt."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, argv0], capture_output=True, text=True, env=env)
+    if command:
+        assert (out.returncode, out.stderr) == (130, "clakit: interrupted\n"), out.stderr[-2000:]
+    else:
+        assert out.returncode == -2 and out.stderr.strip().endswith("KeyboardInterrupt"), out.stderr[-2000:]
