@@ -328,46 +328,41 @@ def usual_mode(*files: Path) -> None:
 
 
 def make_staging(out: Path) -> Path:
-    """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`), locked by this process until
-    it is published or discarded; what killed runs left beside `out` is reclaimed first (`reclaim_leftovers`)."""
+    """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`), stamped and locked by this
+    process until it is published or discarded; what killed runs left beside `out` is reclaimed first
+    (`reclaim_leftovers`)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         reclaim_leftovers(out)
-        for _ in range(3):  # a folder a concurrent reclaim took between its creation and its lock: make another
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-            if _lock_staging(tmp):
-                break
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any folder
-        (tmp / STAGING_STAMP).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
+        _STAGING_LOCKS[str(tmp)] = _stamp(tmp)
     except OSError as e:
         raise ClakitError(f"cannot create the output folder beside {out}: {e.strerror or e}") from None
     return tmp
 
 
-# staging folders this process holds, path -> the descriptor of its shared lock on the folder
+# staging folders this process holds, path -> the descriptor of its shared lock on the folder's stamp
 _STAGING_LOCKS: dict[str, int] = {}
 
 
-def _lock_staging(tmp: Path) -> bool:
-    """Hold a shared flock on the staging folder `tmp` while this process writes it: a kill -9 releases it, so a
-    later run tells a dead run's leftover (unlocked) from a live one's. False when a concurrent reclaim removed `tmp`
-    before the lock was taken (its inode is no longer at `tmp`). Where the file system has no locks, the folder is
-    kept unlocked, and then never reclaimed (`_lock_free` fails the same way there)."""
+def _stamp(tmp: Path) -> int:
+    """Write STAGING_STAMP (this host) into `tmp` and hold a shared flock on it while this process writes the folder:
+    a kill -9 releases it, so a later run tells a dead run's leftover (unlocked) from a live one's. The lock is on a
+    file, not the folder: on NFS flock is a POSIX lock, whose exclusive kind (the reclaim's) needs a descriptor open
+    for writing, which a folder never has. Locked before its final name, so no reclaim sees it stamped and free.
+    Where the file system has no locks it stays unlocked, and is never reclaimed (`_lock_free` fails there too)."""
+    draft = tmp / f"{STAGING_STAMP}.new"
+    fd = os.open(draft, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        same = os.stat(tmp).st_ino == os.fstat(fd).st_ino
-    except OSError as e:
+        os.write(fd, (json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n").encode())
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        draft.rename(tmp / STAGING_STAMP)
+    except BaseException:
         os.close(fd)
-        return not isinstance(e, BlockingIOError | FileNotFoundError)
-    if not same:
-        os.close(fd)
-        return False
-    _STAGING_LOCKS[str(tmp)] = fd
-    return True
+        raise
+    return fd
 
 
 def _release(tmp: Path) -> None:
@@ -377,10 +372,10 @@ def _release(tmp: Path) -> None:
 
 
 def _lock_free(folder: Path) -> int | None:
-    """An exclusive flock on `folder` when no live process holds it (its descriptor: keep it while removing the
-    folder), else None: held by a running clakit, or a file system without locks (then nothing is reclaimed)."""
+    """An exclusive flock on `folder`'s stamp when no live process holds it (its descriptor: keep it while removing
+    the folder), else None: held by a running clakit, or a file system without locks (then nothing is reclaimed)."""
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        fd = os.open(folder / STAGING_STAMP, os.O_RDWR | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -401,14 +396,17 @@ def reclaim_leftovers(out: Path) -> list[str]:
         found = [p for p in out.parent.iterdir() if _staged_name(p.name) == out.name and not p.is_symlink()]
         done, live = [], False
         for folder in sorted(p for p in found if p.name.endswith(".partial") and p.is_dir()):
-            fd = _lock_free(folder) if _stamped_here(folder) else None
+            # this process's own first, unread: on NFS (POSIX locks) closing any descriptor of the stamp drops its lock
+            own = str(folder) in _STAGING_LOCKS
+            fd = _lock_free(folder) if not own and _stamped_here(folder) else None
             if fd is None:
                 live = True  # a run writing this output now (or no locks here): its .old may be mid-publish
                 continue
-            try:  # removed under the lock: a run starting now cannot take the folder meanwhile
+            try:  # removed under the lock: another reclaim waits
                 shutil.rmtree(folder, ignore_errors=True)
             finally:
                 os.close(fd)
+            shutil.rmtree(folder, ignore_errors=True)  # NFS kept the open stamp (as .nfsXXXX) until it was closed
             done.append(folder.name)
         if not live:
             done += _reclaim_old(out, sorted(p for p in found if p.name.endswith(".old") and p.is_dir()))
@@ -462,8 +460,8 @@ def new_parents_removed_on_failure(out: Path) -> Iterator[None]:
 
 
 def discard(tmp: Path) -> None:
+    _release(tmp)  # first: NFS keeps an open file removed (as .nfsXXXX), and the folder with it
     shutil.rmtree(tmp, ignore_errors=True)
-    _release(tmp)
 
 
 def write_marker(folder: Path, kind: str, run_id: str | None = None, later: Iterable[str] = ()) -> dict:

@@ -267,6 +267,42 @@ def test_a_file_system_without_locks_runs_unheld(tmp_path, monkeypatch, errno_na
         assert not outputs.in_use(run)
 
 
+STAGING_HELD = """
+import sys, time
+from pathlib import Path
+{prelude}
+from clakit import outputs
+outputs.make_staging(Path(sys.argv[2]))
+Path(sys.argv[1]).touch()
+time.sleep(600)
+"""
+
+
+def test_on_nfs_a_killed_runs_staging_is_reclaimed_and_a_live_ones_kept(tmp_path, monkeypatch):
+    """On NFS flock is a POSIX lock (NFS_FLOCK), whose exclusive kind needs a descriptor open for writing: the reclaim
+    took it on the staging folder, which cannot be opened so (EBADF), and so never reclaimed anything there, where a
+    70B run's 140 GB staging is. The lock is now on the staging folder's stamp, a file: the next run (a real process,
+    NFS's locks) reclaims the killed run's, and another process keeps the live one."""
+    import fcntl
+
+    out, procs = tmp_path / "out", []
+    for name in ("killed", "live"):
+        ready = tmp_path / f"ready-{name}"
+        code = STAGING_HELD.format(prelude=NFS_FLOCK)
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(ready), str(out)], stderr=subprocess.PIPE))
+        stopped(procs[-1], ready)
+        if name == "killed":
+            kill9(procs[-1])
+            killed = hidden(tmp_path)
+    try:
+        live = hidden(tmp_path)
+        assert len(live) == 1 and live != killed  # before: both, the killed run's kept (EBADF read as held)
+        monkeypatch.setattr(fcntl, "flock", lambda fd, operation: fcntl.lockf(fd, operation))
+        assert outputs.reclaim_leftovers(out) == [] and hidden(tmp_path) == live
+    finally:
+        kill9(procs[-1])
+
+
 # --- fetch-demo -----------------------------------------------------------------------------------------------------
 
 # fetch-demo's build without the network (a wheel holding a tiny .gguf, texts without the packages), stopped once
