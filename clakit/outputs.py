@@ -13,6 +13,8 @@ The ownership rule. clakit replaces only what it wrote:
 Writing: `staged()` makes a unique hidden folder beside the destination (`.NAME.XXXXXXXX.partial`, one per run, so
 two runs never share one), `publish()` renames it into place; an old output is moved aside first and removed only
 once the new one is in place. Any OSError becomes a one-line ClakitError, and a failed run leaves nothing behind.
+A killed run (kill -9) leaves its staging folder: the next run on the same destination removes it only when clakit
+stamped it on this host (STAGING_STAMP) and no live process holds the stamp's lock (`reclaim_leftovers`).
 """
 
 import contextlib
