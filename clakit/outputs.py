@@ -94,9 +94,10 @@ def foreign_files(folder: Path) -> list[str]:
 
 
 def _staged_name(name: str) -> str | None:
-    """The output a leftover of clakit's own belongs to (`.NAME.XXXXXXXX.partial` staging folders, `.NAME.XXXXXXXX.old`
-    outputs moved aside, left by a killed process), or None for any other name."""
-    m = re.fullmatch(r"\.(.+)\.[\w]{8}\.(partial|old)", name)
+    """The output a leftover of clakit's own belongs to (`.NAME.XXXXXXXX.partial` staging folders, `.scratch` ones (a
+    conversion's calibration streams), `.NAME.XXXXXXXX.old` outputs moved aside, left by a killed process), or None
+    for any other name."""
+    m = re.fullmatch(r"\.(.+)\.[\w]{8}\.(partial|scratch|old)", name)
     return m and m.group(1)
 
 
@@ -329,18 +330,19 @@ def usual_mode(*files: Path) -> None:
         file.chmod(file_mode())
 
 
-def make_staging(out: Path) -> Path:
-    """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`), stamped and locked by this
-    process until it is published or discarded; what killed runs left beside `out` is reclaimed first
-    (`reclaim_leftovers`)."""
+def make_staging(out: Path, kind: str = "partial") -> Path:
+    """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`; kind "scratch": a conversion's
+    scratch folder, never published), stamped and locked by this process until it is published or discarded; what
+    killed runs left beside `out` is reclaimed first (`reclaim_leftovers`)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         reclaim_leftovers(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=f".{kind}", dir=out.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any folder
         _STAGING_LOCKS[str(tmp)] = _stamp(tmp)
     except OSError as e:
-        raise ClakitError(f"cannot create the output folder beside {out}: {e.strerror or e}") from None
+        what = "a scratch folder" if kind == "scratch" else "the output folder"
+        raise ClakitError(f"cannot create {what} beside {out}: {e.strerror or e}") from None
     return tmp
 
 
@@ -397,7 +399,7 @@ def reclaim_leftovers(out: Path) -> list[str]:
     with contextlib.suppress(OSError):
         found = [p for p in out.parent.iterdir() if _staged_name(p.name) == out.name and not p.is_symlink()]
         done, live = [], False
-        for folder in sorted(p for p in found if p.name.endswith(".partial") and p.is_dir()):
+        for folder in sorted(p for p in found if p.name.endswith((".partial", ".scratch")) and p.is_dir()):
             # this process's own first, unread: on NFS (POSIX locks) closing any descriptor of the stamp drops its lock
             own = str(folder) in _STAGING_LOCKS
             fd = _lock_free(folder) if not own and _stamped_here(folder) else None

@@ -114,6 +114,20 @@ def test_the_next_convert_reclaims_the_staging_folder_of_one_killed_by_sigkill(t
     assert fingerprint(src) == before
 
 
+def test_the_next_convert_reclaims_the_scratch_folder_of_one_killed_by_sigkill(tiny_llama_checkpoint, tmp_path):
+    """A convert killed (-9) while calibrating left `.out.XXXXXXXX.scratch` (per-layer streams and Grams: tens of GB
+    at 70B) beside OUT for good: it was a bare mkdtemp no later run could tell from a live one's. It is stamped and
+    locked as the staging folders are, and the next run on OUT removes it."""
+    before = fingerprint(tiny_llama_checkpoint)
+    proc, _, work = convert_calibrating(tiny_llama_checkpoint, tmp_path)
+    kill9(proc)
+    assert [name for name in hidden(work) if name.endswith(".scratch")], hidden(work)
+    done = clakit("convert", tiny_llama_checkpoint, work / "out", "--init", "mean", "-q")
+    assert done.returncode == 0, done.stderr
+    assert hidden(work) == [] and (work / "out" / "config.json").is_file()  # before: ['.out.XXXXXXXX.scratch']
+    assert fingerprint(tiny_llama_checkpoint) == before
+
+
 def test_a_running_converts_staging_is_not_taken_by_a_second_run_on_the_same_out(tiny_llama_checkpoint, tmp_path):
     """Two conversions into one OUT at once: the second must not reclaim the first's staging folder (it is alive:
     locked); the first, resumed from its stop, finds OUT written meanwhile and refuses in one line, leaving it."""
@@ -408,6 +422,13 @@ def convert_calibrating(src: Path, tmp_path: Path, **popen) -> tuple[subprocess.
     return proc, ready, work
 
 
+def signals_at_their_default() -> None:
+    """In the child before exec: a run started from `nohup` or a shell's background job (CI's) inherits SIGHUP or
+    SIGINT ignored, which clakit (and Python, for SIGINT) rightly leaves ignored; these tests send them."""
+    for sig in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("name", ["SIGHUP", "SIGTERM", "SIGINT"])
 def test_a_signal_ends_a_conversion_in_one_line_and_removes_its_scratch(tiny_llama_checkpoint, tmp_path, name):
     """SIGHUP (the terminal or ssh session closed) killed the run by its default action: no message, and its scratch
@@ -415,7 +436,8 @@ def test_a_signal_ends_a_conversion_in_one_line_and_removes_its_scratch(tiny_lla
     exit 128 + the signal, one line, nothing left beside OUT, the source untouched."""
     sig = getattr(signal, name)
     before = fingerprint(tiny_llama_checkpoint)
-    proc, _, work = convert_calibrating(tiny_llama_checkpoint, tmp_path)
+    # a CI run under `nohup` hung here for 120 s: the child had inherited SIGHUP ignored
+    proc, _, work = convert_calibrating(tiny_llama_checkpoint, tmp_path, preexec_fn=signals_at_their_default)
     proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
     # before, SIGHUP: exit -1 (killed by the signal), no line, ['.out.XXXXXXXX.scratch'] left

@@ -39,7 +39,7 @@ def test_a_full_disk_is_refused_before_the_layout_search(src, corpus_dir, tmp_pa
     """--layout auto (the default with calibration text) chooses which layers produce K/V on the data, but not how
     many: the output's size is known before the search (every layer's K/V has one shape). A full disk was refused
     only at the write, after the search and the fits (hours at 70B)."""
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     monkeypatch.setattr(pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("search ran"))
     out = tmp_path / "out"
     assert run_cli(src, out, *auto_args(corpus_dir), "--quiet") == 2

@@ -13,9 +13,7 @@ import errno
 import functools
 import gc
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -461,15 +459,11 @@ class _Conversion:
         if not self.needs_calibration:
             yield None
             return
+        folder = outputs.make_staging(self.out, "scratch")  # stamped and locked: a kill -9's is reclaimed next run
         try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            folder = tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".scratch", dir=self.out.parent)
-        except OSError as e:
-            raise ClakitError(f"cannot create a scratch folder beside {self.out}: {e.strerror or e}") from None
-        try:
-            yield Path(folder)
+            yield folder
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            outputs.discard(folder)
 
     def _tokenize(self) -> torch.Tensor | None:
         """The calibration windows (None without calibration), the held-out text's ids checked against the
