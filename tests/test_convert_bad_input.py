@@ -170,8 +170,10 @@ def _with_a_nan(src: Path, name: str = "model.layers.2.mlp.down_proj.weight") ->
     [
         # both exited 0 and wrote a model whose every logit is NaN ("held-out perplexity: nan -> nan (nanx)")
         (["--factor", "2"], "tensor model.layers.2.mlp.down_proj.weight holds NaN or inf: the source checkpoint is"),
-        (["--factor", "2", "--eval-data", "{heldout}", "--eval-tokens", "128", "--seq-len", "32"],
-         "scores a held-out perplexity of nan on --eval-data: its weights hold NaN or inf"),
+        (
+            ["--factor", "2", "--eval-data", "{heldout}", "--eval-tokens", "128", "--seq-len", "32"],
+            "scores a held-out perplexity of nan on --eval-data: its weights hold NaN or inf",
+        ),
     ],
     ids=["written", "evaluated"],
 )
@@ -313,13 +315,13 @@ def test_write_failure_leaves_nothing(src, tmp_path, capsys, monkeypatch):
 
 
 def test_not_enough_disk_space(src, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(clakit.convert.pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(clakit.outputs.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     assert_refused(capsys, src, tmp_path / "out", match="not enough disk space")
 
 
 def test_not_enough_disk_space_is_refused_before_the_fits(src, corpus_dir, tmp_path, capsys, monkeypatch):
     """A fixed layout's output size is known from the headers: a full disk is refused before hours of fitting."""
-    monkeypatch.setattr(clakit.convert.pipeline.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(clakit.outputs.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
     monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("fits ran"))
     args = ["--factor", "2", "--init", "calibrated", "--calib-data", corpus_dir / "calib.txt", "--distill-steps", "0"]
     assert_refused(capsys, src, tmp_path / "out", *args, match="not enough disk space")

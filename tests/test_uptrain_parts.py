@@ -187,3 +187,33 @@ def test_the_optimizer_is_fused_adamw_and_steps_as_the_per_tensor_loop_does(dtyp
             optimizer.zero_grad()
     tolerance = 1e-6 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fused.weight.float(), loop.weight.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_a_checkpoint_of_the_per_tensor_loop_resumes_on_the_fused_kernel(tmp_path):
+    """A checkpoint saved before the optimizer was fused holds param_groups with fused=None; loading them over the
+    fused optimizer kept fused=None, so a resumed run stayed on the slow loop. The run's kernel is kept now, and the
+    moments and step still come from the checkpoint."""
+    from clakit.uptrain import checkpoint
+    from clakit.uptrain.recipe import TrainSection
+    from clakit.uptrain.trainer import make_optimizer
+
+    def parts(fused: bool):
+        model = torch.nn.Linear(8, 4)
+        model.load_state_dict({"weight": torch.ones(4, 8), "bias": torch.zeros(4)})
+        optimizer = (
+            make_optimizer(model, TrainSection(learning_rate=1e-2))
+            if fused
+            else torch.optim.AdamW(model.parameters(), lr=1e-2)
+        )
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    old, old_optimizer, old_scheduler = parts(fused=False)
+    old(torch.ones(2, 8)).sum().backward()
+    old_optimizer.step()
+    saved = checkpoint.save_checkpoint(tmp_path / "run", 1, old, old_optimizer, old_scheduler, {"step": 1})
+    assert torch.load(saved / "optimizer.pt")["param_groups"][0]["fused"] is None
+    new, optimizer, scheduler = parts(fused=True)
+    checkpoint.load_checkpoint(saved, new, optimizer, scheduler)
+    assert [g["fused"] for g in optimizer.param_groups] == [True]
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    torch.testing.assert_close(state["exp_avg"], old_optimizer.state[old.weight]["exp_avg"])

@@ -264,20 +264,27 @@ def read_checkpoint(path: Path) -> dict:
     }
 
 
+# how an optimizer computes its update, not what it computes: kept from this run's optimizer when a checkpoint's
+# param_groups (saved by a run that looped, fused=None) are loaded over it
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore trainable tensors, optimizer, scheduler and this process's RNG (collective); returns state.json."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     saved = read_checkpoint(path)
     load_trainable(model, saved["trainable"], f"checkpoint {path}")
+    inner = getattr(optimizer, "optimizer", optimizer)
+    kernels = [{k: g[k] for k in IMPLEMENTATION if k in g} for g in inner.param_groups]
     try:
-        set_optimizer_state_dict(
-            model, getattr(optimizer, "optimizer", optimizer), saved["optimizer"], options=_options(model, True)
-        )
+        set_optimizer_state_dict(model, inner, saved["optimizer"], options=_options(model, True))
         scheduler.load_state_dict(saved["scheduler"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         what = f"its optimizer state does not fit this model ({type(e).__name__})"
         raise _corrupt(path, what, path.parent.parent) from None
+    for group, kernel in zip(inner.param_groups, kernels, strict=True):
+        group.update(kernel)  # this run's kernel, not the saved one's: a checkpoint saved with fused=None stays fast
     rng = path / f"rng-{rank_and_world()[0]}.pt"
     if rng.is_file():  # absent when resuming on more processes than saved: data order still exact, dropout not
         set_rng_state(_read(path, rng.name, _load_pt))

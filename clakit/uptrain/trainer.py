@@ -89,7 +89,9 @@ def make_optimizer(model, train):
     step), the same update to ~3e-8 after 20 steps. A device torch has no fused kernel for gets its default."""
     params = [p for p in model.parameters() if p.requires_grad]
     settings = dict(
-        lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_epsilon,
         weight_decay=train.weight_decay,
     )
     try:
