@@ -187,13 +187,25 @@ def _group_layer(model, layer: int, run: tuple[int, int], stream, hidden, own: d
     first, last = run
     if layer == first:  # the run starts: the stock stream entering its producer, and its group means
         stream = hidden[first]
-        for m in range(first, last + 1):
+        members = list(range(first, last + 1))
+        for m in members:
             own.setdefault(m, _own_kv(model, m))
-        dtype = model.model.layers[first].self_attn.k_proj.weight.dtype
-        means = {kind: torch.stack([own[m][kind] for m in range(first, last + 1)]).mean(0) for kind in KINDS}
-        states[run] = ({kind: w.T.to(dtype) for kind, w in means.items()}, {})  # as `mean_shared` does
+        states[run] = (_group_means(model, members, own), {})
     shared, producer_input = states[run] if layer < last else states.pop(run)
-    handles = _member_hooks(model.model.layers[layer].self_attn, shared, producer_input, producer=layer == first)
+    return _through_shared(model, layer, stream, shared, producer_input, producer=layer == first)
+
+
+def _group_means(model, members: list[int], own: dict) -> dict:
+    """{kind: the group's shared projection, (out, hidden[+1]) in the layers' dtype}, as `mean_shared` computes it,
+    from `own` (member -> its `_own_kv`)."""
+    dtype = model.model.layers[members[0]].self_attn.k_proj.weight.dtype
+    return {kind: torch.stack([own[m][kind] for m in members]).mean(0).T.to(dtype) for kind in KINDS}
+
+
+def _through_shared(model, layer: int, stream, shared: dict, producer_input: dict, producer: bool):
+    """`stream` through `layer` with its K/V replaced by `shared`'s projection of the producer's input
+    (`_member_hooks`), the hooks removed afterwards."""
+    handles = _member_hooks(model.model.layers[layer].self_attn, shared, producer_input, producer)
     try:
         return run_layers(model, stream, layer, layer + 1)
     finally:
@@ -342,18 +354,10 @@ def _shared_layer(model, layer: int, members: list[int], stream, means: dict, in
     """`stream` through `layer`, one of its group's `members`, the group sharing its producer's K/V (mean init)."""
     if len(members) == 1:
         return run_layers(model, stream, layer, layer + 1)
-    if tuple(members) not in means:  # as `mean_shared` computes them; later members' k/v read ahead (`_own_kv`)
-        own = [_own_kv(model, m) for m in members]
-        dtype = model.model.layers[members[0]].self_attn.k_proj.weight.dtype
-        means[tuple(members)] = {kind: torch.stack([o[kind] for o in own]).mean(0).T.to(dtype) for kind in KINDS}
+    if tuple(members) not in means:  # later members' k/v read ahead (`_own_kv`)
+        means[tuple(members)] = _group_means(model, members, {m: _own_kv(model, m) for m in members})
     box = inputs.setdefault(members[0], {})
-    attn = model.model.layers[layer].self_attn
-    handles = _member_hooks(attn, means[tuple(members)], box, producer=layer == members[0])
-    try:
-        return run_layers(model, stream, layer, layer + 1)
-    finally:
-        for h in handles:
-            h.remove()
+    return _through_shared(model, layer, stream, means[tuple(members)], box, producer=layer == members[0])
 
 
 def best_partition(costs: dict[tuple[int, int], float], num_layers: int, producers: int) -> list[int]:
