@@ -465,11 +465,15 @@ class _Conversion:
         finally:
             outputs.discard(folder)
 
+    def _reads_data(self) -> bool:
+        """Whether the data phase runs: a GGUF is loaded (its tokenizer too) even without calibration or eval text."""
+        return self.source.kind == "gguf" or self.needs_calibration or bool(self.eval_texts)
+
     def _tokenize(self) -> torch.Tensor | None:
         """The calibration windows (None without calibration), the held-out text's ids checked against the
         vocabulary: before any model runs, so too little text is refused before the slow stages, and the first disk
         check counts the tokens the text gives (it may hold fewer than --calib-tokens)."""
-        if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
+        if not self._reads_data():
             return None
         self.tokenizer = load_tokenizer(self.source, self.cfg.trust_remote_code)
         ids = self._calib_ids() if self.needs_calibration else None
@@ -480,7 +484,7 @@ class _Conversion:
     def _data_phase(self, scratch: Path | None, ids: torch.Tensor | None) -> dict:
         """Everything that runs the source model: eval before, calibration, auto layout, K/V fitting. `ids`: the
         calibration windows (`_tokenize`)."""
-        if not (self.source.kind == "gguf" or self.needs_calibration or self.eval_texts):
+        if not self._reads_data():
             return {}
         runner = self._gguf_runner() if self.source.kind == "gguf" else None
         if not (self.needs_calibration or self.eval_texts):
