@@ -321,7 +321,7 @@ def check_paths(recipe: Recipe) -> None:
         if convert:
             resolve_device(convert.device, convert.dtype)
     except ClakitError as e:
-        raise student.in_recipe(e, "recipe section model.convert: ") from None
+        raise student.in_recipe(e) from None
 
 
 def check_local_model(recipe: Recipe) -> None:
@@ -523,11 +523,11 @@ def _check_same_calibration(out: Path, record: dict, model) -> None:
     (its calib_sha256; the conversion in the run folder is used, whatever the recipe names now). A datasets spec is
     not read again (offline)."""
     from clakit.corpus import join_texts, load_texts
-    from clakit.provenance import CONVERT_RECORD, text_sha256
+    from clakit.provenance import text_sha256
 
     typed = (((record.get("recipe") or {}).get("model") or {}).get("convert") or {}).get("calib_data")
     given = model.convert.calib_data if model.source and model.convert else None
-    settings = (card.read_record(out / "converted" / CONVERT_RECORD) or {}).get("settings")
+    settings = (card.conversion_record(out / "converted") or {}).get("settings")
     recorded = settings.get("calib_sha256") if isinstance(settings, dict) else None  # none: nothing to compare
     if not given or given == typed or not recorded or any(is_datasets_spec(spec) for spec in given):
         return

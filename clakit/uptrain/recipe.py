@@ -319,7 +319,14 @@ def _build(cls, data, where: str):
     try:
         return cls(**kwargs)
     except ClakitError as e:  # a section that checks itself (ConvertConfig) names its CLI flags: say where it is
-        raise ClakitError(f"recipe section {where}: {settings.recipe_keys(str(e), cls, where)}") from None
+        raise section_refusal(e, cls, where) from None
+
+
+def section_refusal(error: ClakitError, cls, where: str, named: bool = True) -> ClakitError:
+    """A refusal of the settings dataclass `cls` as the recipe section `where` reads it: each CLI flag it names given
+    its key (settings.recipe_keys: `clakit uptrain` has no --layout), after "recipe section WHERE: " (`named`)."""
+    text = settings.recipe_keys(str(error), cls, where)
+    return ClakitError(f"recipe section {where}: {text}" if named else text)
 
 
 # --- overrides and loading --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from clakit.convert.pipeline import check_source_config
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.sources import check_seq_len, load_config, load_model, resolve_source
-from clakit.uptrain.recipe import MODEL_RUN_ONLY
+from clakit.uptrain.recipe import MODEL_RUN_ONLY, section_refusal
 
 LAYER_PREFIX = "model.layers."
 PEFT_PREFIX = "base_model.model."  # clean names of a peft-wrapped student (lora.r > 0 and some LoRA target left)
@@ -76,7 +76,7 @@ def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
     try:
         return convert(model_section.source, out, config, quiet=quiet)
     except ClakitError as e:
-        raise in_recipe(e) from None
+        raise in_recipe(e, named=False) from None
 
 
 def original_source(model_section) -> tuple[str, str | None] | None:
@@ -237,16 +237,15 @@ def planned_layout(model_section, config) -> list[int] | None:
         check_settings(c)  # what the conversion refuses at once (kv_saving without layout auto), --dry-run too
         return conversion_layout(c, config.num_hidden_layers)[0]
     except ClakitError as e:
-        raise in_recipe(e, "recipe section model.convert: ") from None
+        raise in_recipe(e) from None
 
 
-def in_recipe(error: ClakitError, prefix: str = "") -> ClakitError:
-    """A conversion's refusal as a recipe reads it: `clakit uptrain` has no --layout, so each convert flag it names
-    is given its model.convert key ("add --layout auto (in the recipe: --layout is model.convert.layout)")."""
+def in_recipe(error: ClakitError, named: bool = True) -> ClakitError:
+    """A conversion's refusal as the recipe's model.convert section reads it ("add --layout auto (in the recipe:
+    --layout is model.convert.layout)"); `named`: after "recipe section model.convert: "."""
     from clakit.convert.config import ConvertConfig
-    from clakit.settings import recipe_keys
 
-    return ClakitError(prefix + recipe_keys(str(error), ConvertConfig, "model.convert"))
+    return section_refusal(error, ConvertConfig, "model.convert", named)
 
 
 def _check_tied_head(model, targets: list[str]) -> None:
