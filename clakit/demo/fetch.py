@@ -382,9 +382,8 @@ def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
     except OSError as e:
         raise ClakitError(f"cannot create the demo cache {root}: {e.strerror or e}") from None
     with _locked(root, quiet) as locked:
-        return _cached(root) or _fill(
-            root, quiet, locked
-        )  # cached: another fetch-demo filled it while this one waited
+        # cached: another fetch-demo filled it while this one waited
+        return _cached(root) or _fill(root, quiet, locked)
 
 
 def _fill(root: Path, quiet: bool, locked: bool = True) -> DemoAssets:
