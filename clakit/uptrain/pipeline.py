@@ -676,7 +676,10 @@ def _staging_dir(out: Path, acc) -> Path:
 
 
 def _publish(work: Path, out: Path, acc, overwrite: bool) -> None:
-    """Move the prepared run folder into place (an old run, with --overwrite, is moved aside and removed after)."""
+    """Move the prepared run folder into place (an old run, with --overwrite, is moved aside and removed after).
+    Every process first: the others may still be reading the student from `work` (a slower one loading
+    work/converted found it renamed away, "cannot load ... Repo id must be in the form ...", exit 2)."""
+    acc.wait_for_everyone()
     if acc.is_main_process:
         with outputs.os_errors(out):
             outputs.publish(work, out, "uptrain", overwrite=overwrite, later=RUN_FILES, label="train.output_dir")
