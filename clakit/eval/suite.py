@@ -161,11 +161,24 @@ def _saving(config, dtype, model_dir, reference) -> dict:
 def _recorded_source(model_dir) -> tuple[str | None, str | None]:
     """(what the converter was given, a local path to it if one still exists) from clakit_convert.json."""
     record = kvcache.convert_record(model_dir)
-    source, settings = (record.get(k) if isinstance(record.get(k), dict) else {} for k in ("source", "settings"))
+    source, settings, prov = (
+        record.get(k) if isinstance(record.get(k), dict) else {} for k in ("source", "settings", "provenance")
+    )
     spec = next((s for s in (source.get("spec"), settings.get("source")) if isinstance(s, str) and s), None)
+    # CLA: a relative spec is relative to the conversion's working directory, not this one's: read from here, a
+    # moved source's `base` was another folder named base (the saving measured against another model)
+    where = [source.get("path"), _as_converted(spec, prov.get("cwd"))]
     # only strings are paths: a hand-edited record's number or list would raise in Path()
-    local = [p for p in (source.get("path"), spec) if isinstance(p, str) and p and expand(p, "model").exists()]
+    local = [p for p in where if isinstance(p, str) and p and expand(p, "model").exists()]
     return spec, (local[0] if local else None)
+
+
+def _as_converted(spec: str | None, cwd) -> str | None:
+    """`spec` as the converter read it: a relative path joined to the working directory it recorded (None when it
+    recorded none: then where it was is unknown, and no folder here is taken for it)."""
+    if spec is None or expand(spec, "model").is_absolute():
+        return spec
+    return str(Path(cwd) / expand(spec, "model")) if isinstance(cwd, str) and cwd else None
 
 
 def _source_config(spec: str, revision: str | None, trust_remote_code: bool):
