@@ -30,13 +30,14 @@ def cla_config(config, kv_source_layers: list[int]):
     return config_cls(**fields, kv_source_layers=list(kv_source_layers), architectures=[lm_cls.__name__])
 
 
-def merge_kv(weights: list[torch.Tensor], init: str) -> torch.Tensor:
-    """One group's shared k_proj (or v_proj) from its layers' own, producer first; (kv_heads*head_dim, hidden)."""
+def merge_kv(weights: list[torch.Tensor], init: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One group's shared k_proj (or v_proj) from its layers' own, producer first; (kv_heads*head_dim, hidden), in
+    `dtype` (default the source's). The mean is taken in fp32 and rounded once, to the dtype written: via the source's
+    bf16 first, a float32 output held the bf16 rounding of a mean of bf16 values (half a bf16 ulp off)."""
     if init == "producer":
-        return weights[0].clone()
+        return weights[0].to(dtype or weights[0].dtype, copy=True)
     if init == "mean":
-        # average in fp32, return in the source dtype
-        return torch.stack([w.float() for w in weights]).mean(0).to(weights[0].dtype)
+        return torch.stack([w.float() for w in weights]).mean(0).to(dtype or weights[0].dtype)
     raise ValueError(f"merge_kv handles 'producer' and 'mean', not {init!r}")
 
 

@@ -75,12 +75,15 @@ def converted_tensors(
     """
     overrides = overrides or {}
     for name in plan.names:
-        if name in overrides:  # fitted in the fits' dtype, maybe on a GPU: back to the checkpoint's, on the CPU
-            tensor = _cast(name, overrides[name].detach().cpu(), checkpoint.get(plan.sources[name][0]).dtype)
+        if name in overrides:  # fitted in the fits' dtype, maybe on a GPU: on the CPU, rounded once to the written
+            # dtype (via the checkpoint's bf16 first, a float32 output held bf16 values: 8 of fp32's 24 bits)
+            written = dtype or checkpoint.get(plan.sources[name][0]).dtype
+            tensor = _cast(name, overrides[name].detach().cpu(), written)
         elif len(plan.sources[name]) == 1 or init == "producer":
             tensor = checkpoint.get(plan.sources[name][0])
-        else:  # the group's (kv_heads*head_dim, hidden) weights, or (kv_heads*head_dim,) biases, averaged
-            tensor = merge_kv([checkpoint.get(s) for s in plan.sources[name]], init)
+        else:  # the group's (kv_heads*head_dim, hidden) weights, or (kv_heads*head_dim,) biases, averaged in fp32
+            weights = [checkpoint.get(s) for s in plan.sources[name]]
+            tensor = _cast(name, merge_kv(weights, init, torch.float32), dtype or weights[0].dtype)
         if tensor.is_floating_point():
             _check_finite(name, tensor, fitted=name in overrides)
         if dtype is not None and tensor.is_floating_point():
