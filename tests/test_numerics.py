@@ -103,3 +103,22 @@ def test_a_float32_output_of_a_16_bit_source_is_rounded_once(source, corpus_dir,
         assert _exact_in(out[name], source_dtype) < 0.05
     q_proj = "model.layers.0.self_attn.q_proj.weight"  # not fitted: the source's values, widened
     assert torch.equal(out[q_proj], src[q_proj].float())
+
+
+@pytest.mark.parametrize("init", ["mean", "calibrated"])  # calibrated: the fits' fp32 skeletons ran on the config
+def test_the_converted_config_loads_in_the_dtype_the_source_loads_in(tokenizer, corpus_dir, tmp_path, init):
+    """A config naming bfloat16 over fp32 tensors (a hand-made or re-saved export): from_pretrained's "auto" loads
+    the source in bf16. Its identity-layout conversion wrote config.json's dtype from the tensors, float32, and
+    loaded in fp32: other logits than the stock model's, twice the memory. The record still names the tensors."""
+    src = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    calib = {"calib_data": [str(corpus_dir / "calib.txt")], "calib_tokens": 512, "seq_len": 64}
+    args = calib if init != "mean" else {}
+    out = convert(src, tmp_path / "cla", kv_source_layers=[0, 1, 2, 3], init=init, quiet=True, **args)
+    stock, cla = (AutoModelForCausalLM.from_pretrained(f).eval() for f in (src, out))
+    assert (stock.dtype, cla.dtype) == (torch.bfloat16, torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(cla(TOKENS).logits, stock(TOKENS).logits)
+    assert {t.dtype for t in tensors(out).values()} == {torch.float32}
+    assert json.loads((out / "clakit_convert.json").read_text())["settings"]["dtype"] == "float32"

@@ -334,6 +334,7 @@ class _Conversion:
         self.stage_seconds: dict[str, float] = {}
         self.started = time.perf_counter()
         self.config, self.architecture = _source_config(self.source, self.cfg.trust_remote_code)
+        self.config_dtype = getattr(self.config, "dtype", None)  # before the fits' skeletons (from_config) set it
         self.seq_len = self._seq_len()
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
         self.distill_steps = self._resolve_distill()
@@ -658,7 +659,8 @@ class _Conversion:
                 writer.add(name, tensor)
             writer.finish()
         self.checkpoint = None  # release the source's memory maps before loading anything else
-        written = cla_cfg.dtype = cast or self.source_dtype
+        written = cast or self.source_dtype
+        cla_cfg.dtype = cast or _loaded_dtype(self.config_dtype, self.source_dtype)
         write_config(tmp, cla_cfg, lm_cls)
         self._write_tokenizer(tmp)
         if self.eval_texts:  # reads the output in the fits' dtype: sets cla_cfg.dtype to it
@@ -765,6 +767,15 @@ class _Conversion:
 # CLA: what the written tensors also depend on, beside clakit.provenance's clakit/transformers/torch: the reader of a
 # GGUF file's (de)quantised blocks, the tokenizer library (calibration tokens, a GGUF's tokenizer), the writer
 CONVERT_LIBRARIES = ("gguf", "tokenizers", "safetensors")
+
+
+def _loaded_dtype(named, tensors: torch.dtype) -> torch.dtype:
+    """The dtype `from_pretrained(dtype="auto")` loads the source in: its config's `dtype` (`named`) where it names
+    one, else that of its tensors (`tensors`: the first floating one's). CLA: the converted config keeps it, so the
+    CLA model loads as its source does: a config saying bfloat16 over fp32 tensors loaded the source in bf16 and the
+    identity layout's conversion, whose config named the tensors' float32, in fp32 (other logits, twice the memory)."""
+    named = getattr(torch, named, None) if isinstance(named, str) else named
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else tensors
 
 
 def _tied(cla_cfg, lm_cls) -> dict[str, str]:
