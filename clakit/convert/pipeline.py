@@ -680,7 +680,8 @@ class _Conversion:
                 "path": str(self.source.path), "sha256": getattr(self, "source_sha256", None),
             },
             "cla_architecture": cla_architecture,
-            "provenance": provenance(**library_versions(CONVERT_LIBRARIES)),
+            # CLA: the fits' reductions split by thread: 1 and 2 threads wrote bf16 tensors one ulp apart
+            "provenance": provenance(**library_versions(CONVERT_LIBRARIES), torch_threads=torch.get_num_threads()),
             "eval": self._eval_record(),
             "auto_layout": self.results.get("auto_layout"),
             "distill": self.results.get("distill"),
