@@ -614,10 +614,30 @@ def load_model(
     problem = loading_problem(info)
     if problem:
         raise ClakitError(f"cannot load {source.spec}: {problem}")
+    _check_float16_range(source, model, dtype)
     drop_unused_window(model.config)
     if device:
         model.to(device)
     return model.eval()
+
+
+def _check_float16_range(source: Source, model, dtype) -> None:
+    """A bf16/fp32 checkpoint read in float16 (`clakit eval --dtype float16`): a weight beyond float16's 65504 is
+    cast to inf and every logit turns NaN, which the eval then blamed on a damaged checkpoint. Refused naming the
+    tensor and the dtypes that hold it. A float16 checkpoint's own inf is damage, left to the callers' checks."""
+    import torch
+
+    if dtype != torch.float16:
+        return
+    raw = _raw_config(source.path) if source.kind == "dir" else {}
+    if (raw.get("dtype") or raw.get("torch_dtype")) == "float16":  # stored in float16: nothing was cast out of range
+        return
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and torch.isinf(tensor).any():
+            raise ClakitError(
+                f"{source.spec} holds weights beyond float16's range (65504) in {name}: read in float16 they are inf "
+                "and every logit NaN; use --dtype bfloat16 (same memory) or float32"
+            )
 
 
 def drop_unused_window(config) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_checkpoint, tiny_model
+from conftest import make_text, save_checkpoint, tiny_model
 from convert_fixtures import TOKENS
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from clakit.cli import main
 from clakit.convert import convert
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -136,3 +137,25 @@ def test_the_record_says_how_many_threads_ran_the_fits(tiny_llama_checkpoint, co
     finally:
         torch.set_num_threads(threads)
     assert json.loads((out / "clakit_convert.json").read_text())["provenance"]["torch_threads"] == 1
+
+
+# --- evaluation in a narrower dtype -------------------------------------------------------------------------------
+
+
+def test_eval_in_float16_of_weights_beyond_its_range_is_refused_naming_the_dtype(tokenizer, tmp_path, capsys):
+    """A bf16 checkpoint with one weight of 1e5 scored with --dtype float16: the cast made it inf, every logit NaN,
+    and the eval said "its weights hold NaN/inf or absurd values (a diverged training run, or a damaged
+    checkpoint)" of a healthy checkpoint. Now one line naming the tensor, float16's range and the dtypes to use;
+    bfloat16 scores it."""
+    model = outlier_model("llama", torch.float32)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5
+    src = save_checkpoint(model.to(torch.bfloat16), tokenizer, tmp_path / "src")
+    (tmp_path / "text.txt").write_text(make_text(1500, 3))
+    common = ["--data", str(tmp_path / "text.txt"), "--seq-len", "64", "--max-tokens", "256", "-q"]
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["eval", str(src), "-o", str(tmp_path / "fp16.json"), *common, "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.layers.0.mlp.up_proj.weight" in err and "float16's range (65504)" in err, err
+    assert "--dtype bfloat16" in err and len(err.splitlines()) == 1 and not (tmp_path / "fp16.json").exists()
+    assert main(["eval", str(src), "-o", str(tmp_path / "bf16.json"), *common, "--dtype", "bfloat16"]) == 0
