@@ -139,8 +139,11 @@ def _add_report(sub) -> None:
     add_quiet(p)
 
     def run(args):
+        from clakit import outputs
         from clakit.eval import report
 
+        # not the library's check: uptrain writes its own RUN/report through report()
+        outputs.check_not_inside_an_output(args.output, "output folder")
         print(f"report: {(report(args.reports, args.output) / 'report.html').resolve()}")
 
     p.set_defaults(run=run)

@@ -260,8 +260,11 @@ def hold(folder: Path, label: str = "output folder") -> Iterator[None]:
 
 def check_not_inside_an_output(out: Path | str, label: str = "OUT") -> None:
     """An output inside another clakit output (a run folder, its model/, a converted checkpoint) is a file that
-    output did not write: it blocks that output's --overwrite, and a model folder holding a run or a checkpoint is
-    no plain checkpoint. (uptrain's own converted/ is written in its staging folder, before it is marked.)"""
+    output did not write: at its top level it blocks that output's --overwrite; deeper (an eval report in a run's
+    eval/ or model/) that --overwrite removed it unseen, for a marker lists top-level names only; and a model folder
+    holding a run or a checkpoint is no plain checkpoint. Checked by every command that writes (convert, uptrain,
+    `clakit eval -o`, `clakit report -o`, the demo's --work-dir). (uptrain's own converted/, eval/ and report/ are
+    its run's: written by the library, not through these commands' checks.)"""
     out = expand(out, label).absolute()
     for parent in out.parents:
         kind = owner(parent) if parent.is_dir() else None

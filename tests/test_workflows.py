@@ -14,6 +14,8 @@ from bad_input import run_clakit
 from conftest import save_checkpoint, tiny_model
 from uptrain_fixtures import tiny_recipe, write_recipe
 
+from clakit.errors import ClakitError
+from clakit.eval import evaluate
 from clakit.uptrain import uptrain
 
 EVAL_FLAGS = ("--seq-len", "32", "--max-tokens", "64", "--no-speed", "-q")
@@ -50,6 +52,51 @@ def _refused(run, *expected: str) -> None:
         assert text in lines[0], lines[0]
 
 
+# --- 1. an output inside another output ---------------------------------------------------------------------------
+
+
+def test_an_eval_report_inside_a_run_is_refused_for_the_runs_overwrite_would_delete_it(chain, tmp_path):
+    """`clakit eval RUN/model -o RUN/eval/mine.json` was written: a run's marker lists its top-level names only
+    (eval, model, ...), so `clakit uptrain RECIPE --overwrite` later replaced the run and deleted the user's report
+    without a word. Now refused in one line, before the evaluation; the same inside the model folder and inside a
+    converted checkpoint (whose --overwrite it blocked)."""
+    run = chain.run1
+    before = sorted((run / "eval").iterdir())
+    for inside, owner in ((run / "eval" / "mine.json", run), (run / "model" / "mine.json", run / "model"),
+                          (chain.conv / "mine.json", chain.conv)):  # fmt: skip
+        _refused(_eval(run / "model", inside, chain.data), f"is inside {owner}, a clakit ", "choose a folder outside")
+        assert not inside.exists()
+    assert sorted((run / "eval").iterdir()) == before
+    outside = _eval(run / "model", tmp_path / "mine.json", chain.data)  # beside it: written
+    assert outside.code == 0 and (tmp_path / "mine.json").is_file(), outside.err
+
+
+def test_a_report_folder_inside_a_model_folder_is_refused(chain, tmp_path):
+    """`clakit report ... -o RUN/model/compare` wrote a folder into the uptrained model (then a checkpoint holding a
+    report folder, deleted with the run on --overwrite); refused like convert and uptrain outputs inside outputs."""
+    reports = [chain.run1 / "eval" / f"{n}.json" for n in ("converted", "uptrained")]
+    for inside in (chain.run1 / "model" / "compare", chain.conv / "compare"):
+        _refused(run_clakit("report", *reports, "-o", inside), "is inside", "a clakit ")
+        assert not inside.exists()
+    assert run_clakit("report", *reports, "-o", tmp_path / "compare").code == 0
+
+
+def test_the_demo_refuses_a_work_dir_inside_a_clakit_output_before_any_stage(chain, tmp_path):
+    """`clakit demo --work-dir CONV/demo` wrote converted/, uptrain/, reports/ and demo.json into a converted
+    checkpoint (then CONV's --overwrite refused: "holds files clakit did not write (demo)"); refused before the
+    first stage (nothing is fetched, nothing written)."""
+    from clakit.demo import DemoAssets, run_demo
+
+    conv = shutil.copytree(chain.conv, tmp_path / "conv")
+    ran = []
+    stage = SimpleNamespace(name="probe", run=lambda ctx: ran.append(ctx))
+    assets = DemoAssets(*(chain.data / f"{n}.txt" for n in ("calib", "calib", "train", "heldout")))
+    for work in (conv / "demo", conv):
+        with pytest.raises(ClakitError, match="is inside .*a clakit convert output"):
+            run_demo(work, assets=assets, stages=[stage])
+    assert not ran and not (conv / "demo").exists() and not (conv / "demo.json").exists()
+
+
 # --- 2. records read back after a move ----------------------------------------------------------------------------
 
 
@@ -81,3 +128,10 @@ def _tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+# --- 5. a model replaced (convert --overwrite) while it is evaluated ----------------------------------------------
+
+
+def _evaluate(model, data: Path) -> dict:
+    return evaluate(model, data=[str(data / "heldout.txt")], seq_len=32, max_tokens=64, speed=False, quiet=True)

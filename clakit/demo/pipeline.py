@@ -180,7 +180,9 @@ STAGES: list[Stage] = [
 
 
 def check_work_dir(work_dir: Path) -> None:
-    """Before the first stage: every output the demo writes may be written (an earlier demo's, or new)."""
+    """Before the first stage: every output the demo writes may be written (an earlier demo's, or new), and none
+    inside another clakit output (its --overwrite would remove them, or be blocked by them)."""
+    outputs.check_not_inside_an_output(work_dir / "demo.json", "the demo's output")  # work_dir itself too
     for name, kind in DEMO_FOLDERS.items():
         outputs.check_folder(work_dir / name, kind, overwrite=True, label="demo output folder")
     for label in DEMO_REPORTS:

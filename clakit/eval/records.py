@@ -120,6 +120,9 @@ def check_output(path, data=None) -> Path:
     `data`: the --data specs; a report read as text data passes the format check, but replacing it would destroy
     the input of the very run that writes it."""
     _file_name(path)
+    # inside another output (a run's eval/ or model/, a converted folder) the report is a file that output's
+    # --overwrite deletes with it (an uptrain run lists only its top-level names) or that blocks it
+    outputs.check_not_inside_an_output(path, "output")
     return outputs.check_file(path, FORMAT, noun="eval report", inputs=[("--data", data)])
 
 
