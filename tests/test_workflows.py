@@ -130,6 +130,43 @@ def _tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
+def test_a_moved_converted_folder_evaluates_with_records_that_say_where_it_is_now(chain, tmp_path):
+    """A converted folder renamed between steps: its report's origin names the record where it is now (and its
+    sha256), the source the conversion read, and the report's Sources name the new path."""
+    moved = shutil.copytree(chain.conv, tmp_path / "renamed")
+    assert _eval(moved, tmp_path / "r.json", chain.data).code == 0
+    prov = json.loads((tmp_path / "r.json").read_text())["provenance"]
+    assert prov["model_path"] == str(moved) and prov["origin"]["record"] == str(moved / "clakit_convert.json")
+    assert prov["origin"]["source_path"] == str(chain.src)
+    assert run_clakit("report", tmp_path / "r.json", "-o", tmp_path / "rep").code == 0
+    assert f"evaluated: {moved}".replace("_", "\\_") in (tmp_path / "rep" / "report.md").read_text()
+
+
+# --- 3. a model uptrained twice -----------------------------------------------------------------------------------
+
+
+def test_a_twice_uptrained_models_report_names_both_runs(chain, tmp_path):
+    """run2 trained run1/model for 2 steps, run1 trained the conversion for 3. The report's origin held only the
+    last run ("clakit uptrain (2 steps) of run1/model, clakit convert of src": the 3 steps before were nowhere,
+    though uptrain.json keeps them as start_uptrain). Now origin.start_uptrain summarises the earlier run, and the
+    Sources line names both runs, latest first, then the conversion."""
+    report = evaluate(chain.run2 / "model", data=[str(chain.data / "heldout.txt")], seq_len=32, max_tokens=64,
+                      speed=False, quiet=True)  # fmt: skip
+    origin = report["provenance"]["origin"]
+    earlier = json.loads((chain.run1 / "model" / "uptrain.json").read_text())
+    assert origin["steps"] == 2 and origin["start_checkpoint"] == str(chain.run1 / "model")
+    assert origin["start_uptrain"]["steps"] == earlier["steps"] == 3
+    assert origin["start_uptrain"]["start_checkpoint"] == str(chain.conv)
+    assert origin["start_uptrain"]["start_uptrain"] is None
+    assert origin["conversion"]["source_path"] == str(chain.src)
+    from clakit.eval.comparison import made_from
+
+    assert made_from(origin) == (
+        f"clakit uptrain (2 steps) of {chain.run1 / 'model'}, after clakit uptrain (3 steps) of {chain.conv}, "
+        f"clakit convert of {chain.src}"
+    )
+
+
 # --- 5. a model replaced (convert --overwrite) while it is evaluated ----------------------------------------------
 
 

@@ -431,9 +431,16 @@ def made_from(origin) -> str:
         return "–"
     if origin.get("made_by") != "clakit uptrain":
         return _converted(origin)
-    conversion = origin.get("conversion")
-    text = f"clakit uptrain ({origin.get('steps')} steps) of {origin.get('start_checkpoint')}"
+    conversion, text = origin.get("conversion"), _uptrained(origin)
+    earlier = origin.get("start_uptrain")
+    while isinstance(earlier, dict):  # an uptrained model trained again: every run, the latest first
+        text += f", after {_uptrained(earlier)}"
+        earlier = earlier.get("start_uptrain")
     return text + (f", {_converted(conversion)}" if isinstance(conversion, dict) else "")
+
+
+def _uptrained(origin: dict) -> str:
+    return f"clakit uptrain ({origin.get('steps')} steps) of {origin.get('start_checkpoint')}"
 
 
 def _converted(conversion: dict) -> str:

@@ -48,11 +48,14 @@ def _conversion(record: dict) -> dict:
 
 def _uptrain(record: dict) -> dict:
     """The checkpoint training started from, its conversion, the original (teacher), steps and the command of an
-    uptrain record (`uptrain.json`: provenance fields at its top level)."""
-    conversion = _mapping(record, "conversion")
+    uptrain record (`uptrain.json`: provenance fields at its top level). A start uptrained before (an uptrained
+    model/ as the next run's model.path) is summarised alike under `start_uptrain`, and so on down the chain: the
+    report named the last run only, its steps read as all the training the model had."""
+    conversion, earlier = _mapping(record, "conversion"), _mapping(record, "start_uptrain")
     model = _mapping(_mapping(record, "recipe"), "model")
     return {
         "start_checkpoint": record.get("start_checkpoint") or model.get("path"),
+        "start_uptrain": _uptrain(earlier) if earlier else None,  # the runs before this one
         "conversion": _conversion(conversion) if conversion else None,
         "original": record.get("original") or model.get("source"),
         "steps": record.get("steps"),
