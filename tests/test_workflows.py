@@ -167,6 +167,31 @@ def test_a_twice_uptrained_models_report_names_both_runs(chain, tmp_path):
     )
 
 
+def test_a_report_says_when_an_uptrained_models_start_was_converted_again_since(chain, tmp_path):
+    """convert -> uptrain -> `clakit convert ... --overwrite` into the same folder -> eval both -> report: the rows
+    "conv" and "run/model" (made from "clakit uptrain of conv") read as this model, then trained, though the run
+    started from the earlier conversion. The data note now says so, naming both records' times; a report of the
+    same chain without the second conversion has no such note."""
+    conv = tmp_path / "conv"
+    assert run_clakit("convert", chain.src, conv, "-q").code == 0
+    run = _uptrain(tmp_path, chain.data, "run", conv, 2)
+    for name, model in (("conv", conv), ("up", run / "model")):
+        assert _eval(model, tmp_path / f"{name}.json", chain.data).code == 0
+    assert run_clakit("report", tmp_path / "conv.json", tmp_path / "up.json", "-o", tmp_path / "same").code == 0
+    assert "not the model" not in (tmp_path / "same" / "report.md").read_text()
+    again = run_clakit("convert", chain.src, conv, "--overwrite", "--factor", "4", "-q")
+    assert again.code == 0, again.err
+    assert _eval(conv, tmp_path / "conv.json", chain.data).code == 0
+    assert run_clakit("report", tmp_path / "conv.json", tmp_path / "up.json", "-o", tmp_path / "rep").code == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    then = json.loads((run / "model" / "uptrain.json").read_text())["conversion"]["provenance"]["created"]
+    now = json.loads((conv / "clakit_convert.json").read_text())["provenance"]["created"]
+    assert then != now
+    expected = f"model was trained from {conv} as a run made it at {then}; the row conv is a later run's output in "
+    assert expected + f"that folder (made at {now}), not the model model started from." in md, md
+    assert "not the model model started from" in (tmp_path / "rep" / "report.html").read_text()
+
+
 # --- 5. a model replaced (convert --overwrite) while it is evaluated ----------------------------------------------
 
 

@@ -343,7 +343,44 @@ def _data_note(reports: list[dict]) -> str:
         )
         + _speed_note(reports)
         + _dtype_note(reports)
+        + _lineage_note(reports)
     )
+
+
+def _lineage_note(reports: list[dict]) -> str:
+    """An uptrained model whose start checkpoint is another row of the report, replaced since the run read it (a
+    conversion or a run repeated into the same folder with --overwrite): both rows name one path, so the table read
+    as "this model, then trained"; the note says the row is a later model than the one training started from."""
+    names = labels(reports)
+    paths = [r["provenance"].get("model_path") for r in reports]  # None: a model scored in memory
+    rows = {path: (name, r) for path, name, r in zip(paths, names, reports, strict=True) if isinstance(path, str)}
+    notes = []
+    for name, r in zip(names, reports, strict=True):
+        origin = r["provenance"].get("origin")
+        if not isinstance(origin, dict) or origin.get("made_by") != "clakit uptrain":
+            continue
+        start = origin.get("start_checkpoint")
+        row, start_report = rows.get(start, (None, {})) if isinstance(start, str) else (None, {})
+        then = origin.get("start_uptrain") or origin.get("conversion")  # the start's record as the run read it
+        now = (start_report.get("provenance") or {}).get("origin")
+        if _replaced(then, now):
+            notes.append(
+                f" {name} was trained from {start} as a run made it at {then['created']}; the "
+                f"row {row} is a later run's output in that folder (made at {now['created']}), not the model {name} "
+                "started from."
+            )
+    return "".join(notes)
+
+
+def _replaced(then, now) -> bool:
+    """Whether two lineage summaries of one folder name different runs (both dated: older records say nothing)."""
+    dated = all(isinstance(x, dict) and x.get("created") for x in (then, now))
+    return dated and _made_at(then) != _made_at(now)
+
+
+def _made_at(summary: dict) -> tuple:
+    """(created, command, cwd) of a lineage summary: which run wrote the record, not only where."""
+    return tuple(summary.get(k) for k in ("created", "command", "cwd"))
 
 
 def _batch_sizes(reports: list[dict]) -> str:
