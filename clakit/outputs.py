@@ -275,6 +275,40 @@ def check_not_inside_an_output(out: Path | str, label: str = "OUT") -> None:
             )
 
 
+# an uptrain run's parts (clakit.uptrain.pipeline's RESULT and checkpoint.CHECKPOINTS; named here, below uptrain,
+# for the commands that take a model and are given a run instead)
+RUN_MODEL, RUN_CHECKPOINTS = "model", "checkpoints"
+
+
+def run_model_hint(folder: Path, spec) -> str | None:
+    """Where a model is wanted and `folder` (no config.json, or missing) is a clakit uptrain run, its checkpoints/,
+    one step-N in it or its model/ before the run wrote it: one line naming the model folder to give (RUN/model,
+    written when the run finishes) and how to get it, else None."""
+    run, what = _run_of(Path(folder).absolute())
+    if run is None:
+        return None
+    model = run / RUN_MODEL
+    if (model / "config.json").is_file():
+        return f"{spec} is {what}; give the model it trained: {model}"
+    now = "it is still training" if in_use(run) else "continue it with `clakit uptrain RECIPE --resume`"
+    return f"{spec} is {what}, which has not written its model yet ({now}); then give {model}"
+
+
+def _run_of(folder: Path) -> tuple[Path | None, str | None]:
+    """(the uptrain run `folder` is or is part of, what `folder` is there); (None, None) for any other folder. A
+    training checkpoint holds the trainable tensors and optimizer state, not a model."""
+    run = "a clakit uptrain run"
+    candidates = [(folder, run)]
+    if folder.name == RUN_MODEL:  # no config.json: not written yet (a run in progress, or killed)
+        candidates.append((folder.parent, f"the model of {run}"))
+    if folder.name == RUN_CHECKPOINTS:
+        candidates.append((folder.parent, f"the training checkpoints of {run}"))
+    if folder.parent.name == RUN_CHECKPOINTS:
+        what = f"a training checkpoint of {run} (trainable tensors and optimizer state, not a model)"
+        candidates.append((folder.parent.parent, what))
+    return next(((r, w) for r, w in candidates if r.is_dir() and owner(r) == "uptrain"), (None, None))
+
+
 def check_folder(
     out,
     kind: str,

@@ -5,6 +5,7 @@ Each test follows the records across such a chain: an output written inside anot
 lineage of a model uptrained twice, a run folder or a training checkpoint given where a model is wanted."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from uptrain_fixtures import tiny_recipe, write_recipe
 
 from clakit.errors import ClakitError
 from clakit.eval import evaluate
+from clakit.outputs import MARKER
 from clakit.uptrain import uptrain
 
 EVAL_FLAGS = ("--seq-len", "32", "--max-tokens", "64", "--no-speed", "-q")
@@ -190,6 +192,46 @@ def test_a_report_says_when_an_uptrained_models_start_was_converted_again_since(
     expected = f"model was trained from {conv} as a run made it at {then}; the row conv is a later run's output in "
     assert expected + f"that folder (made at {now}), not the model model started from." in md, md
     assert "not the model model started from" in (tmp_path / "rep" / "report.html").read_text()
+
+
+# --- 4. a run folder, or one of its checkpoints, where a model is wanted ------------------------------------------
+
+
+def test_eval_of_a_run_folder_or_its_checkpoint_names_the_model_to_give(chain, tmp_path):
+    """`clakit eval RUN` and `clakit eval RUN/checkpoints/step-N` (a run in progress: its latest checkpoint) said
+    "is not a model checkpoint folder (no config.json); give the folder that holds the checkpoint's config.json and
+    weights", and RUN/model of a run not finished "does not exist", naming nothing of the run. Now the line names
+    RUN/model, and for a run that has not finished, how to finish it."""
+    run = chain.run1
+    step = sorted((run / "checkpoints").iterdir())[-1]
+    for given in (run, run / "checkpoints", step):
+        _refused(_eval(given, tmp_path / "r.json", chain.data), f"give the model it trained: {run / 'model'}")
+    _refused(_eval(step, tmp_path / "r.json", chain.data), "a training checkpoint of a clakit uptrain run")
+    unfinished = shutil.copytree(run, tmp_path / "unfinished")
+    shutil.rmtree(unfinished / "model")  # as a run killed before its end, or still training
+    for given in (unfinished / "checkpoints" / step.name, unfinished / "model"):  # model/: not there yet
+        _refused(_eval(given, tmp_path / "r.json", chain.data),
+                 "has not written its model yet (continue it with `clakit uptrain RECIPE --resume`)",
+                 f"then give {unfinished / 'model'}")  # fmt: skip
+    assert not (tmp_path / "r.json").exists()
+    plain = tmp_path / "plain"
+    plain.mkdir()  # any other folder without config.json: the general line, as before
+    _refused(_eval(plain, tmp_path / "r.json", chain.data), "is not a model checkpoint folder (no config.json)")
+
+
+def test_a_running_run_is_named_as_still_training(chain, tmp_path):
+    """A run another process holds (training now): the line says so instead of suggesting --resume."""
+    import fcntl
+
+    unfinished = shutil.copytree(chain.run1, tmp_path / "live")
+    shutil.rmtree(unfinished / "model")
+    fd = os.open(unfinished / MARKER, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(ClakitError, match=r"has not written its model yet \(it is still training\)"):
+            evaluate(unfinished, data=[str(chain.data / "heldout.txt")], seq_len=32, speed=False, quiet=True)
+    finally:
+        os.close(fd)
 
 
 # --- 5. a model replaced (convert --overwrite) while it is evaluated ----------------------------------------------

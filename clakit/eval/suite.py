@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from clakit import devices
+from clakit import devices, outputs
 from clakit.corpus import DEFAULT_ONLINE_EVAL, Text, join_texts, load_texts
 from clakit.errors import ClakitError
 from clakit.eval import harness, kvcache, lineage, perplexity
@@ -48,9 +48,21 @@ def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: 
     def check_config(source):
         _windows(_check_causal_lm(source, trust_remote_code), *windows)
 
+    _check_not_a_run(model)
     source = resolve_source(str(model), revision, allow_pickle, None if trust_remote_code else check_config)
     check_weights(source, allow_pickle)
     return source, _check_causal_lm(source, trust_remote_code)
+
+
+def _check_not_a_run(model) -> None:
+    """An uptrain run folder, one of its training checkpoints (a run in progress: its latest step-N) or its model/
+    before the run wrote it, given as MODEL: named with the model folder to give and how to get it, not as a folder
+    without config.json or a model that does not exist."""
+    path = expand(model, "model")
+    if not (path / "config.json").is_file() and (path.is_dir() or not path.exists()):
+        hint = outputs.run_model_hint(path, model)
+        if hint:
+            raise ClakitError(hint)
 
 
 def _check_causal_lm(source, trust_remote_code: bool):
