@@ -239,3 +239,45 @@ def test_a_running_run_is_named_as_still_training(chain, tmp_path):
 
 def _evaluate(model, data: Path) -> dict:
     return evaluate(model, data=[str(data / "heldout.txt")], seq_len=32, max_tokens=64, speed=False, quiet=True)
+
+
+def test_a_report_records_the_conversion_it_scored_not_one_published_while_it_scored(chain, tmp_path, monkeypatch):
+    """provenance.origin was read after scoring (hours at 70B): a `clakit convert ... --overwrite` of MODEL
+    published meanwhile gave the old model's numbers the new conversion's record (its layout, command, sha256).
+    The record is now read with the weights."""
+    import hashlib
+
+    from clakit.eval import suite
+
+    conv = shutil.copytree(chain.conv, tmp_path / "conv")
+    scored = hashlib.sha256((conv / "clakit_convert.json").read_bytes()).hexdigest()
+    measure = suite._perplexity
+
+    def replaced_while_scoring(*args, **kwargs):
+        again = run_clakit("convert", chain.src, conv, "--overwrite", "--factor", "4", "-q")
+        assert again.code == 0, again.err
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "_perplexity", replaced_while_scoring)
+    origin = _evaluate(conv, chain.data)["provenance"]["origin"]
+    assert origin["record_sha256"] == scored, "the report names the conversion published while it scored"
+    assert json.loads((conv / "config.json").read_text())["kv_source_layers"] == [0, 0, 0, 0]  # replaced indeed
+
+
+def test_a_model_replaced_while_its_weights_load_is_refused(chain, tmp_path, monkeypatch):
+    """Config and tokenizer are read first, the weights shard by shard after: a `convert --overwrite` publishing in
+    between gave a report of config, tokenizer and weights from two models, without a word. Now one line."""
+    import clakit.sources
+
+    conv = shutil.copytree(chain.conv, tmp_path / "conv")
+    load = clakit.sources.load_model
+
+    def replaced_while_loading(*args, **kwargs):
+        assert run_clakit("convert", chain.src, conv, "--overwrite", "--factor", "4", "-q").code == 0
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(clakit.sources, "load_model", replaced_while_loading)
+    with pytest.raises(ClakitError, match=r"was replaced while it was read .*evaluate it again"):
+        _evaluate(conv, chain.data)
+    monkeypatch.setattr(clakit.sources, "load_model", load)
+    assert _evaluate(conv, chain.data)["kv_cache"]["producer_layers"] == 1  # unreplaced: evaluated as it is now

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class Loaded:
     model_dir: Path | None = None  # local checkpoint folder, for clakit_convert.json
     commit: str | None = None  # the Hub commit the files were read at (revision "main" moves), else None
     path: Path | None = None  # the folder or .gguf file read, absolute (`name` may be relative to the cwd)
+    origin: dict | None = None  # provenance.origin, read with the weights (lineage.origin)
 
 
 def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool, windows=(None, None)):
@@ -117,15 +119,42 @@ def _check_in_memory_placement(cfg: EvalConfig) -> None:
         )
 
 
-def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name) -> Loaded:
+def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name, identity=None) -> Loaded:
+    """The model, loaded; `identity`: folder_identity(source) when its config and tokenizer were read."""
     from clakit.sources import load_model
 
     if source is None:
         label = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         return Loaded(model.eval(), tokenizer, label)
-    loaded = load_model(source, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, **placement)
     model_dir = source.path if source.kind == "dir" else None
-    return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir, source.commit, source.path)
+    # the record with the weights, not after scoring (hours at 70B), when a `convert --overwrite` of MODEL may
+    # have published another model there: its record described numbers it never scored
+    origin = lineage.origin(model_dir)
+    loaded = load_model(source, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, **placement)
+    _check_unchanged(source, identity)
+    return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir, source.commit, source.path,
+                  origin)  # fmt: skip
+
+
+def folder_identity(source) -> tuple[int, int] | None:
+    """(device, inode) of the folder or .gguf file `source` names: clakit publishes an output by renaming a new
+    folder into place, so a model replaced after it was looked at (`clakit convert ... --overwrite`) has another."""
+    try:
+        found = os.stat(source.path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _check_unchanged(source, identity) -> None:
+    """Refuse a model replaced between its checks (config, tokenizer: read first) and the end of loading its weights:
+    config, tokenizer and weights (shard by shard) may then come from two models."""
+    if identity is not None and folder_identity(source) != identity:
+        raise ClakitError(
+            f"{source.spec} was replaced while it was read (another run published into {source.path}, such as "
+            "`clakit convert ... --overwrite`): its config, tokenizer and weights may come from two models; "
+            "evaluate it again once that run has finished"
+        )
 
 
 def _reference(source_model, model_dir, revision, trust_remote_code) -> tuple[str, object] | None:
@@ -177,7 +206,7 @@ def _recorded_source(model_dir) -> tuple[str | None, str | None]:
         record.get(k) if isinstance(record.get(k), dict) else {} for k in ("source", "settings", "provenance")
     )
     spec = next((s for s in (source.get("spec"), settings.get("source")) if isinstance(s, str) and s), None)
-    # CLA: a relative spec is relative to the conversion's working directory, not this one's: read from here, a
+    # a relative spec is relative to the conversion's working directory, not this one's: read from here, a
     # moved source's `base` was another folder named base (the saving measured against another model)
     where = [source.get("path"), _as_converted(spec, prov.get("cwd"))]
     # only strings are paths: a hand-edited record's number or list would raise in Path()
@@ -251,7 +280,7 @@ def evaluate(
     if passkey is not None:
         passkey.check()
     run = _prepare(model, cfg, tokenizer, text, passkey)
-    loaded = _load(model, run.source, run.tokenizer, cfg, run.placement, name)
+    loaded = _load(model, run.source, run.tokenizer, cfg, run.placement, name, run.identity)
     return _measure(loaded, cfg, run, decode_steps, quiet)
 
 
@@ -269,6 +298,7 @@ class Prepared:
     tokens: perplexity.TokenizedText
     tasks: list
     prompts: object
+    identity: tuple | None = None  # folder_identity of the model when its config was read
 
 
 def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
@@ -281,6 +311,7 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
         check_revision(cfg.revision, model, cfg.source_model)
     source, config = _resolve(model, tokenizer, cfg.revision, cfg.trust_remote_code, cfg.allow_pickle,
                               (cfg.seq_len, cfg.stride))  # fmt: skip
+    identity = folder_identity(source) if source is not None else None
     seq_len, stride = _windows(config, cfg.seq_len, cfg.stride)
     model_dir = source.path if source is not None and source.kind == "dir" else None
     reference = _reference(cfg.source_model, model_dir, cfg.revision, cfg.trust_remote_code)
@@ -292,7 +323,7 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
     tasks = harness.prepare(cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit, cfg.lm_eval_fewshot)
     prompts = _passkey_prompts(passkey, config, tokenizer, texts)
     _check_vocab(config, tokens, prompts)
-    return Prepared(source, seq_len, stride, placement, reference, texts, tokenizer, tokens, tasks, prompts)
+    return Prepared(source, seq_len, stride, placement, reference, texts, tokenizer, tokens, tasks, prompts, identity)
 
 
 def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, decode_steps: int, quiet: bool) -> dict:
@@ -389,7 +420,7 @@ def _provenance(loaded: Loaded, data_info: dict, settings: dict, cfg: EvalConfig
         revision=loaded.revision,
         commit=loaded.commit,
         model_path=str(loaded.path) if loaded.path else None,
-        origin=lineage.origin(loaded.model_dir),  # CLA: the conversion / uptraining that made it, from its record
+        origin=loaded.origin,  # CLA: the conversion / uptraining that made it, from its record
         data=data_info["sources"],
         data_sha256=data_info["sha256"],
         settings=settings,
