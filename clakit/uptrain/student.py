@@ -362,7 +362,7 @@ MERGED_SHARD_SIZE = "5GB"  # convert's default; the writer holds one shard's ten
 
 def save_merged(
     start_path: Path,
-    trained: dict[str, torch.Tensor],
+    trained,
     lora,
     dtype: torch.dtype,
     out: Path,
@@ -374,17 +374,19 @@ def save_merged(
     memory (uptrain's end under FSDP, on the main process): the start checkpoint's
     tensors are read one at a time (lazily), the trained ones (clean names, `trainable_state`) replace or merge into
     them, and each is cast to `dtype` and written to shards. A trained tensor the checkpoint has no place for, or of
-    another shape, is refused before anything is written."""
+    another shape, is refused before anything is written. `trained`: {clean name: tensor}, or a
+    `checkpoint.GatheredTrainable` (its `shapes` checked first; each layer's tensors gathered when first read)."""
     from clakit.convert.checkpoint import ShardWriter, open_checkpoint, parse_size
 
     model = meta_student(load_config(resolve_source(str(start_path))))  # names, config, modeling sources; no weights
     names = _saved_names(model)
     checkpoint = open_checkpoint(Path(start_path), allow_pickle)
-    full, adapters = _split_trained(trained)
-    _check_trained(checkpoint, names, full, adapters, lora)
+    shapes = getattr(trained, "shapes", None) or {name: tuple(t.shape) for name, t in trained.items()}
+    full, adapters = _split_trained(shapes)
+    _check_trained(checkpoint, names, full, adapters, lora, shapes)
     writer = ShardWriter(out, parse_size(max_shard_size))
     for name in names:  # one source tensor alive at a time (plus the shard being filled, in `dtype`)
-        writer.add(name, _merged_tensor(name, checkpoint.get(name), full, adapters, lora, dtype))
+        writer.add(name, _merged_tensor(name, checkpoint.get(name), full, adapters, lora, dtype, trained))
     writer.finish()
     outputs.usual_mode(*out.glob("*.safetensors"))
     _save_config_files(model, Path(start_path), dtype, out)
@@ -400,34 +402,35 @@ def _saved_names(model) -> list[str]:
     return sorted(remove_tied_weights_from_state_dict(model.state_dict(), model), key=natural_key)
 
 
-def _split_trained(trained: dict) -> tuple[dict, dict]:
-    """The trained tensors by checkpoint name: ({name: whole tensor} of the full_train modules, {weight name: {"A":
-    (r, in), "B": (out, r)}} of the LoRA targets)."""
+def _split_trained(names) -> tuple[dict, dict]:
+    """Where each trained tensor (by clean name) goes, by checkpoint name: ({name: clean name} of the full_train
+    modules, {weight name: {"A": clean name of (r, in), "B": of (out, r)}} of the LoRA targets)."""
     full, adapters = {}, {}
-    for name, tensor in trained.items():
-        name = name.removeprefix(PEFT_PREFIX)
+    for clean in names:
+        name = clean.removeprefix(PEFT_PREFIX)
         lora_part = LORA_NAME.fullmatch(name)
         if lora_part:
-            adapters.setdefault(f"{lora_part[1]}.weight", {})[lora_part[2]] = tensor
+            adapters.setdefault(f"{lora_part[1]}.weight", {})[lora_part[2]] = clean
         else:
-            full[name] = tensor
+            full[name] = clean
     return full, adapters
 
 
-def _check_trained(checkpoint, names: list[str], full: dict, adapters: dict, lora) -> None:
+def _check_trained(checkpoint, names: list[str], full: dict, adapters: dict, lora, shapes: dict) -> None:
     """Every tensor to write is in the start checkpoint, and every trained tensor has its place there, shape for
-    shape: LoRA's A (r, in) and B (out, r) around the (out, in) weight it merges into."""
+    shape: LoRA's A (r, in) and B (out, r) around the (out, in) weight it merges into. `shapes`: {clean name:
+    shape} of the trained tensors."""
     present = set(checkpoint.names)
     missing = [n for n in names if n not in present]
     if missing:
         raise ClakitError(f"the start checkpoint {checkpoint.folder} lacks tensor {missing[0]}; nothing merged")
-    for name, tensor in full.items():
-        if tuple(tensor.shape) != (shape := _start_shape(checkpoint, names, name, f"trained tensor {name}")):
-            raise ClakitError(f"trained tensor {name} has shape {tuple(tensor.shape)}, the start checkpoint {shape}")
+    for name, clean in full.items():
+        if shapes[clean] != (shape := _start_shape(checkpoint, names, name, f"trained tensor {name}")):
+            raise ClakitError(f"trained tensor {name} has shape {shapes[clean]}, the start checkpoint {shape}")
     for name, pair in adapters.items():
         out_features, in_features = _start_shape(checkpoint, names, name, f"the LoRA of {name}")
         for part, shape in (("A", (lora.r, in_features)), ("B", (out_features, lora.r))):
-            got = tuple(pair[part].shape) if part in pair else "missing"
+            got = shapes[pair[part]] if part in pair else "missing"
             if got != shape:
                 raise ClakitError(f"trained lora_{part} of {name}: shape {got}, expected {shape} (r={lora.r})")
 
@@ -438,14 +441,16 @@ def _start_shape(checkpoint, names: list[str], name: str, what: str) -> tuple:
     return tuple(checkpoint.get(name).shape)  # a lazy view: the header only
 
 
-def _merged_tensor(name: str, start: torch.Tensor, full: dict, adapters: dict, lora, dtype) -> torch.Tensor:
+def _merged_tensor(name: str, start, full: dict, adapters: dict, lora, dtype, trained) -> torch.Tensor:
     """One tensor of the merged model in `dtype`: the trained whole tensor, the start's with LoRA merged in, or the
     start's as it is. LoRA as peft merges it into the fp32 student: W (out, in) + (B (out, r) @ A (r, in)) *
-    (lora_alpha / r), in fp32 and in peft's order of operations (no fan_in_fan_out, rslora or DoRA here)."""
-    tensor = full.get(name, start)
+    (lora_alpha / r), in fp32 and in peft's order of operations (no fan_in_fan_out, rslora or DoRA here).
+    `full`, `adapters`: _split_trained's; `trained`: the tensors by clean name."""
+    tensor = trained[full[name]] if name in full else start
     if name in adapters:
         pair = adapters[name]
-        tensor = tensor.float() + (pair["B"].float() @ pair["A"].float()) * (lora.lora_alpha / lora.r)
+        lora_b, lora_a = trained[pair["B"]].float(), trained[pair["A"]].float()
+        tensor = tensor.float() + (lora_b @ lora_a) * (lora.lora_alpha / lora.r)
     return tensor.to(dtype) if tensor.is_floating_point() else tensor  # from_pretrained casts floating ones only
 
 
