@@ -297,6 +297,63 @@ def test_the_streamed_files_read_back_as_the_whole_ones(tmp_path):
         assert raw[end : end + 4] == b"PK\x07\x08" and struct.unpack("<I", raw[end + 4 : end + 8])[0] == info.CRC
 
 
+# --- uptrain with model.source: the space checked before the conversion --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stock_checkpoint(tokenizer, tmp_path_factory) -> Path:
+    from conftest import save_checkpoint, tiny_model
+
+    return save_checkpoint(tiny_model("llama"), tokenizer, tmp_path_factory.mktemp("stock") / "stock")
+
+
+def source_recipe(corpus_dir: Path, tmp_path: Path, stock: Path, **convert) -> Path:
+    from uptrain_fixtures import tiny_recipe, write_recipe
+
+    model = {"source": str(stock), "convert": {"factor": 2, "init": "mean", **convert}}
+    return write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model))
+
+
+def test_a_disk_without_room_is_refused_before_the_conversion(stock_checkpoint, corpus_dir, tmp_path, capsys,
+                                                                monkeypatch):  # fmt: skip
+    """With model.source, uptrain's space check (the result and the checkpoints) came after the conversion had run
+    (at 70B: hours, then "not enough disk space"). It is checked first now, with the conversion's own output
+    counted, and nothing was converted or written."""
+    from test_uptrain_run import run_cli
+
+    from clakit.uptrain import pipeline, student
+
+    converted = []
+    real = student.convert_source
+    monkeypatch.setattr(student, "convert_source", lambda *a, **k: converted.append(1) or real(*a, **k))
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    code, err = run_cli(capsys, source_recipe(corpus_dir, tmp_path, stock_checkpoint))
+    assert code == 2 and err.count("\n") == 0 and "not enough disk space" in err, err
+    assert converted == [], "the conversion ran before the space check"
+    assert "the conversion of model.source" in err and "train.output_dir" in err, err
+    assert not (tmp_path / "run").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("output_dtype", [None, "bfloat16"])
+def test_the_conversion_estimate_bounds_what_it_writes(stock_checkpoint, corpus_dir, tmp_path, capsys, monkeypatch,
+                                                       output_dtype):  # fmt: skip
+    """The need checked before the conversion is at least what the conversion and the run then write (the
+    converted weights, the result, the checkpoints kept), and not far above it."""
+    from test_uptrain_run import run_cli
+
+    from clakit.uptrain import pipeline
+
+    asked, check = [], pipeline.outputs.check_free_space
+    monkeypatch.setattr(pipeline.outputs, "check_free_space", lambda o, n, *a: asked.append((n, a)) or check(o, n, *a))
+    convert = {"output_dtype": output_dtype} if output_dtype else {}
+    assert run_cli(capsys, source_recipe(corpus_dir, tmp_path, stock_checkpoint, **convert)) == (0, "")
+    before = [n for n, a in asked if a and "the conversion of model.source" in a[0]]
+    out = tmp_path / "run"
+    written = sum(f.stat().st_size for d in ("converted", "model") for f in (out / d).glob("*.safetensors"))
+    written += sum(f.stat().st_size for d in (out / "checkpoints").iterdir() for f in d.iterdir())
+    assert len(before) == 1 and written <= before[0] <= 1.5 * written, (before, written)
+
+
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 

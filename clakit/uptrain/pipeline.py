@@ -29,7 +29,7 @@ from clakit.convert.layerwise import resolve_device
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
-from clakit.sources import check_weights, load_model, load_tokenizer, looks_like_hub_id, resolve_source
+from clakit.sources import check_weights, load_config, load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
@@ -849,6 +849,9 @@ def _setup(
     # FSDP's mixed precision computes in bf16.
     run["dtype"] = dtype = torch.bfloat16 if recipe.train.bf16 else torch.float32
     run["student_dtype"] = torch.float32 if checkpoint.sharded(acc) else dtype
+    if (section or recipe.model).source and not (work / "converted" / "config.json").is_file():
+        # CLA: before the conversion (at 70B: hours), every process, so they stop together
+        check_conversion_space(out or work, section or recipe.model, recipe, data, acc, fresh)
     start_path = prepare_student_checkpoint(recipe, work, acc, quiet, section)
     # before any model loads (at 70B minutes of reading per model): every process, so they stop together
     check_run_space(out or work, start_path, recipe, data, acc, fresh)
@@ -890,31 +893,66 @@ def run_bytes(model, dtype: torch.dtype) -> tuple[int, int]:
     return result, 3 * sum(trainable) + (64 << 10) + (1 << 10) * len(trainable)
 
 
+RUN_SPACE_FIX = "set train.output_dir on a disk with room (or a smaller train.save_total_limit)"
+
+
 def check_run_space(out: Path, start_path: Path, recipe: Recipe, data, acc, fresh: bool) -> None:
     """Refuse before training where the disk cannot hold the result and the checkpoints the run keeps (at most
     save_total_limit, one more while the newest is written before the oldest goes; a resume: one more): at 70B the
     result alone is ~140 GB, and a full disk found at the save comes after the whole training. Counted on the
     student's skeleton (`trainable_skeleton`), so it runs before any model is loaded."""
+    need, what = _run_need(trainable_skeleton(start_path, recipe), recipe, data, acc, fresh)
+    outputs.check_free_space(out, need, what, RUN_SPACE_FIX)
+
+
+def check_conversion_space(out: Path, section, recipe: Recipe, data, acc, fresh: bool) -> None:
+    """model.source, before it is converted: room for the conversion's output (OUTPUT_DIR/converted) and for the
+    run's (check_run_space), both counted from the source's config on the meta device, with the layout the
+    conversion will write (every layer a producer where the converter chooses it on data: the most it can write).
+    Checked after the conversion, the run's need was said only once it had run (at 70B: hours)."""
+    from clakit.convert.inmemory import cla_config
+
+    source = resolve_source(_model_spec(section), section.revision, section.allow_pickle)
+    config = load_config(source, section.trust_remote_code)
+    layout = student.planned_layout(section, config) or list(range(config.num_hidden_layers))
+    skeleton = trainable_skeleton(cla_config(config, layout), recipe)
+    converted = run_bytes(skeleton, _conversion_dtype(section.convert, source, config))[0]
+    need, what = _run_need(skeleton, recipe, data, acc, fresh)
+    what = f"the conversion of model.source ({outputs.size_text(converted)}), {what}"
+    outputs.check_free_space(out, converted + need, what, RUN_SPACE_FIX)
+
+
+def _conversion_dtype(convert_section, source, config) -> torch.dtype:
+    """The dtype the conversion writes: model.convert.output_dtype, else the source's (a GGUF: dequantised to fp32;
+    a checkpoint: its config's dtype, fp32 where it names none)."""
+    named = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if convert_section is not None and convert_section.output_dtype:
+        return named[convert_section.output_dtype]
+    if source.path.suffix == ".gguf":
+        return torch.float32
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return named.get(str(dtype).removeprefix("torch."), torch.float32)
+
+
+def _run_need(skeleton, recipe: Recipe, data, acc, fresh: bool) -> tuple[int, str]:
+    """(bytes, what they are) of the result and the checkpoints a run of the trainable `skeleton` keeps."""
     train = recipe.train
-    result, one = run_bytes(trainable_skeleton(start_path, recipe), torch.bfloat16 if train.bf16 else torch.float32)
+    result, one = run_bytes(skeleton, torch.bfloat16 if train.bf16 else torch.float32)
     steps = make_plan(train, len(data.train), data.seq_len, acc.num_processes).total_steps
     saves = (steps - 1) // train.save_steps if train.save_steps > 0 else 0  # none at the last step: the result
     kept = min(saves, train.save_total_limit + 1 if train.save_total_limit else saves, 1 if not fresh else saves)
     what = f"the trained model ({outputs.size_text(result)}) and {kept} checkpoint(s) of {outputs.size_text(one)}"
-    fix = "set train.output_dir on a disk with room (or a smaller train.save_total_limit)"
-    outputs.check_free_space(out, result + kept * one, what, fix)
+    return result + kept * one, what
 
 
-def trainable_skeleton(start_path: Path, recipe: Recipe):
-    """The student of `start_path` made trainable (recipe.lora) on the meta device: every shape `run_bytes` counts,
-    no weight read (the config only)."""
+def trainable_skeleton(start, recipe: Recipe):
+    """The student of `start` (a CLA checkpoint's path, or a CLA config) made trainable (recipe.lora) on the meta
+    device: every shape `run_bytes` counts, no weight read (the config only)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from clakit.sources import load_config
-
     section = recipe.model
-    config = load_config(resolve_source(str(start_path)), section.trust_remote_code)
+    config = load_config(resolve_source(str(start)), section.trust_remote_code) if isinstance(start, Path) else start
     with init_empty_weights():  # parameters on meta
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=section.trust_remote_code)
     model.tie_weights()  # from_config leaves lm_head untied where the config ties it: counted once, as loaded
