@@ -354,6 +354,21 @@ def test_the_conversion_estimate_bounds_what_it_writes(stock_checkpoint, corpus_
     assert len(before) == 1 and written <= before[0] <= 1.5 * written, (before, written)
 
 
+def test_the_check_before_the_conversion_draws_nothing_from_the_rng(stock_checkpoint, corpus_dir, tmp_path):
+    """Its skeleton's LoRA adapters are initialised on the CPU by peft (then moved to meta): drawn from torch's RNG
+    they shifted the student's LoRA init, so a run converting model.source on the fly trained from other adapters
+    than one given the converted checkpoint (test_uptrain_distributed: gate_proj's merged weights differed)."""
+    from clakit.uptrain import pipeline
+    from clakit.uptrain.recipe import load_recipe
+
+    recipe = load_recipe(source_recipe(corpus_dir, tmp_path, stock_checkpoint))
+    data = SimpleNamespace(train=[None] * 8, seq_len=recipe.data.seq_len)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    pipeline.check_conversion_space(tmp_path, recipe.model, recipe, data, SimpleNamespace(num_processes=1), True)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
