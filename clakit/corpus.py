@@ -6,53 +6,188 @@ A spec is one of
     (`.ipynb_checkpoints/`, `.git/`: editors' and tools' copies would count the same text twice),
   * a `datasets` spec `NAME[:CONFIG[:SPLIT]]`, e.g. `wikitext:wikitext-2-raw-v1:test` (needs `pip install datasets`
     and the Hub; the text column is `text`).
+
+A file is read lazily: `load_texts` checks its start (readable, UTF-8, not empty) and each reader reads only what it
+uses, READ_CHARS characters at a time (`head` for a token budget, `pieces` for a stream), so a 30 GB corpus behind a
+budget of 32k tokens costs megabytes, not its size in memory. A file that changed since `load_texts` saw it is
+refused when read again: the text a record names (its sha256) must be the text the tokens came from.
 """
 
 import gzip
+import hashlib
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 from clakit.errors import ClakitError
 from clakit.paths import expand
 
 DEFAULT_ONLINE_EVAL = "wikitext:wikitext-2-raw-v1:test"
-
-
-@dataclass(frozen=True)
-class Text:
-    name: str  # where it came from, recorded in reports
-    text: str
-
+READ_CHARS = 1 << 20  # characters read from a file at a time: memory per read is bounded, whatever the file's size
+SEPARATOR = "\n\n"  # between documents joined into one text (join_texts)
 
 # Share of undecodable bytes (U+FFFD after errors="replace") above which a file is binary, not text with a few
-# stray bytes: a model shard or an archive given as text would otherwise be tokenised as noise.
+# stray bytes: a model shard or an archive given as text would otherwise be tokenised as noise. Judged on the text
+# read so far (a file read whole in one piece: on all of it).
 MAX_UNDECODABLE = 0.01
 
 
-def _read_file(path: Path) -> str:
-    opener = gzip.open if path.suffix == ".gz" else open
+class Text:
+    """A named text: in memory (`Text(name, text)`), or a file (`Text.file(path)`) read only as far as its reader
+    asks, from character `start` to `stop` (a part of a file: uptrain's held-out tail)."""
+
+    def __init__(self, name: str, text: str | None = None, *, path=None, start=0, stop=None, stamp=None):
+        self.name, self._text, self.path, self.start, self.stop, self._stamp = name, text, path, start, stop, stamp
+        self._chars: int | None = None if text is None else len(text)
+
+    @classmethod
+    def file(cls, path: Path) -> "Text":
+        return cls(str(path), path=path, stamp=_stamp(path))
+
+    @property
+    def text(self) -> str:
+        """All of it, read now (not kept: a reader that needs less uses `head` or `pieces`)."""
+        if self._text is not None:
+            return self._text
+        return _file_whole(self) if (self.start, self.stop) == (0, None) else "".join(self.pieces())
+
+    def pieces(self, size: int = READ_CHARS) -> Iterator[str]:
+        """The text in order, at most `size` characters a piece."""
+        if self._text is not None:
+            yield from (self._text[i : i + size] for i in range(0, len(self._text), size))
+        else:
+            yield from _file_pieces(self, size)
+
+    def head(self, chars: int) -> str:
+        return head([self], chars)
+
+    def chars(self) -> int:
+        """Its length in characters (a file: counted by reading it through once, in bounded memory)."""
+        if self._chars is None:
+            self._chars = sum(len(p) for p in self.pieces())
+        return self._chars
+
+    def part(self, start: int, stop: int | None = None) -> "Text":
+        """Characters start..stop of it, as a Text of the same name (a file's part is read lazily too)."""
+        if self._text is not None:
+            return Text(self.name, self._text[start:stop])
+        top = None if stop is None else self.start + stop
+        top = top if self.stop is None or top is None else min(top, self.stop)
+        part = Text(self.name, path=self.path, start=self.start + start, stop=self.stop if top is None else top,
+                    stamp=self._stamp)  # fmt: skip
+        if self._chars is not None:  # known: not counted again by reading (uptrain's split, then its shares)
+            part._chars = max(min(self._chars, self._chars if stop is None else stop) - start, 0)
+        return part
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Text) and (self.name, self.text) == (other.name, other.text)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        where = f"path={str(self.path)!r}, start={self.start}, stop={self.stop}" if self._text is None else "text=..."
+        return f"Text({self.name!r}, {where})"
+
+
+def _stamp(path: Path) -> tuple[int, int]:
     try:
-        # utf-8-sig: a byte-order mark (Windows editors write one) is no text; scored, it would make the same text
-        # read as another (3 more bytes, other tokens, another sha256)
-        with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
-            text = f.read()
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a cut or damaged .gz: EOFError is no OSError
-        raise ClakitError(
-            f"cannot read text file {path}: the .gz file is truncated or damaged ({e}); re-create it"
-        ) from None
+        st = path.stat()
     except OSError as e:
         raise ClakitError(f"cannot read text file {path}: {e.strerror or e}") from None
-    if "\x00" in text or text.count("\ufffd") > MAX_UNDECODABLE * len(text):
-        if _utf16(path, opener):
-            raise ClakitError(f"{path} is UTF-16 text, not UTF-8; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
-        raise ClakitError(f"{path} is not UTF-8 text (binary data?); give text files (.txt, .md, .txt.gz)")
+    return st.st_size, st.st_mtime_ns
+
+
+def _open(path: Path):
+    opener = gzip.open if path.suffix == ".gz" else open
+    # utf-8-sig: a byte-order mark (Windows editors write one) is no text; scored, it would make the same text read
+    # as another (3 more bytes, other tokens, another sha256). Universal newlines: CRLF and CR read as LF.
+    return opener(path, "rt", encoding="utf-8-sig", errors="replace")
+
+
+def _file_pieces(t: Text, size: int) -> Iterator[str]:
+    """Characters t.start..t.stop of t's file, `size` at a time; the text before `start` is read (and checked) too:
+    a character offset of UTF-8 text has no byte offset to seek to."""
+    path, at = Path(t.path), 0
+    with _reading(path):
+        f = _open(path)
+    with f, _reading(path):
+        _check_unchanged(t)
+        check = _Check(path)
+        while t.stop is None or at < t.stop:
+            piece = f.read(size if t.stop is None else min(size, t.stop - at))
+            if not piece:
+                break
+            check(piece)
+            lo = max(t.start - at, 0)
+            at += len(piece)
+            if lo < len(piece):
+                yield piece[lo:]
+    _check_unchanged(t)
+
+
+def _file_whole(t: Text) -> str:
+    """All of a file in one read: one str in memory at the peak, as before files were read lazily (not a list of
+    pieces and their join)."""
+    path = Path(t.path)
+    with _reading(path):
+        f = _open(path)
+    with f, _reading(path):
+        _check_unchanged(t)
+        text = f.read()
+    _Check(path)(text)
+    _check_unchanged(t)
     return text
 
 
-def _utf16(path: Path, opener) -> bool:
+class _reading:
+    """Read errors as one line naming the file (a cut or damaged .gz: EOFError is no OSError)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, EOFError | zlib.error | gzip.BadGzipFile):
+            raise ClakitError(
+                f"cannot read text file {self.path}: the .gz file is truncated or damaged ({e}); re-create it"
+            ) from None
+        if isinstance(e, OSError):
+            raise ClakitError(f"cannot read text file {self.path}: {e.strerror or e}") from None
+        return False
+
+
+def _check_unchanged(t: Text) -> None:
+    if t._stamp is not None and _stamp(Path(t.path)) != t._stamp:
+        raise ClakitError(
+            f"text file {t.path} changed while clakit was reading it (its size or modification time differ from "
+            "when it was first read): the tokens and the record's sha256 would not be of one text; let whatever "
+            "writes it finish (or copy it) and run again"
+        )
+
+
+class _Check:
+    """Refuses binary data as it is read: a NUL, or more than MAX_UNDECODABLE undecodable bytes so far."""
+
+    def __init__(self, path: Path):
+        self.path, self.chars, self.bad = path, 0, 0
+
+    def __call__(self, piece: str) -> None:
+        self.chars, self.bad = self.chars + len(piece), self.bad + piece.count("\ufffd")
+        if "\x00" in piece or self.bad > MAX_UNDECODABLE * self.chars:
+            if _utf16(self.path):
+                raise ClakitError(
+                    f"{self.path} is UTF-16 text, not UTF-8; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"
+                )
+            raise ClakitError(f"{self.path} is not UTF-8 text (binary data?); give text files (.txt, .md, .txt.gz)")
+
+
+def _utf16(path: Path) -> bool:
     """Whether a refused file starts with a UTF-16 byte-order mark: Windows tools write text so (PowerShell's `>`,
     Notepad's "Unicode"), and "binary data?" sent its owner looking for a problem the file does not have."""
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             return f.read(2) in (b"\xff\xfe", b"\xfe\xff")
@@ -102,7 +237,8 @@ def is_datasets_spec(spec: str) -> bool:
 
 
 def load_texts(specs: list[str] | str) -> list[Text]:
-    """Read every spec; refuse missing paths and empty text with a message naming the spec."""
+    """Every spec's texts; refuse missing paths, unreadable, binary and empty text with a message naming the spec
+    (each file's start is read here; the rest when a reader gets to it)."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise ClakitError("no text data given")
@@ -110,9 +246,9 @@ def load_texts(specs: list[str] | str) -> list[Text]:
     for spec in specs:
         path = expand(spec, "text data")
         if path.is_dir():
-            texts.extend(Text(str(p), _read_file(p)) for p in _folder_files(path))
+            texts.extend(Text.file(p) for p in _folder_files(path))
         elif path.is_file():
-            texts.append(Text(str(path), _read_file(path)))
+            texts.append(Text.file(path))
         elif path.exists():
             raise ClakitError(_not_a_file(spec))
         elif is_datasets_spec(spec):
@@ -122,7 +258,7 @@ def load_texts(specs: list[str] | str) -> list[Text]:
                 f"text data {spec!r} does not exist; give a text file, a folder of .txt or NAME:CONFIG:SPLIT"
             )
     for t in texts:
-        if not t.text.strip():
+        if not any(p.strip() for p in t.pieces()):  # stops at the first piece with text in it
             raise ClakitError(f"text data {t.name!r} is empty")
     return texts
 
@@ -137,5 +273,37 @@ def _not_a_file(spec: str) -> str:
 
 
 def join_texts(texts: list[Text]) -> str:
-    """One string for tokenisation: documents separated by a blank line."""
-    return "\n\n".join(t.text for t in texts)
+    """One string for tokenisation: documents separated by a blank line. Reads them all: a reader with a budget
+    takes `head`, one that streams `stream`."""
+    return SEPARATOR.join(t.text for t in texts)
+
+
+def stream(texts: list[Text], size: int = READ_CHARS) -> Iterator[str]:
+    """join_texts(texts) in pieces of at most `size` characters, read as they are taken."""
+    for i, t in enumerate(texts):
+        if i:
+            yield SEPARATOR
+        yield from t.pieces(size)
+
+
+def head(texts: list[Text], chars: int) -> str:
+    """join_texts(texts)[:chars], reading no further than that."""
+    return _take(stream(texts, min(READ_CHARS, max(chars, 1))), chars)
+
+
+def _take(pieces: Iterator[str], chars: int) -> str:
+    out, n = [], 0
+    for piece in pieces:
+        out.append(piece[: chars - n])
+        n += len(out[-1])
+        if n >= chars:
+            break
+    return "".join(out)
+
+
+def texts_sha256(texts: list[Text]) -> str:
+    """provenance.text_sha256(join_texts(texts)), streamed: the same hex digest in bounded memory."""
+    digest = hashlib.sha256()
+    for piece in stream(texts):
+        digest.update(piece.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from clakit.convert.layerwise import LayerwiseModel, materialized, run_layers
 from clakit.convert.layout import KEY_TEMPLATES, check_layout, groups
-from clakit.corpus import Text, join_texts
+from clakit.corpus import Text, head
 from clakit.errors import ClakitError
 
 METHODS = ("calibrated", "reconstruct")
@@ -46,7 +46,7 @@ def calib_input_ids(tokenizer, texts: list[Text], calib_tokens: int, seq_len: in
         raise ClakitError(
             f"--calib-tokens ({calib_tokens}) must be at least the sequence length ({seq_len}){RECIPE_NAMES}"
         )
-    text = join_texts(texts)[: CHARS_PER_TOKEN_CAP * calib_tokens]
+    text = head(texts, CHARS_PER_TOKEN_CAP * calib_tokens)  # read no further: a corpus may be far larger
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"] if text.strip() else []
     available = len(ids) // seq_len
     if available == 0:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from clakit import corpus
 from clakit.errors import ClakitError
 from clakit.provenance import settings_from_record
 
@@ -85,14 +86,15 @@ def _ids(tokenizer, text: str) -> list[int]:
 class PromptBuilder:
     """Token ids of the fixed parts, and the filler, from the evaluation text."""
 
-    def __init__(self, tokenizer, filler_text: str, max_length: int):
+    def __init__(self, tokenizer, filler_text: "str | list[corpus.Text]", max_length: int):
         from clakit.eval.perplexity import prefix_token_id
 
         prefix = prefix_token_id(tokenizer)
         self.tokenizer = tokenizer
         self.head = ([prefix] if prefix is not None else []) + _ids(tokenizer, INSTRUCTION)
         self.question = _ids(tokenizer, QUESTION)
-        self.filler = _ids(tokenizer, filler_text[: 16 * max_length + 4096])  # enough text, not a whole corpus
+        texts = [corpus.Text("<filler>", filler_text)] if isinstance(filler_text, str) else filler_text
+        self.filler = _ids(tokenizer, corpus.head(texts, 16 * max_length + 4096))  # enough text, read no further
 
     def fixed(self, key: str) -> int:
         return len(self.head) + len(_ids(self.tokenizer, NEEDLE.format(key=key))) + len(self.question)
@@ -176,7 +178,7 @@ def _check_window_fits(builder: PromptBuilder, longest: int, max_len: int) -> No
         )
 
 
-def prepare(tokenizer, filler_text: str, settings: PasskeySettings, max_len: int) -> Prepared:
+def prepare(tokenizer, filler_text: "str | list[corpus.Text]", settings: PasskeySettings, max_len: int) -> Prepared:
     """Check the settings and build every prompt (before any model is loaded: bad settings fail in seconds)."""
     settings.check()
     settings = replace(settings, depths=unique_depths(settings.depths))

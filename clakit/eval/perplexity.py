@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clakit.corpus import Text, head, join_texts
 from clakit.errors import ClakitError
 
 
@@ -79,18 +80,13 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] | No
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], None
 
 
-def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> TokenizedText:
+def tokenize(tokenizer, text: "str | list[Text]", max_tokens: int | None = None) -> TokenizedText:
     """The text's tokens and the exact text they cover: at most `max_tokens` scored ones, so without a prefix token
-    one more (the first, context only: `--max-tokens` = `--seq-len` was refused as a text too short for a window)."""
+    one more (the first, context only: `--max-tokens` = `--seq-len` was refused as a text too short for a window).
+    `text`: a str, or texts read as corpus.join_texts joins them, only as far as `max_tokens` needs."""
     prefix = prefix_token_id(tokenizer)
     keep = None if max_tokens is None else max_tokens + (prefix is None)
-    if keep is not None and len(text) > 16 * keep + 1024:
-        # tokenising a multi-MB corpus to keep 2k tokens is slow: cut generously first, fall back to all of it
-        ids, offsets = _encode(tokenizer, text[: 16 * keep + 1024])
-        if len(ids) <= keep + 1:
-            ids, offsets = _encode(tokenizer, text)
-    else:
-        ids, offsets = _encode(tokenizer, text)
+    text, ids, offsets = _read_enough(tokenizer, [Text("<text>", text)] if isinstance(text, str) else text, keep)
     if keep is not None and len(ids) > keep:
         ids = ids[:keep]
         text = text[: offsets[keep - 1][1]] if offsets else tokenizer.decode(ids)
@@ -98,6 +94,24 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> TokenizedTe
         text = _after_first_token(tokenizer, text, ids, offsets)
     ids = ([prefix] if prefix is not None else []) + list(ids)
     return TokenizedText(torch.tensor(ids, dtype=torch.long), text)
+
+
+def _read_enough(tokenizer, texts: list[Text], keep: int | None) -> tuple[str, list[int], list | None]:
+    """(text, its ids, offsets): all of the texts, or a head of them holding more than keep + 1 tokens, read no
+    further: cut at 16 characters a token, then 4x longer while too few tokens came (text without spaces, a run of
+    one character). A 2 GB file for 8,192 tokens reads ~128 KB, where it was read and tokenised whole."""
+    if keep is None:
+        text = join_texts(texts)
+        return text, *_encode(tokenizer, text)
+    chars = 16 * keep + 1024
+    while True:
+        text = head(texts, chars + 1)  # one more character tells whether there is more
+        if len(text) <= chars:
+            return text, *_encode(tokenizer, text)
+        ids, offsets = _encode(tokenizer, text[:chars])
+        if len(ids) > keep + 1:
+            return text[:chars], ids, offsets
+        chars *= 4
 
 
 def _after_first_token(tokenizer, text: str, ids: list[int], offsets) -> str:
@@ -256,14 +270,15 @@ def _check_one_window(tokens, seq_len: int) -> None:
 def perplexity(
     model,
     tokenizer,
-    text: str,
+    text: "str | list[Text]",
     seq_len: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 4,
     quiet: bool = True,
 ) -> dict:
-    """Perplexity, word perplexity and bits per byte of an already-loaded causal LM on `text`. `seq_len` defaults to
+    """Perplexity, word perplexity and bits per byte of an already-loaded causal LM on `text` (a str, or texts read
+    only as far as `max_tokens` needs: `tokenize`). `seq_len` defaults to
     1024, or the model's context window when shorter; above the window it is refused, as by `clakit eval` (the
     `evaluate` module's default 1024 scored a 64-token-window model at positions it never saw, and a learned-position
     model raised IndexError)."""

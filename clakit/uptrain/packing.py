@@ -1,6 +1,7 @@
 """Training data: texts tokenised, packed into `seq_len` blocks, split into train and held-out, served in a
 deterministic order that a resumed run can continue from any step."""
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,6 @@ from clakit.copies import add_copies
 from clakit.corpus import Text, load_texts
 from clakit.errors import ClakitError
 from clakit.paths import expand
-from clakit.provenance import text_sha256
 from clakit.uptrain.recipe import calibrated_tail
 
 _PIECE_CHARS = 1 << 20  # tokenise long texts in ~1 MB pieces (cut at line ends) to bound tokenizer memory
@@ -27,15 +27,21 @@ class PackedData:
         return self.train.shape[1]
 
 
-def _pieces(text: str, size: int = _PIECE_CHARS):
-    """`text` in pieces of about `size` characters cut at line ends, lazily (a budget stops early); yields
-    (piece, is_last)."""
-    start = 0
-    while start < len(text):
-        end = len(text) if len(text) - start <= size else text.rfind("\n", start, start + size) + 1
-        end = end if end > start else start + size
-        yield text[start:end], end >= len(text)
-        start = end
+def _pieces(text: Text, size: int = _PIECE_CHARS):
+    """`text` in pieces of about `size` characters cut at line ends, read as they are taken (a budget stops early;
+    a file is never held whole); yields (piece, is_last)."""
+    reader, buffer, done = text.pieces(size), "", False
+    while True:
+        while not done and len(buffer) <= size:  # more than `size` read, or all: whether the rest is one piece
+            more = next(reader, None)
+            done, buffer = more is None, buffer + (more or "")
+        if len(buffer) <= size:
+            if buffer:
+                yield buffer, True
+            return
+        end = buffer.rfind("\n", 0, size) + 1 or size
+        yield buffer[:end], False
+        buffer = buffer[end:]
 
 
 def tokenize(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Tensor:
@@ -48,7 +54,7 @@ def tokenize(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Te
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     size = _PIECE_CHARS if limit is None else min(_PIECE_CHARS, max(4096, 8 * limit))  # ~4 chars a token
     for t in texts:
-        for piece, last in _pieces(t.text, size):
+        for piece, last in _pieces(t, size):
             ids = tokenizer(piece, add_special_tokens=False)["input_ids"] + (eos if last else [])
             parts.append(torch.tensor(ids, dtype=torch.int32))
             n += len(ids)
@@ -63,11 +69,11 @@ def tokenize_shares(tokenizer, texts: list[Text], limit: int | None = None) -> t
     would fill the budget and the others would never be trained on); (n_tokens,) int64."""
     if limit is None or len(texts) < 2:
         return tokenize(tokenizer, texts, limit)
-    total = sum(len(t.text) for t in texts)
+    total = sum(t.chars() for t in texts)  # a file's characters are counted reading it through, in bounded memory
     eos = tokenizer.eos_token_id
     shares = []
     for t in texts:
-        ids = tokenize(tokenizer, [t], max(1, -(-limit * len(t.text) // total)))
+        ids = tokenize(tokenizer, [t], max(1, -(-limit * t.chars() // total)))
         if eos is not None and ids.numel() and ids[-1] != eos:  # a share cut short still ends its document
             ids = torch.cat([ids, torch.tensor([eos])])
         shares.append(ids)
@@ -132,8 +138,18 @@ def _packed(train_ids, eval_ids, seq_len: int) -> tuple:
     return train, held
 
 
-def _digest(text: str) -> str:
-    return text_sha256(text.strip())  # a copy with other leading/trailing blank lines is the same text
+def _digest(text: Text) -> str:
+    """text_sha256(text.text.strip()), read piece by piece: a copy with other leading/trailing blank lines is the
+    same text, and a large file is never held whole."""
+    digest, pending, started = hashlib.sha256(), "", False
+    for piece in text.pieces():
+        piece = piece if started else piece.lstrip()
+        started = started or bool(piece)
+        body = piece.rstrip()
+        if body:  # whitespace before it is inside the text after all
+            digest.update((pending + body).encode("utf-8", "surrogatepass"))
+        pending = piece[len(body) :] if body else pending + piece
+    return digest.hexdigest()
 
 
 def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
@@ -141,9 +157,9 @@ def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
     under another name that the recipe's path rule cannot see, is no held-out text: its numbers would measure
     memorisation. Refused by content."""
     for what, texts in fitted.items():
-        seen = {_digest(t.text): t.name for t in texts}
+        seen = {_digest(t): t.name for t in texts}
         for t in held:
-            same = seen.get(_digest(t.text))
+            same = seen.get(_digest(t))
             if same is not None:
                 raise ClakitError(
                     f"data.eval {t.name} holds the same text as {what} {same}: its numbers would not be held out; "
@@ -156,9 +172,9 @@ def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: fl
     as a train file the tail was cut from (`train`: those files, whole; the same file inside a folder, or a copy
     under another name, which the recipe's path rule cannot see) fits the conversion on it. Refused by content, as
     check_held_out refuses a copied data.eval; calibration on the train files before the tail is allowed."""
-    seen = {_digest(t.text): t.name for t in train}
+    seen = {_digest(t): t.name for t in train}
     for t in calib:
-        same = seen.get(_digest(t.text))
+        same = seen.get(_digest(t))
         if same is not None:
             raise ClakitError(calibrated_tail(t.name, same, fraction))
 
@@ -166,16 +182,17 @@ def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: fl
 def split_tail(texts: list[Text], fraction: float) -> tuple[list[Text], list[Text]]:
     """(head, tail) of the texts' concatenation, cut at (1 - fraction) of its characters (at the next line end
     when one is near), without tokenising anything."""
-    cut, seen = int(sum(len(t.text) for t in texts) * (1 - fraction)), 0
+    cut, seen = int(sum(t.chars() for t in texts) * (1 - fraction)), 0
     head, tail = [], []
     for t in texts:
-        at = min(max(cut - seen, 0), len(t.text))
-        if 0 < at < len(t.text):
-            line_end = t.text.find("\n", at, at + 4096)
-            at = line_end + 1 if line_end >= 0 else at
-        head += [Text(t.name, t.text[:at])] if at > 0 else []
-        tail += [Text(t.name, t.text[at:])] if at < len(t.text) else []
-        seen += len(t.text)
+        n = t.chars()
+        at = min(max(cut - seen, 0), n)
+        if 0 < at < n:
+            line_end = t.part(at, at + 4096).text.find("\n")
+            at = at + line_end + 1 if line_end >= 0 else at
+        head += [t.part(0, at)] if at > 0 else []
+        tail += [t.part(at)] if at < n else []  # a file's part is read when tokenised, not here
+        seen += n
     return head, tail
 
 

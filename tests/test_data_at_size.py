@@ -1,0 +1,264 @@
+"""Data at size and data variety: text read only as far as its token budget needs, in bounded memory, with the same
+tokens and records as reading it whole; many files, compressed files, files that change, odd line ends and bytes.
+
+The memory tests run the reader in a child process and compare its peak RSS on a file and on one 10x larger (a
+ratio of sizes, no timing): before, every file was read whole into one str (and joined into another) first."""
+
+import gzip
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_text
+
+from clakit import corpus
+from clakit.convert.calibrate import calib_input_ids
+from clakit.corpus import Text, join_texts, load_texts
+from clakit.errors import ClakitError
+from clakit.eval import passkey, perplexity
+from clakit.provenance import text_sha256
+
+TESTS = Path(__file__).parent
+SMALL_MB, LARGE_MB = 4, 40  # the large file is 10x the small one
+GROWTH_LIMIT_MB = 16  # peak RSS may grow this much from the small file to the large (read whole: >= 72 MB more)
+
+
+def _write_text(path: Path, mb: int) -> Path:
+    """`mb` MB of pseudo-text, written a block at a time (a .gz is compressed as it is written)."""
+    block = (make_text(20_000, seed=5) + "\n").encode()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        for _ in range(mb * 2**20 // len(block) + 1):
+            f.write(block)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sized(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sized")
+    return {
+        (suffix, mb): _write_text(d / f"{mb}{suffix}", mb)
+        for suffix in (".txt", ".txt.gz")
+        for mb in (SMALL_MB, LARGE_MB)
+    }
+
+
+READERS = {
+    # `clakit eval --max-tokens 8192`'s tokens and its passkey filler, as the eval suite reads them
+    "eval-max-tokens": "perplexity.tokenize(tok, corpus.load_texts([path]), 8192)",
+    "passkey-filler": "passkey.prepare(tok, corpus.load_texts([path]), passkey.PasskeySettings(lengths=[4096]), 8192)",
+    # `clakit convert --calib-data F --calib-tokens 4096 --seq-len 256`'s windows
+    "calibration": "calib_input_ids(tok, corpus.load_texts([path]), 4096, 256)",
+    # uptrain's data.train with an 8,192-token budget (the held-out tail cut from the same file)
+    "uptrain-data": "build_data(DataSection(train=[str(path)], seq_len=64, eval_max_tokens=1024), tok, 8192)",
+}
+
+
+def _peak_growths_mb(path: Path) -> dict[str, float]:
+    """{reader: peak RSS growth (MB)} of one child process reading `path` with each reader in turn: its peak (VmHWM)
+    is reset before each (the tokenizer's training peaks higher than a 200 MB read) and read after it."""
+    runs = "\n".join(
+        f"gc.collect(); reset(); before = peak(); {code}; print({name!r}, (peak() - before) / 1024)"
+        for name, code in READERS.items()
+    )
+    code = (
+        textwrap.dedent(f"""
+        import gc, sys
+        sys.path.insert(0, {str(TESTS)!r})
+        from conftest import build_tokenizer
+        from clakit import corpus
+        from clakit.convert.calibrate import calib_input_ids
+        from clakit.eval import passkey, perplexity
+        from clakit.uptrain.packing import build_data
+        from clakit.uptrain.recipe import DataSection
+        def peak():
+            return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1])
+        def reset():
+            open("/proc/self/clear_refs", "w").write("5")  # VmHWM back to the current RSS
+        tok, path = build_tokenizer(), {str(path)!r}
+    """)
+        + runs
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(corpus.__file__).parents[1])}  # this tree's clakit
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {line.split()[0]: float(line.split()[1]) for line in out.stdout.strip().splitlines()}
+
+
+@pytest.fixture(scope="module")
+def growths(sized):
+    return {key: _peak_growths_mb(path) for key, path in sized.items()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the peak RSS through /proc")
+@pytest.mark.parametrize("suffix", [".txt", ".txt.gz"], ids=["text", "gzip"])
+@pytest.mark.parametrize("reader", list(READERS))
+def test_memory_does_not_grow_with_the_text_behind_a_token_budget(growths, reader, suffix):
+    """A 10x larger file (40 MB; a .txt.gz that unpacks to it: a small gzip bomb) behind the same token budget: the
+    peak memory stays where it was. Before, the whole text was read into memory first (and joined into a second
+    copy; uptrain's split copied it again): on a 200 MB file +400 MB (eval, calibration), +800 MB (uptrain)."""
+    small, large = growths[suffix, SMALL_MB][reader], growths[suffix, LARGE_MB][reader]
+    assert large - small < GROWTH_LIMIT_MB, f"{reader}: peak RSS grew {small:.0f} -> {large:.0f} MB"
+
+
+# --- the same tokens and records as reading the text whole --------------------------------------------------------
+
+
+@pytest.fixture
+def three_files(tmp_path):
+    texts = {"a.txt": make_text(3_000, 1), "b.txt": make_text(200, 2), "c.txt": make_text(6_000, 3)}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    return [str(tmp_path / name) for name in texts]
+
+
+@pytest.mark.parametrize("max_tokens", [None, 16, 700, 2_000, 10**6])
+def test_tokens_read_lazily_are_the_tokens_of_the_joined_text(tokenizer, three_files, max_tokens):
+    texts = load_texts(three_files)
+    lazy = perplexity.tokenize(tokenizer, texts, max_tokens)
+    whole = perplexity.tokenize(tokenizer, join_texts(texts), max_tokens)
+    assert torch.equal(lazy.ids, whole.ids) and lazy.text == whole.text
+
+
+def test_passkey_prompts_and_calibration_windows_are_those_of_the_joined_text(tokenizer, three_files):
+    texts = load_texts(three_files)
+    settings = passkey.PasskeySettings(lengths=[200, 400], samples=2)
+    lazy, whole = (passkey.prepare(tokenizer, t, settings, 512) for t in (texts, join_texts(texts)))
+    assert [p.ids.tolist() for c in lazy.cells for p in c] == [p.ids.tolist() for c in whole.cells for p in c]
+    in_memory = [Text(t.name, t.text) for t in texts]
+    assert torch.equal(calib_input_ids(tokenizer, texts, 256, 32), calib_input_ids(tokenizer, in_memory, 256, 32))
+
+
+def test_a_streamed_sha256_is_the_sha256_of_the_joined_text(three_files):
+    texts = load_texts(three_files)
+    assert corpus.texts_sha256(texts) == text_sha256(join_texts(texts))
+    assert corpus.head(texts, 5_000) == join_texts(texts)[:5_000]
+
+
+def test_a_file_that_changes_after_it_was_first_read_is_refused_when_read_again(tokenizer, tmp_path):
+    """A file is read when its tokens are needed, not once at the start: one rewritten (or appended to) in between
+    would give tokens of one text and a record's sha256 of another. Refused, in one line naming it."""
+    path = tmp_path / "growing.txt"
+    path.write_text(make_text(2_000, 4))
+    texts = load_texts([str(path)])
+    with path.open("a") as f:
+        f.write("a line appended by a crawler still writing the file\n")
+    with pytest.raises(ClakitError, match=r"growing.txt changed while clakit was reading it") as e:
+        perplexity.tokenize(tokenizer, texts, 100)
+    assert "\n" not in str(e.value)
+
+
+# --- calibration windows spread over the whole text ----------------------------------------------------------------
+
+
+# --- text variety --------------------------------------------------------------------------------------------------
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the characters it was given (the eval code calls it, reads its ids and offsets)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.chars = tokenizer, 0
+        self.bos_token_id, self.eos_token_id, self.is_fast = tokenizer.bos_token_id, tokenizer.eos_token_id, True
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.tokenizer(text, **kwargs)
+
+
+def _long_word_tokenizer():
+    """Every 40-character word one token: more than the 16 characters a token the first cut of the text assumes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "[UNK]": 1, **{c * 40: i + 2 for i, c in enumerate("xyz")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>")
+
+
+def test_a_text_of_long_tokens_is_read_in_growing_heads_not_whole():
+    """When the first cut (16 characters a token) holds too few tokens, the whole text was tokenised (a 2 GB
+    file whole, for 100 tokens): now a head 4x longer, until it holds enough. Same tokens either way."""
+    text = " ".join(("x" * 40, "y" * 40, "z" * 40)[i % 3] for i in range(60_000))  # 2.4 MB, 41 chars a token
+    counting = CountingTokenizer(_long_word_tokenizer())
+    tokens = perplexity.tokenize(counting, text, 100)
+    assert counting.chars < 0.01 * len(text), f"{counting.chars} of {len(text)} characters tokenised"
+    assert tokens.ids.tolist() == [0] + [2, 3, 4] * 33 + [2] and tokens.text == text[: 100 * 41 - 1]
+
+
+@pytest.mark.parametrize("line_end", ["\r\n", "\r"])
+def test_line_ends_read_in_pieces_are_those_read_whole(tmp_path, line_end):
+    """CRLF and CR read as LF also where a piece ends between the CR and the LF (pieces of 7 characters here)."""
+    text = line_end.join(f"line {i} Ünïcödé" for i in range(400)) + line_end
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # with a byte-order mark, dropped
+    t = load_texts([str(path)])[0]
+    assert "".join(t.pieces(7)) == t.text == text.replace(line_end, "\n") == t.head(10**6)
+    assert t.part(5, 40).text == t.text[5:40] and t.chars() == len(t.text)
+
+
+def test_a_folder_with_a_symlink_loop_lists_each_file_once(tmp_path):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "a.txt").write_text("alpha\n")
+    (tmp_path / "data" / "sub" / "b.txt").write_text("beta\n")
+    (tmp_path / "data" / "sub" / "loop").symlink_to(tmp_path / "data")  # data/sub/loop/sub/loop/...
+    (tmp_path / "data" / "gone.txt").symlink_to(tmp_path / "missing.txt")  # a dangling link: no file
+    names = [Path(t.name).relative_to(tmp_path / "data").as_posix() for t in load_texts([str(tmp_path / "data")])]
+    assert names == ["a.txt", "sub/b.txt"]
+
+
+def test_binary_bytes_are_refused_in_the_text_read_and_not_looked_for_beyond_it(tokenizer, tmp_path):
+    """A NUL in the part of a file a reader reads refuses it in one line; a budget that ends before it reads no
+    further (a 30 GB dump with a stray NUL at its end is usable for 8k tokens). Reading it all refuses it."""
+    path = tmp_path / "dump.txt"
+    path.write_bytes(make_text(250_000, 8).encode() + b"\n\x00\x01\x02 binary tail\n")  # past load_texts' 1 MiB
+    texts = load_texts([str(path)])
+    assert len(perplexity.tokenize(tokenizer, texts, 100).ids) == 101
+    with pytest.raises(ClakitError, match=r"dump.txt is not UTF-8 text \(binary data\?\)") as e:
+        perplexity.tokenize(tokenizer, texts, None)
+    assert "\n" not in str(e.value)
+    path.write_bytes(b"\x00" + path.read_bytes())
+    with pytest.raises(ClakitError, match=r"dump.txt is not UTF-8 text \(binary data\?\)"):
+        load_texts([str(path)])  # in the start, which load_texts reads: before any work
+
+
+def test_train_documents_shorter_than_the_copy_span_still_pack_with_copies(tokenizer, tmp_path):
+    """data.train a folder of 300 documents of a few tokens each, copy_span longer than any of them: the copies
+    are taken across documents inside a window (each document ends with EOS), and every window is still whole."""
+    from clakit.uptrain.packing import build_data
+    from clakit.uptrain.recipe import DataSection
+
+    (tmp_path / "docs").mkdir()
+    for i in range(300):
+        (tmp_path / "docs" / f"{i:03d}.txt").write_text(f"doc {i} ends.\n")
+    section = DataSection(train=[str(tmp_path / "docs")], seq_len=32, eval_max_tokens=64, copy_fraction=0.5,
+                          copy_span=12)  # fmt: skip
+    data = build_data(section, tokenizer, None)
+    copied = [row for row in data.train if any(torch.equal(row[s : s + 12], row[-12:]) for s in range(9))]
+    assert data.train.shape[1] == 32 and len(copied) >= round(0.5 * len(data.train)) and len(data.eval) >= 1
+    eos = tokenizer.eos_token_id
+    assert (data.train == eos).sum() > len(data.train)  # several documents a window
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc")
+def test_a_folder_of_many_small_files_leaves_no_file_open(tokenizer, tmp_path):
+    """A folder of 2,000 small .txt files behind budgets: each file read lazily (its start by load_texts, its share
+    by the packing, the eval head) and closed again, also when a reader stops inside it."""
+    from clakit.uptrain.packing import build_data
+    from clakit.uptrain.recipe import DataSection
+
+    for i in range(2_000):
+        (tmp_path / "docs" / f"{i // 100:02d}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "docs" / f"{i // 100:02d}" / f"{i:04d}.txt").write_text(make_text(30, i) + "\n")
+    before = len(os.listdir("/proc/self/fd"))
+    texts = load_texts([str(tmp_path / "docs")])
+    assert len(texts) == 2_000 and len(perplexity.tokenize(tokenizer, texts, 500).ids) == 501
+    data = build_data(DataSection(train=[str(tmp_path / "docs")], seq_len=32, eval_max_tokens=64), tokenizer, 2_048)
+    assert 1_850 < len(data.train_sources) < 2_000 and data.train.numel() >= 2_048  # the tail 5%: held out
+    assert calib_input_ids(tokenizer, texts, 256, 32).shape == (8, 32)
+    assert len(os.listdir("/proc/self/fd")) == before
