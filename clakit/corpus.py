@@ -15,6 +15,7 @@ refused when read again: the text a record names (its sha256) must be the text t
 
 import gzip
 import hashlib
+import io
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,6 +290,99 @@ def stream(texts: list[Text], size: int = READ_CHARS) -> Iterator[str]:
 def head(texts: list[Text], chars: int) -> str:
     """join_texts(texts)[:chars], reading no further than that."""
     return _take(stream(texts, min(READ_CHARS, max(chars, 1))), chars)
+
+
+def spread(texts: list[Text], n: int, chars: int) -> list[str]:
+    """`n` spans of join_texts(texts), each of up to `chars` characters, starting evenly over the whole text (span i
+    at i/n of it), each at the first line start after that point when there is one in reach; only the spans are
+    read. Positions count bytes in a plain file (seeked to), characters elsewhere (a .gz is read once, from its
+    start, for all of its spans)."""
+    sizes = [_units(t) for t in texts]
+    starts = [_locate(sizes, i * sum(sizes) // n) for i in range(n)]
+    gathered = _gathered(texts, starts, 2 * chars)
+    out = []
+    for k, at in starts:
+        span = gathered[k, at] if (k, at) in gathered else _take(_span_pieces(texts, k, at, 2 * chars), 2 * chars)
+        line = span.find("\n", 0, chars) if (k, at) != (0, 0) else -1
+        out.append(span[line + 1 : line + 1 + chars])
+    return out
+
+
+def _gathered(texts: list[Text], starts: list[tuple[int, int]], length: int) -> dict[tuple[int, int], str]:
+    """The spans at `starts` inside texts that can only be read from their start (a .gz, a part of a file), each
+    text read once for all of its spans; a span that its text ends first goes on into the texts after it."""
+    out = {}
+    for k, t in enumerate(texts):
+        offsets = sorted({at for j, at in starts if j == k and at > 0})
+        if t._text is not None or _seekable(t) or not offsets:
+            continue
+        for at, span in _one_pass(t, offsets, length).items():
+            out[k, at] = span + _take(_after(texts, k), length - len(span)) if len(span) < length else span
+    return out
+
+
+def _one_pass(t: Text, offsets: list[int], length: int) -> dict[int, str]:
+    """{offset: up to `length` characters of t from it}, t read once from its start up to the last span's end."""
+    spans, need, at = {o: [] for o in offsets}, dict.fromkeys(offsets, length), 0
+    for piece in t.pieces():
+        for o in offsets:
+            if need[o] and o < at + len(piece):
+                got = piece[max(o - at, 0) :][: need[o]]
+                spans[o].append(got)
+                need[o] -= len(got)
+        at += len(piece)
+        if at >= offsets[-1] and not any(need.values()):
+            break
+    return {o: "".join(v) for o, v in spans.items()}
+
+
+def _units(t: Text) -> int:
+    return t._stamp[0] if _seekable(t) else t.chars()
+
+
+def _seekable(t: Text) -> bool:
+    """A whole plain file: a byte offset can be seeked to (a .gz, or a part of a file, is read up to it)."""
+    return t._text is None and t.start == 0 and t.stop is None and Path(t.path).suffix != ".gz"
+
+
+def _locate(sizes: list[int], position: int) -> tuple[int, int]:
+    """(text index, offset in it) of a position counted over all texts."""
+    for k, size in enumerate(sizes):
+        if position < size or k == len(sizes) - 1:
+            return k, min(position, size)
+        position -= size
+    return 0, 0
+
+
+def _span_pieces(texts: list[Text], k: int, at: int, size: int) -> Iterator[str]:
+    """join_texts(texts) from offset `at` of texts[k] on (generators: nothing is read before it is taken)."""
+    t = texts[k]
+    yield from (t.pieces(size) if at == 0 else _seek_pieces(t, at, size) if _seekable(t) else t.part(at).pieces(size))
+    yield from _after(texts, k, size)
+
+
+def _after(texts: list[Text], k: int, size: int = READ_CHARS) -> Iterator[str]:
+    """join_texts(texts) after texts[k] (its separator first)."""
+    for later in texts[k + 1 :]:
+        yield SEPARATOR
+        yield from later.pieces(size)
+
+
+def _seek_pieces(t: Text, offset: int, size: int) -> Iterator[str]:
+    """A plain file's text from byte `offset` (moved past a character's continuation bytes), decoded, checked and
+    its line ends read as `pieces` reads them."""
+    path = Path(t.path)
+    with _reading(path):
+        raw = open(path, "rb")  # noqa: SIM115 (closed below, with its reader)
+    with raw, _reading(path):
+        _check_unchanged(t)
+        raw.seek(offset)
+        lead = raw.read(3)
+        raw.seek(offset + len(lead) - len(lead.lstrip(bytes(range(0x80, 0xC0)))))
+        f, check = io.TextIOWrapper(raw, encoding="utf-8", errors="replace"), _Check(path)
+        while piece := f.read(size):
+            check(piece)
+            yield piece
 
 
 def _take(pieces: Iterator[str], chars: int) -> str:

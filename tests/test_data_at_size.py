@@ -155,6 +155,40 @@ def test_a_file_that_changes_after_it_was_first_read_is_refused_when_read_again(
 # --- calibration windows spread over the whole text ----------------------------------------------------------------
 
 
+def _numbered(lines: int, line_end: str = "\n", first: int = 0) -> str:
+    """Lines that say where they are (`line 123 of ...`), with words of several scripts: a window's text names
+    the part of the file it came from, and a byte offset can land inside a multi-byte character."""
+    return "".join(f"line {i} Ünïcödé 日本語 текст {make_text(12, i)}{line_end}" for i in range(first, first + lines))
+
+
+@pytest.mark.parametrize("suffix,line_end", [(".txt", "\n"), (".txt", "\r\n"), (".txt", "\r"), (".txt.gz", "\n")])
+def test_calibration_windows_are_spread_over_the_whole_of_a_long_text(tokenizer, tmp_path, suffix, line_end):
+    """docs/convert.md: the --calib-tokens windows are spread evenly over the text. Past 64 characters per wanted
+    token only the text's head was tokenised and the windows spread over that: at --calib-tokens 512 here, every
+    window came from the first 6% of the file. Now a span is read at each of n_seq points over all of it (seeking in
+    a plain file; CRLF and CR read as LF, as everywhere), and each window is text of the file."""
+    text = _numbered(6_000, line_end)
+    path = tmp_path / f"big{suffix}"
+    (gzip.open if suffix.endswith(".gz") else open)(path, "wb").write(text.encode())
+    ids = calib_input_ids(tokenizer, load_texts([str(path)]), 512, 64)
+    as_read = text.replace("\r\n", "\n").replace("\r", "\n")
+    where = [as_read.find(tokenizer.decode(row)) / len(as_read) for row in ids]  # the window's place in the text
+    assert ids.shape == (8, 64) and max(where) > 0.8, [round(w, 3) for w in where]  # from all of it
+    assert min(where) >= 0 and where == sorted(where) and where[0] < 0.01, where  # each window is text of the file
+    assert "\ufffd" not in "".join(tokenizer.decode(row) for row in ids)
+
+
+def test_spread_windows_are_the_same_on_every_read(tokenizer, tmp_path):
+    """Reproducible: the same file gives the same windows (a rerun reads the same tokens), from several files too."""
+    for name, seed in (("a.txt", 1), ("b.txt", 2)):
+        (tmp_path / name).write_text(_numbered(3_000 * seed, first=10_000 * seed))
+    specs = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    first = calib_input_ids(tokenizer, load_texts(specs), 1024, 64)
+    assert torch.equal(first, calib_input_ids(tokenizer, load_texts(specs), 1024, 64)) and len(first) == 16
+    decoded = [tokenizer.decode(row) for row in first]
+    assert sum(d in (tmp_path / "a.txt").read_text() for d in decoded) in range(4, 8)  # ~1/3 of the text
+
+
 # --- text variety --------------------------------------------------------------------------------------------------
 
 
@@ -243,6 +277,25 @@ def test_train_documents_shorter_than_the_copy_span_still_pack_with_copies(token
     assert data.train.shape[1] == 32 and len(copied) >= round(0.5 * len(data.train)) and len(data.eval) >= 1
     eos = tokenizer.eos_token_id
     assert (data.train == eos).sum() > len(data.train)  # several documents a window
+
+
+def test_spread_spans_are_the_same_from_a_file_a_gz_and_memory(tmp_path):
+    """ASCII text with LF line ends has as many bytes as characters: seeking in a plain file, one pass through a
+    .gz and slicing a str must give the same spans, also across files (a span running on past its file's end)."""
+    parts = [_numbered(50).encode("ascii", "replace").decode(), make_text(300, 3) + "\n", make_text(3_000, 4)]
+    plain, packed = [], []
+    for i, text in enumerate(parts):
+        (tmp_path / f"{i}.txt").write_text(text)
+        with gzip.open(tmp_path / f"{i}.txt.gz", "wt") as f:
+            f.write(text)
+        plain.append(str(tmp_path / f"{i}.txt"))
+        packed.append(str(tmp_path / f"{i}.txt.gz"))
+    in_memory = [Text(str(i), text) for i, text in enumerate(parts)]
+    mixed = [plain[0], packed[1], plain[2]]
+    expected = corpus.spread(in_memory, 7, 900)
+    assert len(expected) == 7 and all(expected) and expected[3] != expected[4]
+    for specs in (plain, packed, mixed):
+        assert corpus.spread(load_texts(specs), 7, 900) == expected
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files in /proc")
