@@ -16,6 +16,7 @@ refused when read again: the text a record names (its sha256) must be the text t
 import gzip
 import hashlib
 import io
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,10 @@ SEPARATOR = "\n\n"  # between documents joined into one text (join_texts)
 # stray bytes: a model shard or an archive given as text would otherwise be tokenised as noise. Judged on the text
 # read so far (a file read whole in one piece: on all of it).
 MAX_UNDECODABLE = 0.01
+# A str given in code may hold UTF-16 surrogates (a file read with errors="surrogateescape" holds U+DC80..U+DCFF for
+# its undecodable bytes), which no tokenizer takes (a TypeError from `tokenizers`): they become U+FFFD, as a file's
+# undecodable bytes do when clakit reads it.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Text:
@@ -38,6 +43,7 @@ class Text:
     asks, from character `start` to `stop` (a part of a file: uptrain's held-out tail)."""
 
     def __init__(self, name: str, text: str | None = None, *, path=None, start=0, stop=None, stamp=None):
+        text = text if text is None or not SURROGATE.search(text) else SURROGATE.sub("\ufffd", text)
         self.name, self._text, self.path, self.start, self.stop, self._stamp = name, text, path, start, stop, stamp
         self._chars: int | None = None if text is None else len(text)
 

@@ -225,6 +225,19 @@ def test_a_text_of_long_tokens_is_read_in_growing_heads_not_whole():
     assert tokens.ids.tolist() == [0] + [2, 3, 4] * 33 + [2] and tokens.text == text[: 100 * 41 - 1]
 
 
+def test_a_str_with_lone_surrogates_is_tokenised_as_files_read_undecodable_bytes(tokenizer):
+    """A str given in code (evaluate(text=...), a Text of one's own) read from a file with errors="surrogateescape"
+    holds lone surrogates: the tokenizer raised a TypeError traceback ("TextEncodeInput must be Union[...]"). They
+    read as U+FFFD now, as an undecodable byte of a file clakit reads itself does, and the record's text says so."""
+    raw = b"caf\xe9 \xff\n" + (make_text(400, 6) + "\n").encode()
+    given = raw.decode("utf-8", "surrogateescape") * 3  # caf\udce9 \udcff
+    tokens = perplexity.tokenize(tokenizer, given, 200)
+    assert "\ufffd" in tokens.text and not corpus.SURROGATE.search(tokens.text)
+    assert tokens.text == raw.decode("utf-8", "replace")[: len(tokens.text)]
+    assert calib_input_ids(tokenizer, [Text("given", given)], 64, 32).shape == (2, 32)
+    assert passkey.prepare(tokenizer, given, passkey.PasskeySettings(lengths=[400], samples=1), 512).cells
+
+
 @pytest.mark.parametrize("line_end", ["\r\n", "\r"])
 def test_line_ends_read_in_pieces_are_those_read_whole(tmp_path, line_end):
     """CRLF and CR read as LF also where a piece ends between the CR and the LF (pieces of 7 characters here)."""
