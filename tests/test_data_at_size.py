@@ -292,6 +292,39 @@ def test_train_documents_shorter_than_the_copy_span_still_pack_with_copies(token
     assert (data.train == eos).sum() > len(data.train)  # several documents a window
 
 
+class CountingText(Text):
+    """A file read lazily that counts the characters read from it."""
+
+    read = 0
+
+    def pieces(self, *size):
+        for piece in super().pieces(*size):
+            CountingText.read += len(piece)
+            yield piece
+
+
+def test_a_held_out_file_is_compared_with_a_large_train_text_by_its_start_first(tmp_path):
+    """data.eval is refused when it copies a train file (by content, whitespace at the ends aside): every train file
+    was read whole and hashed for it (a 30 GB data.train read through at every start). Now their starts are
+    compared first, and only texts whose starts agree are read whole."""
+    from clakit.uptrain.packing import check_held_out
+
+    big = make_text(400_000, 9)  # ~2.3 MB
+    (tmp_path / "train.txt").write_text(big)
+    (tmp_path / "held.txt").write_text(make_text(2_000, 10))
+    (tmp_path / "copy.txt").write_text("\n\n" + big + "\n  \n")  # the same text, other blank lines at its ends
+    (tmp_path / "near.txt").write_text(big[:-10] + "other end.")  # the same start, another text
+    train = [CountingText.file(tmp_path / "train.txt")]
+    CountingText.read = 0
+    check_held_out([Text.file(tmp_path / "held.txt"), Text.file(tmp_path / "near.txt")], {"data.train": train})
+    assert CountingText.read < 2 * len(big), CountingText.read  # its start, and whole once for near.txt only
+    CountingText.read = 0
+    check_held_out([Text.file(tmp_path / "held.txt")], {"data.train": train})
+    assert CountingText.read < 0.1 * len(big), CountingText.read
+    with pytest.raises(ClakitError, match=r"data.eval .*copy.txt holds the same text as data.train .*train.txt"):
+        check_held_out([Text.file(tmp_path / "copy.txt")], {"data.train": train})
+
+
 def test_spread_spans_are_the_same_from_a_file_a_gz_and_memory(tmp_path):
     """ASCII text with LF line ends has as many bytes as characters: seeking in a plain file, one pass through a
     .gz and slicing a str must give the same spans, also across files (a span running on past its file's end)."""

@@ -152,14 +152,38 @@ def _digest(text: Text) -> str:
     return digest.hexdigest()
 
 
+_KEY_CHARS = 1 << 16  # characters of a text's start compared before any text is digested whole
+
+
+def _key(text: Text) -> str:
+    """The first _KEY_CHARS characters of text.strip() (all of it when shorter), trailing whitespace dropped: equal
+    for texts whose strip() is equal, so only texts with equal keys are read whole (`_digest`)."""
+    out, n, started = [], 0, False
+    for piece in text.pieces(_KEY_CHARS):
+        piece = piece if started else piece.lstrip()
+        started = started or bool(piece)
+        out.append(piece[: _KEY_CHARS - n])
+        n += len(out[-1])
+        if n >= _KEY_CHARS:
+            break
+    return "".join(out).rstrip()
+
+
+def _same_text(t: Text, among: list[tuple[str, Text]]) -> str | None:
+    """The name of a text in `among` ((_key, text) pairs) whose strip() equals t's, read whole only where their
+    starts agree (a 30 GB data.train is not read through to compare it with a held-out file)."""
+    key = _key(t)
+    return next((o.name for k, o in among if k == key and _digest(o) == _digest(t)), None)
+
+
 def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
     """A held-out file with the same text as a file the model is fitted on (`fitted`: training, calibration), a copy
     under another name that the recipe's path rule cannot see, is no held-out text: its numbers would measure
     memorisation. Refused by content."""
     for what, texts in fitted.items():
-        seen = {_digest(t): t.name for t in texts}
+        keyed = [(_key(o), o) for o in texts]
         for t in held:
-            same = seen.get(_digest(t))
+            same = _same_text(t, keyed)
             if same is not None:
                 raise ClakitError(
                     f"data.eval {t.name} holds the same text as {what} {same}: its numbers would not be held out; "
@@ -172,9 +196,9 @@ def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: fl
     as a train file the tail was cut from (`train`: those files, whole; the same file inside a folder, or a copy
     under another name, which the recipe's path rule cannot see) fits the conversion on it. Refused by content, as
     check_held_out refuses a copied data.eval; calibration on the train files before the tail is allowed."""
-    seen = {_digest(t): t.name for t in train}
+    keyed = [(_key(o), o) for o in train]
     for t in calib:
-        same = seen.get(_digest(t))
+        same = _same_text(t, keyed)
         if same is not None:
             raise ClakitError(calibrated_tail(t.name, same, fraction))
 
