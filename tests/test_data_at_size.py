@@ -325,6 +325,18 @@ def test_a_held_out_file_is_compared_with_a_large_train_text_by_its_start_first(
         check_held_out([Text.file(tmp_path / "copy.txt")], {"data.train": train})
 
 
+def test_a_text_without_line_ends_is_cut_between_words_not_inside_one(tokenizer):
+    """uptrain tokenises in ~1 MB pieces cut at line ends; a text with none (one 500 MB line) was cut every
+    1,048,576 characters wherever that fell, inside a word, whose halves became other tokens. Now before a space:
+    the pieces' tokens are the whole text's."""
+    from clakit.uptrain.packing import tokenize
+
+    text = make_text(400_000, 12).replace("\n", " ")  # ~2.3 MB on one line
+    ids = tokenize(tokenizer, [Text("one-line", text)])
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids.tolist() == whole, f"{len(ids)} tokens, {len(whole)} whole"
+
+
 def test_spread_spans_are_the_same_from_a_file_a_gz_and_memory(tmp_path):
     """ASCII text with LF line ends has as many bytes as characters: seeking in a plain file, one pass through a
     .gz and slicing a str must give the same spans, also across files (a span running on past its file's end)."""

@@ -39,7 +39,9 @@ def _pieces(text: Text, size: int = _PIECE_CHARS):
             if buffer:
                 yield buffer, True
             return
-        end = buffer.rfind("\n", 0, size) + 1 or size
+        end = buffer.rfind("\n", 0, size) + 1
+        if end == 0:  # a line longer than a piece (a dump without line ends): cut where a word starts, not inside it
+            end = max(buffer.rfind(" ", 0, size), 0) or size
         yield buffer[:end], False
         buffer = buffer[end:]
 
