@@ -131,7 +131,7 @@ def same_tree(a, b) -> bool:
     return a == b
 
 
-def save_sharded_stubbed(path: Path, model, out: Path, rank: int) -> None:
+def save_sharded_stubbed(path: Path, model, out: Path, rank: int, lora=LORA) -> None:
     """uptrain's end under FSDP (pipeline._save_sharded), the held-out scoring and the card stubbed: the merge."""
     from clakit.uptrain import pipeline
 
@@ -140,7 +140,7 @@ def save_sharded_stubbed(path: Path, model, out: Path, rank: int) -> None:
     pipeline._card = lambda *a, **k: {}
     pipeline._write_end_eval = lambda *a, **k: None
     pipeline._finish = lambda out, summary, failed, quiet: failed
-    recipe = SimpleNamespace(lora=LORA, model=SimpleNamespace(allow_pickle=False))
+    recipe = SimpleNamespace(lora=lora, model=SimpleNamespace(allow_pickle=False))
     tokenizer = SimpleNamespace(save_pretrained=lambda folder: None)
     run = {"data": None, "tokenizer": tokenizer, "quiet": True, "dtype": torch.bfloat16, "start_path": path}
     acc = SimpleNamespace(is_main_process=rank == 0)
@@ -151,6 +151,7 @@ def save_sharded_stubbed(path: Path, model, out: Path, rank: int) -> None:
 def run_mode(rank: int, mode: str, path: Path, out: Path) -> dict:
     from safetensors.torch import load_file
 
+    from clakit.errors import ClakitError
     from clakit.uptrain import checkpoint, student
 
     model, optimizer, scheduler = trained_student(path, mode, rank)
@@ -171,6 +172,15 @@ def run_mode(rank: int, mode: str, path: Path, out: Path) -> dict:
     base = alive.peak = alive.now  # what is still alive from before (AdamW's own step counts)
     save_sharded_stubbed(path, model, out, rank)
     result["merge_peak"] = alive.peak - base
+    # a merge refused on the main process (another LoRA rank than trained) releases the other one, which waits
+    # for the next layer otherwise: both reach the barrier (a hang ends at the group's 90 s timeout)
+    (out / "bad").mkdir(exist_ok=True)
+    try:
+        save_sharded_stubbed(path, model, out / "bad", rank, SimpleNamespace(**{**vars(LORA), "r": 8}))
+        result["bad_merge"] = "merged"
+    except ClakitError as e:
+        result["bad_merge"] = str(e)
+    torch.distributed.barrier()
     reference = checkpoint.trainable_state(model)
     if rank == 0:
         (out / "reference").mkdir()
@@ -255,6 +265,7 @@ def test_the_final_merge_gathers_one_layer_at_a_time(fsdp_saves, mode):
     result = json.loads((fsdp_saves / mode / "result.json").read_text())
     sizes = result["sizes"]
     assert result["merge_files_same"] and "config.json" in result["merge_files"], result
+    assert "expected (8, 48) (r=8)" in result["bad_merge"] and not (fsdp_saves / mode / "bad" / "model").exists()
     assert result["merge_peak"] <= sizes["largest_layer"], (result["merge_peak"] / sizes["total"], sizes)
     assert result["merge_peak"] / sizes["total"] < 2 / LAYERS, result["merge_peak"] / sizes["total"]
 
