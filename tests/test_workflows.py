@@ -281,3 +281,56 @@ def test_a_model_replaced_while_its_weights_load_is_refused(chain, tmp_path, mon
         _evaluate(conv, chain.data)
     monkeypatch.setattr(clakit.sources, "load_model", load)
     assert _evaluate(conv, chain.data)["kv_cache"]["producer_layers"] == 1  # unreplaced: evaluated as it is now
+
+
+# --- 6. the demo as a chain: a rerun redoes what changed, and only that -------------------------------------------
+
+
+def test_a_demo_rerun_keeps_the_stages_whose_inputs_settings_and_code_are_unchanged(
+    tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch
+):
+    """A rerun of the demo converted and uptrained again whatever had changed (the real demo: 762 s of conversion
+    and 677 s of uptraining each time; on the tiny model here, after deleting only reports/, the conversion ran
+    again). Now a stage is kept when demo.json recorded the same key (clakit's code, the settings and input files
+    it reads, the run_id of the conversion it starts from) and its output still carries the run_id recorded; a
+    changed setting redoes that stage and what follows, a rewritten input file its stage and what follows."""
+    import clakit.convert
+    import clakit.uptrain
+    from clakit.demo import DemoAssets, DemoSettings, run_demo
+
+    calls = []
+    convert, train = clakit.convert.convert, clakit.uptrain.uptrain
+
+    def quick_convert(src, out, **kwargs):  # the tiny model's default conversion, without the slow fits
+        calls.append("convert")
+        return convert(src, out, factor=2, overwrite=True, quiet=True)
+
+    def counted_uptrain(*args, **kwargs):
+        calls.append("uptrain")
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(clakit.convert, "convert", quick_convert)
+    monkeypatch.setattr(clakit.uptrain, "uptrain", counted_uptrain)
+    calib = shutil.copy(corpus_dir / "calib.txt", tmp_path / "calib.txt")
+    assets = DemoAssets(tiny_llama_checkpoint, Path(calib), corpus_dir / "train.txt", corpus_dir / "heldout.txt")
+    tiny = dict(calib_tokens=512, seq_len=32, max_tokens=256, batch_size=2, decode_steps=2, uptrain_steps=2,
+                uptrain_seq_len=64, quiet=True)  # fmt: skip
+    work = tmp_path / "work"
+
+    def demo(**changed) -> dict:
+        calls.clear()
+        run_demo(work, assets=assets, settings=DemoSettings(**{**tiny, **changed}))
+        return json.loads((work / "demo.json").read_text())
+
+    assert demo()["reused"] == [] and calls == ["convert", "uptrain"]
+    shutil.rmtree(work / "reports")  # an intermediate deleted: only what reads it again runs
+    summary = demo()
+    assert (summary["reused"], calls) == (["convert", "uptrain"], []), calls
+    assert summary["finished"] and (work / "reports" / "uptrained.json").is_file()
+    assert list(summary["models"]) == ["original", "converted", "uptrained"]
+    assert (work / "report" / "report.md").is_file()
+    assert (demo(uptrain_steps=3)["reused"], calls) == (["convert"], ["uptrain"])  # a changed setting
+    Path(calib).write_text(Path(calib).read_text())  # rewritten (same text, new mtime): not known to be the same
+    assert (demo(uptrain_steps=3)["reused"], calls) == ([], ["convert", "uptrain"])
+    convert(tiny_llama_checkpoint, work / "converted", factor=2, overwrite=True, quiet=True)  # by the user, between
+    assert (demo(uptrain_steps=3)["reused"], calls) == ([], ["convert", "uptrain"])  # another run's output there

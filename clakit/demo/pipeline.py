@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clakit import outputs
+from clakit.demo import reuse
 from clakit.demo.fetch import DemoAssets, default_cache_dir, fetch_demo, recorded_sources
 from clakit.errors import ClakitError
 from clakit.eval.records import check_output
@@ -70,6 +71,21 @@ class DemoContext:
     report_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     sources: dict | None = None  # where fetch-demo's assets came from (its manifest's record)
+    earlier: dict = field(default_factory=dict)  # the stage records of the demo.json found in work_dir (reuse)
+    stages: dict = field(default_factory=dict)  # this run's: stage -> {"key", "run_id"}, written to demo.json
+    reused: list[str] = field(default_factory=list)  # the stages whose earlier output was kept
+
+    def keep(self, stage: str, stage_key: str, out: Path, complete: Path) -> bool:
+        """Whether the earlier demo's output of `stage` is still what this run would write (reuse.kept): then it is
+        kept and said so; this run's record of the stage is written either way (`done`)."""
+        if not reuse.kept(self.earlier, stage, stage_key, out, complete):
+            return False
+        self.reused.append(stage)
+        self.say(f"{stage}: {out} is up to date (same inputs, settings and clakit), kept; remove it to redo it")
+        return True
+
+    def done(self, stage: str, stage_key: str, out: Path) -> None:
+        self.stages[stage] = {"key": stage_key, "run_id": reuse.run_id(out)}
 
     def say(self, message: str) -> None:
         if not self.settings.quiet:
@@ -95,15 +111,20 @@ def convert_stage(ctx: DemoContext) -> None:
 
     s = ctx.settings
     out = ctx.work_dir / "converted"
-    convert(
-        str(ctx.assets.model),
-        str(out),
-        kv_saving=s.kv_saving,
-        calib_data=[str(ctx.assets.calib)],
-        calib_tokens=s.calib_tokens,
-        overwrite=True,  # replaces only a clakit convert output (an earlier demo's), never a folder of the user's
-        quiet=s.quiet,
+    key = reuse.key(
+        "convert", reuse.files(ctx.assets.model), reuse.files(ctx.assets.calib), s.kv_saving, s.calib_tokens
     )
+    if not ctx.keep("convert", key, out, out / "config.json"):
+        convert(
+            str(ctx.assets.model),
+            str(out),
+            kv_saving=s.kv_saving,
+            calib_data=[str(ctx.assets.calib)],
+            calib_tokens=s.calib_tokens,
+            overwrite=True,  # replaces only a clakit convert output (an earlier demo's), never a folder of the user's
+            quiet=s.quiet,
+        )
+    ctx.done("convert", key, out)
     ctx.models["converted"] = str(out)
 
 
@@ -115,7 +136,15 @@ def uptrain_stage(ctx: DemoContext) -> None:
     s = ctx.settings
     if s.uptrain_steps <= 0:
         return
-    run_dir = ctx.work_dir / "uptrain"
+    run_dir, a = ctx.work_dir / "uptrain", ctx.assets
+    texts = [reuse.files(p) for p in (a.model, a.train, a.train_bible, a.heldout, DEFAULT_RECIPE)]
+    # the conversion it starts from by its run_id: converted again, the run is stale
+    key = reuse.key("uptrain", reuse.run_id(Path(ctx.models["converted"])), texts, s.uptrain_steps,
+                    s.uptrain_seq_len, s.max_tokens)  # fmt: skip
+    if ctx.keep("uptrain", key, run_dir, run_dir / "model" / "config.json"):
+        ctx.done("uptrain", key, run_dir)
+        ctx.models["uptrained"] = str(run_dir / "model")
+        return
     overrides = [
         # paths as JSON strings (YAML reads them): a " #", ": " or a leading "[" stays part of the path
         f"model.path={json.dumps(str(ctx.models['converted']))}",
@@ -136,6 +165,7 @@ def uptrain_stage(ctx: DemoContext) -> None:
         f"train.warmup_steps={min(load_recipe(DEFAULT_RECIPE).train.warmup_steps, s.uptrain_steps - 1)}",
     ]
     ctx.models["uptrained"] = str(uptrain(DEFAULT_RECIPE, overrides, overwrite=True, quiet=s.quiet))
+    ctx.done("uptrain", key, run_dir)
 
 
 def eval_stage(ctx: DemoContext) -> None:
@@ -191,11 +221,46 @@ def check_work_dir(work_dir: Path) -> None:
 
 
 def _run_stages(ctx: DemoContext, stages: list[Stage]) -> None:
+    """Each stage in turn; demo.json after each (finished: false), so a rerun after a failed stage keeps the
+    stages before it (reuse)."""
     for stage in stages:
         ctx.say(f"stage {stage.name}")
         start = time.perf_counter()
         stage.run(ctx)
         ctx.timings[stage.name] = round(time.perf_counter() - start, 1)
+        _write_summary(ctx, finished=False)
+
+
+def _earlier_stages(work_dir: Path) -> dict:
+    """The stage records of the demo.json an earlier demo wrote in `work_dir` ({} when none can be read)."""
+    try:
+        summary = json.loads((work_dir / "demo.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(summary, dict) and summary.get("format") == DEMO_FORMAT and isinstance(summary.get("stages"), dict)
+    return summary["stages"] if ok else {}
+
+
+def _write_summary(ctx: DemoContext, finished: bool) -> dict:
+    """demo.json: timings, models, settings, what the machine chose, the stages' records and which were kept."""
+    from clakit.provenance import provenance
+
+    summary = {
+        "format": DEMO_FORMAT,
+        "finished": finished,
+        "timings_s": ctx.timings,
+        "total_s": round(sum(ctx.timings.values()), 1),
+        "models": ctx.models,
+        "settings": vars(ctx.settings),
+        "resolved": _resolved(ctx),
+        "stages": ctx.stages,  # what a rerun compares (reuse): the key and run_id of each stage's output
+        "reused": ctx.reused,
+        # the texts each stage read and where they came from: the reports name only the held-out one
+        "assets": {name: str(path) for name, path in vars(ctx.assets).items() if path} if ctx.assets else None,
+        "provenance": provenance(cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None, sources=ctx.sources),
+    }
+    outputs.write_file(ctx.work_dir / "demo.json", json.dumps(summary, indent=2, default=str) + "\n", DEMO_FORMAT)
+    return summary
 
 
 def _resolved(ctx: DemoContext) -> dict:
@@ -218,11 +283,8 @@ def run_demo(
     stages: list[Stage] | None = None,
     settings: DemoSettings | None = None,
 ) -> Path:
-    """Run the stages in order; returns the report folder (report.md, ppl_vs_kv.png, report.html)."""
-    import json
-
-    from clakit.provenance import provenance
-
+    """Run the stages in order; returns the report folder (report.md, ppl_vs_kv.png, report.html). A stage whose
+    output an earlier demo in `work_dir` wrote from the same inputs, settings and clakit is kept (reuse)."""
     ctx = DemoContext(
         expand(work_dir or DEFAULT_WORK_DIR, "--work-dir"),
         # resolved before any stage: a missing HOME is refused before the work, not when demo.json is written
@@ -231,22 +293,12 @@ def run_demo(
         assets,
     )
     check_work_dir(ctx.work_dir)
+    ctx.earlier = _earlier_stages(ctx.work_dir)
     # a failed stage (a refused input, Ctrl-C) left the work folder it had just created, empty
     with outputs.new_parents_removed_on_failure(ctx.work_dir / "demo.json"):
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         _run_stages(ctx, stages or STAGES)
-    summary = {
-        "format": DEMO_FORMAT,
-        "timings_s": ctx.timings,
-        "total_s": round(sum(ctx.timings.values()), 1),
-        "models": ctx.models,
-        "settings": vars(ctx.settings),
-        "resolved": _resolved(ctx),
-        # the texts each stage read and where they came from: the reports name only the held-out one
-        "assets": {name: str(path) for name, path in vars(ctx.assets).items() if path} if ctx.assets else None,
-        "provenance": provenance(cache_dir=str(ctx.cache_dir) if ctx.cache_dir else None, sources=ctx.sources),
-    }
-    outputs.write_file(ctx.work_dir / "demo.json", json.dumps(summary, indent=2, default=str) + "\n", DEMO_FORMAT)
+    summary = _write_summary(ctx, finished=True)
     if ctx.report_dir:
         ctx.say(f"done in {summary['total_s']:.0f} s")
         ctx.say((ctx.report_dir / "report.md").read_text().split("\n\n")[1])

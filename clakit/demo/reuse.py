@@ -1,0 +1,65 @@
+"""Which stages a rerun of the demo may keep. A rerun converted and uptrained again whatever had changed (on 2 CPU
+cores the real demo's 762 s of conversion and 677 s of uptraining, every time); now a stage's output is kept when
+its key is the one demo.json recorded for it and the output is still the one that stage wrote (its marker's run_id).
+
+A key hashes everything the stage's output depends on: clakit's own source and the libraries' versions (a changed
+default in the code is a changed key), the stage's settings, its input files (path, size and mtime of each file
+below them) and, for a later stage, the run_id of the earlier output it reads. Anything else means the stage runs.
+"""
+
+import hashlib
+import json
+import os
+from functools import cache
+from pathlib import Path
+
+from clakit import outputs
+from clakit.provenance import versions
+
+
+@cache
+def code_digest() -> str:
+    """sha256 of every .py file of the clakit package (its path and bytes), with the library versions."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(json.dumps(versions(), sort_keys=True).encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def files(path) -> list | None:
+    """[(path, size, mtime_ns) of `path` and every file below it] (None for no path): a file rewritten since has
+    another size or mtime."""
+    if path is None:
+        return None
+    path = Path(path).absolute()
+    found = [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]
+    return [(str(p), s.st_size, s.st_mtime_ns) for p in found if (s := _stat(p)) is not None]
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def key(stage: str, *parts) -> str:
+    """The key of `stage` from what its output depends on (JSON-able parts)."""
+    text = json.dumps([code_digest(), stage, *parts], default=str, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_id(folder: Path) -> str | None:
+    """The run_id of the clakit output in `folder` (None without one): another run's output there has another."""
+    marker = outputs.read_marker(Path(folder))
+    return marker.get("run_id") if marker else None
+
+
+def kept(earlier: dict, stage: str, stage_key: str, out: Path, complete: Path) -> bool:
+    """Whether the output `out` of `stage` is the one the earlier demo recorded for the same key, and complete (the
+    file `complete` is there: an uptrain run kept for --resume has no model yet)."""
+    record = earlier.get(stage)
+    if not isinstance(record, dict) or record.get("key") != stage_key or not complete.is_file():
+        return False
+    return record.get("run_id") is not None and record.get("run_id") == run_id(out)
