@@ -194,6 +194,24 @@ def test_a_report_says_when_an_uptrained_models_start_was_converted_again_since(
     assert "not the model model started from" in (tmp_path / "rep" / "report.html").read_text()
 
 
+def test_a_report_of_models_with_other_tokenizers_says_why_the_same_files_differ(chain, tmp_path):
+    """Two models of different tokenizers scored on the same file: the refusal said "num_tokens differs (...);
+    evaluate every model on the same data with the same settings" (or "data.sha256 differs" where --max-tokens cut
+    each at other text) to a user who had. It now says the same text became other tokens (bits/byte compares)."""
+    assert _eval(chain.conv, tmp_path / "a.json", chain.data).code == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    other_tokens = {**a, "num_tokens": a["num_tokens"] + 7}  # the same text (same sha256), split otherwise
+    other_text = {**a, "data": {**a["data"], "sha256": "0" * 64}}  # the same files, other text scored
+    for name, report, expected in (
+        ("b", other_tokens, "the models' tokenizers differ, so perplexity per token"),
+        ("c", other_text, "the same files: they changed between the evaluations, or"),
+    ):
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+        _refused(run_clakit("report", tmp_path / "a.json", tmp_path / f"{name}.json", "-o", tmp_path / "rep"),
+                 "cannot compare", expected)  # fmt: skip
+    assert not (tmp_path / "rep").exists()
+
+
 # --- 4. a run folder, or one of its checkpoints, where a model is wanted ------------------------------------------
 
 

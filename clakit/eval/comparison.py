@@ -72,12 +72,30 @@ def _check_field(first: tuple[dict, object], other: tuple[dict, object], keys: t
     why = (
         " (equal numbers written differently, e.g. a passkey depth 0 vs 0.0, which seed other prompts)"
         if a == b
-        else ""
+        else _same_files(first[0], other[0], keys)
     )
     raise ClakitError(
         f"cannot compare {other[1]} with {first[1]}: {'.'.join(keys)} differs ({b!r} vs {a!r}){why}; "
         "evaluate every model on the same data with the same settings"
     )
+
+
+def _same_files(first: dict, other: dict, keys: tuple) -> str:
+    """Why the same text files read as other data: "evaluate every model on the same data" was all the refusal said
+    to a user who had, with models of different tokenizers (other tokens for the same text, or with --max-tokens
+    the first N of them covering other text)."""
+    same_text = _field(first, ("data", "sha256")) == _field(other, ("data", "sha256"))
+    if keys == ("num_tokens",) and same_text:
+        return (
+            " (the same text split into other tokens: the models' tokenizers differ, so perplexity per token does not "
+            "compare; bits/byte in each report does)"
+        )
+    if keys == ("data", "sha256") and _field(first, ("data", "sources")) == _field(other, ("data", "sources")):
+        return (
+            " (the same files: they changed between the evaluations, or the models' tokenizers differ and the first "
+            "--max-tokens tokens of each cover other text)"
+        )
+    return ""
 
 
 def _as_recorded(value) -> str:
