@@ -352,3 +352,28 @@ def test_a_demo_rerun_keeps_the_stages_whose_inputs_settings_and_code_are_unchan
     assert (demo(uptrain_steps=3)["reused"], calls) == ([], ["convert", "uptrain"])
     convert(tiny_llama_checkpoint, work / "converted", factor=2, overwrite=True, quiet=True)  # by the user, between
     assert (demo(uptrain_steps=3)["reused"], calls) == ([], ["convert", "uptrain"])  # another run's output there
+
+
+def test_a_second_demo_in_the_same_work_dir_is_refused_while_the_first_runs(corpus_dir, tmp_path):
+    """Two `clakit demo` in one --work-dir (two terminals) both passed the output checks and ran every stage (by the
+    code: each converts with overwrite=True, so the second's conversion could replace the one the first uptrains
+    from; not timed here). While a demo holds the folder, another is refused in one line before its first stage."""
+    import fcntl
+
+    from clakit.demo import DemoAssets, run_demo
+
+    work = tmp_path / "work"
+    work.mkdir()
+    ran = []
+    stage = SimpleNamespace(name="probe", run=lambda ctx: ran.append(ctx))
+    assets = DemoAssets(*(corpus_dir / f"{n}.txt" for n in ("calib", "calib", "train", "heldout")))
+    fd = os.open(work, os.O_RDONLY)  # the first demo
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(ClakitError, match="is in use by another clakit demo"):
+            run_demo(work, assets=assets, stages=[stage])
+        assert not ran and list(work.iterdir()) == []
+    finally:
+        os.close(fd)
+    run_demo(work, assets=assets, stages=[stage])  # once it has ended
+    assert len(ran) == 1 and json.loads((work / "demo.json").read_text())["finished"]

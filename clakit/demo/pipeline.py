@@ -10,7 +10,10 @@ and the eval stage evaluates every model not evaluated yet, so a later step (upt
     STAGES.insert(STAGES.index(convert_stage) + 1, Stage("uptrain", my_uptrain))  # ctx.models["uptrained"] = ...
 """
 
+import contextlib
+import fcntl
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -231,6 +234,27 @@ def _run_stages(ctx: DemoContext, stages: list[Stage]) -> None:
         _write_summary(ctx, finished=False)
 
 
+@contextlib.contextmanager
+def _held(work_dir: Path):
+    """The work folder, held by this demo (a flock on the folder, released when the process ends, also on kill -9):
+    a second demo in the same --work-dir ran every stage beside the first (each converts with overwrite=True: its
+    conversion could replace the one the first uptrains from). Refused in one line; where the file system has no
+    locks, the demo runs unheld."""
+    fd = os.open(work_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClakitError(
+                f"--work-dir {work_dir} is in use by another clakit demo; wait for it to end or choose another folder"
+            ) from None
+        except OSError:
+            pass  # no locks here
+        yield
+    finally:
+        os.close(fd)
+
+
 def _earlier_stages(work_dir: Path) -> dict:
     """The stage records of the demo.json an earlier demo wrote in `work_dir` ({} when none can be read)."""
     try:
@@ -297,8 +321,9 @@ def run_demo(
     # a failed stage (a refused input, Ctrl-C) left the work folder it had just created, empty
     with outputs.new_parents_removed_on_failure(ctx.work_dir / "demo.json"):
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        _run_stages(ctx, stages or STAGES)
-    summary = _write_summary(ctx, finished=True)
+        with _held(ctx.work_dir):
+            _run_stages(ctx, stages or STAGES)
+            summary = _write_summary(ctx, finished=True)
     if ctx.report_dir:
         ctx.say(f"done in {summary['total_s']:.0f} s")
         ctx.say((ctx.report_dir / "report.md").read_text().split("\n\n")[1])
