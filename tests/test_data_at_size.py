@@ -373,3 +373,29 @@ def test_a_folder_of_many_small_files_leaves_no_file_open(tokenizer, tmp_path):
     assert 1_850 < len(data.train_sources) < 2_000 and data.train.numel() >= 2_048  # the tail 5%: held out
     assert calib_input_ids(tokenizer, texts, 256, 32).shape == (8, 32)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_calibration_file_edited_during_the_fits_is_recorded_as_read_not_refused_at_the_end(
+    tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch
+):
+    """The record's calib_sha256 was computed in the conversion's last step from the texts read again: a calibration
+    file edited while the fits ran (hours at 70B) had the finished conversion refused at the end ('changed since it
+    was first read'). It is hashed with the windows now, so the record names the text the fits read."""
+    import json
+
+    from clakit.convert import ConvertConfig, calibrate, convert
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text((corpus_dir / "calib.txt").read_text())
+    read = text_sha256(calib.read_text())
+    fit_kv = calibrate.fit_kv
+
+    def edited_meanwhile(*args, **kwargs):
+        calib.write_text("another text altogether\n" * 50)
+        return fit_kv(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "fit_kv", edited_meanwhile)
+    config = ConvertConfig(factor=2, init="calibrated", calib_data=[str(calib)], calib_tokens=256, device="cpu")
+    convert(tiny_llama_checkpoint, tmp_path / "out", config, quiet=True)
+    record = json.loads((tmp_path / "out" / "clakit_convert.json").read_text())
+    assert record["settings"]["calib_sha256"] == read

@@ -56,7 +56,7 @@ from clakit.convert.streaming import (
     plan_tensors,
 )
 from clakit.copies import add_copies
-from clakit.corpus import join_texts, load_texts
+from clakit.corpus import load_texts, texts_sha256
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.paths import expand
@@ -555,6 +555,9 @@ class _Conversion:
 
         ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.cfg.calib_tokens, self.seq_len)
         self._check_vocab(ids, "--calib-data")
+        # hashed now, with the windows it gave (streamed): read at the end, a file edited during hours of fitting
+        # would be refused after all the work (the texts refuse a file that changed since load_texts)
+        self.calib_sha256 = texts_sha256(self.calib_texts)
         if self.distill_steps:
             texts, tokens = self.calib_texts, self.cfg.distill_tokens
             self.distill_ids = calibrate.calib_input_ids(self.tokenizer, texts, tokens, self.seq_len)
@@ -567,7 +570,7 @@ class _Conversion:
         for the vocabulary check, both evaluations and the record's sha256."""
         from clakit.eval import perplexity
 
-        return perplexity.tokenize(self.tokenizer, join_texts(self.eval_texts), self.cfg.eval_tokens)
+        return perplexity.tokenize(self.tokenizer, self.eval_texts, self.cfg.eval_tokens)
 
     @property
     def _eval_ids(self) -> torch.Tensor:
@@ -723,7 +726,7 @@ class _Conversion:
         """The eval suite's perplexity (disjoint windows) on the first eval_tokens tokens of the --eval-data text."""
         from clakit.eval import perplexity
 
-        text, max_tokens = join_texts(self.eval_texts), self.cfg.eval_tokens
+        text, max_tokens = self.eval_texts, self.cfg.eval_tokens
         available = len(self._eval_ids) - 1
         if available < 2:
             raise ClakitError("the --eval-data text is shorter than two tokens; give more held-out text")
@@ -756,7 +759,7 @@ class _Conversion:
             source=source.spec, source_kind=kind, revision=revision, architecture=self.architecture,
             kv_source_layers=self.layout, layout=self.layout_name, kv_saving=kv_saving(self.layout), init=self.init,
             calib_data=[t.name for t in self.calib_texts] if self.calib_texts else None,
-            calib_sha256=text_sha256(join_texts(self.calib_texts)) if self.calib_texts else None,
+            calib_sha256=getattr(self, "calib_sha256", None) if self.calib_texts else None,
             calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
             max_shard_size=str(self.cfg.max_shard_size), seed=self.cfg.seed,
             reconstruct_steps=self.cfg.reconstruct_steps if self.init == "reconstruct" else None,

@@ -522,8 +522,7 @@ def _check_same_calibration(out: Path, record: dict, model) -> None:
     """model.convert.calib_data typed otherwise than run.json recorded it, against the text the run's conversion read
     (its calib_sha256; the conversion in the run folder is used, whatever the recipe names now). A datasets spec is
     not read again (offline)."""
-    from clakit.corpus import join_texts, load_texts
-    from clakit.provenance import text_sha256
+    from clakit.corpus import load_texts, texts_sha256
 
     typed = (((record.get("recipe") or {}).get("model") or {}).get("convert") or {}).get("calib_data")
     given = model.convert.calib_data if model.source and model.convert else None
@@ -531,7 +530,7 @@ def _check_same_calibration(out: Path, record: dict, model) -> None:
     recorded = settings.get("calib_sha256") if isinstance(settings, dict) else None  # none: nothing to compare
     if not given or given == typed or not recorded or any(is_datasets_spec(spec) for spec in given):
         return
-    if text_sha256(join_texts(load_texts(given))) != recorded:
+    if texts_sha256(load_texts(given)) != recorded:
         raise ClakitError(
             f"--resume: the run in {out} converted its model calibrated on other text than model.convert.calib_data "
             f"now names ({', '.join(given)}); give the text it read, or start over with --overwrite"
