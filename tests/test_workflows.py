@@ -377,3 +377,28 @@ def test_a_second_demo_in_the_same_work_dir_is_refused_while_the_first_runs(corp
         os.close(fd)
     run_demo(work, assets=assets, stages=[stage])  # once it has ended
     assert len(ran) == 1 and json.loads((work / "demo.json").read_text())["finished"]
+
+
+def test_a_resume_whose_start_checkpoint_was_converted_again_is_refused(tokenizer, corpus_dir, tmp_path, capsys):
+    """convert A into conv, uptrain from conv killed at step 2, `clakit convert B conv --overwrite`, then --resume:
+    the resume loaded B's weights and merged the saved training (of A) into them, exit 0, the result B's embeddings
+    (helper C's probe: 'embed == srcA's: False == srcB's: True'). run.json now records the start's summary and the
+    resume is refused in one line, the run folder as it was."""
+    from uptrain_fixtures import killed_at_step
+
+    from clakit.cli import main
+
+    for name, seed in (("a", 0), ("b", 1)):
+        save_checkpoint(tiny_model("llama", seed=seed), tokenizer, tmp_path / name)
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "conv"), "-q"]) == 0
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(tmp_path / "conv")},
+                         train={"max_steps": 4, "save_steps": 1, "warmup_steps": 0})  # fmt: skip
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    killed_at_step(2, path)
+    before = sorted(p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*"))
+    assert main(["convert", str(tmp_path / "b"), str(tmp_path / "conv"), "--overwrite", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["uptrain", str(path), "--resume", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "whose config or weights have changed since" in err[0], err
+    assert sorted(p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*")) == before

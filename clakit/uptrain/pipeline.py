@@ -502,6 +502,13 @@ def resumed_model(recipe: Recipe, out: Path):
             f"--resume: the run in {out} started from {start}, which is gone; put the checkpoint back there, or "
             "start over with --overwrite"
         )
+    summary = record.get("start_summary")  # runs recorded before it: not compared
+    if isinstance(summary, str) and checkpoint_summary(start) != summary:  # e.g. `clakit convert ... --overwrite`
+        raise ClakitError(
+            f"--resume: the run in {out} started from {start}, whose config or weights have changed since (another "
+            "model written there?): the saved training belongs to the one it read; put that checkpoint back there, "
+            "or start over with --overwrite"
+        )
     typed = ((record.get("recipe") or {}).get("model") or {}).get("path")
     if recipe.model.path != typed:  # typed as recorded: the run's own, from whatever folder (the docstring)
         _check_same_checkpoint(out, start, expand(recipe.model.path, "model.path"), "model.path")
@@ -871,6 +878,7 @@ def _setup(
         (work / "recipe.yaml").write_text(recipe.to_yaml())
         start = start_path.relative_to(work) if start_path.is_relative_to(work) else start_path
         record = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "start_checkpoint": str(start)}
+        record["start_summary"] = checkpoint_summary(start_path)  # a resume refuses a start replaced since
         record["original"] = _source_record(original)  # resolved: the teacher a resume uses, wherever it runs
         record["data_sha256"] = digest  # a resume must read the same blocks
         record["data_processes"] = acc.num_processes  # ... on the same number of processes (check_same_data)
