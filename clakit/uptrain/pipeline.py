@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from clakit import outputs
+from clakit import devices, outputs
 from clakit.convert.layerwise import resolve_device
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
@@ -762,6 +762,9 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
     model, student_config, original = _check_models(recipe, out, resume)
     tokenizer = _student_tokenizer(model, original)
     acc = make_accelerator(recipe.train, out)
+    slow = recipe.train.bf16 and acc.device.type == "cpu" and devices.slow_on_cpu(torch.bfloat16, "train.bf16")
+    if slow:  # a note, not a refusal: the run is right, only slow
+        _say(slow, quiet)
     check_fsdp_wrap(acc, student_config)
     data = _read_data(recipe, tokenizer, acc, out, resume)
     with outputs.new_parents_removed_on_failure(out):  # runs/a/b/out: a failed run leaves no empty runs/a/b
