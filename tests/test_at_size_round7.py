@@ -75,24 +75,9 @@ def watch_gathers(alive: Alive) -> None:
     utils._gather_state_dict = state_dict._gather_state_dict = counted
 
 
-def wrap(model, mode: str):
-    layer_cls = type(model.base_model.model.model.layers[0])
-    if mode == "fsdp1":
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        policy = ModuleWrapPolicy({layer_cls})
-        return FullyShardedDataParallel(
-            model, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True
-        )
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.base_model.model.model.layers:
-        fully_shard(layer)
-    return fully_shard(model)
-
-
 def trained_student(path: Path, mode: str, rank: int):
+    from fsdp_worker import wrap  # the FSDP1/FSDP2 wrapping test_uptrain_fsdp's worker uses
+
     from clakit.uptrain import student
     from clakit.uptrain.distill import causal_lm_loss
 
