@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from clakit import devices, outputs
-from clakit.corpus import DEFAULT_ONLINE_EVAL, Text, join_texts, load_texts
+from clakit.corpus import DEFAULT_ONLINE_EVAL, Text, load_texts
 from clakit.errors import ClakitError
 from clakit.eval import harness, kvcache, lineage, perplexity
 from clakit.eval import passkey as passkey_task
@@ -368,7 +368,7 @@ def _passkey_prompts(settings, config, tokenizer, texts: list[Text]):
     """Every passkey prompt, built before the model is loaded (the window comes from the config)."""
     if settings is None:
         return None
-    return passkey_task.prepare(tokenizer, join_texts(texts), settings, context_window(config) or 0)
+    return passkey_task.prepare(tokenizer, texts, settings, context_window(config) or 0)
 
 
 def _tokenizer(source, trust_remote_code: bool):
@@ -383,7 +383,7 @@ def _tokens(tokenizer, texts: list[Text], seq_len: int, max_tokens: int | None) 
             f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}; "
             f"give --max-tokens of at least {seq_len} or a smaller --seq-len"
         )
-    tokens = perplexity.tokenize(tokenizer, join_texts(texts), max_tokens)
+    tokens = perplexity.tokenize(tokenizer, texts, max_tokens)
     if len(tokens.ids) - 1 < seq_len:
         raise ClakitError(
             f"the text has {len(tokens.ids) - 1} tokens, fewer than one window of --seq-len {seq_len}; "
