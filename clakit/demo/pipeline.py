@@ -134,7 +134,7 @@ def convert_stage(ctx: DemoContext) -> None:
 def uptrain_stage(ctx: DemoContext) -> None:
     """The shipped CPU recipe (attention projections in full, LoRA on the MLPs, distillation), shortened, from the
     converted model."""
-    from clakit.uptrain import DEFAULT_RECIPE, load_recipe, uptrain
+    from clakit.uptrain import DEFAULT_RECIPE, uptrain
 
     s = ctx.settings
     if s.uptrain_steps <= 0:
@@ -148,7 +148,17 @@ def uptrain_stage(ctx: DemoContext) -> None:
         ctx.done("uptrain", key, run_dir)
         ctx.models["uptrained"] = str(run_dir / "model")
         return
-    overrides = [
+    overrides = _uptrain_overrides(ctx, run_dir)
+    ctx.models["uptrained"] = str(uptrain(DEFAULT_RECIPE, overrides, overwrite=True, quiet=s.quiet))
+    ctx.done("uptrain", key, run_dir)
+
+
+def _uptrain_overrides(ctx: DemoContext, run_dir: Path) -> list[str]:
+    """The shortened recipe's overrides: the demo's conversion, assets and settings."""
+    from clakit.uptrain import DEFAULT_RECIPE, load_recipe
+
+    s = ctx.settings
+    return [
         # paths as JSON strings (YAML reads them): a " #", ": " or a leading "[" stays part of the path
         f"model.path={json.dumps(str(ctx.models['converted']))}",
         "model.source=null",
@@ -167,8 +177,6 @@ def uptrain_stage(ctx: DemoContext) -> None:
         # end before the last step (0 at 1 step, whose only step would train at learning rate 0)
         f"train.warmup_steps={min(load_recipe(DEFAULT_RECIPE).train.warmup_steps, s.uptrain_steps - 1)}",
     ]
-    ctx.models["uptrained"] = str(uptrain(DEFAULT_RECIPE, overrides, overwrite=True, quiet=s.quiet))
-    ctx.done("uptrain", key, run_dir)
 
 
 def eval_stage(ctx: DemoContext) -> None:
