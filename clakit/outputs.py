@@ -275,8 +275,8 @@ def check_not_inside_an_output(out: Path | str, label: str = "OUT") -> None:
             )
 
 
-# an uptrain run's parts (clakit.uptrain.pipeline's RESULT and checkpoint.CHECKPOINTS; named here, below uptrain,
-# for the commands that take a model and are given a run instead)
+# an uptrain run's parts, defined here (below uptrain, whose pipeline.RESULT and checkpoint.CHECKPOINTS they are)
+# for the commands that take a model and are given a run instead
 RUN_MODEL, RUN_CHECKPOINTS = "model", "checkpoints"
 
 

@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from clakit import outputs
 from clakit.errors import ClakitError
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = outputs.RUN_CHECKPOINTS  # one name: outputs.run_model_hint names it for commands below uptrain
 STEP_DIR = re.compile(r"step-\d+")
 # parts of a parameter name that wrappers insert: FSDP1, activation checkpointing, torch.compile
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")

@@ -53,7 +53,7 @@ from clakit.uptrain.trainer import (
     make_plan,
 )
 
-RESULT = "model"
+RESULT = outputs.RUN_MODEL  # one name: outputs.run_model_hint names it for commands below uptrain
 # how long a process waits in a collective while the main one works alone: reading a 70B checkpoint before the
 # weights are broadcast, writing the merged result at the end (accelerate's default is 10 minutes on NCCL)
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
