@@ -246,11 +246,20 @@ def hold(folder: Path, label: str = "output folder") -> Iterator[None]:
     if fd is None:  # an older clakit's output: no marker to lock
         yield
         return
+    with held(fd, _busy(label, folder)):
+        yield
+
+
+@contextlib.contextmanager
+def held(fd: int, busy: str) -> Iterator[None]:
+    """An exclusive flock on the descriptor `fd` while the body runs, then `fd` closed (the lock goes with the
+    process, also on kill -9): `busy`, one line, where another process holds it; where flock fails otherwise (a file
+    system without locks: ENOLCK, ENOSYS; NFS on a descriptor not open for writing: EBADF) the body runs unheld."""
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ClakitError(_busy(label, folder)) from None
+            raise ClakitError(busy) from None
         except OSError:
             pass  # no locks here: as for an output without a marker
         yield

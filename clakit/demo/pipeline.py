@@ -11,7 +11,6 @@ and the eval stage evaluates every model not evaluated yet, so a later step (upt
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -246,21 +245,12 @@ def _run_stages(ctx: DemoContext, stages: list[Stage]) -> None:
 def _held(work_dir: Path):
     """The work folder, held by this demo (a flock on the folder, released when the process ends, also on kill -9):
     a second demo in the same --work-dir ran every stage beside the first (each converts with overwrite=True: its
-    conversion could replace the one the first uptrains from). Refused in one line; where the file system has no
-    locks, the demo runs unheld."""
-    fd = os.open(work_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ClakitError(
-                f"--work-dir {work_dir} is in use by another clakit demo; wait for it to end or choose another folder"
-            ) from None
-        except OSError:
-            pass  # no locks here
+    conversion could replace the one the first uptrains from). Refused in one line (outputs.held); where the file
+    system has no locks, or is NFS (its flock needs a descriptor open for writing, and a folder's is not), the demo
+    runs unheld."""
+    busy = f"--work-dir {work_dir} is in use by another clakit demo; wait for it to end or choose another folder"
+    with outputs.held(os.open(work_dir, os.O_RDONLY), busy):
         yield
-    finally:
-        os.close(fd)
 
 
 def _earlier_stages(work_dir: Path) -> dict:
