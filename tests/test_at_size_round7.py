@@ -330,14 +330,23 @@ def test_a_disk_without_room_is_refused_before_the_conversion(stock_checkpoint, 
     assert not (tmp_path / "run").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.parametrize("output_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("output_dtype,config_dtype", [(None, None), ("bfloat16", None), (None, "bfloat16")])
 def test_the_conversion_estimate_bounds_what_it_writes(stock_checkpoint, corpus_dir, tmp_path, capsys, monkeypatch,
-                                                       output_dtype):  # fmt: skip
+                                                       output_dtype, config_dtype):  # fmt: skip
     """The need checked before the conversion is at least what the conversion and the run then write (the
-    converted weights, the result, the checkpoints kept), and not far above it."""
+    converted weights, the result, the checkpoints kept), and not far above it; also for a source whose config.json
+    names bfloat16 over float32 tensors (the conversion writes the tensors' dtype: settings.dtype)."""
+    import shutil
+
     from test_uptrain_run import run_cli
 
     from clakit.uptrain import pipeline
+
+    if config_dtype:
+        stock_checkpoint = Path(shutil.copytree(stock_checkpoint, tmp_path / "stock"))
+        config = json.loads((stock_checkpoint / "config.json").read_text())
+        config.update({k: config_dtype for k in ("dtype", "torch_dtype") if k in config} or {"dtype": config_dtype})
+        (stock_checkpoint / "config.json").write_text(json.dumps(config))
 
     asked, check = [], pipeline.outputs.check_free_space
     monkeypatch.setattr(pipeline.outputs, "check_free_space", lambda o, n, *a: asked.append((n, a)) or check(o, n, *a))

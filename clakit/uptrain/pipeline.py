@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import shutil
 import sys
@@ -930,22 +931,42 @@ def check_conversion_space(out: Path, section, recipe: Recipe, data, acc, fresh:
     # started from the converted checkpoint (check_run_space draws in both)
     with torch.random.fork_rng(devices=[]):
         skeleton = trainable_skeleton(cla_config(config, layout), recipe)
-    converted = run_bytes(skeleton, _conversion_dtype(section.convert, source, config))[0]
+    converted = _conversion_bytes(skeleton, section.convert, source, config)
     need, what = _run_need(skeleton, recipe, data, acc, fresh)
     what = f"the conversion of model.source ({outputs.size_text(converted)}), {what}"
     outputs.check_free_space(out, converted + need, what, RUN_SPACE_FIX)
 
 
-def _conversion_dtype(convert_section, source, config) -> torch.dtype:
-    """The dtype the conversion writes: model.convert.output_dtype, else the source's (a GGUF: dequantised to fp32;
-    a checkpoint: its config's dtype, fp32 where it names none)."""
+def _conversion_bytes(skeleton, convert_section, source, config) -> int:
+    """The bytes the conversion writes for the CLA `skeleton`: in model.convert.output_dtype, else each tensor in
+    the source's own dtype (settings.dtype; a config naming bfloat16 over float32 tensors is written in float32, and
+    counted from the config it was half what was written), so at the source's bytes per value; a GGUF dequantised to
+    fp32; pickle weights, not opened here, by their config's dtype (fp32 where it names none)."""
     named = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if convert_section is not None and convert_section.output_dtype:
-        return named[convert_section.output_dtype]
+        return run_bytes(skeleton, named[convert_section.output_dtype])[0]
     if source.path.suffix == ".gguf":
-        return torch.float32
+        return run_bytes(skeleton, torch.float32)[0]
+    stored = _stored_itemsize(source.path)
+    if stored is not None:
+        return math.ceil(run_bytes(skeleton, torch.float32)[0] * stored / 4)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return named.get(str(dtype).removeprefix("torch."), torch.float32)
+    return run_bytes(skeleton, named.get(str(dtype).removeprefix("torch."), torch.float32))[0]
+
+
+def _stored_itemsize(folder: Path) -> float | None:
+    """Bytes per value of a safetensors checkpoint's floating tensors (from their headers, no data read; fp32 norms
+    beside bf16 weights count by their share); None for other weights."""
+    from clakit.convert.checkpoint import open_checkpoint
+
+    try:
+        checkpoint = open_checkpoint(folder, allow_pickle=False)
+    except ClakitError:
+        return None
+    tensors = [checkpoint.get(name) for name in checkpoint.names]
+    floats = [t for t in tensors if t.is_floating_point()]
+    values = sum(t.numel() for t in floats)
+    return sum(t.numel() * t.element_size() for t in floats) / values if values else None
 
 
 def _run_need(skeleton, recipe: Recipe, data, acc, fresh: bool) -> tuple[int, str]:
