@@ -13,6 +13,7 @@ budget of 32k tokens costs megabytes, not its size in memory. A file that change
 refused when read again: the text a record names (its sha256) must be the text the tokens came from.
 """
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -115,12 +116,8 @@ def _open(path: Path):
 def _file_pieces(t: Text, size: int) -> Iterator[str]:
     """Characters t.start..t.stop of t's file, `size` at a time; the text before `start` is read (and checked) too:
     a character offset of UTF-8 text has no byte offset to seek to."""
-    path, at = Path(t.path), 0
-    with _reading(path):
-        f = _open(path)
-    with f, _reading(path):
-        _check_unchanged(t)
-        check = _Check(path)
+    at, check = 0, _Check(Path(t.path))
+    with _opened(t) as f:
         while t.stop is None or at < t.stop:
             piece = f.read(size if t.stop is None else min(size, t.stop - at))
             if not piece:
@@ -130,21 +127,28 @@ def _file_pieces(t: Text, size: int) -> Iterator[str]:
             at += len(piece)
             if lo < len(piece):
                 yield piece[lo:]
-    _check_unchanged(t)
 
 
 def _file_whole(t: Text) -> str:
     """All of a file in one read: one str in memory at the peak, as before files were read lazily (not a list of
     pieces and their join)."""
+    with _opened(t) as f:
+        text = f.read()
+        _Check(Path(t.path))(text)
+    return text
+
+
+@contextlib.contextmanager
+def _opened(t: Text):
+    """t's file open as text (`_open`), its read errors one line naming it; refused where it changed since
+    load_texts saw it, checked when opened and again when read to the end: the tokens and the sha256 of one text."""
     path = Path(t.path)
     with _reading(path):
         f = _open(path)
     with f, _reading(path):
         _check_unchanged(t)
-        text = f.read()
-    _Check(path)(text)
+        yield f
     _check_unchanged(t)
-    return text
 
 
 class _reading:
