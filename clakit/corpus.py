@@ -299,7 +299,7 @@ def stream(texts: list[Text], size: int = READ_CHARS) -> Iterator[str]:
 
 def head(texts: list[Text], chars: int) -> str:
     """join_texts(texts)[:chars], reading no further than that."""
-    return _take(stream(texts, min(READ_CHARS, max(chars, 1))), chars)
+    return take(stream(texts, min(READ_CHARS, max(chars, 1))), chars)
 
 
 def spread(texts: list[Text], n: int, chars: int) -> list[str]:
@@ -312,7 +312,7 @@ def spread(texts: list[Text], n: int, chars: int) -> list[str]:
     gathered = _gathered(texts, starts, 2 * chars)
     out = []
     for k, at in starts:
-        span = gathered[k, at] if (k, at) in gathered else _take(_span_pieces(texts, k, at, 2 * chars), 2 * chars)
+        span = gathered[k, at] if (k, at) in gathered else take(_span_pieces(texts, k, at, 2 * chars), 2 * chars)
         line = span.find("\n", 0, chars) if (k, at) != (0, 0) else -1
         out.append(span[line + 1 : line + 1 + chars])
     return out
@@ -327,7 +327,7 @@ def _gathered(texts: list[Text], starts: list[tuple[int, int]], length: int) -> 
         if t._text is not None or _seekable(t) or not offsets:
             continue
         for at, span in _one_pass(t, offsets, length).items():
-            out[k, at] = span + _take(_after(texts, k), length - len(span)) if len(span) < length else span
+            out[k, at] = span + take(_after(texts, k), length - len(span)) if len(span) < length else span
     return out
 
 
@@ -395,7 +395,8 @@ def _seek_pieces(t: Text, offset: int, size: int) -> Iterator[str]:
             yield piece
 
 
-def _take(pieces: Iterator[str], chars: int) -> str:
+def take(pieces: Iterator[str], chars: int) -> str:
+    """The first `chars` characters of the pieces joined, taking no piece after them."""
     out, n = [], 0
     for piece in pieces:
         out.append(piece[: chars - n])

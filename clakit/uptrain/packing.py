@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from clakit.copies import add_copies
-from clakit.corpus import Text, load_texts
+from clakit.corpus import Text, load_texts, take
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.uptrain.recipe import calibrated_tail
@@ -143,10 +143,8 @@ def _packed(train_ids, eval_ids, seq_len: int) -> tuple:
 def _digest(text: Text) -> str:
     """text_sha256(text.text.strip()), read piece by piece: a copy with other leading/trailing blank lines is the
     same text, and a large file is never held whole."""
-    digest, pending, started = hashlib.sha256(), "", False
-    for piece in text.pieces():
-        piece = piece if started else piece.lstrip()
-        started = started or bool(piece)
+    digest, pending = hashlib.sha256(), ""
+    for piece in _lstripped(text.pieces()):
         body = piece.rstrip()
         if body:  # whitespace before it is inside the text after all
             digest.update((pending + body).encode("utf-8", "surrogatepass"))
@@ -160,15 +158,17 @@ _KEY_CHARS = 1 << 16  # characters of a text's start compared before any text is
 def _key(text: Text) -> str:
     """The first _KEY_CHARS characters of text.strip() (all of it when shorter), trailing whitespace dropped: equal
     for texts whose strip() is equal, so only texts with equal keys are read whole (`_digest`)."""
-    out, n, started = [], 0, False
-    for piece in text.pieces(_KEY_CHARS):
+    return take(_lstripped(text.pieces(_KEY_CHARS)), _KEY_CHARS).rstrip()
+
+
+def _lstripped(pieces):
+    """The pieces of a text with the whitespace at its start left out (empty pieces too)."""
+    started = False
+    for piece in pieces:
         piece = piece if started else piece.lstrip()
         started = started or bool(piece)
-        out.append(piece[: _KEY_CHARS - n])
-        n += len(out[-1])
-        if n >= _KEY_CHARS:
-            break
-    return "".join(out).rstrip()
+        if piece:
+            yield piece
 
 
 def _same_text(t: Text, among: list[tuple[str, Text]]) -> str | None:
