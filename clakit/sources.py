@@ -210,6 +210,11 @@ def _not_a_checkpoint(spec: str, path: Path) -> ClakitError:
     PEFT adapter, or a Hub cache entry (models--org--name, whose snapshots hold the files)."""
     if (path / "params.json").is_file():  # Meta's or Mistral's own release format: params.json + consolidated.*
         return _native_release(spec, path)
+    from clakit.outputs import run_model_hint  # an uptrain run or its checkpoint: named with RUN/model, as eval does
+
+    hint = run_model_hint(path, spec)
+    if hint:
+        return ClakitError(hint)
     ggufs = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
     snapshots = sorted(p for p in (path / "snapshots").glob("*/config.json")) if (path / "snapshots").is_dir() else []
     if ggufs:

@@ -402,3 +402,22 @@ def test_a_resume_whose_start_checkpoint_was_converted_again_is_refused(tokenize
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "whose config or weights have changed since" in err[0], err
     assert sorted(p.relative_to(tmp_path / "run") for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_convert_and_uptrain_of_a_run_folder_name_the_model_to_give(chain, tmp_path, capsys):
+    """`clakit convert RUN OUT` and an uptrain with model.path=RUN (or RUN/checkpoints/step-N) said "is not a model
+    checkpoint folder (no config.json); give the folder that holds...", naming nothing of the run (helper C, round 7;
+    eval was fixed then). sources names RUN/model now, as eval does."""
+    from clakit.cli import main
+
+    run = chain.run1
+    step = sorted((run / "checkpoints").iterdir())[-1]
+    for given in (run, step):
+        assert main(["convert", str(given), str(tmp_path / "out"), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"give the model it trained: {run / 'model'}" in err[0], err
+        recipe = tiny_recipe(chain.data, tmp_path / "up", model={"path": str(given)})
+        assert main(["uptrain", str(write_recipe(tmp_path / "r.yaml", recipe)), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"give the model it trained: {run / 'model'}" in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "up").exists()
