@@ -161,6 +161,26 @@ def test_eval_in_float16_of_weights_beyond_its_range_is_refused_naming_the_dtype
     assert main(["eval", str(src), "-o", str(tmp_path / "bf16.json"), *common, "--dtype", "bfloat16"]) == 0
 
 
+def test_eval_in_float16_whose_activations_overflow_names_float16_not_the_checkpoint(tokenizer, tmp_path, capsys):
+    """Weights within float16's range whose activations pass 65504 (an embedding channel of 60,000 and an o_proj row
+    of 2,000 feeding it, as outlier channels of real models grow): the float16 forward gave NaN logits and the eval
+    said "its weights hold NaN/inf or absurd values (a diverged training run, or a damaged checkpoint)" of a model
+    bfloat16 scores (helper D, round 7). The line now names float16 and the dtypes to use."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 3] = 60000.0
+        model.model.layers[0].self_attn.o_proj.weight[3, :] = 2000.0
+    src = save_checkpoint(model.to(torch.bfloat16), tokenizer, tmp_path / "src")
+    (tmp_path / "text.txt").write_text(make_text(1500, 3))
+    common = ["--data", str(tmp_path / "text.txt"), "--seq-len", "64", "--max-tokens", "256", "-q"]
+    capsys.readouterr()
+    assert main(["eval", str(src), "-o", str(tmp_path / "fp16.json"), *common, "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "in float16 its activations may pass 65504" in err and "--dtype bfloat16 or float32" in err, err
+    assert len(err.splitlines()) == 1 and "damaged checkpoint" not in err and not (tmp_path / "fp16.json").exists()
+    assert main(["eval", str(src), "-o", str(tmp_path / "bf16.json"), *common, "--dtype", "bfloat16"]) == 0
+
+
 def test_the_closed_form_fit_on_1_and_2_threads_agrees_within_a_stated_tolerance(tokenizer, corpus_dir, tmp_path):
     """The thread count changes the order of the fp32 forward's sums, so the layers' inputs differ by ~1 fp32 ulp,
     and the ridge solve (fp64 Grams) amplifies that by its conditioning: measured up to 1.3e-7 on weights up to

@@ -392,16 +392,25 @@ def _tokens(tokenizer, texts: list[Text], seq_len: int, max_tokens: int | None) 
     return tokens
 
 
+def _why_not_finite(model) -> str:
+    """In float16 a healthy model's activations can pass 65504 (inf, then NaN logits), whatever its weights: named
+    so, instead of calling the checkpoint damaged (sources.load_model refuses weights beyond float16's range)."""
+    if next(model.parameters()).dtype == torch.float16:
+        return (
+            "in float16 its activations may pass 65504, float16's largest value; evaluate with --dtype bfloat16 or "
+            "float32 (if it reads the same there, its weights are damaged); no report written"
+        )
+    damaged = "a diverged training run, or a damaged checkpoint"
+    return f"its weights hold NaN/inf or absurd values ({damaged}); no report written"
+
+
 def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -> dict:
     """Perplexity, word perplexity, bits per byte, token counts and what data they were measured on."""
     s = settings
     scored = perplexity.score(model, tokens.ids, s["seq_len"], s["stride"], s["batch_size"], quiet)
     loss = scored["nll_sum"] / scored["num_scored"]
     if not (math.isfinite(loss) and loss < MAX_LOSS):
-        raise ClakitError(
-            f"the model's loss on the data is {loss:.4g} nats per token: its weights hold NaN/inf or absurd values "
-            "(a diverged training run, or a damaged checkpoint); no report written"
-        )
+        raise ClakitError(f"the model's loss on the data is {loss:.4g} nats per token: {_why_not_finite(model)}")
     measured = perplexity.metrics(scored["nll_sum"], scored["num_scored"], tokens.text)
     data = {
         "sources": [t.name for t in texts],
