@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,8 +281,19 @@ def evaluate(
     if passkey is not None:
         passkey.check()
     run = _prepare(model, cfg, tokenizer, text, passkey)
+    _note_slow_dtype(run.placement, quiet)
     loaded = _load(model, run.source, run.tokenizer, cfg, run.placement, name, run.identity)
     return _measure(loaded, cfg, run, decode_steps, quiet)
+
+
+def _note_slow_dtype(placement: dict, quiet: bool) -> None:
+    """--dtype bfloat16/float16 on a CPU without native kernels for it: one line, as uptrain's train.bf16 gets (there
+    a 16-bit matmul took 45x fp32's time: devices.slow_on_cpu), then the evaluation runs as asked."""
+    dtype = placement.get("dtype")
+    slow = placement.get("device") == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    line = slow and devices.slow_on_cpu(dtype, f"--dtype {str(dtype).removeprefix('torch.')}")
+    if line and not quiet:
+        print(f"clakit eval: {line}", file=sys.stderr, flush=True)
 
 
 @dataclass
