@@ -170,7 +170,7 @@ def test_record_holds_the_whole_config_and_every_calibration_file(tiny_llama_che
     assert run_cli(tiny_llama_checkpoint, out, "--calib-data", files[0], "--calib-data", files[1], *args, "-q") == 0
     record = read_json(out / "clakit_convert.json")
     config = record["config"]
-    assert set(config) == {f.name for f in dataclasses.fields(ConvertConfig)} | {"device_used"}
+    assert set(config) == {f.name for f in dataclasses.fields(ConvertConfig)} | {"device_used", "bf16_used"}
     assert config["calib_data"] == [str(f) for f in files] and config["ridge"] == 0.01
     assert config["device"] == config["device_used"] == "cpu" and config["dtype"] == "float32"
     assert record["settings"]["calib_data"] == [str(f) for f in files]

@@ -101,10 +101,10 @@ def sha256_of(data: bytes) -> str:
 
 def test_a_conversion_replays_from_its_record_and_names_its_inputs_by_content(tokenizer, corpus_dir, tmp_path):
     """The data-aware default (auto layout, reconstruct, distillation) from a GGUF file, replayed from nothing but its
-    clakit_convert.json (`config` less `device_used`, `source.path`): the same tensors, and a record equal to the
-    first but for times and the command. A GGUF file has no revision: the record names it by its sha256 (it was
-    null), the calibration text by its sha256 and the held-out text by the sha256 `clakit eval` records (neither was
-    recorded, so a replay could not tell it read the same files)."""
+    clakit_convert.json (`config` less `device_used` and `bf16_used`, `source.path`): the same tensors, and a record
+    equal to the first but for times and the command. A GGUF file has no revision: the record names it by its sha256
+    (it was null), the calibration text by its sha256 and the held-out text by the sha256 `clakit eval` records
+    (neither was recorded, so a replay could not tell it read the same files)."""
     import gguf
     from test_convert_archs import source_model, write_gguf
 
@@ -116,7 +116,7 @@ def test_a_conversion_replays_from_its_record_and_names_its_inputs_by_content(to
     settings = dict(calib_data=[str(corpus_dir / "calib.txt")], eval_data=[str(heldout)], distill_steps=2, **FAST)
     convert(path, tmp_path / "a", ConvertConfig(**settings), quiet=True)
     first = record(tmp_path / "a")
-    config = ConvertConfig(**{k: v for k, v in first["config"].items() if k != "device_used"})
+    config = ConvertConfig(**{k: v for k, v in first["config"].items() if k not in ("device_used", "bf16_used")})
     convert(first["source"]["path"], tmp_path / "b", config, quiet=True)
     again = record(tmp_path / "b")
     assert weights(tmp_path / "a") == weights(tmp_path / "b")

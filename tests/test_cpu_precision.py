@@ -70,3 +70,85 @@ def test_a_16_bit_eval_on_such_a_cpu_says_so_in_one_line(native, tiny_llama_chec
     said = [line for line in capsys.readouterr().err.splitlines() if "native bfloat16" in line]
     assert len(said) == (0 if native else 1), said
     assert all(line.startswith("clakit eval: --dtype bfloat16: this CPU has no native") for line in said), said
+
+
+# --- convert's --bf16: the data stages under torch.autocast over fp32 weights -----------------------------------
+
+CONVERT_FAST = dict(calib_tokens=512, seq_len=64, reconstruct_steps=20, distill_steps=10, distill_tokens=512,
+                    eval_tokens=128, device="cpu")  # fmt: skip
+
+
+def _convert(checkpoint, corpus_dir, out, **settings) -> dict:
+    from clakit.convert import ConvertConfig, convert
+
+    data = dict(calib_data=[str(corpus_dir / "calib.txt")], eval_data=[str(corpus_dir / "heldout.txt")])
+    convert(checkpoint, out, ConvertConfig(**data, **CONVERT_FAST, **settings), quiet=True)
+    return json.loads((out / "clakit_convert.json").read_text())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_default_conversion_computes_in_bf16_exactly_where_the_cpu_has_native_kernels(
+    native, tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(devices, "native_on_cpu", lambda dtype: native)
+    default = _convert(tiny_llama_checkpoint, corpus_dir, tmp_path / "default")
+    assert default["config"]["bf16"] is None and default["config"]["bf16_used"] is native
+    off = _convert(tiny_llama_checkpoint, corpus_dir, tmp_path / "off", bf16=False)
+    assert off["config"]["bf16_used"] is False
+    # the same work in another precision: other fitted tensors where bf16 ran, the same bytes where it did not
+    same = off["distill"]["kl_after"] == default["distill"]["kl_after"]
+    assert same is not native, (off["distill"], default["distill"])
+
+
+def test_bf16_fits_train_every_step_and_write_float32_tensors_and_float32_quick_checks(
+    tiny_llama_checkpoint, corpus_dir, tmp_path
+):
+    """The autocast spans whole stages; with its cast cache on, every step saw the bf16 copy of the trained leaves
+    made at step 0 (the distillation's KL after equalled its KL before, and the fits moved nothing)."""
+    from safetensors.torch import load_file
+
+    on = _convert(tiny_llama_checkpoint, corpus_dir, tmp_path / "on", bf16=True)
+    off = _convert(tiny_llama_checkpoint, corpus_dir, tmp_path / "off", bf16=False)
+    assert on["config"]["bf16_used"] is True
+    assert on["distill"]["kl_after"] < on["distill"]["kl_before"], on["distill"]
+    # the quick check reads in float32 either way: the source's perplexity is the same number
+    assert on["eval"]["perplexity_before"] == off["eval"]["perplexity_before"]
+    assert abs(on["eval"]["perplexity_after"] / off["eval"]["perplexity_after"] - 1) < 0.05
+    tensors = load_file(tmp_path / "on" / "model.safetensors")
+    fitted = [n for n in tensors if ".self_attn." in n and tensors[n].dtype == torch.float32]
+    assert fitted and all(tensors[n].dtype == torch.float32 for n in tensors)
+    # fitted fp32 leaves are written as trained, not rounded to bf16 on the way
+    assert any(not torch.equal(tensors[n], tensors[n].bfloat16().float()) for n in fitted)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_convert_on_a_cpu_without_native_kernels_says_so_in_one_line(
+    native, tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch, capsys
+):
+    from clakit.cli import main
+
+    monkeypatch.setattr(devices, "native_on_cpu", lambda dtype: native)
+    args = ["--calib-data", str(corpus_dir / "calib.txt"), "--calib-tokens", "256", "--seq-len", "64"]
+    args += ["--reconstruct-steps", "2", "--distill-steps", "2", "--distill-tokens", "256", "--device", "cpu"]
+    assert main(["convert", str(tiny_llama_checkpoint), str(tmp_path / "out"), *args, "--bf16"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "native bfloat16" in line]
+    assert len(said) == (0 if native else 1), said
+    assert all(line.startswith("clakit convert: --bf16: this CPU has no native") for line in said), said
+    record = json.loads((tmp_path / "out" / "clakit_convert.json").read_text())
+    assert record["config"]["bf16"] is True and record["config"]["bf16_used"] is True
+
+
+def test_a_reconstruct_fit_under_the_stage_wide_bf16_autocast_moves_its_tensors():
+    """The per-group fit runs inside the stage's autocast: its Adam steps must see their own updates."""
+    from conftest import tiny_model
+
+    from clakit.convert.calibrate import collect_stats
+    from clakit.convert.layerwise import autocast
+    from clakit.convert.reconstruct import reconstruct_group
+
+    model = tiny_model("llama").eval()
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect_stats(model, ids, [(0, 1)], keep=[0, 1], progress=False)
+    with autocast(True, torch.device("cpu")):
+        _, record = reconstruct_group(model, stats, [0, 1], {}, steps=40, seed=0)
+    assert record["best"] < 0.99 * record["start"], record

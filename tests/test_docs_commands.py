@@ -513,7 +513,8 @@ def test_clakit_convert_json_holds_the_fields_docs_convert_md_names(tiny_llama_c
     stages = re.search(r"`stage_seconds` in `clakit_convert.json` \(([^)]*)\)", docs["convert.md"]).group(1)
     named |= {f"stage_seconds.{k.strip()}" for k in stages.split(",")}
     sketch = re.search(r"`clakit_convert.json` \(the same, machine-readable: ([^)]*)\)", docs["convert.md"]).group(1)
-    named |= set(re.findall(r"`(\w+)`", sketch)) | {"config.device_used", "distill.kl_before", "distill.losses"}
+    named |= set(re.findall(r"`(\w+)`", sketch)) | {"config.device_used", "config.bf16_used", "distill.kl_before"}
+    named |= {"distill.losses"}
     assert len(named) >= 15, named
     missing = sorted(k for k in named if not _has_path(record, k))
     assert not missing, f"clakit_convert.json lacks what docs/convert.md names: {missing}"

@@ -16,6 +16,7 @@ not copied) plus fp32 copies, gradients and Adam state of the trained tensors, a
 the CPU). `distill_bytes` estimates it; the converter checks it against the device before any work starts.
 """
 
+import contextlib
 import math
 
 import torch
@@ -119,9 +120,11 @@ def _fp32_leaves(student, names: list[str]) -> dict[str, torch.nn.Parameter]:
 
 
 def _autocast(student, dtype: torch.dtype):
-    """bf16 weights with fp32 trained leaves (GPU fits): autocast runs the matmuls in bf16; fp32 needs nothing."""
-    device = next(student.parameters()).device.type
-    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    """bf16 weights with fp32 trained leaves (GPU fits): autocast runs the matmuls in bf16; fp32 weights need
+    nothing of their own (no context: an autocast(enabled=False) would switch off the caller's `--bf16` one)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(next(student.parameters()).device.type, dtype=dtype)
 
 
 def _batch_kl(student, ids: torch.Tensor, logits: list[torch.Tensor], b: int) -> float:

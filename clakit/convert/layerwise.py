@@ -175,5 +175,30 @@ def resolve_device(name: str, dtype: str) -> torch.device:
     rule is clakit eval's too (`clakit.devices.resolve`); bfloat16 fits are convert's own rule."""
     device = devices.resolve(name)
     if dtype == "bfloat16" and device.type == "cpu":
-        raise ClakitError("--dtype bfloat16 fits need a GPU (--device cuda); on the CPU use --dtype float32")
+        raise ClakitError(
+            "--dtype bfloat16 fits need a GPU (--device cuda); on the CPU use --dtype float32 (--bf16 computes in "
+            "bfloat16 over it)"
+        )
     return device
+
+
+def fit_autocast(bf16: bool | None, dtype: str, device: torch.device) -> bool:
+    """`--bf16`: whether the data stages compute in bfloat16 under torch.autocast over `dtype` weights. By default
+    on a CPU with native bf16 kernels only: there it halves the stages' time at the same quality (SmolLM2, docs/
+    quality.md, stop 36), elsewhere a bf16 matmul is ~45x slower (`devices.slow_on_cpu`); on a GPU the fits take
+    about a minute in fp32 and bf16 weights (`--dtype bfloat16`) are the memory lever. bf16 weights need none."""
+    if dtype == "bfloat16":
+        return False
+    if bf16 is None:
+        return device.type == "cpu" and devices.native_on_cpu(torch.bfloat16)
+    return bf16
+
+
+def autocast(enabled: bool, device: torch.device):
+    """torch.autocast to bf16 when `enabled`, else no context at all (an autocast(enabled=False) would switch off
+    one a caller opened). Its cast cache is off: the context spans whole stages, and the cache keeps the first bf16
+    copy of each trained fp32 leaf until the context exits, so every later step would see the weights of step 0
+    (the distillation's KL after equalled its KL before)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)

@@ -23,7 +23,7 @@ import transformers
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from clakit import outputs
+from clakit import devices, outputs
 from clakit.convert.checkpoint import (
     SafetensorsCheckpoint,
     ShardWriter,
@@ -40,7 +40,7 @@ from clakit.convert.config import (
     ConvertConfig,
 )
 from clakit.convert.inmemory import cla_config, cla_family
-from clakit.convert.layerwise import LayerwiseModel, fresh_rotary, resolve_device
+from clakit.convert.layerwise import LayerwiseModel, autocast, fit_autocast, fresh_rotary, resolve_device
 from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, check_shareable, kv_saving, uniform_layout
 from clakit.convert.output_folder import (
     copy_tokenizer_files,
@@ -301,6 +301,7 @@ class _Conversion:
         self.overwrite, self.quiet = overwrite, quiet
         self.init = config.init
         self.fit_dtype = DTYPES[config.dtype]
+        self.bf16 = fit_autocast(config.bf16, config.dtype, device)  # the data stages' matmuls, over these weights
         self.results: dict = {}  # measured along the way: eval perplexities, auto-layout scores
         self.needs_calibration = self.init in DATA_AWARE_INITS or config.layout == "auto"
 
@@ -331,6 +332,9 @@ class _Conversion:
 
     def _run(self) -> Path:
         outputs.check_folder(self.out, "convert", overwrite=self.overwrite, inputs=self._inputs())
+        slow = self.bf16 and self.device.type == "cpu" and devices.slow_on_cpu(torch.bfloat16, "--bf16")
+        if slow and not self.quiet:  # a note, not a refusal (as uptrain's train.bf16): right, only slow
+            print(f"clakit convert: {slow}", file=sys.stderr, flush=True)
         self.stage_seconds: dict[str, float] = {}
         self.started = time.perf_counter()
         self.config, self.architecture = _source_config(self.source, self.cfg.trust_remote_code)
@@ -595,7 +599,7 @@ class _Conversion:
         ids = ids.to(self.device)
         if self.layout is None:
             self.say(f"choosing a layout saving {c.kv_saving:.0%} of the KV cache on {ids.numel()} tokens...")
-            with runner.offloaded() as model, self._timed("layout"):
+            with runner.offloaded() as model, self._timed("layout"), autocast(self.bf16, self.device):
                 self.layout, self.results["auto_layout"] = calibrate.auto_layout(
                     model, ids, c.kv_saving, refine=c.refine, refine_max_group=c.refine_max_group,
                     progress=not self.quiet,
@@ -605,7 +609,7 @@ class _Conversion:
             return {}
         self._check_disk(self.layout, ids.numel())  # the chosen layout's Grams, the tokens the text gave
         self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens, layer by layer...")
-        with self._timed("fit"):
+        with self._timed("fit"), autocast(self.bf16, self.device):
             overrides = calibrate.fit_kv(
                 runner.model, self.layout, ids, self.init, seed=c.seed, steps=c.reconstruct_steps,
                 progress=not self.quiet, ridge=c.ridge, scratch=scratch, lr=c.reconstruct_lr,
@@ -634,7 +638,8 @@ class _Conversion:
         from clakit.convert import distill
 
         self.say(f"distilling the converted model end to end ({self.distill_steps} steps on {ids.numel()} tokens)...")
-        with runner.loaded(*range(self.config.num_hidden_layers)), self._timed("distill"):
+        loaded = runner.loaded(*range(self.config.num_hidden_layers))
+        with loaded, self._timed("distill"), autocast(self.bf16, self.device):
             logits = distill.teacher_logits(runner.model, ids)
             student = distill.cla_student(runner.model, self.layout, overrides)
             trained, record = distill.distill(
@@ -677,7 +682,7 @@ class _Conversion:
         settings = self._settings(dtype)
         return {
             "settings": settings.to_dict(),
-            "config": {**self.cfg.to_dict(), "device_used": str(self.device)},
+            "config": {**self.cfg.to_dict(), "device_used": str(self.device), "bf16_used": self.bf16},
             "source": {  # where the weights came from, resolved (a Hub id's local snapshot, a .gguf file)
                 "spec": settings.source, "kind": settings.source_kind, "revision": settings.revision,
                 "path": str(self.source.path), "sha256": getattr(self, "source_sha256", None),
