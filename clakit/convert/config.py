@@ -122,12 +122,12 @@ class ConvertConfig:
         default="float32",
         metadata=opt("dtype of the weights during the fits (bfloat16 only on a GPU)", choices=list(FIT_DTYPES)),
     )
-    bf16: bool | None = field(
-        default=None,
+    bf16: bool = field(
+        default=False,
         metadata=opt(
             "compute the layout search, the fits and the distillation in bfloat16 (torch.autocast) over float32 "
-            "weights; the fitted tensors and the quick check stay float32 (default: on where the fits run on a CPU "
-            "with native bfloat16 kernels, AMX or AVX512-BF16; off on a GPU and on other CPUs)"
+            "weights; the fitted tensors and the quick check stay float32. Faster only on a GPU or a CPU with native "
+            "bfloat16 kernels (AMX or AVX512-BF16; SmolLM2 on 2 such cores: 11 min 20 s -> 7 min 33 s)"
         ),
     )
     # quick check

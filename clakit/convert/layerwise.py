@@ -182,16 +182,11 @@ def resolve_device(name: str, dtype: str) -> torch.device:
     return device
 
 
-def fit_autocast(bf16: bool | None, dtype: str, device: torch.device) -> bool:
-    """`--bf16`: whether the data stages compute in bfloat16 under torch.autocast over `dtype` weights. By default
-    on a CPU with native bf16 kernels only: there it halves the stages' time at the same quality (SmolLM2, docs/
-    quality.md, stop 36), elsewhere a bf16 matmul is ~45x slower (`devices.slow_on_cpu`); on a GPU the fits take
-    about a minute in fp32 and bf16 weights (`--dtype bfloat16`) are the memory lever. bf16 weights need none."""
-    if dtype == "bfloat16":
-        return False
-    if bf16 is None:
-        return device.type == "cpu" and devices.native_on_cpu(torch.bfloat16)
-    return bf16
+def fit_autocast(bf16: bool, dtype: str) -> bool:
+    """`--bf16`: whether the data stages compute in bfloat16 under torch.autocast over `dtype` weights; bf16 weights
+    need none. Off by default, as uptrain's train.bf16: the same command then writes the same tensors on every
+    machine, and on a CPU without native bf16 kernels a bf16 matmul is ~45x slower (`devices.slow_on_cpu`)."""
+    return bf16 and dtype != "bfloat16"
 
 
 def autocast(enabled: bool, device: torch.device):

@@ -301,7 +301,7 @@ class _Conversion:
         self.overwrite, self.quiet = overwrite, quiet
         self.init = config.init
         self.fit_dtype = DTYPES[config.dtype]
-        self.bf16 = fit_autocast(config.bf16, config.dtype, device)  # the data stages' matmuls, over these weights
+        self.bf16 = fit_autocast(config.bf16, config.dtype)  # the data stages' matmuls, over these weights
         self.results: dict = {}  # measured along the way: eval perplexities, auto-layout scores
         self.needs_calibration = self.init in DATA_AWARE_INITS or config.layout == "auto"
 
