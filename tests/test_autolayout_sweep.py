@@ -105,3 +105,20 @@ def test_auto_layout_picks_the_same_layout_and_scores_as_the_per_group_scoring(n
     assert layout == old_layout and scores["chosen"] == old_scores["chosen"]
     assert scores["group_nll_increase"] == pytest.approx(old_scores["group_nll_increase"], abs=2e-6)
     assert scores["candidates"] == old_scores["candidates"] and scores["refine_moves"] == old_scores["refine_moves"]
+
+
+def test_layouts_are_scored_on_rows_whose_second_half_repeats_their_first(calib_ids):
+    """The scoring rows weigh in-context retrieval as much as prose: each row's second half repeats its first, so a
+    layout that loses retrieval (SmolLM2: sharing layers 15-18) pays for it; the caller's windows stay as they were."""
+    given = calib_ids.clone()
+    rows = autolayout.scoring_rows(calib_ids)
+    half = rows.shape[1] // 2
+    assert torch.equal(calib_ids, given) and len(rows) == min(len(given), autolayout.SCORE_TOKENS // rows.shape[1])
+    assert torch.equal(rows[:, :half], given[: len(rows), :half])
+    assert torch.equal(rows[:, half : 2 * half], rows[:, :half])
+    model = model_for("llama")
+    _, scores = auto_layout(model, calib_ids, 0.5, progress=False)
+    with torch.no_grad():
+        scored = model(rows, labels=rows).loss.item()
+    assert scores["calibration_nll_original"] == pytest.approx(scored, abs=1e-5)
+    assert scores["score_repeat_tokens"] == half
