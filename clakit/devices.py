@@ -41,11 +41,12 @@ def native_on_cpu(dtype: torch.dtype) -> bool:
     return check is None or bool(check())
 
 
-def slow_on_cpu(dtype: torch.dtype, what: str) -> str | None:
-    """A line for a 16-bit run on a CPU without native kernels for it, else None. Such a run is slower than fp32,
-    not faster: a bf16 forward + backward of a (1024 x 576) @ (576 x 1536) linear took 745 ms against fp32's 16.5 ms
-    on 2 cores with oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2), and 4.6 ms on the same AMX CPU unheld."""
-    if native_on_cpu(dtype):
+def slow_on_cpu(dtype, what: str, device) -> str | None:
+    """A line for a 16-bit run on a CPU without native kernels for it, else None (also on a GPU, and for fp32 or a
+    dtype left to the checkpoint). Such a run is slower than fp32, not faster: a bf16 forward + backward of a
+    (1024 x 576) @ (576 x 1536) linear took 745 ms against fp32's 16.5 ms on 2 cores with oneDNN held to AVX2
+    (ONEDNN_MAX_CPU_ISA=AVX2), and 4.6 ms on the same AMX CPU unheld. The one check convert, uptrain and eval use."""
+    if torch.device(device).type != "cpu" or dtype not in _NATIVE_CHECK or native_on_cpu(dtype):
         return None
     name = str(dtype).removeprefix("torch.")
     return (

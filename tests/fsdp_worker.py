@@ -83,6 +83,8 @@ def run(rank: int, mode: str, path: Path, out: Path) -> None:
     train_step(resumed, r_optimizer, r_scheduler, train)
     a, b = checkpoint.trainable_state(model), checkpoint.trainable_state(resumed)
     result["resume_max_diff"] = max((a[k] - b[k]).abs().max().item() for k in a)
+    # a disk full on rank 0 mid-stream: every rank ends in one ClakitError, none waits in a gather
+    result["failed_save"] = failed_save(rank, mode, model, optimizer, scheduler, out)
     # strict loading: one tensor short is refused on every process, before any collective
     try:
         checkpoint.load_trainable(resumed, dict(list(a.items())[1:]), "a short state")
@@ -102,6 +104,43 @@ def run(rank: int, mode: str, path: Path, out: Path) -> None:
             merged_logits = student.load_cla(out / "merged", torch.float32)(input_ids=ids).logits
         result["merge_max_diff"] = (sharded_logits - merged_logits).abs().max().item()
         (out / "result.json").write_text(json.dumps(result))
+
+
+def failed_save(rank: int, mode: str, model, optimizer, scheduler, out: Path) -> str:
+    """Save step 2 with rank 0's disk full from the second write into one file on: trainable.safetensors (opened
+    "wb") under fsdp1, optimizer.pt (reopened "r+b" for the moments) under fsdp2. Rank 1's message goes to
+    failed_save1.json (rank 0's into result.json)."""
+    failing_mode = "wb" if mode == "fsdp1" else "r+b"
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes >= 2:
+                raise OSError(28, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def opener(path, how="r", *args):
+        f = open(path, how, *args)
+        return FullDisk(f) if how == failing_mode else f
+
+    if rank == 0:
+        checkpoint.open = opener  # the module's name for the builtin
+    try:
+        checkpoint.save_checkpoint(out / "run", 2, model, optimizer, scheduler, {"step": 2})
+        said = "saved"
+    except ClakitError as e:
+        said = str(e)
+    finally:
+        vars(checkpoint).pop("open", None)
+    if rank == 1:
+        (out / "failed_save1.json").write_text(json.dumps(said))
+    return said
 
 
 def teacher_run(rank: int, path: Path, out: Path) -> None:

@@ -17,7 +17,9 @@ from clakit import devices
 PROBE = (
     "import json, torch; from clakit import devices; "
     "print(json.dumps([devices.native_on_cpu(torch.bfloat16), devices.native_on_cpu(torch.float16), "
-    "devices.native_on_cpu(torch.float32), devices.slow_on_cpu(torch.bfloat16, 'train.bf16')]))"
+    "devices.native_on_cpu(torch.float32), devices.slow_on_cpu(torch.bfloat16, 'train.bf16', 'cpu'), "
+    "[devices.slow_on_cpu(d, 'x', dev) for d, dev in ((torch.bfloat16, 'cuda'), (torch.float32, 'cpu'), "
+    "(None, 'cpu'), (torch.float16, torch.device('cpu')))]]))"
 )
 
 
@@ -28,14 +30,17 @@ def probe(**env) -> list:
 
 
 def test_a_cpu_held_to_avx2_has_no_native_16_bit_kernels_and_a_bf16_run_is_told_so():
-    bf16, fp16, fp32, line = probe(ONEDNN_MAX_CPU_ISA="AVX2")
+    bf16, fp16, fp32, line, others = probe(ONEDNN_MAX_CPU_ISA="AVX2")
     assert (bf16, fp16, fp32) == (False, False, True)
     assert line.startswith("train.bf16: this CPU has no native bfloat16 kernels (AVX512-BF16 or AMX)")
     assert "use float32" in line
+    # bf16 on a GPU, fp32 and a dtype left to the checkpoint are never slow; fp16 on this CPU is
+    assert others[:3] == [None, None, None]
+    assert others[3].startswith("x: this CPU has no native float16 kernels (AVX512-FP16 or AMX-FP16)")
 
 
 def test_the_answer_on_this_cpu_is_onednns():
-    bf16, fp16, fp32, line = probe()
+    bf16, fp16, fp32, line, _ = probe()
     assert (bf16, fp16, fp32) == (
         torch.ops.mkldnn._is_mkldnn_bf16_supported(),
         torch.ops.mkldnn._is_mkldnn_fp16_supported(),
@@ -148,6 +153,6 @@ def test_a_reconstruct_fit_under_the_stage_wide_bf16_autocast_moves_its_tensors(
     model = tiny_model("llama").eval()
     ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
     stats = collect_stats(model, ids, [(0, 1)], keep=[0, 1], progress=False)
-    with autocast(True, torch.device("cpu")):
+    with autocast(torch.bfloat16, torch.device("cpu")):
         _, record = reconstruct_group(model, stats, [0, 1], {}, steps=40, seed=0)
     assert record["best"] < 0.99 * record["start"], record

@@ -62,6 +62,21 @@ def test_fsdp_resume_merge_and_strict_loading(fsdp_run, mode):
 
 
 @pytest.mark.parametrize("mode", ["fsdp1", "fsdp2"])
+def test_a_write_failing_on_rank_0_mid_stream_stops_every_rank_in_one_line(fsdp_run, mode):
+    """Rank 0's disk fills while it writes the gathered tensors (fsdp1) or moments (fsdp2): both ranks raise the
+    same ClakitError instead of rank 1 waiting in the next gather (the worker's 60 s process-group timeout would
+    fail the run), the unfinished step-000002.tmp is gone, and step-000001 stays whole."""
+    result = json.loads((fsdp_run / mode / "result.json").read_text())
+    other = json.loads((fsdp_run / mode / "failed_save1.json").read_text())
+    assert result["failed_save"] == other
+    assert other.startswith("could not write checkpoint step-000002 in ") and "No space left on device" in other
+    assert other.endswith("then add --resume to the same command to continue from step-000001")
+    folders = sorted(p.name for p in (fsdp_run / mode / "run" / "checkpoints").iterdir())
+    assert folders == ["step-000001"]
+    assert len(load_file(fsdp_run / mode / "run" / "checkpoints" / "step-000001" / "trainable.safetensors")) == 18
+
+
+@pytest.mark.parametrize("mode", ["fsdp1", "fsdp2"])
 def test_fsdp_heldout_loss_equals_one_process(fsdp_run, tiny_cla_checkpoint, mode):  # noqa: F811
     """9 blocks, 2 processes, batch 4: 5 and 4 blocks, so unpadded shares would run 2 and 1 forward passes and hang
     FSDP; padded, both run 2 and the padding is left out of the sums."""

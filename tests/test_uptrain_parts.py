@@ -217,3 +217,38 @@ def test_a_checkpoint_of_the_per_tensor_loop_resumes_on_the_fused_kernel(tmp_pat
     assert [g["fused"] for g in optimizer.param_groups] == [True]
     state = optimizer.state[optimizer.param_groups[0]["params"][0]]
     torch.testing.assert_close(state["exp_avg"], old_optimizer.state[old.weight]["exp_avg"])
+
+
+@pytest.mark.parametrize("failing", ["trainable", "scheduler"])
+def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_and_keeps_the_last(failing, tmp_path, monkeypatch):
+    """A full disk while saving step 2 (safetensors' OSError, or torch.save's RuntimeError for the scheduler): one
+    ClakitError naming the checkpoint, the error and --resume from step 1; the unfinished step-000002.tmp is gone
+    and step 1 loads as before."""
+    from clakit.uptrain import checkpoint
+
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    first = checkpoint.save_checkpoint(tmp_path / "run", 1, model, optimizer, scheduler, {"step": 1})
+
+    def full(*args, **kwargs):
+        raise (OSError(28, "No space left on device") if failing == "trainable" else RuntimeError("file write failed"))
+
+    if failing == "trainable":
+        monkeypatch.setattr(checkpoint, "save_file", full)
+    else:
+        save = torch.save
+
+        def scheduler_fails(obj, path, *args, **kwargs):
+            return full() if path.name == "scheduler.pt" else save(obj, path, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", scheduler_fails)
+    with pytest.raises(ClakitError) as e:
+        checkpoint.save_checkpoint(tmp_path / "run", 2, model, optimizer, scheduler, {"step": 2})
+    message = str(e.value)
+    assert message.startswith(f"could not write checkpoint step-000002 in {tmp_path / 'run' / 'checkpoints'}: ")
+    assert ("No space left on device" if failing == "trainable" else "file write failed") in message
+    assert message.endswith("then add --resume to the same command to continue from step-000001")
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000001"]
+    assert checkpoint.checkpoint_dirs(tmp_path / "run") == [first]
+    assert checkpoint.load_checkpoint(first, model, optimizer, scheduler) == {"step": 1}

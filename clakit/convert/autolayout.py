@@ -45,8 +45,13 @@ def scoring_rows(input_ids: torch.Tensor) -> torch.Tensor:
     adjacent pair of layers 15-18 raises the loss on repeated tokens by 1.35-1.65 nats at mean init (every other pair
     but 0-1 by at most 0.41), and the converted model answered 0 of 90 passkeys (docs/quality.md, stop 36)."""
     ids = input_ids[: max(1, SCORE_TOKENS // input_ids.shape[1])].clone()
-    span = ids.shape[1] // 2
+    span = repeat_span(ids.shape[1])
     return add_copies(ids, 1.0, span) if span else ids
+
+
+def repeat_span(row_tokens: int) -> int:
+    """How many tokens at the end of a scoring row repeat its first ones (`scoring_rows`; the record says it)."""
+    return row_tokens // 2
 
 
 def producers_for(num_layers: int, saving: float) -> int:
@@ -439,7 +444,7 @@ def auto_layout(
         "kv_saving": layout_saving(candidates[chosen]),
         "max_group": max_group,
         "score_tokens": ids.numel(),
-        "score_repeat_tokens": ids.shape[1] // 2,  # per row: its second half repeats its first (`scoring_rows`)
+        "score_repeat_tokens": repeat_span(ids.shape[1]),  # per row (`scoring_rows`)
         "calibration_nll_original": round(base, 6),
         "group_nll_increase": {f"{i}-{j}": round(c, 6) for (i, j), c in costs.items() if j > i},
         "candidates": {

@@ -16,13 +16,12 @@ not copied) plus fp32 copies, gradients and Adam state of the trained tensors, a
 the CPU). `distill_bytes` estimates it; the converter checks it against the device before any work starts.
 """
 
-import contextlib
 import math
 
 import torch
 
 from clakit.convert.inmemory import cla_parts
-from clakit.convert.layerwise import fresh_rotary
+from clakit.convert.layerwise import autocast, fresh_rotary
 from clakit.losses import token_kl
 
 TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections, in every layer that has them
@@ -121,10 +120,8 @@ def _fp32_leaves(student, names: list[str]) -> dict[str, torch.nn.Parameter]:
 
 def _autocast(student, dtype: torch.dtype):
     """bf16 weights with fp32 trained leaves (GPU fits): autocast runs the matmuls in bf16; fp32 weights need
-    nothing of their own (no context: an autocast(enabled=False) would switch off the caller's `--bf16` one)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(next(student.parameters()).device.type, dtype=dtype)
+    nothing of their own (no context, so the caller's `--bf16` one stays on)."""
+    return autocast(dtype, next(student.parameters()).device)
 
 
 def _batch_kl(student, ids: torch.Tensor, logits: list[torch.Tensor], b: int) -> float:

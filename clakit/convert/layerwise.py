@@ -189,11 +189,12 @@ def fit_autocast(bf16: bool, dtype: str) -> bool:
     return bf16 and dtype != "bfloat16"
 
 
-def autocast(enabled: bool, device: torch.device):
-    """torch.autocast to bf16 when `enabled`, else no context at all (an autocast(enabled=False) would switch off
-    one a caller opened). Its cast cache is off: the context spans whole stages, and the cache keeps the first bf16
-    copy of each trained fp32 leaf until the context exits, so every later step would see the weights of step 0
-    (the distillation's KL after equalled its KL before)."""
-    if not enabled:
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """torch.autocast to `dtype` (bf16, fp16), else (None, fp32) no context at all: an autocast(enabled=False)
+    would switch off one a caller opened (`--bf16`'s stage-wide one, around the distillation's per-step one over
+    bf16 weights). Its cast cache is off: a stage-wide context would keep the first bf16 copy of each trained fp32
+    leaf until it exits, so every later step would see the weights of step 0 (the distillation's KL after equalled
+    its KL before); within one step each weight is cast once anyway."""
+    if dtype in (None, torch.float32):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False)

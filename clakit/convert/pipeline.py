@@ -302,6 +302,7 @@ class _Conversion:
         self.init = config.init
         self.fit_dtype = DTYPES[config.dtype]
         self.bf16 = fit_autocast(config.bf16, config.dtype)  # the data stages' matmuls, over these weights
+        self.compute_dtype = torch.bfloat16 if self.bf16 else None  # `autocast`'s: None opens no context
         self.results: dict = {}  # measured along the way: eval perplexities, auto-layout scores
         self.needs_calibration = self.init in DATA_AWARE_INITS or config.layout == "auto"
 
@@ -332,7 +333,7 @@ class _Conversion:
 
     def _run(self) -> Path:
         outputs.check_folder(self.out, "convert", overwrite=self.overwrite, inputs=self._inputs())
-        slow = self.bf16 and self.device.type == "cpu" and devices.slow_on_cpu(torch.bfloat16, "--bf16")
+        slow = self.bf16 and devices.slow_on_cpu(torch.bfloat16, "--bf16", self.device)
         if slow and not self.quiet:  # a note, not a refusal (as uptrain's train.bf16): right, only slow
             print(f"clakit convert: {slow}", file=sys.stderr, flush=True)
         self.stage_seconds: dict[str, float] = {}
@@ -599,7 +600,7 @@ class _Conversion:
         ids = ids.to(self.device)
         if self.layout is None:
             self.say(f"choosing a layout saving {c.kv_saving:.0%} of the KV cache on {ids.numel()} tokens...")
-            with runner.offloaded() as model, self._timed("layout"), autocast(self.bf16, self.device):
+            with runner.offloaded() as model, self._timed("layout"), autocast(self.compute_dtype, self.device):
                 self.layout, self.results["auto_layout"] = calibrate.auto_layout(
                     model, ids, c.kv_saving, refine=c.refine, refine_max_group=c.refine_max_group,
                     progress=not self.quiet,
@@ -609,7 +610,7 @@ class _Conversion:
             return {}
         self._check_disk(self.layout, ids.numel())  # the chosen layout's Grams, the tokens the text gave
         self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens, layer by layer...")
-        with self._timed("fit"), autocast(self.bf16, self.device):
+        with self._timed("fit"), autocast(self.compute_dtype, self.device):
             overrides = calibrate.fit_kv(
                 runner.model, self.layout, ids, self.init, seed=c.seed, steps=c.reconstruct_steps,
                 progress=not self.quiet, ridge=c.ridge, scratch=scratch, lr=c.reconstruct_lr,
@@ -639,7 +640,7 @@ class _Conversion:
 
         self.say(f"distilling the converted model end to end ({self.distill_steps} steps on {ids.numel()} tokens)...")
         loaded = runner.loaded(*range(self.config.num_hidden_layers))
-        with loaded, self._timed("distill"), autocast(self.bf16, self.device):
+        with loaded, self._timed("distill"), autocast(self.compute_dtype, self.device):
             logits = distill.teacher_logits(runner.model, ids)
             student = distill.cla_student(runner.model, self.layout, overrides)
             trained, record = distill.distill(

@@ -289,9 +289,8 @@ def evaluate(
 def _note_slow_dtype(placement: dict, quiet: bool) -> None:
     """--dtype bfloat16/float16 on a CPU without native kernels for it: one line, as uptrain's train.bf16 gets (there
     a 16-bit matmul took 45x fp32's time: devices.slow_on_cpu), then the evaluation runs as asked."""
-    dtype = placement.get("dtype")
-    slow = placement.get("device") == "cpu" and dtype in (torch.bfloat16, torch.float16)
-    line = slow and devices.slow_on_cpu(dtype, f"--dtype {str(dtype).removeprefix('torch.')}")
+    dtype, device = placement.get("dtype"), placement.get("device")  # {}: in memory; a device_map: GPUs
+    line = device and devices.slow_on_cpu(dtype, f"--dtype {str(dtype).removeprefix('torch.')}", device)
     if line and not quiet:
         print(f"clakit eval: {line}", file=sys.stderr, flush=True)
 

@@ -66,6 +66,33 @@ def barrier() -> None:
         dist.barrier()
 
 
+class HeldWrites:
+    """One process's file writes during a collective save. A write failing on one rank (a full disk) and raised at
+    once left the other ranks waiting in the next gather or barrier, for ever under gloo: the first error is held
+    instead, the writes after it are skipped while every rank goes through the same collectives, and `agree` then
+    raises it on every rank. torch.save reports a failed write as a RuntimeError, so that is held too."""
+
+    def __init__(self):
+        self.error: str | None = None
+
+    def __call__(self, fn, *args, default=None):
+        """fn(*args), unless a write failed already (then `default`, as when this one fails)."""
+        if self.error is None:
+            try:
+                return fn(*args)
+            except (OSError, RuntimeError) as e:
+                self.error = str(e) or type(e).__name__
+        return default
+
+    def agree(self) -> str | None:
+        """The first held error of any rank, on every rank (collective), else None."""
+        if rank_and_world()[1] == 1:
+            return self.error
+        errors = [None] * rank_and_world()[1]
+        dist.all_gather_object(errors, self.error)
+        return next((e for e in errors if e is not None), None)
+
+
 def clean_name(name: str, ddp: bool = False) -> str:
     """A parameter's name without wrapper parts (`_fsdp_wrapped_module.` anywhere, DDP's leading `module.`)."""
     for part in WRAPPER_PARTS:
@@ -212,14 +239,16 @@ def _safetensors_header(specs: list[tuple[str, torch.dtype, tuple]]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def write_trainable(model, path: Path) -> None:
+def write_trainable(model, path: Path, held: HeldWrites | None = None) -> None:
     """Write the whole trainable tensors to `path` (safetensors; the main process) one layer at a time: the header
-    from the global shapes first, then each layer's tensors as they are gathered (collective)."""
+    from the global shapes first, then each layer's tensors as they are gathered (collective). `held`: the save's,
+    whose failed writes wait for its `agree` (None: they raise here)."""
     local = local_trainable(model)
     groups = layer_groups(list(local))
     order = [name for group in groups for name in group]
     main = rank_and_world()[0] == 0
-    with open(path, "wb") if main else contextlib.nullcontext() as f:
+    write = held or _call
+    with _MainFile(path, "wb", write) if main else contextlib.nullcontext() as f:
         if main:
             f.write(_safetensors_header([(n, local[n].dtype, _global_size(local[n])) for n in order]))
         for group in groups:
@@ -228,7 +257,37 @@ def write_trainable(model, path: Path) -> None:
                 f.write(_raw(whole[name]))
             del whole  # released before the next layer arrives
     if main:
-        outputs.usual_mode(path)
+        write(outputs.usual_mode, path)
+
+
+def _call(fn, *args, default=None):
+    """The writes of a save without `HeldWrites`: each raises at once."""
+    return fn(*args)
+
+
+class _MainFile:
+    """The main process's file in a streamed save, each operation through `write` (`HeldWrites`: after a failed
+    one, the rest are skipped while the gathers go on)."""
+
+    def __init__(self, path: Path, mode: str, write):
+        self.write_through, self.f = write, write(open, path, mode)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.f is not None:
+            self.write_through(self.f.close)  # a failing close (the last buffered bytes) is a failed write
+            with contextlib.suppress(OSError):
+                self.f.close()  # skipped above after an earlier failure: released all the same (again: a no-op)
+
+    def write(self, data) -> None:
+        if self.f is not None:
+            self.write_through(self.f.write, data)
+
+    def seek(self, offset: int) -> None:
+        if self.f is not None:
+            self.write_through(self.f.seek, offset)
 
 
 def _leaves(tree, path: tuple = ()):
@@ -290,34 +349,38 @@ def _local_optimizer(model, optimizer) -> dict:
     return get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=False))
 
 
-def write_optimizer(model, optimizer, path: Path) -> None:
+def write_optimizer(model, optimizer, path: Path, held: HeldWrites | None = None) -> None:
     """Write the optimizer's whole state to `path` (the main process) as torch.save writes it, one layer's state at
     a time (collective): the file is saved first with placeholders and no tensor bytes (skip_data), then each
-    layer's moments are gathered and written at their records' offsets."""
+    layer's moments are gathered and written at their records' offsets. `held`: as `write_trainable`'s."""
     local = _local_optimizer(model, optimizer)
     leaves = list(_leaves(local))
-    main, crcs, offsets = rank_and_world()[0] == 0, {}, []
+    main, crcs, offsets, write = rank_and_world()[0] == 0, {}, [], held or _call
     if main:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode():  # at 70B 96 GB of placeholders: none allocated
             placeholders = _placeholders(local)
-        with torch.serialization.skip_data(materialize_fake_tensors=True):
-            torch.save(placeholders, path)
-        reader = torch._C.PyTorchFileReader(str(path))
-        offsets = [reader.get_record_offset(f"data/{key}") for key in range(len(leaves))]
-        del reader
+        offsets = write(_skeleton, placeholders, path, len(leaves), default=[])  # []: it failed, nothing to write
     by_param = {}  # AdamW's state of each trained tensor: {"step", "exp_avg", "exp_avg_sq"}
     for key, (where, _) in enumerate(leaves):
         by_param.setdefault(where[1] if where[0] == "state" and len(where) > 2 else "", []).append(key)
     chunks = [[k for n in group for k in by_param.pop(n, [])] for group in layer_groups(list(by_param))]
-    with open(path, "r+b") if main else contextlib.nullcontext() as f:
+    with _MainFile(path, "r+b", write) if main and offsets else contextlib.nullcontext() as f:
         for chunk in chunks:
             whole = gather({key: leaves[key][1] for key in chunk})  # {} off the main process
-            crcs |= _write_at(f, whole, offsets)
+            crcs |= _write_at(f, whole, offsets) if f is not None else {}
             del whole  # released before the next layer arrives
-    if main:
-        _set_zip_crcs(path, crcs)
+    if main and offsets:
+        write(_set_zip_crcs, path, crcs)
+
+
+def _skeleton(placeholders, path: Path, count: int) -> list[int]:
+    """torch.save of the placeholder state dict without its tensors' bytes; the offsets of records data/0..count-1."""
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(placeholders, path)
+    reader = torch._C.PyTorchFileReader(str(path))
+    return [reader.get_record_offset(f"data/{key}") for key in range(count)]
 
 
 def _write_at(f, tensors: dict, offsets: list[int]) -> dict[str, tuple[int, int, int]]:
@@ -421,11 +484,13 @@ def _optimizer_state(model, optimizer) -> dict:
     return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=_options(model))
 
 
-def _write_whole(model, optimizer, folder: Path) -> None:
-    """One process's trainable tensors and optimizer state, each written whole and released before the next."""
-    save_file(trainable_state(model), folder / "trainable.safetensors")
-    outputs.usual_mode(folder / "trainable.safetensors")
-    torch.save(_optimizer_state(model, optimizer), folder / "optimizer.pt")
+def _write_whole(model, optimizer, folder: Path, held: HeldWrites | None = None) -> None:
+    """One process's trainable tensors and optimizer state, each written whole and released before the next. Only
+    the writes go through `held`: the state dicts are taken outside it, so an error there is not called a write's."""
+    write = held or _call
+    write(save_file, trainable_state(model), folder / "trainable.safetensors")
+    write(outputs.usual_mode, folder / "trainable.safetensors")
+    write(torch.save, _optimizer_state(model, optimizer), folder / "optimizer.pt")
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
@@ -433,27 +498,48 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     rank, world = rank_and_world()
     final = run_dir / CHECKPOINTS / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
+    held = HeldWrites()  # a failed write is raised on every rank once all have passed the same collectives
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        held(tmp.mkdir, 0o777, True)
     if world > 1:
         # CLA: streamed, one layer's tensors then one layer's moments on rank 0 at a time (the module's docstring):
         # at 70B with every attention projection trained in full, gathered whole they were 48 GB, then 96 GB
-        write_trainable(model, tmp / "trainable.safetensors")  # collective: every rank
-        write_optimizer(model, optimizer, tmp / "optimizer.pt")  # collective: every rank
+        write_trainable(model, tmp / "trainable.safetensors", held)  # collective: every rank
+        write_optimizer(model, optimizer, tmp / "optimizer.pt", held)  # collective: every rank
     else:  # one process gathers nothing: the tensors and moments are its own, written whole (the same files)
-        _write_whole(model, optimizer, tmp)
+        _write_whole(model, optimizer, tmp, held)
     if rank == 0:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        held(torch.save, scheduler.state_dict(), tmp / "scheduler.pt")
     barrier()
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-    barrier()
+    held(torch.save, rng_state(), tmp / f"rng-{rank}.pt")
+    _settle(held, tmp, run_dir)  # collective, as a barrier
     if rank == 0:
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))  # last: marks the folder complete
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    barrier()
+        held(_complete, tmp, final, state)
+    _settle(held, tmp, run_dir)
     return final
+
+
+def _complete(tmp: Path, final: Path, state: dict) -> None:
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))  # last: marks the folder complete
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _settle(held: HeldWrites, tmp: Path, run_dir: Path) -> None:
+    """After a failed write on any rank: rank 0 removes the unfinished `tmp`, and every rank stops in one line
+    naming the problem and how to go on (the checkpoints before stay as they were)."""
+    error = held.agree()
+    if error is None:
+        return
+    if rank_and_world()[0] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    last = checkpoint_dirs(run_dir)
+    then = f"add --resume to the same command to continue from {last[-1].name}" if last else "run it again"
+    raise ClakitError(
+        f"could not write checkpoint {tmp.name.removesuffix('.tmp')} in {tmp.parent}: {error}; make room there (or "
+        f"raise train.save_steps; 0 saves none), then {then}"
+    )
 
 
 def prune(run_dir: Path, keep: int | None) -> None:

@@ -763,7 +763,7 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
     model, student_config, original = _check_models(recipe, out, resume)
     tokenizer = _student_tokenizer(model, original)
     acc = make_accelerator(recipe.train, out)
-    slow = recipe.train.bf16 and acc.device.type == "cpu" and devices.slow_on_cpu(torch.bfloat16, "train.bf16")
+    slow = recipe.train.bf16 and devices.slow_on_cpu(torch.bfloat16, "train.bf16", acc.device)
     if slow:  # a note, not a refusal: the run is right, only slow
         _say(slow, quiet)
     check_fsdp_wrap(acc, student_config)
