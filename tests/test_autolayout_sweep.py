@@ -108,8 +108,9 @@ def test_auto_layout_picks_the_same_layout_and_scores_as_the_per_group_scoring(n
 
 
 def test_layouts_are_scored_on_rows_whose_second_half_repeats_their_first(calib_ids):
-    """The scoring rows weigh in-context retrieval as much as prose: each row's second half repeats its first, so a
-    layout that loses retrieval (SmolLM2: sharing layers 15-18) pays for it; the caller's windows stay as they were."""
+    """The scoring rows see in-context retrieval: each row's second half repeats its first, so a layout that loses
+    retrieval (SmolLM2: sharing layers 15-18) pays for it; the caller's windows stay as they were. The repeated
+    targets count REPEAT_WEIGHT each in the score, the prose targets 1."""
     given = calib_ids.clone()
     rows = autolayout.scoring_rows(calib_ids)
     half = rows.shape[1] // 2
@@ -119,6 +120,12 @@ def test_layouts_are_scored_on_rows_whose_second_half_repeats_their_first(calib_
     model = model_for("llama")
     _, scores = auto_layout(model, calib_ids, 0.5, progress=False)
     with torch.no_grad():
-        scored = model(rows, labels=rows).loss.item()
+        logits = model(rows).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")  # (rows, seq - 1)
+    prose, repeat = nll[:, : rows.shape[1] - 1 - half], nll[:, rows.shape[1] - 1 - half :]  # targets 1.., half..
+    w = autolayout.REPEAT_WEIGHT
+    assert 0 < w < 1 and repeat.shape[1] == half
+    scored = (prose.sum() + w * repeat.sum()).item() / (prose.numel() + w * repeat.numel())
     assert scores["calibration_nll_original"] == pytest.approx(scored, abs=1e-5)
-    assert scores["score_repeat_tokens"] == half
+    assert scores["calibration_nll_original"] != pytest.approx(nll.mean().item(), abs=1e-3)  # not the plain mean
+    assert scores["score_repeat_tokens"] == half and scores["score_repeat_weight"] == w

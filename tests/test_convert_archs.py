@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from clakit.cli import main
+from clakit.convert import autolayout
 from clakit.convert.autolayout import layout_nll
 from clakit.convert.inmemory import cla_model_from
 from clakit.convert.reconstruct import attention_output
@@ -112,9 +113,11 @@ def test_reconstructs_attention_of_consumers_is_the_cla_models(kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_the_auto_layouts_scores_are_the_cla_models_losses(kind):
+def test_the_auto_layouts_scores_are_the_cla_models_losses(kind, monkeypatch):
     """--layout auto scores a layout with hooks on the stock model (no copy per candidate); the score is the loss
-    of the CLA model of that layout (mean init), for non-adjacent groups, a window, biases, tied embeddings, MQA."""
+    of the CLA model of that layout (mean init), for non-adjacent groups, a window, biases, tied embeddings, MQA
+    (every target weighed alike here: the weights of the scoring rows' repeats are tested with them)."""
+    monkeypatch.setattr(autolayout, "REPEAT_WEIGHT", 1.0)
     model = tiny_model(kind, num_hidden_layers=5, sliding_window=8, head_dim=16, num_key_value_heads=1,
                        attention_bias=True, tie_word_embeddings=True)  # fmt: skip
     x = ids(40, batch=2)

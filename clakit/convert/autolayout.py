@@ -1,16 +1,16 @@
 """`--layout auto`: choose which layers share K/V from calibration data, meeting a requested KV-cache saving.
 
 Every candidate group (a run of 2..`max_group` adjacent layers led by its first) is scored by the increase of the
-calibration NLL per token when that group alone shares its K/V (group mean init), measured directly over at most
-`SCORE_TOKENS` calibration tokens, the sharing emulated with hooks on the stock model (no model copy): one sweep
-carries every candidate's residual stream through the layers together (`sweep_costs`), each layer read once per chunk
-of candidates, where a forward per candidate read layers quadratically in depth. Dynamic programming then picks the
-partition of the layers into at most `producers` groups with the least total increase. Per-group damage does not add up
-exactly, so the chosen layout is re-measured against uniform CLA-k with the same saving, and the better one is refined
-beyond adjacent runs: each consumer may move to one of the 3 nearest other producers before it when that lowers the
-whole layout's measured NLL (no group growing past `max_group`; without that cap the search formed a 6-layer group that
-reconstruction fitted worse: held-out 107.5 -> 112.2, against 104.2 with it). The best measured layout is returned,
-with every score and move.
+calibration NLL per token (`_score`: repeated tokens weighed less than prose) when that group alone shares its K/V
+(group mean init), measured directly over at most `SCORE_TOKENS` calibration tokens (`scoring_rows`), the sharing
+emulated with hooks on the stock model (no model copy): one sweep carries every candidate's residual stream through the
+layers together (`sweep_costs`), each layer read once per chunk of candidates, where a forward per candidate read
+layers quadratically in depth. Dynamic programming then picks the partition of the layers into at most `producers`
+groups with the least total increase. Per-group damage does not add up exactly, so the chosen layout is re-measured
+against uniform CLA-k with the same saving, and the better one is refined beyond adjacent runs: each consumer may move
+to one of the 3 nearest other producers before it when that lowers the whole layout's measured NLL (no group growing
+past `max_group`; without that cap the search formed a 6-layer group that reconstruction fitted worse: held-out 107.5
+-> 112.2, against 104.2 with it). The best measured layout is returned, with every score and move.
 
 (A Fisher-weighted estimate of each group's K/V error, free from the calibration statistics, was tried first and
 ranked groups badly: it scored sharing layers 0-1 among the cheapest, while it is by far the most damaging.)
@@ -30,6 +30,9 @@ from clakit.copies import add_copies
 from clakit.errors import ClakitError
 
 SCORE_TOKENS = 1024  # calibration tokens each candidate is scored on
+# what a repeated token of a scoring row counts against a prose token in the score (`_score`); at 1 (stop 36) the
+# repeats outweighed prose enough to cost SmolLM2 held-out perplexity at a 25% saving (docs/quality.md, stop 38)
+REPEAT_WEIGHT = 0.25
 REFINE_WINDOW = 3  # producers before a consumer that the refinement tries (the nearest ones)
 REFINE_MIN_GAIN = 1e-3  # nats per token: smaller gains are noise on SCORE_TOKENS tokens
 KINDS = ("k_proj", "v_proj")
@@ -40,8 +43,8 @@ SWEEP_BATCH = 8
 
 def scoring_rows(input_ids: torch.Tensor) -> torch.Tensor:
     """The rows every candidate is scored on: the first SCORE_TOKENS of the calibration windows, each row's second
-    half made a repeat of its first (`add_copies` with a span of half the row), so that the mean NLL weighs in-context
-    retrieval as much as prose. Scored on prose alone, the search shared SmolLM2's layers 16-18, where sharing any
+    half made a repeat of its first (`add_copies` with a span of half the row), so that the score (`_score`) sees
+    in-context retrieval. Scored on prose alone, the search shared SmolLM2's layers 16-18, where sharing any
     adjacent pair of layers 15-18 raises the loss on repeated tokens by 1.35-1.65 nats at mean init (every other pair
     but 0-1 by at most 0.41), and the converted model answered 0 of 90 passkeys (docs/quality.md, stop 36)."""
     ids = input_ids[: max(1, SCORE_TOKENS // input_ids.shape[1])].clone()
@@ -69,9 +72,20 @@ def producers_for(num_layers: int, saving: float) -> int:
 
 @torch.no_grad()
 def _nll(model, input_ids: torch.Tensor) -> float:
-    """Mean NLL per token of (n_seq, seq) ids, all sequences in one batch: with a LayerwiseModel each layer is
-    then read once per pass, not once per sequence."""
-    return model(input_ids, labels=input_ids, use_cache=False).loss.item()
+    """`_score` of (n_seq, seq) ids, all sequences in one batch: with a LayerwiseModel each layer is then read once
+    per pass, not once per sequence."""
+    return _score(model(input_ids, use_cache=False).logits, input_ids)
+
+
+def _score(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Weighted mean next-token NLL of (n_seq, seq) ids from their (n_seq, seq, vocab) logits: the last
+    `repeat_span(seq)` targets of each row (`scoring_rows`' repeat) count REPEAT_WEIGHT each, the others 1, so that
+    losing retrieval costs a layout without drowning what it does to prose (equal weights: the plain mean loss)."""
+    n, seq = input_ids.shape
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+    weights = torch.ones(seq - 1, device=nll.device)  # target t + 1 of position t
+    weights[seq - 1 - repeat_span(seq) :] = REPEAT_WEIGHT
+    return (nll.view(n, seq - 1) * weights).sum().item() / (weights.sum().item() * n)
 
 
 def _share_hooks(model, members: list[int]) -> list:
@@ -107,8 +121,8 @@ def _member_hooks(attn, shared: dict, producer_input: dict, producer: bool) -> l
 
 @torch.no_grad()
 def layer_inputs(model, input_ids: torch.Tensor, layout: list[int] | None = None) -> tuple[list[torch.Tensor], float]:
-    """Per decoder layer, the (n_seq, seq, hidden) residual stream entering it on `input_ids`, and the mean NLL of the
-    same forward: the stock model's, or with `layout`'s sharing (mean init)."""
+    """Per decoder layer, the (n_seq, seq, hidden) residual stream entering it on `input_ids`, and the NLL
+    (`_score`) of the same forward: the stock model's, or with `layout`'s sharing (mean init)."""
     layers = model.model.layers
     captured = [[] for _ in layers]
     hooks = [layer.register_forward_pre_hook(_keeper(captured[i])) for i, layer in enumerate(layers)]
@@ -128,13 +142,13 @@ def _keeper(store: list):
 
 @torch.no_grad()
 def _tail_nll(model, start: int, hidden: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """Mean NLL of a forward that starts at decoder layer `start` from its cached inputs `hidden` (n_seq, seq,
+    """NLL (`_score`) of a forward that starts at decoder layer `start` from its cached inputs `hidden` (n_seq, seq,
     hidden): the layers before a candidate group compute what the stock model does, so they are not rerun."""
     body = model.model
     full = body.layers
     body.layers = full[start:]
     try:
-        return model(inputs_embeds=hidden, labels=input_ids, use_cache=False).loss.item()
+        return _score(model(inputs_embeds=hidden, use_cache=False).logits, input_ids)
     finally:
         body.layers = full
 
@@ -445,6 +459,7 @@ def auto_layout(
         "max_group": max_group,
         "score_tokens": ids.numel(),
         "score_repeat_tokens": repeat_span(ids.shape[1]),  # per row (`scoring_rows`)
+        "score_repeat_weight": REPEAT_WEIGHT,  # each counts that against a prose token (`_score`)
         "calibration_nll_original": round(base, 6),
         "group_nll_increase": {f"{i}-{j}": round(c, 6) for (i, j), c in costs.items() if j > i},
         "candidates": {
