@@ -1,4 +1,5 @@
-"""Token-level KL between a student's and a teacher's logits, computed in row chunks (shared by convert and uptrain).
+"""Token-level losses shared by convert and uptrain: the next-token cross-entropy, and the KL between a student's and
+a teacher's logits, computed in row chunks.
 
 `F.kl_div(log_softmax(s), log_softmax(t))` on (batch, seq, vocab) logits allocates several full-size fp32
 temporaries (two log-softmaxes, their difference, exp, the gradient's), each ~400 MB for 2 x 1,024 tokens of a
@@ -12,6 +13,13 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 2**22  # floats per chunk (16 MB): below glibc's largest mmap threshold, so buffers are reused
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy; logits (batch, seq, vocab), input_ids (batch, seq). reduction "none": per token,
+    (batch, seq - 1)."""
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction=reduction)
+    return loss.view(input_ids.shape[0], -1) if reduction == "none" else loss
 
 
 def _row_slices(x: torch.Tensor):

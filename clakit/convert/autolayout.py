@@ -28,6 +28,7 @@ from clakit.convert.layout import groups as layout_groups
 from clakit.convert.layout import kv_saving as layout_saving
 from clakit.copies import add_copies
 from clakit.errors import ClakitError
+from clakit.losses import causal_lm_loss
 
 SCORE_TOKENS = 1024  # calibration tokens each candidate is scored on
 # what a repeated token of a scoring row counts against a prose token in the score (`_score`); at 1 (stop 36) the
@@ -82,10 +83,10 @@ def _score(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
     `repeat_span(seq)` targets of each row (`scoring_rows`' repeat) count REPEAT_WEIGHT each, the others 1, so that
     losing retrieval costs a layout without drowning what it does to prose (equal weights: the plain mean loss)."""
     n, seq = input_ids.shape
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
+    nll = causal_lm_loss(logits, input_ids, reduction="none")  # (n, seq - 1)
     weights = torch.ones(seq - 1, device=nll.device)  # target t + 1 of position t
     weights[seq - 1 - repeat_span(seq) :] = REPEAT_WEIGHT
-    return (nll.view(n, seq - 1) * weights).sum().item() / (weights.sum().item() * n)
+    return (nll * weights).sum().item() / (weights.sum().item() * n)
 
 
 def _share_hooks(model, members: list[int]) -> list:

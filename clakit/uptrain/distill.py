@@ -8,10 +8,9 @@ so the shared tensors stay the original's until the final merge (after the teach
 """
 
 import torch
-import torch.nn.functional as F
 
 from clakit.errors import ClakitError
-from clakit.losses import token_kl
+from clakit.losses import causal_lm_loss, token_kl
 from clakit.sources import Source, load_config, load_model, load_tokenizer
 from clakit.uptrain.student import PEFT_PREFIX
 
@@ -114,13 +113,6 @@ def unique_bytes(*models) -> int:
 
 
 # --- losses ---------------------------------------------------------------------------------------------------------
-
-
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy; logits (batch, seq, vocab), input_ids (batch, seq). reduction "none": per token,
-    (batch, seq - 1)."""
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction=reduction)
-    return loss.view(input_ids.shape[0], -1) if reduction == "none" else loss
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
