@@ -12,6 +12,7 @@ from clakit.convert.calibrate import calib_input_ids
 from clakit.convert.checkpoint import SafetensorsCheckpoint
 from clakit.convert.layerwise import LayerwiseModel
 from clakit.corpus import Text
+from clakit.errors import ClakitError
 
 LAYERS, MAX_GROUP = 6, 3
 RUNS = [(i, j) for i in range(LAYERS) for j in range(i, min(LAYERS, i + MAX_GROUP))]
@@ -129,3 +130,9 @@ def test_layouts_are_scored_on_rows_whose_second_half_repeats_their_first(calib_
     assert scores["calibration_nll_original"] == pytest.approx(scored, abs=1e-5)
     assert scores["calibration_nll_original"] != pytest.approx(nll.mean().item(), abs=1e-3)  # not the plain mean
     assert scores["score_repeat_tokens"] == half and scores["score_repeat_weight"] == w
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (64,)])
+def test_rows_without_a_next_token_are_refused_in_one_line(shape):
+    with pytest.raises(ClakitError, match="2 or more tokens"):
+        auto_layout(model_for("llama"), torch.zeros(shape, dtype=torch.long), 0.5, progress=False)

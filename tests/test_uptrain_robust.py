@@ -94,6 +94,49 @@ def test_the_next_save_removes_torn_folders(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["notes.tmp", "step-000004"]
 
 
+def checkpoint_folder(path: Path, step: int, payload: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps({"step": step}))
+    (path / "trainable.safetensors").write_text(payload)
+    return path
+
+
+def test_a_step_saved_again_replaces_the_earlier_folder(tmp_path):
+    final = checkpoint_folder(tmp_path / "checkpoints" / "step-000004", 4, "before")
+    tmp = checkpoint_folder(tmp_path / "checkpoints" / "step-000004.tmp", 4, "after")
+    pipeline.checkpoint._complete(tmp, final, {"step": 4})
+    assert (final / "trainable.safetensors").read_text() == "after"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["step-000004"]
+
+
+def test_a_failed_rename_keeps_the_step_saved_before(tmp_path, monkeypatch):
+    final = checkpoint_folder(tmp_path / "checkpoints" / "step-000004", 4, "before")
+    tmp = checkpoint_folder(tmp_path / "checkpoints" / "step-000004.tmp", 4, "after")
+    rename = Path.rename
+
+    def failing(self, target):
+        if self.name.endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="No space"):
+        pipeline.checkpoint._complete(tmp, final, {"step": 4})
+    assert (final / "trainable.safetensors").read_text() == "before"
+    assert not final.with_name("step-000004.old").exists()
+
+
+def test_prune_puts_back_a_step_moved_aside_by_a_kill(tmp_path):
+    root = tmp_path / "checkpoints"
+    checkpoint_folder(root / "step-000002.old", 2, "only copy")  # killed between the two renames
+    checkpoint_folder(root / "step-000004", 4, "new")
+    checkpoint_folder(root / "step-000004.old", 4, "replaced")
+    pipeline.checkpoint.prune(tmp_path, 2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004"]
+    assert (root / "step-000002" / "trainable.safetensors").read_text() == "only copy"
+    assert (root / "step-000004" / "trainable.safetensors").read_text() == "new"
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

@@ -430,6 +430,9 @@ def auto_layout(
     `refine_max_group` (None: the scoring's largest group). Deterministic: no sampling is involved. `model` may be
     a `LayerwiseModel`'s inside its `offloaded()` block: every pass is a forward, one layer in memory at a time.
     """
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:  # one token per row has no next token to score
+        shape = tuple(input_ids.shape)
+        raise ClakitError(f"the layout search needs (rows, tokens) ids of 2 or more tokens per row, got {shape}")
     input_ids = input_ids.to(model.get_input_embeddings().weight.device)  # a GPU model given CPU ids (library use)
     n = model.config.num_hidden_layers
     producers = producers_for(n, kv_saving)

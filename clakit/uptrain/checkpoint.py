@@ -521,9 +521,20 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
 
 
 def _complete(tmp: Path, final: Path, state: dict) -> None:
+    """Mark `tmp` complete and rename it to `final`. A step saved again (after a resume) keeps its earlier folder
+    until the new one is in place: moved aside to `step-N.old`, put back if the rename fails, removed after."""
     (tmp / "state.json").write_text(json.dumps(state, indent=1))  # last: marks the folder complete
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    aside = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if aside.exists():
+            aside.rename(final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _settle(held: HeldWrites, tmp: Path, run_dir: Path) -> None:
@@ -544,11 +555,21 @@ def _settle(held: HeldWrites, tmp: Path, run_dir: Path) -> None:
 
 def prune(run_dir: Path, keep: int | None) -> None:
     """Drop all but the last `keep` checkpoints, and the `step-N.tmp` folders a killed save left (called by the main
-    process right after a save completed, so no save is in progress)."""
-    torn = [p for p in (run_dir / CHECKPOINTS).glob("step-*.tmp") if STEP_DIR.fullmatch(p.name.removesuffix(".tmp"))]
+    process right after a save completed, so no save is in progress). A `step-N.old` is removed where its step is
+    in place again, put back where a kill came between `_complete`'s two renames (then it is the step's only copy)."""
+    for aside in _step_folders(run_dir, ".old"):
+        if not aside.with_suffix("").exists():
+            aside.rename(aside.with_suffix(""))
+    torn = _step_folders(run_dir, ".tmp") + _step_folders(run_dir, ".old")
     old = checkpoint_dirs(run_dir)[:-keep] if keep is not None and keep > 0 else []
     for folder in torn + old:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _step_folders(run_dir: Path, suffix: str) -> list[Path]:
+    """The `step-N<suffix>` folders of a run: `.tmp` (a save in progress or killed), `.old` (`_complete`'s)."""
+    root = run_dir / CHECKPOINTS
+    return [p for p in root.glob(f"step-*{suffix}") if STEP_DIR.fullmatch(p.name.removesuffix(suffix))]
 
 
 def _corrupt(path: Path, what: str, run_dir: Path) -> ClakitError:
