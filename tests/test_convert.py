@@ -13,9 +13,9 @@ from safetensors import safe_open
 
 from clakit.convert import convert
 from clakit.convert.checkpoint import parse_size
-from clakit.convert.config import ConvertConfig
 from clakit.convert.inmemory import cla_model_from
 from clakit.convert.layout import KEY_TEMPLATES
+from clakit.convert.reconstruct import BASE_STEPS, MAX_DEFAULT_STEPS, default_steps
 
 
 @pytest.mark.parametrize("init", ["producer", "mean"])
@@ -224,11 +224,33 @@ def test_calibration_data_alone_chooses_the_layout_and_reconstructs(tiny_llama_c
     assert settings["kv_saving"] >= 0.5 and record["auto_layout"]["kv_saving_requested"] == 0.5
     assert read_json(out / "config.json")["kv_source_layers"] == settings["kv_source_layers"]
     # an explicit --factor still means uniform CLA-K, with the data-aware init
-    assert settings["reconstruct_steps"] == ConvertConfig.reconstruct_steps  # the default, recorded
+    assert settings["reconstruct_steps"] == default_steps(settings["kv_source_layers"])  # the default, recorded
     assert run_cli(tiny_llama_checkpoint, tmp_path / "f2", "--factor", "2", "--reconstruct-steps", "5", *args) == 0
     settings = read_json(tmp_path / "f2" / "clakit_convert.json")["settings"]
     assert settings["kv_source_layers"] == [0, 0, 2, 2] and settings["init"] == "reconstruct"
     assert settings["reconstruct_steps"] == 5
+
+
+@pytest.mark.parametrize(
+    ("layout", "steps"),
+    [
+        ([0, 0, 2, 2], BASE_STEPS),  # half the layers consume: the half-cache default
+        ([0, 0, 0, 0], BASE_STEPS),  # more consumers: never fewer steps
+        ([0, 0, 0, 3, 3, 3], BASE_STEPS),
+        ([0, 1, 2, 3, 3, 5, 6, 6], MAX_DEFAULT_STEPS),  # 2 of 8 consume: 400 wanted, capped
+        ([0, 1, 1, 3, 3, 5, 5, 7, 7, 9], round(BASE_STEPS * 5 / 4)),  # 4 of 10: as many more as the fit's time allows
+        ([0, 1, 2, 3], BASE_STEPS),  # nothing shared (nothing is fitted either)
+    ],
+)
+def test_the_default_reconstruct_steps_grow_as_fewer_layers_share(layout, steps):
+    assert default_steps(layout) == steps
+
+
+def test_a_layout_sharing_few_layers_records_the_steps_it_fitted_with(tiny_llama_checkpoint, corpus_dir, tmp_path):
+    args = ("--calib-data", corpus_dir / "calib.txt", "--calib-tokens", "128", "--seq-len", "64", "--distill-steps")
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "one", "--kv-source-layers", "0,1,2,2", *args, "0", "-q") == 0
+    record = read_json(tmp_path / "one" / "clakit_convert.json")
+    assert record["settings"]["reconstruct_steps"] == MAX_DEFAULT_STEPS > BASE_STEPS
 
 
 def test_fitted_kv_keep_the_checkpoint_dtype(tiny_llama_checkpoint, corpus_dir, tmp_path):

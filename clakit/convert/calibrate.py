@@ -594,7 +594,7 @@ def fit_kv(
     the checkpoint on demand); the statistics are collected layer by layer either way (`layer_stats`), the
     per-layer streams written to `scratch` (default: a temporary folder). `input_ids` (n_seq, seq_len) from
     `calib_input_ids`. `reconstruct` caches activations of at most `RECONSTRUCT_SEQS` sequences and runs `steps`
-    Adam steps per group (default `reconstruct.DEFAULT_STEPS`); `reconstruct_options`: `lr`, `train_o`,
+    Adam steps per group (default `reconstruct.default_steps(layout)`); `reconstruct_options`: `lr`, `train_o`,
     `sequential` of `reconstruct_overrides`. `store`: where the fitted tensors go (default a new dict).
     """
     import tempfile

@@ -80,7 +80,13 @@ class ConvertConfig:
         ),
     )
     ridge: float = field(default=1e-3, metadata=opt("calibrated fit: ridge, relative to the mean Fisher weight"))
-    reconstruct_steps: int = field(default=200, metadata=opt("--init reconstruct: Adam steps per group"))
+    reconstruct_steps: int | None = field(
+        default=None,
+        metadata=opt(
+            "--init reconstruct: Adam steps per group (default: 200, and up to 300 for a layout whose consumers are "
+            "fewer than half the layers, in about the same fitting time)"
+        ),
+    )
     reconstruct_lr: float = field(default=3e-3, metadata=opt("--init reconstruct: Adam learning rate"))
     train_o_proj: bool = field(default=True, metadata=opt("--init reconstruct: also fit each member's o_proj"))
     sequential: bool = field(

@@ -612,13 +612,20 @@ class _Conversion:
         self.say(f"fitting shared K/V ({self.init}) on {ids.numel()} calibration tokens, layer by layer...")
         with self._timed("fit"), autocast(self.compute_dtype, self.device):
             overrides = calibrate.fit_kv(
-                runner.model, self.layout, ids, self.init, seed=c.seed, steps=c.reconstruct_steps,
+                runner.model, self.layout, ids, self.init, seed=c.seed, steps=self._reconstruct_steps(),
                 progress=not self.quiet, ridge=c.ridge, scratch=scratch, lr=c.reconstruct_lr,
                 train_o=c.train_o_proj, sequential=c.sequential,
                 store=calibrate.SpilledTensors(scratch / "fitted", self.device),
             )  # fmt: skip
         self._distill_if_shared(runner, overrides)
         return overrides
+
+    def _reconstruct_steps(self) -> int:
+        """--reconstruct-steps, or its default for the layout (known only now when chosen on the data)."""
+        from clakit.convert.reconstruct import default_steps
+
+        given = self.cfg.reconstruct_steps
+        return default_steps(self.layout) if given is None else given
 
     def _distill_if_shared(self, runner: LayerwiseModel, overrides) -> None:
         """The end-to-end distillation, on its own (usually more) tokens: the layout and the fits keep --calib-tokens.
@@ -768,7 +775,7 @@ class _Conversion:
             calib_sha256=getattr(self, "calib_sha256", None) if self.calib_texts else None,
             calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
             max_shard_size=str(self.cfg.max_shard_size), seed=self.cfg.seed,
-            reconstruct_steps=self.cfg.reconstruct_steps if self.init == "reconstruct" else None,
+            reconstruct_steps=self._reconstruct_steps() if self.init == "reconstruct" else None,
             distill_steps=self.distill_steps, distill_copy_fraction=self.copies[0], distill_copy_span=self.copies[1],
             seq_len=self.seq_len,
         )  # fmt: skip
