@@ -558,9 +558,11 @@ def prune(run_dir: Path, keep: int | None) -> None:
     process right after a save completed, so no save is in progress). A `step-N.old` is removed where its step is
     in place again, put back where a kill came between `_complete`'s two renames (then it is the step's only copy)."""
     for aside in _step_folders(run_dir, ".old"):
-        if not aside.with_suffix("").exists():
+        if aside.with_suffix("").exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
             aside.rename(aside.with_suffix(""))
-    torn = _step_folders(run_dir, ".tmp") + _step_folders(run_dir, ".old")
+    torn = _step_folders(run_dir, ".tmp")
     old = checkpoint_dirs(run_dir)[:-keep] if keep is not None and keep > 0 else []
     for folder in torn + old:
         shutil.rmtree(folder, ignore_errors=True)
