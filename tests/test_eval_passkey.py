@@ -74,6 +74,35 @@ def test_prompts_are_deterministic_exact_length_with_the_key_at_its_depth(tokeni
     assert [p.key for p in other.cells[0]] != [p.key for p in a.cells[0]]
 
 
+def sentencepiece_style_tokenizer():
+    """Llama-2's and Mistral's kind: every encoded text starts with the word-boundary mark "▁", bytes fall back to
+    <0x..> tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([make_text(3000, 0)], trainer=trainers.BpeTrainer(vocab_size=700, special_tokens=special))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_the_needle_and_question_are_tokenized_as_inside_text_by_a_tokenizer_that_marks_each_start():
+    sp = sentencepiece_style_tokenizer()
+    alone = sp(passkey.QUESTION, add_special_tokens=False)["input_ids"]
+    assert sp.convert_ids_to_tokens(alone)[0] == "▁"  # what the pieces would get encoded alone: a space before "\n"
+    prepared = passkey.prepare(sp, FILLER, settings(), WINDOW)
+    for p in [p for cell in prepared.cells for p in cell]:
+        tokens = sp.convert_ids_to_tokens(p.ids.tolist())
+        assert len(p.ids) == p.length and tokens[0] == "<s>" and tokens[1].startswith("▁")  # the first word's mark
+        question = tokens[-len(alone) + 1 :]
+        assert question == sp.convert_ids_to_tokens(alone[1:]) and question[0] != "▁"
+        needle = sp(passkey.NEEDLE.format(key=p.key), add_special_tokens=False)["input_ids"][1:]  # without the mark
+        at = next(i for i in range(len(p.ids)) if p.ids[i : i + len(needle)].tolist() == needle)
+        assert tokens[at - 1] != "▁"  # filler, then the needle's newline: no space token between
+
+
 def test_a_model_that_copies_scores_every_prompt(tokenizer, stock):
     prepared = passkey.prepare(tokenizer, FILLER, settings(), WINDOW)
     result = passkey.run(Copier(tokenizer, stock.config), tokenizer, prepared)

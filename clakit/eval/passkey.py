@@ -83,6 +83,22 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+# a word the pieces below are encoded after: their leading newline never merges with it
+ANCHOR = "a"
+
+
+def _inner_ids(tokenizer, piece: str) -> list[int]:
+    """`piece`'s tokens as it reads inside running text. A tokenizer that marks the start of every text it encodes
+    (SentencePiece's "▁" prefix in Llama-2's and Mistral's, ByteLevel's add_prefix_space) would put a space token
+    before each piece's newline; encoded after ANCHOR, whose tokens are then dropped, it gets the tokens the whole
+    prompt's text has there. Where ANCHOR's tokens do not lead the joint encoding (merged across the seam): the piece
+    alone."""
+    anchor, joint = _ids(tokenizer, ANCHOR), _ids(tokenizer, ANCHOR + piece)
+    if joint[: len(anchor)] == anchor and len(joint) > len(anchor):
+        return joint[len(anchor) :]
+    return _ids(tokenizer, piece)
+
+
 class PromptBuilder:
     """Token ids of the fixed parts, and the filler, from the evaluation text."""
 
@@ -92,17 +108,17 @@ class PromptBuilder:
         prefix = prefix_token_id(tokenizer)
         self.tokenizer = tokenizer
         self.head = ([prefix] if prefix is not None else []) + _ids(tokenizer, INSTRUCTION)
-        self.question = _ids(tokenizer, QUESTION)
+        self.question = _inner_ids(tokenizer, QUESTION)  # the needle's and question's: mid-text, after filler
         texts = [corpus.Text("<filler>", filler_text)] if isinstance(filler_text, str) else filler_text
         self.filler = _ids(tokenizer, corpus.head(texts, 16 * max_length + 4096))  # enough text, read no further
 
     def fixed(self, key: str) -> int:
-        return len(self.head) + len(_ids(self.tokenizer, NEEDLE.format(key=key))) + len(self.question)
+        return len(self.head) + len(_inner_ids(self.tokenizer, NEEDLE.format(key=key))) + len(self.question)
 
     def build(self, length: int, depth: float, sample: int, seed: int) -> Prompt:
         rng = random.Random(f"{seed}:{length}:{depth}:{sample}")
         key = str(rng.randint(10000, 99999))
-        needle = _ids(self.tokenizer, NEEDLE.format(key=key))
+        needle = _inner_ids(self.tokenizer, NEEDLE.format(key=key))
         n_fill = length - len(self.head) - len(needle) - len(self.question)
         if n_fill < 0:  # the fixed parts' size depends on the tokenizer: name it, not a guess that may not fit
             raise ClakitError(
