@@ -214,6 +214,8 @@ def _folder_files(path: Path) -> list[Path]:
     )
     if not files:
         raise ClakitError(f"folder {path} holds no .txt files; give text files or a folder of .txt files")
+    for p in files:  # each is recorded (provenance, README.md: UTF-8 files), as a path given by hand is (`expand`)
+        expand(p, f"text file in {path}:")
     return files
 
 

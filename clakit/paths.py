@@ -2,7 +2,8 @@
 
 pathlib's expanduser raises RuntimeError ("Could not determine home directory") for `~name/...` of a user this
 system does not know, and for `~` with HOME unset and no entry for the current user: a traceback from every
-command that takes a path. Every path clakit reads or writes goes through `expand`.
+command that takes a path. Every path clakit reads or writes goes through `expand`, which also refuses a path that
+is not UTF-8 text (its records are; convert failed writing its README after all the work).
 """
 
 from pathlib import Path
@@ -20,6 +21,13 @@ def expand(path, what: str = "path") -> Path:
             f"{what} - (standard input or output) is not supported: clakit reads and writes files, not streams; "
             "give a file or folder path (save the text to a file first)"
         )
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system encoding could not decode, kept as lone surrogates
+        raise ClakitError(
+            f"{what} {str(path)!r} is not valid UTF-8 (a file name with undecodable bytes), and clakit records every "
+            "path it reads or writes in UTF-8 files (provenance, README.md); rename it"
+        ) from None
     try:
         return Path(path).expanduser()
     except RuntimeError:

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import os
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from clakit.paths import expand
 HUB_NON_WEIGHTS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.py"]
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"  # without an index, the one safetensors file transformers loads (no other name)
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load / pickle files: loading them can run code
 # config.json keys a Llama/Mistral (and CLA) model needs to be built at its weights' shapes: transformers fills a
 # missing one with a default (hidden_size 4096) that does not match them
@@ -515,6 +518,26 @@ def named_weights(folder: Path) -> str | None:
     return name
 
 
+def read_index(path: Path) -> dict[str, str]:
+    """A checkpoint index's weight_map {tensor: shard file}, refused in one line when unreadable, malformed (the
+    shard names must be strings: numbers or nulls failed later as tracebacks) or naming a shard outside the folder
+    (an absolute path or `..`: transformers refuses those, so clakit would otherwise read, and convert, files a
+    loader of the same folder never opens). Names are checked, not resolved: Hub-cache shards are symlinks."""
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ClakitError(f"cannot read the checkpoint index {path} ({e}); re-download the checkpoint") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ClakitError(f"checkpoint index {path} has an empty or malformed weight_map; re-download the checkpoint")
+    outside = sorted({f for f in weight_map.values() if not f or Path(f).anchor or ".." in Path(f).parts})
+    if outside:
+        raise ClakitError(
+            f"checkpoint index {path} names shard {outside[0]!r}, outside the checkpoint folder (transformers refuses "
+            "it too); keep the shards in the folder and name them relative to it"
+        )
+    return weight_map
+
+
 PICKLE_NAMED = "adapter_model.bin"  # the one pickle name transformers accepts as `transformers_weights`
 
 
@@ -548,6 +571,29 @@ def check_named_weights(path: Path, name: str, allow_pickle: bool) -> None:
         )
 
 
+WEIGHTS_ONLY_FIX = (
+    "clakit unpickles tensors only, even with --allow-pickle (torch.load(weights_only=True)): re-save the checkpoint "
+    "as safetensors where you trust it"
+)
+
+
+def pickle_refusal(what: str, e: Exception) -> ClakitError:
+    """One line for pickle weights torch's weights-only unpickler refuses (an object other than tensors; torch's
+    message starts by advising weights_only=False, which would run the file's code): its reason, and the fix."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[-1] if lines else "")
+    reason = reason.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+    refused = f"torch's weights-only unpickler refuses it ({reason[:200]})"
+    return ClakitError(f"cannot load {what}: {refused}; {WEIGHTS_ONLY_FIX}")
+
+
+def check_index(path: Path) -> None:
+    """The index transformers will read, when there is one, checked before it reads it (`read_index`): a malformed
+    one failed inside transformers as an AttributeError or TypeError traceback."""
+    if path.is_file():
+        read_index(path)
+
+
 def check_weights(source: Source, allow_pickle: bool = False) -> None:
     """Safetensors by default: a folder whose loadable weights are pickle files is refused unless `allow_pickle`.
     Only model.safetensors or its index count as safetensors: transformers ignores other *.safetensors names (a
@@ -556,9 +602,14 @@ def check_weights(source: Source, allow_pickle: bool = False) -> None:
     path = source.path
     named = named_weights(path) if source.kind == "dir" else None
     if named is not None:
-        return check_named_weights(path, named, allow_pickle)
-    if source.kind != "dir" or allow_pickle or (path / SAFE_SINGLE).is_file() or (path / SAFE_INDEX).is_file():
+        check_named_weights(path, named, allow_pickle)
+        return check_index(path / named) if named.endswith(".index.json") else None
+    if source.kind != "dir":
         return
+    if (path / SAFE_SINGLE).is_file() or (path / SAFE_INDEX).is_file():
+        return check_index(path / SAFE_INDEX) if not (path / SAFE_SINGLE).is_file() else None
+    if allow_pickle:
+        return check_index(path / PICKLE_INDEX) if not (path / PICKLE_SINGLE).is_file() else None
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
         raise ClakitError(
@@ -611,6 +662,8 @@ def load_model(
             )
     except WeightsMismatch as e:  # a CLA model's own check (clakit/modeling)
         raise ClakitError(f"cannot load {source.spec}: {e}") from None
+    except pickle.UnpicklingError as e:  # --allow-pickle weights holding more than tensors (or not a pickle at all)
+        raise pickle_refusal(f"{source.spec}'s pickle weights", e) from None
     except StrictDataclassError as e:  # a config.json value of the wrong type (load_config says the same)
         raise _read_error(source, "load as a causal LM", e, FIX_CONFIG) from None
     except _errors(source, ValueError, OSError, KeyError, RuntimeError, SafetensorError) as e:  # torch: RuntimeError

@@ -104,6 +104,41 @@ def pickle_beside_consolidated(folder: Path) -> None:
     save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, folder / "consolidated.safetensors")
 
 
+class Code:
+    """An object beyond tensors: unpickling it would call print (any callable: code)."""
+
+    def __reduce__(self):
+        return (print, ("ran code from a pickle",))
+
+
+def pickle_with_code(folder: Path) -> None:
+    """edit: pickle weights that also hold an object whose unpickling runs code."""
+    pickle_weights(folder)
+    torch.save({**torch.load(folder / "pytorch_model.bin"), "extra": Code()}, folder / "pytorch_model.bin")
+
+
+def index(change) -> callable:
+    """edit: model.safetensors.index.json replaced by `change(index, folder)` (a dict, or anything JSON)."""
+
+    def edit(folder: Path) -> None:
+        path = folder / "model.safetensors.index.json"
+        path.write_text(json.dumps(change(json.loads(path.read_text()), folder)))
+
+    return edit
+
+
+def shard_outside(name: str) -> callable:
+    """change: the index's second shard moved out of the folder, the index naming it `name` (its new place)."""
+
+    def change(idx: dict, folder: Path) -> dict:
+        shard = sorted(set(idx["weight_map"].values()))[1]
+        if not Path(name).is_absolute():
+            (folder / shard).rename(folder / name)
+        return {**idx, "weight_map": {t: name if f == shard else f for t, f in idx["weight_map"].items()}}
+
+    return change
+
+
 ALL_PRODUCERS = updated(kv_source_layers=[0, 1, 2, 3])  # the CLA2 weights have no K/V for layers 1 and 3
 ONE_PRODUCER = updated(kv_source_layers=[0, 0, 0, 0])  # layer 2's K/V have no place
 K1 = "model.layers.1.self_attn.k_proj.weight"
@@ -191,6 +226,19 @@ CASES = [
     # a stray safetensors file transformers does not load (Mistral's consolidated.safetensors) is no safe copy
     Case(EVAL, "loadable weights are pickle (pytorch_model.bin;", damaged("model", pickle_beside_consolidated),
          id="eval-pickle-beside-consolidated-safetensors"),
+    Case(EVAL + " --allow-pickle", "torch's weights-only unpickler refuses it (Unsupported global: GLOBAL print",
+         damaged("model", pickle_with_code), id="eval-pickle-with-code"),
+    Case(CONVERT + " --allow-pickle", "torch's weights-only unpickler refuses it (Unsupported global",
+         damaged("model", pickle_with_code), id="convert-pickle-with-code", forbid="weights_only set to False"),
+    # --- an index naming shards outside the folder (transformers refuses it: convert read them), or malformed
+    *[Case(cmd, "names shard '../outside.safetensors', outside the checkpoint folder",
+           damaged("model", index(shard_outside("../outside.safetensors"))), id=f"{cmd.split()[0]}-shard-outside")
+      for cmd in (EVAL, CONVERT)],
+    Case(CONVERT, "names shard '/etc/passwd', outside the checkpoint folder",
+         damaged("model", index(shard_outside("/etc/passwd"))), id="convert-shard-absolute"),
+    Case(EVAL, "has an empty or malformed weight_map", damaged("model", index(lambda i, f: {"weight_map": [1, 2]})),
+         id="eval-index-list"),
+    Case(EVAL, "cannot read the checkpoint index", damaged("model", index(lambda i, f: [])), id="eval-index-not-dict"),
     Case(EVAL, "its weights hold NaN/inf or absurd values",
          damaged("model", tensor("model.norm.weight", lambda t: torch.full_like(t, float("nan")))), id="eval-nan"),
 ]  # fmt: skip

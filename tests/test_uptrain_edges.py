@@ -204,3 +204,30 @@ def test_resume_into_a_folder_holding_no_run_gives_advice_that_works(capsys, tmp
         (tmp_path / "m").mkdir()
         code, err = run_cli(capsys, path, "--dry-run")
         assert "already exists" not in err, err
+
+
+# --- a tokenizer shipped as code travels into the uptrained model (as into a conversion) -------------------------
+
+
+def test_a_tokenizer_shipped_as_code_travels_into_the_uptrained_model(
+    tmp_path, corpus_dir, capsys, tiny_cla_checkpoint  # noqa: F811
+):
+    """A start checkpoint whose tokenizer_config.json's auto_map names its own module: save_pretrained of the
+    tokenizer (a generic class, loaded without trust_remote_code) wrote the auto_map but not tok_x.py, so
+    AutoTokenizer(model/, trust_remote_code=True) failed."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    start = Path(shutil.copytree(tiny_cla_checkpoint, tmp_path / "start"))
+    code = "from transformers import PreTrainedTokenizerFast\n\n\nclass XTok(PreTrainedTokenizerFast):\n    pass\n"
+    (start / "tok_x.py").write_text(code)
+    config = json.loads((start / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "tok_x.XTok"]}
+    (start / "tokenizer_config.json").write_text(json.dumps(config))
+    train = {"max_steps": 2, "save_steps": 0}
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(start)}, train=train)
+    code, err = run_cli(capsys, write_recipe(tmp_path / "r.yaml", recipe))
+    assert code == 0, err
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "run" / "model", trust_remote_code=True)
+    assert type(loaded).__name__ == "XTok"

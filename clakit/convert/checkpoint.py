@@ -9,6 +9,7 @@ held, only while something uses it.
 """
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -20,15 +21,17 @@ from clakit import outputs
 from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
 from clakit.sources import (  # the one name of each, also what a Hub download fetches
+    PICKLE_INDEX,
+    PICKLE_SINGLE,
     SAFE_INDEX,
     SAFE_SINGLE,
     check_named_weights,
     is_safetensors_name,
     named_weights,
+    pickle_refusal,
+    read_index,
 )
 
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SINGLE = "pytorch_model.bin"
 # a tensor in two of the shards an index lists: the converter would take the index's copy, transformers the later one
 DUPLICATE_FIX = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
 # Fixed header metadata: transformers wants format=pt; nothing time- or machine-dependent, so output is reproducible.
@@ -54,17 +57,6 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _load_index(path: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ClakitError(f"cannot read the checkpoint index {path} ({e}); re-download the checkpoint") from None
-    # every shard name a string: a damaged index's numbers or nulls would fail later as a TypeError traceback
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
-        raise ClakitError(f"checkpoint index {path} has an empty or malformed weight_map; re-download the checkpoint")
-    return weight_map
-
-
 def _single_or_index(folder: Path, named: str | None, single: str, index: str) -> tuple[str | None, str | None]:
     """(single file, index) to read, in transformers' order: the file config.json names (`transformers_weights`),
     else `single`, which it takes even beside an index (ignored then), else `index`."""
@@ -80,7 +72,7 @@ class SafetensorsCheckpoint:
     def __init__(self, folder: Path, named: str | None = None):
         self.folder = folder
         single, index = _single_or_index(folder, named, SAFE_SINGLE, SAFE_INDEX)
-        weight_map = _load_index(folder / index) if index else None
+        weight_map = read_index(folder / index) if index else None
         files = sorted(set(weight_map.values())) if weight_map else [single]
         self._keys = {file: self._read_keys(file) for file in files}
         check_unique_tensors(self._keys, folder, DUPLICATE_FIX)  # shards an index lists; one single file passes
@@ -125,7 +117,7 @@ class PickleCheckpoint:
         self.folder = folder
         single, index = _single_or_index(folder, named, PICKLE_SINGLE, PICKLE_INDEX)
         self._index = index or PICKLE_INDEX
-        self._where = _load_index(folder / index) if index else {t: single for t in self._load(single)}
+        self._where = read_index(folder / index) if index else {t: single for t in self._load(single)}
         if index:  # the shards' names (memory-mapped: no tensor read), checked as the safetensors shards are
             keys = {file: set(self._load(file)) for file in set(self._where.values())}
             check_unique_tensors(keys, folder, DUPLICATE_FIX)
@@ -136,6 +128,8 @@ class PickleCheckpoint:
             return torch.load(self.folder / file, map_location="cpu", mmap=True, weights_only=True)
         except FileNotFoundError:
             raise ClakitError(f"the checkpoint index names {file}, which is missing from {self.folder}") from None
+        except pickle.UnpicklingError as e:  # objects beyond tensors: torch's advice would be to run their code
+            raise pickle_refusal(str(self.folder / file), e) from None
         except Exception as e:  # a damaged pickle raises anything from UnpicklingError to RuntimeError
             raise ClakitError(f"cannot read {self.folder / file} ({str(e).splitlines()[0][:200]})") from None
 

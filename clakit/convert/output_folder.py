@@ -5,6 +5,7 @@ the ownership rule, staging and publishing), so an interrupted or failed convers
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -35,14 +36,38 @@ def write_config(folder: Path, cla_config, lm_cls) -> None:
         raise RuntimeError(f"saving the CLA config did not write the remote-code files {missing} / auto_map")
 
 
+def tokenizer_code(source_dir: Path) -> list[str]:
+    """The Python files of a tokenizer shipped as code: those its tokenizer_config.json's `auto_map` names
+    (AutoTokenizer: "module.Class", or [slow, fast]; "repo--module.Class" lives in another repo), with the local
+    modules they import relatively, as transformers' dynamic loader fetches them. Without them the copied auto_map
+    names files OUT lacks and `AutoTokenizer.from_pretrained(OUT, trust_remote_code=True)` fails."""
+    try:
+        auto_map = json.loads((source_dir / "tokenizer_config.json").read_text()).get("auto_map") or {}
+        refs = auto_map.get("AutoTokenizer") or []
+    except (OSError, ValueError, AttributeError):  # no config, or not a dict: loading the tokenizer says why
+        return []
+    refs = [refs] if isinstance(refs, str) else refs
+    todo = [r.split(".")[0] + ".py" for r in refs if isinstance(r, str) and "--" not in r and "." in r]
+    found: list[str] = []
+    while todo:
+        name = todo.pop()
+        if name in found or not (source_dir / name).is_file():
+            continue
+        found.append(name)
+        text = (source_dir / name).read_text(errors="replace")
+        todo += [m + ".py" for m in re.findall(r"^\s*from\s+\.(\w+)\s+import", text, flags=re.M)]
+    return sorted(found)
+
+
 def copy_tokenizer_files(source_dir: Path, folder: Path) -> list[str]:
-    """Copy tokenizer files and generation_config.json from a checkpoint folder; returns what was copied (paths
-    relative to the folder)."""
+    """Copy tokenizer files (with a tokenizer's own code, `tokenizer_code`) and generation_config.json from a
+    checkpoint folder; returns what was copied (paths relative to the folder). A file OUT already holds (the CLA
+    modeling code) is never replaced."""
     copied = []
-    for pattern in (*TOKENIZER_PATTERNS, f"{CHAT_TEMPLATE_DIR}/*.jinja"):
+    for pattern in (*TOKENIZER_PATTERNS, f"{CHAT_TEMPLATE_DIR}/*.jinja", *tokenizer_code(source_dir)):
         for path in sorted(source_dir.glob(pattern)):
             name = str(path.relative_to(source_dir))
-            if path.is_file() and name not in copied:
+            if path.is_file() and name not in copied and not (folder / name).exists():
                 (folder / name).parent.mkdir(exist_ok=True)
                 # copyfile, not copy2: the copy is a new file of OUT and gets the user's umask, not the source's mode
                 shutil.copyfile(path, folder / name)

