@@ -43,7 +43,8 @@ def tokenizer_code(source_dir: Path) -> list[str]:
     names files OUT lacks and `AutoTokenizer.from_pretrained(OUT, trust_remote_code=True)` fails."""
     try:
         auto_map = json.loads((source_dir / "tokenizer_config.json").read_text()).get("auto_map") or {}
-        refs = auto_map.get("AutoTokenizer") or []
+        # older configs give the [slow, fast] pair itself
+        refs = auto_map if isinstance(auto_map, list) else auto_map.get("AutoTokenizer") or []
     except (OSError, ValueError, AttributeError):  # no config, or not a dict: loading the tokenizer says why
         return []
     refs = [refs] if isinstance(refs, str) else refs
