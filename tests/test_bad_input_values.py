@@ -271,6 +271,8 @@ CASES = [
     Case(CONVERT + "--calib-data {data}", "is not valid UTF-8", undecodable_txt, id="convert-calib-folder-not-utf8"),
     Case(EVAL + "--seq-len 1.5", "argument --seq-len: invalid int value: '1.5'; see `clakit eval --help`"),
     Case("report -o {tmp}/rep", "the following arguments are required: REPORT.json"),
+    Case(UP + "data.seq_len=100000", "data.eval_max_tokens (128) must be at least data.seq_len (100000), one "
+         "held-out window; raise data.eval_max_tokens or lower data.seq_len", id="uptrain-seq-len-over-eval-tokens"),
     Case(UP + "bogus", "unrecognized argument 'bogus'; overrides look like train.max_steps=10"),
     Case(UP + "--bogus", "unrecognized argument '--bogus'"),
     Case("demo --max-tokens lots", "argument --max-tokens: invalid int value: 'lots'"),

@@ -169,3 +169,10 @@ def test_report_runs_lm_eval_on_clakits_windows(stock, tokenizer, tasks_dir):
     assert r["word_perplexity"] == pytest.approx(lm["word_perplexity"], rel=1e-4)
     whole = harness.run_tasks(stock, tokenizer, roll, batch_size=4)["tasks"]["tiny_roll"]  # the model's context
     assert abs(whole["bits_per_byte"] / lm["bits_per_byte"] - 1) > 1e-3  # other windows: another number
+
+
+def test_an_answer_longer_than_the_window_is_named_with_the_fix(stock, tokenizer, tasks_dir):
+    """lm-eval asserts each answer choice fits the window it runs in (max_length = --seq-len), with no message: the
+    line said only "AssertionError"."""
+    with pytest.raises(ClakitError, match=r"an answer longer than the window it runs in, 1 tokens: --seq-len\); rai"):
+        harness.run_tasks(stock, tokenizer, str(tasks_dir / "tiny_mc.yaml"), batch_size=4, max_length=1)

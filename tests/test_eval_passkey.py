@@ -201,3 +201,13 @@ def test_passkey_flags_need_the_task(capsys, tiny_llama_checkpoint, tmp_path):
     argv = ["eval", str(tiny_llama_checkpoint), "-o", str(tmp_path / "r.json"), "--task", "passkey"]
     assert main(argv + ["--passkey-depths", "half"]) == 2 and "comma-separated numbers" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_depth_minus_zero_is_depth_zero(tokenizer):
+    """-0.0 passes the 0-1 check; kept as is, its seed string "-0.0" asked other prompts than 0, and `clakit report`
+    refused the two reports as of different settings."""
+    zero = passkey.prepare(tokenizer, FILLER, settings(depths=[0]), WINDOW)
+    minus = passkey.prepare(tokenizer, FILLER, settings(depths=[-0.0]), WINDOW)
+    assert minus.settings.depths == [0.0] and str(minus.settings.depths[0]) == "0.0"
+    pairs = [(p, q) for c, d in zip(zero.cells, minus.cells, strict=True) for p, q in zip(c, d, strict=True)]
+    assert pairs and all(torch.equal(p.ids, q.ids) for p, q in pairs)

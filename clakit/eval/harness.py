@@ -209,9 +209,21 @@ def run_tasks(model, tokenizer, tasks: Tasks | str | list[str], batch_size: int,
                 log_samples=False,
             )
     except Exception as e:  # a task that loads but cannot run on this model (e.g. longer than its context)
-        raise ClakitError(f"lm-eval could not run {','.join(tasks.specs)}: {_first_line(e)}") from None
+        raise ClakitError(f"lm-eval could not run {','.join(tasks.specs)}: {_failure(e, max_length)}") from None
     return {"tasks": scores(results), "settings": tasks.settings(batch_size, max_length), "version": _version(),
             "task_hashes": tasks.hashes}  # fmt: skip
+
+
+def _failure(e: Exception, max_length) -> str:
+    """The line naming why lm-eval stopped: its bare asserts (lm_eval/models/huggingface.py: every request needs a
+    context and an answer, and an answer no longer than the window) say nothing but "AssertionError"."""
+    if isinstance(e, AssertionError) and not str(e).strip():
+        return (
+            f"a request lm-eval cannot score (AssertionError: an empty context or answer, or an answer longer than "
+            f"the window it runs in, {max_length or 'the model context'} tokens: --seq-len); raise --seq-len, or "
+            "check the task's fields"
+        )
+    return _first_line(e)
 
 
 def scores(results: dict) -> dict:

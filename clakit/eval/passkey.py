@@ -174,8 +174,9 @@ def resolve_lengths(settings: PasskeySettings, max_len: int) -> list[int]:
 
 def unique_depths(depths: list[float]) -> list[float]:
     """Each depth once, as a float, in order: "0.5,0.5" would run the same prompts twice and count them twice, and
-    the depth 0 vs 0.0 would seed different prompts (the seed string holds the depth) under equal settings."""
-    return sorted({float(d) for d in depths})
+    the depth 0 vs 0.0 (or -0.0) would seed different prompts (the seed string holds the depth) under equal
+    settings."""
+    return sorted({float(d) + 0.0 for d in depths})  # + 0.0: -0.0 is 0.0, not a seed string of its own
 
 
 @dataclass

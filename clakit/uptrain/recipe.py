@@ -496,7 +496,11 @@ def _validate_data(d: DataSection) -> None:
         d.eval is not None or 0 < d.eval_fraction < 1,
         f"data.eval_fraction must be between 0 and 1, got {d.eval_fraction}",
     )
-    _check(d.eval_max_tokens >= d.seq_len, "data.eval_max_tokens must be at least data.seq_len")
+    _check(  # both values and both ways out: a data.seq_len beyond the model's window is found once it is read
+        d.eval_max_tokens >= d.seq_len,
+        f"data.eval_max_tokens ({d.eval_max_tokens}) must be at least data.seq_len ({d.seq_len}), one held-out "
+        "window; raise data.eval_max_tokens or lower data.seq_len",
+    )
     _check(0 <= d.copy_fraction <= 1, f"data.copy_fraction must be between 0 and 1, got {d.copy_fraction}")
     _check(
         d.copy_fraction == 0 or 1 <= d.copy_span <= d.seq_len // 2,
