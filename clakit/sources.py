@@ -572,8 +572,8 @@ def check_named_weights(path: Path, name: str, allow_pickle: bool) -> None:
 
 
 WEIGHTS_ONLY_FIX = (
-    "clakit unpickles tensors only, even with --allow-pickle (torch.load(weights_only=True)): re-save the checkpoint "
-    "as safetensors where you trust it"
+    "clakit unpickles tensors only, even with --allow-pickle (torch.load(weights_only=True)): re-save the weights as "
+    "safetensors if you trust their source"
 )
 
 
@@ -583,8 +583,7 @@ def pickle_refusal(what: str, e: Exception) -> ClakitError:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[-1] if lines else "")
     reason = reason.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
-    refused = f"torch's weights-only unpickler refuses it ({reason[:200]})"
-    return ClakitError(f"cannot load {what}: {refused}; {WEIGHTS_ONLY_FIX}")
+    return ClakitError(f"cannot load {what} (torch's weights-only unpickler: {reason[:200]}); {WEIGHTS_ONLY_FIX}")
 
 
 def check_index(path: Path) -> None:

@@ -226,9 +226,9 @@ CASES = [
     # a stray safetensors file transformers does not load (Mistral's consolidated.safetensors) is no safe copy
     Case(EVAL, "loadable weights are pickle (pytorch_model.bin;", damaged("model", pickle_beside_consolidated),
          id="eval-pickle-beside-consolidated-safetensors"),
-    Case(EVAL + " --allow-pickle", "torch's weights-only unpickler refuses it (Unsupported global: GLOBAL print",
+    Case(EVAL + " --allow-pickle", "(torch's weights-only unpickler: Unsupported global: GLOBAL print",
          damaged("model", pickle_with_code), id="eval-pickle-with-code"),
-    Case(CONVERT + " --allow-pickle", "torch's weights-only unpickler refuses it (Unsupported global",
+    Case(CONVERT + " --allow-pickle", "(torch's weights-only unpickler: Unsupported global",
          damaged("model", pickle_with_code), id="convert-pickle-with-code", forbid="weights_only set to False"),
     # --- an index naming shards outside the folder (transformers refuses it: convert read them), or malformed
     *[Case(cmd, "names shard '../outside.safetensors', outside the checkpoint folder",
