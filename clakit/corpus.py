@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from clakit.errors import ClakitError
-from clakit.paths import expand
+from clakit.paths import check_utf8, expand
 
 DEFAULT_ONLINE_EVAL = "wikitext:wikitext-2-raw-v1:test"
 READ_CHARS = 1 << 20  # characters read from a file at a time: memory per read is bounded, whatever the file's size
@@ -215,7 +215,7 @@ def _folder_files(path: Path) -> list[Path]:
     if not files:
         raise ClakitError(f"folder {path} holds no .txt files; give text files or a folder of .txt files")
     for p in files:  # each is recorded (provenance, README.md: UTF-8 files), as a path given by hand is (`expand`)
-        expand(p, f"text file in {path}:")
+        check_utf8(p, f"text file in {path}:")
     return files
 
 

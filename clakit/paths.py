@@ -21,16 +21,21 @@ def expand(path, what: str = "path") -> Path:
             f"{what} - (standard input or output) is not supported: clakit reads and writes files, not streams; "
             "give a file or folder path (save the text to a file first)"
         )
+    check_utf8(path, what)
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise ClakitError(
+            f"{what} {path} names the home folder of an unknown user (or HOME is not set); check the path"
+        ) from None
+
+
+def check_utf8(path, what: str = "path") -> None:
+    """`path` as UTF-8 text, or one line: clakit records every path it reads or writes in UTF-8 files."""
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:  # bytes the file system encoding could not decode, kept as lone surrogates
         raise ClakitError(
             f"{what} {str(path)!r} is not valid UTF-8 (a file name with undecodable bytes), and clakit records every "
             "path it reads or writes in UTF-8 files (provenance, README.md); rename it"
-        ) from None
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:
-        raise ClakitError(
-            f"{what} {path} names the home folder of an unknown user (or HOME is not set); check the path"
         ) from None

@@ -100,10 +100,8 @@ def _weight_patterns(index: Path) -> list[str]:
     """What to download: what transformers loads, the shards the index lists or else model.safetensors; never every
     *.safetensors (Mistral's repos also hold a consolidated.safetensors of the same weights: 14 GB more for a 7B)."""
     try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or malformed: convert says which
-        return HUB_NON_WEIGHTS + [SAFE_SINGLE]
-    if not shards or not all(isinstance(f, str) for f in shards):
+        shards = sorted(set(read_index(index).values()))
+    except ClakitError:  # none, or malformed: convert reads it again and says which
         return HUB_NON_WEIGHTS + [SAFE_SINGLE]
     return HUB_NON_WEIGHTS + shards
 
@@ -605,10 +603,14 @@ def check_weights(source: Source, allow_pickle: bool = False) -> None:
         return check_index(path / named) if named.endswith(".index.json") else None
     if source.kind != "dir":
         return
-    if (path / SAFE_SINGLE).is_file() or (path / SAFE_INDEX).is_file():
-        return check_index(path / SAFE_INDEX) if not (path / SAFE_SINGLE).is_file() else None
+    if (path / SAFE_SINGLE).is_file():  # transformers' order: the single file, even beside an index
+        return
+    if (path / SAFE_INDEX).is_file():
+        return check_index(path / SAFE_INDEX)
     if allow_pickle:
-        return check_index(path / PICKLE_INDEX) if not (path / PICKLE_SINGLE).is_file() else None
+        if not (path / PICKLE_SINGLE).is_file():
+            check_index(path / PICKLE_INDEX)
+        return
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled:
         raise ClakitError(
