@@ -24,7 +24,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"  # without an index, the one safetensors file transformers loads (no other name)
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load / pickle files: loading them can run code
+LOAD_ORDER = (SAFE_SINGLE, SAFE_INDEX, PICKLE_SINGLE, PICKLE_INDEX)  # transformers' (named file first)
 # config.json keys a Llama/Mistral (and CLA) model needs to be built at its weights' shapes: transformers fills a
 # missing one with a default (hidden_size 4096) that does not match them
 CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -591,32 +591,55 @@ def check_index(path: Path) -> None:
         read_index(path)
 
 
-def check_weights(source: Source, allow_pickle: bool = False) -> None:
-    """Safetensors by default: a folder whose loadable weights are pickle files is refused unless `allow_pickle`.
-    Only model.safetensors or its index count as safetensors: transformers ignores other *.safetensors names (a
-    Mistral consolidated.safetensors) and would load the pickle beside them. A file config.json names
-    (`transformers_weights`) comes first, as in transformers."""
-    path = source.path
-    named = named_weights(path) if source.kind == "dir" else None
+def loadable_weights(folder: Path) -> str | None:
+    """The weights file transformers' from_pretrained reads from `folder`, in its order: the file config.json names
+    (`transformers_weights`), model.safetensors (even beside an index, which it then ignores), its index,
+    pytorch_model.bin, its index; None when there is none of them. Other names are never loaded (a Mistral repo's
+    consolidated.safetensors). The one rule for the loading checks (`check_weights`) and convert's reader."""
+    named = named_weights(folder)
     if named is not None:
-        check_named_weights(path, named, allow_pickle)
-        return check_index(path / named) if named.endswith(".index.json") else None
+        return named
+    return next((name for name in LOAD_ORDER if (folder / name).is_file()), None)
+
+
+def unloadable(folder: Path) -> ClakitError:
+    """A folder with no file `loadable_weights` finds, refused in one line: safetensors files under other names
+    would convert, but transformers loads none of them; a Mistral repo's consolidated.safetensors needs converting."""
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    others = [f for f in files if not f.startswith("consolidated")]
+    if others:
+        return ClakitError(
+            f"{folder} has {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} but no {SAFE_SINGLE} or "
+            f"{SAFE_INDEX}, so transformers loads none of it: write a {SAFE_INDEX} mapping each tensor to its file, "
+            f"or name a single file {SAFE_SINGLE} (shards model-0000X-of-0000N.safetensors, with an index)"
+        )
+    if files:
+        return ClakitError(
+            f"{folder}'s only weights are {files[0]}, Mistral's native format (names like layers.0.attention.wq"
+            ".weight), which transformers does not load: download the repo's HF-format model*.safetensors files "
+            "too, or convert it with transformers' models/mistral/convert_mistral_weights_to_hf.py"
+        )
+    return ClakitError(f"{folder} holds no model weights (no {SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE})")
+
+
+def check_weights(source: Source, allow_pickle: bool = False) -> None:
+    """Safetensors by default: a folder whose loadable weights (`loadable_weights`) are pickle is refused unless
+    `allow_pickle`; the index transformers will read is checked (`check_index`)."""
     if source.kind != "dir":
         return
-    if (path / SAFE_SINGLE).is_file():  # transformers' order: the single file, even beside an index
-        return
-    if (path / SAFE_INDEX).is_file():
-        return check_index(path / SAFE_INDEX)
-    if allow_pickle:
-        if not (path / PICKLE_SINGLE).is_file():
-            check_index(path / PICKLE_INDEX)
-        return
-    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickled:
+    path, named = source.path, named_weights(source.path)
+    if named is not None:
+        check_named_weights(path, named, allow_pickle)
+    name = loadable_weights(path)
+    if name is None:
+        raise unloadable(path)
+    if not is_safetensors_name(name) and not allow_pickle:
         raise ClakitError(
-            f"{source.spec}'s loadable weights are pickle ({pickled[0]}; no {SAFE_SINGLE} or {SAFE_INDEX}), which "
-            "can run code when loaded; pass --allow-pickle if you trust the source, or re-save it as safetensors"
+            f"{source.spec}'s loadable weights are pickle ({name}; no {SAFE_SINGLE} or {SAFE_INDEX}), which can run "
+            "code when loaded; pass --allow-pickle if you trust the source, or re-save it as safetensors"
         )
+    if name.endswith(".index.json"):
+        check_index(path / name)
 
 
 def load_model(

@@ -53,6 +53,18 @@ def config(change) -> callable:
     return edit
 
 
+def weights_renamed(name: str) -> callable:
+    """edit: the sharded weights saved again as one pickle file `name`, which transformers does not load."""
+
+    def edit(folder: Path) -> None:
+        shards = sorted(folder.glob("model-*.safetensors"))
+        torch.save({k: v for shard in shards for k, v in load_file(shard).items()}, folder / name)
+        for path in [*shards, folder / "model.safetensors.index.json"]:
+            path.unlink()
+
+    return edit
+
+
 def updated(**values) -> callable:
     return config(lambda c: {**c, **values})
 
@@ -173,8 +185,16 @@ CASES = [
     # --- weights or tokenizer files damaged
     Case(EVAL, "Error while deserializing header", damaged("model", lambda f: truncate(f, "model-00002-of-00004")),
          id="eval-truncated-shard"),
-    Case(EVAL, "no file named model.safetensors", damaged("model", lambda f: [p.unlink() for p in f.glob("model*")]),
+    Case(EVAL, "holds no model weights (no model.safetensors",
+         damaged("model", lambda f: [p.unlink() for p in f.glob("model*")]),
          id="eval-no-weights"),
+    # shards without their index, or weights under a name transformers never loads: eval, convert and uptrain refuse
+    # them alike (sources.loadable_weights, transformers' order, shared by the load checks and convert's reader)
+    *[Case(cmd, "but no model.safetensors or model.safetensors.index.json, so transformers loads none of it",
+           damaged("model", lambda f: (f / "model.safetensors.index.json").unlink()), id=f"{name}-shards-no-index")
+      for cmd, name in [(EVAL, "eval"), (CONVERT, "convert"), (TEACHER, "teacher")]],
+    *[Case(cmd, "holds no model weights (no model.safetensors", damaged("model", weights_renamed("model.pt")),
+           id=f"{name}-weights-other-name") for cmd, name in [(EVAL, "eval"), (CONVERT, "convert")]],
     Case(EVAL, "cannot load the tokenizer of", damaged("model", lambda f: (f / "tokenizer.json").write_text("{x")),
          id="eval-bad-tokenizer"),
     # --- config.json that disagrees with the weights' shapes

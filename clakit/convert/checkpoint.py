@@ -22,14 +22,14 @@ from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
 from clakit.sources import (  # the one name of each, also what a Hub download fetches
     PICKLE_INDEX,
-    PICKLE_SINGLE,
     SAFE_INDEX,
-    SAFE_SINGLE,
     check_named_weights,
     is_safetensors_name,
+    loadable_weights,
     named_weights,
     pickle_refusal,
     read_index,
+    unloadable,
 )
 
 # a tensor in two of the shards an index lists: the converter would take the index's copy, transformers the later one
@@ -57,12 +57,12 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _single_or_index(folder: Path, named: str | None, single: str, index: str) -> tuple[str | None, str | None]:
-    """(single file, index) to read, in transformers' order: the file config.json names (`transformers_weights`),
-    else `single`, which it takes even beside an index (ignored then), else `index`."""
-    if named is not None:
-        return (None, named) if named.endswith(".index.json") else (named, None)
-    return (single, None) if (folder / single).is_file() else (None, index)
+def _single_or_index(folder: Path, name: str | None) -> tuple[str | None, str | None]:
+    """(single file, index) to read: `name`, else the file transformers loads from `folder` (`loadable_weights`)."""
+    name = name or loadable_weights(folder)
+    if name is None:
+        raise unloadable(folder)
+    return (None, name) if name.endswith(".index.json") else (name, None)
 
 
 class SafetensorsCheckpoint:
@@ -71,7 +71,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, folder: Path, named: str | None = None):
         self.folder = folder
-        single, index = _single_or_index(folder, named, SAFE_SINGLE, SAFE_INDEX)
+        single, index = _single_or_index(folder, named)
         weight_map = read_index(folder / index) if index else None
         files = sorted(set(weight_map.values())) if weight_map else [single]
         self._keys = {file: self._read_keys(file) for file in files}
@@ -115,7 +115,7 @@ class PickleCheckpoint:
 
     def __init__(self, folder: Path, named: str | None = None):
         self.folder = folder
-        single, index = _single_or_index(folder, named, PICKLE_SINGLE, PICKLE_INDEX)
+        single, index = _single_or_index(folder, named)
         self._index = index or PICKLE_INDEX
         self._where = read_index(folder / index) if index else {t: single for t in self._load(single)}
         if index:  # the shards' names (memory-mapped: no tensor read), checked as the safetensors shards are
@@ -152,44 +152,24 @@ class StateDictCheckpoint:
 
 
 def open_checkpoint(folder: Path, allow_pickle: bool):
-    """The weights transformers' from_pretrained loads from `folder`, found in its order: model.safetensors, its
-    index, pytorch_model.bin, its index (`.bin` only when allowed). No other file is opened: a Mistral repo's
-    consolidated.safetensors holds the same weights again (14 GB for a 7B), under names no converter reads. A file
-    config.json names (`transformers_weights`) comes first, as in transformers."""
+    """The weights transformers' from_pretrained loads from `folder` (`loadable_weights`: the file config.json names,
+    model.safetensors, its index, pytorch_model.bin, its index; pickle only when allowed). No other file is opened:
+    a Mistral repo's consolidated.safetensors holds the same weights again (14 GB for a 7B), under names no
+    converter reads."""
     named = named_weights(folder)
     if named is not None:
         check_named_weights(folder, named, allow_pickle)
-        return (SafetensorsCheckpoint if is_safetensors_name(named) else PickleCheckpoint)(folder, named)
-    if (folder / SAFE_SINGLE).is_file() or (folder / SAFE_INDEX).is_file():
-        return SafetensorsCheckpoint(folder)
-    if (folder / PICKLE_SINGLE).is_file() or (folder / PICKLE_INDEX).is_file():
-        if not allow_pickle:
-            raise ClakitError(
-                f"{folder} holds only pickle (.bin) weights that transformers can load, and those can run code when "
-                "loaded; pass --allow-pickle if you trust the source"
-            )
-        return PickleCheckpoint(folder)
-    raise _unloadable(folder)
-
-
-def _unloadable(folder: Path) -> ClakitError:
-    """Safetensors files under other names would convert, but transformers loads none of them: `clakit eval` of the
-    source, or the uptrain teacher, would fail only later. Refused, as transformers refuses them."""
-    files = sorted(p.name for p in folder.glob("*.safetensors"))
-    others = [f for f in files if not f.startswith("consolidated")]
-    if others:
-        return ClakitError(
-            f"{folder} has {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} but no {SAFE_SINGLE} or "
-            f"{SAFE_INDEX}, so transformers loads none of it: write a {SAFE_INDEX} mapping each tensor to its file, "
-            f"or name a single file {SAFE_SINGLE} (shards model-0000X-of-0000N.safetensors, with an index)"
+    name = loadable_weights(folder)
+    if name is None:
+        raise unloadable(folder)
+    if is_safetensors_name(name):
+        return SafetensorsCheckpoint(folder, name)
+    if not allow_pickle:
+        raise ClakitError(
+            f"{folder} holds only pickle (.bin) weights that transformers can load, and those can run code when "
+            "loaded; pass --allow-pickle if you trust the source"
         )
-    if files:
-        return ClakitError(
-            f"{folder}'s only weights are {files[0]}, Mistral's native format (names like layers.0.attention.wq"
-            ".weight), which transformers does not load: download the repo's HF-format model*.safetensors files "
-            "too, or convert it with transformers' models/mistral/convert_mistral_weights_to_hf.py"
-        )
-    return ClakitError(f"{folder} holds no model weights (no {SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE})")
+    return PickleCheckpoint(folder, name)
 
 
 class ShardWriter:

@@ -53,8 +53,9 @@ def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: 
 
     _check_not_a_run(model)
     source = resolve_source(str(model), revision, allow_pickle, None if trust_remote_code else check_config)
+    config = _check_causal_lm(source, trust_remote_code)  # what the folder is comes before what it lacks
     check_weights(source, allow_pickle)
-    return source, _check_causal_lm(source, trust_remote_code)
+    return source, config
 
 
 def _check_not_a_run(model) -> None:
