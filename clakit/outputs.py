@@ -616,21 +616,29 @@ def _json_format(path: Path) -> str | None:
 
 
 def check_file(
-    path, fmt: str, *, noun: str = "output file", label: str = "output", inputs: Iterable[tuple[str, object]] = ()
+    path,
+    fmt: str,
+    *,
+    noun: str = "output file",
+    label: str = "output",
+    inputs: Iterable[tuple[str, object]] = (),
+    fix: str | None = None,
 ) -> Path:
     """Before any work: `path` may be written when it does not exist yet, or is a clakit JSON file of `fmt` (a
     report clakit wrote, which it replaces); its folder must be a folder we can write in; it must not be one of the
     run's `inputs` ((role, path or specs), as check_folder's): a report read as data passes the format check, but
-    replacing it would destroy the input of the very run that writes it. Returns it absolute."""
+    replacing it would destroy the input of the very run that writes it. `fix`: the way out where the name is not
+    the user's choice (the demo's demo.json), instead of choosing another name. Returns it absolute."""
     path = expand(path, label).absolute()
     if path.is_dir():
-        raise ClakitError(f"{label} {path} is a folder; give a file name such as {path / 'report.json'}")
+        fix_dir = fix or f"give a file name such as {path / 'report.json'}"
+        raise ClakitError(f"{label} {path} is a folder; {fix_dir}")
     if path.is_symlink():
-        raise ClakitError(f"{label} {path} is a link to {os.readlink(path)}; give a new file name")
+        raise ClakitError(f"{label} {path} is a link to {os.readlink(path)}; {fix or 'give a new file name'}")
     if path.exists() and _json_format(path) != fmt:
         raise ClakitError(
             f"{label} {path} exists and is not a clakit {noun}; clakit replaces only its own files: "
-            "choose another name"
+            f"{fix or 'choose another name'}"
         )
     check_writable(path.parent)
     for role, source in _input_paths(inputs):

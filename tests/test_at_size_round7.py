@@ -365,12 +365,14 @@ def test_the_check_before_the_conversion_draws_nothing_from_the_rng(stock_checkp
     than one given the converted checkpoint (test_uptrain_distributed: gate_proj's merged weights differed)."""
     from clakit.uptrain import pipeline
     from clakit.uptrain.recipe import load_recipe
+    from clakit.uptrain.trainer import step_shape
 
     recipe = load_recipe(source_recipe(corpus_dir, tmp_path, stock_checkpoint))
     data = SimpleNamespace(train=[None] * 8, seq_len=recipe.data.seq_len)
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    pipeline.check_conversion_space(tmp_path, recipe.model, recipe, data, SimpleNamespace(num_processes=1), True)
+    shape = step_shape(recipe.train, 1)
+    pipeline.check_conversion_space(tmp_path, recipe.model, recipe, data, shape, True)
     assert torch.equal(torch.get_rng_state(), before)
 
 

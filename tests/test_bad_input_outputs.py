@@ -174,8 +174,12 @@ CASES = [
     # --- demo: its work folder's outputs, all checked before the first stage (nothing fetched)
     Case("demo --work-dir {w} --cache-dir {tmp}/cache --quiet", "converted already exists and is not a clakit convert",
          make_folder("w", {"converted/keep.txt": "mine"}), protect=("w",), id="demo-user-converted"),
-    Case("demo --work-dir {w} --cache-dir {tmp}/cache --quiet", "demo.json exists and is not a clakit demo summary",
+    Case("demo --work-dir {w} --cache-dir {tmp}/cache --quiet", "demo.json exists and is not a clakit demo summary; "
+         "clakit replaces only its own files: move it away, or choose another --work-dir",
          make_folder("w", {"demo.json": "{}"}), protect=("w",), id="demo-user-summary"),
+    Case("demo --work-dir {w} --cache-dir {tmp}/cache --quiet", "demo.json is a folder; move it away, or choose "
+         "another --work-dir", make_folder("w", {"demo.json/keep.txt": "mine"}), protect=("w",),
+         id="demo-summary-is-a-folder"),
     Case("demo --work-dir . --cache-dir {tmp}/cache --quiet", "reports/original.json exists and is not a clakit eval",
          make_folder("work", {"reports/original.json": "[]"}), id="demo-user-report"),
     # --- `~name/...` of a user this system does not know: pathlib's RuntimeError was a traceback from every command

@@ -406,3 +406,43 @@ def test_an_untested_vllm_release_is_named_when_the_plugin_loads_and_when_its_cl
     tested = "import logging, vllm, clakit_vllm; clakit_vllm.register(); import clakit_vllm.models; print('OK')"
     out = subprocess.run([str(vllm_python), "-c", tested], capture_output=True, text=True, env=vllm_env(), timeout=600)
     assert out.stdout.strip().endswith("OK") and "was tested with" not in out.stderr, out.stderr[-2000:]
+
+
+def test_clakit_vllm_run_without_vllm_installed_is_one_line(tiny_llama_pair, tmp_path):
+    """The plugin declares no vLLM dependency, so it can be installed where vLLM is not: good input then ended in a
+    ModuleNotFoundError traceback, exit 1; now one line naming both installs, exit 2, after the input checks (bad
+    input is still named first). vLLM is hidden from the run (None in sys.modules: neither importable nor found),
+    so the case holds in a Python that has it too."""
+    import os
+    import sys
+
+    _, cla = tiny_llama_pair
+    argv = "{cla} --prompts-json {prompts}".format(**run_inputs(cla, tmp_path)).split()
+    hidden = "import runpy, sys; sys.modules['vllm'] = None; runpy.run_module('clakit_vllm.run', run_name='__main__')"
+    serving = str(Path(__file__).parent.parent / "serving" / "vllm")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([serving, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", hidden, *argv], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    assert lines[0].startswith("python -m clakit_vllm.run: error: vLLM is not installed in this Python"), lines
+    assert "install-cpu.sh" in lines[0] and "CLAKIT_VLLM_RESULT" not in proc.stdout
+
+
+def test_a_consumers_own_kv_cache_scale_is_dropped_in_every_spelling(monkeypatch):
+    """A consumer reads its producer's cache with the producer's scale (`shared_kv_scales`); its own scale is dropped
+    as `self_attn.k_scale`, `self_attn.attn.k_scale` or ModelOpt's `self_attn.k_proj.k_scale`. The last was refused
+    by the weights check as a consumer's K/V projection ("config.json does not match the weights")."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "serving" / "vllm"))
+    sys.modules.pop("clakit_vllm.configs", None)
+    from clakit_vllm.configs import shared_kv_scales, unexpected_kv_tensor
+
+    layout = [0, 0, 2, 2]
+    for name in ("model.layers.1.self_attn.k_scale", "model.layers.1.self_attn.attn.v_scale",
+                 "model.layers.3.self_attn.k_proj.k_scale", "model.layers.3.self_attn.v_proj.v_scale"):  # fmt: skip
+        assert unexpected_kv_tensor(name, layout) is None and shared_kv_scales(name, layout) == [], name
+    assert "a consumer of layer 0" in unexpected_kv_tensor("model.layers.1.self_attn.k_proj.weight", layout)
+    assert shared_kv_scales("model.layers.2.self_attn.k_proj.k_scale", layout) == [
+        "model.layers.2.self_attn.k_proj.k_scale", "model.layers.3.self_attn.k_proj.k_scale"]  # fmt: skip

@@ -104,3 +104,121 @@ def test_more_processes_than_held_out_blocks_is_refused(
     assert errors and all("launched on 2 processes but the held-out data has only 1 blocks" in e for e in errors)
     assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File") and "/clakit/" in line]
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
+
+
+STOP_AFTER = """import os, sys
+from clakit.uptrain import trainer
+hook = trainer.Trainer.on_step_end
+def stop(self):
+    hook(self)
+    if self.step == {step}:
+        os._exit(0)  # a kill right after the checkpoint: no cleanup, no final save
+trainer.Trainer.on_step_end = stop
+from clakit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def launch_stopped(args: list[str], cwd: Path, step: int) -> subprocess.CompletedProcess:
+    """`launch` on 2 processes of a script that runs clakit and kills every process after optimizer step `step`."""
+    script = cwd / "stop_after.py"
+    script.write_text(STOP_AFTER.format(step=step))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    path = [str(Path(__file__).parent.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path), "CUDA_VISIBLE_DEVICES": ""}
+    env["ACCELERATE_USE_CPU"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_run(result: Path, reference: Path) -> None:
+    """The resumed run's weights and record against an uninterrupted one of the same blocks per step."""
+    a, b = weights(reference / "model"), weights(result / "model")
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    record = json.loads((result / "model" / "uptrain.json").read_text())
+    assert record["train_tokens"] == 4 * 2 * 32 and record["plan"]["tokens_per_step"] == 2 * 32
+    tokens = [json.loads(line)["tokens"] for line in (result / "metrics.jsonl").read_text().splitlines()]
+    assert tokens == sorted(tokens) and tokens[-1] == 4 * 2 * 32  # never counted backwards
+    return record
+
+
+def test_a_run_resumed_on_another_number_of_processes_trains_the_blocks_an_uninterrupted_run_would(
+    tiny_cla_checkpoint,  # noqa: F811
+    tiny_llama_checkpoint,
+    corpus_dir,
+    tmp_path,
+    monkeypatch,
+):
+    """2 processes of batch 1 killed after step 2 and resumed on 1 (the steps keep their 2 blocks: batch 1 x 2
+    accumulation), and 1 process of batch 2 killed after step 2 and resumed on 2 (batch 1 each): both train the
+    weights of one uninterrupted process of batch 2. Before, a step read the new world's share of other positions:
+    blocks trained twice or skipped, tokens counted backwards, a max_tokens schedule stretched."""
+    from uptrain_fixtures import killed_at_step
+
+    from clakit.uptrain import uptrain
+
+    monkeypatch.chdir(tmp_path)
+    reference = two_process_recipe(corpus_dir, tmp_path / "ref", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=2)
+    uptrain(write_recipe(tmp_path / "ref.yaml", reference), quiet=True)
+
+    down = two_process_recipe(corpus_dir, tmp_path / "down", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=1)
+    proc = launch_stopped(["uptrain", str(write_recipe(tmp_path / "down.yaml", down)), "-q"], tmp_path, step=2)
+    assert (tmp_path / "down" / "checkpoints" / "step-000002").is_dir(), proc.stderr[-3000:]
+    uptrain(tmp_path / "down.yaml", resume=True, quiet=True)
+    record = assert_same_run(tmp_path / "down", tmp_path / "ref")
+    assert record["step_shape"] == {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
+                                    "processes": 1, "blocks_per_step": 2}  # fmt: skip
+
+    up = two_process_recipe(corpus_dir, tmp_path / "up", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=2)
+    killed_at_step(2, write_recipe(tmp_path / "up.yaml", up))
+    proc = launch(["uptrain", str(tmp_path / "up.yaml"), "-q", "--resume"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = assert_same_run(tmp_path / "up", tmp_path / "ref")
+    assert record["step_shape"]["per_device_train_batch_size"] == 1 and record["processes"] == 2
+
+
+def test_a_step_the_new_processes_cannot_share_is_refused():
+    from types import SimpleNamespace
+
+    from clakit.errors import ClakitError
+    from clakit.uptrain.trainer import StepShape, step_shape
+
+    train = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=3)
+    assert step_shape(train, 2) == StepShape(4, 3, 2)  # a fresh run: the recipe's
+    assert step_shape(train, 1, blocks=24) == StepShape(4, 6, 1)  # fewer processes: more accumulation
+    assert step_shape(train, 4, blocks=24) == StepShape(3, 2, 4)  # more: 6 blocks each, batch at most the recipe's
+    assert step_shape(train, 8, blocks=24) == StepShape(3, 1, 8)
+    with pytest.raises(ClakitError, match="which 5 processes cannot share evenly; resume on 1, 2, 3, 4, 6, 8, 12, 24"):
+        step_shape(train, 5, blocks=24)
+
+
+def test_a_process_lost_mid_run_stops_the_others_in_one_line(tmp_path):
+    """gloo's error in the processes left when another one dies inside a collective (measured: a 2-process gloo
+    all_reduce after the other process's os._exit) was a 60-line traceback on each; one line now, naming the way
+    on. Any other error, or one process, passes through unchanged."""
+    from types import SimpleNamespace
+
+    from clakit.errors import ClakitError
+    from clakit.uptrain import pipeline
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:63673. This is typically caused by a remote worker crashing."
+    )
+    two, one = SimpleNamespace(num_processes=2), SimpleNamespace(num_processes=1)
+    with pytest.raises(ClakitError, match=r"another process of this run stopped while training \(\[.*Connection "
+                       r"closed by peer.*\); run it again$"):  # fmt: skip
+        with pipeline._peer_lost(two, tmp_path):
+            raise gloo
+    (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000004" / "state.json").write_text("{}")
+    with pytest.raises(ClakitError, match="add --resume to the same launch to continue from step-000004"):
+        with pipeline._peer_lost(two, tmp_path):
+            raise gloo
+    for acc, error in ((one, gloo), (two, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))):
+        with pytest.raises(RuntimeError) as caught:
+            with pipeline._peer_lost(acc, tmp_path):
+                raise error
+        assert caught.value is error

@@ -352,6 +352,16 @@ def test_a_demo_rerun_keeps_the_stages_whose_inputs_settings_and_code_are_unchan
     assert (demo(uptrain_steps=3)["reused"], calls) == ([], ["convert", "uptrain"])
     convert(tiny_llama_checkpoint, work / "converted", factor=2, overwrite=True, quiet=True)  # by the user, between
     assert (demo(uptrain_steps=3)["reused"], calls) == ([], ["convert", "uptrain"])  # another run's output there
+    # an output damaged since (its run_id still there): a weight file edited in place (same size) or removed is
+    # redone, never kept and reported on (before: the edited weights were kept, a removed one failed the eval)
+    weights = sorted((work / "converted").glob("*.safetensors"))[0]
+    with open(weights, "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    assert (demo(uptrain_steps=3)["reused"], calls) == ([], ["convert", "uptrain"])
+    next((work / "uptrain" / "model").glob("*.safetensors")).unlink()
+    assert (demo(uptrain_steps=3)["reused"], calls) == (["convert"], ["uptrain"])
+    assert (demo(uptrain_steps=3)["reused"], calls) == (["convert", "uptrain"], [])  # and kept once redone
 
 
 def test_a_second_demo_in_the_same_work_dir_is_refused_while_the_first_runs(corpus_dir, tmp_path):

@@ -74,7 +74,7 @@ class DemoContext:
     timings: dict[str, float] = field(default_factory=dict)
     sources: dict | None = None  # where fetch-demo's assets came from (its manifest's record)
     earlier: dict = field(default_factory=dict)  # the stage records of the demo.json found in work_dir (reuse)
-    stages: dict = field(default_factory=dict)  # this run's: stage -> {"key", "run_id"}, written to demo.json
+    stages: dict = field(default_factory=dict)  # this run's: stage -> {"key", "run_id", "files"}, to demo.json
     reused: list[str] = field(default_factory=list)  # the stages whose earlier output was kept
 
     def keep(self, stage: str, stage_key: str, out: Path, complete: Path) -> bool:
@@ -87,7 +87,7 @@ class DemoContext:
         return True
 
     def done(self, stage: str, stage_key: str, out: Path) -> None:
-        self.stages[stage] = {"key": stage_key, "run_id": reuse.run_id(out)}
+        self.stages[stage] = {"key": stage_key, "run_id": reuse.run_id(out), "files": reuse.listing(out)}
 
     def say(self, message: str) -> None:
         if not self.settings.quiet:
@@ -227,7 +227,9 @@ def check_work_dir(work_dir: Path) -> None:
         outputs.check_folder(work_dir / name, kind, overwrite=True, label="demo output folder")
     for label in DEMO_REPORTS:
         check_output(work_dir / "reports" / f"{label}.json")
-    outputs.check_file(work_dir / "demo.json", DEMO_FORMAT, noun="demo summary")
+    outputs.check_file(
+        work_dir / "demo.json", DEMO_FORMAT, noun="demo summary", fix="move it away, or choose another --work-dir"
+    )
 
 
 def _run_stages(ctx: DemoContext, stages: list[Stage]) -> None:

@@ -1,6 +1,7 @@
 """Which stages a rerun of the demo may keep. A rerun converted and uptrained again whatever had changed (on 2 CPU
 cores the real demo's 762 s of conversion and 677 s of uptraining, every time); now a stage's output is kept when
-its key is the one demo.json recorded for it and the output is still the one that stage wrote (its marker's run_id).
+its key is the one demo.json recorded for it and the output is still the one that stage wrote (its marker's run_id)
+and untouched since (every file below it as listed when the stage ended).
 
 A key hashes everything the stage's output depends on: clakit's own source and the libraries' versions (a changed
 default in the code is a changed key), the stage's settings, its input files (path, size and mtime of each file
@@ -57,9 +58,19 @@ def run_id(folder: Path) -> str | None:
 
 
 def kept(earlier: dict, stage: str, stage_key: str, out: Path, complete: Path) -> bool:
-    """Whether the output `out` of `stage` is the one the earlier demo recorded for the same key, and complete (the
-    file `complete` is there: an uptrain run kept for --resume has no model yet)."""
+    """Whether the output `out` of `stage` is the one the earlier demo recorded for the same key, and untouched since:
+    its marker's run_id, and every file below it as `done` listed it (path, size, mtime: a weight edited, removed
+    or added since is a stage to redo, not a damaged model to report on), with the file `complete` among them (an
+    uptrain run kept for --resume has no model yet)."""
     record = earlier.get(stage)
     if not isinstance(record, dict) or record.get("key") != stage_key or not complete.is_file():
         return False
-    return record.get("run_id") is not None and record.get("run_id") == run_id(out)
+    if record.get("run_id") is None or record.get("run_id") != run_id(out):
+        return False
+    return record.get("files") == listing(out)
+
+
+def listing(out: Path) -> list:
+    """`files(out)` as demo.json holds it (JSON: lists, not tuples), the folder's own entry left out: its mtime
+    moves with any entry made and removed beside the outputs (a lock), which changes no output."""
+    return json.loads(json.dumps(files(out)[1:]))

@@ -40,6 +40,14 @@ def summary(recipe, trainer, data, heldout: dict, kv_source_layers: list[int] | 
         "trainable_parameters": trainable,
         "parameters": total,
         "processes": trainer.accelerator.num_processes,
+        # the step as the last stretch ran it: a resume on another number of processes keeps the run's blocks a step
+        # (the same data and schedule) with another per-process batch and accumulation (trainer.step_shape)
+        "step_shape": {
+            "per_device_train_batch_size": trainer.shape.batch_size,
+            "gradient_accumulation_steps": trainer.shape.accumulation,
+            "processes": trainer.shape.world,
+            "blocks_per_step": trainer.shape.blocks,
+        },
         "train_data": data.train_sources,
         "eval_data": data.eval_sources,
         "heldout": heldout,
@@ -66,7 +74,8 @@ def one_line(s: dict) -> str:
 def _training_lines(s: dict) -> list[str]:
     r = s["recipe"]
     t, lo, d, data = r["train"], r["lora"], r["distill"], r["data"]
-    batch = f"{t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']} accumulation"
+    shape = s.get("step_shape") or t  # records from before step_shape: the recipe's
+    batch = f"{shape['per_device_train_batch_size']} x {shape['gradient_accumulation_steps']} accumulation"
     share = data.get("copy_fraction") or 0  # records from before data.copy_fraction have none
     copies = f"; {share:g} of them end with a {data['copy_span']}-token copy of an earlier span" if share else ""
     device = f" ({s['device']}, mixed precision {s['mixed_precision']})" if s.get("device") else ""

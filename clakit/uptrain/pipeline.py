@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -47,11 +48,13 @@ from clakit.uptrain.recipe import (
 from clakit.uptrain.trainer import (
     METRICS,
     LossNotFinite,
+    StepShape,
     Trainer,
     blocks_per_step,
     check_plan,
     drop_metrics_after,
     make_plan,
+    step_shape,
 )
 
 RESULT = outputs.RUN_MODEL  # one name: outputs.run_model_hint names it for commands below uptrain
@@ -259,16 +262,16 @@ def data_digest(data) -> str:
     return digest.hexdigest()
 
 
-def check_same_data(out: Path, digest: str, processes: int, recipe: Recipe) -> None:
+def check_same_data(out: Path, digest: str, recipe: Recipe) -> None:
     """--resume: the batch order is a function of the step and the blocks, so text edited (or a tokenizer changed)
     since the run started would silently train on other data; refused. The text is its tokens, wherever its files
-    are now (data paths are outside the fingerprint: recipe.identity). On another number of processes a train text
-    above MIN_TOKENISED is read to another budget (`token_budget`), so the blocks differ by design, and a run.json
-    before the digest has none: there the files are compared instead, as resolved from the folder each recipe was
-    typed in. `digest`: data_digest of the blocks read now."""
+    are now (data paths are outside the fingerprint: recipe.identity), read to the budget it started with on any
+    number of processes (`run_shape`). A run.json without the digest, or without the processes it started on (which
+    that budget needs), has the files compared instead, as resolved from the folder each recipe was typed in.
+    `digest`: data_digest of the blocks read now."""
     record = run_record(out) or {}
     recorded = record.get("data_sha256")
-    if recorded and record.get("data_processes") == processes:
+    if recorded and record.get("data_processes"):
         if recorded != digest:
             raise ClakitError(
                 f"--resume: the training or held-out text changed since the run in {out} started (its tokens "
@@ -287,14 +290,9 @@ def _check_same_files(out: Path, record: dict, recipe: Recipe) -> None:
     if changed:
         raise ClakitError(
             f"--resume: the run in {out} read other files ({'; '.join(changed)[:300]}), and their tokens cannot be "
-            f"compared here (run.json has no data_sha256 for {_processes(record)}); give the files it read, or start "
+            "compared here (its run.json, from an earlier clakit, records none); give the files it read, or start "
             "over with --overwrite"
         )
-
-
-def _processes(record: dict) -> str:
-    n = record.get("data_processes")
-    return f"this number of processes (it started on {n})" if n else "the run"
 
 
 def _recorded_original(out: Path) -> dict | None:
@@ -455,10 +453,10 @@ def check_launch(data, world: int) -> None:
             )
 
 
-def check_step_fits_data(data, world: int, train) -> None:
+def check_step_fits_data(data, shape: StepShape, train) -> None:
     """One optimizer step may not read more blocks than the training data holds: it would count blocks twice in one
     gradient, and a huge gradient_accumulation_steps would run its first step practically forever."""
-    per_step = blocks_per_step(train, world)
+    per_step, world = shape.blocks, shape.world
     if per_step > len(data.train):
         raise ClakitError(
             f"one optimizer step reads train.per_device_train_batch_size x train.gradient_accumulation_steps x "
@@ -471,10 +469,11 @@ def check_step_fits_data(data, world: int, train) -> None:
 MIN_TOKENISED = 1 << 24  # below this the whole train text is read: the run samples from all of it
 
 
-def token_budget(train, seq_len: int, world: int) -> int | None:
+def token_budget(train, seq_len: int, shape: StepShape) -> int | None:
     """How much train text to tokenise: all of it, unless it is far more than the run will read (a large datasets
-    spec); then twice the run's token budget, so memory stays bounded. None: read everything."""
-    per_step = blocks_per_step(train, world) * seq_len
+    spec); then twice the run's token budget, so memory stays bounded. None: read everything. A resume reads to the
+    same budget on any number of processes (its steps keep their blocks: `run_shape`)."""
+    per_step = shape.blocks * seq_len
     if train.max_steps > 0:
         return max(MIN_TOKENISED, 2 * train.max_steps * per_step)
     return max(MIN_TOKENISED, 2 * (train.max_tokens + per_step)) if train.max_tokens else None
@@ -702,7 +701,7 @@ def _abandon(out: Path, acc, error: BaseException) -> None:
     if checkpoint.checkpoint_dirs(out):
         if isinstance(error, LossNotFinite):  # --resume would repeat the same steps into the same loss
             raise ClakitError(f"{error}; its earlier checkpoints are kept in {out}") from None
-        if isinstance(error, ClakitError):
+        if isinstance(error, ClakitError) and "--resume" not in str(error):
             raise ClakitError(f"{error}; the run is kept in {out}: continue it with --resume") from None
         return
     if acc.is_main_process and outputs.owner(out) == "uptrain":
@@ -767,7 +766,7 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
     if slow:  # a note, not a refusal: the run is right, only slow
         _say(slow, quiet)
     check_fsdp_wrap(acc, student_config)
-    data = _read_data(recipe, tokenizer, acc, out, resume)
+    data = _read_data(recipe, tokenizer, acc, out, resume, run_shape(recipe, out, resume, acc.num_processes))
     with outputs.new_parents_removed_on_failure(out):  # runs/a/b/out: a failed run leaves no empty runs/a/b
         return _stage_and_train(recipe, out, data, tokenizer, acc, quiet, resume, overwrite, original, model)
 
@@ -807,20 +806,28 @@ def _student_tokenizer(model, original):
     return tokenizer
 
 
-def _read_data(recipe: Recipe, tokenizer, acc, out: Path, resume: bool) -> tuple:
-    """(the packed blocks, their data_digest): read to the run's token budget, checked against the processes and the
-    plan, and on --resume against the blocks the run started with. The digest is computed once: run.json's, the
-    resume check's and the result's (uptrain.json)."""
-    budget = token_budget(recipe.train, recipe.data.seq_len, acc.num_processes)
+def run_shape(recipe: Recipe, out: Path, resume: bool, world: int) -> StepShape:
+    """The step on these `world` processes (`step_shape`): on --resume, the blocks a step read where the run started
+    (run.json's data_processes, with the recipe's batch and accumulation, which the fingerprint holds fixed)."""
+    started = (run_record(out) or {}).get("data_processes") if resume else None
+    blocks = blocks_per_step(recipe.train, started) if type(started) is int and started > 0 else None
+    return step_shape(recipe.train, world, blocks)
+
+
+def _read_data(recipe: Recipe, tokenizer, acc, out: Path, resume: bool, shape: StepShape) -> tuple:
+    """(the packed blocks, their data_digest, the step's `shape`): read to the run's token budget, checked against
+    the processes and the plan, and on --resume against the blocks the run started with. The digest is computed
+    once: run.json's, the resume check's and the result's (uptrain.json)."""
+    budget = token_budget(recipe.train, recipe.data.seq_len, shape)
     calib = recipe.model.convert.calib_data if recipe.model.convert else None
     data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed, calib=calib)
     check_launch(data, acc.num_processes)
-    check_step_fits_data(data, acc.num_processes, recipe.train)
-    check_plan(recipe.train, make_plan(recipe.train, len(data.train), data.seq_len, acc.num_processes))
+    check_step_fits_data(data, shape, recipe.train)
+    check_plan(recipe.train, make_plan(recipe.train, len(data.train), data.seq_len, shape))
     digest = data_digest(data)
     if resume:
-        check_same_data(out, digest, acc.num_processes, recipe)
-    return data, digest
+        check_same_data(out, digest, recipe)
+    return data, digest, shape
 
 
 def _stage_and_train(recipe: Recipe, out: Path, data, tokenizer, acc, quiet, resume, overwrite, original, model):
@@ -852,8 +859,8 @@ def _stage_and_train(recipe: Recipe, out: Path, data, tokenizer, acc, quiet, res
 def _setup(
     recipe: Recipe, work: Path, data, tokenizer, acc, quiet: bool, fresh: bool, original=None, section=None, out=None
 ) -> dict:
-    data, digest = data
-    run = {"data": data, "data_sha256": digest, "tokenizer": tokenizer, "quiet": quiet, "reports": {}}
+    data, digest, shape = data
+    run = {"data": data, "data_sha256": digest, "shape": shape, "tokenizer": tokenizer, "quiet": quiet, "reports": {}}
     # dtype: the result's and the teacher's; student_dtype: the student's while training. FSDP flattens each wrapped
     # layer into one tensor of one dtype, so there the student stays fp32 (the trainable tensors are fp32) and
     # FSDP's mixed precision computes in bf16.
@@ -861,10 +868,10 @@ def _setup(
     run["student_dtype"] = torch.float32 if checkpoint.sharded(acc) else dtype
     if (section or recipe.model).source and not (work / "converted" / "config.json").is_file():
         # CLA: before the conversion (at 70B: hours), every process, so they stop together
-        check_conversion_space(out or work, section or recipe.model, recipe, data, acc, fresh)
+        check_conversion_space(out or work, section or recipe.model, recipe, data, shape, fresh)
     start_path = prepare_student_checkpoint(recipe, work, acc, quiet, section)
     # before any model loads (at 70B minutes of reading per model): every process, so they stop together
-    check_run_space(out or work, start_path, recipe, data, acc, fresh)
+    check_run_space(out or work, start_path, recipe, data, shape, fresh)
     model = _load_student(start_path, run["student_dtype"], acc, recipe.model.allow_pickle)
     # under FSDP the converted model is scored once accelerate has sharded it (_score_converted): whole, it would
     # not fit one device at the sizes FSDP is for
@@ -907,16 +914,16 @@ def run_bytes(model, dtype: torch.dtype) -> tuple[int, int]:
 RUN_SPACE_FIX = "set train.output_dir on a disk with room (or a smaller train.save_total_limit)"
 
 
-def check_run_space(out: Path, start_path: Path, recipe: Recipe, data, acc, fresh: bool) -> None:
+def check_run_space(out: Path, start_path: Path, recipe: Recipe, data, shape: StepShape, fresh: bool) -> None:
     """Refuse before training where the disk cannot hold the result and the checkpoints the run keeps (at most
     save_total_limit, one more while the newest is written before the oldest goes; a resume: one more): at 70B the
     result alone is ~140 GB, and a full disk found at the save comes after the whole training. Counted on the
     student's skeleton (`trainable_skeleton`), so it runs before any model is loaded."""
-    need, what = _run_need(trainable_skeleton(start_path, recipe), recipe, data, acc, fresh)
+    need, what = _run_need(trainable_skeleton(start_path, recipe), recipe, data, shape, fresh)
     outputs.check_free_space(out, need, what, RUN_SPACE_FIX)
 
 
-def check_conversion_space(out: Path, section, recipe: Recipe, data, acc, fresh: bool) -> None:
+def check_conversion_space(out: Path, section, recipe: Recipe, data, shape: StepShape, fresh: bool) -> None:
     """model.source, before it is converted: room for the conversion's output (OUTPUT_DIR/converted) and for the
     run's (check_run_space), both counted from the source's config on the meta device, with the layout the
     conversion will write (every layer a producer where the converter chooses it on data: the most it can write).
@@ -932,7 +939,7 @@ def check_conversion_space(out: Path, section, recipe: Recipe, data, acc, fresh:
     with torch.random.fork_rng(devices=[]):
         skeleton = trainable_skeleton(cla_config(config, layout), recipe)
     converted = _conversion_bytes(skeleton, section.convert, source, config)
-    need, what = _run_need(skeleton, recipe, data, acc, fresh)
+    need, what = _run_need(skeleton, recipe, data, shape, fresh)
     what = f"the conversion of model.source ({outputs.size_text(converted)}), {what}"
     outputs.check_free_space(out, converted + need, what, RUN_SPACE_FIX)
 
@@ -969,11 +976,11 @@ def _stored_itemsize(folder: Path) -> float | None:
     return sum(t.numel() * t.element_size() for t in floats) / values if values else None
 
 
-def _run_need(skeleton, recipe: Recipe, data, acc, fresh: bool) -> tuple[int, str]:
+def _run_need(skeleton, recipe: Recipe, data, shape: StepShape, fresh: bool) -> tuple[int, str]:
     """(bytes, what they are) of the result and the checkpoints a run of the trainable `skeleton` keeps."""
     train = recipe.train
     result, one = run_bytes(skeleton, torch.bfloat16 if train.bf16 else torch.float32)
-    steps = make_plan(train, len(data.train), data.seq_len, acc.num_processes).total_steps
+    steps = make_plan(train, len(data.train), data.seq_len, shape).total_steps
     saves = (steps - 1) // train.save_steps if train.save_steps > 0 else 0  # none at the last step: the result
     kept = min(saves, train.save_total_limit + 1 if train.save_total_limit else saves, 1 if not fresh else saves)
     what = f"the trained model ({outputs.size_text(result)}) and {kept} checkpoint(s) of {outputs.size_text(one)}"
@@ -1031,7 +1038,7 @@ def _numbers(r: dict | None) -> dict | None:
 def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> Path:
     if "tensorboard" in recipe.train.report_to:
         acc.init_trackers("tensorboard")
-    trainer = Trainer(recipe, run["model"], run["teacher"], run["data"], acc, out, quiet=quiet)
+    trainer = Trainer(recipe, run["model"], run["teacher"], run["data"], acc, out, quiet=quiet, shape=run["shape"])
     if run.get("score_converted"):
         _score_converted(recipe, out, trainer, run, acc)
     last = checkpoint.checkpoint_dirs(out)
@@ -1040,7 +1047,8 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
         trainer.resume(last[-1])
     elif acc.is_main_process:  # killed (-9) before its first checkpoint: the steps it logged are trained again
         drop_metrics_after(out / METRICS, -1)
-    trainer.run()
+    with _peer_lost(acc, out):
+        trainer.run()
     acc.wait_for_everyone()
     if checkpoint.sharded(acc):
         failed = _save_sharded(recipe, out, trainer, run, acc)
@@ -1051,6 +1059,25 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
     if failed:  # after the others are released: they would wait for it otherwise
         raise failed
     return out / RESULT
+
+
+# what gloo and NCCL say in the processes left when another one of the run dies inside a collective
+PEER_LOST = re.compile(r"gloo|nccl|connection (closed|reset)|remote worker|broken pipe", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _peer_lost(acc, out: Path):
+    """Several processes: one of them killed (the OOM killer, a preempted node) stops the others inside a collective
+    with gloo's or NCCL's RuntimeError, a 60-line traceback on each; one line instead, saying how to go on."""
+    try:
+        yield
+    except RuntimeError as e:
+        if acc.num_processes == 1 or not PEER_LOST.search(str(e)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        last = checkpoint.checkpoint_dirs(out)
+        then = f"add --resume to the same launch to continue from {last[-1].name}" if last else "run it again"
+        raise ClakitError(f"another process of this run stopped while training ({first}); {then}") from None
 
 
 def _score_converted(recipe: Recipe, out: Path, trainer, run: dict, acc) -> None:

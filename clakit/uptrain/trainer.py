@@ -31,13 +31,49 @@ class Plan:
     warmup_steps: int
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """How one optimizer step reads its blocks: `batch_size` blocks per micro-batch, `accumulation` micro-batches,
+    on each of `world` processes."""
+
+    batch_size: int
+    accumulation: int
+    world: int
+
+    @property
+    def blocks(self) -> int:
+        return self.batch_size * self.accumulation * self.world
+
+
+def step_shape(train, world: int, blocks: int | None = None) -> StepShape:
+    """The recipe's step on `world` processes. `blocks`: the blocks a step of a resumed run read where it started on
+    another number of processes. Its steps keep them (the same blocks in the same order, the same schedule and
+    tokens a step: what an uninterrupted run trains, up to the order of the sums), split into micro-batches no
+    larger than the recipe's, more of them where fewer processes share the step; a `world` that does not divide
+    them is refused (a step of other blocks would train some twice and skip others)."""
+    batch, accumulation = train.per_device_train_batch_size, train.gradient_accumulation_steps
+    if blocks is None or blocks == batch * accumulation * world:
+        return StepShape(batch, accumulation, world)
+    if blocks % world:
+        divisors = [n for n in range(1, blocks + 1) if blocks % n == 0][:8]
+        raise ClakitError(
+            f"--resume: this run's steps read {blocks} blocks each (train.per_device_train_batch_size x "
+            f"train.gradient_accumulation_steps x the processes it started on), which {world} processes cannot "
+            f"share evenly; resume on {', '.join(map(str, divisors))}{', ...' if len(divisors) == 8 else ''} "
+            "processes, or start over with --overwrite"
+        )
+    share = blocks // world  # each process's blocks a step
+    batch = max(b for b in range(1, min(batch, share) + 1) if share % b == 0)
+    return StepShape(batch, share // batch, world)
+
+
 def blocks_per_step(train, world: int) -> int:
     """Training blocks one optimizer step reads over all processes (batch x accumulation x processes)."""
-    return train.per_device_train_batch_size * train.gradient_accumulation_steps * world
+    return step_shape(train, world).blocks
 
 
-def make_plan(train, n_blocks: int, seq_len: int, world: int) -> Plan:
-    per_step = blocks_per_step(train, world)
+def make_plan(train, n_blocks: int, seq_len: int, shape: StepShape) -> Plan:
+    per_step = shape.blocks
     tokens_per_step = per_step * seq_len
     if train.max_steps > 0:
         total = train.max_steps
@@ -186,20 +222,22 @@ class Window:
 
 
 class Trainer:
-    def __init__(self, recipe, model, teacher, data: PackedData, accelerator, run_dir: Path, quiet: bool = False):
+    def __init__(
+        self, recipe, model, teacher, data: PackedData, accelerator, run_dir: Path, quiet=False, shape=None
+    ):
         self.recipe, self.train, self.accelerator, self.run_dir = recipe, recipe.train, accelerator, run_dir
         self.teacher, self.data, self.quiet = teacher, data, quiet
-        self.plan = make_plan(self.train, len(data.train), data.seq_len, accelerator.num_processes)
+        # the step as it runs here (step_shape: a resume on another number of processes keeps the run's blocks a step)
+        self.shape = shape or step_shape(self.train, accelerator.num_processes)
+        assert self.shape.world == accelerator.num_processes, (self.shape, accelerator.num_processes)
+        self.plan = make_plan(self.train, len(data.train), data.seq_len, self.shape)
         self.counts = count_parameters(model)  # (trainable, total), before any wrapping or merging
         optimizer = make_optimizer(model, self.train)
         self.scheduler = make_scheduler(optimizer, self.train, self.plan)  # stepped by us: once per optimizer step
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # a step reads the blocks [step x blocks, (step + 1) x blocks) of the order, whatever its shape
         self.order = BatchOrder(
-            len(data.train),
-            self.train.per_device_train_batch_size,
-            self.train.seed,
-            accelerator.process_index,
-            accelerator.num_processes,
+            len(data.train), self.shape.batch_size, self.train.seed, accelerator.process_index, self.shape.world
         )
         self.step, self.elapsed, self.lr = 0, 0.0, 0.0
         self.window = Window()  # the loss parts of the steps since the last log line (saved with each checkpoint)
@@ -209,7 +247,8 @@ class Trainer:
     def save(self) -> None:
         state = {
             "step": self.step,
-            "micro_batches": self.step * self.train.gradient_accumulation_steps,
+            "micro_batches": self.step * self.shape.accumulation,
+            "blocks_per_step": self.shape.blocks,
             "tokens": self.step * self.plan.tokens_per_step,
             "total_steps": self.plan.total_steps,
             "elapsed_s": self.elapsed,
@@ -267,7 +306,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over gradient_accumulation_steps micro-batches; returns the loss parts."""
-        ga, acc = self.train.gradient_accumulation_steps, self.accelerator
+        ga, acc = self.shape.accumulation, self.accelerator
         window = Window()
         for micro in range(ga):
             ids = self.data.train[self.order.indices(self.step * ga + micro)].to(acc.device)

@@ -54,8 +54,8 @@ def unexpected_kv_tensor(name: str, kv_source_layers: list[int]) -> str | None:
     layer's K/V while its own trained ones are dropped.
     """
     match = ATTENTION_TENSOR.search(name)
-    if match is None or match[2] == "q" or int(match[1]) >= len(kv_source_layers):
-        return None
+    if match is None or match[2] == "q" or int(match[1]) >= len(kv_source_layers) or KV_CACHE_SCALE.search(name):
+        return None  # a consumer's own KV-cache scale, in any of its spellings, is dropped (`shared_kv_scales`)
     layer = int(match[1])
     if kv_source_layers[layer] == layer:
         return None

@@ -204,7 +204,21 @@ def check_inputs(args: argparse.Namespace) -> list[list[int]]:
     check_kv_cache_dtype(args.kv_cache_dtype)
     if config.get("model_type") in CLA_MODEL_TYPES:
         check_cla_checkpoint(Path(args.model), config["model_type"])
+    check_vllm()
     return prompts
+
+
+def check_vllm() -> None:
+    """The plugin declares no vLLM dependency (vLLM's pins would choose torch for the environment it is installed
+    into), so a Python without vLLM is reachable: one line naming both installs, not a ModuleNotFoundError."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise InputError(
+            f"vLLM is not installed in this Python ({sys.executable}); install it beside the plugin: "
+            '`pip install "vllm==0.32.*" ./serving/vllm` on a GPU machine, `serving/vllm/install-cpu.sh VENV` for '
+            "the CPU build (docs/serving.md)"
+        )
 
 
 def engine_arguments(args: argparse.Namespace) -> dict:
