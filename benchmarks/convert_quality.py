@@ -32,7 +32,9 @@ from common import (
 
 from clakit.convert import convert
 from clakit.convert.config import DEFAULT_SEQ_LEN
+from clakit.convert.pipeline import check_not_calibrated
 from clakit.corpus import join_texts, load_texts
+from clakit.errors import ClakitError
 from clakit.eval.perplexity import perplexity
 from clakit.sources import Source, load_model, load_tokenizer, resolve_source
 
@@ -74,6 +76,10 @@ def main() -> None:
                "pass more --calib-tokens or a smaller --calib-seq-len")  # fmt: skip
     check_output(args.out, args.force)
     args.calib_data, args.eval_data = str(args.calib_data), [str(f) for f in args.eval_data]
+    try:  # held-out means not calibrated on: the same text under another name included (convert refuses it too)
+        check_not_calibrated(load_texts(args.eval_data), load_texts([args.calib_data]))
+    except ClakitError as e:
+        refuse(str(e))
     source = resolve_source(args.src)
     tokenizer = load_tokenizer(source)
     model = load_model(source, torch.float32)

@@ -414,3 +414,44 @@ def texts_sha256(texts: list[Text]) -> str:
     for piece in stream(texts):
         digest.update(piece.encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
+
+
+# --- the same text under two names: held-out text that is not held out ---------------------------------------------
+
+
+def text_digest(text: Text) -> str:
+    """text_sha256(text.text.strip()), read piece by piece: a copy with other leading/trailing blank lines is the
+    same text, and a large file is never held whole."""
+    digest, pending = hashlib.sha256(), ""
+    for piece in _lstripped(text.pieces()):
+        body = piece.rstrip()
+        if body:  # whitespace before it is inside the text after all
+            digest.update((pending + body).encode("utf-8", "surrogatepass"))
+        pending = piece[len(body) :] if body else pending + piece
+    return digest.hexdigest()
+
+
+_KEY_CHARS = 1 << 16  # characters of a text's start compared before any text is digested whole
+
+
+def text_key(text: Text) -> str:
+    """The first _KEY_CHARS characters of text.strip() (all of it when shorter), trailing whitespace dropped: equal
+    for texts whose strip() is equal, so only texts with equal keys are read whole (`text_digest`)."""
+    return take(_lstripped(text.pieces(_KEY_CHARS)), _KEY_CHARS).rstrip()
+
+
+def _lstripped(pieces):
+    """The pieces of a text with the whitespace at its start left out (empty pieces too)."""
+    started = False
+    for piece in pieces:
+        piece = piece if started else piece.lstrip()
+        started = started or bool(piece)
+        if piece:
+            yield piece
+
+
+def same_text(t: Text, among: list[tuple[str, Text]]) -> str | None:
+    """The name of a text in `among` ((text_key, text) pairs) whose strip() equals t's, read whole only where their
+    starts agree (a 30 GB data.train is not read through to compare it with a held-out file)."""
+    key = text_key(t)
+    return next((o.name for k, o in among if k == key and text_digest(o) == text_digest(t)), None)

@@ -75,7 +75,9 @@ def tiny(tmp_path_factory) -> dict:
     save_checkpoint(tiny_model("llama"), tok, work / "src")
     save_checkpoint(cla_model_from(tiny_model("llama"), uniform_layout(4, 2)), tok, work / "cla2")
     (work / "heldout.txt").write_text(make_text(600, seed=3))
-    return {"work": work, "src": work / "src", "cla2": work / "cla2", "heldout": work / "heldout.txt"}
+    (work / "calib.txt").write_text(make_text(600, seed=4))
+    return {"work": work, "src": work / "src", "cla2": work / "cla2", "heldout": work / "heldout.txt",
+            "calib": work / "calib.txt"}  # fmt: skip
 
 
 def test_every_flag_of_every_benchmark_is_described_in_its_help(tmp_path):
@@ -136,6 +138,8 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path):
         ("convert_quality.py", [tmp_path, "--calib-data", missing, "--eval-data", existing]),
         ("convert_quality.py", [tmp_path, "--calib-data", existing, "--eval-data", existing, "--inits", "x"]),
         ("convert_quality.py", [tmp_path, "--calib-data", existing, "--eval-data", existing, "--calib-tokens", "64"]),
+        # the calibration text scored as held-out (exit 0, reported as held-out perplexity)
+        ("convert_quality.py", [tmp_path, "--calib-data", existing, "--eval-data", existing]),
         ("distill_variants.py", [missing]),
         ("distill_variants.py", [tmp_path, "--train", "everything"]),
     ]
@@ -169,7 +173,7 @@ def test_the_benchmarks_run_end_to_end_on_tiny_models_and_report_settings_proven
                               "--repeats", "1"]),
         ("uptrain_bench.py", ["--source", tiny["src"], "--steps", "1", "--batch", "1", "--seq-len", "8"]),
         # the calibration sequence was the converter's default: a short --calib-tokens failed after the first inits
-        ("convert_quality.py", [tiny["src"], "--calib-data", tiny["heldout"], "--eval-data", tiny["heldout"],
+        ("convert_quality.py", [tiny["src"], "--calib-data", tiny["calib"], "--eval-data", tiny["heldout"],
                                 "--inits", "mean,calibrated", "--eval-tokens", "96", "--seq-len", "32",
                                 "--calib-tokens", "128", "--calib-seq-len", "32"]),
     ]  # fmt: skip

@@ -402,9 +402,30 @@ def test_token_budgets_refused_before_any_model_runs(src, tmp_path, capsys, monk
         raise AssertionError("a model was loaded before the refusal")
 
     monkeypatch.setattr(clakit.convert.pipeline.LayerwiseModel, "from_checkpoint", no_model)
-    calib = tmp_path / "calib.txt"
+    calib, heldout = tmp_path / "calib.txt", tmp_path / "heldout.txt"
     calib.write_text(" ".join(["word"] * words))
-    assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", calib, *args, match=match)
+    heldout.write_text(" ".join(["other"] * 2000))  # not the calibration text (convert refuses that as held-out)
+    assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", heldout, *args, match=match)
+
+
+@pytest.mark.parametrize("given", ["same file", "copy", "folder"])
+def test_eval_data_that_is_calibration_text_is_refused_as_not_held_out(src, tmp_path, capsys, monkeypatch, given):
+    """--eval-data read as calibration text too (the file itself, a copy under another name with other blank lines
+    at its ends, a folder holding it) was reported as held-out perplexity in the README and clakit_convert.json,
+    of a model fitted on it. Refused by content before any model runs, as uptrain refuses such a data.eval."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr(clakit.convert.pipeline.LayerwiseModel, "from_checkpoint", no_model)
+    (tmp_path / "texts").mkdir()
+    calib = tmp_path / "texts" / "calib.txt"
+    calib.write_text(" ".join(["word"] * 2000))
+    heldout = {"same file": calib, "copy": tmp_path / "heldout.txt", "folder": tmp_path / "texts"}[given]
+    if given == "copy":
+        heldout.write_text("\n\n" + calib.read_text() + "\n")
+    match = "holds the same text as --calib-data"
+    assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", heldout, match=match)
 
 
 @pytest.mark.parametrize("stage", ["calibrating", "writing"])

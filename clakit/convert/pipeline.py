@@ -56,7 +56,7 @@ from clakit.convert.streaming import (
     plan_tensors,
 )
 from clakit.copies import add_copies
-from clakit.corpus import load_texts, texts_sha256
+from clakit.corpus import load_texts, same_text, text_key, texts_sha256
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.paths import expand
@@ -220,6 +220,20 @@ def _source_config(source: Source, trust_remote_code: bool):
     except Exception as e:  # transformers' GGUF reader fails on a damaged file with struct/EOF/index errors
         raise ClakitError(f"cannot read the config of {source.spec}; is it damaged? ({_first_line(e)})") from None
     return config, _check_architecture(source, config.architectures, config.model_type)
+
+
+def check_not_calibrated(held: list, calib: list) -> None:
+    """An --eval-data text that is also read as calibration text (the same file, one inside a calibration folder, or
+    a copy under another name: compared by content) would be reported as held-out in the README and the record while
+    the conversion was fitted on it. Refused before any work, as uptrain refuses a data.eval it trains on."""
+    keyed = [(text_key(t), t) for t in calib]
+    for t in held:
+        same = same_text(t, keyed)
+        if same is not None:
+            raise ClakitError(
+                f"--eval-data {t.name} holds the same text as --calib-data {same}: its numbers would not be held "
+                "out; give --eval-data text the calibration does not read"
+            )
 
 
 def check_source_config(source: Source) -> None:
@@ -456,6 +470,7 @@ class _Conversion:
         calib_data, eval_data = self.cfg.calib_data, self.cfg.eval_data
         self.calib_texts = load_texts(calib_data) if self.needs_calibration else None
         self.eval_texts = load_texts(eval_data) if eval_data else None
+        check_not_calibrated(self.eval_texts or [], self.calib_texts or [])
         if calib_data and not self.needs_calibration:
             self.say(f"note: --calib-data is not used by --init {self.init} (it serves calibrated/reconstruct/auto)")
 

@@ -1,13 +1,12 @@
 """Training data: texts tokenised, packed into `seq_len` blocks, split into train and held-out, served in a
 deterministic order that a resumed run can continue from any step."""
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from clakit.copies import add_copies
-from clakit.corpus import Text, load_texts, take
+from clakit.corpus import Text, load_texts, same_text, text_key
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.uptrain.recipe import calibrated_tail
@@ -140,52 +139,14 @@ def _packed(train_ids, eval_ids, seq_len: int) -> tuple:
     return train, held
 
 
-def _digest(text: Text) -> str:
-    """text_sha256(text.text.strip()), read piece by piece: a copy with other leading/trailing blank lines is the
-    same text, and a large file is never held whole."""
-    digest, pending = hashlib.sha256(), ""
-    for piece in _lstripped(text.pieces()):
-        body = piece.rstrip()
-        if body:  # whitespace before it is inside the text after all
-            digest.update((pending + body).encode("utf-8", "surrogatepass"))
-        pending = piece[len(body) :] if body else pending + piece
-    return digest.hexdigest()
-
-
-_KEY_CHARS = 1 << 16  # characters of a text's start compared before any text is digested whole
-
-
-def _key(text: Text) -> str:
-    """The first _KEY_CHARS characters of text.strip() (all of it when shorter), trailing whitespace dropped: equal
-    for texts whose strip() is equal, so only texts with equal keys are read whole (`_digest`)."""
-    return take(_lstripped(text.pieces(_KEY_CHARS)), _KEY_CHARS).rstrip()
-
-
-def _lstripped(pieces):
-    """The pieces of a text with the whitespace at its start left out (empty pieces too)."""
-    started = False
-    for piece in pieces:
-        piece = piece if started else piece.lstrip()
-        started = started or bool(piece)
-        if piece:
-            yield piece
-
-
-def _same_text(t: Text, among: list[tuple[str, Text]]) -> str | None:
-    """The name of a text in `among` ((_key, text) pairs) whose strip() equals t's, read whole only where their
-    starts agree (a 30 GB data.train is not read through to compare it with a held-out file)."""
-    key = _key(t)
-    return next((o.name for k, o in among if k == key and _digest(o) == _digest(t)), None)
-
-
 def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
     """A held-out file with the same text as a file the model is fitted on (`fitted`: training, calibration), a copy
     under another name that the recipe's path rule cannot see, is no held-out text: its numbers would measure
     memorisation. Refused by content."""
     for what, texts in fitted.items():
-        keyed = [(_key(o), o) for o in texts]
+        keyed = [(text_key(o), o) for o in texts]
         for t in held:
-            same = _same_text(t, keyed)
+            same = same_text(t, keyed)
             if same is not None:
                 raise ClakitError(
                     f"data.eval {t.name} holds the same text as {what} {same}: its numbers would not be held out; "
@@ -198,9 +159,9 @@ def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: fl
     as a train file the tail was cut from (`train`: those files, whole; the same file inside a folder, or a copy
     under another name, which the recipe's path rule cannot see) fits the conversion on it. Refused by content, as
     check_held_out refuses a copied data.eval; calibration on the train files before the tail is allowed."""
-    keyed = [(_key(o), o) for o in train]
+    keyed = [(text_key(o), o) for o in train]
     for t in calib:
-        same = _same_text(t, keyed)
+        same = same_text(t, keyed)
         if same is not None:
             raise ClakitError(calibrated_tail(t.name, same, fraction))
 
