@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import pickle
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,6 +406,9 @@ def _gguf_unread(path: str, mtime_ns: int) -> str | None:
     if arch is None or arch.contents() not in ("llama", "mistral"):  # others' metadata is transformers' own matter
         return None
     arch = arch.contents()
+    dropped = _blocks_beyond_count(reader, arch)
+    if dropped:
+        return dropped
     experts, kind = reader.get_field(f"{arch}.expert_count"), reader.get_field(f"{arch}.rope.scaling.type")
     if experts is not None and experts.contents() > 0:
         return (
@@ -420,6 +424,19 @@ def _gguf_unread(path: str, mtime_ns: int) -> str | None:
     return (
         f"uses RoPE scaling ({scaling}) that transformers' GGUF reader ignores: read from this file the model would "
         "run with plain RoPE, not the released model"
+    )
+
+
+def _blocks_beyond_count(reader, arch: str) -> str | None:
+    """Tensors of blocks past `{arch}.block_count`: transformers' reader builds that many layers and drops the later
+    blocks' tensors without a word (a 4-block file saying 2 converted and evaluated as a 2-layer model, exit 0)."""
+    count = reader.get_field(f"{arch}.block_count")
+    blocks = {int(m[1]) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    if count is None or not blocks or max(blocks) < int(count.contents()):
+        return None
+    return (
+        f"holds tensors of blocks blk.0-blk.{max(blocks)} but its {arch}.block_count is {count.contents()}: "
+        f"transformers' GGUF reader would build {count.contents()} layers and drop the later blocks without a word"
     )
 
 

@@ -397,6 +397,59 @@ def test_a_gguf_whose_rope_scaling_transformers_drops_is_refused(tokenizer, corp
     assert err.count("\n") == 1 and "uses RoPE scaling" in err and "ignores" in err and not out.exists()
 
 
+@pytest.mark.parametrize("command", ["convert", "eval"])
+def test_a_gguf_holding_more_blocks_than_its_block_count_is_refused(tokenizer, corpus_dir, tmp_path, capsys, command):
+    """transformers' GGUF reader builds `llama.block_count` layers and drops the tensors of later blocks without a
+    word: a 4-block file saying 2 was converted (and evaluated) as a 2-layer model, exit 0."""
+    gguf = gguf_module()
+    model = source_model()
+    assert model.config.num_hidden_layers == 4
+    model.config.num_hidden_layers = 2  # the metadata says 2; the tensors written are all 4 layers'
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32)
+    out = tmp_path / "out"
+    args = [path, out, "-q"] if command == "convert" else [path, "-o", out, "--data", corpus_dir / "heldout.txt"]
+    assert main([command, *map(str, args)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds tensors of blocks blk.0-blk.3 but its llama.block_count is 2" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("problem", ["disk", "float16"])
+def test_a_gguf_source_is_refused_before_the_model_runs(tokenizer, corpus_dir, tmp_path, capsys, monkeypatch,
+                                                         problem):  # fmt: skip
+    """A folder's output size and float16 range were checked before any work, a GGUF's only before the fits (after
+    the dequantisation, the held-out evaluation and the whole layout search: 357 s on SmolLM2) or when writing (the
+    float16 range, after the fits). Now the size is read from the stock model's shapes before the GGUF is read, the
+    range once it is dequantised, before the model runs."""
+    import clakit.convert.pipeline
+    import clakit.outputs
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the model ran before the refusal")
+
+    gguf = gguf_module()
+    model = source_model()
+    if problem == "float16":
+        with torch.no_grad():
+            model.model.layers[3].mlp.down_proj.weight[0, 0] = 1e5
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32)
+    monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_perplexity", no_run)
+    monkeypatch.setattr(clakit.convert.calibrate, "auto_layout", no_run)
+    loads = []
+    if problem == "disk":
+        monkeypatch.setattr(clakit.outputs.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+        real = clakit.convert.pipeline._load_source_model
+        monkeypatch.setattr(clakit.convert.pipeline, "_load_source_model", lambda *a: loads.append(a) or real(*a))
+    calib = ["--calib-data", str(corpus_dir / "calib.txt"), "--calib-tokens", "256", "--seq-len", "64"]
+    out = tmp_path / "out"
+    args = [str(path), str(out), *calib, "--eval-data", str(corpus_dir / "heldout.txt"), "--output-dtype", "float16"]
+    assert main(["convert", *args, "-q"]) == 2
+    err = capsys.readouterr().err
+    expected = {"disk": "not enough disk space", "float16": "beyond float16's range"}[problem]
+    assert err.count("\n") == 1 and expected in err, err
+    assert not out.exists() and loads == []  # the disk refused before the GGUF was read (dequantised) at all
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_greedy_generate_of_a_converted_model_is_its_full_forward_argmax(tokenizer, tmp_path, kind, cache):

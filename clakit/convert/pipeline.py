@@ -362,17 +362,12 @@ class _Conversion:
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
-            every_layer = list(range(self.config.num_hidden_layers))  # the stock model: needs every tensor
-            stock, lm_cls = cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2]
-            stock_plan = self._plan(stock, lm_cls, every_layer)
-            check_tied(self.checkpoint, _tied(stock, lm_cls), self.source.spec)
-            check_castable(self.checkpoint, stock_plan, DTYPES.get(self.cfg.output_dtype))
+            self._check_source_tensors()
         self._load_texts()  # after the weights' checks: a datasets spec can mean a download
         with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
             ids = self._tokenize()  # the calibration tokens the text gives: the fits' scratch files grow with them
-            if self.checkpoint is not None:  # the output's size is known (auto: at most): refused before the work
-                tokens = ids.numel() if ids is not None else None
-                self._check_disk(self.layout if self.layout is not None else self._largest_auto_layout(), tokens)
+            # the output's size (auto: at most) refused before the work; a GGUF's from its shapes, before it is read
+            self._check_disk(self._first_layout(), ids.numel() if ids is not None else None, self._shapes())
             overrides = self._data_phase(scratch, ids)
             with outputs.staged(self.out, "convert", overwrite=self.overwrite) as tmp:
                 self._write(tmp, overrides)
@@ -529,23 +524,51 @@ class _Conversion:
         self.source_sha256 = file_sha256(self.source.path)  # a file has no revision: its content names it
         model = _load_source_model(self.source, self.cfg.trust_remote_code, self.cfg.allow_pickle)
         self.checkpoint = StateDictCheckpoint(model.state_dict())  # CPU fp32 tensors, kept for the writer
+        self._check_source_tensors()  # before the model runs (evaluation, layout, fits): not when writing
         self.generation_config = model.generation_config
         model = model.to(self.device, self.fit_dtype).eval()
         fresh_rotary(model, self.device)  # `.to` cast RoPE's tables too; the layer-by-layer model's are fp32
         return LayerwiseModel.in_memory(model)
 
+    def _check_source_tensors(self) -> None:
+        """Every tensor the stock model needs: tied as its config says, castable to --output-dtype (a value beyond
+        float16's range). A folder's before any slow work; a GGUF's once dequantised, before the model runs."""
+        every_layer = list(range(self.config.num_hidden_layers))
+        stock, lm_cls = cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2]
+        stock_plan = self._plan(stock, lm_cls, every_layer)
+        check_tied(self.checkpoint, _tied(stock, lm_cls), self.source.spec)
+        check_castable(self.checkpoint, stock_plan, DTYPES.get(self.cfg.output_dtype))
+
+    def _first_layout(self) -> list[int]:
+        """The layout the first disk check counts: the fixed one, or the largest `--layout auto` may choose."""
+        return self.layout if self.layout is not None else self._largest_auto_layout()
+
+    def _shapes(self):
+        """The source's tensors as the disk check reads them (shapes and dtypes): the checkpoint's, or for a GGUF
+        (read whole and dequantised later, in minutes at size) the stock model's on the meta device, in the float32
+        transformers dequantises to."""
+        if self.checkpoint is not None:
+            return self.checkpoint
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        return StateDictCheckpoint(skeleton.state_dict())
+
     def _fixed_layout(self) -> tuple[list[int] | None, str]:
         return planned_layout(self.cfg, self.config.num_hidden_layers)
 
-    def _check_disk(self, layout: list[int], tokens: int | None = None) -> None:
+    def _check_disk(self, layout: list[int], tokens: int | None = None, tensors=None) -> None:
         """Room beside OUT for the output of `layout`, and for the data-aware fits' scratch files (`scratch_bytes`:
         the calibration streams and Grams, then the fitted tensors, which stay until the output is written), before
-        the work that writes them. `tokens`: calibration tokens (default: as many as --calib-tokens may give)."""
+        the work that writes them. `tokens`: calibration tokens (default: as many as --calib-tokens may give);
+        `tensors`: what the output's size is read from (default: the checkpoint)."""
         from clakit.convert.calibrate import scratch_bytes
 
         lm_cls = CLA_CLASSES[cla_family(self.config)][2]
-        plan = self._plan(cla_config(self.config, layout), lm_cls, layout)
-        output = output_nbytes(self.checkpoint, plan, DTYPES.get(self.cfg.output_dtype))
+        tensors = tensors or self.checkpoint
+        plan = self._plan(cla_config(self.config, layout), lm_cls, layout, tensors)
+        output = output_nbytes(tensors, plan, DTYPES.get(self.cfg.output_dtype))
         output += SHARD_HEADER * len(plan.names)
         if self.init not in DATA_AWARE_INITS:
             return outputs.check_free_space(self.out, output)
@@ -721,14 +744,15 @@ class _Conversion:
             "stage_seconds": {**self.stage_seconds, "total": round(time.perf_counter() - self.started, 1)},
         }  # fmt: skip
 
-    def _plan(self, cla_cfg, lm_cls, layout: list[int]):
-        """Raises naming the first tensor the checkpoint lacks."""
+    def _plan(self, cla_cfg, lm_cls, layout: list[int], tensors=None):
+        """Raises naming the first tensor the checkpoint (or `tensors`) lacks."""
+        tensors = tensors or self.checkpoint
         with torch.device("meta"):  # tensor names and shapes only
             expected = {name: t.shape for name, t in lm_cls(cla_cfg).state_dict().items()}
-        plan = plan_tensors(self.checkpoint.names, set(expected), set(_tied(cla_cfg, lm_cls)), layout)
-        check_shapes(self.checkpoint, plan, expected, self.source.spec)
+        plan = plan_tensors(tensors.names, set(expected), set(_tied(cla_cfg, lm_cls)), layout)
+        check_shapes(tensors, plan, expected, self.source.spec)
         check_unused(plan, self.source.spec)
-        floating = (t.dtype for t in map(self.checkpoint.get, plan.names) if t.is_floating_point())  # lazy reads
+        floating = (t.dtype for t in map(tensors.get, plan.names) if t.is_floating_point())  # lazy reads
         self.source_dtype = next(floating, torch.float32)
         return plan
 
