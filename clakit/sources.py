@@ -170,6 +170,10 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
         raise ClakitError(
             f"the model is an empty string ({spec!r}): give a checkpoint folder, a .gguf file or a Hub id"
         )
+    if revision is not None and not str(revision).strip():  # "" read as no revision: the default branch
+        raise ClakitError(
+            f"the revision is an empty string ({revision!r}): give a branch, tag or commit of the Hub repo, or none"
+        )
     path = expand(spec, "model")
     if path.is_file() and _is_gguf(path):
         return Source(spec, "gguf", path.resolve())
@@ -182,6 +186,9 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
     if looks_like_hub_id(spec) and (not hub_offline() or _in_hub_cache(spec, revision)):
         return _download(spec, revision, allow_pickle, check_config)  # offline: huggingface_hub reads its cache
     if looks_like_hub_id(spec):  # a Hub id, offline and not in the cache: the Hub was not asked
+        snapshot = _cached_snapshot(spec, revision)
+        if snapshot is not None:  # cached without config.json: what it holds instead (a GGUF repo's .gguf file)
+            raise _not_a_checkpoint(spec, snapshot)
         at = f" at revision {revision}" if revision else ""
         raise ClakitError(
             f"model {spec!r} does not exist locally nor in the Hub cache{at}, and the Hub is not asked (offline: "
@@ -255,6 +262,17 @@ def _in_hub_cache(spec: str, revision: str | None) -> bool:
         return isinstance(try_to_load_from_cache(spec, "config.json", revision=revision), str)
     except Exception:  # a malformed id or cache: treated as not cached
         return False
+
+
+def _cached_snapshot(spec: str, revision: str | None) -> Path | None:
+    """The folder of this repo's snapshot at `revision` in the local Hub cache, whatever it holds; None when there is
+    none (no network is touched)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, revision=revision, local_files_only=True))
+    except Exception:  # not cached, or a malformed id or cache
+        return None
 
 
 def read_config_json(folder: Path) -> dict:
@@ -753,15 +771,27 @@ def drop_unused_window(config) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
 
 
+def check_tokenizer_files(source: Source) -> None:
+    """A folder without the model's tokenizer (transformers' own words: "Couldn't instantiate the backend tokenizer
+    from one of ..."): no text can be read for it, and a conversion of it could not be evaluated or trained. A Hub
+    snapshot lacking them was fetched in part: fetched again, not copied into the cache."""
+    if source.kind == "dir" and not any((source.path / name).is_file() for name in TOKENIZER_FILES):
+        fix = (
+            f"download {source.spec} again (its snapshot lacks them)"
+            if source.commit
+            else "copy its tokenizer files from the original release into that folder"
+        )
+        raise ClakitError(
+            f"{source.spec} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); text is tokenized with "
+            f"the model's own tokenizer: {fix}"
+        )
+
+
 def load_tokenizer(source: Source, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    if source.kind == "dir" and not any((source.path / name).is_file() for name in TOKENIZER_FILES):
-        raise ClakitError(  # transformers' own words: "Couldn't instantiate the backend tokenizer from one of ..."
-            f"{source.spec} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); text is tokenized with "
-            "the model's own tokenizer: copy its tokenizer files from the original release into that folder"
-        )
+    check_tokenizer_files(source)
     try:
         return AutoTokenizer.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code, **kwargs)
     except _errors(source, ValueError, OSError) as e:

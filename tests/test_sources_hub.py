@@ -180,6 +180,31 @@ def test_an_offline_hub_cache_is_read(tmp_path, tiny_llama_checkpoint, corpus_di
     assert (provenance_["revision"], provenance_["commit"]) == ("main", COMMIT)  # what was asked, what was read
     missing = clakit_eval("org/other")
     assert missing.returncode == 2 and "'org/other' does not exist" in missing.stderr.strip().splitlines()[-1]
+    # a cached repo without config.json (a GGUF repo: its .gguf alone) was "not in the Hub cache": named as it is
+    ggufs = tmp_path / "hub" / "models--org--gguf"
+    (ggufs / "snapshots" / COMMIT).mkdir(parents=True)
+    (ggufs / "snapshots" / COMMIT / "model-Q4_0.gguf").write_bytes(b"GGUF")
+    (ggufs / "refs").mkdir()
+    (ggufs / "refs" / "main").write_text(COMMIT)
+    cached = clakit_eval("org/gguf")
+    line = cached.stderr.strip().splitlines()[-1]
+    assert cached.returncode == 2 and "org/gguf is not a model checkpoint folder (no config.json)" in line, line
+    gguf = ggufs / "snapshots" / COMMIT / "model-Q4_0.gguf"
+    assert f"it holds model-Q4_0.gguf: give that file's path ({gguf})" in line, line
+    # a snapshot without the tokenizer (fetched in part): fetched again, not files copied into the Hub cache
+    partial = tmp_path / "hub" / "models--org--notok"
+    shutil.copytree(repo, partial)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (partial / "snapshots" / COMMIT / name).unlink(missing_ok=True)
+    refused = clakit_eval("org/notok")
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "org/notok has no tokenizer files" in line, line
+    assert line.endswith("download org/notok again (its snapshot lacks them)"), line
+
+
+def test_an_empty_revision_is_refused_not_read_as_the_default_branch():
+    with pytest.raises(ClakitError, match=r"the revision is an empty string \(' '\): give a branch, tag or commit"):
+        resolve_source("org/model", revision=" ")
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ import clakit  # registers the CLA classes; or pass trust_remote_code=True to lo
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)  # config.json's auto_map: else a prompt
 ```
 
 {serving_section(producers, layers)}

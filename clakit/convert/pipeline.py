@@ -760,7 +760,8 @@ class _Conversion:
         if self.source.kind == "dir":
             copied = copy_tokenizer_files(self.source.path, tmp)
             if not any(name.startswith("tokenizer") or name.endswith(".model") for name in copied):
-                self.say(f"note: {self.source.spec} has no tokenizer files; none copied")
+                # converted as given (weights alone convert); clakit eval and uptrain refuse it until they are added
+                self.say(f"note: {self.source.spec} has no tokenizer files; none copied (copy them into {self.out})")
         else:  # GGUF: the tokenizer and generation defaults live inside the file
             self.tokenizer.save_pretrained(tmp)
             self.generation_config.save_pretrained(tmp)
