@@ -114,9 +114,9 @@ def train_tokenizer(text: str):
 
 
 def run(src: Path, out: Path, mode: str, args) -> dict:
+    steps = ["--reconstruct-steps", str(args.steps)] if "reconstruct" in MODES[mode] else []  # its init's alone
     flags = [*MODES[mode], "--calib-data", args.calib, "--calib-tokens", str(args.calib_tokens), "--seq-len",
-             str(args.seq_len), "--reconstruct-steps", str(args.steps), "--device", "cpu",
-             "--max-shard-size", args.max_shard_size, "-q"]  # fmt: skip
+             str(args.seq_len), *steps, "--device", "cpu", "--max-shard-size", args.max_shard_size, "-q"]  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), *flags], capture_output=True, text=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"rc": proc.returncode}
     if result["rc"] != 0:

@@ -166,6 +166,9 @@ def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(
          "--distill-copy-span (33) must be at most half the window (64 tokens)"),
         (("--distill-steps", "0", "--distill-copy-fraction", "0.5"), "which this conversion does not run"),
         (("--init", "mean", "--distill-copy-fraction", "0.5"), "which this conversion does not run"),
+        # recorded in the config while the settings said None, exit 0: now refused as --distill-steps is
+        (("--init", "mean", "--reconstruct-steps", "5"), "--init mean runs none: drop it, or use --init reconstruct"),
+        (("--init", "calibrated", "--reconstruct-steps", "5"), "--reconstruct-steps sets the steps of --init recon"),
     ],
 )
 def test_bad_distill_settings_are_one_line_exit_2(tiny_llama_checkpoint, corpus_dir, tmp_path, capsys, extra, message):

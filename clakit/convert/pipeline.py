@@ -149,7 +149,13 @@ def check_settings(c: ConvertConfig) -> ConvertConfig:
     contradictions refused, and `c` with the layout, kv_saving and init it resolves to."""
     layout, kv_saving_ = _resolve_layout(c)
     _check_arguments(c, layout, kv_saving_)
-    return replace(c, layout=layout, kv_saving=kv_saving_, init=_resolve_init(c.init, c.calib_data))
+    init = _resolve_init(c.init, c.calib_data)
+    if c.reconstruct_steps is not None and init != "reconstruct":  # recorded as if it had run: as --distill-steps
+        raise ClakitError(
+            f"--reconstruct-steps sets the steps of --init reconstruct's fit; --init {init} runs none: drop it, or "
+            "use --init reconstruct"
+        )
+    return replace(c, layout=layout, kv_saving=kv_saving_, init=init)
 
 
 def _resolve_layout(c: ConvertConfig) -> tuple[str | None, float | None]:
