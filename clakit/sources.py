@@ -363,8 +363,8 @@ def _check_kv_heads(source: Source, config) -> None:
     if kv_heads and heads % kv_heads:
         raise ClakitError(
             f"{source.spec}: its config's num_attention_heads {heads} is not a multiple of num_key_value_heads "
-            f"{kv_heads} (each KV head serves an equal group of query heads), so the model cannot run; restore the "
-            "checkpoint's config.json"
+            f"{kv_heads} (each KV head serves an equal group of query heads), so the model cannot run; "
+            f"{restore_config(source)}"
         )
 
 
@@ -375,7 +375,7 @@ def _check_values(source: Source, config) -> None:
     in one line."""
     from transformers.activations import ACT2FN
 
-    fix = "restore the checkpoint's config.json"
+    fix = restore_config(source)
     act = getattr(config, "hidden_act", None)
     if act not in ACT2FN:
         raise ClakitError(f"{source.spec}: its config's hidden_act {act!r} is no activation transformers has; {fix}")
@@ -395,9 +395,19 @@ def _check_pad_id(source: Source, config) -> None:
     if type(pad) is int and not -vocab <= pad < vocab:
         raise ClakitError(
             f"{source.spec}: its config's pad_token_id {pad} is not a token of its {vocab}-token vocabulary "
-            "(vocab_size), so transformers cannot build the model; set pad_token_id to null (or an id below "
-            f"{vocab}) in its config.json"
+            "(vocab_size), so transformers cannot build the model; "
+            + (GGUF_METADATA_FIX if source.kind == "gguf" else f"set pad_token_id to null (or an id below {vocab}) "
+               "in its config.json")
         )
+
+
+# a GGUF's settings are its metadata, not a config.json the user could restore
+GGUF_METADATA_FIX = "the GGUF file's metadata does not describe its tensors: download it again, or export it again"
+
+
+def restore_config(source: Source) -> str:
+    """The fix for settings that do not describe the weights: a folder's config.json, a GGUF file's metadata."""
+    return GGUF_METADATA_FIX if source.kind == "gguf" else "restore the checkpoint's config.json"
 
 
 def check_gguf_unread(source: Source) -> None:
@@ -728,7 +738,8 @@ def load_model(
     except _errors(source, ValueError, OSError, KeyError, RuntimeError, SafetensorError) as e:  # torch: RuntimeError
         fix = _gguf_fix(e) if source.kind == "gguf" else DOWNLOAD_AGAIN
         raise _read_error(source, "load as a causal LM", e, fix) from None
-    problem = loading_problem(info)
+    settings = ("the GGUF metadata", GGUF_METADATA_FIX) if source.kind == "gguf" else ("config.json", None)
+    problem = loading_problem(info, settings[1], settings[0])
     if problem:
         raise ClakitError(f"cannot load {source.spec}: {problem}")
     _check_float16_range(source, model, dtype)

@@ -414,6 +414,20 @@ def test_a_gguf_holding_more_blocks_than_its_block_count_is_refused(tokenizer, c
     assert not out.exists()
 
 
+def test_a_gguf_whose_metadata_does_not_match_its_tensors_names_the_file_not_config_json(tokenizer, corpus_dir,
+                                                                                        tmp_path, capsys):  # fmt: skip
+    """A GGUF has no config.json to restore: its refusals said "restore the checkpoint's config.json"."""
+    gguf = gguf_module()
+    model = source_model()
+    model.config.num_key_value_heads = 1  # the metadata says 1 KV head; k_proj/v_proj hold the model's 2
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32)
+    argv = ["eval", str(path), "-o", str(tmp_path / "r.json"), "--data", str(corpus_dir / "heldout.txt"), "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the GGUF metadata does not match the weights" in err, err
+    assert "config.json" not in err and err.strip().endswith("download it again, or export it again"), err
+
+
 @pytest.mark.parametrize("problem", ["disk", "float16"])
 def test_a_gguf_source_is_refused_before_the_model_runs(tokenizer, corpus_dir, tmp_path, capsys, monkeypatch,
                                                          problem):  # fmt: skip

@@ -32,6 +32,8 @@ from clakit.sources import (  # the one name of each, also what a Hub download f
     unloadable,
 )
 
+# a shard an index names, absent (a download cut short, a dangling Hub-cache link)
+MISSING_SHARD_FIX = "download the checkpoint again (or restore the file)"
 # a tensor in two of the shards an index lists: the converter would take the index's copy, transformers the later one
 DUPLICATE_FIX = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
 # Fixed header metadata: transformers wants format=pt; nothing time- or machine-dependent, so output is reproducible.
@@ -87,7 +89,9 @@ class SafetensorsCheckpoint:
     def _open(self, file: str):
         path = self.folder / file
         if not path.is_file():
-            raise ClakitError(f"the checkpoint index names shard {file}, which is missing from {self.folder}")
+            raise ClakitError(
+                f"the checkpoint index names shard {file}, which is missing from {self.folder}; {MISSING_SHARD_FIX}"
+            )
         try:
             return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as e:
@@ -127,7 +131,9 @@ class PickleCheckpoint:
         try:
             return torch.load(self.folder / file, map_location="cpu", mmap=True, weights_only=True)
         except FileNotFoundError:
-            raise ClakitError(f"the checkpoint index names {file}, which is missing from {self.folder}") from None
+            raise ClakitError(
+                f"the checkpoint index names {file}, which is missing from {self.folder}; {MISSING_SHARD_FIX}"
+            ) from None
         except pickle.UnpicklingError as e:  # objects beyond tensors: torch's advice would be to run their code
             raise pickle_refusal(str(self.folder / file), e) from None
         except Exception as e:  # a damaged pickle raises anything from UnpicklingError to RuntimeError

@@ -98,35 +98,36 @@ class WeightsMismatch(ValueError):
     """A checkpoint's weights do not match its config (see loading_problem)."""
 
 
-def loading_problem(info: dict) -> str | None:
+def loading_problem(info: dict, fix: str | None = None, settings: str = "config.json") -> str | None:
     """What is wrong with a load, from `from_pretrained(..., output_loading_info=True)`'s info, or None.
 
     transformers initialises a tensor the checkpoint lacks (or holds in another shape) at random and drops a decoder
     tensor the model has no place for, with only a log table. Either means config.json does not describe these
     weights (kv_source_layers or num_hidden_layers edited): the model would run, wrongly. (Known leftovers such as
-    rotary inv_freq buffers are not in `unexpected_keys`.)"""
+    rotary inv_freq buffers are not in `unexpected_keys`.) `fix`, `settings`: the way out and
+    where the settings live (a GGUF's: its metadata)."""
     missing = sorted(info.get("missing_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())  # (name, checkpoint shape, model shape)
     # decoder tensors: "model.layers.N..." in a causal LM's checkpoint, "layers.N..." in a base model's (saved from
     # LlamaCLAModel), whose dropped K/V went unnoticed
     unexpected = sorted(k for k in info.get("unexpected_keys") or () if k.removeprefix("model.").startswith("layers."))
-    fix = "restore the config.json written with these weights, or convert again"
+    fix = fix or "restore the config.json written with these weights, or convert again"
     if mismatched:
         name, theirs, ours = mismatched[0]
         return (
-            f"config.json does not match the weights: {name} is {list(theirs)} in the checkpoint but the config "
+            f"{settings} does not match the weights: {name} is {list(theirs)} in the checkpoint but the config "
             f"makes it {list(ours)} ({len(mismatched)} tensors differ); {fix}"
         )
     if missing:
         return (
-            f"the checkpoint lacks {len(missing)} tensors its config.json needs (e.g. {missing[0]}), which would be "
+            f"the checkpoint lacks {len(missing)} tensors its {settings} needs (e.g. {missing[0]}), which would be "
             f"randomly initialised; {fix}"
         )
     if unexpected:
         kv = all(k.rsplit(".", 2)[-2] in ("k_proj", "v_proj") for k in unexpected)  # weights and biases
         what = "kv_source_layers" if kv else "num_hidden_layers"
         return (
-            f"the checkpoint holds {len(unexpected)} tensors its config.json has no place for (e.g. {unexpected[0]}), "
+            f"the checkpoint holds {len(unexpected)} tensors its {settings} has no place for (e.g. {unexpected[0]}), "
             f"which would be dropped: its {what} do not match the weights; {fix}"
         )
     return None
