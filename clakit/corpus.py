@@ -455,3 +455,14 @@ def same_text(t: Text, among: list[tuple[str, Text]]) -> str | None:
     starts agree (a 30 GB data.train is not read through to compare it with a held-out file)."""
     key = text_key(t)
     return next((o.name for k, o in among if k == key and text_digest(o) == text_digest(t)), None)
+
+
+def shared_text(texts: list[Text], among: list[Text]) -> tuple[Text, str] | None:
+    """(the first of `texts` whose text is also one of `among`'s, that one's name), or None: held-out text that a
+    fit also reads, by content (the same file, one inside a folder, a copy under another name)."""
+    keyed = [(text_key(o), o) for o in among]
+    for t in texts:
+        same = same_text(t, keyed)
+        if same is not None:
+            return t, same
+    return None

@@ -56,7 +56,7 @@ from clakit.convert.streaming import (
     plan_tensors,
 )
 from clakit.copies import add_copies
-from clakit.corpus import load_texts, same_text, text_key, texts_sha256
+from clakit.corpus import load_texts, shared_text, texts_sha256
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.paths import expand
@@ -232,14 +232,12 @@ def check_not_calibrated(held: list, calib: list) -> None:
     """An --eval-data text that is also read as calibration text (the same file, one inside a calibration folder, or
     a copy under another name: compared by content) would be reported as held-out in the README and the record while
     the conversion was fitted on it. Refused before any work, as uptrain refuses a data.eval it trains on."""
-    keyed = [(text_key(t), t) for t in calib]
-    for t in held:
-        same = same_text(t, keyed)
-        if same is not None:
-            raise ClakitError(
-                f"--eval-data {t.name} holds the same text as --calib-data {same}: its numbers would not be held "
-                "out; give --eval-data text the calibration does not read"
-            )
+    found = shared_text(held, calib)
+    if found is not None:
+        raise ClakitError(
+            f"--eval-data {found[0].name} holds the same text as --calib-data {found[1]}: its numbers would not be "
+            "held out; give --eval-data text the calibration does not read"
+        )
 
 
 def check_source_config(source: Source) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from clakit.copies import add_copies
-from clakit.corpus import Text, load_texts, same_text, text_key
+from clakit.corpus import Text, load_texts, shared_text
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.uptrain.recipe import calibrated_tail
@@ -144,14 +144,12 @@ def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
     under another name that the recipe's path rule cannot see, is no held-out text: its numbers would measure
     memorisation. Refused by content."""
     for what, texts in fitted.items():
-        keyed = [(text_key(o), o) for o in texts]
-        for t in held:
-            same = same_text(t, keyed)
-            if same is not None:
-                raise ClakitError(
-                    f"data.eval {t.name} holds the same text as {what} {same}: its numbers would not be held out; "
-                    "give text the model is not fitted on, or drop data.eval to hold out the end of the train text"
-                )
+        found = shared_text(held, texts)
+        if found is not None:
+            raise ClakitError(
+                f"data.eval {found[0].name} holds the same text as {what} {found[1]}: its numbers would not be held "
+                "out; give text the model is not fitted on, or drop data.eval to hold out the end of the train text"
+            )
 
 
 def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: float) -> None:
@@ -159,11 +157,9 @@ def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: fl
     as a train file the tail was cut from (`train`: those files, whole; the same file inside a folder, or a copy
     under another name, which the recipe's path rule cannot see) fits the conversion on it. Refused by content, as
     check_held_out refuses a copied data.eval; calibration on the train files before the tail is allowed."""
-    keyed = [(text_key(o), o) for o in train]
-    for t in calib:
-        same = same_text(t, keyed)
-        if same is not None:
-            raise ClakitError(calibrated_tail(t.name, same, fraction))
+    found = shared_text(calib, train)
+    if found is not None:
+        raise ClakitError(calibrated_tail(found[0].name, found[1], fraction))
 
 
 def split_tail(texts: list[Text], fraction: float) -> tuple[list[Text], list[Text]]:
