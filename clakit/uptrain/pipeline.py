@@ -1074,7 +1074,7 @@ def _peer_lost(acc, out: Path):
     except RuntimeError as e:
         if acc.num_processes == 1 or not PEER_LOST.search(str(e)):
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]  # gloo adds advice
         last = checkpoint.checkpoint_dirs(out)
         then = f"add --resume to the same launch to continue from {last[-1].name}" if last else "run it again"
         raise ClakitError(f"another process of this run stopped while training ({first}); {then}") from None
