@@ -359,6 +359,38 @@ def test_the_conversion_estimate_bounds_what_it_writes(stock_checkpoint, corpus_
     assert len(before) == 1 and written <= before[0] <= 1.5 * written, (before, written)
 
 
+def test_consumer_patterns_with_a_layout_chosen_on_data_train(stock_checkpoint, corpus_dir, tmp_path, capsys,
+                                                                monkeypatch):  # fmt: skip
+    """With model.convert choosing the layout on data, the space check before the conversion built its skeleton with
+    every layer a producer and applied lora's `consumers.` patterns to it: 'matches no linear module (the layout has
+    no consumers)', exit 2, for the full_train docs/uptrain.md recommends (--dry-run passed it). They are read as
+    their projection on every layer there (the most they select), and the run trains the consumers' q_proj."""
+    from safetensors.torch import load_file
+    from test_uptrain_run import run_cli
+    from uptrain_fixtures import tiny_recipe, write_recipe
+
+    from clakit.uptrain import pipeline
+
+    asked, check = [], pipeline.outputs.check_free_space
+    monkeypatch.setattr(pipeline.outputs, "check_free_space", lambda o, n, *a: asked.append((n, a)) or check(o, n, *a))
+    convert = {"layout": "auto", "kv_saving": 0.5, "init": "mean", "calib_data": [str(corpus_dir / "calib.txt")],
+               "calib_tokens": 256, "seq_len": 32}  # fmt: skip
+    lora = {"full_train": ["k_proj", "v_proj", "consumers.q_proj"]}
+    model = {"source": str(stock_checkpoint), "convert": convert}
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model=model, lora=lora, train={"max_steps": 3})
+    assert run_cli(capsys, write_recipe(tmp_path / "r.yaml", recipe)) == (0, "")
+    layout = json.loads((tmp_path / "run" / "model" / "config.json").read_text())["kv_source_layers"]
+    consumers = [i for i, p in enumerate(layout) if p != i]
+    assert consumers  # the conversion chose a layout that shares
+    trained = load_file(tmp_path / "run" / "checkpoints" / "step-000002" / "trainable.safetensors")
+    full = {k.removeprefix("base_model.model.") for k in trained if k.endswith("q_proj.weight")}  # not LoRA's
+    assert full == {f"model.layers.{i}.self_attn.q_proj.weight" for i in consumers}, sorted(trained)
+    before = [n for n, a in asked if a and "the conversion of model.source" in a[0]]
+    out = tmp_path / "run"
+    written = sum(f.stat().st_size for d in ("converted", "model") for f in (out / d).glob("*.safetensors"))
+    assert len(before) == 1 and written <= before[0], (before, written)  # an upper bound still
+
+
 def test_the_check_before_the_conversion_draws_nothing_from_the_rng(stock_checkpoint, corpus_dir, tmp_path):
     """Its skeleton's LoRA adapters are initialised on the CPU by peft (then moved to meta): drawn from torch's RNG
     they shifted the student's LoRA init, so a run converting model.source on the fly trained from other adapters

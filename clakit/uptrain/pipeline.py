@@ -932,12 +932,14 @@ def check_conversion_space(out: Path, section, recipe: Recipe, data, shape: Step
 
     source = resolve_source(_model_spec(section), section.revision, section.allow_pickle)
     config = load_config(source, section.trust_remote_code)
-    layout = student.planned_layout(section, config) or list(range(config.num_hidden_layers))
+    planned = student.planned_layout(section, config)
+    layout = planned or list(range(config.num_hidden_layers))
+    lora = recipe.lora if planned else student.without_layout(recipe.lora)  # chosen on data: consumers unknown
     # peft initialises the skeleton's adapters on the CPU before moving them to meta: drawn from the RNG here, they
     # would shift the student's LoRA init, and a run converting on the fly train from other adapters than one
     # started from the converted checkpoint (check_run_space draws in both)
     with torch.random.fork_rng(devices=[]):
-        skeleton = trainable_skeleton(cla_config(config, layout), recipe)
+        skeleton = trainable_skeleton(cla_config(config, layout), dataclasses.replace(recipe, lora=lora))
     converted = _conversion_bytes(skeleton, section.convert, source, config)
     need, what = _run_need(skeleton, recipe, data, shape, fresh)
     what = f"the conversion of model.source ({outputs.size_text(converted)}), {what}"

@@ -215,11 +215,27 @@ def check_patterns(config, lora, planned: list[int] | None = None) -> None:
     layout = getattr(model.config, "kv_source_layers", None) if planned or config.model_type.endswith("_cla") else None
 
     def known(patterns: list[str]) -> list[str]:
-        return [p for p in patterns if layout or not p.startswith(("producers.", "consumers."))]
+        return [p for p in patterns if layout or not p.startswith(LAYOUT_PREFIXES)]
 
     full = select_linear(model, known(lora.full_train), "lora.full_train")
     targets = select_linear(model, known(lora.target_modules), "lora.target_modules") if lora.r > 0 else []
     _check_tied_head(model, [n for n in targets if n not in full])
+
+
+LAYOUT_PREFIXES = ("producers.", "consumers.")  # patterns naming layers by their role in the layout
+
+
+def without_layout(lora):
+    """`lora` for a layout not known yet (the converter chooses it on data): a `producers.`/`consumers.` pattern read
+    as the projection it names on every layer, every layer a producer (the most it can select, as the size checks
+    want: a `consumers.` pattern matched nothing there and was refused, "the layout has no consumers")."""
+
+    def unprefixed(patterns: list[str]) -> list[str]:
+        return list(dict.fromkeys(p.split(".", 1)[1] if p.startswith(LAYOUT_PREFIXES) else p for p in patterns))
+
+    return dataclasses.replace(
+        lora, full_train=unprefixed(lora.full_train), target_modules=unprefixed(lora.target_modules)
+    )
 
 
 def planned_layout(model_section, config) -> list[int] | None:
