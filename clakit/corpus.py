@@ -225,9 +225,22 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def _load_datasets_spec(spec: str) -> Text:
+def datasets_spec(spec: str) -> tuple[str, str | None, str]:
+    """(name, config or None, split: "test" when none is named) of a datasets spec NAME[:CONFIG[:SPLIT]]: so `d`,
+    `d::test` and `d::` are one text. Refused in one line where it is none (`:::`, `:cfg`, a 4th part that was
+    dropped): datasets' own error was "list index out of range", read as being offline."""
     parts = spec.split(":")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "test")
+    if len(parts) > 3 or not parts[0].strip():
+        raise ClakitError(
+            f"text data {spec!r} is neither a file or folder nor a datasets spec NAME[:CONFIG[:SPLIT]]; give text "
+            "files, a folder of .txt or NAME:CONFIG:SPLIT"
+        )
+    parts += [""] * (3 - len(parts))
+    return parts[0], parts[1] or None, parts[2] or "test"
+
+
+def _load_datasets_spec(spec: str) -> Text:
+    name, config, split = datasets_spec(spec)
     try:
         import datasets
     except ImportError:
@@ -435,9 +448,11 @@ _KEY_CHARS = 1 << 16  # characters of a text's start compared before any text is
 
 
 def text_key(text: Text) -> str:
-    """The first _KEY_CHARS characters of text.strip() (all of it when shorter), trailing whitespace dropped: equal
-    for texts whose strip() is equal, so only texts with equal keys are read whole (`text_digest`)."""
-    return take(_lstripped(text.pieces(_KEY_CHARS)), _KEY_CHARS).rstrip()
+    """sha256 of the first _KEY_CHARS characters of text.strip() (all of it when shorter), trailing whitespace
+    dropped: equal for texts whose strip() is equal, so only texts with equal keys are read whole (`text_digest`);
+    a digest, so the keys of a folder of thousands of files are kept, not their first 64K characters each."""
+    start = take(_lstripped(text.pieces(_KEY_CHARS)), _KEY_CHARS).rstrip()
+    return hashlib.sha256(start.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _lstripped(pieces):

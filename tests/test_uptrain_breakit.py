@@ -87,6 +87,30 @@ def test_held_out_text_that_is_a_copy_of_calibration_text_is_refused_before_any_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("twice", ["link in a folder", "copy"])
+def test_a_text_given_twice_whose_tail_is_held_out_is_refused_before_any_work(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    twice,
+):
+    """data.eval_fraction holds out the tail of the last train file; the same text again under another name (a link
+    inside a folder, a copy with another trailing newline) trained on that tail: exit 0, held-out numbers of text the
+    model was trained on."""
+    folder = tmp_path / "more"
+    folder.mkdir()
+    if twice == "copy":
+        (folder / "copy.txt").write_text((corpus_dir / "train.txt").read_text() + "\n")
+    else:
+        (folder / "link.txt").symlink_to(corpus_dir / "train.txt")
+    out = tmp_path / "run"
+    data = {"train": [str(folder), str(corpus_dir / "train.txt")], "eval": None, "eval_fraction": 0.1}
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, data=data)
+    with pytest.raises(ClakitError, match=r"data.train holds the text of .*train.txt twice \(also as .*more/"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert not out.exists()
+
+
 # --- the original model (teacher and baseline) -------------------------------------------------------------------
 
 

@@ -125,6 +125,7 @@ def _split_texts(data, calib: list[str] | None) -> tuple[list, list, list[str]]:
     texts, (train_texts, eval_texts) = train_texts, split_tail(train_texts, data.eval_fraction)
     tail = {t.name for t in eval_texts}  # the files the held-out tail was cut from, whole
     check_tail_not_calibrated([t for t in texts if t.name in tail], calib_texts, data.eval_fraction)
+    check_tail_not_trained([t for t in texts if t.name in tail], [t for t in texts if t.name not in tail])
     return train_texts, eval_texts, [f"last {data.eval_fraction:g} of data.train"]
 
 
@@ -160,6 +161,17 @@ def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: fl
     found = shared_text(calib, train)
     if found is not None:
         raise ClakitError(calibrated_tail(found[0].name, found[1], fraction))
+
+
+def check_tail_not_trained(tail: list[Text], others: list[Text]) -> None:
+    """A file the held-out tail is cut from, also in data.train under another name (a link, a copy, a folder holding
+    it): the tail is then trained on through the other one, and its numbers are not held out. Refused by content."""
+    found = shared_text(tail, others)
+    if found is not None:
+        raise ClakitError(
+            f"data.train holds the text of {found[0].name} twice (also as {found[1]}): the held-out tail cut from it "
+            "(data.eval_fraction) would be trained on through the other; give each text once, or give data.eval"
+        )
 
 
 def split_tail(texts: list[Text], fraction: float) -> tuple[list[Text], list[Text]]:

@@ -21,7 +21,7 @@ import yaml
 
 from clakit import settings
 from clakit.convert.config import ConvertConfig
-from clakit.corpus import is_datasets_spec
+from clakit.corpus import datasets_spec, is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.sources import check_revision
@@ -449,6 +449,7 @@ def validate(recipe: Recipe) -> None:
     """Cross-field and range checks the types alone do not catch (every float is already finite)."""
     _validate_model(recipe.model)
     _validate_data(recipe.data)
+    _check_datasets_specs(recipe)
     _check_calibration_held_out(recipe)
     _validate_train(recipe.train)
     _validate_lora(recipe.lora)
@@ -525,6 +526,16 @@ def _same_text(a: str, b: str) -> bool:
     return _holds(a, b) or _holds(b, a)
 
 
+def _check_datasets_specs(recipe: Recipe) -> None:
+    """Each text spec naming no local file is a well-formed datasets spec (corpus.datasets_spec), refused here before
+    the run (and its --dry-run) rather than when the text is read."""
+    convert = recipe.model.convert
+    texts = [*(convert.calib_data or []), *(convert.eval_data or [])] if convert else []
+    for spec in [*recipe.data.train, *(recipe.data.eval or []), *texts]:
+        if _local_path(spec) is None:
+            datasets_spec(spec)
+
+
 def _check_calibration_held_out(recipe: Recipe) -> None:
     """The conversion fits the model on its calibration text: held-out numbers on that text would not be held out
     (the converted model's would look better than it is, and so would the uptrained one's)."""
@@ -548,6 +559,8 @@ def _holds(outer: str, inner: str) -> bool:
     if outer == inner:
         return True
     po, pi = _local_path(outer), _local_path(inner)
+    if po is None and pi is None:  # two datasets specs: `d:c` is `d:c:test`
+        return datasets_spec(outer) == datasets_spec(inner)
     return po is not None and pi is not None and (po == pi or pi.is_relative_to(po))
 
 
