@@ -285,7 +285,7 @@ def load_texts(specs: list[str] | str) -> list[Text]:
             )
     for t in texts:
         if not any(p.strip() for p in t.pieces()):  # stops at the first piece with text in it
-            raise ClakitError(f"text data {t.name!r} is empty")
+            raise ClakitError(f"text data {t.name!r} is empty (or only whitespace); remove it or give it text")
     return texts
 
 

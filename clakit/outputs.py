@@ -519,7 +519,7 @@ def write_marker(folder: Path, kind: str, run_id: str | None = None, later: Iter
     (`later`: names a run adds after publishing, such as an uptrain run's checkpoints/)."""
     from clakit import __version__
 
-    files = sorted({p.name for p in folder.iterdir()} | set(later) - {MARKER, STAGING_STAMP})
+    files = sorted(({p.name for p in folder.iterdir()} | set(later)) - {MARKER, STAGING_STAMP})
     marker = {
         "kind": kind,
         "run_id": run_id or uuid.uuid4().hex,

@@ -246,6 +246,8 @@ def test_convert_overwrite_replaces_its_own_output_and_an_older_clakits(paths, t
     assert run_clakit("convert", paths["model"], out, "-q").code == 0
     marker = json.loads((out / MARKER).read_text())
     assert marker["kind"] == "convert" and "clakit_convert.json" in marker["files"] and len(marker["run_id"]) == 32
+    # the files it lists are the folder's (the staging stamp, gone once published, was listed: `|` before `-`)
+    assert marker["files"] == sorted(p.name for p in out.iterdir() if p.name != MARKER), marker["files"]
     assert run_clakit("convert", paths["model"], out, "--overwrite", "-q").code == 0
     assert json.loads((out / MARKER).read_text())["run_id"] != marker["run_id"]
     (out / MARKER).unlink()  # as written by clakit before the marker existed: clakit_convert.json identifies it

@@ -6,6 +6,7 @@ import fnmatch
 import functools
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -297,7 +298,9 @@ def make_trainable(model, lora, gradient_checkpointing: bool = False):
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=targets, bias="none"
         )
-        model = get_peft_model(model, config) if targets else model
+        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing: every run
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, config) if targets else model
     for module in full_modules:
         module.to(torch.float32).requires_grad_(True)
     for p in model.parameters():
