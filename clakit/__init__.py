@@ -1,6 +1,7 @@
 """clakit: retrofit Cross-Layer Attention (CLA) onto pretrained Llama and Mistral checkpoints."""
 
 import importlib.metadata
+import os
 import sys
 from pathlib import Path
 
@@ -85,7 +86,17 @@ def _refuse(message: str) -> None:
     raise ImportError(message)
 
 
+def check_cwd() -> None:
+    """transformers resolves a path against the working directory when it is imported: in a folder deleted since
+    (changed into, then removed) every command, `--help` too, ended in FileNotFoundError's traceback."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        _refuse("the working directory no longer exists (removed since); cd into an existing folder and run again")
+
+
 check_floors()
+check_cwd()
 
 try:
     from clakit import modeling  # noqa: E402,F401  (registers the CLA classes with the Auto* factories)

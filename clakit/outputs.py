@@ -677,6 +677,6 @@ def check_free_space(
     free = shutil.disk_usage(folder).free
     if free < nbytes:
         raise ClakitError(
-            f"not enough disk space in {folder}: {what} take {nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB is free; "
+            f"not enough disk space in {folder}: {what} take {size_text(nbytes)}, {size_text(free)} is free; "
             f"free some space or {fix}"
         )

@@ -94,6 +94,10 @@ PASSKEY = {
 }
 
 CASES = [
+    # --- the environment: a WORLD_SIZE that is no count (ValueError traceback); an empty --device (taken as auto)
+    Case(UP, "WORLD_SIZE='abc' is not a number of processes", env={"WORLD_SIZE": "abc"}, subprocess_run=True,
+         id="world-size-not-a-number"),
+    Case(EVAL + "--device=", "unknown --device ''", id="eval-device-empty"),
     # --- recipe values out of range (issue 14's list first)
     Case(UP + "train.logging_steps=0", "train.logging_steps must be >= 1"),
     Case(UP + "train.adam_beta1=1.5", "train.adam_beta1 must be in [0, 1)"),

@@ -56,3 +56,18 @@ def test_uptrain_without_a_recipe_names_only_the_recipe_as_required(capsys):
     assert main(["uptrain"]) == 2
     err = capsys.readouterr().err
     assert "the following arguments are required: recipe;" in err and "key=value" not in err, err
+
+
+def test_a_removed_working_directory_is_one_line_not_a_traceback(tmp_path):
+    """transformers resolves a path against the working directory when imported: in a folder removed since every
+    command, `clakit --help` too, was a FileNotFoundError traceback (exit 1)."""
+    import subprocess
+    import sys
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f'cd "{gone}" && rmdir "{gone}" && exec "{sys.executable}" -m clakit --help'
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = "clakit: error: the working directory no longer exists (removed since); cd into an existing folder and "
+    assert proc.stderr.strip() == line + "run again"

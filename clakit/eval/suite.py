@@ -106,7 +106,7 @@ def _placement(model, cfg: EvalConfig) -> dict:
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     if cfg.device_map is not None:
         return {"dtype": dtype, "device_map": cfg.device_map}
-    return {"dtype": dtype, "device": str(devices.resolve(cfg.device or "auto"))}
+    return {"dtype": dtype, "device": str(devices.resolve("auto" if cfg.device is None else cfg.device))}
 
 
 def _check_in_memory_placement(cfg: EvalConfig) -> None:

@@ -350,6 +350,7 @@ def make_accelerator(train, project_dir: Path):
 
     # accelerate keeps its settings in a process-wide singleton: a second run in one process (a notebook, the
     # tests) with another mixed precision would be refused. The process group (PartialState) is kept.
+    launched = launched_processes()  # before accelerate reads it
     AcceleratorState._reset_state(reset_partial_state=False)
     log_with = ["tensorboard"] if "tensorboard" in train.report_to else None
     acc = Accelerator(
@@ -358,7 +359,6 @@ def make_accelerator(train, project_dir: Path):
         project_dir=str(project_dir),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
     )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > acc.num_processes:
         # torchrun on CPU without ACCELERATE_USE_CPU: every process would run the whole job alone, in one folder
         raise ClakitError(
@@ -370,6 +370,18 @@ def make_accelerator(train, project_dir: Path):
     fp32_buffers(acc)
     set_seed(train.seed)
     return acc
+
+
+def launched_processes() -> int:
+    """WORLD_SIZE as torchrun and accelerate set it (1 when unset); a value that is no count (a typo, an empty
+    export) was a ValueError traceback."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ClakitError(
+            f"WORLD_SIZE={value!r} is not a number of processes; unset it, or launch with torchrun or accelerate"
+        ) from None
 
 
 def fp32_buffers(acc) -> None:
