@@ -160,8 +160,6 @@ CASES = [
          protect=("mine",), id="report-user-folder"),
     Case("report {report} -o {f}", "is an existing file", make_file("f"), protect=("f",), id="report-file"),
     Case("report {report} -o .", "is the working directory", id="report-cwd"),
-    # the same report twice: two identical rows "NAME (1)", "NAME (2)", as if two models had been measured
-    Case("report {report} {report} -o {tmp}/r", "is given twice (also as", id="report-given-twice"),
     Case("report {report} -o {data}", "is not a clakit report folder", id="report-data-folder"),
     Case("report {rep}/a.json -o {rep}", "contains the report",
          both(clakit_output("rep", "report", ["report.md"]), lambda p: shutil.copy(p["report"], p["rep"] + "/a.json")),

@@ -637,25 +637,11 @@ def page(reports: list[dict], png: Path, paths: list | None = None) -> str:
     )
 
 
-def check_each_once(paths: list[Path]) -> None:
-    """A report given twice (also through another spelling or a link) made two identical rows, "NAME (1)" and
-    "NAME (2)", as if two models had been measured."""
-    seen: dict[Path, Path] = {}
-    for path in paths:
-        resolved = path.resolve()
-        if resolved in seen:
-            raise ClakitError(
-                f"report {path} is given twice (also as {seen[resolved]}); give each eval report once"
-            )
-        seen[resolved] = path
-
-
 def report(paths: list, out_dir) -> Path:
     """report.md, ppl_vs_kv.png and report.html comparing `paths` (the first is the baseline); returns out_dir."""
     if not paths:
         raise ClakitError("give at least one eval report (.json written by `clakit eval -o`)")
     paths = [expand(p, "report") for p in paths]
-    check_each_once(paths)
     out_dir = expand(out_dir, "output folder")
     # a report folder clakit wrote is replaced without a flag (as `clakit eval -o` replaces its report file)
     out_dir = outputs.check_folder(out_dir, "report", overwrite=True, inputs=[("report", paths)])
