@@ -123,9 +123,10 @@ def _split_texts(data, calib: list[str] | None) -> tuple[list, list, list[str]]:
         return train_texts, eval_texts, [t.name for t in eval_texts]
     # hold out the tail of the train text: contiguous, so no block straddles train and eval
     texts, (train_texts, eval_texts) = train_texts, split_tail(train_texts, data.eval_fraction)
-    tail = {t.name for t in eval_texts}  # the files the held-out tail was cut from, whole
-    check_tail_not_calibrated([t for t in texts if t.name in tail], calib_texts, data.eval_fraction)
-    check_tail_not_trained([t for t in texts if t.name in tail], [t for t in texts if t.name not in tail])
+    tail = {t.name for t in eval_texts}
+    whole = [t for t in texts if t.name in tail]  # the files the held-out tail was cut from, whole
+    check_tail_not_calibrated(whole, calib_texts, data.eval_fraction)
+    check_tail_not_trained(whole, [t for t in texts if t.name not in tail])
     return train_texts, eval_texts, [f"last {data.eval_fraction:g} of data.train"]
 
 

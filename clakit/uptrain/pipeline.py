@@ -312,8 +312,7 @@ def check_paths(recipe: Recipe) -> None:
         if spec:
             raise ClakitError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id")
     convert = recipe.model.convert
-    texts = [*(convert.calib_data or []), *(convert.eval_data or [])] if convert else []  # the conversion's text too
-    for spec in recipe.data.train + (recipe.data.eval or []) + texts:
+    for spec in recipe.text_specs():  # the conversion's text too
         if not expand(spec, "data").exists() and not is_datasets_spec(spec):
             raise ClakitError(f"text data {spec!r} does not exist; give text files, .txt folders or NAME:CONFIG:SPLIT")
     try:  # a GPU this machine lacks, or bf16 fits on the CPU, as the conversion would refuse them
@@ -465,7 +464,7 @@ def check_launch(data, world: int) -> None:
             )
 
 
-def check_step_fits_data(data, shape: StepShape, train) -> None:
+def check_step_fits_data(data, shape: StepShape) -> None:
     """One optimizer step may not read more blocks than the training data holds: it would count blocks twice in one
     gradient, and a huge gradient_accumulation_steps would run its first step practically forever."""
     per_step, world = shape.blocks, shape.world
@@ -834,7 +833,7 @@ def _read_data(recipe: Recipe, tokenizer, acc, out: Path, resume: bool, shape: S
     calib = recipe.model.convert.calib_data if recipe.model.convert else None
     data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed, calib=calib)
     check_launch(data, acc.num_processes)
-    check_step_fits_data(data, shape, recipe.train)
+    check_step_fits_data(data, shape)
     check_plan(recipe.train, make_plan(recipe.train, len(data.train), data.seq_len, shape))
     digest = data_digest(data)
     if resume:

@@ -140,6 +140,12 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def text_specs(self) -> list[str]:
+        """Every text the run reads: data.train, data.eval, and the conversion's calibration and eval text."""
+        convert = self.model.convert
+        texts = [*(convert.calib_data or []), *(convert.eval_data or [])] if convert else []
+        return [*self.data.train, *(self.data.eval or []), *texts]
+
     def fingerprint(self) -> str:
         """Hash of the settings that change the trained weights (not logging/saving/output settings, not where the
         files are: identity())."""
@@ -529,9 +535,7 @@ def _same_text(a: str, b: str) -> bool:
 def _check_datasets_specs(recipe: Recipe) -> None:
     """Each text spec naming no local file is a well-formed datasets spec (corpus.datasets_spec), refused here before
     the run (and its --dry-run) rather than when the text is read."""
-    convert = recipe.model.convert
-    texts = [*(convert.calib_data or []), *(convert.eval_data or [])] if convert else []
-    for spec in [*recipe.data.train, *(recipe.data.eval or []), *texts]:
+    for spec in recipe.text_specs():
         if _local_path(spec) is None:
             datasets_spec(spec)
 
