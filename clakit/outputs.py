@@ -338,6 +338,8 @@ def check_folder(
     except OSError as e:  # a path the file system refuses outright (a parent's name too long, a loop of links)
         raise ClakitError(f"{label} {out} cannot be used ({e.strerror or e}); choose another folder") from None
     reclaim_leftovers(out)  # a killed run's staging (or the output it had moved aside) first: then the checks
+    if kind != "report":  # a report is seconds of work, always replaced: of two at once the later one wins
+        check_no_live_writer(out, label)
     if out.exists() and _is_mount_point(out):
         raise ClakitError(
             f"{label} {out} is a mount point: clakit writes beside it and renames the result into place, which a "
@@ -376,13 +378,15 @@ def usual_mode(*files: Path) -> None:
         file.chmod(file_mode())
 
 
-def make_staging(out: Path, kind: str = "partial") -> Path:
+def make_staging(out: Path, kind: str = "partial", exclusive: bool = True) -> Path:
     """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`; kind "scratch": a conversion's
     scratch folder, never published), stamped and locked by this process until it is published or discarded; what
     killed runs left beside `out` is reclaimed first (`reclaim_leftovers`)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         reclaim_leftovers(out)
+        if exclusive:  # another process that began writing `out` since this run's checks: refused before the work
+            check_no_live_writer(out, "output folder")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=f".{kind}", dir=out.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any folder
         _STAGING_LOCKS[str(tmp)] = _stamp(tmp)
@@ -462,6 +466,49 @@ def reclaim_leftovers(out: Path) -> list[str]:
             done += _reclaim_old(out, sorted(p for p in found if p.name.endswith(".old") and p.is_dir()))
         return done
     return []
+
+
+def check_no_live_writer(out: Path, label: str) -> None:
+    """Refuse `out` while another live clakit process on this host is writing it (its stamped staging or scratch
+    folder beside `out`, whose lock that process holds): two converts into one new OUT both ran to the end before,
+    and the second was refused only at publish, after all its work. Checked before the work and again when a run
+    makes its staging folder. Another host's folder is not judged (its lock may not be seen here)."""
+    out = Path(out).absolute()
+    with contextlib.suppress(OSError):
+        for folder in sorted(out.parent.iterdir()):
+            if _staged_name(folder.name) != out.name or not folder.name.endswith((".partial", ".scratch")):
+                continue
+            if str(folder) in _STAGING_LOCKS or folder.is_symlink() or not _stamped_here(folder):
+                continue
+            pid = _held_by(folder)
+            if pid is not None:
+                raise ClakitError(
+                    f"{label} {out} is being written by another clakit process now (process {pid}, its folder "
+                    f"{folder.name} beside it); wait for it to end or choose another folder"
+                )
+
+
+def _held_by(folder: Path) -> int | str | None:
+    """The process id its stamp names when a live process holds `folder`'s stamp lock, else None (a dead run's
+    leftover, or a file system without locks: nothing known held)."""
+    fd = None
+    for flags in (os.O_RDWR, os.O_RDONLY):  # for writing where it may be: NFS's exclusive lock needs it (EBADF)
+        with contextlib.suppress(OSError):
+            fd = os.open(folder / STAGING_STAMP, flags | os.O_NOFOLLOW)
+            break
+    if fd is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            return int(json.loads((folder / STAGING_STAMP).read_text())["pid"])
+        return "unknown"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _stamped_here(folder: Path) -> bool:
@@ -594,7 +641,7 @@ def staged(out, kind: str, *, overwrite: bool = False, later: Iterable[str] = ()
     """`with staged(out, "convert", overwrite=...) as tmp:` write into tmp; on a clean exit tmp is published as
     `out`; on any error (one line for OSErrors) or interrupt it is removed and `out` is as it was."""
     out = expand(out, "output").absolute()
-    tmp = make_staging(out)
+    tmp = make_staging(out, exclusive=kind != "report")
     try:
         with os_errors(out):
             yield tmp

@@ -130,15 +130,24 @@ def test_the_next_convert_reclaims_the_scratch_folder_of_one_killed_by_sigkill(t
 
 def test_a_running_converts_staging_is_not_taken_by_a_second_run_on_the_same_out(tiny_llama_checkpoint, tmp_path):
     """Two conversions into one OUT at once: the second must not reclaim the first's staging folder (it is alive:
-    locked); the first, resumed from its stop, finds OUT written meanwhile and refuses in one line, leaving it."""
+    locked), and is refused before its work in one line naming the live process (before: it ran to the end, and
+    the first, after all its work, was refused at publish)."""
     src, work = tiny_llama_checkpoint, tmp_path / "work"
     work.mkdir()
     first, ready = start(tmp_path, AFTER_FIRST_SHARD, "convert", src, work / "out", "--init", "mean", "-q")
     stopped(first, ready)
     staging = hidden(work)
     second = clakit("convert", src, work / "out", "--init", "mean", "-q")
-    assert second.returncode == 0, second.stderr
-    assert hidden(work) == staging, "the live run's staging folder was removed"
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr  # before: 0
+    assert f"being written by another clakit process now (process {first.pid}" in second.stderr, second.stderr
+    assert hidden(work) == staging and not (work / "out").exists(), "the live run's staging folder was removed"
+    ready.unlink()  # the first goes on and publishes
+    assert first.communicate(timeout=300)[1] == "" and first.returncode == 0
+    assert (work / "out" / "config.json").is_file() and hidden(work) == []
+    again = ("convert", src, work / "out", "--init", "mean", "-q", "--overwrite")
+    first, ready = start(tmp_path, AFTER_FIRST_SHARD, *again)
+    stopped(first, ready)
+    staging = hidden(work)
     kill9(first)
     assert clakit("convert", src, work / "out2", "--init", "mean", "-q").returncode == 0  # another OUT: not touched
     assert hidden(work) == staging
@@ -585,8 +594,8 @@ import socket
 socket.gethostname = lambda: "node-17"
 import clakit.outputs as o
 real_make = o.make_staging
-def make_staging(out):
-    tmp = real_make(out)
+def make_staging(out, *args, **kwargs):
+    tmp = real_make(out, *args, **kwargs)
     stop()
     return tmp
 o.make_staging = make_staging
