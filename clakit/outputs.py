@@ -13,8 +13,9 @@ The ownership rule. clakit replaces only what it wrote:
 Writing: `staged()` makes a unique hidden folder beside the destination (`.NAME.XXXXXXXX.partial`, one per run, so
 two runs never share one), `publish()` renames it into place; an old output is moved aside first and removed only
 once the new one is in place. Any OSError becomes a one-line ClakitError, and a failed run leaves nothing behind.
-A killed run (kill -9) leaves its staging folder: the next run on the same destination removes it only when clakit
-stamped it on this host (STAGING_STAMP) and no live process holds the stamp's lock (`reclaim_leftovers`).
+A killed run (kill -9) leaves its staging folder: the next run writing into the same folder (any output name there)
+removes it only when clakit stamped it on this host (STAGING_STAMP) and no live process holds the stamp's lock
+(`reclaim_leftovers`); a second run on a destination another live process is staging is refused before its work.
 """
 
 import contextlib
@@ -441,20 +442,24 @@ def _lock_free(folder: Path) -> int | None:
 
 
 def reclaim_leftovers(out: Path) -> list[str]:
-    """Remove what a killed run (kill -9, a node lost, out of memory) left beside `out`: staging folders
-    `.NAME.XXXXXXXX.partial` no live process holds, and `.NAME.XXXXXXXX.old` (an earlier output moved aside by a
-    run killed while publishing: put back when `out` is missing, else removed). Without this every killed run kept
-    its staged output (the whole checkpoint) on the disk for good. Returns the names reclaimed."""
+    """Remove what a killed run (kill -9, a node lost, out of memory) left beside `out`: staging and scratch
+    folders `.NAME.XXXXXXXX.partial` this host stamped and no live process holds (of any NAME in that folder), and
+    `.OUT.XXXXXXXX.old` (an earlier output moved aside by a run killed while publishing: put back when `out` is
+    missing, else removed). Without this every killed run kept its staged output (the whole checkpoint) on the
+    disk for good. Returns the names reclaimed."""
     out = Path(out).absolute()
     with contextlib.suppress(OSError):
-        found = [p for p in out.parent.iterdir() if _staged_name(p.name) == out.name and not p.is_symlink()]
+        # every output's staging in this folder (a killed run's under another OUT name was kept for good), the
+        # moved-aside outputs of this one only (put back under their own name)
+        found = [p for p in out.parent.iterdir() if _staged_name(p.name) is not None and not p.is_symlink()]
         done, live = [], False
         for folder in sorted(p for p in found if p.name.endswith((".partial", ".scratch")) and p.is_dir()):
             # this process's own first, unread: on NFS (POSIX locks) closing any descriptor of the stamp drops its lock
             own = str(folder) in _STAGING_LOCKS
             fd = _lock_free(folder) if not own and _stamped_here(folder) else None
             if fd is None:
-                live = True  # a run writing this output now (or no locks here): its .old may be mid-publish
+                # a run writing this output now (or no locks here): its .old may be mid-publish
+                live = live or _staged_name(folder.name) == out.name
                 continue
             try:  # removed under the lock: another reclaim waits
                 shutil.rmtree(folder, ignore_errors=True)
@@ -463,7 +468,8 @@ def reclaim_leftovers(out: Path) -> list[str]:
             shutil.rmtree(folder, ignore_errors=True)  # NFS kept the open stamp (as .nfsXXXX) until it was closed
             done.append(folder.name)
         if not live:
-            done += _reclaim_old(out, sorted(p for p in found if p.name.endswith(".old") and p.is_dir()))
+            olds = [p for p in found if _staged_name(p.name) == out.name and p.name.endswith(".old") and p.is_dir()]
+            done += _reclaim_old(out, sorted(olds))
         return done
     return []
 
