@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import save_checkpoint, tiny_model
+from conftest import make_text, save_checkpoint, tiny_model
 from convert_fixtures import copy_checkpoint, fingerprint, run_cli
 from safetensors.torch import load_file, save_file
 
@@ -425,6 +425,25 @@ def test_eval_data_that_is_calibration_text_is_refused_as_not_held_out(src, tmp_
     if given == "copy":
         heldout.write_text("\n\n" + calib.read_text() + "\n")
     match = "holds the same text as --calib-data"
+    assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", heldout, match=match)
+
+
+@pytest.mark.parametrize("given", ["second half", "file plus a line"])
+def test_eval_data_mostly_calibration_text_is_refused_as_not_held_out(src, tmp_path, capsys, monkeypatch, given):
+    """--eval-data holding most of the calibration text's lines (its second half; the file with a line added)
+    passed the exact comparison and was reported as held-out. Refused before any model runs."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr(clakit.convert.pipeline.LayerwiseModel, "from_checkpoint", no_model)
+    calib, heldout = tmp_path / "calib.txt", tmp_path / "heldout.txt"
+    calib.write_text(make_text(4000, 31))
+    text = calib.read_text()
+    heldout.write_text(text[len(text) // 2 :] if given == "second half" else text + "\nOne more line of my own.\n")
+    match = "heldout.txt is mostly calibration text ("
+    assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", heldout, match=match)
+    match = f"lines of 40+ characters are in --calib-data {calib}): its numbers would not be held out"
     assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", heldout, match=match)
 
 

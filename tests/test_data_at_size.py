@@ -399,3 +399,31 @@ def test_a_calibration_file_edited_during_the_fits_is_recorded_as_read_not_refus
     convert(tiny_llama_checkpoint, tmp_path / "out", config, quiet=True)
     record = json.loads((tmp_path / "out" / "clakit_convert.json").read_text())
     assert record["settings"]["calib_sha256"] == read
+
+
+def test_near_copies_of_fitted_text_are_found_by_their_lines_and_other_texts_pass(tmp_path):
+    """Held-out text was compared with fitted text only whole (strip() equal): half of a training file, or the file
+    plus a line, passed as held-out. `corpus.near_copy` compares long lines: half of them or more found is a
+    near-copy (naming the file holding most), whatever the line ends and indentation; unrelated text, text sharing a
+    few lines, and a short text of few long lines pass."""
+    train = make_text(6_000, 21)
+    files = {
+        "train.txt": train,
+        "other.txt": make_text(6_000, 22),
+        "half.txt": train[len(train) // 2 :],
+        "plus.txt": train + "\nA line of my own that the model was never trained on.\n",
+        "crlf.txt": "\r\n".join("   " + line for line in train.splitlines()[:200]),
+        "few.txt": make_text(6_000, 23) + "\n" + "\n".join(train.splitlines()[:20]),
+        "short.txt": "\n".join(train.splitlines()[:5]),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    text = {name: Text.file(tmp_path / name) for name in files}
+    fitted = [text["other.txt"], text["train.txt"]]
+    for name in ("half.txt", "plus.txt", "crlf.txt"):
+        found = corpus.near_copy([text["few.txt"], text[name]], fitted)
+        assert found is not None and found[0] is text[name] and found[1] == str(tmp_path / "train.txt"), name
+        assert found[2] >= corpus.NEAR_COPY * found[3], found
+        assert "lines of 40+ characters are in data.train /" in corpus.near_copy_text(found, "data.train")
+    for name in ("other.txt", "few.txt", "short.txt"):
+        assert corpus.near_copy([text[name]], [text["train.txt"]]) is None, name

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import VOCAB, save_checkpoint, tiny_model
+from conftest import VOCAB, make_text, save_checkpoint, tiny_model
 from transformers import PreTrainedTokenizerFast
 from uptrain_fixtures import killed_at_step, tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
@@ -107,6 +107,33 @@ def test_a_text_given_twice_whose_tail_is_held_out_is_refused_before_any_work(
     data = {"train": [str(folder), str(corpus_dir / "train.txt")], "eval": None, "eval_fraction": 0.1}
     recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, data=data)
     with pytest.raises(ClakitError, match=r"data.train holds the text of .*train.txt twice \(also as .*more/"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["data.eval half of train", "tail in another train file"])
+def test_held_out_text_that_is_mostly_training_text_is_refused_before_any_work(
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    case,
+):
+    """Near-copies passed the exact comparison: data.eval holding the second half of a train file, or a train file
+    holding the lines of another's held-out tail (data.eval_fraction) beside its own text. Refused by lines."""
+    text = (corpus_dir / "train.txt").read_text()
+    out, mine = tmp_path / "run", tmp_path / "mine.txt"
+    if case == "data.eval half of train":
+        mine.write_text(text[len(text) // 2 :])
+        data = {"eval": str(mine)}
+        match = r"data.eval .*mine.txt is mostly text the model is fitted on \([\d,]+ of its [\d,]+ lines "
+        match += r".* are in data.train .*train.txt\)"
+    else:
+        mine.write_text(make_text(2000, 41) + "\n" + text[-len(text) // 5 :])
+        data = {"train": [str(mine), str(corpus_dir / "train.txt")], "eval": None, "eval_fraction": 0.1}
+        match = r"the held-out tail .*train.txt.* is mostly text the model is fitted on \(.* are in data.train "
+        match += r".*mine.txt\)"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}, data=data)
+    with pytest.raises(ClakitError, match=match):
         uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
     assert not out.exists()
 

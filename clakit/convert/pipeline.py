@@ -56,7 +56,7 @@ from clakit.convert.streaming import (
     plan_tensors,
 )
 from clakit.copies import add_copies
-from clakit.corpus import load_texts, shared_text, texts_sha256
+from clakit.corpus import load_texts, near_copy, near_copy_text, shared_text, texts_sha256
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.paths import expand
@@ -231,12 +231,19 @@ def _source_config(source: Source, trust_remote_code: bool):
 def check_not_calibrated(held: list, calib: list) -> None:
     """An --eval-data text that is also read as calibration text (the same file, one inside a calibration folder, or
     a copy under another name: compared by content) would be reported as held-out in the README and the record while
-    the conversion was fitted on it. Refused before any work, as uptrain refuses a data.eval it trains on."""
+    the conversion was fitted on it; a near-copy too (`corpus.near_copy`: half of its long lines or more are in
+    the calibration text). Refused before any work, as uptrain refuses a data.eval it trains on."""
     found = shared_text(held, calib)
     if found is not None:
         raise ClakitError(
             f"--eval-data {found[0].name} holds the same text as --calib-data {found[1]}: its numbers would not be "
             "held out; give --eval-data text the calibration does not read"
+        )
+    near = near_copy(held, calib)
+    if near is not None:  # a half of the calibration file, or the file plus a line
+        raise ClakitError(
+            f"--eval-data {near[0].name} is mostly calibration text ({near_copy_text(near, '--calib-data')}): its "
+            "numbers would not be held out; give --eval-data text the calibration does not read"
         )
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from clakit.copies import add_copies
-from clakit.corpus import Text, load_texts, shared_text
+from clakit.corpus import Text, load_texts, near_copy, near_copy_text, shared_text
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.uptrain.recipe import calibrated_tail
@@ -119,14 +119,18 @@ def _split_texts(data, calib: list[str] | None) -> tuple[list, list, list[str]]:
     calib_texts = load_texts(local_calib) if local_calib else []
     if data.eval:
         eval_texts = load_texts(data.eval)
-        check_held_out(eval_texts, {"data.train": train_texts, "calibration text": calib_texts})
+        fitted = {"data.train": train_texts, "calibration text": calib_texts}
+        check_held_out(eval_texts, fitted)
+        check_not_near_copy(eval_texts, fitted, "data.eval")
         return train_texts, eval_texts, [t.name for t in eval_texts]
     # hold out the tail of the train text: contiguous, so no block straddles train and eval
     texts, (train_texts, eval_texts) = train_texts, split_tail(train_texts, data.eval_fraction)
     tail = {t.name for t in eval_texts}
     whole = [t for t in texts if t.name in tail]  # the files the held-out tail was cut from, whole
+    others = [t for t in texts if t.name not in tail]
     check_tail_not_calibrated(whole, calib_texts, data.eval_fraction)
-    check_tail_not_trained(whole, [t for t in texts if t.name not in tail])
+    check_tail_not_trained(whole, others)
+    check_not_near_copy(eval_texts, {"data.train": others, "calibration text": calib_texts}, "the held-out tail")
     return train_texts, eval_texts, [f"last {data.eval_fraction:g} of data.train"]
 
 
@@ -151,6 +155,19 @@ def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
             raise ClakitError(
                 f"data.eval {found[0].name} holds the same text as {what} {found[1]}: its numbers would not be held "
                 "out; give text the model is not fitted on, or drop data.eval to hold out the end of the train text"
+            )
+
+
+def check_not_near_copy(held: list[Text], fitted: dict[str, list[Text]], what: str) -> None:
+    """Held-out text most of whose long lines the model is fitted on (a half of a training file, a file plus a
+    line: `corpus.near_copy`), which the exact comparison passes. `what`: data.eval, or the held-out tail (compared
+    with the other files only: a file's tail against its own head is the data's business)."""
+    for group, texts in fitted.items():
+        found = near_copy(held, texts)
+        if found is not None:
+            raise ClakitError(
+                f"{what} {found[0].name} is mostly text the model is fitted on ({near_copy_text(found, group)}): "
+                "its numbers would not be held out; give text the model is not fitted on"
             )
 
 
