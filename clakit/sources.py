@@ -62,15 +62,21 @@ def looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
-def _download(spec: str, revision: str | None, allow_pickle: bool, check_config) -> Source:
-    """A Hub repo's snapshot: config.json first (one small file), checked by `check_config(source)` before the
-    weights (GBs to 100s of GB) are fetched, then the rest at the same commit."""
-    config_only = Path(_snapshot(spec, revision, ["config.json", SAFE_INDEX]))
-    if not (config_only / "config.json").is_file():
+def _config_snapshot(spec: str, revision: str | None, patterns: tuple[str, ...] = ("*.py",)) -> Path:
+    """The snapshot folder of a Hub repo holding its config.json (and `patterns`: its code files, or the index)."""
+    folder = Path(_snapshot(spec, revision, ["config.json", *patterns]))
+    if not (folder / "config.json").is_file():
         raise ClakitError(
             f"Hub repo {spec} has no config.json, so it is not a transformers checkpoint (a GGUF-only repo?); "
             "download its .gguf file and give that path"
         )
+    return folder
+
+
+def _download(spec: str, revision: str | None, allow_pickle: bool, check_config) -> Source:
+    """A Hub repo's snapshot: config.json first (one small file), checked by `check_config(source)` before the
+    weights (GBs to 100s of GB) are fetched, then the rest at the same commit."""
+    config_only = _config_snapshot(spec, revision, (SAFE_INDEX,))
     if check_config is not None:
         check_config(Source(spec, "dir", config_only, revision or "main"))
     commit = config_only.name if config_only.parent.name == "snapshots" else revision  # the same files' commit
@@ -163,9 +169,13 @@ def check_revision(revision: str | None, *specs, option: str = "--revision") -> 
         )
 
 
-def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = False, check_config=None) -> Source:
+def resolve_source(
+    spec: str, revision: str | None = None, allow_pickle: bool = False, check_config=None, config_only: bool = False
+) -> Source:
     """The Source of `spec`; a local path never carries `revision` (it was not what was read). A Hub id is downloaded;
-    `check_config(source)`, given, sees its config.json before the weights are fetched (and may refuse it)."""
+    `check_config(source)`, given, sees its config.json before the weights are fetched (and may refuse it);
+    `config_only`: its config (and code files) alone, for a model only its shapes are read of (eval's
+    --source-model: a 70B's 140 GB of weights were fetched for its config.json)."""
     if not str(spec).strip():  # Path("") is ".": an unset $MODEL would read whatever checkpoint the shell is in
         raise ClakitError(
             f"the model is an empty string ({spec!r}): give a checkpoint folder, a .gguf file or a Hub id"
@@ -184,7 +194,9 @@ def resolve_source(spec: str, revision: str | None = None, allow_pickle: bool = 
     if path.exists():
         raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file; {_file_fix(path)}")
     if looks_like_hub_id(spec) and (not hub_offline() or _in_hub_cache(spec, revision)):
-        return _download(spec, revision, allow_pickle, check_config)  # offline: huggingface_hub reads its cache
+        if config_only:  # offline: huggingface_hub reads its cache
+            return Source(spec, "dir", _config_snapshot(spec, revision), revision or "main")
+        return _download(spec, revision, allow_pickle, check_config)
     if looks_like_hub_id(spec):  # a Hub id, offline and not in the cache: the Hub was not asked
         snapshot = _cached_snapshot(spec, revision)
         if snapshot is not None:  # cached without config.json: what it holds instead (a GGUF repo's .gguf file)

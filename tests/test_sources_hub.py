@@ -230,3 +230,16 @@ def test_convert_checks_a_given_seq_len_against_a_hub_config_before_the_weights_
     with pytest.raises(ClakitError, match="--seq-len 128 exceeds the context window of org/model"):
         convert("org/model", tmp_path / "out", factor=2, seq_len=128, quiet=True)
     assert hub.calls == [("org/model", None, FIRST)] and not hub.weights_fetched()
+
+
+def test_eval_source_model_on_the_hub_reads_its_config_alone_and_records_its_commit(hub, tmp_path, corpus_dir):
+    """`clakit eval CLA --source-model org/name --revision dev` downloaded the source's whole snapshot, weights too
+    (140 GB for a 70B), to read its config.json for the KV saving, and recorded "dev", not the commit it read."""
+    from clakit.eval import evaluate
+
+    converted = convert(str(hub.repo), tmp_path / "cla", factor=2, init="mean", quiet=True)
+    report = evaluate(converted, source_model="org/model", revision="dev", data=[str(corpus_dir / "heldout.txt")],
+                      seq_len=32, max_tokens=64, speed=False, quiet=True)  # fmt: skip
+    assert hub.calls == [("org/model", "dev", ["config.json", "*.py"])] and not hub.weights_fetched()
+    kv = report["kv_cache"]
+    assert (kv["source"], kv["source_commit"], kv["saving_factor"]) == ("org/model", COMMIT, 2.0), kv

@@ -159,15 +159,15 @@ def _check_unchanged(source, identity) -> None:
         )
 
 
-def _reference(source_model, model_dir, revision, trust_remote_code) -> tuple[str, object] | None:
-    """(label, config) of the model the KV saving is measured against: `source_model` when given, else the
-    converter's recorded source when it is still on this disk; read before the model is loaded, so a bad
-    --source-model fails in seconds."""
+def _reference(source_model, model_dir, revision, trust_remote_code) -> tuple[str, object, str | None] | None:
+    """(label, config, the Hub commit read or None) of the model the KV saving is measured against: `source_model`
+    when given, else the converter's recorded source when it is still on this disk; read before the model is
+    loaded, so a bad --source-model fails in seconds."""
     recorded, local = _recorded_source(model_dir)
     if not (source_model or local):
         return None
-    config = _source_config(source_model or local, revision if source_model else None, trust_remote_code)
-    return (str(source_model) if source_model else recorded), config
+    config, commit = _source_config(source_model or local, revision if source_model else None, trust_remote_code)
+    return (str(source_model) if source_model else recorded), config, commit
 
 
 SAME_SHAPE = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")  # what a conversion keeps
@@ -178,7 +178,7 @@ def _check_reference(config, reference) -> None:
     changes which layers hold K/V (and, with --kv-heads, how many), never these."""
     if reference is None:
         return
-    label, ref_config = reference
+    label, ref_config, _ = reference
     for key in SAME_SHAPE:
         mine, theirs = getattr(config, key, None), getattr(ref_config, key, None)
         if mine != theirs:
@@ -195,10 +195,13 @@ def _saving(config, dtype, model_dir, reference) -> dict:
     mine = kvcache.bytes_per_token(config, dtype)
     recorded, _ = _recorded_source(model_dir)
     if reference:
-        label, src_config = reference
-        return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": label}
+        label, src_config, commit = reference
+        # source_commit: a Hub id's commit its config was read at (None for a local one)
+        return {"saving_factor": kvcache.bytes_per_token(src_config, dtype) / mine, "source": label,
+                "source_commit": commit}  # fmt: skip
     stock = len(kvcache.producer_layers(config)) / config.num_hidden_layers
-    return {"saving_factor": 1.0 / stock, "source": recorded or ("self" if stock == 1.0 else "stock layout")}
+    source = recorded or ("self" if stock == 1.0 else "stock layout")
+    return {"saving_factor": 1.0 / stock, "source": source, "source_commit": None}
 
 
 def _recorded_source(model_dir) -> tuple[str | None, str | None]:
@@ -227,7 +230,8 @@ def _as_converted(spec: str | None, cwd) -> str | None:
 def _source_config(spec: str, revision: str | None, trust_remote_code: bool):
     from clakit.sources import load_config, resolve_source
 
-    return load_config(resolve_source(str(spec), revision), trust_remote_code)
+    source = resolve_source(str(spec), revision, config_only=True)  # its shapes only: never its weights
+    return load_config(source, trust_remote_code), source.commit
 
 
 def _texts(data, text: str | None) -> list[Text]:
