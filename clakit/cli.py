@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    parser.commands = list(sub.choices)  # named by a bare `clakit`
     return parser
 
 
@@ -334,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed in one line
         return e.code if isinstance(e.code, int) else int(e.code is not None)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 0
+    if not hasattr(args, "run"):  # bare `clakit`: a usage error (exit 2), as a missing argument is, not a success
+        names = ", ".join(parser.commands)
+        print(f"clakit: error: give a command ({names}); `clakit --help` describes them", file=sys.stderr)
+        return 2
     try:
         with silenced(getattr(args, "quiet", False)), terminate_cleanly():
             return int(args.run(args) or 0)

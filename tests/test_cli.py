@@ -21,6 +21,9 @@ def test_version_and_help_via_python_m():
     assert out.stdout.strip() == f"clakit {clakit.__version__} ({libraries})"
     out = subprocess.run([sys.executable, "-m", "clakit", "--help"], capture_output=True, text=True, check=True)
     assert "usage: clakit" in out.stdout
+    bare = subprocess.run([sys.executable, "-m", "clakit"], capture_output=True, text=True)  # before: help, exit 0
+    assert (bare.returncode, bare.stdout) == (2, "") and bare.stderr.startswith("clakit: error: give a command (")
+    assert bare.stderr.count("\n") == 1 and "convert, eval, report" in bare.stderr, bare.stderr
 
 
 def test_clakit_error_becomes_one_line_and_exit_2(capsys, monkeypatch):
