@@ -12,6 +12,7 @@ from conftest import save_checkpoint, tiny_model
 from convert_fixtures import load, safetensors_files
 from transformers import AutoTokenizer
 
+from clakit.cli import main as clakit_main
 from clakit.convert import ConvertConfig, convert
 from clakit.eval.perplexity import perplexity
 
@@ -198,3 +199,27 @@ def test_the_recorded_command_of_python_m_clakit_runs_again(tiny_llama_checkpoin
     assert f"`{command}`" in (tmp_path / "out" / "README.md").read_text()
     subprocess.run([*shlex.split(command), "--overwrite"], cwd=tmp_path, check=True)
     assert weights(tmp_path / "out") == first
+
+
+def test_a_card_keeps_its_table_whatever_the_paths_hold(tiny_llama_checkpoint, tmp_path):
+    """An OUT or source path holding a newline, a `|` or a backtick ended the card's table row (or split a cell, or
+    its code span) in the middle of the command: every table row is now one line of two cells, and the source and
+    command are one code span each that reads back as the path and command given."""
+    import re
+    import shutil
+
+    src = tmp_path / "we|ird `src`\nmodel"
+    shutil.copytree(tiny_llama_checkpoint, src)
+    out = tmp_path / "out|\n`x`"
+    assert clakit_main(["convert", str(src), str(out), "--factor", "2", "--init", "mean", "-q"]) == 0
+    card = (out / "README.md").read_text()
+    table = card.split("|---|---|\n")[1].split("\n\n")[0].splitlines()
+    assert [row.split(" | ")[0] for row in table][-2:] == ["| made with", "| command"], table
+    for row in table:  # two cells: the cell breaks are the only unescaped pipes
+        assert len(re.findall(r"(?<!\\)\|", row)) == 3, row
+    command = record(out)["provenance"]["command"]
+    spans = {row.split(" | ")[0]: row.split(" | ", 1)[1].rsplit(" |", 1)[0] for row in table}
+    for key, given in (("| command", command), ("| source", str(src))):
+        fence = re.match(r"`+", spans[key]).group()
+        body = spans[key][len(fence) :].split(fence)[0].strip(" ")
+        assert body.replace("\\|", "|").replace("\\n", "\n") == given, (key, spans[key])

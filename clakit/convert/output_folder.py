@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers.dynamic_module_utils import custom_object_save
 
+from clakit.markup import md_cell, md_code
 from clakit.provenance import CONVERT_RECORD
 
 RECORD_FILE = CONVERT_RECORD
@@ -86,7 +87,7 @@ def _perplexity_line(record: dict) -> str:
         return "not measured (pass `--eval-data` to `clakit convert`)"
     scored = f"{ppl['tokens']} tokens of " if "max_tokens" in ppl else ""  # older records: "tokens" was the budget
     return (f"{ppl['perplexity_before']:.2f} before, {ppl['perplexity_after']:.2f} after "
-            f"({scored}{', '.join(ppl['data'])})")  # fmt: skip
+            f"({scored}{md_cell(', '.join(ppl['data']))})")  # fmt: skip
 
 
 def _distill_line(settings: dict, record: dict) -> str:
@@ -107,7 +108,7 @@ def _distill_line(settings: dict, record: dict) -> str:
 def _source_id(settings: dict, record: dict) -> str:
     """The source's revision, or a GGUF file's sha256 (a file has no revision)."""
     digest = (record.get("source") or {}).get("sha256")  # older records: no sha256
-    return f"sha256 `{digest}`" if digest else f"revision `{settings['revision'] or 'n/a'}`"
+    return f"sha256 `{digest}`" if digest else f"revision {md_code(settings['revision'] or 'n/a')}"
 
 
 def model_card(record: dict) -> str:
@@ -116,9 +117,9 @@ def model_card(record: dict) -> str:
     base = f"base_model: {s['source']}\n" if s["source_kind"] == "hub" else ""
     producers, layers = len(set(s["kv_source_layers"])), len(s["kv_source_layers"])
     kv_factor = f"{layers / producers:.2f}x smaller"
-    calib = f" on {s['calib_tokens']} tokens of {', '.join(s['calib_data'])}" if s["calib_data"] else ""
+    calib = f" on {s['calib_tokens']} tokens of {md_cell(', '.join(s['calib_data']))}" if s["calib_data"] else ""
     rows = [
-        ("source", f"`{s['source']}` ({s['source_kind']}, {_source_id(s, record)})"),
+        ("source", f"{md_code(s['source'])} ({s['source_kind']}, {_source_id(s, record)})"),
         ("architecture", f"{s['architecture']} -> {record['cla_architecture']}"),
         ("layout", f"{s['layout']}: `kv_source_layers` = {s['kv_source_layers']}"),
         ("KV cache", f"{producers} of {layers} layers keep K/V: {kv_factor}, saving {s['kv_saving']:.1%}"),
@@ -127,7 +128,7 @@ def model_card(record: dict) -> str:
         ("dtype", s["dtype"]),
         ("held-out perplexity", _perplexity_line(record)),
         ("made with", f"clakit {v['clakit']}, transformers {v['transformers']}, torch {v['torch']}, {v['created']}"),
-        ("command", f"`{v['command']}`"),
+        ("command", md_code(v["command"])),
     ]  # fmt: skip
     table = "\n".join(f"| {k} | {val} |" for k, val in rows)
     return f"""---
@@ -135,7 +136,7 @@ library_name: transformers
 tags: [clakit, cross-layer-attention]
 {base}---
 
-# Cross-Layer Attention version of `{s["source"]}`
+# Cross-Layer Attention version of {md_code(s["source"])}
 
 Converted by clakit (`clakit convert`): consumer layers attend to the keys/values of an earlier
 *producer* layer and keep no KV cache of their own. The conversion fits the changed attention tensors on

@@ -12,6 +12,7 @@ from pathlib import Path
 from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.eval.records import LM_EVAL_KEYS, read_report
+from clakit.markup import md_cell, md_escape, md_text
 from clakit.paths import expand
 
 # Fields that must agree for perplexities to be comparable. Not batch_size: the windows are scored alike at any
@@ -336,20 +337,8 @@ def _heat_matrix(plt, runs: list[tuple[str, dict]]):
 
 def _md_table(columns: list[str], body: list[list[str]]) -> list[str]:
     rule = "|" + "---|" * len(columns)
-    rows = ["| " + " | ".join(map(_md_cell, cells)) + " |" for cells in body]
-    return ["| " + " | ".join(map(_md_cell, columns)) + " |", rule, *rows]  # lm-eval's columns are task names
-
-
-def _md_cell(cell: str) -> str:
-    """A model name or path may hold `|` (a column break) or a newline (the row's end): escaped, one cell."""
-    return _md_text(str(cell).replace("\\", "\\\\").replace("|", "\\|"))
-
-
-def _md_text(text: str) -> str:
-    """Names and paths as text: markdown renders raw HTML (a model named `<img src=x onerror=...>` became markup in
-    a viewer of report.md), so <, > and & become entities; a newline would end the line (or the table row)."""
-    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return text.replace("\n", " ").replace("\r", " ")
+    rows = ["| " + " | ".join(map(md_cell, cells)) + " |" for cells in body]
+    return ["| " + " | ".join(map(md_cell, columns)) + " |", rule, *rows]  # lm-eval's columns are task names
 
 
 def _data_note(reports: list[dict]) -> str:
@@ -519,31 +508,23 @@ def _md_sources(reports: list[dict], paths: list | None) -> str:
         return ""
     columns, body = sources_table(reports, paths)
     # a list, not a table: report.md's tables are its results (readers take every `| ` line of it for a model)
-    items = ["- " + "; ".join(f"{c}: {_md_escape(v)}" for c, v in zip(columns, row, strict=True)) for row in body]
-    return "\n## Sources\n\n" + "\n".join(items) + f"\n\n{_md_escape(_made_by())}\n"
-
-
-def _md_escape(text: str) -> str:
-    """Paths and commands as plain markdown text: `_`, `*`, backticks and brackets would format or link them."""
-    text = str(text).replace("\\", "\\\\")
-    for c in "*_`[]":
-        text = text.replace(c, "\\" + c)
-    return _md_text(text)
+    items = ["- " + "; ".join(f"{c}: {md_escape(v)}" for c, v in zip(columns, row, strict=True)) for row in body]
+    return "\n## Sources\n\n" + "\n".join(items) + f"\n\n{md_escape(_made_by())}\n"
 
 
 def markdown(reports: list[dict], paths: list | None = None) -> str:
     """The report's text; `paths` (the report files, in order) adds the Sources section."""
     table = "\n".join(_md_table(COLUMNS, rows(reports)))
-    text = f"# clakit eval report\n\n{table}\n\n{_md_text(_data_note(reports))}\n"
+    text = f"# clakit eval report\n\n{table}\n\n{md_text(_data_note(reports))}\n"
     table = passkey_table(reports)
     if table:
-        note = _md_text(passkey_note(reports))
+        note = md_text(passkey_note(reports))
         text += (
             "\n## Passkey retrieval\n\n" + "\n".join(_md_table(*table)) + f"\n\n{note}\n\n![passkey](passkey.png)\n"
         )
     table = lm_eval_table(reports)
     if table:
-        note = _md_text(_lm_eval_note(reports))
+        note = md_text(_lm_eval_note(reports))
         text += "\n## lm-eval tasks\n\n" + "\n".join(_md_table(*table)) + "\n\n" + note + "\n"
     return text + "\n![perplexity vs KV bytes](ppl_vs_kv.png)\n" + _md_sources(reports, paths)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from clakit.convert.output_folder import RECORD_FILE, serving_section
+from clakit.markup import md_code, md_text
 from clakit.provenance import UPTRAIN_RECORD, library_versions, provenance
 
 PROVENANCE = UPTRAIN_RECORD
@@ -113,7 +114,7 @@ def _original_text(original: dict | None) -> str:
     if not original:
         return ""
     at = f" at revision {original['revision']}" if original.get("revision") else ""
-    return f"; original model (teacher / baseline) `{original.get('spec') or original.get('path')}`{at}"
+    return f"; original model (teacher / baseline) {md_code(original.get('spec') or original.get('path'))}{at}"
 
 
 def markdown(s: dict) -> str:
@@ -129,7 +130,7 @@ def _title_lines(s: dict) -> list[str]:
     """Front matter, title, where training started and how to load the result."""
     m = s["recipe"]["model"]
     converted = " (converted with the `model.convert` settings of the recipe below)" if m["convert"] else ""
-    start = f"Started from `{m['path'] or m['source']}`{converted}{_original_text(s.get('original'))}"
+    start = f"Started from {md_code(m['path'] or m['source'])}{converted}{_original_text(s.get('original'))}"
     return [
         "---",
         "tags: [clakit, cross-layer-attention, cla]",
@@ -146,7 +147,7 @@ def _heldout_lines(s: dict) -> list[str]:
     """The held-out table: original, converted (before) and uptrained, each against the original."""
     h = s["heldout"]
     names = (("original", "original (full KV)"), ("converted", "converted (before)"), ("uptrained", "uptrained"))
-    data = f"{', '.join(s['eval_data'])}; {h['uptrained']['tokens']} tokens in sequences of "
+    data = f"{md_text(', '.join(s['eval_data']))}; {h['uptrained']['tokens']} tokens in sequences of "
     return [
         "## Held-out results",
         f"Data: {data}{s['recipe']['data']['seq_len']}.",
@@ -167,7 +168,7 @@ def _resolved_lines(s: dict) -> list[str]:
 def _recipe_lines(s: dict) -> list[str]:
     """The recipe as the run resolved it (every key, the overrides applied) and how to rerun it. Relative paths in
     it are relative to the folder the run was started in (`cwd`, when the record knows it)."""
-    where = f" in `{s['cwd']}`" if s.get("cwd") else ""
+    where = f" in {md_code(s['cwd'])}" if s.get("cwd") else ""
     return [
         "## Recipe",
         "",
