@@ -84,3 +84,32 @@ def test_sliding_window_models_are_refused(tokenizer):
     mistral = tiny_model("mistral")
     with pytest.raises(ClakitError, match="full attention only"):
         kvquant.QuantizedKVCache(mistral.config, 8, q_group_size=GROUP)
+
+
+def test_4_bit_takes_any_token_count_where_a_token_holds_an_odd_number_of_groups(tokenizer):
+    """SmolLM2's 3 KV heads x head_dim 64 at group 64: HQQ's 4-bit packer pairs rows of a group, and an odd token
+    count gave an odd row count: RuntimeError "The size of tensor a (49) must match ... (50)" at every odd prompt
+    length or decoding step (chunk 1). Now padded: each real token quantises as it does beside any other tokens (its
+    groups are its own rows), the bytes held are the real tokens' (the computed figure), and scoring runs."""
+    from transformers.cache_utils import HQQQuantizedLayer
+
+    model = tiny_model("llama", num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=256)
+    group = model.config.head_dim  # 3 groups a token
+    x = torch.randn(1, 3, 6, group)
+    layers = [kvquant.EvenRowsHQQLayer(nbits=4, axis_key=1, axis_value=1, q_group_size=group) for _ in range(2)]
+    stock_layer = HQQQuantizedLayer(nbits=4, axis_key=1, axis_value=1, q_group_size=group)
+    for layer in (*layers, stock_layer):
+        layer.lazy_initialization(x, x)
+    odd = layers[0]._dequantize(layers[0]._quantize(x[:, :, :5].contiguous(), axis=1))  # 15 rows: failed before
+    even = stock_layer._dequantize(stock_layer._quantize(x.contiguous(), axis=1))  # 18 rows: the library as it is
+    assert odd.shape == (1, 3, 5, group) and torch.equal(odd, even[:, :, :5])
+    assert torch.equal(layers[1]._dequantize(layers[1]._quantize(x.contiguous(), axis=1)), even)  # no padding
+    ids = perplexity.tokenize(tokenizer, make_text(400, 41), max_tokens=100).ids
+    cache = kvquant.QuantizedKVCache(model.config, 4, q_group_size=group, residual_length=1)
+    got = perplexity.score_cached(model, ids, 33, 33, lambda: kvquant.QuantizedKVCache(
+        model.config, 4, q_group_size=group, residual_length=1), 1, True)  # fmt: skip
+    assert got["num_scored"] == len(ids) - 1 and torch.isfinite(torch.tensor(got["nll_sum"]))
+    with torch.inference_mode():
+        for start in range(0, 33, 11):  # 11 tokens at a time: an odd count folded in each time
+            model(input_ids=ids[None, start : start + 11], cache=cache, use_cache=True)
+    assert kvquant.held_bytes(cache) == kvquant.bytes_per_token(model.config, 4, torch.float32, group) * 33

@@ -44,6 +44,36 @@ def check(config, nbits: int, group_size: int) -> None:
         raise ClakitError("transformers' quantised cache serves full attention only; this model has a sliding window")
 
 
+class EvenRowsHQQLayer(HQQQuantizedLayer):
+    """HQQQuantizedLayer whose 4-bit store takes any token count. HQQ groups the tensor into rows of `group` values
+    and packs two rows into one byte row (`pack_4bit_u8` pairs the first half of the rows with the second), so an odd
+    number of rows failed ("The size of tensor a (49) must match ... (50)"): SmolLM2's 3 KV heads x 64 / group 64
+    give an odd row count at every odd token count (a prompt, chunk 1 as in decoding). The tensor is padded with the
+    fewest zero tokens that make the rows even (a token's groups are its own rows where the group divides head_dim,
+    so the real tokens quantise as before) and the padding is dropped when dequantised; `held_bytes` counts the real
+    tokens only."""
+
+    def _quantize(self, tensor, axis):
+        pad = _pad_tokens(tensor, self.q_group_size) if self.nbits == 4 else 0
+        if pad:  # [batch, heads, tokens, head_dim] -> tokens + pad
+            tensor = torch.cat([tensor, tensor.new_zeros(*tensor.shape[:-2], pad, tensor.shape[-1])], dim=-2)
+        qtensor, meta = super()._quantize(tensor, axis)
+        meta["clakit_pad"] = (pad, tensor.shape[-2] - pad)  # (padding tokens, real tokens)
+        return qtensor, meta
+
+    def _dequantize(self, qtensor):
+        tensor = super()._dequantize(qtensor)
+        pad, tokens = qtensor[1].get("clakit_pad", (0, None))
+        return tensor[..., :tokens, :] if pad else tensor
+
+
+def _pad_tokens(tensor, group: int) -> int:
+    """The fewest zero tokens that make `tensor`'s (batch x heads x tokens x head_dim) values an even number of
+    `group`-value rows."""
+    per_token = tensor.numel() // tensor.shape[-2]
+    return next(p for p in range(2 * group + 1) if (per_token * (tensor.shape[-2] + p)) % (2 * group) == 0)
+
+
 class QuantizedKVCache(QuantizedCache):
     """`QuantizedCache(backend="hqq")` for stock and CLA models: producers quantise, consumers hold nothing.
 
@@ -57,7 +87,7 @@ class QuantizedKVCache(QuantizedCache):
         layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         # CLA: consumer layers ("dummy" from the config's kv_sharing_modes) hold no cache; QuantizedCache refuses them
         layers = [
-            DummyLayer() if kind == "dummy" else HQQQuantizedLayer(residual_length=residual_length, **kwargs)
+            DummyLayer() if kind == "dummy" else EvenRowsHQQLayer(residual_length=residual_length, **kwargs)
             for kind in layer_types
         ]
         Cache.__init__(self, layers=layers)
@@ -68,11 +98,14 @@ def _tensor_bytes(t) -> int:
 
 
 def _quantized_bytes(packed) -> int:
-    """Packed integers + scale + zero of one HQQ-quantised tensor (the `(tensor, meta)` pair the layer keeps)."""
+    """Packed integers + scale + zero of one HQQ-quantised tensor (the `(tensor, meta)` pair the layer keeps); of
+    the real tokens only where EvenRowsHQQLayer padded it (its bytes grow with the rows: exact in integers)."""
     if packed is None:
         return 0
     tensor, meta = packed
-    return _tensor_bytes(tensor) + _tensor_bytes(meta.get("scale")) + _tensor_bytes(meta.get("zero"))
+    held = _tensor_bytes(tensor) + _tensor_bytes(meta.get("scale")) + _tensor_bytes(meta.get("zero"))
+    pad, tokens = meta.get("clakit_pad", (0, None))
+    return held * tokens // (tokens + pad) if pad else held
 
 
 def held_bytes(cache) -> int:
