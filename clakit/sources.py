@@ -786,9 +786,12 @@ def drop_unused_window(config) -> None:
     decode of the loaded model would compute another model than its forward. Any other model's window (Mistral's,
     Qwen2's, Gemma's: their masks read it) is real and kept (the CLA Llama's config drops the key itself)."""
     from clakit.modeling import attention_window
+    from clakit.modeling.configuration_cla import drop_sliding_layer_types
 
     if getattr(config, "sliding_window", None) is not None and attention_window(config) is None:
         config.sliding_window = None
+    if getattr(config, "model_type", "").removesuffix("_cla") == "llama":
+        drop_sliding_layer_types(config)  # its layer_types too: a window-None sliding cache layer fails
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")

@@ -230,17 +230,24 @@ def test_the_perplexity_plot_of_many_models_names_the_frontier_not_every_point(t
     assert 0 < len(names) <= comparison.LABELS_MAX
 
 
-def test_a_stock_llama_with_a_sliding_window_key_is_evaluated_as_the_model_it_is(tmp_path, tokenizer):
+@pytest.mark.parametrize("layer_types", [None, ["sliding_attention"] * 4], ids=["window", "window-and-layer-types"])
+def test_a_stock_llama_with_a_sliding_window_key_is_evaluated_as_the_model_it_is(tmp_path, tokenizer, layer_types):
     """Stock Llama's attention ignores a `sliding_window` key (a llamafied Qwen2's), but transformers' caches read it
     and kept only the last window: the original was reported at 5,376 KV bytes per sequence against 49,152 for its
     own all-producer conversion (the same model), and its cached decoding (passkeys, speed) read another model than
-    its forward. Loaded by clakit, its cache now holds every token, as its attention reads them."""
+    its forward. Loaded by clakit, its cache now holds every token, as its attention reads them. With `layer_types`
+    of "sliding_attention" too, the window was dropped and the types kept: every cache build failed (TypeError
+    from a window-None sliding layer; eval a traceback, generate too), and convert wrote such a config."""
     from clakit.convert import convert
     from clakit.sources import load_model, resolve_source
 
-    model = tiny_model("llama", sliding_window=8)
+    model = tiny_model("llama", sliding_window=8, **({"layer_types": layer_types} if layer_types else {}))
     stock = save_checkpoint(model, tokenizer, tmp_path / "stock")
     cla = convert(stock, tmp_path / "cla", kv_source_layers=[0, 1, 2, 3], init="mean", quiet=True)
+    written = json.loads((cla / "config.json").read_text())
+    assert written["sliding_window"] is None and set(written.get("layer_types") or ["full_attention"]) == {
+        "full_attention"
+    }, written
     (tmp_path / "t.txt").write_text(make_text(600, 3))
     reports = {}
     for name, folder in (("stock", stock), ("cla", cla)):
@@ -259,6 +266,9 @@ def test_a_stock_llama_with_a_sliding_window_key_is_evaluated_as_the_model_it_is
     for _ in range(12):  # no cache: the model's forward alone
         ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     assert cached.tolist() == ids[0, 12:].tolist()
+    cla_model = load_model(resolve_source(str(cla)))
+    cached = cla_model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, 12:]
+    assert cached.tolist() == ids[0, 12:].tolist()  # the all-producer conversion is the same model
 
 
 def test_a_sliding_window_model_other_than_llama_keeps_its_window(tmp_path, tokenizer):

@@ -188,12 +188,14 @@ def test_omitted_layout_means_every_layer_is_a_producer():
 
 REMOTE_LOAD = """
 import json, sys, torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+base = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()  # embeddings, features
 assert sys.modules.get("clakit") is None, "remote code must not need clakit"
 x = torch.tensor(json.loads(sys.argv[2]))
 with torch.no_grad():
-    print(json.dumps({"cls": type(model).__name__, "logits": model(x).logits.tolist()}))
+    print(json.dumps({"cls": type(model).__name__, "logits": model(x).logits.tolist(),
+                      "base_cls": type(base).__name__, "hidden": base(x).last_hidden_state.tolist()}))
 """
 
 
@@ -218,8 +220,11 @@ def test_remote_code_load_without_clakit_gives_identical_logits(kind, tmp_path):
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["cls"] == type(cla).__name__
+    # AutoModel too (config.json's auto_map named the causal LM alone: "Unrecognized configuration class")
+    assert result["base_cls"] == type(cla.model).__name__
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(result["logits"]), cla(x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(torch.tensor(result["hidden"]), cla.model(x).last_hidden_state, rtol=0, atol=0)
 
 
 def test_cla_checkpoint_does_not_load_silently_without_clakit(tmp_path):

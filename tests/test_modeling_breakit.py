@@ -438,6 +438,20 @@ def test_a_base_model_checkpoint_whose_layout_does_not_match_is_refused(tmp_path
         AutoModel.from_pretrained(tmp_path)
 
 
+def test_a_base_model_checkpoint_loaded_as_a_causal_lm_is_named_as_one(tmp_path):
+    """A base model's save (no lm_head.weight) given to AutoModelForCausalLM: refused (the head would start at
+    random) with "restore the config.json written with these weights", which is not what is wrong. Now it says the
+    head is missing and to load it with AutoModel, which loads it as saved."""
+    cla = cla_model_from(tiny_model("llama", num_hidden_layers=4), [0, 0, 2, 2], init="mean")
+    cla.model.save_pretrained(tmp_path)
+    with pytest.raises(WeightsMismatch, match=r"has no lm_head.weight \(a base model saved without its language"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    x = torch.randint(1, 100, (1, 7))
+    with torch.no_grad():
+        got = AutoModel.from_pretrained(tmp_path)(x).last_hidden_state
+        torch.testing.assert_close(got, cla.model(x).last_hidden_state, rtol=0, atol=0)
+
+
 def test_kv_tensors_without_a_place_are_named_as_a_layout_mismatch_with_biases_too(tmp_path):
     """With attention biases (attention_bias: true) the K/V tensors without a place include k_proj.bias: the
     message blamed num_hidden_layers, not kv_source_layers."""

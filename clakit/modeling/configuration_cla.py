@@ -53,6 +53,17 @@ class CLAConfigMixin:
         config.json): kv_source_layers assigned, or num_hidden_layers changed, after the config was made."""
         validate_kv_source_layers(self.kv_source_layers, self.num_hidden_layers)
 
+    def to_dict(self) -> dict:
+        """# CLA: `auto_map` names the base model for AutoModel beside the causal LM save_pretrained names (it
+        writes only the saved class: AutoModel.from_pretrained(..., trust_remote_code=True) failed without clakit,
+        "Unrecognized configuration class")."""
+        out = super().to_dict()
+        names = out.get("auto_map")
+        if isinstance(names, dict) and "AutoModelForCausalLM" in names and "AutoModel" not in names:
+            base = names["AutoModelForCausalLM"].replace("ForCausalLM", "Model")  # modeling_cla.LlamaCLAModel
+            out["auto_map"] = {**names, "AutoModel": base}
+        return out
+
     @property
     def producer_layers(self) -> list[int]:
         return [i for i, s in enumerate(self.kv_source_layers) if s == i]
@@ -76,6 +87,16 @@ class LlamaCLAConfig(CLAConfigMixin, LlamaConfig):
         # the last window of K/V, so cached decoding past it differed from a full forward. A Llama has no window.
         if getattr(self, "sliding_window", None) is not None:
             self.sliding_window = None
+        drop_sliding_layer_types(self)
+
+
+def drop_sliding_layer_types(config) -> None:
+    """A Llama's `layer_types` "sliding_attention" entries made full: with the window dropped, transformers' caches
+    built a sliding layer of window None for them (generate and every cached decode: TypeError), and the Llama
+    applies none anyway."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        config.layer_types = ["full_attention" if kind == "sliding_attention" else kind for kind in types]
 
 
 @strict
@@ -88,4 +109,4 @@ class MistralCLAConfig(CLAConfigMixin, MistralConfig):
         self._init_kv_source_layers()
 
 
-__all__ = ["LlamaCLAConfig", "MistralCLAConfig", "validate_kv_source_layers"]
+__all__ = ["LlamaCLAConfig", "MistralCLAConfig", "drop_sliding_layer_types", "validate_kv_source_layers"]

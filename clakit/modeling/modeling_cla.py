@@ -118,6 +118,11 @@ def loading_problem(info: dict, fix: str | None = None, settings: str = "config.
             f"{settings} does not match the weights: {name} is {list(theirs)} in the checkpoint but the config "
             f"makes it {list(ours)} ({len(mismatched)} tensors differ); {fix}"
         )
+    if missing == ["lm_head.weight"]:  # a base model's save (`model.model.save_pretrained`): no head, not a bad config
+        return (
+            "the checkpoint has no lm_head.weight (a base model saved without its language-model head, which would be "
+            "randomly initialised): load it with AutoModel, or give the causal LM's checkpoint"
+        )
     if missing:
         return (
             f"the checkpoint lacks {len(missing)} tensors its {settings} needs (e.g. {missing[0]}), which would be "
