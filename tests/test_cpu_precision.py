@@ -62,15 +62,18 @@ def test_a_bf16_uptrain_on_such_a_cpu_says_so_in_one_line(native, tmp_path, corp
     assert len(said) == (0 if native else 1), said
 
 
+@pytest.mark.parametrize("device_map", [None, "sequential"])
 @pytest.mark.parametrize("native", [True, False])
-def test_a_16_bit_eval_on_such_a_cpu_says_so_in_one_line(native, tiny_llama_checkpoint, corpus_dir, tmp_path,
-                                                          monkeypatch, capsys):  # fmt: skip
-    """`clakit eval --dtype bfloat16` on the CPU got no word where a 16-bit matmul takes 45x fp32's time."""
+def test_a_16_bit_eval_on_such_a_cpu_says_so_in_one_line(native, device_map, tiny_llama_checkpoint, corpus_dir,
+                                                          tmp_path, monkeypatch, capsys):  # fmt: skip
+    """`clakit eval --dtype bfloat16` on the CPU got no word where a 16-bit matmul takes 45x fp32's time; with
+    --device-map on a machine without GPUs (every layer on that CPU) it still got none."""
     from clakit.cli import main
 
     monkeypatch.setattr(devices, "native_on_cpu", lambda dtype: native)
     args = ["-o", str(tmp_path / "r.json"), "--data", str(corpus_dir / "heldout.txt"), "--seq-len", "64"]
     args += ["--max-tokens", "128", "--no-speed", "--dtype", "bfloat16"]
+    args += ["--device-map", device_map] if device_map else []
     assert main(["eval", str(tiny_llama_checkpoint), *args]) == 0
     said = [line for line in capsys.readouterr().err.splitlines() if "native bfloat16" in line]
     assert len(said) == (0 if native else 1), said

@@ -216,3 +216,11 @@ def test_computed_cache_bytes_use_the_dtype_the_cache_holds(tokenizer, text):
     kv = r["kv_cache"]
     assert kv["dtype"] == "bfloat16" and kv["bytes_per_sequence"] == kv["measured_bytes"]
     assert kv["bytes_per_token"] == kvcache.bytes_per_token(model.config, torch.bfloat16)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True])
+def test_decode_steps_that_time_nothing_are_refused_before_any_work(steps):
+    """evaluate(decode_steps=0) wrote decode_tokens_per_s 0.0, a report `clakit report` refuses; negatives were
+    recorded as given."""
+    with pytest.raises(ClakitError, match="decode_steps must be a positive integer"):
+        evaluate("/nowhere", decode_steps=steps, quiet=True)

@@ -211,3 +211,57 @@ def test_depth_minus_zero_is_depth_zero(tokenizer):
     assert minus.settings.depths == [0.0] and str(minus.settings.depths[0]) == "0.0"
     pairs = [(p, q) for c, d in zip(zero.cells, minus.cells, strict=True) for p, q in zip(c, d, strict=True)]
     assert pairs and all(torch.equal(p.ids, q.ids) for p, q in pairs)
+
+
+def test_filler_of_long_whitespace_runs_is_read_further_not_called_too_few_tokens():
+    """The filler was the text's first 16 x length + 4096 characters, whatever their tokens: a text of 205
+    characters a token (SmolLM2 merges runs of spaces; here a word-level tokenizer drops them) was refused as
+    "the evaluation text has 99 tokens, too few" for a 1024-token prompt while it holds 3,000. Now read 4x further
+    while too few tokens came; a text really too short is still named."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from clakit.corpus import Text
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "word": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    text = ("word" + " " * 200 + "\n") * 3000
+    assert len(passkey._filler_ids(words, [Text("<f>", text)], 1024)) >= 1024  # before: 99
+    assert len(passkey._filler_ids(words, [Text("<f>", text[: 205 * 500])], 1024)) == 500  # all there is
+
+
+def test_a_cells_prompts_go_through_the_model_batch_size_at_a_time(tokenizer, stock):
+    """passkey.run put a cell's samples into one forward whatever --batch-size said (10 samples at 32k tokens: one
+    10 x 32k prefill). Now batch_size prompts at a time, with the same answers."""
+    prepared = passkey.prepare(tokenizer, FILLER, settings(lengths=[200], depths=[0.5], samples=3), WINDOW)
+    batches = []
+    hook = stock.register_forward_pre_hook(lambda m, args, kw: batches.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        whole = passkey.run(stock, tokenizer, prepared)
+        prefills = [s for s in batches if s[1] > 1]
+        batches.clear()
+        split = passkey.run(stock, tokenizer, prepared, batch_size=2)
+    finally:
+        hook.remove()
+    assert prefills == [(3, 200)] and [s for s in batches if s[1] > 1] == [(2, 200), (1, 200)]
+    assert [r["output"] for r in split["prompts"]] == [r["output"] for r in whole["prompts"]]
+    assert split["prompts_sha256"] == whole["prompts_sha256"]
+
+
+def test_reports_whose_passkey_prompts_differ_are_not_compared(tokenizer, stock):
+    """Equal settings and scored text, other filler past the scored tokens: other prompts, which `clakit report`
+    said were "the same prompts for every model". Refused by the prompts' digest; reports without one (older
+    clakit) are compared by their settings as before."""
+    from clakit.eval.comparison import check_comparable
+
+    kw = dict(lengths=[200], depths=[0.5], samples=2)
+    digests = [passkey.prompts_sha256(passkey.prepare(tokenizer, text, settings(**kw), WINDOW))
+               for text in (FILLER, FILLER[:1500] + make_text(3000, 77), FILLER)]  # fmt: skip
+    assert digests[0] == digests[2] != digests[1]
+    base = {"data": {"sha256": "x"}, "num_tokens": 64, "settings": {"seq_len": 32, "stride": 32, "batch_size": 2}}
+    runs = [{**base, "passkey": {"settings": kw, "prompts_sha256": d}} for d in digests]
+    with pytest.raises(ClakitError, match="b.json with a.json: their passkey prompts differ"):
+        check_comparable(runs[:2], ["a.json", "b.json"])
+    check_comparable([runs[0], runs[2]], ["a.json", "c.json"])
+    check_comparable([runs[1], {**base, "passkey": {"settings": kw}}], ["b.json", "old.json"])

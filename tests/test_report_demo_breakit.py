@@ -412,3 +412,19 @@ def test_a_manifest_another_run_writes_during_the_ownership_check_is_not_taken_f
 
     monkeypatch.setattr(fetch, "_manifest", racing)
     fetch._check_ours(root)
+
+
+def test_rows_of_one_model_against_different_references_are_named():
+    """One model evaluated with and without --source-model read "saving × 2.00" and "1.00" in one table with no
+    word why; now a note names each row's reference. Rows of different models with their own references (the
+    original against itself, a conversion against its source) get no such note."""
+    from clakit.eval.comparison import markdown
+
+    base = evaluate(tiny_model(), tokenizer=build_tokenizer(), text=make_text(300, 71), seq_len=32, decode_steps=2)
+    base["provenance"]["model_path"] = "/m/merged"
+    plain = {**base, "kv_cache": {**base["kv_cache"], "source": "self", "saving_factor": 1.0}}
+    against = {**base, "kv_cache": {**base["kv_cache"], "source": "/m/original", "saving_factor": 2.0}}
+    text = markdown([plain, against])
+    assert "rows of one model have different ones" in text and "against /m/original" in text, text
+    other = {**against, "provenance": {**base["provenance"], "model_path": "/m/other"}}
+    assert "rows of one model have different ones" not in markdown([plain, other])

@@ -60,6 +60,21 @@ def check_comparable(reports: list[dict], paths: list) -> None:
             for keys in fields:
                 _check_field(having[0], (report, path), keys)
     _check_lm_eval_tasks(reports, paths)
+    _check_passkey_prompts(reports, paths)
+
+
+def _check_passkey_prompts(reports: list[dict], paths: list) -> None:
+    """Passkey runs of equal settings asked other prompts when their filler texts differ past what perplexity scored
+    (data.sha256 covers the scored tokens only): refused by the prompts' digest, where both reports hold one."""
+    having = [(r, p) for r, p in zip(reports, paths, strict=True) if _field(r, ("passkey", "prompts_sha256"))]
+    for report, path in having[1:]:
+        first, theirs = _field(having[0][0], ("passkey", "prompts_sha256")), report["passkey"]["prompts_sha256"]
+        if theirs != first:
+            raise ClakitError(
+                f"cannot compare {path} with {having[0][1]}: their passkey prompts differ (passkey.prompts_sha256 "
+                f"{str(theirs)[:12]} vs {str(first)[:12]}: the filler comes from the evaluation text past the "
+                "scored tokens, and that text differs); evaluate every model on the same --data"
+            )
 
 
 def _check_field(first: tuple[dict, object], other: tuple[dict, object], keys: tuple) -> None:
@@ -350,7 +365,26 @@ def _data_note(reports: list[dict]) -> str:
         )
         + _speed_note(reports)
         + _dtype_note(reports)
+        + _saving_note(reports)
         + _lineage_note(reports)
+    )
+
+
+def _saving_note(reports: list[dict]) -> str:
+    """"saving ×" is each row's against its own reference (kv_cache.source: --source-model, the converter's source,
+    or the same layout all producers): one model evaluated with and without --source-model read 2.00 and 1.00 in one
+    table, unexplained. Named where rows of one model have different references."""
+    by_model: dict[str, list[tuple[str, str]]] = {}
+    for name, r in zip(labels(reports), reports, strict=True):
+        model = str(r["provenance"].get("model_path") or r.get("model"))
+        by_model.setdefault(model, []).append((name, str((r.get("kv_cache") or {}).get("source"))))
+    differ = [rows for rows in by_model.values() if len({src for _, src in rows}) > 1]
+    if not differ:
+        return ""
+    named = "; ".join(f"{name} against {src}" for rows in differ for name, src in rows)
+    return (
+        f" saving × is each row's KV bytes against its own reference, and rows of one model have different ones "
+        f"({named}): compare the KV bytes/token column."
     )
 
 

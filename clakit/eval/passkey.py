@@ -15,6 +15,7 @@ through their shared cache); the answer is the first run of digits in the decode
 key.
 """
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass, field, replace
@@ -99,6 +100,19 @@ def _inner_ids(tokenizer, piece: str) -> list[int]:
     return _ids(tokenizer, piece)
 
 
+def _filler_ids(tokenizer, texts: "list[corpus.Text]", need: int) -> list[int]:
+    """Token ids of the texts' head, enough to fill a `need`-token prompt, read no further: 16 characters a token
+    first, then 4x longer while too few tokens came (text of long whitespace runs: 34 characters a token was
+    refused as "too few tokens" from a text of 18,000). All of the texts when they are shorter."""
+    chars = 16 * need + 4096
+    while True:
+        text = corpus.head(texts, chars + 1)  # one more character tells whether there is more
+        ids = _ids(tokenizer, text[:chars])
+        if len(text) <= chars or len(ids) >= need:
+            return ids
+        chars *= 4
+
+
 class PromptBuilder:
     """Token ids of the fixed parts, and the filler, from the evaluation text."""
 
@@ -110,7 +124,7 @@ class PromptBuilder:
         self.head = ([prefix] if prefix is not None else []) + _ids(tokenizer, INSTRUCTION)
         self.question = _inner_ids(tokenizer, QUESTION)  # the needle's and question's: mid-text, after filler
         texts = [corpus.Text("<filler>", filler_text)] if isinstance(filler_text, str) else filler_text
-        self.filler = _ids(tokenizer, corpus.head(texts, 16 * max_length + 4096))  # enough text, read no further
+        self.filler = _filler_ids(tokenizer, texts, max_length)
 
     def fixed(self, key: str) -> int:
         return len(self.head) + len(_inner_ids(self.tokenizer, NEEDLE.format(key=key))) + len(self.question)
@@ -211,13 +225,33 @@ def prepare(tokenizer, filler_text: "str | list[corpus.Text]", settings: Passkey
     return Prepared(settings, lengths, cells)
 
 
-def run(model, tokenizer, prepared: Prepared, quiet: bool = True) -> dict:
-    """Accuracy per (length, depth) cell and overall, with every prompt's key and answer; see the module docstring."""
+def prompts_sha256(prepared: Prepared) -> str:
+    """sha256 of every prompt's token ids, in order: two reports asked the same prompts only when it is equal (the
+    settings alone do not say it: the filler comes from the evaluation text past what perplexity scores)."""
+    digest = hashlib.sha256()
+    for prompts in prepared.cells:
+        for p in prompts:
+            digest.update(len(p.ids).to_bytes(8, "little") + p.ids.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _answers(model, prompts: list[Prompt], batch_size: int | None) -> torch.Tensor:
+    """Greedy continuations of one cell's prompts, `batch_size` at a time (eval's --batch-size: a cell of 10
+    samples at 32k tokens was one 10 x 32k prefill)."""
+    step = batch_size or len(prompts)
+    outs = [greedy(model, torch.stack([p.ids for p in prompts[i : i + step]]), 5 + EXTRA_TOKENS)
+            for i in range(0, len(prompts), step)]  # fmt: skip
+    return torch.cat(outs)
+
+
+def run(model, tokenizer, prepared: Prepared, quiet: bool = True, batch_size: int | None = None) -> dict:
+    """Accuracy per (length, depth) cell and overall, with every prompt's key and answer; see the module docstring.
+    `batch_size`: prompts per forward (None: a cell's samples at once)."""
     from tqdm.auto import tqdm
 
     cells, records = [], []
     for prompts in tqdm(prepared.cells, desc="passkey", disable=quiet):
-        out = greedy(model, torch.stack([p.ids for p in prompts]), 5 + EXTRA_TOKENS)
+        out = _answers(model, prompts, batch_size)
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
         correct = [answer(t) == p.key for t, p in zip(texts, prompts, strict=True)]
         length, depth = prompts[0].length, prompts[0].depth
@@ -236,5 +270,6 @@ def run(model, tokenizer, prepared: Prepared, quiet: bool = True) -> dict:
             "seed": s.seed,
             "new_tokens": 5 + EXTRA_TOKENS,
         },  # fmt: skip
+        "prompts_sha256": prompts_sha256(prepared),
         "prompts": records,
     }

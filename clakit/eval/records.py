@@ -109,6 +109,7 @@ FIELDS = (
     (("passkey",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
     (("passkey", "accuracy"), "a number between 0 and 1", _fraction),
     (("passkey", "settings"), "a mapping", lambda v: isinstance(v, dict)),
+    (("passkey", "prompts_sha256"), "a string or null", _optional(lambda v: isinstance(v, str))),  # older: none
     (("passkey", "settings", "lengths"), "a list of positive integers", _list_of(_count)),
     (("passkey", "settings", "depths"), "a list of numbers between 0 and 1", _list_of(_fraction)),
     (("passkey",), "a mapping whose cells hold an accuracy for every length and depth", _optional(_passkey_grid)),

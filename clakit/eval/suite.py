@@ -283,6 +283,10 @@ def evaluate(
     (see docs/eval.md); every input is checked before the model is loaded.
     """
     cfg = dataclasses.replace(config or EvalConfig(), **settings)  # every value checked here
+    if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
+        # 0 wrote decode_tokens_per_s 0.0, a report `clakit report` refuses; negatives were recorded as given
+        raise ClakitError(f"decode_steps must be a positive integer (decoding speed is timed over them), got "
+                          f"{decode_steps!r}")  # fmt: skip
     if passkey is not None:
         passkey.check()
     run = _prepare(model, cfg, tokenizer, text, passkey)
@@ -294,7 +298,9 @@ def evaluate(
 def _note_slow_dtype(placement: dict, quiet: bool) -> None:
     """--dtype bfloat16/float16 on a CPU without native kernels for it: one line, as uptrain's train.bf16 gets (there
     a 16-bit matmul took 45x fp32's time: devices.slow_on_cpu), then the evaluation runs as asked."""
-    dtype, device = placement.get("dtype"), placement.get("device")  # {}: in memory; a device_map: GPUs
+    dtype, device = placement.get("dtype"), placement.get("device")  # {}: in memory
+    if placement.get("device_map") is not None:  # where no accelerator is, the map puts every layer on the CPU
+        device = "cpu" if devices.resolve("auto").type == "cpu" else None
     line = device and devices.slow_on_cpu(dtype, f"--dtype {str(dtype).removeprefix('torch.')}", device)
     if line and not quiet:
         print(f"clakit eval: {line}", file=sys.stderr, flush=True)
@@ -352,7 +358,7 @@ def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, decode_steps: int, 
     speed_ids = run.tokens.ids[: run.seq_len]
     report["speed"] = _speed(loaded.model, speed_ids, cfg.batch_size, decode_steps) if cfg.speed else None
     if run.prompts:
-        report["passkey"] = passkey_task.run(loaded.model, loaded.tokenizer, run.prompts, quiet)
+        report["passkey"] = passkey_task.run(loaded.model, loaded.tokenizer, run.prompts, quiet, cfg.batch_size)
     if run.tasks:
         # lm-eval sees the same windows as clakit's perplexity (HFLM's max_length = seq_len): one number per text
         report["lm_eval"] = harness.run_tasks(loaded.model, loaded.tokenizer, run.tasks, cfg.batch_size,
