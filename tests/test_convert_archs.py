@@ -183,6 +183,28 @@ def test_variants_convert_to_the_stock_model_and_to_the_in_memory_cla_model(toke
     assert written_dtypes(tmp_path / "shared") == {names.get(VARIANTS[variant].get("dtype"), "F32")}
 
 
+def test_a_tied_model_saved_with_its_lm_head_alone_converts_as_transformers_loads_it(tokenizer, tmp_path, corpus_dir):
+    """safetensors' save_model keeps one name of each shared tensor: a tied model's file holds lm_head.weight and no
+    model.embed_tokens.weight, which transformers fills from it. convert refused it ("tensor
+    model.embed_tokens.weight is missing from the checkpoint; it is incomplete, re-download it"); it now reads the
+    embeddings from their twin: every layer its own producer gives the source's logits, and a data-aware init runs."""
+    from safetensors.torch import save_model
+
+    model = tiny_model("llama", tie_word_embeddings=True).eval()
+    src = tmp_path / "src"
+    model.config.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    save_model(model, str(src / "model.safetensors"))
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" not in f.keys() and "lm_head.weight" in f.keys()
+    assert run_cli(src, tmp_path / "own", "--kv-source-layers", "0,1,2,3", "-q") == 0
+    x = ids(24, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "own")(x).logits, model(x).logits, rtol=0, atol=0)
+    calib = ["--calib-data", str(corpus_dir / "calib.txt"), "--calib-tokens", "256", "--seq-len", "32"]
+    assert run_cli(src, tmp_path / "fit", "--factor", "2", "--init", "calibrated", *calib, "-q") == 0
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 @torch.no_grad()
 def test_the_in_memory_cla_model_of_a_16_bit_model_is_the_model(tmp_path, kind):

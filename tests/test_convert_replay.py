@@ -223,3 +223,21 @@ def test_a_card_keeps_its_table_whatever_the_paths_hold(tiny_llama_checkpoint, t
         fence = re.match(r"`+", spans[key]).group()
         body = spans[key][len(fence) :].split(fence)[0].strip(" ")
         assert body.replace("\\|", "|").replace("\\n", "\n") == given, (key, spans[key])
+
+
+def test_a_folder_source_is_named_by_its_config_and_weight_headers(tiny_llama_checkpoint, tmp_path):
+    """A local folder was recorded by its path alone (sha256 and revision null): nothing said which weights were
+    converted. source.files now holds config.json's sha256 and each weight file's size and header sha256, which
+    change when the weights' names, dtypes or shapes do."""
+    import struct
+
+    out = convert(str(tiny_llama_checkpoint), tmp_path / "out", factor=2, init="mean", quiet=True)
+    files = record(out)["source"]["files"]
+    shards = sorted(p.name for p in tiny_llama_checkpoint.glob("*.safetensors"))
+    assert sorted(files) == sorted(["config.json", *shards])
+    config = (tiny_llama_checkpoint / "config.json").read_bytes()
+    assert files["config.json"]["sha256"] == hashlib.sha256(config).hexdigest()
+    for name in shards:
+        raw = (tiny_llama_checkpoint / name).read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        assert files[name] == {"bytes": len(raw), "header_sha256": hashlib.sha256(raw[8 : 8 + n]).hexdigest()}

@@ -270,6 +270,10 @@ CONVERT_ADVICE = [
     Advice("kv-saving", ("--kv-saving", "0.25", "--reconstruct-steps", "2", "--distill-steps", "2", "--seq-len", "64",
                          "--calib-tokens", "128"),
            [_add(r"add (--layout) auto", "auto"), _add(r"pass (--calib-data)", "{calib}")]),
+    # --factor fixes the layout: "add --layout auto" was then refused as --factor with --layout auto
+    Advice("kv-saving-with-factor", ("--factor", "2", "--kv-saving", "0.25", *FAST),
+           [_drop(r"drop (--factor) \(it fixes the layout\)"), _add(r"add (--layout) auto", "auto"),
+            _add(r"pass (--calib-data)", "{calib}")]),
     Advice("init-without-text", ("--init", "reconstruct", "--factor", "2", *FAST[:4]),
            [_add(r"pass (--calib-data)", "{calib}")]),
     Advice("calib-tokens", ("--calib-data", "{calib}", *FAST[:4], "--seq-len", "64", "--calib-tokens", "10"),

@@ -8,6 +8,7 @@ held, only while something uses it.
 `save_pretrained` does.
 """
 
+import hashlib
 import json
 import pickle
 import re
@@ -67,6 +68,14 @@ def _single_or_index(folder: Path, name: str | None) -> tuple[str | None, str | 
     return (None, name) if name.endswith(".index.json") else (name, None)
 
 
+def _holders(keys: dict[str, set[str]]) -> dict[str, str]:
+    """tensor -> the listed file that holds it. transformers loads every tensor of the files an index lists,
+    whatever its weight_map says of each: an entry no listed file holds is ignored, a stored tensor the map omits
+    or places in another shard is read (convert refused such checkpoints as incomplete, "re-download", while
+    transformers loaded them whole, with the same weights). `keys` holds no tensor twice (check_unique_tensors)."""
+    return {tensor: file for file, names in keys.items() for tensor in names}
+
+
 class SafetensorsCheckpoint:
     """The safetensors weights transformers loads from a folder: the file config.json names, else
     `model.safetensors`, else the index's shards."""
@@ -78,13 +87,9 @@ class SafetensorsCheckpoint:
         files = sorted(set(weight_map.values())) if weight_map else [single]
         self._keys = {file: self._read_keys(file) for file in files}
         check_unique_tensors(self._keys, folder, DUPLICATE_FIX)  # shards an index lists; one single file passes
-        self._where = weight_map or {t: single for t in self._keys[single]}
-        for tensor, file in self._where.items():
-            if tensor not in self._keys[file]:
-                raise ClakitError(
-                    f"{index} puts tensor {tensor} in {file}, which does not hold it; re-download the checkpoint"
-                )
+        self._where = _holders(self._keys)
         self.names = sorted(self._where, key=natural_key)
+        self.files = sorted(self._keys)  # the weight files read
 
     def _open(self, file: str):
         path = self.folder / file
@@ -123,9 +128,11 @@ class PickleCheckpoint:
         self._index = index or PICKLE_INDEX
         self._where = read_index(folder / index) if index else {t: single for t in self._load(single)}
         if index:  # the shards' names (memory-mapped: no tensor read), checked as the safetensors shards are
-            keys = {file: set(self._load(file)) for file in set(self._where.values())}
+            keys = {file: set(self._load(file)) for file in sorted(set(self._where.values()))}
             check_unique_tensors(keys, folder, DUPLICATE_FIX)
+            self._where = _holders(keys)
         self.names = sorted(self._where, key=natural_key)
+        self.files = sorted(set(self._where.values()))
 
     def _load(self, file: str) -> dict:
         try:
@@ -155,6 +162,46 @@ class StateDictCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         return self._state[name]
+
+
+def fingerprint(folder: Path, files: list[str]) -> dict:
+    """What names a folder checkpoint's content without reading its weights again: config.json's sha256, and per
+    weight file its size and the sha256 of its safetensors header (names, dtypes, shapes and offsets of every tensor;
+    a pickle file: its size alone). A local folder was recorded by its path only, so nothing said which weights were
+    converted once they changed."""
+    out = {"config.json": {"sha256": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()}}
+    for name in files:
+        path, entry = folder / name, {}
+        entry["bytes"] = path.stat().st_size
+        if is_safetensors_name(name):
+            with open(path, "rb") as f:  # u64 header length, then the JSON header (checked whole when opened)
+                entry["header_sha256"] = hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()
+        out[name] = entry
+    return out
+
+
+class TiedTwins:
+    """A checkpoint of a tied model that stores the tie under one name only, read under both: safetensors'
+    `save_model` (what trainers that save through it write) keeps `lm_head.weight` and drops
+    `model.embed_tokens.weight`, which transformers' tying fills from it; convert refused it as "missing ...
+    re-download it"."""
+
+    def __init__(self, checkpoint, aliases: dict[str, str]):
+        self._inner, self._aliases = checkpoint, aliases  # missing name -> the stored twin it is read from
+        self.names = sorted({*checkpoint.names, *aliases}, key=natural_key)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._inner.get(self._aliases.get(name, name))
+
+    def __getattr__(self, attr):
+        return getattr(self._inner, attr)
+
+
+def with_tied_twins(checkpoint, tied: dict[str, str]):
+    """`checkpoint`, reading each tied twin the config needs (the embeddings) from its stored partner (lm_head)
+    where only that is stored; as it is otherwise. `tied`: name -> twin (lm_head.weight -> the embeddings)."""
+    aliases = {twin: name for name, twin in tied.items() if twin not in checkpoint.names and name in checkpoint.names}
+    return TiedTwins(checkpoint, aliases) if aliases else checkpoint
 
 
 def open_checkpoint(folder: Path, allow_pickle: bool):

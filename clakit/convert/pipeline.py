@@ -28,8 +28,10 @@ from clakit.convert.checkpoint import (
     SafetensorsCheckpoint,
     ShardWriter,
     StateDictCheckpoint,
+    fingerprint,
     open_checkpoint,
     parse_size,
+    with_tied_twins,
 )
 from clakit.convert.checks import check_shapes, check_tied, check_unused
 from clakit.convert.config import (
@@ -203,7 +205,9 @@ def _check_arguments(c: ConvertConfig, layout: str | None, kv_saving_: float | N
             f"--layout auto needs --kv-saving between 0 and 1 (0.5 halves the KV cache), got {kv_saving_}"
         )
     if layout != "auto" and kv_saving_ is not None:
-        raise ClakitError("--kv-saving chooses how much KV cache --layout auto saves; add --layout auto")
+        given = "--factor" if c.factor is not None else "--kv-source-layers" if c.kv_source_layers else None
+        fix = f"drop {given} (it fixes the layout) or --kv-saving" if given else "add --layout auto"
+        raise ClakitError(f"--kv-saving chooses how much KV cache --layout auto saves; {fix}")
 
 
 def _resolve_init(init: str | None, calib_data) -> str:
@@ -373,6 +377,7 @@ class _Conversion:
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
+            self.source_files = fingerprint(self.source.path, self.checkpoint.files)  # headers only, as read
             self._check_source_tensors()
         self._load_texts()  # after the weights' checks: a datasets spec can mean a download
         with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
@@ -546,6 +551,7 @@ class _Conversion:
         float16's range). A folder's before any slow work; a GGUF's once dequantised, before the model runs."""
         every_layer = list(range(self.config.num_hidden_layers))
         stock, lm_cls = cla_config(self.config, every_layer), CLA_CLASSES[cla_family(self.config)][2]
+        self.checkpoint = with_tied_twins(self.checkpoint, _tied(stock, lm_cls))  # an lm_head-only tied save
         stock_plan = self._plan(stock, lm_cls, every_layer)
         check_tied(self.checkpoint, _tied(stock, lm_cls), self.source.spec)
         check_castable(self.checkpoint, stock_plan, DTYPES.get(self.cfg.output_dtype))
@@ -743,6 +749,7 @@ class _Conversion:
             "source": {  # where the weights came from, resolved (a Hub id's local snapshot, a .gguf file)
                 "spec": settings.source, "kind": settings.source_kind, "revision": settings.revision,
                 "path": str(self.source.path), "sha256": getattr(self, "source_sha256", None),
+                "files": getattr(self, "source_files", None),  # a folder's: config.json and weight headers hashed
             },
             "cla_architecture": cla_architecture,
             # CLA: the fits' reductions split by thread: 1 and 2 threads wrote bf16 tensors one ulp apart
