@@ -214,7 +214,14 @@ def _busy(label: str, folder: Path) -> str:
 
 def in_use(folder: Path) -> bool:
     """Whether a running clakit process holds `folder` (see `hold`)."""
-    fd = _open_marker(folder)
+    return _held(folder / MARKER)
+
+
+def _held(path: Path, flags: int = 0) -> bool:
+    """Whether another live process holds a lock on `path` (an output's marker, a staging folder's stamp): an
+    exclusive flock tried and released at once. False without the file, or on a file system without locks
+    (nothing can be known held there)."""
+    fd = _open_lockable(path, flags)
     if fd is None:
         return False
     try:
@@ -222,19 +229,24 @@ def in_use(folder: Path) -> bool:
         return False
     except BlockingIOError:
         return True
-    except OSError:  # a file system without locks: nothing can be known held
+    except OSError:
         return False
     finally:
         os.close(fd)  # releases the probe's lock
 
 
 def _open_marker(folder: Path) -> int | None:
-    """The marker, opened for writing where it may be (nothing is written): NFS emulates flock as a whole-file
-    fcntl lock, whose exclusive kind needs a descriptor open for writing (EBADF on a read-only one); read-only
-    otherwise (a marker or a file system we may not write). None without a marker (an older clakit's output)."""
-    for flags in (os.O_RDWR, os.O_RDONLY):
+    """The marker, opened as `_open_lockable` does; None without a marker (an older clakit's output)."""
+    return _open_lockable(folder / MARKER)
+
+
+def _open_lockable(path: Path, flags: int = 0) -> int | None:
+    """`path` opened for writing where it may be (nothing is written): NFS emulates flock as a whole-file fcntl lock,
+    whose exclusive kind needs a descriptor open for writing (EBADF on a read-only one); read-only otherwise (a file
+    or a file system we may not write). None where it cannot be opened."""
+    for mode in (os.O_RDWR, os.O_RDONLY):
         with contextlib.suppress(OSError):
-            return os.open(folder / MARKER, flags)
+            return os.open(path, mode | flags)
     return None
 
 
@@ -497,24 +509,11 @@ def check_no_live_writer(out: Path, label: str) -> None:
 def _held_by(folder: Path) -> int | str | None:
     """The process id its stamp names when a live process holds `folder`'s stamp lock, else None (a dead run's
     leftover, or a file system without locks: nothing known held)."""
-    fd = None
-    for flags in (os.O_RDWR, os.O_RDONLY):  # for writing where it may be: NFS's exclusive lock needs it (EBADF)
-        with contextlib.suppress(OSError):
-            fd = os.open(folder / STAGING_STAMP, flags | os.O_NOFOLLOW)
-            break
-    if fd is None:
+    if not _held(folder / STAGING_STAMP, os.O_NOFOLLOW):
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            return int(json.loads((folder / STAGING_STAMP).read_text())["pid"])
-        return "unknown"
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
+        return int(json.loads((folder / STAGING_STAMP).read_text())["pid"])
+    return "unknown"
 
 
 def _stamped_here(folder: Path) -> bool:
