@@ -21,6 +21,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from clakit.errors import ClakitError
@@ -485,13 +486,29 @@ def shared_text(texts: list[Text], among: list[Text]) -> tuple[Text, str] | None
 
 
 # near-copies: lines of at least LINE_CHARS characters (whitespace collapsed) are compared by hash; shorter ones
-# (headings, "Amen.", a licence's boilerplate) recur in unrelated texts. Measured on Debian's common-licenses: GFDL-1.2
-# in GFDL-1.3 89% of its lines, LGPL-2 in LGPL-2.1 80%, GPL-2 in GPL-1 25%; the demo's held-out Jargon File in its
-# train text 0.05%, the Bible's last fifth in its first four 0.05%.
+# (headings, "Amen.") recur in unrelated texts. Measured on Debian's common-licenses: GFDL-1.2 in GFDL-1.3 89% of its
+# lines, LGPL-2 in LGPL-2.1 80%, GPL-2 in GPL-1 25%; the demo's held-out Jargon File in its train text 0.05%, the
+# Bible's last fifth in its first four 0.05%.
 LINE_CHARS = 40
-NEAR_COPY = 0.5  # a held-out text with at least half of its long lines in the fitted text is a near-copy
+NEAR_COPY = 0.5  # held-out text with at least half of its long lines in the fitted text is a near-copy
 _NEAR_MIN_LINES = 8  # and at least this many: a held-out text of three long lines is not judged by one
 NEAR_SCAN_CHARS = 2 << 30  # characters of the fitted text read for it: ~40 s at most
+HELD_SCAN_CHARS = 64 << 20  # of the held-out text: more than any evaluation scores, its line hashes held in memory
+
+
+@dataclass
+class NearCopy:
+    """Held-out text most of whose long lines are in the fitted text: how many of its lines are (`found` of
+    `lines`), the held-out file holding most of them, and the fitted file most of those came from."""
+
+    found: int
+    lines: int
+    worst: Text
+    holder: str
+
+    def text(self, group: str) -> str:
+        return (f"{self.found:,} of its {self.lines:,} lines of {LINE_CHARS}+ characters are in {group}, most of "
+                f"them from {self.holder} into {self.worst.name}")  # fmt: skip
 
 
 def _line_hashes(t: Text, chars: int | None = None) -> Iterator[tuple[set[int], int]]:
@@ -512,27 +529,47 @@ def _hashes(lines: list[str]) -> set[int]:
     return {hash(c) for line in lines if len(line) >= LINE_CHARS and len(c := " ".join(line.split())) >= LINE_CHARS}
 
 
-def near_copy(held: list[Text], fitted: list[Text]) -> tuple[Text, str, int, int] | None:
-    """(the first held-out text that is a near-copy of the fitted texts, the fitted text holding most of its lines,
-    its long lines found there, its long lines), or None. Catches what the exact comparison (`shared_text`) cannot:
-    a half of a training file, a file plus a line, a file re-indented. One pass over the fitted texts, their first
-    NEAR_SCAN_CHARS characters (a 30 GB data.train is not read through); the held-out texts' line hashes are held
-    (sets of ints), the fitted ones are not."""
-    wanted = [set().union(*(h for h, _ in _line_hashes(t))) for t in held]
-    union, seen, budget = set().union(*wanted), {}, NEAR_SCAN_CHARS
+def _held_lines(held: list[Text]) -> list[set[int]]:
+    """Each held-out text's long-line hashes, of their first HELD_SCAN_CHARS characters together."""
+    out, budget = [], HELD_SCAN_CHARS
+    for t in held:
+        lines = set()
+        for hashes, read in _line_hashes(t, budget) if budget > 0 else ():
+            lines |= hashes
+            budget -= read
+        out.append(lines)
+    return out
+
+
+def _found_in(fitted: list[Text], union: set[int]) -> dict[int, str]:
+    """Line hash -> the fitted text it was first found in, for the hashes of `union` the fitted texts hold (their
+    first NEAR_SCAN_CHARS characters, one pass; stopped once every hash is found)."""
+    seen, budget = {}, NEAR_SCAN_CHARS
     for f in fitted:
         for hashes, read in _line_hashes(f, budget):
             seen.update(dict.fromkeys(hashes.intersection(union).difference(seen), f.name))
             budget -= read
         if len(seen) == len(union) or budget <= 0:
             break
-    for t, lines in zip(held, wanted, strict=True):
-        found = [seen[h] for h in lines if h in seen]
-        if len(found) >= max(_NEAR_MIN_LINES, NEAR_COPY * len(lines)):
-            return t, Counter(found).most_common(1)[0][0], len(found), len(lines)
+    return seen
+
+
+def near_copy(held: list[Text], fitted: dict[str, list[Text]]) -> tuple[str, NearCopy] | None:
+    """(the fitted group, what was found) when the held-out texts, taken together, have at least NEAR_COPY of their
+    long lines in one group of fitted texts (`fitted`: group name -> texts), else None. Catches what the exact
+    comparison (`shared_text`) cannot: a half of a training file, a file plus a line, a file re-indented. Judged on
+    the held-out set as a whole: a small file of a licence header the fitted text also carries does not make a
+    held-out folder of unseen text a near-copy. Nothing is read where no text is fitted."""
+    groups = {group: texts for group, texts in fitted.items() if texts}
+    if not groups or not held:
+        return None
+    wanted = _held_lines(held)
+    union, total = set().union(*wanted), sum(map(len, wanted))
+    for group, texts in groups.items():
+        seen = _found_in(texts, union)
+        found = [[seen[h] for h in lines if h in seen] for lines in wanted]
+        count = sum(map(len, found))
+        if count >= max(_NEAR_MIN_LINES, NEAR_COPY * total):
+            worst = max(range(len(held)), key=lambda i: len(found[i]))
+            return group, NearCopy(count, total, held[worst], Counter(found[worst]).most_common(1)[0][0])
     return None
-
-
-def near_copy_text(found: tuple[Text, str, int, int], group: str) -> str:
-    """'N of its M lines of 40+ characters are in GROUP NAME' for a near_copy result."""
-    return f"{found[2]:,} of its {found[3]:,} lines of {LINE_CHARS}+ characters are in {group} {found[1]}"

@@ -23,15 +23,18 @@ def md_escape(text: str) -> str:
     return md_text(text)
 
 
-def md_code(text: str) -> str:
-    """`text` as one inline code span, safe in a table cell and on one line: line ends shown as \\n and \\r (a path
-    or command holding one ended the card's table row), `|` escaped (GFM splits cells even inside code), and the
-    span fenced by more backticks than any run inside it (CommonMark), padded where it starts or ends with one."""
-    text = str(text).replace("\r", "\\r").replace("\n", "\\n").replace("|", "\\|")
+def md_code(text: str, table: bool = True) -> str:
+    """`text` as one inline code span on one line: line ends shown as \\n and \\r (a path or command holding one
+    ended the card's table row), the span fenced by more backticks than any run inside it (CommonMark), padded where
+    it starts or ends with a backtick or a space (one space each side is stripped). `table`: in a table cell, where
+    GFM splits cells at `|` even inside code, so it is escaped (elsewhere the backslash would show)."""
+    text = str(text).replace("\r", "\\r").replace("\n", "\\n")
+    if table:
+        text = text.replace("|", "\\|")
     longest, run = 0, 0
     for c in text:
         run = run + 1 if c == "`" else 0
         longest = max(longest, run)
     fence = "`" * (longest + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""
     return f"{fence}{pad}{text}{pad}{fence}"

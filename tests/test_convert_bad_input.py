@@ -459,9 +459,9 @@ def test_eval_data_mostly_calibration_text_is_refused_as_not_held_out(src, tmp_p
     calib.write_text(make_text(4000, 31))
     text = calib.read_text()
     heldout.write_text(text[len(text) // 2 :] if given == "second half" else text + "\nOne more line of my own.\n")
-    match = "heldout.txt is mostly calibration text ("
+    match = "--eval-data is mostly calibration text ("
     assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", heldout, match=match)
-    match = f"lines of 40+ characters are in --calib-data {calib}): its numbers would not be held out"
+    match = f"characters are in --calib-data, most of them from {calib} into {heldout}): its numbers would not be"
     assert_refused(capsys, src, tmp_path / "out", "--calib-data", calib, "--eval-data", heldout, match=match)
 
 

@@ -403,27 +403,42 @@ def test_a_calibration_file_edited_during_the_fits_is_recorded_as_read_not_refus
 
 def test_near_copies_of_fitted_text_are_found_by_their_lines_and_other_texts_pass(tmp_path):
     """Held-out text was compared with fitted text only whole (strip() equal): half of a training file, or the file
-    plus a line, passed as held-out. `corpus.near_copy` compares long lines: half of them or more found is a
-    near-copy (naming the file holding most), whatever the line ends and indentation; unrelated text, text sharing a
-    few lines, and a short text of few long lines pass."""
+    plus a line, passed as held-out. `corpus.near_copy` compares long lines: half of the held-out set's or more
+    found is a near-copy (naming the file holding most), whatever the line ends and indentation; unrelated text,
+    text sharing a few lines, a short text of few long lines, and a folder of unseen text holding one small file of
+    a licence header the fitted text also carries pass."""
     train = make_text(6_000, 21)
+    header = "\n".join(f"# Licensed under the Apache License, Version 2.0 (the License) line {i}" for i in range(9))
     files = {
-        "train.txt": train,
+        "train.txt": header + "\n" + train,
         "other.txt": make_text(6_000, 22),
         "half.txt": train[len(train) // 2 :],
         "plus.txt": train + "\nA line of my own that the model was never trained on.\n",
         "crlf.txt": "\r\n".join("   " + line for line in train.splitlines()[:200]),
         "few.txt": make_text(6_000, 23) + "\n" + "\n".join(train.splitlines()[:20]),
         "short.txt": "\n".join(train.splitlines()[:5]),
+        "header.txt": header + "\nprint('hello')\n",
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     text = {name: Text.file(tmp_path / name) for name in files}
-    fitted = [text["other.txt"], text["train.txt"]]
+    fitted = {"data.train": [text["other.txt"], text["train.txt"]], "calibration text": []}
     for name in ("half.txt", "plus.txt", "crlf.txt"):
-        found = corpus.near_copy([text["few.txt"], text[name]], fitted)
-        assert found is not None and found[0] is text[name] and found[1] == str(tmp_path / "train.txt"), name
-        assert found[2] >= corpus.NEAR_COPY * found[3], found
-        assert "lines of 40+ characters are in data.train /" in corpus.near_copy_text(found, "data.train")
+        group, found = corpus.near_copy([text["short.txt"], text[name]], fitted)
+        assert (group, found.worst, found.holder) == ("data.train", text[name], str(tmp_path / "train.txt")), name
+        assert found.found >= corpus.NEAR_COPY * found.lines, found
+        assert "lines of 40+ characters are in data.train, most of them from" in found.text(group)
     for name in ("other.txt", "few.txt", "short.txt"):
-        assert corpus.near_copy([text[name]], [text["train.txt"]]) is None, name
+        assert corpus.near_copy([text[name]], {"data.train": [text["train.txt"]]}) is None, name
+    # a held-out folder of unseen text with one small file mostly a shared licence header: not a near-copy
+    assert corpus.near_copy([text["few.txt"], text["header.txt"]], {"data.train": [text["train.txt"]]}) is None
+    assert corpus.near_copy([text["header.txt"]], {"data.train": [text["train.txt"]]}) is not None  # alone: it is
+
+
+def test_the_near_copy_check_reads_nothing_where_no_text_is_fitted(tmp_path):
+    """The default uptrain (eval_fraction of one train file, no calibration) has no fitted text to compare the tail
+    with: the held-out text was read and hashed whole anyway, once per empty group (17 s and 0.5 GB for 300 MB)."""
+    (tmp_path / "held.txt").write_text(make_text(2_000, 10))
+    CountingText.read = 0
+    held = [CountingText.file(tmp_path / "held.txt")]
+    assert corpus.near_copy(held, {"data.train": [], "calibration text": []}) is None and CountingText.read == 0

@@ -136,7 +136,7 @@ library_name: transformers
 tags: [clakit, cross-layer-attention]
 {base}---
 
-# Cross-Layer Attention version of {md_code(s["source"])}
+# Cross-Layer Attention version of {md_code(s["source"], table=False)}
 
 Converted by clakit (`clakit convert`): consumer layers attend to the keys/values of an earlier
 *producer* layer and keep no KV cache of their own. The conversion fits the changed attention tensors on

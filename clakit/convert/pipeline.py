@@ -58,7 +58,7 @@ from clakit.convert.streaming import (
     plan_tensors,
 )
 from clakit.copies import add_copies
-from clakit.corpus import load_texts, near_copy, near_copy_text, shared_text, texts_sha256
+from clakit.corpus import load_texts, near_copy, shared_text, texts_sha256
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.paths import expand
@@ -243,11 +243,11 @@ def check_not_calibrated(held: list, calib: list) -> None:
             f"--eval-data {found[0].name} holds the same text as --calib-data {found[1]}: its numbers would not be "
             "held out; give --eval-data text the calibration does not read"
         )
-    near = near_copy(held, calib)
+    near = near_copy(held, {"--calib-data": calib})
     if near is not None:  # a half of the calibration file, or the file plus a line
         raise ClakitError(
-            f"--eval-data {near[0].name} is mostly calibration text ({near_copy_text(near, '--calib-data')}): its "
-            "numbers would not be held out; give --eval-data text the calibration does not read"
+            f"--eval-data is mostly calibration text ({near[1].text(near[0])}): its numbers would not be held out; "
+            "give --eval-data text the calibration does not read"
         )
 
 

@@ -114,7 +114,8 @@ def _original_text(original: dict | None) -> str:
     if not original:
         return ""
     at = f" at revision {original['revision']}" if original.get("revision") else ""
-    return f"; original model (teacher / baseline) {md_code(original.get('spec') or original.get('path'))}{at}"
+    name = md_code(original.get("spec") or original.get("path"), table=False)
+    return f"; original model (teacher / baseline) {name}{at}"
 
 
 def markdown(s: dict) -> str:
@@ -130,7 +131,8 @@ def _title_lines(s: dict) -> list[str]:
     """Front matter, title, where training started and how to load the result."""
     m = s["recipe"]["model"]
     converted = " (converted with the `model.convert` settings of the recipe below)" if m["convert"] else ""
-    start = f"Started from {md_code(m['path'] or m['source'])}{converted}{_original_text(s.get('original'))}"
+    start = md_code(m["path"] or m["source"], table=False)
+    start = f"Started from {start}{converted}{_original_text(s.get('original'))}"
     return [
         "---",
         "tags: [clakit, cross-layer-attention, cla]",
@@ -168,7 +170,7 @@ def _resolved_lines(s: dict) -> list[str]:
 def _recipe_lines(s: dict) -> list[str]:
     """The recipe as the run resolved it (every key, the overrides applied) and how to rerun it. Relative paths in
     it are relative to the folder the run was started in (`cwd`, when the record knows it)."""
-    where = f" in {md_code(s['cwd'])}" if s.get("cwd") else ""
+    where = f" in {md_code(s['cwd'], table=False)}" if s.get("cwd") else ""
     return [
         "## Recipe",
         "",

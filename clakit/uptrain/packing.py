@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from clakit.copies import add_copies
-from clakit.corpus import Text, load_texts, near_copy, near_copy_text, shared_text
+from clakit.corpus import Text, load_texts, near_copy, shared_text
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.uptrain.recipe import calibrated_tail
@@ -160,15 +160,15 @@ def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
 
 def check_not_near_copy(held: list[Text], fitted: dict[str, list[Text]], what: str) -> None:
     """Held-out text most of whose long lines the model is fitted on (a half of a training file, a file plus a
-    line: `corpus.near_copy`), which the exact comparison passes. `what`: data.eval, or the held-out tail (compared
-    with the other files only: a file's tail against its own head is the data's business)."""
-    for group, texts in fitted.items():
-        found = near_copy(held, texts)
-        if found is not None:
-            raise ClakitError(
-                f"{what} {found[0].name} is mostly text the model is fitted on ({near_copy_text(found, group)}): "
-                "its numbers would not be held out; give text the model is not fitted on"
-            )
+    line: `corpus.near_copy`, judged on the held-out texts together), which the exact comparison passes. `what`:
+    data.eval, or the held-out tail (compared with the other files only: a file's tail against its own head is the
+    data's business)."""
+    found = near_copy(held, fitted)
+    if found is not None:
+        raise ClakitError(
+            f"{what} is mostly text the model is fitted on ({found[1].text(found[0])}): its numbers would not be "
+            "held out; give text the model is not fitted on"
+        )
 
 
 def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: float) -> None:
