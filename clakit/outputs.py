@@ -339,11 +339,14 @@ def check_folder(
     inputs: Iterable[tuple[str, object]] = (),
     label: str = "output folder",
     replace_hint: str = "pass --overwrite to replace it",
+    live_writers: bool = True,
 ) -> Path:
     """Before any work: raise a one-line ClakitError unless `out` may become this run's `kind` output.
 
     inputs: (role, path or spec or a list of them) of the run's inputs, e.g. ("source", model_dir), ("data", [..]);
-    only local paths count. Returns `out` made absolute."""
+    only local paths count. `live_writers`: refuse `out` while another process stages it (False for the other
+    processes of a multi-process launch, whose main process may have made its staging folder already). Returns
+    `out` made absolute."""
     out = expand(out, label).absolute()
     _check_name(out, label)
     try:
@@ -351,7 +354,7 @@ def check_folder(
     except OSError as e:  # a path the file system refuses outright (a parent's name too long, a loop of links)
         raise ClakitError(f"{label} {out} cannot be used ({e.strerror or e}); choose another folder") from None
     reclaim_leftovers(out)  # a killed run's staging (or the output it had moved aside) first: then the checks
-    if kind != "report":  # a report is seconds of work, always replaced: of two at once the later one wins
+    if kind != "report" and live_writers:  # a report is seconds of work, always replaced: the later one wins
         check_no_live_writer(out, label)
     if out.exists() and _is_mount_point(out):
         raise ClakitError(

@@ -615,3 +615,31 @@ def test_a_staging_folder_of_another_host_is_not_reclaimed_by_its_lock_alone(tin
     done = clakit("convert", src, work / "out", "--init", "mean", "-q")
     assert done.returncode == 0, done.stderr
     assert hidden(work) == staging  # before: []
+
+
+def test_only_the_main_process_of_a_launch_refuses_an_output_dir_being_staged(
+    tmp_path, corpus_dir, tiny_cla_checkpoint, monkeypatch  # noqa: F811
+):
+    """The live-writer refusal would stop the other processes of a multi-process uptrain: their main process makes
+    the run's staging folder, and under NCCL (whose process group does not wait for every rank at its start) a
+    slower rank could check train.output_dir after it. Rank 0 refuses an output_dir another process is staging;
+    the other ranks leave that to it."""
+    from clakit.errors import ClakitError
+    from clakit.uptrain import load_recipe
+    from clakit.uptrain.pipeline import check_output_dir
+
+    out = tmp_path / "run"
+    recipe = tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)})
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", STAGING_HELD.format(prelude=""), str(ready), str(out)],
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        stopped(proc, ready)
+        monkeypatch.setenv("RANK", "1")
+        check_output_dir(out, recipe, resume=False, overwrite=False)
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(ClakitError, match=f"being written by another clakit process now \\(process {proc.pid}"):
+            check_output_dir(out, recipe, resume=False, overwrite=False)
+    finally:
+        kill9(proc)

@@ -102,6 +102,9 @@ def check_output_dir(
         inputs=run_inputs(recipe, recipe_path),
         label="train.output_dir",
         replace_hint=_replace_hint(out),
+        # the other processes of a launch: the main one makes the run's staging folder, maybe before they get here
+        # (NCCL's process group does not wait for every rank at its start)
+        live_writers=os.environ.get("RANK", "0") == "0",
     )
 
 
