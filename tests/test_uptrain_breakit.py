@@ -138,6 +138,52 @@ def test_held_out_text_that_is_mostly_training_text_is_refused_before_any_work(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("key", ["target_modules", "full_train"])
+def test_a_consumers_kv_pattern_is_refused_before_a_layout_is_chosen_on_data(
+    tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch, key
+):
+    """Consumers hold no k_proj/v_proj in any layout: with model.convert choosing the layout on data, the pattern
+    passed --dry-run and the run refused it after the whole conversion (minutes to hours at size)."""
+    import clakit.convert
+
+    convert = {"layout": "auto", "calib_data": [str(corpus_dir / "calib.txt")], "calib_tokens": 256, "init": "mean"}
+    model = {"source": str(tiny_llama_checkpoint), "convert": convert}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model=model,
+                                                           lora={key: ["consumers.k_proj"]}))  # fmt: skip
+    match = f"lora.{key} pattern 'consumers.k_proj' matches no linear module \\(only producers hold k_proj/v_proj"
+    with pytest.raises(ClakitError, match=match):  # before: exit 0
+        uptrain(recipe, dry_run=True, quiet=True)
+    monkeypatch.setattr(clakit.convert, "convert", lambda *a, **k: pytest.fail("the conversion ran first"))
+    with pytest.raises(ClakitError, match=match):
+        uptrain(recipe, quiet=True)
+
+
+@pytest.mark.parametrize("case", ["no teacher", "teacher of 5 layers", "baseline of 5 layers"])
+def test_dry_run_checks_a_local_teacher_as_the_run_does(
+    tiny_cla_checkpoint,  # noqa: F811
+    tokenizer,
+    corpus_dir,
+    tmp_path,
+    case,
+):
+    """--dry-run never looked at the teacher or the original baseline: a distillation without a known original, or
+    an original of another shape, passed it and was refused by the run (before any work, but after the dry run
+    said yes)."""
+    other = save_checkpoint(tiny_model("llama", num_hidden_layers=5), tokenizer, tmp_path / "five")
+    model = {"path": str(tiny_cla_checkpoint)} | ({} if case == "no teacher" else {"original": str(other)})
+    distill = {"weight": 0.0 if case == "baseline of 5 layers" else 1.0}
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model=model, distill=distill)
+    match = {
+        "no teacher": "distillation needs the original model as teacher",
+        "teacher of 5 layers": "the teacher .*five has num_hidden_layers 5 but the student 4",
+        "baseline of 5 layers": "the original model .*five has num_hidden_layers 5 but the student",
+    }[case]
+    for dry in (True, False):
+        with pytest.raises(ClakitError, match=match):
+            uptrain(write_recipe(tmp_path / "r.yaml", recipe), dry_run=dry, quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 # --- the original model (teacher and baseline) -------------------------------------------------------------------
 
 

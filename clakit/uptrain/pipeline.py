@@ -325,13 +325,26 @@ def check_paths(recipe: Recipe) -> None:
         raise student.in_recipe(e) from None
 
 
-def check_local_model(recipe: Recipe) -> None:
+def check_local_model(recipe: Recipe):
     """--dry-run: what the run checks first from a local model's config (its kind, its window against data.seq_len,
     the LoRA patterns against its layout or the one model.convert will write); reads config.json or a GGUF's
-    metadata, no weights. A Hub id is not fetched."""
+    metadata, no weights. A Hub id is not fetched. Returns its config, or None for a Hub id."""
     model = recipe.model
     if expand(model.path or model.source, "model").exists():
-        check_student(model, recipe)
+        return check_student(model, recipe)
+    return None
+
+
+def check_local_teacher(recipe: Recipe, out: Path, student_config) -> None:
+    """--dry-run: the teacher / baseline checks the run makes before any work (one is needed with distillation; its
+    shapes fit the student's; a local model.original is a stock model), where the student and the original are
+    local (a Hub id is not fetched): --dry-run passed a missing teacher, or one of 5 layers for a 4-layer student."""
+    found = student.original_source(recipe.model)
+    if student_config is None or (found is not None and not expand(found[0], "model").exists()):
+        return
+    original = check_teacher(recipe, out, resume=False)
+    if original is not None:
+        check_teacher_fits(original, student_config, recipe.needs_teacher, recipe.model.trust_remote_code)
 
 
 def check_student(model, recipe: Recipe):
@@ -788,7 +801,7 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
 def _dry_run(recipe: Recipe, out: Path) -> Path:
     """--dry-run: the cheap checks (paths, a local model's config), then the resolved recipe on stdout."""
     check_paths(recipe)
-    check_local_model(recipe)
+    check_local_teacher(recipe, out, check_local_model(recipe))
     print(recipe.to_yaml(), end="")
     return out / RESULT
 

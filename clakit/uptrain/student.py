@@ -218,12 +218,30 @@ def check_patterns(config, lora, planned: list[int] | None = None) -> None:
     def known(patterns: list[str]) -> list[str]:
         return [p for p in patterns if layout or not p.startswith(LAYOUT_PREFIXES)]
 
+    if not layout:  # a `consumers.` pattern naming only K/V matches nothing in any layout: refused now, not after
+        _check_consumer_kv(model, lora)  # the conversion chose one on data (minutes to hours)
     full = select_linear(model, known(lora.full_train), "lora.full_train")
     targets = select_linear(model, known(lora.target_modules), "lora.target_modules") if lora.r > 0 else []
     _check_tied_head(model, [n for n in targets if n not in full])
 
 
 LAYOUT_PREFIXES = ("producers.", "consumers.")  # patterns naming layers by their role in the layout
+
+
+def _check_consumer_kv(model, lora) -> None:
+    """`model`: every layer a producer. A `consumers.` pattern whose projection matches only k_proj/v_proj modules
+    there: consumers hold none, whatever layout the data chooses."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    every = list(range(model.config.num_hidden_layers))
+    targets = lora.target_modules if lora.r > 0 else []  # r 0: no adapter, its targets unused
+    for what, patterns in (("lora.full_train", lora.full_train), ("lora.target_modules", targets)):
+        for pattern in (p for p in patterns if p.startswith("consumers.")):
+            hits = [n for n in linear if matches(pattern.removeprefix("consumers."), n, every)]
+            if hits and all(n.endswith(("k_proj", "v_proj")) for n in hits):
+                raise ClakitError(
+                    f"{what} pattern {pattern!r} matches no linear module (only producers hold k_proj/v_proj, "
+                    "whatever layout the data chooses); name producers.k_proj, or drop it"
+                )
 
 
 def without_layout(lora):
