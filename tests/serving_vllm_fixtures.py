@@ -57,6 +57,17 @@ def ensure_vllm_venv() -> Path:
     return python
 
 
+FP8_NEEDS = "FP8 KV cache on CPU requires x86 with AVX-512 or AMX"  # vLLM 0.32's CPU backend, as it says it
+
+
+def cpu_runs_fp8_kv() -> bool:
+    """Whether this CPU has what vLLM's CPU backend needs for an fp8 KV cache (AVX-512 or AMX): the stop-41 hosts
+    did (Intel, AMX); an AVX2-only host (AMD EPYC at stop 42) gets vLLM's own refusal."""
+    info = Path("/proc/cpuinfo")
+    flags = set(info.read_text().split()) if info.exists() else set()
+    return bool(flags & {"avx512f", "amx_tile"})
+
+
 def run_vllm(python: Path, model: Path, prompts: list[list[int]], tmp_path: Path, **options) -> dict:
     """`python -m clakit_vllm.run MODEL` in the vLLM venv; its JSON result (serving/vllm/clakit_vllm/run.py)."""
     prompts_file = tmp_path / f"prompts_{model.name}.json"
