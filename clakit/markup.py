@@ -31,6 +31,8 @@ def md_code(text: str, table: bool = True) -> str:
     text = str(text).replace("\r", "\\r").replace("\n", "\\n")
     if table:
         text = text.replace("|", "\\|")
+    if not text.strip(" "):  # CommonMark strips nothing from a span of spaces alone; "``" is no span: shown as is
+        return f"`{text or ' '}`"
     longest, run = 0, 0
     for c in text:
         run = run + 1 if c == "`" else 0

@@ -353,9 +353,8 @@ def check_folder(
         _check_place(out, label, inputs)
     except OSError as e:  # a path the file system refuses outright (a parent's name too long, a loop of links)
         raise ClakitError(f"{label} {out} cannot be used ({e.strerror or e}); choose another folder") from None
-    reclaim_leftovers(out)  # a killed run's staging (or the output it had moved aside) first: then the checks
-    if kind != "report" and live_writers:  # a report is seconds of work, always replaced: the later one wins
-        check_no_live_writer(out, label)
+    # a report is seconds of work, always replaced: the later one wins
+    clear_leftovers(out, label, refuse_live=kind != "report" and live_writers)
     if out.exists() and _is_mount_point(out):
         raise ClakitError(
             f"{label} {out} is a mount point: clakit writes beside it and renames the result into place, which a "
@@ -400,9 +399,8 @@ def make_staging(out: Path, kind: str = "partial", exclusive: bool = True) -> Pa
     killed runs left beside `out` is reclaimed first (`reclaim_leftovers`)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        reclaim_leftovers(out)
-        if exclusive:  # another process that began writing `out` since this run's checks: refused before the work
-            check_no_live_writer(out, "output folder")
+        # another process that began writing `out` since this run's checks: refused before the work
+        clear_leftovers(out, "output folder", refuse_live=exclusive)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=f".{kind}", dir=out.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any folder
         _STAGING_LOCKS[str(tmp)] = _stamp(tmp)
@@ -454,6 +452,15 @@ def _lock_free(folder: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def clear_leftovers(out: Path, label: str, refuse_live: bool = True) -> None:
+    """What killed runs left beside `out` reclaimed first (reclaim_leftovers), then `out` refused while another live
+    process stages it (check_no_live_writer; unless not `refuse_live`): one rule for the checks before the work and
+    for the making of the staging folder."""
+    reclaim_leftovers(out)
+    if refuse_live:
+        check_no_live_writer(out, label)
 
 
 def reclaim_leftovers(out: Path) -> list[str]:

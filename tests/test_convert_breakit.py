@@ -201,6 +201,36 @@ def test_the_record_names_the_written_dtype_when_the_output_is_evaluated(tokeniz
     assert json.loads((out / "config.json").read_text())["dtype"] == written
     assert json.loads((out / "clakit_convert.json").read_text())["settings"]["dtype"] == written
     assert f"| dtype | {written} |" in (out / "README.md").read_text()
+    assert json.loads((out / "clakit_convert.json").read_text())["settings"]["seq_len"] > 1  # the windows read
+
+
+def test_a_mixed_dtype_source_is_recorded_as_the_dtypes_written_and_no_window_without_text(tokenizer, tmp_path):
+    """bf16 weights with fp32 norms are written as they are; the record and card said the first tensor's dtype
+    alone ("bfloat16"). And `settings.seq_len` named a window (512) for an --init mean conversion that read no text."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    for name, module in model.named_modules():
+        if name.endswith("norm"):  # 4 layers x 2 + the final norm: 9 fp32 tensors, the rest bf16
+            module.float()
+    src, out = save_checkpoint(model, tokenizer, tmp_path / "src"), tmp_path / "out"
+    assert run_cli(src, out, "--factor", "2", "--init", "mean", "-q") == 0
+    written = {t.dtype for shard in out.glob("*.safetensors") for t in load_file(shard).values()}
+    assert written == {torch.bfloat16, torch.float32}
+    settings = json.loads((out / "clakit_convert.json").read_text())["settings"]
+    assert settings["dtype"] == "bfloat16+float32" and settings["seq_len"] is None
+    assert "| dtype | bfloat16+float32 |" in (out / "README.md").read_text()
+
+
+def test_a_cla_checkpoint_under_a_stock_config_is_named_not_called_incomplete(src, tmp_path, capsys):
+    """A CLA output whose config.json was edited to the stock model_type was refused as "k_proj ... missing from the
+    checkpoint; it is incomplete, re-download it": its consumers hold q_proj and no K/V, which no download mends."""
+    cla = tmp_path / "cla"
+    assert run_cli(src, cla, "--factor", "2", "--init", "mean", "-q") == 0
+    config = json.loads((cla / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    config.pop("auto_map", None)
+    (cla / "config.json").write_text(json.dumps(config))
+    match = "holds q_proj but no k_proj/v_proj, as a CLA checkpoint's consumers do"
+    assert_refused(capsys, cla, tmp_path / "again", "--factor", "2", "--init", "mean", match=match)
 
 
 def test_a_conversion_inside_another_clakit_output_is_refused_before_any_work(src, tmp_path, capsys, no_model):

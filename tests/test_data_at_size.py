@@ -307,7 +307,7 @@ def test_a_held_out_file_is_compared_with_a_large_train_text_by_its_start_first(
     """data.eval is refused when it copies a train file (by content, whitespace at the ends aside): every train file
     was read whole and hashed for it (a 30 GB data.train read through at every start). Now their starts are
     compared first, and only texts whose starts agree are read whole."""
-    from clakit.uptrain.packing import check_held_out
+    from clakit.uptrain.packing import check_not_copied
 
     big = make_text(400_000, 9)  # ~2.3 MB
     (tmp_path / "train.txt").write_text(big)
@@ -316,13 +316,13 @@ def test_a_held_out_file_is_compared_with_a_large_train_text_by_its_start_first(
     (tmp_path / "near.txt").write_text(big[:-10] + "other end.")  # the same start, another text
     train = [CountingText.file(tmp_path / "train.txt")]
     CountingText.read = 0
-    check_held_out([Text.file(tmp_path / "held.txt"), Text.file(tmp_path / "near.txt")], {"data.train": train})
+    check_not_copied([Text.file(tmp_path / "held.txt"), Text.file(tmp_path / "near.txt")], {"data.train": train})
     assert CountingText.read < 2 * len(big), CountingText.read  # its start, and whole once for near.txt only
     CountingText.read = 0
-    check_held_out([Text.file(tmp_path / "held.txt")], {"data.train": train})
+    check_not_copied([Text.file(tmp_path / "held.txt")], {"data.train": train})
     assert CountingText.read < 0.1 * len(big), CountingText.read
     with pytest.raises(ClakitError, match=r"data.eval .*copy.txt holds the same text as data.train .*train.txt"):
-        check_held_out([Text.file(tmp_path / "copy.txt")], {"data.train": train})
+        check_not_copied([Text.file(tmp_path / "copy.txt")], {"data.train": train})
 
 
 def test_a_text_without_line_ends_is_cut_between_words_not_inside_one(tokenizer):

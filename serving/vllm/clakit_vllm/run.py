@@ -25,6 +25,7 @@ from typing import get_args
 from . import CLA_MODEL_TYPES
 
 PROG = "python -m clakit_vllm.run"
+STOCK_MODEL_TYPES = ("llama", "mistral")  # the families clakit converts: their weights are checked too
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float", "half")
 FIX_PROMPTS = "give a JSON list of token-id lists made with the model's tokenizer, e.g. [[1, 2, 3], [4, 5]]"
 
@@ -92,7 +93,34 @@ def read_config(folder: str) -> dict:
     config = read_json(path / "config.json", "the checkpoint's config", fix)
     if not isinstance(config, dict):
         raise InputError(f"{path / 'config.json'} holds no JSON object; {fix}")
+    check_fields(config, path / "config.json")
     return config
+
+
+# the config.json fields read before vLLM starts (the lengths vLLM derives its context from: CONTEXT_KEYS)
+COUNT_FIELDS = ("num_hidden_layers", "vocab_size")
+# vLLM's `derived_max_model_len_and_key`: the smallest of these is the context, a model_max_length replaces it
+CONTEXT_KEYS = (
+    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length", "max_target_positions",
+    "max_sequence_length", "max_seq_length", "seq_len",
+)  # fmt: skip
+
+
+def check_fields(config: dict, path: Path) -> None:
+    """The fields this check reads, of the types vLLM reads them as: a string or a float there was a traceback here
+    (a TypeError comparing lengths) or in transformers' strict config class, exit 1."""
+    for key in (*COUNT_FIELDS, *CONTEXT_KEYS):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InputError(
+                f"{path} has {key} {json.dumps(value)}, not a whole number >= 1; restore the checkpoint's config.json"
+            )
+    for key in ("rope_scaling", "rope_parameters"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise InputError(
+                f"{path} has {key} {json.dumps(config[key])[:60]}, not an object such as "
+                '{"rope_type": "default"}; restore the checkpoint\'s config.json'
+            )
 
 
 def check_cla_checkpoint(path: Path, model_type: str) -> None:
@@ -103,8 +131,13 @@ def check_cla_checkpoint(path: Path, model_type: str) -> None:
     config_class = {"llama_cla": LlamaCLAConfig, "mistral_cla": MistralCLAConfig}[model_type]
     try:
         config = config_class.from_pretrained(path)
-    except (ValueError, TypeError) as e:  # the plugin's own one-line message, or transformers' on other fields
-        raise InputError(str(e).strip().splitlines()[0]) from None
+    except ValueError as e:  # the plugin's own one-line message (layout_problem), or transformers' on other fields
+        raise InputError(" ".join(str(e).split())) from None
+    except Exception as e:  # huggingface_hub's strict field errors (an Exception), a KeyError...
+        raise InputError(
+            f"{path / 'config.json'} is not a valid {model_type} config ({type(e).__name__}: "
+            f"{' '.join(str(e).split())}); restore the config.json `clakit convert` wrote"
+        ) from None
     names = tensor_names(path)
     if not names:  # no safetensors (e.g. .bin): vLLM's load checks them
         return
@@ -113,6 +146,26 @@ def check_cla_checkpoint(path: Path, model_type: str) -> None:
     problem = problem or missing_attention_tensors(names, layout, range(config.num_hidden_layers))
     if problem:
         raise InputError(f"clakit_vllm: cannot serve this CLA checkpoint: {problem}")
+
+
+def check_stock_checkpoint(path: Path, config: dict) -> None:
+    """A stock Llama/Mistral config over CLA weights (a CLA checkpoint's config.json edited to model_type "llama"):
+    vLLM's stock class loaded it without a word and served every token 0, the consumers' K/V projections never
+    loaded. Refused by the config's CLA fields, else by the weights: every layer needs q/k/v_proj."""
+    from . import ARCHITECTURES
+    from .configs import missing_attention_tensors
+
+    cla = [a for a in config.get("architectures") or [] if a in ARCHITECTURES]
+    if "kv_source_layers" in config or cla:
+        what = "kv_source_layers" if "kv_source_layers" in config else f"architectures {cla}"
+        raise InputError(
+            f"{path / 'config.json'} says model_type {config['model_type']!r} but holds {what}, as a CLA "
+            f"checkpoint's does (edited?); set model_type to {config['model_type']}_cla, as clakit wrote it"
+        )
+    names, layers = tensor_names(path), config.get("num_hidden_layers")
+    problem = names and layers and missing_attention_tensors(names, list(range(layers)), range(layers))
+    if problem:
+        raise InputError(f"clakit_vllm: cannot serve this checkpoint as a stock {config['model_type']}: {problem}")
 
 
 def tensor_names(path: Path) -> list[str]:
@@ -134,7 +187,7 @@ def check_prompts(path: Path, config: dict, args: argparse.Namespace) -> list[li
         raise InputError(
             f"--prompts-json {path} holds {json.dumps(prompts)[:40]}, not a non-empty list; {FIX_PROMPTS}"
         )
-    vocab, context = config.get("vocab_size"), context_length(config, args)
+    vocab, context = config.get("vocab_size"), context_length(config, args, Path(args.model))
     for i, ids in enumerate(prompts):
         if problem := prompt_problem(ids, vocab, context, args.max_tokens):
             raise InputError(f"prompt {i} of {path} {problem}")
@@ -157,31 +210,54 @@ def prompt_problem(ids, vocab: int | None, context: int | None, max_tokens: int)
     return None
 
 
-def context_length(config: dict, args: argparse.Namespace) -> int | None:
+def context_length(config: dict, args: argparse.Namespace, folder: Path) -> int | None:
     """--max-model-len, else the model's context (model_context); None when unknown."""
-    return args.max_model_len or model_context(config)
+    return args.max_model_len or model_context(config, folder)
 
 
-def model_context(config: dict) -> int | None:
-    """max_position_embeddings where vLLM takes it as it is (no RoPE scaling that stretches it); None when unknown."""
-    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "llama3"):
+# RoPE types whose max_position_embeddings vLLM takes as it is; the others' it multiplies by their `factor`
+UNSCALED_ROPE = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def model_context(config: dict, folder: Path) -> int | None:
+    """The context vLLM derives (`derived_max_model_len_and_key`, `_get_and_verify_max_len`): the smallest of the
+    config's CONTEXT_KEYS, a config model_max_length replacing it, capped by tokenizer_config.json's
+    model_max_length, times a linear/dynamic RoPE's factor. None when unknown (no key; a factor that is no number).
+    Only max_position_embeddings was read: a seq_length 64 passed a prompt vLLM refused after its start-up."""
+    found = [config[key] for key in CONTEXT_KEYS if config.get(key) is not None]
+    if not found:
         return None
-    return config.get("max_position_embeddings")
+    context = config.get("model_max_length") or min(found)
+    tokenizer_max = _tokenizer_max_length(folder)
+    if tokenizer_max is not None:
+        context = min(context, tokenizer_max)
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) in UNSCALED_ROPE:
+        return context
+    factor = rope.get("factor", 1.0)
+    return int(context * factor) if isinstance(factor, int | float) and not isinstance(factor, bool) else None
+
+
+def _tokenizer_max_length(folder: Path) -> int | None:
+    """tokenizer_config.json's model_max_length (vLLM caps the context with it); None when absent or unreadable."""
+    with contextlib.suppress(OSError, ValueError):
+        value = json.loads((folder / "tokenizer_config.json").read_text()).get("model_max_length")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return None
 
 
 def check_max_model_len(config: dict, args: argparse.Namespace) -> None:
     """vLLM refuses a --max-model-len above the model's context (a traceback after its start-up) unless the config
-    has a larger model_max_length or VLLM_ALLOW_LONG_MAX_MODEL_LEN is set."""
-    context = model_context(config)
+    has a model_max_length at least that long or VLLM_ALLOW_LONG_MAX_MODEL_LEN is set."""
+    context = model_context(config, Path(args.model))
     extra = config.get("model_max_length")  # vLLM lets a config's own model_max_length raise the limit
-    longest = max(context or 0, extra) if isinstance(extra, int) else context
+    longest = max(context or 0, extra or 0)
     allowed = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true")  # as vLLM reads it
     if args.max_model_len and context and args.max_model_len > longest and not allowed:
         raise InputError(
             f"--max-model-len {args.max_model_len} exceeds the model's context of {context} tokens "
-            "(max_position_embeddings); lower it, or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to make vLLM take it "
-            "(positions past the context were never trained)"
+            "(as vLLM derives it from config.json); lower it, or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to make vLLM "
+            "take it (positions past the context were never trained)"
         )
 
 
@@ -193,6 +269,25 @@ def check_kv_cache_dtype(name: str) -> None:
         return
     if get_args(CacheDType) and name not in get_args(CacheDType):  # ("auto", "float16", "fp8", ...)
         raise InputError(f"--kv-cache-dtype {name!r} is not one of vLLM's: {', '.join(get_args(CacheDType))}")
+    supported = _cpu_cache_dtypes()
+    if supported and name not in supported:
+        raise InputError(
+            f"--kv-cache-dtype {name!r} is not one vLLM's CPU attention supports ({', '.join(supported)}): it is "
+            "taken without a word there and serves wrong tokens (bfloat16 over float32 weights, measured); use auto"
+        )
+
+
+def _cpu_cache_dtypes() -> list[str]:
+    """The cache dtypes of vLLM's CPU attention where vLLM runs on the CPU, else [] (another platform checks its
+    own): vLLM accepts any of its dtypes there and does not check them against the backend's list."""
+    with contextlib.suppress(ImportError, AttributeError), contextlib.redirect_stderr(io.StringIO()):
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            return list(CPUAttentionBackend.supported_kv_cache_dtypes)
+    return []
 
 
 def check_inputs(args: argparse.Namespace) -> list[list[int]]:
@@ -204,6 +299,8 @@ def check_inputs(args: argparse.Namespace) -> list[list[int]]:
     check_kv_cache_dtype(args.kv_cache_dtype)
     if config.get("model_type") in CLA_MODEL_TYPES:
         check_cla_checkpoint(Path(args.model), config["model_type"])
+    elif config.get("model_type") in STOCK_MODEL_TYPES:
+        check_stock_checkpoint(Path(args.model), config)
     check_vllm()
     return prompts
 
