@@ -246,7 +246,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=positive, default=1, help="KV heads after merging (SmolLM2: 3 -> 1)")
     ap.add_argument("--cla-kv-bits", default="8", help="bits of the quantised cache on CLA models ('' for none)")
     ap.add_argument("--cla-kv-savings", default=None, help="savings whose CLA model also runs quantised (default all)")
-    ap.add_argument("--chunk", type=int, default=32, help="tokens per forward through a quantised cache")
+    ap.add_argument("--chunk", type=positive, default=32, help="tokens per forward through a quantised cache")
     ap.add_argument("--passkey-lengths", default="", help="e.g. 512,1024,2048: passkey accuracy (depths 0/0.5/1)")
     ap.add_argument("--passkey-savings", default="0.5", help="auto+reconstruct savings that also run the passkey")
     ap.add_argument("--calib-tokens", type=positive, default=4096, help="calibration tokens (default 4096)")
@@ -282,9 +282,10 @@ def main() -> None:
     args.passkey = None
     if args.passkey_lengths:  # passkey retrieval on the original, auto+reconstruct at --passkey-savings, checkpoints
         lengths = [int(n) for n in args.passkey_lengths.split(",")]
-        settings = passkey.PasskeySettings(lengths, [0.0, 0.5, 1.0], samples=2)
+        # not `settings` (the run's provenance): it replaced it, and json.dumps failed at the end (the sweep lost)
+        asked = passkey.PasskeySettings(lengths, [0.0, 0.5, 1.0], samples=2)
         filler = join_texts(load_texts([str(assets.heldout)]))
-        args.passkey = (tokenizer, passkey.prepare(tokenizer, filler, settings, context_window(model.config) or 0))
+        args.passkey = (tokenizer, passkey.prepare(tokenizer, filler, asked, context_window(model.config) or 0))
     sweep.add("original", model, passkey_of=args.passkey)
     run_baselines(sweep, model, calib, args)
     run_cla(sweep, model, calib, args)

@@ -3,24 +3,25 @@ cannot break the page: a `|` splits a table cell, a newline ends a row or a line
 raw HTML renders as markup."""
 
 
+# markdown's inline markup (a backslash first: it escapes the others): a model named `**b**` or `![x](plot.png)`
+# rendered bold or as an image in report.md's table; `~` is GFM's strikethrough
+MARKUP = "\\*_`[]~"
+
+
 def md_text(text: str) -> str:
-    """Names and paths as text: markdown renders raw HTML (a model named `<img src=x onerror=...>` became markup in
-    a viewer of report.md), so <, > and & become entities; a newline would end the line (or the table row)."""
-    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Names, paths and notes as text, never markup: markdown's inline markup characters are backslash-escaped, and
+    raw HTML (a model named `<img src=x onerror=...>` became markup in a viewer of report.md) becomes entities (<, >
+    and &); a newline would end the line (or the table row)."""
+    text = str(text)
+    for c in MARKUP:
+        text = text.replace(c, "\\" + c)
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("\n", " ").replace("\r", " ")
 
 
 def md_cell(cell: str) -> str:
-    """A model name or path may hold `|` (a column break) or a newline (the row's end): escaped, one cell."""
-    return md_text(str(cell).replace("\\", "\\\\").replace("|", "\\|"))
-
-
-def md_escape(text: str) -> str:
-    """Paths and commands as plain markdown text: `_`, `*`, backticks and brackets would format or link them."""
-    text = str(text).replace("\\", "\\\\")
-    for c in "*_`[]":
-        text = text.replace(c, "\\" + c)
-    return md_text(text)
+    """A table cell: text (md_text), whose `|` (a column break even inside code, in GFM) is escaped too."""
+    return md_text(cell).replace("|", "\\|")
 
 
 def md_code(text: str, table: bool = True) -> str:

@@ -1,6 +1,7 @@
 """Where an output came from: versions of the tools, the command line, the time."""
 
 import datetime
+import functools
 import hashlib
 import os
 import platform
@@ -38,8 +39,35 @@ def provenance(**extra) -> dict:
         "command": _command(),
         "cwd": _cwd(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "clakit_source_sha256": source_sha256(),
+        "cpu": cpu_name(),
         **extra,
     }
+
+
+@functools.cache
+def source_sha256() -> str:
+    """sha256 of every .py file of the clakit package in use (its path and bytes): the version (0.1.0 through the
+    whole history) could not tell records of two revisions apart, e.g. before and after a change in how bits/byte
+    are counted."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def cpu_name() -> str | None:
+    """The CPU's model name (/proc/cpuinfo's, else the platform's; None when unknown): CPU speeds differ by host
+    (bf16 ~45x between an AVX2 and an AMX machine), and "cpu (2 threads)" named neither."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _command() -> str:

@@ -127,6 +127,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path):
         ("quality_bench.py", ["--methods", "meen"]),
         ("quality_bench.py", ["--model", "no-label"]),
         ("quality_bench.py", ["--cla-kv-bits", "3"]),
+        ("quality_bench.py", ["--chunk", "0"]),  # refused after the model loaded and the original was scored
         ("quality_bench.py", ["--out", existing]),
         ("gpu_check.py", ["--parts", "modelling"]),
         ("gpu_check.py", ["--out", existing]),
@@ -229,3 +230,35 @@ def test_convert_scale_reports_its_targets_as_not_measured_when_24_layers_were_n
     checked = convert_scale.targets({"runs": {"auto": rows}})["auto"]
     assert checked["rss_24_over_8"]["value"] == 1.25 and checked["rss_24_over_fp32_model"]["value"] == 0.167
     assert checked["all_met"] is True
+
+
+# quality_bench on the tiny model in place of the demo's SmolLM2 (its assets: clakit.demo.fetch_demo, patched)
+TINY_QUALITY = r"""
+import runpy, sys, types
+from pathlib import Path
+import clakit.demo
+work = Path(sys.argv[1])
+clakit.demo.fetch_demo = lambda quiet=True: types.SimpleNamespace(
+    model=work / "src", calib=work / "calib.txt", heldout=work / "heldout.txt")
+sys.argv = [sys.argv[2], *sys.argv[3:]]
+sys.path.insert(0, str(Path(sys.argv[0]).parent))  # its `common`, as `python benchmarks/quality_bench.py` has
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_quality_bench_with_passkey_writes_its_report(tiny):
+    """`--passkey-lengths` made the passkey settings replace the run's provenance in `settings`, and json.dumps
+    failed at the very end (a traceback, exit 1): the whole sweep lost, only its .partial.jsonl left."""
+    work, out = tiny["work"], tiny["work"] / "quality.json"
+    argv = ["--savings", "", "--methods", "", "--baselines", "", "--cla-kv-bits", "", "--passkey-lengths", "224",
+            "--eval-tokens", "64", "--calib-tokens", "64", "--seq-len", "32", "--chunk", "16", "--out", str(out)]
+    script = str(BENCHMARKS / "quality_bench.py")
+    proc = subprocess.run([sys.executable, "-c", TINY_QUALITY, str(work), script, *argv], capture_output=True,
+                          text=True, timeout=600, cwd=work)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    settings = report["provenance"]["settings"]  # the run's, as given
+    assert settings["passkey_lengths"] == "224" and settings["chunk"] == 16
+    (original,) = report["rows"]
+    assert original["method"] == "original" and original["passkey"]["settings"]["lengths"] == [224]
+    assert json.loads(proc.stdout[proc.stdout.index("{") :]) == report

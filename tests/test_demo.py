@@ -107,6 +107,30 @@ def test_a_cache_of_an_earlier_split_is_fetched_again(tmp_path):
     assert fetch._cached(tmp_path) is None
 
 
+def test_a_damaged_cached_file_is_fetched_again_not_returned_as_the_cache(tmp_path, monkeypatch):
+    """A truncated .gguf (or a text with bytes appended) was returned by fetch-demo as the cache (the manifest held
+    names only), and the demo failed on it minutes in. The manifest records each file's size; another size rebuilds."""
+    files = {n: f"text/{n}.txt" for n in ("calib", "train", "train_bible", "heldout")} | {"model": "model/m.gguf"}
+
+    def build(root, quiet, downloaded=None):
+        for rel in files.values():
+            (root / rel).parent.mkdir(exist_ok=True)
+            (root / rel).write_text(f"the whole {rel}")
+        return files, ["package.deb"]
+
+    monkeypatch.setattr(fetch, "_build", build)
+    assets = fetch.fetch_demo(tmp_path, quiet=True)
+    assert json.loads((tmp_path / fetch.MANIFEST).read_text())["sizes"]["model"] == len("the whole model/m.gguf")
+    assert fetch._cached(tmp_path) == assets
+    with open(assets.model, "r+b") as f:
+        f.truncate(5)  # cut short
+    (tmp_path / "text/heldout.txt").write_bytes(b"the whole text/heldout.txt\xff\xfe")  # bytes appended
+    assert fetch._cached(tmp_path) is None
+    assert fetch.fetch_demo(tmp_path, quiet=True) == assets  # rebuilt
+    assert assets.model.read_text() == "the whole model/m.gguf"
+    assert assets.heldout.read_text() == "the whole text/heldout.txt"
+
+
 def test_fetch_demo_never_replaces_folders_it_did_not_write(tmp_path, monkeypatch):
     """A DIR holding the user's own text/ (e.g. HOME) is refused before any download, and the folder is kept; an
     earlier fetch-demo's cache (its manifest) may be rebuilt."""

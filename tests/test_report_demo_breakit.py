@@ -15,6 +15,7 @@ from clakit.demo import fetch
 from clakit.demo import pipeline as demo
 from clakit.errors import ClakitError
 from clakit.eval import evaluate, report, write_json
+from clakit.eval.records import read_report
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -437,3 +438,129 @@ def test_an_empty_code_span_is_a_span_not_two_backticks(text, span):
 
     assert md_code(text) == span
 
+
+
+def test_one_reference_spelled_two_ways_is_no_note():
+    """Rows of one model against one reference, written as a relative and an absolute path (the same saving), were
+    named as "different references"; the note is for rows of one model whose savings differ."""
+    from clakit.eval.comparison import markdown
+
+    base = evaluate(tiny_model(), tokenizer=build_tokenizer(), text=make_text(300, 71), seq_len=32, decode_steps=2)
+    base["provenance"]["model_path"] = "/m/merged"
+    relative = {**base, "kv_cache": {**base["kv_cache"], "source": "original", "saving_factor": 2.0}}
+    absolute = {**base, "kv_cache": {**base["kv_cache"], "source": "/m/original", "saving_factor": 2.0}}
+    assert "rows of one model have different ones" not in markdown([relative, absolute])
+
+
+def test_markdown_markup_in_names_stays_text_in_report_md(tmp_path, base_report):
+    """md_cell and md_text escaped HTML and `|` only: a model named `**b**` was bold in report.md's table, one named
+    `![x](ppl_vs_kv.png)` an image, and a data source `*x*[a](u)` emphasis and a link in the data note."""
+    data = {**base_report["data"], "sources": ["texts/*x*[a](u)~~s~~.txt"]}
+    models = ["base", "**b**", "![x](ppl_vs_kv.png)", "_it_ `code`"]
+    out = report(_write_reports(tmp_path, base_report, models, data=data), tmp_path / "rep")
+    md = (out / "report.md").read_text()
+    assert _first_column(md)[1:] == [r"\*\*b\*\*", r"!\[x\](ppl\_vs\_kv.png)", r"\_it\_ \`code\`"]
+    assert r"texts/\*x\*\[a\](u)\~\~s\~\~.txt" in md
+    assert "**b**" not in md and "![x](" not in md
+
+
+def test_other_max_tokens_are_named_not_guessed_as_changed_files(tmp_path, base_report):
+    """Reports of one model and text at --max-tokens 256 and 512 were refused as "data.sha256 differs (the same
+    files: they changed between the evaluations, or the models' tokenizers differ ...)": the settings are compared
+    first, and the one that differs is named."""
+    first = write_json(base_report, tmp_path / "a.json")
+    other = {**base_report, "settings": {**base_report["settings"], "max_tokens": 7}, "num_tokens": 7,
+             "data": {**base_report["data"], "sha256": "0" * 64}}  # fmt: skip
+    second = write_json(other, tmp_path / "b.json")
+    with pytest.raises(ClakitError, match=r"settings.max_tokens differs \(7 vs "):
+        report([first, second], tmp_path / "rep")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda r: r["kv_cache"].update(bytes_per_token=1.7e308), "kv_cache.bytes_per_token must be a positive"),
+        (lambda r: r.update(model="model \ud800"), "holds text that is not Unicode"),
+        (lambda r: r["passkey"]["cells"][0].pop("length"), "cells hold one accuracy for every length and depth"),
+        (lambda r: r["passkey"]["cells"][0].update(length=[1]), "cells hold one accuracy for every length"),
+        (lambda r: r["passkey"]["cells"].append(dict(r["passkey"]["cells"][0])), "cells hold one accuracy"),
+    ],
+    ids=["huge", "surrogate", "cell-without-length", "list-length", "duplicate-cell"],
+)
+def test_hand_edited_reports_are_one_line_not_a_traceback(tmp_path, base_report, edit, match):
+    """Each was a traceback (exit 1) deep in the plot (1.7e308 x 1.25: axis limits inf), the writing of report.md (a
+    lone surrogate: UnicodeEncodeError) or the passkey table (KeyError, TypeError); duplicate cells gave the table's
+    mean and the heat map other accuracies. Refused when the report is read; nothing written."""
+    import copy
+
+    edited = copy.deepcopy(base_report)
+    edited["passkey"] = {"accuracy": 0.5, "settings": {"lengths": [64], "depths": [0.0, 1.0]}, "prompts_sha256": None,
+                         "cells": [{"length": 64, "depth": 0.0, "accuracy": 1.0},
+                                   {"length": 64, "depth": 1.0, "accuracy": 0.0}]}  # fmt: skip
+    assert read_report(write_json(edited, tmp_path / "good.json"))  # the grid as recorded passes
+    edit(edited)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(edited))
+    with pytest.raises(ClakitError, match=match) as refused:
+        report([path], tmp_path / "rep")
+    assert "\n" not in str(refused.value) and not (tmp_path / "rep").exists()
+
+
+def test_a_failed_report_leaves_no_parent_folders_it_made(tmp_path, base_report, monkeypatch):
+    """`clakit report a b -o new/deeper/rep` failing while it wrote left new/deeper/ behind, empty."""
+    import clakit.eval.comparison as comparison
+
+    paths = _write_reports(tmp_path, base_report, ["a", "b"])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(comparison, "plot", full_disk)
+    with pytest.raises(ClakitError, match="No space left on device"):  # staged's one line for an OSError
+        report(paths, tmp_path / "new" / "deeper" / "rep")
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_first_lm_eval_format_shows_its_stderr_as_such():
+    """The first reports kept lm-eval's own keys ("acc,none", "acc_stderr,none"): the stderr was a score column of
+    its own ("arc_easy acc_stderr,none"), not the "± stderr" of its score."""
+    from clakit.eval.comparison import lm_eval_table
+
+    first = {"model": "m", "provenance": {},
+             "lm_eval": {"arc_easy": {"acc,none": 0.61, "acc_stderr,none": 0.02, "acc_norm,none": 0.55}}}
+    columns, rows = lm_eval_table([first])
+    assert columns == ["model", "arc_easy acc", "arc_easy acc_norm"]
+    assert rows[0][1:] == ["0.6100 ± 0.0200", "0.5500"]
+
+
+def test_a_conversion_is_told_from_another_of_the_same_folder_and_source(tmp_path):
+    """Rows of one folder converted twice (--overwrite with another init) read the same "made from" line; and an
+    uptrain run's converted.json from model.path was labelled FOLDER/converted, so two runs from two conversions in
+    one folder were one model given twice. The conversion's init, layout and time are named; its label is its
+    folder."""
+    from clakit.eval.comparison import _location, made_from
+
+    origin = {"made_by": "clakit convert", "record": "/w/claB/clakit_convert.json", "source": "tiny",
+              "kv_source_layers": [0, 0, 0, 3], "init": "mean", "created": "2026-12-06T18:00:00+00:00"}  # fmt: skip
+    assert made_from(origin) == "clakit convert (init mean; layout 0,0,0,3; 2026-12-06T18:00:00+00:00) of tiny"
+    converted = {"model": "converted", "provenance": {"model_path": None, "origin": origin}}
+    assert _location(converted) == "/w/claB"
+    record = "/r/a/converted/clakit_convert.json"
+    in_run = {"model": "converted", "provenance": {"origin": {**origin, "record": record}}}
+    assert _location(in_run) == "/r/a/converted"
+    uptrained = {"model": "uptrained", "provenance": {"origin": {"made_by": "clakit uptrain",
+                                                                 "record": "/r/a/model/uptrain.json"}}}  # fmt: skip
+    assert _location(uptrained) == "/r/a/uptrained"
+
+
+def test_speeds_on_two_cpus_name_each_cpu():
+    """provenance.cpu (the CPU's model name) is recorded, and the speed note names it: "cpu (2 threads)" could not
+    tell an AVX2 host from an AMX one (bf16 ~45x apart)."""
+    from clakit.eval.comparison import _machine
+    from clakit.provenance import provenance
+
+    assert "cpu" in provenance() and "clakit_source_sha256" in provenance()
+    assert _machine({"provenance": {"device_name": "cpu", "torch_threads": 2, "cpu": "AMD EPYC"}}) == (
+        "cpu: AMD EPYC (2 threads)"
+    )
+    assert _machine({"provenance": {"device_name": "cpu", "torch_threads": 1}}) == "cpu (1 thread)"

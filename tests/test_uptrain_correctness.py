@@ -62,7 +62,8 @@ def test_a_source_that_runs_its_own_code_needs_the_recipes_keys_and_then_trains(
     assert run_cli(capsys, path, "model.trust_remote_code=true", "model.allow_pickle=true") == (0, "")
     record = json.loads((out / "model" / "uptrain.json").read_text())
     assert record["recipe"]["model"]["trust_remote_code"] and record["recipe"]["model"]["allow_pickle"]
-    assert (out / "eval" / "original.json").is_file()  # the teacher (pickle, custom tokenizer) was read
+    original = json.loads((out / "eval" / "original.json").read_text())  # the teacher (pickle, custom tokenizer)
+    assert original["provenance"]["model_path"] == str(code_running_source)  # named (was null: an in-memory model)
 
 
 def test_pickle_cla_weights_train_with_model_allow_pickle(tiny_cla_checkpoint, corpus_dir, tmp_path, capsys):  # noqa: F811

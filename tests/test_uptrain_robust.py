@@ -218,7 +218,9 @@ def test_the_teacher_is_the_converted_models_source_not_a_same_named_folder_here
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["original"]["path"] == str(first / "orig")
     monkeypatch.chdir(tmp_path)  # the eval baseline is that same model too: its perplexity, not the other's
-    ppl = json.loads((tmp_path / "run" / "eval" / "original.json").read_text())["perplexity"]
+    original = json.loads((tmp_path / "run" / "eval" / "original.json").read_text())
+    ppl = original["perplexity"]
+    assert original["provenance"]["model_path"] == str(first / "orig")  # which original it scored (was null)
     from clakit.eval import evaluate
     from clakit.sources import load_model, resolve_source
 

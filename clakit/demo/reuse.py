@@ -15,17 +15,20 @@ from functools import cache
 from pathlib import Path
 
 from clakit import outputs
-from clakit.provenance import versions
+from clakit.provenance import library_versions, source_sha256, versions
 
 
 @cache
 def code_digest() -> str:
-    """sha256 of every .py file of the clakit package (its path and bytes), with the library versions."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256(json.dumps(versions(), sort_keys=True).encode())
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    """sha256 of every .py file of the clakit package (its path and bytes: source_sha256), with the versions of the
+    libraries the stages use (a kept conversion made with another gguf or tokenizers read other weights or ids)."""
+    libraries = library_versions(STAGE_LIBRARIES)
+    return hashlib.sha256(json.dumps([versions(), libraries, source_sha256()], sort_keys=True).encode()).hexdigest()
+
+
+# what the stages' outputs also depend on beside clakit/transformers/torch: the GGUF reader that dequantises the demo
+# model, the tokenizer (calibration ids), the writer, the adapter and the trainer's launcher
+STAGE_LIBRARIES = ("gguf", "tokenizers", "safetensors", "peft", "accelerate")
 
 
 def files(path) -> list | None:

@@ -12,18 +12,21 @@ from pathlib import Path
 from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.eval.records import LM_EVAL_KEYS, read_report
-from clakit.markup import md_cell, md_escape, md_text
+from clakit.markup import md_cell, md_text
 from clakit.paths import expand
+from clakit.provenance import CONVERT_RECORD
 
 # Fields that must agree for perplexities to be comparable. Not batch_size: the windows are scored alike at any
 # batch (the same perplexity to the last digit at 1, 3 and 8), and a CLA model is evaluated at the larger batch its
 # smaller cache allows; the speed note names differing batches, and the data note every batch size.
+# The settings first: a different --max-tokens also scores other text (data.sha256), which was named instead, with a
+# guess at the cause ("the files changed, or the tokenizers differ").
 MUST_MATCH = (
-    ("data", "sha256"),
-    ("num_tokens",),
     ("settings", "seq_len"),
     ("settings", "stride"),
     ("settings", "max_tokens"),
+    ("data", "sha256"),
+    ("num_tokens",),
 )
 # lm-eval scores are comparable when both runs scored the same documents with the same prompts.
 # max_length: the windows of rolling loglikelihood and the truncation of long prompts; reports before it was recorded
@@ -163,7 +166,11 @@ def _run_location(name: str, record: str) -> str:
     """An in-memory model's report (uptrain's eval/converted.json and uptrained.json: "model" is a name, the same in
     every run) placed in the run whose record names it (provenance.origin.record: RUN/model/uptrain.json,
     RUN/converted/clakit_convert.json): RUN/NAME. Two runs' uptrained.json were "uptrained (1)" and "uptrained (2)",
-    nothing saying which run; now runs/a/uptrained and runs/b/uptrained, each label as short as tells them apart."""
+    nothing saying which run; now runs/a/uptrained and runs/b/uptrained, each label as short as tells them apart.
+    A conversion's record names its own folder (RUN/converted, or the model.path a run started from: two runs from
+    two conversions in one folder were both FOLDER/converted, one model given twice)."""
+    if os.path.basename(record) == CONVERT_RECORD:
+        return os.path.normpath(os.path.dirname(record))
     return os.path.normpath(os.path.join(os.path.dirname(os.path.dirname(record)), name))
 
 
@@ -222,8 +229,11 @@ def task_scores(lm_eval: dict) -> dict:
     dropped from the table without a word."""
     if any(k in lm_eval for k in LM_EVAL_KEYS):
         return lm_eval.get("tasks") or {}
-    # its NaN scores are left out, as eval.harness leaves them out of new reports
-    return {task: {k: x for k, x in row.items() if math.isfinite(x)} for task, row in lm_eval.items()}
+    # its NaN scores are left out, as eval.harness leaves them out of new reports; its keys were lm-eval's own
+    # ("acc,none", "acc_stderr,none"), named as eval.harness names them now ("acc", shown with its "± stderr")
+    return {
+        task: {k.removesuffix(",none"): x for k, x in row.items() if math.isfinite(x)} for task, row in lm_eval.items()
+    }
 
 
 def _score(row: dict, metric: str) -> str:
@@ -373,15 +383,16 @@ def _data_note(reports: list[dict]) -> str:
 def _saving_note(reports: list[dict]) -> str:
     """"saving ×" is each row's against its own reference (kv_cache.source: --source-model, the converter's source,
     or the same layout all producers): one model evaluated with and without --source-model read 2.00 and 1.00 in one
-    table, unexplained. Named where rows of one model have different references."""
-    by_model: dict[str, list[tuple[str, str]]] = {}
+    table, unexplained. Named where rows of one model have different savings (one reference spelled two ways, a
+    relative and an absolute path, was named as two)."""
+    by_model: dict[str, list[tuple[str, str, object]]] = {}
     for name, r in zip(labels(reports), reports, strict=True):
-        model = str(r["provenance"].get("model_path") or r.get("model"))
-        by_model.setdefault(model, []).append((name, str((r.get("kv_cache") or {}).get("source"))))
-    differ = [rows for rows in by_model.values() if len({src for _, src in rows}) > 1]
+        model, kv = str(r["provenance"].get("model_path") or r.get("model")), r.get("kv_cache") or {}
+        by_model.setdefault(model, []).append((name, str(kv.get("source")), kv.get("saving_factor")))
+    differ = [rows for rows in by_model.values() if len({saving for *_, saving in rows}) > 1]
     if not differ:
         return ""
-    named = "; ".join(f"{name} against {src}" for rows in differ for name, src in rows)
+    named = "; ".join(f"{name} against {src}" for rows in differ for name, src, _ in rows)
     return (
         f" saving × is each row's KV bytes against its own reference, and rows of one model have different ones "
         f"({named}): compare the KV bytes/token column."
@@ -452,8 +463,11 @@ def _weights_note(reports: list[dict]) -> str:
 def _machine(report: dict) -> str:
     prov = report["provenance"]
     name = str(prov.get("device_name") or prov.get("device") or "unknown device")
-    threads = prov.get("torch_threads")
-    return f"{name} ({threads} threads)" if name == "cpu" and threads else name
+    threads, model = prov.get("torch_threads"), prov.get("cpu")  # cpu: the CPU's model name, recorded since 12-06
+    if name != "cpu":
+        return name
+    name = f"cpu: {model}" if isinstance(model, str) and model else name
+    return f"{name} ({threads} {'thread' if threads == 1 else 'threads'})" if threads else name
 
 
 def _speed_note(reports: list[dict]) -> str:
@@ -522,8 +536,15 @@ def _uptrained(origin: dict) -> str:
 
 
 def _converted(conversion: dict) -> str:
+    """The conversion, with what tells two of one source apart (a folder converted again with --overwrite: two rows
+    of one path and the same line): its init, layout and time."""
     at = f" at revision {conversion['revision']}" if conversion.get("revision") else ""
-    return f"clakit convert of {conversion.get('source_path') or conversion.get('source')}{at}"
+    layout = conversion.get("kv_source_layers")
+    details = [f"init {conversion['init']}" if conversion.get("init") else None,
+               f"layout {','.join(map(str, layout))}" if isinstance(layout, list) else None,
+               str(conversion["created"]) if conversion.get("created") else None]  # fmt: skip
+    how = f" ({'; '.join(d for d in details if d)})" if any(details) else ""
+    return f"clakit convert{how} of {conversion.get('source_path') or conversion.get('source')}{at}"
 
 
 def _made_by() -> str:
@@ -542,8 +563,8 @@ def _md_sources(reports: list[dict], paths: list | None) -> str:
         return ""
     columns, body = sources_table(reports, paths)
     # a list, not a table: report.md's tables are its results (readers take every `| ` line of it for a model)
-    items = ["- " + "; ".join(f"{c}: {md_escape(v)}" for c, v in zip(columns, row, strict=True)) for row in body]
-    return "\n## Sources\n\n" + "\n".join(items) + f"\n\n{md_escape(_made_by())}\n"
+    items = ["- " + "; ".join(f"{c}: {md_text(v)}" for c, v in zip(columns, row, strict=True)) for row in body]
+    return "\n## Sources\n\n" + "\n".join(items) + f"\n\n{md_text(_made_by())}\n"
 
 
 def markdown(reports: list[dict], paths: list | None = None) -> str:
@@ -662,7 +683,8 @@ def report(paths: list, out_dir) -> Path:
     out_dir = outputs.check_folder(out_dir, "report", overwrite=True, inputs=[("report", paths)])
     reports = [read_report(p) for p in paths]
     check_comparable(reports, paths)
-    with outputs.staged(out_dir, "report", overwrite=True) as tmp:
+    # reports/a/b/out: a failed report leaves no empty reports/a/b
+    with outputs.new_parents_removed_on_failure(out_dir), outputs.staged(out_dir, "report", overwrite=True) as tmp:
         (tmp / "report.md").write_text(markdown(reports, paths))
         plot(reports, tmp / "ppl_vs_kv.png")
         if any(r.get("passkey") for r in reports):

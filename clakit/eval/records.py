@@ -19,11 +19,14 @@ REQUIRED = (
 LM_EVAL_KEYS = ("tasks", "settings", "version", "task_hashes")  # an lm_eval section's own keys (eval.harness)
 
 
+LARGEST = 1e300  # beyond any measure a report holds; 1.7e308 overflowed the plot's axis limits (x 1.25: inf)
+
+
 def _number(minimum: float, strict: bool = False):
-    """A finite int/float (not a bool) >= minimum (> minimum when strict)."""
+    """A finite int/float (not a bool) >= minimum (> minimum when strict), below LARGEST in size."""
 
     def check(v) -> bool:
-        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < LARGEST
         return ok and (v > minimum if strict else v >= minimum)
 
     return check
@@ -70,12 +73,19 @@ def _list_of(check):
 
 
 def _passkey_grid(v) -> bool:
-    """passkey.cells: one {length, depth, accuracy} per (length, depth) of passkey.settings (the heat map's grid)."""
+    """passkey.cells: one {length, depth, accuracy} per (length, depth) of passkey.settings (the heat map's grid),
+    none twice (the table's mean and the heat map read duplicates differently); a cell without a length was a
+    KeyError, a list as length a TypeError."""
     cells = v.get("cells")
-    if not (isinstance(cells, list) and all(isinstance(c, dict) and _fraction(c.get("accuracy")) for c in cells)):
+    if not (isinstance(cells, list) and all(_passkey_cell(c) for c in cells)):
         return False
-    s = v["settings"]
-    return {(c.get("length"), c.get("depth")) for c in cells} >= {(n, d) for n in s["lengths"] for d in s["depths"]}
+    s, keys = v["settings"], [(c["length"], c["depth"]) for c in cells]
+    return len(set(keys)) == len(keys) and set(keys) >= {(n, d) for n in s["lengths"] for d in s["depths"]}
+
+
+def _passkey_cell(cell) -> bool:
+    fractions = (cell.get("depth"), cell.get("accuracy")) if isinstance(cell, dict) else (None,)
+    return isinstance(cell, dict) and _count(cell.get("length")) and all(map(_fraction, fractions))
 
 
 # (keys, what it must be, check): what `clakit report` reads from a report. A field under an optional parent
@@ -112,7 +122,7 @@ FIELDS = (
     (("passkey", "prompts_sha256"), "a string or null", _optional(lambda v: isinstance(v, str))),  # older: none
     (("passkey", "settings", "lengths"), "a list of positive integers", _list_of(_count)),
     (("passkey", "settings", "depths"), "a list of numbers between 0 and 1", _list_of(_fraction)),
-    (("passkey",), "a mapping whose cells hold an accuracy for every length and depth", _optional(_passkey_grid)),
+    (("passkey",), "a mapping whose cells hold one accuracy for every length and depth", _optional(_passkey_grid)),
 )
 
 
@@ -162,11 +172,24 @@ def read_report(path) -> dict:
         raise ClakitError(
             f"{path} is not a clakit eval report (no format {FORMAT!r}); give files written by `clakit eval -o`"
         )
+    _check_text(report, path)
     missing = [k for k in REQUIRED if k not in report]
     if missing:
         raise ClakitError(f"{path} is not a complete clakit eval report (missing {', '.join(missing)})")
     _check_fields(report, path)
     return report
+
+
+def _check_text(report: dict, path: Path) -> None:
+    """JSON may hold a lone surrogate ("\\ud800"), which no UTF-8 file can: report.md failed to be written
+    (UnicodeEncodeError, a traceback) after the checks."""
+    try:
+        json.dumps(report, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise ClakitError(
+            f"{path} is not a valid clakit eval report: it holds text that is not Unicode ({e.reason}, "
+            f"{e.object[e.start:e.end]!r}); give files written by `clakit eval -o`"
+        ) from None
 
 
 def _check_fields(report: dict, path: Path) -> None:

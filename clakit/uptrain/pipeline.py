@@ -688,20 +688,24 @@ def _published(path: Path, work: Path, out: Path | None) -> Path | None:
 
 
 def original_report(recipe: Recipe, source, teacher, dtype, run: dict, acc) -> dict | None:
-    """The stock model's report: the teacher when there is one, else the original loaded just for this."""
+    """The stock model's report: the teacher when there is one, else the original loaded just for this. Its
+    provenance.model_path names the original (a report of an in-memory model names none: two runs' originals were
+    one model given twice in `clakit report`)."""
     if teacher is None and source is None:
         return None
-    if teacher is not None:
-        return heldout_report(teacher, "original", recipe, run["data"], run["tokenizer"], run["quiet"])
-    load = student.code_settings(recipe.model)
-    if checkpoint.sharded(acc):  # every process scores it in step: read by the main one, sharded over all
-        model = sharding.shard_frozen(sharding.load_on_main(source, dtype, acc, **load), acc)
-    else:
-        model = load_model(source, dtype=dtype, device=str(acc.device), **load)
+    model = teacher if teacher is not None else _load_original(recipe, source, dtype, acc)
     report = heldout_report(model, "original", recipe, run["data"], run["tokenizer"], run["quiet"])
+    report["provenance"]["model_path"] = str(source.path) if source is not None else None
     del model
     gc.collect()  # FSDP2's modules hold reference cycles: its shards would stay on the device into training
     return report
+
+
+def _load_original(recipe: Recipe, source, dtype, acc):
+    load = student.code_settings(recipe.model)
+    if checkpoint.sharded(acc):  # every process scores it in step: read by the main one, sharded over all
+        return sharding.shard_frozen(sharding.load_on_main(source, dtype, acc, **load), acc)
+    return load_model(source, dtype=dtype, device=str(acc.device), **load)
 
 
 def _staging_dir(out: Path, acc) -> Path:
