@@ -101,6 +101,35 @@ def write_json(out: Path, result: dict) -> None:
         raise
 
 
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """A matplotlib figure written beside `path`, then renamed into place (a reader never sees half a PNG)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_apart(out: Path | None, plot: Path | None, flags: str) -> None:
+    """Refuse one path for the JSON report and the plot: the later write replaced the earlier (the plot lost)."""
+    if out is not None and plot is not None and out.absolute() == plot.absolute():
+        refuse(f"{flags} name one file {out}: pass another path for one of them")
+
+
+def demo_text(name: str, flag: str) -> Path:
+    """The demo cache's text `name` (`clakit fetch-demo`; CLAKIT_CACHE moves the cache), refused in one line when
+    absent: a default of ~/.cache/clakit/demo ignored CLAKIT_CACHE and failed with a traceback without it."""
+    from clakit.demo.fetch import default_cache_dir
+
+    path = default_cache_dir() / "text" / name
+    if not path.is_file():
+        refuse(f"{flag} not given and the demo's {path} does not exist: run `clakit fetch-demo`, or pass {flag}")
+    return path
+
+
 def emit(result: dict, out: Path | None = None) -> None:
     """Print the report; with `out`, also write it (staged, renamed)."""
     print(json.dumps(result, indent=2, default=str), flush=True)

@@ -32,7 +32,9 @@ from common import (
     FORCE_HELP,
     OUT_HELP,
     Parser,
+    check_apart,
     check_output,
+    demo_text,
     emit,
     existing_file,
     main_guard,
@@ -40,11 +42,13 @@ from common import (
     positive,
     provenance,
     refuse,
+    save_figure,
 )
 from safetensors.torch import save_file
 from targets import check
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 768, 2048, 12, 4, 4096
+CONTEXT = 2048  # the checkpoints' max_position_embeddings
 MODES = {
     # the layer-by-layer fits only: --distill-steps 0 (the end-to-end distillation holds the whole model by design)
     "reconstruct": ["--factor", "2", "--init", "reconstruct", "--distill-steps", "0"],
@@ -93,7 +97,7 @@ def make_checkpoint(folder: Path, layers: int, tokenizer) -> int:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                          num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16")  # fmt: skip
+                         max_position_embeddings=CONTEXT, tie_word_embeddings=False, dtype="bfloat16")  # fmt: skip
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -119,6 +123,9 @@ def run(src: Path, out: Path, mode: str, args) -> dict:
              str(args.seq_len), *steps, "--device", "cpu", "--max-shard-size", args.max_shard_size, "-q"]  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), *flags], capture_output=True, text=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"rc": proc.returncode}
+    if result["rc"] == 2:  # clakit convert's one-line refusal of a setting: the same line, not a traceback
+        lines = proc.stderr.strip().splitlines()
+        refuse(lines[-1].removeprefix("clakit: error: ") if lines else f"the {mode} conversion refused its settings")
     if result["rc"] != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return result
@@ -142,7 +149,7 @@ def plot(result: dict, path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:
@@ -150,7 +157,7 @@ def main() -> None:
     p.add_argument("--layers", type=positive, nargs="+", default=[8, 16, 24, 32], help="depths to convert (default "
                    "8 16 24 32; the targets need 8 and 24)")  # fmt: skip
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="conversions (default: both)")
-    p.add_argument("--calib", type=existing_file, default=Path("~/.cache/clakit/demo/text/calib.txt").expanduser(),
+    p.add_argument("--calib", type=existing_file, default=None,
                    help="calibration text, also the tokenizer's training text (default: the demo's calib.txt, from "
                    "`clakit fetch-demo`)")  # fmt: skip
     p.add_argument("--calib-tokens", type=positive, default=512, help="calibration tokens (default 512)")
@@ -165,8 +172,10 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     args = p.parse_args()
     check_output(args.out, args.force)
+    check_apart(args.out, args.out and args.out.with_suffix(".png"), "--out (a .png) and its plot beside it")
     if args.out is not None and args.out.with_suffix(".png").exists() and not args.force:
         refuse(f"{args.out.with_suffix('.png')} (the plot beside --out) exists: pass --force to replace it")
+    check_settings(args)
     text = args.calib.read_text(errors="replace")[:2_000_000]
     if len(text.split()) < 100:
         refuse(f"--calib {args.calib} holds fewer than 100 words: pass a longer text")
@@ -187,6 +196,24 @@ def main() -> None:
     if args.out:
         plot(result, args.out.with_suffix(".png"))
     emit(result, args.out)
+
+
+def check_settings(args) -> None:
+    """The conversion's settings, before the tokenizer and the checkpoints are made: a bad --max-shard-size or a
+    --seq-len past the checkpoints' context was refused by the first conversion (after minutes at the default
+    depths), as a traceback naming a temp folder already gone."""
+    from clakit.convert.checkpoint import parse_size
+    from clakit.errors import ClakitError
+
+    try:
+        parse_size(args.max_shard_size)
+    except ClakitError as e:
+        refuse(str(e))
+    if args.seq_len > CONTEXT:
+        refuse(f"--seq-len {args.seq_len} exceeds the checkpoints' context ({CONTEXT} tokens): pass at most {CONTEXT}")
+    if args.calib_tokens < args.seq_len:
+        refuse(f"--calib-tokens {args.calib_tokens} is below one --seq-len window ({args.seq_len}): raise it")
+    args.calib = args.calib or demo_text("calib.txt", "--calib")
 
 
 def targets(result: dict) -> dict:

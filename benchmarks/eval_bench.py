@@ -84,12 +84,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     assets = None if args.model and args.data else fetch_demo(quiet=True)
     source = resolve_source(args.model or str(assets.model))
+    data = args.data or assets.heldout  # recorded: the default's path was nowhere in the report
+    try:  # before the model loads: a file that is not text was refused after it
+        text = data.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        refuse(f"--data {data} is not UTF-8 text: pass a text file")
     before = reset_peak()  # the load and both loops: memory-mapped weights count once their pages are read
     model, tokenizer = load_model(source), load_tokenizer(source)
-    try:
-        text = (args.data or assets.heldout).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        refuse(f"--data {args.data} is not UTF-8 text: pass a text file")
     ids = ppl.tokenize(tokenizer, text, args.max_tokens).ids
     if len(ids) < args.seq_len + 1:
         refuse(f"--data holds {len(ids)} tokens (of --max-tokens {args.max_tokens}), too few for one window of "
@@ -107,6 +108,7 @@ def main() -> None:
             "benchmark": "eval_bench",
             "provenance": provenance(args),
             "model": source.spec,
+            "data": str(data),
             "tokens": n,
             "seq_len": args.seq_len,
             "stride": stride,

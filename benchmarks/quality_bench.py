@@ -46,7 +46,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import Parser, check_output, main_guard, non_negative, positive, provenance, refuse, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Parser,
+    check_apart,
+    check_output,
+    main_guard,
+    non_negative,
+    positive,
+    provenance,
+    refuse,
+    save_figure,
+    write_json,
+)
 
 from clakit.convert import distill, kvheads  # noqa: E402
 from clakit.convert.autolayout import auto_layout  # noqa: E402
@@ -231,7 +242,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title("SmolLM2-135M: held-out perplexity vs KV bytes per token")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, Path(path), dpi=120)
 
 
 def main() -> None:
@@ -339,6 +350,7 @@ def validate(args) -> None:
             refuse(f"--model {spec!r}: {folder} does not exist; pass a saved checkpoint")
     check_output(args.out, args.force)
     check_output(args.plot, args.force, "--plot")
+    check_apart(args.out, args.plot, "--out and --plot")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,15 @@
 cannot break the page: a `|` splits a table cell, a newline ends a row or a line, a backtick ends a code span, and
 raw HTML renders as markup."""
 
+import re
+
 
 # markdown's inline markup (a backslash first: it escapes the others): a model named `**b**` or `![x](plot.png)`
-# rendered bold or as an image in report.md's table; `~` is GFM's strikethrough
-MARKUP = "\\*_`[]~"
+# rendered bold or as an image in report.md's table; `~` is GFM's strikethrough. `_` apart (EDGE_UNDERSCORE).
+MARKUP = "\\*`[]~"
+# an underscore at a word's edge (`_it_`) may open or close emphasis; one inside a word (tiny_llama, lr_1e-4) never
+# does in CommonMark, and stays as written (readable in the file, as a reader greps it)
+EDGE_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
 
 
 def md_text(text: str) -> str:
@@ -15,6 +20,7 @@ def md_text(text: str) -> str:
     text = str(text)
     for c in MARKUP:
         text = text.replace(c, "\\" + c)
+    text = EDGE_UNDERSCORE.sub(r"\\_", text)
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("\n", " ").replace("\r", " ")
 

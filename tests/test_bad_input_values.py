@@ -250,7 +250,7 @@ CASES = [
     Case("report {bad} -o {tmp}/rep", "passkey.settings.lengths must be a list of positive integers, got []",
          bad_report(set_field("passkey", value={**PASSKEY, "settings": {"lengths": [], "depths": [0.5]}})),
          id="report-passkey-no-lengths"),
-    Case("report {bad} -o {tmp}/rep", "passkey must be a mapping whose cells hold an accuracy for every length",
+    Case("report {bad} -o {tmp}/rep", "passkey must be a mapping whose cells hold one accuracy for every length",
          bad_report(set_field("passkey", value={**PASSKEY, "cells": []})), id="report-passkey-no-cells"),
     Case("report {report} {bad} -o {tmp}/rep", "model must be a string, got 3",
          bad_report(set_field("model", value=3)), id="report-model-number"),

@@ -128,6 +128,11 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path):
         ("quality_bench.py", ["--model", "no-label"]),
         ("quality_bench.py", ["--cla-kv-bits", "3"]),
         ("quality_bench.py", ["--chunk", "0"]),  # refused after the model loaded and the original was scored
+        ("quality_bench.py", ["--out", tmp_path / "same.json", "--plot", tmp_path / "same.json"]),  # the plot won
+        # refused by the first conversion, after the checkpoints were made, as a traceback naming a gone temp folder
+        ("convert_scale.py", ["--layers", "2", "--max-shard-size", "bogus"]),
+        ("convert_scale.py", ["--layers", "2", "--seq-len", "4096"]),
+        ("convert_scale.py", ["--layers", "2", "--out", tmp_path / "plot.png"]),  # the JSON replaced its plot
         ("quality_bench.py", ["--out", existing]),
         ("gpu_check.py", ["--parts", "modelling"]),
         ("gpu_check.py", ["--out", existing]),
@@ -192,6 +197,7 @@ def test_the_benchmarks_run_end_to_end_on_tiny_models_and_report_settings_proven
     assert not list(work.glob(".*partial"))  # staged, then renamed
 
     assert_provenance(evaluated, {"seq_len": 32, "max_tokens": 160, "repeats": 1})
+    assert evaluated["data"] == str(tiny["heldout"])  # the text scored (the default's was not recorded)
     assert evaluated["targets"]["overhead_pct"]["value"] == evaluated["overhead_pct"]
     assert evaluated["targets"]["rss_over_weights"]["value"] == evaluated["rss_over_weights"] > 0
     assert set(evaluated["targets"]) == {"overhead_pct", "rss_over_weights", "all_met"}

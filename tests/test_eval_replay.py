@@ -16,6 +16,7 @@ from convert_fixtures import run_cli
 
 from clakit.eval import EvalConfig, evaluate, report, write_json
 from clakit.eval.passkey import PasskeySettings
+from clakit.markup import md_text
 from clakit.provenance import provenance
 
 SETTINGS = dict(seq_len=32, max_tokens=256, batch_size=2, speed=False)
@@ -158,12 +159,13 @@ def test_a_report_of_every_kind_of_model_is_labelled(tmp_path, corpus_dir, token
                          "model": [f"{full // 2:,}", "2.00"]}  # fmt: skip
     sources = md.split("## Sources")[1]
     lines = {line.split(";")[0][len("- model: ") :]: line for line in sources.splitlines() if line.startswith("- ")}
-    assert lines[tiny_llama_checkpoint.name.replace("_", "\\_")].endswith("made from: –")
-    assert lines["cla"].endswith(f"made from: clakit convert of {tiny_llama_checkpoint}".replace("_", "\\_"))
+    assert lines[md_text(tiny_llama_checkpoint.name)].endswith("made from: –")
+    assert "made from: clakit convert (init mean; layout 0,1,0,1; " in lines["cla"]  # the fixture's conversion
+    assert lines["cla"].endswith(md_text(f" of {tiny_llama_checkpoint}"))
     assert lines["cla2"].endswith("made from: –")  # the older report: not recorded, not guessed
-    assert f"made from: clakit uptrain (3 steps) of {converted}".replace("_", "\\_") in lines["model"]
-    assert lines["model"].endswith(f"clakit convert of {tiny_llama_checkpoint}".replace("_", "\\_"))
-    assert f"evaluated: {str(uptrained)}".replace("_", "\\_") in lines["model"]
+    assert md_text(f"made from: clakit uptrain (3 steps) of {converted}") in lines["model"]
+    assert lines["model"].endswith(md_text(f" of {tiny_llama_checkpoint}"))
+    assert md_text(f"evaluated: {uptrained}") in lines["model"]
 
 
 def test_models_evaluated_by_the_same_relative_path_from_different_folders_are_told_apart(

@@ -187,7 +187,7 @@ def test_uptrains_reports_and_page_name_the_run_that_made_each_model(run_dir):
     assert Path(uptrained["record"]) == run / "model" / "uptrain.json" and Path(converted["record"]).is_file()
     assert _read(run / "eval" / "original.json")["provenance"]["origin"] is None  # the stock model: made by no run
     page = (run / "report" / "report.md").read_text()
-    assert page.count("made from: clakit convert of ") == 1, page
+    assert page.count("made from: clakit convert (init ") == 1, page  # its init, layout and time, then the source
     assert page.count("made from: clakit uptrain (3 steps) of ") == 1, page
 
 

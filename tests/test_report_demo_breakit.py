@@ -16,6 +16,7 @@ from clakit.demo import pipeline as demo
 from clakit.errors import ClakitError
 from clakit.eval import evaluate, report, write_json
 from clakit.eval.records import read_report
+from clakit.markup import md_text
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -216,11 +217,11 @@ def test_the_report_records_its_sources_and_the_command_that_wrote_it(tmp_path, 
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     # before: neither file named the report files, the models' full paths or revisions, nor the command
     for i, (path, model) in enumerate(zip(paths, models, strict=True)):
-        as_md = html.escape(model, quote=False), str(path).replace("_", "\\_")  # <c>: text, not markup
+        as_md = html.escape(model, quote=False), md_text(path)  # <c>: text, not markup
         assert f"evaluated: {as_md[0]}; revision: rev{i}; report file: {as_md[1]};" in md
         assert f"<td>{html.escape(model)}</td><td>rev{i}</td><td>{path}</td>" in page
     command = shlex.join(argv)
-    assert command.replace("_", "\\_") in md and html.escape(command) in page
+    assert md_text(command) in md and html.escape(command) in page
     assert page.count("<c>") == 0  # a name is text, not markup
 
 
@@ -459,7 +460,7 @@ def test_markdown_markup_in_names_stays_text_in_report_md(tmp_path, base_report)
     models = ["base", "**b**", "![x](ppl_vs_kv.png)", "_it_ `code`"]
     out = report(_write_reports(tmp_path, base_report, models, data=data), tmp_path / "rep")
     md = (out / "report.md").read_text()
-    assert _first_column(md)[1:] == [r"\*\*b\*\*", r"!\[x\](ppl\_vs\_kv.png)", r"\_it\_ \`code\`"]
+    assert _first_column(md)[1:] == [r"\*\*b\*\*", r"!\[x\](ppl_vs_kv.png)", r"\_it\_ \`code\`"]
     assert r"texts/\*x\*\[a\](u)\~\~s\~\~.txt" in md
     assert "**b**" not in md and "![x](" not in md
 

@@ -277,7 +277,9 @@ def _write_summary(ctx: DemoContext, finished: bool) -> dict:
         "models": ctx.models,
         "settings": vars(ctx.settings),
         "resolved": _resolved(ctx),
-        "stages": ctx.stages,  # what a rerun compares (reuse): the key and run_id of each stage's output
+        # what a rerun compares (reuse): the key and run_id of each stage's output; an earlier demo's record of a
+        # stage this run skipped (--uptrain-steps 0) is kept: its output is still there, and the next run redid it
+        "stages": {**ctx.earlier, **ctx.stages},
         "reused": ctx.reused,
         # the texts each stage read and where they came from: the reports name only the held-out one
         "assets": {name: str(path) for name, path in vars(ctx.assets).items() if path} if ctx.assets else None,
