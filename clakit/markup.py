@@ -4,7 +4,6 @@ raw HTML renders as markup."""
 
 import re
 
-
 # markdown's inline markup (a backslash first: it escapes the others): a model named `**b**` or `![x](plot.png)`
 # rendered bold or as an image in report.md's table; `~` is GFM's strikethrough. `_` apart (EDGE_UNDERSCORE).
 MARKUP = "\\*`[]~"
