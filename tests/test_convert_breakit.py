@@ -231,6 +231,17 @@ def test_a_cla_checkpoint_under_a_stock_config_is_named_not_called_incomplete(sr
     (cla / "config.json").write_text(json.dumps(config))
     match = "holds q_proj but no k_proj/v_proj, as a CLA checkpoint's consumers do"
     assert_refused(capsys, cla, tmp_path / "again", "--factor", "2", "--init", "mean", match=match)
+    # a stock download that lost one of the two is damaged, not a CLA checkpoint: re-downloading mends it
+    lost = "model.layers.1.self_attn.k_proj.weight"
+    for shard in src.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if lost in tensors:
+            save_file({k: v for k, v in tensors.items() if k != lost}, shard, metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"].pop(lost)
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    match = f"tensor {lost} is missing from the checkpoint; it is incomplete, re-download it"
+    assert_refused(capsys, src, tmp_path / "out", "--factor", "2", "--init", "mean", match=match)
 
 
 def test_a_conversion_inside_another_clakit_output_is_refused_before_any_work(src, tmp_path, capsys, no_model):

@@ -484,9 +484,9 @@ def test_other_max_tokens_are_named_not_guessed_as_changed_files(tmp_path, base_
         (lambda r: r.update(model="model \ud800"), "holds text that is not Unicode"),
         (lambda r: r["passkey"]["cells"][0].pop("length"), "cells hold one accuracy for every length and depth"),
         (lambda r: r["passkey"]["cells"][0].update(length=[1]), "cells hold one accuracy for every length"),
-        (lambda r: r["passkey"]["cells"].append(dict(r["passkey"]["cells"][0])), "cells hold one accuracy"),
+        (lambda r: r["passkey"]["cells"].append({**r["passkey"]["cells"][0], "accuracy": 0.5}), "hold one accuracy"),
     ],
-    ids=["huge", "surrogate", "cell-without-length", "list-length", "duplicate-cell"],
+    ids=["huge", "surrogate", "cell-without-length", "list-length", "cell-twice-differing"],
 )
 def test_hand_edited_reports_are_one_line_not_a_traceback(tmp_path, base_report, edit, match):
     """Each was a traceback (exit 1) deep in the plot (1.7e308 x 1.25: axis limits inf), the writing of report.md (a
@@ -499,6 +499,10 @@ def test_hand_edited_reports_are_one_line_not_a_traceback(tmp_path, base_report,
                          "cells": [{"length": 64, "depth": 0.0, "accuracy": 1.0},
                                    {"length": 64, "depth": 1.0, "accuracy": 0.0}]}  # fmt: skip
     assert read_report(write_json(edited, tmp_path / "good.json"))  # the grid as recorded passes
+    twice = copy.deepcopy(edited)  # a depth given twice to clakit before 12-04: one cell twice, one accuracy
+    twice["passkey"]["cells"].append(dict(twice["passkey"]["cells"][0]))
+    twice["word_perplexity"] = 1.01e304  # text of few words: as perplexity.metrics writes it
+    assert read_report(write_json(twice, tmp_path / "twice.json"))
     edit(edited)
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(edited))
@@ -565,3 +569,15 @@ def test_speeds_on_two_cpus_name_each_cpu():
         "cpu: AMD EPYC (2 threads)"
     )
     assert _machine({"provenance": {"device_name": "cpu", "torch_threads": 1}}) == "cpu (1 thread)"
+
+
+def test_a_report_without_the_cpu_name_is_no_other_machine(base_report):
+    """A report from before provenance.cpu beside one with it, from one host, read "Speeds were timed on different
+    machines (cpu (2 threads); cpu: AMD EPYC (2 threads))"; CPU names are compared where every report has one."""
+    from clakit.eval.comparison import _speed_note
+
+    prov = {k: v for k, v in base_report["provenance"].items() if k != "cpu"}
+    older, named = {**base_report, "provenance": prov}, {**base_report, "provenance": {**prov, "cpu": "AMD EPYC"}}
+    assert "different machines" not in _speed_note([older, named])
+    other = {**base_report, "provenance": {**prov, "cpu": "Intel Xeon"}}
+    assert "different machines (cpu: AMD EPYC (" in _speed_note([named, other])

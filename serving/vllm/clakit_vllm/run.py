@@ -153,7 +153,6 @@ def check_stock_checkpoint(path: Path, config: dict) -> None:
     vLLM's stock class loaded it without a word and served every token 0, the consumers' K/V projections never
     loaded. Refused by the config's CLA fields, else by the weights: every layer needs q/k/v_proj."""
     from . import ARCHITECTURES
-    from .configs import missing_attention_tensors
 
     cla = [a for a in config.get("architectures") or [] if a in ARCHITECTURES]
     if "kv_source_layers" in config or cla:
@@ -163,9 +162,28 @@ def check_stock_checkpoint(path: Path, config: dict) -> None:
             f"checkpoint's does (edited?); set model_type to {config['model_type']}_cla, as clakit wrote it"
         )
     names, layers = tensor_names(path), config.get("num_hidden_layers")
-    problem = names and layers and missing_attention_tensors(names, list(range(layers)), range(layers))
+    problem = names and layers and stock_weights_problem(names, layers)
     if problem:
-        raise InputError(f"clakit_vllm: cannot serve this checkpoint as a stock {config['model_type']}: {problem}")
+        raise InputError(f"clakit_vllm: cannot serve {path} as a stock {config['model_type']}: {problem}")
+
+
+def stock_weights_problem(names: list[str], layers: int) -> str | None:
+    """What a stock checkpoint's tensor names lack, with the fix; None when every layer has q/k/v_proj. Layers with
+    queries and neither keys nor values are CLA consumers (a CLA checkpoint under a stock config); anything else
+    missing is a damaged download."""
+    from .configs import ATTENTION_TENSOR
+
+    present = {(int(m[1]), m[2]) for m in map(ATTENTION_TENSOR.search, names) if m}
+    consumers = [n for n in range(layers) if (n, "q") in present and not {(n, "k"), (n, "v")} & present]
+    if consumers:
+        return (
+            f"layers {consumers[:4]} hold q_proj and no k_proj/v_proj, as a CLA checkpoint's consumers do: set "
+            "model_type to its CLA type (llama_cla or mistral_cla) and kv_source_layers, as clakit wrote them"
+        )
+    missing = [f"model.layers.{n}.self_attn.{p}_proj" for n in range(layers) for p in "qkv" if (n, p) not in present]
+    if missing:
+        return f"it has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; re-download the checkpoint"
+    return None
 
 
 def tensor_names(path: Path) -> list[str]:
@@ -187,7 +205,7 @@ def check_prompts(path: Path, config: dict, args: argparse.Namespace) -> list[li
         raise InputError(
             f"--prompts-json {path} holds {json.dumps(prompts)[:40]}, not a non-empty list; {FIX_PROMPTS}"
         )
-    vocab, context = config.get("vocab_size"), context_length(config, args, Path(args.model))
+    vocab, context = config.get("vocab_size"), context_length(config, args)
     for i, ids in enumerate(prompts):
         if problem := prompt_problem(ids, vocab, context, args.max_tokens):
             raise InputError(f"prompt {i} of {path} {problem}")
@@ -210,27 +228,25 @@ def prompt_problem(ids, vocab: int | None, context: int | None, max_tokens: int)
     return None
 
 
-def context_length(config: dict, args: argparse.Namespace, folder: Path) -> int | None:
+def context_length(config: dict, args: argparse.Namespace) -> int | None:
     """--max-model-len, else the model's context (model_context); None when unknown."""
-    return args.max_model_len or model_context(config, folder)
+    return args.max_model_len or model_context(config)
 
 
 # RoPE types whose max_position_embeddings vLLM takes as it is; the others' it multiplies by their `factor`
 UNSCALED_ROPE = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
 
 
-def model_context(config: dict, folder: Path) -> int | None:
-    """The context vLLM derives (`derived_max_model_len_and_key`, `_get_and_verify_max_len`): the smallest of the
-    config's CONTEXT_KEYS, a config model_max_length replacing it, capped by tokenizer_config.json's
-    model_max_length, times a linear/dynamic RoPE's factor. None when unknown (no key; a factor that is no number).
-    Only max_position_embeddings was read: a seq_length 64 passed a prompt vLLM refused after its start-up."""
+def model_context(config: dict) -> int | None:
+    """The context vLLM derives for a Llama/Mistral (`derived_max_model_len_and_key`, `_get_and_verify_max_len`):
+    the smallest of the config's CONTEXT_KEYS, a config model_max_length replacing it, times a linear/dynamic RoPE's
+    factor. None when unknown (no key; a factor that is no number). Only max_position_embeddings was read: a
+    seq_length 64 passed a prompt vLLM refused after its start-up. (tokenizer_config.json's model_max_length caps
+    only pooling models there: a fine-tune's short one, Alpaca's 512, does not limit a Llama's context.)"""
     found = [config[key] for key in CONTEXT_KEYS if config.get(key) is not None]
     if not found:
         return None
     context = config.get("model_max_length") or min(found)
-    tokenizer_max = _tokenizer_max_length(folder)
-    if tokenizer_max is not None:
-        context = min(context, tokenizer_max)
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) in UNSCALED_ROPE:
         return context
@@ -238,18 +254,10 @@ def model_context(config: dict, folder: Path) -> int | None:
     return int(context * factor) if isinstance(factor, int | float) and not isinstance(factor, bool) else None
 
 
-def _tokenizer_max_length(folder: Path) -> int | None:
-    """tokenizer_config.json's model_max_length (vLLM caps the context with it); None when absent or unreadable."""
-    with contextlib.suppress(OSError, ValueError):
-        value = json.loads((folder / "tokenizer_config.json").read_text()).get("model_max_length")
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-    return None
-
-
 def check_max_model_len(config: dict, args: argparse.Namespace) -> None:
     """vLLM refuses a --max-model-len above the model's context (a traceback after its start-up) unless the config
     has a model_max_length at least that long or VLLM_ALLOW_LONG_MAX_MODEL_LEN is set."""
-    context = model_context(config, Path(args.model))
+    context = model_context(config)
     extra = config.get("model_max_length")  # vLLM lets a config's own model_max_length raise the limit
     longest = max(context or 0, extra or 0)
     allowed = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true")  # as vLLM reads it
