@@ -300,6 +300,7 @@ def read_config_json(folder: Path) -> dict:
         raise ClakitError(f"{path} must be a JSON object of settings, got a {type(raw).__name__}; restore it")
     if not isinstance(raw.get("model_type"), str) and not raw.get("auto_map"):
         raise ClakitError(f"{path} has no model_type (e.g. 'llama'); restore the checkpoint's config.json")
+    _check_typed_fields(raw, path)
     if raw.get("model_type") not in CONFIG_KEYS_OF:
         return raw
     missing = [k for k in CONFIG_KEYS if k not in raw]
@@ -312,6 +313,28 @@ def read_config_json(folder: Path) -> dict:
                 f"{path}: {key} must be a positive integer, got {value!r}; restore the checkpoint's config"
             )
     return raw
+
+
+def _check_typed_fields(raw: dict, path: Path) -> None:
+    """`architectures` (a list of class names) and `dtype`/`torch_dtype` (a floating dtype's name or null), which
+    every command reads: `"dtype": 5` was an AttributeError traceback in eval, "float17" was "download it again",
+    and `"architectures": "LlamaForCausalLM"` (a string) read as "a L model"."""
+    import torch
+
+    arch = raw.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) and a for a in arch)):
+        raise ClakitError(
+            f"{path}: architectures must be a list of class names such as [\"LlamaForCausalLM\"], got "
+            f"{json.dumps(arch)[:60]}; restore the checkpoint's config.json"
+        )
+    for key in ("dtype", "torch_dtype"):  # a torch floating dtype's name ("auto" is an argument, not a setting)
+        value = raw.get(key)
+        named = getattr(torch, value, None) if isinstance(value, str) and value.isidentifier() else None
+        if value is not None and not (isinstance(named, torch.dtype) and named.is_floating_point):
+            raise ClakitError(
+                f"{path}: {key} must name a floating dtype such as bfloat16 or float16 (or be null), got "
+                f"{json.dumps(value)[:40]}; restore the checkpoint's config.json"
+            )
 
 
 def context_window(config) -> int | None:

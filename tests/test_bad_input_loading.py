@@ -178,7 +178,17 @@ CASES = [
                          ("intermediate_size", True))],
     Case(CONVERT, "config.json: hidden_size must be a positive integer, got -48",
          damaged("model", updated(hidden_size=-48)), id="convert-config-negative"),
-    Case(EVAL, "cannot read the config of", damaged("model", updated(dtype="float99")), id="eval-config-dtype"),
+    # a dtype that is no floating dtype's name: a traceback (5), or "download it again" (float17, auto)
+    *[Case(cmd, f"config.json: dtype must name a floating dtype such as bfloat16 or float16 (or be null), got {shown}",
+           damaged("model", updated(dtype=value)), id=f"{cmd.split()[0]}-config-dtype-{value}")
+      for cmd in (EVAL, CONVERT) for value, shown in ((5, "5"), ("float17", '"float17"'), ("auto", '"auto"'))],
+    Case(UPTRAIN, "config.json: torch_dtype must name a floating dtype", damaged("cla", updated(torch_dtype=True)),
+         id="uptrain-config-torch-dtype-bool"),
+    # a string read as a list of classes ("a L model"), a mapping a KeyError traceback
+    *[Case(CONVERT, "config.json: architectures must be a list of class names", damaged("model", updated(
+          architectures=value)), id=f"convert-config-architectures-{type(value).__name__}")
+      for value in ("LlamaForCausalLM", {"a": 1}, [None])],
+    Case(EVAL, "dtype must name a floating dtype", damaged("model", updated(dtype="float99")), id="eval-config-dtype"),
     Case(EVAL, "cannot read the config of", damaged("cla", updated(kv_source_layers="abc")), id="eval-cla-layout-str"),
     Case(EVAL, "kv_source_layers has 3 entries but the model has 4 layers",
          damaged("cla", updated(kv_source_layers=[0, 0, 2])), id="eval-cla-layout-short"),

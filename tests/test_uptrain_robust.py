@@ -473,3 +473,32 @@ def test_a_disk_without_room_for_the_result_and_its_checkpoints_is_refused_befor
     code, err = run_cli(capsys, recipe)
     assert code == 2 and err.count("\n") == 0 and "not enough disk space" in err and "train.output_dir" in err, err
     assert not fresh.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_hub_original_is_recorded_by_the_commit_it_was_read_at():
+    """run.json and uptrain.json recorded a Hub original's revision as asked ("main"): a later run from the model,
+    its snapshot gone from the cache, read whatever main was then (another model) and distilled from it."""
+    from clakit.sources import Source
+    from clakit.uptrain.pipeline import _source_record
+
+    snapshot = Path("/hf/hub/models--org--tiny/snapshots/1111aaaa")
+    assert _source_record(Source("org/tiny", "dir", snapshot, "main"))["revision"] == "1111aaaa"
+    assert _source_record(Source("/m/tiny", "dir", Path("/m/tiny")))["revision"] is None
+
+
+def test_model_revision_with_a_local_source_goes_to_the_original_not_the_conversion(tmp_path, monkeypatch):
+    """model.revision is documented as the Hub revision of model.source or model.original: with a local source and
+    a Hub original it was copied into the conversion, which refused it ("--revision v2 selects a Hub revision, but
+    ... is a local path"), after --dry-run had passed."""
+    import clakit.convert
+    from clakit.convert.config import ConvertConfig
+    from clakit.uptrain.recipe import ModelSection
+    from clakit.uptrain.student import convert_source
+
+    asked = []
+    monkeypatch.setattr(clakit.convert, "convert", lambda src, out, config, quiet: asked.append(config.revision))
+    local = ModelSection(source=str(tmp_path), original="org/tiny", revision="v2", convert=ConvertConfig(factor=2))
+    convert_source(local, tmp_path / "out")
+    hub = ModelSection(source="org/tiny", revision="v2", convert=ConvertConfig(factor=2))
+    convert_source(hub, tmp_path / "out")
+    assert asked == [None, "v2"]

@@ -304,7 +304,10 @@ def _recorded_original(out: Path) -> dict | None:
 
 
 def _source_record(source) -> dict | None:
-    return source and {"spec": source.spec, "path": str(source.path), "revision": source.revision}
+    """run.json's and uptrain.json's `original`: its spec, the path read and, for a Hub id, the commit read (the
+    revision asked, "main", moves: a later run from this model whose snapshot had left the cache distilled from
+    whatever main was then, without a word)."""
+    return source and {"spec": source.spec, "path": str(source.path), "revision": source.commit or source.revision}
 
 
 def check_paths(recipe: Recipe) -> None:

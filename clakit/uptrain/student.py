@@ -70,7 +70,9 @@ def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
     from clakit.convert import convert
 
     config = model_section.convert
-    if config.revision is None and model_section.revision is not None:
+    # model.revision is a Hub source's; with a local source it is model.original's (the conversion refused it)
+    hub_source = not expand(model_section.source, "model.source").exists()
+    if config.revision is None and model_section.revision is not None and hub_source:
         config = dataclasses.replace(config, revision=model_section.revision)
     # the run's settings (recipe.py refuses the conversion's alone)
     config = dataclasses.replace(config, **{k: True for k, v in code_settings(model_section).items() if v})
