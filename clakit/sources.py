@@ -83,8 +83,13 @@ def _download(spec: str, revision: str | None, allow_pickle: bool, check_config)
     named = named_weights(config_only)
     if named is not None:  # what transformers loads first: that file (and its index's shards), nothing else
         return _download_named(spec, revision, commit, named, allow_pickle)
-    patterns = _weight_patterns(config_only / SAFE_INDEX)
-    folder = Path(_snapshot(spec, commit, patterns))
+    # model.safetensors first, as transformers loads it even beside an index (whose shards a repo with both may hold
+    # other weights in: those were read, other logits than from_pretrained's); the index's shards where it is absent
+    single = HUB_NON_WEIGHTS + [SAFE_SINGLE]
+    folder = Path(_snapshot(spec, commit, single))
+    patterns = single if (folder / SAFE_SINGLE).is_file() else _weight_patterns(config_only / SAFE_INDEX)
+    if patterns is not single:
+        folder = Path(_snapshot(spec, commit, patterns))
     if allow_pickle and not any((folder / name).is_file() for name in (SAFE_INDEX, SAFE_SINGLE)):
         # pickle only where there are no safetensors (transformers loads those first): --allow-pickle on a repo with
         # both fetched both, a 7B's pytorch_model*.bin being 14 GB more that nothing reads
@@ -699,7 +704,10 @@ def unloadable(folder: Path) -> ClakitError:
             ".weight), which transformers does not load: download the repo's HF-format model*.safetensors files "
             "too, or convert it with transformers' models/mistral/convert_mistral_weights_to_hf.py"
         )
-    return ClakitError(f"{folder} holds no model weights (no {SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE})")
+    downloaded = folder.parent.name == "snapshots"  # a Hub download: pickle files are fetched only when allowed
+    hint = f"; a Hub repo's {PICKLE_SINGLE} is fetched only with --allow-pickle (model.allow_pickle)"
+    hint = hint if downloaded else ""
+    return ClakitError(f"{folder} holds no model weights (no {SAFE_SINGLE}, {SAFE_INDEX} or {PICKLE_SINGLE}){hint}")
 
 
 def check_weights(source: Source, allow_pickle: bool = False) -> None:

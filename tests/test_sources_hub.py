@@ -106,14 +106,55 @@ def test_a_hub_checkpoint_converts_from_the_commit_its_config_came_from(hub, tmp
     first_shard = min(hub.repo.glob("model-*.safetensors"))
     (hub.repo / "consolidated.safetensors").write_bytes(first_shard.read_bytes())
     out = convert("org/model", tmp_path / "out", factor=2, revision="v1", quiet=True)
-    (_, first_rev, first), (_, second_rev, second) = hub.calls
+    (_, first_rev, first), (_, probe_rev, probe), (_, second_rev, second) = hub.calls
     assert (first_rev, first) == ("v1", FIRST)
-    assert second_rev == COMMIT  # the weights of the same commit, not v1's tip
+    assert probe_rev == second_rev == COMMIT  # the weights of the same commit, not v1's tip
+    assert "model.safetensors" in probe and not any("model-" in p for p in probe)  # what transformers reads first
     shards = sorted(f.name for f in hub.repo.glob("model-*.safetensors"))
     snapshot = hub.cache / "snapshots" / COMMIT
     assert sorted(f.name for f in snapshot.glob("*.safetensors")) == shards and "*.safetensors" not in second
     record = json.loads((out / "clakit_convert.json").read_text())
     assert record["source"]["kind"] == "hub" and record["source"]["revision"] == COMMIT
+
+
+def test_a_hub_repo_with_model_safetensors_beside_an_index_converts_what_transformers_loads(hub, tmp_path):
+    """transformers loads model.safetensors even beside an index; the download took the index's shards, so a repo
+    holding both (other weights in each) converted other weights than from_pretrained reads (helper's measurement:
+    held-out perplexity 379.5 from the Hub, 427.6 from a local copy of the same files). Now model.safetensors first,
+    and the shards are not fetched."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    other = tiny_model("llama", seed=7)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items() if k != "lm_head.weight" or
+               not other.config.tie_word_embeddings}, hub.repo / "model.safetensors", metadata={"format": "pt"})
+    out = convert("org/model", tmp_path / "out", kv_source_layers=[0, 1, 2, 3], quiet=True)  # identity: copies
+    snapshot = hub.cache / "snapshots" / COMMIT
+    assert sorted(f.name for f in snapshot.glob("*.safetensors")) == ["model.safetensors"]
+    local = convert(str(snapshot), tmp_path / "local", kv_source_layers=[0, 1, 2, 3], quiet=True)
+
+    def weights(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    hub_weights, local_weights = weights(out), weights(local)
+    assert hub_weights.keys() == local_weights.keys()
+    assert all(torch.equal(hub_weights[k], local_weights[k]) for k in hub_weights)
+    embed = other.state_dict()["model.embed_tokens.weight"]
+    assert torch.equal(hub_weights["model.embed_tokens.weight"], embed)  # model.safetensors', not the shards'
+
+
+def test_a_hub_repo_of_one_pickle_file_names_the_flag_not_missing_weights(hub, tmp_path):
+    """A repo whose only weights are pytorch_model.bin (no index to fetch) was "holds no model weights": the file is
+    not fetched without --allow-pickle, and the refusal said the repo was broken."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = {k: v for f in hub.repo.glob("*.safetensors") for k, v in load_file(f).items()}
+    for f in [*hub.repo.glob("*.safetensors"), hub.repo / "model.safetensors.index.json"]:
+        f.unlink()
+    torch.save(state, hub.repo / "pytorch_model.bin")
+    with pytest.raises(ClakitError, match="pytorch_model.bin is fetched only with --allow-pickle"):
+        convert("org/model", tmp_path / "out", factor=2, quiet=True)
 
 
 def test_a_local_path_never_carries_a_revision(tmp_path, tiny_llama_checkpoint):
