@@ -44,7 +44,7 @@ OUTSIDE_FLAGS = {  # accelerate launch:
     "--fsdp_auto_wrap_policy", "--fsdp_transformer_layer_cls_to_wrap", "--fsdp_cpu_ram_efficient_loading",
     "--fsdp_sync_module_states", "--fsdp_sharding_strategy", "--fsdp_use_orig_params", "--mixed_precision",
     "--standalone", "--nproc_per_node",  # torchrun
-    "--no-deps", "--dry-run", "--report",  # pip
+    "--no-deps", "--dry-run", "--report", "--index-url",  # pip
     "--model", "--kv-cache-dtype", "--kv-cache-memory-bytes",  # vLLM's server
     "--kv-cache-dtype-skip-layers", "--kv-sharing-fast-prefill",  # vLLM's engine arguments (vllm 0.32 arg_utils)
     "--resum",  # uptrain.md: the abbreviation clakit refuses
