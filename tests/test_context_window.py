@@ -77,11 +77,15 @@ def test_convert_refuses_a_given_seq_len_above_the_window_before_reading_weights
 
 
 def test_convert_shrinks_only_its_default_seq_len_and_records_the_windows_used(tiny_llama_checkpoint, tmp_path):
-    default = convert(str(tiny_llama_checkpoint), tmp_path / "default", factor=2, quiet=True)
-    given = convert(str(tiny_llama_checkpoint), tmp_path / "given", factor=2, seq_len=256, quiet=True)
-    records = [json.loads((out / "clakit_convert.json").read_text()) for out in (default, given)]
-    assert [r["settings"]["seq_len"] for r in records] == [256, 256]  # 512 shrunk to the window; 256 as given
-    assert [r["config"]["seq_len"] for r in records] == [None, 256]  # what the user asked for
+    heldout = tmp_path / "heldout.txt"  # windows are read (held-out text): without text none is recorded
+    heldout.write_text(make_text(2000, 1))
+    kwargs = dict(factor=2, eval_data=[str(heldout)], eval_tokens=300, quiet=True)
+    default = convert(str(tiny_llama_checkpoint), tmp_path / "default", **kwargs)
+    given = convert(str(tiny_llama_checkpoint), tmp_path / "given", seq_len=256, **kwargs)
+    bare = convert(str(tiny_llama_checkpoint), tmp_path / "bare", factor=2, quiet=True)  # reads no text
+    records = [json.loads((out / "clakit_convert.json").read_text()) for out in (default, given, bare)]
+    assert [r["settings"]["seq_len"] for r in records] == [256, 256, None]  # 512 shrunk; 256 as given; none read
+    assert [r["config"]["seq_len"] for r in records] == [None, 256, None]  # what the user asked for
 
 
 def test_a_config_without_max_position_embeddings_gets_the_class_default_in_all_three(
@@ -117,8 +121,8 @@ def test_a_mistral_sliding_window_is_not_the_context_window(tokenizer, tmp_path)
     src = save_checkpoint(tiny_model("mistral"), tokenizer, tmp_path / "mistral")
     section = ModelSection(source=str(src), convert=ConvertConfig(factor=2))
     check_model_section(section, 256)
-    out = convert(str(src), tmp_path / "out", factor=2, seq_len=64, quiet=True)
-    assert json.loads((out / "clakit_convert.json").read_text())["settings"]["seq_len"] == 64
+    out = convert(str(src), tmp_path / "out", factor=2, seq_len=64, quiet=True)  # taken, not refused
+    assert json.loads((out / "clakit_convert.json").read_text())["config"]["seq_len"] == 64
 
 
 @pytest.mark.parametrize("value", [0, -1])
