@@ -85,10 +85,10 @@ def _download(spec: str, revision: str | None, allow_pickle: bool, check_config)
         return _download_named(spec, revision, commit, named, allow_pickle)
     # model.safetensors first, as transformers loads it even beside an index (whose shards a repo with both may hold
     # other weights in: those were read, other logits than from_pretrained's); the index's shards where it is absent
-    single = HUB_NON_WEIGHTS + [SAFE_SINGLE]
-    folder = Path(_snapshot(spec, commit, single))
-    patterns = single if (folder / SAFE_SINGLE).is_file() else _weight_patterns(config_only / SAFE_INDEX)
-    if patterns is not single:
+    patterns = HUB_NON_WEIGHTS + [SAFE_SINGLE]
+    folder = Path(_snapshot(spec, commit, patterns))
+    if not (folder / SAFE_SINGLE).is_file():
+        patterns = _weight_patterns(config_only / SAFE_INDEX)
         folder = Path(_snapshot(spec, commit, patterns))
     if allow_pickle and not any((folder / name).is_file() for name in (SAFE_INDEX, SAFE_SINGLE)):
         # pickle only where there are no safetensors (transformers loads those first): --allow-pickle on a repo with

@@ -53,9 +53,10 @@ def _missing_fix(needed: str, present: set[str]) -> str:
             f"it holds {needed.removeprefix('model.')} instead (saved without the 'model.' prefix): load it with "
             "transformers' AutoModelForCausalLM and save_pretrained it again, then convert that folder"
         )
-    query = _layer_query(needed)
-    kv = {query.replace("q_proj", "k_proj"), query.replace("q_proj", "v_proj")}
-    if needed.endswith(("k_proj.weight", "v_proj.weight")) and query in present and not kv & present:
+    layer = _kv_layer(needed)
+    projections = ("q_proj", "k_proj", "v_proj")
+    held = {k for k in projections if layer is not None and KEY_TEMPLATES[k].format(layer) in present}
+    if held == {"q_proj"}:
         # CLA: a layer with its queries and neither keys nor values is a CLA consumer: a CLA checkpoint under a
         # stock config (one of the two missing is a damaged download)
         return (
@@ -66,9 +67,14 @@ def _missing_fix(needed: str, present: set[str]) -> str:
     return "it is incomplete, re-download it"
 
 
-def _layer_query(name: str) -> str:
-    """model.layers.3.self_attn.k_proj.weight -> model.layers.3.self_attn.q_proj.weight"""
-    return name.replace("k_proj.weight", "q_proj.weight").replace("v_proj.weight", "q_proj.weight")
+def _kv_layer(name: str) -> int | None:
+    """The layer whose k_proj/v_proj weight `name` is (by KEY_TEMPLATES), else None."""
+    for kind in ("k_proj", "v_proj"):
+        head, tail = KEY_TEMPLATES[kind].split("{}")
+        middle = name.removeprefix(head).removesuffix(tail)
+        if name.startswith(head) and name.endswith(tail) and middle.isdigit():
+            return int(middle)
+    return None
 
 
 def check_overrides(checkpoint, plan: TensorPlan, overrides: dict[str, torch.Tensor]) -> None:

@@ -478,7 +478,7 @@ def _speed_note(reports: list[dict]) -> str:
     timed = [r for r in reports if r.get("speed")]
     named = all(isinstance(r["provenance"].get("cpu"), str) for r in timed)
     machines = list(dict.fromkeys(_machine(r, named) for r in timed))
-    timings = list(dict.fromkeys(_timing(r["speed"]) for r in reports if r.get("speed")))
+    timings = list(dict.fromkeys(_timing(r["speed"]) for r in timed))
     note = ""
     if len(machines) > 1:
         note += f" Speeds were timed on different machines ({'; '.join(machines)}): compare tok/s only within one."

@@ -87,8 +87,9 @@ def _passkey_grid(v) -> bool:
 
 
 def _passkey_cell(cell) -> bool:
-    fractions = (cell.get("depth"), cell.get("accuracy")) if isinstance(cell, dict) else (None,)
-    return isinstance(cell, dict) and _count(cell.get("length")) and all(map(_fraction, fractions))
+    if not isinstance(cell, dict):
+        return False
+    return _count(cell.get("length")) and _fraction(cell.get("depth")) and _fraction(cell.get("accuracy"))
 
 
 # (keys, what it must be, check): what `clakit report` reads from a report. A field under an optional parent

@@ -65,15 +65,24 @@ def unexpected_kv_tensor(name: str, kv_source_layers: list[int]) -> str | None:
     )
 
 
+def attention_projections(names) -> set[tuple[int, str]]:
+    """(layer, "q" | "k" | "v") of every attention projection some tensor in `names` belongs to."""
+    return {(int(m[1]), m[2]) for m in map(ATTENTION_TENSOR.search, names) if m}
+
+
+def missing_projections(present: set[tuple[int, str]], kv_source_layers: list[int], layers) -> list[str]:
+    """The projections of `layers` the layout needs (a producer q/k/v_proj, a consumer q_proj) not in `present`."""
+    needed = [(layer, p) for layer in layers for p in ("q", "k", "v") if p == "q" or kv_source_layers[layer] == layer]
+    return [f"model.layers.{layer}.self_attn.{p}_proj" for layer, p in needed if (layer, p) not in present]
+
+
 def missing_attention_tensors(names, kv_source_layers: list[int], layers) -> str | None:
     """The attention projections of `layers` that no tensor in `names` provides, as one line; else None.
 
     A producer needs q/k/v_proj, a consumer q_proj. vLLM checks for absent weights only in quantized models: an
     unquantized one would serve uninitialised memory in place of a missing projection.
     """
-    present = {(int(m[1]), m[2]) for m in map(ATTENTION_TENSOR.search, names) if m}
-    needed = [(layer, p) for layer in layers for p in ("q", "k", "v") if p == "q" or kv_source_layers[layer] == layer]
-    missing = [f"model.layers.{layer}.self_attn.{p}_proj" for layer, p in needed if (layer, p) not in present]
+    missing = missing_projections(attention_projections(names), kv_source_layers, layers)
     if not missing:
         return None
     more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""

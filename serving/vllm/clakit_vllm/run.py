@@ -171,16 +171,16 @@ def stock_weights_problem(names: list[str], layers: int) -> str | None:
     """What a stock checkpoint's tensor names lack, with the fix; None when every layer has q/k/v_proj. Layers with
     queries and neither keys nor values are CLA consumers (a CLA checkpoint under a stock config); anything else
     missing is a damaged download."""
-    from .configs import ATTENTION_TENSOR
+    from .configs import attention_projections, missing_projections
 
-    present = {(int(m[1]), m[2]) for m in map(ATTENTION_TENSOR.search, names) if m}
+    present = attention_projections(names)
     consumers = [n for n in range(layers) if (n, "q") in present and not {(n, "k"), (n, "v")} & present]
     if consumers:
         return (
             f"layers {consumers[:4]} hold q_proj and no k_proj/v_proj, as a CLA checkpoint's consumers do: set "
             "model_type to its CLA type (llama_cla or mistral_cla) and kv_source_layers, as clakit wrote them"
         )
-    missing = [f"model.layers.{n}.self_attn.{p}_proj" for n in range(layers) for p in "qkv" if (n, p) not in present]
+    missing = missing_projections(present, list(range(layers)), range(layers))  # every layer a producer
     if missing:
         return f"it has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; re-download the checkpoint"
     return None
