@@ -73,6 +73,18 @@ def _config_snapshot(spec: str, revision: str | None, patterns: tuple[str, ...] 
     return folder
 
 
+def records_folder(spec: str, revision: str | None) -> Path:
+    """Where a model's own files beside its weights are read (config.json, code, clakit's records): its local path,
+    or a Hub id's snapshot of those files alone (never its weights). A CLA checkpoint on the Hub given as
+    model.path lost its conversion record, and so its original (the teacher), which was looked for as a local path."""
+    path = expand(spec, "model")
+    if path.exists() or not looks_like_hub_id(spec) or (hub_offline() and not _in_hub_cache(spec, revision)):
+        return path
+    from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD
+
+    return _config_snapshot(spec, revision, ("*.py", CONVERT_RECORD, UPTRAIN_RECORD))
+
+
 def _download(spec: str, revision: str | None, allow_pickle: bool, check_config) -> Source:
     """A Hub repo's snapshot: config.json first (one small file), checked by `check_config(source)` before the
     weights (GBs to 100s of GB) are fetched, then the rest at the same commit."""
@@ -242,17 +254,28 @@ def _not_a_checkpoint(spec: str, path: Path) -> ClakitError:
     if hint:
         return ClakitError(hint)
     ggufs = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
-    snapshots = sorted(p for p in (path / "snapshots").glob("*/config.json")) if (path / "snapshots").is_dir() else []
+    snapshots = _cache_snapshots(path)
     if ggufs:
         fix = f"it holds {ggufs[0]}: give that file's path ({path / ggufs[0]})"
     elif (path / "adapter_config.json").is_file():
         base = _raw_config_file(path / "adapter_config.json").get("base_model_name_or_path")
         fix = f"it is a PEFT adapter (adapter_config.json): merge it into its base model ({base}) and give that"
     elif snapshots:
-        fix = f"it is a Hub cache entry: give a snapshot folder ({snapshots[-1].parent}) or the Hub id"
+        fix = f"it is a Hub cache entry: give a snapshot folder ({snapshots[0]}) or the Hub id"
     else:
         fix = "give the folder that holds the checkpoint's config.json and weights"
     return ClakitError(f"{spec} is not a model checkpoint folder (no config.json); {fix}")
+
+
+def _cache_snapshots(entry: Path) -> list[Path]:
+    """A Hub cache entry's (models--org--name) snapshot folders that hold a config.json, the one refs/main names
+    first (what the Hub id reads), then the newest: the hint named whichever commit hash sorted last."""
+    found = [p.parent for p in (entry / "snapshots").glob("*/config.json")] if (entry / "snapshots").is_dir() else []
+    try:
+        main = (entry / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        main = None
+    return sorted(found, key=lambda p: (p.name != main, -p.stat().st_mtime, p.name))
 
 
 def _native_release(spec: str, path: Path) -> ClakitError:

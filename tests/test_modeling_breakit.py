@@ -2,6 +2,7 @@
 is a case that once went wrong, checked against what huggingface_hub, transformers or the stock model do."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -266,6 +267,21 @@ def test_a_folder_without_config_json_is_named_with_what_to_give(tmp_path, case)
     assert len(str(e.value).splitlines()) == 1
     if case == "meta-release":
         assert "llama/convert_llama_weights_to_hf.py" in str(e.value) and "mistral" not in str(e.value).lower()
+
+
+def test_a_hub_cache_entry_names_the_snapshot_refs_main_points_at(tmp_path):
+    """The hint named whichever snapshot's commit hash sorted last, not the one the Hub id reads (refs/main)."""
+    for commit in ("fff", "aaa", "ccc"):
+        (tmp_path / "snapshots" / commit).mkdir(parents=True)
+        (tmp_path / "snapshots" / commit / "config.json").write_text("{}")
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "refs" / "main").write_text("aaa\n")
+    with pytest.raises(ClakitError, match=re.escape(f"give a snapshot folder ({tmp_path / 'snapshots' / 'aaa'})")):
+        resolve_source(str(tmp_path))
+    (tmp_path / "refs" / "main").unlink()  # no refs/main: the newest snapshot
+    os.utime(tmp_path / "snapshots" / "ccc", (2e9, 2e9))
+    with pytest.raises(ClakitError, match=re.escape(f"give a snapshot folder ({tmp_path / 'snapshots' / 'ccc'})")):
+        resolve_source(str(tmp_path))
 
 
 # --- the CLA classes are the stock ones but for CLA -----------------------------------------------------------------

@@ -284,3 +284,16 @@ def test_eval_source_model_on_the_hub_reads_its_config_alone_and_records_its_com
     assert hub.calls == [("org/model", "dev", ["config.json", "*.py"])] and not hub.weights_fetched()
     kv = report["kv_cache"]
     assert (kv["source"], kv["source_commit"], kv["saving_factor"]) == ("org/model", COMMIT, 2.0), kv
+
+
+def test_a_cla_checkpoint_on_the_hub_as_model_path_keeps_its_original(hub, tmp_path):
+    """A CLA checkpoint downloaded by its Hub id (model.path org/cla) had its conversion record looked for as a local
+    folder: the original (the teacher, the baseline) was unknown, and distillation refused "set model.original".
+    Its records are read from the Hub's small files alone, never the weights."""
+    from clakit.uptrain.student import original_source
+
+    converted = convert("org/model", tmp_path / "cla", factor=2, init="mean", revision="v1", quiet=True)
+    hub.repo, hub.cache, hub.calls = converted, tmp_path / "cache_cla", []  # the Hub now serves the CLA checkpoint
+    assert original_source(ModelSection(path="org/cla", revision="v2")) == ("org/model", COMMIT)
+    assert hub.calls == [("org/cla", "v2", ["config.json", "*.py", "clakit_convert.json", "uptrain.json"])]
+    assert original_source(ModelSection(path="org/cla"), fetch=False) is None  # --dry-run fetches nothing

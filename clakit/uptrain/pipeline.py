@@ -176,7 +176,7 @@ def run_inputs(recipe: Recipe, recipe_path: Path | None) -> list[tuple[str, obje
     m = recipe.model
     return [
         ("model", [m.path, m.source]),
-        ("teacher", student.original_spec(m) if m.path or m.source else None),
+        ("teacher", student.original_spec(m, fetch=False) if m.path or m.source else None),
         ("training data", recipe.data.train),
         ("held-out data", recipe.data.eval),
         ("calibration data", m.convert.calib_data if m.convert else None),
@@ -342,7 +342,7 @@ def check_local_teacher(recipe: Recipe, out: Path, student_config) -> None:
     """--dry-run: the teacher / baseline checks the run makes before any work (one is needed with distillation; its
     shapes fit the student's; a local model.original is a stock model), where the student and the original are
     local (a Hub id is not fetched): --dry-run passed a missing teacher, or one of 5 layers for a 4-layer student."""
-    found = student.original_source(recipe.model)
+    found = student.original_source(recipe.model, fetch=False)
     if student_config is None or (found is not None and not expand(found[0], "model").exists()):
         return
     check_fitting_teacher(recipe, out, False, student_config, recipe.model.trust_remote_code)

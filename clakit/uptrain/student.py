@@ -15,7 +15,7 @@ from clakit import outputs
 from clakit.convert.pipeline import check_source_config
 from clakit.errors import ClakitError
 from clakit.paths import expand
-from clakit.sources import check_seq_len, load_config, load_model, resolve_source
+from clakit.sources import check_seq_len, load_config, load_model, records_folder, resolve_source
 from clakit.uptrain.recipe import MODEL_RUN_ONLY, section_refusal
 
 LAYER_PREFIX = "model.layers."
@@ -82,20 +82,24 @@ def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
         raise in_recipe(e, named=False) from None
 
 
-def original_source(model_section) -> tuple[str, str | None] | None:
+def original_source(model_section, fetch: bool = True) -> tuple[str, str | None] | None:
     """The stock model a CLA student came from, as (spec, revision): model.original or model.source (with
     model.revision), else model.path's conversion record, resolved as convert resolved it: the absolute local path
     it read (never the spec as typed, which was relative to wherever convert ran), or the Hub id and the commit it
-    downloaded; for a model.path uptrained by clakit before, the original its run resolved. None when unknown."""
+    downloaded; for a model.path uptrained by clakit before, the original its run resolved. None when unknown.
+    A Hub id as model.path has its records read from the Hub (its small files only); `fetch` False (--dry-run,
+    which fetches nothing): only a local model.path's."""
     if model_section.original or model_section.source:
         return model_section.original or model_section.source, model_section.revision
     from clakit.convert.output_folder import RECORD_FILE
 
-    record = expand(model_section.path, "model.path") / RECORD_FILE
+    folder = expand(model_section.path, "model.path")
+    if fetch:
+        folder = records_folder(model_section.path, model_section.revision)
     try:
-        data = json.loads(record.read_text())
+        data = json.loads((folder / RECORD_FILE).read_text())
     except (OSError, ValueError):
-        return _uptrained_original(expand(model_section.path, "model.path"))
+        return _uptrained_original(folder)
     if not isinstance(data, dict):
         return None
     source = data.get("source")
@@ -127,8 +131,8 @@ def code_settings(model_section) -> dict[str, bool]:
     return {key: getattr(model_section, key) for key in MODEL_RUN_ONLY}
 
 
-def original_spec(model_section) -> str | None:
-    found = original_source(model_section)
+def original_spec(model_section, fetch: bool = True) -> str | None:
+    found = original_source(model_section, fetch)
     return found[0] if found else None
 
 
