@@ -271,6 +271,25 @@ def test_a_stock_llama_with_a_sliding_window_key_is_evaluated_as_the_model_it_is
     assert cached.tolist() == ids[0, 12:].tolist()  # the all-producer conversion is the same model
 
 
+@pytest.mark.parametrize("layer_types", [None, ["sliding_attention"] * 4], ids=["window", "window-and-layer-types"])
+def test_an_in_memory_stock_llama_with_a_sliding_window_key_is_measured_and_decoded_as_it_computes(
+    tokenizer, layer_types
+):
+    """The same model given to `evaluate` in memory (never through load_model, which drops the unused window): its
+    measured cache kept the last 7 of 32 tokens (5,376 bytes against 24,576 computed, no note), and the passkey's
+    and speed's cached decoding read another model than its forward. The caller's model is left as it was."""
+    model = tiny_model("llama", sliding_window=8, **({"layer_types": layer_types} if layer_types else {})).eval()
+    kv = evaluate(model, tokenizer=tokenizer, text=make_text(600, 3), seq_len=32, max_tokens=128, speed=False,
+                  quiet=True)["kv_cache"]  # fmt: skip
+    assert kv["measured_bytes"] == kv["bytes_per_sequence"] > 0, kv
+    assert model.config.sliding_window == 8 and getattr(model.config, "layer_types", None) == layer_types
+    prompt = torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = prompt
+    for _ in range(10):  # no cache: the model's forward alone
+        ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(passkey.greedy(model, prompt, 10), ids[:, 12:])
+
+
 def test_a_sliding_window_model_other_than_llama_keeps_its_window(tmp_path, tokenizer):
     """`clakit eval` reads other causal LMs too, and their `sliding_window` is real (Qwen2's masks and layer_types
     apply it). e836313's rule was "Mistral's window only": load_model dropped a Qwen2's window (its forward then
@@ -294,7 +313,7 @@ def test_a_sliding_window_model_other_than_llama_keeps_its_window(tmp_path, toke
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     with pytest.raises(ClakitError, match="full attention only"):
-        kvquant.check(config, 8, 24)
+        kvquant.check(config, 8, 12)
     (tmp_path / "t.txt").write_text(make_text(600, 3))
     argv = ["eval", folder, "-o", tmp_path / "r.json", "--data", tmp_path / "t.txt", "--seq-len", "64",
             "--max-tokens", "256", "--no-speed", "-q"]  # fmt: skip

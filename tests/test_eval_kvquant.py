@@ -10,7 +10,7 @@ from clakit.convert.inmemory import cla_model_from
 from clakit.errors import ClakitError
 from clakit.eval import kvquant, perplexity
 
-GROUP = 8  # divides the tiny model's kv_heads x head_dim = 2 x 12
+GROUP = 6  # divides the tiny model's head_dim, 12: a group is part of one token's head
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,14 @@ def test_a_residual_not_yet_folded_in_is_counted_at_full_precision(stock, ids):
 
 @pytest.mark.parametrize(
     ("nbits", "group", "needle"),
-    [(3, GROUP, "bits must be one of 8, 4"), (8, 7, "group size must divide"), (4, 0, "group size must divide")],
+    [
+        (3, GROUP, "bits must be one of 8, 4"),
+        (8, 7, "group size must divide head_dim = 12 \\(a group is part of one token's head\\), got 7; use 6 or"),
+        (4, 0, "group size must divide head_dim = 12 .*, got 0; use 12 or"),
+        # divides kv_heads x head_dim = 24 (accepted before) but not head_dim: its groups spanned two tokens
+        (8, 8, "group size must divide head_dim = 12 .*, got 8; use 6 or"),
+        (8, 64, "got 64; use 12 or"),
+    ],
 )
 def test_bad_quantisation_settings_are_refused_in_one_line(stock, nbits, group, needle):
     with pytest.raises(ClakitError, match=needle) as e:

@@ -101,7 +101,7 @@ def test_a_cla_checkpoint_needs_no_remote_code_flag(tmp_path):
 
 # --- generate's cache implementations -------------------------------------------------------------------------------
 
-HQQ_4BIT = {"backend": "hqq", "nbits": 4, "residual_length": 4, "q_group_size": 8, "axis_key": 1, "axis_value": 1}
+HQQ_4BIT = {"backend": "hqq", "nbits": 4, "residual_length": 4, "q_group_size": 12, "axis_key": 1, "axis_value": 1}
 
 
 def prompt(batch: int = 2, length: int = 20, seed: int = 1) -> torch.Tensor:
@@ -132,7 +132,7 @@ def test_quantized_cache_generate_holds_only_producers():
     out = greedy(cla, x, cache_implementation="quantized", cache_config=HQQ_4BIT, return_dict_in_generate=True)
     assert [type(layer).__name__ for layer in out.cache.layers] == ["HQQQuantizedLayer", "DummyLayer"] * 2
     assert all(out.cache.layers[i]._quantized_keys is not None for i in (0, 2))
-    reference = QuantizedKVCache(cla.config, nbits=4, q_group_size=8, residual_length=4)
+    reference = QuantizedKVCache(cla.config, nbits=4, q_group_size=12, residual_length=4)
     assert torch.equal(out.sequences, greedy(cla, x, cache=reference))
     assert not torch.equal(out.sequences, greedy(cla, x))  # the quantisation is at work
 

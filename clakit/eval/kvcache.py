@@ -69,14 +69,28 @@ def measured_bytes(model, ids: torch.Tensor) -> int:
     return measured_cache(model, ids)[0]
 
 
+def new_cache(model):
+    """The DynamicCache the model's own forward computes with (consumer layers of a CLA config get a DummyLayer).
+    Built from a copy of its config with a window the model never applies dropped (sources.drop_unused_window, as
+    a loaded model's is): a stock Llama in memory with a `sliding_window` key got a cache keeping only the last
+    window - 1 tokens, so eval measured 168 bytes a token for 768 computed, and decoding saw another model."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from clakit.sources import drop_unused_window
+
+    config = copy.copy(model.config)  # shallow: drop_unused_window assigns attributes, it never edits them in place
+    drop_unused_window(config)
+    return DynamicCache(config=config)
+
+
 def measured_cache(model, ids: torch.Tensor) -> tuple[int, torch.dtype]:
     """(bytes, dtype) of what a DynamicCache holds after prefilling `ids` (1, L). The dtype is the cache's own: a
     model under FSDP's mixed precision keeps fp32 weights and a bf16 cache."""
-    from transformers import DynamicCache
-
     from clakit.eval.perplexity import no_grad_for
 
-    cache = DynamicCache(config=model.config)  # consumer layers of a CLA config get a DummyLayer
+    cache = new_cache(model)
     with no_grad_for(model):
         model(input_ids=ids.to(next(model.parameters()).device), cache=cache, use_cache=True, logits_to_keep=1)
     dtypes = [layer.keys.dtype for layer in cache.layers if isinstance(layer.keys, torch.Tensor)]

@@ -24,6 +24,7 @@ import torch
 
 from clakit import corpus
 from clakit.errors import ClakitError
+from clakit.eval import kvcache
 from clakit.provenance import settings_from_record
 
 INSTRUCTION = (
@@ -160,10 +161,8 @@ def answer(text: str) -> str | None:
 @torch.inference_mode()
 def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """(B, L) prompts -> (B, new_tokens) greedy continuations: one prefill into a DynamicCache, then a token a step."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
+    cache = kvcache.new_cache(model)
     out = model(input_ids=ids.to(device), cache=cache, use_cache=True, logits_to_keep=1)
     tokens = [out.logits[:, -1].argmax(-1)]
     for _ in range(new_tokens - 1):

@@ -7,6 +7,7 @@ import time
 import torch
 
 from clakit import devices
+from clakit.eval import kvcache
 
 
 def fit_window(length: int, decode_steps: int, window: int | None) -> tuple[int, int]:
@@ -21,9 +22,7 @@ def fit_window(length: int, decode_steps: int, window: int | None) -> tuple[int,
 
 def _one_pass(model, inputs: torch.Tensor, decode_steps: int) -> tuple[float, float]:
     """Seconds of one prefill of `inputs` (B, L) into a fresh cache and of `decode_steps` greedy steps after it."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
+    cache = kvcache.new_cache(model)
     start = time.perf_counter()
     out = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
     devices.synchronize(model)
