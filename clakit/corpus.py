@@ -272,6 +272,7 @@ def load_texts(specs: list[str] | str) -> list[Text]:
         raise ClakitError("no text data given")
     texts = []
     for spec in specs:
+        check_text_spec(spec, "text data")
         path = expand(spec, "text data")
         if path.is_dir():
             texts.extend(Text.file(p) for p in _folder_files(path))
@@ -289,6 +290,16 @@ def load_texts(specs: list[str] | str) -> list[Text]:
         if not any(p.strip() for p in t.pieces()):  # stops at the first piece with text in it
             raise ClakitError(f"text data {t.name!r} is empty (or only whitespace); remove it or give it text")
     return texts
+
+
+def check_text_spec(spec: str, where: str) -> None:
+    """An empty (or blank) text spec is refused: Path("") is ".", so it read the current folder's files (a shell's
+    log became training or held-out text)."""
+    if not str(spec).strip():
+        raise ClakitError(
+            f"{where} has an empty name ({spec!r}), which would read the current folder; give a text file, a folder "
+            "of .txt or NAME:CONFIG:SPLIT"
+        )
 
 
 def _not_a_file(spec: str) -> str:

@@ -195,6 +195,18 @@ CASES = [
          write_file("dup.yaml", "train: {learning_rate: 1e-3, learning_rate: 1e-2}"), id="recipe-duplicate-key"),
     Case("uptrain {r2} -q", "key 'train' is given twice", with_recipe_text(lambda t: t + "train: {max_steps: 2}\n"),
          id="recipe-duplicate-section"),
+    # a list or mapping as a key: `key in seen` was a TypeError traceback (exit 1)
+    Case("uptrain {unhash} -q", "not valid YAML at line 1: a list is given as a key; keys are names",
+         write_file("unhash.yaml", "distill: {weight: 0.5, ? [a, b] : 1}"), id="recipe-unhashable-key"),
+    Case(UP + "'distill={{[a]: 1}}'", "not valid YAML (a list is given as a key; keys are names)",
+         id="override-unhashable-key"),
+    # [] was "given" to the checks (eval_fraction unchecked) and "not given" to packing (the tail held out)
+    Case(UP + "'data.eval=[]' data.eval_fraction=1.5", "data.eval is an empty list", id="eval-empty-list"),
+    # "" is Path("."): the current folder's files were trained on, or held out
+    Case(UP + "'data.train=[\"\", {data}/train.txt]'", "has an empty name (''), which would read the current folder",
+         id="train-empty-name"),
+    Case(UP + "'data.eval=[\" \"]'", "has an empty name (' ')", id="eval-blank-name"),
+    Case(CONVERT + "--init calibrated --calib-data ''", "has an empty name ('')", id="convert-calib-empty-name"),
     Case("uptrain {lst} -q", "must be a YAML mapping", write_file("lst.yaml", "- a\n- b\n"), id="recipe-list"),
     Case("uptrain {empty} -q", "must be a YAML mapping", write_file("empty.yaml", ""), id="recipe-empty"),
     Case("uptrain {tab} -q", "is not valid YAML at line 2", write_file("tab.yaml", "train:\n\t- x\n"),

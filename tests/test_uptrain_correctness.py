@@ -282,7 +282,7 @@ def test_token_kl_and_its_gradient_equal_torch_kl_div(temperature):
 
 def test_the_uptrain_loss_equals_its_definition_computed_independently(odd_source, odd_cla_checkpoint):
     """weight x KL(teacher || student) at T x T^2 + (1 - weight) x next-token CE + hidden_mse_weight x the mean
-    over layers of |h_s - h_t|^2 / |h_t|^2, on every position of the window, value and gradient."""
+    over layers and sequences of |h_s - h_t|^2 / |h_t|^2, on every position of the window, value and gradient."""
     import torch.nn.functional as F
 
     from clakit.sources import load_model, resolve_source
@@ -301,7 +301,8 @@ def test_the_uptrain_loss_equals_its_definition_computed_independently(odd_sourc
     log_s, log_t = F.log_softmax(s.logits / 2.0, -1), F.log_softmax(t.logits.detach() / 2.0, -1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * 4.0
     layers = zip(s.hidden_states[1:], t.hidden_states[1:], strict=True)
-    mse = torch.stack([(a - b.detach()).pow(2).sum() / b.detach().pow(2).sum() for a, b in layers]).mean()
+    # per sequence (dims 1, 2), then the mean over layers and sequences
+    mse = torch.stack([(a - b.detach()).pow(2).sum((1, 2)) / b.detach().pow(2).sum((1, 2)) for a, b in layers]).mean()
     reference = 0.6 * kl + 0.4 * ce + 0.3 * mse
     reference.backward()
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
@@ -322,7 +323,9 @@ def test_accumulating_two_micro_batches_trains_like_one_batch_of_twice_the_size(
         train = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation, "max_steps": 4}
         sections = {"model": {"path": str(odd_cla_checkpoint), "original": str(odd_source)}, "train": train}
         lora = {**ODD_LORA, "full_train": ["k_proj"], "lora_dropout": 0.0}
-        recipe = tiny_recipe(corpus_dir, tmp_path / name, lora=lora, distill={"weight": 0.5}, **sections)
+        # the hidden-state MSE too: a ratio of whole-batch means trained other weights (3e-3 apart) on batch 1 x 2
+        distill = {"weight": 0.5, "hidden_mse_weight": 0.5}
+        recipe = tiny_recipe(corpus_dir, tmp_path / name, lora=lora, distill=distill, **sections)
         runs[name] = run_uptrain(write_recipe(tmp_path / f"{name}.yaml", recipe), quiet=True)
     a, b = tensors_of(runs["one"]), tensors_of(runs["two"])
     start = tensors_of(odd_cla_checkpoint)

@@ -94,6 +94,8 @@ def test_fingerprint_ignores_logging_but_not_training_settings(tmp_path):
     path = write(tmp_path, MINIMAL)
     base = load_recipe(path).fingerprint()
     assert load_recipe(path, ["train.logging_steps=3", "train.save_steps=7"]).fingerprint() == base
+    # the held-out scoring batch trains nothing: a resume on a smaller GPU may lower it (it was refused)
+    assert load_recipe(path, ["train.per_device_eval_batch_size=1"]).fingerprint() == base
     assert load_recipe(path, ["train.learning_rate=1e-3"]).fingerprint() != base
 
 

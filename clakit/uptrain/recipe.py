@@ -6,6 +6,7 @@ fields. Section and field names follow upstream: `train` uses transformers' `Tra
 peft's `LoraConfig` names.
 """
 
+import collections.abc
 import dataclasses
 import hashlib
 import importlib.resources
@@ -21,13 +22,21 @@ import yaml
 
 from clakit import settings
 from clakit.convert.config import ConvertConfig
-from clakit.corpus import datasets_spec, is_datasets_spec
+from clakit.corpus import check_text_spec, datasets_spec, is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.sources import check_revision
 
 # train keys that do not change the trained weights: outside the fingerprint, so --resume may change them
-RUN_ONLY = ("output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to", "eval_steps")
+RUN_ONLY = (  # where and how often it writes, and the held-out scoring batch: never what it trains
+    "output_dir",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "report_to",
+    "eval_steps",
+    "per_device_eval_batch_size",
+)
 # model keys that say what may be read, not what is trained, and the flag that sets each (convert's, which `clakit
 # uptrain` takes too: clakit.cli builds its flags from this table): outside the fingerprint too (a run recorded
 # before they existed resumes, and a resume may add them)
@@ -403,6 +412,10 @@ class StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # no value of its own: SafeLoader flattens it below
                 continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):  # `? [a, b] : 1`: `in seen` was a TypeError traceback
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a {type(key).__name__} is given as a key; keys are names", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
@@ -454,8 +467,8 @@ SEED_LIMIT = 2**32  # numpy's seeds are 32-bit; accelerate's set_seed seeds nump
 def validate(recipe: Recipe) -> None:
     """Cross-field and range checks the types alone do not catch (every float is already finite)."""
     _validate_model(recipe.model)
+    _check_datasets_specs(recipe)  # first: an empty spec is "." to the path comparisons below
     _validate_data(recipe.data)
-    _check_datasets_specs(recipe)
     _check_calibration_held_out(recipe)
     _validate_train(recipe.train)
     _validate_lora(recipe.lora)
@@ -489,6 +502,9 @@ def _validate_model(m: ModelSection) -> None:
 
 def _validate_data(d: DataSection) -> None:
     _check(bool(d.train), "recipe needs data.train: text files, folders of .txt or datasets specs")
+    # [] read as "given" here and as "not given" by packing (the tail held out, eval_fraction unchecked)
+    _check(d.eval != [], "data.eval is an empty list: give held-out texts, or drop the key to hold out the end of "
+           "data.train (data.eval_fraction)")  # fmt: skip
     _check_each_once(d.train)
     for spec in d.eval or []:
         for train in d.train:
@@ -536,6 +552,7 @@ def _check_datasets_specs(recipe: Recipe) -> None:
     """Each text spec naming no local file is a well-formed datasets spec (corpus.datasets_spec), refused here before
     the run (and its --dry-run) rather than when the text is read."""
     for spec in recipe.text_specs():
+        check_text_spec(spec, "a text of data.train, data.eval or model.convert's calib_data/eval_data")
         if _local_path(spec) is None:
             datasets_spec(spec)
 
