@@ -152,7 +152,12 @@ def test_unsupported_architecture(src, tmp_path, capsys, architecture, model_typ
 
 def test_a_converted_checkpoint_given_again_is_refused_naming_its_original(src, tmp_path, capsys):
     assert run_cli(src, tmp_path / "cla", "--factor", "2", "--quiet") == 0
-    assert_refused(capsys, tmp_path / "cla", tmp_path / "out", "--factor", "2", match=ALREADY_CLA)
+    match = ALREADY_CLA + " original it was made from (its clakit_convert.json names it as source)"
+    assert_refused(capsys, tmp_path / "cla", tmp_path / "out", "--factor", "2", match=match)
+    # an uptrained model has no clakit_convert.json (its uptrain.json holds the conversion): it was named anyway
+    (tmp_path / "cla" / "clakit_convert.json").rename(tmp_path / "cla" / "uptrain.json")
+    match = ALREADY_CLA + " original it was made from (its uptrain.json names it as original)"
+    assert_refused(capsys, tmp_path / "cla", tmp_path / "out", "--factor", "2", match=match)
 
 
 def _with_a_nan(src: Path, name: str = "model.layers.2.mlp.down_proj.weight") -> None:

@@ -230,6 +230,54 @@ def test_the_teacher_is_the_converted_models_source_not_a_same_named_folder_here
     assert ppl == pytest.approx(first_ppl, rel=1e-5)
 
 
+def test_a_recorded_teacher_that_moved_is_refused_naming_the_record_dry_run_too(tokenizer, corpus_dir, tmp_path):
+    """The conversion's source moved after it was converted: --dry-run passed and the run said "model '/.../orig'
+    does not exist: give a checkpoint folder", a path the user never typed; now both name the record and the fix."""
+    from clakit.convert import convert
+
+    converted = convert(save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "orig"), tmp_path / "cla",
+                        factor=2, quiet=True)  # fmt: skip
+    (tmp_path / "orig").rename(tmp_path / "orig_moved")
+    recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"path": str(converted)}, distill={"weight": 0.5})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    needle = f"the original model {converted} was made from ({tmp_path / 'orig'}, as its clakit_convert.json records)"
+    for dry_run in (True, False):
+        with pytest.raises(ClakitError, match=re.escape(needle + " no longer exists; set model.original to where")):
+            uptrain(path, dry_run=dry_run, quiet=True)
+    assert not (tmp_path / "run").exists()
+    uptrain(path, [f"model.original={tmp_path / 'orig_moved'}"], dry_run=True, quiet=True)  # the fix it names
+
+
+def test_held_out_text_is_none_the_start_checkpoint_was_fitted_on_before(tokenizer, corpus_dir, tmp_path):
+    """model.path's records name what it was fitted on: its conversion's calibration text (a copy under another
+    name, relative to the folder convert ran in) and an earlier uptraining's training text. Given as data.eval, or
+    cut as the held-out tail, its "held-out" numbers were accepted (model.convert refused the same text)."""
+    from clakit.convert import convert
+
+    shutil.copy(corpus_dir / "calib.txt", tmp_path / "fit.txt")
+    source = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "orig")
+    cla = convert(source, tmp_path / "cla", factor=2, init="calibrated", calib_data=[str(tmp_path / "fit.txt")],
+                  calib_tokens=256, seq_len=32, quiet=True)  # fmt: skip
+    needle = "holds the same text as text model.path was fitted on before " + str(tmp_path / "fit.txt")
+
+    def run(name, **data):
+        train = {"max_steps": 1, "warmup_steps": 0}
+        recipe = tiny_recipe(corpus_dir, tmp_path / name, model={"path": str(cla)}, data=data, train=train)
+        return uptrain(write_recipe(tmp_path / f"{name}.yaml", recipe), quiet=True)
+
+    with pytest.raises(ClakitError, match=re.escape(needle)):
+        run("r1", eval=[str(corpus_dir / "calib.txt")])
+    with pytest.raises(ClakitError, match=re.escape("is cut from " + str(corpus_dir / "calib.txt"))):
+        run("r2", train=[str(corpus_dir / "calib.txt")], eval=None)
+    first = run("r3")  # trained on train.txt, held out heldout.txt
+    cla = first  # an uptrained model: its own training text and its conversion's calibration, down the chain
+    trained = "model.path was fitted on before " + str(corpus_dir / "train.txt")
+    with pytest.raises(ClakitError, match=re.escape(trained)):
+        run("r4", train=[str(tmp_path / "fit.txt")], eval=[str(corpus_dir / "train.txt")])
+    with pytest.raises(ClakitError, match=re.escape(needle)):
+        run("r5", eval=[str(tmp_path / "fit.txt")])
+
+
 def test_without_distillation_a_hub_id_or_a_moved_recorded_original_is_best_effort(
     tiny_cla_checkpoint,  # noqa: F811
     corpus_dir,

@@ -62,7 +62,7 @@ from clakit.corpus import load_texts, near_copy, shared_text, texts_sha256
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.paths import expand
-from clakit.provenance import file_sha256, library_versions, provenance, text_sha256
+from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD, file_sha256, library_versions, provenance, text_sha256
 from clakit.sources import (
     Source,
     check_revision,
@@ -298,11 +298,20 @@ def _check_not_quantized(source: Source, quantization) -> None:
         )
 
 
+def _recorded_origin(source: Source) -> str:
+    """Where a CLA checkpoint names its original: a conversion's clakit_convert.json (`source`), an uptrained model's
+    uptrain.json (`original`; it has no conversion record of its own: it was named as if it had)."""
+    uptrained = source.kind == "dir" and (source.path / UPTRAIN_RECORD).is_file()
+    if uptrained and not (source.path / CONVERT_RECORD).is_file():
+        return f"its {UPTRAIN_RECORD} names it as original"
+    return f"its {CONVERT_RECORD} names it as source"
+
+
 def _check_architecture(source: Source, architectures: list | None, model_type: str | None) -> str:
     if str(model_type).endswith("_cla"):  # whatever `architectures` says (edited by hand: a missing-k_proj error)
         raise ClakitError(
             f"{source.spec} is already a CLA checkpoint (model_type {model_type}); clakit convert reads the stock "
-            "model: convert the original it was made from (its clakit_convert.json names it as source)"
+            f"model: convert the original it was made from ({_recorded_origin(source)})"
         )
     architecture = (architectures or [_ARCH_OF_TYPE.get(model_type, model_type)])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:

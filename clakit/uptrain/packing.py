@@ -94,13 +94,22 @@ def _too_short(what: str, n_tokens: int, seq_len: int) -> ClakitError:
     )
 
 
+FITTED_BEFORE = "text model.path was fitted on before"  # as its records name it: conversion, earlier uptraining
+
+
 def build_data(
-    data, tokenizer, train_tokens: int | None = None, seed: int = 0, calib: list[str] | None = None
+    data,
+    tokenizer,
+    train_tokens: int | None = None,
+    seed: int = 0,
+    calib: list[str] | None = None,
+    before: list[str] | None = None,
 ) -> PackedData:
     """Tokenise and pack a recipe's `data` section. `train_tokens` (the run's token budget, when known) bounds the
     train text read; the held-out blocks are capped at `eval_max_tokens` and never get copies. `calib`: the
-    conversion's calibration specs (model.convert.calib_data), which data.eval must not hold either."""
-    train_texts, eval_texts, eval_sources = _split_texts(data, calib)
+    conversion's calibration specs (model.convert.calib_data), which data.eval must not hold either; `before`: the
+    local files the start checkpoint was fitted on before (student.fitted_before), nor those."""
+    train_texts, eval_texts, eval_sources = _split_texts(data, calib, load_texts(before) if before else [])
     # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
     train_ids = tokenize_shares(tokenizer, train_texts, train_tokens)
     eval_ids = tokenize(tokenizer, eval_texts, data.eval_max_tokens + data.seq_len)
@@ -110,7 +119,7 @@ def build_data(
     return PackedData(train, held, [t.name for t in train_texts], eval_sources)
 
 
-def _split_texts(data, calib: list[str] | None) -> tuple[list, list, list[str]]:
+def _split_texts(data, calib: list[str] | None, before: list[Text]) -> tuple[list, list, list[str]]:
     """(train texts, held-out texts, the held-out sources as the card names them): data.eval, or the tail of the
     train text, checked against the train and calibration text it must not hold."""
     train_texts = load_texts(data.train)
@@ -119,7 +128,7 @@ def _split_texts(data, calib: list[str] | None) -> tuple[list, list, list[str]]:
     calib_texts = load_texts(local_calib) if local_calib else []
     if data.eval:
         eval_texts = load_texts(data.eval)
-        fitted = {"data.train": train_texts, "calibration text": calib_texts}
+        fitted = {"data.train": train_texts, "calibration text": calib_texts, FITTED_BEFORE: before}
         check_held_out(eval_texts, fitted)
         return train_texts, eval_texts, [t.name for t in eval_texts]
     # hold out the tail of the train text: contiguous, so no block straddles train and eval
@@ -128,8 +137,10 @@ def _split_texts(data, calib: list[str] | None) -> tuple[list, list, list[str]]:
     whole = [t for t in texts if t.name in tail]  # the files the held-out tail was cut from, whole
     others = [t for t in texts if t.name not in tail]
     check_tail_not_calibrated(whole, calib_texts, data.eval_fraction)
+    check_tail_not_fitted_before(whole, before, data.eval_fraction)
     check_tail_not_trained(whole, others)
-    check_not_near_copy(eval_texts, {"data.train": others, "calibration text": calib_texts}, "the held-out tail")
+    fitted = {"data.train": others, "calibration text": calib_texts, FITTED_BEFORE: before}
+    check_not_near_copy(eval_texts, fitted, "the held-out tail")
     return train_texts, eval_texts, [f"last {data.eval_fraction:g} of data.train"]
 
 
@@ -185,6 +196,18 @@ def check_tail_not_calibrated(train: list[Text], calib: list[Text], fraction: fl
     found = shared_text(calib, train)
     if found is not None:
         raise ClakitError(calibrated_tail(found[0].name, found[1], fraction))
+
+
+def check_tail_not_fitted_before(train: list[Text], before: list[Text], fraction: float) -> None:
+    """The held-out tail cut from a train file whose text the start checkpoint was fitted on before (its
+    conversion's calibration, an earlier uptraining's training text): its numbers would not be held out."""
+    found = shared_text(before, train)
+    if found is not None:
+        raise ClakitError(
+            f"the held-out text (the last data.eval_fraction={fraction:g} of data.train) is cut from {found[1]}, "
+            f"{FITTED_BEFORE} (as {found[0].name}, named in its records): its numbers would not be held out; give "
+            "held-out text as data.eval"
+        )
 
 
 def check_tail_not_trained(tail: list[Text], others: list[Text]) -> None:

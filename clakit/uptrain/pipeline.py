@@ -31,6 +31,7 @@ from clakit.convert.layerwise import resolve_device
 from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
+from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD
 from clakit.sources import check_weights, load_config, load_model, load_tokenizer, looks_like_hub_id, resolve_source
 from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
@@ -220,11 +221,29 @@ def check_teacher(recipe: Recipe, out: Path, resume: bool):
         check_stock(source, "model.original", recipe.model.trust_remote_code)
         return source
     if found is None or recipe.needs_teacher:
+        check_recorded_original(recipe.model, found)
         return found and resolve_source(*found, recipe.model.allow_pickle)
     try:
         return resolve_source(*found, recipe.model.allow_pickle)
     except ClakitError:  # without distillation it is only the baseline report: a moved original costs just that
         return None
+
+
+def check_recorded_original(model, found: tuple[str, str | None] | None) -> None:
+    """A teacher read from model.path's records (neither model.original nor model.source given) whose local path is
+    gone (the original moved after the conversion): refused naming the record and the fix. resolve_source named a
+    path the user never typed, with "give a checkpoint folder", and --dry-run passed it."""
+    if model.original or model.source or found is None or found[1] is not None:
+        return
+    spec = found[0]
+    if expand(spec, "model").exists() or (looks_like_hub_id(spec) and not Path(spec).is_absolute()):
+        return
+    folder = expand(model.path, "model.path")
+    record = CONVERT_RECORD if (folder / CONVERT_RECORD).is_file() else UPTRAIN_RECORD
+    raise ClakitError(
+        f"the original model {model.path} was made from ({spec}, as its {record} records) no longer exists; set "
+        "model.original to where that stock model is now"
+    )
 
 
 def check_original(spec: str | None) -> None:
@@ -343,6 +362,8 @@ def check_local_teacher(recipe: Recipe, out: Path, student_config) -> None:
     shapes fit the student's; a local model.original is a stock model), where the student and the original are
     local (a Hub id is not fetched): --dry-run passed a missing teacher, or one of 5 layers for a 4-layer student."""
     found = student.original_source(recipe.model, fetch=False)
+    if recipe.needs_teacher:
+        check_recorded_original(recipe.model, found)
     if student_config is None or (found is not None and not expand(found[0], "model").exists()):
         return
     check_fitting_teacher(recipe, out, False, student_config, recipe.model.trust_remote_code)
@@ -860,7 +881,8 @@ def _read_data(recipe: Recipe, tokenizer, acc, out: Path, resume: bool, shape: S
     once: run.json's, the resume check's and the result's (uptrain.json)."""
     budget = token_budget(recipe.train, recipe.data.seq_len, shape)
     calib = recipe.model.convert.calib_data if recipe.model.convert else None
-    data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed, calib=calib)
+    before = student.fitted_before(recipe.model)
+    data = build_data(recipe.data, tokenizer, budget, seed=recipe.train.seed, calib=calib, before=before)
     check_launch(data, acc.num_processes)
     check_step_fits_data(data, shape)
     check_plan(recipe.train, make_plan(recipe.train, len(data.train), data.seq_len, shape))

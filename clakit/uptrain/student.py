@@ -126,6 +126,57 @@ def _uptrained_original(path: Path) -> tuple[str, str | None] | None:
     return original["path"], None
 
 
+def fitted_before(model_section) -> list[str]:
+    """The local text files the CLA checkpoint in model.path was already fitted on, as its records name them, each
+    resolved from the folder its run was in: its conversion's calibration text, and for a model uptrained by clakit
+    before, each earlier run's training text down the chain (uptrain.json's `start_uptrain`). Held-out text must be
+    none of them: the card's "held-out" numbers were measured on the conversion's calibration text, accepted as
+    model.path where model.convert refused it. Files no longer there are skipped (nothing to compare)."""
+    from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD
+    from clakit.uptrain.card import read_record
+
+    folder = expand(model_section.path, "model.path") if model_section.path else None
+    if folder is None or not folder.is_dir():  # none, or a Hub id (its records name another machine's files)
+        return []
+    found = _calibrated_on(read_record(folder / CONVERT_RECORD))
+    run, depth = read_record(folder / UPTRAIN_RECORD), 0
+    while isinstance(run, dict) and depth < 100:  # each earlier run: its training text, the conversion it started from
+        found += _trained_on(run) + _calibrated_on(run.get("conversion"))
+        run, depth = run.get("start_uptrain"), depth + 1
+    return list(dict.fromkeys(found))
+
+
+def _trained_on(run: dict) -> list[str]:
+    """An earlier run's training files when it trained on all of them (its held-out text was data.eval). One that
+    held out the tail of data.train trained on part of them only: the same files and fraction again hold out the
+    same tail, which is no refusal, so they are left out."""
+    data = (run.get("recipe") or {}).get("data") if isinstance(run.get("recipe"), dict) else None
+    if not isinstance(data, dict) or not data.get("eval"):
+        return []
+    return _located(run.get("train_data"), run.get("cwd"))
+
+
+def _calibrated_on(record) -> list[str]:
+    """A conversion record's calibration files (settings.calib_data, typed relative to provenance.cwd)."""
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        return []
+    cwd = (record.get("provenance") or {}).get("cwd") if isinstance(record.get("provenance"), dict) else None
+    return _located(record["settings"].get("calib_data"), cwd)
+
+
+def _located(names, cwd) -> list[str]:
+    """The recorded text names that are local files now, as absolute paths (relative ones from `cwd`)."""
+    found = []
+    for name in names if isinstance(names, list) else []:
+        if not isinstance(name, str) or not name.strip():
+            continue
+        path = Path(name).expanduser()
+        path = Path(cwd) / path if not path.is_absolute() and isinstance(cwd, str) else path
+        if path.is_absolute() and path.is_file():
+            found.append(str(path))
+    return found
+
+
 def code_settings(model_section) -> dict[str, bool]:
     """What the run may execute when it reads a model other than its CLA student (load_model's keywords)."""
     return {key: getattr(model_section, key) for key in MODEL_RUN_ONLY}
