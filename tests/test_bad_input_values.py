@@ -135,6 +135,12 @@ CASES = [
          id="one-step-with-warmup"),
     Case(UP + "train.max_steps=-1 train.max_tokens=10 train.warmup_steps=0 train.warmup_ratio=0.5",
          "set train.warmup_steps=0 train.warmup_ratio=0, or train more steps", id="one-step-from-tokens-with-warmup"),
+    # --dry-run passed both; the run refused them
+    Case(UP + "--dry-run train.max_steps=4 train.warmup_steps=0 train.warmup_ratio=0.9",
+         "the warmup (4 steps from train.warmup_ratio=0.9) is not shorter than train.max_steps=4",
+         id="dry-run-warmup-ratio-as-long-as-the-run"),
+    Case(UP + "--dry-run 'train.report_to=[tensorboard]'", "train.report_to asks for tensorboard, which is not "
+         "installed", id="dry-run-tensorboard-missing"),
     Case(UP + "train.adam_epsilon=0", "train.adam_epsilon must be > 0"),
     Case(UP + "train.max_grad_norm=-1", "train.max_grad_norm must be >= 0 (0: no clipping)"),
     Case(UP + "train.max_grad_norm=.nan", "train.max_grad_norm must be a finite number"),

@@ -63,6 +63,10 @@ def test_two_processes_train_like_one_process_of_twice_the_batch(
     assert (tmp_path / "two" / "converted" / "config.json").is_file() and not list(tmp_path.glob("two/*.failed"))
     record = json.loads((tmp_path / "two" / "model" / "uptrain.json").read_text())
     assert record["processes"] == 2 and record["train_tokens"] == 4 * 2 * 32
+    # the card's rerun command launches the processes it ran on (`clakit uptrain` alone trained half a step's blocks)
+    cards = {name: (tmp_path / name / "model" / "README.md").read_text() for name in ("one", "two")}
+    assert "run `accelerate launch --num_processes 2 -m clakit uptrain recipe.yaml" in cards["two"]
+    assert "--nproc_per_node 2 -m clakit uptrain" in cards["two"] and "num_processes" not in cards["one"]
     a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     assert set(a) == set(b)
     for name in a:  # same blocks per step, gradients averaged by DDP: equal up to the all-reduce's float rounding

@@ -175,14 +175,32 @@ def _recipe_lines(s: dict) -> list[str]:
         "## Recipe",
         "",
         f"The recipe as run, every key resolved (fingerprint `{s.get('fingerprint')}`). To rerun it, save this block"
-        f" as `recipe.yaml` and run `clakit uptrain recipe.yaml train.output_dir=NEW_FOLDER`{where} (its relative"
-        " paths are relative to that folder); with the same data, versions and device it trains the same weights.",
+        f" as `recipe.yaml` and run {_rerun_command(s)}{where} (its relative paths are relative to that folder); with"
+        " the same data, versions and device it trains the same weights.",
         "",
         "```yaml",
         yaml.safe_dump(s["recipe"], sort_keys=False).rstrip("\n"),
         "```",
         "",
     ]
+
+
+def _rerun_command(s: dict) -> str:
+    """The command line that reruns the run, on the processes it started on: a step reads batch x accumulation x
+    processes blocks, so `clakit uptrain` alone (1 process) after a 2-process run trained half the tokens a step, other
+    weights under the same fingerprint."""
+    rerun = "clakit uptrain recipe.yaml train.output_dir=NEW_FOLDER"
+    train = (s.get("recipe") or {}).get("train") or {}
+    per = [train.get("per_device_train_batch_size"), train.get("gradient_accumulation_steps")]
+    blocks = (s.get("step_shape") or {}).get("blocks_per_step")
+    if not all(type(v) is int and v > 0 for v in [*per, blocks]) or blocks <= per[0] * per[1]:
+        return f"`{rerun}`"
+    n = blocks // (per[0] * per[1])  # the processes it started on (a resume on others keeps the blocks a step)
+    return (
+        f"`accelerate launch --num_processes {n} -m {rerun}` ({n} processes, as it "
+        f"started: a step reads {blocks} blocks; on CPUs `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {n} -m "
+        f"{rerun}`)"
+    )
 
 
 def read_record(path: Path) -> dict | None:

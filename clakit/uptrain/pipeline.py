@@ -836,6 +836,7 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
 def _dry_run(recipe: Recipe, out: Path) -> Path:
     """--dry-run: the cheap checks (paths, a local model's config), then the resolved recipe on stdout."""
     check_paths(recipe)
+    check_tensorboard(recipe.train)  # as the run checks it: --dry-run passed report_to tensorboard without it
     check_local_teacher(recipe, out, check_local_model(recipe))
     print(recipe.to_yaml(), end="")
     return out / RESULT
