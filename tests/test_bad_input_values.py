@@ -137,7 +137,7 @@ CASES = [
          "set train.warmup_steps=0 train.warmup_ratio=0, or train more steps", id="one-step-from-tokens-with-warmup"),
     # --dry-run passed both; the run refused them
     Case(UP + "--dry-run train.max_steps=4 train.warmup_steps=0 train.warmup_ratio=0.9",
-         "the warmup (4 steps from train.warmup_ratio=0.9) is not shorter than train.max_steps=4",
+         "the warmup (4 steps from train.warmup_ratio=0.9) is not shorter than the run (train.max_steps=4)",
          id="dry-run-warmup-ratio-as-long-as-the-run"),
     Case(UP + "--dry-run 'train.report_to=[tensorboard]'", "train.report_to asks for tensorboard, which is not "
          "installed", id="dry-run-tensorboard-missing"),

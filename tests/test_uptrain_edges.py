@@ -82,7 +82,8 @@ def test_warmup_as_long_as_max_steps_is_refused_naming_both(tmp_path, corpus_dir
         ),
         (
             ["train.max_steps=4", "train.warmup_steps=0", "train.warmup_ratio=0.8"],
-            "the warmup (4 steps from train.warmup_ratio=0.8) is not shorter than the run (4 steps)",
+            # refused when the recipe is read (--dry-run too), the run's own steps known without the data
+            "the warmup (4 steps from train.warmup_ratio=0.8) is not shorter than the run (train.max_steps=4)",
         ),
     ],
     ids=["steps-from-max-tokens", "warmup-from-ratio"],

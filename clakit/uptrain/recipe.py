@@ -658,9 +658,9 @@ def _validate_train(t: TrainSection) -> None:
     ratio_steps = math.ceil(t.warmup_ratio * t.max_steps)
     _check(
         t.max_steps <= 1 or t.warmup_steps > 0 or ratio_steps < t.max_steps,
-        f"the warmup ({ratio_steps} steps from train.warmup_ratio={t.warmup_ratio:g}) is not shorter than "
-        f"train.max_steps={t.max_steps}: the learning rate would never reach its peak; lower train.warmup_ratio, or "
-        "train more steps",
+        f"the warmup ({ratio_steps} steps from train.warmup_ratio={t.warmup_ratio:g}) is not shorter than the run "
+        f"(train.max_steps={t.max_steps}): the learning rate would never reach its peak; lower train.warmup_ratio, "
+        "or train more steps",
     )
     # as trainer.check_plan, here so that --dry-run refuses it too (constant, whose warmup is refused above, has none)
     _check(t.max_steps != 1 or (t.warmup_steps == 0 and t.warmup_ratio == 0), ONE_STEP_WARMUP)
