@@ -209,9 +209,9 @@ CASES = [
     # [] was "given" to the checks (eval_fraction unchecked) and "not given" to packing (the tail held out)
     Case(UP + "'data.eval=[]' data.eval_fraction=1.5", "data.eval is an empty list", id="eval-empty-list"),
     # "" is Path("."): the current folder's files were trained on, or held out
-    Case(UP + "'data.train=[\"\", {data}/train.txt]'", "has an empty name (''), which would read the current folder",
+    Case(UP + "'data.train=[\"\", {data}/train.txt]'", "data.train has an empty name (''), which would read",
          id="train-empty-name"),
-    Case(UP + "'data.eval=[\" \"]'", "has an empty name (' ')", id="eval-blank-name"),
+    Case(UP + "'data.eval=[\" \"]'", "data.eval has an empty name (' ')", id="eval-blank-name"),
     Case(CONVERT + "--init calibrated --calib-data ''", "has an empty name ('')", id="convert-calib-empty-name"),
     Case("uptrain {lst} -q", "must be a YAML mapping", write_file("lst.yaml", "- a\n- b\n"), id="recipe-list"),
     Case("uptrain {empty} -q", "must be a YAML mapping", write_file("empty.yaml", ""), id="recipe-empty"),

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_checkpoint, tiny_model
+from conftest import make_text, save_checkpoint, tiny_model
 from test_uptrain_run import run_cli
 from uptrain_fixtures import killed_at_step, tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
@@ -242,7 +242,7 @@ def test_a_recorded_teacher_that_moved_is_refused_naming_the_record_dry_run_too(
     path = write_recipe(tmp_path / "r.yaml", recipe)
     needle = f"the original model {converted} was made from ({tmp_path / 'orig'}, as its clakit_convert.json records)"
     for dry_run in (True, False):
-        with pytest.raises(ClakitError, match=re.escape(needle + " no longer exists; set model.original to where")):
+        with pytest.raises(ClakitError, match=re.escape(needle + " does not exist here (moved, or made on another")):
             uptrain(path, dry_run=dry_run, quiet=True)
     assert not (tmp_path / "run").exists()
     uptrain(path, [f"model.original={tmp_path / 'orig_moved'}"], dry_run=True, quiet=True)  # the fix it names
@@ -276,6 +276,15 @@ def test_held_out_text_is_none_the_start_checkpoint_was_fitted_on_before(tokeniz
         run("r4", train=[str(tmp_path / "fit.txt")], eval=[str(corpus_dir / "train.txt")])
     with pytest.raises(ClakitError, match=re.escape(needle)):
         run("r5", eval=[str(tmp_path / "fit.txt")])
+    # an earlier run that held out its tail: its training text is still no data.eval (it trained on most of it)
+    (tmp_path / "more.txt").write_text(make_text(4000, seed=9))
+    cla = run("r6", train=[str(tmp_path / "more.txt")], eval=None)
+    with pytest.raises(ClakitError, match=re.escape("model.path was fitted on before " + str(tmp_path / "more"))):
+        run("r7", eval=[str(tmp_path / "more.txt")])
+    assert run("r8", train=[str(tmp_path / "more.txt")], eval=None).is_dir()  # the same tail held out again
+    # a recorded file emptied or made binary since, which the run never reads, is no reason to refuse it
+    (tmp_path / "fit.txt").write_bytes(b"\x00\xff" * 100)
+    assert run("r9", eval=[str(corpus_dir / "heldout.txt")]).is_dir()
 
 
 def test_without_distillation_a_hub_id_or_a_moved_recorded_original_is_best_effort(

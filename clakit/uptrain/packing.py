@@ -103,13 +103,15 @@ def build_data(
     train_tokens: int | None = None,
     seed: int = 0,
     calib: list[str] | None = None,
-    before: list[str] | None = None,
+    before=None,
 ) -> PackedData:
     """Tokenise and pack a recipe's `data` section. `train_tokens` (the run's token budget, when known) bounds the
     train text read; the held-out blocks are capped at `eval_max_tokens` and never get copies. `calib`: the
     conversion's calibration specs (model.convert.calib_data), which data.eval must not hold either; `before`: the
-    local files the start checkpoint was fitted on before (student.fitted_before), nor those."""
-    train_texts, eval_texts, eval_sources = _split_texts(data, calib, load_texts(before) if before else [])
+    local files the start checkpoint was fitted on before (student.FittedBefore), nor those."""
+    every = _readable(before.every) if before else []
+    whole = [t for t in every if t.name in set(before.whole)] if before else []
+    train_texts, eval_texts, eval_sources = _split_texts(data, calib, every, whole)
     # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
     train_ids = tokenize_shares(tokenizer, train_texts, train_tokens)
     eval_ids = tokenize(tokenizer, eval_texts, data.eval_max_tokens + data.seq_len)
@@ -119,7 +121,19 @@ def build_data(
     return PackedData(train, held, [t.name for t in train_texts], eval_sources)
 
 
-def _split_texts(data, calib: list[str] | None, before: list[Text]) -> tuple[list, list, list[str]]:
+def _readable(paths: list[str]) -> list[Text]:
+    """The recorded files that read as text now: one emptied, made binary or unreadable since (the run names none
+    of them) cannot be the held-out text either, and refused a run that never reads it."""
+    texts = []
+    for path in paths:
+        try:
+            texts += load_texts([path])
+        except ClakitError:
+            continue
+    return texts
+
+
+def _split_texts(data, calib: list[str] | None, before: list[Text], whole_before: list[Text]) -> tuple:
     """(train texts, held-out texts, the held-out sources as the card names them): data.eval, or the tail of the
     train text, checked against the train and calibration text it must not hold."""
     train_texts = load_texts(data.train)
@@ -137,9 +151,9 @@ def _split_texts(data, calib: list[str] | None, before: list[Text]) -> tuple[lis
     whole = [t for t in texts if t.name in tail]  # the files the held-out tail was cut from, whole
     others = [t for t in texts if t.name not in tail]
     check_tail_not_calibrated(whole, calib_texts, data.eval_fraction)
-    check_tail_not_fitted_before(whole, before, data.eval_fraction)
+    check_tail_not_fitted_before(whole, whole_before, data.eval_fraction)
     check_tail_not_trained(whole, others)
-    fitted = {"data.train": others, "calibration text": calib_texts, FITTED_BEFORE: before}
+    fitted = {"data.train": others, "calibration text": calib_texts, FITTED_BEFORE: whole_before}
     check_not_near_copy(eval_texts, fitted, "the held-out tail")
     return train_texts, eval_texts, [f"last {data.eval_fraction:g} of data.train"]
 

@@ -239,10 +239,13 @@ def check_recorded_original(model, found: tuple[str, str | None] | None) -> None
     if expand(spec, "model").exists() or (looks_like_hub_id(spec) and not Path(spec).is_absolute()):
         return
     folder = expand(model.path, "model.path")
-    record = CONVERT_RECORD if (folder / CONVERT_RECORD).is_file() else UPTRAIN_RECORD
+    if folder.is_dir():  # a Hub id's records were read from its snapshot: named as either
+        record = CONVERT_RECORD if (folder / CONVERT_RECORD).is_file() else UPTRAIN_RECORD
+    else:
+        record = f"{CONVERT_RECORD} or {UPTRAIN_RECORD}"
     raise ClakitError(
-        f"the original model {model.path} was made from ({spec}, as its {record} records) no longer exists; set "
-        "model.original to where that stock model is now"
+        f"the original model {model.path} was made from ({spec}, as its {record} records) does not exist here "
+        "(moved, or made on another machine); set model.original to where that stock model is"
     )
 
 

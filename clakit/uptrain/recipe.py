@@ -551,8 +551,14 @@ def _same_text(a: str, b: str) -> bool:
 def _check_datasets_specs(recipe: Recipe) -> None:
     """Each text spec naming no local file is a well-formed datasets spec (corpus.datasets_spec), refused here before
     the run (and its --dry-run) rather than when the text is read."""
+    convert = recipe.model.convert
+    keyed = [("data.train", recipe.data.train), ("data.eval", recipe.data.eval)]
+    keyed += [("model.convert.calib_data", convert.calib_data), ("model.convert.eval_data", convert.eval_data)] if (
+        convert) else []  # fmt: skip
+    for key, specs in keyed:
+        for spec in specs or []:
+            check_text_spec(spec, key)
     for spec in recipe.text_specs():
-        check_text_spec(spec, "a text of data.train, data.eval or model.convert's calib_data/eval_data")
         if _local_path(spec) is None:
             datasets_spec(spec)
 

@@ -126,34 +126,38 @@ def _uptrained_original(path: Path) -> tuple[str, str | None] | None:
     return original["path"], None
 
 
-def fitted_before(model_section) -> list[str]:
+@dataclasses.dataclass
+class FittedBefore:
+    """The local text files a CLA checkpoint was fitted on, as its records name them (student.fitted_before)."""
+
+    every: list[str]  # what held-out text (data.eval) must not be
+    whole: list[str]  # those fitted on whole, which a held-out tail must not be cut from either
+
+
+def fitted_before(model_section) -> FittedBefore:
     """The local text files the CLA checkpoint in model.path was already fitted on, as its records name them, each
     resolved from the folder its run was in: its conversion's calibration text, and for a model uptrained by clakit
     before, each earlier run's training text down the chain (uptrain.json's `start_uptrain`). Held-out text must be
     none of them: the card's "held-out" numbers were measured on the conversion's calibration text, accepted as
-    model.path where model.convert refused it. Files no longer there are skipped (nothing to compare)."""
+    model.path where model.convert refused it. An earlier run that held out the tail of its data.train trained on
+    part of those files only: the same files and fraction again hold out the same tail, so they are not `whole`.
+    Files no longer there, or not readable as names, are skipped (nothing to compare)."""
     from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD
     from clakit.uptrain.card import read_record
 
     folder = expand(model_section.path, "model.path") if model_section.path else None
     if folder is None or not folder.is_dir():  # none, or a Hub id (its records name another machine's files)
-        return []
-    found = _calibrated_on(read_record(folder / CONVERT_RECORD))
-    run, depth = read_record(folder / UPTRAIN_RECORD), 0
+        return FittedBefore([], [])
+    whole = _calibrated_on(read_record(folder / CONVERT_RECORD))
+    part, run, depth = [], read_record(folder / UPTRAIN_RECORD), 0
     while isinstance(run, dict) and depth < 100:  # each earlier run: its training text, the conversion it started from
-        found += _trained_on(run) + _calibrated_on(run.get("conversion"))
+        data = (run.get("recipe") or {}).get("data") if isinstance(run.get("recipe"), dict) else None
+        trained = _located(run.get("train_data"), run.get("cwd"))
+        held_given = isinstance(data, dict) and bool(data.get("eval"))  # else it held out part of its training text
+        whole += _calibrated_on(run.get("conversion")) + (trained if held_given else [])
+        part += trained
         run, depth = run.get("start_uptrain"), depth + 1
-    return list(dict.fromkeys(found))
-
-
-def _trained_on(run: dict) -> list[str]:
-    """An earlier run's training files when it trained on all of them (its held-out text was data.eval). One that
-    held out the tail of data.train trained on part of them only: the same files and fraction again hold out the
-    same tail, which is no refusal, so they are left out."""
-    data = (run.get("recipe") or {}).get("data") if isinstance(run.get("recipe"), dict) else None
-    if not isinstance(data, dict) or not data.get("eval"):
-        return []
-    return _located(run.get("train_data"), run.get("cwd"))
+    return FittedBefore(list(dict.fromkeys(whole + part)), list(dict.fromkeys(whole)))
 
 
 def _calibrated_on(record) -> list[str]:
@@ -165,15 +169,19 @@ def _calibrated_on(record) -> list[str]:
 
 
 def _located(names, cwd) -> list[str]:
-    """The recorded text names that are local files now, as absolute paths (relative ones from `cwd`)."""
+    """The recorded text names that are local files now, as absolute paths (relative ones from `cwd`); a name this
+    user cannot resolve (`~nosuchuser/x`, too long, behind a folder it may not enter) is skipped, not a traceback."""
     found = []
     for name in names if isinstance(names, list) else []:
         if not isinstance(name, str) or not name.strip():
             continue
-        path = Path(name).expanduser()
-        path = Path(cwd) / path if not path.is_absolute() and isinstance(cwd, str) else path
-        if path.is_absolute() and path.is_file():
-            found.append(str(path))
+        try:
+            path = Path(name).expanduser()
+            path = Path(cwd) / path if not path.is_absolute() and isinstance(cwd, str) else path
+            if path.is_absolute() and path.is_file():
+                found.append(str(path))
+        except (OSError, RuntimeError, ValueError):
+            continue
     return found
 
 
