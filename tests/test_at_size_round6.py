@@ -55,7 +55,8 @@ def test_the_end_of_a_run_reads_the_conversion_record_once(tiny_cla_checkpoint, 
                                                            monkeypatch):  # fmt: skip
     """uptrain.json's origins and its resolved defaults each read the start checkpoint's clakit_convert.json (at
     70B it holds every candidate group's score): twice at the end, and they could disagree if it changed between.
-    Once at the start (run.json), once at the end now, both taken from that one read."""
+    Once at the end now, both taken from that one read; at the start once for run.json and once for the held-out
+    check (student.fitted_before: the conversion's calibration files)."""
     from clakit.uptrain import card
 
     start = tmp_path / "start"
@@ -66,7 +67,7 @@ def test_the_end_of_a_run_reads_the_conversion_record_once(tiny_cla_checkpoint, 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(start)}))
     assert run_cli(capsys, recipe) == (0, "")
-    assert [p for p in reads if p.name == card.RECORD_FILE] == [start / card.RECORD_FILE] * 2
+    assert [p for p in reads if p.name == card.RECORD_FILE] == [start / card.RECORD_FILE] * 3
     assert json.loads((out / "model" / card.PROVENANCE).read_text())["conversion"] == {"settings": {"init": "mean"}}
 
 
