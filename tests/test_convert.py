@@ -323,5 +323,5 @@ def test_record_names_the_source_for_uptrain_and_eval(tiny_llama_checkpoint, tmp
     out = convert(tiny_llama_checkpoint, tmp_path / "cla", quiet=True)
     record = read_json(out / "clakit_convert.json")
     assert record["source"]["path"] == str(tiny_llama_checkpoint.resolve())
-    section = SimpleNamespace(original=None, source=None, path=str(out))
+    section = SimpleNamespace(original=None, source=None, path=str(out), revision=None)
     assert original_spec(section) == str(tiny_llama_checkpoint)
