@@ -227,22 +227,22 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def datasets_spec(spec: str) -> tuple[str, str | None, str]:
+def datasets_spec(spec: str, what: str = "text data") -> tuple[str, str | None, str]:
     """(name, config or None, split: "test" when none is named) of a datasets spec NAME[:CONFIG[:SPLIT]]: so `d`,
     `d::test` and `d::` are one text. Refused in one line where it is none (`:::`, `:cfg`, a 4th part that was
     dropped): datasets' own error was "list index out of range", read as being offline."""
     parts = spec.split(":")
     if len(parts) > 3 or not parts[0].strip():
         raise ClakitError(
-            f"text data {spec!r} is neither a file or folder nor a datasets spec NAME[:CONFIG[:SPLIT]]; give text "
+            f"{what} {spec!r} is neither a file or folder nor a datasets spec NAME[:CONFIG[:SPLIT]]; give text "
             "files, a folder of .txt or NAME:CONFIG:SPLIT"
         )
     parts += [""] * (3 - len(parts))
     return parts[0], parts[1] or None, parts[2] or "test"
 
 
-def _load_datasets_spec(spec: str) -> Text:
-    name, config, split = datasets_spec(spec)
+def _load_datasets_spec(spec: str, what: str) -> Text:
+    name, config, split = datasets_spec(spec, what)
     try:
         import datasets
     except ImportError:
@@ -264,31 +264,32 @@ def is_datasets_spec(spec: str) -> bool:
     return ":" in spec or ("/" not in spec and not Path(spec).suffix)
 
 
-def load_texts(specs: list[str] | str) -> list[Text]:
+def load_texts(specs: list[str] | str, what: str = "text data") -> list[Text]:
     """Every spec's texts; refuse missing paths, unreadable, binary and empty text with a message naming the spec
-    (each file's start is read here; the rest when a reader gets to it)."""
+    and `what` gave it (a flag or recipe key: "--calib-data", "data.eval"); each file's start is read here, the rest
+    when a reader gets to it."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
-        raise ClakitError("no text data given")
+        raise ClakitError(f"no text data given ({what})")
     texts = []
     for spec in specs:
-        check_text_spec(spec, "text data")
-        path = expand(spec, "text data")
+        check_text_spec(spec, what)
+        path = expand(spec, what)
         if path.is_dir():
             texts.extend(Text.file(p) for p in _folder_files(path))
         elif path.is_file():
             texts.append(Text.file(path))
         elif path.exists():
-            raise ClakitError(_not_a_file(spec))
+            raise ClakitError(_not_a_file(spec, what))
         elif is_datasets_spec(spec):
-            texts.append(_load_datasets_spec(spec))
+            texts.append(_load_datasets_spec(spec, what))
         else:
             raise ClakitError(
-                f"text data {spec!r} does not exist; give a text file, a folder of .txt or NAME:CONFIG:SPLIT"
+                f"{what} {spec!r} does not exist; give a text file, a folder of .txt or NAME:CONFIG:SPLIT"
             )
     for t in texts:
         if not any(p.strip() for p in t.pieces()):  # stops at the first piece with text in it
-            raise ClakitError(f"text data {t.name!r} is empty (or only whitespace); remove it or give it text")
+            raise ClakitError(f"{what} {t.name!r} is empty (or only whitespace); remove it or give it text")
     return texts
 
 
@@ -302,11 +303,11 @@ def check_text_spec(spec: str, where: str) -> None:
         )
 
 
-def _not_a_file(spec: str) -> str:
+def _not_a_file(spec: str, what: str = "text data") -> str:
     """A pipe or device was called missing ("does not exist"): clakit reads text from files (a stream could be read
     only once, and is not recorded). `-` is refused by paths.expand."""
     return (
-        f"text data {spec!r} is not a regular file (a pipe, device or socket); clakit reads no streams: save the "
+        f"{what} {spec!r} is not a regular file (a pipe, device or socket); clakit reads no streams: save the "
         "text to a file and give its path"
     )
 

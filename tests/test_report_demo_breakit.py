@@ -161,7 +161,7 @@ def test_a_pipe_a_device_or_a_dash_given_as_text_is_named_as_such(tmp_path, monk
 
     os.mkfifo(tmp_path / "fifo")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(corpus, "_load_datasets_spec", lambda s: pytest.fail(f"{s!r} looked up on the Hub"))
+    monkeypatch.setattr(corpus, "_load_datasets_spec", lambda s, *_: pytest.fail(f"{s!r} looked up on the Hub"))
     spec = spec.format(tmp=tmp_path)
     # before: "does not exist" for a path that exists, or a bare name looked up on the Hub as a dataset
     with pytest.raises(ClakitError, match="(is not a regular file|standard input or output).*save the text to a file"):

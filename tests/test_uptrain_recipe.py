@@ -74,7 +74,7 @@ def test_a_mapping_override_sets_only_the_keys_it_names(tmp_path):
         # one datasets text under two spellings (no split is "test"): calibrated on, then scored as held-out
         ({"model": {"source": "org/m", "convert": {"init": "calibrated", "calib_data": ["ds:cfg:test"]}},
           "data": {"train": ["a.txt"], "eval": ["ds:cfg"]}}, "calibration text ds:cfg:test of model.convert"),
-        ({"data": {"train": [":::"]}}, "text data ':::' is neither a file or folder nor a datasets spec NAME"),
+        ({"data": {"train": [":::"]}}, "data.train ':::' is neither a file or folder nor a datasets spec NAME"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, change, message):

@@ -336,8 +336,8 @@ def test_dry_run_refuses_a_conversion_shard_size_that_is_no_size(capsys, tmp_pat
 @pytest.mark.parametrize(
     "convert, needle",
     [
-        ({"calib_data": ["missing.txt"]}, "text data 'missing.txt' does not exist"),
-        ({"eval_data": ["missing.txt"]}, "text data 'missing.txt' does not exist"),
+        ({"calib_data": ["missing.txt"]}, "model.convert.calib_data 'missing.txt' does not exist"),
+        ({"eval_data": ["missing.txt"]}, "model.convert.eval_data 'missing.txt' does not exist"),
         ({"device": "cuda"}, "recipe section model.convert: --device cuda: this machine has no CUDA GPU"),
         ({"dtype": "bfloat16", "device": "cpu"}, "recipe section model.convert: --dtype bfloat16 fits need a GPU"),
     ],

@@ -488,8 +488,8 @@ class _Conversion:
 
     def _load_texts(self) -> None:
         calib_data, eval_data = self.cfg.calib_data, self.cfg.eval_data
-        self.calib_texts = load_texts(calib_data) if self.needs_calibration else None
-        self.eval_texts = load_texts(eval_data) if eval_data else None
+        self.calib_texts = load_texts(calib_data, "--calib-data") if self.needs_calibration else None
+        self.eval_texts = load_texts(eval_data, "--eval-data") if eval_data else None
         check_not_calibrated(self.eval_texts or [], self.calib_texts or [])
         if calib_data and not self.needs_calibration:
             self.say(f"note: --calib-data is not used by --init {self.init} (it serves calibrated/reconstruct/auto)")

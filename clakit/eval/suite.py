@@ -239,7 +239,7 @@ def _texts(data, text: str | None) -> list[Text]:
         if not text.strip():
             raise ClakitError("the text to evaluate on is empty")
         return [Text("<text>", text)]
-    return load_texts(data or [DEFAULT_ONLINE_EVAL])
+    return load_texts(data or [DEFAULT_ONLINE_EVAL], "--data")
 
 
 def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, reference) -> dict:

@@ -136,12 +136,12 @@ def _readable(paths: list[str]) -> list[Text]:
 def _split_texts(data, calib: list[str] | None, before: list[Text], whole_before: list[Text]) -> tuple:
     """(train texts, held-out texts, the held-out sources as the card names them): data.eval, or the tail of the
     train text, checked against the train and calibration text it must not hold."""
-    train_texts = load_texts(data.train)
+    train_texts = load_texts(data.train, "data.train")
     # a datasets spec: the path rule (recipe._check_calibration_held_out)
     local_calib = [c for c in calib or [] if expand(c, "model.convert.calib_data").exists()]
-    calib_texts = load_texts(local_calib) if local_calib else []
+    calib_texts = load_texts(local_calib, "model.convert.calib_data") if local_calib else []
     if data.eval:
-        eval_texts = load_texts(data.eval)
+        eval_texts = load_texts(data.eval, "data.eval")
         fitted = {"data.train": train_texts, "calibration text": calib_texts, FITTED_BEFORE: before}
         check_held_out(eval_texts, fitted)
         return train_texts, eval_texts, [t.name for t in eval_texts]

@@ -340,9 +340,9 @@ def check_paths(recipe: Recipe) -> None:
         if spec:
             raise ClakitError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id")
     convert = recipe.model.convert
-    for spec in recipe.text_specs():  # the conversion's text too
-        if not expand(spec, "data").exists() and not is_datasets_spec(spec):
-            raise ClakitError(f"text data {spec!r} does not exist; give text files, .txt folders or NAME:CONFIG:SPLIT")
+    for key, spec in recipe.keyed_text_specs():  # the conversion's text too
+        if not expand(spec, key).exists() and not is_datasets_spec(spec):
+            raise ClakitError(f"{key} {spec!r} does not exist; give text files, .txt folders or NAME:CONFIG:SPLIT")
     try:  # a GPU this machine lacks, or bf16 fits on the CPU, as the conversion would refuse them
         if convert:
             resolve_device(convert.device, convert.dtype)

@@ -151,9 +151,15 @@ class Recipe:
 
     def text_specs(self) -> list[str]:
         """Every text the run reads: data.train, data.eval, and the conversion's calibration and eval text."""
+        return [spec for _, spec in self.keyed_text_specs()]
+
+    def keyed_text_specs(self) -> list[tuple[str, str]]:
+        """text_specs as (the recipe key that gives it, spec), for messages that name the key."""
         convert = self.model.convert
-        texts = [*(convert.calib_data or []), *(convert.eval_data or [])] if convert else []
-        return [*self.data.train, *(self.data.eval or []), *texts]
+        keyed = [("data.train", self.data.train), ("data.eval", self.data.eval)]
+        if convert:
+            keyed += [("model.convert.calib_data", convert.calib_data), ("model.convert.eval_data", convert.eval_data)]
+        return [(key, spec) for key, specs in keyed for spec in specs or []]
 
     def fingerprint(self) -> str:
         """Hash of the settings that change the trained weights (not logging/saving/output settings, not where the
@@ -551,16 +557,11 @@ def _same_text(a: str, b: str) -> bool:
 def _check_datasets_specs(recipe: Recipe) -> None:
     """Each text spec naming no local file is a well-formed datasets spec (corpus.datasets_spec), refused here before
     the run (and its --dry-run) rather than when the text is read."""
-    convert = recipe.model.convert
-    keyed = [("data.train", recipe.data.train), ("data.eval", recipe.data.eval)]
-    keyed += [("model.convert.calib_data", convert.calib_data), ("model.convert.eval_data", convert.eval_data)] if (
-        convert) else []  # fmt: skip
-    for key, specs in keyed:
-        for spec in specs or []:
-            check_text_spec(spec, key)
-    for spec in recipe.text_specs():
+    for key, spec in recipe.keyed_text_specs():
+        check_text_spec(spec, key)
+    for key, spec in recipe.keyed_text_specs():
         if _local_path(spec) is None:
-            datasets_spec(spec)
+            datasets_spec(spec, key)
 
 
 def _check_calibration_held_out(recipe: Recipe) -> None:
