@@ -87,8 +87,12 @@ def records_folder(spec: str, revision: str | None) -> Path:
 
 def _download(spec: str, revision: str | None, allow_pickle: bool, check_config) -> Source:
     """A Hub repo's snapshot: config.json first (one small file), checked by `check_config(source)` before the
-    weights (GBs to 100s of GB) are fetched, then the rest at the same commit."""
-    config_only = _config_snapshot(spec, revision, (SAFE_INDEX,))
+    weights (GBs to 100s of GB) are fetched, then the rest at the same commit. clakit's own records come with the
+    config: a CLA checkpoint is refused naming the record that names its original (an uptrained one's is
+    uptrain.json, which the first fetch lacked, so the refusal named clakit_convert.json)."""
+    from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD
+
+    config_only = _config_snapshot(spec, revision, (SAFE_INDEX, CONVERT_RECORD, UPTRAIN_RECORD))
     if check_config is not None:
         check_config(Source(spec, "dir", config_only, revision or "main"))
     commit = config_only.name if config_only.parent.name == "snapshots" else revision  # the same files' commit

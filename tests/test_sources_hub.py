@@ -19,7 +19,8 @@ from clakit.uptrain.recipe import ModelSection
 from clakit.uptrain.student import check_model_section
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-FIRST = ["config.json", "model.safetensors.index.json"]  # what is fetched before anything is checked
+# what is fetched before anything is checked (clakit's records: a CLA checkpoint's refusal names one)
+FIRST = ["config.json", "model.safetensors.index.json", "clakit_convert.json", "uptrain.json"]
 
 
 class FakeHub:
@@ -297,3 +298,14 @@ def test_a_cla_checkpoint_on_the_hub_as_model_path_keeps_its_original(hub, tmp_p
     assert original_source(ModelSection(path="org/cla", revision="v2")) == ("org/model", COMMIT)
     assert hub.calls == [("org/cla", "v2", ["config.json", "*.py", "clakit_convert.json", "uptrain.json"])]
     assert original_source(ModelSection(path="org/cla"), fetch=False) is None  # --dry-run fetches nothing
+
+
+def test_an_uptrained_cla_checkpoint_on_the_hub_given_to_convert_names_its_uptrain_record(hub, tmp_path):
+    """convert of an uptrained CLA checkpoint by its Hub id was refused naming clakit_convert.json as the record
+    of its original: the config-only first fetch did not bring uptrain.json (a local folder's refusal named it)."""
+    converted = convert("org/model", tmp_path / "cla", factor=2, init="mean", quiet=True)
+    (converted / "clakit_convert.json").rename(converted / "uptrain.json")  # as an uptrained model's folder holds
+    hub.repo, hub.cache, hub.calls = converted, tmp_path / "cache_cla", []
+    with pytest.raises(ClakitError, match=r"its uptrain.json names it as original"):
+        convert("org/cla", tmp_path / "again", factor=2, quiet=True)
+    assert hub.calls == [("org/cla", None, FIRST)] and not hub.weights_fetched()
