@@ -18,7 +18,7 @@ CLA conversions, in memory, per KV saving (`--savings`, `--methods`):
 
 Baselines on the original model (`--baselines`):
 
-    kv8, kv4          transformers' QuantizedCache (HQQ, per-token groups of 64, scale + zero per group) at 8/4 bits
+    kv8, kv4          transformers' QuantizedCache (HQQ, per-token groups of --kv-group, scale + zero each) at 8/4 bits
     heads-mean        KV heads merged to `--kv-heads` (mean-pool, GQA uptraining's start)
     heads-fitted      KV heads merged, values fitted on the calibration text (clakit.convert.kvheads)
 
@@ -66,6 +66,7 @@ from clakit.convert.config import DEFAULT_DISTILL_STEPS, ConvertConfig  # noqa: 
 from clakit.convert.inmemory import cla_model_from  # noqa: E402
 from clakit.convert.layout import kv_saving, uniform_layout  # noqa: E402
 from clakit.corpus import Text, join_texts, load_texts  # noqa: E402
+from clakit.errors import ClakitError  # noqa: E402
 from clakit.eval import kvcache, kvquant, passkey, perplexity  # noqa: E402
 from clakit.sources import context_window  # noqa: E402
 
@@ -86,17 +87,17 @@ def load_demo():
 class Heldout:
     """The held-out tokens and how every model is scored on them: clakit.eval's perplexity, one number per model."""
 
-    def __init__(self, tokenizer, path: Path, max_tokens: int, seq_len: int, chunk: int):
+    def __init__(self, tokenizer, path: Path, max_tokens: int, seq_len: int, chunk: int, group: int):
         self.tokens = perplexity.tokenize(tokenizer, join_texts(load_texts([str(path)])), max_tokens)
-        self.seq_len, self.chunk = seq_len, chunk
+        self.seq_len, self.chunk, self.group = seq_len, chunk, group
 
-    def ppl(self, model, nbits: int | None = None, group: int = kvquant.DEFAULT_GROUP) -> float:
+    def ppl(self, model, nbits: int | None = None) -> float:
         """`clakit eval`'s perplexity; with `nbits`, through a quantised cache, `chunk` tokens per forward."""
         ids, n = self.tokens.ids, self.seq_len
         if nbits is None:
             scored = perplexity.score(model, ids, n, n, batch_size=4, quiet=True)
         else:
-            chunk = self.chunk
+            chunk, group = self.chunk, self.group
 
             def new_cache():
                 return kvquant.QuantizedKVCache(model.config, nbits, q_group_size=group, residual_length=chunk)
@@ -105,11 +106,11 @@ class Heldout:
         return perplexity.metrics(scored["nll_sum"], scored["num_scored"], self.tokens.text)["perplexity"]
 
 
-def kv_bytes(config, nbits: int | None = None) -> float:
+def kv_bytes(config, nbits: int | None = None, group: int = kvquant.DEFAULT_GROUP) -> float:
     """KV-cache bytes per token at 16-bit: plain (producers only, for CLA) or quantised to `nbits`."""
     if nbits is None:
         return kvcache.bytes_per_token(config, SIXTEEN_BIT)
-    return kvquant.bytes_per_token(config, nbits, SIXTEEN_BIT)
+    return kvquant.bytes_per_token(config, nbits, SIXTEEN_BIT, group)
 
 
 def uniform_for(num_layers: int, saving: float) -> list[int]:
@@ -160,7 +161,7 @@ class Sweep:
             found = passkey.run(model, passkey_of[0], passkey_of[1])
             extra["passkey"] = {k: found[k] for k in ("accuracy", "cells", "settings")}
         self.original_ppl = self.original_ppl or ppl  # the first row is the original
-        kv = kv_bytes(model.config, nbits)
+        kv = kv_bytes(model.config, nbits, self.heldout.group)
         row = {
             "method": method, "kv_bits": nbits or 16, "kv_bytes_per_token": kv,
             "kv_saving_factor": self.original_bytes / kv, "perplexity": ppl,
@@ -258,6 +259,8 @@ def main() -> None:
     ap.add_argument("--cla-kv-bits", default="8", help="bits of the quantised cache on CLA models ('' for none)")
     ap.add_argument("--cla-kv-savings", default=None, help="savings whose CLA model also runs quantised (default all)")
     ap.add_argument("--chunk", type=positive, default=32, help="tokens per forward through a quantised cache")
+    ap.add_argument("--kv-group", type=positive, default=kvquant.DEFAULT_GROUP,
+                    help=f"values per quantisation group; divides head_dim (default {kvquant.DEFAULT_GROUP})")
     ap.add_argument("--passkey-lengths", default="", help="e.g. 512,1024,2048: passkey accuracy (depths 0/0.5/1)")
     ap.add_argument("--passkey-savings", default="0.5", help="auto+reconstruct savings that also run the passkey")
     ap.add_argument("--calib-tokens", type=positive, default=4096, help="calibration tokens (default 4096)")
@@ -286,8 +289,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start, load = time.perf_counter(), os.getloadavg()
     model, tokenizer, assets = load_demo()
+    check_kv_group(model.config, args)
     calib = calib_input_ids(tokenizer, [Text("calib", assets.calib.read_text())], args.calib_tokens, args.seq_len)
-    heldout = Heldout(tokenizer, assets.heldout, args.eval_tokens, args.seq_len, args.chunk)
+    heldout = Heldout(tokenizer, assets.heldout, args.eval_tokens, args.seq_len, args.chunk, args.kv_group)
     partial = args.out and args.out.with_name(args.out.name + ".partial.jsonl")
     sweep = Sweep(heldout, kv_bytes(model.config), partial)
     args.passkey = None
@@ -305,7 +309,7 @@ def main() -> None:
         "benchmark": "quality_bench", "provenance": settings,
         "model": str(assets.model), "calib_text": str(assets.calib), "heldout_text": str(assets.heldout),
         "calib_tokens": calib.numel(), "eval_tokens": len(heldout.tokens.ids) - 1, "seq_len": args.seq_len,
-        "kv_quant": {"backend": "hqq", "axis": kvquant.AXIS, "group": kvquant.DEFAULT_GROUP, "chunk": args.chunk},
+        "kv_quant": {"backend": "hqq", "axis": kvquant.AXIS, "group": args.kv_group, "chunk": args.chunk},
         "kv_bytes_dtype": "bfloat16", "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
         "load_average_start": load, "load_average_end": os.getloadavg(),
         "wall_s": round(time.perf_counter() - start, 1), "rows": sweep.rows,
@@ -316,6 +320,17 @@ def main() -> None:
     if args.out:
         write_json(args.out, result)
         partial.unlink(missing_ok=True)
+
+
+def check_kv_group(config, args) -> None:
+    """Where a run goes through a quantised cache, --kv-group must divide the model's head_dim (kvquant's rule):
+    refused before the first row, not after the sweep's unquantised rows."""
+    quantised = args.cla_kv_bits or any(b.startswith("kv") for b in args.baselines.split(","))
+    try:
+        if quantised:
+            kvquant.check(config, kvquant.NBITS[0], args.kv_group)
+    except ClakitError as e:
+        refuse(f"--kv-group: {e}")
 
 
 def validate(args) -> None:

@@ -265,6 +265,17 @@ def test_quality_bench_with_passkey_writes_its_report(tiny):
     report = json.loads(out.read_text())
     settings = report["provenance"]["settings"]  # the run's, as given
     assert settings["passkey_lengths"] == "224" and settings["chunk"] == 16
+    assert report["kv_quant"]["group"] == settings["kv_group"] == 64  # the group recorded is the one used
     (original,) = report["rows"]
     assert original["method"] == "original" and original["passkey"]["settings"]["lengths"] == [224]
     assert json.loads(proc.stdout[proc.stdout.index("{") :]) == report
+    # a group not dividing head_dim (12 here), with a quantised run asked: refused before the first row
+    argv = [*argv[:-2], "--baselines", "kv8", "--kv-group", "8", "--out", str(work / "refused.json")]
+    proc = subprocess.run([sys.executable, "-c", TINY_QUALITY, str(work), script, *argv], capture_output=True,
+                          text=True, timeout=600, cwd=work)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "quality_bench.py: error: --kv-group: the quantisation group size must divide head_dim = 12 (a group is part "
+        "of one token's head), got 8; use 6 or another divisor of 12"
+    )
+    assert not (work / "refused.json").exists() and not list(work.glob("refused.json*"))
