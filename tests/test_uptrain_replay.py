@@ -181,6 +181,8 @@ def test_an_uptrained_model_uptrains_again_with_its_records_and_teacher(composed
     assert (tmp_path / "run" / "eval" / "original.json").is_file()
     card = (out / "README.md").read_text()
     assert "## Start checkpoint (uptrained before)" in card and card.index("## Recipe") < card.index("## Start")
+    ours = card[: card.index("## Start")]  # the earlier run's card below ours has its own "converted (before)" row
+    assert "| start (before; uptrained earlier) |" in ours and "converted (before)" not in ours  # its start's row
 
 
 def test_a_killed_composed_run_resumes_to_the_straight_runs_weights(composed, monkeypatch):

@@ -146,9 +146,11 @@ def _title_lines(s: dict) -> list[str]:
 
 
 def _heldout_lines(s: dict) -> list[str]:
-    """The held-out table: original, converted (before) and uptrained, each against the original."""
+    """The held-out table: original, the start (before: converted, or uptrained by an earlier run) and uptrained,
+    each against the original. An uptrained start was labelled "converted (before)"."""
     h = s["heldout"]
-    names = (("original", "original (full KV)"), ("converted", "converted (before)"), ("uptrained", "uptrained"))
+    before = "start (before; uptrained earlier)" if s.get("start_uptrain") is not None else "converted (before)"
+    names = (("original", "original (full KV)"), ("converted", before), ("uptrained", "uptrained"))
     data = f"{md_text(', '.join(s['eval_data']))}; {h['uptrained']['tokens']} tokens in sequences of "
     return [
         "## Held-out results",
