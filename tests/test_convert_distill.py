@@ -85,7 +85,8 @@ def test_convert_writes_the_distilled_tensors_and_records_the_stage(tiny_llama_c
     assert set(on["stage_seconds"]) == {"fit", "distill", "write", "total"} and "distill" not in off["stage_seconds"]
     assert 0 < on["stage_seconds"]["distill"] < on["stage_seconds"]["total"]
     card = (tmp_path / "on" / "README.md").read_text()
-    assert "| end-to-end distillation | 20 steps on the calibration tokens (all of its windows end with a 32-" in card
+    row = "| end-to-end distillation | 20 steps on the calibration tokens (all of its windows end with a copy of an"
+    assert row + " earlier span of 32 tokens)" in card
     assert "| end-to-end distillation | none |" in (tmp_path / "off" / "README.md").read_text()
     # the written model is the distilled one: it differs from the undistilled in attention only
     a, b = load(tmp_path / "on").state_dict(), load(tmp_path / "off").state_dict()
@@ -122,7 +123,7 @@ def test_copies_reach_the_distillation_windows_only(tiny_llama_checkpoint, corpu
     for row in got:  # the tail repeats a span that ends before it
         assert any(torch.equal(row[s : s + 8], row[-8:]) for s in range(0, 64 - 16 + 1))
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "(all of its windows end with a 8-token copy of an earlier span)" in card
+    assert "(all of its windows end with a copy of an earlier span of 8 tokens)" in card
     record = read_json(tmp_path / "out" / "clakit_convert.json")
     assert record["config"]["distill_copy_fraction"] == 1 and record["settings"]["distill_copy_span"] == 8
 
@@ -208,5 +209,6 @@ def test_card_names_the_share_of_windows_with_copies():
 
     record = {"distill": {"kl_before": 1.0, "kl_after": 0.5}}
     line = _distill_line({"distill_steps": 5, "distill_copy_fraction": 0.25, "distill_copy_span": 16}, record)
-    assert "5 steps on the calibration tokens (0.25 of its windows end with a 16-token copy" in line
+    assert line.startswith("5 steps on the calibration tokens (0.25 of its windows end with a copy of an earlier span")
+    assert "span of 16 tokens), KL" in line
     assert "copy" not in _distill_line({"distill_steps": 5}, record)  # a record written before the copies existed

@@ -254,7 +254,8 @@ def test_smollm2_cpu_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, corpus_dir
     ]
     result = uptrain(RECIPES / "smollm2" / "135m_cla2_cpu.yaml", overrides, quiet=True)
     assert (result / "model.safetensors").is_file()
-    assert "windows of 32; 0.5 of them end with a 8-token copy" in (result / "README.md").read_text()  # the card
+    card = (result / "README.md").read_text()
+    assert "windows of 32; 0.5 of them end with a copy of an earlier span of 8 tokens" in card
     assert json.loads((result / "uptrain.json").read_text())["steps"] == 3
     converted = json.loads((out / "converted" / "clakit_convert.json").read_text())["settings"]
     assert (converted["layout"], converted["init"], converted["kv_saving"]) == ("auto", "reconstruct", 0.5)

@@ -133,7 +133,7 @@ class ConvertConfig:
         metadata=opt(
             "compute the layout search, the fits and the distillation in bfloat16 (torch.autocast) over float32 "
             "weights; the fitted tensors and the quick check stay float32. Faster only on a GPU or a CPU with native "
-            "bfloat16 kernels (AMX or AVX512-BF16; SmolLM2 on 2 such cores: 11 min 20 s -> 7 min 33 s)"
+            "bfloat16 kernels (AMX or AVX512-BF16; SmolLM2 on 2 such cores: 11 min 13 s -> 7 min 48 s)"
         ),
     )
     # quick check

@@ -100,7 +100,8 @@ def _distill_line(settings: dict, record: dict) -> str:
     share = settings.get("distill_copy_fraction")  # records of older versions have no copy settings
     if share:
         share = "all" if share == 1 else f"{share:g}"
-        windows = f" ({share} of its windows end with a {settings['distill_copy_span']}-token copy of an earlier span)"
+        span = settings["distill_copy_span"]
+        windows = f" ({share} of its windows end with a copy of an earlier span of {span} tokens)"
     return (f"{steps} steps on the calibration tokens{windows}, KL to the source "
             f"{found['kl_before']:.4f} -> {found['kl_after']:.4f} nats/token")  # fmt: skip
 
@@ -166,8 +167,8 @@ def serving_section(producers: int, layers: int) -> str:
     """The model card's "Serve with vLLM" section: how to serve a CLA checkpoint, and the capacity to expect."""
     return f"""## Serve with vLLM
 
-With clakit's vLLM plugin installed beside vLLM (from the clakit repository: `pip install vllm ./serving/vllm` on a
-GPU machine, `serving/vllm/install-cpu.sh VENV` on a CPU one):
+With clakit's vLLM plugin installed beside vLLM, from the clakit repository (the plugin is tested on vLLM 0.32):
+`pip install "vllm==0.32.*" ./serving/vllm` on a GPU machine, `serving/vllm/install-cpu.sh VENV` on a CPU one.
 
 ```bash
 python -m vllm.entrypoints.openai.api_server --model PATH

@@ -78,7 +78,7 @@ def _training_lines(s: dict) -> list[str]:
     shape = s.get("step_shape") or t  # records from before step_shape: the recipe's
     batch = f"{shape['per_device_train_batch_size']} x {shape['gradient_accumulation_steps']} accumulation"
     share = data.get("copy_fraction") or 0  # records from before data.copy_fraction have none
-    copies = f"; {share:g} of them end with a {data['copy_span']}-token copy of an earlier span" if share else ""
+    copies = f"; {share:g} of them end with a copy of an earlier span of {data['copy_span']} tokens" if share else ""
     device = f" ({s['device']}, mixed precision {s['mixed_precision']})" if s.get("device") else ""
     return [
         f"- {s['steps']} steps, {s['train_tokens']} tokens, {s['train_seconds']} s on {s['processes']} "

