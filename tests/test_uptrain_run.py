@@ -230,7 +230,12 @@ def test_dry_run_refuses_a_missing_path_that_is_no_hub_id(capsys, tmp_path, corp
     """`runs/a/b` has a slash but is no org/name: --dry-run passed it as a Hub id, the real run refused it."""
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model={"path": "runs/a/b"}))
     assert main(["uptrain", str(path), "--dry-run"]) == 2
-    assert "model 'runs/a/b' does not exist" in capsys.readouterr().err
+    assert "model.path 'runs/a/b' does not exist" in capsys.readouterr().err
+    # each model key is named as the run names it (it said "model 'x'" for any of the three)
+    path = write_recipe(tmp_path / "o.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model={
+        "path": str(tiny_cla_checkpoint), "original": str(tmp_path / "gone")}))  # fmt: skip
+    assert main(["uptrain", str(path), "--dry-run"]) == 2
+    assert f"model.original '{tmp_path / 'gone'}' does not exist" in capsys.readouterr().err
 
 
 def test_smollm2_cpu_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, corpus_dir, tiny_llama_checkpoint):

@@ -334,11 +334,14 @@ def _source_record(source) -> dict | None:
 
 def check_paths(recipe: Recipe) -> None:
     """Cheap existence checks for --dry-run: local model/data paths (datasets specs and Hub ids are not fetched)."""
-    for spec in [recipe.model.path, recipe.model.source, recipe.model.original]:
-        if spec and (expand(spec, "model").exists() or looks_like_hub_id(spec)):  # as resolve_source judges it
+    for key in ("path", "source", "original"):
+        spec = getattr(recipe.model, key)
+        if spec and (expand(spec, f"model.{key}").exists() or looks_like_hub_id(spec)):  # as resolve_source judges it
             continue
         if spec:
-            raise ClakitError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id")
+            raise ClakitError(
+                f"model.{key} {spec!r} does not exist; give a checkpoint folder, a .gguf file or a Hub id"
+            )
     convert = recipe.model.convert
     for key, spec in recipe.keyed_text_specs():  # the conversion's text too
         if not expand(spec, key).exists() and not is_datasets_spec(spec):
