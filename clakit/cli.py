@@ -62,7 +62,7 @@ def _add_eval(sub) -> None:
         "eval", help="perplexity, KV-cache bytes, speed (and passkeys, lm-eval tasks) of a model, as a JSON report"
     )
     p.add_argument("model", metavar="MODEL", help="checkpoint folder (CLA or plain), Hub id, or .gguf file")
-    p.add_argument("-o", "--output", required=True, help="report file to write (JSON)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="report file to write (JSON)")
     from clakit.eval.config import EvalConfig
     from clakit.settings import add_arguments
 
@@ -75,8 +75,8 @@ def _add_eval(sub) -> None:
         "--passkey-lengths", metavar="N,N,...", help="prompt lengths in tokens (default 1024, 2048, ... window)"
     )
     p.add_argument("--passkey-depths", metavar="F,F,...", help="needle depths, 0-1 (default 0,0.25,0.5,0.75,1)")
-    p.add_argument("--passkey-samples", type=int, help="prompts per length and depth (default 2)")
-    p.add_argument("--passkey-seed", type=int, help="seed of the keys and filler offsets (default 0)")
+    p.add_argument("--passkey-samples", type=int, metavar="N", help="prompts per length and depth (default 2)")
+    p.add_argument("--passkey-seed", type=int, metavar="N", help="seed of the keys and filler offsets (default 0)")
     add_quiet(p)
 
     def run(args):
@@ -172,12 +172,14 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="fetch SmolLM2, convert it to CLA (half the KV cache), uptrain it, evaluate all three, report"
     )
-    p.add_argument("--work-dir", default="clakit-demo", help="where models and reports go (default ./clakit-demo)")
-    p.add_argument("--cache-dir", help="fetch-demo cache (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored per model (default 4096)")
-    p.add_argument(
-        "--uptrain-steps", type=int, default=60, help="steps of the shortened CPU recipe (default 60; 0 skips it)"
-    )
+    p.add_argument("--work-dir", default="clakit-demo", metavar="DIR",
+                   help="where models and reports go (default ./clakit-demo)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="fetch-demo cache (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)")
+    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="held-out tokens scored per model "
+                   "(default 4096)")  # fmt: skip
+    p.add_argument("--uptrain-steps", type=int, default=60, metavar="N",
+                   help="steps of the shortened CPU recipe (default 60; 0 skips it)")
     add_quiet(p)
 
     def run(args):

@@ -38,7 +38,9 @@ class EvalConfig:
     stride: int | None = field(
         default=None, metadata=opt("tokens between window starts (default: --seq-len, disjoint)")
     )
-    max_tokens: int | None = field(default=None, metadata=opt("score at most this many tokens of the data"))
+    max_tokens: int | None = field(
+        default=None, metadata=opt("score at most this many tokens of the data (default: all)")
+    )
     batch_size: int = field(default=4, metadata=opt("windows per forward, and the speed batch"))
     kv_budget_gb: float = field(default=DEFAULT_KV_BUDGET_GB, metadata=opt("KV-cache budget for the max-batch figure"))
     revision: str | None = field(default=None, metadata=opt("Hub revision of MODEL", section="model"))
