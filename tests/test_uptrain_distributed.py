@@ -5,6 +5,7 @@ is written. FSDP: test_uptrain_fsdp.py."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,8 @@ def test_a_run_resumed_on_another_number_of_processes_trains_the_blocks_an_unint
     record = assert_same_run(tmp_path / "down", tmp_path / "ref")
     assert record["step_shape"] == {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 2,
                                     "processes": 1, "blocks_per_step": 2}  # fmt: skip
+    card = (tmp_path / "down" / "model" / "README.md").read_text()  # it said "on 1 process(es)", nothing more
+    assert re.search(r"on 1 process\(es\) \([^)]*\); resumed: it started on 2 process\(es\)", card)
 
     up = two_process_recipe(corpus_dir, tmp_path / "up", tiny_cla_checkpoint, tiny_llama_checkpoint, batch=2)
     killed_at_step(2, write_recipe(tmp_path / "up.yaml", up))
@@ -181,6 +184,8 @@ def test_a_run_resumed_on_another_number_of_processes_trains_the_blocks_an_unint
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = assert_same_run(tmp_path / "up", tmp_path / "ref")
     assert record["step_shape"]["per_device_train_batch_size"] == 1 and record["processes"] == 2
+    card = (tmp_path / "up" / "model" / "README.md").read_text()
+    assert re.search(r"on 2 process\(es\) \([^)]*\); resumed: it started on 1 process\(es\)", card)
 
 
 def test_a_step_the_new_processes_cannot_share_is_refused():

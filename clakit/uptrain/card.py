@@ -80,6 +80,9 @@ def _training_lines(s: dict) -> list[str]:
     share = data.get("copy_fraction") or 0  # records from before data.copy_fraction have none
     copies = f"; {share:g} of them end with a copy of an earlier span of {data['copy_span']} tokens" if share else ""
     device = f" ({s['device']}, mixed precision {s['mixed_precision']})" if s.get("device") else ""
+    started = started_processes(s)
+    if started not in (None, s["processes"]):  # the last stretch's processes; a step keeps the start's blocks
+        device += f"; resumed: it started on {started} process(es), each step reads as many blocks as then"
     return [
         f"- {s['steps']} steps, {s['train_tokens']} tokens, {s['train_seconds']} s on {s['processes']} "
         f"process(es){device}",
@@ -192,17 +195,26 @@ def _rerun_command(s: dict) -> str:
     processes blocks, so `clakit uptrain` alone (1 process) after a 2-process run trained half the tokens a step, other
     weights under the same fingerprint."""
     rerun = "clakit uptrain recipe.yaml train.output_dir=NEW_FOLDER"
-    train = (s.get("recipe") or {}).get("train") or {}
-    per = [train.get("per_device_train_batch_size"), train.get("gradient_accumulation_steps")]
-    blocks = (s.get("step_shape") or {}).get("blocks_per_step")
-    if not all(type(v) is int and v > 0 for v in [*per, blocks]) or blocks <= per[0] * per[1]:
+    n = started_processes(s)
+    if n is None or n == 1:
         return f"`{rerun}`"
-    n = blocks // (per[0] * per[1])  # the processes it started on (a resume on others keeps the blocks a step)
+    blocks = s["step_shape"]["blocks_per_step"]
     return (
         f"`accelerate launch --num_processes {n} -m {rerun}` ({n} processes, as it "
         f"started: a step reads {blocks} blocks; on CPUs `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node {n} -m "
         f"{rerun}`)"
     )
+
+
+def started_processes(s: dict) -> int | None:
+    """The processes the run started on: the blocks a step reads over the recipe's batch x accumulation (a resume
+    on other processes keeps the blocks a step); None for a record that cannot say (from before step_shape)."""
+    train = (s.get("recipe") or {}).get("train") or {}
+    per = [train.get("per_device_train_batch_size"), train.get("gradient_accumulation_steps")]
+    blocks = (s.get("step_shape") or {}).get("blocks_per_step")
+    if not all(type(v) is int and v > 0 for v in [*per, blocks]) or blocks % (per[0] * per[1]):
+        return None
+    return blocks // (per[0] * per[1])
 
 
 def read_record(path: Path) -> dict | None:
