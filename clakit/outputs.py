@@ -475,6 +475,9 @@ def reclaim_leftovers(out: Path) -> list[str]:
         # moved-aside outputs of this one only (put back under their own name)
         found = [p for p in out.parent.iterdir() if _staged_name(p.name) is not None and not p.is_symlink()]
         done, live = [], False
+        # the outputs a killed publish moved aside, as its stamp names them: a look-alike name alone (a user's
+        # backup `.out.20261207.old`, a copy of the output) is not proof that clakit moved it there
+        asides = _asides_named(out)
         for folder in sorted(p for p in found if p.name.endswith((".partial", ".scratch")) and p.is_dir()):
             # this process's own first, unread: on NFS (POSIX locks) closing any descriptor of the stamp drops its lock
             own = str(folder) in _STAGING_LOCKS
@@ -483,17 +486,45 @@ def reclaim_leftovers(out: Path) -> list[str]:
                 # a run writing this output now (or no locks here): its .old may be mid-publish
                 live = live or _staged_name(folder.name) == out.name
                 continue
+            if _staged_name(folder.name) == out.name:
+                asides |= _aside_in(folder)  # under the lock taken above
             try:  # removed under the lock: another reclaim waits
-                shutil.rmtree(folder, ignore_errors=True)
+                remove_stamped(folder)
             finally:
                 os.close(fd)
             shutil.rmtree(folder, ignore_errors=True)  # NFS kept the open stamp (as .nfsXXXX) until it was closed
             done.append(folder.name)
         if not live:
-            olds = [p for p in found if _staged_name(p.name) == out.name and p.name.endswith(".old") and p.is_dir()]
+            olds = [p for p in found if p.name in asides and p.name.endswith(".old") and p.is_dir()]
             done += _reclaim_old(out, sorted(olds))
         return done
     return []
+
+
+def _asides_named(out: Path) -> set[str]:
+    """The name of the output `publish` moved aside, as the stamp left in `out` records it (a run killed after its
+    second rename, before the stamp went), when no live process holds that stamp; empty otherwise."""
+    fd = _lock_free(out) if _stamped_here(out) else None
+    if fd is None:
+        return set()
+    try:
+        return _aside_in(out)
+    finally:
+        os.close(fd)
+
+
+def _aside_in(folder: Path) -> set[str]:
+    """{the aside name} `folder`'s stamp records (`_name_aside`) for the same output name, else empty."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        aside = json.loads((folder / STAGING_STAMP).read_text()).get("aside")
+        if isinstance(aside, str) and _staged_name(aside) == _out_name(folder):
+            return {aside}
+    return set()
+
+
+def _out_name(folder: Path) -> str:
+    """The output name a staging folder stages (`.NAME.XXXXXXXX.partial`), or the name of an output itself."""
+    return _staged_name(folder.name) or folder.name
 
 
 def check_no_live_writer(out: Path, label: str) -> None:
@@ -573,7 +604,23 @@ def new_parents_removed_on_failure(out: Path) -> Iterator[None]:
 
 def discard(tmp: Path) -> None:
     _release(tmp)  # first: NFS keeps an open file removed (as .nfsXXXX), and the folder with it
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stamped(tmp)
+
+
+def remove_stamped(folder: Path) -> None:
+    """rmtree of a stamped staging folder, its stamp last: rmtree goes in directory order, which put the stamp
+    before most shards of a large output (19th of 33 entries for 30 shards on ext4), so a kill during a slow
+    removal (a scheduler's SIGKILL after its SIGTERM's grace) left shards in an unstamped folder no run reclaims."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if entry.name == STAGING_STAMP:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_marker(folder: Path, kind: str, run_id: str | None = None, later: Iterable[str] = ()) -> dict:
@@ -605,6 +652,7 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
     if reason:
         raise ClakitError(reason.replace("already exists", "appeared while this run was working", 1))
     old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+    _name_aside(tmp, old.name)  # first: only a folder a stamp names is ever put back or removed (reclaim_leftovers)
     try:  # both renames inside: Ctrl-C or SIGTERM (Terminated) between them left OUT absent, the old one hidden
         out.rename(old)
         tmp.rename(out)
@@ -614,6 +662,14 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
         raise
     shutil.rmtree(old, ignore_errors=True)
     _published(tmp, out)
+
+
+def _name_aside(tmp: Path, name: str) -> None:
+    """Record in `tmp`'s stamp the name its publish moves the old output aside to (rewritten in place: the lock this
+    process holds is on the file itself)."""
+    stamp = tmp / STAGING_STAMP
+    with contextlib.suppress(OSError, ValueError, TypeError):  # no stamp (a file system that lost it): kept, as before
+        stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "aside": name}) + "\n")
 
 
 def _published(tmp: Path, out: Path) -> None:

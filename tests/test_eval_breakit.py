@@ -229,3 +229,26 @@ def test_the_speed_row_of_docs_eval_md_states_every_key_and_the_median():
     keys = speed.throughput(tiny_model().eval(), torch.arange(16), batch_size=2, decode_steps=2)
     assert [key for key in keys if f"`{key}`" not in row] == []
     assert "median" in row
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (dict(head_dim=16), "has head_dim 16 but the evaluated model has 12"),  # saving read 2.67 for a CLA2
+        (dict(num_key_value_heads=1), "has 1 KV heads but the evaluated model has 2"),  # saving read 1.00
+    ],
+)
+def test_a_source_model_of_another_head_shape_is_refused(source, message):
+    """--source-model of the same layers, width, heads and vocabulary but another head_dim, or fewer KV heads than
+    the evaluated model, was taken for its source: the KV saving against it was a wrong number, not a refusal."""
+    from conftest import tiny_kwargs
+    from transformers import LlamaConfig
+
+    from clakit.errors import ClakitError
+    from clakit.eval.suite import _check_reference
+
+    mine = LlamaConfig(**tiny_kwargs())
+    theirs = LlamaConfig(**{**tiny_kwargs(), **source})
+    with pytest.raises(ClakitError, match=message):
+        _check_reference(mine, ("src", theirs, None))
+    _check_reference(mine, ("src", LlamaConfig(**{**tiny_kwargs(), "num_key_value_heads": 4}), None))  # merged 4 -> 2

@@ -643,3 +643,23 @@ def test_only_the_main_process_of_a_launch_refuses_an_output_dir_being_staged(
             check_output_dir(out, recipe, resume=False, overwrite=False)
     finally:
         kill9(proc)
+
+
+def test_a_users_backup_copy_of_an_output_named_like_a_moved_aside_one_is_kept(tiny_llama_checkpoint, tmp_path):
+    """`.OUT.<8 chars>.old` holding a clakit output and nothing else (`cp -a out .out.20261207.old`, or `mv out
+    .out.20261207.old`: a user's backup IS a copy of the output) counted as an output a killed publish moved aside:
+    the next `clakit convert ... OUT`, even one refused before any work, deleted it, or renamed it back over a
+    missing OUT. Only the folder a killed publish's stamp names is reclaimed now."""
+    import shutil
+
+    src, work = tiny_llama_checkpoint, tmp_path / "work"
+    work.mkdir()
+    assert clakit("convert", src, work / "out", "--init", "mean", "-q").returncode == 0
+    shutil.copytree(work / "out", work / ".out.20261207.old")
+    again = clakit("convert", src, work / "out", "--init", "mean", "-q")
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
+    assert (work / ".out.20261207.old" / "config.json").is_file()  # before: deleted
+    (work / "out").rename(work / ".out.backup01.old")
+    fresh = clakit("convert", src, work / "out", "--init", "mean", "-q")
+    assert fresh.returncode == 0, fresh.stderr  # before: the backup renamed back to out, then "already exists"
+    assert (work / ".out.backup01.old" / "config.json").is_file()

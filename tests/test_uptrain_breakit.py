@@ -512,3 +512,30 @@ def test_a_step_that_reads_more_blocks_than_the_data_holds_is_refused_before_any
     with pytest.raises(ClakitError, match=r"one optimizer step reads .* blocks of data.seq_len=32, but data.train"):
         uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kind, overrides, message",
+    [
+        ("mistral", {}, "has model type mistral but the student llama"),  # same sizes, another attention (its window)
+        ("llama", {"head_dim": 16}, "has head_dim 16 but the student 12"),
+    ],
+)
+def test_an_original_of_another_family_or_head_width_is_refused(
+    tokenizer,
+    tiny_cla_checkpoint,  # noqa: F811
+    corpus_dir,
+    tmp_path,
+    kind,
+    overrides,
+    message,
+):
+    """Only vocab, layers and width were compared: a Mistral of the Llama student's sizes (sliding window 16) taught
+    it and stood in the card as its 'original', silently (no conversion changes the family or the heads)."""
+    original = save_checkpoint(tiny_model(kind, **overrides), tokenizer, tmp_path / "original")
+    out = tmp_path / "run"
+    model = {"path": str(tiny_cla_checkpoint), "original": str(original)}
+    recipe = tiny_recipe(corpus_dir, out, model=model, distill={"weight": 0.5})
+    with pytest.raises(ClakitError, match=f"the teacher .*original {message}"):
+        uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert not out.exists()

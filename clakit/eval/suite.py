@@ -186,6 +186,21 @@ def _check_reference(config, reference) -> None:
                 f"the source model {label} has {key} {theirs} but the evaluated model has {mine}: it is not the model "
                 "this one was converted from, so no KV saving against it means anything; give the right --source-model"
             )
+    # head_dim: no conversion changes it (a config may leave it implicit: hidden_size // num_attention_heads)
+    mine, theirs = kvcache.head_dim(config), kvcache.head_dim(ref_config)
+    if mine != theirs:
+        raise ClakitError(
+            f"the source model {label} has head_dim {theirs} but the evaluated model has {mine}: it is not the model "
+            "this one was converted from, so no KV saving against it means anything; give the right --source-model"
+        )
+    # KV heads: a conversion keeps them, or merges them (clakit.convert.kvheads: m dividing n), never adds any
+    mine = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    theirs = getattr(ref_config, "num_key_value_heads", None) or ref_config.num_attention_heads
+    if mine > theirs or theirs % mine:
+        raise ClakitError(
+            f"the source model {label} has {theirs} KV heads but the evaluated model has {mine}, which no merging of "
+            "its heads gives: it is not the model this one was converted from; give the right --source-model"
+        )
 
 
 def _saving(config, dtype, model_dir, reference) -> dict:
