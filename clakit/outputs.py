@@ -26,6 +26,8 @@ import os
 import re
 import shutil
 import socket
+import stat
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -368,8 +370,32 @@ def check_folder(
             raise ClakitError(f"{label} {out} cannot be read ({e.strerror or e}); choose another folder") from None
         if reason:
             raise ClakitError(reason)
+        _check_replaceable(out, label)
     check_writable(out.parent)
     return out
+
+
+def _check_replaceable(out: Path, label: str) -> None:
+    """An existing `out` the run will replace must be movable and removable by this user, checked before the work:
+    a read-only or immutable folder (`chmod a-w`, `chattr +i`) was hidden beside the new output for good (its
+    removal failed silently), or refused at the rename after hours of work, as was another user's folder in a shared
+    sticky-bit folder (/tmp, a scratch disk), which only its owner may move."""
+    parent = out.parent.stat()
+    euid = os.geteuid()
+    if parent.st_mode & stat.S_ISVTX and euid not in (0, out.stat().st_uid, parent.st_uid):
+        raise ClakitError(
+            f"{label} {out} belongs to another user (uid {out.stat().st_uid}) in a shared folder with the sticky bit, "
+            "so this user cannot move or replace it; choose another folder"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".clakit-write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ClakitError(
+            f"{label} {out} cannot be replaced: its files cannot be removed ({e.strerror or e}); make it writable "
+            f"(chmod -R u+w {out}) or choose another folder"
+        ) from None
 
 
 # --- staging and publishing ----------------------------------------------------------------------------------------
@@ -661,6 +687,9 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
             old.rename(out)  # put the old output back
         raise
     shutil.rmtree(old, ignore_errors=True)
+    if old.exists():  # a file in it we may not remove (its own read-only subfolder): said, never hidden silently
+        print(f"clakit: note: the replaced {out.name} could not be removed whole; what is left is in {old}",
+              file=sys.stderr)  # fmt: skip
     _published(tmp, out)
 
 

@@ -445,3 +445,52 @@ def test_a_full_disk_inside_safetensors_is_one_line(tmp_path):
         with clakit.outputs.staged(tmp_path / "out", "convert"):
             raise SafetensorError(message)
     assert list(tmp_path.iterdir()) == []
+
+
+def _report_output(folder: Path) -> Path:
+    """A clakit report folder (its marker and one file), which check_folder may replace."""
+    folder.mkdir(parents=True)
+    (folder / "report.md").write_text("# report\n")
+    clakit.outputs.write_marker(folder, "report")
+    return folder
+
+
+def test_an_output_this_user_cannot_replace_is_refused_before_the_work(tmp_path, monkeypatch):
+    """A read-only or immutable OUT (`chmod a-w`, `chattr +i`) given to be replaced passed the checks: with
+    --overwrite the run exited 0 and left the whole old output hidden beside the new one (its removal failed
+    silently), or was refused at the rename after all the work; so was another user's OUT in a sticky shared
+    folder (/tmp), which only its owner may move. (Root ignores the permission bits: the refusals are simulated.)"""
+    import tempfile
+
+    out = _report_output(tmp_path / "shared" / "rep")
+    real = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # noqa: A002 (mkstemp's own keyword)
+        if Path(dir) == out:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(clakit.outputs.tempfile, "mkstemp", read_only)
+    with pytest.raises(clakit.outputs.ClakitError, match=r"rep cannot be replaced: its files cannot be removed "
+                       r"\(Permission denied\); make it writable \(chmod -R u\+w"):  # fmt: skip
+        clakit.outputs.check_folder(out, "report", overwrite=True)
+    monkeypatch.setattr(clakit.outputs.tempfile, "mkstemp", real)
+    (tmp_path / "shared").chmod(0o1777)
+    monkeypatch.setattr(clakit.outputs.os, "geteuid", lambda: 12345)  # neither OUT's owner nor its folder's
+    with pytest.raises(clakit.outputs.ClakitError, match="belongs to another user .* with the sticky bit"):
+        clakit.outputs.check_folder(out, "report", overwrite=True)
+    monkeypatch.setattr(clakit.outputs.os, "geteuid", lambda: out.stat().st_uid)  # its owner may
+    assert clakit.outputs.check_folder(out, "report", overwrite=True) == out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["rep"]  # the probes left nothing
+
+
+def test_a_replaced_output_that_cannot_be_removed_whole_is_named(tmp_path, monkeypatch, capsys):
+    """The old output moved aside was removed with errors ignored: what could not be removed stayed hidden."""
+    out = _report_output(tmp_path / "rep")
+    new = _report_output(tmp_path / ".rep.12345678.partial")
+    real = shutil.rmtree
+    kept = lambda p, **k: None if str(p).endswith(".old") else real(p, **k)  # noqa: E731
+    monkeypatch.setattr(clakit.outputs.shutil, "rmtree", kept)
+    clakit.outputs.publish(new, out, "report", overwrite=True)
+    (old,) = tmp_path.glob(".rep.*.old")
+    assert f"the replaced rep could not be removed whole; what is left is in {old}" in capsys.readouterr().err
