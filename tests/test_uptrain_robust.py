@@ -18,7 +18,7 @@ from test_uptrain_run import run_cli
 from uptrain_fixtures import killed_at_step, tiny_cla_checkpoint, tiny_recipe, write_recipe  # noqa: F401
 
 from clakit.corpus import Text
-from clakit.errors import ClakitError
+from clakit.errors import ClakitError, Terminated
 from clakit.uptrain import pipeline, uptrain
 from clakit.uptrain.packing import PackedData, build_data, split_tail
 from clakit.uptrain.recipe import DataSection, ModelSection
@@ -124,6 +124,23 @@ def test_a_failed_rename_keeps_the_step_saved_before(tmp_path, monkeypatch):
         pipeline.checkpoint._complete(tmp, final, {"step": 4})
     assert (final / "trainable.safetensors").read_text() == "before"
     assert not final.with_name("step-000004.old").exists()
+
+
+@pytest.mark.parametrize("signal", [KeyboardInterrupt, Terminated])
+def test_an_interrupted_save_leaves_no_torn_folder(tmp_path, monkeypatch, signal):
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (clakit's Terminated) while a checkpoint was written left
+    step-N.tmp in the run until a later save after --resume removed it; the steps saved before stay."""
+    before = checkpoint_folder(tmp_path / "checkpoints" / "step-000002", 2, "before")
+
+    def interrupted(model, optimizer, tmp, held):
+        (tmp / "trainable.safetensors").write_text("half")
+        raise signal()
+
+    monkeypatch.setattr(pipeline.checkpoint, "_write_whole", interrupted)
+    with pytest.raises(signal):
+        pipeline.checkpoint.save_checkpoint(tmp_path, 4, None, None, None, {"step": 4})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+    assert (before / "trainable.safetensors").read_text() == "before"
 
 
 def test_prune_puts_back_a_step_moved_aside_by_a_kill(tmp_path):

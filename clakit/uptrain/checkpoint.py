@@ -498,6 +498,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     rank, world = rank_and_world()
     final = run_dir / CHECKPOINTS / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
+    try:
+        _write_checkpoint(run_dir, tmp, final, model, optimizer, scheduler, state)
+    except BaseException:  # Ctrl-C or SIGTERM mid-save: the torn step-N.tmp went only with a later save
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_checkpoint(run_dir: Path, tmp: Path, final: Path, model, optimizer, scheduler, state: dict) -> None:
+    rank, world = rank_and_world()
     held = HeldWrites()  # a failed write is raised on every rank once all have passed the same collectives
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -517,7 +528,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     if rank == 0:
         held(_complete, tmp, final, state)
     _settle(held, tmp, run_dir)
-    return final
 
 
 def _complete(tmp: Path, final: Path, state: dict) -> None:
