@@ -197,6 +197,9 @@ def test_a_killed_composed_run_resumes_to_the_straight_runs_weights(composed, mo
     result = uptrain(path, resume=True, quiet=True)
     assert train_lines(composed / "runs" / "killed") == train_lines(composed / "runs" / "a")
     assert same_tensors(composed / "runs" / "a" / "model", result)
+    # uptrain.json's command and time are the resume's; the first session's are kept beside them (run.json's)
+    started = json.loads((composed / "runs" / "killed" / "run.json").read_text())["provenance"]
+    assert json.loads((result / "uptrain.json").read_text())["started"] == started
 
 
 # --- layout-dependent patterns, before the conversion ----------------------------------------------------------------
@@ -390,3 +393,14 @@ def test_a_consumer_pattern_on_a_layout_without_consumers_is_refused_for_that_re
         select_linear(meta_student(config, [0, 1, 2, 3]), ["consumers.q_proj"], "lora.full_train")
     with pytest.raises(ClakitError, match=r"'consumers\.\*\.\[kv\]_proj' matches no linear module \(only producers"):
         select_linear(meta_student(config, [0, 0, 2, 2]), ["consumers.*.[kv]_proj"], "lora.full_train")
+
+
+def test_the_cards_rerun_line_names_the_folder_the_run_started_in():
+    """The card's "run it in CWD" took uptrain.json's cwd, the last session's: a run resumed from another folder
+    named that one, where the recipe's relative paths do not resolve. It is the first session's (`started`)."""
+    from clakit.uptrain.card import _recipe_lines
+
+    s = {"recipe": {"data": {"train": ["train.txt"]}}, "fingerprint": "f", "cwd": "/resumed/here"}
+    assert "in `/resumed/here`" in "\n".join(_recipe_lines(s))  # a record from before `started`
+    text = "\n".join(_recipe_lines({**s, "started": {"cwd": "/started/here"}}))
+    assert "in `/started/here`" in text and "/resumed/here" not in text

@@ -174,8 +174,11 @@ def _resolved_lines(s: dict) -> list[str]:
 
 def _recipe_lines(s: dict) -> list[str]:
     """The recipe as the run resolved it (every key, the overrides applied) and how to rerun it. Relative paths in
-    it are relative to the folder the run was started in (`cwd`, when the record knows it)."""
-    where = f" in {md_code(s['cwd'], table=False)}" if s.get("cwd") else ""
+    it are relative to the folder the run was started in (its first session's `cwd`, when the record knows it: a
+    --resume's may be another)."""
+    started = s.get("started") if isinstance(s.get("started"), dict) else {}
+    cwd = started.get("cwd") or s.get("cwd")
+    where = f" in {md_code(cwd, table=False)}" if cwd else ""
     return [
         "## Recipe",
         "",

@@ -1200,12 +1200,14 @@ def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitE
 
 def _card(recipe: Recipe, out: Path, trainer, run: dict, end: dict, folder: Path, layout: list[int]) -> dict:
     numbers = {n: _numbers(r) for n, r in _start_reports(out).items()} | {"uptrained": _numbers(end)}
-    original = None  # as resolved when the run started (a resume too); a damaged run.json must not cost the model
+    started = {}  # run.json, written when the run started (a resume too); a damaged one must not cost the model
     with contextlib.suppress(ClakitError):
-        original = (run_record(out) or {}).get("original")
+        started = run_record(out) or {}
     conversion = card.conversion_record(run["start_path"])  # read once: the origins' and the resolved defaults'
     summary = card.summary(recipe, trainer, run["data"], numbers, layout)
-    summary |= card.origins(run["start_path"], original, conversion)
+    summary |= card.origins(run["start_path"], started.get("original"), conversion)
+    # the first session's command, time and versions: uptrain.json's own are the last session's (`--resume`'s)
+    summary["started"] = started.get("provenance")
     summary["data_sha256"] = run["data_sha256"]  # the tokens it trained and was scored on (run.json's too)
     summary["resolved"] = card.resolved_defaults(recipe, conversion)
     card.write(folder, summary, run["start_path"])
