@@ -13,6 +13,7 @@ from pathlib import Path
 # the records clakit writes beside a checkpoint, read by eval's lineage and uptrain's origins: one name each
 CONVERT_RECORD = "clakit_convert.json"  # clakit convert's (convert.output_folder)
 UPTRAIN_RECORD = "uptrain.json"  # clakit uptrain's beside its model (uptrain.card); its `conversion`: the start's
+REPORT_RECORD = "clakit_report.json"  # clakit report's: the eval reports it read (sha256), the command, versions
 
 
 def versions() -> dict:

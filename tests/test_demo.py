@@ -27,7 +27,8 @@ TINY = dict(calib_tokens=512, seq_len=32, max_tokens=400, batch_size=2, decode_s
 
 def test_demo_pipeline_on_a_tiny_model(tmp_path, tiny_assets):
     out = demo.run_demo(tmp_path / "work", assets=tiny_assets, settings=demo.DemoSettings(**TINY))
-    assert {p.name for p in out.iterdir()} == {"report.md", "ppl_vs_kv.png", "report.html", MARKER}
+    written = {"report.md", "ppl_vs_kv.png", "report.html", "clakit_report.json", MARKER}
+    assert {p.name for p in out.iterdir()} == written
     orig, cla2 = (
         json.loads((tmp_path / "work" / "reports" / f"{n}.json").read_text()) for n in ("original", "converted")
     )

@@ -1,6 +1,7 @@
 """`clakit eval` / `clakit report` through clakit.cli.main: reports, refusals, and every bad input (exit 2, one
 line on stderr, no output written)."""
 
+import hashlib
 import json
 import shutil
 
@@ -75,6 +76,11 @@ def test_report_writes_table_plot_and_page(capsys, tmp_path, reports):
     assert "| 2.00 |" in md  # CLA2 saving factor
     assert (out / "ppl_vs_kv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "data:image/png;base64," in (out / "report.html").read_text()
+    # the folder's own record: which reports (their bytes) it was made from, and by what (report.md's prose only)
+    record = json.loads((out / "clakit_report.json").read_text())
+    read = [(reports / f"{n}.json") for n in ("orig", "cla2")]
+    assert record["reports"] == [{"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in read]
+    assert record["command"] and record["clakit"] and record["torch"] and record["cwd"]
 
 
 def test_report_shows_an_unknown_saving_factor_as_unknown():

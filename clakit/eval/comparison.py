@@ -14,7 +14,7 @@ from clakit.errors import ClakitError
 from clakit.eval.records import LM_EVAL_KEYS, read_report
 from clakit.markup import md_cell, md_text
 from clakit.paths import expand
-from clakit.provenance import CONVERT_RECORD
+from clakit.provenance import CONVERT_RECORD, REPORT_RECORD, file_sha256, provenance
 
 # Fields that must agree for perplexities to be comparable. Not batch_size: the windows are scored alike at any
 # batch (the same perplexity to the last digit at 1, 3 and 8), and a CLA model is evaluated at the larger batch its
@@ -553,8 +553,6 @@ def _converted(conversion: dict) -> str:
 
 def _made_by() -> str:
     """This report's own provenance: the command, where and when it ran, the versions that wrote it."""
-    from clakit.provenance import provenance
-
     p = provenance()
     return (
         f"Written by {p['command']} in {p['cwd']} at {p['created']} "
@@ -694,4 +692,11 @@ def report(paths: list, out_dir) -> Path:
         if any(r.get("passkey") for r in reports):
             heat_map(reports, tmp / "passkey.png")
         (tmp / "report.html").write_text(page(reports, tmp / "ppl_vs_kv.png", paths))
+        (tmp / REPORT_RECORD).write_text(json.dumps(report_record(paths), indent=1) + "\n")
     return out_dir
+
+
+def report_record(paths: list[Path]) -> dict:
+    """The report folder's own record: each eval report it read (absolute path and sha256: the files can change or
+    move after), the command, cwd, time and versions. The folder named its sources in report.md's prose only."""
+    return provenance(reports=[{"path": str(p.absolute()), "sha256": file_sha256(p)} for p in paths])
