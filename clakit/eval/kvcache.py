@@ -25,6 +25,27 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+# what a conversion keeps, read from a config (it changes which layers hold K/V, and kvheads how many KV heads):
+# a model differing in any is not the one a CLA model was converted from (a Mistral of a Llama's sizes taught a
+# Llama student silently, and an --source-model of another head_dim gave a wrong KV saving)
+KEPT_BY_CONVERSION = {
+    "vocab_size": lambda c: getattr(c, "vocab_size", None),
+    "num_hidden_layers": lambda c: getattr(c, "num_hidden_layers", None),
+    "hidden_size": lambda c: getattr(c, "hidden_size", None),
+    "model type": lambda c: str(getattr(c, "model_type", "")).removesuffix("_cla"),  # llama_cla is a llama
+    "num_attention_heads": lambda c: getattr(c, "num_attention_heads", None),
+    "head_dim": head_dim,
+}
+
+
+def conversion_difference(config, original) -> tuple[str, object, object] | None:
+    """(key, the original's value, the config's) of the first thing a conversion keeps that differs, else None."""
+    for key, read in KEPT_BY_CONVERSION.items():
+        if read(original) != read(config):
+            return key, read(original), read(config)
+    return None
+
+
 def bytes_per_token(config, dtype: torch.dtype) -> int:
     """KV-cache bytes one token of one sequence costs, from the config alone."""
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

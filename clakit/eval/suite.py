@@ -170,27 +170,18 @@ def _reference(source_model, model_dir, revision, trust_remote_code) -> tuple[st
     return (str(source_model) if source_model else recorded), config, commit
 
 
-SAME_SHAPE = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")  # what a conversion keeps
-
-
 def _check_reference(config, reference) -> None:
     """The model the saving is measured against must be one MODEL could have been converted from: a conversion
-    changes which layers hold K/V (and, with --kv-heads, how many), never these."""
+    changes which layers hold K/V (and, merging heads, how many KV heads), never what kvcache.KEPT_BY_CONVERSION
+    reads."""
     if reference is None:
         return
     label, ref_config, _ = reference
-    for key in SAME_SHAPE:
-        mine, theirs = getattr(config, key, None), getattr(ref_config, key, None)
-        if mine != theirs:
-            raise ClakitError(
-                f"the source model {label} has {key} {theirs} but the evaluated model has {mine}: it is not the model "
-                "this one was converted from, so no KV saving against it means anything; give the right --source-model"
-            )
-    # head_dim: no conversion changes it (a config may leave it implicit: hidden_size // num_attention_heads)
-    mine, theirs = kvcache.head_dim(config), kvcache.head_dim(ref_config)
-    if mine != theirs:
+    differs = kvcache.conversion_difference(config, ref_config)
+    if differs:
+        key, theirs, mine = differs
         raise ClakitError(
-            f"the source model {label} has head_dim {theirs} but the evaluated model has {mine}: it is not the model "
+            f"the source model {label} has {key} {theirs} but the evaluated model has {mine}: it is not the model "
             "this one was converted from, so no KV saving against it means anything; give the right --source-model"
         )
     # KV heads: a conversion keeps them, or merges them (clakit.convert.kvheads: m dividing n), never adds any

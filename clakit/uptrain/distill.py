@@ -54,18 +54,6 @@ def check_stock(original, role: str, trust_remote_code: bool = False):
     return config
 
 
-# what a conversion keeps, as read from a config: a Mistral (another attention, its window) of a Llama student's
-# sizes taught it silently and was its report's "original" when only the first three were compared
-KEPT_BY_CONVERSION = {
-    "vocab_size": lambda c: getattr(c, "vocab_size", None),
-    "num_hidden_layers": lambda c: getattr(c, "num_hidden_layers", None),
-    "hidden_size": lambda c: getattr(c, "hidden_size", None),
-    "model type": lambda c: str(getattr(c, "model_type", "")).removesuffix("_cla"),  # llama_cla is a llama
-    "num_attention_heads": lambda c: getattr(c, "num_attention_heads", None),
-    "head_dim": kvcache.head_dim,
-}
-
-
 def check_teacher_fits(original, student_config, teacher: bool = True, trust_remote_code: bool = False) -> None:
     """The original model is the one the student was converted from (conversion keeps the vocabulary, the layers
     and the width): the teacher scores the student's tokens and, with hidden_mse_weight, matches its hidden states
@@ -75,13 +63,13 @@ def check_teacher_fits(original, student_config, teacher: bool = True, trust_rem
     role = "the teacher" if teacher else "the original model"
     config = check_stock(original, role, trust_remote_code)
     why = "distillation needs" if teacher else "the 'original' baseline is"
-    for key, read in KEPT_BY_CONVERSION.items():
-        theirs, ours = read(config), read(student_config)
-        if theirs != ours:
-            raise ClakitError(
-                f"{role} {original.spec} has {key} {theirs} but the student {ours}: {why} the model the student was "
-                "converted from; set model.original to it"
-            )
+    differs = kvcache.conversion_difference(student_config, config)
+    if differs:
+        key, theirs, ours = differs
+        raise ClakitError(
+            f"{role} {original.spec} has {key} {theirs} but the student {ours}: {why} the model the student was "
+            "converted from; set model.original to it"
+        )
 
 
 def check_same_tokenizer(original: Source, tokenizer, trust_remote_code: bool = False) -> None:
