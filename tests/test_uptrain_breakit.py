@@ -468,8 +468,9 @@ def test_a_conversion_inside_uptrain_names_the_recipe_settings_of_its_calibratio
     (tmp_path / "short.txt").write_text("a few words")
     convert = {"factor": 2, "init": "calibrated", "calib_data": [str(tmp_path / "short.txt")], "seq_len": 32}
     recipe = tiny_recipe(corpus_dir, tmp_path / "run", model={"source": str(stock), "convert": convert})
-    with pytest.raises(ClakitError, match=r"calibration text is too short.*model\.convert\.calib_data"):
+    with pytest.raises(ClakitError, match=r"calibration text is too short.*model\.convert\.calib_data") as e:
         uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    assert str(e.value).count("model.convert.calib_data") == 1, e.value  # it was named twice, two ways
 
 
 def test_a_failed_run_leaves_no_folders_it_created_above_its_output(

@@ -34,7 +34,6 @@ RECONSTRUCT_SEQS = 8  # sequences whose activations reconstruct caches (8 x 512 
 SCRATCH_FILE_BYTES = 4096  # torch.save's zip headers and alignment, per scratch file (measured: 1-2 KB)
 CHARS_PER_TOKEN_CAP = 64  # read at most this many characters per wanted token: bounds tokenisation of huge corpora
 
-RECIPE_NAMES = " (in an uptrain recipe: model.convert.calib_data / calib_tokens)"  # the same settings there
 
 
 def calib_input_ids(tokenizer, texts: list[Text], calib_tokens: int, seq_len: int) -> torch.Tensor:
@@ -45,9 +44,7 @@ def calib_input_ids(tokenizer, texts: list[Text], calib_tokens: int, seq_len: in
     one (a corpus of GBs) is read only in n_seq spans spread evenly over all of it, a window from each.
     """
     if seq_len <= 0 or calib_tokens < seq_len:
-        raise ClakitError(
-            f"--calib-tokens ({calib_tokens}) must be at least the sequence length ({seq_len}){RECIPE_NAMES}"
-        )
+        raise ClakitError(f"--calib-tokens ({calib_tokens}) must be at least the sequence length ({seq_len})")
     cap = CHARS_PER_TOKEN_CAP * calib_tokens
     text = head(texts, cap + 1)  # read no further: one more character tells whether there is more
     if len(text) > cap:
@@ -80,7 +77,7 @@ def _token_ids(tokenizer, text: str) -> list[int]:
 def _too_short(tokens: int, seq_len: int) -> ClakitError:
     return ClakitError(
         f"calibration text is too short: {tokens} tokens, need at least one sequence of {seq_len}; "
-        f"give more text with --calib-data{RECIPE_NAMES}"
+        "give more text with --calib-data, or a shorter --seq-len"
     )
 
 
@@ -603,7 +600,7 @@ def fit_kv(
     if method not in METHODS:
         raise ClakitError(f"unknown data-aware init {method!r}; choose one of {', '.join(METHODS)}")
     if input_ids.numel() == 0:
-        raise ClakitError(f"no calibration tokens; give more text with --calib-data{RECIPE_NAMES}")
+        raise ClakitError("no calibration tokens; give more text with --calib-data")
     shared = [i for members in groups(layout).values() if len(members) > 1 for i in members]
     keep = shared if method == "reconstruct" else ()
     with tempfile.TemporaryDirectory(prefix=".clakit-calib.", dir=scratch) as folder:
