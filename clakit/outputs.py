@@ -38,13 +38,14 @@ from safetensors import SafetensorError
 
 from clakit.errors import ClakitError
 from clakit.paths import expand
-from clakit.provenance import CONVERT_RECORD
+from clakit.provenance import CONVERT_RECORD, REPORT_RECORD
 
 MARKER = ".clakit_output.json"
 # in a staging folder until it is published: which host's clakit made it, so a leftover is known to be clakit's
 STAGING_STAMP = ".clakit_staging.json"
 NOUNS = {"convert": "convert output", "uptrain": "uptrain run", "model": "uptrained model", "report": "report folder"}
-REPORT_FILES = {"report.md", "report.html", "ppl_vs_kv.png", "passkey.png"}  # passkey.png: reports with passkeys
+# passkey.png: reports with passkeys; the record: a report folder whose marker was lost (an older one has none)
+REPORT_FILES = {"report.md", "report.html", "ppl_vs_kv.png", "passkey.png", REPORT_RECORD}
 NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, APFS)
 
 
@@ -87,13 +88,20 @@ def owner(folder: Path) -> str | None:
     return marker["kind"] if marker else _legacy_kind(folder)
 
 
+WRITE_PROBE = ".clakit-write-test."  # the prefix of the files that probe whether a folder takes new files
+
+
 def foreign_files(folder: Path) -> list[str]:
     """Names in a marked clakit output that its marker does not list (files a user put there)."""
     marker = read_marker(folder)
     if marker is None:
         return []  # an older clakit's output: its file list was not recorded
     known = set(marker.get("files", [])) | {MARKER, STAGING_STAMP}  # the stamp: a run killed as it published
-    return sorted(p.name for p in folder.iterdir() if p.name not in known and _staged_name(p.name) not in known)
+    # a write probe of another process checking this folder now (check_writable, _check_replaceable): not a user's
+    return sorted(
+        p.name for p in folder.iterdir()
+        if p.name not in known and _staged_name(p.name) not in known and not p.name.startswith(WRITE_PROBE)
+    )  # fmt: skip
 
 
 def _staged_name(name: str) -> str | None:
@@ -179,7 +187,7 @@ def check_writable(folder: Path) -> None:
     if not existing.is_dir():
         raise ClakitError(f"{existing} is a file, not a folder; choose an output path whose folders are folders")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".clakit-write-test.", dir=existing)
+        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -387,8 +395,10 @@ def _check_replaceable(out: Path, label: str) -> None:
             f"{label} {out} belongs to another user (uid {out.stat().st_uid}) in a shared folder with the sticky bit, "
             "so this user cannot move or replace it; choose another folder"
         )
+    if not any(out.iterdir()):  # an empty folder (even read-only: `mkdir -m 555`) is moved and removed by its parent
+        return
     try:
-        fd, probe = tempfile.mkstemp(prefix=".clakit-write-test.", dir=out)
+        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=out)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -500,9 +510,10 @@ def reclaim_leftovers(out: Path) -> list[str]:
         # every output's staging in this folder (a killed run's under another OUT name was kept for good), the
         # moved-aside outputs of this one only (put back under their own name)
         found = [p for p in out.parent.iterdir() if _staged_name(p.name) is not None and not p.is_symlink()]
-        done, live = [], False
+        done, live = [], set()
         # the outputs a killed publish moved aside, as its stamp names them: a look-alike name alone (a user's
-        # backup `.out.20261207.old`, a copy of the output) is not proof that clakit moved it there
+        # backup `.out.20261207.old`, a copy of the output) is not proof that clakit moved it there. Every output
+        # name's: a staging folder of another OUT removed here took with it the only record of that OUT's aside
         asides = _asides_named(out)
         for folder in sorted(p for p in found if p.name.endswith((".partial", ".scratch")) and p.is_dir()):
             # this process's own first, unread: on NFS (POSIX locks) closing any descriptor of the stamp drops its lock
@@ -510,19 +521,18 @@ def reclaim_leftovers(out: Path) -> list[str]:
             fd = _lock_free(folder) if not own and _stamped_here(folder) else None
             if fd is None:
                 # a run writing this output now (or no locks here): its .old may be mid-publish
-                live = live or _staged_name(folder.name) == out.name
+                live.add(_staged_name(folder.name))
                 continue
-            if _staged_name(folder.name) == out.name:
-                asides |= _aside_in(folder)  # under the lock taken above
+            asides |= _aside_in(folder, fd)  # under the lock taken above
             try:  # removed under the lock: another reclaim waits
                 remove_stamped(folder)
             finally:
                 os.close(fd)
             shutil.rmtree(folder, ignore_errors=True)  # NFS kept the open stamp (as .nfsXXXX) until it was closed
             done.append(folder.name)
-        if not live:
-            olds = [p for p in found if p.name in asides and p.name.endswith(".old") and p.is_dir()]
-            done += _reclaim_old(out, sorted(olds))
+        for name in sorted({_staged_name(a) for a in asides} - live):
+            olds = [p for p in found if p.name in asides and _staged_name(p.name) == name and p.name.endswith(".old")]
+            done += _reclaim_old(out.parent / name, sorted(p for p in olds if p.is_dir()))
         return done
     return []
 
@@ -534,15 +544,17 @@ def _asides_named(out: Path) -> set[str]:
     if fd is None:
         return set()
     try:
-        return _aside_in(out)
+        return _aside_in(out, fd)
     finally:
         os.close(fd)
 
 
-def _aside_in(folder: Path) -> set[str]:
-    """{the aside name} `folder`'s stamp records (`_name_aside`) for the same output name, else empty."""
+def _aside_in(folder: Path, fd: int | None = None) -> set[str]:
+    """{the aside name} `folder`'s stamp records (`_name_aside`) for the same output name, else empty; read through
+    `fd` (the reclaim's locked descriptor) where given: closing another descriptor drops a POSIX (NFS) lock."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        aside = json.loads((folder / STAGING_STAMP).read_text()).get("aside")
+        raw = os.pread(fd, 1 << 16, 0) if fd is not None else (folder / STAGING_STAMP).read_bytes()
+        aside = json.loads(raw).get("aside")
         if isinstance(aside, str) and _staged_name(aside) == _out_name(folder):
             return {aside}
     return set()
@@ -609,7 +621,7 @@ def _reclaim_old(out: Path, olds: list[Path]) -> list[str]:
         if not (out.exists() or out.is_symlink()):
             old.rename(out)
         else:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_stamped(old, last=MARKER)
     return [old.name for old in olds]
 
 
@@ -633,13 +645,14 @@ def discard(tmp: Path) -> None:
     remove_stamped(tmp)
 
 
-def remove_stamped(folder: Path) -> None:
+def remove_stamped(folder: Path, last: str = STAGING_STAMP) -> None:
     """rmtree of a stamped staging folder, its stamp last: rmtree goes in directory order, which put the stamp
     before most shards of a large output (19th of 33 entries for 30 shards on ext4), so a kill during a slow
-    removal (a scheduler's SIGKILL after its SIGTERM's grace) left shards in an unstamped folder no run reclaims."""
+    removal (a scheduler's SIGKILL after its SIGTERM's grace) left shards in an unstamped folder no run reclaims.
+    `last`: MARKER for an output moved aside (unmarked, its rest is not recognisably clakit's: kept for good)."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            if entry.name == STAGING_STAMP:
+            if entry.name == last:
                 continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -686,7 +699,7 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
         if old.exists() and not out.exists():
             old.rename(out)  # put the old output back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    remove_stamped(old, last=MARKER)
     if old.exists():  # a file in it we may not remove (its own read-only subfolder): said, never hidden silently
         print(f"clakit: note: the replaced {out.name} could not be removed whole; what is left is in {old}",
               file=sys.stderr)  # fmt: skip
@@ -694,11 +707,16 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
 
 
 def _name_aside(tmp: Path, name: str) -> None:
-    """Record in `tmp`'s stamp the name its publish moves the old output aside to (rewritten in place: the lock this
-    process holds is on the file itself)."""
-    stamp = tmp / STAGING_STAMP
+    """Record in `tmp`'s stamp the name its publish moves the old output aside to, written through the descriptor
+    this process holds the stamp's lock on: on NFS (flock emulated by POSIX locks) opening and closing the stamp
+    anew dropped that lock, and a truncate-then-write left a moment with an empty stamp."""
+    fd = _STAGING_LOCKS.get(str(tmp))
     with contextlib.suppress(OSError, ValueError, TypeError):  # no stamp (a file system that lost it): kept, as before
-        stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "aside": name}) + "\n")
+        if fd is None:
+            return
+        text = (json.dumps({**json.loads(os.pread(fd, 1 << 16, 0)), "aside": name}) + "\n").encode()
+        os.pwrite(fd, text, 0)  # longer than the stamp it extends: never shorter, never empty
+        os.ftruncate(fd, len(text))
 
 
 def _published(tmp: Path, out: Path) -> None:

@@ -474,7 +474,16 @@ def test_an_output_this_user_cannot_replace_is_refused_before_the_work(tmp_path,
     with pytest.raises(clakit.outputs.ClakitError, match=r"rep cannot be replaced: its files cannot be removed "
                        r"\(Permission denied\); make it writable \(chmod -R u\+w"):  # fmt: skip
         clakit.outputs.check_folder(out, "report", overwrite=True)
+    empty = tmp_path / "shared" / "empty"
+    empty.mkdir()  # `mkdir -m 555`: its parent moves and removes it, no file inside is probed or removed
+    assert clakit.outputs.check_folder(empty, "report", overwrite=True) == empty
     monkeypatch.setattr(clakit.outputs.tempfile, "mkstemp", real)
+    empty.rmdir()
+    # another process's probe inside OUT at this moment (the other ranks of a launch check it too) is not a user file
+    probe = out / ".clakit-write-test.k3j4h5"
+    probe.write_text("")
+    assert clakit.outputs.check_folder(out, "report", overwrite=True) == out
+    probe.unlink()
     (tmp_path / "shared").chmod(0o1777)
     monkeypatch.setattr(clakit.outputs.os, "geteuid", lambda: 12345)  # neither OUT's owner nor its folder's
     with pytest.raises(clakit.outputs.ClakitError, match="belongs to another user .* with the sticky bit"):

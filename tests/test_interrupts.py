@@ -663,3 +663,48 @@ def test_a_users_backup_copy_of_an_output_named_like_a_moved_aside_one_is_kept(t
     fresh = clakit("convert", src, work / "out", "--init", "mean", "-q")
     assert fresh.returncode == 0, fresh.stderr  # before: the backup renamed back to out, then "already exists"
     assert (work / ".out.backup01.old" / "config.json").is_file()
+
+
+def test_a_killed_publishs_aside_is_put_back_by_a_run_on_another_output(tmp_path):
+    """A publish of A killed between its renames leaves A's old output at .A.X.old, named only by the stamp of its
+    staging folder .A.Y.partial; a run on B in the same folder (the demo's next stage) reclaimed that staging folder
+    without reading the stamp, so A's old output stayed hidden for good."""
+    import json
+    import socket
+
+    old = tmp_path / ".A.12345678.old"
+    old.mkdir()
+    (old / "report.md").write_text("# A\n")
+    outputs.write_marker(old, "report")
+    staging = tmp_path / ".A.abcdefgh.partial"
+    staging.mkdir()
+    (staging / "report.md").write_text("# new A\n")
+    stamp = {"host": socket.gethostname(), "pid": 1, "aside": old.name}
+    (staging / outputs.STAGING_STAMP).write_text(json.dumps(stamp) + "\n")
+    outputs.check_folder(tmp_path / "B", "convert")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A"]
+    assert (tmp_path / "A" / "report.md").read_text() == "# A\n"
+
+
+def test_an_output_moved_aside_is_removed_marker_last(tmp_path, monkeypatch):
+    """rmtree removes in directory order: a kill during the removal of a replaced output could take its marker first,
+    and what was left was no longer recognisably clakit's (kept hidden for good). The marker now goes last."""
+    old = tmp_path / ".A.12345678.old"
+    old.mkdir()
+    for i in range(20):
+        (old / f"model-{i:05d}.safetensors").write_text("x")
+    outputs.write_marker(old, "convert")
+    unlink, calls = os.unlink, []
+
+    def killed_after_three(path, *args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(path)
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.os, "unlink", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.remove_stamped(old, last=outputs.MARKER)
+    monkeypatch.setattr(outputs.os, "unlink", unlink)
+    assert (old / outputs.MARKER).is_file() and len(list(old.iterdir())) == 18
+    assert outputs.owner(old) == "convert" and not outputs.foreign_files(old)  # still reclaimable as clakit's

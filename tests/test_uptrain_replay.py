@@ -395,12 +395,14 @@ def test_a_consumer_pattern_on_a_layout_without_consumers_is_refused_for_that_re
         select_linear(meta_student(config, [0, 0, 2, 2]), ["consumers.*.[kv]_proj"], "lora.full_train")
 
 
-def test_the_cards_rerun_line_names_the_folder_the_run_started_in():
-    """The card's "run it in CWD" took uptrain.json's cwd, the last session's: a run resumed from another folder
-    named that one, where the recipe's relative paths do not resolve. It is the first session's (`started`)."""
-    from clakit.uptrain.card import _recipe_lines
+def test_the_start_cards_serving_section_is_dropped_in_any_wording(tmp_path):
+    """The start checkpoint's own "Serve with vLLM" section was removed from the nested card by its exact text:
+    one an earlier clakit wrote (its install line was worded otherwise) stayed, a second serving section."""
+    from clakit.convert.output_folder import serving_section
+    from clakit.uptrain import card
 
-    s = {"recipe": {"data": {"train": ["train.txt"]}}, "fingerprint": "f", "cwd": "/resumed/here"}
-    assert "in `/resumed/here`" in "\n".join(_recipe_lines(s))  # a record from before `started`
-    text = "\n".join(_recipe_lines({**s, "started": {"cwd": "/started/here"}}))
-    assert "in `/started/here`" in text and "/resumed/here" not in text
+    older = serving_section(2, 4).replace('"vllm==0.32.*" ./serving', "vllm ./serving")
+    assert older != serving_section(2, 4)
+    (tmp_path / "README.md").write_text(f"# converted\n\n{older}\nSettings and provenance in full: x.\n\n## Other\n")
+    _, nested = card._nested_card({"kv_source_layers": [0, 0, 2, 2]}, tmp_path)
+    assert "Serve with vLLM" not in nested and "Settings and provenance in full" in nested and "Other" in nested

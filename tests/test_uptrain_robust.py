@@ -143,6 +143,30 @@ def test_an_interrupted_save_leaves_no_torn_folder(tmp_path, monkeypatch, signal
     assert (before / "trainable.safetensors").read_text() == "before"
 
 
+def test_a_save_interrupted_between_its_renames_puts_the_earlier_step_back(tmp_path, monkeypatch):
+    """A step saved again after a resume: Ctrl-C after step-N went aside to step-N.old and before step-N.tmp took its
+    place removed the new folder and left the earlier one as step-N.old, which --resume does not see."""
+    before = checkpoint_folder(tmp_path / "checkpoints" / "step-000004", 4, "before")
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name.endswith(".tmp"):
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    def whole(model, optimizer, tmp, held):
+        (tmp / "trainable.safetensors").write_text("after")
+
+    monkeypatch.setattr(pipeline.checkpoint, "_write_whole", whole)
+    monkeypatch.setattr(pipeline.checkpoint, "_optimizer_state", lambda *a: {}, raising=False)
+    monkeypatch.setattr(Path, "rename", interrupted)
+    monkeypatch.setattr(pipeline.checkpoint.torch, "save", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.checkpoint.save_checkpoint(tmp_path, 4, None, None, SimpleNamespace(state_dict=dict), {"step": 4})
+    assert [p.name for p in pipeline.checkpoint.checkpoint_dirs(tmp_path)] == ["step-000004"]
+    assert (before / "trainable.safetensors").read_text() == "before"
+
+
 def test_prune_puts_back_a_step_moved_aside_by_a_kill(tmp_path):
     root = tmp_path / "checkpoints"
     checkpoint_folder(root / "step-000002.old", 2, "only copy")  # killed between the two renames

@@ -32,7 +32,9 @@ KEPT_BY_CONVERSION = {
     "vocab_size": lambda c: getattr(c, "vocab_size", None),
     "num_hidden_layers": lambda c: getattr(c, "num_hidden_layers", None),
     "hidden_size": lambda c: getattr(c, "hidden_size", None),
-    "model type": lambda c: str(getattr(c, "model_type", "")).removesuffix("_cla"),  # llama_cla is a llama
+    # the attention's reach, not the family's name: a Mistral without a window is a Llama (llama.cpp writes such
+    # models as GGUF `llama`, so the HF original of a student converted from its GGUF is a `mistral`)
+    "attention window": attention_window,
     "num_attention_heads": lambda c: getattr(c, "num_attention_heads", None),
     "head_dim": head_dim,
 }

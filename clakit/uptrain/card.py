@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -174,11 +175,9 @@ def _resolved_lines(s: dict) -> list[str]:
 
 def _recipe_lines(s: dict) -> list[str]:
     """The recipe as the run resolved it (every key, the overrides applied) and how to rerun it. Relative paths in
-    it are relative to the folder the run was started in (its first session's `cwd`, when the record knows it: a
-    --resume's may be another)."""
-    started = s.get("started") if isinstance(s.get("started"), dict) else {}
-    cwd = started.get("cwd") or s.get("cwd")
-    where = f" in {md_code(cwd, table=False)}" if cwd else ""
+    it are relative to the folder this session ran in (`cwd`, when the record knows it): the recipe shown is the one
+    it was given, whose paths a --resume from another folder may have retyped (the first session's: `started`)."""
+    where = f" in {md_code(s['cwd'], table=False)}" if s.get("cwd") else ""
     return [
         "## Recipe",
         "",
@@ -341,6 +340,7 @@ def _nested_card(s: dict, start: Path | None) -> tuple[str, str]:
     # uptrain.json holds it, under "conversion"
     text = text.replace(f"`{RECORD_FILE}`", f"`{PROVENANCE}` (its `conversion`)")
     layout = s.get("kv_source_layers")
-    if layout:  # the same layout's serving section is in our part already (matched before it is demoted)
-        text = text.replace(serving_section(len(set(layout)), len(layout)), "")
+    if layout:  # the same layout's serving section is in our part already (matched before it is demoted), by its
+        # heading and last line: an earlier clakit's wording of it (the install line changed) was kept twice
+        text = re.sub(r"## Serve with vLLM\n.*?docs/serving\.md\.\n", "", text, flags=re.DOTALL)
     return heading, demoted(text)

@@ -502,6 +502,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         _write_checkpoint(run_dir, tmp, final, model, optimizer, scheduler, state)
     except BaseException:  # Ctrl-C or SIGTERM mid-save: the torn step-N.tmp went only with a later save
         if rank == 0:
+            aside = final.with_name(final.name + ".old")
+            if aside.is_dir() and not final.exists():  # between _complete's renames: the step saved before, back
+                aside.rename(final)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final

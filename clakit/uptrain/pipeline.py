@@ -601,7 +601,7 @@ def _check_same_calibration(out: Path, record: dict, model) -> None:
     recorded = settings.get("calib_sha256") if isinstance(settings, dict) else None  # none: nothing to compare
     if not given or given == typed or not recorded or any(is_datasets_spec(spec) for spec in given):
         return
-    if texts_sha256(load_texts(given)) != recorded:
+    if texts_sha256(load_texts(given, "model.convert.calib_data")) != recorded:
         raise ClakitError(
             f"--resume: the run in {out} converted its model calibrated on other text than model.convert.calib_data "
             f"now names ({', '.join(given)}); give the text it read, or start over with --overwrite"
