@@ -519,6 +519,7 @@ class NearCopy:
     holder: str
 
     def text(self, group: str) -> str:
+        # "lines": a line beyond LONG_LINE characters counts its sentences (_compared)
         return (f"{self.found:,} of its {self.lines:,} lines of {LINE_CHARS}+ characters are in {group}, most of "
                 f"them from {self.holder} into {self.worst.name}")  # fmt: skip
 
@@ -530,11 +531,32 @@ def _line_hashes(t: Text, chars: int | None = None) -> Iterator[tuple[set[int], 
     pending, read = "", 0
     for piece in t.pieces():
         *whole, pending = (pending + piece).split("\n")
-        yield _hashes(whole), len(piece)
+        if len(pending) > LONG_LINE:  # a line not ended yet: its sentences so far, not a growing copy of it
+            *more, pending = _sentences(pending)
+            whole += more
+            if len(pending) > READ_CHARS:  # no sentence end in a megabyte: cut, memory stays bounded
+                whole, pending = whole + [pending], ""
+        yield _hashes(_compared(whole)), len(piece)
         read += len(piece)
         if chars is not None and read >= chars:
             return
-    yield _hashes([pending]), 0
+    yield _hashes(_compared([pending])), 0
+
+
+# A line longer than this (a text with no line breaks: one paragraph per line, a dump joined with spaces) is compared
+# by its sentences: whole, it is one unit that a copy of half of it never matches, and read piece by piece it was
+# copied once per piece (quadratic time, memory ~20x its size: 4 GB for a 200 MB line).
+LONG_LINE = 4096
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _sentences(line: str) -> list[str]:
+    return _SENTENCE_END.split(line)
+
+
+def _compared(lines: list[str]) -> list[str]:
+    """The units compared: each line, a line longer than LONG_LINE as its sentences."""
+    return [unit for line in lines for unit in (_sentences(line) if len(line) > LONG_LINE else [line])]
 
 
 def _hashes(lines: list[str]) -> set[int]:
