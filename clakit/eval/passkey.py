@@ -114,6 +114,21 @@ def _filler_ids(tokenizer, texts: "list[corpus.Text]", need: int) -> list[int]:
         chars *= 4
 
 
+DECOY = re.compile(r"pass\s?key", re.IGNORECASE)  # the needle's and the question's own words
+
+
+def _check_no_decoy(tokenizer, filler: list[int]) -> None:
+    """Filler text that speaks of a pass key (a text about this very test, or one holding earlier prompts) gives the
+    model another key to answer with: its accuracy would not be retrieval's. Refused before any model runs."""
+    found = DECOY.search(tokenizer.decode(filler))
+    if found:
+        raise ClakitError(
+            f"the passkey filler (from the --data text) contains {found.group(0)!r}, the prompt's own words: a model "
+            "could answer with a key from the filler instead of the hidden one; give --data text that does not "
+            "mention a pass key"
+        )
+
+
 class PromptBuilder:
     """Token ids of the fixed parts, and the filler, from the evaluation text."""
 
@@ -126,6 +141,8 @@ class PromptBuilder:
         self.question = _inner_ids(tokenizer, QUESTION)  # the needle's and question's: mid-text, after filler
         texts = [corpus.Text("<filler>", filler_text)] if isinstance(filler_text, str) else filler_text
         self.filler = _filler_ids(tokenizer, texts, max_length)
+        _check_no_decoy(tokenizer, self.filler)
+
 
     def fixed(self, key: str) -> int:
         return len(self.head) + len(_inner_ids(self.tokenizer, NEEDLE.format(key=key))) + len(self.question)
