@@ -241,3 +241,27 @@ def test_a_folder_source_is_named_by_its_config_and_weight_headers(tiny_llama_ch
         raw = (tiny_llama_checkpoint / name).read_bytes()
         (n,) = struct.unpack("<Q", raw[:8])
         assert files[name] == {"bytes": len(raw), "header_sha256": hashlib.sha256(raw[8 : 8 + n]).hexdigest()}
+
+
+def test_the_record_names_the_token_windows_a_gz_copy_places_otherwise(tokenizer, tmp_path):
+    """A .txt and its .txt.gz read as one text (one calib_sha256), but the windows are spread by byte in the plain
+    file and by character in the .gz: with non-ASCII text they are other tokens, so other weights under the same
+    record. calib_ids_sha256 names the windows fitted on."""
+    import gzip
+
+    src = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "src")
+    words = ["naïve café", "über straße", "garçon déjà", "smörgåsbord", "façade piñata", "crème brûlée"]
+    text = " ".join(words[(i * 7) % len(words)] + f" {i}" for i in range(3000))  # one line, multi-byte characters
+    (tmp_path / "u.txt").write_text(text)
+    (tmp_path / "u.txt.gz").write_bytes(gzip.compress(text.encode()))
+    settings = dict(init="calibrated", factor=2, calib_tokens=256, seq_len=64, distill_steps=0, device="cpu")
+    for name in ("u.txt", "u.txt.gz"):
+        config = ConvertConfig(calib_data=[str(tmp_path / name)], **settings)
+        convert(src, tmp_path / f"out-{name}", config, quiet=True)
+    plain, packed = (json.loads((tmp_path / f"out-{n}" / "clakit_convert.json").read_text())["settings"]
+                     for n in ("u.txt", "u.txt.gz"))  # fmt: skip
+    assert plain["calib_sha256"] == packed["calib_sha256"]
+    assert len(plain["calib_ids_sha256"]) == 64
+    same_weights = weights(tmp_path / "out-u.txt") == weights(tmp_path / "out-u.txt.gz")
+    assert not same_weights  # the byte and character offsets differ here (what the record must tell apart)
+    assert plain["calib_ids_sha256"] != packed["calib_ids_sha256"]

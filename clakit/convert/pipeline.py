@@ -12,6 +12,7 @@ import contextlib
 import errno
 import functools
 import gc
+import hashlib
 import math
 import sys
 import time
@@ -108,6 +109,9 @@ class ConvertSettings:
     distill_steps: int = 0  # end-to-end distillation steps after the fits (0: none)
     distill_copy_fraction: float = 0.0  # share of the distillation's windows ending with a copy (`add_copies`)
     distill_copy_span: int = 0  # tokens per copy (0: no copies)
+    # sha256 of the token windows fitted on (the calibration's, then the distillation's): the same calib_sha256 can
+    # place other windows (a .gz file spreads them by character, a plain one by byte), so other weights
+    calib_ids_sha256: str | None = None
     seq_len: int | None = None  # tokens per calibration/distillation/eval window (--seq-len, or its default)
 
     def to_dict(self) -> dict:
@@ -329,6 +333,14 @@ def _check_source_loss(source: Source, perplexity: float) -> None:
             f"{source.spec} scores a held-out perplexity of {perplexity} on --eval-data: its weights hold NaN or inf "
             "(a damaged checkpoint or a diverged run); convert a healthy checkpoint"
         )
+
+
+def windows_sha256(windows: list) -> str:
+    """sha256 of token-id tensors (None skipped), their shapes and int64 values in order."""
+    digest = hashlib.sha256()
+    for ids in (w for w in windows if w is not None):
+        digest.update(str(tuple(ids.shape)).encode() + ids.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class _Conversion:
@@ -631,6 +643,7 @@ class _Conversion:
             texts, tokens = self.calib_texts, self.cfg.distill_tokens
             self.distill_ids = calibrate.calib_input_ids(self.tokenizer, texts, tokens, self.seq_len)
             self._check_vocab(self.distill_ids, "--calib-data")
+        self.calib_ids_sha256 = windows_sha256([ids, getattr(self, "distill_ids", None)])
         return ids
 
     @functools.cached_property
@@ -842,6 +855,7 @@ class _Conversion:
             reconstruct_steps=self._reconstruct_steps() if self.init == "reconstruct" else None,
             distill_steps=self.distill_steps, distill_copy_fraction=self.copies[0], distill_copy_span=self.copies[1],
             seq_len=self.seq_len if self.calib_texts or self.eval_texts else None,  # no window read: none recorded
+            calib_ids_sha256=getattr(self, "calib_ids_sha256", None) if self.calib_texts else None,
         )  # fmt: skip
 
 
