@@ -40,12 +40,12 @@ KEPT_BY_CONVERSION = {
 }
 
 
-def conversion_difference(config, original) -> tuple[str, object, object] | None:
-    """(key, the original's value, the config's) of the first thing a conversion keeps that differs, else None."""
+def check_converted_from(config, original, what: str, mine: str, fix: str) -> None:
+    """Refuse `original` (named `what`) as the model `config`'s was converted from where anything a conversion keeps
+    differs: "WHAT has KEY X but MINE Y: FIX"."""
     for key, read in KEPT_BY_CONVERSION.items():
         if read(original) != read(config):
-            return key, read(original), read(config)
-    return None
+            raise ClakitError(f"{what} has {key} {read(original)} but {mine} {read(config)}: {fix}")
 
 
 def bytes_per_token(config, dtype: torch.dtype) -> int:

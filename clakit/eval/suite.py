@@ -177,13 +177,11 @@ def _check_reference(config, reference) -> None:
     if reference is None:
         return
     label, ref_config, _ = reference
-    differs = kvcache.conversion_difference(config, ref_config)
-    if differs:
-        key, theirs, mine = differs
-        raise ClakitError(
-            f"the source model {label} has {key} {theirs} but the evaluated model has {mine}: it is not the model "
-            "this one was converted from, so no KV saving against it means anything; give the right --source-model"
-        )
+    kvcache.check_converted_from(
+        config, ref_config, f"the source model {label}", "the evaluated model has",
+        "it is not the model this one was converted from, so no KV saving against it means anything; give the right "
+        "--source-model",
+    )  # fmt: skip
     # KV heads: a conversion keeps them, or merges them (clakit.convert.kvheads: m dividing n), never adds any
     mine = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     theirs = getattr(ref_config, "num_key_value_heads", None) or ref_config.num_attention_heads

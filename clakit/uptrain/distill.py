@@ -63,13 +63,10 @@ def check_teacher_fits(original, student_config, teacher: bool = True, trust_rem
     role = "the teacher" if teacher else "the original model"
     config = check_stock(original, role, trust_remote_code)
     why = "distillation needs" if teacher else "the 'original' baseline is"
-    differs = kvcache.conversion_difference(student_config, config)
-    if differs:
-        key, theirs, ours = differs
-        raise ClakitError(
-            f"{role} {original.spec} has {key} {theirs} but the student {ours}: {why} the model the student was "
-            "converted from; set model.original to it"
-        )
+    kvcache.check_converted_from(
+        student_config, config, f"{role} {original.spec}", "the student",
+        f"{why} the model the student was converted from; set model.original to it",
+    )  # fmt: skip
 
 
 def check_same_tokenizer(original: Source, tokenizer, trust_remote_code: bool = False) -> None:
