@@ -325,10 +325,10 @@ def main() -> None:
 def check_kv_group(config, args) -> None:
     """Where a run goes through a quantised cache, --kv-group must divide the model's head_dim (kvquant's rule):
     refused before the first row, not after the sweep's unquantised rows."""
-    quantised = args.cla_kv_bits or any(b.startswith("kv") for b in args.baselines.split(","))
+    if not (args.cla_kv_bits or any(b.startswith("kv") for b in args.baselines.split(","))):
+        return
     try:
-        if quantised:
-            kvquant.check(config, kvquant.NBITS[0], args.kv_group)
+        kvquant.check(config, kvquant.NBITS[0], args.kv_group)
     except ClakitError as e:
         refuse(f"--kv-group: {e}")
 

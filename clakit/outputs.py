@@ -187,11 +187,17 @@ def check_writable(folder: Path) -> None:
     if not existing.is_dir():
         raise ClakitError(f"{existing} is a file, not a folder; choose an output path whose folders are folders")
     try:
-        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=existing)
-        os.close(fd)
-        os.unlink(probe)
+        _probe_write(existing)
     except OSError as e:
         raise ClakitError(f"cannot write into {existing}: {e.strerror or e}; choose a writable location") from None
+
+
+def _probe_write(folder: Path) -> None:
+    """Create and remove a file in `folder` (OSError where it takes none): the permission bits say nothing for root
+    or on a read-only or immutable file system."""
+    fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=folder)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _refusal(out: Path, kind: str, overwrite: bool, label: str, replace_hint: str) -> str | None:
@@ -388,19 +394,16 @@ def _check_replaceable(out: Path, label: str) -> None:
     a read-only or immutable folder (`chmod a-w`, `chattr +i`) was hidden beside the new output for good (its
     removal failed silently), or refused at the rename after hours of work, as was another user's folder in a shared
     sticky-bit folder (/tmp, a scratch disk), which only its owner may move."""
-    parent = out.parent.stat()
-    euid = os.geteuid()
-    if parent.st_mode & stat.S_ISVTX and euid not in (0, out.stat().st_uid, parent.st_uid):
+    parent, owner_uid = out.parent.stat(), out.stat().st_uid
+    if parent.st_mode & stat.S_ISVTX and os.geteuid() not in (0, owner_uid, parent.st_uid):
         raise ClakitError(
-            f"{label} {out} belongs to another user (uid {out.stat().st_uid}) in a shared folder with the sticky bit, "
+            f"{label} {out} belongs to another user (uid {owner_uid}) in a shared folder with the sticky bit, "
             "so this user cannot move or replace it; choose another folder"
         )
     if not any(out.iterdir()):  # an empty folder (even read-only: `mkdir -m 555`) is moved and removed by its parent
         return
     try:
-        fd, probe = tempfile.mkstemp(prefix=WRITE_PROBE, dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        _probe_write(out)
     except OSError as e:
         raise ClakitError(
             f"{label} {out} cannot be replaced: its files cannot be removed ({e.strerror or e}); make it writable "
@@ -549,12 +552,11 @@ def _asides_named(out: Path) -> set[str]:
         os.close(fd)
 
 
-def _aside_in(folder: Path, fd: int | None = None) -> set[str]:
+def _aside_in(folder: Path, fd: int) -> set[str]:
     """{the aside name} `folder`'s stamp records (`_name_aside`) for the same output name, else empty; read through
-    `fd` (the reclaim's locked descriptor) where given: closing another descriptor drops a POSIX (NFS) lock."""
+    `fd` (the reclaim's locked descriptor of it): closing another descriptor drops a POSIX (NFS) lock."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        raw = os.pread(fd, 1 << 16, 0) if fd is not None else (folder / STAGING_STAMP).read_bytes()
-        aside = json.loads(raw).get("aside")
+        aside = json.loads(os.pread(fd, 1 << 16, 0)).get("aside")
         if isinstance(aside, str) and _staged_name(aside) == _out_name(folder):
             return {aside}
     return set()
@@ -711,9 +713,9 @@ def _name_aside(tmp: Path, name: str) -> None:
     this process holds the stamp's lock on: on NFS (flock emulated by POSIX locks) opening and closing the stamp
     anew dropped that lock, and a truncate-then-write left a moment with an empty stamp."""
     fd = _STAGING_LOCKS.get(str(tmp))
-    with contextlib.suppress(OSError, ValueError, TypeError):  # no stamp (a file system that lost it): kept, as before
-        if fd is None:
-            return
+    if fd is None:  # no stamp (a file system that lost it): kept, as before
+        return
+    with contextlib.suppress(OSError, ValueError, TypeError):
         text = (json.dumps({**json.loads(os.pread(fd, 1 << 16, 0)), "aside": name}) + "\n").encode()
         os.pwrite(fd, text, 0)  # longer than the stamp it extends: never shorter, never empty
         os.ftruncate(fd, len(text))

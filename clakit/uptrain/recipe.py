@@ -559,7 +559,6 @@ def _check_datasets_specs(recipe: Recipe) -> None:
     the run (and its --dry-run) rather than when the text is read."""
     for key, spec in recipe.keyed_text_specs():
         check_text_spec(spec, key)
-    for key, spec in recipe.keyed_text_specs():
         if _local_path(spec) is None:
             datasets_spec(spec, key)
 
