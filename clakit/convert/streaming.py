@@ -112,12 +112,16 @@ def converted_tensors(
         yield name, tensor
 
 
-def _check_finite(name: str, tensor: torch.Tensor, fitted: bool, chunk: int = 1 << 24) -> None:
+def _check_finite(name: str, tensor: torch.Tensor, fitted: bool) -> None:
     """A NaN or inf in a written tensor is refused: a source with one (a damaged file, a diverged run) converted
-    into a model whose every logit is NaN, exit 0. Checked in chunks of `chunk` elements, so the flags tensor stays
-    16 MB beside a 70B's 1e9-element embedding."""
-    flat = tensor.reshape(-1)
-    if all(torch.isfinite(flat[i : i + chunk]).all() for i in range(0, flat.numel(), chunk)):
+    into a model whose every logit is NaN, exit 0. Checked by the tensor's min and max (NaN propagates through
+    both, an inf is one of them): no temporary of the tensor's size. The 16 MB flag chunks of `isfinite` left
+    freed heap that glibc kept: RssAnon grew ~0.6x the bytes of the shard being written (+820 MB over a 1.37 GB
+    shard)."""
+    if not tensor.numel():
+        return
+    lo, hi = torch.aminmax(tensor.reshape(-1))
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
         return
     if fitted:  # fitted from finite weights: the fit overflowed its dtype
         raise ClakitError(
