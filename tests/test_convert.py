@@ -314,6 +314,20 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
     torch.testing.assert_close(logits(load(out)), logits(reference), rtol=0, atol=0)
 
 
+def test_the_layout_search_says_how_many_calibration_tokens_it_scores(tiny_llama_checkpoint, corpus_dir, tmp_path,
+                                                                      capsys, monkeypatch):  # fmt: skip
+    """Every candidate layout is scored on the first SCORE_TOKENS of the calibration windows: the line said "on 512
+    tokens" (all of them) where it scored 128, and the record's score_tokens is that same count."""
+    import clakit.convert.autolayout
+
+    monkeypatch.setattr(clakit.convert.autolayout, "SCORE_TOKENS", 128)
+    out = tmp_path / "auto"
+    args = ("--layout", "auto", "--init", "mean", "--calib-tokens", "512", "--seq-len", "64", "--distill-steps", "0")
+    assert run_cli(tiny_llama_checkpoint, out, "--calib-data", corpus_dir / "calib.txt", *args) == 0
+    assert "scored on 128 of the 512 calibration tokens" in capsys.readouterr().err
+    assert read_json(out / "clakit_convert.json")["auto_layout"]["score_tokens"] == 128
+
+
 def test_record_names_the_source_for_uptrain_and_eval(tiny_llama_checkpoint, tmp_path):
     """uptrain finds the stock model through the record's `source`; eval labels reports with settings.source."""
     from types import SimpleNamespace
@@ -325,3 +339,20 @@ def test_record_names_the_source_for_uptrain_and_eval(tiny_llama_checkpoint, tmp
     assert record["source"]["path"] == str(tiny_llama_checkpoint.resolve())
     section = SimpleNamespace(original=None, source=None, path=str(out), revision=None)
     assert original_spec(section) == str(tiny_llama_checkpoint)
+
+
+def test_calibration_text_shorter_than_asked_is_said(tiny_llama_checkpoint, tmp_path, capsys):
+    """Text that gives fewer windows than --calib-tokens / --distill-tokens ask: the fit uses what there is (as
+    before), and now says so, naming the flag; text enough for both says nothing."""
+    from conftest import make_text
+
+    short = tmp_path / "short.txt"
+    short.write_text(make_text(300, seed=5))
+    common = ("--init", "calibrated", "--seq-len", "64", "--distill-steps", "1", "--calib-data", short)
+    asked = ("--calib-tokens", "1024", "--distill-tokens", "2048")
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "out", *common, *asked) == 0
+    err = capsys.readouterr().err
+    assert "not the 16 --calib-tokens 1024 asks for" in err and "not the 32 --distill-tokens 2048 asks for" in err
+    enough = ("--calib-tokens", "64", "--distill-tokens", "64")
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "out2", *common, *enough) == 0
+    assert "asks for" not in capsys.readouterr().err

@@ -345,6 +345,26 @@ def test_a_quantised_gguf_converts_as_its_dequantised_weights(tokenizer, tmp_pat
     assert weights_of(tmp_path / "gguf") == weights_of(tmp_path / "safetensors")
 
 
+def test_a_gguf_too_big_for_memory_is_refused_before_it_is_read(tokenizer, tmp_path, capsys, monkeypatch):
+    """A GGUF is dequantised whole to fp32 on the host: priced from its shapes and refused in one line when memory
+    (MemAvailable) cannot hold it, before its sha256 pass and the load (minutes at 70B, then an OOM kill)."""
+    import gguf
+
+    from clakit.convert import pipeline
+
+    path = write_gguf(source_model(), tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32)
+    need = sum(p.numel() * 4 for p in source_model().state_dict().values())
+    monkeypatch.setattr(pipeline, "_free_memory", lambda device: need // 2)
+    read = []
+    monkeypatch.setattr(pipeline, "file_sha256", lambda p: read.append(p) or "0" * 64)
+    assert main(["convert", str(path), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "is read whole and dequantised to float32" in err and len(err.strip().splitlines()) == 1, err
+    assert not read and not (tmp_path / "out").exists()
+    monkeypatch.setattr(pipeline, "_free_memory", lambda device: need * 2)  # enough: converted as before
+    assert main(["convert", str(path), str(tmp_path / "out"), "-q"]) == 0
+
+
 def test_a_gguf_source_fits_in_bfloat16_as_its_safetensors_copy(tokenizer, corpus_dir, tmp_path, monkeypatch):
     """GGUF sources are held whole and were cast whole to the fits' dtype, RoPE's tables included; the same weights
     read layer by layer keep them fp32. With --dtype bfloat16 (a GPU's; let through on the CPU here) the fitted,

@@ -405,6 +405,7 @@ class _Conversion:
             ids = self._tokenize()  # the calibration tokens the text gives: the fits' scratch files grow with them
             # the output's size (auto: at most) refused before the work; a GGUF's from its shapes, before it is read
             self._check_disk(self._first_layout(), ids.numel() if ids is not None else None, self._shapes())
+            self._check_gguf_memory()
             overrides = self._data_phase(scratch, ids)
             with outputs.staged(self.out, "convert", overwrite=self.overwrite) as tmp:
                 self._write(tmp, overrides)
@@ -554,6 +555,22 @@ class _Conversion:
         gc.collect()
         return overrides
 
+    def _check_gguf_memory(self) -> None:
+        """A GGUF source is dequantised whole to fp32 in host memory (and copied whole to --device for the fits):
+        refused before its sha256 pass and the load (minutes at size) when that cannot fit, instead of an OOM kill
+        after them. Priced from the meta skeleton's shapes (`_shapes`), as the disk check is."""
+        if self.source.kind != "gguf":
+            return
+        shapes = self._shapes()
+        need = sum(shapes.get(name).numel() * 4 for name in shapes.names)
+        free = _free_memory(torch.device("cpu"))
+        if free is not None and need > free:
+            raise ClakitError(
+                f"{self.source.spec} is read whole and dequantised to float32 (~{need / 1e9:.1f} GB), but "
+                f"{free / 1e9:.1f} GB of memory is free: convert the model's safetensors release (read layer by "
+                "layer), or run on a machine with more memory"
+            )
+
     def _gguf_runner(self) -> LayerwiseModel:
         """GGUF: transformers dequantises the whole file, so the model is whole in memory anyway; it is the checkpoint
         the writer streams from, and the fits use it whole (on the device, in the fits' dtype): no per-layer reads."""
@@ -636,6 +653,7 @@ class _Conversion:
 
         ids = calibrate.calib_input_ids(self.tokenizer, self.calib_texts, self.cfg.calib_tokens, self.seq_len)
         self._check_vocab(ids, "--calib-data")
+        self._note_shortfall(ids, self.cfg.calib_tokens, "--calib-tokens")
         # hashed now, with the windows it gave (streamed): read at the end, a file edited during hours of fitting
         # would be refused after all the work (the texts refuse a file that changed since load_texts)
         self.calib_sha256 = texts_sha256(self.calib_texts)
@@ -643,8 +661,17 @@ class _Conversion:
             texts, tokens = self.calib_texts, self.cfg.distill_tokens
             self.distill_ids = calibrate.calib_input_ids(self.tokenizer, texts, tokens, self.seq_len)
             self._check_vocab(self.distill_ids, "--calib-data")
+            self._note_shortfall(self.distill_ids, tokens, "--distill-tokens")
         self.calib_ids_sha256 = windows_sha256([ids, getattr(self, "distill_ids", None)])
         return ids
+
+    def _note_shortfall(self, ids: torch.Tensor, asked: int, flag: str) -> None:
+        """(n, seq_len) windows fewer than `asked` tokens allow: the text ran out. Fitted on what there is (the record
+        says how many), and said, since more text fits better."""
+        wanted = asked // self.seq_len
+        if ids.shape[0] < wanted:
+            self.say(f"note: --calib-data gives {ids.shape[0]} window(s) of {self.seq_len} tokens, not the {wanted} "
+                     f"{flag} {asked} asks for: using those; more text gives a better fit")  # fmt: skip
 
     @functools.cached_property
     def _eval_tokens(self):
@@ -671,12 +698,15 @@ class _Conversion:
     def _calibrate(self, runner: LayerwiseModel, scratch: Path, ids: torch.Tensor):
         """Calibration tokens `ids` -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
         from clakit.convert import calibrate
+        from clakit.convert.autolayout import scored_rows
 
         c = self.cfg
         self.calib_tokens = ids.numel()
         ids = ids.to(self.device)
         if self.layout is None:
-            self.say(f"choosing a layout saving {c.kv_saving:.0%} of the KV cache on {ids.numel()} tokens...")
+            scored = scored_rows(ids.shape) * ids.shape[1]  # every candidate is scored on the first windows only
+            self.say(f"choosing a layout saving {c.kv_saving:.0%} of the KV cache, scored on {scored} of the "
+                     f"{ids.numel()} calibration tokens...")  # fmt: skip
             with runner.offloaded() as model, self._timed("layout"), autocast(self.compute_dtype, self.device):
                 self.layout, self.results["auto_layout"] = calibrate.auto_layout(
                     model, ids, c.kv_saving, refine=c.refine, refine_max_group=c.refine_max_group,
