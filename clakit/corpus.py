@@ -39,6 +39,8 @@ MAX_UNDECODABLE = 0.01
 # its undecodable bytes), which no tokenizer takes (a TypeError from `tokenizers`): they become U+FFFD, as a file's
 # undecodable bytes do when clakit reads it.
 SURROGATE = re.compile("[\ud800-\udfff]")
+# control characters text does not hold (tab, newline, form feed and carriage return aside): binary data has them
+CONTROL = re.compile("[\x01-\x08\x0b\x0e-\x1f\x7f]")
 
 
 class Text:
@@ -190,11 +192,20 @@ class _Check:
     def __call__(self, piece: str) -> None:
         self.chars, self.bad = self.chars + len(piece), self.bad + piece.count("\ufffd")
         if "\x00" in piece or self.bad > MAX_UNDECODABLE * self.chars:
-            if _utf16(self.path):
-                raise ClakitError(
-                    f"{self.path} is UTF-16 text, not UTF-8; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"
-                )
-            raise ClakitError(f"{self.path} is not UTF-8 text (binary data?); give text files (.txt, .md, .txt.gz)")
+            raise ClakitError(self._why(piece))
+
+    def _why(self, piece: str) -> str:
+        """Why the text is refused, and the fix: "not UTF-8 (binary data?)" sent the owner of UTF-8 text with a stray
+        NUL, or of Latin-1 text (accents, no control bytes), looking for a problem the file does not have."""
+        if _utf16(self.path):
+            return f"{self.path} is UTF-16 text, not UTF-8; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"
+        if "\x00" in piece:
+            return (f"{self.path} holds NUL bytes, which text does not (binary data?); give text files (.txt, .md, "
+                    ".txt.gz), or remove the NULs: tr -d '\\000' < in.txt > out.txt")  # fmt: skip
+        if not CONTROL.search(piece):  # undecodable bytes in plain text: an 8-bit encoding
+            return (f"{self.path} is not UTF-8: {self.bad} of its first {self.chars} characters are bytes UTF-8 "
+                    "cannot decode, as Latin-1 or Windows-1252 text has; convert it: iconv -f LATIN1 -t UTF-8")
+        return f"{self.path} is not UTF-8 text (binary data?); give text files (.txt, .md, .txt.gz)"
 
 
 def _utf16(path: Path) -> bool:
@@ -271,9 +282,11 @@ def load_texts(specs: list[str] | str, what: str = "text data") -> list[Text]:
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise ClakitError(f"no text data given ({what})")
-    texts = []
     for spec in specs:
         check_text_spec(spec, what)
+    check_each_once(specs, what)
+    texts = []
+    for spec in specs:
         path = expand(spec, what)
         if path.is_dir():
             texts.extend(Text.file(p) for p in _folder_files(path))
@@ -301,6 +314,53 @@ def check_text_spec(spec: str, where: str) -> None:
             f"{where} has an empty name ({spec!r}), which would read the current folder; give a text file, a folder "
             "of .txt or NAME:CONFIG:SPLIT"
         )
+
+
+def local_path(spec: str, what: str = "text data") -> Path | None:
+    """The local file or folder a text spec names (resolved), or None for a datasets spec (NAME:CONFIG:SPLIT), as
+    load_texts reads them: a spec that exists is a path, else is_datasets_spec decides (a missing path is refused
+    when the text is read)."""
+    path = expand(spec, what)
+    if path.exists() or not is_datasets_spec(spec):
+        return path.resolve()
+    return None
+
+
+def holds(outer: str, inner: str) -> bool:
+    """Whether text spec `outer` reads all of `inner`'s text: the same spec, local paths that are the same file or
+    folder (a symlink, `./a.txt`) or `inner` inside `outer` (a folder reads its .txt recursively), or two datasets
+    specs of one split (`d:c` is `d:c:test`)."""
+    if outer == inner:
+        return True
+    po, pi = local_path(outer), local_path(inner)
+    if po is None and pi is None:
+        return datasets_spec(outer) == datasets_spec(inner)
+    return po is not None and pi is not None and (po == pi or pi.is_relative_to(po))
+
+
+def same_spec_text(a: str, b: str) -> bool:
+    """Whether text specs `a` and `b` read the same text (or one holds the other's): `holds` either way."""
+    return holds(a, b) or holds(b, a)
+
+
+def check_each_once(specs: list[str], what: str) -> None:
+    """A text named twice (the same file twice, a folder and a file in it) is read twice: calibration fitted on it
+    twice over, held-out numbers weighting it double, training on it twice as often. Refused by spec, before any
+    text is read; two different files with the same content (in a user's corpus folder) are the user's data. Each
+    path is resolved once and looked up with its parents: `--data *.txt` may name thousands of files."""
+    keys = [local_path(spec, what) or datasets_spec(spec, what) for spec in specs]
+    first: dict = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    for i, key in enumerate(keys):
+        above = [key, *key.parents] if isinstance(key, Path) else [key]
+        j = next((first[k] for k in above if first.get(k, i) != i), None)  # the same text, or a folder holding it
+        if j is not None:
+            earlier, later = sorted((i, j))
+            raise ClakitError(
+                f"{what} names the same text twice ({specs[earlier]} and {specs[later]}); list each file or folder "
+                "once"
+            )
 
 
 def _not_a_file(spec: str, what: str = "text data") -> str:

@@ -62,8 +62,11 @@ def test_the_end_of_a_run_reads_the_conversion_record_once(tiny_cla_checkpoint, 
     start = tmp_path / "start"
     shutil.copytree(tiny_cla_checkpoint, start)
     (start / card.RECORD_FILE).write_text('{"settings": {"init": "mean"}}')  # read by both, whatever it holds
+    from clakit.eval import lineage
+
     reads, real = [], card.read_record
     monkeypatch.setattr(card, "read_record", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(lineage, "record_or_none", card.read_record)  # fitted_on's reads (student.fitted_before)
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(start)}))
     assert run_cli(capsys, recipe) == (0, "")

@@ -266,11 +266,11 @@ def test_binary_bytes_are_refused_in_the_text_read_and_not_looked_for_beyond_it(
     path.write_bytes(make_text(250_000, 8).encode() + b"\n\x00\x01\x02 binary tail\n")  # past load_texts' 1 MiB
     texts = load_texts([str(path)])
     assert len(perplexity.tokenize(tokenizer, texts, 100).ids) == 101
-    with pytest.raises(ClakitError, match=r"dump.txt is not UTF-8 text \(binary data\?\)") as e:
+    with pytest.raises(ClakitError, match=r"dump.txt holds NUL bytes, which text does not \(binary data\?\)") as e:
         perplexity.tokenize(tokenizer, texts, None)
     assert "\n" not in str(e.value)
     path.write_bytes(b"\x00" + path.read_bytes())
-    with pytest.raises(ClakitError, match=r"dump.txt is not UTF-8 text \(binary data\?\)"):
+    with pytest.raises(ClakitError, match=r"dump.txt holds NUL bytes, which text does not \(binary data\?\)"):
         load_texts([str(path)])  # in the start, which load_texts reads: before any work
 
 

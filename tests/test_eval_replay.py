@@ -366,3 +366,47 @@ def test_reports_at_other_batch_sizes_compare_and_say_so(tmp_path, tokenizer):
     assert "batch size 1 (b1), 8 (b8)." in md, md
     same = (report([paths[0], paths[0]], tmp_path / "same") / "report.md").read_text()
     assert "batch size 1." in same
+
+
+def _fitted_model(tmp_path, converted, calib: Path, relative: bool) -> Path:
+    """A copy of `converted` whose conversion record says it was calibrated on `calib` (typed relative to the
+    recorded cwd when `relative`, as `clakit convert --calib-data calib.txt` run there records it)."""
+    model = shutil.copytree(converted, tmp_path / "fitted")
+    record = json.loads((model / "clakit_convert.json").read_text())
+    record["settings"]["calib_data"] = [calib.name if relative else str(calib)]
+    record["provenance"]["cwd"] = str(calib.parent)
+    (model / "clakit_convert.json").write_text(json.dumps(record))
+    return model
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_text_the_model_was_fitted_on_is_scored_but_not_called_held_out(tmp_path, capsys, corpus_dir, converted,
+                                                                        relative):  # fmt: skip
+    """--data that is the model's calibration text (here a copy under another name, found by content) is scored as
+    asked, but said on stderr and recorded as data.fitted_on, and `clakit report` says the row is not held out;
+    held-out text gets data.fitted_on null and no note. The origin names the calibration text and its sha256.
+    Before: nothing said it, and the report read as held-out numbers."""
+    model = _fitted_model(tmp_path, converted, corpus_dir / "calib.txt", relative)
+    copy = shutil.copy(corpus_dir / "calib.txt", tmp_path / "other-name.txt")
+    fitted = evaluate(model, data=[str(copy)], **SETTINGS)
+    assert "is text this model was fitted on" in capsys.readouterr().err
+    assert fitted["data"]["fitted_on"] == {"text": str(copy), "fitted": str(corpus_dir / "calib.txt")}
+    assert fitted["provenance"]["origin"]["calib_data"] == ["calib.txt" if relative else str(corpus_dir / "calib.txt")]
+    held = evaluate(model, data=[str(corpus_dir / "heldout.txt")], **SETTINGS)
+    assert held["data"]["fitted_on"] is None and "fitted on" not in capsys.readouterr().err
+    other = evaluate(converted, data=[str(copy)], quiet=True, **SETTINGS)  # mean init: fitted on no text
+    assert other["data"]["fitted_on"] is None
+    paths = [write_json(other, tmp_path / "a.json"), write_json(fitted, tmp_path / "b.json")]
+    md = (report(paths, tmp_path / "rep") / "report.md").read_text()
+    assert md.count("its perplexity is not held out") == 1, md
+
+
+def test_text_an_uptrained_model_trained_on_is_found_down_its_chain(tmp_path, corpus_dir, uptrained):
+    """An uptrained model's training text (uptrain.json's train_data, relative to its cwd) counts as fitted on."""
+    model = shutil.copytree(uptrained, tmp_path / "model")
+    record = json.loads((model / "uptrain.json").read_text())
+    record.update(train_data=["train.txt"], cwd=str(corpus_dir))
+    (model / "uptrain.json").write_text(json.dumps(record))
+    scored = evaluate(model, data=[str(corpus_dir)], quiet=True, **SETTINGS)  # the folder holds train.txt
+    train = str(corpus_dir / "train.txt")
+    assert scored["data"]["fitted_on"] == {"text": train, "fitted": train}

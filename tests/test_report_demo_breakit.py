@@ -348,9 +348,24 @@ def test_utf16_text_is_named_as_utf16_not_as_binary(tmp_path, encoding):
     # before: "is not UTF-8 text (binary data?)" for a text file
     with pytest.raises(ClakitError, match="is UTF-16 text, not UTF-8; save it as UTF-8"):
         corpus.load_texts([str(path)])
-    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "blob.txt").write_bytes(bytes(range(1, 256)) * 4)  # control bytes, no NUL
     with pytest.raises(ClakitError, match=r"is not UTF-8 text \(binary data\?\)"):
         corpus.load_texts([str(tmp_path / "blob.txt")])
+
+
+def test_latin1_text_and_a_stray_nul_are_named_as_such_not_as_binary(tmp_path):
+    """Latin-1 text (undecodable bytes, no control bytes) gets the iconv fix; UTF-8 text with NUL bytes is told
+    about the NULs. Before, both read "is not UTF-8 text (binary data?)"."""
+    from clakit import corpus
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Café crème brûlée, naïve façade.\n".encode("latin-1") * 100)
+    with pytest.raises(ClakitError, match="is not UTF-8: .* Latin-1 .* iconv -f LATIN1 -t UTF-8"):
+        corpus.load_texts([str(latin)])
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes("Café crème\x00 brûlée\n".encode() * 100)
+    with pytest.raises(ClakitError, match=r"nul.txt holds NUL bytes, which text does not .* tr -d"):
+        corpus.load_texts([str(nul)])
 
 
 @pytest.mark.parametrize("command", ["eval", "report"])

@@ -48,9 +48,14 @@ def scoring_rows(input_ids: torch.Tensor) -> torch.Tensor:
     in-context retrieval. Scored on prose alone, the search shared SmolLM2's layers 16-18, where sharing any
     adjacent pair of layers 15-18 raises the loss on repeated tokens by 1.35-1.65 nats at mean init (every other pair
     but 0-1 by at most 0.41), and the converted model answered 0 of 90 passkeys (docs/quality.md, stop 36)."""
-    ids = input_ids[: max(1, SCORE_TOKENS // input_ids.shape[1])].clone()
+    ids = input_ids[: scored_rows(input_ids.shape)].clone()
     span = repeat_span(ids.shape[1])
     return add_copies(ids, 1.0, span) if span else ids
+
+
+def scored_rows(shape) -> int:
+    """How many of the (rows, tokens) calibration windows `scoring_rows` scores: SCORE_TOKENS' worth, at least one."""
+    return min(shape[0], max(1, SCORE_TOKENS // shape[1]))
 
 
 def repeat_span(row_tokens: int) -> int:

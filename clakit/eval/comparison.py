@@ -377,7 +377,19 @@ def _data_note(reports: list[dict]) -> str:
         + _dtype_note(reports)
         + _saving_note(reports)
         + _lineage_note(reports)
+        + _fitted_note(reports)
     )
+
+
+def _fitted_note(reports: list[dict]) -> str:
+    """Rows scored on text their model was fitted on (data.fitted_on): the table read as held-out numbers."""
+    notes = [
+        f" {name} was fitted on this text ({fitted['text']} is {fitted['fitted']}, named in its records): its "
+        "perplexity is not held out."
+        for name, r in zip(labels(reports), reports, strict=True)
+        if isinstance(fitted := r["data"].get("fitted_on"), dict)
+    ]
+    return "".join(notes)
 
 
 def _saving_note(reports: list[dict]) -> str:

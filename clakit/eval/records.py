@@ -112,6 +112,8 @@ FIELDS = (
     (("data",), "a mapping", lambda v: isinstance(v, dict)),
     (("data", "sources"), "a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
     (("data", "sha256"), "a string", lambda v: isinstance(v, str)),
+    (("data", "fitted_on"), "a mapping of text and fitted file names, or null",
+     _optional(lambda v: isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("text", "fitted")))),
     (("provenance",), "a mapping", lambda v: isinstance(v, dict)),
     (("speed",), "a mapping or null", _optional(lambda v: isinstance(v, dict))),
     (("speed", "prefill_tokens_per_s"), "a positive number", _number(0, strict=True)),

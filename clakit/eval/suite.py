@@ -295,8 +295,17 @@ def evaluate(
         passkey.check()
     run = _prepare(model, cfg, tokenizer, text, passkey)
     _note_slow_dtype(run.placement, quiet)
+    _note_fitted(run.fitted, quiet)
     loaded = _load(model, run.source, run.tokenizer, cfg, run.placement, name, run.identity)
     return _measure(loaded, cfg, run, decode_steps, quiet)
+
+
+def _note_fitted(fitted: dict | None, quiet: bool) -> None:
+    """Text the model was fitted on (its calibration or training text, as its records name it) is scored as asked
+    (a training perplexity), but said, and recorded as data.fitted_on: its numbers are not held out."""
+    if fitted and not quiet:
+        print(f"clakit eval: note: {fitted['text']} is text this model was fitted on ({fitted['fitted']}, named in "
+              "its records): its perplexity is not held out", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _note_slow_dtype(placement: dict, quiet: bool) -> None:
@@ -325,6 +334,7 @@ class Prepared:
     tasks: list
     prompts: object
     identity: tuple | None = None  # folder_identity of the model when its config was read
+    fitted: dict | None = None  # lineage.fitted_text: text the model's records say it was fitted on
 
 
 def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
@@ -349,7 +359,9 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
     tasks = harness.prepare(cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit, cfg.lm_eval_fewshot)
     prompts = _passkey_prompts(passkey, config, tokenizer, texts)
     _check_vocab(config, tokens, prompts)
-    return Prepared(source, seq_len, stride, placement, reference, texts, tokenizer, tokens, tasks, prompts, identity)
+    fitted = lineage.fitted_text(model_dir, texts)
+    return Prepared(source, seq_len, stride, placement, reference, texts, tokenizer, tokens, tasks, prompts, identity,
+                    fitted)  # fmt: skip
 
 
 def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, decode_steps: int, quiet: bool) -> dict:
@@ -357,6 +369,7 @@ def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, decode_steps: int, 
     settings = dict(seq_len=run.seq_len, stride=run.stride, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
     report = {"format": FORMAT, "model": loaded.name}
     report.update(_perplexity(loaded.model, run.tokens, run.texts, settings, quiet))
+    report["data"]["fitted_on"] = run.fitted  # None: no record names this text as fitted on
     report["settings"] = settings
     report["kv_cache"] = _kv_cache(loaded, run.tokens.ids, run.seq_len, cfg.kv_budget_gb, run.reference)
     speed_ids = run.tokens.ids[: run.seq_len]

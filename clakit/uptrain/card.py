@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from clakit.convert.output_folder import RECORD_FILE, serving_section
+from clakit.eval.lineage import record_or_none as read_record  # a damaged record: None, the card still names it
 from clakit.markup import md_code, md_text
 from clakit.provenance import UPTRAIN_RECORD, library_versions, provenance
 
@@ -217,16 +218,6 @@ def started_processes(s: dict) -> int | None:
     if not all(type(v) is int and v > 0 for v in [*per, blocks]) or blocks % (per[0] * per[1]):
         return None
     return blocks // (per[0] * per[1])
-
-
-def read_record(path: Path) -> dict | None:
-    """A JSON record beside a checkpoint, None when absent or damaged (someone else's: the card still names the
-    start checkpoint)."""
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
 
 
 _UNREAD = object()  # origins' conversion record not read by the caller

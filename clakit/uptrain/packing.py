@@ -8,6 +8,7 @@ import torch
 from clakit.copies import add_copies
 from clakit.corpus import Text, load_texts, near_copy, shared_text
 from clakit.errors import ClakitError
+from clakit.eval.lineage import readable
 from clakit.paths import expand
 from clakit.uptrain.recipe import calibrated_tail
 
@@ -109,7 +110,7 @@ def build_data(
     train text read; the held-out blocks are capped at `eval_max_tokens` and never get copies. `calib`: the
     conversion's calibration specs (model.convert.calib_data), which data.eval must not hold either; `before`: the
     local files the start checkpoint was fitted on before (student.FittedBefore), nor those."""
-    every = _readable(before.every) if before else []
+    every = readable(before.every) if before else []
     whole = [t for t in every if t.name in set(before.whole)] if before else []
     train_texts, eval_texts, eval_sources = _split_texts(data, calib, every, whole)
     # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
@@ -119,18 +120,6 @@ def build_data(
     held = held[: max(1, data.eval_max_tokens // data.seq_len)]
     train = add_copies(train, data.copy_fraction, data.copy_span, seed)
     return PackedData(train, held, [t.name for t in train_texts], eval_sources)
-
-
-def _readable(paths: list[str]) -> list[Text]:
-    """The recorded files that read as text now: one emptied, made binary or unreadable since (the run names none
-    of them) cannot be the held-out text either, and refused a run that never reads it."""
-    texts = []
-    for path in paths:
-        try:
-            texts += load_texts([path])
-        except ClakitError:
-            continue
-    return texts
 
 
 def _split_texts(data, calib: list[str] | None, before: list[Text], whole_before: list[Text]) -> tuple:

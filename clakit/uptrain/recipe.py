@@ -22,7 +22,15 @@ import yaml
 
 from clakit import settings
 from clakit.convert.config import ConvertConfig
-from clakit.corpus import check_text_spec, datasets_spec, is_datasets_spec
+from clakit.corpus import (
+    check_each_once,
+    check_text_spec,
+    datasets_spec,
+    holds,
+    is_datasets_spec,
+    local_path,
+    same_spec_text,
+)
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.sources import check_revision
@@ -511,11 +519,10 @@ def _validate_data(d: DataSection) -> None:
     # [] read as "given" here and as "not given" by packing (the tail held out, eval_fraction unchecked)
     _check(d.eval != [], "data.eval is an empty list: give held-out texts, or drop the key to hold out the end of "
            "data.train (data.eval_fraction)")  # fmt: skip
-    _check_each_once(d.train)
     for spec in d.eval or []:
         for train in d.train:
             _check(
-                not _same_text(train, spec),
+                not same_spec_text(train, spec),
                 f"data.eval {spec} is (or holds) training text {train}: its numbers would not be held out; give text "
                 "that is not in data.train, or drop data.eval to hold out the end of the train text",
             )
@@ -538,29 +545,16 @@ def _validate_data(d: DataSection) -> None:
     )
 
 
-def _local_path(spec: str) -> Path | None:
-    """The local file or folder a data spec names, or None for a datasets spec (NAME:CONFIG:SPLIT), as
-    corpus.load_texts reads them: a spec that exists is a path, else corpus.is_datasets_spec decides (a missing
-    path is refused when the text is read)."""
-    path = expand(spec, "data")
-    if path.exists() or not is_datasets_spec(spec):
-        return path.resolve()
-    return None
-
-
-def _same_text(a: str, b: str) -> bool:
-    """Whether data specs `a` and `b` read the same text: equal specs (a datasets spec too), or local paths that are
-    the same file or folder or one inside the other (a folder and one of its .txt, which it reads recursively)."""
-    return _holds(a, b) or _holds(b, a)
-
-
 def _check_datasets_specs(recipe: Recipe) -> None:
     """Each text spec naming no local file is a well-formed datasets spec (corpus.datasets_spec), refused here before
-    the run (and its --dry-run) rather than when the text is read."""
-    for key, spec in recipe.keyed_text_specs():
+    the run (and its --dry-run) rather than when the text is read; and none is named twice under one key."""
+    keyed = recipe.keyed_text_specs()
+    for key, spec in keyed:
         check_text_spec(spec, key)
-        if _local_path(spec) is None:
+        if local_path(spec, key) is None:
             datasets_spec(spec, key)
+    for key in dict(keyed):  # a text listed twice under one key (across keys: the held-out checks)
+        check_each_once([spec for k, spec in keyed if k == key], key)
 
 
 def _check_calibration_held_out(recipe: Recipe) -> None:
@@ -570,25 +564,14 @@ def _check_calibration_held_out(recipe: Recipe) -> None:
     for spec in recipe.data.eval or []:
         for text in calib or []:
             _check(
-                not _same_text(text, spec),
+                not same_spec_text(text, spec),
                 f"data.eval {spec} is (or holds) calibration text {text} of model.convert.calib_data: the conversion"
                 " is fitted on it, so its numbers would not be held out; give held-out text it never reads",
             )
     if recipe.data.eval is None:  # the held-out text is the tail of data.train, always in its last text
         last = recipe.data.train[-1]
         for text in calib or []:  # (a calibration file inside that last folder: packing, once the tail is known)
-            _check(not _holds(text, last), calibrated_tail(text, last, recipe.data.eval_fraction))
-
-
-def _holds(outer: str, inner: str) -> bool:
-    """Whether data spec `outer` reads all of `inner`'s text: the same spec, or local paths that are the same or
-    `inner` inside `outer`."""
-    if outer == inner:
-        return True
-    po, pi = _local_path(outer), _local_path(inner)
-    if po is None and pi is None:  # two datasets specs: `d:c` is `d:c:test`
-        return datasets_spec(outer) == datasets_spec(inner)
-    return po is not None and pi is not None and (po == pi or pi.is_relative_to(po))
+            _check(not holds(text, last), calibrated_tail(text, last, recipe.data.eval_fraction))
 
 
 def calibrated_tail(calib: str, train: str, fraction: float) -> str:
@@ -599,17 +582,6 @@ def calibrated_tail(calib: str, train: str, fraction: float) -> str:
         f"{fraction:g} is the held-out text: the conversion would be fitted on it, so its numbers would not be held "
         "out; give held-out text as data.eval, or calibration text that is not in data.train"
     )
-
-
-def _check_each_once(train: list[str]) -> None:
-    """A text listed twice is trained on twice as often, and with eval_fraction the held-out tail (cut from the
-    last copy) is text the first copy trains on: its numbers would not be held out."""
-    for i, spec in enumerate(train):
-        for earlier in train[:i]:
-            _check(
-                not _same_text(earlier, spec),
-                f"data.train names the same text twice ({earlier} and {spec}); list each file or folder once",
-            )
 
 
 def _validate_train(t: TrainSection) -> None:

@@ -14,6 +14,7 @@ import torch
 from clakit import outputs
 from clakit.convert.pipeline import check_source_config
 from clakit.errors import ClakitError
+from clakit.eval.lineage import FittedBefore, fitted_on
 from clakit.paths import expand
 from clakit.sources import check_seq_len, load_config, load_model, records_folder, resolve_source
 from clakit.uptrain.recipe import MODEL_RUN_ONLY, section_refusal
@@ -126,63 +127,14 @@ def _uptrained_original(path: Path) -> tuple[str, str | None] | None:
     return original["path"], None
 
 
-@dataclasses.dataclass
-class FittedBefore:
-    """The local text files a CLA checkpoint was fitted on, as its records name them (student.fitted_before)."""
-
-    every: list[str]  # what held-out text (data.eval) must not be
-    whole: list[str]  # those fitted on whole, which a held-out tail must not be cut from either
-
-
 def fitted_before(model_section) -> FittedBefore:
-    """The local text files the CLA checkpoint in model.path was already fitted on, as its records name them, each
-    resolved from the folder its run was in: its conversion's calibration text, and for a model uptrained by clakit
-    before, each earlier run's training text down the chain (uptrain.json's `start_uptrain`). Held-out text must be
-    none of them: the card's "held-out" numbers were measured on the conversion's calibration text, accepted as
-    model.path where model.convert refused it. An earlier run that held out the tail of its data.train trained on
-    part of those files only: the same files and fraction again hold out the same tail, so they are not `whole`.
-    Files no longer there, or not readable as names, are skipped (nothing to compare)."""
-    from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD
-    from clakit.uptrain.card import read_record
-
+    """The local text files the CLA checkpoint in model.path was already fitted on, as its records name them
+    (lineage.fitted_on). Held-out text must be none of them: the card's "held-out" numbers were measured on the
+    conversion's calibration text, accepted as model.path where model.convert refused it."""
     folder = expand(model_section.path, "model.path") if model_section.path else None
     if folder is None or not folder.is_dir():  # none, or a Hub id (its records name another machine's files)
         return FittedBefore([], [])
-    whole = _calibrated_on(read_record(folder / CONVERT_RECORD))
-    part, run, depth = [], read_record(folder / UPTRAIN_RECORD), 0
-    while isinstance(run, dict) and depth < 100:  # each earlier run: its training text, the conversion it started from
-        data = (run.get("recipe") or {}).get("data") if isinstance(run.get("recipe"), dict) else None
-        trained = _located(run.get("train_data"), run.get("cwd"))
-        held_given = isinstance(data, dict) and bool(data.get("eval"))  # else it held out part of its training text
-        whole += _calibrated_on(run.get("conversion")) + (trained if held_given else [])
-        part += trained
-        run, depth = run.get("start_uptrain"), depth + 1
-    return FittedBefore(list(dict.fromkeys(whole + part)), list(dict.fromkeys(whole)))
-
-
-def _calibrated_on(record) -> list[str]:
-    """A conversion record's calibration files (settings.calib_data, typed relative to provenance.cwd)."""
-    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
-        return []
-    cwd = (record.get("provenance") or {}).get("cwd") if isinstance(record.get("provenance"), dict) else None
-    return _located(record["settings"].get("calib_data"), cwd)
-
-
-def _located(names, cwd) -> list[str]:
-    """The recorded text names that are local files now, as absolute paths (relative ones from `cwd`); a name this
-    user cannot resolve (`~nosuchuser/x`, too long, behind a folder it may not enter) is skipped, not a traceback."""
-    found = []
-    for name in names if isinstance(names, list) else []:
-        if not isinstance(name, str) or not name.strip():
-            continue
-        try:
-            path = Path(name).expanduser()
-            path = Path(cwd) / path if not path.is_absolute() and isinstance(cwd, str) else path
-            if path.is_absolute() and path.is_file():
-                found.append(str(path))
-        except (OSError, RuntimeError, ValueError):
-            continue
-    return found
+    return fitted_on(folder)
 
 
 def code_settings(model_section) -> dict[str, bool]:
