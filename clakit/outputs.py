@@ -202,7 +202,7 @@ def _probe_write(folder: Path) -> None:
 
 def _refusal(out: Path, kind: str, overwrite: bool, label: str, replace_hint: str) -> str | None:
     """Why an existing `out` may not be replaced now, or None when it may."""
-    if not out.is_dir():
+    if not out.is_dir() and (out.exists() or out.is_symlink()):  # gone meanwhile: iterdir says so below
         return f"{label} {out} is an existing file; choose a folder name (clakit never replaces a file with a folder)"
     if not any(out.iterdir()):
         return None  # an empty folder: nothing to lose
@@ -230,10 +230,10 @@ def _busy(label: str, folder: Path) -> str:
 
 def in_use(folder: Path) -> bool:
     """Whether a running clakit process holds `folder` (see `hold`)."""
-    return _held(folder / MARKER)
+    return _held(folder / MARKER, probe=fcntl.LOCK_SH)  # hold()'s is exclusive; two probes at once never conflict
 
 
-def _held(path: Path, flags: int = 0) -> bool:
+def _held(path: Path, flags: int = 0, probe: int = fcntl.LOCK_EX) -> bool:
     """Whether another live process holds a lock on `path` (an output's marker, a staging folder's stamp): an
     exclusive flock tried and released at once. False without the file, or on a file system without locks
     (nothing can be known held there)."""
@@ -241,7 +241,7 @@ def _held(path: Path, flags: int = 0) -> bool:
     if fd is None:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, probe | fcntl.LOCK_NB)
         return False
     except BlockingIOError:
         return True
@@ -380,11 +380,16 @@ def check_folder(
     if out.exists():
         try:
             reason = _refusal(out, kind, overwrite, label, replace_hint)
+        except FileNotFoundError:  # moved away by another run's publish since the look: publish judges what is there
+            reason = None
         except OSError as e:  # a folder we may not even list is not ours to replace
             raise ClakitError(f"{label} {out} cannot be read ({e.strerror or e}); choose another folder") from None
         if reason:
             raise ClakitError(reason)
-        _check_replaceable(out, label)
+        try:
+            _check_replaceable(out, label)
+        except FileNotFoundError:  # moved away by another run's publish since the look: nothing left to replace
+            pass
     check_writable(out.parent)
     return out
 
@@ -404,6 +409,8 @@ def _check_replaceable(out: Path, label: str) -> None:
         return
     try:
         _probe_write(out)
+    except FileNotFoundError:  # moved away by another run's publish since the look: nothing to replace now
+        return
     except OSError as e:
         raise ClakitError(
             f"{label} {out} cannot be replaced: its files cannot be removed ({e.strerror or e}); make it writable "
@@ -681,31 +688,56 @@ def write_marker(folder: Path, kind: str, run_id: str | None = None, later: Iter
     return marker
 
 
+PUBLISH_TRIES = 5  # another run publishing the same `out` at the same moment (reports: the later one wins)
+
+
 def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: Iterable[str] = (), **labels) -> None:
     """Mark the finished staging folder and rename it to `out`. An `out` that appeared meanwhile is checked by the
-    same rule; an old output is moved aside, and removed only once the new one is in place."""
+    same rule; an old output is moved aside, and removed only once the new one is in place. Another run publishing
+    `out` between this one's look and its renames (two `clakit report -o` into one folder) is looked at again: its
+    output is judged by the same rule, and an output this run moved aside that the other replaced meanwhile is
+    removed (it was left hidden beside `out` for good, and the run failed "Directory not empty; check free disk
+    space")."""
     write_marker(tmp, kind, later=later)
-    if not (out.exists() or out.is_symlink()) and _renamed_into_place(tmp, out):
+    label = labels.get("label", "output folder")
+    for _ in range(PUBLISH_TRIES):
+        if not (out.exists() or out.is_symlink()) and _renamed_into_place(tmp, out):
+            _published(tmp, out)
+            return
+        _check_place(out, label, ())
+        try:
+            reason = _refusal(out, kind, overwrite, label, "pass --overwrite to replace it")
+        except FileNotFoundError:  # moved aside by another run's publish while this one looked: look again
+            continue
+        if reason:
+            raise ClakitError(reason.replace("already exists", "appeared while this run was working", 1))
+        old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+        _name_aside(tmp, old.name)  # first: only a folder a stamp names is put back or removed (reclaim_leftovers)
+        try:  # both renames inside: Ctrl-C or SIGTERM (Terminated) between them left OUT absent, the old one hidden
+            out.rename(old)
+            tmp.rename(out)
+        except OSError as e:
+            if not old.exists():  # the first rename failed: another run moved `out` aside first (or a real error)
+                if e.errno == errno.ENOENT:
+                    continue
+                raise
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and out.exists():  # another run published in between
+                remove_stamped(old, last=MARKER)  # the output this run judged replaceable, replaced by that run
+                continue
+            if not out.exists():
+                old.rename(out)  # put the old output back
+            raise
+        except BaseException:
+            if old.exists() and not out.exists():
+                old.rename(out)  # put the old output back
+            raise
+        remove_stamped(old, last=MARKER)
+        if old.exists():  # a file in it we may not remove (its own read-only subfolder): said, never hidden silently
+            print(f"clakit: note: the replaced {out.name} could not be removed whole; what is left is in {old}",
+                  file=sys.stderr)  # fmt: skip
         _published(tmp, out)
         return
-    _check_place(out, labels.get("label", "output folder"), ())
-    reason = _refusal(out, kind, overwrite, labels.get("label", "output folder"), "pass --overwrite to replace it")
-    if reason:
-        raise ClakitError(reason.replace("already exists", "appeared while this run was working", 1))
-    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-    _name_aside(tmp, old.name)  # first: only a folder a stamp names is ever put back or removed (reclaim_leftovers)
-    try:  # both renames inside: Ctrl-C or SIGTERM (Terminated) between them left OUT absent, the old one hidden
-        out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            old.rename(out)  # put the old output back
-        raise
-    remove_stamped(old, last=MARKER)
-    if old.exists():  # a file in it we may not remove (its own read-only subfolder): said, never hidden silently
-        print(f"clakit: note: the replaced {out.name} could not be removed whole; what is left is in {old}",
-              file=sys.stderr)  # fmt: skip
-    _published(tmp, out)
+    raise ClakitError(f"{label} {out} kept being replaced by other clakit runs while this one published; run it again")
 
 
 def _name_aside(tmp: Path, name: str) -> None:

@@ -708,3 +708,59 @@ def test_an_output_moved_aside_is_removed_marker_last(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs.os, "unlink", unlink)
     assert (old / outputs.MARKER).is_file() and len(list(old.iterdir())) == 18
     assert outputs.owner(old) == "convert" and not outputs.foreign_files(old)  # still reclaimable as clakit's
+
+
+def test_another_publish_between_this_ones_two_renames_leaves_nothing_hidden(tmp_path, monkeypatch):
+    """Two runs publishing one output at once (two `clakit report -o rep`): the other one's output landed between
+    this run's `out -> .old` and `staging -> out`, whose rename then failed "Directory not empty; check free disk
+    space", leaving the moved-aside output hidden beside `out` for good (29 of 900 in helper A's 3x300 stress).
+    Now the aside is removed and `out` judged again: this run's output is published, nothing is left beside it."""
+    from clakit import outputs
+
+    out = tmp_path / "rep"
+
+    def finished(text: str) -> Path:
+        tmp = outputs.make_staging(out)
+        (tmp / "report.md").write_text(text)
+        return tmp
+
+    outputs.publish(finished("old"), out, "report", overwrite=True)
+    mine, theirs = finished("mine"), finished("theirs")
+    real = Path.rename
+
+    def rename(self, target):
+        moved = real(self, target)
+        if self == out and Path(target).name.endswith(".old") and theirs.exists():  # between this run's renames
+            outputs.publish(theirs, out, "report", overwrite=True)
+        return moved
+
+    monkeypatch.setattr(Path, "rename", rename)
+    outputs.publish(mine, out, "report", overwrite=True)
+    assert (out / "report.md").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def test_a_resume_is_refused_while_another_process_stages_a_replacement(
+    tmp_path, corpus_dir, tiny_cla_checkpoint  # noqa: F811
+):
+    """`uptrain --resume` of a killed run was accepted while another process staged an `--overwrite` of it (hours of
+    conversion at 70B): the resume held the folder, and the other run lost all its work at its publish. Refused now,
+    naming that process, as a fresh run is."""
+    from clakit.errors import ClakitError
+    from clakit.uptrain import load_recipe
+    from clakit.uptrain.pipeline import check_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")  # a killed run's folder
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={
+        "path": str(tiny_cla_checkpoint)})))  # fmt: skip
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", STAGING_HELD.format(prelude=""), str(ready), str(out)],
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        stopped(proc, ready)
+        with pytest.raises(ClakitError, match=f"is being written by another clakit process now \\(process {proc.pid}"):
+            check_output_dir(out, recipe, resume=True, overwrite=False)
+    finally:
+        kill9(proc)

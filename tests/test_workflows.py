@@ -302,6 +302,24 @@ def test_a_model_replaced_while_its_weights_load_is_refused(chain, tmp_path, mon
     assert _evaluate(conv, chain.data)["kv_cache"]["producer_layers"] == 1  # unreplaced: evaluated as it is now
 
 
+def test_a_model_replaced_so_that_its_load_fails_is_called_replaced_not_damaged(chain, tmp_path, monkeypatch):
+    """A `convert --overwrite` publishing while the weights load removes the shards being read: the load failed
+    with "No such file ...; check that its files are complete (download it again)" for a checkpoint that is fine.
+    The folder's identity is checked when the load fails too: one line saying it was replaced."""
+    import clakit.sources
+
+    conv = shutil.copytree(chain.conv, tmp_path / "conv")
+
+    def replaced_then_failed(*args, **kwargs):
+        assert run_clakit("convert", chain.src, conv, "--overwrite", "--factor", "4", "-q").code == 0
+        raise ClakitError(f"cannot load as a causal LM {conv}: No such file or directory; check that its files are "
+                          "complete (download it again)")  # fmt: skip
+
+    monkeypatch.setattr(clakit.sources, "load_model", replaced_then_failed)
+    with pytest.raises(ClakitError, match=r"was replaced while it was read .*evaluate it again"):
+        _evaluate(conv, chain.data)
+
+
 # --- 6. the demo as a chain: a rerun redoes what changed, and only that -------------------------------------------
 
 

@@ -132,7 +132,12 @@ def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name, iden
     # the record with the weights, not after scoring (hours at 70B), when a `convert --overwrite` of MODEL may
     # have published another model there: its record described numbers it never scored
     origin = lineage.origin(model_dir)
-    loaded = load_model(source, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, **placement)
+    try:
+        loaded = load_model(source, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
+                            **placement)  # fmt: skip
+    except ClakitError:  # a shard missing because another run replaced the folder mid-load: say that, not "damaged"
+        _check_unchanged(source, identity)
+        raise
     _check_unchanged(source, identity)
     return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir, source.commit, source.path,
                   origin)  # fmt: skip

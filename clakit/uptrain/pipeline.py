@@ -136,6 +136,9 @@ def _no_run_fix(out: Path) -> str:
 
 
 def _check_resumable(out: Path, recipe: Recipe) -> None:
+    # first: another process staging a run for this output_dir (a fresh one, or --overwrite after hours of
+    # conversion): resumed now, this run held the folder and that one lost all its work at its publish
+    outputs.check_no_live_writer(out, "--resume: train.output_dir")
     if not (out / "run.json").is_file():
         raise ClakitError(f"--resume: {out} holds no clakit uptrain run; {_no_run_fix(out)}")
     if outputs.in_use(out):
