@@ -5,6 +5,7 @@ Each test names what it guards; those written for a fix say what the code before
 
 import hashlib
 import json
+import shlex
 
 import pytest
 import torch
@@ -214,7 +215,7 @@ def test_a_card_keeps_its_table_whatever_the_paths_hold(tiny_llama_checkpoint, t
     assert clakit_main(["convert", str(src), str(out), "--factor", "2", "--init", "mean", "-q"]) == 0
     card = (out / "README.md").read_text()
     table = card.split("|---|---|\n")[1].split("\n\n")[0].splitlines()
-    assert [row.split(" | ")[0] for row in table][-2:] == ["| made with", "| command"], table
+    assert [row.split(" | ")[0] for row in table][-3:] == ["| made with", "| command", "| rerun (any folder)"], table
     for row in table:  # two cells: the cell breaks are the only unescaped pipes
         assert len(re.findall(r"(?<!\\)\|", row)) == 3, row
     command = record(out)["provenance"]["command"]
@@ -265,3 +266,48 @@ def test_the_record_names_the_token_windows_a_gz_copy_places_otherwise(tokenizer
     same_weights = weights(tmp_path / "out-u.txt") == weights(tmp_path / "out-u.txt.gz")
     assert not same_weights  # the byte and character offsets differ here (what the record must tell apart)
     assert plain["calib_ids_sha256"] != packed["calib_ids_sha256"]
+
+
+def test_the_rerun_command_restores_every_setting():
+    """command_line writes one flag per non-default field; clakit's own parser reads back the same ConvertConfig
+    (lists item by item, an item starting with `-`, odd characters, booleans turned off, floats exactly)."""
+    import dataclasses
+
+    from clakit.cli import build_parser
+    from clakit.convert.config import ConvertConfig, command_line, config_from_args
+
+    given = ConvertConfig(
+        kv_source_layers=[0, 0, 2, 2], calib_data=["-odd name.txt", "b $x'.txt", "wikitext:wikitext-2-raw-v1:train"],
+        refine=False, sequential=False, train_o_proj=False, ridge=0.1 + 0.2, seed=2**32 - 1, bf16=True,
+        eval_data=["é.txt"], distill_copy_fraction=0.0, output_dtype="bfloat16", max_shard_size="100MB",
+        revision="0123", device="cpu", distill_steps=0, reconstruct_lr=1e-7, refine_max_group=3, calib_tokens=7,
+        seq_len=9, reconstruct_steps=4, distill_tokens=5, distill_lr=0.5, distill_copy_span=2, dtype="bfloat16",
+        eval_tokens=3, allow_pickle=True, trust_remote_code=True,
+    )  # fmt: skip
+    argv = shlex.split(command_line("SRC", "OUT", given, threads=3))
+    assert argv[:2] == ["OMP_NUM_THREADS=3", "clakit"]
+    back = config_from_args(build_parser().parse_args(argv[2:]))
+    assert dataclasses.asdict(back) == dataclasses.asdict(given)
+
+
+def test_the_recorded_rerun_redoes_a_library_conversion_from_another_folder(tiny_llama_checkpoint, corpus_dir,
+                                                                            tmp_path, monkeypatch):  # fmt: skip
+    """convert() called from Python (or by uptrain) recorded `command` as the process's own command line ("-c",
+    pytest's); provenance.rerun is built from the settings: run from another folder with its thread count it writes
+    the same tensors, byte for byte, with the text given relative to the first run's folder."""
+    import shutil
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir(), other.mkdir()
+    shutil.copy(corpus_dir / "calib.txt", first / "calib.txt")
+    monkeypatch.chdir(first)
+    config = ConvertConfig(factor=2, init="calibrated", calib_data=["calib.txt"], calib_tokens=256, seq_len=32,
+                           distill_steps=1, distill_tokens=64, seed=7, ridge=0.01)  # fmt: skip
+    convert(str(tiny_llama_checkpoint), tmp_path / "lib", config, quiet=True)
+    rerun = record(tmp_path / "lib")["provenance"]["rerun"]
+    threads, program, command, *args = shlex.split(rerun)
+    assert (threads, program, command) == (f"OMP_NUM_THREADS={torch.get_num_threads()}", "clakit", "convert")
+    assert f"--calib-data={first / 'calib.txt'}" in args and "--seed=7" in args and "--distill-steps=1" in args
+    monkeypatch.chdir(other)
+    assert clakit_main([command, *[str(tmp_path / "cli") if a == "NEW_OUT" else a for a in args], "-q"]) == 0
+    assert weights(tmp_path / "cli") == weights(tmp_path / "lib")

@@ -217,3 +217,34 @@ def config_from_args(args) -> ConvertConfig:
     if isinstance(given.get("kv_source_layers"), str):
         given["kv_source_layers"] = parse_layers(given["kv_source_layers"])
     return ConvertConfig(**given)
+
+
+def command_line(src: str, out: str, cfg: ConvertConfig, *, cwd: str | None = None, threads: int | None = None,
+                 pinned: dict | None = None) -> str:
+    """The `clakit convert` command that restores `cfg` whole: one flag per field whose value is not the field's
+    default (a default that later changes would otherwise change the rerun), list items one `--flag=ITEM` each (an
+    item starting with `-` is not read as a flag), local text paths made absolute from `cwd` (the command works from
+    any folder), `pinned` fields (revision: the Hub commit read; distill_steps: the default as resolved on this
+    machine) written over `cfg`'s, and the thread count the fits' reductions split by (`OMP_NUM_THREADS`)."""
+    import shlex
+    from pathlib import Path
+
+    values = {**cfg.to_dict(), **(pinned or {})}
+    args = ["clakit", "convert", src, out]
+    for f in dataclasses.fields(ConvertConfig):
+        value = values[f.name]
+        if value == f.default or value is None:
+            continue
+        name = flag(f.name)
+        if isinstance(value, bool):
+            args.append(f"--{name}" if value else f"--no-{name}")
+        elif f.name == "kv_source_layers":
+            args.append(f"--{name}={','.join(map(str, value))}")
+        elif isinstance(value, list):
+            for item in value:
+                local = Path(cwd, item) if cwd else Path(item)
+                args.append(f"--{name}={local.resolve() if local.exists() else item}")
+        else:
+            args.append(f"--{name}={value!r}" if isinstance(value, float) else f"--{name}={value}")
+    env = [f"OMP_NUM_THREADS={threads}"] if threads else []
+    return shlex.join([*env, *args])

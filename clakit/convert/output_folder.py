@@ -130,6 +130,7 @@ def model_card(record: dict) -> str:
         ("held-out perplexity", _perplexity_line(record)),
         ("made with", f"clakit {v['clakit']}, transformers {v['transformers']}, torch {v['torch']}, {v['created']}"),
         ("command", md_code(v["command"])),
+        *((("rerun (any folder)", md_code(v["rerun"])),) if v.get("rerun") else ()),
     ]  # fmt: skip
     table = "\n".join(f"| {k} | {val} |" for k, val in rows)
     return f"""---

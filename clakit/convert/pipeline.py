@@ -14,6 +14,7 @@ import functools
 import gc
 import hashlib
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +42,7 @@ from clakit.convert.config import (
     DEFAULT_DISTILL_STEPS,
     DEFAULT_SEQ_LEN,
     ConvertConfig,
+    command_line,
 )
 from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layerwise import LayerwiseModel, autocast, fit_autocast, fresh_rotary, resolve_device
@@ -802,7 +804,8 @@ class _Conversion:
             },
             "cla_architecture": cla_architecture,
             # CLA: the fits' reductions split by thread: 1 and 2 threads wrote bf16 tensors one ulp apart
-            "provenance": provenance(**library_versions(CONVERT_LIBRARIES), torch_threads=torch.get_num_threads()),
+            "provenance": provenance(**library_versions(CONVERT_LIBRARIES), torch_threads=torch.get_num_threads(),
+                                     rerun=self._rerun(settings)),
             "eval": self._eval_record(),
             "auto_layout": self.results.get("auto_layout"),
             "distill": self.results.get("distill"),
@@ -810,6 +813,19 @@ class _Conversion:
             "shard_size_bytes": parse_size(self.cfg.max_shard_size),
             "stage_seconds": {**self.stage_seconds, "total": round(time.perf_counter() - self.started, 1)},
         }  # fmt: skip
+
+    def _rerun(self, settings: ConvertSettings) -> str:
+        """The `clakit convert` command that redoes this conversion from any folder, whatever process called
+        convert(): the source as read (a Hub id at the commit read, a local one by absolute path), every setting, the
+        default distill_steps as this machine resolved it, and the thread count."""
+        hub = settings.source_kind == "hub"
+        src = settings.source if hub else str(self.source.path)
+        # the defaults ("the converter decides") as they resolved here: a later clakit may resolve them otherwise
+        pinned = {"revision": settings.revision if hub else None, "distill_steps": self.distill_steps,
+                  "seq_len": settings.seq_len, "reconstruct_steps": settings.reconstruct_steps}  # fmt: skip
+        if self.distill_steps:
+            pinned |= {"distill_copy_fraction": self.copies[0], "distill_copy_span": self.copies[1] or None}
+        return command_line(src, "NEW_OUT", self.cfg, cwd=os.getcwd(), threads=torch.get_num_threads(), pinned=pinned)
 
     def _plan(self, cla_cfg, lm_cls, layout: list[int], tensors=None):
         """Raises naming the first tensor the checkpoint (or `tensors`) lacks."""
