@@ -157,6 +157,21 @@ def test_bad_lm_eval_settings_fail_before_the_model_is_loaded(
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_tokenizer_with_neither_bos_nor_eos_is_refused_for_lm_eval_before_the_model_is_loaded(
+    stock, tokenizer, tasks_dir, monkeypatch
+):
+    """lm-eval prefixes every request with BOS (else EOS) and decodes it: with neither, every task failed with
+    "'None' is not an instance of 'Sequence'", after perplexity, KV, speed and passkeys had all run."""
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.bos_token, bare.eos_token = None, None
+    monkeypatch.setattr("clakit.eval.suite._load", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ClakitError, match="needs a tokenizer with a BOS or EOS token"):
+        evaluate(stock, tokenizer=bare, text=make_text(200, 1), seq_len=16, quiet=True,
+                 lm_eval_tasks=str(tasks_dir / "tiny_roll.yaml"))  # fmt: skip
+
+
 def test_report_runs_lm_eval_on_clakits_windows(stock, tokenizer, tasks_dir):
     """`--seq-len` shorter than the model's context: lm-eval gets max_length = seq_len, so its rolling word perplexity
     and bits per byte equal clakit's in the same report (not lm-eval's one window of the whole context)."""

@@ -492,6 +492,15 @@ def test_other_max_tokens_are_named_not_guessed_as_changed_files(tmp_path, base_
         report([first, second], tmp_path / "rep")
 
 
+def test_a_max_tokens_beyond_the_text_that_cut_nothing_compares(tmp_path, base_report):
+    """--max-tokens 100000 on a text of fewer tokens scores the same tokens as no --max-tokens (the same sha256 and
+    count): the reports were refused as "settings.max_tokens differs (100000 vs None)"; now they compare."""
+    settings = base_report["settings"]
+    unbounded, beyond = ({**base_report, "settings": {**settings, "max_tokens": m}} for m in (None, 10**5))
+    paths = [write_json(unbounded, tmp_path / "a.json"), write_json(beyond, tmp_path / "b.json")]
+    assert (report(paths, tmp_path / "rep") / "report.md").is_file()
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [

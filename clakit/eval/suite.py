@@ -362,6 +362,11 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
         tokenizer = _tokenizer(source, cfg.trust_remote_code)
     tokens = _tokens(tokenizer, texts, seq_len, cfg.max_tokens)
     tasks = harness.prepare(cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit, cfg.lm_eval_fewshot)
+    if tasks and perplexity.prefix_token_id(tokenizer) is None:  # lm-eval's HFLM decodes it for every request
+        raise ClakitError(
+            "--lm-eval-tasks needs a tokenizer with a BOS or EOS token (lm-eval prefixes every text with one); this "
+            "model's tokenizer has neither: set one in its tokenizer_config.json, or drop --lm-eval-tasks"
+        )
     prompts = _passkey_prompts(passkey, config, tokenizer, texts)
     _check_vocab(config, tokens, prompts)
     fitted = lineage.fitted_text(model_dir, texts)
