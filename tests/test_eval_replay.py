@@ -410,3 +410,25 @@ def test_text_an_uptrained_model_trained_on_is_found_down_its_chain(tmp_path, co
     scored = evaluate(model, data=[str(corpus_dir)], quiet=True, **SETTINGS)  # the folder holds train.txt
     train = str(corpus_dir / "train.txt")
     assert scored["data"]["fitted_on"] == {"text": train, "fitted": train}
+
+
+def test_the_report_names_the_model_it_read_by_content(tmp_path, corpus_dir, converted):
+    """A local folder was named by its path alone (provenance.model_path): a report could not tell which weights it
+    scored once they changed. provenance.model_files names config.json and the tokenizer files by sha256 and each
+    safetensors file by its size and header's sha256, as convert's source.files does; another config, another entry."""
+    model = shutil.copytree(converted, tmp_path / "model")
+
+    def files() -> dict:
+        return evaluate(model, data=[str(corpus_dir / "heldout.txt")], quiet=True, **SETTINGS)["provenance"][
+            "model_files"]  # fmt: skip
+
+    first = files()
+    assert first["config.json"]["sha256"] == _sha256(model / "config.json")
+    assert first["tokenizer.json"]["sha256"] == _sha256(model / "tokenizer.json")
+    shards = sorted(p.name for p in model.glob("*.safetensors"))
+    assert shards and all(first[n]["bytes"] == (model / n).stat().st_size for n in shards)
+    assert all(len(first[n]["header_sha256"]) == 64 for n in shards)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "note": "edited"}))
+    again = files()
+    assert again["config.json"] != first["config.json"] and again[shards[0]] == first[shards[0]]

@@ -8,7 +8,6 @@ held, only while something uses it.
 `save_pretrained` does.
 """
 
-import hashlib
 import json
 import pickle
 import re
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from clakit import outputs
 from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
+from clakit.provenance import files_fingerprint
 from clakit.sources import (  # the one name of each, also what a Hub download fetches
     PICKLE_INDEX,
     SAFE_INDEX,
@@ -165,19 +165,8 @@ class StateDictCheckpoint:
 
 
 def fingerprint(folder: Path, files: list[str]) -> dict:
-    """What names a folder checkpoint's content without reading its weights again: config.json's sha256, and per
-    weight file its size and the sha256 of its safetensors header (names, dtypes, shapes and offsets of every tensor;
-    a pickle file: its size alone). A local folder was recorded by its path only, so nothing said which weights were
-    converted once they changed."""
-    out = {"config.json": {"sha256": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()}}
-    for name in files:
-        path, entry = folder / name, {}
-        entry["bytes"] = path.stat().st_size
-        if is_safetensors_name(name):
-            with open(path, "rb") as f:  # u64 header length, then the JSON header (checked whole when opened)
-                entry["header_sha256"] = hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()
-        out[name] = entry
-    return out
+    """provenance.files_fingerprint of the checkpoint's files (eval names the model it scored the same way)."""
+    return files_fingerprint(folder, files)
 
 
 class TiedTwins:

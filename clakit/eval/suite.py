@@ -18,7 +18,7 @@ from clakit.eval.config import EvalConfig
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.paths import expand
-from clakit.provenance import provenance, text_sha256
+from clakit.provenance import file_sha256, files_fingerprint, provenance, text_sha256
 from clakit.sources import check_revision, check_seq_len, context_window, default_seq_len
 
 DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
@@ -35,6 +35,7 @@ class Loaded:
     commit: str | None = None  # the Hub commit the files were read at (revision "main" moves), else None
     path: Path | None = None  # the folder or .gguf file read, absolute (`name` may be relative to the cwd)
     origin: dict | None = None  # provenance.origin, read with the weights (lineage.origin)
+    files: dict | None = None  # provenance.model_files: what was read, by content (model_files)
 
 
 def _resolve(model, tokenizer, revision, trust_remote_code: bool, allow_pickle: bool, windows=(None, None)):
@@ -132,6 +133,7 @@ def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name, iden
     # the record with the weights, not after scoring (hours at 70B), when a `convert --overwrite` of MODEL may
     # have published another model there: its record described numbers it never scored
     origin = lineage.origin(model_dir)
+    files = model_files(source)
     try:
         loaded = load_model(source, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
                             **placement)  # fmt: skip
@@ -140,7 +142,28 @@ def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name, iden
         raise
     _check_unchanged(source, identity)
     return Loaded(loaded, tokenizer, name or source.spec, source.revision, model_dir, source.commit, source.path,
-                  origin)  # fmt: skip
+                  origin, files)  # fmt: skip
+
+
+# what a folder's tokenizer reads: the scored tokens depend on them as on the weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
+
+
+def model_files(source) -> dict | None:
+    """The model read, by content where that costs little: a .gguf file's sha256 (it is read whole by the load
+    anyway); a folder's config.json and tokenizer files by sha256 and each weight file by its size and (safetensors)
+    its header's sha256, as convert's source.files names a source. The path alone named whatever is there later."""
+    path = Path(source.path)
+    try:
+        if source.kind == "gguf":
+            return {path.name: {"sha256": file_sha256(path)}}
+        weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+        found = files_fingerprint(path, weights)
+        found.update({n: {"sha256": file_sha256(path / n)} for n in TOKENIZER_FILES if (path / n).is_file()})
+    except OSError:  # a file it cannot read: the load that follows names it, with the fix
+        return None
+    return found
 
 
 def folder_identity(source) -> tuple[int, int] | None:
@@ -478,6 +501,7 @@ def _provenance(loaded: Loaded, data_info: dict, settings: dict, cfg: EvalConfig
         revision=loaded.revision,
         commit=loaded.commit,
         model_path=str(loaded.path) if loaded.path else None,
+        model_files=loaded.files,  # None for an in-memory model
         origin=loaded.origin,  # CLA: the conversion / uptraining that made it, from its record
         data=data_info["sources"],
         data_sha256=data_info["sha256"],
