@@ -29,6 +29,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -286,7 +287,7 @@ def held(fd: int, busy: str) -> Iterator[None]:
     system without locks: ENOLCK, ENOSYS; NFS on a descriptor not open for writing: EBADF) the body runs unheld."""
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_exclusive(fd)
         except BlockingIOError:
             raise ClakitError(busy) from None
         except OSError:
@@ -294,6 +295,23 @@ def held(fd: int, busy: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+PROBE_WAITS = (0.01, 0.05, 0.2)  # seconds: another process's in_use probe holds its lock for microseconds
+
+
+def _lock_exclusive(fd: int) -> None:
+    """flock(fd, LOCK_EX | LOCK_NB), tried again after short waits: another process probing the folder at that
+    instant (in_use, a shared lock taken and released at once) read as a run holding it. BlockingIOError when a
+    run holds it still."""
+    for wait in (*PROBE_WAITS, None):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if wait is None:
+                raise
+            time.sleep(wait)
 
 
 def check_not_inside_an_output(out: Path | str, label: str = "OUT") -> None:

@@ -764,3 +764,30 @@ def test_a_resume_is_refused_while_another_process_stages_a_replacement(
             check_output_dir(out, recipe, resume=True, overwrite=False)
     finally:
         kill9(proc)
+
+
+def test_a_probe_at_the_instant_a_run_takes_its_folder_does_not_refuse_the_run(tmp_path):
+    """hold() tried its exclusive lock once: another process's in_use probe (a lock taken and released at once)
+    at that instant refused the run as "in use by a running clakit process". It tries again after short waits; a
+    run that holds the folder still refuses it."""
+    import fcntl
+    import threading
+
+    from clakit import outputs
+    from clakit.errors import ClakitError
+
+    out = tmp_path / "out"
+    with outputs.staged(out, "report") as tmp:
+        (tmp / "report.md").write_text("x")
+    probe = os.open(out / outputs.MARKER, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.03, os.close, [probe]).start()  # the probe lets go 30 ms later
+    with outputs.hold(out):
+        assert outputs.in_use(out)  # held now, as another process sees it
+    holder = os.open(out / outputs.MARKER, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ClakitError, match="is in use by a running clakit process"), outputs.hold(out):
+            pass
+    finally:
+        os.close(holder)
