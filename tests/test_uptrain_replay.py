@@ -198,8 +198,12 @@ def test_a_killed_composed_run_resumes_to_the_straight_runs_weights(composed, mo
     assert train_lines(composed / "runs" / "killed") == train_lines(composed / "runs" / "a")
     assert same_tensors(composed / "runs" / "a" / "model", result)
     # uptrain.json's command and time are the resume's; the first session's are kept beside them (run.json's)
-    started = json.loads((composed / "runs" / "killed" / "run.json").read_text())["provenance"]
-    assert json.loads((result / "uptrain.json").read_text())["started"] == started
+    run = json.loads((composed / "runs" / "killed" / "run.json").read_text())
+    record = json.loads((result / "uptrain.json").read_text())
+    assert record["started"] == run["provenance"]
+    # the thread count (CPU reductions split by it) and the start checkpoint by content, as convert's and eval's name
+    assert record["torch_threads"] == run["provenance"]["torch_threads"] == torch.get_num_threads()
+    assert record["start_summary"] == run["start_summary"] and len(run["start_summary"]) == 64
 
 
 # --- layout-dependent patterns, before the conversion ----------------------------------------------------------------

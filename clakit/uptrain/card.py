@@ -21,7 +21,10 @@ TRAINING_LIBRARIES = ("peft", "accelerate")
 def run_provenance(**extra) -> dict:
     """clakit.provenance plus the training libraries' versions: what uptrain's records (run.json, state.json,
     uptrain.json) say about the software that wrote them."""
-    return provenance(**library_versions(TRAINING_LIBRARIES), **extra)
+    import torch
+
+    # CPU reductions split by thread: convert's and eval's records name the count, uptrain's did not
+    return provenance(**library_versions(TRAINING_LIBRARIES), torch_threads=torch.get_num_threads(), **extra)
 
 
 def summary(recipe, trainer, data, heldout: dict, kv_source_layers: list[int] | None = None) -> dict:

@@ -1212,6 +1212,8 @@ def _card(recipe: Recipe, out: Path, trainer, run: dict, end: dict, folder: Path
     # the first session's command, time and versions: uptrain.json's own are the last session's (`--resume`'s)
     summary["started"] = started.get("provenance")
     summary["data_sha256"] = run["data_sha256"]  # the tokens it trained and was scored on (run.json's too)
+    # the start checkpoint by content (run.json's, which stays in the run folder): its path names what is there later
+    summary["start_summary"] = started.get("start_summary")
     summary["resolved"] = card.resolved_defaults(recipe, conversion)
     card.write(folder, summary, run["start_path"])
     return summary
