@@ -199,13 +199,40 @@ class _Check:
         NUL, or of Latin-1 text (accents, no control bytes), looking for a problem the file does not have."""
         if _utf16(self.path):
             return f"{self.path} is UTF-16 text, not UTF-8; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"
+        if "\x00" in piece and (CONTROL.search(piece) or self.bad):  # NULs among other binary bytes: not text
+            return f"{self.path} is not UTF-8 text (binary data?); give text files (.txt, .md, .txt.gz)"
         if "\x00" in piece:
             return (f"{self.path} holds NUL bytes, which text does not (binary data?); give text files (.txt, .md, "
                     ".txt.gz), or remove the NULs: tr -d '\\000' < in.txt > out.txt")  # fmt: skip
+        head = _head_bytes(self.path)
+        if head is not None and _decodes(head):  # valid UTF-8 holding U+FFFD itself: iconv would garble it
+            return (f"{self.path} holds {self.bad} U+FFFD replacement characters in its first {self.chars}: text "
+                    "already damaged by an earlier decoding; give the original text")  # fmt: skip
         if not CONTROL.search(piece):  # undecodable bytes in plain text: an 8-bit encoding
+            if head is not None and any(0x80 <= b <= 0x9F for b in head):  # Windows-1252's quotes and dashes
+                return (f"{self.path} is not UTF-8: {self.bad} of its first {self.chars} characters are bytes UTF-8 "
+                        "cannot decode, as Windows-1252 text has; convert it: iconv -f WINDOWS-1252 -t UTF-8")
             return (f"{self.path} is not UTF-8: {self.bad} of its first {self.chars} characters are bytes UTF-8 "
                     "cannot decode, as Latin-1 or Windows-1252 text has; convert it: iconv -f LATIN1 -t UTF-8")
         return f"{self.path} is not UTF-8 text (binary data?); give text files (.txt, .md, .txt.gz)"
+
+
+def _head_bytes(path, size: int = 1 << 20) -> bytes | None:
+    """The first `size` bytes of a refused plain file, to tell its encoding (None for a .gz or an unreadable one)."""
+    try:
+        with open(path, "rb") as f:  # a .txt.gz: its own bytes say nothing of the text's encoding
+            return None if str(path).endswith(".gz") else f.read(size)
+    except OSError:
+        return None
+
+
+def _decodes(data: bytes) -> bool:
+    """Whether `data` is valid UTF-8 (a character cut at its end aside): then its U+FFFD are in the text itself."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(data) - 3  # cut mid-character at the end of the head only
+    return True
 
 
 def _utf16(path: Path) -> bool:
@@ -328,14 +355,14 @@ def local_path(spec: str, what: str = "text data") -> Path | None:
 
 def holds(outer: str, inner: str) -> bool:
     """Whether text spec `outer` reads all of `inner`'s text: the same spec, local paths that are the same file or
-    folder (a symlink, `./a.txt`) or `inner` inside `outer` (a folder reads its .txt recursively), or two datasets
-    specs of one split (`d:c` is `d:c:test`)."""
+    folder (a symlink, `./a.txt`) or `inner` inside `outer` where that folder reads it (its non-hidden .txt,
+    recursively: `_reading_folders`), or two datasets specs of one split (`d:c` is `d:c:test`)."""
     if outer == inner:
         return True
     po, pi = local_path(outer), local_path(inner)
     if po is None and pi is None:
         return datasets_spec(outer) == datasets_spec(inner)
-    return po is not None and pi is not None and (po == pi or pi.is_relative_to(po))
+    return po is not None and pi is not None and (po == pi or po in _reading_folders(pi))
 
 
 def same_spec_text(a: str, b: str) -> bool:
@@ -349,11 +376,12 @@ def check_each_once(specs: list[str], what: str) -> None:
     text is read; two different files with the same content (in a user's corpus folder) are the user's data. Each
     path is resolved once and looked up with its parents: `--data *.txt` may name thousands of files."""
     keys = [local_path(spec, what) or datasets_spec(spec, what) for spec in specs]
+    keys = [(i, k) if isinstance(k, Path) and not k.exists() else k for i, k in enumerate(keys)]  # refused as missing
     first: dict = {}
     for i, key in enumerate(keys):
         first.setdefault(key, i)
     for i, key in enumerate(keys):
-        above = [key, *key.parents] if isinstance(key, Path) else [key]
+        above = [key, *_reading_folders(key)] if isinstance(key, Path) else [key]
         j = next((first[k] for k in above if first.get(k, i) != i), None)  # the same text, or a folder holding it
         if j is not None:
             earlier, later = sorted((i, j))
@@ -361,6 +389,14 @@ def check_each_once(specs: list[str], what: str) -> None:
                 f"{what} names the same text twice ({specs[earlier]} and {specs[later]}); list each file or folder "
                 "once"
             )
+
+
+def _reading_folders(path: Path) -> list[Path]:
+    """The folders above `path` whose text would include it (`_folder_files`): none for a file a folder does not read
+    (README.md, notes.csv) or one below a hidden folder of it (`corpus/.drafts/x.txt`), given beside that folder."""
+    if not path.is_dir() and not path.name.endswith((".txt", ".txt.gz")):
+        return []
+    return [p for p in path.parents if not _hidden(path.relative_to(p))]
 
 
 def _not_a_file(spec: str, what: str = "text data") -> str:

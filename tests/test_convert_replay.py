@@ -311,3 +311,16 @@ def test_the_recorded_rerun_redoes_a_library_conversion_from_another_folder(tiny
     monkeypatch.chdir(other)
     assert clakit_main([command, *[str(tmp_path / "cli") if a == "NEW_OUT" else a for a in args], "-q"]) == 0
     assert weights(tmp_path / "cli") == weights(tmp_path / "lib")
+
+
+def test_the_rerun_names_home_relative_text_by_its_absolute_path(tmp_path, monkeypatch):
+    """`--calib-data ~/c.txt` was kept as typed (Path(cwd, "~/c.txt") never exists): a rerun by another user read
+    their own home. A name that cannot be resolved, and a datasets spec, stay as typed."""
+    from clakit.convert.config import command_line
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.txt").write_text("text")
+    config = ConvertConfig(calib_data=["~/c.txt", "~nosuchuser/x.txt", "wikitext:wikitext-2-raw-v1:train"])
+    argv = shlex.split(command_line("SRC", "OUT", config, cwd="/"))
+    assert f"--calib-data={tmp_path / 'c.txt'}" in argv and "--calib-data=~nosuchuser/x.txt" in argv
+    assert "--calib-data=wikitext:wikitext-2-raw-v1:train" in argv

@@ -379,6 +379,15 @@ def _fitted_model(tmp_path, converted, calib: Path, relative: bool) -> Path:
     return model
 
 
+def test_a_model_calibrated_on_a_folder_is_found_fitted_on_a_file_of_it(tmp_path, corpus_dir, converted):
+    """The conversion records --calib-data as typed: a folder. Its files count as fitted on (they were named only
+    when the record named the file itself)."""
+    model = _fitted_model(tmp_path, converted, corpus_dir, relative=False)
+    calib = str(corpus_dir / "calib.txt")
+    scored = evaluate(model, data=[calib], quiet=True, **SETTINGS)
+    assert scored["data"]["fitted_on"] == {"text": calib, "fitted": calib}
+
+
 @pytest.mark.parametrize("relative", [False, True])
 def test_text_the_model_was_fitted_on_is_scored_but_not_called_held_out(tmp_path, capsys, corpus_dir, converted,
                                                                         relative):  # fmt: skip

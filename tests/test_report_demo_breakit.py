@@ -353,6 +353,27 @@ def test_utf16_text_is_named_as_utf16_not_as_binary(tmp_path, encoding):
         corpus.load_texts([str(tmp_path / "blob.txt")])
 
 
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"\x7fELF\x02\x01\x01\x00\x00\x00" * 50, "is not UTF-8 text (binary data?)"),  # NULs among control bytes
+        ("Decoding error shown as \ufffd here.\n".encode() * 40, "U+FFFD replacement characters"),  # valid UTF-8
+        ("\u201cSmart quotes\u201d \u2014 dash.\n".encode("cp1252") * 40, "iconv -f WINDOWS-1252 -t UTF-8"),
+    ],
+    ids=["binary-with-nuls", "utf8-holding-fffd", "windows-1252"],
+)
+def test_each_kind_of_undecodable_text_gets_a_fix_that_does_not_garble_it(tmp_path, content, needle):
+    """A binary file was told to strip its NULs; valid UTF-8 holding U+FFFD (damaged earlier) and Windows-1252
+    quotes were told `iconv -f LATIN1`, which garbles the one and turns the other's quotes into control characters,
+    text then accepted."""
+    from clakit import corpus
+
+    (tmp_path / "t.txt").write_bytes(content)
+    with pytest.raises(ClakitError) as e:
+        corpus.load_texts([str(tmp_path / "t.txt")])
+    assert needle in str(e.value) and "LATIN1" not in str(e.value) and "tr -d" not in str(e.value), str(e.value)
+
+
 def test_latin1_text_and_a_stray_nul_are_named_as_such_not_as_binary(tmp_path):
     """Latin-1 text (undecodable bytes, no control bytes) gets the iconv fix; UTF-8 text with NUL bytes is told
     about the NULs. Before, both read "is not UTF-8 text (binary data?)"."""

@@ -227,7 +227,6 @@ def command_line(src: str, out: str, cfg: ConvertConfig, *, cwd: str | None = No
     any folder), `pinned` fields (revision: the Hub commit read; distill_steps: the default as resolved on this
     machine) written over `cfg`'s, and the thread count the fits' reductions split by (`OMP_NUM_THREADS`)."""
     import shlex
-    from pathlib import Path
 
     values = {**cfg.to_dict(), **(pinned or {})}
     args = ["clakit", "convert", src, out]
@@ -242,9 +241,20 @@ def command_line(src: str, out: str, cfg: ConvertConfig, *, cwd: str | None = No
             args.append(f"--{name}={','.join(map(str, value))}")
         elif isinstance(value, list):
             for item in value:
-                local = Path(cwd, item) if cwd else Path(item)
-                args.append(f"--{name}={local.resolve() if local.exists() else item}")
+                args.append(f"--{name}={_absolute(item, cwd)}")
         else:
             args.append(f"--{name}={value!r}" if isinstance(value, float) else f"--{name}={value}")
     env = [f"OMP_NUM_THREADS={threads}"] if threads else []
     return shlex.join([*env, *args])
+
+
+def _absolute(spec: str, cwd: str | None) -> str:
+    """A text spec as an absolute path where it names a local file or folder (relative ones from `cwd`, `~` expanded);
+    as typed otherwise (a datasets spec, a name this user cannot resolve)."""
+    from pathlib import Path
+
+    try:
+        local = Path(cwd or ".", Path(spec).expanduser())
+        return str(local.resolve()) if local.exists() else spec
+    except (OSError, RuntimeError, ValueError):
+        return spec

@@ -563,8 +563,11 @@ class _Conversion:
         after them. Priced from the meta skeleton's shapes (`_shapes`), as the disk check is."""
         if self.source.kind != "gguf":
             return
-        shapes = self._shapes()
-        need = sum(shapes.get(name).numel() * 4 for name in shapes.names)
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # parameters(): tied embeddings once (the state dict names lm_head too)
+            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        need = sum(p.numel() * 4 for p in skeleton.parameters())
         free = _free_memory(torch.device("cpu"))
         if free is not None and need > free:
             raise ClakitError(

@@ -119,8 +119,9 @@ def _calibrated_on(record) -> list[str]:
 
 
 def _located(names, cwd) -> list[str]:
-    """The recorded text names that are local files now, as absolute paths (relative ones from `cwd`); a name this
-    user cannot resolve (`~nosuchuser/x`, too long, behind a folder it may not enter) is skipped, not a traceback."""
+    """The recorded text names that are local files or folders now, as absolute paths (relative ones from `cwd`); a
+    name this user cannot resolve (`~nosuchuser/x`, too long, behind a folder it may not enter) is skipped, not a
+    traceback."""
     found = []
     for name in names if isinstance(names, list) else []:
         if not isinstance(name, str) or not name.strip():
@@ -128,7 +129,7 @@ def _located(names, cwd) -> list[str]:
         try:
             path = Path(name).expanduser()
             path = Path(cwd) / path if not path.is_absolute() and isinstance(cwd, str) else path
-            if path.is_absolute() and path.is_file():
+            if path.is_absolute() and (path.is_file() or path.is_dir()):  # a folder: its .txt (readable)
                 found.append(str(path))
         except (OSError, RuntimeError, ValueError):
             continue
