@@ -324,3 +324,11 @@ def test_the_rerun_names_home_relative_text_by_its_absolute_path(tmp_path, monke
     argv = shlex.split(command_line("SRC", "OUT", config, cwd="/"))
     assert f"--calib-data={tmp_path / 'c.txt'}" in argv and "--calib-data=~nosuchuser/x.txt" in argv
     assert "--calib-data=wikitext:wikitext-2-raw-v1:train" in argv
+
+
+def test_the_rerun_pins_the_defaults_the_converter_chose(tiny_llama_checkpoint, tmp_path):
+    """A conversion given no layout and no init is CLA2 at mean init by this version's defaults: the rerun names
+    both (a later clakit may choose others)."""
+    convert(str(tiny_llama_checkpoint), tmp_path / "out", quiet=True)
+    argv = shlex.split(record(tmp_path / "out")["provenance"]["rerun"])
+    assert "--factor=2" in argv and "--init=mean" in argv, argv

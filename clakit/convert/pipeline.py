@@ -820,7 +820,8 @@ class _Conversion:
     def _rerun(self, settings: ConvertSettings) -> str:
         """The `clakit convert` command that redoes this conversion from any folder, whatever process called
         convert(): the source as read (a Hub id at the commit read, a local one by absolute path), every setting, the
-        default distill_steps as this machine resolved it, and the thread count."""
+        defaults as resolved here (the factor, distill_steps as this machine's memory decided it), and the thread
+        count."""
         hub = settings.source_kind == "hub"
         src = settings.source if hub else str(self.source.path)
         # the defaults ("the converter decides") as they resolved here: a later clakit may resolve them otherwise
@@ -828,6 +829,8 @@ class _Conversion:
                   "seq_len": settings.seq_len, "reconstruct_steps": settings.reconstruct_steps}  # fmt: skip
         if self.distill_steps:
             pinned |= {"distill_copy_fraction": self.copies[0], "distill_copy_span": self.copies[1] or None}
+        if settings.layout.startswith("factor "):  # the default --factor 2 too (init, layout auto: in self.cfg)
+            pinned["factor"] = int(settings.layout.split()[1])
         return command_line(src, "NEW_OUT", self.cfg, cwd=os.getcwd(), threads=torch.get_num_threads(), pinned=pinned)
 
     def _plan(self, cla_cfg, lm_cls, layout: list[int], tensors=None):
