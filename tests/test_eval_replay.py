@@ -380,8 +380,8 @@ def _fitted_model(tmp_path, converted, calib: Path, relative: bool) -> Path:
 
 
 def test_a_model_calibrated_on_a_folder_is_found_fitted_on_a_file_of_it(tmp_path, corpus_dir, converted):
-    """The conversion records --calib-data as typed: a folder. Its files count as fitted on (they were named only
-    when the record named the file itself)."""
+    """A conversion record whose settings.calib_data names a folder (clakit records the files it read; a record
+    written by hand or another tool may name the folder): its files count as fitted on."""
     model = _fitted_model(tmp_path, converted, corpus_dir, relative=False)
     calib = str(corpus_dir / "calib.txt")
     scored = evaluate(model, data=[calib], quiet=True, **SETTINGS)

@@ -600,3 +600,31 @@ def test_model_revision_with_a_local_source_goes_to_the_original_not_the_convers
     hub = ModelSection(source="org/tiny", revision="v2", convert=ConvertConfig(factor=2))
     convert_source(hub, tmp_path / "out")
     assert asked == [None, "v2"]
+
+
+def test_a_record_naming_a_folder_of_calibration_text_counts_its_files(tokenizer, corpus_dir, tmp_path):
+    """A conversion record whose settings.calib_data names a folder (written by hand, or by another tool): the folder
+    was skipped (only files were looked for), so its text could be cut as the held-out tail, or given as data.eval,
+    and read as held out."""
+    import json
+
+    from clakit.convert import convert
+
+    (tmp_path / "fitdir").mkdir()
+    shutil.copy(corpus_dir / "calib.txt", tmp_path / "fitdir" / "fit.txt")
+    source = save_checkpoint(tiny_model("llama"), tokenizer, tmp_path / "orig")
+    cla = convert(source, tmp_path / "cla", factor=2, init="calibrated", calib_data=[str(tmp_path / "fitdir")],
+                  calib_tokens=256, seq_len=32, quiet=True)  # fmt: skip
+    record = json.loads((cla / "clakit_convert.json").read_text())
+    record["settings"]["calib_data"] = [str(tmp_path / "fitdir")]
+    (cla / "clakit_convert.json").write_text(json.dumps(record))
+
+    def run(name, **data):
+        train = {"max_steps": 1, "warmup_steps": 0}
+        recipe = tiny_recipe(corpus_dir, tmp_path / name, model={"path": str(cla)}, data=data, train=train)
+        return uptrain(write_recipe(tmp_path / f"{name}.yaml", recipe), quiet=True)
+
+    with pytest.raises(ClakitError, match=re.escape("model.path was fitted on before " + str(tmp_path / "fitdir"))):
+        run("r1", eval=[str(corpus_dir / "calib.txt")])
+    with pytest.raises(ClakitError, match=re.escape("is cut from " + str(corpus_dir / "calib.txt"))):
+        run("r2", train=[str(corpus_dir / "calib.txt")], eval=None)

@@ -44,7 +44,7 @@ def _conversion(record: dict) -> dict:
         "source_sha256": source.get("sha256"),  # of the .gguf file, when the converter hashed one
         "kv_source_layers": settings.get("kv_source_layers"),
         "init": settings.get("init"),
-        "calib_data": settings.get("calib_data"),  # as typed, relative to `cwd`
+        "calib_data": settings.get("calib_data"),  # the files read (a relative one: from `cwd`)
         "calib_sha256": settings.get("calib_sha256"),  # of the calibration text as read
         "command": prov.get("command"),
         "cwd": prov.get("cwd"),

@@ -2,6 +2,7 @@
 deterministic order that a resumed run can continue from any step."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -111,7 +112,7 @@ def build_data(
     conversion's calibration specs (model.convert.calib_data), which data.eval must not hold either; `before`: the
     local files the start checkpoint was fitted on before (student.FittedBefore), nor those."""
     every = readable(before.every) if before else []
-    whole = [t for t in every if t.name in set(before.whole)] if before else []
+    whole = [t for t in every if _inside(t.name, before.whole)] if before else []
     train_texts, eval_texts, eval_sources = _split_texts(data, calib, every, whole)
     # both streamed: only as many tokens as the budget / the held-out cap need are ever tokenised
     train_ids = tokenize_shares(tokenizer, train_texts, train_tokens)
@@ -120,6 +121,11 @@ def build_data(
     held = held[: max(1, data.eval_max_tokens // data.seq_len)]
     train = add_copies(train, data.copy_fraction, data.copy_span, seed)
     return PackedData(train, held, [t.name for t in train_texts], eval_sources)
+
+
+def _inside(name: str, paths: list[str]) -> bool:
+    """Whether file `name` is one of `paths` or in one of them (a recorded folder: the files it reads)."""
+    return any(Path(name) == Path(p) or Path(name).is_relative_to(p) for p in paths)
 
 
 def _split_texts(data, calib: list[str] | None, before: list[Text], whole_before: list[Text]) -> tuple:
