@@ -201,8 +201,23 @@ def _probe_write(folder: Path) -> None:
     os.unlink(probe)
 
 
+LOOK_WAITS = (0.01, 0.05, 0.2)  # seconds between looks at an `out` another run may be replacing at that instant
+
+
 def _refusal(out: Path, kind: str, overwrite: bool, label: str, replace_hint: str) -> str | None:
-    """Why an existing `out` may not be replaced now, or None when it may."""
+    """Why an existing `out` may not be replaced now, or None when it may; FileNotFoundError when it went away.
+    A refusal is given only when looks a moment apart agree: another run replacing `out` in the middle of a look
+    (renamed away between listing it and reading its marker) read as "not written by clakit" or "an existing
+    file" (6 false refusals in 900 publishes of three processes into one report folder)."""
+    for wait in (*LOOK_WAITS, None):
+        reason = _look(out, kind, overwrite, label, replace_hint)
+        if reason is None or wait is None:
+            return reason
+        time.sleep(wait)
+
+
+def _look(out: Path, kind: str, overwrite: bool, label: str, replace_hint: str) -> str | None:
+    """One look at `out` for _refusal."""
     if not out.is_dir() and (out.exists() or out.is_symlink()):  # gone meanwhile: iterdir says so below
         return f"{label} {out} is an existing file; choose a folder name (clakit never replaces a file with a folder)"
     if not any(out.iterdir()):
@@ -731,31 +746,49 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
             raise ClakitError(reason.replace("already exists", "appeared while this run was working", 1))
         old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
         _name_aside(tmp, old.name)  # first: only a folder a stamp names is put back or removed (reclaim_leftovers)
-        try:  # both renames inside: Ctrl-C or SIGTERM (Terminated) between them left OUT absent, the old one hidden
-            out.rename(old)
-            tmp.rename(out)
-        except OSError as e:
-            if not old.exists():  # the first rename failed: another run moved `out` aside first (or a real error)
-                if e.errno == errno.ENOENT:
-                    continue
-                raise
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and out.exists():  # another run published in between
-                remove_stamped(old, last=MARKER)  # the output this run judged replaceable, replaced by that run
-                continue
-            if not out.exists():
-                old.rename(out)  # put the old output back
+        if _swapped(tmp, out, old):
+            remove_stamped(old, last=MARKER)
+            if old.exists():  # a file in it we may not remove (its own read-only subfolder): said, never hidden
+                print(f"clakit: note: the replaced {out.name} could not be removed whole; what is left is in {old}",
+                      file=sys.stderr)  # fmt: skip
+            _published(tmp, out)
+            return
+    raise ClakitError(f"{label} {out} kept being replaced by other clakit runs while this one published; run it again")
+
+
+def _swapped(tmp: Path, out: Path, old: Path) -> bool:
+    """`out` moved aside to `old`, then `tmp` renamed to `out`; False where another run moved `out` away first, or
+    published its own between the two renames (the output moved aside, judged replaceable, is then removed): look
+    again. Both renames in one try: Ctrl-C or SIGTERM between them left OUT absent, the old one hidden."""
+    try:
+        out.rename(old)
+        tmp.rename(out)
+    except OSError as e:
+        if not old.exists():  # the first rename failed: another run moved `out` aside first (or a real error)
+            if e.errno == errno.ENOENT:
+                return False
             raise
-        except BaseException:
-            if old.exists() and not out.exists():
-                old.rename(out)  # put the old output back
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another run published in between (whatever is there now)
+            remove_stamped(old, last=MARKER)
+            return False
+        _put_back(old, out)
+        raise
+    except BaseException:
+        if old.exists() and not out.exists():
+            _put_back(old, out)
+        raise
+    return True
+
+
+def _put_back(old: Path, out: Path) -> None:
+    """The output moved aside renamed back to `out`; where another run published `out` meanwhile, removed instead
+    (it was judged replaceable, and is replaced), not left hidden beside it."""
+    try:
+        old.rename(out)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
         remove_stamped(old, last=MARKER)
-        if old.exists():  # a file in it we may not remove (its own read-only subfolder): said, never hidden silently
-            print(f"clakit: note: the replaced {out.name} could not be removed whole; what is left is in {old}",
-                  file=sys.stderr)  # fmt: skip
-        _published(tmp, out)
-        return
-    raise ClakitError(f"{label} {out} kept being replaced by other clakit runs while this one published; run it again")
 
 
 def _name_aside(tmp: Path, name: str) -> None:
