@@ -209,11 +209,10 @@ class _Check:
             return (f"{self.path} holds {self.bad} U+FFFD replacement characters in its first {self.chars}: text "
                     "already damaged by an earlier decoding; give the original text")  # fmt: skip
         if not CONTROL.search(piece):  # undecodable bytes in plain text: an 8-bit encoding
-            if head is not None and any(0x80 <= b <= 0x9F for b in head):  # Windows-1252's quotes and dashes
-                return (f"{self.path} is not UTF-8: {self.bad} of its first {self.chars} characters are bytes UTF-8 "
-                        "cannot decode, as Windows-1252 text has; convert it: iconv -f WINDOWS-1252 -t UTF-8")
+            cp1252 = head is not None and any(0x80 <= b <= 0x9F for b in head)  # Windows-1252's quotes and dashes
+            kind, code = ("Windows-1252", "WINDOWS-1252") if cp1252 else ("Latin-1 or Windows-1252", "LATIN1")
             return (f"{self.path} is not UTF-8: {self.bad} of its first {self.chars} characters are bytes UTF-8 "
-                    "cannot decode, as Latin-1 or Windows-1252 text has; convert it: iconv -f LATIN1 -t UTF-8")
+                    f"cannot decode, as {kind} text has; convert it: iconv -f {code} -t UTF-8")  # fmt: skip
         return f"{self.path} is not UTF-8 text (binary data?); give text files (.txt, .md, .txt.gz)"
 
 

@@ -136,18 +136,3 @@ def settings_from_record(cls, record, what: str, derived: tuple[str, ...] = ()):
         )
     return cls(**{k: v for k, v in record.items() if k in names})
 
-
-def files_fingerprint(folder: Path, files: list[str]) -> dict:
-    """What names a folder checkpoint's content without reading its weights again: config.json's sha256, and per
-    weight file its size and the sha256 of its safetensors header (names, dtypes, shapes and offsets of every tensor;
-    a pickle file: its size alone). A local folder was recorded by its path only, so nothing said which weights were
-    read once they changed."""
-    out = {"config.json": {"sha256": file_sha256(folder / "config.json")}}
-    for name in files:
-        path, entry = folder / name, {}
-        entry["bytes"] = path.stat().st_size
-        if name.endswith((".safetensors", ".safetensors.index.json")):  # sources.is_safetensors_name; an index: whole
-            with open(path, "rb") as f:  # u64 header length, then the JSON header (checked whole when opened)
-                entry["header_sha256"] = hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()
-        out[name] = entry
-    return out

@@ -7,6 +7,7 @@ through `clakit.convert`; everything that needs a whole model in memory (eval, t
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -655,6 +656,24 @@ def is_safetensors_name(name: str) -> bool:
     return name.endswith((".safetensors", ".safetensors.index.json"))
 
 
+def files_fingerprint(folder: Path, files: list[str]) -> dict:
+    """What names a folder checkpoint's content without reading its weights again: config.json's sha256, and per
+    weight file its size and the sha256 of its safetensors header (names, dtypes, shapes and offsets of every tensor;
+    a pickle file: its size alone). A local folder was recorded by its path only, so nothing said which weights were
+    read once they changed (convert's source.files, eval's model_files)."""
+    from clakit.provenance import file_sha256
+
+    out = {"config.json": {"sha256": file_sha256(folder / "config.json")}}
+    for name in files:
+        path, entry = folder / name, {}
+        entry["bytes"] = path.stat().st_size
+        if is_safetensors_name(name):
+            with open(path, "rb") as f:  # u64 header length, then the JSON header (checked whole when opened)
+                entry["header_sha256"] = hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()
+        out[name] = entry
+    return out
+
+
 def check_named_kind(where: str, name: str, allow_pickle: bool) -> None:
     """A weights name transformers accepts (safetensors, an index, or adapter_model.bin), pickle only when allowed;
     `where` names the config.json (a folder's, or a Hub repo's before its weights are fetched)."""
@@ -853,6 +872,8 @@ def drop_unused_window(config) -> None:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tekken.json")
+# with the files beside them a tokenizer also reads: what names a folder's tokenizer by content (eval's model_files)
+TOKENIZER_READS = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "merges.txt")
 
 
 def check_tokenizer_files(source: Source) -> None:

@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 from clakit import outputs
 from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
-from clakit.provenance import files_fingerprint
 from clakit.sources import (  # the one name of each, also what a Hub download fetches
     PICKLE_INDEX,
     SAFE_INDEX,
@@ -162,11 +161,6 @@ class StateDictCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         return self._state[name]
-
-
-def fingerprint(folder: Path, files: list[str]) -> dict:
-    """provenance.files_fingerprint of the checkpoint's files (eval names the model it scored the same way)."""
-    return files_fingerprint(folder, files)
 
 
 class TiedTwins:

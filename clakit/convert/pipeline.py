@@ -30,7 +30,6 @@ from clakit.convert.checkpoint import (
     SafetensorsCheckpoint,
     ShardWriter,
     StateDictCheckpoint,
-    fingerprint,
     open_checkpoint,
     parse_size,
     with_tied_twins,
@@ -71,6 +70,7 @@ from clakit.sources import (
     check_revision,
     check_seq_len,
     default_seq_len,
+    files_fingerprint,
     load_config,
     load_model,
     load_tokenizer,
@@ -400,7 +400,7 @@ class _Conversion:
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
-            self.source_files = fingerprint(self.source.path, self.checkpoint.files)  # headers only, as read
+            self.source_files = files_fingerprint(self.source.path, self.checkpoint.files)  # headers only, as read
             self._check_source_tensors()
         self._load_texts()  # after the weights' checks: a datasets spec can mean a download
         with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
@@ -560,14 +560,11 @@ class _Conversion:
     def _check_gguf_memory(self) -> None:
         """A GGUF source is dequantised whole to fp32 in host memory (and copied whole to --device for the fits):
         refused before its sha256 pass and the load (minutes at size) when that cannot fit, instead of an OOM kill
-        after them. Priced from the meta skeleton's shapes (`_shapes`), as the disk check is."""
+        after them. Priced from the meta skeleton (`_skeleton`), as the disk check is."""
         if self.source.kind != "gguf":
             return
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):  # parameters(): tied embeddings once (the state dict names lm_head too)
-            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
-        need = sum(p.numel() * 4 for p in skeleton.parameters())
+        # parameters(): tied embeddings once (the state dict names lm_head too)
+        need = sum(p.numel() * 4 for p in self._skeleton.parameters())
         free = _free_memory(torch.device("cpu"))
         if free is not None and need > free:
             raise ClakitError(
@@ -609,11 +606,15 @@ class _Conversion:
         transformers dequantises to."""
         if self.checkpoint is not None:
             return self.checkpoint
+        return StateDictCheckpoint(self._skeleton.state_dict())
+
+    @functools.cached_property
+    def _skeleton(self):
+        """The stock model on the meta device in float32 (what transformers dequantises a GGUF to): its shapes."""
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
-        return StateDictCheckpoint(skeleton.state_dict())
+            return AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
 
     def _fixed_layout(self) -> tuple[list[int] | None, str]:
         return planned_layout(self.cfg, self.config.num_hidden_layers)

@@ -18,8 +18,15 @@ from clakit.eval.config import EvalConfig
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.paths import expand
-from clakit.provenance import file_sha256, files_fingerprint, provenance, text_sha256
-from clakit.sources import check_revision, check_seq_len, context_window, default_seq_len
+from clakit.provenance import file_sha256, provenance, text_sha256
+from clakit.sources import (
+    TOKENIZER_READS,
+    check_revision,
+    check_seq_len,
+    context_window,
+    default_seq_len,
+    files_fingerprint,
+)
 
 DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
 MAX_LOSS = 700.0  # nats per token: exp() of more overflows a float; a uniform guess over 10^300 tokens scores less
@@ -145,11 +152,6 @@ def _load(model, source, tokenizer, cfg: EvalConfig, placement: dict, name, iden
                   origin, files)  # fmt: skip
 
 
-# what a folder's tokenizer reads: the scored tokens depend on them as on the weights
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")  # fmt: skip
-
-
 def model_files(source) -> dict | None:
     """The model read, by content where that costs little: a .gguf file's sha256 (it is read whole by the load
     anyway); a folder's config.json and tokenizer files by sha256 and each weight file by its size and (safetensors)
@@ -160,7 +162,7 @@ def model_files(source) -> dict | None:
             return {path.name: {"sha256": file_sha256(path)}}
         weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
         found = files_fingerprint(path, weights)
-        found.update({n: {"sha256": file_sha256(path / n)} for n in TOKENIZER_FILES if (path / n).is_file()})
+        found.update({n: {"sha256": file_sha256(path / n)} for n in TOKENIZER_READS if (path / n).is_file()})
     except OSError:  # a file it cannot read: the load that follows names it, with the fix
         return None
     return found

@@ -125,7 +125,7 @@ def build_data(
 
 def _inside(name: str, paths: list[str]) -> bool:
     """Whether file `name` is one of `paths` or in one of them (a recorded folder: the files it reads)."""
-    return any(Path(name) == Path(p) or Path(name).is_relative_to(p) for p in paths)
+    return any(Path(name).is_relative_to(p) for p in paths)  # a path is relative to itself
 
 
 def _split_texts(data, calib: list[str] | None, before: list[Text], whole_before: list[Text]) -> tuple:
