@@ -244,6 +244,9 @@ class _LateFlags(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         late, overrides = self.flags.parse_known_args(values)
         unknown = [o for o in overrides if "=" not in o]
+        if {"-h", "--help"} & set(unknown):  # `clakit uptrain RECIPE --help`, a habit: the help, not a refusal
+            parser.print_help()
+            parser.exit()
         if unknown:
             parser.error(f"unrecognized argument {unknown[0]!r}; overrides look like train.max_steps=10")
         for name, value in vars(late).items():

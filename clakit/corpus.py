@@ -320,6 +320,10 @@ def load_texts(specs: list[str] | str, what: str = "text data") -> list[Text]:
             texts.append(Text.file(path))
         elif path.exists():
             raise ClakitError(_not_a_file(spec, what))
+        elif path.is_symlink():  # not NAME:CONFIG:SPLIT of the Hub: a local link whose target is missing
+            raise ClakitError(
+                f"{what} {spec!r} is a link that leads to nothing (its target is missing, or links loop); fix the link"
+            )
         elif is_datasets_spec(spec):
             texts.append(_load_datasets_spec(spec, what))
         else:
@@ -347,9 +351,10 @@ def local_path(spec: str, what: str = "text data") -> Path | None:
     load_texts reads them: a spec that exists is a path, else is_datasets_spec decides (a missing path is refused
     when the text is read)."""
     path = expand(spec, what)
-    if path.exists() or not is_datasets_spec(spec):
+    if path.exists():
         return path.resolve()
-    return None
+    # missing, refused when read; a loop of links cannot be resolved (RuntimeError before Python 3.13)
+    return None if is_datasets_spec(spec) and not path.is_symlink() else path.absolute()
 
 
 def holds(outer: str, inner: str) -> bool:

@@ -38,7 +38,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from clakit.errors import ClakitError
-from clakit.paths import expand
+from clakit.paths import NAME_MAX, expand
 from clakit.provenance import CONVERT_RECORD, REPORT_RECORD
 
 MARKER = ".clakit_output.json"
@@ -47,7 +47,6 @@ STAGING_STAMP = ".clakit_staging.json"
 NOUNS = {"convert": "convert output", "uptrain": "uptrain run", "model": "uptrained model", "report": "report folder"}
 # passkey.png: reports with passkeys; the record: a report folder whose marker was lost (an older one has none)
 REPORT_FILES = {"report.md", "report.html", "ppl_vs_kv.png", "passkey.png", REPORT_RECORD}
-NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, APFS)
 
 
 def _legacy_kind(folder: Path) -> str | None:
@@ -55,7 +54,7 @@ def _legacy_kind(folder: Path) -> str | None:
     if (folder / CONVERT_RECORD).is_file():
         return "convert"
     with contextlib.suppress(OSError, ValueError):
-        run = json.loads((folder / "run.json").read_text())
+        run = json.loads(read_regular(folder / "run.json"))
         if isinstance(run, dict) and {"fingerprint", "recipe"} <= set(run):
             return "uptrain"
     names = {p.name for p in folder.iterdir()}
@@ -69,14 +68,26 @@ def _clakit_page(page: Path) -> bool:
     """Whether `page` is a report.html that clakit wrote: a user's own report.html (with report.md beside it) is
     not an older clakit report folder, and replacing it would delete the user's files."""
     with contextlib.suppress(OSError):
-        with page.open("rb") as f:
-            return REPORT_PAGE_HEAD in f.read(512)
+        return REPORT_PAGE_HEAD in read_regular(page, 512)
     return False
+
+
+def read_regular(path: Path, limit: int = 1 << 20) -> bytes:
+    """At most `limit` bytes of `path`, or OSError where it is not a regular file: clakit reads the files of a folder
+    it may replace, and a FIFO under one of its names blocked that read for good (a device would read on and on)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit)
+    finally:
+        os.close(fd)
 
 
 def read_marker(folder: Path) -> dict | None:
     try:
-        marker = json.loads((folder / MARKER).read_text())
+        marker = json.loads(read_regular(folder / MARKER))
     except (OSError, ValueError):
         return None
     ok = isinstance(marker, dict) and marker.get("kind") in NOUNS and isinstance(marker.get("files", []), list)
@@ -86,7 +97,10 @@ def read_marker(folder: Path) -> dict | None:
 def owner(folder: Path) -> str | None:
     """The kind of clakit output `folder` is ("convert", "uptrain", ...), or None when clakit did not write it."""
     marker = read_marker(folder)
-    return marker["kind"] if marker else _legacy_kind(folder)
+    if marker:
+        return marker["kind"]
+    # one clakit cannot read (damaged, a FIFO or a folder of that name) is not an older clakit's missing marker
+    return None if os.path.lexists(folder / MARKER) else _legacy_kind(folder)
 
 
 WRITE_PROBE = ".clakit-write-test."  # the prefix of the files that probe whether a folder takes new files
@@ -137,7 +151,10 @@ def _input_paths(inputs: Iterable[tuple[str, object]]) -> list[tuple[str, Path]]
 
 
 def _check_place(out: Path, label: str, inputs: Iterable[tuple[str, object]]) -> None:
-    """Refuse `out` where replacing it could destroy something: a protected folder, an input, a link."""
+    """Refuse `out` where replacing it could destroy something: a link (first: a loop of them cannot be resolved),
+    a protected folder, an input."""
+    if out.is_symlink():
+        raise ClakitError(f"{label} {out} is a link to {os.readlink(out)}; give a real folder or a new name")
     dest = out.resolve()
     for place, name in _protected().items():
         if dest == place or dest in place.parents:
@@ -150,8 +167,6 @@ def _check_place(out: Path, label: str, inputs: Iterable[tuple[str, object]]) ->
             raise ClakitError(f"{label} {out} contains the {role} {path}; choose another folder")
         if path in dest.parents:
             raise ClakitError(f"{label} {out} is inside the {role} {path}; choose a folder outside it")
-    if out.is_symlink():
-        raise ClakitError(f"{label} {out} is a link to {os.readlink(out)}; give a real folder or a new name")
 
 
 def _check_name(out: Path, label: str) -> None:
@@ -186,7 +201,8 @@ def check_writable(folder: Path) -> None:
     folder = Path(folder).absolute()
     existing = next(p for p in [folder, *folder.parents] if p.exists() or p.is_symlink())
     if not existing.is_dir():
-        raise ClakitError(f"{existing} is a file, not a folder; choose an output path whose folders are folders")
+        what = "a file" if existing.exists() else "a link that leads to nothing"  # a dangling link, a loop of them
+        raise ClakitError(f"{existing} is {what}, not a folder; choose an output path whose folders are folders")
     try:
         _probe_write(existing)
     except OSError as e:
@@ -278,7 +294,11 @@ def _open_lockable(path: Path, flags: int = 0) -> int | None:
     or a file system we may not write). None where it cannot be opened."""
     for mode in (os.O_RDWR, os.O_RDONLY):
         with contextlib.suppress(OSError):
-            return os.open(path, mode | flags)
+            fd = os.open(path, mode | flags | os.O_NONBLOCK)  # a FIFO of that name: no wait for a writer
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)
+            return None
     return None
 
 
@@ -400,8 +420,9 @@ def check_folder(
     _check_name(out, label)
     try:
         _check_place(out, label, inputs)
-    except OSError as e:  # a path the file system refuses outright (a parent's name too long, a loop of links)
-        raise ClakitError(f"{label} {out} cannot be used ({e.strerror or e}); choose another folder") from None
+    except (OSError, RuntimeError) as e:  # a path the file system refuses outright; a loop of links above `out`
+        reason = getattr(e, "strerror", None) or e  # RuntimeError "Symlink loop from ..." before Python 3.13
+        raise ClakitError(f"{label} {out} cannot be used ({reason}); choose another folder") from None
     # a report is seconds of work, always replaced: the later one wins
     clear_leftovers(out, label, refuse_live=kind != "report" and live_writers)
     if out.exists() and _is_mount_point(out):
@@ -633,7 +654,7 @@ def _held_by(folder: Path) -> int | str | None:
     if not _held(folder / STAGING_STAMP, os.O_NOFOLLOW):
         return None
     with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
-        return int(json.loads((folder / STAGING_STAMP).read_text())["pid"])
+        return int(json.loads(read_regular(folder / STAGING_STAMP))["pid"])
     return "unknown"
 
 
@@ -643,7 +664,7 @@ def _stamped_here(folder: Path) -> bool:
     live), or another host's, whose lock this host may not see (NFS mounted nolock or local_lock=flock, Lustre
     -o localflock keep flock local to each host)."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        return json.loads((folder / STAGING_STAMP).read_text()).get("host") == socket.gethostname()
+        return json.loads(read_regular(folder / STAGING_STAMP)).get("host") == socket.gethostname()
     return False
 
 
@@ -724,19 +745,32 @@ def write_marker(folder: Path, kind: str, run_id: str | None = None, later: Iter
 PUBLISH_TRIES = 5  # another run publishing the same `out` at the same moment (reports: the later one wins)
 
 
-def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: Iterable[str] = (), **labels) -> None:
+def publish(
+    tmp: Path,
+    out: Path,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    later: Iterable[str] = (),
+    keep_replaced: bool = False,
+    **labels,
+) -> Path | None:
     """Mark the finished staging folder and rename it to `out`. An `out` that appeared meanwhile is checked by the
     same rule; an old output is moved aside, and removed only once the new one is in place. Another run publishing
     `out` between this one's look and its renames (two `clakit report -o` into one folder) is looked at again: its
     output is judged by the same rule, and an output this run moved aside that the other replaced meanwhile is
     removed (it was left hidden beside `out` for good, and the run failed "Directory not empty; check free disk
-    space")."""
+    space").
+
+    keep_replaced: the old output is left moved aside, and its path returned, for the caller to remove once the new
+    one is worth keeping (drop_replaced) or to put back when it fails before that (restore_replaced): an uptrain run
+    publishes its folder before it trains; `out` keeps its stamp, naming the old one, until then."""
     write_marker(tmp, kind, later=later)
     label = labels.get("label", "output folder")
     for _ in range(PUBLISH_TRIES):
         if not (out.exists() or out.is_symlink()) and _renamed_into_place(tmp, out):
             _published(tmp, out)
-            return
+            return None
         _check_place(out, label, ())
         try:
             reason = _refusal(out, kind, overwrite, label, "pass --overwrite to replace it")
@@ -747,13 +781,31 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool = False, later: 
         old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
         _name_aside(tmp, old.name)  # first: only a folder a stamp names is put back or removed (reclaim_leftovers)
         if _swapped(tmp, out, old):
-            remove_stamped(old, last=MARKER)
-            if old.exists():  # a file in it we may not remove (its own read-only subfolder): said, never hidden
-                print(f"clakit: note: the replaced {out.name} could not be removed whole; what is left is in {old}",
-                      file=sys.stderr)  # fmt: skip
-            _published(tmp, out)
-            return
+            if keep_replaced:
+                return old
+            drop_replaced(tmp, out, old)  # a file in it we may not remove (a read-only subfolder): said, not hidden
+            return None
     raise ClakitError(f"{label} {out} kept being replaced by other clakit runs while this one published; run it again")
+
+
+def drop_replaced(tmp: Path, out: Path, old: Path | None) -> None:
+    """The output that publish(keep_replaced=True) moved aside to `old` (None: there was none) removed, and `out`,
+    published from the staging folder `tmp`, no longer stamped."""
+    if old is not None:
+        remove_stamped(old, last=MARKER)
+        if old.exists():
+            print(f"clakit: note: the replaced {out.name} could not be removed whole; what is left is in {old}",
+                  file=sys.stderr)  # fmt: skip
+    _published(tmp, out)
+
+
+def restore_replaced(tmp: Path, out: Path, old: Path | None) -> None:
+    """The new output in `out` removed and the one publish(keep_replaced=True) moved aside to `old` put back under
+    its name (None: nothing was replaced, `out` is just removed)."""
+    remove_stamped(out, last=MARKER)
+    _release(tmp)
+    if old is not None and not out.exists():
+        old.rename(out)
 
 
 def _swapped(tmp: Path, out: Path, old: Path) -> bool:
@@ -859,8 +911,9 @@ def staged(out, kind: str, *, overwrite: bool = False, later: Iterable[str] = ()
 def _json_format(path: Path) -> str | None:
     """The "format" field of a small JSON file, or None when it is not one."""
     with contextlib.suppress(OSError, ValueError):
-        if path.stat().st_size < 64 << 20:
-            data = json.loads(path.read_bytes())
+        text = read_regular(path, 64 << 20)
+        if len(text) < 64 << 20:
+            data = json.loads(text)
             return data.get("format") if isinstance(data, dict) else None
     return None
 

@@ -6,9 +6,13 @@ command that takes a path. Every path clakit reads or writes goes through `expan
 is not UTF-8 text (its records are; convert failed writing its README after all the work).
 """
 
+import os
 from pathlib import Path
 
 from clakit.errors import ClakitError
+
+NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, xfs, btrfs, tmpfs, APFS)
+PATH_MAX = 4096  # Linux's limit on a path given to a system call, its final NUL included
 
 
 def expand(path, what: str = "path") -> Path:
@@ -23,11 +27,31 @@ def expand(path, what: str = "path") -> Path:
         )
     check_utf8(path, what)
     try:
-        return Path(path).expanduser()
+        expanded = Path(path).expanduser()
     except RuntimeError:
         raise ClakitError(
             f"{what} {path} names the home folder of an unknown user (or HOME is not set); check the path"
         ) from None
+    check_length(expanded, what)
+    return expanded
+
+
+def check_length(path: Path, what: str = "path") -> None:
+    """One line for a path the file system refuses outright (ENAMETOOLONG): a name in it over NAME_MAX bytes, or the
+    whole over PATH_MAX; else every look at it (exists, stat, open) was an OSError traceback."""
+    for name in path.parts:
+        size = len(os.fsencode(name))
+        if size > NAME_MAX:
+            raise ClakitError(
+                f"{what} path has a name of {size} bytes ({name[:40]}...), over the {NAME_MAX} a file system takes: "
+                "choose a shorter name"
+            )
+    size = len(os.fsencode(str(path)))
+    if size >= PATH_MAX:
+        raise ClakitError(
+            f"{what} path is {size} bytes long ({str(path)[:40]}...), over the {PATH_MAX - 1} a file system call "
+            "takes: choose a shorter path"
+        )
 
 
 def check_utf8(path, what: str = "path") -> None:

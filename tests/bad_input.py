@@ -47,7 +47,7 @@ class Run:
         return self.err.strip().splitlines()
 
 
-def run_clakit(*args, subprocess_run: bool = False, cwd=None, env: dict | None = None) -> Run:
+def run_clakit(*args, subprocess_run: bool = False, cwd=None, env: dict | None = None, timeout: int = 600) -> Run:
     """`clakit ARGS`: in this process through `clakit.cli.main` (fast; an exception that escapes `main` is caught
     and returned as a traceback in `err`, so the assertions report it), or as `python -m clakit` in a subprocess
     (for HOME / working-directory cases, or where a crash must not take the test process with it)."""
@@ -55,7 +55,8 @@ def run_clakit(*args, subprocess_run: bool = False, cwd=None, env: dict | None =
     if subprocess_run:
         full_env = {**os.environ, **(env or {})}
         p = subprocess.run(
-            [sys.executable, "-m", "clakit", *argv], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600
+            [sys.executable, "-m", "clakit", *argv], cwd=cwd, env=full_env, capture_output=True, text=True,
+            timeout=timeout,
         )
         return Run(p.returncode, p.stdout, p.stderr)
     out, err = io.StringIO(), io.StringIO()

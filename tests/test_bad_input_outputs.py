@@ -56,6 +56,12 @@ def link(name: str, target: str) -> callable:
     return setup
 
 
+def loop(paths: dict) -> None:
+    """{loop}: a link to itself."""
+    paths["loop"] = str(Path(paths["tmp"]) / "loop")
+    os.symlink("loop", paths["loop"])
+
+
 def unwritable(paths: dict) -> None:
     """{ro}: a folder no file can be created in: mode 555, or for root (who ignores modes) sysfs's root."""
     if os.geteuid() == 0:
@@ -101,6 +107,14 @@ CASES = [
     Case("convert {model} {l} --overwrite -q", "is a link to", both(clakit_output("conv", "convert"),
          link("l", "conv")), id="convert-symlink"),
     Case("convert {model} {f}/out -q", "is a file, not a folder", make_file("f"), id="convert-parent-is-file"),
+    # --- a loop of links as OUT or above it: pathlib's RuntimeError "Symlink loop" was a traceback
+    Case("convert {model} {loop} -q", "/loop is a link to loop; give a real folder", loop, id="convert-link-loop"),
+    Case("convert {model} {loop}/out -q", "/loop/out cannot be used (Symlink loop from", loop,
+         id="convert-under-link-loop"),
+    Case("report {report} -o {loop}/rep", "/loop/rep cannot be used (Symlink loop from", loop,
+         id="report-under-link-loop"),
+    Case("eval {model} -o {loop}/r.json --data {data}/heldout.txt --quiet",
+         "/loop is a link that leads to nothing, not a folder", loop, id="eval-under-link-loop"),
     Case("convert {model} {ro}/out -q", "cannot write into", unwritable, id="convert-unwritable"),
     # --- uptrain: train.output_dir
     Case(UP + "~/" + " --overwrite", "is your home folder", make_folder("home"), env=HOME,
@@ -192,6 +206,19 @@ CASES = [
     Case("eval {model} -o {tmp}/r.json --data ~nosuchuser-clakit/a.txt --quiet",
          "names the home folder of an unknown user", id="eval-tilde-data"),
     Case(UP + "~nosuchuser-clakit/run", "names the home folder of an unknown user", id="uptrain-tilde-output"),
+    # --- a name over the file system's 255 bytes, or a path over 4,095: the first look at it was an OSError traceback
+    Case(f"convert {{tmp}}/{'m' * 300} {{tmp}}/out -q", "model path has a name of 300 bytes", id="convert-long-src"),
+    Case(f"convert {{model}} {{tmp}}/out -q --calib-data {{tmp}}/{'c' * 256}", "path has a name of 256 bytes",
+         id="convert-long-calib"),
+    Case(f"eval {{tmp}}/{'m' * 256}/x -o {{tmp}}/r.json --quiet", "model path has a name of 256 bytes",
+         id="eval-long-model-parent"),
+    Case(f"eval {{model}} -o {{tmp}}/r.json --data {{tmp}}/{'d/' * 2100}a.txt --quiet",
+         "--data path is 4", id="eval-data-path-max"),
+    Case(f"report {{tmp}}/{'r' * 256}.json -o {{tmp}}/rep --quiet", "path has a name of 261 bytes",
+         id="report-long-input"),
+    Case(f"uptrain {{tmp}}/{'u' * 300}.yaml -q", "recipe path has a name of 305 bytes", id="uptrain-long-recipe"),
+    Case(f"eval {{model}} -o {{tmp}}/{'o' * 256}/r.json --quiet", "path has a name of 256 bytes",
+         id="eval-long-output-parent"),
     # --- `-`, the usual standard input/output, became a file or folder named `-` in the working directory
     Case("convert {model} - -q", "- (standard input or output) is not supported", id="convert-dash-output"),
     Case("fetch-demo - --quiet", "- (standard input or output) is not supported", id="fetch-demo-dash"),
@@ -254,6 +281,27 @@ def test_convert_overwrite_replaces_its_own_output_and_an_older_clakits(paths, t
     assert run_clakit("convert", paths["model"], out, "--overwrite", "--factor", "4", "-q").code == 0
     assert json.loads((out / "config.json").read_text())["kv_source_layers"] == [0, 0, 0, 0]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing left aside
+
+
+def test_fifos_under_clakits_names_are_refused_not_waited_on(paths, tmp_path):
+    """A named pipe where clakit reads its own records (an output's marker, a report page, an eval report) blocked
+    the read for good: refused in one line now. A marker clakit cannot read is not an older clakit's missing one:
+    the folder is not replaced as a marker-less older output (it was, with --overwrite, and the FIFO with it)."""
+    out = tmp_path / "out"
+    assert run_clakit("convert", paths["model"], out, "-q").code == 0
+    (out / MARKER).unlink()
+    os.mkfifo(out / MARKER)
+    page = tmp_path / "rep"
+    page.mkdir()
+    (page / "report.md").write_text("mine\n")
+    os.mkfifo(page / "report.html")
+    os.mkfifo(tmp_path / "r.json")
+    for argv in (["convert", paths["model"], out, "--overwrite", "-q"], ["report", paths["report"], "-o", page],
+                 ["eval", paths["model"], "-o", tmp_path / "r.json", "--data", paths["data"], "--quiet"]):
+        before = snapshot(tmp_path)
+        run = run_clakit(*argv, subprocess_run=True, timeout=120)
+        assert run.code == 2 and "clakit replaces only its own" in run.err and len(run.err.splitlines()) == 1, run
+        assert snapshot(tmp_path) == before
 
 
 def test_an_empty_existing_folder_is_used(paths, tmp_path):
@@ -367,6 +415,35 @@ def test_uptrain_failing_before_a_checkpoint_leaves_nothing(paths, tmp_path, mon
     r = run_clakit(*uptrain_args(paths))
     assert r.code == code and (len(r.err_lines) == 1 or error == "bug"), r.err
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("error, code", [("interrupt", 130), ("clakit", 2)])
+def test_an_overwrite_failing_before_its_first_checkpoint_puts_the_old_run_back(
+    paths, tmp_path, monkeypatch, error, code, no_bars
+):
+    """--overwrite published the new run folder (moving the old one aside) before training, and removed the old
+    run at once: Ctrl-C or an error before the new run's first checkpoint lost both. The old run is kept aside
+    until the new one writes a checkpoint, and put back when it stops before that; removed after."""
+    from clakit.errors import ClakitError
+    from clakit.uptrain.trainer import Trainer
+
+    assert run_clakit(*uptrain_args(paths, "train.max_steps=2")).code == 0
+    before = snapshot(tmp_path)
+    train_step = Trainer.train_step
+
+    def fail_at_step_2(self):
+        if self.step == 1:
+            raise KeyboardInterrupt if error == "interrupt" else ClakitError("the loss became nan at step 2")
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", fail_at_step_2)
+    r = run_clakit(*uptrain_args(paths, "train.max_steps=4", "train.save_steps=2", "--overwrite"))
+    assert r.code == code, r.err
+    assert snapshot(tmp_path) == before  # the old run as it was, nothing left beside it
+    r = run_clakit(*uptrain_args(paths, "train.max_steps=4", "train.save_steps=1", "--overwrite"))
+    assert r.code == code, r.err  # stopped after its first checkpoint: the new run is kept for --resume
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000001"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the old one removed
 
 
 def test_uptrain_runs_on_one_output_dir_never_share_a_staging_folder(paths, tmp_path, monkeypatch):

@@ -54,6 +54,13 @@ def write_file(name: str, content: bytes | str) -> callable:
     return setup
 
 
+def link_loop(paths: dict) -> None:
+    """{loop}: a link to itself, {dangling}: a link to nothing; names that also read as a Hub dataset's NAME."""
+    for name, target in (("loop", "loop"), ("dangling", "nothing-here")):
+        Path(paths["tmp"], name).symlink_to(target)
+        paths[name] = str(Path(paths["tmp"], name))
+
+
 def with_recipe_text(transform) -> callable:
     """setup: {r2}, the tiny recipe's YAML text passed through `transform`."""
 
@@ -141,6 +148,16 @@ CASES = [
          id="dry-run-warmup-ratio-as-long-as-the-run"),
     Case(UP + "--dry-run 'train.report_to=[tensorboard]'", "train.report_to asks for tensorboard, which is not "
          "installed", id="dry-run-tensorboard-missing"),
+    # a model.convert the stock model's config already refuses: --dry-run passed it, the run refused it only after
+    # reading the text (~50 s on SmolLM2)
+    Case(UP + "--dry-run model.path=null model.source={model} 'model.convert={{factor: 2, init: mean, distill_steps: "
+         "5}}'", "--distill-steps is model.convert.distill_steps", id="dry-run-convert-distill-with-mean"),
+    Case(UP + "--dry-run model.path=null model.source={model} 'model.convert={{init: calibrated, factor: 2, "
+         "calib_data: [{data}/train.txt], seq_len: 64, distill_copy_span: 40}}'",
+         "--distill-copy-span (40) must be at most half the window (64 tokens)", id="dry-run-convert-copy-span"),
+    Case(UP + "model.path=null model.source={model} 'model.convert={{init: calibrated, factor: 2, calib_data: "
+         "[{data}/train.txt], seq_len: 64, calib_tokens: 10}}'",
+         "--calib-tokens (10) must be at least the sequence length (64)", id="convert-calib-tokens-below-a-window"),
     Case(UP + "train.adam_epsilon=0", "train.adam_epsilon must be > 0"),
     Case(UP + "train.max_grad_norm=-1", "train.max_grad_norm must be >= 0 (0: no clipping)"),
     Case(UP + "train.max_grad_norm=.nan", "train.max_grad_norm must be a finite number"),
@@ -249,6 +266,14 @@ CASES = [
     Case(CONVERT + "--init mean --eval-data {gz}", "the .gz file is truncated or damaged", truncated_gz,
          id="convert-eval-gz"),
     Case(CONVERT + "--init calibrated --calib-data {bin}", "is not UTF-8 text", binary_txt, id="convert-calib-bin"),
+    # --- a link that leads nowhere was looked up on the Hub as a dataset named like it (40 s offline, then "cannot
+    # load dataset")
+    Case(EVAL.replace("{data}/heldout.txt", "{loop}"), "/loop' is a link that leads to nothing",
+         link_loop, id="eval-data-link-loop"),
+    Case(CONVERT + "--init calibrated --calib-data {dangling}", "is a link that leads to nothing (its target",
+         link_loop, id="convert-calib-dangling-link"),
+    Case(UP + "data.eval=[{loop}]", "/loop' is a link that leads to nothing", link_loop,
+         id="uptrain-eval-link-loop"),
     # --- eval settings
     Case(EVAL + "--kv-budget-gb inf", "--kv-budget-gb must be a positive number of GB, e.g. 16, got inf"),
     Case(EVAL + "--kv-budget-gb nan", "--kv-budget-gb must be a positive number of GB"),

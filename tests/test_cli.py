@@ -74,3 +74,12 @@ def test_a_removed_working_directory_is_one_line_not_a_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = "clakit: error: the working directory no longer exists (removed since); cd into an existing folder and "
     assert proc.stderr.strip() == line + "run again"
+
+
+def test_help_after_the_recipe_is_the_uptrain_help(capsys):
+    """`clakit uptrain RECIPE --help` (a habit: the flag after the arguments) was refused as "unrecognized argument
+    '--help'"; a recipe that does not exist is not looked at."""
+    for argv in (["no/such.yaml", "--help"], ["no/such.yaml", "train.max_steps=3", "-h"]):
+        assert main(["uptrain", *argv]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: clakit uptrain") and "--resume" in out

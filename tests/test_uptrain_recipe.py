@@ -1,5 +1,6 @@
 """Recipe schema: strict keys and types, floats like 3e-4, dotted overrides; every shipped recipe validates."""
 
+import datetime
 import re
 from pathlib import Path
 
@@ -82,6 +83,38 @@ def test_bad_recipes_name_the_key(tmp_path, change, message):
     with pytest.raises(ClakitError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
         load_recipe(write(tmp_path, recipe))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # the conversion would read one commit, the tokenizer, the teacher and the original's numbers another
+        ({"model": {"source": "org/m", "revision": "v1", "convert": {"factor": 2, "revision": "v2"}}},
+         "model.convert.revision v2 applies to the conversion only, but the run reads model.source again"),
+        ({"model": {"source": "org/m", "convert": {"factor": 2, "revision": "v2"}}},
+         "at model.revision (the default branch): set model.revision instead"),
+        # recipe paths expand ~, not variables: output went to a folder literally named $HOME
+        ({"train": {"output_dir": "$HOME/runs/x"}}, "train.output_dir '$HOME/runs/x' names an environment variable"),
+        ({"data": {"train": ["${CORPUS}/a.txt"]}}, "data.train '${CORPUS}/a.txt' names an environment variable"),
+        # an unquoted date is a datetime.date to YAML: the fix is to quote it, as for numbers
+        ({"model": {"source": "org/m", "revision": datetime.date(2024, 1, 1)}}, "(YAML read the unquoted value as "
+         "date); quote it"),
+    ],
+)
+def test_revisions_variables_and_dates_in_recipes(tmp_path, change, message):
+    with pytest.raises(ClakitError) as e:
+        load_recipe(write(tmp_path, {**MINIMAL, **change}))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_control_character_in_a_recipe_or_an_override_is_one_line(tmp_path):
+    """PyYAML says where a NUL is on a second line ("  in '<unicode string>', position 0")."""
+    path = tmp_path / "nul.yaml"
+    path.write_bytes(yaml.safe_dump(MINIMAL).encode() + b"x: \x00\n")
+    for recipe, overrides in ((path, []), (write(tmp_path, MINIMAL), ["train.output_dir=a\x00b"])):
+        with pytest.raises(ClakitError, match="is not valid YAML") as e:
+            load_recipe(recipe, overrides)
+        assert "\n" not in str(e.value)
 
 
 def test_unknown_key_lists_the_valid_ones(tmp_path):

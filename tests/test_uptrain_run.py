@@ -116,6 +116,27 @@ def test_killed_run_resumes_to_the_same_weights(tiny_cla_checkpoint, corpus_dir,
     assert steps[-2:] == [5, 6]  # steps 5 and 6 redone after the resume
 
 
+def test_a_resume_holds_its_run_from_its_check_on(tiny_cla_checkpoint, corpus_dir, tmp_path, monkeypatch):  # noqa: F811
+    """--resume took its lock only when training began, after loading its models (minutes at 70B): an --overwrite
+    started meanwhile passed its check and lost its work at its publish. Held from the resume's check on now."""
+    from clakit import outputs
+    from clakit.uptrain import pipeline
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, tmp_path / "run", model={
+        "path": str(tiny_cla_checkpoint)}))  # fmt: skip
+    killed_at_step(3, path)
+    held_while_loading = []
+    load = pipeline._check_models
+
+    def loading(*args):
+        held_while_loading.append(outputs.in_use(tmp_path / "run"))  # as another process would see it
+        return load(*args)
+
+    monkeypatch.setattr(pipeline, "_check_models", loading)
+    assert main(["uptrain", str(path), "--resume", "-q"]) == 0
+    assert held_while_loading == [True] and not outputs.in_use(tmp_path / "run")
+
+
 # --- bad input: exit 2, one line, nothing written ----------------------------------------------------------------
 
 

@@ -411,6 +411,34 @@ def test_a_second_demo_in_the_same_work_dir_is_refused_while_the_first_runs(corp
     assert len(ran) == 1 and json.loads((work / "demo.json").read_text())["finished"]
 
 
+def test_a_demo_reads_the_earlier_records_only_once_it_holds_its_work_dir(corpus_dir, tmp_path, monkeypatch):
+    """demo.json was read before the lock: a demo that waited out another one in the same --work-dir judged its
+    reuse by what was there before the other one ran."""
+    import fcntl
+
+    from clakit.demo import DemoAssets, pipeline, run_demo
+
+    work = tmp_path / "work"
+    held_when_read = []
+    read = pipeline._earlier_stages
+
+    def earlier(folder):
+        fd = os.open(folder, os.O_RDONLY)  # as another demo would try it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held_when_read.append(False)
+        except BlockingIOError:
+            held_when_read.append(True)
+        finally:
+            os.close(fd)
+        return read(folder)
+
+    monkeypatch.setattr(pipeline, "_earlier_stages", earlier)
+    assets = DemoAssets(*(corpus_dir / f"{n}.txt" for n in ("calib", "calib", "train", "heldout")))
+    run_demo(work, assets=assets, stages=[SimpleNamespace(name="probe", run=lambda ctx: None)])
+    assert held_when_read == [True]
+
+
 def test_a_resume_whose_start_checkpoint_was_converted_again_is_refused(tokenizer, corpus_dir, tmp_path, capsys):
     """convert A into conv, uptrain from conv killed at step 2, `clakit convert B conv --overwrite`, then --resume:
     the resume loaded B's weights and merged the saved training (of A) into them, exit 0, the result B's embeddings

@@ -345,6 +345,75 @@ def windows_sha256(windows: list) -> str:
     return digest.hexdigest()
 
 
+def check_plan(c: ConvertConfig, config, spec: str) -> None:
+    """What a conversion with the resolved settings `c` (check_settings') refuses from the stock model's `config`
+    alone, as its run does before reading any weights: the window, distillation where nothing is fitted, copies,
+    token budgets below one window. One rule for convert and for uptrain's --dry-run and checks of a recipe's
+    model.convert (which found these only after reading the text, ~50 s on SmolLM2). Memory is not probed here."""
+    seq_len = conversion_seq_len(c, config, spec)
+    steps = planned_distill_steps(c)
+    resolve_copies(c, seq_len, steps)
+    check_token_budgets(c, seq_len, steps)
+
+
+def conversion_seq_len(c: ConvertConfig, config, spec: str) -> int:
+    """--seq-len, default DEFAULT_SEQ_LEN or the model's context window if shorter; a longer one given is refused
+    before any weights are read (calibrating on positions the model never saw would fit extrapolation)."""
+    if c.seq_len is None:
+        return default_seq_len(config, DEFAULT_SEQ_LEN)
+    check_seq_len(c.seq_len, config, "--seq-len", spec)
+    return c.seq_len
+
+
+def planned_distill_steps(c: ConvertConfig) -> int:
+    """The end-to-end distillation's steps the settings ask for (the default with a data-aware init), before the
+    memory it needs is known; --distill-steps without a data-aware init is refused."""
+    if c.init not in DATA_AWARE_INITS:
+        if c.distill_steps:
+            raise ClakitError(
+                f"--distill-steps trains what --init calibrated/reconstruct fit; --init {c.init} fits nothing"
+            )
+        return 0
+    return DEFAULT_DISTILL_STEPS if c.distill_steps is None else c.distill_steps
+
+
+def check_token_budgets(c: ConvertConfig, seq_len: int, distill_steps: int) -> None:
+    """--calib-tokens and --distill-tokens are read in windows of `seq_len` (known from the config): a budget below
+    one window is refused before the source's evaluation, the layout and the fits, rather than when its stage
+    starts (for the distillation, after all of them)."""
+    calibrated = c.init in DATA_AWARE_INITS or c.layout == "auto"
+    budgets = [("--calib-tokens", c.calib_tokens)] if calibrated else []
+    if distill_steps:
+        budgets.append(("--distill-tokens", c.distill_tokens))
+    for flag, tokens in budgets:
+        if tokens < seq_len:
+            raise ClakitError(
+                f"{flag} ({tokens}) must be at least the sequence length ({seq_len}): give {flag} {seq_len} or "
+                "more, or a shorter --seq-len"
+            )
+
+
+def resolve_copies(c: ConvertConfig, seq_len: int, distill_steps: int) -> tuple[float, int]:
+    """(fraction, span) of the distillation windows that end with a copy (`add_copies`); (0, 0) without one.
+    Copies asked for where nothing distils, or a span that cannot fit twice in a window, are refused before any
+    work; the default span shrinks to half of a short window."""
+    if c.distill_copy_fraction and (c.distill_steps == 0 or c.init not in DATA_AWARE_INITS):
+        raise ClakitError(
+            "--distill-copy-fraction puts copies in the end-to-end distillation's windows, which this conversion "
+            "does not run (--distill-steps 0, or an --init that fits nothing): drop it, or distill"
+        )
+    fraction = DEFAULT_DISTILL_COPY_FRACTION if c.distill_copy_fraction is None else c.distill_copy_fraction
+    if not distill_steps or not fraction:
+        return 0.0, 0
+    if c.distill_copy_span is not None and c.distill_copy_span > seq_len // 2:
+        raise ClakitError(
+            f"--distill-copy-span ({c.distill_copy_span}) must be at most half the window ({seq_len} tokens): give "
+            f"a span up to {seq_len // 2}, or a longer --seq-len"
+        )
+    span = c.distill_copy_span or min(DEFAULT_DISTILL_COPY_SPAN, seq_len // 2)
+    return (fraction, span) if span else (0.0, 0)
+
+
 class _Conversion:
     """One run of `convert`: the data phase (only when needed, layer by layer), then the streamed write."""
 
@@ -392,11 +461,11 @@ class _Conversion:
         self.started = time.perf_counter()
         self.config, self.architecture = _source_config(self.source, self.cfg.trust_remote_code)
         self.config_dtype = getattr(self.config, "dtype", None)  # before the fits' skeletons (from_config) set it
-        self.seq_len = self._seq_len()
+        self.seq_len = conversion_seq_len(self.cfg, self.config, self.source.spec)
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
         self.distill_steps = self._resolve_distill()
-        self.copies = self._resolve_copies()
-        self._check_token_budgets()
+        self.copies = resolve_copies(self.cfg, self.seq_len, self.distill_steps)
+        check_token_budgets(self.cfg, self.seq_len, self.distill_steps)
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
@@ -416,27 +485,13 @@ class _Conversion:
         )
         return self.out
 
-    def _seq_len(self) -> int:
-        """--seq-len, default DEFAULT_SEQ_LEN or the model's context window if shorter; a longer one given is refused
-        before any weights are read (calibrating on positions the model never saw would fit extrapolation)."""
-        if self.cfg.seq_len is None:
-            return default_seq_len(self.config, DEFAULT_SEQ_LEN)
-        check_seq_len(self.cfg.seq_len, self.config, "--seq-len", self.source.spec)
-        return self.cfg.seq_len
-
     def _resolve_distill(self) -> int:
         """--distill-steps: the default when the whole student fits the device, else 0 (said); an explicit number
         that cannot fit, or without a data-aware init, is refused before any work."""
         from clakit.convert.distill import distill_bytes
 
         asked = self.cfg.distill_steps
-        if self.init not in DATA_AWARE_INITS:
-            if asked:
-                raise ClakitError(
-                    f"--distill-steps trains what --init calibrated/reconstruct fit; --init {self.init} fits nothing"
-                )
-            return 0
-        steps = DEFAULT_DISTILL_STEPS if asked is None else asked
+        steps = planned_distill_steps(self.cfg)
         if not steps:
             return 0
         every_layer = list(range(self.config.num_hidden_layers))  # the worst case: every layer's K/V trained
@@ -457,41 +512,6 @@ class _Conversion:
         # recorded, not only said: the same command distils on a machine with more free memory
         self.results["distill"] = {"steps": 0, "skipped": why, "need_bytes": need, "free_bytes": free}
         return 0
-
-    def _check_token_budgets(self) -> None:
-        """--calib-tokens and --distill-tokens are read in windows of `self.seq_len` (known from the config): a budget
-        below one window is refused here, before the source's evaluation, the layout and the fits, rather than when
-        its stage starts (for the distillation, after all of them)."""
-        budgets = [("--calib-tokens", self.cfg.calib_tokens)] if self.needs_calibration else []
-        if self.distill_steps:
-            budgets.append(("--distill-tokens", self.cfg.distill_tokens))
-        for flag, tokens in budgets:
-            if tokens < self.seq_len:
-                raise ClakitError(
-                    f"{flag} ({tokens}) must be at least the sequence length ({self.seq_len}): give {flag} "
-                    f"{self.seq_len} or more, or a shorter --seq-len"
-                )
-
-    def _resolve_copies(self) -> tuple[float, int]:
-        """(fraction, span) of the distillation windows that end with a copy (`add_copies`); (0, 0) without one.
-        Copies asked for where nothing distils, or a span that cannot fit twice in a window, are refused before any
-        work; the default span shrinks to half of a short window."""
-        c = self.cfg
-        if c.distill_copy_fraction and (c.distill_steps == 0 or self.init not in DATA_AWARE_INITS):
-            raise ClakitError(
-                "--distill-copy-fraction puts copies in the end-to-end distillation's windows, which this conversion "
-                "does not run (--distill-steps 0, or an --init that fits nothing): drop it, or distill"
-            )
-        fraction = DEFAULT_DISTILL_COPY_FRACTION if c.distill_copy_fraction is None else c.distill_copy_fraction
-        if not self.distill_steps or not fraction:
-            return 0.0, 0
-        if c.distill_copy_span is not None and c.distill_copy_span > self.seq_len // 2:
-            raise ClakitError(
-                f"--distill-copy-span ({c.distill_copy_span}) must be at most half the window ({self.seq_len} "
-                f"tokens): give a span up to {self.seq_len // 2}, or a longer --seq-len"
-            )
-        span = c.distill_copy_span or min(DEFAULT_DISTILL_COPY_SPAN, self.seq_len // 2)
-        return (fraction, span) if span else (0.0, 0)
 
     def _inputs(self) -> list[tuple[str, object]]:
         """What OUT must neither contain nor be inside (--overwrite would delete it)."""

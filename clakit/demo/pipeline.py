@@ -319,11 +319,11 @@ def run_demo(
         assets,
     )
     check_work_dir(ctx.work_dir)
-    ctx.earlier = _earlier_stages(ctx.work_dir)
     # a failed stage (a refused input, Ctrl-C) left the work folder it had just created, empty
     with outputs.new_parents_removed_on_failure(ctx.work_dir / "demo.json"):
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         with _held(ctx.work_dir):
+            ctx.earlier = _earlier_stages(ctx.work_dir)  # under the lock: what a demo running there now wrote is read
             _run_stages(ctx, stages or STAGES)
             summary = _write_summary(ctx, finished=True)
     if ctx.report_dir:

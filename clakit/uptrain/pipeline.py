@@ -15,6 +15,7 @@ checkpoint is removed again. --overwrite replaces only a clakit uptrain run (cla
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -105,7 +106,7 @@ def check_output_dir(
         replace_hint=_replace_hint(out),
         # the other processes of a launch: the main one makes the run's staging folder, maybe before they get here
         # (NCCL's process group does not wait for every rank at its start)
-        live_writers=os.environ.get("RANK", "0") == "0",
+        live_writers=_main_rank(),
     )
 
 
@@ -752,21 +753,36 @@ def _staging_dir(out: Path, acc) -> Path:
     return out.parent / name[0]
 
 
-def _publish(work: Path, out: Path, acc, overwrite: bool) -> None:
-    """Move the prepared run folder into place (an old run, with --overwrite, is moved aside and removed after).
-    Every process first: the others may still be reading the student from `work` (a slower one loading
-    work/converted found it renamed away, "cannot load ... Repo id must be in the form ...", exit 2)."""
+def _publish(work: Path, out: Path, acc, overwrite: bool, run: dict) -> None:
+    """Move the prepared run folder into place. An old run (--overwrite) is moved aside, and kept there until this
+    one writes something worth keeping (`_drop_replaced`: its first checkpoint, or its model): a run stopped before
+    (Ctrl-C, an error) puts it back (`_abandon`); it was removed at once, and both runs were lost. Every process
+    first: the others may still be reading the student from `work` (a slower one loading work/converted found it
+    renamed away, "cannot load ... Repo id must be in the form ...", exit 2)."""
     acc.wait_for_everyone()
     if acc.is_main_process:
         with outputs.os_errors(out):
-            outputs.publish(work, out, "uptrain", overwrite=overwrite, later=RUN_FILES, label="train.output_dir")
+            replaced = outputs.publish(work, out, "uptrain", overwrite=overwrite, later=RUN_FILES,
+                                       label="train.output_dir", keep_replaced=True)  # fmt: skip
+        run["replaced"] = (work, replaced)
     acc.wait_for_everyone()
 
 
-def _abandon(out: Path, acc, error: BaseException) -> None:
+def _drop_replaced(run: dict, out: Path) -> None:
+    """The old run an --overwrite moved aside removed, once this one is worth keeping (the main process; once)."""
+    if "replaced" in run:
+        work, old = run.pop("replaced")
+        outputs.drop_replaced(work, out, old)
+
+
+def _abandon(out: Path, acc, error: BaseException, run: dict) -> None:
     """A fresh run failed after its folder was published: before its first checkpoint nothing in it is worth
-    keeping (remove it: nothing half-written stays); after, keep it for --resume and say so. A run whose model is
-    saved has finished: kept as it is (its error says so)."""
+    keeping (remove it: nothing half-written stays; the run an --overwrite moved aside is put back); after, keep it
+    for --resume and say so. A run whose model is saved has finished: kept as it is (its error says so)."""
+    if "replaced" in run:  # the main process, before its first checkpoint or model (_drop_replaced)
+        work, old = run.pop("replaced")
+        outputs.restore_replaced(work, out, old)
+        return
     if finished(out):
         return
     if checkpoint.checkpoint_dirs(out):
@@ -825,6 +841,18 @@ def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: boo
     if resume:
         run_record(out)  # a corrupt run.json is one line, before anything else reads it
     check_output_dir(out, recipe, resume, overwrite, recipe_file)
+    # --resume holds the run from its check on (the main process): an --overwrite started while this one loads its
+    # models is refused at its own check, not after its work at its publish
+    with outputs.hold(out, "train.output_dir") if resume and _main_rank() else contextlib.nullcontext():
+        return _resume_or_start(recipe, out, resume, overwrite, quiet)
+
+
+def _main_rank() -> bool:
+    """Whether this is the main process of a launch (or the only one), before the Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _resume_or_start(recipe: Recipe, out: Path, resume: bool, overwrite: bool, quiet: bool) -> Path:
     if resume and finished(out):
         _complete_report(out)
         _say(f"the run in {out} has finished already; its result is {out / RESULT}", quiet)
@@ -910,7 +938,7 @@ def _stage_and_train(recipe: Recipe, out: Path, data, tokenizer, acc, quiet, res
         fresh = not resume
         run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=fresh, original=original, section=model, out=out)
         if not resume:
-            _publish(work, out, acc, overwrite)
+            _publish(work, out, acc, overwrite, run)
     finally:
         if not resume and acc.is_main_process:
             outputs.discard(work)  # a no-op once published
@@ -919,12 +947,13 @@ def _stage_and_train(recipe: Recipe, out: Path, data, tokenizer, acc, quiet, res
     try:
         # another clakit process refuses to replace or resume this run while it trains; a failed write (a full disk
         # while saving a checkpoint, metrics or the result) is one line
-        with outputs.hold(out, "train.output_dir") if acc.is_main_process else contextlib.nullcontext():
+        held = acc.is_main_process and not resume  # a resumed run is held already, since its check (_uptrain)
+        with outputs.hold(out, "train.output_dir") if held else contextlib.nullcontext():
             with outputs.os_errors(out):
                 return _train_and_save(recipe, out, run, acc, quiet)
     except BaseException as e:
         if not resume:
-            _abandon(out, acc, e)
+            _abandon(out, acc, e, run)
         raise
 
 
@@ -1113,6 +1142,7 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
     if "tensorboard" in recipe.train.report_to:
         acc.init_trackers("tensorboard")
     trainer = Trainer(recipe, run["model"], run["teacher"], run["data"], acc, out, quiet=quiet, shape=run["shape"])
+    trainer.before_save = functools.partial(_drop_replaced, run, out)  # the old run (--overwrite) is no longer needed
     if run.get("score_converted"):
         _score_converted(recipe, out, trainer, run, acc)
     last = checkpoint.checkpoint_dirs(out)
@@ -1123,6 +1153,7 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
         drop_metrics_after(out / METRICS, -1)
     with _peer_lost(acc, out):
         trainer.run()
+    _drop_replaced(run, out)  # before the model is written (no checkpoint was: train.save_steps)
     acc.wait_for_everyone()
     if checkpoint.sharded(acc):
         failed = _save_sharded(recipe, out, trainer, run, acc)

@@ -8,11 +8,13 @@ peft's `LoraConfig` names.
 
 import collections.abc
 import dataclasses
+import datetime
 import hashlib
 import importlib.resources
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -279,7 +281,7 @@ def _fix(value, tp, where: str) -> str:
     for both places a value comes from: a `key=value` override typed in a shell (which removes one pair of quotes
     before YAML sees the value) and the recipe file; an item of a list (`where` = `data.train[0]`) is written in the
     list's own key, as `data.train[0]=...` is no key."""
-    if tp is str and isinstance(value, int | float | bool):
+    if tp is str and isinstance(value, int | float | bool | datetime.date):
         return f" (YAML read the unquoted value as {type(value).__name__}); quote it, e.g. {_both(where, 'VALUE')}"
     if tp is int and isinstance(value, str):
         try:
@@ -371,7 +373,7 @@ def apply_override(raw: dict, override: str) -> None:
         value = yaml.load(text, StrictLoader) if text.strip() else None
     except yaml.YAMLError as e:
         raise ClakitError(
-            f"override {override!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+            f"override {override!r}: the value is not valid YAML ({_one_line(getattr(e, 'problem', None) or e)}); "
             "write e.g. train.max_steps=10, 'data.train=[a.txt, b.txt]', or quote a string (in a shell: "
             "\"key='[text'\")"
         ) from None
@@ -454,10 +456,15 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ClakitError(f"recipe {path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+        raise ClakitError(f"recipe {path} is not valid YAML{at}: {_one_line(getattr(e, 'problem', e))}") from None
     if not isinstance(raw, dict):
         raise ClakitError(f"recipe {path} must be a YAML mapping with sections model, data, train, lora, distill")
     return raw
+
+
+def _one_line(problem) -> str:
+    """PyYAML's reader errors (a NUL or other control character) say where on a second line: one line here."""
+    return " ".join(str(problem).split())
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -481,6 +488,7 @@ SEED_LIMIT = 2**32  # numpy's seeds are 32-bit; accelerate's set_seed seeds nump
 def validate(recipe: Recipe) -> None:
     """Cross-field and range checks the types alone do not catch (every float is already finite)."""
     _validate_model(recipe.model)
+    _check_no_variables(recipe)
     _check_datasets_specs(recipe)  # first: an empty spec is "." to the path comparisons below
     _validate_data(recipe.data)
     _check_calibration_held_out(recipe)
@@ -506,12 +514,43 @@ def _validate_model(m: ModelSection) -> None:
             f"model.convert.{key} applies to the conversion only, but the run reads the source again (its "
             f"tokenizer, the teacher): set model.{key}=true instead, which the conversion uses too",
         )
+    # one revision for every read of model.source too: the conversion's alone would convert one commit while the
+    # student's tokenizer, the teacher and the "original" baseline are read at model.revision (or the default branch)
+    _check(
+        c.revision is None or c.revision == m.revision,
+        f"model.convert.revision {c.revision} applies to the conversion only, but the run reads model.source again "
+        "(its tokenizer, the teacher, the original's numbers) at model.revision "
+        f"({m.revision or 'the default branch'}): set model.revision instead, which the conversion uses too",
+    )
+    check_revision(c.revision, m.source, option="model.convert.revision")  # a local source: the conversion refuses it
     # seed, calib_tokens and reconstruct_steps are ConvertConfig's own checks (refused while the section is parsed)
     _check(c.factor is None or c.factor > 0, f"model.convert.factor must be positive (or null), got {c.factor}")
     _check(
         c.kv_saving is None or 0 < c.kv_saving < 1,
         f"model.convert.kv_saving must be between 0 and 1 (0.5 halves the KV cache), got {c.kv_saving}",
     )
+
+
+def _check_no_variables(recipe: Recipe) -> None:
+    """A recipe's paths expand `~` but not environment variables: `output_dir: $HOME/runs/x` wrote into a folder
+    literally named `$HOME` under the working directory. A path naming a variable that is not there is refused."""
+    keyed = [(".".join(keys), _get(recipe, keys)) for keys in (*MODEL_PATH_KEYS, ("train", "output_dir"))]
+    keyed += recipe.keyed_text_specs()
+    for key, spec in keyed:
+        for item in spec if isinstance(spec, list) else [spec]:
+            if isinstance(item, str) and re.search(r"\$(\w|\{)", item) and not expand(item, key).exists():
+                raise ClakitError(
+                    f"{key} {item!r} names an environment variable, and recipe paths do not expand them (only ~): "
+                    "write the path out, or give it as an override from the shell, which expands it "
+                    f"(\"{key}=$VAR/...\")"
+                )
+
+
+def _get(recipe: Recipe, keys: tuple[str, ...]):
+    node = recipe
+    for key in keys:
+        node = getattr(node, key, None)
+    return node
 
 
 def _validate_data(d: DataSection) -> None:

@@ -282,14 +282,16 @@ def planned_layout(model_section, config) -> list[int] | None:
     CLA-`factor`, 2 when no layout is named and no calibration text makes it `auto`); None for a layout chosen on
     data and for a CLA model.path (its config holds the layout). Settings the model cannot take are refused now, as
     the conversion would refuse them (--dry-run passed them)."""
-    from clakit.convert.pipeline import check_settings
+    from clakit.convert.pipeline import check_plan, check_settings
     from clakit.convert.pipeline import planned_layout as conversion_layout
 
     c = model_section.convert
     if c is None or config.model_type.endswith("_cla"):
         return None
     try:
-        check_settings(c)  # what the conversion refuses at once (kv_saving without layout auto), --dry-run too
+        # what the conversion refuses at once (kv_saving without layout auto), then from the model's config alone
+        # (a copy span over half the window, token budgets below one): --dry-run too
+        check_plan(check_settings(c), config, str(model_section.source))
         return conversion_layout(c, config.num_hidden_layers)[0]
     except ClakitError as e:
         raise in_recipe(e) from None

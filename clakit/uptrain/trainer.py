@@ -241,10 +241,14 @@ class Trainer:
         )
         self.step, self.elapsed, self.lr = 0, 0.0, 0.0
         self.window = Window()  # the loss parts of the steps since the last log line (saved with each checkpoint)
+        self.before_save = None  # called once before the first checkpoint is written (the run's owner's hook)
 
     # --- state ----------------------------------------------------------------------------------------------------
 
     def save(self) -> None:
+        if self.before_save is not None:
+            self.before_save()
+            self.before_save = None
         state = {
             "step": self.step,
             "micro_batches": self.step * self.shape.accumulation,
