@@ -497,6 +497,7 @@ def make_staging(out: Path, kind: str = "partial", exclusive: bool = True) -> Pa
     """A fresh, uniquely named hidden folder beside `out` (`.NAME.XXXXXXXX.partial`; kind "scratch": a conversion's
     scratch folder, never published), stamped and locked by this process until it is published or discarded; what
     killed runs left beside `out` is reclaimed first (`reclaim_leftovers`)."""
+    tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # another process that began writing `out` since this run's checks: refused before the work
@@ -505,8 +506,12 @@ def make_staging(out: Path, kind: str = "partial", exclusive: bool = True) -> Pa
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any folder
         _STAGING_LOCKS[str(tmp)] = _stamp(tmp)
     except OSError as e:
+        if tmp is not None:  # made by this run, but its stamp could not be written (a full disk, no inodes left):
+            shutil.rmtree(tmp, ignore_errors=True)  # unstamped, no later run would ever reclaim it
         what = "a scratch folder" if kind == "scratch" else "the output folder"
-        raise ClakitError(f"cannot create {what} beside {out}: {e.strerror or e}") from None
+        raise ClakitError(
+            f"cannot create {what} beside {out}: {e.strerror or e}; free disk space there or choose another folder"
+        ) from None
     return tmp
 
 
@@ -943,11 +948,31 @@ def check_file(
             f"{label} {path} exists and is not a clakit {noun}; clakit replaces only its own files: "
             f"{fix or 'choose another name'}"
         )
+    if path.exists() and _is_mount_point(path):  # a file bind-mounted into a container: rename(2) onto it is EBUSY
+        raise ClakitError(
+            f"{label} {path} is a mount point (a bind-mounted file): clakit writes a new file beside it and renames "
+            f"it into place, which a mount point cannot take; {fix or 'mount its folder and give a name in it'}"
+        )
     check_writable(path.parent)
     for role, source in _input_paths(inputs):
         if path.resolve() == source:
             raise ClakitError(f"{label} {path} is also given as {role}; write the {noun} to another file")
     return path
+
+
+FILE_ROOM = 1 << 20  # bytes free that a single output file (a report: tens of KB) is checked for before the work
+
+
+def check_file_room(path: Path) -> None:
+    """Before the work whose result `path` is (an evaluation: minutes to hours): a disk with no room for it was found
+    only at the write, after all the work, and the numbers were lost with it (they are printed after the write)."""
+    folder = next(p for p in [Path(path).absolute().parent, *Path(path).absolute().parents] if p.is_dir())
+    free = shutil.disk_usage(folder).free
+    if free < FILE_ROOM:
+        raise ClakitError(
+            f"no room for {Path(path).name} in {folder}: {size_text(free)} is free; free some space or choose "
+            "another place for it"
+        )
 
 
 def write_file(path, text: str, fmt: str, *, noun: str = "output file", label: str = "output") -> Path:

@@ -207,11 +207,14 @@ def resolve_source(
             f"the revision is an empty string ({revision!r}): give a branch, tag or commit of the Hub repo, or none"
         )
     path = expand(spec, "model")
+    if path.is_file():
+        check_readable([path])
     if path.is_file() and _is_gguf(path):
         return Source(spec, "gguf", path.resolve())
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise _not_a_checkpoint(spec, path)
+        check_readable(p for p in path.iterdir() if p.suffix in READ_SUFFIXES or p.name == CHAT_TEMPLATES_DIR)
         return Source(spec, "dir", path.resolve())
     if path.exists():
         raise ClakitError(f"{spec} is neither a checkpoint folder nor a .gguf file; {_file_fix(path)}")
@@ -229,6 +232,28 @@ def resolve_source(
             "HF_HUB_OFFLINE): download it where the Hub is reachable, or give a local checkpoint folder or .gguf file"
         )
     raise ClakitError(f"model {spec!r} does not exist: give a checkpoint folder, a .gguf file or a Hub id (org/name)")
+
+
+# what a checkpoint folder's readers open (weights, index, config, tokenizer, code, chat templates)
+READ_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt", ".py", ".jinja", ".tiktoken"}
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
+
+
+def check_readable(paths) -> None:
+    """Every file of `paths` (a folder: its files) can be opened for reading, checked before any work: an unreadable
+    shard read as "corrupt or truncated ... (No such file or directory)" (safetensors' words for EACCES), an
+    unreadable tokenizer file as "cannot write OUT: Permission denied" once the whole conversion was done."""
+    for path in paths:
+        for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+            if not file.is_file():
+                continue
+            try:
+                open(file, "rb").close()
+            except OSError as e:
+                raise ClakitError(
+                    f"cannot read {file}: {e.strerror or e}; make it readable for this user (chmod a+r {file}) or "
+                    "run as one who can read it"
+                ) from None
 
 
 def hub_offline() -> bool:
@@ -715,11 +740,40 @@ def pickle_refusal(what: str, e: Exception) -> ClakitError:
     return ClakitError(f"cannot load {what} (torch's weights-only unpickler: {reason[:200]}); {WEIGHTS_ONLY_FIX}")
 
 
+# a tensor in two of the shards an index lists: the converter would take the index's copy, transformers the later one
+DUPLICATE_FIX = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
+
+
+def check_unique_tensors(keys: dict[str, set[str]], where, fix: str) -> None:
+    """No tensor name is in two of the safetensors files read (`keys`: file -> its tensor names; the shards an index
+    lists, or model.safetensors alone). The converter would take the copy the index names and transformers the last
+    listed shard's: each silently, and not the same one."""
+    seen: dict[str, str] = {}
+    for file in sorted(keys):
+        for name in sorted(keys[file] & seen.keys()):
+            raise ClakitError(f"{where} holds {name} in both {seen[name]} and {file}; {fix}")
+        seen.update(dict.fromkeys(keys[file], file))
+
+
 def check_index(path: Path) -> None:
     """The index transformers will read, when there is one, checked before it reads it (`read_index`): a malformed
     one failed inside transformers as an AttributeError or TypeError traceback."""
-    if path.is_file():
-        read_index(path)
+    if not path.is_file():
+        return
+    weight_map = read_index(path)
+    # the same tensor in two listed shards: convert refuses it, and the loaders must too, or eval scores (and uptrain
+    # distils from) whichever copy transformers happens to keep
+    if path.name.endswith(".safetensors.index.json"):
+        from safetensors import SafetensorError, safe_open
+
+        keys = {}
+        for file in sorted(set(weight_map.values())):
+            try:
+                with safe_open(str(path.parent / file), framework="pt") as f:  # header only
+                    keys[file] = set(f.keys())
+            except (SafetensorError, OSError):
+                continue  # a missing or damaged shard: the load names it
+        check_unique_tensors(keys, path.parent, DUPLICATE_FIX)
 
 
 def loadable_weights(folder: Path) -> str | None:
@@ -736,7 +790,11 @@ def loadable_weights(folder: Path) -> str | None:
 def unloadable(folder: Path) -> ClakitError:
     """A folder with no file `loadable_weights` finds, refused in one line: safetensors files under other names
     would convert, but transformers loads none of them; a Mistral repo's consolidated.safetensors needs converting."""
-    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    for name in LOAD_ORDER:  # there, but not a file: a dangling link (a Hub-cache blob gone) or a folder
+        if os.path.lexists(folder / name):
+            what = "a link to a missing file" if (folder / name).is_symlink() else "not a file"
+            return ClakitError(f"{folder / name} is {what}, so transformers loads no weights; {DOWNLOAD_AGAIN}")
+    files = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
     others = [f for f in files if not f.startswith("consolidated")]
     if others:
         return ClakitError(
@@ -828,7 +886,7 @@ def load_model(
         fix = _gguf_fix(e) if source.kind == "gguf" else DOWNLOAD_AGAIN
         raise _read_error(source, "load as a causal LM", e, fix) from None
     settings = ("the GGUF metadata", GGUF_METADATA_FIX) if source.kind == "gguf" else ("config.json", None)
-    problem = loading_problem(info, settings[1], settings[0])
+    problem = loading_problem(info, settings[1], settings[0], model.config.num_hidden_layers)
     if problem:
         raise ClakitError(f"cannot load {source.spec}: {problem}")
     _check_float16_range(source, model, dtype)

@@ -139,6 +139,37 @@ def index(change) -> callable:
     return edit
 
 
+def extra_layer_kv(folder: Path) -> None:
+    """edit: K/V of a layer past the config's num_hidden_layers added to the last shard (and the index)."""
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    tensors = load_file(shard)
+    for proj in ("k_proj", "v_proj"):
+        name = f"model.layers.{layers}.self_attn.{proj}.weight"
+        tensors[name] = load_file(folder / index["weight_map"][f"model.layers.0.self_attn.{proj}.weight"])[
+            f"model.layers.0.self_attn.{proj}.weight"].clone()  # fmt: skip
+        index["weight_map"][name] = shard.name
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def duplicated_tensor(folder: Path) -> None:
+    """edit: the first shard's first tensor stored again, zeroed, in the second shard (the index names the first)."""
+    first, second = sorted(folder.glob("model-*.safetensors"))[:2]
+    name = sorted(load_file(first))[0]
+    tensors = load_file(second)
+    tensors[name] = torch.zeros_like(load_file(first)[name])
+    save_file(tensors, second, metadata={"format": "pt"})
+
+
+def dangling_single(folder: Path) -> None:
+    """edit: the weights replaced by model.safetensors, a link to a file that is gone (a Hub-cache blob removed)."""
+    for path in [*folder.glob("model-*.safetensors"), folder / "model.safetensors.index.json"]:
+        path.unlink()
+    (folder / "model.safetensors").symlink_to(folder / "gone.safetensors")
+
+
 def shard_outside(name: str) -> callable:
     """change: the index's second shard moved out of the folder, the index naming it `name` (its new place)."""
 
@@ -232,6 +263,10 @@ CASES = [
     Case(EVAL, "holds 9 tensors its config.json has no place for (e.g. model.layers.3.input_layernorm.weight), which "
          "would be dropped: its num_hidden_layers do not match", damaged("model", updated(num_hidden_layers=3)),
          id="eval-fewer-layers"),
+    # K/V of a layer the stock model does not have: its layer count, not a layout it has none of
+    Case(EVAL, "holds 2 tensors its config.json has no place for (e.g. model.layers.4.self_attn.k_proj.weight), which "
+         "would be dropped: its num_hidden_layers do not match", damaged("model", extra_layer_kv),
+         id="eval-kv-of-an-extra-layer"),
     Case(EVAL, "the checkpoint lacks 9 tensors its config.json needs (e.g. model.layers.4.input_layernorm.weight)",
          damaged("model", updated(num_hidden_layers=5)), id="eval-more-layers"),
     Case(CONVERT, "holds 9 decoder tensors its config.json has no place for (e.g. model.layers.3.input_layernorm."
@@ -271,6 +306,11 @@ CASES = [
     Case(EVAL, "cannot read the checkpoint index", damaged("model", index(lambda i, f: [])), id="eval-index-not-dict"),
     Case(EVAL, "its weights hold NaN/inf or absurd values",
          damaged("model", tensor("model.norm.weight", lambda t: torch.full_like(t, float("nan")))), id="eval-nan"),
+    # --- a tensor in two listed shards: convert refused it, eval scored (and uptrain distilled from) one copy
+    *[Case(cmd, "in both model-00001-of-", damaged("model", duplicated_tensor), id=f"{cmd.split()[0]}-tensor-twice")
+      for cmd in (EVAL, CONVERT, TEACHER)],
+    *[Case(cmd, "model.safetensors is a link to a missing file", damaged("model", dangling_single),
+           id=f"{cmd.split()[0]}-dangling-link") for cmd in (EVAL, CONVERT)],
 ]  # fmt: skip
 
 

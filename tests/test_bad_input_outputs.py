@@ -446,6 +446,55 @@ def test_an_overwrite_failing_before_its_first_checkpoint_puts_the_old_run_back(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the old one removed
 
 
+def test_uptrain_disk_full_while_setting_up_its_folder_is_one_line(paths, tmp_path, monkeypatch, no_bars):
+    """recipe.yaml, run.json and eval/ are written into the staging folder before the run is published: a full disk
+    there was an OSError traceback, exit 1 (measured on a tmpfs out of inodes)."""
+    from clakit.uptrain.recipe import Recipe
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Recipe, "to_yaml", full)  # recipe.yaml, the first file _setup writes
+    before = snapshot(tmp_path)
+    r = run_clakit(*uptrain_args(paths))
+    assert r.code == 2 and len(r.err_lines) == 1, r.err
+    assert f"cannot write {tmp_path}/run: No space left on device; check free disk space" in r.err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_staging_folder_whose_stamp_cannot_be_written_is_removed(tmp_path, monkeypatch):
+    """mkdtemp made the folder, then the stamp failed (a full disk, no inodes left): the unstamped folder was left,
+    one per failed run, and no later run reclaims an unstamped folder."""
+    from clakit import outputs
+    from clakit.errors import ClakitError
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "_stamp", full)
+    with pytest.raises(ClakitError, match="cannot create the output folder beside .*: No space left on device; free"):
+        outputs.make_staging(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_refuses_a_full_disk_or_a_mounted_file_before_the_evaluation(paths, tmp_path, monkeypatch):
+    """An empty probe file fits on a full disk: the evaluation ran (hours with lm-eval tasks), then its report
+    could not be written and the numbers were lost. A report file that is a mount point (a bind-mounted file) took
+    no rename either."""
+    def evaluate_must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated before checking -o")
+
+    monkeypatch.setattr(clakit.eval, "evaluate", evaluate_must_not_run)
+    real = clakit.outputs.shutil.disk_usage
+    monkeypatch.setattr(clakit.outputs.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
+    assert_refused(["eval", paths["model"], "-o", tmp_path / "r.json"], "no room for r.json in", watch=[tmp_path])
+    monkeypatch.setattr(clakit.outputs.shutil, "disk_usage", real)
+    shutil.copy(paths["report"], tmp_path / "m.json")  # an eval report of clakit's: replaceable, but not by rename
+    monkeypatch.setattr(clakit.outputs, "_is_mount_point", lambda p: Path(p).name == "m.json")
+    assert_refused(["eval", paths["model"], "-o", tmp_path / "m.json"], "is a mount point (a bind-mounted file)",
+                   watch=[tmp_path])  # fmt: skip
+
+
 def test_uptrain_runs_on_one_output_dir_never_share_a_staging_folder(paths, tmp_path, monkeypatch):
     """A second uptrain on the same output_dir starts while the first is preparing: each has its own staging
     folder; the second publishes its run, the first is refused at publishing (it never replaces the other run)."""
@@ -495,7 +544,8 @@ def test_uptrain_disk_full_while_saving_a_checkpoint_is_one_line(paths, tmp_path
     monkeypatch.setattr(checkpoint, "save_file", full_at_the_second)
     r = run_clakit(*uptrain_args(paths))
     assert r.code == 2 and len(r.err_lines) == 1 and "Traceback" not in r.err, r.err
-    assert "No space left on device (os error 28)" in r.err and "continue it with --resume" in r.err
+    assert "No space left on device (os error 28)" in r.err and "could not write checkpoint step-000004" in r.err
+    assert "add --resume to the same command to continue from step-000002" in r.err
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "run")] == ["step-000002"]
 
 

@@ -571,3 +571,37 @@ def test_the_writers_finite_check_finds_one_bad_value_anywhere(dtype, bad):
         tensor[-1] = bad
         with pytest.raises(ClakitError, match="tensor w holds NaN or inf"):
             _check_finite("w", tensor, fitted=False)
+
+
+@pytest.mark.parametrize("name", ["model-00002-of-00004.safetensors", "tokenizer.json"])
+def test_a_source_file_this_user_cannot_read_is_named_before_the_work(src, tmp_path, capsys, monkeypatch, name):
+    """An unreadable shard read as "corrupt or truncated ... (No such file or directory)" (safetensors' words for
+    EACCES); an unreadable tokenizer.json, not read without calibration, as "cannot write OUT: Permission denied"
+    after the whole conversion. (Modes do not bind root, who runs the tests: the open is refused here instead.)"""
+    import builtins
+
+    import clakit.sources
+
+    def refusing(file, *args, **kwargs):
+        if Path(file).name == name:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    assert (src / name).is_file()
+    monkeypatch.setattr(clakit.sources, "open", refusing, raising=False)
+    monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("work began"))
+    assert_refused(capsys, src, tmp_path / "out", "--init", "mean",
+                   match=f"cannot read {src / name}: Permission denied; make it readable")  # fmt: skip
+
+
+def test_the_disk_check_counts_the_tokenizer_files_the_output_copies(src, tmp_path, monkeypatch):
+    """The check counted the weights alone: a disk with room for them filled while the tokenizer files were copied
+    (Llama 3's tokenizer.json is 9 MB), after all the work (measured on a tmpfs)."""
+    asked = []
+    monkeypatch.setattr(clakit.outputs, "check_free_space", lambda out, nbytes, *a: asked.append(nbytes))
+    assert run_cli(src, tmp_path / "a", "--factor", "2", "-q") == 0
+    (src / "added_tokens.json").write_text(json.dumps({"<x>": 1}) + " " * 3_000_000)  # one more file it copies
+    assert run_cli(src, tmp_path / "b", "--factor", "2", "-q") == 0
+    first, second = asked[: len(asked) // 2], asked[len(asked) // 2 :]  # each run checks before and at the write
+    assert {b - a for a, b in zip(first, second, strict=True)} == {(src / "added_tokens.json").stat().st_size}
+    assert asked[0] > sum(p.stat().st_size for p in (src.glob("tokenizer*")))

@@ -18,12 +18,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clakit import outputs
-from clakit.convert.checks import check_unique_tensors
 from clakit.errors import ClakitError
 from clakit.sources import (  # the one name of each, also what a Hub download fetches
+    DUPLICATE_FIX,
     PICKLE_INDEX,
     SAFE_INDEX,
     check_named_weights,
+    check_unique_tensors,
     is_safetensors_name,
     loadable_weights,
     named_weights,
@@ -34,8 +35,6 @@ from clakit.sources import (  # the one name of each, also what a Hub download f
 
 # a shard an index names, absent (a download cut short, a dangling Hub-cache link)
 MISSING_SHARD_FIX = "download the checkpoint again (or restore the file)"
-# a tensor in two of the shards an index lists: the converter would take the index's copy, transformers the later one
-DUPLICATE_FIX = "transformers loads the later file's copy, whatever the index names: re-download the checkpoint"
 # Fixed header metadata: transformers wants format=pt; nothing time- or machine-dependent, so output is reproducible.
 SHARD_METADATA = {"format": "pt"}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}

@@ -46,14 +46,3 @@ def check_tied(checkpoint, tied: dict[str, str], spec: str) -> None:
                     f"different {name}, which transformers loads untied: set tie_word_embeddings to false in its "
                     "config.json"
                 )
-
-
-def check_unique_tensors(keys: dict[str, set[str]], where, fix: str) -> None:
-    """No tensor name is in two of the safetensors files read (`keys`: file -> its tensor names; the shards an index
-    lists, or model.safetensors alone). The converter would take the copy the index names and transformers the last
-    listed shard's: each silently, and not the same one."""
-    seen: dict[str, str] = {}
-    for file in sorted(keys):
-        for name in sorted(keys[file] & seen.keys()):
-            raise ClakitError(f"{where} holds {name} in both {seen[name]} and {file}; {fix}")
-        seen.update(dict.fromkeys(keys[file], file))

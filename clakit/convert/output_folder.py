@@ -61,19 +61,26 @@ def tokenizer_code(source_dir: Path) -> list[str]:
     return sorted(found)
 
 
-def copy_tokenizer_files(source_dir: Path, folder: Path) -> list[str]:
-    """Copy tokenizer files (with a tokenizer's own code, `tokenizer_code`) and generation_config.json from a
-    checkpoint folder; returns what was copied (paths relative to the folder). A file OUT already holds (the CLA
-    modeling code) is never replaced."""
-    copied = []
+def tokenizer_files(source_dir: Path) -> list[Path]:
+    """The tokenizer files (with a tokenizer's own code, `tokenizer_code`) and generation_config.json of a checkpoint
+    folder that its conversion copies, in order."""
+    files: list[Path] = []
     for pattern in (*TOKENIZER_PATTERNS, f"{CHAT_TEMPLATE_DIR}/*.jinja", *tokenizer_code(source_dir)):
-        for path in sorted(source_dir.glob(pattern)):
-            name = str(path.relative_to(source_dir))
-            if path.is_file() and name not in copied and not (folder / name).exists():
-                (folder / name).parent.mkdir(exist_ok=True)
-                # copyfile, not copy2: the copy is a new file of OUT and gets the user's umask, not the source's mode
-                shutil.copyfile(path, folder / name)
-                copied.append(name)
+        files += [path for path in sorted(source_dir.glob(pattern)) if path.is_file() and path not in files]
+    return files
+
+
+def copy_tokenizer_files(source_dir: Path, folder: Path) -> list[str]:
+    """Copy `tokenizer_files` from a checkpoint folder; returns what was copied (paths relative to the folder). A
+    file OUT already holds (the CLA modeling code) is never replaced."""
+    copied = []
+    for path in tokenizer_files(source_dir):
+        name = str(path.relative_to(source_dir))
+        if not (folder / name).exists():
+            (folder / name).parent.mkdir(exist_ok=True)
+            # copyfile, not copy2: the copy is a new file of OUT and gets the user's umask, not the source's mode
+            shutil.copyfile(path, folder / name)
+            copied.append(name)
     return copied
 
 

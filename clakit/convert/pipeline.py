@@ -49,6 +49,7 @@ from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, check_s
 from clakit.convert.output_folder import (
     copy_tokenizer_files,
     model_card,
+    tokenizer_files,
     write_config,
     write_record,
 )
@@ -84,6 +85,9 @@ DATA_AWARE_INITS = ("calibrated", "reconstruct")
 # text: 43.99 -> 140.4 perplexity (3.2x), against ~18,500 for uniform CLA2 with the closed-form fit.
 DEFAULT_DATA_INIT = "reconstruct"  # the init used when calibration data is given and --init is not
 DEFAULT_KV_SAVING = 0.5  # --layout auto's saving when --kv-saving is not given (CLA2's)
+# config.json, the modeling code, clakit_convert.json, README.md, the marker: 34 KB on a 4-layer tiny model
+# (--init mean; a 30-layer auto layout's record is larger): 1 MB of room
+OUTPUT_TEXT_FILES = 1 << 20
 SHARD_HEADER = 256  # bytes per tensor in a shard's header (its name, dtype, shape and offsets as JSON), at most
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ARCH_OF_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # GGUF configs name no architecture
@@ -649,8 +653,7 @@ class _Conversion:
         lm_cls = CLA_CLASSES[cla_family(self.config)][2]
         tensors = tensors or self.checkpoint
         plan = self._plan(cla_config(self.config, layout), lm_cls, layout, tensors)
-        output = output_nbytes(tensors, plan, DTYPES.get(self.cfg.output_dtype))
-        output += SHARD_HEADER * len(plan.names)
+        output = self._output_bytes(tensors, plan)
         if self.init not in DATA_AWARE_INITS:
             return outputs.check_free_space(self.out, output)
         tokens = tokens or self.cfg.calib_tokens // self.seq_len * self.seq_len
@@ -659,6 +662,14 @@ class _Conversion:
         what = (f"the output ({output / 1e9:.2f} GB) and the calibration's scratch files beside it (up to "
                 f"{max(fits, fitted) / 1e9:.2f} GB)")  # fmt: skip
         outputs.check_free_space(self.out, max(fits, output + fitted), what)
+
+    def _output_bytes(self, tensors, plan) -> int:
+        """What OUT takes: the weights of `plan` read from `tensors`, their shard headers, the source's tokenizer
+        files it copies (Llama 3's tokenizer.json: 9 MB; a disk checked for the weights alone filled while copying
+        it, after all the work) and room for the config, code and card."""
+        copied = tokenizer_files(self.source.path) if self.source.kind == "dir" else []
+        weights = output_nbytes(tensors, plan, DTYPES.get(self.cfg.output_dtype))
+        return weights + SHARD_HEADER * len(plan.names) + sum(p.stat().st_size for p in copied) + OUTPUT_TEXT_FILES
 
     def _largest_auto_layout(self) -> list[int]:
         """A layout with the most producers `--layout auto` may keep at this saving: every layer's K/V has one shape,
@@ -797,7 +808,7 @@ class _Conversion:
         cast = DTYPES.get(self.cfg.output_dtype)  # None: every tensor keeps its dtype
         plan = self._plan(cla_cfg, lm_cls, self.layout)
         check_overrides(self.checkpoint, plan, overrides)
-        need = output_nbytes(self.checkpoint, plan, cast)
+        need = self._output_bytes(self.checkpoint, plan)
         outputs.check_free_space(tmp.parent, need)
         writer = ShardWriter(tmp, parse_size(self.cfg.max_shard_size))
         base_init = "mean" if self.init in DATA_AWARE_INITS else self.init  # what the fitted overrides start from

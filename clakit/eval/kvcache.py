@@ -140,7 +140,9 @@ def read_record(model_dir: Path | None, name: str, what: str) -> dict:
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ClakitError(f"cannot read {path}: {e}") from None
+        raise ClakitError(
+            f"cannot read {path} ({str(e)[:200]}); restore it from the run that wrote it or move it aside"
+        ) from None
     if not isinstance(record, dict):  # hand-edited or damaged: its fields are read with .get
         raise ClakitError(
             f"{path} is not {what} (not a JSON object); restore it from the run that wrote it or move it aside"

@@ -114,7 +114,8 @@ def _filler_ids(tokenizer, texts: "list[corpus.Text]", need: int) -> list[int]:
         chars *= 4
 
 
-DECOY = re.compile(r"pass\s?key", re.IGNORECASE)  # the needle's and the question's own words
+# the needle's and the question's own words, however spelt ("pass-key", "pass_key", "PASSKEYS"), not "pass keyboard"
+DECOY = re.compile(r"\bpass[\s_-]*keys?\b", re.IGNORECASE)
 
 
 def _check_no_decoy(tokenizer, filler: list[int]) -> None:

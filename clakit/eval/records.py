@@ -141,7 +141,9 @@ def check_output(path, data=None) -> Path:
     # inside another output (a run's eval/ or model/, a converted folder) the report is a file that output's
     # --overwrite deletes with it (an uptrain run lists only its top-level names) or that blocks it
     outputs.check_not_inside_an_output(path, "output")
-    return outputs.check_file(path, FORMAT, noun="eval report", inputs=[("--data", data)])
+    path = outputs.check_file(path, FORMAT, noun="eval report", inputs=[("--data", data)])
+    outputs.check_file_room(path)
+    return path
 
 
 def _file_name(path) -> None:

@@ -98,14 +98,17 @@ class WeightsMismatch(ValueError):
     """A checkpoint's weights do not match its config (see loading_problem)."""
 
 
-def loading_problem(info: dict, fix: str | None = None, settings: str = "config.json") -> str | None:
+def loading_problem(
+    info: dict, fix: str | None = None, settings: str = "config.json", num_layers: int | None = None
+) -> str | None:
     """What is wrong with a load, from `from_pretrained(..., output_loading_info=True)`'s info, or None.
 
     transformers initialises a tensor the checkpoint lacks (or holds in another shape) at random and drops a decoder
     tensor the model has no place for, with only a log table. Either means config.json does not describe these
     weights (kv_source_layers or num_hidden_layers edited): the model would run, wrongly. (Known leftovers such as
     rotary inv_freq buffers are not in `unexpected_keys`.) `fix`, `settings`: the way out and
-    where the settings live (a GGUF's: its metadata)."""
+    where the settings live (a GGUF's: its metadata); `num_layers`: the model's, where known (a tensor of a layer
+    past them is a layer count edited, not a layout)."""
     missing = sorted(info.get("missing_keys") or ())
     mismatched = sorted(info.get("mismatched_keys") or ())  # (name, checkpoint shape, model shape)
     # decoder tensors: "model.layers.N..." in a causal LM's checkpoint, "layers.N..." in a base model's (saved from
@@ -130,12 +133,20 @@ def loading_problem(info: dict, fix: str | None = None, settings: str = "config.
         )
     if unexpected:
         kv = all(k.rsplit(".", 2)[-2] in ("k_proj", "v_proj") for k in unexpected)  # weights and biases
+        if num_layers is not None and any(_layer_of(k) >= num_layers for k in unexpected):
+            kv = False  # K/V of a layer the model does not have: its layer count, not its layout (a stock model's)
         what = "kv_source_layers" if kv else "num_hidden_layers"
         return (
             f"the checkpoint holds {len(unexpected)} tensors its {settings} has no place for (e.g. {unexpected[0]}), "
             f"which would be dropped: its {what} do not match the weights; {fix}"
         )
     return None
+
+
+def _layer_of(key: str) -> int:
+    """N of a decoder tensor's name: model.layers.N.* (a causal LM's) or layers.N.* (a base model's)."""
+    index = key.removeprefix("model.").split(".")[1]
+    return int(index) if index.isdigit() else -1
 
 
 class CLAAttentionMixin:
@@ -326,7 +337,7 @@ class CLAPreTrainedMixin:
         return_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         checked = {**info, "mismatched_keys": ()} if kwargs.get("ignore_mismatched_sizes") else info
-        problem = loading_problem(checked)
+        problem = loading_problem(checked, num_layers=model.config.num_hidden_layers)
         if problem:
             raise WeightsMismatch(problem)
         return (model, info) if return_info else model

@@ -80,7 +80,7 @@ class HeldWrites:
         if self.error is None:
             try:
                 return fn(*args)
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, SafetensorError) as e:  # save_file: "I/O error: No space left ..."
                 self.error = str(e) or type(e).__name__
         return default
 

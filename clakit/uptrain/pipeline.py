@@ -936,7 +936,10 @@ def _stage_and_train(recipe: Recipe, out: Path, data, tokenizer, acc, quiet, res
     work = out if resume else _staging_dir(out, acc)
     try:
         fresh = not resume
-        run = _setup(recipe, work, data, tokenizer, acc, quiet, fresh=fresh, original=original, section=model, out=out)
+        with outputs.os_errors(out):  # a full disk while writing recipe.yaml, run.json, eval/: one line
+            run = _setup(
+                recipe, work, data, tokenizer, acc, quiet, fresh=fresh, original=original, section=model, out=out
+            )
         if not resume:
             _publish(work, out, acc, overwrite, run)
     finally:
