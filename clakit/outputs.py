@@ -38,7 +38,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from clakit.errors import ClakitError
-from clakit.paths import NAME_MAX, expand
+from clakit.paths import NAME_MAX, check_length, expand
 from clakit.provenance import CONVERT_RECORD, REPORT_RECORD
 
 MARKER = ".clakit_output.json"
@@ -148,6 +148,14 @@ def _input_paths(inputs: Iterable[tuple[str, object]]) -> list[tuple[str, Path]]
             if str(spec) and path.exists():
                 out.append((role, path.resolve()))
     return out
+
+
+def _absolute(path, label: str) -> Path:
+    """`path` expanded and made absolute, its length checked as clakit uses it: a relative path under a deep working
+    folder passed expand()'s check and was over PATH_MAX once absolute (an OSError traceback at the first look)."""
+    absolute = expand(path, label).absolute()
+    check_length(absolute, label)
+    return absolute
 
 
 def _check_place(out: Path, label: str, inputs: Iterable[tuple[str, object]]) -> None:
@@ -356,7 +364,7 @@ def check_not_inside_an_output(out: Path | str, label: str = "OUT") -> None:
     holding a run or a checkpoint is no plain checkpoint. Checked by every command that writes (convert, uptrain,
     `clakit eval -o`, `clakit report -o`, the demo's --work-dir). (uptrain's own converted/, eval/ and report/ are
     its run's: written by the library, not through these commands' checks.)"""
-    out = expand(out, label).absolute()
+    out = _absolute(out, label)
     for parent in out.parents:
         kind = owner(parent) if parent.is_dir() else None
         if kind is not None:
@@ -416,7 +424,7 @@ def check_folder(
     only local paths count. `live_writers`: refuse `out` while another process stages it (False for the other
     processes of a multi-process launch, whose main process may have made its staging folder already). Returns
     `out` made absolute."""
-    out = expand(out, label).absolute()
+    out = _absolute(out, label)
     _check_name(out, label)
     try:
         _check_place(out, label, inputs)
@@ -683,14 +691,38 @@ def _moved_aside(old: Path) -> bool:
 
 def _reclaim_old(out: Path, olds: list[Path]) -> list[str]:
     """An output moved aside by a run killed between its two renames (publish): back into place when `out` is
-    missing, as the interrupted run itself does on Ctrl-C; removed once `out` holds the new output."""
+    missing, as the interrupted run itself does on Ctrl-C, or when the dead run that published `out` was keeping it
+    aside (publish(keep_replaced): an uptrain --overwrite killed before its first checkpoint); removed once `out`
+    holds the new output otherwise."""
     olds = [old for old in olds if _moved_aside(old)]
     for old in olds:
         if not (out.exists() or out.is_symlink()):
             old.rename(out)
+        elif _kept_for(out, old):  # publish(keep_replaced) killed before drop_replaced: the new one is not kept
+            gone = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")  # stamped: a kill here is reclaimed
+            out.rename(gone)
+            old.rename(out)
+            remove_stamped(gone)
         else:
             remove_stamped(old, last=MARKER)
     return [old.name for old in olds]
+
+
+def _kept_for(out: Path, old: Path) -> bool:
+    """Whether `out`'s stamp (unlocked: its run is dead) says it replaced `old` with keep_replaced and never dropped
+    it."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        stamp = json.loads(read_regular(out / STAGING_STAMP))
+        return stamp.get("kept") is True and stamp.get("aside") == old.name and _lock_free_now(out)
+    return False
+
+
+def _lock_free_now(folder: Path) -> bool:
+    fd = _lock_free(folder)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 @contextlib.contextmanager
@@ -784,9 +816,12 @@ def publish(
         if reason:
             raise ClakitError(reason.replace("already exists", "appeared while this run was working", 1))
         old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-        _name_aside(tmp, old.name)  # first: only a folder a stamp names is put back or removed (reclaim_leftovers)
+        # first: only a folder a stamp names is put back or removed (reclaim_leftovers)
+        _name_aside(tmp, old.name, keep_replaced)
         if _swapped(tmp, out, old):
-            if keep_replaced:
+            if keep_replaced:  # the stamp's lock stays held (now `out`'s): no other run reclaims `old` meanwhile
+                if str(tmp) in _STAGING_LOCKS:
+                    _STAGING_LOCKS[str(out)] = _STAGING_LOCKS.pop(str(tmp))
                 return old
             drop_replaced(tmp, out, old)  # a file in it we may not remove (a read-only subfolder): said, not hidden
             return None
@@ -801,16 +836,24 @@ def drop_replaced(tmp: Path, out: Path, old: Path | None) -> None:
         if old.exists():
             print(f"clakit: note: the replaced {out.name} could not be removed whole; what is left is in {old}",
                   file=sys.stderr)  # fmt: skip
+    _release(out)
     _published(tmp, out)
 
 
 def restore_replaced(tmp: Path, out: Path, old: Path | None) -> None:
     """The new output in `out` removed and the one publish(keep_replaced=True) moved aside to `old` put back under
     its name (None: nothing was replaced, `out` is just removed)."""
-    remove_stamped(out, last=MARKER)
-    _release(tmp)
-    if old is not None and not out.exists():
+    # the new one renamed to a staging name first, still stamped and locked: a kill from here on leaves what
+    # reclaim_leftovers puts back (`out` missing, the aside its stamp names); removed after its lock is released
+    # (NFS keeps an open file removed as .nfsXXXX, and the folder with it)
+    gone = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    out.rename(gone)
+    fd = _STAGING_LOCKS.pop(str(out), None) or _STAGING_LOCKS.pop(str(tmp), None)
+    if fd is not None:
+        _STAGING_LOCKS[str(gone)] = fd
+    if old is not None and old.exists() and not out.exists():
         old.rename(out)
+    discard(gone)
 
 
 def _swapped(tmp: Path, out: Path, old: Path) -> bool:
@@ -848,7 +891,7 @@ def _put_back(old: Path, out: Path) -> None:
         remove_stamped(old, last=MARKER)
 
 
-def _name_aside(tmp: Path, name: str) -> None:
+def _name_aside(tmp: Path, name: str, kept: bool = False) -> None:
     """Record in `tmp`'s stamp the name its publish moves the old output aside to, written through the descriptor
     this process holds the stamp's lock on: on NFS (flock emulated by POSIX locks) opening and closing the stamp
     anew dropped that lock, and a truncate-then-write left a moment with an empty stamp."""
@@ -856,7 +899,8 @@ def _name_aside(tmp: Path, name: str) -> None:
     if fd is None:  # no stamp (a file system that lost it): kept, as before
         return
     with contextlib.suppress(OSError, ValueError, TypeError):
-        text = (json.dumps({**json.loads(os.pread(fd, 1 << 16, 0)), "aside": name}) + "\n").encode()
+        fields = {"aside": name, **({"kept": True} if kept else {})}  # kept: put back if killed before drop_replaced
+        text = (json.dumps({**json.loads(os.pread(fd, 1 << 16, 0)), **fields}) + "\n").encode()
         os.pwrite(fd, text, 0)  # longer than the stamp it extends: never shorter, never empty
         os.ftruncate(fd, len(text))
 
@@ -900,7 +944,7 @@ def os_errors(out: Path) -> Iterator[None]:
 def staged(out, kind: str, *, overwrite: bool = False, later: Iterable[str] = ()) -> Iterator[Path]:
     """`with staged(out, "convert", overwrite=...) as tmp:` write into tmp; on a clean exit tmp is published as
     `out`; on any error (one line for OSErrors) or interrupt it is removed and `out` is as it was."""
-    out = expand(out, "output").absolute()
+    out = _absolute(out, "output")
     tmp = make_staging(out, exclusive=kind != "report")
     try:
         with os_errors(out):
@@ -937,7 +981,7 @@ def check_file(
     run's `inputs` ((role, path or specs), as check_folder's): a report read as data passes the format check, but
     replacing it would destroy the input of the very run that writes it. `fix`: the way out where the name is not
     the user's choice (the demo's demo.json), instead of choosing another name. Returns it absolute."""
-    path = expand(path, label).absolute()
+    path = _absolute(path, label)
     if path.is_dir():
         fix_dir = fix or f"give a file name such as {path / 'report.json'}"
         raise ClakitError(f"{label} {path} is a folder; {fix_dir}")

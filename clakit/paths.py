@@ -37,21 +37,33 @@ def expand(path, what: str = "path") -> Path:
 
 
 def check_length(path: Path, what: str = "path") -> None:
-    """One line for a path the file system refuses outright (ENAMETOOLONG): a name in it over NAME_MAX bytes, or the
-    whole over PATH_MAX; else every look at it (exists, stat, open) was an OSError traceback."""
-    for name in path.parts:
-        size = len(os.fsencode(name))
-        if size > NAME_MAX:
-            raise ClakitError(
-                f"{what} path has a name of {size} bytes ({name[:40]}...), over the {NAME_MAX} a file system takes: "
-                "choose a shorter name"
-            )
+    """One line for a path the file system refuses outright (ENAMETOOLONG): a name in it longer than its file system
+    takes (`_name_max`), or the whole over PATH_MAX; else every look at it (exists, stat, open) was an OSError
+    traceback."""
+    longest = max((len(os.fsencode(name)), name) for name in path.parts) if path.parts else (0, "")
+    if longest[0] > NAME_MAX and longest[0] > _name_max(path):
+        raise ClakitError(
+            f"{what} path has a name of {longest[0]} bytes ({longest[1][:40]}...), over the {_name_max(path)} its "
+            "file system takes: choose a shorter name"
+        )
     size = len(os.fsencode(str(path)))
     if size >= PATH_MAX:
         raise ClakitError(
             f"{what} path is {size} bytes long ({str(path)[:40]}...), over the {PATH_MAX - 1} a file system call "
             "takes: choose a shorter path"
         )
+
+
+def _name_max(path: Path) -> int:
+    """The longest name, in bytes, the file system of `path` (its nearest folder that exists) takes: 255 on ext4, xfs,
+    btrfs, tmpfs; more on vfat, exFAT or NTFS, whose limit is 255 UTF-16 units (a CJK name of 86+ characters there
+    is over 255 bytes)."""
+    for folder in [path, *path.parents]:
+        try:
+            return os.statvfs(folder).f_namemax
+        except (OSError, ValueError):  # missing, or itself too long: its parent
+            continue
+    return NAME_MAX
 
 
 def check_utf8(path, what: str = "path") -> None:

@@ -955,10 +955,42 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     check_tokenizer_files(source)
+    _check_sentencepiece_readable(source)
     try:
         return AutoTokenizer.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code, **kwargs)
     except _errors(source, ValueError, OSError) as e:
         raise _read_error(source, "load the tokenizer of", e) from None
+
+
+def _check_sentencepiece_readable(source: Source) -> None:
+    """A folder whose tokenizer is only a SentencePiece model (tokenizer.model without tokenizer.json: Llama-2 and
+    Mistral checkpoints saved by older tools, many fine-tunes) is converted by transformers with `sentencepiece` and
+    `protobuf`, which clakit does not install; without them transformers falls back to reading it as a tiktoken file
+    and says "`tiktoken` is required", which sent the user to install a package that cannot read it."""
+    import importlib.util
+
+    if source.kind != "dir" or (source.path / "tokenizer.json").is_file():
+        return
+    model = source.path / "tokenizer.model"
+    if not model.is_file() or _tiktoken_file(model):  # Meta's original Llama-3 release: a tiktoken file of this name
+        return
+    missing = [m for m, mod in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+               if importlib.util.find_spec(mod.split(".")[0]) is None or importlib.util.find_spec(mod) is None]
+    if missing:
+        raise ClakitError(
+            f"{source.spec}'s tokenizer is a SentencePiece model only (tokenizer.model, no tokenizer.json); reading "
+            f"it needs {' and '.join(missing)}: pip install {' '.join(missing)}"
+        )
+
+
+def _tiktoken_file(path: Path) -> bool:
+    """Whether `path` reads as tiktoken's text format (lines of base64 and a rank), not a SentencePiece protobuf."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return re.match(rb"[A-Za-z0-9+/=]+ \d+\n", head) is not None
 
 
 @contextlib.contextmanager

@@ -11,6 +11,9 @@ import errno
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -444,6 +447,85 @@ def test_an_overwrite_failing_before_its_first_checkpoint_puts_the_old_run_back(
     assert r.code == code, r.err  # stopped after its first checkpoint: the new run is kept for --resume
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000001"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the old one removed
+
+
+def test_another_command_during_an_overwrite_leaves_the_old_run_it_keeps_aside(paths, tmp_path, monkeypatch, no_bars):
+    """The kept run's lock was released with the staging folder: a second `clakit uptrain` on the same folder (a
+    mistake, refused as in use) reclaimed the old run as a leftover, and the Ctrl-C that followed lost both runs with
+    a traceback (helper K)."""
+    from clakit.uptrain.trainer import Trainer
+
+    assert run_clakit(*uptrain_args(paths, "train.max_steps=2")).code == 0
+    before = snapshot(tmp_path)
+    train_step, other = Trainer.train_step, []
+
+    def another_command_then_ctrl_c(self):
+        if self.step == 1:
+            other.append(run_clakit(*uptrain_args(paths), subprocess_run=True, cwd=tmp_path))
+            raise KeyboardInterrupt
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", another_command_then_ctrl_c)
+    r = run_clakit(*uptrain_args(paths, "train.max_steps=4", "train.save_steps=2", "--overwrite"))
+    assert r.code == 130 and other[0].code == 2 and "in use by a running clakit process" in other[0].err, other
+    assert snapshot(tmp_path) == before
+
+
+def test_an_overwrite_killed_before_its_first_checkpoint_gets_the_old_run_back(paths, tmp_path, no_bars):
+    """kill -9 (the OOM killer, a scheduler) before the new run's first checkpoint left the old run hidden beside
+    it: --resume retrained the new run from nothing and kept the old one hidden, the next --overwrite deleted it.
+    The next command on that output_dir puts it back now (its dead run's stamp says it was kept)."""
+    driver = (
+        "import os, signal, sys\n"
+        "from clakit.uptrain.trainer import Trainer\n"
+        "step = Trainer.train_step\n"
+        "def die(self):\n"
+        "    if self.step == 1:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(self)\n"
+        "Trainer.train_step = die\n"
+        "from clakit.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    assert run_clakit(*uptrain_args(paths, "train.max_steps=2")).code == 0
+    before = snapshot(tmp_path / "run")
+    args = [str(a) for a in uptrain_args(paths, "train.max_steps=4", "train.save_steps=2", "--overwrite")]
+    killed = subprocess.run([sys.executable, "-c", driver, *args], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL and len(list(tmp_path.glob(".run.*.old"))) == 1, killed.stderr
+    r = run_clakit(*uptrain_args(paths, "train.max_steps=4", "--resume"))
+    assert r.code == 2 and "has finished" in r.err, r.err  # the old run, back: finished with another recipe
+    assert snapshot(tmp_path / "run") == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_overwrite_whose_first_checkpoint_fails_keeps_the_old_run(paths, tmp_path, monkeypatch, no_bars):
+    """The old run was dropped just before the first checkpoint was written: a full disk (or Ctrl-C) during that
+    write lost both runs. It is dropped once the checkpoint is written (the space check counted it still there)."""
+    from clakit.uptrain import checkpoint
+
+    assert run_clakit(*uptrain_args(paths, "train.max_steps=2")).code == 0
+    before = snapshot(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    r = run_clakit(*uptrain_args(paths, "train.max_steps=4", "train.save_steps=2", "--overwrite"))
+    assert r.code == 2 and "could not write checkpoint step-000002" in r.err, r.err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_relative_output_past_path_max_once_absolute_is_one_line(paths, tmp_path):
+    """The length check measured the path as typed: a relative -o under a deep working folder passed it and was an
+    OSError traceback ("File name too long") once made absolute (helper K: a 3,533-byte working folder)."""
+    deep = tmp_path
+    while len(os.fsencode(str(deep))) < 3500:
+        deep = deep / ("d" * 200)
+    deep.mkdir(parents=True)
+    relative = "/".join(["e" * 200] * 3) + "/r.json"
+    for argv in (["eval", paths["model"], "-o", relative], ["report", paths["report"], "-o", relative[:-7]]):
+        r = run_clakit(*argv, cwd=deep)
+        assert r.code == 2 and len(r.err_lines) == 1 and "bytes long" in r.err and "shorter path" in r.err, r.err
 
 
 def test_uptrain_disk_full_while_setting_up_its_folder_is_one_line(paths, tmp_path, monkeypatch, no_bars):

@@ -358,7 +358,7 @@ def test_output_name_too_long_for_the_staging_folder(src, tmp_path, capsys):
     message = f"clakit: error: output folder name {'x' * 40}... is too long (240 bytes; clakit needs it at most 237"
     assert capsys.readouterr().err.startswith(message)
     assert run_cli(src, tmp_path / ("x" * 300), "-q") == 2
-    message = f"clakit: error: OUT path has a name of 300 bytes ({'x' * 40}...), over the 255 a file system"
+    message = f"clakit: error: OUT path has a name of 300 bytes ({'x' * 40}...), over the 255 its file system"
     assert capsys.readouterr().err.startswith(message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing staged
     assert run_cli(src, tmp_path / ("x" * 237), "-q") == 0
@@ -605,3 +605,19 @@ def test_the_disk_check_counts_the_tokenizer_files_the_output_copies(src, tmp_pa
     first, second = asked[: len(asked) // 2], asked[len(asked) // 2 :]  # each run checks before and at the write
     assert {b - a for a, b in zip(first, second, strict=True)} == {(src / "added_tokens.json").stat().st_size}
     assert asked[0] > sum(p.stat().st_size for p in (src.glob("tokenizer*")))
+
+
+def test_a_long_name_is_refused_by_its_own_file_systems_limit(tmp_path, monkeypatch):
+    """255 bytes is ext4's, xfs's, tmpfs's limit; vfat, exFAT and NTFS take 255 UTF-16 units (a name of 100 CJK
+    characters is 300 bytes there, and fits): the limit is the file system's own (statvfs f_namemax)."""
+    import os
+    from types import SimpleNamespace
+
+    from clakit.errors import ClakitError
+    from clakit.paths import check_length
+
+    name = tmp_path / ("名" * 100)  # 300 bytes in UTF-8
+    with pytest.raises(ClakitError, match="has a name of 300 bytes .* over the 255 its file system takes"):
+        check_length(name)
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_namemax=765))  # as vfat reports it
+    check_length(name)

@@ -172,6 +172,25 @@ def test_a_tokenizer_with_neither_bos_nor_eos_is_refused_for_lm_eval_before_the_
                  lm_eval_tasks=str(tasks_dir / "tiny_roll.yaml"))  # fmt: skip
 
 
+def test_a_tokenizer_that_adds_bos_is_scored_with_one_bos_by_lm_eval_too(stock, tokenizer, tasks_dir):
+    """Llama's and Mistral's tokenizers add BOS themselves; lm-eval 0.4.13 encoded the rolling text with it and put
+    its own prefix BOS before it: [BOS, BOS, text] was scored (BOS a target), and its bits per byte disagreed with
+    clakit's in the same report (helper J: 3.2e-3 on a Llama-2-style tokenizer). The same tokenizer, adding BOS."""
+    from conftest import build_tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    adds_bos = build_tokenizer()
+    bos = (adds_bos.bos_token, adds_bos.bos_token_id)
+    adds_bos.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos[0]} $A", special_tokens=[bos])
+    assert adds_bos("a b")["input_ids"][0] == bos[1] != tokenizer("a b")["input_ids"][0]
+    text = json.loads((tasks_dir / "doc.jsonl").read_text())["text"]
+    roll = str(tasks_dir / "tiny_roll.yaml")
+    r = evaluate(stock, tokenizer=adds_bos, text=text, seq_len=40, speed=False, quiet=True, lm_eval_tasks=roll)
+    lm = r["lm_eval"]["tasks"]["tiny_roll"]
+    assert r["bits_per_byte"] == pytest.approx(lm["bits_per_byte"], rel=1e-5)
+    assert r["word_perplexity"] == pytest.approx(lm["word_perplexity"], rel=1e-4)
+
+
 def test_report_runs_lm_eval_on_clakits_windows(stock, tokenizer, tasks_dir):
     """`--seq-len` shorter than the model's context: lm-eval gets max_length = seq_len, so its rolling word perplexity
     and bits per byte equal clakit's in the same report (not lm-eval's one window of the whole context)."""

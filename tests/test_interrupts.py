@@ -4,6 +4,7 @@ Real processes: each run here is a `python` child that stops itself at a chosen 
 sleeps) and is killed there by the test with a real signal; nothing after the kill runs in it.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -764,6 +765,29 @@ def test_a_resume_is_refused_while_another_process_stages_a_replacement(
             check_output_dir(out, recipe, resume=True, overwrite=False)
     finally:
         kill9(proc)
+
+
+def test_the_other_processes_of_a_resumed_launch_do_not_take_the_main_ones_hold_for_another_run(
+    tmp_path, corpus_dir, tiny_cla_checkpoint, monkeypatch  # noqa: F811
+):
+    """--resume's main process holds the run from its check on; another rank of the same launch reaching its check
+    a second later (cold imports, another node) saw that hold and refused "still running in another process"
+    (helper K: torchrun, rank 1 delayed 1 s). Only the main process probes."""
+    from clakit import outputs
+    from clakit.errors import ClakitError
+    from clakit.uptrain import load_recipe
+    from clakit.uptrain.pipeline import check_output_dir
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    with outputs.staged(out, "uptrain", later=["run.json"]) as tmp:
+        (tmp / "run.json").write_text(json.dumps({"fingerprint": load_recipe(recipe).fingerprint()}))
+    with outputs.hold(out):  # the main process, resuming
+        monkeypatch.setenv("RANK", "1")
+        check_output_dir(out, load_recipe(recipe), resume=True, overwrite=False)
+        monkeypatch.setenv("RANK", "0")  # another launch's main process is refused
+        with pytest.raises(ClakitError, match="is still running in another process"):
+            check_output_dir(out, load_recipe(recipe), resume=True, overwrite=False)
 
 
 def test_a_probe_at_the_instant_a_run_takes_its_folder_does_not_refuse_the_run(tmp_path):

@@ -107,6 +107,12 @@ def test_revisions_variables_and_dates_in_recipes(tmp_path, change, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_dollar_that_names_no_variable_is_a_path(tmp_path):
+    """`$3` is no variable name (a learning rate in a run's name): not refused as one."""
+    recipe = load_recipe(write(tmp_path, MINIMAL), ["train.output_dir=runs/lr$3e-4"])
+    assert recipe.train.output_dir == "runs/lr$3e-4"
+
+
 def test_a_control_character_in_a_recipe_or_an_override_is_one_line(tmp_path):
     """PyYAML says where a NUL is on a second line ("  in '<unicode string>', position 0")."""
     path = tmp_path / "nul.yaml"

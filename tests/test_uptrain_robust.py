@@ -430,7 +430,7 @@ def test_more_processes_than_blocks_is_refused():
 class CountingTokenizer:
     def __init__(self, tokenizer):
         self.tokenizer, self.chars = tokenizer, 0
-        self.eos_token_id = tokenizer.eos_token_id
+        self.eos_token_id, self.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
 
     def __call__(self, text, **kwargs):
         self.chars += len(text)

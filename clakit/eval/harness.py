@@ -199,7 +199,7 @@ def run_tasks(model, tokenizer, tasks: Tasks | str | list[str], batch_size: int,
 
     try:
         with _lm_eval_errors_only():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            lm = _hflm(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
             results = simple_evaluate(
                 model=lm,
                 tasks=tasks.specs,
@@ -212,6 +212,24 @@ def run_tasks(model, tokenizer, tasks: Tasks | str | list[str], batch_size: int,
         raise ClakitError(f"lm-eval could not run {','.join(tasks.specs)}: {_failure(e, max_length)}") from None
     return {"tasks": scores(results), "settings": tasks.settings(batch_size, max_length), "version": _version(),
             "task_hashes": tasks.hashes}  # fmt: skip
+
+
+def _hflm(base):
+    """HFLM whose rolling loglikelihood reads the text without the tokenizer's own BOS: lm-eval 0.4.13 encodes it
+    with the tokenizer's defaults (Llama-2's and Mistral's add_bos_token, Llama-3's post-processor add one) and then
+    puts its prefix token (BOS) before it, so [BOS, BOS, text] was scored, BOS a target, and its word perplexity and
+    bits per byte disagreed with clakit's own (single BOS) in the same report. Other requests (a multiple-choice
+    context) keep the tokenizer's defaults."""
+
+    class SinglePrefixHFLM(base):
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            saved, self.add_bos_token = self.add_bos_token, False
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self.add_bos_token = saved
+
+    return SinglePrefixHFLM
 
 
 def _failure(e: Exception, max_length) -> str:

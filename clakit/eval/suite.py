@@ -1,6 +1,7 @@
 """`evaluate`: every metric of the eval suite on one model, returned as the report dict `clakit eval` writes."""
 
 import dataclasses
+import hashlib
 import math
 import os
 import sys
@@ -18,7 +19,7 @@ from clakit.eval.config import EvalConfig
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.paths import expand
-from clakit.provenance import file_sha256, provenance, text_sha256
+from clakit.provenance import file_sha256, library_versions, provenance, text_sha256
 from clakit.sources import (
     TOKENIZER_READS,
     check_revision,
@@ -489,6 +490,9 @@ def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -
     data = {
         "sources": [t.name for t in texts],
         "sha256": text_sha256(tokens.text),  # of the exact text scored
+        # of the token ids scored (prefix token included): the same text tokenized otherwise (another tokenizers or
+        # sentencepiece version, an edited tokenizer_config) is another measurement, which sha256 alone does not show
+        "ids_sha256": hashlib.sha256(tokens.ids.to(torch.int64).numpy().tobytes()).hexdigest(),
         "num_words": measured.pop("num_words"),
         "num_bytes": measured.pop("num_bytes"),
     }
@@ -515,4 +519,10 @@ def _provenance(loaded: Loaded, data_info: dict, settings: dict, cfg: EvalConfig
         layer_devices=getattr(loaded.model, "hf_device_map", None),
         dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         torch_threads=torch.get_num_threads(),
+        **library_versions(EVAL_LIBRARIES),
     )
+
+
+# beside clakit.provenance's clakit/transformers/torch: what the token ids also depend on (a tokenizer.model-only
+# folder is converted to a fast tokenizer with sentencepiece and protobuf when loaded)
+EVAL_LIBRARIES = ("tokenizers", "sentencepiece", "protobuf")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from clakit.copies import add_copies
-from clakit.corpus import Text, load_texts, near_copy, shared_text
+from clakit.corpus import SEPARATOR, Text, load_texts, near_copy, shared_text
 from clakit.errors import ClakitError
 from clakit.eval.lineage import readable
 from clakit.paths import expand
@@ -48,22 +48,42 @@ def _pieces(text: Text, size: int = _PIECE_CHARS):
 
 
 def tokenize(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Tensor:
-    """One stream of token ids, each document followed by EOS (when the tokenizer has one); (n_tokens,) int64.
+    """One stream of token ids, each document preceded by BOS where the tokenizer adds one itself (document_start)
+    and followed by EOS (without one, by SEPARATOR's tokens); (n_tokens,) int64.
 
     Pieces are kept as int32 tensors (a Python list of ints costs ~9x more); `limit` stops once that many tokens
     are read, so a token budget never tokenises a whole large dataset.
     """
     parts, n = [], 0
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    # without an EOS token the documents are separated as eval joins them (SEPARATOR): run together, the end of one
+    # and the start of the next read as one word
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else _separator(tokenizer)
+    bos = document_start(tokenizer)
     size = _PIECE_CHARS if limit is None else min(_PIECE_CHARS, max(4096, 8 * limit))  # ~4 chars a token
     for t in texts:
-        for piece, last in _pieces(t, size):
-            ids = tokenizer(piece, add_special_tokens=False)["input_ids"] + (eos if last else [])
+        for i, (piece, last) in enumerate(_pieces(t, size)):
+            ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids = (bos if i == 0 else []) + ids + (eos if last else [])
             parts.append(torch.tensor(ids, dtype=torch.int32))
             n += len(ids)
             if limit is not None and n >= limit:
                 return torch.cat(parts).long()
     return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _separator(tokenizer) -> list[int]:
+    return tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+
+
+def document_start(tokenizer) -> list[int]:
+    """[BOS] where the tokenizer itself starts every text with it (Llama-2's and Mistral's add_bos_token, Llama-3's
+    post-processor): the models of those families were pretrained on BOS doc EOS, and every prompt they are given
+    (clakit eval's and lm-eval's prefix, a chat template) starts with BOS; [] for tokenizers that add none
+    (SmolLM2, Qwen: EOS alone separates their documents)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
 def tokenize_shares(tokenizer, texts: list[Text], limit: int | None = None) -> torch.Tensor:

@@ -139,10 +139,13 @@ def _no_run_fix(out: Path) -> str:
 def _check_resumable(out: Path, recipe: Recipe) -> None:
     # first: another process staging a run for this output_dir (a fresh one, or --overwrite after hours of
     # conversion): resumed now, this run held the folder and that one lost all its work at its publish
-    outputs.check_no_live_writer(out, "--resume: train.output_dir")
+    # what a killed --overwrite left (its run never checkpointed: the old run is put back) reclaimed first
+    outputs.clear_leftovers(out, "--resume: train.output_dir")
     if not (out / "run.json").is_file():
         raise ClakitError(f"--resume: {out} holds no clakit uptrain run; {_no_run_fix(out)}")
-    if outputs.in_use(out):
+    # the main process only: it holds the run from here on (_uptrain), and another process of this launch, a moment
+    # later here, took that hold for another run's
+    if _main_rank() and outputs.in_use(out):
         raise ClakitError(f"--resume: the run in {out} is still running in another process; wait for it to end")
     run = json.loads((out / "run.json").read_text())
     if run.get("fingerprint") == recipe.fingerprint():
@@ -686,8 +689,12 @@ def wait_for_conversion(converted: Path, failed: Path, poll_s: float | None = No
 def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, quiet: bool) -> dict:
     """`clakit eval`'s report of an in-memory model on the held-out data (no speed test: CPU time is precious)."""
     from clakit.eval import evaluate
+    from clakit.uptrain.packing import document_start
 
-    source = {"data": recipe.data.eval} if recipe.data.eval else {"text": tokenizer.decode(data.eval.flatten())}
+    ids = data.eval.flatten()
+    for bos in document_start(tokenizer):  # the packed documents' BOS: evaluate puts its own before the text
+        ids = ids[ids != bos]
+    source = {"data": recipe.data.eval} if recipe.data.eval else {"text": tokenizer.decode(ids)}
     return evaluate(
         model,
         tokenizer=tokenizer,

@@ -538,7 +538,7 @@ def _check_no_variables(recipe: Recipe) -> None:
     keyed += recipe.keyed_text_specs()
     for key, spec in keyed:
         for item in spec if isinstance(spec, list) else [spec]:
-            if isinstance(item, str) and re.search(r"\$(\w|\{)", item) and not expand(item, key).exists():
+            if isinstance(item, str) and re.search(r"\$(\{|[A-Za-z_])", item) and not expand(item, key).exists():
                 raise ClakitError(
                     f"{key} {item!r} names an environment variable, and recipe paths do not expand them (only ~): "
                     "write the path out, or give it as an override from the shell, which expands it "

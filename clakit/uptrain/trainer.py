@@ -246,9 +246,6 @@ class Trainer:
     # --- state ----------------------------------------------------------------------------------------------------
 
     def save(self) -> None:
-        if self.before_save is not None:
-            self.before_save()
-            self.before_save = None
         state = {
             "step": self.step,
             "micro_batches": self.step * self.shape.accumulation,
@@ -262,6 +259,9 @@ class Trainer:
             "provenance": run_provenance(),
         }
         checkpoint.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state)
+        if self.before_save is not None:  # once the first checkpoint is written: a failed or interrupted one (a full
+            self.before_save()  # disk, Ctrl-C mid-save) left the old run to be put back, not both runs lost
+            self.before_save = None
         if self.accelerator.is_main_process:
             checkpoint.prune(self.run_dir, self.train.save_total_limit)
 
