@@ -991,7 +991,7 @@ def _free_memory(device: torch.device) -> int | None:
 @contextlib.contextmanager
 def _space_named(out: Path, need: int):
     """The disk filling up during the write (space checked before, then taken by another process): the one line
-    says how much the weights take, which the writer's own error ("No space left on device") does not."""
+    says how much the output takes, which the writer's own error ("No space left on device") does not."""
     try:
         yield
     except (OSError, SafetensorError) as e:
@@ -999,6 +999,6 @@ def _space_named(out: Path, need: int):
             raise
         reason = e.strerror if isinstance(e, OSError) else str(e).split("I/O error:", 1)[-1].strip()
         raise ClakitError(
-            f"cannot write {out}: {reason}; its weights take {outputs.size_text(need)}: free that much beside it, or "
+            f"cannot write {out}: {reason}; the output takes {outputs.size_text(need)}: free that much beside it, or "
             "choose another output folder"
         ) from None
