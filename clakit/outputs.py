@@ -699,10 +699,7 @@ def _reclaim_old(out: Path, olds: list[Path]) -> list[str]:
         if not (out.exists() or out.is_symlink()):
             old.rename(out)
         elif _kept_for(out, old):  # publish(keep_replaced) killed before drop_replaced: the new one is not kept
-            gone = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")  # stamped: a kill here is reclaimed
-            out.rename(gone)
-            old.rename(out)
-            remove_stamped(gone)
+            _swap_back(out, old)
         else:
             remove_stamped(old, last=MARKER)
     return [old.name for old in olds]
@@ -843,14 +840,20 @@ def drop_replaced(tmp: Path, out: Path, old: Path | None) -> None:
 def restore_replaced(tmp: Path, out: Path, old: Path | None) -> None:
     """The new output in `out` removed and the one publish(keep_replaced=True) moved aside to `old` put back under
     its name (None: nothing was replaced, `out` is just removed)."""
-    # the new one renamed to a staging name first, still stamped and locked: a kill from here on leaves what
-    # reclaim_leftovers puts back (`out` missing, the aside its stamp names); removed after its lock is released
-    # (NFS keeps an open file removed as .nfsXXXX, and the folder with it)
+    if str(tmp) in _STAGING_LOCKS:  # the stamp's lock, under the name publish left it (moved to `out` when kept)
+        _STAGING_LOCKS[str(out)] = _STAGING_LOCKS.pop(str(tmp))
+    _swap_back(out, old)
+
+
+def _swap_back(out: Path, old: Path | None) -> None:
+    """The new output in `out` renamed to a staging name first, still stamped (and locked, where this process holds
+    its stamp): a kill from here on leaves what reclaim_leftovers puts back (`out` missing, the aside its stamp
+    names); then `old` back under its name, and the new one removed after its lock is released (NFS keeps an open
+    file removed as .nfsXXXX, and the folder with it)."""
     gone = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
     out.rename(gone)
-    fd = _STAGING_LOCKS.pop(str(out), None) or _STAGING_LOCKS.pop(str(tmp), None)
-    if fd is not None:
-        _STAGING_LOCKS[str(gone)] = fd
+    if str(out) in _STAGING_LOCKS:
+        _STAGING_LOCKS[str(gone)] = _STAGING_LOCKS.pop(str(out))
     if old is not None and old.exists() and not out.exists():
         old.rename(out)
     discard(gone)

@@ -40,11 +40,12 @@ def check_length(path: Path, what: str = "path") -> None:
     """One line for a path the file system refuses outright (ENAMETOOLONG): a name in it longer than its file system
     takes (`_name_max`), or the whole over PATH_MAX; else every look at it (exists, stat, open) was an OSError
     traceback."""
-    longest = max((len(os.fsencode(name)), name) for name in path.parts) if path.parts else (0, "")
-    if longest[0] > NAME_MAX and longest[0] > _name_max(path):
+    size, name = max((len(os.fsencode(name)), name) for name in path.parts) if path.parts else (0, "")
+    limit = _name_max(path) if size > NAME_MAX else NAME_MAX  # statvfs only for a name over the usual limit
+    if size > limit:
         raise ClakitError(
-            f"{what} path has a name of {longest[0]} bytes ({longest[1][:40]}...), over the {_name_max(path)} its "
-            "file system takes: choose a shorter name"
+            f"{what} path has a name of {size} bytes ({name[:40]}...), over the {limit} its file system takes: "
+            "choose a shorter name"
         )
     size = len(os.fsencode(str(path)))
     if size >= PATH_MAX:

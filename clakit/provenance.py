@@ -99,6 +99,15 @@ def library_versions(names) -> dict[str, str | None]:
     return found
 
 
+def windows_sha256(windows: list) -> str:
+    """sha256 of token-id tensors (None skipped), their shapes and int64 values in order (convert's calib_ids_sha256,
+    eval's data.ids_sha256)."""
+    digest = hashlib.sha256()
+    for ids in (w for w in windows if w is not None):
+        digest.update(str(tuple(ids.shape)).encode() + ids.long().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def text_sha256(text: str) -> str:
     """sha256 of a text as read, as every record names data by content (eval's data.sha256, convert's calib_sha256
     and eval.sha256): one encoding, so the same text has the same hash in each. surrogatepass only matters for a

@@ -236,6 +236,7 @@ def resolve_source(
 
 # what a checkpoint folder's readers open (weights, index, config, tokenizer, code, chat templates)
 READ_SUFFIXES = {".json", ".safetensors", ".bin", ".model", ".txt", ".py", ".jinja", ".tiktoken"}
+# transformers' folder of named chat templates beyond the default (tool_use.jinja, rag.jinja, ...)
 CHAT_TEMPLATES_DIR = "additional_chat_templates"
 
 

@@ -14,6 +14,7 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from clakit.markup import md_cell, md_code
 from clakit.provenance import CONVERT_RECORD
+from clakit.sources import CHAT_TEMPLATES_DIR
 
 RECORD_FILE = CONVERT_RECORD
 MODELING_FILES = ("configuration_cla.py", "modeling_cla.py")
@@ -22,8 +23,6 @@ TOKENIZER_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
     "*.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )  # fmt: skip
-# transformers' folder of named chat templates beyond the default (tool_use.jinja, rag.jinja, ...)
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 
 def write_config(folder: Path, cla_config, lm_cls) -> None:
@@ -65,7 +64,7 @@ def tokenizer_files(source_dir: Path) -> list[Path]:
     """The tokenizer files (with a tokenizer's own code, `tokenizer_code`) and generation_config.json of a checkpoint
     folder that its conversion copies, in order."""
     files: list[Path] = []
-    for pattern in (*TOKENIZER_PATTERNS, f"{CHAT_TEMPLATE_DIR}/*.jinja", *tokenizer_code(source_dir)):
+    for pattern in (*TOKENIZER_PATTERNS, f"{CHAT_TEMPLATES_DIR}/*.jinja", *tokenizer_code(source_dir)):
         files += [path for path in sorted(source_dir.glob(pattern)) if path.is_file() and path not in files]
     return files
 

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import functools
 import gc
-import hashlib
 import math
 import os
 import sys
@@ -65,7 +64,15 @@ from clakit.corpus import load_texts, near_copy, shared_text, texts_sha256
 from clakit.errors import ClakitError
 from clakit.modeling import CLA_CLASSES
 from clakit.paths import expand
-from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD, file_sha256, library_versions, provenance, text_sha256
+from clakit.provenance import (
+    CONVERT_RECORD,
+    UPTRAIN_RECORD,
+    file_sha256,
+    library_versions,
+    provenance,
+    text_sha256,
+    windows_sha256,
+)
 from clakit.sources import (
     Source,
     check_revision,
@@ -341,14 +348,6 @@ def _check_source_loss(source: Source, perplexity: float) -> None:
         )
 
 
-def windows_sha256(windows: list) -> str:
-    """sha256 of token-id tensors (None skipped), their shapes and int64 values in order."""
-    digest = hashlib.sha256()
-    for ids in (w for w in windows if w is not None):
-        digest.update(str(tuple(ids.shape)).encode() + ids.to(torch.int64).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def check_plan(c: ConvertConfig, config, spec: str) -> None:
     """What a conversion with the resolved settings `c` (check_settings') refuses from the stock model's `config`
     alone, as its run does before reading any weights: the window, distillation where nothing is fitted, copies,
@@ -381,12 +380,17 @@ def planned_distill_steps(c: ConvertConfig) -> int:
     return DEFAULT_DISTILL_STEPS if c.distill_steps is None else c.distill_steps
 
 
+def needs_calibration(c: ConvertConfig) -> bool:
+    """Whether a conversion with the resolved settings `c` reads calibration text: a data-aware init, or a layout
+    chosen on data."""
+    return c.init in DATA_AWARE_INITS or c.layout == "auto"
+
+
 def check_token_budgets(c: ConvertConfig, seq_len: int, distill_steps: int) -> None:
     """--calib-tokens and --distill-tokens are read in windows of `seq_len` (known from the config): a budget below
     one window is refused before the source's evaluation, the layout and the fits, rather than when its stage
     starts (for the distillation, after all of them)."""
-    calibrated = c.init in DATA_AWARE_INITS or c.layout == "auto"
-    budgets = [("--calib-tokens", c.calib_tokens)] if calibrated else []
+    budgets = [("--calib-tokens", c.calib_tokens)] if needs_calibration(c) else []
     if distill_steps:
         budgets.append(("--distill-tokens", c.distill_tokens))
     for flag, tokens in budgets:
@@ -429,7 +433,7 @@ class _Conversion:
         self.bf16 = fit_autocast(config.bf16, config.dtype)  # the data stages' matmuls, over these weights
         self.compute_dtype = torch.bfloat16 if self.bf16 else None  # `autocast`'s: None opens no context
         self.results: dict = {}  # measured along the way: eval perplexities, auto-layout scores
-        self.needs_calibration = self.init in DATA_AWARE_INITS or config.layout == "auto"
+        self.needs_calibration = needs_calibration(config)
 
     def say(self, message: str) -> None:
         if not self.quiet:

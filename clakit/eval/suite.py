@@ -1,7 +1,6 @@
 """`evaluate`: every metric of the eval suite on one model, returned as the report dict `clakit eval` writes."""
 
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -19,7 +18,7 @@ from clakit.eval.config import EvalConfig
 from clakit.eval.records import FORMAT
 from clakit.eval.speed import throughput
 from clakit.paths import expand
-from clakit.provenance import file_sha256, library_versions, provenance, text_sha256
+from clakit.provenance import file_sha256, library_versions, provenance, text_sha256, windows_sha256
 from clakit.sources import (
     TOKENIZER_READS,
     check_revision,
@@ -492,7 +491,7 @@ def _perplexity(model, tokens, texts: list[Text], settings: dict, quiet: bool) -
         "sha256": text_sha256(tokens.text),  # of the exact text scored
         # of the token ids scored (prefix token included): the same text tokenized otherwise (another tokenizers or
         # sentencepiece version, an edited tokenizer_config) is another measurement, which sha256 alone does not show
-        "ids_sha256": hashlib.sha256(tokens.ids.to(torch.int64).numpy().tobytes()).hexdigest(),
+        "ids_sha256": windows_sha256([tokens.ids]),
         "num_words": measured.pop("num_words"),
         "num_bytes": measured.pop("num_bytes"),
     }

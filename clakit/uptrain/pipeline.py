@@ -762,10 +762,10 @@ def _staging_dir(out: Path, acc) -> Path:
 
 def _publish(work: Path, out: Path, acc, overwrite: bool, run: dict) -> None:
     """Move the prepared run folder into place. An old run (--overwrite) is moved aside, and kept there until this
-    one writes something worth keeping (`_drop_replaced`: its first checkpoint, or its model): a run stopped before
-    (Ctrl-C, an error) puts it back (`_abandon`); it was removed at once, and both runs were lost. Every process
-    first: the others may still be reading the student from `work` (a slower one loading work/converted found it
-    renamed away, "cannot load ... Repo id must be in the form ...", exit 2)."""
+    one has something worth keeping (`_drop_replaced`: after its first checkpoint; without checkpoints, before its
+    model is written): a run stopped before (Ctrl-C, an error) puts it back (`_abandon`); it was removed at once,
+    and both runs were lost. Every process first: the others may still be reading the student from `work` (a slower
+    one loading work/converted found it renamed away, "cannot load ... Repo id must be in the form ...", exit 2)."""
     acc.wait_for_everyone()
     if acc.is_main_process:
         with outputs.os_errors(out):
@@ -1152,7 +1152,8 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
     if "tensorboard" in recipe.train.report_to:
         acc.init_trackers("tensorboard")
     trainer = Trainer(recipe, run["model"], run["teacher"], run["data"], acc, out, quiet=quiet, shape=run["shape"])
-    trainer.before_save = functools.partial(_drop_replaced, run, out)  # the old run (--overwrite) is no longer needed
+    # the old run an --overwrite kept aside is no longer needed once this one has a checkpoint
+    trainer.after_first_save = functools.partial(_drop_replaced, run, out)
     if run.get("score_converted"):
         _score_converted(recipe, out, trainer, run, acc)
     last = checkpoint.checkpoint_dirs(out)

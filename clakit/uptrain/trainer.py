@@ -241,7 +241,7 @@ class Trainer:
         )
         self.step, self.elapsed, self.lr = 0, 0.0, 0.0
         self.window = Window()  # the loss parts of the steps since the last log line (saved with each checkpoint)
-        self.before_save = None  # called once before the first checkpoint is written (the run's owner's hook)
+        self.after_first_save = None  # called once the first checkpoint is written (the run's owner's hook)
 
     # --- state ----------------------------------------------------------------------------------------------------
 
@@ -259,9 +259,9 @@ class Trainer:
             "provenance": run_provenance(),
         }
         checkpoint.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, state)
-        if self.before_save is not None:  # once the first checkpoint is written: a failed or interrupted one (a full
-            self.before_save()  # disk, Ctrl-C mid-save) left the old run to be put back, not both runs lost
-            self.before_save = None
+        if self.after_first_save is not None:  # after, not before: a failed or interrupted first checkpoint (a full
+            self.after_first_save()  # disk, Ctrl-C mid-save) left the old run to be put back, not both runs lost
+            self.after_first_save = None
         if self.accelerator.is_main_process:
             checkpoint.prune(self.run_dir, self.train.save_total_limit)
 
