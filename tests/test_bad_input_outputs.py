@@ -515,6 +515,31 @@ def test_an_overwrite_whose_first_checkpoint_fails_keeps_the_old_run(paths, tmp_
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("error, code", [("disk", 2), ("interrupt", 130)])
+def test_an_overwrite_without_checkpoints_keeps_the_old_run_until_its_model_is_in_place(
+    paths, tmp_path, monkeypatch, error, code, no_bars
+):
+    """A run that saves no checkpoint (train.save_steps=0) dropped the old run just before writing its model: a full
+    disk or Ctrl-C during that write lost both. The old run is dropped once the new model is in place now."""
+    assert run_clakit(*uptrain_args(paths, "train.max_steps=2")).code == 0
+    before = snapshot(tmp_path)
+
+    def fail(model, tokenizer, out, *args):
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt if error == "interrupt" else OSError(errno.ENOSPC, "No space left on device")
+
+    real_save = student.save_cla
+    monkeypatch.setattr(student, "save_cla", fail)
+    r = run_clakit(*uptrain_args(paths, "train.max_steps=3", "train.save_steps=0", "--overwrite"))
+    assert r.code == code, r.err
+    assert snapshot(tmp_path) == before  # the old run as it was, nothing left beside it
+    monkeypatch.setattr(student, "save_cla", real_save)
+    r = run_clakit(*uptrain_args(paths, "train.max_steps=3", "train.save_steps=0", "--overwrite"))
+    assert r.code == 0 and (tmp_path / "run" / "model" / "config.json").is_file(), r.err
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["recipe"]["train"]["max_steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # the old one removed
+
+
 def test_a_relative_output_past_path_max_once_absolute_is_one_line(paths, tmp_path):
     """The length check measured the path as typed: a relative -o under a deep working folder passed it and was an
     OSError traceback ("File name too long") once made absolute (helper K: a 3,533-byte working folder)."""

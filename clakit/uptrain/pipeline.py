@@ -762,8 +762,8 @@ def _staging_dir(out: Path, acc) -> Path:
 
 def _publish(work: Path, out: Path, acc, overwrite: bool, run: dict) -> None:
     """Move the prepared run folder into place. An old run (--overwrite) is moved aside, and kept there until this
-    one has something worth keeping (`_drop_replaced`: after its first checkpoint; without checkpoints, before its
-    model is written): a run stopped before (Ctrl-C, an error) puts it back (`_abandon`); it was removed at once,
+    one has something worth keeping (`_drop_replaced`: after its first checkpoint; without checkpoints, once its
+    model is in place): a run stopped before (Ctrl-C, an error) puts it back (`_abandon`); it was removed at once,
     and both runs were lost. Every process first: the others may still be reading the student from `work` (a slower
     one loading work/converted found it renamed away, "cannot load ... Repo id must be in the form ...", exit 2)."""
     acc.wait_for_everyone()
@@ -1164,7 +1164,6 @@ def _train_and_save(recipe: Recipe, out: Path, run: dict, acc, quiet: bool) -> P
         drop_metrics_after(out / METRICS, -1)
     with _peer_lost(acc, out):
         trainer.run()
-    _drop_replaced(run, out)  # before the model is written (no checkpoint was: train.save_steps)
     acc.wait_for_everyone()
     if checkpoint.sharded(acc):
         failed = _save_sharded(recipe, out, trainer, run, acc)
@@ -1216,6 +1215,7 @@ def _save_whole(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitErr
         student.save_cla(model, run["tokenizer"], tmp)
         summary = _card(recipe, out, trainer, run, end, tmp, model.config.kv_source_layers)
         failed = _write_end_eval(out, with_origin(end, tmp, out / RESULT))  # before the model is published
+    _drop_replaced(run, out)  # once the model is in place (a run without checkpoints: train.save_steps 0)
     return _finish(out, summary, failed, run["quiet"])
 
 
@@ -1240,6 +1240,7 @@ def _save_sharded(recipe: Recipe, out: Path, trainer, run: dict, acc) -> ClakitE
             failed = _write_end_eval(out, with_origin(end, tmp, out / RESULT))  # before the model is published
     finally:
         trained.close()  # a failed merge releases the others too (they would wait for the next layer)
+    _drop_replaced(run, out)  # once the model is in place (a run without checkpoints: train.save_steps 0)
     return _finish(out, summary, failed, run["quiet"])
 
 
