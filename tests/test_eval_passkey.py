@@ -267,15 +267,17 @@ def test_reports_whose_passkey_prompts_differ_are_not_compared(tokenizer, stock)
     check_comparable([runs[1], {**base, "passkey": {"settings": kw}}], ["b.json", "old.json"])
 
 
-@pytest.mark.parametrize("decoy", ["The pass key is 12345.", "the PASSKEY was 4", "a pass-key: 4", "pass_keys"])
+@pytest.mark.parametrize(
+    "decoy", ["The pass key is 12345.", "the PASSKEY was 4", "a pass-key: 4", "pass_keys", "pass_key_1=7", "passkey2"]
+)
 def test_filler_that_speaks_of_a_pass_key_is_refused(tokenizer, decoy):
     """Filler text repeating "The pass key is 12345. ... What is the pass key?" passed: a model that retrieves
     would often answer the filler's key, and the accuracy was reported as retrieval's."""
     filler = make_text(3000, 1)
     middle = len(filler) // 2
     settings = passkey.PasskeySettings([256], [0.5], samples=1)
-    with pytest.raises(ClakitError, match=r"the passkey filler \(from the --data text\) contains '.*[kK][eE][yY]s?'"):
+    with pytest.raises(ClakitError, match=r"the passkey filler \(from the --data text\) contains '[pP].*[kK][eE][yY]s?'"):
         passkey.prepare(tokenizer, filler[:middle] + f" {decoy} " + filler[middle:], settings, 2048)
     assert passkey.prepare(tokenizer, filler, settings, 2048).cells  # the same text without it
-    keyboard = filler[:middle] + " pass keyboards to the bypass keys " + filler[middle:]  # other words
+    keyboard = filler[:middle] + " pass keyboards to the bypass keys, a compass keystone " + filler[middle:]  # other words
     assert passkey.prepare(tokenizer, keyboard, settings, 2048).cells

@@ -114,8 +114,9 @@ def _filler_ids(tokenizer, texts: "list[corpus.Text]", need: int) -> list[int]:
         chars *= 4
 
 
-# the needle's and the question's own words, however spelt ("pass-key", "pass_key", "PASSKEYS"), not "pass keyboard"
-DECOY = re.compile(r"\bpass[\s_-]*keys?\b", re.IGNORECASE)
+# the needle's and the question's own words, however spelt ("pass-key", "pass_key_1", "PASSKEYS", "passkey2"), not
+# "pass keyboard" or "bypass key": letters, not word characters, bound it (\b missed "pass_key_1" and "passkey2")
+DECOY = re.compile(r"(?<![a-z])pass[\s_-]*keys?(?![a-z])", re.IGNORECASE)
 
 
 def _check_no_decoy(tokenizer, filler: list[int]) -> None:
