@@ -38,7 +38,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from clakit.errors import ClakitError
-from clakit.paths import NAME_MAX, check_length, expand
+from clakit.paths import NAME_MAX, check_length, expand, name_max
 from clakit.provenance import CONVERT_RECORD, REPORT_RECORD
 
 MARKER = ".clakit_output.json"
@@ -180,8 +180,9 @@ def _check_place(out: Path, label: str, inputs: Iterable[tuple[str, object]]) ->
 def _check_name(out: Path, label: str) -> None:
     """The staging folder beside `out` is named `.NAME.XXXXXXXX.partial`: a name without room for that would fail
     only once the work is done (or, past the file system's limit, as an OSError at the first look at `out`)."""
-    longest = NAME_MAX - len(".XXXXXXXX.partial") - 1
-    if len(os.fsencode(out.name)) > longest:
+    size, room = len(os.fsencode(out.name)), len(".XXXXXXXX.partial") + 1
+    longest = (name_max(out.parent) if size > NAME_MAX - room else NAME_MAX) - room  # statvfs only past the usual
+    if size > longest:
         raise ClakitError(
             f"{label} name {out.name[:40]}... is too long ({len(os.fsencode(out.name))} bytes; clakit needs it at "
             f"most {longest} to stage the output beside it): choose a shorter name"

@@ -38,10 +38,10 @@ def expand(path, what: str = "path") -> Path:
 
 def check_length(path: Path, what: str = "path") -> None:
     """One line for a path the file system refuses outright (ENAMETOOLONG): a name in it longer than its file system
-    takes (`_name_max`), or the whole over PATH_MAX; else every look at it (exists, stat, open) was an OSError
+    takes (`name_max`), or the whole over PATH_MAX; else every look at it (exists, stat, open) was an OSError
     traceback."""
     size, name = max((len(os.fsencode(name)), name) for name in path.parts) if path.parts else (0, "")
-    limit = _name_max(path) if size > NAME_MAX else NAME_MAX  # statvfs only for a name over the usual limit
+    limit = name_max(path) if size > NAME_MAX else NAME_MAX  # statvfs only for a name over the usual limit
     if size > limit:
         raise ClakitError(
             f"{what} path has a name of {size} bytes ({name[:40]}...), over the {limit} its file system takes: "
@@ -55,7 +55,7 @@ def check_length(path: Path, what: str = "path") -> None:
         )
 
 
-def _name_max(path: Path) -> int:
+def name_max(path: Path) -> int:
     """The longest name, in bytes, the file system of `path` (its nearest folder that exists) takes: 255 on ext4, xfs,
     btrfs, tmpfs; more on vfat, exFAT or NTFS, whose limit is 255 UTF-16 units (a CJK name of 86+ characters there
     is over 255 bytes)."""

@@ -683,10 +683,10 @@ def is_safetensors_name(name: str) -> bool:
 
 
 def files_fingerprint(folder: Path, files: list[str]) -> dict:
-    """What names a folder checkpoint's content without reading its weights again: config.json's sha256, and per
-    weight file its size and the sha256 of its safetensors header (names, dtypes, shapes and offsets of every tensor;
-    a pickle file: its size alone). A local folder was recorded by its path only, so nothing said which weights were
-    read once they changed (convert's source.files, eval's model_files)."""
+    """What names a folder checkpoint's content without reading its weights again: config.json's and the tokenizer
+    files' sha256, and per weight file its size and the sha256 of its safetensors header (names, dtypes, shapes and
+    offsets of every tensor; a pickle file: its size alone). A local folder was recorded by its path only, so
+    nothing said which weights were read once they changed (convert's source.files, eval's model_files)."""
     from clakit.provenance import file_sha256
 
     out = {"config.json": {"sha256": file_sha256(folder / "config.json")}}
@@ -697,6 +697,9 @@ def files_fingerprint(folder: Path, files: list[str]) -> dict:
             with open(path, "rb") as f:  # u64 header length, then the JSON header (checked whole when opened)
                 entry["header_sha256"] = hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()
         out[name] = entry
+    # the tokenizer by content too (the conversion copies it; eval tokenizes with it): a tokenizer.json edited since
+    # gives other ids under the same record
+    out.update({n: {"sha256": file_sha256(folder / n)} for n in TOKENIZER_READS if (folder / n).is_file()})
     return out
 
 

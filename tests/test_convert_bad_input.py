@@ -621,3 +621,20 @@ def test_a_long_name_is_refused_by_its_own_file_systems_limit(tmp_path, monkeypa
         check_length(name)
     monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_namemax=765))  # as vfat reports it
     check_length(name)
+
+
+def test_an_output_name_leaves_room_for_its_staging_name_by_its_own_file_systems_limit(tmp_path, monkeypatch):
+    """The staging folder `.NAME.XXXXXXXX.partial` needs 18 bytes more than NAME: the check counted from 255 on every
+    file system, refusing a 240-byte name where the file system takes longer ones (vfat, exFAT, NTFS)."""
+    import os
+    from types import SimpleNamespace
+
+    from clakit.errors import ClakitError
+    from clakit.outputs import check_folder
+
+    out = tmp_path / ("o" * 240)
+    with pytest.raises(ClakitError, match="is too long \\(240 bytes; clakit needs it at most 237 to stage the output"):
+        check_folder(out, "convert")
+    assert check_folder(tmp_path / ("o" * 237), "convert") == tmp_path / ("o" * 237)
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_namemax=765))  # as vfat reports it
+    assert check_folder(out, "convert") == out

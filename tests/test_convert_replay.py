@@ -235,7 +235,10 @@ def test_a_folder_source_is_named_by_its_config_and_weight_headers(tiny_llama_ch
     out = convert(str(tiny_llama_checkpoint), tmp_path / "out", factor=2, init="mean", quiet=True)
     files = record(out)["source"]["files"]
     shards = sorted(p.name for p in tiny_llama_checkpoint.glob("*.safetensors"))
-    assert sorted(files) == sorted(["config.json", *shards])
+    tokenizer = sorted(p.name for p in tiny_llama_checkpoint.glob("*.json") if p.name.startswith(("token", "spec")))
+    assert "tokenizer.json" in tokenizer and sorted(files) == sorted(["config.json", *shards, *tokenizer])
+    for name in tokenizer:  # the tokenizer by content (it was left out: an edited tokenizer.json, the same record)
+        assert files[name] == {"sha256": hashlib.sha256((tiny_llama_checkpoint / name).read_bytes()).hexdigest()}
     config = (tiny_llama_checkpoint / "config.json").read_bytes()
     assert files["config.json"]["sha256"] == hashlib.sha256(config).hexdigest()
     for name in shards:

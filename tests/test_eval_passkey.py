@@ -276,8 +276,10 @@ def test_filler_that_speaks_of_a_pass_key_is_refused(tokenizer, decoy):
     filler = make_text(3000, 1)
     middle = len(filler) // 2
     settings = passkey.PasskeySettings([256], [0.5], samples=1)
-    with pytest.raises(ClakitError, match=r"the passkey filler \(from the --data text\) contains '[pP].*[kK][eE][yY]s?'"):
+    found = r"the passkey filler \(from the --data text\) contains '[pP].*[kK][eE][yY]s?'"
+    with pytest.raises(ClakitError, match=found):
         passkey.prepare(tokenizer, filler[:middle] + f" {decoy} " + filler[middle:], settings, 2048)
     assert passkey.prepare(tokenizer, filler, settings, 2048).cells  # the same text without it
-    keyboard = filler[:middle] + " pass keyboards to the bypass keys, a compass keystone " + filler[middle:]  # other words
+    other_words = " pass keyboards to the bypass keys, a compass keystone "
+    keyboard = filler[:middle] + other_words + filler[middle:]
     assert passkey.prepare(tokenizer, keyboard, settings, 2048).cells

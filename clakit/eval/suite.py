@@ -20,7 +20,6 @@ from clakit.eval.speed import throughput
 from clakit.paths import expand
 from clakit.provenance import file_sha256, library_versions, provenance, text_sha256, windows_sha256
 from clakit.sources import (
-    TOKENIZER_READS,
     check_revision,
     check_seq_len,
     context_window,
@@ -162,7 +161,6 @@ def model_files(source) -> dict | None:
             return {path.name: {"sha256": file_sha256(path)}}
         weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
         found = files_fingerprint(path, weights)
-        found.update({n: {"sha256": file_sha256(path / n)} for n in TOKENIZER_READS if (path / n).is_file()})
     except OSError:  # a file it cannot read: the load that follows names it, with the fix
         return None
     return found
