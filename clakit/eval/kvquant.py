@@ -62,9 +62,10 @@ class EvenRowsHQQLayer(HQQQuantizedLayer):
     and packs two rows into one byte row (`pack_4bit_u8` pairs the first half of the rows with the second), so an odd
     number of rows failed ("The size of tensor a (49) must match ... (50)"): SmolLM2's 3 KV heads x 64 / group 64
     give an odd row count at every odd token count (a prompt, chunk 1 as in decoding). The tensor is padded with the
-    fewest zero tokens that make the rows even (a token's groups are its own rows where the group divides head_dim,
-    so the real tokens quantise as before) and the padding is dropped when dequantised; `held_bytes` counts the real
-    tokens only."""
+    fewest zero tokens that make the rows even (a token's groups are its own rows where the group divides head_dim;
+    HQQ's optimiser stops on the whole tensor's mean error, so the pad can shift the real rows' fit slightly, as any
+    other row of the same fold does: 0.015 against a 4-bit quantisation error of 0.16, measured) and the padding is
+    dropped when dequantised; `held_bytes` counts the real tokens only."""
 
     def _quantize(self, tensor, axis):
         pad = _pad_tokens(tensor, self.q_group_size) if self.nbits == 4 else 0
