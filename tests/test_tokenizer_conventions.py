@@ -82,3 +82,25 @@ def test_documents_of_a_tokenizer_without_eos_are_kept_apart():
     assert tok.eos_token_id is None
     texts = [Text("a", "alpha beta"), Text("b", "gamma delta")]
     assert tok.decode(tokenize(tok, texts).tolist()) == "alpha beta" + SEPARATOR + "gamma delta" + SEPARATOR
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_the_held_out_tail_is_scored_as_text_not_with_literal_eos_strings(adds_bos):
+    """The uptrain run's held-out tail (data.eval_fraction) was its packed ids decoded whole: every EOS became the
+    text "<|endoftext|>", 13 bytes of text in bits per byte. Its documents are joined as eval joins files now."""
+    from clakit.corpus import SEPARATOR
+    from clakit.uptrain.pipeline import _heldout_text
+
+    tokenizer = build_tokenizer()
+    if adds_bos:  # BOS is also the EOS here: the split must come first
+        bos = tokenizer.bos_token
+        tokenizer._tokenizer.post_processor = TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)]
+        )
+        assert document_start(tokenizer) == [tokenizer.eos_token_id]
+    texts = [make_text(300, 7), make_text(200, 8), make_text(250, 9)]
+    ids = tokenize(tokenizer, [Text(f"d{i}", t) for i, t in enumerate(texts)])
+    text = _heldout_text(ids[: len(ids) // 8 * 8].view(-1, 8), tokenizer)  # as packed in blocks, tail cut
+    assert "<|endoftext|>" not in text
+    whole = SEPARATOR.join(texts)
+    assert whole.startswith(text) and len(text) > len(SEPARATOR.join(texts[:2]))

@@ -689,12 +689,8 @@ def wait_for_conversion(converted: Path, failed: Path, poll_s: float | None = No
 def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, quiet: bool) -> dict:
     """`clakit eval`'s report of an in-memory model on the held-out data (no speed test: CPU time is precious)."""
     from clakit.eval import evaluate
-    from clakit.uptrain.packing import document_start
 
-    ids = data.eval.flatten()
-    for bos in document_start(tokenizer):  # the packed documents' BOS: evaluate puts its own before the text
-        ids = ids[ids != bos]
-    source = {"data": recipe.data.eval} if recipe.data.eval else {"text": tokenizer.decode(ids)}
+    source = {"data": recipe.data.eval} if recipe.data.eval else {"text": _heldout_text(data.eval, tokenizer)}
     return evaluate(
         model,
         tokenizer=tokenizer,
@@ -706,6 +702,21 @@ def heldout_report(model, name: str, recipe: Recipe, data, tokenizer, quiet: boo
         name=name,
         **source,
     )
+
+
+def _heldout_text(blocks: torch.Tensor, tokenizer) -> str:
+    """The held-out tail's text from its packed blocks ((n, seq_len) ids: BOS doc EOS ...), its documents joined as
+    eval joins files (SEPARATOR; evaluate puts its own BOS before the text). Decoded whole, each EOS was the literal
+    "<|endoftext|>" in the text: counted as 13 bytes of text in bits per byte, and read back as the EOS token."""
+    from clakit.corpus import SEPARATOR
+    from clakit.uptrain.packing import document_start
+
+    ids, eos = blocks.flatten(), tokenizer.eos_token_id
+    ends = (ids == eos).nonzero().flatten().tolist() if eos is not None else []  # no EOS: SEPARATOR's tokens are in
+    docs = [ids[a + 1 : b] for a, b in zip([-1, *ends], [*ends, len(ids)], strict=True)]
+    bos = torch.tensor(document_start(tokenizer), dtype=ids.dtype)  # split first: a BOS that is also the EOS
+    docs = [d[~torch.isin(d, bos)] for d in docs]
+    return SEPARATOR.join(tokenizer.decode(d) for d in docs if len(d))
 
 
 def with_origin(report: dict, model_dir: Path, published: Path | None = None) -> dict:
