@@ -638,3 +638,14 @@ def test_an_output_name_leaves_room_for_its_staging_name_by_its_own_file_systems
     assert check_folder(tmp_path / ("o" * 237), "convert") == tmp_path / ("o" * 237)
     monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_namemax=765))  # as vfat reports it
     assert check_folder(out, "convert") == out
+
+
+@pytest.mark.parametrize("name, damage", [("tokenizer.json", "cut"), ("tokenizer_config.json", "latin1")])
+def test_a_damaged_tokenizer_file_is_refused_before_it_is_copied(src, tmp_path, capsys, monkeypatch, name, damage):
+    """--init mean reads no text: a tokenizer.json cut short was copied into OUT unread (exit 0), and every later
+    use of OUT failed ("cannot load the tokenizer of OUT: Expecting ',' delimiter ..."). Refused before the work."""
+    raw = (src / name).read_bytes()
+    (src / name).write_bytes(raw[: len(raw) // 2] if damage == "cut" else raw.replace(b"}", b"\xe9}", 1))
+    monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("work began"))
+    assert_refused(capsys, src, tmp_path / "out", "--init", "mean",
+                   match=f"{src / name} is not valid JSON (")  # fmt: skip

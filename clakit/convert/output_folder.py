@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers.dynamic_module_utils import custom_object_save
 
+from clakit.errors import ClakitError
 from clakit.markup import md_cell, md_code
 from clakit.provenance import CONVERT_RECORD
 from clakit.sources import CHAT_TEMPLATES_DIR
@@ -67,6 +68,22 @@ def tokenizer_files(source_dir: Path) -> list[Path]:
     for pattern in (*TOKENIZER_PATTERNS, f"{CHAT_TEMPLATES_DIR}/*.jinja", *tokenizer_code(source_dir)):
         files += [path for path in sorted(source_dir.glob(pattern)) if path.is_file() and path not in files]
     return files
+
+
+def check_tokenizer_json(source_dir: Path) -> None:
+    """The JSON files among `tokenizer_files` parse, checked before the work: the conversion copies them unread when
+    it reads no text (--init mean), and a damaged tokenizer.json (a download cut short) made an OUT whose every use
+    failed later ("cannot load the tokenizer of OUT: Expecting ',' delimiter ...")."""
+    for path in tokenizer_files(source_dir):
+        if path.suffix != ".json":
+            continue
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ClakitError(
+                f"{path} is not valid JSON ({e}); the conversion copies it into its output: restore it from the "
+                "model's original files (download it again)"
+            ) from None
 
 
 def copy_tokenizer_files(source_dir: Path, folder: Path) -> list[str]:

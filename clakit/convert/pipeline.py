@@ -46,6 +46,7 @@ from clakit.convert.inmemory import cla_config, cla_family
 from clakit.convert.layerwise import LayerwiseModel, autocast, fit_autocast, fresh_rotary, resolve_device
 from clakit.convert.layout import SUPPORTED_ARCHITECTURES, check_layout, check_shareable, kv_saving, uniform_layout
 from clakit.convert.output_folder import (
+    check_tokenizer_json,
     copy_tokenizer_files,
     model_card,
     tokenizer_files,
@@ -479,6 +480,7 @@ class _Conversion:
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
             self.source_files = files_fingerprint(self.source.path, self.checkpoint.files)  # headers only, as read
             self._check_source_tensors()
+            check_tokenizer_json(self.source.path)  # copied unread when no text is read
         self._load_texts()  # after the weights' checks: a datasets spec can mean a download
         with self._scratch() as scratch:  # per-layer streams, Grams and fitted tensors: on disk, not in memory
             ids = self._tokenize()  # the calibration tokens the text gives: the fits' scratch files grow with them
