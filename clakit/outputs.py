@@ -1056,3 +1056,14 @@ def check_free_space(
             f"not enough disk space in {folder}: {what} take {size_text(nbytes)}, {size_text(free)} is free; "
             f"free some space or {fix}"
         )
+    # bytes free but no inodes (many small files: a full ext4 inode table, a tmpfs nr_inodes): every new file fails
+    # with ENOSPC, which read as a full disk with gigabytes free. f_files 0: no fixed inode count (btrfs, NFS)
+    found = os.statvfs(folder)
+    if found.f_files and found.f_favail < FILES_NEEDED:
+        raise ClakitError(
+            f"no room for new files in {folder}: its file system has {found.f_favail} free inodes (file entries) "
+            f"left, and an output needs some {FILES_NEEDED}; remove files there or {fix}"
+        )
+
+
+FILES_NEEDED = 64  # a conversion writes ~12 files, an uptrain run's checkpoints a few dozen

@@ -649,3 +649,21 @@ def test_a_damaged_tokenizer_file_is_refused_before_it_is_copied(src, tmp_path, 
     monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("work began"))
     assert_refused(capsys, src, tmp_path / "out", "--init", "mean",
                    match=f"{src / name} is not valid JSON (")  # fmt: skip
+
+
+def test_a_file_system_without_free_inodes_is_named_before_the_work(src, tmp_path, capsys, monkeypatch):
+    """Bytes free but no inodes left (a full ext4 inode table, a tmpfs nr_inodes): every new file failed with
+    ENOSPC after the work, read as a full disk with gigabytes free. Named before the work now."""
+    import os
+    from types import SimpleNamespace
+
+    real = os.statvfs
+
+    def no_inodes(path):
+        found = real(path)
+        return SimpleNamespace(**{k: getattr(found, k) for k in dir(found) if k.startswith("f_")} | {"f_favail": 3})
+
+    monkeypatch.setattr(os, "statvfs", no_inodes)
+    monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("work began"))
+    found = "its file system has 3 free inodes (file entries) left, and an output needs some 64"
+    assert_refused(capsys, src, tmp_path / "out", "--init", "mean", match=found)
