@@ -13,7 +13,7 @@ from conftest import make_text, tiny_model
 from clakit.convert.inmemory import cla_model_from
 from clakit.convert.layout import uniform_layout
 from clakit.errors import ClakitError
-from clakit.eval import evaluate, kvcache, perplexity
+from clakit.eval import EvalConfig, evaluate, kvcache, perplexity
 from clakit.eval.perplexity import metrics, tokenize, windows
 
 
@@ -137,6 +137,7 @@ def test_report_dict_keys_and_saving_factor(model, tokenizer, text):
         and kv["bytes_per_sequence"] == 32 * kv["bytes_per_token"]
     )
     assert r["speed"]["prefill_tokens_per_s"] > 0 and r["speed"]["decode_tokens_per_s"] > 0
+    assert r["speed"]["decode_steps"] == r["provenance"]["config"]["decode_steps"] == 2  # timed as recorded
     assert r["provenance"]["transformers"] and r["provenance"]["device"] == "cpu"
 
 
@@ -221,6 +222,9 @@ def test_computed_cache_bytes_use_the_dtype_the_cache_holds(tokenizer, text):
 @pytest.mark.parametrize("steps", [0, -3, 2.5, True])
 def test_decode_steps_that_time_nothing_are_refused_before_any_work(steps):
     """evaluate(decode_steps=0) wrote decode_tokens_per_s 0.0, a report `clakit report` refuses; negatives were
-    recorded as given."""
-    with pytest.raises(ClakitError, match="decode_steps must be a positive integer"):
+    recorded as given. decode_steps is an EvalConfig field now (`--decode-steps`, recorded with the others)."""
+    found = "decode-steps must be a positive integer" if type(steps) is int else "decode_steps must be int"
+    with pytest.raises(ClakitError, match=found):
         evaluate("/nowhere", decode_steps=steps, quiet=True)
+    with pytest.raises(ClakitError, match=found):
+        EvalConfig(decode_steps=steps)

@@ -62,6 +62,7 @@ class EvalConfig:
         default=None, metadata=opt("few-shot examples per lm-eval prompt (default: the task's)")
     )
     speed: bool = field(default=True, metadata=opt("time prefill and decode", section="speed and weights"))
+    decode_steps: int = field(default=16, metadata=opt("greedy decoding steps the decode speed is timed over"))
     device: str | None = field(
         default=None, metadata=opt(f"where the model runs: {DEVICES_HELP} (default auto)", group=PLACEMENT_GROUP)
     )
@@ -82,6 +83,9 @@ class EvalConfig:
             raise ClakitError(f"--max-tokens must be a positive number of tokens, got {self.max_tokens}")
         if self.batch_size <= 0:
             raise ClakitError(f"--batch-size must be a positive integer, got {self.batch_size}")
+        if self.decode_steps <= 0:  # 0 wrote decode_tokens_per_s 0.0, a report `clakit report` refuses
+            raise ClakitError(f"--decode-steps must be a positive integer (decoding speed is timed over them), got "
+                              f"{self.decode_steps}")  # fmt: skip
         if not (math.isfinite(self.kv_budget_gb) and self.kv_budget_gb > 0):
             raise ClakitError(f"--kv-budget-gb must be a positive number of GB, e.g. 16, got {self.kv_budget_gb}")
         self._check_placement()

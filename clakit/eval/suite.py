@@ -304,7 +304,6 @@ def evaluate(
     passkey=None,
     name: str | None = None,
     quiet: bool = False,
-    decode_steps: int = 16,
     **settings,
 ) -> dict:
     """Evaluate `model` (checkpoint folder, Hub id, .gguf path, or an in-memory causal LM with `tokenizer`).
@@ -315,17 +314,13 @@ def evaluate(
     (see docs/eval.md); every input is checked before the model is loaded.
     """
     cfg = dataclasses.replace(config or EvalConfig(), **settings)  # every value checked here
-    if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
-        # 0 wrote decode_tokens_per_s 0.0, a report `clakit report` refuses; negatives were recorded as given
-        raise ClakitError(f"decode_steps must be a positive integer (decoding speed is timed over them), got "
-                          f"{decode_steps!r}")  # fmt: skip
     if passkey is not None:
         passkey.check()
     run = _prepare(model, cfg, tokenizer, text, passkey)
     _note_slow_dtype(run.placement, quiet)
     _note_fitted(run.fitted, quiet)
     loaded = _load(model, run.source, run.tokenizer, cfg, run.placement, name, run.identity)
-    return _measure(loaded, cfg, run, decode_steps, quiet)
+    return _measure(loaded, cfg, run, quiet)
 
 
 def _note_fitted(fitted: dict | None, quiet: bool) -> None:
@@ -397,7 +392,7 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
                     fitted)  # fmt: skip
 
 
-def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, decode_steps: int, quiet: bool) -> dict:
+def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, quiet: bool) -> dict:
     """The report: perplexity, KV cache, speed, passkeys and lm-eval tasks as asked, and the provenance."""
     settings = dict(seq_len=run.seq_len, stride=run.stride, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
     report = {"format": FORMAT, "model": loaded.name}
@@ -406,7 +401,7 @@ def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, decode_steps: int, 
     report["settings"] = settings
     report["kv_cache"] = _kv_cache(loaded, run.tokens.ids, run.seq_len, cfg.kv_budget_gb, run.reference)
     speed_ids = run.tokens.ids[: run.seq_len]
-    report["speed"] = _speed(loaded.model, speed_ids, cfg.batch_size, decode_steps) if cfg.speed else None
+    report["speed"] = _speed(loaded.model, speed_ids, cfg.batch_size, cfg.decode_steps) if cfg.speed else None
     if run.prompts:
         report["passkey"] = passkey_task.run(loaded.model, loaded.tokenizer, run.prompts, quiet, cfg.batch_size)
     if run.tasks:
