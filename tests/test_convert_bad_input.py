@@ -667,3 +667,10 @@ def test_a_file_system_without_free_inodes_is_named_before_the_work(src, tmp_pat
     monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_data_phase", lambda *a: pytest.fail("work began"))
     found = "its file system has 3 free inodes (file entries) left, and an output needs some 64"
     assert_refused(capsys, src, tmp_path / "out", "--init", "mean", match=found)
+
+
+@pytest.mark.parametrize("args", [["--init", "mean"], ["--init", "producer", "--kv-source-layers", "0,0,2,2"], []])
+def test_bf16_where_nothing_runs_on_data_is_refused(src, tmp_path, capsys, args):
+    """--bf16 computes the layout search, the fits and the distillation in bf16: with none of them (no calibration
+    text) it changed nothing, and the record said bf16_used true with a rerun command carrying --bf16 (helper L)."""
+    assert_refused(capsys, src, tmp_path / "out", "--bf16", *args, match="--bf16 computes the layout search")

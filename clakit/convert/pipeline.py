@@ -226,6 +226,12 @@ def _check_arguments(c: ConvertConfig, layout: str | None, kv_saving_: float | N
         given = "--factor" if c.factor is not None else "--kv-source-layers" if c.kv_source_layers else None
         fix = f"drop {given} (it fixes the layout) or --kv-saving" if given else "add --layout auto"
         raise ClakitError(f"--kv-saving chooses how much KV cache --layout auto saves; {fix}")
+    if c.bf16 and layout != "auto" and _resolve_init(c.init, c.calib_data) not in DATA_AWARE_INITS:
+        # nothing runs on data (no layout search, no fit, no distillation; the quick check reads in float32)
+        raise ClakitError(
+            "--bf16 computes the layout search and the fits in bfloat16, which this conversion does not run (an "
+            "--init that fits nothing, a layout not chosen on data): drop --bf16, or pass --calib-data"
+        )
 
 
 def _resolve_init(init: str | None, calib_data) -> str:

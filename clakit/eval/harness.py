@@ -172,13 +172,19 @@ def _name_of(obj) -> str:
 def _lm_eval_errors_only():
     """lm-eval logs much at INFO/WARNING that does not apply to a model handed over in memory (e.g. "do not launch
     via accelerate"); keep its errors only, for the duration of the call."""
+    import lm_eval.evaluator as evaluator
+
     logger = logging.getLogger("lm_eval")
-    level = logger.level
+    level, git_hash = logger.level, evaluator.get_git_commit_hash
     logger.setLevel(logging.ERROR)
+    # lm-eval runs `git describe` in the working directory (the user's, not the model's: nothing clakit records);
+    # outside a repository git printed "fatal: not a git repository" on stderr, even with -q
+    evaluator.get_git_commit_hash = lambda: None
     try:
         yield
     finally:
         logger.setLevel(level)
+        evaluator.get_git_commit_hash = git_hash
 
 
 def _first_line(e: Exception) -> str:
