@@ -23,9 +23,11 @@ def weights(run: Path) -> dict:
     return load_file(run / "model" / "model.safetensors")
 
 
-def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpoint, corpus_dir, tmp_path):
+def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpoint, corpus_dir, tmp_path, capsys):
     """LoRA + full-trained producer K/V and consumer q_proj + distillation; the result is a CLA checkpoint that
-    loads with trust_remote_code alone, with card, provenance, metrics and before/after numbers."""
+    loads with trust_remote_code alone, with card, provenance, metrics and before/after numbers. Its messages name
+    the converted folder where it is found (they named the hidden staging folder: `.run.XXXXXXXX.partial/converted`,
+    gone once the run was published)."""
     out = tmp_path / "run"
     recipe = tiny_recipe(
         corpus_dir,
@@ -35,8 +37,11 @@ def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpo
         distill={"weight": 0.5, "temperature": 2.0, "hidden_mse_weight": 0.1},
         train={"eval_steps": 3},
     )
-    result = uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=True)
+    result = uptrain(write_recipe(tmp_path / "r.yaml", recipe), quiet=False)
     assert result == out / "model"
+    said = capsys.readouterr().err
+    assert f"into {out / 'converted'}" in said and f"wrote {out / 'converted'}: layout" in said
+    assert ".partial" not in said
     for name in ("configuration_cla.py", "modeling_cla.py", "README.md", "uptrain.json", "tokenizer.json"):
         assert (result / name).is_file(), name
     reports = {n: json.loads((out / "eval" / f"{n}.json").read_text()) for n in ("original", "converted", "uptrained")}

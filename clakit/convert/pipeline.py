@@ -133,7 +133,14 @@ class ConvertSettings:
 
 
 def convert(
-    src, out, config: ConvertConfig | None = None, *, overwrite: bool = False, quiet: bool = False, **settings
+    src,
+    out,
+    config: ConvertConfig | None = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    shown: Path | None = None,
+    **settings,
 ) -> Path:
     """Convert checkpoint `src` (folder, Hub id or .gguf file) to a CLA checkpoint folder `out`; returns `out`.
 
@@ -141,6 +148,7 @@ def convert(
     Layout: `factor` (uniform CLA-K), `kv_source_layers` (a list) or `layout="auto"` with `kv_saving`; none of them
     means "auto" at `kv_saving` (default 0.5) with `calib_data`, uniform CLA2 without. `init` None means "mean"
     without `calib_data`, DEFAULT_DATA_INIT with it. Everything is checked before any file is read or written.
+    `shown`: the path the last message names (a caller's staging folder, published later under that name).
     """
     if config is not None and settings:
         raise TypeError("give convert() a ConvertConfig or keyword settings, not both")
@@ -161,6 +169,7 @@ def convert(
         overwrite=overwrite,
         quiet=quiet,
     )
+    job.shown = shown or job.out
     return job.run()
 
 
@@ -441,6 +450,7 @@ class _Conversion:
         self.compute_dtype = torch.bfloat16 if self.bf16 else None  # `autocast`'s: None opens no context
         self.results: dict = {}  # measured along the way: eval perplexities, auto-layout scores
         self.needs_calibration = needs_calibration(config)
+        self.shown = out  # the path the last message names (convert's `shown`)
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -497,7 +507,7 @@ class _Conversion:
             with outputs.staged(self.out, "convert", overwrite=self.overwrite) as tmp:
                 self._write(tmp, overrides)
         self.say(
-            f"wrote {self.out}: layout {self.layout_name}, init {self.init}, KV cache -{kv_saving(self.layout):.0%}"
+            f"wrote {self.shown}: layout {self.layout_name}, init {self.init}, KV cache -{kv_saving(self.layout):.0%}"
         )
         return self.out
 

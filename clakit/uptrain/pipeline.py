@@ -651,20 +651,22 @@ def checkpoint_summary(folder: Path) -> str:
 CONVERT_POLL_S = 10.0  # how often the other processes look for the converted checkpoint
 
 
-def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool, model=None) -> Path:
+def prepare_student_checkpoint(recipe: Recipe, work: Path, acc, quiet: bool, model=None, out=None) -> Path:
     """The CLA checkpoint to train: model.path, or model.source converted by the main process into work/converted.
 
     The other processes do not wait in a collective (whose timeout, COLLECTIVE_TIMEOUT, a big conversion outlasts):
     they poll the file system for the published folder, or for the failure note the main process leaves. `model`:
-    the model section to read (resumed_model), default recipe.model."""
+    the model section to read (resumed_model), default recipe.model; `out`: where `work` is published (messages
+    name the folder the user will find, not the hidden staging folder)."""
     model = model or recipe.model
     if model.path:
         return resolve_source(model.path, model.revision, model.allow_pickle).path
     converted, failed = work / "converted", work / "converted.failed"
     if acc.is_main_process and not (converted / "config.json").is_file():
-        _say(f"converting {recipe.model.source} into {converted}", quiet)
+        shown = (out or work) / "converted"
+        _say(f"converting {recipe.model.source} into {shown}", quiet)
         try:
-            student.convert_source(recipe.model, converted, quiet=quiet)
+            student.convert_source(recipe.model, converted, quiet=quiet, shown=shown)
         except BaseException as e:
             failed.write_text(f"{type(e).__name__}: {e}"[:500])
             raise
@@ -991,7 +993,7 @@ def _setup(
     if (section or recipe.model).source and not (work / "converted" / "config.json").is_file():
         # CLA: before the conversion (at 70B: hours), every process, so they stop together
         check_conversion_space(out or work, section or recipe.model, recipe, data, shape, fresh)
-    start_path = prepare_student_checkpoint(recipe, work, acc, quiet, section)
+    start_path = prepare_student_checkpoint(recipe, work, acc, quiet, section, out)
     # before any model loads (at 70B minutes of reading per model): every process, so they stop together
     check_run_space(out or work, start_path, recipe, data, shape, fresh)
     model = _load_student(start_path, run["student_dtype"], acc, recipe.model.allow_pickle)

@@ -66,8 +66,9 @@ def _check_kind(model_section, source):
     return config
 
 
-def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
-    """Run the converter on `model.source` into `out` (a folder that must not exist yet) with `model.convert`."""
+def convert_source(model_section, out: Path, quiet: bool = False, shown: Path | None = None) -> Path:
+    """Run the converter on `model.source` into `out` (a folder that must not exist yet) with `model.convert`;
+    `shown`: the path its messages name (where `out` is published later)."""
     from clakit.convert import convert
 
     config = model_section.convert
@@ -78,7 +79,7 @@ def convert_source(model_section, out: Path, quiet: bool = False) -> Path:
     # the run's settings (recipe.py refuses the conversion's alone)
     config = dataclasses.replace(config, **{k: True for k, v in code_settings(model_section).items() if v})
     try:
-        return convert(model_section.source, out, config, quiet=quiet)
+        return convert(model_section.source, out, config, quiet=quiet, shown=shown)
     except ClakitError as e:
         raise in_recipe(e, named=False) from None
 
