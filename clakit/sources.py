@@ -433,6 +433,8 @@ def load_config(source: Source, trust_remote_code: bool = False):
 
     if source.kind == "dir":
         read_config_json(source.path)
+    if source.kind == "gguf":
+        check_gguf_whole(source)  # before transformers reads it: a split file's later parts have no architecture
     check_remote_code(source, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(
@@ -504,6 +506,69 @@ def restore_config(source: Source) -> str:
     return GGUF_METADATA_FIX if source.kind == "gguf" else "restore the checkpoint's config.json"
 
 
+def check_gguf_whole(source: Source) -> None:
+    """A GGUF transformers cannot read whole, refused from its header before any work: one part of a split file
+    (llama.cpp's `gguf-split`, as the Hub holds large models: transformers reads the one file it is given, and the
+    tensors of the other parts were named as missing from "metadata that does not describe its tensors: download it
+    again"), or an architecture transformers' GGUF reader names but cannot map to tensors (`mistral`, or a llama
+    file whose general.name is "mistral": refused only after the sha256 pass, at the weights' load)."""
+    try:
+        problem = _gguf_whole(str(source.path), source.path.stat().st_mtime_ns)
+    except Exception:  # a damaged file: transformers' read of it fails next, and _read_error names the damage
+        return
+    if problem:
+        raise ClakitError(f"{source.spec} {problem}")
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str, mtime_ns: int):
+    """The gguf package's reader of one version of a file (it parses the whole header: ~2 s for SmolLM2-135M, more
+    at size), shared by the checks that read its metadata; it maps the file, reading no tensor data."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_whole(path: str, mtime_ns: int) -> str | None:
+    reader = _gguf_reader(path, mtime_ns)
+
+    def field(key):
+        found = reader.get_field(key)
+        return None if found is None else found.contents()
+
+    count = field("split.count")
+    if count is not None and int(count) > 1:
+        part = int(field("split.no") or 0) + 1
+        return (
+            f"is part {part} of a GGUF split into {count} files, and transformers reads only the file it is given: "
+            f"merge the parts first (llama.cpp: llama-gguf-split --merge FIRST-PART.gguf merged.gguf) and give the "
+            "merged file"
+        )
+    arch, name = field("general.architecture"), field("general.name")
+    if arch == "mistral" or (arch == "llama" and name == "mistral"):
+        what = "general.architecture mistral" if arch == "mistral" else "general.name mistral under llama"
+        return (
+            f"declares {what}, which transformers' GGUF reader cannot map to its tensors; "
+            "give the model's transformers checkpoint"
+        )
+    return None
+
+
+def check_gguf_tokenizer(source: Source) -> None:
+    """A GGUF without tokenizer metadata (exported without its vocabulary) was refused by transformers' words,
+    "Cannot build a tokenizer from a GGUF file stating tokenizer None", with "download it again" as the fix."""
+    try:
+        found = _gguf_reader(str(source.path), source.path.stat().st_mtime_ns).get_field("tokenizer.ggml.model")
+    except Exception:  # a damaged file: the tokenizer's load fails next, and _read_error names the damage
+        return
+    if found is None:
+        raise ClakitError(
+            f"{source.spec} holds no tokenizer (no tokenizer.ggml.model metadata), and text is tokenized with the "
+            "model's own tokenizer: give a GGUF exported with its vocabulary, or the model's transformers checkpoint"
+        )
+
+
 def check_gguf_unread(source: Source) -> None:
     """What transformers' GGUF reader silently drops from a llama GGUF, refused in one line: RoPE scaling
     (`llama.rope.scaling.type` linear/yarn, or the `rope_freqs.weight` factors llama.cpp writes for Llama 3.1+'s
@@ -521,9 +586,7 @@ def check_gguf_unread(source: Source) -> None:
 def _gguf_unread(path: str, mtime_ns: int) -> str | None:
     """What of a llama GGUF transformers' reader ignores, or None; read once per file version (the reader parses
     the whole header)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    reader = _gguf_reader(path, mtime_ns)
     arch = reader.get_field("general.architecture")
     if arch is None or arch.contents() not in ("llama", "mistral"):  # others' metadata is transformers' own matter
         return None
@@ -861,6 +924,7 @@ def load_model(
 
     check_weights(source, allow_pickle)
     if source.kind == "gguf":
+        check_gguf_whole(source)
         check_gguf_unread(source)
     check_remote_code(source, trust_remote_code)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -889,7 +953,7 @@ def load_model(
     except _errors(source, ValueError, OSError, KeyError, RuntimeError, SafetensorError) as e:  # torch: RuntimeError
         fix = _gguf_fix(e) if source.kind == "gguf" else DOWNLOAD_AGAIN
         raise _read_error(source, "load as a causal LM", e, fix) from None
-    settings = ("the GGUF metadata", GGUF_METADATA_FIX) if source.kind == "gguf" else ("config.json", None)
+    settings = ("GGUF metadata", GGUF_METADATA_FIX) if source.kind == "gguf" else ("config.json", None)
     problem = loading_problem(info, settings[1], settings[0], model.config.num_hidden_layers)
     if problem:
         raise ClakitError(f"cannot load {source.spec}: {problem}")
@@ -959,6 +1023,8 @@ def load_tokenizer(source: Source, trust_remote_code: bool = False):
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     check_tokenizer_files(source)
+    if source.kind == "gguf":
+        check_gguf_tokenizer(source)
     _check_sentencepiece_readable(source)
     try:
         return AutoTokenizer.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code, **kwargs)

@@ -393,7 +393,7 @@ def test_a_llama_gguf_named_mistral_is_refused_as_unreadable_not_as_damaged(toke
     path = write_gguf(source_model(), tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32, name="mistral")
     assert run_cli(path, tmp_path / "out", "-q") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot read GGUF files of this architecture" in err
+    assert err.count("\n") == 1 and "declares general.name mistral under llama, which transformers' GGUF reader" in err
     assert "download it again" not in err and not (tmp_path / "out").exists()
 
 
@@ -466,7 +466,7 @@ def test_a_gguf_whose_metadata_does_not_match_its_tensors_names_the_file_not_con
     argv = ["eval", str(path), "-o", str(tmp_path / "r.json"), "--data", str(corpus_dir / "heldout.txt"), "-q"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "the GGUF metadata does not match the weights" in err, err
+    assert err.count("\n") == 1 and "GGUF metadata does not match the weights" in err, err
     assert "config.json" not in err and err.strip().endswith("download it again, or export it again"), err
 
 
@@ -633,3 +633,26 @@ def test_a_layout_that_shares_nothing_writes_the_sources_tensors_without_distill
     assert record["distill"] == {"steps": 0, "skipped": "no layer shares K/V in this layout"}  # why, not null
     card = (tmp_path / "out" / "README.md").read_text()
     assert "none (the default was skipped: no layer shares K/V in this layout)" in card
+
+
+def test_a_gguf_too_big_for_the_gpu_is_refused_before_it_is_read(tokenizer, tmp_path, capsys, monkeypatch):
+    """A GGUF source is copied whole to --device for the fits: host memory was checked, the GPU's not, and a CUDA
+    out-of-memory after the sha256 pass and the dequantisation was a traceback (helper P, simulated). The copy is
+    priced in the fits' dtype against the device's free memory (no GPU here: the device and its count are faked,
+    and the refusal comes before anything touches CUDA)."""
+    import gguf
+
+    from clakit import outputs
+    from clakit.convert import pipeline
+
+    path = write_gguf(source_model(), tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32)
+    need = sum(p.numel() * 4 for p in source_model().parameters())
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device, dtype: torch.device("cuda", 0))
+    monkeypatch.setattr(pipeline, "_free_memory", lambda device: need // 2 if device.type == "cuda" else need * 4)
+    read = []
+    monkeypatch.setattr(pipeline, "file_sha256", lambda p: read.append(p) or "0" * 64)
+    assert main(["convert", str(path), str(tmp_path / "out"), "--init", "mean", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"is read whole (GGUF) and copied whole to cuda:0 in float32 (~{outputs.size_text(need)})" in err, err
+    assert "use --device cpu" in err and len(err.strip().splitlines()) == 1 and not read
+    assert not (tmp_path / "out").exists()

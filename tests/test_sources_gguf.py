@@ -104,3 +104,37 @@ def test_loaded_models_are_never_kernelized_from_the_hub(tiny_llama_checkpoint):
     model = load_model(resolve_source(str(tiny_llama_checkpoint)))
     model.train()
     assert model.use_kernels is False
+
+
+def test_a_split_gguf_is_refused_naming_the_merge(tiny_gguf, tmp_path):
+    """llama.cpp's gguf-split parts (how the Hub holds large GGUFs): transformers reads only the file given, so the
+    first part lost the other parts' tensors as "metadata that does not describe its tensors: download it again",
+    and a later part (no architecture) was "download it again" too. Refused from the header, naming the merge."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama", split_max_tensors=1)
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((8, 16), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    parts = sorted(tmp_path.glob("m-0000*-of-00002.gguf"))
+    assert len(parts) == 2
+    for number, part in enumerate(parts, 1):
+        needle = f"is part {number} of a GGUF split into 2 files.*llama-gguf-split --merge"
+        with pytest.raises(ClakitError, match=needle):
+            load_config(resolve_source(str(part)))
+
+
+def test_a_gguf_without_tokenizer_metadata_names_that(tiny_gguf):
+    """The fixture has no tokenizer.ggml.* keys: its config reads, its tokenizer is refused as absent (transformers'
+    words were "stating tokenizer None", with "download it again")."""
+    from clakit.sources import load_tokenizer
+
+    source = resolve_source(str(tiny_gguf))
+    assert load_config(source).hidden_size == 16
+    with pytest.raises(ClakitError, match="holds no tokenizer \\(no tokenizer.ggml.model metadata\\)"):
+        load_tokenizer(source)

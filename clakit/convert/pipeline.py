@@ -614,10 +614,20 @@ class _Conversion:
         free = _free_memory(torch.device("cpu"))
         if free is not None and need > free:
             raise ClakitError(
-                f"{self.source.spec} is read whole and dequantised to float32 (~{need / 1e9:.1f} GB), but "
-                f"{free / 1e9:.1f} GB of memory is free: convert the model's safetensors release (read layer by "
+                f"{self.source.spec} is read whole and dequantised to float32 (~{outputs.size_text(need)}), but "
+                f"{outputs.size_text(free)} of memory is free: convert the model's safetensors release (read layer by "
                 "layer), or run on a machine with more memory"
             )
+        if self.device.type == "cuda":  # _gguf_runner copies the whole model there, in the fits' dtype
+            need = need // 4 * self.fit_dtype.itemsize
+            free = _free_memory(self.device)
+            if free is not None and need > free:
+                raise ClakitError(
+                    f"{self.source.spec} is read whole (GGUF) and copied whole to {self.device} in "
+                    f"{str(self.fit_dtype).removeprefix('torch.')} (~{outputs.size_text(need)}), but "
+                    f"{outputs.size_text(free)} is free there: use --device cpu, or convert the model's safetensors "
+                    "release (read layer by layer)"
+                )
 
     def _gguf_runner(self) -> LayerwiseModel:
         """GGUF: transformers dequantises the whole file, so the model is whole in memory anyway; it is the checkpoint

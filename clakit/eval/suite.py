@@ -516,5 +516,6 @@ def _provenance(loaded: Loaded, data_info: dict, settings: dict, cfg: EvalConfig
 
 
 # beside clakit.provenance's clakit/transformers/torch: what the token ids also depend on (a tokenizer.model-only
-# folder is converted to a fast tokenizer with sentencepiece and protobuf when loaded)
-EVAL_LIBRARIES = ("tokenizers", "sentencepiece", "protobuf")
+# folder is converted to a fast tokenizer with sentencepiece and protobuf when loaded); a .gguf model's weights are
+# dequantised, and its tokenizer read, by the gguf package
+EVAL_LIBRARIES = ("tokenizers", "sentencepiece", "protobuf", "gguf")
