@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,6 +251,15 @@ def check_readable(paths) -> None:
                 continue
             try:
                 open(file, "rb").close()
+                if file.suffix == ".json":  # nested past Python's recursion limit: a RecursionError traceback
+                    json.loads(file.read_bytes())  # wherever it was read (config, index, tokenizer, records)
+            except RecursionError:
+                raise ClakitError(
+                    f"{file} nests its JSON deeper than can be read ({sys.getrecursionlimit()} levels): it is "
+                    "damaged or hostile; restore it"
+                ) from None
+            except ValueError:
+                pass  # not JSON: the reader of that file says so in its own words
             except OSError as e:
                 raise ClakitError(
                     f"cannot read {file}: {e.strerror or e}; make it readable for this user (chmod a+r {file}) or "
@@ -617,11 +627,20 @@ def _blocks_beyond_count(reader, arch: str) -> str | None:
     blocks' tensors without a word (a 4-block file saying 2 converted and evaluated as a 2-layer model, exit 0)."""
     count = reader.get_field(f"{arch}.block_count")
     blocks = {int(m[1]) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
-    if count is None or not blocks or max(blocks) < int(count.contents()):
+    if count is None or not blocks or max(blocks) + 1 == int(count.contents()):
         return None
+    if max(blocks) + 1 < int(count.contents()) <= 2 * (max(blocks) + 1):
+        return None  # a block or two missing: the load names the missing tensors
+    if max(blocks) + 1 > int(count.contents()):
+        return (
+            f"holds tensors of blocks blk.0-blk.{max(blocks)} but its {arch}.block_count is {count.contents()}: "
+            f"transformers' GGUF reader would build {count.contents()} layers and drop the later blocks without a word"
+        )
+    # fewer blocks than the count: the model would be built (and its missing layers allocated) at the count's size
+    # before anything compared it with the tensors (block_count 10**6 over 4 blocks: GBs and minutes, then a refusal)
     return (
-        f"holds tensors of blocks blk.0-blk.{max(blocks)} but its {arch}.block_count is {count.contents()}: "
-        f"transformers' GGUF reader would build {count.contents()} layers and drop the later blocks without a word"
+        f"holds tensors of blocks blk.0-blk.{max(blocks)} only but its {arch}.block_count is {count.contents()}: "
+        "its metadata does not describe its tensors"
     )
 
 
@@ -927,6 +946,7 @@ def load_model(
         check_gguf_whole(source)
         check_gguf_unread(source)
     check_remote_code(source, trust_remote_code)
+    check_config_fits_weights(source, trust_remote_code)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -1123,3 +1143,91 @@ def gguf_problem(path: Path) -> str | None:
         return f"the GGUF file is truncated or damaged ({size:,} bytes that the gguf reader cannot parse)"
     need = max((t.data_offset + t.n_bytes for t in tensors), default=0)
     return f"the GGUF file is truncated ({size:,} bytes; its tensors need {need:,})" if need > size else None
+
+
+LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def layer_count_problem(names, layers: int, where: str) -> str | None:
+    """Decoder layers in the weights (model.layers.N.*) against the config's num_hidden_layers: a config of 10**6
+    layers over 4 was built (on the meta device too: ~43 KB of Python objects a layer) before any check compared it
+    with the tensors, 43 GB and minutes for one edited number."""
+    found = {int(m[1]) for n in names if (m := LAYER_NAME.match(n))}
+    # gross only (twice the layers held and more): a layer or two off keeps the later, tensor-naming refusals
+    if found and layers > 2 * (max(found) + 1):
+        held = max(found) + 1
+        return f"{where} makes {layers} decoder layers but the weights hold {held} (model.layers.0-{held - 1})"
+    return None
+
+
+def _header_elements(source: Source) -> tuple[list[str], int] | None:
+    """(tensor names, total elements) from the weights' headers alone; None where they cannot be read cheaply
+    (pickle, remote code, a damaged file: the load names the damage)."""
+    try:
+        if source.kind == "gguf":
+            tensors = _gguf_reader(str(source.path), source.path.stat().st_mtime_ns).tensors
+            return [t.name for t in tensors], sum(int(t.n_elements) for t in tensors)
+        name = loadable_weights(source.path)
+        if name is None or not is_safetensors_name(name):
+            return None
+        files = sorted(set(read_index(source.path / name).values())) if name.endswith(".index.json") else [name]
+        from safetensors import safe_open
+
+        names, total = [], 0
+        for file in files:
+            with safe_open(str(source.path / file), framework="pt") as f:
+                for key in f.keys():
+                    shape = f.get_slice(key).get_shape()
+                    names.append(key)
+                    total += functools.reduce(lambda a, b: a * b, shape, 1)
+        return names, total
+    except Exception:
+        return None
+
+
+def check_config_fits_weights(source: Source, trust_remote_code: bool = False) -> None:
+    """Before transformers builds the model: the config's layer count and parameter count against the weights'
+    headers. from_pretrained allocates (and initialises) every tensor the config makes and the file lacks or shapes
+    otherwise (ignore_mismatched_sizes), so vocab_size 10**7 over a 320-token file took 4.2 GB before the refusal,
+    and a 660 KB GGUF whose feed_forward_length says 2*10**6 took 6.4 GB; larger numbers exhaust the machine."""
+    if trust_remote_code:
+        return
+    found = _header_elements(source)
+    if found is None:
+        return
+    names, elements = found
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import clakit.modeling  # noqa: F401
+
+    try:
+        config = AutoConfig.from_pretrained(source.load_dir, gguf_file=source.gguf_file)
+    except Exception:
+        return  # load_config / from_pretrained say why
+    where = "its GGUF metadata" if source.kind == "gguf" else "its config.json"
+    fix = restore_config(source) if source.kind == "gguf" else "restore the config.json written with these weights"
+    layers = getattr(config, "num_hidden_layers", None)
+    if source.kind == "dir" and type(layers) is int:
+        problem = layer_count_problem(names, layers, where)
+        if problem:
+            raise ClakitError(f"cannot load {source.spec}: {problem}; {fix}")
+    elif source.kind == "gguf" and type(layers) is int:
+        blocks = {int(m[1]) for n in names if (m := re.match(r"blk\.(\d+)\.", n))}
+        if blocks and layers > 2 * (max(blocks) + 1):
+            raise ClakitError(f"cannot load {source.spec}: {where} makes {layers} layers but it holds "
+                              f"{max(blocks) + 1}; {fix}")
+    if getattr(config, "quantization_config", None):  # packed weights hold fewer values than parameters
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return
+    wanted = sum(p.numel() for p in skeleton.parameters())
+    if wanted > 2 * elements + (1 << 26):  # gross only: a few tensors off get their own, named refusals later
+        raise ClakitError(
+            f"cannot load {source.spec}: {where} makes a model of {wanted:,} parameters but its weights hold "
+            f"{elements:,} values, so it does not describe them (building it would take {4 * wanted / 1e9:.1f} GB "
+            f"in float32 before that was found); {fix}"
+        )

@@ -182,6 +182,16 @@ def shard_outside(name: str) -> callable:
     return change
 
 
+def link_outside(name: str) -> callable:
+    """edit: `name` in the folder a link to a file beside it, outside the checkpoint (a secret, say)."""
+
+    def edit(folder: Path) -> None:
+        (folder.parent / "secret.txt").write_text("AWS_SECRET=hunter2\n")
+        (folder / name).symlink_to(folder.parent / "secret.txt")
+
+    return edit
+
+
 ALL_PRODUCERS = updated(kv_source_layers=[0, 1, 2, 3])  # the CLA2 weights have no K/V for layers 1 and 3
 ONE_PRODUCER = updated(kv_source_layers=[0, 0, 0, 0])  # layer 2's K/V have no place
 K1 = "model.layers.1.self_attn.k_proj.weight"
@@ -311,6 +321,18 @@ CASES = [
       for cmd in (EVAL, CONVERT, TEACHER)],
     *[Case(cmd, "model.safetensors is a link to a missing file", damaged("model", dangling_single),
            id=f"{cmd.split()[0]}-dangling-link") for cmd in (EVAL, CONVERT)],
+    # --- one edited number built a model at its size before any check (10**6 layers: 43 GB of Python objects in
+    # convert's skeleton; vocab_size 10**7: 4.2 GB allocated by from_pretrained before the refusal; helper M)
+    *[Case(cmd, "its config.json makes 1000000 decoder layers but the weights hold 4 (model.layers.0-3); restore "
+           "the config.json", damaged("model", updated(num_hidden_layers=10**6)), id=f"{cmd.split()[0]}-layer-bomb")
+      for cmd in (EVAL, CONVERT)],
+    Case(EVAL, "its config.json makes a model of 960,083,376 parameters but its weights hold 114,096 values",
+         damaged("model", updated(vocab_size=10**7)), id="eval-vocab-bomb"),
+    # --- JSON nested past Python's recursion limit: a RecursionError traceback wherever it was read
+    *[Case(cmd, "config.json nests its JSON deeper than can be read", damaged("model", config(
+          lambda c: b"[" * 100_000 + b"]" * 100_000)), id=f"{cmd.split()[0]}-deep-json") for cmd in (EVAL, CONVERT)],
+    # --- a tokenizer file linking outside the folder was copied into OUT (which users publish) as a plain file
+    Case(CONVERT, "merges.txt links to", damaged("model", link_outside("merges.txt")), id="convert-link-outside"),
 ]  # fmt: skip
 
 

@@ -416,3 +416,24 @@ def test_dry_run_refuses_a_conversion_layout_the_model_cannot_take(
     assert "--factor must be between 1 and the number of layers (4), got 9" in capsys.readouterr().err
     assert main(["uptrain", str(path), "model.convert.kv_source_layers=[0,0,2,2]", "--dry-run"]) == 0
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_started_before_the_bf16_refusal_resumes(tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch):
+    """convert now refuses --bf16 where nothing runs on data; a run started before, with model.convert {init: mean,
+    bf16: true}, was refused on --resume (its conversion done, nothing converted again), and the fix the message
+    gave (drop bf16) was refused as another recipe than run.json's: only --overwrite, losing the training (helper
+    Q). A fresh run with that recipe is still refused."""
+    from clakit.convert import pipeline as convert_pipeline
+    from clakit.errors import ClakitError
+
+    out = tmp_path / "run"
+    model = {"source": str(tiny_llama_checkpoint), "convert": {"factor": 2, "init": "mean", "bf16": True}}
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model=model))
+    with pytest.raises(ClakitError, match="--bf16 computes the layout search"):
+        uptrain(path, quiet=True)
+    check = convert_pipeline._check_arguments
+    monkeypatch.setattr(convert_pipeline, "_check_arguments", lambda *a: None)  # the code before the refusal
+    killed_at_step(3, path)
+    monkeypatch.setattr(convert_pipeline, "_check_arguments", check)
+    assert (out / "checkpoints" / "step-000002").is_dir() and (out / "converted" / "config.json").is_file()
+    assert uptrain(path, resume=True, quiet=True) == out / "model"

@@ -61,12 +61,30 @@ def tokenizer_code(source_dir: Path) -> list[str]:
     return sorted(found)
 
 
+def _outside(path: Path, source_dir: Path) -> bool:
+    """Whether `path` resolves outside the checkpoint folder (a Hub snapshot's links may reach its cache entry's
+    blobs/, nothing else)."""
+    allowed = [source_dir.resolve()]
+    if source_dir.parent.name == "snapshots":
+        allowed.append((source_dir.parent.parent / "blobs").resolve())
+    real = path.resolve()
+    return not any(real.is_relative_to(root) for root in allowed)
+
+
 def tokenizer_files(source_dir: Path) -> list[Path]:
     """The tokenizer files (with a tokenizer's own code, `tokenizer_code`) and generation_config.json of a checkpoint
-    folder that its conversion copies, in order."""
+    folder that its conversion copies, in order. One that links outside the folder is refused: the copy is a plain
+    file of OUT, which users publish (a `merges.txt -> ~/.aws/credentials` in a downloaded archive was copied into
+    the converted checkpoint, exit 0)."""
     files: list[Path] = []
     for pattern in (*TOKENIZER_PATTERNS, f"{CHAT_TEMPLATES_DIR}/*.jinja", *tokenizer_code(source_dir)):
         files += [path for path in sorted(source_dir.glob(pattern)) if path.is_file() and path not in files]
+    for path in files:
+        if _outside(path, source_dir):
+            raise ClakitError(
+                f"{path} links to {path.resolve()}, outside the checkpoint folder, and convert copies it into OUT as "
+                "a plain file: replace the link by the file itself, or remove it"
+            )
     return files
 
 
@@ -75,8 +93,8 @@ def check_tokenizer_json(source_dir: Path) -> None:
     it reads no text (--init mean), and a damaged tokenizer.json (a download cut short) made an OUT whose every use
     failed later ("cannot load the tokenizer of OUT: Expecting ',' delimiter ...")."""
     for path in tokenizer_files(source_dir):
-        if path.suffix != ".json":
-            continue
+        if path.suffix != ".json" or path.name == "generation_config.json":
+            continue  # generation_config.json: transformers loads a damaged one as absent (an OSError it catches)
         try:
             json.loads(path.read_bytes())
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError

@@ -76,6 +76,7 @@ from clakit.provenance import (
 )
 from clakit.sources import (
     Source,
+    check_config_fits_weights,
     check_revision,
     check_seq_len,
     default_seq_len,
@@ -485,6 +486,7 @@ class _Conversion:
         self.stage_seconds: dict[str, float] = {}
         self.started = time.perf_counter()
         self.config, self.architecture = _source_config(self.source, self.cfg.trust_remote_code)
+        check_config_fits_weights(self.source, self.cfg.trust_remote_code)  # before anything is built at its size
         self.config_dtype = getattr(self.config, "dtype", None)  # before the fits' skeletons (from_config) set it
         self.seq_len = conversion_seq_len(self.cfg, self.config, self.source.spec)
         self.layout, self.layout_name = self._fixed_layout()  # None for --layout auto, chosen on data later
