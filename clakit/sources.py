@@ -9,6 +9,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -491,6 +492,12 @@ def _check_values(source: Source, config) -> None:
     for key, value, least in (("rope_theta", theta, "above 0"), ("rms_norm_eps", eps, "0 or more")):
         if isinstance(value, int | float) and (value < 0 or (value == 0 and key == "rope_theta")):
             raise ClakitError(f"{source.spec}: its config's {key} {value} (not {least}) makes NaN outputs; {fix}")
+        # Infinity / NaN (JSON's non-standard literals, which Python reads): no rotation at all, or NaN norms
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ClakitError(f"{source.spec}: its config's {key} is {value}, not a finite number; {fix}")
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if isinstance(factor, int | float) and not (math.isfinite(factor) and factor > 0):
+        raise ClakitError(f"{source.spec}: its config's RoPE scaling factor is {factor}, not a positive number; {fix}")
 
 
 def _check_pad_id(source: Source, config) -> None:
@@ -577,6 +584,12 @@ def check_gguf_tokenizer(source: Source) -> None:
             f"{source.spec} holds no tokenizer (no tokenizer.ggml.model metadata), and text is tokenized with the "
             "model's own tokenizer: give a GGUF exported with its vocabulary, or the model's transformers checkpoint"
         )
+
+
+def _first_sentence(e: BaseException) -> str:
+    """An exception's first line, up to its first sentence's end, at most 200 characters (library errors run on)."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line.split(". ")[0].rstrip(".")[:200]
 
 
 def check_gguf_unread(source: Source) -> None:
@@ -970,6 +983,11 @@ def load_model(
         raise pickle_refusal(f"{source.spec}'s pickle weights", e) from None
     except StrictDataclassError as e:  # a config.json value of the wrong type (load_config says the same)
         raise _read_error(source, "load as a causal LM", e, FIX_CONFIG) from None
+    except ImportError as e:  # config.json asks for a package clakit does not install (bitsandbytes, flash-attn)
+        raise ClakitError(
+            f"cannot load {source.spec}: {_first_sentence(e)}; its config.json asks for it (its quantization_config "
+            "or attn_implementation): install it, or use a release of the model without that setting"
+        ) from None
     except _errors(source, ValueError, OSError, KeyError, RuntimeError, SafetensorError) as e:  # torch: RuntimeError
         fix = _gguf_fix(e) if source.kind == "gguf" else DOWNLOAD_AGAIN
         raise _read_error(source, "load as a causal LM", e, fix) from None
@@ -1160,27 +1178,29 @@ def layer_count_problem(names, layers: int, where: str) -> str | None:
     return None
 
 
-def _header_elements(source: Source) -> tuple[list[str], int] | None:
-    """(tensor names, total elements) from the weights' headers alone; None where they cannot be read cheaply
-    (pickle, remote code, a damaged file: the load names the damage)."""
+def _header_elements(source: Source) -> tuple[list[str], int, dict[str, str]] | None:
+    """(tensor names, total elements, {name: dtype} of the tensors not floating point) from the weights' headers
+    alone; None where they cannot be read cheaply (pickle, remote code, a damaged file: the load names the damage)."""
     try:
-        if source.kind == "gguf":
+        if source.kind == "gguf":  # dequantised to float by the reader
             tensors = _gguf_reader(str(source.path), source.path.stat().st_mtime_ns).tensors
-            return [t.name for t in tensors], sum(int(t.n_elements) for t in tensors)
+            return [t.name for t in tensors], sum(int(t.n_elements) for t in tensors), {}
         name = loadable_weights(source.path)
         if name is None or not is_safetensors_name(name):
             return None
         files = sorted(set(read_index(source.path / name).values())) if name.endswith(".index.json") else [name]
         from safetensors import safe_open
 
-        names, total = [], 0
+        names, total, other = [], 0, {}
         for file in files:
             with safe_open(str(source.path / file), framework="pt") as f:
                 for key in f.keys():
-                    shape = f.get_slice(key).get_shape()
+                    found = f.get_slice(key)
                     names.append(key)
-                    total += functools.reduce(lambda a, b: a * b, shape, 1)
-        return names, total
+                    total += functools.reduce(lambda a, b: a * b, found.get_shape(), 1)
+                    if found.get_dtype().startswith(("I", "U", "C")) or found.get_dtype() == "BOOL":
+                        other[key] = found.get_dtype()
+        return names, total, other
     except Exception:
         return None
 
@@ -1195,7 +1215,7 @@ def check_config_fits_weights(source: Source, trust_remote_code: bool = False) -
     found = _header_elements(source)
     if found is None:
         return
-    names, elements = found
+    names, elements, not_float = found
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -1219,6 +1239,13 @@ def check_config_fits_weights(source: Source, trust_remote_code: bool = False) -
                               f"{max(blocks) + 1}; {fix}")
     if getattr(config, "quantization_config", None):  # packed weights hold fewer values than parameters
         return
+    if not_float:  # cast to float by from_pretrained without a word (int8 weights read as ppl 3e84, bools as 0/1)
+        name, dtype = next(iter(not_float.items()))
+        raise ClakitError(
+            f"cannot load {source.spec}: tensor {name} is stored as {dtype} (tensors not floating point: "
+            f"{len(not_float)}), and a Llama's weights are (a quantized checkpoint says so in a quantization_config): "
+            "restore the checkpoint's own weights"
+        )
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)

@@ -331,6 +331,25 @@ CASES = [
     # --- JSON nested past Python's recursion limit: a RecursionError traceback wherever it was read
     *[Case(cmd, "config.json nests its JSON deeper than can be read", damaged("model", config(
           lambda c: b"[" * 100_000 + b"]" * 100_000)), id=f"{cmd.split()[0]}-deep-json") for cmd in (EVAL, CONVERT)],
+    # --- integer, bool or complex weights: cast by from_pretrained without a word, and the group mean cast back
+    *[Case(cmd, f"tensor {K2} is stored as {shown}", damaged("model", tensor(K2, lambda t, d=dtype: t.to(d))),
+           id=f"{cmd.split()[0]}-{shown}-weights")
+      for cmd in (EVAL, CONVERT) for dtype, shown in ((torch.int64, "I64 (tensors not floating point: 1)"),
+                                                      (torch.bool, "BOOL"))],
+    # --- a config asking for a package clakit does not install: an ImportError traceback, exit 1 (helper M)
+    *[Case(EVAL, "; its config.json asks for it (its quantization_config or attn_implementation): install it",
+           damaged("model", updated(**change)), id=f"eval-needs-{name}")
+      for name, change in (
+          ("bitsandbytes", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}),
+          ("flash-attn", {"attn_implementation": "flash_attention_2"}))],
+    # --- values no model runs with, which convert wrote and eval scored (Infinity: no rotation at all; helper M)
+    *[Case(cmd, match, damaged("model", updated(**change)), id=f"{cmd.split()[0]}-{name}")
+      for cmd in (EVAL, CONVERT) for name, change, match in (
+          ("theta-inf", {"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}},
+           "its config's rope_theta is inf, not a finite number"),
+          ("eps-nan", {"rms_norm_eps": float("nan")}, "its config's rms_norm_eps is nan, not a finite number"),
+          ("rope-factor", {"rope_scaling": {"rope_type": "linear", "factor": -8.0}},
+           "its config's RoPE scaling factor is -8.0, not a positive number"))],
     # --- a tokenizer file linking outside the folder was copied into OUT (which users publish) as a plain file
     Case(CONVERT, "merges.txt links to", damaged("model", link_outside("merges.txt")), id="convert-link-outside"),
 ]  # fmt: skip

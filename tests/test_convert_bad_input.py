@@ -674,3 +674,37 @@ def test_bf16_where_nothing_runs_on_data_is_refused(src, tmp_path, capsys, args)
     """--bf16 computes the layout search, the fits and the distillation in bf16: with none of them (no calibration
     text) it changed nothing, and the record said bf16_used true with a rerun command carrying --bf16 (helper L)."""
     assert_refused(capsys, src, tmp_path / "out", "--bf16", *args, match="--bf16 computes the layout search")
+
+
+def test_a_safetensors_header_bloated_with_metadata_is_refused_before_the_work(src, tmp_path, capsys):
+    """convert opens a fresh handle per tensor, parsing the header each time: 10**6 __metadata__ keys (a 14 MB
+    header, 1.5 s a parse) made a 9-second conversion run past 120 s (helper M). Refused from the header's size."""
+    from conftest import build_tokenizer, save_checkpoint, tiny_model
+    from safetensors.torch import load_file, save_file
+
+    src = save_checkpoint(tiny_model("llama"), build_tokenizer(), tmp_path / "src")
+    shard = sorted(src.glob("*.safetensors"))[0]
+    save_file(load_file(shard), shard, metadata={"format": "pt", "pad": "x" * 300_000})
+    capsys.readouterr()  # the fixtures' own output
+    assert_refused(capsys, src, tmp_path / "out", "--init", "mean", match="holds bulky __metadata__")
+    save_file(load_file(shard), shard, metadata={"format": "pt", "note": "x" * 1000})  # small metadata: fine
+    assert run_cli(src, tmp_path / "out", "--init", "mean", "-q") == 0
+
+
+def test_check_shapes_refuses_weights_that_are_not_floating_point():
+    """A pickle checkpoint (no safetensors header to read first) with an int64 k_proj converted with exit 0: the
+    group mean was cast back to int64 and written, recorded as float32 (helper M). Refused with the shapes."""
+    from types import SimpleNamespace
+
+    from clakit.convert.checks import check_shapes
+    from clakit.errors import ClakitError
+
+    name = "model.layers.0.self_attn.k_proj.weight"
+    plan = SimpleNamespace(names=[name], sources={name: [name]})
+    for dtype, ok in ((torch.float32, True), (torch.float8_e4m3fn, True), (torch.int64, False), (torch.bool, False)):
+        checkpoint = SimpleNamespace(get=lambda n, d=dtype: torch.zeros(4, 8).to(d))
+        if ok:
+            check_shapes(checkpoint, plan, {name: (4, 8)}, "src")
+        else:
+            with pytest.raises(ClakitError, match=f"tensor {name} is stored as {str(dtype)[6:]}, and a Llama's"):
+                check_shapes(checkpoint, plan, {name: (4, 8)}, "src")

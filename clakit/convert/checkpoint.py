@@ -74,6 +74,25 @@ def _holders(keys: dict[str, set[str]]) -> dict[str, str]:
     return {tensor: file for file, names in keys.items() for tensor in names}
 
 
+# a header's bytes beyond its tensors' entries (SmolLM2's: 26,984 bytes for 242 tensors, 111 each): every `get`
+# parses it again (a fresh handle per tensor keeps pages from staying resident), so a 14 MB __metadata__ cost ~1.5 s
+# a tensor (a 4-layer model's conversion: killed after 120 s against 9 s; helper M); real checkpoints' metadata is a
+# few bytes ({"format": "pt"})
+HEADER_ROOM = 64 * 1024
+HEADER_PER_TENSOR = 1024
+
+
+def _check_header_size(path: Path, tensors: int) -> None:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+    if size > HEADER_ROOM + HEADER_PER_TENSOR * tensors:
+        raise ClakitError(
+            f"{path}'s header is {size:,} bytes for {tensors} tensors (a tensor's entry takes ~110 bytes): it "
+            "holds bulky __metadata__, which this conversion would parse again for every tensor it reads; save the "
+            "tensors again without it (safetensors' save_file(tensors, path, metadata=None))"
+        )
+
+
 class SafetensorsCheckpoint:
     """The safetensors weights transformers loads from a folder: the file config.json names, else
     `model.safetensors`, else the index's shards."""
@@ -101,7 +120,10 @@ class SafetensorsCheckpoint:
             raise ClakitError(f"corrupt or truncated safetensors file {path} ({e}); re-download it") from None
 
     def _read_keys(self, file: str) -> set[str]:
-        return set(self._open(file).keys())  # header only; checks the file is whole
+        keys = set(self._open(file).keys())  # header only; checks the file is whole
+        _check_header_size(self.folder / file, len(keys))
+        return keys
+
 
     def get(self, name: str) -> torch.Tensor:
         """A memory-mapped view; a fresh handle per tensor, so its pages leave memory as soon as it is dropped

@@ -14,7 +14,14 @@ def check_shapes(checkpoint, plan, expected: dict, spec: str) -> None:
     for name in plan.names:
         want = tuple(expected[name])
         for source_name in plan.sources[name]:
-            got = tuple(checkpoint.get(source_name).shape)
+            tensor = checkpoint.get(source_name)
+            if not tensor.dtype.is_floating_point:  # the group mean was cast back: an int64 or bool k_proj written
+                raise ClakitError(
+                    f"{spec}: tensor {source_name} is stored as {str(tensor.dtype).removeprefix('torch.')}, and a "
+                    "Llama's weights are floating point (a quantized checkpoint says so in a quantization_config): "
+                    "restore the checkpoint's own weights"
+                )
+            got = tuple(tensor.shape)
             if got != want:
                 raise ClakitError(
                     f"{spec}: tensor {source_name} has shape {list(got)} but its config.json makes it {list(want)}; "
