@@ -547,6 +547,20 @@ def _gguf_reader(path: str, mtime_ns: int):
 
 
 @functools.lru_cache(maxsize=8)
+def _gguf_facts(path: str, mtime_ns: int) -> tuple[tuple[str, ...], int, bool]:
+    """(tensor names, total elements, whether it holds tokenizer metadata): the little the later checks need, kept
+    instead of the reader (its parsed vocabulary: ~150 MB for SmolLM2-135M, held for the whole run)."""
+    reader = _gguf_reader(path, mtime_ns)
+    tensors = reader.tensors
+    facts = (
+        tuple(t.name for t in tensors),
+        sum(int(t.n_elements) for t in tensors),
+        reader.get_field("tokenizer.ggml.model") is not None,
+    )
+    return facts
+
+
+@functools.lru_cache(maxsize=8)
 def _gguf_whole(path: str, mtime_ns: int) -> str | None:
     reader = _gguf_reader(path, mtime_ns)
 
@@ -576,10 +590,10 @@ def check_gguf_tokenizer(source: Source) -> None:
     """A GGUF without tokenizer metadata (exported without its vocabulary) was refused by transformers' words,
     "Cannot build a tokenizer from a GGUF file stating tokenizer None", with "download it again" as the fix."""
     try:
-        found = _gguf_reader(str(source.path), source.path.stat().st_mtime_ns).get_field("tokenizer.ggml.model")
+        found = _gguf_facts(str(source.path), source.path.stat().st_mtime_ns)[2]
     except Exception:  # a damaged file: the tokenizer's load fails next, and _read_error names the damage
         return
-    if found is None:
+    if not found:
         raise ClakitError(
             f"{source.spec} holds no tokenizer (no tokenizer.ggml.model metadata), and text is tokenized with the "
             "model's own tokenizer: give a GGUF exported with its vocabulary, or the model's transformers checkpoint"
@@ -960,6 +974,10 @@ def load_model(
         check_gguf_unread(source)
     check_remote_code(source, trust_remote_code)
     check_config_fits_weights(source, trust_remote_code)
+    if source.kind == "gguf":
+        with contextlib.suppress(Exception):
+            _gguf_facts(str(source.path), source.path.stat().st_mtime_ns)  # for load_tokenizer's check
+        _gguf_reader.cache_clear()  # the parsed header is not held beside the dequantised model
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -985,8 +1003,10 @@ def load_model(
         raise _read_error(source, "load as a causal LM", e, FIX_CONFIG) from None
     except ImportError as e:  # config.json asks for a package clakit does not install (bitsandbytes, flash-attn)
         raise ClakitError(
-            f"cannot load {source.spec}: {_first_sentence(e)}; its config.json asks for it (its quantization_config "
-            "or attn_implementation): install it, or use a release of the model without that setting"
+            f"cannot load {source.spec}: {_first_sentence(e)}; "
+            + ("its own modeling code (--trust-remote-code) imports it" if trust_remote_code else
+               "its config.json asks for it (its quantization_config or attn_implementation)")
+            + ": install it, or use a release of the model without that setting"
         ) from None
     except _errors(source, ValueError, OSError, KeyError, RuntimeError, SafetensorError) as e:  # torch: RuntimeError
         fix = _gguf_fix(e) if source.kind == "gguf" else DOWNLOAD_AGAIN
@@ -1183,8 +1203,8 @@ def _header_elements(source: Source) -> tuple[list[str], int, dict[str, str]] | 
     alone; None where they cannot be read cheaply (pickle, remote code, a damaged file: the load names the damage)."""
     try:
         if source.kind == "gguf":  # dequantised to float by the reader
-            tensors = _gguf_reader(str(source.path), source.path.stat().st_mtime_ns).tensors
-            return [t.name for t in tensors], sum(int(t.n_elements) for t in tensors), {}
+            names, elements, _ = _gguf_facts(str(source.path), source.path.stat().st_mtime_ns)
+            return list(names), elements, {}
         name = loadable_weights(source.path)
         if name is None or not is_safetensors_name(name):
             return None
@@ -1239,6 +1259,14 @@ def check_config_fits_weights(source: Source, trust_remote_code: bool = False) -
                               f"{max(blocks) + 1}; {fix}")
     if getattr(config, "quantization_config", None):  # packed weights hold fewer values than parameters
         return
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return
+    # the model's parameters only: a buffer the load drops (GPT-NeoX's bool attention.bias masks) is no weight
+    params = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
+    not_float = {name: dtype for name, dtype in not_float.items() if name in params}
     if not_float:  # cast to float by from_pretrained without a word (int8 weights read as ppl 3e84, bools as 0/1)
         name, dtype = next(iter(not_float.items()))
         raise ClakitError(
@@ -1246,11 +1274,6 @@ def check_config_fits_weights(source: Source, trust_remote_code: bool = False) -
             f"{len(not_float)}), and a Llama's weights are (a quantized checkpoint says so in a quantization_config): "
             "restore the checkpoint's own weights"
         )
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except Exception:
-        return
     wanted = sum(p.numel() for p in skeleton.parameters())
     if wanted > 2 * elements + (1 << 26):  # gross only: a few tensors off get their own, named refusals later
         raise ClakitError(

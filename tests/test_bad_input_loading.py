@@ -447,3 +447,45 @@ def test_quiet_means_quiet(paths):  # noqa: F811
     ]
     for run in runs:
         assert run.returncode == 0 and run.stderr == "", (run.args, run.stderr[-2000:])
+
+
+def test_non_float_buffers_the_load_drops_are_no_weights(tmp_path):
+    """The integer/bool refusal read every tensor of the file: GPT-NeoX checkpoints that keep their bool
+    attention.bias masks (Pythia's) were refused as an eval baseline (helper R). Only the model's parameters count."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from clakit.errors import ClakitError
+    from clakit.sources import load_model, resolve_source
+
+    config = GPTNeoXConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    folder = tmp_path / "neox"
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    mask = torch.tril(torch.ones(128, 128, dtype=torch.bool))[None, None]
+    save_file({**tensors, **{f"gpt_neox.layers.{i}.attention.bias": mask.clone() for i in range(2)}},
+              folder / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    assert load_model(resolve_source(str(folder))).config.num_hidden_layers == 2
+    weight = "gpt_neox.layers.0.attention.query_key_value.weight"  # a parameter stored as int8: refused
+    save_file({**tensors, weight: tensors[weight].to(torch.int8)}, folder / "model.safetensors")
+    with pytest.raises(ClakitError, match=f"tensor {weight} is stored as I8"):
+        load_model(resolve_source(str(folder)))
+
+
+def test_a_missing_package_imported_by_the_models_own_code_names_that_code(tmp_path):
+    """An ImportError from a model's own modeling code (--trust-remote-code) was blamed on config.json's
+    quantization_config or attn_implementation (helper R)."""
+    from clakit.errors import ClakitError
+    from clakit.sources import load_model, resolve_source
+
+    folder = save_checkpoint(tiny_model("llama"), build_tokenizer(), tmp_path / "rc")
+    (folder / "modeling_custom.py").write_text(
+        "import clakit_no_such_package\nfrom transformers import LlamaForCausalLM\n\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    pass\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ClakitError, match="clakit_no_such_package.*its own modeling code \\(--trust-remote-code\\) "
+                                          "imports it: install it"):  # fmt: skip
+        load_model(resolve_source(str(folder)), trust_remote_code=True)

@@ -708,3 +708,25 @@ def test_check_shapes_refuses_weights_that_are_not_floating_point():
         else:
             with pytest.raises(ClakitError, match=f"tensor {name} is stored as {str(dtype)[6:]}, and a Llama's"):
                 check_shapes(checkpoint, plan, {name: (4, 8)}, "src")
+
+
+def test_tokenizer_links_into_a_hub_cache_are_copied_links_elsewhere_refused(src, tmp_path, capsys):
+    """Tokenizer files linking outside SRC were copied into OUT as plain files (a merges.txt -> a secret: exit 0;
+    helper M): refused now, except links into a Hub cache's blobs/ (a snapshot, a subfolder of one, or a
+    `--local-dir` of older huggingface_hub linking its large files there: helper R)."""
+    import shutil
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / ("c" * 40) / "sub"
+    blobs = tmp_path / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    shutil.copytree(src, snapshot)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (snapshot / name).rename(blobs / f"{name}.blob")
+        (snapshot / name).symlink_to(Path("../../..", "blobs", f"{name}.blob"))
+    assert run_cli(snapshot, tmp_path / "out", "--init", "mean", "-q") == 0
+    assert not (tmp_path / "out" / "tokenizer.json").is_symlink()
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (blobs / "tokenizer.json.blob").read_bytes()
+    (src / "tokenizer.json").rename(tmp_path / "tokenizer.json")  # a sibling folder's file: refused
+    (src / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
+    assert_refused(capsys, src, tmp_path / "out2", "--init", "mean",
+                   match=f"links to {tmp_path / 'tokenizer.json'}, outside the checkpoint folder")  # fmt: skip

@@ -6,6 +6,7 @@ the ownership rule, staging and publishing), so an interrupted or failed convers
 
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -64,11 +65,18 @@ def tokenizer_code(source_dir: Path) -> list[str]:
 def _outside(path: Path, source_dir: Path) -> bool:
     """Whether `path` resolves outside the checkpoint folder (a Hub snapshot's links may reach its cache entry's
     blobs/, nothing else)."""
-    allowed = [source_dir.resolve()]
-    if source_dir.parent.name == "snapshots":
-        allowed.append((source_dir.parent.parent / "blobs").resolve())
+    root = source_dir.resolve()
+    allowed = [root]
+    # a Hub snapshot, or a subfolder of one (models--org--name/snapshots/<commit>/sub/: links to ../../../blobs)
+    for parent in (root, *root.parents):
+        if parent.parent.name == "snapshots":
+            allowed.append(parent.parent.parent / "blobs")
+            break
     real = path.resolve()
-    return not any(real.is_relative_to(root) for root in allowed)
+    # a Hub cache blob (huggingface_hub < 0.23's `--local-dir` linked large files, Llama 3's tokenizer.json, there)
+    if real.parent.name == "blobs" and real.parent.parent.name.startswith(("models--", "datasets--")):
+        return False
+    return not any(real.is_relative_to(r) for r in allowed)
 
 
 def tokenizer_files(source_dir: Path) -> list[Path]:
@@ -83,7 +91,8 @@ def tokenizer_files(source_dir: Path) -> list[Path]:
         if _outside(path, source_dir):
             raise ClakitError(
                 f"{path} links to {path.resolve()}, outside the checkpoint folder, and convert copies it into OUT as "
-                "a plain file: replace the link by the file itself, or remove it"
+                "a plain file: replace the link by a copy of the file "
+                f"(cp --remove-destination {shlex.quote(str(path.resolve()))} {shlex.quote(str(path))})"
             )
     return files
 
