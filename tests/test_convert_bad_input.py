@@ -730,3 +730,30 @@ def test_tokenizer_links_into_a_hub_cache_are_copied_links_elsewhere_refused(src
     (src / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
     assert_refused(capsys, src, tmp_path / "out2", "--init", "mean",
                    match=f"links to {tmp_path / 'tokenizer.json'}, outside the checkpoint folder")  # fmt: skip
+
+
+KV_NAMES = ("k_proj.weight", "v_proj.weight")
+
+
+def test_float8_k_and_v_convert_their_group_means_cast_back(src, tmp_path):
+    """A source whose K/V projections are float8: the group mean, cast back to float8 for the output, met the
+    writer's range check, which has no float8 kernel (NotImplementedError: "isinf" not implemented for
+    'Float8_e4m3fn', a traceback; helper R). Widened for the check now; the output keeps float8 K/V."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors = load_file(shard)
+        kv = {n: t.to(torch.float8_e4m3fn) for n, t in tensors.items() if n.endswith(KV_NAMES)}
+        save_file({**tensors, **kv}, shard, metadata={"format": "pt"})
+    assert run_cli(src, tmp_path / "out", "--init", "mean", "-q") == 0
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert out["model.layers.0.self_attn.k_proj.weight"].dtype == torch.float8_e4m3fn
+    merged = (load_file_any(src, "model.layers.0.self_attn.k_proj.weight").float()
+              + load_file_any(src, "model.layers.1.self_attn.k_proj.weight").float()) / 2  # fmt: skip
+    assert torch.equal(out["model.layers.0.self_attn.k_proj.weight"], merged.to(torch.float8_e4m3fn))
+
+
+def load_file_any(folder: Path, name: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return next(t[name] for t in map(load_file, sorted(folder.glob("*.safetensors"))) if name in t)
