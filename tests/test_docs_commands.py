@@ -48,6 +48,7 @@ OUTSIDE_FLAGS = {  # accelerate launch:
     "--model", "--kv-cache-dtype", "--kv-cache-memory-bytes",  # vLLM's server
     "--kv-cache-dtype-skip-layers", "--kv-sharing-fast-prefill",  # vLLM's engine arguments (vllm 0.32 arg_utils)
     "--resum",  # uptrain.md: the abbreviation clakit refuses
+    "--merge",  # llama.cpp's llama-gguf-split (convert.md: split GGUFs)
 }  # fmt: skip
 NOT_BUILT = {("convert", "--kv-heads")}  # quality.md: "`clakit convert --kv-heads` ... was not built"
 RECIPE_SECTIONS = ("model", "data", "train", "lora", "distill")
