@@ -594,7 +594,7 @@ def test_model_revision_with_a_local_source_goes_to_the_original_not_the_convers
     from clakit.uptrain.student import convert_source
 
     asked = []
-    monkeypatch.setattr(clakit.convert, "convert", lambda src, out, config, quiet: asked.append(config.revision))
+    monkeypatch.setattr(clakit.convert, "convert", lambda src, out, config, **kw: asked.append(config.revision))
     local = ModelSection(source=str(tmp_path), original="org/tiny", revision="v2", convert=ConvertConfig(factor=2))
     convert_source(local, tmp_path / "out")
     hub = ModelSection(source="org/tiny", revision="v2", convert=ConvertConfig(factor=2))
