@@ -529,12 +529,18 @@ def check_gguf_whole(source: Source) -> None:
     tensors of the other parts were named as missing from "metadata that does not describe its tensors: download it
     again"), or an architecture transformers' GGUF reader names but cannot map to tensors (`mistral`, or a llama
     file whose general.name is "mistral": refused only after the sha256 pass, at the weights' load)."""
-    try:
-        problem = _gguf_whole(str(source.path), source.path.stat().st_mtime_ns)
-    except Exception:  # a damaged file: transformers' read of it fails next, and _read_error names the damage
-        return
+    problem = _header_problem(source, _gguf_whole)
     if problem:
         raise ClakitError(f"{source.spec} {problem}")
+
+
+def _header_problem(source: Source, find) -> str | None:
+    """`find(path, mtime_ns)` on a GGUF's header (cached per file version), or None where the header cannot be read:
+    a damaged file's read by transformers fails next, and _read_error names the damage."""
+    try:
+        return find(str(source.path), source.path.stat().st_mtime_ns)
+    except Exception:
+        return None
 
 
 @functools.lru_cache(maxsize=2)
@@ -611,10 +617,7 @@ def check_gguf_unread(source: Source) -> None:
     (`llama.rope.scaling.type` linear/yarn, or the `rope_freqs.weight` factors llama.cpp writes for Llama 3.1+'s
     llama3 scaling: the model would run with plain RoPE, another model than the one released, and a conversion writes
     that into its config), or experts (a Mixtral GGUF: `llama.expert_count`, read as a dense Llama without MLPs)."""
-    try:
-        problem = _gguf_unread(str(source.path), source.path.stat().st_mtime_ns)
-    except Exception:  # a damaged file: transformers' read of it fails next, and _read_error names the damage
-        return
+    problem = _header_problem(source, _gguf_unread)
     if problem:
         raise ClakitError(f"{source.spec} {problem}; give the model's transformers checkpoint")
 
