@@ -6,6 +6,7 @@ through `clakit.convert`; everything that needs a whole model in memory (eval, t
 """
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -437,9 +438,29 @@ def check_seq_len(seq_len: int, config, flag: str, model: str | None = None) -> 
 FAMILIES = ("llama", "mistral")  # model types (less "_cla") whose configs load_config checks for a runnable model
 
 
-def load_config(source: Source, trust_remote_code: bool = False):
+def _auto_config(source: Source, trust_remote_code: bool = False):
+    """transformers' config of a source; a GGUF's through a cache of its file version: transformers parses the whole
+    GGUF header for it (5-8 s for SmolLM2-135M on the loaded 2-core machine), and one command reads it up to three
+    times (load_config, check_config_fits_weights, the load). A copy each call: callers set fields on it."""
     from transformers import AutoConfig
 
+    if source.kind != "gguf":
+        return AutoConfig.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code)
+    stat = source.path.stat()
+    return copy.deepcopy(_gguf_config(str(source.path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_config(path: str, mtime_ns: int, size: int):
+    from transformers import AutoConfig
+
+    import clakit.modeling  # noqa: F401
+
+    path = Path(path)
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def load_config(source: Source, trust_remote_code: bool = False):
     import clakit.modeling  # noqa: F401  (registers llama_cla / mistral_cla)
 
     if source.kind == "dir":
@@ -448,9 +469,7 @@ def load_config(source: Source, trust_remote_code: bool = False):
         check_gguf_whole(source)  # before transformers reads it: a split file's later parts have no architecture
     check_remote_code(source, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(
-            source.load_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
-        )
+        config = _auto_config(source, trust_remote_code)
     except Exception as e:  # a config transformers refuses: validation, TypeError, ZeroDivisionError, AttributeError
         raise _read_error(source, "read the config of", e, _config_fix(source, e)) from None
     _check_rope_type(source, config)
@@ -1240,12 +1259,12 @@ def check_config_fits_weights(source: Source, trust_remote_code: bool = False) -
         return
     names, elements, not_float = found
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import clakit.modeling  # noqa: F401
 
     try:
-        config = AutoConfig.from_pretrained(source.load_dir, gguf_file=source.gguf_file)
+        config = _auto_config(source)
     except Exception:
         return  # load_config / from_pretrained say why
     where = "its GGUF metadata" if source.kind == "gguf" else "its config.json"

@@ -10,28 +10,33 @@ from clakit.errors import ClakitError
 from clakit.sources import gguf_problem, load_config, resolve_source
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    """A small, sound GGUF file (llama metadata, two fp32 tensors) written with the gguf package."""
+def write_gguf(path, hidden: int = 16, split_max_tensors: int = 0, metadata: bool = True):
+    """A small, sound GGUF file (llama metadata unless `metadata` is off, two fp32 tensors) written with the gguf
+    package; `split_max_tensors` 1 writes it as gguf-split parts."""
     import gguf
 
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     writer.add_block_count(2)
-    writer.add_context_length(64)
-    writer.add_embedding_length(16)
-    writer.add_feed_forward_length(32)
-    writer.add_head_count(2)
-    writer.add_head_count_kv(1)
-    writer.add_layer_norm_rms_eps(1e-5)
+    if metadata:
+        writer.add_context_length(64)
+        writer.add_embedding_length(hidden)
+        writer.add_feed_forward_length(2 * hidden)
+        writer.add_head_count(2)
+        writer.add_head_count_kv(1)
+        writer.add_layer_norm_rms_eps(1e-5)
     rng = np.random.default_rng(0)
-    writer.add_tensor("token_embd.weight", rng.standard_normal((8, 16), dtype=np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
+    writer.add_tensor("token_embd.weight", rng.standard_normal((8, hidden), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 def broken(tiny_gguf, tmp_path, kind: str):
@@ -110,17 +115,7 @@ def test_a_split_gguf_is_refused_naming_the_merge(tiny_gguf, tmp_path):
     """llama.cpp's gguf-split parts (how the Hub holds large GGUFs): transformers reads only the file given, so the
     first part lost the other parts' tensors as "metadata that does not describe its tensors: download it again",
     and a later part (no architecture) was "download it again" too. Refused from the header, naming the merge."""
-    import gguf
-
-    rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama", split_max_tensors=1)
-    writer.add_block_count(2)
-    writer.add_tensor("token_embd.weight", rng.standard_normal((8, 16), dtype=np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(tmp_path / "m.gguf", split_max_tensors=1, metadata=False)
     parts = sorted(tmp_path.glob("m-0000*-of-00002.gguf"))
     assert len(parts) == 2
     for number, part in enumerate(parts, 1):
@@ -138,3 +133,31 @@ def test_a_gguf_without_tokenizer_metadata_names_that(tiny_gguf):
     assert load_config(source).hidden_size == 16
     with pytest.raises(ClakitError, match="holds no tokenizer \\(no tokenizer.ggml.model metadata\\)"):
         load_tokenizer(source)
+
+
+def test_a_gguf_config_is_read_once_per_file_version(tiny_gguf, tmp_path, monkeypatch):
+    """transformers parses a GGUF's whole header for its config (5-8 s for SmolLM2-135M here) and one command asked
+    up to three times (load_config, check_config_fits_weights, the load): read once per version of the file now.
+    Each call gets its own copy (callers set fields on it), and a rewritten file is read again."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from clakit.sources import check_config_fits_weights
+
+    reads = []
+    real = AutoConfig.from_pretrained.__func__
+
+    def counted(cls, *args, **kwargs):
+        reads.append(kwargs.get("gguf_file"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(counted))
+    path = shutil.copy(tiny_gguf, tmp_path / "copy.gguf")
+    source = resolve_source(str(path))
+    first = load_config(source)
+    first.hidden_size = 99
+    check_config_fits_weights(source)
+    assert load_config(source).hidden_size == 16 and reads == ["copy.gguf"]
+    write_gguf(path, hidden=32)  # another version of the file under the same name
+    assert load_config(resolve_source(str(path))).hidden_size == 32 and len(reads) == 2

@@ -904,11 +904,12 @@ def _check_models(recipe: Recipe, out: Path, resume: bool):
     config, the teacher or baseline (it fits, its weights may be read) and a resumed run's last checkpoint, all
     checked before any model is loaded."""
     model = resumed_model(recipe, out) if resume else recipe.model
-    checked = model
-    if resume and model.convert is not None and model.convert.bf16 and (out / "converted" / "config.json").is_file():
-        # the run's conversion is done and is not run again: a run started before convert refused --bf16 where
-        # nothing runs on data resumes (the recipe must stay as run.json recorded it)
-        checked = dataclasses.replace(model, convert=dataclasses.replace(model.convert, bf16=False))
+    checked, converted = model, out / "converted"
+    if resume and model.source and (converted / "config.json").is_file():
+        # the run's conversion is done and is not run again (the run reads converted/): that checkpoint is checked,
+        # not model.convert's settings, which must stay as run.json recorded them; a run started before convert
+        # refused one of them (--bf16 where nothing runs on data) resumes
+        checked = dataclasses.replace(model, path=str(converted), source=None, revision=None, convert=None)
     student_config = check_student(checked, recipe)
     original = check_fitting_teacher(recipe, out, resume, student_config, model.trust_remote_code)
     if original is not None:
