@@ -803,7 +803,21 @@ def read_index(path: Path) -> dict[str, str]:
             f"checkpoint index {path} names shard {outside[0]!r}, outside the checkpoint folder (transformers refuses "
             "it too); keep the shards in the folder and name them relative to it"
         )
+    # a safetensors index naming itself, config.json or a name with a newline read as "corrupt or truncated
+    # (header too large)" or printed a two-line message: every shard of one is a .safetensors file
+    wrong = sorted({f for f in weight_map.values() if not _plain_shard_name(f, path.name)})
+    if wrong:
+        raise ClakitError(
+            f"checkpoint index {path} names shard {wrong[0]!r}, which is not a weights file of this index's kind "
+            f"(.safetensors, no control characters); restore the index written with the shards, or re-download"
+        )
     return weight_map
+
+
+def _plain_shard_name(name: str, index_name: str) -> bool:
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return False
+    return not index_name.endswith(".safetensors.index.json") or name.endswith(".safetensors")
 
 
 PICKLE_NAMED = "adapter_model.bin"  # the one pickle name transformers accepts as `transformers_weights`

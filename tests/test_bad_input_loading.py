@@ -182,6 +182,16 @@ def shard_outside(name: str) -> callable:
     return change
 
 
+def shard_named(name: str) -> callable:
+    """change: the index names `name` for the tensors of its last shard (the shard itself left in place)."""
+
+    def change(idx: dict, folder: Path) -> dict:
+        shard = sorted(set(idx["weight_map"].values()))[-1]
+        return {**idx, "weight_map": {t: name if f == shard else f for t, f in idx["weight_map"].items()}}
+
+    return change
+
+
 def link_outside(name: str) -> callable:
     """edit: `name` in the folder a link to a file beside it, outside the checkpoint (a secret, say)."""
 
@@ -311,6 +321,13 @@ CASES = [
       for cmd in (EVAL, CONVERT)],
     Case(CONVERT, "names shard '/etc/passwd', outside the checkpoint folder",
          damaged("model", index(shard_outside("/etc/passwd"))), id="convert-shard-absolute"),
+    # an index naming itself, config.json or a name with a newline: "corrupt or truncated (header too large)", or a
+    # message of two lines (helper M)
+    *[Case(cmd, f"names shard {name!r}, which is not a weights file of this index's kind",
+           damaged("model", index(shard_named(name))), id=f"{cmd.split()[0]}-shard-{tag}")
+      for cmd in (EVAL, CONVERT)
+      for name, tag in (("model.safetensors.index.json", "the-index"), ("config.json", "config"),
+                        ("a\nb.safetensors", "newline"))],
     Case(EVAL, "has an empty or malformed weight_map", damaged("model", index(lambda i, f: {"weight_map": [1, 2]})),
          id="eval-index-list"),
     Case(EVAL, "cannot read the checkpoint index", damaged("model", index(lambda i, f: [])), id="eval-index-not-dict"),

@@ -612,16 +612,21 @@ class _Conversion:
         if self.source.kind != "gguf":
             return
         # parameters(): tied embeddings once (the state dict names lm_head too)
-        need = sum(p.numel() * 4 for p in self._skeleton.parameters())
+        weights = sum(p.numel() * 4 for p in self._skeleton.parameters())
+        # the load peaks above the fp32 weights by about two copies of the largest tensor (the one being
+        # dequantised, numpy then torch): the demo's 98 MB Q4_1 file peaked 769 MB above the imports for 538 MB of
+        # weights, its 113 MB embedding twice (helper P, stop 48); the fp32 size alone passed files that then OOM'd
+        need = weights + 2 * max(p.numel() * 4 for p in self._skeleton.parameters())
         free = _free_memory(torch.device("cpu"))
         if free is not None and need > free:
             raise ClakitError(
-                f"{self.source.spec} is read whole and dequantised to float32 (~{outputs.size_text(need)}), but "
+                f"{self.source.spec} is read whole and dequantised to float32 (~{outputs.size_text(need)} at the "
+                "load's peak), but "
                 f"{outputs.size_text(free)} of memory is free: convert the model's safetensors release (read layer by "
                 "layer), or run on a machine with more memory"
             )
         if self.device.type == "cuda":  # _gguf_runner copies the whole model there, in the fits' dtype
-            need = need // 4 * self.fit_dtype.itemsize
+            need = weights // 4 * self.fit_dtype.itemsize
             free = _free_memory(self.device)
             if free is not None and need > free:
                 raise ClakitError(
