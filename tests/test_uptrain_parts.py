@@ -252,3 +252,19 @@ def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_and_keeps_the_las
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000001"]
     assert checkpoint.checkpoint_dirs(tmp_path / "run") == [first]
     assert checkpoint.load_checkpoint(first, model, optimizer, scheduler) == {"step": 1}
+
+
+@pytest.mark.parametrize("name", ["m.gguf", "M.GGUF", "model"])
+def test_a_gguf_source_is_priced_in_float32_whatever_its_name(tmp_path, name):
+    """The run's disk check counts a GGUF's conversion in fp32 (it is dequantised to fp32). It tested the suffix
+    `.gguf` where the source's kind was meant: `M.GGUF` or a GGUF without a suffix (both read as GGUF) were priced
+    by their config's dtype, a bfloat16 config at half what the conversion writes."""
+    from types import SimpleNamespace
+
+    from clakit.sources import Source
+    from clakit.uptrain.pipeline import _conversion_bytes
+
+    (tmp_path / name).write_bytes(b"GGUF")
+    skeleton = torch.nn.Linear(8, 8, bias=False)
+    source = Source(name, "gguf", tmp_path / name)
+    assert _conversion_bytes(skeleton, None, source, SimpleNamespace(dtype="bfloat16")) == 8 * 8 * 4

@@ -1084,7 +1084,7 @@ def _conversion_bytes(skeleton, convert_section, source, config) -> int:
     named = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if convert_section is not None and convert_section.output_dtype:
         return run_bytes(skeleton, named[convert_section.output_dtype])[0]
-    if source.path.suffix == ".gguf":
+    if source.kind == "gguf":  # any case, or no suffix (sources._is_gguf)
         return run_bytes(skeleton, torch.float32)[0]
     stored = _stored_itemsize(source.path)
     if stored is not None:
