@@ -129,7 +129,9 @@ def settings_from_record(cls, record, what: str, derived: tuple[str, ...] = ()):
     """The settings dataclass `cls` rebuilt from the mapping a record holds (report.json's provenance.config and
     passkey.settings, run.json's recipe): the keys `derived` names were written for the reader, computed from the
     settings (passkey's new_tokens), and are dropped; a field the record lacks (written before the field existed)
-    takes its default, the value it had then; a key no field has (a newer clakit's, or hand-edited) is one line."""
+    takes its default, which is what ran then for most fields, not all (eval's decode_steps was a keyword, and the
+    demo passed 8: its report's speed section records the steps that ran); a key no field has (a newer clakit's,
+    or hand-edited) is one line."""
     import dataclasses
 
     from clakit.errors import ClakitError
