@@ -451,3 +451,30 @@ def test_a_resume_naming_other_calibration_text_is_refused(tmp_path, corpus_dir,
     same = model | {"convert": convert | {"calib_data": [str(copy)]}}
     write_recipe(tmp_path / "r.yaml", recipe | {"model": same})
     assert (uptrain(tmp_path / "r.yaml", resume=True, quiet=True) / "config.json").is_file()
+
+
+def test_a_large_file_is_hashed_once_per_version(tmp_path, monkeypatch):
+    """A GGUF source is hashed for provenance by convert and again by eval of the original in one process (the
+    demo): tens of GB at 70B. Remembered per version of the file (inode, size, mtime) over 64 MiB; an edit that
+    changes the file is hashed again, and the digest is the file's."""
+    import hashlib
+
+    from clakit import provenance
+
+    reads = []
+    real = provenance._read_sha256
+    monkeypatch.setattr(provenance, "_read_sha256", lambda path: reads.append(path) or real(path))
+    provenance._remembered_sha256.cache_clear()
+    path = tmp_path / "big.gguf"
+    path.write_bytes(b"\0" * (provenance.CACHED_HASH_BYTES + 1))
+    first = provenance.file_sha256(path)
+    assert provenance.file_sha256(path) == first and len(reads) == 1
+    with open(path, "r+b") as f:  # same size, same inode, a new modification time
+        f.write(b"\1")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert provenance.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest() != first
+    assert len(reads) == 2
+    small = tmp_path / "config.json"
+    for content in (b"{}", b"[]"):  # small files are read each time (two writes can share a modification time)
+        small.write_bytes(content)
+        assert provenance.file_sha256(small) == hashlib.sha256(content).hexdigest()
