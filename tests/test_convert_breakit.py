@@ -254,3 +254,18 @@ def test_a_conversion_inside_another_clakit_output_is_refused_before_any_work(sr
     assert run_cli(src, first / "deeper" / "inner", "--factor", "2", "--quiet") == 2
     assert "clakit does not write into another output" in capsys.readouterr().err
     assert fingerprint(first) == before and not (first / "deeper").exists()
+
+
+def test_a_tiny_ridge_on_one_repeated_token_fits_finite_weights(tiny_checkpoint, tmp_path):
+    """One repeated token makes layer 0's Gram rank one; --ridge 1e-30 (below fp64's resolution of the Gram)
+    divided its rounding noise by ~1e-300: inf K/V, refused only when written, naming --dtype float32 for a fit
+    that was float32 already (helper W). The ridge is floored at the Gram's resolution now: finite weights."""
+    text = tmp_path / "one_token.txt"
+    text.write_text("x" * 5000)
+    out = tmp_path / "out"
+    args = ["--factor", "2", "--init", "calibrated", "--calib-data", text, "--calib-tokens", "1024", "--seq-len",
+            "64", "--distill-steps", "0", "--ridge", "1e-30", "-q"]  # fmt: skip
+    assert run_cli(tiny_checkpoint, out, *args) == 0
+    weights = load_file(out / "model.safetensors") if (out / "model.safetensors").exists() else {
+        k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}  # fmt: skip
+    assert all(torch.isfinite(w).all() for w in weights.values())

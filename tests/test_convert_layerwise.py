@@ -79,6 +79,22 @@ def test_layer_stats_equal_the_full_model_backward(tiny_checkpoint, calib_ids, t
     assert not list(tmp_path.glob("stream-*"))  # the per-layer streams are removed once used
 
 
+def test_reconstructs_rows_are_spread_over_the_text(tiny_checkpoint, calib_ids, tmp_path):
+    """`reconstruct` keeps the activations of RECONSTRUCT_SEQS rows; they were the first rows, in text order, so the
+    default 64 windows fitted on the text's first eighth (helper W). Kept now: rows spread over all of them, in both
+    statistics paths; the Grams (sums over rows) are those of every row either way."""
+    model, ids = load(tiny_checkpoint), calib_ids[:12]
+    spread = ids[torch.linspace(0, 11, 4).round().long()]
+    whole = collect_stats(model, ids, group_pairs(LAYOUT), progress=False)
+    kept = collect_stats(model, ids, group_pairs(LAYOUT), keep=[0, 1], progress=False, keep_seqs=4)
+    layered = layer_stats(runner_for(tiny_checkpoint), ids, group_pairs(LAYOUT), tmp_path, keep=[0, 1],
+                          progress=False, keep_seqs=4)  # fmt: skip
+    assert torch.equal(kept.ids, spread) and torch.equal(layered.ids, spread)
+    assert_close_dicts(kept.gram, whole.gram, rtol=1e-9, atol=1e-12)
+    assert len(kept.acts[0]) == 4 and torch.equal(collect_stats(model, ids[:3], [(0, 0)], keep=[0], progress=False,
+                                                                keep_seqs=8).ids, ids[:3])  # fmt: skip
+
+
 @pytest.mark.parametrize("method", ["calibrated", "reconstruct"])
 def test_layerwise_fit_equals_the_whole_model_fit(tiny_checkpoint, calib_ids, method):
     """fit_kv on a LayerwiseModel (layers read from the shards) == statistics of the whole model in memory (full

@@ -153,6 +153,19 @@ def group_pairs(layout: list[int]) -> set[tuple[int, int]]:
     return pairs
 
 
+def kept_first(n: int, keep: int) -> torch.Tensor:
+    """(n,) a row order putting `keep` rows spread evenly over all n first: the calibration rows are in text order
+    (`calib_input_ids`), and the kept rows were the first `keep`, so with the default 32,768 tokens (64 windows)
+    `reconstruct` fitted on the text's first eighth (11% of the demo's calib.txt; helper W, stop 49). The Grams,
+    Fisher weights and loss are sums over rows: the order changes their rounding only."""
+    if keep >= n:
+        return torch.arange(n)
+    first = torch.linspace(0, n - 1, keep).round().long()
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[first] = False
+    return torch.cat([first, torch.arange(n)[rest]])
+
+
 def collect_stats(
     model,
     input_ids: torch.Tensor,
@@ -164,14 +177,16 @@ def collect_stats(
     """One forward + backward pass per calibration sequence over the stock model; Grams and Fisher accumulated.
 
     `keep`: layers whose attention inputs/outputs (and the Fisher of the outputs) are also kept, for `reconstruct`,
-    for the first `keep_seqs` sequences (default RECONSTRUCT_SEQS; the rows are already spread over the text).
+    for `keep_seqs` sequences spread over all of them (default RECONSTRUCT_SEQS; `kept_first`).
     """
     keep_seqs = RECONSTRUCT_SEQS if keep_seqs is None else keep_seqs
+    keep = sorted(set(keep))
+    if keep:
+        input_ids = input_ids[kept_first(len(input_ids), keep_seqs)]
     input_ids = input_ids.to(model.get_input_embeddings().weight.device)  # a GPU model given CPU ids (library use)
     from tqdm.auto import tqdm
 
     pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
-    keep = sorted(set(keep))
     layers_needed = sorted({i for p in pairs for i in p} | set(keep))
     bias = _has_bias(model)
     stats = KVStats(acts={i: [] for i in keep})
@@ -357,6 +372,8 @@ def layer_stats(
     pairs = sorted({(min(a, b), max(a, b)) for a, b in pairs})
     keep = sorted(set(keep))
     stats = KVStats(gram=SpilledGrams(scratch, runner.device), acts=SpilledActs(scratch, keep, runner.device))
+    if keep:
+        input_ids = input_ids[kept_first(len(input_ids), keep_seqs)]
     ids = input_ids.to(runner.device)
     stats.ids = ids[: min(keep_seqs, len(ids))] if keep else None
     requires = [p.requires_grad for p in runner.model.parameters()]
@@ -517,7 +534,11 @@ def fit_group(
     rhs = sum(stats.cross(p, m) @ (w * f[i]) for i, (m, w) in enumerate(zip(members, own, strict=True)))
     f_c = f.sum(0)  # (out,)
     lam = ridge * f_c.mean() * s.mean().clamp_min(1e-12)  # mean eigenvalue = mean diagonal
-    return u @ ((u.T @ rhs) / (s[:, None] * f_c[None] + lam).clamp_min(1e-300))
+    # a Gram's negative eigenvalues are rounding, and a ridge below fp64's resolution of the Gram (--ridge 1e-30 on
+    # a rank-deficient Gram: one repeated token) divided rounding noise by 1e-300: inf weights, refused only when
+    # written, naming --dtype (helper W)
+    lam = torch.maximum(lam, 1e-12 * f_c.mean() * s.max().clamp_min(1e-12))
+    return u @ ((u.T @ rhs) / (s.clamp_min(0)[:, None] * f_c[None] + lam).clamp_min(1e-300))
 
 
 def group_error(model, stats: KVStats, kind: str, members: list[int], shared: torch.Tensor) -> float:

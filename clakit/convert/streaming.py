@@ -133,7 +133,8 @@ def _check_finite(name: str, tensor: torch.Tensor, fitted: bool) -> None:
         return
     if fitted:  # fitted from finite weights: the fit overflowed its dtype
         raise ClakitError(
-            f"the fitted tensor {name} holds NaN or inf: fit in float32 (--dtype float32) or use --init mean"
+            f"the fitted tensor {name} holds NaN or inf: fit in float32 (--dtype float32), raise --ridge, or use "
+            "--init mean"
         )
     raise ClakitError(
         f"tensor {name} holds NaN or inf: the source checkpoint is damaged or comes from a diverged run; "
