@@ -10,13 +10,22 @@ MARKUP = "\\*`[]~"
 # an underscore at a word's edge (`_it_`) may open or close emphasis; one inside a word (tiny_llama, lr_1e-4) never
 # does in CommonMark, and stays as written (readable in the file, as a reader greps it)
 EDGE_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
+# control characters (C0 but tab/newline/CR, DEL, C1) and the bidirectional overrides/isolates/marks: a NUL made
+# report.md a "binary file" to grep and is a parse error in HTML, an ESC sequence recolours a terminal that cats the
+# file, and U+202E shows a table cell's text reversed (a name that reads as another)
+INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """`text` with its control and bidirectional-formatting characters shown as escapes (\\x00, \\u202e)."""
+    return INVISIBLE.sub(lambda m: ascii(m.group())[1:-1], str(text))
 
 
 def md_text(text: str) -> str:
     """Names, paths and notes as text, never markup: markdown's inline markup characters are backslash-escaped, and
     raw HTML (a model named `<img src=x onerror=...>` became markup in a viewer of report.md) becomes entities (<, >
     and &); a newline would end the line (or the table row)."""
-    text = str(text)
+    text = visible(text)
     for c in MARKUP:
         text = text.replace(c, "\\" + c)
     text = EDGE_UNDERSCORE.sub(r"\\_", text)

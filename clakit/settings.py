@@ -8,7 +8,9 @@ of the wrong type in one line, whether it came from a flag, a recipe or a librar
 
 import argparse
 import dataclasses
+import os
 import re
+import reprlib
 import types
 import typing
 
@@ -25,13 +27,38 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+_SHOWN = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 80, 80, 40
+_SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxtuple = 6
+
+
+def shown(value) -> str:
+    """A value in a one-line message, cut short: a 50 MB string, or a few hundred bytes of nested YAML aliases that
+    expand to 10**9 items (the value is shared, not copied, until repr() walks it), printed whole hung the run
+    (helper U)."""
+    return _SHOWN.repr(value)
+
+
 def check_types(settings, noun: str) -> None:
-    """Strict types for every field of the dataclass instance `settings`; ints are accepted where floats are."""
+    """Strict types for every field of the dataclass instance `settings`; ints are accepted where floats are, and a
+    path object (pathlib.Path) where a str is: it is stored as its str (a library caller's `data=[Path(...)]` was
+    refused as "must be list[str]", and a Path kept would not be JSON in the records)."""
     hints = typing.get_type_hints(type(settings))
     for f in dataclasses.fields(settings):
+        object.__setattr__(settings, f.name, _paths_as_text(getattr(settings, f.name), hints[f.name]))
         value, tp = getattr(settings, f.name), hints[f.name]
         if not _fits(value, tp):
-            raise ClakitError(f"{noun} setting {f.name} must be {_describe(tp)}, got {value!r}")
+            raise ClakitError(f"{noun} setting {f.name} must be {_describe(tp)}, got {shown(value)}")
+
+
+def _paths_as_text(value, tp):
+    """`value` with os.PathLike in place of a str of `tp` (str, list[str], or a union holding them) as str."""
+    members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if str in members and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if list[str] in members and isinstance(value, list | tuple):
+        return [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+    return value
 
 
 def _fits(value, tp) -> bool:

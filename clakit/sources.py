@@ -1158,6 +1158,22 @@ def _tiktoken_file(path: Path) -> bool:
 
 
 @contextlib.contextmanager
+def progress_bars_off(quiet: bool):
+    """A library call's `quiet=True`: transformers' own bars ("Loading weights", "Writing model shards") off for the
+    call, then as the caller had them (the CLI's -q also sends stderr to /dev/null, a library call does not)."""
+    from transformers.utils import logging as hf_logging
+
+    were_on = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and were_on:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _no_load_report():
     """transformers logs a table of missing/mismatched tensors at warning level; load_model says it in one line."""
     from transformers.utils import logging as hf_logging

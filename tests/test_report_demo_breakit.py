@@ -626,3 +626,28 @@ def test_a_report_without_the_cpu_name_is_no_other_machine(base_report):
     assert "different machines" not in _speed_note([older, named])
     other = {**base_report, "provenance": {**prov, "cpu": "Intel Xeon"}}
     assert "different machines (cpu: AMD EPYC (" in _speed_note([named, other])
+
+
+def test_the_same_text_as_other_token_ids_is_refused(tmp_path, base_report):
+    """An edited tokenizer_config (another BOS) scores the same text in as many tokens, as other ids: it read +0.1%."""
+    a, b = _write_reports(tmp_path, base_report, ["a", "b"])
+    edited = json.loads(b.read_text())
+    edited["data"]["ids_sha256"] = "0" * 64
+    b.write_text(json.dumps(edited))
+    with pytest.raises(ClakitError, match="data.ids_sha256 differs"):
+        report([a, b], tmp_path / "rep")
+
+
+def test_a_sliding_window_cache_is_named_in_the_data_note(tmp_path, base_report):
+    windowed = {**base_report["kv_cache"], "bytes_per_sequence": base_report["kv_cache"]["bytes_per_token"]}
+    a, b = _write_reports(tmp_path, base_report, ["a", "b"])
+    b.write_text(json.dumps({**json.loads(b.read_text()), "kv_cache": windowed}))
+    md = (report([a, b], tmp_path / "rep") / "report.md").read_text()
+    assert "Sliding-window layers keep only their window" in md and "b " in md
+
+
+def test_control_and_bidi_characters_in_names_are_shown_escaped(tmp_path, base_report):
+    paths = _write_reports(tmp_path, base_report, ["a\x00b", "\u202eevil"])
+    out = report(paths, tmp_path / "rep")
+    for text in ((out / "report.md").read_text(), (out / "report.html").read_text()):
+        assert "\x00" not in text and "\u202e" not in text

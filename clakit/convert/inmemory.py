@@ -70,8 +70,10 @@ def cla_model_from(model, kv_source_layers: list[int], init: str = "mean", overr
     `overrides` (tensor name -> tensor) replaces any resulting tensor, e.g. fitted K/V from calibration.
     """
     config, lm_cls, new_state = cla_parts(model, kv_source_layers, init, overrides)
-    # built on the source's device (not meta: RoPE's non-persistent buffers must be computed), then overwritten
-    with torch.device(next(model.parameters()).device):
+    # built on the source's device (not meta: RoPE's non-persistent buffers must be computed), then overwritten;
+    # its random init draws from a fork of the generators, not the caller's (a library call consumed them)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         cla = lm_cls(config)
     expected = set(cla.state_dict())
     cla.load_state_dict({k: v for k, v in new_state.items() if k in expected}, strict=True)

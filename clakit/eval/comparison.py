@@ -12,7 +12,7 @@ from pathlib import Path
 from clakit import outputs
 from clakit.errors import ClakitError
 from clakit.eval.records import LM_EVAL_KEYS, read_report
-from clakit.markup import md_cell, md_text
+from clakit.markup import md_cell, md_text, visible
 from clakit.paths import expand
 from clakit.provenance import CONVERT_RECORD, REPORT_RECORD, file_sha256, provenance
 
@@ -64,8 +64,27 @@ def check_comparable(reports: list[dict], paths: list) -> None:
                 if keys == ("settings", "max_tokens") and _same_scored(having[0][0], report):
                     continue  # a --max-tokens beyond the text cut nothing: the same tokens were scored
                 _check_field(having[0], (report, path), keys)
+    _check_token_ids(reports, paths)
     _check_lm_eval_tasks(reports, paths)
     _check_passkey_prompts(reports, paths)
+
+
+def _check_token_ids(reports: list[dict], paths: list) -> None:
+    """The same text in as many tokens may still be other tokens: an edited tokenizer_config (another BOS), another
+    tokenizers or sentencepiece version. data.ids_sha256 tells them apart; refused where both reports record it
+    (reports written before it are compared by data.sha256 and num_tokens alone)."""
+    having = [
+        (r, p) for r, p in zip(reports, paths, strict=True) if isinstance(_field(r, ("data", "ids_sha256")), str)
+    ]
+    for report, path in having[1:]:
+        first, theirs = having[0][0]["data"]["ids_sha256"], report["data"]["ids_sha256"]
+        if theirs != first:
+            raise ClakitError(
+                f"cannot compare {path} with {having[0][1]}: data.ids_sha256 differs ({theirs[:12]} vs {first[:12]}): "
+                "the same text was scored as other token ids (another tokenizer, tokenizer_config or tokenizers/"
+                "sentencepiece version), so the perplexities are not one measurement; evaluate every model with the "
+                "same tokenizer (bits/byte in each report compares across tokenizers)"
+            )
 
 
 def _same_scored(first: dict, other: dict) -> bool:
@@ -100,9 +119,14 @@ def _check_field(first: tuple[dict, object], other: tuple[dict, object], keys: t
         if a == b
         else _same_files(first[0], other[0], keys)
     )
+    fix = (
+        "clakit report's table is perplexity per token, which no data or setting makes comparable across "
+        "tokenizers: compare the reports' bits_per_byte"
+        if "tokenizers differ, so" in why
+        else "evaluate every model on the same data with the same settings"
+    )
     raise ClakitError(
-        f"cannot compare {other[1]} with {first[1]}: {'.'.join(keys)} differs ({b!r} vs {a!r}){why}; "
-        "evaluate every model on the same data with the same settings"
+        f"cannot compare {other[1]} with {first[1]}: {'.'.join(keys)} differs ({b!r} vs {a!r}){why}; {fix}"
     )
 
 
@@ -148,10 +172,11 @@ def _check_lm_eval_tasks(reports: list[dict], paths: list) -> None:
 def labels(reports: list[dict]) -> list[str]:
     """Short unique model names: the last path component, or as many trailing components as tell apart models whose
     paths end alike (every uptrain result is RUN/model: two runs were "model (1)" and "model (2)", nothing saying
-    which is which); numbered only when the same model is given twice."""
+    which is which); numbered only when the same model is given twice. Control and bidirectional characters are
+    shown as escapes (markup.visible): the plot's labels too (a NUL is a missing glyph there)."""
     paths = [_path_parts(_location(r)) for r in reports]
     names = ["/".join(p[-_distinct_tail(p, paths) :]) or str(r["model"]) for p, r in zip(paths, reports, strict=True)]
-    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    return [visible(f"{n} ({i + 1})" if names.count(n) > 1 else n) for i, n in enumerate(names)]
 
 
 def _location(report: dict) -> str:
@@ -267,6 +292,7 @@ def passkey_note(reports: list[dict]) -> str:
     return (
         f"Passkey prompts: lengths {', '.join(f'{n:,}' for n in s.get('lengths') or [])} tokens, depths {depths}, "
         f"{s.get('samples')} samples per cell, seed {s.get('seed')}: the same prompts for every model above "
+        f"{'with passkey results ' if not all(r.get('passkey') for r in reports) else ''}"
         "(passkey.settings compared as recorded, depth 0 is not 0.0)."
     )
 
@@ -307,25 +333,32 @@ def accuracy_grid(p: dict, lengths: list, depths: list) -> list[list[float]]:
     return [[cell[(n, d)] for n in lengths] for d in depths]
 
 
+class _Figures:
+    """`plt.subplots` without pyplot: a Figure of its own (saved by its Agg canvas), so a report leaves the caller's
+    backend (a notebook's inline one), its open figures and pyplot's state as they were (matplotlib.use("Agg")
+    switched a library caller's backend for the rest of the process)."""
+
+    @staticmethod
+    def subplots(*args, figsize=None, dpi=None, layout=None, **kwargs):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize, dpi=dpi, layout=layout)
+        return fig, fig.subplots(*args, **kwargs)
+
+
 def heat_map(reports: list[dict], path: Path) -> None:
     """Passkey accuracy per (prompt length, needle depth): a panel per model, PANELS_PER_ROW to a row, up to
     PANELS_MAX models; more, one matrix with a row per model and a column per (length, depth), so the image's size
     stays bounded (check_comparable made every run's lengths and depths the same)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [(label, r["passkey"]) for label, r in zip(labels(reports), reports, strict=True) if r.get("passkey")]
-    fig = _heat_panels(plt, runs) if len(runs) <= PANELS_MAX else _heat_matrix(plt, runs)
+    fig = _heat_panels(_Figures, runs) if len(runs) <= PANELS_MAX else _heat_matrix(_Figures, runs)
     fig.savefig(path)
-    plt.close(fig)
 
 
-def _heat_panels(plt, runs: list[tuple[str, dict]]):
+def _heat_panels(figures, runs: list[tuple[str, dict]]):
     cols = min(len(runs), PANELS_PER_ROW)
     nrows = -(-len(runs) // cols)
-    fig, axes = plt.subplots(
+    fig, axes = figures.subplots(
         nrows, cols, figsize=(1.2 + 3.6 * cols, 3.6 * nrows), dpi=120, squeeze=False, layout="constrained"
     )
     for ax, (label, p) in zip(axes.flat[: len(runs)], runs, strict=True):
@@ -347,14 +380,14 @@ def _heat_panels(plt, runs: list[tuple[str, dict]]):
     return fig
 
 
-def _heat_matrix(plt, runs: list[tuple[str, dict]]):
+def _heat_matrix(figures, runs: list[tuple[str, dict]]):
     """(models, lengths x depths) accuracies, one image: columns grouped by length, depths within."""
     lengths, depths = runs[0][1]["settings"]["lengths"], runs[0][1]["settings"]["depths"]
     matrix = [[cell[(n, d)] for n in lengths for d in depths] for cell in (_accuracy(p) for _, p in runs)]
     width = min(4.0 + 0.3 * len(lengths) * len(depths), MATRIX_MAX_IN[0])
     height = min(1.8 + MATRIX_ROW_IN * len(runs), MATRIX_MAX_IN[1])
     font = min(9.0, 72 * (height - 1.8) / len(runs) * 0.8)  # points per row, less a margin
-    fig, ax = plt.subplots(figsize=(width, height), dpi=100, layout="constrained")
+    fig, ax = figures.subplots(figsize=(width, height), dpi=100, layout="constrained")
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", interpolation="nearest")
     ticks = [f"{n:,} / {d:.0%}" for n in lengths for d in depths]
     ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=7)
@@ -383,6 +416,7 @@ def _data_note(reports: list[dict]) -> str:
         + _speed_note(reports)
         + _dtype_note(reports)
         + _saving_note(reports)
+        + _window_note(reports)
         + _lineage_note(reports)
         + _fitted_note(reports)
     )
@@ -399,8 +433,28 @@ def _fitted_note(reports: list[dict]) -> str:
     return "".join(notes)
 
 
+def _window_note(reports: list[dict]) -> str:
+    """KV bytes/token (the table and the plot) counts every token; a sliding-window layer keeps only its window, so
+    the cache one sequence of seq_len holds (kv_cache.bytes_per_sequence) is below bytes/token x seq_len: a windowed
+    Mistral read as holding the cache of a full-attention Llama of the same layout."""
+    seq_len = reports[0]["settings"]["seq_len"]
+    windowed = []
+    for name, r in zip(labels(reports), reports, strict=True):
+        kv = r["kv_cache"]
+        per_seq = kv.get("bytes_per_sequence")
+        if isinstance(per_seq, int | float) and not isinstance(per_seq, bool):
+            if per_seq < kv["bytes_per_token"] * seq_len:
+                windowed.append(f"{name} {per_seq:,} bytes, not {kv['bytes_per_token'] * seq_len:,}")
+    if not windowed:
+        return ""
+    return (
+        f" Sliding-window layers keep only their window: the cache of one {seq_len:,}-token sequence holds "
+        f"{'; '.join(windowed)} (kv_cache.bytes_per_sequence): KV bytes/token does not show it."
+    )
+
+
 def _saving_note(reports: list[dict]) -> str:
-    """"saving ×" is each row's against its own reference (kv_cache.source: --source-model, the converter's source,
+    """ "saving ×" is each row's against its own reference (kv_cache.source: --source-model, the converter's source,
     or the same layout all producers): one model evaluated with and without --source-model read 2.00 and 1.00 in one
     table, unexplained. Named where rows of one model have different savings (one reference spelled two ways, a
     relative and an absolute path, was named as two)."""
@@ -621,14 +675,9 @@ def labelled(xs: list, ys: list) -> list[int]:
 
 def plot(reports: list[dict], path: Path) -> None:
     """Perplexity (log scale when it spans 10x) against KV-cache bytes per token, one labelled point per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xs = [r["kv_cache"]["bytes_per_token"] for r in reports]
     ys = [r["perplexity"] for r in reports]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = _Figures.subplots(figsize=(6.4, 4.4), dpi=120)
     ax.scatter(xs, ys, s=60 if len(xs) <= LABELS_MAX else 20, zorder=3)
     names, shown = labels(reports), labelled(xs, ys)
     for i in shown:
@@ -645,12 +694,11 @@ def plot(reports: list[dict], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _html_table(columns: list[str], body: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    head = "".join(f"<th>{html.escape(visible(c))}</th>" for c in columns)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(visible(c))}</td>" for c in row) + "</tr>" for row in body)
     return f"<table><tr>{head}</tr>{cells}</table>"
 
 
@@ -682,12 +730,12 @@ def _html_sources(reports: list[dict], paths: list | None) -> str:
 def page(reports: list[dict], png: Path, paths: list | None = None) -> str:
     """report.html; `paths` (the report files, in order) adds the Sources section."""
     image = base64.b64encode(png.read_bytes()).decode()
-    note = _data_note(reports)
+    note = html.escape(visible(_data_note(reports)))
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>clakit eval report</title><style>"
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}</style>"
-        f"</head><body><h1>clakit eval report</h1>{_html_table(COLUMNS, rows(reports))}<p>{html.escape(note)}</p>"
+        f"</head><body><h1>clakit eval report</h1>{_html_table(COLUMNS, rows(reports))}<p>{note}</p>"
         f"<img alt='perplexity vs KV-cache bytes per token' src='data:image/png;base64,{image}'>"
         f"{_html_passkey(reports, png.parent / 'passkey.png')}{_html_lm_eval(reports)}{_html_sources(reports, paths)}"
         "</body></html>\n"

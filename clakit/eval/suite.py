@@ -1,5 +1,6 @@
 """`evaluate`: every metric of the eval suite on one model, returned as the report dict `clakit eval` writes."""
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -25,6 +26,7 @@ from clakit.sources import (
     context_window,
     default_seq_len,
     files_fingerprint,
+    progress_bars_off,
 )
 
 DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
@@ -319,8 +321,21 @@ def evaluate(
     run = _prepare(model, cfg, tokenizer, text, passkey)
     _note_slow_dtype(run.placement, quiet)
     _note_fitted(run.fitted, quiet)
-    loaded = _load(model, run.source, run.tokenizer, cfg, run.placement, name, run.identity)
-    return _measure(loaded, cfg, run, quiet)
+    with _modes_kept(model), progress_bars_off(quiet):
+        loaded = _load(model, run.source, run.tokenizer, cfg, run.placement, name, run.identity)
+        return _measure(loaded, cfg, run, quiet)
+
+
+@contextlib.contextmanager
+def _modes_kept(model):
+    """An in-memory model is scored in eval mode and handed back in the modes it came in (each module's own: a
+    model mid-finetune went on training with dropout off after a library call measured it)."""
+    modes = [] if isinstance(model, str | Path) else [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _note_fitted(fitted: dict | None, quiet: bool) -> None:

@@ -33,7 +33,15 @@ from clakit.corpus import is_datasets_spec
 from clakit.errors import ClakitError
 from clakit.paths import expand
 from clakit.provenance import CONVERT_RECORD, UPTRAIN_RECORD
-from clakit.sources import check_weights, load_config, load_model, load_tokenizer, looks_like_hub_id, resolve_source
+from clakit.sources import (
+    check_weights,
+    load_config,
+    load_model,
+    load_tokenizer,
+    looks_like_hub_id,
+    progress_bars_off,
+    resolve_source,
+)
 from clakit.uptrain import card, checkpoint, sharding, student
 from clakit.uptrain.distill import check_same_tokenizer, check_stock, check_teacher_fits, load_teacher
 from clakit.uptrain.packing import build_data
@@ -46,6 +54,7 @@ from clakit.uptrain.recipe import (
     load_recipe,
     located_text,
     resolve_recipe,
+    shipped_recipes,
 )
 from clakit.uptrain.trainer import (
     METRICS,
@@ -97,6 +106,12 @@ def check_output_dir(
         _check_resumable(out, recipe)
         return
     outputs.check_not_inside_an_output(out, "train.output_dir")
+    shipped = shipped_recipes().resolve()
+    if out.is_relative_to(shipped):  # `cd recipes/smollm2 && clakit uptrain 135m_cla2_cpu.yaml`: runs/ beside them
+        raise ClakitError(
+            f"train.output_dir {out} is inside clakit's shipped recipes ({shipped}), where its recipe.yaml would be "
+            "listed as a shipped recipe (and packaged by a build); choose a folder outside it"
+        )
     outputs.check_folder(
         out,
         "uptrain",
@@ -829,8 +844,30 @@ def uptrain(
     dry_run validates and prints the resolved recipe; resume continues `train.output_dir` from its last checkpoint;
     overwrite replaces a previous run there.
     """
-    with _settings_named():
+    if isinstance(overrides, str):  # iterated as characters: "override 't' must look like section.key=value"
+        raise ClakitError(f"overrides is a list of section.key=value strings: give [{overrides!r}]")
+    with _settings_named(), _global_rng_kept(), progress_bars_off(quiet):
         return _uptrain(recipe_path, overrides, dry_run, resume, overwrite, quiet)
+
+
+@contextlib.contextmanager
+def _global_rng_kept():
+    """The run seeds (accelerate's set_seed: torch, CUDA, numpy, random) and draws from the process-wide generators;
+    a library caller's own generators are handed back as they were, not reseeded to the recipe's seed."""
+    import random
+
+    import numpy as np
+
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 # clakit.sources refuses a model that runs its own code, or pickle weights, naming the flags; `clakit uptrain` has

@@ -9,6 +9,7 @@ peft's `LoraConfig` names.
 import collections.abc
 import dataclasses
 import datetime
+import difflib
 import hashlib
 import importlib.resources
 import json
@@ -250,8 +251,17 @@ def _type_name(tp) -> str:
     return "a mapping"
 
 
+
+
 def _coerce(value, tp, where: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, _Yaml11Int) and tp in (int, float):
+        digits = value.text.replace("_", "")
+        meant = "" if ":" in digits else f", e.g. {where}={digits.lstrip('+').lstrip('0') or '0'}"
+        raise ClakitError(
+            f"recipe key {where} is written {value.text}, which YAML reads as {int(value)} (a leading 0 is octal, "
+            f"a ':' counts in base 60); write the number without them{meant}"
+        )
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -264,7 +274,7 @@ def _coerce(value, tp, where: str):
             raise ClakitError(_list_fix(value, where))
         items = [value] if isinstance(value, str | int | float) and not isinstance(value, bool) else value
         if not isinstance(items, list):
-            raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}")
+            raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {settings.shown(value)}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items)]
     if tp is float and isinstance(value, str | int) and not isinstance(value, bool):
         return _finite(value, where)
@@ -272,7 +282,8 @@ def _coerce(value, tp, where: str):
         return _finite(value, where)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {value!r}{_fix(value, tp, where)}")
+    got = settings.shown(value)
+    raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {got}{_fix(value, tp, where)}")
 
 
 def _fix(value, tp, where: str) -> str:
@@ -282,7 +293,8 @@ def _fix(value, tp, where: str) -> str:
     before YAML sees the value) and the recipe file; an item of a list (`where` = `data.train[0]`) is written in the
     list's own key, as `data.train[0]=...` is no key."""
     if tp is str and isinstance(value, int | float | bool | datetime.date):
-        return f" (YAML read the unquoted value as {type(value).__name__}); quote it, e.g. {_both(where, 'VALUE')}"
+        kind = "int" if isinstance(value, _Yaml11Int) else type(value).__name__
+        return f" (YAML read the unquoted value as {kind}); quote it, e.g. {_both(where, 'VALUE')}"
     if tp is int and isinstance(value, str):
         try:
             number = float(value)
@@ -329,9 +341,9 @@ def _finite(value, where: str) -> float:
     try:
         number = float(value)
     except (ValueError, OverflowError):
-        raise ClakitError(f"recipe key {where} must be a number, got {value!r}") from None
+        raise ClakitError(f"recipe key {where} must be a number, got {settings.shown(value)}") from None
     if not math.isfinite(number):
-        raise ClakitError(f"recipe key {where} must be a finite number, got {value!r}")
+        raise ClakitError(f"recipe key {where} must be a finite number, got {settings.shown(value)}")
     return number
 
 
@@ -339,13 +351,16 @@ def _build(cls, data, where: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ClakitError(f"recipe section {where or 'top level'} must be a mapping of keys, got {data!r}")
+        got = settings.shown(data)
+        raise ClakitError(f"recipe section {where or 'top level'} must be a mapping of keys, got {got}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
             place = f"{where}.{key}" if where else str(key)
-            raise ClakitError(f"unknown recipe key {place!r}; valid keys here: {', '.join(names)}")
+            close = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
+            hint = f" (did you mean {f'{where}.{close[0]}' if where else close[0]}?)" if close else ""
+            raise ClakitError(f"unknown recipe key {place!r}{hint}; valid keys here: {', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -371,12 +386,21 @@ def apply_override(raw: dict, override: str) -> None:
         raise ClakitError(f"override {override!r} must look like section.key=value, e.g. train.max_steps=10")
     try:
         value = yaml.load(text, StrictLoader) if text.strip() else None
+        node = yaml.compose(text, StrictLoader) if text.strip() else None
+    except RecursionError:
+        raise ClakitError(f"override {settings.shown(override)}: the value {NESTING}") from None
     except yaml.YAMLError as e:
         raise ClakitError(
             f"override {override!r}: the value is not valid YAML ({_one_line(getattr(e, 'problem', None) or e)}); "
             "write e.g. train.max_steps=10, 'data.train=[a.txt, b.txt]', or quote a string (in a shell: "
             "\"key='[text'\")"
         ) from None
+    if node is not None and text[node.end_mark.index :].strip().startswith("#"):  # `runs/exp #2`: YAML's comment
+        fix = f"quote it (in a shell: \"{key.strip()}='{text.strip()}'\")" if isinstance(value, str) else "drop it"
+        raise ClakitError(
+            f"override {settings.shown(override)}: YAML reads ' #' as the start of a comment, so the value would be "
+            f"{settings.shown(value)}; {fix}"
+        )
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -418,6 +442,15 @@ def resolve_recipe(path: str | Path) -> Path:
     return shipped if shipped.is_file() else given
 
 
+class _Yaml11Int(int):
+    """An int YAML 1.1 read from `0755` (octal 493) or `1:30` (base 60: 90): `text` is how it was written."""
+
+    def __new__(cls, value: int, text: str):
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
+
 class StrictLoader(yaml.SafeLoader):
     """yaml.safe_load, refusing a key given twice in one mapping (PyYAML keeps the last one silently). Merge keys
     (`<<: *defaults`) work as in safe_load: the keys written beside them override the merged ones, by design."""
@@ -439,10 +472,22 @@ class StrictLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node):
+        value = super().construct_yaml_int(node)
+        digits = node.value.replace("_", "").lstrip("+-")
+        if ":" in digits or (len(digits) > 1 and digits[0] == "0" and digits[1] not in "xXbB"):
+            return _Yaml11Int(value, node.value)
+        return value
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+
+NESTING = "nests lists or mappings too deeply for a recipe (hundreds of levels); a recipe is a few levels deep"
+
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        names = ", ".join(sorted(str(p.relative_to(shipped_recipes())) for p in shipped_recipes().rglob("*.yaml")))
+        names = ", ".join(sorted(str(p.relative_to(shipped_recipes())) for p in shipped_recipes().glob("*/*.yaml")))
         what = "is a folder" if path.is_dir() else "does not exist"
         raise ClakitError(f"recipe {path} {what}; give a recipe YAML file or a shipped recipe ({names})")
     try:
@@ -453,6 +498,8 @@ def _read_yaml(path: Path) -> dict:
         ) from None
     except OSError as e:
         raise ClakitError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    except RecursionError:
+        raise ClakitError(f"recipe {path} {NESTING}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

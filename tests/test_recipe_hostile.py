@@ -1,0 +1,70 @@
+"""Hostile recipes and overrides: each refused in one bounded line, before any work (helper U's sweep)."""
+
+import pytest
+import yaml
+
+from clakit.errors import ClakitError
+from clakit.uptrain.recipe import apply_override, load_recipe
+
+BASE = {
+    "model": {"path": "m"},
+    "data": {"train": ["t.txt"]},
+    "train": {"output_dir": "out", "max_steps": 2},
+}
+
+
+def _recipe(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_alias_bomb_refused_in_a_short_line(tmp_path):
+    """~700 bytes of nested aliases are 10**9 items once repr() walks them: the message hung the run for minutes."""
+    anchors = ", ".join(
+        f"&{chr(97 + i)} [" + ",".join([f"*{chr(96 + i)}"] * 10 if i else ["x"] * 10) + "]" for i in range(9)
+    )
+    path = _recipe(tmp_path, yaml.safe_dump(BASE).replace("max_steps: 2", f"max_steps: [{anchors}]"))
+    with pytest.raises(ClakitError, match="train.max_steps must be an integer") as e:
+        load_recipe(path)
+    assert len(str(e.value)) < 2000
+
+
+@pytest.mark.parametrize("nested", ["[" * 2000 + "]" * 2000, "{a: " * 2000 + "1" + "}" * 2000])
+def test_deep_nesting_is_one_line(tmp_path, nested):
+    with pytest.raises(ClakitError, match="too deeply"):
+        load_recipe(_recipe(tmp_path, yaml.safe_dump(BASE) + f"x: {nested}\n"))
+    with pytest.raises(ClakitError, match="too deeply"):
+        apply_override({}, f"train.max_steps={nested}")
+
+
+@pytest.mark.parametrize("value, read", [("0755", 493), ("10:20", 620), ("007", 7)])
+def test_yaml11_ints_refused_for_numbers(value, read):
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    apply_override(raw, f"train.max_steps={value}")
+    from clakit.uptrain.recipe import Recipe, _build
+
+    with pytest.raises(ClakitError, match=f"is written {value}, which YAML reads as {read}"):
+        _build(Recipe, raw, "")
+
+
+@pytest.mark.parametrize("override", ["train.output_dir=runs/exp #2", "train.max_steps=3 # three"])
+def test_override_comment_refused(override):
+    with pytest.raises(ClakitError, match="start of a comment"):
+        apply_override({}, override)
+
+
+def test_override_quoted_hash_kept():
+    raw = {}
+    apply_override(raw, "train.output_dir='runs/exp #2'")
+    apply_override(raw, "data.train=[a#b.txt]")
+    assert raw == {"train": {"output_dir": "runs/exp #2"}, "data": {"train": ["a#b.txt"]}}
+
+
+def test_unknown_key_suggests_the_close_one():
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    apply_override(raw, "train.max_step=3")
+    from clakit.uptrain.recipe import Recipe, _build
+
+    with pytest.raises(ClakitError, match=r"did you mean train\.max_steps\?"):
+        _build(Recipe, raw, "")
