@@ -1015,6 +1015,8 @@ def load_model(
             _gguf_facts(str(source.path), source.path.stat().st_mtime_ns)  # for load_tokenizer's check
         _gguf_reader.cache_clear()  # the parsed header is not held beside the dequantised model
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if source.kind == "gguf":  # the config read before: transformers parsed the whole header for it again (~20 s
+        kwargs["config"] = _auto_config(source)  # of a 60 s load of the demo GGUF, loaded machine; same weights)
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:

@@ -659,3 +659,23 @@ def test_a_gguf_too_big_for_the_gpu_is_refused_before_it_is_read(tokenizer, tmp_
     assert f"is read whole (GGUF) and copied whole to cuda:0 in float32 (~{outputs.size_text(need)})" in err, err
     assert "use --device cpu" in err and len(err.strip().splitlines()) == 1 and not read
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_model_loads_with_one_read_of_its_config(tokenizer, tmp_path, monkeypatch):
+    """transformers parses the whole GGUF header for a config: load_config, the size check and from_pretrained each
+    asked (one 60 s load of the demo GGUF spent ~20 s on it). One read per version of the file now; the weights
+    are the file's."""
+    import gguf
+    from transformers import PretrainedConfig
+
+    model = source_model()
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32)
+    reads = []
+    real = PretrainedConfig.get_config_dict.__func__
+    monkeypatch.setattr(PretrainedConfig, "get_config_dict",
+                        classmethod(lambda cls, *a, **k: reads.append(k.get("gguf_file")) or real(cls, *a, **k)))
+    source = resolve_source(str(path))
+    assert load_config(source).num_hidden_layers == model.config.num_hidden_layers
+    loaded = load_model(source, torch.float32)
+    assert reads == ["m.gguf"]
+    assert torch.equal(loaded.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)

@@ -171,7 +171,8 @@ def test_missing_recipe(capsys, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.max_step=3", "unknown recipe key 'train.max_step'; valid keys here: output_dir, max_steps"),
+        ("train.max_step=3", "unknown recipe key 'train.max_step' (did you mean train.max_steps?); valid keys here: "
+                              "output_dir, max_steps"),
         ("train.max_steps=three", "train.max_steps must be an integer"),
     ],
 )
