@@ -144,20 +144,73 @@ def _snapshot(spec: str, revision: str | None, patterns: list[str]) -> str:
     try:
         return snapshot_download(spec, revision=revision, allow_patterns=patterns)
     except Exception as e:
-        raise _hub_error(spec, revision, e) from None
+        raise _hub_error(spec, revision, e, patterns) from None
 
 
-def _hub_error(spec: str, revision: str | None, e: Exception) -> ClakitError:
+def _missing_in_cache(spec: str, revision: str | None, patterns: list[str]) -> list[str]:
+    """The files `patterns` selects that the cached tree listing of `spec` at `revision` names and its snapshot
+    lacks (none known: an empty list). No network is touched."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+        from huggingface_hub.utils import filter_repo_objects
+
+        names = [f.path for f in get_cached_repo_tree(spec, revision=revision)]
+        snapshot = _cached_snapshot_folder(spec, revision)
+        wanted = filter_repo_objects(names, allow_patterns=patterns)
+        return [n for n in wanted if snapshot is None or not (snapshot / n).is_file()]
+    except Exception:  # an older huggingface_hub, or no listing cached
+        return []
+
+
+def _cached_snapshot_folder(spec: str, revision: str | None) -> Path | None:
+    from huggingface_hub import constants
+
+    entry = Path(constants.HF_HUB_CACHE) / f"models--{spec.replace('/', '--')}"
+    commit = revision if revision and re.fullmatch(r"[0-9a-f]{40}", revision) else None
+    if commit is None:
+        try:
+            commit = (entry / "refs" / (revision or "main")).read_text().strip()
+        except OSError:
+            return None
+    return entry / "snapshots" / commit
+
+
+def _hub_error(spec: str, revision: str | None, e: Exception, patterns: list[str] | None = None) -> ClakitError:
     """One line for a failed download. A gated repo (every meta-llama one), a missing revision or a missing/private
     repo each have their own fix; huggingface_hub's first line is only '401 Client Error. (Request ID: ...)', which
     was all the message said, with 'check the id and your connection'."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     login = "log in (`hf auth login`, or set HF_TOKEN)"
+    page = f"{constants.ENDPOINT}/{spec}"  # HF_ENDPOINT's mirror, where one is set
     if isinstance(e, GatedRepoError):  # a RepositoryNotFoundError too: first
+        if getattr(getattr(e, "response", None), "status_code", None) == 403:  # a token, without access (yet)
+            return ClakitError(
+                f"Hub repo {spec} is gated and the token in use has no access to it: request access at {page} "
+                "(approval may be pending) or use a token of an account that has it, or give a local checkpoint folder"
+            )
         return ClakitError(
-            f"Hub repo {spec} is gated: accept its terms at https://huggingface.co/{spec} with your account and "
+            f"Hub repo {spec} is gated: accept its terms at {page} with your account and "
             f"{login}, or give a local checkpoint folder"
+        )
+    if isinstance(e, LocalEntryNotFoundError):  # the Hub not asked (offline) or not reached, and the cache in part
+        missing = _missing_in_cache(spec, revision, patterns or [])
+        lacks = f" (it lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})" if missing else ""
+        why = (
+            "the Hub is not asked (offline: HF_HUB_OFFLINE)"
+            if hub_offline()
+            else f"the Hub ({constants.ENDPOINT}) could not be reached"
+        )
+        at = f" at revision {revision}" if revision else ""
+        return ClakitError(
+            f"the Hub cache holds only part of {spec}{at}{lacks} and {why}: download it where the Hub is "
+            "reachable (the files already fetched are kept), or give a local checkpoint folder or .gguf file"
         )
     if isinstance(e, RevisionNotFoundError):
         return ClakitError(f"Hub repo {spec} has no revision {revision!r}; give a branch, tag or commit it has")
@@ -188,9 +241,14 @@ def check_revision(revision: str | None, *specs, option: str = "--revision") -> 
     it would only be recorded as a provenance that was never read: refused."""
     local = [str(s) for s in specs if s is not None and expand(str(s), "model").exists()]
     if revision is not None and local and len(local) == len([s for s in specs if s is not None]):
+        fix = (  # the Hub id typed is shadowed by a folder of that name here: "give the Hub id" could not be done
+            f"a local path is read before a Hub id of the same name: run from another directory or rename "
+            f"{expand(local[0], 'model').resolve()} to read the Hub repo, or drop {option}"
+            if looks_like_hub_id(local[0])
+            else f"drop {option}, or give the Hub id"
+        )
         raise ClakitError(
-            f"{option} {revision} selects a Hub revision, but {local[0]} is a local path read as it is: drop "
-            f"{option}, or give the Hub id"
+            f"{option} {revision} selects a Hub revision, but {local[0]} is a local path read as it is: {fix}"
         )
 
 
@@ -216,7 +274,13 @@ def resolve_source(
         return Source(spec, "gguf", path.resolve())
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise _not_a_checkpoint(spec, path)
+            error = _not_a_checkpoint(spec, path)
+            if looks_like_hub_id(spec) and not any(path.iterdir()):  # an empty folder named like the Hub id, here
+                error = ClakitError(
+                    f"{spec} is an empty folder here ({path.resolve()}), which is read before the Hub id of that "
+                    "name: remove it or run from another directory to download the Hub repo"
+                )
+            raise error
         check_readable(p for p in path.iterdir() if p.suffix in READ_SUFFIXES or p.name == CHAT_TEMPLATES_DIR)
         return Source(spec, "dir", path.resolve())
     if path.exists():
@@ -1016,7 +1080,8 @@ def load_model(
         _gguf_reader.cache_clear()  # the parsed header is not held beside the dequantised model
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if source.kind == "gguf":  # the config read before: transformers parsed the whole header for it again (~20 s
-        kwargs["config"] = _auto_config(source)  # of a 60 s load of the demo GGUF, loaded machine; same weights)
+        with contextlib.suppress(Exception):  # of a 60 s load of the demo GGUF, loaded machine; same weights).
+            kwargs["config"] = _auto_config(source)  # One it cannot read: from_pretrained's error is named below
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:

@@ -351,6 +351,8 @@ def hub_refusal(error_cls, status: int, message: str):
 
 HUB_REFUSALS = {  # huggingface_hub's error (its real first line is the status only) -> what the line must say
     "gated": (GatedRepoError, 401, "is gated: accept its terms at https://huggingface.co/org/model"),
+    # a token without access (not yet approved): "log in" was the fix named, to a user logged in
+    "gated-token": (GatedRepoError, 403, "is gated and the token in use has no access to it: request access at"),
     "no-revision": (RevisionNotFoundError, 404, "has no revision 'v9'; give a branch, tag or commit it has"),
     "no-repo": (RepositoryNotFoundError, 401, "does not exist, or is private (then log in"),
 }

@@ -43,7 +43,10 @@ class EvalConfig:
     )
     batch_size: int = field(default=4, metadata=opt("windows per forward, and the speed batch"))
     kv_budget_gb: float = field(default=DEFAULT_KV_BUDGET_GB, metadata=opt("KV-cache budget for the max-batch figure"))
-    revision: str | None = field(default=None, metadata=opt("Hub revision of MODEL", section="model"))
+    revision: str | None = field(
+        default=None,
+        metadata=opt("Hub revision of MODEL (of --source-model when MODEL is a local path)", section="model"),
+    )
     source_model: str | None = field(
         default=None, metadata=opt("the model MODEL was converted from, for the KV saving factor")
     )

@@ -383,12 +383,22 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
         harness.require_lm_eval()  # before anything slow; the tasks themselves are loaded just before the model
     if isinstance(model, str | Path):  # a revision read for nothing would be recorded as provenance
         check_revision(cfg.revision, model, cfg.source_model)
+    # --revision is MODEL's; it selects --source-model's only where MODEL is a local path (read as it is): a Hub
+    # MODEL's tag was looked up in the source repo ("org/base has no revision 'cla-v2'"), or read another commit
+    local_model = not isinstance(model, str | Path) or expand(str(model), "model").exists()
+    source_revision = cfg.revision if local_model else None
+    # a given --source-model before MODEL is resolved: a Hub MODEL's weights were downloaded before a bad one was
+    # refused (its config alone is read, in seconds)
+    reference = None
+    if cfg.source_model:
+        reference = _reference(cfg.source_model, None, source_revision, cfg.trust_remote_code)
     source, config = _resolve(model, tokenizer, cfg.revision, cfg.trust_remote_code, cfg.allow_pickle,
                               (cfg.seq_len, cfg.stride))  # fmt: skip
     identity = folder_identity(source) if source is not None else None
     seq_len, stride = _windows(config, cfg.seq_len, cfg.stride)
     model_dir = source.path if source is not None and source.kind == "dir" else None
-    reference = _reference(cfg.source_model, model_dir, cfg.revision, cfg.trust_remote_code)
+    if not cfg.source_model:
+        reference = _reference(None, model_dir, None, cfg.trust_remote_code)
     _check_reference(config, reference)
     texts = _texts(cfg.data, text)
     if tokenizer is None:  # before the model: a text too short is refused in seconds
