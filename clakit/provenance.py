@@ -117,21 +117,25 @@ def text_sha256(text: str) -> str:
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file, read in 16 MiB blocks: a GGUF source is hundreds of MB (SmolLM2-135M's 98 MB Q4_1 file:
-    0.75-1.2 s on 2 shared cores; a 70B's Q4 file ~40 GB). Remembered per version of the file (its inode, size and
-    modification time, as make and git judge a change) when over 64 MiB: uptrain's conversion and its baseline's
-    eval both hash the source. (Smaller files are read again: hashing them is quick, and two writes of one size
-    within the clock's tick, milliseconds, would share a modification time.)"""
+    0.75-1.2 s on 2 shared cores; a 70B's Q4 file ~40 GB). Remembered per version of the file (its device, inode,
+    size, modification and change times, as git's index judges a change) when over 64 MiB: uptrain's conversion and
+    its baseline's eval both hash the source. (Smaller files are read again: hashing them is quick, and two writes
+    of one size within the clock's tick, milliseconds, would share its times.)"""
     stat = os.stat(path)
     if stat.st_size <= CACHED_HASH_BYTES:
         return _read_sha256(path)
-    return _remembered_sha256(os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    # ctime too, as git's index keeps it: an in-place rewrite of the same size whose mtime was set back (cp -p,
+    # rsync --inplace, tar, os.utime) keeps size and mtime, but the kernel sets ctime on every change, and nothing
+    # sets it back
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return _remembered_sha256(os.path.realpath(path), key)
 
 
 CACHED_HASH_BYTES = 64 << 20
 
 
 @functools.lru_cache(maxsize=64)
-def _remembered_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+def _remembered_sha256(path: str, version: tuple) -> str:
     return _read_sha256(path)
 
 

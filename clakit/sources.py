@@ -510,12 +510,13 @@ def _auto_config(source: Source, trust_remote_code: bool = False):
 
     if source.kind != "gguf":
         return AutoConfig.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code)
-    stat = source.path.stat()
-    return copy.deepcopy(_gguf_config(str(source.path), stat.st_mtime_ns, stat.st_size))
+    stat = source.path.stat()  # the file's version, as provenance.file_sha256 keys it (ctime: mtime can be set back)
+    version = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return copy.deepcopy(_gguf_config(str(source.path.resolve()), version))
 
 
 @functools.lru_cache(maxsize=2)
-def _gguf_config(path: str, mtime_ns: int, size: int):
+def _gguf_config(path: str, version: tuple):
     from transformers import AutoConfig
 
     import clakit.modeling  # noqa: F401

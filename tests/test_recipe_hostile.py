@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+from uptrain_fixtures import tiny_cla_checkpoint  # noqa: F401
 
 from clakit.errors import ClakitError
 from clakit.uptrain.recipe import apply_override, load_recipe
@@ -68,3 +69,47 @@ def test_unknown_key_suggests_the_close_one():
 
     with pytest.raises(ClakitError, match=r"did you mean train\.max_steps\?"):
         _build(Recipe, raw, "")
+
+
+@pytest.mark.parametrize("override", ["train.save_total_limit=#3", "model.revision=#v1.0", "train.max_tokens=#1000"])
+def test_an_override_that_is_all_comment_is_refused(override):
+    """`key=#3`: YAML reads the whole value as a comment, null, and an optional field took it silently (keep every
+    checkpoint, the default revision; helper R2)."""
+    with pytest.raises(ClakitError, match="starting with '#' as a comment, so the value would be null"):
+        apply_override({}, override)
+
+
+@pytest.mark.parametrize(("value", "hint"), [("-010", "train.max_steps=-10"), ("-00", "train.max_steps=0")])
+def test_a_negative_octal_gets_a_hint_that_differs_from_it(value, hint):
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    apply_override(raw, f"train.max_steps={value}")
+    from clakit.uptrain.recipe import Recipe, _build
+
+    with pytest.raises(ClakitError, match=f"e.g. {hint}$"):
+        _build(Recipe, raw, "")
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=1:30.5", "data.copy_fraction=0:0.5"])
+def test_a_base_60_float_is_refused(override):
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    apply_override(raw, override)
+    from clakit.uptrain.recipe import Recipe, _build
+
+    with pytest.raises(ClakitError, match="a ':' counts in base 60"):
+        _build(Recipe, raw, "")
+
+
+def test_a_run_inside_the_shipped_recipes_is_refused_before_any_work(capsys, tmp_path, corpus_dir,
+                                                                     tiny_cla_checkpoint):  # noqa: F811
+    """`cd recipes/smollm2 && clakit uptrain 135m_cla2_cpu.yaml` wrote runs/ among the shipped recipes, where its
+    recipe.yaml was then offered as a shipped recipe and packaged by a build (helper U)."""
+    from uptrain_fixtures import tiny_recipe, write_recipe
+
+    from clakit.cli import main
+    from clakit.uptrain.recipe import shipped_recipes
+
+    out = shipped_recipes() / "smollm2" / "runs-test-refused"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
+    assert main(["uptrain", str(recipe), "-q"]) == 2
+    assert "is inside clakit's shipped recipes" in capsys.readouterr().err
+    assert not out.exists() and not (shipped_recipes() / "smollm2" / "runs").exists()

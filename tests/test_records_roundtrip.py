@@ -474,6 +474,11 @@ def test_a_large_file_is_hashed_once_per_version(tmp_path, monkeypatch):
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
     assert provenance.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest() != first
     assert len(reads) == 2
+    stat = path.stat()
+    with open(path, "r+b") as f:  # rewritten in place, its modification time set back (cp -p, rsync --inplace)
+        f.write(b"\2")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert provenance.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest() and len(reads) == 3
     small = tmp_path / "config.json"
     for content in (b"{}", b"[]"):  # small files are read each time (two writes can share a modification time)
         small.write_bytes(content)

@@ -110,7 +110,7 @@ def check_output_dir(
     if out.is_relative_to(shipped):  # `cd recipes/smollm2 && clakit uptrain 135m_cla2_cpu.yaml`: runs/ beside them
         raise ClakitError(
             f"train.output_dir {out} is inside clakit's shipped recipes ({shipped}), where its recipe.yaml would be "
-            "listed as a shipped recipe (and packaged by a build); choose a folder outside it"
+            "read by name as a shipped recipe (and packaged by a build); choose a folder outside it"
         )
     outputs.check_folder(
         out,
@@ -860,6 +860,9 @@ def _global_rng_kept():
 
     states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    # CUDA not initialised yet: its generators are seeded lazily, from the caller's last torch.manual_seed (the CPU
+    # generator's initial seed); set_seed queued the recipe's seed in its place (or, on a GPU run, seeded and drew)
+    lazy_seed = torch.initial_seed() if cuda is None else None
     try:
         yield
     finally:
@@ -868,6 +871,8 @@ def _global_rng_kept():
         random.setstate(states[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+        else:
+            torch.cuda.manual_seed_all(lazy_seed)  # queued again while CUDA is not initialised: no device touched
 
 
 # clakit.sources refuses a model that runs its own code, or pickle weights, naming the flags; `clakit uptrain` has

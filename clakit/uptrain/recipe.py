@@ -255,11 +255,12 @@ def _type_name(tp) -> str:
 
 def _coerce(value, tp, where: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if isinstance(value, _Yaml11Int) and tp in (int, float):
+    if isinstance(value, _Yaml11Int | _Yaml11Float) and tp in (int, float):
         digits = value.text.replace("_", "")
-        meant = "" if ":" in digits else f", e.g. {where}={digits.lstrip('+').lstrip('0') or '0'}"
+        sign = "-" if digits.startswith("-") and value else ""
+        meant = "" if ":" in digits else f", e.g. {where}={sign}{digits.lstrip('+-').lstrip('0') or '0'}"
         raise ClakitError(
-            f"recipe key {where} is written {value.text}, which YAML reads as {int(value)} (a leading 0 is octal, "
+            f"recipe key {where} is written {value.text}, which YAML reads as {value!r} (a leading 0 is octal, "
             f"a ':' counts in base 60); write the number without them{meant}"
         )
     if origin in (typing.Union, types.UnionType):
@@ -293,7 +294,7 @@ def _fix(value, tp, where: str) -> str:
     before YAML sees the value) and the recipe file; an item of a list (`where` = `data.train[0]`) is written in the
     list's own key, as `data.train[0]=...` is no key."""
     if tp is str and isinstance(value, int | float | bool | datetime.date):
-        kind = "int" if isinstance(value, _Yaml11Int) else type(value).__name__
+        kind = {_Yaml11Int: "int", _Yaml11Float: "float"}.get(type(value), type(value).__name__)
         return f" (YAML read the unquoted value as {kind}); quote it, e.g. {_both(where, 'VALUE')}"
     if tp is int and isinstance(value, str):
         try:
@@ -395,6 +396,11 @@ def apply_override(raw: dict, override: str) -> None:
             "write e.g. train.max_steps=10, 'data.train=[a.txt, b.txt]', or quote a string (in a shell: "
             "\"key='[text'\")"
         ) from None
+    if node is None and text.strip().startswith("#"):  # `train.save_total_limit=#3`: all comment, read as null
+        raise ClakitError(
+            f"override {settings.shown(override)}: YAML reads a value starting with '#' as a comment, so the value "
+            f"would be null; quote it (in a shell: \"{key.strip()}='{text.strip()}'\"), or write {key.strip()}=null"
+        )
     if node is not None and text[node.end_mark.index :].strip().startswith("#"):  # `runs/exp #2`: YAML's comment
         fix = f"quote it (in a shell: \"{key.strip()}='{text.strip()}'\")" if isinstance(value, str) else "drop it"
         raise ClakitError(
@@ -479,8 +485,22 @@ class StrictLoader(yaml.SafeLoader):
             return _Yaml11Int(value, node.value)
         return value
 
+    def construct_yaml_float(self, node):
+        value = super().construct_yaml_float(node)
+        return _Yaml11Float(value, node.value) if ":" in node.value else value  # `1:30.5`: base 60, 90.5
+
+
+class _Yaml11Float(float):
+    """A float YAML 1.1 read in base 60 (`1:30.5` is 90.5): `text` is how it was written."""
+
+    def __new__(cls, value: float, text: str):
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
 
 StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+StrictLoader.add_constructor("tag:yaml.org,2002:float", StrictLoader.construct_yaml_float)
 
 NESTING = "nests lists or mappings too deeply for a recipe (hundreds of levels); a recipe is a few levels deep"
 
