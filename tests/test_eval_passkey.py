@@ -283,3 +283,20 @@ def test_filler_that_speaks_of_a_pass_key_is_refused(tokenizer, decoy):
     other_words = " pass keyboards to the bypass keys, a compass keystone "
     keyboard = filler[:middle] + other_words + filler[middle:]
     assert passkey.prepare(tokenizer, keyboard, settings, 2048).cells
+
+
+def test_an_answer_ends_at_its_first_stop_token():
+    """Digits a model writes after its EOS are not its answer: with 8 tokens always decoded and special tokens
+    skipped in the decode, `EOS 12345` was scored as the key (helper Y)."""
+    from types import SimpleNamespace
+
+    from clakit.eval.passkey import stop_ids, until_stop
+
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2, 7]))
+    stops = stop_ids(model, tokenizer)
+    assert stops == {2, 7}
+    assert until_stop(torch.tensor([5, 6, 7, 9, 9]), stops) == [5, 6]
+    assert until_stop(torch.tensor([2, 9, 9]), stops) == []
+    assert until_stop(torch.tensor([5, 6]), stops) == [5, 6]
+    assert stop_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == set()

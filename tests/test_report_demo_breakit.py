@@ -651,3 +651,24 @@ def test_control_and_bidi_characters_in_names_are_shown_escaped(tmp_path, base_r
     out = report(paths, tmp_path / "rep")
     for text in ((out / "report.md").read_text(), (out / "report.html").read_text()):
         assert "\x00" not in text and "\u202e" not in text
+
+
+@pytest.mark.parametrize(("edit", "ok"), [(lambda p: None, True), (lambda p: p.update(accuracy=0.9), False),
+                                          (lambda p: p["cells"][1].update(accuracy=0.5), False)])  # fmt: skip
+def test_passkey_accuracies_must_agree_with_their_counts(tmp_path, base_report, edit, ok):
+    """An edited overall accuracy (0.9 over cells of 0.44) or a cell's (1.0 for 2 of 3) was shown as written, beside
+    the counts that contradict it (helper Y). Refused when read, where the cells hold their counts."""
+    import copy
+
+    edited = copy.deepcopy(base_report)
+    cells = [{"length": 64, "depth": d, "accuracy": a, "correct": c, "samples": 2} for d, a, c in ((0.0, 1.0, 2),
+                                                                                                (1.0, 0.0, 0))]
+    edited["passkey"] = {"accuracy": 0.5, "settings": {"lengths": [64], "depths": [0.0, 1.0]}, "prompts_sha256": None,
+                         "cells": cells}  # fmt: skip
+    edit(edited["passkey"])
+    path = write_json(edited, tmp_path / "edited.json")
+    if ok:
+        assert read_report(path)
+    else:
+        with pytest.raises(ClakitError, match=r"correct / samples; overall: all cells'"):
+            read_report(path)

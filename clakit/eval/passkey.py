@@ -190,6 +190,21 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return torch.stack(tokens, 1).cpu()
 
 
+def stop_ids(model, tokenizer) -> set[int]:
+    """Tokens that end an answer: the tokenizer's EOS and the model's generation_config eos ids (an int or a list)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, list | tuple) else ({eos} if eos is not None else set())
+    return ids
+
+
+def until_stop(row: torch.Tensor, stops: set[int]) -> list[int]:
+    """A continuation up to (without) its first stop token: what a model writes after ending its answer is not its
+    answer (digits written past EOS were scored)."""
+    tokens = row.tolist()
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
+
+
 def resolve_lengths(settings: PasskeySettings, max_len: int) -> list[int]:
     """The prompt lengths to test: as given (each must leave room for the answer in the window) or the default."""
     if settings.lengths is None and not max_len:
@@ -268,9 +283,10 @@ def run(model, tokenizer, prepared: Prepared, quiet: bool = True, batch_size: in
     from tqdm.auto import tqdm
 
     cells, records = [], []
+    stops = stop_ids(model, tokenizer)
     for prompts in tqdm(prepared.cells, desc="passkey", disable=quiet):
         out = _answers(model, prompts, batch_size)
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        texts = tokenizer.batch_decode([until_stop(row, stops) for row in out], skip_special_tokens=True)
         correct = [answer(t) == p.key for t, p in zip(texts, prompts, strict=True)]
         length, depth = prompts[0].length, prompts[0].depth
         cells.append({"length": length, "depth": depth, "accuracy": sum(correct) / len(correct),

@@ -83,7 +83,20 @@ def _passkey_grid(v) -> bool:
     for c in cells:  # clakit before 12-04 wrote a depth given twice as two cells, of the same prompts and accuracy
         found.setdefault((c["length"], c["depth"]), set()).add(c["accuracy"])
     agree = all(len(accuracies) == 1 for accuracies in found.values())
-    return agree and set(found) >= {(n, d) for n in s["lengths"] for d in s["depths"]}
+    return agree and set(found) >= {(n, d) for n in s["lengths"] for d in s["depths"]} and _passkey_counts_agree(v)
+
+
+def _passkey_counts_agree(v) -> bool:
+    """The numbers the table and heat map show agree with the counts beside them: each cell's accuracy is its
+    correct / samples and the overall accuracy all cells' (an edited overall of 0.9 over cells averaging 0.44 was
+    shown as 0.900). Cells without counts (none are written so) are not checked."""
+    cells = v["cells"]
+    if not all(_count(c.get("samples")) and isinstance(c.get("correct"), int) for c in cells):
+        return True
+    if any(abs(c["accuracy"] - c["correct"] / c["samples"]) > 1e-9 for c in cells):
+        return False
+    total = sum(c["correct"] for c in cells) / sum(c["samples"] for c in cells)
+    return not isinstance(v.get("accuracy"), int | float) or abs(v["accuracy"] - total) <= 1e-9
 
 
 def _passkey_cell(cell) -> bool:
@@ -129,7 +142,8 @@ FIELDS = (
     (("passkey", "prompts_sha256"), "a string or null", _optional(lambda v: isinstance(v, str))),  # older: none
     (("passkey", "settings", "lengths"), "a list of positive integers", _list_of(_count)),
     (("passkey", "settings", "depths"), "a list of numbers between 0 and 1", _list_of(_fraction)),
-    (("passkey",), "a mapping whose cells hold one accuracy for every length and depth", _optional(_passkey_grid)),
+    (("passkey",), "a mapping whose cells hold one accuracy for every length and depth (correct / samples; overall: "
+     "all cells')", _optional(_passkey_grid)),
 )
 
 
