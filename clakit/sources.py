@@ -199,6 +199,18 @@ def _hub_error(spec: str, revision: str | None, e: Exception, patterns: list[str
             f"Hub repo {spec} is gated: accept its terms at {page} with your account and "
             f"{login}, or give a local checkpoint folder"
         )
+    if isinstance(e, LocalEntryNotFoundError) and isinstance(e.__cause__, GatedRepoError | RepositoryNotFoundError):
+        return _hub_error(spec, revision, e.__cause__, patterns)  # the Hub answered (401/403/404): not "unreachable"
+    snapshot = _cached_snapshot_folder(spec, revision) if isinstance(e, LocalEntryNotFoundError) else None
+    if isinstance(e, LocalEntryNotFoundError) and (snapshot is None or not snapshot.is_dir()):
+        # nothing of this repo cached at that revision: huggingface_hub says LocalEntryNotFoundError for a refused
+        # connection too (every machine without network), which was named "the Hub cache holds only part of"
+        at = f" at revision {revision}" if revision else ""
+        return ClakitError(
+            f"Hub repo {spec}{at} could not be downloaded: the Hub ({constants.ENDPOINT}) could not be reached "
+            f"({_first_line(e.__cause__ or e)[:200]}) and the Hub cache holds nothing of it; check your connection "
+            "(and HF_ENDPOINT), or give a local checkpoint folder or .gguf file"
+        )
     if isinstance(e, LocalEntryNotFoundError):  # the Hub not asked (offline) or not reached, and the cache in part
         missing = _missing_in_cache(spec, revision, patterns or [])
         lacks = f" (it lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})" if missing else ""
@@ -241,10 +253,11 @@ def check_revision(revision: str | None, *specs, option: str = "--revision") -> 
     it would only be recorded as a provenance that was never read: refused."""
     local = [str(s) for s in specs if s is not None and expand(str(s), "model").exists()]
     if revision is not None and local and len(local) == len([s for s in specs if s is not None]):
-        fix = (  # the Hub id typed is shadowed by a folder of that name here: "give the Hub id" could not be done
-            f"a local path is read before a Hub id of the same name: run from another directory or rename "
-            f"{expand(local[0], 'model').resolve()} to read the Hub repo, or drop {option}"
-            if looks_like_hub_id(local[0])
+        shadow = next((s for s in local if looks_like_hub_id(s)), None)  # any of them, not only the first
+        fix = (  # a Hub id typed may be shadowed by a folder of that name here: "give the Hub id" could not be done
+            f"drop {option}; or, if {shadow} is meant as the Hub repo of that name, the folder "
+            f"{expand(shadow, 'model').resolve()} here is read first: run from another directory or rename it"
+            if shadow
             else f"drop {option}, or give the Hub id"
         )
         raise ClakitError(
@@ -277,8 +290,8 @@ def resolve_source(
             error = _not_a_checkpoint(spec, path)
             if looks_like_hub_id(spec) and not any(path.iterdir()):  # an empty folder named like the Hub id, here
                 error = ClakitError(
-                    f"{spec} is an empty folder here ({path.resolve()}), which is read before the Hub id of that "
-                    "name: remove it or run from another directory to download the Hub repo"
+                    f"{spec} is an empty folder here ({path.resolve()}), not a model checkpoint; if the Hub repo "
+                    f"{spec} is meant, this folder is read first: remove it or run from another directory"
                 )
             raise error
         check_readable(p for p in path.iterdir() if p.suffix in READ_SUFFIXES or p.name == CHAT_TEMPLATES_DIR)
@@ -510,9 +523,14 @@ def _auto_config(source: Source, trust_remote_code: bool = False):
 
     if source.kind != "gguf":
         return AutoConfig.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code)
-    stat = source.path.stat()  # the file's version, as provenance.file_sha256 keys it (ctime: mtime can be set back)
-    version = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    return copy.deepcopy(_gguf_config(str(source.path.resolve()), version))
+    return copy.deepcopy(_gguf_config(str(source.path.resolve()), file_version(source.path)))
+
+
+def file_version(path) -> tuple:
+    """A file's version as provenance.file_sha256 keys it (device, inode, size, mtime, ctime: mtime can be set back,
+    ctime cannot): every per-file cache of a GGUF's header is keyed on it, so no check reads another version's."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=2)
@@ -619,16 +637,16 @@ def check_gguf_whole(source: Source) -> None:
 
 
 def _header_problem(source: Source, find) -> str | None:
-    """`find(path, mtime_ns)` on a GGUF's header (cached per file version), or None where the header cannot be read:
+    """`find(path, version)` on a GGUF's header (cached per file version), or None where the header cannot be read:
     a damaged file's read by transformers fails next, and _read_error names the damage."""
     try:
-        return find(str(source.path), source.path.stat().st_mtime_ns)
+        return find(str(source.path), file_version(source.path))
     except Exception:
         return None
 
 
 @functools.lru_cache(maxsize=2)
-def _gguf_reader(path: str, mtime_ns: int):
+def _gguf_reader(path: str, version: tuple):
     """The gguf package's reader of one version of a file (it parses the whole header: ~2 s for SmolLM2-135M, more
     at size), shared by the checks that read its metadata; it maps the file, reading no tensor data."""
     from gguf import GGUFReader
@@ -637,10 +655,10 @@ def _gguf_reader(path: str, mtime_ns: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_facts(path: str, mtime_ns: int) -> tuple[tuple[str, ...], int, bool]:
+def _gguf_facts(path: str, version: tuple) -> tuple[tuple[str, ...], int, bool]:
     """(tensor names, total elements, whether it holds tokenizer metadata): the little the later checks need, kept
     instead of the reader (its parsed vocabulary: ~150 MB for SmolLM2-135M, held for the whole run)."""
-    reader = _gguf_reader(path, mtime_ns)
+    reader = _gguf_reader(path, version)
     tensors = reader.tensors
     facts = (
         tuple(t.name for t in tensors),
@@ -651,8 +669,8 @@ def _gguf_facts(path: str, mtime_ns: int) -> tuple[tuple[str, ...], int, bool]:
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_whole(path: str, mtime_ns: int) -> str | None:
-    reader = _gguf_reader(path, mtime_ns)
+def _gguf_whole(path: str, version: tuple) -> str | None:
+    reader = _gguf_reader(path, version)
 
     def field(key):
         found = reader.get_field(key)
@@ -680,7 +698,7 @@ def check_gguf_tokenizer(source: Source) -> None:
     """A GGUF without tokenizer metadata (exported without its vocabulary) was refused by transformers' words,
     "Cannot build a tokenizer from a GGUF file stating tokenizer None", with "download it again" as the fix."""
     try:
-        found = _gguf_facts(str(source.path), source.path.stat().st_mtime_ns)[2]
+        found = _gguf_facts(str(source.path), file_version(source.path))[2]
     except Exception:  # a damaged file: the tokenizer's load fails next, and _read_error names the damage
         return
     if not found:
@@ -707,10 +725,10 @@ def check_gguf_unread(source: Source) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_unread(path: str, mtime_ns: int) -> str | None:
+def _gguf_unread(path: str, version: tuple) -> str | None:
     """What of a llama GGUF transformers' reader ignores, or None; read once per file version (the reader parses
     the whole header)."""
-    reader = _gguf_reader(path, mtime_ns)
+    reader = _gguf_reader(path, version)
     arch = reader.get_field("general.architecture")
     if arch is None or arch.contents() not in ("llama", "mistral"):  # others' metadata is transformers' own matter
         return None
@@ -1077,7 +1095,7 @@ def load_model(
     check_config_fits_weights(source, trust_remote_code)
     if source.kind == "gguf":
         with contextlib.suppress(Exception):
-            _gguf_facts(str(source.path), source.path.stat().st_mtime_ns)  # for load_tokenizer's check
+            _gguf_facts(str(source.path), file_version(source.path))  # for load_tokenizer's check
         _gguf_reader.cache_clear()  # the parsed header is not held beside the dequantised model
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if source.kind == "gguf":  # the config read before: transformers parsed the whole header for it again (~20 s
@@ -1323,7 +1341,7 @@ def _header_elements(source: Source) -> tuple[list[str], int, dict[str, str]] | 
     alone; None where they cannot be read cheaply (pickle, remote code, a damaged file: the load names the damage)."""
     try:
         if source.kind == "gguf":  # dequantised to float by the reader
-            names, elements, _ = _gguf_facts(str(source.path), source.path.stat().st_mtime_ns)
+            names, elements, _ = _gguf_facts(str(source.path), file_version(source.path))
             return list(names), elements, {}
         name = loadable_weights(source.path)
         if name is None or not is_safetensors_name(name):

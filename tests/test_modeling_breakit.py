@@ -18,6 +18,7 @@ from transformers.cache_utils import KVSharingDict
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from clakit.cli import main
 from clakit.convert.inmemory import cla_model_from
 from clakit.errors import ClakitError
 from clakit.eval.kvquant import QuantizedKVCache
@@ -480,3 +481,36 @@ def test_kv_tensors_without_a_place_are_named_as_a_layout_mismatch_with_biases_t
     with pytest.raises(WeightsMismatch, match="holds 4 tensors its config.json has no place for") as e:
         AutoModelForCausalLM.from_pretrained(tmp_path)
     assert "its kv_source_layers do not match the weights" in str(e.value)
+
+
+def test_an_unreachable_hub_with_nothing_cached_says_so(monkeypatch, tmp_path):
+    """huggingface_hub raises LocalEntryNotFoundError for a refused connection too: with nothing of the repo cached
+    that read as "the Hub cache holds only part of org/model" (helper R3)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*_, **__):
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except ConnectionRefusedError as cause:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from cause
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(ClakitError, match="could not be reached .*Connection refused.* holds nothing of it") as e:
+        resolve_source("org/model")
+    assert "only part of" not in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_a_missing_model_is_named_before_its_source_model_is_fetched(monkeypatch, tmp_path, capsys):
+    """`clakit eval ./no-such-model --source-model org/base` offline said org/base was not cached: the source was
+    resolved first (to refuse a bad one before a Hub MODEL's weights download), and MODEL's typo was named second."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text " * 50)
+    args = ["eval", "./no-such-model", "--source-model", "org/base", "--data", "t.txt", "-o", "r.json"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "org/base" not in err and not (tmp_path / "r.json").exists()

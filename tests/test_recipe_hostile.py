@@ -113,3 +113,12 @@ def test_a_run_inside_the_shipped_recipes_is_refused_before_any_work(capsys, tmp
     assert main(["uptrain", str(recipe), "-q"]) == 2
     assert "is inside clakit's shipped recipes" in capsys.readouterr().err
     assert not out.exists() and not (shipped_recipes() / "smollm2" / "runs").exists()
+
+
+def test_the_quoting_named_for_a_comment_value_is_valid_yaml():
+    """`#it's` was told to be written `'#it's'`, which does not parse (helper R3): quotes are doubled."""
+    with pytest.raises(ClakitError, match="train.output_dir='#it''s'") as e:
+        apply_override({}, "train.output_dir=#it's")
+    fixed = {}
+    apply_override(fixed, str(e.value).split('in a shell: "')[1].split('"')[0])
+    assert fixed == {"train": {"output_dir": "#it's"}}

@@ -654,7 +654,12 @@ def test_control_and_bidi_characters_in_names_are_shown_escaped(tmp_path, base_r
 
 
 @pytest.mark.parametrize(("edit", "ok"), [(lambda p: None, True), (lambda p: p.update(accuracy=0.9), False),
-                                          (lambda p: p["cells"][1].update(accuracy=0.5), False)])  # fmt: skip
+                                          (lambda p: p["cells"][1].update(accuracy=0.5), False),
+                                          # each switched the whole check off (helper R3)
+                                          (lambda p: [c.update(correct=float(c["correct"])) for c in p["cells"]]
+                                           and p.update(accuracy=0.9), False),
+                                          (lambda p: p["cells"][0].pop("correct") and p.update(accuracy=0.9), False),
+                                          (lambda p: p["cells"][1].update(samples=0), False)])  # fmt: skip
 def test_passkey_accuracies_must_agree_with_their_counts(tmp_path, base_report, edit, ok):
     """An edited overall accuracy (0.9 over cells of 0.44) or a cell's (1.0 for 2 of 3) was shown as written, beside
     the counts that contradict it (helper Y). Refused when read, where the cells hold their counts."""

@@ -161,3 +161,22 @@ def test_a_gguf_config_is_read_once_per_file_version(tiny_gguf, tmp_path, monkey
     assert load_config(source).hidden_size == 16 and reads == ["copy.gguf"]
     write_gguf(path, hidden=32)  # another version of the file under the same name
     assert load_config(resolve_source(str(path))).hidden_size == 32 and len(reads) == 2
+
+
+def test_the_gguf_header_checks_read_the_file_as_it_is_now(tiny_gguf, tmp_path):
+    """The header caches were keyed on (path, mtime): a file rewritten in place with its mtime set back (cp -p,
+    rsync --inplace) kept the old header's facts beside the new config (helper R3). Keyed on the file's version
+    (device, inode, size, mtime, ctime) now."""
+    import os
+    import shutil
+
+    from clakit.sources import _header_elements
+
+    path = shutil.copy(tiny_gguf, tmp_path / "copy.gguf")
+    source = resolve_source(str(path))
+    assert _header_elements(source)[1] == 8 * 16 + 16  # token_embd (8, 16) and output_norm (16,)
+    stat = os.stat(path)
+    write_gguf(path, hidden=32)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _header_elements(source)[1] == 8 * 32 + 32
+    assert load_config(source).hidden_size == 32

@@ -86,13 +86,22 @@ def _passkey_grid(v) -> bool:
     return agree and set(found) >= {(n, d) for n in s["lengths"] for d in s["depths"]} and _passkey_counts_agree(v)
 
 
+def _whole(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and float(x).is_integer()
+
+
 def _passkey_counts_agree(v) -> bool:
     """The numbers the table and heat map show agree with the counts beside them: each cell's accuracy is its
     correct / samples and the overall accuracy all cells' (an edited overall of 0.9 over cells averaging 0.44 was
-    shown as 0.900). Cells without counts (none are written so) are not checked."""
+    shown as 0.900). Cells without counts (none are written so; a hand-made grid) are not checked, where no cell has
+    them: counts on some cells only, or counts that are not whole numbers 0 <= correct <= samples, are an edit (a
+    float `correct`, or one cell's dropped, switched the whole check off)."""
     cells = v["cells"]
-    if not all(_count(c.get("samples")) and isinstance(c.get("correct"), int) for c in cells):
+    if not any("correct" in c or "samples" in c for c in cells):
         return True
+    if not all(_whole(c.get("samples")) and _whole(c.get("correct")) and 0 <= c["correct"] <= c["samples"]
+               and c["samples"] > 0 for c in cells):  # fmt: skip
+        return False
     if any(abs(c["accuracy"] - c["correct"] / c["samples"]) > 1e-9 for c in cells):
         return False
     total = sum(c["correct"] for c in cells) / sum(c["samples"] for c in cells)

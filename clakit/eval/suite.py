@@ -26,7 +26,9 @@ from clakit.sources import (
     context_window,
     default_seq_len,
     files_fingerprint,
+    looks_like_hub_id,
     progress_bars_off,
+    resolve_source,
 )
 
 DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
@@ -389,6 +391,9 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
     source_revision = cfg.revision if local_model else None
     # a given --source-model before MODEL is resolved: a Hub MODEL's weights were downloaded before a bad one was
     # refused (its config alone is read, in seconds)
+    if isinstance(model, str | Path) and not local_model and not looks_like_hub_id(str(model)):
+        _check_not_a_run(model)  # MODEL neither here nor a Hub id: named before --source-model is fetched (a typo
+        resolve_source(str(model))  # of MODEL was reported as the source's offline miss); raises, no network
     reference = None
     if cfg.source_model:
         reference = _reference(cfg.source_model, None, source_revision, cfg.trust_remote_code)

@@ -399,10 +399,10 @@ def apply_override(raw: dict, override: str) -> None:
     if node is None and text.strip().startswith("#"):  # `train.save_total_limit=#3`: all comment, read as null
         raise ClakitError(
             f"override {settings.shown(override)}: YAML reads a value starting with '#' as a comment, so the value "
-            f"would be null; quote it (in a shell: \"{key.strip()}='{text.strip()}'\"), or write {key.strip()}=null"
+            f"would be null; quote it (in a shell: \"{key.strip()}='{_quoted(text)}'\"), or write {key.strip()}=null"
         )
     if node is not None and text[node.end_mark.index :].strip().startswith("#"):  # `runs/exp #2`: YAML's comment
-        fix = f"quote it (in a shell: \"{key.strip()}='{text.strip()}'\")" if isinstance(value, str) else "drop it"
+        fix = f"quote it (in a shell: \"{key.strip()}='{_quoted(text)}'\")" if isinstance(value, str) else "drop it"
         raise ClakitError(
             f"override {settings.shown(override)}: YAML reads ' #' as the start of a comment, so the value would be "
             f"{settings.shown(value)}; {fix}"
@@ -414,6 +414,11 @@ def apply_override(raw: dict, override: str) -> None:
             node[part] = {}
         node = node[part]
     node[parts[-1]] = _merged(node.get(parts[-1]), value)
+
+
+def _quoted(text: str) -> str:
+    """`text` inside YAML single quotes, its own quotes doubled (`it's` -> `it''s`): the fix named was invalid YAML."""
+    return text.strip().replace("'", "''")
 
 
 def _merged(old, new):
