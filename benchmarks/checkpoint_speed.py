@@ -18,7 +18,7 @@ import torch
 from common import FORCE_HELP, OUT_HELP, Parser, check_output, emit, main_guard, positive, provenance, refuse
 
 from clakit.eval.speed import throughput
-from clakit.sources import load_model, resolve_source
+from clakit.sources import context_window, load_model, resolve_source
 
 
 def subnormals(model) -> int:
@@ -33,7 +33,9 @@ def timings(models: dict, ids: torch.Tensor, repeats: int, flush: bool) -> dict:
     runs = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
-            runs[name].append(throughput(model, ids, batch_size=1))
+            # inside the model's window, as `clakit eval` times it (speed.fit_window): past it the positions are ones
+            # the model never saw (a learned position table: an IndexError)
+            runs[name].append(throughput(model, ids, batch_size=1, window=context_window(model.config)))
     torch.set_flush_denormal(False)
     return {
         name: {key: statistics.median(r[key] for r in rs) for key in ("prefill_tokens_per_s", "decode_tokens_per_s")}
@@ -53,6 +55,10 @@ def main() -> None:
         refuse("a model is named twice: pass each model once")
     check_output(args.out, args.force)
     models = {m: load_model(resolve_source(m), dtype=torch.float32) for m in args.models}
+    for m, model in models.items():  # clakit eval refuses --seq-len past the window; so does this, before timing
+        window = context_window(model.config)
+        if window and args.prompt > window:
+            refuse(f"--prompt {args.prompt} exceeds {m}'s context window ({window} tokens): pass at most {window}")
     vocab = min(m.config.vocab_size for m in models.values())
     ids = torch.randint(0, vocab, (args.prompt,), generator=torch.Generator().manual_seed(0))  # (L,)
     result = {m: {"subnormal_weights": subnormals(model)} for m, model in models.items()}

@@ -101,17 +101,19 @@ def test_cla2_measured_cache_is_half_the_original(kind):
 @pytest.mark.parametrize("seq_len", [10, 40])
 @pytest.mark.parametrize("layout", [None, [0, 0, 2, 2]])
 def test_sliding_window_cache_bytes_match_what_the_cache_holds(tokenizer, text, seq_len, layout):
-    """Mistral's sliding window (16 here) keeps the last 15 tokens per layer: past it, bytes_per_token * seq_len
-    overstates the cache, and so understates the batch a KV budget holds."""
+    """Mistral's sliding window (16 here): right after a prefill every layer still holds all seq_len tokens (the
+    cache keeps a view of the last 15, whose storage is the whole tensor), so the KV budget's batch is sized by all
+    of them; once decoding is past the window a layer holds 16 tokens (bytes_per_sequence_decoding)."""
     model = tiny_model("mistral", sliding_window=16)
     model = cla_model_from(model, layout) if layout else model
     ids = torch.arange(seq_len).unsqueeze(0)
     computed = kvcache.bytes_per_sequence(model.config, torch.float32, seq_len)
     assert computed == kvcache.measured_bytes(model, ids)
     per_token = kvcache.bytes_per_token(model.config, torch.float32)
-    assert computed == per_token * min(seq_len, 15)
+    assert computed == per_token * seq_len
     r = evaluate(model, tokenizer=tokenizer, text=text, seq_len=seq_len, speed=False, quiet=True, max_tokens=200)
     assert r["kv_cache"]["bytes_per_sequence"] == computed == r["kv_cache"]["measured_bytes"]
+    assert r["kv_cache"]["bytes_per_sequence_decoding"] == per_token * min(seq_len, 16)
     assert r["kv_cache"]["max_batch_size"] == int(16 * 2**30 // computed)
 
 

@@ -319,7 +319,8 @@ def test_a_sliding_window_model_other_than_llama_keeps_its_window(tmp_path, toke
             "--max-tokens", "256", "--no-speed", "-q"]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     kv = json.loads((tmp_path / "r.json").read_text())["kv_cache"]
-    c = config  # every layer keeps K and V of the last window - 1 = 7 tokens, in fp32
-    windowed = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * 7
-    assert kv["measured_bytes"] == kv["bytes_per_sequence"] == windowed, kv
+    c = config  # after the prefill every layer holds all 64 tokens (a view of the last 7 keeps them); decoding, 8
+    per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert kv["measured_bytes"] == kv["bytes_per_sequence"] == per_token * 64, kv
+    assert kv["bytes_per_sequence_decoding"] == per_token * 8, kv
     assert attention_window(config) == 8

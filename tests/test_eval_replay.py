@@ -266,9 +266,10 @@ def test_kv_bytes_computed_equal_what_the_cache_holds_in_every_composition(tmp_p
     kv, element = r["kv_cache"], torch.empty((), dtype=dtype).element_size()
     producers = len(set(layout)) if layout else 4
     heads = kv_heads or 2
-    window = 15 if kind == "mistral" else 48  # transformers keeps the last sliding_window - 1 tokens
+    window = 16 if kind == "mistral" else 48  # decoding past it, a sliding layer holds its window's tokens
     assert kv["bytes_per_token"] == producers * 2 * heads * 12 * element
-    assert kv["measured_bytes"] == kv["bytes_per_sequence"] == kv["bytes_per_token"] * window
+    assert kv["measured_bytes"] == kv["bytes_per_sequence"] == kv["bytes_per_token"] * 48  # after the prefill: all
+    assert kv["bytes_per_sequence_decoding"] == kv["bytes_per_token"] * window
     assert kv["saving_factor"] == 4 * 2 / (producers * heads) and kv["dtype"] == str(dtype).removeprefix("torch.")
     assert r["passkey"]["cells"][0]["samples"] == 1
 

@@ -441,7 +441,7 @@ def _window_note(reports: list[dict]) -> str:
     windowed = []
     for name, r in zip(labels(reports), reports, strict=True):
         kv = r["kv_cache"]
-        per_seq = kv.get("bytes_per_sequence")
+        per_seq = kv.get("bytes_per_sequence_decoding", kv.get("bytes_per_sequence"))
         if isinstance(per_seq, int | float) and not isinstance(per_seq, bool):
             if per_seq < kv["bytes_per_token"] * seq_len:
                 windowed.append(f"{name} {per_seq:,} bytes, not {kv['bytes_per_token'] * seq_len:,}")
@@ -449,7 +449,8 @@ def _window_note(reports: list[dict]) -> str:
         return ""
     return (
         f" Sliding-window layers keep only their window: the cache of one {seq_len:,}-token sequence holds "
-        f"{'; '.join(windowed)} (kv_cache.bytes_per_sequence): KV bytes/token does not show it."
+        f"{'; '.join(windowed)} once decoding is past the window (kv_cache.bytes_per_sequence_decoding; right after "
+        "its prefill it holds every token): KV bytes/token does not show it."
     )
 
 
@@ -530,7 +531,9 @@ def _weights_note(reports: list[dict]) -> str:
     dtypes = list(dict.fromkeys(str(r["provenance"]["dtype"]) for r in reports if r["provenance"].get("dtype")))
     if len(dtypes) < 2:
         return ""
-    return f" The models ran in different dtypes ({', '.join(dtypes)}): their perplexities differ by precision too."
+    timed = any(r.get("speed") for r in reports)  # a 16-bit matmul on a CPU: 15-45x fp32's time, measured
+    also = " and tok/s differ by precision too" if timed else " differ by precision too"
+    return f" The models ran in different dtypes ({', '.join(dtypes)}): their perplexities{also}."
 
 
 def _machine(report: dict, cpu_named: bool = True) -> str:
@@ -558,7 +561,31 @@ def _speed_note(reports: list[dict]) -> str:
     if len(timings) > 1:
         # clakit eval decodes 16 steps, the demo 8; a model with a shorter window prefills fewer tokens
         note += f" Speeds were timed differently ({'; '.join(timings)}): tok/s are not comparable across them."
+    busy = [f"{name} ({why})" for name, r in zip(labels(reports), reports, strict=True)
+            if r.get("speed") and (why := _busy(r))]  # fmt: skip
+    if busy:
+        note += (f" Speeds timed on a busy machine: {'; '.join(busy)}: their tok/s measure the machine's load, not "
+                 "the model; compare models with benchmarks/checkpoint_speed.py (interleaved in one run).")
     return note
+
+
+def _busy(report: dict) -> str | None:
+    """Why `report`'s speeds are not the model's, where it recorded its passes (speed.passes_s, since 2026-12-07):
+    decode passes differing by over 1.5x (helper S2 measured 0.46-2.5 tok/s passes of one model beside a CI run).
+    cpu_share and the load average are recorded and shown, not judged: a small model's Python-bound decode leaves
+    threads idle on an idle machine too."""
+    speed = report["speed"]
+    passes = speed.get("passes_s") or []
+    decode = [p[1] for p in passes if isinstance(p, list) and len(p) == 2 and _positive(p[1])]
+    if len(decode) < 2 or max(decode) / min(decode) <= 1.5:
+        return None
+    load = speed.get("load_average")
+    load = f", load average {load} on {speed.get('cpus')} CPUs" if _positive(load) else ""
+    return f"decode passes {min(decode):.3g}-{max(decode):.3g} s{load}"
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def _timing(speed: dict) -> str:

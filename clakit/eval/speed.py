@@ -1,6 +1,7 @@
 """Throughput at a batch size: prefill (one forward over batch x seq_len tokens into a fresh cache) and decode
 (one new token per sequence per step, greedy, reading that cache), each the median of a few passes."""
 
+import os
 import statistics
 import time
 
@@ -50,7 +51,9 @@ def throughput(
     with torch.inference_mode():
         model(input_ids=inputs[:, :8], use_cache=False)  # warm-up: first-call allocations are not throughput
         devices.synchronize(model)
+        cpu, wall = time.process_time(), time.perf_counter()
         passes = [_one_pass(model, inputs, decode_steps) for _ in range(repeats)]
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     prefill_s, decode_s = (statistics.median(times) for times in zip(*passes, strict=True))
     return {
         "batch_size": batch_size,
@@ -60,4 +63,11 @@ def throughput(
         "decode_steps": decode_steps,
         "decode_tokens_per_s": batch_size * decode_steps / decode_s,
         "repeats": repeats,
+        # how far the measurement can be trusted: every pass (a spread of 5x is a busy machine, not the model), and
+        # the share of its threads' time the process got while timed (1.0: all of it; on a CPU whose other jobs
+        # outnumber its cores, 0.25 and a 10x slower decode were measured) with the load average then
+        "passes_s": [[round(p, 6), round(d, 6)] for p, d in passes],
+        "cpu_share": round(cpu / (wall * torch.get_num_threads()), 3) if wall > 0 else None,
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }

@@ -283,10 +283,12 @@ def _kv_cache(loaded: Loaded, ids, seq_len, kv_budget_gb, reference) -> dict:
     measured, dtype = kvcache.measured_cache(loaded.model, ids[:seq_len].unsqueeze(0))
     config = loaded.model.config
     per_token = kvcache.bytes_per_token(config, dtype)
-    per_sequence = kvcache.bytes_per_sequence(config, dtype, seq_len)  # below per_token * seq_len past a window
+    per_sequence = kvcache.bytes_per_sequence(config, dtype, seq_len)  # after the prefill: every token, windowed too
     return {
         "bytes_per_token": per_token,
         "bytes_per_sequence": per_sequence,
+        # decoding past a sliding window: a windowed layer then holds `window` tokens (below per_token * seq_len)
+        "bytes_per_sequence_decoding": kvcache.bytes_per_sequence(config, dtype, seq_len, decoding=True),
         "measured_bytes": measured,
         "measured_bytes_per_token": measured / seq_len,
         "measured_seq_len": seq_len,
