@@ -14,6 +14,15 @@ BASE = {
 }
 
 
+def built_with(override: str):
+    """The base recipe with `override` applied, built into the settings (where field types are checked)."""
+    from clakit.uptrain.recipe import Recipe, _build
+
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    apply_override(raw, override)
+    return _build(Recipe, raw, "")
+
+
 def _recipe(tmp_path, text: str):
     path = tmp_path / "r.yaml"
     path.write_text(text)
@@ -41,12 +50,8 @@ def test_deep_nesting_is_one_line(tmp_path, nested):
 
 @pytest.mark.parametrize("value, read", [("0755", 493), ("10:20", 620), ("007", 7)])
 def test_yaml11_ints_refused_for_numbers(value, read):
-    raw = yaml.safe_load(yaml.safe_dump(BASE))
-    apply_override(raw, f"train.max_steps={value}")
-    from clakit.uptrain.recipe import Recipe, _build
-
     with pytest.raises(ClakitError, match=f"is written {value}, which YAML reads as {read}"):
-        _build(Recipe, raw, "")
+        built_with(f"train.max_steps={value}")
 
 
 @pytest.mark.parametrize("override", ["train.output_dir=runs/exp #2", "train.max_steps=3 # three"])
@@ -63,12 +68,8 @@ def test_override_quoted_hash_kept():
 
 
 def test_unknown_key_suggests_the_close_one():
-    raw = yaml.safe_load(yaml.safe_dump(BASE))
-    apply_override(raw, "train.max_step=3")
-    from clakit.uptrain.recipe import Recipe, _build
-
     with pytest.raises(ClakitError, match=r"did you mean train\.max_steps\?"):
-        _build(Recipe, raw, "")
+        built_with("train.max_step=3")
 
 
 @pytest.mark.parametrize("override", ["train.save_total_limit=#3", "model.revision=#v1.0", "train.max_tokens=#1000"])
@@ -81,22 +82,14 @@ def test_an_override_that_is_all_comment_is_refused(override):
 
 @pytest.mark.parametrize(("value", "hint"), [("-010", "train.max_steps=-10"), ("-00", "train.max_steps=0")])
 def test_a_negative_octal_gets_a_hint_that_differs_from_it(value, hint):
-    raw = yaml.safe_load(yaml.safe_dump(BASE))
-    apply_override(raw, f"train.max_steps={value}")
-    from clakit.uptrain.recipe import Recipe, _build
-
     with pytest.raises(ClakitError, match=f"e.g. {hint}$"):
-        _build(Recipe, raw, "")
+        built_with(f"train.max_steps={value}")
 
 
 @pytest.mark.parametrize("override", ["train.learning_rate=1:30.5", "data.copy_fraction=0:0.5"])
 def test_a_base_60_float_is_refused(override):
-    raw = yaml.safe_load(yaml.safe_dump(BASE))
-    apply_override(raw, override)
-    from clakit.uptrain.recipe import Recipe, _build
-
     with pytest.raises(ClakitError, match="a ':' counts in base 60"):
-        _build(Recipe, raw, "")
+        built_with(override)
 
 
 def test_a_run_inside_the_shipped_recipes_is_refused_before_any_work(capsys, tmp_path, corpus_dir,
