@@ -121,17 +121,22 @@ def file_sha256(path: Path) -> str:
     size, modification and change times, as git's index judges a change) when over 64 MiB: uptrain's conversion and
     its baseline's eval both hash the source. (Smaller files are read again: hashing them is quick, and two writes
     of one size within the clock's tick, milliseconds, would share its times.)"""
-    stat = os.stat(path)
-    if stat.st_size <= CACHED_HASH_BYTES:
+    version = file_version(path)
+    if version[2] <= CACHED_HASH_BYTES:
         return _read_sha256(path)
-    # ctime too, as git's index keeps it: an in-place rewrite of the same size whose mtime was set back (cp -p,
-    # rsync --inplace, tar, os.utime) keeps size and mtime, but the kernel sets ctime on every change, and nothing
-    # sets it back
-    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    return _remembered_sha256(os.path.realpath(path), key)
+    return _remembered_sha256(os.path.realpath(path), version)
 
 
 CACHED_HASH_BYTES = 64 << 20
+
+
+def file_version(path) -> tuple:
+    """(device, inode, size, mtime, ctime) of a file: the key of every per-file cache (this hash, a GGUF's parsed
+    header and config). ctime too, as git's index keeps it: an in-place rewrite of the same size whose mtime was set
+    back (cp -p, rsync --inplace, tar, os.utime) keeps size and mtime, but the kernel sets ctime on every change, and
+    nothing sets it back."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=64)

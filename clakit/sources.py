@@ -21,6 +21,7 @@ from pathlib import Path
 
 from clakit.errors import ClakitError
 from clakit.paths import expand
+from clakit.provenance import file_version
 
 # what a Hub download fetches besides the weights, which are named file by file (never "*.safetensors": Mistral's
 # repos hold a consolidated.safetensors of the same weights too)
@@ -175,6 +176,30 @@ def _cached_snapshot_folder(spec: str, revision: str | None) -> Path | None:
     return entry / "snapshots" / commit
 
 
+def _cache_error(spec: str, revision: str | None, e: Exception, patterns: list[str]) -> ClakitError:
+    """The Hub not asked (offline) or not reached, for a repo the cache holds nothing of or only part of
+    (huggingface_hub's LocalEntryNotFoundError for both, and for a refused connection: every machine without
+    network, which was named "the Hub cache holds only part of")."""
+    from huggingface_hub import constants
+
+    at = f" at revision {revision}" if revision else ""
+    snapshot = _cached_snapshot_folder(spec, revision)
+    if snapshot is None or not snapshot.is_dir():
+        return ClakitError(
+            f"Hub repo {spec}{at} could not be downloaded: the Hub ({constants.ENDPOINT}) could not be reached "
+            f"({_first_line(e.__cause__ or e)[:200]}) and the Hub cache holds nothing of it; check your connection "
+            "(and HF_ENDPOINT), or give a local checkpoint folder or .gguf file"
+        )
+    missing = _missing_in_cache(spec, revision, patterns)
+    lacks = f" (it lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})" if missing else ""
+    why = "the Hub is not asked (offline: HF_HUB_OFFLINE)" if hub_offline() else (
+        f"the Hub ({constants.ENDPOINT}) could not be reached")  # fmt: skip
+    return ClakitError(
+        f"the Hub cache holds only part of {spec}{at}{lacks} and {why}: download it where the Hub is "
+        "reachable (the files already fetched are kept), or give a local checkpoint folder or .gguf file"
+    )
+
+
 def _hub_error(spec: str, revision: str | None, e: Exception, patterns: list[str] | None = None) -> ClakitError:
     """One line for a failed download. A gated repo (every meta-llama one), a missing revision or a missing/private
     repo each have their own fix; huggingface_hub's first line is only '401 Client Error. (Request ID: ...)', which
@@ -199,31 +224,10 @@ def _hub_error(spec: str, revision: str | None, e: Exception, patterns: list[str
             f"Hub repo {spec} is gated: accept its terms at {page} with your account and "
             f"{login}, or give a local checkpoint folder"
         )
-    if isinstance(e, LocalEntryNotFoundError) and isinstance(e.__cause__, GatedRepoError | RepositoryNotFoundError):
-        return _hub_error(spec, revision, e.__cause__, patterns)  # the Hub answered (401/403/404): not "unreachable"
-    snapshot = _cached_snapshot_folder(spec, revision) if isinstance(e, LocalEntryNotFoundError) else None
-    if isinstance(e, LocalEntryNotFoundError) and (snapshot is None or not snapshot.is_dir()):
-        # nothing of this repo cached at that revision: huggingface_hub says LocalEntryNotFoundError for a refused
-        # connection too (every machine without network), which was named "the Hub cache holds only part of"
-        at = f" at revision {revision}" if revision else ""
-        return ClakitError(
-            f"Hub repo {spec}{at} could not be downloaded: the Hub ({constants.ENDPOINT}) could not be reached "
-            f"({_first_line(e.__cause__ or e)[:200]}) and the Hub cache holds nothing of it; check your connection "
-            "(and HF_ENDPOINT), or give a local checkpoint folder or .gguf file"
-        )
-    if isinstance(e, LocalEntryNotFoundError):  # the Hub not asked (offline) or not reached, and the cache in part
-        missing = _missing_in_cache(spec, revision, patterns or [])
-        lacks = f" (it lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})" if missing else ""
-        why = (
-            "the Hub is not asked (offline: HF_HUB_OFFLINE)"
-            if hub_offline()
-            else f"the Hub ({constants.ENDPOINT}) could not be reached"
-        )
-        at = f" at revision {revision}" if revision else ""
-        return ClakitError(
-            f"the Hub cache holds only part of {spec}{at}{lacks} and {why}: download it where the Hub is "
-            "reachable (the files already fetched are kept), or give a local checkpoint folder or .gguf file"
-        )
+    if isinstance(e, LocalEntryNotFoundError):
+        if isinstance(e.__cause__, GatedRepoError | RepositoryNotFoundError):  # the Hub answered (401/403/404)
+            return _hub_error(spec, revision, e.__cause__, patterns)
+        return _cache_error(spec, revision, e, patterns or [])
     if isinstance(e, RevisionNotFoundError):
         return ClakitError(f"Hub repo {spec} has no revision {revision!r}; give a branch, tag or commit it has")
     if isinstance(e, RepositoryNotFoundError):
@@ -524,13 +528,6 @@ def _auto_config(source: Source, trust_remote_code: bool = False):
     if source.kind != "gguf":
         return AutoConfig.from_pretrained(source.load_dir, trust_remote_code=trust_remote_code)
     return copy.deepcopy(_gguf_config(str(source.path.resolve()), file_version(source.path)))
-
-
-def file_version(path) -> tuple:
-    """A file's version as provenance.file_sha256 keys it (device, inode, size, mtime, ctime: mtime can be set back,
-    ctime cannot): every per-file cache of a GGUF's header is keyed on it, so no check reads another version's."""
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 @functools.lru_cache(maxsize=2)
@@ -1255,7 +1252,7 @@ def progress_bars_off(quiet: bool):
     try:
         yield
     finally:
-        if quiet and were_on:
+        if were_on:
             hf_logging.enable_progress_bar()
 
 

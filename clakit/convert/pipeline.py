@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
@@ -84,6 +83,7 @@ from clakit.sources import (
     load_config,
     load_model,
     load_tokenizer,
+    progress_bars_off,
     read_config_json,
     resolve_source,
 )
@@ -467,16 +467,8 @@ class _Conversion:
             self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + time.perf_counter() - start, 1)
 
     def run(self) -> Path:
-        hf_logging = transformers.utils.logging
-        bars_were_on = hf_logging.is_progress_bar_enabled()
-        if self.quiet:
-            hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
-        try:
-            with outputs.new_parents_removed_on_failure(self.out):
-                return self._run()
-        finally:
-            if bars_were_on:
-                hf_logging.enable_progress_bar()
+        with progress_bars_off(self.quiet), outputs.new_parents_removed_on_failure(self.out):
+            return self._run()  # quiet: transformers' own "Loading weights" bars off too
 
     def _run(self) -> Path:
         outputs.check_folder(self.out, "convert", overwrite=self.overwrite, inputs=self._inputs())
