@@ -42,8 +42,17 @@ def provenance(**extra) -> dict:
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "clakit_source_sha256": source_sha256(),
         "cpu": cpu_name(),
+        **hub_client(),
         **extra,
     }
+
+
+def hub_client() -> dict:
+    """The Hub client and the endpoint it reads from (HF_ENDPOINT: a mirror or a private Hub serves other files
+    under the same repo ids and commits)."""
+    from huggingface_hub import constants
+
+    return {**library_versions(["huggingface_hub"]), "hf_endpoint": constants.ENDPOINT}
 
 
 @functools.cache
@@ -139,7 +148,7 @@ def file_version(path) -> tuple:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)  # a 405B's 191 shards, each hashed once per command
 def _remembered_sha256(path: str, version: tuple) -> str:
     return _read_sha256(path)
 

@@ -7,6 +7,7 @@ through `clakit.convert`; everything that needs a whole model in memory (eval, t
 
 import contextlib
 import copy
+import fnmatch
 import functools
 import hashlib
 import json
@@ -16,6 +17,7 @@ import pickle
 import re
 import struct
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,9 +145,42 @@ def _snapshot(spec: str, revision: str | None, patterns: list[str]) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(spec, revision=revision, allow_patterns=patterns)
+        folder = snapshot_download(spec, revision=revision, allow_patterns=patterns)
     except Exception as e:
         raise _hub_error(spec, revision, e, patterns) from None
+    weights = [  # the weights fetched now or before, checked before any work
+        path for path in sorted(Path(folder).iterdir())
+        if path.suffix in WEIGHT_SUFFIXES and any(fnmatch.fnmatchcase(path.name, p) for p in patterns)
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(weights), os.cpu_count() or 1))) as pool:
+        list(pool.map(functools.partial(check_hub_blob, spec), weights))  # hashlib hashes without the GIL
+    return folder
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def hub_blob_sha256(path: Path) -> str | None:
+    """The sha256 a Hub-cache file is stored under, None for any other file: huggingface_hub links each snapshot's
+    file to blobs/<etag>, and a git-lfs file's etag (every weight file's) is its sha256."""
+    target = Path(os.path.realpath(path))
+    return target.name if target.parent.name == "blobs" and SHA256_NAME.fullmatch(target.name) else None
+
+
+def check_hub_blob(spec: str, path: Path) -> None:
+    """A Hub-cache weight file hashes to the sha256 it is stored under. huggingface_hub checks sizes only: a shard
+    corrupted in transit or on disk, of the right size, was converted and recorded like a clean one. Hashed once per
+    command and version of the file (file_sha256): a 70B's 140 GB cost a read of it at the disk's speed."""
+    from clakit.provenance import file_sha256
+
+    expected = hub_blob_sha256(path)
+    if expected is not None and file_sha256(path) != expected:
+        raise ClakitError(
+            f"{spec}'s {path.name} in the Hub cache ({os.path.realpath(path)}) does not hash to the sha256 it was "
+            f"published with ({expected[:16]}...): the copy is damaged; delete that file and run again to download it "
+            "anew"
+        )
 
 
 def _missing_in_cache(spec: str, revision: str | None, patterns: list[str]) -> list[str]:
@@ -918,6 +953,9 @@ def files_fingerprint(folder: Path, files: list[str]) -> dict:
     for name in files:
         path, entry = folder / name, {}
         entry["bytes"] = path.stat().st_size
+        if hub_blob_sha256(path) is not None:  # a Hub-cache file: checked whole (once per command), so named whole
+            check_hub_blob(str(folder), path)
+            entry["sha256"] = hub_blob_sha256(path)
         if is_safetensors_name(name):
             with open(path, "rb") as f:  # u64 header length, then the JSON header (checked whole when opened)
                 entry["header_sha256"] = hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()

@@ -4,6 +4,7 @@ repo is refused after one small file, not after 140 GB), the weights come from t
 revision given with a local path (read as it is) is refused rather than recorded."""
 
 import fnmatch
+import hashlib
 import json
 import shutil
 
@@ -24,18 +25,25 @@ FIRST = ["config.json", "model.safetensors.index.json", "clakit_convert.json", "
 
 
 class FakeHub:
-    """snapshot_download over one local folder: copies the files the patterns allow into snapshots/COMMIT."""
+    """snapshot_download over one local folder, laid out as huggingface_hub's cache: the files the patterns allow
+    linked from snapshots/COMMIT to blobs/<etag>, a weight file's (git-lfs) etag being its sha256; a blob already
+    there is kept, as huggingface_hub keeps it."""
 
     def __init__(self, repo, cache):
         self.repo, self.cache, self.calls = repo, cache, []
 
     def __call__(self, repo_id, revision=None, allow_patterns=None, **_):
         self.calls.append((repo_id, revision, list(allow_patterns)))
-        snapshot = self.cache / "snapshots" / COMMIT
+        snapshot, blobs = self.cache / "snapshots" / COMMIT, self.cache / "blobs"
         snapshot.mkdir(parents=True, exist_ok=True)
+        blobs.mkdir(exist_ok=True)
         for f in self.repo.iterdir():
-            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
-                shutil.copy(f, snapshot / f.name)
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns) and not (snapshot / f.name).exists():
+                digest = hashlib.sha256(f.read_bytes()).hexdigest()  # git's sha1 (40 digits) for other files
+                blob = blobs / (digest if f.suffix in (".safetensors", ".bin") else digest[:40])
+                shutil.copy(f, blob)
+                (snapshot / f.name).unlink(missing_ok=True)  # a link whose blob was deleted: fetched anew
+                (snapshot / f.name).symlink_to(f"../../blobs/{blob.name}")
         return str(snapshot)
 
     def weights_fetched(self) -> bool:
@@ -116,6 +124,26 @@ def test_a_hub_checkpoint_converts_from_the_commit_its_config_came_from(hub, tmp
     assert sorted(f.name for f in snapshot.glob("*.safetensors")) == shards and "*.safetensors" not in second
     record = json.loads((out / "clakit_convert.json").read_text())
     assert record["source"]["kind"] == "hub" and record["source"]["revision"] == COMMIT
+
+
+def test_a_hub_weight_file_damaged_in_the_cache_is_refused_before_work_and_a_clean_one_is_named_whole(hub, tmp_path):
+    """huggingface_hub checks a download's size only: a shard of the right size with one byte changed converted and
+    was recorded like the clean one. Each weight file is now checked against the sha256 its blob is named by."""
+    out = convert("org/model", tmp_path / "out", factor=2, quiet=True)
+    files = json.loads((out / "clakit_convert.json").read_text())["source"]["files"]
+    for name, entry in files.items():
+        if name.endswith(".safetensors"):
+            assert entry["sha256"] == hashlib.sha256((hub.repo / name).read_bytes()).hexdigest()
+    shard = min((hub.cache / "snapshots" / COMMIT).glob("model-*.safetensors"))
+    blob = shard.resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor's data: the header still parses, the size is the same
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ClakitError, match=f"{shard.name} in the Hub cache .*damaged; delete that file") as caught:
+        convert("org/model", tmp_path / "out2", factor=2, quiet=True)
+    assert str(blob) in str(caught.value) and not (tmp_path / "out2").exists()
+    blob.unlink()  # what the message says to do: the next run downloads it anew, and converts
+    convert("org/model", tmp_path / "out2", factor=2, quiet=True)
 
 
 def test_a_hub_repo_with_model_safetensors_beside_an_index_converts_what_transformers_loads(hub, tmp_path):
