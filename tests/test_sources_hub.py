@@ -315,6 +315,24 @@ def test_eval_source_model_on_the_hub_reads_its_config_alone_and_records_its_com
     assert (kv["source"], kv["source_commit"], kv["saving_factor"]) == ("org/model", COMMIT, 2.0), kv
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_eval_names_a_hub_like_model_read_as_a_local_folder_when_revision_goes_to_the_source(
+    hub, tmp_path, corpus_dir, monkeypatch, capsys, quiet
+):
+    """`clakit eval org/cla --source-model org/model --revision v2`, with a folder org/cla here: MODEL is read as
+    that folder, and --revision went to the source repo without a word (helper R3). Said now, as it is done."""
+    from clakit.eval import evaluate
+
+    convert(str(hub.repo), tmp_path / "org" / "cla", factor=2, init="mean", quiet=True)
+    monkeypatch.chdir(tmp_path)
+    evaluate("org/cla", source_model="org/model", revision="v2", data=[str(corpus_dir / "heldout.txt")],
+             seq_len=32, max_tokens=64, speed=False, quiet=quiet)  # fmt: skip
+    assert hub.calls[0][:2] == ("org/model", "v2")
+    err = capsys.readouterr().err
+    note = f"org/cla is the local folder {tmp_path / 'org' / 'cla'}, read as it is, so --revision v2 selects"
+    assert (note in err) != quiet, err
+
+
 def test_a_cla_checkpoint_on_the_hub_as_model_path_keeps_its_original(hub, tmp_path):
     """A CLA checkpoint downloaded by its Hub id (model.path org/cla) had its conversion record looked for as a local
     folder: the original (the teacher, the baseline) was unknown, and distillation refused "set model.original".

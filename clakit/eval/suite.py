@@ -325,6 +325,8 @@ def evaluate(
     run = _prepare(model, cfg, tokenizer, text, passkey)
     _note_slow_dtype(run.placement, quiet)
     _note_fitted(run.fitted, quiet)
+    for line in () if quiet else run.notes:
+        print(f"clakit eval: {line}", file=sys.stderr, flush=True)
     with _modes_kept(model), progress_bars_off(quiet):
         loaded = _load(model, run.source, run.tokenizer, cfg, run.placement, name, run.identity)
         return _measure(loaded, cfg, run, quiet)
@@ -377,6 +379,7 @@ class Prepared:
     prompts: object
     identity: tuple | None = None  # folder_identity of the model when its config was read
     fitted: dict | None = None  # lineage.fitted_text: text the model's records say it was fitted on
+    notes: tuple[str, ...] = ()  # lines for stderr before the model is loaded (unless quiet)
 
 
 def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
@@ -385,20 +388,7 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
     placement = _placement(model, cfg)
     if harness.parse_tasks(cfg.lm_eval_tasks):
         harness.require_lm_eval()  # before anything slow; the tasks themselves are loaded just before the model
-    if isinstance(model, str | Path):  # a revision read for nothing would be recorded as provenance
-        check_revision(cfg.revision, model, cfg.source_model)
-    # --revision is MODEL's; it selects --source-model's only where MODEL is a local path (read as it is): a Hub
-    # MODEL's tag was looked up in the source repo ("org/base has no revision 'cla-v2'"), or read another commit
-    local_model = not isinstance(model, str | Path) or expand(str(model), "model").exists()
-    source_revision = cfg.revision if local_model else None
-    # a given --source-model before MODEL is resolved: a Hub MODEL's weights were downloaded before a bad one was
-    # refused (its config alone is read, in seconds)
-    if isinstance(model, str | Path) and not local_model and not looks_like_hub_id(str(model)):
-        _check_not_a_run(model)  # MODEL neither here nor a Hub id: named before --source-model is fetched (a typo
-        resolve_source(str(model))  # of MODEL was reported as the source's offline miss); raises, no network
-    reference = None
-    if cfg.source_model:
-        reference = _reference(cfg.source_model, None, source_revision, cfg.trust_remote_code)
+    reference, notes = _given_reference(model, cfg)
     source, config = _resolve(model, tokenizer, cfg.revision, cfg.trust_remote_code, cfg.allow_pickle,
                               (cfg.seq_len, cfg.stride))  # fmt: skip
     identity = folder_identity(source) if source is not None else None
@@ -411,17 +401,47 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
     if tokenizer is None:  # before the model: a text too short is refused in seconds
         tokenizer = _tokenizer(source, cfg.trust_remote_code)
     tokens = _tokens(tokenizer, texts, seq_len, cfg.max_tokens)
+    tasks = _tasks(cfg, tokenizer)
+    prompts = _passkey_prompts(passkey, config, tokenizer, texts)
+    _check_vocab(config, tokens, prompts)
+    fitted = lineage.fitted_text(model_dir, texts)
+    return Prepared(source, seq_len, stride, placement, reference, texts, tokenizer, tokens, tasks, prompts, identity,
+                    fitted, notes)  # fmt: skip
+
+
+def _given_reference(model, cfg: EvalConfig) -> tuple[tuple | None, tuple[str, ...]]:
+    """(the --source-model reference or None, notes to print): resolved before MODEL, whose weights (a Hub MODEL's:
+    downloaded) are not needed to refuse a bad one. --revision is MODEL's; it selects --source-model's only where
+    MODEL is a local path (read as it is): a Hub MODEL's tag was looked up in the source repo ("org/base has no
+    revision 'cla-v2'"), or read another commit."""
+    if isinstance(model, str | Path):  # a revision read for nothing would be recorded as provenance
+        check_revision(cfg.revision, model, cfg.source_model)
+    local_model = not isinstance(model, str | Path) or expand(str(model), "model").exists()
+    if isinstance(model, str | Path) and not local_model and not looks_like_hub_id(str(model)):
+        _check_not_a_run(model)  # MODEL neither here nor a Hub id: named before --source-model is fetched (a typo
+        resolve_source(str(model))  # of MODEL was reported as the source's offline miss); raises, no network
+    if not cfg.source_model:
+        return None, ()
+    source_revision = cfg.revision if local_model else None
+    notes = ()
+    if source_revision is not None and isinstance(model, str | Path) and looks_like_hub_id(str(model)):
+        notes = (  # `org/cla` typed as a Hub id, with a folder of that path here: the tag went to the source unsaid
+            f"note: {model} is the local folder {expand(str(model), 'model').resolve()}, read as it is, so "
+            f"--revision {cfg.revision} selects --source-model {cfg.source_model}'s revision; to evaluate the Hub "
+            f"repo {model}, run from another directory",
+        )
+    return _reference(cfg.source_model, None, source_revision, cfg.trust_remote_code), notes
+
+
+def _tasks(cfg: EvalConfig, tokenizer) -> list:
+    """lm-eval's tasks, loaded (before the model) for a tokenizer that has the prefix token they need."""
     tasks = harness.prepare(cfg.lm_eval_tasks, cfg.lm_eval_include, cfg.lm_eval_limit, cfg.lm_eval_fewshot)
     if tasks and perplexity.prefix_token_id(tokenizer) is None:  # lm-eval's HFLM decodes it for every request
         raise ClakitError(
             "--lm-eval-tasks needs a tokenizer with a BOS or EOS token (lm-eval prefixes every text with one); this "
             "model's tokenizer has neither: set one in its tokenizer_config.json, or drop --lm-eval-tasks"
         )
-    prompts = _passkey_prompts(passkey, config, tokenizer, texts)
-    _check_vocab(config, tokens, prompts)
-    fitted = lineage.fitted_text(model_dir, texts)
-    return Prepared(source, seq_len, stride, placement, reference, texts, tokenizer, tokens, tasks, prompts, identity,
-                    fitted)  # fmt: skip
+    return tasks
 
 
 def _measure(loaded: Loaded, cfg: EvalConfig, run: Prepared, quiet: bool) -> dict:
