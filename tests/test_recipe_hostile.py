@@ -92,8 +92,9 @@ def test_a_base_60_float_is_refused(override):
         built_with(override)
 
 
+@pytest.mark.parametrize("flags", [[], ["--dry-run"]])  # --dry-run passed it (helper R2)
 def test_a_run_inside_the_shipped_recipes_is_refused_before_any_work(capsys, tmp_path, corpus_dir,
-                                                                     tiny_cla_checkpoint):  # noqa: F811
+                                                                     tiny_cla_checkpoint, flags):  # noqa: F811
     """`cd recipes/smollm2 && clakit uptrain 135m_cla2_cpu.yaml` wrote runs/ among the shipped recipes, where its
     recipe.yaml was then offered as a shipped recipe and packaged by a build (helper U)."""
     from uptrain_fixtures import tiny_recipe, write_recipe
@@ -103,7 +104,7 @@ def test_a_run_inside_the_shipped_recipes_is_refused_before_any_work(capsys, tmp
 
     out = shipped_recipes() / "smollm2" / "runs-test-refused"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(corpus_dir, out, model={"path": str(tiny_cla_checkpoint)}))
-    assert main(["uptrain", str(recipe), "-q"]) == 2
+    assert main(["uptrain", str(recipe), "-q", *flags]) == 2
     assert "is inside clakit's shipped recipes" in capsys.readouterr().err
     assert not out.exists() and not (shipped_recipes() / "smollm2" / "runs").exists()
 
@@ -115,3 +116,11 @@ def test_the_quoting_named_for_a_comment_value_is_valid_yaml():
     fixed = {}
     apply_override(fixed, str(e.value).split('in a shell: "')[1].split('"')[0])
     assert fixed == {"train": {"output_dir": "#it's"}}
+
+
+@pytest.mark.parametrize(("override", "path_hint"), [("train.output_dir=~", True), ("train.max_steps=", False)])
+def test_a_value_yaml_reads_as_null_names_why(override, path_hint):
+    """`train.output_dir=~` (the home folder meant) said only "must be a string, got None" (helper U)."""
+    with pytest.raises(ClakitError, match="got None \\(YAML reads a bare ~, null or an empty value as null\\)") as e:
+        built_with(override)
+    assert ("~/NAME" in str(e.value)) == path_hint

@@ -106,12 +106,7 @@ def check_output_dir(
         _check_resumable(out, recipe)
         return
     outputs.check_not_inside_an_output(out, "train.output_dir")
-    shipped = shipped_recipes().resolve()
-    if out.is_relative_to(shipped):  # `cd recipes/smollm2 && clakit uptrain 135m_cla2_cpu.yaml`: runs/ beside them
-        raise ClakitError(
-            f"train.output_dir {out} is inside clakit's shipped recipes ({shipped}), where its recipe.yaml would be "
-            "read by name as a shipped recipe (and packaged by a build); choose a folder outside it"
-        )
+    check_outside_shipped(out)
     outputs.check_folder(
         out,
         "uptrain",
@@ -894,6 +889,16 @@ def _settings_named():
         raise ClakitError(message) from None
 
 
+def check_outside_shipped(out: Path) -> None:
+    """`cd recipes/smollm2 && clakit uptrain 135m_cla2_cpu.yaml` wrote runs/ beside the shipped recipes."""
+    shipped = shipped_recipes().resolve()
+    if out.is_relative_to(shipped):
+        raise ClakitError(
+            f"train.output_dir {out} is inside clakit's shipped recipes ({shipped}), where its recipe.yaml would be "
+            "read by name as a shipped recipe (and packaged by a build); choose a folder outside it"
+        )
+
+
 def _uptrain(recipe_path, overrides, dry_run: bool, resume: bool, overwrite: bool, quiet: bool) -> Path:
     recipe = load_recipe(recipe_path, overrides)
     recipe_file = resolve_recipe(recipe_path)
@@ -935,6 +940,7 @@ def _resume_or_start(recipe: Recipe, out: Path, resume: bool, overwrite: bool, q
 def _dry_run(recipe: Recipe, out: Path) -> Path:
     """--dry-run: the cheap checks (paths, a local model's config), then the resolved recipe on stdout."""
     check_paths(recipe)
+    check_outside_shipped(out)  # as the run checks it (helper R2: --dry-run passed it)
     check_tensorboard(recipe.train)  # as the run checks it: --dry-run passed report_to tensorboard without it
     check_local_teacher(recipe, out, check_local_model(recipe))
     print(recipe.to_yaml(), end="")

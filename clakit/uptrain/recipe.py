@@ -293,6 +293,9 @@ def _fix(value, tp, where: str) -> str:
     for both places a value comes from: a `key=value` override typed in a shell (which removes one pair of quotes
     before YAML sees the value) and the recipe file; an item of a list (`where` = `data.train[0]`) is written in the
     list's own key, as `data.train[0]=...` is no key."""
+    if value is None:  # `train.output_dir=~` (a home folder meant) read as YAML's null: "got None" named no cause
+        path = ", e.g. a path under the home folder as ~/NAME" if tp is str else ""
+        return f" (YAML reads a bare ~, null or an empty value as null); give a value{path}"
     if tp is str and isinstance(value, int | float | bool | datetime.date):
         kind = {_Yaml11Int: "int", _Yaml11Float: "float"}.get(type(value), type(value).__name__)
         return f" (YAML read the unquoted value as {kind}); quote it, e.g. {_both(where, 'VALUE')}"
