@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClakitError as e:
         print(f"clakit: error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:  # one not foreseen by a check: one line, not a traceback (outputs are staged)
+        print(f"clakit: error: permission denied: {e.filename or e}; make it accessible to this user", file=sys.stderr)
+        return 2
     except Terminated as e:
         _say_terminated(e.signum)
         return 128 + e.signum

@@ -57,7 +57,10 @@ def _legacy_kind(folder: Path) -> str | None:
         run = json.loads(read_regular(folder / "run.json"))
         if isinstance(run, dict) and {"fingerprint", "recipe"} <= set(run):
             return "uptrain"
-    names = {p.name for p in folder.iterdir()}
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError:  # a folder this user may not list (an ancestor of OUT): not one clakit wrote for this user
+        return None
     return "report" if names <= REPORT_FILES and _clakit_page(folder / "report.html") else None
 
 

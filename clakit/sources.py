@@ -325,6 +325,11 @@ def resolve_source(
     if path.is_file() and _is_gguf(path):
         return Source(spec, "gguf", path.resolve())
     if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):  # else a PermissionError traceback from the look for config.json
+            raise ClakitError(
+                f"cannot read the model folder {path}: permission denied; make it readable (chmod a+rX) or run as a "
+                "user who may read it"
+            )
         if not (path / "config.json").is_file():
             error = _not_a_checkpoint(spec, path)
             if looks_like_hub_id(spec) and not any(path.iterdir()):  # an empty folder named like the Hub id, here

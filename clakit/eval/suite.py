@@ -74,6 +74,8 @@ def _check_not_a_run(model) -> None:
     before the run wrote it, given as MODEL: named with the model folder to give and how to get it, not as a folder
     without config.json or a model that does not exist."""
     path = expand(model, "model")
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        return  # resolve_source names it (a look inside raised PermissionError)
     if not (path / "config.json").is_file() and (path.is_dir() or not path.exists()):
         hint = outputs.run_model_hint(path, model)
         if hint:
