@@ -67,6 +67,16 @@ def _add_eval(sub) -> None:
     from clakit.settings import add_arguments
 
     add_arguments(p, EvalConfig)  # one flag per EvalConfig field
+    _add_passkey_flags(p)
+    add_quiet(p)
+    p.set_defaults(run=_run_eval)
+
+
+def _add_passkey_flags(p) -> None:
+    """--task and the --passkey-* flags (PasskeySettings); the defaults their help names are the dataclass's."""
+    from clakit.eval.passkey import PasskeySettings
+
+    default = PasskeySettings()
     p.add_argument(
         "--task", action="append", choices=["passkey"], help="add a task to the report (perplexity is always scored): "
         "passkey = synthetic passkey retrieval, its filler the --data text",
@@ -74,32 +84,35 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--passkey-lengths", metavar="N,N,...", help="prompt lengths in tokens (default 1024, 2048, ... window)"
     )
-    p.add_argument("--passkey-depths", metavar="F,F,...", help="needle depths, 0-1 (default 0,0.25,0.5,0.75,1)")
-    p.add_argument("--passkey-samples", type=int, metavar="N", help="prompts per length and depth (default 2)")
-    p.add_argument("--passkey-seed", type=int, metavar="N", help="seed of the keys and filler offsets (default 0)")
-    add_quiet(p)
+    depths = ",".join(f"{d:g}" for d in default.depths)
+    p.add_argument("--passkey-depths", metavar="F,F,...", help=f"needle depths, 0-1 (default {depths})")
+    p.add_argument(
+        "--passkey-samples", type=int, metavar="N", help=f"prompts per length and depth (default {default.samples})"
+    )
+    p.add_argument(
+        "--passkey-seed", type=int, metavar="N", help=f"seed of the keys and filler offsets (default {default.seed})"
+    )
 
-    def run(args):
-        from clakit.eval import evaluate, write_json
-        from clakit.eval.config import config_from_args
-        from clakit.eval.records import check_output
 
-        # before the evaluation: a bad -o must not cost a whole run
-        check_output(args.output, getattr(args, "data", None))
-        config = config_from_args(args)
-        report = evaluate(args.model, config, passkey=_passkey_settings(args), quiet=args.quiet)
-        print(
-            f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
-            f"KV {report['kv_cache']['bytes_per_token']:,} bytes/token -> {write_json(report, args.output)}"
-        )
-        if report.get("passkey"):
-            print(f"  passkey retrieval: accuracy {report['passkey']['accuracy']:.3f}")
-        if report.get("lm_eval"):
-            from clakit.eval.harness import summary
+def _run_eval(args) -> None:
+    from clakit.eval import evaluate, write_json
+    from clakit.eval.config import config_from_args
+    from clakit.eval.records import check_output
 
-            print(summary(report["lm_eval"]))
+    # before the evaluation: a bad -o must not cost a whole run
+    check_output(args.output, getattr(args, "data", None))
+    config = config_from_args(args)
+    report = evaluate(args.model, config, passkey=_passkey_settings(args), quiet=args.quiet)
+    print(
+        f"{args.model}: perplexity {report['perplexity']:.3f}, bits/byte {report['bits_per_byte']:.4f}, "
+        f"KV {report['kv_cache']['bytes_per_token']:,} bytes/token -> {write_json(report, args.output)}"
+    )
+    if report.get("passkey"):
+        print(f"  passkey retrieval: accuracy {report['passkey']['accuracy']:.3f}")
+    if report.get("lm_eval"):
+        from clakit.eval.harness import summary
 
-    p.set_defaults(run=run)
+        print(summary(report["lm_eval"]))
 
 
 def _number_list(flag: str, text: str | None, kind: type) -> list | None:
@@ -172,14 +185,17 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="fetch SmolLM2, convert it to CLA (half the KV cache), uptrain it, evaluate all three, report"
     )
-    p.add_argument("--work-dir", default="clakit-demo", metavar="DIR",
-                   help="where models and reports go (default ./clakit-demo)")
+    from clakit.demo.pipeline import DEFAULT_WORK_DIR, DemoSettings
+
+    default = DemoSettings()  # the flags' defaults are the library's: one place to change them
+    p.add_argument("--work-dir", default=DEFAULT_WORK_DIR, metavar="DIR",
+                   help=f"where models and reports go (default ./{DEFAULT_WORK_DIR})")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="fetch-demo cache (default $CLAKIT_CACHE/demo or ~/.cache/clakit/demo)")
-    p.add_argument("--max-tokens", type=int, default=4096, metavar="N", help="held-out tokens scored per model "
-                   "(default 4096)")  # fmt: skip
-    p.add_argument("--uptrain-steps", type=int, default=60, metavar="N",
-                   help="steps of the shortened CPU recipe (default 60; 0 skips it)")
+    p.add_argument("--max-tokens", type=int, default=default.max_tokens, metavar="N",
+                   help=f"held-out tokens scored per model (default {default.max_tokens})")
+    p.add_argument("--uptrain-steps", type=int, default=default.uptrain_steps, metavar="N",
+                   help=f"steps of the shortened CPU recipe (default {default.uptrain_steps}; 0 skips it)")
     add_quiet(p)
 
     def run(args):

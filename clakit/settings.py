@@ -1,8 +1,9 @@
 """Settings dataclasses as the single source of truth: their flags, their strict types.
 
 A stage's settings are one dataclass (`ConvertConfig`, `EvalConfig`); each field's `metadata` holds its flag's help
-and extra argparse options (`opt`). `add_arguments` makes one `--field-name` flag per field, `from_args` builds the
-dataclass back from the parsed flags (flags not given keep the field defaults), and `check_types` refuses a value
+and extra argparse options (`opt`). `add_arguments` makes one `--field-name` flag per field, `given` picks the fields
+the parsed flags set (the stage's `config_from_args` builds the dataclass of them; flags not given keep the field
+defaults), and `check_types` refuses a value
 of the wrong type in one line, whether it came from a flag, a recipe or a library call.
 """
 

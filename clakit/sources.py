@@ -1120,13 +1120,23 @@ def load_model(
     GPU (then CPU memory) as it reads them, for a model no single device holds (a 70B in bf16 is 140 GB).
     Weights that do not match the config (missing, unexpected K/V, other shapes) are refused, never initialised at
     random; pickle weights need `allow_pickle`."""
-    import torch
-    from huggingface_hub.errors import StrictDataclassError
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from clakit.modeling.modeling_cla import loading_problem
 
-    from clakit.modeling.modeling_cla import WeightsMismatch, loading_problem
+    _check_before_load(source, trust_remote_code, allow_pickle)
+    model, info = _from_pretrained(source, dtype, trust_remote_code, _load_kwargs(source, device_map))
+    settings = ("GGUF metadata", GGUF_METADATA_FIX) if source.kind == "gguf" else ("config.json", None)
+    problem = loading_problem(info, settings[1], settings[0], model.config.num_hidden_layers)
+    if problem:
+        raise ClakitError(f"cannot load {source.spec}: {problem}")
+    _check_float16_range(source, model, dtype)
+    drop_unused_window(model.config)
+    if device:
+        model.to(device)
+    return model.eval()
 
+
+def _check_before_load(source: Source, trust_remote_code: bool, allow_pickle: bool) -> None:
+    """Everything refusable from the files' headers, before transformers allocates the model."""
     check_weights(source, allow_pickle)
     if source.kind == "gguf":
         check_gguf_whole(source)
@@ -1137,20 +1147,36 @@ def load_model(
         with contextlib.suppress(Exception):
             _gguf_facts(str(source.path), file_version(source.path))  # for load_tokenizer's check
         _gguf_reader.cache_clear()  # the parsed header is not held beside the dequantised model
+
+
+def _load_kwargs(source: Source, device_map: str | None) -> dict:
+    """from_pretrained's keywords for this source: the GGUF file and its config read once, the device map."""
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if source.kind == "gguf":  # the config read before: transformers parsed the whole header for it again (~20 s
         with contextlib.suppress(Exception):  # of a 60 s load of the demo GGUF, loaded machine; same weights).
             kwargs["config"] = _auto_config(source)  # One it cannot read: from_pretrained's error is named below
     if device_map is not None:
         kwargs["device_map"] = device_map
+    return kwargs
+
+
+def _from_pretrained(source: Source, dtype, trust_remote_code: bool, kwargs: dict):
+    """(model, loading info) from transformers, each way a load fails turned into one line naming the fix."""
+    import torch
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from clakit.modeling.modeling_cla import WeightsMismatch
+
     try:
         with _no_load_report():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            return AutoModelForCausalLM.from_pretrained(
                 source.load_dir,
                 dtype=dtype or ("auto" if not source.gguf_file else torch.float32),
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
-                ignore_mismatched_sizes=True,  # reported by loading_problem below, in one line
+                ignore_mismatched_sizes=True,  # reported by load_model's loading_problem, in one line
                 # transformers >= 5 kernelizes on load and again on model.train(): on a GPU that fetches compiled
                 # kernels (liger's RMSNorm) from the Hub: code we did not ask for, numbers the CPU does not give, and
                 # on an offline GPU machine `clakit uptrain` died ("not available in the local cache", H200)
@@ -1173,15 +1199,6 @@ def load_model(
     except _errors(source, ValueError, OSError, KeyError, RuntimeError, SafetensorError) as e:  # torch: RuntimeError
         fix = _gguf_fix(e) if source.kind == "gguf" else DOWNLOAD_AGAIN
         raise _read_error(source, "load as a causal LM", e, fix) from None
-    settings = ("GGUF metadata", GGUF_METADATA_FIX) if source.kind == "gguf" else ("config.json", None)
-    problem = loading_problem(info, settings[1], settings[0], model.config.num_hidden_layers)
-    if problem:
-        raise ClakitError(f"cannot load {source.spec}: {problem}")
-    _check_float16_range(source, model, dtype)
-    drop_unused_window(model.config)
-    if device:
-        model.to(device)
-    return model.eval()
 
 
 def _check_float16_range(source: Source, model, dtype) -> None:
@@ -1414,9 +1431,6 @@ def check_config_fits_weights(source: Source, trust_remote_code: bool = False) -
     if found is None:
         return
     names, elements, not_float = found
-    import torch
-    from transformers import AutoModelForCausalLM
-
     import clakit.modeling  # noqa: F401
 
     try:
@@ -1425,6 +1439,14 @@ def check_config_fits_weights(source: Source, trust_remote_code: bool = False) -
         return  # load_config / from_pretrained say why
     where = "its GGUF metadata" if source.kind == "gguf" else "its config.json"
     fix = restore_config(source) if source.kind == "gguf" else "restore the config.json written with these weights"
+    _check_layer_count(source, config, names, where, fix)
+    if getattr(config, "quantization_config", None):  # packed weights hold fewer values than parameters
+        return
+    _check_parameters(source, config, elements, not_float, where, fix)
+
+
+def _check_layer_count(source: Source, config, names, where: str, fix: str) -> None:
+    """The config's num_hidden_layers against the layers the weights' tensor names hold."""
     layers = getattr(config, "num_hidden_layers", None)
     if source.kind == "dir" and type(layers) is int:
         problem = layer_count_problem(names, layers, where)
@@ -1435,8 +1457,14 @@ def check_config_fits_weights(source: Source, trust_remote_code: bool = False) -
         if blocks and layers > 2 * (max(blocks) + 1):
             raise ClakitError(f"cannot load {source.spec}: {where} makes {layers} layers but it holds "
                               f"{max(blocks) + 1}; {fix}")
-    if getattr(config, "quantization_config", None):  # packed weights hold fewer values than parameters
-        return
+
+
+def _check_parameters(source: Source, config, elements: int, not_float: dict, where: str, fix: str) -> None:
+    """The parameters the config makes (a skeleton on the meta device) against the weights: every one a float,
+    and not grossly more of them than the files hold values."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)

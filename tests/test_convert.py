@@ -272,6 +272,7 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
 
     The real fitting functions run; wrappers keep what they returned, to rebuild the model in memory from it.
     """
+    import clakit.convert.autolayout
     import clakit.convert.calibrate
     from clakit.convert.layout import kv_saving
 
@@ -287,7 +288,7 @@ def test_layout_auto_writes_the_chosen_layout_and_fit(tiny_llama_checkpoint, cor
 
         monkeypatch.setattr(module, name, spy)
 
-    keep(clakit.convert.calibrate, "auto_layout")
+    keep(clakit.convert.autolayout, "auto_layout")
     keep(clakit.convert.calibrate, "fit_kv", copy=dict)
     out = tmp_path / "auto"
     args = (

@@ -480,6 +480,7 @@ def test_a_gguf_source_is_refused_before_the_model_runs(tokenizer, corpus_dir, t
     the dequantisation, the held-out evaluation and the whole layout search: 357 s on SmolLM2) or when writing (the
     float16 range, after the fits). Now the size is read from the stock model's shapes before the GGUF is read, the
     range once it is dequantised, before the model runs."""
+    import clakit.convert.autolayout
     import clakit.convert.pipeline
     import clakit.outputs
 
@@ -493,7 +494,7 @@ def test_a_gguf_source_is_refused_before_the_model_runs(tokenizer, corpus_dir, t
             model.model.layers[3].mlp.down_proj.weight[0, 0] = 1e5
     path = write_gguf(model, tokenizer, tmp_path / "m.gguf", gguf.GGMLQuantizationType.F32)
     monkeypatch.setattr(clakit.convert.pipeline._Conversion, "_perplexity", no_run)
-    monkeypatch.setattr(clakit.convert.calibrate, "auto_layout", no_run)
+    monkeypatch.setattr(clakit.convert.autolayout, "auto_layout", no_run)
     loads = []
     if problem == "disk":
         monkeypatch.setattr(clakit.outputs.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())

@@ -441,7 +441,7 @@ def test_the_demo_flags_defaults_are_the_demo_settings_defaults():
 
 def test_the_eval_seq_len_help_states_the_default_the_suite_uses():
     from clakit.eval.config import EvalConfig
-    from clakit.eval.suite import DEFAULT_SEQ_LEN
+    from clakit.eval.perplexity import DEFAULT_SEQ_LEN
 
     help_ = next(f for f in dataclasses.fields(EvalConfig) if f.name == "seq_len").metadata["help"]
     assert f"default {DEFAULT_SEQ_LEN}," in help_, help_

@@ -59,6 +59,10 @@ def test_source_converted_on_the_fly_trained_merged_and_saved(tiny_llama_checkpo
     record = json.loads((result / "uptrain.json").read_text())
     assert record["train_tokens"] == 6 * 2 * 32
     assert 0 < record["trainable_parameters"] < record["parameters"]
+    # the model's own parameters, as saved (LoRA merged): the adapters' were counted in it (helper 50a)
+    saved = sum(t.numel() for t in load_file(result / "model.safetensors").values())
+    assert record["parameters"] == saved and 0 < record["adapter_parameters"] < record["trainable_parameters"]
+    assert f"of them in the LoRA adapters, merged into the weights), of {saved:,} in the model" in card
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4, 5, 6]

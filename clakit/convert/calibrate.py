@@ -636,10 +636,3 @@ def fit_kv(
                 **reconstruct_options,
             )  # fmt: skip
     return overrides
-
-
-def auto_layout(model, input_ids: torch.Tensor, kv_saving: float, **options):
-    """`clakit.convert.autolayout.auto_layout` (the converter's entry point)."""
-    from clakit.convert.autolayout import auto_layout as choose
-
-    return choose(model, input_ids, kv_saving, **options)

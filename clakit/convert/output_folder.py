@@ -164,25 +164,10 @@ def _source_id(settings: dict, record: dict) -> str:
 
 def model_card(record: dict) -> str:
     """README.md: what this checkpoint is, where it came from and how it was made."""
-    s, v = record["settings"], record["provenance"]
+    s = record["settings"]
     base = f"base_model: {s['source']}\n" if s["source_kind"] == "hub" else ""
     producers, layers = len(set(s["kv_source_layers"])), len(s["kv_source_layers"])
-    kv_factor = f"{layers / producers:.2f}x smaller"
-    calib = f" on {s['calib_tokens']} tokens of {md_cell(', '.join(s['calib_data']))}" if s["calib_data"] else ""
-    rows = [
-        ("source", f"{md_code(s['source'])} ({s['source_kind']}, {_source_id(s, record)})"),
-        ("architecture", f"{s['architecture']} -> {record['cla_architecture']}"),
-        ("layout", f"{s['layout']}: `kv_source_layers` = {s['kv_source_layers']}"),
-        ("KV cache", f"{producers} of {layers} layers keep K/V: {kv_factor}, saving {s['kv_saving']:.1%}"),
-        ("K/V init", s["init"] + calib),
-        ("end-to-end distillation", _distill_line(s, record)),
-        ("dtype", s["dtype"]),
-        ("held-out perplexity", _perplexity_line(record)),
-        ("made with", f"clakit {v['clakit']}, transformers {v['transformers']}, torch {v['torch']}, {v['created']}"),
-        ("command", md_code(v["command"])),
-        *((("rerun (any folder)", md_code(v["rerun"])),) if v.get("rerun") else ()),
-    ]  # fmt: skip
-    table = "\n".join(f"| {k} | {val} |" for k, val in rows)
+    table = "\n".join(f"| {k} | {val} |" for k, val in _card_rows(record, producers, layers))
     return f"""---
 library_name: transformers
 tags: [clakit, cross-layer-attention]
@@ -212,6 +197,26 @@ tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)  # con
 {serving_section(producers, layers)}
 Settings and provenance in full: `{RECORD_FILE}`.
 """
+
+
+def _card_rows(record: dict, producers: int, layers: int) -> list[tuple[str, str]]:
+    """The card's table: (what, value) of the source, layout, fits, check and provenance."""
+    s, v = record["settings"], record["provenance"]
+    kv_factor = f"{layers / producers:.2f}x smaller"
+    calib = f" on {s['calib_tokens']} tokens of {md_cell(', '.join(s['calib_data']))}" if s["calib_data"] else ""
+    return [
+        ("source", f"{md_code(s['source'])} ({s['source_kind']}, {_source_id(s, record)})"),
+        ("architecture", f"{s['architecture']} -> {record['cla_architecture']}"),
+        ("layout", f"{s['layout']}: `kv_source_layers` = {s['kv_source_layers']}"),
+        ("KV cache", f"{producers} of {layers} layers keep K/V: {kv_factor}, saving {s['kv_saving']:.1%}"),
+        ("K/V init", s["init"] + calib),
+        ("end-to-end distillation", _distill_line(s, record)),
+        ("dtype", s["dtype"]),
+        ("held-out perplexity", _perplexity_line(record)),
+        ("made with", f"clakit {v['clakit']}, transformers {v['transformers']}, torch {v['torch']}, {v['created']}"),
+        ("command", md_code(v["command"])),
+        *((("rerun (any folder)", md_code(v["rerun"])),) if v.get("rerun") else ()),
+    ]  # fmt: skip
 
 
 def serving_section(producers: int, layers: int) -> str:

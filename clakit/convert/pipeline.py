@@ -766,7 +766,7 @@ class _Conversion:
     def _calibrate(self, runner: LayerwiseModel, scratch: Path, ids: torch.Tensor):
         """Calibration tokens `ids` -> auto layout (if asked) -> fitted K/V overrides (data-aware inits)."""
         from clakit.convert import calibrate
-        from clakit.convert.autolayout import scored_rows
+        from clakit.convert.autolayout import auto_layout, scored_rows
 
         c = self.cfg
         self.calib_tokens = ids.numel()
@@ -776,7 +776,7 @@ class _Conversion:
             self.say(f"choosing a layout saving {c.kv_saving:.0%} of the KV cache, scored on {scored} of the "
                      f"{ids.numel()} calibration tokens...")  # fmt: skip
             with runner.offloaded() as model, self._timed("layout"), autocast(self.compute_dtype, self.device):
-                self.layout, self.results["auto_layout"] = calibrate.auto_layout(
+                self.layout, self.results["auto_layout"] = auto_layout(
                     model, ids, c.kv_saving, refine=c.refine, refine_max_group=c.refine_max_group,
                     progress=not self.quiet,
                 )  # fmt: skip

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from clakit import settings
 from clakit.devices import DEVICES_HELP
 from clakit.errors import ClakitError
-from clakit.eval.perplexity import check_window
+from clakit.eval.perplexity import DEFAULT_SEQ_LEN, check_window
 from clakit.provenance import settings_from_record
 from clakit.settings import opt
 
@@ -33,7 +33,8 @@ class EvalConfig:
                      "needs the Hub)", metavar="DATA", section="text and windows"),
     )  # fmt: skip
     seq_len: int | None = field(
-        default=None, metadata=opt("tokens per window (default 1024, or the model's context window if shorter)")
+        default=None,
+        metadata=opt(f"tokens per window (default {DEFAULT_SEQ_LEN}, or the model's context window if shorter)"),
     )
     stride: int | None = field(
         default=None, metadata=opt("tokens between window starts (default: --seq-len, disjoint)")

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from clakit.corpus import Text, head, join_texts
 from clakit.errors import ClakitError
 
+DEFAULT_SEQ_LEN = 1024  # tokens per window (clakit eval, the `evaluate` metric), unless the model's context is shorter
+
 
 @dataclass(frozen=True)
 class Window:
@@ -252,7 +254,7 @@ def _model_windows(model, seq_len: int | None, stride: int | None) -> tuple[int,
     from clakit.sources import check_seq_len, default_seq_len
 
     config = getattr(model, "config", None)  # a wrapper without one has no window to hold seq_len to
-    seq_len = default_seq_len(config, 1024) if seq_len is None else seq_len
+    seq_len = default_seq_len(config, DEFAULT_SEQ_LEN) if seq_len is None else seq_len
     stride = check_window(seq_len, stride)
     check_seq_len(seq_len, config, "seq_len")
     return seq_len, stride

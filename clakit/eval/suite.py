@@ -31,7 +31,6 @@ from clakit.sources import (
     resolve_source,
 )
 
-DEFAULT_SEQ_LEN = 1024  # tokens per window, unless the model's context is shorter
 MAX_LOSS = 700.0  # nats per token: exp() of more overflows a float; a uniform guess over 10^300 tokens scores less
 
 
@@ -100,13 +99,13 @@ def _check_causal_lm(source, trust_remote_code: bool):
 
 
 def _windows(config, seq_len: int | None, stride: int | None) -> tuple[int, int]:
-    """(seq_len, stride): --seq-len, default DEFAULT_SEQ_LEN or the model's context window if smaller; windows
-    longer than the positions the model was trained on would score extrapolation, not the model, and are refused.
-    A given --seq-len had its --stride checked by EvalConfig; the default's is checked here."""
+    """(seq_len, stride): --seq-len, default perplexity.DEFAULT_SEQ_LEN or the model's context window if smaller;
+    windows longer than the positions the model was trained on would score extrapolation, not the model, and are
+    refused. A given --seq-len had its --stride checked by EvalConfig; the default's is checked here."""
     if seq_len is not None:
         check_seq_len(seq_len, config, "--seq-len")
         return seq_len, seq_len if stride is None else stride
-    seq_len = default_seq_len(config, DEFAULT_SEQ_LEN)
+    seq_len = default_seq_len(config, perplexity.DEFAULT_SEQ_LEN)
     return seq_len, perplexity.check_window(seq_len, stride)
 
 

@@ -27,10 +27,19 @@ def run_provenance(**extra) -> dict:
     return provenance(**library_versions(TRAINING_LIBRARIES), torch_threads=torch.get_num_threads(), **extra)
 
 
+def _trained_text(s: dict) -> str:
+    """How many parameters trained, of the model's own (a record before adapter_parameters counted them in it)."""
+    adapters = s.get("adapter_parameters")
+    if not adapters:
+        return f"{s['trainable_parameters']:,} of {s['parameters']:,} parameters trained"
+    return (f"{s['trainable_parameters']:,} parameters trained ({adapters:,} of them in the LoRA adapters, merged "
+            f"into the weights), of {s['parameters']:,} in the model")  # fmt: skip
+
+
 def summary(recipe, trainer, data, heldout: dict, kv_source_layers: list[int] | None = None) -> dict:
     """Everything the card shows: settings, token counts, before/after held-out numbers, the sharing layout, and
     where it trained (the device, mixed precision and launch accelerate actually used, not the recipe's wish)."""
-    trainable, total = trainer.counts
+    trainable, total, adapters = trainer.counts
     acc = trainer.accelerator
     return {
         "recipe": recipe.to_dict(),
@@ -44,7 +53,8 @@ def summary(recipe, trainer, data, heldout: dict, kv_source_layers: list[int] | 
         "train_tokens": trainer.step * trainer.plan.tokens_per_step,
         "train_seconds": round(trainer.elapsed, 1),
         "trainable_parameters": trainable,
-        "parameters": total,
+        "parameters": total,  # the saved model's
+        "adapter_parameters": adapters,  # trained, then merged into the weights
         "processes": trainer.accelerator.num_processes,
         # the step as the last stretch ran it: a resume on another number of processes keeps the run's blocks a step
         # (the same data and schedule) with another per-process batch and accumulation (trainer.step_shape)
@@ -94,8 +104,7 @@ def _training_lines(s: dict) -> list[str]:
         f"- data: {', '.join(s['train_data'])}, windows of {data['seq_len']}{copies}",
         f"- learning_rate {t['learning_rate']}, {t['lr_scheduler_type']} schedule, {_warmup_text(s)}, batch {batch}, "
         f"bf16 {t['bf16']}, seed {t['seed']}",
-        f"- {_lora_text(lo)}; trained in full: {lo['full_train'] or 'nothing'}; {s['trainable_parameters']:,} of"
-        f" {s['parameters']:,} parameters trained",
+        f"- {_lora_text(lo)}; trained in full: {lo['full_train'] or 'nothing'}; {_trained_text(s)}",
         f"- distillation weight {d['weight']}, temperature {d['temperature']}, "
         f"hidden-state MSE weight {d['hidden_mse_weight']}",
     ]

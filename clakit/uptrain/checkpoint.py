@@ -18,7 +18,7 @@ gathers and scatters the same way for a plain module, DDP, FSDP1 (`use_orig_para
 tells the rank; no accelerate object is needed, so tests run it under torch's own FSDP).
 
 Saving streams: the state dicts are taken sharded (each process its part, nothing gathered), then gathered to the
-main process one decoder layer's tensors at a time (`gathered_groups`, every process in the same order) and written
+main process one decoder layer's tensors at a time (`layer_groups`, `gather`: every process in the same order), written
 as they arrive into files whose layout was fixed beforehand from the global shapes: `trainable.safetensors` (its
 header first, then each tensor's bytes) and `optimizer.pt` (torch.save of a placeholder state dict under
 `torch.serialization.skip_data`, then each storage's bytes written at its record's offset and the zip's CRCs set).
@@ -52,7 +52,6 @@ CHECKPOINTS = outputs.RUN_CHECKPOINTS  # one name: outputs.run_model_hint names 
 STEP_DIR = re.compile(r"step-\d+")
 # parts of a parameter name that wrappers insert: FSDP1, activation checkpointing, torch.compile
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-FILES = ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt")
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -698,7 +698,21 @@ def calibrated_tail(calib: str, train: str, fraction: float) -> str:
     )
 
 
+def warmup_steps(train, total_steps: int) -> int:
+    """The warmup's steps as the scheduler gets them: train.warmup_steps, else train.warmup_ratio of `total_steps`
+    rounded up. One count for the recipe's check (`total_steps` = max_steps) and trainer.make_plan's."""
+    return train.warmup_steps or math.ceil(train.warmup_ratio * total_steps)
+
+
 def _validate_train(t: TrainSection) -> None:
+    _validate_length(t)
+    _validate_optimizer(t)
+    _validate_schedule(t)
+    _validate_warmup(t)
+
+
+def _validate_length(t: TrainSection) -> None:
+    """Where the run goes and how long it is (max_steps, max_tokens or epochs)."""
     _check(bool(t.output_dir), "recipe needs train.output_dir (where checkpoints and the result go)")
     _check(
         t.max_steps == -1 or t.max_steps > 0,
@@ -710,6 +724,10 @@ def _validate_train(t: TrainSection) -> None:
         f"train.max_tokens must be a positive number of tokens (or null), got {t.max_tokens}",
     )
     _check(t.num_train_epochs > 0, f"train.num_train_epochs must be > 0, got {t.num_train_epochs}")
+
+
+def _validate_optimizer(t: TrainSection) -> None:
+    """AdamW's settings and the batch each step takes."""
     _check(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -718,6 +736,10 @@ def _validate_train(t: TrainSection) -> None:
     _check(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0: no clipping), got {t.max_grad_norm}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         _check(getattr(t, name) >= 1, f"train.{name} must be >= 1, got {getattr(t, name)}")
+
+
+def _validate_schedule(t: TrainSection) -> None:
+    """Each setting of the run's schedule alone: warmup, seed, logging/saving/eval intervals, scheduler, reporters."""
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     _check(0 <= t.seed < SEED_LIMIT, f"train.seed must be between 0 and 2**32 - 1, got {t.seed}")
@@ -734,27 +756,30 @@ def _validate_train(t: TrainSection) -> None:
     )
     for r in t.report_to:
         _check(r in REPORTERS, f"train.report_to {r!r} is not one of {', '.join(REPORTERS)}")
+
+
+def _validate_warmup(t: TrainSection) -> None:
+    """The warmup against the scheduler and train.max_steps, so that --dry-run refuses what the run would (steps from
+    max_tokens or epochs are known only with the data: trainer.check_plan)."""
     _check(
         t.lr_scheduler_type != "constant" or (t.warmup_steps == 0 and t.warmup_ratio == 0),
         "train.lr_scheduler_type constant has no warmup (transformers ignores warmup_steps / warmup_ratio there); "
         "use constant_with_warmup, or set train.warmup_steps=0 train.warmup_ratio=0",
     )
-    # the rate climbs from 0 over the warmup: a warmup as long as the run never reaches train.learning_rate. Steps
-    # from max_tokens or epochs and a warmup from warmup_ratio are known only with the data (trainer.check_plan)
+    # the rate climbs from 0 over the warmup: a warmup as long as the run never reaches train.learning_rate
     _check(
         t.max_steps <= 1 or t.warmup_steps < t.max_steps,
         f"train.warmup_steps={t.warmup_steps} is not shorter than train.max_steps={t.max_steps}: the learning rate "
         f"would never reach its peak; set train.warmup_steps below {t.max_steps} (0: no warmup), or train more steps",
     )
-    # a warmup_ratio's steps as trainer.make_plan counts them (here too: --dry-run passed what the run refused)
-    ratio_steps = math.ceil(t.warmup_ratio * t.max_steps)
+    ratio_steps = warmup_steps(t, t.max_steps)  # read only where train.warmup_steps is 0: the ratio's steps
     _check(
         t.max_steps <= 1 or t.warmup_steps > 0 or ratio_steps < t.max_steps,
         f"the warmup ({ratio_steps} steps from train.warmup_ratio={t.warmup_ratio:g}) is not shorter than the run "
         f"(train.max_steps={t.max_steps}): the learning rate would never reach its peak; lower train.warmup_ratio, "
         "or train more steps",
     )
-    # as trainer.check_plan, here so that --dry-run refuses it too (constant, whose warmup is refused above, has none)
+    # constant, whose warmup is refused above, has none
     _check(t.max_steps != 1 or (t.warmup_steps == 0 and t.warmup_ratio == 0), ONE_STEP_WARMUP)
 
 

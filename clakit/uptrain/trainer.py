@@ -16,7 +16,7 @@ from clakit.uptrain import checkpoint
 from clakit.uptrain.card import run_provenance
 from clakit.uptrain.distill import causal_lm_loss, uptrain_loss
 from clakit.uptrain.packing import BatchOrder, PackedData
-from clakit.uptrain.recipe import ONE_STEP_WARMUP
+from clakit.uptrain.recipe import ONE_STEP_WARMUP, warmup_steps
 from clakit.uptrain.student import count_parameters
 
 METRICS = "metrics.jsonl"
@@ -81,8 +81,7 @@ def make_plan(train, n_blocks: int, seq_len: int, shape: StepShape) -> Plan:
         total = math.ceil(train.max_tokens / tokens_per_step)
     else:
         total = max(1, math.ceil(train.num_train_epochs * n_blocks / per_step))
-    warmup = train.warmup_steps or math.ceil(train.warmup_ratio * total)
-    return Plan(total, tokens_per_step, warmup)
+    return Plan(total, tokens_per_step, warmup_steps(train, total))
 
 
 def check_plan(train, plan: Plan) -> None:
@@ -231,7 +230,7 @@ class Trainer:
         self.shape = shape or step_shape(self.train, accelerator.num_processes)
         assert self.shape.world == accelerator.num_processes, (self.shape, accelerator.num_processes)
         self.plan = make_plan(self.train, len(data.train), data.seq_len, self.shape)
-        self.counts = count_parameters(model)  # (trainable, total), before any wrapping or merging
+        self.counts = count_parameters(model)  # (trainable, total, adapters), before any wrapping or merging
         optimizer = make_optimizer(model, self.train)
         self.scheduler = make_scheduler(optimizer, self.train, self.plan)  # stepped by us: once per optimizer step
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
