@@ -41,6 +41,7 @@ def provenance(**extra) -> dict:
         "cwd": _cwd(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "clakit_source_sha256": source_sha256(),
+        "clakit_origin": clakit_origin(),
         "cpu": cpu_name(),
         **hub_client(),
         **extra,
@@ -62,9 +63,41 @@ def source_sha256() -> str:
     are counted."""
     root = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    # clakit/recipes/ exists only in an installed wheel (pyproject maps the root recipes/ onto it): skipped, so a
+    # checkout and the wheel built from it record the same hash
+    for path in sorted(p for p in root.rglob("*.py") if p.relative_to(root).parts[0] != "recipes"):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+@functools.cache
+def clakit_origin() -> dict | None:
+    """Where the clakit in use came from, which the version (0.1.0 through the whole history) does not say: a source
+    checkout's git commit (and whether its tree had changes), else pip's record of the install (PEP 610
+    direct_url.json: the wheel's URL and sha256, a VCS install's commit_id); None when neither is known."""
+    import json
+    import subprocess
+    from importlib.metadata import distribution
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        try:
+            git = ["git", "-C", str(root)]
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run([*git, "status", "--porcelain", "--", "clakit", "recipes"], capture_output=True,
+                                   text=True, timeout=10)  # fmt: skip
+            if commit.returncode == 0:
+                return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        dist = distribution("clakit")
+        if Path(dist.locate_file("clakit/__init__.py")).resolve() == Path(__file__).resolve().parent / "__init__.py":
+            text = dist.read_text("direct_url.json")
+            return json.loads(text) if text else None
+    except Exception:  # no metadata, or an unreadable one: unknown, never a failed run
+        pass
+    return None
 
 
 @functools.cache

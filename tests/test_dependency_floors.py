@@ -404,3 +404,23 @@ def test_ctrl_c_while_the_clakit_command_imports_its_libraries_is_one_line(argv0
         assert (out.returncode, out.stderr) == (130, "clakit: interrupted\n"), out.stderr[-2000:]
     else:
         assert out.returncode == -2 and out.stderr.strip().endswith("KeyboardInterrupt"), out.stderr[-2000:]
+
+
+def test_an_installed_wheel_and_its_checkout_name_clakit_alike(wheel, tmp_path):
+    """provenance's clakit_source_sha256 hashed clakit/recipes/__init__.py, which only the wheel has: the same code
+    had two hashes (the demo's reuse key too: switching installs redid its conversion and uptraining). And the
+    version (0.1.0 through the whole history) said nothing of where the code came from: a checkout now records its
+    git commit, an installed wheel pip's record of what was installed (helper 50b)."""
+    from clakit.provenance import clakit_origin, source_sha256
+
+    site = tmp_path / "site"
+    assert pip("install", "-q", "--no-deps", "--target", str(site), str(wheel[0])).returncode == 0
+    code = "import json; from clakit.provenance import source_sha256, clakit_origin as o; "
+    code += "print(json.dumps([source_sha256(), o()]))"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    installed_hash, installed_origin = json.loads(out.stdout.strip().splitlines()[-1])
+    assert installed_hash == source_sha256() and "git_commit" not in (installed_origin or {})
+    if (ROOT / ".git").exists():  # a checkout (CI's clean clone is one)
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert clakit_origin()["git_commit"] == head.stdout.strip()

@@ -45,6 +45,11 @@ def test_wheel_holds_every_module_and_the_recipes_unduplicated(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "clakit").rglob("*.py")}
     assert modules <= names, f"packages missing from pyproject's list: {sorted(modules - names)}"
+    # and nothing else: setuptools builds in the tree's build/lib and ships whatever an earlier build left there
+    # (a module or recipe deleted since), with no warning
+    expected = modules | {"clakit/recipes/__init__.py"} | {f"clakit/recipes/{r}" for r in RECIPES}
+    stale = sorted(n for n in names if n.startswith("clakit/") and n not in expected)
+    assert not stale, f"files in the wheel that are not in the source tree (remove build/ and rebuild): {stale}"
     assert RECIPES and all(f"clakit/recipes/{r}" in names for r in RECIPES)
     with zipfile.ZipFile(wheel) as z:
         assert all(z.read(f"clakit/recipes/{r}") == (REPO / "recipes" / r).read_bytes() for r in RECIPES)

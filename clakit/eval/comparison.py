@@ -565,7 +565,8 @@ def _speed_note(reports: list[dict]) -> str:
             if r.get("speed") and (why := _busy(r))]  # fmt: skip
     if busy:
         note += (f" Speeds timed on a busy machine: {'; '.join(busy)}: their tok/s measure the machine's load, not "
-                 "the model; compare models with benchmarks/checkpoint_speed.py (interleaved in one run).")
+                 "the model; compare models interleaved in one run (benchmarks/checkpoint_speed.py in clakit's source "
+                 "tree: not installed with the package).")
     return note
 
 
