@@ -187,12 +187,21 @@ class _Check:
     """Refuses binary data as it is read: a NUL, or more than MAX_UNDECODABLE undecodable bytes so far."""
 
     def __init__(self, path: Path):
-        self.path, self.chars, self.bad = path, 0, 0
+        self.path, self.chars, self.bad, self.undecodable = path, 0, 0, None
 
     def __call__(self, piece: str) -> None:
         self.chars, self.bad = self.chars + len(piece), self.bad + piece.count("\ufffd")
-        if "\x00" in piece or self.bad > MAX_UNDECODABLE * self.chars:
+        if "\x00" in piece or self.bad > MAX_UNDECODABLE * self.chars or (self.bad and self._undecodable()):
             raise ClakitError(self._why(piece))
+
+    def _undecodable(self) -> bool:
+        """Whether the file's start holds bytes UTF-8 cannot decode (not U+FFFD written in the text itself): a Latin-1
+        file with a few accents was read with U+FFFD for them, its perplexity, bytes and sha256 those of another
+        text, and nothing said so. Checked once, on the first U+FFFD."""
+        if self.undecodable is None:
+            head = _head_bytes(self.path)
+            self.undecodable = head is not None and not _decodes(head)
+        return self.undecodable
 
     def _why(self, piece: str) -> str:
         """Why the text is refused, and the fix: "not UTF-8 (binary data?)" sent the owner of UTF-8 text with a stray

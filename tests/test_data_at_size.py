@@ -225,6 +225,29 @@ def test_a_text_of_long_tokens_is_read_in_growing_heads_not_whole():
     assert tokens.ids.tolist() == [0] + [2, 3, 4] * 33 + [2] and tokens.text == text[: 100 * 41 - 1]
 
 
+def test_max_tokens_takes_the_whole_texts_first_tokens_when_the_cut_falls_inside_a_word():
+    """A text of ~17 characters a token: the 16-characters-a-token cut fell inside a word, whose pieces became the
+    last scored tokens (" agf" for " agfwdpgxzbvarntd" at max_tokens 1030, helper 50d)."""
+    import random
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(16)) for _ in range(50)]
+    text = " ".join(rng.choice(words) for _ in range(20000))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<e>"], initial_alphabet=alphabet)
+    tok.train_from_iterator([text], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<e>", bos_token="<e>")
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for keep in (1030, 1000, 2000):
+        assert perplexity.tokenize(tokenizer, text, keep).ids.tolist()[1:] == whole[:keep]
+
+
 def test_a_str_with_lone_surrogates_is_tokenised_as_files_read_undecodable_bytes(tokenizer):
     """A str given in code (evaluate(text=...), a Text of one's own) read from a file with errors="surrogateescape"
     holds lone surrogates: the tokenizer raised a TypeError traceback ("TextEncodeInput must be Union[...]"). They

@@ -389,6 +389,22 @@ def test_latin1_text_and_a_stray_nul_are_named_as_such_not_as_binary(tmp_path):
         corpus.load_texts([str(nul)])
 
 
+def test_a_latin1_file_with_few_accents_is_refused_not_scored_as_another_text(tmp_path):
+    """Below 1% undecodable bytes a Latin-1 file was read with U+FFFD for its accents, and scored (perplexity, bytes,
+    sha256 of another text) without a word (helper 50d: 10 "é" in 2,893 characters, perplexity 428.86 where the
+    UTF-8 file reads 414.02). Valid UTF-8 holding a few U+FFFD itself is still read."""
+    from clakit import corpus
+
+    text = "A café. " + make_text(2000, 3) + "\n"
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ClakitError, match="is not UTF-8: 1 of .* iconv -f LATIN1 -t UTF-8"):
+        "".join(corpus.load_texts([str(latin)])[0].pieces())
+    kept = tmp_path / "kept.txt"
+    kept.write_text(text.replace("é", "\ufffd"), encoding="utf-8")
+    assert "\ufffd" in corpus.load_texts([str(kept)])[0].text
+
+
 @pytest.mark.parametrize("command", ["eval", "report"])
 def test_a_dash_as_output_is_refused_not_written_as_a_file_named_dash(
     capsys, tmp_path, monkeypatch, base_report, tiny_llama_checkpoint, corpus_dir, command

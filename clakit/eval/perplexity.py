@@ -112,8 +112,14 @@ def _read_enough(tokenizer, texts: list[Text], keep: int | None) -> tuple[str, l
             return text, *_encode(tokenizer, text)
         ids, offsets = _encode(tokenizer, text[:chars])
         if len(ids) > keep + 1:
-            return text[:chars], ids, offsets
-        chars *= 4
+            # the cut may fall inside a word, whose pieces are other tokens than the whole word's (a text of ~17
+            # characters a token scored " agf" for " agfwdpgxzbvarntd" at --max-tokens 1030): the first `keep` ids
+            # are taken once a cut a quarter shorter gives them too
+            if _encode(tokenizer, text[: chars * 3 // 4])[0][:keep] == ids[:keep]:
+                return text[:chars], ids, offsets
+            chars *= 2
+        else:
+            chars *= 4
 
 
 def _after_first_token(tokenizer, text: str, ids: list[int], offsets) -> str:
