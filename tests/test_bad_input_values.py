@@ -154,7 +154,7 @@ CASES = [
          "5}}'", "--distill-steps is model.convert.distill_steps", id="dry-run-convert-distill-with-mean"),
     Case(UP + "--dry-run model.path=null model.source={model} 'model.convert={{init: calibrated, factor: 2, "
          "calib_data: [{data}/train.txt], seq_len: 64, distill_copy_span: 40}}'",
-         "--distill-copy-span (40) must be at most half the window (64 tokens)", id="dry-run-convert-copy-span"),
+         "--distill-copy-span (40) must be at most half the 64-token window", id="dry-run-convert-copy-span"),
     Case(UP + "model.path=null model.source={model} 'model.convert={{init: calibrated, factor: 2, calib_data: "
          "[{data}/train.txt], seq_len: 64, calib_tokens: 10}}'",
          "--calib-tokens (10) must be at least the sequence length (64)", id="convert-calib-tokens-below-a-window"),

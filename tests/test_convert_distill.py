@@ -136,6 +136,16 @@ def test_default_copy_span_fits_short_windows(tiny_llama_checkpoint, corpus_dir,
     assert (settings["distill_copy_fraction"], settings["distill_copy_span"]) == (1.0, 8)  # half of a 16-token window
 
 
+def test_a_layout_sharing_nothing_records_no_distillation_copies(tiny_llama_checkpoint, corpus_dir, tmp_path):
+    """--factor 1 skips the distillation (nothing shares K/V), but the record kept its copy settings (1.0, 16), so
+    its own rerun line recorded other settings than it (helper 50e)."""
+    args = ("--factor", "1", "--init", "calibrated", "--calib-data", corpus_dir / "calib.txt", "--calib-tokens",
+            "256", "--seq-len", "32", "--distill-steps", "1", "-q")  # fmt: skip
+    assert run_cli(tiny_llama_checkpoint, tmp_path / "out", *args) == 0
+    settings = read_json(tmp_path / "out" / "clakit_convert.json")["settings"]
+    assert (settings["distill_steps"], settings["distill_copy_fraction"], settings["distill_copy_span"]) == (0, 0, 0)
+
+
 def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(
     tiny_llama_checkpoint, corpus_dir, tmp_path, monkeypatch, capsys
 ):
@@ -164,7 +174,7 @@ def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(
         (("--init", "reconstruct", "--distill-copy-fraction", "nan"), "--distill-copy-fraction must be a finite"),
         (("--init", "reconstruct", "--distill-copy-span", "0"), "--distill-copy-span must be a positive number"),
         (("--seq-len", "64", "--distill-copy-fraction", "0.5", "--distill-copy-span", "33"),
-         "--distill-copy-span (33) must be at most half the window (64 tokens)"),
+         "--distill-copy-span (33) must be at most half the 64-token window"),
         (("--distill-steps", "0", "--distill-copy-fraction", "0.5"), "which this conversion does not run"),
         (("--init", "mean", "--distill-copy-fraction", "0.5"), "which this conversion does not run"),
         # recorded in the config while the settings said None, exit 0: now refused as --distill-steps is

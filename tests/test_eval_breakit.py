@@ -100,6 +100,21 @@ def test_speed_at_the_full_window_of_a_learned_position_model_stays_inside_it():
     assert r["speed"]["prefill_tokens"] == 2 * 28 and r["speed"]["decode_tokens_per_s"] > 0
 
 
+def test_decode_steps_over_half_the_window_are_refused_before_the_model_runs():
+    """--decode-steps 300 in a 256-position window timed 1-token prefills, shown as the model's prefill speed without
+    a word (helper 50e); half the window is the most now, and the refusal names it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=320, n_positions=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    with pytest.raises(ClakitError, match="--decode-steps 17 leaves the prefill .* 15 of this model's 32-position "
+                                          "window .*give at most 16 decode steps, or --no-speed"):  # fmt: skip
+        evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=17)
+    r = evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=16)
+    assert r["speed"]["prefill_length"] == 16
+    evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=17, speed=False)
+
+
 @pytest.mark.parametrize(
     ("length", "steps", "window", "fitted"),
     [(64, 16, 256, (64, 16)), (256, 16, 256, (240, 16)), (10, 16, 12, (1, 11)), (64, 16, None, (64, 16))],

@@ -708,3 +708,26 @@ def test_speeds_timed_on_a_busy_machine_are_named(base_report):
     assert "busy machine" not in _speed_note([calm, calm])
     note = _speed_note([calm, busy])
     assert "Speeds timed on a busy machine" in note and "decode passes 1-2.5 s, load average 4.7 on 2 CPUs" in note
+
+
+def test_a_row_converted_from_another_model_than_the_first_rows_is_named():
+    """`clakit report llama.json cla_of_mistral.json` read "-4.8% vs first" and "4.00x saving" with no word that the
+    CLA row was converted from another model (eval --source-model and uptrain's model.original refuse that pair;
+    helper 50e). Rows made from the first row (its conversion, an uptraining of it or of its conversion) are not."""
+    from clakit.eval.comparison import _baseline_note
+
+    def row(model, path=None, **origin):
+        return {"model": model, "provenance": {"model_path": path, "origin": origin or None}}
+
+    first = row("llama", "/m/llama")
+    conversion = {"made_by": "clakit convert", "source_path": "/m/llama"}
+    ok = [first, row("cla", "/m/cla", **conversion),
+          row("up", None, made_by="clakit uptrain", conversion=conversion, start_checkpoint="/m/cla")]  # fmt: skip
+    assert _baseline_note(ok) == ""
+    other = row("cla_m", "/m/cla_m", made_by="clakit convert", source_path="/m/mistral")
+    note = _baseline_note([first, other])
+    assert "cla_m was converted from /m/mistral, not from the first row's /m/llama" in note
+    up = row("up_m", None, made_by="clakit uptrain", conversion=other["provenance"]["origin"],
+             start_checkpoint="/m/cla_m")  # fmt: skip
+    assert "up_m was converted from /m/mistral" in _baseline_note([first, up])
+    assert _baseline_note([other, up]) == ""  # the first row is the run's start: its own lineage

@@ -432,7 +432,7 @@ def resolve_copies(c: ConvertConfig, seq_len: int, distill_steps: int) -> tuple[
         return 0.0, 0
     if c.distill_copy_span is not None and c.distill_copy_span > seq_len // 2:
         raise ClakitError(
-            f"--distill-copy-span ({c.distill_copy_span}) must be at most half the window ({seq_len} tokens): give "
+            f"--distill-copy-span ({c.distill_copy_span}) must be at most half the {seq_len}-token window: give "
             f"a span up to {seq_len // 2}, or a longer --seq-len"
         )
     span = c.distill_copy_span or min(DEFAULT_DISTILL_COPY_SPAN, seq_len // 2)
@@ -809,6 +809,7 @@ class _Conversion:
         if self.distill_steps and all(source == layer for layer, source in enumerate(self.layout)):
             self.say("note: no layer shares K/V in this layout: the source's tensors are written, not distilled")
             self.distill_steps = 0
+            self.copies = (0.0, 0)  # no distillation ran: no copies in its windows either
             self.results["distill"] = {"steps": 0, "skipped": "no layer shares K/V in this layout"}
         if self.distill_steps:
             tokens = self.distill_ids

@@ -418,7 +418,32 @@ def _data_note(reports: list[dict]) -> str:
         + _saving_note(reports)
         + _window_note(reports)
         + _lineage_note(reports)
+        + _baseline_note(reports)
         + _fitted_note(reports)
+    )
+
+
+def _baseline_note(reports: list[dict]) -> str:
+    """Rows made (converted, or uptrained from a conversion) from another model than the first row's: their
+    "Δ% vs first" is not what the conversion cost, and their "saving ×" is against their own source, not the
+    first row. `clakit eval --source-model` and uptrain's model.original refuse such a pair; the report names it."""
+    first = reports[0]["provenance"].get("model_path")
+    if not isinstance(first, str):
+        return ""
+    names, notes = labels(reports), []
+    for name, r in zip(names[1:], reports[1:], strict=True):
+        origin = r["provenance"].get("origin")
+        if not isinstance(origin, dict):
+            continue
+        conversion = origin.get("conversion") if origin.get("made_by") == "clakit uptrain" else origin
+        source = (conversion or {}).get("source_path") if isinstance(conversion, dict) else None
+        if isinstance(source, str) and source != first and first != origin.get("start_checkpoint"):
+            notes.append(f"{name} was converted from {source}, not from the first row's {first}")
+    if not notes:
+        return ""
+    return (
+        " " + "; ".join(notes) + ": its Δ% vs first is not what its conversion cost, and its saving × is against its "
+        "own source; put the model it was converted from first."
     )
 
 

@@ -109,6 +109,19 @@ def _windows(config, seq_len: int | None, stride: int | None) -> tuple[int, int]
     return seq_len, perplexity.check_window(seq_len, stride)
 
 
+def _check_decode_steps(config, cfg: EvalConfig) -> None:
+    """The speed's prefill and decode share the model's window (speed.fit_window shortens the prefill): decode steps
+    over half of it timed prefills of a few tokens (--decode-steps 300 in a 256-position window: 1), a speed the
+    report showed as the model's without a word (helper 50e)."""
+    window = context_window(config)
+    if cfg.speed and window and cfg.decode_steps > window // 2:
+        prefill = max(1, window - cfg.decode_steps)
+        raise ClakitError(
+            f"--decode-steps {cfg.decode_steps} leaves the prefill timed beside it {prefill} of this model's "
+            f"{window}-position window (the two share it): give at most {window // 2} decode steps, or --no-speed"
+        )
+
+
 def _placement(model, cfg: EvalConfig) -> dict:
     """load_model's device/dtype/device_map for a checkpoint, checked before anything is read ({} for an in-memory
     model, which stays where it is). --dtype None keeps the checkpoint's (GGUF: float32)."""
@@ -394,6 +407,7 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
                               (cfg.seq_len, cfg.stride))  # fmt: skip
     identity = folder_identity(source) if source is not None else None
     seq_len, stride = _windows(config, cfg.seq_len, cfg.stride)
+    _check_decode_steps(config, cfg)
     model_dir = source.path if source is not None and source.kind == "dir" else None
     if not cfg.source_model:
         reference = _reference(None, model_dir, None, cfg.trust_remote_code)
