@@ -217,8 +217,13 @@ class _Check:
         if head is not None and _decodes(head):  # valid UTF-8 holding U+FFFD itself: iconv would garble it
             return (f"{self.path} holds {self.bad} U+FFFD replacement characters in its first {self.chars}: text "
                     "already damaged by an earlier decoding; give the original text")  # fmt: skip
+        stray, mixed, first = _stray_bytes(head) if head is not None else ([], False, None)
+        if mixed and not CONTROL.search(piece):  # UTF-8 with a few bytes of another encoding: iconv -f LATIN1 would
+            return (f"{self.path} is UTF-8 text holding bytes UTF-8 cannot decode ({self.bad} in its first "  # garble
+                    f"{self.chars} characters, the first at byte {first}): mixed encodings; fix those bytes, or drop "
+                    "them: iconv -c -f UTF-8 -t UTF-8")  # fmt: skip
         if not CONTROL.search(piece):  # undecodable bytes in plain text: an 8-bit encoding
-            cp1252 = head is not None and any(0x80 <= b <= 0x9F for b in head)  # Windows-1252's quotes and dashes
+            cp1252 = any(0x80 <= b <= 0x9F for b in stray)  # Windows-1252's quotes and dashes (not UTF-8's own bytes)
             kind, code = ("Windows-1252", "WINDOWS-1252") if cp1252 else ("Latin-1 or Windows-1252", "LATIN1")
             return (f"{self.path} is not UTF-8: {self.bad} of its first {self.chars} characters are bytes UTF-8 "
                     f"cannot decode, as {kind} text has; convert it: iconv -f {code} -t UTF-8")  # fmt: skip
@@ -232,6 +237,21 @@ def _head_bytes(path, size: int = 1 << 20) -> bytes | None:
             return None if str(path).endswith(".gz") else f.read(size)
     except OSError:
         return None
+
+
+def _stray_bytes(data: bytes) -> tuple[list[int], bool, int | None]:
+    """(the bytes UTF-8 cannot decode in `data`, whether it also holds valid multi-byte UTF-8 characters, the byte
+    offset of the first undecodable one): a UTF-8 text with a few bytes of another encoding in it is not Latin-1
+    text, and converting it from Latin-1 garbles every character it already holds right."""
+    text = data.decode("utf-8", "surrogateescape")
+    stray = [ord(c) - 0xDC00 for c in text if "\udc80" <= c <= "\udcff"]
+    mixed = any("\x7f" < c < "\udc80" or c > "\udcff" for c in text)
+    try:
+        data.decode("utf-8")
+        first = None
+    except UnicodeDecodeError as e:
+        first = e.start
+    return stray, mixed, first
 
 
 def _decodes(data: bytes) -> bool:

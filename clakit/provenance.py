@@ -7,6 +7,7 @@ import os
 import platform
 import shlex
 import sys
+import urllib.parse
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -53,7 +54,10 @@ def hub_client() -> dict:
     under the same repo ids and commits)."""
     from huggingface_hub import constants
 
-    return {**library_versions(["huggingface_hub"]), "hf_endpoint": constants.ENDPOINT}
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    if endpoint.username or endpoint.password:  # user:token@host: a secret in records that ship with the model
+        endpoint = endpoint._replace(netloc=endpoint.hostname + (f":{endpoint.port}" if endpoint.port else ""))
+    return {**library_versions(["huggingface_hub"]), "hf_endpoint": endpoint.geturl()}
 
 
 @functools.cache
@@ -82,10 +86,13 @@ def clakit_origin() -> dict | None:
     root = Path(__file__).resolve().parent.parent
     if (root / ".git").exists():
         try:
-            git = ["git", "-C", str(root)]
-            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            # --no-optional-locks: status takes no index.lock a git command the user runs meanwhile would fail on;
+            # GIT_DIR & co. (set in a git hook, exported by some CI) would name another repository's commit
+            git = ["git", "--no-optional-locks", "-C", str(root)]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, env=env)
             dirty = subprocess.run([*git, "status", "--porcelain", "--", "clakit", "recipes"], capture_output=True,
-                                   text=True, timeout=10)  # fmt: skip
+                                   text=True, timeout=10, env=env)  # fmt: skip
             if commit.returncode == 0:
                 return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
         except (OSError, subprocess.SubprocessError):

@@ -163,9 +163,17 @@ SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
 def hub_blob_sha256(path: Path) -> str | None:
     """The sha256 a Hub-cache file is stored under, None for any other file: huggingface_hub links each snapshot's
-    file to blobs/<etag>, and a git-lfs file's etag (every weight file's) is its sha256."""
-    target = Path(os.path.realpath(path))
-    return target.name if target.parent.name == "blobs" and SHA256_NAME.fullmatch(target.name) else None
+    file to blobs/<etag>, and a git-lfs file's etag (every weight file's) is its sha256. The links are followed one
+    at a time: huggingface_hub >= 2 makes blobs/<etag> of a Xet file a link itself, into the cache-wide store
+    blobs/<2 hex>/<xet hash> (a hash of its chunks, not the file's sha256), where realpath ends."""
+    link = Path(os.path.abspath(path))
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        if link.parent.name == "blobs" and SHA256_NAME.fullmatch(link.name):
+            return link.name
+        if not link.is_symlink():
+            return None
+        link = Path(os.path.normpath(Path(os.path.realpath(link.parent)) / os.readlink(link)))
+    return None
 
 
 def check_hub_blob(spec: str, path: Path) -> None:
@@ -178,8 +186,8 @@ def check_hub_blob(spec: str, path: Path) -> None:
     if expected is not None and file_sha256(path) != expected:
         raise ClakitError(
             f"{spec}'s {path.name} in the Hub cache ({os.path.realpath(path)}) does not hash to the sha256 it was "
-            f"published with ({expected[:16]}...): the copy is damaged; delete that file and run again to download it "
-            "anew"
+            f"published with ({expected[:16]}...): the copy is damaged; delete that file and download the model again "
+            "(huggingface_hub fetches a deleted file anew)"
         )
 
 

@@ -757,3 +757,46 @@ def load_file_any(folder: Path, name: str) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return next(t[name] for t in map(load_file, sorted(folder.glob("*.safetensors"))) if name in t)
+
+
+CALIB = {"calib_data": ["t.txt"]}
+
+
+@pytest.mark.parametrize(
+    ("given", "flag"),
+    [
+        ({"ridge": 10.0}, "--ridge 10.0 acts in a data-aware fit"),
+        ({"reconstruct_lr": 0.1}, "--reconstruct-lr 0.1 acts in --init reconstruct's fit"),
+        ({"train_o_proj": False, **CALIB, "init": "calibrated"}, "--no-train-o-proj acts in --init reconstruct's"),
+        ({"sequential": False}, "--no-sequential acts in --init reconstruct's fit"),
+        ({"distill_lr": 0.1, **CALIB, "distill_steps": 0}, "--distill-lr 0.1 acts in the end-to-end distillation"),
+        ({"distill_tokens": 64}, "--distill-tokens 64 acts in the end-to-end distillation"),
+        ({"distill_copy_span": 4, "init": "mean"}, "--distill-copy-span 4 acts in the end-to-end distillation"),
+        ({"refine": False}, "--no-refine acts in --layout auto's refinement"),
+        ({"refine_max_group": 3, "refine": False, **CALIB}, "--refine-max-group 3 acts in --layout auto's refin"),
+        ({"calib_tokens": 64}, "--calib-tokens 64 acts in calibration"),
+        ({"eval_tokens": 16, **CALIB}, "--eval-tokens 16 acts in the held-out check"),
+    ],
+)
+def test_a_setting_for_a_stage_that_does_not_run_is_refused_before_any_work(given, flag):
+    """--ridge with --init mean, --distill-lr with --distill-steps 0, ... were accepted and recorded (config, the
+    card's rerun line) as if they had acted, while their siblings --reconstruct-steps and --distill-copy-fraction
+    were refused (helper 50e)."""
+    from clakit.convert import ConvertConfig
+    from clakit.convert.pipeline import check_settings
+
+    with pytest.raises(ClakitError, match=f"^{flag}.*which this conversion does not run: drop it, or run that stage"):
+        check_settings(ConvertConfig(**given))
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{"ridge": 10.0, "init": "calibrated", **CALIB}, {"reconstruct_lr": 0.1, **CALIB}, {"seq_len": 8, **CALIB},
+     {"refine": False, **CALIB}, {"eval_tokens": 16, "eval_data": ["h.txt"]}, {"distill_lr": 0.1, **CALIB},
+     {"ridge": 1e-3}, {"refine": True, "factor": 2}],
+)  # fmt: skip
+def test_a_setting_for_a_stage_that_runs_or_at_its_default_is_accepted(given):
+    from clakit.convert import ConvertConfig
+    from clakit.convert.pipeline import check_settings
+
+    check_settings(ConvertConfig(**given))

@@ -148,8 +148,8 @@ def test_a_tokenizer_bigger_than_the_models_vocabulary_is_refused_before_any_mod
     capsys.readouterr()
     text = tmp_path / "text.txt"
     text.write_text(make_text(2000, 1))
-    layout = ["--factor", "2"] if data == "--eval-data" else []
-    args = [data, text, "--calib-tokens", "64", "--seq-len", "64", *layout]
+    extra = ["--factor", "2"] if data == "--eval-data" else ["--calib-tokens", "64"]  # what each text's stage reads
+    args = [data, text, "--seq-len", "64", *extra]
     match = f"turns the {data} text into token id"
     assert_refused(capsys, src, tmp_path / "out", *args, match=match)
 

@@ -113,6 +113,9 @@ def test_decode_steps_over_half_the_window_are_refused_before_the_model_runs():
     r = evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=16)
     assert r["speed"]["prefill_length"] == 16
     evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=17, speed=False)
+    # a prefill that fits beside the steps is not shortened: --seq-len 8 and 17 steps in 32 positions time both whole
+    r = evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=8, decode_steps=17)
+    assert (r["speed"]["prefill_length"], r["speed"]["decode_steps"]) == (8, 17)
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,9 @@ def test_the_quoting_named_for_a_comment_value_is_valid_yaml():
     assert fixed == {"train": {"output_dir": "#it's"}}
 
 
-@pytest.mark.parametrize(("override", "path_hint"), [("train.output_dir=~", True), ("train.max_steps=", False)])
+@pytest.mark.parametrize(
+    ("override", "path_hint"), [("train.output_dir=~", True), ("train.max_steps=", False), ("data.train=~", False)]
+)
 def test_a_value_yaml_reads_as_null_names_why(override, path_hint):
     """`train.output_dir=~` (the home folder meant) said only "must be a string, got None" (helper U)."""
     with pytest.raises(ClakitError, match="got None \\(YAML reads a bare ~, null or an empty value as null\\)") as e:

@@ -403,6 +403,12 @@ def test_a_latin1_file_with_few_accents_is_refused_not_scored_as_another_text(tm
     kept = tmp_path / "kept.txt"
     kept.write_text(text.replace("é", "\ufffd"), encoding="utf-8")
     assert "\ufffd" in corpus.load_texts([str(kept)])[0].text
+    # UTF-8 text with one stray byte of another encoding: iconv -f LATIN1 (or WINDOWS-1252, for an em dash's bytes)
+    # would garble every character it holds right; the fix named drops the stray byte alone
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes("Le café — déjà vu. ".encode() + b"stray \xe9 " + make_text(2000, 3).encode() + b"\n")
+    with pytest.raises(ClakitError, match=r"is UTF-8 text holding bytes .* first at byte 30\).*iconv -c -f UTF-8"):
+        "".join(corpus.load_texts([str(mixed)])[0].pieces())
 
 
 @pytest.mark.parametrize("command", ["eval", "report"])
@@ -731,3 +737,6 @@ def test_a_row_converted_from_another_model_than_the_first_rows_is_named():
              start_checkpoint="/m/cla_m")  # fmt: skip
     assert "up_m was converted from /m/mistral" in _baseline_note([first, up])
     assert _baseline_note([other, up]) == ""  # the first row is the run's start: its own lineage
+    again = row("up2", None, made_by="clakit uptrain", conversion=other["provenance"]["origin"],
+                start_checkpoint="/r1/model", start_uptrain={"start_checkpoint": "/m/cla_m"})  # fmt: skip
+    assert _baseline_note([other, again]) == ""  # uptrained twice from the first row: its lineage (helper 50r)

@@ -7,6 +7,7 @@ import fnmatch
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -144,6 +145,27 @@ def test_a_hub_weight_file_damaged_in_the_cache_is_refused_before_work_and_a_cle
     assert str(blob) in str(caught.value) and not (tmp_path / "out2").exists()
     blob.unlink()  # what the message says to do: the next run downloads it anew, and converts
     convert("org/model", tmp_path / "out2", factor=2, quiet=True)
+
+
+def test_a_damaged_xet_file_in_huggingface_hubs_shared_blob_store_is_refused_too(hub, tmp_path):
+    """huggingface_hub >= 2 moves a Xet download into the cache-wide store blobs/<2 hex>/<xet hash> and makes the
+    repo's blobs/<sha256> a link to it: realpath ends at the Xet hash (not the file's sha256), and the damaged shard
+    converted unchecked, recorded without a sha256."""
+    convert("org/model", tmp_path / "out", factor=2, quiet=True)  # the cache laid out, clean
+    shard = min((hub.cache / "snapshots" / COMMIT).glob("model-*.safetensors"))
+    blob = hub.cache / "blobs" / Path(shard.readlink()).name
+    xet_hash = hashlib.sha256(b"chunks of " + blob.read_bytes()).hexdigest()  # 64 hex digits, not the sha256
+    store = tmp_path / "blobs" / xet_hash[:2] / xet_hash  # as huggingface_hub's publish_blob_to_shared_store moves it
+    store.parent.mkdir(parents=True)
+    blob.replace(store)
+    blob.symlink_to(store)
+    assert shard.resolve() == store
+    data = bytearray(store.read_bytes())
+    data[-1] ^= 1
+    store.write_bytes(bytes(data))
+    with pytest.raises(ClakitError, match=f"{shard.name} in the Hub cache .*damaged; delete that file") as caught:
+        convert("org/model", tmp_path / "out2", factor=2, quiet=True)
+    assert str(store) in str(caught.value)
 
 
 def test_a_hub_repo_with_model_safetensors_beside_an_index_converts_what_transformers_loads(hub, tmp_path):
@@ -355,3 +377,17 @@ def test_an_uptrained_cla_checkpoint_on_the_hub_given_to_convert_names_its_uptra
     with pytest.raises(ClakitError, match=r"its uptrain.json names it as original"):
         convert("org/cla", tmp_path / "again", factor=2, quiet=True)
     assert hub.calls == [("org/cla", None, FIRST)] and not hub.weights_fetched()
+
+
+def test_records_name_the_hub_endpoint_without_its_credentials(monkeypatch):
+    """HF_ENDPOINT (a mirror, a private Hub) serves other files under the same ids and commits: recorded; a
+    user:token@ in it would ship with the model's records (helper 50r): dropped."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from clakit.provenance import provenance
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://me:s3cret@hub.example.com:8443/x")
+    record = provenance()
+    assert record["hf_endpoint"] == "https://hub.example.com:8443/x" and "s3cret" not in str(record)
+    assert record["huggingface_hub"] == huggingface_hub.__version__

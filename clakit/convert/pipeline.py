@@ -185,7 +185,36 @@ def check_settings(c: ConvertConfig) -> ConvertConfig:
             f"--reconstruct-steps sets the steps of --init reconstruct's fit; --init {init} runs none: drop it, or "
             "use --init reconstruct"
         )
+    _check_inert(c, layout, init)
     return replace(c, layout=layout, kv_saving=kv_saving_, init=init)
+
+
+def _check_inert(c: ConvertConfig, layout: str | None, init: str) -> None:
+    """A setting given (other than its default) for a stage this conversion does not run: recorded in `config` and
+    the card's rerun line as if it had acted (--ridge with --init mean, --distill-lr with --distill-steps 0, ...:
+    accepted while their siblings --reconstruct-steps and --distill-copy-fraction were refused, helper 50e)."""
+    default = ConvertConfig()
+    fits, distils = init in DATA_AWARE_INITS, init in DATA_AWARE_INITS and c.distill_steps != 0
+    stages = [  # (fields, whether their stage runs, the stage and how to run it)
+        (("ridge",), fits, "a data-aware fit (--init calibrated or reconstruct, with --calib-data)"),
+        (("reconstruct_lr", "train_o_proj", "sequential"), init == "reconstruct", "--init reconstruct's fit"),
+        (("distill_tokens", "distill_lr", "distill_copy_span"), distils,
+         "the end-to-end distillation (a data-aware --init, --distill-steps not 0)"),
+        (("refine", "refine_max_group"), layout == "auto" and c.refine, "--layout auto's refinement"),
+        (("calib_tokens",), bool(c.calib_data), "calibration (--calib-data)"),
+        (("eval_tokens",), bool(c.eval_data), "the held-out check (--eval-data)"),
+    ]  # fmt: skip
+    for names, runs, stage in stages:
+        given = [n for n in names if getattr(c, n) != getattr(default, n) and not (n == "refine" and layout == "auto")]
+        if given and not runs:
+            flag = _flag(given[0], getattr(c, given[0]))
+            raise ClakitError(f"{flag} acts in {stage}, which this conversion does not run: drop it, or run that "
+                              "stage")  # fmt: skip
+
+
+def _flag(name: str, value) -> str:
+    """The command-line flag that sets `name` to `value` (--no-train-o-proj for train_o_proj=False)."""
+    return f"--no-{name.replace('_', '-')}" if value is False else f"--{name.replace('_', '-')} {value}"
 
 
 def _resolve_layout(c: ConvertConfig) -> tuple[str | None, float | None]:
@@ -488,7 +517,7 @@ class _Conversion:
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
-            self.source_files = files_fingerprint(self.source.path, self.checkpoint.files)  # headers only, as read
+            self.source_files = files_fingerprint(self.source.path, self.checkpoint.files)  # headers (Hub-cache files whole)
             self._check_source_tensors()
             check_tokenizer_json(self.source.path)  # copied unread when no text is read
         self._load_texts()  # after the weights' checks: a datasets spec can mean a download

@@ -437,7 +437,7 @@ def _baseline_note(reports: list[dict]) -> str:
             continue
         conversion = origin.get("conversion") if origin.get("made_by") == "clakit uptrain" else origin
         source = (conversion or {}).get("source_path") if isinstance(conversion, dict) else None
-        if isinstance(source, str) and source != first and first != origin.get("start_checkpoint"):
+        if isinstance(source, str) and source != first and first not in _starts(origin):
             notes.append(f"{name} was converted from {source}, not from the first row's {first}")
     if not notes:
         return ""
@@ -445,6 +445,18 @@ def _baseline_note(reports: list[dict]) -> str:
         " " + "; ".join(notes) + ": its Δ% vs first is not what its conversion cost, and its saving × is against its "
         "own source; put the model it was converted from first."
     )
+
+
+def _starts(origin: dict) -> list:
+    """The start checkpoints of an uptrained model's run and of each earlier run down its chain (start_uptrain): a
+    model uptrained twice from a conversion starts, two runs down, from that conversion (helper 50r)."""
+    starts = []
+    for _ in range(100):  # a chain is a few runs long; a hand-made loop in a record is not followed for ever
+        if not isinstance(origin, dict):
+            break
+        starts.append(origin.get("start_checkpoint"))
+        origin = origin.get("start_uptrain")
+    return starts
 
 
 def _fitted_note(reports: list[dict]) -> str:

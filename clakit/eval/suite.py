@@ -109,13 +109,16 @@ def _windows(config, seq_len: int | None, stride: int | None) -> tuple[int, int]
     return seq_len, perplexity.check_window(seq_len, stride)
 
 
-def _check_decode_steps(config, cfg: EvalConfig) -> None:
-    """The speed's prefill and decode share the model's window (speed.fit_window shortens the prefill): decode steps
-    over half of it timed prefills of a few tokens (--decode-steps 300 in a 256-position window: 1), a speed the
-    report showed as the model's without a word (helper 50e)."""
+def _check_decode_steps(config, cfg: EvalConfig, seq_len: int) -> None:
+    """The speed's prefill (a window of `seq_len` tokens) and decode share the model's window (speed.fit_window
+    shortens the prefill where both do not fit): decode steps over half of it timed prefills of a few tokens
+    (--decode-steps 300 in a 256-position window: 1), a speed the report showed as the model's without a word
+    (helper 50e). A prefill that fits beside the steps is not shortened, and is not refused."""
+    from clakit.eval.speed import fit_window
+
     window = context_window(config)
-    if cfg.speed and window and cfg.decode_steps > window // 2:
-        prefill = max(1, window - cfg.decode_steps)
+    prefill = fit_window(seq_len, cfg.decode_steps, window)[0]
+    if cfg.speed and window and cfg.decode_steps > window // 2 and prefill < seq_len:
         raise ClakitError(
             f"--decode-steps {cfg.decode_steps} leaves the prefill timed beside it {prefill} of this model's "
             f"{window}-position window (the two share it): give at most {window // 2} decode steps, or --no-speed"
@@ -407,7 +410,7 @@ def _prepare(model, cfg: EvalConfig, tokenizer, text, passkey) -> Prepared:
                               (cfg.seq_len, cfg.stride))  # fmt: skip
     identity = folder_identity(source) if source is not None else None
     seq_len, stride = _windows(config, cfg.seq_len, cfg.stride)
-    _check_decode_steps(config, cfg)
+    _check_decode_steps(config, cfg, seq_len)
     model_dir = source.path if source is not None and source.kind == "dir" else None
     if not cfg.source_model:
         reference = _reference(None, model_dir, None, cfg.trust_remote_code)

@@ -275,7 +275,9 @@ def _coerce(value, tp, where: str):
             raise ClakitError(_list_fix(value, where))
         items = [value] if isinstance(value, str | int | float) and not isinstance(value, bool) else value
         if not isinstance(items, list):
-            raise ClakitError(f"recipe key {where} must be {_type_name(tp)}, got {settings.shown(value)}")
+            raise ClakitError(
+                f"recipe key {where} must be {_type_name(tp)}, got {settings.shown(value)}{_fix(value, tp, where)}"
+            )
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items)]
     if tp is float and isinstance(value, str | int) and not isinstance(value, bool):
         return _finite(value, where)
