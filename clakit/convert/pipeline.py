@@ -517,7 +517,7 @@ class _Conversion:
         self.checkpoint = None
         if self.source.kind == "dir":  # every shard header and tensor is checked before any slow work
             self.checkpoint = open_checkpoint(self.source.path, self.cfg.allow_pickle)
-            self.source_files = files_fingerprint(self.source.path, self.checkpoint.files)  # headers (Hub-cache files whole)
+            self.source_files = files_fingerprint(self.source.path, self.checkpoint.files)  # headers; Hub files whole
             self._check_source_tensors()
             check_tokenizer_json(self.source.path)  # copied unread when no text is read
         self._load_texts()  # after the weights' checks: a datasets spec can mean a download
