@@ -21,6 +21,7 @@ removes it only when clakit stamped it on this host (STAGING_STAMP) and no live 
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import re
@@ -47,6 +48,21 @@ STAGING_STAMP = ".clakit_staging.json"
 NOUNS = {"convert": "convert output", "uptrain": "uptrain run", "model": "uptrained model", "report": "report folder"}
 # passkey.png: reports with passkeys; the record: a report folder whose marker was lost (an older one has none)
 REPORT_FILES = {"report.md", "report.html", "ppl_vs_kv.png", "passkey.png", REPORT_RECORD}
+# The names clakit before the marker (2026-12-02, c56d9aa) wrote into each kind of output: anything else in such a
+# folder is a user's (notes, an eval report, an analysis folder), and --overwrite deleted it with the output.
+LEGACY_NAMES = {
+    "convert": (
+        "config.json", "generation_config.json", "README.md", CONVERT_RECORD, "configuration_cla.py",
+        "modeling_cla.py", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+        "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.model", "chat_template.jinja",
+        "chat_template.json", "*tokenization*.py", "additional_chat_templates",
+    ),
+    "uptrain": (
+        "run.json", "recipe.yaml", "metrics.jsonl", "checkpoints", "eval", "model", "report", "converted",
+        "tensorboard",
+    ),
+    "report": tuple(REPORT_FILES),
+}  # fmt: skip
 
 
 def _legacy_kind(folder: Path) -> str | None:
@@ -112,8 +128,13 @@ WRITE_PROBE = ".clakit-write-test."  # the prefix of the files that probe whethe
 def foreign_files(folder: Path) -> list[str]:
     """Names in a marked clakit output that its marker does not list (files a user put there)."""
     marker = read_marker(folder)
-    if marker is None:
-        return []  # an older clakit's output: its file list was not recorded
+    if marker is None:  # an older clakit's output: its file list was not recorded, the names it could write were
+        kind = _legacy_kind(folder)
+        patterns = LEGACY_NAMES.get(kind, ())
+        return sorted(
+            p.name for p in folder.iterdir()
+            if not any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns) and _staged_name(p.name) is None
+        )  # fmt: skip
     known = set(marker.get("files", [])) | {MARKER, STAGING_STAMP}  # the stamp: a run killed as it published
     # a write probe of another process checking this folder now (check_writable, _check_replaceable): not a user's
     return sorted(
@@ -974,6 +995,23 @@ def _json_format(path: Path) -> str | None:
     return None
 
 
+# JSON files clakit wrote before it recorded their "format": the keys each had (clakit before 2026-12-02, 97984fb:
+# the demo's summary, which a rerun of the demo in the same --work-dir was refused to replace as "not a clakit demo
+# summary")
+LEGACY_FILE_KEYS = {"clakit-demo/1": {"timings_s", "total_s", "models", "settings", "provenance"}}
+
+
+def _legacy_file(path: Path, fmt: str) -> bool:
+    """Whether `path` is a file of `fmt` written by a clakit that recorded no format: exactly its keys, no format,
+    and clakit's version in its provenance."""
+    keys = LEGACY_FILE_KEYS.get(fmt)
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(read_regular(path, 1 << 20))
+        prov = data.get("provenance") if isinstance(data, dict) else None
+        return bool(keys) and set(data) == keys and isinstance(prov, dict) and isinstance(prov.get("clakit"), str)
+    return False
+
+
 def check_file(
     path,
     fmt: str,
@@ -994,7 +1032,7 @@ def check_file(
         raise ClakitError(f"{label} {path} is a folder; {fix_dir}")
     if path.is_symlink():
         raise ClakitError(f"{label} {path} is a link to {os.readlink(path)}; {fix or 'give a new file name'}")
-    if path.exists() and _json_format(path) != fmt:
+    if path.exists() and _json_format(path) != fmt and not _legacy_file(path, fmt):
         raise ClakitError(
             f"{label} {path} exists and is not a clakit {noun}; clakit replaces only its own files: "
             f"{fix or 'choose another name'}"

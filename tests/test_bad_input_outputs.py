@@ -286,6 +286,43 @@ def test_convert_overwrite_replaces_its_own_output_and_an_older_clakits(paths, t
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing left aside
 
 
+def test_an_older_clakits_output_holding_a_users_files_is_not_overwritten(paths, tmp_path):
+    """An output of clakit before the marker (12-02) had no file list, so --overwrite replaced it whole: a user's
+    notes.txt and myeval/ in an old conversion, or analysis/ in an old run, were deleted (helper 50o). The names
+    that clakit wrote then are known; anything else is refused, as in a marked output."""
+    from clakit.outputs import foreign_files
+
+    out = tmp_path / "out"
+    assert run_clakit("convert", paths["model"], out, "-q").code == 0
+    (out / MARKER).unlink()  # as an older clakit left it
+    (out / "notes.txt").write_text("mine\n")
+    (out / "myeval").mkdir()
+    result = run_clakit("convert", paths["model"], out, "--overwrite", "-q")
+    assert result.code == 2 and "holds files clakit did not write (myeval, notes.txt)" in result.err, result.err
+    assert (out / "notes.txt").read_text() == "mine\n" and (out / "myeval").is_dir()
+    run = tmp_path / "run"
+    for name in ("checkpoints", "model", "eval"):
+        (run / name).mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"fingerprint": "f", "recipe": {}}))
+    (run / "analysis").mkdir()
+    assert foreign_files(run) == ["analysis"]
+
+
+def test_an_older_clakits_demo_summary_file_is_replaceable(tmp_path):
+    """demo.json before its format key (12-02) was refused as "not a clakit demo summary" (helper 50o); one of
+    exactly its keys with clakit's version is clakit's, a look-alike without that is not."""
+    from clakit.errors import ClakitError
+    from clakit.outputs import check_file
+
+    old = {"timings_s": {}, "total_s": 1.0, "models": {}, "settings": {}, "provenance": {"clakit": "0.1.0"}}
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(old))
+    check_file(path, "clakit-demo/1", noun="demo summary")
+    path.write_text(json.dumps({**old, "provenance": {}}))
+    with pytest.raises(ClakitError, match="exists and is not a clakit demo summary"):
+        check_file(path, "clakit-demo/1", noun="demo summary")
+
+
 def test_fifos_under_clakits_names_are_refused_not_waited_on(paths, tmp_path):
     """A named pipe where clakit reads its own records (an output's marker, a report page, an eval report) blocked
     the read for good: refused in one line now. A marker clakit cannot read is not an older clakit's missing one:

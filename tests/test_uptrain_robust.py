@@ -628,3 +628,29 @@ def test_a_record_naming_a_folder_of_calibration_text_counts_its_files(tokenizer
         run("r1", eval=[str(corpus_dir / "calib.txt")])
     with pytest.raises(ClakitError, match=re.escape("is cut from " + str(corpus_dir / "calib.txt"))):
         run("r2", train=[str(corpus_dir / "calib.txt")], eval=None)
+
+
+def test_an_older_clakits_positional_optimizer_state_resumes_by_name():
+    """optimizer.pt before 12-02 was torch's own state dict, its tensors numbered in the order the optimizer got them
+    (the trainable parameters in model.parameters() order); the resume of such a run was refused as 'corrupt ...
+    (KeyError)' (helper 50o). The numbers are mapped to the names the distributed state-dict API loads by."""
+    import torch
+    from conftest import tiny_model
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from clakit.uptrain.checkpoint import _named_positional
+
+    model = tiny_model("llama")
+    for name, p in model.named_parameters():
+        p.requires_grad_("q_proj" in name or "o_proj" in name)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    old = torch.optim.AdamW(trainable, lr=1e-3)
+    model(torch.arange(16)[None]).logits.sum().backward()
+    old.step()
+    positional = old.state_dict()  # {"state": {0: ..., 1: ...}, "param_groups": [{"params": [0, 1, ...]}]}
+    new = torch.optim.AdamW(trainable, lr=1e-3)
+    set_optimizer_state_dict(model, new, _named_positional(positional, model))
+    named = get_optimizer_state_dict(model, new)
+    for i, name in enumerate(n for n, p in model.named_parameters() if p.requires_grad):
+        assert torch.equal(named["state"][name]["exp_avg"], positional["state"][i]["exp_avg"]), name
+    assert _named_positional(named, model) is named  # a named state is left as it is

@@ -640,6 +640,32 @@ def read_checkpoint(path: Path) -> dict:
 IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 
+def _named_positional(state: dict, model) -> dict:
+    """An optimizer.pt of clakit before 2026-12-02 (d999762): torch's own `optimizer.state_dict()`, its tensors
+    numbered in the order the optimizer was given them (`make_optimizer`: the trainable parameters in
+    `model.parameters()` order, one group, as today) rather than named. Renamed to the clean names the distributed
+    state-dict API loads by (the resume of such a run was refused as 'corrupt ... (KeyError)'). Any other state is
+    returned as it is."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    ids = [i for g in groups or () if isinstance(g, dict) for i in g.get("params", ())]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return state
+    wrapped = ("module.", "_orig_mod.")  # DDP / torch.compile prefixes, which clean names do not have
+    names = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            while name.startswith(wrapped):
+                name = name.split(".", 1)[1]
+            names.append(name)
+    if sorted(ids) != list(range(len(names))):
+        return state  # another model's state: the load below refuses it
+    name = dict(enumerate(names))
+    return {
+        "state": {name[i]: v for i, v in state.get("state", {}).items() if i in name},
+        "param_groups": [{**g, "params": [name[i] for i in g["params"]]} for g in groups],
+    }
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore trainable tensors, optimizer, scheduler and this process's RNG (collective); returns state.json."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -649,7 +675,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     inner = getattr(optimizer, "optimizer", optimizer)
     kernels = [{k: g[k] for k in IMPLEMENTATION if k in g} for g in inner.param_groups]
     try:
-        set_optimizer_state_dict(model, inner, saved["optimizer"], options=_options(model, True))
+        optimizer_state = _named_positional(saved["optimizer"], model)
+        set_optimizer_state_dict(model, inner, optimizer_state, options=_options(model, True))
         scheduler.load_state_dict(saved["scheduler"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         what = f"its optimizer state does not fit this model ({type(e).__name__})"
