@@ -112,7 +112,8 @@ def test_decode_steps_over_half_the_window_are_refused_before_the_model_runs():
         evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=17)
     r = evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=16)
     assert r["speed"]["prefill_length"] == 16
-    evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=17, speed=False)
+    with pytest.raises(ClakitError, match="--decode-steps 17 sets the decode speed's steps, which --no-speed"):
+        evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=32, decode_steps=17, speed=False)
     # a prefill that fits beside the steps is not shortened: --seq-len 8 and 17 steps in 32 positions time both whole
     r = evaluate(model, tokenizer=build_tokenizer(), text=make_text(200, 64), seq_len=8, decode_steps=17)
     assert (r["speed"]["prefill_length"], r["speed"]["decode_steps"]) == (8, 17)

@@ -90,6 +90,9 @@ class EvalConfig:
         if self.decode_steps <= 0:  # 0 wrote decode_tokens_per_s 0.0, a report `clakit report` refuses
             raise ClakitError(f"--decode-steps must be a positive integer (decoding speed is timed over them), got "
                               f"{self.decode_steps}")  # fmt: skip
+        if not self.speed and self.decode_steps != EvalConfig.decode_steps:  # recorded as if it had been timed
+            raise ClakitError(f"--decode-steps {self.decode_steps} sets the decode speed's steps, which --no-speed "
+                              "does not measure: drop one of them")  # fmt: skip
         if not (math.isfinite(self.kv_budget_gb) and self.kv_budget_gb > 0):
             raise ClakitError(f"--kv-budget-gb must be a positive number of GB, e.g. 16, got {self.kv_budget_gb}")
         self._check_placement()
