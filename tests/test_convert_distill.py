@@ -138,12 +138,24 @@ def test_default_copy_span_fits_short_windows(tiny_llama_checkpoint, corpus_dir,
 
 def test_a_layout_sharing_nothing_records_no_distillation_copies(tiny_llama_checkpoint, corpus_dir, tmp_path):
     """--factor 1 skips the distillation (nothing shares K/V), but the record kept its copy settings (1.0, 16), so
-    its own rerun line recorded other settings than it (helper 50e)."""
+    its own rerun line recorded other settings than it (helper 50e); and the rerun line pinned --distill-steps=0
+    beside the distillation settings given, which convert refuses there. It replays now, to the same settings."""
+    import shlex
+
+    from clakit.cli import main
+
     args = ("--factor", "1", "--init", "calibrated", "--calib-data", corpus_dir / "calib.txt", "--calib-tokens",
-            "256", "--seq-len", "32", "--distill-steps", "1", "-q")  # fmt: skip
+            "256", "--seq-len", "32", "--distill-steps", "1", "--distill-lr", "0.001",
+            "--distill-copy-fraction", "0.5", "-q")  # fmt: skip
     assert run_cli(tiny_llama_checkpoint, tmp_path / "out", *args) == 0
-    settings = read_json(tmp_path / "out" / "clakit_convert.json")["settings"]
+    record = read_json(tmp_path / "out" / "clakit_convert.json")
+    settings = record["settings"]
     assert (settings["distill_steps"], settings["distill_copy_fraction"], settings["distill_copy_span"]) == (0, 0, 0)
+    rerun = shlex.split(record["provenance"]["rerun"])
+    assert rerun[1:3] == ["clakit", "convert"] and not any(a.startswith("--distill-lr") for a in rerun)
+    argv = [str(tmp_path / "again") if a == "NEW_OUT" else a for a in rerun[2:]]
+    assert main([*argv, "-q"]) == 0
+    assert read_json(tmp_path / "again" / "clakit_convert.json")["settings"] == settings
 
 
 def test_default_distills_when_it_fits_and_skips_with_a_note_when_not(

@@ -189,6 +189,9 @@ def check_settings(c: ConvertConfig) -> ConvertConfig:
     return replace(c, layout=layout, kv_saving=kv_saving_, init=init)
 
 
+DISTILL_SETTINGS = ("distill_tokens", "distill_lr", "distill_copy_span", "distill_copy_fraction")
+
+
 def _check_inert(c: ConvertConfig, layout: str | None, init: str) -> None:
     """A setting given (other than its default) for a stage this conversion does not run: recorded in `config` and
     the card's rerun line as if it had acted (--ridge with --init mean, --distill-lr with --distill-steps 0, ...:
@@ -198,7 +201,7 @@ def _check_inert(c: ConvertConfig, layout: str | None, init: str) -> None:
     stages = [  # (fields, whether their stage runs, the stage and how to run it)
         (("ridge",), fits, "a data-aware fit (--init calibrated or reconstruct, with --calib-data)"),
         (("reconstruct_lr", "train_o_proj", "sequential"), init == "reconstruct", "--init reconstruct's fit"),
-        (("distill_tokens", "distill_lr", "distill_copy_span"), distils,
+        (DISTILL_SETTINGS[:3], distils,
          "the end-to-end distillation (a data-aware --init, --distill-steps not 0)"),
         (("refine", "refine_max_group"), layout == "auto" and c.refine, "--layout auto's refinement"),
         (("calib_tokens",), bool(c.calib_data), "calibration (--calib-data)"),
@@ -821,7 +824,7 @@ class _Conversion:
                 train_o=c.train_o_proj, sequential=c.sequential,
                 store=calibrate.SpilledTensors(scratch / "fitted", self.device),
             )  # fmt: skip
-        self._distill_if_shared(runner, overrides)
+        self._distill_if_shared(runner, overrides, ids)
         return overrides
 
     def _reconstruct_steps(self) -> int:
@@ -831,14 +834,16 @@ class _Conversion:
         given = self.cfg.reconstruct_steps
         return default_steps(self.layout) if given is None else given
 
-    def _distill_if_shared(self, runner: LayerwiseModel, overrides) -> None:
+    def _distill_if_shared(self, runner: LayerwiseModel, overrides, ids: torch.Tensor) -> None:
         """The end-to-end distillation, on its own (usually more) tokens: the layout and the fits keep --calib-tokens.
         Skipped (recorded as 0 steps) where no layer shares K/V: nothing was fitted, and training would only move the
         source's exact tensors."""
         if self.distill_steps and all(source == layer for layer, source in enumerate(self.layout)):
             self.say("note: no layer shares K/V in this layout: the source's tensors are written, not distilled")
             self.distill_steps = 0
-            self.copies = (0.0, 0)  # no distillation ran: no copies in its windows either
+            self.copies = (0.0, 0)  # no distillation ran: no copies in its windows either, and its windows (drawn
+            self.distill_ids = None  # when it was planned) are not what the conversion was fitted on
+            self.calib_ids_sha256 = windows_sha256([ids, None])
             self.results["distill"] = {"steps": 0, "skipped": "no layer shares K/V in this layout"}
         if self.distill_steps:
             tokens = self.distill_ids
@@ -924,7 +929,10 @@ class _Conversion:
             pinned |= {"distill_copy_fraction": self.copies[0], "distill_copy_span": self.copies[1] or None}
         if settings.layout.startswith("factor "):  # the default --factor 2 too (init, layout auto: in self.cfg)
             pinned["factor"] = int(settings.layout.split()[1])
-        return command_line(src, "NEW_OUT", self.cfg, cwd=os.getcwd(), threads=torch.get_num_threads(), pinned=pinned)
+        cfg = self.cfg
+        if not self.distill_steps:  # none ran (skipped here: memory, a layout sharing nothing): its settings did not
+            cfg = replace(cfg, **{k: getattr(ConvertConfig(), k) for k in DISTILL_SETTINGS})  # act, and with 0 steps
+        return command_line(src, "NEW_OUT", cfg, cwd=os.getcwd(), threads=torch.get_num_threads(), pinned=pinned)
 
     def _plan(self, cla_cfg, lm_cls, layout: list[int], tensors=None):
         """Raises naming the first tensor the checkpoint (or `tensors`) lacks."""
