@@ -164,3 +164,15 @@ def test_cpu_0_is_the_cpu_everywhere_a_device_is_used():
     torch.save(torch.arange(3.0), buffer)
     buffer.seek(0)
     assert torch.load(buffer, map_location=device).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_device_map_where_no_gpu_is_says_every_layer_runs_on_the_cpu(capsys, tiny_llama_checkpoint, corpus_dir):
+    """--device-map auto on a machine without a GPU ran on the CPU without a word (helper 50e); said now, unless
+    quiet, and run as asked."""
+    from clakit.eval import evaluate
+
+    kwargs = dict(data=[str(corpus_dir / "heldout.txt")], seq_len=32, max_tokens=64, speed=False, device_map="auto")
+    evaluate(str(tiny_llama_checkpoint), **kwargs)
+    assert "--device-map auto found no GPU here: every layer runs on the CPU" in capsys.readouterr().err
+    evaluate(str(tiny_llama_checkpoint), quiet=True, **kwargs)
+    assert "found no GPU" not in capsys.readouterr().err

@@ -341,6 +341,7 @@ def evaluate(
         passkey.check()
     run = _prepare(model, cfg, tokenizer, text, passkey)
     _note_slow_dtype(run.placement, quiet)
+    _note_cpu_map(run.placement, quiet)
     _note_fitted(run.fitted, quiet)
     for line in () if quiet else run.notes:
         print(f"clakit eval: {line}", file=sys.stderr, flush=True)
@@ -367,6 +368,14 @@ def _note_fitted(fitted: dict | None, quiet: bool) -> None:
     if fitted and not quiet:
         print(f"clakit eval: note: {fitted['text']} is text this model was fitted on ({fitted['fitted']}, named in "
               "its records): its perplexity is not held out", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _note_cpu_map(placement: dict, quiet: bool) -> None:
+    """--device-map auto where no GPU is: every layer on the CPU, which the help's "spread over GPUs" did not lead
+    one to expect; said, then run (the map is recorded as asked, layer_devices as none; helper 50e)."""
+    if placement.get("device_map") is not None and devices.resolve("auto").type == "cpu" and not quiet:
+        print("clakit eval: note: --device-map auto found no GPU here: every layer runs on the CPU", file=sys.stderr,
+              flush=True)  # fmt: skip
 
 
 def _note_slow_dtype(placement: dict, quiet: bool) -> None:
