@@ -32,6 +32,7 @@ from common import (
 
 from clakit.convert import convert
 from clakit.convert.config import DEFAULT_SEQ_LEN
+from clakit.convert.pipeline import DATA_AWARE_INITS as DATA_AWARE
 from clakit.convert.pipeline import check_not_calibrated
 from clakit.corpus import join_texts, load_texts
 from clakit.errors import ClakitError
@@ -98,9 +99,9 @@ def main() -> None:
     try:
         for init in inits:
             start = time.perf_counter()
+            calib = {"calib_data": [args.calib_data], "calib_tokens": args.calib_tokens} if init in DATA_AWARE else {}
             out = convert(
-                args.src, work / init, factor=args.factor, init=init, calib_data=[args.calib_data],
-                calib_tokens=args.calib_tokens, seq_len=args.calib_seq_len, quiet=True,
+                args.src, work / init, factor=args.factor, init=init, seq_len=args.calib_seq_len, quiet=True, **calib
             )  # fmt: skip
             convert_s = time.perf_counter() - start
             cla = load_model(Source(str(out), "dir", out), torch.float32)

@@ -245,7 +245,9 @@ def _stray_bytes(data: bytes) -> tuple[list[int], bool, int | None]:
     text, and converting it from Latin-1 garbles every character it already holds right."""
     text = data.decode("utf-8", "surrogateescape")
     stray = [ord(c) - 0xDC00 for c in text if "\udc80" <= c <= "\udcff"]
-    mixed = any("\x7f" < c < "\udc80" or c > "\udcff" for c in text)
+    # more valid multi-byte characters than stray bytes: 8-bit text forms one by chance (Windows-1252 "ß…" is the
+    # bytes DF 85, valid UTF-8), and iconv -c would then drop every accent of a Latin-1 text
+    mixed = sum("\x7f" < c < "\udc80" or c > "\udcff" for c in text) > len(stray)
     try:
         data.decode("utf-8")
         first = None

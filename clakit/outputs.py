@@ -55,11 +55,11 @@ LEGACY_NAMES = {
         "config.json", "generation_config.json", "README.md", CONVERT_RECORD, "configuration_cla.py",
         "modeling_cla.py", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
         "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.model", "chat_template.jinja",
-        "chat_template.json", "*tokenization*.py", "additional_chat_templates",
-    ),
+        "chat_template.json",
+    ),  # (no *tokenization*.py, additional_chat_templates: clakit wrote them only after the marker)
     "uptrain": (
         "run.json", "recipe.yaml", "metrics.jsonl", "checkpoints", "eval", "model", "report", "converted",
-        "tensorboard",
+        "tensorboard", ".model.tmp",  # the result's staging, left by a run killed as it saved
     ),
     "report": tuple(REPORT_FILES),
 }  # fmt: skip
@@ -133,7 +133,10 @@ def foreign_files(folder: Path) -> list[str]:
         patterns = LEGACY_NAMES.get(kind, ())
         return sorted(
             p.name for p in folder.iterdir()
-            if not any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns) and _staged_name(p.name) is None
+            # a leftover of clakit's staging only for a name clakit writes there (a resumed run's `.model.*.partial`;
+            # `.notes.20261205.old` is a user's backup)
+            if not any(fnmatch.fnmatchcase(n, pat) for n in (p.name, _staged_name(p.name) or "") for pat in patterns)
+            and not p.name.startswith(WRITE_PROBE)
         )  # fmt: skip
     known = set(marker.get("files", [])) | {MARKER, STAGING_STAMP}  # the stamp: a run killed as it published
     # a write probe of another process checking this folder now (check_writable, _check_replaceable): not a user's
@@ -1008,7 +1011,8 @@ def _legacy_file(path: Path, fmt: str) -> bool:
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(read_regular(path, 1 << 20))
         prov = data.get("provenance") if isinstance(data, dict) else None
-        return bool(keys) and set(data) == keys and isinstance(prov, dict) and isinstance(prov.get("clakit"), str)
+        ok = isinstance(data, dict) and set(data) == keys  # a user's `5` or `null`: no keys, not iterable
+        return bool(keys) and ok and isinstance(prov, dict) and isinstance(prov.get("clakit"), str)
     return False
 
 

@@ -55,8 +55,8 @@ def hub_client() -> dict:
     from huggingface_hub import constants
 
     endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
-    if endpoint.username or endpoint.password:  # user:token@host: a secret in records that ship with the model
-        endpoint = endpoint._replace(netloc=endpoint.hostname + (f":{endpoint.port}" if endpoint.port else ""))
+    if "@" in endpoint.netloc:  # user:token@host: a secret in records that ship with the model ([::1]:8080 kept)
+        endpoint = endpoint._replace(netloc=endpoint.netloc.rpartition("@")[2])
     return {**library_versions(["huggingface_hub"]), "hf_endpoint": endpoint.geturl()}
 
 

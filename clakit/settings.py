@@ -133,8 +133,15 @@ def recipe_keys(message: str, cls, where: str) -> str:
     `clakit uptrain` has no `--dtype`, so each flag the message names that is a field of `cls` is given its key,
     e.g. " (in the recipe: --dtype is model.convert.dtype)"."""
     names = {f.name for f in dataclasses.fields(cls)}
-    flags = dict.fromkeys(m for m in re.findall(r"--([a-z][a-z0-9-]*)", message) if m.replace("-", "_") in names)
+
+    def key(flag: str) -> str | None:  # --no-train-o-proj: train_o_proj set to false
+        name = flag.replace("-", "_")
+        if name in names:
+            return f"{where}.{name}"
+        return f"{where}.{name[3:]}: false" if name.startswith("no_") and name[3:] in names else None
+
+    flags = {m: key(m) for m in re.findall(r"--([a-z][a-z0-9-]*)", message) if key(m)}
     if not flags:
         return message
-    keys = ", ".join(f"--{f} is {where}.{f.replace('-', '_')}" for f in flags)
+    keys = ", ".join(f"--{f} is {k}" for f, k in flags.items())
     return f"{message} (in the recipe: {keys})"

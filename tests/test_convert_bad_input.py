@@ -800,3 +800,15 @@ def test_a_setting_for_a_stage_that_runs_or_at_its_default_is_accepted(given):
     from clakit.convert.pipeline import check_settings
 
     check_settings(ConvertConfig(**given))
+
+
+def test_calibration_text_nothing_reads_is_refused():
+    """--calib-data with a fixed layout and --init mean was never read (settings.calib_data null) but was on the
+    rerun line (helper 50s)."""
+    from clakit.convert import ConvertConfig
+    from clakit.convert.pipeline import check_settings
+
+    with pytest.raises(ClakitError, match="^--calib-data t.txt acts in calibration .--calib-data, read by --layout"):
+        check_settings(ConvertConfig(factor=2, init="mean", calib_data=["t.txt"]))
+    check_settings(ConvertConfig(factor=2, init="calibrated", calib_data=["t.txt"]))
+    check_settings(ConvertConfig(calib_data=["t.txt"], init="mean"))  # --layout auto reads it

@@ -139,7 +139,9 @@ RECIPE_ADVICE = [
            (*SOURCE[:2], "model.convert={{init: mean}}", "model.convert.kv_source_layers=[0,0,2,2e0]"), _whole_item),
     # a ConvertConfig refusal in a recipe names the key of the flag it names (HEAD: `--calib-tokens 4096`,
     # unrecognized by clakit uptrain)
-    Advice("convert-flag", (*SOURCE, "model.convert.calib_tokens=0"), _convert_key),
+    # with the calibration text it budgets: --calib-tokens alone is refused as acting in no stage
+    Advice("convert-flag", (*SOURCE[:2], "model.convert={{factor: 2, init: calibrated, calib_data: [{more}]}}",
+                            "model.convert.calib_tokens=0"), _convert_key),  # fmt: skip
     Advice("constant-warmup", ("train.lr_scheduler_type=constant", "train.warmup_steps=2"),
            _set((r"set (train\.\w+=\d+) train", "{}"), (r"set train\.\w+=\d+ (train\.\w+=\d+)", "{}"))),
     Advice("warmup-too-long", ("train.warmup_steps=6",), _set((r"set (train\.warmup_steps) below (\d+)", "{}=1"))),

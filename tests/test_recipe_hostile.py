@@ -127,22 +127,3 @@ def test_a_value_yaml_reads_as_null_names_why(override, path_hint):
         built_with(override)
     assert ("~/NAME" in str(e.value)) == path_hint
 
-
-@pytest.mark.parametrize(
-    ("overrides", "needle"),
-    [
-        (["distill.weight=0", "distill.temperature=2"], "distill.temperature 2.0 softens the teacher's distribution"),
-        (["lora.r=0", "lora.full_train=[q_proj]", "lora.target_modules=[o_proj]"], "lora.target_modules sets the"),
-        (["lora.r=0", "lora.full_train=[q_proj]", "lora.lora_alpha=8"], "lora.lora_alpha sets the LoRA adapters"),
-    ],
-)
-def test_a_recipe_key_for_a_part_the_run_leaves_out_is_refused(overrides, needle):
-    """distill.temperature with distill.weight 0 and lora.target_modules with lora.r 0 were accepted and recorded
-    as if they had acted (helper 50e); convert refuses its settings for a stage it does not run the same way."""
-    from clakit.uptrain.recipe import Recipe, _build, validate
-
-    raw = yaml.safe_load(yaml.safe_dump(BASE))
-    for override in overrides:
-        apply_override(raw, override)
-    with pytest.raises(ClakitError, match=needle):
-        validate(_build(Recipe, raw, ""))

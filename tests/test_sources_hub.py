@@ -390,4 +390,6 @@ def test_records_name_the_hub_endpoint_without_its_credentials(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "https://me:s3cret@hub.example.com:8443/x")
     record = provenance()
     assert record["hf_endpoint"] == "https://hub.example.com:8443/x" and "s3cret" not in str(record)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://tok@[::1]:8080/Hf")  # a host kept as written (helper 50s)
+    assert provenance()["hf_endpoint"] == "https://[::1]:8080/Hf"
     assert record["huggingface_hub"] == huggingface_hub.__version__

@@ -204,7 +204,8 @@ def _check_inert(c: ConvertConfig, layout: str | None, init: str) -> None:
         (DISTILL_SETTINGS[:3], distils,
          "the end-to-end distillation (a data-aware --init, --distill-steps not 0)"),
         (("refine", "refine_max_group"), layout == "auto" and c.refine, "--layout auto's refinement"),
-        (("calib_tokens",), bool(c.calib_data), "calibration (--calib-data)"),
+        (("calib_data", "calib_tokens"), bool(c.calib_data) and (fits or layout == "auto"),
+         "calibration (--calib-data, read by --layout auto or a data-aware --init)"),
         (("eval_tokens",), bool(c.eval_data), "the held-out check (--eval-data)"),
     ]  # fmt: skip
     for names, runs, stage in stages:
@@ -216,7 +217,10 @@ def _check_inert(c: ConvertConfig, layout: str | None, init: str) -> None:
 
 
 def _flag(name: str, value) -> str:
-    """The command-line flag that sets `name` to `value` (--no-train-o-proj for train_o_proj=False)."""
+    """The command-line flag that sets `name` to `value` (--no-train-o-proj for train_o_proj=False, a list's first
+    item for a list)."""
+    if isinstance(value, list):
+        value = value[0] if value else ""
     return f"--no-{name.replace('_', '-')}" if value is False else f"--{name.replace('_', '-')} {value}"
 
 

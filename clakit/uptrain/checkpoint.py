@@ -651,14 +651,21 @@ def _named_positional(state: dict, model) -> dict:
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         return state
     wrapped = ("module.", "_orig_mod.")  # DDP / torch.compile prefixes, which clean names do not have
-    names = []
+    names, shapes = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             while name.startswith(wrapped):
                 name = name.split(".", 1)[1]
             names.append(name)
+            shapes.append(tuple(p.shape))
     if sorted(ids) != list(range(len(names))):
         return state  # another model's state: the load below refuses it
+    # torch loads moments of another shape without a word (the first step fails, or, for two square projections
+    # swapped, trains on the other's moments): each numbered tensor's moments must have its parameter's shape
+    for i, v in state.get("state", {}).items():
+        moments = [t for t in (v.values() if isinstance(v, dict) else ()) if torch.is_tensor(t) and t.dim() > 0]
+        if not isinstance(i, int) or not 0 <= i < len(names) or any(tuple(t.shape) != shapes[i] for t in moments):
+            raise ValueError(f"optimizer state {i} does not fit this model's trainable tensor of that number")
     name = dict(enumerate(names))
     return {
         "state": {name[i]: v for i, v in state.get("state", {}).items() if i in name},

@@ -575,11 +575,6 @@ def validate(recipe: Recipe) -> None:
     _check(0 <= ds.weight <= 1, f"distill.weight must be between 0 and 1, got {ds.weight}")
     _check(ds.temperature > 0, f"distill.temperature must be > 0, got {ds.temperature}")
     _check(ds.hidden_mse_weight >= 0, f"distill.hidden_mse_weight must be >= 0, got {ds.hidden_mse_weight}")
-    _check(  # recorded as if it had acted (helper 50e), as convert's settings for a stage it does not run
-        ds.weight > 0 or ds.temperature == DistillSection.temperature,
-        f"distill.temperature {ds.temperature} softens the teacher's distribution for the KL term, which "
-        "distill.weight 0 leaves out: drop it, or set distill.weight",
-    )
 
 
 def _validate_model(m: ModelSection) -> None:
@@ -797,8 +792,4 @@ def _validate_lora(lo: LoraSection) -> None:
         "nothing to train: set lora.r > 0 with lora.target_modules, or list modules in lora.full_train",
     )
     _check(lo.r == 0 or lo.lora_alpha > 0, f"lora.lora_alpha must be > 0, got {lo.lora_alpha}")
-    default = LoraSection()
-    inert = [k for k in ("target_modules", "lora_alpha", "lora_dropout") if getattr(lo, k) != getattr(default, k)]
-    _check(lo.r > 0 or not inert, f"lora.{inert[0] if inert else ''} sets the LoRA adapters, which lora.r 0 leaves "
-                                  "out (only lora.full_train learns): drop it, or set lora.r")  # fmt: skip
     _check(0 <= lo.lora_dropout < 1, f"lora.lora_dropout must be in [0, 1), got {lo.lora_dropout}")
