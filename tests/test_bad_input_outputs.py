@@ -306,6 +306,12 @@ def test_an_older_clakits_output_holding_a_users_files_is_not_overwritten(paths,
     (run / "run.json").write_text(json.dumps({"fingerprint": "f", "recipe": {}}))
     (run / "analysis").mkdir()
     assert foreign_files(run) == ["analysis"]
+    (run / ".model.tmp").mkdir()  # what an old run killed while saving its result left (not a user's)
+    (out / MARKER).unlink(missing_ok=True)
+    for name in (".backup.20261205.old", "my_tokenization.py"):  # a user's, though staging-like / pattern-like
+        (out / name).mkdir() if name.startswith(".") else (out / name).write_text("x")
+    assert foreign_files(run) == ["analysis"]  # helper 50s: every staging-like name and *tokenization*.py passed
+    assert {".backup.20261205.old", "my_tokenization.py"} <= set(foreign_files(out))
 
 
 def test_an_older_clakits_demo_summary_file_is_replaceable(tmp_path):
@@ -318,9 +324,10 @@ def test_an_older_clakits_demo_summary_file_is_replaceable(tmp_path):
     path = tmp_path / "demo.json"
     path.write_text(json.dumps(old))
     check_file(path, "clakit-demo/1", noun="demo summary")
-    path.write_text(json.dumps({**old, "provenance": {}}))
-    with pytest.raises(ClakitError, match="exists and is not a clakit demo summary"):
-        check_file(path, "clakit-demo/1", noun="demo summary")
+    for other in ({**old, "provenance": {}}, 5, None):  # 5 and null: a TypeError traceback (helper 50s)
+        path.write_text(json.dumps(other))
+        with pytest.raises(ClakitError, match="exists and is not a clakit demo summary"):
+            check_file(path, "clakit-demo/1", noun="demo summary")
 
 
 def test_fifos_under_clakits_names_are_refused_not_waited_on(paths, tmp_path):

@@ -383,6 +383,10 @@ def test_latin1_text_and_a_stray_nul_are_named_as_such_not_as_binary(tmp_path):
     latin.write_bytes("Café crème brûlée, naïve façade.\n".encode("latin-1") * 100)
     with pytest.raises(ClakitError, match="is not UTF-8: .* Latin-1 .* iconv -f LATIN1 -t UTF-8"):
         corpus.load_texts([str(latin)])
+    german = tmp_path / "german.txt"  # "ß…" is DF 85 in Windows-1252: a valid UTF-8 pair by chance (helper 50s)
+    german.write_bytes("Er muß… Straße, Grüße.\n".encode("cp1252") * 100)
+    with pytest.raises(ClakitError, match="is not UTF-8: .* iconv -f (LATIN1|WINDOWS-1252) -t UTF-8"):  # not -c
+        corpus.load_texts([str(german)])
     nul = tmp_path / "nul.txt"
     nul.write_bytes("Café crème\x00 brûlée\n".encode() * 100)
     with pytest.raises(ClakitError, match=r"nul.txt holds NUL bytes, which text does not .* tr -d"):

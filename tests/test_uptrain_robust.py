@@ -642,7 +642,7 @@ def test_an_older_clakits_positional_optimizer_state_resumes_by_name():
 
     model = tiny_model("llama")
     for name, p in model.named_parameters():
-        p.requires_grad_("q_proj" in name or "o_proj" in name)
+        p.requires_grad_("q_proj" in name or "k_proj" in name)  # (hidden, hidden) and (kv heads x dim, hidden)
     trainable = [p for p in model.parameters() if p.requires_grad]
     old = torch.optim.AdamW(trainable, lr=1e-3)
     model(torch.arange(16)[None]).logits.sum().backward()
@@ -654,3 +654,8 @@ def test_an_older_clakits_positional_optimizer_state_resumes_by_name():
     for i, name in enumerate(n for n, p in model.named_parameters() if p.requires_grad):
         assert torch.equal(named["state"][name]["exp_avg"], positional["state"][i]["exp_avg"]), name
     assert _named_positional(named, model) is named  # a named state is left as it is
+    swapped = {**positional, "state": {0: positional["state"][1], 1: positional["state"][0],
+                                       **{i: v for i, v in positional["state"].items() if i > 1}}}  # fmt: skip
+    assert positional["state"][0]["exp_avg"].shape != positional["state"][1]["exp_avg"].shape
+    with pytest.raises(ValueError):  # moments of another shape: load_checkpoint's "does not fit" (helper 50s)
+        _named_positional(swapped, model)
