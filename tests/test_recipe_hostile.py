@@ -127,3 +127,13 @@ def test_a_value_yaml_reads_as_null_names_why(override, path_hint):
         built_with(override)
     assert ("~/NAME" in str(e.value)) == path_hint
 
+
+
+def test_a_convert_refusal_in_a_recipe_names_the_key_of_a_no_flag():
+    """--no-train-o-proj in a refusal of model.convert was left unnamed (only --init was translated): the user wrote
+    train_o_proj: false (helper 50s)."""
+    from clakit.convert.config import ConvertConfig
+    from clakit.settings import recipe_keys
+
+    line = recipe_keys("--no-train-o-proj acts in --init reconstruct's fit; --init mean", ConvertConfig, "model.convert")
+    assert "--no-train-o-proj is model.convert.train_o_proj: false, --init is model.convert.init" in line
