@@ -135,5 +135,6 @@ def test_a_convert_refusal_in_a_recipe_names_the_key_of_a_no_flag():
     from clakit.convert.config import ConvertConfig
     from clakit.settings import recipe_keys
 
-    line = recipe_keys("--no-train-o-proj acts in --init reconstruct's fit; --init mean", ConvertConfig, "model.convert")
+    refusal = "--no-train-o-proj acts in --init reconstruct's fit; --init mean"
+    line = recipe_keys(refusal, ConvertConfig, "model.convert")
     assert "--no-train-o-proj is model.convert.train_o_proj: false, --init is model.convert.init" in line
