@@ -1,8 +1,8 @@
 """`clakit demo`: the main job end to end on a real model: fetch SmolLM2 and public-domain text, convert it to CLA
 at half the KV cache with the converter's default for calibration data (its best measured combination: a layout
-chosen on the calib text, then per-group reconstruction), recover quality with a shortened
-run of the CPU uptraining recipe, evaluate the original, the converted and the uptrained model on held-out text,
-write the report with its plot.
+chosen on the calib text, then per-group reconstruction and a short end-to-end distillation), recover quality with
+a shortened run of the CPU uptraining recipe, evaluate the original, the converted and the uptrained model on
+held-out text, write the report with its plot.
 
 The demo is a list of stages sharing one `DemoContext`; a stage adds models to `ctx.models` (label -> model spec)
 and the eval stage evaluates every model not evaluated yet, so a later step (uptraining) is one more stage:
@@ -39,7 +39,7 @@ class DemoSettings:
     """Bounded so the whole demo fits in ~20 minutes on 2 CPU cores."""
 
     kv_saving: float = 0.5  # CLA2's: half the KV cache
-    calib_tokens: int = 4096  # also the end-to-end distillation's tokens
+    calib_tokens: int = 4096  # the layout's and fits' tokens; the distillation reads its own 16,384 (--distill-tokens)
     seq_len: int = 512
     max_tokens: int = 4096  # held-out tokens scored per model
     batch_size: int = 1
