@@ -185,6 +185,7 @@ def check_settings(c: ConvertConfig) -> ConvertConfig:
             f"--reconstruct-steps sets the steps of --init reconstruct's fit; --init {init} runs none: drop it, or "
             "use --init reconstruct"
         )
+    planned_distill_steps(replace(c, init=init))  # --distill-steps with an --init that fits nothing: named as such
     _check_inert(c, layout, init)
     return replace(c, layout=layout, kv_saving=kv_saving_, init=init)
 
@@ -204,9 +205,10 @@ def _check_inert(c: ConvertConfig, layout: str | None, init: str) -> None:
         (DISTILL_SETTINGS[:3], distils,
          "the end-to-end distillation (a data-aware --init, --distill-steps not 0)"),
         (("refine", "refine_max_group"), layout == "auto" and c.refine, "--layout auto's refinement"),
+        (("eval_tokens",), bool(c.eval_data), "the held-out check (--eval-data)"),
+        # last: the text is inert where the stages above are, which name what was asked more closely
         (("calib_data", "calib_tokens"), bool(c.calib_data) and (fits or layout == "auto"),
          "calibration (--calib-data, read by --layout auto or a data-aware --init)"),
-        (("eval_tokens",), bool(c.eval_data), "the held-out check (--eval-data)"),
     ]  # fmt: skip
     for names, runs, stage in stages:
         given = [n for n in names if getattr(c, n) != getattr(default, n) and not (n == "refine" and layout == "auto")]
