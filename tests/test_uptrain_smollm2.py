@@ -20,6 +20,7 @@ def test_real_smollm2_recipe_few_steps_improves_the_converted_model(tmp_path):
         "model.convert.factor=2",
         "model.convert.init=mean",
         "model.convert.calib_data=null",
+        "model.convert.calib_tokens=32768",  # the default: the recipe's 4096 is for calibration this run has not
         f"data.train=[{assets.train}]",
         f"data.eval=[{assets.heldout}]",
         "data.seq_len=64",
