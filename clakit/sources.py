@@ -966,9 +966,10 @@ def files_fingerprint(folder: Path, files: list[str]) -> dict:
     for name in files:
         path, entry = folder / name, {}
         entry["bytes"] = path.stat().st_size
-        if hub_blob_sha256(path) is not None:  # a Hub-cache file: checked whole (once per command), so named whole
+        published = hub_blob_sha256(path)
+        if published is not None:  # a Hub-cache file: checked whole (once per command), so named whole
             check_hub_blob(str(folder), path)
-            entry["sha256"] = hub_blob_sha256(path)
+            entry["sha256"] = published
         if is_safetensors_name(name):
             with open(path, "rb") as f:  # u64 header length, then the JSON header (checked whole when opened)
                 entry["header_sha256"] = hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()
